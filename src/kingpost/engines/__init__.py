@@ -1,0 +1,58 @@
+"""Engines: what starts replicas. Selected by name; heavy SDKs import lazily."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kingpost.engines.base import (
+    Endpoint,
+    Engine,
+    LogLine,
+    Probes,
+    ReplicaPhase,
+    ReplicaSpec,
+    ReplicaStatus,
+    ServerKind,
+    WeightMount,
+)
+from kingpost.errors import ValidationError
+
+if TYPE_CHECKING:
+    from kingpost.settings import Settings
+
+__all__ = [
+    "ENGINE_NAMES",
+    "Endpoint",
+    "Engine",
+    "LogLine",
+    "Probes",
+    "ReplicaPhase",
+    "ReplicaSpec",
+    "ReplicaStatus",
+    "ServerKind",
+    "WeightMount",
+    "create_engine",
+]
+
+ENGINE_NAMES = ("process", "docker", "fake")
+
+
+def create_engine(name: str, settings: Settings) -> Engine:
+    """Build the engine registered under ``name``."""
+    if name == "process":
+        from kingpost.engines.process import ProcessEngine
+
+        return ProcessEngine(settings)
+    if name == "docker":
+        from kingpost.engines.docker import DockerEngine
+
+        return DockerEngine(settings)
+    if name == "fake":
+        from kingpost.engines.fake import FakeEngine
+
+        return FakeEngine()
+    raise ValidationError(
+        f"engine: unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}",
+        field="engine",
+        value=name,
+    )

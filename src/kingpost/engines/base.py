@@ -1,0 +1,164 @@
+"""The engine seam: what starts, watches and stops replicas.
+
+The controller talks to engines only through :class:`Engine`; it never imports
+subprocess or docker. An engine owns everything engine-specific (processes,
+containers, namespaces, probes, restarts with backoff, log capture) and reports
+what it sees through a non-blocking :meth:`Engine.poll`.
+
+Contract:
+- ``start`` returns quickly; slow work (building, starting, probing) happens in
+  the engine's own threads. Errors that are known at once (a port another
+  deployment holds, an unknown user) raise :class:`~kingpost.errors.EngineError`.
+- ``poll`` never blocks on I/O. It lists every replica the engine knows of,
+  including ones that failed, until ``stop`` has removed them.
+- Readiness failures take a replica out of traffic (phase ``NOT_READY``), never
+  restart it. Liveness failures past the threshold, and exits, restart it with
+  exponential backoff; a replica that keeps crashing before it ever became ready
+  ends ``FAILED`` with the last lines of its output in ``message``.
+- ``stop`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from kingpost.config import TrussConfig
+
+__all__ = [
+    "Endpoint",
+    "Engine",
+    "LogLine",
+    "Probes",
+    "ReplicaPhase",
+    "ReplicaSpec",
+    "ReplicaStatus",
+    "ServerKind",
+    "WeightMount",
+]
+
+
+class ServerKind(enum.StrEnum):
+    CUSTOM_SERVER = "custom_server"  # docker_server: the user's own command and port
+    MODEL_CLASS = "model_class"  # model/model.py run by kingpost.server
+
+
+class ReplicaPhase(enum.StrEnum):
+    STARTING = "starting"  # launched; readiness has not passed yet
+    READY = "ready"  # readiness passes: receives traffic
+    NOT_READY = "not_ready"  # was ready, readiness now failing: no traffic, not restarted
+    RESTARTING = "restarting"  # exited or failed liveness; waiting out its backoff
+    FAILED = "failed"  # gave up (crash loop, cannot start); message says why
+    STOPPED = "stopped"  # stopped on request
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Health checks the engine runs against a replica."""
+
+    readiness_path: str = "/"
+    liveness_path: str = "/"
+    initial_delay_s: float = 0.0
+    period_s: float = 1.0
+    timeout_s: float = 2.0
+    readiness_failure_threshold: int = 3
+    liveness_failure_threshold: int = 30
+    """Consecutive liveness failures (after the replica was once ready) before a restart."""
+    startup_timeout_s: float = 1800.0
+    """A replica never ready after this long is restarted."""
+
+
+@dataclass(frozen=True)
+class WeightMount:
+    """A mirrored weights tree to expose read-only at ``mount_location``."""
+
+    mount_location: str
+    source_dir: Path
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything an engine needs to run one replica of a deployment."""
+
+    replica_id: str
+    deployment_id: str
+    model_id: str
+    kind: ServerKind
+    app_dir: Path
+    """The unpacked project (read-only source); engines copy it, never write to it."""
+    server_port: int
+    """The port the server binds inside its namespace or container."""
+    predict_path: str
+    probes: Probes
+    command: str | None = None
+    """Shell command of a custom server; ``None`` for model-class projects, or an
+    image's own entrypoint with ``no_build``."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """The config's variables with reserved names already dropped."""
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    weights: tuple[WeightMount, ...] = ()
+    run_as_user_id: int | None = None
+    python_executable: str | None = None
+    """Interpreter of a model-class deployment's environment (default: this one)."""
+    config: TrussConfig | None = None
+    """The whole parsed config, for engines that build images from it."""
+    model_name: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach a replica's server over TCP.
+
+    ``netns`` names a network namespace file (e.g. ``/proc/PID/ns/net``); when set,
+    the connection must be opened from inside that namespace.
+    """
+
+    host: str
+    port: int
+    netns: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    deployment_id: str
+    phase: ReplicaPhase
+    endpoint: Endpoint | None = None
+    restarts: int = 0
+    message: str = ""
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class LogLine:
+    replica_id: str
+    text: str
+
+
+class Engine(ABC):
+    """Starts, watches and stops replicas. See the module docstring."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def start(self, spec: ReplicaSpec) -> None: ...
+
+    @abstractmethod
+    def poll(self) -> list[ReplicaStatus]: ...
+
+    @abstractmethod
+    def stop(self, replica_id: str) -> None: ...
+
+    @abstractmethod
+    def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
+        """Recent output of a deployment's replicas, current and past, oldest first."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the engine; engines whose replicas die with the control plane
+        (process) stop them, engines that can re-adopt (docker) leave them."""

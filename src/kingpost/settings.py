@@ -1,0 +1,81 @@
+"""Settings: loaded once into one immutable object, ``KINGPOST_`` prefix."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+def _default_home() -> Path:
+    return Path.home() / ".kingpost"
+
+
+class Settings(BaseSettings):
+    """Everything configurable about a Kingpost control plane and gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="KINGPOST_", frozen=True, extra="ignore")
+
+    home: Path = Field(default_factory=_default_home)
+    """Root of all state: database, uploads, replica work dirs, logs, keys."""
+    database_url: str | None = None
+    """SQLAlchemy URL; defaults to SQLite at ``{home}/kingpost.db``."""
+    api_host: str = "127.0.0.1"
+    api_port: int = 8090
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    gateway_workers: int = 1
+    domain: str = "localhost"
+    """Gateway host names are ``model-{id}.{domain}``."""
+    engine: str = "process"
+    """Default engine for new deployments: ``process`` or ``docker``."""
+    secret_key: str | None = None
+    """Fernet key for secrets at rest; else read from ``{home}/secret.key`` (0600)."""
+    reconcile_interval: float = 0.5
+    api_key: str | None = None
+    """Client side: the key the CLI sends; else read from ``{home}/credentials``."""
+    api_url: str | None = None
+    """Client side: control plane URL; else ``http://{api_host}:{api_port}``."""
+    netns: str = "auto"
+    """Process engine network isolation: ``auto`` (when permitted), ``on``, ``off``."""
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'kingpost.db'}"
+
+    @cached_property
+    def client_url(self) -> str:
+        return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    @cached_property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    @cached_property
+    def run_dir(self) -> Path:
+        """Sockets and pid files."""
+        return self.home / "run"
+
+    @cached_property
+    def projects_dir(self) -> Path:
+        """Uploaded projects, unpacked, one directory per content hash."""
+        return self.home / "projects"
+
+    @cached_property
+    def replicas_dir(self) -> Path:
+        """Per-replica working copies and logs."""
+        return self.home / "replicas"
+
+    @cached_property
+    def weights_dir(self) -> Path:
+        """Blob store, manifests and mount trees of the weights cache."""
+        return self.home / "weights"
+
+    @cached_property
+    def envs_dir(self) -> Path:
+        """Python environments of model-class deployments, by input hash."""
+        return self.home / "envs"
