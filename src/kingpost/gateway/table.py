@@ -93,10 +93,7 @@ class RoutingTable:
                     "model_id": d.model_id,
                     "predict_path": d.predict_path,
                     "state": d.state.value,
-                    "upstreams": [
-                        {"replica_id": u.replica_id, "host": u.host, "port": u.port, "netns": u.netns}
-                        for u in d.upstreams
-                    ],
+                    "upstreams": [u.__dict__.copy() for u in d.upstreams],
                     "concurrency": d.concurrency,
                     "queue_limit": d.queue_limit,
                     "hold_timeout_s": d.hold_timeout_s,

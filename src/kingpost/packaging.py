@@ -1,0 +1,97 @@
+"""Packing a Truss project for upload, and unpacking it on the server.
+
+The archive is deterministic (sorted entries, zeroed times and owners), so its
+SHA-256 is a content address: pushing an unchanged project uploads nothing new.
+``.git`` is always left out, as are paths matched by ``.truss_ignore`` and
+``.gitignore`` (gitignore syntax) and a few well-known caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pathspec
+
+from kingpost.errors import ValidationError
+
+__all__ = ["PackedProject", "pack_project", "project_files", "unpack_project"]
+
+_ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".DS_Store", ".venv/", ".mypy_cache/"]
+MAX_PROJECT_BYTES = 2 * 1024**3
+
+
+class PackedProject:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.sha256 = hashlib.sha256(data).hexdigest()
+
+
+def _ignore_spec(root: Path) -> pathspec.GitIgnoreSpec:
+    lines = list(_ALWAYS_IGNORED)
+    for name in (".truss_ignore", ".gitignore"):
+        path = root / name
+        if path.is_file():
+            lines.extend(path.read_text(errors="replace").splitlines())
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def project_files(root: Path) -> list[Path]:
+    """Files of the project that get uploaded, relative to ``root``, sorted."""
+    spec = _ignore_spec(root)
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(
+            d for d in dirnames if not spec.match_file(f"{(rel_dir / d).as_posix()}/")
+        )
+        for name in sorted(filenames):
+            rel = rel_dir / name
+            if not spec.match_file(rel.as_posix()):
+                out.append(rel)
+    return sorted(out)
+
+
+def pack_project(root: Path) -> PackedProject:
+    if not (root / "config.yaml").is_file():
+        raise ValidationError(
+            f"{root}: no config.yaml here; point at a Truss project directory "
+            "(or create one with `kingpost init NAME`)",
+            field="project_dir",
+            value=str(root),
+        )
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for rel in project_files(root):
+            path = root / rel
+            if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+                continue  # links out of the project are not part of it
+            info = tarfile.TarInfo(rel.as_posix())
+            data = path.read_bytes()
+            info.size = len(data)
+            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return PackedProject(buf.getvalue())
+
+
+def unpack_project(data: bytes, dest: Path) -> None:
+    """Unpack an uploaded archive into ``dest`` atomically (temp dir + rename)."""
+    if dest.exists():
+        return
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(tmp, dest)
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dest.exists():
+            return
+        raise ValidationError(f"project archive: cannot unpack ({exc})", field="project") from exc

@@ -1,0 +1,28 @@
+"""Durable state: SQLAlchemy tables, Alembic migrations, the store."""
+
+from kingpost.store.db import Database
+from kingpost.store.models import DeploymentStatus, DesiredState
+from kingpost.store.repo import PRODUCTION, NewDeployment, Store, hash_api_key, new_id
+from kingpost.store.views import (
+    ApiKeyView,
+    DeploymentView,
+    EnvironmentView,
+    ModelView,
+    SecretView,
+)
+
+__all__ = [
+    "PRODUCTION",
+    "ApiKeyView",
+    "Database",
+    "DeploymentStatus",
+    "DeploymentView",
+    "DesiredState",
+    "EnvironmentView",
+    "ModelView",
+    "NewDeployment",
+    "SecretView",
+    "Store",
+    "hash_api_key",
+    "new_id",
+]

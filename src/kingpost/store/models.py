@@ -1,0 +1,129 @@
+"""SQLAlchemy tables: the durable truth of the control plane.
+
+Schema changes go through Alembic migrations in ``migrations/versions``; these
+classes must always match the newest revision (a test checks it).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Deployment",
+    "DeploymentStatus",
+    "DesiredState",
+    "Environment",
+    "Model",
+    "Secret",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class DeploymentStatus(enum.StrEnum):
+    """What the controller last observed of a deployment."""
+
+    BUILDING = "BUILDING"  # preparing its environment or image
+    WAITING_FOR_WEIGHTS = "WAITING_FOR_WEIGHTS"  # weights are being mirrored
+    DEPLOYING = "DEPLOYING"  # replicas started, none ready yet
+    ACTIVE = "ACTIVE"  # at least one replica ready
+    UNHEALTHY = "UNHEALTHY"  # was active, no replica ready now
+    SCALED_TO_ZERO = "SCALED_TO_ZERO"  # active with zero replicas, wakes on traffic
+    INACTIVE = "INACTIVE"  # deactivated by a user; no replicas
+    FAILED = "FAILED"  # replicas crash or cannot start; message says why
+    BUILD_FAILED = "BUILD_FAILED"  # the environment or image could not be built
+    DELETED = "DELETED"  # removed; kept for history
+
+
+class DesiredState(enum.StrEnum):
+    """What a user asked a deployment to be."""
+
+    ACTIVE = "active"  # run replicas and serve
+    INACTIVE = "inactive"  # keep config, run nothing, answer 404
+    DELETED = "deleted"  # gone for good
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    next_number: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    __table_args__ = (UniqueConstraint("model_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[DeploymentStatus] = mapped_column(String(32))
+    desired_state: Mapped[DesiredState] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text, default="")
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    project_hash: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    engine: Mapped[str] = mapped_column(String(32))
+    is_development: Mapped[bool] = mapped_column(Boolean, default=False)
+    min_replicas: Mapped[int] = mapped_column(Integer, default=1)
+    max_replicas: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Environment(Base):
+    __tablename__ = "environments"
+    __table_args__ = (UniqueConstraint("model_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    deployment_id: Mapped[str | None] = mapped_column(ForeignKey("deployments.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Secret(Base):
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,418 @@
+"""The store: every read and write of durable state goes through here.
+
+Methods open one short transaction each and return frozen views.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets as _secrets
+import string
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from kingpost.errors import ConflictError, NotFoundError, ValidationError
+from kingpost.secrets_box import SecretBox
+from kingpost.store.db import Database
+from kingpost.store.models import (
+    ApiKey,
+    Deployment,
+    DeploymentStatus,
+    DesiredState,
+    Environment,
+    Model,
+    Secret,
+    utcnow,
+)
+from kingpost.store.views import (
+    ApiKeyView,
+    DeploymentView,
+    EnvironmentView,
+    ModelView,
+    SecretView,
+)
+
+__all__ = ["NewDeployment", "Store", "hash_api_key", "new_id"]
+
+PRODUCTION = "production"
+_ALPHABET = string.ascii_lowercase + string.digits
+_DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,199}$")
+
+
+def new_id(length: int = 8) -> str:
+    return "".join(_secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _check(pattern: re.Pattern[str], kind: str, value: str, rule: str) -> None:
+    if not pattern.match(value):
+        raise ValidationError(
+            f"{kind} name {value!r} is not allowed: {rule}", field=f"{kind}_name", value=value
+        )
+
+
+def check_secret_name(name: str) -> None:
+    _check(_SECRET_NAME, "secret", name, "use letters, digits, '.', '_' and '-' (1-200)")
+
+
+def check_environment_name(name: str) -> None:
+    _check(_ENV_NAME, "environment", name, "lowercase letters, digits, '_' and '-' (max 63)")
+
+
+def _model_view(s: Session, m: Model) -> ModelView:
+    count = s.scalar(
+        select(func.count()).where(
+            Deployment.model_id == m.id, Deployment.desired_state != DesiredState.DELETED
+        )
+    )
+    prod = s.scalar(
+        select(Environment.deployment_id).where(
+            Environment.model_id == m.id, Environment.name == PRODUCTION
+        )
+    )
+    return ModelView(m.id, m.name, m.created_at, int(count or 0), prod)
+
+
+def _deployment_view(d: Deployment, envs: Iterable[str] = ()) -> DeploymentView:
+    return DeploymentView(
+        id=d.id,
+        model_id=d.model_id,
+        name=d.name,
+        number=d.number,
+        status=DeploymentStatus(d.status),
+        desired_state=DesiredState(d.desired_state),
+        message=d.message,
+        labels=dict(d.labels or {}),
+        project_hash=d.project_hash,
+        config=dict(d.config),
+        engine=d.engine,
+        is_development=d.is_development,
+        min_replicas=d.min_replicas,
+        max_replicas=d.max_replicas,
+        created_at=d.created_at,
+        updated_at=d.updated_at,
+        environments=tuple(sorted(envs)),
+    )
+
+
+class NewDeployment:
+    """What a push asks for; plain attributes, validated by :meth:`Store.create_deployment`."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        project_hash: str,
+        config: Mapping[str, Any],
+        engine: str,
+        name: str | None = None,
+        labels: Mapping[str, Any] | None = None,
+        environment: str | None = None,
+        min_replicas: int = 1,
+        max_replicas: int = 1,
+    ) -> None:
+        self.model_name = model_name
+        self.project_hash = project_hash
+        self.config = dict(config)
+        self.engine = engine
+        self.name = name
+        self.labels = dict(labels or {})
+        self.environment = environment
+        self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
+
+
+class Store:
+    def __init__(self, db: Database, box: SecretBox) -> None:
+        self.db = db
+        self.box = box
+
+    # -- API keys ---------------------------------------------------------------
+    def create_api_key(self, name: str) -> tuple[ApiKeyView, str]:
+        """Create a key; the plain key is returned once and never stored."""
+        key = "kp_" + _secrets.token_urlsafe(32)
+        row = ApiKey(id=new_id(12), name=name, key_hash=hash_api_key(key), prefix=key[:8])
+        with self.db.session() as s:
+            s.add(row)
+            s.flush()
+            return ApiKeyView(row.id, row.name, row.prefix, row.created_at), key
+
+    def api_key_hashes(self) -> frozenset[str]:
+        with self.db.session() as s:
+            return frozenset(s.scalars(select(ApiKey.key_hash)))
+
+    def has_api_keys(self) -> bool:
+        with self.db.session() as s:
+            return s.scalar(select(func.count()).select_from(ApiKey)) != 0
+
+    def verify_api_key(self, key: str) -> bool:
+        with self.db.session() as s:
+            return (
+                s.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_api_key(key))) is not None
+            )
+
+    # -- models -----------------------------------------------------------------
+    def list_models(self) -> list[ModelView]:
+        with self.db.session() as s:
+            return [_model_view(s, m) for m in s.scalars(select(Model).order_by(Model.created_at))]
+
+    def _model(self, s: Session, ref: str) -> Model:
+        m = s.get(Model, ref) or s.scalar(select(Model).where(Model.name == ref))
+        if m is None:
+            raise NotFoundError(f"model {ref!r} not found (by id or name)", model=ref)
+        return m
+
+    def get_model(self, ref: str) -> ModelView:
+        with self.db.session() as s:
+            return _model_view(s, self._model(s, ref))
+
+    # -- deployments ------------------------------------------------------------
+    def create_deployment(self, new: NewDeployment) -> DeploymentView:
+        """Create the model on first push, then ``deployment-N`` (or ``new.name``).
+
+        The first deployment of a model, and any with ``new.environment`` set, is
+        pointed at by that environment (``production`` by default).
+        """
+        _check(_MODEL_NAME, "model", new.model_name, "letters, digits, space, '.', '_', '-'")
+        if new.name is not None:
+            _check(_DEPLOYMENT_NAME, "deployment", new.name, "letters, digits, '.', '_', '-'")
+        if new.environment is not None:
+            check_environment_name(new.environment)
+        with self.db.session() as s:
+            model = s.scalar(select(Model).where(Model.name == new.model_name))
+            first = model is None
+            if model is None:
+                model = Model(id=new_id(8), name=new.model_name, next_number=1)
+                s.add(model)
+                s.flush()
+                s.add(Environment(id=new_id(12), model_id=model.id, name=PRODUCTION))
+            number = model.next_number
+            name = new.name or f"deployment-{number}"
+            taken = s.scalar(
+                select(Deployment.id).where(
+                    Deployment.model_id == model.id, Deployment.name == name
+                )
+            )
+            if taken is not None:
+                raise ConflictError(
+                    f"deployment name {name!r} already exists on model {model.name!r}; "
+                    "choose another with --deployment-name",
+                    deployment_name=name,
+                )
+            model.next_number = number + 1
+            dep = Deployment(
+                id=new_id(7),
+                model_id=model.id,
+                name=name,
+                number=number,
+                status=DeploymentStatus.DEPLOYING,
+                desired_state=DesiredState.ACTIVE,
+                message="",
+                labels=new.labels,
+                project_hash=new.project_hash,
+                config=new.config,
+                engine=new.engine,
+                min_replicas=new.min_replicas,
+                max_replicas=new.max_replicas,
+            )
+            s.add(dep)
+            s.flush()
+            env_name = new.environment or (PRODUCTION if first else None)
+            if env_name is not None:
+                self._point(s, model.id, env_name, dep.id)
+            return self._view(s, dep)
+
+    def _point(self, s: Session, model_id: str, env_name: str, deployment_id: str) -> None:
+        env = s.scalar(
+            select(Environment).where(
+                Environment.model_id == model_id, Environment.name == env_name
+            )
+        )
+        if env is None:
+            env = Environment(id=new_id(12), model_id=model_id, name=env_name)
+            s.add(env)
+        env.deployment_id = deployment_id
+        env.updated_at = utcnow()
+
+    def _view(self, s: Session, d: Deployment) -> DeploymentView:
+        envs = s.scalars(select(Environment.name).where(Environment.deployment_id == d.id))
+        return _deployment_view(d, envs)
+
+    def _deployment(self, s: Session, ref: str, model_ref: str | None = None) -> Deployment:
+        d = s.get(Deployment, ref)
+        if d is None and model_ref is not None:
+            model = self._model(s, model_ref)
+            d = s.scalar(
+                select(Deployment).where(Deployment.model_id == model.id, Deployment.name == ref)
+            )
+        if d is None or d.desired_state == DesiredState.DELETED:
+            raise NotFoundError(f"deployment {ref!r} not found", deployment=ref)
+        if model_ref is not None and d.model_id != self._model(s, model_ref).id:
+            raise NotFoundError(
+                f"deployment {ref!r} does not belong to model {model_ref!r}", deployment=ref
+            )
+        return d
+
+    def get_deployment(self, ref: str, model_ref: str | None = None) -> DeploymentView:
+        with self.db.session() as s:
+            return self._view(s, self._deployment(s, ref, model_ref))
+
+    def list_deployments(
+        self, model_ref: str | None = None, *, include_deleted: bool = False
+    ) -> list[DeploymentView]:
+        with self.db.session() as s:
+            q = select(Deployment).order_by(Deployment.created_at, Deployment.number)
+            if model_ref is not None:
+                q = q.where(Deployment.model_id == self._model(s, model_ref).id)
+            if not include_deleted:
+                q = q.where(Deployment.desired_state != DesiredState.DELETED)
+            envs: dict[str, list[str]] = {}
+            for env in s.scalars(select(Environment).where(Environment.deployment_id.is_not(None))):
+                envs.setdefault(str(env.deployment_id), []).append(env.name)
+            return [_deployment_view(d, envs.get(d.id, ())) for d in s.scalars(q)]
+
+    def set_status(self, deployment_id: str, status: DeploymentStatus, message: str = "") -> bool:
+        """Record what the controller observed; returns whether anything changed."""
+        with self.db.session() as s:
+            d = s.get(Deployment, deployment_id)
+            if d is None or (d.status == status and d.message == message):
+                return False
+            d.status, d.message, d.updated_at = status, message, utcnow()
+            return True
+
+    def set_desired(
+        self, deployment_id: str, desired: DesiredState, model_ref: str | None = None
+    ) -> DeploymentView:
+        with self.db.session() as s:
+            d = self._deployment(s, deployment_id, model_ref)
+            if desired == DesiredState.DELETED:
+                envs = list(
+                    s.scalars(select(Environment.name).where(Environment.deployment_id == d.id))
+                )
+                if envs:
+                    raise ConflictError(
+                        f"deployment {d.name!r} is promoted to {', '.join(envs)}; promote another "
+                        "deployment there before deleting it",
+                        deployment=d.id,
+                        environments=envs,
+                    )
+            d.desired_state, d.updated_at = desired, utcnow()
+            if desired == DesiredState.ACTIVE and d.status in (
+                DeploymentStatus.INACTIVE,
+                DeploymentStatus.FAILED,
+            ):
+                d.status, d.message = DeploymentStatus.DEPLOYING, ""
+            return self._view(s, d)
+
+    def promote(self, model_ref: str, deployment_ref: str, env_name: str) -> DeploymentView:
+        check_environment_name(env_name)
+        with self.db.session() as s:
+            model = self._model(s, model_ref)
+            d = self._deployment(s, deployment_ref, model.id)
+            if d.desired_state != DesiredState.ACTIVE:
+                raise ConflictError(
+                    f"deployment {d.name!r} is {d.desired_state}; activate it before promoting",
+                    deployment=d.id,
+                )
+            self._point(s, model.id, env_name, d.id)
+            s.flush()
+            return self._view(s, d)
+
+    def list_environments(self, model_ref: str) -> list[EnvironmentView]:
+        with self.db.session() as s:
+            model = self._model(s, model_ref)
+            rows = s.scalars(
+                select(Environment)
+                .where(Environment.model_id == model.id)
+                .order_by(Environment.name)
+            )
+            return [
+                EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
+                for e in rows
+            ]
+
+    def create_environment(self, model_ref: str, env_name: str) -> EnvironmentView:
+        check_environment_name(env_name)
+        with self.db.session() as s:
+            model = self._model(s, model_ref)
+            exists = s.scalar(
+                select(Environment.id).where(
+                    Environment.model_id == model.id, Environment.name == env_name
+                )
+            )
+            if exists is not None:
+                raise ConflictError(
+                    f"environment {env_name!r} already exists", environment=env_name
+                )
+            e = Environment(id=new_id(12), model_id=model.id, name=env_name)
+            s.add(e)
+            s.flush()
+            return EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
+
+    def routing_snapshot(
+        self,
+    ) -> tuple[list[ModelView], list[DeploymentView], list[EnvironmentView]]:
+        """Everything the controller needs for one reconcile pass, in one transaction."""
+        with self.db.session() as s:
+            models = [ModelView(m.id, m.name, m.created_at) for m in s.scalars(select(Model))]
+            envs = [
+                EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
+                for e in s.scalars(select(Environment))
+            ]
+            deps = [
+                _deployment_view(d)
+                for d in s.scalars(
+                    select(Deployment).where(Deployment.desired_state != DesiredState.DELETED)
+                )
+            ]
+            return models, deps, envs
+
+    # -- secrets ----------------------------------------------------------------
+    def set_secret(self, name: str, value: str) -> SecretView:
+        check_secret_name(name)
+        with self.db.session() as s:
+            row = s.get(Secret, name)
+            if row is None:
+                row = Secret(name=name, ciphertext=self.box.seal(value))
+                s.add(row)
+            else:
+                row.ciphertext, row.updated_at = self.box.seal(value), utcnow()
+            s.flush()
+            return SecretView(row.name, row.created_at, row.updated_at)
+
+    def list_secrets(self) -> list[SecretView]:
+        with self.db.session() as s:
+            return [
+                SecretView(r.name, r.created_at, r.updated_at)
+                for r in s.scalars(select(Secret).order_by(Secret.name))
+            ]
+
+    def delete_secret(self, name: str) -> None:
+        with self.db.session() as s:
+            row = s.get(Secret, name)
+            if row is None:
+                raise NotFoundError(f"secret {name!r} not found", secret=name)
+            s.delete(row)
+
+    def secret_names(self) -> set[str]:
+        with self.db.session() as s:
+            return set(s.scalars(select(Secret.name)))
+
+    def reveal_secrets(self, names: Iterable[str]) -> dict[str, str]:
+        """Decrypt the named secrets (for replicas only); missing names are left out."""
+        wanted = list(names)
+        with self.db.session() as s:
+            if not wanted:
+                return {}
+            rows = s.scalars(select(Secret).where(Secret.name.in_(wanted)))
+            return {r.name: self.box.open(r.name, r.ciphertext) for r in rows}

@@ -1,0 +1,103 @@
+"""The store against a real SQLite database, migrated by Alembic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from kingpost.errors import ConflictError, NotFoundError, SecretError, ValidationError
+from kingpost.secrets_box import SecretBox, load_or_create_key
+from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
+from kingpost.store.models import Base
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    db.migrate()
+    return Store(db, SecretBox(load_or_create_key(tmp_path, None)))
+
+
+def new(model: str = "m", **kw: object) -> NewDeployment:
+    return NewDeployment(model_name=model, project_hash="a" * 64, config={}, engine="process", **kw)  # type: ignore[arg-type]
+
+
+def test_migration_matches_models(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db.migrate()
+    db.migrate()  # idempotent
+    assert db.current_revision() == Database.head_revision()
+    insp = inspect(db.engine)
+    for table in Base.metadata.sorted_tables:
+        cols = {c["name"] for c in insp.get_columns(table.name)}
+        assert cols == {c.name for c in table.columns}, table.name
+
+
+def test_first_deployment_goes_to_production_next_ones_do_not(store: Store) -> None:
+    d1 = store.create_deployment(new())
+    d2 = store.create_deployment(new())
+    assert (d1.name, d1.environments) == ("deployment-1", ("production",))
+    assert (d2.name, d2.environments) == ("deployment-2", ())
+    assert store.get_model("m").production_deployment_id == d1.id
+    d3 = store.create_deployment(new(environment="production"))
+    assert store.get_model("m").production_deployment_id == d3.id
+
+
+def test_named_deployment_with_labels_and_custom_environment(store: Store) -> None:
+    store.create_deployment(new())
+    d = store.create_deployment(new(name="blue", labels={"team": "ml"}, environment="staging"))
+    assert d.name == "blue" and d.labels == {"team": "ml"} and d.environments == ("staging",)
+    assert [e.name for e in store.list_environments("m")] == ["production", "staging"]
+    with pytest.raises(ConflictError, match="blue"):
+        store.create_deployment(new(name="blue"))
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 80, "a/b"])
+def test_bad_deployment_names_are_refused(store: Store, name: str) -> None:
+    with pytest.raises(ValidationError, match="deployment name"):
+        store.create_deployment(new(name=name))
+
+
+def test_cannot_delete_promoted_deployment(store: Store) -> None:
+    d1 = store.create_deployment(new())
+    with pytest.raises(ConflictError, match="production"):
+        store.set_desired(d1.id, DesiredState.DELETED)
+    d2 = store.create_deployment(new())
+    store.promote("m", d2.id, "production")
+    store.set_desired(d1.id, DesiredState.DELETED)
+    with pytest.raises(NotFoundError):
+        store.get_deployment(d1.id)
+    assert [d.id for d in store.list_deployments("m")] == [d2.id]
+
+
+def test_reactivation_resets_failed_status(store: Store) -> None:
+    d = store.create_deployment(new())
+    assert store.set_status(d.id, DeploymentStatus.FAILED, "boom")
+    assert not store.set_status(d.id, DeploymentStatus.FAILED, "boom")
+    store.set_desired(d.id, DesiredState.INACTIVE)
+    again = store.set_desired(d.id, DesiredState.ACTIVE)
+    assert again.status == DeploymentStatus.DEPLOYING and again.message == ""
+
+
+def test_secrets_are_encrypted_at_rest(store: Store, tmp_path: Path) -> None:
+    store.set_secret("hf_token", "s3cr3t-value")
+    assert b"s3cr3t-value" not in (tmp_path / "k.db").read_bytes()
+    assert store.reveal_secrets(["hf_token", "missing"]) == {"hf_token": "s3cr3t-value"}
+    assert [s.name for s in store.list_secrets()] == ["hf_token"]
+    key_file = tmp_path / "secret.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    other = Store(store.db, SecretBox(load_or_create_key(tmp_path / "x", None)))
+    with pytest.raises(SecretError, match="hf_token"):
+        other.reveal_secrets(["hf_token"])
+    store.delete_secret("hf_token")
+    with pytest.raises(NotFoundError):
+        store.delete_secret("hf_token")
+
+
+def test_api_keys_store_only_hashes(store: Store) -> None:
+    view, key = store.create_api_key("admin")
+    assert key.startswith("kp_") and store.verify_api_key(key)
+    assert not store.verify_api_key(key + "x")
+    assert view.prefix == key[:8]
