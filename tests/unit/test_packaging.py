@@ -42,7 +42,7 @@ def test_archive_is_deterministic_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_refuses_dir_without_config(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="no config.yaml"):
+    with pytest.raises(ValidationError, match=r"no config\.yaml"):
         pack_project(tmp_path)
 
 

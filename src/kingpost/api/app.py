@@ -1,0 +1,267 @@
+"""The control-plane HTTP API (FastAPI; OpenAPI at ``/docs``).
+
+Every route but ``/v1/health`` needs ``Authorization: Api-Key <key>``. Errors are
+JSON ``{"error": ..., "code": ...}`` with the status of the KingpostError raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from kingpost.api.schemas import (
+    DeploymentOut,
+    EnvironmentIn,
+    EnvironmentOut,
+    ModelOut,
+    PromoteIn,
+    PushIn,
+    PushOut,
+    SecretIn,
+    SecretOut,
+)
+from kingpost.controller.loop import Controller
+from kingpost.errors import AuthError, KingpostError, NotFoundError, SecretError, ValidationError
+from kingpost.packaging import MAX_PROJECT_BYTES, unpack_project
+from kingpost.settings import Settings
+from kingpost.store import DesiredState, NewDeployment, Store
+
+__all__ = ["ControlPlane", "create_app"]
+
+
+@dataclass
+class ControlPlane:
+    settings: Settings
+    store: Store
+    controller: Controller
+
+
+def _api_key(authorization: str | None) -> str:
+    if authorization:
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() in ("api-key", "bearer") and key.strip():
+            return key.strip()
+    raise AuthError("missing API key: send `Authorization: Api-Key <key>`")
+
+
+def create_app(plane: ControlPlane) -> FastAPI:
+    app = FastAPI(title="Kingpost control plane", version="0.1.0")
+
+    @app.exception_handler(KingpostError)
+    async def _kingpost_error(_: Request, exc: KingpostError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"][1:]), "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        text = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return JSONResponse(
+            {"error": f"invalid request: {text}", "code": "invalid_request", "errors": errors},
+            status_code=400,
+        )
+
+    def auth(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not plane.store.verify_api_key(_api_key(authorization)):
+            raise AuthError("unknown API key")
+
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "table_version": plane.controller.table.version}
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    _project_routes(router, plane)
+    _model_routes(router, plane)
+    _secret_routes(router, plane)
+    app.include_router(router)
+    return app
+
+
+def _project_routes(router: APIRouter, plane: ControlPlane) -> None:
+    projects = plane.settings.projects_dir
+
+    @router.head("/projects/{sha}")
+    def has_project(sha: str) -> Response:
+        return Response(status_code=200 if (projects / sha).is_dir() else 404)
+
+    @router.put("/projects/{sha}", status_code=201)
+    async def upload(sha: str, request: Request) -> dict[str, str]:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_PROJECT_BYTES:
+                raise ValidationError(
+                    "project archive larger than 2 GiB; move big files to weights"
+                )
+        digest = hashlib.sha256(body).hexdigest()
+        if digest != sha:
+            raise ValidationError(
+                f"project archive hash mismatch: path says {sha}, body hashes to {digest}",
+                field="sha256",
+            )
+        unpack_project(bytes(body), projects / sha)
+        return {"project_hash": sha}
+
+    @router.post("/push", response_model=PushOut)
+    def push(body: PushIn) -> PushOut:
+        return _push(plane, body)
+
+
+def _push(plane: ControlPlane, body: PushIn) -> PushOut:
+    from kingpost.config import load_config
+
+    app_dir = plane.settings.projects_dir / body.project_hash
+    if not app_dir.is_dir():
+        raise NotFoundError(
+            f"project {body.project_hash} was not uploaded; PUT /v1/projects/{{sha}} first",
+            project_hash=body.project_hash,
+        )
+    loaded = load_config(app_dir)  # ConfigError (422) before anything is created
+    config = loaded.config
+    warnings = list(loaded.warnings)
+    _check_weights(config)
+    missing = sorted(set(config.secrets or {}) - plane.store.secret_names())
+    if missing:
+        raise SecretError(
+            f"config.yaml: secrets: {', '.join(missing)} not defined on this server; "
+            f"set each with `kingpost secrets set NAME` and push again",
+            secrets=missing,
+        )
+    environment = body.environment or ("production" if body.promote else None)
+    dep = plane.store.create_deployment(
+        NewDeployment(
+            model_name=body.model_name or config.model_name or app_dir.name,
+            project_hash=body.project_hash,
+            config=loaded.raw,
+            engine=body.engine or plane.settings.engine,
+            name=body.deployment_name,
+            labels=body.labels,
+            environment=environment,
+            min_replicas=body.min_replicas,
+            max_replicas=body.max_replicas or max(1, body.min_replicas),
+        )
+    )
+    plane.controller.wake()
+    model = plane.store.get_model(dep.model_id)
+    env = dep.environments[0] if dep.environments else None
+    path = f"environments/{env}/predict" if env else f"deployment/{dep.id}/predict"
+    url = f"{plane.settings.gateway_url}/models/{model.id}/{path}"
+    return PushOut(
+        model=ModelOut.of(model),
+        deployment=DeploymentOut.of(dep),
+        warnings=warnings,
+        predict_url=url,
+    )
+
+
+def _check_weights(config: Any) -> None:
+    if not config.weights:
+        return
+    from kingpost.errors import ConfigError
+    from kingpost.weights import validate_weights
+
+    errors = validate_weights(config.weights)
+    if errors:
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
+        raise ConfigError(
+            f"config.yaml: invalid weights:\n{lines}",
+            errors=[{"path": p, "message": m} for p, m in errors],
+        )
+
+
+def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
+    store = plane.store
+
+    def changed() -> None:
+        plane.controller.wake()
+
+    @router.get("/models", response_model=list[ModelOut])
+    def list_models() -> list[ModelOut]:
+        return [ModelOut.of(m) for m in store.list_models()]
+
+    @router.get("/models/{model}", response_model=ModelOut)
+    def get_model(model: str) -> ModelOut:
+        return ModelOut.of(store.get_model(model))
+
+    @router.get("/models/{model}/deployments", response_model=list[DeploymentOut])
+    def list_model_deployments(model: str) -> list[DeploymentOut]:
+        return [DeploymentOut.of(d) for d in store.list_deployments(model)]
+
+    @router.get("/deployments", response_model=list[DeploymentOut])
+    def list_deployments() -> list[DeploymentOut]:
+        return [DeploymentOut.of(d) for d in store.list_deployments()]
+
+    @router.get("/models/{model}/deployments/{dep}", response_model=DeploymentOut)
+    def get_deployment(model: str, dep: str) -> DeploymentOut:
+        return DeploymentOut.of(store.get_deployment(dep, model))
+
+    @router.get("/deployments/{dep}", response_model=DeploymentOut)
+    def get_deployment_by_id(dep: str) -> DeploymentOut:
+        return DeploymentOut.of(store.get_deployment(dep))
+
+    @router.post("/models/{model}/deployments/{dep}/activate", response_model=DeploymentOut)
+    def activate(model: str, dep: str) -> DeploymentOut:
+        out = DeploymentOut.of(store.set_desired(dep, DesiredState.ACTIVE, model))
+        changed()
+        return out
+
+    @router.post("/models/{model}/deployments/{dep}/deactivate", response_model=DeploymentOut)
+    def deactivate(model: str, dep: str) -> DeploymentOut:
+        out = DeploymentOut.of(store.set_desired(dep, DesiredState.INACTIVE, model))
+        changed()
+        return out
+
+    @router.delete("/models/{model}/deployments/{dep}", response_model=DeploymentOut)
+    def delete(model: str, dep: str) -> DeploymentOut:
+        out = DeploymentOut.of(store.set_desired(dep, DesiredState.DELETED, model))
+        changed()
+        return out
+
+    @router.post("/models/{model}/deployments/{dep}/promote", response_model=DeploymentOut)
+    def promote(model: str, dep: str, body: PromoteIn) -> DeploymentOut:
+        out = DeploymentOut.of(store.promote(model, dep, body.environment))
+        changed()
+        return out
+
+    @router.get("/models/{model}/environments", response_model=list[EnvironmentOut])
+    def list_environments(model: str) -> list[EnvironmentOut]:
+        return [EnvironmentOut.of(e) for e in store.list_environments(model)]
+
+    @router.post("/models/{model}/environments", response_model=EnvironmentOut, status_code=201)
+    def create_environment(model: str, body: EnvironmentIn) -> EnvironmentOut:
+        return EnvironmentOut.of(store.create_environment(model, body.name))
+
+    @router.get("/deployments/{dep}/logs")
+    def logs(dep: str, tail: int = 200) -> dict[str, Any]:
+        view = store.get_deployment(dep)
+        lines = plane.controller.logs(view, max(1, min(tail, 10_000)))
+        return {
+            "deployment_id": view.id,
+            "lines": [{"replica": ln.replica_id, "text": ln.text} for ln in lines],
+        }
+
+
+def _secret_routes(router: APIRouter, plane: ControlPlane) -> None:
+    store = plane.store
+
+    @router.get("/secrets", response_model=list[SecretOut])
+    def list_secrets() -> list[SecretOut]:
+        return [SecretOut.of(s) for s in store.list_secrets()]
+
+    @router.post("/secrets", response_model=SecretOut)
+    def set_secret(body: SecretIn) -> SecretOut:
+        out = SecretOut.of(store.set_secret(body.name, body.value))
+        plane.controller.wake()
+        return out
+
+    @router.delete("/secrets/{name}", status_code=204)
+    def delete_secret(name: str) -> Response:
+        store.delete_secret(name)
+        return Response(status_code=204)

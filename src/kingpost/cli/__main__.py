@@ -1,0 +1,3 @@
+from kingpost.cli.main import main
+
+main()

@@ -1,0 +1,87 @@
+"""The `kingpost` command. Thin: commands call the typed client; errors map to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from kingpost.cli._common import err_console, settings
+from kingpost.cli.manage import deployments, logs, models, predict, push
+from kingpost.cli.secrets import secrets
+from kingpost.errors import KingpostError
+
+__all__ = ["cli", "main"]
+
+
+@click.group()
+@click.version_option(package_name="kingpost")
+def cli() -> None:
+    """Kingpost: deploy Truss projects on your own machines."""
+
+
+@cli.command()
+@click.option("--engine", type=click.Choice(["process", "docker"]), help="Default engine.")
+@click.option(
+    "--push",
+    "push_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Push these projects once the server is up (e.g. examples/echo-server).",
+)
+@click.option("--log-level", default="info", show_default=True)
+def server(engine: str | None, push_dirs: tuple[Path, ...], log_level: str) -> None:
+    """Run the API, the controller and the gateway (embedded SQLite under KINGPOST_HOME)."""
+    from kingpost.serve import run_server
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    s = settings()
+    if engine is not None:
+        s = s.model_copy(update={"engine": engine})
+    run_server(s, push_dirs)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--dir", "target", type=click.Path(path_type=Path), help="Where (default ./NAME).")
+def init(name: str, target: Path | None) -> None:
+    """Create a working model-class Truss project."""
+    from kingpost.server.scaffold import scaffold_project
+
+    dest = target or Path(name)
+    scaffold_project(dest, name)
+    click.echo(f"created {dest}; deploy it with `kingpost push {dest}`")
+
+
+for command in (push, models, deployments, logs, predict, secrets):
+    cli.add_command(command)
+
+
+def _optional_commands() -> None:
+    try:
+        from kingpost.cli.weights import migrate, weights
+    except ImportError:
+        return
+    cli.add_command(weights)
+    cli.add_command(migrate)
+
+
+_optional_commands()
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KingpostError as exc:
+        err_console.print(f"[red]error:[/] {exc.message}", highlight=False)
+        sys.exit(exc.exit_code)

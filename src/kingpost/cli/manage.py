@@ -1,0 +1,220 @@
+"""Commands that manage models, deployments, environments and logs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kingpost.cli._common import client, console, err_console, output_option, print_rows
+from kingpost.errors import KingpostError, ValidationError
+
+__all__ = ["deployments", "logs", "models", "predict", "push"]
+
+_DEPLOYMENT_COLUMNS = ["id", "name", "model_id", "status", "environments", "labels", "created_at"]
+_SETTLED = {"ACTIVE", "FAILED", "BUILD_FAILED", "INACTIVE", "SCALED_TO_ZERO"}
+
+
+def _labels(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(
+            f"--labels: not valid JSON ({exc.msg}): {value!r}", field="labels"
+        ) from exc
+    if not isinstance(parsed, dict):
+        raise ValidationError(
+            f'--labels: must be a JSON object like \'{{"team": "ml"}}\', got {value!r}'
+        )
+    return parsed
+
+
+@click.command()
+@click.argument(
+    "project_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default="."
+)
+@click.option(
+    "--model-name", help="Model name (default: config.yaml model_name, else the folder name)."
+)
+@click.option("--deployment-name", help="Name instead of deployment-N.")
+@click.option("--labels", help='JSON labels, e.g. \'{"team": "ml"}\'.')
+@click.option("--promote", is_flag=True, help="Point production at the new deployment.")
+@click.option("--environment", help="Point this environment at the new deployment.")
+@click.option(
+    "--engine", type=click.Choice(["process", "docker"]), help="Engine for this deployment."
+)
+@click.option("--replicas", type=int, help="Replicas to run (min replicas).")
+@click.option(
+    "--wait/--no-wait", default=False, help="Wait until the deployment is ACTIVE or fails."
+)
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+@output_option
+def push(
+    project_dir: Path,
+    model_name: str | None,
+    deployment_name: str | None,
+    labels: str | None,
+    promote: bool,
+    environment: str | None,
+    engine: str | None,
+    replicas: int | None,
+    wait: bool,
+    timeout: float,
+    output: str,
+) -> None:
+    """Validate, upload and deploy a Truss project."""
+    from kingpost.config import load_config
+
+    loaded = load_config(project_dir)  # refuse a bad config before uploading anything
+    for warning in loaded.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    with client() as c:
+        result = c.push(
+            project_dir,
+            model_name=model_name,
+            deployment_name=deployment_name,
+            labels=_labels(labels),
+            promote=promote,
+            environment=environment,
+            engine=engine,
+            min_replicas=replicas,
+        )
+        dep = result["deployment"]
+        if wait:
+            dep = _wait(c, dep["id"], timeout)
+    if output == "json":
+        click.echo(json.dumps({**result, "deployment": dep}, indent=2, default=str))
+        return
+    model = result["model"]
+    console.print(
+        f"model [bold]{model['name']}[/] ({model['id']}), deployment [bold]{dep['name']}[/] "
+        f"({dep['id']}): {dep['status']}"
+    )
+    console.print(
+        f"predict: curl -X POST {result['predict_url']} "
+        "-H \"Authorization: Api-Key $KINGPOST_API_KEY\" -d '{...}'"
+    )
+    if dep["status"] in ("FAILED", "BUILD_FAILED"):
+        raise KingpostError(f"deployment {dep['name']} {dep['status']}: {dep['message']}")
+
+
+def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    with console.status("deploying…") as status:
+        while True:
+            dep: dict[str, Any] = c.deployment(dep_id)
+            status.update(f"{dep['status']} {dep['message']}")
+            if dep["status"] in _SETTLED or time.monotonic() > deadline:
+                return dep
+            time.sleep(0.5)
+
+
+@click.group()
+def models() -> None:
+    """Models."""
+
+
+@models.command("list")
+@output_option
+def models_list(output: str) -> None:
+    """List models."""
+    with client() as c:
+        rows = c.models()
+    print_rows(
+        rows, ["id", "name", "deployment_count", "production_deployment_id", "created_at"], output
+    )
+
+
+@click.group()
+def deployments() -> None:
+    """Deployments: list, activate, deactivate, delete, promote."""
+
+
+@deployments.command("list")
+@click.option("--model", help="Only this model (id or name).")
+@output_option
+def deployments_list(model: str | None, output: str) -> None:
+    """List deployments."""
+    with client() as c:
+        rows = c.deployments(model)
+    print_rows(rows, [*_DEPLOYMENT_COLUMNS[:4], "message", *_DEPLOYMENT_COLUMNS[4:]], output)
+
+
+def _action(name: str, help_text: str) -> None:
+    @deployments.command(name, help=help_text)
+    @click.argument("model")
+    @click.argument("deployment")
+    @output_option
+    def cmd(model: str, deployment: str, output: str) -> None:
+        with client() as c:
+            row = c.deployment_action(model, deployment, name)
+        print_rows([row], _DEPLOYMENT_COLUMNS, output)
+
+
+_action("activate", "Activate a deactivated deployment.")
+_action("deactivate", "Stop a deployment's replicas; its endpoints answer 404.")
+_action("delete", "Delete a deployment (not one an environment points at).")
+
+
+@deployments.command("promote")
+@click.argument("model")
+@click.argument("deployment")
+@click.option("--environment", default="production", show_default=True)
+@output_option
+def deployments_promote(model: str, deployment: str, environment: str, output: str) -> None:
+    """Point an environment at a deployment."""
+    with client() as c:
+        row = c.promote(model, deployment, environment)
+    print_rows([row], _DEPLOYMENT_COLUMNS, output)
+
+
+@click.command()
+@click.option("--deployment", "-d", "deployment", required=True, help="Deployment id.")
+@click.option("--tail", type=int, default=200, show_default=True)
+def logs(deployment: str, tail: int) -> None:
+    """Show a deployment's build and replica output."""
+    with client() as c:
+        for line in c.logs(deployment, tail):
+            click.echo(f"[{line['replica']}] {line['text']}")
+
+
+@click.command()
+@click.option("--model", "-m", help="Model id or name (default: the only model).")
+@click.option("--data", "-d", "data", required=True, help="JSON body, or @file, or - for stdin.")
+@click.option("--environment", help="Environment (default production).")
+@click.option("--deployment", help="Deployment id, bypassing environments.")
+def predict(model: str | None, data: str, environment: str | None, deployment: str | None) -> None:
+    """Call a model through the gateway and print the response (streams as it arrives)."""
+    raw = (
+        sys.stdin.read()
+        if data == "-"
+        else Path(data[1:]).read_text()
+        if data.startswith("@")
+        else data
+    )
+    try:
+        payload = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"--data: not valid JSON ({exc.msg})", field="data") from exc
+    with client() as c:
+        if model is None:
+            names = [m["name"] for m in c.models()]
+            if len(names) != 1:
+                raise ValidationError(f"--model: required when there are {len(names)} models")
+            model = names[0]
+        ref = c.model(model)["id"]
+        path = c.predict_path(ref, environment=environment, deployment=deployment)
+        with c.predict_stream(path, payload) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise KingpostError(f"HTTP {resp.status_code}: {resp.text}")
+            for chunk in resp.iter_raw():
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+    click.echo()

@@ -1,0 +1,166 @@
+"""A small synchronous client; errors come back as the KingpostError the API raised."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kingpost.errors import AuthError, KingpostError, error_from_payload
+from kingpost.packaging import pack_project
+from kingpost.settings import Settings
+
+__all__ = ["KingpostClient", "load_credentials"]
+
+
+def load_credentials(settings: Settings) -> str:
+    if settings.api_key:
+        return settings.api_key
+    path = settings.home / "credentials"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise AuthError(
+            f"no API key: set KINGPOST_API_KEY or start `kingpost server` once (it writes {path})"
+        ) from None
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        payload = resp.json()
+        if not isinstance(payload, dict):
+            payload = {"error": str(payload)}
+    except ValueError:
+        payload = {"error": resp.text[:500] or f"HTTP {resp.status_code}"}
+    raise error_from_payload(resp.status_code, payload)
+
+
+class KingpostClient:
+    def __init__(self, api_url: str, api_key: str, gateway_url: str, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Api-Key {api_key}"}
+        self.api_url = api_url
+        self.gateway_url = gateway_url
+        self._http = httpx.Client(base_url=api_url, headers=headers, timeout=timeout)
+        self._gw = httpx.Client(base_url=gateway_url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KingpostClient:
+        return cls(settings.client_url, load_credentials(settings), settings.gateway_url)
+
+    def close(self) -> None:
+        self._http.close()
+        self._gw.close()
+
+    def __enter__(self) -> KingpostClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise KingpostError(
+                f"cannot reach the control plane at {self.api_url} ({exc}); "
+                "is `kingpost server` running?"
+            ) from exc
+        _raise_for(resp)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        return resp.json()
+
+    # -- projects and deployments -------------------------------------------------------
+    def upload(self, project_dir: Path) -> str:
+        packed = pack_project(project_dir)
+        try:
+            exists = self._http.head(f"/v1/projects/{packed.sha256}").status_code == 200
+        except httpx.TransportError as exc:
+            raise KingpostError(
+                f"cannot reach the control plane at {self.api_url} ({exc})"
+            ) from exc
+        if not exists:
+            self._call("PUT", f"/v1/projects/{packed.sha256}", content=packed.data)
+        return packed.sha256
+
+    def push(self, project_dir: Path, **options: Any) -> dict[str, Any]:
+        sha = self.upload(project_dir)
+        body = {"project_hash": sha, **{k: v for k, v in options.items() if v is not None}}
+        result: dict[str, Any] = self._call("POST", "/v1/push", json=body)
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/models"))
+
+    def model(self, ref: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/models/{ref}"))
+
+    def deployments(self, model: str | None = None) -> list[dict[str, Any]]:
+        path = f"/v1/models/{model}/deployments" if model else "/v1/deployments"
+        return list(self._call("GET", path))
+
+    def deployment(self, dep: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/deployments/{dep}"))
+
+    def deployment_action(self, model: str, dep: str, action: str) -> dict[str, Any]:
+        if action == "delete":
+            return dict(self._call("DELETE", f"/v1/models/{model}/deployments/{dep}"))
+        return dict(self._call("POST", f"/v1/models/{model}/deployments/{dep}/{action}"))
+
+    def promote(self, model: str, dep: str, environment: str = "production") -> dict[str, Any]:
+        return dict(
+            self._call(
+                "POST",
+                f"/v1/models/{model}/deployments/{dep}/promote",
+                json={"environment": environment},
+            )
+        )
+
+    def environments(self, model: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/models/{model}/environments"))
+
+    def logs(self, dep: str, tail: int = 200) -> list[dict[str, str]]:
+        return list(
+            self._call("GET", f"/v1/deployments/{dep}/logs", params={"tail": tail})["lines"]
+        )
+
+    # -- secrets --------------------------------------------------------------------------
+    def set_secret(self, name: str, value: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/secrets", json={"name": name, "value": value}))
+
+    def secrets(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/secrets"))
+
+    def delete_secret(self, name: str) -> None:
+        self._call("DELETE", f"/v1/secrets/{name}")
+
+    # -- inference through the gateway ---------------------------------------------------------
+    @staticmethod
+    def predict_path(
+        model: str, *, environment: str | None = None, deployment: str | None = None
+    ) -> str:
+        if deployment:
+            return f"/models/{model}/deployment/{deployment}/predict"
+        return f"/models/{model}/environments/{environment or 'production'}/predict"
+
+    @contextmanager
+    def predict_stream(
+        self, path: str, payload: Any, timeout: float = 300.0
+    ) -> Iterator[httpx.Response]:
+        try:
+            with self._gw.stream(
+                "POST",
+                path,
+                content=json.dumps(payload).encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=timeout,
+            ) as resp:
+                yield resp
+        except httpx.TransportError as exc:
+            raise KingpostError(f"cannot reach the gateway at {self.gateway_url} ({exc})") from exc

@@ -1,0 +1,1 @@
+"""The controller: a level-triggered reconcile loop and its pure policies."""

@@ -1,0 +1,339 @@
+"""The reconcile loop.
+
+Durable state lives in the store: deployments with their desired state and
+config, environments, secrets. Everything here is soft state, rebuilt after a
+restart: parsed configs (cached by project hash), preparation jobs (idempotent),
+the replicas engines report through ``poll()``, and the last routing table.
+
+Each pass reads the store once, polls every engine once, computes a
+:class:`~kingpost.controller.plan.Plan` per deployment and applies it, then
+pushes the routing table to the gateways if it changed. A failure in one
+deployment's step is logged and never stops the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kingpost.controller.plan import BUILD_FAILED_PREFIX, Want, plan
+from kingpost.controller.prepare import Jobs, JobState
+from kingpost.controller.specs import replica_spec, server_shape
+from kingpost.controller.table import build_table
+from kingpost.engines import Engine, LogLine, ReplicaStatus, create_engine
+from kingpost.errors import KingpostError
+from kingpost.gateway.table import RoutingTable
+from kingpost.store import DeploymentStatus, DeploymentView, DesiredState, Store, new_id
+
+if TYPE_CHECKING:
+    from kingpost.config import TrussConfig
+    from kingpost.settings import Settings
+
+__all__ = ["Controller"]
+
+log = logging.getLogger(__name__)
+TABLE_REFRESH_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """Prerequisites met: what replica specs need beyond the config."""
+
+    python: str | None
+    weights: tuple[Any, ...]
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        push: Callable[[RoutingTable], None] | None = None,
+        engines: dict[str, Engine] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._push = push
+        self._engines: dict[str, Engine] = dict(engines or {})
+        self._engine_errors: dict[str, str] = {}
+        self._clock = clock
+        self._configs: dict[str, TrussConfig] = {}
+        self._jobs = Jobs()
+        self._weights: Any = None
+        self._table = RoutingTable()
+        self._pushed_at = 0.0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kingpost-controller", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Reconcile now instead of at the next tick (after a user action)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._jobs.close()
+        for engine in self._engines.values():
+            try:
+                engine.close()
+            except Exception:
+                log.exception("closing engine %s failed", engine.name)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconcile_once()
+            except Exception:  # the loop never halts
+                log.exception("reconcile pass failed")
+            self._wake.wait(self.settings.reconcile_interval)
+            self._wake.clear()
+
+    # -- queries --------------------------------------------------------------------
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    def logs(self, deployment: DeploymentView, tail: int = 200) -> list[LogLine]:
+        lines = [LogLine("build", t) for t in self._jobs.output(f"env:{deployment.id}")]
+        engine = self._engines.get(deployment.engine)
+        if engine is not None:
+            lines.extend(engine.logs(deployment.id, tail))
+        return lines[-tail:]
+
+    def engine(self, name: str) -> Engine:
+        with self._lock:
+            engine = self._engines.get(name)
+            if engine is None:
+                engine = self._engines[name] = create_engine(name, self.settings)
+            return engine
+
+    # -- one pass -------------------------------------------------------------------
+    def reconcile_once(self) -> RoutingTable:
+        models, deployments, environments = self.store.routing_snapshot()
+        replicas = self._poll_all()
+        known = {d.id for d in deployments}
+        ready: dict[str, list[ReplicaStatus]] = {}
+        for dep in deployments:
+            try:
+                ready[dep.id] = self._reconcile(dep, replicas.get(dep.id, []))
+            except Exception as exc:
+                log.exception("reconciling deployment %s failed", dep.id)
+                self.store.set_status(dep.id, DeploymentStatus.FAILED, f"internal error: {exc}")
+        for dep_id, reps in replicas.items():
+            if dep_id not in known:  # deleted deployments, or strays from an old run
+                for r in reps:
+                    self._stop_replica(r)
+        _, deployments, _ = self.store.routing_snapshot()
+        table = build_table(
+            version=self._table.version,
+            domain=self.settings.domain,
+            models=models,
+            deployments=deployments,
+            environments=environments,
+            ready=ready,
+            shapes={d.id: self._shape(d) for d in deployments},
+            key_hashes=self.store.api_key_hashes(),
+        )
+        self._publish(table)
+        return self._table
+
+    def _poll_all(self) -> dict[str, list[ReplicaStatus]]:
+        out: dict[str, list[ReplicaStatus]] = {}
+        for engine in list(self._engines.values()):
+            try:
+                for status in engine.poll():
+                    out.setdefault(status.deployment_id, []).append(status)
+            except Exception:
+                log.exception("polling engine %s failed", engine.name)
+        return out
+
+    def _reconcile(self, dep: DeploymentView, replicas: list[ReplicaStatus]) -> list[ReplicaStatus]:
+        want_active = dep.desired_state == DesiredState.ACTIVE
+        prepared = self._prepare(dep) if want_active else None
+        if want_active and prepared is None and not replicas:
+            return []  # still preparing, or failed to; status already recorded
+        want = Want(
+            active=want_active and (prepared is not None or bool(replicas)),
+            replicas=dep.min_replicas,
+            reset_after=dep.updated_at.timestamp()
+            if dep.status == DeploymentStatus.DEPLOYING
+            else 0.0,
+            was_active=dep.status in (DeploymentStatus.ACTIVE, DeploymentStatus.UNHEALTHY),
+        )
+        decision = plan(want, replicas)
+        for replica_id in decision.stop:
+            self._stop_replica_id(dep.engine, replica_id)
+        if decision.start and prepared is not None:
+            self._start_replicas(dep, decision.start, prepared)
+        if not want_active:
+            self.store.set_status(dep.id, DeploymentStatus.INACTIVE)
+        elif decision.status is not None:
+            self.store.set_status(dep.id, decision.status, decision.message)
+        return list(decision.ready)
+
+    # -- preparation ------------------------------------------------------------------
+    def _config(self, dep: DeploymentView) -> TrussConfig:
+        cfg = self._configs.get(dep.project_hash)
+        if cfg is None:
+            from kingpost.config import load_config
+
+            cfg = load_config(self._app_dir(dep)).config
+            self._configs[dep.project_hash] = cfg
+        return cfg
+
+    def _app_dir(self, dep: DeploymentView) -> Path:
+        return self.settings.projects_dir / dep.project_hash
+
+    def _shape(self, dep: DeploymentView) -> Any:
+        try:
+            return server_shape(self._config(dep))
+        except KingpostError:
+            return None
+
+    def _prepare(self, dep: DeploymentView) -> _Ready | None:
+        """Check prerequisites; record BUILDING/WAITING/FAILED; return them once met."""
+        config = self._config(dep)
+        missing = sorted(set(config.secrets or {}) - self.store.secret_names())
+        if missing:
+            self.store.set_status(
+                dep.id,
+                DeploymentStatus.FAILED,
+                f"secret(s) not defined: {', '.join(missing)}; define each with "
+                f"`kingpost secrets set NAME` (the deployment starts once they exist)",
+            )
+            return None
+        if dep.engine not in self._engines:
+            try:
+                self.engine(dep.engine)
+            except KingpostError as exc:
+                self.store.set_status(dep.id, DeploymentStatus.FAILED, exc.message)
+                return None
+        built, python = self._python_for(dep, config)
+        if not built:
+            return None
+        weights = self._weights_for(dep, config)
+        if weights is None:
+            return None
+        return _Ready(python=python, weights=weights)
+
+    def _python_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[bool, str | None]:
+        """(ready, interpreter) of a model-class deployment on the process engine."""
+        if config.docker_server is not None or dep.engine != "process":
+            return True, None  # custom servers bring their own; docker builds in the engine
+        from kingpost.envs import ensure_environment
+
+        app_dir, envs_dir = self._app_dir(dep), self.settings.envs_dir
+        job = self._jobs.ensure(
+            f"env:{dep.id}",
+            lambda out: ensure_environment(config, app_dir, envs_dir, out).python_executable,
+        )
+        if job.state == JobState.RUNNING:
+            self.store.set_status(
+                dep.id, DeploymentStatus.BUILDING, "building the Python environment"
+            )
+            return False, None
+        if job.state == JobState.FAILED:
+            self.store.set_status(dep.id, DeploymentStatus.BUILD_FAILED, job.error)
+            return False, None
+        return True, str(job.result or sys.executable)
+
+    def _weights_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[Any, ...] | None:
+        entries = list(config.weights or [])
+        if not entries:
+            return ()
+        manager = self._weights_manager()
+        secret_names = {
+            e.auth.auth_secret_name for e in entries if e.auth and e.auth.auth_secret_name
+        }
+        manager.start(dep.id, entries, self.store.reveal_secrets(secret_names))
+        st = manager.status(dep.id)
+        state = str(getattr(st.state, "value", st.state)).upper()
+        if state == "COMPLETE":
+            return tuple(manager.mounts(dep.id))
+        if state == "FAILED":
+            self.store.set_status(dep.id, DeploymentStatus.FAILED, f"weights: {st.error}")
+            return None
+        progress = f"{st.files_done}/{st.files_total} files, {st.bytes_done}/{st.bytes_total} bytes"
+        self.store.set_status(dep.id, DeploymentStatus.WAITING_FOR_WEIGHTS, progress)
+        return None
+
+    def _weights_manager(self) -> Any:
+        if self._weights is None:
+            from kingpost.weights import WeightsManager
+
+            self._weights = WeightsManager(self.settings.weights_dir)
+        return self._weights
+
+    def weights_status(self, deployment_id: str) -> Any:
+        return None if self._weights is None else self._weights.status(deployment_id)
+
+    # -- replicas ---------------------------------------------------------------------
+    def _start_replicas(self, dep: DeploymentView, count: int, ready: _Ready) -> None:
+        from kingpost.config import runtime_environment
+
+        config = self._config(dep)
+        env, _dropped = runtime_environment(config)
+        secrets = self.store.reveal_secrets(config.secrets or {})
+        engine = self.engine(dep.engine)
+        model_name = next((m.name for m in self.store.list_models() if m.id == dep.model_id), "")
+        for _ in range(count):
+            spec = replica_spec(
+                replica_id=f"{dep.id}-{new_id(5)}",
+                deployment_id=dep.id,
+                model_id=dep.model_id,
+                model_name=model_name,
+                app_dir=self._app_dir(dep),
+                config=config,
+                env=env,
+                secrets=secrets,
+                weights=ready.weights,
+                python_executable=ready.python,
+            )
+            try:
+                engine.start(spec)
+            except KingpostError as exc:
+                prefix = BUILD_FAILED_PREFIX if exc.code == "build_failed" else ""
+                status = DeploymentStatus.BUILD_FAILED if prefix else DeploymentStatus.FAILED
+                self.store.set_status(dep.id, status, exc.message)
+                return
+
+    def _stop_replica(self, status: ReplicaStatus) -> None:
+        for engine in self._engines.values():
+            if any(r.replica_id == status.replica_id for r in engine.poll()):
+                engine.stop(status.replica_id)
+
+    def _stop_replica_id(self, engine_name: str, replica_id: str) -> None:
+        engine = self._engines.get(engine_name)
+        if engine is not None:
+            engine.stop(replica_id)
+
+    # -- gateway ----------------------------------------------------------------------
+    def _publish(self, table: RoutingTable) -> None:
+        changed = table.to_json() | {"version": 0} != self._table.to_json() | {"version": 0}
+        now = self._clock()
+        if changed:
+            table = RoutingTable(**{**table.__dict__, "version": self._table.version + 1})
+            self._table = table
+        if self._push is not None and (changed or now - self._pushed_at >= TABLE_REFRESH_S):
+            try:
+                self._push(self._table)
+                self._pushed_at = now
+            except Exception as exc:
+                log.warning("pushing the routing table failed: %s", exc)

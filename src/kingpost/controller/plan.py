@@ -1,0 +1,89 @@
+"""Pure reconcile decisions: ``plan(want, replicas, now) -> Plan``.
+
+No I/O, no clock reads: the loop gathers state, calls :func:`plan`, and applies
+the returned actions. Tested table-driven in ``tests/unit/test_controller_plan.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kingpost.engines.base import ReplicaPhase, ReplicaStatus
+from kingpost.store.models import DeploymentStatus
+
+__all__ = ["Plan", "Want", "plan"]
+
+_LIVE = (ReplicaPhase.STARTING, ReplicaPhase.READY, ReplicaPhase.NOT_READY, ReplicaPhase.RESTARTING)
+BUILD_FAILED_PREFIX = "BUILD_FAILED:"
+
+
+@dataclass(frozen=True)
+class Want:
+    """What one deployment should be, as far as replicas go."""
+
+    active: bool
+    """Desired state is ACTIVE and every prerequisite (secrets, env, weights) is met."""
+    replicas: int
+    """Replicas wanted when active."""
+    reset_after: float = 0.0
+    """Replicas that failed before this time (epoch s) are replaced, not reported:
+    the user re-activated the deployment after a failure."""
+    was_active: bool = False
+    """The deployment has served before (so a loss of ready replicas is UNHEALTHY)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    start: int = 0
+    """How many new replicas to start."""
+    stop: tuple[str, ...] = ()
+    """Replica ids to stop."""
+    status: DeploymentStatus | None = None
+    """Observed status to record (None: leave as is, e.g. while preparing)."""
+    message: str = ""
+    ready: tuple[ReplicaStatus, ...] = field(default=())
+    """Replicas that get traffic."""
+
+
+def plan(want: Want, replicas: list[ReplicaStatus]) -> Plan:
+    if not want.active:
+        return Plan(stop=tuple(r.replica_id for r in replicas if r.phase != ReplicaPhase.STOPPED))
+    stale = [
+        r for r in replicas if r.phase == ReplicaPhase.FAILED and r.started_at < want.reset_after
+    ]
+    current = [r for r in replicas if r not in stale and r.phase != ReplicaPhase.STOPPED]
+    failed = [r for r in current if r.phase == ReplicaPhase.FAILED]
+    live = [r for r in current if r.phase in _LIVE]
+    ready = tuple(r for r in live if r.phase == ReplicaPhase.READY)
+    stop = [r.replica_id for r in stale]
+    # Scale down: drop the least useful replicas first (not ready before ready).
+    excess = len(live) - want.replicas
+    if excess > 0:
+        order = sorted(live, key=lambda r: (r.phase == ReplicaPhase.READY, r.started_at))
+        stop.extend(r.replica_id for r in order[:excess])
+        live = [r for r in live if r.replica_id not in stop]
+        ready = tuple(r for r in ready if r.replica_id not in stop)
+    # A failed replica is not retried by itself: the engine already gave up on it.
+    start = max(0, want.replicas - len(live) - len(failed))
+    status, message = _observe(want, ready, live, failed)
+    return Plan(start=start, stop=tuple(stop), status=status, message=message, ready=ready)
+
+
+def _observe(
+    want: Want,
+    ready: tuple[ReplicaStatus, ...],
+    live: list[ReplicaStatus],
+    failed: list[ReplicaStatus],
+) -> tuple[DeploymentStatus, str]:
+    if want.replicas == 0 and not live:
+        return DeploymentStatus.SCALED_TO_ZERO, ""
+    if ready:
+        return DeploymentStatus.ACTIVE, ""
+    if failed and not live:
+        msg = failed[0].message
+        if msg.startswith(BUILD_FAILED_PREFIX):
+            return DeploymentStatus.BUILD_FAILED, msg[len(BUILD_FAILED_PREFIX) :].strip()
+        return DeploymentStatus.FAILED, msg
+    if want.was_active:
+        return DeploymentStatus.UNHEALTHY, "no replica is ready"
+    return DeploymentStatus.DEPLOYING, ""

@@ -1,0 +1,106 @@
+"""From a stored deployment to what engines and the gateway need.
+
+Pure functions of the parsed config: which kind of server, which port, which
+paths, which probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kingpost.engines.base import Probes, ReplicaSpec, ServerKind, WeightMount
+
+if TYPE_CHECKING:
+    from kingpost.config import TrussConfig
+
+__all__ = ["MODEL_SERVER_PORT", "ServerShape", "replica_spec", "server_shape"]
+
+MODEL_SERVER_PORT = 8080
+MODEL_PREDICT_PATH = "/v1/models/model:predict"
+MODEL_READY_PATH = "/v1/models/model"
+PROBE_PERIOD_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServerShape:
+    kind: ServerKind
+    server_port: int
+    predict_path: str
+    probes: Probes
+    command: str | None
+    concurrency: int
+
+
+def _probes(config: TrussConfig, readiness: str, liveness: str) -> Probes:
+    hc = config.runtime.health_checks
+    delay = float(hc.restart_check_delay_seconds or 0)
+    restart_after = float(hc.restart_threshold_seconds or 1800)
+    stop_traffic_after = float(hc.stop_traffic_threshold_seconds or 3)
+    return Probes(
+        readiness_path=readiness,
+        liveness_path=liveness,
+        initial_delay_s=delay,
+        period_s=PROBE_PERIOD_S,
+        readiness_failure_threshold=max(1, round(stop_traffic_after / PROBE_PERIOD_S)),
+        liveness_failure_threshold=max(1, round(restart_after / PROBE_PERIOD_S)),
+    )
+
+
+def server_shape(config: TrussConfig) -> ServerShape:
+    concurrency = max(1, int(config.runtime.predict_concurrency or 1))
+    ds = config.docker_server
+    if ds is not None:
+        readiness = ds.readiness_endpoint or "/"
+        return ServerShape(
+            kind=ServerKind.CUSTOM_SERVER,
+            server_port=int(ds.server_port or 8000),
+            predict_path=ds.predict_endpoint or "/",
+            probes=_probes(config, readiness, ds.liveness_endpoint or readiness),
+            command=ds.start_command,
+            concurrency=concurrency,
+        )
+    return ServerShape(
+        kind=ServerKind.MODEL_CLASS,
+        server_port=MODEL_SERVER_PORT,
+        predict_path=MODEL_PREDICT_PATH,
+        probes=_probes(config, MODEL_READY_PATH, "/"),
+        command=None,
+        concurrency=concurrency,
+    )
+
+
+def replica_spec(
+    *,
+    replica_id: str,
+    deployment_id: str,
+    model_id: str,
+    model_name: str,
+    app_dir: Path,
+    config: TrussConfig,
+    env: dict[str, str],
+    secrets: dict[str, str],
+    weights: tuple[WeightMount, ...] = (),
+    python_executable: str | None = None,
+) -> ReplicaSpec:
+    shape = server_shape(config)
+    ds = config.docker_server
+    return ReplicaSpec(
+        replica_id=replica_id,
+        deployment_id=deployment_id,
+        model_id=model_id,
+        model_name=model_name,
+        kind=shape.kind,
+        app_dir=app_dir,
+        server_port=shape.server_port,
+        predict_path=shape.predict_path,
+        probes=shape.probes,
+        command=shape.command,
+        env=env,
+        secrets=secrets,
+        weights=weights,
+        run_as_user_id=ds.run_as_user_id if ds is not None else None,
+        python_executable=python_executable,
+        config=config,
+    )

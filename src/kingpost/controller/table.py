@@ -1,0 +1,82 @@
+"""Building the gateway's routing table from store rows and ready replicas (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kingpost.engines.base import ReplicaStatus
+from kingpost.gateway.table import (
+    DeploymentRoute,
+    DeploymentState,
+    ModelRoute,
+    RoutingTable,
+    Upstream,
+)
+from kingpost.store import (
+    DeploymentStatus,
+    DeploymentView,
+    DesiredState,
+    EnvironmentView,
+    ModelView,
+)
+
+__all__ = ["build_table"]
+
+_FAILED = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
+
+
+def _route(dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any) -> DeploymentRoute:
+    upstreams = tuple(
+        Upstream(r.replica_id, r.endpoint.host, r.endpoint.port, r.endpoint.netns)
+        for r in ready
+        if r.endpoint is not None
+    )
+    if dep.desired_state != DesiredState.ACTIVE:
+        state, message = DeploymentState.INACTIVE, f"deployment {dep.name} is deactivated"
+    elif dep.status in _FAILED and not upstreams:
+        state, message = DeploymentState.INACTIVE, f"deployment {dep.name} failed: {dep.message}"
+    elif upstreams:
+        state, message = DeploymentState.SERVING, ""
+    else:
+        state, message = DeploymentState.WAKING, f"deployment {dep.name} is {dep.status}"
+    return DeploymentRoute(
+        deployment_id=dep.id,
+        model_id=dep.model_id,
+        predict_path=shape.predict_path if shape is not None else "/",
+        state=state,
+        upstreams=upstreams,
+        concurrency=shape.concurrency if shape is not None else 1,
+        message=message[:500],
+    )
+
+
+def build_table(
+    *,
+    version: int,
+    domain: str,
+    models: Sequence[ModelView],
+    deployments: Sequence[DeploymentView],
+    environments: Sequence[EnvironmentView],
+    ready: Mapping[str, Sequence[ReplicaStatus]],
+    shapes: Mapping[str, Any],
+    key_hashes: frozenset[str],
+) -> RoutingTable:
+    routes = {d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id)) for d in deployments}
+    model_routes: dict[str, ModelRoute] = {}
+    for m in models:
+        envs: dict[str, tuple[tuple[str, float], ...]] = {
+            e.name: ((e.deployment_id, 1.0),)
+            for e in environments
+            if e.model_id == m.id and e.deployment_id is not None and e.deployment_id in routes
+        }
+        dev = next((d.id for d in deployments if d.model_id == m.id and d.is_development), None)
+        model_routes[m.id] = ModelRoute(m.id, m.name, envs, dev)
+    return RoutingTable(
+        version=version,
+        domain=domain,
+        models=model_routes,
+        model_names={m.name: m.id for m in models},
+        deployments=routes,
+        api_key_hashes=key_hashes,
+    )

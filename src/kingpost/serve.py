@@ -1,0 +1,142 @@
+"""``kingpost server``: API, controller and gateway in one process tree.
+
+The main process runs the control-plane API (uvicorn) and the controller
+thread; the gateway runs as its own process(es), started here, fed with the
+routing table over Unix control sockets. Stopping the server (SIGINT/SIGTERM)
+stops the gateway and, with the process engine, every replica; the store keeps
+every deployment, so the next start brings them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kingpost.api import ControlPlane, create_app
+from kingpost.controller.loop import Controller
+from kingpost.errors import KingpostError
+from kingpost.gateway.table import RoutingTable
+from kingpost.secrets_box import SecretBox, load_or_create_key
+from kingpost.settings import Settings
+from kingpost.store import Database, Store
+
+__all__ = ["bootstrap", "run_server"]
+
+log = logging.getLogger("kingpost.server")
+
+
+def bootstrap(settings: Settings, announce: Callable[[str], None] = print) -> Store:
+    """Create KINGPOST_HOME, migrate the database, and create the admin key once."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.db_url)
+    db.migrate()
+    store = Store(db, SecretBox(load_or_create_key(settings.home, settings.secret_key)))
+    if not store.has_api_keys():
+        _, key = store.create_api_key("admin")
+        path = settings.home / "credentials"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+        announce(
+            f"Created the admin API key (shown once; also saved to {path} for the CLI):\n  {key}"
+        )
+    return store
+
+
+def gateway_sockets(settings: Settings) -> list[Path]:
+    from kingpost.gateway import control_socket_paths
+
+    return control_socket_paths(settings.run_dir / "gateway.sock", settings.gateway_workers)
+
+
+def _start_gateway(settings: Settings) -> subprocess.Popen[bytes]:
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kingpost.gateway",
+        "--host",
+        settings.gateway_host,
+        "--port",
+        str(settings.gateway_port),
+        "--control-socket",
+        str(settings.run_dir / "gateway.sock"),
+        "--workers",
+        str(settings.gateway_workers),
+    ]
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def _pusher(settings: Settings) -> Callable[[RoutingTable], None]:
+    from kingpost.gateway import push_table
+
+    sockets = gateway_sockets(settings)
+
+    def push(table: RoutingTable) -> None:
+        for sock in sockets:
+            push_table(sock, table)
+
+    return push
+
+
+def _push_examples(settings: Settings, dirs: Sequence[Path]) -> None:
+    from kingpost.client import KingpostClient
+
+    deadline = time.monotonic() + 30
+    with KingpostClient.from_settings(settings) as c:
+        while time.monotonic() < deadline:
+            try:
+                c.models()
+                break
+            except KingpostError:
+                time.sleep(0.2)
+        for d in dirs:
+            try:
+                result = c.push(d)
+                print(f"pushed {d}: {result['predict_url']}", flush=True)
+            except KingpostError as exc:
+                print(f"push of {d} failed: {exc}", file=sys.stderr, flush=True)
+
+
+def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
+    import uvicorn
+
+    store = bootstrap(settings)
+    gateway = _start_gateway(settings)
+    controller = Controller(settings, store, push=_pusher(settings))
+    plane = ControlPlane(settings, store, controller)
+    config = uvicorn.Config(
+        create_app(plane),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    controller.start()
+    print(
+        f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
+        f"home {settings.home}",
+        flush=True,
+    )
+    if push_dirs:
+        threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
+    try:
+        server.run()
+    finally:
+        controller.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(gateway.pid, signal.SIGTERM)
+        try:
+            gateway.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(gateway.pid, signal.SIGKILL)
+        store.db.close()

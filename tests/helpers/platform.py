@@ -1,0 +1,134 @@
+"""A real `kingpost server` process for integration tests, and polling helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from kingpost.client import KingpostClient
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(fn: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except Exception as exc:  # keep polling through transient errors
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class Platform:
+    """One `kingpost server` process with its own home and ports."""
+
+    def __init__(self, home: Path, engine: str = "process", extra_env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.api_port = free_port()
+        self.gateway_port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")},
+            "KINGPOST_HOME": str(home),
+            "KINGPOST_API_PORT": str(self.api_port),
+            "KINGPOST_GATEWAY_PORT": str(self.gateway_port),
+            "KINGPOST_ENGINE": engine,
+            "KINGPOST_RECONCILE_INTERVAL": "0.2",
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = home / "server.log"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def start(self) -> Platform:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kingpost.cli", "server"],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_for(self._healthy, 30, f"kingpost server to answer (log: {self.log})")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
+        try:
+            ok_api = httpx.get(f"{self.api_url}/v1/health", timeout=1).status_code == 200
+            gw = httpx.get(f"{self.gateway_url}/", timeout=1)
+        except httpx.TransportError:
+            return False
+        return ok_api and gw.status_code in (401, 404)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+    @property
+    def api_key(self) -> str:
+        return (self.home / "credentials").read_text().strip()
+
+    def client(self) -> KingpostClient:
+        return KingpostClient(self.api_url, self.api_key, self.gateway_url)
+
+    def gateway(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.gateway_url, headers={"Authorization": f"Api-Key {self.api_key}"}, timeout=30
+        )
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kingpost.cli", *args],
+            env=self.env, input=input, capture_output=True, text=True, timeout=120,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def wait_status(self, dep_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+        with self.client() as c:
+            def check() -> dict[str, Any] | None:
+                d = c.deployment(dep_id)
+                return d if d["status"] in statuses else None
+
+            try:
+                return wait_for(check, timeout, f"deployment {dep_id} to be {statuses}")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nlogs: {c.logs(dep_id)}\nserver:\n{self.output()}") from None

@@ -1,0 +1,159 @@
+"""End to end on the process engine: push a custom-server project and call it through the gateway."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers.platform import EXAMPLES, Platform, wait_for
+from kingpost.errors import AuthError, ConfigError, SecretError
+
+ECHO = EXAMPLES / "echo-server"
+
+
+def copy_project(tmp_path: Path, name: str, config_extra: str = "", base: Path = ECHO) -> Path:
+    dest = tmp_path / name
+    shutil.copytree(base, dest)
+    if config_extra:
+        with (dest / "config.yaml").open("a") as fh:
+            fh.write("\n" + config_extra)
+    return dest
+
+
+def deploy(platform: Platform, project: Path, **options: object) -> dict[str, object]:
+    with platform.client() as c:
+        result = c.push(project, **options)
+    dep = result["deployment"]
+    platform.wait_status(dep["id"], "ACTIVE")
+    return result
+
+
+def test_push_predict_sync_and_passthrough(platform: Platform, tmp_path: Path) -> None:
+    project = copy_project(tmp_path, "echo-a", "model_name: echo-a\n")
+    result = deploy(platform, project, labels={"team": "ml"})
+    model_id = result["model"]["id"]
+    assert result["deployment"]["name"] == "deployment-1"
+    assert result["deployment"]["environments"] == ["production"]
+    with platform.gateway() as gw:
+        for path in (
+            f"/models/{model_id}/environments/production/predict",
+            f"/models/{model_id}/production/predict",
+            f"/models/echo-a/environments/production/predict",
+            f"/models/{model_id}/deployment/{result['deployment']['id']}/predict",
+        ):
+            r = gw.post(path, json={"hello": "world"})
+            assert r.status_code == 200, (path, r.text)
+            assert r.json()["echo"] == {"hello": "world"}
+            assert r.headers["x-baseten-request-id"]
+        r = gw.post(
+            "/environments/production/predict",
+            json={"x": 1},
+            headers={"Host": f"model-{model_id}.localhost:{platform.gateway_port}"},
+        )
+        assert r.status_code == 200 and r.json()["echo"] == {"x": 1}
+        r = gw.get(f"/models/{model_id}/environments/production/sync/health?probe=1")
+        assert r.status_code == 200
+        r = gw.get(f"/models/{model_id}/environments/production/sync/no/such/route")
+        assert r.status_code == 404  # the server's own 404, passed through
+        r = gw.post(f"/models/{model_id}/environments/production/predict", json={},
+                    headers={"X-Baseten-Request-Id": "req-123"})
+        assert r.headers["x-baseten-request-id"] == "req-123"
+
+
+def test_streaming_passes_through(platform: Platform, tmp_path: Path) -> None:
+    project = copy_project(tmp_path, "echo-stream", "model_name: echo-stream\n")
+    model_id = deploy(platform, project)["model"]["id"]
+    with platform.gateway() as gw, gw.stream(
+        "GET", f"/models/{model_id}/environments/production/sync/stream?n=5"
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == 5
+
+
+def test_auth_is_required_everywhere(platform: Platform) -> None:
+    r = httpx.get(f"{platform.api_url}/v1/models")
+    assert r.status_code == 401 and "error" in r.json()
+    r = httpx.get(f"{platform.api_url}/v1/models", headers={"Authorization": "Api-Key nope"})
+    assert r.status_code == 401
+    r = httpx.post(f"{platform.gateway_url}/models/x/production/predict", json={},
+                   headers={"Authorization": "Api-Key nope"})
+    assert r.status_code == 401 and "error" in r.json()
+    with pytest.raises(AuthError):
+        from kingpost.client import KingpostClient
+
+        KingpostClient(platform.api_url, "wrong", platform.gateway_url).models()
+
+
+def test_bad_config_is_refused_and_nothing_is_created(platform: Platform, tmp_path: Path) -> None:
+    project = copy_project(tmp_path, "bad", "model_name: bad-config\n")
+    text = (project / "config.yaml").read_text().replace("server_port: 8000", "server_port: 70000")
+    (project / "config.yaml").write_text(text)
+    with platform.client() as c:
+        with pytest.raises(ConfigError) as info:
+            c.push(project)
+        assert "server_port" in info.value.message and "70000" in info.value.message
+        assert "bad-config" not in [m["name"] for m in c.models()]
+    out = platform.cli("push", str(project))
+    assert out.returncode == 2, out
+    assert "server_port" in out.stderr
+
+
+def test_secrets_flow(platform: Platform, tmp_path: Path) -> None:
+    project = copy_project(tmp_path, "sec", "model_name: with-secret\nsecrets:\n  api_token: null\n")
+    with platform.client() as c:
+        with pytest.raises(SecretError, match="api_token"):
+            c.push(project)
+    out = platform.cli("secrets", "set", "api_token", input="tok-VALUE-123\n")
+    assert out.returncode == 0, out.stderr
+    listed = platform.cli("secrets", "list", "--output", "json")
+    assert [s["name"] for s in json.loads(listed.stdout)] == ["api_token"]
+    assert "tok-VALUE-123" not in listed.stdout
+    model_id = deploy(platform, project)["model"]["id"]
+    with platform.gateway() as gw:
+        env = gw.get(f"/models/{model_id}/environments/production/sync/env").json()
+    assert env["secrets"]["api_token"] == "tok-VALUE-123"
+    assert env["secrets_writable"] is False
+    assert "tok-VALUE-123" not in platform.output()
+
+
+def test_deactivate_answers_404_and_activate_brings_it_back(platform: Platform, tmp_path: Path) -> None:
+    project = copy_project(tmp_path, "deact", "model_name: deact\n")
+    result = deploy(platform, project)
+    model_id, dep_id = result["model"]["id"], result["deployment"]["id"]
+    with platform.client() as c:
+        c.deployment_action(model_id, dep_id, "deactivate")
+        platform.wait_status(dep_id, "INACTIVE")
+        with platform.gateway() as gw:
+            r = wait_for(
+                lambda: (resp := gw.post(f"/models/{model_id}/production/predict", json={}))
+                .status_code == 404 and resp,
+                10, "404 after deactivation",
+            )
+            assert "error" in r.json()
+            c.deployment_action(model_id, dep_id, "activate")
+            platform.wait_status(dep_id, "ACTIVE")
+            r = gw.post(f"/models/{model_id}/production/predict", json={"a": 1})
+            assert r.status_code == 200
+
+
+def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> None:
+    project = copy_project(tmp_path, "promo", "model_name: promo\n")
+    first = deploy(platform, project)
+    second = deploy(platform, project, deployment_name="canary-1", environment="staging")
+    model_id = first["model"]["id"]
+    assert second["deployment"]["environments"] == ["staging"]
+    with platform.gateway() as gw:
+        assert gw.post(f"/models/{model_id}/environments/staging/predict", json={}).status_code == 200
+    with platform.client() as c:
+        c.promote(model_id, second["deployment"]["id"], "production")
+        prod = {e["name"]: e["deployment_id"] for e in c.environments(model_id)}
+    assert prod["production"] == second["deployment"]["id"]
+    out = platform.cli("deployments", "list", "--model", model_id, "--output", "json")
+    names = {d["name"]: d for d in json.loads(out.stdout)}
+    assert set(names) == {"deployment-1", "canary-1"}

@@ -1,0 +1,133 @@
+"""Table-driven tests of the pure reconcile decision."""
+
+from __future__ import annotations
+
+import pytest
+
+from kingpost.controller.plan import Want, plan
+from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaStatus
+from kingpost.store.models import DeploymentStatus
+
+P = ReplicaPhase
+S = DeploymentStatus
+
+
+def rep(rid: str, phase: ReplicaPhase, started: float = 10.0, message: str = "") -> ReplicaStatus:
+    return ReplicaStatus(rid, "d1", phase, Endpoint("127.0.0.1", 1), 0, message, started)
+
+
+CASES = [
+    # (name, want, replicas, start, stop, status, ready ids)
+    ("fresh deployment starts one", Want(True, 1), [], 1, (), S.DEPLOYING, ()),
+    ("fresh deployment starts two", Want(True, 2), [], 2, (), S.DEPLOYING, ()),
+    ("starting replica counts", Want(True, 1), [rep("a", P.STARTING)], 0, (), S.DEPLOYING, ()),
+    ("ready replica is active", Want(True, 1), [rep("a", P.READY)], 0, (), S.ACTIVE, ("a",)),
+    (
+        "one of two ready is active, no new start",
+        Want(True, 2),
+        [rep("a", P.READY), rep("b", P.STARTING)],
+        0,
+        (),
+        S.ACTIVE,
+        ("a",),
+    ),
+    (
+        "not-ready replica gets no traffic and is not replaced",
+        Want(True, 1, was_active=True),
+        [rep("a", P.NOT_READY)],
+        0,
+        (),
+        S.UNHEALTHY,
+        (),
+    ),
+    (
+        "restarting replica is not replaced",
+        Want(True, 1),
+        [rep("a", P.RESTARTING)],
+        0,
+        (),
+        S.DEPLOYING,
+        (),
+    ),
+    (
+        "failed replica makes the deployment failed, not retried",
+        Want(True, 1),
+        [rep("a", P.FAILED, message="boom")],
+        0,
+        (),
+        S.FAILED,
+        (),
+    ),
+    (
+        "build failure is reported as BUILD_FAILED",
+        Want(True, 1),
+        [rep("a", P.FAILED, message="BUILD_FAILED: step 2 exited 1")],
+        0,
+        (),
+        S.BUILD_FAILED,
+        (),
+    ),
+    (
+        "failure older than a re-activation is replaced",
+        Want(True, 1, reset_after=20.0),
+        [rep("a", P.FAILED, started=10.0, message="boom")],
+        1,
+        ("a",),
+        S.DEPLOYING,
+        (),
+    ),
+    (
+        "scale down stops not-ready before ready",
+        Want(True, 1),
+        [rep("a", P.READY, 1.0), rep("b", P.STARTING, 2.0)],
+        0,
+        ("b",),
+        S.ACTIVE,
+        ("a",),
+    ),
+    (
+        "scale down stops the oldest ready first",
+        Want(True, 1),
+        [rep("a", P.READY, 1.0), rep("b", P.READY, 2.0)],
+        0,
+        ("a",),
+        S.ACTIVE,
+        ("b",),
+    ),
+    (
+        "inactive stops everything",
+        Want(False, 1),
+        [rep("a", P.READY), rep("b", P.FAILED)],
+        0,
+        ("a", "b"),
+        None,
+        (),
+    ),
+    ("stopped replicas are ignored", Want(True, 1), [rep("a", P.STOPPED)], 1, (), S.DEPLOYING, ()),
+    ("zero replicas is scaled to zero", Want(True, 0), [], 0, (), S.SCALED_TO_ZERO, ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("want", "replicas", "start", "stop", "status", "ready"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_plan(
+    want: Want,
+    replicas: list[ReplicaStatus],
+    start: int,
+    stop: tuple[str, ...],
+    status: DeploymentStatus | None,
+    ready: tuple[str, ...],
+) -> None:
+    p = plan(want, replicas)
+    assert p.start == start
+    assert p.stop == stop
+    assert p.status == status
+    assert tuple(r.replica_id for r in p.ready) == ready
+
+
+def test_failure_message_is_kept() -> None:
+    p = plan(Want(True, 1), [rep("a", P.FAILED, message="Traceback: boom")])
+    assert p.message == "Traceback: boom"
