@@ -1,0 +1,277 @@
+"""Rules that span several keys, and the warnings a valid config can still earn.
+
+Cross-key rules run on the raw document (not the validated model) so they are
+reported together with field errors: a file with a bad port *and* both
+``weights`` and ``model_cache`` lists both problems at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel
+
+from kingpost.config._yaml import Issue, PathPart
+from kingpost.config.environment import RESERVED_ENV_HINT, is_reserved_env
+from kingpost.config.models import TrussConfig
+from kingpost.config.resources import KNOWN_ACCELERATORS
+from kingpost.config.sources import normalize_mount
+
+__all__ = ["NO_BUILD_IGNORED", "config_warnings", "cross_key_errors", "unknown_key_warnings"]
+
+NO_BUILD_IGNORED = (
+    "requirements",
+    "requirements_file",
+    "system_packages",
+    "build_commands",
+    "build",
+    "external_package_dirs",
+    "bundled_packages_dir",
+    "external_data",
+    "model_cache",
+    "cache_internal",
+    "python_version",
+    "apply_library_patches",
+    "live_reload",
+    "model_module_dir",
+    "model_class_filename",
+    "model_class_name",
+    "use_local_src",
+    "trt_llm",
+)
+"""Top-level keys with no effect when ``docker_server.no_build`` is true.
+
+No-build images run unmodified: only ``docker_server``, ``base_image``,
+``environment_variables``, ``secrets`` and the ``data`` directory reach them
+(plus what the platform itself uses: resources, runtime, weights, metadata).
+"""
+
+
+def _mapping(value: object) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _items(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
+    """Rules relating several keys, checked on the raw document."""
+    issues: list[Issue] = []
+    if raw.get("requirements") and raw.get("requirements_file"):
+        issues.append(
+            Issue(
+                ("requirements_file",),
+                "`requirements` and `requirements_file` are mutually exclusive; keep one of them",
+                raw["requirements_file"],
+            )
+        )
+    if _items(raw.get("weights")) and _items(raw.get("model_cache")):
+        issues.append(
+            Issue(
+                ("model_cache",),
+                "`weights` and `model_cache` are mutually exclusive; move the "
+                "model_cache entries to `weights` (model_cache is deprecated)",
+                f"{len(raw['model_cache'])} entries",
+            )
+        )
+    issues += _duplicate_mounts(_items(raw.get("weights")))
+    issues += _docker_server_errors(raw)
+    issues += _model_cache_volumes(_items(raw.get("model_cache")))
+    return issues
+
+
+def _duplicate_mounts(weights: list[Any]) -> list[Issue]:
+    issues: list[Issue] = []
+    first: dict[str, int] = {}
+    for index, entry in enumerate(weights):
+        mount = _mapping(entry).get("mount_location")
+        if not isinstance(mount, str):
+            continue
+        key = normalize_mount(mount)
+        if key in first:
+            issues.append(
+                Issue(
+                    ("weights", index, "mount_location"),
+                    f"mount_location must be unique, but weights[{first[key]}] already "
+                    "mounts there; give each source its own directory",
+                    mount,
+                )
+            )
+        else:
+            first[key] = index
+    return issues
+
+
+def _docker_server_errors(raw: dict[str, Any]) -> list[Issue]:
+    server = raw.get("docker_server")
+    if not isinstance(server, dict):
+        return []
+    no_build = server.get("no_build") is True
+    issues: list[Issue] = []
+    if not no_build and server.get("start_command") is None:
+        issues.append(
+            Issue(
+                ("docker_server", "start_command"),
+                "start_command is required unless `no_build: true` (then the image's "
+                "entrypoint runs); add e.g. `start_command: python -m my_server`",
+                has_value=False,
+            )
+        )
+    image = _mapping(raw.get("base_image")).get("image")
+    if no_build and not image:
+        issues.append(
+            Issue(
+                ("docker_server", "no_build"),
+                "no_build: true runs `base_image.image` unmodified, so it needs one; add "
+                "`base_image: {image: REGISTRY/IMAGE:TAG}`",
+                True,
+            )
+        )
+    return issues
+
+
+def _model_cache_volumes(entries: list[Any]) -> list[Issue]:
+    flags = [_mapping(e).get("use_volume") for e in entries]
+    if len({bool(f) for f in flags}) <= 1:
+        return []
+    index = next(i for i, f in enumerate(flags) if bool(f) != bool(flags[0]))
+    return [
+        Issue(
+            ("model_cache", index, "use_volume"),
+            "all model_cache entries must use the same `use_volume`; set it to "
+            f"{bool(flags[0])!s} everywhere (or migrate to `weights`)",
+            flags[index],
+        )
+    ]
+
+
+def unknown_key_warnings(model: BaseModel, path: tuple[PathPart, ...] = ()) -> list[Issue]:
+    """Keys Truss does not know, at any depth of the typed sections."""
+    issues: list[Issue] = []
+    known = list(type(model).model_fields)
+    for key in model.model_extra or {}:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else "; it is ignored"
+        issues.append(Issue((*path, key), f"unknown key `{key}`{hint}", has_value=False))
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            issues += unknown_key_warnings(value, (*path, name))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    issues += unknown_key_warnings(item, (*path, name, index))
+    return issues
+
+
+def config_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
+    """Warnings about a config that is valid but will not do all it says."""
+    issues = unknown_key_warnings(config)
+    issues += _env_warnings(config, raw)
+    for name, value in config.secrets.items():
+        if value is not None:
+            issues.append(
+                Issue(
+                    ("secrets", name),
+                    "secret given a real value in config.yaml; store it with "
+                    f"`kingpost secrets set {name}` and set it to null here",
+                    "<redacted>",
+                )
+            )
+    issues += _resource_warnings(config, raw)
+    if config.python_version in ("py38", "py39"):
+        issues.append(
+            Issue(
+                ("python_version",),
+                "this Python version is deprecated (Truss dropped 3.8); use py311 or newer",
+                config.python_version,
+            )
+        )
+    if config.model_cache:
+        issues.append(
+            Issue(("model_cache",), "model_cache is deprecated; use `weights`", has_value=False)
+        )
+    issues += _server_warnings(config, raw)
+    return issues
+
+
+def _env_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
+    issues: list[Issue] = []
+    raw_env = _mapping(raw.get("environment_variables"))
+    for name in config.environment_variables:
+        if is_reserved_env(name):
+            issues.append(
+                Issue(
+                    ("environment_variables", name),
+                    f"environment variable `{name}` is dropped: {RESERVED_ENV_HINT}",
+                    name,
+                )
+            )
+        if name in raw_env and raw_env[name] is None:
+            issues.append(
+                Issue(
+                    ("environment_variables", name),
+                    "null value becomes the string `None` (as in Truss); give a value, or "
+                    "declare it under `secrets:` if it is a credential",
+                    None,
+                )
+            )
+    return issues
+
+
+def _resource_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
+    issues: list[Issue] = []
+    resources = config.resources
+    given = _mapping(raw.get("resources")).get("use_gpu")
+    if isinstance(given, bool) and given != resources.use_gpu:
+        reason = (
+            "no `accelerator` is set; add e.g. `accelerator: T4`"
+            if given
+            else "an `accelerator` is set, so the replica gets a GPU"
+        )
+        issues.append(
+            Issue(("resources", "use_gpu"), f"use_gpu is derived and ignored here: {reason}", given)
+        )
+    accelerator = resources.accelerator
+    if accelerator is not None and accelerator.kind not in KNOWN_ACCELERATORS:
+        upper = accelerator.kind.upper()
+        hint = f"; did you mean `{upper}`?" if upper in KNOWN_ACCELERATORS else ""
+        issues.append(
+            Issue(
+                ("resources", "accelerator"),
+                f"accelerator kind `{accelerator.kind}` is unknown to Truss, so the project "
+                f"would not deploy on Baseten{hint}",
+                str(accelerator),
+            )
+        )
+    return issues
+
+
+def _server_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
+    server = config.docker_server
+    if server is None:
+        return []
+    issues: list[Issue] = []
+    if server.no_build:
+        for key in NO_BUILD_IGNORED:
+            if key in raw:
+                issues.append(
+                    Issue(
+                        (key,),
+                        "ignored with `docker_server.no_build: true` (the image runs "
+                        "unmodified); remove it or pass the setting as an environment variable",
+                        has_value=False,
+                    )
+                )
+    elif server.server_port == 8080:
+        issues.append(
+            Issue(
+                ("docker_server", "server_port"),
+                "port 8080 is reserved by Baseten's reverse proxy in builds other than "
+                "no_build; Kingpost accepts it, but pick another port to stay portable",
+                8080,
+            )
+        )
+    return issues

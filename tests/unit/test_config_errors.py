@@ -1,0 +1,223 @@
+"""Every validation rule of config.yaml: path, line, rule and value in the error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kingpost.config import parse_config
+from kingpost.errors import ConfigError
+
+SERVER = """\
+base_image:
+  image: vllm/vllm-openai:latest
+docker_server:
+  start_command: vllm serve model
+  server_port: {port}
+  predict_endpoint: {predict}
+  readiness_endpoint: /health
+  liveness_endpoint: {liveness}
+  run_as_user_id: {uid}
+"""
+
+
+def server(
+    port: object = 8000, predict: str = "/predict", liveness: str = "/health", uid: object = 1000
+) -> str:
+    return SERVER.format(port=port, predict=predict, liveness=liveness, uid=uid)
+
+
+def weights(*entries: tuple[str, str]) -> str:
+    lines = ["weights:"]
+    for source, mount in entries:
+        lines += [f"  - source: {source}", f"    mount_location: {mount}"]
+    return "\n".join(lines) + "\n"
+
+
+def errors_of(text: str) -> list[dict[str, Any]]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, filename="proj/config.yaml")
+    errors: list[dict[str, Any]] = info.value.details["errors"]
+    for error in errors:  # every error is also in the message, one per line
+        assert f"{error['path']} (line {error['line']})" in info.value.message
+    return errors
+
+
+# (id, config text, key path, line, words of the rule, value found)
+CASES: list[tuple[str, str, str, int, str, object]] = [
+    ("uid-root", server(uid=0), "docker_server.run_as_user_id", 9,
+     "set `run_as_user_id` to another UID, e.g. 1000", 0),
+    ("uid-app", server(uid=60000), "docker_server.run_as_user_id", 9,
+     "may not be 60000", 60000),
+    ("uid-negative", server(uid=-5), "docker_server.run_as_user_id", 9, "non-negative", -5),
+    ("port-high", server(port=70000), "docker_server.server_port", 5, "1 to 65535", 70000),
+    ("port-zero", server(port=0), "docker_server.server_port", 5, "1 to 65535", 0),
+    ("port-text", server(port="http"), "docker_server.server_port", 5, "integer", "http"),
+    ("port-float", server(port=80.5), "docker_server.server_port", 5, "integer", 80.5),
+    ("port-bool", server(port="true"), "docker_server.server_port", 5, "integer", True),
+    ("predict-slash", server(predict="v1/chat"), "docker_server.predict_endpoint", 6,
+     "must start with `/`", "v1/chat"),
+    ("liveness-slash", server(liveness="healthz"), "docker_server.liveness_endpoint", 8,
+     "must start with `/`", "healthz"),
+    ("mount-relative", weights(("hf://a/b", "models/x")), "weights[0].mount_location", 3,
+     "absolute path", "models/x"),
+    ("mount-root", weights(("hf://a/b", "/")), "weights[0].mount_location", 3, "may not be", "/"),
+    ("mount-app", weights(("hf://a/b", "/app/")), "weights[0].mount_location", 3,
+     "may not be `/app`", "/app/"),
+    ("mount-secrets", weights(("hf://a/b", "/secrets/x")), "weights[0].mount_location", 3,
+     "system directory", "/secrets/x"),
+    ("mount-dotdot", weights(("hf://a/b", "/models/../etc")), "weights[0].mount_location", 3,
+     "`..`", "/models/../etc"),
+    ("mount-duplicate", weights(("hf://a/b", "/m/a"), ("s3://b/c", "/m/a/")),
+     "weights[1].mount_location", 5, "unique, but weights[0]", "/m/a/"),
+    ("revision-s3", weights(("s3://bucket/path@v2", "/m")), "weights[0].source", 2,
+     "only allowed on hf://", "s3://bucket/path@v2"),
+    ("revision-gs", weights(("gs://bucket/p@main", "/m")), "weights[0].source", 2,
+     "only allowed on hf://", "gs://bucket/p@main"),
+    ("scheme-ftp", weights(("ftp://host/x", "/m")), "weights[0].source", 2,
+     "hf://, s3://, gs://, r2://, bt://, https://", "ftp://host/x"),
+    ("scheme-missing", weights(("owner/repo", "/m")), "weights[0].source", 2,
+     "absolute local path", "owner/repo"),
+    ("hf-empty", weights(("hf://", "/m")), "weights[0].source", 2, "repository after", "hf://"),
+    ("hf-empty-revision", weights(("hf://a/b@", "/m")), "weights[0].source", 2,
+     "followed by a revision", "hf://a/b@"),
+    ("requirements-both", "requirements: [torch]\nrequirements_file: requirements.txt\n",
+     "requirements_file", 2, "mutually exclusive", "requirements.txt"),
+    ("weights-and-cache",
+     weights(("hf://a/b", "/m")) + "model_cache:\n  - repo_id: a/b\n    use_volume: false\n",
+     "model_cache", 4, "mutually exclusive", "1 entries"),
+    ("concurrency-zero", "runtime:\n  predict_concurrency: 0\n", "runtime.predict_concurrency",
+     2, "at least 1", 0),
+    ("num-workers", "runtime:\n  num_workers: 2\n", "runtime.num_workers", 2,
+     "only 1 worker", 2),
+    ("transport-kind", "runtime:\n  transport:\n    kind: carrier\n", "runtime.transport.kind",
+     3, "'http', 'websocket' or 'grpc'", "carrier"),
+    ("secret-name", 'secrets:\n  "hf token": null\n', "secrets.hf token", 2,
+     "letters, digits", "hf token"),
+    ("secret-dot", 'secrets:\n  "..": null\n', "secrets...", 2, "not `.` or `..`", ".."),
+    ("python-dotted", 'python_version: "3.11"\n', "python_version", 1, "write it like `py311`",
+     "3.11"),
+    ("python-old", "python_version: py37\n", "python_version", 1, "one of py38", "py37"),
+    ("cpu", "resources:\n  cpu: lots\n", "resources.cpu", 2, "millicores", "lots"),
+    ("cpu-m-only", "resources:\n  cpu: m\n", "resources.cpu", 2, "millicores", "m"),
+    ("memory-unit", "resources:\n  memory: 2GB\n", "resources.memory", 2, "Gi", "2GB"),
+    ("accelerator-count", "resources:\n  accelerator: H100:0\n", "resources.accelerator", 2,
+     "positive integer", "H100:0"),
+    ("accelerator-junk", "resources:\n  accelerator: H100:two\n", "resources.accelerator", 2,
+     "positive integer", "H100:two"),
+    ("node-count", "resources:\n  node_count: 0\n", "resources.node_count", 2,
+     "greater than or equal to 1", 0),
+    ("env-list", "environment_variables:\n  A: [1, 2]\n", "environment_variables.A", 2,
+     "valid string, not a list", [1, 2]),
+    ("env-name", 'environment_variables:\n  "A=B": x\n', "environment_variables.A=B", 2,
+     "contain no `=`", "A=B"),
+    ("auth-missing-secret",
+     "weights:\n  - source: s3://b/p\n    mount_location: /m\n    auth:\n"
+     "      auth_method: CUSTOM_SECRET\n", "weights[0].auth", 4,
+     "needs auth_secret_name", None),
+    ("auth-method", "weights:\n  - source: s3://b/p\n    mount_location: /m\n    auth:\n"
+     "      auth_method: PASSWORD\n", "weights[0].auth.auth_method", 5,
+     "'CUSTOM_SECRET', 'AWS_OIDC' or 'GCP_OIDC'", "PASSWORD"),
+    ("docker-auth", "base_image:\n  image: x\n  docker_auth:\n    auth_method: AWS_OIDC\n",
+     "base_image.docker_auth", 3, "needs aws_oidc_role_arn, aws_oidc_region", None),
+    ("python-exe", "base_image:\n  image: x\n  python_executable_path: python3\n",
+     "base_image.python_executable_path", 3, "must be absolute", "python3"),
+    ("cache-revision", "model_cache:\n  - repo_id: a/b\n    use_volume: true\n"
+     "    volume_folder: ab\n", "model_cache[0]", 2, "pinned `revision`", None),
+    ("cache-use-volume", "model_cache:\n  - repo_id: a/b\n", "model_cache[0].use_volume", 2,
+     "required key `use_volume`", None),
+    ("external-abs", "external_data:\n  - url: https://x/y\n    local_data_path: /etc/x\n",
+     "external_data[0].local_data_path", 3, "relative to the data directory", "/etc/x"),
+    ("build-no-cache", "build:\n  no_cache: true\n", "build.no_cache", 2,
+     "cannot be set in config.yaml", True),
+    ("no-build-image", "docker_server:\n  no_build: true\n  server_port: 80\n"
+     "  predict_endpoint: /p\n  readiness_endpoint: /r\n  liveness_endpoint: /l\n",
+     "docker_server.no_build", 2, "needs one", True),
+    ("top-level-list", "- a\n- b\n", "<root>", 1, "must be a mapping", "list"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "path", "line", "rule", "value"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])  # fmt: skip
+def test_rule_reports_path_line_rule_and_value(
+    text: str, path: str, line: int, rule: str, value: object
+) -> None:
+    errors = errors_of(text)
+    matching = [e for e in errors if e["path"] == path]
+    assert matching, errors
+    error = matching[0]
+    assert error["line"] == line
+    assert rule in error["message"]
+    assert error["value"] == value
+
+
+def test_start_command_required_unless_no_build() -> None:
+    text = server().replace("  start_command: vllm serve model\n", "")
+    (error,) = errors_of(text)
+    assert error["path"] == "docker_server.start_command"
+    assert error["line"] == 3  # the docker_server line: the key itself is absent
+    assert "unless `no_build: true`" in error["message"]
+    no_build = text.replace("docker_server:\n", "docker_server:\n  no_build: true\n")
+    assert parse_config(no_build).config.no_build
+
+
+def test_missing_key_names_the_misspelt_sibling() -> None:
+    text = server().replace("predict_endpoint", "predict_endpiont")
+    (error,) = errors_of(text)
+    assert error["path"] == "docker_server.predict_endpoint"
+    assert error["line"] == 6  # the line of the misspelt key
+    assert "did you mean `predict_endpoint`" in error["message"]
+
+
+def test_all_errors_of_a_file_come_together_in_line_order() -> None:
+    text = server(port=0, uid=0) + "requirements: [a]\nrequirements_file: r.txt\n"
+    text += "runtime:\n  predict_concurrency: -1\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, filename="proj/config.yaml")
+    paths = [e["path"] for e in info.value.details["errors"]]
+    assert paths == [
+        "docker_server.server_port",
+        "docker_server.run_as_user_id",
+        "requirements_file",
+        "runtime.predict_concurrency",
+    ]
+    message = info.value.message
+    assert message.startswith("proj/config.yaml: 4 errors in the Truss config")
+    assert len(message.splitlines()) == 5
+    assert info.value.details["file"] == "proj/config.yaml"
+    assert info.value.to_dict()["code"] == "invalid_config"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ("model_name: a\n  bad: indent\n", 2, 6),
+        ("secrets: {a: null\n", 2, 1),
+        ("a: [1, 2\nb: 3\n", 2, 2),
+        ("model_name: x\n---\nmodel_name: y\n", 2, 1),
+    ],
+    ids=["indent", "flow-mapping", "flow-sequence", "two-documents"],
+)
+def test_invalid_yaml_names_line_and_column(text: str, line: int, column: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, filename="c.yaml")
+    assert (info.value.details["line"], info.value.details["column"]) == (line, column)
+    assert f"c.yaml: invalid YAML at line {line}, column {column}" in info.value.message
+
+
+def test_duplicate_keys_are_errors() -> None:
+    text = "model_name: a\nresources:\n  cpu: '1'\n  cpu: '2'\nmodel_name: b\n"
+    errors = errors_of(text)
+    assert [(e["path"], e["line"]) for e in errors] == [("model_name", 1), ("resources.cpu", 3)]
+    assert "duplicate key `model_name` (line 5)" in errors[0]["message"]
+    assert "duplicate key `cpu` (line 4)" in errors[1]["message"]
+
+
+def test_long_values_are_shortened_in_the_message() -> None:
+    text = f"python_version: {'x' * 200}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    line = info.value.message.splitlines()[1]
+    assert len(line) < 300 and line.endswith("...)")
+    assert info.value.details["errors"][0]["value"] == "x" * 200
