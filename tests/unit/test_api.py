@@ -1,0 +1,135 @@
+"""The control-plane API in-process (FastAPI TestClient), no engines running."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kingpost.api import ControlPlane, create_app
+from kingpost.controller.loop import Controller
+from kingpost.packaging import pack_project
+from kingpost.serve import bootstrap
+from kingpost.settings import Settings
+
+CONFIG = """\
+model_name: api-test
+docker_server:
+  start_command: python server.py
+  server_port: 8000
+  predict_endpoint: /predict
+  readiness_endpoint: /health
+  liveness_endpoint: /health
+"""
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
+    settings = Settings(home=tmp_path / "home")
+    messages: list[str] = []
+    store = bootstrap(settings, messages.append)
+    key = (settings.home / "credentials").read_text().strip()
+    assert key in messages[0] and (settings.home / "credentials").stat().st_mode & 0o777 == 0o600
+    plane = ControlPlane(settings, store, Controller(settings, store))
+    with TestClient(create_app(plane)) as client:
+        client.headers["Authorization"] = f"Api-Key {key}"
+        yield client, key
+
+
+def upload(client: TestClient, tmp_path: Path, config: str = CONFIG) -> str:
+    project = tmp_path / "project"
+    project.mkdir(exist_ok=True)
+    (project / "config.yaml").write_text(config)
+    (project / "server.py").write_text("print('hi')\n")
+    packed = pack_project(project)
+    assert client.head(f"/v1/projects/{packed.sha256}").status_code == 404
+    r = client.put(f"/v1/projects/{packed.sha256}", content=packed.data)
+    assert r.status_code == 201, r.text
+    assert client.head(f"/v1/projects/{packed.sha256}").status_code == 200
+    return packed.sha256
+
+
+def test_every_route_needs_a_key(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+    for headers in ({}, {"Authorization": "Api-Key wrong"}, {"Authorization": "Basic x"}):
+        r = client.get("/v1/models", headers={"Authorization": "", **headers})
+        assert r.status_code == 401
+        assert r.json()["code"] == "unauthorized"
+    assert client.get("/v1/health", headers={"Authorization": ""}).status_code == 200
+
+
+def test_push_creates_model_deployment_and_production(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    sha = upload(client, tmp_path)
+    r = client.post("/v1/push", json={"project_hash": sha, "labels": {"team": "ml"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["name"] == "api-test"
+    assert body["deployment"]["name"] == "deployment-1"
+    assert body["deployment"]["labels"] == {"team": "ml"}
+    assert body["deployment"]["environments"] == ["production"]
+    assert body["predict_url"].endswith(
+        f"/models/{body['model']['id']}/environments/production/predict"
+    )
+    second = client.post("/v1/push", json={"project_hash": sha, "deployment_name": "blue"}).json()
+    assert second["deployment"]["name"] == "blue" and second["deployment"]["environments"] == []
+    assert second["predict_url"].endswith(f"/deployment/{second['deployment']['id']}/predict")
+    deps = client.get("/v1/models/api-test/deployments").json()
+    assert [d["name"] for d in deps] == ["deployment-1", "blue"]
+
+
+def test_bad_config_is_refused_with_path_rule_value_and_nothing_created(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    sha = upload(client, tmp_path, CONFIG.replace("8000", "70000").replace("/predict", "predict"))
+    r = client.post("/v1/push", json={"project_hash": sha})
+    assert r.status_code == 422
+    err = r.json()
+    assert err["code"] == "invalid_config"
+    paths = {e["path"] for e in err["errors"]}
+    assert {"docker_server.server_port", "docker_server.predict_endpoint"} <= paths
+    assert "70000" in err["error"]
+    assert client.get("/v1/models").json() == []
+
+
+def test_missing_secret_is_named_and_nothing_created(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    sha = upload(client, tmp_path, CONFIG + "secrets:\n  hf_token: null\n")
+    r = client.post("/v1/push", json={"project_hash": sha})
+    assert r.status_code == 422 and "hf_token" in r.json()["error"]
+    assert client.get("/v1/models").json() == []
+    assert (
+        client.post("/v1/secrets", json={"name": "hf_token", "value": "v-123"}).status_code == 200
+    )
+    r = client.post("/v1/push", json={"project_hash": sha})
+    assert r.status_code == 200
+    listed = client.get("/v1/secrets")
+    assert [s["name"] for s in listed.json()] == ["hf_token"] and "v-123" not in listed.text
+
+
+def test_upload_hash_must_match(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w"):
+        pass
+    r = client.put("/v1/projects/" + "0" * 64, content=buf.getvalue())
+    assert r.status_code == 400 and "mismatch" in r.json()["error"]
+
+
+def test_bad_bodies_name_the_field(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+    r = client.post("/v1/push", json={"project_hash": "nothex", "surprise": 1})
+    assert r.status_code == 400
+    fields = {e["field"] for e in r.json()["errors"]}
+    assert {"project_hash", "surprise"} <= fields
+    r = client.post("/v1/push", json={"project_hash": "a" * 64})
+    assert r.status_code == 404 and "not uploaded" in r.json()["error"]
