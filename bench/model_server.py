@@ -1,0 +1,256 @@
+"""Model-server benchmark: Kingpost's server vs Truss's own, same echo model.
+
+Each server runs pinned to one core (taskset); wrk runs on another core with
+the same connection count against both. Reports requests/s and p50/p99 at
+peak (closed loop), the ratios Kingpost/Truss, and Kingpost's p99 at ~80% of
+its own peak (paced with wrk's ``delay()``).
+
+    .venv/bin/python bench/model_server.py [--duration 8] [--connections 16]
+
+Truss is installed into ``.bench-cache/truss-venv`` on first use (PyPI) and its
+server is started from ``truss/templates/server`` the way its image does:
+template files + ``_truss_shared`` + ``model/`` + a full ``config.yaml`` in one
+directory, ``python main.py`` with ``INFERENCE_SERVER_PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".bench-cache"
+TRUSS_VENV = CACHE / "truss-venv"
+UV = Path(sys.executable).parent / "uv"
+
+ECHO_MODEL = """class Model:
+    def __init__(self, **kwargs):
+        pass
+
+    def load(self):
+        pass
+
+    def predict(self, model_input):
+        return model_input
+"""
+BODY = '{"prompt": "hello world", "max_tokens": 16, "temperature": 0.5}'
+PATH = "/v1/models/model:predict"
+
+
+@dataclass(frozen=True)
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _lua(path: Path, delay_ms: float) -> Path:
+    script = path / f"post-{delay_ms:.3f}.lua"
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = '{BODY}'",
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
+    if delay_ms > 0:
+        lines.append(f"function delay() return {delay_ms:.3f} end")
+    script.write_text("\n".join(lines) + "\n")
+    return script
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    if not m:
+        raise ValueError(f"cannot parse latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, lua: Path, connections: int, seconds: float, core: int) -> Run:
+    cmd = [
+        "taskset",
+        "-c",
+        str(core),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+    ]
+    cmd += ["--latency", "-s", str(lua), url + PATH]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    err = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return Run(rps, p50, p99, int(err.group(1)) if err else 0)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], deadline_s: float = 60) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/v1/models/model", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} never became ready")
+
+
+def ensure_truss() -> Path:
+    python = TRUSS_VENV / "bin" / "python"
+    marker = TRUSS_VENV / ".server-deps"
+    if not marker.exists():
+        if not python.exists():
+            subprocess.run(
+                [str(UV), "venv", "--python", sys.executable, str(TRUSS_VENV)], check=True
+            )
+        subprocess.run([str(UV), "pip", "install", "--python", str(python), "truss"], check=True)
+        reqs = _truss_templates(python) / "server" / "requirements.txt"
+        subprocess.run(
+            [str(UV), "pip", "install", "--python", str(python), "-r", str(reqs)], check=True
+        )
+        marker.touch()
+    return python
+
+
+def _truss_templates(python: Path) -> Path:
+    code = "import truss, pathlib; print(pathlib.Path(truss.__file__).parent / 'templates')"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def truss_app(python: Path, work: Path) -> Path:
+    templates = _truss_templates(python)
+    app = work / "truss-app"
+    shutil.copytree(templates / "server", app)
+    shutil.copytree(templates / "shared", app / "_truss_shared")
+    (app / "model").mkdir()
+    (app / "model" / "model.py").write_text(ECHO_MODEL)
+    (app / "data").mkdir()
+    code = (
+        "import sys, yaml; from truss.base.truss_config import TrussConfig; "
+        "print(yaml.safe_dump(TrussConfig.from_dict({'model_name': 'echo'}).to_dict(verbose=True)))"
+    )
+    cfg = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+    (app / "config.yaml").write_text(cfg.stdout)
+    return app
+
+
+def kingpost_app(work: Path) -> Path:
+    app = work / "kingpost-app"
+    (app / "model").mkdir(parents=True)
+    (app / "model" / "model.py").write_text(ECHO_MODEL)
+    (app / "config.yaml").write_text("model_name: echo\n")
+    return app
+
+
+def start(cmd: list[str], cwd: Path, env: dict[str, str], core: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["taskset", "-c", str(core), *cmd],
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def measure_peak(url: str, work: Path, args: argparse.Namespace) -> Run:
+    lua = _lua(work, 0)
+    wrk(url, lua, args.connections, 2, args.client_core)  # warm-up
+    return wrk(url, lua, args.connections, args.duration, args.client_core)
+
+
+def measure_at(url: str, work: Path, args: argparse.Namespace, target_rps: float) -> Run:
+    """Pace wrk with delay() so the offered load is about ``target_rps``."""
+    conns = args.connections
+    delay = max(0.0, conns / target_rps * 1000)
+    for _ in range(3):
+        probe = wrk(url, _lua(work, delay), conns, 2, args.client_core)
+        delay = max(0.0, delay * probe.rps / target_rps)
+    return wrk(url, _lua(work, delay), conns, args.duration, args.client_core)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--server-core", type=int, default=0)
+    parser.add_argument("--client-core", type=int, default=1)
+    parser.add_argument("--skip-truss", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args()
+    results: dict[str, Run] = {}
+    with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
+        work = Path(tmp)
+        if not args.skip_truss:
+            python = ensure_truss()
+            app = truss_app(python, work)
+            port = _free_port()
+            proc = start([str(python), "main.py"], app, {"INFERENCE_SERVER_PORT": str(port)},
+                         args.server_core)  # fmt: skip
+            try:
+                _wait_ready(f"http://127.0.0.1:{port}", proc)
+                results["truss"] = measure_peak(f"http://127.0.0.1:{port}", work, args)
+            finally:
+                proc.terminate()
+                proc.wait()
+        app = kingpost_app(work)
+        port = _free_port()
+        cmd = [sys.executable, "-m", "kingpost.server", "--app-dir", str(app), "--port", str(port)]
+        proc = start([*cmd, "--host", "127.0.0.1"], work, {}, args.server_core)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(url, proc)
+            results["kingpost"] = peak = measure_peak(url, work, args)
+            results["kingpost@80%"] = measure_at(url, work, args, 0.8 * peak.rps)
+        finally:
+            proc.terminate()
+            proc.wait()
+    report(results, args)
+    return 0
+
+
+def report(results: dict[str, Run], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({k: vars(v) for k, v in results.items()}, indent=2))
+        return
+    print(f"echo model, {args.connections} connections, {args.duration:.0f}s per run, "
+          f"server on core {args.server_core}, wrk on core {args.client_core}")  # fmt: skip
+    print(f"{'server':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+    for name, r in results.items():
+        print(f"{name:<14}{r.rps:>10.0f}{r.p50_ms:>10.3f}{r.p99_ms:>10.3f}{r.errors:>9}")
+    k, t = results.get("kingpost"), results.get("truss")
+    if k and t:
+        print(f"throughput ratio kingpost/truss: {k.rps / t.rps:.2f}x")
+        print(f"p50 ratio kingpost/truss: {k.p50_ms / t.p50_ms:.2f}  "
+              f"p99 ratio kingpost/truss: {k.p99_ms / t.p99_ms:.2f}")  # fmt: skip
+    paced = results.get("kingpost@80%")
+    if paced:
+        print(f"kingpost p99 at {paced.rps:.0f} req/s (~80% of peak): {paced.p99_ms:.3f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

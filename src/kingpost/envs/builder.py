@@ -1,0 +1,260 @@
+"""Build or reuse a deployment's Python environment, keyed by a hash of its inputs.
+
+How the model server is isolated from user packages (the decision):
+
+- The server's hot path needs only ``httptools``, ``msgpack`` and ``PyYAML``
+  (``uvloop`` when it installs). These are installed in the *same* resolver run
+  as the user's requirements, so a user pin that contradicts them fails the
+  build loudly (a BuildError naming the conflict) instead of breaking at run
+  time.
+- Kingpost's own source is not installed: a ``.pth`` file puts a directory that
+  holds only the ``kingpost`` package *after* the venv's site-packages, so the
+  user's packages always win and none of the platform's other dependencies
+  (SQLAlchemy, FastAPI for the API, ...) leak into the model's environment.
+- What Truss's server image also provides and model code often imports without
+  declaring (``fastapi``/``starlette``, ``pydantic``) is added in a second,
+  best-effort step constrained to the versions already installed, so it can
+  never change a user's package; if that is impossible it is skipped with a
+  warning. The server imports starlette and pydantic only when model code
+  uses them, and validates config.yaml only when pydantic v2 is importable
+  (the control plane validated it at push time anyway).
+- Finally ``uv pip check`` (``pip check``) must pass and the venv's interpreter
+  must import ``kingpost.server.main``.
+
+A project with no requirements that does not ask for another Python reuses
+the platform's own interpreter. Builds happen in a temporary directory and are
+renamed into place; a file lock makes concurrent builds of the same hash wait
+for each other and then reuse the result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import kingpost
+from kingpost.envs.installer import Installer, run_logged
+from kingpost.envs.interpreters import Interpreter, current, find_interpreter
+from kingpost.errors import BuildError, ConfigError
+
+if TYPE_CHECKING:
+    from kingpost.config import TrussConfig
+
+__all__ = [
+    "CONVENIENCE_REQUIREMENTS",
+    "SERVER_REQUIREMENTS",
+    "EnvironmentResult",
+    "ensure_environment",
+]
+
+SCHEMA = 1
+SERVER_REQUIREMENTS: tuple[str, ...] = (
+    "httptools>=0.6",
+    "msgpack>=1.0",
+    "PyYAML>=6.0",
+    "uvloop>=0.19",
+)
+CONVENIENCE_REQUIREMENTS: tuple[str, ...] = ("fastapi>=0.111", "pydantic>=2.7")
+READY_MARKER = "kingpost-env.json"
+
+
+@dataclass(frozen=True)
+class EnvironmentResult:
+    python_executable: str
+    env_hash: str
+    reused: bool
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    requirements: tuple[str, ...]
+    files: tuple[tuple[str, str], ...]
+    """(name, text) of requirements files."""
+    interpreter: Interpreter
+
+    @property
+    def empty(self) -> bool:
+        return not self.requirements and not self.files
+
+
+def _requirements_inputs(
+    config: TrussConfig, app_dir: Path
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    reqs = tuple(r.strip() for r in config.requirements if r and r.strip())
+    name = config.requirements_file
+    if not name:
+        return reqs, ()
+    path = (app_dir / name).resolve()
+    if not path.is_file():
+        raise ConfigError(
+            f"config.yaml: `requirements_file` names {name!r}, which is not a file in "
+            f"{app_dir}; add the file or fix the path"
+        )
+    files = [(path.name, path.read_text(encoding="utf-8"))]
+    if path.name == "uv.lock":
+        pyproject = path.parent / "pyproject.toml"
+        if not pyproject.is_file():
+            raise ConfigError(
+                f"config.yaml: `requirements_file` {name!r} is a uv.lock, which needs the "
+                f"pyproject.toml beside it; add {pyproject.relative_to(app_dir.resolve())}"
+            )
+        files.append(("pyproject.toml", pyproject.read_text(encoding="utf-8")))
+    return reqs, tuple(files)
+
+
+def _hash(inputs: _Inputs, installer: Installer) -> str:
+    doc = {
+        "schema": SCHEMA,
+        "python": [inputs.interpreter.executable, inputs.interpreter.version],
+        "requirements": list(inputs.requirements),
+        "files": [[n, hashlib.sha256(t.encode()).hexdigest()] for n, t in inputs.files],
+        "server": list(SERVER_REQUIREMENTS),
+        "convenience": list(CONVENIENCE_REQUIREMENTS),
+        "installer": installer.version(),
+        "kingpost": str(Path(kingpost.__file__).resolve().parent),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _explicit_python(config: Any) -> str | None:
+    fields_set = getattr(config, "model_fields_set", None)
+    if fields_set is not None and "python_version" not in fields_set:
+        return None
+    return getattr(config, "python_version", None)
+
+
+def ensure_environment(
+    config: TrussConfig, app_dir: Path, envs_dir: Path, log: Callable[[str], None]
+) -> EnvironmentResult:
+    """The interpreter to run ``app_dir``'s model with; builds its venv when needed.
+
+    Blocking; raises :class:`~kingpost.errors.BuildError` with the installer's
+    last lines when an install fails.
+    """
+    requirements, files = _requirements_inputs(config, app_dir)
+    wanted = _explicit_python(config)
+    interpreter = find_interpreter(wanted, log)
+    inputs = _Inputs(requirements, files, interpreter)
+    if inputs.empty and interpreter == current():
+        log("no requirements: using the platform's interpreter")
+        return EnvironmentResult(interpreter.executable, "base", reused=True)
+    installer = Installer(log)
+    env_hash = _hash(inputs, installer)
+    target = envs_dir / env_hash
+    with _locked(envs_dir / f".{env_hash}.lock"):
+        python = target / "bin" / "python"
+        if (target / READY_MARKER).is_file() and python.exists():
+            log(f"reusing environment {env_hash}")
+            return EnvironmentResult(str(python), env_hash, reused=True)
+        _build(inputs, installer, envs_dir, target, log)
+    return EnvironmentResult(str(python), env_hash, reused=False)
+
+
+def _build(
+    inputs: _Inputs, installer: Installer, envs_dir: Path, target: Path, log: Callable[[str], None]
+) -> None:
+    staging = envs_dir / f".build-{target.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    version = inputs.interpreter.version
+    log(f"building environment {target.name} with {installer.name} (Python {version})")
+    try:
+        python = installer.create_venv(inputs.interpreter.executable, staging)
+        args = _install_args(inputs, staging, installer)
+        installer.install(python, [*args, *SERVER_REQUIREMENTS], "installing requirements")
+        _install_conveniences(installer, python, staging, log)
+        installer.check(python)
+        _link_kingpost(python, envs_dir)
+        run_logged(
+            [str(python), "-c", "import kingpost.server.main"],
+            log,
+            "checking the model server imports",
+        )
+        (staging / READY_MARKER).write_text(
+            json.dumps(
+                {"python": inputs.interpreter.version, "requirements": list(inputs.requirements)}
+            )
+        )
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"environment {target.name} ready")
+
+
+def _install_args(inputs: _Inputs, staging: Path, installer: Installer) -> list[str]:
+    args = list(inputs.requirements)
+    if not inputs.files:
+        return args
+    work = staging / "kingpost-inputs"
+    work.mkdir()
+    name, text = inputs.files[0]
+    if name == "pyproject.toml":
+        deps = tomllib.loads(text).get("project", {}).get("dependencies", [])
+        (work / "requirements.txt").write_text("\n".join(deps) + "\n")
+    elif name == "uv.lock":
+        (work / "uv.lock").write_text(text)
+        (work / "pyproject.toml").write_text(inputs.files[1][1])
+        if not installer.uv:
+            raise BuildError(
+                "requirements_file is a uv.lock, which needs uv; install uv (pip install uv)"
+            )
+        exported = run_logged(
+            [installer.uv, "export", "--frozen", "--no-hashes", "--no-header", "--no-emit-project",
+             "--format", "requirements-txt"],
+            lambda _: None, "exporting uv.lock", cwd=work,
+        )  # fmt: skip
+        (work / "requirements.txt").write_text("\n".join(exported) + "\n")
+    else:
+        (work / "requirements.txt").write_text(text)
+    return [*args, "-r", str(work / "requirements.txt")]
+
+
+def _install_conveniences(
+    installer: Installer, python: Path, staging: Path, log: Callable[[str], None]
+) -> None:
+    pins = staging / "kingpost-constraints.txt"
+    pins.write_text("\n".join(installer.freeze(python)) + "\n")
+    try:
+        installer.install(
+            python, ["-c", str(pins), *CONVENIENCE_REQUIREMENTS], "adding fastapi/pydantic"
+        )
+    except BuildError:
+        log(
+            "warning: fastapi and pydantic could not be added without changing your "
+            "requirements' versions; model code that imports them must list them in requirements"
+        )
+
+
+def _link_kingpost(python: Path, envs_dir: Path) -> None:
+    package = Path(kingpost.__file__).resolve().parent
+    link_dir = envs_dir / "_kingpost" / hashlib.sha256(str(package).encode()).hexdigest()[:12]
+    link = link_dir / "kingpost"
+    if not link.is_symlink():
+        link_dir.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(package, target_is_directory=True)
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(purelib) / "zz_kingpost.pth").write_text(str(link_dir) + "\n")

@@ -1,0 +1,108 @@
+"""Running uv (or pip as a fallback) with live log lines and a tail for errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kingpost.errors import BuildError
+
+__all__ = ["Installer", "find_uv", "run_logged"]
+
+TAIL_LINES = 30
+
+
+def find_uv() -> str | None:
+    """uv next to this interpreter (installed with kingpost), else on PATH."""
+    sibling = Path(sys.executable).parent / "uv"
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    return shutil.which("uv")
+
+
+def run_logged(
+    cmd: Sequence[str], log: Callable[[str], None], what: str, cwd: Path | None = None
+) -> list[str]:
+    """Run ``cmd``, passing each output line to ``log``; raise BuildError on failure."""
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+            env=env,
+        )
+    except OSError as exc:
+        raise BuildError(f"{what}: cannot run {cmd[0]}: {exc}") from exc
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n")
+        tail.append(line)
+        lines.append(line)
+        log(line)
+    code = proc.wait()
+    if code != 0:
+        last = "\n".join(tail)
+        raise BuildError(
+            f"{what} failed (exit {code}); the installer's last lines:\n{last}",
+            exit_status=code,
+            output_tail=list(tail),
+        )
+    return lines
+
+
+class Installer:
+    """uv when available, else ``python -m venv`` and pip."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.uv = find_uv()
+        self.log = log
+
+    @property
+    def name(self) -> str:
+        return "uv" if self.uv else "pip"
+
+    def create_venv(self, interpreter: str, target: Path) -> Path:
+        if self.uv:
+            cmd = [self.uv, "venv", "--quiet", "--python", interpreter, str(target)]
+            run_logged(cmd, self.log, "creating the virtualenv")
+        else:
+            run_logged([interpreter, "-m", "venv", str(target)], self.log, "creating the venv")
+        return target / "bin" / "python"
+
+    def install(self, python: Path, args: Sequence[str], what: str) -> None:
+        if self.uv:
+            cmd = [self.uv, "pip", "install", "--python", str(python), *args]
+        else:
+            cmd = [str(python), "-m", "pip", "install", "--no-input", *args]
+        run_logged(cmd, self.log, what)
+
+    def freeze(self, python: Path) -> list[str]:
+        if self.uv:
+            cmd = [self.uv, "pip", "freeze", "--python", str(python)]
+        else:
+            cmd = [str(python), "-m", "pip", "freeze"]
+        return run_logged(cmd, lambda _: None, "listing installed packages")
+
+    def check(self, python: Path) -> None:
+        if self.uv:
+            cmd = [self.uv, "pip", "check", "--python", str(python)]
+        else:
+            cmd = [str(python), "-m", "pip", "check"]
+        run_logged(cmd, self.log, "checking installed packages for conflicts")
+
+    def version(self) -> str:
+        if not self.uv:
+            return "pip"
+        out = subprocess.run([self.uv, "--version"], capture_output=True, text=True, check=False)
+        return out.stdout.strip()

@@ -1,0 +1,261 @@
+"""Routes and the predict pipeline of the model server.
+
+``preprocess`` and ``postprocess`` run outside the concurrency limit; a
+semaphore of ``predict_concurrency`` surrounds ``predict`` (and, for streams,
+the whole production of the stream). Sync methods run in a thread pool sized
+to ``predict_concurrency`` (other sync methods in a second pool); async
+methods run on the loop. Error bodies and statuses follow Truss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import os
+import secrets as _random
+from concurrent.futures import ThreadPoolExecutor
+from itertools import count
+from time import perf_counter
+from typing import Any
+
+from kingpost.server import codec, compat
+from kingpost.server.http import Connection, HttpRequest
+from kingpost.server.logs import REQUEST_ID, log_event
+from kingpost.server.metrics import Metrics
+from kingpost.server.model import ArgMode, Method, ModelDefinitionError, ModelHost, Status
+from kingpost.server.streams import stream_result
+
+__all__ = ["MODEL_ERROR_MESSAGE", "ModelServer"]
+
+log = logging.getLogger("kingpost.server")
+
+MODEL_ERROR_MESSAGE = codec.MODEL_ERROR_MESSAGE
+DOWNSTREAM_ERROR = codec.DOWNSTREAM_ERROR
+CLIENT_ERROR = codec.CLIENT_ERROR
+NOT_READY = codec.error_body("Model with name model is not ready.")
+JSON = b"application/json"
+OCTET = b"application/octet-stream"
+OPENAI_ROUTES = {
+    "/v1/chat/completions": "chat_completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+class _Call:
+    """Per-request state shared by the pipeline steps; builds the starlette Request lazily."""
+
+    __slots__ = ("_request", "conn", "headers", "req")
+
+    def __init__(self, req: HttpRequest, conn: Connection, headers: list[tuple[bytes, bytes]]):
+        self.req = req
+        self.conn = conn
+        self.headers = headers
+        self._request: Any = None
+
+    def request(self) -> Any:
+        if self._request is None:
+            self._request = compat.make_request(self.req, self.conn)
+        return self._request
+
+
+class ModelServer:
+    """Answers HTTP requests for one :class:`ModelHost`."""
+
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+        self.metrics = Metrics()
+        concurrency = host.config.predict_concurrency
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.predict_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="predict")
+        self.aux_pool = ThreadPoolExecutor(32, thread_name_prefix="model")
+        self.access_log = os.environ.get("KINGPOST_SERVER_ACCESS_LOG", "") not in ("", "0")
+        self._ids = count(1)
+        self._id_prefix = _random.token_hex(4) + "-"
+
+    def close(self) -> None:
+        self.predict_pool.shutdown(wait=False, cancel_futures=True)
+        self.aux_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def handle(self, req: HttpRequest, conn: Connection) -> None:
+        started = perf_counter()
+        rid = req.headers.get("x-baseten-request-id") or f"{self._id_prefix}{next(self._ids):x}"
+        REQUEST_ID.set(rid)
+        headers = [(b"x-baseten-request-id", rid.encode("latin-1"))]
+        path, method = req.path, req.method
+        if method == "POST" and path.startswith("/v1/models/") and ":predict" in path:
+            route = "predict"
+            status = await self._predict(_Call(req, conn, headers))
+        elif method == "POST" and path in OPENAI_ROUTES:
+            route = OPENAI_ROUTES[path]
+            status = await self._endpoint(route, _Call(req, conn, headers))
+        elif path == "/" and method in ("GET", "HEAD"):
+            route, status = "live", 200
+            conn.respond(200, headers, b"true")
+        elif path.startswith("/v1/models/") and method in ("GET", "HEAD"):
+            route = "ready"
+            status = await self._ready(conn, headers)
+        elif path == "/metrics" and method == "GET":
+            route, status = "metrics", 200
+            conn.respond(200, headers, self.metrics.render().encode(), b"text/plain; version=0.0.4")
+        else:
+            route, status = "other", 404
+            conn.respond(404, headers, codec.error_body(f"no route for {method} {path}"))
+        self.metrics.observe(route, status, perf_counter() - started)
+        if self.access_log or status >= 500:
+            log_event(
+                log, logging.INFO, "request", method=method, path=path, status=status,
+                duration_ms=round((perf_counter() - started) * 1000, 3),
+            )  # fmt: skip
+
+    # readiness
+    async def _ready(self, conn: Connection, headers: list[tuple[bytes, bytes]]) -> int:
+        host = self.host
+        healthy = host.status is Status.READY
+        if healthy and host.is_healthy is not None:
+            try:
+                healthy = bool(await self._invoke(host.is_healthy, None, None, self.aux_pool))
+            except Exception:
+                log.exception("is_healthy raised; reporting not ready")
+                healthy = False
+            if not healthy:
+                log.warning("Health check failed.")
+        if healthy:
+            conn.respond(200, headers, b"{}")
+            return 200
+        conn.respond(503, headers + DOWNSTREAM_ERROR, NOT_READY)
+        return 503
+
+    # calling user code
+    async def _invoke(self, m: Method, inputs: Any, call: _Call | None, pool: Any) -> Any:
+        request = None
+        if call is not None and m.args in (ArgMode.REQUEST, ArgMode.BOTH):
+            request = call.request()
+        args = m.call_args(inputs, request)
+        if m.is_generator:
+            return m.fn(*args)
+        if m.is_async:
+            return await m.fn(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, contextvars.copy_context().run, m.fn, *args)
+
+    @staticmethod
+    def _inputs(call: _Call, skip: bool, input_type: Any) -> tuple[Any, bool]:
+        ctype = call.req.headers.get("content-type", "")
+        binary = ctype.partition(";")[0].strip().lower() == "application/octet-stream"
+        if skip:
+            return None, binary
+        return codec.parse_inputs(call.req.body, binary, input_type), binary
+
+    async def _predict(self, call: _Call) -> int:
+        host = self.host
+        if host.status is not Status.READY or host.predict is None:
+            call.conn.respond(503, call.headers + DOWNSTREAM_ERROR, NOT_READY)
+            return 503
+        try:
+            inputs, binary = self._inputs(call, host.skip_input_parsing, host.input_type)
+        except codec.InputError as exc:
+            call.conn.respond(400, call.headers + CLIENT_ERROR, codec.error_body(str(exc)))
+            return 400
+        try:
+            if host.preprocess is not None:
+                inputs = await self._invoke(host.preprocess, inputs, call, self.aux_pool)
+            await self.semaphore.acquire()
+            self.metrics.in_flight += 1
+            handed_over = False
+            try:
+                result = await self._invoke(host.predict, inputs, call, self.predict_pool)
+                if _is_stream(result) or compat.is_response(result):
+                    if host.postprocess is not None:
+                        raise ModelDefinitionError(
+                            "If the predict function returns a generator (streaming) or a "
+                            "response object, you cannot use postprocessing."
+                        )
+                    handed_over = True
+                    return await self._send_special(result, call, self._release)
+            finally:
+                if not handed_over:
+                    self._release()
+            if host.postprocess is not None:
+                result = await self._invoke(host.postprocess, result, call, self.aux_pool)
+        except Exception as exc:
+            return self._user_error(exc, call)
+        return self._send(result, binary, call)
+
+    def _release(self) -> None:
+        self.metrics.in_flight -= 1
+        self.semaphore.release()
+
+    async def _endpoint(self, name: str, call: _Call) -> int:
+        m = self.host.openai.get(name)
+        if self.host.status is not Status.READY:
+            call.conn.respond(503, call.headers + DOWNSTREAM_ERROR, NOT_READY)
+            return 503
+        if m is None:
+            body = codec.error_body(f"`{name}` is not implemented by this model.")
+            call.conn.respond(404, call.headers + CLIENT_ERROR, body)
+            return 404
+        try:
+            inputs, binary = self._inputs(call, m.args is ArgMode.REQUEST, None)
+        except codec.InputError as exc:
+            call.conn.respond(400, call.headers + CLIENT_ERROR, codec.error_body(str(exc)))
+            return 400
+        try:
+            result = await self._invoke(m, inputs, call, self.aux_pool)
+            if _is_stream(result) or compat.is_response(result):
+                return await self._send_special(result, call, None)
+        except Exception as exc:
+            return self._user_error(exc, call)
+        return self._send(result, binary, call)
+
+    async def _send_special(self, result: Any, call: _Call, release: Any) -> int:
+        """Stream a generator or pass a starlette response through; then ``release``."""
+        if compat.is_response(result):
+            try:
+                return await compat.send_response(result, call.req, call.conn, call.headers)
+            finally:
+                if release is not None:
+                    release()
+        return await stream_result(
+            result,
+            call.req,
+            call.conn,
+            call.headers,
+            self.predict_pool,
+            release,
+            self.host.config.streaming_read_timeout,
+        )
+
+    def _send(self, result: Any, binary: bool, call: _Call) -> int:
+        try:
+            if binary:
+                body, ctype = codec.encode_msgpack(result), OCTET
+            else:
+                body, ctype = codec.encode_json(result), JSON
+        except Exception as exc:
+            return self._user_error(exc, call)
+        call.conn.respond(200, call.headers, body, ctype)
+        return 200
+
+    def _user_error(self, exc: Exception, call: _Call) -> int:
+        http = compat.http_exception(exc)
+        if http is not None:
+            status, detail = http
+            log.error("Model raised HTTPException", exc_info=exc)
+            body = codec.encode_json({"error": detail})
+        elif isinstance(exc, ModelDefinitionError):
+            status = 412
+            log.error("model definition error", exc_info=exc)
+            body = codec.error_body(f"ModelDefinitionError: {exc}")
+        else:
+            status = 500
+            log.error(MODEL_ERROR_MESSAGE, exc_info=exc)
+            body = codec.error_body(MODEL_ERROR_MESSAGE)
+        call.conn.respond(status, call.headers + DOWNSTREAM_ERROR, body)
+        return status
+
+
+def _is_stream(obj: Any) -> bool:
+    return inspect.isgenerator(obj) or inspect.isasyncgen(obj)

@@ -1,0 +1,123 @@
+"""Starlette's ``Request`` and ``Response`` for model code that asks for them.
+
+Imported only when a model method takes a request or returns a response; the
+hot path never loads starlette.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from kingpost.server.http import Connection, HttpRequest, status_line
+
+__all__ = ["http_exception", "is_response", "make_request", "send_response"]
+
+
+def make_request(req: HttpRequest, conn: Connection) -> Any:
+    """A ``starlette.requests.Request`` over an already received request."""
+    from starlette.requests import Request
+
+    sockname = conn.sockname()
+    peer = conn.peer()
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": req.method,
+        "scheme": "http",
+        "path": req.path,
+        "raw_path": req.path.encode("latin-1"),
+        "query_string": req.query,
+        "root_path": "",
+        "headers": req.raw_headers,
+        "server": tuple(sockname[:2]) if sockname else None,
+        "client": tuple(peer[:2]) if peer else None,
+    }
+    return Request(scope, _receiver(req, conn))
+
+
+def _receiver(req: HttpRequest, conn: Connection) -> Any:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": req.body, "more_body": False}
+        await conn.closed
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def is_response(obj: Any) -> bool:
+    module = sys.modules.get("starlette.responses")
+    return module is not None and isinstance(obj, module.Response)
+
+
+def http_exception(exc: BaseException) -> tuple[int, Any] | None:
+    """(status, detail) of a starlette/FastAPI ``HTTPException``, else ``None``."""
+    module = sys.modules.get("starlette.exceptions")
+    if module is not None and isinstance(exc, module.HTTPException):
+        return int(exc.status_code), exc.detail
+    return None
+
+
+async def send_response(
+    response: Any,
+    req: HttpRequest,
+    conn: Connection,
+    extra_headers: list[tuple[bytes, bytes]],
+) -> int:
+    """Run a starlette response as an ASGI app onto ``conn``; returns its status."""
+    state: dict[str, Any] = {"status": 200, "headers": [], "chunked": False, "started": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            state["status"] = int(message["status"])
+            state["headers"] = [(bytes(k).lower(), bytes(v)) for k, v in message["headers"]]
+            return
+        if message["type"] != "http.response.body":
+            return
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        if not state["started"]:
+            state["started"] = True
+            _start(state, conn, extra_headers, body, more)
+            return
+        if state["chunked"]:
+            await conn.stream_write(body)
+            if not more:
+                conn.stream_end()
+        elif body and conn.transport is not None:
+            conn.transport.write(body)
+
+    request = make_request(req, conn)
+    await response(request.scope, request.receive, send)
+    return int(state["status"])
+
+
+def _start(
+    state: dict[str, Any],
+    conn: Connection,
+    extra: list[tuple[bytes, bytes]],
+    body: bytes,
+    more: bool,
+) -> None:
+    headers: list[tuple[bytes, bytes]] = state["headers"] + extra
+    if state["status"] >= 300:
+        headers += [(b"x-baseten-error-source", b"04"), (b"x-baseten-error-code", b"700")]
+    has_length = any(k == b"content-length" for k, _ in headers)
+    if more and not has_length:
+        state["chunked"] = True
+        conn.stream_start(state["status"], headers)
+        if body and conn.transport is not None:
+            conn.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return
+    if not has_length:
+        headers.append((b"content-length", str(len(body)).encode()))
+    if not conn.keep_alive:
+        headers.append((b"connection", b"close"))
+    start = status_line(state["status"]) + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    conn.raw_write(start + b"\r\n", body)

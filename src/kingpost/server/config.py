@@ -1,0 +1,116 @@
+"""What the model server needs from ``config.yaml``, behind one function.
+
+:func:`load_server_config` validates the file with :func:`kingpost.config.load_config`
+when that module is available and always keeps the raw mapping, because Truss
+hands the raw dict to the model's ``__init__(config=...)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kingpost.errors import ConfigError
+
+__all__ = ["ServerConfig", "load_server_config"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The parts of a Truss config the server acts on (Truss defaults)."""
+
+    app_dir: Path
+    raw: dict[str, Any]
+    model_module_dir: str = "model"
+    model_class_filename: str = "model.py"
+    model_class_name: str = "Model"
+    data_dir: str = "data"
+    bundled_packages_dir: str = "packages"
+    external_package_dirs: tuple[str, ...] = ()
+    secrets: dict[str, Any] = field(default_factory=dict)
+    predict_concurrency: int = 1
+    streaming_read_timeout: float = 60.0
+
+    @property
+    def model_file(self) -> Path:
+        return self.app_dir / self.model_module_dir / self.model_class_filename
+
+    @property
+    def data_path(self) -> Path:
+        return self.app_dir / self.data_dir
+
+    def package_paths(self) -> list[Path]:
+        """Directories Truss puts on ``sys.path``: bundled packages, then external ones."""
+        paths = [self.app_dir / self.bundled_packages_dir]
+        paths += [(self.app_dir / p).resolve() for p in self.external_package_dirs]
+        return [p for p in paths if p.is_dir()]
+
+
+def _read_raw(app_dir: Path) -> dict[str, Any]:
+    path = app_dir / "config.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}; fix the syntax") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, found {type(raw).__name__}")
+    return raw
+
+
+def _validate(app_dir: Path) -> None:
+    """Run the platform's own validation when kingpost.config provides it."""
+    try:
+        module = importlib.import_module("kingpost.config")
+    except Exception:  # no pydantic v2 in a user's environment: validated at push time
+        return
+    load = getattr(module, "load_config", None)
+    if load is not None and (app_dir / "config.yaml").exists():
+        load(app_dir)
+
+
+def _str(raw: dict[str, Any], key: str, default: str) -> str:
+    value = raw.get(key)
+    return default if value in (None, "") else str(value)
+
+
+def load_server_config(app_dir: Path, *, validate: bool = True) -> ServerConfig:
+    """Read ``app_dir/config.yaml`` into a :class:`ServerConfig`."""
+    app_dir = app_dir.resolve()
+    raw = _read_raw(app_dir)
+    if validate:
+        _validate(app_dir)
+    runtime = raw.get("runtime") or {}
+    if not isinstance(runtime, dict):
+        raise ConfigError(f"{app_dir / 'config.yaml'}: `runtime` must be a mapping")
+    try:
+        concurrency = max(1, int(runtime.get("predict_concurrency") or 1))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{app_dir / 'config.yaml'}: `runtime.predict_concurrency` must be an integer, "
+            f"found {runtime.get('predict_concurrency')!r}"
+        ) from exc
+    return ServerConfig(
+        app_dir=app_dir,
+        raw=raw,
+        model_module_dir=_str(raw, "model_module_dir", "model"),
+        model_class_filename=_str(raw, "model_class_filename", "model.py"),
+        model_class_name=_str(raw, "model_class_name", "Model"),
+        data_dir=_str(raw, "data_dir", "data"),
+        bundled_packages_dir=_str(raw, "bundled_packages_dir", "packages"),
+        external_package_dirs=tuple(str(p) for p in raw.get("external_package_dirs") or ()),
+        secrets=dict(raw.get("secrets") or {}),
+        predict_concurrency=concurrency,
+        streaming_read_timeout=float(runtime.get("streaming_read_timeout") or 60.0),
+    )

@@ -1,0 +1,239 @@
+"""A small HTTP/1.1 server on asyncio and httptools.
+
+One :class:`Connection` per TCP connection; requests on a connection are
+answered in order (pipelining is queued); keep-alive by default. Responses are
+written as one buffer, or chunked for streams with write-side flow control.
+The handler is ``async def handler(request, connection)`` and must answer
+through :meth:`Connection.respond` or the ``stream_*`` methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+
+__all__ = ["Connection", "Handler", "HttpRequest", "status_line"]
+
+log = logging.getLogger("kingpost.server.http")
+
+MAX_PIPELINED = 16
+
+_STATUS_LINES: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
+}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n".encode("latin-1")
+
+
+class HttpRequest:
+    """A fully received request. ``headers`` keys are lower-case."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "raw_headers")
+
+    def __init__(
+        self,
+        method: str,
+        url: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        path, _, self.query = url.partition(b"?")
+        self.path = path.decode("latin-1")
+        self.raw_headers = raw_headers
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+Handler = Callable[[HttpRequest, "Connection"], Awaitable[None]]
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse, dispatch in order, write responses."""
+
+    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
+        self._handler = handler
+        self._loop = loop
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._pending: deque[HttpRequest] = deque()
+        self._busy = False
+        self._keep_alive = True
+        self._write_paused: asyncio.Future[None] | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.started = False
+        """Whether the current request's response headers went out."""
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._write_paused is not None and not self._write_paused.done():
+            self._write_paused.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, b'{"error":"protocol upgrades are not supported"}')
+        except httptools.HttpParserError:
+            self._fail(400, b'{"error":"malformed HTTP request"}')
+
+    def pause_writing(self) -> None:
+        if self._write_paused is None or self._write_paused.done():
+            self._write_paused = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_paused is not None and not self._write_paused.done():
+            self._write_paused.set_result(None)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = HttpRequest(
+            self._parser.get_method().decode("latin-1"),
+            self._url,
+            self._headers,
+            body,
+            self._parser.should_keep_alive(),
+        )
+        if self._busy:
+            self._pending.append(request)
+            if len(self._pending) >= MAX_PIPELINED and self.transport is not None:
+                self.transport.pause_reading()
+        else:
+            self._dispatch(request)
+
+    # dispatch
+    def _dispatch(self, request: HttpRequest) -> None:
+        self._busy = True
+        self.started = False
+        self._keep_alive = request.keep_alive
+        self._loop.create_task(self._run(request))
+
+    async def _run(self, request: HttpRequest) -> None:
+        try:
+            await self._handler(request, self)
+        except Exception:
+            log.exception("unhandled error in the model server")
+            if not self.started:
+                self.respond(500, [], b'{"error":"Internal Server Error"}')
+            else:
+                self._keep_alive = False
+        self._busy = False
+        if self.transport is None:
+            return
+        if not self._keep_alive:
+            self.transport.close()
+            return
+        if self._pending:
+            if len(self._pending) < MAX_PIPELINED:
+                self.transport.resume_reading()
+            self._dispatch(self._pending.popleft())
+
+    def _fail(self, status: int, body: bytes) -> None:
+        if self.transport is not None:
+            self._keep_alive = False
+            if not self._busy:
+                self.respond(status, [], body)
+                self.transport.close()
+
+    # writing
+    def respond(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        content_type: bytes = b"application/json",
+    ) -> None:
+        """Write a whole response (headers and body) at once."""
+        self.started = True
+        if self.transport is None:
+            return
+        parts = [status_line(status), b"content-type: ", content_type, b"\r\n"]
+        for name, value in headers:
+            parts += [name, b": ", value, b"\r\n"]
+        if not self._keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]
+        self.transport.write(b"".join(parts))
+
+    def stream_start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Start a chunked response; ``headers`` must include the content type."""
+        self.started = True
+        if self.transport is None:
+            return
+        parts = [status_line(status)]
+        for name, value in headers:
+            parts += [name, b": ", value, b"\r\n"]
+        if not self._keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+        self.transport.write(b"".join(parts))
+
+    async def stream_write(self, data: bytes) -> bool:
+        """Write one chunk; ``False`` once the client is gone."""
+        if self.transport is None:
+            return False
+        if data:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        paused = self._write_paused
+        if paused is not None and not paused.done():
+            await paused
+        return self.transport is not None
+
+    def stream_end(self) -> None:
+        if self.transport is not None:
+            self.transport.write(b"0\r\n\r\n")
+
+    def raw_write(self, start: bytes, body: bytes) -> None:
+        """Write pre-built header bytes and body (used by pass-through responses)."""
+        self.started = True
+        if self.transport is not None:
+            self.transport.write(start + body)
+
+    def close_after_response(self) -> None:
+        self._keep_alive = False
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._keep_alive
+
+    def peer(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("peername")
+
+    def sockname(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("sockname")

@@ -1,0 +1,137 @@
+"""``python -m kingpost.server``: serve one Truss model class over HTTP.
+
+Startup: read config.yaml, bind the port (liveness answers at once), then
+import, construct and ``load()`` the model on a background thread; readiness
+stays 503 until that finishes. A failing load prints its traceback and ends
+the process with exit code 1. SIGTERM/SIGINT stop accepting, let in-flight
+requests finish (up to a grace period) and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from kingpost.errors import KingpostError
+from kingpost.server.app import ModelServer
+from kingpost.server.config import load_server_config
+from kingpost.server.http import Connection
+from kingpost.server.logs import configure_logging, log_event
+from kingpost.server.model import ModelHost, Status
+from kingpost.server.secrets import Secrets
+
+__all__ = ["main", "parse_args", "serve"]
+
+log = logging.getLogger("kingpost.server")
+
+GRACE_SECONDS = 30.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kingpost.server", description=__doc__)
+    parser.add_argument("--app-dir", type=Path, required=True, help="the Truss project")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument(
+        "--secrets-dir",
+        type=Path,
+        default=Path(os.environ.get("KINGPOST_SECRETS_DIR", "/secrets")),
+        help="directory of secret files (default: $KINGPOST_SECRETS_DIR or /secrets)",
+    )
+    return parser.parse_args(argv)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+class _Runner:
+    def __init__(self, host: ModelHost, loop: asyncio.AbstractEventLoop) -> None:
+        self.host = host
+        self.loop = loop
+        self.server = ModelServer(host)
+        self.stop = asyncio.Event()
+        self.exit_code = 0
+
+    def _run_coroutine(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def load(self) -> None:
+        try:
+            self.host.load_blocking(self._run_coroutine)
+        except BaseException as exc:
+            self.host.status = Status.FAILED
+            log.error("model failed to load; exiting", exc_info=exc)
+            traceback.print_exception(exc, file=sys.stderr)
+            sys.stderr.flush()
+            self.loop.call_soon_threadsafe(self._finish, 1)
+            return
+        log_event(log, logging.INFO, "model loaded", model_file=str(self.host.config.model_file))
+
+    def _finish(self, code: int) -> None:
+        self.exit_code = code
+        self.stop.set()
+
+    async def run(self, host: str, port: int) -> int:
+        def factory() -> Connection:
+            return Connection(self.server.handle, self.loop)
+
+        srv = await self.loop.create_server(factory, host, port, backlog=2048, reuse_address=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._finish, 0)
+        bound = srv.sockets[0].getsockname()[1] if srv.sockets else port
+        log_event(log, logging.INFO, "model server listening", host=host, port=bound)
+        threading.Thread(target=self.load, name="model-load", daemon=True).start()
+        await self.stop.wait()
+        srv.close()
+        if self.exit_code == 0:
+            await self._drain()
+        self.server.close()
+        return self.exit_code
+
+    async def _drain(self) -> None:
+        deadline = self.loop.time() + GRACE_SECONDS
+        # Shutdown only: a short poll keeps the hot path free of bookkeeping.
+        while self.server.metrics.in_flight > 0 and self.loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+def serve(app_dir: Path, host: str, port: int, secrets_dir: Path) -> int:
+    """Run the server until stopped; returns the process exit code."""
+    config = load_server_config(app_dir)
+    model = ModelHost(config, Secrets(config.secrets, secrets_dir))
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_Runner(model, loop).run(host, port))
+    finally:
+        loop.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
+    args = parse_args(argv)
+    try:
+        return serve(args.app_dir, args.host, args.port, args.secrets_dir)
+    except KingpostError as exc:
+        log.error(exc.message)
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        log.error("cannot start the model server: %s", exc)
+        print(f"error: cannot start the model server: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,234 @@
+"""The Truss model-class contract: find, construct, load and describe a model.
+
+Behaviour follows Truss's model wrapper: ``__init__`` gets only the keyword
+arguments it accepts; each user method takes no argument, the inputs, the
+request, or the inputs then the request (annotated as a starlette ``Request``);
+a predict whose first parameter is a pydantic model gets validated inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kingpost.server.config import ServerConfig
+from kingpost.server.secrets import LazyDataResolver, Secrets
+
+__all__ = [
+    "ArgMode",
+    "Method",
+    "ModelDefinitionError",
+    "ModelHost",
+    "Status",
+    "describe",
+]
+
+OPENAI_METHODS = ("chat_completions", "completions", "embeddings")
+
+
+class ModelDefinitionError(TypeError):
+    """The model class breaks the Truss contract (answered with 412, as Truss does)."""
+
+
+class Status(enum.StrEnum):
+    LOADING = "loading"  # importing, constructing or running load()
+    READY = "ready"  # load() finished
+    FAILED = "failed"  # import, __init__ or load() raised; the process exits
+
+
+class ArgMode(enum.Enum):
+    NONE = "none"  # method()
+    INPUTS = "inputs"  # method(inputs)
+    REQUEST = "request"  # method(request)
+    BOTH = "both"  # method(inputs, request)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A user method and how to call it."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    is_generator: bool
+    args: ArgMode
+
+    def call_args(self, inputs: Any, request: Any) -> tuple[Any, ...]:
+        if self.args is ArgMode.INPUTS:
+            return (inputs,)
+        if self.args is ArgMode.BOTH:
+            return (inputs, request)
+        if self.args is ArgMode.REQUEST:
+            return (request,)
+        return ()
+
+
+def _is_request_type(annotation: Any) -> bool:
+    if not isinstance(annotation, type):
+        return False
+    for klass in annotation.__mro__:
+        if klass.__name__ == "Request" and klass.__module__.startswith("starlette."):
+            return True
+    return False
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """The signature with string annotations (``from __future__ import annotations``) resolved."""
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except Exception:
+        return inspect.signature(fn)
+
+
+def _arg_mode(name: str, fn: Callable[..., Any]) -> ArgMode:
+    params = list(_signature(fn).parameters.values())
+    if not params:
+        return ArgMode.NONE
+    if len(params) == 1:
+        return ArgMode.REQUEST if _is_request_type(params[0].annotation) else ArgMode.INPUTS
+    if len(params) == 2:
+        if _is_request_type(params[0].annotation):
+            raise ModelDefinitionError(
+                f"`{name}` takes two arguments with the request first; the request must be "
+                f"the second argument. Got: {inspect.signature(fn)}"
+            )
+        if not _is_request_type(params[1].annotation):
+            raise ModelDefinitionError(
+                f"`{name}` takes two arguments: the second must be annotated as "
+                f"starlette.requests.Request. Got: {inspect.signature(fn)}"
+            )
+        return ArgMode.BOTH
+    raise ModelDefinitionError(
+        f"`{name}` takes at most two arguments (inputs, request). Got: {inspect.signature(fn)}"
+    )
+
+
+def describe(instance: Any, name: str) -> Method | None:
+    """The :class:`Method` for ``instance.name``, or ``None`` when not defined."""
+    fn = getattr(instance, name, None)
+    if fn is None or not callable(fn):
+        return None
+    return Method(
+        name=name,
+        fn=fn,
+        is_async=inspect.iscoroutinefunction(fn),
+        is_generator=inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
+        args=_arg_mode(name, fn),
+    )
+
+
+def _pydantic_input_type(method: Method | None) -> Any:
+    if method is None or method.args not in (ArgMode.INPUTS, ArgMode.BOTH):
+        return None
+    param = next(iter(_signature(method.fn).parameters.values()))
+    annotation = param.annotation
+    if isinstance(annotation, type) and hasattr(annotation, "model_validate_json"):
+        return annotation
+    return None
+
+
+def _accepts(signature: inspect.Signature, name: str) -> bool:
+    return name in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+
+
+def _environment() -> Any:
+    text = os.environ.get("KINGPOST_ENVIRONMENT")
+    return json.loads(text) if text else None
+
+
+class ModelHost:
+    """Owns the user's model instance and its described methods."""
+
+    def __init__(self, config: ServerConfig, secrets: Secrets) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.status = Status.LOADING
+        self.instance: Any = None
+        self.predict: Method | None = None
+        self.preprocess: Method | None = None
+        self.postprocess: Method | None = None
+        self.is_healthy: Method | None = None
+        self.openai: dict[str, Method] = {}
+        self.input_type: Any = None
+        self.skip_input_parsing = False
+
+    def import_class(self) -> type[Any]:
+        cfg = self.config
+        for path in reversed([cfg.app_dir, *cfg.package_paths()]):
+            if str(path) not in sys.path:
+                sys.path.insert(0, str(path))
+        module_name = ".".join(
+            [*cfg.model_module_dir.strip("/").split("/"), cfg.model_class_filename[:-3]]
+            if cfg.model_class_filename.endswith(".py")
+            else [*cfg.model_module_dir.strip("/").split("/"), cfg.model_class_filename]
+        )
+        if not cfg.model_file.is_file():
+            raise ModelDefinitionError(
+                f"{cfg.model_file}: model file not found; set `model_module_dir` and "
+                f"`model_class_filename` in config.yaml to where the model class is"
+            )
+        module = importlib.import_module(module_name)
+        klass = getattr(module, cfg.model_class_name, None)
+        if not isinstance(klass, type):
+            raise ModelDefinitionError(
+                f"{cfg.model_file}: no class {cfg.model_class_name!r}; define it or set "
+                f"`model_class_name` in config.yaml"
+            )
+        return klass
+
+    def construct(self, klass: type[Any]) -> Any:
+        signature = inspect.signature(klass)
+        offered: dict[str, Callable[[], Any]] = {
+            "config": lambda: self.config.raw,
+            "data_dir": lambda: self.config.data_path,
+            "secrets": lambda: self.secrets,
+            "lazy_data_resolver": lambda: LazyDataResolver(self.config.data_path),
+            "environment": _environment,
+        }
+        kwargs = {k: make() for k, make in offered.items() if _accepts(signature, k)}
+        return klass(**kwargs)
+
+    def bind(self, instance: Any) -> None:
+        """Describe the instance's methods; raises ModelDefinitionError on a bad signature."""
+        self.instance = instance
+        self.predict = describe(instance, "predict")
+        self.preprocess = describe(instance, "preprocess")
+        self.postprocess = describe(instance, "postprocess")
+        self.is_healthy = describe(instance, "is_healthy")
+        self.openai = {n: m for n in OPENAI_METHODS if (m := describe(instance, n)) is not None}
+        if self.predict is None and not self.openai:
+            raise ModelDefinitionError(
+                f"{self.config.model_file}: class {self.config.model_class_name!r} has no "
+                f"`predict` method; add `def predict(self, model_input): ...`"
+            )
+        self.input_type = _pydantic_input_type(self.preprocess or self.predict)
+        self.skip_input_parsing = bool(
+            self.predict is not None
+            and self.predict.args is ArgMode.REQUEST
+            and (self.preprocess is None or self.preprocess.args is ArgMode.REQUEST)
+        )
+
+    def load_blocking(self, run_coroutine: Callable[[Any], Any]) -> None:
+        """Import, construct and ``load()`` the model; run off the event loop.
+
+        ``run_coroutine`` runs a coroutine on the server's loop and waits for it
+        (for an ``async def load``).
+        """
+        instance = self.construct(self.import_class())
+        self.bind(instance)
+        load = getattr(instance, "load", None)
+        if load is not None:
+            if inspect.iscoroutinefunction(load):
+                run_coroutine(load())
+            else:
+                load()
+        self.status = Status.READY

@@ -1,0 +1,143 @@
+"""The model server against fixture projects: the rest of the Truss model contract."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from test_server_harness import ready_server
+
+PREDICT = "/v1/models/model:predict"
+
+
+def test_async_load_and_predict(tmp_path: Path) -> None:
+    with ready_server("async_model", tmp_path) as (_, client):
+        assert client.post(PREDICT, json={"n": 21}).json() == {
+            "async": True,
+            "n": 42,
+            "ready": True,
+        }
+
+
+def _chunks(client: httpx.Client, body: Any, **headers: str) -> tuple[httpx.Response, list[bytes]]:
+    with client.stream("POST", PREDICT, json=body, headers=headers) as r:
+        return r, list(r.iter_raw())
+
+
+def test_sync_generator_streams_chunked(tmp_path: Path) -> None:
+    with ready_server("streaming", tmp_path) as (_, client):
+        r, chunks = _chunks(client, {"n": 4})
+        assert r.status_code == 200
+        assert r.headers["transfer-encoding"] == "chunked"
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert b"".join(chunks) == b"chunk-0;chunk-1;chunk-2;chunk-3;"
+        gathered = client.post(PREDICT, json={"n": 2}, headers={"accept": "application/json"})
+        assert gathered.json() == "chunk-0;chunk-1;"
+
+
+def test_async_generator_streams_chunked(tmp_path: Path) -> None:
+    with ready_server("async_streaming", tmp_path) as (_, client):
+        r, chunks = _chunks(client, {"n": 3})
+        assert r.headers["transfer-encoding"] == "chunked"
+        assert b"".join(chunks) == b"async-0;async-1;async-2;"
+
+
+def _parallel_seconds(client_url: str, n: int, seconds: float) -> float:
+    def call() -> None:
+        with httpx.Client(timeout=30) as c:
+            assert c.post(client_url + PREDICT, json={"seconds": seconds}).status_code == 200
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - start
+
+
+def test_predict_concurrency_one_serialises_slow_predicts(tmp_path: Path) -> None:
+    with ready_server("slow_concurrency_1", tmp_path) as (server, _):
+        assert _parallel_seconds(server.url, 2, 0.4) >= 0.8
+
+
+def test_predict_concurrency_two_overlaps_slow_predicts(tmp_path: Path) -> None:
+    with ready_server("slow_concurrency_2", tmp_path) as (server, _):
+        assert _parallel_seconds(server.url, 2, 0.4) < 0.75
+
+
+def test_secrets_read_files_and_reject_undeclared(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "api_key").write_text("s3cr3t")
+    with ready_server("secrets", tmp_path, secrets_dir=secrets_dir) as (_, client):
+        assert client.post(PREDICT, json={"name": "api_key"}).json() == {"value": "s3cr3t"}
+        assert client.post(PREDICT, json={"name": "with_default"}).json() == {
+            "value": "the-default"
+        }
+        missing = client.post(PREDICT, json={"name": "hf_token"}).json()["missing"]
+        assert "'hf_token' is not declared in config.yaml" in missing
+
+
+def test_preprocess_predict_postprocess_chain(tmp_path: Path) -> None:
+    with ready_server("pre_post", tmp_path) as (_, client):
+        assert client.post(PREDICT, json={"value": 1}).json() == {
+            "value": 20,
+            "steps": ["pre", "predict", "post"],
+        }
+
+
+def test_request_only_predict_gets_unparsed_body(tmp_path: Path) -> None:
+    with ready_server("request_only", tmp_path) as (_, client):
+        r = client.post(PREDICT, content=b"not json at all", headers={"x-custom": "yes"})
+        assert r.status_code == 200
+        assert r.json() == {
+            "raw": "not json at all",
+            "header": "yes",
+            "method": "POST",
+            "disconnected": False,
+        }
+
+
+def test_inputs_and_request_arguments(tmp_path: Path) -> None:
+    with ready_server("request_both", tmp_path) as (_, client):
+        r = client.post(PREDICT, json={"a": 1}, headers={"X-Baseten-Request-Id": "rid-7"})
+        assert r.json() == {"input": {"a": 1}, "path": PREDICT, "id": "rid-7"}
+
+
+def test_pydantic_input_validated_and_output_serialised(tmp_path: Path) -> None:
+    with ready_server("pydantic_types", tmp_path) as (_, client):
+        ok = client.post(PREDICT, json={"text": "ab", "times": 2})
+        assert ok.json() == {"result": "abab", "length": 4}
+        bad = client.post(PREDICT, json={"times": "many"})
+        assert bad.status_code == 400
+        assert "text" in bad.json()["error"]
+        assert "times" in bad.json()["error"]
+
+
+def test_starlette_responses_pass_through(tmp_path: Path) -> None:
+    with ready_server("responses", tmp_path) as (_, client):
+        plain = client.post(PREDICT, json={"kind": "plain"})
+        assert (plain.status_code, plain.text) == (201, "plain text")
+        assert plain.headers["x-model"] == "yes"
+        assert plain.headers["content-type"].startswith("text/plain")
+        err = client.post(PREDICT, json={"kind": "error"})
+        assert (err.status_code, err.json()) == (418, {"detail": "teapot"})
+        assert err.headers["x-baseten-error-code"] == "700"
+        with client.stream("POST", PREDICT, json={"kind": "sse"}) as sse:
+            assert sse.headers["content-type"].startswith("text/event-stream")
+            assert sse.read() == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        assert client.post(PREDICT, json={"kind": "plain"}).status_code == 201
+
+
+def test_openai_routes(tmp_path: Path) -> None:
+    with ready_server("openai_model", tmp_path) as (_, client):
+        chat = client.post("/v1/chat/completions", json={"messages": []})
+        assert chat.json()["choices"][0]["message"]["content"] == "hi"
+        with client.stream("POST", "/v1/chat/completions", json={"stream": True}) as r:
+            assert r.read() == b"data: hello\n\ndata: world\n\n"
+        assert client.post("/v1/embeddings", json={}).json()["data"][0]["embedding"] == [0, 1]
+        assert client.post("/v1/completions", json={}).status_code == 404

@@ -1,0 +1,131 @@
+"""Environment builder: real uv installs from PyPI into a temporary envs dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server_harness import DEADLINE_S, FIXTURES
+
+from kingpost.config import TrussConfig, load_config
+from kingpost.envs import EnvironmentResult, ensure_environment
+from kingpost.errors import BuildError
+
+
+def _config(**values: object) -> TrussConfig:
+    return TrussConfig.model_validate(values)
+
+
+def test_no_requirements_reuses_the_platform_interpreter(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = ensure_environment(_config(), tmp_path, tmp_path / "envs", lines.append)
+    assert result.env_hash == "base"
+    assert result.reused
+    assert not (tmp_path / "envs").exists()
+
+
+@pytest.mark.slow
+def test_build_then_reuse_and_serve_from_the_env(tmp_path: Path) -> None:
+    app = FIXTURES / "with_requirements"
+    config = load_config(app).config
+    envs = tmp_path / "envs"
+    lines: list[str] = []
+    first = ensure_environment(config, app, envs, lines.append)
+    assert not first.reused
+    assert Path(first.python_executable).is_relative_to(envs)
+    assert any("six" in line for line in lines)
+    started = time.monotonic()
+    second = ensure_environment(config, app, envs, lines.append)
+    assert second == EnvironmentResult(first.python_executable, first.env_hash, reused=True)
+    assert time.monotonic() - started < 5
+    # The platform's own packages do not leak into the model's environment.
+    leak = subprocess.run([first.python_executable, "-c", "import sqlalchemy"], check=False)
+    assert leak.returncode != 0
+    _serve_once(first.python_executable, app, tmp_path)
+
+
+def _serve_once(python: str, app: Path, tmp_path: Path) -> None:
+    out = tmp_path / "server.out"
+    cmd = [python, "-m", "kingpost.server", "--app-dir", str(app), "--port", "0"]
+    cmd += ["--host", "127.0.0.1"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with out.open("wb") as handle:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        port = _wait_port(out, proc)
+        deadline = time.monotonic() + DEADLINE_S
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            while client.get("/v1/models/model").status_code != 200:
+                assert time.monotonic() < deadline, out.read_text()
+                time.sleep(0.02)
+            r = client.post("/v1/models/model:predict", json={})
+            assert r.json() == {"six": "1.16.0"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_port(out: Path, proc: subprocess.Popen[bytes]) -> int:
+    import json
+
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        for raw in out.read_text().splitlines():
+            if '"model server listening"' in raw:
+                return int(json.loads(raw)["port"])
+        assert proc.poll() is None, out.read_text()
+        time.sleep(0.02)
+    raise AssertionError(out.read_text())
+
+
+@pytest.mark.slow
+def test_requirement_conflicting_with_the_server_fails_with_installer_output(
+    tmp_path: Path,
+) -> None:
+    config = _config(requirements=["msgpack<0.6"])
+    with pytest.raises(BuildError) as info:
+        ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    assert "installer's last lines" in info.value.message
+    assert "msgpack" in info.value.message
+    assert not any(p.name.startswith(".build-") for p in (tmp_path / "envs").iterdir())
+
+
+@pytest.mark.slow
+def test_requirements_file_is_installed(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("six==1.16.0\n")
+    config = _config(requirements_file="requirements.txt")
+    result = ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    probe = [
+        result.python_executable,
+        "-c",
+        "import six, kingpost.server.main; print(six.__version__)",
+    ]
+    assert (
+        subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == "1.16.0"
+    )
+
+
+@pytest.mark.slow
+def test_python_version_uses_a_local_interpreter_when_present(tmp_path: Path) -> None:
+    from kingpost.envs.interpreters import find_interpreter
+
+    found = find_interpreter("py312", lambda _: None)
+    if not found.version.startswith("3.12."):
+        pytest.skip("no local Python 3.12")
+    config = _config(python_version="py312", requirements=["six==1.16.0"])
+    result = ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    probe = [result.python_executable, "-c", "import sys, kingpost.server.main; print(sys.version)"]
+    out = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("3.12.")
+
+
+def test_missing_python_version_falls_back_with_a_warning() -> None:
+    from kingpost.envs.interpreters import current, find_interpreter
+
+    lines: list[str] = []
+    assert find_interpreter("py39", lines.append, search=()) == current()
+    assert lines and "not installed" in lines[0]

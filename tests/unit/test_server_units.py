@@ -1,0 +1,134 @@
+"""Unit tests of the model server's pure parts: no sockets, no subprocesses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pydantic
+import pytest
+from starlette.requests import Request
+
+from kingpost.envs.interpreters import parse_python_version
+from kingpost.errors import ConflictError, SecretError, ValidationError
+from kingpost.server.codec import InputError, encode_json, encode_msgpack, parse_inputs
+from kingpost.server.config import load_server_config
+from kingpost.server.metrics import Metrics
+from kingpost.server.model import ArgMode, ModelDefinitionError, describe
+from kingpost.server.scaffold import scaffold_project
+from kingpost.server.secrets import Secrets, UndeclaredSecretError
+
+
+class _Item(pydantic.BaseModel):
+    name: str
+    n: int = 1
+
+
+class _Methods:
+    def none(self) -> None: ...
+    def inputs(self, x: Any) -> None: ...
+    def request(self, r: Request) -> None: ...
+    def both(self, x: Any, r: Request) -> None: ...
+    def bad_order(self, r: Request, x: Any) -> None: ...
+    def bad_second(self, x: Any, y: Any) -> None: ...
+    def too_many(self, a: Any, b: Any, c: Any) -> None: ...
+    async def agen(self, x: Any) -> Any:
+        yield x
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [("none", ArgMode.NONE), ("inputs", ArgMode.INPUTS), ("request", ArgMode.REQUEST),
+     ("both", ArgMode.BOTH)],
+)  # fmt: skip
+def test_argument_modes(name: str, mode: ArgMode) -> None:
+    method = describe(_Methods(), name)
+    assert method is not None and method.args is mode
+
+
+@pytest.mark.parametrize("name", ["bad_order", "bad_second", "too_many"])
+def test_bad_signatures_are_definition_errors(name: str) -> None:
+    with pytest.raises(ModelDefinitionError):
+        describe(_Methods(), name)
+
+
+def test_async_generator_is_a_generator_not_a_coroutine() -> None:
+    method = describe(_Methods(), "agen")
+    assert method is not None and method.is_generator and not method.is_async
+    assert describe(_Methods(), "missing") is None
+
+
+def test_secrets_mapping(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("abc")
+    secrets = Secrets({"token": None, "other": "fallback"}, tmp_path)
+    assert secrets["token"] == "abc"
+    assert secrets["other"] == "fallback"
+    assert sorted(secrets) == ["other", "token"] and len(secrets) == 2
+    with pytest.raises(UndeclaredSecretError) as info:
+        secrets["nope"]
+    assert isinstance(info.value, KeyError) and isinstance(info.value, SecretError)
+    assert "not declared in config.yaml" in str(info.value)
+
+
+def test_parse_inputs_json_msgpack_pydantic() -> None:
+    assert parse_inputs(b'{"a": 1}', False, None) == {"a": 1}
+    assert parse_inputs(msgpack.packb([1, b"x"]), True, None) == [1, b"x"]
+    assert parse_inputs(b'{"name": "a"}', False, _Item) == _Item(name="a")
+    assert parse_inputs(msgpack.packb({"name": "b", "n": 2}), True, _Item) == _Item(name="b", n=2)
+    with pytest.raises(InputError, match="Invalid JSON payload"):
+        parse_inputs(b"{", False, None)
+    with pytest.raises(InputError, match="name"):
+        parse_inputs(b'{"n": 1}', False, _Item)
+
+
+def test_encoders_handle_pydantic_and_fallbacks() -> None:
+    assert encode_json(_Item(name="a")) == b'{"name":"a","n":1}'
+    assert encode_json({"s": (1, 2)}) == b'{"s": [1, 2]}'
+    assert msgpack.unpackb(encode_msgpack(_Item(name="z"))) == {"name": "z", "n": 1}
+    assert encode_msgpack(b"raw") == b"raw"
+    with pytest.raises(TypeError):
+        encode_json({"x": object()})
+
+
+def test_metrics_render_prometheus_text() -> None:
+    m = Metrics()
+    m.observe("predict", 200, 0.0007)
+    m.observe("predict", 200, 0.2)
+    m.observe("predict", 500, 0.001)
+    text = m.render()
+    assert 'kingpost_model_requests_total{route="predict",status="200"} 2' in text
+    assert 'kingpost_model_request_duration_seconds_bucket{route="predict",le="0.001"} 2' in text
+    assert 'kingpost_model_request_duration_seconds_count{route="predict"} 3' in text
+    assert m.requests("predict", 500) == 1
+
+
+def test_server_config_defaults_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(
+        "model_class_name: Other\nmodel_module_dir: src/pkg\nruntime:\n  predict_concurrency: 3\n"
+    )
+    cfg = load_server_config(tmp_path, validate=False)
+    assert cfg.model_class_name == "Other"
+    assert cfg.model_file == tmp_path.resolve() / "src/pkg/model.py"
+    assert cfg.predict_concurrency == 3
+    assert load_server_config(tmp_path / "missing", validate=False).predict_concurrency == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("py311", "3.11"), ("py39", "3.9"), ("3.12", "3.12"), (None, None), ("bogus", None)],
+)
+def test_parse_python_version(value: str | None, expected: str | None) -> None:
+    assert parse_python_version(value) == expected
+
+
+def test_scaffold_refuses_bad_names_and_non_empty_dirs(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError):
+        scaffold_project(tmp_path / "x", "bad/name")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("")
+    with pytest.raises(ConflictError):
+        scaffold_project(tmp_path / "busy", "ok")
+    scaffold_project(tmp_path / "new", "my-model")
+    assert (tmp_path / "new" / "model" / "model.py").is_file()
+    assert "model_name: my-model" in (tmp_path / "new" / "config.yaml").read_text()
