@@ -26,6 +26,7 @@ from kingpost.api.schemas import (
     SecretOut,
 )
 from kingpost.controller.loop import Controller
+from kingpost.controller.specs import missing_secrets
 from kingpost.errors import AuthError, KingpostError, NotFoundError, SecretError, ValidationError
 from kingpost.packaging import MAX_PROJECT_BYTES, unpack_project
 from kingpost.settings import Settings
@@ -127,7 +128,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     config = loaded.config
     warnings = list(loaded.warnings)
     _check_weights(config)
-    missing = sorted(set(config.secrets or {}) - plane.store.secret_names())
+    missing = missing_secrets(config, plane.store.secret_names())
     if missing:
         raise SecretError(
             f"config.yaml: secrets: {', '.join(missing)} not defined on this server; "

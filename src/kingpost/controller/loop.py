@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from kingpost.controller.plan import BUILD_FAILED_PREFIX, Want, plan
 from kingpost.controller.prepare import Jobs, JobState
-from kingpost.controller.specs import replica_spec, server_shape
+from kingpost.controller.specs import (
+    missing_secrets,
+    replica_secrets,
+    replica_spec,
+    server_shape,
+)
 from kingpost.controller.table import build_table
 from kingpost.engines import Engine, LogLine, ReplicaStatus, create_engine
 from kingpost.errors import KingpostError
@@ -210,7 +215,7 @@ class Controller:
     def _prepare(self, dep: DeploymentView) -> _Ready | None:
         """Check prerequisites; record BUILDING/WAITING/FAILED; return them once met."""
         config = self._config(dep)
-        missing = sorted(set(config.secrets or {}) - self.store.secret_names())
+        missing = missing_secrets(config, self.store.secret_names())
         if missing:
             self.store.set_status(
                 dep.id,
@@ -290,7 +295,7 @@ class Controller:
 
         config = self._config(dep)
         env, _dropped = runtime_environment(config)
-        secrets = self.store.reveal_secrets(config.secrets or {})
+        secrets = replica_secrets(config, self.store.reveal_secrets(config.secrets or {}))
         engine = self.engine(dep.engine)
         model_name = next((m.name for m in self.store.list_models() if m.id == dep.model_id), "")
         for _ in range(count):

@@ -15,7 +15,14 @@ from kingpost.engines.base import Probes, ReplicaSpec, ServerKind, WeightMount
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
 
-__all__ = ["MODEL_SERVER_PORT", "ServerShape", "replica_spec", "server_shape"]
+__all__ = [
+    "MODEL_SERVER_PORT",
+    "ServerShape",
+    "missing_secrets",
+    "replica_secrets",
+    "replica_spec",
+    "server_shape",
+]
 
 MODEL_SERVER_PORT = 8080
 MODEL_PREDICT_PATH = "/v1/models/model:predict"
@@ -46,6 +53,21 @@ def _probes(config: TrussConfig, readiness: str, liveness: str) -> Probes:
         readiness_failure_threshold=max(1, round(stop_traffic_after / PROBE_PERIOD_S)),
         liveness_failure_threshold=max(1, round(restart_after / PROBE_PERIOD_S)),
     )
+
+
+def missing_secrets(config: TrussConfig, stored: set[str]) -> list[str]:
+    """Declared secrets with no stored value and no inline default (``name: null``).
+
+    A secret given a value in config.yaml works, as in Truss, with the stored value
+    winning; config loading warns to move such values into the secret store.
+    """
+    return sorted(n for n, v in (config.secrets or {}).items() if v is None and n not in stored)
+
+
+def replica_secrets(config: TrussConfig, stored: dict[str, str]) -> dict[str, str]:
+    """Values a replica gets: stored ones, else the config's inline default."""
+    inline = {n: str(v) for n, v in (config.secrets or {}).items() if v is not None}
+    return {**inline, **stored}
 
 
 def server_shape(config: TrussConfig) -> ServerShape:

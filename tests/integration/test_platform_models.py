@@ -1,0 +1,124 @@
+"""Model-class projects through the whole platform: push -> controller -> process engine ->
+kingpost.server -> gateway -> predict."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers.platform import REPO, Platform
+
+FIXTURES = REPO / "tests" / "fixtures" / "models"
+
+
+def deploy(
+    platform: Platform, name: str, *statuses: str, timeout: float = 120
+) -> tuple[str, dict[str, Any]]:
+    with platform.client() as c:
+        result = c.push(FIXTURES / name)
+    dep = platform.wait_status(
+        result["deployment"]["id"], *(statuses or ("ACTIVE",)), timeout=timeout
+    )
+    return result["model"]["id"], dep
+
+
+def predict_url(model_id: str) -> str:
+    return f"/models/{model_id}/environments/production/predict"
+
+
+def test_basic_async_and_pre_post(platform: Platform) -> None:
+    with platform.gateway() as gw:
+        model_id, _ = deploy(platform, "pre_post")
+        r = gw.post(predict_url(model_id), json={"value": 1})
+        assert r.json() == {"value": 20, "steps": ["pre", "predict", "post"]}
+        model_id, _ = deploy(platform, "async_model")
+        assert gw.post(predict_url(model_id), json={"n": 21}).json()["n"] == 42
+
+
+def test_streaming_through_the_gateway(platform: Platform) -> None:
+    model_id, _ = deploy(platform, "streaming")
+    with platform.gateway() as gw, gw.stream("POST", predict_url(model_id), json={"n": 4}) as r:
+        assert r.status_code == 200
+        assert r.headers["transfer-encoding"] == "chunked"
+        assert b"".join(r.iter_raw()) == b"chunk-0;chunk-1;chunk-2;chunk-3;"
+
+
+def test_request_argument_and_pydantic_inputs(platform: Platform) -> None:
+    with platform.gateway() as gw:
+        model_id, _ = deploy(platform, "request_only")
+        r = gw.post(predict_url(model_id), content=b"raw bytes", headers={"x-custom": "yes"})
+        assert r.json()["raw"] == "raw bytes" and r.json()["header"] == "yes"
+        model_id, _ = deploy(platform, "pydantic_types")
+        assert gw.post(predict_url(model_id), json={"text": "ab", "times": 2}).json() == {
+            "result": "abab",
+            "length": 4,
+        }
+        bad = gw.post(predict_url(model_id), json={"times": "many"})
+        assert bad.status_code == 400 and "text" in bad.json()["error"]
+
+
+def test_error_in_predict_is_generic_500(platform: Platform) -> None:
+    model_id, _ = deploy(platform, "predict_error")
+    with platform.gateway() as gw:
+        r = gw.post(predict_url(model_id), json={})
+    assert r.status_code == 500
+    assert "secret internals" not in r.text and "error" in r.json()
+
+
+def test_error_in_load_fails_the_deployment_with_its_traceback(platform: Platform) -> None:
+    _, dep = deploy(platform, "load_error", "FAILED", timeout=120)
+    assert "load failed on purpose" in dep["message"]
+
+
+def test_secrets_reach_the_model(platform: Platform) -> None:
+    with platform.client() as c:
+        c.set_secret("api_key", "from-the-store")
+    model_id, _ = deploy(platform, "secrets")
+    with platform.gateway() as gw:
+        assert gw.post(predict_url(model_id), json={"name": "api_key"}).json() == {
+            "value": "from-the-store"
+        }
+        assert gw.post(predict_url(model_id), json={"name": "with_default"}).json() == {
+            "value": "the-default"
+        }
+
+
+@pytest.mark.parametrize(
+    ("fixture", "serial"), [("slow_concurrency_1", True), ("slow_concurrency_2", False)]
+)
+def test_predict_concurrency_is_enforced_end_to_end(
+    platform: Platform, fixture: str, serial: bool
+) -> None:
+    model_id, _ = deploy(platform, fixture)
+    url = platform.gateway_url + predict_url(model_id)
+    headers = {"Authorization": f"Api-Key {platform.api_key}"}
+    codes: list[int] = []
+
+    def call() -> None:
+        codes.append(
+            httpx.post(url, json={"seconds": 0.5}, headers=headers, timeout=30).status_code
+        )
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    assert codes == [200, 200]
+    assert (elapsed >= 1.0) if serial else (elapsed < 0.95)
+
+
+@pytest.mark.slow
+def test_requirements_are_installed_for_the_deployment(platform: Platform) -> None:
+    model_id, dep = deploy(platform, "with_requirements", timeout=300)
+    with platform.gateway() as gw:
+        r = gw.post(predict_url(model_id), json={})
+    assert r.status_code == 200, r.text
+    with platform.client() as c:
+        assert any("six" in line["text"] for line in c.logs(dep["id"], 2000))
