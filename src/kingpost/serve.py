@@ -17,8 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from kingpost.api import ControlPlane, create_app
 from kingpost.controller.loop import Controller
@@ -72,7 +73,14 @@ def _start_gateway(settings: Settings) -> subprocess.Popen[bytes]:
         "--workers",
         str(settings.gateway_workers),
     ]
-    return subprocess.Popen(cmd, start_new_session=True)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """The gateway dies with the control plane, even when that is SIGKILLed."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _pusher(settings: Settings) -> Callable[[RoutingTable], None]:
@@ -106,6 +114,26 @@ def _push_examples(settings: Settings, dirs: Sequence[Path]) -> None:
                 print(f"push of {d} failed: {exc}", file=sys.stderr, flush=True)
 
 
+def _api_server(config: Any) -> Any:
+    """A uvicorn server that stops on SIGINT/SIGTERM without re-raising the signal
+    (uvicorn re-raises it after shutdown, which would skip stopping the replicas)."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {
+                s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return _Server(config)
+
+
 def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     import uvicorn
 
@@ -120,7 +148,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         log_level="warning",
         lifespan="off",
     )
-    server = uvicorn.Server(config)
+    server = _api_server(config)
     controller.start()
     print(
         f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "

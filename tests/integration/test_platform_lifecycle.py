@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 from helpers.platform import EXAMPLES, Platform, wait_for
@@ -14,8 +14,12 @@ from helpers.platform import EXAMPLES, Platform, wait_for
 def _push(platform: Platform, tmp_path: Path, name: str) -> tuple[str, str]:
     project = tmp_path / name
     shutil.copytree(EXAMPLES / "echo-server", project)
-    with (project / "config.yaml").open("a") as fh:
-        fh.write(f"\nmodel_name: {name}\n")
+    text = (
+        (project / "config.yaml")
+        .read_text()
+        .replace("model_name: echo-server", f"model_name: {name}")
+    )
+    (project / "config.yaml").write_text(text)
     out = platform.cli("push", str(project), "--wait", "--output", "json")
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout)
@@ -45,7 +49,9 @@ def test_killed_replica_comes_back(fresh_platform: Platform, tmp_path: Path) -> 
     assert logs.returncode == 0 and logs.stdout.strip(), logs
 
 
-def test_control_plane_restart_brings_deployments_back(fresh_platform: Platform, tmp_path: Path) -> None:
+def test_control_plane_restart_brings_deployments_back(
+    fresh_platform: Platform, tmp_path: Path
+) -> None:
     model_id, dep_id = _push(fresh_platform, tmp_path, "durable")
     old_pid = _pid(fresh_platform, model_id)
     fresh_platform.stop()
@@ -54,24 +60,35 @@ def test_control_plane_restart_brings_deployments_back(fresh_platform: Platform,
     fresh_platform.wait_status(dep_id, "ACTIVE")
     with fresh_platform.gateway() as gw:
         r = wait_for(
-            lambda: (resp := gw.post(f"/models/{model_id}/production/predict", json={"n": 1}))
-            .status_code == 200 and resp,
-            30, "predict after restart",
+            lambda: (
+                (
+                    resp := gw.post(f"/models/{model_id}/production/predict", json={"n": 1})
+                ).status_code
+                == 200
+                and resp
+            ),
+            30,
+            "predict after restart",
         )
     assert r.json()["echo"] == {"n": 1}
     models = json.loads(fresh_platform.cli("models", "list", "--output", "json").stdout)
     assert [m["name"] for m in models] == ["durable"]
 
 
-def test_crashing_server_is_failed_with_its_output(fresh_platform: Platform, tmp_path: Path) -> None:
+def test_crashing_server_is_failed_with_its_output(
+    fresh_platform: Platform, tmp_path: Path
+) -> None:
     project = tmp_path / "broken"
     shutil.copytree(EXAMPLES / "echo-server", project)
     text = (project / "config.yaml").read_text()
     lines = [ln for ln in text.splitlines() if "start_command" not in ln]
     text = "\n".join(lines).replace(
-        "docker_server:", "docker_server:\n  start_command: python -c \"raise SystemExit('kaboom-42')\""
+        "docker_server:",
+        "docker_server:\n  start_command: python -c \"raise SystemExit('kaboom-42')\"",
     )
-    (project / "config.yaml").write_text(text + "\nmodel_name: broken\n")
+    (project / "config.yaml").write_text(
+        text.replace("model_name: echo-server", "model_name: broken")
+    )
     with fresh_platform.client() as c:
         dep = c.push(project)["deployment"]
     failed = fresh_platform.wait_status(dep["id"], "FAILED", timeout=90)
@@ -79,8 +96,9 @@ def test_crashing_server_is_failed_with_its_output(fresh_platform: Platform, tmp
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie awaiting its reaper counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return "\nState:\tZ" not in status

@@ -1,4 +1,4 @@
-"""End to end on the process engine: push a custom-server project and call it through the gateway."""
+"""End to end on the process engine: push a custom-server project, call it via the gateway."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ ECHO = EXAMPLES / "echo-server"
 
 
 def copy_project(tmp_path: Path, name: str, config_extra: str = "", base: Path = ECHO) -> Path:
+    """A copy of the example; ``model_name:`` lines in ``config_extra`` replace the original."""
     dest = tmp_path / name
     shutil.copytree(base, dest)
-    if config_extra:
-        with (dest / "config.yaml").open("a") as fh:
-            fh.write("\n" + config_extra)
+    lines = (dest / "config.yaml").read_text().splitlines()
+    if "model_name:" in config_extra:
+        lines = [ln for ln in lines if not ln.startswith("model_name:")]
+    (dest / "config.yaml").write_text("\n".join(lines) + "\n" + config_extra)
     return dest
 
 
@@ -42,7 +44,7 @@ def test_push_predict_sync_and_passthrough(platform: Platform, tmp_path: Path) -
         for path in (
             f"/models/{model_id}/environments/production/predict",
             f"/models/{model_id}/production/predict",
-            f"/models/echo-a/environments/production/predict",
+            "/models/echo-a/environments/production/predict",
             f"/models/{model_id}/deployment/{result['deployment']['id']}/predict",
         ):
             r = gw.post(path, json={"hello": "world"})
@@ -59,17 +61,21 @@ def test_push_predict_sync_and_passthrough(platform: Platform, tmp_path: Path) -
         assert r.status_code == 200
         r = gw.get(f"/models/{model_id}/environments/production/sync/no/such/route")
         assert r.status_code == 404  # the server's own 404, passed through
-        r = gw.post(f"/models/{model_id}/environments/production/predict", json={},
-                    headers={"X-Baseten-Request-Id": "req-123"})
+        r = gw.post(
+            f"/models/{model_id}/environments/production/predict",
+            json={},
+            headers={"X-Baseten-Request-Id": "req-123"},
+        )
         assert r.headers["x-baseten-request-id"] == "req-123"
 
 
 def test_streaming_passes_through(platform: Platform, tmp_path: Path) -> None:
     project = copy_project(tmp_path, "echo-stream", "model_name: echo-stream\n")
     model_id = deploy(platform, project)["model"]["id"]
-    with platform.gateway() as gw, gw.stream(
-        "GET", f"/models/{model_id}/environments/production/sync/stream?n=5"
-    ) as r:
+    with (
+        platform.gateway() as gw,
+        gw.stream("GET", f"/models/{model_id}/environments/production/sync/stream?n=5") as r,
+    ):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line.startswith("data:")]
@@ -81,8 +87,11 @@ def test_auth_is_required_everywhere(platform: Platform) -> None:
     assert r.status_code == 401 and "error" in r.json()
     r = httpx.get(f"{platform.api_url}/v1/models", headers={"Authorization": "Api-Key nope"})
     assert r.status_code == 401
-    r = httpx.post(f"{platform.gateway_url}/models/x/production/predict", json={},
-                   headers={"Authorization": "Api-Key nope"})
+    r = httpx.post(
+        f"{platform.gateway_url}/models/x/production/predict",
+        json={},
+        headers={"Authorization": "Api-Key nope"},
+    )
     assert r.status_code == 401 and "error" in r.json()
     with pytest.raises(AuthError):
         from kingpost.client import KingpostClient
@@ -105,10 +114,11 @@ def test_bad_config_is_refused_and_nothing_is_created(platform: Platform, tmp_pa
 
 
 def test_secrets_flow(platform: Platform, tmp_path: Path) -> None:
-    project = copy_project(tmp_path, "sec", "model_name: with-secret\nsecrets:\n  api_token: null\n")
-    with platform.client() as c:
-        with pytest.raises(SecretError, match="api_token"):
-            c.push(project)
+    project = copy_project(
+        tmp_path, "sec", "model_name: with-secret\nsecrets:\n  api_token: null\n"
+    )
+    with platform.client() as c, pytest.raises(SecretError, match="api_token"):
+        c.push(project)
     out = platform.cli("secrets", "set", "api_token", input="tok-VALUE-123\n")
     assert out.returncode == 0, out.stderr
     listed = platform.cli("secrets", "list", "--output", "json")
@@ -122,7 +132,9 @@ def test_secrets_flow(platform: Platform, tmp_path: Path) -> None:
     assert "tok-VALUE-123" not in platform.output()
 
 
-def test_deactivate_answers_404_and_activate_brings_it_back(platform: Platform, tmp_path: Path) -> None:
+def test_deactivate_answers_404_and_activate_brings_it_back(
+    platform: Platform, tmp_path: Path
+) -> None:
     project = copy_project(tmp_path, "deact", "model_name: deact\n")
     result = deploy(platform, project)
     model_id, dep_id = result["model"]["id"], result["deployment"]["id"]
@@ -131,9 +143,13 @@ def test_deactivate_answers_404_and_activate_brings_it_back(platform: Platform, 
         platform.wait_status(dep_id, "INACTIVE")
         with platform.gateway() as gw:
             r = wait_for(
-                lambda: (resp := gw.post(f"/models/{model_id}/production/predict", json={}))
-                .status_code == 404 and resp,
-                10, "404 after deactivation",
+                lambda: (
+                    (resp := gw.post(f"/models/{model_id}/production/predict", json={})).status_code
+                    == 404
+                    and resp
+                ),
+                10,
+                "404 after deactivation",
             )
             assert "error" in r.json()
             c.deployment_action(model_id, dep_id, "activate")
@@ -149,7 +165,9 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     model_id = first["model"]["id"]
     assert second["deployment"]["environments"] == ["staging"]
     with platform.gateway() as gw:
-        assert gw.post(f"/models/{model_id}/environments/staging/predict", json={}).status_code == 200
+        assert (
+            gw.post(f"/models/{model_id}/environments/staging/predict", json={}).status_code == 200
+        )
     with platform.client() as c:
         c.promote(model_id, second["deployment"]["id"], "production")
         prod = {e["name"]: e["deployment_id"] for e in c.environments(model_id)}

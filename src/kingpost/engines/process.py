@@ -1,0 +1,434 @@
+"""The process engine: replicas as local subprocesses (the embedded default).
+
+Each replica gets a private copy of the project as its working directory, the
+replica contract's environment, secrets as read-only files on a memory-backed
+filesystem, and, where the OS permits (root / CAP_SYS_ADMIN), its own network
+namespace, so any number of replicas can bind the same fixed ``server_port``;
+the gateway and the probes connect from inside that namespace. Without
+namespaces a second live replica on the same fixed port is refused.
+
+All process work (spawn, probe, restart, kill) happens on one monitor thread,
+which is also the parent that ``PR_SET_PDEATHSIG`` watches: replicas die with
+the control plane even when it is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
+from kingpost.engines.base import (
+    Endpoint,
+    Engine,
+    LogLine,
+    ReplicaPhase,
+    ReplicaSpec,
+    ReplicaStatus,
+    ServerKind,
+)
+from kingpost.engines.netns import can_unshare_net, forget_netns
+from kingpost.engines.probes import http_probe
+from kingpost.errors import EngineError
+from kingpost.settings import Settings
+
+__all__ = ["ProcessEngine"]
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+MAX_EXITS_BEFORE_READY = 3
+STOP_GRACE_S = 5.0
+BACKOFF_CAP_S = 30.0
+SECRETS_MOUNT = "/secrets"
+
+
+@dataclass
+class _Replica:
+    spec: ReplicaSpec
+    root: Path
+    port: int
+    netns: bool
+    proc: subprocess.Popen[bytes] | None = None
+    phase: ReplicaPhase = ReplicaPhase.STARTING
+    endpoint: Endpoint | None = None
+    restarts: int = 0
+    exits_before_ready: int = 0
+    ever_ready: bool = False
+    ready_fails: int = 0
+    live_fails: int = 0
+    launched: float = 0.0
+    next_start: float = 0.0
+    next_probe: float = 0.0
+    started_at: float = 0.0
+    message: str = ""
+    stopping: bool = False
+    kill_at: float = 0.0
+
+    @property
+    def app(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "output.log"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    return data.decode(errors="replace").splitlines()[-lines:]
+
+
+def _secrets_root() -> Path:
+    shm = Path("/dev/shm")
+    return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-{os.getuid()}"
+
+
+class ProcessEngine(Engine):
+    name: ClassVar[str] = "process"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.netns = settings.netns != "off" and sys.platform == "linux" and can_unshare_net()
+        if settings.netns == "on" and not self.netns:
+            raise EngineError("netns=on, but this process may not create network namespaces")
+        self.mounts = sys.platform == "linux" and can_unshare_mounts()
+        self._replicas: dict[str, _Replica] = {}
+        self._past: dict[str, list[Path]] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(
+            target=self._monitor, name="kingpost-process-engine", daemon=True
+        )
+        self._thread.start()
+
+    # -- the Engine interface ------------------------------------------------------------
+    def start(self, spec: ReplicaSpec) -> None:
+        with self._lock:
+            if spec.replica_id in self._replicas:
+                return
+            port = self._port_for(spec)
+            root = self.settings.replicas_dir / spec.replica_id
+            rep = _Replica(spec, root, port, self.netns, started_at=time.time())
+            self._replicas[spec.replica_id] = rep
+            self._past.setdefault(spec.deployment_id, []).append(root)
+
+    def _port_for(self, spec: ReplicaSpec) -> int:
+        if self.netns:
+            return spec.server_port
+        if spec.kind == ServerKind.MODEL_CLASS:
+            return _free_port()
+        for other in self._replicas.values():
+            if other.port == spec.server_port and not other.stopping:
+                raise EngineError(
+                    f"server_port {spec.server_port} is already bound by deployment "
+                    f"{other.spec.deployment_id} (replica {other.spec.replica_id}); this machine "
+                    "does not allow network namespaces to isolate them. Run Kingpost as root "
+                    "(or with CAP_SYS_ADMIN), stop the other deployment, or change "
+                    "docker_server.server_port",
+                    port=spec.server_port,
+                )
+        return spec.server_port
+
+    def poll(self) -> list[ReplicaStatus]:
+        with self._lock:
+            return [
+                ReplicaStatus(
+                    r.spec.replica_id,
+                    r.spec.deployment_id,
+                    r.phase,
+                    r.endpoint,
+                    r.restarts,
+                    r.message,
+                    r.started_at,
+                )
+                for r in self._replicas.values()
+                if not r.stopping
+            ]
+
+    def stop(self, replica_id: str) -> None:
+        with self._lock:
+            rep = self._replicas.get(replica_id)
+            if rep is not None and not rep.stopping:
+                rep.stopping = True
+                rep.kill_at = time.monotonic() + STOP_GRACE_S
+
+    def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
+        with self._lock:
+            roots = list(self._past.get(deployment_id, []))
+        if not roots:
+            roots = sorted(
+                self.settings.replicas_dir.glob(f"{deployment_id}-*"),
+                key=lambda p: p.stat().st_mtime,
+            )
+        out: list[LogLine] = []
+        for root in roots:
+            out.extend(LogLine(root.name, t) for t in _tail(root / "output.log", tail))
+        return out[-tail:]
+
+    def close(self) -> None:
+        with self._lock:
+            for rep in self._replicas.values():
+                rep.stopping = True
+                rep.kill_at = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + STOP_GRACE_S + 5
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._replicas:
+                    break
+            time.sleep(0.05)
+        self._closing.set()
+        self._thread.join(timeout=5)
+
+    # -- the monitor thread -------------------------------------------------------------------
+    def _monitor(self) -> None:
+        while not self._closing.is_set():
+            with self._lock:
+                replicas = list(self._replicas.values())
+            for rep in replicas:
+                try:
+                    self._step(rep)
+                except Exception:
+                    log.exception("process engine: replica %s", rep.spec.replica_id)
+            time.sleep(TICK_S)
+
+    def _step(self, rep: _Replica) -> None:
+        now = time.monotonic()
+        if rep.stopping:
+            self._step_stopping(rep, now)
+            return
+        if rep.phase == ReplicaPhase.FAILED:
+            return
+        if rep.proc is None:
+            if now >= rep.next_start:
+                self._launch(rep, now)
+            return
+        code = rep.proc.poll()
+        if code is not None:
+            self._exited(rep, code, now)
+            return
+        if now >= rep.next_probe:
+            rep.next_probe = now + rep.spec.probes.period_s
+            self._probe(rep, now)
+
+    def _step_stopping(self, rep: _Replica, now: float) -> None:
+        proc = rep.proc
+        if proc is not None and proc.poll() is None:
+            sig = signal.SIGKILL if now >= rep.kill_at else signal.SIGTERM
+            if sig == signal.SIGKILL or rep.phase != ReplicaPhase.STOPPED:
+                self._signal(proc, sig)
+            rep.phase = ReplicaPhase.STOPPED
+            return
+        self._cleanup(rep)
+        with self._lock:
+            self._replicas.pop(rep.spec.replica_id, None)
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _exited(self, rep: _Replica, code: int, now: float) -> None:
+        self._forget(rep)
+        rep.proc = None
+        rep.endpoint = None
+        tail = "\n".join(_tail(rep.log_path, 20))
+        if not rep.ever_ready:
+            rep.exits_before_ready += 1
+            if rep.exits_before_ready >= MAX_EXITS_BEFORE_READY:
+                rep.phase = ReplicaPhase.FAILED
+                rep.message = (
+                    f"server exited with code {code} before becoming ready; last output:\n{tail}"
+                )
+                return
+        rep.restarts += 1
+        rep.phase = ReplicaPhase.RESTARTING
+        rep.message = f"exited with code {code}; restarting"
+        rep.next_start = now + min(BACKOFF_CAP_S, 2.0 ** (rep.restarts - 1))
+
+    def _probe(self, rep: _Replica, now: float) -> None:
+        probes, endpoint = rep.spec.probes, rep.endpoint
+        assert endpoint is not None
+        timeout = min(probes.timeout_s, 1.0)
+        ready = http_probe(endpoint, probes.readiness_path, timeout)
+        if ready:
+            rep.ready_fails = 0
+            if rep.phase != ReplicaPhase.READY:
+                rep.message = ""
+            rep.phase, rep.ever_ready = ReplicaPhase.READY, True
+        elif rep.phase == ReplicaPhase.READY:
+            rep.ready_fails += 1
+            if rep.ready_fails >= probes.readiness_failure_threshold:
+                rep.phase, rep.message = ReplicaPhase.NOT_READY, "readiness probe failing"
+        if not rep.ever_ready:
+            if now - rep.launched > probes.startup_timeout_s:
+                self._restart(rep, now, f"not ready after {probes.startup_timeout_s:.0f}s")
+            return
+        if now - rep.launched < probes.initial_delay_s:
+            return
+        alive = (
+            ready
+            if probes.liveness_path == probes.readiness_path
+            else http_probe(endpoint, probes.liveness_path, timeout)
+        )
+        rep.live_fails = 0 if alive else rep.live_fails + 1
+        if rep.live_fails >= probes.liveness_failure_threshold:
+            self._restart(rep, now, "liveness probe failed")
+
+    def _restart(self, rep: _Replica, now: float, why: str) -> None:
+        if rep.proc is not None:
+            self._signal(rep.proc, signal.SIGKILL)
+            rep.proc.wait(timeout=10)
+            self._forget(rep)
+        rep.proc, rep.endpoint, rep.live_fails = None, None, 0
+        rep.restarts += 1
+        rep.phase, rep.message = ReplicaPhase.RESTARTING, why
+        rep.next_start = now + min(BACKOFF_CAP_S, 2.0 ** (rep.restarts - 1))
+
+    def _forget(self, rep: _Replica) -> None:
+        if rep.endpoint is not None and rep.endpoint.netns:
+            forget_netns(rep.endpoint.netns)
+
+    # -- launching -----------------------------------------------------------------------------
+    def _launch(self, rep: _Replica, now: float) -> None:
+        spec = rep.spec
+        if not rep.app.exists():
+            rep.root.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(spec.app_dir, rep.app, symlinks=True)
+        (rep.root / "home").mkdir(exist_ok=True)
+        secrets_dir = self._write_secrets(rep)
+        binds = self._binds(rep, secrets_dir)
+        env = self._environment(rep, secrets_dir, binds)
+        command = self._command(rep, secrets_dir, binds)
+        with rep.log_path.open("ab") as out:
+            out.write(f"--- kingpost: starting replica {spec.replica_id} ---\n".encode())
+            out.flush()
+            try:
+                rep.proc = subprocess.Popen(
+                    command,
+                    shell=isinstance(command, str),
+                    cwd=rep.app,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=preexec(Isolation(rep.netns, binds)),
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                rep.phase, rep.message = ReplicaPhase.FAILED, f"cannot start the server: {exc}"
+                return
+        netns = f"/proc/{rep.proc.pid}/ns/net" if rep.netns else None
+        rep.endpoint = Endpoint("127.0.0.1", rep.port, netns)
+        rep.launched, rep.next_probe = now, now + min(0.2, spec.probes.period_s)
+        rep.phase, rep.ready_fails = ReplicaPhase.STARTING, 0
+
+    def _command(
+        self, rep: _Replica, secrets_dir: Path, binds: tuple[tuple[str, str], ...]
+    ) -> str | list[str]:
+        spec = rep.spec
+        if spec.kind == ServerKind.MODEL_CLASS:
+            secrets_path = (
+                SECRETS_MOUNT if binds and binds[0][1] == SECRETS_MOUNT else str(secrets_dir)
+            )
+            return [
+                spec.python_executable or sys.executable,
+                "-m",
+                "kingpost.server",
+                "--app-dir",
+                str(rep.app),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(rep.port),
+                "--secrets-dir",
+                secrets_path,
+            ]
+        if not spec.command:
+            raise EngineError("the process engine needs docker_server.start_command")
+        return spec.command
+
+    def _environment(
+        self, rep: _Replica, secrets_dir: Path, binds: tuple[tuple[str, str], ...]
+    ) -> dict[str, str]:
+        spec = rep.spec
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "TMPDIR")
+        }
+        mounted = {target for _, target in binds}
+        return {
+            **inherited,
+            **spec.env,
+            "APP_HOME": str(rep.app),
+            "HOME": str(rep.root / "home"),
+            "PYTHON_EXECUTABLE": spec.python_executable or sys.executable,
+            "BT_MODEL_ID": spec.model_id,
+            "BT_MODEL_DEPLOYMENT_ID": spec.deployment_id,
+            "KINGPOST_SECRETS_DIR": SECRETS_MOUNT if SECRETS_MOUNT in mounted else str(secrets_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def _write_secrets(self, rep: _Replica) -> Path:
+        """Secret files on tmpfs (/dev/shm): dir 0500, files 0400, removed at stop."""
+        path = _secrets_root() / rep.spec.replica_id
+        if path.exists():
+            return path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        for name, value in rep.spec.secrets.items():
+            fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(value)
+        tmp.chmod(0o500)
+        tmp.rename(path)
+        return path
+
+    def _binds(self, rep: _Replica, secrets_dir: Path) -> tuple[tuple[str, str], ...]:
+        """Read-only bind mounts: secrets at /secrets, weights at their mount_location."""
+        if not self.mounts:
+            return ()
+        binds: list[tuple[str, str]] = []
+        for source, target in [(str(secrets_dir), SECRETS_MOUNT)] + [
+            (str(w.source_dir), w.mount_location) for w in rep.spec.weights
+        ]:
+            try:
+                Path(target).mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue  # cannot create the mount point: the env var / path fallback is used
+            binds.append((source, target))
+        return tuple(binds)
+
+    def _cleanup(self, rep: _Replica) -> None:
+        self._forget(rep)
+        path = _secrets_root() / rep.spec.replica_id
+        if path.exists():
+            path.chmod(0o700)
+            shutil.rmtree(path, ignore_errors=True)

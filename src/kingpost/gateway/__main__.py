@@ -1,0 +1,95 @@
+"""``python -m kingpost.gateway``: run the gateway (N worker processes with SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from kingpost.gateway.control import control_socket_paths
+from kingpost.gateway.server import Gateway
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _run(host: str, port: int, control: Path, reuse_port: bool, access_log: bool) -> None:
+    gateway = Gateway(access_log_enabled=access_log)
+    await gateway.start(host, port, reuse_port=reuse_port, control_socket=control)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.close()
+
+
+def run_gateway(
+    host: str,
+    port: int,
+    control_socket: Path,
+    *,
+    reuse_port: bool = False,
+    access_log: bool = False,
+) -> None:
+    _install_uvloop()
+    asyncio.run(_run(host, port, control_socket, reuse_port, access_log))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kingpost.gateway")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--control-socket", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--reuse-port", action="store_true")
+    p.add_argument("--access-log", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.workers <= 1:
+        run_gateway(
+            args.host,
+            args.port,
+            args.control_socket,
+            reuse_port=args.reuse_port,
+            access_log=args.access_log,
+        )
+        return
+    children = []
+    for sock in control_socket_paths(args.control_socket, args.workers):
+        cmd = [
+            sys.executable,
+            "-m",
+            "kingpost.gateway",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--control-socket",
+            str(sock),
+            "--reuse-port",
+        ] + (["--access-log"] if args.access_log else [])
+        children.append(subprocess.Popen(cmd))
+
+    def forward(sig: int, _frame: object) -> None:
+        for child in children:
+            child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    os._exit(max(codes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Per-deployment admission: concurrency per replica, a bounded queue, holding while waking.
+
+A request asks :meth:`Dispatcher.acquire` for a replica slot. It gets the
+least-loaded ready replica with a free slot at once; otherwise it waits in the
+deployment's FIFO queue (429 when the queue is full), also while the deployment
+has no ready replica yet (503 after ``hold_timeout_s``). ``release`` hands the
+slot straight to the next waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+from kingpost.gateway.table import DeploymentRoute, DeploymentState, Upstream
+
+__all__ = ["Dispatcher", "Rejected", "Slot"]
+
+
+class Rejected(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass(eq=False)
+class Slot:
+    upstream: Upstream
+    key: tuple[str, int, str | None]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[Slot]
+    exclude: frozenset[str] = field(default_factory=frozenset)
+
+
+class Dispatcher:
+    def __init__(self, route: DeploymentRoute) -> None:
+        self.route = route
+        self.inflight: dict[str, int] = {}
+        self._waiters: deque[_Waiter] = deque()
+
+    def update(self, route: DeploymentRoute) -> None:
+        self.route = route
+        live = {u.replica_id for u in route.upstreams}
+        for rid in list(self.inflight):
+            if rid not in live and self.inflight[rid] <= 0:
+                del self.inflight[rid]
+        if route.state == DeploymentState.INACTIVE:
+            while self._waiters:
+                w = self._waiters.popleft()
+                if not w.future.done():
+                    w.future.set_exception(
+                        Rejected(404, route.message or "deployment is inactive", "not_found")
+                    )
+            return
+        self._drain()
+
+    def _free(self, exclude: frozenset[str] = frozenset()) -> Upstream | None:
+        best, best_load = None, self.route.concurrency
+        for u in self.route.upstreams:
+            if u.replica_id in exclude:
+                continue
+            load = self.inflight.get(u.replica_id, 0)
+            if load < best_load:
+                best, best_load = u, load
+        return best
+
+    def _take(self, u: Upstream) -> Slot:
+        self.inflight[u.replica_id] = self.inflight.get(u.replica_id, 0) + 1
+        return Slot(u, (u.host, u.port, u.netns))
+
+    async def acquire(self, exclude: frozenset[str] = frozenset()) -> Slot:
+        route = self.route
+        if route.state == DeploymentState.INACTIVE:
+            raise Rejected(404, route.message or "deployment is inactive", "not_found")
+        if not self._waiters:
+            u = self._free(exclude)
+            if u is not None:
+                return self._take(u)
+        if len(self._waiters) >= route.queue_limit:
+            raise Rejected(
+                429,
+                f"deployment {route.deployment_id} is at capacity: {route.queue_limit} requests "
+                "queued; retry later",
+                "overloaded",
+            )
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), exclude)
+        self._waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter.future, route.hold_timeout_s)
+        except TimeoutError:
+            if self.route.upstreams:
+                raise Rejected(
+                    503, f"timed out after {route.hold_timeout_s:.0f}s in the queue", "unavailable"
+                ) from None
+            why = self.route.message or "no replica is ready"
+            raise Rejected(
+                503,
+                f"{why}; no replica became ready within {route.hold_timeout_s:.0f}s",
+                "unavailable",
+            ) from None
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def release(self, slot: Slot) -> None:
+        rid = slot.upstream.replica_id
+        self.inflight[rid] = self.inflight.get(rid, 1) - 1
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._waiters:
+            waiter = self._waiters[0]
+            if waiter.future.done():
+                self._waiters.popleft()
+                continue
+            u = self._free(waiter.exclude) or (self._free() if waiter.exclude else None)
+            if u is None:
+                return
+            self._waiters.popleft()
+            waiter.future.set_result(self._take(u))

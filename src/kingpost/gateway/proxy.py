@@ -1,0 +1,424 @@
+"""The client side: parse requests with httptools, route, admit, stream to a replica.
+
+One :class:`ClientConn` per client connection. Requests on a connection are
+handled in order by one task (pipelining is answered in order); bodies stream
+both ways with flow control; responses are re-framed (Content-Length kept,
+otherwise chunked) and carry ``X-Baseten-Request-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from kingpost.gateway.dispatch import Rejected, Slot
+from kingpost.gateway.routing import Miss, resolve
+from kingpost.gateway.upstream import HOP_BY_HOP, UpstreamConn
+
+if TYPE_CHECKING:
+    from kingpost.gateway.server import Gateway
+
+__all__ = ["ClientConn"]
+
+access_log = logging.getLogger("kingpost.gateway.access")
+REPLAY_LIMIT = 64 * 1024
+BODY_HIGH_WATER = 1024 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _Request:
+    __slots__ = (
+        "body_bytes",
+        "chunked",
+        "chunks",
+        "complete",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "more",
+        "replay",
+        "url",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.method = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: deque[bytes] = deque()
+        self.more = asyncio.Event()
+        self.complete = False
+        self.keep_alive = True
+        self.http11 = True
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.body_bytes = 0
+        self.replay: list[bytes] | None = []
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+
+def _error_body(status: int, message: str, code: str, request_id: str) -> bytes:
+    body = json.dumps({"error": message, "code": code}).encode()
+    reason = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        404: "Not Found",
+        429: "Too Many Requests",
+        501: "Not Implemented",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+    }.get(status, "Error")
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nx-baseten-request-id: {request_id}\r\n\r\n"
+    ).encode() + body
+
+
+class ClientConn(asyncio.Protocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque[_Request] = deque()
+        self.current: _Request | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.upstream: UpstreamConn | None = None
+        self._paused_reading = False
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail_and_close(501, "protocol upgrades (WebSocket) are not supported yet")
+        except httptools.HttpParserError as exc:
+            self._fail_and_close(400, f"malformed HTTP request: {exc}")
+
+    def eof_received(self) -> bool:
+        # Half-closed client: finish what was asked, then close.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._can_write.set()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.current is not None:
+            self.current.more.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def _fail_and_close(self, status: int, message: str) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(_error_body(status, message, "invalid_request", uuid.uuid4().hex))
+            self.transport.close()
+        self.closed = True
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.current = _Request()
+
+    def on_url(self, url: bytes) -> None:
+        assert self.current is not None
+        self.current.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.current is not None
+        self.current.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = self.current
+        assert req is not None
+        req.method = self.parser.get_method()
+        req.keep_alive = self.parser.should_keep_alive()
+        req.http11 = self.parser.get_http_version() == "1.1"
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                req.content_length = value
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                req.chunked = True
+            elif lname == b"expect" and value.lower() == b"100-continue":
+                req.expect_continue = True
+        self.pending.append(req)
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        req = self.current
+        assert req is not None
+        req.chunks.append(body)
+        req.body_bytes += len(body)
+        if req.replay is not None:
+            if req.body_bytes <= REPLAY_LIMIT:
+                req.replay.append(body)
+            else:
+                req.replay = None
+        req.more.set()
+        if req.body_bytes > BODY_HIGH_WATER and not self._paused_reading and self.transport:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        req = self.current
+        assert req is not None
+        req.complete = True
+        req.more.set()
+
+    # -- serving ---------------------------------------------------------------------------------
+    async def _serve(self) -> None:
+        while self.pending and not self.closed:
+            req = self.pending.popleft()
+            keep = await self._handle(req)
+            if not keep or not req.keep_alive:
+                if self.transport is not None:
+                    self.transport.close()
+                self.closed = True
+                return
+
+    async def next_chunk(self, req: _Request) -> bytes | None:
+        while not req.chunks:
+            if req.complete or self.closed:
+                return None
+            req.more.clear()
+            if self._paused_reading and self.transport is not None:
+                self._paused_reading = False
+                self.transport.resume_reading()
+            await req.more.wait()
+        return req.chunks.popleft()
+
+    async def _handle(self, req: _Request) -> bool:
+        """Answer one request; False when the connection must close."""
+        gw, transport = self.gw, self.transport
+        assert transport is not None
+        start = time.perf_counter()
+        rid_bytes = req.header(b"x-baseten-request-id")
+        rid = rid_bytes.decode("latin-1") if rid_bytes else uuid.uuid4().hex
+        if not gw.authorized(req.header(b"authorization")):
+            return self._reject(
+                req,
+                401,
+                "missing or unknown API key: send `Authorization: Api-Key <key>`",
+                "unauthorized",
+                rid,
+            )
+        url = httptools.parse_url(req.url)
+        path = url.path.decode("latin-1")
+        query = url.query.decode("latin-1") if url.query else ""
+        host = (req.header(b"host") or b"").decode("latin-1")
+        target = resolve(gw.table, host, path, query)
+        if isinstance(target, Miss):
+            return self._reject(req, target.status, target.message, target.code, rid)
+        if req.expect_continue:
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        dispatcher = gw.dispatcher(target.deployment.deployment_id)
+        tried: frozenset[str] = frozenset()
+        for attempt in (0, 1):
+            try:
+                slot = await dispatcher.acquire(tried)
+            except Rejected as rej:
+                return self._reject(req, rej.status, rej.message, rej.code, rid)
+            try:
+                outcome = await self._forward(req, slot, target.path, rid)
+            finally:
+                dispatcher.release(slot)
+            if outcome != "retry":
+                gw.log_access(rid, target.model_id, target.deployment.deployment_id, outcome, start)
+                return outcome != "close"
+            tried = tried | {slot.upstream.replica_id}
+        return self._reject(
+            req, 502, "the replica closed the connection before answering", "bad_gateway", rid
+        )
+
+    def _reject(self, req: _Request, status: int, message: str, code: str, rid: str) -> bool:
+        assert self.transport is not None
+        self.transport.write(_error_body(status, message, code, rid))
+        # The body, if any, was not read: the connection cannot be reused unless it's complete.
+        return req.complete or (req.content_length in (None, b"0") and not req.chunked)
+
+    async def _forward(self, req: _Request, slot: Slot, path: str, rid: str) -> str:
+        """Proxy one request; returns "ok", "close" (client conn must close) or "retry"."""
+        gw = self.gw
+        try:
+            conn, reused = await gw.pool.get(slot.key)
+        except (OSError, TimeoutError):
+            return "retry"
+        exchange = _Exchange(self, req, rid)
+        conn.begin(exchange)
+        self.upstream = conn
+        try:
+            conn.write(self._request_head(req, path, rid))
+            await self._send_body(req, conn)
+            result = await exchange.done
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        finally:
+            self.upstream = None
+        if result == "lost":
+            conn.close()
+            if not exchange.started and (req.replay is not None or not reused):
+                if req.replay is not None:
+                    req.chunks = deque(req.replay)
+                    req.replay = list(req.replay)
+                return "retry"
+            if not exchange.started:
+                assert self.transport is not None
+                self.transport.write(
+                    _error_body(502, "the replica closed the connection", "bad_gateway", rid)
+                )
+            return "close"
+        if exchange.upstream_keep_alive and req.complete:
+            gw.pool.put(conn)
+        else:
+            conn.close()
+        return "close" if exchange.must_close else "ok"
+
+    @staticmethod
+    def _request_head(req: _Request, path: str, rid: str) -> bytes:
+        lines = [req.method + b" " + path.encode("latin-1") + b" HTTP/1.1\r\n"]
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in (b"authorization", b"content-length", b"expect"):
+                continue
+            lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"x-baseten-request-id: " + rid.encode("latin-1") + b"\r\n")
+        if req.chunked:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        elif req.content_length is not None:
+            lines.append(b"content-length: " + req.content_length + b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    async def _send_body(self, req: _Request, conn: UpstreamConn) -> None:
+        if not req.chunked and req.content_length in (None, b"0"):
+            return
+        while True:
+            chunk = await self.next_chunk(req)
+            if chunk is None:
+                break
+            if conn.closed:
+                return
+            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if req.chunked else chunk)
+            await conn.drain()
+        if req.chunked and not conn.closed:
+            conn.write(b"0\r\n\r\n")
+
+
+class _Exchange:
+    """Re-frames one upstream response for the client."""
+
+    def __init__(self, client: ClientConn, req: _Request, rid: str) -> None:
+        self.client = client
+        self.req = req
+        self.rid = rid.encode("latin-1")
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.buf = bytearray()
+        self.started = False
+        self.chunked = False
+        self.no_body = False
+        self.upstream_keep_alive = True
+        self.must_close = False
+        self.close_delimited = False
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
+    ) -> None:
+        self.started = True
+        self.upstream_keep_alive = keep_alive
+        buf = self.buf
+        buf += b"HTTP/1.1 %d %s\r\n" % (status, reason or b"OK")
+        length = None
+        upstream_chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                upstream_chunked = upstream_chunked or (
+                    lname == b"transfer-encoding" and b"chunked" in value.lower()
+                )
+                continue
+            if lname == b"content-length":
+                length = value
+            buf += name + b": " + value + b"\r\n"
+        buf += b"x-baseten-request-id: " + self.rid + b"\r\n"
+        self.no_body = self.req.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200
+        self.close_delimited = not self.no_body and length is None and not upstream_chunked
+        if not self.no_body and length is None:
+            if self.req.http11:
+                self.chunked = True
+                buf += b"transfer-encoding: chunked\r\n"
+            else:
+                self.must_close = True
+        if not self.req.keep_alive:
+            self.must_close = True
+        if self.must_close:
+            buf += b"connection: close\r\n"
+        buf += b"\r\n"
+        if self.req.method == b"HEAD":
+            self.upstream_keep_alive = False
+            self.on_response_end()
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.no_body:
+            return
+        if self.chunked:
+            self.buf += b"%x\r\n%s\r\n" % (len(data), data)
+        else:
+            self.buf += data
+
+    def on_response_end(self) -> None:
+        if self.chunked:
+            self.buf += b"0\r\n\r\n"
+        self.flush()
+        if not self.done.done():
+            self.done.set_result("ok")
+
+    def on_upstream_lost(self, exc: BaseException | None) -> None:
+        if self.started and self.close_delimited and exc is None:
+            self.upstream_keep_alive = False
+            self.on_response_end()  # the body ended with the connection, as HTTP/1.0 allows
+            return
+        self.flush()
+        if not self.done.done():
+            self.done.set_result("lost")
+
+    def flush(self) -> None:
+        if self.buf:
+            transport = self.client.transport
+            if transport is not None and not self.client.closed:
+                transport.write(bytes(self.buf))
+            self.buf.clear()
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,122 @@
+"""Pure routing: (table, Host, path) -> where a request goes, or why it can't.
+
+Baseten's surface: a model is addressed by host ``model-{id}.{domain}`` or by the
+path prefix ``/models/{id_or_name}``; under it ``/environments/{env}/predict``,
+``/environments/{env}/sync/{path}``, ``/production/...``, ``/deployment/{id}/...``
+and ``/development/...``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from kingpost.gateway.table import DeploymentRoute, ModelRoute, RoutingTable
+
+__all__ = ["Miss", "Target", "resolve"]
+
+
+@dataclass(frozen=True)
+class Target:
+    deployment: DeploymentRoute
+    path: str
+    """Path (with query) to send to the server."""
+    model_id: str
+
+
+@dataclass(frozen=True)
+class Miss:
+    status: int
+    message: str
+    code: str = "not_found"
+
+
+def _model_from_host(table: RoutingTable, host: str) -> ModelRoute | None:
+    name = host.split(":", 1)[0].lower()
+    if not name.startswith("model-"):
+        return None
+    first, _, rest = name.partition(".")
+    if rest != table.domain and not rest.endswith("." + table.domain) and rest:
+        return None
+    return table.models.get(first[len("model-") :])
+
+
+def _model_ref(table: RoutingTable, ref: str) -> ModelRoute | None:
+    model = table.models.get(ref)
+    if model is None:
+        model_id = table.model_names.get(ref)
+        model = table.models.get(model_id) if model_id else None
+    return model
+
+
+def _pick(pairs: tuple[tuple[str, float], ...]) -> str:
+    if len(pairs) == 1:
+        return pairs[0][0]
+    r, acc = random.random() * sum(w for _, w in pairs), 0.0
+    for dep_id, weight in pairs:
+        acc += weight
+        if r < acc:
+            return dep_id
+    return pairs[-1][0]
+
+
+def resolve(table: RoutingTable, host: str, path: str, query: str = "") -> Target | Miss:
+    model = _model_from_host(table, host)
+    parts = path.lstrip("/").split("/", 3) if model is not None else []
+    if model is None:
+        head = path.lstrip("/").split("/", 2)
+        if len(head) < 3 or head[0] != "models":
+            return Miss(
+                404,
+                f"no route for {path!r}: use /models/{{model}}/... "
+                f"or host model-{{id}}.{table.domain}",
+            )
+        model = _model_ref(table, head[1])
+        if model is None:
+            return Miss(404, f"model {head[1]!r} not found")
+        parts = head[2].split("/", 3)
+    return _under_model(table, model, parts, query)
+
+
+def _under_model(
+    table: RoutingTable, model: ModelRoute, parts: list[str], query: str
+) -> Target | Miss:
+    kind = parts[0] if parts else ""
+    if kind == "environments" and len(parts) >= 3:
+        env, action, rest = parts[1], parts[2], parts[3] if len(parts) > 3 else ""
+        pairs = model.environments.get(env)
+        if not pairs:
+            return Miss(404, f"environment {env!r} of model {model.name!r} has no deployment")
+        return _action(table, model, _pick(pairs), action, rest, query)
+    if kind in ("production", "development") and len(parts) >= 2:
+        action, rest = parts[1], "/".join(parts[2:])
+        if kind == "production":
+            pairs = model.environments.get("production")
+            if not pairs:
+                return Miss(404, f"model {model.name!r} has no production deployment")
+            dep_id = _pick(pairs)
+        else:
+            if model.development is None:
+                return Miss(404, f"model {model.name!r} has no development deployment")
+            dep_id = model.development
+        return _action(table, model, dep_id, action, rest, query)
+    if kind == "deployment" and len(parts) >= 3:
+        dep_id, action, rest = parts[1], parts[2], parts[3] if len(parts) > 3 else ""
+        return _action(table, model, dep_id, action, rest, query)
+    return Miss(404, f"no route {'/'.join(parts)!r} under model {model.name!r}")
+
+
+def _action(
+    table: RoutingTable, model: ModelRoute, dep_id: str, action: str, rest: str, query: str
+) -> Target | Miss:
+    dep = table.deployments.get(dep_id)
+    if dep is None or dep.model_id != model.model_id:
+        return Miss(404, f"deployment {dep_id!r} of model {model.name!r} not found")
+    suffix = f"?{query}" if query else ""
+    if action == "predict" and not rest:
+        return Target(dep, dep.predict_path + suffix, model.model_id)
+    if action == "sync":
+        return Target(dep, "/" + rest + suffix, model.model_id)
+    if action == "async_predict":
+        return Miss(501, "async_predict is not supported yet", code="not_implemented")
+    return Miss(404, f"no route {action!r}: use predict or sync/{{path}}")

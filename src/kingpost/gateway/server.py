@@ -1,0 +1,132 @@
+"""The gateway process: client listener, routing table, dispatchers, upstream pool."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import socket
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from kingpost.engines.netns import forget_netns
+from kingpost.gateway.control import serve_control
+from kingpost.gateway.dispatch import Dispatcher
+from kingpost.gateway.proxy import ClientConn
+from kingpost.gateway.table import DeploymentRoute, DeploymentState, RoutingTable
+from kingpost.gateway.upstream import UpstreamPool
+
+__all__ = ["Gateway"]
+
+access_log = logging.getLogger("kingpost.gateway.access")
+_AUTH_CACHE = 4096
+
+
+class Gateway:
+    """Routes requests by the last pushed :class:`RoutingTable`; never reads the store."""
+
+    def __init__(
+        self, table: RoutingTable | None = None, *, access_log_enabled: bool = False
+    ) -> None:
+        self.table = table or RoutingTable()
+        self.pool = UpstreamPool()
+        self._dispatchers: dict[str, Dispatcher] = {}
+        self._auth: OrderedDict[bytes, bool] = OrderedDict()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._log = access_log_enabled
+
+    # -- table -------------------------------------------------------------------------
+    def set_table(self, table: RoutingTable) -> bool:
+        """Replace the table unless it is older than the current one."""
+        if table.version < self.table.version:
+            return False
+        old_netns = {
+            u.netns for d in self.table.deployments.values() for u in d.upstreams if u.netns
+        }
+        if table.api_key_hashes != self.table.api_key_hashes:
+            self._auth.clear()
+        self.table = table
+        for dep_id, dispatcher in list(self._dispatchers.items()):
+            route = table.deployments.get(dep_id)
+            if route is None:
+                route = DeploymentRoute(
+                    dep_id,
+                    dispatcher.route.model_id,
+                    "/",
+                    DeploymentState.INACTIVE,
+                    message="deployment not found",
+                )
+                del self._dispatchers[dep_id]
+            dispatcher.update(route)
+        live = {(u.host, u.port, u.netns) for d in table.deployments.values() for u in d.upstreams}
+        self.pool.prune(live)
+        for path in old_netns - {k[2] for k in live if k[2]}:
+            forget_netns(path)
+        return True
+
+    def dispatcher(self, deployment_id: str) -> Dispatcher:
+        d = self._dispatchers.get(deployment_id)
+        if d is None:
+            d = self._dispatchers[deployment_id] = Dispatcher(self.table.deployments[deployment_id])
+        return d
+
+    # -- auth ------------------------------------------------------------------------------
+    def authorized(self, header: bytes | None) -> bool:
+        if not header:
+            return False
+        cached = self._auth.get(header)
+        if cached is not None:
+            return cached
+        scheme, _, key = header.partition(b" ")
+        ok = (
+            scheme.lower() in (b"api-key", b"bearer")
+            and bool(key.strip())
+            and (hashlib.sha256(key.strip()).hexdigest() in self.table.api_key_hashes)
+        )
+        self._auth[header] = ok
+        if len(self._auth) > _AUTH_CACHE:
+            self._auth.popitem(last=False)
+        return ok
+
+    def log_access(
+        self, rid: str, model_id: str, deployment_id: str, outcome: str, start: float
+    ) -> None:
+        if self._log and access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": rid,
+                        "model_id": model_id,
+                        "deployment_id": deployment_id,
+                        "outcome": outcome,
+                        "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                    }
+                )
+            )
+
+    # -- serving ------------------------------------------------------------------------------
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False, control_socket: Path | None = None
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+        server = await loop.create_server(lambda: ClientConn(self), sock=sock)
+        self._servers.append(server)
+        if control_socket is not None:
+            self._servers.append(await serve_control(self, control_socket))
+        return int(sock.getsockname()[1])
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self.pool.close()

@@ -1,0 +1,205 @@
+"""Keep-alive connections to replicas, and the response side of an exchange.
+
+An :class:`UpstreamConn` parses the replica's response with httptools and hands
+each event to the current :class:`Exchange`, which re-frames it for the client.
+Bytes produced while handling one read are flushed to the client in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import defaultdict
+from typing import Any, Protocol, cast
+
+import httptools
+
+from kingpost.engines.netns import socket_in_netns
+
+__all__ = ["Exchange", "UpstreamConn", "UpstreamPool"]
+
+Key = tuple[str, int, str | None]
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"x-baseten-request-id",
+    }
+)
+CONNECT_TIMEOUT_S = 5.0
+
+
+class Exchange(Protocol):
+    """The client side of one proxied request, fed by the upstream's parser."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
+    ) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+    def on_upstream_lost(self, exc: BaseException | None) -> None: ...
+    def flush(self) -> None: ...
+
+
+class UpstreamConn(asyncio.Protocol):
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.got_bytes = False
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._lose(exc)
+            return
+        if self.exchange is not None:
+            self.exchange.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._can_write.set()
+        self._lose(exc)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    async def drain(self) -> None:
+        if not self._can_write.is_set():
+            await self._can_write.wait()
+
+    def _lose(self, exc: BaseException | None) -> None:
+        exchange, self.exchange = self.exchange, None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if exchange is not None:
+            exchange.on_upstream_lost(exc)
+
+    # -- httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_head(
+                self.parser.get_status_code(),
+                self._reason,
+                self._headers,
+                self.parser.should_keep_alive(),
+            )
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        if not self.parser.should_keep_alive():
+            self.closed = True
+        if exchange is not None:
+            exchange.on_response_end()
+
+    # -- use ---------------------------------------------------------------------------------
+    def begin(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.got_bytes = False
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per (host, port, netns)."""
+
+    def __init__(self, max_idle_per_key: int = 256) -> None:
+        self._idle: dict[Key, list[UpstreamConn]] = defaultdict(list)
+        self._max_idle = max_idle_per_key
+
+    async def get(self, key: Key) -> tuple[UpstreamConn, bool]:
+        """A connection and whether it was reused from the pool."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn, True
+        return await self._connect(key), False
+
+    async def _connect(self, key: Key) -> UpstreamConn:
+        host, port, netns = key
+        loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = {}
+        if netns:
+            sock = socket_in_netns(netns)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
+            except BaseException:
+                sock.close()
+                raise
+            kwargs["sock"] = sock
+        else:
+            kwargs["host"], kwargs["port"] = host, port
+        transport, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConn(key), **kwargs), CONNECT_TIMEOUT_S
+        )
+        sock_obj = transport.get_extra_info("socket")
+        if sock_obj is not None:
+            sock_obj.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def put(self, conn: UpstreamConn) -> None:
+        if conn.closed or conn.exchange is not None:
+            conn.close()
+            return
+        idle = self._idle[conn.key]
+        if len(idle) >= self._max_idle:
+            conn.close()
+        else:
+            idle.append(conn)
+
+    def prune(self, live: set[Key]) -> None:
+        """Close idle connections to replicas that left the table."""
+        for key in list(self._idle):
+            if key not in live:
+                for conn in self._idle.pop(key):
+                    conn.close()
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
