@@ -46,7 +46,9 @@ def wait_for(fn: Callable[[], T | None], timeout: float = 30.0, what: str = "con
 class Platform:
     """One `kingpost server` process with its own home and ports."""
 
-    def __init__(self, home: Path, engine: str = "process", extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, home: Path, engine: str = "process", extra_env: dict[str, str] | None = None
+    ) -> None:
         self.home = home
         self.api_port = free_port()
         self.gateway_port = free_port()
@@ -75,7 +77,10 @@ class Platform:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kingpost.cli", "server"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         wait_for(self._healthy, 30, f"kingpost server to answer (log: {self.log})")
         return self
@@ -103,13 +108,19 @@ class Platform:
 
     def gateway(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.gateway_url, headers={"Authorization": f"Api-Key {self.api_key}"}, timeout=30
+            base_url=self.gateway_url,
+            headers={"Authorization": f"Api-Key {self.api_key}"},
+            timeout=30,
         )
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "kingpost.cli", *args],
-            env=self.env, input=input, capture_output=True, text=True, timeout=120,
+            env=self.env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -124,6 +135,7 @@ class Platform:
 
     def wait_status(self, dep_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
         with self.client() as c:
+
             def check() -> dict[str, Any] | None:
                 d = c.deployment(dep_id)
                 return d if d["status"] in statuses else None
@@ -131,4 +143,6 @@ class Platform:
             try:
                 return wait_for(check, timeout, f"deployment {dep_id} to be {statuses}")
             except AssertionError as exc:
-                raise AssertionError(f"{exc}\nlogs: {c.logs(dep_id)}\nserver:\n{self.output()}") from None
+                raise AssertionError(
+                    f"{exc}\nlogs: {c.logs(dep_id)}\nserver:\n{self.output()}"
+                ) from None

@@ -54,3 +54,8 @@ def test_secrets_needed_and_given() -> None:
     assert missing_secrets(config, {"hf_token"}) == []
     assert replica_secrets(config, {"hf_token": "t"}) == {"hf_token": "t", "inline": "some-default"}
     assert replica_secrets(config, {"hf_token": "t", "inline": "stored"})["inline"] == "stored"
+
+
+def test_custom_server_without_explicit_concurrency_is_not_serialised() -> None:
+    text = CUSTOM.replace("  predict_concurrency: 4\n", "")
+    assert server_shape(parse_config(text).config).concurrency == 256

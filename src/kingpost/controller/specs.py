@@ -28,6 +28,7 @@ MODEL_SERVER_PORT = 8080
 MODEL_PREDICT_PATH = "/v1/models/model:predict"
 MODEL_READY_PATH = "/v1/models/model"
 PROBE_PERIOD_S = 1.0
+CUSTOM_SERVER_CONCURRENCY = 256
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ def server_shape(config: TrussConfig) -> ServerShape:
     concurrency = max(1, int(config.runtime.predict_concurrency or 1))
     ds = config.docker_server
     if ds is not None:
+        if "predict_concurrency" not in config.runtime.model_fields_set:
+            # A custom server (vLLM, TEI…) batches on its own; Truss's default of 1 is
+            # for model classes. Only an explicit value limits requests per replica.
+            concurrency = CUSTOM_SERVER_CONCURRENCY
         readiness = ds.readiness_endpoint or "/"
         return ServerShape(
             kind=ServerKind.CUSTOM_SERVER,

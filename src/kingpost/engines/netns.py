@@ -95,7 +95,7 @@ def socket_in_netns(path: str, family: int = socket.AF_INET) -> socket.socket:
     with _lock:
         if _own_ns_fd is None:
             _own_ns_fd = os.open(
-                "/proc/self/task/%d/ns/net" % threading.get_native_id(), os.O_RDONLY | os.O_CLOEXEC
+                f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC
             )
         try:
             target = _ns_fd(path)

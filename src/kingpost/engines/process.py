@@ -14,6 +14,7 @@ the control plane even when it is killed with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -248,10 +249,8 @@ class ProcessEngine(Engine):
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _exited(self, rep: _Replica, code: int, now: float) -> None:
         self._forget(rep)

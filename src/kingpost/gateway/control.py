@@ -95,10 +95,14 @@ async def _handle(
         writer.close()
 
 
-async def serve_control(gateway: Gateway, path: Path) -> asyncio.AbstractServer:
+def _prepare_socket_path(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+async def serve_control(gateway: Gateway, path: Path) -> asyncio.AbstractServer:
+    _prepare_socket_path(path)
     server = await asyncio.start_unix_server(
         lambda r, w: _handle(gateway, r, w), path=str(path), limit=MAX_TABLE_BYTES
     )

@@ -10,6 +10,7 @@ slot straight to the next waiter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -106,10 +107,8 @@ class Dispatcher:
         finally:
             if not waiter.future.done():
                 waiter.future.cancel()
-            try:
+            with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
-            except ValueError:
-                pass
 
     def release(self, slot: Slot) -> None:
         rid = slot.upstream.replica_id

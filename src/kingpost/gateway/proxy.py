@@ -243,7 +243,7 @@ class ClientConn(asyncio.Protocol):
             transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         dispatcher = gw.dispatcher(target.deployment.deployment_id)
         tried: frozenset[str] = frozenset()
-        for attempt in (0, 1):
+        for _attempt in (0, 1):
             try:
                 slot = await dispatcher.acquire(tried)
             except Rejected as rej:

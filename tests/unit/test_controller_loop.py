@@ -1,0 +1,151 @@
+"""The reconcile loop against the fake engine and a real SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kingpost.controller.loop import Controller
+from kingpost.engines.base import ReplicaPhase
+from kingpost.engines.fake import FakeEngine
+from kingpost.gateway.table import DeploymentState, RoutingTable
+from kingpost.packaging import pack_project, unpack_project
+from kingpost.secrets_box import SecretBox, load_or_create_key
+from kingpost.settings import Settings
+from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
+
+CONFIG = """\
+model_name: loop
+docker_server:
+  start_command: python server.py
+  server_port: 8000
+  predict_endpoint: /predict
+  readiness_endpoint: /health
+  liveness_endpoint: /health
+"""
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, config: str = CONFIG) -> None:
+        self.settings = Settings(home=tmp_path / "home")
+        db = Database(self.settings.db_url)
+        db.migrate()
+        self.store = Store(db, SecretBox(load_or_create_key(self.settings.home, None)))
+        self.engine = FakeEngine()
+        self.pushed: list[RoutingTable] = []
+        self.controller = Controller(
+            self.settings, self.store, push=self.pushed.append, engines={"fake": self.engine}
+        )
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "config.yaml").write_text(config)
+        packed = pack_project(project)
+        unpack_project(packed.data, self.settings.projects_dir / packed.sha256)
+        self.sha = packed.sha256
+
+    def deploy(self, **kw: object) -> str:
+        new = NewDeployment(
+            model_name="loop", project_hash=self.sha, config={}, engine="fake", **kw
+        )  # type: ignore[arg-type]
+        return self.store.create_deployment(new).id
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path)
+
+
+def test_deployment_becomes_active_and_routable(rig: Rig) -> None:
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    assert len(rig.engine.live(dep)) == 1
+    spec = rig.engine.specs[rig.engine.live(dep)[0]]
+    assert (spec.server_port, spec.predict_path, spec.command) == (
+        8000,
+        "/predict",
+        "python server.py",
+    )
+    rig.controller.reconcile_once()
+    assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE
+    table = rig.pushed[-1]
+    route = table.deployments[dep]
+    assert route.state == DeploymentState.SERVING and len(route.upstreams) == 1
+    model = next(iter(table.models.values()))
+    assert model.environments["production"] == ((dep, 1.0),)
+    assert table.model_names["loop"] == model.model_id
+
+
+def test_table_is_pushed_only_when_it_changes(rig: Rig) -> None:
+    rig.deploy()
+    for _ in range(3):
+        rig.controller.reconcile_once()
+    versions = [t.version for t in rig.pushed]
+    assert versions == sorted(set(versions))
+    assert rig.controller.table.version == versions[-1]
+
+
+def test_replicas_follow_min_replicas_and_deactivation(rig: Rig) -> None:
+    dep = rig.deploy(min_replicas=3, max_replicas=3)
+    rig.controller.reconcile_once()
+    assert len(rig.engine.live(dep)) == 3
+    rig.store.set_desired(dep, DesiredState.INACTIVE)
+    rig.controller.reconcile_once()
+    assert rig.engine.live(dep) == []
+    assert rig.store.get_deployment(dep).status == DeploymentStatus.INACTIVE
+    assert rig.pushed[-1].deployments[dep].state == DeploymentState.INACTIVE
+
+
+def test_failed_replica_fails_the_deployment_until_reactivated(rig: Rig) -> None:
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    (rid,) = rig.engine.live(dep)
+    rig.engine.set_phase(rid, ReplicaPhase.FAILED, "Traceback: boom")
+    rig.controller.reconcile_once()
+    view = rig.store.get_deployment(dep)
+    assert view.status == DeploymentStatus.FAILED and "boom" in view.message
+    assert rig.engine.live(dep) == [rid]  # not retried by the controller
+    rig.store.set_desired(dep, DesiredState.INACTIVE)
+    rig.controller.reconcile_once()
+    rig.store.set_desired(dep, DesiredState.ACTIVE)
+    rig.controller.reconcile_once()
+    assert rig.engine.live(dep) and rig.engine.live(dep) != [rid]
+
+
+def test_missing_secret_keeps_replicas_off_until_it_is_set(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, CONFIG + "secrets:\n  token: null\n")
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    view = rig.store.get_deployment(dep)
+    assert view.status == DeploymentStatus.FAILED and "token" in view.message
+    assert rig.engine.live(dep) == []
+    rig.store.set_secret("token", "t0k")
+    rig.controller.reconcile_once()
+    (rid,) = rig.engine.live(dep)
+    assert rig.engine.specs[rid].secrets == {"token": "t0k"}
+
+
+def test_stray_replicas_of_unknown_deployments_are_stopped(rig: Rig) -> None:
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    rig.store.promote("loop", rig.deploy(), "production")
+    rig.store.set_desired(dep, DesiredState.DELETED)
+    rig.controller.reconcile_once()
+    assert rig.engine.live(dep) == []
+    assert dep not in rig.pushed[-1].deployments
+
+
+def test_a_failing_step_does_not_stop_the_loop(rig: Rig) -> None:
+    dep = rig.deploy()
+    broken = rig.deploy()
+    rig.store.db.engine.dispose()
+    with rig.store.db.session() as s:
+        from kingpost.store.models import Deployment
+
+        row = s.get(Deployment, broken)
+        assert row is not None
+        row.project_hash = "f" * 64  # project missing on disk: config cannot load
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()
+    assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE
+    assert rig.store.get_deployment(broken).status == DeploymentStatus.FAILED
