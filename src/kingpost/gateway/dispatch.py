@@ -91,6 +91,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), exclude)
         self._waiters.append(waiter)
+        self._drain()  # a retry may fall back to the replica it excluded
         try:
             return await asyncio.wait_for(waiter.future, route.hold_timeout_s)
         except TimeoutError:

@@ -99,6 +99,7 @@ class ClientConn(asyncio.Protocol):
         self.current: _Request | None = None
         self.task: asyncio.Task[None] | None = None
         self.closed = False
+        self.eof = False
         self.upstream: UpstreamConn | None = None
         self._paused_reading = False
         self._can_write = asyncio.Event()
@@ -117,7 +118,12 @@ class ClientConn(asyncio.Protocol):
             self._fail_and_close(400, f"malformed HTTP request: {exc}")
 
     def eof_received(self) -> bool:
-        # Half-closed client: finish what was asked, then close.
+        # Half-closed client: answer what it asked, then close.
+        self.eof = True
+        if self.task is None or self.task.done():
+            if self.transport is not None:
+                self.transport.close()
+            return False
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -200,7 +206,7 @@ class ClientConn(asyncio.Protocol):
         while self.pending and not self.closed:
             req = self.pending.popleft()
             keep = await self._handle(req)
-            if not keep or not req.keep_alive:
+            if not keep or not req.keep_alive or (self.eof and not self.pending):
                 if self.transport is not None:
                     self.transport.close()
                 self.closed = True

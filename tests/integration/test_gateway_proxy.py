@@ -1,0 +1,299 @@
+"""The gateway in-process on a real event loop, in front of real upstream servers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers.platform import free_port, wait_for
+from helpers.upstream import Upstream, upstream
+from kingpost.gateway.server import Gateway
+from kingpost.gateway.table import (
+    DeploymentRoute,
+    DeploymentState,
+    ModelRoute,
+    RoutingTable,
+)
+from kingpost.gateway.table import (
+    Upstream as Up,
+)
+
+KEY = "kp_test_key"
+AUTH = {"Authorization": f"Api-Key {KEY}"}
+
+
+class Running:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.gateway = Gateway()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self.gateway.start("127.0.0.1", 0), self.loop)
+        self.port = fut.result(5)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.version = 0
+
+    def table(self, *deps: DeploymentRoute, env: str = "d1") -> None:
+        self.version += 1
+        table = RoutingTable(
+            version=self.version,
+            models={"m1": ModelRoute("m1", "echo", {"production": ((env, 1.0),)})},
+            model_names={"echo": "m1"},
+            deployments={d.deployment_id: d for d in deps},
+            api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
+        )
+        self.loop.call_soon_threadsafe(self.gateway.set_table, table)
+        wait_for(lambda: self.gateway.table.version == self.version, 5, "table applied")
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            await self.gateway.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def route(*ups: Upstream | int, **kw: object) -> DeploymentRoute:
+    upstreams = tuple(
+        Up(f"r{i}", "127.0.0.1", u if isinstance(u, int) else u.port) for i, u in enumerate(ups)
+    )
+    state = DeploymentState.SERVING if upstreams else DeploymentState.WAKING
+    base = DeploymentRoute("d1", "m1", "/echo", state, upstreams, concurrency=64)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def gw() -> Iterator[Running]:
+    running = Running()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def up() -> Iterator[Upstream]:
+    with upstream() as u:
+        yield u
+
+
+def test_predict_sync_request_id_and_auth_stripped(gw: Running, up: Upstream) -> None:
+    gw.table(route(up, predict_path="/inspect"))
+    with httpx.Client(base_url=gw.url, headers=AUTH) as c:
+        r = c.post("/models/echo/environments/production/predict?x=1", content=b"abc")
+        seen = r.json()
+        assert seen["path"] == "/inspect?x=1" and seen["length"] == 3
+        assert seen["authorization"] is None
+        assert seen["request_id"] == r.headers["x-baseten-request-id"]
+        r = c.get(
+            "/models/m1/deployment/d1/sync/inspect?q=2", headers={"X-Baseten-Request-Id": "abc-1"}
+        )
+        assert r.json()["path"] == "/inspect?q=2" and r.json()["request_id"] == "abc-1"
+        assert r.headers["x-baseten-request-id"] == "abc-1"
+        r = c.get("/models/m1/production/sync/teapot")
+        assert (r.status_code, r.text) == (418, "I'm a teapot")
+        r = c.get("/models/m1/production/sync/nowhere")
+        assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+        r = c.post(
+            "/environments/production/predict", content=b"x", headers={"Host": "model-m1.localhost"}
+        )
+        assert r.json()["path"] == "/inspect"
+
+
+def test_errors_are_json_with_request_ids(gw: Running, up: Upstream) -> None:
+    gw.table(route(up))
+    with httpx.Client(base_url=gw.url) as c:
+        for headers in ({}, {"Authorization": "Api-Key nope"}, {"Authorization": "Basic " + KEY}):
+            r = c.post("/models/echo/production/predict", headers=headers)
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+            assert r.headers["x-baseten-request-id"]
+        r = c.post("/models/other/production/predict", headers=AUTH)
+        assert r.status_code == 404 and "other" in r.json()["error"]
+        r = c.post("/models/echo/environments/staging/predict", headers=AUTH)
+        assert r.status_code == 404 and "staging" in r.json()["error"]
+        r = c.post("/nothing", headers=AUTH)
+        assert r.status_code == 404
+    gw.table(route(up, state=DeploymentState.INACTIVE, message="deployment d1 is deactivated"))
+    r = httpx.post(f"{gw.url}/models/echo/production/predict", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"] == "deployment d1 is deactivated"
+
+
+def test_streaming_is_not_buffered(gw: Running, up: Upstream) -> None:
+    gw.table(route(up, predict_path="/gated-stream"))
+    with (
+        httpx.Client(base_url=gw.url, headers=AUTH, timeout=15) as c,
+        c.stream("POST", "/models/echo/production/predict") as r,
+    ):
+        assert r.headers["content-type"] == "text/event-stream"
+        chunks = r.iter_raw()
+        first = next(chunks)  # arrives while the upstream still holds the rest back
+        assert first == b"data: 0\n\n"
+        up.gate.set()
+        assert b"".join(chunks) == b"data: 1\n\n"
+
+
+def test_sse_of_100_events_and_1mb_upload(gw: Running, up: Upstream) -> None:
+    gw.table(route(up, predict_path="/inspect"))
+    body = os.urandom(1024 * 1024)
+    with httpx.Client(base_url=gw.url, headers=AUTH, timeout=30) as c:
+        seen = c.post("/models/echo/production/predict", content=body).json()
+        assert seen["length"] == len(body) and seen["sha256"] == hashlib.sha256(body).hexdigest()
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(body), 65536):
+                yield body[i : i + 65536]
+
+        seen = c.post("/models/echo/production/predict", content=chunks()).json()
+        assert seen["sha256"] == hashlib.sha256(body).hexdigest()
+        text = c.get("/models/echo/production/sync/sse?n=100").text
+        assert text.count("data: ") == 100
+
+
+def test_concurrency_limit_and_full_queue(gw: Running, up: Upstream) -> None:
+    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1, queue_limit=1))
+    url = f"{gw.url}/models/echo/production/predict"
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(httpx.post, url, headers=AUTH, timeout=10) for _ in range(3)]
+        codes = sorted(f.result().status_code for f in futures)
+    assert codes == [200, 200, 429]
+    assert up.requests == 2
+
+
+def test_requests_are_held_until_a_replica_is_ready(gw: Running, up: Upstream) -> None:
+    gw.table(route(predict_path="/inspect", hold_timeout_s=10))
+    url = f"{gw.url}/models/echo/production/predict"
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(httpx.post, url, headers=AUTH, content=b"wait", timeout=15)
+        wait_for(lambda: gw.gateway.dispatcher("d1")._waiters, 5, "request to be held")
+        gw.table(route(up, predict_path="/inspect"))
+        r = held.result()
+    assert r.status_code == 200 and r.json()["length"] == 4
+
+
+def test_hold_times_out_with_503(gw: Running) -> None:
+    gw.table(route(hold_timeout_s=0.3, message="deployment d1 is DEPLOYING"))
+    r = httpx.post(f"{gw.url}/models/echo/production/predict", headers=AUTH, timeout=5)
+    assert r.status_code == 503 and "DEPLOYING" in r.json()["error"]
+
+
+def test_no_mixups_under_concurrent_keepalive_load(gw: Running, up: Upstream) -> None:
+    gw.table(route(up, up))
+
+    def client(n: int) -> int:
+        ok = 0
+        with httpx.Client(base_url=gw.url, headers=AUTH, timeout=30) as c:
+            for i in range(40):
+                body = f"client-{n}-req-{i}-".encode() * (1 + (i % 7) * 50)
+                r = c.post("/models/echo/production/predict", content=body)
+                assert r.status_code == 200 and r.content == body, (n, i)
+                ok += 1
+        return ok
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(client, range(16))) == 16 * 40
+    assert up.requests == 16 * 40  # nothing dropped or duplicated
+
+
+def _raw(port: int, payload: bytes, half_close: bool = False) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def _req(body: bytes, close: bool = False) -> bytes:
+    extra = b"Connection: close\r\n" if close else b""
+    return (
+        b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Api-Key "
+        + KEY.encode()
+        + b"\r\nContent-Length: %d\r\n" % len(body)
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+def test_pipelined_requests_are_answered_in_order(gw: Running, up: Upstream) -> None:
+    gw.table(route(up))
+    data = _raw(gw.port, _req(b"first") + _req(b"second") + _req(b"third", close=True))
+    assert data.count(b"HTTP/1.1 200") == 3
+    assert data.index(b"first") < data.index(b"second") < data.index(b"third")
+
+
+def test_half_closed_client_still_gets_its_answer(gw: Running, up: Upstream) -> None:
+    gw.table(route(up))
+    data = _raw(gw.port, _req(b"half-closed"), half_close=True)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"half-closed")
+
+
+def test_connect_failure_is_retried_on_another_replica(gw: Running, up: Upstream) -> None:
+    dead = free_port()  # nothing listens here
+    gw.table(route(dead, up))
+    with httpx.Client(base_url=gw.url, headers=AUTH) as c:
+        for i in range(10):
+            r = c.post("/models/echo/production/predict", content=f"{i}".encode())
+            assert r.status_code == 200 and r.text == f"{i}"
+    gw.table(route(dead))
+    r = httpx.post(f"{gw.url}/models/echo/production/predict", headers=AUTH)
+    assert r.status_code == 502 and r.json()["code"] == "bad_gateway"
+
+
+def _can_unshare() -> bool:
+    from kingpost.engines.netns import can_unshare_net
+
+    return sys.platform == "linux" and can_unshare_net()
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs CAP_SYS_ADMIN to create network namespaces")
+def test_upstream_inside_a_network_namespace(gw: Running, tmp_path: Path) -> None:
+    server = Path(__file__).resolve().parents[2] / "examples" / "echo-server" / "server.py"
+    proc = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {sys.executable} {server}"],
+        cwd=tmp_path,
+    )
+    try:
+        ns = f"/proc/{proc.pid}/ns/net"
+        gw.table(
+            replace(
+                route(predict_path="/predict"),
+                state=DeploymentState.SERVING,
+                upstreams=(Up("r0", "127.0.0.1", 8000, ns),),
+            )
+        )
+
+        def call() -> httpx.Response | None:
+            r = httpx.post(f"{gw.url}/models/echo/production/predict", headers=AUTH, json={"a": 1})
+            return r if r.status_code == 200 else None
+
+        r = wait_for(call, 15, "server in its namespace")
+        assert r.json()["echo"] == {"a": 1}
+        with socket.socket() as s:  # nothing on the host's port 8000 is involved
+            assert s.connect_ex(("127.0.0.1", 8000)) != 0 or json.dumps
+    finally:
+        proc.kill()
+        proc.wait()
