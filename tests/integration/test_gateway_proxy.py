@@ -292,8 +292,6 @@ def test_upstream_inside_a_network_namespace(gw: Running, tmp_path: Path) -> Non
 
         r = wait_for(call, 15, "server in its namespace")
         assert r.json()["echo"] == {"a": 1}
-        with socket.socket() as s:  # nothing on the host's port 8000 is involved
-            assert s.connect_ex(("127.0.0.1", 8000)) != 0 or json.dumps
     finally:
         proc.kill()
         proc.wait()

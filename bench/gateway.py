@@ -1,0 +1,386 @@
+"""Gateway benchmark: Kingpost's gateway beside direct calls, nginx and Ray Serve.
+
+Runs everything on this machine in one run, alternating targets each round:
+
+  (a) direct   the upstream itself (nginx answering a 1 KB JSON body)
+  (b) nginx    nginx as a keep-alive reverse proxy, one worker
+  (c) kingpost `python -m kingpost.gateway`, one worker, routing
+               /models/bench/environments/production/predict via a pushed table,
+               with auth, request ids and concurrency limits on
+  (d) ray      Ray Serve's HTTP proxy in front of a no-op deployment (if installable)
+
+Servers under test are pinned to core 0, the load generator and upstream to core 1
+(`taskset`). Saturation: `wrk -t1 -c64`. Latency at 50% of Kingpost's peak: `hey`
+rate-limited. Also a streaming case (SSE, 100 chunks) and a 1 MB request body case.
+
+    python bench/gateway.py [--duration 5] [--rounds 2] [--no-ray] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from kingpost.gateway.control import push_table  # noqa: E402
+from kingpost.gateway.table import (  # noqa: E402
+    DeploymentRoute,
+    DeploymentState,
+    ModelRoute,
+    RoutingTable,
+    Upstream,
+)
+
+KEY = "kp_bench_key"
+PAYLOAD = json.dumps({"data": "x" * 1000})[:1024]
+PATH = "/models/bench/environments/production/predict"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(core: int, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *cmd] if shutil.which("taskset") else cmd
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def nginx_conf(work: Path, name: str, port: int, body: str) -> Path:
+    root = work / name
+    root.mkdir()
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body;
+  proxy_temp_path {root}/proxy;
+  client_max_body_size 8m;
+  keepalive_requests 1000000;
+  {body.replace("PORT", str(port))}
+}}
+""")
+    return conf
+
+
+UPSTREAM_HTTP = """
+  server {
+    listen 127.0.0.1:PORT;
+    location /sse { proxy_pass http://127.0.0.1:SSEPORT; proxy_buffering off; proxy_http_version 1.1; }
+    location / { default_type application/json; client_body_buffer_size 2m; return 200 'BODY'; }
+  }
+"""
+
+PROXY_HTTP = """
+  upstream up { server 127.0.0.1:UPPORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:PORT;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }
+  }
+"""
+
+SSE_SERVER = r"""
+import socket, sys, threading, time
+def serve(conn):
+    f = conn.makefile("rb")
+    try:
+        while True:
+            line = f.readline()
+            if not line: return
+            while f.readline() not in (b"\r\n", b""): pass
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i in range(100):
+                ev = b"data: %d\n\n" % i
+                conn.sendall(b"%x\r\n%s\r\n" % (len(ev), ev))
+                time.sleep(0.001)
+            conn.sendall(b"0\r\n\r\n")
+    except OSError:
+        pass
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
+while True:
+    c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+RAY_APP = """
+import sys, time
+from ray import serve
+import ray
+ray.init(num_cpus=1, include_dashboard=False)
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
+BODY = sys.argv[2]
+@serve.deployment(num_replicas=1)
+class Noop:
+    async def __call__(self, request):
+        return BODY
+serve.run(Noop.bind(), route_prefix=sys.argv[3])
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def wrk(url: str, seconds: float, conns: int, script: Path, core: int = 1) -> dict[str, float]:
+    proc = subprocess.run(
+        pinned(core, ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url]),
+        capture_output=True, text=True, timeout=seconds + 30,
+    )
+    out = proc.stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk against {url} failed:\n{out}\n{proc.stderr}")
+    rps = float(found.group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    lat = {p: _ms(m) for p, m in re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M)}
+    return {"rps": rps, "p50": lat.get("50", 0.0), "p99": lat.get("99", 0.0),
+            "errors": float(errors.group(1)) if errors else 0.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+
+def hey(url: str, rate: float, seconds: float, body: Path, core: int = 1) -> dict[str, float]:
+    workers = 8
+    out = subprocess.run(
+        pinned(core, ["hey", "-z", f"{int(seconds)}s", "-c", str(workers), "-q", str(max(1, int(rate / workers))),
+                      "-m", "POST", "-T", "application/json", "-D", str(body),
+                      "-H", f"Authorization: Api-Key {KEY}", url]),
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout
+    pct = dict(re.findall(r"(\d+)%+ in ([\d.]+) secs", out))
+    return {"p50": float(pct.get("50", 0)) * 1000, "p99": float(pct.get("99", 0)) * 1000}
+
+
+def stream_times(url: str, n: int = 20) -> dict[str, float]:
+    first, total = [], []
+    with httpx.Client(headers={"Authorization": f"Api-Key {KEY}"}, timeout=30) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            with c.stream("GET", url) as r:
+                it = r.iter_raw()
+                next(it)
+                first.append(time.perf_counter() - t0)
+                count = 1 + sum(1 for _ in it)
+            total.append(time.perf_counter() - t0)
+            assert r.status_code == 200 and count >= 1
+    return {"first_ms": statistics.median(first) * 1000, "total_ms": statistics.median(total) * 1000}
+
+
+def table_for(up_port: int, sse_port: int) -> RoutingTable:
+    return RoutingTable(
+        version=1,
+        models={"mb": ModelRoute("mb", "bench", {"production": (("db", 1.0),)})},
+        model_names={"bench": "mb"},
+        deployments={"db": DeploymentRoute("db", "mb", "/", DeploymentState.SERVING,
+                                           (Upstream("r0", "127.0.0.1", up_port),), concurrency=1024)},
+        api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
+    )
+
+
+def start_ray(procs: Procs, work: Path, port: int) -> bool:
+    py = REPO / ".bench-cache" / "ray-venv" / "bin" / "python"
+    if not py.exists():
+        return False
+    app = work / "ray_app.py"
+    app.write_text(RAY_APP)
+    p = procs.start(pinned(0, [str(py), str(app), str(port), PAYLOAD, PATH]))
+    try:
+        wait_port(port, 90)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if httpx.post(f"http://127.0.0.1:{port}{PATH}", timeout=2).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    except RuntimeError:
+        pass
+    return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    for tool in ("nginx", "wrk", "hey"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (apt-get install nginx-light wrk hey)")
+    procs = Procs()
+    work = Path(tempfile.mkdtemp(prefix="kp-bench-"))
+    try:
+        results = run(args, procs, work)
+    finally:
+        procs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
+    up_port, sse_port, ngx_port, kp_port, ray_port = (free_port() for _ in range(5))
+    nginx = shutil.which("nginx") or "nginx"
+    body = PAYLOAD.replace("'", "")
+    procs.start(pinned(1, [nginx, "-c", str(nginx_conf(
+        work, "up", up_port, UPSTREAM_HTTP.replace("BODY", body).replace("SSEPORT", str(sse_port))))]))
+    sse = work / "sse.py"
+    sse.write_text(SSE_SERVER)
+    procs.start(pinned(1, [sys.executable, str(sse), str(sse_port)]))
+    procs.start(pinned(0, [nginx, "-c", str(nginx_conf(work, "proxy", ngx_port,
+                                                        PROXY_HTTP.replace("UPPORT", str(up_port))))]))
+    control = work / "gw.sock"
+    procs.start(pinned(0, [sys.executable, "-m", "kingpost.gateway", "--port", str(kp_port),
+                           "--control-socket", str(control)]), env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    for port in (up_port, sse_port, ngx_port, kp_port):
+        wait_port(port)
+    deadline = time.monotonic() + 10
+    while not control.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    push_table(control, table_for(up_port, sse_port))
+    targets = {
+        "direct": f"http://127.0.0.1:{up_port}{PATH}",
+        "nginx": f"http://127.0.0.1:{ngx_port}{PATH}",
+        "kingpost": f"http://127.0.0.1:{kp_port}{PATH}",
+    }
+    ray_note = "skipped (--no-ray)"
+    if not args.no_ray:
+        if start_ray(procs, work, ray_port):
+            targets["ray"] = f"http://127.0.0.1:{ray_port}{PATH}"
+            ray_note = "ok"
+        else:
+            ray_note = "unavailable: ray[serve] not installed in .bench-cache/ray-venv or failed to start"
+    post = work / "post.lua"
+    post.write_text(
+        'wrk.method = "POST"\nwrk.body = ' + json.dumps(PAYLOAD) + '\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Api-Key {KEY}"\n'
+    )
+    big = work / "big.lua"
+    big.write_text(
+        'wrk.method = "POST"\nwrk.body = string.rep("x", 1048576)\n'
+        f'wrk.headers["Authorization"] = "Api-Key {KEY}"\n'
+    )
+    for url in targets.values():  # warm up every path once
+        wrk(url, 1, 8, post)
+    sat: dict[str, list[dict[str, float]]] = {k: [] for k in targets}
+    for _ in range(args.rounds):
+        for name, url in targets.items():
+            sat[name].append(wrk(url, args.duration, args.connections, post))
+    peak = {k: max(r["rps"] for r in v) for k, v in sat.items()}
+    p1 = {k: wrk(url, args.duration, 1, post) for k, url in targets.items()}
+    p256 = {k: wrk(url, args.duration, 256, post) for k, url in targets.items() if k != "ray"}
+    rate = peak["kingpost"] * 0.5
+    body_file = work / "body.json"
+    body_file.write_text(PAYLOAD)
+    half = {k: hey(url, rate, args.duration, body_file) for k, url in targets.items()}
+    big_rps = {k: wrk(url, args.duration, 8, big)["rps"] for k, url in targets.items() if k != "ray"}
+    sse_urls = {
+        "direct": f"http://127.0.0.1:{sse_port}/sse",
+        "nginx": f"http://127.0.0.1:{ngx_port}/sse",
+        "kingpost": f"http://127.0.0.1:{kp_port}/models/bench/environments/production/sync/sse",
+    }
+    streaming = {k: stream_times(u) for k, u in sse_urls.items()}
+    return {"saturation": sat, "peak_rps": peak, "c1": p1, "c256": p256, "half_load": half,
+            "half_rate": rate, "body_1mb_rps": big_rps, "sse_100": streaming, "ray": ray_note,
+            "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+
+
+def report(r: dict[str, Any]) -> None:
+    peak, half = r["peak_rps"], r["half_load"]
+    print(f"\nGateway benchmark {r['date']}, {r['cpus']} cores (SUT on core 0; wrk/hey + upstream on core 1)")
+    print(f"Ray Serve: {r['ray']}\n")
+    print("| target | req/s (c=64) | p50 ms @50% | p99 ms @50% | p99 c=1 | p99 c=256 | 1 MB body req/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for k in peak:
+        c256 = r["c256"].get(k, {}).get("p99", float("nan"))
+        big = r["body_1mb_rps"].get(k, float("nan"))
+        print(f"| {k} | {peak[k]:.0f} | {half[k]['p50']:.3f} | {half[k]['p99']:.3f} | "
+              f"{r['c1'][k]['p99']:.3f} | {c256:.3f} | {big:.0f} |")
+    kp = peak["kingpost"]
+    print(f"\nkingpost / nginx throughput: {kp / peak['nginx']:.2f}  (target >= 0.40)")
+    if "ray" in peak:
+        print(f"kingpost / ray throughput:   {kp / peak['ray']:.2f}  (target >= 5)")
+    add50 = half["kingpost"]["p50"] - half["direct"]["p50"]
+    add99 = half["kingpost"]["p99"] - half["direct"]["p99"]
+    print(f"added latency at 50% of kingpost's peak ({r['half_rate']:.0f} req/s): "
+          f"p50 +{add50:.3f} ms (target <= 0.3), p99 +{add99:.3f} ms (target <= 1.0)")
+    print(f"nginx added: p50 +{half['nginx']['p50'] - half['direct']['p50']:.3f} ms, "
+          f"p99 +{half['nginx']['p99'] - half['direct']['p99']:.3f} ms")
+    ratio = r["c256"]["kingpost"]["p99"] / max(r["c1"]["kingpost"]["p99"], 1e-6)
+    print(f"kingpost p99 at 256 connections / p99 at 1: {ratio:.1f}  (target <= 5)")
+    for k, v in r["sse_100"].items():
+        print(f"SSE 100 chunks via {k}: first chunk {v['first_ms']:.2f} ms, all {v['total_ms']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
