@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -36,6 +37,7 @@ _NO_BODY_STATUS = frozenset({204, 304})
 
 class _Request:
     __slots__ = (
+        "auth",
         "body_bytes",
         "chunked",
         "chunks",
@@ -43,11 +45,13 @@ class _Request:
         "content_length",
         "expect_continue",
         "headers",
+        "host",
         "http11",
         "keep_alive",
         "method",
         "more",
         "replay",
+        "request_id",
         "url",
     )
 
@@ -65,6 +69,9 @@ class _Request:
         self.expect_continue = False
         self.body_bytes = 0
         self.replay: list[bytes] | None = []
+        self.auth: bytes | None = None
+        self.host = b""
+        self.request_id: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -174,6 +181,12 @@ class ClientConn(asyncio.Protocol):
                 req.content_length = value
             elif lname == b"transfer-encoding" and b"chunked" in value.lower():
                 req.chunked = True
+            elif lname == b"authorization":
+                req.auth = value
+            elif lname == b"host":
+                req.host = value
+            elif lname == b"x-baseten-request-id":
+                req.request_id = value
             elif lname == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
         self.pending.append(req)
@@ -228,9 +241,8 @@ class ClientConn(asyncio.Protocol):
         gw, transport = self.gw, self.transport
         assert transport is not None
         start = time.perf_counter()
-        rid_bytes = req.header(b"x-baseten-request-id")
-        rid = rid_bytes.decode("latin-1") if rid_bytes else uuid.uuid4().hex
-        if not gw.authorized(req.header(b"authorization")):
+        rid = req.request_id.decode("latin-1") if req.request_id else os.urandom(16).hex()
+        if not gw.authorized(req.auth):
             return self._reject(
                 req,
                 401,
@@ -238,11 +250,9 @@ class ClientConn(asyncio.Protocol):
                 "unauthorized",
                 rid,
             )
-        url = httptools.parse_url(req.url)
-        path = url.path.decode("latin-1")
-        query = url.query.decode("latin-1") if url.query else ""
-        host = (req.header(b"host") or b"").decode("latin-1")
-        target = resolve(gw.table, host, path, query)
+        raw_path, _, raw_query = req.url.partition(b"?")
+        path, query = raw_path.decode("latin-1"), raw_query.decode("latin-1")
+        target = resolve(gw.table, req.host.decode("latin-1"), path, query)
         if isinstance(target, Miss):
             return self._reject(req, target.status, target.message, target.code, rid)
         if req.expect_continue:
@@ -283,8 +293,14 @@ class ClientConn(asyncio.Protocol):
         conn.begin(exchange)
         self.upstream = conn
         try:
-            conn.write(self._request_head(req, path, rid))
-            await self._send_body(req, conn)
+            head = self._request_head(req, path, rid)
+            if req.complete and not req.chunked:
+                # The whole body is here already (the common small request): one write.
+                conn.write(head + b"".join(req.chunks))
+                req.chunks.clear()
+            else:
+                conn.write(head)
+                await self._send_body(req, conn)
             result = await exchange.done
         except asyncio.CancelledError:
             conn.close()
