@@ -83,6 +83,20 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _wait_for_sockets(paths: Sequence[Path], gateway: subprocess.Popen[bytes], port: int) -> None:
+    """Wait until every gateway worker listens on its control socket (or exited)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and gateway.poll() is None:
+        if all(p.exists() for p in paths):
+            return
+        time.sleep(0.05)
+    if gateway.poll() is not None:
+        raise KingpostError(
+            f"the gateway exited with code {gateway.returncode}; is port {port} free? "
+            "set KINGPOST_GATEWAY_PORT to another port"
+        )
+
+
 def _pusher(settings: Settings) -> Callable[[RoutingTable], None]:
     from kingpost.gateway import push_table
 
@@ -139,6 +153,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
 
     store = bootstrap(settings)
     gateway = _start_gateway(settings)
+    _wait_for_sockets(gateway_sockets(settings), gateway, settings.gateway_port)
     controller = Controller(settings, store, push=_pusher(settings))
     plane = ControlPlane(settings, store, controller)
     config = uvicorn.Config(
