@@ -1,0 +1,229 @@
+"""The process engine with real subprocesses: contract, isolation, probes, restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers.platform import EXAMPLES, wait_for
+from kingpost.config import load_config, runtime_environment
+from kingpost.controller.specs import replica_spec
+from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaStatus
+from kingpost.engines.netns import can_unshare_net, socket_in_netns
+from kingpost.engines.process import ProcessEngine
+from kingpost.errors import EngineError
+from kingpost.settings import Settings
+
+TOGGLE_SERVER = """
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        flag = {"/ready": "unready", "/live": "dead"}.get(self.path)
+        bad = flag is not None and os.path.exists(flag)
+        body = b"no" if bad else b"ok"
+        self.send_response(503 if bad else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+print("toggle server up", flush=True)
+ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"""
+
+TOGGLE_CONFIG = """\
+docker_server:
+  start_command: python3 server.py
+  server_port: 8000
+  predict_endpoint: /ready
+  readiness_endpoint: /ready
+  liveness_endpoint: /live
+runtime:
+  health_checks:
+    restart_threshold_seconds: 2
+    stop_traffic_threshold_seconds: 1
+"""
+
+NETNS = can_unshare_net()
+
+
+def engine(tmp_path: Path, netns: str) -> ProcessEngine:
+    return ProcessEngine(Settings(home=tmp_path / "home", netns=netns))
+
+
+@pytest.fixture
+def eng(tmp_path: Path) -> Iterator[ProcessEngine]:
+    e = engine(tmp_path, "auto")
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def start(e: ProcessEngine, app: Path, rid: str, dep: str = "d1", **kw: object) -> None:
+    config = load_config(app).config
+    env, _ = runtime_environment(config)
+    e.start(
+        replica_spec(
+            replica_id=rid,
+            deployment_id=dep,
+            model_id="m1",
+            model_name="m",
+            app_dir=app,
+            config=config,
+            env=env,
+            secrets=kw.get("secrets", {}),  # type: ignore[arg-type]
+        )
+    )
+
+
+def status(e: ProcessEngine, rid: str) -> ReplicaStatus:
+    return next(s for s in e.poll() if s.replica_id == rid)
+
+
+def phase_is(e: ProcessEngine, rid: str, *phases: ReplicaPhase) -> ReplicaStatus | None:
+    st = status(e, rid)
+    return st if st.phase in phases else None
+
+
+def get(endpoint: Endpoint, path: str) -> tuple[int, bytes]:
+    sock = socket_in_netns(endpoint.netns) if endpoint.netns else socket.socket()
+    with sock:
+        sock.settimeout(5)
+        sock.connect((endpoint.host, endpoint.port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def toggle_project(tmp_path: Path) -> Path:
+    app = tmp_path / "toggle"
+    app.mkdir()
+    (app / "server.py").write_text(TOGGLE_SERVER)
+    (app / "config.yaml").write_text(TOGGLE_CONFIG)
+    return app
+
+
+def test_replica_contract_env_and_secrets(eng: ProcessEngine) -> None:
+    os.environ["KINGPOST_LEAK_CHECK"] = "1"
+    try:
+        start(eng, EXAMPLES / "echo-server", "d1-a", secrets={"token": "s3cr3t"})
+        st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 20, "ready")
+    finally:
+        del os.environ["KINGPOST_LEAK_CHECK"]
+    assert st.endpoint is not None
+    code, body = get(st.endpoint, "/env")
+    seen = json.loads(body)
+    env = seen["env"]
+    assert env["BT_MODEL_ID"] == "m1" and env["BT_MODEL_DEPLOYMENT_ID"] == "d1"
+    assert env["APP_HOME"] == seen["cwd"] and env["APP_HOME"].endswith("/d1-a/app")
+    assert env["HOME"].endswith("/d1-a/home") and env["GREETING"] == "hello"
+    assert "PYTHON_EXECUTABLE" in env
+    assert not any(k.startswith("KINGPOST_") and k != "KINGPOST_SECRETS_DIR" for k in env)
+    assert seen["secrets"] == {"token": "s3cr3t"} and seen["secrets_writable"] is False
+    secrets_dir = Path(env["KINGPOST_SECRETS_DIR"])
+    if eng.mounts:
+        assert secrets_dir == Path("/secrets")
+    host_copy = next(Path("/dev/shm").glob("kingpost-*/d1-a"))
+    assert os.statvfs(host_copy).f_bsize and "tmpfs" in Path("/proc/mounts").read_text()
+    eng.stop("d1-a")
+    wait_for(lambda: not host_copy.exists(), 15, "secrets removed at stop")
+
+
+@pytest.mark.skipif(not NETNS, reason="network namespaces not permitted here")
+def test_same_fixed_port_twice_with_namespaces(eng: ProcessEngine) -> None:
+    start(eng, EXAMPLES / "echo-server", "d1-a", "d1")
+    start(eng, EXAMPLES / "echo-server", "d2-a", "d2")
+    a = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 20, "first ready")
+    b = wait_for(lambda: phase_is(eng, "d2-a", ReplicaPhase.READY), 20, "second ready")
+    assert a.endpoint and b.endpoint and a.endpoint.port == b.endpoint.port == 8000
+    pids = {json.loads(get(s.endpoint, "/env")[1])["pid"] for s in (a, b) if s.endpoint}
+    assert len(pids) == 2
+
+
+def test_same_fixed_port_refused_without_namespaces(tmp_path: Path) -> None:
+    e = engine(tmp_path, "off")
+    try:
+        start(e, EXAMPLES / "echo-server", "d1-a", "d1")
+        with pytest.raises(EngineError) as info:
+            start(e, EXAMPLES / "echo-server", "d2-a", "d2")
+        assert "8000" in info.value.message and "d1" in info.value.message
+        assert "server_port" in info.value.message
+    finally:
+        e.close()
+
+
+def test_killed_server_is_restarted(eng: ProcessEngine) -> None:
+    start(eng, EXAMPLES / "echo-server", "d1-a")
+    st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 20, "ready")
+    assert st.endpoint is not None
+    pid = json.loads(get(st.endpoint, "/env")[1])["pid"]
+    os.kill(pid, signal.SIGKILL)
+    again = wait_for(
+        lambda: (s := phase_is(eng, "d1-a", ReplicaPhase.READY)) and s.restarts == 1 and s,
+        30,
+        "restart",
+    )
+    assert again.endpoint is not None
+    assert json.loads(get(again.endpoint, "/env")[1])["pid"] != pid
+
+
+def test_readiness_failure_stops_traffic_without_restart(
+    eng: ProcessEngine, tmp_path: Path
+) -> None:
+    start(eng, toggle_project(tmp_path), "d1-a")
+    wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 20, "ready")
+    app = eng.settings.replicas_dir / "d1-a" / "app"
+    (app / "unready").touch()
+    st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.NOT_READY), 20, "not ready")
+    assert st.restarts == 0
+    (app / "unready").unlink()
+    st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 20, "ready again")
+    assert st.restarts == 0
+
+
+def test_liveness_failure_restarts(eng: ProcessEngine, tmp_path: Path) -> None:
+    start(eng, toggle_project(tmp_path), "d1-a")
+    wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 20, "ready")
+    (eng.settings.replicas_dir / "d1-a" / "app" / "dead").touch()
+    wait_for(lambda: status(eng, "d1-a").restarts >= 1 or None, 30, "restart on liveness failure")
+    (eng.settings.replicas_dir / "d1-a" / "app" / "dead").unlink()
+    wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 30, "ready after restart")
+    lines = [ln.text for ln in eng.logs("d1")]
+    assert lines.count("toggle server up") >= 2
+
+
+def test_crash_loop_fails_with_output(eng: ProcessEngine, tmp_path: Path) -> None:
+    app = tmp_path / "crash"
+    app.mkdir()
+    (app / "config.yaml").write_text(
+        "docker_server:\n  start_command: python3 -c \"import sys; print('boom-123'); sys.exit(3)\"\n"
+        "  server_port: 8000\n  predict_endpoint: /\n  readiness_endpoint: /\n  liveness_endpoint: /\n"
+    )
+    start(eng, app, "d1-a")
+    st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.FAILED), 30, "failed")
+    assert "boom-123" in st.message and "code 3" in st.message
+
+
+def test_close_leaves_no_process(tmp_path: Path) -> None:
+    e = engine(tmp_path, "auto")
+    start(e, EXAMPLES / "echo-server", "d1-a")
+    st = wait_for(lambda: phase_is(e, "d1-a", ReplicaPhase.READY), 20, "ready")
+    assert st.endpoint is not None
+    pid = json.loads(get(st.endpoint, "/env")[1])["pid"]
+    e.close()
+    assert (
+        not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    )
