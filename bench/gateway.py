@@ -19,6 +19,7 @@ rate-limited. Also a streaming case (SSE, 100 chunks) and a 1 MB request body ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -78,17 +79,16 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, **kw)
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw
+        )
         self.procs.append(p)
         return p
 
     def stop(self) -> None:
         for p in self.procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for p in self.procs:
             try:
                 p.wait(5)
@@ -184,8 +184,13 @@ while True:
 
 def wrk(url: str, seconds: float, conns: int, script: Path, core: int = 1) -> dict[str, float]:
     proc = subprocess.run(
-        pinned(core, ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url]),
-        capture_output=True, text=True, timeout=seconds + 30,
+        pinned(
+            core,
+            ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
     )
     out = proc.stdout
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -194,8 +199,12 @@ def wrk(url: str, seconds: float, conns: int, script: Path, core: int = 1) -> di
     rps = float(found.group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     lat = {p: _ms(m) for p, m in re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M)}
-    return {"rps": rps, "p50": lat.get("50", 0.0), "p99": lat.get("99", 0.0),
-            "errors": float(errors.group(1)) if errors else 0.0}
+    return {
+        "rps": rps,
+        "p50": lat.get("50", 0.0),
+        "p99": lat.get("99", 0.0),
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 def _ms(text: str) -> float:
@@ -207,10 +216,30 @@ def _ms(text: str) -> float:
 def hey(url: str, rate: float, seconds: float, body: Path, core: int = 1) -> dict[str, float]:
     workers = 8
     out = subprocess.run(
-        pinned(core, ["hey", "-z", f"{int(seconds)}s", "-c", str(workers), "-q", str(max(1, int(rate / workers))),
-                      "-m", "POST", "-T", "application/json", "-D", str(body),
-                      "-H", f"Authorization: Api-Key {KEY}", url]),
-        capture_output=True, text=True, timeout=seconds + 30,
+        pinned(
+            core,
+            [
+                "hey",
+                "-z",
+                f"{int(seconds)}s",
+                "-c",
+                str(workers),
+                "-q",
+                str(max(1, int(rate / workers))),
+                "-m",
+                "POST",
+                "-T",
+                "application/json",
+                "-D",
+                str(body),
+                "-H",
+                f"Authorization: Api-Key {KEY}",
+                url,
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
     ).stdout
     pct = dict(re.findall(r"(\d+)%+ in ([\d.]+) secs", out))
     return {"p50": float(pct.get("50", 0)) * 1000, "p99": float(pct.get("99", 0)) * 1000}
@@ -228,7 +257,10 @@ def stream_times(url: str, n: int = 20) -> dict[str, float]:
                 count = 1 + sum(1 for _ in it)
             total.append(time.perf_counter() - t0)
             assert r.status_code == 200 and count >= 1
-    return {"first_ms": statistics.median(first) * 1000, "total_ms": statistics.median(total) * 1000}
+    return {
+        "first_ms": statistics.median(first) * 1000,
+        "total_ms": statistics.median(total) * 1000,
+    }
 
 
 def table_for(up_port: int, sse_port: int) -> RoutingTable:
@@ -236,8 +268,16 @@ def table_for(up_port: int, sse_port: int) -> RoutingTable:
         version=1,
         models={"mb": ModelRoute("mb", "bench", {"production": (("db", 1.0),)})},
         model_names={"bench": "mb"},
-        deployments={"db": DeploymentRoute("db", "mb", "/", DeploymentState.SERVING,
-                                           (Upstream("r0", "127.0.0.1", up_port),), concurrency=1024)},
+        deployments={
+            "db": DeploymentRoute(
+                "db",
+                "mb",
+                "/",
+                DeploymentState.SERVING,
+                (Upstream("r0", "127.0.0.1", up_port),),
+                concurrency=1024,
+            )
+        },
         api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
     )
 
@@ -291,16 +331,54 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     up_port, sse_port, ngx_port, kp_port, ray_port = (free_port() for _ in range(5))
     nginx = shutil.which("nginx") or "nginx"
     body = PAYLOAD.replace("'", "")
-    procs.start(pinned(1, [nginx, "-c", str(nginx_conf(
-        work, "up", up_port, UPSTREAM_HTTP.replace("BODY", body).replace("SSEPORT", str(sse_port))))]))
+    procs.start(
+        pinned(
+            1,
+            [
+                nginx,
+                "-c",
+                str(
+                    nginx_conf(
+                        work,
+                        "up",
+                        up_port,
+                        UPSTREAM_HTTP.replace("BODY", body).replace("SSEPORT", str(sse_port)),
+                    )
+                ),
+            ],
+        )
+    )
     sse = work / "sse.py"
     sse.write_text(SSE_SERVER)
     procs.start(pinned(1, [sys.executable, str(sse), str(sse_port)]))
-    procs.start(pinned(0, [nginx, "-c", str(nginx_conf(work, "proxy", ngx_port,
-                                                        PROXY_HTTP.replace("UPPORT", str(up_port))))]))
+    procs.start(
+        pinned(
+            0,
+            [
+                nginx,
+                "-c",
+                str(
+                    nginx_conf(work, "proxy", ngx_port, PROXY_HTTP.replace("UPPORT", str(up_port)))
+                ),
+            ],
+        )
+    )
     control = work / "gw.sock"
-    procs.start(pinned(0, [sys.executable, "-m", "kingpost.gateway", "--port", str(kp_port),
-                           "--control-socket", str(control)]), env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    procs.start(
+        pinned(
+            0,
+            [
+                sys.executable,
+                "-m",
+                "kingpost.gateway",
+                "--port",
+                str(kp_port),
+                "--control-socket",
+                str(control),
+            ],
+        ),
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
     for port in (up_port, sse_port, ngx_port, kp_port):
         wait_port(port)
     deadline = time.monotonic() + 10
@@ -318,10 +396,12 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
             targets["ray"] = f"http://127.0.0.1:{ray_port}{PATH}"
             ray_note = "ok"
         else:
-            ray_note = "unavailable: ray[serve] not installed in .bench-cache/ray-venv or failed to start"
+            ray_note = (
+                "unavailable: ray[serve] not installed in .bench-cache/ray-venv or failed to start"
+            )
     post = work / "post.lua"
     post.write_text(
-        'wrk.method = "POST"\nwrk.body = ' + json.dumps(PAYLOAD) + '\n'
+        'wrk.method = "POST"\nwrk.body = ' + json.dumps(PAYLOAD) + "\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Api-Key {KEY}"\n'
     )
@@ -343,43 +423,67 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     body_file = work / "body.json"
     body_file.write_text(PAYLOAD)
     half = {k: hey(url, rate, args.duration, body_file) for k, url in targets.items()}
-    big_rps = {k: wrk(url, args.duration, 8, big)["rps"] for k, url in targets.items() if k != "ray"}
+    big_rps = {
+        k: wrk(url, args.duration, 8, big)["rps"] for k, url in targets.items() if k != "ray"
+    }
     sse_urls = {
         "direct": f"http://127.0.0.1:{sse_port}/sse",
         "nginx": f"http://127.0.0.1:{ngx_port}/sse",
         "kingpost": f"http://127.0.0.1:{kp_port}/models/bench/environments/production/sync/sse",
     }
     streaming = {k: stream_times(u) for k, u in sse_urls.items()}
-    return {"saturation": sat, "peak_rps": peak, "c1": p1, "c256": p256, "half_load": half,
-            "half_rate": rate, "body_1mb_rps": big_rps, "sse_100": streaming, "ray": ray_note,
-            "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+    return {
+        "saturation": sat,
+        "peak_rps": peak,
+        "c1": p1,
+        "c256": p256,
+        "half_load": half,
+        "half_rate": rate,
+        "body_1mb_rps": big_rps,
+        "sse_100": streaming,
+        "ray": ray_note,
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+    }
 
 
 def report(r: dict[str, Any]) -> None:
     peak, half = r["peak_rps"], r["half_load"]
-    print(f"\nGateway benchmark {r['date']}, {r['cpus']} cores (SUT on core 0; wrk/hey + upstream on core 1)")
+    print(
+        f"\nGateway benchmark {r['date']}, {r['cpus']} cores (SUT on core 0; wrk/hey + upstream on core 1)"
+    )
     print(f"Ray Serve: {r['ray']}\n")
-    print("| target | req/s (c=64) | p50 ms @50% | p99 ms @50% | p99 c=1 | p99 c=256 | 1 MB body req/s |")
+    print(
+        "| target | req/s (c=64) | p50 ms @50% | p99 ms @50% | p99 c=1 | p99 c=256 | 1 MB body req/s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for k in peak:
         c256 = r["c256"].get(k, {}).get("p99", float("nan"))
         big = r["body_1mb_rps"].get(k, float("nan"))
-        print(f"| {k} | {peak[k]:.0f} | {half[k]['p50']:.3f} | {half[k]['p99']:.3f} | "
-              f"{r['c1'][k]['p99']:.3f} | {c256:.3f} | {big:.0f} |")
+        print(
+            f"| {k} | {peak[k]:.0f} | {half[k]['p50']:.3f} | {half[k]['p99']:.3f} | "
+            f"{r['c1'][k]['p99']:.3f} | {c256:.3f} | {big:.0f} |"
+        )
     kp = peak["kingpost"]
     print(f"\nkingpost / nginx throughput: {kp / peak['nginx']:.2f}  (target >= 0.40)")
     if "ray" in peak:
         print(f"kingpost / ray throughput:   {kp / peak['ray']:.2f}  (target >= 5)")
     add50 = half["kingpost"]["p50"] - half["direct"]["p50"]
     add99 = half["kingpost"]["p99"] - half["direct"]["p99"]
-    print(f"added latency at 50% of kingpost's peak ({r['half_rate']:.0f} req/s): "
-          f"p50 +{add50:.3f} ms (target <= 0.3), p99 +{add99:.3f} ms (target <= 1.0)")
-    print(f"nginx added: p50 +{half['nginx']['p50'] - half['direct']['p50']:.3f} ms, "
-          f"p99 +{half['nginx']['p99'] - half['direct']['p99']:.3f} ms")
+    print(
+        f"added latency at 50% of kingpost's peak ({r['half_rate']:.0f} req/s): "
+        f"p50 +{add50:.3f} ms (target <= 0.3), p99 +{add99:.3f} ms (target <= 1.0)"
+    )
+    print(
+        f"nginx added: p50 +{half['nginx']['p50'] - half['direct']['p50']:.3f} ms, "
+        f"p99 +{half['nginx']['p99'] - half['direct']['p99']:.3f} ms"
+    )
     ratio = r["c256"]["kingpost"]["p99"] / max(r["c1"]["kingpost"]["p99"], 1e-6)
     print(f"kingpost p99 at 256 connections / p99 at 1: {ratio:.1f}  (target <= 5)")
     for k, v in r["sse_100"].items():
-        print(f"SSE 100 chunks via {k}: first chunk {v['first_ms']:.2f} ms, all {v['total_ms']:.2f} ms")
+        print(
+            f"SSE 100 chunks via {k}: first chunk {v['first_ms']:.2f} ms, all {v['total_ms']:.2f} ms"
+        )
 
 
 if __name__ == "__main__":

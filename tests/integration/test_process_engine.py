@@ -125,6 +125,7 @@ def test_replica_contract_env_and_secrets(eng: ProcessEngine) -> None:
         del os.environ["KINGPOST_LEAK_CHECK"]
     assert st.endpoint is not None
     code, body = get(st.endpoint, "/env")
+    assert code == 200
     seen = json.loads(body)
     env = seen["env"]
     assert env["BT_MODEL_ID"] == "m1" and env["BT_MODEL_DEPLOYMENT_ID"] == "d1"
@@ -209,8 +210,10 @@ def test_crash_loop_fails_with_output(eng: ProcessEngine, tmp_path: Path) -> Non
     app = tmp_path / "crash"
     app.mkdir()
     (app / "config.yaml").write_text(
-        "docker_server:\n  start_command: python3 -c \"import sys; print('boom-123'); sys.exit(3)\"\n"
-        "  server_port: 8000\n  predict_endpoint: /\n  readiness_endpoint: /\n  liveness_endpoint: /\n"
+        "docker_server:\n"
+        "  start_command: python3 -c \"import sys; print('boom-123'); sys.exit(3)\"\n"
+        "  server_port: 8000\n  predict_endpoint: /\n"
+        "  readiness_endpoint: /\n  liveness_endpoint: /\n"
     )
     start(eng, app, "d1-a")
     st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.FAILED), 30, "failed")
