@@ -19,6 +19,7 @@ from kingpost.config.sources import (
     CacheInternalEntry,
     ExternalDataItem,
     ModelCacheEntry,
+    OidcAuthFields,
     WeightsSource,
 )
 
@@ -58,7 +59,7 @@ class DockerAuthMethod(StrEnum):
     REGISTRY_SECRET = "REGISTRY_SECRET"  # secret holds `user:password`
 
 
-class DockerAuth(ConfigModel):
+class DockerAuth(OidcAuthFields):
     """How to pull ``base_image.image`` from a private registry."""
 
     auth_method: DockerAuthMethod
@@ -66,15 +67,6 @@ class DockerAuth(ConfigModel):
     secret_name: str | None = None
     aws_access_key_id_secret_name: str = "aws_access_key_id"
     aws_secret_access_key_secret_name: str = "aws_secret_access_key"
-    aws_oidc_role_arn: str | None = None
-    aws_oidc_region: str | None = None
-    gcp_oidc_service_account: str | None = None
-    gcp_oidc_workload_id_provider: str | None = None
-
-    @field_validator("auth_method", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_fields(self) -> DockerAuth:

@@ -57,20 +57,25 @@ _AUTH_FIELDS: dict[WeightsAuthMethod, tuple[str, ...]] = {
 }
 
 
-class WeightsAuth(ConfigModel):
-    """Credentials for a private weights source."""
+class OidcAuthFields(ConfigModel):
+    """Fields every auth block shares: OIDC identities and a case-insensitive method."""
 
-    auth_method: WeightsAuthMethod
-    auth_secret_name: str | None = None
     aws_oidc_role_arn: str | None = None
     aws_oidc_region: str | None = None
     gcp_oidc_service_account: str | None = None
     gcp_oidc_workload_id_provider: str | None = None
 
-    @field_validator("auth_method", mode="before")
+    @field_validator("auth_method", mode="before", check_fields=False)
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+
+class WeightsAuth(OidcAuthFields):
+    """Credentials for a private weights source."""
+
+    auth_method: WeightsAuthMethod
+    auth_secret_name: str | None = None
 
     @field_validator("auth_secret_name")
     @classmethod

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from kingpost.engines.netns import enter_new_netns
+from kingpost.engines.netns import enter_new_netns, succeeds_in_child
 
 __all__ = ["Isolation", "can_unshare_mounts", "preexec"]
 
@@ -57,29 +58,19 @@ def preexec(isolation: Isolation) -> Callable[[], None]:
         if isolation.netns:
             enter_new_netns()
         if isolation.read_only_binds:
-            _ok(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            _ok(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
+            _private_mounts()
             for source, target in isolation.read_only_binds:
                 _bind_read_only(source, target)
 
     return run
 
 
-_mounts_ok: bool | None = None
+def _private_mounts() -> None:
+    _ok(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _ok(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
 
 
-def can_unshare_mounts(probe_targets: Sequence[str] = ()) -> bool:
+@functools.cache
+def can_unshare_mounts() -> bool:
     """Whether a child may make a private mount namespace (tested once)."""
-    global _mounts_ok
-    if _mounts_ok is None:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                _ok(_libc.unshare(_CLONE_NEWNS), "unshare")
-                _ok(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "private")
-                os._exit(0)
-            except BaseException:
-                os._exit(1)
-        _, status = os.waitpid(pid, 0)
-        _mounts_ok = os.waitstatus_to_exitcode(status) == 0
-    return _mounts_ok
+    return succeeds_in_child(_private_mounts)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 __all__ = [
     "CLONE_NEWNET",
@@ -55,23 +57,24 @@ def enter_new_netns() -> None:
     _loopback_up()
 
 
-_can: bool | None = None
+def succeeds_in_child(fn: Callable[[], None]) -> bool:
+    """Whether ``fn`` runs without raising in a forked child (for privilege checks
+    that must not change this process)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            fn()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
+@functools.cache
 def can_unshare_net() -> bool:
     """Whether this process may create network namespaces (tested once, in a child)."""
-    global _can
-    if _can is None:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                enter_new_netns()
-                os._exit(0)
-            except BaseException:
-                os._exit(1)
-        _, status = os.waitpid(pid, 0)
-        _can = os.waitstatus_to_exitcode(status) == 0
-    return _can
+    return succeeds_in_child(enter_new_netns)
 
 
 def _ns_fd(path: str) -> int:
