@@ -294,3 +294,50 @@ def test_upstream_inside_a_network_namespace(gw: Running, tmp_path: Path) -> Non
     finally:
         proc.kill()
         proc.wait()
+
+
+def _upgrade_server() -> tuple[socket.socket, threading.Thread]:
+    """Answers an Upgrade with 101, then echoes raw bytes upper-cased (a tunnel stand-in)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            assert b"upgrade: websocket" in head.lower() and b"authorization" not in head.lower()
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\nwelcome;"
+            )
+            while data := conn.recv(4096):
+                conn.sendall(data.upper())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return srv, thread
+
+
+def test_upgrade_is_tunnelled_both_ways(gw: Running) -> None:
+    srv, thread = _upgrade_server()
+    try:
+        gw.table(route(int(srv.getsockname()[1]), predict_path="/ws"))
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(
+                b"GET /models/echo/production/sync/ws HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Api-Key " + KEY.encode() + b"\r\n"
+                b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly;"
+            )
+            data = b""
+            while b"EARLY;" not in data:
+                data += s.recv(4096)
+            assert data.startswith(b"HTTP/1.1 101")
+            assert b"x-baseten-request-id" in data.lower() and b"welcome;" in data
+            s.sendall(b"hello")
+            more = b""
+            while b"HELLO" not in more:
+                more += s.recv(4096)
+    finally:
+        srv.close()
+        thread.join(5)

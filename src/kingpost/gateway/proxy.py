@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -52,6 +53,8 @@ class _Request:
         "more",
         "replay",
         "request_id",
+        "tunnel_buf",
+        "upgrade",
         "url",
     )
 
@@ -72,6 +75,8 @@ class _Request:
         self.auth: bytes | None = None
         self.host = b""
         self.request_id: bytes | None = None
+        self.upgrade = False
+        self.tunnel_buf = bytearray()
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -108,6 +113,10 @@ class ClientConn(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.upstream: UpstreamConn | None = None
+        self.tunnel: _Request | None = None
+        """An upgrade request whose raw bytes are buffered until the replica answers."""
+        self.raw_sink: Callable[[bytes], None] | None = None
+        self.on_close: Callable[[], None] | None = None
         self._paused_reading = False
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -117,10 +126,23 @@ class ClientConn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.raw_sink is not None:
+            self.raw_sink(data)
+            return
+        if self.tunnel is not None:
+            self.tunnel.tunnel_buf += data
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail_and_close(501, "protocol upgrades (WebSocket) are not supported yet")
+        except httptools.HttpParserUpgrade as exc:
+            # WebSocket and other upgrades: the rest of the stream is raw bytes.
+            req = self.pending[-1] if self.pending else self.current
+            if req is None:
+                self._fail_and_close(400, "upgrade without a request")
+                return
+            req.upgrade = True
+            req.tunnel_buf += data[int(exc.args[0]) :]
+            self.tunnel = req
         except httptools.HttpParserError as exc:
             self._fail_and_close(400, f"malformed HTTP request: {exc}")
 
@@ -136,6 +158,8 @@ class ClientConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._can_write.set()
+        if self.on_close is not None:
+            self.on_close()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.current is not None:
@@ -286,7 +310,10 @@ class ClientConn(asyncio.Protocol):
         """Proxy one request; returns "ok", "close" (client conn must close) or "retry"."""
         gw = self.gw
         try:
-            conn, reused = await gw.pool.get(slot.key)
+            if req.upgrade:
+                conn, reused = await gw.pool.connect(slot.key), False
+            else:
+                conn, reused = await gw.pool.get(slot.key)
         except (OSError, TimeoutError):
             return "retry"
         exchange = _Exchange(self, req, rid)
@@ -302,11 +329,17 @@ class ClientConn(asyncio.Protocol):
                 conn.write(head)
                 await self._send_body(req, conn)
             result = await exchange.done
+            if conn.upgraded and exchange.status == 101:
+                await self._tunnel(req, conn)
+                return "close"
         except asyncio.CancelledError:
             conn.close()
             raise
         finally:
             self.upstream = None
+        if req.upgrade:
+            conn.close()
+            return "close"  # the replica refused the upgrade; the client stream is raw
         if result == "lost":
             conn.close()
             if not exchange.started and (req.replay is not None or not reused):
@@ -326,11 +359,40 @@ class ClientConn(asyncio.Protocol):
             conn.close()
         return "close" if exchange.must_close else "ok"
 
+    async def _tunnel(self, req: _Request, conn: UpstreamConn) -> None:
+        """Pipe raw bytes both ways until either side closes (WebSocket after 101)."""
+        client = self.transport
+        assert client is not None and conn.transport is not None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        conn.on_close = self.on_close = finish
+        conn.raw_sink = client.write
+        if conn.leftover:
+            client.write(conn.leftover)
+        self.raw_sink = conn.write
+        self.tunnel = None
+        if req.tunnel_buf:
+            conn.write(bytes(req.tunnel_buf))
+        if client.is_closing() or conn.transport.is_closing():
+            finish()
+        try:
+            await done
+        finally:
+            conn.close()
+            client.close()
+
     @staticmethod
     def _request_head(req: _Request, path: str, rid: str) -> bytes:
         lines = [req.method + b" " + path.encode("latin-1") + b" HTTP/1.1\r\n"]
         for name, value in req.headers:
             lname = name.lower()
+            if req.upgrade and lname in (b"connection", b"upgrade"):
+                lines.append(name + b": " + value + b"\r\n")
+                continue
             if lname in HOP_BY_HOP or lname in (b"authorization", b"content-length", b"expect"):
                 continue
             lines.append(name + b": " + value + b"\r\n")
@@ -372,11 +434,13 @@ class _Exchange:
         self.upstream_keep_alive = True
         self.must_close = False
         self.close_delimited = False
+        self.status = 0
 
     def on_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
     ) -> None:
         self.started = True
+        self.status = status
         self.upstream_keep_alive = keep_alive
         buf = self.buf
         buf += b"HTTP/1.1 %d %s\r\n" % (status, reason or b"OK")
@@ -384,6 +448,9 @@ class _Exchange:
         upstream_chunked = False
         for name, value in headers:
             lname = name.lower()
+            if status == 101 and lname in (b"connection", b"upgrade"):
+                buf += name + b": " + value + b"\r\n"
+                continue
             if lname in HOP_BY_HOP:
                 upstream_chunked = upstream_chunked or (
                     lname == b"transfer-encoding" and b"chunked" in value.lower()
@@ -403,7 +470,7 @@ class _Exchange:
                 self.must_close = True
         if not self.req.keep_alive:
             self.must_close = True
-        if self.must_close:
+        if self.must_close and status != 101:
             buf += b"connection: close\r\n"
         buf += b"\r\n"
         if self.req.method == b"HEAD":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import httptools
@@ -54,6 +55,11 @@ class UpstreamConn(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self.got_bytes = False
+        self.upgraded = False
+        """The replica switched protocols (101): bytes now flow raw both ways."""
+        self.leftover = b""
+        self.raw_sink: Callable[[bytes], None] | None = None
+        self.on_close: Callable[[], None] | None = None
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._can_write = asyncio.Event()
@@ -64,9 +70,15 @@ class UpstreamConn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.raw_sink is not None:
+            self.raw_sink(data)
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            self.leftover = data[int(exc.args[0]) :]
         except httptools.HttpParserError as exc:
             self._lose(exc)
             return
@@ -76,6 +88,8 @@ class UpstreamConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._can_write.set()
+        if self.on_close is not None:
+            self.on_close()
         self._lose(exc)
 
     def pause_writing(self) -> None:
@@ -181,8 +195,12 @@ class UpstreamPool:
             sock_obj.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
+    async def connect(self, key: Key) -> UpstreamConn:
+        """A new connection that never joins the pool (for protocol upgrades)."""
+        return await self._connect(key)
+
     def put(self, conn: UpstreamConn) -> None:
-        if conn.closed or conn.exchange is not None:
+        if conn.closed or conn.exchange is not None or conn.upgraded:
             conn.close()
             return
         idle = self._idle[conn.key]
