@@ -133,3 +133,38 @@ def test_bad_bodies_name_the_field(api: tuple[TestClient, str]) -> None:
     assert {"project_hash", "surprise"} <= fields
     r = client.post("/v1/push", json={"project_hash": "a" * 64})
     assert r.status_code == 404 and "not uploaded" in r.json()["error"]
+
+
+def test_weights_are_refused_clearly_while_this_build_lacks_the_mirror(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    from kingpost._optional import optional_attr
+
+    if optional_attr("kingpost.weights", "validate_weights") is not None:
+        pytest.skip("this build has the weights mirror")
+    weights = "weights:\n  - source: hf://org/model@main\n    mount_location: /models/m\n"
+    client, _ = api
+    sha = upload(client, tmp_path, CONFIG + weights)
+    r = client.post("/v1/push", json={"project_hash": sha})
+    assert r.status_code == 422 and "weights" in r.json()["error"]
+    assert client.get("/v1/models").json() == []
+
+
+def test_unknown_or_missing_engines_are_named() -> None:
+    from kingpost._optional import optional_attr
+    from kingpost.engines import create_engine
+    from kingpost.errors import EngineError, ValidationError
+
+    with pytest.raises(ValidationError, match="nope"):
+        create_engine("nope", Settings())
+    if optional_attr("kingpost.engines.docker", "DockerEngine") is None:
+        with pytest.raises(EngineError, match="docker"):
+            create_engine("docker", Settings())
+
+
+def test_push_names_a_bad_engine(api: tuple[TestClient, str], tmp_path: Path) -> None:
+    client, _ = api
+    sha = upload(client, tmp_path)
+    r = client.post("/v1/push", json={"project_hash": sha, "engine": "k8s"})
+    assert r.status_code == 400 and "k8s" in r.json()["error"]
+    assert client.get("/v1/models").json() == []

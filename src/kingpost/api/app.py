@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from kingpost._optional import optional_attr
 from kingpost.api.schemas import (
     DeploymentOut,
     EnvironmentIn,
@@ -135,13 +136,15 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             f"set each with `kingpost secrets set NAME` and push again",
             secrets=missing,
         )
+    engine = body.engine or plane.settings.engine
+    _check_engine(engine)
     environment = body.environment or ("production" if body.promote else None)
     dep = plane.store.create_deployment(
         NewDeployment(
             model_name=body.model_name or config.model_name or app_dir.name,
             project_hash=body.project_hash,
             config=loaded.raw,
-            engine=body.engine or plane.settings.engine,
+            engine=engine,
             name=body.deployment_name,
             labels=body.labels,
             environment=environment,
@@ -162,12 +165,34 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     )
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ("process", "docker"):
+        raise ValidationError(
+            f"engine: {engine!r} is not an engine; choose process or docker",
+            field="engine",
+            value=engine,
+        )
+    if engine == "docker" and optional_attr("kingpost.engines.docker", "DockerEngine") is None:
+        raise ValidationError(
+            "engine: the docker engine is not part of this build yet; push with "
+            "--engine process (the default)",
+            field="engine",
+            value=engine,
+        )
+
+
 def _check_weights(config: Any) -> None:
     if not config.weights:
         return
     from kingpost.errors import ConfigError
-    from kingpost.weights import validate_weights
 
+    validate_weights = optional_attr("kingpost.weights", "validate_weights")
+    if validate_weights is None:
+        raise ConfigError(
+            "config.yaml: weights: mirroring weights is not part of this build yet; "
+            "remove the `weights` section and download in load() for now",
+            errors=[{"path": "weights", "message": "not supported by this build"}],
+        )
     errors = validate_weights(config.weights)
     if errors:
         lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)

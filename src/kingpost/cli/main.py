@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from kingpost._optional import optional_attr
 from kingpost.cli._common import err_console, settings
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.secrets import secrets
@@ -62,12 +63,10 @@ for command in (push, models, deployments, logs, predict, secrets):
 
 
 def _optional_commands() -> None:
-    try:
-        from kingpost.cli.weights import migrate, weights
-    except ImportError:
-        return
-    cli.add_command(weights)
-    cli.add_command(migrate)
+    for name in ("weights", "migrate"):
+        command = optional_attr("kingpost.cli.weights", name)
+        if isinstance(command, click.Command):
+            cli.add_command(command)
 
 
 _optional_commands()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kingpost._optional import optional_attr
 from kingpost.engines.base import (
     Endpoint,
     Engine,
@@ -15,7 +16,7 @@ from kingpost.engines.base import (
     ServerKind,
     WeightMount,
 )
-from kingpost.errors import ValidationError
+from kingpost.errors import EngineError, ValidationError
 
 if TYPE_CHECKING:
     from kingpost.settings import Settings
@@ -44,9 +45,16 @@ def create_engine(name: str, settings: Settings) -> Engine:
 
         return ProcessEngine(settings)
     if name == "docker":
-        from kingpost.engines.docker import DockerEngine
-
-        return DockerEngine(settings)
+        docker_engine = optional_attr("kingpost.engines.docker", "DockerEngine")
+        if docker_engine is None:
+            raise EngineError(
+                "engine: the docker engine is not part of this build yet; deploy with "
+                "--engine process (the default)",
+                field="engine",
+                value=name,
+            )
+        engine: Engine = docker_engine(settings)
+        return engine
     if name == "fake":
         from kingpost.engines.fake import FakeEngine
 
