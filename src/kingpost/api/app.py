@@ -232,23 +232,22 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     def get_deployment_by_id(dep: str) -> DeploymentOut:
         return DeploymentOut.of(store.get_deployment(dep))
 
-    @router.post("/models/{model}/deployments/{dep}/activate", response_model=DeploymentOut)
-    def activate(model: str, dep: str) -> DeploymentOut:
-        out = DeploymentOut.of(store.set_desired(dep, DesiredState.ACTIVE, model))
+    def desire(model: str, dep: str, state: DesiredState) -> DeploymentOut:
+        out = DeploymentOut.of(store.set_desired(dep, state, model))
         changed()
         return out
+
+    @router.post("/models/{model}/deployments/{dep}/activate", response_model=DeploymentOut)
+    def activate(model: str, dep: str) -> DeploymentOut:
+        return desire(model, dep, DesiredState.ACTIVE)
 
     @router.post("/models/{model}/deployments/{dep}/deactivate", response_model=DeploymentOut)
     def deactivate(model: str, dep: str) -> DeploymentOut:
-        out = DeploymentOut.of(store.set_desired(dep, DesiredState.INACTIVE, model))
-        changed()
-        return out
+        return desire(model, dep, DesiredState.INACTIVE)
 
     @router.delete("/models/{model}/deployments/{dep}", response_model=DeploymentOut)
     def delete(model: str, dep: str) -> DeploymentOut:
-        out = DeploymentOut.of(store.set_desired(dep, DesiredState.DELETED, model))
-        changed()
-        return out
+        return desire(model, dep, DesiredState.DELETED)
 
     @router.post("/models/{model}/deployments/{dep}/promote", response_model=DeploymentOut)
     def promote(model: str, dep: str, body: PromoteIn) -> DeploymentOut:

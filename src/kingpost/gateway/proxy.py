@@ -16,14 +16,13 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import httptools
 
 from kingpost.gateway.dispatch import Rejected, Slot
 from kingpost.gateway.routing import Miss, resolve
-from kingpost.gateway.upstream import HOP_BY_HOP, UpstreamConn
+from kingpost.gateway.upstream import HOP_BY_HOP, StreamConn, UpstreamConn
 
 if TYPE_CHECKING:
     from kingpost.gateway.server import Gateway
@@ -102,32 +101,23 @@ def _error_body(status: int, message: str, code: str, request_id: str) -> bytes:
     ).encode() + body
 
 
-class ClientConn(asyncio.Protocol):
+class ClientConn(StreamConn):
     def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
         self.gw = gateway
-        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.pending: deque[_Request] = deque()
         self.current: _Request | None = None
         self.task: asyncio.Task[None] | None = None
-        self.closed = False
         self.eof = False
         self.upstream: UpstreamConn | None = None
         self.tunnel: _Request | None = None
         """An upgrade request whose raw bytes are buffered until the replica answers."""
-        self.raw_sink: Callable[[bytes], None] | None = None
-        self.on_close: Callable[[], None] | None = None
         self._paused_reading = False
-        self._can_write = asyncio.Event()
-        self._can_write.set()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
     def data_received(self, data: bytes) -> None:
-        if self.raw_sink is not None:
-            self.raw_sink(data)
+        if self.forward_raw(data):
             return
         if self.tunnel is not None:
             self.tunnel.tunnel_buf += data
@@ -156,22 +146,19 @@ class ClientConn(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._can_write.set()
-        if self.on_close is not None:
-            self.on_close()
+        self.mark_lost()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.current is not None:
             self.current.more.set()
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
+        super().pause_writing()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._can_write.set()
+        super().resume_writing()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
 

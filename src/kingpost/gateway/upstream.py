@@ -17,7 +17,7 @@ import httptools
 
 from kingpost.engines.netns import socket_in_netns
 
-__all__ = ["Exchange", "UpstreamConn", "UpstreamPool"]
+__all__ = ["Exchange", "StreamConn", "UpstreamConn", "UpstreamPool"]
 
 Key = tuple[str, int, str | None]
 HOP_BY_HOP = frozenset(
@@ -47,31 +47,62 @@ class Exchange(Protocol):
     def flush(self) -> None: ...
 
 
-class UpstreamConn(asyncio.Protocol):
-    def __init__(self, key: Key) -> None:
-        self.key = key
+class StreamConn(asyncio.Protocol):
+    """What both ends of a proxied exchange share: the transport, write flow control,
+    and the raw mode a protocol upgrade switches to."""
+
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.raw_sink: Callable[[bytes], None] | None = None
+        """Once set (after an upgrade), every byte received goes here unparsed."""
+        self.on_close: Callable[[], None] | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    async def drain(self) -> None:
+        if not self._can_write.is_set():
+            await self._can_write.wait()
+
+    def forward_raw(self, data: bytes) -> bool:
+        """Pass ``data`` on unparsed when in raw mode; True when it was."""
+        if self.raw_sink is None:
+            return False
+        self.raw_sink(data)
+        return True
+
+    def mark_lost(self) -> None:
+        self.closed = True
+        self._can_write.set()
+        if self.on_close is not None:
+            self.on_close()
+
+
+class UpstreamConn(StreamConn):
+    def __init__(self, key: Key) -> None:
+        super().__init__()
+        self.key = key
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self.closed = False
         self.got_bytes = False
         self.upgraded = False
         """The replica switched protocols (101): bytes now flow raw both ways."""
         self.leftover = b""
-        self.raw_sink: Callable[[bytes], None] | None = None
-        self.on_close: Callable[[], None] | None = None
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._can_write = asyncio.Event()
-        self._can_write.set()
 
     # -- asyncio.Protocol --------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
     def data_received(self, data: bytes) -> None:
-        if self.raw_sink is not None:
-            self.raw_sink(data)
+        if self.forward_raw(data):
             return
         self.got_bytes = True
         try:
@@ -86,21 +117,8 @@ class UpstreamConn(asyncio.Protocol):
             self.exchange.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._can_write.set()
-        if self.on_close is not None:
-            self.on_close()
+        self.mark_lost()
         self._lose(exc)
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
-
-    async def drain(self) -> None:
-        if not self._can_write.is_set():
-            await self._can_write.wait()
 
     def _lose(self, exc: BaseException | None) -> None:
         exchange, self.exchange = self.exchange, None
