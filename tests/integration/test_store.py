@@ -1,21 +1,50 @@
-"""The store against a real SQLite database, migrated by Alembic."""
+"""The store against real databases, migrated by Alembic: SQLite always, PostgreSQL when
+KINGPOST_TEST_POSTGRES_URL names one (CI starts one; under CI=true it is required)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select, text
 
 from kingpost.errors import ConflictError, NotFoundError, SecretError, ValidationError
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
-from kingpost.store.models import Base
+from kingpost.store.models import Base, Secret
+
+POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
+
+
+def _reset(db: Database) -> None:
+    with db.engine.begin() as conn:
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    else:
+        if not POSTGRES_URL:
+            if os.environ.get("CI") == "true":
+                pytest.fail("CI=true but KINGPOST_TEST_POSTGRES_URL is not set")
+            pytest.skip("set KINGPOST_TEST_POSTGRES_URL to test against PostgreSQL")
+        database = Database(POSTGRES_URL)
+        _reset(database)
+    try:
+        yield database
+    finally:
+        if request.param == "postgresql":
+            _reset(database)
+        database.close()
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+def store(db: Database, tmp_path: Path) -> Store:
     db.migrate()
     return Store(db, SecretBox(load_or_create_key(tmp_path, None)))
 
@@ -24,8 +53,7 @@ def new(model: str = "m", **kw: object) -> NewDeployment:
     return NewDeployment(model_name=model, project_hash="a" * 64, config={}, engine="process", **kw)  # type: ignore[arg-type]
 
 
-def test_migration_matches_models(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+def test_migration_matches_models(db: Database) -> None:
     db.migrate()
     db.migrate()  # idempotent
     assert db.current_revision() == Database.head_revision()
@@ -83,7 +111,11 @@ def test_reactivation_resets_failed_status(store: Store) -> None:
 
 def test_secrets_are_encrypted_at_rest(store: Store, tmp_path: Path) -> None:
     store.set_secret("hf_token", "s3cr3t-value")
-    assert b"s3cr3t-value" not in (tmp_path / "k.db").read_bytes()
+    with store.db.session() as s:
+        stored = s.scalars(select(Secret.ciphertext)).one()
+    assert b"s3cr3t-value" not in stored and store.box.open("hf_token", stored) == "s3cr3t-value"
+    if store.db.url.startswith("sqlite"):
+        assert b"s3cr3t-value" not in (tmp_path / "k.db").read_bytes()
     assert store.reveal_secrets(["hf_token", "missing"]) == {"hf_token": "s3cr3t-value"}
     assert [s.name for s in store.list_secrets()] == ["hf_token"]
     key_file = tmp_path / "secret.key"
