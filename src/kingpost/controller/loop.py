@@ -75,6 +75,7 @@ class Controller:
         self._jobs = Jobs()
         self._weights: Any = None
         self._table = RoutingTable()
+        self._owners: dict[str, Engine] = {}
         self._pushed_at = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -161,11 +162,14 @@ class Controller:
         return self._table
 
     def _poll_all(self) -> dict[str, list[ReplicaStatus]]:
+        """Replicas by deployment; remembers which engine reported each, for stopping."""
         out: dict[str, list[ReplicaStatus]] = {}
+        self._owners = {}
         for engine in list(self._engines.values()):
             try:
                 for status in engine.poll():
                     out.setdefault(status.deployment_id, []).append(status)
+                    self._owners[status.replica_id] = engine
             except Exception:
                 log.exception("polling engine %s failed", engine.name)
         return out
@@ -326,9 +330,9 @@ class Controller:
                 return
 
     def _stop_replica(self, status: ReplicaStatus) -> None:
-        for engine in self._engines.values():
-            if any(r.replica_id == status.replica_id for r in engine.poll()):
-                engine.stop(status.replica_id)
+        engine = self._owners.get(status.replica_id)
+        if engine is not None:
+            engine.stop(status.replica_id)
 
     def _stop_replica_id(self, engine_name: str, replica_id: str) -> None:
         engine = self._engines.get(engine_name)
