@@ -83,6 +83,10 @@ def _model_view(s: Session, m: Model) -> ModelView:
     return ModelView(m.id, m.name, m.created_at, int(count or 0), prod)
 
 
+def _env_view(e: Environment) -> EnvironmentView:
+    return EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
+
+
 def _deployment_view(d: Deployment, envs: Iterable[str] = ()) -> DeploymentView:
     return DeploymentView(
         id=d.id,
@@ -336,10 +340,7 @@ class Store:
                 .where(Environment.model_id == model.id)
                 .order_by(Environment.name)
             )
-            return [
-                EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
-                for e in rows
-            ]
+            return [_env_view(e) for e in rows]
 
     def create_environment(self, model_ref: str, env_name: str) -> EnvironmentView:
         check_environment_name(env_name)
@@ -357,7 +358,7 @@ class Store:
             e = Environment(id=new_id(12), model_id=model.id, name=env_name)
             s.add(e)
             s.flush()
-            return EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
+            return _env_view(e)
 
     def routing_snapshot(
         self,
@@ -365,10 +366,7 @@ class Store:
         """Everything the controller needs for one reconcile pass, in one transaction."""
         with self.db.session() as s:
             models = [ModelView(m.id, m.name, m.created_at) for m in s.scalars(select(Model))]
-            envs = [
-                EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
-                for e in s.scalars(select(Environment))
-            ]
+            envs = [_env_view(e) for e in s.scalars(select(Environment))]
             deps = [
                 _deployment_view(d)
                 for d in s.scalars(
