@@ -3,6 +3,7 @@
 POST /predict      echoes the JSON body back as {"echo": ...}
 GET  /stream?n=N   N server-sent events, one every 20 ms
 GET  /env          what the replica sees: env vars, uid, pid, secrets, writability
+GET  /files?dir=D  files under D (weights mounts) and whether D is writable
 GET  /health       200 "ok"
 anything else      404 from this server
 """
@@ -64,6 +65,15 @@ class Handler(BaseHTTPRequestHandler):
                     "secrets_writable": writable,
                 },
             )
+        elif url.path == "/files":
+            root = Path(parse_qs(url.query).get("dir", ["."])[0])
+            files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+            try:
+                (root / "probe-write").write_text("x")
+                writable = True
+            except OSError:
+                writable = False
+            self._json(200, {"files": files, "writable": writable})
         elif url.path == "/stream":
             n = int(parse_qs(url.query).get("n", ["10"])[0])
             self.send_response(200)

@@ -175,3 +175,22 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     out = platform.cli("deployments", "list", "--model", model_id, "--output", "json")
     names = {d["name"]: d for d in json.loads(out.stdout)}
     assert set(names) == {"deployment-1", "canary-1"}
+
+
+def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_path: Path) -> None:
+    repo = tmp_path / "weights-repo"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "model.safetensors").write_bytes(b"w" * 4096)
+    (repo / "sub" / "config.json").write_text("{}")
+    project = copy_project(
+        tmp_path,
+        "weighted",
+        f"model_name: weighted\nweights:\n  - source: file://{repo}\n"
+        "    mount_location: /models/weighted\n",
+    )
+    model_id = deploy(platform, project)["model"]["id"]
+    with platform.gateway() as gw:
+        seen = gw.get(
+            f"/models/{model_id}/environments/production/sync/files?dir=/models/weighted"
+        ).json()
+    assert seen == {"files": ["model.safetensors", "sub/config.json"], "writable": False}

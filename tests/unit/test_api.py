@@ -135,18 +135,15 @@ def test_bad_bodies_name_the_field(api: tuple[TestClient, str]) -> None:
     assert r.status_code == 404 and "not uploaded" in r.json()["error"]
 
 
-def test_weights_are_refused_clearly_while_this_build_lacks_the_mirror(
+def test_weights_this_build_cannot_mirror_are_refused_before_anything_is_created(
     api: tuple[TestClient, str], tmp_path: Path
 ) -> None:
-    from kingpost._optional import optional_attr
-
-    if optional_attr("kingpost.weights", "validate_weights") is not None:
-        pytest.skip("this build has the weights mirror")
     weights = "weights:\n  - source: hf://org/model@main\n    mount_location: /models/m\n"
     client, _ = api
     sha = upload(client, tmp_path, CONFIG + weights)
     r = client.post("/v1/push", json={"project_hash": sha})
-    assert r.status_code == 422 and "weights" in r.json()["error"]
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["path"] == "weights[0].source" and "hf://" in r.json()["error"]
     assert client.get("/v1/models").json() == []
 
 

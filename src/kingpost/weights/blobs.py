@@ -1,0 +1,172 @@
+"""The content-addressed store: blobs by SHA-256, manifests, read-only hard-link trees.
+
+Layout under ``root``::
+
+    blobs/ab/abcdef…        one file per content hash, 0444
+    tmp/                    downloads in progress (never visible as blobs)
+    manifests/{id}.json     path -> (hash, size) for one (source, revision, patterns)
+    trees/{id}/…            hard links into blobs/, files 0444, dirs 0555
+    pins/{key}.json         the manifest ids a deployment was pinned to
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from kingpost.errors import WeightsError
+
+__all__ = ["BlobStore", "GcReport", "Manifest"]
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    source: str
+    revision: str
+    files: dict[str, tuple[str, int]]
+    """Relative path -> (sha256, size)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files.values())
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed_blobs: int
+    removed_bytes: int
+    kept_bytes: int
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("blobs", "tmp", "manifests", "trees", "pins"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / digest[:2] / digest
+
+    def has(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    @contextmanager
+    def writer(self) -> Iterator[tuple[IO[bytes], Path]]:
+        """A temp file to download into; :meth:`commit` moves it into place."""
+        path = self.root / "tmp" / uuid.uuid4().hex
+        with path.open("wb") as fh:
+            try:
+                yield fh, path
+            except BaseException:
+                fh.close()
+                path.unlink(missing_ok=True)
+                raise
+
+    def commit(self, tmp: Path, size: int, digest: str | None = None) -> str:
+        """Verify ``tmp`` and make it the blob of its hash; returns the hash."""
+        actual_size = tmp.stat().st_size
+        if actual_size != size:
+            tmp.unlink(missing_ok=True)
+            raise WeightsError(f"size mismatch: expected {size} bytes, got {actual_size}")
+        h = hashlib.sha256()
+        with tmp.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+        actual = h.hexdigest()
+        if digest is not None and digest != actual:
+            tmp.unlink(missing_ok=True)
+            raise WeightsError(f"sha256 mismatch: expected {digest}, got {actual}")
+        final = self.blob_path(actual)
+        final.parent.mkdir(exist_ok=True)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, final)
+        return actual
+
+    # -- manifests and trees ------------------------------------------------------------
+    def save_manifest(self, m: Manifest) -> None:
+        path = self.root / "manifests" / f"{m.id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"source": m.source, "revision": m.revision, "files": m.files}))
+        os.replace(tmp, path)
+
+    def manifest(self, manifest_id: str) -> Manifest | None:
+        path = self.root / "manifests" / f"{manifest_id}.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        files = {k: (v[0], int(v[1])) for k, v in data["files"].items()}
+        return Manifest(manifest_id, data["source"], data["revision"], files)
+
+    def manifests(self) -> list[Manifest]:
+        out = [self.manifest(p.stem) for p in sorted((self.root / "manifests").glob("*.json"))]
+        return [m for m in out if m is not None]
+
+    def tree(self, m: Manifest) -> Path:
+        """The read-only hard-link tree of a manifest, built once."""
+        final = self.root / "trees" / m.id
+        if final.exists():
+            return final
+        tmp = self.root / "tmp" / f"tree-{uuid.uuid4().hex}"
+        try:
+            for rel, (digest, _) in m.files.items():
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(self.blob_path(digest), target)
+            tmp.mkdir(exist_ok=True)
+            for dirpath, _, _ in os.walk(tmp, topdown=False):
+                os.chmod(dirpath, 0o555)
+            os.rename(tmp, final)
+        except FileExistsError:
+            _remove_tree(tmp)  # built by a concurrent caller
+        except OSError:
+            _remove_tree(tmp)
+            raise
+        return final
+
+    # -- pins --------------------------------------------------------------------------
+    def pin(self, key: str, manifest_ids: Iterable[str]) -> None:
+        (self.root / "pins" / f"{key}.json").write_text(json.dumps(list(manifest_ids)))
+
+    def pinned(self, key: str) -> list[str] | None:
+        path = self.root / "pins" / f"{key}.json"
+        return list(json.loads(path.read_text())) if path.exists() else None
+
+    # -- garbage collection ------------------------------------------------------------
+    def gc(self, budget_bytes: int | None = None) -> GcReport:
+        """Remove blobs no manifest references; with ``budget_bytes``, keep the newest
+        unreferenced ones while everything fits in it. Referenced blobs always stay."""
+        referenced = {d for m in self.manifests() for d, _ in m.files.values()}
+        blobs = [(p, p.stat()) for p in (self.root / "blobs").glob("*/*")]
+        kept = sum(st.st_size for p, st in blobs if p.name in referenced)
+        removed = removed_bytes = 0
+        unused = sorted(
+            ((p, st) for p, st in blobs if p.name not in referenced),
+            key=lambda item: item[1].st_mtime,
+            reverse=True,  # the most recently written unused blobs are kept first
+        )
+        for blob, st in unused:
+            if budget_bytes is not None and kept + st.st_size <= budget_bytes:
+                kept += st.st_size
+                continue
+            blob.unlink()
+            removed, removed_bytes = removed + 1, removed_bytes + st.st_size
+        return GcReport(removed, removed_bytes, kept)
+
+
+def _remove_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    for dirpath, _, _ in os.walk(path):
+        os.chmod(dirpath, 0o755)
+    shutil.rmtree(path, ignore_errors=True)

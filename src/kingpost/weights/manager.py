@@ -1,0 +1,214 @@
+"""Mirroring weights in the background, pinning them per deployment, mounting them.
+
+``start(key, entries, secrets)`` is idempotent and returns at once; a thread lists
+each source, pins what it found (a manifest per source, revision and patterns),
+downloads what the blob store lacks in parallel, and records the pin under ``key``
+(a deployment id). A restarted control plane finds the pin and never re-lists: later
+scale-ups see exactly the files the first replica saw.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kingpost.engines.base import WeightMount
+from kingpost.errors import KingpostError, WeightsError
+from kingpost.weights.blobs import BlobStore, GcReport, Manifest
+from kingpost.weights.patterns import selected
+from kingpost.weights.sources import RemoteFile, Source, WeightsEntry, open_source
+
+__all__ = ["MirrorState", "MirrorStatus", "WeightsManager", "validate_weights"]
+
+
+class MirrorState(enum.StrEnum):
+    PENDING = "PENDING"  # asked for, not started
+    RESOLVING = "RESOLVING"  # listing sources and pinning revisions
+    DOWNLOADING = "DOWNLOADING"  # fetching files the store lacks
+    COMPLETE = "COMPLETE"  # every file is in the store; mounts can be built
+    FAILED = "FAILED"  # see error; start() again retries
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    state: MirrorState
+    files_done: int = 0
+    files_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bytes_per_s: float = 0.0
+    error: str = ""
+
+
+class _Job:
+    def __init__(self) -> None:
+        self.state = MirrorState.PENDING
+        self.files_done = self.files_total = self.bytes_done = self.bytes_total = 0
+        self.started = time.monotonic()
+        self.error = ""
+        self.manifests: list[Manifest] = []
+        self.lock = threading.Lock()
+
+    def status(self) -> MirrorStatus:
+        with self.lock:
+            elapsed = max(time.monotonic() - self.started, 1e-6)
+            return MirrorStatus(
+                self.state, self.files_done, self.files_total, self.bytes_done,
+                self.bytes_total, self.bytes_done / elapsed, self.error,
+            )  # fmt: skip
+
+
+def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
+    """Problems to refuse at push, as (key path, message), beyond config parsing."""
+    errors = []
+    for i, e in enumerate(entries):
+        if e.scheme in ("s3", "r2") and not e.secret_name:
+            errors.append(
+                (f"weights[{i}].auth", f"secret_id is required: {e.scheme}:// sources need "
+                 "`auth: {auth_method: CUSTOM_SECRET, auth_secret_name: <secret-name>}`")
+            )  # fmt: skip
+        if e.scheme in ("hf", "gs", "https", "bt", "azure", "cw"):
+            errors.append(
+                (f"weights[{i}].source", f"{e.scheme}:// sources are not supported by this "
+                 "build yet; file://, s3:// and r2:// are")
+            )  # fmt: skip
+    return errors
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class WeightsManager:
+    def __init__(self, root: Path, *, max_workers: int = 8) -> None:
+        self.store = BlobStore(root)
+        self.max_workers = max_workers
+        self._jobs: dict[str, _Job] = {}
+        self._entries: dict[str, list[WeightsEntry]] = {}
+        self._lock = threading.Lock()
+        self._etags = root / "etags"
+        self._etags.mkdir(exist_ok=True)
+
+    def start(self, key: str, entries: Sequence[WeightsEntry], secrets: Mapping[str, str]) -> None:
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.state != MirrorState.FAILED:
+                return
+            job = self._jobs[key] = _Job()
+            self._entries[key] = list(entries)
+        threading.Thread(
+            target=self._run, args=(job, key, list(entries), dict(secrets)), daemon=True
+        ).start()
+
+    def status(self, key: str) -> MirrorStatus:
+        job = self._jobs.get(key)
+        return job.status() if job is not None else MirrorStatus(MirrorState.PENDING)
+
+    def mounts(self, key: str) -> tuple[WeightMount, ...]:
+        job = self._jobs.get(key)
+        if job is None or job.state != MirrorState.COMPLETE:
+            raise WeightsError(f"weights of {key} are not mirrored yet")
+        return tuple(
+            WeightMount(e.mount_location, self.store.tree(m))
+            for e, m in zip(self._entries[key], job.manifests, strict=True)
+        )
+
+    def gc(self, budget_bytes: int | None = None) -> GcReport:
+        return self.store.gc(budget_bytes)
+
+    def list_manifests(self) -> list[Manifest]:
+        return self.store.manifests()
+
+    # -- the mirror thread ------------------------------------------------------------------
+    def _run(
+        self, job: _Job, key: str, entries: list[WeightsEntry], secrets: dict[str, str]
+    ) -> None:
+        try:
+            job.state = MirrorState.RESOLVING
+            pinned = self.store.pinned(key)
+            manifests = [self.store.manifest(i) for i in pinned] if pinned else []
+            if not pinned or any(m is None for m in manifests):
+                manifests = [self._resolve(e, secrets) for e in entries]
+                self.store.pin(key, [m.id for m in manifests if m is not None])
+            job.manifests = [m for m in manifests if m is not None]
+            self._download(job, entries, secrets)
+            job.state = MirrorState.COMPLETE
+        except KingpostError as exc:
+            job.error, job.state = exc.message, MirrorState.FAILED
+        except Exception as exc:  # a mirror bug must not stay silent
+            job.error, job.state = f"{type(exc).__name__}: {exc}", MirrorState.FAILED
+
+    def _resolve(self, entry: WeightsEntry, secrets: Mapping[str, str]) -> Manifest:
+        source = open_source(entry, secrets)
+        files = [
+            f for f in source.files()
+            if selected(f.path, entry.allow_patterns, entry.ignore_patterns)
+        ]  # fmt: skip
+        if not files:
+            raise WeightsError(f"{entry.source}: no files match the patterns")
+        listing = _digest([(f.path, f.size, f.etag) for f in files])
+        manifest_id = _digest(entry.source, entry.allow_patterns, entry.ignore_patterns, listing)
+        known = self.store.manifest(manifest_id)
+        if known is not None:
+            return known
+        digests = {f.path: self._known_digest(entry.source, f) for f in files}
+        manifest = Manifest(
+            manifest_id, entry.source, listing,
+            {f.path: (digests[f.path] or "", f.size) for f in files},
+        )  # fmt: skip
+        return manifest
+
+    def _etag_file(self, source: str, f: RemoteFile) -> Path:
+        return self._etags / _digest(source, f.path, f.etag, f.size)
+
+    def _known_digest(self, source: str, f: RemoteFile) -> str | None:
+        path = self._etag_file(source, f)
+        digest = path.read_text().strip() if path.exists() else None
+        return digest if digest and self.store.has(digest) else None
+
+    def _download(self, job: _Job, entries: list[WeightsEntry], secrets: Mapping[str, str]) -> None:
+        work: list[tuple[int, Source, RemoteFile]] = []
+        for idx, (entry, m) in enumerate(zip(entries, job.manifests, strict=True)):
+            missing = [
+                RemoteFile(p, size, "") for p, (d, size) in m.files.items()
+                if not d or not self.store.has(d)
+            ]  # fmt: skip
+            with job.lock:
+                job.files_total += len(m.files)
+                job.bytes_total += m.total_bytes
+                job.files_done += len(m.files) - len(missing)
+                job.bytes_done += m.total_bytes - sum(f.size for f in missing)
+            if missing:
+                source = open_source(entry, secrets)
+                listed = {f.path: f for f in source.files()}
+                work.extend((idx, source, listed[f.path]) for f in missing if f.path in listed)
+        if work:
+            self._fetch_all(job, entries, work)
+        for m in job.manifests:
+            self.store.save_manifest(m)
+
+    def _fetch_all(
+        self, job: _Job, entries: list[WeightsEntry], work: list[tuple[int, Source, RemoteFile]]
+    ) -> None:
+        job.state = MirrorState.DOWNLOADING
+        with ThreadPoolExecutor(self.max_workers) as pool:
+            results = list(pool.map(lambda w: self._fetch(job, entries[w[0]], w[1], w[2]), work))
+        for (idx, _, f), digest in zip(work, results, strict=True):
+            job.manifests[idx].files[f.path] = (digest, f.size)
+
+    def _fetch(self, job: _Job, entry: WeightsEntry, source: Source, f: RemoteFile) -> str:
+        with self.store.writer() as (fh, tmp):
+            source.fetch(f, fh)
+        digest = self.store.commit(tmp, f.size)
+        self._etag_file(entry.source, f).write_text(digest)
+        with job.lock:
+            job.files_done += 1
+            job.bytes_done += f.size
+        return digest

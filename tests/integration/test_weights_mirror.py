@@ -1,0 +1,182 @@
+"""Mirroring from real local directories and a real S3-compatible server (moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers.platform import wait_for
+from kingpost.config import parse_config
+from kingpost.config.sources import WeightsSource
+from kingpost.weights import MirrorState, WeightsManager, validate_weights
+
+
+def entries(text: str) -> list[WeightsSource]:
+    return list(parse_config(text).config.weights or [])
+
+
+def local_repo(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "model.safetensors").write_bytes(os.urandom(300_000))
+    (root / "sub" / "shard.safetensors").write_bytes(os.urandom(200_000))
+    (root / "README.md").write_text("hello")
+    return root
+
+
+def mirror(mgr: WeightsManager, key: str, text: str, secrets: dict[str, str] | None = None) -> None:
+    mgr.start(key, entries(text), secrets or {})
+    done = (MirrorState.COMPLETE, MirrorState.FAILED)
+    st = wait_for(lambda: (s := mgr.status(key)).state in done and s, 30, f"mirror {key}")
+    assert st and st.state == MirrorState.COMPLETE, st
+
+
+def test_local_mirror_is_a_read_only_hard_link_tree(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path / "repo")
+    mgr = WeightsManager(tmp_path / "store")
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/a\n"
+    mirror(mgr, "dep1", cfg)
+    (mount,) = mgr.mounts("dep1")
+    assert mount.mount_location == "/models/a"
+    tree = mount.source_dir
+    assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()) == [
+        "README.md", "model.safetensors", "sub/shard.safetensors",
+    ]  # fmt: skip
+    f = tree / "model.safetensors"
+    assert f.read_bytes() == (repo / "model.safetensors").read_bytes()
+    assert f.stat().st_nlink >= 2 and f.stat().st_mode & 0o777 == 0o444
+    assert tree.stat().st_mode & 0o777 == 0o555
+    status = mgr.status("dep1")
+    assert (status.files_done, status.files_total) == (3, 3)
+    assert status.bytes_total == 500_005
+
+
+def test_patterns_and_dedup_across_models(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path / "repo")
+    mgr = WeightsManager(tmp_path / "store")
+    base = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    top = base + "    allow_patterns: ['*.safetensors']\n"
+    deep = base + "    allow_patterns: ['**/*.safetensors']\n"
+    mirror(mgr, "a", top)
+    mirror(mgr, "b", deep)
+    (ta,), (tb,) = mgr.mounts("a"), mgr.mounts("b")
+    assert [p.name for p in ta.source_dir.rglob("*") if p.is_file()] == ["model.safetensors"]
+    assert sorted(p.name for p in tb.source_dir.rglob("*") if p.is_file()) == [
+        "model.safetensors", "shard.safetensors",
+    ]  # fmt: skip
+    blobs = list((tmp_path / "store" / "blobs").glob("*/*"))
+    assert len(blobs) == 2  # the shared file is stored once
+    assert (ta.source_dir / "model.safetensors").stat().st_ino == (
+        tb.source_dir / "model.safetensors"
+    ).stat().st_ino
+    assert mgr.status("b").bytes_done == 500_000
+
+
+def test_pins_survive_a_restart_and_new_files_are_not_seen(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path / "repo")
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    mirror(WeightsManager(tmp_path / "store"), "dep", cfg)
+    (repo / "late.bin").write_bytes(b"new")
+    again = WeightsManager(tmp_path / "store")  # a restarted control plane
+    mirror(again, "dep", cfg)
+    (mount,) = again.mounts("dep")
+    assert not (mount.source_dir / "late.bin").exists()
+    mirror(again, "new-deploy", cfg)  # a new deployment resolves again
+    (fresh,) = again.mounts("new-deploy")
+    assert (fresh.source_dir / "late.bin").read_bytes() == b"new"
+
+
+def test_gc_keeps_referenced_blobs(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path / "repo")
+    mgr = WeightsManager(tmp_path / "store")
+    mirror(mgr, "dep", f"weights:\n  - source: file://{repo}\n    mount_location: /m\n")
+    stray = mgr.store.blob_path("f" * 64)
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"x" * 1000)
+    assert mgr.gc(budget_bytes=10**9).removed_blobs == 0
+    report = mgr.gc()
+    assert (report.removed_blobs, report.removed_bytes) == (1, 1000)
+    assert report.kept_bytes == 500_005
+
+
+def test_validation_names_the_missing_auth() -> None:
+    errs = validate_weights(
+        entries("weights:\n  - source: s3://bucket/x\n    mount_location: /m\n")
+    )
+    assert errs and errs[0][0] == "weights[0].auth" and "secret_id is required" in errs[0][1]
+
+
+# -- S3 against moto's real server ------------------------------------------------------------
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    monkeypatch.setenv("KINGPOST_S3_ENDPOINT_URL", url)
+    monkeypatch.setenv("KINGPOST_R2_ENDPOINT_TEMPLATE", url)
+    client = boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id="AK", aws_secret_access_key="SK",
+        region_name="us-east-1",
+    )  # fmt: skip
+    client.create_bucket(Bucket="weights")
+    for key, size in (
+        ("llama/model.safetensors", 150_000),
+        ("llama/sub/tok.json", 10),
+        ("other/x", 5),
+    ):
+        client.put_object(Bucket="weights", Key=key, Body=os.urandom(size))
+    try:
+        yield client
+    finally:
+        server.stop()
+
+
+def failed(mgr: WeightsManager, key: str) -> object:
+    st = mgr.status(key)
+    return st if st.state == MirrorState.FAILED else None
+
+
+CREDS = {"creds": json.dumps({"aws_access_key_id": "AK", "aws_secret_access_key": "SK"})}
+
+
+def s3_cfg(source: str = "s3://weights/llama", secret: str = "creds") -> str:
+    return (
+        f"weights:\n  - source: {source}\n    mount_location: /models/llama\n"
+        f"    auth:\n      auth_method: CUSTOM_SECRET\n      auth_secret_name: {secret}\n"
+    )
+
+
+def test_s3_mirror_and_r2_through_the_same_api(s3: object, tmp_path: Path) -> None:
+    mgr = WeightsManager(tmp_path / "store")
+    mirror(mgr, "dep", s3_cfg(), CREDS)
+    (mount,) = mgr.mounts("dep")
+    root = mount.source_dir
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
+        "model.safetensors", "sub/tok.json",
+    ]  # fmt: skip
+    r2 = {"r2": json.dumps({"r2_credentials": json.loads(CREDS["creds"])})}
+    mirror(mgr, "dep-r2", s3_cfg("r2://acct.weights/llama", "r2"), r2)
+    assert len(list((tmp_path / "store" / "blobs").glob("*/*"))) == 2  # same content, stored once
+
+
+def test_s3_bad_credentials_name_the_secret_not_its_value(s3: object, tmp_path: Path) -> None:
+    mgr = WeightsManager(tmp_path / "store")
+    bad = {"creds": json.dumps({"access_key_id": "AK", "secret": "TOPSECRET"})}
+    mgr.start("dep", entries(s3_cfg()), bad)
+    st = wait_for(
+        lambda: mgr.status("dep").state == MirrorState.FAILED and mgr.status("dep"), 20, "failure"
+    )
+    assert st and "aws_access_key_id and aws_secret_access_key are required" in st.error
+    assert "'creds'" in st.error and "TOPSECRET" not in st.error
+    mgr.start("dep", entries(s3_cfg()), {})  # retrying is safe
+    st = wait_for(
+        lambda: mgr.status("dep").state == MirrorState.FAILED and mgr.status("dep"), 20, "failure"
+    )
+    assert st and "kingpost secrets set creds" in st.error
