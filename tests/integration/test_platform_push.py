@@ -194,3 +194,10 @@ def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_pat
             f"/models/{model_id}/environments/production/sync/files?dir=/models/weighted"
         ).json()
     assert seen == {"files": ["model.safetensors", "sub/config.json"], "writable": False}
+    listed = json.loads(platform.cli("weights", "list", "--output", "json").stdout)
+    assert any(m["source"] == f"file://{repo}" and m["files"] == 2 for m in listed)
+    dep_id = platform.cli("deployments", "list", "--model", "weighted", "--output", "json")
+    status = platform.cli(
+        "weights", "status", "-d", json.loads(dep_id.stdout)[0]["id"], "-o", "json"
+    )
+    assert json.loads(status.stdout)[0]["state"] == "COMPLETE"

@@ -82,6 +82,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _project_routes(router, plane)
     _model_routes(router, plane)
     _secret_routes(router, plane)
+    _weights_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -185,14 +186,8 @@ def _check_weights(config: Any) -> None:
     if not config.weights:
         return
     from kingpost.errors import ConfigError
+    from kingpost.weights import validate_weights
 
-    validate_weights = optional_attr("kingpost.weights", "validate_weights")
-    if validate_weights is None:
-        raise ConfigError(
-            "config.yaml: weights: mirroring weights is not part of this build yet; "
-            "remove the `weights` section and download in load() for now",
-            errors=[{"path": "weights", "message": "not supported by this build"}],
-        )
     errors = validate_weights(config.weights)
     if errors:
         lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
@@ -270,6 +265,42 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
         return {
             "deployment_id": view.id,
             "lines": [{"replica": ln.replica_id, "text": ln.text} for ln in lines],
+        }
+
+
+def _weights_routes(router: APIRouter, plane: ControlPlane) -> None:
+    def manager() -> Any:
+        return plane.controller.weights_manager()
+
+    @router.get("/weights")
+    def list_weights() -> list[dict[str, Any]]:
+        return [
+            {"id": m.id, "source": m.source, "files": len(m.files), "bytes": m.total_bytes}
+            for m in manager().list_manifests()
+        ]
+
+    @router.get("/deployments/{dep}/weights")
+    def weights_status(dep: str) -> dict[str, Any]:
+        view = plane.store.get_deployment(dep)
+        st = manager().status(view.id)
+        return {
+            "deployment_id": view.id,
+            "state": str(st.state),
+            "files_done": st.files_done,
+            "files_total": st.files_total,
+            "bytes_done": st.bytes_done,
+            "bytes_total": st.bytes_total,
+            "rate_bytes_per_s": round(st.rate_bytes_per_s),
+            "error": st.error,
+        }
+
+    @router.post("/weights/gc")
+    def weights_gc(budget_bytes: int | None = None) -> dict[str, int]:
+        report = manager().gc(budget_bytes)
+        return {
+            "removed_blobs": report.removed_blobs,
+            "removed_bytes": report.removed_bytes,
+            "kept_bytes": report.kept_bytes,
         }
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from kingpost._optional import optional_attr
 from kingpost.cli._common import err_console, settings
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.secrets import secrets
+from kingpost.cli.weights import migrate, weights
 from kingpost.errors import KingpostError
 
 __all__ = ["cli", "main"]
@@ -58,18 +58,8 @@ def init(name: str, target: Path | None) -> None:
     click.echo(f"created {dest}; deploy it with `kingpost push {dest}`")
 
 
-for command in (push, models, deployments, logs, predict, secrets):
+for command in (push, models, deployments, logs, predict, secrets, weights, migrate):
     cli.add_command(command)
-
-
-def _optional_commands() -> None:
-    for name in ("weights", "migrate"):
-        command = optional_attr("kingpost.cli.weights", name)
-        if isinstance(command, click.Command):
-            cli.add_command(command)
-
-
-_optional_commands()
 
 
 def main() -> None:

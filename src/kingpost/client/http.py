@@ -130,6 +130,17 @@ class KingpostClient:
             self._call("GET", f"/v1/deployments/{dep}/logs", params={"tail": tail})["lines"]
         )
 
+    # -- weights --------------------------------------------------------------------------
+    def weights(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/weights"))
+
+    def weights_status(self, dep: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/deployments/{dep}/weights"))
+
+    def weights_gc(self, budget_bytes: int | None = None) -> dict[str, Any]:
+        params = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
+        return dict(self._call("POST", "/v1/weights/gc", params=params))
+
     # -- secrets --------------------------------------------------------------------------
     def set_secret(self, name: str, value: str) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/secrets", json={"name": name, "value": value}))

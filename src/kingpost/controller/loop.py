@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kingpost._optional import optional_attr
 from kingpost.controller.plan import BUILD_FAILED_PREFIX, Want, plan
 from kingpost.controller.prepare import Jobs, JobState
 from kingpost.controller.specs import (
@@ -33,7 +32,7 @@ from kingpost.controller.specs import (
 )
 from kingpost.controller.table import build_table
 from kingpost.engines import Engine, LogLine, ReplicaStatus, create_engine
-from kingpost.errors import KingpostError, WeightsError
+from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
 from kingpost.store import DeploymentStatus, DeploymentView, DesiredState, Store, new_id
 
@@ -268,11 +267,7 @@ class Controller:
         entries = list(config.weights or [])
         if not entries:
             return ()
-        try:
-            manager = self._weights_manager()
-        except WeightsError as exc:
-            self.store.set_status(dep.id, DeploymentStatus.FAILED, exc.message)
-            return None
+        manager = self.weights_manager()
         secret_names = {
             e.auth.auth_secret_name for e in entries if e.auth and e.auth.auth_secret_name
         }
@@ -288,12 +283,11 @@ class Controller:
         self.store.set_status(dep.id, DeploymentStatus.WAITING_FOR_WEIGHTS, progress)
         return None
 
-    def _weights_manager(self) -> Any:
+    def weights_manager(self) -> Any:
         if self._weights is None:
-            manager = optional_attr("kingpost.weights", "WeightsManager")
-            if manager is None:
-                raise WeightsError("weights: mirroring weights is not part of this build yet")
-            self._weights = manager(self.settings.weights_dir)
+            from kingpost.weights import WeightsManager
+
+            self._weights = WeightsManager(self.settings.weights_dir)
         return self._weights
 
     def weights_status(self, deployment_id: str) -> Any:

@@ -1,0 +1,74 @@
+"""`kingpost migrate` (model_cache -> weights) and `kingpost weights` (the mirror's store)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import click
+from rich.syntax import Syntax
+
+from kingpost.cli._common import client, console, err_console, output_option, print_rows
+from kingpost.weights.migrate import plan_migration
+
+__all__ = ["migrate", "weights"]
+
+
+@click.command()
+@click.argument(
+    "project_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default="."
+)
+@click.option("--yes", "-y", is_flag=True, help="Apply without asking.")
+def migrate(project_dir: Path, yes: bool) -> None:
+    """Convert model_cache in config.yaml to weights (a backup is kept)."""
+    plan = plan_migration(project_dir)
+    for warning in plan.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    if not plan.changed:
+        console.print("nothing to migrate: no model_cache in config.yaml")
+        return
+    console.print(Syntax(plan.diff(), "diff", theme="ansi_dark"))
+    if not yes and not click.confirm("Apply these changes?", default=False):
+        raise click.exceptions.Abort()
+    config = project_dir / "config.yaml"
+    backup = config.with_name(f"config.yaml.bak-{time.strftime('%Y%m%d%H%M%S')}")
+    shutil.copy2(config, backup)
+    config.write_text(plan.migrated)
+    console.print(f"migrated {config}; the original is in {backup.name}")
+
+
+@click.group()
+def weights() -> None:
+    """The weights mirror: manifests, per-deployment status, garbage collection."""
+
+
+@weights.command("list")
+@output_option
+def weights_list(output: str) -> None:
+    """List mirrored manifests (source, files, bytes)."""
+    with client() as c:
+        rows = c.weights()
+    print_rows(rows, ["id", "source", "files", "bytes"], output)
+
+
+@weights.command("status")
+@click.option("--deployment", "-d", required=True, help="Deployment id.")
+@output_option
+def weights_status(deployment: str, output: str) -> None:
+    """Mirror progress of a deployment."""
+    with client() as c:
+        row = c.weights_status(deployment)
+    print_rows([row], list(row), output)
+
+
+@weights.command("gc")
+@click.option("--budget-bytes", type=int, help="Keep unused blobs while the store fits in this.")
+def weights_gc(budget_bytes: int | None) -> None:
+    """Remove blobs no manifest references."""
+    with client() as c:
+        report = c.weights_gc(budget_bytes)
+    console.print(
+        f"removed {report['removed_blobs']} blobs ({report['removed_bytes']} bytes); "
+        f"kept {report['kept_bytes']} bytes"
+    )

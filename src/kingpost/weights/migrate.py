@@ -1,0 +1,116 @@
+"""``kingpost migrate``: turn ``model_cache`` into ``weights``, as the seed's table says.
+
+The rest of config.yaml is kept as written (comments, order): only the ``model_cache``
+block is replaced by a ``weights`` block.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kingpost.errors import ConfigError
+
+__all__ = ["MigrationPlan", "plan_migration"]
+
+_SCHEMES = {"hf": "hf", "s3": "s3", "gcs": "gs", "r2": "r2"}
+_CODE_HINTS = {
+    "/app/model_cache": "reads /app/model_cache/…: point it at the new mount_location",
+    "lazy_data_resolver": "uses lazy_data_resolver: weights are mounted before load(); "
+    "drop the resolver call",
+    "hf_hub_download": "downloads from the Hub at run time: read the mounted files instead",
+    "snapshot_download": "downloads from the Hub at run time: read the mounted files instead",
+}
+
+
+@dataclass
+class MigrationPlan:
+    original: str
+    migrated: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.original != self.migrated
+
+    def diff(self) -> str:
+        return "".join(
+            difflib.unified_diff(
+                self.original.splitlines(keepends=True),
+                self.migrated.splitlines(keepends=True),
+                "config.yaml (before)",
+                "config.yaml (after)",
+            )
+        )
+
+
+def _entry(item: dict[str, Any], i: int) -> dict[str, Any]:
+    repo = str(item.get("repo_id") or "")
+    if not repo:
+        raise ConfigError(f"config.yaml: model_cache[{i}].repo_id: missing; nothing to migrate")
+    kind = str(item.get("kind") or "hf").lower()
+    scheme = _SCHEMES.get(kind)
+    if scheme is None:
+        raise ConfigError(f"config.yaml: model_cache[{i}].kind: unknown kind {kind!r}")
+    source = repo if "://" in repo else f"{scheme}://{repo}"
+    if scheme == "hf" and item.get("revision"):
+        source += f"@{item['revision']}"
+    folder = item.get("volume_folder") or repo.rstrip("/").split("/")[-1]
+    out: dict[str, Any] = {"source": source, "mount_location": f"/app/model_cache/{folder}"}
+    for key in ("allow_patterns", "ignore_patterns"):
+        if item.get(key):
+            out[key] = list(item[key])
+    if item.get("runtime_secret_name"):
+        out["auth"] = {
+            "auth_method": "CUSTOM_SECRET",
+            "auth_secret_name": item["runtime_secret_name"],
+        }
+    return out
+
+
+def _replace_block(text: str, key: str, replacement: str) -> str:
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.match(rf"{key}\s*:", ln)), None)
+    if start is None:
+        return text
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#-"):
+        end += 1
+    return "".join(lines[:start]) + replacement + "".join(lines[end:])
+
+
+def plan_migration(project_dir: Path) -> MigrationPlan:
+    path = project_dir / "config.yaml"
+    text = path.read_text()
+    raw = yaml.safe_load(text) or {}
+    plan = MigrationPlan(text, text)
+    cache = raw.get("model_cache") or []
+    if raw.get("weights"):
+        raise ConfigError("config.yaml: already has `weights`; nothing to migrate")
+    if cache:
+        weights = [_entry(dict(item), i) for i, item in enumerate(cache)]
+        block = yaml.safe_dump({"weights": weights}, sort_keys=False)
+        plan.migrated = _replace_block(text, "model_cache", block)
+    if raw.get("external_data"):
+        plan.warnings.append(
+            "external_data was left as is: weights mounts directories from a bucket or the Hub, "
+            "while external_data fetches single URLs into data/; move those files to a bucket "
+            "to mirror them as weights"
+        )
+    start = str((raw.get("docker_server") or {}).get("start_command") or "")
+    if "truss-transfer" in start:
+        plan.warnings.append(
+            "docker_server.start_command runs truss-transfer-cli: remove it, files are mounted "
+            "before the server starts"
+        )
+    for py in sorted(project_dir.glob("model/**/*.py")):
+        source = py.read_text(errors="replace")
+        for needle, hint in _CODE_HINTS.items():
+            if needle in source:
+                plan.warnings.append(f"{py.relative_to(project_dir)} {hint}")
+    return plan
