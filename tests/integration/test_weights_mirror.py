@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers.hubserver import Hub, Repo, hub_server
 from helpers.platform import wait_for
 from kingpost.config import parse_config
 from kingpost.config.sources import WeightsSource
-from kingpost.weights import MirrorState, WeightsManager, validate_weights
+from kingpost.weights import MirrorState, MirrorStatus, WeightsManager, validate_weights
 
 
 def entries(text: str) -> list[WeightsSource]:
@@ -138,7 +139,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         server.stop()
 
 
-def failed(mgr: WeightsManager, key: str) -> object:
+def failed(mgr: WeightsManager, key: str) -> MirrorStatus | None:
     st = mgr.status(key)
     return st if st.state == MirrorState.FAILED else None
 
@@ -180,3 +181,54 @@ def test_s3_bad_credentials_name_the_secret_not_its_value(s3: object, tmp_path: 
         lambda: mgr.status("dep").state == MirrorState.FAILED and mgr.status("dep"), 20, "failure"
     )
     assert st and "kingpost secrets set creds" in st.error
+
+
+# -- the Hub API against a local hub-compatible server ----------------------------------------
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+    with hub_server() as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        yield h
+
+
+def hf_cfg(source: str, secret: str | None = None, extra: str = "") -> str:
+    auth = (
+        f"    auth:\n      auth_method: CUSTOM_SECRET\n      auth_secret_name: {secret}\n"
+        if secret
+        else ""
+    )
+    return f"weights:\n  - source: {source}\n    mount_location: /models/x\n{auth}{extra}"
+
+
+def test_hf_branch_is_pinned_to_a_commit(hub: Hub, tmp_path: Path) -> None:
+    repo = hub.repos["org/model"] = Repo()
+    repo.commit("main", {"model.safetensors": b"v1" * 1000, "config.json": b"{}"})
+    mgr = WeightsManager(tmp_path / "store")
+    mirror(mgr, "dep1", hf_cfg("hf://org/model@main"))
+    repo.commit("main", {"model.safetensors": b"v2" * 1000, "config.json": b"{}"})
+    again = WeightsManager(tmp_path / "store")  # restart: dep1 keeps its commit
+    mirror(again, "dep1", hf_cfg("hf://org/model@main"))
+    (m1,) = again.mounts("dep1")
+    assert (m1.source_dir / "model.safetensors").read_bytes() == b"v1" * 1000
+    mirror(again, "dep2", hf_cfg("hf://org/model@main"))  # a new deployment sees the new commit
+    (m2,) = again.mounts("dep2")
+    assert (m2.source_dir / "model.safetensors").read_bytes() == b"v2" * 1000
+    assert hub.downloads["config.json"] == 1  # same content on both commits: fetched once
+
+
+def test_hf_patterns_and_private_repos(hub: Hub, tmp_path: Path) -> None:
+    repo = hub.repos["org/private"] = Repo(token="hf_good")
+    repo.commit("main", {"a.safetensors": b"a", "sub/b.safetensors": b"b", "README.md": b"r"})
+    mgr = WeightsManager(tmp_path / "store")
+    extra = "    allow_patterns: ['**/*.safetensors']\n"
+    mgr.start("no-auth", entries(hf_cfg("hf://org/private", extra=extra)), {})
+    st = wait_for(lambda: failed(mgr, "no-auth"), 20, "failure without a token")
+    assert "401" in st.error and "private" in st.error
+    mgr.start("bad", entries(hf_cfg("hf://org/private", "tok", extra)), {"tok": "hf_bad"})
+    st = wait_for(lambda: failed(mgr, "bad"), 20, "failure with a bad token")
+    assert "refused" in st.error and "hf_bad" not in st.error
+    mirror(mgr, "good", hf_cfg("hf://org/private", "tok", extra), {"tok": "hf_good"})
+    (mount,) = mgr.mounts("good")
+    assert sorted(p.name for p in mount.source_dir.rglob("*") if p.is_file()) == [
+        "a.safetensors", "b.safetensors",
+    ]  # fmt: skip

@@ -138,12 +138,12 @@ def test_bad_bodies_name_the_field(api: tuple[TestClient, str]) -> None:
 def test_weights_this_build_cannot_mirror_are_refused_before_anything_is_created(
     api: tuple[TestClient, str], tmp_path: Path
 ) -> None:
-    weights = "weights:\n  - source: hf://org/model@main\n    mount_location: /models/m\n"
+    weights = "weights:\n  - source: gs://bucket/model\n    mount_location: /models/m\n"
     client, _ = api
     sha = upload(client, tmp_path, CONFIG + weights)
     r = client.post("/v1/push", json={"project_hash": sha})
     assert r.status_code == 422
-    assert r.json()["errors"][0]["path"] == "weights[0].source" and "hf://" in r.json()["error"]
+    assert r.json()["errors"][0]["path"] == "weights[0].source" and "gs://" in r.json()["error"]
     assert client.get("/v1/models").json() == []
 
 

@@ -74,10 +74,10 @@ def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
                 (f"weights[{i}].auth", f"secret_id is required: {e.scheme}:// sources need "
                  "`auth: {auth_method: CUSTOM_SECRET, auth_secret_name: <secret-name>}`")
             )  # fmt: skip
-        if e.scheme in ("hf", "gs", "https", "bt", "azure", "cw"):
+        if e.scheme in ("gs", "https", "bt", "azure", "cw"):
             errors.append(
                 (f"weights[{i}].source", f"{e.scheme}:// sources are not supported by this "
-                 "build yet; file://, s3:// and r2:// are")
+                 "build yet; file://, s3://, r2:// and hf:// are")
             )  # fmt: skip
     return errors
 
@@ -153,7 +153,7 @@ class WeightsManager:
         ]  # fmt: skip
         if not files:
             raise WeightsError(f"{entry.source}: no files match the patterns")
-        listing = _digest([(f.path, f.size, f.etag) for f in files])
+        listing = source.pinned or _digest([(f.path, f.size, f.etag) for f in files])
         manifest_id = _digest(entry.source, entry.allow_patterns, entry.ignore_patterns, listing)
         known = self.store.manifest(manifest_id)
         if known is not None:
@@ -186,7 +186,7 @@ class WeightsManager:
                 job.files_done += len(m.files) - len(missing)
                 job.bytes_done += m.total_bytes - sum(f.size for f in missing)
             if missing:
-                source = open_source(entry, secrets)
+                source = open_source(entry, secrets, m.revision if entry.scheme == "hf" else None)
                 listed = {f.path: f for f in source.files()}
                 work.extend((idx, source, listed[f.path]) for f in missing if f.path in listed)
         if work:

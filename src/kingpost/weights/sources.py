@@ -1,7 +1,8 @@
 """Weight sources, one per scheme behind one interface: list a pinned revision, fetch files.
 
-This build has ``file://`` (and plain absolute paths) and ``s3://`` / ``r2://`` (S3 API).
-``hf://``, ``gs://`` and ``https://`` are refused with a message that says so.
+This build has ``file://`` (and plain absolute paths), ``s3://`` / ``r2://`` (S3 API) and
+``hf://`` (the Hub's HTTP API; ``HF_ENDPOINT`` points it elsewhere). ``gs://`` and
+``https://`` are refused with a message that says so.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class RemoteFile:
 
 
 class Source(ABC):
+    pinned: str | None = None
+    """The commit a listing resolved to, for sources with revisions (hf)."""
+
     @abstractmethod
     def files(self) -> list[RemoteFile]: ...
 
@@ -102,6 +106,83 @@ class S3Source(Source):
             raise WeightsError(f"s3://{self.bucket}/{key}: download failed: {exc}") from exc
 
 
+class HubSource(Source):
+    """A Hugging Face Hub repository (or a compatible server at ``HF_ENDPOINT``).
+
+    ``files()`` resolves the revision (a branch, tag or commit) to a commit and pins it;
+    every download reads that commit, so a branch moving later changes nothing.
+    """
+
+    def __init__(self, repo: str, revision: str, endpoint: str, token: str | None) -> None:
+        import httpx
+
+        self.repo, self.revision, self.endpoint = repo, revision, endpoint.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(headers=headers, timeout=60, follow_redirects=True)
+        self._token_given = token is not None
+
+    def _check(self, status: int, what: str) -> None:
+        if status in (401, 403):
+            hint = (
+                "the token in the auth secret was refused"
+                if self._token_given
+                else "the repository is private or gated: add an auth block whose secret "
+                "holds an hf_access_token"
+            )
+            raise WeightsError(f"hf://{self.repo}: {what}: HTTP {status}: {hint}")
+        if status == 404:
+            raise WeightsError(f"hf://{self.repo}@{self.revision}: {what}: not found")
+        if status >= 400:
+            raise WeightsError(f"hf://{self.repo}: {what}: HTTP {status}")
+
+    def files(self) -> list[RemoteFile]:
+        url = f"{self.endpoint}/api/models/{self.repo}/revision/{self.revision}"
+        r = self._http.get(url, params={"blobs": "true"})
+        self._check(r.status_code, "cannot list")
+        info = r.json()
+        self.pinned = str(info["sha"])
+        out = []
+        for sib in info.get("siblings", []):
+            lfs = sib.get("lfs") or {}
+            size = int(lfs.get("size", sib.get("size", 0)))
+            etag = str(lfs.get("sha256") or sib.get("blobId") or f"{self.pinned}:{size}")
+            out.append(RemoteFile(sib["rfilename"], size, etag))
+        return sorted(out, key=lambda f: f.path)
+
+    def fetch(self, f: RemoteFile, out: IO[bytes]) -> None:
+        url = f"{self.endpoint}/{self.repo}/resolve/{self.pinned or self.revision}/{f.path}"
+        with self._http.stream("GET", url) as r:
+            self._check(r.status_code, f"cannot download {f.path}")
+            for chunk in r.iter_bytes(1024 * 1024):
+                out.write(chunk)
+
+
+def _hub_source(entry: WeightsEntry, secrets: Mapping[str, str], revision: str | None) -> Source:
+    location = entry.source.split("://", 1)[1]
+    repo, _, rev = location.partition("@")
+    token = None
+    if entry.secret_name:
+        if entry.secret_name not in secrets:
+            raise WeightsError(
+                f"{entry.source}: secret {entry.secret_name!r} is not defined; set it with "
+                f"`kingpost secrets set {entry.secret_name}`"
+            )
+        token = secrets[entry.secret_name].strip()
+        if token.startswith("{"):
+            try:
+                token = str(json.loads(token)["hf_access_token"])
+            except (ValueError, KeyError):
+                raise WeightsError(
+                    f"{entry.source}: secret {entry.secret_name!r} must hold the token, or JSON "
+                    "with an `hf_access_token` key"
+                ) from None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    source = HubSource(repo, revision or rev or "main", endpoint, token)
+    if revision:
+        source.pinned = revision
+    return source
+
+
 _S3_KEYS = ("aws_access_key_id", "aws_secret_access_key")
 
 
@@ -158,8 +239,13 @@ def _s3_source(entry: WeightsEntry, secrets: Mapping[str, str]) -> Source:
     return S3Source(bucket, prefix, client)
 
 
-def open_source(entry: WeightsEntry, secrets: Mapping[str, str]) -> Source:
+def open_source(
+    entry: WeightsEntry, secrets: Mapping[str, str], revision: str | None = None
+) -> Source:
+    """The source of ``entry``; ``revision`` pins a revisioned source to a known commit."""
     scheme = entry.scheme
+    if scheme == "hf":
+        return _hub_source(entry, secrets, revision)
     if scheme == "file":
         path = entry.source.split("://", 1)[1] if "://" in entry.source else entry.source
         return LocalSource(Path(path))
@@ -171,5 +257,5 @@ def open_source(entry: WeightsEntry, secrets: Mapping[str, str]) -> Source:
         )
     raise WeightsError(
         f"{entry.source}: {scheme}:// sources are not supported by this build yet "
-        "(file://, s3:// and r2:// are)"
+        "(file://, s3://, r2:// and hf:// are)"
     )

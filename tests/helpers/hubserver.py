@@ -1,0 +1,114 @@
+"""A small server speaking the part of the Hugging Face Hub HTTP API a mirror needs:
+``GET /api/models/{repo}/revision/{rev}`` (commit sha + siblings with sizes and LFS
+sha256) and ``GET /{repo}/resolve/{rev}/{path}``. Branches can be moved; repos can be
+private (Bearer token required); downloads are counted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Repo:
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)
+    token: str | None = None
+
+    def commit(self, branch: str, files: dict[str, bytes]) -> str:
+        sha = hashlib.sha1(json.dumps(sorted((k, v.hex()) for k, v in files.items())).encode())
+        commit = sha.hexdigest()
+        self.commits[commit] = dict(files)
+        self.branches[branch] = commit
+        return commit
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.downloads: Counter[str] = Counter()
+        self.server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _repo(self, name: str) -> Repo | None:
+            repo = hub.repos.get(name)
+            if repo is None:
+                self._send(404, b'{"error": "Repository not found"}')
+                return None
+            if repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}":
+                self._send(401, b'{"error": "Invalid credentials"}')
+                return None
+            return repo
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path.startswith("/api/models/"):
+                name, _, rev = path[len("/api/models/") :].partition("/revision/")
+                repo = self._repo(name)
+                if repo is None:
+                    return
+                commit = repo.branches.get(rev, rev)
+                if commit not in repo.commits:
+                    self._send(404, b'{"error": "Revision not found"}')
+                    return
+                siblings = [
+                    {"rfilename": p, "size": len(d),
+                     "lfs": {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}}
+                    for p, d in sorted(repo.commits[commit].items())
+                ]  # fmt: skip
+                self._send(200, json.dumps({"sha": commit, "siblings": siblings}).encode())
+                return
+            parts = path.lstrip("/").split("/")
+            if len(parts) >= 5 and parts[2] == "resolve":
+                name, rev, rel = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+                repo = self._repo(name)
+                if repo is None:
+                    return
+                data = repo.commits.get(repo.branches.get(rev, rev), {}).get(rel)
+                if data is None:
+                    self._send(404, b'{"error": "Entry not found"}')
+                    return
+                hub.downloads[rel] += 1
+                self._send(200, data, "application/octet-stream")
+                return
+            self._send(404, b"{}")
+
+    return Handler
+
+
+@contextmanager
+def hub_server() -> Iterator[Hub]:
+    hub = Hub()
+    hub.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    hub.server.daemon_threads = True
+    threading.Thread(target=hub.server.serve_forever, daemon=True).start()
+    try:
+        yield hub
+    finally:
+        hub.server.shutdown()
+        hub.server.server_close()
