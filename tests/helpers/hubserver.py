@@ -33,6 +33,9 @@ class Hub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.downloads: Counter[str] = Counter()
+        self.drop_once: set[str] = set()
+        """Paths whose next download stops halfway (the connection is closed)."""
+        self.ranges: list[str] = []
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -94,6 +97,25 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                     self._send(404, b'{"error": "Entry not found"}')
                     return
                 hub.downloads[rel] += 1
+                rng = self.headers.get("Range")
+                if rng:
+                    hub.ranges.append(rng)
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Length", str(len(data) - start))
+                    self.end_headers()
+                    self.wfile.write(data[start:])
+                    return
+                if rel in hub.drop_once:
+                    hub.drop_once.discard(rel)
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 self._send(200, data, "application/octet-stream")
                 return
             self._send(404, b"{}")

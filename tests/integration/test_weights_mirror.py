@@ -232,3 +232,17 @@ def test_hf_patterns_and_private_repos(hub: Hub, tmp_path: Path) -> None:
     assert sorted(p.name for p in mount.source_dir.rglob("*") if p.is_file()) == [
         "a.safetensors", "b.safetensors",
     ]  # fmt: skip
+
+
+def test_interrupted_download_resumes_with_a_range(hub: Hub, tmp_path: Path) -> None:
+    data = os.urandom(3_000_000)
+    hub.repos["org/big"] = repo = Repo()
+    repo.commit("main", {"big.safetensors": data})
+    hub.drop_once.add("big.safetensors")
+    mgr = WeightsManager(tmp_path / "store")
+    mirror(mgr, "dep", hf_cfg("hf://org/big"))
+    (mount,) = mgr.mounts("dep")
+    assert (mount.source_dir / "big.safetensors").read_bytes() == data
+    (resumed,) = hub.ranges  # one resume, from what had been written, not from zero
+    assert 0 < int(resumed.removeprefix("bytes=").rstrip("-")) <= len(data) // 2
+    assert not list((tmp_path / "store" / "tmp").iterdir())  # nothing partial left behind

@@ -82,6 +82,15 @@ def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
     return errors
 
 
+FETCH_ATTEMPTS = 4
+
+
+def _transport_errors() -> type[Exception]:
+    import httpx
+
+    return httpx.TransportError
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -205,7 +214,18 @@ class WeightsManager:
 
     def _fetch(self, job: _Job, entry: WeightsEntry, source: Source, f: RemoteFile) -> str:
         with self.store.writer() as (fh, tmp):
-            source.fetch(f, fh)
+            for attempt in range(FETCH_ATTEMPTS):
+                try:
+                    source.fetch(f, fh, fh.tell())
+                    break
+                except (OSError, WeightsError, _transport_errors()) as exc:
+                    # An interrupted download resumes from the bytes already written.
+                    if attempt == FETCH_ATTEMPTS - 1 or fh.tell() >= f.size:
+                        raise WeightsError(
+                            f"{entry.source}: {f.path}: download failed after "
+                            f"{attempt + 1} attempts: {exc}"
+                        ) from exc
+                    fh.flush()
         digest = self.store.commit(tmp, f.size)
         self._etag_file(entry.source, f).write_text(digest)
         with job.lock:

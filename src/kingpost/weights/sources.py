@@ -51,7 +51,8 @@ class Source(ABC):
     def files(self) -> list[RemoteFile]: ...
 
     @abstractmethod
-    def fetch(self, f: RemoteFile, out: IO[bytes]) -> None: ...
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
+        """Write the bytes of ``f`` from offset ``start`` to its end into ``out``."""
 
 
 class LocalSource(Source):
@@ -70,8 +71,9 @@ class LocalSource(Source):
                 out.append(RemoteFile(rel, st.st_size, f"{st.st_mtime_ns}-{st.st_size}"))
         return sorted(out, key=lambda f: f.path)
 
-    def fetch(self, f: RemoteFile, out: IO[bytes]) -> None:
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
         with (self.root / f.path).open("rb") as fh:
+            fh.seek(start)
             shutil.copyfileobj(fh, out, 1024 * 1024)
 
 
@@ -96,10 +98,11 @@ class S3Source(Source):
             raise WeightsError(f"s3://{self.bucket}/{self.prefix}: cannot list: {exc}") from exc
         return sorted(out, key=lambda f: f.path)
 
-    def fetch(self, f: RemoteFile, out: IO[bytes]) -> None:
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
         key = f"{self.prefix}/{f.path}" if self.prefix else f.path
+        extra = {"Range": f"bytes={start}-"} if start else {}
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
             for chunk in body.iter_chunks(1024 * 1024):
                 out.write(chunk)
         except Exception as exc:
@@ -149,10 +152,13 @@ class HubSource(Source):
             out.append(RemoteFile(sib["rfilename"], size, etag))
         return sorted(out, key=lambda f: f.path)
 
-    def fetch(self, f: RemoteFile, out: IO[bytes]) -> None:
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
         url = f"{self.endpoint}/{self.repo}/resolve/{self.pinned or self.revision}/{f.path}"
-        with self._http.stream("GET", url) as r:
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        with self._http.stream("GET", url, headers=headers) as r:
             self._check(r.status_code, f"cannot download {f.path}")
+            if start and r.status_code != 206:
+                raise WeightsError(f"hf://{self.repo}: {f.path}: the server ignored Range")
             for chunk in r.iter_bytes(1024 * 1024):
                 out.write(chunk)
 
