@@ -188,7 +188,11 @@ def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_pat
         f"model_name: weighted\nweights:\n  - source: file://{repo}\n"
         "    mount_location: /models/weighted\n",
     )
-    model_id = deploy(platform, project)["model"]["id"]
+    out = platform.cli("push", str(project), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["deployment"]["status"] == "ACTIVE", result
+    model_id = result["model"]["id"]
     with platform.gateway() as gw:
         seen = gw.get(
             f"/models/{model_id}/environments/production/sync/files?dir=/models/weighted"

@@ -9,6 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TransferSpeedColumn,
+)
 
 from kingpost.cli._common import client, console, err_console, output_option, print_rows
 from kingpost.errors import KingpostError, ValidationError
@@ -105,11 +113,29 @@ def push(
 
 
 def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:
+    """Poll until the deployment settles; a progress bar while weights are mirrored."""
     deadline = time.monotonic() + timeout
-    with console.status("deploying…") as status:
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("deploying", total=None)
         while True:
             dep: dict[str, Any] = c.deployment(dep_id)
-            status.update(f"{dep['status']} {dep['message']}")
+            if dep["status"] == "WAITING_FOR_WEIGHTS":
+                w = c.weights_status(dep_id)
+                progress.update(
+                    task,
+                    description=f"mirroring weights ({w['files_done']}/{w['files_total']} files)",
+                    total=w["bytes_total"] or None,
+                    completed=w["bytes_done"],
+                )
+            else:
+                progress.update(task, description=f"{dep['status']} {dep['message']}"[:80])
             if dep["status"] in _SETTLED or time.monotonic() > deadline:
                 return dep
             time.sleep(0.5)
