@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from helpers.httpd import QuietHandler, serving
 
 
 @dataclass
@@ -45,19 +46,7 @@ class Hub:
 
 
 def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt: str, *args: object) -> None:
-            pass
-
-        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(QuietHandler):
         def _repo(self, name: str) -> Repo | None:
             repo = hub.repos.get(name)
             if repo is None:
@@ -126,11 +115,6 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
 @contextmanager
 def hub_server() -> Iterator[Hub]:
     hub = Hub()
-    hub.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
-    hub.server.daemon_threads = True
-    threading.Thread(target=hub.server.serve_forever, daemon=True).start()
-    try:
+    with serving(_handler(hub)) as server:
+        hub.server = server
         yield hub
-    finally:
-        hub.server.shutdown()
-        hub.server.server_close()

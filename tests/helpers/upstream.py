@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from helpers.httpd import QuietHandler, serving
+
 
 class Upstream:
     def __init__(self) -> None:
@@ -26,19 +28,7 @@ class Upstream:
 
 
 def _handler(up: Upstream) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt: str, *args: object) -> None:
-            pass
-
-        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(QuietHandler):
         def _body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 out = b""
@@ -108,13 +98,9 @@ def _handler(up: Upstream) -> type[BaseHTTPRequestHandler]:
 @contextmanager
 def upstream() -> Iterator[Upstream]:
     up = Upstream()
-    up.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(up))
-    up.server.daemon_threads = True
-    thread = threading.Thread(target=up.server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield up
-    finally:
-        up.gate.set()
-        up.server.shutdown()
-        up.server.server_close()
+    with serving(_handler(up)) as server:
+        up.server = server
+        try:
+            yield up
+        finally:
+            up.gate.set()
