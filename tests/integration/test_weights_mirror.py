@@ -246,3 +246,24 @@ def test_interrupted_download_resumes_with_a_range(hub: Hub, tmp_path: Path) -> 
     (resumed,) = hub.ranges  # one resume, from what had been written, not from zero
     assert 0 < int(resumed.removeprefix("bytes=").rstrip("-")) <= len(data) // 2
     assert not list((tmp_path / "store" / "tmp").iterdir())  # nothing partial left behind
+
+
+def test_single_file_over_http_resumes(hub: Hub, tmp_path: Path) -> None:
+    from kingpost.weights.blobs import BlobStore
+    from kingpost.weights.sources import HttpFileSource
+
+    data = os.urandom(2_500_000)
+    hub.repos["org/file"] = repo = Repo()
+    commit = repo.commit("main", {"weights.bin": data})
+    source = HttpFileSource(f"{hub.url}/org/file/resolve/{commit}/weights.bin")
+    (f,) = source.files()
+    assert (f.path, f.size) == ("weights.bin", len(data))
+    hub.drop_once.add("weights.bin")
+    store = BlobStore(tmp_path / "store")
+    with store.writer() as (fh, tmp):
+        with pytest.raises(Exception):  # noqa: B017 - the transport error of a dropped connection
+            source.fetch(f, fh)
+        assert 0 < fh.tell() < len(data)
+        source.fetch(f, fh, fh.tell())
+    digest = store.commit(tmp, len(data))
+    assert store.blob_path(digest).read_bytes() == data

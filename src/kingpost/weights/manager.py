@@ -74,10 +74,10 @@ def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
                 (f"weights[{i}].auth", f"secret_id is required: {e.scheme}:// sources need "
                  "`auth: {auth_method: CUSTOM_SECRET, auth_secret_name: <secret-name>}`")
             )  # fmt: skip
-        if e.scheme in ("gs", "https", "bt", "azure", "cw"):
+        if e.scheme in ("gs", "bt", "azure", "cw"):
             errors.append(
                 (f"weights[{i}].source", f"{e.scheme}:// sources are not supported by this "
-                 "build yet; file://, s3://, r2:// and hf:// are")
+                 "build yet; file://, s3://, r2://, hf:// and https:// are")
             )  # fmt: skip
     return errors
 

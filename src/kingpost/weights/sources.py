@@ -163,6 +163,35 @@ class HubSource(Source):
                 out.write(chunk)
 
 
+class HttpFileSource(Source):
+    """One file at an ``https://`` (or, for local servers, ``http://``) URL."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url
+        self.name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "file"
+        self._http = httpx.Client(timeout=60, follow_redirects=True)
+
+    def files(self) -> list[RemoteFile]:
+        with self._http.stream("GET", self.url) as r:  # headers only; the body is not read
+            if r.status_code >= 400:
+                raise WeightsError(f"{self.url}: HTTP {r.status_code}")
+            length = r.headers.get("content-length")
+            if length is None:
+                raise WeightsError(f"{self.url}: the server gives no Content-Length")
+            etag = r.headers.get("etag") or r.headers.get("last-modified") or length
+        return [RemoteFile(self.name, int(length), etag.strip('"'))]
+
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        with self._http.stream("GET", self.url, headers=headers) as r:
+            if r.status_code >= 400 or (start and r.status_code != 206):
+                raise WeightsError(f"{self.url}: download failed: HTTP {r.status_code}")
+            for chunk in r.iter_bytes(1024 * 1024):
+                out.write(chunk)
+
+
 def _hub_source(entry: WeightsEntry, secrets: Mapping[str, str], revision: str | None) -> Source:
     location = entry.source.split("://", 1)[1]
     repo, _, rev = location.partition("@")
@@ -252,6 +281,8 @@ def open_source(
     scheme = entry.scheme
     if scheme == "hf":
         return _hub_source(entry, secrets, revision)
+    if scheme in ("https", "http"):
+        return HttpFileSource(entry.source)
     if scheme == "file":
         path = entry.source.split("://", 1)[1] if "://" in entry.source else entry.source
         return LocalSource(Path(path))
@@ -263,5 +294,5 @@ def open_source(
         )
     raise WeightsError(
         f"{entry.source}: {scheme}:// sources are not supported by this build yet "
-        "(file://, s3://, r2:// and hf:// are)"
+        "(file://, s3://, r2://, hf:// and https:// are)"
     )
