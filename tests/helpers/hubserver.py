@@ -57,6 +57,32 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 return None
             return repo
 
+        def do_HEAD(self) -> None:
+            """What huggingface_hub asks before a download: commit, etag, size."""
+            parts = self.path.split("?", 1)[0].lstrip("/").split("/")
+            if len(parts) < 5 or parts[2] != "resolve":
+                self._send(404, b"")
+                return
+            repo = self._repo("/".join(parts[:2]))
+            if repo is None:
+                return
+            commit = repo.branches.get(parts[3], parts[3])
+            data = repo.commits.get(commit, {}).get("/".join(parts[4:]))
+            if data is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            etag = hashlib.sha256(data).hexdigest()
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{etag}"')
+            self.send_header("X-Linked-Etag", f'"{etag}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path.startswith("/api/models/"):

@@ -267,3 +267,16 @@ def test_single_file_over_http_resumes(hub: Hub, tmp_path: Path) -> None:
         source.fetch(f, fh, fh.tell())
     digest = store.commit(tmp, len(data))
     assert store.blob_path(digest).read_bytes() == data
+
+
+def test_the_local_hub_speaks_the_api_huggingface_hub_uses(hub: Hub, tmp_path: Path) -> None:
+    """The real client downloads from the test hub, so the mirror is tested against the
+    real protocol, not only against itself."""
+    hf = pytest.importorskip("huggingface_hub")
+    hub.repos["org/model"] = repo = Repo()
+    commit = repo.commit("main", {"config.json": b'{"a": 1}'})
+    path = hf.hf_hub_download(
+        "org/model", "config.json", revision="main", endpoint=hub.url,
+        cache_dir=str(tmp_path / "hf-cache"),
+    )  # fmt: skip
+    assert Path(path).read_bytes() == b'{"a": 1}' and commit in path
