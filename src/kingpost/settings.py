@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     """Client side: control plane URL; else ``http://{api_host}:{api_port}``."""
     netns: str = "auto"
     """Process engine network isolation: ``auto`` (when permitted), ``on``, ``off``."""
+    docker_network: str = "kingpost"
+    """Docker engine: the bridge network replicas join (created when missing)."""
 
     @cached_property
     def db_url(self) -> str:

@@ -147,16 +147,17 @@ def test_weights_this_build_cannot_mirror_are_refused_before_anything_is_created
     assert client.get("/v1/models").json() == []
 
 
-def test_unknown_or_missing_engines_are_named() -> None:
-    from kingpost._optional import optional_attr
+def test_unknown_or_unreachable_engines_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from kingpost.engines import create_engine
     from kingpost.errors import EngineError, ValidationError
 
     with pytest.raises(ValidationError, match="nope"):
         create_engine("nope", Settings())
-    if optional_attr("kingpost.engines.docker", "DockerEngine") is None:
-        with pytest.raises(EngineError, match="docker"):
-            create_engine("docker", Settings())
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-dockerd.sock")
+    with pytest.raises(EngineError, match=r"cannot reach the Docker Engine.*--engine process"):
+        create_engine("docker", Settings(home=tmp_path))
 
 
 def test_push_names_a_bad_engine(api: tuple[TestClient, str], tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from kingpost._optional import optional_attr
 from kingpost.api.schemas import (
     DeploymentOut,
     EnvironmentIn,
@@ -139,6 +138,8 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
         )
     engine = body.engine or plane.settings.engine
     _check_engine(engine)
+    if engine != "process":
+        plane.controller.engine(engine)  # EngineError now, if e.g. dockerd is unreachable
     environment = body.environment or ("production" if body.promote else None)
     dep = plane.store.create_deployment(
         NewDeployment(
@@ -170,13 +171,6 @@ def _check_engine(engine: str) -> None:
     if engine not in ("process", "docker"):
         raise ValidationError(
             f"engine: {engine!r} is not an engine; choose process or docker",
-            field="engine",
-            value=engine,
-        )
-    if engine == "docker" and optional_attr("kingpost.engines.docker", "DockerEngine") is None:
-        raise ValidationError(
-            "engine: the docker engine is not part of this build yet; push with "
-            "--engine process (the default)",
             field="engine",
             value=engine,
         )

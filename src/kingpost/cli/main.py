@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from kingpost.cli._common import err_console, settings
+from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.secrets import secrets
 from kingpost.cli.weights import migrate, weights
@@ -58,7 +59,7 @@ def init(name: str, target: Path | None) -> None:
     click.echo(f"created {dest}; deploy it with `kingpost push {dest}`")
 
 
-for command in (push, models, deployments, logs, predict, secrets, weights, migrate):
+for command in (push, models, deployments, logs, predict, secrets, weights, migrate, image):
     cli.add_command(command)
 
 

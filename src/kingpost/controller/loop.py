@@ -14,7 +14,6 @@ deployment's step is logged and never stops the loop.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from kingpost.controller.specs import (
     server_shape,
 )
 from kingpost.controller.table import build_table
-from kingpost.engines import Engine, LogLine, ReplicaStatus, create_engine
+from kingpost.engines import Engine, LogLine, Prepared, ReplicaStatus, create_engine
 from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
 from kingpost.store import DeploymentStatus, DeploymentView, DesiredState, Store, new_id
@@ -50,7 +49,7 @@ TABLE_REFRESH_S = 5.0
 class _Ready:
     """Prerequisites met: what replica specs need beyond the config."""
 
-    python: str | None
+    built: Prepared
     weights: tuple[Any, ...]
 
 
@@ -117,7 +116,7 @@ class Controller:
         return self._table
 
     def logs(self, deployment: DeploymentView, tail: int = 200) -> list[LogLine]:
-        lines = [LogLine("build", t) for t in self._jobs.output(f"env:{deployment.id}")]
+        lines = [LogLine("build", t) for t in self._jobs.output(f"build:{deployment.id}")]
         engine = self._engines.get(deployment.engine)
         if engine is not None:
             lines.extend(engine.logs(deployment.id, tail))
@@ -234,34 +233,26 @@ class Controller:
             except KingpostError as exc:
                 self.store.set_status(dep.id, DeploymentStatus.FAILED, exc.message)
                 return None
-        built, python = self._python_for(dep, config)
-        if not built:
+        built = self._build_for(dep, config)
+        if built is None:
             return None
         weights = self._weights_for(dep, config)
         if weights is None:
             return None
-        return _Ready(python=python, weights=weights)
+        return _Ready(built=built, weights=weights)
 
-    def _python_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[bool, str | None]:
-        """(ready, interpreter) of a model-class deployment on the process engine."""
-        if config.docker_server is not None or dep.engine != "process":
-            return True, None  # custom servers bring their own; docker builds in the engine
-        from kingpost.envs import ensure_environment
-
-        app_dir, envs_dir = self._app_dir(dep), self.settings.envs_dir
-        job = self._jobs.ensure(
-            f"env:{dep.id}",
-            lambda out: ensure_environment(config, app_dir, envs_dir, out).python_executable,
-        )
+    def _build_for(self, dep: DeploymentView, config: TrussConfig) -> Prepared | None:
+        """What the deployment's engine builds for it (an environment, an image), once."""
+        engine, app_dir = self.engine(dep.engine), self._app_dir(dep)
+        job = self._jobs.ensure(f"build:{dep.id}", lambda out: engine.prepare(config, app_dir, out))
         if job.state == JobState.RUNNING:
-            self.store.set_status(
-                dep.id, DeploymentStatus.BUILDING, "building the Python environment"
-            )
-            return False, None
+            what = "the image" if dep.engine == "docker" else "the Python environment"
+            self.store.set_status(dep.id, DeploymentStatus.BUILDING, f"building {what}")
+            return None
         if job.state == JobState.FAILED:
             self.store.set_status(dep.id, DeploymentStatus.BUILD_FAILED, job.error)
-            return False, None
-        return True, str(job.result or sys.executable)
+            return None
+        return job.result if isinstance(job.result, Prepared) else Prepared()
 
     def _weights_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[Any, ...] | None:
         entries = list(config.weights or [])
@@ -313,7 +304,8 @@ class Controller:
                 env=env,
                 secrets=secrets,
                 weights=ready.weights,
-                python_executable=ready.python,
+                python_executable=ready.built.python_executable,
+                image=ready.built.image,
             )
             try:
                 engine.start(spec)

@@ -110,6 +110,7 @@ def replica_spec(
     secrets: dict[str, str],
     weights: tuple[WeightMount, ...] = (),
     python_executable: str | None = None,
+    image: str | None = None,
 ) -> ReplicaSpec:
     shape = server_shape(config)
     ds = config.docker_server
@@ -129,5 +130,6 @@ def replica_spec(
         weights=weights,
         run_as_user_id=ds.run_as_user_id if ds is not None else None,
         python_executable=python_executable,
+        image=image,
         config=config,
     )

@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING
 
 from kingpost._optional import optional_attr
 from kingpost.engines.base import (
+    BuildLog,
     Endpoint,
     Engine,
     LogLine,
+    Prepared,
     Probes,
     ReplicaPhase,
     ReplicaSpec,
@@ -23,9 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENGINE_NAMES",
+    "BuildLog",
     "Endpoint",
     "Engine",
     "LogLine",
+    "Prepared",
     "Probes",
     "ReplicaPhase",
     "ReplicaSpec",

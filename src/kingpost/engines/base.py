@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -31,9 +31,11 @@ if TYPE_CHECKING:
     from kingpost.config import TrussConfig
 
 __all__ = [
+    "BuildLog",
     "Endpoint",
     "Engine",
     "LogLine",
+    "Prepared",
     "Probes",
     "ReplicaPhase",
     "ReplicaSpec",
@@ -105,6 +107,8 @@ class ReplicaSpec:
     run_as_user_id: int | None = None
     python_executable: str | None = None
     """Interpreter of a model-class deployment's environment (default: this one)."""
+    image: str | None = None
+    """The image an engine that runs containers built for this deployment."""
     config: TrussConfig | None = None
     """The whole parsed config, for engines that build images from it."""
     model_name: str = ""
@@ -134,6 +138,18 @@ class ReplicaStatus:
     started_at: float = 0.0
 
 
+BuildLog = Callable[[str], None]
+"""Receives build output line by line (shown by ``kingpost logs``)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :meth:`Engine.prepare` made for a deployment, carried into its replica specs."""
+
+    python_executable: str | None = None
+    image: str | None = None
+
+
 @dataclass(frozen=True)
 class LogLine:
     replica_id: str
@@ -144,6 +160,13 @@ class Engine(ABC):
     """Starts, watches and stops replicas. See the module docstring."""
 
     name: ClassVar[str]
+
+    def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
+        """Build what every replica of a deployment needs (an environment, an image).
+
+        Runs on a preparation thread, may take minutes, must be idempotent and cheap
+        the second time; raises :class:`~kingpost.errors.BuildError` on failure."""
+        return Prepared()
 
     @abstractmethod
     def start(self, spec: ReplicaSpec) -> None: ...

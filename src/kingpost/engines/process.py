@@ -26,13 +26,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
 from kingpost.engines.base import (
+    BuildLog,
     Endpoint,
     Engine,
     LogLine,
+    Prepared,
     ReplicaPhase,
     ReplicaSpec,
     ReplicaStatus,
@@ -42,6 +44,9 @@ from kingpost.engines.netns import can_unshare_net, forget_netns
 from kingpost.engines.probes import http_probe
 from kingpost.errors import EngineError
 from kingpost.settings import Settings
+
+if TYPE_CHECKING:
+    from kingpost.config import TrussConfig
 
 __all__ = ["ProcessEngine"]
 
@@ -127,6 +132,16 @@ class ProcessEngine(Engine):
         self._thread.start()
 
     # -- the Engine interface ------------------------------------------------------------
+    def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
+        """A model class gets its Python environment (cached by input hash); a custom
+        server brings its own command."""
+        if config.docker_server is not None:
+            return Prepared()
+        from kingpost.envs import ensure_environment
+
+        env = ensure_environment(config, app_dir, self.settings.envs_dir, log)
+        return Prepared(python_executable=env.python_executable)
+
     def start(self, spec: ReplicaSpec) -> None:
         with self._lock:
             if spec.replica_id in self._replicas:

@@ -42,6 +42,7 @@ class Dispatcher:
         self.route = route
         self.inflight: dict[str, int] = {}
         self._waiters: deque[_Waiter] = deque()
+        self._turn = 0
 
     def update(self, route: DeploymentRoute) -> None:
         self.route = route
@@ -60,8 +61,15 @@ class Dispatcher:
         self._drain()
 
     def _free(self, exclude: frozenset[str] = frozenset()) -> Upstream | None:
+        """The least-loaded replica with room; ties rotate, so light traffic spreads."""
+        upstreams = self.route.upstreams
+        n = len(upstreams)
+        if n == 0:
+            return None
+        self._turn = (self._turn + 1) % n
         best, best_load = None, self.route.concurrency
-        for u in self.route.upstreams:
+        for i in range(n):
+            u = upstreams[(self._turn + i) % n]
             if u.replica_id in exclude:
                 continue
             load = self.inflight.get(u.replica_id, 0)

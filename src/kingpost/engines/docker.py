@@ -1,0 +1,681 @@
+"""The docker engine: every replica is a container on a real Docker Engine.
+
+``prepare`` builds the deployment's image (:mod:`kingpost.images`, tagged by a
+hash of its inputs, so an unchanged project never rebuilds). ``start`` creates
+one container per replica on Kingpost's bridge network; the gateway and the
+probes reach it at its address on that network, so any number of replicas bind
+the same ``server_port`` with no host port involved.
+
+Containers carry labels naming the replica, the deployment and the Kingpost
+home they belong to (``kingpost.scope``). A control plane that starts again
+lists its running containers and adopts them instead of starting duplicates;
+``close`` therefore leaves containers running. Containers that stopped while no
+control plane watched are removed (their logs saved), and the controller starts
+fresh replicas in their place.
+
+Health, restarts and backoff follow the process engine: readiness takes a
+replica out of traffic, liveness failures and exits restart it (``docker
+start`` of the same container, or a new container when it was removed), and a
+replica that keeps exiting before it was ever ready ends FAILED with its last
+lines of output. Blocking Docker calls (create, start, stop, remove) run on a
+small pool so one slow container never stalls the monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kingpost.engines.base import (
+    BuildLog,
+    Endpoint,
+    Engine,
+    LogLine,
+    Prepared,
+    Probes,
+    ReplicaPhase,
+    ReplicaSpec,
+    ReplicaStatus,
+    ServerKind,
+)
+from kingpost.engines.probes import http_probe
+from kingpost.errors import EngineError
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+    from kingpost.config import TrussConfig
+    from kingpost.settings import Settings
+
+__all__ = ["DockerEngine", "container_options", "device_requests", "scope_of"]
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+MAX_EXITS_BEFORE_READY = 3
+STOP_GRACE_S = 5
+BACKOFF_CAP_S = 30.0
+SECRETS_MOUNT = "/secrets"
+APP_DIR = "/app"
+
+LABEL_SCOPE = "kingpost.scope"
+LABEL_REPLICA = "kingpost.replica"
+LABEL_DEPLOYMENT = "kingpost.deployment"
+LABEL_MODEL = "kingpost.model"
+LABEL_RUNTIME = "kingpost.runtime"
+"""JSON of what the monitor needs to watch an adopted container: port and probes."""
+
+
+def scope_of(home: Path) -> str:
+    """A short stable id of one Kingpost installation (its home directory)."""
+    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+
+
+def device_requests(config: TrussConfig | None) -> list[dict[str, Any]]:
+    """GPU requests for ``resources.accelerator`` (the NVIDIA runtime picks devices).
+
+    Docker cannot select a GPU model, so ``H100:2`` asks for any two GPUs; the kind
+    is recorded as a label for the operator."""
+    accelerator = config.resources.accelerator if config is not None else None
+    if accelerator is None:
+        return []
+    return [{"Driver": "", "Count": accelerator.count, "Capabilities": [["gpu"]]}]
+
+
+def _command(spec: ReplicaSpec) -> list[str] | None:
+    if spec.kind == ServerKind.MODEL_CLASS:
+        from kingpost.images import image_python
+
+        python = image_python(spec.config) if spec.config is not None else "python3"
+        return [
+            python,
+            "-m",
+            "kingpost.server",
+            "--app-dir",
+            APP_DIR,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(spec.server_port),
+            "--secrets-dir",
+            SECRETS_MOUNT,
+        ]
+    if spec.command:
+        return ["/bin/sh", "-c", spec.command]
+    return None  # no_build without start_command: the image's own entrypoint
+
+
+def _runtime_label(spec: ReplicaSpec) -> str:
+    p = spec.probes
+    return json.dumps(
+        {
+            "port": spec.server_port,
+            "readiness": p.readiness_path,
+            "liveness": p.liveness_path,
+            "period": p.period_s,
+            "timeout": p.timeout_s,
+            "ready_threshold": p.readiness_failure_threshold,
+            "live_threshold": p.liveness_failure_threshold,
+            "initial_delay": p.initial_delay_s,
+        },
+        sort_keys=True,
+    )
+
+
+def _runtime_from_label(text: str) -> tuple[int, Probes]:
+    data = json.loads(text)
+    return int(data["port"]), Probes(
+        readiness_path=data["readiness"],
+        liveness_path=data["liveness"],
+        period_s=float(data["period"]),
+        timeout_s=float(data["timeout"]),
+        readiness_failure_threshold=int(data["ready_threshold"]),
+        liveness_failure_threshold=int(data["live_threshold"]),
+        initial_delay_s=float(data["initial_delay"]),
+    )
+
+
+def container_options(
+    spec: ReplicaSpec, *, name: str, network: str, scope: str, secrets_dir: Path
+) -> dict[str, Any]:
+    """Keyword arguments of ``containers.create`` for one replica (pure; unit-tested).
+
+    Mounts and device requests are plain dicts in the Engine API's shape."""
+    if not spec.image:
+        raise EngineError(f"replica {spec.replica_id} has no image; the build did not run")
+    config = spec.config
+    env = {
+        **spec.env,
+        "BT_MODEL_ID": spec.model_id,
+        "BT_MODEL_DEPLOYMENT_ID": spec.deployment_id,
+        "KINGPOST_SECRETS_DIR": SECRETS_MOUNT,
+        "PYTHONUNBUFFERED": "1",
+    }
+    mounts = [
+        {"Type": "bind", "Source": str(secrets_dir), "Target": SECRETS_MOUNT, "ReadOnly": True}
+    ] + [
+        {"Type": "bind", "Source": str(w.source_dir), "Target": w.mount_location, "ReadOnly": True}
+        for w in spec.weights
+    ]
+    labels = {
+        LABEL_SCOPE: scope,
+        LABEL_REPLICA: spec.replica_id,
+        LABEL_DEPLOYMENT: spec.deployment_id,
+        LABEL_MODEL: spec.model_id,
+        LABEL_RUNTIME: _runtime_label(spec),
+    }
+    options: dict[str, Any] = {
+        "image": spec.image,
+        "command": _command(spec),
+        "name": name,
+        "hostname": name[:63],
+        "environment": env,
+        "labels": labels,
+        "mounts": mounts,
+        "network": network,
+        "init": True,
+        "detach": True,
+        "log_config": {"Type": "json-file", "Config": {"max-size": "20m", "max-file": "2"}},
+        "security_opt": ["no-new-privileges"],
+    }
+    if spec.run_as_user_id is not None:
+        options["user"] = f"{spec.run_as_user_id}:{spec.run_as_user_id}"
+    if config is not None:
+        millicores = config.resources.cpu_millicores
+        if millicores:
+            options["nano_cpus"] = millicores * 1_000_000
+        memory = config.resources.memory_bytes
+        if memory:
+            options["mem_limit"] = memory
+        requests = device_requests(config)
+        if requests:
+            options["device_requests"] = requests
+            labels["kingpost.accelerator"] = str(config.resources.accelerator)
+    return options
+
+
+@dataclass
+class _Replica:
+    replica_id: str
+    deployment_id: str
+    port: int
+    probes: Probes
+    spec: ReplicaSpec | None = None
+    """None for a container adopted from an earlier control plane."""
+    container_id: str | None = None
+    phase: ReplicaPhase = ReplicaPhase.STARTING
+    endpoint: Endpoint | None = None
+    restarts: int = 0
+    exits_before_ready: int = 0
+    ever_ready: bool = False
+    ready_fails: int = 0
+    live_fails: int = 0
+    launched: float = 0.0
+    next_start: float = 0.0
+    next_check: float = 0.0
+    started_at: float = 0.0
+    message: str = ""
+    stopping: bool = False
+    busy: bool = False
+    """A blocking Docker call for this replica is in flight on the pool."""
+
+
+class DockerEngine(Engine):
+    name: ClassVar[str] = "docker"
+
+    def __init__(self, settings: Settings, client: DockerClient | None = None) -> None:
+        from kingpost.images.client import docker_client
+
+        self.settings = settings
+        self.client = client or docker_client()
+        self.scope = scope_of(settings.home)
+        self.network = settings.docker_network
+        self._secrets_root = _secrets_root(self.scope)
+        self._replicas: dict[str, _Replica] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="kingpost-docker")
+        self._closing = threading.Event()
+        self._ensure_network()
+        self._adopt()
+        self._thread = threading.Thread(
+            target=self._monitor, name="kingpost-docker-engine", daemon=True
+        )
+        self._thread.start()
+
+    # -- the Engine interface ------------------------------------------------------------
+    def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
+        from kingpost.images import build_image
+
+        return Prepared(image=build_image(config, app_dir, log, self.client))
+
+    def start(self, spec: ReplicaSpec) -> None:
+        with self._lock:
+            if spec.replica_id in self._replicas:
+                return
+            self._replicas[spec.replica_id] = _Replica(
+                spec.replica_id,
+                spec.deployment_id,
+                spec.server_port,
+                spec.probes,
+                spec=spec,
+                started_at=time.time(),
+            )
+
+    def poll(self) -> list[ReplicaStatus]:
+        with self._lock:
+            return [
+                ReplicaStatus(
+                    r.replica_id,
+                    r.deployment_id,
+                    r.phase,
+                    r.endpoint,
+                    r.restarts,
+                    r.message,
+                    r.started_at,
+                )
+                for r in self._replicas.values()
+                if not r.stopping
+            ]
+
+    def stop(self, replica_id: str) -> None:
+        with self._lock:
+            rep = self._replicas.get(replica_id)
+            if rep is not None:
+                rep.stopping = True
+
+    def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
+        out: list[LogLine] = []
+        saved = sorted(
+            self.settings.replicas_dir.glob(f"{deployment_id}-*/output.log"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for path in saved:
+            lines = path.read_text(errors="replace").splitlines()[-tail:]
+            out.extend(LogLine(path.parent.name, line) for line in lines)
+        with self._lock:
+            live = [
+                (r.replica_id, r.container_id)
+                for r in self._replicas.values()
+                if r.deployment_id == deployment_id and r.container_id
+            ]
+        for replica_id, cid in live:
+            out.extend(LogLine(replica_id, line) for line in self._container_logs(cid, tail))
+        return out[-tail:]
+
+    def close(self) -> None:
+        """Stop watching; containers keep running for the next control plane to adopt.
+
+        Replicas already asked to stop are stopped first."""
+        deadline = time.monotonic() + STOP_GRACE_S + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(r.stopping for r in self._replicas.values()):
+                    break
+            time.sleep(0.05)
+        self._closing.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True)
+
+    # -- setup ----------------------------------------------------------------------------
+    def _ensure_network(self) -> None:
+        from docker.errors import APIError, DockerException
+
+        try:
+            if not self.client.networks.list(names=[self.network]):
+                with contextlib.suppress(APIError):  # a concurrent creator won
+                    self.client.networks.create(
+                        self.network, driver="bridge", labels={"kingpost.network": "1"}
+                    )
+        except DockerException as exc:
+            raise EngineError(
+                f"docker engine: cannot create the network {self.network!r}: {exc}"
+            ) from exc
+
+    def _adopt(self) -> None:
+        """Take over this installation's containers left by an earlier control plane."""
+        from docker.errors import DockerException
+
+        try:
+            containers = self.client.containers.list(
+                all=True, filters={"label": f"{LABEL_SCOPE}={self.scope}"}
+            )
+        except DockerException as exc:
+            raise EngineError(f"docker engine: cannot list containers: {exc}") from exc
+        for container in containers:
+            labels = container.labels
+            replica_id = labels.get(LABEL_REPLICA, "")
+            try:
+                port, probes = _runtime_from_label(labels.get(LABEL_RUNTIME, ""))
+            except (ValueError, KeyError):
+                port, probes = 0, Probes()
+            if container.status != "running" or not replica_id or not port:
+                self._save_logs(replica_id or str(container.name), str(container.id))
+                with contextlib.suppress(DockerException):
+                    container.remove(force=True)
+                continue
+            now = time.monotonic()
+            rep = _Replica(
+                replica_id,
+                labels.get(LABEL_DEPLOYMENT, ""),
+                port,
+                probes,
+                container_id=container.id,
+                launched=now,
+                ever_ready=True,
+                started_at=time.time(),
+                message="adopted from an earlier control plane",
+            )
+            rep.endpoint = self._endpoint(container.attrs, port)
+            self._replicas[replica_id] = rep
+            log.info("docker engine: adopted replica %s", replica_id)
+
+    # -- the monitor thread -------------------------------------------------------------------
+    def _monitor(self) -> None:
+        while not self._closing.is_set():
+            with self._lock:
+                replicas = [r for r in self._replicas.values() if not r.busy]
+            now = time.monotonic()
+            for rep in replicas:
+                try:
+                    self._step(rep, now)
+                except Exception:
+                    log.exception("docker engine: replica %s", rep.replica_id)
+            time.sleep(TICK_S)
+
+    def _step(self, rep: _Replica, now: float) -> None:
+        if rep.stopping:
+            self._async(rep, self._remove)
+            return
+        if rep.phase == ReplicaPhase.FAILED:
+            return
+        if rep.container_id is None or rep.endpoint is None:
+            if now >= rep.next_start:
+                self._async(rep, self._launch)
+            return
+        if now < rep.next_check:
+            return
+        rep.next_check = now + rep.probes.period_s
+        state = self._state(rep.container_id)
+        if state is None:
+            self._exited(rep, now, "the container was removed from outside", gone=True)
+        elif not state.get("Running"):
+            code = state.get("ExitCode")
+            why = "killed: out of memory" if state.get("OOMKilled") else f"exited with code {code}"
+            self._exited(rep, now, why)
+        else:
+            self._probe(rep, now)
+
+    def _async(self, rep: _Replica, action: Any) -> None:
+        rep.busy = True
+
+        def run() -> None:
+            try:
+                action(rep)
+            except Exception as exc:
+                log.exception("docker engine: replica %s", rep.replica_id)
+                rep.phase, rep.message = ReplicaPhase.FAILED, f"docker engine: {exc}"
+            finally:
+                rep.busy = False
+
+        try:
+            self._pool.submit(run)
+        except RuntimeError:  # shutting down
+            rep.busy = False
+
+    def _state(self, container_id: str) -> dict[str, Any] | None:
+        from docker.errors import NotFound
+
+        try:
+            attrs = self.client.api.inspect_container(container_id)
+        except NotFound:
+            return None
+        state: dict[str, Any] = attrs.get("State", {})
+        return state
+
+    def _exited(self, rep: _Replica, now: float, why: str, gone: bool = False) -> None:
+        rep.endpoint = None
+        if gone:
+            rep.container_id = None
+        if not rep.ever_ready:
+            rep.exits_before_ready += 1
+            if rep.exits_before_ready >= MAX_EXITS_BEFORE_READY:
+                tail = "\n".join(self._container_logs(rep.container_id, 20))
+                rep.phase = ReplicaPhase.FAILED
+                rep.message = f"server {why} before becoming ready; last output:\n{tail}"
+                return
+        self._schedule_restart(rep, now, f"{why}; restarting")
+
+    def _schedule_restart(self, rep: _Replica, now: float, why: str) -> None:
+        rep.restarts += 1
+        rep.endpoint, rep.live_fails, rep.ready_fails = None, 0, 0
+        rep.phase, rep.message = ReplicaPhase.RESTARTING, why
+        rep.next_start = now + min(BACKOFF_CAP_S, 2.0 ** (rep.restarts - 1))
+
+    def _probe(self, rep: _Replica, now: float) -> None:
+        probes, endpoint = rep.probes, rep.endpoint
+        assert endpoint is not None
+        timeout = min(probes.timeout_s, 1.0)
+        ready = http_probe(endpoint, probes.readiness_path, timeout)
+        if ready:
+            rep.ready_fails = 0
+            if rep.phase != ReplicaPhase.READY:
+                rep.message = ""
+            rep.phase, rep.ever_ready = ReplicaPhase.READY, True
+        elif rep.phase == ReplicaPhase.READY:
+            rep.ready_fails += 1
+            if rep.ready_fails >= probes.readiness_failure_threshold:
+                rep.phase, rep.message = ReplicaPhase.NOT_READY, "readiness probe failing"
+        if not rep.ever_ready:
+            if now - rep.launched > probes.startup_timeout_s:
+                self._kill_and_restart(rep, now, f"not ready after {probes.startup_timeout_s:.0f}s")
+            return
+        if now - rep.launched < probes.initial_delay_s:
+            return
+        alive = (
+            ready
+            if probes.liveness_path == probes.readiness_path
+            else http_probe(endpoint, probes.liveness_path, timeout)
+        )
+        rep.live_fails = 0 if alive else rep.live_fails + 1
+        if rep.live_fails >= probes.liveness_failure_threshold:
+            self._kill_and_restart(rep, now, "liveness probe failed")
+
+    def _kill_and_restart(self, rep: _Replica, now: float, why: str) -> None:
+        from docker.errors import DockerException
+
+        if rep.container_id is not None:
+            with contextlib.suppress(DockerException):
+                self.client.api.kill(rep.container_id)
+        self._schedule_restart(rep, now, why)
+
+    # -- blocking actions (on the pool) -----------------------------------------------------
+    def _launch(self, rep: _Replica) -> None:
+        """Start the replica's container again, or create it (anew, if it was removed)."""
+        from docker.errors import DockerException, NotFound
+
+        if rep.container_id is not None:
+            try:
+                self.client.api.start(rep.container_id)
+                self._started(rep)
+                return
+            except NotFound:
+                rep.container_id = None
+            except DockerException as exc:
+                if rep.spec is None:
+                    self._drop(rep, f"cannot restart the adopted container: {exc}")
+                    return
+                self._save_logs(rep.replica_id, rep.container_id)
+                with contextlib.suppress(DockerException):
+                    self.client.api.remove_container(rep.container_id, force=True)
+                rep.container_id = None
+        if rep.spec is None:
+            self._drop(rep, "the adopted container is gone")
+            return
+        spec = rep.spec
+        secrets_dir = self._write_secrets(spec)
+        options = container_options(
+            spec,
+            name=_container_name(spec.replica_id),
+            network=self.network,
+            scope=self.scope,
+            secrets_dir=secrets_dir,
+        )
+        try:
+            container = self._create(options)
+            container.start()
+        except DockerException as exc:
+            rep.phase = ReplicaPhase.FAILED
+            rep.message = f"cannot start the container: {_explain(exc)}"
+            return
+        rep.container_id = container.id
+        self._started(rep)
+
+    def _create(self, options: dict[str, Any]) -> Any:
+        from docker.errors import APIError, NotFound
+        from docker.types import DeviceRequest, Mount
+
+        kwargs = dict(options)
+        kwargs["mounts"] = [
+            Mount(m["Target"], m["Source"], type=m["Type"], read_only=m["ReadOnly"])
+            for m in options["mounts"]
+        ]
+        if "device_requests" in options:
+            kwargs["device_requests"] = [
+                DeviceRequest(driver=d["Driver"], count=d["Count"], capabilities=d["Capabilities"])
+                for d in options["device_requests"]
+            ]
+        try:
+            return self.client.containers.create(**kwargs)
+        except APIError as exc:
+            if exc.status_code != 409:  # 409: a container of that name exists (a retry)
+                raise
+        with contextlib.suppress(NotFound):
+            self.client.api.remove_container(options["name"], force=True)
+        return self.client.containers.create(**kwargs)
+
+    def _started(self, rep: _Replica) -> None:
+        assert rep.container_id is not None
+        attrs = self.client.api.inspect_container(rep.container_id)
+        now = time.monotonic()
+        rep.endpoint = self._endpoint(attrs, rep.port)
+        rep.launched, rep.next_check = now, now + min(0.2, rep.probes.period_s)
+        rep.phase, rep.ready_fails = ReplicaPhase.STARTING, 0
+
+    def _endpoint(self, attrs: dict[str, Any], port: int) -> Endpoint | None:
+        networks = attrs.get("NetworkSettings", {}).get("Networks", {}) or {}
+        net = networks.get(self.network) or next(iter(networks.values()), None)
+        address = (net or {}).get("IPAddress")
+        return Endpoint(address, port) if address else None
+
+    def _remove(self, rep: _Replica) -> None:
+        from docker.errors import DockerException, NotFound
+
+        if rep.container_id is not None:
+            rep.phase = ReplicaPhase.STOPPED
+            try:
+                self.client.api.stop(rep.container_id, timeout=STOP_GRACE_S)
+            except NotFound:
+                pass
+            except DockerException as exc:
+                log.warning("docker engine: stopping %s: %s", rep.replica_id, exc)
+            self._save_logs(rep.replica_id, rep.container_id)
+            with contextlib.suppress(NotFound):
+                self.client.api.remove_container(rep.container_id, force=True)
+        self._forget(rep)
+
+    def _drop(self, rep: _Replica, why: str) -> None:
+        """Forget a replica the controller must replace (so it starts a fresh one)."""
+        log.info("docker engine: replica %s dropped: %s", rep.replica_id, why)
+        self._forget(rep)
+
+    def _forget(self, rep: _Replica) -> None:
+        path = self._secrets_root / rep.replica_id
+        if path.exists():
+            path.chmod(0o700)
+            shutil.rmtree(path, ignore_errors=True)
+        with self._lock:
+            self._replicas.pop(rep.replica_id, None)
+
+    # -- files ----------------------------------------------------------------------------------
+    def _write_secrets(self, spec: ReplicaSpec) -> Path:
+        """Secret files on tmpfs, readable only by the server's user, bound read-only.
+
+        Directory 0500 and files 0400 owned by ``run_as_user_id`` (or the image's
+        UID 60000); an image keeping its own unknown user gets 0555/0444."""
+        from kingpost.images.dockerfile import image_user_id
+
+        uid = spec.run_as_user_id
+        if uid is None and spec.config is not None:
+            uid = image_user_id(spec.config)
+        path = self._secrets_root / spec.replica_id
+        tmp = path.with_name(path.name + ".tmp")
+        for old in (path, tmp):
+            if old.exists():
+                old.chmod(0o700)
+                shutil.rmtree(old)
+        self._secrets_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp.mkdir(mode=0o700)
+        file_mode, dir_mode = (0o400, 0o500) if uid is not None else (0o444, 0o555)
+        for name, value in spec.secrets.items():
+            fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(value)
+            if uid is not None:
+                os.chown(tmp / name, uid, uid)
+            (tmp / name).chmod(file_mode)
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+        tmp.chmod(dir_mode)
+        tmp.rename(path)
+        return path
+
+    def _container_logs(self, container_id: str | None, tail: int) -> list[str]:
+        from docker.errors import DockerException
+
+        if container_id is None:
+            return []
+        try:
+            data = self.client.api.logs(container_id, tail=tail, stdout=True, stderr=True)
+        except DockerException:
+            return []
+        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        return text.splitlines()
+
+    def _save_logs(self, replica_id: str, container_id: str) -> None:
+        """Keep a removed container's output for ``kingpost logs``."""
+        lines = self._container_logs(container_id, 2000)
+        if not lines:
+            return
+        root = self.settings.replicas_dir / replica_id
+        root.mkdir(parents=True, exist_ok=True)
+        with (root / "output.log").open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+def _container_name(replica_id: str) -> str:
+    return f"kingpost-{replica_id}"
+
+
+def _secrets_root(scope: str) -> Path:
+    shm = Path("/dev/shm")
+    return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-docker-{scope}"
+
+
+def _explain(exc: Exception) -> str:
+    text = str(exc)
+    if "could not select device driver" in text:
+        return (
+            f"{text}; resources.accelerator asks for a GPU, and this Docker Engine has no "
+            "GPU runtime (install the NVIDIA Container Toolkit) or no GPU"
+        )
+    return text

@@ -1,0 +1,216 @@
+"""The Kingpost-provided Python base image, built locally from Debian packages.
+
+No image registry is needed: the root filesystem comes from ``debootstrap``
+(Debian's own installer, reading the same apt mirror as the host) and is
+imported with the Docker Engine's ``import`` call. The image is tagged by a
+hash of its recipe (:data:`RECIPE`), so it is built once per machine and every
+later call finds the tag and returns at once. Concurrent builders on one
+machine wait for each other through a file lock.
+
+The image holds Debian's Python 3 in a virtual environment at ``/opt/python``
+(first on ``PATH``, so ``python``, ``python3`` and ``pip`` are that venv's,
+the way the official Python images put theirs in ``/usr/local/bin``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kingpost.errors import BuildError
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+__all__ = [
+    "BASE_PYTHON",
+    "BASE_PYTHON_VERSION",
+    "BASE_REPOSITORY",
+    "RECIPE",
+    "base_image_tag",
+    "ensure_base_image",
+]
+
+BASE_REPOSITORY = "kingpost/python-base"
+BASE_PYTHON = "/opt/python/bin/python"
+BASE_PYTHON_VERSION = "py311"
+"""The Python of Debian bookworm, the only one the local base image offers."""
+
+RECIPE: dict[str, Any] = {
+    "schema": 1,
+    "suite": "bookworm",
+    "variant": "minbase",
+    "include": ["python3", "python3-venv", "ca-certificates"],
+    "venv": "/opt/python",
+    "changes": [
+        "ENV PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "ENV LANG=C.UTF-8",
+        "ENV PYTHONUNBUFFERED=1",
+        'CMD ["python3"]',
+    ],
+}
+"""Everything that decides the image's content; its hash is the image tag.
+The apt mirror is not part of it: any Debian mirror serves the same packages."""
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+_URI = re.compile(r"^(?:URIs:\s*|deb\s+(?:\[[^]]*\]\s+)?)(https?://\S+)", re.MULTILINE)
+
+Log = Callable[[str], None]
+
+
+def base_image_tag() -> str:
+    """``kingpost/python-base:<12 hex>``, the hash of :data:`RECIPE`."""
+    digest = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()
+    return f"{BASE_REPOSITORY}:{digest[:12]}"
+
+
+def debian_mirror(sources: Iterator[Path] | None = None) -> str:
+    """The host's Debian mirror (from /etc/apt/sources.list*), else deb.debian.org."""
+    paths = (
+        sources
+        if sources is not None
+        else iter(
+            [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+        )
+    )
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for match in _URI.finditer(text):
+            uri = match.group(1).rstrip("/")
+            if uri.endswith("/debian"):
+                return uri
+    return DEFAULT_MIRROR
+
+
+def ensure_base_image(client: DockerClient | None = None, log: Log = print) -> str:
+    """Return the base image's tag, building and importing it first if it is missing."""
+    from kingpost.images.client import docker_client, image_exists
+
+    client = client or docker_client()
+    tag = base_image_tag()
+    if image_exists(client, tag):
+        return tag
+    with _machine_lock():
+        if image_exists(client, tag):
+            return tag
+        started = time.monotonic()
+        log(f"building the Kingpost base image {tag} with debootstrap (once per machine)")
+        with tempfile.TemporaryDirectory(prefix="kingpost-base-") as tmp:
+            archive = _build_rootfs(Path(tmp), log)
+            _import(client, archive, tag)
+        log(f"built {tag} in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+@contextmanager
+def _machine_lock() -> Iterator[None]:
+    path = Path(tempfile.gettempdir()) / "kingpost-base-image.lock"
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_rootfs(tmp: Path, log: Log) -> Path:
+    if shutil.which("debootstrap") is None:
+        raise BuildError(
+            "the Kingpost base image needs `debootstrap` to build its root filesystem; "
+            "install it (apt-get install debootstrap) or set base_image.image in config.yaml",
+        )
+    if os.geteuid() != 0:
+        raise BuildError(
+            "building the Kingpost base image runs debootstrap, which needs root; run "
+            "`kingpost image base` as root once, or set base_image.image in config.yaml",
+        )
+    root = tmp / "rootfs"
+    mirror = debian_mirror()
+    debootstrap = [
+        "debootstrap",
+        f"--variant={RECIPE['variant']}",
+        f"--include={','.join(RECIPE['include'])}",
+        RECIPE["suite"],
+        str(root),
+        mirror,
+    ]
+    _run(debootstrap, log)
+    _run(["chroot", str(root), "python3", "-m", "venv", RECIPE["venv"]], log)
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for child in (root / junk).glob("*"):
+            if child.is_file():
+                child.unlink()
+    archive = tmp / "rootfs.tar"
+    _run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--exclude=./dev/*",
+            "--exclude=./proc/*",
+            "--exclude=./sys/*",
+            "-C",
+            str(root),
+            "-cf",
+            str(archive),
+            ".",
+        ],
+        log,
+    )
+    return archive
+
+
+def _run(command: list[str], log: Log) -> None:
+    log(f"$ {' '.join(command)}")
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+    )
+    assert proc.stdout is not None
+    last: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        log(line)
+        last = [*last[-19:], line]
+    code = proc.wait()
+    if code != 0:
+        raise BuildError(
+            f"building the Kingpost base image failed: `{' '.join(command)}` exited with "
+            f"code {code}; last output:\n" + "\n".join(last),
+            command=" ".join(command),
+        )
+
+
+def _import(client: DockerClient, archive: Path, tag: str) -> None:
+    from docker.errors import DockerException
+
+    repository, _, version = tag.partition(":")
+    try:
+        client.api.import_image_from_file(
+            str(archive), repository=repository, tag=version, changes=RECIPE["changes"]
+        )
+    except DockerException as exc:
+        raise BuildError(
+            f"importing the base image {tag} into the Docker Engine failed: {exc}"
+        ) from exc
+
+
+if __name__ == "__main__":
+    print(ensure_base_image())

@@ -1,0 +1,208 @@
+"""``build_image``: a Truss project to a local image, tagged by a hash of its inputs.
+
+The tag is ``kingpost/<model-name>:<hash>``, where the hash covers the
+Dockerfile, every file of the build context, the build arguments, the base
+image's ID and, for model classes, the ``kingpost`` package source. An
+unchanged project finds its tag on the engine and never rebuilds. Output
+streams to a log callback line by line; a failing step raises
+:class:`~kingpost.errors.BuildError` naming the command and its last lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import kingpost
+from kingpost.errors import BuildError, EngineError
+from kingpost.images.base import ensure_base_image
+from kingpost.images.client import docker_client, image_exists
+from kingpost.images.dockerfile import BuildPlan, HostBuildEnv, plan_build
+from kingpost.packaging import project_files
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+    from kingpost.config import TrussConfig
+
+__all__ = ["build_image", "image_tag", "plan_for"]
+
+Log = Callable[[str], None]
+IMAGE_LABEL = "kingpost.image"
+_LAST_LINES = 25
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def build_image(
+    config: TrussConfig,
+    app_dir: Path,
+    log: Log,
+    client: DockerClient | None = None,
+    host: HostBuildEnv | None = None,
+) -> str:
+    """Build (or find) the image of the project at ``app_dir``; return its tag."""
+    client = client or docker_client()
+    plan = plan_for(config, app_dir, client, log, host)
+    for warning in plan.warnings:
+        log(f"warning: {warning}")
+    tag = image_tag(config, plan, _base_id(client, plan.base_image))
+    with _lock_for(tag):
+        if image_exists(client, tag):
+            log(f"image {tag} is up to date")
+            return tag
+        log(f"building image {tag} from {plan.base_image}")
+        with tempfile.TemporaryDirectory(prefix="kingpost-context-") as tmp:
+            _write_context(plan, Path(tmp))
+            _docker_build(client, Path(tmp), plan, tag, log)
+    log(f"built image {tag}")
+    return tag
+
+
+def plan_for(
+    config: TrussConfig,
+    app_dir: Path,
+    client: DockerClient,
+    log: Log,
+    host: HostBuildEnv | None = None,
+) -> BuildPlan:
+    """The build plan of a project, with the base image made available first."""
+    base = config.base_image.image if config.base_image and config.base_image.image else None
+    if base is None:
+        base = ensure_base_image(client, log)
+    files = {rel.as_posix(): app_dir / rel for rel in project_files(app_dir)}
+    return plan_build(
+        config,
+        files,
+        base,
+        host or HostBuildEnv.from_host(),
+        package_dir=Path(kingpost.__file__).parent,
+    )
+
+
+def image_tag(config: TrussConfig, plan: BuildPlan, base_id: str) -> str:
+    """``kingpost/<model-name>:<16 hex>`` from everything that shapes the image."""
+    digest = hashlib.sha256()
+
+    def add(*parts: str | bytes) -> None:
+        for part in parts:
+            data = part.encode() if isinstance(part, str) else part
+            digest.update(len(data).to_bytes(8, "big") + data)
+
+    add("kingpost-image-v1", plan.dockerfile, base_id)
+    for name, value in sorted(plan.buildargs.items()):
+        add(name, value)
+    for rel, content in sorted(plan.files.items()):
+        add(rel, content if isinstance(content, bytes) else content.read_bytes())
+    for rel, path in _package_files(plan.package_dir):
+        add(f"kingpost/{rel}", path.read_bytes())
+    name = re.sub(r"[^a-z0-9]+", "-", (config.model_name or "").lower()).strip("-")
+    return f"kingpost/{name or 'project'}:{digest.hexdigest()[:16]}"
+
+
+def _package_files(package_dir: Path | None) -> Iterator[tuple[str, Path]]:
+    if package_dir is None:
+        return
+    for path in sorted(package_dir.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            yield path.relative_to(package_dir).as_posix(), path
+
+
+def _base_id(client: DockerClient, base: str) -> str:
+    from docker.errors import DockerException, ImageNotFound
+
+    try:
+        return str(client.images.get(base).id)
+    except ImageNotFound:
+        return base  # not local: the build will try to pull it, and say so if it cannot
+    except DockerException as exc:
+        raise EngineError(f"cannot inspect base image {base}: {exc}") from exc
+
+
+def _lock_for(tag: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(tag, threading.Lock())
+
+
+def _write_context(plan: BuildPlan, root: Path) -> None:
+    (root / "Dockerfile").write_text(plan.dockerfile)
+    for rel, content in plan.files.items():
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            shutil.copyfile(content, target)
+            target.chmod(content.stat().st_mode & 0o777 | 0o444)
+    (root / "app").mkdir(exist_ok=True)
+    for rel, path in _package_files(plan.package_dir):
+        target = root / "kingpost-build" / "kingpost" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def _docker_build(client: DockerClient, context: Path, plan: BuildPlan, tag: str, log: Log) -> None:
+    from docker.errors import DockerException
+
+    try:
+        stream: Iterable[Mapping[str, Any]] = client.api.build(
+            path=str(context),
+            tag=tag,
+            buildargs=dict(plan.buildargs),
+            rm=True,
+            forcerm=True,
+            decode=True,
+            labels={IMAGE_LABEL: "1"},
+        )
+        _follow(stream, plan, log)
+    except DockerException as exc:
+        raise BuildError(f"image build of {tag} failed: the Docker Engine said {exc}") from exc
+
+
+def _follow(stream: Iterable[Mapping[str, Any]], plan: BuildPlan, log: Log) -> None:
+    step = ""
+    last: list[str] = []
+    for chunk in stream:
+        text = str(chunk.get("stream", ""))
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            log(line)
+            if re.match(r"^Step \d+/\d+ : ", line):
+                step, last = line.split(" : ", 1)[1], []
+            else:
+                last = [*last[-(_LAST_LINES - 1) :], line]
+        if "error" in chunk:
+            error = str(chunk["error"]).strip()
+            log(error)
+            raise BuildError(_failure_message(step, error, last, plan), command=_command(step))
+
+
+def _command(step: str) -> str:
+    """The user's command of a ``RUN ["/bin/sh", "-c", cmd]`` step, else the step."""
+    if step.startswith("RUN ["):
+        try:
+            argv = json.loads(step[4:])
+        except ValueError:
+            return step
+        if isinstance(argv, list) and len(argv) == 3 and argv[:2] == ["/bin/sh", "-c"]:
+            return str(argv[2])
+    return step
+
+
+def _failure_message(step: str, error: str, last: list[str], plan: BuildPlan) -> str:
+    if not step or step.startswith("FROM "):
+        return (
+            f"base_image.image `{plan.base_image}` is not on this Docker Engine and could "
+            f"not be pulled ({error}); load it first (docker load / docker pull) or "
+            "remove base_image to use the Kingpost base"
+        )
+    tail = "\n".join(last)
+    return f"image build failed at `{_command(step)}`: {error}; last output:\n{tail}"

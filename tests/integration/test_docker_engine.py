@@ -1,0 +1,301 @@
+"""The docker engine end to end, on a real Docker Engine.
+
+Skipped with the reason when no engine answers on a developer machine; under
+``CI=true`` a missing engine fails instead. The Kingpost base image is built
+once per machine with debootstrap (see kingpost.images.base) and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_platform_push import copy_project
+
+from helpers.platform import EXAMPLES, Platform, wait_for
+
+# The first test may build the base image and pip-install a model-class image.
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
+
+ECHO = EXAMPLES / "echo-server"
+
+
+def _docker() -> Any:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, but no Docker Engine answers: {exc}")
+        pytest.skip(f"no Docker Engine answers here ({exc}); start dockerd to run these")
+    return client
+
+
+@pytest.fixture(scope="module")
+def docker_client() -> Iterator[Any]:
+    client = _docker()
+    from kingpost.images import ensure_base_image
+
+    ensure_base_image(client, log=lambda line: None)  # once per machine; cached by tag
+    yield client
+    client.close()
+
+
+def _remove_containers(client: Any, home: Path) -> None:
+    from kingpost.engines.docker import LABEL_SCOPE, scope_of
+
+    scope = scope_of(home)
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}):
+        c.remove(force=True)
+
+
+@pytest.fixture(scope="module")
+def dplatform(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    home = tmp_path_factory.mktemp("kingpost-docker")
+    p = Platform(home, engine="docker").start()
+    try:
+        yield p
+    finally:
+        p.stop()
+        _remove_containers(docker_client, home)
+
+
+def containers_of(client: Any, dep_id: str) -> list[Any]:
+    return list(
+        client.containers.list(all=True, filters={"label": f"kingpost.deployment={dep_id}"})
+    )
+
+
+def push(platform: Platform, project: Path, **options: Any) -> dict[str, Any]:
+    with platform.client() as c:
+        result: dict[str, Any] = c.push(project, **options)
+    return result
+
+
+def test_custom_server_replicas_share_a_fixed_port_with_uid_secrets_limits_and_weights(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
+) -> None:
+    weights_src = tmp_path / "weights-src"
+    (weights_src / "sub").mkdir(parents=True)
+    (weights_src / "model.bin").write_bytes(b"w" * 1000)
+    (weights_src / "sub" / "tok.json").write_text("{}")
+    project = copy_project(
+        tmp_path,
+        "dock-echo",
+        "model_name: dock-echo\n"
+        "secrets:\n  dock_token: null\n"
+        "resources:\n  cpu: 500m\n  memory: 256Mi\n"
+        "weights:\n"
+        f"  - source: file://{weights_src}\n"
+        "    mount_location: /models/echo\n"
+        "    allow_patterns: ['**/*']\n",
+    )
+    text = (project / "config.yaml").read_text()
+    (project / "config.yaml").write_text(
+        text.replace("  server_port: 8000\n", "  server_port: 8000\n  run_as_user_id: 4321\n")
+    )
+    with dplatform.client() as c:
+        c.set_secret("dock_token", "s3cr3t-value")
+    result = push(dplatform, project, min_replicas=2)
+    dep_id, model_id = result["deployment"]["id"], result["model"]["id"]
+    dplatform.wait_status(dep_id, "ACTIVE", timeout=300)
+
+    containers = wait_for(
+        lambda: (
+            [c for c in containers_of(docker_client, dep_id) if c.status == "running"]
+            if len(containers_of(docker_client, dep_id)) == 2
+            else None
+        ),
+        60,
+        "two running containers",
+    )
+    assert len(containers) == 2
+    for container in containers:
+        host = container.attrs["HostConfig"]
+        assert host["NanoCpus"] == 500_000_000
+        assert host["Memory"] == 256 * 1024**2
+        assert not host["PortBindings"]  # reached on Kingpost's network, no host ports
+
+    seen: dict[str, dict[str, Any]] = {}
+    path = f"/models/{model_id}/environments/production/sync/env"
+    with dplatform.gateway() as gw:
+
+        def both_replicas_answered() -> bool:
+            body = gw.get(path).json()
+            seen[body["env"]["HOSTNAME"]] = body
+            return len(seen) == 2
+
+        wait_for(both_replicas_answered, 60, "answers from both replicas")
+        for body in seen.values():
+            assert body["uid"] == 4321
+            assert body["secrets"] == {"dock_token": "s3cr3t-value"}
+            assert body["secrets_writable"] is False
+            assert body["env"]["GREETING"] == "hello"
+            assert body["env"]["BT_MODEL_DEPLOYMENT_ID"] == dep_id
+            assert body["env"]["KINGPOST_SECRETS_DIR"] == "/secrets"
+        files = gw.get(f"/models/{model_id}/environments/production/sync/files?dir=/models/echo")
+        assert files.json() == {"files": ["model.bin", "sub/tok.json"], "writable": False}
+        r = gw.post(f"/models/{model_id}/environments/production/predict", json={"a": 1})
+        assert r.status_code == 200 and r.json()["echo"] == {"a": 1}
+
+    with dplatform.client() as c:
+        c.deployment_action(model_id, dep_id, "deactivate")
+    dplatform.wait_status(dep_id, "INACTIVE")
+    wait_for(lambda: not containers_of(docker_client, dep_id), 60, "containers removed")
+    with dplatform.client() as c:
+        lines = [entry["text"] for entry in c.logs(dep_id)]
+    assert any("Step" in line or "up to date" in line for line in lines), lines
+
+
+def test_model_class_project_runs_in_a_container(dplatform: Platform, tmp_path: Path) -> None:
+    project = copy_project(
+        tmp_path, "dock-model", "model_name: dock-model\n", base=EXAMPLES / "echo-model"
+    )
+    result = push(dplatform, project)
+    dep_id, model_id = result["deployment"]["id"], result["model"]["id"]
+    dplatform.wait_status(dep_id, "ACTIVE", timeout=600)
+    with dplatform.gateway() as gw:
+        r = gw.post(f"/models/{model_id}/environments/production/predict", json={"text": "hi"})
+        assert r.status_code == 200, r.text
+        assert "hi" in r.text
+
+
+def test_failing_build_command_is_reported(dplatform: Platform, tmp_path: Path) -> None:
+    project = copy_project(
+        tmp_path,
+        "dock-broken",
+        "model_name: dock-broken\n"
+        "build_commands:\n"
+        "  - echo first-step-ran\n"
+        "  - echo about-to-fail && exit 3\n",
+    )
+    dep_id = push(dplatform, project)["deployment"]["id"]
+    dep = dplatform.wait_status(dep_id, "BUILD_FAILED", timeout=300)
+    assert "echo about-to-fail && exit 3" in dep["message"]
+    assert "about-to-fail" in dep["message"].split("last output:")[1]
+    out = dplatform.cli("logs", "-d", dep_id)
+    assert "first-step-ran" in out.stdout, out.stdout + out.stderr
+
+
+def test_killed_container_is_replaced(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
+) -> None:
+    project = copy_project(tmp_path, "dock-kill", "model_name: dock-kill\n")
+    result = push(dplatform, project)
+    dep_id, model_id = result["deployment"]["id"], result["model"]["id"]
+    dplatform.wait_status(dep_id, "ACTIVE", timeout=300)
+    (container,) = containers_of(docker_client, dep_id)
+    container.kill()
+    url = f"/models/{model_id}/environments/production/predict"
+    with dplatform.gateway() as gw:
+        wait_for(lambda: gw.post(url, json={"after": "kill"}).status_code == 200, 60, "recovery")
+    container.reload()
+    assert container.status == "running"
+    # Removed from outside, it is created anew.
+    container.remove(force=True)
+    with dplatform.gateway() as gw:
+        wait_for(
+            lambda: (
+                containers_of(docker_client, dep_id) and gw.post(url, json={}).status_code == 200
+            ),
+            60,
+            "a new container",
+        )
+
+
+def test_control_plane_restart_adopts_running_containers(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    platform = Platform(home, engine="docker").start()
+    try:
+        project = copy_project(tmp_path, "dock-adopt", "model_name: dock-adopt\n")
+        dep_id = push(platform, project, min_replicas=2)["deployment"]["id"]
+        platform.wait_status(dep_id, "ACTIVE", timeout=300)
+        before = wait_for(
+            lambda: (
+                sorted(c.id for c in containers_of(docker_client, dep_id))
+                if len(containers_of(docker_client, dep_id)) == 2
+                else None
+            ),
+            60,
+            "two containers",
+        )
+        platform.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
+        assert sorted(c.id for c in containers_of(docker_client, dep_id)) == before
+        platform = Platform(home, engine="docker")
+        platform.start()
+        platform.wait_status(dep_id, "ACTIVE", timeout=120)
+        with platform.gateway() as gw:
+            r = gw.post("/models/dock-adopt/environments/production/predict", json={"x": 2})
+            assert r.status_code == 200 and r.json()["echo"] == {"x": 2}
+        assert sorted(c.id for c in containers_of(docker_client, dep_id)) == before
+    finally:
+        platform.stop()
+        _remove_containers(docker_client, home)
+
+
+def test_no_build_runs_the_image_as_is_with_data(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
+) -> None:
+    from kingpost.images import base_image_tag
+
+    project = tmp_path / "dock-nobuild"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "hello.txt").write_text("hello from data\n")
+    (project / "config.yaml").write_text(
+        "model_name: dock-nobuild\n"
+        f"base_image:\n  image: {base_image_tag()}\n"
+        "docker_server:\n"
+        "  no_build: true\n"
+        "  start_command: python3 -m http.server 8000 --directory /app\n"
+        "  server_port: 8000\n"
+        "  predict_endpoint: /\n"
+        "  readiness_endpoint: /\n"
+        "  liveness_endpoint: /\n"
+        "system_packages: [curl]\n"
+    )
+    result = push(dplatform, project)
+    assert any("system_packages" in w for w in result["warnings"]), result["warnings"]
+    dep_id, model_id = result["deployment"]["id"], result["model"]["id"]
+    dplatform.wait_status(dep_id, "ACTIVE", timeout=300)
+    with dplatform.gateway() as gw:
+        r = gw.get(f"/models/{model_id}/environments/production/sync/data/hello.txt")
+        assert r.status_code == 200 and r.text == "hello from data\n"
+
+
+def test_image_build_cli_builds_once(docker_client: Any, tmp_path: Path) -> None:
+    project = copy_project(tmp_path, "dock-cli", "model_name: dock-cli\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")}
+
+    def build() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kingpost.cli", "image", "build", str(project)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+
+    first = build()
+    assert first.returncode == 0, first.stderr
+    tag = first.stdout.strip()
+    assert tag.startswith("kingpost/dock-cli:")
+    docker_client.images.get(tag)
+    second = build()
+    assert second.stdout.strip() == tag
+    assert "up to date" in second.stderr and "Step" not in second.stderr
+    (project / "server.py").write_text((project / "server.py").read_text() + "\n# changed\n")
+    third = build()
+    assert third.returncode == 0 and third.stdout.strip() != tag
+    docker_client.images.remove(third.stdout.strip(), force=True)
+    assert json.loads(json.dumps(docker_client.images.get(tag).labels))["kingpost.image"] == "1"

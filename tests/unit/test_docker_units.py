@@ -1,0 +1,200 @@
+"""Pure parts of the docker engine: the build plan, image tags, container options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kingpost.config import parse_config
+from kingpost.controller.specs import replica_spec
+from kingpost.engines.base import WeightMount
+from kingpost.engines.docker import container_options, device_requests
+from kingpost.errors import ConfigError, EngineError
+from kingpost.images.build import _command, _failure_message, image_tag
+from kingpost.images.dockerfile import DEFAULT_UID, HostBuildEnv, plan_build
+
+HOST = HostBuildEnv(ca_bundle=b"CA", pip={"PIP_INDEX_URL": "https://pypi.example/simple"})
+CUSTOM = """
+model_name: demo
+docker_server:
+  start_command: python3 server.py
+  server_port: 8000
+  predict_endpoint: /predict
+  readiness_endpoint: /health
+  liveness_endpoint: /health
+"""
+
+
+def cfg(text: str):  # type: ignore[no-untyped-def]
+    return parse_config(text).config
+
+
+def files(tmp_path: Path, **content: str) -> dict[str, Path]:
+    out = {}
+    for rel, text in content.items():
+        path = tmp_path / rel.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        out[rel.replace("__", "/")] = path
+    return out
+
+
+def test_layers_follow_truss_order_and_each_build_command_is_a_layer(tmp_path: Path) -> None:
+    config = cfg(
+        CUSTOM
+        + "system_packages: [curl, git]\nrequirements: [httpx==0.27.0]\n"
+        + "build_commands:\n  - echo one\n  - echo two && echo three\n"
+    )
+    plan = plan_build(config, files(tmp_path, **{"server.py": "x"}), "base:1", HOST)
+    lines = plan.dockerfile.splitlines()
+    assert lines[0] == "FROM base:1"
+    runs = [ln for ln in lines if ln.startswith("RUN ")]
+    assert "apt-get install" in runs[0] and "curl git" in runs[0]
+    assert f"useradd --uid {DEFAULT_UID}" in runs[1]
+    assert "pip install" in runs[2] and "-r /tmp/kingpost-build/requirements.txt" in runs[2]
+    assert [json.loads(r[4:])[2] for r in runs[3:]] == ["echo one", "echo two && echo three"]
+    assert lines.index(f"COPY --chown={DEFAULT_UID}:{DEFAULT_UID} app/ /app/") > lines.index(
+        runs[-1]
+    )
+    assert lines[-2:] == [f"USER {DEFAULT_UID}", 'CMD ["/bin/sh", "-c", "python3 server.py"]']
+    assert plan.files["kingpost-build/requirements.txt"] == b"httpx==0.27.0\n"
+    assert plan.buildargs["PIP_INDEX_URL"] == "https://pypi.example/simple"
+    assert plan.buildargs["PIP_CERT"].endswith("host-ca.crt")
+    assert plan.package_dir is None  # custom servers carry no model server
+
+
+def test_run_as_user_id_owns_the_writable_paths(tmp_path: Path) -> None:
+    config = cfg(
+        CUSTOM.replace("  server_port: 8000\n", "  server_port: 8000\n  run_as_user_id: 4321\n")
+    )
+    plan = plan_build(config, files(tmp_path, **{"server.py": "x"}), "base:1", HOST)
+    user = next(ln for ln in plan.dockerfile.splitlines() if "useradd" in ln)
+    assert "--uid 4321" in user and "chown 4321:4321 /app /workspace /packages /home/app" in user
+    assert "USER 4321" in plan.dockerfile
+
+
+def test_model_class_gets_the_server_without_the_control_plane(tmp_path: Path) -> None:
+    config = cfg("model_name: m\nrequirements: [numpy]\n")
+    plan = plan_build(
+        config, files(tmp_path, **{"model__model.py": "class Model: ..."}), "b", HOST, tmp_path
+    )
+    assert b"httptools" in plan.files["kingpost-build/server-requirements.txt"]
+    assert "-r /tmp/kingpost-build/server-requirements.txt" in plan.dockerfile
+    assert "COPY kingpost-build/kingpost/ /opt/kingpost/lib/kingpost/" in plan.dockerfile
+    assert '"kingpost.server"' in plan.dockerfile.splitlines()[-1]
+    assert plan.package_dir == tmp_path
+
+
+def test_missing_requirements_file_is_a_config_error(tmp_path: Path) -> None:
+    config = cfg(CUSTOM + "requirements_file: ./reqs.txt\n")
+    with pytest.raises(ConfigError, match=r"requirements_file `\./reqs\.txt` is not in"):
+        plan_build(config, files(tmp_path, **{"server.py": "x"}), "b", HOST)
+
+
+def test_no_build_adds_only_data_and_names_ignored_keys(tmp_path: Path) -> None:
+    config = cfg(
+        "model_name: nb\nbase_image:\n  image: vllm/vllm-openai:v0.6\n"
+        "docker_server:\n  no_build: true\n  server_port: 8000\n"
+        "  predict_endpoint: /v1/completions\n  readiness_endpoint: /health\n"
+        "  liveness_endpoint: /health\n"
+        "requirements: [torch]\nsystem_packages: [curl]\n"
+    )
+    app = files(tmp_path, **{"data__a.txt": "a", "model__model.py": "x"})
+    plan = plan_build(config, app, "vllm/vllm-openai:v0.6", HOST)
+    assert plan.dockerfile == "FROM vllm/vllm-openai:v0.6\nCOPY data/ /app/data/\n"
+    assert list(plan.files) == ["data/a.txt"]
+    assert "requirements" in plan.warnings[0] and "system_packages" in plan.warnings[0]
+
+
+def test_image_tag_changes_with_content_only(tmp_path: Path) -> None:
+    config = cfg(CUSTOM)
+    app = files(tmp_path, **{"server.py": "print(1)"})
+    tag = image_tag(config, plan_build(config, app, "b", HOST), "sha256:base")
+    assert tag.startswith("kingpost/demo:")
+    assert tag == image_tag(config, plan_build(config, app, "b", HOST), "sha256:base")
+    assert tag != image_tag(config, plan_build(config, app, "b", HOST), "sha256:other")
+    app["server.py"].write_text("print(2)")
+    assert tag != image_tag(config, plan_build(config, app, "b", HOST), "sha256:base")
+
+
+def test_build_failures_name_the_users_command() -> None:
+    step = 'RUN ["/bin/sh", "-c", "echo about && exit 3"]'
+    assert _command(step) == "echo about && exit 3"
+    plan = plan_build(cfg(CUSTOM), {}, "b", HOST)
+    msg = _failure_message(step, "returned a non-zero code: 3", ["about"], plan)
+    assert msg.startswith("image build failed at `echo about && exit 3`")
+    assert msg.endswith("last output:\nabout")
+    assert "base_image.image `b`" in _failure_message("FROM b", "pull access denied", [], plan)
+
+
+def _spec(config_text: str, **kw):  # type: ignore[no-untyped-def]
+    return replica_spec(
+        replica_id="dep1-abcde",
+        deployment_id="dep1",
+        model_id="m1",
+        model_name="demo",
+        app_dir=Path("/nowhere"),
+        config=cfg(config_text),
+        env={"GREETING": "hi"},
+        secrets={"tok": "v"},
+        **kw,
+    )
+
+
+def test_container_options_carry_the_replica_contract() -> None:
+    spec = _spec(
+        CUSTOM + "resources:\n  cpu: 500m\n  memory: 1Gi\n",
+        weights=(WeightMount("/models/llama", Path("/w/tree")),),
+        image="kingpost/demo:1",
+    )
+    opts = container_options(
+        spec, name="kingpost-dep1-abcde", network="kingpost", scope="s", secrets_dir=Path("/shm/x")
+    )
+    assert opts["image"] == "kingpost/demo:1"
+    assert opts["command"] == ["/bin/sh", "-c", "python3 server.py"]
+    assert opts["environment"]["GREETING"] == "hi"
+    assert opts["environment"]["BT_MODEL_DEPLOYMENT_ID"] == "dep1"
+    assert opts["environment"]["KINGPOST_SECRETS_DIR"] == "/secrets"
+    assert "tok" not in json.dumps(opts["environment"])  # secrets only as files
+    assert opts["mounts"] == [
+        {"Type": "bind", "Source": "/shm/x", "Target": "/secrets", "ReadOnly": True},
+        {"Type": "bind", "Source": "/w/tree", "Target": "/models/llama", "ReadOnly": True},
+    ]
+    assert opts["nano_cpus"] == 500_000_000 and opts["mem_limit"] == 1024**3
+    assert "device_requests" not in opts and "user" not in opts
+    assert opts["labels"]["kingpost.replica"] == "dep1-abcde"
+    assert json.loads(opts["labels"]["kingpost.runtime"])["readiness"] == "/health"
+    assert "ports" not in opts  # reached on the network: no host port to collide
+
+
+def test_accelerators_become_gpu_device_requests() -> None:
+    spec = _spec(CUSTOM + "resources:\n  accelerator: H100:2\n", image="i")
+    opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
+    assert opts["device_requests"] == [{"Driver": "", "Count": 2, "Capabilities": [["gpu"]]}]
+    assert opts["labels"]["kingpost.accelerator"] == "H100:2"
+    assert device_requests(cfg(CUSTOM)) == []
+
+
+def test_model_class_command_and_missing_image() -> None:
+    spec = _spec("model_name: m\n", image="kingpost/m:1")
+    opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
+    assert opts["command"][1:4] == ["-m", "kingpost.server", "--app-dir"]
+    assert opts["command"][opts["command"].index("--secrets-dir") + 1] == "/secrets"
+    with pytest.raises(EngineError, match="no image"):
+        container_options(
+            _spec("model_name: m\n"), name="n", network="k", scope="s", secrets_dir=Path("/x")
+        )
+    no_cmd = _spec(
+        "model_name: v\nbase_image:\n  image: x\ndocker_server:\n  no_build: true\n"
+        "  server_port: 8000\n  predict_endpoint: /\n  readiness_endpoint: /\n"
+        "  liveness_endpoint: /\n",
+        image="x",
+    )
+    assert (
+        container_options(no_cmd, name="n", network="k", scope="s", secrets_dir=Path("/x"))[
+            "command"
+        ]
+        is None
+    )
