@@ -149,3 +149,46 @@ def test_a_failing_step_does_not_stop_the_loop(rig: Rig) -> None:
     rig.controller.reconcile_once()
     assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE
     assert rig.store.get_deployment(broken).status == DeploymentStatus.FAILED
+
+
+def test_a_restarted_controller_publishes_first_and_keeps_adopted_replicas(
+    tmp_path: Path,
+) -> None:
+    """After a control-plane restart the engine still runs the replicas: the new
+    controller must route to them at once, and not show the deployment as building
+    while its (cached) build is checked again."""
+    import threading
+
+    from kingpost.engines.base import BuildLog, Prepared
+
+    rig = Rig(tmp_path)
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()
+    assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE
+    running = rig.engine.live(dep)
+
+    release = threading.Event()
+
+    class SlowBuild(FakeEngine):
+        def prepare(self, config: object, app_dir: Path, log: BuildLog) -> Prepared:
+            release.wait(10)
+            return Prepared()
+
+    adopted = SlowBuild()
+    adopted.specs, adopted._status = rig.engine.specs, dict(rig.engine._status)  # adoption
+    pushed: list[RoutingTable] = []
+    restarted = Controller(rig.settings, rig.store, push=pushed.append, engines={"fake": adopted})
+    restarted.start()
+    try:
+        assert pushed, "no table was published before start() returned"
+        assert rig.store.api_key_hashes() <= pushed[0].api_key_hashes
+        restarted.reconcile_once()
+        route = restarted.table.deployments[dep]
+        assert route.state == DeploymentState.SERVING
+        assert [u.replica_id for u in route.upstreams] == running
+        assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE
+        assert adopted.live(dep) == running
+    finally:
+        release.set()
+        restarted.stop()

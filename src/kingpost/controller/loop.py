@@ -82,6 +82,20 @@ class Controller:
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
+        """Adopt what the engines already run, publish a first table, then loop.
+
+        The first pass runs before this returns so that, after a restart, the
+        gateway knows the keys and the serving replicas before the API answers.
+        """
+        for name in sorted({d.engine for d in self.store.routing_snapshot()[1]}):
+            try:
+                self.engine(name)
+            except KingpostError as exc:  # recorded per deployment by the pass
+                log.warning("engine %s is unavailable: %s", name, exc.message)
+        try:
+            self.reconcile_once()
+        except Exception:
+            log.exception("first reconcile pass failed")
         self._thread = threading.Thread(target=self._run, name="kingpost-controller", daemon=True)
         self._thread.start()
 
@@ -174,7 +188,7 @@ class Controller:
 
     def _reconcile(self, dep: DeploymentView, replicas: list[ReplicaStatus]) -> list[ReplicaStatus]:
         want_active = dep.desired_state == DesiredState.ACTIVE
-        prepared = self._prepare(dep) if want_active else None
+        prepared = self._prepare(dep, serving=bool(replicas)) if want_active else None
         if want_active and prepared is None and not replicas:
             return []  # still preparing, or failed to; status already recorded
         want = Want(
@@ -215,8 +229,12 @@ class Controller:
         except KingpostError:
             return None
 
-    def _prepare(self, dep: DeploymentView) -> _Ready | None:
-        """Check prerequisites; record BUILDING/WAITING/FAILED; return them once met."""
+    def _prepare(self, dep: DeploymentView, serving: bool = False) -> _Ready | None:
+        """Check prerequisites; record BUILDING/WAITING/FAILED; return them once met.
+
+        While replicas already serve (adopted after a restart), progress is not
+        recorded: the deployment stays as it is until a replica must be started.
+        """
         config = self._config(dep)
         missing = missing_secrets(config, self.store.secret_names())
         if missing:
@@ -233,19 +251,23 @@ class Controller:
             except KingpostError as exc:
                 self.store.set_status(dep.id, DeploymentStatus.FAILED, exc.message)
                 return None
-        built = self._build_for(dep, config)
+        built = self._build_for(dep, config, serving)
         if built is None:
             return None
-        weights = self._weights_for(dep, config)
+        weights = self._weights_for(dep, config, serving)
         if weights is None:
             return None
         return _Ready(built=built, weights=weights)
 
-    def _build_for(self, dep: DeploymentView, config: TrussConfig) -> Prepared | None:
+    def _build_for(
+        self, dep: DeploymentView, config: TrussConfig, serving: bool = False
+    ) -> Prepared | None:
         """What the deployment's engine builds for it (an environment, an image), once."""
         engine, app_dir = self.engine(dep.engine), self._app_dir(dep)
         job = self._jobs.ensure(f"build:{dep.id}", lambda out: engine.prepare(config, app_dir, out))
         if job.state == JobState.RUNNING:
+            if serving:
+                return None
             what = "the image" if dep.engine == "docker" else "the Python environment"
             self.store.set_status(dep.id, DeploymentStatus.BUILDING, f"building {what}")
             return None
@@ -254,7 +276,9 @@ class Controller:
             return None
         return job.result if isinstance(job.result, Prepared) else Prepared()
 
-    def _weights_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[Any, ...] | None:
+    def _weights_for(
+        self, dep: DeploymentView, config: TrussConfig, serving: bool = False
+    ) -> tuple[Any, ...] | None:
         entries = list(config.weights or [])
         if not entries:
             return ()
@@ -269,6 +293,8 @@ class Controller:
             return tuple(manager.mounts(dep.id))
         if state == "FAILED":
             self.store.set_status(dep.id, DeploymentStatus.FAILED, f"weights: {st.error}")
+            return None
+        if serving:
             return None
         progress = f"{st.files_done}/{st.files_total} files, {st.bytes_done}/{st.bytes_total} bytes"
         self.store.set_status(dep.id, DeploymentStatus.WAITING_FOR_WEIGHTS, progress)
@@ -327,7 +353,9 @@ class Controller:
 
     # -- gateway ----------------------------------------------------------------------
     def _publish(self, table: RoutingTable) -> None:
-        changed = table.to_json() | {"version": 0} != self._table.to_json() | {"version": 0}
+        changed = self._table.version == 0 or (
+            table.to_json() | {"version": 0} != self._table.to_json() | {"version": 0}
+        )
         now = self._clock()
         if changed:
             table = RoutingTable(**{**table.__dict__, "version": self._table.version + 1})

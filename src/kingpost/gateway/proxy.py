@@ -253,6 +253,14 @@ class ClientConn(StreamConn):
         assert transport is not None
         start = time.perf_counter()
         rid = req.request_id.decode("latin-1") if req.request_id else os.urandom(16).hex()
+        if gw.table.version == 0:  # the control plane has not pushed a table yet
+            return self._reject(
+                req,
+                503,
+                "the gateway is starting and has no routing table yet; retry shortly",
+                "starting",
+                rid,
+            )
         if not gw.authorized(req.auth):
             return self._reject(
                 req,
