@@ -37,6 +37,11 @@ class Hub:
         self.drop_once: set[str] = set()
         """Paths whose next download stops halfway (the connection is closed)."""
         self.ranges: list[str] = []
+        """Every Range header received, in order."""
+        self.tamper: dict[str, bytes] = {}
+        """Paths whose downloads send these bytes instead of what the listing describes."""
+        self.fail: set[tuple[str, int]] = set()
+        """(path, first byte) of downloads that answer 500 until removed from here."""
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -113,25 +118,29 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                     return
                 hub.downloads[rel] += 1
                 rng = self.headers.get("Range")
+                first, last = 0, len(data)
                 if rng:
                     hub.ranges.append(rng)
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                    self.send_header("Content-Length", str(len(data) - start))
-                    self.end_headers()
-                    self.wfile.write(data[start:])
+                    a, _, b = rng.removeprefix("bytes=").partition("-")
+                    first, last = int(a), (int(b) + 1 if b else len(data))
+                if (rel, first) in hub.fail:
+                    self._send(500, b'{"error": "injected failure"}')
                     return
+                body = hub.tamper.get(rel, data)[first:last]
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {first}-{last - 1}/{len(data)}")
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
                 if rel in hub.drop_once:
                     hub.drop_once.discard(rel)
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self._send(200, data, "application/octet-stream")
+                self.wfile.write(body)
                 return
             self._send(404, b"{}")
 

@@ -98,9 +98,15 @@ def test_gc_keeps_referenced_blobs(tmp_path: Path) -> None:
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"x" * 1000)
     assert mgr.gc(budget_bytes=10**9).removed_blobs == 0
+    abandoned = tmp_path / "store" / "tmp" / "old.part"
+    abandoned.write_bytes(b"y" * 10)
+    fresh = tmp_path / "store" / "tmp" / "new.part"
+    fresh.write_bytes(b"z" * 10)
+    os.utime(abandoned, (0, 0))  # a partial download nobody touched for decades
     report = mgr.gc()
-    assert (report.removed_blobs, report.removed_bytes) == (1, 1000)
+    assert (report.removed_blobs, report.removed_bytes) == (1, 1010)
     assert report.kept_bytes == 500_005
+    assert not abandoned.exists() and fresh.exists()  # a download in progress is kept
 
 
 def test_validation_names_the_missing_auth() -> None:
@@ -244,8 +250,65 @@ def test_interrupted_download_resumes_with_a_range(hub: Hub, tmp_path: Path) -> 
     (mount,) = mgr.mounts("dep")
     assert (mount.source_dir / "big.safetensors").read_bytes() == data
     (resumed,) = hub.ranges  # one resume, from what had been written, not from zero
-    assert 0 < int(resumed.removeprefix("bytes=").rstrip("-")) <= len(data) // 2
+    first, last = resumed.removeprefix("bytes=").split("-")
+    assert 0 < int(first) <= len(data) // 2 and int(last) == len(data) - 1
     assert not list((tmp_path / "store" / "tmp").iterdir())  # nothing partial left behind
+
+
+def byte_ranges(hub: Hub) -> list[tuple[int, int]]:
+    out = []
+    for r in hub.ranges:
+        a, _, b = r.removeprefix("bytes=").partition("-")
+        out.append((int(a), int(b)))
+    return sorted(out)
+
+
+def test_large_files_come_in_parallel_byte_ranges(hub: Hub, tmp_path: Path) -> None:
+    mb = 1024 * 1024
+    data = os.urandom(5 * mb + 123)
+    hub.repos["org/large"] = repo = Repo()
+    repo.commit("main", {"large.safetensors": data, "small.json": b"{}"})
+    mgr = WeightsManager(tmp_path / "store", chunk_bytes=mb)
+    mirror(mgr, "dep", hf_cfg("hf://org/large"))
+    (mount,) = mgr.mounts("dep")
+    assert (mount.source_dir / "large.safetensors").read_bytes() == data
+    expected = [(a, min(a + mb, len(data)) - 1) for a in range(0, len(data), mb)]
+    assert byte_ranges(hub) == expected  # six ranges, each fetched once; small.json whole
+    assert hub.downloads["small.json"] == 1
+
+
+def test_a_mirror_restarted_after_a_failure_fetches_only_missing_ranges(
+    hub: Hub, tmp_path: Path
+) -> None:
+    mb = 1024 * 1024
+    data = os.urandom(4 * mb)
+    hub.repos["org/resume"] = repo = Repo()
+    repo.commit("main", {"w.safetensors": data})
+    hub.fail.add(("w.safetensors", 2 * mb))  # one range keeps failing
+    mgr = WeightsManager(tmp_path / "store", chunk_bytes=mb, max_workers=2)
+    mgr.start("dep", entries(hf_cfg("hf://org/resume")), {})
+    st = wait_for(lambda: failed(mgr, "dep"), 30, "the mirror to fail")
+    assert "w.safetensors" in st.error and "500" in st.error
+    hub.fail.clear()
+    hub.ranges.clear()
+    again = WeightsManager(tmp_path / "store", chunk_bytes=mb)  # a restarted control plane
+    mirror(again, "dep", hf_cfg("hf://org/resume"))
+    (mount,) = again.mounts("dep")
+    assert (mount.source_dir / "w.safetensors").read_bytes() == data
+    assert (2 * mb, 3 * mb - 1) in byte_ranges(hub)
+    assert len(hub.ranges) < 4  # ranges that landed before the failure were not fetched again
+    assert not list((tmp_path / "store" / "tmp").iterdir())
+
+
+def test_a_corrupt_download_is_refused_by_its_hash(hub: Hub, tmp_path: Path) -> None:
+    hub.repos["org/bad"] = repo = Repo()
+    repo.commit("main", {"w.bin": b"good" * 1000})
+    hub.tamper["w.bin"] = b"evil" * 1000  # same size, bytes that do not match the LFS sha256
+    mgr = WeightsManager(tmp_path / "store")
+    mgr.start("dep", entries(hf_cfg("hf://org/bad")), {})
+    st = wait_for(lambda: failed(mgr, "dep"), 30, "the mirror to fail")
+    assert "sha256 mismatch" in st.error and "w.bin" in st.error
+    assert not list((tmp_path / "store" / "blobs").glob("*/*"))
 
 
 def test_single_file_over_http_resumes(hub: Hub, tmp_path: Path) -> None:
@@ -260,6 +323,7 @@ def test_single_file_over_http_resumes(hub: Hub, tmp_path: Path) -> None:
     assert (f.path, f.size) == ("weights.bin", len(data))
     hub.drop_once.add("weights.bin")
     store = BlobStore(tmp_path / "store")
+    assert source.ranges  # the server says Accept-Ranges: bytes
     with store.writer() as (fh, tmp):
         with pytest.raises(Exception):  # noqa: B017 - the transport error of a dropped connection
             source.fetch(f, fh)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,9 +25,11 @@ from typing import IO
 
 from kingpost.errors import WeightsError
 
-__all__ = ["BlobStore", "GcReport", "Manifest"]
+__all__ = ["BlobStore", "GcReport", "Manifest", "Partial", "RangeWriter"]
 
-CHUNK = 1024 * 1024
+CHUNK = 4 * 1024 * 1024
+STALE_PARTIAL_S = 24 * 3600
+"""Partial downloads untouched this long are removed by :meth:`BlobStore.gc`."""
 
 
 @dataclass(frozen=True)
@@ -73,20 +76,34 @@ class BlobStore:
                 path.unlink(missing_ok=True)
                 raise
 
-    def commit(self, tmp: Path, size: int, digest: str | None = None) -> str:
-        """Verify ``tmp`` and make it the blob of its hash; returns the hash."""
+    def partial(self, key: str, size: int) -> Partial:
+        """The resumable download of one file, identified by ``key`` across restarts."""
+        return Partial(self.root / "tmp", key, size)
+
+    def commit(
+        self, tmp: Path, size: int, digest: str | None = None, *, md5: str | None = None
+    ) -> str:
+        """Verify ``tmp`` (size; SHA-256 and MD5 when given) and make it the blob of its
+        SHA-256; returns that hash."""
         actual_size = tmp.stat().st_size
         if actual_size != size:
             tmp.unlink(missing_ok=True)
             raise WeightsError(f"size mismatch: expected {size} bytes, got {actual_size}")
         h = hashlib.sha256()
+        m = hashlib.md5(usedforsecurity=False) if md5 else None
         with tmp.open("rb") as fh:
             while chunk := fh.read(CHUNK):
                 h.update(chunk)
+                if m is not None:
+                    m.update(chunk)
         actual = h.hexdigest()
-        if digest is not None and digest != actual:
-            tmp.unlink(missing_ok=True)
-            raise WeightsError(f"sha256 mismatch: expected {digest}, got {actual}")
+        for name, want, got in (
+            ("sha256", digest, actual),
+            ("md5", md5, m.hexdigest() if m else None),
+        ):
+            if want is not None and want != got:
+                tmp.unlink(missing_ok=True)
+                raise WeightsError(f"{name} mismatch: expected {want}, got {got}")
         final = self.blob_path(actual)
         final.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o444)
@@ -161,7 +178,83 @@ class BlobStore:
                 continue
             blob.unlink()
             removed, removed_bytes = removed + 1, removed_bytes + st.st_size
+        stale = time.time() - STALE_PARTIAL_S
+        for leftover in (self.root / "tmp").iterdir():  # downloads abandoned long ago
+            st = leftover.lstat()
+            if st.st_mtime < stale:
+                removed_bytes += st.st_size if leftover.is_file() else 0
+                if leftover.is_dir():
+                    _remove_tree(leftover)
+                else:
+                    leftover.unlink(missing_ok=True)
         return GcReport(removed, removed_bytes, kept)
+
+
+class Partial:
+    """One file downloading into ``tmp/{key}.part`` by byte ranges, in any order.
+
+    A range is recorded in ``tmp/{key}.ranges`` only after its bytes reached the disk,
+    so a mirror restarted after a crash fetches just the ranges not listed there.
+    """
+
+    def __init__(self, tmp_dir: Path, key: str, size: int) -> None:
+        self.path = tmp_dir / f"{key}.part"
+        self._log = tmp_dir / f"{key}.ranges"
+        self.size = size
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)  # sparse; ranges fill it
+                self._log.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def done(self) -> set[tuple[int, int]]:
+        """The ranges ``(start, end)`` already on disk."""
+        out = set()
+        if self._log.exists():
+            for line in self._log.read_text().splitlines():
+                a, _, b = line.partition(" ")
+                if a.isdigit() and b.isdigit():  # a torn last line is ignored
+                    out.add((int(a), int(b)))
+        return out
+
+    @contextmanager
+    def writer(self, start: int) -> Iterator[RangeWriter]:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            yield RangeWriter(fd, start)
+        finally:
+            os.close(fd)
+
+    def record(self, w: RangeWriter, start: int, end: int) -> None:
+        """Note ``[start, end)`` as done, once ``w`` (which wrote it) is on disk."""
+        os.fdatasync(w.fd)
+        with self._log.open("a") as log:
+            log.write(f"{start} {end}\n")
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._log.unlink(missing_ok=True)
+
+    def finished(self) -> None:
+        """After :meth:`BlobStore.commit` moved the file away."""
+        self._log.unlink(missing_ok=True)
+
+
+class RangeWriter:
+    """A file-like ``write`` at an advancing offset (``pwrite``; several may share a file)."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self.fd, self.offset = fd, offset
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, self.offset)
+            self.offset += n
+            view = view[n:]
+        return len(data)
 
 
 def _remove_tree(path: Path) -> None:

@@ -15,13 +15,13 @@ import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kingpost.engines.base import WeightMount
 from kingpost.errors import KingpostError, WeightsError
-from kingpost.weights.blobs import BlobStore, GcReport, Manifest
+from kingpost.weights.blobs import BlobStore, GcReport, Manifest, Partial
 from kingpost.weights.patterns import selected
 from kingpost.weights.sources import RemoteFile, Source, WeightsEntry, open_source
 
@@ -83,6 +83,24 @@ def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
 
 
 FETCH_ATTEMPTS = 4
+RANGE_BYTES = 16 * 1024 * 1024
+"""Files larger than this are fetched as parallel byte ranges of this size."""
+
+
+@dataclass(eq=False)
+class _File:
+    """One file a mirror downloads, or waits for while another mirror downloads it."""
+
+    key: str
+    source_url: str
+    source: Source
+    remote: RemoteFile
+    partial: Partial | None = None
+    left: int = 0
+    digest: str = ""
+    error: str = ""
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _transport_errors() -> type[Exception]:
@@ -96,9 +114,11 @@ def _digest(*parts: object) -> str:
 
 
 class WeightsManager:
-    def __init__(self, root: Path, *, max_workers: int = 8) -> None:
+    def __init__(self, root: Path, *, max_workers: int = 8, chunk_bytes: int = RANGE_BYTES) -> None:
         self.store = BlobStore(root)
         self.max_workers = max_workers
+        self.chunk_bytes = chunk_bytes
+        self._active: dict[str, _File] = {}
         self._jobs: dict[str, _Job] = {}
         self._entries: dict[str, list[WeightsEntry]] = {}
         self._lock = threading.Lock()
@@ -206,29 +226,112 @@ class WeightsManager:
     def _fetch_all(
         self, job: _Job, entries: list[WeightsEntry], work: list[tuple[int, Source, RemoteFile]]
     ) -> None:
-        job.state = MirrorState.DOWNLOADING
-        with ThreadPoolExecutor(self.max_workers) as pool:
-            results = list(pool.map(lambda w: self._fetch(job, entries[w[0]], w[1], w[2]), work))
-        for (idx, _, f), digest in zip(work, results, strict=True):
-            job.manifests[idx].files[f.path] = (digest, f.size)
+        """Download every missing file, large ones as parallel byte ranges, all on one pool.
 
-    def _fetch(self, job: _Job, entry: WeightsEntry, source: Source, f: RemoteFile) -> str:
-        with self.store.writer() as (fh, tmp):
+        A file another mirror is already downloading (same source, path and etag) is
+        waited for, not fetched twice.
+        """
+        job.state = MirrorState.DOWNLOADING
+        mine: list[_File] = []
+        wanted: list[tuple[int, _File]] = []
+        with self._lock:
+            for idx, source, f in work:
+                key = _digest(entries[idx].source, f.path, f.etag, f.size)
+                file = self._active.get(key)
+                if file is None:
+                    file = self._active[key] = _File(key, entries[idx].source, source, f)
+                    mine.append(file)
+                wanted.append((idx, file))
+        try:
+            units = [u for file in mine for u in self._plan(job, file)]
+            with ThreadPoolExecutor(self.max_workers) as pool:
+                futures = [pool.submit(self._fetch_range, job, *u) for u in units]
+                for fut in as_completed(futures):
+                    if fut.exception() is not None:
+                        for other in futures:
+                            other.cancel()
+                        raise fut.exception()  # type: ignore[misc]
+        except BaseException as exc:
+            for file in mine:
+                file.error = file.error or str(exc)
+            raise
+        finally:
+            with self._lock:
+                for file in mine:
+                    self._active.pop(file.key, None)
+                    file.done.set()
+        for idx, file in wanted:
+            file.done.wait()
+            if not file.digest:
+                raise WeightsError(
+                    f"{file.source_url}: {file.remote.path}: {file.error or 'download failed'}"
+                )
+            if file not in mine:
+                with job.lock:
+                    job.files_done += 1
+                    job.bytes_done += file.remote.size
+            job.manifests[idx].files[file.remote.path] = (file.digest, file.remote.size)
+
+    def _plan(self, job: _Job, file: _File) -> list[tuple[_File, int, int]]:
+        """The byte ranges of ``file`` still to fetch (none recorded by an earlier run)."""
+        size, chunk = file.remote.size, self.chunk_bytes
+        file.partial = self.store.partial(file.key, size)
+        if not file.source.ranges or size <= chunk:
+            ranges = [(0, size)]
+        else:
+            ranges = [(a, min(a + chunk, size)) for a in range(0, size, chunk)]
+        done = file.partial.done() if file.source.ranges else set()
+        left = [r for r in ranges if r not in done]
+        with job.lock:
+            job.bytes_done += sum(b - a for a, b in ranges if (a, b) in done)
+        file.left = len(left)
+        if not left:  # every range landed before an interruption; only the commit is missing
+            self._commit(job, file)
+        return [(file, a, b) for a, b in left]
+
+    def _fetch_range(self, job: _Job, file: _File, start: int, end: int) -> None:
+        assert file.partial is not None
+        what = f"{file.source_url}: {file.remote.path}"
+        with file.partial.writer(start) as w:
             for attempt in range(FETCH_ATTEMPTS):
                 try:
-                    source.fetch(f, fh, fh.tell())
+                    file.source.fetch(file.remote, w, w.offset, end)  # type: ignore[arg-type]
                     break
                 except (OSError, WeightsError, _transport_errors()) as exc:
-                    # An interrupted download resumes from the bytes already written.
-                    if attempt == FETCH_ATTEMPTS - 1 or fh.tell() >= f.size:
+                    # An interrupted range resumes from the bytes already written.
+                    if attempt == FETCH_ATTEMPTS - 1:
                         raise WeightsError(
-                            f"{entry.source}: {f.path}: download failed after "
-                            f"{attempt + 1} attempts: {exc}"
+                            f"{what}: download failed after {attempt + 1} attempts: {exc}"
                         ) from exc
-                    fh.flush()
-        digest = self.store.commit(tmp, f.size)
-        self._etag_file(entry.source, f).write_text(digest)
+                    if not file.source.ranges:
+                        w.offset = start
+                    time.sleep(0.1 * 2**attempt)
+            if w.offset != end:
+                raise WeightsError(
+                    f"{what}: expected bytes {start}-{end - 1}, the source sent "
+                    f"{w.offset - start} bytes"
+                )
+            file.partial.record(w, start, end)
+        with job.lock:
+            job.bytes_done += end - start
+        with file.lock:
+            file.left -= 1
+            last = file.left == 0
+        if last:
+            self._commit(job, file)
+
+    def _commit(self, job: _Job, file: _File) -> None:
+        """Verify the finished file (size, and the source's hashes) and store it."""
+        assert file.partial is not None
+        try:
+            digest = self.store.commit(
+                file.partial.path, file.remote.size, file.remote.sha256, md5=file.remote.md5
+            )
+        except WeightsError as exc:
+            file.partial.discard()  # corrupt: the next attempt starts over
+            raise WeightsError(f"{file.source_url}: {file.remote.path}: {exc.message}") from exc
+        file.partial.finished()
+        self._etag_file(file.source_url, file.remote).write_text(digest)
+        file.digest = digest
         with job.lock:
             job.files_done += 1
-            job.bytes_done += f.size
-        return digest

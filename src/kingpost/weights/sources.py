@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +18,9 @@ from typing import IO, Any, Protocol
 
 from kingpost.errors import WeightsError
 
-__all__ = ["RemoteFile", "Source", "WeightsEntry", "open_source"]
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+__all__ = ["RemoteFile", "Source", "WeightsEntry", "open_source", "range_header"]
 
 
 class WeightsEntry(Protocol):
@@ -41,18 +43,32 @@ class RemoteFile:
     size: int
     etag: str
     """What identifies this content at the source (ETag, mtime+size…), for dedup."""
+    sha256: str | None = None
+    """The content's SHA-256 when the source states it (Hub LFS files); verified."""
+    md5: str | None = None
+    """The content's MD5 when the source states it (single-part S3 ETags, GCS); verified."""
 
 
 class Source(ABC):
     pinned: str | None = None
     """The commit a listing resolved to, for sources with revisions (hf)."""
+    ranges: bool = True
+    """Whether byte ranges can be fetched (parallel chunks, resuming mid-file)."""
 
     @abstractmethod
     def files(self) -> list[RemoteFile]: ...
 
     @abstractmethod
-    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
-        """Write the bytes of ``f`` from offset ``start`` to its end into ``out``."""
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
+        """Write bytes ``[start, end)`` of ``f`` (``end`` defaults to its size) into ``out``."""
+
+
+def range_header(f: RemoteFile, start: int, end: int | None) -> dict[str, str]:
+    """The ``Range`` header for bytes ``[start, end)`` of ``f``; none for the whole file."""
+    last = f.size if end is None else end
+    if start == 0 and last >= f.size:
+        return {}
+    return {"Range": f"bytes={start}-{last - 1}"}
 
 
 class LocalSource(Source):
@@ -71,10 +87,13 @@ class LocalSource(Source):
                 out.append(RemoteFile(rel, st.st_size, f"{st.st_mtime_ns}-{st.st_size}"))
         return sorted(out, key=lambda f: f.path)
 
-    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
         with (self.root / f.path).open("rb") as fh:
             fh.seek(start)
-            shutil.copyfileobj(fh, out, 1024 * 1024)
+            left = (f.size if end is None else end) - start
+            while left > 0 and (chunk := fh.read(min(left, 1024 * 1024))):
+                out.write(chunk)
+                left -= len(chunk)
 
 
 class S3Source(Source):
@@ -93,14 +112,16 @@ class S3Source(Source):
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(prefix) :]
                     if rel and not rel.endswith("/"):
-                        out.append(RemoteFile(rel, int(obj["Size"]), obj["ETag"].strip('"')))
+                        etag = obj["ETag"].strip('"')
+                        md5 = etag if _MD5.fullmatch(etag) else None  # multipart ETags are not
+                        out.append(RemoteFile(rel, int(obj["Size"]), etag, md5=md5))
         except Exception as exc:  # botocore errors stop here
             raise WeightsError(f"s3://{self.bucket}/{self.prefix}: cannot list: {exc}") from exc
         return sorted(out, key=lambda f: f.path)
 
-    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
         key = f"{self.prefix}/{f.path}" if self.prefix else f.path
-        extra = {"Range": f"bytes={start}-"} if start else {}
+        extra = range_header(f, start, end)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
             for chunk in body.iter_chunks(1024 * 1024):
@@ -149,15 +170,16 @@ class HubSource(Source):
             lfs = sib.get("lfs") or {}
             size = int(lfs.get("size", sib.get("size", 0)))
             etag = str(lfs.get("sha256") or sib.get("blobId") or f"{self.pinned}:{size}")
-            out.append(RemoteFile(sib["rfilename"], size, etag))
+            sha256 = str(lfs["sha256"]) if lfs.get("sha256") else None
+            out.append(RemoteFile(sib["rfilename"], size, etag, sha256=sha256))
         return sorted(out, key=lambda f: f.path)
 
-    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
         url = f"{self.endpoint}/{self.repo}/resolve/{self.pinned or self.revision}/{f.path}"
-        headers = {"Range": f"bytes={start}-"} if start else {}
+        headers = range_header(f, start, end)
         with self._http.stream("GET", url, headers=headers) as r:
             self._check(r.status_code, f"cannot download {f.path}")
-            if start and r.status_code != 206:
+            if headers and r.status_code != 206:
                 raise WeightsError(f"hf://{self.repo}: {f.path}: the server ignored Range")
             for chunk in r.iter_bytes(1024 * 1024):
                 out.write(chunk)
@@ -181,12 +203,13 @@ class HttpFileSource(Source):
             if length is None:
                 raise WeightsError(f"{self.url}: the server gives no Content-Length")
             etag = r.headers.get("etag") or r.headers.get("last-modified") or length
+            self.ranges = r.headers.get("accept-ranges", "").lower() == "bytes"
         return [RemoteFile(self.name, int(length), etag.strip('"'))]
 
-    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0) -> None:
-        headers = {"Range": f"bytes={start}-"} if start else {}
+    def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
+        headers = range_header(f, start, end)
         with self._http.stream("GET", self.url, headers=headers) as r:
-            if r.status_code >= 400 or (start and r.status_code != 206):
+            if r.status_code >= 400 or (headers and r.status_code != 206):
                 raise WeightsError(f"{self.url}: download failed: HTTP {r.status_code}")
             for chunk in r.iter_bytes(1024 * 1024):
                 out.write(chunk)
