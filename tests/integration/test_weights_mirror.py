@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.gcsserver import Bucket, Gcs, gcs_server
 from helpers.hubserver import Hub, Repo, hub_server
 from helpers.platform import wait_for
 from kingpost.config import parse_config
@@ -344,3 +345,97 @@ def test_the_local_hub_speaks_the_api_huggingface_hub_uses(hub: Hub, tmp_path: P
         cache_dir=str(tmp_path / "hf-cache"),
     )  # fmt: skip
     assert Path(path).read_bytes() == b'{"a": 1}' and commit in path
+
+
+# -- GCS through its JSON API and Google's service-account OAuth flow ---------------------------
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gcs]:
+    with gcs_server() as g:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", g.url)
+        yield g
+
+
+def gs_cfg(source: str = "gs://models/llama", secret: str = "gsa") -> str:
+    return (
+        f"weights:\n  - source: {source}\n    mount_location: /models/llama\n"
+        f"    auth:\n      auth_method: CUSTOM_SECRET\n      auth_secret_name: {secret}\n"
+    )
+
+
+def test_gcs_mirror_with_a_service_account(gcs: Gcs, tmp_path: Path) -> None:
+    mb = 1024 * 1024
+    big = os.urandom(3 * mb + 5)
+    gcs.buckets["models"] = Bucket(
+        {
+            "llama/model.safetensors": big,
+            "llama/sub/tokenizer.json": b"{}",
+            "llama/config.json": b'{"a": 1}',
+            "other/x": b"not mine",
+        },
+        readers={"mirror@test-project.iam.gserviceaccount.com"},
+    )
+    key = gcs.service_account("mirror@test-project.iam.gserviceaccount.com")
+    mgr = WeightsManager(tmp_path / "store", chunk_bytes=mb)
+    mirror(mgr, "dep", gs_cfg(), {"gsa": json.dumps(key)})
+    (mount,) = mgr.mounts("dep")
+    root = mount.source_dir
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
+        "config.json",
+        "model.safetensors",
+        "sub/tokenizer.json",
+    ]  # fmt: skip  (three objects listed over two pages)
+    assert (root / "model.safetensors").read_bytes() == big
+    assert len(gcs.ranges) == 4 and gcs.token_requests == 1  # one token, reused
+
+
+def test_gcs_credentials_errors_name_the_secret_never_the_key(gcs: Gcs, tmp_path: Path) -> None:
+    gcs.buckets["models"] = Bucket({"llama/w": b"w"}, readers={"ok@p.iam"})
+    mgr = WeightsManager(tmp_path / "store")
+    untrusted = gcs.service_account("ok@p.iam")
+    gcs.service_account("ok@p.iam")  # a new key for the account: the first one is not trusted
+    cases = {
+        "bad-signature": (json.dumps(untrusted), "refused the service account ok@p.iam"),
+        "wrong-keys": (json.dumps({"email": "x", "key": "TOPSECRET"}), "keys found: email, key"),
+        "not-json": ("TOPSECRET", "must hold a service-account JSON key"),
+    }
+    for name, (value, message) in cases.items():
+        mgr.start(name, entries(gs_cfg(secret=name)), {name: value})
+        st = wait_for(lambda n=name: failed(mgr, n), 20, f"{name} to fail")
+        assert message in st.error and f"'{name}'" in st.error, st.error
+        assert "TOPSECRET" not in st.error and "PRIVATE KEY" not in st.error
+    reader = gcs.service_account("reader@p.iam")  # trusted, but not allowed on the bucket
+    mgr.start("forbidden", entries(gs_cfg(secret="r")), {"r": json.dumps(reader)})
+    st = wait_for(lambda: failed(mgr, "forbidden"), 20, "a 403")
+    assert "403" in st.error and "reader@p.iam may not read gs://models" in st.error
+
+
+def test_gcs_weights_through_the_platform(gcs: Gcs, tmp_path: Path) -> None:
+    """push -> WAITING_FOR_WEIGHTS -> mirrored from gs:// with a secret -> served read-only."""
+    from test_platform_push import copy_project
+
+    from helpers.platform import Platform
+
+    gcs.buckets["models"] = Bucket(
+        {"enc/model.safetensors": os.urandom(70_000), "enc/sub/config.json": b"{}"},
+        readers={"plat@p.iam"},
+    )
+    platform = Platform(tmp_path / "home", extra_env={"STORAGE_EMULATOR_HOST": gcs.url}).start()
+    try:
+        key = json.dumps(gcs.service_account("plat@p.iam"))
+        assert platform.cli("secrets", "set", "gcp_service_account", input=key).returncode == 0
+        project = copy_project(
+            tmp_path, "gcs-weighted", "model_name: gcs-weighted\n" + gs_cfg(
+                "gs://models/enc", "gcp_service_account"
+            ).replace("/models/llama", "/models/enc"),
+        )  # fmt: skip
+        out = platform.cli("push", str(project), "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        model_id = json.loads(out.stdout)["model"]["id"]
+        with platform.gateway() as gw:
+            seen = gw.get(
+                f"/models/{model_id}/environments/production/sync/files?dir=/models/enc"
+            ).json()
+        assert seen == {"files": ["model.safetensors", "sub/config.json"], "writable": False}
+        assert "BEGIN PRIVATE KEY" not in platform.output()
+    finally:
+        platform.stop()

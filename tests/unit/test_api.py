@@ -135,15 +135,28 @@ def test_bad_bodies_name_the_field(api: tuple[TestClient, str]) -> None:
     assert r.status_code == 404 and "not uploaded" in r.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("entry", "path", "message"),
+    [
+        ("source: gs://bucket/model", "weights[0].auth", "no credentials configured"),
+        ("source: bt://job/checkpoint", "weights[0].source", "bt://"),
+        (
+            "source: gs://bucket/model\n    auth: {auth_method: GCP_OIDC, "
+            "gcp_oidc_service_account: sa@p.iam, gcp_oidc_workload_id_provider: projects/1/x}",
+            "weights[0].auth.auth_method",
+            "GCP_OIDC needs an OIDC identity provider",
+        ),
+    ],
+)
 def test_weights_this_build_cannot_mirror_are_refused_before_anything_is_created(
-    api: tuple[TestClient, str], tmp_path: Path
+    api: tuple[TestClient, str], tmp_path: Path, entry: str, path: str, message: str
 ) -> None:
-    weights = "weights:\n  - source: gs://bucket/model\n    mount_location: /models/m\n"
+    weights = f"weights:\n  - {entry}\n    mount_location: /models/m\n"
     client, _ = api
     sha = upload(client, tmp_path, CONFIG + weights)
     r = client.post("/v1/push", json={"project_hash": sha})
-    assert r.status_code == 422
-    assert r.json()["errors"][0]["path"] == "weights[0].source" and "gs://" in r.json()["error"]
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["path"] == path and message in r.json()["error"]
     assert client.get("/v1/models").json() == []
 
 

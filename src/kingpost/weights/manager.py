@@ -69,15 +69,29 @@ def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
     """Problems to refuse at push, as (key path, message), beyond config parsing."""
     errors = []
     for i, e in enumerate(entries):
-        if e.scheme in ("s3", "r2") and not e.secret_name:
+        auth = getattr(e, "auth", None)
+        method = getattr(getattr(auth, "auth_method", None), "value", None)
+        if method in ("AWS_OIDC", "GCP_OIDC"):
+            errors.append(
+                (f"weights[{i}].auth.auth_method", f"{method} needs an OIDC identity provider "
+                 "the cloud trusts, which Kingpost does not run; use CUSTOM_SECRET with a "
+                 "secret holding the credentials")
+            )  # fmt: skip
+        elif e.scheme in ("s3", "r2") and not e.secret_name:
             errors.append(
                 (f"weights[{i}].auth", f"secret_id is required: {e.scheme}:// sources need "
                  "`auth: {auth_method: CUSTOM_SECRET, auth_secret_name: <secret-name>}`")
             )  # fmt: skip
-        if e.scheme in ("gs", "bt", "azure", "cw"):
+        elif e.scheme == "gs" and not e.secret_name:
+            errors.append(
+                (f"weights[{i}].auth", "no credentials configured: need either OIDC config or "
+                 "secret_id; add `auth: {auth_method: CUSTOM_SECRET, auth_secret_name: "
+                 "<secret-name>}` whose secret holds a service-account JSON key")
+            )  # fmt: skip
+        if e.scheme in ("bt", "azure", "cw"):
             errors.append(
                 (f"weights[{i}].source", f"{e.scheme}:// sources are not supported by this "
-                 "build yet; file://, s3://, r2://, hf:// and https:// are")
+                 "build; file://, s3://, r2://, gs://, hf:// and https:// are")
             )  # fmt: skip
     return errors
 

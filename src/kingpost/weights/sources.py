@@ -1,8 +1,9 @@
 """Weight sources, one per scheme behind one interface: list a pinned revision, fetch files.
 
-This build has ``file://`` (and plain absolute paths), ``s3://`` / ``r2://`` (S3 API) and
-``hf://`` (the Hub's HTTP API; ``HF_ENDPOINT`` points it elsewhere). ``gs://`` and
-``https://`` are refused with a message that says so.
+This build has ``file://`` (and plain absolute paths), ``s3://`` / ``r2://`` (S3 API),
+``hf://`` (the Hub's HTTP API; ``HF_ENDPOINT`` points it elsewhere), ``https://`` single
+files and ``gs://`` (``weights/gcs.py``). ``bt://`` (Baseten Training) has no counterpart
+here and is refused.
 """
 
 from __future__ import annotations
@@ -311,11 +312,11 @@ def open_source(
         return LocalSource(Path(path))
     if scheme in ("s3", "r2"):
         return _s3_source(entry, secrets)
-    if scheme == "gs" and not entry.secret_name:
-        raise WeightsError(
-            f"{entry.source}: no credentials configured: need either OIDC config or secret_id"
-        )
+    if scheme == "gs":
+        from kingpost.weights.gcs import gcs_source
+
+        return gcs_source(entry, secrets)
     raise WeightsError(
-        f"{entry.source}: {scheme}:// sources are not supported by this build yet "
-        "(file://, s3://, r2://, hf:// and https:// are)"
+        f"{entry.source}: {scheme}:// sources are not supported by this build "
+        "(file://, s3://, r2://, gs://, hf:// and https:// are)"
     )
