@@ -76,3 +76,54 @@ def test_cli_applies_with_a_backup_and_the_result_loads(tmp_path: Path) -> None:
 def test_nothing_to_migrate(tmp_path: Path) -> None:
     plan = plan_migration(project(tmp_path, "model_name: plain\n"))
     assert not plan.changed
+
+
+EXTERNAL = """\
+model_name: ext
+external_data:
+  - url: https://example.com/files/model.bin
+    local_data_path: weights/model.bin
+  - url: https://example.com/files/tok.json
+    local_data_path: weights/tokenizer.json
+  - url: https://example.com/files/vocab.txt
+    local_data_path: vocab.txt
+  - url: https://cdn.example.com/emb/encoder.onnx
+    local_data_path: encoder/encoder.onnx
+"""
+
+
+def test_external_data_becomes_weights_where_it_maps(tmp_path: Path) -> None:
+    root = project(tmp_path, EXTERNAL)
+    plan = plan_migration(root)
+    migrated = yaml.safe_load(plan.migrated)
+    assert migrated["weights"] == [
+        {"source": "https://example.com/files/model.bin", "mount_location": "/app/data/weights"},
+        {
+            "source": "https://cdn.example.com/emb/encoder.onnx",
+            "mount_location": "/app/data/encoder",
+        },
+    ]
+    assert [x["local_data_path"] for x in migrated["external_data"]] == [
+        "weights/tokenizer.json",  # named differently from the URL's file
+        "vocab.txt",  # at the top of data/
+    ]
+    text = "\n".join(plan.warnings)
+    assert "external_data[1]" in text and "'tok.json', not 'tokenizer.json'" in text
+    assert "external_data[2]" in text and "top of data/" in text
+    assert "/app/data/weights, /app/data/encoder" in text
+    (root / "data" / "encoder").mkdir(parents=True)
+    (root / "data" / "encoder" / "mine.txt").write_text("x")
+    again = yaml.safe_load(plan_migration(root).migrated)
+    assert [w["mount_location"] for w in again["weights"]] == ["/app/data/weights"]
+
+
+def test_model_cache_and_external_data_merge_into_one_weights_block(tmp_path: Path) -> None:
+    text = CONFIG + "external_data:\n  - url: https://h/x/a.bin\n    local_data_path: a/a.bin\n"
+    plan = plan_migration(project(tmp_path, text))
+    migrated = yaml.safe_load(plan.migrated)
+    assert [w["mount_location"] for w in migrated["weights"]] == [
+        "/app/model_cache/llama", "/app/model_cache/emb", "/app/data/a",
+    ]  # fmt: skip
+    assert "external_data" not in migrated and "model_cache" not in migrated
+    (tmp_path / "config.yaml").write_text(plan.migrated)
+    assert len(load_config(tmp_path).config.weights or []) == 3

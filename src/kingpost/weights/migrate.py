@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,74 @@ def _entry(item: dict[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
+def _external_entry(
+    project_dir: Path, item: dict[str, Any], i: int, taken: set[str]
+) -> tuple[dict[str, Any] | None, str]:
+    """A ``weights`` entry for one ``external_data`` item, or why it cannot be one.
+
+    An https:// source is mounted as a directory holding one file named after the
+    URL, so an item maps when its ``local_data_path`` is ``<dir>/<that name>``, no
+    other item uses ``<dir>``, and the project's own ``data/<dir>`` is empty (a mount
+    there would hide it). It is then read at ``/app/data/<dir>/<name>``, where
+    containers have the data directory.
+    """
+    url, local = str(item.get("url") or ""), str(item.get("local_data_path") or "")
+    where = f"external_data[{i}] ({local or url})"
+    if not url.startswith(("https://", "http://")):
+        return None, f"{where}: only http(s) URLs can become weights sources"
+    name = urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+    folder, _, filename = local.rpartition("/")
+    if not folder:
+        return None, f"{where}: the file sits at the top of data/, where a mount would hide data/"
+    if filename != name:
+        return None, (
+            f"{where}: the URL's file is named {name!r}, not {filename!r}; a weights mount "
+            "keeps the URL's name"
+        )
+    if folder in taken:
+        return None, f"{where}: another item already uses data/{folder}"
+    existing = project_dir / "data" / folder
+    if existing.is_dir() and any(existing.iterdir()):
+        return None, f"{where}: data/{folder} has files of its own that a mount would hide"
+    taken.add(folder)
+    return {"source": url, "mount_location": f"/app/data/{folder}"}, ""
+
+
+def _migrate_external_data(project_dir: Path, raw: dict[str, Any], plan: MigrationPlan) -> None:
+    items = [dict(x) for x in raw.get("external_data") or []]
+    taken: set[str] = set()
+    mapped, kept = [], []
+    for i, item in enumerate(items):
+        entry, why = _external_entry(project_dir, item, i, taken)
+        if entry is None:
+            kept.append(item)
+            plan.warnings.append(f"{why}; left in external_data")
+        else:
+            mapped.append(entry)
+    if not mapped:
+        return
+    if re.search(r"^weights\s*:", plan.migrated, re.M):  # written above from model_cache
+        block = yaml.safe_dump(mapped, sort_keys=False)
+        plan.migrated = re.sub(
+            r"^(weights\s*:\n(?:[ \t-].*\n)*)",
+            lambda m: m.group(1) + block,
+            plan.migrated,
+            count=1,
+            flags=re.M,
+        )
+    else:
+        plan.migrated = (
+            plan.migrated.rstrip("\n") + "\n" + yaml.safe_dump({"weights": mapped}, sort_keys=False)
+        )
+    rest = yaml.safe_dump({"external_data": kept}, sort_keys=False) if kept else ""
+    plan.migrated = _replace_block(plan.migrated, "external_data", rest)
+    folders = ", ".join(f"/app/data/{e['mount_location'].rsplit('/data/', 1)[1]}" for e in mapped)
+    plan.warnings.append(
+        f"external_data files now come from weights mounted read-only at {folders}: code that "
+        "writes there, or reads data/ outside a container, must change"
+    )
+
+
 def _replace_block(text: str, key: str, replacement: str) -> str:
     lines = text.splitlines(keepends=True)
     start = next((i for i, ln in enumerate(lines) if re.match(rf"{key}\s*:", ln)), None)
@@ -97,11 +166,7 @@ def plan_migration(project_dir: Path) -> MigrationPlan:
         block = yaml.safe_dump({"weights": weights}, sort_keys=False)
         plan.migrated = _replace_block(text, "model_cache", block)
     if raw.get("external_data"):
-        plan.warnings.append(
-            "external_data was left as is: weights mounts directories from a bucket or the Hub, "
-            "while external_data fetches single URLs into data/; move those files to a bucket "
-            "to mirror them as weights"
-        )
+        _migrate_external_data(project_dir, raw, plan)
     start = str((raw.get("docker_server") or {}).get("start_command") or "")
     if "truss-transfer" in start:
         plan.warnings.append(
