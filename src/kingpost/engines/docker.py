@@ -48,7 +48,7 @@ from kingpost.engines.base import (
     ReplicaStatus,
     ServerKind,
 )
-from kingpost.engines.probes import http_probe
+from kingpost.engines.probes import ReplicaHealth
 from kingpost.errors import EngineError
 
 if TYPE_CHECKING:
@@ -62,9 +62,7 @@ __all__ = ["DockerEngine", "container_options", "device_requests", "scope_of"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
-MAX_EXITS_BEFORE_READY = 3
 STOP_GRACE_S = 5
-BACKOFF_CAP_S = 30.0
 SECRETS_MOUNT = "/secrets"
 APP_DIR = "/app"
 
@@ -205,7 +203,7 @@ def container_options(
 
 
 @dataclass
-class _Replica:
+class _Replica(ReplicaHealth):
     replica_id: str
     deployment_id: str
     port: int
@@ -213,19 +211,7 @@ class _Replica:
     spec: ReplicaSpec | None = None
     """None for a container adopted from an earlier control plane."""
     container_id: str | None = None
-    phase: ReplicaPhase = ReplicaPhase.STARTING
-    endpoint: Endpoint | None = None
-    restarts: int = 0
-    exits_before_ready: int = 0
-    ever_ready: bool = False
-    ready_fails: int = 0
-    live_fails: int = 0
-    launched: float = 0.0
-    next_start: float = 0.0
     next_check: float = 0.0
-    started_at: float = 0.0
-    message: str = ""
-    stopping: bool = False
     busy: bool = False
     """A blocking Docker call for this replica is in flight on the pool."""
 
@@ -446,49 +432,21 @@ class DockerEngine(Engine):
         rep.endpoint = None
         if gone:
             rep.container_id = None
-        if not rep.ever_ready:
-            rep.exits_before_ready += 1
-            if rep.exits_before_ready >= MAX_EXITS_BEFORE_READY:
-                tail = "\n".join(self._container_logs(rep.container_id, 20))
-                rep.phase = ReplicaPhase.FAILED
-                rep.message = f"server {why} before becoming ready; last output:\n{tail}"
-                return
+        if rep.give_up():
+            tail = "\n".join(self._container_logs(rep.container_id, 20))
+            rep.phase = ReplicaPhase.FAILED
+            rep.message = f"server {why} before becoming ready; last output:\n{tail}"
+            return
         self._schedule_restart(rep, now, f"{why}; restarting")
 
     def _schedule_restart(self, rep: _Replica, now: float, why: str) -> None:
-        rep.restarts += 1
         rep.endpoint, rep.live_fails, rep.ready_fails = None, 0, 0
-        rep.phase, rep.message = ReplicaPhase.RESTARTING, why
-        rep.next_start = now + min(BACKOFF_CAP_S, 2.0 ** (rep.restarts - 1))
+        rep.back_off(now, why)
 
     def _probe(self, rep: _Replica, now: float) -> None:
-        probes, endpoint = rep.probes, rep.endpoint
-        assert endpoint is not None
-        timeout = min(probes.timeout_s, 1.0)
-        ready = http_probe(endpoint, probes.readiness_path, timeout)
-        if ready:
-            rep.ready_fails = 0
-            if rep.phase != ReplicaPhase.READY:
-                rep.message = ""
-            rep.phase, rep.ever_ready = ReplicaPhase.READY, True
-        elif rep.phase == ReplicaPhase.READY:
-            rep.ready_fails += 1
-            if rep.ready_fails >= probes.readiness_failure_threshold:
-                rep.phase, rep.message = ReplicaPhase.NOT_READY, "readiness probe failing"
-        if not rep.ever_ready:
-            if now - rep.launched > probes.startup_timeout_s:
-                self._kill_and_restart(rep, now, f"not ready after {probes.startup_timeout_s:.0f}s")
-            return
-        if now - rep.launched < probes.initial_delay_s:
-            return
-        alive = (
-            ready
-            if probes.liveness_path == probes.readiness_path
-            else http_probe(endpoint, probes.liveness_path, timeout)
-        )
-        rep.live_fails = 0 if alive else rep.live_fails + 1
-        if rep.live_fails >= probes.liveness_failure_threshold:
-            self._kill_and_restart(rep, now, "liveness probe failed")
+        why = rep.probe(rep.probes, now)
+        if why is not None:
+            self._kill_and_restart(rep, now, why)
 
     def _kill_and_restart(self, rep: _Replica, now: float, why: str) -> None:
         from docker.errors import DockerException

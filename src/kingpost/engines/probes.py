@@ -1,13 +1,19 @@
-"""HTTP health probes: one GET, 2xx passes; optionally from inside a network namespace."""
+"""HTTP health probes (one GET, 2xx passes; optionally from inside a network namespace)
+and the probe and restart rules every engine applies to its replicas."""
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
-from kingpost.engines.base import Endpoint
+from kingpost.engines.base import Endpoint, Probes, ReplicaPhase
 from kingpost.engines.netns import socket_in_netns
 
-__all__ = ["http_probe"]
+__all__ = ["MAX_EXITS_BEFORE_READY", "ReplicaHealth", "http_probe"]
+
+MAX_EXITS_BEFORE_READY = 3
+"""A replica that exits this often without ever being ready is FAILED, not restarted."""
+BACKOFF_CAP_S = 30.0
 
 
 def http_probe(endpoint: Endpoint, path: str, timeout: float = 2.0) -> bool:
@@ -34,3 +40,67 @@ def http_probe(endpoint: Endpoint, path: str, timeout: float = 2.0) -> bool:
             return False
     parts = head.split(b" ", 2)
     return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1][:1] == b"2"
+
+
+@dataclass(kw_only=True)
+class ReplicaHealth:
+    """What an engine tracks of one replica's health, whatever runs it."""
+
+    phase: ReplicaPhase = ReplicaPhase.STARTING
+    endpoint: Endpoint | None = None
+    restarts: int = 0
+    exits_before_ready: int = 0
+    ever_ready: bool = False
+    ready_fails: int = 0
+    live_fails: int = 0
+    launched: float = 0.0
+    next_start: float = 0.0
+    started_at: float = 0.0
+    message: str = ""
+    stopping: bool = False
+
+    def probe(self, probes: Probes, now: float) -> str | None:
+        """One probe round against :attr:`endpoint`: readiness moves the phase; returns
+        why the replica must be restarted (never ready in time, liveness failing), or None.
+        """
+        endpoint = self.endpoint
+        assert endpoint is not None
+        timeout = min(probes.timeout_s, 1.0)
+        ready = http_probe(endpoint, probes.readiness_path, timeout)
+        if ready:
+            self.ready_fails = 0
+            if self.phase != ReplicaPhase.READY:
+                self.message = ""
+            self.phase, self.ever_ready = ReplicaPhase.READY, True
+        elif self.phase == ReplicaPhase.READY:
+            self.ready_fails += 1
+            if self.ready_fails >= probes.readiness_failure_threshold:
+                self.phase, self.message = ReplicaPhase.NOT_READY, "readiness probe failing"
+        if not self.ever_ready:
+            if now - self.launched > probes.startup_timeout_s:
+                return f"not ready after {probes.startup_timeout_s:.0f}s"
+            return None
+        if now - self.launched < probes.initial_delay_s:
+            return None
+        alive = (
+            ready
+            if probes.liveness_path == probes.readiness_path
+            else http_probe(endpoint, probes.liveness_path, timeout)
+        )
+        self.live_fails = 0 if alive else self.live_fails + 1
+        if self.live_fails >= probes.liveness_failure_threshold:
+            return "liveness probe failed"
+        return None
+
+    def give_up(self) -> bool:
+        """Count an exit; True when the replica never became ready and exited too often."""
+        if self.ever_ready:
+            return False
+        self.exits_before_ready += 1
+        return self.exits_before_ready >= MAX_EXITS_BEFORE_READY
+
+    def back_off(self, now: float, why: str) -> None:
+        """RESTARTING, to start again after an exponential backoff (capped)."""
+        self.restarts += 1
+        self.phase, self.message = ReplicaPhase.RESTARTING, why
+        self.next_start = now + min(BACKOFF_CAP_S, 2.0 ** (self.restarts - 1))

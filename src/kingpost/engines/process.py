@@ -41,7 +41,7 @@ from kingpost.engines.base import (
     ServerKind,
 )
 from kingpost.engines.netns import can_unshare_net, forget_netns
-from kingpost.engines.probes import http_probe
+from kingpost.engines.probes import ReplicaHealth
 from kingpost.errors import EngineError
 from kingpost.settings import Settings
 
@@ -53,32 +53,18 @@ __all__ = ["ProcessEngine"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-MAX_EXITS_BEFORE_READY = 3
 STOP_GRACE_S = 5.0
-BACKOFF_CAP_S = 30.0
 SECRETS_MOUNT = "/secrets"
 
 
 @dataclass
-class _Replica:
+class _Replica(ReplicaHealth):
     spec: ReplicaSpec
     root: Path
     port: int
     netns: bool
     proc: subprocess.Popen[bytes] | None = None
-    phase: ReplicaPhase = ReplicaPhase.STARTING
-    endpoint: Endpoint | None = None
-    restarts: int = 0
-    exits_before_ready: int = 0
-    ever_ready: bool = False
-    ready_fails: int = 0
-    live_fails: int = 0
-    launched: float = 0.0
-    next_start: float = 0.0
     next_probe: float = 0.0
-    started_at: float = 0.0
-    message: str = ""
-    stopping: bool = False
     kill_at: float = 0.0
 
     @property
@@ -271,48 +257,19 @@ class ProcessEngine(Engine):
         self._forget(rep)
         rep.proc = None
         rep.endpoint = None
-        tail = "\n".join(_tail(rep.log_path, 20))
-        if not rep.ever_ready:
-            rep.exits_before_ready += 1
-            if rep.exits_before_ready >= MAX_EXITS_BEFORE_READY:
-                rep.phase = ReplicaPhase.FAILED
-                rep.message = (
-                    f"server exited with code {code} before becoming ready; last output:\n{tail}"
-                )
-                return
-        rep.restarts += 1
-        rep.phase = ReplicaPhase.RESTARTING
-        rep.message = f"exited with code {code}; restarting"
-        rep.next_start = now + min(BACKOFF_CAP_S, 2.0 ** (rep.restarts - 1))
+        if rep.give_up():
+            tail = "\n".join(_tail(rep.log_path, 20))
+            rep.phase = ReplicaPhase.FAILED
+            rep.message = (
+                f"server exited with code {code} before becoming ready; last output:\n{tail}"
+            )
+            return
+        rep.back_off(now, f"exited with code {code}; restarting")
 
     def _probe(self, rep: _Replica, now: float) -> None:
-        probes, endpoint = rep.spec.probes, rep.endpoint
-        assert endpoint is not None
-        timeout = min(probes.timeout_s, 1.0)
-        ready = http_probe(endpoint, probes.readiness_path, timeout)
-        if ready:
-            rep.ready_fails = 0
-            if rep.phase != ReplicaPhase.READY:
-                rep.message = ""
-            rep.phase, rep.ever_ready = ReplicaPhase.READY, True
-        elif rep.phase == ReplicaPhase.READY:
-            rep.ready_fails += 1
-            if rep.ready_fails >= probes.readiness_failure_threshold:
-                rep.phase, rep.message = ReplicaPhase.NOT_READY, "readiness probe failing"
-        if not rep.ever_ready:
-            if now - rep.launched > probes.startup_timeout_s:
-                self._restart(rep, now, f"not ready after {probes.startup_timeout_s:.0f}s")
-            return
-        if now - rep.launched < probes.initial_delay_s:
-            return
-        alive = (
-            ready
-            if probes.liveness_path == probes.readiness_path
-            else http_probe(endpoint, probes.liveness_path, timeout)
-        )
-        rep.live_fails = 0 if alive else rep.live_fails + 1
-        if rep.live_fails >= probes.liveness_failure_threshold:
-            self._restart(rep, now, "liveness probe failed")
+        why = rep.probe(rep.spec.probes, now)
+        if why is not None:
+            self._restart(rep, now, why)
 
     def _restart(self, rep: _Replica, now: float, why: str) -> None:
         if rep.proc is not None:
@@ -320,9 +277,7 @@ class ProcessEngine(Engine):
             rep.proc.wait(timeout=10)
             self._forget(rep)
         rep.proc, rep.endpoint, rep.live_fails = None, None, 0
-        rep.restarts += 1
-        rep.phase, rep.message = ReplicaPhase.RESTARTING, why
-        rep.next_start = now + min(BACKOFF_CAP_S, 2.0 ** (rep.restarts - 1))
+        rep.back_off(now, why)
 
     def _forget(self, rep: _Replica) -> None:
         if rep.endpoint is not None and rep.endpoint.netns:
