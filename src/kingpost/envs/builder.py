@@ -29,19 +29,18 @@ for each other and then reuse the result.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kingpost
+from kingpost._filelock import locked
 from kingpost.envs.installer import Installer, run_logged
 from kingpost.envs.interpreters import Interpreter, current, find_interpreter
 from kingpost.errors import BuildError, ConfigError
@@ -125,17 +124,6 @@ def _hash(inputs: _Inputs, installer: Installer) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _explicit_python(config: Any) -> str | None:
     fields_set = getattr(config, "model_fields_set", None)
     if fields_set is not None and "python_version" not in fields_set:
@@ -161,7 +149,7 @@ def ensure_environment(
     installer = Installer(log)
     env_hash = _hash(inputs, installer)
     target = envs_dir / env_hash
-    with _locked(envs_dir / f".{env_hash}.lock"):
+    with locked(envs_dir / f".{env_hash}.lock"):
         python = target / "bin" / "python"
         if (target / READY_MARKER).is_file() and python.exists():
             log(f"reusing environment {env_hash}")

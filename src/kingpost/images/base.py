@@ -14,7 +14,6 @@ the way the official Python images put theirs in ``/usr/local/bin``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,10 +23,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kingpost._filelock import locked
 from kingpost.errors import BuildError
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ def ensure_base_image(client: DockerClient | None = None, log: Log = print) -> s
     tag = base_image_tag()
     if image_exists(client, tag):
         return tag
-    with _machine_lock():
+    with locked(Path(tempfile.gettempdir()) / "kingpost-base-image.lock"):
         if image_exists(client, tag):
             return tag
         started = time.monotonic()
@@ -114,17 +113,6 @@ def ensure_base_image(client: DockerClient | None = None, log: Log = print) -> s
             _import(client, archive, tag)
         log(f"built {tag} in {time.monotonic() - started:.0f}s")
     return tag
-
-
-@contextmanager
-def _machine_lock() -> Iterator[None]:
-    path = Path(tempfile.gettempdir()) / "kingpost-base-image.lock"
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build_rootfs(tmp: Path, log: Log) -> Path:
