@@ -19,7 +19,13 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 from kingpost.errors import WeightsError
-from kingpost.weights.sources import RemoteFile, Source, WeightsEntry, range_header
+from kingpost.weights.sources import (
+    RemoteFile,
+    Source,
+    WeightsEntry,
+    range_header,
+    secret_value,
+)
 
 __all__ = ["GcsSource", "ServiceAccount", "gcs_source"]
 
@@ -189,13 +195,8 @@ def gcs_source(entry: WeightsEntry, secrets: Mapping[str, str]) -> Source:
             "add `auth: {auth_method: CUSTOM_SECRET, auth_secret_name: <secret-name>}` whose "
             "secret holds a service-account JSON key"
         )
-    if name not in secrets:
-        raise WeightsError(
-            f"{entry.source}: secret {name!r} is not defined; set it with "
-            f"`kingpost secrets set {name}`"
-        )
     try:
-        info = json.loads(secrets[name])
+        info = json.loads(secret_value(entry, name, secrets))
     except ValueError:
         raise WeightsError(
             f"{entry.source}: secret {name!r} must hold a service-account JSON key"

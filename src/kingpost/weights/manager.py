@@ -264,7 +264,7 @@ class WeightsManager:
                     if fut.exception() is not None:
                         for other in futures:
                             other.cancel()
-                        raise fut.exception()  # type: ignore[misc]
+                        fut.result()  # raises the range's error
         except BaseException as exc:
             for file in mine:
                 file.error = file.error or str(exc)

@@ -216,17 +216,22 @@ class HttpFileSource(Source):
                 out.write(chunk)
 
 
+def secret_value(entry: WeightsEntry, name: str, secrets: Mapping[str, str]) -> str:
+    """The value of the secret ``entry`` names, or an error saying how to define it."""
+    if name not in secrets:
+        raise WeightsError(
+            f"{entry.source}: secret {name!r} is not defined; set it with "
+            f"`kingpost secrets set {name}`"
+        )
+    return secrets[name]
+
+
 def _hub_source(entry: WeightsEntry, secrets: Mapping[str, str], revision: str | None) -> Source:
     location = entry.source.split("://", 1)[1]
     repo, _, rev = location.partition("@")
     token = None
     if entry.secret_name:
-        if entry.secret_name not in secrets:
-            raise WeightsError(
-                f"{entry.source}: secret {entry.secret_name!r} is not defined; set it with "
-                f"`kingpost secrets set {entry.secret_name}`"
-            )
-        token = secrets[entry.secret_name].strip()
+        token = secret_value(entry, entry.secret_name, secrets).strip()
         if token.startswith("{"):
             try:
                 token = str(json.loads(token)["hf_access_token"])
@@ -252,13 +257,8 @@ def _s3_credentials(entry: WeightsEntry, secrets: Mapping[str, str]) -> dict[str
             f"{entry.source}: secret_id is required: add an auth block, e.g. "
             "`auth: {auth_method: CUSTOM_SECRET, auth_secret_name: <secret-name>}`"
         )
-    if name not in secrets:
-        raise WeightsError(
-            f"{entry.source}: secret {name!r} is not defined; set it with "
-            f"`kingpost secrets set {name}`"
-        )
     try:
-        creds = json.loads(secrets[name])
+        creds = json.loads(secret_value(entry, name, secrets))
     except ValueError:
         raise WeightsError(f"{entry.source}: secret {name!r} is not JSON") from None
     if not isinstance(creds, dict):
