@@ -179,19 +179,9 @@ def _handler(gcs: Gcs) -> type[BaseHTTPRequestHandler]:
                 return
             gcs.downloads[name] += 1
             rng = self.headers.get("Range")
-            first, last = 0, len(data)
             if rng:
                 gcs.ranges.append(rng)
-                a, _, b = rng.removeprefix("bytes=").partition("-")
-                first, last = int(a), (int(b) + 1 if b else len(data))
-            body = data[first:last]
-            self.send_response(206 if rng else 200)
-            if rng:
-                self.send_header("Content-Range", f"bytes {first}-{last - 1}/{len(data)}")
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._send_bytes(data)
 
     return Handler
 

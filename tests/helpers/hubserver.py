@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from helpers.httpd import QuietHandler, serving
+from helpers.httpd import QuietHandler, byte_range, serving
 
 
 @dataclass
@@ -118,29 +118,14 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                     return
                 hub.downloads[rel] += 1
                 rng = self.headers.get("Range")
-                first, last = 0, len(data)
                 if rng:
                     hub.ranges.append(rng)
-                    a, _, b = rng.removeprefix("bytes=").partition("-")
-                    first, last = int(a), (int(b) + 1 if b else len(data))
-                if (rel, first) in hub.fail:
+                if (rel, byte_range(rng, len(data))[0]) in hub.fail:
                     self._send(500, b'{"error": "injected failure"}')
                     return
-                body = hub.tamper.get(rel, data)[first:last]
-                self.send_response(206 if rng else 200)
-                if rng:
-                    self.send_header("Content-Range", f"bytes {first}-{last - 1}/{len(data)}")
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Accept-Ranges", "bytes")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if rel in hub.drop_once:
-                    hub.drop_once.discard(rel)
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
+                cut = rel in hub.drop_once
+                hub.drop_once.discard(rel)
+                self._send_bytes(hub.tamper.get(rel, data), cut=cut)
                 return
             self._send(404, b"{}")
 
