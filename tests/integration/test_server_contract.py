@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 from test_server_harness import ready_server
 
+from kingpost.server.placement import PROVEN_CALLS
+
 PREDICT = "/v1/models/model:predict"
 
 
@@ -141,3 +143,53 @@ def test_openai_routes(tmp_path: Path) -> None:
             assert r.read() == b"data: hello\n\ndata: world\n\n"
         assert client.post("/v1/embeddings", json={}).json()["data"][0]["embedding"] == [0, 1]
         assert client.post("/v1/completions", json={}).status_code == 404
+
+
+def _threads(client: httpx.Client, n: int, **body: Any) -> list[tuple[str, str]]:
+    out = []
+    for _ in range(n):
+        r = client.post(PREDICT, json=body)
+        assert r.status_code == 200
+        out.append((r.json()["thread"], r.json()["post_thread"]))
+    return out
+
+
+def test_tiny_sync_methods_move_to_the_loop_and_a_slow_call_moves_them_back(
+    tmp_path: Path,
+) -> None:
+    with ready_server("placement", tmp_path) as (server, client):
+        first = _threads(client, PROVEN_CALLS)
+        assert first[0] == ("predict-0", first[0][1]) and first[0][1] != "MainThread"
+        assert _threads(client, 3) == [("MainThread", "MainThread")] * 3
+        moved = [
+            ln for ln in server.lines() if ln.get("message") == "method runs on the event loop"
+        ]
+        assert {ln["method"] for ln in moved} == {"predict", "postprocess"}
+        # A slow call on the loop runs once, then predict is back in its thread for good.
+        assert _threads(client, 1, sleep=0.01) == [("MainThread", "MainThread")]
+        assert _threads(client, PROVEN_CALLS + 5)[-1] == ("predict-0", "MainThread")
+        back = [
+            ln
+            for ln in server.lines()
+            if ln.get("message") == "method moves back to the thread pool"
+        ]
+        assert [ln["method"] for ln in back] == ["predict"]
+
+
+def test_inline_switch_off_keeps_sync_methods_in_threads(tmp_path: Path) -> None:
+    with ready_server("placement", tmp_path, env={"KINGPOST_SERVER_INLINE": "0"}) as (_, client):
+        calls = _threads(client, PROVEN_CALLS + 5)
+        assert all(t == "predict-0" and p != "MainThread" for t, p in calls)
+
+
+def test_a_sync_predict_driving_its_own_loop_works_in_a_thread_and_on_the_loop(
+    tmp_path: Path,
+) -> None:
+    with ready_server("placement", tmp_path) as (_, client):
+        threads = set()
+        for _ in range(PROVEN_CALLS + 5):
+            r = client.post(PREDICT, json={"own_loop": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["doubled"] == 42
+            threads.add(r.json()["thread"])
+        assert threads == {"predict-0", "MainThread"}

@@ -3,8 +3,9 @@
 ``preprocess`` and ``postprocess`` run outside the concurrency limit; a
 semaphore of ``predict_concurrency`` surrounds ``predict`` (and, for streams,
 the whole production of the stream). Sync methods run in a thread pool sized
-to ``predict_concurrency`` (other sync methods in a second pool); async
-methods run on the loop. Error bodies and statuses follow Truss.
+to ``predict_concurrency`` (other sync methods in a second pool) until they
+prove tiny (see :mod:`kingpost.server.placement`); async methods run on the
+loop. Error bodies and statuses follow Truss.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kingpost.server.http import Connection, HttpRequest
 from kingpost.server.logs import REQUEST_ID, log_event
 from kingpost.server.metrics import Metrics
 from kingpost.server.model import ArgMode, Method, ModelDefinitionError, ModelHost, Status
+from kingpost.server.placement import Placement, inline_enabled
 from kingpost.server.streams import stream_result
 
 __all__ = ["MODEL_ERROR_MESSAGE", "ModelServer"]
@@ -96,6 +98,15 @@ class _Threads:
             self._jobs.put(None)
 
 
+def _timed(place: Placement, run: Any, fn: Any, *args: Any) -> Any:
+    """Call ``fn`` in the context ``run`` belongs to, and tell ``place`` how long it took."""
+    started = perf_counter()
+    try:
+        return run(fn, *args)
+    finally:
+        place.ran_in_thread(perf_counter() - started)
+
+
 def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
     if fut.done():
         return
@@ -119,6 +130,8 @@ class ModelServer:
         self.access_log = os.environ.get("KINGPOST_SERVER_ACCESS_LOG", "") not in ("", "0")
         self._ids = count(1)
         self._id_prefix = _random.token_hex(4) + "-"
+        self._inline = inline_enabled()
+        self._placements: dict[str, Placement] = {}
 
     def close(self) -> None:
         self.predict_pool.shutdown(wait=False, cancel_futures=True)
@@ -184,10 +197,25 @@ class ModelServer:
             return m.fn(*args)
         if m.is_async:
             return await m.fn(*args)
+        place = self._placements.get(m.name)
+        if place is None:
+            place = self._placements[m.name] = Placement(m.name, self._inline)
+        if place.inline:
+            # As in a worker thread, no loop is running for the call: a model that drives
+            # its own loop (``self.loop.run_until_complete``) works the same on both.
+            running = asyncio.events._get_running_loop()
+            asyncio.events._set_running_loop(None)
+            started = perf_counter()
+            try:
+                return m.fn(*args)
+            finally:
+                place.ran_inline(perf_counter() - started)
+                asyncio.events._set_running_loop(running)
         loop = asyncio.get_running_loop()
+        run = contextvars.copy_context().run
         if pool is self.predict_pool:
-            return await self.predict_threads.run(loop, contextvars.copy_context().run, m.fn, *args)
-        return await loop.run_in_executor(pool, contextvars.copy_context().run, m.fn, *args)
+            return await self.predict_threads.run(loop, _timed, place, run, m.fn, *args)
+        return await loop.run_in_executor(pool, _timed, place, run, m.fn, *args)
 
     @staticmethod
     def _inputs(call: _Call, skip: bool, input_type: Any) -> tuple[Any, bool]:

@@ -44,11 +44,15 @@ def _to_plain(obj: Any) -> Any:
     raise TypeError(f"cannot serialize a {type(obj).__name__} to JSON")
 
 
+_ENCODER = json.JSONEncoder(default=_to_plain)
+"""One encoder for every response: ``json.dumps(..., default=...)`` builds a new one per call."""
+
+
 def encode_json(obj: Any) -> bytes:
     dump_json = getattr(obj, "model_dump_json", None)
     if dump_json is not None:
         return dump_json().encode()  # type: ignore[no-any-return]
-    return json.dumps(obj, default=_to_plain).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def encode_msgpack(obj: Any) -> bytes:
