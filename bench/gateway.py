@@ -10,8 +10,10 @@ Runs everything on this machine in one run, alternating targets each round:
   (d) ray      Ray Serve's HTTP proxy in front of a no-op deployment (if installable)
 
 Servers under test are pinned to core 0, the load generator and upstream to core 1
-(`taskset`). Saturation: `wrk -t1 -c64`. Latency at 50% of Kingpost's peak: `hey`
-rate-limited. Also a streaming case (SSE, 100 chunks) and a 1 MB request body case.
+(`taskset`). Saturation: `wrk -t1 -c64`. Latency at 50% of Kingpost's peak, and the
+same offered load over 1 and over 256 connections: bench/loadgen.c, open loop. Also a
+streaming case (SSE, 100 chunks), a 1 MB request body case, and the gateway with two
+workers on both cores.
 
     python bench/gateway.py [--duration 5] [--rounds 2] [--no-ray] [--json out.json]
 """
@@ -40,7 +42,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from kingpost.gateway.control import push_table  # noqa: E402
+import openloop  # noqa: E402
+
+from kingpost.gateway.control import control_socket_paths, push_table  # noqa: E402
 from kingpost.gateway.table import (  # noqa: E402
     DeploymentRoute,
     DeploymentState,
@@ -213,38 +217,6 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
-def hey(url: str, rate: float, seconds: float, body: Path, core: int = 1) -> dict[str, float]:
-    workers = 8
-    out = subprocess.run(
-        pinned(
-            core,
-            [
-                "hey",
-                "-z",
-                f"{int(seconds)}s",
-                "-c",
-                str(workers),
-                "-q",
-                str(max(1, int(rate / workers))),
-                "-m",
-                "POST",
-                "-T",
-                "application/json",
-                "-D",
-                str(body),
-                "-H",
-                f"Authorization: Api-Key {KEY}",
-                url,
-            ],
-        ),
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    ).stdout
-    pct = dict(re.findall(r"(\d+)%+ in ([\d.]+) secs", out))
-    return {"p50": float(pct.get("50", 0)) * 1000, "p99": float(pct.get("99", 0)) * 1000}
-
-
 def stream_times(url: str, n: int = 20) -> dict[str, float]:
     first, total = [], []
     with httpx.Client(headers={"Authorization": f"Api-Key {KEY}"}, timeout=30) as c:
@@ -282,6 +254,23 @@ def table_for(up_port: int, sse_port: int) -> RoutingTable:
     )
 
 
+def start_gateway(procs: Procs, port: int, control: Path, cores: str, workers: int) -> None:
+    cmd = [sys.executable, "-m", "kingpost.gateway", "--port", str(port)]
+    cmd += ["--control-socket", str(control), "--workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    procs.start(["taskset", "-c", cores, *cmd], env=env)
+
+
+def open_loop(url: str, rate: float, seconds: float, connections: int) -> dict[str, float]:
+    """Latency under an open-loop load (bench/loadgen.c, on core 1), timed from when each
+    request was due; microsecond resolution."""
+    port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    path = "/" + url.split("://", 1)[1].split("/", 1)[1]
+    headers = {"Content-Type": "application/json", "Authorization": f"Api-Key {KEY}"}
+    request = openloop.http_request(path, PAYLOAD.encode(), headers)
+    return openloop.run(port, request, rate=rate, connections=connections, seconds=seconds, core=1)
+
+
 def start_ray(procs: Procs, work: Path, port: int) -> bool:
     py = REPO / ".bench-cache" / "ray-venv" / "bin" / "python"
     if not py.exists():
@@ -312,9 +301,9 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    for tool in ("nginx", "wrk", "hey"):
+    for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
-            sys.exit(f"{tool} is not installed (apt-get install nginx-light wrk hey)")
+            sys.exit(f"{tool} is not installed (apt-get install nginx-light wrk)")
     procs = Procs()
     work = Path(tempfile.mkdtemp(prefix="kp-bench-"))
     try:
@@ -328,7 +317,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
-    up_port, sse_port, ngx_port, kp_port, ray_port = (free_port() for _ in range(5))
+    up_port, sse_port, ngx_port, kp_port, kp2_port, ray_port = (free_port() for _ in range(6))
     nginx = shutil.which("nginx") or "nginx"
     body = PAYLOAD.replace("'", "")
     procs.start(
@@ -364,27 +353,17 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
         )
     )
     control = work / "gw.sock"
-    procs.start(
-        pinned(
-            0,
-            [
-                sys.executable,
-                "-m",
-                "kingpost.gateway",
-                "--port",
-                str(kp_port),
-                "--control-socket",
-                str(control),
-            ],
-        ),
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-    )
-    for port in (up_port, sse_port, ngx_port, kp_port):
+    start_gateway(procs, kp_port, control, "0", workers=1)
+    control2 = work / "gw2.sock"
+    start_gateway(procs, kp2_port, control2, "0,1", workers=2)
+    for port in (up_port, sse_port, ngx_port, kp_port, kp2_port):
         wait_port(port)
-    deadline = time.monotonic() + 10
-    while not control.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    push_table(control, table_for(up_port, sse_port))
+    table = table_for(up_port, sse_port)
+    for sock in [control, *control_socket_paths(control2, 2)]:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        push_table(sock, table)
     targets = {
         "direct": f"http://127.0.0.1:{up_port}{PATH}",
         "nginx": f"http://127.0.0.1:{ngx_port}{PATH}",
@@ -420,9 +399,19 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     p1 = {k: wrk(url, args.duration, 1, post) for k, url in targets.items()}
     p256 = {k: wrk(url, args.duration, 256, post) for k, url in targets.items() if k != "ray"}
     rate = peak["kingpost"] * 0.5
-    body_file = work / "body.json"
-    body_file.write_text(PAYLOAD)
-    half = {k: hey(url, rate, args.duration, body_file) for k, url in targets.items()}
+    half = {k: open_loop(url, rate, args.duration, 16) for k, url in targets.items()}
+    # The same offered load over 1 connection and over 256: a rate one connection can
+    # carry for every target (half of the slowest closed-loop c=1 rate).
+    equal_rate = 0.5 * min(p1[k]["rps"] for k in ("direct", "nginx", "kingpost"))
+    equal = {
+        k: {c: open_loop(targets[k], equal_rate, args.duration, c) for c in (1, 256)}
+        for k in ("direct", "nginx", "kingpost")
+    }
+    kp2_url = f"http://127.0.0.1:{kp2_port}{PATH}"
+    wrk(kp2_url, 1, 8, post)
+    two_workers = max(
+        wrk(kp2_url, args.duration, args.connections, post)["rps"] for _ in range(args.rounds)
+    )
     big_rps = {
         k: wrk(url, args.duration, 8, big)["rps"] for k, url in targets.items() if k != "ray"
     }
@@ -439,6 +428,9 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
         "c256": p256,
         "half_load": half,
         "half_rate": rate,
+        "equal_load": equal,
+        "equal_rate": equal_rate,
+        "two_workers_rps": two_workers,
         "body_1mb_rps": big_rps,
         "sse_100": streaming,
         "ray": ray_note,
@@ -450,7 +442,7 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> None:
     peak, half = r["peak_rps"], r["half_load"]
     print(
-        f"\nGateway benchmark {r['date']}, {r['cpus']} cores (SUT on core 0; wrk/hey + upstream on core 1)"
+        f"\nGateway benchmark {r['date']}, {r['cpus']} cores (SUT on core 0; wrk/loadgen + upstream on core 1)"
     )
     print(f"Ray Serve: {r['ray']}\n")
     print(
@@ -478,8 +470,25 @@ def report(r: dict[str, Any]) -> None:
         f"nginx added: p50 +{half['nginx']['p50'] - half['direct']['p50']:.3f} ms, "
         f"p99 +{half['nginx']['p99'] - half['direct']['p99']:.3f} ms"
     )
-    ratio = r["c256"]["kingpost"]["p99"] / max(r["c1"]["kingpost"]["p99"], 1e-6)
-    print(f"kingpost p99 at 256 connections / p99 at 1: {ratio:.1f}  (target <= 5)")
+    for k, v in r["c256"].items():
+        ratio = v["p99"] / max(r["c1"][k]["p99"], 1e-6)
+        print(f"{k}: p99 at 256 connections / p99 at 1, closed loop: {ratio:.1f}  (target <= 5)")
+    print(
+        f"\nSame offered load ({r['equal_rate']:.0f} req/s, open loop) over 1 and 256 connections:"
+    )
+    print("| target | p50 c=1 | p99 c=1 | p50 c=256 | p99 c=256 | p99 ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for k, v in r["equal_load"].items():
+        one, many = v[1], v[256]
+        print(
+            f"| {k} | {one['p50']:.3f} | {one['p99']:.3f} | {many['p50']:.3f} | "
+            f"{many['p99']:.3f} | {many['p99'] / max(one['p99'], 1e-6):.2f} |"
+        )
+    print(
+        f"\nkingpost with 2 workers on cores 0-1: {r['two_workers_rps']:.0f} req/s, "
+        f"{r['two_workers_rps'] / peak['kingpost']:.2f}x one worker on core 0 "
+        "(wrk and the upstream also run on core 1)"
+    )
     for k, v in r["sse_100"].items():
         print(
             f"SSE 100 chunks via {k}: first chunk {v['first_ms']:.2f} ms, all {v['total_ms']:.2f} ms"

@@ -2,8 +2,8 @@
 
 Each server runs pinned to one core (taskset); wrk runs on another core with
 the same connection count against both. Reports requests/s and p50/p99 at
-peak (closed loop), the ratios Kingpost/Truss, and Kingpost's p99 at ~80% of
-its own peak (paced with wrk's ``delay()``).
+peak (closed loop), the ratios Kingpost/Truss, and Kingpost's p50/p99 under an
+open-loop load (bench/loadgen.c) at 50, 70 and 80% of its own peak.
 
     .venv/bin/python bench/model_server.py [--duration 8] [--connections 16]
 
@@ -28,6 +28,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import openloop
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -62,15 +64,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _lua(path: Path, delay_ms: float) -> Path:
-    script = path / f"post-{delay_ms:.3f}.lua"
+def _lua(path: Path) -> Path:
+    script = path / "post.lua"
     lines = [
         'wrk.method = "POST"',
         f"wrk.body = '{BODY}'",
         'wrk.headers["Content-Type"] = "application/json"',
     ]
-    if delay_ms > 0:
-        lines.append(f"function delay() return {delay_ms:.3f} end")
     script.write_text("\n".join(lines) + "\n")
     return script
 
@@ -178,19 +178,21 @@ def start(cmd: list[str], cwd: Path, env: dict[str, str], core: int) -> subproce
 
 
 def measure_peak(url: str, work: Path, args: argparse.Namespace) -> Run:
-    lua = _lua(work, 0)
+    lua = _lua(work)
     wrk(url, lua, args.connections, 2, args.client_core)  # warm-up
     return wrk(url, lua, args.connections, args.duration, args.client_core)
 
 
-def measure_at(url: str, work: Path, args: argparse.Namespace, target_rps: float) -> Run:
-    """Pace wrk with delay() so the offered load is about ``target_rps``."""
-    conns = args.connections
-    delay = max(0.0, conns / target_rps * 1000)
-    for _ in range(3):
-        probe = wrk(url, _lua(work, delay), conns, 2, args.client_core)
-        delay = max(0.0, delay * probe.rps / target_rps)
-    return wrk(url, _lua(work, delay), conns, args.duration, args.client_core)
+def measure_at(url: str, args: argparse.Namespace, target_rps: float) -> Run:
+    """Open loop at ``target_rps`` (bench/loadgen.c): requests go out on schedule whatever
+    the server does, and each is timed from when it was due, so queueing shows."""
+    port = int(url.rsplit(":", 1)[1])
+    request = openloop.http_request(PATH, BODY.encode(), {"Content-Type": "application/json"})
+    r = openloop.run(
+        port, request, rate=target_rps, connections=args.connections, seconds=args.duration,
+        core=args.client_core,
+    )  # fmt: skip
+    return Run(r["rate"], r["p50"], r["p99"], int(r["non2xx"] + r["errors"]))
 
 
 def main() -> int:
@@ -200,6 +202,10 @@ def main() -> int:
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--skip-truss", action="store_true")
+    parser.add_argument(
+        "--loads", type=int, nargs="*", default=[50, 70, 80],
+        help="open-loop runs at these percentages of Kingpost's peak",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()
     results: dict[str, Run] = {}
@@ -225,7 +231,8 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, proc)
             results["kingpost"] = peak = measure_peak(url, work, args)
-            results["kingpost@80%"] = measure_at(url, work, args, 0.8 * peak.rps)
+            for share in args.loads:
+                results[f"kingpost@{share}%"] = measure_at(url, args, share / 100 * peak.rps)
         finally:
             proc.terminate()
             proc.wait()
@@ -247,9 +254,9 @@ def report(results: dict[str, Run], args: argparse.Namespace) -> None:
         print(f"throughput ratio kingpost/truss: {k.rps / t.rps:.2f}x")
         print(f"p50 ratio kingpost/truss: {k.p50_ms / t.p50_ms:.2f}  "
               f"p99 ratio kingpost/truss: {k.p99_ms / t.p99_ms:.2f}")  # fmt: skip
-    paced = results.get("kingpost@80%")
-    if paced:
-        print(f"kingpost p99 at {paced.rps:.0f} req/s (~80% of peak): {paced.p99_ms:.3f} ms")
+    for name, r in results.items():
+        if "@" in name:
+            print(f"{name}: p99 {r.p99_ms:.3f} ms at {r.rps:.0f} req/s (open loop)")
 
 
 if __name__ == "__main__":
