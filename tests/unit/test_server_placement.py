@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kingpost.server.placement import FAST_S, PROVEN_CALLS, SLOW_S, Placement, inline_enabled
+from kingpost.server.placement import (
+    FAST_S,
+    PROVEN_CALLS,
+    SLOW_S,
+    Placement,
+    fast_call_seconds,
+    inline_enabled,
+)
 
 
 def test_promoted_after_enough_fast_calls_in_a_row() -> None:
@@ -57,3 +64,18 @@ def test_inline_switch(monkeypatch: pytest.MonkeyPatch, value: str | None, enabl
     else:
         monkeypatch.setenv("KINGPOST_SERVER_INLINE", value)
     assert inline_enabled() is enabled
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, FAST_S), ("250", 250e-6), ("x", FAST_S), ("-1", FAST_S)]
+)
+def test_fast_call_bar(monkeypatch: pytest.MonkeyPatch, value: str | None, seconds: float) -> None:
+    if value is None:
+        monkeypatch.delenv("KINGPOST_SERVER_INLINE_FAST_US", raising=False)
+    else:
+        monkeypatch.setenv("KINGPOST_SERVER_INLINE_FAST_US", value)
+    assert fast_call_seconds() == pytest.approx(seconds)
+    p = Placement("predict", fast_s=fast_call_seconds())
+    for _ in range(PROVEN_CALLS):
+        p.ran_in_thread(seconds * 0.99)
+    assert p.inline

@@ -28,7 +28,7 @@ from kingpost.server.http import Connection, HttpRequest
 from kingpost.server.logs import REQUEST_ID, log_event
 from kingpost.server.metrics import Metrics
 from kingpost.server.model import ArgMode, Method, ModelDefinitionError, ModelHost, Status
-from kingpost.server.placement import Placement, inline_enabled
+from kingpost.server.placement import Placement, fast_call_seconds, inline_enabled
 from kingpost.server.streams import stream_result
 
 __all__ = ["MODEL_ERROR_MESSAGE", "ModelServer"]
@@ -131,6 +131,7 @@ class ModelServer:
         self._ids = count(1)
         self._id_prefix = _random.token_hex(4) + "-"
         self._inline = inline_enabled()
+        self._fast_s = fast_call_seconds()
         self._placements: dict[str, Placement] = {}
 
     def close(self) -> None:
@@ -199,7 +200,7 @@ class ModelServer:
             return await m.fn(*args)
         place = self._placements.get(m.name)
         if place is None:
-            place = self._placements[m.name] = Placement(m.name, self._inline)
+            place = self._placements[m.name] = Placement(m.name, self._inline, self._fast_s)
         if place.inline:
             # As in a worker thread, no loop is running for the call: a model that drives
             # its own loop (``self.loop.run_until_complete``) works the same on both.

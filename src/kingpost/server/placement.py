@@ -9,7 +9,8 @@ its calls are timed there, and after :data:`PROVEN_CALLS` calls in a row under
 :data:`FAST_S` it runs directly on the loop. The first call on the loop that takes longer
 than :data:`SLOW_S` sends it back to the thread pool for the life of the process, so a
 slow model can block the loop at most once, for one call. ``KINGPOST_SERVER_INLINE=0``
-keeps every sync method in threads.
+keeps every sync method in threads; ``KINGPOST_SERVER_INLINE_FAST_US`` sets the bar for
+a fast call in microseconds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 
 from kingpost.server.logs import log_event
 
-__all__ = ["FAST_S", "PROVEN_CALLS", "SLOW_S", "Placement", "inline_enabled"]
+__all__ = ["FAST_S", "PROVEN_CALLS", "SLOW_S", "Placement", "fast_call_seconds", "inline_enabled"]
 
 log = logging.getLogger("kingpost.server")
 
@@ -35,6 +36,26 @@ def inline_enabled() -> bool:
     return os.environ.get("KINGPOST_SERVER_INLINE", "1") not in ("0", "false", "no")
 
 
+def fast_call_seconds() -> float:
+    """:data:`FAST_S`, or ``KINGPOST_SERVER_INLINE_FAST_US`` when it is a positive number."""
+    text = os.environ.get("KINGPOST_SERVER_INLINE_FAST_US")
+    if not text:
+        return FAST_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value > 0:
+        return value / 1e6
+    log.warning(
+        "KINGPOST_SERVER_INLINE_FAST_US must be a positive number of microseconds, got %r; "
+        "using %.0f",
+        text,
+        FAST_S * 1e6,
+    )
+    return FAST_S
+
+
 class Placement:
     """The running decision for one sync method; updated after each call.
 
@@ -42,18 +63,19 @@ class Placement:
     attribute writes under the GIL, and a lost update only delays a promotion.
     """
 
-    __slots__ = ("_streak", "demoted", "inline", "name")
+    __slots__ = ("_fast_s", "_streak", "demoted", "inline", "name")
 
-    def __init__(self, name: str, enabled: bool = True) -> None:
+    def __init__(self, name: str, enabled: bool = True, fast_s: float = FAST_S) -> None:
         self.name = name
         self.inline = False
         self.demoted = not enabled
+        self._fast_s = fast_s
         self._streak = 0
 
     def ran_in_thread(self, seconds: float) -> None:
         if self.demoted or self.inline:
             return
-        if seconds >= FAST_S:
+        if seconds >= self._fast_s:
             self._streak = 0
             return
         self._streak += 1
@@ -61,7 +83,7 @@ class Placement:
             self.inline = True
             log_event(
                 log, logging.INFO, "method runs on the event loop", method=self.name,
-                reason=f"{PROVEN_CALLS} calls in a row took under {FAST_S * 1e6:.0f} us",
+                reason=f"{PROVEN_CALLS} calls in a row took under {self._fast_s * 1e6:.0f} us",
             )  # fmt: skip
 
     def ran_inline(self, seconds: float) -> None:
