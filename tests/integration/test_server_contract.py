@@ -165,6 +165,10 @@ def test_tiny_sync_methods_move_to_the_loop_and_a_slow_call_moves_them_back(
         first = _threads(client, PROVEN_CALLS)
         assert first[0] == ("predict-0", first[0][1]) and first[0][1] != "MainThread"
         assert _threads(client, 3) == [("MainThread", "MainThread")] * 3
+        r = client.post(PREDICT, json={"log": True}, headers={"x-baseten-request-id": "rid-inline"})
+        assert r.json()["thread"] == "MainThread"
+        ran = [ln for ln in server.lines() if ln.get("message") == "predict ran"]
+        assert [ln.get("request_id") for ln in ran] == ["rid-inline"]
         moved = [
             ln for ln in server.lines() if ln.get("message") == "method runs on the event loop"
         ]

@@ -202,13 +202,14 @@ class ModelServer:
         if place is None:
             place = self._placements[m.name] = Placement(m.name, self._inline, self._fast_s)
         if place.inline:
-            # As in a worker thread, no loop is running for the call: a model that drives
-            # its own loop (``self.loop.run_until_complete``) works the same on both.
+            # As in a worker thread, no loop is running for the call (a model that drives
+            # its own loop with ``run_until_complete`` works the same on both), and the
+            # call gets a copy of the request's context.
             running = asyncio.events._get_running_loop()
             asyncio.events._set_running_loop(None)
             started = perf_counter()
             try:
-                return m.fn(*args)
+                return contextvars.copy_context().run(m.fn, *args)
             finally:
                 place.ran_inline(perf_counter() - started)
                 asyncio.events._set_running_loop(running)
