@@ -276,6 +276,7 @@ int main(int argc, char **argv) {
                     completed++;
                     if (status < 200 || status >= 300) non2xx++;
                 }
+                int was_busy = c->busy; /* an unasked response (e.g. a 408) frees nothing */
                 c->busy = 0;
                 c->len = 0;
                 if (closing) { /* the server ends this connection: open the next one now */
@@ -284,7 +285,7 @@ int main(int argc, char **argv) {
                     c->fd = open_conn(ep, (int)i);
                     reconnects++;
                 }
-                idle[nidle++] = (int)i;
+                if (was_busy) idle[nidle++] = (int)i;
                 break;
             }
         }
