@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from test_server_harness import ready_server
 
-from kingpost.server.placement import PROVEN_CALLS
+from kingpost.server.placement import BLOCK_S, PROVEN_CALLS
 
 PREDICT = "/v1/models/model:predict"
 
@@ -153,51 +154,76 @@ def _threads(client: httpx.Client, n: int, **body: Any) -> list[tuple[str, str]]
     out = []
     for _ in range(n):
         r = client.post(PREDICT, json=body)
-        assert r.status_code == 200
+        assert r.status_code == 200, r.text
         out.append((r.json()["thread"], r.json()["post_thread"]))
     return out
 
 
-def test_tiny_sync_methods_move_to_the_loop_and_a_slow_call_moves_them_back(
+def _said(server: Any, message: str) -> list[str]:
+    return [ln["method"] for ln in server.lines() if ln.get("message") == message]
+
+
+def test_tiny_sync_methods_move_to_the_loop_and_a_blocking_call_moves_them_back(
     tmp_path: Path,
 ) -> None:
     with ready_server("placement", tmp_path, env=GENEROUS) as (server, client):
         first = _threads(client, PROVEN_CALLS)
-        assert first[0] == ("predict-0", first[0][1]) and first[0][1] != "MainThread"
+        assert first[0][0] == "predict-0" and first[0][1] != "MainThread"
         assert _threads(client, 3) == [("MainThread", "MainThread")] * 3
+        assert sorted(_said(server, "method runs on the event loop")) == ["postprocess", "predict"]
         r = client.post(PREDICT, json={"log": True}, headers={"x-baseten-request-id": "rid-inline"})
         assert r.json()["thread"] == "MainThread"
         ran = [ln for ln in server.lines() if ln.get("message") == "predict ran"]
         assert [ln.get("request_id") for ln in ran] == ["rid-inline"]
-        moved = [
-            ln for ln in server.lines() if ln.get("message") == "method runs on the event loop"
-        ]
-        assert {ln["method"] for ln in moved} == {"predict", "postprocess"}
-        # A slow call on the loop runs once, then predict is back in its thread for good.
-        assert _threads(client, 1, sleep=0.01) == [("MainThread", "MainThread")]
+        # A call that blocks the loop runs once, then predict is back on its thread for good.
+        assert _threads(client, 1, sleep=BLOCK_S + 0.02) == [("MainThread", "MainThread")]
         assert _threads(client, PROVEN_CALLS + 5)[-1] == ("predict-0", "MainThread")
-        back = [
-            ln
-            for ln in server.lines()
-            if ln.get("message") == "method moves back to the thread pool"
-        ]
-        assert [ln["method"] for ln in back] == ["predict"]
+        assert _said(server, "method moves back to the thread pool") == ["predict"]
 
 
 def test_inline_switch_off_keeps_sync_methods_in_threads(tmp_path: Path) -> None:
-    with ready_server("placement", tmp_path, env={"KINGPOST_SERVER_INLINE": "0"}) as (_, client):
+    env = {**GENEROUS, "KINGPOST_SERVER_INLINE": "0"}
+    with ready_server("placement", tmp_path, env=env) as (_, client):
         calls = _threads(client, PROVEN_CALLS + 5)
         assert all(t == "predict-0" and p != "MainThread" for t, p in calls)
 
 
-def test_a_sync_predict_driving_its_own_loop_works_in_a_thread_and_on_the_loop(
-    tmp_path: Path,
+@pytest.mark.parametrize("idiom", ["own_loop", "get_event_loop"])
+def test_sync_predicts_that_drive_an_event_loop_work_in_a_thread_and_on_the_loop(
+    tmp_path: Path, idiom: str
 ) -> None:
     with ready_server("placement", tmp_path, env=GENEROUS) as (_, client):
         threads = set()
         for _ in range(PROVEN_CALLS + 5):
-            r = client.post(PREDICT, json={"own_loop": True})
+            r = client.post(PREDICT, json={idiom: True})
             assert r.status_code == 200, r.text
             assert r.json()["doubled"] == 42
             threads.add(r.json()["thread"])
         assert threads == {"predict-0", "MainThread"}
+
+
+def test_a_predict_that_runs_work_on_the_server_loop_stays_on_threads(tmp_path: Path) -> None:
+    with ready_server("placement", tmp_path, env=GENEROUS) as (server, client):
+        for _ in range(PROVEN_CALLS + 5):
+            r = client.post(PREDICT, json={"bridge": True})
+            assert r.status_code == 200, r.text
+            assert r.json() == {
+                "thread": "predict-0",
+                "doubled": 42,
+                "post_thread": r.json()["post_thread"],
+            }
+        assert _said(server, "method stays on threads") == ["predict"]
+
+
+def test_bridging_to_the_server_loop_after_promotion_fails_once_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    with ready_server("placement", tmp_path, env=GENEROUS) as (server, client):
+        _threads(client, PROVEN_CALLS + 1)
+        assert _threads(client, 1)[0][0] == "MainThread"
+        failed = client.post(PREDICT, json={"bridge": True}, timeout=10)
+        assert failed.status_code == 500
+        assert "LoopReentryError" in server.output()
+        again = client.post(PREDICT, json={"bridge": True}, timeout=10)
+        assert again.status_code == 200 and again.json()["thread"] == "predict-0"
+        assert _said(server, "method moves back to the thread pool") == ["predict"]

@@ -28,7 +28,7 @@ from kingpost.server.http import Connection, HttpRequest
 from kingpost.server.logs import REQUEST_ID, log_event
 from kingpost.server.metrics import Metrics
 from kingpost.server.model import ArgMode, Method, ModelDefinitionError, ModelHost, Status
-from kingpost.server.placement import Placement, fast_call_seconds, inline_enabled
+from kingpost.server.placement import Placement, calling, fast_call_seconds, inline_enabled
 from kingpost.server.streams import stream_result
 
 __all__ = ["MODEL_ERROR_MESSAGE", "ModelServer"]
@@ -102,7 +102,8 @@ def _timed(place: Placement, run: Any, fn: Any, *args: Any) -> Any:
     """Call ``fn`` in the context ``run`` belongs to, and tell ``place`` how long it took."""
     started = perf_counter()
     try:
-        return run(fn, *args)
+        with calling(place):
+            return run(fn, *args)
     finally:
         place.ran_in_thread(perf_counter() - started)
 
@@ -209,7 +210,8 @@ class ModelServer:
             asyncio.events._set_running_loop(None)
             started = perf_counter()
             try:
-                return contextvars.copy_context().run(m.fn, *args)
+                with calling(place):
+                    return contextvars.copy_context().run(m.fn, *args)
             finally:
                 place.ran_inline(perf_counter() - started)
                 asyncio.events._set_running_loop(running)

@@ -27,6 +27,7 @@ from kingpost.server.config import load_server_config
 from kingpost.server.http import Connection
 from kingpost.server.logs import configure_logging, log_event
 from kingpost.server.model import ModelHost, Status
+from kingpost.server.placement import loop_scheduled
 from kingpost.server.secrets import Secrets
 
 __all__ = ["main", "parse_args", "serve"]
@@ -51,11 +52,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed, with ``call_soon_threadsafe`` reporting to the placement rules.
+
+    The loop runs on the thread that creates it. A user method that schedules work on it
+    (``run_coroutine_threadsafe``) must stay on worker threads; see placement.py.
+    """
     try:
         import uvloop
+
+        base: type[Any] = uvloop.Loop
     except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        base = asyncio.SelectorEventLoop
+    loop_thread = threading.get_ident()
+
+    class ServerLoop(base):  # type: ignore[misc]
+        def call_soon_threadsafe(self, callback: Any, *args: Any, context: Any = None) -> Any:
+            loop_scheduled(threading.get_ident() == loop_thread)
+            return super().call_soon_threadsafe(callback, *args, context=context)
+
+    loop: asyncio.AbstractEventLoop = ServerLoop()
     return loop
 
 
@@ -114,8 +129,9 @@ def serve(app_dir: Path, host: str, port: int, secrets_dir: Path) -> int:
     """Run the server until stopped; returns the process exit code."""
     config = load_server_config(app_dir)
     model = ModelHost(config, Secrets(config.secrets, secrets_dir))
+    # The loop is not set as the thread's current loop: a sync model method that asks
+    # asyncio.get_event_loop() gets a loop of its own, on a worker thread or inline alike.
     loop = _new_loop()
-    asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_Runner(model, loop).run(host, port))
     finally:
