@@ -56,6 +56,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    unfinished: int = 0
 
 
 def _free_port() -> int:
@@ -192,7 +193,7 @@ def measure_at(url: str, args: argparse.Namespace, target_rps: float) -> Run:
         port, request, rate=target_rps, connections=args.connections, seconds=args.duration,
         core=args.client_core,
     )  # fmt: skip
-    return Run(r["rate"], r["p50"], r["p99"], int(r["non2xx"] + r["errors"]))
+    return Run(r["rate"], r["p50"], r["p99"], int(r["non2xx"] + r["errors"]), r["unfinished"])
 
 
 def main() -> int:
@@ -246,9 +247,12 @@ def report(results: dict[str, Run], args: argparse.Namespace) -> None:
         return
     print(f"echo model, {args.connections} connections, {args.duration:.0f}s per run, "
           f"server on core {args.server_core}, wrk on core {args.client_core}")  # fmt: skip
-    print(f"{'server':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+    print(
+        f"{'server':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}{'unanswered':>12}"
+    )
     for name, r in results.items():
-        print(f"{name:<14}{r.rps:>10.0f}{r.p50_ms:>10.3f}{r.p99_ms:>10.3f}{r.errors:>9}")
+        print(f"{name:<14}{r.rps:>10.0f}{r.p50_ms:>10.3f}{r.p99_ms:>10.3f}{r.errors:>9}"
+              f"{r.unfinished:>12}")  # fmt: skip
     k, t = results.get("kingpost"), results.get("truss")
     if k and t:
         print(f"throughput ratio kingpost/truss: {k.rps / t.rps:.2f}x")
