@@ -12,7 +12,8 @@
  *   loadgen -h HOST -p PORT -c CONNS -r RATE -d SECONDS [-w WARMUP] [-P] REQUEST_FILE
  *
  * REQUEST_FILE holds the raw request bytes (head and body). Responses must
- * carry Content-Length or be chunked. Prints one JSON object: counts, the
+ * carry Content-Length or be chunked (a chunked body ends at the first
+ * "\r\n0\r\n\r\n": no trailers). Prints one JSON object: counts, the
  * rate achieved and latency percentiles in milliseconds (1 us resolution).
  */
 #define _GNU_SOURCE
