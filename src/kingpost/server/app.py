@@ -24,6 +24,7 @@ from time import perf_counter
 from typing import Any
 
 from kingpost.server import codec, compat
+from kingpost.server.eager import on_task
 from kingpost.server.http import Connection, HttpRequest
 from kingpost.server.logs import REQUEST_ID, log_event
 from kingpost.server.metrics import Metrics
@@ -198,6 +199,7 @@ class ModelServer:
         if m.is_generator:
             return m.fn(*args)
         if m.is_async:
+            await on_task()
             return await m.fn(*args)
         place = self._placements.get(m.name)
         if place is None:
@@ -292,6 +294,7 @@ class ModelServer:
 
     async def _send_special(self, result: Any, call: _Call, release: Any) -> int:
         """Stream a generator or pass a starlette response through; then ``release``."""
+        await on_task()
         if compat.is_response(result):
             try:
                 return await compat.send_response(result, call.req, call.conn, call.headers)

@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import httptools
 
+from kingpost.server import eager
+
 __all__ = ["Connection", "Handler", "HttpRequest", "status_line"]
 
 log = logging.getLogger("kingpost.server.http")
@@ -142,7 +144,7 @@ class Connection(asyncio.Protocol):
         self._busy = True
         self.started = False
         self._keep_alive = request.keep_alive
-        self._loop.create_task(self._run(request))
+        eager.start(self._run(request), self._loop)
 
     async def _run(self, request: HttpRequest) -> None:
         try:
