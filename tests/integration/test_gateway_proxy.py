@@ -103,6 +103,15 @@ def test_predict_sync_request_id_and_auth_stripped(gw: Running, up: Upstream) ->
         assert seen["path"] == "/inspect?x=1" and seen["length"] == 3
         assert seen["authorization"] is None
         assert seen["request_id"] == r.headers["x-baseten-request-id"]
+        # Generated ids: 32 hex digits, different on every request.
+        ids = {
+            c.post("/models/echo/environments/production/predict", content=b"x").headers[
+                "x-baseten-request-id"
+            ]
+            for _ in range(20)
+        } | {seen["request_id"]}
+        assert len(ids) == 21
+        assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids), ids
         r = c.get(
             "/models/m1/deployment/d1/sync/inspect?q=2", headers={"X-Baseten-Request-Id": "abc-1"}
         )

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections import deque
@@ -49,12 +48,12 @@ class _Request:
         "http11",
         "keep_alive",
         "method",
-        "more",
         "replay",
         "request_id",
         "tunnel_buf",
         "upgrade",
         "url",
+        "waiter",
     )
 
     def __init__(self) -> None:
@@ -62,7 +61,8 @@ class _Request:
         self.method = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
-        self.more = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
+        """Set while the forwarding side waits for more of the body."""
         self.complete = False
         self.keep_alive = True
         self.http11 = True
@@ -76,6 +76,11 @@ class _Request:
         self.request_id: bytes | None = None
         self.upgrade = False
         self.tunnel_buf = bytearray()
+
+    def wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -150,7 +155,7 @@ class ClientConn(StreamConn):
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.current is not None:
-            self.current.more.set()
+            self.current.wake()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -214,7 +219,7 @@ class ClientConn(StreamConn):
                 req.replay.append(body)
             else:
                 req.replay = None
-        req.more.set()
+        req.wake()
         if req.body_bytes > BODY_HIGH_WATER and not self._paused_reading and self.transport:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -223,7 +228,7 @@ class ClientConn(StreamConn):
         req = self.current
         assert req is not None
         req.complete = True
-        req.more.set()
+        req.wake()
 
     # -- serving ---------------------------------------------------------------------------------
     async def _serve(self) -> None:
@@ -240,11 +245,11 @@ class ClientConn(StreamConn):
         while not req.chunks:
             if req.complete or self.closed:
                 return None
-            req.more.clear()
             if self._paused_reading and self.transport is not None:
                 self._paused_reading = False
                 self.transport.resume_reading()
-            await req.more.wait()
+            req.waiter = asyncio.get_running_loop().create_future()
+            await req.waiter
         return req.chunks.popleft()
 
     async def _handle(self, req: _Request) -> bool:
@@ -252,7 +257,7 @@ class ClientConn(StreamConn):
         gw, transport = self.gw, self.transport
         assert transport is not None
         start = time.perf_counter()
-        rid = req.request_id.decode("latin-1") if req.request_id else os.urandom(16).hex()
+        rid = req.request_id.decode("latin-1") if req.request_id else gw.new_request_id()
         if gw.table.version == 0:  # the control plane has not pushed a table yet
             return self._reject(
                 req,

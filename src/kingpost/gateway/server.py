@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -36,6 +38,13 @@ class Gateway:
         self._auth: OrderedDict[bytes, bool] = OrderedDict()
         self._servers: list[asyncio.AbstractServer] = []
         self._log = access_log_enabled
+        # Request ids: a random 64-bit prefix per process and a counter, 32 hex digits like
+        # a UUID; no system call per request, unique across workers and restarts.
+        self._id_prefix = os.urandom(8).hex()
+        self._ids = itertools.count(1)
+
+    def new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):016x}"
 
     # -- table -------------------------------------------------------------------------
     def set_table(self, table: RoutingTable) -> bool:
