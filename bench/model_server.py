@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openloop
+from gateway import Procs, nginx_conf, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -205,6 +206,27 @@ def measure_peak(url: str, work: Path, args: argparse.Namespace) -> Run:
     return wrk(url, lua, args.connections, args.duration, args.client_core)
 
 
+CONTROL_HTTP = """
+  server {
+    listen 127.0.0.1:PORT;
+    location / { default_type application/json; return 200 'BODY'; }
+  }
+"""
+
+
+def start_control(procs: Procs, work: Path, core: int) -> str:
+    """nginx answering the echo's response from memory, pinned where the server runs.
+
+    Run at the same open-loop rate right after each Kingpost run, it tells the machine's
+    own stalls (the host, the load generator) apart from the server's queueing.
+    """
+    port = _free_port()
+    conf = nginx_conf(work, "control", port, CONTROL_HTTP.replace("BODY", BODY))
+    procs.start(["taskset", "-c", str(core), shutil.which("nginx") or "nginx", "-c", str(conf)])
+    wait_port(port)
+    return f"http://127.0.0.1:{port}"
+
+
 def measure_at(url: str, args: argparse.Namespace, target_rps: float) -> Run:
     """Open loop at ``target_rps`` (bench/loadgen.c): requests go out on schedule whatever
     the server does, and each is timed from when it was due, so queueing shows."""
@@ -232,10 +254,15 @@ def main() -> int:
         "--rounds", type=int, default=3,
         help="open-loop rounds; each load is set from a peak measured just before it",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-control", action="store_true",
+        help="skip the nginx runs at the same rates (they need nginx installed)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()
     results: dict[str, Run] = {}
     peaks: dict[str, float] = {}
+    procs = Procs()
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
         work = Path(tmp)
         if not args.skip_truss:
@@ -262,15 +289,19 @@ def main() -> int:
             # This machine's speed drifts by tens of percent from minute to minute, so each
             # open-loop run gets its rate from a short closed-loop peak taken just before it.
             lua = _lua(work)
+            control = None if args.no_control else start_control(procs, work, args.server_core)
             for round_ in range(1, args.rounds + 1):
                 for share in args.loads:
                     peak = wrk(url, lua, args.connections, 3, args.client_core)
                     at = measure_at(url, args, share / 100 * peak.rps)
-                    results[f"kingpost@{share}%#{round_}"] = at
-                    peaks[f"kingpost@{share}%#{round_}"] = peak.rps
+                    name = f"kingpost@{share}%#{round_}"
+                    results[name], peaks[name] = at, peak.rps
+                    if control is not None:
+                        results[f"nginx@{share}%#{round_}"] = measure_at(control, args, at.rps)
         finally:
             proc.terminate()
             proc.wait()
+            procs.stop()
         events = placement_events(log)
     report(results, peaks, args)
     if not args.json:
@@ -302,6 +333,10 @@ def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Name
         p99s = sorted(r.p99_ms for _, r in runs)
         each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
         print(f"kingpost@{share}%: median p99 {statistics.median(p99s):.3f} ms ({each} req/s)")
+        ctl = sorted(r.p99_ms for k, r in results.items() if k.startswith(f"nginx@{share}%#"))
+        if ctl:
+            print(f"  nginx at the same rates (control): median p99 {statistics.median(ctl):.3f} "
+                  f"ms ({', '.join(f'{p:.2f}' for p in ctl)})")  # fmt: skip
 
 
 if __name__ == "__main__":
