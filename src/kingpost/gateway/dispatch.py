@@ -81,7 +81,8 @@ class Dispatcher:
         self.inflight[u.replica_id] = self.inflight.get(u.replica_id, 0) + 1
         return Slot(u, (u.host, u.port, u.netns))
 
-    async def acquire(self, exclude: frozenset[str] = frozenset()) -> Slot:
+    def try_acquire(self, exclude: frozenset[str] = frozenset()) -> Slot | None:
+        """A slot if one is free and nobody queues ahead; None when the caller must wait."""
         route = self.route
         if route.state == DeploymentState.INACTIVE:
             raise Rejected(404, route.message or "deployment is inactive", "not_found")
@@ -89,6 +90,13 @@ class Dispatcher:
             u = self._free(exclude)
             if u is not None:
                 return self._take(u)
+        return None
+
+    async def acquire(self, exclude: frozenset[str] = frozenset()) -> Slot:
+        slot = self.try_acquire(exclude)
+        if slot is not None:
+            return slot
+        route = self.route
         if len(self._waiters) >= route.queue_limit:
             raise Rejected(
                 429,

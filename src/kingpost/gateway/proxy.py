@@ -15,12 +15,13 @@ import logging
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httptools
 
-from kingpost.gateway.dispatch import Rejected, Slot
-from kingpost.gateway.routing import Miss, resolve
+from kingpost.gateway.dispatch import Dispatcher, Rejected, Slot
+from kingpost.gateway.routing import Miss, Target, resolve
 from kingpost.gateway.upstream import HOP_BY_HOP, StreamConn, UpstreamConn
 
 if TYPE_CHECKING:
@@ -32,6 +33,13 @@ access_log = logging.getLogger("kingpost.gateway.access")
 REPLAY_LIMIT = 64 * 1024
 BODY_HIGH_WATER = 1024 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _Sent:
+    """The request is with a replica; its answer is relayed from callbacks."""
+
+
+_SENT = _Sent()
 
 
 class _Request:
@@ -50,6 +58,9 @@ class _Request:
         "method",
         "replay",
         "request_id",
+        "rid",
+        "small",
+        "start",
         "tunnel_buf",
         "upgrade",
         "url",
@@ -74,6 +85,11 @@ class _Request:
         self.auth: bytes | None = None
         self.host = b""
         self.request_id: bytes | None = None
+        self.rid: str | None = None
+        """The id the gateway uses: the client's ``X-Baseten-Request-Id`` or a new one."""
+        self.start = 0.0
+        self.small = False
+        """The body has a length and fits the replay buffer: wait for all of it, then send."""
         self.upgrade = False
         self.tunnel_buf = bytearray()
 
@@ -114,6 +130,8 @@ class ClientConn(StreamConn):
         self.pending: deque[_Request] = deque()
         self.current: _Request | None = None
         self.task: asyncio.Task[None] | None = None
+        self.busy = False
+        """A request is being answered (from callbacks or by ``task``); the rest queue."""
         self.eof = False
         self.upstream: UpstreamConn | None = None
         self.tunnel: _Request | None = None
@@ -140,11 +158,14 @@ class ClientConn(StreamConn):
             self.tunnel = req
         except httptools.HttpParserError as exc:
             self._fail_and_close(400, f"malformed HTTP request: {exc}")
+            return
+        if self.pending and not self.busy:
+            self._serve_next()
 
     def eof_received(self) -> bool:
         # Half-closed client: answer what it asked, then close.
         self.eof = True
-        if self.task is None or self.task.done():
+        if not self.busy and not self.pending:
             if self.transport is not None:
                 self.transport.close()
             return False
@@ -156,6 +177,8 @@ class ClientConn(StreamConn):
             self.task.cancel()
         if self.current is not None:
             self.current.wake()
+        if self.upstream is not None:
+            self.upstream.close()  # its loss settles the exchange and frees the replica slot
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -188,6 +211,7 @@ class ClientConn(StreamConn):
     def on_headers_complete(self) -> None:
         req = self.current
         assert req is not None
+        req.start = time.perf_counter()
         req.method = self.parser.get_method()
         req.keep_alive = self.parser.should_keep_alive()
         req.http11 = self.parser.get_http_version() == "1.1"
@@ -195,6 +219,7 @@ class ClientConn(StreamConn):
             lname = name.lower()
             if lname == b"content-length":
                 req.content_length = value
+                req.small = value.isdigit() and int(value) <= REPLAY_LIMIT
             elif lname == b"transfer-encoding" and b"chunked" in value.lower():
                 req.chunked = True
             elif lname == b"authorization":
@@ -206,8 +231,6 @@ class ClientConn(StreamConn):
             elif lname == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
         self.pending.append(req)
-        if self.task is None or self.task.done():
-            self.task = asyncio.ensure_future(self._serve())
 
     def on_body(self, body: bytes) -> None:
         req = self.current
@@ -231,15 +254,56 @@ class ClientConn(StreamConn):
         req.wake()
 
     # -- serving ---------------------------------------------------------------------------------
-    async def _serve(self) -> None:
-        while self.pending and not self.closed:
-            req = self.pending.popleft()
-            keep = await self._handle(req)
-            if not keep or not req.keep_alive or (self.eof and not self.pending):
-                if self.transport is not None:
-                    self.transport.close()
-                self.closed = True
+    def _serve_next(self) -> None:
+        """Answer queued requests in order: right here while none has to wait, else in a task.
+
+        The common request (small body already in, a free replica slot, an idle pooled
+        connection) is written to the replica from this callback, and its answer is
+        relayed from the replica's callbacks: no Task and no future per request. Anything
+        that must wait (a body still arriving, a queue, a new connection, a retry) goes to
+        :meth:`_serve`, which handles it and every request behind it.
+        """
+        while not self.busy and self.pending and not self.closed:
+            req = self.pending[0]
+            if req.chunked or req.upgrade or req.expect_continue or not (req.complete or req.small):
+                self._start_task()
                 return
+            if not req.complete:
+                return  # the rest of a small body is on its way; its arrival calls again
+            self.pending.popleft()
+            keep = self._try_now(req)
+            if isinstance(keep, _Sent):
+                return
+            if isinstance(keep, _Handoff):
+                self._start_task(keep)
+                return
+            if not self._after(req, keep):
+                return
+
+    def _start_task(self, handoff: _Handoff | None = None) -> None:
+        self.busy = True
+        self.task = asyncio.ensure_future(self._serve(handoff))
+
+    def _after(self, req: _Request, keep: bool) -> bool:
+        """Close the connection when the answered request says so; True to carry on."""
+        if not keep or not req.keep_alive or (self.eof and not self.pending):
+            if self.transport is not None:
+                self.transport.close()
+            self.closed = True
+            return False
+        return True
+
+    async def _serve(self, handoff: _Handoff | None = None) -> None:
+        try:
+            # First a request the callbacks started but could not finish, if any.
+            if handoff is not None and not self._after(handoff.req, await self._dispatch(handoff)):
+                return
+            while self.pending and not self.closed:
+                req = self.pending.popleft()
+                if not self._after(req, await self._handle(req)):
+                    return
+        finally:
+            self.busy = False
 
     async def next_chunk(self, req: _Request) -> bytes | None:
         while not req.chunks:
@@ -252,12 +316,12 @@ class ClientConn(StreamConn):
             await req.waiter
         return req.chunks.popleft()
 
-    async def _handle(self, req: _Request) -> bool:
-        """Answer one request; False when the connection must close."""
-        gw, transport = self.gw, self.transport
-        assert transport is not None
-        start = time.perf_counter()
-        rid = req.request_id.decode("latin-1") if req.request_id else gw.new_request_id()
+    def _route(self, req: _Request) -> Target | bool:
+        """Where ``req`` goes; or the error is written and whether the connection stays."""
+        gw = self.gw
+        if req.rid is None:
+            req.rid = req.request_id.decode("latin-1") if req.request_id else gw.new_request_id()
+        rid = req.rid
         if gw.table.version == 0:  # the control plane has not pushed a table yet
             return self._reject(
                 req,
@@ -279,23 +343,88 @@ class ClientConn(StreamConn):
         target = resolve(gw.table, req.host.decode("latin-1"), path, query)
         if isinstance(target, Miss):
             return self._reject(req, target.status, target.message, target.code, rid)
+        return target
+
+    def _try_now(self, req: _Request) -> bool | _Handoff | _Sent:
+        """Answer or send a complete request without waiting, if nothing has to wait."""
+        target = self._route(req)
+        if not isinstance(target, Target):
+            return target
+        assert req.rid is not None
+        dispatcher = self.gw.dispatcher(target.deployment.deployment_id)
+        try:
+            slot = dispatcher.try_acquire()
+        except Rejected as rej:
+            return self._reject(req, rej.status, rej.message, rej.code, req.rid)
+        if slot is None:
+            return _Handoff(req, target)  # to wait in the deployment's queue
+        conn = self.gw.pool.take_idle(slot.key)
+        if conn is None:
+            return _Handoff(req, target, slot=slot)  # to open a connection
+        exchange = _Exchange(self, req, req.rid)
+        exchange.landing = (dispatcher, slot, conn, target)
+        self.busy = True
+        self.upstream = conn
+        conn.begin(exchange)
+        conn.write(self._request_head(req, target.path, req.rid) + b"".join(req.chunks))
+        req.chunks.clear()
+        return _SENT
+
+    def _landed(self, exchange: _Exchange, result: str) -> None:
+        """The end of a request :meth:`_try_now` sent: settle it and serve the next one."""
+        assert exchange.landing is not None
+        dispatcher, slot, conn, target = exchange.landing
+        req = exchange.req
+        self.upstream = None
+        dispatcher.release(slot)
+        if self.closed:  # the client left; nobody to answer or retry for
+            conn.close()
+            self.busy = False
+            return
+        outcome = self._settle(req, conn, exchange, True, result)
+        if outcome == "retry":
+            self._start_task(_Handoff(req, target, frozenset({slot.upstream.replica_id}), 1))
+            return
+        assert req.rid is not None
+        self.gw.log_access(
+            req.rid, target.model_id, target.deployment.deployment_id, outcome, req.start
+        )
+        self.busy = False
+        if self._after(req, outcome != "close"):
+            self._serve_next()
+
+    async def _handle(self, req: _Request) -> bool:
+        """Answer one request; False when the connection must close."""
+        target = self._route(req)
+        if not isinstance(target, Target):
+            return target
         if req.expect_continue:
-            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await self._dispatch(_Handoff(req, target))
+
+    async def _dispatch(self, h: _Handoff) -> bool:
+        """Take a replica slot, forward, and retry once elsewhere if the replica hung up."""
+        gw, req, target, tried, slot = self.gw, h.req, h.target, h.tried, h.slot
+        rid = req.rid
+        assert rid is not None
         dispatcher = gw.dispatcher(target.deployment.deployment_id)
-        tried: frozenset[str] = frozenset()
-        for _attempt in (0, 1):
-            try:
-                slot = await dispatcher.acquire(tried)
-            except Rejected as rej:
-                return self._reject(req, rej.status, rej.message, rej.code, rid)
+        for _attempt in range(h.attempts):
+            if slot is None:
+                try:
+                    slot = await dispatcher.acquire(tried)
+                except Rejected as rej:
+                    return self._reject(req, rej.status, rej.message, rej.code, rid)
             try:
                 outcome = await self._forward(req, slot, target.path, rid)
             finally:
                 dispatcher.release(slot)
             if outcome != "retry":
-                gw.log_access(rid, target.model_id, target.deployment.deployment_id, outcome, start)
+                gw.log_access(
+                    rid, target.model_id, target.deployment.deployment_id, outcome, req.start
+                )
                 return outcome != "close"
-            tried = tried | {slot.upstream.replica_id}
+            tried, slot = tried | {slot.upstream.replica_id}, None
         return self._reject(
             req, 502, "the replica closed the connection before answering", "bad_gateway", rid
         )
@@ -317,6 +446,7 @@ class ClientConn(StreamConn):
         except (OSError, TimeoutError):
             return "retry"
         exchange = _Exchange(self, req, rid)
+        exchange.done = done = asyncio.get_running_loop().create_future()
         conn.begin(exchange)
         self.upstream = conn
         try:
@@ -328,7 +458,7 @@ class ClientConn(StreamConn):
             else:
                 conn.write(head)
                 await self._send_body(req, conn)
-            result = await exchange.done
+            result = await done
             if conn.upgraded and exchange.status == 101:
                 await self._tunnel(req, conn)
                 return "close"
@@ -340,6 +470,12 @@ class ClientConn(StreamConn):
         if req.upgrade:
             conn.close()
             return "close"  # the replica refused the upgrade; the client stream is raw
+        return self._settle(req, conn, exchange, reused, result)
+
+    def _settle(
+        self, req: _Request, conn: UpstreamConn, exchange: _Exchange, reused: bool, result: str
+    ) -> str:
+        """After the replica's answer (or its loss): "ok", "close" or "retry"."""
         if result == "lost":
             conn.close()
             if not exchange.started and (req.replay is not None or not reused):
@@ -350,11 +486,16 @@ class ClientConn(StreamConn):
             if not exchange.started:
                 assert self.transport is not None
                 self.transport.write(
-                    _error_body(502, "the replica closed the connection", "bad_gateway", rid)
+                    _error_body(
+                        502,
+                        "the replica closed the connection",
+                        "bad_gateway",
+                        exchange.rid.decode("latin-1"),
+                    )
                 )
             return "close"
         if exchange.upstream_keep_alive and req.complete:
-            gw.pool.put(conn)
+            self.gw.pool.put(conn)
         else:
             conn.close()
         return "close" if exchange.must_close else "ok"
@@ -419,6 +560,18 @@ class ClientConn(StreamConn):
             conn.write(b"0\r\n\r\n")
 
 
+@dataclass(slots=True)
+class _Handoff:
+    """A request the callbacks could not finish, and what the task needs to carry on."""
+
+    req: _Request
+    target: Target
+    tried: frozenset[str] = frozenset()
+    attempts: int = 2
+    slot: Slot | None = None
+    """A replica slot already taken for it."""
+
+
 class _Exchange:
     """Re-frames one upstream response for the client."""
 
@@ -426,7 +579,11 @@ class _Exchange:
         self.client = client
         self.req = req
         self.rid = rid.encode("latin-1")
-        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[str] | None = None
+        """Set by a task that awaits the end; otherwise :attr:`landing` is used."""
+        self.landing: tuple[Dispatcher, Slot, UpstreamConn, Target] | None = None
+        """For a request sent from callbacks: what :meth:`ClientConn._landed` settles."""
+        self.finished = False
         self.buf = bytearray()
         self.started = False
         self.chunked = False
@@ -489,8 +646,7 @@ class _Exchange:
         if self.chunked:
             self.buf += b"0\r\n\r\n"
         self.flush()
-        if not self.done.done():
-            self.done.set_result("ok")
+        self._finish("ok")
 
     def on_upstream_lost(self, exc: BaseException | None) -> None:
         if self.started and self.close_delimited and exc is None:
@@ -498,8 +654,23 @@ class _Exchange:
             self.on_response_end()  # the body ended with the connection, as HTTP/1.0 allows
             return
         self.flush()
-        if not self.done.done():
-            self.done.set_result("lost")
+        self._finish("lost")
+
+    def _finish(self, result: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.done is not None:
+            if not self.done.done():
+                self.done.set_result(result)
+            return
+        try:
+            self.client._landed(self, result)
+        except Exception:  # a bug here must not strand the client: log it and hang up
+            access_log.exception("settling request %s failed", self.rid.decode("latin-1"))
+            self.client.busy = False
+            if self.client.transport is not None:
+                self.client.transport.close()
 
     def flush(self) -> None:
         if self.buf:

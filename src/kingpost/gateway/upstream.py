@@ -181,13 +181,20 @@ class UpstreamPool:
         self._idle: dict[Key, list[UpstreamConn]] = defaultdict(list)
         self._max_idle = max_idle_per_key
 
-    async def get(self, key: Key) -> tuple[UpstreamConn, bool]:
-        """A connection and whether it was reused from the pool."""
+    def take_idle(self, key: Key) -> UpstreamConn | None:
+        """An open idle connection from the pool, if there is one."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn, True
+                return conn
+        return None
+
+    async def get(self, key: Key) -> tuple[UpstreamConn, bool]:
+        """A connection and whether it was reused from the pool."""
+        conn = self.take_idle(key)
+        if conn is not None:
+            return conn, True
         return await self._connect(key), False
 
     async def _connect(self, key: Key) -> UpstreamConn:
