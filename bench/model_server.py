@@ -227,6 +227,41 @@ def start_control(procs: Procs, work: Path, core: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (the scheduler's own count, in ns)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def start_minimal(work: Path, core: int, cpu_us: float) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    script = Path(__file__).with_name("minimal_server.py")
+    cmd = [sys.executable, str(script), str(port), "--cpu-us", f"{cpu_us:.1f}"]
+    proc = start(cmd, work, {}, core)
+    wait_port(port)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def calibrate_minimal(
+    work: Path, args: argparse.Namespace, target_us: float
+) -> tuple[subprocess.Popen[bytes], str, float]:
+    """The minimal server (bench/minimal_server.py), given the CPU per request the server
+    under test showed at its peak: the same service time with none of the features, so
+    its latency at a share of its own peak is what queueing alone costs on this machine."""
+    lua = _lua(work)
+    proc, url = start_minimal(work, args.server_core, 0)
+    try:
+        wrk(url, lua, args.connections, 1, args.client_core)
+        before = cpu_seconds(proc.pid)
+        bare = wrk(url, lua, args.connections, 3, args.client_core)
+        bare_us = (cpu_seconds(proc.pid) - before) / (bare.rps * 3) * 1e6
+    finally:
+        proc.terminate()
+        proc.wait()
+    extra = max(0.0, target_us - bare_us)
+    proc, url = start_minimal(work, args.server_core, extra)
+    return proc, url, extra
+
+
 def measure_at(url: str, args: argparse.Namespace, target_rps: float) -> Run:
     """Open loop at ``target_rps`` (bench/loadgen.c): requests go out on schedule whatever
     the server does, and each is timed from when it was due, so queueing shows."""
@@ -256,12 +291,13 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--no-control", action="store_true",
-        help="skip the nginx runs at the same rates (they need nginx installed)",
+        help="skip the controls: nginx at the same rates, and the minimal server (needs nginx)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()
     results: dict[str, Run] = {}
     peaks: dict[str, float] = {}
+    notes: list[str] = []
     procs = Procs()
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
         work = Path(tmp)
@@ -285,7 +321,17 @@ def main() -> int:
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, proc)
-            results["kingpost"] = measure_peak(url, work, args)
+            wrk(url, _lua(work), args.connections, 2, args.client_core)  # warm-up
+            cpu_before = cpu_seconds(proc.pid)
+            results["kingpost"] = peak = measure_peak(url, work, args)
+            cpu_us = (cpu_seconds(proc.pid) - cpu_before) / (peak.rps * (args.duration + 2)) * 1e6
+            minimal = None
+            if not args.no_control:
+                minimal, minimal_url, extra_us = calibrate_minimal(work, args, cpu_us)
+                notes.append(
+                    f"kingpost used {cpu_us:.1f} us of CPU per request at its peak; the minimal "
+                    f"server burns {extra_us:.1f} us on top of its own cost to match"
+                )
             # This machine's speed drifts by tens of percent from minute to minute, so each
             # open-loop run gets its rate from a short closed-loop peak taken just before it.
             lua = _lua(work)
@@ -298,13 +344,23 @@ def main() -> int:
                     results[name], peaks[name] = at, peak.rps
                     if control is not None:
                         results[f"nginx@{share}%#{round_}"] = measure_at(control, args, at.rps)
+                    if minimal is not None:
+                        peak = wrk(minimal_url, lua, args.connections, 3, args.client_core)
+                        name = f"minimal@{share}%#{round_}"
+                        results[name] = measure_at(minimal_url, args, share / 100 * peak.rps)
+                        peaks[name] = peak.rps
         finally:
             proc.terminate()
             proc.wait()
+            if minimal is not None:
+                minimal.terminate()
+                minimal.wait()
             procs.stop()
         events = placement_events(log)
     report(results, peaks, args)
     if not args.json:
+        for note in notes:
+            print(note)
         for event in events:
             print(f"kingpost predict placement: {event}")
     return 0
@@ -337,6 +393,12 @@ def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Name
         if ctl:
             print(f"  nginx at the same rates (control): median p99 {statistics.median(ctl):.3f} "
                   f"ms ({', '.join(f'{p:.2f}' for p in ctl)})")  # fmt: skip
+        runs = [(peaks[k], r) for k, r in results.items() if k.startswith(f"minimal@{share}%#")]
+        if runs:
+            p99s = sorted(r.p99_ms for _, r in runs)
+            each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
+            print(f"  minimal server, same CPU per request, {share}% of its own peak (control): "
+                  f"median p99 {statistics.median(p99s):.3f} ms ({each} req/s)")  # fmt: skip
 
 
 if __name__ == "__main__":
