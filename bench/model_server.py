@@ -59,6 +59,8 @@ class Run:
     p99_ms: float
     errors: int
     unfinished: int = 0
+    cpu_us: float = 0.0
+    """The server's CPU time per answered request, when measured."""
 
 
 def _free_port() -> int:
@@ -262,16 +264,21 @@ def calibrate_minimal(
     return proc, url, extra
 
 
-def measure_at(url: str, args: argparse.Namespace, target_rps: float) -> Run:
+def measure_at(url: str, args: argparse.Namespace, target_rps: float, pid: int = 0) -> Run:
     """Open loop at ``target_rps`` (bench/loadgen.c): requests go out on schedule whatever
-    the server does, and each is timed from when it was due, so queueing shows."""
+    the server does, and each is timed from when it was due, so queueing shows. With the
+    server's ``pid``, also its CPU time per request (requests one at a time cost more than
+    the batches a closed-loop peak is made of)."""
     port = int(url.rsplit(":", 1)[1])
+    before = cpu_seconds(pid) if pid else 0.0
     request = openloop.http_request(PATH, BODY.encode(), {"Content-Type": "application/json"})
     r = openloop.run(
         port, request, rate=target_rps, connections=args.connections, seconds=args.duration,
         core=args.client_core,
     )  # fmt: skip
-    return Run(r["rate"], r["p50"], r["p99"], int(r["non2xx"] + r["errors"]), r["unfinished"])
+    cpu_us = (cpu_seconds(pid) - before) / (r["rate"] * args.duration) * 1e6 if pid else 0.0
+    errors = int(r["non2xx"] + r["errors"])
+    return Run(r["rate"], r["p50"], r["p99"], errors, r["unfinished"], cpu_us)
 
 
 def main() -> int:
@@ -339,7 +346,7 @@ def main() -> int:
             for round_ in range(1, args.rounds + 1):
                 for share in args.loads:
                     peak = wrk(url, lua, args.connections, 3, args.client_core)
-                    at = measure_at(url, args, share / 100 * peak.rps)
+                    at = measure_at(url, args, share / 100 * peak.rps, proc.pid)
                     name = f"kingpost@{share}%#{round_}"
                     results[name], peaks[name] = at, peak.rps
                     if control is not None:
@@ -347,7 +354,9 @@ def main() -> int:
                     if minimal is not None:
                         peak = wrk(minimal_url, lua, args.connections, 3, args.client_core)
                         name = f"minimal@{share}%#{round_}"
-                        results[name] = measure_at(minimal_url, args, share / 100 * peak.rps)
+                        results[name] = measure_at(
+                            minimal_url, args, share / 100 * peak.rps, minimal.pid
+                        )
                         peaks[name] = peak.rps
         finally:
             proc.terminate()
@@ -373,12 +382,12 @@ def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Name
         return
     print(f"echo model, {args.connections} connections, {args.duration:.0f}s per run, "
           f"server on core {args.server_core}, wrk on core {args.client_core}")  # fmt: skip
-    print(
-        f"{'server':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}{'unanswered':>12}"
-    )
+    print(f"{'server':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}"
+          f"{'unanswered':>12}{'cpu us/req':>12}{'core busy':>11}")  # fmt: skip
     for name, r in results.items():
+        cpu = f"{r.cpu_us:>12.1f}{r.cpu_us * r.rps / 1e4:>10.0f}%" if r.cpu_us else ""
         print(f"{name:<14}{r.rps:>10.0f}{r.p50_ms:>10.3f}{r.p99_ms:>10.3f}{r.errors:>9}"
-              f"{r.unfinished:>12}")  # fmt: skip
+              f"{r.unfinished:>12}{cpu}")  # fmt: skip
     k, t = results.get("kingpost"), results.get("truss")
     if k and t:
         print(f"throughput ratio kingpost/truss: {k.rps / t.rps:.2f}x")
