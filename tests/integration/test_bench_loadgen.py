@@ -8,14 +8,17 @@ server-closed connections, and the queueing a too-slow server must show.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from helpers.httpd import QuietHandler, serving
+from helpers.platform import free_port, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import openloop
@@ -87,3 +90,33 @@ def test_a_server_slower_than_the_rate_shows_its_queue() -> None:
     assert slow["unfinished"] >= slow["backlog"]
     assert slow["p99"] > 900  # ms: the last requests due had waited about a second
     assert slow["p50"] > 200
+
+
+def test_minimal_server_echoes_and_burns_the_cpu_it_is_given(tmp_path: Path) -> None:
+    """The model-server benchmark's control must cost what it is calibrated to cost."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "minimal_server.py"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script), str(port), "--cpu-us", "2000"])
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models/model:predict"
+        wait_for(lambda: _answers(url), 10, "the minimal server")
+        before = _cpu_ns(proc.pid)
+        with httpx.Client() as c:
+            for i in range(20):
+                r = c.post(url, content=f'{{"n": {i}}}'.encode())
+                assert r.status_code == 200 and r.json() == {"n": i}
+        assert _cpu_ns(proc.pid) - before >= 20 * 2_000_000  # at least 2 ms of CPU for each of 20
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _cpu_ns(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.post(url, content=b"{}").status_code == 200
+    except httpx.HTTPError:
+        return False
