@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from kingpost.gateway.dispatch import Dispatcher, Rejected, Slot
-from kingpost.gateway.routing import Miss, Target, resolve
+from kingpost.gateway.routing import Miss, Target
 from kingpost.gateway.upstream import HOP_BY_HOP, StreamConn, UpstreamConn
 
 if TYPE_CHECKING:
@@ -338,9 +338,7 @@ class ClientConn(StreamConn):
                 "unauthorized",
                 rid,
             )
-        raw_path, _, raw_query = req.url.partition(b"?")
-        path, query = raw_path.decode("latin-1"), raw_query.decode("latin-1")
-        target = resolve(gw.table, req.host.decode("latin-1"), path, query)
+        target = gw.route(req.host, req.url)
         if isinstance(target, Miss):
             return self._reject(req, target.status, target.message, target.code, rid)
         return target

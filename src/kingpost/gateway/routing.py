@@ -22,6 +22,9 @@ class Target:
     path: str
     """Path (with query) to send to the server."""
     model_id: str
+    weighted: bool = False
+    """The deployment was drawn from a weighted split (a canary): the next request to the
+    same URL may go elsewhere, so this answer must not be reused."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def _under_model(
         pairs = model.environments.get(env)
         if not pairs:
             return Miss(404, f"environment {env!r} of model {model.name!r} has no deployment")
-        return _action(table, model, _pick(pairs), action, rest, query)
+        return _action(table, model, _pick(pairs), action, rest, query, len(pairs) > 1)
     if kind in ("production", "development") and len(parts) >= 2:
         action, rest = parts[1], "/".join(parts[2:])
         if kind == "production":
@@ -95,11 +98,12 @@ def _under_model(
             if not pairs:
                 return Miss(404, f"model {model.name!r} has no production deployment")
             dep_id = _pick(pairs)
+            weighted = len(pairs) > 1
         else:
             if model.development is None:
                 return Miss(404, f"model {model.name!r} has no development deployment")
-            dep_id = model.development
-        return _action(table, model, dep_id, action, rest, query)
+            dep_id, weighted = model.development, False
+        return _action(table, model, dep_id, action, rest, query, weighted)
     if kind == "deployment" and len(parts) >= 3:
         dep_id, action, rest = parts[1], parts[2], parts[3] if len(parts) > 3 else ""
         return _action(table, model, dep_id, action, rest, query)
@@ -107,16 +111,22 @@ def _under_model(
 
 
 def _action(
-    table: RoutingTable, model: ModelRoute, dep_id: str, action: str, rest: str, query: str
+    table: RoutingTable,
+    model: ModelRoute,
+    dep_id: str,
+    action: str,
+    rest: str,
+    query: str,
+    weighted: bool = False,
 ) -> Target | Miss:
     dep = table.deployments.get(dep_id)
     if dep is None or dep.model_id != model.model_id:
         return Miss(404, f"deployment {dep_id!r} of model {model.name!r} not found")
     suffix = f"?{query}" if query else ""
     if action == "predict" and not rest:
-        return Target(dep, dep.predict_path + suffix, model.model_id)
+        return Target(dep, dep.predict_path + suffix, model.model_id, weighted)
     if action == "sync":
-        return Target(dep, "/" + rest + suffix, model.model_id)
+        return Target(dep, "/" + rest + suffix, model.model_id, weighted)
     if action == "async_predict":
         return Miss(501, "async_predict is not supported yet", code="not_implemented")
     return Miss(404, f"no route {action!r}: use predict or sync/{{path}}")

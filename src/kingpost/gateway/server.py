@@ -17,6 +17,7 @@ from kingpost.engines.netns import forget_netns
 from kingpost.gateway.control import serve_control
 from kingpost.gateway.dispatch import Dispatcher
 from kingpost.gateway.proxy import ClientConn
+from kingpost.gateway.routing import Miss, Target, resolve
 from kingpost.gateway.table import DeploymentRoute, DeploymentState, RoutingTable
 from kingpost.gateway.upstream import UpstreamPool
 
@@ -24,6 +25,7 @@ __all__ = ["Gateway"]
 
 access_log = logging.getLogger("kingpost.gateway.access")
 _AUTH_CACHE = 4096
+_ROUTE_CACHE = 1024
 
 
 class Gateway:
@@ -36,6 +38,7 @@ class Gateway:
         self.pool = UpstreamPool()
         self._dispatchers: dict[str, Dispatcher] = {}
         self._auth: OrderedDict[bytes, bool] = OrderedDict()
+        self._routes: dict[tuple[bytes, bytes], Target | Miss] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._log = access_log_enabled
         # Request ids: a random 64-bit prefix per process and a counter, 32 hex digits like
@@ -57,6 +60,7 @@ class Gateway:
         if table.api_key_hashes != self.table.api_key_hashes:
             self._auth.clear()
         self.table = table
+        self._routes = {}
         for dep_id, dispatcher in list(self._dispatchers.items()):
             route = table.deployments.get(dep_id)
             if route is None:
@@ -80,6 +84,29 @@ class Gateway:
         if d is None:
             d = self._dispatchers[deployment_id] = Dispatcher(self.table.deployments[deployment_id])
         return d
+
+    def route(self, host: bytes, url: bytes) -> Target | Miss:
+        """Where a request for ``url`` with Host ``host`` goes under the current table.
+
+        Answers are kept per table (the common case is the same few URLs over and over),
+        except a draw from a weighted split, which must be drawn again for every request.
+        """
+        key = (host, url)
+        found = self._routes.get(key)
+        if found is not None:
+            return found
+        raw_path, _, raw_query = url.partition(b"?")
+        found = resolve(
+            self.table,
+            host.decode("latin-1"),
+            raw_path.decode("latin-1"),
+            raw_query.decode("latin-1"),
+        )
+        if not (isinstance(found, Target) and found.weighted):
+            if len(self._routes) >= _ROUTE_CACHE:
+                self._routes.clear()  # many distinct URLs (query strings): start over
+            self._routes[key] = found
+        return found
 
     # -- auth ------------------------------------------------------------------------------
     def authorized(self, header: bytes | None) -> bool:

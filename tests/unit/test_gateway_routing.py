@@ -1,0 +1,74 @@
+"""Routing by URL and Host, and the gateway's per-table memory of answers (one seam)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kingpost.gateway.routing import Miss, Target, resolve
+from kingpost.gateway.server import Gateway
+from kingpost.gateway.table import DeploymentRoute, DeploymentState, ModelRoute, RoutingTable
+
+PREDICT = b"/models/m/environments/production/predict"
+
+
+def _table(version: int, split: tuple[tuple[str, float], ...]) -> RoutingTable:
+    deployments = {
+        d: DeploymentRoute(d, "m1", f"/{d}/predict", DeploymentState.SERVING)
+        for d in ("d1", "d2", "dev")
+    }
+    return RoutingTable(
+        version=version,
+        models={"m1": ModelRoute("m1", "m", {"production": split}, development="dev")},
+        model_names={"m": "m1"},
+        deployments=deployments,
+    )
+
+
+def test_paths_and_hosts_reach_the_same_deployment() -> None:
+    table = _table(1, (("d1", 1.0),))
+    by_path = resolve(table, "localhost:8080", "/models/m/environments/production/predict")
+    by_host = resolve(table, "model-m1.localhost", "/environments/production/predict")
+    by_id = resolve(table, "", "/models/m1/deployment/d2/sync/v1/chat", "stream=1")
+    dev = resolve(table, "", "/models/m/development/predict")
+    assert isinstance(by_path, Target) and isinstance(by_host, Target)
+    assert by_path.path == by_host.path == "/d1/predict"
+    assert not by_path.weighted
+    assert isinstance(by_id, Target) and by_id.path == "/v1/chat?stream=1"
+    assert isinstance(dev, Target) and dev.deployment.deployment_id == "dev"
+    missing = resolve(table, "", "/models/nope/production/predict")
+    assert isinstance(missing, Miss) and missing.status == 404 and "nope" in missing.message
+
+
+def test_answers_are_reused_until_the_next_table() -> None:
+    gw = Gateway(_table(1, (("d1", 1.0),)))
+    first = gw.route(b"localhost", PREDICT)
+    assert gw.route(b"localhost", PREDICT) is first
+    assert isinstance(first, Target) and first.deployment.deployment_id == "d1"
+    # A promotion pushes a new table: the remembered answer must not outlive it.
+    assert gw.set_table(_table(2, (("d2", 1.0),)))
+    moved = gw.route(b"localhost", PREDICT)
+    assert isinstance(moved, Target) and moved.deployment.deployment_id == "d2"
+    # A miss is forgotten the same way once the model exists.
+    gw.set_table(RoutingTable(version=3))
+    assert isinstance(gw.route(b"localhost", PREDICT), Miss)
+    gw.set_table(_table(4, (("d1", 1.0),)))
+    assert isinstance(gw.route(b"localhost", PREDICT), Target)
+
+
+def test_a_weighted_split_is_drawn_for_every_request() -> None:
+    gw = Gateway(_table(1, (("d1", 0.5), ("d2", 0.5))))
+    seen = Counter[str]()
+    for _ in range(400):
+        target = gw.route(b"localhost", PREDICT)
+        assert isinstance(target, Target) and target.weighted
+        seen[target.deployment.deployment_id] += 1
+    # P(either side < 120 of 400 at p = 0.5) is below 1e-15.
+    assert min(seen["d1"], seen["d2"]) > 120, seen
+
+
+def test_many_distinct_urls_do_not_grow_memory_without_bound() -> None:
+    gw = Gateway(_table(1, (("d1", 1.0),)))
+    for i in range(5000):
+        target = gw.route(b"localhost", PREDICT + b"?request=%d" % i)
+        assert isinstance(target, Target) and target.path == f"/d1/predict?request={i}"
+    assert len(gw._routes) <= 1024
