@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import socket
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+import uvloop
 
 from helpers.platform import free_port, wait_for
 from helpers.upstream import Upstream, upstream
@@ -36,8 +38,8 @@ AUTH = {"Authorization": f"Api-Key {KEY}"}
 
 
 class Running:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.new_event_loop()
         self.gateway = Gateway()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -451,3 +453,260 @@ def test_upgrade_is_tunnelled_both_ways(gw: Running) -> None:
     finally:
         srv.close()
         thread.join(5)
+
+
+class _Scripted:
+    """A raw keep-alive upstream: ``answer(n, body)`` gives the bytes to send for the n-th
+    request on a connection (None: hang up without a byte; ``hang_up``: after sending).
+    Records every body it read."""
+
+    def __init__(self, answer: Callable[[int, bytes], bytes | None], hang_up: bool = False) -> None:
+        self.answer = answer
+        self.hang_up = hang_up
+        self.bodies: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            for n in itertools.count():
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if not line:
+                    return
+                body = f.read(length)
+                self.bodies.append(body)
+                out = self.answer(n, body)
+                if out is None:
+                    return
+                try:
+                    conn.sendall(out)
+                except OSError:
+                    return
+                if self.hang_up:
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _ok(body: bytes, *extra: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n" % len(body) + b"".join(extra)
+    return head + b"\r\n" + body
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., _Scripted]]:
+    made: list[_Scripted] = []
+
+    def make(answer: Callable[[int, bytes], bytes | None], hang_up: bool = False) -> _Scripted:
+        made.append(_Scripted(answer, hang_up))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def _answers(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(status line, body) of each response in ``data`` (Content-Length framed)."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        out.append((lines[0], rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def test_an_interim_response_is_passed_on_and_the_real_one_follows(
+    gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+    up = scripted(lambda n, body: (early if body == b"A" else b"") + _ok(b"answer-" + body))
+    gw.table(route(up.port))
+    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"answer-warm")  # pooled now
+    data = _raw(gw.port, _req(b"A") + _req(b"B") + _req(b"C", close=True))
+    assert _answers(data) == [
+        (b"HTTP/1.1 103 Early Hints", b""),
+        (b"HTTP/1.1 200 OK", b"answer-A"),
+        (b"HTTP/1.1 200 OK", b"answer-B"),
+        (b"HTTP/1.1 200 OK", b"answer-C"),
+    ]
+    assert b"link: </style.css>; rel=preload" in data
+
+
+def test_a_partial_response_head_is_not_retried(
+    gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    # The replica took the request and died mid-head: running it again elsewhere could run
+    # a non-idempotent predict twice, so the client gets a 502 instead.
+    first = scripted(lambda n, body: b"HTTP/1.1 200 OK\r\ncontent-", hang_up=True)
+    second = scripted(lambda n, body: _ok(body))
+    gw.table(route(first.port, second.port))
+    answers = [_answers(_raw(gw.port, _req(b"%d" % i, close=True)))[0] for i in range(6)]
+    failed = [a for a in answers if a[0] == b"HTTP/1.1 502 Bad Gateway"]
+    assert sorted(a for a in answers if a not in failed) == sorted(
+        (b"HTTP/1.1 200 OK", body) for body in second.bodies
+    )
+    assert len(failed) == len(first.bodies) > 0  # each failure reached the replica once
+    assert len(first.bodies) + len(second.bodies) == 6  # and nothing was sent twice
+
+
+def test_a_retry_after_the_deployment_left_the_table_is_refused_not_stranded(
+    gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    pushed = threading.Event()
+
+    def answer(n: int, body: bytes) -> bytes | None:
+        if body == b"warm":
+            return _ok(body)
+        pushed.wait(5)
+        return None  # hang up without a byte: the gateway retries
+
+    up = scripted(answer)
+    gw.table(route(up.port))
+    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"warm")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(_req(b"in-flight", close=True))
+        wait_for(lambda: b"in-flight" in up.bodies, 5, "the request to reach the replica")
+        gw.table(route(up.port, deployment_id="d2"), env="d2")  # d1 is gone
+        pushed.set()
+        data = s.recv(65536)
+    assert data.startswith(b"HTTP/1.1 404"), data
+
+
+@pytest.fixture
+def uv_gw() -> Iterator[Running]:
+    """The gateway on uvloop, as it runs in production (flow control differs in timing)."""
+    running = Running(uvloop.new_event_loop())
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def test_a_pooled_connection_is_readable_after_a_slow_client_paused_it(
+    uv_gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    gw = uv_gw
+    size = 8 * 1024 * 1024
+    up = scripted(lambda n, body: _ok(b"x" * size) if body == b"big" else _ok(body))
+    gw.table(route(up.port))
+    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"warm")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as slow:
+        slow.sendall(_req(b"big"))
+        got = 0
+        while got < size:  # slowly to the end, so the replica's last bytes arrive while the
+            got += len(slow.recv(16384))  # gateway has paused reading from it
+            threading.Event().wait(0.002)
+        # The first client stays connected; the next request takes the pooled connection.
+        data = _raw(gw.port, _req(b"next", close=True))
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"next")
+
+
+def test_the_next_request_is_read_after_a_large_body(gw: Running, up: Upstream) -> None:
+    gw.table(route(up))
+    big = b"L" * 1_200_000
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(_req(big))  # arrives whole, so it is complete when reading pauses
+        data = b""
+        while len(data) < len(big) or b"\r\n\r\n" not in data:
+            data += s.recv(1 << 20)
+        head, _, body = data.partition(b"\r\n\r\n")
+        while len(body) < len(big):
+            body += s.recv(1 << 20)
+        assert head.startswith(b"HTTP/1.1 200") and body == big
+        s.sendall(_req(b"after-large", close=True))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert _answers(data) == [(b"HTTP/1.1 200 OK", b"after-large")]
+
+
+def test_a_client_that_stops_mid_body_is_closed(gw: Running, up: Upstream) -> None:
+    gw.table(route(up))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(_req(b"0123456789")[:-6])  # four of ten body bytes
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(65536) == b""  # closed, not left hanging
+    assert up.requests == 0
+
+
+def test_a_malformed_request_is_refused_after_the_answers_owed_before_it(
+    gw: Running, up: Upstream
+) -> None:
+    gw.table(route(up, predict_path="/slow?s=0.3"))
+    assert _raw(gw.port, _req(b"", close=True)).startswith(b"HTTP/1.1 200")  # pooled
+    data = _raw(gw.port, _req(b"first") + b"NOT HTTP AT ALL\r\n\r\n")
+    answers = _answers(data)
+    assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
+
+
+def test_the_pool_resumes_reading_on_a_connection_it_takes_back(
+    uv_gw: Running, up: Upstream
+) -> None:
+    pool = uv_gw.gateway.pool
+    key = ("127.0.0.1", up.port, None)
+
+    async def check() -> bool:
+        conn = await pool.connect(key)
+        assert conn.transport is not None
+        conn.transport.pause_reading()  # as for a slow client that owned it
+        pool.put(conn)
+        return pool.take_idle(key) is conn and conn.transport.is_reading()
+
+    assert asyncio.run_coroutine_threadsafe(check(), uv_gw.loop).result(5)
+
+
+def test_a_slot_handed_to_a_task_that_never_ran_is_released(
+    uv_gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    """req2 finds a free slot but no idle connection (req1's answer closes it), so a task is
+    started with the slot; the client's reset is handled before that task ever runs."""
+    gw, release = uv_gw, threading.Event()
+
+    def answer(n: int, body: bytes) -> bytes | None:
+        if body == b"req1":
+            release.wait(5)
+            return _ok(body, b"connection: close\r\n")
+        return _ok(body)
+
+    up = scripted(answer)
+    gw.table(route(up.port, concurrency=1))
+    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"warm")
+    dispatcher = gw.gateway.dispatcher("d1")
+    client = socket.create_connection(("127.0.0.1", gw.port))
+    client.sendall(_req(b"req1") + _req(b"req2"))
+    wait_for(lambda: b"req1" in up.bodies, 5, "req1 to reach the replica")
+    frozen = threading.Event()
+
+    def freeze() -> None:  # hold the loop so both events are waiting when it wakes
+        frozen.set()
+        threading.Event().wait(0.5)
+
+    gw.loop.call_soon_threadsafe(freeze)
+    frozen.wait(5)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # the reset first...
+    threading.Event().wait(0.1)
+    release.set()  # ...then req1's answer, which closes the only pooled connection
+    wait_for(lambda: dispatcher.inflight == {"r0": 0}, 5, "the slot to be released")
+    data = _raw(gw.port, _req(b"after", close=True))
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"after")

@@ -72,3 +72,11 @@ def test_many_distinct_urls_do_not_grow_memory_without_bound() -> None:
         target = gw.route(b"localhost", PREDICT + b"?request=%d" % i)
         assert isinstance(target, Target) and target.path == f"/d1/predict?request={i}"
     assert len(gw._routes) <= 1024
+
+
+def test_a_miss_from_a_weighted_draw_is_not_kept_either() -> None:
+    # One side of the split is missing from the table (e.g. mid-update): its misses must not
+    # stick to the URL and turn away the traffic meant for the side that serves.
+    gw = Gateway(_table(1, (("d1", 0.5), ("gone", 0.5))))
+    kinds = Counter(type(gw.route(b"localhost", PREDICT)).__name__ for _ in range(200))
+    assert kinds["Target"] > 50 and kinds["Miss"] > 50, kinds

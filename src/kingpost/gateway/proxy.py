@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -134,9 +133,13 @@ class ClientConn(StreamConn):
         """A request is being answered (from callbacks or by ``task``); the rest queue."""
         self.eof = False
         self.upstream: UpstreamConn | None = None
+        self.handoff: _Handoff | None = None
+        """What the task was started with, so a slot it never took over can be released."""
         self.tunnel: _Request | None = None
         """An upgrade request whose raw bytes are buffered until the replica answers."""
         self._paused_reading = False
+        self.refusal: bytes | None = None
+        """An error for a malformed request, sent once the requests before it are answered."""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -157,14 +160,16 @@ class ClientConn(StreamConn):
             req.tunnel_buf += data[int(exc.args[0]) :]
             self.tunnel = req
         except httptools.HttpParserError as exc:
+            # Requests parsed before the bad bytes are still answered, then this error.
             self._fail_and_close(400, f"malformed HTTP request: {exc}")
-            return
         if self.pending and not self.busy:
             self._serve_next()
 
     def eof_received(self) -> bool:
         # Half-closed client: answer what it asked, then close.
         self.eof = True
+        if not self._drop_unfinished():
+            return False
         if not self.busy and not self.pending:
             if self.transport is not None:
                 self.transport.close()
@@ -175,10 +180,28 @@ class ClientConn(StreamConn):
         self.mark_lost()
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        handoff, self.handoff = self.handoff, None
+        if handoff is not None and handoff.slot is not None:
+            # The task was cancelled before it took the slot over: give it back here.
+            handoff.dispatcher.release(handoff.slot)
+            handoff.slot = None
         if self.current is not None:
             self.current.wake()
         if self.upstream is not None:
             self.upstream.close()  # its loss settles the exchange and frees the replica slot
+
+    def _drop_unfinished(self) -> bool:
+        """Forget a request that will never be complete (the client stopped sending or sent
+        garbage). False when it is already on its way to a replica: only closing ends it."""
+        req = self.current
+        if req is None or req.complete:
+            return True
+        if req in self.pending:
+            self.pending.remove(req)
+        elif req.method:
+            return False  # its head finished and it is not queued: it is being forwarded
+        self.current = None
+        return True
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -191,8 +214,17 @@ class ClientConn(StreamConn):
             self.upstream.transport.resume_reading()
 
     def _fail_and_close(self, status: int, message: str) -> None:
+        body = _error_body(status, message, "invalid_request", self.gw.new_request_id())
+        if self._drop_unfinished() and (self.busy or self.pending):
+            # Earlier requests are still owed their answers, in order: read no more, answer
+            # them, then send this error and close (see :meth:`_after`).
+            self.refusal = body
+            self.eof = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         if self.transport is not None and not self.closed:
-            self.transport.write(_error_body(status, message, "invalid_request", uuid.uuid4().hex))
+            self.transport.write(body)
             self.transport.close()
         self.closed = True
 
@@ -282,15 +314,22 @@ class ClientConn(StreamConn):
 
     def _start_task(self, handoff: _Handoff | None = None) -> None:
         self.busy = True
+        self.handoff = handoff
         self.task = asyncio.ensure_future(self._serve(handoff))
 
     def _after(self, req: _Request, keep: bool) -> bool:
         """Close the connection when the answered request says so; True to carry on."""
         if not keep or not req.keep_alive or (self.eof and not self.pending):
             if self.transport is not None:
+                if self.refusal is not None and keep and req.keep_alive:
+                    self.transport.write(self.refusal)  # after every answer owed before it
                 self.transport.close()
             self.closed = True
             return False
+        if self._paused_reading and self.transport is not None:
+            # Reading stopped for a large body that has now gone upstream in full.
+            self._paused_reading = False
+            self.transport.resume_reading()
         return True
 
     async def _serve(self, handoff: _Handoff | None = None) -> None:
@@ -355,10 +394,10 @@ class ClientConn(StreamConn):
         except Rejected as rej:
             return self._reject(req, rej.status, rej.message, rej.code, req.rid)
         if slot is None:
-            return _Handoff(req, target)  # to wait in the deployment's queue
+            return _Handoff(req, target, dispatcher)  # to wait in the deployment's queue
         conn = self.gw.pool.take_idle(slot.key)
         if conn is None:
-            return _Handoff(req, target, slot=slot)  # to open a connection
+            return _Handoff(req, target, dispatcher, slot=slot)  # to open a connection
         exchange = _Exchange(self, req, req.rid)
         exchange.landing = (dispatcher, slot, conn, target)
         self.busy = True
@@ -381,7 +420,9 @@ class ClientConn(StreamConn):
             return
         outcome = self._settle(req, conn, exchange, True, result)
         if outcome == "retry":
-            self._start_task(_Handoff(req, target, frozenset({slot.upstream.replica_id}), 1))
+            self._start_task(
+                _Handoff(req, target, dispatcher, frozenset({slot.upstream.replica_id}), 1)
+            )
             return
         assert req.rid is not None
         self.gw.log_access(
@@ -399,14 +440,15 @@ class ClientConn(StreamConn):
         if req.expect_continue:
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await self._dispatch(_Handoff(req, target))
+        dispatcher = self.gw.dispatcher(target.deployment.deployment_id)
+        return await self._dispatch(_Handoff(req, target, dispatcher))
 
     async def _dispatch(self, h: _Handoff) -> bool:
         """Take a replica slot, forward, and retry once elsewhere if the replica hung up."""
-        gw, req, target, tried, slot = self.gw, h.req, h.target, h.tried, h.slot
+        gw, req, target, tried, dispatcher = self.gw, h.req, h.target, h.tried, h.dispatcher
+        slot, h.slot = h.slot, None  # from here the slot is released by the finally below
         rid = req.rid
         assert rid is not None
-        dispatcher = gw.dispatcher(target.deployment.deployment_id)
         for _attempt in range(h.attempts):
             if slot is None:
                 try:
@@ -476,7 +518,9 @@ class ClientConn(StreamConn):
         """After the replica's answer (or its loss): "ok", "close" or "retry"."""
         if result == "lost":
             conn.close()
-            if not exchange.started and (req.replay is not None or not reused):
+            # Retried only if the replica sent nothing at all: even part of a response head
+            # means it took the request, and running it twice is not the gateway's call.
+            if not conn.got_bytes and (req.replay is not None or not reused):
                 if req.replay is not None:
                     req.chunks = deque(req.replay)
                     req.replay = list(req.replay)
@@ -564,10 +608,15 @@ class _Handoff:
 
     req: _Request
     target: Target
+    dispatcher: Dispatcher
+    """The deployment's dispatcher when the request was routed. A later table may have
+    dropped the deployment; the request still settles (or is refused) with this one."""
     tried: frozenset[str] = frozenset()
     attempts: int = 2
     slot: Slot | None = None
-    """A replica slot already taken for it."""
+    """A replica slot already taken for it. Whoever holds the handoff owns the slot until
+    :meth:`ClientConn._dispatch` takes it over; if the task is cancelled before it ever
+    runs, :meth:`ClientConn.connection_lost` gives it back."""
 
 
 class _Exchange:
@@ -631,6 +680,20 @@ class _Exchange:
         if self.req.method == b"HEAD":
             self.upstream_keep_alive = False
             self.on_response_end()
+
+    def on_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        # Passed on to HTTP/1.1 clients (RFC 9110 15.2), except 100 Continue: the gateway
+        # answers ``Expect`` itself and does not send it upstream. Once one is passed on,
+        # response bytes have reached the client and the request is no longer retried.
+        if status == 100 or not self.req.http11:
+            return
+        self.started = True
+        buf = self.buf
+        buf += b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Informational")
+        for name, value in headers:
+            if name.lower() not in HOP_BY_HOP:
+                buf += name + b": " + value + b"\r\n"
+        buf += b"\r\n"
 
     def on_response_body(self, data: bytes) -> None:
         if self.no_body:

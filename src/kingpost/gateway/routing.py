@@ -32,6 +32,8 @@ class Miss:
     status: int
     message: str
     code: str = "not_found"
+    weighted: bool = False
+    """As for :class:`Target`: the answer came after a draw from a weighted split."""
 
 
 def _model_from_host(table: RoutingTable, host: str) -> ModelRoute | None:
@@ -121,12 +123,14 @@ def _action(
 ) -> Target | Miss:
     dep = table.deployments.get(dep_id)
     if dep is None or dep.model_id != model.model_id:
-        return Miss(404, f"deployment {dep_id!r} of model {model.name!r} not found")
+        return Miss(
+            404, f"deployment {dep_id!r} of model {model.name!r} not found", weighted=weighted
+        )
     suffix = f"?{query}" if query else ""
     if action == "predict" and not rest:
         return Target(dep, dep.predict_path + suffix, model.model_id, weighted)
     if action == "sync":
         return Target(dep, "/" + rest + suffix, model.model_id, weighted)
     if action == "async_predict":
-        return Miss(501, "async_predict is not supported yet", code="not_implemented")
-    return Miss(404, f"no route {action!r}: use predict or sync/{{path}}")
+        return Miss(501, "async_predict is not supported yet", "not_implemented", weighted)
+    return Miss(404, f"no route {action!r}: use predict or sync/{{path}}", weighted=weighted)

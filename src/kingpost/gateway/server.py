@@ -102,7 +102,7 @@ class Gateway:
             raw_path.decode("latin-1"),
             raw_query.decode("latin-1"),
         )
-        if not (isinstance(found, Target) and found.weighted):
+        if not found.weighted:
             if len(self._routes) >= _ROUTE_CACHE:
                 self._routes.clear()  # many distinct URLs (query strings): start over
             self._routes[key] = found

@@ -41,6 +41,9 @@ class Exchange(Protocol):
     def on_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
     ) -> None: ...
+    def on_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx response other than 101 (e.g. 103 Early Hints); the real one follows."""
+
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self) -> None: ...
     def on_upstream_lost(self, exc: BaseException | None) -> None: ...
@@ -99,6 +102,7 @@ class UpstreamConn(StreamConn):
         self.leftover = b""
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._interim = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -140,12 +144,16 @@ class UpstreamConn(StreamConn):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.exchange is not None:
+        status = self.parser.get_status_code()
+        # An interim response (100-199 but 101) ends its own message; the final one follows.
+        self._interim = 100 <= status < 200 and status != 101
+        if self.exchange is None:
+            return
+        if self._interim:
+            self.exchange.on_interim(status, self._reason, self._headers)
+        else:
             self.exchange.on_response_head(
-                self.parser.get_status_code(),
-                self._reason,
-                self._headers,
-                self.parser.should_keep_alive(),
+                status, self._reason, self._headers, self.parser.should_keep_alive()
             )
 
     def on_body(self, body: bytes) -> None:
@@ -153,6 +161,9 @@ class UpstreamConn(StreamConn):
             self.exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         exchange, self.exchange = self.exchange, None
         if not self.parser.should_keep_alive():
             self.closed = True
@@ -228,6 +239,10 @@ class UpstreamPool:
         if conn.closed or conn.exchange is not None or conn.upgraded:
             conn.close()
             return
+        transport = conn.transport
+        if transport is not None and not transport.is_reading():
+            # Paused for a slow client that no longer owns it: the next one must be heard.
+            transport.resume_reading()
         idle = self._idle[conn.key]
         if len(idle) >= self._max_idle:
             conn.close()
