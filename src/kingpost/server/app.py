@@ -323,6 +323,12 @@ class ModelServer:
         return 200
 
     def _user_error(self, exc: Exception, call: _Call) -> int:
+        if call.conn.started:
+            # Part of the response is out (a streamed response failed midway): another
+            # response cannot follow it; breaking the connection off tells the client.
+            log.error(MODEL_ERROR_MESSAGE, exc_info=exc)
+            call.conn.close_after_response()
+            return 500
         http = compat.http_exception(exc)
         if http is not None:
             status, detail = http

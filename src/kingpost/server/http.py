@@ -39,7 +39,16 @@ def status_line(status: int) -> bytes:
 class HttpRequest:
     """A fully received request. ``headers`` keys are lower-case."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "raw_headers")
+    __slots__ = (
+        "body",
+        "headers",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "raw_headers",
+    )
 
     def __init__(
         self,
@@ -48,8 +57,11 @@ class HttpRequest:
         raw_headers: list[tuple[bytes, bytes]],
         body: bytes,
         keep_alive: bool,
+        http10: bool = False,
     ) -> None:
         self.method = method
+        self.http10 = http10
+        """An HTTP/1.0 client: no chunked encoding, a stream ends when the connection does."""
         path, _, self.query = url.partition(b"?")
         self.path = path.decode("latin-1")
         self.raw_headers = raw_headers
@@ -75,6 +87,11 @@ class Connection(asyncio.Protocol):
         self._pending: deque[HttpRequest] = deque()
         self._busy = False
         self._keep_alive = True
+        self._head = False
+        """The current request is HEAD: headers only."""
+        self._http10 = False
+        self._refusal: bytes | None = None
+        """A 400 for bytes that could not be parsed, owed after the requests before them."""
         self._write_paused: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
         self.started = False
@@ -99,6 +116,12 @@ class Connection(asyncio.Protocol):
             self._fail(400, b'{"error":"protocol upgrades are not supported"}')
         except httptools.HttpParserError:
             self._fail(400, b'{"error":"malformed HTTP request"}')
+
+    # No ``eof_received``: the default closes the connection when the client stops sending,
+    # and that is the signal that it left. The server's client is the gateway, which never
+    # half-closes; when a user's request is dropped it closes the connection, and a stream
+    # waiting on the model must let its slot go then, not at its next write. uvicorn, under
+    # Truss's own server, treats end of input the same way.
 
     def pause_writing(self) -> None:
         if self._write_paused is None or self._write_paused.done():
@@ -131,6 +154,7 @@ class Connection(asyncio.Protocol):
             self._headers,
             body,
             self._parser.should_keep_alive(),
+            self._parser.get_http_version() == "1.0",
         )
         if self._busy:
             self._pending.append(request)
@@ -144,6 +168,8 @@ class Connection(asyncio.Protocol):
         self._busy = True
         self.started = False
         self._keep_alive = request.keep_alive
+        self._head = request.method == "HEAD"
+        self._http10 = request.http10
         eager.start(self._run(request), self._loop)
 
     async def _run(self, request: HttpRequest) -> None:
@@ -151,27 +177,69 @@ class Connection(asyncio.Protocol):
             await self._handler(request, self)
         except Exception:
             log.exception("unhandled error in the model server")
-            if not self.started:
-                self.respond(500, [], b'{"error":"Internal Server Error"}')
-            else:
-                self._keep_alive = False
-        self._busy = False
+            self._internal_error()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                self._busy = False  # the server is stopping this request: let it go
+                raise
+            # Raised by model code, not a cancellation of this request: answer it.
+            log.exception("model code raised CancelledError")
+            self._internal_error()
         if self.transport is None:
+            self._busy = False
             return
         if not self._keep_alive:
+            self._busy = False
             self.transport.close()
             return
         if self._pending:
             if len(self._pending) < MAX_PIPELINED:
                 self.transport.resume_reading()
-            self._dispatch(self._pending.popleft())
+            if asyncio.current_task() is None:
+                self._dispatch(self._pending.popleft())
+            else:
+                # Not from inside this request's Task: the next request gets a Task (and
+                # timeouts, cancel scopes) of its own. ``_busy`` holds the order meanwhile.
+                self._loop.call_soon(self._dispatch_next)
+            return
+        self._busy = False
+        self._after_last()
+
+    def _dispatch_next(self) -> None:
+        if self.transport is None or not self._pending:
+            self._busy = False
+            return
+        self._dispatch(self._pending.popleft())
+
+    def _after_last(self) -> None:
+        """Nothing in flight or queued: send an owed refusal."""
+        if self.transport is not None and self._refusal is not None:
+            self.transport.write(self._refusal)
+            self.transport.close()
+
+    def _internal_error(self) -> None:
+        if not self.started:
+            self.respond(500, [], b'{"error":"Internal Server Error"}')
+        else:
+            self._keep_alive = False  # the response is broken off; only closing says so
 
     def _fail(self, status: int, body: bytes) -> None:
-        if self.transport is not None:
-            self._keep_alive = False
-            if not self._busy:
-                self.respond(status, [], body)
-                self.transport.close()
+        if self.transport is None:
+            return
+        refusal = (
+            status_line(status)
+            + b"content-type: application/json\r\nconnection: close\r\n"
+            + b"content-length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        if self._busy or self._pending:
+            # Requests parsed before the bad bytes are answered first, in order.
+            self._refusal = refusal
+            self.transport.pause_reading()
+            return
+        self.transport.write(refusal)
+        self.transport.close()
 
     # writing
     def respond(
@@ -190,42 +258,49 @@ class Connection(asyncio.Protocol):
             parts += [name, b": ", value, b"\r\n"]
         if not self._keep_alive:
             parts.append(b"connection: close\r\n")
-        parts += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]
+        parts += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n"]
+        if not self._head:
+            parts.append(body)
         self.transport.write(b"".join(parts))
 
     def stream_start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Start a chunked response; ``headers`` must include the content type."""
+        """Start a chunked response; ``headers`` must include the content type.
+
+        An HTTP/1.0 client cannot read chunks: it gets the bytes as they come and the end
+        of the response is the end of the connection."""
         self.started = True
         if self.transport is None:
             return
         parts = [status_line(status)]
         for name, value in headers:
             parts += [name, b": ", value, b"\r\n"]
+        if self._http10:
+            self._keep_alive = False
         if not self._keep_alive:
             parts.append(b"connection: close\r\n")
-        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+        parts.append(b"\r\n" if self._http10 else b"transfer-encoding: chunked\r\n\r\n")
         self.transport.write(b"".join(parts))
 
     async def stream_write(self, data: bytes) -> bool:
         """Write one chunk; ``False`` once the client is gone."""
         if self.transport is None:
             return False
-        if data:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if data and not self._head:
+            self.transport.write(data if self._http10 else b"%x\r\n%b\r\n" % (len(data), data))
         paused = self._write_paused
         if paused is not None and not paused.done():
             await paused
         return self.transport is not None
 
     def stream_end(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self._head and not self._http10:
             self.transport.write(b"0\r\n\r\n")
 
     def raw_write(self, start: bytes, body: bytes) -> None:
         """Write pre-built header bytes and body (used by pass-through responses)."""
         self.started = True
         if self.transport is not None:
-            self.transport.write(start + body)
+            self.transport.write(start if self._head else start + body)
 
     def close_after_response(self) -> None:
         self._keep_alive = False

@@ -55,10 +55,26 @@ async def _iterate(gen: Any, pool: Any) -> AsyncIterator[Any]:
     ctx = contextvars.copy_context()
     sync_gen: Iterator[Any] = gen
     while True:
-        chunk = await loop.run_in_executor(pool, ctx.run, _next_chunk, sync_gen)
+        step = loop.run_in_executor(pool, ctx.run, _next_chunk, sync_gen)
+        try:
+            chunk = await asyncio.shield(step)
+        except asyncio.CancelledError:
+            # The reader left. A thread is still inside the model's generator and the
+            # predict slot is the model's until it comes out; then close the generator so
+            # its cleanup runs, and only then let the slot go.
+            await asyncio.wait([step])
+            await loop.run_in_executor(pool, ctx.run, _close, sync_gen)
+            raise
         if chunk is _END:
             return
         yield chunk
+
+
+def _close(gen: Any) -> None:
+    try:
+        gen.close()
+    except Exception:
+        log.exception("closing the streamed generator failed")
 
 
 async def _produce(gen: Any, pool: Any, queue: asyncio.Queue[Any]) -> None:
@@ -94,11 +110,17 @@ async def stream_result(
     producer = asyncio.get_running_loop().create_task(_produce(gen, pool, queue))
     if release is not None:
         producer.add_done_callback(lambda _: release())
+
+    def reader_left(_: Any) -> None:  # noticed at once, not at the next chunk written
+        producer.cancel()
+
+    conn.closed.add_done_callback(reader_left)
     try:
         if _gather_requested(req):
             return await _gather(queue, conn, headers, read_timeout_s)
         return await _stream(queue, conn, headers, read_timeout_s)
     finally:
+        conn.closed.remove_done_callback(reader_left)
         if not producer.done():
             producer.cancel()
 
