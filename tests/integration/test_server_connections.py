@@ -225,3 +225,18 @@ def test_http10_clients_get_a_stream_without_chunks(sync_server: ServerProcess) 
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head
     assert b"connection: close" in head
     assert body == b"chunk0 chunk1 chunk2 chunk3 chunk4 "  # raw bytes, ended by the close
+
+
+def test_a_client_that_expects_100_continue_is_invited(sync_server: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", sync_server.port), timeout=0.5) as s:
+        s.sendall(
+            b"POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+            b"content-type: application/json\r\ncontent-length: 7\r\nconnection: close\r\n\r\n"
+        )
+        assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before the body
+        s.sendall(b'"later"')
+        s.settimeout(10)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"later"')
