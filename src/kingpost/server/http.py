@@ -70,6 +70,26 @@ class HttpRequest:
         self.keep_alive = keep_alive
 
 
+def _whole(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    content_type: bytes,
+    close: bool,
+    head: bool,
+) -> bytes:
+    """A complete response with a Content-Length (the body left out for HEAD)."""
+    parts = [status_line(status), b"content-type: ", content_type, b"\r\n"]
+    for name, value in headers:
+        parts += [name, b": ", value, b"\r\n"]
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n"]
+    if not head:
+        parts.append(body)
+    return b"".join(parts)
+
+
 Handler = Callable[[HttpRequest, "Connection"], Awaitable[None]]
 
 
@@ -236,12 +256,7 @@ class Connection(asyncio.Protocol):
     def _fail(self, status: int, body: bytes) -> None:
         if self.transport is None:
             return
-        refusal = (
-            status_line(status)
-            + b"content-type: application/json\r\nconnection: close\r\n"
-            + b"content-length: %d\r\n\r\n" % len(body)
-            + body
-        )
+        refusal = _whole(status, [], body, b"application/json", close=True, head=False)
         if self._busy or self._pending:
             # Requests parsed before the bad bytes are answered first, in order.
             self._refusal = refusal
@@ -262,15 +277,8 @@ class Connection(asyncio.Protocol):
         self.started = True
         if self.transport is None:
             return
-        parts = [status_line(status), b"content-type: ", content_type, b"\r\n"]
-        for name, value in headers:
-            parts += [name, b": ", value, b"\r\n"]
-        if not self._keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n"]
-        if not self._head:
-            parts.append(body)
-        self.transport.write(b"".join(parts))
+        close = not self._keep_alive
+        self.transport.write(_whole(status, headers, body, content_type, close, self._head))
 
     def stream_start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Start a chunked response; ``headers`` must include the content type.
