@@ -27,6 +27,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def raw_exchange(port: int, payload: bytes, half_close: bool = False, timeout: float = 10) -> bytes:
+    """Send ``payload`` on a new connection; everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
 def wait_for(fn: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
     """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -20,7 +21,7 @@ import httpx
 import pytest
 import uvloop
 
-from helpers.platform import free_port, wait_for
+from helpers.platform import free_port, raw_exchange, wait_for
 from helpers.upstream import Upstream, upstream
 from kingpost.gateway.server import Gateway
 from kingpost.gateway.table import (
@@ -159,7 +160,7 @@ def test_streaming_is_not_buffered(gw: Running, up: Upstream) -> None:
         c.stream("POST", "/models/echo/production/predict") as r,
     ):
         assert r.headers["content-type"] == "text/event-stream"
-        chunks = r.iter_raw()
+        chunks = r.iterraw_exchange()
         first = next(chunks)  # arrives while the upstream still holds the rest back
         assert first == b"data: 0\n\n"
         up.gate.set()
@@ -228,19 +229,6 @@ def test_no_mixups_under_concurrent_keepalive_load(gw: Running, up: Upstream) ->
     assert up.requests == 16 * 40  # nothing dropped or duplicated
 
 
-def _raw(port: int, payload: bytes, half_close: bool = False) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        if half_close:
-            s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-
-
 def _req(body: bytes, close: bool = False) -> bytes:
     extra = b"Connection: close\r\n" if close else b""
     return (
@@ -255,14 +243,14 @@ def _req(body: bytes, close: bool = False) -> bytes:
 
 def test_pipelined_requests_are_answered_in_order(gw: Running, up: Upstream) -> None:
     gw.table(route(up))
-    data = _raw(gw.port, _req(b"first") + _req(b"second") + _req(b"third", close=True))
+    data = raw_exchange(gw.port, _req(b"first") + _req(b"second") + _req(b"third", close=True))
     assert data.count(b"HTTP/1.1 200") == 3
     assert data.index(b"first") < data.index(b"second") < data.index(b"third")
 
 
 def test_half_closed_client_still_gets_its_answer(gw: Running, up: Upstream) -> None:
     gw.table(route(up))
-    data = _raw(gw.port, _req(b"half-closed"), half_close=True)
+    data = raw_exchange(gw.port, _req(b"half-closed"), half_close=True)
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"half-closed")
 
 
@@ -278,59 +266,25 @@ def test_connect_failure_is_retried_on_another_replica(gw: Running, up: Upstream
     assert r.status_code == 502 and r.json()["code"] == "bad_gateway"
 
 
-class _DropsSecondRequest:
-    """A keep-alive upstream that answers the first request on each connection and hangs
-    up on the second without a byte: a replica restarting under a pooled connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.answered = 0
-        self.dropped = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as f:
-            for n in range(2):
-                length = 0
-                while (line := f.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                if not line:
-                    return
-                body = f.read(length)
-                if n == 1:
-                    self.dropped += 1
-                    return
-                self.answered += 1
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_a_pooled_connection_that_drops_the_request_is_retried_elsewhere(
-    gw: Running, up: Upstream
+    gw: Running, up: Upstream, scripted: Callable[..., _Scripted]
 ) -> None:
-    flaky = _DropsSecondRequest()
-    try:
-        gw.table(route(flaky.port, up))
-        with httpx.Client(base_url=gw.url, headers=AUTH) as c:
-            for i in range(12):
-                r = c.post("/models/echo/production/predict", content=f"req-{i}".encode())
-                assert r.status_code == 200 and r.text == f"req-{i}"
-        assert flaky.dropped >= 2  # each one was answered by the other replica instead
-        assert up.requests + flaky.answered == 12
-    finally:
-        flaky.close()
+    # A replica restarting under a pooled connection: it answers the first request on each
+    # connection and hangs up on the second without a byte.
+    outcomes = Counter[str]()
+
+    def answer(n: int, body: bytes) -> bytes | None:
+        outcomes["answered" if n == 0 else "dropped"] += 1
+        return _ok(body) if n == 0 else None
+
+    flaky = scripted(answer)
+    gw.table(route(flaky.port, up))
+    with httpx.Client(base_url=gw.url, headers=AUTH) as c:
+        for i in range(12):
+            r = c.post("/models/echo/production/predict", content=f"req-{i}".encode())
+            assert r.status_code == 200 and r.text == f"req-{i}"
+    assert outcomes["dropped"] >= 2  # each one was answered by the other replica instead
+    assert up.requests + outcomes["answered"] == 12
 
 
 def test_requests_on_a_warm_connection_need_no_task(gw: Running, up: Upstream) -> None:
@@ -541,8 +495,8 @@ def test_an_interim_response_is_passed_on_and_the_real_one_follows(
     early = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
     up = scripted(lambda n, body: (early if body == b"A" else b"") + _ok(b"answer-" + body))
     gw.table(route(up.port))
-    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"answer-warm")  # pooled now
-    data = _raw(gw.port, _req(b"A") + _req(b"B") + _req(b"C", close=True))
+    assert raw_exchange(gw.port, _req(b"warm", close=True)).endswith(b"answer-warm")  # pooled now
+    data = raw_exchange(gw.port, _req(b"A") + _req(b"B") + _req(b"C", close=True))
     assert _answers(data) == [
         (b"HTTP/1.1 103 Early Hints", b""),
         (b"HTTP/1.1 200 OK", b"answer-A"),
@@ -560,7 +514,7 @@ def test_a_partial_response_head_is_not_retried(
     first = scripted(lambda n, body: b"HTTP/1.1 200 OK\r\ncontent-", hang_up=True)
     second = scripted(lambda n, body: _ok(body))
     gw.table(route(first.port, second.port))
-    answers = [_answers(_raw(gw.port, _req(b"%d" % i, close=True)))[0] for i in range(6)]
+    answers = [_answers(raw_exchange(gw.port, _req(b"%d" % i, close=True)))[0] for i in range(6)]
     failed = [a for a in answers if a[0] == b"HTTP/1.1 502 Bad Gateway"]
     assert sorted(a for a in answers if a not in failed) == sorted(
         (b"HTTP/1.1 200 OK", body) for body in second.bodies
@@ -582,7 +536,7 @@ def test_a_retry_after_the_deployment_left_the_table_is_refused_not_stranded(
 
     up = scripted(answer)
     gw.table(route(up.port))
-    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"warm")
+    assert raw_exchange(gw.port, _req(b"warm", close=True)).endswith(b"warm")
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
         s.sendall(_req(b"in-flight", close=True))
         wait_for(lambda: b"in-flight" in up.bodies, 5, "the request to reach the replica")
@@ -609,7 +563,7 @@ def test_a_pooled_connection_is_readable_after_a_slow_client_paused_it(
     size = 8 * 1024 * 1024
     up = scripted(lambda n, body: _ok(b"x" * size) if body == b"big" else _ok(body))
     gw.table(route(up.port))
-    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"warm")
+    assert raw_exchange(gw.port, _req(b"warm", close=True)).endswith(b"warm")
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as slow:
         slow.sendall(_req(b"big"))
         got = 0
@@ -617,7 +571,7 @@ def test_a_pooled_connection_is_readable_after_a_slow_client_paused_it(
             got += len(slow.recv(16384))  # gateway has paused reading from it
             threading.Event().wait(0.002)
         # The first client stays connected; the next request takes the pooled connection.
-        data = _raw(gw.port, _req(b"next", close=True))
+        data = raw_exchange(gw.port, _req(b"next", close=True))
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"next")
 
 
@@ -653,8 +607,8 @@ def test_a_malformed_request_is_refused_after_the_answers_owed_before_it(
     gw: Running, up: Upstream
 ) -> None:
     gw.table(route(up, predict_path="/slow?s=0.3"))
-    assert _raw(gw.port, _req(b"", close=True)).startswith(b"HTTP/1.1 200")  # pooled
-    data = _raw(gw.port, _req(b"first") + b"NOT HTTP AT ALL\r\n\r\n")
+    assert raw_exchange(gw.port, _req(b"", close=True)).startswith(b"HTTP/1.1 200")  # pooled
+    data = raw_exchange(gw.port, _req(b"first") + b"NOT HTTP AT ALL\r\n\r\n")
     answers = _answers(data)
     assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
 
@@ -690,7 +644,7 @@ def test_a_slot_handed_to_a_task_that_never_ran_is_released(
 
     up = scripted(answer)
     gw.table(route(up.port, concurrency=1))
-    assert _raw(gw.port, _req(b"warm", close=True)).endswith(b"warm")
+    assert raw_exchange(gw.port, _req(b"warm", close=True)).endswith(b"warm")
     dispatcher = gw.gateway.dispatcher("d1")
     client = socket.create_connection(("127.0.0.1", gw.port))
     client.sendall(_req(b"req1") + _req(b"req2"))
@@ -708,5 +662,5 @@ def test_a_slot_handed_to_a_task_that_never_ran_is_released(
     threading.Event().wait(0.1)
     release.set()  # ...then req1's answer, which closes the only pooled connection
     wait_for(lambda: dispatcher.inflight == {"r0": 0}, 5, "the slot to be released")
-    data = _raw(gw.port, _req(b"after", close=True))
+    data = raw_exchange(gw.port, _req(b"after", close=True))
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"after")

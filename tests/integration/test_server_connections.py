@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from test_server_harness import ServerProcess, run_server
 
+from helpers.platform import raw_exchange
+
 SYNC_MODEL = """
 import asyncio, threading, time
 
@@ -94,7 +96,7 @@ def _server(tmp_path: Path, source: str) -> Iterator[ServerProcess]:
     (app / "model" / "model.py").write_text(source)
     with run_server(app, tmp_path) as server:
         deadline = time.monotonic() + 30
-        while b" 200 " not in _exchange(server.port, _get("/v1/models/model"))[:20]:
+        while b" 200 " not in raw_exchange(server.port, _get("/v1/models/model"))[:20]:
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.05)
         yield server
@@ -125,25 +127,13 @@ def _get(path: str, method: bytes = b"GET", close: bool = True) -> bytes:
     return method + b" " + path.encode() + b" HTTP/1.1\r\nhost: x\r\n" + extra + b"\r\n"
 
 
-def _exchange(port: int, payload: bytes, half_close: bool = False, timeout: float = 10) -> bytes:
-    """Send ``payload``; everything the server sends until it closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(payload)
-        if half_close:
-            s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        return data
-
-
 def _statuses(data: bytes) -> list[bytes]:
     """The status lines in ``data`` (a body runs straight into the next response's head)."""
     return re.findall(rb"HTTP/1\.[01] \d{3} [^\r]*", data)
 
 
 def test_head_answers_carry_no_body(sync_server: ServerProcess) -> None:
-    data = _exchange(
+    data = raw_exchange(
         sync_server.port,
         _get("/", b"HEAD", close=False) + _get("/v1/models/model", b"HEAD", close=False)
         + _get("/v1/models/model"),
@@ -164,25 +154,25 @@ def test_a_client_that_stops_sending_has_left(async_server: ServerProcess) -> No
         s.shutdown(socket.SHUT_WR)
         assert s.recv(65536) == b""
     started = time.monotonic()
-    assert _exchange(async_server.port, _post(b'"next"', close=True)).endswith(b'"next"')
+    assert raw_exchange(async_server.port, _post(b'"next"', close=True)).endswith(b'"next"')
     assert time.monotonic() - started < 5
 
 
 def test_requests_before_a_malformed_one_are_answered_first(sync_server: ServerProcess) -> None:
     payload = _post(b'"work"') + _post(b'"one"') + _post(b'"two"') + b"NOT HTTP\r\n\r\n"
-    data = _exchange(sync_server.port, payload)
+    data = raw_exchange(sync_server.port, payload)
     assert _statuses(data) == [b"HTTP/1.1 200 OK"] * 3 + [b"HTTP/1.1 400 Bad Request"]
     assert data.index(b'"work"') < data.index(b'"one"') < data.index(b'"two"')
 
 
 def test_a_pipelined_request_runs_in_a_task_of_its_own(async_server: ServerProcess) -> None:
     # Run inside the previous request's Task, asyncio.timeout never fired.
-    data = _exchange(async_server.port, _post(b'"slow"') + _post(b'"timeout"', close=True))
+    data = raw_exchange(async_server.port, _post(b'"slow"') + _post(b'"timeout"', close=True))
     assert data.endswith(b'"timed out"') and b'"first"' in data
 
 
 def test_a_cancelled_error_from_the_model_is_an_answer(sync_server: ServerProcess) -> None:
-    data = _exchange(sync_server.port, _post(b'"cancel"') + _post(b'"after"', close=True))
+    data = raw_exchange(sync_server.port, _post(b'"cancel"') + _post(b'"after"', close=True))
     assert _statuses(data) == [b"HTTP/1.1 500 Internal Server Error", b"HTTP/1.1 200 OK"]
     assert data.endswith(b'"after"')
 
@@ -194,8 +184,8 @@ def test_a_reader_leaving_a_sync_stream_does_not_break_the_concurrency_limit(
         s.sendall(_post(b'"stream"'))
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
     time.sleep(0.5)  # the generator is inside a step when the reader is noticed gone
-    assert _exchange(sync_server.port, _post(b'"work"', close=True)).endswith(b'"work"')
-    peak = _exchange(sync_server.port, _post(b'"peak"', close=True))
+    assert raw_exchange(sync_server.port, _post(b'"work"', close=True)).endswith(b'"work"')
+    peak = raw_exchange(sync_server.port, _post(b'"peak"', close=True))
     assert peak.endswith(b'{"peak": 1}'), peak
 
 
@@ -208,19 +198,19 @@ def test_a_reader_leaving_an_idle_stream_frees_the_slot_at_once(
         while b"\r\n1\r\na\r\n" not in got:  # the first chunk, then leave
             got += s.recv(65536)
     started = time.monotonic()
-    data = _exchange(async_server.port, _post(b'"next"', close=True), timeout=10)
+    data = raw_exchange(async_server.port, _post(b'"next"', close=True), timeout=10)
     assert data.endswith(b'"next"')
     assert time.monotonic() - started < 5  # not after the generator's 30 s wait
 
 
 def test_a_response_that_fails_midway_is_broken_off(async_server: ServerProcess) -> None:
-    data = _exchange(async_server.port, _post(b'"breaks"') + _post(b'"never"'))
+    data = raw_exchange(async_server.port, _post(b'"breaks"') + _post(b'"never"'))
     assert _statuses(data) == [b"HTTP/1.1 200 OK"]  # no 500 written into the body
     assert data.endswith(b"6\r\nhello \r\n")  # and no last chunk: the client sees the break
 
 
 def test_http10_clients_get_a_stream_without_chunks(sync_server: ServerProcess) -> None:
-    data = _exchange(sync_server.port, _post(b'"stream"', b"1.0"))
+    data = raw_exchange(sync_server.port, _post(b'"stream"', b"1.0"))
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head
     assert b"connection: close" in head
