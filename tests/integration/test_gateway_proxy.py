@@ -160,7 +160,7 @@ def test_streaming_is_not_buffered(gw: Running, up: Upstream) -> None:
         c.stream("POST", "/models/echo/production/predict") as r,
     ):
         assert r.headers["content-type"] == "text/event-stream"
-        chunks = r.iterraw_exchange()
+        chunks = r.iter_raw()
         first = next(chunks)  # arrives while the upstream still holds the rest back
         assert first == b"data: 0\n\n"
         up.gate.set()
