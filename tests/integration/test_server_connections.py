@@ -13,6 +13,7 @@ import pytest
 from test_server_harness import ServerProcess, run_server
 
 from helpers.platform import raw_exchange
+from kingpost.server.placement import PROVEN_CALLS
 
 SYNC_MODEL = """
 import asyncio, threading, time
@@ -38,6 +39,10 @@ class Model:
             return {"peak": peak[0]}
         if x == "cancel":
             raise asyncio.CancelledError()
+        if x == "exit":
+            raise SystemExit(3)
+        if x == "interrupt":
+            raise KeyboardInterrupt
         if x == "stream":
             def chunks():
                 for i in range(5):
@@ -79,6 +84,13 @@ class Model:
                 await asyncio.sleep(30)
                 yield "b"
             return chunks()
+        if x == "exit":
+            raise SystemExit(3)
+        if x == "exit midway":
+            async def exits():
+                yield "a"
+                raise SystemExit(3)
+            return exits()
         if x == "breaks":
             async def body():
                 yield "hello "
@@ -175,6 +187,33 @@ def test_a_cancelled_error_from_the_model_is_an_answer(sync_server: ServerProces
     data = raw_exchange(sync_server.port, _post(b'"cancel"') + _post(b'"after"', close=True))
     assert _statuses(data) == [b"HTTP/1.1 500 Internal Server Error", b"HTTP/1.1 200 OK"]
     assert data.endswith(b'"after"')
+
+
+@pytest.mark.parametrize("what", [b'"exit"', b'"interrupt"'])
+def test_system_exit_from_sync_model_code_is_an_answer(
+    sync_server: ServerProcess, what: bytes
+) -> None:
+    # As under Truss's uvicorn: a 500 for that request, and the replica keeps serving;
+    # first from a worker thread, then once predict has proven fast, on the event loop.
+    for on_loop in (False, True):
+        if on_loop:
+            raw_exchange(sync_server.port, _post(b'"x"') * PROVEN_CALLS + _post(b'"x"', close=True))
+            assert "method runs on the event loop" in sync_server.output()
+        data = raw_exchange(sync_server.port, _post(what) + _post(b'"after"', close=True))
+        assert _statuses(data) == [b"HTTP/1.1 500 Internal Server Error", b"HTTP/1.1 200 OK"]
+        assert data.endswith(b'"after"')
+    assert sync_server.proc.poll() is None
+
+
+def test_system_exit_from_async_model_code_is_an_answer(async_server: ServerProcess) -> None:
+    data = raw_exchange(async_server.port, _post(b'"exit"') + _post(b'"after"', close=True))
+    assert _statuses(data) == [b"HTTP/1.1 500 Internal Server Error", b"HTTP/1.1 200 OK"]
+    # Midway through a stream the response is broken off (no last chunk), nothing more.
+    data = raw_exchange(async_server.port, _post(b'"exit midway"'))
+    assert data.startswith(b"HTTP/1.1 200") and b"\r\n1\r\na\r\n" in data
+    assert not data.endswith(b"0\r\n\r\n")
+    assert raw_exchange(async_server.port, _post(b'"after"', close=True)).endswith(b'"after"')
+    assert async_server.proc.poll() is None
 
 
 def test_a_reader_leaving_a_sync_stream_does_not_break_the_concurrency_limit(

@@ -28,7 +28,14 @@ from kingpost.server.eager import on_task
 from kingpost.server.http import Connection, HttpRequest
 from kingpost.server.logs import REQUEST_ID, log_event
 from kingpost.server.metrics import Metrics
-from kingpost.server.model import ArgMode, Method, ModelDefinitionError, ModelHost, Status
+from kingpost.server.model import (
+    MODEL_FAILURES,
+    ArgMode,
+    Method,
+    ModelDefinitionError,
+    ModelHost,
+    Status,
+)
 from kingpost.server.placement import Placement, calling, fast_call_seconds, inline_enabled
 from kingpost.server.streams import stream_result
 
@@ -179,7 +186,7 @@ class ModelServer:
         if healthy and host.is_healthy is not None:
             try:
                 healthy = bool(await self._invoke(host.is_healthy, None, None, self.aux_pool))
-            except Exception:
+            except MODEL_FAILURES:
                 log.exception("is_healthy raised; reporting not ready")
                 healthy = False
             if not healthy:
@@ -262,7 +269,7 @@ class ModelServer:
                     self._release()
             if host.postprocess is not None:
                 result = await self._invoke(host.postprocess, result, call, self.aux_pool)
-        except Exception as exc:
+        except MODEL_FAILURES as exc:
             return self._user_error(exc, call)
         return self._send(result, binary, call)
 
@@ -288,7 +295,7 @@ class ModelServer:
             result = await self._invoke(m, inputs, call, self.aux_pool)
             if _is_stream(result) or compat.is_response(result):
                 return await self._send_special(result, call, None)
-        except Exception as exc:
+        except MODEL_FAILURES as exc:
             return self._user_error(exc, call)
         return self._send(result, binary, call)
 
@@ -317,12 +324,12 @@ class ModelServer:
                 body, ctype = codec.encode_msgpack(result), OCTET
             else:
                 body, ctype = codec.encode_json(result), JSON
-        except Exception as exc:
+        except MODEL_FAILURES as exc:
             return self._user_error(exc, call)
         call.conn.respond(200, call.headers, body, ctype)
         return 200
 
-    def _user_error(self, exc: Exception, call: _Call) -> int:
+    def _user_error(self, exc: BaseException, call: _Call) -> int:
         if call.conn.started:
             # Part of the response is out (a streamed response failed midway): another
             # response cannot follow it; breaking the connection off tells the client.

@@ -22,6 +22,7 @@ from kingpost.server.config import ServerConfig
 from kingpost.server.secrets import LazyDataResolver, Secrets
 
 __all__ = [
+    "MODEL_FAILURES",
     "ArgMode",
     "Method",
     "ModelDefinitionError",
@@ -31,6 +32,12 @@ __all__ = [
 ]
 
 OPENAI_METHODS = ("chat_completions", "completions", "embeddings")
+
+MODEL_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, KeyboardInterrupt)
+"""What a call into model code may raise that fails that one request (a 500) and leaves the
+server running. ``sys.exit()`` in ``predict`` is a failed request here, as it is under Truss's
+uvicorn, not a way to stop the replica with every other request in flight. Cancellation is
+not in it: the connection code tells a cancelled request from model code raising one."""
 
 
 class ModelDefinitionError(TypeError):

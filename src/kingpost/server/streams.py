@@ -19,6 +19,7 @@ from typing import Any
 
 from kingpost.server.codec import DOWNSTREAM_ERROR, MODEL_ERROR_MESSAGE, error_body
 from kingpost.server.http import Connection, HttpRequest
+from kingpost.server.model import MODEL_FAILURES
 
 __all__ = ["stream_result"]
 
@@ -83,7 +84,7 @@ async def _produce(gen: Any, pool: Any, queue: asyncio.Queue[Any]) -> None:
             queue.put_nowait(chunk)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except MODEL_FAILURES as exc:
         log.error("Exception while generating streamed response", exc_info=exc)
         queue.put_nowait(_Failed(exc))
     finally:
