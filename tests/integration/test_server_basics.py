@@ -82,6 +82,7 @@ def test_load_failure_exits_non_zero_with_traceback(tmp_path: Path) -> None:
         output = server.output()
         assert "Traceback" in output
         assert "load failed on purpose" in output
+        assert output.count("load() failed; retrying (1 of 1)") == 1  # once, as Truss
 
 
 def test_user_error_is_500_generic_and_logged_with_request_id(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_build_then_reuse_and_serve_from_the_env(tmp_path: Path) -> None:
 
 
 def _serve_once(python: str, app: Path, tmp_path: Path) -> None:
+    app = shutil.copytree(app, tmp_path / "app")  # the server creates data/ in it
     out = tmp_path / "server.out"
     cmd = [python, "-m", "kingpost.server", "--app-dir", str(app), "--port", "0"]
     cmd += ["--host", "127.0.0.1"]

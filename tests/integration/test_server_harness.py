@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,6 +73,13 @@ def run_server(
     env: Mapping[str, str] | None = None,
     secrets_dir: Path | None = None,
 ) -> Iterator[ServerProcess]:
+    if app_dir.is_relative_to(FIXTURES):
+        # A copy: the server creates the project's data/ directory, as Truss does, and the
+        # fixtures in the source tree stay as committed.
+        copy = tmp_path / "apps" / app_dir.name
+        if not copy.exists():
+            shutil.copytree(app_dir, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        app_dir = copy
     log, err = tmp_path / f"{app_dir.name}.out", tmp_path / f"{app_dir.name}.err"
     cmd = [sys.executable, "-m", "kingpost.server", "--app-dir", str(app_dir)]
     cmd += ["--port", "0", "--host", "127.0.0.1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from kingpost.engines.fake import FakeEngine
 from kingpost.gateway.table import DeploymentState, RoutingTable
 from kingpost.packaging import pack_project, unpack_project
 from kingpost.secrets_box import SecretBox, load_or_create_key
+from kingpost.server.model import ENVIRONMENT_ENV
 from kingpost.settings import Settings
 from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
 
@@ -123,6 +125,19 @@ def test_missing_secret_keeps_replicas_off_until_it_is_set(tmp_path: Path) -> No
     rig.controller.reconcile_once()
     (rid,) = rig.engine.live(dep)
     assert rig.engine.specs[rid].secrets == {"token": "t0k"}
+
+
+def test_a_replica_is_told_the_environment_its_deployment_is_in(rig: Rig) -> None:
+    first = rig.deploy()  # the model's first deployment goes to production
+    second = rig.deploy()
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()
+    (in_production,) = rig.engine.live(first)
+    (in_none,) = rig.engine.live(second)
+    assert json.loads(rig.engine.specs[in_production].env[ENVIRONMENT_ENV]) == {
+        "name": "production"
+    }
+    assert ENVIRONMENT_ENV not in rig.engine.specs[in_none].env
 
 
 def test_stray_replicas_of_unknown_deployments_are_stopped(rig: Rig) -> None:

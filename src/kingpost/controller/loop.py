@@ -13,6 +13,7 @@ deployment's step is logged and never stops the loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ from kingpost.controller.table import build_table
 from kingpost.engines import Engine, LogLine, Prepared, ReplicaStatus, create_engine
 from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
+from kingpost.server.model import ENVIRONMENT_ENV
 from kingpost.store import DeploymentStatus, DeploymentView, DesiredState, Store, new_id
 
 if TYPE_CHECKING:
@@ -316,6 +318,10 @@ class Controller:
 
         config = self._config(dep)
         env, _dropped = runtime_environment(config)
+        environment = self._environment_of(dep)
+        if environment is not None:
+            # A model class gets it as ``__init__(environment=...)`` and in setup_environment.
+            env = {**env, ENVIRONMENT_ENV: json.dumps({"name": environment})}
         secrets = replica_secrets(config, self.store.reveal_secrets(config.secrets or {}))
         engine = self.engine(dep.engine)
         model_name = next((m.name for m in self.store.list_models() if m.id == dep.model_id), "")
@@ -340,6 +346,14 @@ class Controller:
                 status = DeploymentStatus.BUILD_FAILED if prefix else DeploymentStatus.FAILED
                 self.store.set_status(dep.id, status, exc.message)
                 return
+
+    def _environment_of(self, dep: DeploymentView) -> str | None:
+        """The environment the deployment is promoted to when its replicas start, if any."""
+        try:
+            environments = self.store.list_environments(dep.model_id)
+        except KingpostError:
+            return None
+        return next((e.name for e in environments if e.deployment_id == dep.id), None)
 
     def _stop_replica(self, status: ReplicaStatus) -> None:
         engine = self._owners.get(status.replica_id)

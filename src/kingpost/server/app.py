@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import secrets as _random
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
@@ -53,6 +54,8 @@ OPENAI_ROUTES = {
     "/v1/chat/completions": "chat_completions",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/v1/messages": "messages",
+    "/v1/responses": "responses",
 }
 
 
@@ -165,10 +168,12 @@ class ModelServer:
             conn.respond(200, headers, b"true")
         elif path.startswith("/v1/models/") and method in ("GET", "HEAD"):
             route = "ready"
-            status = await self._ready(conn, headers)
+            # ``.../loaded`` says whether load() finished, without asking is_healthy.
+            status = await self._ready(conn, headers, not path.endswith("/loaded"))
         elif path == "/metrics" and method == "GET":
             route, status = "metrics", 200
-            conn.respond(200, headers, self.metrics.render().encode(), b"text/plain; version=0.0.4")
+            body = self.metrics.render().encode() + _user_metrics()
+            conn.respond(200, headers, body, b"text/plain; version=0.0.4")
         else:
             route, status = "other", 404
             conn.respond(404, headers, codec.error_body(f"no route for {method} {path}"))
@@ -180,12 +185,17 @@ class ModelServer:
             )  # fmt: skip
 
     # readiness
-    async def _ready(self, conn: Connection, headers: list[tuple[bytes, bytes]]) -> int:
+    async def _ready(
+        self, conn: Connection, headers: list[tuple[bytes, bytes]], ask_model: bool = True
+    ) -> int:
+        """Ready once loaded and, if the model has ``is_healthy`` and ``ask_model``, when it
+        does not answer False. ``None`` (no answer) counts as healthy, as in Truss."""
         host = self.host
         healthy = host.status is Status.READY
-        if healthy and host.is_healthy is not None:
+        if healthy and ask_model and host.is_healthy is not None:
             try:
-                healthy = bool(await self._invoke(host.is_healthy, None, None, self.aux_pool))
+                answer = await self._invoke(host.is_healthy, None, None, self.aux_pool)
+                healthy = answer is None or bool(answer)
             except MODEL_FAILURES:
                 log.exception("is_healthy raised; reporting not ready")
                 healthy = False
@@ -269,6 +279,8 @@ class ModelServer:
                     self._release()
             if host.postprocess is not None:
                 result = await self._invoke(host.postprocess, result, call, self.aux_pool)
+                if _is_stream(result) or compat.is_response(result):
+                    return await self._send_special(result, call, None)  # as Truss serves it
         except MODEL_FAILURES as exc:
             return self._user_error(exc, call)
         return self._send(result, binary, call)
@@ -351,6 +363,19 @@ class ModelServer:
             body = codec.error_body(MODEL_ERROR_MESSAGE)
         call.conn.respond(status, call.headers + DOWNSTREAM_ERROR, body)
         return status
+
+
+def _user_metrics() -> bytes:
+    """What the model registered with ``prometheus_client`` (its default registry), which
+    Truss's server serves at ``/metrics`` too; nothing when the model never imported it."""
+    module = sys.modules.get("prometheus_client")
+    if module is None:
+        return b""
+    try:
+        return bytes(module.generate_latest(module.REGISTRY))
+    except Exception:  # a broken custom collector must not take the server's metrics down
+        log.exception("collecting the model's prometheus_client metrics failed")
+        return b""
 
 
 def _is_stream(obj: Any) -> bool:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import importlib
 import json
+import sys
+import uuid
 from typing import Any
 
 import msgpack
@@ -55,12 +60,97 @@ def encode_json(obj: Any) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
+# msgpack bodies carry dates, decimals, UUIDs and numpy values in the tagged maps Truss's
+# server and client use (its ``truss_msgpack_serialize``; arrays in msgpack-numpy's form),
+# so a Truss client gets back an ndarray or a datetime, and can send them.
+
+
+def _msgpack_default(obj: Any) -> Any:
+    if isinstance(obj, datetime.datetime):
+        text = obj.isoformat()
+        if text.endswith("+00:00"):
+            text = text.removesuffix("+00:00") + "Z"
+        return {b"__dt_datetime_iso__": True, b"data": text}
+    if isinstance(obj, datetime.date):
+        return {b"__dt_date_iso__": True, b"data": obj.isoformat()}
+    if isinstance(obj, datetime.time):
+        if obj.utcoffset() is not None:
+            raise TypeError("cannot serialize a timezone-aware time to msgpack")
+        return {b"__dt_time_iso__": True, b"data": obj.isoformat()}
+    if isinstance(obj, datetime.timedelta):
+        return {b"__dt_timedelta__": True, b"data": (obj.days, obj.seconds, obj.microseconds)}
+    if isinstance(obj, decimal.Decimal):
+        return {b"__decimal__": True, b"data": str(obj)}
+    if isinstance(obj, uuid.UUID):
+        return {b"__uuid__": True, b"data": str(obj)}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind == "O":
+                raise TypeError("cannot serialize a numpy array of Python objects to msgpack")
+            structured = obj.dtype.kind == "V"
+            return {
+                b"nd": True,
+                b"type": obj.dtype.descr if structured else obj.dtype.str,
+                b"kind": b"V" if structured else b"",
+                b"shape": obj.shape,
+                b"data": obj.tobytes(),
+            }
+        if isinstance(obj, np.bool_ | np.number):
+            return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
+    if isinstance(obj, complex):
+        return {b"complex": True, b"data": repr(obj)}
+    return _to_plain(obj)
+
+
+def _tagged(obj: dict[Any, Any]) -> Any:
+    """``object_hook`` for msgpack input: a tagged map back into its value."""
+    if b"data" not in obj:
+        return obj
+    data = obj[b"data"]  # a value that does not decode fails the request with a 400
+    if b"__dt_datetime_iso__" in obj:
+        return datetime.datetime.fromisoformat(data)
+    if b"__dt_date_iso__" in obj:
+        return datetime.date.fromisoformat(data)
+    if b"__dt_time_iso__" in obj:
+        return datetime.time.fromisoformat(data)
+    if b"__dt_timedelta__" in obj:
+        days, seconds, micros = data
+        return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
+    if b"__decimal__" in obj:
+        return decimal.Decimal(data)
+    if b"__uuid__" in obj:
+        return uuid.UUID(data)
+    if b"complex" in obj:
+        return complex(data.decode() if isinstance(data, bytes) else data)
+    if b"nd" in obj:
+        return _numpy_value(obj)
+    return obj
+
+
+def _numpy_value(obj: dict[Any, Any]) -> Any:
+    try:
+        np = importlib.import_module("numpy")
+    except ImportError:  # the model's environment has no numpy: leave the map as it came
+        return obj
+    kind = obj.get(b"kind", b"")
+    if kind == b"O":
+        raise ValueError("numpy arrays of Python objects (pickles) are not accepted")
+    descr = obj[b"type"]
+    if kind == b"V":  # structured dtype: a list of (name, format[, shape]) entries
+        descr = [tuple(p.decode() if isinstance(p, bytes) else p for p in f) for f in descr]
+    dtype = np.dtype(descr.decode() if isinstance(descr, bytes) else descr)
+    if obj[b"nd"] is True:
+        return np.frombuffer(obj[b"data"], dtype=dtype).reshape(obj[b"shape"]).copy()
+    return np.frombuffer(obj[b"data"], dtype=dtype)[0]
+
+
 def encode_msgpack(obj: Any) -> bytes:
     if isinstance(obj, bytes):
         return obj
     if hasattr(obj, "model_dump"):
         obj = obj.model_dump(mode="python")
-    packed: bytes = msgpack.packb(obj, default=_to_plain, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, default=_msgpack_default, use_bin_type=True)
     return packed
 
 
@@ -80,7 +170,7 @@ def parse_inputs(body: bytes, binary: bool, input_type: Any) -> Any:
     """Decode a predict body the way Truss does; raises :class:`InputError`."""
     if binary:
         try:
-            data = msgpack.unpackb(body, raw=False)
+            data = msgpack.unpackb(body, raw=False, object_hook=_tagged)
         except Exception as exc:
             raise InputError(f"Invalid msgpack payload: {exc}") from exc
         if input_type is None:

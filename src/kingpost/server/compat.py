@@ -34,7 +34,11 @@ def make_request(req: HttpRequest, conn: Connection) -> Any:
         "server": tuple(sockname[:2]) if sockname else None,
         "client": tuple(peer[:2]) if peer else None,
     }
-    return Request(scope, _receiver(req, conn))
+    request = Request(scope, _receiver(req, conn))
+    # The body is all here: ``body()``/``json()`` return it even after an
+    # ``is_disconnected()`` check has taken the one body message from ``receive``.
+    request._body = req.body
+    return request
 
 
 def _receiver(req: HttpRequest, conn: Connection) -> Any:

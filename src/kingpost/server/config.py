@@ -1,8 +1,10 @@
 """What the model server needs from ``config.yaml``, behind one function.
 
 :func:`load_server_config` validates the file with :func:`kingpost.config.load_config`
-when that module is available and always keeps the raw mapping, because Truss
-hands the raw dict to the model's ``__init__(config=...)``.
+when that module is available. The model's ``__init__(config=...)`` gets the file's own
+mapping with every key it leaves out filled in with its default, as Truss's image does (it
+writes the full config), so ``config["model_metadata"]`` or
+``config["runtime"]["predict_concurrency"]`` work without being written out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class ServerConfig:
 
     app_dir: Path
     raw: dict[str, Any]
+    """The file's mapping, with defaults for the keys it leaves out when known."""
     model_module_dir: str = "model"
     model_class_filename: str = "model.py"
     model_class_name: str = "Model"
@@ -69,15 +72,29 @@ def _read_raw(app_dir: Path) -> dict[str, Any]:
     return raw
 
 
-def _validate(app_dir: Path) -> None:
-    """Run the platform's own validation when kingpost.config provides it."""
+def _validate(app_dir: Path) -> dict[str, Any] | None:
+    """Run the platform's own validation when kingpost.config provides it; the config with
+    every default, as a plain mapping, or ``None`` without that module."""
     try:
         module = importlib.import_module("kingpost.config")
     except Exception:  # no pydantic v2 in a user's environment: validated at push time
-        return
+        return None
     load = getattr(module, "load_config", None)
-    if load is not None and (app_dir / "config.yaml").exists():
-        load(app_dir)
+    if load is None or not (app_dir / "config.yaml").exists():
+        return None
+    full: dict[str, Any] = load(app_dir).config.model_dump(mode="json", by_alias=True)
+    return full
+
+
+def _with_defaults(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` as written, plus the keys of ``defaults`` it does not have (recursively)."""
+    merged = dict(raw)
+    for key, value in defaults.items():
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(merged[key], dict) and isinstance(value, dict):
+            merged[key] = _with_defaults(merged[key], value)
+    return merged
 
 
 def _str(raw: dict[str, Any], key: str, default: str) -> str:
@@ -89,8 +106,8 @@ def load_server_config(app_dir: Path, *, validate: bool = True) -> ServerConfig:
     """Read ``app_dir/config.yaml`` into a :class:`ServerConfig`."""
     app_dir = app_dir.resolve()
     raw = _read_raw(app_dir)
-    if validate:
-        _validate(app_dir)
+    if validate and (defaults := _validate(app_dir)) is not None:
+        raw = _with_defaults(raw, defaults)
     runtime = raw.get("runtime") or {}
     if not isinstance(runtime, dict):
         raise ConfigError(f"{app_dir / 'config.yaml'}: `runtime` must be a mapping")

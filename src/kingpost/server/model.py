@@ -12,16 +12,20 @@ import enum
 import importlib
 import inspect
 import json
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kingpost.server.config import ServerConfig
 from kingpost.server.secrets import LazyDataResolver, Secrets
 
 __all__ = [
+    "ENVIRONMENT_ENV",
     "MODEL_FAILURES",
     "ArgMode",
     "Method",
@@ -31,7 +35,9 @@ __all__ = [
     "describe",
 ]
 
-OPENAI_METHODS = ("chat_completions", "completions", "embeddings")
+log = logging.getLogger("kingpost.server")
+
+OPENAI_METHODS = ("chat_completions", "completions", "embeddings", "messages", "responses")
 
 MODEL_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, KeyboardInterrupt)
 """What a call into model code may raise that fails that one request (a 500) and leaves the
@@ -147,8 +153,24 @@ def _accepts(signature: inspect.Signature, name: str) -> bool:
     )
 
 
+LOAD_RETRY_GAP_S = 1.0
+
+
+def _load_retries() -> int:
+    """Retries of a failed ``load()``: ``NUM_LOAD_RETRIES_TRUSS``, 1 by default, as in Truss."""
+    try:
+        return max(0, int(os.environ.get("NUM_LOAD_RETRIES_TRUSS", "1")))
+    except ValueError:
+        return 1
+
+
+ENVIRONMENT_ENV = "KINGPOST_ENVIRONMENT"
+"""JSON (``{"name": "production"}``) of the environment the deployment was promoted to
+when the replica started; unset for a deployment in no environment."""
+
+
 def _environment() -> Any:
-    text = os.environ.get("KINGPOST_ENVIRONMENT")
+    text = os.environ.get(ENVIRONMENT_ENV)
     return json.loads(text) if text else None
 
 
@@ -196,13 +218,22 @@ class ModelHost:
         signature = inspect.signature(klass)
         offered: dict[str, Callable[[], Any]] = {
             "config": lambda: self.config.raw,
-            "data_dir": lambda: self.config.data_path,
+            "data_dir": self._data_dir,
             "secrets": lambda: self.secrets,
             "lazy_data_resolver": lambda: LazyDataResolver(self.config.data_path),
             "environment": _environment,
         }
         kwargs = {k: make() for k, make in offered.items() if _accepts(signature, k)}
         return klass(**kwargs)
+
+    def _data_dir(self) -> Path:
+        """The data directory, created when the project has none (as Truss does)."""
+        path = self.config.data_path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only app directory: the model gets the path anyway
+            log.warning("cannot create the data directory %s: %s", path, exc)
+        return path
 
     def bind(self, instance: Any) -> None:
         """Describe the instance's methods; raises ModelDefinitionError on a bad signature."""
@@ -232,10 +263,30 @@ class ModelHost:
         """
         instance = self.construct(self.import_class())
         self.bind(instance)
+        setup = getattr(instance, "setup_environment", None)
+        environment = _environment()
+        if callable(setup) and environment is not None:
+            # As Truss: told the deployment's environment before load().
+            if inspect.iscoroutinefunction(setup):
+                run_coroutine(setup(environment))
+            else:
+                setup(environment)
         load = getattr(instance, "load", None)
         if load is not None:
-            if inspect.iscoroutinefunction(load):
-                run_coroutine(load())
-            else:
-                load()
+            retries = _load_retries()
+            for attempt in range(retries + 1):
+                try:
+                    if inspect.iscoroutinefunction(load):
+                        run_coroutine(load())
+                    else:
+                        load()
+                    break
+                except Exception:
+                    if attempt == retries:
+                        raise
+                    # As Truss does: a load that fails (a download that timed out…) gets
+                    # another go after a second before the replica gives up.
+                    log.warning("load() failed; retrying (%d of %d)", attempt + 1, retries,
+                                exc_info=True)  # fmt: skip
+                    time.sleep(LOAD_RETRY_GAP_S)
         self.status = Status.READY

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ from kingpost.errors import SecretError
 __all__ = ["LazyDataResolver", "Secrets", "UndeclaredSecretError"]
 
 
+ENV_PREFIX = "TRUSS_SECRET_"
+"""``TRUSS_SECRET_{name}`` in the replica's environment gives a secret a value (Truss)."""
+
+
 class UndeclaredSecretError(SecretError, KeyError):
     """A model asked for a secret its config.yaml does not declare."""
 
@@ -18,9 +23,11 @@ class UndeclaredSecretError(SecretError, KeyError):
 class Secrets(Mapping[str, Any]):
     """Declared secrets, read from ``secrets_dir/{name}`` on each access.
 
-    A declared secret without a file yields the value written in config.yaml
-    (Truss's behaviour). Asking for an undeclared name raises
-    :class:`UndeclaredSecretError` (a ``KeyError``) that says how to declare it.
+    As in Truss, the file wins over a ``TRUSS_SECRET_{name}`` environment variable, which
+    wins over the value written in config.yaml. Asking for an undeclared name raises
+    :class:`UndeclaredSecretError` (a ``KeyError``) that says how to declare it, from
+    ``get()`` too: Truss raises there as well, and a silent ``None`` would hide a secret
+    left out of config.yaml until the model used it.
     """
 
     def __init__(self, declared: Mapping[str, Any], secrets_dir: Path) -> None:
@@ -39,7 +46,11 @@ class Secrets(Mapping[str, Any]):
         try:
             return path.read_text(encoding="utf-8")
         except (FileNotFoundError, NotADirectoryError):
-            return self._declared[name]
+            return os.environ.get(ENV_PREFIX + name, self._declared[name])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self[name]  # an undeclared name raises, as in Truss
+        return default if value is None else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._declared)
