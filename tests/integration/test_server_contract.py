@@ -119,6 +119,10 @@ def test_pydantic_input_validated_and_output_serialised(tmp_path: Path) -> None:
         assert bad.status_code == 400
         assert "text" in bad.json()["error"]
         assert "times" in bad.json()["error"]
+        schema = client.get("/v1/models/model/schema").json()
+        assert schema["input_schema"]["required"] == ["text"]
+        assert set(schema["output_schema"]["properties"]) == {"result", "length"}
+        assert schema["supports_streaming"] is False
 
 
 def test_starlette_responses_pass_through(tmp_path: Path) -> None:

@@ -187,6 +187,11 @@ def test_postprocess_may_return_a_response_or_a_stream(client: httpx.Client) -> 
     assert r.headers["transfer-encoding"] == "chunked"
 
 
+def test_no_schema_without_annotations(client: httpx.Client) -> None:
+    r = client.get("/v1/models/model/schema")
+    assert (r.status_code, r.json()) == (404, {"error": "No schema found"})
+
+
 @pytest.mark.parametrize("name", ["messages", "responses"])
 def test_messages_and_responses_routes(client: httpx.Client, name: str) -> None:
     assert client.post(f"/v1/{name}", json={"q": 1}).json() == {name: {"q": 1}}

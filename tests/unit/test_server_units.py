@@ -132,3 +132,21 @@ def test_scaffold_refuses_bad_names_and_non_empty_dirs(tmp_path: Path) -> None:
     scaffold_project(tmp_path / "new", "my-model")
     assert (tmp_path / "new" / "model" / "model.py").is_file()
     assert "model_name: my-model" in (tmp_path / "new" / "config.yaml").read_text()
+
+
+def test_output_schema_from_return_annotations() -> None:
+    from collections.abc import AsyncIterator, Awaitable, Generator
+
+    import pydantic
+
+    from kingpost.server.model import _output_schema
+
+    class Out(pydantic.BaseModel):
+        x: int
+
+    assert _output_schema(Out) == (Out, False)
+    assert _output_schema(Generator[str, None, None]) == (None, True)
+    assert _output_schema(AsyncIterator[bytes]) == (None, True)
+    assert _output_schema(Awaitable[Out]) == (Out, False)
+    assert _output_schema(Out | Generator[str, None, None]) == (Out, True)
+    assert _output_schema(dict) == (None, None)

@@ -166,6 +166,9 @@ class ModelServer:
         elif path == "/" and method in ("GET", "HEAD"):
             route, status = "live", 200
             conn.respond(200, headers, b"true")
+        elif path.endswith("/schema") and path.startswith("/v1/models/") and method == "GET":
+            route = "schema"
+            status = self._schema(conn, headers)
         elif path.startswith("/v1/models/") and method in ("GET", "HEAD"):
             route = "ready"
             # ``.../loaded`` says whether load() finished, without asking is_healthy.
@@ -206,6 +209,17 @@ class ModelServer:
             return 200
         conn.respond(503, headers + DOWNSTREAM_ERROR, NOT_READY)
         return 503
+
+    def _schema(self, conn: Connection, headers: list[tuple[bytes, bytes]]) -> int:
+        if self.host.status is not Status.READY:
+            conn.respond(503, headers + DOWNSTREAM_ERROR, NOT_READY)
+            return 503
+        schema = self.host.schema()
+        if schema is None:
+            conn.respond(404, headers + CLIENT_ERROR, codec.error_body("No schema found"))
+            return 404
+        conn.respond(200, headers, codec.encode_json(schema))
+        return 200
 
     # calling user code
     async def _invoke(self, m: Method, inputs: Any, call: _Call | None, pool: Any) -> Any:

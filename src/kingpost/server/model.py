@@ -8,6 +8,7 @@ a predict whose first parameter is a pydantic model gets validated inputs.
 
 from __future__ import annotations
 
+import collections.abc
 import enum
 import importlib
 import inspect
@@ -16,6 +17,8 @@ import logging
 import os
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +150,33 @@ def _pydantic_input_type(method: Method | None) -> Any:
     return None
 
 
+def _is_pydantic(annotation: Any) -> bool:
+    return isinstance(annotation, type) and hasattr(annotation, "model_json_schema")
+
+
+def _output_schema(annotation: Any) -> tuple[Any, bool | None]:
+    """(pydantic output type or None, whether it streams) from a return annotation: a
+    model; a (async) generator or iterator; ``Awaitable[Model]``; ``Union[Model, gen]``."""
+    if _is_pydantic(annotation):
+        return annotation, False
+    origin = typing.get_origin(annotation)
+    streams = (
+        collections.abc.Generator,
+        collections.abc.AsyncGenerator,
+        collections.abc.Iterator,
+        collections.abc.AsyncIterator,
+    )
+    if isinstance(origin, type) and issubclass(origin, streams):
+        return None, True
+    args = typing.get_args(annotation)
+    if isinstance(origin, type) and issubclass(origin, collections.abc.Awaitable):
+        return (args[0], False) if args and _is_pydantic(args[0]) else (None, None)
+    if origin in (typing.Union, types.UnionType):
+        found = next((a for a in args if _is_pydantic(a)), None)
+        return (found, True) if found is not None else (None, None)
+    return None, None
+
+
 def _accepts(signature: inspect.Signature, name: str) -> bool:
     return name in signature.parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
@@ -254,6 +284,24 @@ class ModelHost:
             and self.predict.args is ArgMode.REQUEST
             and (self.preprocess is None or self.preprocess.args is ArgMode.REQUEST)
         )
+
+    def schema(self) -> dict[str, Any] | None:
+        """The input and output JSON schemas of ``predict`` (inputs from ``preprocess`` when
+        there is one, output from ``postprocess``), as Truss serves them; ``None`` when
+        neither side is annotated with a pydantic model or a stream."""
+        if self.predict is None:
+            return None
+        last = self.postprocess or self.predict
+        output, streams = _output_schema(_signature(last.fn).return_annotation)
+        if self.input_type is None and output is None and streams is None:
+            return None
+        return {
+            "input_schema": None
+            if self.input_type is None
+            else self.input_type.model_json_schema(),
+            "output_schema": None if output is None else output.model_json_schema(),
+            "supports_streaming": streams,
+        }
 
     def load_blocking(self, run_coroutine: Callable[[Any], Any]) -> None:
         """Import, construct and ``load()`` the model; run off the event loop.
