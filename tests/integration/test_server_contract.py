@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 from test_server_harness import ready_server
 
@@ -39,6 +40,13 @@ def test_sync_generator_streams_chunked(tmp_path: Path) -> None:
         assert b"".join(chunks) == b"chunk-0;chunk-1;chunk-2;chunk-3;"
         gathered = client.post(PREDICT, json={"n": 2}, headers={"accept": "application/json"})
         assert gathered.json() == "chunk-0;chunk-1;"
+        packed = client.post(
+            PREDICT,
+            content=msgpack.packb({"n": 2}),
+            headers={"accept": "application/json", "content-type": "application/octet-stream"},
+        )  # a msgpack request gets the gathered stream back in msgpack, as from Truss
+        assert packed.headers["content-type"] == "application/octet-stream"
+        assert msgpack.unpackb(packed.content) == "chunk-0;chunk-1;"
 
 
 def test_async_generator_streams_chunked(tmp_path: Path) -> None:

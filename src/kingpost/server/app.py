@@ -256,8 +256,7 @@ class ModelServer:
 
     @staticmethod
     def _inputs(call: _Call, skip: bool, input_type: Any) -> tuple[Any, bool]:
-        ctype = call.req.headers.get("content-type", "")
-        binary = ctype.partition(";")[0].strip().lower() == "application/octet-stream"
+        binary = codec.is_binary(call.req.headers.get("content-type", ""))
         if skip:
             return None, binary
         return codec.parse_inputs(call.req.body, binary, input_type), binary

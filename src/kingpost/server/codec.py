@@ -20,6 +20,7 @@ __all__ = [
     "encode_json",
     "encode_msgpack",
     "error_body",
+    "is_binary",
     "parse_inputs",
     "pydantic_error_message",
 ]
@@ -164,6 +165,11 @@ def pydantic_error_message(exc: Any) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or str(exc)
+
+
+def is_binary(content_type: str) -> bool:
+    """Whether a request's body (and so its answer) is msgpack: ``application/octet-stream``."""
+    return content_type.partition(";")[0].strip().lower() == "application/octet-stream"
 
 
 def parse_inputs(body: bytes, binary: bool, input_type: Any) -> Any:

@@ -17,7 +17,13 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from kingpost.server.codec import DOWNSTREAM_ERROR, MODEL_ERROR_MESSAGE, error_body
+from kingpost.server.codec import (
+    DOWNSTREAM_ERROR,
+    MODEL_ERROR_MESSAGE,
+    encode_msgpack,
+    error_body,
+    is_binary,
+)
 from kingpost.server.http import Connection, HttpRequest
 from kingpost.server.model import MODEL_FAILURES
 
@@ -118,7 +124,8 @@ async def stream_result(
     conn.closed.add_done_callback(reader_left)
     try:
         if _gather_requested(req):
-            return await _gather(queue, conn, headers, read_timeout_s)
+            binary = is_binary(req.headers.get("content-type", ""))
+            return await _gather(queue, conn, headers, read_timeout_s, binary)
         return await _stream(queue, conn, headers, read_timeout_s)
     finally:
         conn.closed.remove_done_callback(reader_left)
@@ -135,14 +142,19 @@ async def _gather(
     conn: Connection,
     headers: list[tuple[bytes, bytes]],
     read_timeout_s: float,
+    binary: bool,
 ) -> int:
+    """The whole stream as one string: JSON, or msgpack for a msgpack request (Truss)."""
     parts: list[bytes] = []
     while (item := await _next(queue, read_timeout_s)) is not _END:
         if isinstance(item, _Failed):
             return _fail(conn, headers)
         parts.append(_as_bytes(item))
     text = b"".join(parts).decode(errors="replace")
-    conn.respond(200, headers, json.dumps(text).encode())
+    if binary:
+        conn.respond(200, headers, encode_msgpack(text), b"application/octet-stream")
+    else:
+        conn.respond(200, headers, json.dumps(text).encode())
     return 200
 
 
