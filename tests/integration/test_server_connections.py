@@ -86,6 +86,11 @@ class Model:
             return chunks()
         if x == "exit":
             raise SystemExit(3)
+        if x == "exit in a response":
+            async def exits_in_body():
+                yield "a"
+                raise SystemExit(3)
+            return StreamingResponse(exits_in_body())
         if x == "exit midway":
             async def exits():
                 yield "a"
@@ -212,6 +217,10 @@ def test_system_exit_from_async_model_code_is_an_answer(async_server: ServerProc
     data = raw_exchange(async_server.port, _post(b'"exit midway"'))
     assert data.startswith(b"HTTP/1.1 200") and b"\r\n1\r\na\r\n" in data
     assert not data.endswith(b"0\r\n\r\n")
+    assert raw_exchange(async_server.port, _post(b'"after"', close=True)).endswith(b'"after"')
+    # Inside a starlette response's body, which starlette streams from a task of its own.
+    data = raw_exchange(async_server.port, _post(b'"exit in a response"'))
+    assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")
     assert raw_exchange(async_server.port, _post(b'"after"', close=True)).endswith(b'"after"')
     assert async_server.proc.poll() is None
 

@@ -13,7 +13,7 @@ from kingpost.engines.fake import FakeEngine
 from kingpost.gateway.table import DeploymentState, RoutingTable
 from kingpost.packaging import pack_project, unpack_project
 from kingpost.secrets_box import SecretBox, load_or_create_key
-from kingpost.server.model import ENVIRONMENT_ENV
+from kingpost.server.contract import ENVIRONMENT_ENV
 from kingpost.settings import Settings
 from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
 

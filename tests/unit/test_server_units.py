@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -149,4 +150,66 @@ def test_output_schema_from_return_annotations() -> None:
     assert _output_schema(AsyncIterator[bytes]) == (None, True)
     assert _output_schema(Awaitable[Out]) == (Out, False)
     assert _output_schema(Out | Generator[str, None, None]) == (Out, True)
+    assert _output_schema(Awaitable[Out] | AsyncIterator[str]) == (Out, True)
+    assert _output_schema(Out | None) == (None, None)  # as Truss: not a model, not a stream
     assert _output_schema(dict) == (None, None)
+
+
+def test_a_huge_decimal_from_a_client_is_refused_at_once() -> None:
+    def tagged(text: str) -> bytes:
+        return msgpack.packb({"x": {b"__decimal__": True, b"data": text}}, use_bin_type=True)
+
+    class Wants(pydantic.BaseModel):
+        x: int
+
+    # 35 bytes that pydantic would turn into a 33-million-bit int on the event loop.
+    with pytest.raises(InputError, match="at most 1000 digits"):
+        parse_inputs(tagged("1e10000000"), True, Wants)
+    assert parse_inputs(tagged("12.50"), True, None) == {"x": Decimal("12.50")}
+    assert parse_inputs(tagged("1e900"), True, Wants).x == 10**900
+
+
+def test_numpy_arrays_of_objects_are_answered_as_lists() -> None:
+    import numpy as np
+
+    labels = np.array(["cat", "dog"], dtype=object)  # what pandas' .values often gives
+    assert msgpack.unpackb(encode_msgpack({"labels": labels})) == {"labels": ["cat", "dog"]}
+
+
+def test_config_defaults_fill_empty_sections_and_survive_binary_values(tmp_path: Path) -> None:
+    from kingpost.server.config import _with_defaults
+
+    (tmp_path / "config.yaml").write_text(
+        'model_name: m\nmodel_metadata: {salt: !!binary "/w=="}\n'
+    )
+    raw = load_server_config(tmp_path).raw  # bytes that JSON cannot hold: the file as written
+    assert raw["model_metadata"] == {"salt": b"\xff"}
+    defaults = {"runtime": {"predict_concurrency": 1}, "model_metadata": {}}
+    assert _with_defaults({"runtime": None, "model_metadata": {"a": 1}}, defaults) == {
+        "runtime": {"predict_concurrency": 1},
+        "model_metadata": {"a": 1},
+    }
+
+
+def test_an_endpoint_named_helper_that_cannot_be_an_endpoint_stays_a_helper(
+    tmp_path: Path,
+) -> None:
+    from kingpost.server.config import ServerConfig
+    from kingpost.server.model import ModelHost
+
+    class Helpers:
+        def predict(self, x: Any) -> Any:
+            return x
+
+        def messages(self, role: str, text: str, extra: str) -> list[str]:
+            return [role, text, extra]
+
+    host = ModelHost(ServerConfig(app_dir=tmp_path, raw={}), Secrets({}, tmp_path))
+    host.bind(Helpers())
+    assert "messages" not in host.openai
+
+    class BadEndpoint(Helpers):
+        def chat_completions(self, a: Any, b: Any, c: Any) -> None: ...
+
+    with pytest.raises(ModelDefinitionError, match="chat_completions"):
+        host.bind(BadEndpoint())

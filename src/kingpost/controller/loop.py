@@ -34,7 +34,7 @@ from kingpost.controller.table import build_table
 from kingpost.engines import Engine, LogLine, Prepared, ReplicaStatus, create_engine
 from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
-from kingpost.server.model import ENVIRONMENT_ENV
+from kingpost.server.contract import ENVIRONMENT_ENV
 from kingpost.store import DeploymentStatus, DeploymentView, DesiredState, Store, new_id
 
 if TYPE_CHECKING:

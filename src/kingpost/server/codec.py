@@ -87,8 +87,8 @@ def _msgpack_default(obj: Any) -> Any:
     np = sys.modules.get("numpy")
     if np is not None:
         if isinstance(obj, np.ndarray):
-            if obj.dtype.kind == "O":
-                raise TypeError("cannot serialize a numpy array of Python objects to msgpack")
+            if obj.dtype.kind == "O":  # Python objects (strings from pandas…): a list
+                return obj.tolist()
             structured = obj.dtype.kind == "V"
             return {
                 b"nd": True,
@@ -119,7 +119,7 @@ def _tagged(obj: dict[Any, Any]) -> Any:
         days, seconds, micros = data
         return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
     if b"__decimal__" in obj:
-        return decimal.Decimal(data)
+        return _bounded_decimal(data)
     if b"__uuid__" in obj:
         return uuid.UUID(data)
     if b"complex" in obj:
@@ -127,6 +127,24 @@ def _tagged(obj: dict[Any, Any]) -> Any:
     if b"nd" in obj:
         return _numpy_value(obj)
     return obj
+
+
+DECIMAL_LIMIT = 1000
+"""Most digits, and largest exponent, a decimal from a client may have: ``1e10000000`` is 35
+bytes of msgpack, and turning it into an ``int`` (a pydantic field) would hold the loop for
+seconds; a few thousand digits cost nothing."""
+
+
+def _bounded_decimal(text: Any) -> decimal.Decimal:
+    value = decimal.Decimal(text)
+    if value.is_finite() and (
+        abs(value.adjusted()) > DECIMAL_LIMIT or len(value.as_tuple().digits) > DECIMAL_LIMIT
+    ):
+        raise ValueError(
+            f"a decimal may have at most {DECIMAL_LIMIT} digits and an exponent within "
+            f"±{DECIMAL_LIMIT}; got one of {len(str(text))} characters"
+        )
+    return value
 
 
 def _numpy_value(obj: dict[Any, Any]) -> Any:

@@ -98,8 +98,23 @@ async def send_response(
             conn.transport.write(body)
 
     request = make_request(req, conn)
+    iterator = getattr(response, "body_iterator", None)
+    if iterator is not None:
+        response.body_iterator = _contained(iterator)
     await response(request.scope, request.receive, send)
     return int(state["status"])
+
+
+async def _contained(iterator: Any) -> Any:
+    """The body of a streamed response, with ``sys.exit()`` in it made a plain error.
+
+    Starlette streams it in a task of its own, and ``SystemExit`` leaving an asyncio task
+    stops the event loop: the whole replica, not the one response."""
+    try:
+        async for chunk in iterator:
+            yield chunk
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise RuntimeError(f"the response body raised {type(exc).__name__}") from exc
 
 
 def _start(

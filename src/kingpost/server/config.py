@@ -10,6 +10,7 @@ writes the full config), so ``config["model_metadata"]`` or
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import yaml
 from kingpost.errors import ConfigError
 
 __all__ = ["ServerConfig", "load_server_config"]
+
+log = logging.getLogger("kingpost.server")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,12 @@ def _validate(app_dir: Path) -> dict[str, Any] | None:
     load = getattr(module, "load_config", None)
     if load is None or not (app_dir / "config.yaml").exists():
         return None
-    full: dict[str, Any] = load(app_dir).config.model_dump(mode="json", by_alias=True)
+    config = load(app_dir).config
+    try:
+        full: dict[str, Any] = config.model_dump(mode="json", by_alias=True)
+    except Exception:  # a value JSON cannot hold (``!!binary`` bytes…): the file as written
+        log.warning("config.yaml: cannot fill in defaults for the model's `config`", exc_info=True)
+        return None
     return full
 
 
@@ -90,8 +98,8 @@ def _with_defaults(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, A
     """``raw`` as written, plus the keys of ``defaults`` it does not have (recursively)."""
     merged = dict(raw)
     for key, value in defaults.items():
-        if key not in merged:
-            merged[key] = value
+        if key not in merged or (merged[key] is None and isinstance(value, dict)):
+            merged[key] = value  # left out, or an empty section (``runtime:``)
         elif isinstance(merged[key], dict) and isinstance(value, dict):
             merged[key] = _with_defaults(merged[key], value)
     return merged

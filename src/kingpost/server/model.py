@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from kingpost.server.config import ServerConfig
+from kingpost.server.contract import ENVIRONMENT_ENV
 from kingpost.server.secrets import LazyDataResolver, Secrets
 
 __all__ = [
-    "ENVIRONMENT_ENV",
     "MODEL_FAILURES",
     "ArgMode",
     "Method",
@@ -41,6 +41,8 @@ __all__ = [
 log = logging.getLogger("kingpost.server")
 
 OPENAI_METHODS = ("chat_completions", "completions", "embeddings", "messages", "responses")
+STRICT_ENDPOINTS = frozenset({"chat_completions", "completions", "embeddings"})
+"""Endpoint methods whose bad signature refuses the model; the others are skipped."""
 
 MODEL_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, KeyboardInterrupt)
 """What a call into model code may raise that fails that one request (a 500) and leaves the
@@ -160,20 +162,22 @@ def _output_schema(annotation: Any) -> tuple[Any, bool | None]:
     if _is_pydantic(annotation):
         return annotation, False
     origin = typing.get_origin(annotation)
-    streams = (
+    stream_types = (
         collections.abc.Generator,
         collections.abc.AsyncGenerator,
         collections.abc.Iterator,
         collections.abc.AsyncIterator,
     )
-    if isinstance(origin, type) and issubclass(origin, streams):
+    if isinstance(origin, type) and issubclass(origin, stream_types):
         return None, True
     args = typing.get_args(annotation)
     if isinstance(origin, type) and issubclass(origin, collections.abc.Awaitable):
         return (args[0], False) if args and _is_pydantic(args[0]) else (None, None)
-    if origin in (typing.Union, types.UnionType):
-        found = next((a for a in args if _is_pydantic(a)), None)
-        return (found, True) if found is not None else (None, None)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2:  # a model, or a stream
+        arms = [_output_schema(a) for a in args]
+        models = [model for model, streams in arms if model is not None and streams is False]
+        if len(models) == 1 and any(model is None and streams for model, streams in arms):
+            return models[0], True
     return None, None
 
 
@@ -192,11 +196,6 @@ def _load_retries() -> int:
         return max(0, int(os.environ.get("NUM_LOAD_RETRIES_TRUSS", "1")))
     except ValueError:
         return 1
-
-
-ENVIRONMENT_ENV = "KINGPOST_ENVIRONMENT"
-"""JSON (``{"name": "production"}``) of the environment the deployment was promoted to
-when the replica started; unset for a deployment in no environment."""
 
 
 def _environment() -> Any:
@@ -272,7 +271,20 @@ class ModelHost:
         self.preprocess = describe(instance, "preprocess")
         self.postprocess = describe(instance, "postprocess")
         self.is_healthy = describe(instance, "is_healthy")
-        self.openai = {n: m for n in OPENAI_METHODS if (m := describe(instance, n)) is not None}
+        self.openai = {}
+        for name in OPENAI_METHODS:
+            try:
+                method = describe(instance, name)
+            except ModelDefinitionError:
+                if name in STRICT_ENDPOINTS:
+                    raise
+                # ``messages``/``responses`` are common helper names: one that cannot be an
+                # endpoint stays a plain method, as it was before these routes existed.
+                log.warning("`%s` does not take (inputs[, request]); not served at /v1/%s",
+                            name, name)  # fmt: skip
+                continue
+            if method is not None:
+                self.openai[name] = method
         if self.predict is None and not self.openai:
             raise ModelDefinitionError(
                 f"{self.config.model_file}: class {self.config.model_class_name!r} has no "
