@@ -259,3 +259,11 @@ def test_datetime_round_trips_through_the_codec() -> None:
     grid = back.pop("grid")
     assert back == {k: v for k, v in value.items() if k != "grid"}
     assert grid.dtype == value["grid"].dtype and grid.shape == (2, 2)
+
+
+def test_every_response_carries_a_date(client: httpx.Client) -> None:
+    from email.utils import parsedate_to_datetime
+
+    for r in (client.get("/"), client.post(PREDICT, json={"case": "echo"}), client.get("/x")):
+        sent = parsedate_to_datetime(r.headers["date"])
+        assert abs((datetime.datetime.now(datetime.UTC) - sent).total_seconds()) < 60

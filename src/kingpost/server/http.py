@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -31,9 +33,21 @@ _STATUS_LINES: dict[int, bytes] = {
 }
 
 
+_date_second = 0
+_date_line = b""
+
+
 def status_line(status: int) -> bytes:
+    """The status line and the ``date`` header every response from an origin server with a
+    clock carries (RFC 9110 6.6.1; uvicorn under Truss sends it too), made once a second."""
+    global _date_second, _date_line
     line = _STATUS_LINES.get(status)
-    return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n".encode("latin-1")
+    if line is None:
+        line = f"HTTP/1.1 {status} Unknown\r\n".encode("latin-1")
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_line = now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
+    return line + _date_line
 
 
 class HttpRequest:
