@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from kingpost.server.http import Connection, HttpRequest, status_line
+from kingpost.server.model import LOOP_STOPPERS
 
 __all__ = ["http_exception", "is_response", "make_request", "send_response"]
 
@@ -113,7 +114,7 @@ async def _contained(iterator: Any) -> Any:
     try:
         async for chunk in iterator:
             yield chunk
-    except (SystemExit, KeyboardInterrupt) as exc:
+    except LOOP_STOPPERS as exc:
         raise RuntimeError(f"the response body raised {type(exc).__name__}") from exc
 
 

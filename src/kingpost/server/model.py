@@ -29,6 +29,7 @@ from kingpost.server.contract import ENVIRONMENT_ENV
 from kingpost.server.secrets import LazyDataResolver, Secrets
 
 __all__ = [
+    "LOOP_STOPPERS",
     "MODEL_FAILURES",
     "ArgMode",
     "Method",
@@ -44,7 +45,9 @@ OPENAI_METHODS = ("chat_completions", "completions", "embeddings", "messages", "
 STRICT_ENDPOINTS = frozenset({"chat_completions", "completions", "embeddings"})
 """Endpoint methods whose bad signature refuses the model; the others are skipped."""
 
-MODEL_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, KeyboardInterrupt)
+LOOP_STOPPERS: tuple[type[BaseException], ...] = (SystemExit, KeyboardInterrupt)
+"""Not ``Exception``s: leaving an asyncio Task, they stop the event loop itself."""
+MODEL_FAILURES: tuple[type[BaseException], ...] = (Exception, *LOOP_STOPPERS)
 """What a call into model code may raise that fails that one request (a 500) and leaves the
 server running. ``sys.exit()`` in ``predict`` is a failed request here, as it is under Truss's
 uvicorn, not a way to stop the replica with every other request in flight. Cancellation is
@@ -146,14 +149,12 @@ def _pydantic_input_type(method: Method | None) -> Any:
     if method is None or method.args not in (ArgMode.INPUTS, ArgMode.BOTH):
         return None
     param = next(iter(_signature(method.fn).parameters.values()))
-    annotation = param.annotation
-    if isinstance(annotation, type) and hasattr(annotation, "model_validate_json"):
-        return annotation
-    return None
+    return param.annotation if _is_pydantic(param.annotation) else None
 
 
 def _is_pydantic(annotation: Any) -> bool:
-    return isinstance(annotation, type) and hasattr(annotation, "model_json_schema")
+    """A pydantic model class: what inputs are validated into and schemas are made from."""
+    return isinstance(annotation, type) and hasattr(annotation, "model_validate_json")
 
 
 def _output_schema(annotation: Any) -> tuple[Any, bool | None]:
@@ -325,21 +326,21 @@ class ModelHost:
         self.bind(instance)
         setup = getattr(instance, "setup_environment", None)
         environment = _environment()
-        if callable(setup) and environment is not None:
-            # As Truss: told the deployment's environment before load().
-            if inspect.iscoroutinefunction(setup):
-                run_coroutine(setup(environment))
+
+        def call(hook: Callable[..., Any], *args: Any) -> None:
+            if inspect.iscoroutinefunction(hook):
+                run_coroutine(hook(*args))
             else:
-                setup(environment)
+                hook(*args)
+
+        if callable(setup) and environment is not None:
+            call(setup, environment)  # as Truss: told the deployment's environment before load()
         load = getattr(instance, "load", None)
         if load is not None:
             retries = _load_retries()
             for attempt in range(retries + 1):
                 try:
-                    if inspect.iscoroutinefunction(load):
-                        run_coroutine(load())
-                    else:
-                        load()
+                    call(load)
                     break
                 except Exception:
                     if attempt == retries:
