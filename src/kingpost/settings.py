@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         return self.home / "weights"
 
     @cached_property
+    def dynamic_dir(self) -> Path:
+        """Per-deployment files replicas read while they run (the environment they serve)."""
+        return self.home / "dynamic"
+
+    @cached_property
     def envs_dir(self) -> Path:
         """Python environments of model-class deployments, by input hash."""
         return self.home / "envs"

@@ -13,7 +13,7 @@ from kingpost.engines.fake import FakeEngine
 from kingpost.gateway.table import DeploymentState, RoutingTable
 from kingpost.packaging import pack_project, unpack_project
 from kingpost.secrets_box import SecretBox, load_or_create_key
-from kingpost.server.contract import ENVIRONMENT_ENV
+from kingpost.server.contract import ENVIRONMENT_ENV, ENVIRONMENT_KEY
 from kingpost.settings import Settings
 from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
 
@@ -138,6 +138,62 @@ def test_a_replica_is_told_the_environment_its_deployment_is_in(rig: Rig) -> Non
         "name": "production"
     }
     assert ENVIRONMENT_ENV not in rig.engine.specs[in_none].env
+
+
+def test_environment_files_follow_promotions_while_replicas_run(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    first = rig.deploy()  # production
+    second = rig.deploy()
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()
+    root = rig.settings.dynamic_dir
+
+    def told(dep: str) -> str:
+        return (root / dep / ENVIRONMENT_KEY).read_text()
+
+    (replica,) = rig.engine.live(second)
+    assert rig.engine.specs[replica].dynamic_config_dir == root / second
+    assert json.loads(told(first)) == {"name": "production"}
+    assert told(second) == ""  # in no environment
+    before = (root / first / ENVIRONMENT_KEY).stat().st_ino
+    rig.controller.reconcile_once()
+    assert (root / first / ENVIRONMENT_KEY).stat().st_ino == before  # unchanged: not rewritten
+
+    rig.store.promote("loop", second, "production")
+    rig.store.promote("loop", second, "staging")
+    rig.controller.reconcile_once()
+    assert json.loads(told(second)) == {"name": "production"}  # production wins over staging
+    assert told(first) == ""
+    assert rig.engine.live(second) == [replica]  # told in place, not restarted
+
+    # A deleted deployment's directory goes; so does one left by a run that died before
+    # it could clean up, once a restarted controller looks.
+    rig.store.set_desired(first, DesiredState.DELETED)
+    rig.controller.reconcile_once()
+    assert not (root / first).exists()
+    (root / "gone-while-down").mkdir()
+    (root / "gone-while-down" / ENVIRONMENT_KEY).write_text("{}")
+    restarted = Controller(rig.settings, rig.store, engines={"fake": rig.engine})
+    restarted.reconcile_once()
+    assert not (root / "gone-while-down").exists()
+    assert json.loads(told(second)) == {"name": "production"}
+
+
+def test_environment_names_prefer_production_then_the_first_name() -> None:
+    from datetime import datetime
+
+    from kingpost.controller.specs import environment_names
+    from kingpost.store import EnvironmentView
+
+    now = datetime(2026, 1, 1)
+    envs = [
+        EnvironmentView("1", "m", "staging", "a", now),
+        EnvironmentView("2", "m", "production", "a", now),
+        EnvironmentView("3", "m", "qa", "b", now),
+        EnvironmentView("4", "m", "beta", "b", now),
+        EnvironmentView("5", "m", "empty", None, now),
+    ]
+    assert environment_names(envs) == {"a": "production", "b": "beta"}
 
 
 def test_stray_replicas_of_unknown_deployments_are_stopped(rig: Rig) -> None:

@@ -169,6 +169,21 @@ def test_container_options_carry_the_replica_contract() -> None:
     assert "ports" not in opts  # reached on the network: no host port to collide
 
 
+def test_the_dynamic_config_directory_is_mounted_where_truss_reads_it() -> None:
+    spec = _spec(CUSTOM, image="i", dynamic_config_dir=Path("/home/k/dynamic/dep1"))
+    opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
+    assert opts["environment"]["KINGPOST_DYNAMIC_CONFIG_DIR"] == "/etc/b10_dynamic_config"
+    assert opts["mounts"][-1] == {
+        "Type": "bind",
+        "Source": "/home/k/dynamic/dep1",
+        "Target": "/etc/b10_dynamic_config",
+        "ReadOnly": True,
+    }
+    bare = container_options(_spec(CUSTOM, image="i"), name="n", network="k", scope="s",
+                             secrets_dir=Path("/x"))  # fmt: skip
+    assert "KINGPOST_DYNAMIC_CONFIG_DIR" not in bare["environment"]
+
+
 def test_accelerators_become_gpu_device_requests() -> None:
     spec = _spec(CUSTOM + "resources:\n  accelerator: H100:2\n", image="i")
     opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))

@@ -13,8 +13,11 @@ deployment's step is logged and never stops the loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from kingpost.controller.plan import BUILD_FAILED_PREFIX, Want, plan
 from kingpost.controller.prepare import Jobs, JobState
 from kingpost.controller.specs import (
+    environment_names,
     missing_secrets,
     replica_secrets,
     replica_spec,
@@ -34,8 +38,15 @@ from kingpost.controller.table import build_table
 from kingpost.engines import Engine, LogLine, Prepared, ReplicaStatus, create_engine
 from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
-from kingpost.server.contract import ENVIRONMENT_ENV
-from kingpost.store import DeploymentStatus, DeploymentView, DesiredState, Store, new_id
+from kingpost.server.contract import ENVIRONMENT_ENV, ENVIRONMENT_KEY
+from kingpost.store import (
+    DeploymentStatus,
+    DeploymentView,
+    DesiredState,
+    EnvironmentView,
+    Store,
+    new_id,
+)
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
@@ -81,6 +92,8 @@ class Controller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._told: dict[str, str] | None = None
+        """What each deployment's environment file says (None until read from disk)."""
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +162,7 @@ class Controller:
     def reconcile_once(self) -> RoutingTable:
         models, deployments, environments = self.store.routing_snapshot()
         replicas = self._poll_all()
+        self._tell_environments(deployments, environments)
         known = {d.id for d in deployments}
         ready: dict[str, list[ReplicaStatus]] = {}
         for dep in deployments:
@@ -318,10 +332,11 @@ class Controller:
 
         config = self._config(dep)
         env, _dropped = runtime_environment(config)
-        environment = self._environment_of(dep)
-        if environment is not None:
-            # A model class gets it as ``__init__(environment=...)`` and in setup_environment.
-            env = {**env, ENVIRONMENT_ENV: json.dumps({"name": environment})}
+        told = (self._told or {}).get(dep.id)
+        if told:
+            # A model class gets it as ``__init__(environment=...)`` and in setup_environment;
+            # the same text as the file, which this pass wrote before starting anything.
+            env = {**env, ENVIRONMENT_ENV: told}
         secrets = replica_secrets(config, self.store.reveal_secrets(config.secrets or {}))
         engine = self.engine(dep.engine)
         model_name = next((m.name for m in self.store.list_models() if m.id == dep.model_id), "")
@@ -338,6 +353,7 @@ class Controller:
                 weights=ready.weights,
                 python_executable=ready.built.python_executable,
                 image=ready.built.image,
+                dynamic_config_dir=self.settings.dynamic_dir / dep.id,
             )
             try:
                 engine.start(spec)
@@ -347,13 +363,45 @@ class Controller:
                 self.store.set_status(dep.id, status, exc.message)
                 return
 
-    def _environment_of(self, dep: DeploymentView) -> str | None:
-        """The environment the deployment is promoted to when its replicas start, if any."""
+    def _tell_environments(
+        self, deployments: list[DeploymentView], environments: list[EnvironmentView]
+    ) -> None:
+        """Keep each deployment's environment file current, so a promotion or demotion
+        reaches replicas that are already running (their server watches the file)."""
+        names = environment_names(environments)
+        known = {d.id for d in deployments}
+        if self._told is None:
+            self._told = {}
+            root = self.settings.dynamic_dir
+            for path in root.iterdir() if root.is_dir() else ():
+                if path.name not in known:  # deleted while the control plane was down
+                    shutil.rmtree(path, ignore_errors=True)
+                    continue
+                with contextlib.suppress(OSError):
+                    self._told[path.name] = (path / ENVIRONMENT_KEY).read_text()
+        for dep_id in [d for d in self._told if d not in known]:
+            del self._told[dep_id]
+            shutil.rmtree(self.settings.dynamic_dir / dep_id, ignore_errors=True)
+        for dep in deployments:
+            if dep.desired_state == DesiredState.ACTIVE:
+                self._tell_environment(dep.id, names.get(dep.id))
+
+    def _tell_environment(self, dep_id: str, name: str | None) -> None:
+        content = json.dumps({"name": name}) if name is not None else ""
+        told = self._told
+        assert told is not None
+        if told.get(dep_id) == content:
+            return
+        directory = self.settings.dynamic_dir / dep_id
         try:
-            environments = self.store.list_environments(dep.model_id)
-        except KingpostError:
-            return None
-        return next((e.name for e in environments if e.deployment_id == dep.id), None)
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".{ENVIRONMENT_KEY}.tmp"
+            tmp.write_text(content)
+            os.replace(tmp, directory / ENVIRONMENT_KEY)  # readers see old or new, whole
+        except OSError:
+            log.exception("cannot write the environment of deployment %s", dep_id)
+            return
+        told[dep_id] = content
 
     def _stop_replica(self, status: ReplicaStatus) -> None:
         engine = self._owners.get(status.replica_id)

@@ -6,6 +6,7 @@ paths, which probes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,10 +15,12 @@ from kingpost.engines.base import Probes, ReplicaSpec, ServerKind, WeightMount
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
+    from kingpost.store import EnvironmentView
 
 __all__ = [
     "MODEL_SERVER_PORT",
     "ServerShape",
+    "environment_names",
     "missing_secrets",
     "replica_secrets",
     "replica_spec",
@@ -111,6 +114,7 @@ def replica_spec(
     weights: tuple[WeightMount, ...] = (),
     python_executable: str | None = None,
     image: str | None = None,
+    dynamic_config_dir: Path | None = None,
 ) -> ReplicaSpec:
     shape = server_shape(config)
     ds = config.docker_server
@@ -132,4 +136,18 @@ def replica_spec(
         python_executable=python_executable,
         image=image,
         config=config,
+        dynamic_config_dir=dynamic_config_dir,
     )
+
+
+def environment_names(environments: Iterable[EnvironmentView]) -> dict[str, str]:
+    """The environment each deployment is told it serves (deployment id -> name).
+
+    A deployment promoted to several environments is told ``production`` if it is one
+    of them, else the first by name: a model has one ``environment`` at a time.
+    """
+    names: dict[str, str] = {}
+    for env in sorted(environments, key=lambda e: (e.name != "production", e.name)):
+        if env.deployment_id is not None:
+            names.setdefault(env.deployment_id, env.name)
+    return names

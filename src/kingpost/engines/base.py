@@ -112,6 +112,9 @@ class ReplicaSpec:
     config: TrussConfig | None = None
     """The whole parsed config, for engines that build images from it."""
     model_name: str = ""
+    dynamic_config_dir: Path | None = None
+    """The deployment's directory of values that change while it runs (its environment);
+    the engine shows it to the replica read-only (``kingpost.server.contract``)."""
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from kingpost.engines.base import (
 )
 from kingpost.engines.probes import ReplicaHealth
 from kingpost.errors import EngineError
+from kingpost.server.contract import DYNAMIC_CONFIG_ENV, DYNAMIC_CONFIG_MOUNT
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -165,6 +166,18 @@ def container_options(
         {"Type": "bind", "Source": str(w.source_dir), "Target": w.mount_location, "ReadOnly": True}
         for w in spec.weights
     ]
+    if spec.dynamic_config_dir is not None:
+        # The whole directory, not the file: the control plane replaces the file by rename,
+        # which a bind of the file itself would never show.
+        env[DYNAMIC_CONFIG_ENV] = DYNAMIC_CONFIG_MOUNT
+        mounts.append(
+            {
+                "Type": "bind",
+                "Source": str(spec.dynamic_config_dir),
+                "Target": DYNAMIC_CONFIG_MOUNT,
+                "ReadOnly": True,
+            }
+        )
     labels = {
         LABEL_SCOPE: scope,
         LABEL_REPLICA: spec.replica_id,

@@ -43,6 +43,7 @@ from kingpost.engines.base import (
 from kingpost.engines.netns import can_unshare_net, forget_netns
 from kingpost.engines.probes import ReplicaHealth
 from kingpost.errors import EngineError
+from kingpost.server.contract import DYNAMIC_CONFIG_ENV
 from kingpost.settings import Settings
 
 if TYPE_CHECKING:
@@ -361,6 +362,11 @@ class ProcessEngine(Engine):
             "BT_MODEL_DEPLOYMENT_ID": spec.deployment_id,
             "KINGPOST_SECRETS_DIR": SECRETS_MOUNT if SECRETS_MOUNT in mounted else str(secrets_dir),
             "PYTHONUNBUFFERED": "1",
+            **(
+                {DYNAMIC_CONFIG_ENV: str(spec.dynamic_config_dir)}
+                if spec.dynamic_config_dir is not None
+                else {}
+            ),
         }
 
     def _write_secrets(self, rep: _Replica) -> Path:
