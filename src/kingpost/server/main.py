@@ -80,6 +80,8 @@ class _Runner:
         self.loop = loop
         self.server = ModelServer(host)
         self.stop = asyncio.Event()
+        self.stopped = threading.Event()
+        """Set at shutdown, for the threads that outlive load()."""
         self.exit_code = 0
 
     def _run_coroutine(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -96,6 +98,7 @@ class _Runner:
             self.loop.call_soon_threadsafe(self._finish, 1)
             return
         log_event(log, logging.INFO, "model loaded", model_file=str(self.host.config.model_file))
+        self.host.watch_environment(self._run_coroutine, self.stopped)
 
     def _finish(self, code: int) -> None:
         self.exit_code = code
@@ -112,6 +115,7 @@ class _Runner:
         log_event(log, logging.INFO, "model server listening", host=host, port=bound)
         threading.Thread(target=self.load, name="model-load", daemon=True).start()
         await self.stop.wait()
+        self.stopped.set()
         srv.close()
         if self.exit_code == 0:
             await self._drain()

@@ -12,10 +12,10 @@ import collections.abc
 import enum
 import importlib
 import inspect
-import json
 import logging
 import os
 import sys
+import threading
 import time
 import types
 import typing
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kingpost.server.config import ServerConfig
-from kingpost.server.contract import ENVIRONMENT_ENV
+from kingpost.server.environment import EnvironmentWatch, poll_interval
 from kingpost.server.secrets import LazyDataResolver, Secrets
 
 __all__ = [
@@ -199,9 +199,12 @@ def _load_retries() -> int:
         return 1
 
 
-def _environment() -> Any:
-    text = os.environ.get(ENVIRONMENT_ENV)
-    return json.loads(text) if text else None
+def _call_hook(run_coroutine: Callable[[Any], Any], hook: Callable[..., Any], *args: Any) -> None:
+    """Call a sync or async model hook from a thread that is not the loop's."""
+    if inspect.iscoroutinefunction(hook):
+        run_coroutine(hook(*args))
+    else:
+        hook(*args)
 
 
 class ModelHost:
@@ -219,6 +222,9 @@ class ModelHost:
         self.openai: dict[str, Method] = {}
         self.input_type: Any = None
         self.skip_input_parsing = False
+        self.environment_watch = EnvironmentWatch()
+        self.environment: Any = self.environment_watch.initial()
+        """The environment the model was last told of (``None``: in none)."""
 
     def import_class(self) -> type[Any]:
         cfg = self.config
@@ -251,7 +257,7 @@ class ModelHost:
             "data_dir": self._data_dir,
             "secrets": lambda: self.secrets,
             "lazy_data_resolver": lambda: LazyDataResolver(self.config.data_path),
-            "environment": _environment,
+            "environment": lambda: self.environment,
         }
         kwargs = {k: make() for k, make in offered.items() if _accepts(signature, k)}
         return klass(**kwargs)
@@ -325,22 +331,15 @@ class ModelHost:
         instance = self.construct(self.import_class())
         self.bind(instance)
         setup = getattr(instance, "setup_environment", None)
-        environment = _environment()
-
-        def call(hook: Callable[..., Any], *args: Any) -> None:
-            if inspect.iscoroutinefunction(hook):
-                run_coroutine(hook(*args))
-            else:
-                hook(*args)
-
-        if callable(setup) and environment is not None:
-            call(setup, environment)  # as Truss: told the deployment's environment before load()
+        if callable(setup) and self.environment is not None:
+            # As Truss: told the deployment's environment before load().
+            _call_hook(run_coroutine, setup, self.environment)
         load = getattr(instance, "load", None)
         if load is not None:
             retries = _load_retries()
             for attempt in range(retries + 1):
                 try:
-                    call(load)
+                    _call_hook(run_coroutine, load)
                     break
                 except Exception:
                     if attempt == retries:
@@ -351,3 +350,26 @@ class ModelHost:
                                 exc_info=True)  # fmt: skip
                     time.sleep(LOAD_RETRY_GAP_S)
         self.status = Status.READY
+
+    def watch_environment(self, run_coroutine: Callable[[Any], Any], stop: threading.Event) -> None:
+        """Call ``setup_environment`` again whenever the deployment's environment changes
+        (a promotion while the replica runs); blocks until ``stop``. Run after load().
+
+        A failing call is logged and the model keeps serving; it is told again only when
+        the environment changes again, as in Truss.
+        """
+        setup = getattr(self.instance, "setup_environment", None)
+        if not callable(setup) or self.environment_watch.path is None:
+            return
+        interval = poll_interval()
+        while not stop.wait(interval):
+            environment = self.environment_watch.poll()
+            if environment is None or environment == self.environment:
+                continue
+            log.info("environment changed to %s; calling setup_environment", environment)
+            try:
+                _call_hook(run_coroutine, setup, environment)
+            except Exception:
+                log.exception("setup_environment(%r) failed", environment)
+                continue
+            self.environment = environment
