@@ -267,3 +267,17 @@ def test_every_response_carries_a_date(client: httpx.Client) -> None:
     for r in (client.get("/"), client.post(PREDICT, json={"case": "echo"}), client.get("/x")):
         sent = parsedate_to_datetime(r.headers["date"])
         assert abs((datetime.datetime.now(datetime.UTC) - sent).total_seconds()) < 60
+
+
+def test_numpy_is_imported_before_ready_so_no_request_waits_for_it(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    (app / "model").mkdir(parents=True)
+    (app / "config.yaml").write_text("model_name: no-numpy\n")
+    (app / "model" / "model.py").write_text(
+        "import sys\n\nclass Model:\n"
+        "    def predict(self, inputs):\n"
+        "        return {'numpy': 'numpy' in sys.modules}\n"
+    )
+    with run_server(app, tmp_path) as server, httpx.Client(base_url=server.url) as c:
+        server.wait_ready(c)
+        assert c.post(PREDICT, json={}).json() == {"numpy": True}

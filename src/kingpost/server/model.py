@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import enum
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -199,6 +200,19 @@ def _load_retries() -> int:
         return 1
 
 
+def _import_numpy_if_installed() -> None:
+    """Import numpy now, off the loop, if the environment has it and the model did not.
+
+    A msgpack body may carry numpy arrays; decoding one imports numpy, and the first such
+    request would otherwise hold the event loop for the import (a tenth of a second or
+    more). Truss's server imports it at start too."""
+    if "numpy" not in sys.modules and importlib.util.find_spec("numpy") is not None:
+        try:
+            importlib.import_module("numpy")
+        except Exception:  # a broken install: the request that needs it will say so
+            log.warning("numpy is installed but does not import", exc_info=True)
+
+
 def _call_hook(run_coroutine: Callable[[Any], Any], hook: Callable[..., Any], *args: Any) -> None:
     """Call a sync or async model hook from a thread that is not the loop's."""
     if inspect.iscoroutinefunction(hook):
@@ -349,6 +363,7 @@ class ModelHost:
                     log.warning("load() failed; retrying (%d of %d)", attempt + 1, retries,
                                 exc_info=True)  # fmt: skip
                     time.sleep(LOAD_RETRY_GAP_S)
+        _import_numpy_if_installed()
         self.status = Status.READY
 
     def watch_environment(self, run_coroutine: Callable[[Any], Any], stop: threading.Event) -> None:
