@@ -85,6 +85,9 @@ def test_secrets_reach_the_model(platform: Platform) -> None:
         assert gw.post(predict_url(model_id), json={"name": "with_default"}).json() == {
             "value": "the-default"
         }
+        assert gw.post(predict_url(model_id), json={"name": "overridden"}).json() == {
+            "value": "from-a-variable"
+        }
 
 
 @pytest.mark.parametrize(

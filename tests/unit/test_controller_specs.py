@@ -54,6 +54,10 @@ def test_secrets_needed_and_given() -> None:
     assert missing_secrets(config, {"hf_token"}) == []
     assert replica_secrets(config, {"hf_token": "t"}) == {"hf_token": "t", "inline": "some-default"}
     assert replica_secrets(config, {"hf_token": "t", "inline": "stored"})["inline"] == "stored"
+    model_class = parse_config("model_name: m\nsecrets:\n  inline: some-default\n").config
+    # The model server applies the default itself, after a TRUSS_SECRET_ variable.
+    assert replica_secrets(model_class, {}) == {}
+    assert replica_secrets(model_class, {"inline": "stored"}) == {"inline": "stored"}
 
 
 def test_custom_server_without_explicit_concurrency_is_not_serialised() -> None:

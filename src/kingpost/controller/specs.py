@@ -69,7 +69,14 @@ def missing_secrets(config: TrussConfig, stored: set[str]) -> list[str]:
 
 
 def replica_secrets(config: TrussConfig, stored: dict[str, str]) -> dict[str, str]:
-    """Values a replica gets: stored ones, else the config's inline default."""
+    """The secret files a replica gets: stored values, and for a custom server (which
+    knows only the files) the config's inline defaults of the rest.
+
+    A model class gets only the stored ones: its server reads the defaults from
+    config.yaml itself, so that a ``TRUSS_SECRET_<name>`` variable can override a
+    default, as in Truss (file, then variable, then default)."""
+    if config.docker_server is None:
+        return dict(stored)
     inline = {n: str(v) for n, v in (config.secrets or {}).items() if v is not None}
     return {**inline, **stored}
 
