@@ -39,6 +39,8 @@ from kingpost.server.model import (
 )
 from kingpost.server.placement import Placement, calling, fast_call_seconds, inline_enabled
 from kingpost.server.streams import stream_result
+from kingpost.server.websocket import PATH as WEBSOCKET_PATH
+from kingpost.server.websocket import Session, serve_websocket
 
 __all__ = ["MODEL_ERROR_MESSAGE", "ModelServer"]
 
@@ -145,6 +147,12 @@ class ModelServer:
         self._inline = inline_enabled()
         self._fast_s = fast_call_seconds()
         self._placements: dict[str, Placement] = {}
+        self.sessions: set[Session] = set()
+        """Open WebSockets: closed with 1012 when the server stops, and waited for."""
+
+    def close_websockets(self) -> None:
+        for session in list(self.sessions):
+            session.going_away()
 
     def close(self) -> None:
         self.predict_pool.shutdown(wait=False, cancel_futures=True)
@@ -163,6 +171,9 @@ class ModelServer:
         elif method == "POST" and path in OPENAI_ROUTES:
             route = OPENAI_ROUTES[path]
             status = await self._endpoint(route, _Call(req, conn, headers))
+        elif path == WEBSOCKET_PATH and method == "GET":
+            route = "websocket"
+            status = await serve_websocket(req, conn, rid, headers, self.host, self.sessions)
         elif path == "/" and method in ("GET", "HEAD"):
             route, status = "live", 200
             conn.respond(200, headers, b"true")
@@ -264,6 +275,8 @@ class ModelServer:
     async def _predict(self, call: _Call) -> int:
         host = self.host
         if host.status is not Status.READY or host.predict is None:
+            if host.websocket is not None:
+                return self._not_predict(call)
             call.conn.respond(503, call.headers + DOWNSTREAM_ERROR, NOT_READY)
             return 503
         try:
@@ -297,6 +310,17 @@ class ModelServer:
         except MODEL_FAILURES as exc:
             return self._user_error(exc, call)
         return self._send(result, binary, call)
+
+    @staticmethod
+    def _not_predict(call: _Call) -> int:
+        """Predict on a WebSocket model: a 404 that says where to go (Truss fails an
+        assertion and answers 500)."""
+        body = codec.error_body(
+            "`predict` is not implemented by this model: it serves a WebSocket at "
+            f"{WEBSOCKET_PATH} (through the gateway: .../websocket instead of .../predict)"
+        )
+        call.conn.respond(404, call.headers + CLIENT_ERROR, body)
+        return 404
 
     def _release(self) -> None:
         self.metrics.in_flight -= 1

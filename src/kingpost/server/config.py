@@ -40,6 +40,10 @@ class ServerConfig:
     secrets: dict[str, Any] = field(default_factory=dict)
     predict_concurrency: int = 1
     streaming_read_timeout: float = 60.0
+    ws_ping_interval: float = 20.0
+    """``runtime.transport.ping_interval_seconds``: a WebSocket is pinged this often."""
+    ws_ping_timeout: float = 20.0
+    """``runtime.transport.ping_timeout_seconds``: a ping unanswered this long fails it."""
 
     @property
     def model_file(self) -> Path:
@@ -126,6 +130,9 @@ def load_server_config(app_dir: Path, *, validate: bool = True) -> ServerConfig:
             f"{app_dir / 'config.yaml'}: `runtime.predict_concurrency` must be an integer, "
             f"found {runtime.get('predict_concurrency')!r}"
         ) from exc
+    transport = runtime.get("transport") or {}
+    if not isinstance(transport, dict):
+        raise ConfigError(f"{app_dir / 'config.yaml'}: `runtime.transport` must be a mapping")
     return ServerConfig(
         app_dir=app_dir,
         raw=raw,
@@ -138,4 +145,18 @@ def load_server_config(app_dir: Path, *, validate: bool = True) -> ServerConfig:
         secrets=dict(raw.get("secrets") or {}),
         predict_concurrency=concurrency,
         streaming_read_timeout=float(runtime.get("streaming_read_timeout") or 60.0),
+        # As Truss: unset (or 0) keeps uvicorn's defaults of 20 s.
+        ws_ping_interval=_seconds(transport, "ping_interval_seconds", app_dir),
+        ws_ping_timeout=_seconds(transport, "ping_timeout_seconds", app_dir),
     )
+
+
+def _seconds(transport: dict[str, Any], key: str, app_dir: Path) -> float:
+    try:
+        value = float(transport.get(key) or 20.0)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{app_dir / 'config.yaml'}: `runtime.transport.{key}` must be a number of "
+            f"seconds, found {transport.get(key)!r}"
+        ) from exc
+    return value if value > 0 else 20.0

@@ -5,6 +5,10 @@ answered in order (pipelining is queued); keep-alive by default. Responses are
 written as one buffer, or chunked for streams with write-side flow control.
 The handler is ``async def handler(request, connection)`` and must answer
 through :meth:`Connection.respond` or the ``stream_*`` methods.
+
+A request that asks to switch protocols (``Connection: Upgrade``) ends HTTP on its
+connection: the bytes after it go to whoever :meth:`Connection.take_raw` (a WebSocket
+session), and if nothing does, the connection closes once that request is answered.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ __all__ = ["Connection", "Handler", "HttpRequest", "status_line"]
 log = logging.getLogger("kingpost.server.http")
 
 MAX_PIPELINED = 16
+RAW_HOLD_LIMIT = 64 * 1024
+"""Bytes after an upgrade request held until its handler takes them; reading pauses above."""
 
 _STATUS_LINES: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
@@ -84,6 +90,27 @@ class HttpRequest:
         self.keep_alive = keep_alive
 
 
+class _Raw:
+    """Stands in for the HTTP parser after an upgrade request: bytes go to the connection's
+    raw sink, or are held until a handler takes them."""
+
+    __slots__ = ("conn", "held")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.held = bytearray()
+
+    def feed_data(self, data: bytes) -> None:
+        sink = self.conn._sink
+        if sink is not None:
+            sink(data)
+            return
+        self.held += data
+        transport = self.conn.transport
+        if len(self.held) > RAW_HOLD_LIMIT and transport is not None:
+            transport.pause_reading()
+
+
 def _whole(
     status: int,
     headers: list[tuple[bytes, bytes]],
@@ -113,7 +140,11 @@ class Connection(asyncio.Protocol):
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
         self._handler = handler
         self._loop = loop
-        self._parser = httptools.HttpRequestParser(self)
+        self._http = httptools.HttpRequestParser(self)
+        self._parser: Any = self._http
+        """What ``data_received`` feeds: the HTTP parser, or a :class:`_Raw` after an upgrade."""
+        self._sink: Callable[[bytes], None] | None = None
+        """Where bytes go after a protocol upgrade (see :meth:`take_raw`)."""
         self.transport: asyncio.Transport | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -146,8 +177,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, b'{"error":"protocol upgrades are not supported"}')
+        except httptools.HttpParserUpgrade as exc:
+            self._switched(data[int(exc.args[0]) :])
         except httptools.HttpParserError:
             self._fail(400, b'{"error":"malformed HTTP request"}')
 
@@ -192,12 +223,12 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = HttpRequest(
-            self._parser.get_method().decode("latin-1"),
+            self._http.get_method().decode("latin-1"),
             self._url,
             self._headers,
             body,
-            self._parser.should_keep_alive(),
-            self._parser.get_http_version() == "1.0",
+            self._http.should_keep_alive(),
+            self._http.get_http_version() == "1.0",
         )
         if self._busy:
             self._pending.append(request)
@@ -248,6 +279,34 @@ class Connection(asyncio.Protocol):
             return
         self._busy = False
         self._after_last()
+
+    def _switched(self, rest: bytes) -> None:
+        """The request just parsed asked to switch protocols: what follows is not HTTP.
+
+        Its handler may take the bytes (:meth:`take_raw`); either way the connection closes
+        after its answer. Only the model's WebSocket route takes them: any other route
+        answers as if the client had not asked, as RFC 9110 lets a server do."""
+        raw = _Raw(self)
+        self._parser = raw
+        if rest:
+            raw.feed_data(rest)
+        if self._pending:
+            self._pending[-1].keep_alive = False
+        elif self._busy:
+            self._keep_alive = False
+        elif self._sink is None and self.transport is not None:
+            self.transport.close()  # answered already, and nothing took the stream
+
+    def take_raw(self, sink: Callable[[bytes], None]) -> None:
+        """Send every byte after the current (upgrade) request to ``sink``, starting with
+        any already received."""
+        self._sink = sink
+        raw = self._parser
+        if isinstance(raw, _Raw) and raw.held:
+            held, raw.held = bytes(raw.held), bytearray()
+            if self.transport is not None:
+                self.transport.resume_reading()
+            sink(held)
 
     def _dispatch_next(self) -> None:
         if self.transport is None or not self._pending:
@@ -318,6 +377,13 @@ class Connection(asyncio.Protocol):
             return False
         if data and not self._head:
             self.transport.write(data if self._http10 else b"%x\r\n%b\r\n" % (len(data), data))
+        paused = self._write_paused
+        if paused is not None and not paused.done():
+            await paused
+        return self.transport is not None
+
+    async def drain(self) -> bool:
+        """Wait while the client is not reading our writes; ``False`` once it is gone."""
         paused = self._write_paused
         if paused is not None and not paused.done():
             await paused

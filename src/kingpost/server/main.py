@@ -3,8 +3,9 @@
 Startup: read config.yaml, bind the port (liveness answers at once), then
 import, construct and ``load()`` the model on a background thread; readiness
 stays 503 until that finishes. A failing load prints its traceback and ends
-the process with exit code 1. SIGTERM/SIGINT stop accepting, let in-flight
-requests finish (up to a grace period) and exit 0.
+the process with exit code 1. SIGTERM/SIGINT stop accepting, close open WebSockets
+with 1012, let in-flight requests and the models' WebSocket handlers finish (up to a
+grace period) and exit 0.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class _Runner:
         await self.stop.wait()
         self.stopped.set()
         srv.close()
+        self.server.close_websockets()
         if self.exit_code == 0:
             await self._drain()
         self.server.close()
@@ -125,7 +127,8 @@ class _Runner:
     async def _drain(self) -> None:
         deadline = self.loop.time() + GRACE_SECONDS
         # Shutdown only: a short poll keeps the hot path free of bookkeeping.
-        while self.server.metrics.in_flight > 0 and self.loop.time() < deadline:  # noqa: ASYNC110
+        server = self.server
+        while (server.metrics.in_flight > 0 or server.sessions) and self.loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
 

@@ -3,7 +3,9 @@
 Behaviour follows Truss's model wrapper: ``__init__`` gets only the keyword
 arguments it accepts; each user method takes no argument, the inputs, the
 request, or the inputs then the request (annotated as a starlette ``Request``);
-a predict whose first parameter is a pydantic model gets validated inputs.
+a predict whose first parameter is a pydantic model gets validated inputs. A model may
+instead define ``async def websocket(self, websocket)`` and nothing of predict,
+preprocess or postprocess (Truss's ``ModelDescriptor.from_model`` rules).
 """
 
 from __future__ import annotations
@@ -189,6 +191,35 @@ def _accepts(signature: inspect.Signature, name: str) -> bool:
     )
 
 
+def _websocket_method(instance: Any, host: ModelHost) -> Method | None:
+    """The model's ``websocket`` method, checked as Truss checks it; ``None`` when absent."""
+    method = describe(instance, "websocket")
+    if method is None:
+        return None
+    where = f"{host.config.model_file}: `websocket`"
+    if host.predict or host.preprocess or host.postprocess:
+        raise ModelDefinitionError(
+            f"{where} cannot be combined with `predict`, `preprocess` or `postprocess` (the "
+            f"WebSocket carries all input and output); remove them or remove `websocket`"
+        )
+    if method.args is not ArgMode.INPUTS:
+        raise ModelDefinitionError(
+            f"{where} must take one argument, the WebSocket: "
+            f"`async def websocket(self, websocket: fastapi.WebSocket)`. "
+            f"Got: {inspect.signature(method.fn)}"
+        )
+    if not method.is_async:
+        raise ModelDefinitionError(f"{where} must be an `async def`, as Truss requires")
+    try:
+        importlib.import_module("starlette.websockets")
+    except ImportError as exc:
+        raise ModelDefinitionError(
+            f"{where} is given a starlette WebSocket, and starlette is not installed in the "
+            f"model's environment; add `fastapi` to `requirements` in config.yaml"
+        ) from exc
+    return method
+
+
 LOAD_RETRY_GAP_S = 1.0
 
 
@@ -233,6 +264,8 @@ class ModelHost:
         self.preprocess: Method | None = None
         self.postprocess: Method | None = None
         self.is_healthy: Method | None = None
+        self.websocket: Method | None = None
+        """``async def websocket(self, websocket)``: the model serves ``/v1/websocket``."""
         self.openai: dict[str, Method] = {}
         self.input_type: Any = None
         self.skip_input_parsing = False
@@ -292,6 +325,7 @@ class ModelHost:
         self.preprocess = describe(instance, "preprocess")
         self.postprocess = describe(instance, "postprocess")
         self.is_healthy = describe(instance, "is_healthy")
+        self.websocket = _websocket_method(instance, self)
         self.openai = {}
         for name in OPENAI_METHODS:
             try:
@@ -306,10 +340,10 @@ class ModelHost:
                 continue
             if method is not None:
                 self.openai[name] = method
-        if self.predict is None and not self.openai:
+        if self.predict is None and not self.openai and self.websocket is None:
             raise ModelDefinitionError(
                 f"{self.config.model_file}: class {self.config.model_class_name!r} has no "
-                f"`predict` method; add `def predict(self, model_input): ...`"
+                f"`predict` or `websocket` method; add `def predict(self, model_input): ...`"
             )
         self.input_type = _pydantic_input_type(self.preprocess or self.predict)
         self.skip_input_parsing = bool(
