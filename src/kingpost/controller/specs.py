@@ -30,6 +30,7 @@ __all__ = [
 MODEL_SERVER_PORT = 8080
 MODEL_PREDICT_PATH = "/v1/models/model:predict"
 MODEL_READY_PATH = "/v1/models/model"
+MODEL_WEBSOCKET_PATH = "/v1/websocket"
 PROBE_PERIOD_S = 1.0
 CUSTOM_SERVER_CONCURRENCY = 256
 
@@ -42,6 +43,9 @@ class ServerShape:
     probes: Probes
     command: str | None
     concurrency: int
+    websocket_path: str | None = None
+    """Where ``.../websocket`` goes on the server; ``None`` unless the config's
+    ``runtime.transport.kind`` is ``websocket``."""
 
 
 def _probes(config: TrussConfig, readiness: str, liveness: str) -> Probes:
@@ -83,6 +87,7 @@ def replica_secrets(config: TrussConfig, stored: dict[str, str]) -> dict[str, st
 
 def server_shape(config: TrussConfig) -> ServerShape:
     concurrency = max(1, int(config.runtime.predict_concurrency or 1))
+    websocket = config.runtime.transport.kind == "websocket"  # a TransportKind (StrEnum)
     ds = config.docker_server
     if ds is not None:
         if "predict_concurrency" not in config.runtime.model_fields_set:
@@ -97,6 +102,8 @@ def server_shape(config: TrussConfig) -> ServerShape:
             probes=_probes(config, readiness, ds.liveness_endpoint or readiness),
             command=ds.start_command,
             concurrency=concurrency,
+            # As Truss's proxy for custom servers: /v1/websocket -> predict_endpoint.
+            websocket_path=(ds.predict_endpoint or "/") if websocket else None,
         )
     return ServerShape(
         kind=ServerKind.MODEL_CLASS,
@@ -105,6 +112,7 @@ def server_shape(config: TrussConfig) -> ServerShape:
         probes=_probes(config, MODEL_READY_PATH, "/"),
         command=None,
         concurrency=concurrency,
+        websocket_path=MODEL_WEBSOCKET_PATH if websocket else None,
     )
 
 

@@ -47,6 +47,7 @@ def _route(dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any) -> D
         state=state,
         upstreams=upstreams,
         concurrency=shape.concurrency if shape is not None else 1,
+        websocket_path=shape.websocket_path if shape is not None else None,
         message=message[:500],
     )
 

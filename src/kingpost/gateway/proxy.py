@@ -379,6 +379,8 @@ class ClientConn(StreamConn):
             )
         target = gw.route(req.host, req.url)
         if isinstance(target, Miss):
+            if req.upgrade and target.upgrade is not None:
+                return target.upgrade  # a WebSocket route: only handshakes get through
             return self._reject(req, target.status, target.message, target.code, rid)
         return target
 

@@ -2,8 +2,13 @@
 
 Baseten's surface: a model is addressed by host ``model-{id}.{domain}`` or by the
 path prefix ``/models/{id_or_name}``; under it ``/environments/{env}/predict``,
-``/environments/{env}/sync/{path}``, ``/production/...``, ``/deployment/{id}/...``
-and ``/development/...``.
+``/environments/{env}/websocket``, ``/environments/{env}/sync/{path}``,
+``/production/...``, ``/deployment/{id}/...`` and ``/development/...``.
+
+A ``websocket`` route is only for WebSocket handshakes, which routing cannot see (the
+answer is kept per URL): it resolves to a :class:`Miss` for any other request that carries
+the :class:`Target` of a handshake in ``upgrade``. Requests for other routes never look
+at it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Miss:
     code: str = "not_found"
     weighted: bool = False
     """As for :class:`Target`: the answer came after a draw from a weighted split."""
+    upgrade: Target | None = None
+    """For a ``websocket`` route: where a WebSocket handshake goes instead of this error."""
 
 
 def _model_from_host(table: RoutingTable, host: str) -> ModelRoute | None:
@@ -131,6 +138,31 @@ def _action(
         return Target(dep, dep.predict_path + suffix, model.model_id, weighted)
     if action == "sync":
         return Target(dep, "/" + rest + suffix, model.model_id, weighted)
+    if action == "websocket" and not rest:
+        return _websocket(dep, model, suffix, weighted)
     if action == "async_predict":
         return Miss(501, "async_predict is not supported yet", "not_implemented", weighted)
-    return Miss(404, f"no route {action!r}: use predict or sync/{{path}}", weighted=weighted)
+    return Miss(
+        404, f"no route {action!r}: use predict, websocket or sync/{{path}}", weighted=weighted
+    )
+
+
+def _websocket(dep: DeploymentRoute, model: ModelRoute, suffix: str, weighted: bool) -> Miss:
+    if dep.websocket_path is None:
+        return Miss(
+            404,
+            f"deployment {dep.deployment_id!r} of model {model.name!r} does not serve "
+            "WebSockets: its config.yaml needs `runtime.transport.kind: websocket` (and a model "
+            "class with `async def websocket`, or a custom server whose predict_endpoint "
+            "takes WebSockets); use .../predict for HTTP",
+            "not_websocket",
+            weighted,
+        )
+    return Miss(
+        400,
+        "this route takes a WebSocket handshake (`GET` with `Connection: Upgrade` and "
+        "`Upgrade: websocket`); connect with a WebSocket client, e.g. ws://…/websocket",
+        "websocket_required",
+        weighted,
+        upgrade=Target(dep, dep.websocket_path + suffix, model.model_id, weighted),
+    )

@@ -47,6 +47,8 @@ class DeploymentRoute:
     """How long a request waits for a waking deployment before 503."""
     message: str = ""
     """Why the deployment is inactive (shown in the 404/503 error)."""
+    websocket_path: str | None = None
+    """Path on the server that ``/websocket`` maps to; ``None``: not a WebSocket deployment."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class RoutingTable:
                     "queue_limit": d.queue_limit,
                     "hold_timeout_s": d.hold_timeout_s,
                     "message": d.message,
+                    "websocket_path": d.websocket_path,
                 }
                 for did, d in self.deployments.items()
             },
@@ -133,6 +136,7 @@ class RoutingTable:
                     queue_limit=int(d.get("queue_limit", 1000)),
                     hold_timeout_s=float(d.get("hold_timeout_s", 60.0)),
                     message=str(d.get("message", "")),
+                    websocket_path=d.get("websocket_path"),
                 )
                 for did, d in data.get("deployments", {}).items()
             },
