@@ -78,11 +78,6 @@ def test_websocket_routes_that_lead_nowhere(path: str, status: int, says: str) -
     assert found.status == status and says in found.message
 
 
-def test_predict_routes_never_carry_an_upgrade_target() -> None:
-    found = resolve(_table(), "", "/models/talk/production/predict")
-    assert isinstance(found, Target) and found.path == "/v1/models/model:predict"
-
-
 def test_the_gateway_keeps_a_websocket_answer_per_table() -> None:
     gw = Gateway(_table())
     url = b"/models/talk/production/websocket"
