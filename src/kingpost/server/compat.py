@@ -12,21 +12,20 @@ from typing import Any
 from kingpost.server.http import Connection, HttpRequest, status_line
 from kingpost.server.model import LOOP_STOPPERS
 
-__all__ = ["http_exception", "is_response", "make_request", "send_response"]
+__all__ = ["connection_scope", "http_exception", "is_response", "make_request", "send_response"]
 
 
-def make_request(req: HttpRequest, conn: Connection) -> Any:
-    """A ``starlette.requests.Request`` over an already received request."""
-    from starlette.requests import Request
-
-    sockname = conn.sockname()
-    peer = conn.peer()
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
+def connection_scope(
+    req: HttpRequest, conn: Connection, kind: str, spec_version: str
+) -> dict[str, Any]:
+    """The ASGI scope keys an HTTP request and a WebSocket share (``kind``: "http" or
+    "websocket"); each caller adds its own."""
+    sockname, peer = conn.sockname(), conn.peer()
+    return {
+        "type": kind,
+        "asgi": {"version": "3.0", "spec_version": spec_version},
         "http_version": "1.1",
-        "method": req.method,
-        "scheme": "http",
+        "scheme": "ws" if kind == "websocket" else "http",
         "path": req.path,
         "raw_path": req.path.encode("latin-1"),
         "query_string": req.query,
@@ -35,6 +34,14 @@ def make_request(req: HttpRequest, conn: Connection) -> Any:
         "server": tuple(sockname[:2]) if sockname else None,
         "client": tuple(peer[:2]) if peer else None,
     }
+
+
+def make_request(req: HttpRequest, conn: Connection) -> Any:
+    """A ``starlette.requests.Request`` over an already received request."""
+    from starlette.requests import Request
+
+    scope = connection_scope(req, conn, "http", "2.3")
+    scope["method"] = req.method
     request = Request(scope, _receiver(req, conn))
     # The body is all here: ``body()``/``json()`` return it even after an
     # ``is_disconnected()`` check has taken the one body message from ``receive``.

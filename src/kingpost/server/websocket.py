@@ -37,6 +37,7 @@ from time import perf_counter
 from typing import Any
 
 from kingpost.server import codec, wsframes
+from kingpost.server.compat import connection_scope
 from kingpost.server.eager import on_task
 from kingpost.server.http import Connection, HttpRequest, status_line
 from kingpost.server.logs import log_event
@@ -100,21 +101,9 @@ class Session:
 
     # -- the ASGI channel --------------------------------------------------------------------
     def scope(self) -> dict[str, Any]:
-        req, conn = self.req, self.conn
-        sockname, peer = conn.sockname(), conn.peer()
-        offered = req.headers.get("sec-websocket-protocol", "")
+        offered = self.req.headers.get("sec-websocket-protocol", "")
         return {
-            "type": "websocket",
-            "asgi": {"version": "3.0", "spec_version": "2.4"},
-            "http_version": "1.1",
-            "scheme": "ws",
-            "path": req.path,
-            "raw_path": req.path.encode("latin-1"),
-            "query_string": req.query,
-            "root_path": "",
-            "headers": req.raw_headers,
-            "server": tuple(sockname[:2]) if sockname else None,
-            "client": tuple(peer[:2]) if peer else None,
+            **connection_scope(self.req, self.conn, "websocket", "2.4"),
             "subprotocols": [p.strip() for p in offered.split(",") if p.strip()],
             "state": {},
         }
