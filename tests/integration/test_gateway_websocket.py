@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -175,3 +177,56 @@ def test_the_server_sees_the_gateways_request_id(gw: Running, model_server: Serv
         10,
         "the model server's log line with the request id",
     )
+
+
+def _handshake(path: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: {AUTH['Authorization']}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("how", ["close", "half-close"])
+def test_a_handshake_given_up_in_the_queue_takes_no_slot(gw: Running, how: str) -> None:
+    # With concurrency 1 and the slot taken, a client sends a handshake and leaves before
+    # its turn. When the slot frees, it must go to the next client that is still there, not
+    # to a tunnel nobody reads.
+    path = "/models/talk/environments/one/websocket"
+    with ws(gw, path) as first:
+        first.send("a")
+        assert first.recv(timeout=10) == "echo: a"
+        quitter = socket.create_connection(("127.0.0.1", gw.port))
+        quitter.sendall(_handshake(path))
+        time.sleep(0.3)  # queued behind `first`
+        if how == "close":
+            quitter.close()
+        else:
+            quitter.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+    try:
+        with ws(gw, path, timeout=5) as third:
+            third.send("c")
+            assert third.recv(timeout=10) == "echo: c"
+    finally:
+        quitter.close()
+
+
+def test_a_client_half_close_reaches_the_replica(gw: Running) -> None:
+    # A TCP tunnel passes a half-close on: the replica sees the end of the client's stream,
+    # ends the WebSocket, and its slot is free for the next client.
+    path = "/models/talk/environments/one/websocket"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+        raw.sendall(_handshake(path))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = raw.recv(4096)
+            assert chunk, "the gateway closed before answering the handshake"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101")
+        raw.shutdown(socket.SHUT_WR)
+        while raw.recv(4096):  # the replica closes its side once it sees the EOF
+            pass
+    with ws(gw, path, timeout=5) as after:
+        after.send("d")
+        assert after.recv(timeout=10) == "echo: d"

@@ -166,6 +166,18 @@ class ClientConn(StreamConn):
             self._serve_next()
 
     def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            # A handshake still waiting for its replica: WebSocket clients do not half-close,
+            # so this one left. Closing cancels the wait, and no slot goes to an empty tunnel.
+            return False
+        if self.raw_sink is not None:
+            # A live tunnel passes the half-close on; the replica decides when to end.
+            upstream = self.upstream
+            transport = upstream.transport if upstream is not None else None
+            if transport is not None and transport.can_write_eof():
+                transport.write_eof()
+                return True
+            return False
         # Half-closed client: answer what it asked, then close.
         self.eof = True
         if not self._drop_unfinished():
