@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_platform_models import FIXTURES
 from test_platform_push import copy_project
+from websockets.sync.client import connect
 
 from helpers.platform import EXAMPLES, Platform, wait_for
 
@@ -167,6 +169,23 @@ def test_model_class_project_runs_in_a_container(dplatform: Platform, tmp_path: 
         r = gw.post(f"/models/{model_id}/environments/production/predict", json={"text": "hi"})
         assert r.status_code == 200, r.text
         assert "hi" in r.text
+
+
+def test_a_websocket_model_in_a_container(dplatform: Platform) -> None:
+    # The gateway's upgrade tunnel reaches a replica behind Docker's port mapping, and the
+    # server in the image (with its own framing) speaks WebSocket there too.
+    with dplatform.client() as c:
+        result = c.push(FIXTURES / "websocket_echo")
+    dplatform.wait_status(result["deployment"]["id"], "ACTIVE", timeout=600)
+    url = dplatform.gateway_url.replace("http://", "ws://")
+    with connect(
+        f"{url}/models/{result['model']['id']}/production/websocket",
+        additional_headers={"Authorization": f"Api-Key {dplatform.api_key}"},
+        open_timeout=30,
+    ) as client:
+        for word in ("one", "two"):
+            client.send(word)
+            assert client.recv(timeout=10) == f"echo: {word}"
 
 
 def test_failing_build_command_is_reported(dplatform: Platform, tmp_path: Path) -> None:
