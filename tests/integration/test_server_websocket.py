@@ -188,6 +188,16 @@ def test_frames_on_the_wire(tmp_path: Path) -> None:
             assert raw.recv_close()[0] == code
             assert raw.at_eof()
             raw.close()
+        # A whole message and a bad frame in one read: the connection fails with 1007 at
+        # once, and the message before the bad frame still reaches the model ("raise" makes
+        # it say so in the log).
+        raw = RawWebSocket(server.port)
+        raw.open(handshake("/v1/websocket", extra="X-Baseten-Request-Id: kept-1\r\n"))
+        raw.send(frame(0x1, b"raise") + frame(0x1, b"\xfe"))
+        assert raw.recv_close()[0] == 1007
+        raw.close()
+        line = logged(server, MODEL_ERROR, request_id="kept-1")
+        assert "raised on purpose in websocket()" in line["traceback"]
 
 
 def test_requests_before_an_upgrade_on_one_connection_are_answered_first(tmp_path: Path) -> None:

@@ -187,12 +187,11 @@ class Session:
         """Bytes from the client after the handshake."""
         if self.final is not None:
             return
+        error: ProtocolError | None = None
         try:
             events = self._parser.feed(data)
         except ProtocolError as exc:
-            log.warning("closing the WebSocket: %s", exc.reason)
-            self._fail(exc.code, exc.reason)
-            return
+            events, error = exc.events, exc  # what came before the bad frame still counts
         for event in events:
             if isinstance(event, Message):
                 self._deliver(event.data)
@@ -208,6 +207,9 @@ class Session:
                     self._write(wsframes.close_frame(event.code))  # the echo RFC 6455 asks
                 self._end(event.code, event.reason)
                 return
+        if error is not None:
+            log.warning("closing the WebSocket: %s", error.reason)
+            self._fail(error.code, error.reason)
 
     def _deliver(self, data: str | bytes) -> None:
         if self.close_sent:

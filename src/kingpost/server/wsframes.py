@@ -89,6 +89,8 @@ class ProtocolError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.events: list[Event] = []
+        """What the same bytes completed before the bad frame: still the client's words."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,14 @@ class FrameParser:
         buf = self._buf
         buf += data
         events: list[Event] = []
+        try:
+            self._parse(buf, events)
+        except ProtocolError as exc:
+            exc.events = events
+            raise
+        return events
+
+    def _parse(self, buf: bytearray, events: list[Event]) -> None:
         while len(buf) >= 2:
             first, second = buf[0], buf[1]
             fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
@@ -163,7 +173,6 @@ class FrameParser:
             event = self._frame(bool(fin), opcode, payload)
             if event is not None:
                 events.append(event)
-        return events
 
     def _check_header(self, rsv: int, masked: int, fin: int, opcode: int, length: int) -> None:
         if rsv:
