@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import os
 import socket
 import struct
@@ -664,3 +665,135 @@ def test_a_slot_handed_to_a_task_that_never_ran_is_released(
     wait_for(lambda: dispatcher.inflight == {"r0": 0}, 5, "the slot to be released")
     data = raw_exchange(gw.port, _req(b"after", close=True))
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"after")
+
+
+def _handshake(path: str = "/models/echo/production/sync/ws", key: str = KEY) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Api-Key {key}\r\n"
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    ).encode()
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("key", ["wrong", KEY], ids=["401", "no-replica-answer"])
+def test_an_upgrade_that_gets_no_tunnel_ends_its_connection(
+    gw: Running, scripted: Callable[..., _Scripted], key: str
+) -> None:
+    # After an upgrade request the client's bytes are not HTTP any more, so a refusal (here
+    # a 401, or a 502 from replicas that hang up without a byte, after one retry) closes
+    # the connection instead of leaving it open to swallow whatever comes next.
+    dropper = scripted(lambda n, body: None)
+    gw.table(route(dropper.port, predict_path="/ws"))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(_handshake(key=key) + b"frames the client sent early")
+        answer = _read_until_closed(s)
+    status = b"401" if key == "wrong" else b"502"
+    assert answer.startswith(b"HTTP/1.1 " + status), answer
+    assert b"connection: close" in answer.lower()
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["code"] in ("unauthorized", "bad_gateway")
+    if key == KEY:
+        assert len(dropper.bodies) == 2  # tried, then retried once
+
+
+def test_a_handshake_retried_after_a_replica_that_took_nothing(
+    gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    srv, thread = _upgrade_server()
+    dropper = scripted(lambda n, body: None)
+    try:
+        # Ties rotate starting from the second replica, so the dropper is tried first.
+        gw.table(route(int(srv.getsockname()[1]), dropper.port, predict_path="/ws"))
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(_handshake())
+            data = b""
+            while b"welcome;" not in data:
+                chunk = s.recv(4096)
+                assert chunk, data
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 101")
+            s.sendall(b"hi")
+            more = b""
+            while b"HI" not in more:
+                more += s.recv(4096)
+        assert len(dropper.bodies) == 1  # it was tried first and took nothing
+    finally:
+        srv.close()
+        thread.join(5)
+
+
+def test_a_tunnel_stops_reading_the_client_when_the_replica_stops_reading(gw: Running) -> None:
+    # Flow control inside a tunnel, client to replica: a replica that reads nothing more
+    # after its 101 must stall the client's sends, not have the gateway buffer them.
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def replica() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(1)
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n"
+            )
+            stop.wait(30)  # reads nothing more
+
+    thread = threading.Thread(target=replica, daemon=True)
+    thread.start()
+    try:
+        gw.table(route(int(srv.getsockname()[1]), predict_path="/ws"))
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(_handshake())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+            assert head.startswith(b"HTTP/1.1 101")
+            s.settimeout(2)
+            sent, block, cap = 0, b"x" * (1 << 20), 512 << 20
+            try:
+                while sent < cap:
+                    sent += s.send(block)
+            except TimeoutError:
+                pass
+        # Socket buffers on the way hold a few MiB each; without flow control the gateway
+        # reads everything the client sends.
+        assert sent < 64 << 20, f"{sent >> 20} MiB went into the tunnel and nobody read it"
+    finally:
+        stop.set()
+        srv.close()
+        thread.join(5)
+
+
+def test_bytes_behind_a_queued_handshake_are_bounded(
+    gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    # A handshake waiting for a slot keeps what the client sends after it (the tunnel will
+    # want it), but only so much: past that the gateway stops reading that client.
+    release = threading.Event()
+    holder = scripted(lambda n, body: _ok(b"done") if release.wait(30) else None)
+    gw.table(route(holder.port, predict_path="/ws", concurrency=1))
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(
+            httpx.post, f"{gw.url}/models/echo/production/sync/ws", headers=AUTH, timeout=30
+        )
+        wait_for(lambda: len(holder.bodies) == 1, 5, "the only slot taken")
+        try:
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+                s.sendall(_handshake())
+                s.settimeout(2)
+                sent, block, cap = 0, b"x" * (1 << 20), 512 << 20
+                try:
+                    while sent < cap:
+                        sent += s.send(block)
+                except TimeoutError:
+                    pass
+        finally:
+            release.set()
+        assert held.result().status_code == 200
+    assert sent < 64 << 20, f"{sent >> 20} MiB read behind a handshake still in the queue"

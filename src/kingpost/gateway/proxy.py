@@ -104,7 +104,9 @@ class _Request:
         return None
 
 
-def _error_body(status: int, message: str, code: str, request_id: str) -> bytes:
+def _error_body(
+    status: int, message: str, code: str, request_id: str, close: bool = False
+) -> bytes:
     body = json.dumps({"error": message, "code": code}).encode()
     reason = {
         400: "Bad Request",
@@ -115,9 +117,11 @@ def _error_body(status: int, message: str, code: str, request_id: str) -> bytes:
         502: "Bad Gateway",
         503: "Service Unavailable",
     }.get(status, "Error")
+    connection = "connection: close\r\n" if close else ""
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nx-baseten-request-id: {request_id}\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-baseten-request-id: {request_id}\r\n"
+        f"{connection}\r\n"
     ).encode() + body
 
 
@@ -146,7 +150,7 @@ class ClientConn(StreamConn):
         if self.forward_raw(data):
             return
         if self.tunnel is not None:
-            self.tunnel.tunnel_buf += data
+            self._hold_for_tunnel(data)
             return
         try:
             self.parser.feed_data(data)
@@ -157,13 +161,23 @@ class ClientConn(StreamConn):
                 self._fail_and_close(400, "upgrade without a request")
                 return
             req.upgrade = True
-            req.tunnel_buf += data[int(exc.args[0]) :]
             self.tunnel = req
+            self._hold_for_tunnel(data[int(exc.args[0]) :])
         except httptools.HttpParserError as exc:
             # Requests parsed before the bad bytes are still answered, then this error.
             self._fail_and_close(400, f"malformed HTTP request: {exc}")
         if self.pending and not self.busy:
             self._serve_next()
+
+    def _hold_for_tunnel(self, data: bytes) -> None:
+        """Keep what the client sent after its handshake until the tunnel opens; past
+        :data:`REPLAY_LIMIT` stop reading (the client is sending before any 101)."""
+        assert self.tunnel is not None
+        buf = self.tunnel.tunnel_buf
+        buf += data
+        if len(buf) > REPLAY_LIMIT and not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
@@ -485,6 +499,11 @@ class ClientConn(StreamConn):
 
     def _reject(self, req: _Request, status: int, message: str, code: str, rid: str) -> bool:
         assert self.transport is not None
+        if req.upgrade:
+            # After an upgrade request the client's stream is no longer HTTP (it may already
+            # be sending frames): the refusal ends the connection.
+            self.transport.write(_error_body(status, message, code, rid, close=True))
+            return False
         self.transport.write(_error_body(status, message, code, rid))
         # The body, if any, was not read: the connection cannot be reused unless it's complete.
         return req.complete or (req.content_length in (None, b"0") and not req.chunked)
@@ -492,6 +511,8 @@ class ClientConn(StreamConn):
     async def _forward(self, req: _Request, slot: Slot, path: str, rid: str) -> str:
         """Proxy one request; returns "ok", "close" (client conn must close) or "retry"."""
         gw = self.gw
+        if self.closed:
+            return "close"  # the client left while the request waited: nobody to answer
         try:
             if req.upgrade:
                 conn, reused = await gw.pool.connect(slot.key), False
@@ -522,8 +543,10 @@ class ClientConn(StreamConn):
         finally:
             self.upstream = None
         if req.upgrade:
+            if result == "lost" and self._settle(req, conn, exchange, False, result) == "retry":
+                return "retry"  # the replica took nothing: another may take the handshake
             conn.close()
-            return "close"  # the replica refused the upgrade; the client stream is raw
+            return "close"  # refused or lost: after an upgrade request the stream is raw
         return self._settle(req, conn, exchange, reused, result)
 
     def _settle(
@@ -547,6 +570,7 @@ class ClientConn(StreamConn):
                         "the replica closed the connection",
                         "bad_gateway",
                         exchange.rid.decode("latin-1"),
+                        close=True,  # this connection ends here
                     )
                 )
             return "close"
@@ -568,12 +592,16 @@ class ClientConn(StreamConn):
 
         conn.on_close = self.on_close = finish
         conn.raw_sink = client.write
+        conn.feeder = client  # the replica's full buffer pauses reading from the client
         if conn.leftover:
             client.write(conn.leftover)
         self.raw_sink = conn.write
         self.tunnel = None
         if req.tunnel_buf:
             conn.write(bytes(req.tunnel_buf))
+        if self._paused_reading:
+            self._paused_reading = False
+            client.resume_reading()
         if client.is_closing() or conn.transport.is_closing():
             finish()
         try:

@@ -100,6 +100,9 @@ class UpstreamConn(StreamConn):
         self.upgraded = False
         """The replica switched protocols (101): bytes now flow raw both ways."""
         self.leftover = b""
+        """Raw bytes the replica sent after its 101, kept until the tunnel takes them."""
+        self.feeder: asyncio.Transport | None = None
+        """In a tunnel, the client transport whose bytes this connection writes."""
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._interim = False
@@ -107,6 +110,9 @@ class UpstreamConn(StreamConn):
     # -- asyncio.Protocol --------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.forward_raw(data):
+            return
+        if self.upgraded:  # after the 101, before the tunnel: raw bytes, not HTTP
+            self.leftover += data
             return
         self.got_bytes = True
         try:
@@ -119,6 +125,16 @@ class UpstreamConn(StreamConn):
             return
         if self.exchange is not None:
             self.exchange.flush()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.feeder is not None:
+            self.feeder.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.feeder is not None:
+            self.feeder.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.mark_lost()
