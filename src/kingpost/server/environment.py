@@ -70,12 +70,15 @@ class EnvironmentWatch:
         if self.path is None:
             return None
         try:
-            st = self.path.stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp == self._stamp:
-                return None
-            text = self.path.read_text()
-        except OSError:
+            # The stamp comes from the open file, so it describes exactly the text read even
+            # when the controller renames a new file into place meanwhile.
+            with self.path.open(encoding="utf-8") as f:
+                st = os.fstat(f.fileno())
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if stamp == self._stamp:
+                    return None
+                text = f.read()
+        except (OSError, ValueError):
             return None
         self._stamp = stamp
         return _parse(text, str(self.path))
