@@ -24,6 +24,7 @@ import uvloop
 
 from helpers.platform import free_port, raw_exchange, wait_for
 from helpers.upstream import Upstream, upstream
+from helpers.wsraw import RawWebSocket, handshake
 from kingpost.gateway.server import Gateway
 from kingpost.gateway.table import (
     DeploymentRoute,
@@ -668,17 +669,20 @@ def test_a_slot_handed_to_a_task_that_never_ran_is_released(
 
 
 def _handshake(path: str = "/models/echo/production/sync/ws", key: str = KEY) -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Api-Key {key}\r\n"
-        "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-    ).encode()
+    """A WebSocket handshake to the gateway, carrying an API key."""
+    return handshake(path, extra=f"Authorization: Api-Key {key}\r\n")
 
 
-def _read_until_closed(s: socket.socket) -> bytes:
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    return data
+def _send_until_stalled(s: socket.socket, cap: int = 512 << 20) -> int:
+    """How many bytes ``s`` sends (up to ``cap``) before 2 s pass without progress."""
+    s.settimeout(2)
+    sent, block = 0, b"x" * (1 << 20)
+    try:
+        while sent < cap:
+            sent += s.send(block)
+    except TimeoutError:
+        pass
+    return sent
 
 
 @pytest.mark.parametrize("key", ["wrong", KEY], ids=["401", "no-replica-answer"])
@@ -690,9 +694,7 @@ def test_an_upgrade_that_gets_no_tunnel_ends_its_connection(
     # the connection instead of leaving it open to swallow whatever comes next.
     dropper = scripted(lambda n, body: None)
     gw.table(route(dropper.port, predict_path="/ws"))
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-        s.sendall(_handshake(key=key) + b"frames the client sent early")
-        answer = _read_until_closed(s)
+    answer = raw_exchange(gw.port, _handshake(key=key) + b"frames the client sent early")
     status = b"401" if key == "wrong" else b"502"
     assert answer.startswith(b"HTTP/1.1 " + status), answer
     assert b"connection: close" in answer.lower()
@@ -748,19 +750,12 @@ def test_a_tunnel_stops_reading_the_client_when_the_replica_stops_reading(gw: Ru
     thread.start()
     try:
         gw.table(route(int(srv.getsockname()[1]), predict_path="/ws"))
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-            s.sendall(_handshake())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += s.recv(4096)
-            assert head.startswith(b"HTTP/1.1 101")
-            s.settimeout(2)
-            sent, block, cap = 0, b"x" * (1 << 20), 512 << 20
-            try:
-                while sent < cap:
-                    sent += s.send(block)
-            except TimeoutError:
-                pass
+        raw = RawWebSocket(gw.port)
+        try:
+            assert raw.open(_handshake()).startswith(b"HTTP/1.1 101")
+            sent = _send_until_stalled(raw.sock)
+        finally:
+            raw.close()
         # Socket buffers on the way hold a few MiB each; without flow control the gateway
         # reads everything the client sends.
         assert sent < 64 << 20, f"{sent >> 20} MiB went into the tunnel and nobody read it"
@@ -786,13 +781,7 @@ def test_bytes_behind_a_queued_handshake_are_bounded(
         try:
             with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
                 s.sendall(_handshake())
-                s.settimeout(2)
-                sent, block, cap = 0, b"x" * (1 << 20), 512 << 20
-                try:
-                    while sent < cap:
-                        sent += s.send(block)
-                except TimeoutError:
-                    pass
+                sent = _send_until_stalled(s)
         finally:
             release.set()
         assert held.result().status_code == 200

@@ -11,12 +11,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import httpx
 import pytest
-from test_gateway_proxy import AUTH, KEY, Running
+from test_gateway_proxy import AUTH, KEY, Running, _handshake
 from test_server_harness import ServerProcess, ready_server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from helpers.platform import wait_for
+from helpers.wsraw import RawWebSocket
 from kingpost.gateway.table import (
     DeploymentRoute,
     DeploymentState,
@@ -179,14 +180,6 @@ def test_the_server_sees_the_gateways_request_id(gw: Running, model_server: Serv
     )
 
 
-def _handshake(path: str) -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: {AUTH['Authorization']}\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    ).encode()
-
-
 @pytest.mark.parametrize("how", ["close", "half-close"])
 def test_a_handshake_given_up_in_the_queue_takes_no_slot(gw: Running, how: str) -> None:
     # With concurrency 1 and the slot taken, a client sends a handshake and leaves before
@@ -216,17 +209,13 @@ def test_a_client_half_close_reaches_the_replica(gw: Running) -> None:
     # A TCP tunnel passes a half-close on: the replica sees the end of the client's stream,
     # ends the WebSocket, and its slot is free for the next client.
     path = "/models/talk/environments/one/websocket"
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
-        raw.sendall(_handshake(path))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = raw.recv(4096)
-            assert chunk, "the gateway closed before answering the handshake"
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101")
-        raw.shutdown(socket.SHUT_WR)
-        while raw.recv(4096):  # the replica closes its side once it sees the EOF
-            pass
+    raw = RawWebSocket(gw.port)
+    try:
+        assert raw.open(_handshake(path)).startswith(b"HTTP/1.1 101")
+        raw.sock.shutdown(socket.SHUT_WR)
+        assert raw.at_eof()  # the replica closes its side once it sees the EOF
+    finally:
+        raw.close()
     with ws(gw, path, timeout=5) as after:
         after.send("d")
         assert after.recv(timeout=10) == "echo: d"
