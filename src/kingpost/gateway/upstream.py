@@ -111,20 +111,22 @@ class UpstreamConn(StreamConn):
     def data_received(self, data: bytes) -> None:
         if self.forward_raw(data):
             return
-        if self.upgraded:  # after the 101, before the tunnel: raw bytes, not HTTP
-            self.leftover += data
-            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
             self.leftover = data[int(exc.args[0]) :]
+            # Raw from here on: until the tunnel takes over, later bytes join the leftover.
+            self.raw_sink = self._keep
         except httptools.HttpParserError as exc:
             self._lose(exc)
             return
         if self.exchange is not None:
             self.exchange.flush()
+
+    def _keep(self, data: bytes) -> None:
+        self.leftover += data
 
     def pause_writing(self) -> None:
         super().pause_writing()
