@@ -170,8 +170,16 @@ def test_is_healthy_without_an_answer_is_ready_and_loaded_skips_it(
     try:
         assert client.get("/v1/models/model").status_code == 503
         assert client.get("/v1/models/model/loaded").status_code == 200
+        # SageMaker's readiness name answers like ``loaded``, as in Truss.
+        assert (client.get("/ping").status_code, client.get("/ping").json()) == (200, {})
     finally:
         flag.unlink()
+
+
+def test_sagemaker_invocations_is_predict(client: httpx.Client) -> None:
+    r = client.post("/invocations", json={"case": "echo", "n": 1})
+    assert (r.status_code, r.json()) == (200, {"case": "echo", "n": 1})
+    assert client.get("/invocations").status_code == 404
 
 
 def test_a_disconnect_check_leaves_the_body_readable(client: httpx.Client) -> None:

@@ -165,7 +165,11 @@ class ModelServer:
         REQUEST_ID.set(rid)
         headers = [(b"x-baseten-request-id", rid.encode("latin-1"))]
         path, method = req.path, req.method
-        if method == "POST" and path.startswith("/v1/models/") and ":predict" in path:
+        if method == "POST" and (
+            (path.startswith("/v1/models/") and ":predict" in path) or path == "/invocations"
+        ):
+            # ``/invocations`` and ``/ping`` are SageMaker's names for predict and loaded,
+            # which Truss's server answers too.
             route = "predict"
             status = await self._predict(_Call(req, conn, headers))
         elif method == "POST" and path in OPENAI_ROUTES:
@@ -180,10 +184,12 @@ class ModelServer:
         elif path.endswith("/schema") and path.startswith("/v1/models/") and method == "GET":
             route = "schema"
             status = self._schema(conn, headers)
-        elif path.startswith("/v1/models/") and method in ("GET", "HEAD"):
+        elif (path.startswith("/v1/models/") or path == "/ping") and method in ("GET", "HEAD"):
             route = "ready"
-            # ``.../loaded`` says whether load() finished, without asking is_healthy.
-            status = await self._ready(conn, headers, not path.endswith("/loaded"))
+            # ``.../loaded`` and ``/ping`` say whether load() finished, without asking
+            # is_healthy.
+            ask_model = path != "/ping" and not path.endswith("/loaded")
+            status = await self._ready(conn, headers, ask_model)
         elif path == "/metrics" and method == "GET":
             route, status = "metrics", 200
             body = self.metrics.render().encode() + _user_metrics()
