@@ -97,6 +97,41 @@ def test_requirement_conflicting_with_the_server_fails_with_installer_output(
 
 
 @pytest.mark.slow
+def test_without_uv_pip_builds_the_same_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback installer: ``python -m venv`` and pip, with the same steps and checks."""
+    monkeypatch.setattr("kingpost.envs.installer.find_uv", lambda: None)
+    config = _config(requirements=["six==1.16.0"])
+    lines: list[str] = []
+    result = ensure_environment(config, tmp_path, tmp_path / "envs", lines.append)
+    assert any("with pip" in line for line in lines), lines
+    probe = [
+        result.python_executable,
+        "-c",
+        "import six, kingpost.server.main; print(six.__version__)",
+    ]
+    out = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1.16.0"
+    # Its environments are kept apart from uv's: the installer is part of the hash.
+    monkeypatch.undo()
+    with_uv = ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    assert (with_uv.env_hash != result.env_hash, with_uv.reused) == (True, False)
+
+
+def test_a_uv_lock_without_uv_is_a_build_error_that_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kingpost.envs.installer.find_uv", lambda: None)
+    (tmp_path / "uv.lock").write_text("version = 1\n")
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "m"\nversion = "0"\n')
+    config = _config(requirements_file="uv.lock")
+    with pytest.raises(BuildError, match="needs uv"):
+        ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    assert not (tmp_path / "envs").exists()  # refused before any venv was made
+
+
+@pytest.mark.slow
 def test_requirements_file_is_installed(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("six==1.16.0\n")
     config = _config(requirements_file="requirements.txt")

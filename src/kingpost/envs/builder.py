@@ -147,6 +147,10 @@ def ensure_environment(
         log("no requirements: using the platform's interpreter")
         return EnvironmentResult(interpreter.executable, "base", reused=True)
     installer = Installer(log)
+    if not installer.uv and any(name == "uv.lock" for name, _ in inputs.files):
+        raise BuildError(
+            "requirements_file is a uv.lock, which needs uv; install uv (pip install uv)"
+        )
     env_hash = _hash(inputs, installer)
     target = envs_dir / env_hash
     with locked(envs_dir / f".{env_hash}.lock"):
@@ -201,12 +205,9 @@ def _install_args(inputs: _Inputs, staging: Path, installer: Installer) -> list[
         deps = tomllib.loads(text).get("project", {}).get("dependencies", [])
         (work / "requirements.txt").write_text("\n".join(deps) + "\n")
     elif name == "uv.lock":
+        assert installer.uv, "ensure_environment refuses a uv.lock without uv"
         (work / "uv.lock").write_text(text)
         (work / "pyproject.toml").write_text(inputs.files[1][1])
-        if not installer.uv:
-            raise BuildError(
-                "requirements_file is a uv.lock, which needs uv; install uv (pip install uv)"
-            )
         exported = run_logged(
             [installer.uv, "export", "--frozen", "--no-hashes", "--no-header", "--no-emit-project",
              "--format", "requirements-txt"],
