@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,6 +189,27 @@ def test_s3_bad_credentials_name_the_secret_not_its_value(s3: object, tmp_path: 
         lambda: mgr.status("dep").state == MirrorState.FAILED and mgr.status("dep"), 20, "failure"
     )
     assert st and "kingpost secrets set creds" in st.error
+
+
+@pytest.mark.parametrize("key", ["llama/../../../escape.bin", "llama//abs-escape.bin"])
+def test_listed_names_that_leave_the_mount_fail_the_mirror(
+    s3: Any, tmp_path: Path, key: str
+) -> None:
+    """An object key is a name chosen by whoever writes the bucket: `..` parts or a leading
+    `/` after the prefix must never place a file outside the mirror's tree."""
+    s3.put_object(Bucket="weights", Key=key, Body=b"outside")
+    try:
+        mgr = WeightsManager(tmp_path / "store" / "a" / "b")
+        mgr.start("dep", entries(s3_cfg()), CREDS)
+        done = (MirrorState.COMPLETE, MirrorState.FAILED)
+        st = wait_for(lambda: (s := mgr.status("dep")).state in done and s, 30, "the mirror")
+    finally:
+        s3.delete_object(Bucket="weights", Key=key)  # moto's buckets outlive the server
+    assert st and st.state == MirrorState.FAILED, st
+    assert "not a relative path inside the source" in st.error, st.error
+    assert key.removeprefix("llama/") in st.error
+    assert not [p for p in tmp_path.rglob("*escape*")]
+    assert not Path("/abs-escape.bin").exists()
 
 
 # -- the Hub API against a local hub-compatible server ----------------------------------------

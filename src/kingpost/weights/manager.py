@@ -123,6 +123,17 @@ def _transport_errors() -> type[Exception]:
     return httpx.TransportError
 
 
+def _check_relative(source: str, path: str) -> None:
+    """Refuse a listed name that would land outside the mirror's tree (or nowhere)."""
+    parts = path.split("/")
+    if path.startswith("/") or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise WeightsError(
+            f"{source}: the source lists {path!r}, which is not a relative path inside the "
+            "source (it is absolute or has empty, `.` or `..` parts); rename or remove that "
+            "object, or exclude it with ignore_patterns"
+        )
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -196,6 +207,8 @@ class WeightsManager:
         ]  # fmt: skip
         if not files:
             raise WeightsError(f"{entry.source}: no files match the patterns")
+        for f in files:
+            _check_relative(entry.source, f.path)
         listing = source.pinned or _digest([(f.path, f.size, f.etag) for f in files])
         manifest_id = _digest(entry.source, entry.allow_patterns, entry.ignore_patterns, listing)
         known = self.store.manifest(manifest_id)
