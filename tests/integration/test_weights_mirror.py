@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -16,6 +17,9 @@ from helpers.platform import wait_for
 from kingpost.config import parse_config
 from kingpost.config.sources import WeightsSource
 from kingpost.weights import MirrorState, MirrorStatus, WeightsManager, validate_weights
+from kingpost.weights import manager as manager_module
+from kingpost.weights.blobs import BlobStore, Manifest
+from kingpost.weights.sources import LocalSource, RemoteFile
 
 
 def entries(text: str) -> list[WeightsSource]:
@@ -109,6 +113,36 @@ def test_gc_keeps_referenced_blobs(tmp_path: Path) -> None:
     assert (report.removed_blobs, report.removed_bytes) == (1, 1010)
     assert report.kept_bytes == 500_005
     assert not abandoned.exists() and fresh.exists()  # a download in progress is kept
+
+
+def test_a_tree_is_never_a_path_that_was_not_built(tmp_path: Path) -> None:
+    """`a` and `a/b` cannot both be files of one tree; that is an error, not a missing tree."""
+    store = BlobStore(tmp_path / "store")
+    (tmp_path / "x").write_bytes(b"x")
+    digest = store.commit(tmp_path / "x", 1)
+    clash = Manifest("clash", "s3://b/p", "r", {"a": (digest, 1), "a/b": (digest, 1)})
+    with pytest.raises(OSError):
+        store.tree(clash)
+    assert not (tmp_path / "store" / "trees" / "clash").exists()
+    assert not list((tmp_path / "store" / "tmp").iterdir())
+
+
+def test_a_file_named_like_a_directory_of_another_fails_the_mirror(tmp_path: Path) -> None:
+    class Clashing(LocalSource):
+        def files(self) -> list[RemoteFile]:
+            return [RemoteFile("a", 1, "e1"), RemoteFile("a/b", 1, "e2")]
+
+        def fetch(self, f: RemoteFile, out: Any, start: int = 0, end: int | None = None) -> None:
+            out.write(b"x")
+
+    mgr = WeightsManager(tmp_path / "store")
+    cfg = f"weights:\n  - source: file://{tmp_path}\n    mount_location: /m\n"
+    with mock.patch.object(manager_module, "open_source", lambda *a: Clashing(tmp_path)):
+        mgr.start("dep", entries(cfg), {})
+        done = (MirrorState.COMPLETE, MirrorState.FAILED)
+        st = wait_for(lambda: (s := mgr.status("dep")).state in done and s, 30, "the mirror")
+    assert st and st.state == MirrorState.FAILED, st
+    assert "'a' is both a file and the directory of 'a/b'" in st.error
 
 
 def test_validation_names_the_missing_auth() -> None:

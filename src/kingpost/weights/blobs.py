@@ -143,12 +143,13 @@ class BlobStore:
             tmp.mkdir(exist_ok=True)
             for dirpath, _, _ in os.walk(tmp, topdown=False):
                 os.chmod(dirpath, 0o555)
-            os.rename(tmp, final)
-        except FileExistsError:
-            _remove_tree(tmp)  # built by a concurrent caller
         except OSError:
             _remove_tree(tmp)
             raise
+        try:
+            os.rename(tmp, final)
+        except FileExistsError:
+            _remove_tree(tmp)  # built by a concurrent caller
         return final
 
     # -- pins --------------------------------------------------------------------------

@@ -123,15 +123,25 @@ def _transport_errors() -> type[Exception]:
     return httpx.TransportError
 
 
-def _check_relative(source: str, path: str) -> None:
-    """Refuse a listed name that would land outside the mirror's tree (or nowhere)."""
-    parts = path.split("/")
-    if path.startswith("/") or "\0" in path or any(p in ("", ".", "..") for p in parts):
-        raise WeightsError(
-            f"{source}: the source lists {path!r}, which is not a relative path inside the "
-            "source (it is absolute or has empty, `.` or `..` parts); rename or remove that "
-            "object, or exclude it with ignore_patterns"
-        )
+def _check_paths(source: str, paths: list[str]) -> None:
+    """Refuse listed names that would land outside the mirror's tree, or nowhere."""
+    dirs: dict[str, str] = {}
+    for path in paths:
+        parts = path.split("/")
+        if path.startswith("/") or "\0" in path or any(p in ("", ".", "..") for p in parts):
+            raise WeightsError(
+                f"{source}: the source lists {path!r}, which is not a relative path inside the "
+                "source (it is absolute or has empty, `.` or `..` parts); rename or remove "
+                "that object, or exclude it with ignore_patterns"
+            )
+        for i in range(1, len(parts)):
+            dirs.setdefault("/".join(parts[:i]), path)
+    for path in paths:
+        if path in dirs:
+            raise WeightsError(
+                f"{source}: {path!r} is both a file and the directory of {dirs[path]!r}, "
+                "which one tree cannot hold; exclude one of them with ignore_patterns"
+            )
 
 
 def _digest(*parts: object) -> str:
@@ -207,8 +217,7 @@ class WeightsManager:
         ]  # fmt: skip
         if not files:
             raise WeightsError(f"{entry.source}: no files match the patterns")
-        for f in files:
-            _check_relative(entry.source, f.path)
+        _check_paths(entry.source, [f.path for f in files])
         listing = source.pinned or _digest([(f.path, f.size, f.etag) for f in files])
         manifest_id = _digest(entry.source, entry.allow_patterns, entry.ignore_patterns, listing)
         known = self.store.manifest(manifest_id)
