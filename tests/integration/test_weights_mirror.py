@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -124,6 +126,25 @@ def test_a_tree_is_never_a_path_that_was_not_built(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         store.tree(clash)
     assert not (tmp_path / "store" / "trees" / "clash").exists()
+    assert not list((tmp_path / "store" / "tmp").iterdir())
+
+
+def test_concurrent_callers_share_one_tree(tmp_path: Path) -> None:
+    """Renaming a tree onto one a concurrent caller built fails with ENOTEMPTY on Linux."""
+    store = BlobStore(tmp_path / "store")
+    (tmp_path / "x").write_bytes(b"x")
+    digest = store.commit(tmp_path / "x", 1)
+    m = Manifest("many", "s3://b/p", "r", {f"f{i}": (digest, 1) for i in range(50)})
+    barrier = threading.Barrier(4)
+
+    def build() -> Path:
+        barrier.wait()
+        return store.tree(m)
+
+    with ThreadPoolExecutor(4) as pool:
+        trees = list(pool.map(lambda _: build(), range(4)))
+    assert trees == [tmp_path / "store" / "trees" / "many"] * 4
+    assert len(list(trees[0].iterdir())) == 50
     assert not list((tmp_path / "store" / "tmp").iterdir())
 
 

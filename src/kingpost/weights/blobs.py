@@ -148,8 +148,11 @@ class BlobStore:
             raise
         try:
             os.rename(tmp, final)
-        except FileExistsError:
-            _remove_tree(tmp)  # built by a concurrent caller
+        except OSError:
+            _remove_tree(tmp)
+            if not final.is_dir():
+                raise
+            # built by a concurrent caller: Linux says ENOTEMPTY (not EEXIST) for a directory
         return final
 
     # -- pins --------------------------------------------------------------------------
