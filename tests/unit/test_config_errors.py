@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -221,3 +222,45 @@ def test_long_values_are_shortened_in_the_message() -> None:
     line = info.value.message.splitlines()[1]
     assert len(line) < 300 and line.endswith("...)")
     assert info.value.details["errors"][0]["value"] == "x" * 200
+
+
+def _laughs(levels: int) -> str:
+    lines = ["model_metadata:", "  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "line", "rule"),
+    [
+        ("model_name: x\nmodel_metadata: &a\n  b: *a\n", "model_metadata.b", 2,
+         "refers to an anchor that contains it"),
+        ("model_name: x\nrequirements: &a [*a]\n", "requirements[0]", 2,
+         "refers to an anchor that contains it"),
+        (_laughs(9), "model_metadata.a5", 7, "more than 1000000 values"),
+        ("model_metadata: " + "[" * 5000 + "]" * 5000 + "\n", "<root>", 1,
+         "nested more than 100 levels"),
+        ("model_metadata: " + "[" * 200_000 + "]" * 200_000 + "\n", "<root>", 1,
+         "nested more than 100 levels"),
+    ],
+    ids=["alias-in-own-mapping", "alias-in-own-list", "billion-laughs", "deep", "deeper-than-c"],
+)  # fmt: skip
+def test_aliases_and_nesting_get_a_clean_error_at_once(
+    text: str, path: str, line: int, rule: str
+) -> None:
+    """Each of these used to recurse or expand: RecursionError, a segfault of the C
+    composer (taking the API server with it) or minutes of CPU."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, filename="c.yaml")
+    assert time.monotonic() - started < 5
+    (error,) = info.value.details["errors"]
+    assert (error["path"], error["line"]) == (path, line)
+    assert rule in error["message"] and rule in info.value.message
+
+
+def test_shared_aliases_are_fine() -> None:
+    text = _laughs(4) + "  base: &b {lr: 1}\n  runs: [*b, *b, *b]\n"
+    metadata = parse_config(text).config.model_metadata
+    assert metadata["runs"] == [{"lr": 1}] * 3 and len(metadata["a3"][0][0]) == 10

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -94,25 +94,105 @@ def _child(node: yaml.Node, part: PathPart) -> tuple[yaml.Node, yaml.Node] | Non
     return None
 
 
-def _duplicates(node: yaml.Node, path: tuple[PathPart, ...], out: list[Issue]) -> None:
+MAX_DEPTH = 100
+"""Deepest nesting of mappings and lists a config may have."""
+MAX_VALUES = 1_000_000
+"""Most values a config may hold once its aliases are expanded."""
+
+
+def _children(node: yaml.Node) -> list[tuple[PathPart, yaml.Node]]:
     if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
+        out: list[tuple[PathPart, yaml.Node]] = []
         for key_node, value_node in node.value:
             key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-            if key in seen:
-                out.append(
-                    Issue(
-                        (*path, key),
-                        f"duplicate key `{key}` (line {key_node.start_mark.line + 1}); "
-                        "YAML keeps only one of them: remove or merge the repeated key",
-                        key,
+            out += [(key, key_node), (key, value_node)]
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return list(enumerate(node.value))
+    return []
+
+
+def _structure_error(
+    filename: str, path: tuple[PathPart, ...], line: int, problem: str
+) -> NoReturn:
+    where = format_path(path)
+    raise ConfigError(
+        f"{filename}: {where} (line {line}): {problem}",
+        file=filename,
+        errors=[{"path": where, "line": line, "message": problem, "value": None}],
+        line=line,
+    )
+
+
+def _check_nodes(root: yaml.Node, filename: str) -> list[Issue]:
+    """Walk the node tree once per node (aliases share nodes): duplicate-key issues.
+
+    Raises :class:`ConfigError` for an alias inside its own anchor and for a document
+    whose aliases expand it beyond :data:`MAX_VALUES` values; a walk that followed every
+    alias would recurse forever on the first and take exponential time on the second.
+    """
+    issues: list[Issue] = []
+    sizes: dict[int, int] = {}  # expanded value count of each finished node
+    open_nodes: set[int] = set()  # the nodes on the path from the root
+    stack: list[tuple[yaml.Node, tuple[PathPart, ...], bool]] = [(root, (), False)]
+    while stack:
+        node, path, leaving = stack.pop()
+        if leaving:
+            open_nodes.discard(id(node))
+            size = 1 + sum(sizes[id(child)] for _, child in _children(node))
+            if size > MAX_VALUES:
+                _structure_error(
+                    filename, path, node.start_mark.line + 1,
+                    f"the document holds more than {MAX_VALUES} values once its aliases "
+                    "(`*name`) are expanded; write the values out or use fewer aliases",
+                )  # fmt: skip
+            sizes[id(node)] = size
+            continue
+        if id(node) in open_nodes:
+            _structure_error(
+                filename, path, node.start_mark.line + 1,
+                "an alias (`*name`) refers to an anchor that contains it, which makes an "
+                "endless value; remove the alias or move it out of its anchor",
+            )  # fmt: skip
+        if id(node) in sizes:
+            continue  # reached again through an alias: already checked
+        open_nodes.add(id(node))
+        stack.append((node, path, True))
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, _ in node.value:
+                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                if key in seen:
+                    issues.append(
+                        Issue(
+                            (*path, key),
+                            f"duplicate key `{key}` (line {key_node.start_mark.line + 1}); "
+                            "YAML keeps only one of them: remove or merge the repeated key",
+                            key,
+                        )
                     )
-                )
-            seen.add(key)
-            _duplicates(value_node, (*path, key), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _duplicates(item, (*path, index), out)
+                seen.add(key)
+        for part, child in reversed(_children(node)):
+            stack.append((child, (*path, part), False))
+    return issues
+
+
+def _check_depth(text: str, filename: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` before composing: the C composer
+    recurses once per level and overflows the C stack (a crash, not an exception)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark is not None else 0
+                _structure_error(
+                    filename, (), line,
+                    f"mappings and lists are nested more than {MAX_DEPTH} levels deep; "
+                    "flatten the structure",
+                )  # fmt: skip
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def load_yaml(text: str, filename: str) -> tuple[Any, SourceMap, list[Issue]]:
@@ -122,6 +202,7 @@ def load_yaml(text: str, filename: str) -> tuple[Any, SourceMap, list[Issue]]:
     """
     loader = _Loader(text)
     try:
+        _check_depth(text, filename)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
@@ -146,7 +227,5 @@ def load_yaml(text: str, filename: str) -> tuple[Any, SourceMap, list[Issue]]:
         ) from exc
     finally:
         loader.dispose()
-    issues: list[Issue] = []
-    if node is not None:
-        _duplicates(node, (), issues)
+    issues = _check_nodes(node, filename) if node is not None else []
     return data, SourceMap(node), issues
