@@ -197,8 +197,10 @@ def test_all_errors_of_a_file_come_together_in_line_order() -> None:
         ("secrets: {a: null\n", 2, 1),
         ("a: [1, 2\nb: 3\n", 2, 2),
         ("model_name: x\n---\nmodel_name: y\n", 2, 1),
+        ("model_name: x\ndescription: 2024-02-30\n", 2, 14),
+        ("model_metadata:\n  seed: 1" + "0" * 5000 + "\n", 2, 9),
     ],
-    ids=["indent", "flow-mapping", "flow-sequence", "two-documents"],
+    ids=["indent", "flow-mapping", "flow-sequence", "two-documents", "date", "huge-int"],
 )
 def test_invalid_yaml_names_line_and_column(text: str, line: int, column: int) -> None:
     with pytest.raises(ConfigError) as info:
@@ -264,3 +266,11 @@ def test_shared_aliases_are_fine() -> None:
     text = _laughs(4) + "  base: &b {lr: 1}\n  runs: [*b, *b, *b]\n"
     metadata = parse_config(text).config.model_metadata
     assert metadata["runs"] == [{"lr": 1}] * 3 and len(metadata["a3"][0][0]) == 10
+
+
+def test_a_scalar_that_cannot_be_what_it_looks_like_is_named() -> None:
+    """`2024-02-30` resolves to a date PyYAML cannot build: a ValueError, not YAML's own."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("model_name: x\ndescription: 2024-02-30\n")
+    assert "cannot read `2024-02-30` as a timestamp" in info.value.message
+    assert "quote it" in info.value.message

@@ -21,9 +21,23 @@ __all__ = ["Issue", "PathPart", "SourceMap", "format_path", "load_yaml"]
 PathPart = str | int
 
 try:  # the C loader is several times faster; fall back to pure Python
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
+    _Base: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
 except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _Loader = yaml.SafeLoader
+    _Base = yaml.SafeLoader
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A scalar that looks like a date or an integer but is not one (`2024-02-30`, an
+        # integer past Python's 4300-digit limit) raises a bare ValueError: give it a mark.
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read `{str(node.value)[:40]}` as a "
+                f"{node.tag.rsplit(':', 1)[-1]} ({exc}); quote it to keep it as a string",
+                node.start_mark,
+            ) from exc  # fmt: skip
 
 
 @dataclass(frozen=True)
