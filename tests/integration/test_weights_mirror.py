@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -96,6 +97,23 @@ def test_pins_survive_a_restart_and_new_files_are_not_seen(tmp_path: Path) -> No
     mirror(again, "new-deploy", cfg)  # a new deployment resolves again
     (fresh,) = again.mounts("new-deploy")
     assert (fresh.source_dir / "late.bin").read_bytes() == b"new"
+
+
+def test_a_pinned_file_the_source_no_longer_has_fails_the_mirror(tmp_path: Path) -> None:
+    """The store lost a blob and the source lost the file: nothing can be mounted."""
+    repo = local_repo(tmp_path / "repo")
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    first = WeightsManager(tmp_path / "store")
+    mirror(first, "dep", cfg)
+    data = (repo / "README.md").read_bytes()
+    first.store.blob_path(hashlib.sha256(data).hexdigest()).unlink()
+    (repo / "README.md").unlink()
+    again = WeightsManager(tmp_path / "store")  # a restarted control plane
+    again.start("dep", entries(cfg), {})
+    done = (MirrorState.COMPLETE, MirrorState.FAILED)
+    st = wait_for(lambda: (s := again.status("dep")).state in done and s, 30, "the mirror")
+    assert st and st.state == MirrorState.FAILED, st
+    assert "README.md" in st.error and "no longer lists it" in st.error
 
 
 def test_gc_keeps_referenced_blobs(tmp_path: Path) -> None:

@@ -253,7 +253,15 @@ class WeightsManager:
             if missing:
                 source = open_source(entry, secrets, m.revision if entry.scheme == "hf" else None)
                 listed = {f.path: f for f in source.files()}
-                work.extend((idx, source, listed[f.path]) for f in missing if f.path in listed)
+                gone = [f.path for f in missing if f.path not in listed]
+                if gone:
+                    raise WeightsError(
+                        f"{entry.source}: {', '.join(gone[:3])}"
+                        f"{f' and {len(gone) - 3} more' if len(gone) > 3 else ''}: pinned for "
+                        "this deployment and not in the store, but the source no longer lists "
+                        "it; restore the file at the source or push a new deployment"
+                    )
+                work.extend((idx, source, listed[f.path]) for f in missing)
         if work:
             self._fetch_all(job, entries, work)
         for m in job.manifests:
