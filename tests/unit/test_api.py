@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kingpost.api import ControlPlane, create_app
+from kingpost.config import parse_config
 from kingpost.controller.loop import Controller
 from kingpost.packaging import pack_project
 from kingpost.serve import bootstrap
@@ -97,6 +98,18 @@ def test_bad_config_is_refused_with_path_rule_value_and_nothing_created(
     assert {"docker_server.server_port", "docker_server.predict_endpoint"} <= paths
     assert "70000" in err["error"]
     assert client.get("/v1/models").json() == []
+
+
+def test_yaml_dates_and_binary_in_a_valid_config_are_stored_as_json(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    extra = "model_metadata:\n  released: 2024-01-01\n  blob: !!binary aGk=\n  1: one\n"
+    r = client.post("/v1/push", json={"project_hash": upload(client, tmp_path, CONFIG + extra)})
+    assert r.status_code == 200, r.text  # was a 500: the store's JSON column refused a date
+    assert client.get(f"/v1/deployments/{r.json()['deployment']['id']}").status_code == 200
+    document = parse_config(CONFIG + extra).document()
+    assert document["model_metadata"] == {"released": "2024-01-01", "blob": "aGk=", "1": "one"}
 
 
 def test_missing_secret_is_named_and_nothing_created(

@@ -145,7 +145,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
         NewDeployment(
             model_name=body.model_name or config.model_name or app_dir.name,
             project_hash=body.project_hash,
-            config=loaded.raw,
+            config=loaded.document(),
             engine=engine,
             name=body.deployment_name,
             labels=body.labels,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import difflib
 import json
 from dataclasses import dataclass
@@ -30,6 +32,31 @@ class LoadedConfig:
     warnings: tuple[str, ...]
     path: str
     raw: dict[str, Any]
+
+    def document(self) -> dict[str, Any]:
+        """``raw`` as JSON data (for the store): YAML dates and times become ISO strings,
+        binary base64, sets lists, and every mapping key a string."""
+        plain: dict[str, Any] = _plain(self.raw)
+        return plain
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_key(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | set):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime.date):  # datetime.datetime too
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return value
+
+
+def _key(key: Any) -> str:
+    if key is None or isinstance(key, bool):
+        return json.dumps(key)  # `null`, `true`: what json.dumps would have made of them
+    plain = _plain(key)
+    return plain if isinstance(plain, str) else str(plain)
 
 
 def load_config(project_dir: Path) -> LoadedConfig:
