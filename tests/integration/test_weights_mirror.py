@@ -504,8 +504,12 @@ def test_gcs_credentials_errors_name_the_secret_never_the_key(gcs: Gcs, tmp_path
     assert "403" in st.error and "reader@p.iam may not read gs://models" in st.error
 
 
-def test_gcs_weights_through_the_platform(gcs: Gcs, tmp_path: Path) -> None:
-    """push -> WAITING_FOR_WEIGHTS -> mirrored from gs:// with a secret -> served read-only."""
+@pytest.mark.parametrize("where", ["auth", "top"])
+def test_gcs_weights_through_the_platform(gcs: Gcs, tmp_path: Path, where: str) -> None:
+    """push -> WAITING_FOR_WEIGHTS -> mirrored from gs:// with a secret -> served read-only.
+
+    Truss takes the secret's name in `auth` or at the top of the entry; both must reach
+    the mirror."""
     from test_platform_push import copy_project
 
     from helpers.platform import Platform
@@ -518,11 +522,15 @@ def test_gcs_weights_through_the_platform(gcs: Gcs, tmp_path: Path) -> None:
     try:
         key = json.dumps(gcs.service_account("plat@p.iam"))
         assert platform.cli("secrets", "set", "gcp_service_account", input=key).returncode == 0
-        project = copy_project(
-            tmp_path, "gcs-weighted", "model_name: gcs-weighted\n" + gs_cfg(
-                "gs://models/enc", "gcp_service_account"
-            ).replace("/models/llama", "/models/enc"),
-        )  # fmt: skip
+        weights = gs_cfg("gs://models/enc", "gcp_service_account")
+        weights = weights.replace("/models/llama", "/models/enc")
+        if where == "top":
+            weights = weights.replace(
+                "    auth:\n      auth_method: CUSTOM_SECRET\n      auth_secret_name:",
+                "    auth_secret_name:",
+            )
+            assert "auth:" not in weights
+        project = copy_project(tmp_path, "gcs-weighted", "model_name: gcs-weighted\n" + weights)
         out = platform.cli("push", str(project), "--wait", "--output", "json")
         assert out.returncode == 0, out.stdout + out.stderr
         model_id = json.loads(out.stdout)["model"]["id"]

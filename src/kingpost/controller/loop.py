@@ -299,9 +299,7 @@ class Controller:
         if not entries:
             return ()
         manager = self.weights_manager()
-        secret_names = {
-            e.auth.auth_secret_name for e in entries if e.auth and e.auth.auth_secret_name
-        }
+        secret_names = {e.secret_name for e in entries if e.secret_name}
         manager.start(dep.id, entries, self.store.reveal_secrets(secret_names))
         st = manager.status(dep.id)
         state = str(getattr(st.state, "value", st.state)).upper()
