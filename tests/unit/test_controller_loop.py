@@ -263,3 +263,23 @@ def test_a_restarted_controller_publishes_first_and_keeps_adopted_replicas(
     finally:
         release.set()
         restarted.stop()
+
+
+def test_an_engine_refusing_to_start_a_replica_fails_the_deployment(rig: Rig) -> None:
+    """What ``start`` raises (a port another deployment holds) is the deployment's status,
+    not hidden behind DEPLOYING by the plan's status of the same pass."""
+    from kingpost.engines.base import ReplicaSpec
+    from kingpost.errors import EngineError
+
+    class Refusing(FakeEngine):
+        def start(self, spec: ReplicaSpec) -> None:
+            raise EngineError("server_port 8000 is already bound by deployment other")
+
+    rig.controller._engines["fake"] = Refusing()
+    dep = rig.deploy()
+    for _ in range(3):
+        rig.controller.reconcile_once()
+    view = rig.store.get_deployment(dep)
+    assert view.status == DeploymentStatus.FAILED
+    assert "already bound" in view.message
+    assert rig.pushed[-1].deployments[dep].state == DeploymentState.INACTIVE

@@ -218,11 +218,12 @@ class Controller:
         decision = plan(want, replicas)
         for replica_id in decision.stop:
             self._stop_replica_id(dep.engine, replica_id)
+        started = True
         if decision.start and prepared is not None:
-            self._start_replicas(dep, decision.start, prepared)
+            started = self._start_replicas(dep, decision.start, prepared)
         if not want_active:
             self.store.set_status(dep.id, DeploymentStatus.INACTIVE)
-        elif decision.status is not None:
+        elif decision.status is not None and started:  # else the engine's refusal stays
             self.store.set_status(dep.id, decision.status, decision.message)
         return list(decision.ready)
 
@@ -325,7 +326,8 @@ class Controller:
         return None if self._weights is None else self._weights.status(deployment_id)
 
     # -- replicas ---------------------------------------------------------------------
-    def _start_replicas(self, dep: DeploymentView, count: int, ready: _Ready) -> None:
+    def _start_replicas(self, dep: DeploymentView, count: int, ready: _Ready) -> bool:
+        """Start ``count`` replicas; False when the engine refused one (status recorded)."""
         from kingpost.config import runtime_environment
 
         config = self._config(dep)
@@ -359,7 +361,8 @@ class Controller:
                 prefix = BUILD_FAILED_PREFIX if exc.code == "build_failed" else ""
                 status = DeploymentStatus.BUILD_FAILED if prefix else DeploymentStatus.FAILED
                 self.store.set_status(dep.id, status, exc.message)
-                return
+                return False
+        return True
 
     def _tell_environments(
         self, deployments: list[DeploymentView], environments: list[EnvironmentView]
