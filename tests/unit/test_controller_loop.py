@@ -283,3 +283,39 @@ def test_an_engine_refusing_to_start_a_replica_fails_the_deployment(rig: Rig) ->
     assert view.status == DeploymentStatus.FAILED
     assert "already bound" in view.message
     assert rig.pushed[-1].deployments[dep].state == DeploymentState.INACTIVE
+
+
+def test_a_replica_that_fails_right_after_the_build_is_not_silently_replaced(
+    tmp_path: Path,
+) -> None:
+    """Only a re-activation replaces failed replicas: moving from BUILDING to DEPLOYING
+    while the first replica starts is not one."""
+    import threading
+
+    from kingpost.engines.base import BuildLog, Prepared
+
+    release = threading.Event()
+
+    class SlowBuild(FakeEngine):
+        def prepare(self, config: object, app_dir: Path, log: BuildLog) -> Prepared:
+            release.wait(10)
+            return Prepared()
+
+    rig = Rig(tmp_path)
+    engine = rig.controller._engines["fake"] = SlowBuild(auto_ready=False)
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    assert rig.store.get_deployment(dep).status == DeploymentStatus.BUILDING
+    release.set()
+    job = rig.controller._jobs._jobs[f"build:{dep}"]
+    for _ in range(100):
+        if job.state != "running":
+            break
+        threading.Event().wait(0.02)
+    rig.controller.reconcile_once()
+    (rid,) = engine.live(dep)
+    engine.set_phase(rid, ReplicaPhase.FAILED, "Traceback: crash")
+    rig.controller.reconcile_once()
+    view = rig.store.get_deployment(dep)
+    assert engine.live(dep) == [rid] and engine.started == [rid]
+    assert view.status == DeploymentStatus.FAILED and "crash" in view.message

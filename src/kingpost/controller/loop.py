@@ -218,13 +218,15 @@ class Controller:
         decision = plan(want, replicas)
         for replica_id in decision.stop:
             self._stop_replica_id(dep.engine, replica_id)
-        started = True
-        if decision.start and prepared is not None:
-            started = self._start_replicas(dep, decision.start, prepared)
+        # The status goes first: a change moves ``updated_at``, which ``reset_after``
+        # compares start times with, so replicas started below must come after it (else
+        # the next pass takes their first failure for one from before a re-activation).
         if not want_active:
             self.store.set_status(dep.id, DeploymentStatus.INACTIVE)
-        elif decision.status is not None and started:  # else the engine's refusal stays
+        elif decision.status is not None:
             self.store.set_status(dep.id, decision.status, decision.message)
+        if decision.start and prepared is not None:
+            self._start_replicas(dep, decision.start, prepared)  # records a refusal
         return list(decision.ready)
 
     # -- preparation ------------------------------------------------------------------
@@ -326,8 +328,7 @@ class Controller:
         return None if self._weights is None else self._weights.status(deployment_id)
 
     # -- replicas ---------------------------------------------------------------------
-    def _start_replicas(self, dep: DeploymentView, count: int, ready: _Ready) -> bool:
-        """Start ``count`` replicas; False when the engine refused one (status recorded)."""
+    def _start_replicas(self, dep: DeploymentView, count: int, ready: _Ready) -> None:
         from kingpost.config import runtime_environment
 
         config = self._config(dep)
@@ -361,8 +362,7 @@ class Controller:
                 prefix = BUILD_FAILED_PREFIX if exc.code == "build_failed" else ""
                 status = DeploymentStatus.BUILD_FAILED if prefix else DeploymentStatus.FAILED
                 self.store.set_status(dep.id, status, exc.message)
-                return False
-        return True
+                return
 
     def _tell_environments(
         self, deployments: list[DeploymentView], environments: list[EnvironmentView]
