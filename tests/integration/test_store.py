@@ -133,3 +133,31 @@ def test_api_keys_store_only_hashes(store: Store) -> None:
     assert key.startswith("kp_") and store.verify_api_key(key)
     assert not store.verify_api_key(key + "x")
     assert view.prefix == key[:8]
+
+
+def test_timestamps_read_back_in_utc_whatever_the_local_timezone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller compares ``updated_at`` with replicas' start times in epoch seconds;
+    a naive value read back from SQLite would count as local time (hours off)."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        dep = store.create_deployment(new())
+        store.set_secret("s", "v")
+        again = store.get_deployment(dep.id)
+        stamps = [
+            again.created_at,
+            again.updated_at,
+            store.get_model("m").created_at,
+            store.list_environments("m")[0].updated_at,
+            store.list_secrets()[0].updated_at,
+        ]
+        for stamp in stamps:
+            assert stamp.tzinfo is not None, stamp
+            assert abs(stamp.timestamp() - time.time()) < 60, stamp
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -319,3 +319,25 @@ def test_a_replica_that_fails_right_after_the_build_is_not_silently_replaced(
     view = rig.store.get_deployment(dep)
     assert engine.live(dep) == [rid] and engine.started == [rid]
     assert view.status == DeploymentStatus.FAILED and "crash" in view.message
+
+
+def test_a_failed_replica_fails_the_deployment_in_any_local_timezone(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """West of UTC, a naive ``updated_at`` from SQLite lies hours in the future, so every
+    failed replica looked older than a re-activation and was replaced, forever."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        dep = rig.deploy()
+        rig.controller.reconcile_once()
+        (rid,) = rig.engine.live(dep)
+        rig.engine.set_phase(rid, ReplicaPhase.FAILED, "Traceback: boom")
+        rig.controller.reconcile_once()
+        assert rig.engine.live(dep) == [rid]
+        assert rig.store.get_deployment(dep).status == DeploymentStatus.FAILED
+    finally:
+        monkeypatch.undo()
+        time.tzset()
