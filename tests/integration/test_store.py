@@ -161,3 +161,35 @@ def test_timestamps_read_back_in_utc_whatever_the_local_timezone(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-model", "existing-model"])
+def test_concurrent_pushes_each_get_a_deployment(store: Store, existing: bool) -> None:
+    """Two CLIs pushing at once: each gets the next number, none an IntegrityError (a 500
+    at the API) or a conflict over a name it did not choose."""
+    import threading
+
+    if existing:
+        store.create_deployment(new())
+    pushes = 4
+    barrier = threading.Barrier(pushes)
+    names: list[str] = []
+    errors: list[Exception] = []
+
+    def push() -> None:
+        barrier.wait()
+        try:
+            names.append(store.create_deployment(new()).name)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=push) for _ in range(pushes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    first = 2 if existing else 1
+    assert sorted(names) == [f"deployment-{n}" for n in range(first, first + pushes)]
+    assert len(store.list_models()) == 1
+    assert len(store.list_deployments("m")) == pushes + existing

@@ -27,12 +27,22 @@ def _alembic_config(url: str) -> Config:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite opens a transaction only before a write, so the reads of a read-modify-write
+    # (a model's next deployment number) saw no lock and two writers raced: SQLAlchemy's
+    # recipe, we emit BEGIN ourselves (``_sqlite_begin``).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=5000")
     cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """Every transaction takes SQLite's write lock at once (others wait, busy_timeout), so
+    what it read is still true when it writes; they are all short."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:
@@ -49,6 +59,7 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kingpost.errors import ConflictError, NotFoundError, ValidationError
@@ -192,8 +193,21 @@ class Store:
             _check(_DEPLOYMENT_NAME, "deployment", new.name, "letters, digits, '.', '_', '-'")
         if new.environment is not None:
             check_environment_name(new.environment)
+        for _ in range(3):
+            try:
+                return self._create_deployment(new)
+            except IntegrityError:
+                continue  # a concurrent push created the model or took the name: look again
+        raise ConflictError(
+            f"model {new.model_name!r} is being pushed concurrently; push again",
+            model=new.model_name,
+        )
+
+    def _create_deployment(self, new: NewDeployment) -> DeploymentView:
         with self.db.session() as s:
-            model = s.scalar(select(Model).where(Model.name == new.model_name))
+            # Locked (PostgreSQL; SQLite locks the database): concurrent pushes to one
+            # model take their numbers one after the other.
+            model = s.scalar(select(Model).where(Model.name == new.model_name).with_for_update())
             first = model is None
             if model is None:
                 model = Model(id=new_id(8), name=new.model_name, next_number=1)
