@@ -95,6 +95,37 @@ def test_crashing_server_is_failed_with_its_output(
     assert "kaboom-42" in failed["message"]
 
 
+def test_a_killed_control_plane_leaves_no_replica_process_behind(
+    fresh_platform: Platform, tmp_path: Path
+) -> None:
+    """PR_SET_PDEATHSIG reaches only the shell that runs start_command; a server the shell
+    did not exec into (``cd … && python3 server.py``) outlived a SIGKILLed control plane.
+    The restarted platform must not leave it running forever."""
+    project = tmp_path / "shelled"
+    shutil.copytree(EXAMPLES / "echo-server", project)
+    text = (project / "config.yaml").read_text()
+    text = text.replace(
+        "start_command: python3 server.py", "start_command: cd . && python3 server.py"
+    )
+    (project / "config.yaml").write_text(
+        text.replace("model_name: echo-server", "model_name: shelled")
+    )
+    out = fresh_platform.cli("push", str(project), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    model_id, dep_id = result["model"]["id"], result["deployment"]["id"]
+    old_pid = _pid(fresh_platform, model_id)
+    fresh_platform.stop(signal.SIGKILL)
+    fresh_platform.start()
+    fresh_platform.wait_status(dep_id, "ACTIVE")
+    try:
+        wait_for(lambda: not _alive(old_pid), 15, "the old replica's server to be gone")
+    finally:
+        if _alive(old_pid):
+            os.kill(old_pid, signal.SIGKILL)
+    assert _pid(fresh_platform, model_id) != old_pid
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie awaiting its reaper counts as gone)."""
     try:

@@ -100,6 +100,30 @@ def _secrets_root() -> Path:
     return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-{os.getuid()}"
 
 
+def _kill_leftovers(replicas_dir: Path) -> None:
+    """Kill the replica processes an earlier run of this home left running.
+
+    ``PR_SET_PDEATHSIG`` reaches only a replica's first process: when the control plane
+    is SIGKILLed, whatever that process started (a server the ``start_command`` shell
+    did not exec into) lives on, orphaned. A new engine runs nothing yet, so every
+    process whose ``APP_HOME`` lies under this home's replicas is such a leftover."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    prefix = b"APP_HOME=" + bytes(replicas_dir) + b"/"
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(var.startswith(prefix) for var in environ.split(b"\0")):
+            log.warning("process engine: killing pid %s left by an earlier run", entry.name)
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 class ProcessEngine(Engine):
     name: ClassVar[str] = "process"
 
@@ -109,6 +133,7 @@ class ProcessEngine(Engine):
         if settings.netns == "on" and not self.netns:
             raise EngineError("netns=on, but this process may not create network namespaces")
         self.mounts = sys.platform == "linux" and can_unshare_mounts()
+        _kill_leftovers(settings.replicas_dir)
         self._replicas: dict[str, _Replica] = {}
         self._past: dict[str, list[Path]] = {}
         self._lock = threading.Lock()
