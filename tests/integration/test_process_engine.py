@@ -220,6 +220,21 @@ def test_crash_loop_fails_with_output(eng: ProcessEngine, tmp_path: Path) -> Non
     assert "boom-123" in st.message and "code 3" in st.message
 
 
+def test_a_custom_server_without_command_fails_at_once(eng: ProcessEngine, tmp_path: Path) -> None:
+    """Nothing to run (``no_build`` means an image's entrypoint): FAILED, saying why,
+    instead of a replica retried every tick and left STARTING forever."""
+    app = tmp_path / "no-build"
+    app.mkdir()
+    (app / "config.yaml").write_text(
+        "base_image:\n  image: python:3.11-slim\n"
+        "docker_server:\n  no_build: true\n  server_port: 8000\n  predict_endpoint: /\n"
+        "  readiness_endpoint: /\n  liveness_endpoint: /\n"
+    )
+    start(eng, app, "d1-a")
+    st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.FAILED), 10, "failed")
+    assert "start_command" in st.message
+
+
 def test_close_leaves_no_process(tmp_path: Path) -> None:
     e = engine(tmp_path, "auto")
     start(e, EXAMPLES / "echo-server", "d1-a")

@@ -192,3 +192,20 @@ def test_push_names_a_bad_engine(api: tuple[TestClient, str], tmp_path: Path) ->
     r = client.post("/v1/push", json={"project_hash": sha, "engine": "k8s"})
     assert r.status_code == 400 and "k8s" in r.json()["error"]
     assert client.get("/v1/models").json() == []
+
+
+def test_a_custom_server_without_start_command_is_refused_on_the_process_engine(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    """``no_build: true`` runs an image's entrypoint; the process engine runs no image, so
+    such a push was accepted and its replica never launched (DEPLOYING forever)."""
+    client, _ = api
+    no_build = CONFIG.replace("  start_command: python server.py\n", "  no_build: true\n")
+    sha = upload(client, tmp_path, "base_image:\n  image: python:3.11-slim\n" + no_build)
+    r = client.post("/v1/push", json={"project_hash": sha, "engine": "process"})
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["code"] == "invalid_config"
+    assert [e["path"] for e in err["errors"]] == ["docker_server.start_command"]
+    assert "--engine docker" in err["error"]
+    assert client.get("/v1/models").json() == []

@@ -138,6 +138,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
         )
     engine = body.engine or plane.settings.engine
     _check_engine(engine)
+    _check_runnable(config, engine)
     if engine != "process":
         plane.controller.engine(engine)  # EngineError now, if e.g. dockerd is unreachable
     environment = body.environment or ("production" if body.promote else None)
@@ -173,6 +174,23 @@ def _check_engine(engine: str) -> None:
             f"engine: {engine!r} is not an engine; choose process or docker",
             field="engine",
             value=engine,
+        )
+
+
+def _check_runnable(config: Any, engine: str) -> None:
+    """The process engine runs no image: a custom server needs its own command there."""
+    ds = config.docker_server
+    if engine == "process" and ds is not None and not ds.start_command:
+        from kingpost.errors import ConfigError
+
+        message = (
+            "start_command is required on the process engine, which runs no image "
+            "(`no_build: true` runs the image's entrypoint); add one, or push with "
+            "--engine docker"
+        )
+        raise ConfigError(
+            f"config.yaml: docker_server.start_command: {message}",
+            errors=[{"path": "docker_server.start_command", "message": message}],
         )
 
 

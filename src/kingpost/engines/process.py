@@ -319,7 +319,11 @@ class ProcessEngine(Engine):
         secrets_dir = self._write_secrets(rep)
         binds = self._binds(rep, secrets_dir)
         env = self._environment(rep, secrets_dir, binds)
-        command = self._command(rep, secrets_dir, binds)
+        try:
+            command = self._command(rep, secrets_dir, binds)
+        except EngineError as exc:  # never launchable: FAILED, not retried every tick
+            rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
+            return
         with rep.log_path.open("ab") as out:
             out.write(f"--- kingpost: starting replica {spec.replica_id} ---\n".encode())
             out.flush()
