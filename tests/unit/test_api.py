@@ -209,3 +209,15 @@ def test_a_custom_server_without_start_command_is_refused_on_the_process_engine(
     assert [e["path"] for e in err["errors"]] == ["docker_server.start_command"]
     assert "--engine docker" in err["error"]
     assert client.get("/v1/models").json() == []
+
+
+def test_max_replicas_below_min_replicas_is_refused(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    sha = upload(client, tmp_path)
+    r = client.post("/v1/push", json={"project_hash": sha, "min_replicas": 5, "max_replicas": 2})
+    assert r.status_code == 400, r.text
+    (err,) = r.json()["errors"]
+    assert err["field"] == "max_replicas" and "min_replicas (5)" in err["message"]
+    assert client.get("/v1/models").json() == []

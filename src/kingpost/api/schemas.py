@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kingpost.store import DeploymentView, EnvironmentView, ModelView, SecretView
 
@@ -36,6 +36,14 @@ class PushIn(_In):
     engine: str | None = None
     min_replicas: int = Field(default=1, ge=0, le=64)
     max_replicas: int | None = Field(default=None, ge=1, le=64)
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _not_below_min(cls, value: int | None, info: ValidationInfo) -> int | None:
+        low = info.data.get("min_replicas")
+        if value is not None and low is not None and value < low:
+            raise ValueError(f"must be at least min_replicas ({low}), got {value}")
+        return value
 
 
 class PromoteIn(_In):
