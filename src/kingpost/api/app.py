@@ -27,7 +27,14 @@ from kingpost.api.schemas import (
 )
 from kingpost.controller.loop import Controller
 from kingpost.controller.specs import missing_secrets
-from kingpost.errors import AuthError, KingpostError, NotFoundError, SecretError, ValidationError
+from kingpost.errors import (
+    AuthError,
+    ConfigError,
+    KingpostError,
+    NotFoundError,
+    SecretError,
+    ValidationError,
+)
 from kingpost.packaging import MAX_PROJECT_BYTES, unpack_project
 from kingpost.settings import Settings
 from kingpost.store import DesiredState, NewDeployment, Store
@@ -181,8 +188,6 @@ def _check_runnable(config: Any, engine: str) -> None:
     """The process engine runs no image: a custom server needs its own command there."""
     ds = config.docker_server
     if engine == "process" and ds is not None and not ds.start_command:
-        from kingpost.errors import ConfigError
-
         message = (
             "start_command is required on the process engine, which runs no image "
             "(`no_build: true` runs the image's entrypoint); add one, or push with "
@@ -197,7 +202,6 @@ def _check_runnable(config: Any, engine: str) -> None:
 def _check_weights(config: Any) -> None:
     if not config.weights:
         return
-    from kingpost.errors import ConfigError
     from kingpost.weights import validate_weights
 
     errors = validate_weights(config.weights)
