@@ -19,6 +19,17 @@ CASES = [
     ("w10.bin", ["w?.bin"], None, False),
     ("w1.bin", ["w[0-9].bin"], None, True),
     ("wa.bin", ["w[!0-9].bin"], None, True),
+    # Bracket expressions the shell accepts and a naive translation to a regex does not.
+    ("]", ["[]a]"], None, True),
+    ("a", ["[]a]"], None, True),
+    ("b", ["[!]]"], None, True),
+    ("]", ["[!]]"], None, False),
+    ("[!]", ["[!]"], None, True),
+    ("-", ["[a-]"], None, True),
+    ("m", ["[z-a]"], None, False),
+    ("m", ["[!z-a]"], None, True),
+    ("^", ["[^a]"], None, True),
+    ("[a", ["[a"], None, True),
 ]
 
 
@@ -27,3 +38,8 @@ def test_patterns(
     path: str, allow: list[str] | None, ignore: list[str] | None, expected: bool
 ) -> None:
     assert selected(path, allow, ignore) is expected
+
+
+@pytest.mark.parametrize("pattern", ["[]a]", "[!]", "[!]]", "[z-a]", "[\\]", "[[]", "[a-\\]"])
+def test_no_pattern_fails_to_compile(pattern: str) -> None:
+    selected("x", [pattern], [pattern])  # raised re.error inside the mirror before

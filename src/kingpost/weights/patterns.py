@@ -31,18 +31,38 @@ def _compile(pattern: str) -> re.Pattern[str]:
             out.append("[^/]")
             i += 1
         elif pattern[i] == "[":
-            end = pattern.find("]", i + 1)
+            # As in the shell: a `]` first in the class (after any `!`) is a member, and a
+            # `[` with no closing `]` is a plain character.
+            first = i + 2 if pattern.startswith("[!", i) else i + 1
+            end = pattern.find("]", first + 1 if pattern.startswith("]", first) else first)
             if end == -1:
                 out.append(re.escape("["))
                 i += 1
             else:
-                body = pattern[i + 1 : end].replace("\\", "\\\\")
-                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                out.append(_bracket(pattern[first:end], negate=first == i + 2))
                 i = end + 1
         else:
             out.append(re.escape(pattern[i]))
             i += 1
     return re.compile("".join(out) + r"\Z")
+
+
+def _bracket(members: str, negate: bool) -> str:
+    """A regex class for a shell bracket expression's members: ranges kept when in order
+    (a reversed one, `z-a`, holds nothing), every other character literal."""
+    parts, k = [], 0
+    while k < len(members):
+        if k + 2 < len(members) and members[k + 1] == "-":
+            low, high = members[k], members[k + 2]
+            if low <= high:
+                parts.append(f"{re.escape(low)}-{re.escape(high)}")
+            k += 3
+        else:
+            parts.append(re.escape(members[k]))
+            k += 1
+    if not parts:
+        return "[^/]" if negate else "(?!)"  # `[!z-a]`: any one character; `[z-a]`: none
+    return "[" + ("^" if negate else "") + "".join(parts) + "]"
 
 
 def selected(path: str, allow: Sequence[str] | None, ignore: Sequence[str] | None) -> bool:
