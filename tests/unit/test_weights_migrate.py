@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kingpost.config import load_config
@@ -76,6 +77,28 @@ def test_cli_applies_with_a_backup_and_the_result_loads(tmp_path: Path) -> None:
 def test_nothing_to_migrate(tmp_path: Path) -> None:
     plan = plan_migration(project(tmp_path, "model_name: plain\n"))
     assert not plan.changed
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("model_name: [unclosed\n", "invalid YAML at line 2"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+        ("model_cache: meta-llama/Llama-3.1-8B\n", "model_cache: must be a list of mappings"),
+        ("external_data: [1, 2]\n", "external_data: must be a list of mappings"),
+    ],
+)
+def test_a_config_that_cannot_be_migrated_is_an_error_not_a_traceback(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    root = project(tmp_path, text)
+    out = subprocess.run(
+        [sys.executable, "-m", "kingpost.cli", "migrate", str(root), "--yes"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert (root / "config.yaml").read_text() == text  # untouched
 
 
 EXTERNAL = """\

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from kingpost.config._yaml import load_yaml
 from kingpost.errors import ConfigError
 
 __all__ = ["MigrationPlan", "plan_migration"]
@@ -153,10 +154,30 @@ def _replace_block(text: str, key: str, replacement: str) -> str:
     return "".join(lines[:start]) + replacement + "".join(lines[end:])
 
 
+def _read(text: str) -> dict[str, Any]:
+    """config.yaml's fields, with a ConfigError (not a traceback) for what cannot be read."""
+    raw, _, _ = load_yaml(text, "config.yaml")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config.yaml: the top level must be a mapping of fields, got "
+            f"{type(raw).__name__} {str(raw)[:40]!r}"
+        )
+    for key in ("model_cache", "external_data"):
+        value = raw.get(key)
+        if value and not (isinstance(value, list) and all(isinstance(x, dict) for x in value)):
+            raise ConfigError(
+                f"config.yaml: {key}: must be a list of mappings (one per item), got "
+                f"{str(value)[:60]!r}"
+            )
+    return raw
+
+
 def plan_migration(project_dir: Path) -> MigrationPlan:
     path = project_dir / "config.yaml"
     text = path.read_text()
-    raw = yaml.safe_load(text) or {}
+    raw = _read(text)
     plan = MigrationPlan(text, text)
     cache = raw.get("model_cache") or []
     if raw.get("weights"):
@@ -167,7 +188,8 @@ def plan_migration(project_dir: Path) -> MigrationPlan:
         plan.migrated = _replace_block(text, "model_cache", block)
     if raw.get("external_data"):
         _migrate_external_data(project_dir, raw, plan)
-    start = str((raw.get("docker_server") or {}).get("start_command") or "")
+    server = raw.get("docker_server")
+    start = str(server.get("start_command") or "") if isinstance(server, dict) else ""
     if "truss-transfer" in start:
         plan.warnings.append(
             "docker_server.start_command runs truss-transfer-cli: remove it, files are mounted "
