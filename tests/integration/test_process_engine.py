@@ -137,10 +137,31 @@ def test_replica_contract_env_and_secrets(eng: ProcessEngine) -> None:
     secrets_dir = Path(env["KINGPOST_SECRETS_DIR"])
     if eng.mounts:
         assert secrets_dir == Path("/secrets")
-    host_copy = next(Path("/dev/shm").glob("kingpost-*/d1-a"))
+    host_copy = next(Path("/dev/shm").glob("kingpost-*/*/d1-a"))
     assert os.statvfs(host_copy).f_bsize and "tmpfs" in Path("/proc/mounts").read_text()
     eng.stop("d1-a")
     wait_for(lambda: not host_copy.exists(), 15, "secrets removed at stop")
+
+
+def test_secret_files_a_killed_run_left_are_removed_by_the_next(tmp_path: Path) -> None:
+    first, other = engine(tmp_path, "auto"), engine(tmp_path / "other", "auto")
+    try:
+        start(first, EXAMPLES / "echo-server", "d1-a", secrets={"token": "s3cr3t"})
+        start(other, EXAMPLES / "echo-server", "d9-a", secrets={"token": "theirs"})
+        wait_for(lambda: phase_is(first, "d1-a", ReplicaPhase.READY), 20, "ready")
+        wait_for(lambda: phase_is(other, "d9-a", ReplicaPhase.READY), 20, "other ready")
+        left = first._secrets_root / "d1-a" / "token"
+        assert left.read_text() == "s3cr3t"
+        # As on a SIGKILL of the control plane: its monitor is gone, nothing is cleaned up.
+        first._closing.set()
+        first._thread.join(5)
+        second = engine(tmp_path, "auto")
+        second.close()
+        assert not left.exists()
+        # Another installation's secrets, in the same user's directory, are not touched.
+        assert (other._secrets_root / "d9-a" / "token").read_text() == "theirs"
+    finally:
+        other.close()
 
 
 @pytest.mark.skipif(not NETNS, reason="network namespaces not permitted here")

@@ -21,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import enum
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,13 @@ __all__ = [
     "ReplicaStatus",
     "ServerKind",
     "WeightMount",
+    "scope_of",
 ]
+
+
+def scope_of(home: Path) -> str:
+    """A short stable id of one Kingpost installation (its home directory)."""
+    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
 
 
 class ServerKind(enum.StrEnum):

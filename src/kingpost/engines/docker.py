@@ -24,7 +24,6 @@ small pool so one slow container never stalls the monitor.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from kingpost.engines.base import (
     ReplicaSpec,
     ReplicaStatus,
     ServerKind,
+    scope_of,
 )
 from kingpost.engines.probes import ReplicaHealth
 from kingpost.errors import EngineError
@@ -73,11 +73,6 @@ LABEL_DEPLOYMENT = "kingpost.deployment"
 LABEL_MODEL = "kingpost.model"
 LABEL_RUNTIME = "kingpost.runtime"
 """JSON of what the monitor needs to watch an adopted container: port and probes."""
-
-
-def scope_of(home: Path) -> str:
-    """A short stable id of one Kingpost installation (its home directory)."""
-    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
 
 
 def device_requests(config: TrussConfig | None) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from kingpost.engines.base import (
     ReplicaSpec,
     ReplicaStatus,
     ServerKind,
+    scope_of,
 )
 from kingpost.engines.netns import can_unshare_net, forget_netns
 from kingpost.engines.probes import ReplicaHealth
@@ -95,9 +96,20 @@ def _tail(path: Path, lines: int) -> list[str]:
     return data.decode(errors="replace").splitlines()[-lines:]
 
 
-def _secrets_root() -> Path:
+def _secrets_root(scope: str) -> Path:
+    """Where one installation's replicas get their secret files: tmpfs, per user and home."""
     shm = Path("/dev/shm")
-    return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-{os.getuid()}"
+    return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-{os.getuid()}" / scope
+
+
+def _remove_secrets(path: Path) -> None:
+    """Remove secret files (their directories are read-only while in use)."""
+    if not path.exists():
+        return
+    for dirpath, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _kill_leftovers(replicas_dir: Path) -> None:
@@ -134,6 +146,9 @@ class ProcessEngine(Engine):
             raise EngineError("netns=on, but this process may not create network namespaces")
         self.mounts = sys.platform == "linux" and can_unshare_mounts()
         _kill_leftovers(settings.replicas_dir)
+        # Secret files an earlier run could not remove (it was killed): nothing runs yet.
+        self._secrets_root = _secrets_root(scope_of(settings.home))
+        _remove_secrets(self._secrets_root)
         self._replicas: dict[str, _Replica] = {}
         self._past: dict[str, list[Path]] = {}
         self._lock = threading.Lock()
@@ -400,7 +415,7 @@ class ProcessEngine(Engine):
 
     def _write_secrets(self, rep: _Replica) -> Path:
         """Secret files on tmpfs (/dev/shm): dir 0500, files 0400, removed at stop."""
-        path = _secrets_root() / rep.spec.replica_id
+        path = self._secrets_root / rep.spec.replica_id
         if path.exists():
             return path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -432,7 +447,4 @@ class ProcessEngine(Engine):
 
     def _cleanup(self, rep: _Replica) -> None:
         self._forget(rep)
-        path = _secrets_root() / rep.spec.replica_id
-        if path.exists():
-            path.chmod(0o700)
-            shutil.rmtree(path, ignore_errors=True)
+        _remove_secrets(self._secrets_root / rep.spec.replica_id)
