@@ -127,6 +127,36 @@ def test_missing_secret_keeps_replicas_off_until_it_is_set(tmp_path: Path) -> No
     assert rig.engine.specs[rid].secrets == {"token": "t0k"}
 
 
+def test_a_secret_deleted_under_running_replicas_is_a_note_not_a_flapping_status(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path, CONFIG + "secrets:\n  token: null\n")
+    rig.store.set_secret("token", "t0k")
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    (rid,) = rig.engine.live(dep)
+    rig.engine.set_phase(rid, ReplicaPhase.READY)
+    rig.controller.reconcile_once()
+    assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE
+    rig.store.delete_secret("token")
+    seen = set()
+    for _ in range(4):
+        rig.controller.reconcile_once()
+        view = rig.store.get_deployment(dep)
+        seen.add((view.status, view.message, view.updated_at))
+    # The running replica keeps its files and its traffic; the deployment says what a new
+    # replica would lack, and is not rewritten from pass to pass (it was: FAILED, then
+    # ACTIVE again, in every pass).
+    (status, message, _) = seen.pop()
+    assert not seen, seen
+    assert status == DeploymentStatus.ACTIVE and "token" in message
+    assert rig.engine.live(dep) == [rid]
+    assert rig.pushed[-1].deployments[dep].state == DeploymentState.SERVING
+    rig.store.set_secret("token", "again")
+    rig.controller.reconcile_once()
+    assert rig.store.get_deployment(dep).message == ""
+
+
 def test_a_replica_is_told_the_environment_its_deployment_is_in(rig: Rig) -> None:
     first = rig.deploy()  # the model's first deployment goes to production
     second = rig.deploy()

@@ -83,6 +83,8 @@ class Controller:
         self._engine_errors: dict[str, str] = {}
         self._clock = clock
         self._configs: dict[str, TrussConfig] = {}
+        self._notes: dict[str, str] = {}
+        """Per deployment: what a new replica would lack while the running ones serve."""
         self._jobs = Jobs()
         self._weights: Any = None
         self._table = RoutingTable()
@@ -224,7 +226,8 @@ class Controller:
         if not want_active:
             self.store.set_status(dep.id, DeploymentStatus.INACTIVE)
         elif decision.status is not None:
-            self.store.set_status(dep.id, decision.status, decision.message)
+            message = decision.message or self._notes.get(dep.id, "")
+            self.store.set_status(dep.id, decision.status, message)
         if decision.start and prepared is not None:
             self._start_replicas(dep, decision.start, prepared)  # records a refusal
         return list(decision.ready)
@@ -256,12 +259,16 @@ class Controller:
         """
         config = self._config(dep)
         missing = missing_secrets(config, self.store.secret_names())
+        self._notes.pop(dep.id, None)
         if missing:
+            what = f"secret(s) not defined: {', '.join(missing)}; define each with "
+            if serving:  # the running replicas keep the files they started with
+                self._notes[dep.id] = what + "`kingpost secrets set NAME` before a replica starts"
+                return None
             self.store.set_status(
                 dep.id,
                 DeploymentStatus.FAILED,
-                f"secret(s) not defined: {', '.join(missing)}; define each with "
-                f"`kingpost secrets set NAME` (the deployment starts once they exist)",
+                what + "`kingpost secrets set NAME` (the deployment starts once they exist)",
             )
             return None
         if dep.engine not in self._engines:
