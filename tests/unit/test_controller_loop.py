@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from kingpost.config import TrussConfig
 from kingpost.controller.loop import Controller
-from kingpost.engines.base import ReplicaPhase
+from kingpost.engines.base import BuildLog, Prepared, ReplicaPhase
 from kingpost.engines.fake import FakeEngine
+from kingpost.errors import BuildError
 from kingpost.gateway.table import DeploymentState, RoutingTable
 from kingpost.packaging import pack_project, unpack_project
 from kingpost.secrets_box import SecretBox, load_or_create_key
@@ -29,12 +32,14 @@ docker_server:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, config: str = CONFIG) -> None:
+    def __init__(
+        self, tmp_path: Path, config: str = CONFIG, engine: FakeEngine | None = None
+    ) -> None:
         self.settings = Settings(home=tmp_path / "home")
         db = Database(self.settings.db_url)
         db.migrate()
         self.store = Store(db, SecretBox(load_or_create_key(self.settings.home, None)))
-        self.engine = FakeEngine()
+        self.engine = engine or FakeEngine()
         self.pushed: list[RoutingTable] = []
         self.controller = Controller(
             self.settings, self.store, push=self.pushed.append, engines={"fake": self.engine}
@@ -157,6 +162,44 @@ def test_a_secret_deleted_under_running_replicas_is_a_note_not_a_flapping_status
     assert rig.store.get_deployment(dep).message == ""
 
 
+class FlakyBuild(FakeEngine):
+    """Its first build fails, as an install does when the package index drops a download."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.builds = 0
+
+    def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
+        self.builds += 1
+        if self.builds == 1:
+            log("error: connection reset while downloading torch")
+            raise BuildError("installing requirements failed (exit 1)")
+        return Prepared()
+
+
+def _settle(rig: Rig, dep: str, *statuses: DeploymentStatus) -> DeploymentStatus:
+    deadline = time.monotonic() + 10
+    while (status := rig.store.get_deployment(dep).status) not in statuses:
+        assert time.monotonic() < deadline, status
+        rig.controller.reconcile_once()
+        time.sleep(0.01)
+    return status
+
+
+def test_activating_a_deployment_whose_build_failed_builds_it_again(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, engine=FlakyBuild())
+    dep = rig.deploy()
+    _settle(rig, dep, DeploymentStatus.BUILD_FAILED)
+    for _ in range(3):  # left alone, a failed build is not retried
+        rig.controller.reconcile_once()
+    assert (rig.engine.builds, rig.engine.live(dep)) == (1, [])
+    rig.store.set_desired(dep, DesiredState.ACTIVE)
+    assert _settle(rig, dep, DeploymentStatus.ACTIVE, DeploymentStatus.BUILD_FAILED) == (
+        DeploymentStatus.ACTIVE
+    )
+    assert rig.engine.builds == 2 and len(rig.engine.live(dep)) == 1
+
+
 def test_a_replica_is_told_the_environment_its_deployment_is_in(rig: Rig) -> None:
     first = rig.deploy()  # the model's first deployment goes to production
     second = rig.deploy()
@@ -260,7 +303,7 @@ def test_a_restarted_controller_publishes_first_and_keeps_adopted_replicas(
     while its (cached) build is checked again."""
     import threading
 
-    from kingpost.engines.base import BuildLog, Prepared
+    from kingpost.engines.base import Prepared
 
     rig = Rig(tmp_path)
     dep = rig.deploy()
@@ -322,7 +365,7 @@ def test_a_replica_that_fails_right_after_the_build_is_not_silently_replaced(
     while the first replica starts is not one."""
     import threading
 
-    from kingpost.engines.base import BuildLog, Prepared
+    from kingpost.engines.base import Prepared
 
     release = threading.Event()
 

@@ -83,6 +83,8 @@ class Controller:
         self._engine_errors: dict[str, str] = {}
         self._clock = clock
         self._configs: dict[str, TrussConfig] = {}
+        self._failed_builds: set[str] = set()
+        """Deployments whose BUILD_FAILED is recorded: re-activating one builds it again."""
         self._notes: dict[str, str] = {}
         """Per deployment: what a new replica would lack while the running ones serve."""
         self._jobs = Jobs()
@@ -290,7 +292,12 @@ class Controller:
     ) -> Prepared | None:
         """What the deployment's engine builds for it (an environment, an image), once."""
         engine, app_dir = self.engine(dep.engine), self._app_dir(dep)
-        job = self._jobs.ensure(f"build:{dep.id}", lambda out: engine.prepare(config, app_dir, out))
+        key = f"build:{dep.id}"
+        if dep.id in self._failed_builds and dep.status == DeploymentStatus.DEPLOYING:
+            # BUILD_FAILED was recorded, and re-activating reset it since: build again.
+            self._failed_builds.discard(dep.id)
+            self._jobs.forget(key)
+        job = self._jobs.ensure(key, lambda out: engine.prepare(config, app_dir, out))
         if job.state == JobState.RUNNING:
             if serving:
                 return None
@@ -299,6 +306,7 @@ class Controller:
             return None
         if job.state == JobState.FAILED:
             self.store.set_status(dep.id, DeploymentStatus.BUILD_FAILED, job.error)
+            self._failed_builds.add(dep.id)
             return None
         return job.result if isinstance(job.result, Prepared) else Prepared()
 

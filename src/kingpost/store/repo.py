@@ -328,6 +328,7 @@ class Store:
             if desired == DesiredState.ACTIVE and d.status in (
                 DeploymentStatus.INACTIVE,
                 DeploymentStatus.FAILED,
+                DeploymentStatus.BUILD_FAILED,  # the controller builds it again
             ):
                 d.status, d.message = DeploymentStatus.DEPLOYING, ""
             return self._view(s, d)
