@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,8 @@ class Hub:
         """Paths whose downloads send these bytes instead of what the listing describes."""
         self.fail: set[tuple[str, int]] = set()
         """(path, first byte) of downloads that answer 500 until removed from here."""
+        self.hold: dict[str, threading.Event] = {}
+        """Paths whose downloads wait for their event before answering."""
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -123,6 +126,8 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 if (rel, byte_range(rng, len(data))[0]) in hub.fail:
                     self._send(500, b'{"error": "injected failure"}')
                     return
+                if rel in hub.hold:
+                    hub.hold[rel].wait(30)
                 cut = rel in hub.drop_once
                 hub.drop_once.discard(rel)
                 self._send_bytes(hub.tamper.get(rel, data), cut=cut)

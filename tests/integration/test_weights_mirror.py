@@ -396,6 +396,26 @@ def test_a_mirror_restarted_after_a_failure_fetches_only_missing_ranges(
     assert not list((tmp_path / "store" / "tmp").iterdir())
 
 
+def test_gc_during_a_mirror_keeps_the_files_it_already_stored(hub: Hub, tmp_path: Path) -> None:
+    """A mirror saves its manifest when every file is in: until then the blobs it stored
+    are referenced by nothing, and a garbage collection must still leave them."""
+    hub.repos["org/slow"] = repo = Repo()
+    repo.commit("main", {"a.json": b'{"first": 1}', "b.safetensors": os.urandom(50_000)})
+    hub.hold["b.safetensors"] = gate = threading.Event()
+    mgr = WeightsManager(tmp_path / "store")
+    try:
+        mgr.start("dep", entries(hf_cfg("hf://org/slow")), {})
+        wait_for(lambda: mgr.status("dep").files_done == 1 or None, 20, "a.json stored")
+        report = mgr.gc()
+        assert report.removed_blobs == 0, report
+    finally:
+        gate.set()
+    wait_for(lambda: mgr.status("dep").state == MirrorState.COMPLETE or None, 20, "complete")
+    (mount,) = mgr.mounts("dep")
+    assert (mount.source_dir / "a.json").read_bytes() == b'{"first": 1}'
+    assert mgr.gc().removed_blobs == 0  # referenced now
+
+
 def test_a_corrupt_download_is_refused_by_its_hash(hub: Hub, tmp_path: Path) -> None:
     hub.repos["org/bad"] = repo = Repo()
     repo.commit("main", {"w.bin": b"good" * 1000})

@@ -107,6 +107,7 @@ class BlobStore:
         final = self.blob_path(actual)
         final.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o444)
+        os.utime(tmp)  # stored now, even if its bytes came from before a restart (gc)
         os.replace(tmp, final)
         return actual
 
@@ -164,11 +165,15 @@ class BlobStore:
         return list(json.loads(path.read_text())) if path.exists() else None
 
     # -- garbage collection ------------------------------------------------------------
-    def gc(self, budget_bytes: int | None = None) -> GcReport:
+    def gc(self, budget_bytes: int | None = None, keep_since: float | None = None) -> GcReport:
         """Remove blobs no manifest references; with ``budget_bytes``, keep the newest
-        unreferenced ones while everything fits in it. Referenced blobs always stay."""
+        unreferenced ones while everything fits in it. Referenced blobs always stay, and
+        so do blobs stored at or after ``keep_since`` (epoch seconds): a mirror still
+        running references them once it saves its manifest."""
         referenced = {d for m in self.manifests() for d, _ in m.files.values()}
         blobs = [(p, p.stat()) for p in (self.root / "blobs").glob("*/*")]
+        if keep_since is not None:
+            referenced |= {p.name for p, st in blobs if st.st_mtime >= keep_since}
         kept = sum(st.st_size for p, st in blobs if p.name in referenced)
         removed = removed_bytes = 0
         unused = sorted(

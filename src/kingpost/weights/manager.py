@@ -52,6 +52,8 @@ class _Job:
         self.state = MirrorState.PENDING
         self.files_done = self.files_total = self.bytes_done = self.bytes_total = 0
         self.started = time.monotonic()
+        self.since = time.time()
+        """Wall-clock start: blobs this mirror stores are written after it."""
         self.error = ""
         self.manifests: list[Manifest] = []
         self.lock = threading.Lock()
@@ -185,7 +187,16 @@ class WeightsManager:
         )
 
     def gc(self, budget_bytes: int | None = None) -> GcReport:
-        return self.store.gc(budget_bytes)
+        """Remove blobs no manifest references, except what running mirrors stored: their
+        manifests are saved when their last file is in. Holds the lock that starting a
+        mirror takes, so none starts unseen meanwhile."""
+        with self._lock:
+            running = [
+                j.since for j in self._jobs.values()
+                if j.state not in (MirrorState.COMPLETE, MirrorState.FAILED)
+            ]  # fmt: skip
+            # A second of slack: some filesystems keep whole-second modification times.
+            return self.store.gc(budget_bytes, keep_since=min(running) - 1 if running else None)
 
     def list_manifests(self) -> list[Manifest]:
         return self.store.manifests()
