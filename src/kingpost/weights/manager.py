@@ -380,7 +380,10 @@ class WeightsManager:
         assert file.partial is not None
         try:
             digest = self.store.commit(
-                file.partial.path, file.remote.size, file.remote.sha256, md5=file.remote.md5
+                file.partial.path,
+                file.remote.size,
+                file.remote.sha256,
+                md5=file.source.md5(file.remote),
             )
         except WeightsError as exc:
             file.partial.discard()  # corrupt: the next attempt starts over

@@ -63,6 +63,11 @@ class Source(ABC):
     def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
         """Write bytes ``[start, end)`` of ``f`` (``end`` defaults to its size) into ``out``."""
 
+    def md5(self, f: RemoteFile) -> str | None:
+        """The MD5 to verify ``f`` against once fetched: what the listing said, unless a
+        download showed that it is not one."""
+        return f.md5
+
 
 def range_header(f: RemoteFile, start: int, end: int | None) -> dict[str, str]:
     """The ``Range`` header for bytes ``[start, end)`` of ``f``; none for the whole file."""
@@ -102,6 +107,8 @@ class S3Source(Source):
 
     def __init__(self, bucket: str, prefix: str, client: Any) -> None:
         self.bucket, self.prefix, self.client = bucket, prefix.strip("/"), client
+        self._opaque: set[str] = set()
+        """Paths whose ETag is not their MD5 although it looks like one (SSE-KMS, SSE-C)."""
 
     def files(self) -> list[RemoteFile]:
         out = []
@@ -124,11 +131,21 @@ class S3Source(Source):
         key = f"{self.prefix}/{f.path}" if self.prefix else f.path
         extra = range_header(f, start, end)
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
+            answer = self.client.get_object(Bucket=self.bucket, Key=key, **extra)
+            # S3 documents the ETag of an object encrypted with a KMS or customer key as
+            # not its MD5; verifying against it would refuse good bytes.
+            if str(answer.get("ServerSideEncryption", "")).startswith("aws:kms") or answer.get(
+                "SSECustomerAlgorithm"
+            ):
+                self._opaque.add(f.path)
+            body = answer["Body"]
             for chunk in body.iter_chunks(1024 * 1024):
                 out.write(chunk)
         except Exception as exc:
             raise WeightsError(f"s3://{self.bucket}/{key}: download failed: {exc}") from exc
+
+    def md5(self, f: RemoteFile) -> str | None:
+        return None if f.path in self._opaque else f.md5
 
 
 class HubSource(Source):
