@@ -414,3 +414,14 @@ def test_a_failed_replica_fails_the_deployment_in_any_local_timezone(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_start_creates_the_default_engine_with_no_deployment_on_it(rig: Rig) -> None:
+    """Creating an engine is what clears a killed run's leftovers (test_process_engine),
+    so it must happen even when every deployment that used it is gone."""
+    controller = Controller(rig.settings, rig.store, push=lambda _: None)
+    controller.start()
+    try:
+        assert set(controller._engines) == {"process"}
+    finally:
+        controller.stop()

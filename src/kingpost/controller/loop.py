@@ -106,7 +106,10 @@ class Controller:
         The first pass runs before this returns so that, after a restart, the
         gateway knows the keys and the serving replicas before the API answers.
         """
-        for name in sorted({d.engine for d in self.store.routing_snapshot()[1]}):
+        # The default engine too, even with no deployment on it: starting an engine clears
+        # what a killed run left (processes, secret files), deleted deployments' included.
+        in_use = {d.engine for d in self.store.routing_snapshot()[1]}
+        for name in sorted(in_use | {self.settings.engine}):
             try:
                 self.engine(name)
             except KingpostError as exc:  # recorded per deployment by the pass
