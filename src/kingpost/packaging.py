@@ -79,6 +79,33 @@ def pack_project(root: Path) -> PackedProject:
     return PackedProject(buf.getvalue())
 
 
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symbolic link"
+    if member.islnk():
+        return "hard link"
+    if member.isdev() or member.isfifo():
+        return "device or FIFO"
+    return "special entry"
+
+
+def _check_members(tar: tarfile.TarFile) -> None:
+    """Only what :func:`pack_project` writes: regular files (and directories).
+
+    Links are refused outright rather than left to tarfile's ``data`` filter, which
+    older Pythons get wrong for links whose expansion exceeds PATH_MAX (CVE-2025-4517).
+    """
+    for member in tar.getmembers():
+        if not (member.isreg() or member.isdir()):
+            raise ValidationError(
+                f"project archive: {member.name!r} is a {_kind(member)}; only regular files "
+                "and directories are allowed (push with `kingpost push`, which stores a "
+                "link's target as a file)",
+                field="project",
+                value=member.name,
+            )
+
+
 def unpack_project(data: bytes, dest: Path) -> None:
     """Unpack an uploaded archive into ``dest`` atomically (temp dir + rename)."""
     if dest.exists():
@@ -88,8 +115,12 @@ def unpack_project(data: bytes, dest: Path) -> None:
     tmp.mkdir(parents=True)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            _check_members(tar)
             tar.extractall(tmp, filter="data")
         os.replace(tmp, dest)
+    except ValidationError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if dest.exists():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -55,3 +56,59 @@ def test_unpack_refuses_path_traversal(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="cannot unpack"):
         unpack_project(buf.getvalue(), tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def _escaping_archive(dest: Path, levels_up: int) -> bytes:
+    """Symlinks whose expansion is longer than PATH_MAX: ``os.path.realpath`` stops
+    resolving there, so tarfile's ``data`` filter (before Python 3.11.13) believes a
+    link that leads out of ``dest`` stays inside it (CVE-2025-4517)."""
+    comp = "d" * 247
+    steps = (4095 - len(str(dest)) - 1) // (len(comp) + 1)
+    letters = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(steps)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        real = ""
+        for letter in letters:
+            d = tarfile.TarInfo(f"{real}{comp}")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+            s = tarfile.TarInfo(f"{real}{letter}")
+            s.type, s.linkname = tarfile.SYMTYPE, comp
+            tar.addfile(s)
+            real += comp + "/"
+        long_link = "/".join(letters) + "/" + "l" * 254
+        link = tarfile.TarInfo(long_link)
+        link.type, link.linkname = tarfile.SYMTYPE, "../" * steps
+        tar.addfile(link)
+        escape = tarfile.TarInfo("escape")
+        escape.type, escape.linkname = tarfile.SYMTYPE, long_link + "/.." * levels_up
+        tar.addfile(escape)
+        f = tarfile.TarInfo("escape/pwned")
+        f.size = 3
+        tar.addfile(f, io.BytesIO(b"hi\n"))
+    return buf.getvalue()
+
+
+def test_unpack_refuses_links_even_those_the_data_filter_misjudges(tmp_path: Path) -> None:
+    dest = tmp_path / "projects" / ("f" * 64)
+    dest.parent.mkdir()
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    with pytest.raises(ValidationError, match=r"'a' is a symbolic link") as info:
+        unpack_project(_escaping_archive(tmp, 2), dest)
+    assert info.value.details["field"] == "project"
+    assert not list(tmp_path.rglob("pwned")) and not dest.exists() and not tmp.exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE])
+def test_unpack_accepts_only_files_and_directories(tmp_path: Path, kind: bytes) -> None:
+    """pack_project writes regular files only (a link's target is stored as a file)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        config = tarfile.TarInfo("config.yaml")
+        tar.addfile(config, io.BytesIO(b""))
+        other = tarfile.TarInfo("other")
+        other.type, other.linkname = kind, "config.yaml"
+        tar.addfile(other)
+    with pytest.raises(ValidationError, match=r"'other' is a .*only regular files"):
+        unpack_project(buf.getvalue(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
