@@ -95,12 +95,21 @@ def _check_members(tar: tarfile.TarFile) -> None:
     Links are refused outright rather than left to tarfile's ``data`` filter, which
     older Pythons get wrong for links whose expansion exceeds PATH_MAX (CVE-2025-4517).
     """
+    total = 0
     for member in tar.getmembers():
         if not (member.isreg() or member.isdir()):
             raise ValidationError(
                 f"project archive: {member.name!r} is a {_kind(member)}; only regular files "
                 "and directories are allowed (push with `kingpost push`, which stores a "
                 "link's target as a file)",
+                field="project",
+                value=member.name,
+            )
+        total += member.size  # a sparse member's size is what it unpacks to
+        if total > MAX_PROJECT_BYTES:
+            raise ValidationError(
+                f"project archive unpacks to more than 2 GiB (at {member.name!r}, "
+                f"{member.size} bytes); move big files to weights",
                 field="project",
                 value=member.name,
             )
@@ -114,13 +123,22 @@ def unpack_project(data: bytes, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        # Uncompressed only, as pack_project writes it: a compressed archive is a
+        # decompression bomb the upload limit cannot see.
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             _check_members(tar)
             tar.extractall(tmp, filter="data")
         os.replace(tmp, dest)
     except ValidationError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except tarfile.ReadError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValidationError(
+            f"project archive: not an uncompressed tar archive ({exc}); "
+            "`kingpost push` uploads one",
+            field="project",
+        ) from exc
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if dest.exists():

@@ -112,3 +112,36 @@ def test_unpack_accepts_only_files_and_directories(tmp_path: Path, kind: bytes) 
     with pytest.raises(ValidationError, match=r"'other' is a .*only regular files"):
         unpack_project(buf.getvalue(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_unpack_refuses_a_compressed_archive(tmp_path: Path) -> None:
+    """A gzip of zeros inflates a thousandfold: 200 KB uploaded were 200 MB on disk."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("config.yaml")
+        info.size = 1 << 20
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    with pytest.raises(ValidationError, match="not an uncompressed tar archive") as err:
+        unpack_project(buf.getvalue(), tmp_path / "out")
+    assert err.value.details["field"] == "project"
+    assert not (tmp_path / "out").exists()
+
+
+def test_unpack_refuses_files_larger_than_the_upload_limit(tmp_path: Path) -> None:
+    """A PAX sparse member declares its size: 10 KB of archive made a 1 TB file, which
+    every replica start then copies in full."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        sparse_map = b"1\n0\n0\n".ljust(512, b"\0")  # one hole-only region
+        info = tarfile.TarInfo("big.bin")
+        info.size = len(sparse_map)
+        info.pax_headers = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": "big.bin",
+            "GNU.sparse.realsize": str(10**12),
+        }
+        tar.addfile(info, io.BytesIO(sparse_map))
+    with pytest.raises(ValidationError, match=r"unpacks to more than 2 GiB.*1000000000000"):
+        unpack_project(buf.getvalue(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
