@@ -36,7 +36,11 @@ log = logging.getLogger("kingpost.server")
 
 def bootstrap(settings: Settings, announce: Callable[[str], None] = print) -> Store:
     """Create KINGPOST_HOME, migrate the database, and create the admin key once."""
-    settings.home.mkdir(parents=True, exist_ok=True)
+    # Private to this user: the database holds configs (environment variables, inline
+    # secret values), and projects, logs and replica copies live here too.
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if settings.home.stat().st_mode & 0o077:
+        settings.home.chmod(0o700)
     db = Database(settings.db_url)
     db.migrate()
     store = Store(db, SecretBox(load_or_create_key(settings.home, settings.secret_key)))

@@ -221,3 +221,16 @@ def test_max_replicas_below_min_replicas_is_refused(
     (err,) = r.json()["errors"]
     assert err["field"] == "max_replicas" and "min_replicas (5)" in err["message"]
     assert client.get("/v1/models").json() == []
+
+
+def test_home_is_private_to_the_server_user(tmp_path: Path) -> None:
+    """The database (configs with inline secret values and environment variables),
+    projects, logs and replica copies were readable by every local user (0755 home)."""
+    fresh = Settings(home=tmp_path / "fresh" / "home")
+    bootstrap(fresh, lambda _: None).db.close()
+    assert fresh.home.stat().st_mode & 0o777 == 0o700
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    old.chmod(0o755)
+    bootstrap(Settings(home=old), lambda _: None).db.close()
+    assert old.stat().st_mode & 0o777 == 0o700
