@@ -234,3 +234,32 @@ def test_home_is_private_to_the_server_user(tmp_path: Path) -> None:
     old.chmod(0o755)
     bootstrap(Settings(home=old), lambda _: None).db.close()
     assert old.stat().st_mode & 0o777 == 0o700
+
+
+def test_client_sends_names_as_one_path_segment(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    """`kingpost deployments delete m ../../../secrets/hf_token` deleted the secret: the
+    client pasted the argument into the URL and httpx resolved the dot segments."""
+    from kingpost.client import KingpostClient
+    from kingpost.errors import NotFoundError, ValidationError
+
+    client, key = api
+    client.post("/v1/push", json={"project_hash": upload(client, tmp_path)})
+    assert client.post("/v1/secrets", json={"name": "hf_token", "value": "v"}).status_code == 200
+    kp = KingpostClient("http://testserver", key, "http://gateway")
+    kp._http = client
+    for action in ("delete", "deactivate"):
+        with pytest.raises(ValidationError, match=r"deployment '\.\./\.\./\.\./secrets/hf_token'"):
+            kp.deployment_action("api-test", "../../../secrets/hf_token", action)
+    with pytest.raises(ValidationError, match=r"model '\.\.'"):
+        kp.promote("..", "deployment-1")
+    with pytest.raises(ValidationError, match="secret 'a/b'"):
+        kp.delete_secret("a/b")
+    with pytest.raises(NotFoundError, match=r"model 'a\?b' not found"):
+        kp.model("a?b")
+    assert [s["name"] for s in kp.secrets()] == ["hf_token"]
+    assert [d["name"] for d in kp.deployments("api-test")] == ["deployment-1"]
+    assert kp.predict_path("my model", environment="prod") == (
+        "/models/my%20model/environments/prod/predict"
+    )

@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from kingpost.errors import AuthError, KingpostError, error_from_payload
+from kingpost.errors import AuthError, KingpostError, ValidationError, error_from_payload
 from kingpost.packaging import pack_project
 from kingpost.settings import Settings
 
@@ -39,6 +40,19 @@ def _raise_for(resp: httpx.Response) -> None:
     except ValueError:
         payload = {"error": resp.text[:500] or f"HTTP {resp.status_code}"}
     raise error_from_payload(resp.status_code, payload)
+
+
+def _seg(kind: str, value: str) -> str:
+    """``value`` as one URL path segment. Pasted in as it was, ``../../secrets/x`` given
+    as a deployment made a DELETE of a deployment delete that secret (httpx resolves
+    dot segments), and ``?`` or ``#`` cut the path short."""
+    if value in ("", ".", "..") or "/" in value:
+        raise ValidationError(
+            f"{kind} {value!r}: not a {kind} name or id (no '/', and not '.' or '..')",
+            field=kind,
+            value=value,
+        )
+    return quote(value, safe="")
 
 
 class KingpostClient:
@@ -99,35 +113,38 @@ class KingpostClient:
         return list(self._call("GET", "/v1/models"))
 
     def model(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/v1/models/{ref}"))
+        return dict(self._call("GET", f"/v1/models/{_seg('model', ref)}"))
 
     def deployments(self, model: str | None = None) -> list[dict[str, Any]]:
-        path = f"/v1/models/{model}/deployments" if model else "/v1/deployments"
+        path = f"/v1/models/{_seg('model', model)}/deployments" if model else "/v1/deployments"
         return list(self._call("GET", path))
 
     def deployment(self, dep: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/v1/deployments/{dep}"))
+        return dict(self._call("GET", f"/v1/deployments/{_seg('deployment', dep)}"))
 
     def deployment_action(self, model: str, dep: str, action: str) -> dict[str, Any]:
+        path = f"/v1/models/{_seg('model', model)}/deployments/{_seg('deployment', dep)}"
         if action == "delete":
-            return dict(self._call("DELETE", f"/v1/models/{model}/deployments/{dep}"))
-        return dict(self._call("POST", f"/v1/models/{model}/deployments/{dep}/{action}"))
+            return dict(self._call("DELETE", path))
+        return dict(self._call("POST", f"{path}/{action}"))
 
     def promote(self, model: str, dep: str, environment: str = "production") -> dict[str, Any]:
         return dict(
             self._call(
                 "POST",
-                f"/v1/models/{model}/deployments/{dep}/promote",
+                f"/v1/models/{_seg('model', model)}/deployments/{_seg('deployment', dep)}/promote",
                 json={"environment": environment},
             )
         )
 
     def environments(self, model: str) -> list[dict[str, Any]]:
-        return list(self._call("GET", f"/v1/models/{model}/environments"))
+        return list(self._call("GET", f"/v1/models/{_seg('model', model)}/environments"))
 
     def logs(self, dep: str, tail: int = 200) -> list[dict[str, str]]:
         return list(
-            self._call("GET", f"/v1/deployments/{dep}/logs", params={"tail": tail})["lines"]
+            self._call(
+                "GET", f"/v1/deployments/{_seg('deployment', dep)}/logs", params={"tail": tail}
+            )["lines"]
         )
 
     # -- weights --------------------------------------------------------------------------
@@ -135,7 +152,7 @@ class KingpostClient:
         return list(self._call("GET", "/v1/weights"))
 
     def weights_status(self, dep: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/v1/deployments/{dep}/weights"))
+        return dict(self._call("GET", f"/v1/deployments/{_seg('deployment', dep)}/weights"))
 
     def weights_gc(self, budget_bytes: int | None = None) -> dict[str, Any]:
         params = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
@@ -149,16 +166,17 @@ class KingpostClient:
         return list(self._call("GET", "/v1/secrets"))
 
     def delete_secret(self, name: str) -> None:
-        self._call("DELETE", f"/v1/secrets/{name}")
+        self._call("DELETE", f"/v1/secrets/{_seg('secret', name)}")
 
     # -- inference through the gateway ---------------------------------------------------------
     @staticmethod
     def predict_path(
         model: str, *, environment: str | None = None, deployment: str | None = None
     ) -> str:
+        base = f"/models/{_seg('model', model)}"
         if deployment:
-            return f"/models/{model}/deployment/{deployment}/predict"
-        return f"/models/{model}/environments/{environment or 'production'}/predict"
+            return f"{base}/deployment/{_seg('deployment', deployment)}/predict"
+        return f"{base}/environments/{_seg('environment', environment or 'production')}/predict"
 
     @contextmanager
     def predict_stream(
