@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kingpost.client import KingpostClient
@@ -46,7 +47,7 @@ def print_rows(
     for col in columns:
         table.add_column(col.replace("_", " ").upper())
     for row in rows:
-        table.add_row(*[_cell(row.get(c)) for c in columns])
+        table.add_row(*[escape(_cell(row.get(c))) for c in columns])
     console.print(table)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from kingpost.cli._common import console, err_console
 
@@ -28,7 +29,7 @@ def image_build(project_dir: Path, quiet: bool) -> None:
 
     loaded = load_config(project_dir)  # a bad config fails before any build step
     for warning in loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
     def show(line: str) -> None:
         if not quiet:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from kingpost.cli._common import err_console, settings
 from kingpost.cli.image import image
@@ -73,5 +74,5 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except KingpostError as exc:
-        err_console.print(f"[red]error:[/] {exc.message}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(exc.message)}", highlight=False)
         sys.exit(exc.exit_code)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -81,7 +82,7 @@ def push(
 
     loaded = load_config(project_dir)  # refuse a bad config before uploading anything
     for warning in loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     with client() as c:
         result = c.push(
             project_dir,
@@ -135,7 +136,7 @@ def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:
                     completed=w["bytes_done"],
                 )
             else:
-                progress.update(task, description=f"{dep['status']} {dep['message']}"[:80])
+                progress.update(task, description=escape(f"{dep['status']} {dep['message']}"[:80]))
             if dep["status"] in _SETTLED or time.monotonic() > deadline:
                 return dep
             time.sleep(0.5)

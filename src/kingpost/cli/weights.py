@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.syntax import Syntax
 
 from kingpost.cli._common import client, console, err_console, output_option, print_rows
@@ -24,7 +25,7 @@ def migrate(project_dir: Path, yes: bool) -> None:
     """Convert model_cache in config.yaml to weights (a backup is kept)."""
     plan = plan_migration(project_dir)
     for warning in plan.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     if not plan.changed:
         console.print("nothing to migrate: no model_cache in config.yaml")
         return
@@ -35,7 +36,7 @@ def migrate(project_dir: Path, yes: bool) -> None:
     backup = config.with_name(f"config.yaml.bak-{time.strftime('%Y%m%d%H%M%S')}")
     shutil.copy2(config, backup)
     config.write_text(plan.migrated)
-    console.print(f"migrated {config}; the original is in {backup.name}")
+    console.print(f"migrated {config}; the original is in {backup.name}", markup=False)
 
 
 @click.group()

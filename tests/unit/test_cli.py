@@ -1,0 +1,58 @@
+"""The `kingpost` command without a server: errors are messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIG = """\
+model_name: cli-test
+docker_server:
+  start_command: python server.py
+  server_port: 8000
+  predict_endpoint: /predict
+  readiness_endpoint: /health
+  liveness_endpoint: /health
+"""
+
+
+def kingpost(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")}
+    env.update(KINGPOST_HOME=str(tmp_path / "home"), KINGPOST_API_KEY="kp_x", KINGPOST_API_PORT="9")
+    return subprocess.run(
+        [sys.executable, "-m", "kingpost.cli", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def project(tmp_path: Path, extra: str = "") -> Path:
+    root = tmp_path / "project"
+    root.mkdir(exist_ok=True)
+    (root / "config.yaml").write_text(CONFIG + extra)
+    return root
+
+
+def test_brackets_in_errors_and_warnings_are_printed_as_text(tmp_path: Path) -> None:
+    """Messages went through rich markup: `[/x]` in a value was a MarkupError traceback,
+    and `[bold]` vanished from the text."""
+    out = kingpost(tmp_path, "push", str(project(tmp_path)), "--labels", "[/x] [bold]")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "--labels: not valid JSON" in out.stderr and "[/x] [bold]" in out.stderr
+    out = kingpost(tmp_path, "push", str(project(tmp_path, '"[/y]": 1\n')), "--labels", "[")
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "[/y]" in out.stderr and "--labels" in out.stderr
+
+
+def test_table_cells_are_text_not_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    """Labels are any JSON and a status message quotes build output: `deployments list`
+    failed with a MarkupError on a label `[/x]` and dropped `[notice]` from a message."""
+    from kingpost.cli._common import print_rows
+
+    rows = [{"labels": {"a": "[/x]"}, "message": "pip [notice] new release"}]
+    print_rows(rows, ["labels", "message"], "table")
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[notice]" in out
