@@ -56,3 +56,16 @@ def test_table_cells_are_text_not_markup(capsys: pytest.CaptureFixture[str]) -> 
     print_rows(rows, ["labels", "message"], "table")
     out = capsys.readouterr().out
     assert "[/x]" in out and "[notice]" in out
+
+
+def test_predict_data_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
+    for name, says in (
+        ("missing.json", "No such file"),
+        (".", "Is a directory"),
+        ("latin1.json", "not UTF-8"),
+    ):
+        out = kingpost(tmp_path, "predict", "-m", "x", "-d", f"@{tmp_path / name}")
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        text = " ".join(out.stderr.split())  # rich wraps lines at 80 columns
+        assert "--data" in text and says in text, text

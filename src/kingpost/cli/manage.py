@@ -211,6 +211,21 @@ def logs(deployment: str, tail: int) -> None:
             click.echo(f"[{line['replica']}] {line['text']}")
 
 
+def _read_data(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValidationError(
+            f"--data: cannot read {path}: {exc.strerror}", field="data", value=path
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ValidationError(
+            f"--data: {path} is not UTF-8 JSON ({exc.reason} at byte {exc.start})",
+            field="data",
+            value=path,
+        ) from exc
+
+
 @click.command()
 @click.option("--model", "-m", help="Model id or name (default: the only model).")
 @click.option("--data", "-d", "data", required=True, help="JSON body, or @file, or - for stdin.")
@@ -218,13 +233,7 @@ def logs(deployment: str, tail: int) -> None:
 @click.option("--deployment", help="Deployment id, bypassing environments.")
 def predict(model: str | None, data: str, environment: str | None, deployment: str | None) -> None:
     """Call a model through the gateway and print the response (streams as it arrives)."""
-    raw = (
-        sys.stdin.read()
-        if data == "-"
-        else Path(data[1:]).read_text()
-        if data.startswith("@")
-        else data
-    )
+    raw = sys.stdin.read() if data == "-" else _read_data(data[1:]) if data[:1] == "@" else data
     try:
         payload = json.loads(raw)
     except json.JSONDecodeError as exc:
