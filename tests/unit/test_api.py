@@ -263,3 +263,29 @@ def test_client_sends_names_as_one_path_segment(
     assert kp.predict_path("my model", environment="prod") == (
         "/models/my%20model/environments/prod/predict"
     )
+
+
+def test_a_config_without_model_name_is_named_after_its_folder(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    """README: the model name defaults to config.yaml's model_name, else the folder name.
+    The server used its own folder for the upload, the content hash, so every change to
+    such a project made a new model named by 64 hex digits instead of deployment-2."""
+    from kingpost.client import KingpostClient
+
+    client, key = api
+    config = CONFIG.replace("model_name: api-test\n", "")
+    sha = upload(client, tmp_path, config)
+    r = client.post("/v1/push", json={"project_hash": sha})
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == "model_name" and "config.yaml has none" in r.json()["error"]
+    kp = KingpostClient("http://testserver", key, "http://gateway")
+    kp._http = client
+    project = tmp_path / "project"
+    assert kp.push(project)["model"]["name"] == "project"
+    (project / "server.py").write_text("print('changed')\n")
+    second = kp.push(project)
+    assert second["model"]["name"] == "project"
+    assert second["deployment"]["name"] == "deployment-2"
+    assert kp.push(project, model_name="other")["model"]["name"] == "other"
+    assert [m["name"] for m in kp.models()] == ["project", "other"]

@@ -148,10 +148,17 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     _check_runnable(config, engine)
     if engine != "process":
         plane.controller.engine(engine)  # EngineError now, if e.g. dockerd is unreachable
+    model_name = body.model_name or config.model_name
+    if not model_name:
+        raise ValidationError(
+            "model_name: config.yaml has none; send model_name (`kingpost push` sends the "
+            "project's folder name)",
+            field="model_name",
+        )
     environment = body.environment or ("production" if body.promote else None)
     dep = plane.store.create_deployment(
         NewDeployment(
-            model_name=body.model_name or config.model_name or app_dir.name,
+            model_name=model_name,
             project_hash=body.project_hash,
             config=loaded.document(),
             engine=engine,

@@ -104,6 +104,13 @@ class KingpostClient:
         return packed.sha256
 
     def push(self, project_dir: Path, **options: Any) -> dict[str, Any]:
+        """Upload and deploy; the model is config.yaml's ``model_name``, else the folder's
+        name (the server only sees the upload, named by its hash)."""
+        if options.get("model_name") is None:
+            from kingpost.config import load_config
+
+            if not load_config(project_dir).config.model_name:
+                options["model_name"] = project_dir.resolve().name
         sha = self.upload(project_dir)
         body = {"project_hash": sha, **{k: v for k, v in options.items() if v is not None}}
         result: dict[str, Any] = self._call("POST", "/v1/push", json=body)
