@@ -73,6 +73,17 @@ def test_first_deployment_goes_to_production_next_ones_do_not(store: Store) -> N
     assert store.get_model("m").production_deployment_id == d3.id
 
 
+def test_a_name_taken_ahead_of_the_numbering_is_skipped(store: Store) -> None:
+    """A push named `deployment-3` while the next number was 3 made every later unnamed
+    push fail with 409 "choose another with --deployment-name", for good."""
+    store.create_deployment(new())
+    store.create_deployment(new(name="deployment-3"))
+    names = [store.create_deployment(new()).name for _ in range(2)]
+    assert names == ["deployment-4", "deployment-5"]
+    with pytest.raises(ConflictError, match="'deployment-5' already exists"):
+        store.create_deployment(new(name="deployment-5"))
+
+
 def test_named_deployment_with_labels_and_custom_environment(store: Store) -> None:
     store.create_deployment(new())
     d = store.create_deployment(new(name="blue", labels={"team": "ml"}, environment="staging"))

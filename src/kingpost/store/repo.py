@@ -215,13 +215,24 @@ class Store:
                 s.flush()
                 s.add(Environment(id=new_id(12), model_id=model.id, name=PRODUCTION))
             number = model.next_number
-            name = new.name or f"deployment-{number}"
-            taken = s.scalar(
-                select(Deployment.id).where(
-                    Deployment.model_id == model.id, Deployment.name == name
+
+            def taken(name: str) -> bool:
+                return (
+                    s.scalar(
+                        select(Deployment.id).where(
+                            Deployment.model_id == model.id, Deployment.name == name
+                        )
+                    )
+                    is not None
                 )
-            )
-            if taken is not None:
+
+            if new.name is None:
+                # A push named ahead of the numbering (`deployment-3` at 3) took a name
+                # that the numbering would give next: move past it.
+                while taken(f"deployment-{number}"):
+                    number += 1
+            name = new.name or f"deployment-{number}"
+            if new.name is not None and taken(name):
                 raise ConflictError(
                     f"deployment name {name!r} already exists on model {model.name!r}; "
                     "choose another with --deployment-name",
