@@ -205,3 +205,26 @@ def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_pat
         "weights", "status", "-d", json.loads(dep_id.stdout)[0]["id"], "-o", "json"
     )
     assert json.loads(status.stdout)[0]["state"] == "COMPLETE"
+
+
+def test_push_wait_exits_non_zero_unless_the_deployment_is_up(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """With --output json a FAILED deployment exited 0 (the table output exited 1), and
+    a --wait that timed out exited 0 with the deployment still DEPLOYING."""
+    crash = copy_project(tmp_path, "crash", "model_name: push-crash\n")
+    text = (crash / "config.yaml").read_text()
+    (crash / "config.yaml").write_text(text.replace("python3 server.py", "exit 3"))
+    out = platform.cli("push", str(crash), "--wait", "--output", "json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert json.loads(out.stdout)["deployment"]["status"] == "FAILED"
+    assert "FAILED" in out.stderr and "Traceback" not in out.stderr
+    slow = copy_project(tmp_path, "slow", "model_name: push-slow\n")
+    text = (slow / "config.yaml").read_text()
+    (slow / "config.yaml").write_text(text.replace("python3 server.py", "sleep 60"))
+    for output in ("json", "table"):
+        out = platform.cli("push", str(slow), "--wait", "--timeout", "1", "--output", output)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "not ACTIVE after 1s" in " ".join(out.stderr.split()), out.stderr
+        if output == "json":
+            assert json.loads(out.stdout)["deployment"]["status"] != "ACTIVE"

@@ -99,18 +99,23 @@ def push(
             dep = _wait(c, dep["id"], timeout)
     if output == "json":
         click.echo(json.dumps({**result, "deployment": dep}, indent=2, default=str))
-        return
-    model = result["model"]
-    console.print(
-        f"model [bold]{model['name']}[/] ({model['id']}), deployment [bold]{dep['name']}[/] "
-        f"({dep['id']}): {dep['status']}"
-    )
-    console.print(
-        f"predict: curl -X POST {result['predict_url']} "
-        "-H \"Authorization: Api-Key $KINGPOST_API_KEY\" -d '{...}'"
-    )
+    else:
+        model = result["model"]
+        console.print(
+            f"model [bold]{model['name']}[/] ({model['id']}), deployment [bold]{dep['name']}[/] "
+            f"({dep['id']}): {dep['status']}"
+        )
+        console.print(
+            f"predict: curl -X POST {result['predict_url']} "
+            "-H \"Authorization: Api-Key $KINGPOST_API_KEY\" -d '{...}'"
+        )
     if dep["status"] in ("FAILED", "BUILD_FAILED"):
         raise KingpostError(f"deployment {dep['name']} {dep['status']}: {dep['message']}")
+    if wait and dep["status"] not in _SETTLED:
+        raise KingpostError(
+            f"deployment {dep['name']} is not ACTIVE after {timeout:g}s (still {dep['status']}); "
+            f"follow it with `kingpost deployments list` or `kingpost logs -d {dep['id']}`"
+        )
 
 
 def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:
