@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pathspec
@@ -115,17 +116,20 @@ def _check_members(tar: tarfile.TarFile) -> None:
             )
 
 
-def unpack_project(data: bytes, dest: Path) -> None:
-    """Unpack an uploaded archive into ``dest`` atomically (temp dir + rename)."""
+def unpack_project(data: bytes | Path, dest: Path) -> None:
+    """Unpack an uploaded archive (its bytes, or the file holding it) into ``dest``
+    atomically (temp dir + rename)."""
     if dest.exists():
         return
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # One of its own per call: uploads of the same project may be unpacked concurrently.
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    tmp.chmod(0o755)  # as a plain mkdir made it; the home around it is private
     try:
         # Uncompressed only, as pack_project writes it: a compressed archive is a
         # decompression bomb the upload limit cannot see.
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        source = {"name": data} if isinstance(data, Path) else {"fileobj": io.BytesIO(data)}
+        with tarfile.open(mode="r:", **source) as tar:
             _check_members(tar)
             tar.extractall(tmp, filter="data")
         os.replace(tmp, dest)

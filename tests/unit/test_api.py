@@ -289,3 +289,32 @@ def test_a_config_without_model_name_is_named_after_its_folder(
     assert second["deployment"]["name"] == "deployment-2"
     assert kp.push(project, model_name="other")["model"]["name"] == "other"
     assert [m["name"] for m in kp.models()] == ["project", "other"]
+
+
+def test_an_upload_is_spooled_to_disk_and_refused_by_its_declared_size(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    """The archive was gathered in memory (then copied once more) before the 2 GiB limit
+    was checked: a few concurrent uploads could take the control plane's memory."""
+    import hashlib
+    import tracemalloc
+
+    client, _ = api
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = 64 << 20
+        tar.addfile(info, io.BytesIO(b"\1" * info.size))
+    data = buf.getvalue()
+    size, sha = len(data), hashlib.sha256(data).hexdigest()
+    tracemalloc.start()
+    try:
+        r = client.put(f"/v1/projects/{sha}", content=data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 201, r.text
+    assert peak < size // 2, f"{peak} bytes held for a {size}-byte upload"
+    r = client.put("/v1/projects/" + "0" * 64, content=b"x", headers={"content-length": "3" * 12})
+    assert r.status_code == 400
+    assert "larger than 2 GiB" in r.json()["error"] and r.json()["value"] == 333333333333

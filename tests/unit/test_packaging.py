@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -92,11 +91,11 @@ def _escaping_archive(dest: Path, levels_up: int) -> bytes:
 def test_unpack_refuses_links_even_those_the_data_filter_misjudges(tmp_path: Path) -> None:
     dest = tmp_path / "projects" / ("f" * 64)
     dest.parent.mkdir()
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    tmp = dest.with_name(dest.name + ".tmp-" + "x" * 8)  # as long as unpack's temp dir
     with pytest.raises(ValidationError, match=r"'a' is a symbolic link") as info:
         unpack_project(_escaping_archive(tmp, 2), dest)
     assert info.value.details["field"] == "project"
-    assert not list(tmp_path.rglob("pwned")) and not dest.exists() and not tmp.exists()
+    assert not list(tmp_path.rglob("pwned")) and not list(dest.parent.iterdir())
 
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE])

@@ -7,12 +7,15 @@ JSON ``{"error": ..., "code": ...}`` with the status of the KingpostError raised
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from kingpost.api.schemas import (
     DeploymentOut,
@@ -102,25 +105,40 @@ def _project_routes(router: APIRouter, plane: ControlPlane) -> None:
 
     @router.put("/projects/{sha}", status_code=201)
     async def upload(sha: str, request: Request) -> dict[str, str]:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_PROJECT_BYTES:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_PROJECT_BYTES:
+            _too_large(int(declared))
+        # Spooled to disk while it is hashed: the archive is never held in memory.
+        projects.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        with tempfile.NamedTemporaryFile(dir=projects, prefix=".upload-") as spool:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_PROJECT_BYTES:
+                    _too_large(size)
+                digest.update(chunk)
+                await run_in_threadpool(spool.write, chunk)
+            if digest.hexdigest() != sha:
                 raise ValidationError(
-                    "project archive larger than 2 GiB; move big files to weights"
+                    f"project archive hash mismatch: path says {sha}, "
+                    f"body hashes to {digest.hexdigest()}",
+                    field="sha256",
                 )
-        digest = hashlib.sha256(body).hexdigest()
-        if digest != sha:
-            raise ValidationError(
-                f"project archive hash mismatch: path says {sha}, body hashes to {digest}",
-                field="sha256",
-            )
-        unpack_project(bytes(body), projects / sha)
+            spool.flush()
+            await run_in_threadpool(unpack_project, Path(spool.name), projects / sha)
         return {"project_hash": sha}
 
     @router.post("/push", response_model=PushOut)
     def push(body: PushIn) -> PushOut:
         return _push(plane, body)
+
+
+def _too_large(size: int) -> None:
+    raise ValidationError(
+        f"project archive larger than 2 GiB ({size} bytes); move big files to weights",
+        field="project",
+        value=size,
+    )
 
 
 def _push(plane: ControlPlane, body: PushIn) -> PushOut:
