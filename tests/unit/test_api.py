@@ -318,3 +318,17 @@ def test_an_upload_is_spooled_to_disk_and_refused_by_its_declared_size(
     r = client.put("/v1/projects/" + "0" * 64, content=b"x", headers={"content-length": "3" * 12})
     assert r.status_code == 400
     assert "larger than 2 GiB" in r.json()["error"] and r.json()["value"] == 333333333333
+
+
+def test_a_bad_body_value_is_named_with_the_field_and_rule(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+    r = client.post("/v1/push", json={"project_hash": "a" * 64, "min_replicas": 100})
+    assert r.status_code == 400
+    (err,) = r.json()["errors"]
+    assert err["field"] == "min_replicas" and err["value"] == 100
+    assert "min_replicas: Input should be less than or equal to 64, got 100" in r.json()["error"]
+    r = client.post("/v1/push", json={})
+    assert r.json()["errors"] == [{"field": "project_hash", "message": "Field required"}], r.text
+    r = client.post("/v1/push", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["errors"] == [{"field": "body", "message": "JSON decode error at character 1"}]

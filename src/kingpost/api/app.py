@@ -69,11 +69,18 @@ def create_app(plane: ControlPlane) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"][1:]), "message": e["msg"]}
-            for e in exc.errors()
-        ]
-        text = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        errors: list[dict[str, Any]] = []
+        for e in exc.errors():
+            error = {"field": ".".join(str(p) for p in e["loc"][1:]), "message": e["msg"]}
+            if e["type"] == "json_invalid":  # loc is ("body", character position)
+                error = {"field": "body", "message": f"{e['msg']} at character {e['loc'][-1]}"}
+            elif e["type"] != "missing" and "input" in e:
+                error["value"] = e["input"]  # the value found, as the errors of a push say
+            errors.append(error)
+        text = "; ".join(
+            f"{e['field']}: {e['message']}" + (f", got {e['value']!r}" if "value" in e else "")
+            for e in errors
+        )
         return JSONResponse(
             {"error": f"invalid request: {text}", "code": "invalid_request", "errors": errors},
             status_code=400,
