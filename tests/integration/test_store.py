@@ -120,6 +120,16 @@ def test_reactivation_resets_failed_status(store: Store) -> None:
     assert again.status == DeploymentStatus.DEPLOYING and again.message == ""
 
 
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dot_and_dot_dot_are_not_secret_names(store: Store, name: str) -> None:
+    """The store took them, though config.yaml refuses them and neither can be a file
+    in /secrets: a secret that no deployment can ever use, set without a word."""
+    with pytest.raises(ValidationError, match=r"not '\.' or '\.\.' alone") as info:
+        store.set_secret(name, "v")
+    assert info.value.details == {"field": "secret_name", "value": name}
+    assert store.set_secret("..a", "v").name == "..a"
+
+
 def test_secrets_are_encrypted_at_rest(store: Store, tmp_path: Path) -> None:
     store.set_secret("hf_token", "s3cr3t-value")
     with store.db.session() as s:

@@ -63,7 +63,12 @@ def _check(pattern: re.Pattern[str], kind: str, value: str, rule: str) -> None:
 
 
 def check_secret_name(name: str) -> None:
-    _check(_SECRET_NAME, "secret", name, "use letters, digits, '.', '_' and '-' (1-200)")
+    rule = "use letters, digits, '.', '_' and '-' (1-200), not '.' or '..' alone"
+    if name in (".", ".."):  # never a secret config.yaml can name, nor a file in /secrets
+        raise ValidationError(
+            f"secret name {name!r} is not allowed: {rule}", field="secret_name", value=name
+        )
+    _check(_SECRET_NAME, "secret", name, rule)
 
 
 def check_environment_name(name: str) -> None:
