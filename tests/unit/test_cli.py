@@ -69,3 +69,23 @@ def test_predict_data_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         text = " ".join(out.stderr.split())  # rich wraps lines at 80 columns
         assert "--data" in text and says in text, text
+
+
+def test_an_api_key_that_cannot_be_a_header_is_named_not_a_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")}
+    env.update(KINGPOST_HOME=str(tmp_path / "home"), KINGPOST_API_PORT="9")
+    for where, key in (("env", "kp_clé"), ("file", "kp_\u2028x")):
+        if where == "env":
+            env["KINGPOST_API_KEY"] = key
+        else:
+            env.pop("KINGPOST_API_KEY")
+            (tmp_path / "home").mkdir(exist_ok=True)
+            (tmp_path / "home" / "credentials").write_text(key)
+        out = subprocess.run(
+            [sys.executable, "-m", "kingpost.cli", "deployments", "list"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        text = " ".join(out.stderr.split())
+        assert "printable ASCII" in text, text
+        assert ("KINGPOST_API_KEY" if where == "env" else "credentials") in text, text

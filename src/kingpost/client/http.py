@@ -19,15 +19,20 @@ __all__ = ["KingpostClient", "load_credentials"]
 
 
 def load_credentials(settings: Settings) -> str:
-    if settings.api_key:
-        return settings.api_key
     path = settings.home / "credentials"
+    where = "KINGPOST_API_KEY" if settings.api_key else str(path)
     try:
-        return path.read_text().strip()
+        key = settings.api_key or path.read_text().strip()
     except FileNotFoundError:
         raise AuthError(
             f"no API key: set KINGPOST_API_KEY or start `kingpost server` once (it writes {path})"
         ) from None
+    except UnicodeDecodeError:
+        key = ""
+    if not key or not key.isascii() or not key.isprintable():
+        # Keys are ASCII; anything else cannot go in a header (and was a traceback).
+        raise AuthError(f"the API key in {where} is not a Kingpost key: it must be printable ASCII")
+    return key
 
 
 def _raise_for(resp: httpx.Response) -> None:
