@@ -332,3 +332,6 @@ def test_a_bad_body_value_is_named_with_the_field_and_rule(api: tuple[TestClient
     r = client.post("/v1/push", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert r.json()["errors"] == [{"field": "body", "message": "JSON decode error at character 1"}]
+    r = client.post("/v1/weights/gc", params={"budget_bytes": -5})
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "budget_bytes", r.text
+    assert r.json()["errors"][0]["value"] == "-5"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -343,7 +343,7 @@ def _weights_routes(router: APIRouter, plane: ControlPlane) -> None:
         }
 
     @router.post("/weights/gc")
-    def weights_gc(budget_bytes: int | None = None) -> dict[str, int]:
+    def weights_gc(budget_bytes: Annotated[int | None, Query(ge=0)] = None) -> dict[str, int]:
         report = manager().gc(budget_bytes)
         return {
             "removed_blobs": report.removed_blobs,
