@@ -786,3 +786,32 @@ def test_bytes_behind_a_queued_handshake_are_bounded(
             release.set()
         assert held.result().status_code == 200
     assert sent < 64 << 20, f"{sent >> 20} MiB read behind a handshake still in the queue"
+
+
+def test_a_request_head_without_end_is_refused_not_buffered(gw: Running, up: Upstream) -> None:
+    """httptools sets no limit on a head: a client (no key needed) sending one header value
+    without end made the gateway hold all of it, hundreds of MB and quadratic CPU."""
+    gw.table(route(up, predict_path="/inspect"))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        with pytest.raises(OSError):  # the gateway hangs up long before this is all sent
+            for _ in range(1024):
+                s.sendall(b"a" * 4096)
+                sent += 4096
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert sent < 1024 * 4096
+    assert data.startswith(b"HTTP/1.1 431 ")
+    # A large head that stays under the limit, sent in pieces, still goes through.
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(10):
+            s.sendall(b"a" * 4096)
+            threading.Event().wait(0.005)
+        s.sendall(b"\r\n" + _req(b"ok", close=True).split(b"\r\n", 2)[2])
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert _answers(data)[0][0] == b"HTTP/1.1 200 OK"

@@ -31,6 +31,9 @@ __all__ = ["ClientConn"]
 access_log = logging.getLogger("kingpost.gateway.access")
 REPLAY_LIMIT = 64 * 1024
 BODY_HIGH_WATER = 1024 * 1024
+HEAD_LIMIT = 64 * 1024
+"""Bytes a request head may take beyond the read it starts in (431 past it): httptools
+has no limit and keeps a header's value growing for as long as the client sends it."""
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -50,6 +53,7 @@ class _Request:
         "complete",
         "content_length",
         "expect_continue",
+        "head_bytes",
         "headers",
         "host",
         "http11",
@@ -91,6 +95,8 @@ class _Request:
         """The body has a length and fits the replay buffer: wait for all of it, then send."""
         self.upgrade = False
         self.tunnel_buf = bytearray()
+        self.head_bytes = -1
+        """Bytes read for the head after the read it began in (-1 until that read ends)."""
 
     def wake(self) -> None:
         waiter, self.waiter = self.waiter, None
@@ -113,6 +119,7 @@ def _error_body(
         401: "Unauthorized",
         404: "Not Found",
         429: "Too Many Requests",
+        431: "Request Header Fields Too Large",
         501: "Not Implemented",
         502: "Bad Gateway",
         503: "Service Unavailable",
@@ -154,6 +161,12 @@ class ClientConn(StreamConn):
             return
         try:
             self.parser.feed_data(data)
+            req = self.current
+            if req is not None and not req.method:  # its head is still incomplete
+                # The read a head begins in may hold earlier requests too: count from the next.
+                req.head_bytes += len(data) if req.head_bytes >= 0 else 1
+                if req.head_bytes > HEAD_LIMIT:
+                    self._fail_and_close(431, "request line and headers are too large")
         except httptools.HttpParserUpgrade as exc:
             # WebSocket and other upgrades: the rest of the stream is raw bytes.
             req = self.pending[-1] if self.pending else self.current
