@@ -48,6 +48,7 @@ class _Request:
     __slots__ = (
         "auth",
         "body_bytes",
+        "body_sent",
         "chunked",
         "chunks",
         "complete",
@@ -84,6 +85,8 @@ class _Request:
         self.chunked = False
         self.expect_continue = False
         self.body_bytes = 0
+        self.body_sent = False
+        """Some of the body went to a replica: without the replay buffer, a retry lacks it."""
         self.replay: list[bytes] | None = []
         self.auth: bytes | None = None
         self.host = b""
@@ -541,6 +544,7 @@ class ClientConn(StreamConn):
             head = self._request_head(req, path, rid)
             if req.complete and not req.chunked:
                 # The whole body is here already (the common small request): one write.
+                req.body_sent = req.body_sent or bool(req.chunks)
                 conn.write(head + b"".join(req.chunks))
                 req.chunks.clear()
             else:
@@ -569,8 +573,11 @@ class ClientConn(StreamConn):
         if result == "lost":
             conn.close()
             # Retried only if the replica sent nothing at all: even part of a response head
-            # means it took the request, and running it twice is not the gateway's call.
-            if not conn.got_bytes and (req.replay is not None or not reused):
+            # means it took the request, and running it twice is not the gateway's call. Nor
+            # is a body the replay buffer no longer holds sent again with a part missing.
+            if not conn.got_bytes and (
+                req.replay is not None or (not reused and not req.body_sent)
+            ):
                 if req.replay is not None:
                     req.chunks = deque(req.replay)
                     req.replay = list(req.replay)
@@ -649,6 +656,7 @@ class ClientConn(StreamConn):
             chunk = await self.next_chunk(req)
             if chunk is None:
                 break
+            req.body_sent = True  # taken from the queue: a retry can only replay it
             if conn.closed:
                 return
             conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if req.chunked else chunk)
