@@ -56,6 +56,7 @@ def _handler(up: Upstream) -> type[BaseHTTPRequestHandler]:
                     "method": self.command,
                     "request_id": self.headers.get("X-Baseten-Request-Id"),
                     "authorization": self.headers.get("Authorization"),
+                    "header_names": [k.lower() for k in self.headers],
                     "length": len(body),
                     "sha256": hashlib.sha256(body).hexdigest(),
                 }

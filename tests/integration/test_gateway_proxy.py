@@ -868,3 +868,26 @@ def test_a_body_partly_sent_to_a_replica_that_hung_up_is_not_retried_without_it(
         assert dropping.drops == 1 and sorted(statuses) == [200, 502]
     finally:
         dropping.sock.close()
+
+
+def test_headers_the_client_names_in_connection_are_not_forwarded(
+    gw: Running, up: Upstream
+) -> None:
+    """``Connection`` lists headers meant for this hop only (RFC 9110 7.6.1): they stop at
+    the gateway like Keep-Alive and TE, whatever they are called."""
+    gw.table(route(up, predict_path="/inspect"))
+    head = (
+        b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Api-Key "
+        + KEY.encode()
+        + b"\r\nConnection: keep-alive, X-Hop-Only , x-other-hop,Host\r\nX-Hop-Only: 1\r\n"
+        b"X-Other-Hop: 2\r\nX-End-To-End: 3\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    # The next request on the connection does not name it: there it is an ordinary header.
+    after = _req(b"", close=True).replace(b"Host: x\r\n", b"Host: x\r\nX-Hop-Only: 1\r\n")
+    (status, seen), (status2, seen2) = _answers(raw_exchange(gw.port, head + after))
+    assert status == status2 == b"HTTP/1.1 200 OK"
+    names = json.loads(seen)["header_names"]
+    assert "x-end-to-end" in names and "host" in names
+    assert not {"x-hop-only", "x-other-hop", "keep-alive", "te", "connection"} & set(names)
+    assert "x-hop-only" in json.loads(seen2)["header_names"]

@@ -35,6 +35,10 @@ HEAD_LIMIT = 64 * 1024
 """Bytes a request head may take beyond the read it starts in (431 past it): httptools
 has no limit and keeps a header's value growing for as long as the client sends it."""
 _NO_BODY_STATUS = frozenset({204, 304})
+_NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"content-length", b"expect"}
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
+"""``Connection`` tokens that name no header to drop (Host: the gateway must send one)."""
 
 
 class _Sent:
@@ -56,6 +60,7 @@ class _Request:
         "expect_continue",
         "head_bytes",
         "headers",
+        "hop",
         "host",
         "http11",
         "keep_alive",
@@ -89,6 +94,8 @@ class _Request:
         """Some of the body went to a replica: without the replay buffer, a retry lacks it."""
         self.replay: list[bytes] | None = []
         self.auth: bytes | None = None
+        self.hop: frozenset[bytes] | None = None
+        """Headers not to forward when ``Connection`` names more than the usual options."""
         self.host = b""
         self.request_id: bytes | None = None
         self.rid: str | None = None
@@ -304,6 +311,11 @@ class ClientConn(StreamConn):
                 req.request_id = value
             elif lname == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
+            elif lname == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
+                # Headers it names are for this hop only (RFC 9110 7.6.1): not forwarded.
+                listed = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_KEPT
+                if listed:
+                    req.hop = (req.hop or _NOT_FORWARDED) | listed
         self.pending.append(req)
 
     def on_body(self, body: bytes) -> None:
@@ -633,12 +645,13 @@ class ClientConn(StreamConn):
     @staticmethod
     def _request_head(req: _Request, path: str, rid: str) -> bytes:
         lines = [req.method + b" " + path.encode("latin-1") + b" HTTP/1.1\r\n"]
+        drop = _NOT_FORWARDED if req.hop is None else req.hop
         for name, value in req.headers:
             lname = name.lower()
             if req.upgrade and lname in (b"connection", b"upgrade"):
                 lines.append(name + b": " + value + b"\r\n")
                 continue
-            if lname in HOP_BY_HOP or lname in (b"authorization", b"content-length", b"expect"):
+            if lname in drop:
                 continue
             lines.append(name + b": " + value + b"\r\n")
         lines.append(b"x-baseten-request-id: " + rid.encode("latin-1") + b"\r\n")
