@@ -891,3 +891,25 @@ def test_headers_the_client_names_in_connection_are_not_forwarded(
     assert "x-end-to-end" in names and "host" in names
     assert not {"x-hop-only", "x-other-hop", "keep-alive", "te", "connection"} & set(names)
     assert "x-hop-only" in json.loads(seen2)["header_names"]
+
+
+def test_a_request_is_forwarded_with_exactly_one_host(gw: Running, up: Upstream) -> None:
+    """RFC 9112 3.2: an HTTP/1.1 request without Host, or with two, is a 400 (two: the
+    gateway routed by the last, the replica read the first). An HTTP/1.0 one may lack it,
+    but the HTTP/1.1 request made of it may not (h11-based replicas refuse it)."""
+    gw.table(route(up, predict_path="/inspect"))
+    auth = b"Authorization: Api-Key " + KEY.encode() + b"\r\n"
+    predict = b"POST /models/echo/production/predict "
+    data = raw_exchange(gw.port, predict + b"HTTP/1.0\r\n" + auth + b"Content-Length: 0\r\n\r\n")
+    (status, seen), *_ = _answers(data)
+    assert status == b"HTTP/1.1 200 OK" and "host" in json.loads(seen)["header_names"]
+    assert up.requests == 1
+    for head in (
+        predict + b"HTTP/1.1\r\n" + auth,
+        b"POST /environments/production/predict HTTP/1.1\r\nHost: model-m1.localhost\r\n"
+        + auth
+        + b"Host: elsewhere\r\n",
+    ):
+        data = raw_exchange(gw.port, head + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 400 ") and b"Host" in data, data
+    assert up.requests == 1

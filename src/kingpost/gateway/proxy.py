@@ -65,6 +65,7 @@ class _Request:
         "http11",
         "keep_alive",
         "method",
+        "refuse",
         "replay",
         "request_id",
         "rid",
@@ -96,7 +97,9 @@ class _Request:
         self.auth: bytes | None = None
         self.hop: frozenset[bytes] | None = None
         """Headers not to forward when ``Connection`` names more than the usual options."""
-        self.host = b""
+        self.host: bytes | None = None
+        self.refuse: str | None = None
+        """Why the head, well-formed for the parser, is still a bad request (400)."""
         self.request_id: bytes | None = None
         self.rid: str | None = None
         """The id the gateway uses: the client's ``X-Baseten-Request-Id`` or a new one."""
@@ -306,6 +309,8 @@ class ClientConn(StreamConn):
             elif lname == b"authorization":
                 req.auth = value
             elif lname == b"host":
+                if req.host is not None:  # routed by one, read by the replica as the other
+                    req.refuse = "more than one Host header"
                 req.host = value
             elif lname == b"x-baseten-request-id":
                 req.request_id = value
@@ -316,6 +321,8 @@ class ClientConn(StreamConn):
                 listed = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_KEPT
                 if listed:
                     req.hop = (req.hop or _NOT_FORWARDED) | listed
+        if req.host is None and req.http11:
+            req.refuse = "an HTTP/1.1 request needs a Host header"
         self.pending.append(req)
 
     def on_body(self, body: bytes) -> None:
@@ -415,6 +422,8 @@ class ClientConn(StreamConn):
         if req.rid is None:
             req.rid = req.request_id.decode("latin-1") if req.request_id else gw.new_request_id()
         rid = req.rid
+        if req.refuse is not None:  # RFC 9112 3.2
+            return self._reject(req, 400, req.refuse, "invalid_request", rid)
         if gw.table.version == 0:  # the control plane has not pushed a table yet
             return self._reject(
                 req,
@@ -431,7 +440,7 @@ class ClientConn(StreamConn):
                 "unauthorized",
                 rid,
             )
-        target = gw.route(req.host, req.url)
+        target = gw.route(req.host or b"", req.url)
         if isinstance(target, Miss):
             if req.upgrade and target.upgrade is not None:
                 return target.upgrade  # a WebSocket route: only handshakes get through
@@ -655,6 +664,8 @@ class ClientConn(StreamConn):
                 continue
             lines.append(name + b": " + value + b"\r\n")
         lines.append(b"x-baseten-request-id: " + rid.encode("latin-1") + b"\r\n")
+        if req.host is None:  # HTTP/1.0 without Host: an HTTP/1.1 request needs one, empty
+            lines.append(b"host: \r\n")  # when there is no authority (RFC 9112 3.2)
         if req.chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
         elif req.content_length is not None:
