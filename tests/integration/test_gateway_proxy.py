@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time as _time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -913,3 +914,47 @@ def test_a_request_is_forwarded_with_exactly_one_host(gw: Running, up: Upstream)
         data = raw_exchange(gw.port, head + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
         assert data.startswith(b"HTTP/1.1 400 ") and b"Host" in data, data
     assert up.requests == 1
+
+
+def _read_until(s: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        data += s.recv(65536)
+    return data
+
+
+def test_connections_that_send_no_request_are_closed(
+    monkeypatch: pytest.MonkeyPatch, up: Upstream
+) -> None:
+    """No client, with a key or without, holds a connection forever: one sending its head a
+    byte at a time (slowloris) or one idle after its answers is closed; one whose request a
+    replica is still answering is not."""
+    monkeypatch.setattr(Gateway, "head_timeout_s", 0.6)
+    monkeypatch.setattr(Gateway, "idle_timeout_s", 1.5)
+    monkeypatch.setattr(Gateway, "sweep_s", 0.1)
+    gw = Running()
+    try:
+        gw.table(route(up, predict_path="/slow?s=2.5"))
+        with (
+            socket.create_connection(("127.0.0.1", gw.port), timeout=5) as drip,
+            socket.create_connection(("127.0.0.1", gw.port), timeout=5) as silent,
+            socket.create_connection(("127.0.0.1", gw.port), timeout=5) as idle,
+            socket.create_connection(("127.0.0.1", gw.port), timeout=5) as slow,
+        ):
+            idle.sendall(_req(b"x").replace(b"predict", b"sync/echo"))
+            assert _answers(_read_until(idle, b"x")) == [(b"HTTP/1.1 200 OK", b"x")]
+            slow.sendall(_req(b"y"))  # answered after 2.5 s: longer than either timeout
+            start = _time.monotonic()
+            head = b"GET /models/echo/production/sync/echo HTTP/1.1\r\nHost: x\r\n"
+            with pytest.raises(OSError):
+                for i in range(len(head) * 10):
+                    drip.sendall(head[i % len(head) : i % len(head) + 1])
+                    _time.sleep(0.1)
+            assert _time.monotonic() - start < 2.5
+            assert silent.recv(1) == b""  # closed without a byte
+            assert idle.recv(1) == b""
+            assert 1.2 < _time.monotonic() - start < 4
+            answer = _read_until(slow, b"}")
+            assert _answers(answer) == [(b"HTTP/1.1 200 OK", b'{"slow": true}')]
+    finally:
+        gw.close()

@@ -164,6 +164,28 @@ class ClientConn(StreamConn):
         self._paused_reading = False
         self.refusal: bytes | None = None
         """An error for a malformed request, sent once the requests before it are answered."""
+        self._waiting: tuple[_Request | None, float] | None = None
+        """What :meth:`close_if_stalled` last saw the connection wait for, and since when."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.gw.clients.add(self)
+
+    def close_if_stalled(self, now: float) -> None:
+        """Close a connection that holds no request and has not sent a whole request head in
+        ``head_timeout_s`` (a slowloris), or, after answered requests, none in
+        ``idle_timeout_s``. Called by the gateway's periodic sweep, not per request."""
+        if self.busy or self.pending or self.closed or self.tunnel is not None or self.raw_sink:
+            self._waiting = None
+            return
+        req = self.current  # None: nothing sent yet; complete: idle; else a head under way
+        if self._waiting is None or self._waiting[0] is not req:
+            self._waiting = (req, now)
+            return
+        gw = self.gw
+        limit = gw.idle_timeout_s if req is not None and req.complete else gw.head_timeout_s
+        if now - self._waiting[1] >= limit and self.transport is not None:
+            self.transport.close()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -230,6 +252,7 @@ class ClientConn(StreamConn):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.mark_lost()
+        self.gw.clients.discard(self)
         if self.task is not None and not self.task.done():
             self.task.cancel()
         handoff, self.handoff = self.handoff, None

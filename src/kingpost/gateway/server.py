@@ -31,6 +31,15 @@ _ROUTE_CACHE = 1024
 class Gateway:
     """Routes requests by the last pushed :class:`RoutingTable`; never reads the store."""
 
+    head_timeout_s = 30.0
+    """A connection with no request in flight must send a whole request head in this time."""
+    idle_timeout_s = 650.0
+    """A connection idle after its answers is closed after this; longer than the idle
+    timeouts of the load balancers a gateway sits behind (AWS 60 s, Google Cloud 600 s),
+    so that it is they that close, never a gateway under a request they just sent."""
+    sweep_s = 5.0
+    """How often connections are checked against the two timeouts above."""
+
     def __init__(
         self, table: RoutingTable | None = None, *, access_log_enabled: bool = False
     ) -> None:
@@ -40,6 +49,8 @@ class Gateway:
         self._auth: OrderedDict[bytes, bool] = OrderedDict()
         self._routes: dict[tuple[bytes, bytes], Target | Miss] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self.clients: set[ClientConn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._log = access_log_enabled
         # Request ids: a random 64-bit prefix per process and a counter, 32 hex digits like
         # a UUID; no system call per request, unique across workers and restarts.
@@ -156,11 +167,22 @@ class Gateway:
         sock.setblocking(False)
         server = await loop.create_server(lambda: ClientConn(self), sock=sock)
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.sweep_s, self._sweep)
         if control_socket is not None:
             self._servers.append(await serve_control(self, control_socket))
         return int(sock.getsockname()[1])
 
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.clients):
+            conn.close_if_stalled(now)
+        self._sweeper = asyncio.get_running_loop().call_later(self.sweep_s, self._sweep)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for server in self._servers:
             server.close()
         for server in self._servers:
