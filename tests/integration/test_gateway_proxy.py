@@ -958,3 +958,24 @@ def test_connections_that_send_no_request_are_closed(
             assert _answers(answer) == [(b"HTTP/1.1 200 OK", b'{"slow": true}')]
     finally:
         gw.close()
+
+
+def test_trailer_fields_are_not_kept_as_headers(gw: Running, up: Upstream) -> None:
+    """httptools reports the trailer fields of a chunked body like header fields: the
+    gateway added them to the request's headers, so a retry sent them as headers, and a
+    client could grow that list without bound (a million fields: 115 MB more)."""
+    dropping = _Dropping(keep=0)
+    try:
+        gw.table(route(up, dropping.port, predict_path="/inspect"))
+        request = (
+            b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            b"Api-Key " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+        )
+        for _ in range(2):  # replicas are taken in turn: one of these is retried
+            (status, seen), *_ = _answers(raw_exchange(gw.port, request, half_close=True))
+            assert status == b"HTTP/1.1 200 OK" and json.loads(seen)["length"] == 3
+            assert "x-trailer" not in json.loads(seen)["header_names"]
+        assert dropping.drops >= 1
+    finally:
+        dropping.sock.close()

@@ -312,8 +312,10 @@ class ClientConn(StreamConn):
         self.current.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.current is not None
-        self.current.headers.append((name, value))
+        req = self.current
+        assert req is not None
+        if not req.method:  # after the head, httptools reports a chunked body's trailer
+            req.headers.append((name, value))  # fields here: they are dropped, not kept
 
     def on_headers_complete(self) -> None:
         req = self.current
