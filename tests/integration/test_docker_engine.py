@@ -318,3 +318,81 @@ def test_image_build_cli_builds_once(docker_client: Any, tmp_path: Path) -> None
     assert third.returncode == 0 and third.stdout.strip() != tag
     docker_client.images.remove(third.stdout.strip(), force=True)
     assert json.loads(json.dumps(docker_client.images.get(tag).labels))["kingpost.image"] == "1"
+
+
+# -- the engine on its own (no control plane, no image build: the base image runs) ------------
+ENGINE_CONFIG = (
+    "model_name: eng\n"
+    "docker_server:\n"
+    "  start_command: python3 -m http.server 8000\n"
+    "  server_port: 8000\n"
+    "  predict_endpoint: /\n"
+    "  readiness_endpoint: /\n"
+    "  liveness_endpoint: /\n"
+)
+
+
+def _engine_spec(home: Path, replica_id: str, extra: str = "") -> Any:
+    from kingpost.config import parse_config
+    from kingpost.controller.specs import replica_spec
+    from kingpost.images import base_image_tag
+
+    return replica_spec(
+        replica_id=replica_id,
+        deployment_id="dep1",
+        model_id="m1",
+        model_name="eng",
+        app_dir=home,
+        config=parse_config(ENGINE_CONFIG + extra).config,
+        env={},
+        secrets={"tok": "v"},
+        image=base_image_tag(),
+    )
+
+
+def _wait_phases(engine: Any, want: dict[str, str]) -> None:
+    wait_for(
+        lambda: {s.replica_id: str(s.phase) for s in engine.poll()} == want,
+        60,
+        f"phases {want}",
+    )
+
+
+def _crash(engine: Any) -> None:
+    """What SIGKILL leaves: the monitor stops, nothing is cleaned up."""
+    engine._closing.set()
+    engine._thread.join()
+    engine._pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def engine_home(docker_client: Any, tmp_path: Path) -> Iterator[Path]:
+    import shutil
+
+    from kingpost.engines.docker import _secrets_root, scope_of
+
+    home = tmp_path / "home"
+    home.mkdir()
+    try:
+        yield home
+    finally:
+        _remove_containers(docker_client, home)
+        shutil.rmtree(_secrets_root(scope_of(home)), ignore_errors=True)
+
+
+def test_adopted_serving_container_is_ready_at_once(engine_home: Path) -> None:
+    # The controller's first pass after a restart publishes the table: a replica that
+    # serves must be in it, not STARTING until the monitor's first probe.
+    from kingpost.engines.docker import DockerEngine
+    from kingpost.settings import Settings
+
+    settings = Settings(home=engine_home)
+    first = DockerEngine(settings)
+    first.start(_engine_spec(engine_home, "dep1-aaaaa"))
+    _wait_phases(first, {"dep1-aaaaa": "ready"})
+    _crash(first)
+    second = DockerEngine(settings)
+    try:
+        assert [(s.replica_id, str(s.phase)) for s in second.poll()] == [("dep1-aaaaa", "ready")]
+    finally:
+        second.close()

@@ -48,7 +48,7 @@ from kingpost.engines.base import (
     ServerKind,
     scope_of,
 )
-from kingpost.engines.probes import ReplicaHealth
+from kingpost.engines.probes import ReplicaHealth, http_probe
 from kingpost.errors import EngineError
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, DYNAMIC_CONFIG_MOUNT
 
@@ -370,6 +370,12 @@ class DockerEngine(Engine):
                 message="adopted from an earlier control plane",
             )
             rep.endpoint = self._endpoint(container.attrs, port)
+            if rep.endpoint is not None and http_probe(
+                rep.endpoint, probes.readiness_path, min(probes.timeout_s, 1.0)
+            ):
+                # Ready now, so the controller's first pass (which publishes the routing
+                # table after a restart) routes to it instead of reporting no replica ready.
+                rep.phase = ReplicaPhase.READY
             self._replicas[replica_id] = rep
             log.info("docker engine: adopted replica %s", replica_id)
 
