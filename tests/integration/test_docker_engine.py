@@ -396,3 +396,28 @@ def test_adopted_serving_container_is_ready_at_once(engine_home: Path) -> None:
         assert [(s.replica_id, str(s.phase)) for s in second.poll()] == [("dep1-aaaaa", "ready")]
     finally:
         second.close()
+
+
+def test_secrets_of_containers_gone_while_down_are_removed(
+    engine_home: Path, docker_client: Any
+) -> None:
+    from kingpost.engines.docker import DockerEngine, _secrets_root, scope_of
+    from kingpost.settings import Settings
+
+    settings = Settings(home=engine_home)
+    root = _secrets_root(scope_of(engine_home))
+    first = DockerEngine(settings)
+    for replica_id in ("dep1-aaaaa", "dep1-bbbbb"):
+        first.start(_engine_spec(engine_home, replica_id))
+    _wait_phases(first, {"dep1-aaaaa": "ready", "dep1-bbbbb": "ready"})
+    _crash(first)
+    docker_client.containers.get("kingpost-dep1-bbbbb").kill()  # exits while nothing watches
+    assert sorted(p.name for p in root.iterdir()) == ["dep1-aaaaa", "dep1-bbbbb"]
+    second = DockerEngine(settings)
+    try:
+        assert [s.replica_id for s in second.poll()] == ["dep1-aaaaa"]
+        # The exited container is removed and replaced by a new replica: its secret
+        # files must not stay on tmpfs for good.
+        assert sorted(p.name for p in root.iterdir()) == ["dep1-aaaaa"]
+    finally:
+        second.close()

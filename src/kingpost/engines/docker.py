@@ -378,6 +378,12 @@ class DockerEngine(Engine):
                 rep.phase = ReplicaPhase.READY
             self._replicas[replica_id] = rep
             log.info("docker engine: adopted replica %s", replica_id)
+        # Secret files of replicas whose containers exited or vanished while no control
+        # plane watched: nothing will run them again (the controller starts new replicas).
+        if self._secrets_root.is_dir():
+            for path in self._secrets_root.iterdir():
+                if path.name not in self._replicas:
+                    _remove_secrets(path)
 
     # -- the monitor thread -------------------------------------------------------------------
     def _monitor(self) -> None:
@@ -571,10 +577,7 @@ class DockerEngine(Engine):
         self._forget(rep)
 
     def _forget(self, rep: _Replica) -> None:
-        path = self._secrets_root / rep.replica_id
-        if path.exists():
-            path.chmod(0o700)
-            shutil.rmtree(path, ignore_errors=True)
+        _remove_secrets(self._secrets_root / rep.replica_id)
         with self._lock:
             self._replicas.pop(rep.replica_id, None)
 
@@ -641,6 +644,17 @@ def _container_name(replica_id: str) -> str:
 def _secrets_root(scope: str) -> Path:
     shm = Path("/dev/shm")
     return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-docker-{scope}"
+
+
+def _remove_secrets(path: Path) -> None:
+    """Remove one replica's secret directory (read-only while in use)."""
+    if path.is_dir() and not path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.chmod(0o700)
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _explain(exc: Exception) -> str:
