@@ -421,3 +421,24 @@ def test_secrets_of_containers_gone_while_down_are_removed(
         assert sorted(p.name for p in root.iterdir()) == ["dep1-aaaaa"]
     finally:
         second.close()
+
+
+def test_a_container_that_cannot_start_is_not_left_behind(
+    engine_home: Path, docker_client: Any
+) -> None:
+    # No GPU runtime here: the container is created, and starting it fails.
+    from kingpost.engines.docker import DockerEngine
+    from kingpost.settings import Settings
+
+    engine = DockerEngine(Settings(home=engine_home))
+    try:
+        engine.start(_engine_spec(engine_home, "dep1-ggggg", "resources:\n  accelerator: T4\n"))
+        _wait_phases(engine, {"dep1-ggggg": "failed"})
+        (status,) = engine.poll()
+        assert "GPU" in status.message
+        engine.stop("dep1-ggggg")
+        wait_for(lambda: not engine.poll() and not engine._replicas, 30, "the replica stopped")
+        left = docker_client.containers.list(all=True, filters={"name": "kingpost-dep1-ggggg"})
+        assert [(c.name, c.status) for c in left] == []
+    finally:
+        engine.close()

@@ -508,10 +508,14 @@ class DockerEngine(Engine):
             scope=self.scope,
             secrets_dir=secrets_dir,
         )
+        container = None
         try:
             container = self._create(options)
             container.start()
         except DockerException as exc:
+            if container is not None:  # created, but never ran: nothing would remove it
+                with contextlib.suppress(DockerException):
+                    self.client.api.remove_container(container.id, force=True)
             rep.phase = ReplicaPhase.FAILED
             rep.message = f"cannot start the container: {_explain(exc)}"
             return
