@@ -119,6 +119,17 @@ def test_image_tag_changes_with_content_only(tmp_path: Path) -> None:
     assert tag != image_tag(config, plan_build(config, app, "b", HOST), "sha256:base")
 
 
+def test_image_tag_changes_with_a_files_mode(tmp_path: Path) -> None:
+    # The context keeps each file's mode, so `chmod +x start.sh` changes the image: an
+    # image built while the script was not executable must not be reused.
+    config = cfg(CUSTOM.replace("python3 server.py", "./start.sh"))
+    app = files(tmp_path, **{"start.sh": "#!/bin/sh\nexec python3 -m http.server\n"})
+    app["start.sh"].chmod(0o644)
+    before = image_tag(config, plan_build(config, app, "b", HOST), "sha256:base")
+    app["start.sh"].chmod(0o755)
+    assert before != image_tag(config, plan_build(config, app, "b", HOST), "sha256:base")
+
+
 def test_build_failures_name_the_users_command() -> None:
     step = 'RUN ["/bin/sh", "-c", "echo about && exit 3"]'
     assert _command(step) == "echo about && exit 3"

@@ -100,7 +100,10 @@ def image_tag(config: TrussConfig, plan: BuildPlan, base_id: str) -> str:
     for name, value in sorted(plan.buildargs.items()):
         add(name, value)
     for rel, content in sorted(plan.files.items()):
-        add(rel, content if isinstance(content, bytes) else content.read_bytes())
+        if isinstance(content, bytes):
+            add(rel, content)
+        else:  # the context keeps the file's mode (an executable script stays one)
+            add(rel, content.read_bytes(), oct(_context_mode(content)))
     for rel, path in _package_files(plan.package_dir):
         add(f"kingpost/{rel}", path.read_bytes())
     name = re.sub(r"[^a-z0-9]+", "-", (config.model_name or "").lower()).strip("-")
@@ -131,6 +134,11 @@ def _lock_for(tag: str) -> threading.Lock:
         return _locks.setdefault(tag, threading.Lock())
 
 
+def _context_mode(path: Path) -> int:
+    """The mode a project file gets in the build context (and so in the image)."""
+    return path.stat().st_mode & 0o777 | 0o444
+
+
 def _write_context(plan: BuildPlan, root: Path) -> None:
     (root / "Dockerfile").write_text(plan.dockerfile)
     for rel, content in plan.files.items():
@@ -140,7 +148,7 @@ def _write_context(plan: BuildPlan, root: Path) -> None:
             target.write_bytes(content)
         else:
             shutil.copyfile(content, target)
-            target.chmod(content.stat().st_mode & 0o777 | 0o444)
+            target.chmod(_context_mode(content))
     (root / "app").mkdir(exist_ok=True)
     for rel, path in _package_files(plan.package_dir):
         target = root / "kingpost-build" / "kingpost" / rel
