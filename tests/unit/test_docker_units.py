@@ -174,6 +174,9 @@ def test_container_options_carry_the_replica_contract() -> None:
         {"Type": "bind", "Source": "/w/tree", "Target": "/models/llama", "ReadOnly": True},
     ]
     assert opts["nano_cpus"] == 500_000_000 and opts["mem_limit"] == 1024**3
+    # The memory limit is the whole budget: without memswap_limit Docker lets the
+    # container use as much swap again (MemorySwap = 2 x Memory).
+    assert opts["memswap_limit"] == 1024**3
     assert "device_requests" not in opts and "user" not in opts
     assert opts["labels"]["kingpost.replica"] == "dep1-abcde"
     assert json.loads(opts["labels"]["kingpost.runtime"])["readiness"] == "/health"

@@ -203,6 +203,7 @@ def container_options(
         memory = config.resources.memory_bytes
         if memory:
             options["mem_limit"] = memory
+            options["memswap_limit"] = memory  # Docker's default adds as much swap again
         requests = device_requests(config)
         if requests:
             options["device_requests"] = requests
