@@ -442,3 +442,20 @@ def test_a_container_that_cannot_start_is_not_left_behind(
         assert [(c.name, c.status) for c in left] == []
     finally:
         engine.close()
+
+
+def test_a_secrets_directory_someone_else_made_is_refused(engine_home: Path) -> None:
+    # /dev/shm is world-writable and the directory's name is predictable (the scope is a
+    # hash of the home path): whoever made it could read or swap the secret files in it.
+    from kingpost.engines.docker import DockerEngine, _secrets_root, scope_of
+    from kingpost.errors import EngineError
+    from kingpost.settings import Settings
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory owned by another user")
+    root = _secrets_root(scope_of(engine_home))
+    root.mkdir(mode=0o777)
+    root.chmod(0o777)
+    os.chown(root, 65534, 65534)
+    with pytest.raises(EngineError, match="not owned"):
+        DockerEngine(Settings(home=engine_home)).close()
