@@ -87,6 +87,18 @@ def test_model_class_gets_the_server_without_the_control_plane(tmp_path: Path) -
     assert plan.package_dir == tmp_path
 
 
+def test_paths_with_spaces_stay_whole_in_the_dockerfile(tmp_path: Path) -> None:
+    config = cfg(
+        CUSTOM + 'data_dir: "my data"\n'
+        'base_image:\n  image: "x:1"\n  python_executable_path: "/opt/my py/bin/$py"\n'
+    )
+    app = files(tmp_path, **{"server.py": "x", "my data__a.txt": "a"})
+    lines = plan_build(config, app, "x:1", HOST).dockerfile.splitlines()
+    assert 'COPY --chown=60000:60000 ["app/my data/", "/app/data/"]' in lines
+    env = next(ln for ln in lines if ln.startswith("ENV APP_HOME="))
+    assert env.endswith('PYTHON_EXECUTABLE="/opt/my py/bin/\\$py"')
+
+
 def test_missing_requirements_file_is_a_config_error(tmp_path: Path) -> None:
     config = cfg(CUSTOM + "requirements_file: ./reqs.txt\n")
     with pytest.raises(ConfigError, match=r"requirements_file `\./reqs\.txt` is not in"):

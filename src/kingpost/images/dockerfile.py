@@ -148,7 +148,7 @@ def plan_build(
     lines.append(f"COPY --chown={uid}:{uid} app/ {APP_DIR}/")
     data_dir = config.data_dir.strip("/") or "data"
     if data_dir != "data" and any(rel.startswith(f"{data_dir}/") for rel in app_files):
-        lines.append(f"COPY --chown={uid}:{uid} app/{data_dir}/ {APP_DIR}/data/")
+        lines.append(_copy(f"app/{data_dir}/", f"{APP_DIR}/data/", f"--chown={uid}:{uid} "))
     lines += _runtime_lines(config, uid)
     return BuildPlan(
         dockerfile="\n".join(lines) + "\n",
@@ -206,6 +206,17 @@ def _python_version_warning(config: TrussConfig) -> tuple[str, ...]:
 def _run(command: str) -> str:
     """A shell ``RUN`` in exec form, so multi-line commands survive intact."""
     return "RUN " + json.dumps(["/bin/sh", "-c", command])
+
+
+def _copy(source: str, target: str, flags: str = "") -> str:
+    """``COPY`` in JSON form, so paths from config.yaml with spaces stay one argument."""
+    return f"COPY {flags}{json.dumps([source, target])}"
+
+
+def _env_value(value: str) -> str:
+    """An ``ENV`` value kept whole: double-quoted, with Docker's escapes."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    return f'"{escaped}"'
 
 
 def _apt_step(packages: list[str]) -> str:
@@ -284,7 +295,7 @@ def _server_steps(python: str) -> list[str]:
 def _runtime_lines(config: TrussConfig, uid: int) -> list[str]:
     python = image_python(config)
     lines = [
-        f"ENV APP_HOME={APP_DIR} HOME={HOME_DIR} PYTHON_EXECUTABLE={python}",
+        f"ENV APP_HOME={APP_DIR} HOME={HOME_DIR} PYTHON_EXECUTABLE={_env_value(python)}",
         f"WORKDIR {APP_DIR}",
         f"USER {uid}",
     ]
