@@ -99,6 +99,16 @@ def test_paths_with_spaces_stay_whole_in_the_dockerfile(tmp_path: Path) -> None:
     assert env.endswith('PYTHON_EXECUTABLE="/opt/my py/bin/\\$py"')
 
 
+@pytest.mark.parametrize("no_build", [False, True])
+def test_a_base_image_cannot_add_dockerfile_lines(tmp_path: Path, no_build: bool) -> None:
+    config = cfg(
+        CUSTOM.replace("  server_port: 8000\n", f"  server_port: 8000\n  no_build: {no_build}\n")
+        + 'base_image:\n  image: "x:1\\nRUN touch /pwned"\n'
+    )
+    with pytest.raises(ConfigError, match=r"base_image\.image"):
+        plan_build(config, files(tmp_path, **{"server.py": "x"}), "x:1\nRUN touch /pwned", HOST)
+
+
 def test_missing_requirements_file_is_a_config_error(tmp_path: Path) -> None:
     config = cfg(CUSTOM + "requirements_file: ./reqs.txt\n")
     with pytest.raises(ConfigError, match=r"requirements_file `\./reqs\.txt` is not in"):

@@ -125,6 +125,14 @@ def plan_build(
     package_dir: Path | None = None,
 ) -> BuildPlan:
     """The plan for ``config``; ``app_files`` maps project-relative paths to files."""
+    if not base_image or any(ch.isspace() or not ch.isprintable() for ch in base_image):
+        # It is pasted into the FROM line: a newline would add Dockerfile instructions.
+        raise ConfigError(
+            f"config.yaml: base_image.image {base_image!r} is not an image reference; "
+            "write it like `python:3.11-slim` (no spaces or line breaks)",
+            field="base_image.image",
+            value=base_image,
+        )
     if config.no_build:
         return _plan_no_build(config, app_files, base_image)
     warnings = _python_version_warning(config)
