@@ -164,6 +164,26 @@ def test_secret_files_a_killed_run_left_are_removed_by_the_next(tmp_path: Path) 
         other.close()
 
 
+def test_a_secrets_directory_someone_else_made_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-user directory's name is predictable in world-writable /dev/shm: whoever
+    made it could read or swap the secret files put in it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory owned by another user")
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o1777)
+    monkeypatch.setattr("kingpost.engines.process.tmpfs", lambda: shm)
+    theirs = shm / f"kingpost-{os.getuid()}"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(EngineError, match="not owned"):
+        engine(tmp_path, "off").close()
+    os.chown(theirs, os.getuid(), os.getgid())  # ours, but open to all: tightened
+    engine(tmp_path, "off").close()
+    assert theirs.stat().st_mode & 0o777 == 0o700
+
+
 @pytest.mark.skipif(not NETNS, reason="network namespaces not permitted here")
 def test_same_fixed_port_twice_with_namespaces(eng: ProcessEngine) -> None:
     start(eng, EXAMPLES / "echo-server", "d1-a", "d1")

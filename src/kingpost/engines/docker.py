@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
 from kingpost.engines.base import (
     BuildLog,
     Endpoint,
@@ -237,7 +237,7 @@ class DockerEngine(Engine):
         self.scope = scope_of(settings.home)
         self.network = settings.docker_network
         self._secrets_root = _secrets_root(self.scope)
-        _private_dir(self._secrets_root)
+        private_dir(self._secrets_root)
         self._replicas: dict[str, _Replica] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="kingpost-docker")
@@ -386,7 +386,7 @@ class DockerEngine(Engine):
         if self._secrets_root.is_dir():
             for path in self._secrets_root.iterdir():
                 if path.name not in self._replicas:
-                    _remove_secrets(path)
+                    remove_secrets(path)
 
     # -- the monitor thread -------------------------------------------------------------------
     def _monitor(self) -> None:
@@ -584,7 +584,7 @@ class DockerEngine(Engine):
         self._forget(rep)
 
     def _forget(self, rep: _Replica) -> None:
-        _remove_secrets(self._secrets_root / rep.replica_id)
+        remove_secrets(self._secrets_root / rep.replica_id)
         with self._lock:
             self._replicas.pop(rep.replica_id, None)
 
@@ -605,7 +605,7 @@ class DockerEngine(Engine):
             if old.exists():
                 old.chmod(0o700)
                 shutil.rmtree(old)
-        _private_dir(self._secrets_root)
+        private_dir(self._secrets_root)
         tmp.mkdir(mode=0o700)
         file_mode, dir_mode = (0o400, 0o500) if uid is not None else (0o444, 0o555)
         for name, value in spec.secrets.items():
@@ -649,34 +649,7 @@ def _container_name(replica_id: str) -> str:
 
 
 def _secrets_root(scope: str) -> Path:
-    shm = Path("/dev/shm")
-    return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-docker-{scope}"
-
-
-def _private_dir(path: Path) -> None:
-    """Make ``path`` a directory only this user can enter, or refuse one it finds that
-    someone else made (it lies in world-writable /dev/shm under a predictable name)."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise EngineError(
-            f"docker engine: {path} is not owned by this user (uid {os.geteuid()}) or is not "
-            "a directory; secret files cannot be kept there safely. Remove it and start again"
-        )
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        path.chmod(0o700)
-
-
-def _remove_secrets(path: Path) -> None:
-    """Remove one replica's secret directory (read-only while in use)."""
-    if path.is_dir() and not path.is_symlink():
-        with contextlib.suppress(OSError):
-            path.chmod(0o700)
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        with contextlib.suppress(OSError):
-            path.unlink()
+    return tmpfs() / f"kingpost-docker-{scope}"
 
 
 def _explain(exc: Exception) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
+from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
 from kingpost.engines.base import (
     BuildLog,
     Endpoint,
@@ -97,19 +98,10 @@ def _tail(path: Path, lines: int) -> list[str]:
 
 
 def _secrets_root(scope: str) -> Path:
-    """Where one installation's replicas get their secret files: tmpfs, per user and home."""
-    shm = Path("/dev/shm")
-    return (shm if shm.is_dir() else Path("/tmp")) / f"kingpost-{os.getuid()}" / scope
-
-
-def _remove_secrets(path: Path) -> None:
-    """Remove secret files (their directories are read-only while in use)."""
-    if not path.exists():
-        return
-    for dirpath, _, _ in os.walk(path):
-        with contextlib.suppress(OSError):
-            os.chmod(dirpath, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    """Where one installation's replicas get their secret files: per user and home."""
+    user = tmpfs() / f"kingpost-{os.getuid()}"
+    private_dir(user)
+    return user / scope
 
 
 def _kill_leftovers(replicas_dir: Path) -> None:
@@ -148,7 +140,7 @@ class ProcessEngine(Engine):
         _kill_leftovers(settings.replicas_dir)
         # Secret files an earlier run could not remove (it was killed): nothing runs yet.
         self._secrets_root = _secrets_root(scope_of(settings.home))
-        _remove_secrets(self._secrets_root)
+        remove_secrets(self._secrets_root)
         self._replicas: dict[str, _Replica] = {}
         self._past: dict[str, list[Path]] = {}
         self._lock = threading.Lock()
@@ -418,7 +410,7 @@ class ProcessEngine(Engine):
         path = self._secrets_root / rep.spec.replica_id
         if path.exists():
             return path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(path.parent)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)
@@ -447,4 +439,4 @@ class ProcessEngine(Engine):
 
     def _cleanup(self, rep: _Replica) -> None:
         self._forget(rep)
-        _remove_secrets(self._secrets_root / rep.spec.replica_id)
+        remove_secrets(self._secrets_root / rep.spec.replica_id)
