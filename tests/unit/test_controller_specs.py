@@ -19,6 +19,7 @@ runtime:
     restart_check_delay_seconds: 5
     restart_threshold_seconds: 60
     stop_traffic_threshold_seconds: 10
+    startup_threshold_seconds: 240
 secrets:
   hf_token: null
   inline: some-default
@@ -37,6 +38,7 @@ def test_custom_server_shape() -> None:
     assert shape.probes.initial_delay_s == 5
     assert shape.probes.liveness_failure_threshold == 60
     assert shape.probes.readiness_failure_threshold == 10
+    assert shape.probes.startup_timeout_s == 240  # never ready by then: restarted
     assert shape.concurrency == 4
 
 
@@ -46,6 +48,7 @@ def test_model_class_shape() -> None:
     assert shape.predict_path == "/v1/models/model:predict"
     assert shape.probes.readiness_path == "/v1/models/model"
     assert shape.command is None and shape.concurrency == 1
+    assert shape.probes.startup_timeout_s == 1800  # the platform's default
 
 
 def test_secrets_needed_and_given() -> None:

@@ -60,6 +60,7 @@ def _probes(config: TrussConfig, readiness: str, liveness: str) -> Probes:
         period_s=PROBE_PERIOD_S,
         readiness_failure_threshold=max(1, round(stop_traffic_after / PROBE_PERIOD_S)),
         liveness_failure_threshold=max(1, round(restart_after / PROBE_PERIOD_S)),
+        startup_timeout_s=float(hc.startup_threshold_seconds or 1800),
     )
 
 
