@@ -53,11 +53,15 @@ def docker_client() -> Iterator[Any]:
 
 
 def _remove_containers(client: Any, home: Path) -> None:
-    from kingpost.engines.docker import LABEL_SCOPE, scope_of
+    """Remove what a test's home left with the Docker Engine and on tmpfs (secret files
+    outlive a stopped control plane, as its containers do)."""
+    from kingpost.engines._secrets import remove_secrets
+    from kingpost.engines.docker import LABEL_SCOPE, _secrets_root, scope_of
 
     scope = scope_of(home)
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}):
         c.remove(force=True)
+    remove_secrets(_secrets_root(scope))
 
 
 @pytest.fixture(scope="module")
@@ -367,17 +371,12 @@ def _crash(engine: Any) -> None:
 
 @pytest.fixture
 def engine_home(docker_client: Any, tmp_path: Path) -> Iterator[Path]:
-    import shutil
-
-    from kingpost.engines.docker import _secrets_root, scope_of
-
     home = tmp_path / "home"
     home.mkdir()
     try:
         yield home
     finally:
         _remove_containers(docker_client, home)
-        shutil.rmtree(_secrets_root(scope_of(home)), ignore_errors=True)
 
 
 def test_adopted_serving_container_is_ready_at_once(engine_home: Path) -> None:

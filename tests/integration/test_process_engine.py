@@ -158,6 +158,7 @@ def test_secret_files_a_killed_run_left_are_removed_by_the_next(tmp_path: Path) 
         second = engine(tmp_path, "auto")
         second.close()
         assert not left.exists()
+        assert not second._secrets_root.exists()  # and a clean close leaves no directory
         # Another installation's secrets, in the same user's directory, are not touched.
         assert (other._secrets_root / "d9-a" / "token").read_text() == "theirs"
     finally:

@@ -237,6 +237,8 @@ class ProcessEngine(Engine):
             time.sleep(0.05)
         self._closing.set()
         self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):  # empty once every replica's files are gone
+            self._secrets_root.rmdir()
 
     # -- the monitor thread -------------------------------------------------------------------
     def _monitor(self) -> None:
