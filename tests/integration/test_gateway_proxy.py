@@ -614,6 +614,7 @@ def test_a_malformed_request_is_refused_after_the_answers_owed_before_it(
     data = raw_exchange(gw.port, _req(b"first") + b"NOT HTTP AT ALL\r\n\r\n")
     answers = _answers(data)
     assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
+    assert b"\r\nconnection: close\r\n" in data.split(b"400 Bad Request", 1)[1]  # says so
 
 
 def test_the_pool_resumes_reading_on_a_connection_it_takes_back(

@@ -289,7 +289,8 @@ class ClientConn(StreamConn):
             self.upstream.transport.resume_reading()
 
     def _fail_and_close(self, status: int, message: str) -> None:
-        body = _error_body(status, message, "invalid_request", self.gw.new_request_id())
+        rid = self.gw.new_request_id()
+        body = _error_body(status, message, "invalid_request", rid, close=True)
         if self._drop_unfinished() and (self.busy or self.pending):
             # Earlier requests are still owed their answers, in order: read no more, answer
             # them, then send this error and close (see :meth:`_after`).
