@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 from collections.abc import Iterator
@@ -335,3 +336,37 @@ def test_a_bad_body_value_is_named_with_the_field_and_rule(api: tuple[TestClient
     r = client.post("/v1/weights/gc", params={"budget_bytes": -5})
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "budget_bytes", r.text
     assert r.json()["errors"][0]["value"] == "-5"
+
+
+def test_a_call_that_got_no_answer_says_it_may_have_taken_effect() -> None:
+    """A push whose answer timed out may still create the deployment: the client must not
+    say the control plane was unreachable (which invites a blind retry)."""
+    import socket
+    import threading
+
+    from kingpost.client import KingpostClient
+    from kingpost.errors import KingpostError
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept_and_keep_quiet() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept_and_keep_quiet, daemon=True).start()
+    kp = KingpostClient(f"http://127.0.0.1:{listener.getsockname()[1]}", "kp_x", "http://g", 0.3)
+    try:
+        with pytest.raises(KingpostError, match="may still have taken effect"):
+            kp._call("POST", "/v1/push", json={"project_hash": "a" * 64})
+        with pytest.raises(KingpostError, match="did not answer in time") as info:
+            kp._call("GET", "/v1/models")
+        assert "may still" not in info.value.message
+    finally:
+        done.set()
+        kp.close()
+        listener.close()
+        for conn in held:
+            conn.close()

@@ -85,6 +85,17 @@ class KingpostClient:
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             resp = self._http.request(method, path, **kw)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            if method in ("GET", "HEAD"):
+                raise KingpostError(
+                    f"{method} {path}: the control plane at {self.api_url} did not answer in time"
+                ) from exc
+            # It was reached and may be working on it: repeating the call could do it twice.
+            raise KingpostError(
+                f"{method} {path}: the control plane at {self.api_url} did not answer in time; "
+                "it may still have taken effect, so check (`kingpost deployments list`) before "
+                "repeating it"
+            ) from exc
         except httpx.TransportError as exc:
             raise KingpostError(
                 f"cannot reach the control plane at {self.api_url} ({exc}); "
