@@ -883,7 +883,7 @@ def test_headers_the_client_names_in_connection_are_not_forwarded(
         + KEY.encode()
         + b"\r\nConnection: keep-alive, X-Hop-Only , x-other-hop,Host\r\nX-Hop-Only: 1\r\n"
         b"X-Other-Hop: 2\r\nX-End-To-End: 3\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
-        b"Content-Length: 0\r\n\r\n"
+        b"Proxy-Authorization: Basic c2VjcmV0\r\nContent-Length: 0\r\n\r\n"
     )
     # The next request on the connection does not name it: there it is an ordinary header.
     after = _req(b"", close=True).replace(b"Host: x\r\n", b"Host: x\r\nX-Hop-Only: 1\r\n")
@@ -892,6 +892,9 @@ def test_headers_the_client_names_in_connection_are_not_forwarded(
     names = json.loads(seen)["header_names"]
     assert "x-end-to-end" in names and "host" in names
     assert not {"x-hop-only", "x-other-hop", "keep-alive", "te", "connection"} & set(names)
+    # Credentials for a proxy are the gateway's to read, never the model code's, like the
+    # platform's own Authorization.
+    assert not {"proxy-authorization", "authorization"} & set(names)
     assert "x-hop-only" in json.loads(seen2)["header_names"]
 
 

@@ -35,7 +35,12 @@ HEAD_LIMIT = 64 * 1024
 """Bytes a request head may take beyond the read it starts in (431 past it): httptools
 has no limit and keeps a header's value growing for as long as the client sends it."""
 _NO_BODY_STATUS = frozenset({204, 304})
-_NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"content-length", b"expect"}
+_NOT_FORWARDED = HOP_BY_HOP | {
+    b"authorization",
+    b"proxy-authorization",
+    b"content-length",
+    b"expect",
+}
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
 """``Connection`` tokens that name no header to drop (Host: the gateway must send one)."""
