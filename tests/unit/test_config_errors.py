@@ -103,6 +103,8 @@ CASES: list[tuple[str, str, str, int, str, object]] = [
     ("cpu", "resources:\n  cpu: lots\n", "resources.cpu", 2, "millicores", "lots"),
     ("cpu-m-only", "resources:\n  cpu: m\n", "resources.cpu", 2, "millicores", "m"),
     ("memory-unit", "resources:\n  memory: 2GB\n", "resources.memory", 2, "Gi", "2GB"),
+    ("memory-inf", "resources:\n  memory: inf\n", "resources.memory", 2, "Gi", "inf"),
+    ("memory-negative", "resources:\n  memory: '-1e9'\n", "resources.memory", 2, "Gi", "-1e9"),
     ("accelerator-count", "resources:\n  accelerator: H100:0\n", "resources.accelerator", 2,
      "positive integer", "H100:0"),
     ("accelerator-junk", "resources:\n  accelerator: H100:two\n", "resources.accelerator", 2,

@@ -158,6 +158,7 @@ def test_no_build_allows_port_8080_but_a_build_warns() -> None:
         ("accelerator: 'H100:8'", Accelerator("H100", 8), True),
         ("accelerator: {accelerator: L4, count: 4}", Accelerator("L4", 4), True),
         ("accelerator: {kind: T4}", Accelerator("T4", 1), True),
+        ("accelerator: {accelerator: A10G, count: 0}", None, False),  # Truss: no GPU
         ("accelerator: null", None, False),
         ("cpu: '2'", None, False),
     ],
@@ -276,3 +277,11 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_bytes(b"model_name: \xff\xfe\n")
     with pytest.raises(ConfigError, match="UTF-8"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("memory", "expected"), [("1e9", 10**9), ("2.5e3", 2500), ("2Gi", 2 * 1024**3), ("512", 512)]
+)
+def test_memory_as_truss_reads_it(memory: str, expected: int) -> None:
+    config = parse_config(f"resources:\n  memory: '{memory}'\n").config
+    assert config.resources.memory_bytes == expected

@@ -85,9 +85,10 @@ class Accelerator:
             return value
         if isinstance(value, dict):
             kind = value.get("accelerator", value.get("kind"))
-            if kind is None:
-                return None
-            return cls._checked(str(kind), value.get("count", 1))
+            count = value.get("count", 1)
+            if kind is None or (count == 0 and not isinstance(count, bool)):
+                return None  # as in Truss, a count of 0 in this form asks for no GPU
+            return cls._checked(str(kind), count)
         if not isinstance(value, str):
             raise ValueError("accelerator must be a string such as `A10G` or `H100:2`")
         kind, sep, count = value.strip().partition(":")
@@ -113,6 +114,14 @@ def _number(text: str) -> float | None:
         return float(text)
     except ValueError:
         return None
+
+
+def _plain_bytes(text: str) -> int | None:
+    """A memory size written as a bare number Python reads (``1e9``): bytes, rounded up."""
+    number = _number(text)
+    if number is None or not math.isfinite(number) or number < 0:
+        return None
+    return math.ceil(number)
 
 
 class Resources(ConfigModel):
@@ -141,6 +150,8 @@ class Resources(ConfigModel):
     def _check_memory(cls, value: str) -> str:
         match = _MEMORY.match(value)
         if match and (match.group(2) is None or match.group(2) in _MEMORY_UNITS):
+            return value
+        if _plain_bytes(value) is not None:  # `1e9`, as Truss reads it: a number of bytes
             return value
         raise ValueError(
             "memory must be a number with an optional unit (Ki, Mi, Gi, Ti, k, M, G, T), "
@@ -174,7 +185,7 @@ class Resources(ConfigModel):
         """``"2Gi"`` -> 2147483648, ``"512M"`` -> 512000000."""
         match = _MEMORY.match(self.memory)
         if match is None:
-            return None
+            return _plain_bytes(self.memory)
         factor = _MEMORY_UNITS[match.group(2)] if match.group(2) else 1
         return math.ceil(float(match.group(1)) * factor)
 
