@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -602,9 +601,7 @@ class DockerEngine(Engine):
         path = self._secrets_root / spec.replica_id
         tmp = path.with_name(path.name + ".tmp")
         for old in (path, tmp):
-            if old.exists():
-                old.chmod(0o700)
-                shutil.rmtree(old)
+            remove_secrets(old)
         private_dir(self._secrets_root)
         tmp.mkdir(mode=0o700)
         file_mode, dir_mode = (0o400, 0o500) if uid is not None else (0o444, 0o555)

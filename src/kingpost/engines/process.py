@@ -414,7 +414,7 @@ class ProcessEngine(Engine):
             return path
         private_dir(path.parent)
         tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_secrets(tmp)
         tmp.mkdir(mode=0o700)
         for name, value in rep.spec.secrets.items():
             fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
