@@ -819,27 +819,20 @@ def test_a_request_head_without_end_is_refused_not_buffered(gw: Running, up: Ups
     assert _answers(data)[0][0] == b"HTTP/1.1 200 OK"
 
 
-class _Dropping:
+class _Dropping(_Scripted):
     """A replica that reads a request's head and ``keep`` bytes after it, then hangs up
     without a byte of answer (as one that crashes mid-upload)."""
 
     def __init__(self, keep: int) -> None:
         self.keep, self.drops = keep, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(lambda n, body: None)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn, conn.makefile("rb") as f:
-                while f.readline() not in (b"\r\n", b""):
-                    pass
-                f.read(self.keep)
-                self.drops += 1
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            while f.readline() not in (b"\r\n", b""):
+                pass
+            f.read(self.keep)
+            self.drops += 1
 
 
 def test_a_body_partly_sent_to_a_replica_that_hung_up_is_not_retried_without_it(
@@ -869,7 +862,7 @@ def test_a_body_partly_sent_to_a_replica_that_hung_up_is_not_retried_without_it(
                     assert r.status_code == 502 and r.json()["code"] == "bad_gateway"
         assert dropping.drops == 1 and sorted(statuses) == [200, 502]
     finally:
-        dropping.sock.close()
+        dropping.close()
 
 
 def test_headers_the_client_names_in_connection_are_not_forwarded(

@@ -8,16 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-CONFIG = """\
-model_name: cli-test
-docker_server:
-  start_command: python server.py
-  server_port: 8000
-  predict_endpoint: /predict
-  readiness_endpoint: /health
-  liveness_endpoint: /health
-"""
+from test_api import CONFIG  # a valid custom-server config
 
 
 def kingpost(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
