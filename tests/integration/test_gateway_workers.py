@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,19 @@ from kingpost.gateway.table import (
 )
 
 KEY = "kp_workers"
+
+
+def control_get(path: Path, target: str) -> tuple[bytes, object]:
+    """One request on a control socket, read to its close: (status line, JSON body)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(f"GET {target} HTTP/1.1\r\nhost: gateway\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], json.loads(body)
 
 
 def test_two_workers_share_the_port_and_each_gets_the_table(tmp_path: Path) -> None:
@@ -56,6 +71,7 @@ def test_two_workers_share_the_port_and_each_gets_the_table(tmp_path: Path) -> N
             )
             for sock in sockets:
                 push_table(sock, table)
+            assert control_get(sockets[0], "/table/version") == (b"HTTP/1.1 200 OK", {"version": 1})
             pids = set()
             for i in range(40):  # fresh connections, spread by the kernel
                 r = httpx.post(

@@ -80,3 +80,17 @@ def test_an_api_key_that_cannot_be_a_header_is_named_not_a_traceback(tmp_path: P
         text = " ".join(out.stderr.split())
         assert "printable ASCII" in text, text
         assert ("KINGPOST_API_KEY" if where == "env" else "credentials") in text, text
+
+
+@pytest.mark.parametrize(("level", "httpx_level"), [("info", "WARNING"), ("debug", "DEBUG")])
+def test_the_server_log_has_no_line_per_table_push_unless_debugging(
+    level: str, httpx_level: str
+) -> None:
+    # the controller pushes the routing table every pass; httpx logs each request at INFO
+    code = (
+        "import logging; from kingpost.cli.main import configure_server_logging;"
+        f"configure_server_logging({level!r});"
+        "print(logging.getLevelName(logging.getLogger('httpx').getEffectiveLevel()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == httpx_level, out.stderr

@@ -39,13 +39,24 @@ def server(engine: str | None, push_dirs: tuple[Path, ...], log_level: str) -> N
     """Run the API, the controller and the gateway (embedded SQLite under KINGPOST_HOME)."""
     from kingpost.serve import run_server
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_server_logging(log_level)
     s = settings()
     if engine is not None:
         s = s.model_copy(update={"engine": engine})
     run_server(s, push_dirs)
+
+
+def configure_server_logging(level: str) -> None:
+    """Log lines for people: the HTTP client's line per request only at debug level.
+
+    The controller pushes the routing table to the gateway on every pass, so httpx's INFO
+    line per request would fill the server's log with one line every few seconds.
+    """
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @cli.command()

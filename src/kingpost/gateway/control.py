@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,8 @@ def push_table(socket_path: Path, table: RoutingTable, timeout: float = 2.0) -> 
 def _response(status: int, body: object) -> bytes:
     data = json.dumps(body).encode()
     return (
-        f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(data)}\r\n"
         "connection: close\r\n\r\n"
     ).encode() + data
 
