@@ -82,6 +82,7 @@ def test_load_failure_exits_non_zero_with_traceback(tmp_path: Path) -> None:
         output = server.output()
         assert "Traceback" in output
         assert "load failed on purpose" in output
+        assert "kingpost/server/" not in output  # the model's frames only, as in Truss
         assert output.count("load() failed; retrying (1 of 1)") == 1  # once, as Truss
 
 
@@ -96,6 +97,9 @@ def test_user_error_is_500_generic_and_logged_with_request_id(tmp_path: Path) ->
         assert (http.status_code, http.json()) == (418, {"error": "short and stout"})
         errors = [x for x in server.lines() if x.get("request_id") == "boom-1" and "traceback" in x]
         assert errors and "secret internals" in errors[0]["traceback"]
+        # as in Truss, the traceback starts at the model's frame, not in the server
+        first_frame = errors[0]["traceback"].splitlines()[1]
+        assert "model/model.py" in first_frame and first_frame.endswith("in predict")
 
 
 def test_is_healthy_feeds_readiness(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ import pydantic
 import pytest
 from starlette.requests import Request
 
+import kingpost.server
 from kingpost.envs.interpreters import parse_python_version
 from kingpost.errors import ConflictError, SecretError, ValidationError
 from kingpost.server.codec import InputError, encode_json, encode_msgpack, parse_inputs
 from kingpost.server.config import load_server_config
+from kingpost.server.logs import format_user_exception
 from kingpost.server.metrics import Metrics
 from kingpost.server.model import ArgMode, ModelDefinitionError, describe
 from kingpost.server.scaffold import scaffold_project
@@ -213,3 +215,33 @@ def test_an_endpoint_named_helper_that_cannot_be_an_endpoint_stays_a_helper(
 
     with pytest.raises(ModelDefinitionError, match="chat_completions"):
         host.bind(BadEndpoint())
+
+
+def _server_catches(body: str) -> Any:
+    """``call(fn)``, compiled as if in the server's package: it runs ``body`` and returns
+    the exception raised, caught in the server's frame as the server catches a model's."""
+    where = str(Path(kingpost.server.__file__).parent / "_frames_for_test.py")
+    code = f"def call(fn):\n try:\n  {body}\n except Exception as exc:\n  return exc\n"
+    scope: dict[str, Any] = {}
+    exec(compile(code, where, "exec"), scope)
+    return scope["call"]
+
+
+def test_a_model_error_is_logged_from_the_models_frames_on() -> None:
+    def predict() -> None:
+        raise ValueError("in the model")
+
+    lines = format_user_exception(_server_catches("fn()")(predict)).splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[1].startswith(f'  File "{__file__}"') and lines[1].endswith("in predict")
+    assert "_frames_for_test.py" not in "\n".join(lines)
+    assert lines[-1] == "ValueError: in the model"
+
+
+def test_an_error_of_the_server_itself_keeps_its_whole_traceback() -> None:
+    exc = _server_catches("fn() + 1")(lambda: None)  # a TypeError in the server's frame
+    text = format_user_exception(exc)
+    assert "_frames_for_test.py" in text and "in call" in text
+    assert text.rstrip().endswith(
+        "TypeError: unsupported operand type(s) for +: 'NoneType' and 'int'"
+    )

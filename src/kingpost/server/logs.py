@@ -5,16 +5,46 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
+import sysconfig
 import time
+import traceback
+from types import TracebackType
 from typing import Any, TextIO
 
-__all__ = ["REQUEST_ID", "JsonFormatter", "configure_logging", "log_event"]
+__all__ = ["REQUEST_ID", "JsonFormatter", "configure_logging", "format_user_exception", "log_event"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "kingpost_request_id", default=None
 )
 """The id of the request being served (``X-Baseten-Request-Id``), for log lines."""
+
+_FRAMEWORK_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep,
+)
+"""The model server's own files and the standard library (asyncio, thread pools)."""
+
+
+def _from_user_code(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without the server frames that led into the model's code.
+
+    Like Truss, the log shows a model's error from the model's frames on. A traceback
+    with no frame outside the server and the standard library is the server's own bug
+    and is kept whole.
+    """
+    first = tb
+    while first is not None and first.tb_frame.f_code.co_filename.startswith(_FRAMEWORK_DIRS):
+        first = first.tb_next
+    return first or tb
+
+
+def format_user_exception(exc: BaseException, tb: TracebackType | None = None) -> str:
+    """The traceback of ``exc`` as the log shows it: from the model's code on."""
+    trimmed = _from_user_code(tb or exc.__traceback__)
+    return "".join(traceback.format_exception(type(exc), exc, trimmed))
+
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -36,8 +66,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RESERVED and key not in line and not key.startswith("_"):
                 line[key] = value
-        if record.exc_info:
-            line["traceback"] = self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc, tb = record.exc_info[1], record.exc_info[2]
+            line["traceback"] = format_user_exception(exc, tb).rstrip("\n")
         return json.dumps(line, default=str)
 
 

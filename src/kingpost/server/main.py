@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from kingpost.errors import KingpostError
 from kingpost.server.app import ModelServer
 from kingpost.server.config import load_server_config
 from kingpost.server.http import Connection
-from kingpost.server.logs import configure_logging, log_event
+from kingpost.server.logs import configure_logging, format_user_exception, log_event
 from kingpost.server.model import ModelHost, Status
 from kingpost.server.placement import loop_scheduled
 from kingpost.server.secrets import Secrets
@@ -94,7 +93,7 @@ class _Runner:
         except BaseException as exc:
             self.host.status = Status.FAILED
             log.error("model failed to load; exiting", exc_info=exc)
-            traceback.print_exception(exc, file=sys.stderr)
+            sys.stderr.write(format_user_exception(exc))
             sys.stderr.flush()
             self.loop.call_soon_threadsafe(self._finish, 1)
             return
