@@ -207,6 +207,18 @@ def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_pat
     assert json.loads(status.stdout)[0]["state"] == "COMPLETE"
 
 
+def test_push_warns_once_the_server_picked_an_engine_that_ignores_keys(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The server's default engine is known to the CLI only from the push's answer."""
+    project = copy_project(tmp_path, "pkgs", "model_name: push-pkgs\nsystem_packages: [jq]\n")
+    out = platform.cli("push", str(project))
+    assert out.returncode == 0, out.stdout + out.stderr
+    stderr = " ".join(out.stderr.split())  # rich wraps long lines
+    assert stderr.count("warning:") == 1, stderr
+    assert "system_packages: not installed" in stderr and '(found ["jq"])' in stderr, stderr
+
+
 def test_push_wait_exits_non_zero_unless_the_deployment_is_up(
     platform: Platform, tmp_path: Path
 ) -> None:

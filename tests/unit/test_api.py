@@ -212,6 +212,17 @@ def test_a_custom_server_without_start_command_is_refused_on_the_process_engine(
     assert client.get("/v1/models").json() == []
 
 
+def test_push_warns_of_what_the_process_engine_ignores(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    sha = upload(client, tmp_path, CONFIG + "system_packages: [ffmpeg]\n")
+    warnings = client.post("/v1/push", json={"project_hash": sha, "engine": "process"}).json()[
+        "warnings"
+    ]
+    assert [w for w in warnings if "system_packages: not installed" in w], warnings
+
+
 def test_max_replicas_below_min_replicas_is_refused(
     api: tuple[TestClient, str], tmp_path: Path
 ) -> None:

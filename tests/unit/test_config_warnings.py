@@ -285,3 +285,29 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
 def test_memory_as_truss_reads_it(memory: str, expected: int) -> None:
     config = parse_config(f"resources:\n  memory: '{memory}'\n").config
     assert config.resources.memory_bytes == expected
+
+
+IMAGE_KEYS = """\
+model_name: m
+base_image:
+  image: nvcr.io/nvidia/pytorch:24.01-py3
+system_packages: [ffmpeg]
+build_commands: ["git clone https://example.com/x /x"]
+"""
+
+
+def test_the_process_engine_says_which_image_keys_it_cannot_honour() -> None:
+    got = list(parse_config(IMAGE_KEYS, filename="c.yaml", engine="process").warnings)
+    assert len(got) == 3, got
+    packages, commands, image = got
+    assert packages.startswith("c.yaml:4: system_packages: not installed")
+    assert '(found ["ffmpeg"])' in packages and "--engine docker" in packages
+    assert (
+        commands.startswith("c.yaml:5: build_commands: not run") and "--engine docker" in commands
+    )
+    assert image.startswith("c.yaml:3: base_image.image: not used")
+    assert "nvcr.io/nvidia/pytorch:24.01-py3" in image
+    for engine in ("docker", None):
+        assert parse_config(IMAGE_KEYS, filename="c.yaml", engine=engine).warnings == ()
+    plain = "model_name: m\nsystem_packages: []\nbuild_commands: []\n"
+    assert parse_config(plain, engine="process").warnings == ()

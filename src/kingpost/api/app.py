@@ -157,7 +157,10 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             f"project {body.project_hash} was not uploaded; PUT /v1/projects/{{sha}} first",
             project_hash=body.project_hash,
         )
-    loaded = load_config(app_dir)  # ConfigError (422) before anything is created
+    engine = body.engine or plane.settings.engine
+    _check_engine(engine)
+    # ConfigError (422) before anything is created
+    loaded = load_config(app_dir, engine=engine)
     config = loaded.config
     warnings = list(loaded.warnings)
     _check_weights(config)
@@ -168,8 +171,6 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             f"set each with `kingpost secrets set NAME` and push again",
             secrets=missing,
         )
-    engine = body.engine or plane.settings.engine
-    _check_engine(engine)
     _check_runnable(config, engine)
     if engine != "process":
         plane.controller.engine(engine)  # EngineError now, if e.g. dockerd is unreachable

@@ -95,6 +95,7 @@ def push(
             min_replicas=replicas,
         )
         dep = result["deployment"]
+        _engine_warnings(project_dir, loaded.warnings, dep["engine"])
         if wait:
             dep = _wait(c, dep["id"], timeout)
     if output == "json":
@@ -116,6 +117,16 @@ def push(
             f"deployment {dep['name']} is not ACTIVE after {timeout:g}s (still {dep['status']}); "
             f"follow it with `kingpost deployments list` or `kingpost logs -d {dep['id']}`"
         )
+
+
+def _engine_warnings(project_dir: Path, shown: tuple[str, ...], engine: str) -> None:
+    """What the engine the server chose cannot honour (the server's default engine is
+    known only once it has answered)."""
+    from kingpost.config import load_config
+
+    for warning in load_config(project_dir, engine=engine).warnings:
+        if warning not in shown:
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:

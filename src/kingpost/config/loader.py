@@ -15,7 +15,7 @@ from pydantic_core import ErrorDetails
 
 from kingpost.config._yaml import Issue, PathPart, SourceMap, format_path, load_yaml
 from kingpost.config.models import TrussConfig
-from kingpost.config.rules import config_warnings, cross_key_errors
+from kingpost.config.rules import config_warnings, cross_key_errors, engine_warnings
 from kingpost.errors import ConfigError
 
 __all__ = ["CONFIG_FILENAME", "LoadedConfig", "load_config", "parse_config"]
@@ -59,8 +59,9 @@ def _key(key: Any) -> str:
     return plain if isinstance(plain, str) else str(plain)
 
 
-def load_config(project_dir: Path) -> LoadedConfig:
-    """Read and validate ``project_dir/config.yaml``."""
+def load_config(project_dir: Path, engine: str | None = None) -> LoadedConfig:
+    """Read and validate ``project_dir/config.yaml``; ``engine`` adds the warnings about
+    keys that engine cannot honour."""
     path = Path(project_dir) / CONFIG_FILENAME
     if not path.is_file():
         hint = (
@@ -77,10 +78,12 @@ def load_config(project_dir: Path) -> LoadedConfig:
             file=str(path),
             errors=[],
         ) from exc
-    return parse_config(text, filename=str(path))
+    return parse_config(text, filename=str(path), engine=engine)
 
 
-def parse_config(text: str, filename: str = CONFIG_FILENAME) -> LoadedConfig:
+def parse_config(
+    text: str, filename: str = CONFIG_FILENAME, engine: str | None = None
+) -> LoadedConfig:
     """Validate the text of a config (YAML or JSON); raise one ConfigError listing all errors."""
     data, source_map, issues = load_yaml(text, filename)
     if data is None:
@@ -107,7 +110,7 @@ def parse_config(text: str, filename: str = CONFIG_FILENAME) -> LoadedConfig:
         issues += [_from_pydantic(err, prepared) for err in exc.errors()]
     if issues or config is None:
         _raise(filename, source_map, issues)
-    warnings = legacy + config_warnings(config, prepared)
+    warnings = legacy + config_warnings(config, prepared) + engine_warnings(config, engine)
     return LoadedConfig(
         config=config,
         warnings=tuple(_format_warning(filename, source_map, w) for w in warnings),

@@ -18,7 +18,13 @@ from kingpost.config.models import TrussConfig
 from kingpost.config.resources import KNOWN_ACCELERATORS
 from kingpost.config.sources import normalize_mount
 
-__all__ = ["NO_BUILD_IGNORED", "config_warnings", "cross_key_errors", "unknown_key_warnings"]
+__all__ = [
+    "NO_BUILD_IGNORED",
+    "config_warnings",
+    "cross_key_errors",
+    "engine_warnings",
+    "unknown_key_warnings",
+]
 
 NO_BUILD_IGNORED = (
     "requirements",
@@ -272,6 +278,46 @@ def _server_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
                 "port 8080 is reserved by Baseten's reverse proxy in builds other than "
                 "no_build; Kingpost accepts it, but pick another port to stay portable",
                 8080,
+            )
+        )
+    return issues
+
+
+def engine_warnings(config: TrussConfig, engine: str | None) -> list[Issue]:
+    """Keys that the chosen engine cannot honour.
+
+    The process engine runs replicas on this machine with no image, so nothing that builds
+    or chooses an image reaches them. A project pushed there keeps its meaning on the
+    docker engine; the push goes on, with this said.
+    """
+    if engine != "process":
+        return []
+    no_image = "the process engine builds no image and runs replicas on this machine"
+    issues: list[Issue] = []
+    if config.system_packages:
+        issues.append(
+            Issue(
+                ("system_packages",),
+                f"not installed: {no_image}; install them here yourself, or push with "
+                "--engine docker",
+                config.system_packages,
+            )
+        )
+    if config.build_commands:
+        issues.append(
+            Issue(
+                ("build_commands",),
+                f"not run: {no_image}; push with --engine docker to run them",
+                has_value=False,
+            )
+        )
+    if config.base_image is not None and config.base_image.image:
+        issues.append(
+            Issue(
+                ("base_image", "image"),
+                f"not used: {no_image}, with its own Python and files; push with "
+                "--engine docker to run in this image",
+                config.base_image.image,
             )
         )
     return issues
