@@ -175,6 +175,28 @@ def test_model_class_project_runs_in_a_container(dplatform: Platform, tmp_path: 
         assert "hi" in r.text
 
 
+def test_build_commands_can_patch_the_bundled_packages_at_slash_packages(
+    dplatform: Platform, tmp_path: Path
+) -> None:
+    """Truss runs build commands after the project is in the image, with bundled packages
+    at /packages; its own test project patches a file there."""
+    project = copy_project(
+        tmp_path,
+        "dock-patched",
+        "model_name: dock-patched\n"
+        "build_commands:\n"
+        "  - sed -i s/upper/lower/ /packages/helperlib/__init__.py\n"
+        "  - test -f model/model.py && touch built-in-app-dir\n",
+        base=FIXTURES / "bundled",
+    )
+    result = push(dplatform, project)
+    dep_id, model_id = result["deployment"]["id"], result["model"]["id"]
+    dplatform.wait_status(dep_id, "ACTIVE", timeout=600)
+    with dplatform.gateway() as gw:
+        r = gw.post(f"/models/{model_id}/environments/production/predict", json={"text": "Hi"})
+    assert (r.status_code, r.json()) == (200, {"shout": "hi!"})
+
+
 def test_a_websocket_model_in_a_container(dplatform: Platform) -> None:
     # The gateway's upgrade tunnel reaches a replica behind Docker's port mapping, and the
     # server in the image (with its own framing) speaks WebSocket there too.
@@ -199,12 +221,15 @@ def test_failing_build_command_is_reported(dplatform: Platform, tmp_path: Path) 
         "model_name: dock-broken\n"
         "build_commands:\n"
         "  - echo first-step-ran\n"
-        "  - echo about-to-fail && exit 3\n",
+        "  - echo about-to-fail && echo on-stderr >&2 && exit 3\n",
     )
     dep_id = push(dplatform, project)["deployment"]["id"]
     dep = dplatform.wait_status(dep_id, "BUILD_FAILED", timeout=300)
-    assert "echo about-to-fail && exit 3" in dep["message"]
-    assert "about-to-fail" in dep["message"].split("last output:")[1]
+    assert "echo about-to-fail && echo on-stderr >&2 && exit 3" in dep["message"]
+    tail = dep["message"].split("last output:")[1]
+    assert "about-to-fail" in tail and "on-stderr" in tail
+    # the builder paints stderr red and adds its own lines; neither helps the user
+    assert "\x1b" not in tail and "Running in" not in tail, tail
     out = dplatform.cli("logs", "-d", dep_id)
     assert "first-step-ran" in out.stdout, out.stdout + out.stderr
 

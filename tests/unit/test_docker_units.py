@@ -11,8 +11,8 @@ from kingpost.config import parse_config
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import WeightMount
 from kingpost.engines.docker import container_options, device_requests
-from kingpost.errors import ConfigError, EngineError
-from kingpost.images.build import _command, _failure_message, image_tag
+from kingpost.errors import BuildError, ConfigError, EngineError
+from kingpost.images.build import _command, _failure_message, _follow, image_tag
 from kingpost.images.dockerfile import DEFAULT_UID, HostBuildEnv, plan_build
 
 HOST = HostBuildEnv(ca_bundle=b"CA", pip={"PIP_INDEX_URL": "https://pypi.example/simple"})
@@ -55,14 +55,46 @@ def test_layers_follow_truss_order_and_each_build_command_is_a_layer(tmp_path: P
     assert f"useradd --uid {DEFAULT_UID}" in runs[1]
     assert "pip install" in runs[2] and "-r /tmp/kingpost-build/requirements.txt" in runs[2]
     assert [json.loads(r[4:])[2] for r in runs[3:]] == ["echo one", "echo two && echo three"]
-    assert lines.index(f"COPY --chown={DEFAULT_UID}:{DEFAULT_UID} app/ /app/") > lines.index(
-        runs[-1]
-    )
+    # as in Truss, build commands run where the project already is, so they may patch it
+    copy_app = lines.index(f"COPY --chown={DEFAULT_UID}:{DEFAULT_UID} app/ /app/")
+    assert copy_app < lines.index("WORKDIR /app") < lines.index(runs[3])
     assert lines[-2:] == [f"USER {DEFAULT_UID}", 'CMD ["/bin/sh", "-c", "python3 server.py"]']
     assert plan.files["kingpost-build/requirements.txt"] == b"httpx==0.27.0\n"
     assert plan.buildargs["PIP_INDEX_URL"] == "https://pypi.example/simple"
     assert plan.buildargs["PIP_CERT"].endswith("host-ca.crt")
     assert plan.package_dir is None  # custom servers carry no model server
+
+
+@pytest.mark.parametrize("bundled", ["packages", "vendor"])
+def test_bundled_packages_are_also_at_slash_packages_as_in_truss(
+    tmp_path: Path, bundled: str
+) -> None:
+    extra = "" if bundled == "packages" else f"bundled_packages_dir: {bundled}\n"
+    config = cfg(CUSTOM + extra + "build_commands: [sed -i s/A/B/ /packages/c/v.py]\n")
+    plan = plan_build(config, files(tmp_path, **{f"{bundled}__c__v.py": "A"}), "b:1", HOST)
+    lines = plan.dockerfile.splitlines()
+    link = lines.index(
+        f'RUN ["/bin/sh", "-c", "rm -rf /packages && ln -s /app/{bundled} /packages"]'
+    )
+    assert lines.index(f"COPY --chown={DEFAULT_UID}:{DEFAULT_UID} app/ /app/") < link
+    assert link < next(i for i, ln in enumerate(lines) if "sed -i" in ln)
+    without = plan_build(cfg(CUSTOM), files(tmp_path, **{"server.py": "x"}), "b:1", HOST)
+    assert "ln -s" not in without.dockerfile  # /packages stays an empty writable directory
+
+
+def test_a_failed_steps_output_loses_colour_codes_and_builder_chatter() -> None:
+    stream = [
+        {"stream": 'Step 7/9 : RUN ["/bin/sh", "-c", "haha lol"]\n'},
+        {"stream": " ---> Running in 8ca66ceced89\n"},
+        {"stream": "\x1b[91m/bin/sh: 1: haha: not found\n\x1b[0m"},
+        {"stream": "Removing intermediate container 8ca66ceced89\n"},
+        {"error": "The command '/bin/sh -c haha lol' returned a non-zero code: 127"},
+    ]
+    logged: list[str] = []
+    with pytest.raises(BuildError) as info:
+        _follow(stream, plan_build(cfg(CUSTOM), {}, "b", HOST), logged.append)
+    assert str(info.value).endswith("last output:\n/bin/sh: 1: haha: not found")
+    assert "/bin/sh: 1: haha: not found" in logged and not any("\x1b" in ln for ln in logged)
 
 
 def test_run_as_user_id_owns_the_writable_paths(tmp_path: Path) -> None:

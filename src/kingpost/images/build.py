@@ -174,18 +174,24 @@ def _docker_build(client: DockerClient, context: Path, plan: BuildPlan, tag: str
         raise BuildError(f"image build of {tag} failed: the Docker Engine said {exc}") from exc
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+"""The colour codes the builder wraps a step's stderr in."""
+_BUILDER_NOISE = re.compile(r"^ ---> |^Removing intermediate container ")
+"""The builder's own lines, which say nothing about why a step failed."""
+
+
 def _follow(stream: Iterable[Mapping[str, Any]], plan: BuildPlan, log: Log) -> None:
     step = ""
     last: list[str] = []
     for chunk in stream:
-        text = str(chunk.get("stream", ""))
+        text = _ANSI.sub("", str(chunk.get("stream", "")))
         for line in text.splitlines():
             if not line.strip():
                 continue
             log(line)
             if re.match(r"^Step \d+/\d+ : ", line):
                 step, last = line.split(" : ", 1)[1], []
-            else:
+            elif not _BUILDER_NOISE.match(line):
                 last = [*last[-(_LAST_LINES - 1) :], line]
         if "error" in chunk:
             error = str(chunk["error"]).strip()

@@ -10,9 +10,11 @@ Engine. The layer order follows Truss's image builder, cheapest-to-change last:
    writable directories ``/app``, ``/workspace``, ``/packages`` and ``$HOME``;
 4. ``requirements`` / ``requirements_file`` (plus, for model classes, the model
    server's few dependencies, in the same resolver run so conflicts fail here);
-5. each of ``build_commands`` as its own layer, in order, as root;
-6. for model classes, the ``kingpost`` package itself (see below);
-7. the project at ``/app``, its data directory at ``/app/data``.
+5. for model classes, the ``kingpost`` package itself (see below);
+6. the project at ``/app``, its data directory at ``/app/data``, and ``/packages``
+   pointing at its bundled packages directory (where Truss puts them);
+7. each of ``build_commands`` as its own layer, in order, as root, in ``/app``: like
+   Truss, after the project is in place, so they may read or patch its files.
 
 The model server is installed without pip: the ``kingpost`` package directory is
 copied to ``/opt/kingpost/lib`` and a ``.pth`` file appends that directory to the
@@ -58,7 +60,8 @@ __all__ = [
 APP_DIR = "/app"
 HOME_DIR = "/home/app"
 DEFAULT_UID = 60000
-WRITABLE_DIRS = (APP_DIR, "/workspace", "/packages", HOME_DIR)
+PACKAGES_DIR = "/packages"
+WRITABLE_DIRS = (APP_DIR, "/workspace", PACKAGES_DIR, HOME_DIR)
 KINGPOST_LIB = "/opt/kingpost/lib"
 CA_PATH = "/usr/local/share/kingpost/host-ca.crt"
 CTX = "kingpost-build"
@@ -148,7 +151,6 @@ def plan_build(
     assert uid is not None
     lines.append(_run(_user_script(uid)))
     lines += _requirements_steps(config, app_files, files)
-    lines += [_run(command) for command in config.build_commands]
     if not config.is_custom_server:
         if package_dir is None:
             raise ValueError("a model-class image needs the kingpost package directory")
@@ -157,6 +159,13 @@ def plan_build(
     data_dir = config.data_dir.strip("/") or "data"
     if data_dir != "data" and any(rel.startswith(f"{data_dir}/") for rel in app_files):
         lines.append(_copy(f"app/{data_dir}/", f"{APP_DIR}/data/", f"--chown={uid}:{uid} "))
+    packages = config.bundled_packages_dir.strip("/") or "packages"
+    if any(rel.startswith(f"{packages}/") for rel in app_files):
+        target = shlex.quote(f"{APP_DIR}/{packages}")
+        lines.append(_run(f"rm -rf {PACKAGES_DIR} && ln -s {target} {PACKAGES_DIR}"))
+    if config.build_commands:
+        lines.append(f"WORKDIR {APP_DIR}")
+        lines += [_run(command) for command in config.build_commands]
     lines += _runtime_lines(config, uid)
     return BuildPlan(
         dockerfile="\n".join(lines) + "\n",
