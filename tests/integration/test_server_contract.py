@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
-from test_server_harness import ready_server
+from test_server_harness import ready_server, run_server
 
 from kingpost.server.placement import BLOCK_S, PROVEN_CALLS
 
@@ -156,6 +156,51 @@ def test_openai_routes(tmp_path: Path) -> None:
             assert r.read() == b"data: hello\n\ndata: world\n\n"
         assert client.post("/v1/embeddings", json={}).json()["data"][0]["embedding"] == [0, 1]
         assert client.post("/v1/completions", json={}).status_code == 404
+
+
+STREAMING_ENDPOINTS = """
+import threading
+
+both = threading.Barrier(2, timeout=10)
+
+
+class Model:
+    def predict(self, model_input):
+        return model_input
+
+    def chat_completions(self, model_input):
+        def chunks():
+            both.wait()  # each stream's first step waits for the other's
+            yield "data: met\\n\\n"
+
+        return chunks()
+"""
+
+
+def test_endpoint_streams_step_side_by_side_whatever_predict_concurrency(
+    tmp_path: Path,
+) -> None:
+    # The OpenAI endpoints are outside the predict limit (1 here): two of their sync
+    # generators must not share predict's single thread, one step after the other.
+    app = tmp_path / "app"
+    (app / "model").mkdir(parents=True)
+    (app / "config.yaml").write_text("model_name: chat\nruntime:\n  predict_concurrency: 1\n")
+    (app / "model" / "model.py").write_text(STREAMING_ENDPOINTS)
+    with run_server(app, tmp_path) as server, httpx.Client(timeout=30) as probe:
+        server.wait_ready(probe)
+        answers: list[tuple[int, bytes]] = []
+
+        def chat() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                r = client.post("/v1/chat/completions", json={"stream": True})
+                answers.append((r.status_code, r.content))
+
+        threads = [threading.Thread(target=chat) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers == [(200, b"data: met\n\n")] * 2, server.output()
 
 
 GENEROUS = {"KINGPOST_SERVER_INLINE_FAST_US": "50000"}

@@ -355,7 +355,12 @@ class ModelServer:
         return self._send(result, binary, call)
 
     async def _send_special(self, result: Any, call: _Call, release: Any) -> int:
-        """Stream a generator or pass a starlette response through; then ``release``."""
+        """Stream a generator or pass a starlette response through; then ``release``.
+
+        A stream that holds a predict slot (``release``) steps its sync generator in the
+        predict pool, which has a thread per slot; any other stream (an OpenAI endpoint's,
+        postprocess's) is outside the limit and steps in the other pool, so that it neither
+        waits for the slot holders' threads nor makes them wait."""
         await on_task()
         if compat.is_response(result):
             try:
@@ -368,7 +373,7 @@ class ModelServer:
             call.req,
             call.conn,
             call.headers,
-            self.predict_pool,
+            self.aux_pool if release is None else self.predict_pool,
             release,
             self.host.config.streaming_read_timeout,
         )
