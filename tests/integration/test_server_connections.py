@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_server_harness import ServerProcess, run_server
 
-from helpers.platform import raw_exchange
+from helpers.platform import raw_exchange, wait_for
 from kingpost.server.placement import PROVEN_CALLS
 
 SYNC_MODEL = """
@@ -283,3 +284,46 @@ def test_a_client_that_expects_100_continue_is_invited(sync_server: ServerProces
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"later"')
+
+
+DRAINED_MODEL = """
+import logging, time
+
+log = logging.getLogger("model")
+
+
+class Model:
+    def predict(self, x):
+        return x
+
+    def postprocess(self, x):
+        log.info("working")
+        time.sleep(0.5)
+        return x
+
+    def completions(self, x):
+        log.info("working")
+        time.sleep(0.5)
+        return x
+"""
+
+
+@pytest.mark.parametrize("path", ["/v1/models/model:predict", "/v1/completions"])
+def test_stopping_the_server_answers_requests_outside_a_predict_slot_first(
+    tmp_path: Path, path: str
+) -> None:
+    # In postprocess (the slot is given back) or an OpenAI endpoint (never held to one), a
+    # request is in flight all the same: SIGTERM lets it finish.
+    with _server(tmp_path, DRAINED_MODEL) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(_post(b'"done"').replace(b"/v1/models/model:predict", path.encode()))
+            wait_for(
+                lambda: any(ln.get("message") == "working" for ln in server.lines()),
+                what="the model to start working",
+            )
+            server.proc.send_signal(signal.SIGTERM)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"done"'), data
+        assert server.wait_exit() == 0

@@ -149,6 +149,10 @@ class ModelServer:
         self._placements: dict[str, Placement] = {}
         self.sessions: set[Session] = set()
         """Open WebSockets: closed with 1012 when the server stops, and waited for."""
+        self.handling = 0
+        """Requests being answered, wherever they are (queued for a slot, in preprocess or
+        postprocess, an OpenAI endpoint, a stream still being written): waited for when the
+        server stops."""
 
     def close_websockets(self) -> None:
         for session in list(self.sessions):
@@ -160,49 +164,53 @@ class ModelServer:
         self.predict_threads.close()
 
     async def handle(self, req: HttpRequest, conn: Connection) -> None:
-        started = perf_counter()
-        rid = req.headers.get("x-baseten-request-id") or f"{self._id_prefix}{next(self._ids):x}"
-        REQUEST_ID.set(rid)
-        headers = [(b"x-baseten-request-id", rid.encode("latin-1"))]
-        path, method = req.path, req.method
-        if method == "POST" and (
-            (path.startswith("/v1/models/") and ":predict" in path) or path == "/invocations"
-        ):
-            # ``/invocations`` and ``/ping`` are SageMaker's names for predict and loaded,
-            # which Truss's server answers too.
-            route = "predict"
-            status = await self._predict(_Call(req, conn, headers))
-        elif method == "POST" and path in OPENAI_ROUTES:
-            route = OPENAI_ROUTES[path]
-            status = await self._endpoint(route, _Call(req, conn, headers))
-        elif path == WEBSOCKET_PATH and method == "GET":
-            route = "websocket"
-            status = await serve_websocket(req, conn, rid, headers, self.host, self.sessions)
-        elif path == "/" and method in ("GET", "HEAD"):
-            route, status = "live", 200
-            conn.respond(200, headers, b"true")
-        elif path.endswith("/schema") and path.startswith("/v1/models/") and method == "GET":
-            route = "schema"
-            status = self._schema(conn, headers)
-        elif (path.startswith("/v1/models/") or path == "/ping") and method in ("GET", "HEAD"):
-            route = "ready"
-            # ``.../loaded`` and ``/ping`` say whether load() finished, without asking
-            # is_healthy.
-            ask_model = path != "/ping" and not path.endswith("/loaded")
-            status = await self._ready(conn, headers, ask_model)
-        elif path == "/metrics" and method == "GET":
-            route, status = "metrics", 200
-            body = self.metrics.render().encode() + _user_metrics()
-            conn.respond(200, headers, body, b"text/plain; version=0.0.4")
-        else:
-            route, status = "other", 404
-            conn.respond(404, headers, codec.error_body(f"no route for {method} {path}"))
-        self.metrics.observe(route, status, perf_counter() - started)
-        if self.access_log or status >= 500:
-            log_event(
-                log, logging.INFO, "request", method=method, path=path, status=status,
-                duration_ms=round((perf_counter() - started) * 1000, 3),
-            )  # fmt: skip
+        self.handling += 1
+        try:
+            started = perf_counter()
+            rid = req.headers.get("x-baseten-request-id") or f"{self._id_prefix}{next(self._ids):x}"
+            REQUEST_ID.set(rid)
+            headers = [(b"x-baseten-request-id", rid.encode("latin-1"))]
+            path, method = req.path, req.method
+            if method == "POST" and (
+                (path.startswith("/v1/models/") and ":predict" in path) or path == "/invocations"
+            ):
+                # ``/invocations`` and ``/ping`` are SageMaker's names for predict and loaded,
+                # which Truss's server answers too.
+                route = "predict"
+                status = await self._predict(_Call(req, conn, headers))
+            elif method == "POST" and path in OPENAI_ROUTES:
+                route = OPENAI_ROUTES[path]
+                status = await self._endpoint(route, _Call(req, conn, headers))
+            elif path == WEBSOCKET_PATH and method == "GET":
+                route = "websocket"
+                status = await serve_websocket(req, conn, rid, headers, self.host, self.sessions)
+            elif path == "/" and method in ("GET", "HEAD"):
+                route, status = "live", 200
+                conn.respond(200, headers, b"true")
+            elif path.endswith("/schema") and path.startswith("/v1/models/") and method == "GET":
+                route = "schema"
+                status = self._schema(conn, headers)
+            elif (path.startswith("/v1/models/") or path == "/ping") and method in ("GET", "HEAD"):
+                route = "ready"
+                # ``.../loaded`` and ``/ping`` say whether load() finished, without asking
+                # is_healthy.
+                ask_model = path != "/ping" and not path.endswith("/loaded")
+                status = await self._ready(conn, headers, ask_model)
+            elif path == "/metrics" and method == "GET":
+                route, status = "metrics", 200
+                body = self.metrics.render().encode() + _user_metrics()
+                conn.respond(200, headers, body, b"text/plain; version=0.0.4")
+            else:
+                route, status = "other", 404
+                conn.respond(404, headers, codec.error_body(f"no route for {method} {path}"))
+            self.metrics.observe(route, status, perf_counter() - started)
+            if self.access_log or status >= 500:
+                log_event(
+                    log, logging.INFO, "request", method=method, path=path, status=status,
+                    duration_ms=round((perf_counter() - started) * 1000, 3),
+                )  # fmt: skip
+        finally:
+            self.handling -= 1
 
     # readiness
     async def _ready(

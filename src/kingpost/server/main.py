@@ -127,7 +127,7 @@ class _Runner:
         deadline = self.loop.time() + GRACE_SECONDS
         # Shutdown only: a short poll keeps the hot path free of bookkeeping.
         server = self.server
-        while (server.metrics.in_flight > 0 or server.sessions) and self.loop.time() < deadline:  # noqa: ASYNC110
+        while (server.handling > 0 or server.sessions) and self.loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
 
