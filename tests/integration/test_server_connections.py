@@ -327,3 +327,28 @@ def test_stopping_the_server_answers_requests_outside_a_predict_slot_first(
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"done"'), data
         assert server.wait_exit() == 0
+
+
+POLLING_MODEL = """
+from starlette.requests import Request
+
+
+class Model:
+    async def predict(self, x, request: Request):
+        async def tokens():
+            for i in range(3):
+                if await request.is_disconnected():  # what a stream checks between chunks
+                    return
+                yield f"t{i} "
+
+        return tokens()
+"""
+
+
+def test_a_stream_that_polls_for_a_disconnect_is_not_cut_short(tmp_path: Path) -> None:
+    # Each poll is a receive() inside a cancelled scope; the cancellation must not reach the
+    # connection's own "closed" future, which would end this stream and every later one on
+    # the connection as if the client had left.
+    with _server(tmp_path, POLLING_MODEL) as server:
+        data = raw_exchange(server.port, _post(b'"a"') + _post(b'"b"', close=True))
+    assert data.count(b"\r\n3\r\nt2 \r\n0\r\n\r\n") == 2, data

@@ -6,6 +6,7 @@ hot path never loads starlette.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -57,7 +58,11 @@ def _receiver(req: HttpRequest, conn: Connection) -> Any:
         if not sent:
             sent = True
             return {"type": "http.request", "body": req.body, "more_body": False}
-        await conn.closed
+        # Shielded: ``is_disconnected()`` polls from inside a cancelled scope, and starlette
+        # cancels a streamed response's listener when it ends; that cancellation must stay
+        # with the waiter, not cancel the connection's future (which would read as the
+        # client having left, and end this request's stream and every later one).
+        await asyncio.shield(conn.closed)
         return {"type": "http.disconnect"}
 
     return receive
