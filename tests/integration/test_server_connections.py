@@ -352,3 +352,49 @@ def test_a_stream_that_polls_for_a_disconnect_is_not_cut_short(tmp_path: Path) -
     with _server(tmp_path, POLLING_MODEL) as server:
         data = raw_exchange(server.port, _post(b'"a"') + _post(b'"b"', close=True))
     assert data.count(b"\r\n3\r\nt2 \r\n0\r\n\r\n") == 2, data
+
+
+QUEUED_MODEL = """
+import logging, os, time
+
+log = logging.getLogger("model")
+predicted = []
+
+
+class Model:
+    def preprocess(self, x):
+        log.info("preprocessed", extra={"item": x["name"]})
+        return x
+
+    def predict(self, x):
+        if x["name"] == "count":
+            return predicted
+        predicted.append(x["name"])
+        while not os.path.exists(x["gate"]):
+            time.sleep(0.01)
+        return x["name"]
+"""
+
+
+def test_a_request_whose_client_left_while_queued_is_not_predicted(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    def body(name: str) -> bytes:
+        return b'{"name": "%s", "gate": "%s"}' % (name.encode(), str(gate).encode())
+
+    def preprocessed(name: str) -> bool:
+        return any(ln.get("item") == name for ln in server.lines())
+
+    with _server(tmp_path, QUEUED_MODEL) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as first:
+            first.sendall(_post(body("first")))
+            wait_for(lambda: preprocessed("first"), what="the first request's preprocess")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as left:
+                left.sendall(_post(body("left")))  # waits for the slot the first one holds
+                wait_for(lambda: preprocessed("left"), what="the second request's preprocess")
+            assert raw_exchange(server.port, _get("/")).endswith(b"true")
+            gate.touch()
+            assert first.recv(65536).endswith(b'"first"')
+        count = raw_exchange(server.port, _post(body("count"), close=True))
+        assert count.endswith(b'["first"]'), count
+        assert "Client disconnected, skipping `predict`." in server.output()

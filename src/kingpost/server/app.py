@@ -78,6 +78,10 @@ class _Call:
         return self._request
 
 
+class _ClientLeft(Exception):
+    """The client went away before a model method was called: the call is skipped."""
+
+
 class _Threads:
     """Fixed worker threads for sync predicts: a queue in, ``call_soon_threadsafe`` out.
 
@@ -248,6 +252,10 @@ class ModelServer:
 
     # calling user code
     async def _invoke(self, m: Method, inputs: Any, call: _Call | None, pool: Any) -> Any:
+        if call is not None and call.conn.closed.done():
+            # As Truss: nobody is waiting for the answer (a request queued for a slot, or
+            # whose preprocess or predict outlived its client), so no model time goes to it.
+            raise _ClientLeft(f"Client disconnected, skipping `{m.name}`.")
         request = None
         if call is not None and m.args in (ArgMode.REQUEST, ArgMode.BOTH):
             request = call.request()
@@ -398,6 +406,9 @@ class ModelServer:
         return 200
 
     def _user_error(self, exc: BaseException, call: _Call) -> int:
+        if isinstance(exc, _ClientLeft):
+            log.warning(str(exc))
+            return 499  # Truss's status for it; the connection is gone, so nothing is sent
         if call.conn.started:
             # Part of the response is out (a streamed response failed midway): another
             # response cannot follow it; breaking the connection off tells the client.
