@@ -108,11 +108,12 @@ class Model:
 
 @contextmanager
 def _server(
-    tmp_path: Path, source: str, env: dict[str, str] | None = None
+    tmp_path: Path, source: str, env: dict[str, str] | None = None, runtime: str = ""
 ) -> Iterator[ServerProcess]:
     app = tmp_path / "app"
     (app / "model").mkdir(parents=True)
-    (app / "config.yaml").write_text("model_name: edges\nruntime:\n  predict_concurrency: 1\n")
+    config = "model_name: edges\nruntime:\n  predict_concurrency: 1\n" + runtime
+    (app / "config.yaml").write_text(config)
     (app / "model" / "model.py").write_text(source)
     with run_server(app, tmp_path, env=env) as server:
         deadline = time.monotonic() + 30
@@ -398,3 +399,25 @@ def test_a_request_whose_client_left_while_queued_is_not_predicted(tmp_path: Pat
         count = raw_exchange(server.port, _post(body("count"), close=True))
         assert count.endswith(b'["first"]'), count
         assert "Client disconnected, skipping `predict`." in server.output()
+
+
+LATE_MODEL = """
+import time
+
+
+class Model:
+    def predict(self, x):
+        time.sleep(1.5)  # longer than the stream's read timeout, before the only chunk
+        yield "late"
+"""
+
+
+def test_a_gathered_stream_waits_for_its_chunks_as_long_as_they_take(tmp_path: Path) -> None:
+    # As Truss: the read timeout is for chunks streamed to a client; a client that asked for
+    # the whole stream as one JSON answer gets it however long the model takes.
+    with _server(tmp_path, LATE_MODEL, runtime="  streaming_read_timeout: 1\n") as server:
+        head = _post(b'"x"', close=True).replace(
+            b"\r\n\r\n", b"\r\naccept: application/json\r\n\r\n", 1
+        )
+        data = raw_exchange(server.port, head)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"late"'), data

@@ -125,7 +125,7 @@ async def stream_result(
     try:
         if _gather_requested(req):
             binary = is_binary(req.headers.get("content-type", ""))
-            return await _gather(queue, conn, headers, read_timeout_s, binary)
+            return await _gather(queue, conn, headers, binary)
         return await _stream(queue, conn, headers, read_timeout_s)
     finally:
         conn.closed.remove_done_callback(reader_left)
@@ -141,12 +141,14 @@ async def _gather(
     queue: asyncio.Queue[Any],
     conn: Connection,
     headers: list[tuple[bytes, bytes]],
-    read_timeout_s: float,
     binary: bool,
 ) -> int:
-    """The whole stream as one string: JSON, or msgpack for a msgpack request (Truss)."""
+    """The whole stream as one string: JSON, or msgpack for a msgpack request (Truss).
+
+    No read timeout, as in Truss: nothing is sent until the end, so a long gap between
+    chunks costs the client nothing (``streaming_read_timeout`` is for streamed chunks)."""
     parts: list[bytes] = []
-    while (item := await _next(queue, read_timeout_s)) is not _END:
+    while (item := await queue.get()) is not _END:
         if isinstance(item, _Failed):
             return _fail(conn, headers)
         parts.append(_as_bytes(item))
