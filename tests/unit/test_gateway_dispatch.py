@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 
-from kingpost.gateway.dispatch import Dispatcher
+from kingpost.gateway.dispatch import Dispatcher, Rejected
 from kingpost.gateway.table import DeploymentRoute, DeploymentState, Upstream
 
 
@@ -43,3 +44,40 @@ def test_the_least_loaded_replica_wins_over_rotation() -> None:
 
     chosen, least = asyncio.run(run())
     assert chosen == least
+
+
+def test_a_waiter_cancelled_as_its_slot_arrives_gives_the_slot_back() -> None:
+    # The client of a queued request leaves in the same loop turn as a slot is handed to
+    # it: the cancelled acquire must not keep the slot, or the replica is one short for good.
+    async def run() -> None:
+        d = Dispatcher(_route(1, concurrency=1))
+        held = await d.acquire()
+        waiting = asyncio.ensure_future(d.acquire())
+        await asyncio.sleep(0)  # queued behind the held slot
+        d.release(held)  # handed straight to the waiter ...
+        waiting.cancel()  # ... whose client has just left
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("a cancelled acquire returned a slot")
+        assert d.try_acquire() is not None
+
+    asyncio.run(run())
+
+
+def test_a_waiter_that_times_out_in_the_queue_holds_no_slot() -> None:
+    async def run() -> None:
+        d = Dispatcher(replace(_route(1, concurrency=1), hold_timeout_s=0.05))
+        held = await d.acquire()
+        try:
+            await d.acquire()
+        except Rejected as rej:
+            assert (rej.status, rej.code) == (503, "unavailable")
+        else:
+            raise AssertionError("no 503 after the hold timeout")
+        d.release(held)
+        assert d.inflight == {"r0": 0}
+
+    asyncio.run(run())

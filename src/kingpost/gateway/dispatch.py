@@ -105,27 +105,36 @@ class Dispatcher:
                 "overloaded",
             )
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), exclude)
+        future: asyncio.Future[Slot] = loop.create_future()
+        waiter = _Waiter(future, exclude)
         self._waiters.append(waiter)
         self._drain()  # a retry may fall back to the replica it excluded
+        # The timeout ends the future itself (not the awaiting task, as ``wait_for`` would),
+        # so a slot handed over in the same loop turn is never lost between the two.
+        timer = loop.call_later(route.hold_timeout_s, self._expire, future, route.hold_timeout_s)
         try:
-            return await asyncio.wait_for(waiter.future, route.hold_timeout_s)
-        except TimeoutError:
-            if self.route.upstreams:
-                raise Rejected(
-                    503, f"timed out after {route.hold_timeout_s:.0f}s in the queue", "unavailable"
-                ) from None
-            why = self.route.message or "no replica is ready"
-            raise Rejected(
-                503,
-                f"{why}; no replica became ready within {route.hold_timeout_s:.0f}s",
-                "unavailable",
-            ) from None
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled (the client left) in the loop turn that handed it a slot: give it back.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())
+            raise
         finally:
-            if not waiter.future.done():
-                waiter.future.cancel()
+            timer.cancel()
+            if not future.done():
+                future.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
+
+    def _expire(self, future: asyncio.Future[Slot], hold_timeout_s: float) -> None:
+        if future.done():
+            return
+        if self.route.upstreams:
+            message = f"timed out after {hold_timeout_s:.0f}s in the queue"
+        else:
+            why = self.route.message or "no replica is ready"
+            message = f"{why}; no replica became ready within {hold_timeout_s:.0f}s"
+        future.set_exception(Rejected(503, message, "unavailable"))
 
     def release(self, slot: Slot) -> None:
         rid = slot.upstream.replica_id
