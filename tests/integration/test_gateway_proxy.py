@@ -976,3 +976,43 @@ def test_trailer_fields_are_not_kept_as_headers(gw: Running, up: Upstream) -> No
         assert dropping.drops >= 1
     finally:
         dropping.sock.close()
+
+
+@pytest.mark.parametrize("size", [5, 200_000], ids=["small", "past-the-replay-buffer"])
+def test_an_upgrade_request_with_a_body_forwards_the_body(
+    gw: Running, up: Upstream, size: int
+) -> None:
+    # `curl --http2 -d …` on http:// asks for `Upgrade: h2c` on a POST with a body. The body
+    # is part of the request whatever the replica does with the upgrade: held back as
+    # tunnel bytes, the replica waited for it and the client for an answer, for ever.
+    gw.table(route(up, predict_path="/inspect"))
+    body = os.urandom(size)
+    answer = raw_exchange(
+        gw.port,
+        b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Api-Key " + KEY.encode() + b"\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQ\r\n"
+        b"Content-Length: " + str(size).encode() + b"\r\n\r\n" + body,
+        timeout=5,
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    seen = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert (seen["length"], seen["sha256"]) == (size, hashlib.sha256(body).hexdigest())
+
+
+def test_an_upgrade_request_with_a_chunked_body_is_refused_not_sent_empty(
+    gw: Running, up: Upstream
+) -> None:
+    # Its chunks were taken for tunnel bytes and the replica ran it with an empty body.
+    gw.table(route(up, predict_path="/inspect"))
+    answer = raw_exchange(
+        gw.port,
+        b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Api-Key " + KEY.encode() + b"\r\n"
+        b"Connection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        timeout=5,
+    )
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"connection: close" in answer.lower() and b"Content-Length" in answer
+    assert up.requests == 0

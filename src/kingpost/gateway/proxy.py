@@ -215,6 +215,10 @@ class ClientConn(StreamConn):
                 return
             req.upgrade = True
             self.tunnel = req
+            if req.chunked:  # httptools stops at the head: nothing here reads chunk framing
+                req.refuse = "an Upgrade request's body must have a Content-Length"
+            elif req.content_length not in (None, b"0"):
+                req.complete = False  # its body comes first (see :meth:`_hold_for_tunnel`)
             self._hold_for_tunnel(data[int(exc.args[0]) :])
         except httptools.HttpParserError as exc:
             # Requests parsed before the bad bytes are still answered, then this error.
@@ -225,8 +229,19 @@ class ClientConn(StreamConn):
     def _hold_for_tunnel(self, data: bytes) -> None:
         """Keep what the client sent after its handshake until the tunnel opens; past
         :data:`REPLAY_LIMIT` stop reading (the client is sending before any 101)."""
-        assert self.tunnel is not None
-        buf = self.tunnel.tunnel_buf
+        req = self.tunnel
+        assert req is not None
+        if not req.complete and data:
+            # The body the upgrade request declared is part of it, sent with it whatever the
+            # replica answers; tunnel bytes are only those after it.
+            assert req.content_length is not None and self.current is req
+            owed = int(req.content_length) - req.body_bytes
+            self.on_body(data[:owed])
+            if len(data) < owed:
+                return
+            self.on_message_complete()
+            data = data[owed:]
+        buf = req.tunnel_buf
         buf += data
         if len(buf) > REPLAY_LIMIT and not self._paused_reading and self.transport is not None:
             self._paused_reading = True
