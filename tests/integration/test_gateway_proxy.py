@@ -1016,3 +1016,43 @@ def test_an_upgrade_request_with_a_chunked_body_is_refused_not_sent_empty(
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"connection: close" in answer.lower() and b"Content-Length" in answer
     assert up.requests == 0
+
+
+class _Refusing(_Scripted):
+    """A replica that answers 413 and ``connection: close`` as soon as it has read a request's
+    head, then reads and drops whatever comes until the gateway hangs up."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda n, body: None)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            while f.readline() not in (b"\r\n", b""):
+                pass
+            conn.sendall(_ok(b"too big!", b"connection: close\r\n").replace(b"200 OK", b"413 No"))
+            conn.shutdown(socket.SHUT_WR)
+            while f.read1(65536):
+                pass
+
+
+def test_the_rest_of_a_body_the_replica_answered_early_is_read_and_dropped(gw: Running) -> None:
+    # The answer came before the body was all in, and the replica hung up: the rest of the
+    # body used to pile up in the gateway until it stopped reading the connection for good,
+    # leaving the client blocked in the middle of its upload.
+    refusing = _Refusing()
+    try:
+        gw.table(route(refusing.port))
+        body = b"a" * (4 << 20)
+        request = _req(body)
+        split = len(request) - len(body) + 1000  # the head and a little of the body
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(request[:split])
+            data = b""
+            while b"too big!" not in data:
+                data += s.recv(65536)
+            s.sendall(request[split:] + _req(b"next", close=True))
+            while chunk := s.recv(65536):
+                data += chunk
+        assert _answers(data) == [(b"HTTP/1.1 413 No", b"too big!")] * 2
+    finally:
+        refusing.close()

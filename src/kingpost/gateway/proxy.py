@@ -574,6 +574,11 @@ class ClientConn(StreamConn):
                 gw.log_access(
                     rid, target.model_id, target.deployment.deployment_id, outcome, req.start
                 )
+                if outcome == "ok" and not req.complete:
+                    # Answered before the body was all in, by a replica that then hung up: the
+                    # rest is read and dropped, or it piles up until reading stops for good.
+                    while await self.next_chunk(req) is not None:
+                        pass
                 return outcome != "close"
             tried, slot = tried | {slot.upstream.replica_id}, None
         return self._reject(
