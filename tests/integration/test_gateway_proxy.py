@@ -1056,3 +1056,21 @@ def test_the_rest_of_a_body_the_replica_answered_early_is_read_and_dropped(gw: R
         assert _answers(data) == [(b"HTTP/1.1 413 No", b"too big!")] * 2
     finally:
         refusing.close()
+
+
+def test_headers_the_replica_names_in_connection_are_not_passed_on(
+    gw: Running, scripted: Callable[..., _Scripted]
+) -> None:
+    """The response side of RFC 9110 7.6.1: what the replica's ``Connection`` names was for
+    the hop between it and the gateway."""
+    up = scripted(
+        lambda n, body: _ok(
+            b"ok", b"x-hop-only: 1\r\nConnection: keep-alive, X-Hop-Only\r\nx-kept: 2\r\n"
+        )
+    )
+    gw.table(route(up.port))
+    with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:
+        for _ in range(2):  # from callbacks, then on the pooled connection
+            r = c.post("/models/echo/production/predict", content=b"x")
+            assert (r.status_code, r.content, r.headers["x-kept"]) == (200, b"ok", "2")
+            assert "x-hop-only" not in r.headers and "connection" not in r.headers

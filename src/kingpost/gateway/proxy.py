@@ -786,8 +786,10 @@ class _Exchange:
         self.upstream_keep_alive = keep_alive
         buf = self.buf
         buf += b"HTTP/1.1 %d %s\r\n" % (status, reason or b"OK")
+        mark = len(buf)
         length = None
         upstream_chunked = False
+        hop: set[bytes] | None = None
         for name, value in headers:
             lname = name.lower()
             if status == 101 and lname in (b"connection", b"upgrade"):
@@ -797,10 +799,20 @@ class _Exchange:
                 upstream_chunked = upstream_chunked or (
                     lname == b"transfer-encoding" and b"chunked" in value.lower()
                 )
+                if lname == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
+                    hop = (hop or set()) | {t.strip() for t in value.lower().split(b",")}
                 continue
             if lname == b"content-length":
                 length = value
             buf += name + b": " + value + b"\r\n"
+        if hop is not None:
+            # Headers the replica names in ``Connection`` were for its hop only (RFC 9110
+            # 7.6.1), wherever they came: written again without them (rare).
+            del buf[mark:]
+            for name, value in headers:
+                lname = name.lower()
+                if lname not in HOP_BY_HOP and (lname not in hop or lname == b"content-length"):
+                    buf += name + b": " + value + b"\r\n"
         buf += b"x-baseten-request-id: " + self.rid + b"\r\n"
         self.no_body = self.req.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200
         self.close_delimited = not self.no_body and length is None and not upstream_chunked
