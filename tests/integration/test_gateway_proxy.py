@@ -1074,3 +1074,24 @@ def test_headers_the_replica_names_in_connection_are_not_passed_on(
             r = c.post("/models/echo/production/predict", content=b"x")
             assert (r.status_code, r.content, r.headers["x-kept"]) == (200, b"ok", "2")
             assert "x-hop-only" not in r.headers and "connection" not in r.headers
+
+
+def test_a_request_target_in_absolute_form_is_routed_by_its_authority(
+    gw: Running, up: Upstream
+) -> None:
+    """RFC 9112 3.2.2: a server MUST accept ``http://host/path`` as the request target (what
+    a client sends to a proxy), and routes by its authority, not by Host."""
+    gw.table(route(up, predict_path="/inspect"))
+    auth = b"Authorization: Api-Key " + KEY.encode() + b"\r\nConnection: close\r\n\r\n"
+    targets = [
+        b"http://x/models/echo/production/predict",
+        b"HTTP://model-m1.localhost:8080/production/predict?a=1",
+        b"https://model-m1.localhost/production/sync/inspect",
+    ]
+    for target in targets:
+        answer = raw_exchange(
+            gw.port, b"POST " + target + b" HTTP/1.1\r\nHost: other.example\r\n" + auth
+        )
+        assert answer.startswith(b"HTTP/1.1 200"), (target, answer[:300])
+        seen = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert seen["path"] == ("/inspect?a=1" if b"?" in target else "/inspect")

@@ -28,6 +28,16 @@ _AUTH_CACHE = 4096
 _ROUTE_CACHE = 1024
 
 
+def _absolute_form(host: bytes, target: bytes) -> tuple[bytes, bytes]:
+    """``http://authority/path``, which a server MUST accept (RFC 9112 3.2.2): its
+    authority stands for Host, and the path is what is routed."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return host, target
+    authority, slash, path = rest.partition(b"/")
+    return authority, slash + path if slash else b"/"
+
+
 class Gateway:
     """Routes requests by the last pushed :class:`RoutingTable`; never reads the store."""
 
@@ -107,6 +117,8 @@ class Gateway:
         if found is not None:
             return found
         raw_path, _, raw_query = url.partition(b"?")
+        if raw_path[:1] != b"/":
+            host, raw_path = _absolute_form(host, raw_path)
         found = resolve(
             self.table,
             host.decode("latin-1"),
