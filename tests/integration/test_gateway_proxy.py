@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import logging
 import os
 import socket
 import struct
@@ -1095,3 +1096,46 @@ def test_a_request_target_in_absolute_form_is_routed_by_its_authority(
         assert answer.startswith(b"HTTP/1.1 200"), (target, answer[:300])
         seen = json.loads(answer.split(b"\r\n\r\n", 1)[1])
         assert seen["path"] == ("/inspect?a=1" if b"?" in target else "/inspect")
+
+
+def test_every_answer_has_an_access_log_line(
+    gw: Running, up: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Answers the gateway made itself (a full queue, a bad key, an unknown model) are
+    # requests too: with no line for them, the access log counted none of the overload.
+    caplog.set_level(logging.INFO, logger="kingpost.gateway.access")
+    gw.gateway._log = True
+    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1, queue_limit=1))
+    url = f"{gw.url}/models/echo/production/predict"
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(httpx.post, url, headers=AUTH, timeout=10) for _ in range(3)]
+        assert sorted(f.result().status_code for f in futures) == [200, 200, 429]
+    with httpx.Client(base_url=gw.url) as c:
+        assert c.post("/models/echo/production/predict").status_code == 401
+        assert c.post("/models/nope/production/predict", headers=AUTH).status_code == 404
+    # Two clients that hang up (a reset, not a half-close, which still gets its answer): one
+    # while its request runs, one while it waits behind it.
+    socks = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(2)]
+    for s in socks:
+        s.sendall(_req(b"x"))
+    wait_for(lambda: len(gw.gateway.dispatcher("d1")._waiters) == 1, 5, "one request queued")
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+    def lines() -> list[dict[str, object]]:
+        return [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith(".access")]
+
+    wait_for(lambda: len(lines()) == 7, 5, "seven access log lines")
+    seen = sorted(
+        (str(line["status"]), line["outcome"], str(line["deployment_id"])) for line in lines()
+    )
+    assert seen == [
+        ("200", "ok", "d1"),
+        ("200", "ok", "d1"),
+        ("401", "unauthorized", "None"),
+        ("404", "not_found", "None"),
+        ("429", "overloaded", "d1"),
+        ("None", "client_left", "d1"),
+        ("None", "client_left", "d1"),
+    ]

@@ -503,7 +503,7 @@ class ClientConn(StreamConn):
         try:
             slot = dispatcher.try_acquire()
         except Rejected as rej:
-            return self._reject(req, rej.status, rej.message, rej.code, req.rid)
+            return self._reject(req, rej.status, rej.message, rej.code, req.rid, target)
         if slot is None:
             return _Handoff(req, target, dispatcher)  # to wait in the deployment's queue
         conn = self.gw.pool.take_idle(slot.key)
@@ -528,6 +528,8 @@ class ClientConn(StreamConn):
         if self.closed:  # the client left; nobody to answer or retry for
             conn.close()
             self.busy = False
+            assert req.rid is not None
+            self.gw.log_access(req.rid, exchange.status, "client_left", req.start, target)
             return
         outcome = self._settle(req, conn, exchange, True, result)
         if outcome == "retry":
@@ -536,9 +538,7 @@ class ClientConn(StreamConn):
             )
             return
         assert req.rid is not None
-        self.gw.log_access(
-            req.rid, target.model_id, target.deployment.deployment_id, outcome, req.start
-        )
+        self.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target)
         self.busy = False
         if self._after(req, outcome != "close"):
             self._serve_next()
@@ -561,19 +561,21 @@ class ClientConn(StreamConn):
         rid = req.rid
         assert rid is not None
         for _attempt in range(h.attempts):
-            if slot is None:
-                try:
-                    slot = await dispatcher.acquire(tried)
-                except Rejected as rej:
-                    return self._reject(req, rej.status, rej.message, rej.code, rid)
             try:
-                outcome = await self._forward(req, slot, target.path, rid)
-            finally:
-                dispatcher.release(slot)
+                if slot is None:
+                    try:
+                        slot = await dispatcher.acquire(tried)
+                    except Rejected as rej:
+                        return self._reject(req, rej.status, rej.message, rej.code, rid, target)
+                try:
+                    outcome, status = await self._forward(req, slot, target.path, rid)
+                finally:
+                    dispatcher.release(slot)
+            except asyncio.CancelledError:  # the client left, queued or mid-answer
+                gw.log_access(rid, 0, "client_left", req.start, target)
+                raise
             if outcome != "retry":
-                gw.log_access(
-                    rid, target.model_id, target.deployment.deployment_id, outcome, req.start
-                )
+                gw.log_access(rid, status, outcome, req.start, target)
                 if outcome == "ok" and not req.complete:
                     # Answered before the body was all in, by a replica that then hung up: the
                     # rest is read and dropped, or it piles up until reading stops for good.
@@ -582,11 +584,25 @@ class ClientConn(StreamConn):
                 return outcome != "close"
             tried, slot = tried | {slot.upstream.replica_id}, None
         return self._reject(
-            req, 502, "the replica closed the connection before answering", "bad_gateway", rid
+            req,
+            502,
+            "the replica closed the connection before answering",
+            "bad_gateway",
+            rid,
+            target,
         )
 
-    def _reject(self, req: _Request, status: int, message: str, code: str, rid: str) -> bool:
+    def _reject(
+        self,
+        req: _Request,
+        status: int,
+        message: str,
+        code: str,
+        rid: str,
+        target: Target | None = None,
+    ) -> bool:
         assert self.transport is not None
+        self.gw.log_access(rid, status, code, req.start, target)
         if req.upgrade:
             # After an upgrade request the client's stream is no longer HTTP (it may already
             # be sending frames): the refusal ends the connection.
@@ -596,18 +612,19 @@ class ClientConn(StreamConn):
         # The body, if any, was not read: the connection cannot be reused unless it's complete.
         return req.complete or (req.content_length in (None, b"0") and not req.chunked)
 
-    async def _forward(self, req: _Request, slot: Slot, path: str, rid: str) -> str:
-        """Proxy one request; returns "ok", "close" (client conn must close) or "retry"."""
+    async def _forward(self, req: _Request, slot: Slot, path: str, rid: str) -> tuple[str, int]:
+        """Proxy one request; returns "ok", "close" (client conn must close) or "retry", and
+        the status the client got (0: none)."""
         gw = self.gw
         if self.closed:
-            return "close"  # the client left while the request waited: nobody to answer
+            return "close", 0  # the client left while the request waited: nobody to answer
         try:
             if req.upgrade:
                 conn, reused = await gw.pool.connect(slot.key), False
             else:
                 conn, reused = await gw.pool.get(slot.key)
         except (OSError, TimeoutError):
-            return "retry"
+            return "retry", 0
         exchange = _Exchange(self, req, rid)
         exchange.done = done = asyncio.get_running_loop().create_future()
         conn.begin(exchange)
@@ -625,7 +642,7 @@ class ClientConn(StreamConn):
             result = await done
             if conn.upgraded and exchange.status == 101:
                 await self._tunnel(req, conn)
-                return "close"
+                return "close", 101
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -633,10 +650,11 @@ class ClientConn(StreamConn):
             self.upstream = None
         if req.upgrade:
             if result == "lost" and self._settle(req, conn, exchange, False, result) == "retry":
-                return "retry"  # the replica took nothing: another may take the handshake
+                return "retry", 0  # the replica took nothing: another may take the handshake
             conn.close()
-            return "close"  # refused or lost: after an upgrade request the stream is raw
-        return self._settle(req, conn, exchange, reused, result)
+            # Refused or lost: after an upgrade request the stream is raw.
+            return "close", exchange.status or 502
+        return self._settle(req, conn, exchange, reused, result), exchange.status or 502
 
     def _settle(
         self, req: _Request, conn: UpstreamConn, exchange: _Exchange, reused: bool, result: str

@@ -150,15 +150,20 @@ class Gateway:
         return ok
 
     def log_access(
-        self, rid: str, model_id: str, deployment_id: str, outcome: str, start: float
+        self, rid: str, status: int, outcome: str, start: float, target: Target | None
     ) -> None:
+        """One line per answer: ``status`` as the client got it (0: none, it left), and
+        ``outcome`` "ok", "close" (the connection ended with it) or the gateway's error code."""
         if self._log and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 json.dumps(
                     {
                         "request_id": rid,
-                        "model_id": model_id,
-                        "deployment_id": deployment_id,
+                        "status": status or None,
+                        "model_id": target.model_id if target is not None else None,
+                        "deployment_id": (
+                            target.deployment.deployment_id if target is not None else None
+                        ),
                         "outcome": outcome,
                         "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                     }
