@@ -118,6 +118,17 @@ def test_predict_concurrency_is_enforced_end_to_end(
 
 
 @pytest.mark.slow
+def test_project_files_do_not_replace_installed_or_standard_modules(platform: Platform) -> None:
+    """A project's root ``yaml.py`` crashed the server at start (the working directory came
+    first on its path), and bundled packages replaced installed ones, unlike Truss."""
+    with platform.client() as c:
+        dep_id = c.push(FIXTURES / "shadowing")["deployment"]["id"]
+    platform.wait_status(dep_id, "ACTIVE")
+    with platform.gateway() as gw:
+        r = gw.post("/models/shadowing/production/predict", json={})
+    assert r.json() == {"stdlib_secrets": True, "installed_click": True, "bundled": "bundled"}
+
+
 def test_requirements_are_installed_for_the_deployment(platform: Platform) -> None:
     model_id, dep = deploy(platform, "with_requirements", timeout=300)
     with platform.gateway() as gw:

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from kingpost.server.contract import SERVER_ARGS
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 DEADLINE_S = 30.0
 
@@ -81,11 +83,13 @@ def run_server(
             shutil.copytree(app_dir, copy, ignore=shutil.ignore_patterns("__pycache__"))
         app_dir = copy
     log, err = tmp_path / f"{app_dir.name}.out", tmp_path / f"{app_dir.name}.err"
-    cmd = [sys.executable, "-m", "kingpost.server", "--app-dir", str(app_dir)]
+    cmd = [sys.executable, *SERVER_ARGS, "--app-dir", str(app_dir)]
     cmd += ["--port", "0", "--host", "127.0.0.1"]
     cmd += ["--secrets-dir", str(secrets_dir or tmp_path / "no-secrets")]
     with log.open("wb") as out, err.open("wb") as errf:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=errf, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=errf, env={**os.environ, **(env or {})}, cwd=app_dir
+        )  # in the project, as the engines start it
     try:
         yield ServerProcess(proc, log, err)
     finally:

@@ -263,7 +263,7 @@ def test_accelerators_become_gpu_device_requests() -> None:
 def test_model_class_command_and_missing_image() -> None:
     spec = _spec("model_name: m\n", image="kingpost/m:1")
     opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
-    assert opts["command"][1:4] == ["-m", "kingpost.server", "--app-dir"]
+    assert opts["command"][1:5] == ["-P", "-m", "kingpost.server", "--app-dir"]
     assert opts["command"][opts["command"].index("--secrets-dir") + 1] == "/secrets"
     with pytest.raises(EngineError, match="no image"):
         container_options(

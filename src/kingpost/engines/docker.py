@@ -50,7 +50,7 @@ from kingpost.engines.base import (
 )
 from kingpost.engines.probes import ReplicaHealth, http_probe
 from kingpost.errors import EngineError
-from kingpost.server.contract import DYNAMIC_CONFIG_ENV, DYNAMIC_CONFIG_MOUNT
+from kingpost.server.contract import DYNAMIC_CONFIG_ENV, DYNAMIC_CONFIG_MOUNT, SERVER_ARGS
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -93,8 +93,7 @@ def _command(spec: ReplicaSpec) -> list[str] | None:
         python = image_python(spec.config) if spec.config is not None else "python3"
         return [
             python,
-            "-m",
-            "kingpost.server",
+            *SERVER_ARGS,
             "--app-dir",
             APP_DIR,
             "--host",

@@ -45,7 +45,7 @@ from kingpost.engines.base import (
 from kingpost.engines.netns import can_unshare_net, forget_netns
 from kingpost.engines.probes import ReplicaHealth
 from kingpost.errors import EngineError
-from kingpost.server.contract import DYNAMIC_CONFIG_ENV
+from kingpost.server.contract import DYNAMIC_CONFIG_ENV, SERVER_ARGS
 from kingpost.settings import Settings
 
 if TYPE_CHECKING:
@@ -365,8 +365,7 @@ class ProcessEngine(Engine):
             )
             return [
                 spec.python_executable or sys.executable,
-                "-m",
-                "kingpost.server",
+                *SERVER_ARGS,
                 "--app-dir",
                 str(rep.app),
                 "--host",

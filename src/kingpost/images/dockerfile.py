@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kingpost.errors import ConfigError
+from kingpost.server.contract import SERVER_ARGS
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
@@ -320,7 +321,7 @@ def _runtime_lines(config: TrussConfig, uid: int) -> list[str]:
     if ds is not None and ds.start_command:
         lines.append("CMD " + json.dumps(["/bin/sh", "-c", ds.start_command]))
     elif ds is None:
-        server = [python, "-m", "kingpost.server", "--app-dir", APP_DIR, "--port", "8080"]
+        server = [python, *SERVER_ARGS, "--app-dir", APP_DIR, "--port", "8080"]
         lines.append("CMD " + json.dumps(server))
     return lines
 

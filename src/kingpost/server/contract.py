@@ -8,6 +8,7 @@ __all__ = [
     "ENVIRONMENT_ENV",
     "ENVIRONMENT_KEY",
     "ENVIRONMENT_POLL_ENV",
+    "SERVER_ARGS",
 ]
 
 ENVIRONMENT_ENV = "KINGPOST_ENVIRONMENT"
@@ -26,3 +27,8 @@ ENVIRONMENT_KEY = "environment"
 
 ENVIRONMENT_POLL_ENV = "KINGPOST_ENVIRONMENT_POLL_S"
 """How often the model server looks at the environment file (seconds, default 5)."""
+
+SERVER_ARGS = ("-P", "-m", "kingpost.server")
+"""The interpreter arguments that start the model server. ``-P``: the working directory
+(the project) is not put first on ``sys.path``, where a project file named ``yaml.py`` or
+``secrets.py`` would replace what the server and the standard library import."""

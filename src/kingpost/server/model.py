@@ -275,9 +275,12 @@ class ModelHost:
 
     def import_class(self) -> type[Any]:
         cfg = self.config
-        for path in reversed([cfg.app_dir, *cfg.package_paths()]):
+        # After the standard library and site-packages, as Truss appends /packages: a
+        # project's own files never replace what is installed (the server runs with -P, so
+        # its working directory, the project, is not first on the path either).
+        for path in [cfg.app_dir, *cfg.package_paths()]:
             if str(path) not in sys.path:
-                sys.path.insert(0, str(path))
+                sys.path.append(str(path))
         module_name = ".".join(
             [*cfg.model_module_dir.strip("/").split("/"), cfg.model_class_filename[:-3]]
             if cfg.model_class_filename.endswith(".py")
