@@ -164,5 +164,20 @@ def test_missing_python_version_falls_back_with_a_warning() -> None:
     from kingpost.envs.interpreters import current, find_interpreter
 
     lines: list[str] = []
-    assert find_interpreter("py39", lines.append, search=()) == current()
+    assert find_interpreter("py314", lines.append, search=()) == current()
     assert lines and "not installed" in lines[0]
+
+
+def test_a_python_older_than_the_server_needs_is_not_used_even_when_installed(
+    tmp_path: Path,
+) -> None:
+    """A local 3.10 was found, everything installed into it, then the server's own import
+    failed (enum.StrEnum): the deployment failed late, with a traceback."""
+    from kingpost.envs.interpreters import current, find_interpreter
+
+    python310 = tmp_path / "python3.10"
+    python310.write_text("#!/bin/sh\necho 3.10.14\n")
+    python310.chmod(0o755)
+    lines: list[str] = []
+    assert find_interpreter("py310", lines.append, search=[str(python310)]) == current()
+    assert len(lines) == 1 and "older than the 3.11 the model server needs" in lines[0]

@@ -311,3 +311,8 @@ def test_the_process_engine_says_which_image_keys_it_cannot_honour() -> None:
         assert parse_config(IMAGE_KEYS, filename="c.yaml", engine=engine).warnings == ()
     plain = "model_name: m\nsystem_packages: []\nbuild_commands: []\n"
     assert parse_config(plain, engine="process").warnings == ()
+    old = parse_config("model_name: m\npython_version: py310\n", "c.yaml", engine="process")
+    assert old.warnings == (
+        "c.yaml:2: python_version: the model server needs Python 3.11 or newer; on the "
+        'process engine the project runs on the platform\'s Python instead (found "py310")',
+    )

@@ -7,6 +7,7 @@ several keys live in :mod:`kingpost.config.rules` and run on the raw document.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
@@ -245,6 +246,21 @@ class TrussConfig(ConfigModel):
         raise ValueError(
             f"python_version must be one of {', '.join(PYTHON_VERSIONS)}; write it like `{hint}`"
         )
+
+    @field_validator("requirements_file")
+    @classmethod
+    def _inside_project(cls, value: str | None) -> str | None:
+        # Only the project directory is uploaded; a path out of it would be read from the
+        # server's own disk (and its content sent to the package index).
+        if value is None or not value.strip():
+            return value
+        path = posixpath.normpath(value.strip())
+        if path.startswith("/") or path == ".." or path.startswith("../"):
+            raise ValueError(
+                "requirements_file must be a relative path inside the project (only the "
+                "project directory is uploaded); copy the file into the project"
+            )
+        return value
 
     @field_validator("environment_variables", mode="before")
     @classmethod

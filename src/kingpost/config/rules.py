@@ -311,6 +311,15 @@ def engine_warnings(config: TrussConfig, engine: str | None) -> list[Issue]:
                 has_value=False,
             )
         )
+    if not config.is_custom_server and config.python_version in ("py38", "py39", "py310"):
+        issues.append(
+            Issue(
+                ("python_version",),
+                "the model server needs Python 3.11 or newer; on the process engine the "
+                "project runs on the platform's Python instead",
+                config.python_version,
+            )
+        )
     if config.base_image is not None and config.base_image.image:
         issues.append(
             Issue(

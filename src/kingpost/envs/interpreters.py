@@ -10,7 +10,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Interpreter", "find_interpreter", "parse_python_version"]
+__all__ = ["SERVER_MIN_PYTHON", "Interpreter", "find_interpreter", "parse_python_version"]
+
+SERVER_MIN_PYTHON = (3, 11)
+"""The oldest Python the model server runs on (it uses ``enum.StrEnum``, ``-P``)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,15 @@ def find_interpreter(
     minor = parse_python_version(python_version)
     here = current()
     if minor is None or here.version.startswith(minor + "."):
+        return here
+    if tuple(int(part) for part in minor.split(".")) < SERVER_MIN_PYTHON:
+        # Installing into an older interpreter would succeed and the server then fail to
+        # start; Kingpost's docker images likewise run such projects on 3.11.
+        log(
+            f"warning: python_version {python_version} asks for Python {minor}, older than "
+            f"the {'.'.join(map(str, SERVER_MIN_PYTHON))} the model server needs; using "
+            f"Python {here.version} instead"
+        )
         return here
     for candidate in _candidates(minor) if search is None else search:
         if not os.access(candidate, os.X_OK):
