@@ -34,6 +34,7 @@ import json
 import shutil
 import subprocess
 import tomllib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,13 +236,26 @@ def _install_conveniences(
         )
 
 
-def _link_kingpost(python: Path, envs_dir: Path) -> None:
+def _kingpost_link_dir(envs_dir: Path) -> Path:
+    """A directory holding only a ``kingpost`` symlink to this package's source.
+
+    Builds of other hashes may get here at the same moment, so the link is made under a
+    name of its own and renamed over ``kingpost`` (atomic; the result is the same link).
+    """
     package = Path(kingpost.__file__).resolve().parent
     link_dir = envs_dir / "_kingpost" / hashlib.sha256(str(package).encode()).hexdigest()[:12]
     link = link_dir / "kingpost"
-    if not link.is_symlink():
-        link_dir.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(package, target_is_directory=True)
+    if link.is_symlink() and link.readlink() == package:
+        return link_dir
+    link_dir.mkdir(parents=True, exist_ok=True)
+    tmp = link_dir / f".kingpost-{uuid.uuid4().hex}"
+    tmp.symlink_to(package, target_is_directory=True)
+    tmp.replace(link)
+    return link_dir
+
+
+def _link_kingpost(python: Path, envs_dir: Path) -> None:
+    link_dir = _kingpost_link_dir(envs_dir)
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         capture_output=True, text=True, check=True,

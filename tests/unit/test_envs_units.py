@@ -1,0 +1,44 @@
+"""Unit tests of the environment builder's parts that run no installer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import kingpost
+from kingpost.envs import builder
+
+
+def _fake_venv_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``python`` that only answers the builder's purelib question."""
+    site = tmp_path / "site"
+    site.mkdir()
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho {site}\n")
+    python.chmod(0o755)
+    return python, site
+
+
+def test_the_kingpost_link_survives_a_build_that_made_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first builds of different hashes link at once: the one that finds the link
+    made between its check and its own symlink gets the same link, not FileExistsError."""
+    package = Path(kingpost.__file__).resolve().parent
+    python, site = _fake_venv_python(tmp_path)
+    real_symlink_to = Path.symlink_to
+
+    def other_build_wins(self: Path, target: Path, target_is_directory: bool = False) -> None:
+        final = self.with_name("kingpost")
+        if not final.is_symlink():
+            real_symlink_to(final, package, target_is_directory=True)
+        real_symlink_to(self, target, target_is_directory)
+
+    monkeypatch.setattr(Path, "symlink_to", other_build_wins)
+    envs = tmp_path / "envs"
+    builder._link_kingpost(python, envs)
+    link_dir = Path((site / "zz_kingpost.pth").read_text().strip())
+    assert link_dir.parent == envs / "_kingpost"
+    assert (link_dir / "kingpost").readlink() == package
+    assert [p.name for p in link_dir.iterdir()] == ["kingpost"]
