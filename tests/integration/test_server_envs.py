@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,7 @@ from test_server_harness import DEADLINE_S, FIXTURES
 
 from kingpost.config import TrussConfig, load_config
 from kingpost.envs import EnvironmentResult, ensure_environment
+from kingpost.envs.installer import Installer
 from kingpost.errors import BuildError
 
 
@@ -72,8 +75,6 @@ def _serve_once(python: str, app: Path, tmp_path: Path) -> None:
 
 
 def _wait_port(out: Path, proc: subprocess.Popen[bytes]) -> int:
-    import json
-
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         for raw in out.read_text().splitlines():
@@ -181,3 +182,49 @@ def test_a_python_older_than_the_server_needs_is_not_used_even_when_installed(
     lines: list[str] = []
     assert find_interpreter("py310", lines.append, search=[str(python310)]) == current()
     assert len(lines) == 1 and "older than the 3.11 the model server needs" in lines[0]
+
+
+_IMPORT_CONVENIENCES = "import fastapi, pydantic; print(pydantic.VERSION)"
+
+
+@pytest.mark.slow
+def test_fastapi_and_pydantic_are_added_to_a_uv_built_env(tmp_path: Path) -> None:
+    """Model code imports them without listing them, as under Truss's server image."""
+    config = _config(requirements=["six==1.16.0"])
+    lines: list[str] = []
+    result = ensure_environment(config, tmp_path, tmp_path / "envs", lines.append)
+    assert any("with uv" in line for line in lines), lines
+    assert not any("warning" in line for line in lines), lines
+    probe = [result.python_executable, "-c", _IMPORT_CONVENIENCES]
+    out = subprocess.run(probe, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("2.")
+    marker = Path(result.python_executable).parents[1] / "kingpost-env.json"
+    assert json.loads(marker.read_text())["conveniences"] == "added"
+
+
+@pytest.mark.slow
+def test_fastapi_and_pydantic_failing_for_a_passing_reason_are_retried_on_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that is no resolver conflict (the index was down) does not leave the
+    environment without them for good: its next reuse adds them."""
+    real_install = Installer.install
+
+    def index_down(self: Installer, python: Path, args: Sequence[str], what: str) -> None:
+        if "fastapi" in what:
+            raise BuildError("adding failed", output_tail=["error: Failed to fetch: timed out"])
+        real_install(self, python, args, what)
+
+    monkeypatch.setattr(Installer, "install", index_down)
+    config = _config(requirements=["six==1.16.0"])
+    lines: list[str] = []
+    first = ensure_environment(config, tmp_path, tmp_path / "envs", lines.append)
+    assert any("tried again" in line for line in lines), lines
+    probe = [first.python_executable, "-c", _IMPORT_CONVENIENCES]
+    assert subprocess.run(probe, capture_output=True, check=False).returncode != 0
+    monkeypatch.undo()
+    second = ensure_environment(config, tmp_path, tmp_path / "envs", lines.append)
+    assert (second.env_hash, second.reused) == (first.env_hash, True)
+    out = subprocess.run(probe, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr

@@ -8,6 +8,8 @@ import pytest
 
 import kingpost
 from kingpost.envs import builder
+from kingpost.envs.installer import resolution_conflict
+from kingpost.errors import BuildError
 
 
 def _fake_venv_python(tmp_path: Path) -> tuple[Path, Path]:
@@ -42,3 +44,15 @@ def test_the_kingpost_link_survives_a_build_that_made_it_first(
     assert link_dir.parent == envs / "_kingpost"
     assert (link_dir / "kingpost").readlink() == package
     assert [p.name for p in link_dir.iterdir()] == ["kingpost"]
+
+
+def test_only_a_resolver_conflict_counts_as_one() -> None:
+    """It skips fastapi/pydantic for good; any other failure is retried on reuse."""
+
+    def failed(*tail: str) -> BuildError:
+        return BuildError("install failed", output_tail=list(tail))
+
+    assert resolution_conflict(failed("error: No solution found when resolving dependencies"))
+    assert resolution_conflict(failed("ERROR: ResolutionImpossible: for help visit https://"))
+    assert not resolution_conflict(failed("error: Failed to fetch: `https://pypi.org/simple/`"))
+    assert not resolution_conflict(BuildError("no tail"))

@@ -14,8 +14,11 @@ How the model server is isolated from user packages (the decision):
 - What Truss's server image also provides and model code often imports without
   declaring (``fastapi``/``starlette``, ``pydantic``) is added in a second,
   best-effort step constrained to the versions already installed, so it can
-  never change a user's package; if that is impossible it is skipped with a
-  warning. The server imports starlette and pydantic only when model code
+  never change a user's package. If the resolver finds that impossible, the
+  step is skipped with a warning for good; if it fails for another reason
+  (network, index), the environment is used without them and the marker
+  records it, so the step is tried again each time the environment is reused
+  until it succeeds. The server imports starlette and pydantic only when model code
   uses them, and validates config.yaml only when pydantic v2 is importable
   (the control plane validated it at push time anyway).
 - Finally ``uv pip check`` (``pip check``) must pass and the venv's interpreter
@@ -29,6 +32,7 @@ for each other and then reuse the result.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import shutil
@@ -42,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import kingpost
 from kingpost._filelock import locked
-from kingpost.envs.installer import Installer, run_logged
+from kingpost.envs.installer import Installer, resolution_conflict, run_logged
 from kingpost.envs.interpreters import Interpreter, current, find_interpreter
 from kingpost.errors import BuildError, ConfigError
 
@@ -56,7 +60,7 @@ __all__ = [
     "ensure_environment",
 ]
 
-SCHEMA = 1
+SCHEMA = 2  # 2: fastapi/pydantic actually added (the freeze took uv's stderr)
 SERVER_REQUIREMENTS: tuple[str, ...] = (
     "httptools>=0.6",
     "msgpack>=1.0",
@@ -65,6 +69,14 @@ SERVER_REQUIREMENTS: tuple[str, ...] = (
 )
 CONVENIENCE_REQUIREMENTS: tuple[str, ...] = ("fastapi>=0.111", "pydantic>=2.7")
 READY_MARKER = "kingpost-env.json"
+
+
+class Conveniences(enum.StrEnum):
+    """How the best-effort fastapi/pydantic step ended, as the ready marker records it."""
+
+    ADDED = "added"  # installed, or already there in compatible versions
+    CONFLICT = "conflict"  # impossible without changing a user's version: never retried
+    FAILED = "failed"  # failed otherwise (network, index): retried when the env is reused
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,7 @@ def ensure_environment(
         python = target / "bin" / "python"
         if (target / READY_MARKER).is_file() and python.exists():
             log(f"reusing environment {env_hash}")
+            _retry_conveniences(installer, python, target, log)
             return EnvironmentResult(str(python), env_hash, reused=True)
         _build(inputs, installer, envs_dir, target, log)
     return EnvironmentResult(str(python), env_hash, reused=False)
@@ -175,7 +188,7 @@ def _build(
         python = installer.create_venv(inputs.interpreter.executable, staging)
         args = _install_args(inputs, staging, installer)
         installer.install(python, [*args, *SERVER_REQUIREMENTS], "installing requirements")
-        _install_conveniences(installer, python, staging, log)
+        conveniences = _install_conveniences(installer, python, staging, log)
         installer.check(python)
         _link_kingpost(python, envs_dir)
         run_logged(
@@ -183,11 +196,12 @@ def _build(
             log,
             "checking the model server imports",
         )
-        (staging / READY_MARKER).write_text(
-            json.dumps(
-                {"python": inputs.interpreter.version, "requirements": list(inputs.requirements)}
-            )
-        )
+        marker = {
+            "python": inputs.interpreter.version,
+            "requirements": list(inputs.requirements),
+            "conveniences": conveniences,
+        }
+        (staging / READY_MARKER).write_text(json.dumps(marker))
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -221,19 +235,44 @@ def _install_args(inputs: _Inputs, staging: Path, installer: Installer) -> list[
 
 
 def _install_conveniences(
-    installer: Installer, python: Path, staging: Path, log: Callable[[str], None]
-) -> None:
-    pins = staging / "kingpost-constraints.txt"
-    pins.write_text("\n".join(installer.freeze(python)) + "\n")
+    installer: Installer, python: Path, env_dir: Path, log: Callable[[str], None]
+) -> Conveniences:
+    pins = env_dir / "kingpost-constraints.txt"
     try:
+        pins.write_text("\n".join(installer.freeze(python)) + "\n")
         installer.install(
             python, ["-c", str(pins), *CONVENIENCE_REQUIREMENTS], "adding fastapi/pydantic"
         )
-    except BuildError:
+    except BuildError as exc:
+        if resolution_conflict(exc):
+            log(
+                "warning: fastapi and pydantic could not be added without changing your "
+                "requirements' versions; model code that imports them must list them in "
+                "requirements"
+            )
+            return Conveniences.CONFLICT
         log(
-            "warning: fastapi and pydantic could not be added without changing your "
-            "requirements' versions; model code that imports them must list them in requirements"
+            "warning: adding fastapi and pydantic failed (the installer's lines are above); "
+            "the environment is used without them and the step is tried again when it is "
+            "next reused; model code that imports them should list them in requirements"
         )
+        return Conveniences.FAILED
+    return Conveniences.ADDED
+
+
+def _retry_conveniences(
+    installer: Installer, python: Path, env_dir: Path, log: Callable[[str], None]
+) -> None:
+    """Tries the best-effort step again on a reused environment where it once failed for
+    a reason that may have passed. Only adds packages, pinned to what is installed."""
+    marker_path = env_dir / READY_MARKER
+    marker = json.loads(marker_path.read_text())
+    if marker.get("conveniences") != Conveniences.FAILED:
+        return
+    marker["conveniences"] = _install_conveniences(installer, python, env_dir, log)
+    tmp = marker_path.with_name(f".{READY_MARKER}.tmp")
+    tmp.write_text(json.dumps(marker))
+    tmp.replace(marker_path)
 
 
 def _kingpost_link_dir(envs_dir: Path) -> Path:

@@ -12,9 +12,13 @@ from pathlib import Path
 
 from kingpost.errors import BuildError
 
-__all__ = ["Installer", "find_uv", "run_logged"]
+__all__ = ["Installer", "find_uv", "resolution_conflict", "run_logged"]
 
 TAIL_LINES = 30
+CONFLICT_MARKERS = (
+    "No solution found when resolving",  # uv
+    "ResolutionImpossible",  # pip
+)
 
 
 def find_uv() -> str | None:
@@ -25,12 +29,24 @@ def find_uv() -> str | None:
     return shutil.which("uv")
 
 
+def _env() -> dict[str, str]:
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def resolution_conflict(error: BuildError) -> bool:
+    """Whether an install failed because the resolver found no solution (a fact about
+    the requirements), rather than for a reason that may pass (network, index, disk)."""
+    tail = error.details.get("output_tail", ())
+    return any(marker in line for line in tail for marker in CONFLICT_MARKERS)
+
+
 def run_logged(
     cmd: Sequence[str], log: Callable[[str], None], what: str, cwd: Path | None = None
 ) -> list[str]:
     """Run ``cmd``, passing each output line to ``log``; raise BuildError on failure."""
-    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    env.pop("VIRTUAL_ENV", None)
+    env = _env()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     lines: list[str] = []
     try:
@@ -88,11 +104,24 @@ class Installer:
         run_logged(cmd, self.log, what)
 
     def freeze(self, python: Path) -> list[str]:
+        """What is installed, as constraint lines (editable installs left out: pip refuses
+        them as constraints). Only stdout: uv names the environment on stderr."""
         if self.uv:
-            cmd = [self.uv, "pip", "freeze", "--python", str(python)]
+            cmd = [self.uv, "pip", "freeze", "--exclude-editable", "--python", str(python)]
         else:
-            cmd = [str(python), "-m", "pip", "freeze"]
-        return run_logged(cmd, lambda _: None, "listing installed packages")
+            cmd = [str(python), "-m", "pip", "freeze", "--exclude-editable"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
+        except OSError as exc:
+            raise BuildError(f"listing installed packages: cannot run {cmd[0]}: {exc}") from exc
+        if out.returncode != 0:
+            tail = out.stderr.splitlines()[-TAIL_LINES:]
+            raise BuildError(
+                f"listing installed packages failed (exit {out.returncode}):\n" + "\n".join(tail),
+                exit_status=out.returncode,
+                output_tail=tail,
+            )
+        return out.stdout.splitlines()
 
     def check(self, python: Path) -> None:
         if self.uv:
