@@ -228,3 +228,23 @@ def test_fastapi_and_pydantic_failing_for_a_passing_reason_are_retried_on_reuse(
     assert (second.env_hash, second.reused) == (first.env_hash, True)
     out = subprocess.run(probe, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_inline_requirements_take_what_a_requirements_file_takes(tmp_path: Path) -> None:
+    """Written to a file, as Truss does: options with a value, hashes and comments."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    six_hash = "8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254"
+    config = _config(
+        requirements=[
+            "# six is pinned for the test",
+            f"--find-links {wheels}",
+            f"six==1.16.0 --hash=sha256:{six_hash}",
+            "attrs  # a trailing comment",
+        ]
+    )
+    result = ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    probe = [result.python_executable, "-c", "import attrs, six; print(six.__version__)"]
+    out = subprocess.run(probe, capture_output=True, text=True, check=False)
+    assert (out.returncode, out.stdout.strip()) == (0, "1.16.0"), out.stderr

@@ -210,11 +210,17 @@ def _build(
 
 
 def _install_args(inputs: _Inputs, staging: Path, installer: Installer) -> list[str]:
-    args = list(inputs.requirements)
-    if not inputs.files:
-        return args
+    """``-r`` arguments for the user's requirements, written to files as Truss writes them:
+    an inline entry may be an option line, carry hashes, or be a comment."""
     work = staging / "kingpost-inputs"
     work.mkdir()
+    args: list[str] = []
+    if inputs.requirements:
+        inline = work / "config_requirements.txt"
+        inline.write_text("\n".join(inputs.requirements) + "\n")
+        args += ["-r", str(inline)]
+    if not inputs.files:
+        return args
     name, text = inputs.files[0]
     if name == "pyproject.toml":
         deps = tomllib.loads(text).get("project", {}).get("dependencies", [])
