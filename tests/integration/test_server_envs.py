@@ -248,3 +248,17 @@ def test_inline_requirements_take_what_a_requirements_file_takes(tmp_path: Path)
     probe = [result.python_executable, "-c", "import attrs, six; print(six.__version__)"]
     out = subprocess.run(probe, capture_output=True, text=True, check=False)
     assert (out.returncode, out.stdout.strip()) == (0, "1.16.0"), out.stderr
+
+
+@pytest.mark.slow
+def test_a_pyproject_is_installed_from_its_project_dependencies(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "m"\nversion = "0"\ndependencies = ["six==1.16.0"]\n'
+        '[project.optional-dependencies]\ndev = ["attrs"]\n'
+    )
+    config = _config(requirements_file="pyproject.toml")
+    result = ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    probe = [result.python_executable, "-c", "import six; print(six.__version__)"]
+    assert subprocess.check_output(probe, text=True).strip() == "1.16.0"
+    extra = [result.python_executable, "-c", "import attrs"]
+    assert subprocess.run(extra, capture_output=True, check=False).returncode != 0

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 import kingpost
-from kingpost.envs import builder
+from kingpost.config import TrussConfig
+from kingpost.envs import builder, ensure_environment
 from kingpost.envs.installer import resolution_conflict
-from kingpost.errors import BuildError
+from kingpost.errors import BuildError, ConfigError
 
 
 def _fake_venv_python(tmp_path: Path) -> tuple[Path, Path]:
@@ -56,3 +57,29 @@ def test_only_a_resolver_conflict_counts_as_one() -> None:
     assert resolution_conflict(failed("ERROR: ResolutionImpossible: for help visit https://"))
     assert not resolution_conflict(failed("error: Failed to fetch: `https://pypi.org/simple/`"))
     assert not resolution_conflict(BuildError("no tail"))
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            '[project]\nname = "m"\nversion = "0"\ndynamic = ["dependencies"]\n',
+            '[project].dynamic lists "dependencies"',
+        ),
+        ('[tool.poetry.dependencies]\nsix = "1.16.0"\n', "has no [project] table (found [tool])"),
+        ('[project]\ndependencies = "six"\n', "must be a list of requirement strings, found 'six'"),
+        ("[project\n", "is not valid TOML (Expected ']' at the end of a table declaration"),
+    ],
+)
+def test_a_pyproject_that_would_install_nothing_is_refused_before_any_build(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    (tmp_path / "deps").mkdir()
+    (tmp_path / "deps" / "pyproject.toml").write_text(text)
+    config = TrussConfig.model_validate({"requirements_file": "deps/pyproject.toml"})
+    with pytest.raises(ConfigError) as info:
+        ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    assert info.value.message.startswith("config.yaml: `requirements_file` deps/pyproject.toml")
+    assert says in info.value.message
+    assert info.value.details == {"field": "requirements_file", "value": "deps/pyproject.toml"}
+    assert not (tmp_path / "envs").exists()

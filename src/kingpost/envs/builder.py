@@ -37,7 +37,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import kingpost
 from kingpost._filelock import locked
 from kingpost.envs.installer import Installer, resolution_conflict, run_logged
 from kingpost.envs.interpreters import Interpreter, current, find_interpreter
+from kingpost.envs.pyproject import pyproject_dependencies
 from kingpost.errors import BuildError, ConfigError
 
 if TYPE_CHECKING:
@@ -112,6 +112,8 @@ def _requirements_inputs(
             f"{app_dir}; add the file or fix the path"
         )
     files = [(path.name, path.read_text(encoding="utf-8"))]
+    if path.name == "pyproject.toml":
+        pyproject_dependencies(files[0][1], name)  # refuses what would install nothing
     if path.name == "uv.lock":
         pyproject = path.parent / "pyproject.toml"
         if not pyproject.is_file():
@@ -222,8 +224,11 @@ def _install_args(inputs: _Inputs, staging: Path, installer: Installer) -> list[
     if not inputs.files:
         return args
     name, text = inputs.files[0]
+    if name == "pyproject.toml" and installer.uv:
+        (work / "pyproject.toml").write_text(text)  # as Truss: uv reads it, [tool.uv] too
+        return [*args, "-r", str(work / "pyproject.toml")]
     if name == "pyproject.toml":
-        deps = tomllib.loads(text).get("project", {}).get("dependencies", [])
+        deps = pyproject_dependencies(text, name)
         (work / "requirements.txt").write_text("\n".join(deps) + "\n")
     elif name == "uv.lock":
         assert installer.uv, "ensure_environment refuses a uv.lock without uv"
