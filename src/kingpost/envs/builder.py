@@ -3,10 +3,11 @@
 How the model server is isolated from user packages (the decision):
 
 - The server's hot path needs only ``httptools``, ``msgpack`` and ``PyYAML``
-  (``uvloop`` when it installs). These are installed in the *same* resolver run
-  as the user's requirements, so a user pin that contradicts them fails the
-  build loudly (a BuildError naming the conflict) instead of breaking at run
-  time.
+  (``uvloop`` when it installs). uv installs these in the *same* resolver run
+  as the user's requirements; pip in a second run pinned to what the user's
+  installed (a hashed requirements file allows no unhashed ones in its run).
+  Either way a user pin that contradicts them fails the build loudly (a
+  BuildError naming the conflict) instead of breaking at run time.
 - Kingpost's own source is not installed: a ``.pth`` file puts a directory that
   holds only the ``kingpost`` package *after* the venv's site-packages, so the
   user's packages always win and none of the platform's other dependencies
@@ -188,8 +189,7 @@ def _build(
     log(f"building environment {target.name} with {installer.name} (Python {version})")
     try:
         python = installer.create_venv(inputs.interpreter.executable, staging)
-        args = _install_args(inputs, staging, installer)
-        installer.install(python, [*args, *SERVER_REQUIREMENTS], "installing requirements")
+        _install_requirements(installer, python, staging, _install_args(inputs, staging, installer))
         conveniences = _install_conveniences(installer, python, staging, log)
         installer.check(python)
         _link_kingpost(python, envs_dir)
@@ -209,6 +209,28 @@ def _build(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log(f"environment {target.name} ready")
+
+
+def _install_requirements(
+    installer: Installer, python: Path, env_dir: Path, user_args: list[str]
+) -> None:
+    """The user's requirements and the server's, so that a conflict fails the build.
+
+    uv resolves both in one run. pip cannot: one hashed requirement (``pip-compile
+    --generate-hashes``) puts the whole run in require-hashes mode, which the server's
+    unhashed requirements then fail. So pip installs the user's alone, as Truss does,
+    then the server's pinned to what that installed: a conflict fails that second run
+    with pip's resolver naming both sides, and ``pip check`` runs after.
+    """
+    if installer.uv:
+        installer.install(python, [*user_args, *SERVER_REQUIREMENTS], "installing requirements")
+        return
+    if user_args:
+        installer.install(python, user_args, "installing requirements")
+    pins = env_dir / "kingpost-server-constraints.txt"
+    pins.write_text("\n".join(installer.freeze(python)) + "\n")
+    what = "installing the model server's requirements"
+    installer.install(python, ["-c", str(pins), *SERVER_REQUIREMENTS], what)
 
 
 def _install_args(inputs: _Inputs, staging: Path, installer: Installer) -> list[str]:
