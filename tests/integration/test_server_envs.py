@@ -14,10 +14,15 @@ import httpx
 import pytest
 from test_server_harness import DEADLINE_S, FIXTURES
 
-from kingpost.config import TrussConfig, load_config
+from helpers.platform import wait_for
+from kingpost.config import TrussConfig, load_config, runtime_environment
+from kingpost.controller.specs import replica_spec
+from kingpost.engines.base import ReplicaPhase, ReplicaStatus
+from kingpost.engines.process import ProcessEngine
 from kingpost.envs import EnvironmentResult, ensure_environment
 from kingpost.envs.installer import Installer
 from kingpost.errors import BuildError
+from kingpost.settings import Settings
 
 
 def _config(**values: object) -> TrussConfig:
@@ -94,7 +99,7 @@ def test_requirement_conflicting_with_the_server_fails_with_installer_output(
         ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
     assert "installer's last lines" in info.value.message
     assert "msgpack" in info.value.message
-    assert not any(p.name.startswith(".build-") for p in (tmp_path / "envs").iterdir())
+    assert not [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]  # nothing half-built
 
 
 @pytest.mark.slow
@@ -294,3 +299,50 @@ def test_without_uv_a_conflict_with_the_server_still_fails_the_build(
     assert "model server's requirements failed" in info.value.message
     assert "httptools" in info.value.message
     assert "ResolutionImpossible" in info.value.message
+
+
+SCRIPTS_MODEL = """
+import os, subprocess
+
+
+class Model:
+    def predict(self, inputs):
+        out = subprocess.run(["wheel", "version"], capture_output=True, text=True)
+        return {"path0": os.environ["PATH"].split(os.pathsep)[0],
+                "wheel": out.stdout.strip() or out.stderr}
+"""
+
+
+@pytest.mark.slow
+def test_console_scripts_of_a_built_env_run_and_lead_a_replicas_path(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    (app / "model").mkdir(parents=True)
+    (app / "config.yaml").write_text("model_name: scripts\nrequirements: [wheel==0.45.1]\n")
+    (app / "model" / "model.py").write_text(SCRIPTS_MODEL)
+    config = load_config(app).config
+    result = ensure_environment(config, app, tmp_path / "envs", lambda _: None)
+    env_bin = Path(result.python_executable).parent
+    script = subprocess.run([env_bin / "wheel", "version"], capture_output=True, text=True)
+    assert script.stdout.strip() == "wheel 0.45.1", script.stderr
+    engine = ProcessEngine(Settings(home=tmp_path / "home", netns="off"))
+    try:
+        env, _ = runtime_environment(config)
+        spec = replica_spec(
+            replica_id="r1", deployment_id="d1", model_id="m1", model_name="scripts",
+            app_dir=app, config=config, env=env, secrets={},
+            python_executable=result.python_executable,
+        )  # fmt: skip
+        engine.start(spec)
+
+        def ready() -> ReplicaStatus | None:
+            st = next(s for s in engine.poll() if s.replica_id == "r1")
+            assert st.phase != ReplicaPhase.FAILED, st.message
+            return st if st.phase == ReplicaPhase.READY else None
+
+        st = wait_for(ready, DEADLINE_S, "the replica ready")
+        assert st.endpoint is not None
+        url = f"http://{st.endpoint.host}:{st.endpoint.port}/v1/models/model:predict"
+        answer = httpx.post(url, json={}, timeout=DEADLINE_S).json()
+        assert answer == {"path0": str(env_bin), "wheel": "wheel 0.45.1"}
+    finally:
+        engine.close()

@@ -388,6 +388,10 @@ class ProcessEngine(Engine):
             for k, v in os.environ.items()
             if k in ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "TMPDIR")
         }
+        if spec.kind == ServerKind.MODEL_CLASS:
+            # The environment's console scripts come first, as in Truss's image.
+            env_bin = os.path.dirname(spec.python_executable or sys.executable)
+            inherited["PATH"] = os.pathsep.join([env_bin, inherited.get("PATH", os.defpath)])
         mounted = {target for _, target in binds}
         return {
             **inherited,

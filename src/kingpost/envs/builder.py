@@ -26,9 +26,11 @@ How the model server is isolated from user packages (the decision):
   must import ``kingpost.server.main``.
 
 A project with no requirements that does not ask for another Python reuses
-the platform's own interpreter. Builds happen in a temporary directory and are
-renamed into place; a file lock makes concurrent builds of the same hash wait
-for each other and then reuse the result.
+the platform's own interpreter. An environment is built at its final path (the
+shebangs of its console scripts name that path), under a file lock that makes
+concurrent builds of the same hash wait for each other and then reuse the
+result; its ready marker is written last, so a build that died is never reused
+but removed and done again.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ __all__ = [
     "ensure_environment",
 ]
 
-SCHEMA = 2  # 2: fastapi/pydantic actually added (the freeze took uv's stderr)
+SCHEMA = 3  # 2: fastapi/pydantic really added; 3: built in place, console scripts work
 SERVER_REQUIREMENTS: tuple[str, ...] = (
     "httptools>=0.6",
     "msgpack>=1.0",
@@ -182,15 +184,13 @@ def ensure_environment(
 def _build(
     inputs: _Inputs, installer: Installer, envs_dir: Path, target: Path, log: Callable[[str], None]
 ) -> None:
-    staging = envs_dir / f".build-{target.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # a build that died left it without a marker
     version = inputs.interpreter.version
     log(f"building environment {target.name} with {installer.name} (Python {version})")
     try:
-        python = installer.create_venv(inputs.interpreter.executable, staging)
-        _install_requirements(installer, python, staging, _install_args(inputs, staging, installer))
-        conveniences = _install_conveniences(installer, python, staging, log)
+        python = installer.create_venv(inputs.interpreter.executable, target)
+        _install_requirements(installer, python, target, _install_args(inputs, target, installer))
+        conveniences = _install_conveniences(installer, python, target, log)
         installer.check(python)
         _link_kingpost(python, envs_dir)
         run_logged(
@@ -203,12 +203,17 @@ def _build(
             "requirements": list(inputs.requirements),
             "conveniences": conveniences,
         }
-        (staging / READY_MARKER).write_text(json.dumps(marker))
-        staging.rename(target)
+        _write_marker(target, marker)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         raise
     log(f"environment {target.name} ready")
+
+
+def _write_marker(env_dir: Path, marker: dict[str, Any]) -> None:
+    tmp = env_dir / f".{READY_MARKER}.tmp"
+    tmp.write_text(json.dumps(marker))
+    tmp.replace(env_dir / READY_MARKER)
 
 
 def _install_requirements(
@@ -233,10 +238,10 @@ def _install_requirements(
     installer.install(python, ["-c", str(pins), *SERVER_REQUIREMENTS], what)
 
 
-def _install_args(inputs: _Inputs, staging: Path, installer: Installer) -> list[str]:
+def _install_args(inputs: _Inputs, env_dir: Path, installer: Installer) -> list[str]:
     """``-r`` arguments for the user's requirements, written to files as Truss writes them:
     an inline entry may be an option line, carry hashes, or be a comment."""
-    work = staging / "kingpost-inputs"
+    work = env_dir / "kingpost-inputs"
     work.mkdir()
     args: list[str] = []
     if inputs.requirements:
@@ -303,9 +308,7 @@ def _retry_conveniences(
     if marker.get("conveniences") != Conveniences.FAILED:
         return
     marker["conveniences"] = _install_conveniences(installer, python, env_dir, log)
-    tmp = marker_path.with_name(f".{READY_MARKER}.tmp")
-    tmp.write_text(json.dumps(marker))
-    tmp.replace(marker_path)
+    _write_marker(env_dir, marker)
 
 
 def _kingpost_link_dir(envs_dir: Path) -> Path:
