@@ -421,3 +421,16 @@ def test_a_gathered_stream_waits_for_its_chunks_as_long_as_they_take(tmp_path: P
         )
         data = raw_exchange(server.port, head)
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"late"'), data
+
+
+def test_a_stream_with_no_first_chunk_in_time_is_a_500_that_says_so(tmp_path: Path) -> None:
+    # Logged as a model error with the server's own traceback before, which misled.
+    with _server(tmp_path, LATE_MODEL, runtime="  streaming_read_timeout: 1\n") as server:
+        data = raw_exchange(server.port, _post(b'"x"', close=True))
+        assert data.startswith(b"HTTP/1.1 500"), data
+        assert data.endswith(b'{"error": "Internal Server Error (in model/chainlet)."}'), data
+        errors = [x for x in server.lines() if x.get("level") == "ERROR"]
+    assert [e["message"] for e in errors] == [
+        "stream produced no first chunk within 1s (runtime.streaming_read_timeout)"
+    ], errors
+    assert "traceback" not in errors[0]

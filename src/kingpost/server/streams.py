@@ -171,7 +171,15 @@ async def _stream(
     headers: list[tuple[bytes, bytes]],
     read_timeout_s: float,
 ) -> int:
-    item = await _next(queue, read_timeout_s)
+    try:
+        item = await _next(queue, read_timeout_s)
+    except TimeoutError:
+        # Nothing is out yet, so the client still gets a whole answer; not a model error.
+        log.error(
+            "stream produced no first chunk within %.0fs (runtime.streaming_read_timeout)",
+            read_timeout_s,
+        )
+        return _fail(conn, headers)
     if isinstance(item, _Failed):
         return _fail(conn, headers)
     conn.stream_start(200, [(b"content-type", b"application/octet-stream"), *headers])
