@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     """Fernet key for secrets at rest; else read from ``{home}/secret.key`` (0600)."""
     reconcile_interval: float = 0.5
+    build_timeout: float = Field(default=1800.0, gt=0)
+    """Seconds a deployment's build (its Python environment or image) may take; one
+    still running then is stopped (its installer killed) and ends BUILD_FAILED."""
     api_key: str | None = None
     """Client side: the key the CLI sends; else read from ``{home}/credentials``."""
     api_url: str | None = None

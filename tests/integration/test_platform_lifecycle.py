@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
+
+import pytest
 
 from helpers.platform import EXAMPLES, Platform, wait_for
 
@@ -133,3 +137,99 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+def _hanging_project(tmp_path: Path, name: str, model: str = "") -> Path:
+    """A model (``model``, else ``name``) whose requirement is a local sdist whose
+    ``setup.py`` writes its pid to ``{tmp_path}/pids/{name}``, then sleeps for 15 minutes:
+    a build that hangs."""
+    package = tmp_path / "packages" / name
+    package.mkdir(parents=True)
+    (tmp_path / "pids").mkdir(exist_ok=True)
+    (package / "setup.py").write_text(
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(tmp_path / 'pids' / name)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(900)\n"
+        "from setuptools import setup\n"
+        f"setup(name={name!r}, version='1.0')\n"
+    )
+    return _model_project(tmp_path, name, f"{name} @ file://{package}", model)
+
+
+def _model_project(tmp_path: Path, name: str, requirement: str, model: str = "") -> Path:
+    project = tmp_path / "projects" / name
+    (project / "model").mkdir(parents=True)
+    (project / "model" / "model.py").write_text(
+        "class Model:\n    def predict(self, model_input):\n        return model_input\n"
+    )
+    (project / "config.yaml").write_text(
+        f"model_name: {model or name}\nrequirements:\n  - {requirement}\n"
+    )
+    return project
+
+
+def _setup_py_pid(tmp_path: Path, name: str) -> int:
+    """The pid of ``name``'s hanging ``setup.py`` once it runs (a new one after a restart)."""
+    path = tmp_path / "pids" / name
+    pid = wait_for(lambda: path.is_file() and path.read_text(), 120, f"{name}'s setup.py")
+    path.unlink()
+    return int(pid)
+
+
+def _group(pid: int) -> int:
+    """The process group of ``pid``: the installer's own, which it leads."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+
+
+@pytest.mark.slow
+def test_hung_builds_block_no_other_build_and_end_with_their_deployment(
+    fresh_platform: Platform, tmp_path: Path
+) -> None:
+    """Two builds whose setup.py sleeps used to take both build workers (a third, quick
+    deployment stayed BUILDING), kept running when deactivated or deleted, and kept a
+    SIGTERMed server alive while it waited for them."""
+    with fresh_platform.client() as c:
+        first = c.push(_hanging_project(tmp_path, "hangone"))["deployment"]
+        # Its model's second deployment: deleting the first, in production, is refused.
+        second = c.push(_hanging_project(tmp_path, "hangtwo", "hangone"))["deployment"]
+        pids = [_setup_py_pid(tmp_path, "hangone"), _setup_py_pid(tmp_path, "hangtwo")]
+        groups = [_group(pid) for pid in pids]
+        quick = c.push(_model_project(tmp_path, "quick", "attrs==23.2.0"))["deployment"]
+        fresh_platform.wait_status(quick["id"], "ACTIVE", timeout=180)
+        assert [c.deployment(d["id"])["status"] for d in (first, second)] == ["BUILDING"] * 2
+        c.deployment_action(first["model_id"], first["id"], "deactivate")
+        c.deployment_action(second["model_id"], second["id"], "delete")
+        for pid, group in zip(pids, groups, strict=True):  # setup.py, and uv that ran it
+            wait_for(lambda p=pid, g=group: not _alive(p) and not _alive(g), 15, "the build")
+        assert c.deployment(first["id"])["status"] == "INACTIVE"
+        c.deployment_action(first["model_id"], first["id"], "activate")
+        again = _setup_py_pid(tmp_path, "hangone")
+    started = time.monotonic()
+    fresh_platform.stop(signal.SIGTERM)
+    assert time.monotonic() - started < 15, fresh_platform.output()
+    wait_for(lambda: not _alive(again), 5, "the build to end with the control plane")
+
+
+@pytest.mark.slow
+def test_a_hung_build_times_out_and_a_killed_control_plane_takes_its_installer(
+    tmp_path: Path,
+) -> None:
+    platform = Platform(tmp_path / "home", extra_env={"KINGPOST_BUILD_TIMEOUT": "20"}).start()
+    pid = 0
+    try:
+        with platform.client() as c:
+            dep = c.push(_hanging_project(tmp_path, "hangs"))["deployment"]
+            pid = _setup_py_pid(tmp_path, "hangs")
+            failed = platform.wait_status(dep["id"], "BUILD_FAILED", timeout=90)
+            assert "did not finish within 20 s (KINGPOST_BUILD_TIMEOUT)" in failed["message"]
+            assert "building environment" in failed["message"]  # its last output lines
+            wait_for(lambda: not _alive(pid), 15, "the timed-out build to be killed")
+            c.deployment_action(dep["model_id"], dep["id"], "activate")
+            pid = _setup_py_pid(tmp_path, "hangs")
+        installer = _group(pid)
+        platform.stop(signal.SIGKILL)
+        wait_for(lambda: not _alive(installer), 15, "the installer to die with the plane")
+    finally:
+        platform.stop(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

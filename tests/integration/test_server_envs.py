@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -15,12 +19,13 @@ import pytest
 from test_server_harness import DEADLINE_S, FIXTURES
 
 from helpers.platform import wait_for
+from kingpost._cancel import Cancel
 from kingpost.config import TrussConfig, load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import ReplicaPhase, ReplicaStatus
 from kingpost.engines.process import ProcessEngine
 from kingpost.envs import EnvironmentResult, ensure_environment
-from kingpost.envs.installer import Installer
+from kingpost.envs.installer import Installer, run_logged
 from kingpost.errors import BuildError
 from kingpost.settings import Settings
 
@@ -346,3 +351,71 @@ def test_console_scripts_of_a_built_env_run_and_lead_a_replicas_path(tmp_path: P
         assert answer == {"path0": str(env_bin), "wheel": "wheel 0.45.1"}
     finally:
         engine.close()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie awaiting its reaper counts as gone)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _wait(what: str, check: Callable[[], object], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_cancelling_a_build_kills_the_installer_and_what_it_started() -> None:
+    """A deactivated deployment's build must not leave uv, or the ``setup.py`` it runs
+    (its child), running."""
+    switch = Cancel()
+    lines: list[str] = []
+    failure: list[BuildError] = []
+
+    def build() -> None:
+        with switch.active(), pytest.raises(BuildError) as info:
+            run_logged(["sh", "-c", "sleep 300 & echo $!; echo $$; wait"], lines.append, "step")
+        failure.append(info.value)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    _wait("the installer and its child to start", lambda: len(lines) == 2)
+    pids = [int(line) for line in lines]
+    assert all(_alive(pid) for pid in pids)
+    switch.cancel("the deployment was deactivated")
+    thread.join(10)
+    assert not any(_alive(pid) for pid in pids)
+    assert failure[0].message.startswith("step was stopped: the deployment was deactivated")
+    assert failure[0].message.endswith(f"last lines:\n{lines[0]}\n{lines[1]}")
+
+
+def test_an_installer_dies_with_the_control_plane_even_when_it_is_sigkilled(
+    tmp_path: Path,
+) -> None:
+    """Else uv lives on, orphaned, writing into ``.build-<hash>`` of the envs dir."""
+    script = (
+        "import threading\n"
+        "from kingpost.envs.installer import run_logged\n"
+        "def build():\n"
+        "    run_logged(['sh', '-c', 'echo $$; exec sleep 300'], lambda l: print(l, flush=True),"
+        " 'step')\n"
+        "threading.Thread(target=build, name='kingpost-build:dep').start()\n"
+    )
+    out = tmp_path / "out"
+    with out.open("wb") as handle:
+        plane = subprocess.Popen([sys.executable, "-c", script], stdout=handle)
+    try:
+        _wait("the installer to start", lambda: out.read_text().strip())
+        installer = int(out.read_text())
+        assert _alive(installer)
+        plane.kill()
+        plane.wait(10)
+        _wait("the installer to die with its control plane", lambda: not _alive(installer))
+    finally:
+        plane.kill()
+        plane.wait(10)
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            os.kill(int(out.read_text()), signal.SIGKILL)

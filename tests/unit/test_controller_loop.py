@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from kingpost._cancel import current as current_cancel
 from kingpost.config import TrussConfig
 from kingpost.controller.loop import Controller
 from kingpost.engines.base import BuildLog, Prepared, ReplicaPhase
@@ -33,9 +36,13 @@ docker_server:
 
 class Rig:
     def __init__(
-        self, tmp_path: Path, config: str = CONFIG, engine: FakeEngine | None = None
+        self,
+        tmp_path: Path,
+        config: str = CONFIG,
+        engine: FakeEngine | None = None,
+        build_timeout: float = 1800.0,
     ) -> None:
-        self.settings = Settings(home=tmp_path / "home")
+        self.settings = Settings(home=tmp_path / "home", build_timeout=build_timeout)
         db = Database(self.settings.db_url)
         db.migrate()
         self.store = Store(db, SecretBox(load_or_create_key(self.settings.home, None)))
@@ -198,6 +205,117 @@ def test_activating_a_deployment_whose_build_failed_builds_it_again(tmp_path: Pa
         DeploymentStatus.ACTIVE
     )
     assert rig.engine.builds == 2 and len(rig.engine.live(dep)) == 1
+
+
+class HangingBuild(FakeEngine):
+    """Its first ``hang`` builds never finish until cancelled, as uv's does on a
+    ``setup.py`` that sleeps; later builds finish at once."""
+
+    def __init__(self, hang: int) -> None:
+        super().__init__()
+        self.hang = hang
+        self.builds = 0
+        self.stopped_because: list[str] = []
+        self._builds_lock = threading.Lock()
+
+    def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
+        with self._builds_lock:
+            self.builds += 1
+            hangs = self.builds <= self.hang
+        if not hangs:
+            return Prepared()
+        log("Building slowpkg @ file:///srv/slowpkg")
+        switch = current_cancel()
+        deadline = time.monotonic() + 30
+        while switch.reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._builds_lock:
+            self.stopped_because.append(str(switch.reason))
+        raise BuildError(f"installing requirements was stopped: {switch.reason}")
+
+
+def _wait(what: str, check: Callable[[], object], rig: Rig | None = None) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, what
+        if rig is not None:
+            rig.controller.reconcile_once()
+        time.sleep(0.01)
+
+
+def test_hung_builds_do_not_hold_up_another_deployments_build(tmp_path: Path) -> None:
+    """With a pool of two workers, two builds that never end kept a third, quick one
+    BUILDING forever."""
+    engine = HangingBuild(hang=2)
+    rig = Rig(tmp_path, engine=engine)
+    deps = [rig.deploy() for _ in range(3)]
+    try:
+        _wait(
+            "one deployment to become ACTIVE",
+            lambda: (
+                [rig.store.get_deployment(d).status for d in deps].count(DeploymentStatus.ACTIVE)
+                == 1
+            ),
+            rig,
+        )
+        statuses = sorted(rig.store.get_deployment(d).status for d in deps)
+        assert statuses == [DeploymentStatus.ACTIVE, *[DeploymentStatus.BUILDING] * 2]
+    finally:
+        rig.controller.stop()
+
+
+def test_deactivating_or_deleting_a_deployment_cancels_its_build(tmp_path: Path) -> None:
+    engine = HangingBuild(hang=2)
+    rig = Rig(tmp_path, engine=engine)
+    deactivated, deleted = rig.deploy(), rig.deploy()
+    rig.controller.reconcile_once()
+    _wait("both builds to run", lambda: engine.builds == 2)
+    rig.store.set_desired(deactivated, DesiredState.INACTIVE)
+    rig.store.set_desired(deleted, DesiredState.DELETED)
+    rig.controller.reconcile_once()
+    _wait("both builds to be stopped", lambda: len(engine.stopped_because) == 2)
+    assert sorted(engine.stopped_because) == [
+        "the deployment was deactivated",
+        "the deployment was deleted",
+    ]
+    assert rig.store.get_deployment(deactivated).status == DeploymentStatus.INACTIVE
+    # Activating it again builds it afresh (this third build finishes).
+    rig.store.set_desired(deactivated, DesiredState.ACTIVE)
+    _wait(
+        "the re-activated deployment to be ACTIVE",
+        lambda: rig.store.get_deployment(deactivated).status == DeploymentStatus.ACTIVE,
+        rig,
+    )
+    assert engine.builds == 3
+
+
+def test_a_build_past_its_timeout_is_stopped_and_fails_naming_the_timeout(
+    tmp_path: Path,
+) -> None:
+    engine = HangingBuild(hang=1)
+    rig = Rig(tmp_path, engine=engine, build_timeout=0.3)
+    dep = rig.deploy()
+    _settle(rig, dep, DeploymentStatus.BUILD_FAILED)
+    message = rig.store.get_deployment(dep).message
+    assert "did not finish within 0.3 s (KINGPOST_BUILD_TIMEOUT)" in message
+    assert message.endswith("last output lines:\nBuilding slowpkg @ file:///srv/slowpkg")
+    _wait("the build to be stopped", lambda: engine.stopped_because)
+    assert "KINGPOST_BUILD_TIMEOUT" in engine.stopped_because[0]
+    for _ in range(3):  # the thread's own failure does not replace the message
+        rig.controller.reconcile_once()
+    assert rig.store.get_deployment(dep).message == message
+
+
+def test_stopping_the_controller_cancels_running_builds_promptly(tmp_path: Path) -> None:
+    engine = HangingBuild(hang=1)
+    rig = Rig(tmp_path, engine=engine)
+    rig.deploy()
+    rig.controller.start()
+    _wait("the build to run", lambda: engine.builds == 1)
+    started = time.monotonic()
+    rig.controller.stop()
+    assert time.monotonic() - started < 5
+    assert engine.stopped_because == ["the control plane is stopping"]
 
 
 def test_a_replica_is_told_the_environment_its_deployment_is_in(rig: Rig) -> None:

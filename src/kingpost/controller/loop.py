@@ -87,7 +87,7 @@ class Controller:
         """Deployments whose BUILD_FAILED is recorded: re-activating one builds it again."""
         self._notes: dict[str, str] = {}
         """Per deployment: what a new replica would lack while the running ones serve."""
-        self._jobs = Jobs()
+        self._jobs = Jobs(settings.build_timeout)
         self._weights: Any = None
         self._table = RoutingTable()
         self._owners: dict[str, Engine] = {}
@@ -182,6 +182,7 @@ class Controller:
             if dep_id not in known:  # deleted deployments, or strays from an old run
                 for r in reps:
                     self._stop_replica(r)
+        self._jobs.cancel_others({f"build:{d}" for d in known}, "the deployment was deleted")
         _, deployments, _ = self.store.routing_snapshot()
         table = build_table(
             version=self._table.version,
@@ -211,6 +212,8 @@ class Controller:
 
     def _reconcile(self, dep: DeploymentView, replicas: list[ReplicaStatus]) -> list[ReplicaStatus]:
         want_active = dep.desired_state == DesiredState.ACTIVE
+        if not want_active:  # a build still running is stopped; re-activating starts anew
+            self._jobs.cancel(f"build:{dep.id}", "the deployment was deactivated")
         prepared = self._prepare(dep, serving=bool(replicas)) if want_active else None
         if want_active and prepared is None and not replicas:
             return []  # still preparing, or failed to; status already recorded

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from kingpost._cancel import current, die_with_parent
 from kingpost.errors import BuildError
 
 __all__ = ["Installer", "find_uv", "resolution_conflict", "run_logged"]
@@ -45,10 +48,15 @@ def resolution_conflict(error: BuildError) -> bool:
 def run_logged(
     cmd: Sequence[str], log: Callable[[str], None], what: str, cwd: Path | None = None
 ) -> list[str]:
-    """Run ``cmd``, passing each output line to ``log``; raise BuildError on failure."""
+    """Run ``cmd``, passing each output line to ``log``; raise BuildError on failure.
+
+    ``cmd`` runs in a process group of its own, which the build's cancel switch
+    (:func:`kingpost._cancel.current`) kills, and dies with the thread that ran it.
+    """
     env = _env()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     lines: list[str] = []
+    cancel = current()
     try:
         proc = subprocess.Popen(
             list(cmd),
@@ -57,18 +65,31 @@ def run_logged(
             text=True,
             cwd=cwd,
             env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
     except OSError as exc:
         raise BuildError(f"{what}: cannot run {cmd[0]}: {exc}") from exc
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip("\n")
-        tail.append(line)
-        lines.append(line)
-        log(line)
-    code = proc.wait()
+    with cancel.watching(proc.pid), proc:
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                lines.append(line)
+                log(line)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        code = proc.wait()
+    last = "\n".join(tail)
+    if cancel.reason is not None:
+        raise BuildError(
+            f"{what} was stopped: {cancel.reason}; the installer's last lines:\n{last}",
+            output_tail=list(tail),
+        )
     if code != 0:
-        last = "\n".join(tail)
         raise BuildError(
             f"{what} failed (exit {code}); the installer's last lines:\n{last}",
             exit_status=code,
