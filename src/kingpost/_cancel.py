@@ -9,7 +9,9 @@ timeout, a stopping control plane) SIGKILLs every registered group, so an
 installer and whatever it started (a package's ``setup.py``) end at once, and
 the build fails with the reason given. :func:`die_with_parent` makes such a
 subprocess die with the thread that started it, even when the control plane
-is SIGKILLed and nothing is left to cancel it.
+is SIGKILLed and nothing is left to cancel it; what that subprocess started
+carries :data:`PLANE_ENV` and is killed by the next control plane
+(:func:`kill_orphans`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-__all__ = ["Cancel", "current", "die_with_parent"]
+__all__ = ["PLANE_ENV", "Cancel", "current", "die_with_parent", "kill_orphans"]
+
+PLANE_ENV = "KINGPOST_BUILD_PLANE"
+"""Set to the control plane's pid in a build subprocess's environment (inherited by
+what it starts), so a later control plane can tell the orphans of a dead one."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -104,3 +111,35 @@ def die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return run
+
+
+def kill_orphans() -> list[int]:
+    """SIGKILL every build process whose control plane (:data:`PLANE_ENV`) is gone.
+
+    ``PR_SET_PDEATHSIG`` reaches only the installer: a package's build process it
+    started (a ``setup.py`` that hangs) outlives a SIGKILLed control plane."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    prefix = PLANE_ENV.encode() + b"="
+    killed = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        plane = next((v[len(prefix) :] for v in environ.split(b"\0") if v.startswith(prefix)), b"")
+        if plane.isdigit() and not _running(int(plane)):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False

@@ -229,6 +229,13 @@ def test_a_hung_build_times_out_and_a_killed_control_plane_takes_its_installer(
         installer = _group(pid)
         platform.stop(signal.SIGKILL)
         wait_for(lambda: not _alive(installer), 15, "the installer to die with the plane")
+        # The setup.py it ran outlives it, until the next control plane starts.
+        assert _alive(pid)
+        platform.start()
+        wait_for(lambda: not _alive(pid), 15, "the next control plane to kill the orphan")
+        pid = _setup_py_pid(tmp_path, "hangs")  # the deployment is built again
+        platform.stop(signal.SIGTERM)
+        wait_for(lambda: not _alive(pid), 5, "the build to end with the control plane")
     finally:
         platform.stop(signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):

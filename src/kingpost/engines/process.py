@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from kingpost._cancel import kill_orphans
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
 from kingpost.engines.base import (
@@ -138,6 +139,8 @@ class ProcessEngine(Engine):
             raise EngineError("netns=on, but this process may not create network namespaces")
         self.mounts = sys.platform == "linux" and can_unshare_mounts()
         _kill_leftovers(settings.replicas_dir)
+        for pid in kill_orphans():  # builds' processes a killed control plane left
+            log.warning("process engine: killed pid %s left by an earlier build", pid)
         # Secret files an earlier run could not remove (it was killed): nothing runs yet.
         self._secrets_root = _secrets_root(scope_of(settings.home))
         remove_secrets(self._secrets_root)

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kingpost._cancel import current, die_with_parent
+from kingpost._cancel import PLANE_ENV, current, die_with_parent
 from kingpost.errors import BuildError
 
 __all__ = ["Installer", "find_uv", "resolution_conflict", "run_logged"]
@@ -35,6 +35,7 @@ def find_uv() -> str | None:
 def _env() -> dict[str, str]:
     env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("VIRTUAL_ENV", None)
+    env[PLANE_ENV] = str(os.getpid())  # what the installer starts is found if orphaned
     return env
 
 
