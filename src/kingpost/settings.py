@@ -87,5 +87,5 @@ class Settings(BaseSettings):
 
     @cached_property
     def envs_dir(self) -> Path:
-        """Python environments of model-class deployments, by input hash."""
+        """Python environments of deployments (model classes, custom servers), by input hash."""
         return self.home / "envs"

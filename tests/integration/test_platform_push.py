@@ -9,10 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.platform import EXAMPLES, Platform, wait_for
+from helpers.platform import EXAMPLES, REPO, Platform, wait_for
 from kingpost.errors import AuthError, ConfigError, SecretError
 
 ECHO = EXAMPLES / "echo-server"
+FIXTURES = REPO / "tests" / "fixtures" / "models"
 
 
 def copy_project(tmp_path: Path, name: str, config_extra: str = "", base: Path = ECHO) -> Path:
@@ -240,3 +241,32 @@ def test_push_wait_exits_non_zero_unless_the_deployment_is_up(
         assert "not ACTIVE after 1s" in " ".join(out.stderr.split()), out.stderr
         if output == "json":
             assert json.loads(out.stdout)["deployment"]["status"] != "ACTIVE"
+
+
+@pytest.mark.slow
+def test_a_custom_servers_requirements_are_installed_for_its_start_command(
+    platform: Platform,
+) -> None:
+    """Its `requirements` were ignored: `wheel version && exec python3 server.py` failed
+    with "command not found". They get an environment of their own, as Truss installs
+    them into its image, without the model server; the command runs in it."""
+    with platform.client() as c:
+        result = c.push(FIXTURES / "custom_server_requirements")
+    dep_id = result["deployment"]["id"]
+    dep = platform.wait_status(dep_id, "ACTIVE", "FAILED", "BUILD_FAILED", timeout=300)
+    assert dep["status"] == "ACTIVE", dep["message"]
+    with platform.gateway() as gw:
+        r = gw.post(f"/models/{result['model']['id']}/environments/production/predict", json={})
+    assert r.status_code == 200, r.text
+    venv = r.json()["VIRTUAL_ENV"]
+    assert Path(venv).parent == platform.home / "envs"
+    assert r.json() == {
+        "wheel": "0.45.1",
+        "prefix": venv,
+        "VIRTUAL_ENV": venv,
+        "PYTHON_EXECUTABLE": f"{venv}/bin/python",
+        "path0": f"{venv}/bin",
+        "model_server": [],
+    }
+    with platform.client() as c:
+        assert any(line["text"] == "wheel 0.45.1" for line in c.logs(dep_id, 2000))

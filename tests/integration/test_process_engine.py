@@ -14,7 +14,7 @@ import pytest
 from helpers.platform import EXAMPLES, wait_for
 from kingpost.config import load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
-from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaStatus
+from kingpost.engines.base import Endpoint, Prepared, ReplicaPhase, ReplicaStatus
 from kingpost.engines.netns import can_unshare_net, socket_in_netns
 from kingpost.engines.process import ProcessEngine
 from kingpost.errors import EngineError
@@ -132,6 +132,11 @@ def test_replica_contract_env_and_secrets(eng: ProcessEngine) -> None:
     assert env["APP_HOME"] == seen["cwd"] and env["APP_HOME"].endswith("/d1-a/app")
     assert env["HOME"].endswith("/d1-a/home") and env["GREETING"] == "hello"
     assert "PYTHON_EXECUTABLE" in env
+    # No requirements: nothing was built for it, and its command sees the machine's PATH
+    # (after what a pyenv shim for `python3` puts before it).
+    echo = EXAMPLES / "echo-server"
+    assert eng.prepare(load_config(echo).config, echo, print) == Prepared()
+    assert env["PATH"].endswith(os.environ["PATH"]) and "VIRTUAL_ENV" not in env
     assert not any(k.startswith("KINGPOST_") and k != "KINGPOST_SECRETS_DIR" for k in env)
     assert seen["secrets"] == {"token": "s3cr3t"} and seen["secrets_writable"] is False
     secrets_dir = Path(env["KINGPOST_SECRETS_DIR"])
@@ -275,6 +280,22 @@ def test_a_custom_server_without_command_fails_at_once(eng: ProcessEngine, tmp_p
     start(eng, app, "d1-a")
     st = wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.FAILED), 10, "failed")
     assert "start_command" in st.message
+
+
+def test_a_no_build_servers_requirements_are_not_installed(
+    eng: ProcessEngine, tmp_path: Path
+) -> None:
+    """``no_build`` ignores them (the config says so at push): nothing is built."""
+    app = tmp_path / "no-build"
+    app.mkdir()
+    (app / "config.yaml").write_text(
+        "base_image:\n  image: python:3.11-slim\nrequirements: [six==1.16.0]\n"
+        "docker_server:\n  no_build: true\n  start_command: python3 server.py\n"
+        "  server_port: 8000\n  predict_endpoint: /\n"
+        "  readiness_endpoint: /\n  liveness_endpoint: /\n"
+    )
+    assert eng.prepare(load_config(app).config, app, print) == Prepared()
+    assert not eng.settings.envs_dir.exists()
 
 
 def test_close_leaves_no_process(tmp_path: Path) -> None:

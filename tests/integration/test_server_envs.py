@@ -24,7 +24,7 @@ from kingpost.config import TrussConfig, load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import ReplicaPhase, ReplicaStatus
 from kingpost.engines.process import ProcessEngine
-from kingpost.envs import EnvironmentResult, ensure_environment
+from kingpost.envs import EnvironmentResult, ensure_custom_server_environment, ensure_environment
 from kingpost.envs.installer import Installer, run_logged
 from kingpost.errors import BuildError
 from kingpost.settings import Settings
@@ -419,3 +419,58 @@ def test_an_installer_dies_with_the_control_plane_even_when_it_is_sigkilled(
         plane.wait(10)
         with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(out.read_text()), signal.SIGKILL)
+
+
+CUSTOM_SERVER = {
+    "start_command": "python3 server.py",
+    "server_port": 8000,
+    "predict_endpoint": "/predict",
+    "readiness_endpoint": "/health",
+    "liveness_endpoint": "/health",
+}
+NO_PYTHONPATH = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def test_a_custom_server_gets_an_environment_only_when_it_asks_for_one(tmp_path: Path) -> None:
+    """No requirements and no python_version: its command keeps the machine's PATH."""
+    envs = tmp_path / "envs"
+    config = _config(docker_server=CUSTOM_SERVER)
+    assert ensure_custom_server_environment(config, tmp_path, envs, lambda _: None) is None
+    assert not envs.exists()
+    config = _config(docker_server=CUSTOM_SERVER, python_version="py311")
+    result = ensure_custom_server_environment(config, tmp_path, envs, lambda _: None)
+    assert result is not None and Path(result.python_executable).is_relative_to(envs)
+
+
+@pytest.mark.slow
+def test_a_custom_servers_environment_holds_its_requirements_alone(tmp_path: Path) -> None:
+    """Nothing of the model server (its requirements, fastapi, the kingpost link), and a
+    hash of its own: a model with the same requirements gets another environment."""
+    envs = tmp_path / "envs"
+    config = _config(docker_server=CUSTOM_SERVER, requirements=["wheel==0.45.1"])
+    custom = ensure_custom_server_environment(config, tmp_path, envs, lambda _: None)
+    assert custom is not None and not custom.reused
+    probe = "import importlib.util as u, wheel; print(wheel.__version__, " + (
+        "[n for n in ('kingpost', 'httptools', 'fastapi', 'pydantic') if u.find_spec(n)])"
+    )
+    out = subprocess.run(
+        [custom.python_executable, "-c", probe], capture_output=True, text=True, env=NO_PYTHONPATH
+    )
+    assert out.stdout.strip() == "0.45.1 []", out.stderr
+    again = ensure_custom_server_environment(config, tmp_path, envs, lambda _: None)
+    assert again == EnvironmentResult(custom.python_executable, custom.env_hash, reused=True)
+    model = _config(requirements=["wheel==0.45.1"])
+    for_model = ensure_environment(model, tmp_path, envs, lambda _: None)
+    assert (for_model.env_hash != custom.env_hash, for_model.reused) == (True, False)
+
+
+@pytest.mark.slow
+def test_a_custom_servers_failed_install_is_a_build_error_with_the_installers_lines(
+    tmp_path: Path,
+) -> None:
+    envs = tmp_path / "envs"
+    config = _config(docker_server=CUSTOM_SERVER, requirements=["six==1.16.0", "six==1.15.0"])
+    with pytest.raises(BuildError) as info:
+        ensure_custom_server_environment(config, tmp_path, envs, lambda _: None)
+    assert "installer's last lines" in info.value.message and "six" in info.value.message
+    assert not [p for p in envs.iterdir() if p.is_dir()]  # nothing half-built

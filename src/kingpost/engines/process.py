@@ -156,13 +156,18 @@ class ProcessEngine(Engine):
     # -- the Engine interface ------------------------------------------------------------
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
         """A model class gets its Python environment (cached by input hash); a custom
-        server brings its own command."""
-        if config.docker_server is not None:
-            return Prepared()
-        from kingpost.envs import ensure_environment
+        server gets one for its requirements alone, when it lists any or asks for a
+        Python (with ``no_build``, which ignores them, it runs as it is)."""
+        from kingpost.envs import ensure_custom_server_environment, ensure_environment
 
-        env = ensure_environment(config, app_dir, self.settings.envs_dir, log)
-        return Prepared(python_executable=env.python_executable)
+        envs_dir = self.settings.envs_dir
+        if config.docker_server is None:
+            env = ensure_environment(config, app_dir, envs_dir, log)
+            return Prepared(python_executable=env.python_executable)
+        if config.docker_server.no_build:
+            return Prepared()
+        custom = ensure_custom_server_environment(config, app_dir, envs_dir, log)
+        return Prepared(python_executable=custom.python_executable if custom else None)
 
     def start(self, spec: ReplicaSpec) -> None:
         with self._lock:
@@ -391,13 +396,18 @@ class ProcessEngine(Engine):
             for k, v in os.environ.items()
             if k in ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "TMPDIR")
         }
-        if spec.kind == ServerKind.MODEL_CLASS:
-            # The environment's console scripts come first, as in Truss's image.
+        venv: dict[str, str] = {}
+        if spec.kind == ServerKind.MODEL_CLASS or spec.python_executable:
+            # The environment's console scripts come first, as in Truss's image; a custom
+            # server without one (no requirements) keeps this machine's PATH.
             env_bin = os.path.dirname(spec.python_executable or sys.executable)
             inherited["PATH"] = os.pathsep.join([env_bin, inherited.get("PATH", os.defpath)])
+            if spec.kind == ServerKind.CUSTOM_SERVER:
+                venv["VIRTUAL_ENV"] = os.path.dirname(env_bin)
         mounted = {target for _, target in binds}
         return {
             **inherited,
+            **venv,
             **spec.env,
             "APP_HOME": str(rep.app),
             "HOME": str(rep.root / "home"),

@@ -25,9 +25,17 @@ How the model server is isolated from user packages (the decision):
 - Finally ``uv pip check`` (``pip check``) must pass and the venv's interpreter
   must import ``kingpost.server.main``.
 
+A custom server (``docker_server``) that lists requirements or asks for a Python gets
+an environment of its own from :func:`ensure_custom_server_environment`: its
+requirements alone, as Truss installs them into its image, with none of the model
+server's parts above (its requirements, fastapi/pydantic, the ``.pth`` link, the import
+check; ``pip check`` still runs), hashed apart from a model's environment with the same
+requirements.
+
 A project with no requirements that does not ask for another Python reuses
-the platform's own interpreter. An environment is built at its final path (the
-shebangs of its console scripts name that path), under a file lock that makes
+the platform's own interpreter (a custom server: the machine's own PATH). An
+environment is built at its final path (the shebangs of its console scripts name
+that path), under a file lock that makes
 concurrent builds of the same hash wait for each other and then reuse the
 result; its ready marker is written last, so a build that died is never reused
 but removed and done again.
@@ -60,6 +68,7 @@ __all__ = [
     "CONVENIENCE_REQUIREMENTS",
     "SERVER_REQUIREMENTS",
     "EnvironmentResult",
+    "ensure_custom_server_environment",
     "ensure_environment",
 ]
 
@@ -95,6 +104,8 @@ class _Inputs:
     files: tuple[tuple[str, str], ...]
     """(name, text) of requirements files."""
     interpreter: Interpreter
+    model_server: bool = True
+    """Whether Kingpost's model server runs in it; False for a custom server's command."""
 
     @property
     def empty(self) -> bool:
@@ -129,16 +140,19 @@ def _requirements_inputs(
 
 
 def _hash(inputs: _Inputs, installer: Installer) -> str:
-    doc = {
+    doc: dict[str, Any] = {
         "schema": SCHEMA,
         "python": [inputs.interpreter.executable, inputs.interpreter.version],
         "requirements": list(inputs.requirements),
         "files": [[n, hashlib.sha256(t.encode()).hexdigest()] for n, t in inputs.files],
-        "server": list(SERVER_REQUIREMENTS),
-        "convenience": list(CONVENIENCE_REQUIREMENTS),
         "installer": installer.version(),
-        "kingpost": str(Path(kingpost.__file__).resolve().parent),
     }
+    if inputs.model_server:
+        doc["server"] = list(SERVER_REQUIREMENTS)
+        doc["convenience"] = list(CONVENIENCE_REQUIREMENTS)
+        doc["kingpost"] = str(Path(kingpost.__file__).resolve().parent)
+    else:
+        doc["custom_server"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -164,6 +178,28 @@ def ensure_environment(
     if inputs.empty and interpreter == current():
         log("no requirements: using the platform's interpreter")
         return EnvironmentResult(interpreter.executable, "base", reused=True)
+    return _ensure(inputs, envs_dir, log)
+
+
+def ensure_custom_server_environment(
+    config: TrussConfig, app_dir: Path, envs_dir: Path, log: Callable[[str], None]
+) -> EnvironmentResult | None:
+    """The environment a custom server's ``start_command`` runs in: its requirements
+    alone, in a venv of the Python it asks for. ``None`` when it lists none and asks
+    for no Python: nothing to build, the command runs with the machine's own PATH.
+
+    Blocking; raises :class:`~kingpost.errors.BuildError` as :func:`ensure_environment`.
+    """
+    requirements, files = _requirements_inputs(config, app_dir)
+    wanted = _explicit_python(config)
+    if not requirements and not files and wanted is None:
+        log("no requirements: the start_command runs with this machine's PATH")
+        return None
+    interpreter = find_interpreter(wanted, log)
+    return _ensure(_Inputs(requirements, files, interpreter, model_server=False), envs_dir, log)
+
+
+def _ensure(inputs: _Inputs, envs_dir: Path, log: Callable[[str], None]) -> EnvironmentResult:
     installer = Installer(log)
     if not installer.uv and any(name == "uv.lock" for name, _ in inputs.files):
         raise BuildError(
@@ -175,7 +211,8 @@ def ensure_environment(
         python = target / "bin" / "python"
         if (target / READY_MARKER).is_file() and python.exists():
             log(f"reusing environment {env_hash}")
-            _retry_conveniences(installer, python, target, log)
+            if inputs.model_server:
+                _retry_conveniences(installer, python, target, log)
             return EnvironmentResult(str(python), env_hash, reused=True)
         _build(inputs, installer, envs_dir, target, log)
     return EnvironmentResult(str(python), env_hash, reused=False)
@@ -189,20 +226,26 @@ def _build(
     log(f"building environment {target.name} with {installer.name} (Python {version})")
     try:
         python = installer.create_venv(inputs.interpreter.executable, target)
-        _install_requirements(installer, python, target, _install_args(inputs, target, installer))
-        conveniences = _install_conveniences(installer, python, target, log)
-        installer.check(python)
-        _link_kingpost(python, envs_dir)
-        run_logged(
-            [str(python), "-c", "import kingpost.server.main"],
-            log,
-            "checking the model server imports",
-        )
-        marker = {
+        user_args = _install_args(inputs, target, installer)
+        marker: dict[str, Any] = {
             "python": inputs.interpreter.version,
             "requirements": list(inputs.requirements),
-            "conveniences": conveniences,
         }
+        if inputs.model_server:
+            _install_requirements(installer, python, target, user_args)
+            marker["conveniences"] = _install_conveniences(installer, python, target, log)
+        elif user_args:  # a custom server's: its requirements alone, as Truss installs them
+            installer.install(python, user_args, "installing requirements")
+        installer.check(python)
+        if inputs.model_server:
+            _link_kingpost(python, envs_dir)
+            run_logged(
+                [str(python), "-c", "import kingpost.server.main"],
+                log,
+                "checking the model server imports",
+            )
+        else:
+            marker["custom_server"] = True
         _write_marker(target, marker)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
