@@ -184,7 +184,7 @@ def test_a_python_older_than_the_server_needs_is_not_used_even_when_installed(
 ) -> None:
     """A local 3.10 was found, everything installed into it, then the server's own import
     failed (enum.StrEnum): the deployment failed late, with a traceback."""
-    from kingpost.envs.interpreters import current, find_interpreter
+    from kingpost.envs.interpreters import Interpreter, current, find_interpreter
 
     python310 = tmp_path / "python3.10"
     python310.write_text("#!/bin/sh\necho 3.10.14\n")
@@ -192,6 +192,10 @@ def test_a_python_older_than_the_server_needs_is_not_used_even_when_installed(
     lines: list[str] = []
     assert find_interpreter("py310", lines.append, search=[str(python310)]) == current()
     assert len(lines) == 1 and "older than the 3.11 the model server needs" in lines[0]
+    # A custom server's command runs on what it asks for: that minimum is the server's.
+    lines.clear()
+    found = find_interpreter("py310", lines.append, search=[str(python310)], model_server=False)
+    assert found == Interpreter(str(python310), "3.10.14") and not lines
 
 
 _IMPORT_CONVENIENCES = "import fastapi, pydantic; print(pydantic.VERSION)"

@@ -195,7 +195,7 @@ def ensure_custom_server_environment(
     if not requirements and not files and wanted is None:
         log("no requirements: the start_command runs with this machine's PATH")
         return None
-    interpreter = find_interpreter(wanted, log)
+    interpreter = find_interpreter(wanted, log, model_server=False)
     return _ensure(_Inputs(requirements, files, interpreter, model_server=False), envs_dir, log)
 
 

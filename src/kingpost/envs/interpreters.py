@@ -68,16 +68,19 @@ def find_interpreter(
     python_version: str | None,
     log: Callable[[str], None],
     search: Iterable[str] | None = None,
+    *,
+    model_server: bool = True,
 ) -> Interpreter:
     """The interpreter for ``python_version``, else the current one with a warning.
 
-    ``search`` replaces the default candidates (PATH, pyenv, /usr/bin ...).
+    ``search`` replaces the default candidates (PATH, pyenv, /usr/bin ...). Only an
+    interpreter the model server runs on (``model_server``) is held to its minimum.
     """
     minor = parse_python_version(python_version)
     here = current()
     if minor is None or here.version.startswith(minor + "."):
         return here
-    if tuple(int(part) for part in minor.split(".")) < SERVER_MIN_PYTHON:
+    if model_server and tuple(int(part) for part in minor.split(".")) < SERVER_MIN_PYTHON:
         # Installing into an older interpreter would succeed and the server then fail to
         # start; Kingpost's docker images likewise run such projects on 3.11.
         log(
