@@ -289,6 +289,35 @@ def test_deactivating_or_deleting_a_deployment_cancels_its_build(tmp_path: Path)
     assert engine.builds == 3
 
 
+class CountingBuild(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.builds = 0
+
+    def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
+        self.builds += 1
+        log(f"build {self.builds}: Step 1/1")
+        return Prepared()
+
+
+def test_a_finished_build_outlives_deactivation_with_its_log(tmp_path: Path) -> None:
+    """Cancelling builds on deactivation dropped finished ones too: the deployment's build
+    log was gone from ``kingpost logs`` and re-activating it built it again."""
+    rig = Rig(tmp_path, engine=CountingBuild())
+    dep = rig.deploy()
+    _settle(rig, dep, DeploymentStatus.ACTIVE)
+    rig.store.set_desired(dep, DesiredState.INACTIVE)
+    _settle(rig, dep, DeploymentStatus.INACTIVE)
+    rig.controller.reconcile_once()
+    view = rig.store.get_deployment(dep)
+    assert [ln.text for ln in rig.controller.logs(view) if ln.replica_id == "build"] == [
+        "build 1: Step 1/1"
+    ]
+    rig.store.set_desired(dep, DesiredState.ACTIVE)
+    _settle(rig, dep, DeploymentStatus.ACTIVE)
+    assert rig.engine.builds == 1
+
+
 def test_a_build_past_its_timeout_is_stopped_and_fails_naming_the_timeout(
     tmp_path: Path,
 ) -> None:

@@ -112,11 +112,13 @@ class Jobs:
             job.cancel.cancel(reason)
 
     def cancel(self, key: str, reason: str) -> None:
-        """Stop and drop ``key``'s job, so that a later ``ensure`` starts it afresh."""
+        """Stop and drop ``key``'s job if it is running, so that a later ``ensure`` starts it
+        afresh. A finished job stays: its output is the deployment's build log."""
         with self._lock:
-            job = self._jobs.pop(key, None)
-            if job is not None:
+            job = self._jobs.get(key)
+            if job is not None and job.state == JobState.RUNNING:
                 self._stop(job, reason)
+                del self._jobs[key]
 
     def forget(self, key: str) -> None:
         """Drop a finished job so the next ``ensure`` runs it again (a retry)."""
