@@ -122,9 +122,12 @@ def kill_orphans() -> list[int]:
     if not proc.is_dir():
         return []
     prefix = PLANE_ENV.encode() + b"="
+    own = _pid_namespace("self")
     killed = []
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
+        # A process in another pid namespace (a Kingpost in a container) names its
+        # control plane by a pid that means another process, or none, here.
+        if not entry.name.isdigit() or own is None or _pid_namespace(entry.name) != own:
             continue
         try:
             environ = (entry / "environ").read_bytes()
@@ -136,6 +139,13 @@ def kill_orphans() -> list[int]:
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))
     return killed
+
+
+def _pid_namespace(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
 
 
 def _running(pid: int) -> bool:

@@ -19,7 +19,7 @@ import pytest
 from test_server_harness import DEADLINE_S, FIXTURES
 
 from helpers.platform import wait_for
-from kingpost._cancel import Cancel
+from kingpost._cancel import PLANE_ENV, Cancel, kill_orphans
 from kingpost.config import TrussConfig, load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import ReplicaPhase, ReplicaStatus
@@ -423,6 +423,59 @@ def test_an_installer_dies_with_the_control_plane_even_when_it_is_sigkilled(
         plane.wait(10)
         with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(out.read_text()), signal.SIGKILL)
+
+
+def test_orphan_cleanup_kills_builds_whose_control_plane_is_gone() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = subprocess.Popen(["sleep", "300"], env={**os.environ, PLANE_ENV: str(gone.pid)})
+    try:
+        assert orphan.pid in kill_orphans()
+        assert orphan.wait(10) == -signal.SIGKILL
+    finally:
+        orphan.kill()
+        orphan.wait(10)
+
+
+_IN_A_CONTAINER = r"""
+import os, subprocess, sys
+host = {int(p) for p in os.listdir("/proc") if p.isdigit()}  # /proc is the host's here
+while True:  # a live control plane whose pid, as its namespace numbers it, is free outside
+    plane = subprocess.Popen(["sleep", "300"])
+    if plane.pid not in host:
+        break
+    plane.kill()
+    plane.wait()
+env = {**os.environ, "KINGPOST_BUILD_PLANE": str(plane.pid)}
+build = subprocess.Popen(["sleep", "301"], env=env)
+print(build.pid, flush=True)
+print(build.wait(), flush=True)
+plane.kill()
+"""
+
+
+def test_orphan_cleanup_spares_builds_of_a_kingpost_in_another_pid_namespace() -> None:
+    """A Kingpost in a container numbers its pids apart: its live control plane's pid
+    was taken for a dead one here, and its running build was SIGKILLed."""
+    try:
+        inner = subprocess.Popen(
+            ["unshare", "--pid", "--fork", sys.executable, "-c", _IN_A_CONTAINER],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+    except OSError:
+        pytest.skip("no unshare")
+    try:
+        assert inner.stdout is not None
+        if not inner.stdout.readline().strip():
+            pytest.skip("may not create a pid namespace here")
+        kill_orphans()
+        time.sleep(0.3)  # a killed build ends the namespace's first process
+        assert inner.poll() is None, "the other namespace's build was killed"
+    finally:
+        inner.kill()
+        inner.wait(10)
 
 
 CUSTOM_SERVER = {
