@@ -156,8 +156,8 @@ class ProcessEngine(Engine):
     # -- the Engine interface ------------------------------------------------------------
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
         """A model class gets its Python environment (cached by input hash); a custom
-        server gets one for its requirements alone, when it lists any or asks for a
-        Python (with ``no_build``, which ignores them, it runs as it is)."""
+        server gets one for its requirements alone, when it lists any (with ``no_build``,
+        which ignores them, it runs as it is)."""
         from kingpost.envs import ensure_custom_server_environment, ensure_environment
 
         envs_dir = self.settings.envs_dir

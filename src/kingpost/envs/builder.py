@@ -185,14 +185,17 @@ def ensure_custom_server_environment(
     config: TrussConfig, app_dir: Path, envs_dir: Path, log: Callable[[str], None]
 ) -> EnvironmentResult | None:
     """The environment a custom server's ``start_command`` runs in: its requirements
-    alone, in a venv of the Python it asks for. ``None`` when it lists none and asks
-    for no Python: nothing to build, the command runs with the machine's own PATH.
+    alone, in a venv of the Python it asks for. ``None`` when it lists none: nothing to
+    build, the command runs with the machine's own PATH and packages. A python_version
+    alone builds nothing either: an empty venv first on PATH would hide the packages the
+    command finds on this machine (``truss init`` writes a python_version into every
+    config).
 
     Blocking; raises :class:`~kingpost.errors.BuildError` as :func:`ensure_environment`.
     """
     requirements, files = _requirements_inputs(config, app_dir)
     wanted = _explicit_python(config)
-    if not requirements and not files and wanted is None:
+    if not requirements and not files:
         log("no requirements: the start_command runs with this machine's PATH")
         return None
     interpreter = find_interpreter(wanted, log, model_server=False)
