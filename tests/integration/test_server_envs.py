@@ -372,6 +372,22 @@ def _wait(what: str, check: Callable[[], object], timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
+def test_a_daemon_left_holding_the_output_does_not_keep_the_build_running() -> None:
+    """A step that starts something in a session of its own (``setsid``), which keeps the
+    output pipe open, held the build (and its environment's lock) until that ended."""
+    lines: list[str] = []
+    started = time.monotonic()
+    script = "setsid sleep 60 & echo $!; echo installed"
+    try:
+        run_logged(["sh", "-c", script], lines.append, "step")
+        assert lines[1:] == ["installed"]
+        assert time.monotonic() - started < 20
+    finally:
+        if lines:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(lines[0]), signal.SIGKILL)
+
+
 def test_cancelling_a_build_kills_the_installer_and_what_it_started() -> None:
     """A deactivated deployment's build must not leave uv, or the ``setup.py`` it runs
     (its child), running."""

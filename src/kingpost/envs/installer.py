@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from kingpost._cancel import PLANE_ENV, current, die_with_parent
@@ -63,7 +65,6 @@ def run_logged(
             list(cmd),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
             cwd=cwd,
             env=env,
             start_new_session=True,
@@ -74,8 +75,7 @@ def run_logged(
     assert proc.stdout is not None
     with cancel.watching(proc.pid), proc:
         try:
-            for raw in proc.stdout:
-                line = raw.rstrip("\n")
+            for line in _output_lines(proc):
                 tail.append(line)
                 lines.append(line)
                 log(line)
@@ -97,6 +97,34 @@ def run_logged(
             output_tail=list(tail),
         )
     return lines
+
+
+EXIT_GRACE_S = 1.0
+"""How long output is still read once the installer has exited."""
+
+
+def _output_lines(proc: subprocess.Popen[bytes]) -> Iterator[str]:
+    """``proc``'s output lines until it has exited and gone quiet.
+
+    Not until the pipe closes: a process the build started in a session of its own (a
+    ``setsid`` daemon, which the process group kill does not reach) may hold it open for
+    good, and the build would never end, nor release its environment's lock.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    pending = b""
+    exited_at: float | None = None
+    while exited_at is None or time.monotonic() - exited_at < EXIT_GRACE_S:
+        if select.select([fd], [], [], 0.1)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            *complete, pending = (pending + chunk).split(b"\n")
+            yield from (raw.decode(errors="replace") for raw in complete)
+        if exited_at is None and proc.poll() is not None:
+            exited_at = time.monotonic()
+    if pending:
+        yield pending.decode(errors="replace")
 
 
 class Installer:
