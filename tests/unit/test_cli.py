@@ -94,3 +94,11 @@ def test_the_server_log_has_no_line_per_table_push_unless_debugging(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == httpx_level, out.stderr
+
+
+def test_init_takes_a_path_and_names_the_model_after_its_last_part(tmp_path: Path) -> None:
+    # As `truss init DIR`; the whole path was taken for the model name and refused.
+    out = kingpost(tmp_path, "init", str(tmp_path / "models" / "my-model"))
+    assert out.returncode == 0, out.stderr
+    config = (tmp_path / "models" / "my-model" / "config.yaml").read_text()
+    assert "model_name: my-model" in config

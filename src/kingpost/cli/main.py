@@ -63,11 +63,14 @@ def configure_server_logging(level: str) -> None:
 @click.argument("name")
 @click.option("--dir", "target", type=click.Path(path_type=Path), help="Where (default ./NAME).")
 def init(name: str, target: Path | None) -> None:
-    """Create a working model-class Truss project."""
+    """Create a working model-class Truss project.
+
+    NAME may be a path (``kingpost init models/my-model``, as ``truss init`` takes a
+    directory): the project goes there and the model is named after its last part."""
     from kingpost.server.scaffold import scaffold_project
 
     dest = target or Path(name)
-    scaffold_project(dest, name)
+    scaffold_project(dest, name if target is not None else Path(name).name)
     click.echo(f"created {dest}; deploy it with `kingpost push {dest}`")
 
 
