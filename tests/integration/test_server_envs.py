@@ -475,7 +475,7 @@ def test_orphan_cleanup_spares_builds_of_a_kingpost_in_another_pid_namespace() -
     was taken for a dead one here, and its running build was SIGKILLed."""
     try:
         inner = subprocess.Popen(
-            ["unshare", "--pid", "--fork", sys.executable, "-c", _IN_A_CONTAINER],
+            ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", _IN_A_CONTAINER],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
