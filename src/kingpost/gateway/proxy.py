@@ -46,6 +46,15 @@ _CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
 """``Connection`` tokens that name no header to drop (Host: the gateway must send one)."""
 
 
+def _connection_tokens(value: bytes) -> set[bytes] | None:
+    """The lowercased tokens of a ``Connection`` header, or None when it is a lone close,
+    keep-alive or upgrade (the usual case: it names no other header, and no set is made)."""
+    lowered = value.lower()
+    if lowered in _CONNECTION_OPTIONS:
+        return None
+    return {t.strip() for t in lowered.split(b",")}
+
+
 class _Sent:
     """The request is with a replica; its answer is relayed from callbacks."""
 
@@ -362,9 +371,9 @@ class ClientConn(StreamConn):
                 req.request_id = value
             elif lname == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
-            elif lname == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
+            elif lname == b"connection" and (tokens := _connection_tokens(value)) is not None:
                 # Headers it names are for this hop only (RFC 9110 7.6.1): not forwarded.
-                listed = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_KEPT
+                listed = tokens - _CONNECTION_KEPT
                 if listed:
                     req.hop = (req.hop or _NOT_FORWARDED) | listed
         if req.host is None and req.http11:
@@ -817,8 +826,8 @@ class _Exchange:
                 upstream_chunked = upstream_chunked or (
                     lname == b"transfer-encoding" and b"chunked" in value.lower()
                 )
-                if lname == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
-                    hop = (hop or set()) | {t.strip() for t in value.lower().split(b",")}
+                if lname == b"connection" and (tokens := _connection_tokens(value)) is not None:
+                    hop = (hop or set()) | tokens
                 continue
             if lname == b"content-length":
                 length = value
