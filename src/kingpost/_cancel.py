@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["PLANE_ENV", "Cancel", "current", "die_with_parent", "kill_orphans"]
+__all__ = ["PLANE_ENV", "Cancel", "current", "die_with_parent", "kill_group", "kill_orphans"]
 
 PLANE_ENV = "KINGPOST_BUILD_PLANE"
 """Set to the control plane's pid in a build subprocess's environment (inherited by
@@ -56,7 +56,7 @@ class Cancel:
             self._reason = reason
             groups = list(self._groups)
         for pgid in groups:
-            _kill_group(pgid)
+            kill_group(pgid)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -75,7 +75,7 @@ class Cancel:
             self._groups.add(pgid)
             cancelled = self._reason is not None
         if cancelled:
-            _kill_group(pgid)
+            kill_group(pgid)
         try:
             yield
         finally:
@@ -83,7 +83,8 @@ class Cancel:
                 self._groups.discard(pgid)
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
+    """SIGKILL process group ``pgid``, if it is still there."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from kingpost._cancel import PLANE_ENV, current, die_with_parent
+from kingpost._cancel import PLANE_ENV, current, die_with_parent, kill_group
 from kingpost.errors import BuildError
 
 __all__ = ["Installer", "find_uv", "resolution_conflict", "run_logged"]
@@ -80,8 +78,7 @@ def run_logged(
                 lines.append(line)
                 log(line)
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)
             raise
         code = proc.wait()
     last = "\n".join(tail)
