@@ -14,7 +14,15 @@ from rich.table import Table
 from kingpost.client import KingpostClient
 from kingpost.settings import Settings
 
-__all__ = ["client", "console", "err_console", "output_option", "print_rows", "settings"]
+__all__ = [
+    "client",
+    "console",
+    "err_console",
+    "output_option",
+    "print_rows",
+    "print_warning",
+    "settings",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -27,6 +35,11 @@ output_option = click.option(
     show_default=True,
     help="Readable table or JSON.",
 )
+
+
+def print_warning(text: str) -> None:
+    """A warning on stderr, its text printed as it is (a config path may hold brackets)."""
+    err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
 
 
 def settings() -> Settings:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
-from kingpost.cli._common import console, err_console
+from kingpost.cli._common import console, err_console, print_warning
 
 __all__ = ["image"]
 
@@ -29,7 +28,7 @@ def image_build(project_dir: Path, quiet: bool) -> None:
 
     loaded = load_config(project_dir)  # a bad config fails before any build step
     for warning in loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        print_warning(warning)
 
     def show(line: str) -> None:
         if not quiet:

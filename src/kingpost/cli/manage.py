@@ -19,7 +19,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from kingpost.cli._common import client, console, err_console, output_option, print_rows
+from kingpost.cli._common import (
+    client,
+    console,
+    err_console,
+    output_option,
+    print_rows,
+    print_warning,
+)
 from kingpost.errors import KingpostError, ValidationError
 
 __all__ = ["deployments", "logs", "models", "predict", "push"]
@@ -82,7 +89,7 @@ def push(
 
     loaded = load_config(project_dir)  # refuse a bad config before uploading anything
     for warning in loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+        print_warning(warning)
     with client() as c:
         result = c.push(
             project_dir,
@@ -126,7 +133,7 @@ def _engine_warnings(project_dir: Path, shown: tuple[str, ...], engine: str) -> 
 
     for warning in load_config(project_dir, engine=engine).warnings:
         if warning not in shown:
-            err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+            print_warning(warning)
 
 
 def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:

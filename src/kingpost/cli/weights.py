@@ -7,10 +7,15 @@ import time
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.syntax import Syntax
 
-from kingpost.cli._common import client, console, err_console, output_option, print_rows
+from kingpost.cli._common import (
+    client,
+    console,
+    output_option,
+    print_rows,
+    print_warning,
+)
 from kingpost.weights.migrate import plan_migration
 
 __all__ = ["migrate", "weights"]
@@ -25,7 +30,7 @@ def migrate(project_dir: Path, yes: bool) -> None:
     """Convert model_cache in config.yaml to weights (a backup is kept)."""
     plan = plan_migration(project_dir)
     for warning in plan.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+        print_warning(warning)
     if not plan.changed:
         console.print("nothing to migrate: no model_cache in config.yaml")
         return
