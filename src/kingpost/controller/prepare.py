@@ -128,7 +128,8 @@ class Jobs:
                 del self._jobs[key]
 
     def cancel_others(self, keep: Collection[str], reason: str) -> None:
-        """:meth:`cancel` every job whose key is not in ``keep``."""
+        """Stop and drop every job whose key is not in ``keep``, finished ones too (the
+        deployments they built for are gone, and their build logs with them)."""
         with self._lock:
             for key in [k for k in self._jobs if k not in keep]:
                 self._stop(self._jobs.pop(key), reason)

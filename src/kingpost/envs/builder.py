@@ -25,12 +25,11 @@ How the model server is isolated from user packages (the decision):
 - Finally ``uv pip check`` (``pip check``) must pass and the venv's interpreter
   must import ``kingpost.server.main``.
 
-A custom server (``docker_server``) that lists requirements or asks for a Python gets
-an environment of its own from :func:`ensure_custom_server_environment`: its
-requirements alone, as Truss installs them into its image, with none of the model
-server's parts above (its requirements, fastapi/pydantic, the ``.pth`` link, the import
-check; ``pip check`` still runs), hashed apart from a model's environment with the same
-requirements.
+A custom server (``docker_server``) that lists requirements gets an environment of its
+own from :func:`ensure_custom_server_environment`: its requirements alone, as Truss
+installs them into its image, with none of the model server's parts above (its
+requirements, fastapi/pydantic, the ``.pth`` link, the import check; ``pip check`` still
+runs), hashed apart from a model's environment with the same requirements.
 
 A project with no requirements that does not ask for another Python reuses
 the platform's own interpreter (a custom server: the machine's own PATH). An
@@ -194,11 +193,10 @@ def ensure_custom_server_environment(
     Blocking; raises :class:`~kingpost.errors.BuildError` as :func:`ensure_environment`.
     """
     requirements, files = _requirements_inputs(config, app_dir)
-    wanted = _explicit_python(config)
     if not requirements and not files:
         log("no requirements: the start_command runs with this machine's PATH")
         return None
-    interpreter = find_interpreter(wanted, log, model_server=False)
+    interpreter = find_interpreter(_explicit_python(config), log, model_server=False)
     return _ensure(_Inputs(requirements, files, interpreter, model_server=False), envs_dir, log)
 
 
