@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         return self.home / "dynamic"
 
     @cached_property
+    def builds_dir(self) -> Path:
+        """Build logs, one file per deployment, kept until the deployment is deleted."""
+        return self.home / "builds"
+
+    @cached_property
     def envs_dir(self) -> Path:
         """Python environments of deployments (model classes, custom servers), by input hash."""
         return self.home / "envs"

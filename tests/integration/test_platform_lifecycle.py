@@ -234,6 +234,12 @@ def test_a_hung_build_times_out_and_a_killed_control_plane_takes_its_installer(
         platform.start()
         wait_for(lambda: not _alive(pid), 15, "the next control plane to kill the orphan")
         pid = _setup_py_pid(tmp_path, "hangs")  # the deployment is built again
+        with platform.client() as c:  # the builds before the restart are still in its log
+            text = [line["text"] for line in c.logs(dep["id"], tail=10_000)]
+        starts = [t for t in text if t.startswith("--- build started ")]
+        assert len(starts) == 3, text
+        stop = "--- build stopped: the build did not finish within 20 s (KINGPOST_BUILD_TIMEOUT)"
+        assert any(t.startswith(stop) for t in text), text
         platform.stop(signal.SIGTERM)
         wait_for(lambda: not _alive(pid), 5, "the build to end with the control plane")
     finally:

@@ -309,13 +309,83 @@ def test_a_finished_build_outlives_deactivation_with_its_log(tmp_path: Path) -> 
     rig.store.set_desired(dep, DesiredState.INACTIVE)
     _settle(rig, dep, DeploymentStatus.INACTIVE)
     rig.controller.reconcile_once()
-    view = rig.store.get_deployment(dep)
-    assert [ln.text for ln in rig.controller.logs(view) if ln.replica_id == "build"] == [
-        "build 1: Step 1/1"
-    ]
+    assert _build_log(rig, dep) == ["build 1: Step 1/1"]
     rig.store.set_desired(dep, DesiredState.ACTIVE)
     _settle(rig, dep, DeploymentStatus.ACTIVE)
     assert rig.engine.builds == 1
+
+
+def _build_log(rig: Rig, dep: str, *, marks: bool = False) -> list[str]:
+    """The deployment's build lines in ``kingpost logs``; with ``marks``, the lines that
+    say when each build started and how it ended as ``started``/``finished``/..."""
+    out = []
+    for line in rig.controller.logs(rig.store.get_deployment(dep), tail=10_000):
+        if line.replica_id != "build":
+            continue
+        if line.text.startswith("--- build "):
+            if marks:
+                out.append(line.text.split()[2])
+        else:
+            out.append(line.text)
+    return out
+
+
+def test_build_logs_outlive_a_control_plane_restart(tmp_path: Path) -> None:
+    """Build output lived in memory only: after a restart ``kingpost logs`` lost why a
+    build failed. Each build's lines now go to a file, after the builds before it."""
+    rig = Rig(tmp_path, engine=FlakyBuild())
+    dep = rig.deploy()
+    _settle(rig, dep, DeploymentStatus.BUILD_FAILED)
+    rig.controller.stop()
+    engine = CountingBuild()
+    rig.controller = Controller(rig.settings, rig.store, engines={"fake": engine})
+    assert _build_log(rig, dep, marks=True) == [
+        "started",
+        "error: connection reset while downloading torch",
+        "failed",
+    ]
+    # The restarted control plane checks the build again; its lines come after.
+    _settle(rig, dep, DeploymentStatus.ACTIVE)
+    assert _build_log(rig, dep, marks=True) == [
+        "started",
+        "error: connection reset while downloading torch",
+        "failed",
+        "started",
+        "build 1: Step 1/1",
+        "finished",
+    ]
+    # A stopped build says why it stopped.
+    hanging = HangingBuild(hang=2)  # this one's and the re-check of the first one's
+    rig.controller = Controller(rig.settings, rig.store, engines={"fake": hanging})
+    other = rig.deploy()
+    rig.controller.reconcile_once()
+    _wait("the builds to run", lambda: hanging.builds == 2)
+    rig.store.set_desired(other, DesiredState.INACTIVE)
+    rig.controller.reconcile_once()
+    _wait("the build to stop", lambda: _build_log(rig, other, marks=True)[-1:] == ["stopped:"])
+    last = rig.controller.logs(rig.store.get_deployment(other))[-1].text
+    assert last.startswith("--- build stopped: the deployment was deactivated after ")
+    rig.controller.stop()
+
+
+def test_a_deleted_deployments_build_log_goes_with_it(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, engine=CountingBuild())
+    kept, deleted, deleted_while_down = rig.deploy(), rig.deploy(), rig.deploy()
+    for dep in (kept, deleted, deleted_while_down):
+        _settle(rig, dep, DeploymentStatus.ACTIVE)
+    logs = rig.settings.builds_dir
+    assert sorted(p.name for p in logs.iterdir()) == sorted(
+        f"build-{d}.log" for d in (kept, deleted, deleted_while_down)
+    )
+    rig.store.set_desired(deleted, DesiredState.DELETED)
+    rig.controller.reconcile_once()
+    assert not (logs / f"build-{deleted}.log").exists()
+    rig.controller.stop()
+    rig.store.set_desired(deleted_while_down, DesiredState.DELETED)
+    rig.controller = Controller(rig.settings, rig.store, engines={"fake": CountingBuild()})
+    rig.controller.reconcile_once()
+    assert [p.name for p in logs.iterdir()] == [f"build-{kept}.log"]
+    assert _build_log(rig, kept)[0] == "build 1: Step 1/1"
 
 
 def test_a_build_past_its_timeout_is_stopped_and_fails_naming_the_timeout(
@@ -572,3 +642,23 @@ def test_start_creates_the_default_engine_with_no_deployment_on_it(rig: Rig) -> 
         assert set(controller._engines) == {"process"}
     finally:
         controller.stop()
+
+
+def test_a_long_build_log_keeps_its_end(tmp_path: Path) -> None:
+    """A deployment rebuilt many times must not grow its log without end: over
+    ``LOG_FILE_MAX`` the file keeps its last ``LOG_FILE_KEEP`` bytes, whole lines only."""
+    from kingpost.controller import prepare
+
+    jobs = prepare.Jobs(60, log_dir=tmp_path)
+    old = "".join(f"old line {i:07d}\n" for i in range(prepare.LOG_FILE_MAX // 17 + 1000))
+    (tmp_path / "build-d.log").write_text(old)
+    job = jobs.ensure("build:d", lambda out: out("new line"))
+    assert job.thread is not None
+    job.thread.join(5)
+    size = (tmp_path / "build-d.log").stat().st_size
+    assert size < prepare.LOG_FILE_KEEP + 200
+    lines = jobs.output("build:d")
+    assert lines[-3].startswith("--- build started ") and lines[-2] == "new line"
+    assert lines[-1].startswith("--- build finished after ")
+    assert all(ln.startswith("old line ") and len(ln) == 16 for ln in lines[:-3])
+    assert len(lines) == prepare.OUTPUT_LINES

@@ -87,7 +87,7 @@ class Controller:
         """Deployments whose BUILD_FAILED is recorded: re-activating one builds it again."""
         self._notes: dict[str, str] = {}
         """Per deployment: what a new replica would lack while the running ones serve."""
-        self._jobs = Jobs(settings.build_timeout)
+        self._jobs = Jobs(settings.build_timeout, log_dir=settings.builds_dir)
         self._weights: Any = None
         self._table = RoutingTable()
         self._owners: dict[str, Engine] = {}

@@ -10,17 +10,27 @@ Each job runs inside a :class:`~kingpost._cancel.Cancel`: a job past its timeout
 one whose deployment was deactivated or deleted (:meth:`Jobs.cancel`) and every
 job of a stopping control plane (:meth:`Jobs.close`) are cancelled, which kills
 the installers they run, and fail with the reason.
+
+A job's output is also appended to a file per key (``{home}/builds/``), between a line
+that says when it started and one that says how it ended, so a deployment's build log
+outlives the control plane: after a restart ``kingpost logs`` shows the builds before it,
+followed by the re-check the restarted control plane runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
 
 from kingpost._cancel import Cancel
 from kingpost.errors import KingpostError
@@ -32,6 +42,12 @@ log = logging.getLogger(__name__)
 CLOSE_WAIT_S = 5.0
 """How long a stopping control plane waits for cancelled jobs to clean up."""
 TIMEOUT_TAIL_LINES = 20
+OUTPUT_LINES = 2000
+"""Lines of a job's output kept in memory, and read back from its file."""
+LOG_FILE_MAX = 2 << 20
+LOG_FILE_KEEP = 512 << 10
+"""A build log file over ``LOG_FILE_MAX`` bytes is cut to its last ``LOG_FILE_KEEP``
+before the next build of its deployment appends to it."""
 
 
 class JobState(enum.StrEnum):
@@ -46,7 +62,7 @@ class _Job:
     state: JobState = JobState.RUNNING
     result: object = None
     error: str = ""
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=2000))
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
     cancel: Cancel = field(default_factory=Cancel)
     thread: threading.Thread | None = None
 
@@ -54,9 +70,15 @@ class _Job:
 class Jobs:
     """Run each keyed job once, on its own thread; report its state, result and output."""
 
-    def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        log_dir: Path | None = None,
+    ) -> None:
         self._timeout = timeout
         self._clock = clock
+        self._log_dir = log_dir
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
 
@@ -72,7 +94,7 @@ class Jobs:
                 return job
             job = self._jobs[key] = _Job(started=self._clock())
             job.thread = threading.Thread(
-                target=self._run, args=(job, fn), name=f"kingpost-{key}", daemon=True
+                target=self._run, args=(job, fn, key), name=f"kingpost-{key}", daemon=True
             )
         job.thread.start()
         return job
@@ -85,18 +107,23 @@ class Jobs:
             f"activate the deployment again. Its last output lines:\n{tail}"
         )
 
-    def _run(self, job: _Job, fn: Callable[[Callable[[str], None]], object]) -> None:
+    def _run(self, job: _Job, fn: Callable[[Callable[[str], None]], object], key: str) -> None:
         result: object = None
         error = ""
+        record = _Record(self._log_path(key), job.output)
         try:
             with job.cancel.active():
-                result = fn(job.output.append)
+                result = fn(record.line)
         except KingpostError as exc:
             error = exc.message
         except Exception as exc:  # a preparation bug must not kill the controller
             if job.cancel.reason is None:
                 log.exception("preparation job failed")
             error = f"{type(exc).__name__}: {exc}"
+        if job.cancel.reason is not None:
+            record.close(f"stopped: {job.cancel.reason.splitlines()[0]}")
+        else:
+            record.close("failed" if error else "finished")
         with self._lock:
             if job.state != JobState.RUNNING:  # cancelled meanwhile: its error stands
                 return
@@ -129,15 +156,37 @@ class Jobs:
 
     def cancel_others(self, keep: Collection[str], reason: str) -> None:
         """Stop and drop every job whose key is not in ``keep``, finished ones too (the
-        deployments they built for are gone, and their build logs with them)."""
+        deployments they built for are gone, and their build logs with them, files
+        included: those of deployments deleted while the control plane was down too)."""
         with self._lock:
             for key in [k for k in self._jobs if k not in keep]:
                 self._stop(self._jobs.pop(key), reason)
+        if self._log_dir is None:
+            return
+        names = {_log_name(k) for k in keep}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._log_dir):
+                if entry.name.endswith(".log") and entry.name not in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
 
     def output(self, key: str) -> list[str]:
+        """The last lines ``key``'s jobs wrote: from its file (every run of it, across
+        restarts) when there is one, else from memory."""
+        path = self._log_path(key)
+        if path is not None:
+            try:
+                return _tail(path, OUTPUT_LINES)
+            except FileNotFoundError:
+                pass
         with self._lock:
             job = self._jobs.get(key)
         return list(job.output) if job is not None else []
+
+    def _log_path(self, key: str) -> Path | None:
+        if self._log_dir is None:
+            return None
+        return self._log_dir / _log_name(key)
 
     def close(self) -> None:
         """Cancel every running job, then give them a moment to clean up."""
@@ -149,3 +198,73 @@ class Jobs:
         for job in jobs:
             if job.thread is not None:
                 job.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _log_name(key: str) -> str:
+    return key.replace(":", "-").replace("/", "-") + ".log"
+
+
+class _Record:
+    """A job's output: into memory, and appended to its log file when it has one.
+
+    The file gets a line saying when the job started before its first output line, and
+    one saying how it ended; a job that printed nothing leaves the file as it was.
+    Writing is best effort: a full disk costs the file, not the build.
+    """
+
+    def __init__(self, path: Path | None, memory: deque[str]) -> None:
+        self._path = path
+        self._memory = memory
+        self._file: IO[str] | None = None
+        self._started = time.monotonic()
+
+    def line(self, text: str) -> None:
+        self._memory.append(text)
+        if self._path is None:
+            return
+        try:
+            if self._file is None:
+                self._file = _open_log(self._path)
+                stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                self._file.write(f"--- build started {stamp} ---\n")
+            self._file.write(text + "\n")
+            self._file.flush()
+        except OSError as exc:
+            log.warning("cannot write build log %s: %s", self._path, exc)
+            self._path = None
+
+    def close(self, outcome: str) -> None:
+        if self._file is None:
+            return
+        took = time.monotonic() - self._started
+        with contextlib.suppress(OSError):
+            self._file.write(f"--- build {outcome} after {took:.1f} s ---\n")
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._file = None
+
+
+def _open_log(path: Path) -> IO[str]:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > LOG_FILE_MAX:
+            with path.open("rb") as f:
+                f.seek(-LOG_FILE_KEEP, os.SEEK_END)
+                kept = f.read()
+            kept = kept[kept.find(b"\n") + 1 :]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(kept)
+            tmp.replace(path)
+    return path.open("a", encoding="utf-8", errors="replace")
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of a file, reading no more than its end."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        chunk = min(size, LOG_FILE_KEEP)
+        f.seek(size - chunk)
+        data = f.read()
+    if chunk < size:  # the first line read is likely cut
+        data = data[data.find(b"\n") + 1 :]
+    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
