@@ -434,3 +434,44 @@ def test_a_stream_with_no_first_chunk_in_time_is_a_500_that_says_so(tmp_path: Pa
         "stream produced no first chunk within 1s (runtime.streaming_read_timeout)"
     ], errors
     assert "traceback" not in errors[0]
+
+
+CUT_MODEL = """
+import asyncio
+
+
+class Model:
+    async def predict(self, x):
+        async def chunks():
+            yield "a"
+            if x == "raises":
+                raise RuntimeError("model failed midway")
+            if x in ("stalls", "left"):
+                await asyncio.sleep(3)
+            yield "b"
+        return chunks()
+"""
+
+
+def test_streams_cut_after_their_head_are_counted_by_why(tmp_path: Path) -> None:
+    """``/metrics`` counted a stream cut after its head as a plain 200, whatever cut it."""
+    with _server(tmp_path, CUT_MODEL, runtime="  streaming_read_timeout: 1\n") as server:
+        assert raw_exchange(server.port, _post(b'"whole"', close=True)).endswith(b"0\r\n\r\n")
+        data = raw_exchange(server.port, _post(b'"raises"', close=True))
+        assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")
+        data = raw_exchange(server.port, _post(b'"stalls"', close=True), timeout=10)
+        assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(_post(b'"left"'))
+            got = b""
+            while b"\r\n1\r\na\r\n" not in got:  # the first chunk, then leave
+                got += s.recv(65536)
+
+        def cut() -> dict[str, str]:
+            text = raw_exchange(server.port, _get("/metrics")).decode()
+            return dict(
+                re.findall(r'kingpost_model_streams_cut_total\{reason="(\w+)"\} (\d+)', text)
+            )
+
+        wait_for(lambda: "client_left" in cut(), 10, "the reader's leaving to be counted")
+        assert cut() == {"model_error": "1", "timeout": "1", "client_left": "1"}

@@ -392,6 +392,7 @@ class ModelServer:
             self.aux_pool if release is None else self.predict_pool,
             release,
             self.host.config.streaming_read_timeout,
+            self.metrics.stream_cut,
         )
 
     def _send(self, result: Any, binary: bool, call: _Call) -> int:

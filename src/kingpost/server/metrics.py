@@ -24,12 +24,24 @@ class _Histogram:
 
 
 class Metrics:
-    """Counters by (route, status) and latency histograms by route."""
+    """Counters by (route, status) and latency histograms by route.
+
+    A stream's status is the one its head carried; a stream cut after its head (the
+    model raised, no chunk came within ``streaming_read_timeout``, the client left) is
+    counted again by :meth:`stream_cut`, so a 200 in the request counts does not hide it.
+    """
 
     def __init__(self) -> None:
         self._requests: dict[tuple[str, int], int] = {}
         self._latency: dict[str, _Histogram] = {}
+        self._cut: dict[str, int] = {}
         self.in_flight = 0
+
+    def stream_cut(self, reason: str) -> None:
+        self._cut[reason] = self._cut.get(reason, 0) + 1
+
+    def streams_cut(self, reason: str) -> int:
+        return self._cut.get(reason, 0)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
@@ -73,6 +85,13 @@ class Metrics:
             out.append(
                 f'kingpost_model_request_duration_seconds_count{{route="{route}"}} {hist.count}'
             )
+        out += [
+            "# HELP kingpost_model_streams_cut_total Streams ended after their head was sent, "
+            "by why (model_error, timeout, client_left).",
+            "# TYPE kingpost_model_streams_cut_total counter",
+        ]
+        for reason, n in sorted(self._cut.items()):
+            out.append(f'kingpost_model_streams_cut_total{{reason="{reason}"}} {n}')
         out += [
             "# HELP kingpost_model_requests_in_flight Predict requests being served.",
             "# TYPE kingpost_model_requests_in_flight gauge",

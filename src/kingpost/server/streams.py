@@ -111,8 +111,10 @@ async def stream_result(
     pool: Any,
     release: Callable[[], None] | None,
     read_timeout_s: float,
+    cut: Callable[[str], None] = lambda reason: None,
 ) -> int:
-    """Send ``gen`` to ``conn``; calls ``release`` once the generator is done."""
+    """Send ``gen`` to ``conn``; calls ``release`` once the generator is done, and
+    ``cut(reason)`` if the stream ends after its head without its last chunk."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     producer = asyncio.get_running_loop().create_task(_produce(gen, pool, queue))
     if release is not None:
@@ -126,7 +128,7 @@ async def stream_result(
         if _gather_requested(req):
             binary = is_binary(req.headers.get("content-type", ""))
             return await _gather(queue, conn, headers, binary)
-        return await _stream(queue, conn, headers, read_timeout_s)
+        return await _stream(queue, conn, headers, read_timeout_s, cut)
     finally:
         conn.closed.remove_done_callback(reader_left)
         if not producer.done():
@@ -170,6 +172,7 @@ async def _stream(
     conn: Connection,
     headers: list[tuple[bytes, bytes]],
     read_timeout_s: float,
+    cut: Callable[[str], None],
 ) -> int:
     try:
         item = await _next(queue, read_timeout_s)
@@ -187,14 +190,20 @@ async def _stream(
         if isinstance(item, _Failed):
             # Headers are out: end without the last chunk so the client sees a broken body.
             conn.close_after_response()
+            cut("model_error")
             return 200
         if not await conn.stream_write(_as_bytes(item)):
+            cut("client_left")
             return 200
         try:
             item = await _next(queue, read_timeout_s)
         except TimeoutError:
             log.error("stream produced nothing for %.0fs; closing it", read_timeout_s)
             conn.close_after_response()
+            cut("timeout")
             return 200
+    if conn.closed.done():  # the reader left, which ended the producer early
+        cut("client_left")
+        return 200
     conn.stream_end()
     return 200
