@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -34,13 +35,15 @@ what it starts), so a later control plane can tell the orphans of a dead one."""
 
 _PR_SET_PDEATHSIG = 1
 
+log = logging.getLogger(__name__)
+
 
 class Cancel:
     """Kill the process groups registered here, once, for a reason."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._groups: set[int] = set()
+        self._stops: set[Callable[[], None]] = set()
         self._reason: str | None = None
 
     @property
@@ -49,14 +52,18 @@ class Cancel:
         return self._reason
 
     def cancel(self, reason: str) -> None:
-        """Kill every registered group now; later registrations are killed at once."""
+        """Kill every registered group (call every ``on_cancel``) now; later registrations
+        are stopped at once."""
         with self._lock:
             if self._reason is not None:
                 return
             self._reason = reason
-            groups = list(self._groups)
-        for pgid in groups:
-            kill_group(pgid)
+            stops = list(self._stops)
+        for stop in stops:
+            try:
+                stop()
+            except Exception:  # one that fails must not spare the others
+                log.exception("stopping a cancelled build's work failed")
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -71,16 +78,24 @@ class Cancel:
     def watching(self, pgid: int) -> Iterator[None]:
         """Register process group ``pgid`` while the block runs; killed at once if
         cancelled already."""
+        with self.on_cancel(lambda: kill_group(pgid)):
+            yield
+
+    @contextlib.contextmanager
+    def on_cancel(self, stop: Callable[[], None]) -> Iterator[None]:
+        """Call ``stop`` (from the cancelling thread) if cancelled while the block runs;
+        at once if cancelled already. For work that is not a process: an image build,
+        which the Docker Engine stops when its request's connection closes."""
         with self._lock:
-            self._groups.add(pgid)
+            self._stops.add(stop)
             cancelled = self._reason is not None
         if cancelled:
-            kill_group(pgid)
+            stop()
         try:
             yield
         finally:
             with self._lock:
-                self._groups.discard(pgid)
+                self._stops.discard(stop)
 
 
 def kill_group(pgid: int) -> None:

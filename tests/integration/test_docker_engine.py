@@ -234,6 +234,34 @@ def test_failing_build_command_is_reported(dplatform: Platform, tmp_path: Path) 
     assert "first-step-ran" in out.stdout, out.stdout + out.stderr
 
 
+def test_deactivating_a_deployment_stops_its_image_build(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
+) -> None:
+    """The build's thread stopped, but the Docker Engine ran the step on to its end: a
+    ``RUN`` of an hour held a container (and a CPU) for an hour after the deployment was
+    deactivated. Hanging up the build request makes the engine stop it."""
+    marker = f"sleep {3000 + os.getpid() % 1000}"
+    project = copy_project(
+        tmp_path, "dock-slow", f"model_name: dock-slow\nbuild_commands:\n  - {marker}\n"
+    )
+    dep = push(dplatform, project)["deployment"]
+
+    def step_containers() -> list[Any]:
+        return [
+            c
+            for c in docker_client.containers.list(all=True)
+            if marker in " ".join(c.attrs["Config"].get("Cmd") or [])
+        ]
+
+    wait_for(step_containers, 300, "the build to reach its slow step")
+    with dplatform.client() as c:
+        c.deployment_action(dep["model_id"], dep["id"], "deactivate")
+    wait_for(lambda: not step_containers(), 30, "the engine to stop the build")
+    dplatform.wait_status(dep["id"], "INACTIVE")
+    out = dplatform.cli("logs", "-d", dep["id"]).stdout
+    assert "--- build stopped: the deployment was deactivated" in out, out
+
+
 def test_killed_container_is_replaced(
     dplatform: Platform, docker_client: Any, tmp_path: Path
 ) -> None:

@@ -10,10 +10,12 @@ streams to a log callback line by line; a failing step raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kingpost
+from kingpost._cancel import current as current_cancel
 from kingpost.errors import BuildError, EngineError
 from kingpost.images.base import ensure_base_image
 from kingpost.images.client import docker_client, image_exists
@@ -157,21 +160,67 @@ def _write_context(plan: BuildPlan, root: Path) -> None:
 
 
 def _docker_build(client: DockerClient, context: Path, plan: BuildPlan, tag: str, log: Log) -> None:
+    """Run the build on the engine, its output to ``log``.
+
+    A cancelled build (see :mod:`kingpost._cancel`) hangs up the build request: the
+    Docker Engine then stops the build and removes the container of the step it was
+    running, which would otherwise run on to its end with nobody waiting for it."""
     from docker.errors import DockerException
 
+    cancel = current_cancel()
+    requests = _BuildRequests(client)
     try:
-        stream: Iterable[Mapping[str, Any]] = client.api.build(
-            path=str(context),
-            tag=tag,
-            buildargs=dict(plan.buildargs),
-            rm=True,
-            forcerm=True,
-            decode=True,
-            labels={IMAGE_LABEL: "1"},
-        )
-        _follow(stream, plan, log)
+        with requests:
+            stream: Iterable[Mapping[str, Any]] = client.api.build(
+                path=str(context),
+                tag=tag,
+                buildargs=dict(plan.buildargs),
+                rm=True,
+                forcerm=True,
+                decode=True,
+                labels={IMAGE_LABEL: "1"},
+            )
+        with cancel.on_cancel(requests.hang_up):
+            _follow(stream, plan, log)
     except DockerException as exc:
+        if cancel.reason is not None:
+            raise BuildError(f"the image build was stopped: {cancel.reason}") from exc
         raise BuildError(f"image build of {tag} failed: the Docker Engine said {exc}") from exc
+    except Exception as exc:
+        if cancel.reason is not None:  # the connection we closed broke off the stream
+            raise BuildError(f"the image build was stopped: {cancel.reason}") from exc
+        raise
+
+
+class _BuildRequests:
+    """The responses to ``/build`` requests this thread makes on ``client`` while the
+    block runs, so that another thread can hang them up (docker-py does not hand the
+    response of a streamed build to its caller)."""
+
+    def __init__(self, client: DockerClient) -> None:
+        self._hooks: list[Any] = client.api.hooks.setdefault("response", [])
+        self._thread = threading.get_ident()
+        self._responses: list[Any] = []
+
+    def _capture(self, response: Any, *args: Any, **kwargs: Any) -> Any:
+        path = str(getattr(response.request, "path_url", "")).split("?", 1)[0]
+        if threading.get_ident() == self._thread and path.endswith("/build"):
+            self._responses.append(response)
+        return response
+
+    def __enter__(self) -> _BuildRequests:
+        self._hooks.append(self._capture)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.remove(self._capture)
+
+    def hang_up(self) -> None:
+        for response in self._responses:
+            sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
