@@ -214,3 +214,52 @@ def test_concurrent_pushes_each_get_a_deployment(store: Store, existing: bool) -
     assert sorted(names) == [f"deployment-{n}" for n in range(first, first + pushes)]
     assert len(store.list_models()) == 1
     assert len(store.list_deployments("m")) == pushes + existing
+
+
+def test_promoting_and_deleting_one_deployment_at_once_leave_no_dangling_environment(
+    store: Store,
+) -> None:
+    """On PostgreSQL (read committed) a delete that ran while a promotion of the same
+    deployment was not yet committed saw no environment on it, and both went through:
+    production then routed to a deleted deployment."""
+    import threading
+
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    store.create_deployment(new())
+    second = store.create_deployment(new())
+    promoting = threading.local()
+    flushed = threading.Event()
+
+    def slow_commit(session: Session) -> None:
+        if getattr(promoting, "on", False):
+            flushed.set()  # the promotion is written, not committed
+            threading.Event().wait(0.5)
+
+    outcome: dict[str, object] = {}
+
+    def promote() -> None:
+        promoting.on = True
+        outcome["promote"] = store.promote("m", second.id, "production")
+
+    def delete() -> None:
+        flushed.wait(10)
+        try:
+            outcome["delete"] = store.set_desired(second.id, DesiredState.DELETED)
+        except ConflictError as exc:
+            outcome["delete"] = exc
+
+    event.listen(Session, "before_commit", slow_commit)
+    try:
+        threads = [threading.Thread(target=promote), threading.Thread(target=delete)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    finally:
+        event.remove(Session, "before_commit", slow_commit)
+    assert isinstance(outcome["delete"], ConflictError), outcome
+    production = [e for e in store.list_environments("m") if e.name == "production"]
+    assert production[0].deployment_id == second.id
+    assert store.get_deployment(second.id).desired_state == DesiredState.ACTIVE

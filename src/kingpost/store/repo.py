@@ -282,13 +282,21 @@ class Store:
         envs = s.scalars(select(Environment.name).where(Environment.deployment_id == d.id))
         return _deployment_view(d, envs)
 
-    def _deployment(self, s: Session, ref: str, model_ref: str | None = None) -> Deployment:
-        d = s.get(Deployment, ref)
+    def _deployment(
+        self, s: Session, ref: str, model_ref: str | None = None, *, lock: bool = False
+    ) -> Deployment:
+        """``ref`` by id, or by name within ``model_ref``. With ``lock``, its row is held
+        until the transaction ends (PostgreSQL's ``FOR UPDATE``; SQLite's transactions
+        hold the whole database): a change that checks the deployment's state, or what
+        points to it, must see the last committed one, not a state a concurrent
+        transaction is about to change (a delete racing a promotion)."""
+        d = s.get(Deployment, ref, with_for_update=lock)
         if d is None and model_ref is not None:
             model = self._model(s, model_ref)
-            d = s.scalar(
-                select(Deployment).where(Deployment.model_id == model.id, Deployment.name == ref)
+            query = select(Deployment).where(
+                Deployment.model_id == model.id, Deployment.name == ref
             )
+            d = s.scalar(query.with_for_update() if lock else query)
         if d is None or d.desired_state == DesiredState.DELETED:
             raise NotFoundError(f"deployment {ref!r} not found", deployment=ref)
         if model_ref is not None and d.model_id != self._model(s, model_ref).id:
@@ -328,7 +336,7 @@ class Store:
         self, deployment_id: str, desired: DesiredState, model_ref: str | None = None
     ) -> DeploymentView:
         with self.db.session() as s:
-            d = self._deployment(s, deployment_id, model_ref)
+            d = self._deployment(s, deployment_id, model_ref, lock=True)
             if desired == DesiredState.DELETED:
                 envs = list(
                     s.scalars(select(Environment.name).where(Environment.deployment_id == d.id))
@@ -353,7 +361,7 @@ class Store:
         check_environment_name(env_name)
         with self.db.session() as s:
             model = self._model(s, model_ref)
-            d = self._deployment(s, deployment_ref, model.id)
+            d = self._deployment(s, deployment_ref, model.id, lock=True)
             if d.desired_state != DesiredState.ACTIVE:
                 raise ConflictError(
                     f"deployment {d.name!r} is {d.desired_state}; activate it before promoting",
