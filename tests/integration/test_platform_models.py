@@ -3,8 +3,11 @@ kingpost.server -> gateway -> predict."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,3 +139,34 @@ def test_requirements_are_installed_for_the_deployment(platform: Platform) -> No
     assert r.status_code == 200, r.text
     with platform.client() as c:
         assert any("six" in line["text"] for line in c.logs(dep["id"], 2000))
+
+
+def test_venvs_gc_removes_only_environments_no_deployment_uses(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Every set of requirements leaves a virtualenv under the home (gigabytes with
+    torch); `kingpost venvs gc` removes those of deleted deployments, and no other."""
+    model_id, kept = deploy(platform, "with_requirements", timeout=300)
+    older = tmp_path / "older"
+    shutil.copytree(FIXTURES / "with_requirements", older)
+    config = older / "config.yaml"
+    config.write_text(config.read_text().replace("six==1.16.0", "six==1.15.0"))
+    with platform.client() as c:  # a second deployment of the model, not promoted
+        gone = c.push(older)["deployment"]
+    platform.wait_status(gone["id"], "ACTIVE", timeout=300)
+    listed = json.loads(platform.cli("venvs", "list", "--output", "json").stdout)
+    users = {v["hash"]: v["deployments"] for v in listed}
+    (kept_env,) = [h for h, deps in users.items() if kept["id"] in deps]
+    (gone_env,) = [h for h, deps in users.items() if deps == [gone["id"]]]
+    assert kept_env != gone_env
+    with platform.client() as c:
+        c.deployment_action(model_id, gone["id"], "delete")
+    out = platform.cli("venvs", "gc")
+    assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
+    envs = platform.home / "envs"
+    assert not (envs / gone_env).exists() and (envs / kept_env).is_dir()
+    assert gone_env not in {
+        v["hash"] for v in json.loads(platform.cli("venvs", "list", "-o", "json").stdout)
+    }
+    with platform.gateway() as gw:  # the deployment left serves on
+        assert gw.post(predict_url(model_id), json={}).status_code == 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,68 @@ def test_a_pyproject_that_would_install_nothing_is_refused_before_any_build(
     assert says in info.value.message
     assert info.value.details == {"field": "requirements_file", "value": "deps/pyproject.toml"}
     assert not (tmp_path / "envs").exists()
+
+
+def _env(envs_dir: Path, name: str, *, ready: bool = True, used: float = 0.0) -> Path:
+    path = envs_dir / name
+    (path / "bin").mkdir(parents=True)
+    (path / "bin" / "python").write_bytes(b"x" * 1000)
+    if ready:
+        marker = path / builder.READY_MARKER
+        marker.write_text('{"python": "3.11.7", "requirements": ["six==1.16.0"]}')
+        os.utime(marker, (used, used))
+    return path
+
+
+def test_gc_removes_unused_and_dead_environments_and_keeps_the_rest(tmp_path: Path) -> None:
+    from kingpost.envs.gc import collect, list_environments
+
+    envs = tmp_path / "envs"
+    now = time.time()
+    used, unused, dead = "a" * 24, "b" * 24, "c" * 24
+    for name in (used, unused):
+        _env(envs, name, used=now - 3600)
+    _env(envs, dead, ready=False)  # a build that died: no marker
+    (envs / "_kingpost").mkdir()  # the builder's own link directory
+    listed = {v.hash: v for v in list_environments(envs)}
+    assert set(listed) == {used, unused, dead}
+    assert listed[used].ready and not listed[dead].ready
+    assert listed[used].requirements == ("six==1.16.0",) and listed[used].size_bytes > 1000
+    report = collect(envs, {used}, started=now)
+    assert sorted(report.removed) == [unused, dead] and report.kept == 1
+    assert report.removed_bytes > 2000
+    assert sorted(p.name for p in envs.iterdir() if not p.name.startswith(".")) == [
+        "_kingpost",
+        used,
+    ]
+
+
+def test_gc_keeps_an_environment_built_or_reused_while_it_ran(tmp_path: Path) -> None:
+    """A deployment pushed after the kept set was taken may have just built (or picked)
+    an environment the set does not name: its marker is newer than the collection."""
+    import threading
+
+    from kingpost._filelock import locked
+    from kingpost.envs.gc import collect
+
+    envs = tmp_path / "envs"
+    started = time.time()
+    reused = _env(envs, "d" * 24, used=started + 1)
+    building = envs / ("e" * 24)
+    building.mkdir()
+    holding, release = threading.Event(), threading.Event()
+
+    def build() -> None:  # holds the build lock, then writes the marker, as _ensure does
+        with locked(envs / f".{building.name}.lock"):
+            holding.set()
+            release.wait(5)
+            (building / builder.READY_MARKER).write_text("{}")
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    holding.wait(5)
+    threading.Timer(0.3, release.set).start()
+    report = collect(envs, set(), started)
+    thread.join(5)
+    assert report.removed == () and report.kept == 2
+    assert reused.is_dir() and (building / builder.READY_MARKER).is_file()

@@ -99,6 +99,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _model_routes(router, plane)
     _secret_routes(router, plane)
     _weights_routes(router, plane)
+    _venv_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -350,6 +351,33 @@ def _weights_routes(router: APIRouter, plane: ControlPlane) -> None:
             "removed_blobs": report.removed_blobs,
             "removed_bytes": report.removed_bytes,
             "kept_bytes": report.kept_bytes,
+        }
+
+
+def _venv_routes(router: APIRouter, plane: ControlPlane) -> None:
+    @router.get("/venvs")
+    def list_venvs() -> list[dict[str, Any]]:
+        return [
+            {
+                "hash": v.hash,
+                "python": v.python,
+                "requirements": list(v.requirements),
+                "custom_server": v.custom_server,
+                "ready": v.ready,
+                "size_bytes": v.size_bytes,
+                "last_used": v.last_used.isoformat() if v.last_used else None,
+                "deployments": deployments,
+            }
+            for v, deployments in plane.controller.venvs()
+        ]
+
+    @router.post("/venvs/gc")
+    def gc_venvs() -> dict[str, Any]:
+        report = plane.controller.gc_venvs()
+        return {
+            "removed": list(report.removed),
+            "removed_bytes": report.removed_bytes,
+            "kept": report.kept,
         }
 
 

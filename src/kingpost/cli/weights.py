@@ -1,4 +1,5 @@
-"""`kingpost migrate` (model_cache -> weights) and `kingpost weights` (the mirror's store)."""
+"""`kingpost migrate` (model_cache -> weights), `kingpost weights` (the mirror's store) and
+`kingpost venvs` (the deployments' Python environments): what sits on this machine's disk."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from kingpost.cli._common import (
 )
 from kingpost.weights.migrate import plan_migration
 
-__all__ = ["migrate", "weights"]
+__all__ = ["migrate", "venvs", "weights"]
 
 
 @click.command()
@@ -77,4 +78,32 @@ def weights_gc(budget_bytes: int | None) -> None:
     console.print(
         f"removed {report['removed_blobs']} blobs ({report['removed_bytes']} bytes); "
         f"kept {report['kept_bytes']} bytes"
+    )
+
+
+@click.group()
+def venvs() -> None:
+    """The deployments' Python environments (one per set of requirements, shared)."""
+
+
+@venvs.command("list")
+@output_option
+def venvs_list(output: str) -> None:
+    """List environments: size, last use, the deployments that use them."""
+    with client() as c:
+        rows = c.venvs()
+    columns = ["hash", "python", "requirements", "size_bytes", "last_used", "deployments"]
+    if output == "table":  # lists as counts and ids; JSON keeps them whole
+        rows = [{**r, "requirements": len(r["requirements"])} for r in rows]
+    print_rows(rows, columns, output)
+
+
+@venvs.command("gc")
+def venvs_gc() -> None:
+    """Remove the environments no deployment uses (deleted ones' and stale builds)."""
+    with client() as c:
+        report = c.venvs_gc()
+    console.print(
+        f"removed {len(report['removed'])} environments ({report['removed_bytes']} bytes); "
+        f"kept {report['kept']}"
     )

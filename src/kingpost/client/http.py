@@ -181,6 +181,13 @@ class KingpostClient:
         params = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
         return dict(self._call("POST", "/v1/weights/gc", params=params))
 
+    # -- Python environments -------------------------------------------------------------
+    def venvs(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/venvs"))
+
+    def venvs_gc(self) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/venvs/gc"))
+
     # -- secrets --------------------------------------------------------------------------
     def set_secret(self, name: str, value: str) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/secrets", json={"name": name, "value": value}))

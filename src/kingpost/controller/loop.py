@@ -36,6 +36,7 @@ from kingpost.controller.specs import (
 )
 from kingpost.controller.table import build_table
 from kingpost.engines import Engine, LogLine, Prepared, ReplicaStatus, create_engine
+from kingpost.envs.gc import GcReport, VenvInfo, collect, list_environments
 from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
 from kingpost.server.contract import ENVIRONMENT_ENV, ENVIRONMENT_KEY
@@ -239,6 +240,36 @@ class Controller:
         if decision.start and prepared is not None:
             self._start_replicas(dep, decision.start, prepared)  # records a refusal
         return list(decision.ready)
+
+    # -- Python environments ------------------------------------------------------------
+    def venvs_in_use(self) -> dict[str, list[str]]:
+        """Environment hash -> ids of the deployments (not deleted) that use it.
+
+        A deployment whose environment cannot be told (its config no longer loads, its
+        engine is unavailable, the Python it asks for is gone) is left out: it could
+        not be built either."""
+        used: dict[str, list[str]] = {}
+        for dep in self.store.list_deployments():
+            try:
+                env = self.engine(dep.engine).environment_hash(
+                    self._config(dep), self._app_dir(dep)
+                )
+            except KingpostError as exc:
+                log.info("no environment known for deployment %s: %s", dep.id, exc.message)
+                continue
+            if env is not None:
+                used.setdefault(env, []).append(dep.id)
+        return used
+
+    def venvs(self) -> list[tuple[VenvInfo, list[str]]]:
+        """Every environment under ``{home}/envs`` with the deployments that use it."""
+        used = self.venvs_in_use()
+        return [(v, used.get(v.hash, [])) for v in list_environments(self.settings.envs_dir)]
+
+    def gc_venvs(self) -> GcReport:
+        """Remove the environments no deployment uses (see :mod:`kingpost.envs.gc`)."""
+        started = time.time()
+        return collect(self.settings.envs_dir, set(self.venvs_in_use()), started)
 
     # -- preparation ------------------------------------------------------------------
     def _config(self, dep: DeploymentView) -> TrussConfig:

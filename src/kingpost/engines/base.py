@@ -178,6 +178,11 @@ class Engine(ABC):
         the second time; raises :class:`~kingpost.errors.BuildError` on failure."""
         return Prepared()
 
+    def environment_hash(self, config: TrussConfig, app_dir: Path) -> str | None:
+        """Which Python environment under ``{home}/envs`` :meth:`prepare` uses for this
+        project (its hash), if any, without building it; what `kingpost venvs gc` keeps."""
+        return None
+
     @abstractmethod
     def start(self, spec: ReplicaSpec) -> None: ...
 

@@ -169,6 +169,15 @@ class ProcessEngine(Engine):
         custom = ensure_custom_server_environment(config, app_dir, envs_dir, log)
         return Prepared(python_executable=custom.python_executable if custom else None)
 
+    def environment_hash(self, config: TrussConfig, app_dir: Path) -> str | None:
+        from kingpost.envs import environment_hash
+
+        if config.docker_server is None:
+            return environment_hash(config, app_dir)
+        if config.docker_server.no_build:
+            return None
+        return environment_hash(config, app_dir, custom_server=True)
+
     def start(self, spec: ReplicaSpec) -> None:
         with self._lock:
             if spec.replica_id in self._replicas:

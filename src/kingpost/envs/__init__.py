@@ -13,6 +13,7 @@ from kingpost.envs.builder import (
     EnvironmentResult,
     ensure_custom_server_environment,
     ensure_environment,
+    environment_hash,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "EnvironmentResult",
     "ensure_custom_server_environment",
     "ensure_environment",
+    "environment_hash",
 ]

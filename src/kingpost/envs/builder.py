@@ -69,6 +69,7 @@ __all__ = [
     "EnvironmentResult",
     "ensure_custom_server_environment",
     "ensure_environment",
+    "environment_hash",
 ]
 
 SCHEMA = 3  # 2: fastapi/pydantic really added; 3: built in place, console scripts work
@@ -170,13 +171,10 @@ def ensure_environment(
     Blocking; raises :class:`~kingpost.errors.BuildError` with the installer's
     last lines when an install fails.
     """
-    requirements, files = _requirements_inputs(config, app_dir)
-    wanted = _explicit_python(config)
-    interpreter = find_interpreter(wanted, log)
-    inputs = _Inputs(requirements, files, interpreter)
-    if inputs.empty and interpreter == current():
+    inputs = _model_inputs(config, app_dir, log)
+    if inputs is None:
         log("no requirements: using the platform's interpreter")
-        return EnvironmentResult(interpreter.executable, "base", reused=True)
+        return EnvironmentResult(current().executable, "base", reused=True)
     return _ensure(inputs, envs_dir, log)
 
 
@@ -192,12 +190,48 @@ def ensure_custom_server_environment(
 
     Blocking; raises :class:`~kingpost.errors.BuildError` as :func:`ensure_environment`.
     """
-    requirements, files = _requirements_inputs(config, app_dir)
-    if not requirements and not files:
+    inputs = _custom_server_inputs(config, app_dir, log)
+    if inputs is None:
         log("no requirements: the start_command runs with this machine's PATH")
         return None
+    return _ensure(inputs, envs_dir, log)
+
+
+def environment_hash(
+    config: TrussConfig, app_dir: Path, *, custom_server: bool = False
+) -> str | None:
+    """The hash (directory name under the envs dir) of the environment that
+    :func:`ensure_environment` (or, with ``custom_server``,
+    :func:`ensure_custom_server_environment`) would use for this project; ``None`` when
+    it would use none. Builds nothing."""
+    if custom_server:
+        inputs = _custom_server_inputs(config, app_dir, _quiet)
+    else:
+        inputs = _model_inputs(config, app_dir, _quiet)
+    return None if inputs is None else _hash(inputs, Installer(_quiet))
+
+
+def _quiet(line: str) -> None:
+    """A build log that keeps nothing."""
+
+
+def _model_inputs(config: TrussConfig, app_dir: Path, log: Callable[[str], None]) -> _Inputs | None:
+    """A model class's environment inputs; ``None`` when the platform's interpreter does
+    (no requirements, no other Python asked for)."""
+    requirements, files = _requirements_inputs(config, app_dir)
+    interpreter = find_interpreter(_explicit_python(config), log)
+    inputs = _Inputs(requirements, files, interpreter)
+    return None if inputs.empty and interpreter == current() else inputs
+
+
+def _custom_server_inputs(
+    config: TrussConfig, app_dir: Path, log: Callable[[str], None]
+) -> _Inputs | None:
+    requirements, files = _requirements_inputs(config, app_dir)
+    if not requirements and not files:
+        return None
     interpreter = find_interpreter(_explicit_python(config), log, model_server=False)
-    return _ensure(_Inputs(requirements, files, interpreter, model_server=False), envs_dir, log)
+    return _Inputs(requirements, files, interpreter, model_server=False)
 
 
 def _ensure(inputs: _Inputs, envs_dir: Path, log: Callable[[str], None]) -> EnvironmentResult:
@@ -212,6 +246,7 @@ def _ensure(inputs: _Inputs, envs_dir: Path, log: Callable[[str], None]) -> Envi
         python = target / "bin" / "python"
         if (target / READY_MARKER).is_file() and python.exists():
             log(f"reusing environment {env_hash}")
+            (target / READY_MARKER).touch()  # its last use, which `kingpost venvs gc` reads
             if inputs.model_server:
                 _retry_conveniences(installer, python, target, log)
             return EnvironmentResult(str(python), env_hash, reused=True)

@@ -1,0 +1,112 @@
+"""The Python environments under ``{home}/envs``: listing them, removing unused ones.
+
+An environment is a directory named by the hash of its inputs (see
+:mod:`kingpost.envs.builder`); deployments with the same inputs share it. The
+control plane knows which hashes its deployments use (deleted ones excluded,
+inactive ones included, so re-activating one needs no rebuild) and passes them
+as ``keep``. Everything else goes, each under the lock its builds take, so a
+build in progress is never removed under it; and an environment whose ready
+marker was written or touched (a reuse) after the collection began is kept, for
+a deployment pushed meanwhile may just have built or picked it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kingpost._filelock import locked
+from kingpost.envs.builder import READY_MARKER
+
+__all__ = ["GcReport", "VenvInfo", "collect", "list_environments"]
+
+_HASH = re.compile(r"[0-9a-f]{24}")
+
+
+@dataclass(frozen=True)
+class VenvInfo:
+    hash: str
+    python: str
+    requirements: tuple[str, ...]
+    custom_server: bool
+    ready: bool
+    """False for a build in progress, or one that died (the next build of it redoes it)."""
+    size_bytes: int
+    last_used: datetime | None
+    """When it was last built or reused for a deployment."""
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed: tuple[str, ...]
+    removed_bytes: int
+    kept: int
+
+
+def _environment_dirs(envs_dir: Path) -> Iterator[Path]:
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.scandir(envs_dir), key=lambda e: e.name):
+            if _HASH.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                yield Path(entry.path)
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def list_environments(envs_dir: Path) -> list[VenvInfo]:
+    out = []
+    for path in _environment_dirs(envs_dir):
+        marker_path = path / READY_MARKER
+        try:
+            marker = json.loads(marker_path.read_text())
+            used: datetime | None = datetime.fromtimestamp(marker_path.stat().st_mtime, UTC)
+        except (OSError, ValueError):
+            marker, used = {}, None
+        out.append(
+            VenvInfo(
+                hash=path.name,
+                python=str(marker.get("python", "")),
+                requirements=tuple(marker.get("requirements", ())),
+                custom_server=bool(marker.get("custom_server", False)),
+                ready=used is not None,
+                size_bytes=_size(path),
+                last_used=used,
+            )
+        )
+    return out
+
+
+def collect(envs_dir: Path, keep: Collection[str], started: float) -> GcReport:
+    """Remove every environment not in ``keep`` and not used since ``started`` (a
+    ``time.time()`` taken before ``keep`` was computed)."""
+    removed: list[str] = []
+    removed_bytes = kept = 0
+    for path in _environment_dirs(envs_dir):
+        if path.name in keep:
+            kept += 1
+            continue
+        with locked(envs_dir / f".{path.name}.lock"):  # waits for a build of it to end
+            try:
+                if (path / READY_MARKER).stat().st_mtime >= started:
+                    kept += 1
+                    continue
+            except FileNotFoundError:
+                pass  # a build that died: nothing can use it
+            size = _size(path)
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+        removed_bytes += size
+    return GcReport(tuple(removed), removed_bytes, kept)
