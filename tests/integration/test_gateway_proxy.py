@@ -1139,3 +1139,15 @@ def test_every_answer_has_an_access_log_line(
         ("None", "client_left", "d1"),
         ("None", "client_left", "d1"),
     ]
+
+    # Bytes that are no HTTP: alone, and behind a request still owed its answer.
+    caplog.clear()
+    assert raw_exchange(gw.port, b"NOT HTTP\r\n\r\n").startswith(b"HTTP/1.1 400")
+    answers = raw_exchange(gw.port, _req(b"x") + b"\x00\x01 garbage\r\n\r\n")
+    assert answers.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in answers
+    wait_for(lambda: len(lines()) == 3, 5, "three access log lines")
+    assert sorted((str(ln["status"]), ln["outcome"]) for ln in lines()) == [
+        ("200", "ok"),
+        ("400", "invalid_request"),
+        ("400", "invalid_request"),
+    ]

@@ -177,6 +177,8 @@ class ClientConn(StreamConn):
         """An upgrade request whose raw bytes are buffered until the replica answers."""
         self._paused_reading = False
         self.refusal: bytes | None = None
+        self.refusal_log: tuple[str, int, float] = ("", 0, 0.0)
+        """The refusal's request id, status and when it was decided, for its access line."""
         """An error for a malformed request, sent once the requests before it are answered."""
         self._waiting: tuple[_Request | None, float] | None = None
         """What :meth:`close_if_stalled` last saw the connection wait for, and since when."""
@@ -324,6 +326,7 @@ class ClientConn(StreamConn):
             # Earlier requests are still owed their answers, in order: read no more, answer
             # them, then send this error and close (see :meth:`_after`).
             self.refusal = body
+            self.refusal_log = (rid, status, time.perf_counter())
             self.eof = True
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -331,6 +334,7 @@ class ClientConn(StreamConn):
         if self.transport is not None and not self.closed:
             self.transport.write(body)
             self.transport.close()
+            self.gw.log_access(rid, status, "invalid_request", time.perf_counter(), None)
         self.closed = True
 
     # -- httptools callbacks ----------------------------------------------------------------
@@ -439,6 +443,8 @@ class ClientConn(StreamConn):
             if self.transport is not None:
                 if self.refusal is not None and keep and req.keep_alive:
                     self.transport.write(self.refusal)  # after every answer owed before it
+                    rid, status, start = self.refusal_log
+                    self.gw.log_access(rid, status, "invalid_request", start, None)
                 self.transport.close()
             self.closed = True
             return False
