@@ -242,6 +242,45 @@ def test_readiness_failure_stops_traffic_without_restart(
     assert st.restarts == 0
 
 
+HUNG_SERVER = """
+import socket, sys, time
+
+listener = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+held = []
+while True:  # accepts every probe, answers none
+    held.append(listener.accept()[0])
+"""
+
+
+def test_replicas_whose_health_endpoint_hangs_do_not_hold_up_the_others(
+    eng: ProcessEngine, tmp_path: Path
+) -> None:
+    """Probes ran one after another on the monitor thread: each hung replica cost every
+    other replica a probe timeout per round, so six of them kept a healthy replica from
+    being seen ready (or dead, or stopped) for six seconds and more."""
+    for i in range(6):
+        app = tmp_path / f"hung{i}"
+        app.mkdir()
+        (app / "server.py").write_text(HUNG_SERVER)
+        port = 8100 + i
+        (app / "config.yaml").write_text(
+            TOGGLE_CONFIG.replace("python3 server.py", f"python3 server.py {port}").replace(
+                "server_port: 8000", f"server_port: {port}"
+            )
+        )
+        start(eng, app, f"hung-{i}", dep=f"hung{i}")
+    wait_for(
+        lambda: all(status(eng, f"hung-{i}").endpoint for i in range(6)), 20, "hung servers up"
+    )
+    toggle = toggle_project(tmp_path)
+    wait_for(lambda: phase_is(eng, "hung-5", ReplicaPhase.STARTING), 5, "probing the hung")
+    start(eng, toggle, "d1-a")
+    # A Python HTTP server starts in well under a second; six serial probe timeouts of a
+    # second each are what this bound tells apart.
+    wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 4, "the healthy replica")
+    assert all(status(eng, f"hung-{i}").phase == ReplicaPhase.STARTING for i in range(6))
+
+
 def test_liveness_failure_restarts(eng: ProcessEngine, tmp_path: Path) -> None:
     start(eng, toggle_project(tmp_path), "d1-a")
     wait_for(lambda: phase_is(eng, "d1-a", ReplicaPhase.READY), 20, "ready")

@@ -48,7 +48,7 @@ from kingpost.engines.base import (
     ServerKind,
     scope_of,
 )
-from kingpost.engines.probes import ReplicaHealth, http_probe
+from kingpost.engines.probes import PROBE_WORKERS, ReplicaHealth, http_probe
 from kingpost.errors import EngineError
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, DYNAMIC_CONFIG_MOUNT, SERVER_ARGS
 
@@ -239,6 +239,7 @@ class DockerEngine(Engine):
         self._replicas: dict[str, _Replica] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="kingpost-docker")
+        self._probes = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="kingpost-probe")
         self._closing = threading.Event()
         self._ensure_network()
         self._adopt()
@@ -320,6 +321,7 @@ class DockerEngine(Engine):
         self._closing.set()
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=True)
+        self._probes.shutdown(wait=True)
 
     # -- setup ----------------------------------------------------------------------------
     def _ensure_network(self) -> None:
@@ -412,7 +414,18 @@ class DockerEngine(Engine):
         if now < rep.next_check:
             return
         rep.next_check = now + rep.probes.period_s
-        state = self._state(rep.container_id)
+        self._async(rep, self._check, self._probes)
+
+    def _check(self, rep: _Replica) -> None:
+        """One health round (the container's state, then the probes), on the probe pool:
+        a replica whose endpoint hangs holds up only its own rounds."""
+        assert rep.container_id is not None
+        now = time.monotonic()
+        try:
+            state = self._state(rep.container_id)
+        except Exception:  # the engine hiccuped: the next round asks again
+            log.exception("docker engine: inspecting replica %s", rep.replica_id)
+            return
         if state is None:
             self._exited(rep, now, "the container was removed from outside", gone=True)
         elif not state.get("Running"):
@@ -422,7 +435,7 @@ class DockerEngine(Engine):
         else:
             self._probe(rep, now)
 
-    def _async(self, rep: _Replica, action: Any) -> None:
+    def _async(self, rep: _Replica, action: Any, pool: ThreadPoolExecutor | None = None) -> None:
         rep.busy = True
 
         def run() -> None:
@@ -435,7 +448,7 @@ class DockerEngine(Engine):
                 rep.busy = False
 
         try:
-            self._pool.submit(run)
+            (pool or self._pool).submit(run)
         except RuntimeError:  # shutting down
             rep.busy = False
 

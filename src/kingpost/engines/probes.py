@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from kingpost.engines.base import Endpoint, Probes, ReplicaPhase
 from kingpost.engines.netns import socket_in_netns
 
-__all__ = ["MAX_EXITS_BEFORE_READY", "ReplicaHealth", "http_probe"]
+__all__ = ["MAX_EXITS_BEFORE_READY", "PROBE_WORKERS", "ReplicaHealth", "http_probe"]
 
 MAX_EXITS_BEFORE_READY = 3
 """A replica that exits this often without ever being ready is FAILED, not restarted."""
 BACKOFF_CAP_S = 30.0
+PROBE_WORKERS = 32
+"""Probe rounds an engine runs at once. Each runs off the engine's monitor thread, so
+a replica whose health endpoint hangs (a model holding the GIL in a C call) costs its
+own round up to the probe timeout, and no other replica's probes, launches or stops."""
 
 
 def http_probe(endpoint: Endpoint, path: str, timeout: float = 2.0) -> bool:

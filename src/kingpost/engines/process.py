@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -44,7 +45,7 @@ from kingpost.engines.base import (
     scope_of,
 )
 from kingpost.engines.netns import can_unshare_net, forget_netns
-from kingpost.engines.probes import ReplicaHealth
+from kingpost.engines.probes import PROBE_WORKERS, ReplicaHealth
 from kingpost.errors import EngineError
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, SERVER_ARGS
 from kingpost.settings import Settings
@@ -70,6 +71,8 @@ class _Replica(ReplicaHealth):
     proc: subprocess.Popen[bytes] | None = None
     next_probe: float = 0.0
     kill_at: float = 0.0
+    probing: bool = False
+    """A probe round of it runs on the probe pool; the monitor leaves it alone meanwhile."""
 
     @property
     def app(self) -> Path:
@@ -148,6 +151,7 @@ class ProcessEngine(Engine):
         self._past: dict[str, list[Path]] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._probes = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="kingpost-probe")
         self._thread = threading.Thread(
             target=self._monitor, name="kingpost-process-engine", daemon=True
         )
@@ -254,6 +258,7 @@ class ProcessEngine(Engine):
             time.sleep(0.05)
         self._closing.set()
         self._thread.join(timeout=5)
+        self._probes.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(OSError):  # empty once every replica's files are gone
             self._secrets_root.rmdir()
 
@@ -270,6 +275,8 @@ class ProcessEngine(Engine):
             time.sleep(TICK_S)
 
     def _step(self, rep: _Replica) -> None:
+        if rep.probing:  # its probe round decides, then it is stepped again
+            return
         now = time.monotonic()
         if rep.stopping:
             self._step_stopping(rep, now)
@@ -319,9 +326,23 @@ class ProcessEngine(Engine):
         rep.back_off(now, f"exited with code {code}; restarting")
 
     def _probe(self, rep: _Replica, now: float) -> None:
-        why = rep.probe(rep.spec.probes, now)
-        if why is not None:
-            self._restart(rep, now, why)
+        """Start a probe round on the probe pool (see :data:`PROBE_WORKERS`)."""
+        rep.probing = True
+
+        def run() -> None:
+            try:
+                why = rep.probe(rep.spec.probes, time.monotonic())
+                if why is not None:
+                    self._restart(rep, time.monotonic(), why)
+            except Exception:
+                log.exception("process engine: probing replica %s", rep.spec.replica_id)
+            finally:
+                rep.probing = False
+
+        try:
+            self._probes.submit(run)
+        except RuntimeError:  # the engine is closing
+            rep.probing = False
 
     def _restart(self, rep: _Replica, now: float, why: str) -> None:
         if rep.proc is not None:
