@@ -662,3 +662,62 @@ def test_a_long_build_log_keeps_its_end(tmp_path: Path) -> None:
     assert lines[-1].startswith("--- build finished after ")
     assert all(ln.startswith("old line ") and len(ln) == 16 for ln in lines[:-3])
     assert len(lines) == prepare.OUTPUT_LINES
+
+
+def _marks(lines: list[str]) -> list[str]:
+    """A build log with each ``--- build ...`` line cut to how it starts."""
+    return [" ".join(ln.split()[:3]) if ln.startswith("--- build ") else ln for ln in lines]
+
+
+def test_a_stopped_build_that_runs_on_stays_out_of_its_rebuilds_log(tmp_path: Path) -> None:
+    """A cancelled build's thread runs on until what it waits on returns; re-activating
+    started the next build of the deployment meanwhile, both appended to one file, and
+    the old build's late lines and its ``stopped`` line landed inside the new build's."""
+    from kingpost.controller import prepare
+
+    jobs = prepare.Jobs(60, log_dir=tmp_path)
+    wrote, release = threading.Event(), threading.Event()
+
+    def stuck(out: BuildLog) -> None:
+        out("old: step 1")
+        wrote.set()
+        release.wait(10)  # a wait the cancel does not end
+        out("old: step 2, after it was stopped")
+
+    old = jobs.ensure("build:d", stuck)
+    assert wrote.wait(5)
+    jobs.cancel("build:d", "the deployment was deactivated")
+    new = jobs.ensure("build:d", lambda out: out("new: step 1"))
+    assert new.thread is not None and old.thread is not None
+    new.thread.join(5)
+    release.set()
+    old.thread.join(5)
+    assert _marks(jobs.output("build:d")) == [
+        "--- build started",
+        "old: step 1",
+        "--- build stopped:",
+        "--- build started",
+        "new: step 1",
+        "--- build finished",
+    ]
+
+
+def test_a_deleted_deployments_build_that_runs_on_leaves_no_log_file(tmp_path: Path) -> None:
+    """``cancel_others`` removed the file of a deleted deployment's build, but the build's
+    thread, still running, wrote its next line into a new one."""
+    from kingpost.controller import prepare
+
+    jobs = prepare.Jobs(60, log_dir=tmp_path)
+    running, release = threading.Event(), threading.Event()
+
+    def stuck(out: BuildLog) -> None:
+        running.set()
+        release.wait(10)
+        out("a line after the deployment was deleted")
+
+    job = jobs.ensure("build:gone", stuck)
+    assert running.wait(5) and job.thread is not None
+    jobs.cancel_others(set(), "the deployment was deleted")
+    release.set()
+    job.thread.join(5)
+    assert list(tmp_path.iterdir()) == []

@@ -111,17 +111,21 @@ class Jobs:
         result: object = None
         error = ""
         record = _Record(self._log_path(key), job.output)
-        try:
-            with job.cancel.active():
-                result = fn(record.line)
-        except KingpostError as exc:
-            error = exc.message
-        except Exception as exc:  # a preparation bug must not kill the controller
-            if job.cancel.reason is None:
-                log.exception("preparation job failed")
-            error = f"{type(exc).__name__}: {exc}"
+        # Ended in the file when cancelled, not when the thread gets out: a cancelled build
+        # may run on (a wait the cancel does not end) while its deployment's next build, or
+        # its deletion, already owns the file.
+        with job.cancel.on_cancel(lambda: record.close(_stopped(job.cancel))):
+            try:
+                with job.cancel.active():
+                    result = fn(record.line)
+            except KingpostError as exc:
+                error = exc.message
+            except Exception as exc:  # a preparation bug must not kill the controller
+                if job.cancel.reason is None:
+                    log.exception("preparation job failed")
+                error = f"{type(exc).__name__}: {exc}"
         if job.cancel.reason is not None:
-            record.close(f"stopped: {job.cancel.reason.splitlines()[0]}")
+            record.close(_stopped(job.cancel))
         else:
             record.close("failed" if error else "finished")
         with self._lock:
@@ -204,11 +208,20 @@ def _log_name(key: str) -> str:
     return key.replace(":", "-").replace("/", "-") + ".log"
 
 
+def _stopped(cancel: Cancel) -> str:
+    """How a cancelled job ended, in its log file: the first line of the reason."""
+    first = (cancel.reason or "").partition("\n")[0]
+    return f"stopped: {first}"
+
+
 class _Record:
     """A job's output: into memory, and appended to its log file when it has one.
 
     The file gets a line saying when the job started before its first output line, and
     one saying how it ended; a job that printed nothing leaves the file as it was.
+    Once ended (:meth:`close`, also from the thread that cancels the job) nothing more
+    goes to the file, so that a job that runs on after its cancel neither writes into
+    the next build's lines nor brings back a file removed with its deployment.
     Writing is best effort: a full disk costs the file, not the build.
     """
 
@@ -217,9 +230,15 @@ class _Record:
         self._memory = memory
         self._file: IO[str] | None = None
         self._started = time.monotonic()
+        self._lock = threading.Lock()
+        """Held while writing: the job's thread writes lines, a cancelling one ends."""
 
     def line(self, text: str) -> None:
         self._memory.append(text)
+        with self._lock:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
         if self._path is None:
             return
         try:
@@ -234,14 +253,17 @@ class _Record:
             self._path = None
 
     def close(self, outcome: str) -> None:
-        if self._file is None:
-            return
-        took = time.monotonic() - self._started
-        with contextlib.suppress(OSError):
-            self._file.write(f"--- build {outcome} after {took:.1f} s ---\n")
-        with contextlib.suppress(OSError):
-            self._file.close()
-        self._file = None
+        """Say how the job ended and let go of the file; only the first call counts."""
+        with self._lock:
+            self._path = None  # later lines go to memory only
+            if self._file is None:
+                return
+            took = time.monotonic() - self._started
+            with contextlib.suppress(OSError):
+                self._file.write(f"--- build {outcome} after {took:.1f} s ---\n")
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
 
 def _open_log(path: Path) -> IO[str]:
