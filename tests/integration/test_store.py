@@ -4,8 +4,9 @@ KINGPOST_TEST_POSTGRES_URL names one (CI starts one; under CI=true it is require
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, select, text
@@ -263,3 +264,80 @@ def test_promoting_and_deleting_one_deployment_at_once_leave_no_dangling_environ
     production = [e for e in store.list_environments("m") if e.name == "production"]
     assert production[0].deployment_id == second.id
     assert store.get_deployment(second.id).desired_state == DesiredState.ACTIVE
+
+
+@pytest.mark.parametrize("second", ["promote", "create_environment"])
+def test_a_new_environment_made_while_a_push_creates_it_too_does_not_deadlock(
+    store: Store, db: Database, second: str
+) -> None:
+    """On PostgreSQL a push holds its model's row (``FOR UPDATE``) while it points an
+    environment at the new deployment. A promotion to (or creation of) that environment,
+    not there yet, inserted it first and then waited for the model's row (the foreign key
+    check) while the push waited for the inserted environment: a deadlock, and one of
+    them failed with an internal error."""
+    import threading
+
+    from sqlalchemy import event
+
+    if not db.url.startswith("postgresql"):
+        pytest.skip("SQLite runs one writing transaction at a time")
+    first = store.create_deployment(new())
+    pusher: dict[str, object] = {}
+    holding, go = threading.Event(), threading.Event()
+
+    def pause_after_model_lock(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if threading.current_thread() is pusher.get("thread") and "FOR UPDATE" in statement:
+            pusher["pid"] = cursor.connection.info.backend_pid
+            holding.set()
+            go.wait(10)
+
+    outcome: dict[str, object] = {}
+
+    def run(name: str, call: Callable[[], object]) -> None:
+        try:
+            outcome[name] = call()
+        except Exception as exc:
+            outcome[name] = exc
+
+    def waits_on_the_push() -> bool:
+        with db.engine.connect() as conn:
+            blocked = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
+                ),
+                {"pid": pusher["pid"]},
+            ).scalar()
+        return bool(blocked)
+
+    if second == "promote":
+        other: Callable[[], object] = lambda: store.promote("m", first.id, "staging")  # noqa: E731
+    else:
+        other = lambda: store.create_environment("m", "staging")  # noqa: E731
+    event.listen(db.engine, "after_cursor_execute", pause_after_model_lock)
+    try:
+        push = threading.Thread(
+            target=run, args=("push", lambda: store.create_deployment(new(environment="staging")))
+        )
+        pusher["thread"] = push
+        push.start()
+        assert holding.wait(10)
+        racer = threading.Thread(target=run, args=("other", other))
+        racer.start()
+        pause = threading.Event()
+        for _ in range(100):  # until the racer waits on the push (then it has its turn)
+            if waits_on_the_push():
+                break
+            pause.wait(0.1)
+        go.set()
+        push.join(20)
+        racer.join(20)
+    finally:
+        go.set()
+        event.remove(db.engine, "after_cursor_execute", pause_after_model_lock)
+    errors = {k: v for k, v in outcome.items() if isinstance(v, Exception)}
+    if second == "promote":
+        assert errors == {}, errors
+        staging = [e for e in store.list_environments("m") if e.name == "staging"]
+        assert staging[0].deployment_id == first.id  # the promotion came last
+    else:  # the push made it: the creation says the environment exists
+        assert set(errors) == {"other"} and isinstance(errors["other"], ConflictError), errors

@@ -176,8 +176,16 @@ class Store:
         with self.db.session() as s:
             return [_model_view(s, m) for m in s.scalars(select(Model).order_by(Model.created_at))]
 
-    def _model(self, s: Session, ref: str) -> Model:
-        m = s.get(Model, ref) or s.scalar(select(Model).where(Model.name == ref))
+    def _model(self, s: Session, ref: str, *, lock: bool = False) -> Model:
+        """``ref`` by id or name. With ``lock``, its row is held until the transaction ends
+        (PostgreSQL's ``FOR UPDATE``), as a push holds it: a change that may add one of
+        the model's environments takes it first, since the insert's foreign key check
+        waits for it, and a push that waited for the inserted environment meanwhile
+        would deadlock with it."""
+        by_name = select(Model).where(Model.name == ref)
+        m = s.get(Model, ref, with_for_update=lock) or s.scalar(
+            by_name.with_for_update() if lock else by_name
+        )
         if m is None:
             raise NotFoundError(f"model {ref!r} not found (by id or name)", model=ref)
         return m
@@ -360,7 +368,7 @@ class Store:
     def promote(self, model_ref: str, deployment_ref: str, env_name: str) -> DeploymentView:
         check_environment_name(env_name)
         with self.db.session() as s:
-            model = self._model(s, model_ref)
+            model = self._model(s, model_ref, lock=True)  # first, as a push takes it
             d = self._deployment(s, deployment_ref, model.id, lock=True)
             if d.desired_state != DesiredState.ACTIVE:
                 raise ConflictError(
@@ -384,7 +392,7 @@ class Store:
     def create_environment(self, model_ref: str, env_name: str) -> EnvironmentView:
         check_environment_name(env_name)
         with self.db.session() as s:
-            model = self._model(s, model_ref)
+            model = self._model(s, model_ref, lock=True)
             exists = s.scalar(
                 select(Environment.id).where(
                     Environment.model_id == model.id, Environment.name == env_name
