@@ -43,7 +43,7 @@ class Cancel:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stops: set[Callable[[], None]] = set()
+        self._stops: list[Callable[[], None]] = []
         self._reason: str | None = None
 
     @property
@@ -87,7 +87,7 @@ class Cancel:
         at once if cancelled already. For work that is not a process: an image build,
         which the Docker Engine stops when its request's connection closes."""
         with self._lock:
-            self._stops.add(stop)
+            self._stops.append(stop)
             cancelled = self._reason is not None
         if cancelled:
             stop()
@@ -95,7 +95,7 @@ class Cancel:
             yield
         finally:
             with self._lock:
-                self._stops.discard(stop)
+                self._stops.remove(stop)  # one registration: the same callable may have two
 
 
 def kill_group(pgid: int) -> None:

@@ -29,3 +29,16 @@ def test_a_stop_that_fails_does_not_spare_the_others(caplog: pytest.LogCaptureFi
         cancel.cancel("stop")
     assert stopped == ["other"]
     assert "stopping a cancelled build's work failed" in caplog.text
+
+
+def test_the_same_stop_registered_twice_stays_until_both_blocks_end() -> None:
+    cancel, stopped = Cancel(), []
+
+    def stop() -> None:
+        stopped.append("stop")
+
+    with cancel.on_cancel(stop):
+        with cancel.on_cancel(stop):
+            pass
+        cancel.cancel("stop")  # the outer block still runs: it is stopped
+    assert stopped == ["stop"]
