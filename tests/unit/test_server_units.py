@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -236,6 +238,39 @@ def test_a_model_error_is_logged_from_the_models_frames_on() -> None:
     assert lines[1].startswith(f'  File "{__file__}"') and lines[1].endswith("in predict")
     assert "_frames_for_test.py" not in "\n".join(lines)
     assert lines[-1] == "ValueError: in the model"
+
+
+def _import_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> str:
+    """The logged traceback of the server importing a model module made of ``source``."""
+    (tmp_path / "kp_model_source.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "kp_model_source", raising=False)
+    exc = _server_catches("fn('kp_model_source')")(importlib.import_module)
+    return format_user_exception(exc)
+
+
+def test_a_models_import_error_is_logged_from_its_line_not_from_importlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The most common load failure, a package the model imports but does not list, was
+    logged from importlib's frozen frames on: six `<frozen importlib._bootstrap>` lines
+    before the model's, which also pushed its line out of a FAILED deployment's message."""
+    text = _import_failure(tmp_path, monkeypatch, "import not_installed_kp\n")
+    lines = text.splitlines()
+    assert "<frozen" not in text and "_frames_for_test.py" not in text, text
+    assert lines[1].startswith(f'  File "{tmp_path / "kp_model_source.py"}", line 1'), text
+    assert lines[-1] == "ModuleNotFoundError: No module named 'not_installed_kp'"
+
+
+def test_a_syntax_error_in_the_model_is_logged_as_its_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No frame of a SyntaxError's traceback is the model's (the import machinery's are),
+    yet the error is in the model's file: it is shown without the frames before it."""
+    text = _import_failure(tmp_path, monkeypatch, "class Model:\n    def load(self)\n")
+    assert "<frozen" not in text and "_frames_for_test.py" not in text, text
+    assert f'File "{tmp_path / "kp_model_source.py"}", line 2' in text
+    assert "def load(self)" in text and text.rstrip().endswith("SyntaxError: expected ':'")
 
 
 def test_an_error_of_the_server_itself_keeps_its_whole_traceback() -> None:

@@ -26,23 +26,41 @@ _FRAMEWORK_DIRS = (
 )
 """The model server's own files and the standard library (asyncio, thread pools)."""
 
+_FROZEN = "<frozen "
+"""The standard library's frozen modules (importlib's bootstrap, between the server's
+``import_module`` and the model's module), which have no file under the stdlib dir."""
 
-def _from_user_code(tb: TracebackType | None) -> TracebackType | None:
+
+def _is_framework(filename: str) -> bool:
+    return filename.startswith(_FRAMEWORK_DIRS) or filename.startswith(_FROZEN)
+
+
+def _is_user_file(filename: str | None) -> bool:
+    if not filename or filename.startswith("<"):  # "<string>", "<stdin>": no file of the model's
+        return False
+    return not _is_framework(filename)
+
+
+def _from_user_code(exc: BaseException, tb: TracebackType | None) -> TracebackType | None:
     """``tb`` without the server frames that led into the model's code.
 
-    Like Truss, the log shows a model's error from the model's frames on. A traceback
-    with no frame outside the server and the standard library is the server's own bug
-    and is kept whole.
+    Like Truss, the log shows a model's error from the model's frames on. A
+    ``SyntaxError`` in a file of the model's has no frame of the model's (the import
+    machinery's are the last) and is shown as that file and line alone. Any other
+    traceback with no frame outside the server and the standard library is the server's
+    own bug and is kept whole.
     """
     first = tb
-    while first is not None and first.tb_frame.f_code.co_filename.startswith(_FRAMEWORK_DIRS):
+    while first is not None and _is_framework(first.tb_frame.f_code.co_filename):
         first = first.tb_next
+    if first is None and isinstance(exc, SyntaxError) and _is_user_file(exc.filename):
+        return None
     return first or tb
 
 
 def format_user_exception(exc: BaseException, tb: TracebackType | None = None) -> str:
     """The traceback of ``exc`` as the log shows it: from the model's code on."""
-    trimmed = _from_user_code(tb or exc.__traceback__)
+    trimmed = _from_user_code(exc, tb or exc.__traceback__)
     return "".join(traceback.format_exception(type(exc), exc, trimmed))
 
 
