@@ -50,6 +50,28 @@ def test_streaming_through_the_gateway(platform: Platform) -> None:
         assert b"".join(r.iter_raw()) == b"chunk-0;chunk-1;chunk-2;chunk-3;"
 
 
+def test_predict_cli_says_a_stream_was_broken_off_not_that_the_gateway_is_unreachable(
+    platform: Platform,
+) -> None:
+    """A generator that raised midway got `cannot reach the gateway at ...`, after the
+    chunks that came through it: the user went looking for a network problem."""
+    _, dep = deploy(platform, "streaming")
+    args = ("predict", "-m", "streaming", "--deployment", dep["id"], "-d")
+    ok = platform.cli(*args, '{"n": 2}')
+    assert ok.returncode == 0 and ok.stdout.startswith("chunk-0;chunk-1;"), ok.stderr
+    out = platform.cli(*args, '{"n": 3, "fail_at": 1}')
+    assert out.returncode == 1 and out.stdout.startswith("chunk-0;"), out
+    text = " ".join(out.stderr.split())
+    assert "cannot reach" not in text and "broken off" in text, text
+    assert f"kingpost logs --deployment {dep['id']}" in text, text
+    request_id = text.split("request id ")[1].split(";")[0]
+    logs = platform.cli("logs", "--deployment", dep["id"]).stdout
+    assert any(request_id in ln and "stream failed on purpose" in ln for ln in logs.splitlines()), (
+        request_id,
+        logs,
+    )
+
+
 def test_request_argument_and_pydantic_inputs(platform: Platform) -> None:
     with platform.gateway() as gw:
         model_id, _ = deploy(platform, "request_only")

@@ -27,6 +27,7 @@ from kingpost.cli._common import (
     print_rows,
     print_warning,
 )
+from kingpost.client import KingpostClient
 from kingpost.errors import KingpostError, ValidationError
 
 __all__ = ["deployments", "logs", "models", "predict", "push"]
@@ -267,13 +268,37 @@ def predict(model: str | None, data: str, environment: str | None, deployment: s
             if len(names) != 1:
                 raise ValidationError(f"--model: required when there are {len(names)} models")
             model = names[0]
-        ref = c.model(model)["id"]
+        info = c.model(model)
+        ref = info["id"]
         path = c.predict_path(ref, environment=environment, deployment=deployment)
-        with c.predict_stream(path, payload) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                raise KingpostError(f"HTTP {resp.status_code}: {resp.text}")
-            for chunk in resp.iter_raw():
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
+        streaming = False
+        try:
+            with c.predict_stream(path, payload) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise KingpostError(f"HTTP {resp.status_code}: {resp.text}")
+                streaming = True
+                for chunk in resp.iter_raw():
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+        except KingpostError as exc:
+            if not streaming:
+                raise
+            sys.stdout.flush()
+            click.echo()
+            target = deployment or _environment_deployment(c, info, environment or "production")
+            raise KingpostError(
+                f"{exc.message}; the model's log: `kingpost logs --deployment {target}`"
+            ) from exc
     click.echo()
+
+
+def _environment_deployment(c: KingpostClient, model: dict[str, Any], environment: str) -> str:
+    """The deployment ``environment`` points at, or a placeholder when that is unknown."""
+    if environment == "production" and model.get("production_deployment_id"):
+        return str(model["production_deployment_id"])
+    try:
+        envs = c.environments(model["id"])
+    except KingpostError:
+        return "ID"
+    return next((e["deployment_id"] for e in envs if e["name"] == environment), None) or "ID"

@@ -212,6 +212,7 @@ class KingpostClient:
     def predict_stream(
         self, path: str, payload: Any, timeout: float = 300.0
     ) -> Iterator[httpx.Response]:
+        resp: httpx.Response | None = None
         try:
             with self._gw.stream(
                 "POST",
@@ -222,4 +223,17 @@ class KingpostClient:
             ) as resp:
                 yield resp
         except httpx.TransportError as exc:
-            raise KingpostError(f"cannot reach the gateway at {self.gateway_url} ({exc})") from exc
+            if resp is None:
+                raise KingpostError(
+                    f"cannot reach the gateway at {self.gateway_url} ({exc})"
+                ) from exc
+            # The gateway answered: what failed is the body, which the model was producing.
+            rid = resp.headers.get("x-baseten-request-id", "unknown")
+            if isinstance(exc, httpx.TimeoutException):
+                what = f"the response stalled: nothing came for {timeout:g} s"
+            else:
+                what = (
+                    "the response was broken off before its end: the model raised in the "
+                    "middle of a stream, or its replica stopped"
+                )
+            raise KingpostError(f"{what} (request id {rid}; {exc})") from exc
