@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -218,6 +219,23 @@ def test_push_warns_once_the_server_picked_an_engine_that_ignores_keys(
     stderr = " ".join(out.stderr.split())  # rich wraps long lines
     assert stderr.count("warning:") == 1, stderr
     assert "system_packages: not installed" in stderr and '(found ["jq"])' in stderr, stderr
+
+
+def test_push_prints_the_curl_command_on_one_line(platform: Platform, tmp_path: Path) -> None:
+    """The command to copy was wrapped at 80 columns (rich's width when stdout is not a
+    terminal, and in a narrow one): pasted, its first line ran `curl -X POST` alone."""
+    project = copy_project(tmp_path, "one-line", "model_name: push-one-line\n")
+    out = platform.cli("push", str(project), "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("predict:")]
+    command = line.removeprefix("predict: ")
+    assert command.startswith("curl -X POST http://") and command.endswith("-d '{...}'"), line
+    env = {**platform.env, "KINGPOST_API_KEY": platform.api_key}
+    ran = subprocess.run(
+        ["sh", "-c", command.replace("{...}", '{"hi": 1}') + " -sS --fail"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert ran.returncode == 0 and json.loads(ran.stdout)["echo"] == {"hi": 1}, ran
 
 
 def test_push_wait_exits_non_zero_unless_the_deployment_is_up(

@@ -114,9 +114,13 @@ def push(
             f"model [bold]{model['name']}[/] ({model['id']}), deployment [bold]{dep['name']}[/] "
             f"({dep['id']}): {dep['status']}"
         )
+        # One line whatever the width: it is a command to copy, and a wrapped one breaks.
         console.print(
             f"predict: curl -X POST {result['predict_url']} "
-            "-H \"Authorization: Api-Key $KINGPOST_API_KEY\" -d '{...}'"
+            "-H \"Authorization: Api-Key $KINGPOST_API_KEY\" -d '{...}'",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
         )
     if dep["status"] in ("FAILED", "BUILD_FAILED"):
         raise KingpostError(f"deployment {dep['name']} {dep['status']}: {dep['message']}")
