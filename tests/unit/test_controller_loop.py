@@ -344,7 +344,14 @@ def test_build_logs_outlive_a_control_plane_restart(tmp_path: Path) -> None:
         "error: connection reset while downloading torch",
         "failed",
     ]
-    # The restarted control plane checks the build again; its lines come after.
+    # The failure stands across the restart; re-activating builds again, after it.
+    for _ in range(3):
+        rig.controller.reconcile_once()
+    assert (engine.builds, rig.store.get_deployment(dep).status) == (
+        0,
+        DeploymentStatus.BUILD_FAILED,
+    )
+    rig.store.set_desired(dep, DesiredState.ACTIVE)
     _settle(rig, dep, DeploymentStatus.ACTIVE)
     assert _build_log(rig, dep, marks=True) == [
         "started",

@@ -330,6 +330,10 @@ class Controller:
         """What the deployment's engine builds for it (an environment, an image), once."""
         engine, app_dir = self.engine(dep.engine), self._app_dir(dep)
         key = f"build:{dep.id}"
+        if dep.status == DeploymentStatus.BUILD_FAILED and not serving:
+            # The recorded failure stands until the user re-activates (which resets the
+            # status), a restarted control plane included: it does not build it again.
+            return None
         if dep.id in self._failed_builds and dep.status == DeploymentStatus.DEPLOYING:
             # BUILD_FAILED was recorded, and re-activating reset it since: build again.
             self._failed_builds.discard(dep.id)
