@@ -20,7 +20,7 @@ from kingpost.server.codec import InputError, encode_json, encode_msgpack, parse
 from kingpost.server.config import load_server_config
 from kingpost.server.logs import format_user_exception
 from kingpost.server.metrics import Metrics
-from kingpost.server.model import ArgMode, ModelDefinitionError, describe
+from kingpost.server.model import ArgMode, ModelDefinitionError, ModelHost, describe
 from kingpost.server.scaffold import scaffold_project
 from kingpost.server.secrets import Secrets, UndeclaredSecretError
 
@@ -279,4 +279,24 @@ def test_an_error_of_the_server_itself_keeps_its_whole_traceback() -> None:
     assert "_frames_for_test.py" in text and "in call" in text
     assert text.rstrip().endswith(
         "TypeError: unsupported operand type(s) for +: 'NoneType' and 'int'"
+    )
+
+
+def test_an_error_the_server_finds_in_the_model_is_logged_as_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A misspelt ``model_class_name`` was logged as a server bug: the message came last,
+    under a traceback of the server's own frames."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.py").write_text("class Model:\n    pass\n")
+    (tmp_path / "config.yaml").write_text("model_name: typo\nmodel_class_name: Modell\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    monkeypatch.delitem(sys.modules, "model.model", raising=False)
+    host = ModelHost(load_server_config(tmp_path, validate=False), Secrets({}, tmp_path))
+    exc = _server_catches("fn(None)")(host.load_blocking)  # as the server's main calls it
+    assert isinstance(exc, ModelDefinitionError)
+    assert format_user_exception(exc) == (
+        f"ModelDefinitionError: {tmp_path / 'model' / 'model.py'}: no class 'Modell'; "
+        "define it or set `model_class_name` in config.yaml\n"
     )

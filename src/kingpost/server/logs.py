@@ -46,14 +46,17 @@ def _from_user_code(exc: BaseException, tb: TracebackType | None) -> TracebackTy
 
     Like Truss, the log shows a model's error from the model's frames on. A
     ``SyntaxError`` in a file of the model's has no frame of the model's (the import
-    machinery's are the last) and is shown as that file and line alone. Any other
-    traceback with no frame outside the server and the standard library is the server's
-    own bug and is kept whole.
+    machinery's are the last) and is shown as that file and line alone; so is an error
+    the server raised about the model (``explains_itself``: a missing class, a bad
+    signature), whose message is the whole story. Any other traceback with no frame
+    outside the server and the standard library is the server's own bug and is kept whole.
     """
     first = tb
     while first is not None and _is_framework(first.tb_frame.f_code.co_filename):
         first = first.tb_next
     if first is None and isinstance(exc, SyntaxError) and _is_user_file(exc.filename):
+        return None
+    if first is None and getattr(exc, "explains_itself", False):
         return None
     return first or tb
 
@@ -61,6 +64,8 @@ def _from_user_code(exc: BaseException, tb: TracebackType | None) -> TracebackTy
 def format_user_exception(exc: BaseException, tb: TracebackType | None = None) -> str:
     """The traceback of ``exc`` as the log shows it: from the model's code on."""
     trimmed = _from_user_code(exc, tb or exc.__traceback__)
+    if trimmed is None and getattr(exc, "explains_itself", False):
+        return f"{type(exc).__name__}: {exc}\n"
     return "".join(traceback.format_exception(type(exc), exc, trimmed))
 
 

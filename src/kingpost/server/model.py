@@ -60,6 +60,10 @@ not in it: the connection code tells a cancelled request from model code raising
 class ModelDefinitionError(TypeError):
     """The model class breaks the Truss contract (answered with 412, as Truss does)."""
 
+    explains_itself = True
+    """Its message says what is wrong with the model: the log shows it without the
+    server's frames that found it (see :func:`kingpost.server.logs.format_user_exception`)."""
+
 
 class Status(enum.StrEnum):
     LOADING = "loading"  # importing, constructing or running load()
