@@ -177,6 +177,15 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     out = platform.cli("deployments", "list", "--model", model_id, "--output", "json")
     names = {d["name"]: d for d in json.loads(out.stdout)}
     assert set(names) == {"deployment-1", "canary-1"}
+    # The CLI takes a deployment's name with its model, as `deployments promote` does.
+    out = platform.cli("predict", "--model", "promo", "--deployment", "canary-1", "-d", '{"n": 2}')
+    assert out.returncode == 0 and json.loads(out.stdout)["echo"] == {"n": 2}, out.stderr
+    out = platform.cli("logs", "--model", "promo", "--deployment", "canary-1")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    # An error answer reads as its message, not as escaped JSON.
+    out = platform.cli("predict", "--model", "promo", "--environment", "nope", "-d", "{}")
+    assert out.returncode != 0 and "HTTP 404: " in out.stderr, out.stderr
+    assert '{"error"' not in out.stderr and "nope" in out.stderr, out.stderr
 
 
 def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_path: Path) -> None:

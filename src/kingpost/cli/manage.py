@@ -230,13 +230,29 @@ def deployments_promote(model: str, deployment: str, environment: str, output: s
 
 
 @click.command()
-@click.option("--deployment", "-d", "deployment", required=True, help="Deployment id.")
+@click.option(
+    "--deployment", "-d", "deployment", required=True,
+    help="Deployment id, or its name with --model.",
+)  # fmt: skip
+@click.option("--model", "-m", help="The model a deployment name belongs to.")
 @click.option("--tail", type=int, default=200, show_default=True)
-def logs(deployment: str, tail: int) -> None:
+def logs(deployment: str, model: str | None, tail: int) -> None:
     """Show a deployment's build and replica output."""
     with client() as c:
+        if model is not None:
+            deployment = c.deployment(deployment, model)["id"]
         for line in c.logs(deployment, tail):
             click.echo(f"[{line['replica']}] {line['text']}")
+
+
+def _error_text(body: str) -> str:
+    """An error answer as a reader wants it: the message of a JSON ``{"error": ...}``
+    (the gateway's and the model server's shape), else the body as it came."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return body
+    return error if isinstance(error, str) and error else body
 
 
 def _read_data(path: str) -> str:
@@ -258,7 +274,7 @@ def _read_data(path: str) -> str:
 @click.option("--model", "-m", help="Model id or name (default: the only model).")
 @click.option("--data", "-d", "data", required=True, help="JSON body, or @file, or - for stdin.")
 @click.option("--environment", help="Environment (default production).")
-@click.option("--deployment", help="Deployment id, bypassing environments.")
+@click.option("--deployment", help="Deployment id or name, bypassing environments.")
 def predict(model: str | None, data: str, environment: str | None, deployment: str | None) -> None:
     """Call a model through the gateway and print the response (streams as it arrives)."""
     raw = sys.stdin.read() if data == "-" else _read_data(data[1:]) if data[:1] == "@" else data
@@ -274,13 +290,15 @@ def predict(model: str | None, data: str, environment: str | None, deployment: s
             model = names[0]
         info = c.model(model)
         ref = info["id"]
+        if deployment is not None:  # a name (deployment-2) is the model's; the gateway wants ids
+            deployment = c.deployment(deployment, ref)["id"]
         path = c.predict_path(ref, environment=environment, deployment=deployment)
         streaming = False
         try:
             with c.predict_stream(path, payload) as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    raise KingpostError(f"HTTP {resp.status_code}: {resp.text}")
+                    raise KingpostError(f"HTTP {resp.status_code}: {_error_text(resp.text)}")
                 streaming = True
                 for chunk in resp.iter_raw():
                     sys.stdout.buffer.write(chunk)

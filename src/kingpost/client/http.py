@@ -142,8 +142,12 @@ class KingpostClient:
         path = f"/v1/models/{_seg('model', model)}/deployments" if model else "/v1/deployments"
         return list(self._call("GET", path))
 
-    def deployment(self, dep: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/v1/deployments/{_seg('deployment', dep)}"))
+    def deployment(self, dep: str, model: str | None = None) -> dict[str, Any]:
+        """A deployment by id, or by id or name within ``model``."""
+        if model is None:
+            return dict(self._call("GET", f"/v1/deployments/{_seg('deployment', dep)}"))
+        path = f"/v1/models/{_seg('model', model)}/deployments/{_seg('deployment', dep)}"
+        return dict(self._call("GET", path))
 
     def deployment_action(self, model: str, dep: str, action: str) -> dict[str, Any]:
         path = f"/v1/models/{_seg('model', model)}/deployments/{_seg('deployment', dep)}"
