@@ -266,6 +266,7 @@ def test_promoting_and_deleting_one_deployment_at_once_leave_no_dangling_environ
     assert store.get_deployment(second.id).desired_state == DesiredState.ACTIVE
 
 
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)  # SQLite: one writer at a time
 @pytest.mark.parametrize("second", ["promote", "create_environment"])
 def test_a_new_environment_made_while_a_push_creates_it_too_does_not_deadlock(
     store: Store, db: Database, second: str
@@ -279,8 +280,6 @@ def test_a_new_environment_made_while_a_push_creates_it_too_does_not_deadlock(
 
     from sqlalchemy import event
 
-    if not db.url.startswith("postgresql"):
-        pytest.skip("SQLite runs one writing transaction at a time")
     first = store.create_deployment(new())
     pusher: dict[str, object] = {}
     holding, go = threading.Event(), threading.Event()
