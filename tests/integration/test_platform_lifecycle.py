@@ -79,6 +79,32 @@ def test_control_plane_restart_brings_deployments_back(
     assert [m["name"] for m in models] == ["durable"]
 
 
+def test_deleting_a_model_stops_its_replicas_and_frees_its_name(
+    fresh_platform: Platform, tmp_path: Path
+) -> None:
+    model_id, _ = _push(fresh_platform, tmp_path, "doomed")
+    pid = _pid(fresh_platform, model_id)
+    out = fresh_platform.cli("models", "delete", "doomed", "--yes")
+    assert out.returncode == 0 and "deleted model doomed" in out.stdout, out.stdout + out.stderr
+    wait_for(lambda: not _alive(pid), 15, "the replica to stop")
+    with fresh_platform.gateway() as gw:
+        r = wait_for(
+            lambda: (
+                (resp := gw.post(f"/models/{model_id}/production/predict", json={})).status_code
+                == 404
+                and resp
+            ),
+            10,
+            "404 for the deleted model",
+        )
+    assert "error" in r.json()
+    assert json.loads(fresh_platform.cli("models", "list", "-o", "json").stdout) == []
+    # The name is free again: a push makes a new model, first deployment in production.
+    new_model, _ = _push(fresh_platform, tmp_path / "again", "doomed")
+    assert new_model != model_id
+    assert _pid(fresh_platform, new_model) != pid
+
+
 def test_crashing_server_is_failed_with_its_output(
     fresh_platform: Platform, tmp_path: Path
 ) -> None:

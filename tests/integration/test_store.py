@@ -340,3 +340,25 @@ def test_a_new_environment_made_while_a_push_creates_it_too_does_not_deadlock(
         assert staging[0].deployment_id == first.id  # the promotion came last
     else:  # the push made it: the creation says the environment exists
         assert set(errors) == {"other"} and isinstance(errors["other"], ConflictError), errors
+
+
+def test_deleting_a_model_removes_its_deployments_and_environments_and_frees_its_name(
+    store: Store,
+) -> None:
+    """A model's production deployment could not be deleted, nor the model: it stayed."""
+    first = store.create_deployment(new())
+    store.create_deployment(new(environment="staging"))
+    store.create_deployment(new("other"))
+    store.set_desired(store.create_deployment(new()).id, DesiredState.DELETED)
+    gone = store.delete_model("m")
+    assert (gone.name, gone.id) == ("m", first.model_id)
+    assert [m.name for m in store.list_models()] == ["other"]
+    left = store.list_deployments(include_deleted=True)
+    assert [d.model_id for d in left] == [store.get_model("other").id]
+    with pytest.raises(NotFoundError):
+        store.list_environments("m")
+    with pytest.raises(NotFoundError):
+        store.get_deployment(first.id)
+    again = store.create_deployment(new())  # a new model under the old name
+    assert again.model_id != first.model_id and again.name == "deployment-1"
+    assert again.environments == ("production",)

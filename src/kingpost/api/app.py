@@ -261,6 +261,12 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     def get_model(model: str) -> ModelOut:
         return ModelOut.of(store.get_model(model))
 
+    @router.delete("/models/{model}", response_model=ModelOut)
+    def delete_model(model: str) -> ModelOut:
+        out = ModelOut.of(store.delete_model(model))
+        changed()
+        return out
+
     @router.get("/models/{model}/deployments", response_model=list[DeploymentOut])
     def list_model_deployments(model: str) -> list[DeploymentOut]:
         return [DeploymentOut.of(d) for d in store.list_deployments(model)]

@@ -186,6 +186,22 @@ def models_list(output: str) -> None:
     )
 
 
+@models.command("delete")
+@click.argument("model")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+def models_delete(model: str, yes: bool) -> None:
+    """Delete a model with all its deployments and environments (stops their replicas)."""
+    with client() as c:
+        info = c.model(model)
+        what = (
+            f"model {info['name']} ({info['id']}) and its {info['deployment_count']} deployment(s)"
+        )
+        if not yes and not click.confirm(f"Delete {what}?", default=False):
+            raise click.exceptions.Abort()
+        c.delete_model(info["id"])
+    console.print(f"deleted {what}", markup=False)
+
+
 @click.group()
 def deployments() -> None:
     """Deployments: list, activate, deactivate, delete, promote."""

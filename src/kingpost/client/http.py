@@ -138,6 +138,9 @@ class KingpostClient:
     def model(self, ref: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/v1/models/{_seg('model', ref)}"))
 
+    def delete_model(self, ref: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/models/{_seg('model', ref)}"))
+
     def deployments(self, model: str | None = None) -> list[dict[str, Any]]:
         path = f"/v1/models/{_seg('model', model)}/deployments" if model else "/v1/deployments"
         return list(self._call("GET", path))

@@ -12,7 +12,7 @@ import string
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -189,6 +189,21 @@ class Store:
         if m is None:
             raise NotFoundError(f"model {ref!r} not found (by id or name)", model=ref)
         return m
+
+    def delete_model(self, ref: str) -> ModelView:
+        """Remove a model with every deployment and environment of it, for good.
+
+        The rows go (deleted deployments' too), so the controller stops what the
+        deployments ran at its next pass, as for strays, and the name can be pushed
+        anew. Its row is locked first, as a push and a promotion lock it, so neither
+        interleaves: a push that waited creates a new model."""
+        with self.db.session() as s:
+            model = self._model(s, ref, lock=True)
+            view = _model_view(s, model)
+            s.execute(delete(Environment).where(Environment.model_id == model.id))
+            s.execute(delete(Deployment).where(Deployment.model_id == model.id))
+            s.delete(model)
+            return view
 
     def get_model(self, ref: str) -> ModelView:
         with self.db.session() as s:
