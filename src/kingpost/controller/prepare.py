@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from kingpost._cancel import Cancel
+from kingpost._logtail import tail_lines
 from kingpost.errors import KingpostError
 
 __all__ = ["JobState", "Jobs"]
@@ -180,7 +181,7 @@ class Jobs:
         path = self._log_path(key)
         if path is not None:
             try:
-                return _tail(path, OUTPUT_LINES)
+                return tail_lines(path, OUTPUT_LINES, LOG_FILE_KEEP)
             except FileNotFoundError:
                 pass
         with self._lock:
@@ -278,15 +279,3 @@ def _open_log(path: Path) -> IO[str]:
             tmp.write_bytes(kept)
             tmp.replace(path)
     return path.open("a", encoding="utf-8", errors="replace")
-
-
-def _tail(path: Path, lines: int) -> list[str]:
-    """The last ``lines`` lines of a file, reading no more than its end."""
-    with path.open("rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        chunk = min(size, LOG_FILE_KEEP)
-        f.seek(size - chunk)
-        data = f.read()
-    if chunk < size:  # the first line read is likely cut
-        data = data[data.find(b"\n") + 1 :]
-    return data.decode("utf-8", errors="replace").splitlines()[-lines:]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from kingpost._cancel import kill_orphans
+from kingpost._logtail import tail_lines
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
 from kingpost.engines.base import (
@@ -90,15 +91,11 @@ def _free_port() -> int:
 
 
 def _tail(path: Path, lines: int) -> list[str]:
+    """The last lines of a replica's output, none if it has none yet."""
     try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            data = fh.read()
+        return tail_lines(path, lines, 64 * 1024)
     except FileNotFoundError:
         return []
-    return data.decode(errors="replace").splitlines()[-lines:]
 
 
 def _secrets_root(scope: str) -> Path:
