@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from kingpost._cancel import kill_orphans
 from kingpost._logtail import tail_lines
@@ -88,6 +88,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _environment_kind(config: TrussConfig) -> Literal["model", "custom_server"] | None:
+    """Which Python environment :meth:`ProcessEngine.prepare` builds for a project, so
+    that ``environment_hash`` names the same one: a model class's, a custom server's, or
+    none (a ``no_build`` custom server runs as it is)."""
+    if config.docker_server is None:
+        return "model"
+    return None if config.docker_server.no_build else "custom_server"
 
 
 def _tail(path: Path, lines: int) -> list[str]:
@@ -161,11 +170,12 @@ class ProcessEngine(Engine):
         which ignores them, it runs as it is)."""
         from kingpost.envs import ensure_custom_server_environment, ensure_environment
 
+        kind = _environment_kind(config)
         envs_dir = self.settings.envs_dir
-        if config.docker_server is None:
+        if kind == "model":
             env = ensure_environment(config, app_dir, envs_dir, log)
             return Prepared(python_executable=env.python_executable)
-        if config.docker_server.no_build:
+        if kind is None:
             return Prepared()
         custom = ensure_custom_server_environment(config, app_dir, envs_dir, log)
         return Prepared(python_executable=custom.python_executable if custom else None)
@@ -173,11 +183,10 @@ class ProcessEngine(Engine):
     def environment_hash(self, config: TrussConfig, app_dir: Path) -> str | None:
         from kingpost.envs import environment_hash
 
-        if config.docker_server is None:
-            return environment_hash(config, app_dir)
-        if config.docker_server.no_build:
+        kind = _environment_kind(config)
+        if kind is None:
             return None
-        return environment_hash(config, app_dir, custom_server=True)
+        return environment_hash(config, app_dir, custom_server=kind == "custom_server")
 
     def start(self, spec: ReplicaSpec) -> None:
         with self._lock:
