@@ -41,32 +41,26 @@ def _is_user_file(filename: str | None) -> bool:
     return not _is_framework(filename)
 
 
-def _from_user_code(exc: BaseException, tb: TracebackType | None) -> TracebackType | None:
-    """``tb`` without the server frames that led into the model's code.
+def format_user_exception(exc: BaseException, tb: TracebackType | None = None) -> str:
+    """The traceback of ``exc`` as the log shows it: from the model's code on.
 
-    Like Truss, the log shows a model's error from the model's frames on. A
-    ``SyntaxError`` in a file of the model's has no frame of the model's (the import
-    machinery's are the last) and is shown as that file and line alone; so is an error
-    the server raised about the model (``explains_itself``: a missing class, a bad
-    signature), whose message is the whole story. Any other traceback with no frame
-    outside the server and the standard library is the server's own bug and is kept whole.
+    Like Truss, the log shows a model's error from the model's frames on, without the
+    server frames that led into them. With no frame of the model's: a ``SyntaxError`` in
+    a file of the model's (the import machinery's frames are the last) is shown as that
+    file and line alone; an error the server raised about the model (``explains_itself``:
+    a missing class, a bad signature) as its message alone, which is the whole story; any
+    other traceback is the server's own bug and is kept whole.
     """
+    tb = tb or exc.__traceback__
     first = tb
     while first is not None and _is_framework(first.tb_frame.f_code.co_filename):
         first = first.tb_next
-    if first is None and isinstance(exc, SyntaxError) and _is_user_file(exc.filename):
-        return None
-    if first is None and getattr(exc, "explains_itself", False):
-        return None
-    return first or tb
-
-
-def format_user_exception(exc: BaseException, tb: TracebackType | None = None) -> str:
-    """The traceback of ``exc`` as the log shows it: from the model's code on."""
-    trimmed = _from_user_code(exc, tb or exc.__traceback__)
-    if trimmed is None and getattr(exc, "explains_itself", False):
-        return f"{type(exc).__name__}: {exc}\n"
-    return "".join(traceback.format_exception(type(exc), exc, trimmed))
+    if first is None:
+        if getattr(exc, "explains_itself", False):
+            return f"{type(exc).__name__}: {exc}\n"
+        if not (isinstance(exc, SyntaxError) and _is_user_file(exc.filename)):
+            first = tb
+    return "".join(traceback.format_exception(type(exc), exc, first))
 
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

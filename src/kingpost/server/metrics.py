@@ -40,9 +40,6 @@ class Metrics:
     def stream_cut(self, reason: str) -> None:
         self._cut[reason] = self._cut.get(reason, 0) + 1
 
-    def streams_cut(self, reason: str) -> int:
-        return self._cut.get(reason, 0)
-
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
         self._requests[key] = self._requests.get(key, 0) + 1

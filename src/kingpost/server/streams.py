@@ -111,7 +111,7 @@ async def stream_result(
     pool: Any,
     release: Callable[[], None] | None,
     read_timeout_s: float,
-    cut: Callable[[str], None] = lambda reason: None,
+    cut: Callable[[str], None],
 ) -> int:
     """Send ``gen`` to ``conn``; calls ``release`` once the generator is done, and
     ``cut(reason)`` if the stream ends after its head without its last chunk."""
