@@ -176,9 +176,9 @@ class ClientConn(StreamConn):
         self.tunnel: _Request | None = None
         """An upgrade request whose raw bytes are buffered until the replica answers."""
         self._paused_reading = False
-        self.refusal: bytes | None = None
-        self.refusal_log: tuple[str, int, float] = ("", 0, 0.0)
-        """The refusal's request id, status and when it was decided, for its access line."""
+        self.refusal: tuple[bytes, str, int, float] | None = None
+        """An error answer owed after the answers before it: its bytes, and its request id,
+        status and when it was decided, for its access line."""
         """An error for a malformed request, sent once the requests before it are answered."""
         self._waiting: tuple[_Request | None, float] | None = None
         """What :meth:`close_if_stalled` last saw the connection wait for, and since when."""
@@ -325,8 +325,7 @@ class ClientConn(StreamConn):
         if self._drop_unfinished() and (self.busy or self.pending):
             # Earlier requests are still owed their answers, in order: read no more, answer
             # them, then send this error and close (see :meth:`_after`).
-            self.refusal = body
-            self.refusal_log = (rid, status, time.perf_counter())
+            self.refusal = (body, rid, status, time.perf_counter())
             self.eof = True
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -442,8 +441,8 @@ class ClientConn(StreamConn):
         if not keep or not req.keep_alive or (self.eof and not self.pending):
             if self.transport is not None:
                 if self.refusal is not None and keep and req.keep_alive:
-                    self.transport.write(self.refusal)  # after every answer owed before it
-                    rid, status, start = self.refusal_log
+                    body, rid, status, start = self.refusal
+                    self.transport.write(body)  # after every answer owed before it
                     self.gw.log_access(rid, status, "invalid_request", start, None)
                 self.transport.close()
             self.closed = True
