@@ -55,6 +55,18 @@ def wait_for(fn: Callable[[], T | None], timeout: float = 30.0, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+def wait_answer(
+    gw: httpx.Client, path: str, status: int, body: Any = None, timeout: float = 10
+) -> httpx.Response:
+    """POST ``body`` (JSON, default ``{}``) to ``path`` until the answer has ``status``."""
+
+    def answer() -> httpx.Response | None:
+        resp = gw.post(path, json={} if body is None else body)
+        return resp if resp.status_code == status else None
+
+    return wait_for(answer, timeout, f"{status} from {path}")
+
+
 class Platform:
     """One `kingpost server` process with its own home and ports."""
 

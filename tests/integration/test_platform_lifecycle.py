@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.platform import EXAMPLES, Platform, wait_for
+from helpers.platform import EXAMPLES, Platform, wait_answer, wait_for
 
 
 def _push(platform: Platform, tmp_path: Path, name: str) -> tuple[str, str]:
@@ -63,17 +63,7 @@ def test_control_plane_restart_brings_deployments_back(
     fresh_platform.start()
     fresh_platform.wait_status(dep_id, "ACTIVE")
     with fresh_platform.gateway() as gw:
-        r = wait_for(
-            lambda: (
-                (
-                    resp := gw.post(f"/models/{model_id}/production/predict", json={"n": 1})
-                ).status_code
-                == 200
-                and resp
-            ),
-            30,
-            "predict after restart",
-        )
+        r = wait_answer(gw, f"/models/{model_id}/production/predict", 200, {"n": 1}, 30)
     assert r.json()["echo"] == {"n": 1}
     models = json.loads(fresh_platform.cli("models", "list", "--output", "json").stdout)
     assert [m["name"] for m in models] == ["durable"]
@@ -88,15 +78,7 @@ def test_deleting_a_model_stops_its_replicas_and_frees_its_name(
     assert out.returncode == 0 and "deleted model doomed" in out.stdout, out.stdout + out.stderr
     wait_for(lambda: not _alive(pid), 15, "the replica to stop")
     with fresh_platform.gateway() as gw:
-        r = wait_for(
-            lambda: (
-                (resp := gw.post(f"/models/{model_id}/production/predict", json={})).status_code
-                == 404
-                and resp
-            ),
-            10,
-            "404 for the deleted model",
-        )
+        r = wait_answer(gw, f"/models/{model_id}/production/predict", 404)
     assert "error" in r.json()
     assert json.loads(fresh_platform.cli("models", "list", "-o", "json").stdout) == []
     # The name is free again: a push makes a new model, first deployment in production.

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.platform import EXAMPLES, REPO, Platform, wait_for
+from helpers.platform import EXAMPLES, REPO, Platform, wait_answer
 from kingpost.errors import AuthError, ConfigError, SecretError
 
 ECHO = EXAMPLES / "echo-server"
@@ -144,15 +144,7 @@ def test_deactivate_answers_404_and_activate_brings_it_back(
         c.deployment_action(model_id, dep_id, "deactivate")
         platform.wait_status(dep_id, "INACTIVE")
         with platform.gateway() as gw:
-            r = wait_for(
-                lambda: (
-                    (resp := gw.post(f"/models/{model_id}/production/predict", json={})).status_code
-                    == 404
-                    and resp
-                ),
-                10,
-                "404 after deactivation",
-            )
+            r = wait_answer(gw, f"/models/{model_id}/production/predict", 404)
             assert "error" in r.json()
             c.deployment_action(model_id, dep_id, "activate")
             platform.wait_status(dep_id, "ACTIVE")
