@@ -80,6 +80,8 @@ class Jobs:
         self._timeout = timeout
         self._clock = clock
         self._log_dir = log_dir
+        self._kept: frozenset[str] | None = None
+        """The keys the last :meth:`cancel_others` kept (None before the first call)."""
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
 
@@ -163,12 +165,19 @@ class Jobs:
         """Stop and drop every job whose key is not in ``keep``, finished ones too (the
         deployments they built for are gone, and their build logs with them, files
         included: those of deployments deleted while the control plane was down too)."""
+        keep = frozenset(keep)
         with self._lock:
             for key in [k for k in self._jobs if k not in keep]:
                 self._stop(self._jobs.pop(key), reason)
+            kept, self._kept = self._kept, keep
         if self._log_dir is None:
             return
-        names = {_log_name(k) for k in keep}
+        if kept is not None:  # every pass calls this: only the keys gone since the last
+            for key in kept - keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._log_dir / _log_name(key))
+            return
+        names = {_log_name(k) for k in keep}  # the first call: what a stopped plane left
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self._log_dir):
                 if entry.name.endswith(".log") and entry.name not in names:
