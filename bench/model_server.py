@@ -276,7 +276,8 @@ def measure_at(url: str, args: argparse.Namespace, target_rps: float, pid: int =
         port, request, rate=target_rps, connections=args.connections, seconds=args.duration,
         core=args.client_core,
     )  # fmt: skip
-    cpu_us = (cpu_seconds(pid) - before) / (r["rate"] * args.duration) * 1e6 if pid else 0.0
+    # Over every answered request: the CPU count also covers the generator's warm-up.
+    cpu_us = (cpu_seconds(pid) - before) / max(1, r["answered"]) * 1e6 if pid else 0.0
     errors = int(r["non2xx"] + r["errors"])
     return Run(r["rate"], r["p50"], r["p99"], errors, r["unfinished"], cpu_us)
 

@@ -2,8 +2,9 @@
 
 The binary is compiled with the system C compiler into ``.bench-cache/`` the first time
 (and again when the source changes). :func:`run` sends requests on a fixed schedule and
-returns the generator's JSON report: ``completed``, ``rate``, ``p50``/``p90``/``p99``/
-``p999``/``max`` in milliseconds, counted from when each request was due.
+returns the generator's JSON report: ``completed`` (``answered`` also counts the warm-up),
+``rate``, ``p50``/``p90``/``p99``/``p999``/``max`` in milliseconds, counted from when each
+request was due.
 """
 
 from __future__ import annotations
