@@ -94,7 +94,7 @@ def test_a_server_slower_than_the_rate_shows_its_queue() -> None:
     assert slow["p50"] > 200
 
 
-def test_minimal_server_echoes_and_burns_the_cpu_it_is_given(tmp_path: Path) -> None:
+def test_minimal_server_echoes_and_does_the_work_it_is_given(tmp_path: Path) -> None:
     """The model-server benchmark's control must cost what it is calibrated to cost."""
     script = Path(__file__).resolve().parents[2] / "bench" / "minimal_server.py"
     port = free_port()
@@ -107,7 +107,10 @@ def test_minimal_server_echoes_and_burns_the_cpu_it_is_given(tmp_path: Path) -> 
             for i in range(20):
                 r = c.post(url, content=f'{{"n": {i}}}'.encode())
                 assert r.status_code == 200 and r.json() == {"n": i}
-        assert _cpu_ns(proc.pid) - before >= 20 * 2_000_000  # at least 2 ms of CPU for each of 20
+        # A fixed amount of work sized to 2 ms when the server started: the machine's speed
+        # may drift since, so about 2 ms each, not exactly.
+        used_ms = (_cpu_ns(proc.pid) - before) / 20 / 1e6
+        assert 1.0 <= used_ms <= 10.0, used_ms
     finally:
         proc.terminate()
         proc.wait()
