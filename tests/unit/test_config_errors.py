@@ -142,6 +142,13 @@ CASES: list[tuple[str, str, str, int, str, object]] = [
      "  predict_endpoint: /p\n  readiness_endpoint: /r\n  liveness_endpoint: /l\n",
      "docker_server.no_build", 2, "needs one", True),
     ("top-level-list", "- a\n- b\n", "<root>", 1, "must be a mapping", "list"),
+    ("trt-llm", "model_name: m\ntrt_llm:\n  build:\n    base_model: decoder\n", "trt_llm", 2,
+     "serve the model with `docker_server` instead", {"build": {"base_model": "decoder"}}),
+    ("bis-llm", "bis_llm:\n  version: '1'\n", "bis_llm", 1, "Baseten's own serving stack",
+     {"version": "1"}),
+    ("training-checkpoints", "training_checkpoints:\n  artifact_references:\n"
+     "    - training_job_id: j1\n", "training_checkpoints", 1, "list them under `weights`",
+     {"artifact_references": [{"training_job_id": "j1"}]}),
 ]  # fmt: skip
 
 
@@ -157,6 +164,12 @@ def test_rule_reports_path_line_rule_and_value(
     assert error["line"] == line
     assert rule in error["message"]
     assert error["value"] == value
+
+
+def test_baseten_only_keys_left_empty_ask_for_nothing() -> None:
+    for key in ("trt_llm", "bis_llm", "training_checkpoints"):
+        assert parse_config(f"{key}: {{}}\n").config is not None
+        assert parse_config(f"{key}: null\n").config is not None
 
 
 def test_start_command_required_unless_no_build() -> None:

@@ -85,7 +85,33 @@ def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
     issues += _duplicate_mounts(_items(raw.get("weights")))
     issues += _docker_server_errors(raw)
     issues += _model_cache_volumes(_items(raw.get("model_cache")))
+    issues += _baseten_only(raw)
     return issues
+
+
+BASETEN_ONLY = {
+    "trt_llm": "TensorRT-LLM engine builds run on Baseten's own inference stack, which "
+    "Kingpost does not have; serve the model with `docker_server` instead (e.g. vLLM or "
+    "SGLang for an LLM, text-embeddings-inference for an encoder) and remove `trt_llm`",
+    "bis_llm": "Baseten Inference Stack deployments run on Baseten's own serving stack, "
+    "which Kingpost does not have; serve the model with `docker_server` instead (e.g. "
+    "vLLM's OpenAI-compatible server) and remove `bis_llm`",
+    "training_checkpoints": "checkpoints of Baseten training jobs are stored at Baseten, "
+    "which Kingpost cannot reach; copy them to S3, GCS or Hugging Face, list them under "
+    "`weights` and remove `training_checkpoints`",
+}
+"""Keys that only Baseten's own infrastructure can honour, and what to use instead.
+
+A project that sets one would deploy and then not do what it says (no engine, no
+checkpoints), so it is refused before anything is built. An empty value asks for nothing."""
+
+
+def _baseten_only(raw: dict[str, Any]) -> list[Issue]:
+    return [
+        Issue((key,), rule, raw[key])
+        for key, rule in BASETEN_ONLY.items()
+        if raw.get(key) not in (None, {}, [])
+    ]
 
 
 def _duplicate_mounts(weights: list[Any]) -> list[Issue]:
