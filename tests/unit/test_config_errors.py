@@ -149,6 +149,9 @@ CASES: list[tuple[str, str, str, int, str, object]] = [
     ("training-checkpoints", "training_checkpoints:\n  artifact_references:\n"
      "    - training_job_id: j1\n", "training_checkpoints", 1, "list them under `weights`",
      {"artifact_references": [{"training_job_id": "j1"}]}),
+    ("bdn-mounts", "bdn:\n  mounts:\n    - source: bdn:weights/llama:prod\n"
+     "      path: /models/llama\n", "bdn", 1, "list where their files come from",
+     {"mounts": [{"source": "bdn:weights/llama:prod", "path": "/models/llama"}]}),
 ]  # fmt: skip
 
 
@@ -167,7 +170,7 @@ def test_rule_reports_path_line_rule_and_value(
 
 
 def test_baseten_only_keys_left_empty_ask_for_nothing() -> None:
-    for key in ("trt_llm", "bis_llm", "training_checkpoints"):
+    for key in ("trt_llm", "bis_llm", "training_checkpoints", "bdn"):
         assert parse_config(f"{key}: {{}}\n").config is not None
         assert parse_config(f"{key}: null\n").config is not None
 

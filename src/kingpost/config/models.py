@@ -211,6 +211,7 @@ class TrussConfig(ConfigModel):
     trt_llm: dict[str, Any] | None = None
     training_checkpoints: dict[str, Any] | None = None
     bis_llm: dict[str, Any] | None = None
+    bdn: dict[str, Any] | None = None
     # Internal / legacy keys, accepted as Truss does.
     input_type: str = "Any"
     model_framework: str = "custom"

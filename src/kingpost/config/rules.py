@@ -99,11 +99,15 @@ BASETEN_ONLY = {
     "training_checkpoints": "checkpoints of Baseten training jobs are stored at Baseten, "
     "which Kingpost cannot reach; copy them to S3, GCS or Hugging Face, list them under "
     "`weights` and remove `training_checkpoints`",
+    "bdn": "BDN volumes are stored at Baseten, which Kingpost cannot reach; list where their "
+    "files come from (hf://, s3://, gs://...) under `weights`, which Kingpost mirrors and "
+    "mounts read-only, and remove `bdn`",
 }
 """Keys that only Baseten's own infrastructure can honour, and what to use instead.
 
 A project that sets one would deploy and then not do what it says (no engine, no
-checkpoints), so it is refused before anything is built. An empty value asks for nothing."""
+checkpoints, nothing at a volume's mount path), so it is refused before anything is
+built. An empty value asks for nothing."""
 
 
 def _baseten_only(raw: dict[str, Any]) -> list[Issue]:
