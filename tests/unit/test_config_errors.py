@@ -173,6 +173,11 @@ def test_baseten_only_keys_left_empty_ask_for_nothing() -> None:
     for key in ("trt_llm", "bis_llm", "training_checkpoints", "bdn"):
         assert parse_config(f"{key}: {{}}\n").config is not None
         assert parse_config(f"{key}: null\n").config is not None
+    # Truss's own dump of a config with its defaults (`to_dict(verbose=True)`).
+    dumped = "bdn:\n  access: []\n  hotload:\n    enabled: false\n  mounts: []\n"
+    assert parse_config(dumped).config is not None
+    errors = errors_of(dumped.replace("enabled: false", "enabled: true"))
+    assert [e["path"] for e in errors] == ["bdn"]
 
 
 def test_start_command_required_unless_no_build() -> None:

@@ -107,14 +107,21 @@ BASETEN_ONLY = {
 
 A project that sets one would deploy and then not do what it says (no engine, no
 checkpoints, nothing at a volume's mount path), so it is refused before anything is
-built. An empty value asks for nothing."""
+built. A value that asks for nothing passes: empty, or made only of empty lists and
+false flags, as Truss writes `bdn` when it dumps a config with its defaults."""
+
+
+def _asks_nothing(value: object) -> bool:
+    if isinstance(value, dict):
+        return all(_asks_nothing(v) for v in value.values())
+    return value is None or value is False or value == [] or value == ""
 
 
 def _baseten_only(raw: dict[str, Any]) -> list[Issue]:
     return [
         Issue((key,), rule, raw[key])
         for key, rule in BASETEN_ONLY.items()
-        if raw.get(key) not in (None, {}, [])
+        if not _asks_nothing(raw.get(key))
     ]
 
 
