@@ -44,9 +44,70 @@ def test_table_cells_are_text_not_markup(capsys: pytest.CaptureFixture[str]) -> 
     from kingpost.cli._common import print_rows
 
     rows = [{"labels": {"a": "[/x]"}, "message": "pip [notice] new release"}]
-    print_rows(rows, ["labels", "message"], "table")
+    print_rows(rows, ["labels", "message"], "table")  # piped
     out = capsys.readouterr().out
     assert "[/x]" in out and "[notice]" in out
+    assert "[/x]" in _in_terminal(rows, ["labels", "message"], 120)
+    assert "[notice]" in _in_terminal(rows, ["labels", "message"], 120)
+
+
+DEPLOYMENT = {
+    "id": "dep-0123456789abcdef0123",
+    "name": "v3",
+    "model_id": "mdl-0123456789abcdef0123",
+    "status": "BUILD_FAILED",
+    "created_at": "2026-11-23T21:00:00Z",
+    "message": "installing requirements failed:\n  No matching distribution found for "
+    "torch==9.9.9 (from -r config_requirements.txt (line 1))",
+}
+COLUMNS = ["id", "name", "model_id", "status", "created_at", "message"]
+
+
+def _in_terminal(rows: list[dict[str, object]], columns: list[str], width: int) -> str:
+    import io
+
+    from rich.console import Console
+
+    from kingpost.cli import _common
+
+    buffer = io.StringIO()
+    terminal = Console(file=buffer, force_terminal=True, width=width, color_system=None)
+    saved, _common.console = _common.console, terminal
+    try:
+        _common.print_rows(rows, columns, "table")
+    finally:
+        _common.console = saved
+    return buffer.getvalue()
+
+
+def test_piped_tables_are_one_line_per_row_with_nothing_cut(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Piped, a table was boxed at 80 columns: ids cut to `dep-01…` and a message wrapped
+    over ten lines, so `kingpost deployments | grep` found nothing to copy."""
+    from kingpost.cli._common import print_rows
+
+    other = {**DEPLOYMENT, "id": "dep-1", "name": "v4", "status": "ACTIVE", "message": None}
+    print_rows([DEPLOYMENT, other], COLUMNS, "table")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].split() == ["ID", "NAME", "MODEL", "ID", "STATUS",
+                                                    "CREATED", "AT", "MESSAGE"]  # fmt: skip
+    assert lines[1].split()[:5] == [DEPLOYMENT[c] for c in COLUMNS[:5]]
+    assert lines[1].endswith("(from -r config_requirements.txt (line 1))")
+    assert "failed: No matching" in lines[1]  # the message's own line break is a space
+    assert lines[2].split() == ["dep-1", "v4", DEPLOYMENT["model_id"], "ACTIVE",
+                                DEPLOYMENT["created_at"], "-"]  # fmt: skip
+    # Columns line up: each starts where its header does.
+    assert lines[1].index(DEPLOYMENT["model_id"]) == lines[0].index("MODEL ID")
+
+
+def test_a_terminal_table_keeps_ids_whole_or_falls_back_to_lines() -> None:
+    wide = _in_terminal([DEPLOYMENT], COLUMNS, 160)
+    assert "┃ ID" in wide and DEPLOYMENT["id"] in wide and DEPLOYMENT["model_id"] in wide
+    assert "…" not in wide
+    narrow = _in_terminal([DEPLOYMENT], COLUMNS, 80)
+    assert "┃" not in narrow and "…" not in narrow
+    assert DEPLOYMENT["id"] in narrow and DEPLOYMENT["model_id"] in narrow
 
 
 def test_predict_data_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:

@@ -50,18 +50,49 @@ def client() -> KingpostClient:
     return KingpostClient.from_settings(settings())
 
 
+WRAPPED = frozenset({"message", "labels", "environments", "source"})
+"""Free-text columns that may wrap in a terminal; every other cell (ids, names, statuses,
+times) is shown whole, so that it can be copied."""
+
+
 def print_rows(
     rows: Sequence[dict[str, Any]], columns: Sequence[str], output: str, title: str = ""
 ) -> None:
+    """Rows as JSON or as a table. In a terminal wide enough, a boxed table whose ids,
+    names and times are whole; otherwise (piped, or too narrow) plain aligned lines, one
+    row per line with nothing cut short, for grep and awk, as kubectl prints."""
     if output == "json":
         click.echo(json.dumps(list(rows), indent=2, default=str))
         return
+    headers = [col.replace("_", " ").upper() for col in columns]
+    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    # Each column takes 3 more for its padding and border; a wrapped one gets at least 16.
+    needed = 1 + sum(
+        3 + (min(w, 16) if c in WRAPPED else w) for c, w in zip(columns, widths, strict=True)
+    )
+    if not console.is_terminal or needed > console.width:
+        console.out(_plain(headers, cells, title), highlight=False, end="")  # no wrapping
+        return
     table = Table(title=title or None)
-    for col in columns:
-        table.add_column(col.replace("_", " ").upper())
-    for row in rows:
-        table.add_row(*[escape(_cell(row.get(c))) for c in columns])
+    for col, header, width in zip(columns, headers, widths, strict=True):
+        if col in WRAPPED:
+            table.add_column(header, min_width=min(width, 16))
+        else:
+            table.add_column(header, no_wrap=True, min_width=width)
+    for row_cells in cells:
+        table.add_row(*[escape(c) for c in row_cells])
     console.print(table)
+
+
+def _plain(headers: list[str], cells: list[list[str]], title: str) -> str:
+    lines = [[" ".join(c.split()) for c in row] for row in [headers, *cells]]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(headers))]
+    out = [title] if title else []
+    out += [
+        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
+    ]
+    return "\n".join(out) + "\n"
 
 
 def _cell(value: Any) -> str:

@@ -214,7 +214,8 @@ def deployments_list(model: str | None, output: str) -> None:
     """List deployments."""
     with client() as c:
         rows = c.deployments(model)
-    print_rows(rows, [*_DEPLOYMENT_COLUMNS[:4], "message", *_DEPLOYMENT_COLUMNS[4:]], output)
+    # The message last: it can be long, and piped output keeps each row on one line.
+    print_rows(rows, [*_DEPLOYMENT_COLUMNS, "message"], output)
 
 
 def _action(name: str, help_text: str) -> None:
