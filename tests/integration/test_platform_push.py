@@ -178,6 +178,13 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     out = platform.cli("predict", "--model", "promo", "--environment", "nope", "-d", "{}")
     assert out.returncode != 0 and "HTTP 404: " in out.stderr, out.stderr
     assert '{"error"' not in out.stderr and "nope" in out.stderr, out.stderr
+    # An action shows what was asked next to where the deployment is now.
+    out = platform.cli("deployments", "deactivate", "promo", "deployment-1")
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()
+    assert header.split()[4:8] == ["DESIRED", "STATE", "STATUS", "ENVIRONMENTS"], header
+    assert row.split()[1] == "deployment-1" and row.split()[3] == "inactive", row
+    platform.wait_status(first["deployment"]["id"], "INACTIVE")
 
 
 def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_path: Path) -> None:

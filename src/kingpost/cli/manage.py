@@ -33,6 +33,10 @@ from kingpost.errors import KingpostError, ValidationError
 __all__ = ["deployments", "logs", "models", "predict", "push"]
 
 _DEPLOYMENT_COLUMNS = ["id", "name", "model_id", "status", "environments", "labels", "created_at"]
+_ACTION_COLUMNS = ["id", "name", "model_id", "desired_state", "status", "environments"]
+"""After an action: what was asked next to where the deployment is now, since the
+controller acts on it after the command returns (right after `deactivate`, status is still
+ACTIVE and desired state INACTIVE)."""
 _SETTLED = {"ACTIVE", "FAILED", "BUILD_FAILED", "INACTIVE", "SCALED_TO_ZERO"}
 
 
@@ -226,7 +230,7 @@ def _action(name: str, help_text: str) -> None:
     def cmd(model: str, deployment: str, output: str) -> None:
         with client() as c:
             row = c.deployment_action(model, deployment, name)
-        print_rows([row], _DEPLOYMENT_COLUMNS, output)
+        print_rows([row], _ACTION_COLUMNS, output)
 
 
 _action("activate", "Activate a deactivated deployment.")
@@ -243,7 +247,7 @@ def deployments_promote(model: str, deployment: str, environment: str, output: s
     """Point an environment at a deployment."""
     with client() as c:
         row = c.promote(model, deployment, environment)
-    print_rows([row], _DEPLOYMENT_COLUMNS, output)
+    print_rows([row], _ACTION_COLUMNS, output)
 
 
 @click.command()
