@@ -150,3 +150,21 @@ def test_gc_keeps_an_environment_built_or_reused_while_it_ran(tmp_path: Path) ->
     thread.join(5)
     assert report.removed == () and report.kept == 2
     assert reused.is_dir() and (building / builder.READY_MARKER).is_file()
+
+
+def test_uv_is_asked_its_version_once_per_binary(tmp_path: Path) -> None:
+    """`venvs gc` hashes every deployment's environment, and each hash ran `uv --version`."""
+    from kingpost.envs.installer import Installer
+
+    calls = tmp_path / "calls"
+    uv = tmp_path / "uv"
+    uv.write_text(f'#!/bin/sh\necho x >> {calls}\necho "uv 9.9.1"\n')
+    uv.chmod(0o755)
+    installer = Installer(lambda line: None)
+    installer.uv = str(uv)
+    assert [installer.version() for _ in range(5)] == ["uv 9.9.1"] * 5
+    assert calls.read_text().count("x") == 1
+    # Another binary at the same path (an upgrade) is asked again.
+    uv.write_text(f'#!/bin/sh\necho x >> {calls}\necho "uv 10.0.0 (upgraded)"\n')
+    assert installer.version() == "uv 10.0.0 (upgraded)"
+    assert calls.read_text().count("x") == 2

@@ -178,7 +178,22 @@ class Installer:
         run_logged(cmd, self.log, "checking installed packages for conflicts")
 
     def version(self) -> str:
+        """The installer's version, part of an environment's hash. Asked of uv once per
+        binary (its path, size and modification time), not once per deployment hashed."""
         if not self.uv:
             return "pip"
+        try:
+            st = os.stat(self.uv)
+        except OSError:
+            st = None
+        key = (self.uv, st.st_size, st.st_mtime_ns) if st is not None else None
+        if key is not None and key in _UV_VERSIONS:
+            return _UV_VERSIONS[key]
         out = subprocess.run([self.uv, "--version"], capture_output=True, text=True, check=False)
-        return out.stdout.strip()
+        version = out.stdout.strip()
+        if key is not None and out.returncode == 0:
+            _UV_VERSIONS[key] = version
+        return version
+
+
+_UV_VERSIONS: dict[tuple[str, int, int], str] = {}
