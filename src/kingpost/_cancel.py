@@ -65,6 +65,15 @@ class Cancel:
             except Exception:  # one that fails must not spare the others
                 log.exception("stopping a cancelled build's work failed")
 
+    def acquire(self, try_acquire: Callable[[float], bool], poll_s: float = 0.1) -> bool:
+        """Wait for a lock the build shares with others: call ``try_acquire(timeout)`` until
+        it returns true, or return false once cancelled (holding nothing). A build queued
+        behind another one's lock stops waiting when it is cancelled."""
+        while self._reason is None:
+            if try_acquire(poll_s):
+                return True
+        return False
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Make this the :func:`current` one in this thread (context) while the block runs."""

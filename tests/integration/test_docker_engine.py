@@ -254,6 +254,19 @@ def test_deactivating_a_deployment_stops_its_image_build(
         ]
 
     wait_for(step_containers, 300, "the build to reach its slow step")
+    # A second deployment of the same project waits for that build of the same image,
+    # and stops waiting when it is deactivated itself.
+    second = push(dplatform, project)["deployment"]
+
+    def waiting() -> bool:
+        logs = dplatform.cli("logs", "-d", second["id"]).stdout
+        return "waiting for another deployment's build of image" in logs
+
+    wait_for(waiting, 60, "the second build to wait for the first")
+    with dplatform.client() as c:
+        c.deployment_action(second["model_id"], second["id"], "deactivate")
+    dplatform.wait_status(second["id"], "INACTIVE")
+    assert step_containers(), "the first build must go on"
     with dplatform.client() as c:
         c.deployment_action(dep["model_id"], dep["id"], "deactivate")
     wait_for(lambda: not step_containers(), 30, "the engine to stop the build")

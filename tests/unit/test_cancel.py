@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
 from kingpost._cancel import Cancel
+from kingpost._filelock import locked
+from kingpost.errors import BuildError
 
 
 def test_on_cancel_stops_what_runs_then_and_at_once_what_comes_after() -> None:
@@ -42,3 +48,48 @@ def test_the_same_stop_registered_twice_stays_until_both_blocks_end() -> None:
             pass
         cancel.cancel("stop")  # the outer block still runs: it is stopped
     assert stopped == ["stop"]
+
+
+def test_a_wait_for_a_shared_lock_ends_when_cancelled(tmp_path: Path) -> None:
+    """A build queued behind another's lock (the same image or environment) waited on
+    for as long as that one ran, cancelled or not."""
+    lock = threading.Lock()
+    lock.acquire()
+    switch = Cancel()
+    got: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(switch.acquire(lambda t: lock.acquire(timeout=t)))
+    )
+    waiter.start()
+    time.sleep(0.3)
+    assert got == [] and waiter.is_alive()
+    switch.cancel("the deployment was deleted")
+    waiter.join(5)
+    assert got == [False] and lock.locked()  # nothing taken
+    lock.release()
+    assert Cancel().acquire(lambda t: lock.acquire(timeout=t)) and lock.locked()
+
+
+def test_a_file_lock_wait_ends_with_the_reason_when_cancelled(tmp_path: Path) -> None:
+    path = tmp_path / "locks" / "env.lock"
+    switch = Cancel()
+    errors: list[BuildError] = []
+
+    def wait() -> None:
+        try:
+            with locked(path, switch):
+                pass
+        except BuildError as exc:
+            errors.append(exc)
+
+    with locked(path):  # another build holds it
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()
+        switch.cancel("the deployment was deactivated")
+        waiter.join(5)
+    assert not waiter.is_alive()
+    assert errors[0].message == "stopped while waiting for env.lock: the deployment was deactivated"
+    with locked(path, Cancel()):  # free now, and taken at once
+        pass

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kingpost
+from kingpost._cancel import current as current_cancel
 from kingpost._filelock import locked
 from kingpost.envs.installer import Installer, resolution_conflict, run_logged
 from kingpost.envs.interpreters import Interpreter, current, find_interpreter
@@ -242,7 +243,8 @@ def _ensure(inputs: _Inputs, envs_dir: Path, log: Callable[[str], None]) -> Envi
         )
     env_hash = _hash(inputs, installer)
     target = envs_dir / env_hash
-    with locked(envs_dir / f".{env_hash}.lock"):
+    # Another build of the same environment may hold it: this one waits, unless cancelled.
+    with locked(envs_dir / f".{env_hash}.lock", current_cancel()):
         python = target / "bin" / "python"
         if (target / READY_MARKER).is_file() and python.exists():
             log(f"reusing environment {env_hash}")

@@ -47,9 +47,14 @@ def resolution_conflict(error: BuildError) -> bool:
 
 
 def run_logged(
-    cmd: Sequence[str], log: Callable[[str], None], what: str, cwd: Path | None = None
+    cmd: Sequence[str],
+    log: Callable[[str], None],
+    what: str,
+    cwd: Path | None = None,
+    whose: str = "the installer's",
 ) -> list[str]:
-    """Run ``cmd``, passing each output line to ``log``; raise BuildError on failure.
+    """Run ``cmd``, passing each output line to ``log``; raise BuildError on failure (its
+    message quotes ``whose`` last lines of output).
 
     ``cmd`` runs in a process group of its own, which the build's cancel switch
     (:func:`kingpost._cancel.current`) kills, and dies with the thread that ran it.
@@ -61,6 +66,7 @@ def run_logged(
     try:
         proc = subprocess.Popen(
             list(cmd),
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
@@ -84,12 +90,12 @@ def run_logged(
     last = "\n".join(tail)
     if cancel.reason is not None:
         raise BuildError(
-            f"{what} was stopped: {cancel.reason}; the installer's last lines:\n{last}",
+            f"{what} was stopped: {cancel.reason}; {whose} last lines:\n{last}",
             output_tail=list(tail),
         )
     if code != 0:
         raise BuildError(
-            f"{what} failed (exit {code}); the installer's last lines:\n{last}",
+            f"{what} failed (exit {code}); {whose} last lines:\n{last}",
             exit_status=code,
             output_tail=list(tail),
         )

@@ -19,13 +19,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kingpost._cancel import current as current_cancel
 from kingpost._filelock import locked
 from kingpost.errors import BuildError
 
@@ -103,7 +103,9 @@ def ensure_base_image(client: DockerClient | None = None, log: Log = print) -> s
     tag = base_image_tag()
     if image_exists(client, tag):
         return tag
-    with locked(Path(tempfile.gettempdir()) / "kingpost-base-image.lock"):
+    # Builds on this machine share one; a cancelled build stops waiting, and stops
+    # debootstrap if it was the one running it (the next build starts it again).
+    with locked(Path(tempfile.gettempdir()) / "kingpost-base-image.lock", current_cancel()):
         if image_exists(client, tag):
             return tag
         started = time.monotonic()
@@ -162,28 +164,12 @@ def _build_rootfs(tmp: Path, log: Log) -> Path:
 
 
 def _run(command: list[str], log: Log) -> None:
+    """Run a step of the base image's build; killed with the build when it is cancelled,
+    and with the control plane when it dies."""
+    from kingpost.envs.installer import run_logged
+
     log(f"$ {' '.join(command)}")
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        errors="replace",
-    )
-    assert proc.stdout is not None
-    last: list[str] = []
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        log(line)
-        last = [*last[-19:], line]
-    code = proc.wait()
-    if code != 0:
-        raise BuildError(
-            f"building the Kingpost base image failed: `{' '.join(command)}` exited with "
-            f"code {code}; last output:\n" + "\n".join(last),
-            command=" ".join(command),
-        )
+    run_logged(command, log, f"building the Kingpost base image: `{command[0]}`", whose="its")
 
 
 def _import(client: DockerClient, archive: Path, tag: str) -> None:

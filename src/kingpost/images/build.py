@@ -57,7 +57,13 @@ def build_image(
     for warning in plan.warnings:
         log(f"warning: {warning}")
     tag = image_tag(config, plan, _base_id(client, plan.base_image))
-    with _lock_for(tag):
+    lock, cancel = _lock_for(tag), current_cancel()
+    # Another deployment may be building the same image: wait for it, unless cancelled.
+    if not lock.acquire(blocking=False):
+        log(f"waiting for another deployment's build of image {tag}")
+        if not cancel.acquire(lambda timeout: lock.acquire(timeout=timeout)):
+            raise BuildError(f"the image build was stopped: {cancel.reason}")
+    try:
         if image_exists(client, tag):
             log(f"image {tag} is up to date")
             return tag
@@ -65,6 +71,8 @@ def build_image(
         with tempfile.TemporaryDirectory(prefix="kingpost-context-") as tmp:
             _write_context(plan, Path(tmp))
             _docker_build(client, Path(tmp), plan, tag, log)
+    finally:
+        lock.release()
     log(f"built image {tag}")
     return tag
 
