@@ -7,6 +7,7 @@ once per machine with debootstrap (see kingpost.images.base) and reused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -388,6 +389,42 @@ def test_image_build_cli_builds_once(docker_client: Any, tmp_path: Path) -> None
     assert third.returncode == 0 and third.stdout.strip() != tag
     docker_client.images.remove(third.stdout.strip(), force=True)
     assert json.loads(json.dumps(docker_client.images.get(tag).labels))["kingpost.image"] == "1"
+
+
+def test_the_build_context_carries_modes_nested_and_large_files(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    """The context is a tar streamed from the project's files, not a copy then a tar file:
+    what reaches the image must be the same files, modes and bytes."""
+    project = copy_project(tmp_path, "dock-ctx", "model_name: dock-ctx\n")
+    script = project / "data" / "bin" / "run.sh"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\necho ran\n")
+    script.chmod(0o750)
+    blob = project / "data" / "deep" / "er" / "blob.bin"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(os.urandom(3 * 1024 * 1024 + 123))  # several chunks, and a new image
+    out = subprocess.run(
+        [sys.executable, "-m", "kingpost.cli", "image", "build", str(project)],
+        capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    tag = out.stdout.strip()
+    try:
+        listing = docker_client.containers.run(
+            tag,
+            ["sh", "-c", "data/bin/run.sh; stat -c '%a %s' data/bin/run.sh data/deep/er/blob.bin;"
+             " sha256sum data/deep/er/blob.bin"],
+            entrypoint=[], remove=True,
+        ).decode()  # fmt: skip
+    finally:
+        docker_client.images.remove(tag, force=True)
+    ran, script_stat, blob_stat, blob_sum = listing.strip().splitlines()
+    assert ran == "ran"
+    assert script_stat == f"754 {len(script.read_bytes())}"  # its mode, readable by all
+    assert blob_stat == f"644 {blob.stat().st_size}"
+    assert blob_sum.split()[0] == hashlib.sha256(blob.read_bytes()).hexdigest()
 
 
 # -- the engine on its own (no control plane, no image build: the base image runs) ------------

@@ -281,3 +281,39 @@ def test_model_class_command_and_missing_image() -> None:
         ]
         is None
     )
+
+
+def test_the_context_tar_is_read_as_the_files_it_was_made_from(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from kingpost._cancel import Cancel
+    from kingpost.images.build import _context_tar
+
+    config = cfg(CUSTOM)
+    app = files(tmp_path, **{"server.py": "print(1)", "data__deep__x.bin": "x" * 3_000_001})
+    app["server.py"].chmod(0o700)
+    plan = plan_build(config, app, "b", HOST)
+    stream = b"".join(_context_tar(plan, Cancel()))
+    with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert tar.extractfile("Dockerfile").read().decode() == plan.dockerfile  # type: ignore[union-attr]
+        assert tar.extractfile("app/data/deep/x.bin").read() == b"x" * 3_000_001  # type: ignore[union-attr]
+    assert members["app/server.py"].mode == 0o744 and members["app/data/deep/x.bin"].mode == 0o644
+    assert {"app", "app/data", "app/data/deep"} <= {n for n, m in members.items() if m.isdir()}
+
+
+def test_a_cancelled_build_stops_sending_its_context(tmp_path: Path) -> None:
+    from kingpost._cancel import Cancel
+    from kingpost.images.build import _context_tar
+
+    config = cfg(CUSTOM)
+    app = files(tmp_path, **{"server.py": "print(1)", "data__big.bin": "x" * 5_000_000})
+    switch = Cancel()
+    stream = _context_tar(plan_build(config, app, "b", HOST), switch)
+    sent = next(stream)
+    switch.cancel("the deployment was deleted")
+    with pytest.raises(BuildError, match="the image build was stopped: the deployment was deleted"):
+        for chunk in stream:
+            sent += chunk
+    assert len(sent) < 5_000_000  # it stopped within a chunk, not at the end

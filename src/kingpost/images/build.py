@@ -13,16 +13,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
-import shutil
 import socket
-import tempfile
+import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kingpost
+from kingpost._cancel import Cancel
 from kingpost._cancel import current as current_cancel
 from kingpost.errors import BuildError, EngineError
 from kingpost.images.base import ensure_base_image
@@ -40,6 +41,8 @@ __all__ = ["build_image", "image_tag", "plan_for"]
 Log = Callable[[str], None]
 IMAGE_LABEL = "kingpost.image"
 _LAST_LINES = 25
+_CHUNK = 1 << 20
+"""Bytes read from a project file at a time, to hash it or to send it."""
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -68,9 +71,7 @@ def build_image(
             log(f"image {tag} is up to date")
             return tag
         log(f"building image {tag} from {plan.base_image}")
-        with tempfile.TemporaryDirectory(prefix="kingpost-context-") as tmp:
-            _write_context(plan, Path(tmp))
-            _docker_build(client, Path(tmp), plan, tag, log)
+        _docker_build(client, plan, tag, log)
     finally:
         lock.release()
     log(f"built image {tag}")
@@ -107,6 +108,13 @@ def image_tag(config: TrussConfig, plan: BuildPlan, base_id: str) -> str:
             data = part.encode() if isinstance(part, str) else part
             digest.update(len(data).to_bytes(8, "big") + data)
 
+    def add_file(path: Path) -> None:
+        """As ``add(path.read_bytes())``, a chunk at a time: a data file may be gigabytes."""
+        with path.open("rb") as f:
+            digest.update(os.fstat(f.fileno()).st_size.to_bytes(8, "big"))
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+
     add("kingpost-image-v1", plan.dockerfile, base_id)
     for name, value in sorted(plan.buildargs.items()):
         add(name, value)
@@ -114,9 +122,12 @@ def image_tag(config: TrussConfig, plan: BuildPlan, base_id: str) -> str:
         if isinstance(content, bytes):
             add(rel, content)
         else:  # the context keeps the file's mode (an executable script stays one)
-            add(rel, content.read_bytes(), oct(_context_mode(content)))
+            add(rel)
+            add_file(content)
+            add(oct(_context_mode(content)))
     for rel, path in _package_files(plan.package_dir):
-        add(f"kingpost/{rel}", path.read_bytes())
+        add(f"kingpost/{rel}")
+        add_file(path)
     name = re.sub(r"[^a-z0-9]+", "-", (config.model_name or "").lower()).strip("-")
     return f"kingpost/{name or 'project'}:{digest.hexdigest()[:16]}"
 
@@ -150,24 +161,62 @@ def _context_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777 | 0o444
 
 
-def _write_context(plan: BuildPlan, root: Path) -> None:
-    (root / "Dockerfile").write_text(plan.dockerfile)
+def _context_entries(plan: BuildPlan) -> Iterator[tuple[str, bytes | Path, int]]:
+    """(path in the context, content, mode) of every file of the build context."""
+    yield "Dockerfile", plan.dockerfile.encode(), 0o644
     for rel, content in plan.files.items():
-        target = root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
-            target.write_bytes(content)
+            yield rel, content, 0o644
         else:
-            shutil.copyfile(content, target)
-            target.chmod(_context_mode(content))
-    (root / "app").mkdir(exist_ok=True)
+            yield rel, content, _context_mode(content)
     for rel, path in _package_files(plan.package_dir):
-        target = root / "kingpost-build" / "kingpost" / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+        yield f"kingpost-build/kingpost/{rel}", path, 0o644
 
 
-def _docker_build(client: DockerClient, context: Path, plan: BuildPlan, tag: str, log: Log) -> None:
+def _context_tar(plan: BuildPlan, cancel: Cancel) -> Iterator[bytes]:
+    """The build context as an uncompressed tar, made from the project's files while it is
+    sent: no copy of the project and no tar file on disk first (a ``data/`` directory may
+    hold gigabytes), and a build cancelled meanwhile stops sending at the next chunk."""
+    dirs = {"app"}  # the Dockerfile copies it, even when empty
+    entries = list(_context_entries(plan))
+    for name, _, _ in entries:
+        parts = name.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    for name in sorted(dirs):
+        info = tarfile.TarInfo(name)
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+    for name, content, mode in entries:
+        if cancel.reason is not None:
+            raise BuildError(f"the image build was stopped: {cancel.reason}")
+        info = tarfile.TarInfo(name)
+        info.mode = mode
+        if isinstance(content, bytes):
+            info.size = len(content)
+            yield info.tobuf(format=tarfile.PAX_FORMAT) + content + _padding(len(content))
+            continue
+        with content.open("rb") as f:
+            stat = os.fstat(f.fileno())
+            info.size, info.mtime = stat.st_size, int(stat.st_mtime)
+            yield info.tobuf(format=tarfile.PAX_FORMAT)
+            left = info.size
+            while left > 0:
+                if cancel.reason is not None:
+                    raise BuildError(f"the image build was stopped: {cancel.reason}")
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:  # shrank while sent: the header promised more
+                    raise BuildError(f"{content} changed while the image build read it")
+                left -= len(chunk)
+                yield chunk
+        yield _padding(info.size)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+def _docker_build(client: DockerClient, plan: BuildPlan, tag: str, log: Log) -> None:
     """Run the build on the engine, its output to ``log``.
 
     A cancelled build (see :mod:`kingpost._cancel`) hangs up the build request: the
@@ -180,7 +229,9 @@ def _docker_build(client: DockerClient, context: Path, plan: BuildPlan, tag: str
     try:
         with requests:
             stream: Iterable[Mapping[str, Any]] = client.api.build(
-                path=str(context),
+                # An iterator, which requests sends chunked; docker-py's stubs say IO only.
+                fileobj=_context_tar(plan, cancel),  # type: ignore[arg-type]
+                custom_context=True,
                 tag=tag,
                 buildargs=dict(plan.buildargs),
                 rm=True,
