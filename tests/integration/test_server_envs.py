@@ -18,6 +18,7 @@ import httpx
 import pytest
 from test_server_harness import DEADLINE_S, FIXTURES
 
+from helpers.cancelling import cancel_while_waiting
 from helpers.platform import wait_for
 from kingpost._cancel import PLANE_ENV, Cancel, kill_orphans
 from kingpost.config import TrussConfig, load_config, runtime_environment
@@ -551,26 +552,14 @@ def test_a_custom_servers_failed_install_is_a_build_error_with_the_installers_li
 def test_a_build_waiting_for_the_same_environment_stops_when_cancelled(tmp_path: Path) -> None:
     """Two deployments with the same requirements share one environment: the second
     waits for the first's install, and must stop waiting when it is deactivated."""
-    from kingpost._filelock import locked
     from kingpost.envs import environment_hash
 
     config, envs = _config(requirements=["six==1.16.0"]), tmp_path / "envs"
     env_hash = environment_hash(config, tmp_path)
-    switch = Cancel()
-    failure: list[BuildError] = []
-
-    def build() -> None:
-        with switch.active(), pytest.raises(BuildError) as info:
-            ensure_environment(config, tmp_path, envs, lambda line: None)
-        failure.append(info.value)
-
-    with locked(envs / f".{env_hash}.lock"):  # the first deployment's build
-        thread = threading.Thread(target=build)
-        thread.start()
-        time.sleep(0.5)
-        assert thread.is_alive()
-        switch.cancel("the deployment was deactivated")
-        thread.join(10)
-        assert not thread.is_alive()
-    assert "the deployment was deactivated" in failure[0].message
+    error = cancel_while_waiting(  # the first deployment's build holds the lock
+        envs / f".{env_hash}.lock",
+        lambda: ensure_environment(config, tmp_path, envs, lambda line: None),
+        "the deployment was deactivated",
+    )
+    assert "the deployment was deactivated" in error.message
     assert not (envs / str(env_hash)).exists()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kingpost._cancel import Cancel
+from helpers.cancelling import cancel_while_waiting
+from kingpost._cancel import Cancel, current
 from kingpost._filelock import locked
-from kingpost.errors import BuildError
 
 
 def test_on_cancel_stops_what_runs_then_and_at_once_what_comes_after() -> None:
@@ -72,24 +72,12 @@ def test_a_wait_for_a_shared_lock_ends_when_cancelled(tmp_path: Path) -> None:
 
 def test_a_file_lock_wait_ends_with_the_reason_when_cancelled(tmp_path: Path) -> None:
     path = tmp_path / "locks" / "env.lock"
-    switch = Cancel()
-    errors: list[BuildError] = []
 
     def wait() -> None:
-        try:
-            with locked(path, switch):
-                pass
-        except BuildError as exc:
-            errors.append(exc)
+        with locked(path, current()):
+            pass
 
-    with locked(path):  # another build holds it
-        waiter = threading.Thread(target=wait)
-        waiter.start()
-        time.sleep(0.3)
-        assert waiter.is_alive()
-        switch.cancel("the deployment was deactivated")
-        waiter.join(5)
-    assert not waiter.is_alive()
-    assert errors[0].message == "stopped while waiting for env.lock: the deployment was deactivated"
+    error = cancel_while_waiting(path, wait, "the deployment was deactivated")
+    assert error.message == "stopped while waiting for env.lock: the deployment was deactivated"
     with locked(path, Cancel()):  # free now, and taken at once
         pass
