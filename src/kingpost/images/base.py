@@ -14,6 +14,7 @@ the way the official Python images put theirs in ``/usr/local/bin``).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -110,11 +111,65 @@ def ensure_base_image(client: DockerClient | None = None, log: Log = print) -> s
             return tag
         started = time.monotonic()
         log(f"building the Kingpost base image {tag} with debootstrap (once per machine)")
-        with tempfile.TemporaryDirectory(prefix="kingpost-base-") as tmp:
-            archive = _build_rootfs(Path(tmp), log)
+        tmp = Path(tempfile.mkdtemp(prefix="kingpost-base-"))
+        try:
+            archive = _build_rootfs(tmp, log)
             _import(client, archive, tag)
+        finally:
+            _remove_build_dir(tmp, log)
         log(f"built {tag} in {time.monotonic() - started:.0f}s")
     return tag
+
+
+def _remove_build_dir(tmp: Path, log: Log) -> None:
+    """Remove the build's directory, after unmounting what debootstrap left mounted in it.
+
+    debootstrap mounts proc and sysfs inside the root filesystem while it installs
+    packages and unmounts them in an exit trap, which a SIGKILL (a cancelled build, Ctrl-C
+    on ``kingpost image base``) skips. Removing the directory with those still mounted
+    walks the host's /proc and /sys as root (``TemporaryDirectory`` even chmods what it
+    cannot delete there), so they are detached first, and the directory is kept if
+    anything stays mounted in it.
+    """
+    left = _unmount_under(tmp)
+    if left:
+        log(f"warning: kept {tmp}: still mounted there: {', '.join(left)}")
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        log(f"warning: could not remove all of {tmp}")
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` in this process's mount namespace."""
+    root = os.path.realpath(path)
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:  # not Linux: debootstrap mounts nothing we could see
+        return []
+    points = []
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        # Spaces, tabs, newlines and backslashes in a path are written as octal escapes.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if point == root or point.startswith(root.rstrip("/") + "/"):
+            points.append(point)
+    return points
+
+
+def _unmount_under(path: Path) -> list[str]:
+    """Detach every mount at or below ``path``, deepest first; return what is left."""
+    points = _mounts_under(path)
+    if points:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for point in sorted(points, key=len, reverse=True):
+            libc.umount2(os.fsencode(point), _MNT_DETACH)
+    return _mounts_under(path)
+
+
+_MNT_DETACH = 2
 
 
 def _build_rootfs(tmp: Path, log: Log) -> Path:
