@@ -178,6 +178,14 @@ def test_baseten_only_keys_left_empty_ask_for_nothing() -> None:
     assert parse_config(dumped).config is not None
     errors = errors_of(dumped.replace("enabled: false", "enabled: true"))
     assert [e["path"] for e in errors] == ["bdn"]
+    # Truss dumps `training_checkpoints` with a default download folder, and no checkpoints.
+    dumped = (
+        "training_checkpoints:\n  artifact_references: []\n"
+        "  download_folder: /tmp/training_checkpoints\n  loops_checkpoint_ids: []\n"
+    )
+    assert parse_config(dumped).config is not None
+    errors = errors_of(dumped.replace("loops_checkpoint_ids: []", "loops_checkpoint_ids: [c1]"))
+    assert [e["path"] for e in errors] == ["training_checkpoints"]
 
 
 def test_start_command_required_unless_no_build() -> None:

@@ -108,7 +108,12 @@ BASETEN_ONLY = {
 A project that sets one would deploy and then not do what it says (no engine, no
 checkpoints, nothing at a volume's mount path), so it is refused before anything is
 built. A value that asks for nothing passes: empty, or made only of empty lists and
-false flags, as Truss writes `bdn` when it dumps a config with its defaults."""
+false flags (besides the settings in :data:`_SETTINGS_ONLY`), as Truss writes `bdn` and
+`training_checkpoints` when it dumps a config with its defaults."""
+
+_SETTINGS_ONLY = {"training_checkpoints": frozenset({"download_folder"})}
+"""Fields that only say how to honour what the rest asks for, and that Truss fills in
+with a default when it dumps a config (`download_folder: /tmp/training_checkpoints`)."""
 
 
 def _asks_nothing(value: object) -> bool:
@@ -118,11 +123,14 @@ def _asks_nothing(value: object) -> bool:
 
 
 def _baseten_only(raw: dict[str, Any]) -> list[Issue]:
-    return [
-        Issue((key,), rule, raw[key])
-        for key, rule in BASETEN_ONLY.items()
-        if not _asks_nothing(raw.get(key))
-    ]
+    issues = []
+    for key, rule in BASETEN_ONLY.items():
+        value = raw.get(key)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _SETTINGS_ONLY.get(key, ())}
+        if not _asks_nothing(value):
+            issues.append(Issue((key,), rule, raw[key]))
+    return issues
 
 
 def _duplicate_mounts(weights: list[Any]) -> list[Issue]:
