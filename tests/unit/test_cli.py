@@ -110,6 +110,30 @@ def test_a_terminal_table_keeps_ids_whole_or_falls_back_to_lines() -> None:
     assert DEPLOYMENT["id"] in narrow and DEPLOYMENT["model_id"] in narrow
 
 
+def test_columns_are_measured_in_terminal_cells_not_characters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A CJK character takes two columns of a terminal: counted as one, piped columns
+    after it were out of line, and a terminal table that did not fit was chosen anyway
+    and cut short on the right."""
+    from rich.cells import cell_len
+
+    from kingpost.cli._common import print_rows
+
+    rows = [
+        {"id": "w1", "source": "s3://bucket/模型权重/", "files": 3},
+        {"id": "w2", "source": "hf://org/repo", "files": 12},
+    ]
+    print_rows(rows, ["id", "source", "files"], "table")
+    lines = capsys.readouterr().out.splitlines()
+    starts = {cell_len(line) - len(line.split()[-1]) for line in lines}
+    assert len(starts) == 1, lines  # FILES, 3 and 12 start in the same column
+
+    row = {"id": DEPLOYMENT["id"], "state": "构建失败" * 8}  # 32 characters, 64 cells
+    out = _in_terminal([row], ["id", "state"], 80)
+    assert "┃" not in out and row["state"] in out and DEPLOYMENT["id"] in out
+
+
 def test_predict_data_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
     for name, says in (

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -66,7 +67,8 @@ def print_rows(
         return
     headers = [col.replace("_", " ").upper() for col in columns]
     cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    # In terminal cells, not characters: a CJK character takes two.
+    widths = [max([cell_len(h), *(cell_len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     # Each column takes 3 more for its padding and border; a wrapped one gets at least 16.
     needed = 1 + sum(
         3 + (min(w, 16) if c in WRAPPED else w) for c, w in zip(columns, widths, strict=True)
@@ -87,10 +89,11 @@ def print_rows(
 
 def _plain(headers: list[str], cells: list[list[str]], title: str) -> str:
     lines = [[" ".join(c.split()) for c in row] for row in [headers, *cells]]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(headers))]
+    widths = [max(cell_len(row[i]) for row in lines) for i in range(len(headers))]
     out = [title] if title else []
     out += [
-        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
+        "   ".join(c + " " * (w - cell_len(c)) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in lines
     ]
     return "\n".join(out) + "\n"
 
