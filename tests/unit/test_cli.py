@@ -49,6 +49,10 @@ def test_table_cells_are_text_not_markup(capsys: pytest.CaptureFixture[str]) -> 
     assert "[/x]" in out and "[notice]" in out
     assert "[/x]" in _in_terminal(rows, ["labels", "message"], 120)
     assert "[notice]" in _in_terminal(rows, ["labels", "message"], 120)
+    # Nor emoji codes: rich turned `:x:` into a cross, `:ok:` into a button.
+    rows = [{"labels": {"k": "v:ok:w"}, "message": "exec /srv/bin:x:/usr/bin failed"}]
+    out = _in_terminal(rows, ["labels", "message"], 120)
+    assert '"v:ok:w"' in out and "/srv/bin:x:/usr/bin" in out, out
 
 
 DEPLOYMENT = {

@@ -11,6 +11,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from kingpost.client import KingpostClient
 from kingpost.settings import Settings
@@ -76,14 +77,15 @@ def print_rows(
     if not console.is_terminal or needed > console.width:
         console.out(_plain(headers, cells, title), highlight=False, end="")  # no wrapping
         return
-    table = Table(title=title or None)
+    table = Table(title=Text(title) if title else None)
     for col, header, width in zip(columns, headers, widths, strict=True):
         if col in WRAPPED:
             table.add_column(header, min_width=min(width, 16))
         else:
             table.add_column(header, no_wrap=True, min_width=width)
     for row_cells in cells:
-        table.add_row(*[escape(c) for c in row_cells])
+        # Text, not strings: neither markup (`[/x]`) nor emoji codes (`:x:`) are read in them.
+        table.add_row(*[Text(c) for c in row_cells])
     console.print(table)
 
 
