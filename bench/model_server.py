@@ -299,7 +299,8 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--no-control", action="store_true",
-        help="skip the controls: nginx at the same rates, and the minimal server (needs nginx)",
+        help="skip the controls: nginx at the same rates and at the same shares of its own "
+        "peak, and the minimal server (needs nginx)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()
@@ -352,6 +353,12 @@ def main() -> int:
                     results[name], peaks[name] = at, peak.rps
                     if control is not None:
                         results[f"nginx@{share}%#{round_}"] = measure_at(control, args, at.rps)
+                        # nginx at the same share of *its own* peak: what a server whose
+                        # service time is a fifth of Kingpost's does with the same target.
+                        peak = wrk(control, lua, args.connections, 3, args.client_core)
+                        name = f"nginx-own@{share}%#{round_}"
+                        results[name] = measure_at(control, args, share / 100 * peak.rps)
+                        peaks[name] = peak.rps
                     if minimal is not None:
                         peak = wrk(minimal_url, lua, args.connections, 3, args.client_core)
                         name = f"minimal@{share}%#{round_}"
@@ -403,6 +410,12 @@ def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Name
         if ctl:
             print(f"  nginx at the same rates (control): median p99 {statistics.median(ctl):.3f} "
                   f"ms ({', '.join(f'{p:.2f}' for p in ctl)})")  # fmt: skip
+        runs = [(peaks[k], r) for k, r in results.items() if k.startswith(f"nginx-own@{share}%#")]
+        if runs:
+            p99s = sorted(r.p99_ms for _, r in runs)
+            each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
+            print(f"  nginx at {share}% of its own peak (control): median p99 "
+                  f"{statistics.median(p99s):.3f} ms ({each} req/s)")  # fmt: skip
         runs = [(peaks[k], r) for k, r in results.items() if k.startswith(f"minimal@{share}%#")]
         if runs:
             p99s = sorted(r.p99_ms for _, r in runs)
