@@ -402,26 +402,27 @@ def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Name
         print(f"p50 ratio kingpost/truss: {k.p50_ms / t.p50_ms:.2f}  "
               f"p99 ratio kingpost/truss: {k.p99_ms / t.p99_ms:.2f}")  # fmt: skip
     for share in args.loads:
-        runs = [(peaks[k], r) for k, r in results.items() if k.startswith(f"kingpost@{share}%#")]
-        p99s = sorted(r.p99_ms for _, r in runs)
-        each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
-        print(f"kingpost@{share}%: median p99 {statistics.median(p99s):.3f} ms ({each} req/s)")
+        print(f"kingpost@{share}%: {_at_share(results, peaks, f'kingpost@{share}%#')}")
         ctl = sorted(r.p99_ms for k, r in results.items() if k.startswith(f"nginx@{share}%#"))
         if ctl:
             print(f"  nginx at the same rates (control): median p99 {statistics.median(ctl):.3f} "
                   f"ms ({', '.join(f'{p:.2f}' for p in ctl)})")  # fmt: skip
-        runs = [(peaks[k], r) for k, r in results.items() if k.startswith(f"nginx-own@{share}%#")]
-        if runs:
-            p99s = sorted(r.p99_ms for _, r in runs)
-            each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
-            print(f"  nginx at {share}% of its own peak (control): median p99 "
-                  f"{statistics.median(p99s):.3f} ms ({each} req/s)")  # fmt: skip
-        runs = [(peaks[k], r) for k, r in results.items() if k.startswith(f"minimal@{share}%#")]
-        if runs:
-            p99s = sorted(r.p99_ms for _, r in runs)
-            each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
+        if own := _at_share(results, peaks, f"nginx-own@{share}%#"):
+            print(f"  nginx at {share}% of its own peak (control): {own}")
+        if minimal := _at_share(results, peaks, f"minimal@{share}%#"):
             print(f"  minimal server, same CPU per request, {share}% of its own peak (control): "
-                  f"median p99 {statistics.median(p99s):.3f} ms ({each} req/s)")  # fmt: skip
+                  f"{minimal}")  # fmt: skip
+
+
+def _at_share(results: dict[str, Run], peaks: dict[str, float], prefix: str) -> str:
+    """The median p99 of the rounds named ``prefix…``, then each round's p99, rate and the
+    peak it was a share of; empty when there were none."""
+    runs = [(peaks[k], r) for k, r in results.items() if k.startswith(prefix)]
+    if not runs:
+        return ""
+    median = statistics.median(r.p99_ms for _, r in runs)
+    each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
+    return f"median p99 {median:.3f} ms ({each} req/s)"
 
 
 if __name__ == "__main__":
