@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from kingpost._cancel import current as current_cancel
 from kingpost._filelock import locked
+from kingpost.envs.installer import run_logged
 from kingpost.errors import BuildError
 
 if TYPE_CHECKING:
@@ -221,8 +222,6 @@ def _build_rootfs(tmp: Path, log: Log) -> Path:
 def _run(command: list[str], log: Log) -> None:
     """Run a step of the base image's build; killed with the build when it is cancelled,
     and with the control plane when it dies."""
-    from kingpost.envs.installer import run_logged
-
     log(f"$ {' '.join(command)}")
     run_logged(command, log, f"building the Kingpost base image: `{command[0]}`", whose="its")
 

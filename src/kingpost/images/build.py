@@ -65,7 +65,7 @@ def build_image(
     if not lock.acquire(blocking=False):
         log(f"waiting for another deployment's build of image {tag}")
         if not cancel.acquire(lambda timeout: lock.acquire(timeout=timeout)):
-            raise BuildError(f"the image build was stopped: {cancel.reason}")
+            raise _stopped(cancel)
     try:
         if image_exists(client, tag):
             log(f"image {tag} is up to date")
@@ -188,7 +188,7 @@ def _context_tar(plan: BuildPlan, cancel: Cancel) -> Iterator[bytes]:
         yield info.tobuf(format=tarfile.PAX_FORMAT)
     for name, content, mode in entries:
         if cancel.reason is not None:
-            raise BuildError(f"the image build was stopped: {cancel.reason}")
+            raise _stopped(cancel)
         info = tarfile.TarInfo(name)
         info.mode = mode
         if isinstance(content, bytes):
@@ -202,7 +202,7 @@ def _context_tar(plan: BuildPlan, cancel: Cancel) -> Iterator[bytes]:
             left = info.size
             while left > 0:
                 if cancel.reason is not None:
-                    raise BuildError(f"the image build was stopped: {cancel.reason}")
+                    raise _stopped(cancel)
                 chunk = f.read(min(_CHUNK, left))
                 if not chunk:  # shrank while sent: the header promised more
                     raise BuildError(f"{content} changed while the image build read it")
@@ -210,6 +210,10 @@ def _context_tar(plan: BuildPlan, cancel: Cancel) -> Iterator[bytes]:
                 yield chunk
         yield _padding(info.size)
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def _stopped(cancel: Cancel) -> BuildError:
+    return BuildError(f"the image build was stopped: {cancel.reason}")
 
 
 def _padding(size: int) -> bytes:
@@ -243,11 +247,11 @@ def _docker_build(client: DockerClient, plan: BuildPlan, tag: str, log: Log) -> 
             _follow(stream, plan, log)
     except DockerException as exc:
         if cancel.reason is not None:
-            raise BuildError(f"the image build was stopped: {cancel.reason}") from exc
+            raise _stopped(cancel) from exc
         raise BuildError(f"image build of {tag} failed: the Docker Engine said {exc}") from exc
     except Exception as exc:
         if cancel.reason is not None:  # the connection we closed broke off the stream
-            raise BuildError(f"the image build was stopped: {cancel.reason}") from exc
+            raise _stopped(cancel) from exc
         raise
 
 
