@@ -306,6 +306,7 @@ def main() -> int:
     args = parser.parse_args()
     results: dict[str, Run] = {}
     peaks: dict[str, float] = {}
+    after: dict[str, float] = {}
     notes: list[str] = []
     procs = Procs()
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
@@ -334,13 +335,14 @@ def main() -> int:
             cpu_before = cpu_seconds(proc.pid)
             results["kingpost"] = peak = measure_peak(url, work, args)
             cpu_us = (cpu_seconds(proc.pid) - cpu_before) / (peak.rps * (args.duration + 2)) * 1e6
-            minimal = None
+            minimal = bare = None
             if not args.no_control:
                 minimal, minimal_url, extra_us = calibrate_minimal(work, args, cpu_us)
                 notes.append(
                     f"kingpost used {cpu_us:.1f} us of CPU per request at its peak; the minimal "
                     f"server burns {extra_us:.1f} us on top of its own cost to match"
                 )
+                bare, bare_url = start_minimal(work, args.server_core, 0)
             # This machine's speed drifts by tens of percent from minute to minute, so each
             # open-loop run gets its rate from a short closed-loop peak taken just before it.
             lua = _lua(work)
@@ -351,6 +353,9 @@ def main() -> int:
                     at = measure_at(url, args, share / 100 * peak.rps, proc.pid)
                     name = f"kingpost@{share}%#{round_}"
                     results[name], peaks[name] = at, peak.rps
+                    # The peak again right after: when it moved, the run was not at the
+                    # share it was meant to be (this machine's speed swings within seconds).
+                    after[name] = wrk(url, lua, args.connections, 3, args.client_core).rps
                     if control is not None:
                         results[f"nginx@{share}%#{round_}"] = measure_at(control, args, at.rps)
                         # nginx at the same share of *its own* peak: what a server whose
@@ -366,15 +371,23 @@ def main() -> int:
                             minimal_url, args, share / 100 * peak.rps, minimal.pid
                         )
                         peaks[name] = peak.rps
+                    if bare is not None:
+                        # The same server with no extra work: the least Python a server
+                        # can run per request, at the same share of its own peak.
+                        peak = wrk(bare_url, lua, args.connections, 3, args.client_core)
+                        name = f"bare@{share}%#{round_}"
+                        results[name] = measure_at(bare_url, args, share / 100 * peak.rps, bare.pid)
+                        peaks[name] = peak.rps
         finally:
             proc.terminate()
             proc.wait()
-            if minimal is not None:
-                minimal.terminate()
-                minimal.wait()
+            for control_proc in (minimal, bare):
+                if control_proc is not None:
+                    control_proc.terminate()
+                    control_proc.wait()
             procs.stop()
         events = placement_events(log)
-    report(results, peaks, args)
+    report(results, peaks, after, args)
     if not args.json:
         for note in notes:
             print(note)
@@ -383,9 +396,17 @@ def main() -> int:
     return 0
 
 
-def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Namespace) -> None:
+def report(
+    results: dict[str, Run],
+    peaks: dict[str, float],
+    after: dict[str, float],
+    args: argparse.Namespace,
+) -> None:
     if args.json:
-        out = {k: {**vars(v), "peak_rps": peaks.get(k)} for k, v in results.items()}
+        out = {
+            k: {**vars(v), "peak_rps": peaks.get(k), "peak_after_rps": after.get(k)}
+            for k, v in results.items()
+        }
         print(json.dumps(out, indent=2))
         return
     print(f"echo model, {args.connections} connections, {args.duration:.0f}s per run, "
@@ -402,7 +423,7 @@ def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Name
         print(f"p50 ratio kingpost/truss: {k.p50_ms / t.p50_ms:.2f}  "
               f"p99 ratio kingpost/truss: {k.p99_ms / t.p99_ms:.2f}")  # fmt: skip
     for share in args.loads:
-        print(f"kingpost@{share}%: {_at_share(results, peaks, f'kingpost@{share}%#')}")
+        print(f"kingpost@{share}%: {_at_share(results, peaks, f'kingpost@{share}%#', after)}")
         ctl = sorted(r.p99_ms for k, r in results.items() if k.startswith(f"nginx@{share}%#"))
         if ctl:
             print(f"  nginx at the same rates (control): median p99 {statistics.median(ctl):.3f} "
@@ -412,17 +433,28 @@ def report(results: dict[str, Run], peaks: dict[str, float], args: argparse.Name
         if minimal := _at_share(results, peaks, f"minimal@{share}%#"):
             print(f"  minimal server, same CPU per request, {share}% of its own peak (control): "
                   f"{minimal}")  # fmt: skip
+        if bare := _at_share(results, peaks, f"bare@{share}%#"):
+            print(f"  minimal server, no extra work, {share}% of its own peak (control): {bare}")
 
 
-def _at_share(results: dict[str, Run], peaks: dict[str, float], prefix: str) -> str:
+def _at_share(
+    results: dict[str, Run],
+    peaks: dict[str, float],
+    prefix: str,
+    after: dict[str, float] | None = None,
+) -> str:
     """The median p99 of the rounds named ``prefix…``, then each round's p99, rate and the
-    peak it was a share of; empty when there were none."""
-    runs = [(peaks[k], r) for k, r in results.items() if k.startswith(prefix)]
+    peak it was a share of (and, from ``after``, the peak measured right after the run);
+    empty when there were none."""
+    runs = [(k, peaks[k], r) for k, r in results.items() if k.startswith(prefix)]
     if not runs:
         return ""
-    median = statistics.median(r.p99_ms for _, r in runs)
-    each = ", ".join(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}" for peak, r in runs)
-    return f"median p99 {median:.3f} ms ({each} req/s)"
+    median = statistics.median(r.p99_ms for _, _, r in runs)
+    each = []
+    for name, peak, r in runs:
+        then = f" (then {after[name]:.0f})" if after and name in after else ""
+        each.append(f"{r.p99_ms:.2f} ms at {r.rps:.0f} of {peak:.0f}{then}")
+    return f"median p99 {median:.3f} ms ({', '.join(each)} req/s)"
 
 
 if __name__ == "__main__":
