@@ -185,6 +185,26 @@ def test_the_server_log_has_no_line_per_table_push_unless_debugging(
     assert out.stdout.strip() == httpx_level, out.stderr
 
 
+def test_errors_are_not_wrapped_when_piped(tmp_path: Path) -> None:
+    """Piped, rich wrapped messages at 80 columns: a log or CI output then had a line break
+    in the middle of the parser's message."""
+    out = kingpost(tmp_path, "predict", "--model", "m", "-d", "{bad")
+    assert out.returncode == 2, out.stderr
+    message = "error: --data: not valid JSON (Expecting property name enclosed in double quotes)"
+    assert message in out.stderr.splitlines(), out.stderr
+
+
+def test_init_prints_a_push_command_that_can_be_pasted(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kingpost.cli", "init", "My Model"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    command = out.stdout.split("`")[1]
+    assert command == "kingpost push 'My Model'", out.stdout
+    assert "model_name: My Model" in (tmp_path / "My Model" / "config.yaml").read_text()
+
+
 def test_init_takes_a_path_and_names_the_model_after_its_last_part(tmp_path: Path) -> None:
     # As `truss init DIR`; the whole path was taken for the model name and refused.
     out = kingpost(tmp_path, "init", str(tmp_path / "models" / "my-model"))

@@ -27,7 +27,9 @@ __all__ = [
 ]
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
+"""Errors and warnings are never wrapped by rich: piped into a log, a wrapped message had
+line breaks in the middle of a phrase or a path; a terminal wraps long lines itself."""
 
 output_option = click.option(
     "--output",

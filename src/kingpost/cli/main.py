@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def init(name: str, target: Path | None) -> None:
 
     dest = target or Path(name)
     scaffold_project(dest, name if target is not None else Path(name).name)
-    click.echo(f"created {dest}; deploy it with `kingpost push {dest}`")
+    # Quoted for the shell: the command is there to be copied, and a name may hold spaces.
+    click.echo(f"created {dest}; deploy it with `kingpost push {shlex.quote(str(dest))}`")
 
 
 for command in (push, models, deployments, logs, predict, secrets, weights, venvs, migrate, image):
