@@ -141,6 +141,41 @@ def ensure_truss() -> Path:
     return python
 
 
+GRANIAN_VENV = CACHE / "granian-venv"
+GRANIAN_APP = """async def app(scope, proto):
+    body = await proto()
+    proto.response_bytes(200, [("content-type", "application/json")], body)
+"""
+
+
+def ensure_granian() -> Path:
+    """Granian (a Rust HTTP server that calls a Python app per request) in its own venv."""
+    granian = GRANIAN_VENV / "bin" / "granian"
+    if not granian.exists():
+        subprocess.run([str(UV), "venv", "--python", sys.executable, str(GRANIAN_VENV)], check=True)
+        python = GRANIAN_VENV / "bin" / "python"
+        subprocess.run([str(UV), "pip", "install", "--python", str(python), "granian"], check=True)
+    return granian
+
+
+def start_granian(granian: Path, work: Path, core: int) -> tuple[subprocess.Popen[bytes], str]:
+    """An RSGI echo under Granian: one worker, one single-threaded runtime, on ``core``.
+
+    What a compiled request path still costs when each request calls into Python."""
+    app_dir = work / "granian-app"
+    app_dir.mkdir(exist_ok=True)
+    (app_dir / "echo.py").write_text(GRANIAN_APP)
+    port = _free_port()
+    cmd = [
+        str(granian), "--interface", "rsgi", "--workers", "1", "--runtime-threads", "1",
+        "--runtime-mode", "st", "--host", "127.0.0.1", "--port", str(port), "--no-ws",
+        "--log-level", "warning", "echo:app",
+    ]  # fmt: skip
+    proc = start(cmd, app_dir, {}, core)
+    wait_port(port)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def _truss_templates(python: Path) -> Path:
     code = "import truss, pathlib; print(pathlib.Path(truss.__file__).parent / 'templates')"
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
@@ -302,6 +337,11 @@ def main() -> int:
         help="skip the controls: nginx at the same rates and at the same shares of its own "
         "peak, and the minimal server (needs nginx)",
     )  # fmt: skip
+    parser.add_argument(
+        "--granian", action="store_true",
+        help="also run Granian (Rust HTTP, a Python echo per request) at the same shares of "
+        "its own peak; installed into .bench-cache/granian-venv on first use",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()
     results: dict[str, Run] = {}
@@ -328,6 +368,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "kingpost.server", "--app-dir", str(app), "--port", str(port)]
         log = work / "kingpost.log"
         proc = start([*cmd, "--host", "127.0.0.1"], work, {}, args.server_core, log)
+        minimal = bare = granian = None
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, proc)
@@ -335,7 +376,6 @@ def main() -> int:
             cpu_before = cpu_seconds(proc.pid)
             results["kingpost"] = peak = measure_peak(url, work, args)
             cpu_us = (cpu_seconds(proc.pid) - cpu_before) / (peak.rps * (args.duration + 2)) * 1e6
-            minimal = bare = None
             if not args.no_control:
                 minimal, minimal_url, extra_us = calibrate_minimal(work, args, cpu_us)
                 notes.append(
@@ -343,6 +383,8 @@ def main() -> int:
                     f"server burns {extra_us:.1f} us on top of its own cost to match"
                 )
                 bare, bare_url = start_minimal(work, args.server_core, 0)
+            if args.granian:
+                granian, granian_url = start_granian(ensure_granian(), work, args.server_core)
             # This machine's speed drifts by tens of percent from minute to minute, so each
             # open-loop run gets its rate from a short closed-loop peak taken just before it.
             lua = _lua(work)
@@ -378,10 +420,15 @@ def main() -> int:
                         name = f"bare@{share}%#{round_}"
                         results[name] = measure_at(bare_url, args, share / 100 * peak.rps, bare.pid)
                         peaks[name] = peak.rps
+                    if granian is not None:
+                        peak = wrk(granian_url, lua, args.connections, 3, args.client_core)
+                        name = f"granian@{share}%#{round_}"
+                        results[name] = measure_at(granian_url, args, share / 100 * peak.rps)
+                        peaks[name] = peak.rps
         finally:
             proc.terminate()
             proc.wait()
-            for control_proc in (minimal, bare):
+            for control_proc in (minimal, bare, granian):
                 if control_proc is not None:
                     control_proc.terminate()
                     control_proc.wait()
@@ -435,6 +482,8 @@ def report(
                   f"{minimal}")  # fmt: skip
         if bare := _at_share(results, peaks, f"bare@{share}%#"):
             print(f"  minimal server, no extra work, {share}% of its own peak (control): {bare}")
+        if granian := _at_share(results, peaks, f"granian@{share}%#"):
+            print(f"  Granian, a Python echo, {share}% of its own peak (control): {granian}")
 
 
 def _at_share(
