@@ -179,7 +179,6 @@ class ClientConn(StreamConn):
         self.refusal: tuple[bytes, str, int, float] | None = None
         """An error answer owed after the answers before it: its bytes, and its request id,
         status and when it was decided, for its access line."""
-        """An error for a malformed request, sent once the requests before it are answered."""
         self._waiting: tuple[_Request | None, float] | None = None
         """What :meth:`close_if_stalled` last saw the connection wait for, and since when."""
 
