@@ -389,6 +389,20 @@ def main() -> int:
             # open-loop run gets its rate from a short closed-loop peak taken just before it.
             lua = _lua(work)
             control = None if args.no_control else start_control(procs, work, args.server_core)
+            # Servers run at the same shares of their own peak: (label, url, pid for CPU).
+            own: list[tuple[str, str, int]] = []
+            if control is not None:
+                # nginx: what a server whose service time is a fifth of Kingpost's does
+                # with the same target.
+                own.append(("nginx-own", control, 0))
+            if minimal is not None:
+                own.append(("minimal", minimal_url, minimal.pid))
+            if bare is not None:
+                # The minimal server with no extra work: the least Python a server can run
+                # per request.
+                own.append(("bare", bare_url, bare.pid))
+            if granian is not None:
+                own.append(("granian", granian_url, 0))
             for round_ in range(1, args.rounds + 1):
                 for share in args.loads:
                     peak = wrk(url, lua, args.connections, 3, args.client_core)
@@ -400,30 +414,10 @@ def main() -> int:
                     after[name] = wrk(url, lua, args.connections, 3, args.client_core).rps
                     if control is not None:
                         results[f"nginx@{share}%#{round_}"] = measure_at(control, args, at.rps)
-                        # nginx at the same share of *its own* peak: what a server whose
-                        # service time is a fifth of Kingpost's does with the same target.
-                        peak = wrk(control, lua, args.connections, 3, args.client_core)
-                        name = f"nginx-own@{share}%#{round_}"
-                        results[name] = measure_at(control, args, share / 100 * peak.rps)
-                        peaks[name] = peak.rps
-                    if minimal is not None:
-                        peak = wrk(minimal_url, lua, args.connections, 3, args.client_core)
-                        name = f"minimal@{share}%#{round_}"
-                        results[name] = measure_at(
-                            minimal_url, args, share / 100 * peak.rps, minimal.pid
-                        )
-                        peaks[name] = peak.rps
-                    if bare is not None:
-                        # The same server with no extra work: the least Python a server
-                        # can run per request, at the same share of its own peak.
-                        peak = wrk(bare_url, lua, args.connections, 3, args.client_core)
-                        name = f"bare@{share}%#{round_}"
-                        results[name] = measure_at(bare_url, args, share / 100 * peak.rps, bare.pid)
-                        peaks[name] = peak.rps
-                    if granian is not None:
-                        peak = wrk(granian_url, lua, args.connections, 3, args.client_core)
-                        name = f"granian@{share}%#{round_}"
-                        results[name] = measure_at(granian_url, args, share / 100 * peak.rps)
+                    for label, target, pid in own:
+                        peak = wrk(target, lua, args.connections, 3, args.client_core)
+                        name = f"{label}@{share}%#{round_}"
+                        results[name] = measure_at(target, args, share / 100 * peak.rps, pid)
                         peaks[name] = peak.rps
         finally:
             proc.terminate()
