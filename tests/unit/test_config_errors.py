@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 
-from kingpost.config import parse_config
+from kingpost.config import _yaml, parse_config
+from kingpost.config._yaml import MAX_DEPTH
 from kingpost.errors import ConfigError
 
 SERVER = """\
@@ -295,6 +297,56 @@ def test_aliases_and_nesting_get_a_clean_error_at_once(
     (error,) = info.value.details["errors"]
     assert (error["path"], error["line"]) == (path, line)
     assert rule in error["message"] and rule in info.value.message
+
+
+def _nested(depth: int, flow: bool) -> str:
+    if flow:
+        return "model_metadata: " + "[" * depth + "]" * depth + "\n"
+    return (
+        "model_metadata:\n"
+        + "".join(f"{'  ' * (i + 1)}k{i}:\n" for i in range(depth))
+        + ("  " * (depth + 1) + "v: 1\n")
+    )
+
+
+@pytest.mark.parametrize("loader", [yaml.SafeLoader, _yaml._Loader], ids=["python", "libyaml"])
+@pytest.mark.parametrize(
+    ("depth", "flow"),
+    [(101, True), (150, False), (999, True), (1000, True), (5000, True), (2000, False)],
+)
+def test_the_depth_rule_is_kingposts_whichever_parser_refuses_first(
+    loader: type[yaml.SafeLoader], depth: int, flow: bool
+) -> None:
+    """PyYAML 6.0.3+ ships a libyaml whose scanner refuses 1000 levels with its own
+    message before Kingpost's walk sees an event; the pure-Python parser has no limit.
+    Either way the user reads Kingpost's rule, on the config's own line."""
+    with pytest.raises(ConfigError) as info:
+        _yaml._check_depth(_nested(depth, flow), "c.yaml", loader)
+    (error,) = info.value.details["errors"]
+    assert "nested more than 100 levels" in error["message"]
+    assert error["path"] == "<root>" and error["line"] == (1 if flow else 101)
+
+
+def test_libyamls_own_depth_error_is_recognised() -> None:
+    """The translation above keys on libyaml's wording: fail here, not for users, if a
+    new PyYAML words it differently."""
+    if not yaml.__with_libyaml__:
+        pytest.skip("PyYAML built without libyaml")
+    try:
+        for _ in yaml.parse(_nested(5000, True), Loader=yaml.CSafeLoader):
+            pass
+    except yaml.MarkedYAMLError as exc:
+        assert _yaml._libyaml_depth_limit(exc), exc
+    else:
+        pytest.skip(f"this libyaml (PyYAML {yaml.__version__}) has no nesting limit")
+
+
+def test_nesting_at_the_limit_is_fine() -> None:
+    """`_nested(n, False)` holds n + 2 levels: the root, model_metadata's and n keys'."""
+    metadata = parse_config(_nested(MAX_DEPTH - 2, False)).config.model_metadata
+    for i in range(MAX_DEPTH - 2):
+        metadata = metadata[f"k{i}"]
+    assert metadata == {"v": 1}
 
 
 def test_shared_aliases_are_fine() -> None:

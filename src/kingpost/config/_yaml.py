@@ -191,22 +191,40 @@ def _check_nodes(root: yaml.Node, filename: str) -> list[Issue]:
     return issues
 
 
-def _check_depth(text: str, filename: str) -> None:
+def _too_deep(filename: str, line: int) -> NoReturn:
+    _structure_error(
+        filename, (), line,
+        f"mappings and lists are nested more than {MAX_DEPTH} levels deep; "
+        "flatten the structure",
+    )  # fmt: skip
+
+
+def _libyaml_depth_limit(exc: yaml.MarkedYAMLError) -> bool:
+    """Whether ``exc`` is libyaml's own nesting limit (PyYAML 6.0.3+ builds with a libyaml
+    that refuses 1000 levels while scanning, before any event reaches :func:`_check_depth`:
+    in flow style the scanner reads ahead past every ``[`` looking for a ``:``)."""
+    return "maximum nesting depth" in (exc.problem or "")
+
+
+def _check_depth(text: str, filename: str, loader: type[yaml.SafeLoader] | None = None) -> None:
     """Refuse nesting deeper than :data:`MAX_DEPTH` before composing: the C composer
-    recurses once per level and overflows the C stack (a crash, not an exception)."""
+    recurses once per level and overflows the C stack (a crash, not an exception).
+
+    Whichever refuses first, this walk or libyaml's scanner, the user gets the same error."""
     depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_DEPTH:
-                line = event.start_mark.line + 1 if event.start_mark is not None else 0
-                _structure_error(
-                    filename, (), line,
-                    f"mappings and lists are nested more than {MAX_DEPTH} levels deep; "
-                    "flatten the structure",
-                )  # fmt: skip
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
+    try:
+        for event in yaml.parse(text, Loader=loader or _Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    _too_deep(filename, event.start_mark.line + 1 if event.start_mark else 0)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.MarkedYAMLError as exc:
+        if not _libyaml_depth_limit(exc):
+            raise
+        mark = exc.problem_mark or exc.context_mark
+        _too_deep(filename, mark.line + 1 if mark is not None else 0)
 
 
 def load_yaml(text: str, filename: str) -> tuple[Any, SourceMap, list[Issue]]:
