@@ -1,19 +1,38 @@
 # One entry point for people and CI. `make demo` and `make test` are the README's two commands.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
+# The uv that installs from (and writes) uv.lock; bump it with the lock, not apart.
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+# uv sync installs into this venv; --inexact keeps uv itself, which the lock does not list.
+SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --inexact --extra dev
 
-.PHONY: install demo test check fmt bench-gateway bench-model-server bench-weights
+.PHONY: install demo test check fmt lock upgrade bench-gateway bench-model-server bench-weights
 
-$(STAMP): pyproject.toml
+# Installs exactly what uv.lock pins (--locked: refuse a lock that no longer matches
+# pyproject.toml, rather than resolving something CI never ran).
+$(STAMP): pyproject.toml uv.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(SYNC) --locked -q
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# After editing dependencies in pyproject.toml: re-resolve, keeping every pin that still fits.
+lock:
+	test -x $(UV) || $(MAKE) install
+	$(UV) lock
+	$(MAKE) test
+
+# Move every dependency to the newest versions pyproject.toml allows, then run the suite.
+upgrade:
+	test -x $(UV) || $(MAKE) install
+	$(UV) lock --upgrade
+	$(MAKE) test
 
 demo: install
 	$(VENV)/bin/kingpost server --push examples/echo-server

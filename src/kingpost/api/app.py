@@ -368,6 +368,7 @@ def _venv_routes(router: APIRouter, plane: ControlPlane) -> None:
                 "hash": v.hash,
                 "python": v.python,
                 "requirements": list(v.requirements),
+                "packages": list(v.packages),
                 "custom_server": v.custom_server,
                 "ready": v.ready,
                 "size_bytes": v.size_bytes,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from kingpost.cli._common import (
     print_rows,
     print_warning,
 )
+from kingpost.errors import NotFoundError
 from kingpost.weights.migrate import plan_migration
 
 __all__ = ["migrate", "venvs", "weights"]
@@ -92,10 +94,39 @@ def venvs_list(output: str) -> None:
     """List environments: size, last use, the deployments that use them."""
     with client() as c:
         rows = c.venvs()
-    columns = ["hash", "python", "requirements", "size_bytes", "last_used", "deployments"]
+    columns = [
+        "hash", "python", "requirements", "packages", "size_bytes", "last_used", "deployments"
+    ]  # fmt: skip
     if output == "table":  # lists as counts and ids; JSON keeps them whole
-        rows = [{**r, "requirements": len(r["requirements"])} for r in rows]
+        rows = [
+            {**r, "requirements": len(r["requirements"]), "packages": len(r["packages"])}
+            for r in rows
+        ]
     print_rows(rows, columns, output)
+
+
+@venvs.command("show")
+@click.argument("env_hash", metavar="HASH")
+@output_option
+def venvs_show(env_hash: str, output: str) -> None:
+    """The packages an environment was built with, as `name==version` lines."""
+    with client() as c:
+        rows = c.venvs()
+    found = [r for r in rows if r["hash"].startswith(env_hash)] if env_hash else []
+    if len(found) != 1:
+        what = "no environment" if not found else f"{len(found)} environments"
+        raise NotFoundError(
+            f"{what} with a hash starting {env_hash!r}; `kingpost venvs list` shows them"
+        )
+    (row,) = found
+    if output == "json":
+        click.echo(json.dumps(row, indent=2))
+        return
+    if not row["packages"]:
+        console.print(f"{row['hash']}: built before Kingpost recorded versions; no list")
+        return
+    for line in row["packages"]:
+        click.echo(line)
 
 
 @venvs.command("gc")

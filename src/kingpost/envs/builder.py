@@ -31,6 +31,16 @@ installs them into its image, with none of the model server's parts above (its
 requirements, fastapi/pydantic, the ``.pth`` link, the import check; ``pip check`` still
 runs), hashed apart from a model's environment with the same requirements.
 
+Resolved versions are recorded, so a rebuild installs what the first build did. After a
+build, ``freeze`` lists every installed package; the list goes into the ready marker
+(``kingpost venvs show``) and into ``{envs}/_pins/{key}.txt``, keyed by what the user
+controls (Python version, requirements and their files, the server's own requirement
+ranges) and not by the installer's version or Kingpost's path. A later build with the same
+key (the environment was collected, uv was upgraded) installs with those pins as
+constraints; a pin that can no longer be installed fails the build, naming the file to
+delete for a fresh resolution. Changing a requirement changes the key, so it resolves
+afresh. Requirements carrying ``--hash`` are pinned by the user already and get no pins.
+
 A project with no requirements that does not ask for another Python reuses
 the platform's own interpreter (a custom server: the machine's own PATH). An
 environment is built at its final path (the shebangs of its console scripts name
@@ -48,7 +58,7 @@ import json
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +92,7 @@ SERVER_REQUIREMENTS: tuple[str, ...] = (
 )
 CONVENIENCE_REQUIREMENTS: tuple[str, ...] = ("fastapi>=0.111", "pydantic>=2.7")
 READY_MARKER = "kingpost-env.json"
+PINS_DIR = "_pins"
 
 
 class Conveniences(enum.StrEnum):
@@ -155,6 +166,27 @@ def _hash(inputs: _Inputs, installer: Installer) -> str:
     else:
         doc["custom_server"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def pins_key(inputs: _Inputs) -> str:
+    """What a recorded resolution is reused for: the inputs a user controls, without the
+    installer's version or where Kingpost is installed (upgrading either keeps the pins)."""
+    doc: dict[str, Any] = {
+        "python": inputs.interpreter.version,
+        "requirements": list(inputs.requirements),
+        "files": [[n, hashlib.sha256(t.encode()).hexdigest()] for n, t in inputs.files],
+        "server": list(SERVER_REQUIREMENTS) if inputs.model_server else None,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _pins_path(inputs: _Inputs, envs_dir: Path) -> Path | None:
+    """Where this environment's resolution is recorded; ``None`` when the user's own
+    requirements carry hashes (pinned already, and pip's hash mode takes no other pins)."""
+    texts = [*inputs.requirements, *(text for _, text in inputs.files)]
+    if any("--hash" in text for text in texts):
+        return None
+    return envs_dir / PINS_DIR / f"{pins_key(inputs)}.txt"
 
 
 def _explicit_python(config: Any) -> str | None:
@@ -262,18 +294,39 @@ def _build(
     shutil.rmtree(target, ignore_errors=True)  # a build that died left it without a marker
     version = inputs.interpreter.version
     log(f"building environment {target.name} with {installer.name} (Python {version})")
+    pins = _pins_path(inputs, envs_dir)
+    pinned = pins is not None and pins.is_file()
     try:
         python = installer.create_venv(inputs.interpreter.executable, target)
         user_args = _install_args(inputs, target, installer)
+        if pinned:
+            assert pins is not None
+            count = sum(1 for line in pins.read_text().splitlines() if line.strip())
+            log(f"installing the {count} versions recorded when this environment was first built")
+            user_args = ["-c", str(pins), *user_args]
         marker: dict[str, Any] = {
             "python": inputs.interpreter.version,
             "requirements": list(inputs.requirements),
         }
-        if inputs.model_server:
-            _install_requirements(installer, python, target, user_args)
-            marker["conveniences"] = _install_conveniences(installer, python, target, log)
-        elif user_args:  # a custom server's: its requirements alone, as Truss installs them
-            installer.install(python, user_args, "installing requirements")
+        try:
+            if inputs.model_server:
+                _install_requirements(installer, python, target, user_args)
+                extra = ["-c", str(pins)] if pinned and pins is not None else []
+                marker["conveniences"] = _install_conveniences(
+                    installer, python, target, log, extra
+                )
+            elif user_args:  # a custom server's: its requirements alone, as Truss installs them
+                installer.install(python, user_args, "installing requirements")
+        except BuildError as exc:
+            if pinned and resolution_conflict(exc):
+                raise BuildError(
+                    f"{exc.message}\nThe versions this environment was first built with "
+                    f"(recorded in {pins}) cannot all be installed any more; delete that file "
+                    "to resolve the requirements afresh",
+                    exit_status=exc.details.get("exit_status"),
+                    output_tail=exc.details.get("output_tail"),
+                ) from exc
+            raise
         installer.check(python)
         if inputs.model_server:
             _link_kingpost(python, envs_dir)
@@ -284,11 +337,24 @@ def _build(
             )
         else:
             marker["custom_server"] = True
+        marker["packages"] = installer.freeze(python)
+        if pins is not None:
+            marker["pins"] = pins.name
+            if not pinned:
+                _record_pins(pins, marker["packages"])
         _write_marker(target, marker)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
     log(f"environment {target.name} ready")
+
+
+def _record_pins(path: Path, packages: list[str]) -> None:
+    """Writes the resolution once, atomically; a build that dies before never leaves half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text("".join(f"{line}\n" for line in packages))
+    tmp.replace(path)
 
 
 def _write_marker(env_dir: Path, marker: dict[str, Any]) -> None:
@@ -354,13 +420,19 @@ def _install_args(inputs: _Inputs, env_dir: Path, installer: Installer) -> list[
 
 
 def _install_conveniences(
-    installer: Installer, python: Path, env_dir: Path, log: Callable[[str], None]
+    installer: Installer,
+    python: Path,
+    env_dir: Path,
+    log: Callable[[str], None],
+    extra: Sequence[str] = (),
 ) -> Conveniences:
     pins = env_dir / "kingpost-constraints.txt"
     try:
         pins.write_text("\n".join(installer.freeze(python)) + "\n")
         installer.install(
-            python, ["-c", str(pins), *CONVENIENCE_REQUIREMENTS], "adding fastapi/pydantic"
+            python,
+            ["-c", str(pins), *extra, *CONVENIENCE_REQUIREMENTS],
+            "adding fastapi/pydantic",
         )
     except BuildError as exc:
         if resolution_conflict(exc):

@@ -35,6 +35,9 @@ class VenvInfo:
     hash: str
     python: str
     requirements: tuple[str, ...]
+    packages: tuple[str, ...]
+    """Every installed package as ``name==version``, as resolved when it was built (empty
+    for an environment built before Kingpost recorded them)."""
     custom_server: bool
     ready: bool
     """False for a build in progress, or one that died (the next build of it redoes it)."""
@@ -80,6 +83,7 @@ def list_environments(envs_dir: Path) -> list[VenvInfo]:
                 hash=path.name,
                 python=str(marker.get("python", "")),
                 requirements=tuple(marker.get("requirements", ())),
+                packages=tuple(marker.get("packages", ())),
                 custom_server=bool(marker.get("custom_server", False)),
                 ready=used is not None,
                 size_bytes=_size(path),
