@@ -181,6 +181,10 @@ def test_venvs_gc_removes_only_environments_no_deployment_uses(
     (kept_env,) = [h for h, deps in users.items() if kept["id"] in deps]
     (gone_env,) = [h for h, deps in users.items() if deps == [gone["id"]]]
     assert kept_env != gone_env
+    shown = platform.cli("venvs", "show", gone_env[:8])  # what it was built with
+    assert shown.returncode == 0 and "six==1.15.0" in shown.stdout.splitlines(), shown.stdout
+    missing = platform.cli("venvs", "show", "f" * 24)
+    assert missing.returncode != 0 and "no environment" in missing.stderr, missing.stderr
     with platform.client() as c:
         c.deployment_action(model_id, gone["id"], "delete")
     out = platform.cli("venvs", "gc")
