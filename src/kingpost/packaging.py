@@ -14,13 +14,22 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pathspec
 
 from kingpost.errors import ValidationError
 
-__all__ = ["PackedProject", "pack_project", "project_files", "unpack_project"]
+__all__ = [
+    "PackedProject",
+    "SpooledProject",
+    "pack_project",
+    "pack_project_file",
+    "project_files",
+    "unpack_project",
+]
 
 _ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".DS_Store", ".venv/", ".mypy_cache/"]
 MAX_PROJECT_BYTES = 2 * 1024**3
@@ -30,6 +39,46 @@ class PackedProject:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.sha256 = hashlib.sha256(data).hexdigest()
+
+
+class SpooledProject:
+    """A packed project in a temporary file, hashed as it was written; removed on close."""
+
+    def __init__(self, path: Path, sha256: str, size: int) -> None:
+        self.path = path
+        self.sha256 = sha256
+        self.size = size
+
+    def chunks(self, size: int = 1024 * 1024) -> Iterator[bytes]:
+        with self.path.open("rb") as f:
+            while chunk := f.read(size):
+                yield chunk
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SpooledProject:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class _HashingWriter:
+    """The file object tarfile writes to: hashes and counts what passes through."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self._out.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
 
 def _ignore_spec(root: Path) -> pathspec.GitIgnoreSpec:
@@ -57,7 +106,7 @@ def project_files(root: Path) -> list[Path]:
     return sorted(out)
 
 
-def pack_project(root: Path) -> PackedProject:
+def _check_project_dir(root: Path) -> None:
     if not (root / "config.yaml").is_file():
         raise ValidationError(
             f"{root}: no config.yaml here; point at a Truss project directory "
@@ -65,19 +114,44 @@ def pack_project(root: Path) -> PackedProject:
             field="project_dir",
             value=str(root),
         )
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+
+def _write_archive(root: Path, out: BinaryIO) -> None:
+    """The deterministic archive of ``root``, file by file: nothing is held whole in memory."""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for rel in project_files(root):
             path = root / rel
             if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
                 continue  # links out of the project are not part of it
             info = tarfile.TarInfo(rel.as_posix())
-            data = path.read_bytes()
-            info.size = len(data)
             info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
             info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
+            with path.open("rb") as f:
+                info.size = os.fstat(f.fileno()).st_size
+                tar.addfile(info, f)
+
+
+def pack_project(root: Path) -> PackedProject:
+    """The archive in memory: for small projects and tests (the CLI streams from disk)."""
+    _check_project_dir(root)
+    buf = io.BytesIO()
+    _write_archive(root, buf)
     return PackedProject(buf.getvalue())
+
+
+def pack_project_file(root: Path, spool_dir: Path | None = None) -> SpooledProject:
+    """The archive written to a temporary file while it is hashed, so a project of any
+    size costs no more memory than a buffer; the caller closes it."""
+    _check_project_dir(root)
+    fd, name = tempfile.mkstemp(prefix="kingpost-push-", suffix=".tar", dir=spool_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            writer = _HashingWriter(out)
+            _write_archive(root, writer)  # type: ignore[arg-type]
+    except BaseException:
+        os.unlink(name)
+        raise
+    return SpooledProject(Path(name), writer.digest.hexdigest(), writer.size)
 
 
 def _kind(member: tarfile.TarInfo) -> str:

@@ -296,3 +296,23 @@ def test_a_custom_servers_requirements_are_installed_for_its_start_command(
     }
     with platform.client() as c:
         assert any(line["text"] == "wheel 0.45.1" for line in c.logs(dep_id, 2000))
+
+
+def test_an_upload_streams_from_disk_with_progress_and_only_once(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Packed to a temporary file while hashed, then sent in chunks: the server gets the
+    same archive (it checks the hash), progress reaches the whole size, and a second push
+    of the same project sends nothing."""
+    project = copy_project(tmp_path, "streamed")
+    (project / "data").mkdir()
+    (project / "data" / "blob.bin").write_bytes(b"\x01\x02\x03" * 1_500_000)  # 4.5 MB
+    seen: list[tuple[int, int]] = []
+    with platform.client() as c:
+        sha = c.upload(project, progress=lambda sent, total: seen.append((sent, total)))
+        assert len(seen) > 1 and seen[-1][0] == seen[-1][1] > 4_500_000
+        assert [s for s, _ in seen] == sorted(s for s, _ in seen)
+        seen.clear()
+        assert c.upload(project, progress=lambda *a: seen.append(a)) == sha
+    assert seen == []
+    assert (platform.home / "projects" / sha / "data" / "blob.bin").stat().st_size == 4_500_000

@@ -144,3 +144,21 @@ def test_unpack_refuses_files_larger_than_the_upload_limit(tmp_path: Path) -> No
     with pytest.raises(ValidationError, match=r"unpacks to more than 2 GiB.*1000000000000"):
         unpack_project(buf.getvalue(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_spooled_archive_is_the_same_archive_and_goes_away(tmp_path: Path) -> None:
+    """The CLI packs to a file while hashing: same bytes and hash as in memory."""
+    from kingpost.packaging import pack_project_file
+
+    make_project(tmp_path / "p")
+    (tmp_path / "p" / "big.bin").write_bytes(bytes(range(256)) * 20_000)  # several chunks
+    in_memory = pack_project(tmp_path / "p")
+    with pack_project_file(tmp_path / "p", spool_dir=tmp_path) as spooled:
+        assert (spooled.sha256, spooled.size) == (in_memory.sha256, len(in_memory.data))
+        streamed = b"".join(spooled.chunks(size=64 * 1024))
+        assert streamed == in_memory.data
+        path = spooled.path
+    assert not path.exists()
+    with pytest.raises(ValidationError, match=r"no config\.yaml"):
+        pack_project_file(tmp_path / "nothing", spool_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # nothing left behind

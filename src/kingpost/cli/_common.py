@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import click
 from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
@@ -24,6 +33,7 @@ __all__ = [
     "print_rows",
     "print_warning",
     "settings",
+    "upload_progress",
 ]
 
 console = Console()
@@ -48,6 +58,25 @@ def print_warning(text: str) -> None:
 
 def settings() -> Settings:
     return Settings()
+
+
+@contextmanager
+def upload_progress() -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr for an upload, when stderr is a terminal; else nothing."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )  # fmt: skip
+    with RichProgress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("upload", total=None)
+
+        def update(sent: int, total: int) -> None:
+            bar.update(task, completed=sent, total=total)
+
+        yield update
 
 
 def client() -> KingpostClient:

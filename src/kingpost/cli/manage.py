@@ -26,6 +26,7 @@ from kingpost.cli._common import (
     output_option,
     print_rows,
     print_warning,
+    upload_progress,
 )
 from kingpost.client import KingpostClient
 from kingpost.errors import KingpostError, ValidationError
@@ -96,16 +97,18 @@ def push(
     for warning in loaded.warnings:
         print_warning(warning)
     with client() as c:
-        result = c.push(
-            project_dir,
-            model_name=model_name,
-            deployment_name=deployment_name,
-            labels=_labels(labels),
-            promote=promote,
-            environment=environment,
-            engine=engine,
-            min_replicas=replicas,
-        )
+        with upload_progress() as progress:
+            result = c.push(
+                project_dir,
+                progress,
+                model_name=model_name,
+                deployment_name=deployment_name,
+                labels=_labels(labels),
+                promote=promote,
+                environment=environment,
+                engine=engine,
+                min_replicas=replicas,
+            )
         dep = result["deployment"]
         _engine_warnings(project_dir, loaded.warnings, dep["engine"])
         if wait:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 
 from kingpost.errors import AuthError, KingpostError, ValidationError, error_from_payload
-from kingpost.packaging import pack_project
+from kingpost.packaging import pack_project_file
 from kingpost.settings import Settings
 
 __all__ = ["KingpostClient", "load_credentials"]
@@ -45,6 +45,19 @@ def _raise_for(resp: httpx.Response) -> None:
     except ValueError:
         payload = {"error": resp.text[:500] or f"HTTP {resp.status_code}"}
     raise error_from_payload(resp.status_code, payload)
+
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes sent, bytes in all) as an upload goes."""
+
+
+def _reporting(chunks: Iterator[bytes], total: int, progress: Progress | None) -> Iterator[bytes]:
+    sent = 0
+    for chunk in chunks:
+        yield chunk
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent, total)
 
 
 def _seg(kind: str, value: str) -> str:
@@ -107,19 +120,29 @@ class KingpostClient:
         return resp.json()
 
     # -- projects and deployments -------------------------------------------------------
-    def upload(self, project_dir: Path) -> str:
-        packed = pack_project(project_dir)
-        try:
-            exists = self._http.head(f"/v1/projects/{packed.sha256}").status_code == 200
-        except httpx.TransportError as exc:
-            raise KingpostError(
-                f"cannot reach the control plane at {self.api_url} ({exc})"
-            ) from exc
-        if not exists:
-            self._call("PUT", f"/v1/projects/{packed.sha256}", content=packed.data)
-        return packed.sha256
+    def upload(self, project_dir: Path, progress: Progress | None = None) -> str:
+        """Packs the project into a temporary file (hashing as it goes), then streams it
+        from there unless the server has it already; ``progress(sent, total)`` follows
+        the upload."""
+        with pack_project_file(project_dir) as packed:
+            try:
+                exists = self._http.head(f"/v1/projects/{packed.sha256}").status_code == 200
+            except httpx.TransportError as exc:
+                raise KingpostError(
+                    f"cannot reach the control plane at {self.api_url} ({exc})"
+                ) from exc
+            if not exists:
+                self._call(
+                    "PUT",
+                    f"/v1/projects/{packed.sha256}",
+                    content=_reporting(packed.chunks(), packed.size, progress),
+                    headers={"Content-Length": str(packed.size)},
+                )
+            return packed.sha256
 
-    def push(self, project_dir: Path, **options: Any) -> dict[str, Any]:
+    def push(
+        self, project_dir: Path, progress: Progress | None = None, **options: Any
+    ) -> dict[str, Any]:
         """Upload and deploy; the model is config.yaml's ``model_name``, else the folder's
         name (the server only sees the upload, named by its hash)."""
         if options.get("model_name") is None:
@@ -127,7 +150,7 @@ class KingpostClient:
 
             if not load_config(project_dir).config.model_name:
                 options["model_name"] = project_dir.resolve().name
-        sha = self.upload(project_dir)
+        sha = self.upload(project_dir, progress)
         body = {"project_hash": sha, **{k: v for k, v in options.items() if v is not None}}
         result: dict[str, Any] = self._call("POST", "/v1/push", json=body)
         return result
