@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     build_timeout: float = Field(default=1800.0, gt=0)
     """Seconds a deployment's build (its Python environment or image) may take; one
     still running then is stopped (its installer killed) and ends BUILD_FAILED."""
+    disk_gc_interval: float = Field(default=3600.0, ge=0)
+    """Seconds between automatic removals of uploaded projects and replica directories no
+    deployment needs (``kingpost gc`` runs one at once); 0 turns the automatic ones off."""
     api_key: str | None = None
     """Client side: the key the CLI sends; else read from ``{home}/credentials``."""
     api_url: str | None = None

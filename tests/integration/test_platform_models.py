@@ -196,3 +196,46 @@ def test_venvs_gc_removes_only_environments_no_deployment_uses(
     }
     with platform.gateway() as gw:  # the deployment left serves on
         assert gw.post(predict_url(model_id), json={}).status_code == 200
+
+
+def test_gc_removes_a_deleted_models_project_and_replica_dirs_and_nothing_else(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Disk was never reclaimed: a deleted model's upload and its replicas' working copies
+    stayed. `kingpost gc` removes them (past their graces, which the test ages them past),
+    and leaves every other model's files."""
+    import os
+
+    project = tmp_path / "gc-me"
+    shutil.copytree(FIXTURES / "pre_post", project)
+    (project / "config.yaml").write_text("model_name: gc-me\n")
+    with platform.client() as c:
+        sha = c.upload(project)
+        result = c.push(project)
+    dep_id = result["deployment"]["id"]
+    platform.wait_status(dep_id, "ACTIVE")
+    home = platform.home
+    mine = list((home / "replicas").glob(f"{dep_id}-*"))
+    assert mine and (home / "projects" / sha).is_dir()
+    others_before = {p.name for p in (home / "replicas").iterdir()} - {p.name for p in mine}
+    with platform.client() as c:
+        c.delete_model("gc-me")
+    old = time.time() - 7200
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the replica stops, then its directory may go
+        for path in [home / "projects" / sha, *mine]:
+            for root, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    os.utime(os.path.join(root, name), (old, old))
+            os.utime(path, (old, old))
+        out = platform.cli("gc", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        if not any(p.exists() for p in mine):
+            break
+        time.sleep(1)
+    report = json.loads(out.stdout)
+    assert not (home / "projects" / sha).exists()
+    assert not any(p.exists() for p in mine), report
+    assert others_before <= {p.name for p in (home / "replicas").iterdir()}
+    human = platform.cli("gc")
+    assert human.returncode == 0 and "projects and replica dirs: removed" in human.stdout

@@ -6,7 +6,10 @@ JSON ``{"error": ..., "code": ...}`` with the status of the KingpostError raised
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,12 +107,21 @@ def create_app(plane: ControlPlane) -> FastAPI:
     return app
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _project_routes(router: APIRouter, plane: ControlPlane) -> None:
     projects = plane.settings.projects_dir
 
     @router.head("/projects/{sha}")
     def has_project(sha: str) -> Response:
-        return Response(status_code=200 if (projects / sha).is_dir() else 404)
+        path = projects / sha
+        if not _SHA256.fullmatch(sha) or not path.is_dir():
+            return Response(status_code=404)
+        # A push that found its project here comes next: the disk gc's grace counts anew.
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return Response(status_code=200)
 
     @router.put("/projects/{sha}", status_code=201)
     async def upload(sha: str, request: Request) -> dict[str, str]:
@@ -377,6 +389,31 @@ def _venv_routes(router: APIRouter, plane: ControlPlane) -> None:
             }
             for v, deployments in plane.controller.venvs()
         ]
+
+    @router.post("/gc")
+    def gc_everything() -> dict[str, Any]:
+        """Projects, replica directories, environments and weights no deployment uses."""
+        disk = plane.controller.gc_disk()
+        venvs = plane.controller.gc_venvs()
+        weights = plane.controller.weights_manager().gc(None)
+        return {
+            "projects_and_replicas": {
+                "removed": list(disk.removed),
+                "removed_bytes": disk.removed_bytes,
+                "kept": disk.kept,
+                "errors": list(disk.errors),
+            },
+            "venvs": {
+                "removed": list(venvs.removed),
+                "removed_bytes": venvs.removed_bytes,
+                "kept": venvs.kept,
+            },
+            "weights": {
+                "removed_blobs": weights.removed_blobs,
+                "removed_bytes": weights.removed_bytes,
+                "kept_bytes": weights.kept_bytes,
+            },
+        }
 
     @router.post("/venvs/gc")
     def gc_venvs() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from kingpost.cli._common import err_console, settings
 from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.secrets import secrets
-from kingpost.cli.weights import migrate, venvs, weights
+from kingpost.cli.weights import gc, migrate, venvs, weights
 from kingpost.errors import KingpostError
 
 __all__ = ["cli", "main"]
@@ -76,7 +76,19 @@ def init(name: str, target: Path | None) -> None:
     click.echo(f"created {dest}; deploy it with `kingpost push {shlex.quote(str(dest))}`")
 
 
-for command in (push, models, deployments, logs, predict, secrets, weights, venvs, migrate, image):
+for command in (
+    push,
+    models,
+    deployments,
+    logs,
+    predict,
+    secrets,
+    weights,
+    venvs,
+    gc,
+    migrate,
+    image,
+):
     cli.add_command(command)
 
 

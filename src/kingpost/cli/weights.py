@@ -21,7 +21,7 @@ from kingpost.cli._common import (
 from kingpost.errors import NotFoundError
 from kingpost.weights.migrate import plan_migration
 
-__all__ = ["migrate", "venvs", "weights"]
+__all__ = ["gc", "migrate", "venvs", "weights"]
 
 
 @click.command()
@@ -138,3 +138,30 @@ def venvs_gc() -> None:
         f"removed {len(report['removed'])} environments ({report['removed_bytes']} bytes); "
         f"kept {report['kept']}"
     )
+
+
+@click.command()
+@output_option
+def gc(output: str) -> None:
+    """Remove what no deployment uses: uploaded projects, old replica directories,
+    Python environments and unreferenced weight blobs."""
+    with client() as c:
+        report = c.gc()
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    disk, envs, blobs = report["projects_and_replicas"], report["venvs"], report["weights"]
+    console.print(
+        f"projects and replica dirs: removed {len(disk['removed'])} "
+        f"({disk['removed_bytes']} bytes), kept {disk['kept']}"
+    )
+    console.print(
+        f"environments: removed {len(envs['removed'])} ({envs['removed_bytes']} bytes), "
+        f"kept {envs['kept']}"
+    )
+    console.print(
+        f"weights: removed {blobs['removed_blobs']} blobs ({blobs['removed_bytes']} bytes), "
+        f"kept {blobs['kept_bytes']} bytes"
+    )
+    for error in disk["errors"]:
+        print_warning(f"not removed: {error}")

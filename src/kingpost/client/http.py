@@ -218,6 +218,9 @@ class KingpostClient:
     def venvs_gc(self) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/venvs/gc"))
 
+    def gc(self) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/gc", timeout=600))
+
     # -- secrets --------------------------------------------------------------------------
     def set_secret(self, name: str, value: str) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/secrets", json={"name": name, "value": value}))

@@ -39,6 +39,7 @@ from kingpost.engines import Engine, LogLine, Prepared, ReplicaStatus, create_en
 from kingpost.envs.gc import GcReport, VenvInfo, collect, list_environments
 from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
+from kingpost.housekeeping import DiskReport, collect_disk
 from kingpost.server.contract import ENVIRONMENT_ENV, ENVIRONMENT_KEY
 from kingpost.store import (
     DeploymentStatus,
@@ -139,11 +140,18 @@ class Controller:
                 log.exception("closing engine %s failed", engine.name)
 
     def _run(self) -> None:
+        next_gc = time.monotonic() + self.settings.disk_gc_interval
         while not self._stop.is_set():
             try:
                 self.reconcile_once()
             except Exception:  # the loop never halts
                 log.exception("reconcile pass failed")
+            if self.settings.disk_gc_interval > 0 and time.monotonic() >= next_gc:
+                next_gc = time.monotonic() + self.settings.disk_gc_interval
+                try:
+                    self.gc_disk()
+                except Exception:
+                    log.exception("disk gc failed")
             self._wake.wait(self.settings.reconcile_interval)
             self._wake.clear()
 
@@ -265,6 +273,27 @@ class Controller:
         """Every environment under ``{home}/envs`` with the deployments that use it."""
         used = self.venvs_in_use()
         return [(v, used.get(v.hash, [])) for v in list_environments(self.settings.envs_dir)]
+
+    def gc_disk(self) -> DiskReport:
+        """Remove uploaded projects and replica directories nothing needs any more (see
+        :mod:`kingpost.housekeeping`)."""
+        deployments = self.store.list_deployments()  # deleted ones left out
+        running = {s.replica_id for reps in self._poll_all().values() for s in reps}
+        report = collect_disk(
+            self.settings.projects_dir,
+            self.settings.replicas_dir,
+            projects_in_use={d.project_hash for d in deployments},
+            live_deployments={d.id for d in deployments},
+            running_replicas=running,
+            now=time.time(),
+        )
+        if report.removed:
+            log.info(
+                "disk gc: removed %d entries (%d bytes)", len(report.removed), report.removed_bytes
+            )
+        for error in report.errors:
+            log.warning("disk gc: %s", error)
+        return report
 
     def gc_venvs(self) -> GcReport:
         """Remove the environments no deployment uses (see :mod:`kingpost.envs.gc`)."""
