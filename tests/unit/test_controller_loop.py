@@ -12,7 +12,7 @@ import pytest
 
 from kingpost._cancel import current as current_cancel
 from kingpost.config import TrussConfig
-from kingpost.controller.loop import Controller
+from kingpost.controller.loop import TABLE_REFRESH_S, Controller
 from kingpost.engines.base import BuildLog, Prepared, ReplicaPhase
 from kingpost.engines.fake import FakeEngine
 from kingpost.errors import BuildError
@@ -90,13 +90,31 @@ def test_deployment_becomes_active_and_routable(rig: Rig) -> None:
     assert table.model_names["loop"] == model.model_id
 
 
-def test_table_is_pushed_only_when_it_changes(rig: Rig) -> None:
-    rig.deploy()
-    for _ in range(3):
+def test_table_is_pushed_only_when_it_changes(tmp_path: Path) -> None:
+    """Once nothing changes, passes push nothing (until the refresh for restarted gateways,
+    which sends the same version); a change pushes the next version at once."""
+    now = [1000.0]
+    rig = Rig(tmp_path)
+    rig.controller = Controller(
+        rig.settings, rig.store, push=rig.pushed.append, engines={"fake": rig.engine},
+        clock=lambda: now[0],
+    )  # fmt: skip
+    dep = rig.deploy()
+    for _ in range(3):  # start, ready, ACTIVE: the table settles
         rig.controller.reconcile_once()
-    versions = [t.version for t in rig.pushed]
-    assert versions == sorted(set(versions))
-    assert rig.controller.table.version == versions[-1]
+    settled = len(rig.pushed)
+    version = rig.controller.table.version
+    assert rig.pushed[-1].version == version
+    for _ in range(5):
+        rig.controller.reconcile_once()
+    assert len(rig.pushed) == settled, [t.version for t in rig.pushed[settled:]]
+    now[0] += TABLE_REFRESH_S
+    rig.controller.reconcile_once()
+    assert [t.version for t in rig.pushed[settled:]] == [version]  # the refresh, unchanged
+    rig.store.set_desired(dep, DesiredState.INACTIVE)
+    rig.controller.reconcile_once()
+    assert rig.pushed[-1].version == version + 1
+    assert rig.pushed[-1].deployments[dep].state == DeploymentState.INACTIVE
 
 
 def test_replicas_follow_min_replicas_and_deactivation(rig: Rig) -> None:
