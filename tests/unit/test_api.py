@@ -33,7 +33,7 @@ docker_server:
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
     settings = Settings(home=tmp_path / "home")
     messages: list[str] = []
-    store = bootstrap(settings, messages.append)
+    store = bootstrap(settings, messages.append, show_key=True)
     key = (settings.home / "credentials").read_text().strip()
     assert key in messages[0] and (settings.home / "credentials").stat().st_mode & 0o777 == 0o600
     plane = ControlPlane(settings, store, Controller(settings, store))
