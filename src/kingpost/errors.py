@@ -23,6 +23,7 @@ __all__ = [
     "KingpostError",
     "NotFoundError",
     "OverloadedError",
+    "PayloadTooLargeError",
     "SecretError",
     "ValidationError",
     "WeightsError",
@@ -90,6 +91,14 @@ class ConflictError(KingpostError):
     exit_code = 4
 
 
+class PayloadTooLargeError(KingpostError):
+    """A request body past the limit of what the API reads."""
+
+    code = "payload_too_large"
+    http_status = 413
+    exit_code = 2
+
+
 class OverloadedError(KingpostError):
     """A queue is full; the caller should retry later."""
 
@@ -150,6 +159,7 @@ def error_from_payload(status: int, payload: dict[str, Any]) -> KingpostError:
             401: AuthError,
             404: NotFoundError,
             409: ConflictError,
+            413: PayloadTooLargeError,
             422: ConfigError,
             429: OverloadedError,
         }.get(status, KingpostError)

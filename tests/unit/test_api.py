@@ -381,3 +381,56 @@ def test_a_call_that_got_no_answer_says_it_may_have_taken_effect() -> None:
         listener.close()
         for conn in held:
             conn.close()
+
+
+def test_labels_past_their_limit_are_refused_naming_field_limit_and_size(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    """20 MB of labels were accepted and kept; every list call then returned them."""
+    client, _ = api
+    sha = upload(client, tmp_path)
+    labels = {"blob": "x" * 20_000}
+    r = client.post("/v1/push", json={"project_hash": sha, "labels": labels})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert (body["code"], body["field"], body["limit_bytes"]) == (
+        "invalid_request",
+        "labels",
+        16384,
+    )
+    assert body["value"] == 20_011
+    assert "labels: 20011 bytes as JSON, more than the limit of 16384 bytes" in body["error"]
+    assert client.get("/v1/models").json() == []
+    r = client.post("/v1/push", json={"project_hash": sha, "labels": {"team": "ml" * 4000}})
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_declared_past_the_limit_gets_413_json_without_being_read(
+    api: tuple[TestClient, str],
+) -> None:
+    client, _ = api
+    r = client.post("/v1/secrets", content=b"{}", headers={"content-length": str(5 * 1024**2)})
+    assert r.status_code == 413
+    body = r.json()
+    assert (body["code"], body["field"], body["limit_bytes"]) == (
+        "payload_too_large",
+        "body",
+        1024**2,
+    )
+    assert body["value"] == 5 * 1024**2 and "more than the limit of 1048576 bytes" in body["error"]
+    r = client.post("/v1/secrets", json={"name": "big", "value": "v" * (900 * 1024)})
+    assert r.status_code == 200, r.text  # under the limit: read in full and handled
+
+
+def test_a_chunked_body_past_the_limit_gets_413(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "big", "value": "'
+        for _ in range(40):
+            yield b"v" * 65536
+
+    r = client.post("/v1/secrets", content=chunks())
+    assert r.status_code == 413, r.text
+    assert "sent a body of more than 1048576 bytes" in r.json()["error"]
+    assert client.get("/v1/secrets").json() == []

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from kingpost.api.limits import BodyLimit
 from kingpost.api.schemas import (
     DeploymentOut,
     EnvironmentIn,
@@ -41,6 +42,7 @@ from kingpost.errors import (
 from kingpost.packaging import MAX_PROJECT_BYTES, unpack_project
 from kingpost.settings import Settings
 from kingpost.store import DesiredState, NewDeployment, Store
+from kingpost.store.repo import check_labels
 
 __all__ = ["ControlPlane", "create_app"]
 
@@ -62,6 +64,7 @@ def _api_key(authorization: str | None) -> str:
 
 def create_app(plane: ControlPlane) -> FastAPI:
     app = FastAPI(title="Kingpost control plane", version="0.1.0")
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(KingpostError)
     async def _kingpost_error(_: Request, exc: KingpostError) -> JSONResponse:
@@ -158,6 +161,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             f"project {body.project_hash} was not uploaded; PUT /v1/projects/{{sha}} first",
             project_hash=body.project_hash,
         )
+    check_labels(body.labels)  # before the config is even read
     engine = body.engine or plane.settings.engine
     _check_engine(engine)
     # ConfigError (422) before anything is created

@@ -6,6 +6,7 @@ Methods open one short transaction each and return frozen views.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets as _secrets
 import string
@@ -45,6 +46,8 @@ _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,199}$")
+MAX_LABELS_BYTES = 16 * 1024
+"""Largest a deployment's labels may be, encoded as JSON: every list call returns them."""
 
 
 def new_id(length: int = 8) -> str:
@@ -69,6 +72,19 @@ def check_secret_name(name: str) -> None:
             f"secret name {name!r} is not allowed: {rule}", field="secret_name", value=name
         )
     _check(_SECRET_NAME, "secret", name, rule)
+
+
+def check_labels(labels: Mapping[str, Any]) -> None:
+    """Refuse labels that take more than :data:`MAX_LABELS_BYTES` as JSON."""
+    size = len(json.dumps(labels, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_LABELS_BYTES:
+        raise ValidationError(
+            f"labels: {size} bytes as JSON, more than the limit of {MAX_LABELS_BYTES} bytes "
+            "(16 KiB); keep labels to short tags and put data in the project",
+            field="labels",
+            limit_bytes=MAX_LABELS_BYTES,
+            value=size,
+        )
 
 
 def check_environment_name(name: str) -> None:
@@ -221,6 +237,7 @@ class Store:
             _check(_DEPLOYMENT_NAME, "deployment", new.name, "letters, digits, '.', '_', '-'")
         if new.environment is not None:
             check_environment_name(new.environment)
+        check_labels(new.labels)
         for _ in range(3):
             try:
                 return self._create_deployment(new)
