@@ -24,6 +24,19 @@ __all__ = ["PackedProject", "pack_project", "project_files", "unpack_project"]
 
 _ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".DS_Store", ".venv/", ".mypy_cache/"]
 MAX_PROJECT_BYTES = 2 * 1024**3
+MAX_PROJECT_ENTRIES = 100_000
+"""Most files and directories a project archive may hold: each is a member kept in memory
+while the archive is checked, and a file every replica start copies."""
+
+
+def _too_many(count: int, where: str) -> ValidationError:
+    return ValidationError(
+        f"{where}: more than {MAX_PROJECT_ENTRIES} files and directories ({count} so far); "
+        "leave generated files out with .truss_ignore, or move data to weights",
+        field="project",
+        limit=MAX_PROJECT_ENTRIES,
+        value=count,
+    )
 
 
 class PackedProject:
@@ -65,9 +78,12 @@ def pack_project(root: Path) -> PackedProject:
             field="project_dir",
             value=str(root),
         )
+    files = project_files(root)
+    if len(files) > MAX_PROJECT_ENTRIES:
+        raise _too_many(len(files), str(root))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in project_files(root):
+        for rel in files:
             path = root / rel
             if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
                 continue  # links out of the project are not part of it
@@ -97,7 +113,11 @@ def _check_members(tar: tarfile.TarFile) -> None:
     older Pythons get wrong for links whose expansion exceeds PATH_MAX (CVE-2025-4517).
     """
     total = 0
-    for member in tar.getmembers():
+    # Read one member at a time: an archive of empty entries holds four million of them
+    # in 2 GiB, and getmembers() would build every one before a check could refuse it.
+    for count, member in enumerate(tar, start=1):
+        if count > MAX_PROJECT_ENTRIES:
+            raise _too_many(count, "project archive")
         if not (member.isreg() or member.isdir()):
             raise ValidationError(
                 f"project archive: {member.name!r} is a {_kind(member)}; only regular files "
