@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "EngineError",
+    "ForbiddenError",
     "KingpostError",
     "NotFoundError",
     "OverloadedError",
@@ -72,6 +73,15 @@ class AuthError(KingpostError):
 
     code = "unauthorized"
     http_status = 401
+    exit_code = 5
+
+
+class ForbiddenError(KingpostError):
+    """A valid API key used outside its scope (an invoke-only key on the management API
+    or on a model it does not name)."""
+
+    code = "forbidden"
+    http_status = 403
     exit_code = 5
 
 
@@ -157,6 +167,7 @@ def error_from_payload(status: int, payload: dict[str, Any]) -> KingpostError:
         cls = {
             400: ValidationError,
             401: AuthError,
+            403: ForbiddenError,
             404: NotFoundError,
             409: ConflictError,
             413: PayloadTooLargeError,

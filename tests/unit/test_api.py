@@ -434,3 +434,52 @@ def test_a_chunked_body_past_the_limit_gets_413(api: tuple[TestClient, str]) -> 
     assert r.status_code == 413, r.text
     assert "sent a body of more than 1048576 bytes" in r.json()["error"]
     assert client.get("/v1/secrets").json() == []
+
+
+def test_api_keys_are_created_shown_once_listed_by_prefix_and_revoked(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, admin_key = api
+    sha = upload(client, tmp_path)
+    model_id = client.post("/v1/push", json={"project_hash": sha}).json()["model"]["id"]
+    r = client.post(
+        "/v1/api_keys", json={"name": "ci", "type": "WORKSPACE_INVOKE", "model_ids": ["api-test"]}
+    )
+    assert r.status_code == 201, r.text
+    created = r.json()
+    key = created["api_key"]
+    assert key.startswith(created["prefix"]) and created["model_ids"] == [model_id]
+    listed = client.get("/v1/api_keys").json()["keys"]
+    assert [(k["name"], k["type"]) for k in listed] == [
+        ("admin", "WORKSPACE_MANAGE_ALL"),
+        ("ci", "WORKSPACE_INVOKE"),
+    ]
+    assert key not in str(listed) and all("api_key" not in k for k in listed)
+    # The invoke-only key is valid (403, not 401) but not for the management API.
+    r = client.get("/v1/models", headers={"Authorization": f"Api-Key {key}"})
+    assert r.status_code == 403, r.text
+    assert r.json()["code"] == "forbidden" and "invoke-only" in r.json()["error"]
+    r = client.delete(f"/v1/api_keys/{created['prefix']}")
+    assert r.json() == {"prefix": created["prefix"]}
+    r = client.get("/v1/models", headers={"Authorization": f"Api-Key {key}"})
+    assert r.status_code == 401
+    assert client.delete(f"/v1/api_keys/{created['prefix']}").status_code == 404
+    admin_prefix = listed[0]["prefix"]
+    r = client.delete(f"/v1/api_keys/{admin_prefix}")
+    assert r.status_code == 409 and "last admin key" in r.json()["error"]
+    assert client.get("/v1/models", headers={"Authorization": f"Api-Key {admin_key}"}).is_success
+
+
+def test_api_key_requests_name_what_is_wrong(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+    r = client.post("/v1/api_keys", json={"name": "x", "type": "WORKSPACE_INVOKE"})
+    assert r.status_code == 400 and r.json()["field"] == "model_ids", r.text
+    r = client.post(
+        "/v1/api_keys", json={"name": "x", "type": "WORKSPACE_INVOKE", "model_ids": ["nope"]}
+    )
+    assert r.status_code == 404 and "model 'nope' not found" in r.json()["error"]
+    r = client.post("/v1/api_keys", json={"name": "x", "type": "PERSONAL"})
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "type"
+    r = client.post("/v1/api_keys", json={"name": "x", "model_ids": ["a"]})
+    assert r.status_code == 400 and "takes none" in r.json()["error"]
+    assert len(client.get("/v1/api_keys").json()["keys"]) == 1

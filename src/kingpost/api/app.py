@@ -19,6 +19,12 @@ from starlette.concurrency import run_in_threadpool
 
 from kingpost.api.limits import BodyLimit
 from kingpost.api.schemas import (
+    KEY_TYPES,
+    ApiKeyCreated,
+    ApiKeyIn,
+    ApiKeyOut,
+    ApiKeysOut,
+    ApiKeyTombstone,
     DeploymentOut,
     EnvironmentIn,
     EnvironmentOut,
@@ -34,6 +40,7 @@ from kingpost.controller.specs import missing_secrets
 from kingpost.errors import (
     AuthError,
     ConfigError,
+    ForbiddenError,
     KingpostError,
     NotFoundError,
     SecretError,
@@ -41,7 +48,7 @@ from kingpost.errors import (
 )
 from kingpost.packaging import MAX_PROJECT_BYTES, unpack_project
 from kingpost.settings import Settings
-from kingpost.store import DesiredState, NewDeployment, Store
+from kingpost.store import ApiKeyKind, DesiredState, NewDeployment, Store
 from kingpost.store.repo import check_labels
 
 __all__ = ["ControlPlane", "create_app"]
@@ -90,8 +97,15 @@ def create_app(plane: ControlPlane) -> FastAPI:
         )
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
-        if not plane.store.verify_api_key(_api_key(authorization)):
+        found = plane.store.find_api_key(_api_key(authorization))
+        if found is None:
             raise AuthError("unknown API key")
+        if found.kind != ApiKeyKind.ADMIN:
+            raise ForbiddenError(
+                f"API key {found.prefix!r} is invoke-only: it may call its models through "
+                "the gateway, not the management API; use an admin key here",
+                api_key_prefix=found.prefix,
+            )
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -103,6 +117,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _secret_routes(router, plane)
     _weights_routes(router, plane)
     _venv_routes(router, plane)
+    _api_key_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -408,3 +423,24 @@ def _secret_routes(router: APIRouter, plane: ControlPlane) -> None:
     def delete_secret(name: str) -> Response:
         store.delete_secret(name)
         return Response(status_code=204)
+
+
+def _api_key_routes(router: APIRouter, plane: ControlPlane) -> None:
+    """Baseten's management API for keys: ``/v1/api_keys``, a key named by its prefix."""
+    store = plane.store
+
+    @router.get("/api_keys", response_model=ApiKeysOut)
+    def list_api_keys() -> ApiKeysOut:
+        return ApiKeysOut(keys=[ApiKeyOut.of(k) for k in store.list_api_keys()])
+
+    @router.post("/api_keys", response_model=ApiKeyCreated, status_code=201)
+    def create_api_key(body: ApiKeyIn) -> ApiKeyCreated:
+        view, key = store.create_api_key(body.name, KEY_TYPES[body.type], body.model_ids or ())
+        plane.controller.publish_keys()
+        return ApiKeyCreated(**ApiKeyOut.of(view).model_dump(), api_key=key)
+
+    @router.delete("/api_keys/{api_key_prefix}", response_model=ApiKeyTombstone)
+    def revoke_api_key(api_key_prefix: str) -> ApiKeyTombstone:
+        view = store.revoke_api_key(api_key_prefix)
+        plane.controller.publish_keys()  # the gateways refuse it before this answers
+        return ApiKeyTombstone(prefix=view.prefix)

@@ -11,6 +11,7 @@ import click
 from rich.markup import escape
 
 from kingpost.cli._common import err_console, settings
+from kingpost.cli.api_keys import api_keys
 from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.secrets import secrets
@@ -76,7 +77,19 @@ def init(name: str, target: Path | None) -> None:
     click.echo(f"created {dest}; deploy it with `kingpost push {shlex.quote(str(dest))}`")
 
 
-for command in (push, models, deployments, logs, predict, secrets, weights, venvs, migrate, image):
+for command in (
+    push,
+    models,
+    deployments,
+    logs,
+    predict,
+    secrets,
+    api_keys,
+    weights,
+    venvs,
+    migrate,
+    image,
+):
     cli.add_command(command)
 
 
