@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pathspec
 
-from kingpost.errors import ValidationError
+from kingpost.errors import InsufficientStorageError, ValidationError, is_disk_full
 
 __all__ = ["PackedProject", "pack_project", "project_files", "unpack_project"]
 
@@ -27,6 +27,16 @@ MAX_PROJECT_BYTES = 2 * 1024**3
 MAX_PROJECT_ENTRIES = 100_000
 """Most files and directories a project archive may hold: each is a member kept in memory
 while the archive is checked, and a file every replica start copies."""
+
+
+def no_space_for_projects() -> InsufficientStorageError:
+    return InsufficientStorageError(
+        "project archive: the server's disk is full, so the upload cannot be stored; free "
+        "space on the disk of KINGPOST_HOME (e.g. `kingpost weights gc`, `kingpost venvs "
+        "gc`) and push again",
+        field="project",
+        cause="projects disk full",
+    )
 
 
 def _too_many(count: int, where: str) -> ValidationError:
@@ -167,4 +177,6 @@ def unpack_project(data: bytes | Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if dest.exists():
             return
+        if is_disk_full(exc):  # not the archive's fault: say so, and name no server path
+            raise no_space_for_projects() from exc
         raise ValidationError(f"project archive: cannot unpack ({exc})", field="project") from exc

@@ -7,6 +7,7 @@ import io
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -483,3 +484,68 @@ def test_api_key_requests_name_what_is_wrong(api: tuple[TestClient, str]) -> Non
     r = client.post("/v1/api_keys", json={"name": "x", "model_ids": ["a"]})
     assert r.status_code == 400 and "takes none" in r.json()["error"]
     assert len(client.get("/v1/api_keys").json()["keys"]) == 1
+
+
+def _fill_the_database_disk(store: Any) -> None:
+    """Real SQLite, out of room: SQLITE_FULL as on a full disk, for every new connection."""
+    from sqlalchemy import event, text
+
+    with store.db.engine.connect() as conn:
+        pages = int(conn.execute(text("PRAGMA page_count")).scalar_one())
+
+    def cap(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    event.listen(store.db.engine, "connect", cap)
+    store.db.engine.dispose()
+
+
+def test_a_database_write_on_a_full_disk_is_507_json_naming_the_cause(tmp_path: Path) -> None:
+    """It was a plain-text 500 `Internal Server Error`."""
+    settings = Settings(home=tmp_path / "home")
+    store = bootstrap(settings, lambda _: None)
+    key = (settings.home / "credentials").read_text().strip()
+    plane = ControlPlane(settings, store, Controller(settings, store))
+    _fill_the_database_disk(store)
+    with TestClient(create_app(plane), headers={"Authorization": f"Api-Key {key}"}) as client:
+        r = client.post("/v1/secrets", json={"name": "big", "value": "v" * 200_000})
+        assert r.status_code == 507, r.text
+        body = r.json()
+        assert (body["code"], body["cause"]) == ("insufficient_storage", "database disk full")
+        assert "its disk is full" in body["error"] and str(settings.home) not in body["error"]
+        assert client.get("/v1/secrets").json() == []  # reads still work
+
+
+def test_an_upload_on_a_full_disk_is_507_not_a_bad_archive(
+    api: tuple[TestClient, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was 400 invalid_request, blaming the archive; the spool's own write was a 500."""
+    import errno
+    import hashlib
+
+    from kingpost.api import app as app_module
+
+    client, _ = api
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "config.yaml").write_text(CONFIG)
+    packed = pack_project(project)
+
+    def refuse(self: tarfile.TarFile, *args: Any, **kw: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/home/x/projects/f")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", refuse)
+    r = client.put(f"/v1/projects/{packed.sha256}", content=packed.data)
+    assert r.status_code == 507, r.text
+    assert r.json()["code"] == "insufficient_storage" and "/home/x" not in r.text
+    monkeypatch.undo()
+
+    # The spool on a device that is really full: /dev/full answers every write ENOSPC.
+    def dev_full(**_: Any) -> Any:
+        return open("/dev/full", "wb")
+
+    monkeypatch.setattr(app_module.tempfile, "NamedTemporaryFile", dev_full)
+    data = b"x" * 300_000
+    r = client.put(f"/v1/projects/{hashlib.sha256(data).hexdigest()}", content=data)
+    assert r.status_code == 507, r.text
+    assert r.json()["cause"] == "projects disk full"

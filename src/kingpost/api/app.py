@@ -45,8 +45,9 @@ from kingpost.errors import (
     NotFoundError,
     SecretError,
     ValidationError,
+    is_disk_full,
 )
-from kingpost.packaging import MAX_PROJECT_BYTES, unpack_project
+from kingpost.packaging import MAX_PROJECT_BYTES, no_space_for_projects, unpack_project
 from kingpost.settings import Settings
 from kingpost.store import ApiKeyKind, DesiredState, NewDeployment, Store
 from kingpost.store.repo import check_labels
@@ -76,6 +77,14 @@ def create_app(plane: ControlPlane) -> FastAPI:
     @app.exception_handler(KingpostError)
     async def _kingpost_error(_: Request, exc: KingpostError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        # Logged by the server with its traceback; the caller gets JSON, never plain text.
+        return JSONResponse(
+            {"error": "internal error; the server's log says more", "code": "internal_error"},
+            status_code=500,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -134,29 +143,38 @@ def _project_routes(router: APIRouter, plane: ControlPlane) -> None:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_PROJECT_BYTES:
             _too_large(int(declared))
-        # Spooled to disk while it is hashed: the archive is never held in memory.
-        projects.mkdir(parents=True, exist_ok=True)
-        digest, size = hashlib.sha256(), 0
-        with tempfile.NamedTemporaryFile(dir=projects, prefix=".upload-") as spool:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_PROJECT_BYTES:
-                    _too_large(size)
-                digest.update(chunk)
-                await run_in_threadpool(spool.write, chunk)
-            if digest.hexdigest() != sha:
-                raise ValidationError(
-                    f"project archive hash mismatch: path says {sha}, "
-                    f"body hashes to {digest.hexdigest()}",
-                    field="sha256",
-                )
-            spool.flush()
-            await run_in_threadpool(unpack_project, Path(spool.name), projects / sha)
+        try:
+            projects.mkdir(parents=True, exist_ok=True)
+            await _spool_and_unpack(request, projects, sha)
+        except OSError as exc:  # the spool: unpack_project translates its own
+            if is_disk_full(exc):
+                raise no_space_for_projects() from exc
+            raise
         return {"project_hash": sha}
 
     @router.post("/push", response_model=PushOut)
     def push(body: PushIn) -> PushOut:
         return _push(plane, body)
+
+
+async def _spool_and_unpack(request: Request, projects: Path, sha: str) -> None:
+    # Spooled to disk while it is hashed: the archive is never held in memory.
+    digest, size = hashlib.sha256(), 0
+    with tempfile.NamedTemporaryFile(dir=projects, prefix=".upload-") as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_PROJECT_BYTES:
+                _too_large(size)
+            digest.update(chunk)
+            await run_in_threadpool(spool.write, chunk)
+        if digest.hexdigest() != sha:
+            raise ValidationError(
+                f"project archive hash mismatch: path says {sha}, "
+                f"body hashes to {digest.hexdigest()}",
+                field="sha256",
+            )
+        await run_in_threadpool(spool.flush)
+        await run_in_threadpool(unpack_project, Path(spool.name), projects / sha)
 
 
 def _too_large(size: int) -> None:
