@@ -12,6 +12,7 @@ broken, the value found, and the next step where there is one.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 __all__ = [
@@ -20,13 +21,17 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "EngineError",
+    "ForbiddenError",
+    "InsufficientStorageError",
     "KingpostError",
     "NotFoundError",
     "OverloadedError",
+    "PayloadTooLargeError",
     "SecretError",
     "ValidationError",
     "WeightsError",
     "error_from_payload",
+    "is_disk_full",
 ]
 
 
@@ -74,6 +79,15 @@ class AuthError(KingpostError):
     exit_code = 5
 
 
+class ForbiddenError(KingpostError):
+    """A valid API key used outside its scope (an invoke-only key on the management API
+    or on a model it does not name)."""
+
+    code = "forbidden"
+    http_status = 403
+    exit_code = 5
+
+
 class NotFoundError(KingpostError):
     """A model, deployment, environment or secret that does not exist."""
 
@@ -88,6 +102,22 @@ class ConflictError(KingpostError):
     code = "conflict"
     http_status = 409
     exit_code = 4
+
+
+class PayloadTooLargeError(KingpostError):
+    """A request body past the limit of what the API reads."""
+
+    code = "payload_too_large"
+    http_status = 413
+    exit_code = 2
+
+
+class InsufficientStorageError(KingpostError):
+    """A disk the platform writes to (projects, the database) is full."""
+
+    code = "insufficient_storage"
+    http_status = 507
+    exit_code = 7
 
 
 class OverloadedError(KingpostError):
@@ -128,6 +158,27 @@ class WeightsError(KingpostError):
     exit_code = 8
 
 
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says a disk or quota is full."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain of causes, and a database driver's own error
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _NO_SPACE:
+            return True
+        text = str(seen)
+        # SQLite (SQLITE_FULL) and PostgreSQL (SQLSTATE 53100 disk_full) say it in words.
+        if "database or disk is full" in text or "No space left on device" in text:
+            return True
+        if "53100" in (getattr(seen, "sqlstate", None), getattr(seen, "pgcode", None)):
+            return True
+        seen = seen.__cause__ or getattr(seen, "orig", None)
+    return False
+
+
 _BY_CODE: dict[str, type[KingpostError]] = {}
 
 
@@ -148,10 +199,13 @@ def error_from_payload(status: int, payload: dict[str, Any]) -> KingpostError:
         cls = {
             400: ValidationError,
             401: AuthError,
+            403: ForbiddenError,
             404: NotFoundError,
             409: ConflictError,
+            413: PayloadTooLargeError,
             422: ConfigError,
             429: OverloadedError,
+            507: InsufficientStorageError,
         }.get(status, KingpostError)
     message = str(payload.get("error") or payload.get("detail") or f"HTTP {status}")
     details = {k: v for k, v in payload.items() if k not in ("error", "code")}

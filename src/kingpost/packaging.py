@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import pathspec
 
-from kingpost.errors import ValidationError
+from kingpost.errors import InsufficientStorageError, ValidationError, is_disk_full
 
 __all__ = [
     "PackedProject",
@@ -33,6 +33,29 @@ __all__ = [
 
 _ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".DS_Store", ".venv/", ".mypy_cache/"]
 MAX_PROJECT_BYTES = 2 * 1024**3
+MAX_PROJECT_ENTRIES = 100_000
+"""Most files and directories a project archive may hold: each is a member kept in memory
+while the archive is checked, and a file every replica start copies."""
+
+
+def no_space_for_projects() -> InsufficientStorageError:
+    return InsufficientStorageError(
+        "project archive: the server's disk is full, so the upload cannot be stored; free "
+        "space on the disk of KINGPOST_HOME (e.g. `kingpost weights gc`, `kingpost venvs "
+        "gc`) and push again",
+        field="project",
+        cause="projects disk full",
+    )
+
+
+def _too_many(count: int, where: str) -> ValidationError:
+    return ValidationError(
+        f"{where}: more than {MAX_PROJECT_ENTRIES} files and directories ({count} so far); "
+        "leave generated files out with .truss_ignore, or move data to weights",
+        field="project",
+        limit=MAX_PROJECT_ENTRIES,
+        value=count,
+    )
 
 
 class PackedProject:
@@ -118,8 +141,11 @@ def _check_project_dir(root: Path) -> None:
 
 def _write_archive(root: Path, out: BinaryIO) -> None:
     """The deterministic archive of ``root``, file by file: nothing is held whole in memory."""
+    files = project_files(root)
+    if len(files) > MAX_PROJECT_ENTRIES:
+        raise _too_many(len(files), str(root))
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in project_files(root):
+        for rel in files:
             path = root / rel
             if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
                 continue  # links out of the project are not part of it
@@ -171,7 +197,11 @@ def _check_members(tar: tarfile.TarFile) -> None:
     older Pythons get wrong for links whose expansion exceeds PATH_MAX (CVE-2025-4517).
     """
     total = 0
-    for member in tar.getmembers():
+    # Read one member at a time: an archive of empty entries holds four million of them
+    # in 2 GiB, and getmembers() would build every one before a check could refuse it.
+    for count, member in enumerate(tar, start=1):
+        if count > MAX_PROJECT_ENTRIES:
+            raise _too_many(count, "project archive")
         if not (member.isreg() or member.isdir()):
             raise ValidationError(
                 f"project archive: {member.name!r} is a {_kind(member)}; only regular files "
@@ -221,4 +251,6 @@ def unpack_project(data: bytes | Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if dest.exists():
             return
+        if is_disk_full(exc):  # not the archive's fault: say so, and name no server path
+            raise no_space_for_projects() from exc
         raise ValidationError(f"project archive: cannot unpack ({exc})", field="project") from exc

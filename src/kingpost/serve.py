@@ -34,8 +34,17 @@ __all__ = ["bootstrap", "run_server"]
 log = logging.getLogger("kingpost.server")
 
 
-def bootstrap(settings: Settings, announce: Callable[[str], None] = print) -> Store:
-    """Create KINGPOST_HOME, migrate the database, and create the admin key once."""
+def bootstrap(
+    settings: Settings,
+    announce: Callable[[str], None] = print,
+    *,
+    show_key: bool | None = None,
+) -> Store:
+    """Create KINGPOST_HOME, migrate the database, and create the admin key once.
+
+    The new key is announced only when ``show_key`` (by default: when stdout is a
+    terminal); otherwise only the credentials file is named, so the key does not end up
+    in a log that a service manager or a redirect keeps."""
     # Private to this user: the database holds configs (environment variables, inline
     # secret values), and projects, logs and replica copies live here too.
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -50,9 +59,18 @@ def bootstrap(settings: Settings, announce: Callable[[str], None] = print) -> St
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(key + "\n")
-        announce(
-            f"Created the admin API key (shown once; also saved to {path} for the CLI):\n  {key}"
-        )
+        if show_key is None:
+            show_key = sys.stdout.isatty()
+        if show_key:
+            announce(
+                f"Created the admin API key (shown once; also saved to {path} for the CLI):"
+                f"\n  {key}"
+            )
+        else:
+            announce(
+                f"Created the admin API key and saved it to {path} (readable by this user "
+                "only); it is not printed because stdout is not a terminal"
+            )
     return store
 
 

@@ -1151,3 +1151,59 @@ def test_every_answer_has_an_access_log_line(
         ("400", "invalid_request"),
         ("400", "invalid_request"),
     ]
+
+
+INVOKE_KEY = "kp_invoke_only"
+
+
+def test_an_invoke_only_key_reaches_its_models_only(gw: Running, up: Upstream) -> None:
+    """Every key was an admin key. An invoke-only key gets its models' predict, sync and
+    websocket routes; anything else, other models' errors included, is 403 (its own
+    models' errors stay as they are), and a key the table drops is 401 at once."""
+    gw.version += 1
+    digest = hashlib.sha256(INVOKE_KEY.encode()).hexdigest()
+    d1 = route(up, websocket_path="/ws")
+    d2 = replace(route(up), deployment_id="d2", model_id="m2")
+    table = RoutingTable(
+        version=gw.version,
+        models={
+            "m1": ModelRoute("m1", "echo", {"production": (("d1", 1.0),)}),
+            "m2": ModelRoute("m2", "other", {"production": (("d2", 1.0),)}),
+        },
+        model_names={"echo": "m1", "other": "m2"},
+        deployments={"d1": d1, "d2": d2},
+        api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
+        invoke_keys={digest: frozenset({"m1"})},
+    )
+    gw.loop.call_soon_threadsafe(gw.gateway.set_table, table)
+    wait_for(lambda: gw.gateway.table.version == gw.version, 5, "table applied")
+    invoke = {"Authorization": f"Api-Key {INVOKE_KEY}"}
+    with httpx.Client(base_url=gw.url) as c:
+        assert c.post("/models/echo/production/predict", content=b"a", headers=invoke).is_success
+        assert c.post("/models/m1/deployment/d1/sync/echo", content=b"a", headers=invoke).is_success
+        r = c.post("/models/echo/production/websocket", headers=invoke)
+        assert r.status_code == 400 and r.json()["code"] == "websocket_required"  # its own
+        assert c.post("/models/echo/staging/predict", headers=invoke).status_code == 404
+        for path in (
+            "/models/other/production/predict",
+            "/models/m2/deployment/d2/sync/x",
+            "/models/other/production/websocket",
+            "/models/other/staging/predict",
+            "/models/nope/production/predict",
+            "/elsewhere",
+        ):
+            r = c.post(path, content=b"a", headers=invoke)
+            assert r.status_code == 403, (path, r.text)
+            assert r.json()["code"] == "forbidden" and "may call model(s) m1" in r.json()["error"]
+        r = c.post("/models/echo/production/predict", headers={"Host": "model-m2.localhost"})
+        assert r.status_code == 401
+        r = c.post("/", headers={"Host": "model-m2.localhost", **invoke})
+        assert r.status_code == 403
+        # the admin key reaches both
+        assert c.post("/models/other/production/predict", content=b"a", headers=AUTH).is_success
+    handshake_other = _handshake("/models/other/production/websocket", key=INVOKE_KEY)
+    assert raw_exchange(gw.port, handshake_other).startswith(b"HTTP/1.1 403 ")
+    with httpx.Client(base_url=gw.url) as c:
+        gw.table(d1)  # a table without the invoke key: revoked
+        r = c.post("/models/echo/production/predict", content=b"a", headers=invoke)
+        assert r.status_code == 401

@@ -13,7 +13,15 @@ from sqlalchemy import inspect, select, text
 
 from kingpost.errors import ConflictError, NotFoundError, SecretError, ValidationError
 from kingpost.secrets_box import SecretBox, load_or_create_key
-from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
+from kingpost.store import (
+    ApiKeyKind,
+    Database,
+    DeploymentStatus,
+    DesiredState,
+    NewDeployment,
+    Store,
+    hash_api_key,
+)
 from kingpost.store.models import Base, Secret
 
 POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
@@ -154,7 +162,37 @@ def test_api_keys_store_only_hashes(store: Store) -> None:
     view, key = store.create_api_key("admin")
     assert key.startswith("kp_") and store.verify_api_key(key)
     assert not store.verify_api_key(key + "x")
-    assert view.prefix == key[:8]
+    assert view.prefix == key[:12]  # long enough to name one key among many
+    assert (view.kind, view.model_ids) == (ApiKeyKind.ADMIN, ())
+
+
+def test_invoke_keys_name_existing_models_and_the_last_admin_key_stays(store: Store) -> None:
+    a = store.create_deployment(new("a"))
+    store.create_deployment(new("b"))
+    admin, admin_key = store.create_api_key("admin")
+    inv, key = store.create_api_key("ci", ApiKeyKind.INVOKE, ["a", a.model_id])
+    assert (inv.kind, inv.model_ids) == (ApiKeyKind.INVOKE, (a.model_id,))
+    scopes = store.api_key_scopes()
+    assert scopes.admin == {hash_api_key(admin_key)}
+    assert scopes.invoke == {hash_api_key(key): frozenset({a.model_id})}
+    with pytest.raises(NotFoundError, match="model 'nope' not found"):
+        store.create_api_key("x", ApiKeyKind.INVOKE, ["nope"])
+    with pytest.raises(ValidationError, match="needs at least one model") as err:
+        store.create_api_key("x", ApiKeyKind.INVOKE, [])
+    assert err.value.details["field"] == "model_ids"
+    with pytest.raises(ValidationError, match="takes none"):
+        store.create_api_key("x", ApiKeyKind.ADMIN, ["a"])
+    with pytest.raises(ValidationError, match="api_key name '' is not allowed"):
+        store.create_api_key("")
+    with pytest.raises(ConflictError, match="last admin key"):
+        store.revoke_api_key(admin.prefix)
+    assert store.revoke_api_key(inv.prefix).prefix == inv.prefix
+    assert store.find_api_key(key) is None and store.api_key_scopes().invoke == {}
+    with pytest.raises(NotFoundError, match="not found"):
+        store.revoke_api_key(inv.prefix)
+    other, _ = store.create_api_key("second admin")
+    store.revoke_api_key(admin.prefix)  # no longer the last
+    assert [k.prefix for k in store.list_api_keys()] == [other.prefix]
 
 
 def test_timestamps_read_back_in_utc_whatever_the_local_timezone(
@@ -362,3 +400,27 @@ def test_deleting_a_model_removes_its_deployments_and_environments_and_frees_its
     again = store.create_deployment(new())  # a new model under the old name
     assert again.model_id != first.model_id and again.name == "deployment-1"
     assert again.environments == ("production",)
+
+
+def test_keys_made_before_scopes_stay_admin_keys(db: Database, tmp_path: Path) -> None:
+    """Migration 0002 adds the kind of a key: every key before it could do everything."""
+    from alembic import command
+
+    from kingpost.store.db import _alembic_config
+
+    cfg = _alembic_config(db.url)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(
+            text(
+                "INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                "VALUES ('k1', 'admin', :h, 'kp_old12', '2026-01-01 00:00:00')"
+            ),
+            {"h": hash_api_key("kp_old12345")},
+        )
+    db.migrate()
+    store = Store(db, SecretBox(load_or_create_key(tmp_path, None)))
+    found = store.find_api_key("kp_old12345")
+    assert found is not None and (found.kind, found.model_ids) == (ApiKeyKind.ADMIN, ())
+    assert store.api_key_scopes().admin == {hash_api_key("kp_old12345")}

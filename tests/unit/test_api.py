@@ -7,6 +7,7 @@ import io
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -33,7 +34,7 @@ docker_server:
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
     settings = Settings(home=tmp_path / "home")
     messages: list[str] = []
-    store = bootstrap(settings, messages.append)
+    store = bootstrap(settings, messages.append, show_key=True)
     key = (settings.home / "credentials").read_text().strip()
     assert key in messages[0] and (settings.home / "credentials").stat().st_mode & 0o777 == 0o600
     plane = ControlPlane(settings, store, Controller(settings, store))
@@ -381,3 +382,170 @@ def test_a_call_that_got_no_answer_says_it_may_have_taken_effect() -> None:
         listener.close()
         for conn in held:
             conn.close()
+
+
+def test_labels_past_their_limit_are_refused_naming_field_limit_and_size(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    """20 MB of labels were accepted and kept; every list call then returned them."""
+    client, _ = api
+    sha = upload(client, tmp_path)
+    labels = {"blob": "x" * 20_000}
+    r = client.post("/v1/push", json={"project_hash": sha, "labels": labels})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert (body["code"], body["field"], body["limit_bytes"]) == (
+        "invalid_request",
+        "labels",
+        16384,
+    )
+    assert body["value"] == 20_011
+    assert "labels: 20011 bytes as JSON, more than the limit of 16384 bytes" in body["error"]
+    assert client.get("/v1/models").json() == []
+    r = client.post("/v1/push", json={"project_hash": sha, "labels": {"team": "ml" * 4000}})
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_declared_past_the_limit_gets_413_json_without_being_read(
+    api: tuple[TestClient, str],
+) -> None:
+    client, _ = api
+    r = client.post("/v1/secrets", content=b"{}", headers={"content-length": str(5 * 1024**2)})
+    assert r.status_code == 413
+    body = r.json()
+    assert (body["code"], body["field"], body["limit_bytes"]) == (
+        "payload_too_large",
+        "body",
+        1024**2,
+    )
+    assert body["value"] == 5 * 1024**2 and "more than the limit of 1048576 bytes" in body["error"]
+    r = client.post("/v1/secrets", json={"name": "big", "value": "v" * (900 * 1024)})
+    assert r.status_code == 200, r.text  # under the limit: read in full and handled
+
+
+def test_a_chunked_body_past_the_limit_gets_413(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "big", "value": "'
+        for _ in range(40):
+            yield b"v" * 65536
+
+    r = client.post("/v1/secrets", content=chunks())
+    assert r.status_code == 413, r.text
+    assert "sent a body of more than 1048576 bytes" in r.json()["error"]
+    assert client.get("/v1/secrets").json() == []
+
+
+def test_api_keys_are_created_shown_once_listed_by_prefix_and_revoked(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, admin_key = api
+    sha = upload(client, tmp_path)
+    model_id = client.post("/v1/push", json={"project_hash": sha}).json()["model"]["id"]
+    r = client.post(
+        "/v1/api_keys", json={"name": "ci", "type": "WORKSPACE_INVOKE", "model_ids": ["api-test"]}
+    )
+    assert r.status_code == 201, r.text
+    created = r.json()
+    key = created["api_key"]
+    assert key.startswith(created["prefix"]) and created["model_ids"] == [model_id]
+    listed = client.get("/v1/api_keys").json()["keys"]
+    assert [(k["name"], k["type"]) for k in listed] == [
+        ("admin", "WORKSPACE_MANAGE_ALL"),
+        ("ci", "WORKSPACE_INVOKE"),
+    ]
+    assert key not in str(listed) and all("api_key" not in k for k in listed)
+    # The invoke-only key is valid (403, not 401) but not for the management API.
+    r = client.get("/v1/models", headers={"Authorization": f"Api-Key {key}"})
+    assert r.status_code == 403, r.text
+    assert r.json()["code"] == "forbidden" and "invoke-only" in r.json()["error"]
+    r = client.delete(f"/v1/api_keys/{created['prefix']}")
+    assert r.json() == {"prefix": created["prefix"]}
+    r = client.get("/v1/models", headers={"Authorization": f"Api-Key {key}"})
+    assert r.status_code == 401
+    assert client.delete(f"/v1/api_keys/{created['prefix']}").status_code == 404
+    admin_prefix = listed[0]["prefix"]
+    r = client.delete(f"/v1/api_keys/{admin_prefix}")
+    assert r.status_code == 409 and "last admin key" in r.json()["error"]
+    assert client.get("/v1/models", headers={"Authorization": f"Api-Key {admin_key}"}).is_success
+
+
+def test_api_key_requests_name_what_is_wrong(api: tuple[TestClient, str]) -> None:
+    client, _ = api
+    r = client.post("/v1/api_keys", json={"name": "x", "type": "WORKSPACE_INVOKE"})
+    assert r.status_code == 400 and r.json()["field"] == "model_ids", r.text
+    r = client.post(
+        "/v1/api_keys", json={"name": "x", "type": "WORKSPACE_INVOKE", "model_ids": ["nope"]}
+    )
+    assert r.status_code == 404 and "model 'nope' not found" in r.json()["error"]
+    r = client.post("/v1/api_keys", json={"name": "x", "type": "PERSONAL"})
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "type"
+    r = client.post("/v1/api_keys", json={"name": "x", "model_ids": ["a"]})
+    assert r.status_code == 400 and "takes none" in r.json()["error"]
+    assert len(client.get("/v1/api_keys").json()["keys"]) == 1
+
+
+def _fill_the_database_disk(store: Any) -> None:
+    """Real SQLite, out of room: SQLITE_FULL as on a full disk, for every new connection."""
+    from sqlalchemy import event, text
+
+    with store.db.engine.connect() as conn:
+        pages = int(conn.execute(text("PRAGMA page_count")).scalar_one())
+
+    def cap(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    event.listen(store.db.engine, "connect", cap)
+    store.db.engine.dispose()
+
+
+def test_a_database_write_on_a_full_disk_is_507_json_naming_the_cause(tmp_path: Path) -> None:
+    """It was a plain-text 500 `Internal Server Error`."""
+    settings = Settings(home=tmp_path / "home")
+    store = bootstrap(settings, lambda _: None)
+    key = (settings.home / "credentials").read_text().strip()
+    plane = ControlPlane(settings, store, Controller(settings, store))
+    _fill_the_database_disk(store)
+    with TestClient(create_app(plane), headers={"Authorization": f"Api-Key {key}"}) as client:
+        r = client.post("/v1/secrets", json={"name": "big", "value": "v" * 200_000})
+        assert r.status_code == 507, r.text
+        body = r.json()
+        assert (body["code"], body["cause"]) == ("insufficient_storage", "database disk full")
+        assert "its disk is full" in body["error"] and str(settings.home) not in body["error"]
+        assert client.get("/v1/secrets").json() == []  # reads still work
+
+
+def test_an_upload_on_a_full_disk_is_507_not_a_bad_archive(
+    api: tuple[TestClient, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was 400 invalid_request, blaming the archive; the spool's own write was a 500."""
+    import errno
+    import hashlib
+
+    from kingpost.api import app as app_module
+
+    client, _ = api
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "config.yaml").write_text(CONFIG)
+    packed = pack_project(project)
+
+    def refuse(self: tarfile.TarFile, *args: Any, **kw: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/home/x/projects/f")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", refuse)
+    r = client.put(f"/v1/projects/{packed.sha256}", content=packed.data)
+    assert r.status_code == 507, r.text
+    assert r.json()["code"] == "insufficient_storage" and "/home/x" not in r.text
+    monkeypatch.undo()
+
+    # The spool on a device that is really full: /dev/full answers every write ENOSPC.
+    def dev_full(**_: Any) -> Any:
+        return open("/dev/full", "wb")
+
+    monkeypatch.setattr(app_module.tempfile, "NamedTemporaryFile", dev_full)
+    data = b"x" * 300_000
+    r = client.put(f"/v1/projects/{hashlib.sha256(data).hexdigest()}", content=data)
+    assert r.status_code == 507, r.text
+    assert r.json()["cause"] == "projects disk full"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from kingpost.config import _yaml, parse_config
+from kingpost.config import _yaml, load_config, parse_config
 from kingpost.config._yaml import MAX_DEPTH
 from kingpost.errors import ConfigError
 
@@ -349,6 +350,42 @@ def test_nesting_at_the_limit_is_fine() -> None:
     assert metadata == {"v": 1}
 
 
+def _copies(levels: int, string_bytes: int = 10_000) -> str:
+    """A small config whose aliases make 10**levels copies of one long string."""
+    lines = ["model_name: x", "model_metadata:", f"  s0: &s0 {'x' * string_bytes}"]
+    for i in range(1, levels + 1):
+        lines.append(f"  s{i}: &s{i} [{', '.join([f'*s{i - 1}'] * 10)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_aliases_that_expand_past_the_byte_limit_are_refused_with_path_line_and_limit() -> None:
+    """A 10 KB config whose aliases made 10**4 copies of a 10 KB string was accepted: the
+    value count was small (11,111) but the store kept 100 MB of JSON for it."""
+    text = _copies(4)
+    assert len(text) < 11_000
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, filename="c.yaml")
+    (error,) = info.value.details["errors"]
+    # 10**3 copies (10 MB) already pass the 8 MiB limit, at s3 on line 6
+    assert (error["path"], error["line"]) == ("model_metadata.s3", 6)
+    message = info.value.message
+    assert message.startswith("c.yaml: model_metadata.s3 (line 6): ")
+    assert "once its aliases (`*name`) are expanded" in message
+    assert "more than the limit of 8.0 MiB" in message and "9.5 MiB (10000111 bytes)" in message
+
+
+def test_a_config_just_under_the_byte_limit_is_fine() -> None:
+    metadata = parse_config(_copies(2, string_bytes=70_000)).config.model_metadata
+    assert len(metadata["s2"]) == 10 and metadata["s2"][0][0] == "x" * 70_000
+
+
+def test_a_long_value_without_aliases_counts_too() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"model_name: x\ndescription: {'y' * (9 * 1024**2)}\n")
+    assert info.value.details["errors"][0]["path"] == "description"
+    assert "9.0 MiB" in info.value.message
+
+
 def test_shared_aliases_are_fine() -> None:
     text = _laughs(4) + "  base: &b {lr: 1}\n  runs: [*b, *b, *b]\n"
     metadata = parse_config(text).config.model_metadata
@@ -361,3 +398,13 @@ def test_a_scalar_that_cannot_be_what_it_looks_like_is_named() -> None:
         parse_config("model_name: x\ndescription: 2024-02-30\n")
     assert "cannot read `2024-02-30` as a timestamp" in info.value.message
     assert "quote it" in info.value.message
+
+
+def test_a_config_file_past_the_byte_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    with path.open("w") as fh:  # sparse: nothing to parse would ever get this far
+        fh.truncate(9 * 1024**2)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert f"the file is {9 * 1024**2} bytes, more than the limit of" in info.value.message
+    assert info.value.details["errors"][0]["value"] == 9 * 1024**2

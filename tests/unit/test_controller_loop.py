@@ -21,7 +21,14 @@ from kingpost.packaging import pack_project, unpack_project
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.server.contract import ENVIRONMENT_ENV, ENVIRONMENT_KEY
 from kingpost.settings import Settings
-from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
+from kingpost.store import (
+    Database,
+    DeploymentStatus,
+    DesiredState,
+    NewDeployment,
+    Store,
+    hash_api_key,
+)
 
 CONFIG = """\
 model_name: loop
@@ -568,7 +575,7 @@ def test_a_restarted_controller_publishes_first_and_keeps_adopted_replicas(
     restarted.start()
     try:
         assert pushed, "no table was published before start() returned"
-        assert rig.store.api_key_hashes() <= pushed[0].api_key_hashes
+        assert rig.store.api_key_scopes().admin <= pushed[0].api_key_hashes
         restarted.reconcile_once()
         route = restarted.table.deployments[dep]
         assert route.state == DeploymentState.SERVING
@@ -746,3 +753,31 @@ def test_a_deleted_deployments_build_that_runs_on_leaves_no_log_file(tmp_path: P
     release.set()
     job.thread.join(5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_publish_keys_pushes_a_revocation_at_once_with_the_routes_kept(rig: Rig) -> None:
+    """A revoked key must stop working at the gateway before the revocation answers, not
+    at the next pass (which keeps it out too)."""
+    from kingpost.store import ApiKeyKind
+
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()
+    model_id = rig.store.get_deployment(dep).model_id
+    view, key = rig.store.create_api_key("ci", ApiKeyKind.INVOKE, [model_id])
+    rig.controller.publish_keys()
+    table = rig.pushed[-1]
+    assert table.invoke_keys == {hash_api_key(key): frozenset({model_id})}
+    assert table.deployments[dep].state == DeploymentState.SERVING  # routes unchanged
+    rig.store.revoke_api_key(view.prefix)
+    before = len(rig.pushed)
+    rig.controller.publish_keys()
+    assert len(rig.pushed) == before + 1 and rig.pushed[-1].invoke_keys == {}
+    assert rig.pushed[-1].version == table.version + 1
+    rig.controller.reconcile_once()
+    assert rig.pushed[-1].invoke_keys == {}
+
+
+def test_publish_keys_before_the_first_pass_pushes_nothing(rig: Rig) -> None:
+    rig.controller.publish_keys()
+    assert rig.pushed == []

@@ -80,3 +80,42 @@ def test_a_miss_from_a_weighted_draw_is_not_kept_either() -> None:
     gw = Gateway(_table(1, (("d1", 0.5), ("gone", 0.5))))
     kinds = Counter(type(gw.route(b"localhost", PREDICT)).__name__ for _ in range(200))
     assert kinds["Target"] > 50 and kinds["Miss"] > 50, kinds
+
+
+def test_a_miss_under_a_model_names_it_for_the_key_scope_check() -> None:
+    table = _table(1, (("d1", 1.0),))
+    for path in ("/models/m/environments/staging/predict", "/models/m1/deployment/zz/predict"):
+        miss = resolve(table, "", path)
+        assert isinstance(miss, Miss) and miss.model_id == "m1", path
+    by_host = resolve(table, "model-m1.localhost", "/nowhere")
+    assert isinstance(by_host, Miss) and by_host.model_id == "m1"
+    for path in ("/models/nope/production/predict", "/elsewhere"):
+        miss = resolve(table, "", path)
+        assert isinstance(miss, Miss) and miss.model_id is None
+
+
+def test_key_scopes_follow_the_table_and_drop_with_it() -> None:
+    import hashlib
+
+    from kingpost.gateway.table import ADMIN, KeyScope
+
+    def digest(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    table = _table(1, (("d1", 1.0),))
+    gw = Gateway(
+        RoutingTable(
+            **{
+                **table.__dict__,
+                "api_key_hashes": frozenset({digest("admin")}),
+                "invoke_keys": {digest("inv"): frozenset({"m1"})},
+            }
+        )
+    )
+    assert gw.authorized(b"Api-Key admin") is ADMIN and ADMIN.allows(None)
+    scope = gw.authorized(b"Bearer inv")
+    assert scope == KeyScope(frozenset({"m1"}))
+    assert scope.allows("m1") and not scope.allows("m2") and not scope.allows(None)
+    assert gw.authorized(b"Api-Key nope") is None and gw.authorized(None) is None
+    assert gw.set_table(_table(2, (("d1", 1.0),)))  # no keys: the cached answers go too
+    assert gw.authorized(b"Bearer inv") is None and gw.authorized(b"Api-Key admin") is None

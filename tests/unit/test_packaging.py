@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kingpost import packaging
 from kingpost.errors import ValidationError
 from kingpost.packaging import pack_project, project_files, unpack_project
 
@@ -162,3 +163,37 @@ def test_the_spooled_archive_is_the_same_archive_and_goes_away(tmp_path: Path) -
     with pytest.raises(ValidationError, match=r"no config\.yaml"):
         pack_project_file(tmp_path / "nothing", spool_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # nothing left behind
+
+
+def _empty_entries(count: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(count):
+            tar.addfile(tarfile.TarInfo(f"f{i}"), io.BytesIO(b""))
+    return buf.getvalue()
+
+
+def test_unpack_refuses_more_entries_than_the_limit_without_reading_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 GiB of empty entries is four million members, each built in memory (and a file
+    on disk) before anything refused them."""
+    monkeypatch.setattr(packaging, "MAX_PROJECT_ENTRIES", 50)
+    unpack_project(_empty_entries(50), tmp_path / "ok")
+    assert len(list((tmp_path / "ok").iterdir())) == 50
+    with pytest.raises(ValidationError) as err:
+        unpack_project(_empty_entries(500), tmp_path / "out")
+    assert "project archive: more than 50 files and directories (51 so far)" in str(err.value)
+    assert (err.value.details["field"], err.value.details["limit"]) == ("project", 50)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_refuses_a_project_with_more_entries_than_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(packaging, "MAX_PROJECT_ENTRIES", 5)
+    (tmp_path / "config.yaml").write_text("model_name: x\n")
+    for i in range(5):
+        (tmp_path / f"f{i}.txt").write_text("x")
+    with pytest.raises(ValidationError, match=r"more than 5 files and directories \(6 so far\)"):
+        pack_project(tmp_path)

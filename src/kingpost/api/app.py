@@ -20,7 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from kingpost.api.limits import BodyLimit
 from kingpost.api.schemas import (
+    KEY_TYPES,
+    ApiKeyCreated,
+    ApiKeyIn,
+    ApiKeyOut,
+    ApiKeysOut,
+    ApiKeyTombstone,
     DeploymentOut,
     EnvironmentIn,
     EnvironmentOut,
@@ -36,14 +43,17 @@ from kingpost.controller.specs import missing_secrets
 from kingpost.errors import (
     AuthError,
     ConfigError,
+    ForbiddenError,
     KingpostError,
     NotFoundError,
     SecretError,
     ValidationError,
+    is_disk_full,
 )
-from kingpost.packaging import MAX_PROJECT_BYTES, unpack_project
+from kingpost.packaging import MAX_PROJECT_BYTES, no_space_for_projects, unpack_project
 from kingpost.settings import Settings
-from kingpost.store import DesiredState, NewDeployment, Store
+from kingpost.store import ApiKeyKind, DesiredState, NewDeployment, Store
+from kingpost.store.repo import check_labels
 
 __all__ = ["ControlPlane", "create_app"]
 
@@ -65,10 +75,19 @@ def _api_key(authorization: str | None) -> str:
 
 def create_app(plane: ControlPlane) -> FastAPI:
     app = FastAPI(title="Kingpost control plane", version="0.1.0")
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(KingpostError)
     async def _kingpost_error(_: Request, exc: KingpostError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        # Logged by the server with its traceback; the caller gets JSON, never plain text.
+        return JSONResponse(
+            {"error": "internal error; the server's log says more", "code": "internal_error"},
+            status_code=500,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,8 +109,15 @@ def create_app(plane: ControlPlane) -> FastAPI:
         )
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
-        if not plane.store.verify_api_key(_api_key(authorization)):
+        found = plane.store.find_api_key(_api_key(authorization))
+        if found is None:
             raise AuthError("unknown API key")
+        if found.kind != ApiKeyKind.ADMIN:
+            raise ForbiddenError(
+                f"API key {found.prefix!r} is invoke-only: it may call its models through "
+                "the gateway, not the management API; use an admin key here",
+                api_key_prefix=found.prefix,
+            )
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -103,6 +129,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _secret_routes(router, plane)
     _weights_routes(router, plane)
     _venv_routes(router, plane)
+    _api_key_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -128,29 +155,38 @@ def _project_routes(router: APIRouter, plane: ControlPlane) -> None:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_PROJECT_BYTES:
             _too_large(int(declared))
-        # Spooled to disk while it is hashed: the archive is never held in memory.
-        projects.mkdir(parents=True, exist_ok=True)
-        digest, size = hashlib.sha256(), 0
-        with tempfile.NamedTemporaryFile(dir=projects, prefix=".upload-") as spool:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_PROJECT_BYTES:
-                    _too_large(size)
-                digest.update(chunk)
-                await run_in_threadpool(spool.write, chunk)
-            if digest.hexdigest() != sha:
-                raise ValidationError(
-                    f"project archive hash mismatch: path says {sha}, "
-                    f"body hashes to {digest.hexdigest()}",
-                    field="sha256",
-                )
-            spool.flush()
-            await run_in_threadpool(unpack_project, Path(spool.name), projects / sha)
+        try:
+            projects.mkdir(parents=True, exist_ok=True)
+            await _spool_and_unpack(request, projects, sha)
+        except OSError as exc:  # the spool: unpack_project translates its own
+            if is_disk_full(exc):
+                raise no_space_for_projects() from exc
+            raise
         return {"project_hash": sha}
 
     @router.post("/push", response_model=PushOut)
     def push(body: PushIn) -> PushOut:
         return _push(plane, body)
+
+
+async def _spool_and_unpack(request: Request, projects: Path, sha: str) -> None:
+    # Spooled to disk while it is hashed: the archive is never held in memory.
+    digest, size = hashlib.sha256(), 0
+    with tempfile.NamedTemporaryFile(dir=projects, prefix=".upload-") as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_PROJECT_BYTES:
+                _too_large(size)
+            digest.update(chunk)
+            await run_in_threadpool(spool.write, chunk)
+        if digest.hexdigest() != sha:
+            raise ValidationError(
+                f"project archive hash mismatch: path says {sha}, "
+                f"body hashes to {digest.hexdigest()}",
+                field="sha256",
+            )
+        await run_in_threadpool(spool.flush)
+        await run_in_threadpool(unpack_project, Path(spool.name), projects / sha)
 
 
 def _too_large(size: int) -> None:
@@ -170,6 +206,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             f"project {body.project_hash} was not uploaded; PUT /v1/projects/{{sha}} first",
             project_hash=body.project_hash,
         )
+    check_labels(body.labels)  # before the config is even read
     engine = body.engine or plane.settings.engine
     _check_engine(engine)
     # ConfigError (422) before anything is created
@@ -442,3 +479,24 @@ def _secret_routes(router: APIRouter, plane: ControlPlane) -> None:
     def delete_secret(name: str) -> Response:
         store.delete_secret(name)
         return Response(status_code=204)
+
+
+def _api_key_routes(router: APIRouter, plane: ControlPlane) -> None:
+    """Baseten's management API for keys: ``/v1/api_keys``, a key named by its prefix."""
+    store = plane.store
+
+    @router.get("/api_keys", response_model=ApiKeysOut)
+    def list_api_keys() -> ApiKeysOut:
+        return ApiKeysOut(keys=[ApiKeyOut.of(k) for k in store.list_api_keys()])
+
+    @router.post("/api_keys", response_model=ApiKeyCreated, status_code=201)
+    def create_api_key(body: ApiKeyIn) -> ApiKeyCreated:
+        view, key = store.create_api_key(body.name, KEY_TYPES[body.type], body.model_ids or ())
+        plane.controller.publish_keys()
+        return ApiKeyCreated(**ApiKeyOut.of(view).model_dump(), api_key=key)
+
+    @router.delete("/api_keys/{api_key_prefix}", response_model=ApiKeyTombstone)
+    def revoke_api_key(api_key_prefix: str) -> ApiKeyTombstone:
+        view = store.revoke_api_key(api_key_prefix)
+        plane.controller.publish_keys()  # the gateways refuse it before this answers
+        return ApiKeyTombstone(prefix=view.prefix)

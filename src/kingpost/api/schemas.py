@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from kingpost.store import DeploymentView, EnvironmentView, ModelView, SecretView
+from kingpost.store import (
+    ApiKeyKind,
+    ApiKeyView,
+    DeploymentView,
+    EnvironmentView,
+    ModelView,
+    SecretView,
+)
 
 __all__ = [
+    "ApiKeyCreated",
+    "ApiKeyIn",
+    "ApiKeyOut",
+    "ApiKeyTombstone",
+    "ApiKeysOut",
     "DeploymentOut",
     "EnvironmentIn",
     "EnvironmentOut",
@@ -135,3 +147,50 @@ class SecretOut(BaseModel):
     @classmethod
     def of(cls, v: SecretView) -> SecretOut:
         return cls(name=v.name, created_at=v.created_at, updated_at=v.updated_at)
+
+
+# Baseten's management API names: `WORKSPACE_MANAGE_ALL` and `WORKSPACE_INVOKE` keys.
+KEY_TYPES: dict[str, ApiKeyKind] = {
+    "WORKSPACE_MANAGE_ALL": ApiKeyKind.ADMIN,
+    "WORKSPACE_INVOKE": ApiKeyKind.INVOKE,
+}
+_TYPE_OF = {kind: name for name, kind in KEY_TYPES.items()}
+KeyType = Literal["WORKSPACE_MANAGE_ALL", "WORKSPACE_INVOKE"]
+
+
+class ApiKeyIn(_In):
+    name: str = Field(max_length=100)
+    type: KeyType = "WORKSPACE_MANAGE_ALL"
+    model_ids: list[str] | None = Field(default=None, max_length=1000)
+    """For ``WORKSPACE_INVOKE``: the models (ids or names) the key may call."""
+
+
+class ApiKeyOut(BaseModel):
+    prefix: str
+    name: str
+    type: KeyType
+    model_ids: list[str]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, v: ApiKeyView) -> ApiKeyOut:
+        return cls(
+            prefix=v.prefix,
+            name=v.name,
+            type=_TYPE_OF[v.kind],
+            model_ids=list(v.model_ids),
+            created_at=v.created_at,
+        )
+
+
+class ApiKeyCreated(ApiKeyOut):
+    api_key: str
+    """The key itself: shown in this answer only, never stored."""
+
+
+class ApiKeysOut(BaseModel):
+    keys: list[ApiKeyOut]
+
+
+class ApiKeyTombstone(BaseModel):
+    prefix: str

@@ -11,6 +11,7 @@ import click
 from rich.markup import escape
 
 from kingpost.cli._common import err_console, settings
+from kingpost.cli.api_keys import api_keys
 from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.secrets import secrets
@@ -83,6 +84,7 @@ for command in (
     logs,
     predict,
     secrets,
+    api_keys,
     weights,
     venvs,
     gc,

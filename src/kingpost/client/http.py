@@ -231,6 +231,23 @@ class KingpostClient:
     def delete_secret(self, name: str) -> None:
         self._call("DELETE", f"/v1/secrets/{_seg('secret', name)}")
 
+    # -- API keys ---------------------------------------------------------------------------
+    def create_api_key(
+        self, name: str, *, invoke_models: list[str] | None = None
+    ) -> dict[str, Any]:
+        """An admin key, or with ``invoke_models`` one that may only call those models.
+        The answer's ``api_key`` is the key itself, shown this once."""
+        body: dict[str, Any] = {"name": name, "type": "WORKSPACE_MANAGE_ALL"}
+        if invoke_models is not None:
+            body = {"name": name, "type": "WORKSPACE_INVOKE", "model_ids": invoke_models}
+        return dict(self._call("POST", "/v1/api_keys", json=body))
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/api_keys")["keys"])
+
+    def revoke_api_key(self, prefix: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/api_keys/{_seg('api_key', prefix)}"))
+
     # -- inference through the gateway ---------------------------------------------------------
     @staticmethod
     def predict_path(

@@ -112,6 +112,24 @@ MAX_DEPTH = 100
 """Deepest nesting of mappings and lists a config may have."""
 MAX_VALUES = 1_000_000
 """Most values a config may hold once its aliases are expanded."""
+MAX_EXPANDED_BYTES = 8 * 1024**2
+"""Most bytes of values a config may hold once its aliases are expanded (each scalar's
+UTF-8 text, and at least one byte per value): about the size of the JSON the store keeps."""
+
+
+def _expanded(node: yaml.Node, sizes: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, bytes) of ``node`` with its aliases expanded, from its children's."""
+    if isinstance(node, yaml.ScalarNode):
+        return 1, max(1, len(str(node.value).encode("utf-8", "surrogatepass")))
+    values, size = 1, 1
+    for _, child in _children(node):
+        child_values, child_bytes = sizes[id(child)]
+        values, size = values + child_values, size + child_bytes
+    return values, size
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB" if size >= 1024**2 else f"{size} bytes"
 
 
 def _children(node: yaml.Node) -> list[tuple[PathPart, yaml.Node]]:
@@ -142,25 +160,35 @@ def _check_nodes(root: yaml.Node, filename: str) -> list[Issue]:
     """Walk the node tree once per node (aliases share nodes): duplicate-key issues.
 
     Raises :class:`ConfigError` for an alias inside its own anchor and for a document
-    whose aliases expand it beyond :data:`MAX_VALUES` values; a walk that followed every
-    alias would recurse forever on the first and take exponential time on the second.
+    whose aliases expand it beyond :data:`MAX_VALUES` values or
+    :data:`MAX_EXPANDED_BYTES` bytes; a walk that followed every alias would recurse
+    forever on the first and take exponential time on the second, and the store would
+    keep every expanded copy (10 KB of aliases made a 222 MB database).
     """
     issues: list[Issue] = []
-    sizes: dict[int, int] = {}  # expanded value count of each finished node
+    sizes: dict[int, tuple[int, int]] = {}  # expanded (values, bytes) of each finished node
     open_nodes: set[int] = set()  # the nodes on the path from the root
     stack: list[tuple[yaml.Node, tuple[PathPart, ...], bool]] = [(root, (), False)]
     while stack:
         node, path, leaving = stack.pop()
         if leaving:
             open_nodes.discard(id(node))
-            size = 1 + sum(sizes[id(child)] for _, child in _children(node))
-            if size > MAX_VALUES:
+            values, size = _expanded(node, sizes)
+            if values > MAX_VALUES:
                 _structure_error(
                     filename, path, node.start_mark.line + 1,
                     f"the document holds more than {MAX_VALUES} values once its aliases "
                     "(`*name`) are expanded; write the values out or use fewer aliases",
                 )  # fmt: skip
-            sizes[id(node)] = size
+            if size > MAX_EXPANDED_BYTES:
+                _structure_error(
+                    filename, path, node.start_mark.line + 1,
+                    f"this value holds {_mib(size)} ({size} bytes) once its aliases "
+                    f"(`*name`) are expanded, more than the limit of "
+                    f"{_mib(MAX_EXPANDED_BYTES)} for a whole config; keep big data in "
+                    "files of the project or in weights, not in config.yaml",
+                )  # fmt: skip
+            sizes[id(node)] = values, size
             continue
         if id(node) in open_nodes:
             _structure_error(

@@ -13,7 +13,14 @@ from typing import Any, NoReturn
 import pydantic
 from pydantic_core import ErrorDetails
 
-from kingpost.config._yaml import Issue, PathPart, SourceMap, format_path, load_yaml
+from kingpost.config._yaml import (
+    MAX_EXPANDED_BYTES,
+    Issue,
+    PathPart,
+    SourceMap,
+    format_path,
+    load_yaml,
+)
 from kingpost.config.models import TrussConfig
 from kingpost.config.rules import config_warnings, cross_key_errors, engine_warnings
 from kingpost.errors import ConfigError
@@ -71,6 +78,16 @@ def load_config(project_dir: Path, engine: str | None = None) -> LoadedConfig:
         )
         raise ConfigError(f"{path}: no {CONFIG_FILENAME} found; {hint}", file=str(path), errors=[])
     try:
+        size = path.stat().st_size
+        if size > MAX_EXPANDED_BYTES:  # not read, let alone parsed: it could not pass
+            raise ConfigError(
+                f"{path}: the file is {size} bytes, more than the limit of "
+                f"{MAX_EXPANDED_BYTES} bytes (8 MiB) for a config; keep big data in files "
+                "of the project or in weights",
+                file=str(path),
+                errors=[{"path": "<root>", "line": None, "message": "file too large",
+                         "value": size}],
+            )  # fmt: skip
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(

@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +98,7 @@ class Controller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._told: dict[str, str] | None = None
         """What each deployment's environment file says (None until read from disk)."""
 
@@ -193,18 +194,34 @@ class Controller:
                     self._stop_replica(r)
         self._jobs.cancel_others({f"build:{d}" for d in known}, "the deployment was deleted")
         _, deployments, _ = self.store.routing_snapshot()
-        table = build_table(
-            version=self._table.version,
-            domain=self.settings.domain,
-            models=models,
-            deployments=deployments,
-            environments=environments,
-            ready=ready,
-            shapes={d.id: self._shape(d) for d in deployments},
-            key_hashes=self.store.api_key_hashes(),
-        )
-        self._publish(table)
+        shapes = {d.id: self._shape(d) for d in deployments}
+        with self._publish_lock:  # the keys are read under it: see publish_keys
+            table = build_table(
+                version=self._table.version,
+                domain=self.settings.domain,
+                models=models,
+                deployments=deployments,
+                environments=environments,
+                ready=ready,
+                shapes=shapes,
+                keys=self.store.api_key_scopes(),
+            )
+            self._publish(table)
         return self._table
+
+    def publish_keys(self) -> None:
+        """Push the current API keys to the gateways now, not at the next pass: a revoked
+        key stops working before the revocation call answers.
+
+        Keys are read from the store under the same lock a pass publishes under, so a
+        pass that read the keys before a revocation cannot push them after it."""
+        with self._publish_lock:
+            if self._table.version == 0:
+                return  # no table yet: the first pass publishes the keys with it
+            keys = self.store.api_key_scopes()
+            self._publish(
+                replace(self._table, api_key_hashes=keys.admin, invoke_keys=dict(keys.invoke))
+            )
 
     def _poll_all(self) -> dict[str, list[ReplicaStatus]]:
         """Replicas by deployment; remembers which engine reported each, for stopping."""

@@ -18,6 +18,7 @@ from kingpost.store import (
     DeploymentView,
     DesiredState,
     EnvironmentView,
+    KeyScopes,
     ModelView,
 )
 
@@ -61,7 +62,7 @@ def build_table(
     environments: Sequence[EnvironmentView],
     ready: Mapping[str, Sequence[ReplicaStatus]],
     shapes: Mapping[str, Any],
-    key_hashes: frozenset[str],
+    keys: KeyScopes,
 ) -> RoutingTable:
     routes = {d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id)) for d in deployments}
     model_routes: dict[str, ModelRoute] = {}
@@ -79,5 +80,6 @@ def build_table(
         models=model_routes,
         model_names={m.name: m.id for m in models},
         deployments=routes,
-        api_key_hashes=key_hashes,
+        api_key_hashes=keys.admin,
+        invoke_keys=dict(keys.invoke),
     )

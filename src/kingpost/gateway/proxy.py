@@ -491,7 +491,8 @@ class ClientConn(StreamConn):
                 "starting",
                 rid,
             )
-        if not gw.authorized(req.auth):
+        scope = gw.authorized(req.auth)
+        if scope is None:
             return self._reject(
                 req,
                 401,
@@ -500,6 +501,16 @@ class ClientConn(StreamConn):
                 rid,
             )
         target = gw.route(req.host or b"", req.url)
+        if not scope.allows(target.model_id):  # an invoke-only key, for another model
+            what = f"model {target.model_id}" if target.model_id else "this route"
+            return self._reject(
+                req,
+                403,
+                f"this API key is invoke-only and may not call {what}; it may call "
+                f"model(s) {', '.join(sorted(scope.models or ()))}",
+                "forbidden",
+                rid,
+            )
         if isinstance(target, Miss):
             if req.upgrade and target.upgrade is not None:
                 return target.upgrade  # a WebSocket route: only handshakes get through

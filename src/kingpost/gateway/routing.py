@@ -14,7 +14,7 @@ at it.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kingpost.gateway.table import DeploymentRoute, ModelRoute, RoutingTable
 
@@ -41,6 +41,8 @@ class Miss:
     """As for :class:`Target`: the answer came after a draw from a weighted split."""
     upgrade: Target | None = None
     """For a ``websocket`` route: where a WebSocket handshake goes instead of this error."""
+    model_id: str | None = None
+    """The model the request was for, when the path named one that exists."""
 
 
 def _model_from_host(table: RoutingTable, host: str) -> ModelRoute | None:
@@ -87,7 +89,8 @@ def resolve(table: RoutingTable, host: str, path: str, query: str = "") -> Targe
         if model is None:
             return Miss(404, f"model {head[1]!r} not found")
         parts = head[2].split("/", 3)
-    return _under_model(table, model, parts, query)
+    found = _under_model(table, model, parts, query)
+    return replace(found, model_id=model.model_id) if isinstance(found, Miss) else found
 
 
 def _under_model(

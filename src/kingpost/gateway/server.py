@@ -18,7 +18,13 @@ from kingpost.gateway.control import serve_control
 from kingpost.gateway.dispatch import Dispatcher
 from kingpost.gateway.proxy import ClientConn
 from kingpost.gateway.routing import Miss, Target, resolve
-from kingpost.gateway.table import DeploymentRoute, DeploymentState, RoutingTable
+from kingpost.gateway.table import (
+    ADMIN,
+    DeploymentRoute,
+    DeploymentState,
+    KeyScope,
+    RoutingTable,
+)
 from kingpost.gateway.upstream import UpstreamPool
 
 __all__ = ["Gateway"]
@@ -56,7 +62,7 @@ class Gateway:
         self.table = table or RoutingTable()
         self.pool = UpstreamPool()
         self._dispatchers: dict[str, Dispatcher] = {}
-        self._auth: OrderedDict[bytes, bool] = OrderedDict()
+        self._auth: OrderedDict[bytes, KeyScope | None] = OrderedDict()
         self._routes: dict[tuple[bytes, bytes], Target | Miss] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self.clients: set[ClientConn] = set()
@@ -78,8 +84,11 @@ class Gateway:
         old_netns = {
             u.netns for d in self.table.deployments.values() for u in d.upstreams if u.netns
         }
-        if table.api_key_hashes != self.table.api_key_hashes:
-            self._auth.clear()
+        if (
+            table.api_key_hashes != self.table.api_key_hashes
+            or table.invoke_keys != self.table.invoke_keys
+        ):
+            self._auth.clear()  # a revoked key stops working with this table
         self.table = table
         self._routes = {}
         for dep_id, dispatcher in list(self._dispatchers.items()):
@@ -132,22 +141,26 @@ class Gateway:
         return found
 
     # -- auth ------------------------------------------------------------------------------
-    def authorized(self, header: bytes | None) -> bool:
+    def authorized(self, header: bytes | None) -> KeyScope | None:
+        """The scope of the key in ``header``, or None for no key or an unknown one."""
         if not header:
-            return False
-        cached = self._auth.get(header)
-        if cached is not None:
-            return cached
+            return None
+        try:
+            return self._auth[header]
+        except KeyError:
+            pass
         scheme, _, key = header.partition(b" ")
-        ok = (
-            scheme.lower() in (b"api-key", b"bearer")
-            and bool(key.strip())
-            and (hashlib.sha256(key.strip()).hexdigest() in self.table.api_key_hashes)
-        )
-        self._auth[header] = ok
+        scope: KeyScope | None = None
+        if scheme.lower() in (b"api-key", b"bearer") and key.strip():
+            digest = hashlib.sha256(key.strip()).hexdigest()
+            if digest in self.table.api_key_hashes:
+                scope = ADMIN
+            elif (models := self.table.invoke_keys.get(digest)) is not None:
+                scope = KeyScope(models)
+        self._auth[header] = scope
         if len(self._auth) > _AUTH_CACHE:
             self._auth.popitem(last=False)
-        return ok
+        return scope
 
     def log_access(
         self, rid: str, status: int, outcome: str, start: float, target: Target | None

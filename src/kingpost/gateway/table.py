@@ -12,13 +12,35 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DeploymentRoute", "DeploymentState", "ModelRoute", "RoutingTable", "Upstream"]
+__all__ = [
+    "ADMIN",
+    "DeploymentRoute",
+    "DeploymentState",
+    "KeyScope",
+    "ModelRoute",
+    "RoutingTable",
+    "Upstream",
+]
 
 
 class DeploymentState(enum.StrEnum):
     SERVING = "serving"  # active; requests go to ready upstreams (held briefly if none yet)
     WAKING = "waking"  # starting (incl. from zero); requests are held until ready or timeout
     INACTIVE = "inactive"  # deactivated, deleted or failed: 404 JSON error
+
+
+@dataclass(frozen=True)
+class KeyScope:
+    """What a valid API key may call through the gateway."""
+
+    models: frozenset[str] | None = None
+    """Ids of the models it may call; None: every model (an admin key)."""
+
+    def allows(self, model_id: str | None) -> bool:
+        return self.models is None or (model_id is not None and model_id in self.models)
+
+
+ADMIN = KeyScope()
 
 
 @dataclass(frozen=True)
@@ -73,7 +95,9 @@ class RoutingTable:
     deployments: dict[str, DeploymentRoute] = field(default_factory=dict)
     """By deployment id."""
     api_key_hashes: frozenset[str] = frozenset()
-    """SHA-256 hex digests of every valid API key."""
+    """SHA-256 hex digests of the admin API keys: they may call every model."""
+    invoke_keys: dict[str, frozenset[str]] = field(default_factory=dict)
+    """SHA-256 hex digest of each invoke-only key -> ids of the models it may call."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +129,7 @@ class RoutingTable:
                 for did, d in self.deployments.items()
             },
             "api_key_hashes": sorted(self.api_key_hashes),
+            "invoke_keys": {k: sorted(v) for k, v in sorted(self.invoke_keys.items())},
         }
 
     @classmethod
@@ -141,4 +166,7 @@ class RoutingTable:
                 for did, d in data.get("deployments", {}).items()
             },
             api_key_hashes=frozenset(data.get("api_key_hashes", [])),
+            invoke_keys={
+                str(k): frozenset(str(m) for m in v) for k, v in data.get("invoke_keys", {}).items()
+            },
         )

@@ -1,8 +1,15 @@
 """Durable state: SQLAlchemy tables, Alembic migrations, the store."""
 
 from kingpost.store.db import Database
-from kingpost.store.models import DeploymentStatus, DesiredState
-from kingpost.store.repo import PRODUCTION, NewDeployment, Store, hash_api_key, new_id
+from kingpost.store.models import ApiKeyKind, DeploymentStatus, DesiredState
+from kingpost.store.repo import (
+    PRODUCTION,
+    KeyScopes,
+    NewDeployment,
+    Store,
+    hash_api_key,
+    new_id,
+)
 from kingpost.store.views import (
     ApiKeyView,
     DeploymentView,
@@ -13,12 +20,14 @@ from kingpost.store.views import (
 
 __all__ = [
     "PRODUCTION",
+    "ApiKeyKind",
     "ApiKeyView",
     "Database",
     "DeploymentStatus",
     "DeploymentView",
     "DesiredState",
     "EnvironmentView",
+    "KeyScopes",
     "ModelView",
     "NewDeployment",
     "SecretView",

@@ -12,7 +12,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from kingpost.errors import InsufficientStorageError, is_disk_full
 
 __all__ = ["Database"]
 
@@ -79,9 +82,21 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on error."""
-        with self._sessions() as session, session.begin():
-            yield session
+        """A transaction: committed on success, rolled back on error. A write that fails
+        for want of disk space is an :class:`InsufficientStorageError` (507), not a bare
+        database error (a plain-text 500)."""
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            if is_disk_full(exc):
+                raise InsufficientStorageError(
+                    "the database could not write: its disk is full; free space on the disk "
+                    "of KINGPOST_HOME (or the database server's), e.g. with `kingpost "
+                    "weights gc` and `kingpost venvs gc`, then retry",
+                    cause="database disk full",
+                ) from exc
+            raise
 
     def close(self) -> None:
         self.engine.dispose()

@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "ApiKey",
+    "ApiKeyKind",
     "Base",
     "Deployment",
     "DeploymentStatus",
@@ -81,6 +82,13 @@ class DesiredState(enum.StrEnum):
     DELETED = "deleted"  # gone for good
 
 
+class ApiKeyKind(enum.StrEnum):
+    """What an API key may do."""
+
+    ADMIN = "admin"  # everything: the management API and every model
+    INVOKE = "invoke"  # call the named models through the gateway; no management API
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
 
@@ -93,6 +101,9 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[ApiKeyKind] = mapped_column(String(16), default=ApiKeyKind.ADMIN)
+    model_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """For an invoke key: the ids of the models it may call."""
 
 
 class Model(Base):

@@ -6,10 +6,12 @@ Methods open one short transaction each and return frozen views.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets as _secrets
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -21,6 +23,7 @@ from kingpost.secrets_box import SecretBox
 from kingpost.store.db import Database
 from kingpost.store.models import (
     ApiKey,
+    ApiKeyKind,
     Deployment,
     DeploymentStatus,
     DesiredState,
@@ -37,7 +40,7 @@ from kingpost.store.views import (
     SecretView,
 )
 
-__all__ = ["NewDeployment", "Store", "hash_api_key", "new_id"]
+__all__ = ["KeyScopes", "NewDeployment", "Store", "hash_api_key", "new_id"]
 
 PRODUCTION = "production"
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -45,6 +48,21 @@ _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,199}$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+_KEY_PREFIX_CHARS = 12
+"""``kp_`` and 9 random characters: what names a key in lists and revocations."""
+MAX_LABELS_BYTES = 16 * 1024
+"""Largest a deployment's labels may be, encoded as JSON: every list call returns them."""
+
+
+@dataclass(frozen=True)
+class KeyScopes:
+    """What the gateway needs to check keys: SHA-256 hex digests by kind."""
+
+    admin: frozenset[str] = frozenset()
+    """Keys that may call every model."""
+    invoke: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Invoke-only keys -> ids of the models each may call."""
 
 
 def new_id(length: int = 8) -> str:
@@ -71,6 +89,19 @@ def check_secret_name(name: str) -> None:
     _check(_SECRET_NAME, "secret", name, rule)
 
 
+def check_labels(labels: Mapping[str, Any]) -> None:
+    """Refuse labels that take more than :data:`MAX_LABELS_BYTES` as JSON."""
+    size = len(json.dumps(labels, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_LABELS_BYTES:
+        raise ValidationError(
+            f"labels: {size} bytes as JSON, more than the limit of {MAX_LABELS_BYTES} bytes "
+            "(16 KiB); keep labels to short tags and put data in the project",
+            field="labels",
+            limit_bytes=MAX_LABELS_BYTES,
+            value=size,
+        )
+
+
 def check_environment_name(name: str) -> None:
     _check(_ENV_NAME, "environment", name, "lowercase letters, digits, '_' and '-' (max 63)")
 
@@ -87,6 +118,12 @@ def _model_view(s: Session, m: Model) -> ModelView:
         )
     )
     return ModelView(m.id, m.name, m.created_at, int(count or 0), prod)
+
+
+def _key_view(k: ApiKey) -> ApiKeyView:
+    return ApiKeyView(
+        k.id, k.name, k.prefix, k.created_at, ApiKeyKind(k.kind), tuple(k.model_ids or ())
+    )
 
 
 def _env_view(e: Environment) -> EnvironmentView:
@@ -148,28 +185,104 @@ class Store:
         self.box = box
 
     # -- API keys ---------------------------------------------------------------
-    def create_api_key(self, name: str) -> tuple[ApiKeyView, str]:
-        """Create a key; the plain key is returned once and never stored."""
-        key = "kp_" + _secrets.token_urlsafe(32)
-        row = ApiKey(id=new_id(12), name=name, key_hash=hash_api_key(key), prefix=key[:8])
+    def create_api_key(
+        self, name: str, kind: ApiKeyKind = ApiKeyKind.ADMIN, models: Sequence[str] = ()
+    ) -> tuple[ApiKeyView, str]:
+        """Create a key; the plain key is returned once and never stored. An invoke key
+        names the models (by id or name) it may call; they must exist."""
+        _check(_KEY_NAME, "api_key", name, "letters, digits, space, '.', '_', '-' (max 100)")
+        if kind == ApiKeyKind.INVOKE and not models:
+            raise ValidationError(
+                "model_ids: an invoke-only key needs at least one model to call; name one "
+                "(`--model NAME`), or create an admin key",
+                field="model_ids",
+                value=[],
+            )
+        if kind == ApiKeyKind.ADMIN and models:
+            raise ValidationError(
+                f"model_ids: an admin key may call every model, so it takes none (got "
+                f"{list(models)!r}); create an invoke-only key to limit it to models",
+                field="model_ids",
+                value=list(models),
+            )
         with self.db.session() as s:
+            model_ids = sorted({self._model(s, ref).id for ref in models})
+            while True:
+                key = "kp_" + _secrets.token_urlsafe(32)
+                prefix = key[:_KEY_PREFIX_CHARS]
+                if s.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) is None:
+                    break  # the prefix names the key: never two alike
+            row = ApiKey(
+                id=new_id(12),
+                name=name,
+                key_hash=hash_api_key(key),
+                prefix=prefix,
+                kind=kind,
+                model_ids=model_ids,
+            )
             s.add(row)
             s.flush()
-            return ApiKeyView(row.id, row.name, row.prefix, row.created_at), key
+            return _key_view(row), key
 
-    def api_key_hashes(self) -> frozenset[str]:
+    def list_api_keys(self) -> list[ApiKeyView]:
         with self.db.session() as s:
-            return frozenset(s.scalars(select(ApiKey.key_hash)))
+            return [_key_view(r) for r in s.scalars(select(ApiKey).order_by(ApiKey.created_at))]
+
+    def revoke_api_key(self, prefix: str) -> ApiKeyView:
+        """Delete the key that ``prefix`` names; the last admin key cannot go."""
+        with self.db.session() as s:
+            rows = list(s.scalars(select(ApiKey).where(ApiKey.prefix == prefix)))
+            if not rows:
+                raise NotFoundError(
+                    f"API key {prefix!r} not found; `kingpost api-keys list` shows each "
+                    "key's prefix",
+                    api_key_prefix=prefix,
+                )
+            if len(rows) > 1:  # only keys made before prefixes were unique
+                raise ConflictError(
+                    f"API key prefix {prefix!r} names {len(rows)} keys made before prefixes "
+                    "were unique, and none is revoked rather than all; create new keys to "
+                    "replace them",
+                    api_key_prefix=prefix,
+                )
+            (row,) = rows
+            if row.kind == ApiKeyKind.ADMIN:
+                admins = s.scalar(
+                    select(func.count()).select_from(ApiKey).where(ApiKey.kind == ApiKeyKind.ADMIN)
+                )
+                if admins == 1:
+                    raise ConflictError(
+                        f"API key {prefix!r} is the last admin key; create another admin "
+                        "key first (`kingpost api-keys create NAME`), then revoke this one",
+                        api_key_prefix=prefix,
+                    )
+            view = _key_view(row)
+            s.delete(row)
+            return view
+
+    def api_key_scopes(self) -> KeyScopes:
+        with self.db.session() as s:
+            admin: set[str] = set()
+            invoke: dict[str, frozenset[str]] = {}
+            for row in s.scalars(select(ApiKey)):
+                if row.kind == ApiKeyKind.ADMIN:
+                    admin.add(row.key_hash)
+                else:
+                    invoke[row.key_hash] = frozenset(row.model_ids or ())
+            return KeyScopes(frozenset(admin), invoke)
 
     def has_api_keys(self) -> bool:
         with self.db.session() as s:
             return s.scalar(select(func.count()).select_from(ApiKey)) != 0
 
-    def verify_api_key(self, key: str) -> bool:
+    def find_api_key(self, key: str) -> ApiKeyView | None:
+        """The key's view, or None for a key that is unknown (or revoked)."""
         with self.db.session() as s:
-            return (
-                s.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_api_key(key))) is not None
-            )
+            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key)))
+            return _key_view(row) if row is not None else None
+
+    def verify_api_key(self, key: str) -> bool:
+        return self.find_api_key(key) is not None
 
     # -- models -----------------------------------------------------------------
     def list_models(self) -> list[ModelView]:
@@ -221,6 +334,7 @@ class Store:
             _check(_DEPLOYMENT_NAME, "deployment", new.name, "letters, digits, '.', '_', '-'")
         if new.environment is not None:
             check_environment_name(new.environment)
+        check_labels(new.labels)
         for _ in range(3):
             try:
                 return self._create_deployment(new)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kingpost.store.models import DeploymentStatus, DesiredState
+from kingpost.store.models import ApiKeyKind, DeploymentStatus, DesiredState
 
 __all__ = ["ApiKeyView", "DeploymentView", "EnvironmentView", "ModelView", "SecretView"]
 
@@ -63,3 +63,6 @@ class ApiKeyView:
     name: str
     prefix: str
     created_at: datetime
+    kind: ApiKeyKind = ApiKeyKind.ADMIN
+    model_ids: tuple[str, ...] = ()
+    """For an invoke key: the models it may call."""
