@@ -61,7 +61,9 @@ def _remove_containers(client: Any, home: Path) -> None:
 
     scope = scope_of(home)
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}):
-        c.remove(force=True)
+        c.remove(force=True, v=True)
+    for net in client.networks.list(filters={"label": f"{LABEL_SCOPE}={scope}"}):
+        net.remove()
     remove_secrets(_secrets_root(scope))
 
 
@@ -291,7 +293,7 @@ def test_killed_container_is_replaced(
     container.reload()
     assert container.status == "running"
     # Removed from outside, it is created anew.
-    container.remove(force=True)
+    container.remove(force=True, v=True)
     with dplatform.gateway() as gw:
         wait_for(
             lambda: (
@@ -439,18 +441,18 @@ ENGINE_CONFIG = (
 )
 
 
-def _engine_spec(home: Path, replica_id: str, extra: str = "") -> Any:
+def _engine_spec(home: Path, replica_id: str, extra: str = "", config: str = "") -> Any:
     from kingpost.config import parse_config
     from kingpost.controller.specs import replica_spec
     from kingpost.images import base_image_tag
 
     return replica_spec(
         replica_id=replica_id,
-        deployment_id="dep1",
+        deployment_id=replica_id.split("-")[0],
         model_id="m1",
         model_name="eng",
         app_dir=home,
-        config=parse_config(ENGINE_CONFIG + extra).config,
+        config=parse_config((config or ENGINE_CONFIG) + extra).config,
         env={},
         secrets={"tok": "v"},
         image=base_image_tag(),
@@ -561,3 +563,120 @@ def test_a_secrets_directory_someone_else_made_is_refused(engine_home: Path) -> 
     os.chown(root, 65534, 65534)
     with pytest.raises(EngineError, match="not owned"):
         DockerEngine(Settings(home=engine_home)).close()
+
+
+PROBE = """
+import json, os, socket, sys
+def attempt(f):
+    try:
+        f()
+        return "ok"
+    except OSError as exc:
+        return type(exc).__name__
+def write(path):
+    return lambda: open(path, "w").write("x")
+status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines())
+print(json.dumps({
+    "uid": os.getuid(),
+    "caps": status["CapEff"].strip(),
+    "bounding": status["CapBnd"].strip(),
+    "no_new_privs": status["NoNewPrivs"].strip(),
+    "raw": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+    "etc": attempt(write("/etc/kingpost-probe")),
+    "tmp": attempt(write("/tmp/probe")),
+    "home": attempt(write(os.environ["HOME"] + "/probe")),
+    "workspace": attempt(write("/workspace/probe")),
+    "tmp_16m": attempt(lambda: open("/tmp/big", "wb").write(b"x" * (16 << 20))),
+    "peer": attempt(lambda: socket.create_connection((sys.argv[1], 8000), timeout=3)),
+}))
+"""
+
+FORK = """
+import threading
+stop, n = threading.Event(), 0
+try:
+    while n < 10000:
+        threading.Thread(target=stop.wait, daemon=True).start()
+        n += 1
+except RuntimeError:
+    pass
+print(n)
+stop.set()
+"""
+
+
+def test_replicas_are_unprivileged_bounded_and_reach_no_other_replica(
+    engine_home: Path, docker_client: Any
+) -> None:
+    # What the docker probe of issue 23 did from inside a replica: connect straight to
+    # another model's server (skipping the gateway's keys), open a raw socket, write /etc,
+    # fork without end, fill the disk. A no_build image used to run as root with caps.
+    from kingpost.engines.docker import ICC_OPTION, DockerEngine, network_name, scope_of
+    from kingpost.images import base_image_tag
+    from kingpost.settings import Settings
+
+    no_build = (
+        f"model_name: raw\nbase_image:\n  image: {base_image_tag()}\n"
+        "docker_server:\n  no_build: true\n"
+        "  start_command: python3 -m http.server 8000\n  server_port: 8000\n"
+        "  predict_endpoint: /\n  readiness_endpoint: /\n  liveness_endpoint: /\n"
+    )
+    settings = Settings(home=engine_home, docker_pids_limit=64, docker_tmp_size_mb=8)
+    engine = DockerEngine(settings)
+    try:
+        engine.start(_engine_spec(engine_home, "depa-aaaaa"))
+        engine.start(_engine_spec(engine_home, "depb-bbbbb", config=no_build))
+        # READY: the host (where the gateway runs) reaches both through their probes.
+        _wait_phases(engine, {"depa-aaaaa": "ready", "depb-bbbbb": "ready"})
+        ips = {s.replica_id: s.endpoint.host for s in engine.poll() if s.endpoint}
+
+        def probe(replica_id: str, peer: str) -> dict[str, str]:
+            container = docker_client.containers.get(f"kingpost-{replica_id}")
+            code, out = container.exec_run(["python3", "-c", PROBE, peer])
+            assert code == 0, out
+            result: dict[str, str] = json.loads(out)
+            return result
+
+        for replica_id, peer in (("depb-bbbbb", "depa-aaaaa"), ("depa-aaaaa", "depb-bbbbb")):
+            seen = probe(replica_id, ips[peer])
+            assert seen["peer"] in ("TimeoutError", "ConnectionRefusedError"), seen
+            assert seen["uid"] == 60000 and seen["caps"] == "0000000000000000", seen
+            assert seen["bounding"] == "0000000000000000", seen  # cap_drop: ALL
+            assert seen["no_new_privs"] == "1" and seen["raw"] == "PermissionError", seen
+            assert seen["etc"] == "OSError" and seen["tmp"] == "ok", seen
+            assert seen["tmp_16m"] == "OSError", seen  # /tmp is 8 MiB
+        assert probe("depb-bbbbb", ips["depa-aaaaa"])["home"] == "ok"  # no_build: own tmpfs
+        assert probe("depb-bbbbb", ips["depa-aaaaa"])["workspace"] == "ok"
+        net = docker_client.networks.get(network_name(scope_of(engine_home)))
+        assert net.attrs["Options"][ICC_OPTION] == "false"
+
+        container = docker_client.containers.get("kingpost-depa-aaaaa")
+        code, out = container.exec_run(["python3", "-c", FORK])
+        assert code == 0 and 10 < int(out) < 64, out  # stopped at the limit, not at 10000
+        assert subprocess.run(["true"], check=False).returncode == 0  # the host is fine
+        assert {s.replica_id: str(s.phase) for s in engine.poll()}["depa-aaaaa"] == "ready"
+
+        engine.stop("depa-aaaaa")
+        engine.stop("depb-bbbbb")
+        wait_for(lambda: not engine._replicas, 60, "the replicas removed")
+        # The last replica gone, so is this installation's network.
+        name = network_name(scope_of(engine_home))
+        assert name not in [n.name for n in docker_client.networks.list()]
+    finally:
+        engine.close()
+
+
+def test_a_named_network_that_lets_containers_talk_is_refused(
+    engine_home: Path, docker_client: Any
+) -> None:
+    from kingpost.engines.docker import DockerEngine
+    from kingpost.errors import EngineError
+    from kingpost.settings import Settings
+
+    name = f"kingpost-test-open-{engine_home.parent.name[-12:]}"
+    docker_client.networks.create(name, driver="bridge")
+    try:
+        with pytest.raises(EngineError, match="enable_icc"):
+            DockerEngine(Settings(home=engine_home, docker_network=name)).close()
+    finally:
+        docker_client.networks.get(name).remove()
