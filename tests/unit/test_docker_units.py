@@ -16,6 +16,7 @@ from kingpost.engines.docker import (
     ContainerLimits,
     container_options,
     device_requests,
+    docker_mounts,
     network_name,
     scope_of,
 )
@@ -391,6 +392,23 @@ def test_built_images_keep_their_writable_dirs_as_volumes(tmp_path: Path) -> Non
         spec, name="n", network="k", scope="s", secrets_dir=Path("/x"), limits=limits
     )
     assert "/packages" not in _volumes(linked)
+
+
+def test_volumes_are_anonymous_and_sized_only_when_quotas_exist() -> None:
+    sized, unbounded, secrets = docker_mounts(
+        [
+            {"Type": "volume", "Target": "/app", "ReadOnly": False, "Size": 5 * 1024**3},
+            {"Type": "volume", "Target": "/workspace", "ReadOnly": False, "Size": None},
+            {"Type": "bind", "Source": "/shm/x", "Target": "/secrets", "ReadOnly": True},
+        ]
+    )
+    assert sized["Source"] is None and sized["Type"] == "volume"  # removed with the container
+    assert sized["VolumeOptions"]["DriverConfig"] == {
+        "Name": "local",
+        "Options": {"size": str(5 * 1024**3)},
+    }
+    assert "VolumeOptions" not in unbounded  # Docker refuses `size` without quota support
+    assert secrets["Type"] == "bind" and secrets["ReadOnly"] is True
 
 
 def test_no_build_images_get_their_writable_dirs_as_owned_tmpfs() -> None:

@@ -72,6 +72,7 @@ __all__ = [
     "DockerEngine",
     "container_options",
     "device_requests",
+    "docker_mounts",
     "network_name",
     "scope_of",
     "writable_mounts",
@@ -702,17 +703,10 @@ class DockerEngine(Engine):
 
     def _create(self, options: dict[str, Any]) -> Any:
         from docker.errors import APIError, NotFound
-        from docker.types import DeviceRequest, DriverConfig, Mount
-
-        def mount(m: dict[str, Any]) -> Mount:
-            if m["Type"] == "volume":  # anonymous: removed with the container (v=True)
-                size = m["Size"]
-                driver = DriverConfig("local", {"size": str(size)}) if size else None
-                return Mount(m["Target"], None, type="volume", driver_config=driver)
-            return Mount(m["Target"], m["Source"], type=m["Type"], read_only=m["ReadOnly"])
+        from docker.types import DeviceRequest
 
         kwargs = dict(options)
-        kwargs["mounts"] = [mount(m) for m in options["mounts"]]
+        kwargs["mounts"] = docker_mounts(options["mounts"])
         if "device_requests" in options:
             kwargs["device_requests"] = [
                 DeviceRequest(driver=d["Driver"], count=d["Count"], capabilities=d["Capabilities"])
@@ -816,6 +810,20 @@ class DockerEngine(Engine):
         root.mkdir(parents=True, exist_ok=True)
         with (root / "output.log").open("a") as fh:
             fh.write("\n".join(lines) + "\n")
+
+
+def docker_mounts(mounts: list[dict[str, Any]]) -> list[Any]:
+    """``container_options``' mounts as the docker SDK's ``Mount`` objects."""
+    from docker.types import DriverConfig, Mount
+
+    def mount(m: dict[str, Any]) -> Mount:
+        if m["Type"] == "volume":  # anonymous: removed with the container (v=True)
+            size = m["Size"]
+            driver = DriverConfig("local", {"size": str(size)}) if size else None
+            return Mount(m["Target"], None, type="volume", driver_config=driver)
+        return Mount(m["Target"], m["Source"], type=m["Type"], read_only=m["ReadOnly"])
+
+    return [mount(m) for m in mounts]
 
 
 def _container_name(replica_id: str) -> str:
