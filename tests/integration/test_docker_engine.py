@@ -680,3 +680,35 @@ def test_a_named_network_that_lets_containers_talk_is_refused(
             DockerEngine(Settings(home=engine_home, docker_network=name)).close()
     finally:
         docker_client.networks.get(name).remove()
+
+
+def test_a_container_of_an_older_kingpost_is_replaced_not_adopted(
+    engine_home: Path, docker_client: Any
+) -> None:
+    # Before issue 23, containers shared one open network and no_build ones ran as root:
+    # adopting such a container would keep it exposed for as long as it runs.
+    from kingpost.engines.docker import LABEL_RUNTIME, DockerEngine, scope_of
+    from kingpost.images import base_image_tag
+    from kingpost.settings import Settings
+
+    runtime = json.dumps({"port": 8000, "readiness": "/", "liveness": "/", "period": 1,
+                          "timeout": 1, "ready_threshold": 1, "live_threshold": 3,
+                          "initial_delay": 0})  # fmt: skip
+    docker_client.containers.run(
+        base_image_tag(),
+        ["python3", "-m", "http.server", "8000"],
+        name="kingpost-depold-aaaaa",
+        detach=True,
+        labels={
+            "kingpost.scope": scope_of(engine_home),
+            "kingpost.replica": "depold-aaaaa",
+            "kingpost.deployment": "depold",
+            LABEL_RUNTIME: runtime,
+        },
+    )
+    engine = DockerEngine(Settings(home=engine_home))
+    try:
+        assert engine.poll() == []  # the controller starts a hardened replica instead
+        assert not docker_client.containers.list(all=True, filters={"name": "depold"})
+    finally:
+        engine.close()

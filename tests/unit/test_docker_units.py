@@ -244,6 +244,7 @@ def test_container_options_carry_the_replica_contract() -> None:
     assert opts["memswap_limit"] == 1024**3
     assert "device_requests" not in opts and opts["user"] == "60000:60000"
     assert opts["labels"]["kingpost.replica"] == "dep1-abcde"
+    assert opts["labels"]["kingpost.isolation"] == "1"  # adopted after a restart
     assert json.loads(opts["labels"]["kingpost.runtime"])["readiness"] == "/health"
     assert "ports" not in opts  # reached on the network: no host port to collide
 

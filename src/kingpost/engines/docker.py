@@ -91,6 +91,10 @@ LABEL_DEPLOYMENT = "kingpost.deployment"
 LABEL_MODEL = "kingpost.model"
 LABEL_RUNTIME = "kingpost.runtime"
 """JSON of what the monitor needs to watch an adopted container: port and probes."""
+LABEL_ISOLATION = "kingpost.isolation"
+ISOLATION = "1"
+"""The isolation a container was created with (network, user, capabilities, limits); one
+from an older Kingpost, without it, is replaced rather than adopted."""
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
 TMP_DIR = "/tmp"
 MIB = 1024 * 1024
@@ -269,6 +273,7 @@ def container_options(
         LABEL_DEPLOYMENT: spec.deployment_id,
         LABEL_MODEL: spec.model_id,
         LABEL_RUNTIME: _runtime_label(spec),
+        LABEL_ISOLATION: ISOLATION,
     }
     options: dict[str, Any] = {
         "image": spec.image,
@@ -518,7 +523,14 @@ class DockerEngine(Engine):
                 port, probes = _runtime_from_label(labels.get(LABEL_RUNTIME, ""))
             except (ValueError, KeyError):
                 port, probes = 0, Probes()
-            if container.status != "running" or not replica_id or not port:
+            outdated = labels.get(LABEL_ISOLATION) != ISOLATION
+            if outdated and container.status == "running":
+                log.warning(
+                    "docker engine: replacing replica %s, started by an older Kingpost without "
+                    "this one's isolation (shared network, root, capabilities)",
+                    replica_id or container.name,
+                )
+            if container.status != "running" or not replica_id or not port or outdated:
                 self._save_logs(replica_id or str(container.name), str(container.id))
                 with contextlib.suppress(DockerException):
                     container.remove(force=True, v=True)
