@@ -278,6 +278,26 @@ def test_deactivating_a_deployment_stops_its_image_build(
     assert "--- build stopped: the deployment was deactivated" in out, out
 
 
+def test_a_built_image_runs_as_its_deployments_uid_and_writes_its_paths(
+    dplatform: Platform, tmp_path: Path
+) -> None:
+    # The image's writable directories belong to UID 60000; each container's copies of
+    # them are handed to the deployment's own UID before it starts.
+    from kingpost.engines.docker import deployment_uid
+
+    project = copy_project(tmp_path, "dock-uid", "model_name: dock-uid\n")
+    result = push(dplatform, project)
+    dep_id, model_id = result["deployment"]["id"], result["model"]["id"]
+    dplatform.wait_status(dep_id, "ACTIVE", timeout=300)
+    sync = f"/models/{model_id}/environments/production/sync"
+    with dplatform.gateway() as gw:
+        assert gw.get(f"{sync}/env").json()["uid"] == deployment_uid(dep_id)
+        for folder in ("/app", "/home/app", "/workspace", "/packages", "/tmp"):
+            assert gw.get(f"{sync}/files?dir={folder}").json()["writable"] is True, folder
+        for folder in ("/etc", "/usr", "/opt"):
+            assert gw.get(f"{sync}/files?dir={folder}").json()["writable"] is False, folder
+
+
 def test_killed_container_is_replaced(
     dplatform: Platform, docker_client: Any, tmp_path: Path
 ) -> None:
@@ -566,7 +586,7 @@ def test_a_secrets_directory_someone_else_made_is_refused(engine_home: Path) -> 
 
 
 PROBE = """
-import json, os, socket, sys
+import ctypes, json, os, socket, sys
 def attempt(f):
     try:
         f()
@@ -588,7 +608,17 @@ print(json.dumps({
     "workspace": attempt(write("/workspace/probe")),
     "tmp_16m": attempt(lambda: open("/tmp/big", "wb").write(b"x" * (16 << 20))),
     "peer": attempt(lambda: socket.create_connection((sys.argv[1], 8000), timeout=3)),
+    "inotify": ctypes.CDLL(None, use_errno=True).inotify_init1(0) >= 0,
 }))
+"""
+
+HOLD_INOTIFY = """
+import ctypes, time
+libc, held = ctypes.CDLL(None), 0
+while libc.inotify_init1(0) >= 0:
+    held += 1
+open("/tmp/held", "w").write(str(held))
+time.sleep(120)
 """
 
 FORK = """
@@ -611,7 +641,13 @@ def test_replicas_are_unprivileged_bounded_and_reach_no_other_replica(
     # What the docker probe of issue 23 did from inside a replica: connect straight to
     # another model's server (skipping the gateway's keys), open a raw socket, write /etc,
     # fork without end, fill the disk. A no_build image used to run as root with caps.
-    from kingpost.engines.docker import ICC_OPTION, DockerEngine, network_name, scope_of
+    from kingpost.engines.docker import (
+        ICC_OPTION,
+        DockerEngine,
+        deployment_uid,
+        network_name,
+        scope_of,
+    )
     from kingpost.images import base_image_tag
     from kingpost.settings import Settings
 
@@ -640,7 +676,8 @@ def test_replicas_are_unprivileged_bounded_and_reach_no_other_replica(
         for replica_id, peer in (("depb-bbbbb", "depa-aaaaa"), ("depa-aaaaa", "depb-bbbbb")):
             seen = probe(replica_id, ips[peer])
             assert seen["peer"] in ("TimeoutError", "ConnectionRefusedError"), seen
-            assert seen["uid"] == 60000 and seen["caps"] == "0000000000000000", seen
+            assert seen["uid"] == deployment_uid(replica_id.split("-")[0]), seen
+            assert seen["caps"] == "0000000000000000", seen
             assert seen["bounding"] == "0000000000000000", seen  # cap_drop: ALL
             assert seen["no_new_privs"] == "1" and seen["raw"] == "PermissionError", seen
             assert seen["etc"] == "OSError" and seen["tmp"] == "ok", seen
@@ -649,6 +686,14 @@ def test_replicas_are_unprivileged_bounded_and_reach_no_other_replica(
         assert probe("depb-bbbbb", ips["depa-aaaaa"])["workspace"] == "ok"
         net = docker_client.networks.get(network_name(scope_of(engine_home)))
         assert net.attrs["Options"][ICC_OPTION] == "false"
+
+        # Per-user kernel limits: A takes every inotify instance its UID may hold; B,
+        # another deployment with a UID of its own, still gets one.
+        container = docker_client.containers.get("kingpost-depa-aaaaa")
+        container.exec_run(["python3", "-c", HOLD_INOTIFY], detach=True)
+        wait_for(lambda: container.exec_run(["cat", "/tmp/held"]).exit_code == 0, 30, "held")
+        assert probe("depa-aaaaa", ips["depb-bbbbb"])["inotify"] is False
+        assert probe("depb-bbbbb", ips["depa-aaaaa"])["inotify"] is True
 
         container = docker_client.containers.get("kingpost-depa-aaaaa")
         code, out = container.exec_run(["python3", "-c", FORK])

@@ -15,6 +15,7 @@ from kingpost.engines.base import WeightMount
 from kingpost.engines.docker import (
     ContainerLimits,
     container_options,
+    deployment_uid,
     device_requests,
     docker_mounts,
     network_name,
@@ -242,7 +243,7 @@ def test_container_options_carry_the_replica_contract() -> None:
     # The memory limit is the whole budget: without memswap_limit Docker lets the
     # container use as much swap again (MemorySwap = 2 x Memory).
     assert opts["memswap_limit"] == 1024**3
-    assert "device_requests" not in opts and opts["user"] == "60000:60000"
+    assert "device_requests" not in opts and opts["user"] == OWN
     assert opts["labels"]["kingpost.replica"] == "dep1-abcde"
     assert opts["labels"]["kingpost.isolation"] == "1"  # adopted after a restart
     assert json.loads(opts["labels"]["kingpost.runtime"])["readiness"] == "/health"
@@ -338,6 +339,18 @@ NO_BUILD = (
 )
 
 
+OWN = f"{deployment_uid('dep1')}:{deployment_uid('dep1')}"
+
+
+def test_each_deployment_runs_as_a_uid_of_its_own() -> None:
+    # Per-user kernel limits (inotify instances, RLIMIT_NPROC) must not be shared
+    # between models, as they were when every model ran as 60000.
+    uids = {deployment_uid(f"dep{i}") for i in range(2000)}
+    assert len(uids) == 2000
+    assert all(1_000_000_000 <= uid < 2**31 - 1 for uid in uids)
+    assert deployment_uid("dep7") == deployment_uid("dep7")  # the same after a restart
+
+
 def _volumes(opts: dict[str, Any]) -> dict[str, Any]:
     return {m["Target"]: m["Size"] for m in opts["mounts"] if m["Type"] == "volume"}
 
@@ -345,11 +358,11 @@ def _volumes(opts: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("config_text", "user"),
     [
-        (CUSTOM, "60000:60000"),
-        (NO_BUILD, "60000:60000"),  # not the image's own user, which is often root
+        (CUSTOM, OWN),
+        (NO_BUILD, OWN),  # not the image's own user, which is often root
         (NO_BUILD.replace("no_build: true\n", "no_build: true\n  run_as_user_id: 1000\n"),
          "1000:1000"),
-        ("model_name: m\n", "60000:60000"),
+        ("model_name: m\n", OWN),
     ],
 )  # fmt: skip
 def test_every_container_is_unprivileged_and_bounded(config_text: str, user: str) -> None:

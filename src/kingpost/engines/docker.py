@@ -9,11 +9,11 @@ traffic between its containers (``enable_icc=false``): a replica is reachable
 from the host (the gateway) only, never from another model's replica, which
 would skip the gateway's API keys. It is removed when its last replica goes.
 
-Every container runs as an unprivileged user (``run_as_user_id`` or UID 60000,
-``no_build`` images too) with no capabilities, ``no-new-privileges``, a pids
-limit and a read-only root filesystem; only the writable paths of the image
-layout (:func:`writable_mounts`) and ``/tmp`` can be written, each bounded in
-size where the Docker Engine can bound it.
+Every container runs as an unprivileged user (``run_as_user_id``, else a UID of
+its deployment's own, ``no_build`` images too) with no capabilities,
+``no-new-privileges``, a pids limit and a read-only root filesystem; only the
+writable paths of the image layout (:func:`writable_mounts`) and ``/tmp`` can be
+written, each bounded in size where the Docker Engine can bound it.
 
 Containers carry labels naming the replica, the deployment and the Kingpost
 home they belong to (``kingpost.scope``). A control plane that starts again
@@ -33,6 +33,7 @@ small pool so one slow container never stalls the monitor.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ __all__ = [
     "ContainerLimits",
     "DockerEngine",
     "container_options",
+    "deployment_uid",
     "device_requests",
     "docker_mounts",
     "network_name",
@@ -110,6 +112,36 @@ class ContainerLimits:
     """Size of each tmpfs path; its pages count toward the container's memory limit."""
     volume_bytes: int | None = None
     """Size of each writable volume; None where the Docker Engine has no volume quotas."""
+
+
+UID_BASE = 1_000_000_000
+UID_SPAN = 1 << 30
+"""Deployments without ``run_as_user_id`` run as a UID of their own in
+``[UID_BASE, UID_BASE + UID_SPAN)``: below 2**31, far above login users and the usual
+subordinate ranges."""
+
+
+def deployment_uid(deployment_id: str) -> int:
+    """The host UID a deployment's replicas run as, so per-user kernel limits (inotify
+    instances, for one) are not shared between models. A hash of the id: two deployments
+    share one with odds of about n**2 / 2**31 among n deployments."""
+    digest = hashlib.sha256(deployment_id.encode()).digest()
+    return UID_BASE + int.from_bytes(digest[:8], "big") % UID_SPAN
+
+
+def runtime_uid(spec: ReplicaSpec) -> int:
+    """``run_as_user_id`` when the config sets it, else the deployment's own UID."""
+    if spec.run_as_user_id is not None:
+        return spec.run_as_user_id
+    return deployment_uid(spec.deployment_id)
+
+
+def image_uid(spec: ReplicaSpec) -> int:
+    """The UID that owns the writable directories in the image (60000 or
+    ``run_as_user_id``), handed to :func:`runtime_uid` in each container's copy."""
+    from kingpost.images.dockerfile import DEFAULT_UID, image_user_id
+
+    return image_user_id(spec.config) if spec.config is not None else DEFAULT_UID
 
 
 def network_name(scope: str) -> str:
@@ -227,17 +259,18 @@ def container_options(
     the project's bundled packages directory; unit-tested).
 
     Mounts and device requests are plain dicts in the Engine API's shape."""
-    from kingpost.images.dockerfile import DEFAULT_UID, HOME_DIR, image_user_id
+    from kingpost.images.dockerfile import HOME_DIR
 
     if not spec.image:
         raise EngineError(f"replica {spec.replica_id} has no image; the build did not run")
     limits = limits or ContainerLimits()
     config = spec.config
-    uid = spec.run_as_user_id
-    if uid is None:
-        uid = image_user_id(config) if config is not None else DEFAULT_UID
+    uid = runtime_uid(spec)
     env = {
-        "HOME": HOME_DIR,  # a no_build image has no passwd entry for the UID
+        # The UID has no passwd entry: name a home and a user (getpass.getuser reads it)
+        "HOME": HOME_DIR,
+        "USER": "app",
+        "LOGNAME": "app",
         **spec.env,
         "BT_MODEL_ID": spec.model_id,
         "BT_MODEL_DEPLOYMENT_ID": spec.deployment_id,
@@ -702,8 +735,9 @@ class DockerEngine(Engine):
         try:
             self._ensure_network()  # removed when the last replica went
             container = self._create(options)
+            self._hand_over_volumes(container.id, image_uid(spec), runtime_uid(spec))
             container.start()
-        except (DockerException, EngineError) as exc:
+        except (DockerException, EngineError, OSError) as exc:
             if container is not None:  # created, but never ran: nothing would remove it
                 with contextlib.suppress(DockerException):
                     self.client.api.remove_container(container.id, force=True, v=True)
@@ -732,6 +766,31 @@ class DockerEngine(Engine):
         with contextlib.suppress(NotFound):
             self.client.api.remove_container(options["name"], force=True, v=True)
         return self.client.containers.create(**kwargs)
+
+    def _hand_over_volumes(self, container_id: str, owner: int, uid: int) -> None:
+        """Give the deployment's UID what the image's user owned in the container's new
+        volumes (Docker filled them from the image at create; the container has not run,
+        so nothing in them moves). Links are changed, never followed."""
+        if owner == uid:
+            return
+        attrs = self.client.api.inspect_container(container_id)
+        for mount in attrs.get("Mounts") or []:
+            if mount.get("Type") != "volume" or not mount.get("Source"):
+                continue
+            root = Path(mount["Source"])
+            if not root.is_dir():
+                raise EngineError(
+                    f"docker engine: volume {mount.get('Name')} of {container_id[:12]} is not at "
+                    f"{root} on this machine; the docker engine needs a local Docker Engine"
+                )
+            for folder, dirs, files in os.walk(root):
+                for name in [*dirs, *files, None]:
+                    path = os.path.join(folder, name) if name else folder
+                    st = os.lstat(path)
+                    if st.st_uid == owner or st.st_gid == owner:
+                        uid_to = uid if st.st_uid == owner else st.st_uid
+                        gid_to = uid if st.st_gid == owner else st.st_gid
+                        os.chown(path, uid_to, gid_to, follow_symlinks=False)
 
     def _started(self, rep: _Replica) -> None:
         assert rep.container_id is not None
@@ -778,12 +837,8 @@ class DockerEngine(Engine):
     def _write_secrets(self, spec: ReplicaSpec) -> Path:
         """Secret files on tmpfs, readable only by the server's user, bound read-only.
 
-        Directory 0500 and files 0400 owned by ``run_as_user_id`` (or UID 60000)."""
-        from kingpost.images.dockerfile import DEFAULT_UID, image_user_id
-
-        uid = spec.run_as_user_id
-        if uid is None:
-            uid = image_user_id(spec.config) if spec.config is not None else DEFAULT_UID
+        Directory 0500 and files 0400 owned by :func:`runtime_uid`."""
+        uid = runtime_uid(spec)
         path = self._secrets_root / spec.replica_id
         tmp = path.with_name(path.name + ".tmp")
         for old in (path, tmp):
