@@ -107,7 +107,8 @@ class ContainerLimits:
     """Bounds every replica's container gets (from settings; see ``Settings.docker_*``)."""
 
     pids: int = 4096
-    """Processes and threads; vLLM-like servers start hundreds, a fork bomb is stopped."""
+    """Processes and threads: a threaded server holds one per open connection and ML
+    libraries size thread pools by cores, so leave room; a fork bomb is stopped."""
     tmpfs_bytes: int = 1024 * MIB
     """Size of each tmpfs path; its pages count toward the container's memory limit."""
     volume_bytes: int | None = None
@@ -160,7 +161,8 @@ def _packages_linked(spec: ReplicaSpec) -> bool:
 def writable_mounts(spec: ReplicaSpec, uid: int) -> tuple[list[str], dict[str, str]]:
     """The paths a replica may write under its read-only root: (volumes, tmpfs options).
 
-    Volumes start as a copy of the image's directory (owner and files kept), for paths
+    Volumes start as a copy of the image's directory (handed to ``uid`` before the
+    container starts: ``DockerEngine._hand_over_volumes``), for paths
     with content: ``/app`` always, and in built images ``/workspace``, ``$HOME`` and
     ``/packages`` (unless it links into ``/app``), which build commands may fill. In a
     ``no_build`` image those three may not exist, or belong to root: they are empty
