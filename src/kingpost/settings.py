@@ -48,8 +48,20 @@ class Settings(BaseSettings):
     """Client side: control plane URL; else ``http://{api_host}:{api_port}``."""
     netns: str = "auto"
     """Process engine network isolation: ``auto`` (when permitted), ``on``, ``off``."""
-    docker_network: str = "kingpost"
-    """Docker engine: the bridge network replicas join (created when missing)."""
+    docker_network: str = ""
+    """Docker engine: the bridge network replicas join; empty (the default) names it per
+    installation, ``kingpost-{scope}`` (a hash of ``home``). It is created when missing,
+    with traffic between its containers dropped; a named network that allows it is refused."""
+    docker_pids_limit: int = Field(default=4096, gt=0)
+    """Docker engine: most processes and threads one replica's container may hold."""
+    docker_tmp_size_mb: int = Field(default=1024, gt=0)
+    """Docker engine: size of each replica's tmpfs paths (``/tmp``, and for ``no_build``
+    images ``$HOME``, ``/workspace`` and ``/packages``); counts toward its memory limit."""
+    docker_volume_size_mb: int = Field(default=10240, gt=0)
+    """Docker engine: size of each writable volume (``/app``, ``/workspace``, ``$HOME``,
+    ``/packages`` of built images), where the Docker Engine supports volume quotas
+    (``local`` volumes on XFS with ``pquota``); elsewhere they are unbounded, and the
+    engine says so when it starts."""
 
     @cached_property
     def db_url(self) -> str:

@@ -61,7 +61,9 @@ def _remove_containers(client: Any, home: Path) -> None:
 
     scope = scope_of(home)
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}):
-        c.remove(force=True)
+        c.remove(force=True, v=True)
+    for net in client.networks.list(filters={"label": f"{LABEL_SCOPE}={scope}"}):
+        net.remove()
     remove_secrets(_secrets_root(scope))
 
 
@@ -276,6 +278,26 @@ def test_deactivating_a_deployment_stops_its_image_build(
     assert "--- build stopped: the deployment was deactivated" in out, out
 
 
+def test_a_built_image_runs_as_its_deployments_uid_and_writes_its_paths(
+    dplatform: Platform, tmp_path: Path
+) -> None:
+    # The image's writable directories belong to UID 60000; each container's copies of
+    # them are handed to the deployment's own UID before it starts.
+    from kingpost.engines.docker import deployment_uid
+
+    project = copy_project(tmp_path, "dock-uid", "model_name: dock-uid\n")
+    result = push(dplatform, project)
+    dep_id, model_id = result["deployment"]["id"], result["model"]["id"]
+    dplatform.wait_status(dep_id, "ACTIVE", timeout=300)
+    sync = f"/models/{model_id}/environments/production/sync"
+    with dplatform.gateway() as gw:
+        assert gw.get(f"{sync}/env").json()["uid"] == deployment_uid(dep_id)
+        for folder in ("/app", "/home/app", "/workspace", "/packages", "/tmp"):
+            assert gw.get(f"{sync}/files?dir={folder}").json()["writable"] is True, folder
+        for folder in ("/etc", "/usr", "/opt"):
+            assert gw.get(f"{sync}/files?dir={folder}").json()["writable"] is False, folder
+
+
 def test_killed_container_is_replaced(
     dplatform: Platform, docker_client: Any, tmp_path: Path
 ) -> None:
@@ -291,7 +313,7 @@ def test_killed_container_is_replaced(
     container.reload()
     assert container.status == "running"
     # Removed from outside, it is created anew.
-    container.remove(force=True)
+    container.remove(force=True, v=True)
     with dplatform.gateway() as gw:
         wait_for(
             lambda: (
@@ -439,18 +461,18 @@ ENGINE_CONFIG = (
 )
 
 
-def _engine_spec(home: Path, replica_id: str, extra: str = "") -> Any:
+def _engine_spec(home: Path, replica_id: str, extra: str = "", config: str = "") -> Any:
     from kingpost.config import parse_config
     from kingpost.controller.specs import replica_spec
     from kingpost.images import base_image_tag
 
     return replica_spec(
         replica_id=replica_id,
-        deployment_id="dep1",
+        deployment_id=replica_id.split("-")[0],
         model_id="m1",
         model_name="eng",
         app_dir=home,
-        config=parse_config(ENGINE_CONFIG + extra).config,
+        config=parse_config((config or ENGINE_CONFIG) + extra).config,
         env={},
         secrets={"tok": "v"},
         image=base_image_tag(),
@@ -561,3 +583,177 @@ def test_a_secrets_directory_someone_else_made_is_refused(engine_home: Path) -> 
     os.chown(root, 65534, 65534)
     with pytest.raises(EngineError, match="not owned"):
         DockerEngine(Settings(home=engine_home)).close()
+
+
+PROBE = """
+import ctypes, json, os, socket, sys
+def attempt(f):
+    try:
+        f()
+        return "ok"
+    except OSError as exc:
+        return type(exc).__name__
+def write(path):
+    return lambda: open(path, "w").write("x")
+status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines())
+print(json.dumps({
+    "uid": os.getuid(),
+    "caps": status["CapEff"].strip(),
+    "bounding": status["CapBnd"].strip(),
+    "no_new_privs": status["NoNewPrivs"].strip(),
+    "raw": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+    "etc": attempt(write("/etc/kingpost-probe")),
+    "tmp": attempt(write("/tmp/probe")),
+    "home": attempt(write(os.environ["HOME"] + "/probe")),
+    "workspace": attempt(write("/workspace/probe")),
+    "tmp_16m": attempt(lambda: open("/tmp/big", "wb").write(b"x" * (16 << 20))),
+    "peer": attempt(lambda: socket.create_connection((sys.argv[1], 8000), timeout=3)),
+    "inotify": ctypes.CDLL(None, use_errno=True).inotify_init1(0) >= 0,
+}))
+"""
+
+HOLD_INOTIFY = """
+import ctypes, time
+libc, held = ctypes.CDLL(None), 0
+while libc.inotify_init1(0) >= 0:
+    held += 1
+open("/tmp/held", "w").write(str(held))
+time.sleep(120)
+"""
+
+FORK = """
+import threading
+stop, n = threading.Event(), 0
+try:
+    while n < 10000:
+        threading.Thread(target=stop.wait, daemon=True).start()
+        n += 1
+except RuntimeError:
+    pass
+print(n)
+stop.set()
+"""
+
+
+def test_replicas_are_unprivileged_bounded_and_reach_no_other_replica(
+    engine_home: Path, docker_client: Any
+) -> None:
+    # What the docker probe of issue 23 did from inside a replica: connect straight to
+    # another model's server (skipping the gateway's keys), open a raw socket, write /etc,
+    # fork without end, fill the disk. A no_build image used to run as root with caps.
+    from kingpost.engines.docker import (
+        ICC_OPTION,
+        DockerEngine,
+        deployment_uid,
+        network_name,
+        scope_of,
+    )
+    from kingpost.images import base_image_tag
+    from kingpost.settings import Settings
+
+    no_build = (
+        f"model_name: raw\nbase_image:\n  image: {base_image_tag()}\n"
+        "docker_server:\n  no_build: true\n"
+        "  start_command: python3 -m http.server 8000\n  server_port: 8000\n"
+        "  predict_endpoint: /\n  readiness_endpoint: /\n  liveness_endpoint: /\n"
+    )
+    settings = Settings(home=engine_home, docker_pids_limit=64, docker_tmp_size_mb=8)
+    engine = DockerEngine(settings)
+    try:
+        engine.start(_engine_spec(engine_home, "depa-aaaaa"))
+        engine.start(_engine_spec(engine_home, "depb-bbbbb", config=no_build))
+        # READY: the host (where the gateway runs) reaches both through their probes.
+        _wait_phases(engine, {"depa-aaaaa": "ready", "depb-bbbbb": "ready"})
+        ips = {s.replica_id: s.endpoint.host for s in engine.poll() if s.endpoint}
+
+        def probe(replica_id: str, peer: str) -> dict[str, str]:
+            container = docker_client.containers.get(f"kingpost-{replica_id}")
+            code, out = container.exec_run(["python3", "-c", PROBE, peer])
+            assert code == 0, out
+            result: dict[str, str] = json.loads(out)
+            return result
+
+        for replica_id, peer in (("depb-bbbbb", "depa-aaaaa"), ("depa-aaaaa", "depb-bbbbb")):
+            seen = probe(replica_id, ips[peer])
+            assert seen["peer"] in ("TimeoutError", "ConnectionRefusedError"), seen
+            assert seen["uid"] == deployment_uid(replica_id.split("-")[0]), seen
+            assert seen["caps"] == "0000000000000000", seen
+            assert seen["bounding"] == "0000000000000000", seen  # cap_drop: ALL
+            assert seen["no_new_privs"] == "1" and seen["raw"] == "PermissionError", seen
+            assert seen["etc"] == "OSError" and seen["tmp"] == "ok", seen
+            assert seen["tmp_16m"] == "OSError", seen  # /tmp is 8 MiB
+        assert probe("depb-bbbbb", ips["depa-aaaaa"])["home"] == "ok"  # no_build: own tmpfs
+        assert probe("depb-bbbbb", ips["depa-aaaaa"])["workspace"] == "ok"
+        net = docker_client.networks.get(network_name(scope_of(engine_home)))
+        assert net.attrs["Options"][ICC_OPTION] == "false"
+
+        # Per-user kernel limits: A takes every inotify instance its UID may hold; B,
+        # another deployment with a UID of its own, still gets one.
+        container = docker_client.containers.get("kingpost-depa-aaaaa")
+        container.exec_run(["python3", "-c", HOLD_INOTIFY], detach=True)
+        wait_for(lambda: container.exec_run(["cat", "/tmp/held"]).exit_code == 0, 30, "held")
+        assert probe("depa-aaaaa", ips["depb-bbbbb"])["inotify"] is False
+        assert probe("depb-bbbbb", ips["depa-aaaaa"])["inotify"] is True
+
+        container = docker_client.containers.get("kingpost-depa-aaaaa")
+        code, out = container.exec_run(["python3", "-c", FORK])
+        assert code == 0 and 10 < int(out) < 64, out  # stopped at the limit, not at 10000
+        assert subprocess.run(["true"], check=False).returncode == 0  # the host is fine
+        assert {s.replica_id: str(s.phase) for s in engine.poll()}["depa-aaaaa"] == "ready"
+
+        engine.stop("depa-aaaaa")
+        engine.stop("depb-bbbbb")
+        wait_for(lambda: not engine._replicas, 60, "the replicas removed")
+        # The last replica gone, so is this installation's network.
+        name = network_name(scope_of(engine_home))
+        assert name not in [n.name for n in docker_client.networks.list()]
+    finally:
+        engine.close()
+
+
+def test_a_named_network_that_lets_containers_talk_is_refused(
+    engine_home: Path, docker_client: Any
+) -> None:
+    from kingpost.engines.docker import DockerEngine
+    from kingpost.errors import EngineError
+    from kingpost.settings import Settings
+
+    name = f"kingpost-test-open-{engine_home.parent.name[-12:]}"
+    docker_client.networks.create(name, driver="bridge")
+    try:
+        with pytest.raises(EngineError, match="enable_icc"):
+            DockerEngine(Settings(home=engine_home, docker_network=name)).close()
+    finally:
+        docker_client.networks.get(name).remove()
+
+
+def test_a_container_of_an_older_kingpost_is_replaced_not_adopted(
+    engine_home: Path, docker_client: Any
+) -> None:
+    # Before issue 23, containers shared one open network and no_build ones ran as root:
+    # adopting such a container would keep it exposed for as long as it runs.
+    from kingpost.engines.docker import LABEL_RUNTIME, DockerEngine, scope_of
+    from kingpost.images import base_image_tag
+    from kingpost.settings import Settings
+
+    runtime = json.dumps({"port": 8000, "readiness": "/", "liveness": "/", "period": 1,
+                          "timeout": 1, "ready_threshold": 1, "live_threshold": 3,
+                          "initial_delay": 0})  # fmt: skip
+    docker_client.containers.run(
+        base_image_tag(),
+        ["python3", "-m", "http.server", "8000"],
+        name="kingpost-depold-aaaaa",
+        detach=True,
+        labels={
+            "kingpost.scope": scope_of(engine_home),
+            "kingpost.replica": "depold-aaaaa",
+            "kingpost.deployment": "depold",
+            LABEL_RUNTIME: runtime,
+        },
+    )
+    engine = DockerEngine(Settings(home=engine_home))
+    try:
+        assert engine.poll() == []  # the controller starts a hardened replica instead
+        assert not docker_client.containers.list(all=True, filters={"name": "depold"})
+    finally:
+        engine.close()

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kingpost.config import parse_config
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import WeightMount
-from kingpost.engines.docker import container_options, device_requests
+from kingpost.engines.docker import (
+    ContainerLimits,
+    container_options,
+    deployment_uid,
+    device_requests,
+    docker_mounts,
+    network_name,
+    scope_of,
+)
 from kingpost.errors import BuildError, ConfigError, EngineError
 from kingpost.images.build import _command, _failure_message, _follow, image_tag
 from kingpost.images.dockerfile import DEFAULT_UID, HostBuildEnv, plan_build
@@ -157,7 +167,9 @@ def test_no_build_adds_only_data_and_names_ignored_keys(tmp_path: Path) -> None:
     )
     app = files(tmp_path, **{"data__a.txt": "a", "model__model.py": "x"})
     plan = plan_build(config, app, "vllm/vllm-openai:v0.6", HOST)
-    assert plan.dockerfile == "FROM vllm/vllm-openai:v0.6\nCOPY data/ /app/data/\n"
+    assert plan.dockerfile == (
+        "FROM vllm/vllm-openai:v0.6\nCOPY --chown=60000:60000 data/ /app/data/\n"
+    )
     assert list(plan.files) == ["data/a.txt"]
     assert "requirements" in plan.warnings[0] and "system_packages" in plan.warnings[0]
 
@@ -223,7 +235,7 @@ def test_container_options_carry_the_replica_contract() -> None:
     assert opts["environment"]["BT_MODEL_DEPLOYMENT_ID"] == "dep1"
     assert opts["environment"]["KINGPOST_SECRETS_DIR"] == "/secrets"
     assert "tok" not in json.dumps(opts["environment"])  # secrets only as files
-    assert opts["mounts"] == [
+    assert opts["mounts"][:2] == [
         {"Type": "bind", "Source": "/shm/x", "Target": "/secrets", "ReadOnly": True},
         {"Type": "bind", "Source": "/w/tree", "Target": "/models/llama", "ReadOnly": True},
     ]
@@ -231,8 +243,9 @@ def test_container_options_carry_the_replica_contract() -> None:
     # The memory limit is the whole budget: without memswap_limit Docker lets the
     # container use as much swap again (MemorySwap = 2 x Memory).
     assert opts["memswap_limit"] == 1024**3
-    assert "device_requests" not in opts and "user" not in opts
+    assert "device_requests" not in opts and opts["user"] == OWN
     assert opts["labels"]["kingpost.replica"] == "dep1-abcde"
+    assert opts["labels"]["kingpost.isolation"] == "1"  # adopted after a restart
     assert json.loads(opts["labels"]["kingpost.runtime"])["readiness"] == "/health"
     assert "ports" not in opts  # reached on the network: no host port to collide
 
@@ -241,7 +254,7 @@ def test_the_dynamic_config_directory_is_mounted_where_truss_reads_it() -> None:
     spec = _spec(CUSTOM, image="i", dynamic_config_dir=Path("/home/k/dynamic/dep1"))
     opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
     assert opts["environment"]["KINGPOST_DYNAMIC_CONFIG_DIR"] == "/etc/b10_dynamic_config"
-    assert opts["mounts"][-1] == {
+    assert next(m for m in opts["mounts"] if m["Target"] == "/etc/b10_dynamic_config") == {
         "Type": "bind",
         "Source": "/home/k/dynamic/dep1",
         "Target": "/etc/b10_dynamic_config",
@@ -317,3 +330,115 @@ def test_a_cancelled_build_stops_sending_its_context(tmp_path: Path) -> None:
         for chunk in stream:
             sent += chunk
     assert len(sent) < 5_000_000  # it stopped within a chunk, not at the end
+
+
+NO_BUILD = (
+    "model_name: v\nbase_image:\n  image: x\ndocker_server:\n  no_build: true\n"
+    "  server_port: 8000\n  predict_endpoint: /\n  readiness_endpoint: /\n"
+    "  liveness_endpoint: /\n"
+)
+
+
+OWN = f"{deployment_uid('dep1')}:{deployment_uid('dep1')}"
+
+
+def test_each_deployment_runs_as_a_uid_of_its_own() -> None:
+    # Per-user kernel limits (inotify instances, RLIMIT_NPROC) must not be shared
+    # between models, as they were when every model ran as 60000.
+    uids = {deployment_uid(f"dep{i}") for i in range(2000)}
+    assert len(uids) == 2000
+    assert all(1_000_000_000 <= uid < 2**31 - 1 for uid in uids)
+    assert deployment_uid("dep7") == deployment_uid("dep7")  # the same after a restart
+
+
+def _volumes(opts: dict[str, Any]) -> dict[str, Any]:
+    return {m["Target"]: m["Size"] for m in opts["mounts"] if m["Type"] == "volume"}
+
+
+@pytest.mark.parametrize(
+    ("config_text", "user"),
+    [
+        (CUSTOM, OWN),
+        (NO_BUILD, OWN),  # not the image's own user, which is often root
+        (NO_BUILD.replace("no_build: true\n", "no_build: true\n  run_as_user_id: 1000\n"),
+         "1000:1000"),
+        ("model_name: m\n", OWN),
+    ],
+)  # fmt: skip
+def test_every_container_is_unprivileged_and_bounded(config_text: str, user: str) -> None:
+    limits = ContainerLimits(pids=777, tmpfs_bytes=5 * 1024**2, volume_bytes=None)
+    opts = container_options(
+        _spec(config_text, image="i"),
+        name="n",
+        network="k",
+        scope="s",
+        secrets_dir=Path("/x"),
+        limits=limits,
+    )
+    assert opts["user"] == user
+    assert opts["cap_drop"] == ["ALL"] and "cap_add" not in opts
+    assert opts["security_opt"] == ["no-new-privileges"]
+    assert opts["read_only"] is True
+    assert opts["pids_limit"] == 777
+    assert opts["tmpfs"]["/tmp"] == f"size={5 * 1024**2},mode=1777,exec"
+    assert "privileged" not in opts and "network_mode" not in opts
+    assert opts["environment"]["HOME"] == "/home/app"
+
+
+def test_built_images_keep_their_writable_dirs_as_volumes(tmp_path: Path) -> None:
+    # Build commands may fill /workspace and $HOME, and /app holds the project: copies of
+    # the image's directories (volumes), each bounded when the engine has quotas.
+    project = tmp_path / "p"
+    project.mkdir()
+    spec = _spec(CUSTOM, image="i")
+    spec = replace(spec, app_dir=project)
+    limits = ContainerLimits(volume_bytes=3 * 1024**3)
+    opts = container_options(
+        spec, name="n", network="k", scope="s", secrets_dir=Path("/x"), limits=limits
+    )
+    size = 3 * 1024**3
+    assert _volumes(opts) == {"/app": size, "/workspace": size, "/home/app": size,
+                              "/packages": size}  # fmt: skip
+    assert list(opts["tmpfs"]) == ["/tmp"]
+    # Bundled packages: /packages links into /app, whose volume already holds them.
+    (project / "packages" / "lib").mkdir(parents=True)
+    linked = container_options(
+        spec, name="n", network="k", scope="s", secrets_dir=Path("/x"), limits=limits
+    )
+    assert "/packages" not in _volumes(linked)
+
+
+def test_volumes_are_anonymous_and_sized_only_when_quotas_exist() -> None:
+    sized, unbounded, secrets = docker_mounts(
+        [
+            {"Type": "volume", "Target": "/app", "ReadOnly": False, "Size": 5 * 1024**3},
+            {"Type": "volume", "Target": "/workspace", "ReadOnly": False, "Size": None},
+            {"Type": "bind", "Source": "/shm/x", "Target": "/secrets", "ReadOnly": True},
+        ]
+    )
+    assert sized["Source"] is None and sized["Type"] == "volume"  # removed with the container
+    assert sized["VolumeOptions"]["DriverConfig"] == {
+        "Name": "local",
+        "Options": {"size": str(5 * 1024**3)},
+    }
+    assert "VolumeOptions" not in unbounded  # Docker refuses `size` without quota support
+    assert secrets["Type"] == "bind" and secrets["ReadOnly"] is True
+
+
+def test_no_build_images_get_their_writable_dirs_as_owned_tmpfs() -> None:
+    spec = _spec(NO_BUILD.replace("no_build: true\n", "no_build: true\n  run_as_user_id: 1000\n"),
+                 image="i")  # fmt: skip
+    opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
+    assert _volumes(opts) == {"/app": None}  # the image's own /app (and data/) kept
+    size = ContainerLimits().tmpfs_bytes
+    assert opts["tmpfs"] == {
+        "/tmp": f"size={size},mode=1777,exec",
+        "/workspace": f"size={size},mode=0755,uid=1000,gid=1000,exec",
+        "/packages": f"size={size},mode=0755,uid=1000,gid=1000,exec",
+        "/home/app": f"size={size},mode=0700,uid=1000,gid=1000,exec",
+    }
+
+
+def test_each_installation_has_its_own_network() -> None:
+    assert network_name(scope_of(Path("/a"))) != network_name(scope_of(Path("/b")))
+    assert network_name("0123456789ab") == "kingpost-0123456789ab"

@@ -2,9 +2,18 @@
 
 ``prepare`` builds the deployment's image (:mod:`kingpost.images`, tagged by a
 hash of its inputs, so an unchanged project never rebuilds). ``start`` creates
-one container per replica on Kingpost's bridge network; the gateway and the
-probes reach it at its address on that network, so any number of replicas bind
-the same ``server_port`` with no host port involved.
+one container per replica on this installation's bridge network; the gateway and
+the probes reach it at its address on that network, so any number of replicas
+bind the same ``server_port`` with no host port involved. The network drops
+traffic between its containers (``enable_icc=false``): a replica is reachable
+from the host (the gateway) only, never from another model's replica, which
+would skip the gateway's API keys. It is removed when its last replica goes.
+
+Every container runs as an unprivileged user (``run_as_user_id``, else a UID of
+its deployment's own, ``no_build`` images too) with no capabilities,
+``no-new-privileges``, a pids limit and a read-only root filesystem; only the
+writable paths of the image layout (:func:`writable_mounts`) and ``/tmp`` can be
+written, each bounded in size where the Docker Engine can bound it.
 
 Containers carry labels naming the replica, the deployment and the Kingpost
 home they belong to (``kingpost.scope``). A control plane that starts again
@@ -24,6 +33,7 @@ small pool so one slow container never stalls the monitor.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,7 +68,17 @@ if TYPE_CHECKING:
     from kingpost.config import TrussConfig
     from kingpost.settings import Settings
 
-__all__ = ["DockerEngine", "container_options", "device_requests", "scope_of"]
+__all__ = [
+    "ContainerLimits",
+    "DockerEngine",
+    "container_options",
+    "deployment_uid",
+    "device_requests",
+    "docker_mounts",
+    "network_name",
+    "scope_of",
+    "writable_mounts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +93,96 @@ LABEL_DEPLOYMENT = "kingpost.deployment"
 LABEL_MODEL = "kingpost.model"
 LABEL_RUNTIME = "kingpost.runtime"
 """JSON of what the monitor needs to watch an adopted container: port and probes."""
+LABEL_ISOLATION = "kingpost.isolation"
+ISOLATION = "1"
+"""The isolation a container was created with (network, user, capabilities, limits); one
+from an older Kingpost, without it, is replaced rather than adopted."""
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+TMP_DIR = "/tmp"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ContainerLimits:
+    """Bounds every replica's container gets (from settings; see ``Settings.docker_*``)."""
+
+    pids: int = 4096
+    """Processes and threads: a threaded server holds one per open connection and ML
+    libraries size thread pools by cores, so leave room; a fork bomb is stopped."""
+    tmpfs_bytes: int = 1024 * MIB
+    """Size of each tmpfs path; its pages count toward the container's memory limit."""
+    volume_bytes: int | None = None
+    """Size of each writable volume; None where the Docker Engine has no volume quotas."""
+
+
+UID_BASE = 1_000_000_000
+UID_SPAN = 1 << 30
+"""Deployments without ``run_as_user_id`` run as a UID of their own in
+``[UID_BASE, UID_BASE + UID_SPAN)``: below 2**31, far above login users and the usual
+subordinate ranges."""
+
+
+def deployment_uid(deployment_id: str) -> int:
+    """The host UID a deployment's replicas run as, so per-user kernel limits (inotify
+    instances, for one) are not shared between models. A hash of the id: two deployments
+    share one with odds of about n**2 / 2**31 among n deployments."""
+    digest = hashlib.sha256(deployment_id.encode()).digest()
+    return UID_BASE + int.from_bytes(digest[:8], "big") % UID_SPAN
+
+
+def runtime_uid(spec: ReplicaSpec) -> int:
+    """``run_as_user_id`` when the config sets it, else the deployment's own UID."""
+    if spec.run_as_user_id is not None:
+        return spec.run_as_user_id
+    return deployment_uid(spec.deployment_id)
+
+
+def image_uid(spec: ReplicaSpec) -> int:
+    """The UID that owns the writable directories in the image (60000 or
+    ``run_as_user_id``), handed to :func:`runtime_uid` in each container's copy."""
+    from kingpost.images.dockerfile import DEFAULT_UID, image_user_id
+
+    return image_user_id(spec.config) if spec.config is not None else DEFAULT_UID
+
+
+def network_name(scope: str) -> str:
+    """The bridge network of one installation (``scope_of`` its home)."""
+    return f"kingpost-{scope}"
+
+
+def _packages_linked(spec: ReplicaSpec) -> bool:
+    """Whether the built image made ``/packages`` a link into ``/app`` (bundled packages)."""
+    config = spec.config
+    name = (config.bundled_packages_dir.strip("/") if config is not None else "") or "packages"
+    folder = spec.app_dir / name
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def writable_mounts(spec: ReplicaSpec, uid: int) -> tuple[list[str], dict[str, str]]:
+    """The paths a replica may write under its read-only root: (volumes, tmpfs options).
+
+    Volumes start as a copy of the image's directory (handed to ``uid`` before the
+    container starts: ``DockerEngine._hand_over_volumes``), for paths
+    with content: ``/app`` always, and in built images ``/workspace``, ``$HOME`` and
+    ``/packages`` (unless it links into ``/app``), which build commands may fill. In a
+    ``no_build`` image those three may not exist, or belong to root: they are empty
+    tmpfs owned by ``uid``. ``/tmp`` is tmpfs for everyone."""
+    from kingpost.images.dockerfile import HOME_DIR, PACKAGES_DIR, WORKSPACE_DIR
+
+    def tmpfs(mode: str, owner: bool) -> str:
+        # exec: servers load compiled code from these (pip --target, JIT caches in /tmp)
+        who = f",uid={uid},gid={uid}" if owner else ""
+        return f"mode={mode}{who},exec"
+
+    volumes, tmp = [APP_DIR], {TMP_DIR: tmpfs("1777", owner=False)}
+    if spec.config is not None and spec.config.no_build:
+        tmp |= {path: tmpfs("0755", owner=True) for path in (WORKSPACE_DIR, PACKAGES_DIR)}
+        tmp[HOME_DIR] = tmpfs("0700", owner=True)
+    else:
+        volumes += [WORKSPACE_DIR, HOME_DIR]
+        if not _packages_linked(spec):
+            volumes.append(PACKAGES_DIR)
+    return volumes, tmp
 
 
 def device_requests(config: TrussConfig | None) -> list[dict[str, Any]]:
@@ -139,15 +249,30 @@ def _runtime_from_label(text: str) -> tuple[int, Probes]:
 
 
 def container_options(
-    spec: ReplicaSpec, *, name: str, network: str, scope: str, secrets_dir: Path
+    spec: ReplicaSpec,
+    *,
+    name: str,
+    network: str,
+    scope: str,
+    secrets_dir: Path,
+    limits: ContainerLimits | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``containers.create`` for one replica (pure; unit-tested).
+    """Keyword arguments of ``containers.create`` for one replica (pure but for a look at
+    the project's bundled packages directory; unit-tested).
 
     Mounts and device requests are plain dicts in the Engine API's shape."""
+    from kingpost.images.dockerfile import HOME_DIR
+
     if not spec.image:
         raise EngineError(f"replica {spec.replica_id} has no image; the build did not run")
+    limits = limits or ContainerLimits()
     config = spec.config
+    uid = runtime_uid(spec)
     env = {
+        # The UID has no passwd entry: name a home and a user (getpass.getuser reads it)
+        "HOME": HOME_DIR,
+        "USER": "app",
+        "LOGNAME": "app",
         **spec.env,
         "BT_MODEL_ID": spec.model_id,
         "BT_MODEL_DEPLOYMENT_ID": spec.deployment_id,
@@ -172,12 +297,18 @@ def container_options(
                 "ReadOnly": True,
             }
         )
+    volumes, tmpfs_paths = writable_mounts(spec, uid)
+    mounts += [
+        {"Type": "volume", "Target": path, "ReadOnly": False, "Size": limits.volume_bytes}
+        for path in volumes
+    ]
     labels = {
         LABEL_SCOPE: scope,
         LABEL_REPLICA: spec.replica_id,
         LABEL_DEPLOYMENT: spec.deployment_id,
         LABEL_MODEL: spec.model_id,
         LABEL_RUNTIME: _runtime_label(spec),
+        LABEL_ISOLATION: ISOLATION,
     }
     options: dict[str, Any] = {
         "image": spec.image,
@@ -191,10 +322,13 @@ def container_options(
         "init": True,
         "detach": True,
         "log_config": {"Type": "json-file", "Config": {"max-size": "20m", "max-file": "2"}},
+        "user": f"{uid}:{uid}",
+        "cap_drop": ["ALL"],  # a non-root server needs none; ports < 1024 are unprivileged
         "security_opt": ["no-new-privileges"],
+        "read_only": True,
+        "tmpfs": {path: f"size={limits.tmpfs_bytes},{opts}" for path, opts in tmpfs_paths.items()},
+        "pids_limit": limits.pids,
     }
-    if spec.run_as_user_id is not None:
-        options["user"] = f"{spec.run_as_user_id}:{spec.run_as_user_id}"
     if config is not None:
         millicores = config.resources.cpu_millicores
         if millicores:
@@ -233,7 +367,7 @@ class DockerEngine(Engine):
         self.settings = settings
         self.client = client or docker_client()
         self.scope = scope_of(settings.home)
-        self.network = settings.docker_network
+        self.network = settings.docker_network or network_name(self.scope)
         self._secrets_root = _secrets_root(self.scope)
         private_dir(self._secrets_root)
         self._replicas: dict[str, _Replica] = {}
@@ -242,6 +376,11 @@ class DockerEngine(Engine):
         self._probes = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="kingpost-probe")
         self._closing = threading.Event()
         self._ensure_network()
+        self.limits = ContainerLimits(
+            pids=settings.docker_pids_limit,
+            tmpfs_bytes=settings.docker_tmp_size_mb * MIB,
+            volume_bytes=self._volume_quota(settings.docker_volume_size_mb * MIB),
+        )
         self._adopt()
         self._thread = threading.Thread(
             target=self._monitor, name="kingpost-docker-engine", daemon=True
@@ -325,18 +464,82 @@ class DockerEngine(Engine):
 
     # -- setup ----------------------------------------------------------------------------
     def _ensure_network(self) -> None:
+        """Create this installation's network, dropping traffic between its containers,
+        or check that an existing one does."""
         from docker.errors import APIError, DockerException
 
         try:
-            if not self.client.networks.list(names=[self.network]):
+            found = self._find_network()
+            if found is None:
                 with contextlib.suppress(APIError):  # a concurrent creator won
                     self.client.networks.create(
-                        self.network, driver="bridge", labels={"kingpost.network": "1"}
+                        self.network,
+                        driver="bridge",
+                        options={ICC_OPTION: "false"},
+                        labels={"kingpost.network": "1", LABEL_SCOPE: self.scope},
                     )
+                found = self._find_network()
         except DockerException as exc:
             raise EngineError(
                 f"docker engine: cannot create the network {self.network!r}: {exc}"
             ) from exc
+        options = (found or {}).get("Options") or {}
+        if options.get(ICC_OPTION) != "false":
+            raise EngineError(
+                f"docker engine: the network {self.network!r} (KINGPOST_DOCKER_NETWORK) lets "
+                f"its containers reach each other ({ICC_OPTION} is not false), so one model "
+                "could call another's server past the gateway's API keys; unset "
+                "KINGPOST_DOCKER_NETWORK to use a network of this installation, or name one "
+                f"created with `-o {ICC_OPTION}=false`"
+            )
+
+    def _find_network(self) -> dict[str, Any] | None:
+        # The name filter matches substrings ("kingpost" finds "kingpost-1a2b"): compare.
+        for net in self.client.api.networks(names=[self.network]):
+            if net.get("Name") == self.network:
+                found: dict[str, Any] = net
+                return found
+        return None
+
+    def _remove_network_if_unused(self) -> None:
+        """Remove this installation's network once no replica of it is left (the next
+        launch creates it again). A network named in settings is the operator's: kept."""
+        from docker.errors import DockerException
+
+        if self.settings.docker_network:
+            return
+        with self._lock:
+            if self._replicas:
+                return
+            try:
+                net = self._find_network()
+                if net is None:
+                    return
+                detail = self.client.api.inspect_network(net["Id"])
+                if not detail.get("Containers"):
+                    self.client.api.remove_network(net["Id"])
+                    log.info("docker engine: removed the unused network %s", self.network)
+            except DockerException as exc:  # in use after all, or gone: harmless
+                log.debug("docker engine: keeping the network %s: %s", self.network, exc)
+
+    def _volume_quota(self, size: int) -> int | None:
+        """``size`` if the Docker Engine can bound a volume's size, else None (logged)."""
+        from docker.errors import DockerException
+
+        probe = f"kingpost-quota-probe-{self.scope}"
+        try:
+            self.client.api.create_volume(probe, driver="local", driver_opts={"size": str(size)})
+        except DockerException as exc:
+            log.warning(
+                "docker engine: this Docker Engine cannot bound volume sizes (%s); replicas' "
+                "writable paths /app, /workspace, $HOME and /packages can fill its disk. "
+                "Volume quotas need its data root on XFS mounted with pquota",
+                _explain(exc),
+            )
+            return None
+        with contextlib.suppress(DockerException):
+            self.client.api.remove_volume(probe, force=True)
+        return size
 
     def _adopt(self) -> None:
         """Take over this installation's containers left by an earlier control plane."""
@@ -355,10 +558,17 @@ class DockerEngine(Engine):
                 port, probes = _runtime_from_label(labels.get(LABEL_RUNTIME, ""))
             except (ValueError, KeyError):
                 port, probes = 0, Probes()
-            if container.status != "running" or not replica_id or not port:
+            outdated = labels.get(LABEL_ISOLATION) != ISOLATION
+            if outdated and container.status == "running":
+                log.warning(
+                    "docker engine: replacing replica %s, started by an older Kingpost without "
+                    "this one's isolation (shared network, root, capabilities)",
+                    replica_id or container.name,
+                )
+            if container.status != "running" or not replica_id or not port or outdated:
                 self._save_logs(replica_id or str(container.name), str(container.id))
                 with contextlib.suppress(DockerException):
-                    container.remove(force=True)
+                    container.remove(force=True, v=True)
                 continue
             now = time.monotonic()
             rep = _Replica(
@@ -508,7 +718,7 @@ class DockerEngine(Engine):
                     return
                 self._save_logs(rep.replica_id, rep.container_id)
                 with contextlib.suppress(DockerException):
-                    self.client.api.remove_container(rep.container_id, force=True)
+                    self.client.api.remove_container(rep.container_id, force=True, v=True)
                 rep.container_id = None
         if rep.spec is None:
             self._drop(rep, "the adopted container is gone")
@@ -521,15 +731,18 @@ class DockerEngine(Engine):
             network=self.network,
             scope=self.scope,
             secrets_dir=secrets_dir,
+            limits=self.limits,
         )
         container = None
         try:
+            self._ensure_network()  # removed when the last replica went
             container = self._create(options)
+            self._hand_over_volumes(container.id, image_uid(spec), runtime_uid(spec))
             container.start()
-        except DockerException as exc:
+        except (DockerException, EngineError, OSError) as exc:
             if container is not None:  # created, but never ran: nothing would remove it
                 with contextlib.suppress(DockerException):
-                    self.client.api.remove_container(container.id, force=True)
+                    self.client.api.remove_container(container.id, force=True, v=True)
             rep.phase = ReplicaPhase.FAILED
             rep.message = f"cannot start the container: {_explain(exc)}"
             return
@@ -538,13 +751,10 @@ class DockerEngine(Engine):
 
     def _create(self, options: dict[str, Any]) -> Any:
         from docker.errors import APIError, NotFound
-        from docker.types import DeviceRequest, Mount
+        from docker.types import DeviceRequest
 
         kwargs = dict(options)
-        kwargs["mounts"] = [
-            Mount(m["Target"], m["Source"], type=m["Type"], read_only=m["ReadOnly"])
-            for m in options["mounts"]
-        ]
+        kwargs["mounts"] = docker_mounts(options["mounts"])
         if "device_requests" in options:
             kwargs["device_requests"] = [
                 DeviceRequest(driver=d["Driver"], count=d["Count"], capabilities=d["Capabilities"])
@@ -556,8 +766,33 @@ class DockerEngine(Engine):
             if exc.status_code != 409:  # 409: a container of that name exists (a retry)
                 raise
         with contextlib.suppress(NotFound):
-            self.client.api.remove_container(options["name"], force=True)
+            self.client.api.remove_container(options["name"], force=True, v=True)
         return self.client.containers.create(**kwargs)
+
+    def _hand_over_volumes(self, container_id: str, owner: int, uid: int) -> None:
+        """Give the deployment's UID what the image's user owned in the container's new
+        volumes (Docker filled them from the image at create; the container has not run,
+        so nothing in them moves). Links are changed, never followed."""
+        if owner == uid:
+            return
+        attrs = self.client.api.inspect_container(container_id)
+        for mount in attrs.get("Mounts") or []:
+            if mount.get("Type") != "volume" or not mount.get("Source"):
+                continue
+            root = Path(mount["Source"])
+            if not root.is_dir():
+                raise EngineError(
+                    f"docker engine: volume {mount.get('Name')} of {container_id[:12]} is not at "
+                    f"{root} on this machine; the docker engine needs a local Docker Engine"
+                )
+            for folder, dirs, files in os.walk(root):
+                for name in [*dirs, *files, None]:
+                    path = os.path.join(folder, name) if name else folder
+                    st = os.lstat(path)
+                    if st.st_uid == owner or st.st_gid == owner:
+                        uid_to = uid if st.st_uid == owner else st.st_uid
+                        gid_to = uid if st.st_gid == owner else st.st_gid
+                        os.chown(path, uid_to, gid_to, follow_symlinks=False)
 
     def _started(self, rep: _Replica) -> None:
         assert rep.container_id is not None
@@ -586,8 +821,9 @@ class DockerEngine(Engine):
                 log.warning("docker engine: stopping %s: %s", rep.replica_id, exc)
             self._save_logs(rep.replica_id, rep.container_id)
             with contextlib.suppress(NotFound):
-                self.client.api.remove_container(rep.container_id, force=True)
+                self.client.api.remove_container(rep.container_id, force=True, v=True)
         self._forget(rep)
+        self._remove_network_if_unused()
 
     def _drop(self, rep: _Replica, why: str) -> None:
         """Forget a replica the controller must replace (so it starts a fresh one)."""
@@ -603,30 +839,22 @@ class DockerEngine(Engine):
     def _write_secrets(self, spec: ReplicaSpec) -> Path:
         """Secret files on tmpfs, readable only by the server's user, bound read-only.
 
-        Directory 0500 and files 0400 owned by ``run_as_user_id`` (or the image's
-        UID 60000); an image keeping its own unknown user gets 0555/0444."""
-        from kingpost.images.dockerfile import image_user_id
-
-        uid = spec.run_as_user_id
-        if uid is None and spec.config is not None:
-            uid = image_user_id(spec.config)
+        Directory 0500 and files 0400 owned by :func:`runtime_uid`."""
+        uid = runtime_uid(spec)
         path = self._secrets_root / spec.replica_id
         tmp = path.with_name(path.name + ".tmp")
         for old in (path, tmp):
             remove_secrets(old)
         private_dir(self._secrets_root)
         tmp.mkdir(mode=0o700)
-        file_mode, dir_mode = (0o400, 0o500) if uid is not None else (0o444, 0o555)
         for name, value in spec.secrets.items():
             fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(value)
-            if uid is not None:
-                os.chown(tmp / name, uid, uid)
-            (tmp / name).chmod(file_mode)
-        if uid is not None:
-            os.chown(tmp, uid, uid)
-        tmp.chmod(dir_mode)
+            os.chown(tmp / name, uid, uid)
+            (tmp / name).chmod(0o400)
+        os.chown(tmp, uid, uid)
+        tmp.chmod(0o500)
         tmp.rename(path)
         return path
 
@@ -651,6 +879,20 @@ class DockerEngine(Engine):
         root.mkdir(parents=True, exist_ok=True)
         with (root / "output.log").open("a") as fh:
             fh.write("\n".join(lines) + "\n")
+
+
+def docker_mounts(mounts: list[dict[str, Any]]) -> list[Any]:
+    """``container_options``' mounts as the docker SDK's ``Mount`` objects."""
+    from docker.types import DriverConfig, Mount
+
+    def mount(m: dict[str, Any]) -> Mount:
+        if m["Type"] == "volume":  # anonymous: removed with the container (v=True)
+            size = m["Size"]
+            driver = DriverConfig("local", {"size": str(size)}) if size else None
+            return Mount(m["Target"], None, type="volume", driver_config=driver)
+        return Mount(m["Target"], m["Source"], type=m["Type"], read_only=m["ReadOnly"])
+
+    return [mount(m) for m in mounts]
 
 
 def _container_name(replica_id: str) -> str:

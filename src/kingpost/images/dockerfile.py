@@ -23,7 +23,8 @@ and none of the control plane's dependencies enter the image (the same rule as
 the process engine's environments, :mod:`kingpost.envs.builder`).
 
 With ``docker_server.no_build`` the image runs unmodified: the plan only adds
-``data/`` at ``/app/data`` and warns about the config keys that have no effect.
+``data/`` at ``/app/data`` (owned by the server's UID: the image runs as 60000 or
+``run_as_user_id`` like any other) and warns about the config keys that have no effect.
 
 The host's package settings reach ``RUN`` steps as build arguments, which do
 not persist into the image's runtime environment: its CA bundle (for TLS
@@ -51,6 +52,8 @@ __all__ = [
     "APP_DIR",
     "DEFAULT_UID",
     "HOME_DIR",
+    "PACKAGES_DIR",
+    "WORKSPACE_DIR",
     "BuildPlan",
     "HostBuildEnv",
     "image_python",
@@ -62,7 +65,8 @@ APP_DIR = "/app"
 HOME_DIR = "/home/app"
 DEFAULT_UID = 60000
 PACKAGES_DIR = "/packages"
-WRITABLE_DIRS = (APP_DIR, "/workspace", PACKAGES_DIR, HOME_DIR)
+WORKSPACE_DIR = "/workspace"
+WRITABLE_DIRS = (APP_DIR, WORKSPACE_DIR, PACKAGES_DIR, HOME_DIR)
 KINGPOST_LIB = "/opt/kingpost/lib"
 CA_PATH = "/usr/local/share/kingpost/host-ca.crt"
 CTX = "kingpost-build"
@@ -111,13 +115,12 @@ def image_python(config: TrussConfig) -> str:
     return BASE_PYTHON
 
 
-def image_user_id(config: TrussConfig) -> int | None:
-    """The UID the server runs as; None when a no-build image keeps its own user."""
+def image_user_id(config: TrussConfig) -> int:
+    """The UID the server runs as: ``run_as_user_id``, else 60000, ``no_build`` images
+    too (never the image's own user, which is often root)."""
     ds = config.docker_server
     if ds is not None and ds.run_as_user_id is not None:
         return ds.run_as_user_id
-    if config.no_build:
-        return None
     return DEFAULT_UID
 
 
@@ -149,7 +152,6 @@ def plan_build(
     if config.system_packages:
         lines.append(_apt_step(config.system_packages))
     uid = image_user_id(config)
-    assert uid is not None
     lines.append(_run(_user_script(uid)))
     lines += _requirements_steps(config, app_files, files)
     if not config.is_custom_server:
@@ -201,8 +203,7 @@ def _plan_no_build(
     lines = [f"FROM {base_image}"]
     if files:
         uid = image_user_id(config)
-        owner = f"--chown={uid}:{uid} " if uid is not None else ""
-        lines.append(f"COPY {owner}data/ {APP_DIR}/data/")
+        lines.append(f"COPY --chown={uid}:{uid} data/ {APP_DIR}/data/")
     return BuildPlan("\n".join(lines) + "\n", files, {}, base_image, warnings)
 
 
