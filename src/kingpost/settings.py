@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     build_timeout: float = Field(default=1800.0, gt=0)
     """Seconds a deployment's build (its Python environment or image) may take; one
     still running then is stopped (its installer killed) and ends BUILD_FAILED."""
+    weights_mirror_attempts: int = Field(default=3, ge=1)
+    """Times a deployment's weights mirror is tried (5 s, then 20 s apart) before the
+    deployment is FAILED with the source's error; re-activating it tries again."""
     disk_gc_interval: float = Field(default=3600.0, ge=0)
     """Seconds between automatic removals of uploaded projects and replica directories no
     deployment needs (``kingpost gc`` runs one at once); 0 turns the automatic ones off."""

@@ -257,7 +257,10 @@ def test_s3_bad_credentials_name_the_secret_not_its_value(s3: object, tmp_path: 
     )
     assert st and "aws_access_key_id and aws_secret_access_key are required" in st.error
     assert "'creds'" in st.error and "TOPSECRET" not in st.error
-    mgr.start("dep", entries(s3_cfg()), {})  # retrying is safe
+    mgr.start("dep", entries(s3_cfg()), {})  # within the backoff: no new attempt
+    assert mgr.status("dep").attempts == 1 and "TOPSECRET" not in mgr.status("dep").error
+    mgr.forget("dep")  # as re-activating the deployment does: retrying is safe
+    mgr.start("dep", entries(s3_cfg()), {})
     st = wait_for(
         lambda: mgr.status("dep").state == MirrorState.FAILED and mgr.status("dep"), 20, "failure"
     )
@@ -560,5 +563,69 @@ def test_gcs_weights_through_the_platform(gcs: Gcs, tmp_path: Path, where: str) 
             ).json()
         assert seen == {"files": ["model.safetensors", "sub/config.json"], "writable": False}
         assert "BEGIN PRIVATE KEY" not in platform.output()
+    finally:
+        platform.stop()
+
+
+def test_a_failing_mirror_is_retried_with_backoff_then_given_up_until_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller calls start() on every pass: a failed mirror used to start again each
+    time, so its deployment showed a fresh "0/0 files" forever. Now each failure counts,
+    start() waits out the backoff, and after the last attempt the failure stands."""
+    repo = tmp_path / "repo"  # missing until the end
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    mgr = WeightsManager(tmp_path / "store", attempts=3)
+
+    def failed(attempts: int) -> MirrorStatus | None:
+        st = mgr.status("dep")
+        return st if st.state == MirrorState.FAILED and st.attempts == attempts else None
+
+    mgr.start("dep", entries(cfg), {})
+    first = wait_for(lambda: failed(1), 20, "the first failure")
+    assert first and first.retry_in_s is not None and 0 < first.retry_in_s <= 5
+    assert str(repo) in first.error
+    mgr.start("dep", entries(cfg), {})  # inside the backoff: nothing starts
+    assert mgr.status("dep").state == MirrorState.FAILED and mgr.status("dep").attempts == 1
+    monkeypatch.setattr(manager_module, "RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr(mgr, "_failures", {"dep": (1, 0.0)})  # the backoff has passed
+    for attempt in (2, 3):
+        mgr.start("dep", entries(cfg), {})
+        wait_for(lambda a=attempt: failed(a), 20, f"failure {attempt}")  # type: ignore[misc]
+    final = mgr.status("dep")
+    assert final.attempts == 3 and final.retry_in_s is None  # given up
+    local_repo(repo)
+    mgr.start("dep", entries(cfg), {})
+    assert mgr.status("dep").attempts == 3  # still given up: no new attempt
+    mgr.forget("dep")  # re-activation
+    mirror(mgr, "dep", cfg)
+    assert mgr.status("dep").attempts == 0
+
+
+def test_a_weights_source_that_fails_fails_the_deployment_and_push_wait(tmp_path: Path) -> None:
+    """It used to sit in WAITING_FOR_WEIGHTS "0/0 files" while `push --wait` waited out its
+    timeout. The deployment ends FAILED with the source's error, which `kingpost logs`
+    shows too; re-activating it after the source is fixed mirrors afresh."""
+    from test_platform_push import copy_project
+
+    from helpers.platform import Platform
+
+    repo = tmp_path / "repo"  # missing
+    platform = Platform(
+        tmp_path / "home", extra_env={"KINGPOST_WEIGHTS_MIRROR_ATTEMPTS": "1"}
+    ).start()
+    try:
+        weights = f"weights:\n  - source: file://{repo}\n    mount_location: /models/w\n"
+        project = copy_project(tmp_path, "bad-weights", "model_name: bad-weights\n" + weights)
+        out = platform.cli("push", str(project), "--wait", "--timeout", "120", "-o", "json")
+        assert out.returncode != 0, out.stdout
+        assert "FAILED" in out.stderr and str(repo) in out.stderr, out.stderr
+        assert "gave up after 1 attempts" in out.stderr
+        dep_id = json.loads(out.stdout)["deployment"]["id"]
+        logs = platform.cli("logs", "--deployment", dep_id)
+        assert "[weights] mirror attempt 1 failed" in logs.stdout and str(repo) in logs.stdout
+        local_repo(repo)
+        assert platform.cli("deployments", "activate", "bad-weights", dep_id).returncode == 0
+        platform.wait_status(dep_id, "ACTIVE", timeout=120)
     finally:
         platform.stop()

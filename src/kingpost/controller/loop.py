@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kingpost.controller.plan import BUILD_FAILED_PREFIX, Want, plan
+from kingpost.controller.plan import Want, plan
 from kingpost.controller.prepare import Jobs, JobState
 from kingpost.controller.specs import (
     environment_names,
@@ -68,6 +68,20 @@ class _Ready:
     weights: tuple[Any, ...]
 
 
+_FAILURES = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
+
+
+@dataclass(frozen=True)
+class _Blocked:
+    """A prerequisite not met: the status it calls for, recorded once by the pass (or not
+    at all while adopted replicas serve: they keep serving, and ``message`` becomes the
+    deployment's note)."""
+
+    status: DeploymentStatus | None
+    """``None``: nothing to record (e.g. a recorded BUILD_FAILED that stands)."""
+    message: str = ""
+
+
 class Controller:
     def __init__(
         self,
@@ -87,6 +101,8 @@ class Controller:
         self._configs: dict[str, TrussConfig] = {}
         self._failed_builds: set[str] = set()
         """Deployments whose BUILD_FAILED is recorded: re-activating one builds it again."""
+        self._failed_weights: set[str] = set()
+        """Deployments whose weights mirror gave up: re-activating one mirrors afresh."""
         self._notes: dict[str, str] = {}
         """Per deployment: what a new replica would lack while the running ones serve."""
         self._jobs = Jobs(settings.build_timeout, log_dir=settings.builds_dir)
@@ -163,6 +179,11 @@ class Controller:
 
     def logs(self, deployment: DeploymentView, tail: int = 200) -> list[LogLine]:
         lines = [LogLine("build", t) for t in self._jobs.output(f"build:{deployment.id}")]
+        mirror = self.weights_status(deployment.id)
+        if mirror is not None and mirror.attempts:
+            lines.append(
+                LogLine("weights", f"mirror attempt {mirror.attempts} failed: {mirror.error}")
+            )
         engine = self._engines.get(deployment.engine)
         if engine is not None:
             lines.extend(engine.logs(deployment.id, tail))
@@ -237,14 +258,22 @@ class Controller:
         return out
 
     def _reconcile(self, dep: DeploymentView, replicas: list[ReplicaStatus]) -> list[ReplicaStatus]:
+        """One deployment's step: check prerequisites, plan, record one status, act."""
         want_active = dep.desired_state == DesiredState.ACTIVE
+        serving = bool(replicas)
         if not want_active:  # a build still running is stopped; re-activating starts anew
             self._jobs.cancel(f"build:{dep.id}", "the deployment was deactivated")
-        prepared = self._prepare(dep, serving=bool(replicas)) if want_active else None
-        if want_active and prepared is None and not replicas:
-            return []  # still preparing, or failed to; status already recorded
+        self._notes.pop(dep.id, None)
+        gate = self._prepare(dep, serving) if want_active else None
+        if isinstance(gate, _Blocked):
+            if not serving:
+                if gate.status is not None:
+                    self.store.set_status(dep.id, gate.status, gate.message)
+                return []  # still preparing, or failed to
+            if gate.status in _FAILURES:  # replicas serve on; say what a new one would lack
+                self._notes[dep.id] = gate.message
         want = Want(
-            active=want_active and (prepared is not None or bool(replicas)),
+            active=want_active and (isinstance(gate, _Ready) or serving),
             replicas=dep.min_replicas,
             reset_after=dep.updated_at.timestamp()
             if dep.status == DeploymentStatus.DEPLOYING
@@ -262,8 +291,11 @@ class Controller:
         elif decision.status is not None:
             message = decision.message or self._notes.get(dep.id, "")
             self.store.set_status(dep.id, decision.status, message)
-        if decision.start and prepared is not None:
-            self._start_replicas(dep, decision.start, prepared)  # records a refusal
+        if decision.start and isinstance(gate, _Ready):
+            refused = self._start_replicas(dep, decision.start, gate)
+            if refused is not None:  # the engine refused a start: that outcome stands
+                self.store.set_status(dep.id, refused.status or DeploymentStatus.FAILED,
+                                      refused.message)  # fmt: skip
         return list(decision.ready)
 
     # -- Python environments ------------------------------------------------------------
@@ -336,101 +368,106 @@ class Controller:
         except KingpostError:
             return None
 
-    def _prepare(self, dep: DeploymentView, serving: bool = False) -> _Ready | None:
-        """Check prerequisites; record BUILDING/WAITING/FAILED; return them once met.
-
-        While replicas already serve (adopted after a restart), progress is not
-        recorded: the deployment stays as it is until a replica must be started.
-        """
+    def _prepare(self, dep: DeploymentView, serving: bool) -> _Ready | _Blocked:
+        """Check prerequisites in order (secrets, engine, build, weights): what the
+        deployment's replicas need, or the first one missing as a status to record.
+        ``serving``: adopted replicas serve (after a restart), which a recorded
+        BUILD_FAILED does not stop from re-checking the build."""
         config = self._config(dep)
         missing = missing_secrets(config, self.store.secret_names())
-        self._notes.pop(dep.id, None)
         if missing:
             what = f"secret(s) not defined: {', '.join(missing)}; define each with "
             if serving:  # the running replicas keep the files they started with
-                self._notes[dep.id] = what + "`kingpost secrets set NAME` before a replica starts"
-                return None
-            self.store.set_status(
-                dep.id,
+                return _Blocked(
+                    DeploymentStatus.FAILED, what + "`kingpost secrets set NAME` before a "
+                    "replica starts",
+                )  # fmt: skip
+            return _Blocked(
                 DeploymentStatus.FAILED,
                 what + "`kingpost secrets set NAME` (the deployment starts once they exist)",
             )
-            return None
         if dep.engine not in self._engines:
             try:
                 self.engine(dep.engine)
             except KingpostError as exc:
-                self.store.set_status(dep.id, DeploymentStatus.FAILED, exc.message)
-                return None
+                return _Blocked(DeploymentStatus.FAILED, exc.message)
         built = self._build_for(dep, config, serving)
-        if built is None:
-            return None
-        weights = self._weights_for(dep, config, serving)
-        if weights is None:
-            return None
+        if isinstance(built, _Blocked):
+            return built
+        weights = self._weights_for(dep, config)
+        if isinstance(weights, _Blocked):
+            return weights
         return _Ready(built=built, weights=weights)
 
     def _build_for(
-        self, dep: DeploymentView, config: TrussConfig, serving: bool = False
-    ) -> Prepared | None:
+        self, dep: DeploymentView, config: TrussConfig, serving: bool
+    ) -> Prepared | _Blocked:
         """What the deployment's engine builds for it (an environment, an image), once."""
         engine, app_dir = self.engine(dep.engine), self._app_dir(dep)
         key = f"build:{dep.id}"
         if dep.status == DeploymentStatus.BUILD_FAILED and not serving:
             # The recorded failure stands until the user re-activates (which resets the
             # status), a restarted control plane included: it does not build it again.
-            return None
+            return _Blocked(None)
         if dep.id in self._failed_builds and dep.status == DeploymentStatus.DEPLOYING:
             # BUILD_FAILED was recorded, and re-activating reset it since: build again.
             self._failed_builds.discard(dep.id)
             self._jobs.forget(key)
         job = self._jobs.ensure(key, lambda out: engine.prepare(config, app_dir, out))
         if job.state == JobState.RUNNING:
-            if serving:
-                return None
             what = "the image" if dep.engine == "docker" else "the Python environment"
-            self.store.set_status(dep.id, DeploymentStatus.BUILDING, f"building {what}")
-            return None
+            return _Blocked(DeploymentStatus.BUILDING, f"building {what}")
         if job.state == JobState.FAILED:
-            self.store.set_status(dep.id, DeploymentStatus.BUILD_FAILED, job.error)
             self._failed_builds.add(dep.id)
-            return None
+            return _Blocked(DeploymentStatus.BUILD_FAILED, job.error)
         return job.result if isinstance(job.result, Prepared) else Prepared()
 
-    def _weights_for(
-        self, dep: DeploymentView, config: TrussConfig, serving: bool = False
-    ) -> tuple[Any, ...] | None:
+    def _weights_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[Any, ...] | _Blocked:
         entries = list(config.weights or [])
         if not entries:
             return ()
         manager = self.weights_manager()
+        if dep.id in self._failed_weights and dep.status == DeploymentStatus.DEPLOYING:
+            # Gave up, recorded FAILED, and re-activating reset it since: mirror afresh.
+            self._failed_weights.discard(dep.id)
+            manager.forget(dep.id)
         secret_names = {e.secret_name for e in entries if e.secret_name}
         manager.start(dep.id, entries, self.store.reveal_secrets(secret_names))
         st = manager.status(dep.id)
         state = str(getattr(st.state, "value", st.state)).upper()
         if state == "COMPLETE":
             return tuple(manager.mounts(dep.id))
+        if state == "FAILED" and st.retry_in_s is None:
+            self._failed_weights.add(dep.id)
+            return _Blocked(
+                DeploymentStatus.FAILED,
+                f"weights: {st.error} (gave up after {st.attempts} attempts; fix the source "
+                "or its secret, then re-activate the deployment)",
+            )
         if state == "FAILED":
-            self.store.set_status(dep.id, DeploymentStatus.FAILED, f"weights: {st.error}")
-            return None
-        if serving:
-            return None
+            return _Blocked(
+                DeploymentStatus.WAITING_FOR_WEIGHTS,
+                f"weights: attempt {st.attempts} of {manager.attempts} failed: {st.error}; "
+                f"trying again in {st.retry_in_s:.0f} s",
+            )
         progress = f"{st.files_done}/{st.files_total} files, {st.bytes_done}/{st.bytes_total} bytes"
-        self.store.set_status(dep.id, DeploymentStatus.WAITING_FOR_WEIGHTS, progress)
-        return None
+        return _Blocked(DeploymentStatus.WAITING_FOR_WEIGHTS, progress)
 
     def weights_manager(self) -> Any:
         if self._weights is None:
             from kingpost.weights import WeightsManager
 
-            self._weights = WeightsManager(self.settings.weights_dir)
+            self._weights = WeightsManager(
+                self.settings.weights_dir, attempts=self.settings.weights_mirror_attempts
+            )
         return self._weights
 
     def weights_status(self, deployment_id: str) -> Any:
         return None if self._weights is None else self._weights.status(deployment_id)
 
     # -- replicas ---------------------------------------------------------------------
-    def _start_replicas(self, dep: DeploymentView, count: int, ready: _Ready) -> None:
+    def _start_replicas(self, dep: DeploymentView, count: int, ready: _Ready) -> _Blocked | None:
+        """Starts ``count`` replicas; the status the engine's refusal calls for, if any."""
         from kingpost.config import runtime_environment
 
         config = self._config(dep)
@@ -461,10 +498,10 @@ class Controller:
             try:
                 engine.start(spec)
             except KingpostError as exc:
-                prefix = BUILD_FAILED_PREFIX if exc.code == "build_failed" else ""
-                status = DeploymentStatus.BUILD_FAILED if prefix else DeploymentStatus.FAILED
-                self.store.set_status(dep.id, status, exc.message)
-                return
+                build = exc.code == "build_failed"
+                status = DeploymentStatus.BUILD_FAILED if build else DeploymentStatus.FAILED
+                return _Blocked(status, exc.message)
+        return None
 
     def _tell_environments(
         self, deployments: list[DeploymentView], environments: list[EnvironmentView]

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kingpost.engines.base import WeightMount
@@ -25,7 +25,13 @@ from kingpost.weights.blobs import BlobStore, GcReport, Manifest, Partial
 from kingpost.weights.patterns import selected
 from kingpost.weights.sources import RemoteFile, Source, WeightsEntry, open_source
 
-__all__ = ["MirrorState", "MirrorStatus", "WeightsManager", "validate_weights"]
+__all__ = [
+    "MIRROR_ATTEMPTS",
+    "MirrorState",
+    "MirrorStatus",
+    "WeightsManager",
+    "validate_weights",
+]
 
 
 class MirrorState(enum.StrEnum):
@@ -33,7 +39,7 @@ class MirrorState(enum.StrEnum):
     RESOLVING = "RESOLVING"  # listing sources and pinning revisions
     DOWNLOADING = "DOWNLOADING"  # fetching files the store lacks
     COMPLETE = "COMPLETE"  # every file is in the store; mounts can be built
-    FAILED = "FAILED"  # see error; start() again retries
+    FAILED = "FAILED"  # see error; start() retries after a backoff, a bounded number of times
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,11 @@ class MirrorStatus:
     bytes_total: int = 0
     rate_bytes_per_s: float = 0.0
     error: str = ""
+    attempts: int = 0
+    """Attempts that failed since the last success (or :meth:`WeightsManager.forget`)."""
+    retry_in_s: float | None = None
+    """FAILED with attempts left: seconds until :meth:`WeightsManager.start` tries again;
+    ``None`` once it gave up (after :data:`MIRROR_ATTEMPTS`)."""
 
 
 class _Job:
@@ -99,6 +110,10 @@ def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
 
 
 FETCH_ATTEMPTS = 4
+MIRROR_ATTEMPTS = 3
+"""Whole mirrors tried before a deployment's weights are FAILED for good (until re-activated)."""
+RETRY_DELAYS_S = (5.0, 20.0)
+"""Wait after the first, then every later failed attempt of a mirror."""
 RANGE_BYTES = 16 * 1024 * 1024
 """Files larger than this are fetched as parallel byte ranges of this size."""
 
@@ -151,22 +166,40 @@ def _digest(*parts: object) -> str:
 
 
 class WeightsManager:
-    def __init__(self, root: Path, *, max_workers: int = 8, chunk_bytes: int = RANGE_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_workers: int = 8,
+        chunk_bytes: int = RANGE_BYTES,
+        attempts: int = MIRROR_ATTEMPTS,
+    ) -> None:
         self.store = BlobStore(root)
+        self.attempts = attempts
         self.max_workers = max_workers
         self.chunk_bytes = chunk_bytes
         self._active: dict[str, _File] = {}
         self._jobs: dict[str, _Job] = {}
         self._entries: dict[str, list[WeightsEntry]] = {}
+        self._failures: dict[str, tuple[int, float]] = {}
+        """Per key: failed attempts in a row, and when (monotonic) the next may start."""
         self._lock = threading.Lock()
         self._etags = root / "etags"
         self._etags.mkdir(exist_ok=True)
 
     def start(self, key: str, entries: Sequence[WeightsEntry], secrets: Mapping[str, str]) -> None:
+        """Starts mirroring ``key`` unless it is running or done. A failed mirror is
+        started again only once its backoff has passed, and not after ``attempts``
+        failures (default :data:`MIRROR_ATTEMPTS`): a source that is down or refuses the
+        credentials must end in a visible failure, not a mirror restarted on every call."""
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and job.state != MirrorState.FAILED:
                 return
+            if job is not None:
+                failed, retry_at = self._failures.get(key, (0, 0.0))
+                if failed >= self.attempts or time.monotonic() < retry_at:
+                    return
             job = self._jobs[key] = _Job()
             self._entries[key] = list(entries)
         threading.Thread(
@@ -175,7 +208,24 @@ class WeightsManager:
 
     def status(self, key: str) -> MirrorStatus:
         job = self._jobs.get(key)
-        return job.status() if job is not None else MirrorStatus(MirrorState.PENDING)
+        if job is None:
+            return MirrorStatus(MirrorState.PENDING)
+        status = job.status()
+        with self._lock:
+            failed, retry_at = self._failures.get(key, (0, 0.0))
+        retry_in: float | None = None
+        if status.state == MirrorState.FAILED and failed < self.attempts:
+            retry_in = max(0.0, retry_at - time.monotonic())
+        return replace(status, attempts=failed, retry_in_s=retry_in)
+
+    def forget(self, key: str) -> None:
+        """Drops a failed mirror and its count, so the next :meth:`start` tries afresh (the
+        user re-activated the deployment). A running or finished mirror is left alone."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.state == MirrorState.FAILED:
+                del self._jobs[key]
+            self._failures.pop(key, None)
 
     def mounts(self, key: str) -> tuple[WeightMount, ...]:
         job = self._jobs.get(key)
@@ -214,11 +264,20 @@ class WeightsManager:
                 self.store.pin(key, [m.id for m in manifests if m is not None])
             job.manifests = [m for m in manifests if m is not None]
             self._download(job, entries, secrets)
+            with self._lock:
+                self._failures.pop(key, None)
             job.state = MirrorState.COMPLETE
         except KingpostError as exc:
-            job.error, job.state = exc.message, MirrorState.FAILED
+            self._failed(job, key, exc.message)
         except Exception as exc:  # a mirror bug must not stay silent
-            job.error, job.state = f"{type(exc).__name__}: {exc}", MirrorState.FAILED
+            self._failed(job, key, f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, job: _Job, key: str, error: str) -> None:
+        with self._lock:  # counted before the state says FAILED: status() reads both
+            failed = self._failures.get(key, (0, 0.0))[0] + 1
+            delay = RETRY_DELAYS_S[min(failed, len(RETRY_DELAYS_S)) - 1]
+            self._failures[key] = (failed, time.monotonic() + delay)
+        job.error, job.state = error, MirrorState.FAILED
 
     def _resolve(self, entry: WeightsEntry, secrets: Mapping[str, str]) -> Manifest:
         source = open_source(entry, secrets)
