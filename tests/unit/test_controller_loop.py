@@ -781,3 +781,26 @@ def test_publish_keys_pushes_a_revocation_at_once_with_the_routes_kept(rig: Rig)
 def test_publish_keys_before_the_first_pass_pushes_nothing(rig: Rig) -> None:
     rig.controller.publish_keys()
     assert rig.pushed == []
+
+
+def test_the_loop_counts_its_passes_their_time_and_the_steps_that_raised(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dep = rig.deploy()
+    rig.controller.reconcile_once()
+    stats = rig.controller.stats
+    assert (stats.passes, stats.failed_passes, stats.step_errors) == (1, 0, 0)
+    assert 0 < stats.last_pass_s <= stats.max_pass_s <= stats.total_pass_s
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("engine lost")
+
+    monkeypatch.setattr(rig.controller, "_reconcile", boom)
+    rig.controller.reconcile_once()  # a step that raises is counted, not raised
+    assert (stats.passes, stats.last_step_errors, stats.step_errors) == (2, 1, 1)
+    view = rig.store.get_deployment(dep)
+    assert view.status == DeploymentStatus.FAILED and "engine lost" in view.message
+    monkeypatch.setattr(rig.store, "routing_snapshot", boom)
+    with pytest.raises(RuntimeError):
+        rig.controller.reconcile_once()
+    assert (stats.passes, stats.failed_passes, stats.last_step_errors) == (3, 1, 0)

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from kingpost.config import TrussConfig
     from kingpost.settings import Settings
 
-__all__ = ["Controller"]
+__all__ = ["Controller", "LoopStats"]
 
 log = logging.getLogger(__name__)
 TABLE_REFRESH_S = 5.0
@@ -69,6 +69,24 @@ class _Ready:
 
 
 _FAILURES = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
+
+
+@dataclass
+class LoopStats:
+    """The reconcile loop's own figures, for the metrics endpoint to export."""
+
+    passes: int = 0
+    """Passes finished, failed ones included."""
+    failed_passes: int = 0
+    """Passes that raised (the store or an engine was unreachable, say)."""
+    step_errors: int = 0
+    """Deployment steps that raised, over all passes (each is logged, and the deployment
+    FAILED with the error)."""
+    last_step_errors: int = 0
+    """Deployment steps that raised in the last pass."""
+    last_pass_s: float = 0.0
+    max_pass_s: float = 0.0
+    total_pass_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,8 @@ class Controller:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
+        self.stats = LoopStats()
+        self._step_errors = 0
         self._told: dict[str, str] | None = None
         """What each deployment's environment file says (None until read from disk)."""
 
@@ -198,6 +218,24 @@ class Controller:
 
     # -- one pass -------------------------------------------------------------------
     def reconcile_once(self) -> RoutingTable:
+        started = time.perf_counter()
+        self._step_errors = 0
+        try:
+            return self._pass()
+        except Exception:
+            self.stats.failed_passes += 1
+            raise
+        finally:
+            took = time.perf_counter() - started
+            stats = self.stats
+            stats.passes += 1
+            stats.last_step_errors = self._step_errors
+            stats.step_errors += self._step_errors
+            stats.last_pass_s = took
+            stats.max_pass_s = max(stats.max_pass_s, took)
+            stats.total_pass_s += took
+
+    def _pass(self) -> RoutingTable:
         models, deployments, environments = self.store.routing_snapshot()
         replicas = self._poll_all()
         self._tell_environments(deployments, environments)
@@ -207,6 +245,7 @@ class Controller:
             try:
                 ready[dep.id] = self._reconcile(dep, replicas.get(dep.id, []))
             except Exception as exc:
+                self._step_errors += 1
                 log.exception("reconciling deployment %s failed", dep.id)
                 self.store.set_status(dep.id, DeploymentStatus.FAILED, f"internal error: {exc}")
         for dep_id, reps in replicas.items():
