@@ -59,7 +59,6 @@ __all__ = ["ProcessEngine"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-STOP_GRACE_S = 5.0
 SECRETS_MOUNT = "/secrets"
 
 
@@ -105,6 +104,32 @@ def _tail(path: Path, lines: int) -> list[str]:
         return tail_lines(path, lines, 64 * 1024)
     except FileNotFoundError:
         return []
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs (zombies do not count: a server
+    orphaned under init is reaped by it, not by us)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _secrets_root(scope: str) -> Path:
@@ -236,7 +261,7 @@ class ProcessEngine(Engine):
             rep = self._replicas.get(replica_id)
             if rep is not None and not rep.stopping:
                 rep.stopping = True
-                rep.kill_at = time.monotonic() + STOP_GRACE_S
+                rep.kill_at = time.monotonic() + self.settings.stop_grace_period
 
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
         with self._lock:
@@ -255,8 +280,8 @@ class ProcessEngine(Engine):
         with self._lock:
             for rep in self._replicas.values():
                 rep.stopping = True
-                rep.kill_at = time.monotonic() + STOP_GRACE_S
-        deadline = time.monotonic() + STOP_GRACE_S + 5
+                rep.kill_at = time.monotonic() + self.settings.stop_grace_period
+        deadline = time.monotonic() + self.settings.stop_grace_period + 5
         while time.monotonic() < deadline:
             with self._lock:
                 if not self._replicas:
@@ -302,23 +327,34 @@ class ProcessEngine(Engine):
             self._probe(rep, now)
 
     def _step_stopping(self, rep: _Replica, now: float) -> None:
+        """SIGTERM to the replica's whole process group, the grace period to drain, then
+        SIGKILL to the group; it is gone only when no process of the group is left (a
+        ``start_command`` shell exits at once, the server it started may not)."""
         proc = rep.proc
-        if proc is not None and proc.poll() is None:
-            sig = signal.SIGKILL if now >= rep.kill_at else signal.SIGTERM
-            if sig == signal.SIGKILL or rep.phase != ReplicaPhase.STOPPED:
-                self._signal(proc, sig)
-            rep.phase = ReplicaPhase.STOPPED
-            return
+        if proc is not None:
+            proc.poll()  # reap the group leader once it exits
+            if _group_alive(proc.pid):
+                if rep.phase != ReplicaPhase.STOPPED:
+                    self._signal(proc, signal.SIGTERM)
+                    rep.phase = ReplicaPhase.STOPPED
+                elif now >= rep.kill_at:
+                    self._signal(proc, signal.SIGKILL)
+                return
         self._cleanup(rep)
         with self._lock:
             self._replicas.pop(rep.spec.replica_id, None)
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        """Signal the replica's process group (its first process leads a session)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
 
     def _exited(self, rep: _Replica, code: int, now: float) -> None:
+        # What the first process started may outlive it (a server under an exited
+        # shell): nothing of the old group may hold the port when the next one starts.
+        if rep.proc is not None:
+            self._signal(rep.proc, signal.SIGKILL)
         self._forget(rep)
         rep.proc = None
         rep.endpoint = None
