@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     stop_grace_period: float = Field(default=5.0, ge=0)
     """Process engine: seconds a stopping replica's process group has to drain after
     SIGTERM before the whole group is SIGKILLed."""
+    isolation: str = "auto"
+    """Process engine, as root on Linux: replicas run as an unprivileged uid per deployment
+    in a mount namespace that hides the home (``engines/_view.py``): ``auto`` (when
+    permitted), ``on`` (refuse to start without), ``off``."""
     netns: str = "auto"
     """Process engine network isolation: ``auto`` (when permitted), ``on``, ``off``."""
     docker_network: str = "kingpost"

@@ -33,6 +33,7 @@ from kingpost._cancel import kill_orphans
 from kingpost._logtail import tail_lines
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
+from kingpost.engines._view import View, plan_view, replica_uid
 from kingpost.engines.base import (
     BuildLog,
     Endpoint,
@@ -106,6 +107,16 @@ def _tail(path: Path, lines: int) -> list[str]:
         return []
 
 
+def _chown_tree(path: Path, uid: int | None) -> None:
+    """Give a replica's own files to its uid (and gid); nothing without one."""
+    if uid is None:
+        return
+    os.chown(path, uid, uid, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether any process of group ``pgid`` still runs (zombies do not count: a server
     orphaned under init is reaped by it, not by us)."""
@@ -172,6 +183,22 @@ class ProcessEngine(Engine):
         if settings.netns == "on" and not self.netns:
             raise EngineError("netns=on, but this process may not create network namespaces")
         self.mounts = sys.platform == "linux" and can_unshare_mounts()
+        self.isolate = settings.isolation != "off" and self.mounts and os.geteuid() == 0
+        if settings.isolation == "on" and not self.isolate:
+            raise EngineError(
+                "isolation=on, but replicas cannot be isolated here: that needs Linux, root "
+                "and mount namespaces. Run Kingpost as root, or set KINGPOST_ISOLATION=auto"
+            )
+        if not self.isolate:
+            log.warning(
+                "process engine: REPLICAS ARE NOT ISOLATED: they run as uid %d and see this "
+                "machine's files as Kingpost does, its home %s included (database, secret.key, "
+                "credentials, other models' files). Isolation needs Linux, root and mount "
+                "namespaces%s; use the docker engine for models you do not trust",
+                os.getuid(),
+                settings.home,
+                " (KINGPOST_ISOLATION=off)" if settings.isolation == "off" else "",
+            )
         _kill_leftovers(settings.replicas_dir)
         for pid in kill_orphans():  # builds' processes a killed control plane left
             log.warning("process engine: killed pid %s left by an earlier build", pid)
@@ -401,11 +428,19 @@ class ProcessEngine(Engine):
     # -- launching -----------------------------------------------------------------------------
     def _launch(self, rep: _Replica, now: float) -> None:
         spec = rep.spec
+        try:
+            uid = replica_uid(spec.deployment_id, spec.run_as_user_id) if self.isolate else None
+        except EngineError as exc:
+            rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
+            return
         if not rep.app.exists():
             rep.root.mkdir(parents=True, exist_ok=True)
             shutil.copytree(spec.app_dir, rep.app, symlinks=True)
-        (rep.root / "home").mkdir(exist_ok=True)
-        secrets_dir = self._write_secrets(rep)
+            _chown_tree(rep.app, uid)
+        if not (rep.root / "home").exists():
+            (rep.root / "home").mkdir()
+            _chown_tree(rep.root / "home", uid)
+        secrets_dir = self._write_secrets(rep, uid)
         binds = self._binds(rep, secrets_dir)
         env = self._environment(rep, secrets_dir, binds)
         try:
@@ -413,6 +448,17 @@ class ProcessEngine(Engine):
         except EngineError as exc:  # never launchable: FAILED, not retried every tick
             rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
             return
+        isolation = Isolation(rep.netns, binds)
+        if uid is not None:
+            view = self._view(rep, env)
+            isolation = Isolation(
+                rep.netns,
+                binds,
+                masks=(*view.masks, "/dev/shm"),
+                keep=view.keep,
+                cwd=str(rep.app),
+                uid=uid,
+            )
         with rep.log_path.open("ab") as out:
             out.write(f"--- kingpost: starting replica {spec.replica_id} ---\n".encode())
             out.flush()
@@ -425,7 +471,7 @@ class ProcessEngine(Engine):
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=preexec(Isolation(rep.netns, binds)),
+                    preexec_fn=preexec(isolation),
                 )
             except (OSError, subprocess.SubprocessError) as exc:
                 rep.phase, rep.message = ReplicaPhase.FAILED, f"cannot start the server: {exc}"
@@ -495,8 +541,26 @@ class ProcessEngine(Engine):
             ),
         }
 
-    def _write_secrets(self, rep: _Replica) -> Path:
-        """Secret files on tmpfs (/dev/shm): dir 0500, files 0400, removed at stop."""
+    def _view(self, rep: _Replica, env: dict[str, str]) -> View:
+        """What an isolated replica sees (``engines/_view.py``): its own tree, and
+        read-only what it runs from."""
+        import kingpost
+
+        spec = rep.spec
+        python = Path(spec.python_executable or sys.executable)
+        read_only = [
+            python.parent.parent,  # its environment (a venv: bin/python)
+            Path(kingpost.__file__).resolve().parent.parent,  # the model server's package
+            *(Path(d) for d in env.get("PATH", "").split(os.pathsep) if d),
+        ]
+        if spec.dynamic_config_dir is not None:
+            read_only.append(spec.dynamic_config_dir)
+        installs = {Path(sys.prefix), Path(sys.base_prefix), python.resolve().parent.parent}
+        return plan_view(self.settings.home, rep.root, read_only, sorted(installs))
+
+    def _write_secrets(self, rep: _Replica, uid: int | None = None) -> Path:
+        """Secret files on tmpfs (/dev/shm): dir 0500, files 0400 (owned by the replica's
+        uid when it has its own), removed at stop."""
         path = self._secrets_root / rep.spec.replica_id
         if path.exists():
             return path
@@ -509,6 +573,7 @@ class ProcessEngine(Engine):
             with os.fdopen(fd, "w") as fh:
                 fh.write(value)
         tmp.chmod(0o500)
+        _chown_tree(tmp, uid)
         tmp.rename(path)
         return path
 
