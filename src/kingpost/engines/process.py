@@ -551,6 +551,7 @@ class ProcessEngine(Engine):
         read_only = [
             python.parent.parent,  # its environment (a venv: bin/python)
             Path(kingpost.__file__).resolve().parent.parent,  # the model server's package
+            self.settings.envs_dir / "_kingpost",  # environments' links to that package
             *(Path(d) for d in env.get("PATH", "").split(os.pathsep) if d),
         ]
         if spec.dynamic_config_dir is not None:
