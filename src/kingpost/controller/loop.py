@@ -377,7 +377,7 @@ class Controller:
         if self._weights is None:
             from kingpost.weights import WeightsManager
 
-            self._weights = WeightsManager(self.settings.weights_dir)
+            self._weights = WeightsManager(self.settings.weights_dir, home=self.settings.home)
         return self._weights
 
     def weights_status(self, deployment_id: str) -> Any:
