@@ -4,6 +4,7 @@ another model: attacks made from inside a real replica all fail (issue 23, item 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ from kingpost.engines._view import replica_uid
 from kingpost.engines.base import Endpoint, ReplicaPhase
 from kingpost.engines.netns import socket_in_netns
 from kingpost.engines.process import ProcessEngine
+from kingpost.errors import EngineError
 from kingpost.settings import Settings
 
-pytestmark = pytest.mark.skipif(
+needs_isolation = pytest.mark.skipif(
     os.geteuid() != 0 or not can_unshare_mounts(), reason="isolation needs root and mount ns"
 )
 
@@ -138,6 +140,7 @@ def eng(tmp_path: Path) -> Iterator[ProcessEngine]:
         e.close()
 
 
+@needs_isolation
 def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
     eng: ProcessEngine, tmp_path: Path
 ) -> None:
@@ -181,3 +184,20 @@ def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
     assert seen["shm"] == "ok: []"
     # Files it wrote are its own (and its deployment's), not root's.
     assert (eng.settings.replicas_dir / "d1-a" / "app" / "scratch").stat().st_uid == seen["uid"]
+
+
+def test_an_engine_that_cannot_isolate_says_so_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="kingpost.engines.process"):
+        e = ProcessEngine(Settings(home=tmp_path / "home", isolation="off"))
+    e.close()
+    assert not e.isolate
+    [warning] = [r.getMessage() for r in caplog.records if "NOT ISOLATED" in r.getMessage()]
+    assert str(tmp_path / "home") in warning and "KINGPOST_ISOLATION=off" in warning
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and can_unshare_mounts(), reason="this machine can isolate")
+def test_isolation_on_refuses_to_start_where_it_cannot_isolate(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="isolation=on, but replicas cannot be isolated"):
+        ProcessEngine(Settings(home=tmp_path / "home", isolation="on"))
