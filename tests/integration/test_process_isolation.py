@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +53,10 @@ def write(path):
         fh.write("x")
     return "written"
 
+mark = os.path.join("/tmp", os.environ["BT_MODEL_DEPLOYMENT_ID"] + "-was-here")
+with open(mark, "w") as fh:
+    fh.write("x")
+
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
     def do_GET(self):
@@ -69,6 +75,7 @@ class H(BaseHTTPRequestHandler):
             "control_socket": attempt(lambda: connect(os.path.join(home, "run", "gateway.sock"))),
             "etc": attempt(lambda: write("/etc/kingpost-probe")),
             "shm": attempt(lambda: sorted(os.listdir("/dev/shm"))),
+            "tmp": attempt(lambda: sorted(os.listdir("/tmp"))),
         }
         body = json.dumps(seen).encode()
         self.send_response(200)
@@ -166,6 +173,8 @@ def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
         seen = get(start(eng, project(tmp_path, "attacker", env), "d1", "mine"))
     finally:
         control.close()
+        for dep in ("d1", "d2"):  # its home is under /tmp: the host's /tmp was theirs
+            Path(f"/tmp/{dep}-was-here").unlink(missing_ok=True)
     assert seen["uid"] == replica_uid("d1", None) != replica_uid("d2", None)
     assert seen["own_secret"] == "ok: mine"
     assert seen["own_app"] == seen["own_home"] == "ok: written"
@@ -184,6 +193,23 @@ def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
     assert seen["shm"] == "ok: []"
     # Files it wrote are its own (and its deployment's), not root's.
     assert (eng.settings.replicas_dir / "d1-a" / "app" / "scratch").stat().st_uid == seen["uid"]
+
+
+@needs_isolation
+def test_each_replica_gets_its_own_tmp() -> None:
+    # A home outside /tmp, as in real use: one under it (tmp_path) keeps the host's /tmp.
+    base = Path(tempfile.mkdtemp(prefix="kingpost-test-", dir="/var/tmp"))
+    e = ProcessEngine(Settings(home=base / "home"))
+    try:
+        nothing = {"VICTIM_HOME": "/", "OTHER_SECRET": "/", "OTHER_APP": "/"}
+        start(e, project(base, "victim", nothing), "d8", "theirs")
+        seen = get(start(e, project(base, "attacker", nothing), "d7", "mine"))
+        assert seen["tmp"] == "ok: ['d7-was-here']"
+        assert (e.settings.replicas_dir / "d7-a" / "tmp" / "d7-was-here").exists()
+        assert not Path("/tmp/d7-was-here").exists() and not Path("/tmp/d8-was-here").exists()
+    finally:
+        e.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_an_engine_that_cannot_isolate_says_so_loudly(

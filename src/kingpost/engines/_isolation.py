@@ -48,6 +48,8 @@ class Isolation:
     may not enter that hold something the replica needs, ``/dev/shm``)."""
     keep: tuple[tuple[str, bool], ...] = ()
     """(path, writable) under the masks, bound back at the same place, parents first."""
+    private_tmp: str | None = None
+    """A directory of the replica's own to bind at ``/tmp`` (after everything else)."""
     cwd: str | None = None
     """Working directory to enter once the mounts are made (the one Popen entered
     before them would still reach the hidden tree through ``..``)."""
@@ -82,6 +84,8 @@ def _mount_view(isolation: Isolation) -> None:
     _private_mounts()
     sources = [path for path, _ in isolation.keep]
     sources += [source for source, _ in isolation.read_only_binds]
+    if isolation.private_tmp is not None:
+        sources.append(isolation.private_tmp)
     fds = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in dict.fromkeys(sources)}
     try:
         for path in isolation.masks:
@@ -92,6 +96,8 @@ def _mount_view(isolation: Isolation) -> None:
         for source, target in isolation.read_only_binds:
             os.makedirs(target, exist_ok=True)
             _bind(f"/proc/self/fd/{fds[source]}", target, read_only=True)
+        if isolation.private_tmp is not None:
+            _bind(f"/proc/self/fd/{fds[isolation.private_tmp]}", "/tmp", read_only=False)
     finally:
         for fd in fds.values():
             os.close(fd)

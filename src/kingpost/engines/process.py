@@ -117,6 +117,13 @@ def _chown_tree(path: Path, uid: int | None) -> None:
             os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
 
 
+def _tmp_is_free(view: View, binds: tuple[tuple[str, str], ...]) -> bool:
+    """Whether a private ``/tmp`` would hide nothing the replica is shown (a home under
+    ``/tmp``, as in tests, keeps the host's: its own tree is bound back there)."""
+    paths = [*view.masks, *(p for p, _ in view.keep), *(t for _, t in binds)]
+    return not any(p == "/tmp" or p.startswith("/tmp/") for p in paths)
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether any process of group ``pgid`` still runs (zombies do not count: a server
     orphaned under init is reaped by it, not by us)."""
@@ -437,9 +444,10 @@ class ProcessEngine(Engine):
             rep.root.mkdir(parents=True, exist_ok=True)
             shutil.copytree(spec.app_dir, rep.app, symlinks=True)
             _chown_tree(rep.app, uid)
-        if not (rep.root / "home").exists():
-            (rep.root / "home").mkdir()
-            _chown_tree(rep.root / "home", uid)
+        for own in ("home", "tmp") if uid is not None else ("home",):
+            if not (rep.root / own).exists():
+                (rep.root / own).mkdir()
+                _chown_tree(rep.root / own, uid)
         secrets_dir = self._write_secrets(rep, uid)
         binds = self._binds(rep, secrets_dir)
         env = self._environment(rep, secrets_dir, binds)
@@ -456,6 +464,7 @@ class ProcessEngine(Engine):
                 binds,
                 masks=(*view.masks, "/dev/shm"),
                 keep=view.keep,
+                private_tmp=str(rep.root / "tmp") if _tmp_is_free(view, binds) else None,
                 cwd=str(rep.app),
                 uid=uid,
             )
