@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -80,8 +81,13 @@ def gateway_sockets(settings: Settings) -> list[Path]:
     return control_socket_paths(settings.run_dir / "gateway.sock", settings.gateway_workers)
 
 
-def _start_gateway(settings: Settings) -> subprocess.Popen[bytes]:
+def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
+    """Start the gateway, handing it the control token through an inherited pipe: not an
+    environment variable, argument or file, which a replica of the same uid could read."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
+    read, write = os.pipe()
+    os.write(write, token.encode())
+    os.close(write)
     cmd = [
         sys.executable,
         "-m",
@@ -94,8 +100,15 @@ def _start_gateway(settings: Settings) -> subprocess.Popen[bytes]:
         str(settings.run_dir / "gateway.sock"),
         "--workers",
         str(settings.gateway_workers),
+        "--control-token-fd",
+        str(read),
     ]
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        return subprocess.Popen(
+            cmd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(read,)
+        )
+    finally:
+        os.close(read)
 
 
 def _die_with_parent() -> None:
@@ -119,14 +132,14 @@ def _wait_for_sockets(paths: Sequence[Path], gateway: subprocess.Popen[bytes], p
         )
 
 
-def _pusher(settings: Settings) -> Callable[[RoutingTable], None]:
+def _pusher(settings: Settings, token: str) -> Callable[[RoutingTable], None]:
     from kingpost.gateway import push_table
 
     sockets = gateway_sockets(settings)
 
     def push(table: RoutingTable) -> None:
         for sock in sockets:
-            push_table(sock, table)
+            push_table(sock, table, token=token)
 
     return push
 
@@ -174,9 +187,10 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     import uvicorn
 
     store = bootstrap(settings)
-    gateway = _start_gateway(settings)
+    token = secrets.token_urlsafe(32)  # only this process and the gateway hold it
+    gateway = _start_gateway(settings, token)
     _wait_for_sockets(gateway_sockets(settings), gateway, settings.gateway_port)
-    controller = Controller(settings, store, push=_pusher(settings))
+    controller = Controller(settings, store, push=_pusher(settings, token))
     plane = ControlPlane(settings, store, controller)
     config = uvicorn.Config(
         create_app(plane),

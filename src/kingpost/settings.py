@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     """Client side: the key the CLI sends; else read from ``{home}/credentials``."""
     api_url: str | None = None
     """Client side: control plane URL; else ``http://{api_host}:{api_port}``."""
+    stop_grace_period: float = Field(default=5.0, ge=0)
+    """Process engine: seconds a stopping replica's process group has to drain after
+    SIGTERM before the whole group is SIGKILLed."""
+    isolation: str = "auto"
+    """Process engine, as root on Linux: replicas run as an unprivileged uid per deployment
+    in a mount namespace that hides the home (``engines/_view.py``): ``auto`` (when
+    permitted), ``on`` (refuse to start without), ``off``."""
     netns: str = "auto"
     """Process engine network isolation: ``auto`` (when permitted), ``on``, ``off``."""
     docker_network: str = ""

@@ -67,7 +67,7 @@ def test_local_mirror_is_a_read_only_hard_link_tree(tmp_path: Path) -> None:
 def test_patterns_and_dedup_across_models(tmp_path: Path) -> None:
     repo = local_repo(tmp_path / "repo")
     mgr = WeightsManager(tmp_path / "store")
-    base = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    base = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     top = base + "    allow_patterns: ['*.safetensors']\n"
     deep = base + "    allow_patterns: ['**/*.safetensors']\n"
     mirror(mgr, "a", top)
@@ -87,7 +87,7 @@ def test_patterns_and_dedup_across_models(tmp_path: Path) -> None:
 
 def test_pins_survive_a_restart_and_new_files_are_not_seen(tmp_path: Path) -> None:
     repo = local_repo(tmp_path / "repo")
-    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     mirror(WeightsManager(tmp_path / "store"), "dep", cfg)
     (repo / "late.bin").write_bytes(b"new")
     again = WeightsManager(tmp_path / "store")  # a restarted control plane
@@ -102,7 +102,7 @@ def test_pins_survive_a_restart_and_new_files_are_not_seen(tmp_path: Path) -> No
 def test_a_pinned_file_the_source_no_longer_has_fails_the_mirror(tmp_path: Path) -> None:
     """The store lost a blob and the source lost the file: nothing can be mounted."""
     repo = local_repo(tmp_path / "repo")
-    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     first = WeightsManager(tmp_path / "store")
     mirror(first, "dep", cfg)
     data = (repo / "README.md").read_bytes()
@@ -119,7 +119,7 @@ def test_a_pinned_file_the_source_no_longer_has_fails_the_mirror(tmp_path: Path)
 def test_gc_keeps_referenced_blobs(tmp_path: Path) -> None:
     repo = local_repo(tmp_path / "repo")
     mgr = WeightsManager(tmp_path / "store")
-    mirror(mgr, "dep", f"weights:\n  - source: file://{repo}\n    mount_location: /m\n")
+    mirror(mgr, "dep", f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n")
     stray = mgr.store.blob_path("f" * 64)
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"x" * 1000)
@@ -175,7 +175,7 @@ def test_a_file_named_like_a_directory_of_another_fails_the_mirror(tmp_path: Pat
             out.write(b"x")
 
     mgr = WeightsManager(tmp_path / "store")
-    cfg = f"weights:\n  - source: file://{tmp_path}\n    mount_location: /m\n"
+    cfg = f"weights:\n  - source: file://{tmp_path}\n    mount_location: /models/m\n"
     with mock.patch.object(manager_module, "open_source", lambda *a: Clashing(tmp_path)):
         mgr.start("dep", entries(cfg), {})
         done = (MirrorState.COMPLETE, MirrorState.FAILED)
@@ -186,7 +186,7 @@ def test_a_file_named_like_a_directory_of_another_fails_the_mirror(tmp_path: Pat
 
 def test_validation_names_the_missing_auth() -> None:
     errs = validate_weights(
-        entries("weights:\n  - source: s3://bucket/x\n    mount_location: /m\n")
+        entries("weights:\n  - source: s3://bucket/x\n    mount_location: /models/m\n")
     )
     assert errs and errs[0][0] == "weights[0].auth" and "secret_id is required" in errs[0][1]
 
@@ -574,7 +574,7 @@ def test_a_failing_mirror_is_retried_with_backoff_then_given_up_until_forgotten(
     time, so its deployment showed a fresh "0/0 files" forever. Now each failure counts,
     start() waits out the backoff, and after the last attempt the failure stands."""
     repo = tmp_path / "repo"  # missing until the end
-    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /m\n"
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     mgr = WeightsManager(tmp_path / "store", attempts=3)
 
     def failed(attempts: int) -> MirrorStatus | None:
@@ -629,3 +629,17 @@ def test_a_weights_source_that_fails_fails_the_deployment_and_push_wait(tmp_path
         platform.wait_status(dep_id, "ACTIVE", timeout=120)
     finally:
         platform.stop()
+
+
+def test_a_local_source_inside_the_home_is_never_mirrored(tmp_path: Path) -> None:
+    """A deployment pushed before the push-time rule still gets no copy of the home."""
+    home = tmp_path / "home"
+    local_repo(home / "projects")
+    (home / "secret.key").write_text("key")
+    mgr = WeightsManager(home / "weights", home=home)
+    cfg = f"weights:\n  - source: file://{home}\n    mount_location: /models/m\n"
+    mgr.start("dep", entries(cfg), {})
+    done = (MirrorState.COMPLETE, MirrorState.FAILED)
+    st = wait_for(lambda: (s := mgr.status("dep")).state in done and s, 30, "the mirror")
+    assert st and st.state == MirrorState.FAILED, st
+    assert "may not be inside Kingpost's home" in st.error and str(home) in st.error

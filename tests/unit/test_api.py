@@ -175,6 +175,22 @@ def test_weights_this_build_cannot_mirror_are_refused_before_anything_is_created
     assert client.get("/v1/models").json() == []
 
 
+@pytest.mark.parametrize("where", ["{home}", "{home}/projects", "/", "file://{home}/weights"])
+def test_a_local_weights_source_in_or_around_the_home_is_refused(
+    api: tuple[TestClient, str], tmp_path: Path, where: str
+) -> None:
+    source = where.format(home=tmp_path / "home")
+    weights = f"weights:\n  - source: {source}\n    mount_location: /models/m\n"
+    client, _ = api
+    sha = upload(client, tmp_path, CONFIG + weights)
+    r = client.post("/v1/push", json={"project_hash": sha})
+    assert r.status_code == 422, r.text
+    error = r.json()["errors"][0]
+    assert error["path"] == "weights[0].source"
+    assert "may not be inside Kingpost's home" in error["message"] and source in error["message"]
+    assert client.get("/v1/models").json() == []
+
+
 def test_unknown_or_unreachable_engines_are_named(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

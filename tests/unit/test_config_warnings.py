@@ -51,7 +51,7 @@ def test_unknown_keys_warn_with_path_line_and_suggestion() -> None:
 
 
 def test_unknown_keys_inside_list_entries() -> None:
-    text = "weights:\n  - source: hf://a/b\n    mount_location: /m\n    revison: main\n"
+    text = "weights:\n  - source: hf://a/b\n    mount_location: /models/m\n    revison: main\n"
     (warning,) = warnings_of(text)
     assert warning.startswith("c.yaml:4: weights[0].revison: unknown key `revison`")
 

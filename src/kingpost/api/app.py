@@ -213,7 +213,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     loaded = load_config(app_dir, engine=engine)
     config = loaded.config
     warnings = list(loaded.warnings)
-    _check_weights(config)
+    _check_weights(config, plane.settings.home)
     missing = missing_secrets(config, plane.store.secret_names())
     if missing:
         raise SecretError(
@@ -282,12 +282,12 @@ def _check_runnable(config: Any, engine: str) -> None:
         )
 
 
-def _check_weights(config: Any) -> None:
+def _check_weights(config: Any, home: Path) -> None:
     if not config.weights:
         return
     from kingpost.weights import validate_weights
 
-    errors = validate_weights(config.weights)
+    errors = validate_weights(config.weights, home)
     if errors:
         lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
         raise ConfigError(

@@ -28,8 +28,10 @@ WEIGHTS_SCHEMES = ("hf", "s3", "gs", "r2", "bt", "https", "azure", "cw", "file")
 REVISION_SCHEMES = frozenset({"hf", "bt"})
 """Schemes whose sources may pin ``@revision`` (Hugging Face, Baseten Training)."""
 _BUCKET_SCHEMES = frozenset({"s3", "gs", "r2", "azure", "cw"})
-_FORBIDDEN_MOUNTS = ("/", "/app", "/secrets", "/proc", "/sys", "/dev", "/tmp", "/etc", "/usr")
-_FORBIDDEN_TREES = ("/secrets", "/proc", "/sys", "/dev")
+MOUNT_ROOTS = ("/models", "/app", "/workspace", "/home/app", "/packages", "/tmp")
+"""Where weights may be mounted: below the replica's own tree (Truss's writable paths:
+``/app``, ``$HOME``, ``/tmp``, ``/workspace``, ``/packages``) or ``/models``, the
+conventional place for weights; never over the host's or the image's system files."""
 
 
 def source_scheme(source: str) -> str:
@@ -158,11 +160,10 @@ class WeightsSource(ConfigModel):
         if ".." in value.split("/"):
             raise ValueError("mount_location may not contain `..`; give the full absolute path")
         path = normalize_mount(value)
-        inside = any(path.startswith(tree + "/") for tree in _FORBIDDEN_TREES)
-        if path in _FORBIDDEN_MOUNTS or inside:
+        if not any(path.startswith(root + "/") for root in MOUNT_ROOTS):
             raise ValueError(
-                f"mount_location may not be `{path}` (it would hide or enter a system "
-                "directory); use a dedicated directory such as `/models/NAME` or "
+                f"mount_location must lie below one of {', '.join(MOUNT_ROOTS)} (the "
+                f"replica's own tree), not `{path}`; use e.g. `/models/NAME` or "
                 "`/app/model_cache/NAME`"
             )
         return value

@@ -497,7 +497,9 @@ class Controller:
             from kingpost.weights import WeightsManager
 
             self._weights = WeightsManager(
-                self.settings.weights_dir, attempts=self.settings.weights_mirror_attempts
+                self.settings.weights_dir,
+                home=self.settings.home,
+                attempts=self.settings.weights_mirror_attempts,
             )
         return self._weights
 

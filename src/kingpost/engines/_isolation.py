@@ -18,8 +18,11 @@ from kingpost.engines.netns import enter_new_netns, succeeds_in_child
 __all__ = ["Isolation", "can_unshare_mounts", "preexec"]
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY = 1
+_MS_NOSUID = 2
+_MS_NODEV = 4
 _MS_REMOUNT = 32
 _MS_BIND = 4096
 _MS_REC = 16384
@@ -40,27 +43,82 @@ class Isolation:
     """Own network namespace (loopback only)."""
     read_only_binds: tuple[tuple[str, str], ...] = ()
     """(source, target) pairs bound read-only in a private mount namespace."""
+    masks: tuple[str, ...] = ()
+    """Directories hidden under an empty tmpfs (the Kingpost home, directories others
+    may not enter that hold something the replica needs, ``/dev/shm``)."""
+    keep: tuple[tuple[str, bool], ...] = ()
+    """(path, writable) under the masks, bound back at the same place, parents first."""
+    private_tmp: str | None = None
+    """A directory of the replica's own to bind at ``/tmp`` (after everything else)."""
+    cwd: str | None = None
+    """Working directory to enter once the mounts are made (the one Popen entered
+    before them would still reach the hidden tree through ``..``)."""
+    uid: int | None = None
+    """Run as this uid and gid, no supplementary groups, ``no_new_privs``."""
 
 
-def _bind_read_only(source: str, target: str) -> None:
+def _bind(source: str, target: str, read_only: bool) -> None:
     _ok(
         _libc.mount(source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None),
         f"bind {target}",
     )
-    flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY
-    _ok(_libc.mount(None, target.encode(), None, flags, None), f"read-only {target}")
+    if read_only:
+        flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY
+        _ok(_libc.mount(None, target.encode(), None, flags, None), f"read-only {target}")
+
+
+def _mask(path: str) -> None:
+    mode = "1777" if path == "/dev/shm" else "755"
+    _ok(
+        _libc.mount(
+            b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, f"mode={mode}".encode()
+        ),
+        f"hide {path}",
+    )
+
+
+def _mount_view(isolation: Isolation) -> None:
+    """Private mounts: masks over hidden trees, what the replica needs bound back, and
+    its read-only binds. Sources are opened before anything is hidden, and bound from
+    ``/proc/self/fd``: a mask may cover them."""
+    _private_mounts()
+    sources = [path for path, _ in isolation.keep]
+    sources += [source for source, _ in isolation.read_only_binds]
+    if isolation.private_tmp is not None:
+        sources.append(isolation.private_tmp)
+    fds = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in dict.fromkeys(sources)}
+    try:
+        for path in isolation.masks:
+            _mask(path)
+        for path, writable in isolation.keep:
+            os.makedirs(path, exist_ok=True)
+            _bind(f"/proc/self/fd/{fds[path]}", path, read_only=not writable)
+        for source, target in isolation.read_only_binds:
+            os.makedirs(target, exist_ok=True)
+            _bind(f"/proc/self/fd/{fds[source]}", target, read_only=True)
+        if isolation.private_tmp is not None:
+            _bind(f"/proc/self/fd/{fds[isolation.private_tmp]}", "/tmp", read_only=False)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def preexec(isolation: Isolation) -> Callable[[], None]:
     def run() -> None:
         os.setsid()
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if isolation.netns:
             enter_new_netns()
-        if isolation.read_only_binds:
-            _private_mounts()
-            for source, target in isolation.read_only_binds:
-                _bind_read_only(source, target)
+        if isolation.read_only_binds or isolation.masks:
+            _mount_view(isolation)
+        if isolation.cwd is not None:
+            os.chdir(isolation.cwd)
+        if isolation.uid is not None:
+            os.setgroups([])
+            os.setgid(isolation.uid)
+            os.setuid(isolation.uid)
+            _ok(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        # Last: a change of credentials clears it.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return run
 

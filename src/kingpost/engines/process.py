@@ -33,6 +33,7 @@ from kingpost._cancel import kill_orphans
 from kingpost._logtail import tail_lines
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
+from kingpost.engines._view import View, plan_view, replica_uid
 from kingpost.engines.base import (
     BuildLog,
     Endpoint,
@@ -59,7 +60,6 @@ __all__ = ["ProcessEngine"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-STOP_GRACE_S = 5.0
 SECRETS_MOUNT = "/secrets"
 
 
@@ -107,6 +107,49 @@ def _tail(path: Path, lines: int) -> list[str]:
         return []
 
 
+def _chown_tree(path: Path, uid: int | None) -> None:
+    """Give a replica's own files to its uid (and gid); nothing without one."""
+    if uid is None:
+        return
+    os.chown(path, uid, uid, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
+
+
+def _tmp_is_free(view: View, binds: tuple[tuple[str, str], ...]) -> bool:
+    """Whether a private ``/tmp`` would hide nothing the replica is shown (a home under
+    ``/tmp``, as in tests, keeps the host's: its own tree is bound back there)."""
+    paths = [*view.masks, *(p for p, _ in view.keep), *(t for _, t in binds)]
+    return not any(p == "/tmp" or p.startswith("/tmp/") for p in paths)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs (zombies do not count: a server
+    orphaned under init is reaped by it, not by us)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def _secrets_root(scope: str) -> Path:
     """Where one installation's replicas get their secret files: per user and home."""
     user = tmpfs() / f"kingpost-{os.getuid()}"
@@ -147,6 +190,22 @@ class ProcessEngine(Engine):
         if settings.netns == "on" and not self.netns:
             raise EngineError("netns=on, but this process may not create network namespaces")
         self.mounts = sys.platform == "linux" and can_unshare_mounts()
+        self.isolate = settings.isolation != "off" and self.mounts and os.geteuid() == 0
+        if settings.isolation == "on" and not self.isolate:
+            raise EngineError(
+                "isolation=on, but replicas cannot be isolated here: that needs Linux, root "
+                "and mount namespaces. Run Kingpost as root, or set KINGPOST_ISOLATION=auto"
+            )
+        if not self.isolate:
+            log.warning(
+                "process engine: REPLICAS ARE NOT ISOLATED: they run as uid %d and see this "
+                "machine's files as Kingpost does, its home %s included (database, secret.key, "
+                "credentials, other models' files). Isolation needs Linux, root and mount "
+                "namespaces%s; use the docker engine for models you do not trust",
+                os.getuid(),
+                settings.home,
+                " (KINGPOST_ISOLATION=off)" if settings.isolation == "off" else "",
+            )
         _kill_leftovers(settings.replicas_dir)
         for pid in kill_orphans():  # builds' processes a killed control plane left
             log.warning("process engine: killed pid %s left by an earlier build", pid)
@@ -236,7 +295,7 @@ class ProcessEngine(Engine):
             rep = self._replicas.get(replica_id)
             if rep is not None and not rep.stopping:
                 rep.stopping = True
-                rep.kill_at = time.monotonic() + STOP_GRACE_S
+                rep.kill_at = time.monotonic() + self.settings.stop_grace_period
 
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
         with self._lock:
@@ -255,8 +314,8 @@ class ProcessEngine(Engine):
         with self._lock:
             for rep in self._replicas.values():
                 rep.stopping = True
-                rep.kill_at = time.monotonic() + STOP_GRACE_S
-        deadline = time.monotonic() + STOP_GRACE_S + 5
+                rep.kill_at = time.monotonic() + self.settings.stop_grace_period
+        deadline = time.monotonic() + self.settings.stop_grace_period + 5
         while time.monotonic() < deadline:
             with self._lock:
                 if not self._replicas:
@@ -302,23 +361,34 @@ class ProcessEngine(Engine):
             self._probe(rep, now)
 
     def _step_stopping(self, rep: _Replica, now: float) -> None:
+        """SIGTERM to the replica's whole process group, the grace period to drain, then
+        SIGKILL to the group; it is gone only when no process of the group is left (a
+        ``start_command`` shell exits at once, the server it started may not)."""
         proc = rep.proc
-        if proc is not None and proc.poll() is None:
-            sig = signal.SIGKILL if now >= rep.kill_at else signal.SIGTERM
-            if sig == signal.SIGKILL or rep.phase != ReplicaPhase.STOPPED:
-                self._signal(proc, sig)
-            rep.phase = ReplicaPhase.STOPPED
-            return
+        if proc is not None:
+            proc.poll()  # reap the group leader once it exits
+            if _group_alive(proc.pid):
+                if rep.phase != ReplicaPhase.STOPPED:
+                    self._signal(proc, signal.SIGTERM)
+                    rep.phase = ReplicaPhase.STOPPED
+                elif now >= rep.kill_at:
+                    self._signal(proc, signal.SIGKILL)
+                return
         self._cleanup(rep)
         with self._lock:
             self._replicas.pop(rep.spec.replica_id, None)
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        """Signal the replica's process group (its first process leads a session)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
 
     def _exited(self, rep: _Replica, code: int, now: float) -> None:
+        # What the first process started may outlive it (a server under an exited
+        # shell): nothing of the old group may hold the port when the next one starts.
+        if rep.proc is not None:
+            self._signal(rep.proc, signal.SIGKILL)
         self._forget(rep)
         rep.proc = None
         rep.endpoint = None
@@ -365,11 +435,20 @@ class ProcessEngine(Engine):
     # -- launching -----------------------------------------------------------------------------
     def _launch(self, rep: _Replica, now: float) -> None:
         spec = rep.spec
+        try:
+            uid = replica_uid(spec.deployment_id, spec.run_as_user_id) if self.isolate else None
+        except EngineError as exc:
+            rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
+            return
         if not rep.app.exists():
             rep.root.mkdir(parents=True, exist_ok=True)
             shutil.copytree(spec.app_dir, rep.app, symlinks=True)
-        (rep.root / "home").mkdir(exist_ok=True)
-        secrets_dir = self._write_secrets(rep)
+            _chown_tree(rep.app, uid)
+        for own in ("home", "tmp") if uid is not None else ("home",):
+            if not (rep.root / own).exists():
+                (rep.root / own).mkdir()
+                _chown_tree(rep.root / own, uid)
+        secrets_dir = self._write_secrets(rep, uid)
         binds = self._binds(rep, secrets_dir)
         env = self._environment(rep, secrets_dir, binds)
         try:
@@ -377,6 +456,18 @@ class ProcessEngine(Engine):
         except EngineError as exc:  # never launchable: FAILED, not retried every tick
             rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
             return
+        isolation = Isolation(rep.netns, binds)
+        if uid is not None:
+            view = self._view(rep, env)
+            isolation = Isolation(
+                rep.netns,
+                binds,
+                masks=(*view.masks, "/dev/shm"),
+                keep=view.keep,
+                private_tmp=str(rep.root / "tmp") if _tmp_is_free(view, binds) else None,
+                cwd=str(rep.app),
+                uid=uid,
+            )
         with rep.log_path.open("ab") as out:
             out.write(f"--- kingpost: starting replica {spec.replica_id} ---\n".encode())
             out.flush()
@@ -389,7 +480,7 @@ class ProcessEngine(Engine):
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=preexec(Isolation(rep.netns, binds)),
+                    preexec_fn=preexec(isolation),
                 )
             except (OSError, subprocess.SubprocessError) as exc:
                 rep.phase, rep.message = ReplicaPhase.FAILED, f"cannot start the server: {exc}"
@@ -459,8 +550,27 @@ class ProcessEngine(Engine):
             ),
         }
 
-    def _write_secrets(self, rep: _Replica) -> Path:
-        """Secret files on tmpfs (/dev/shm): dir 0500, files 0400, removed at stop."""
+    def _view(self, rep: _Replica, env: dict[str, str]) -> View:
+        """What an isolated replica sees (``engines/_view.py``): its own tree, and
+        read-only what it runs from."""
+        import kingpost
+
+        spec = rep.spec
+        python = Path(spec.python_executable or sys.executable)
+        read_only = [
+            python.parent.parent,  # its environment (a venv: bin/python)
+            Path(kingpost.__file__).resolve().parent.parent,  # the model server's package
+            self.settings.envs_dir / "_kingpost",  # environments' links to that package
+            *(Path(d) for d in env.get("PATH", "").split(os.pathsep) if d),
+        ]
+        if spec.dynamic_config_dir is not None:
+            read_only.append(spec.dynamic_config_dir)
+        installs = {Path(sys.prefix), Path(sys.base_prefix), python.resolve().parent.parent}
+        return plan_view(self.settings.home, rep.root, read_only, sorted(installs))
+
+    def _write_secrets(self, rep: _Replica, uid: int | None = None) -> Path:
+        """Secret files on tmpfs (/dev/shm): dir 0500, files 0400 (owned by the replica's
+        uid when it has its own), removed at stop."""
         path = self._secrets_root / rep.spec.replica_id
         if path.exists():
             return path
@@ -473,6 +583,7 @@ class ProcessEngine(Engine):
             with os.fdopen(fd, "w") as fh:
                 fh.write(value)
         tmp.chmod(0o500)
+        _chown_tree(tmp, uid)
         tmp.rename(path)
         return path
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kingpost.gateway.control import control_socket_paths
+from kingpost.gateway.control import control_socket_paths, read_token_fd
 from kingpost.gateway.server import Gateway
 
 
@@ -23,9 +23,13 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _run(host: str, port: int, control: Path, reuse_port: bool, access_log: bool) -> None:
+async def _run(
+    host: str, port: int, control: Path, token: str | None, reuse_port: bool, access_log: bool
+) -> None:
     gateway = Gateway(access_log_enabled=access_log)
-    await gateway.start(host, port, reuse_port=reuse_port, control_socket=control)
+    await gateway.start(
+        host, port, reuse_port=reuse_port, control_socket=control, control_token=token
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -41,9 +45,18 @@ def run_gateway(
     *,
     reuse_port: bool = False,
     access_log: bool = False,
+    control_token: str | None = None,
 ) -> None:
     _install_uvloop()
-    asyncio.run(_run(host, port, control_socket, reuse_port, access_log))
+    asyncio.run(_run(host, port, control_socket, control_token, reuse_port, access_log))
+
+
+def _token_pipe(token: str) -> int:
+    """A pipe holding ``token``, for a child to inherit: its read end."""
+    read, write = os.pipe()
+    os.write(write, token.encode())
+    os.close(write)
+    return read
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,8 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--reuse-port", action="store_true")
     p.add_argument("--access-log", action="store_true")
+    p.add_argument(
+        "--control-token-fd",
+        type=int,
+        help="an inherited file descriptor to read the control token from (to its end); "
+        "table pushes must then carry it",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    token = read_token_fd(args.control_token_fd) if args.control_token_fd is not None else None
     if args.workers <= 1:
         run_gateway(
             args.host,
@@ -63,10 +83,12 @@ def main(argv: list[str] | None = None) -> None:
             args.control_socket,
             reuse_port=args.reuse_port,
             access_log=args.access_log,
+            control_token=token,
         )
         return
     children = []
     for sock in control_socket_paths(args.control_socket, args.workers):
+        fds: tuple[int, ...] = () if token is None else (_token_pipe(token),)
         cmd = [
             sys.executable,
             "-m",
@@ -79,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
             str(sock),
             "--reuse-port",
         ] + (["--access-log"] if args.access_log else [])
-        children.append(subprocess.Popen(cmd))
+        cmd += [arg for fd in fds for arg in ("--control-token-fd", str(fd))]
+        children.append(subprocess.Popen(cmd, pass_fds=fds))
+        for fd in fds:
+            os.close(fd)
 
     def forward(sig: int, _frame: object) -> None:
         for child in children:

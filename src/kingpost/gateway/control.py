@@ -1,16 +1,29 @@
 """The gateway's control channel: a tiny HTTP/1.1 server on a Unix socket.
 
 ``PUT /table`` replaces the routing table (JSON of ``RoutingTable.to_json()``),
-``GET /table/version`` and ``GET /healthz`` report. Only the local controller
-can reach it (file permissions 0600).
+``GET /table/version`` and ``GET /healthz`` report.
+
+Only the control plane may push a table. Three locks, each enough against a replica
+that runs as another user, the last one also against one that runs as the same user:
+the socket file is 0600; the peer's credentials (``SO_PEERCRED``) must carry the
+gateway's own uid; and, when the gateway was given a control token, ``PUT /table``
+must present it in :data:`TOKEN_HEADER`. ``kingpost server`` always gives one: a
+random token it hands the gateway through an inherited pipe (never an environment
+variable, a command line or a file, which a replica of the same user could read).
+A refused request is answered 403 with a JSON error and logged as a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import os
+import socket
+import struct
+import sys
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +36,28 @@ from kingpost.gateway.table import RoutingTable
 if TYPE_CHECKING:
     from kingpost.gateway.server import Gateway
 
-__all__ = ["control_socket_paths", "push_table", "serve_control"]
+__all__ = [
+    "TOKEN_HEADER",
+    "control_socket_paths",
+    "push_table",
+    "read_token_fd",
+    "serve_control",
+]
+
+log = logging.getLogger("kingpost.gateway.control")
 
 MAX_TABLE_BYTES = 64 * 1024 * 1024
+TOKEN_HEADER = "x-kingpost-control-token"
+MAX_TOKEN_BYTES = 4096
+
+
+def read_token_fd(fd: int) -> str:
+    """Read a control token from an inherited pipe to its end, and close it."""
+    with os.fdopen(fd, "rb") as pipe:
+        token = pipe.read(MAX_TOKEN_BYTES + 1).decode().strip()
+    if not token or len(token) > MAX_TOKEN_BYTES:
+        raise ValueError(f"control token on fd {fd}: empty or over {MAX_TOKEN_BYTES} bytes")
+    return token
 
 
 def control_socket_paths(base: Path, workers: int) -> list[Path]:
@@ -35,18 +67,28 @@ def control_socket_paths(base: Path, workers: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(workers)]
 
 
-def push_table(socket_path: Path, table: RoutingTable, timeout: float = 2.0) -> None:
+def push_table(
+    socket_path: Path, table: RoutingTable, timeout: float = 2.0, *, token: str | None = None
+) -> None:
     body = json.dumps(table.to_json()).encode()
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers[TOKEN_HEADER] = token
     try:
         with httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=timeout
         ) as c:
-            r = c.put(
-                "http://gateway/table", content=body, headers={"content-type": "application/json"}
-            )
+            r = c.put("http://gateway/table", content=body, headers=headers)
     except httpx.TransportError as exc:
         raise KingpostError(f"gateway control socket {socket_path}: {exc}") from exc
-    if r.status_code not in (200, 409):
+    if r.status_code == 409:
+        log.warning(
+            "gateway %s kept its table (%s), newer than the pushed version %s",
+            socket_path,
+            r.text[:100],
+            table.version,
+        )
+    elif r.status_code != 200:
         raise KingpostError(
             f"gateway refused the routing table: HTTP {r.status_code} {r.text[:200]}"
         )
@@ -61,18 +103,52 @@ def _response(status: int, body: object) -> bytes:
     ).encode() + data
 
 
+def _peer(writer: asyncio.StreamWriter) -> tuple[int, int] | None:
+    """The connecting process's (pid, uid), where the OS tells (Linux ``SO_PEERCRED``)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sys.platform != "linux":
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", raw)
+    return pid, uid
+
+
+def _refusal(peer: tuple[int, int] | None, headers: dict[str, str], token: str | None) -> str:
+    """Why a peer may not push a table ("" when it may)."""
+    if peer is not None and peer[1] != os.geteuid():
+        return f"peer uid {peer[1]} is not the control plane's uid {os.geteuid()}"
+    if token is None:
+        return ""
+    offered = headers.get(TOKEN_HEADER)
+    if offered is None:
+        return f"no {TOKEN_HEADER} header"
+    if not hmac.compare_digest(offered.encode(), token.encode()):
+        return f"wrong {TOKEN_HEADER}"
+    return ""
+
+
 async def _handle(
-    gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    gateway: Gateway,
+    token: str | None,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
 ) -> None:
     try:
+        peer = _peer(writer)
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, path, _ = lines[0].split(" ", 2)
-        length = 0
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip())
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        who = f"pid {peer[0]} uid {peer[1]}" if peer is not None else "a peer of unknown pid"
+        refused = _refusal(peer, headers, token if method == "PUT" else None)
+        if refused:
+            log.warning("control socket: REFUSED %s %s from %s: %s", method, path, who, refused)
+            writer.write(_response(403, {"error": f"control request refused: {refused}"}))
+            return
         if length > MAX_TABLE_BYTES:
             writer.write(_response(413, {"error": "table too large"}))
             return
@@ -80,6 +156,13 @@ async def _handle(
         if method == "PUT" and path == "/table":
             table = RoutingTable.from_json(json.loads(body))
             accepted = gateway.set_table(table)
+            if not accepted:
+                log.warning(
+                    "control socket: kept table version %d; %s pushed older version %d",
+                    gateway.table.version,
+                    who,
+                    table.version,
+                )
             writer.write(_response(200 if accepted else 409, {"version": gateway.table.version}))
         elif method == "GET" and path == "/table/version":
             writer.write(_response(200, {"version": gateway.table.version}))
@@ -103,10 +186,18 @@ def _prepare_socket_path(path: Path) -> None:
         path.unlink()
 
 
-async def serve_control(gateway: Gateway, path: Path) -> asyncio.AbstractServer:
+async def serve_control(
+    gateway: Gateway, path: Path, token: str | None = None
+) -> asyncio.AbstractServer:
+    """Serve the control socket at ``path``; with ``token``, ``PUT /table`` needs it."""
     _prepare_socket_path(path)
     server = await asyncio.start_unix_server(
-        lambda r, w: _handle(gateway, r, w), path=str(path), limit=MAX_TABLE_BYTES
+        lambda r, w: _handle(gateway, token, r, w), path=str(path), limit=MAX_TABLE_BYTES
     )
     os.chmod(path, 0o600)
+    if token is None:
+        log.warning(
+            "control socket %s: no control token; table pushes are checked by peer uid only",
+            path,
+        )
     return server

@@ -185,8 +185,16 @@ class Gateway:
 
     # -- serving ------------------------------------------------------------------------------
     async def start(
-        self, host: str, port: int, *, reuse_port: bool = False, control_socket: Path | None = None
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        control_socket: Path | None = None,
+        control_token: str | None = None,
     ) -> int:
+        """Listen on ``host:port`` (the port chosen when 0; returned), and on
+        ``control_socket`` for tables, where ``control_token`` guards pushes."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -200,7 +208,7 @@ class Gateway:
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.sweep_s, self._sweep)
         if control_socket is not None:
-            self._servers.append(await serve_control(self, control_socket))
+            self._servers.append(await serve_control(self, control_socket, control_token))
         return int(sock.getsockname()[1])
 
     def _sweep(self) -> None:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kingpost.config.sources import source_scheme
 from kingpost.engines.base import WeightMount
 from kingpost.errors import KingpostError, WeightsError
 from kingpost.weights.blobs import BlobStore, GcReport, Manifest, Partial
@@ -78,10 +79,32 @@ class _Job:
             )  # fmt: skip
 
 
-def validate_weights(entries: Sequence[WeightsEntry]) -> list[tuple[str, str]]:
+def local_source_problem(source: str, home: Path) -> str | None:
+    """Why a local-path weights source may not be mirrored (None: it may): it lies
+    inside Kingpost's home (the database, keys, every model's files and secrets'
+    mirrors) or holds it, and a replica would get a read-only copy of them."""
+    if source_scheme(source) != "file":
+        return None
+    path = Path(source.split("://", 1)[1] if "://" in source else source).resolve()
+    home = home.resolve()
+    if path == home or home in path.parents or path in home.parents:
+        return (
+            f"a local path may not be inside Kingpost's home {home} or contain it "
+            f"(found `{source}`); copy the weights to a directory of their own and point "
+            "`source` there"
+        )
+    return None
+
+
+def validate_weights(
+    entries: Sequence[WeightsEntry], home: Path | None = None
+) -> list[tuple[str, str]]:
     """Problems to refuse at push, as (key path, message), beyond config parsing."""
     errors = []
     for i, e in enumerate(entries):
+        problem = local_source_problem(e.source, home) if home is not None else None
+        if problem is not None:
+            errors.append((f"weights[{i}].source", problem))
         auth = getattr(e, "auth", None)
         method = getattr(getattr(auth, "auth_method", None), "value", None)
         if method in ("AWS_OIDC", "GCP_OIDC"):
@@ -173,7 +196,10 @@ class WeightsManager:
         max_workers: int = 8,
         chunk_bytes: int = RANGE_BYTES,
         attempts: int = MIRROR_ATTEMPTS,
+        home: Path | None = None,
     ) -> None:
+        """``home``: Kingpost's home, which no local source may lie in or contain."""
+        self.home = home
         self.store = BlobStore(root)
         self.attempts = attempts
         self.max_workers = max_workers
@@ -280,6 +306,9 @@ class WeightsManager:
         job.error, job.state = error, MirrorState.FAILED
 
     def _resolve(self, entry: WeightsEntry, secrets: Mapping[str, str]) -> Manifest:
+        problem = local_source_problem(entry.source, self.home) if self.home else None
+        if problem is not None:  # a deployment pushed before the rule: refused here too
+            raise WeightsError(f"weights source: {problem}")
         source = open_source(entry, secrets)
         files = [
             f for f in source.files()
