@@ -38,8 +38,10 @@ from kingpost.api.schemas import (
     SecretIn,
     SecretOut,
 )
+from kingpost.config._yaml import format_path
 from kingpost.controller.loop import Controller
 from kingpost.controller.specs import missing_secrets
+from kingpost.engines.registry import EngineKind, engine_kind
 from kingpost.errors import (
     AuthError,
     ConfigError,
@@ -208,7 +210,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
         )
     check_labels(body.labels)  # before the config is even read
     engine = body.engine or plane.settings.engine
-    _check_engine(engine)
+    kind = engine_kind(engine, all_kinds=False)  # 400 naming the choices
     # ConfigError (422) before anything is created
     loaded = load_config(app_dir, engine=engine)
     config = loaded.config
@@ -221,8 +223,8 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             f"set each with `kingpost secrets set NAME` and push again",
             secrets=missing,
         )
-    _check_runnable(config, engine)
-    if engine != "process":
+    _check_runnable(config, kind)
+    if kind.check_at_push:
         plane.controller.engine(engine)  # EngineError now, if e.g. dockerd is unreachable
     model_name = body.model_name or config.model_name
     if not model_name:
@@ -258,28 +260,14 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     )
 
 
-def _check_engine(engine: str) -> None:
-    if engine not in ("process", "docker"):
-        raise ValidationError(
-            f"engine: {engine!r} is not an engine; choose process or docker",
-            field="engine",
-            value=engine,
-        )
-
-
-def _check_runnable(config: Any, engine: str) -> None:
-    """The process engine runs no image: a custom server needs its own command there."""
-    ds = config.docker_server
-    if engine == "process" and ds is not None and not ds.start_command:
-        message = (
-            "start_command is required on the process engine, which runs no image "
-            "(`no_build: true` runs the image's entrypoint); add one, or push with "
-            "--engine docker"
-        )
-        raise ConfigError(
-            f"config.yaml: docker_server.start_command: {message}",
-            errors=[{"path": "docker_server.start_command", "message": message}],
-        )
+def _check_runnable(config: Any, kind: EngineKind) -> None:
+    """What the engine cannot run at all (the process engine runs no image, say)."""
+    issues = kind.refusals(config)
+    if not issues:
+        return
+    errors = [{"path": format_path(i.path), "message": i.message} for i in issues]
+    what = "; ".join(f"{e['path']}: {e['message']}" for e in errors)
+    raise ConfigError(f"config.yaml: {what}", errors=errors)
 
 
 def _check_weights(config: Any, home: Path) -> None:

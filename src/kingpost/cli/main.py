@@ -16,6 +16,7 @@ from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.secrets import secrets
 from kingpost.cli.weights import gc, migrate, venvs, weights
+from kingpost.engines.registry import engine_names
 from kingpost.errors import KingpostError
 
 __all__ = ["cli", "main"]
@@ -28,7 +29,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--engine", type=click.Choice(["process", "docker"]), help="Default engine.")
+@click.option("--engine", type=click.Choice(engine_names()), help="Default engine.")
 @click.option(
     "--push",
     "push_dirs",

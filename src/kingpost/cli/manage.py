@@ -29,6 +29,7 @@ from kingpost.cli._common import (
     upload_progress,
 )
 from kingpost.client import KingpostClient
+from kingpost.engines.registry import engine_names
 from kingpost.errors import KingpostError, ValidationError
 
 __all__ = ["deployments", "logs", "models", "predict", "push"]
@@ -68,9 +69,7 @@ def _labels(value: str | None) -> dict[str, Any] | None:
 @click.option("--labels", help='JSON labels, e.g. \'{"team": "ml"}\'.')
 @click.option("--promote", is_flag=True, help="Point production at the new deployment.")
 @click.option("--environment", help="Point this environment at the new deployment.")
-@click.option(
-    "--engine", type=click.Choice(["process", "docker"]), help="Engine for this deployment."
-)
+@click.option("--engine", type=click.Choice(engine_names()), help="Engine for this deployment.")
 @click.option("--replicas", type=int, help="Replicas to run (min replicas).")
 @click.option(
     "--wait/--no-wait", default=False, help="Wait until the deployment is ACTIVE or fails."

@@ -22,7 +22,7 @@ from kingpost.config._yaml import (
     load_yaml,
 )
 from kingpost.config.models import TrussConfig
-from kingpost.config.rules import config_warnings, cross_key_errors, engine_warnings
+from kingpost.config.rules import config_warnings, cross_key_errors
 from kingpost.errors import ConfigError
 
 __all__ = ["CONFIG_FILENAME", "LoadedConfig", "load_config", "parse_config"]
@@ -127,7 +127,9 @@ def parse_config(
         issues += [_from_pydantic(err, prepared) for err in exc.errors()]
     if issues or config is None:
         _raise(filename, source_map, issues)
-    warnings = legacy + config_warnings(config, prepared) + engine_warnings(config, engine)
+    from kingpost.engines.registry import engine_config_warnings  # engines import config
+
+    warnings = legacy + config_warnings(config, prepared) + engine_config_warnings(config, engine)
     return LoadedConfig(
         config=config,
         warnings=tuple(_format_warning(filename, source_map, w) for w in warnings),

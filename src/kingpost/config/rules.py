@@ -22,7 +22,8 @@ __all__ = [
     "NO_BUILD_IGNORED",
     "config_warnings",
     "cross_key_errors",
-    "engine_warnings",
+    "process_engine_refusals",
+    "process_engine_warnings",
     "unknown_key_warnings",
 ]
 
@@ -328,15 +329,30 @@ def _server_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
     return issues
 
 
-def engine_warnings(config: TrussConfig, engine: str | None) -> list[Issue]:
-    """Keys that the chosen engine cannot honour.
-
-    The process engine runs replicas on this machine with no image, so nothing that builds
-    or chooses an image reaches them. A project pushed there keeps its meaning on the
-    docker engine; the push goes on, with this said.
-    """
-    if engine != "process":
+def process_engine_refusals(config: TrussConfig) -> list[Issue]:
+    """What the process engine cannot run at all: it runs no image, so a custom server
+    needs its own command (``no_build: true`` would run the image's entrypoint)."""
+    ds = config.docker_server
+    if ds is None or ds.start_command:
         return []
+    return [
+        Issue(
+            ("docker_server", "start_command"),
+            "start_command is required on the process engine, which runs no image "
+            "(`no_build: true` runs the image's entrypoint); add one, or push with "
+            "--engine docker",
+            has_value=False,
+        )
+    ]
+
+
+def process_engine_warnings(config: TrussConfig) -> list[Issue]:
+    """Keys that the process engine cannot honour.
+
+    It runs replicas on this machine with no image, so nothing that builds or chooses an
+    image reaches them. A project pushed there keeps its meaning on the docker engine;
+    the push goes on, with this said.
+    """
     no_image = "the process engine builds no image and runs replicas on this machine"
     issues: list[Issue] = []
     if config.system_packages:

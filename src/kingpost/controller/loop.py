@@ -35,7 +35,14 @@ from kingpost.controller.specs import (
     server_shape,
 )
 from kingpost.controller.table import build_table
-from kingpost.engines import Engine, LogLine, Prepared, ReplicaStatus, create_engine
+from kingpost.engines import (
+    Engine,
+    LogLine,
+    Prepared,
+    ReplicaStatus,
+    create_engine,
+    engine_kind,
+)
 from kingpost.envs.gc import GcReport, VenvInfo, collect, list_environments
 from kingpost.errors import KingpostError
 from kingpost.gateway.table import RoutingTable
@@ -454,7 +461,7 @@ class Controller:
             self._jobs.forget(key)
         job = self._jobs.ensure(key, lambda out: engine.prepare(config, app_dir, out))
         if job.state == JobState.RUNNING:
-            what = "the image" if dep.engine == "docker" else "the Python environment"
+            what = engine_kind(dep.engine).builds
             return _Blocked(DeploymentStatus.BUILDING, f"building {what}")
         if job.state == JobState.FAILED:
             self._failed_builds.add(dep.id)
