@@ -64,13 +64,29 @@ class ReplicaHealth:
     stopping: bool = False
 
     def probe(self, probes: Probes, now: float) -> str | None:
-        """One probe round against :attr:`endpoint`: readiness moves the phase; returns
-        why the replica must be restarted (never ready in time, liveness failing), or None.
-        """
+        """One probe round against :attr:`endpoint` (the I/O), judged by :meth:`judge`;
+        returns why the replica must be restarted, or None."""
         endpoint = self.endpoint
         assert endpoint is not None
         timeout = min(probes.timeout_s, 1.0)
         ready = http_probe(endpoint, probes.readiness_path, timeout)
+        alive: bool | None = None
+        if (self.ever_ready or ready) and now - self.launched >= probes.initial_delay_s:
+            alive = (
+                ready
+                if probes.liveness_path == probes.readiness_path
+                else http_probe(endpoint, probes.liveness_path, timeout)
+            )
+        return self.judge(probes, now, ready, alive)
+
+    def judge(self, probes: Probes, now: float, ready: bool, alive: bool | None) -> str | None:
+        """The rules, without I/O: one round's readiness (and liveness, once the replica
+        has been ready and the initial delay has passed; else ``None``) moves the phase
+        and the failure counts; returns why the replica must be restarted (never ready
+        within the startup timeout, liveness failing its threshold), or None.
+
+        Readiness failing only takes traffic away (NOT_READY after its threshold); it
+        never restarts a replica that has been ready."""
         if ready:
             self.ready_fails = 0
             if self.phase != ReplicaPhase.READY:
@@ -84,13 +100,8 @@ class ReplicaHealth:
             if now - self.launched > probes.startup_timeout_s:
                 return f"not ready after {probes.startup_timeout_s:.0f}s"
             return None
-        if now - self.launched < probes.initial_delay_s:
+        if now - self.launched < probes.initial_delay_s or alive is None:
             return None
-        alive = (
-            ready
-            if probes.liveness_path == probes.readiness_path
-            else http_probe(endpoint, probes.liveness_path, timeout)
-        )
         self.live_fails = 0 if alive else self.live_fails + 1
         if self.live_fails >= probes.liveness_failure_threshold:
             return "liveness probe failed"
