@@ -41,6 +41,9 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     b"content-length",
     b"expect",
 }
+_BODY_UNEXPECTED = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+"""Methods whose bodies have no defined meaning (RFC 9110 9.3): many servers never read
+one, and parse it as the next request. Forwarded, but the connection is not reused."""
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
 """``Connection`` tokens that name no header to drop (Host: the gateway must send one)."""
@@ -652,6 +655,9 @@ class ClientConn(StreamConn):
             else:
                 conn.write(head)
                 await self._send_body(req, conn)
+                # Answered before it had the whole body: whether the replica read the rest as
+                # body or as another request, its connection cannot be trusted again.
+                exchange.early = exchange.finished
             result = await done
             if conn.upgraded and exchange.status == 101:
                 await self._tunnel(req, conn)
@@ -697,7 +703,12 @@ class ClientConn(StreamConn):
                     )
                 )
             return "close"
-        if exchange.upstream_keep_alive and req.complete:
+        if (
+            exchange.upstream_keep_alive
+            and req.complete
+            and not exchange.early
+            and not (req.body_bytes and req.method in _BODY_UNEXPECTED)
+        ):
             self.gw.pool.put(conn)
         else:
             conn.close()
@@ -808,6 +819,8 @@ class _Exchange:
         self.must_close = False
         self.close_delimited = False
         self.status = 0
+        self.early = False
+        """The answer ended before the request's body was all sent: the connection goes."""
 
     def on_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
