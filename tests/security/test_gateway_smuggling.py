@@ -199,9 +199,10 @@ def test_an_answer_before_the_body_was_sent_ends_its_connection(
     # after that answer, holds a request the replica answers too. V, queued behind X for the
     # one slot, used to get that answer on the connection X left in the pool.
     gw.table(route(raw(_serve_before_body).port, concurrency=1))
-    body = SMUGGLED[:-2] + b"x-pad: " + b"a" * (100 << 10) + b"\r\n\r\n"
+    # Past the first MiB, which the gateway reads before the request takes a slot.
+    body = SMUGGLED[:-2] + b"x-pad: " + b"a" * (2 << 20) + b"\r\n\r\n"
     request = _request("/x", body, "POST")
-    split = len(request) - len(body) + 10
+    split = len(request) - len(body) + (1 << 20) + 1000
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as x:
         x.sendall(request[:split])
         assert _read_answer(x.makefile("rb")) == _own("x")

@@ -194,6 +194,7 @@ class Controller:
             ready=ready,
             shapes={d.id: self._shape(d) for d in deployments},
             key_hashes=self.store.api_key_hashes(),
+            response_timeout_s=self.settings.gateway_response_timeout,
         )
         self._publish(table)
         return self._table

@@ -26,7 +26,9 @@ __all__ = ["build_table"]
 _FAILED = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
 
 
-def _route(dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any) -> DeploymentRoute:
+def _route(
+    dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any, response_timeout_s: float
+) -> DeploymentRoute:
     upstreams = tuple(
         Upstream(r.replica_id, r.endpoint.host, r.endpoint.port, r.endpoint.netns)
         for r in ready
@@ -49,6 +51,7 @@ def _route(dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any) -> D
         concurrency=shape.concurrency if shape is not None else 1,
         websocket_path=shape.websocket_path if shape is not None else None,
         message=message[:500],
+        response_timeout_s=response_timeout_s,
     )
 
 
@@ -62,8 +65,12 @@ def build_table(
     ready: Mapping[str, Sequence[ReplicaStatus]],
     shapes: Mapping[str, Any],
     key_hashes: frozenset[str],
+    response_timeout_s: float = 600.0,
 ) -> RoutingTable:
-    routes = {d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id)) for d in deployments}
+    routes = {
+        d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id), response_timeout_s)
+        for d in deployments
+    }
     model_routes: dict[str, ModelRoute] = {}
     for m in models:
         envs: dict[str, tuple[tuple[str, float], ...]] = {
