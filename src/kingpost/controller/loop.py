@@ -195,6 +195,7 @@ class Controller:
             shapes={d.id: self._shape(d) for d in deployments},
             key_hashes=self.store.api_key_hashes(),
             response_timeout_s=self.settings.gateway_response_timeout,
+            private_paths=(str(self.settings.home),),
         )
         self._publish(table)
         return self._table

@@ -44,6 +44,7 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     b"proxy-authorization",
     b"content-length",
     b"expect",
+    b"x-forwarded-for",  # sent again with the client's address appended
 }
 _BODY_UNEXPECTED = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 """Methods whose bodies have no defined meaning (RFC 9110 9.3): many servers never read
@@ -79,6 +80,7 @@ class _Request:
         "complete",
         "content_length",
         "expect_continue",
+        "forwarded_for",
         "head_bytes",
         "headers",
         "hop",
@@ -122,6 +124,8 @@ class _Request:
         self.refuse: str | None = None
         """Why the head, well-formed for the parser, is still a bad request (400)."""
         self.request_id: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        """The client's ``X-Forwarded-For`` values, joined; the client's address follows."""
         self.rid: str | None = None
         """The id the gateway uses: the client's ``X-Baseten-Request-Id`` or a new one."""
         self.start = 0.0
@@ -191,6 +195,8 @@ class ClientConn(StreamConn):
         status, code and when it was decided, for its access line."""
         self._waiting: tuple[_Request | None, float] | None = None
         """What :meth:`close_if_stalled` last saw the connection wait for, and since when."""
+        self.peer: bytes | None = None
+        """The client's address, for ``X-Forwarded-For`` (looked up at the first request)."""
         self.body_wait: _Request | None = None
         """A request whose body is read whole (in the task) before it takes a slot."""
 
@@ -414,6 +420,9 @@ class ClientConn(StreamConn):
                 req.host = value
             elif lname == b"x-baseten-request-id":
                 req.request_id = value
+            elif lname == b"x-forwarded-for":
+                ff = req.forwarded_for
+                req.forwarded_for = value if ff is None else ff + b", " + value
             elif lname == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
             elif lname == b"connection" and (tokens := _connection_tokens(value)) is not None:
@@ -816,8 +825,16 @@ class ClientConn(StreamConn):
             conn.close()
             client.close()
 
-    @staticmethod
-    def _request_head(req: _Request, path: str, rid: str) -> bytes:
+    def _peer(self) -> bytes:
+        """The client's address as ``X-Forwarded-For`` gives it (b"" when unknown)."""
+        peer = self.peer
+        if peer is None:
+            info = self.transport.get_extra_info("peername") if self.transport else None
+            host = info[0] if isinstance(info, tuple) and info else None
+            peer = self.peer = host.encode("latin-1") if isinstance(host, str) else b""
+        return peer
+
+    def _request_head(self, req: _Request, path: str, rid: str) -> bytes:
         lines = [req.method + b" " + path.encode("latin-1") + b" HTTP/1.1\r\n"]
         drop = _NOT_FORWARDED if req.hop is None else req.hop
         for name, value in req.headers:
@@ -829,6 +846,12 @@ class ClientConn(StreamConn):
                 continue
             lines.append(name + b": " + value + b"\r\n")
         lines.append(b"x-baseten-request-id: " + rid.encode("latin-1") + b"\r\n")
+        # What the client said it forwarded for, then the address that connected: the last
+        # entry, the one a replica may trust, is never the client's own word.
+        ff, peer = req.forwarded_for, self._peer()
+        if ff is not None or peer:
+            joined = peer if ff is None else (ff + b", " + peer if peer else ff)
+            lines.append(b"x-forwarded-for: " + joined + b"\r\n")
         if req.host is None:  # HTTP/1.0 without Host: an HTTP/1.1 request needs one, empty
             lines.append(b"host: \r\n")  # when there is no authority (RFC 9112 3.2)
         if req.chunked:
