@@ -28,8 +28,8 @@ AUTH = {"Authorization": f"Api-Key {KEY}"}
 class RunningGateway:
     """A :class:`Gateway` on 127.0.0.1 (a free port), run by a loop in a thread."""
 
-    def __init__(self, **attrs: Any) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, **attrs: Any) -> None:
+        self.loop = loop or asyncio.new_event_loop()
         self.gateway = Gateway()
         for name, value in attrs.items():  # class-level settings (timeouts) for this one
             setattr(self.gateway, name, value)

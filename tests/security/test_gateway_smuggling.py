@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+import uvloop
 
 from helpers.gateway import AUTH, KEY, RawServer, RunningGateway, answer, read_head, route
 from helpers.platform import wait_for
@@ -26,9 +27,10 @@ from helpers.platform import wait_for
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: replica\r\n\r\n"
 
 
-@pytest.fixture
-def gw() -> Iterator[RunningGateway]:
-    running = RunningGateway()
+@pytest.fixture(params=["asyncio", "uvloop"])
+def gw(request: pytest.FixtureRequest) -> Iterator[RunningGateway]:
+    # Both loops: transports differ in when they deliver reads, and uvloop is what runs.
+    running = RunningGateway(uvloop.new_event_loop() if request.param == "uvloop" else None)
     try:
         yield running
     finally:
