@@ -211,9 +211,11 @@ class ClientConn(StreamConn):
         timeout and minimum rate allow, or whose replica has not begun its answer within
         the deployment's ``response_timeout_s``. Called by the gateway's periodic sweep
         (``now``: :func:`time.perf_counter`), not per request."""
-        req = self.current
-        if req is not None and req.method and not req.complete and not self.closed:
-            gw = self.gw
+        req, gw = self.current, self.gw
+        # A body on its way, unless the gateway paused reading it (for the replica's sake).
+        reading = req is not None and req.method and not req.complete
+        if reading and not (self._paused_reading or self.closed):
+            assert req is not None
             if now - req.start > gw.body_timeout_s + req.body_bytes / gw.body_min_rate:
                 self._body_too_slow(req)
                 return
@@ -223,11 +225,10 @@ class ClientConn(StreamConn):
         if self.busy or self.pending or self.closed or self.tunnel is not None or self.raw_sink:
             self._waiting = None
             return
-        req = self.current  # None: nothing sent yet; complete: idle; else a head under way
+        # req: None: nothing sent yet; complete: idle; else a head under way
         if self._waiting is None or self._waiting[0] is not req:
             self._waiting = (req, now)
             return
-        gw = self.gw
         limit = gw.idle_timeout_s if req is not None and req.complete else gw.head_timeout_s
         if now - self._waiting[1] >= limit and self.transport is not None:
             self.transport.close()
@@ -722,6 +723,7 @@ class ClientConn(StreamConn):
                 # Answered before it had the whole body: whether the replica read the rest as
                 # body or as another request, its connection cannot be trusted again.
                 exchange.early = exchange.finished
+                exchange.sent_at = time.perf_counter()  # its answer is due from here
             result = await done
             if conn.upgraded and exchange.status == 101:
                 await self._tunnel(req, conn)
@@ -975,7 +977,9 @@ class _Exchange:
     def check_timeout(self, now: float) -> None:
         """Give up on a replica that has not begun its answer within ``timeout_s``: its
         connection goes (a late answer must reach nobody) and the client gets a 504."""
-        if self.started or self.finished or now - self.sent_at < self.timeout_s:
+        if self.started or self.finished or not self.req.complete:
+            return  # (a body still on its way: its sending restarts the clock)
+        if now - self.sent_at < self.timeout_s:
             return
         conn = self.client.upstream
         if conn is not None and conn.exchange is self:
