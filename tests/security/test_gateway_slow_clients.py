@@ -17,6 +17,7 @@ import pytest
 
 from helpers.gateway import AUTH, KEY, RawServer, RunningGateway, answer, read_head, route
 from helpers.platform import wait_for
+from kingpost.gateway.table import RoutingTable
 
 PREDICT = "/models/echo/environments/production/predict"
 
@@ -167,3 +168,10 @@ def test_the_response_timeout_counts_from_the_end_of_the_body(echo: RawServer) -
             assert f.read(len(body)) == body
     finally:
         gw.close()
+
+
+def test_the_response_timeout_travels_with_the_table() -> None:
+    # Gateway workers get the table as JSON over their control sockets.
+    table = RoutingTable(version=1, deployments={"d1": route(1, response_timeout_s=2.5)})
+    again = RoutingTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert again.deployments["d1"].response_timeout_s == 2.5
