@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -58,12 +59,12 @@ def _request(path: str, body: bytes = b"", method: str = "GET") -> bytes:
     return head.encode() + body
 
 
-def _read_answer(f: socket.SocketIO | object) -> bytes:
+def _read_answer(f: BinaryIO) -> bytes:
     """One Content-Length framed answer's body from a buffered reader."""
     parsed = read_head(f)
     assert parsed is not None, "the gateway hung up"
     status, headers = parsed
-    body: bytes = f.read(int(headers.get(b"content-length", b"0")))  # type: ignore[attr-defined]
+    body = f.read(int(headers.get(b"content-length", b"0")))
     return status + b" " + body
 
 
