@@ -155,12 +155,12 @@ def test_the_response_timeout_counts_from_the_end_of_the_body(echo: RawServer) -
     # An upload that takes longer than the response timeout is not a silent replica.
     gw = RunningGateway(sweep_s=0.1)
     try:
-        gw.table(route(echo.port, concurrency=1, response_timeout_s=0.5))
+        gw.table(route(echo.port, concurrency=1, response_timeout_s=1.0))
         body = b"u" * (3 << 20)
         with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
             s.sendall(_head(f"content-length: {len(body)}\r\n"))
-            for i in range(0, len(body), 256 << 10):  # 3 MiB over about 1.2 s
-                s.sendall(body[i : i + (256 << 10)])
+            for i in range(0, len(body), 128 << 10):  # 3 MiB over about 2.4 s
+                s.sendall(body[i : i + (128 << 10)])
                 time.sleep(0.1)
             f = s.makefile("rb")
             parsed = read_head(f)

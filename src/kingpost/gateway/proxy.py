@@ -718,11 +718,13 @@ class ClientConn(StreamConn):
                 conn.write(head + b"".join(req.chunks))
                 req.chunks.clear()
             else:
+                exchange.sending = True
                 conn.write(head)
                 await self._send_body(req, conn)
                 # Answered before it had the whole body: whether the replica read the rest as
                 # body or as another request, its connection cannot be trusted again.
                 exchange.early = exchange.finished
+                exchange.sending = False
                 exchange.sent_at = time.perf_counter()  # its answer is due from here
             result = await done
             if conn.upgraded and exchange.status == 101:
@@ -920,6 +922,8 @@ class _Exchange:
         self.status = 0
         self.early = False
         """The answer ended before the request's body was all sent: the connection goes."""
+        self.sending = False
+        """The body is still being streamed to the replica: its answer is not due yet."""
 
     def on_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
@@ -977,8 +981,8 @@ class _Exchange:
     def check_timeout(self, now: float) -> None:
         """Give up on a replica that has not begun its answer within ``timeout_s``: its
         connection goes (a late answer must reach nobody) and the client gets a 504."""
-        if self.started or self.finished or not self.req.complete:
-            return  # (a body still on its way: its sending restarts the clock)
+        if self.started or self.finished or self.sending:
+            return  # (a body still on its way: the end of its sending restarts the clock)
         if now - self.sent_at < self.timeout_s:
             return
         conn = self.client.upstream
