@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     gateway_workers: int = 1
+    gateway_response_timeout: float = Field(default=600.0, gt=0)
+    """Seconds a replica may take to begin its answer before the gateway answers 504 (set
+    per deployment in the routing table; every deployment gets this one today)."""
     domain: str = "localhost"
     """Gateway host names are ``model-{id}.{domain}``."""
     engine: str = "process"

@@ -272,6 +272,8 @@ class Controller:
                 ready=ready,
                 shapes=shapes,
                 keys=self.store.api_key_scopes(),
+                response_timeout_s=self.settings.gateway_response_timeout,
+                private_paths=(str(self.settings.home),),
             )
             self._publish(table)
         return self._table

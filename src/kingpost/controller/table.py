@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,12 +23,33 @@ from kingpost.store import (
     ModelView,
 )
 
-__all__ = ["build_table"]
+__all__ = ["build_table", "public_message"]
 
 _FAILED = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
+_FS_ROOTS = (
+    "bin|boot|data|dev|etc|home|lib|lib64|media|mnt|opt|proc|root|run|sbin|srv|sys|tmp|usr|var"
+)
+_PATH_CHAR = r"[^\s'\"`:,;()\[\]{}<>]"
+_PATHS = re.compile(rf"(?<![\w.:/~-])(?:~|/(?:{_FS_ROOTS}))(?:/{_PATH_CHAR}*)+")
 
 
-def _route(dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any) -> DeploymentRoute:
+def public_message(message: str, private: Sequence[str] = ()) -> str:
+    """``message`` as the gateway may show it to callers: server file paths (under the usual
+    file system roots, the home directory, or ``private``) become ``<path>``. The store and
+    the logs keep the whole message."""
+    for prefix in private:
+        if prefix and prefix != "/":
+            message = re.sub(rf"{re.escape(prefix)}(?:/{_PATH_CHAR}*)*", "<path>", message)
+    return _PATHS.sub("<path>", message)
+
+
+def _route(
+    dep: DeploymentView,
+    ready: Sequence[ReplicaStatus],
+    shape: Any,
+    response_timeout_s: float,
+    private: Sequence[str],
+) -> DeploymentRoute:
     upstreams = tuple(
         Upstream(r.replica_id, r.endpoint.host, r.endpoint.port, r.endpoint.netns)
         for r in ready
@@ -36,7 +58,8 @@ def _route(dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any) -> D
     if dep.desired_state != DesiredState.ACTIVE:
         state, message = DeploymentState.INACTIVE, f"deployment {dep.name} is deactivated"
     elif dep.status in _FAILED and not upstreams:
-        state, message = DeploymentState.INACTIVE, f"deployment {dep.name} failed: {dep.message}"
+        why = public_message(dep.message, private)
+        state, message = DeploymentState.INACTIVE, f"deployment {dep.name} failed: {why}"
     elif upstreams:
         state, message = DeploymentState.SERVING, ""
     else:
@@ -50,6 +73,7 @@ def _route(dep: DeploymentView, ready: Sequence[ReplicaStatus], shape: Any) -> D
         concurrency=shape.concurrency if shape is not None else 1,
         websocket_path=shape.websocket_path if shape is not None else None,
         message=message[:500],
+        response_timeout_s=response_timeout_s,
     )
 
 
@@ -63,8 +87,15 @@ def build_table(
     ready: Mapping[str, Sequence[ReplicaStatus]],
     shapes: Mapping[str, Any],
     keys: KeyScopes,
+    response_timeout_s: float = 600.0,
+    private_paths: Sequence[str] = (),
 ) -> RoutingTable:
-    routes = {d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id)) for d in deployments}
+    """The table for the gateway. Deployment messages it shows callers lose server file
+    paths (see :func:`public_message`; ``private_paths``: the Kingpost home and the like)."""
+    routes = {
+        d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id), response_timeout_s, private_paths)
+        for d in deployments
+    }
     model_routes: dict[str, ModelRoute] = {}
     for m in models:
         envs: dict[str, tuple[tuple[str, float], ...]] = {

@@ -31,6 +31,10 @@ __all__ = ["ClientConn"]
 access_log = logging.getLogger("kingpost.gateway.access")
 REPLAY_LIMIT = 64 * 1024
 BODY_HIGH_WATER = 1024 * 1024
+BUFFER_LIMIT = BODY_HIGH_WATER
+"""A body up to this is read whole before its request takes a replica slot, and a larger
+one (or a chunked one) until this much is in: a client that trickles its body in holds only
+its own connection, until the body timeout ends it, not a slot others wait for."""
 HEAD_LIMIT = 64 * 1024
 """Bytes a request head may take beyond the read it starts in (431 past it): httptools
 has no limit and keeps a header's value growing for as long as the client sends it."""
@@ -40,7 +44,11 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     b"proxy-authorization",
     b"content-length",
     b"expect",
+    b"x-forwarded-for",  # sent again with the client's address appended
 }
+_BODY_UNEXPECTED = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+"""Methods whose bodies have no defined meaning (RFC 9110 9.3): many servers never read
+one, and parse it as the next request. Forwarded, but the connection is not reused."""
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
 """``Connection`` tokens that name no header to drop (Host: the gateway must send one)."""
@@ -72,6 +80,7 @@ class _Request:
         "complete",
         "content_length",
         "expect_continue",
+        "forwarded_for",
         "head_bytes",
         "headers",
         "hop",
@@ -115,11 +124,14 @@ class _Request:
         self.refuse: str | None = None
         """Why the head, well-formed for the parser, is still a bad request (400)."""
         self.request_id: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        """The client's ``X-Forwarded-For`` values, joined; the client's address follows."""
         self.rid: str | None = None
         """The id the gateway uses: the client's ``X-Baseten-Request-Id`` or a new one."""
         self.start = 0.0
         self.small = False
-        """The body has a length and fits the replay buffer: wait for all of it, then send."""
+        """The body has a length up to :data:`BUFFER_LIMIT`: wait for all of it, then take a
+        slot and send it."""
         self.upgrade = False
         self.tunnel_buf = bytearray()
         self.head_bytes = -1
@@ -145,11 +157,13 @@ def _error_body(
         400: "Bad Request",
         401: "Unauthorized",
         404: "Not Found",
+        408: "Request Timeout",
         429: "Too Many Requests",
         431: "Request Header Fields Too Large",
         501: "Not Implemented",
         502: "Bad Gateway",
         503: "Service Unavailable",
+        504: "Gateway Timeout",
     }.get(status, "Error")
     connection = "connection: close\r\n" if close else ""
     return (
@@ -176,11 +190,15 @@ class ClientConn(StreamConn):
         self.tunnel: _Request | None = None
         """An upgrade request whose raw bytes are buffered until the replica answers."""
         self._paused_reading = False
-        self.refusal: tuple[bytes, str, int, float] | None = None
+        self.refusal: tuple[bytes, str, int, str, float] | None = None
         """An error answer owed after the answers before it: its bytes, and its request id,
-        status and when it was decided, for its access line."""
+        status, code and when it was decided, for its access line."""
         self._waiting: tuple[_Request | None, float] | None = None
         """What :meth:`close_if_stalled` last saw the connection wait for, and since when."""
+        self.peer: bytes | None = None
+        """The client's address, for ``X-Forwarded-For`` (looked up at the first request)."""
+        self.body_wait: _Request | None = None
+        """A request whose body is read whole (in the task) before it takes a slot."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -189,18 +207,50 @@ class ClientConn(StreamConn):
     def close_if_stalled(self, now: float) -> None:
         """Close a connection that holds no request and has not sent a whole request head in
         ``head_timeout_s`` (a slowloris), or, after answered requests, none in
-        ``idle_timeout_s``. Called by the gateway's periodic sweep, not per request."""
+        ``idle_timeout_s``; end a request whose body comes slower than the gateway's body
+        timeout and minimum rate allow, or whose replica has not begun its answer within
+        the deployment's ``response_timeout_s``. Called by the gateway's periodic sweep
+        (``now``: :func:`time.perf_counter`), not per request."""
+        req, gw = self.current, self.gw
+        # A body on its way, unless the gateway paused reading it (for the replica's sake).
+        reading = req is not None and req.method and not req.complete
+        if reading and not (self._paused_reading or self.closed):
+            assert req is not None
+            if now - req.start > gw.body_timeout_s + req.body_bytes / gw.body_min_rate:
+                self._body_too_slow(req)
+                return
+        upstream = self.upstream
+        if upstream is not None and isinstance(exchange := upstream.exchange, _Exchange):
+            exchange.check_timeout(now)
         if self.busy or self.pending or self.closed or self.tunnel is not None or self.raw_sink:
             self._waiting = None
             return
-        req = self.current  # None: nothing sent yet; complete: idle; else a head under way
+        # req: None: nothing sent yet; complete: idle; else a head under way
         if self._waiting is None or self._waiting[0] is not req:
             self._waiting = (req, now)
             return
-        gw = self.gw
         limit = gw.idle_timeout_s if req is not None and req.complete else gw.head_timeout_s
         if now - self._waiting[1] >= limit and self.transport is not None:
             self.transport.close()
+
+    def _body_too_slow(self, req: _Request) -> None:
+        gw = self.gw
+        message = (
+            f"the request body came too slowly: {req.body_bytes} bytes in "
+            f"{gw.body_timeout_s:.0f}s plus 1s per {gw.body_min_rate} bytes"
+        )
+        access_log.warning("%s (request %s)", message, req.rid or "not routed yet")
+        if req in self.pending:  # not dispatched: refused after the answers owed before it
+            self._fail_and_close(408, message, "request_timeout")
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        if self.body_wait is req:  # read before it takes a slot: nothing was sent for it
+            rid = req.rid or gw.new_request_id()
+            transport.write(_error_body(408, message, "request_timeout", rid, close=True))
+            gw.log_access(rid, 408, "request_timeout", req.start, None)
+        transport.close()  # its head is with a replica, or answered: only closing ends it
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -318,13 +368,13 @@ class ClientConn(StreamConn):
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
 
-    def _fail_and_close(self, status: int, message: str) -> None:
+    def _fail_and_close(self, status: int, message: str, code: str = "invalid_request") -> None:
         rid = self.gw.new_request_id()
-        body = _error_body(status, message, "invalid_request", rid, close=True)
+        body = _error_body(status, message, code, rid, close=True)
         if self._drop_unfinished() and (self.busy or self.pending):
             # Earlier requests are still owed their answers, in order: read no more, answer
             # them, then send this error and close (see :meth:`_after`).
-            self.refusal = (body, rid, status, time.perf_counter())
+            self.refusal = (body, rid, status, code, time.perf_counter())
             self.eof = True
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -332,7 +382,7 @@ class ClientConn(StreamConn):
         if self.transport is not None and not self.closed:
             self.transport.write(body)
             self.transport.close()
-            self.gw.log_access(rid, status, "invalid_request", time.perf_counter(), None)
+            self.gw.log_access(rid, status, code, time.perf_counter(), None)
         self.closed = True
 
     # -- httptools callbacks ----------------------------------------------------------------
@@ -360,7 +410,7 @@ class ClientConn(StreamConn):
             lname = name.lower()
             if lname == b"content-length":
                 req.content_length = value
-                req.small = value.isdigit() and int(value) <= REPLAY_LIMIT
+                req.small = value.isdigit() and int(value) <= BUFFER_LIMIT
             elif lname == b"transfer-encoding" and b"chunked" in value.lower():
                 req.chunked = True
             elif lname == b"authorization":
@@ -371,6 +421,9 @@ class ClientConn(StreamConn):
                 req.host = value
             elif lname == b"x-baseten-request-id":
                 req.request_id = value
+            elif lname == b"x-forwarded-for":
+                ff = req.forwarded_for
+                req.forwarded_for = value if ff is None else ff + b", " + value
             elif lname == b"expect" and value.lower() == b"100-continue":
                 req.expect_continue = True
             elif lname == b"connection" and (tokens := _connection_tokens(value)) is not None:
@@ -440,9 +493,9 @@ class ClientConn(StreamConn):
         if not keep or not req.keep_alive or (self.eof and not self.pending):
             if self.transport is not None:
                 if self.refusal is not None and keep and req.keep_alive:
-                    body, rid, status, start = self.refusal
+                    body, rid, status, code, start = self.refusal
                     self.transport.write(body)  # after every answer owed before it
-                    self.gw.log_access(rid, status, "invalid_request", start, None)
+                    self.gw.log_access(rid, status, code, start, None)
                 self.transport.close()
             self.closed = True
             return False
@@ -533,7 +586,7 @@ class ClientConn(StreamConn):
         conn = self.gw.pool.take_idle(slot.key)
         if conn is None:
             return _Handoff(req, target, dispatcher, slot=slot)  # to open a connection
-        exchange = _Exchange(self, req, req.rid)
+        exchange = _Exchange(self, req, req.rid, target.deployment.response_timeout_s)
         exchange.landing = (dispatcher, slot, conn, target)
         self.busy = True
         self.upstream = conn
@@ -575,6 +628,17 @@ class ClientConn(StreamConn):
         if req.expect_continue:
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not req.upgrade and not req.complete and req.body_bytes < BUFFER_LIMIT:
+            # Read the body (or its first BUFFER_LIMIT bytes) before taking a slot.
+            self.body_wait = req
+            try:
+                while not req.complete and req.body_bytes < BUFFER_LIMIT and not self.closed:
+                    req.waiter = asyncio.get_running_loop().create_future()
+                    await req.waiter
+            finally:
+                self.body_wait = None
+            if self.closed:
+                return False
         dispatcher = self.gw.dispatcher(target.deployment.deployment_id)
         return await self._dispatch(_Handoff(req, target, dispatcher))
 
@@ -592,7 +656,9 @@ class ClientConn(StreamConn):
                     except Rejected as rej:
                         return self._reject(req, rej.status, rej.message, rej.code, rid, target)
                 try:
-                    outcome, status = await self._forward(req, slot, target.path, rid)
+                    outcome, status = await self._forward(
+                        req, slot, target.path, rid, target.deployment.response_timeout_s
+                    )
                 finally:
                     dispatcher.release(slot)
             except asyncio.CancelledError:  # the client left, queued or mid-answer
@@ -636,7 +702,9 @@ class ClientConn(StreamConn):
         # The body, if any, was not read: the connection cannot be reused unless it's complete.
         return req.complete or (req.content_length in (None, b"0") and not req.chunked)
 
-    async def _forward(self, req: _Request, slot: Slot, path: str, rid: str) -> tuple[str, int]:
+    async def _forward(
+        self, req: _Request, slot: Slot, path: str, rid: str, timeout_s: float
+    ) -> tuple[str, int]:
         """Proxy one request; returns "ok", "close" (client conn must close) or "retry", and
         the status the client got (0: none)."""
         gw = self.gw
@@ -649,7 +717,7 @@ class ClientConn(StreamConn):
                 conn, reused = await gw.pool.get(slot.key)
         except (OSError, TimeoutError):
             return "retry", 0
-        exchange = _Exchange(self, req, rid)
+        exchange = _Exchange(self, req, rid, timeout_s)
         exchange.done = done = asyncio.get_running_loop().create_future()
         conn.begin(exchange)
         self.upstream = conn
@@ -661,8 +729,14 @@ class ClientConn(StreamConn):
                 conn.write(head + b"".join(req.chunks))
                 req.chunks.clear()
             else:
+                exchange.sending = True
                 conn.write(head)
                 await self._send_body(req, conn)
+                # Answered before it had the whole body: whether the replica read the rest as
+                # body or as another request, its connection cannot be trusted again.
+                exchange.early = exchange.finished
+                exchange.sending = False
+                exchange.sent_at = time.perf_counter()  # its answer is due from here
             result = await done
             if conn.upgraded and exchange.status == 101:
                 await self._tunnel(req, conn)
@@ -675,6 +749,8 @@ class ClientConn(StreamConn):
         if req.upgrade:
             if result == "lost" and self._settle(req, conn, exchange, False, result) == "retry":
                 return "retry", 0  # the replica took nothing: another may take the handshake
+            if result == "timeout":
+                self._settle(req, conn, exchange, False, result)
             conn.close()
             # Refused or lost: after an upgrade request the stream is raw.
             return "close", exchange.status or 502
@@ -684,6 +760,21 @@ class ClientConn(StreamConn):
         self, req: _Request, conn: UpstreamConn, exchange: _Exchange, reused: bool, result: str
     ) -> str:
         """After the replica's answer (or its loss): "ok", "close" or "retry"."""
+        if result == "timeout":
+            conn.close()
+            assert self.transport is not None
+            keep = req.complete and not req.upgrade
+            self.transport.write(
+                _error_body(
+                    504,
+                    f"the replica did not begin its answer within {exchange.timeout_s:g}s "
+                    "(the deployment's response timeout)",
+                    "gateway_timeout",
+                    exchange.rid.decode("latin-1"),
+                    close=not keep,
+                )
+            )
+            return "ok" if keep else "close"
         if result == "lost":
             conn.close()
             # Retried only if the replica sent nothing at all: even part of a response head
@@ -708,7 +799,12 @@ class ClientConn(StreamConn):
                     )
                 )
             return "close"
-        if exchange.upstream_keep_alive and req.complete:
+        if (
+            exchange.upstream_keep_alive
+            and req.complete
+            and not exchange.early
+            and not (req.body_bytes and req.method in _BODY_UNEXPECTED)
+        ):
             self.gw.pool.put(conn)
         else:
             conn.close()
@@ -744,8 +840,16 @@ class ClientConn(StreamConn):
             conn.close()
             client.close()
 
-    @staticmethod
-    def _request_head(req: _Request, path: str, rid: str) -> bytes:
+    def _peer(self) -> bytes:
+        """The client's address as ``X-Forwarded-For`` gives it (b"" when unknown)."""
+        peer = self.peer
+        if peer is None:
+            info = self.transport.get_extra_info("peername") if self.transport else None
+            host = info[0] if isinstance(info, tuple) and info else None
+            peer = self.peer = host.encode("latin-1") if isinstance(host, str) else b""
+        return peer
+
+    def _request_head(self, req: _Request, path: str, rid: str) -> bytes:
         lines = [req.method + b" " + path.encode("latin-1") + b" HTTP/1.1\r\n"]
         drop = _NOT_FORWARDED if req.hop is None else req.hop
         for name, value in req.headers:
@@ -757,6 +861,12 @@ class ClientConn(StreamConn):
                 continue
             lines.append(name + b": " + value + b"\r\n")
         lines.append(b"x-baseten-request-id: " + rid.encode("latin-1") + b"\r\n")
+        # What the client said it forwarded for, then the address that connected: the last
+        # entry, the one a replica may trust, is never the client's own word.
+        ff, peer = req.forwarded_for, self._peer()
+        if ff is not None or peer:
+            joined = peer if ff is None else (ff + b", " + peer if peer else ff)
+            lines.append(b"x-forwarded-for: " + joined + b"\r\n")
         if req.host is None:  # HTTP/1.0 without Host: an HTTP/1.1 request needs one, empty
             lines.append(b"host: \r\n")  # when there is no authority (RFC 9112 3.2)
         if req.chunked:
@@ -802,10 +912,12 @@ class _Handoff:
 class _Exchange:
     """Re-frames one upstream response for the client."""
 
-    def __init__(self, client: ClientConn, req: _Request, rid: str) -> None:
+    def __init__(self, client: ClientConn, req: _Request, rid: str, timeout_s: float) -> None:
         self.client = client
         self.req = req
         self.rid = rid.encode("latin-1")
+        self.timeout_s = timeout_s
+        self.sent_at = time.perf_counter()
         self.done: asyncio.Future[str] | None = None
         """Set by a task that awaits the end; otherwise :attr:`landing` is used."""
         self.landing: tuple[Dispatcher, Slot, UpstreamConn, Target] | None = None
@@ -819,6 +931,10 @@ class _Exchange:
         self.must_close = False
         self.close_delimited = False
         self.status = 0
+        self.early = False
+        """The answer ended before the request's body was all sent: the connection goes."""
+        self.sending = False
+        """The body is still being streamed to the replica: its answer is not due yet."""
 
     def on_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
@@ -872,6 +988,20 @@ class _Exchange:
         if self.req.method == b"HEAD":
             self.upstream_keep_alive = False
             self.on_response_end()
+
+    def check_timeout(self, now: float) -> None:
+        """Give up on a replica that has not begun its answer within ``timeout_s``: its
+        connection goes (a late answer must reach nobody) and the client gets a 504."""
+        if self.started or self.finished or self.sending:
+            return  # (a body still on its way: the end of its sending restarts the clock)
+        if now - self.sent_at < self.timeout_s:
+            return
+        conn = self.client.upstream
+        if conn is not None and conn.exchange is self:
+            conn.exchange = None
+            conn.close()
+        self.status = 504
+        self._finish("timeout")
 
     def on_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         # Passed on to HTTP/1.1 clients (RFC 9110 15.2), except 100 Continue: the gateway

@@ -53,8 +53,14 @@ class Gateway:
     """A connection idle after its answers is closed after this; longer than the idle
     timeouts of the load balancers a gateway sits behind (AWS 60 s, Google Cloud 600 s),
     so that it is they that close, never a gateway under a request they just sent."""
+    body_timeout_s = 30.0
+    body_min_rate = 500
+    """A request body must arrive within ``body_timeout_s`` plus one second per
+    ``body_min_rate`` bytes received (so a large upload at a fair rate is never cut, and a
+    trickle is): past that it is answered 408 and its connection closed."""
     sweep_s = 5.0
-    """How often connections are checked against the two timeouts above."""
+    """How often connections are checked against the timeouts above and the deployments'
+    response timeouts (so each is enforced to within this)."""
 
     def __init__(
         self, table: RoutingTable | None = None, *, access_log_enabled: bool = False
@@ -212,7 +218,7 @@ class Gateway:
         return int(sock.getsockname()[1])
 
     def _sweep(self) -> None:
-        now = time.monotonic()
+        now = time.perf_counter()
         for conn in list(self.clients):
             conn.close_if_stalled(now)
         self._sweeper = asyncio.get_running_loop().call_later(self.sweep_s, self._sweep)

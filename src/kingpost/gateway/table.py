@@ -71,6 +71,9 @@ class DeploymentRoute:
     """Why the deployment is inactive (shown in the 404/503 error)."""
     websocket_path: str | None = None
     """Path on the server that ``/websocket`` maps to; ``None``: not a WebSocket deployment."""
+    response_timeout_s: float = 600.0
+    """How long a replica may take to begin its answer (its head) before the client gets
+    a 504 and the replica's connection is dropped; streamed answers may then take longer."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class RoutingTable:
                     "hold_timeout_s": d.hold_timeout_s,
                     "message": d.message,
                     "websocket_path": d.websocket_path,
+                    "response_timeout_s": d.response_timeout_s,
                 }
                 for did, d in self.deployments.items()
             },
@@ -162,6 +166,7 @@ class RoutingTable:
                     hold_timeout_s=float(d.get("hold_timeout_s", 60.0)),
                     message=str(d.get("message", "")),
                     websocket_path=d.get("websocket_path"),
+                    response_timeout_s=float(d.get("response_timeout_s", 600.0)),
                 )
                 for did, d in data.get("deployments", {}).items()
             },

@@ -3,11 +3,20 @@
 An :class:`UpstreamConn` parses the replica's response with httptools and hands
 each event to the current :class:`Exchange`, which re-frames it for the client.
 Bytes produced while handling one read are flushed to the client in one write.
+
+A response reaches only the request it answers. A replica may send what nobody asked
+for: a second answer to one request (a server that read an ignored body as a request),
+or half an answer on an idle connection. Such a connection is never used again: bytes
+that arrive while no request waits, or a response that begins after the one awaited
+ended in the same read, drop it; and a connection goes back to the pool only after the
+whole read that ended its answer was parsed, so no request is sent on it in between.
+What the proxy adds (closing after bodies a replica may not read) is in ``proxy.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,6 +27,8 @@ import httptools
 from kingpost.engines.netns import socket_in_netns
 
 __all__ = ["Exchange", "StreamConn", "UpstreamConn", "UpstreamPool"]
+
+log = logging.getLogger("kingpost.gateway")
 
 Key = tuple[str, int, str | None]
 HOP_BY_HOP = frozenset(
@@ -106,12 +117,20 @@ class UpstreamConn(StreamConn):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._interim = False
+        self.feeding = False
+        """A read is being parsed: a connection put back now waits in :attr:`returning`."""
+        self.returning: UpstreamPool | None = None
+        """The pool to join once the read being parsed is done (see :meth:`UpstreamPool.put`)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.forward_raw(data):
             return
+        if self.exchange is None:
+            self._unsolicited(f"{len(data)} bytes")  # no request waits: this answers none
+            return
         self.got_bytes = True
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -122,8 +141,27 @@ class UpstreamConn(StreamConn):
         except httptools.HttpParserError as exc:
             self._lose(exc)
             return
+        finally:
+            self.feeding = False
         if self.exchange is not None:
             self.exchange.flush()
+        if self.returning is not None:
+            pool, self.returning = self.returning, None
+            pool.put(self)
+
+    def _unsolicited(self, what: str) -> None:
+        """The replica sent bytes no request asked for: whatever comes next on this
+        connection cannot be trusted to answer the next request. Drop it."""
+        if not self.closed:
+            host, port, _netns = self.key
+            log.warning(
+                "replica %s:%d sent %s that no request asked for; its connection is "
+                "dropped (a server that read a request's body as another request?)",
+                host,
+                port,
+                what,
+            )
+        self.close()
 
     def _keep(self, data: bytes) -> None:
         self.leftover += data
@@ -152,6 +190,8 @@ class UpstreamConn(StreamConn):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.exchange is None:  # a response after the awaited one ended, in the same read
+            self._unsolicited("a second response")
         self._headers = []
         self._reason = b""
 
@@ -256,6 +296,11 @@ class UpstreamPool:
     def put(self, conn: UpstreamConn) -> None:
         if conn.closed or conn.exchange is not None or conn.upgraded:
             conn.close()
+            return
+        if conn.feeding:
+            # Put back from inside the read that ended its answer: the rest of that read may
+            # hold an answer nobody asked for, so it joins the pool once the read is parsed.
+            conn.returning = self
             return
         transport = conn.transport
         if transport is not None and not transport.is_reading():
