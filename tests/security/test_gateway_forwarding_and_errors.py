@@ -20,6 +20,7 @@ from helpers.gateway import AUTH, KEY, RawServer, RunningGateway, answer, read_h
 from helpers.platform import wait_for
 from kingpost.controller.table import build_table, public_message
 from kingpost.store import DeploymentStatus, DeploymentView, DesiredState, EnvironmentView
+from kingpost.store.repo import KeyScopes
 from kingpost.store.views import ModelView
 
 
@@ -124,7 +125,7 @@ def test_a_failed_deployment_error_names_no_server_path(gw: RunningGateway) -> N
         environments=[EnvironmentView("e1", "m1", "production", "d1", now)],
         ready={},
         shapes={},
-        key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
+        keys=KeyScopes(admin=frozenset({hashlib.sha256(KEY.encode()).hexdigest()})),
         private_paths=["/home/ana/.kingpost"],
     )
     gw.loop.call_soon_threadsafe(gw.gateway.set_table, table)
