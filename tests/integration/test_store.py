@@ -424,3 +424,20 @@ def test_keys_made_before_scopes_stay_admin_keys(db: Database, tmp_path: Path) -
     found = store.find_api_key("kp_old12345")
     assert found is not None and (found.kind, found.model_ids) == (ApiKeyKind.ADMIN, ())
     assert store.api_key_scopes().admin == {hash_api_key("kp_old12345")}
+
+
+def test_reactivating_after_a_failure_or_a_stop_is_a_new_activation(store: Store) -> None:
+    """Replicas carry the activation they were started for; the controller replaces the
+    failed ones of an earlier activation instead of reporting them."""
+    dep = store.create_deployment(new()).id
+    assert store.get_deployment(dep).activation == 1
+    store.set_desired(dep, DesiredState.ACTIVE)  # already active: the same activation
+    assert store.get_deployment(dep).activation == 1
+    store.set_status(dep, DeploymentStatus.FAILED, "boom")
+    store.set_desired(dep, DesiredState.ACTIVE)
+    view = store.get_deployment(dep)
+    assert (view.activation, view.status) == (2, DeploymentStatus.DEPLOYING)
+    store.set_desired(dep, DesiredState.INACTIVE)
+    store.set_status(dep, DeploymentStatus.INACTIVE)
+    store.set_desired(dep, DesiredState.ACTIVE)
+    assert store.get_deployment(dep).activation == 3

@@ -12,13 +12,17 @@ P = ReplicaPhase
 S = DeploymentStatus
 
 
-def rep(rid: str, phase: ReplicaPhase, started: float = 10.0, message: str = "") -> ReplicaStatus:
-    return ReplicaStatus(rid, "d1", phase, Endpoint("127.0.0.1", 1), 0, message, started)
+def rep(
+    rid: str, phase: ReplicaPhase, started: float = 10.0, message: str = "", generation: int = 1
+) -> ReplicaStatus:
+    return ReplicaStatus(
+        rid, "d1", phase, Endpoint("127.0.0.1", 1), 0, message, started, generation
+    )
 
 
 CASES = [
     # (name, want, replicas, start, stop, status, ready ids)
-    ("fresh deployment starts one", Want(True, 1), [], 1, (), S.DEPLOYING, ()),
+    ("fresh deployment starts one", Want(True, 1, generation=1), [], 1, (), S.DEPLOYING, ()),
     ("fresh deployment starts two", Want(True, 2), [], 2, (), S.DEPLOYING, ()),
     ("starting replica counts", Want(True, 1), [rep("a", P.STARTING)], 0, (), S.DEPLOYING, ()),
     ("ready replica is active", Want(True, 1), [rep("a", P.READY)], 0, (), S.ACTIVE, ("a",)),
@@ -68,13 +72,31 @@ CASES = [
         (),
     ),
     (
-        "failure older than a re-activation is replaced",
-        Want(True, 1, reset_after=20.0),
-        [rep("a", P.FAILED, started=10.0, message="boom")],
+        "failure of an earlier activation is replaced",
+        Want(True, 1, generation=2),
+        [rep("a", P.FAILED, message="boom", generation=1)],
         1,
         ("a",),
         S.DEPLOYING,
         (),
+    ),
+    (
+        "failure of this activation is reported, however recent",
+        Want(True, 1, generation=2),
+        [rep("a", P.FAILED, started=99.0, message="boom", generation=2)],
+        0,
+        (),
+        S.FAILED,
+        (),
+    ),
+    (
+        "live replicas of an earlier activation keep serving",
+        Want(True, 1, generation=3),
+        [rep("a", P.READY, generation=1)],
+        0,
+        (),
+        S.ACTIVE,
+        ("a",),
     ),
     (
         "scale down stops not-ready before ready",

@@ -323,27 +323,23 @@ class Controller:
         want = Want(
             active=want_active and (isinstance(gate, _Ready) or serving),
             replicas=dep.min_replicas,
-            reset_after=dep.updated_at.timestamp()
-            if dep.status == DeploymentStatus.DEPLOYING
-            else 0.0,
+            generation=dep.activation,
             was_active=dep.status in (DeploymentStatus.ACTIVE, DeploymentStatus.UNHEALTHY),
         )
         decision = plan(want, replicas)
         for replica_id in decision.stop:
             self._stop_replica_id(dep.engine, replica_id)
-        # The status goes first: a change moves ``updated_at``, which ``reset_after``
-        # compares start times with, so replicas started below must come after it (else
-        # the next pass takes their first failure for one from before a re-activation).
+        status, message = None, ""
         if not want_active:
-            self.store.set_status(dep.id, DeploymentStatus.INACTIVE)
+            status = DeploymentStatus.INACTIVE
         elif decision.status is not None:
-            message = decision.message or self._notes.get(dep.id, "")
-            self.store.set_status(dep.id, decision.status, message)
+            status, message = decision.status, decision.message or self._notes.get(dep.id, "")
         if decision.start and isinstance(gate, _Ready):
             refused = self._start_replicas(dep, decision.start, gate)
             if refused is not None:  # the engine refused a start: that outcome stands
-                self.store.set_status(dep.id, refused.status or DeploymentStatus.FAILED,
-                                      refused.message)  # fmt: skip
+                status, message = refused.status or DeploymentStatus.FAILED, refused.message
+        if status is not None:  # one status per deployment per pass
+            self.store.set_status(dep.id, status, message)
         return list(decision.ready)
 
     # -- Python environments ------------------------------------------------------------
@@ -544,6 +540,7 @@ class Controller:
                 python_executable=ready.built.python_executable,
                 image=ready.built.image,
                 dynamic_config_dir=self.settings.dynamic_dir / dep.id,
+                generation=dep.activation,
             )
             try:
                 engine.start(spec)

@@ -25,9 +25,9 @@ class Want:
     """Desired state is ACTIVE and every prerequisite (secrets, env, weights) is met."""
     replicas: int
     """Replicas wanted when active."""
-    reset_after: float = 0.0
-    """Replicas that failed before this time (epoch s) are replaced, not reported:
-    the user re-activated the deployment after a failure."""
+    generation: int = 0
+    """The deployment's current activation: failed replicas started for an older one are
+    replaced, not reported (the user re-activated the deployment after a failure)."""
     was_active: bool = False
     """The deployment has served before (so a loss of ready replicas is UNHEALTHY)."""
 
@@ -49,7 +49,7 @@ def plan(want: Want, replicas: list[ReplicaStatus]) -> Plan:
     if not want.active:
         return Plan(stop=tuple(r.replica_id for r in replicas if r.phase != ReplicaPhase.STOPPED))
     stale = [
-        r for r in replicas if r.phase == ReplicaPhase.FAILED and r.started_at < want.reset_after
+        r for r in replicas if r.phase == ReplicaPhase.FAILED and r.generation < want.generation
     ]
     current = [r for r in replicas if r not in stale and r.phase != ReplicaPhase.STOPPED]
     failed = [r for r in current if r.phase == ReplicaPhase.FAILED]

@@ -131,6 +131,7 @@ def replica_spec(
     python_executable: str | None = None,
     image: str | None = None,
     dynamic_config_dir: Path | None = None,
+    generation: int = 0,
 ) -> ReplicaSpec:
     shape = server_shape(config)
     ds = config.docker_server
@@ -153,6 +154,7 @@ def replica_spec(
         image=image,
         config=config,
         dynamic_config_dir=dynamic_config_dir,
+        generation=generation,
     )
 
 

@@ -120,6 +120,11 @@ class ReplicaSpec:
     """The whole parsed config, for engines that build images from it."""
     model_name: str = ""
     dynamic_config_dir: Path | None = None
+    generation: int = 0
+    """The deployment's activation this replica was started for: the controller replaces
+    failed replicas of an older one (the user re-activated after a failure), and rollouts
+    tell old replicas from new ones by it. Engines report it back in
+    :attr:`ReplicaStatus.generation`."""
     """The deployment's directory of values that change while it runs (its environment);
     the engine shows it to the replica read-only (``kingpost.server.contract``)."""
 
@@ -146,6 +151,8 @@ class ReplicaStatus:
     restarts: int = 0
     message: str = ""
     started_at: float = 0.0
+    generation: int = 0
+    """:attr:`ReplicaSpec.generation` of the spec it was started from."""
 
 
 BuildLog = Callable[[str], None]

@@ -90,6 +90,7 @@ APP_DIR = "/app"
 LABEL_SCOPE = "kingpost.scope"
 LABEL_REPLICA = "kingpost.replica"
 LABEL_DEPLOYMENT = "kingpost.deployment"
+LABEL_GENERATION = "kingpost.generation"
 LABEL_MODEL = "kingpost.model"
 LABEL_RUNTIME = "kingpost.runtime"
 """JSON of what the monitor needs to watch an adopted container: port and probes."""
@@ -309,6 +310,7 @@ def container_options(
         LABEL_MODEL: spec.model_id,
         LABEL_RUNTIME: _runtime_label(spec),
         LABEL_ISOLATION: ISOLATION,
+        LABEL_GENERATION: str(spec.generation),
     }
     options: dict[str, Any] = {
         "image": spec.image,
@@ -352,10 +354,16 @@ class _Replica(ReplicaHealth):
     probes: Probes
     spec: ReplicaSpec | None = None
     """None for a container adopted from an earlier control plane."""
+    generation: int = 0
     container_id: str | None = None
     next_check: float = 0.0
     busy: bool = False
     """A blocking Docker call for this replica is in flight on the pool."""
+
+
+def _int(text: str) -> int:
+    """A label's number; 0 for a container started before the label existed."""
+    return int(text) if text.isdigit() else 0
 
 
 class DockerEngine(Engine):
@@ -404,6 +412,7 @@ class DockerEngine(Engine):
                 spec.probes,
                 spec=spec,
                 started_at=time.time(),
+                generation=spec.generation,
             )
 
     def poll(self) -> list[ReplicaStatus]:
@@ -417,6 +426,7 @@ class DockerEngine(Engine):
                     r.restarts,
                     r.message,
                     r.started_at,
+                    r.generation,
                 )
                 for r in self._replicas.values()
                 if not r.stopping
@@ -581,6 +591,7 @@ class DockerEngine(Engine):
                 ever_ready=True,
                 started_at=time.time(),
                 message="adopted from an earlier control plane",
+                generation=_int(labels.get(LABEL_GENERATION, "")),
             )
             rep.endpoint = self._endpoint(container.attrs, port)
             if rep.endpoint is not None and http_probe(

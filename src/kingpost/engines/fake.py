@@ -48,6 +48,7 @@ class FakeEngine(Engine):
                 ReplicaPhase.STARTING,
                 Endpoint("127.0.0.1", self._next_port),
                 started_at=time.time(),
+                generation=spec.generation,
             )
 
     def poll(self) -> list[ReplicaStatus]:
@@ -94,4 +95,5 @@ class FakeEngine(Engine):
             st.restarts,
             message or st.message,
             st.started_at,
+            st.generation,
         )

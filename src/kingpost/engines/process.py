@@ -285,6 +285,7 @@ class ProcessEngine(Engine):
                     r.restarts,
                     r.message,
                     r.started_at,
+                    r.spec.generation,
                 )
                 for r in self._replicas.values()
                 if not r.stopping

@@ -133,6 +133,9 @@ class Deployment(Base):
     is_development: Mapped[bool] = mapped_column(Boolean, default=False)
     min_replicas: Mapped[int] = mapped_column(Integer, default=1)
     max_replicas: Mapped[int] = mapped_column(Integer, default=1)
+    activation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Counts re-activations after a failure or a deactivation; replicas carry the one
+    they were started for (``ReplicaSpec.generation``)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -149,6 +149,7 @@ def _deployment_view(d: Deployment, envs: Iterable[str] = ()) -> DeploymentView:
         created_at=d.created_at,
         updated_at=d.updated_at,
         environments=tuple(sorted(envs)),
+        activation=d.activation or 1,
     )
 
 
@@ -492,6 +493,7 @@ class Store:
                 DeploymentStatus.BUILD_FAILED,  # the controller builds it again
             ):
                 d.status, d.message = DeploymentStatus.DEPLOYING, ""
+                d.activation = (d.activation or 1) + 1  # its failed replicas are replaced
             return self._view(s, d)
 
     def promote(self, model_ref: str, deployment_ref: str, env_name: str) -> DeploymentView:

@@ -39,6 +39,8 @@ class DeploymentView:
     created_at: datetime
     updated_at: datetime
     environments: tuple[str, ...] = field(default=())
+    activation: int = 1
+    """See ``Deployment.activation``."""
 
 
 @dataclass(frozen=True)
