@@ -17,11 +17,11 @@ def rep(rid: str, phase: ReplicaPhase, started: float = 10.0, message: str = "")
 
 
 CASES = [
-    # (name, want, replicas, start, stop, status, ready ids)
-    ("fresh deployment starts one", Want(True, 1), [], 1, (), S.DEPLOYING, ()),
-    ("fresh deployment starts two", Want(True, 2), [], 2, (), S.DEPLOYING, ()),
-    ("starting replica counts", Want(True, 1), [rep("a", P.STARTING)], 0, (), S.DEPLOYING, ()),
-    ("ready replica is active", Want(True, 1), [rep("a", P.READY)], 0, (), S.ACTIVE, ("a",)),
+    # (name, want, replicas, start, stop, status, message, ready ids)
+    ("fresh deployment starts one", Want(True, 1), [], 1, (), S.DEPLOYING, "", ()),
+    ("fresh deployment starts two", Want(True, 2), [], 2, (), S.DEPLOYING, "", ()),
+    ("starting replica counts", Want(True, 1), [rep("a", P.STARTING)], 0, (), S.DEPLOYING, "", ()),
+    ("ready replica is active", Want(True, 1), [rep("a", P.READY)], 0, (), S.ACTIVE, "", ("a",)),
     (
         "one of two ready is active, no new start",
         Want(True, 2),
@@ -29,6 +29,7 @@ CASES = [
         0,
         (),
         S.ACTIVE,
+        "",
         ("a",),
     ),
     (
@@ -38,6 +39,7 @@ CASES = [
         0,
         (),
         S.UNHEALTHY,
+        "no replica is ready",
         (),
     ),
     (
@@ -47,6 +49,7 @@ CASES = [
         0,
         (),
         S.DEPLOYING,
+        "",
         (),
     ),
     (
@@ -56,15 +59,27 @@ CASES = [
         0,
         (),
         S.FAILED,
+        "boom",
         (),
     ),
     (
-        "build failure is reported as BUILD_FAILED",
+        "build failure is reported as BUILD_FAILED, without the prefix",
         Want(True, 1),
         [rep("a", P.FAILED, message="BUILD_FAILED: step 2 exited 1")],
         0,
         (),
         S.BUILD_FAILED,
+        "step 2 exited 1",
+        (),
+    ),
+    (
+        "a failed replica beside a live one is not a failed deployment",
+        Want(True, 2),
+        [rep("a", P.FAILED, message="boom"), rep("b", P.STARTING)],
+        0,
+        (),
+        S.DEPLOYING,
+        "",
         (),
     ),
     (
@@ -74,6 +89,17 @@ CASES = [
         1,
         ("a",),
         S.DEPLOYING,
+        "",
+        (),
+    ),
+    (
+        "failure started at the re-activation itself is reported, not replaced",
+        Want(True, 1, reset_after=20.0),
+        [rep("a", P.FAILED, started=20.0, message="boom")],
+        0,
+        (),
+        S.FAILED,
+        "boom",
         (),
     ),
     (
@@ -83,6 +109,7 @@ CASES = [
         0,
         ("b",),
         S.ACTIVE,
+        "",
         ("a",),
     ),
     (
@@ -92,7 +119,28 @@ CASES = [
         0,
         ("a",),
         S.ACTIVE,
+        "",
         ("b",),
+    ),
+    (
+        "scale down from three to two starts nothing",
+        Want(True, 2),
+        [rep("a", P.READY, 1.0), rep("b", P.READY, 2.0), rep("c", P.READY, 3.0)],
+        0,
+        ("a",),
+        S.ACTIVE,
+        "",
+        ("b", "c"),
+    ),
+    (
+        "scale to zero stops the last replica and says so",
+        Want(True, 0, was_active=True),
+        [rep("a", P.READY)],
+        0,
+        ("a",),
+        S.SCALED_TO_ZERO,
+        "",
+        (),
     ),
     (
         "inactive stops everything",
@@ -101,15 +149,25 @@ CASES = [
         0,
         ("a", "b"),
         None,
+        "",
         (),
     ),
-    ("stopped replicas are ignored", Want(True, 1), [rep("a", P.STOPPED)], 1, (), S.DEPLOYING, ()),
-    ("zero replicas is scaled to zero", Want(True, 0), [], 0, (), S.SCALED_TO_ZERO, ()),
+    (
+        "stopped replicas are ignored",
+        Want(True, 1),
+        [rep("a", P.STOPPED)],
+        1,
+        (),
+        S.DEPLOYING,
+        "",
+        (),
+    ),
+    ("zero replicas is scaled to zero", Want(True, 0), [], 0, (), S.SCALED_TO_ZERO, "", ()),
 ]
 
 
 @pytest.mark.parametrize(
-    ("want", "replicas", "start", "stop", "status", "ready"),
+    ("want", "replicas", "start", "stop", "status", "message", "ready"),
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
@@ -119,12 +177,14 @@ def test_plan(
     start: int,
     stop: tuple[str, ...],
     status: DeploymentStatus | None,
+    message: str,
     ready: tuple[str, ...],
 ) -> None:
     p = plan(want, replicas)
     assert p.start == start
     assert p.stop == stop
     assert p.status == status
+    assert p.message == message
     assert tuple(r.replica_id for r in p.ready) == ready
 
 
