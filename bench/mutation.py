@@ -136,7 +136,10 @@ def main() -> int:
         took = time.monotonic() - started
         print(f"{name}: {score.killed}/{score.total} killed ({score.ratio:.0%}) in {took:.0f}s")
         for key, status in score.survivors:
-            print(f"    {status:>10}  {key}   (cd .mutation/{name} && mutmut show {key})")
+            print(f"    {status:>10}  {key}")
+        if score.survivors:
+            show = os.path.relpath(Path(sys.executable).with_name("mutmut"), SCRATCH / name)
+            print(f"    diffs: cd .mutation/{name} && {show} show NAME")
     print()
     print(f"{'module':<14} {'killed':>7} {'total':>6} {'score':>6}")
     for name, score in scores.items():
