@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 # uv sync installs into this venv; --inexact keeps uv itself, which the lock does not list.
 SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --inexact --extra dev
 
-.PHONY: install demo test check fmt lock upgrade bench-gateway bench-model-server bench-weights
+.PHONY: install demo test check fmt lock upgrade bench-gateway bench-model-server bench-weights mutation
 
 # Installs exactly what uv.lock pins (--locked: refuse a lock that no longer matches
 # pyproject.toml, rather than resolving something CI never ran).
@@ -57,3 +57,8 @@ bench-model-server: install
 
 bench-weights: install
 	$(PY) bench/weights.py
+
+# Mutation testing of the pure decision modules against their own unit tests (minutes, CPU
+# heavy, not part of `make test`). One module: `make mutation MUTATION="plan --jobs 1"`.
+mutation: install
+	$(PY) bench/mutation.py $(MUTATION)

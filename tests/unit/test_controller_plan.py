@@ -21,11 +21,11 @@ def rep(
 
 
 CASES = [
-    # (name, want, replicas, start, stop, status, ready ids)
-    ("fresh deployment starts one", Want(True, 1, generation=1), [], 1, (), S.DEPLOYING, ()),
-    ("fresh deployment starts two", Want(True, 2), [], 2, (), S.DEPLOYING, ()),
-    ("starting replica counts", Want(True, 1), [rep("a", P.STARTING)], 0, (), S.DEPLOYING, ()),
-    ("ready replica is active", Want(True, 1), [rep("a", P.READY)], 0, (), S.ACTIVE, ("a",)),
+    # (name, want, replicas, start, stop, status, message, ready ids)
+    ("fresh deployment starts one", Want(True, 1, generation=1), [], 1, (), S.DEPLOYING, "", ()),
+    ("fresh deployment starts two", Want(True, 2), [], 2, (), S.DEPLOYING, "", ()),
+    ("starting replica counts", Want(True, 1), [rep("a", P.STARTING)], 0, (), S.DEPLOYING, "", ()),
+    ("ready replica is active", Want(True, 1), [rep("a", P.READY)], 0, (), S.ACTIVE, "", ("a",)),
     (
         "one of two ready is active, no new start",
         Want(True, 2),
@@ -33,6 +33,7 @@ CASES = [
         0,
         (),
         S.ACTIVE,
+        "",
         ("a",),
     ),
     (
@@ -42,6 +43,7 @@ CASES = [
         0,
         (),
         S.UNHEALTHY,
+        "no replica is ready",
         (),
     ),
     (
@@ -51,6 +53,7 @@ CASES = [
         0,
         (),
         S.DEPLOYING,
+        "",
         (),
     ),
     (
@@ -60,15 +63,27 @@ CASES = [
         0,
         (),
         S.FAILED,
+        "boom",
         (),
     ),
     (
-        "build failure is reported as BUILD_FAILED",
+        "build failure is reported as BUILD_FAILED, without the prefix",
         Want(True, 1),
         [rep("a", P.FAILED, message="BUILD_FAILED: step 2 exited 1")],
         0,
         (),
         S.BUILD_FAILED,
+        "step 2 exited 1",
+        (),
+    ),
+    (
+        "a failed replica beside a live one is not a failed deployment",
+        Want(True, 2),
+        [rep("a", P.FAILED, message="boom"), rep("b", P.STARTING)],
+        0,
+        (),
+        S.DEPLOYING,
+        "",
         (),
     ),
     (
@@ -78,15 +93,17 @@ CASES = [
         1,
         ("a",),
         S.DEPLOYING,
+        "",
         (),
     ),
     (
-        "failure of this activation is reported, however recent",
+        "failure of this activation is reported, not replaced",
         Want(True, 1, generation=2),
         [rep("a", P.FAILED, started=99.0, message="boom", generation=2)],
         0,
         (),
         S.FAILED,
+        "boom",
         (),
     ),
     (
@@ -96,6 +113,7 @@ CASES = [
         0,
         (),
         S.ACTIVE,
+        "",
         ("a",),
     ),
     (
@@ -105,6 +123,7 @@ CASES = [
         0,
         ("b",),
         S.ACTIVE,
+        "",
         ("a",),
     ),
     (
@@ -114,7 +133,28 @@ CASES = [
         0,
         ("a",),
         S.ACTIVE,
+        "",
         ("b",),
+    ),
+    (
+        "scale down from three to two starts nothing",
+        Want(True, 2),
+        [rep("a", P.READY, 1.0), rep("b", P.READY, 2.0), rep("c", P.READY, 3.0)],
+        0,
+        ("a",),
+        S.ACTIVE,
+        "",
+        ("b", "c"),
+    ),
+    (
+        "scale to zero stops the last replica and says so",
+        Want(True, 0, was_active=True),
+        [rep("a", P.READY)],
+        0,
+        ("a",),
+        S.SCALED_TO_ZERO,
+        "",
+        (),
     ),
     (
         "inactive stops everything",
@@ -123,15 +163,25 @@ CASES = [
         0,
         ("a", "b"),
         None,
+        "",
         (),
     ),
-    ("stopped replicas are ignored", Want(True, 1), [rep("a", P.STOPPED)], 1, (), S.DEPLOYING, ()),
-    ("zero replicas is scaled to zero", Want(True, 0), [], 0, (), S.SCALED_TO_ZERO, ()),
+    (
+        "stopped replicas are ignored",
+        Want(True, 1),
+        [rep("a", P.STOPPED)],
+        1,
+        (),
+        S.DEPLOYING,
+        "",
+        (),
+    ),
+    ("zero replicas is scaled to zero", Want(True, 0), [], 0, (), S.SCALED_TO_ZERO, "", ()),
 ]
 
 
 @pytest.mark.parametrize(
-    ("want", "replicas", "start", "stop", "status", "ready"),
+    ("want", "replicas", "start", "stop", "status", "message", "ready"),
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
@@ -141,12 +191,14 @@ def test_plan(
     start: int,
     stop: tuple[str, ...],
     status: DeploymentStatus | None,
+    message: str,
     ready: tuple[str, ...],
 ) -> None:
     p = plan(want, replicas)
     assert p.start == start
     assert p.stop == stop
     assert p.status == status
+    assert p.message == message
     assert tuple(r.replica_id for r in p.ready) == ready
 
 
