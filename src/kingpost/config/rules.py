@@ -86,7 +86,25 @@ def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
     issues += _docker_server_errors(raw)
     issues += _model_cache_volumes(_items(raw.get("model_cache")))
     issues += _baseten_only(raw)
+    issues += _transport_errors(raw)
     return issues
+
+
+GRPC_REFUSED = (
+    "gRPC replicas are not served yet: Kingpost's gateway speaks HTTP/1.1 to replicas, and "
+    "a gRPC server needs HTTP/2 end to end (Baseten proxies it to the model's gRPC server), "
+    "so every call would fail; serve the model over HTTP (remove `runtime.transport` or set "
+    "`kind: http`), or `kind: websocket` for a long-lived bidirectional stream"
+)
+"""Why ``runtime.transport.kind: grpc`` is refused at push, and what to use instead."""
+
+
+def _transport_errors(raw: dict[str, Any]) -> list[Issue]:
+    transport = _mapping(_mapping(raw.get("runtime")).get("transport"))
+    kind = transport.get("kind")
+    if isinstance(kind, str) and kind.strip().lower() == "grpc":
+        return [Issue(("runtime", "transport", "kind"), GRPC_REFUSED, kind)]
+    return []
 
 
 BASETEN_ONLY = {
