@@ -85,6 +85,8 @@ def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
     issues += _duplicate_mounts(_items(raw.get("weights")))
     issues += _docker_server_errors(raw)
     issues += _model_cache_volumes(_items(raw.get("model_cache")))
+    issues += _duplicate_values("model_cache", "volume_folder", raw, "the same folder")
+    issues += _duplicate_values("external_data", "local_data_path", raw, "the same file")
     issues += _baseten_only(raw)
     issues += _transport_errors(raw)
     return issues
@@ -170,6 +172,30 @@ def _duplicate_mounts(weights: list[Any]) -> list[Issue]:
             )
         else:
             first[key] = index
+    return issues
+
+
+def _duplicate_values(section: str, key: str, raw: dict[str, Any], what: str) -> list[Issue]:
+    """Items of ``section`` whose ``key`` repeats an earlier one's: both would be mirrored
+    to one path, where only one can be."""
+    issues: list[Issue] = []
+    first: dict[str, int] = {}
+    for index, item in enumerate(_items(raw.get(section))):
+        value = _mapping(item).get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        norm = normalize_mount("/" + value.strip("/"))
+        if norm in first:
+            issues.append(
+                Issue(
+                    (section, index, key),
+                    f"{key} must be unique, but {section}[{first[norm]}] already has it and "
+                    f"both would be written to {what}; give each item its own {key}",
+                    value,
+                )
+            )
+        else:
+            first[norm] = index
     return issues
 
 
@@ -260,9 +286,36 @@ def config_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
         )
     if config.model_cache:
         issues.append(
-            Issue(("model_cache",), "model_cache is deprecated; use `weights`", has_value=False)
+            Issue(
+                ("model_cache",),
+                "model_cache is deprecated; it is mirrored like `weights` (run `kingpost "
+                "migrate` to write it as `weights`)",
+                has_value=False,
+            )
         )
+    issues += _hub_cache_warnings(config)
     issues += _server_warnings(config, raw)
+    return issues
+
+
+def _hub_cache_warnings(config: TrussConfig) -> list[Issue]:
+    if config.no_build:
+        return []
+    issues: list[Issue] = []
+    for index, item in enumerate(config.model_cache):
+        if item.use_volume or item.kind != "hf":
+            continue
+        folder = f"/app/model_cache/{item.repo_id.replace('/', '_')}"
+        issues.append(
+            Issue(
+                ("model_cache", index, "use_volume"),
+                f"the repository is mirrored to {folder}, but the Hugging Face cache is not "
+                "pre-filled as in Truss's image, so loading it by repository id downloads it "
+                f"again; load from {folder}, or set `use_volume: true` with a "
+                "`volume_folder` and a pinned `revision`",
+                False,
+            )
+        )
     return issues
 
 

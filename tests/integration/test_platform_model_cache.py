@@ -1,0 +1,119 @@
+"""``model_cache`` and ``external_data`` end to end: pushed as Truss writes them, mirrored
+through the weights system, read by the model's ``load()`` where Truss puts them.
+
+The Hub is the local hub-compatible server (``HF_ENDPOINT``), the external file a local
+HTTP server; the model class is the shape of Truss's ``test_truss_server_model_cache_v2``
+(files under ``/app/model_cache/{volume_folder}``, collected through the lazy data
+resolver) plus a file its ``external_data`` puts in the data directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers.httpd import QuietHandler, serving
+from helpers.hubserver import Hub, Repo, hub_server
+from helpers.platform import Platform
+
+VOCAB = b"hola\nmundo\n" * 100
+
+MODEL = """\
+from pathlib import Path
+
+
+class Model:
+    def __init__(self, **kwargs):
+        self._lazy_data_resolver = kwargs["lazy_data_resolver"]
+        self._data_dir = kwargs["data_dir"]
+
+    def load(self):
+        self._collected = self._lazy_data_resolver.block_until_download_complete()
+        cache = Path("/app/model_cache/julien_c_esper")
+        self._files = sorted(p.name for p in cache.iterdir())
+        self._config = (cache / "config.json").read_text()
+        self._vocab = (self._data_dir / "vocab" / "words.txt").read_text()
+        try:
+            (cache / "config.json").write_text("changed")
+            self._writable = True
+        except OSError:
+            self._writable = False
+
+    def predict(self, model_input):
+        return {
+            "files": self._files,
+            "config": self._config,
+            "vocab_lines": len(self._vocab.splitlines()),
+            "writable": self._writable,
+            "collected": bool(self._collected),
+        }
+"""
+
+
+@pytest.fixture
+def sources() -> Iterator[tuple[Hub, str]]:
+    """The local Hub, and the URL of one file on a plain HTTP server."""
+
+    class Files(QuietHandler):
+        def do_GET(self) -> None:
+            if self.path == "/files/words.txt":
+                self._send_bytes(VOCAB)
+            else:
+                self._send(404, b"{}")
+
+    with hub_server() as hub, serving(Files) as files:
+        url = f"http://127.0.0.1:{files.server_address[1]}/files/words.txt"
+        yield hub, url
+
+
+def test_model_cache_v2_and_external_data_reach_load(
+    sources: tuple[Hub, str], tmp_path: Path
+) -> None:
+    hub, url = sources
+    repo = hub.repos["julien-c/EsperBERTo-small"] = Repo()
+    commit = repo.commit(
+        "main",
+        {"config.json": b'{"model_type": "roberta"}', "merges.txt": b"m", "model.bin": b"x" * 999},
+    )
+    project = tmp_path / "cache-v2"
+    (project / "model").mkdir(parents=True)
+    (project / "model" / "model.py").write_text(MODEL)
+    (project / "config.yaml").write_text(
+        "model_name: cache-v2\n"
+        "requirements: []\n"
+        "model_cache:\n"
+        "  - repo_id: julien-c/EsperBERTo-small\n"
+        f"    revision: {commit}\n"
+        "    volume_folder: julien_c_esper\n"
+        "    use_volume: true\n"
+        "    ignore_patterns:\n"
+        '      - "*.bin"\n'
+        '      - "*.msgpack"\n'
+        "external_data:\n"
+        f"  - url: {url}\n"
+        "    local_data_path: vocab/words.txt\n"
+    )
+    platform = Platform(tmp_path / "home", extra_env={"HF_ENDPOINT": hub.url}).start()
+    try:
+        out = platform.cli("push", str(project), "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr + platform.output()
+        result = json.loads(out.stdout)
+        assert result["deployment"]["status"] == "ACTIVE", result
+        with platform.gateway() as gw:
+            r = gw.post(f"/models/{result['model']['id']}/production/predict", json={})
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "files": ["config.json", "merges.txt"],  # ignore_patterns applied
+            "config": '{"model_type": "roberta"}',
+            "vocab_lines": 200,
+            "writable": False,
+            "collected": True,
+        }
+        status = platform.cli("weights", "status", "-d", result["deployment"]["id"], "-o", "json")
+        assert [s["state"] for s in json.loads(status.stdout)] == ["COMPLETE"], status.stdout
+        assert hub.downloads["model.bin"] == 0
+    finally:
+        platform.stop()
