@@ -53,6 +53,33 @@ class Model:
 """
 
 
+MODEL_V1 = """\
+import os
+from pathlib import Path
+
+
+class Model:
+    def load(self):
+        # Where a Hub client (transformers' from_pretrained("julien-c/EsperBERTo-small"))
+        # looks first: the revision's commit, then that commit's snapshot.
+        hub = Path(os.environ["HOME"]) / ".cache" / "huggingface" / "hub"
+        repo = hub / "models--julien-c--EsperBERTo-small"
+        commit = (repo / "refs" / "main").read_text()
+        self._config = (repo / "snapshots" / commit / "config.json").read_text()
+
+    def predict(self, model_input):
+        return {"config": self._config}
+"""
+
+
+def model_project(root: Path, name: str, model: str, config: str) -> Path:
+    project = root / name
+    (project / "model").mkdir(parents=True)
+    (project / "model" / "model.py").write_text(model)
+    (project / "config.yaml").write_text(f"model_name: {name}\nrequirements: []\n{config}")
+    return project
+
+
 @pytest.fixture
 def sources() -> Iterator[tuple[Hub, str]]:
     """The local Hub, and the URL of one file on a plain HTTP server."""
@@ -69,7 +96,7 @@ def sources() -> Iterator[tuple[Hub, str]]:
         yield hub, url
 
 
-def test_model_cache_v2_and_external_data_reach_load(
+def test_model_cache_v1_v2_and_external_data_reach_load(
     sources: tuple[Hub, str], tmp_path: Path
 ) -> None:
     hub, url = sources
@@ -78,12 +105,10 @@ def test_model_cache_v2_and_external_data_reach_load(
         "main",
         {"config.json": b'{"model_type": "roberta"}', "merges.txt": b"m", "model.bin": b"x" * 999},
     )
-    project = tmp_path / "cache-v2"
-    (project / "model").mkdir(parents=True)
-    (project / "model" / "model.py").write_text(MODEL)
-    (project / "config.yaml").write_text(
-        "model_name: cache-v2\n"
-        "requirements: []\n"
+    project = model_project(
+        tmp_path,
+        "cache-v2",
+        MODEL,
         "model_cache:\n"
         "  - repo_id: julien-c/EsperBERTo-small\n"
         f"    revision: {commit}\n"
@@ -94,7 +119,15 @@ def test_model_cache_v2_and_external_data_reach_load(
         '      - "*.msgpack"\n'
         "external_data:\n"
         f"  - url: {url}\n"
-        "    local_data_path: vocab/words.txt\n"
+        "    local_data_path: vocab/words.txt\n",
+    )
+    # Truss's test_truss_server_model_cache_v1: no volume, the repository in the Hub cache.
+    v1 = model_project(
+        tmp_path,
+        "cache-v1",
+        MODEL_V1,
+        "model_cache:\n  - repo_id: julien-c/EsperBERTo-small\n    use_volume: false\n"
+        '    ignore_patterns: ["*.bin", "*.msgpack"]\n',
     )
     platform = Platform(tmp_path / "home", extra_env={"HF_ENDPOINT": hub.url}).start()
     try:
@@ -114,6 +147,13 @@ def test_model_cache_v2_and_external_data_reach_load(
         }
         status = platform.cli("weights", "status", "-d", result["deployment"]["id"], "-o", "json")
         assert [s["state"] for s in json.loads(status.stdout)] == ["COMPLETE"], status.stdout
+        out = platform.cli("push", str(v1), "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr + platform.output()
+        model_id = json.loads(out.stdout)["model"]["id"]
+        with platform.gateway() as gw:
+            r = gw.post(f"/models/{model_id}/production/predict", json={})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"config": '{"model_type": "roberta"}'}
         assert hub.downloads["model.bin"] == 0
     finally:
         platform.stop()

@@ -35,9 +35,10 @@ def derived(text: str) -> list[tuple[str, str, str | None, bool]]:
         # Truss's test_truss_server_model_cache_v2: the volume folder under /app/model_cache.
         (V2, [("hf://julien-c/EsperBERTo-small@4c7798256a4a6d577738150840c8f728361496d6",
                "/app/model_cache/julien_c_esper", "hf_access_token", False)]),
-        # ...and _v1: no revision means main; the path `truss migrate` gives it.
+        # ...and _v1: no revision means main; a snapshot of the Hub cache, named by commit.
         ("model_cache:\n  - repo_id: julien-c/EsperBERTo-small\n    use_volume: false\n",
-         [("hf://julien-c/EsperBERTo-small@main", "/app/model_cache/julien-c_EsperBERTo-small",
+         [("hf://julien-c/EsperBERTo-small@main",
+           "/app/model_cache/.hub/models--julien-c--EsperBERTo-small/snapshots/{revision}",
            "hf_access_token", False)]),
         # A bucket without a volume: its keys under /app/model_cache/{bucket}, as Truss's build.
         ("model_cache:\n  - repo_id: gs://models/llama/v1\n    kind: gcs\n    use_volume: false\n"
@@ -88,13 +89,6 @@ def test_no_build_images_get_neither() -> None:
         "  readiness_endpoint: /h\n  liveness_endpoint: /h\n"
     )
     assert derived(text) == []
-
-
-def test_v1_hugging_face_repositories_are_warned_about() -> None:
-    text = "model_cache:\n  - repo_id: org/model\n    use_volume: false\n"
-    (warning,) = [w for w in parse_config(text).warnings if "use_volume" in w]
-    assert "/app/model_cache/org_model" in warning and "not pre-filled" in warning
-    assert not [w for w in parse_config(V2).warnings if "pre-filled" in w]
 
 
 def test_push_checks_name_the_item_not_a_weights_entry() -> None:

@@ -12,9 +12,12 @@ Where each item goes, as Truss puts it:
 
 - ``use_volume: true`` (Truss's "v2"): ``/app/model_cache/{volume_folder}``.
 - ``use_volume: false`` ("v1"): a bucket (gcs, s3, r2) at ``/app/model_cache/{bucket}/{prefix}``,
-  as Truss's build copies object keys under ``/app/model_cache/{bucket}``; a Hugging Face
-  repository at ``/app/model_cache/{owner}_{repo}`` (``truss migrate``'s path), since the
-  Hub cache Truss's image pre-fills has no fixed place in a replica; the loader warns.
+  as Truss's build copies object keys under ``/app/model_cache/{bucket}``. A Hugging Face
+  repository goes into the Hub cache, where Truss's image has it and where
+  ``from_pretrained("owner/repo")`` looks: the mirror is mounted as the commit's snapshot at
+  ``/app/model_cache/.hub/models--{owner}--{repo}/snapshots/{commit}`` (the commit is known
+  once the revision is resolved, see :data:`REVISION`), and the model server links it into
+  the replica's Hub cache before the model is imported (``server/hubcache.py``).
 - ``external_data``: the one file at its URL, at ``/app/data/{local_data_path}``.
 """
 
@@ -31,10 +34,13 @@ from kingpost.config.sources import (
 
 __all__ = [
     "APP_DATA",
+    "HUB_SNAPSHOTS",
     "MODEL_CACHE_ROOT",
+    "REVISION",
     "DerivedWeights",
     "derived_weights",
     "external_data_weights",
+    "hub_folder",
     "model_cache_weights",
 ]
 
@@ -42,6 +48,11 @@ MODEL_CACHE_ROOT = "/app/model_cache"
 """Where Truss puts ``model_cache`` repositories (``truss.base.constants.MODEL_CACHE_PATH``)."""
 APP_DATA = "/app/data"
 """Where the project's data directory is in a container (and ``external_data`` lands)."""
+
+HUB_SNAPSHOTS = "/app/model_cache/.hub"
+"""Where ``use_volume: false`` Hub repositories are mounted, as a Hub cache's repo folders."""
+REVISION = "{revision}"
+"""In a mount location, replaced by the commit the source was pinned to."""
 
 _SCHEMES = {
     ModelCacheKind.HF: "hf",
@@ -59,9 +70,16 @@ class DerivedWeights(WeightsSource):
     """The item it was made from, e.g. ``model_cache[0]``: errors name it."""
     single_file: bool = False
     """Mount the source's one file at ``mount_location`` (an ``external_data`` URL)."""
+    hub_snapshot: bool = False
+    """``mount_location`` holds :data:`REVISION`, to be replaced by the pinned commit."""
     secret_optional: bool = False
     """A missing ``auth_secret_name`` means no token (``runtime_secret_name`` defaults to
     ``hf_access_token`` whether or not the repository is private)."""
+
+
+def hub_folder(repo_id: str) -> str:
+    """The folder a Hub cache keeps a model repository in: ``models--{owner}--{name}``."""
+    return "models--" + repo_id.strip("/").replace("/", "--")
 
 
 def _bucket_path(repo_id: str, scheme: str) -> str:
@@ -77,13 +95,15 @@ def _model_cache_entry(index: int, item: ModelCacheEntry) -> DerivedWeights:
         source = f"hf://{item.repo_id}@{item.revision or 'main'}"
     else:
         source = f"{scheme}://{_bucket_path(item.repo_id, scheme)}"
+    hub_snapshot = False
     if item.use_volume and item.volume_folder:
-        folder = item.volume_folder
+        mount = posixpath.normpath(posixpath.join(MODEL_CACHE_ROOT, item.volume_folder))
     elif item.kind == ModelCacheKind.HF:
-        folder = item.repo_id.replace("/", "_")
+        hub_snapshot = True
+        mount = f"{HUB_SNAPSHOTS}/{hub_folder(item.repo_id)}/snapshots/{REVISION}"
     else:
         folder = _bucket_path(item.repo_id, scheme)
-    mount = posixpath.normpath(posixpath.join(MODEL_CACHE_ROOT, folder))
+        mount = posixpath.normpath(posixpath.join(MODEL_CACHE_ROOT, folder))
     return DerivedWeights.model_construct(
         source=source,
         mount_location=mount,
@@ -93,6 +113,7 @@ def _model_cache_entry(index: int, item: ModelCacheEntry) -> DerivedWeights:
         ignore_patterns=item.ignore_patterns,
         origin=f"model_cache[{index}]",
         single_file=False,
+        hub_snapshot=hub_snapshot,
         secret_optional=item.kind == ModelCacheKind.HF,
     )
 
@@ -114,6 +135,7 @@ def external_data_weights(items: list[ExternalDataItem] | None) -> list[DerivedW
             ignore_patterns=None,
             origin=f"external_data[{i}]",
             single_file=True,
+            hub_snapshot=False,
             secret_optional=False,
         )
         for i, item in enumerate(items or [])

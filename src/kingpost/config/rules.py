@@ -293,29 +293,7 @@ def config_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
                 has_value=False,
             )
         )
-    issues += _hub_cache_warnings(config)
     issues += _server_warnings(config, raw)
-    return issues
-
-
-def _hub_cache_warnings(config: TrussConfig) -> list[Issue]:
-    if config.no_build:
-        return []
-    issues: list[Issue] = []
-    for index, item in enumerate(config.model_cache):
-        if item.use_volume or item.kind != "hf":
-            continue
-        folder = f"/app/model_cache/{item.repo_id.replace('/', '_')}"
-        issues.append(
-            Issue(
-                ("model_cache", index, "use_volume"),
-                f"the repository is mirrored to {folder}, but the Hugging Face cache is not "
-                "pre-filled as in Truss's image, so loading it by repository id downloads it "
-                f"again; load from {folder}, or set `use_volume: true` with a "
-                "`volume_folder` and a pinned `revision`",
-                False,
-            )
-        )
     return issues
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from kingpost.server.config import ServerConfig
 from kingpost.server.environment import EnvironmentWatch, poll_interval
+from kingpost.server.hubcache import link_hub_snapshots
 from kingpost.server.secrets import LazyDataResolver, Secrets, uses_volume_cache
 
 __all__ = [
@@ -384,6 +385,8 @@ class ModelHost:
         ``run_coroutine`` runs a coroutine on the server's loop and waits for it
         (for an ``async def load``).
         """
+        # As Truss's image: a model_cache without a volume is in the Hub cache at import.
+        link_hub_snapshots(self.config.app_dir, self.config.raw, os.environ)
         instance = self.construct(self.import_class())
         self.bind(instance)
         setup = getattr(instance, "setup_environment", None)

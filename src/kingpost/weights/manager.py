@@ -147,6 +147,14 @@ def _check_paths(source: str, paths: list[str]) -> None:
             )
 
 
+def _mount_location(entry: WeightsEntry, m: Manifest) -> str:
+    """Where ``entry`` is mounted; a Hub snapshot (``model_cache`` without a volume) is
+    named after the commit its revision was pinned to."""
+    if getattr(entry, "hub_snapshot", False):
+        return entry.mount_location.replace("{revision}", m.revision)
+    return entry.mount_location
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -183,7 +191,7 @@ class WeightsManager:
         if job is None or job.state != MirrorState.COMPLETE:
             raise WeightsError(f"weights of {key} are not mirrored yet")
         return tuple(
-            WeightMount(e.mount_location, self._mount_source(e, m))
+            WeightMount(_mount_location(e, m), self._mount_source(e, m))
             for e, m in zip(self._entries[key], job.manifests, strict=True)
         )
 
