@@ -96,17 +96,15 @@ def sources() -> Iterator[tuple[Hub, str]]:
         yield hub, url
 
 
-def test_model_cache_v1_v2_and_external_data_reach_load(
-    sources: tuple[Hub, str], tmp_path: Path
-) -> None:
-    hub, url = sources
+def projects(hub: Hub, url: str, root: Path) -> tuple[Path, Path]:
+    """Truss's model_cache v2 shape with an external_data file, and its v1 shape."""
     repo = hub.repos["julien-c/EsperBERTo-small"] = Repo()
     commit = repo.commit(
         "main",
         {"config.json": b'{"model_type": "roberta"}', "merges.txt": b"m", "model.bin": b"x" * 999},
     )
-    project = model_project(
-        tmp_path,
+    v2 = model_project(
+        root,
         "cache-v2",
         MODEL,
         "model_cache:\n"
@@ -123,37 +121,74 @@ def test_model_cache_v1_v2_and_external_data_reach_load(
     )
     # Truss's test_truss_server_model_cache_v1: no volume, the repository in the Hub cache.
     v1 = model_project(
-        tmp_path,
+        root,
         "cache-v1",
         MODEL_V1,
         "model_cache:\n  - repo_id: julien-c/EsperBERTo-small\n    use_volume: false\n"
         '    ignore_patterns: ["*.bin", "*.msgpack"]\n',
     )
+    return v2, v1
+
+
+def check(platform: Platform, hub: Hub, v2: Path, v1: Path) -> None:
+    """Both projects deploy and their load() read the files where Truss puts them."""
+    out = platform.cli("push", str(v2), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr + platform.output()
+    result = json.loads(out.stdout)
+    assert result["deployment"]["status"] == "ACTIVE", result
+    with platform.gateway() as gw:
+        r = gw.post(f"/models/{result['model']['id']}/production/predict", json={})
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "files": ["config.json", "merges.txt"],  # ignore_patterns applied
+        "config": '{"model_type": "roberta"}',
+        "vocab_lines": 200,
+        "writable": False,
+        "collected": True,
+    }
+    status = platform.cli("weights", "status", "-d", result["deployment"]["id"], "-o", "json")
+    assert [s["state"] for s in json.loads(status.stdout)] == ["COMPLETE"], status.stdout
+    out = platform.cli("push", str(v1), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr + platform.output()
+    model_id = json.loads(out.stdout)["model"]["id"]
+    with platform.gateway() as gw:
+        r = gw.post(f"/models/{model_id}/production/predict", json={})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"config": '{"model_type": "roberta"}'}
+    assert hub.downloads["model.bin"] == 0
+
+
+def test_model_cache_v1_v2_and_external_data_reach_load(
+    sources: tuple[Hub, str], tmp_path: Path
+) -> None:
+    hub, url = sources
+    v2, v1 = projects(hub, url, tmp_path)
     platform = Platform(tmp_path / "home", extra_env={"HF_ENDPOINT": hub.url}).start()
     try:
-        out = platform.cli("push", str(project), "--wait", "--output", "json")
-        assert out.returncode == 0, out.stdout + out.stderr + platform.output()
-        result = json.loads(out.stdout)
-        assert result["deployment"]["status"] == "ACTIVE", result
-        with platform.gateway() as gw:
-            r = gw.post(f"/models/{result['model']['id']}/production/predict", json={})
-        assert r.status_code == 200, r.text
-        assert r.json() == {
-            "files": ["config.json", "merges.txt"],  # ignore_patterns applied
-            "config": '{"model_type": "roberta"}',
-            "vocab_lines": 200,
-            "writable": False,
-            "collected": True,
-        }
-        status = platform.cli("weights", "status", "-d", result["deployment"]["id"], "-o", "json")
-        assert [s["state"] for s in json.loads(status.stdout)] == ["COMPLETE"], status.stdout
-        out = platform.cli("push", str(v1), "--wait", "--output", "json")
-        assert out.returncode == 0, out.stdout + out.stderr + platform.output()
-        model_id = json.loads(out.stdout)["model"]["id"]
-        with platform.gateway() as gw:
-            r = gw.post(f"/models/{model_id}/production/predict", json={})
-        assert r.status_code == 200, r.text
-        assert r.json() == {"config": '{"model_type": "roberta"}'}
-        assert hub.downloads["model.bin"] == 0
+        check(platform, hub, v2, v1)
     finally:
         platform.stop()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_same_projects_in_containers(sources: tuple[Hub, str], tmp_path: Path) -> None:
+    """The docker engine mounts the same entries: a directory, one file in the image's
+    /app/data, and a Hub snapshot linked into $HOME's Hub cache."""
+    from test_docker_engine import _docker, _remove_containers
+
+    from kingpost.images import ensure_base_image
+
+    client = _docker()
+    ensure_base_image(client, log=lambda line: None)
+    hub, url = sources
+    v2, v1 = projects(hub, url, tmp_path)
+    home = tmp_path / "home"
+    platform = Platform(home, engine="docker", extra_env={"HF_ENDPOINT": hub.url}).start()
+    try:
+        check(platform, hub, v2, v1)
+    finally:
+        platform.stop()
+        _remove_containers(client, home)
+        client.close()
