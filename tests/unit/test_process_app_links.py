@@ -13,8 +13,8 @@ from kingpost.engines.process import _link_app_weights
 
 def test_weights_under_app_are_linked_where_the_replica_has_the_project(tmp_path: Path) -> None:
     app = tmp_path / "replica" / "app"
-    (app / "assets").mkdir(parents=True)
-    (app / "assets" / "kept.txt").write_text("the project's own")
+    (app / "assets" / "own").mkdir(parents=True)
+    (app / "assets" / "replaced.txt").write_text("the project's own")
     tree = tmp_path / "trees" / "t1"
     tree.mkdir(parents=True)
     (tree / "config.json").write_text("{}")
@@ -27,7 +27,8 @@ def test_weights_under_app_are_linked_where_the_replica_has_the_project(tmp_path
         weights=(
             WeightMount("/app/model_cache/esper", tree),
             WeightMount("/app/data/vocab/words.txt", one),
-            WeightMount("/app/data/kept.txt", one),
+            WeightMount("/app/data/replaced.txt", one),
+            WeightMount("/app/data/own", tree),
             WeightMount("/models/elsewhere", tree),
         ),
     )  # fmt: skip
@@ -35,5 +36,7 @@ def test_weights_under_app_are_linked_where_the_replica_has_the_project(tmp_path
     assert (app / "model_cache" / "esper" / "config.json").read_text() == "{}"
     # /app/data is the data directory in a container: here it is `data_dir` in the app.
     assert (app / "assets" / "vocab" / "words.txt").read_text() == "hola"
-    assert (app / "assets" / "kept.txt").read_text() == "the project's own"
+    # A file of the project is replaced, as Truss's download would; a directory is kept.
+    assert (app / "assets" / "replaced.txt").read_text() == "hola"
+    assert (app / "assets" / "own").is_dir() and not (app / "assets" / "own").is_symlink()
     assert not (app / "models").exists() and not (app / "data").exists()

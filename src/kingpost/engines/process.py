@@ -508,8 +508,9 @@ def _link_app_weights(app: Path, spec: ReplicaSpec) -> None:
     In a container the project is ``/app`` (its data directory ``/app/data``), so a model
     reads ``model_cache`` and ``external_data`` files there; here the project is ``app``,
     the working directory and ``APP_HOME``, so the same relative paths (``data_dir``,
-    ``model_cache/NAME``) lead to the mirrored, read-only files. What the project itself
-    has at such a path is kept.
+    ``model_cache/NAME``) lead to the mirrored, read-only files. A file the project has
+    at such a path is replaced in this copy, as Truss's download and the docker engine's
+    mount replace it; a directory is kept.
     """
     data_dir = (spec.config.data_dir if spec.config is not None else "data").strip("/")
     for w in spec.weights:
@@ -520,6 +521,8 @@ def _link_app_weights(app: Path, spec: ReplicaSpec) -> None:
         if rel == "data" or rel.startswith("data/"):
             rel = posixpath.join(data_dir or "data", rel.removeprefix("data").lstrip("/"))
         link = app / rel
-        if link.is_relative_to(app) and not os.path.lexists(link):
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(w.source_dir)
+        if not link.is_relative_to(app) or link.is_dir():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(w.source_dir)
