@@ -339,6 +339,26 @@ def test_hf_patterns_and_private_repos(hub: Hub, tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_model_cache_token_is_its_runtime_secret_and_optional(hub: Hub, tmp_path: Path) -> None:
+    """Truss names `hf_access_token` in every model_cache item, private or not: a public
+    repository mirrors without that secret, a private one says which secret to store."""
+    hub.repos["org/public"] = Repo()
+    hub.repos["org/public"].commit("main", {"config.json": b"{}"})
+    hub.repos["org/private"] = Repo(token="hf_good")
+    hub.repos["org/private"].commit("main", {"config.json": b"{}"})
+    cache = "model_cache:\n  - repo_id: {}\n    use_volume: true\n    revision: main\n" \
+        "    volume_folder: m\n"  # fmt: skip
+    mgr = WeightsManager(tmp_path / "store")
+    mirror(mgr, "public", cache.format("org/public"))
+    (mount,) = mgr.mounts("public")
+    assert mount.mount_location == "/app/model_cache/m"
+    assert (mount.source_dir / "config.json").read_bytes() == b"{}"
+    mgr.start("private", entries(cache.format("org/private")), {})
+    st = wait_for(lambda: failed(mgr, "private"), 20, "failure without the token")
+    assert "401" in st.error and "kingpost secrets set hf_access_token" in st.error, st.error
+    mirror(mgr, "with-token", cache.format("org/private"), {"hf_access_token": "hf_good"})
+
+
 def test_interrupted_download_resumes_with_a_range(hub: Hub, tmp_path: Path) -> None:
     data = os.urandom(3_000_000)
     hub.repos["org/big"] = repo = Repo()

@@ -161,6 +161,8 @@ CASES: list[tuple[str, str, str, int, str, object]] = [
     ("training-checkpoints", "training_checkpoints:\n  artifact_references:\n"
      "    - training_job_id: j1\n", "training_checkpoints", 1, "list them under `weights`",
      {"artifact_references": [{"training_job_id": "j1"}]}),
+    ("transport-grpc", "runtime:\n  transport:\n    kind: grpc\n", "runtime.transport.kind", 3,
+     "Kingpost's gateway speaks HTTP/1.1 to replicas", "grpc"),
     ("bdn-mounts", "bdn:\n  mounts:\n    - source: bdn:weights/llama:prod\n"
      "      path: /models/llama\n", "bdn", 1, "list where their files come from",
      {"mounts": [{"source": "bdn:weights/llama:prod", "path": "/models/llama"}]}),

@@ -12,6 +12,7 @@ from kingpost.config import (
     NO_BUILD_IGNORED,
     RESERVED_ENV_HINT,
     Accelerator,
+    Runtime,
     TransportKind,
     TrussConfig,
     is_reserved_env,
@@ -214,7 +215,7 @@ def test_legacy_websocket_flag_sets_the_transport() -> None:
     assert runtime.transport.kind == TransportKind.WEBSOCKET
     runtime = parse_config("runtime:\n  transport: {kind: websocket}\n").config.runtime
     assert runtime.is_websocket_endpoint is True
-    runtime = parse_config("runtime:\n  transport: {kind: grpc}\n").config.runtime
+    runtime = Runtime.model_validate({"transport": {"kind": "grpc"}})  # refused at push
     assert (runtime.transport.kind, runtime.is_websocket_endpoint) == ("grpc", False)
 
 

@@ -103,7 +103,7 @@ def test_the_websocket_path_survives_the_control_socket() -> None:
         ("model_name: m\n", None),
         ("runtime:\n  transport:\n    kind: websocket\n", "/v1/websocket"),
         ("runtime:\n  is_websocket_endpoint: true\n", "/v1/websocket"),
-        ("runtime:\n  transport:\n    kind: grpc\n", None),
+        ("runtime:\n  transport:\n    kind: http\n", None),
         (
             "docker_server:\n  start_command: serve\n  server_port: 9000\n"
             "  predict_endpoint: /realtime\n  readiness_endpoint: /health\n"

@@ -21,6 +21,7 @@ from kingpost.config._yaml import (
     format_path,
     load_yaml,
 )
+from kingpost.config.mirrored import derived_weights
 from kingpost.config.models import TrussConfig
 from kingpost.config.rules import config_warnings, cross_key_errors
 from kingpost.errors import ConfigError
@@ -130,12 +131,24 @@ def parse_config(
     from kingpost.engines.registry import engine_config_warnings  # engines import config
 
     warnings = legacy + config_warnings(config, prepared) + engine_config_warnings(config, engine)
+    config = _with_derived_weights(config)
     return LoadedConfig(
         config=config,
         warnings=tuple(_format_warning(filename, source_map, w) for w in warnings),
         path=filename,
         raw=raw,
     )
+
+
+def _with_derived_weights(config: TrussConfig) -> TrussConfig:
+    """Append the ``weights`` entries that ``model_cache`` and ``external_data`` stand for
+    (see :mod:`kingpost.config.mirrored`), so they are mirrored and mounted as weights."""
+    if config.no_build:  # the image runs unmodified: Truss fetches neither
+        return config
+    derived = derived_weights(config.model_cache, config.external_data)
+    if not derived:
+        return config
+    return config.model_copy(update={"weights": [*config.weights, *derived]})
 
 
 def _prepare(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Issue]]:

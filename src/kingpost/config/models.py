@@ -12,9 +12,17 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from kingpost.config._base import ConfigModel, check_secret_name
+from kingpost.config.mirrored import DerivedWeights
 from kingpost.config.resources import Resources, Runtime
 from kingpost.config.sources import (
     CacheInternalEntry,
@@ -185,7 +193,12 @@ class Build(ConfigModel):
 
 
 class TrussConfig(ConfigModel):
-    """A parsed Truss ``config.yaml``. Keys Truss does not know are kept as extras."""
+    """A parsed Truss ``config.yaml``. Keys Truss does not know are kept as extras.
+
+    Once loaded, ``weights`` also holds what ``model_cache`` and ``external_data`` stand
+    for, as :class:`~kingpost.config.mirrored.DerivedWeights` after the entries written
+    (see :mod:`kingpost.config.mirrored`); a dump leaves those out.
+    """
 
     model_name: str | None = None
     model_metadata: dict[str, Any] = Field(default_factory=dict)
@@ -288,6 +301,14 @@ class TrussConfig(ConfigModel):
             str(k): (v if v is None or not isinstance(v, int | float) else str(v))
             for k, v in value.items()
         }
+
+    @field_serializer("weights", mode="wrap")
+    def _written_weights(
+        self, value: list[WeightsSource], handler: SerializerFunctionWrapHandler
+    ) -> Any:
+        # The entries that model_cache and external_data stand for (appended by the loader)
+        # are not part of the document: a dumped config parses back to the same one.
+        return handler([w for w in value if not isinstance(w, DerivedWeights)])
 
     @field_validator("model_cache", "cache_internal", "weights", mode="before")
     @classmethod

@@ -86,8 +86,28 @@ def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
     issues += _duplicate_mounts(_items(raw.get("weights")))
     issues += _docker_server_errors(raw)
     issues += _model_cache_volumes(_items(raw.get("model_cache")))
+    issues += _duplicate_values("model_cache", "volume_folder", raw, "the same folder")
+    issues += _duplicate_values("external_data", "local_data_path", raw, "the same file")
     issues += _baseten_only(raw)
+    issues += _transport_errors(raw)
     return issues
+
+
+GRPC_REFUSED = (
+    "gRPC replicas are not served yet: Kingpost's gateway speaks HTTP/1.1 to replicas, and "
+    "a gRPC server needs HTTP/2 end to end (Baseten proxies it to the model's gRPC server), "
+    "so every call would fail; serve the model over HTTP (remove `runtime.transport` or set "
+    "`kind: http`), or `kind: websocket` for a long-lived bidirectional stream"
+)
+"""Why ``runtime.transport.kind: grpc`` is refused at push, and what to use instead."""
+
+
+def _transport_errors(raw: dict[str, Any]) -> list[Issue]:
+    transport = _mapping(_mapping(raw.get("runtime")).get("transport"))
+    kind = transport.get("kind")
+    if isinstance(kind, str) and kind.strip().lower() == "grpc":
+        return [Issue(("runtime", "transport", "kind"), GRPC_REFUSED, kind)]
+    return []
 
 
 BASETEN_ONLY = {
@@ -153,6 +173,30 @@ def _duplicate_mounts(weights: list[Any]) -> list[Issue]:
             )
         else:
             first[key] = index
+    return issues
+
+
+def _duplicate_values(section: str, key: str, raw: dict[str, Any], what: str) -> list[Issue]:
+    """Items of ``section`` whose ``key`` repeats an earlier one's: both would be mirrored
+    to one path, where only one can be."""
+    issues: list[Issue] = []
+    first: dict[str, int] = {}
+    for index, item in enumerate(_items(raw.get(section))):
+        value = _mapping(item).get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        norm = normalize_mount("/" + value.strip("/"))
+        if norm in first:
+            issues.append(
+                Issue(
+                    (section, index, key),
+                    f"{key} must be unique, but {section}[{first[norm]}] already has it and "
+                    f"both would be written to {what}; give each item its own {key}",
+                    value,
+                )
+            )
+        else:
+            first[norm] = index
     return issues
 
 
@@ -243,7 +287,12 @@ def config_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
         )
     if config.model_cache:
         issues.append(
-            Issue(("model_cache",), "model_cache is deprecated; use `weights`", has_value=False)
+            Issue(
+                ("model_cache",),
+                "model_cache is deprecated; it is mirrored like `weights` (run `kingpost "
+                "migrate` to write it as `weights`)",
+                has_value=False,
+            )
         )
     issues += _server_warnings(config, raw)
     return issues

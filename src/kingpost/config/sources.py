@@ -240,6 +240,16 @@ class ExternalDataItem(ConfigModel):
     backend: str = "http_public"
     name: str | None = None
 
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(
+                "url must be an http:// or https:// URL (the file is downloaded from it "
+                "before the model loads), e.g. `https://example.com/weights/model.bin`"
+            )
+        return value
+
     @field_validator("local_data_path")
     @classmethod
     def _check_local(cls, value: str) -> str:

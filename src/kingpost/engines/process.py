@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import posixpath
 import shutil
 import signal
 import socket
@@ -445,6 +446,7 @@ class ProcessEngine(Engine):
             rep.root.mkdir(parents=True, exist_ok=True)
             shutil.copytree(spec.app_dir, rep.app, symlinks=True)
             _chown_tree(rep.app, uid)
+            _link_app_weights(rep.app, spec)  # after the chown, which must not reach them
         for own in ("home", "tmp") if uid is not None else ("home",):
             if not (rep.root / own).exists():
                 (rep.root / own).mkdir()
@@ -594,7 +596,11 @@ class ProcessEngine(Engine):
             return ()
         binds: list[tuple[str, str]] = []
         for source, target in [(str(secrets_dir), SECRETS_MOUNT)] + [
-            (str(w.source_dir), w.mount_location) for w in rep.spec.weights
+            # One file (external_data) is read from the app directory's data/ (linked at
+            # launch), which is where the process engine has the data directory.
+            (str(w.source_dir), w.mount_location)
+            for w in rep.spec.weights
+            if not w.source_dir.is_file()
         ]:
             try:
                 Path(target).mkdir(parents=True, exist_ok=True)
@@ -606,3 +612,29 @@ class ProcessEngine(Engine):
     def _cleanup(self, rep: _Replica) -> None:
         self._forget(rep)
         remove_secrets(self._secrets_root / rep.spec.replica_id)
+
+
+def _link_app_weights(app: Path, spec: ReplicaSpec) -> None:
+    """Link weights mounted under ``/app/`` into the replica's own app directory.
+
+    In a container the project is ``/app`` (its data directory ``/app/data``), so a model
+    reads ``model_cache`` and ``external_data`` files there; here the project is ``app``,
+    the working directory and ``APP_HOME``, so the same relative paths (``data_dir``,
+    ``model_cache/NAME``) lead to the mirrored, read-only files. A file the project has
+    at such a path is replaced in this copy, as Truss's download and the docker engine's
+    mount replace it; a directory is kept.
+    """
+    data_dir = (spec.config.data_dir if spec.config is not None else "data").strip("/")
+    for w in spec.weights:
+        location = posixpath.normpath(w.mount_location)
+        if not location.startswith("/app/"):
+            continue
+        rel = location.removeprefix("/app/")
+        if rel == "data" or rel.startswith("data/"):
+            rel = posixpath.join(data_dir or "data", rel.removeprefix("data").lstrip("/"))
+        link = app / rel
+        if not link.is_relative_to(app) or link.is_dir():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(w.source_dir)

@@ -29,7 +29,8 @@ from typing import Any
 
 from kingpost.server.config import ServerConfig
 from kingpost.server.environment import EnvironmentWatch, poll_interval
-from kingpost.server.secrets import LazyDataResolver, Secrets
+from kingpost.server.hubcache import link_hub_snapshots
+from kingpost.server.secrets import LazyDataResolver, Secrets, uses_volume_cache
 
 __all__ = [
     "LOOP_STOPPERS",
@@ -262,6 +263,7 @@ class ModelHost:
     def __init__(self, config: ServerConfig, secrets: Secrets) -> None:
         self.config = config
         self.secrets = secrets
+        self.resolver = LazyDataResolver(config.data_path, uses_volume_cache(config.raw))
         self.status = Status.LOADING
         self.instance: Any = None
         self.predict: Method | None = None
@@ -310,7 +312,7 @@ class ModelHost:
             "config": lambda: self.config.raw,
             "data_dir": self._data_dir,
             "secrets": lambda: self.secrets,
-            "lazy_data_resolver": lambda: LazyDataResolver(self.config.data_path),
+            "lazy_data_resolver": lambda: self.resolver,
             "environment": lambda: self.environment,
         }
         kwargs = {k: make() for k, make in offered.items() if _accepts(signature, k)}
@@ -383,6 +385,8 @@ class ModelHost:
         ``run_coroutine`` runs a coroutine on the server's loop and waits for it
         (for an ``async def load``).
         """
+        # As Truss's image: a model_cache without a volume is in the Hub cache at import.
+        link_hub_snapshots(self.config.app_dir, self.config.raw, os.environ)
         instance = self.construct(self.import_class())
         self.bind(instance)
         setup = getattr(instance, "setup_environment", None)
@@ -404,6 +408,7 @@ class ModelHost:
                     log.warning("load() failed; retrying (%d of %d)", attempt + 1, retries,
                                 exc_info=True)  # fmt: skip
                     time.sleep(LOAD_RETRY_GAP_S)
+        self.resolver.raise_if_not_collected()  # as Truss, after load() and its retries
         _import_numpy_if_installed()
         self.status = Status.READY
 

@@ -1,4 +1,4 @@
-"""The ``secrets`` mapping a model class receives, and a lazy data resolver stand-in."""
+"""The ``secrets`` mapping a model class receives, and Truss's lazy data resolver."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from kingpost.errors import SecretError
 
-__all__ = ["LazyDataResolver", "Secrets", "UndeclaredSecretError"]
+__all__ = ["LazyDataResolver", "Secrets", "UndeclaredSecretError", "uses_volume_cache"]
 
 
 ENV_PREFIX = "TRUSS_SECRET_"
@@ -65,11 +65,45 @@ class Secrets(Mapping[str, Any]):
         return f"Secrets({sorted(self._declared)!r})"
 
 
-class LazyDataResolver:
-    """Truss's ``lazy_data_resolver``: weights are mounted before start, so nothing waits."""
+NOT_COLLECTED = (
+    "model_cache: the model did not call lazy_data_resolver.block_until_download_complete() "
+    "in __init__ or load(); Truss requires that call before a `use_volume: true` model_cache "
+    "is used (on Baseten the files may still be downloading). Keep the resolver from "
+    '`__init__(self, **kwargs)` as `self._lazy_data_resolver = kwargs["lazy_data_resolver"]` '
+    "and call `self._lazy_data_resolver.block_until_download_complete()` in load() before "
+    "reading /app/model_cache"
+)
 
-    def __init__(self, data_dir: Path) -> None:
+
+class LazyDataResolver:
+    """Truss's ``lazy_data_resolver`` (``LazyDataResolverV2``), over files already there.
+
+    Kingpost mirrors ``model_cache`` before the replica starts, so the call that waits for
+    the download returns at once. The rest is Truss's contract: with a ``use_volume: true``
+    model_cache it returns the data directory, and a model that never called it fails its
+    load (:meth:`raise_if_not_collected`, which the server calls after ``load()``), so a
+    project that loads here also loads on Baseten; without one it returns ``""`` and
+    nothing is required.
+    """
+
+    def __init__(self, data_dir: Path, volume_cache: bool = False) -> None:
         self._data_dir = data_dir
+        self._volume_cache = volume_cache
+        self._collected = not volume_cache
 
     def block_until_download_complete(self, *_: Any, **__: Any) -> str:
-        return str(self._data_dir)
+        self._collected = True
+        return str(self._data_dir) if self._volume_cache else ""
+
+    def raise_if_not_collected(self) -> None:
+        if not self._collected:
+            raise RuntimeError(NOT_COLLECTED)
+
+
+def uses_volume_cache(raw: Mapping[str, Any]) -> bool:
+    """Whether a config's ``model_cache`` (or legacy ``hf_cache``) has ``use_volume: true``
+    entries, which Truss serves through the lazy data resolver."""
+    cache = raw.get("model_cache", raw.get("hf_cache")) or []
+    return isinstance(cache, list) and any(
+        isinstance(item, Mapping) and item.get("use_volume") is True for item in cache
+    )

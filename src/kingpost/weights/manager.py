@@ -102,31 +102,32 @@ def validate_weights(
     """Problems to refuse at push, as (key path, message), beyond config parsing."""
     errors = []
     for i, e in enumerate(entries):
+        where = getattr(e, "origin", f"weights[{i}]")  # model_cache / external_data items
         problem = local_source_problem(e.source, home) if home is not None else None
         if problem is not None:
-            errors.append((f"weights[{i}].source", problem))
+            errors.append((f"{where}.source", problem))
         auth = getattr(e, "auth", None)
         method = getattr(getattr(auth, "auth_method", None), "value", None)
         if method in ("AWS_OIDC", "GCP_OIDC"):
             errors.append(
-                (f"weights[{i}].auth.auth_method", f"{method} needs an OIDC identity provider "
+                (f"{where}.auth.auth_method", f"{method} needs an OIDC identity provider "
                  "the cloud trusts, which Kingpost does not run; use CUSTOM_SECRET with a "
                  "secret holding the credentials")
             )  # fmt: skip
         elif e.scheme in ("s3", "r2") and not e.secret_name:
             errors.append(
-                (f"weights[{i}].auth", f"secret_id is required: {e.scheme}:// sources need "
+                (f"{where}.auth", f"secret_id is required: {e.scheme}:// sources need "
                  "`auth: {auth_method: CUSTOM_SECRET, auth_secret_name: <secret-name>}`")
             )  # fmt: skip
         elif e.scheme == "gs" and not e.secret_name:
             errors.append(
-                (f"weights[{i}].auth", "no credentials configured: need either OIDC config or "
+                (f"{where}.auth", "no credentials configured: need either OIDC config or "
                  "secret_id; add `auth: {auth_method: CUSTOM_SECRET, auth_secret_name: "
                  "<secret-name>}` whose secret holds a service-account JSON key")
             )  # fmt: skip
         if e.scheme in ("bt", "azure", "cw"):
             errors.append(
-                (f"weights[{i}].source", f"{e.scheme}:// sources are not supported by this "
+                (f"{where}.source", f"{e.scheme}:// sources are not supported by this "
                  "build; file://, s3://, r2://, gs://, hf:// and https:// are")
             )  # fmt: skip
     return errors
@@ -182,6 +183,14 @@ def _check_paths(source: str, paths: list[str]) -> None:
                 f"{source}: {path!r} is both a file and the directory of {dirs[path]!r}, "
                 "which one tree cannot hold; exclude one of them with ignore_patterns"
             )
+
+
+def _mount_location(entry: WeightsEntry, m: Manifest) -> str:
+    """Where ``entry`` is mounted; a Hub snapshot (``model_cache`` without a volume) is
+    named after the commit its revision was pinned to."""
+    if getattr(entry, "hub_snapshot", False):
+        return entry.mount_location.replace("{revision}", m.revision)
+    return entry.mount_location
 
 
 def _digest(*parts: object) -> str:
@@ -258,9 +267,20 @@ class WeightsManager:
         if job is None or job.state != MirrorState.COMPLETE:
             raise WeightsError(f"weights of {key} are not mirrored yet")
         return tuple(
-            WeightMount(e.mount_location, self.store.tree(m))
+            WeightMount(_mount_location(e, m), self._mount_source(e, m))
             for e, m in zip(self._entries[key], job.manifests, strict=True)
         )
+
+    def _mount_source(self, entry: WeightsEntry, m: Manifest) -> Path:
+        """The tree of ``m``, or its one file for a single-file entry (``external_data``)."""
+        tree = self.store.tree(m)
+        if not getattr(entry, "single_file", False):
+            return tree
+        if len(m.files) != 1:
+            raise WeightsError(
+                f"{entry.source}: expected one file at this URL, the listing has {len(m.files)}"
+            )
+        return tree / next(iter(m.files))
 
     def gc(self, budget_bytes: int | None = None) -> GcReport:
         """Remove blobs no manifest references, except what running mirrors stored: their

@@ -155,21 +155,26 @@ class HubSource(Source):
     every download reads that commit, so a branch moving later changes nothing.
     """
 
-    def __init__(self, repo: str, revision: str, endpoint: str, token: str | None) -> None:
+    def __init__(
+        self, repo: str, revision: str, endpoint: str, token: str | None, no_token_hint: str = ""
+    ) -> None:
         import httpx
 
         self.repo, self.revision, self.endpoint = repo, revision, endpoint.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(headers=headers, timeout=60, follow_redirects=True)
         self._token_given = token is not None
+        self._no_token_hint = no_token_hint or (
+            "the repository is private or gated: add an auth block whose secret holds an "
+            "hf_access_token"
+        )
 
     def _check(self, status: int, what: str) -> None:
         if status in (401, 403):
             hint = (
                 "the token in the auth secret was refused"
                 if self._token_given
-                else "the repository is private or gated: add an auth block whose secret "
-                "holds an hf_access_token"
+                else self._no_token_hint
             )
             raise WeightsError(f"hf://{self.repo}: {what}: HTTP {status}: {hint}")
         if status == 404:
@@ -247,7 +252,8 @@ def _hub_source(entry: WeightsEntry, secrets: Mapping[str, str], revision: str |
     location = entry.source.split("://", 1)[1]
     repo, _, rev = location.partition("@")
     token = None
-    if entry.secret_name:
+    optional = getattr(entry, "secret_optional", False)  # model_cache's default name
+    if entry.secret_name and not (optional and entry.secret_name not in secrets):
         token = secret_value(entry, entry.secret_name, secrets).strip()
         if token.startswith("{"):
             try:
@@ -258,7 +264,13 @@ def _hub_source(entry: WeightsEntry, secrets: Mapping[str, str], revision: str |
                     "with an `hf_access_token` key"
                 ) from None
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    source = HubSource(repo, revision or rev or "main", endpoint, token)
+    hint = (
+        f"the repository is private or gated: store a token as secret {entry.secret_name!r} "
+        f"(`kingpost secrets set {entry.secret_name}`), the model_cache `runtime_secret_name`"
+        if optional and token is None
+        else ""
+    )
+    source = HubSource(repo, revision or rev or "main", endpoint, token, hint)
     if revision:
         source.pinned = revision
     return source
