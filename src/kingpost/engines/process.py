@@ -555,7 +555,7 @@ class ProcessEngine(Engine):
 
     def _view(self, rep: _Replica, env: dict[str, str]) -> View:
         """What an isolated replica sees (``engines/_view.py``): its own tree, and
-        read-only what it runs from."""
+        read-only what it runs from and its weights."""
         import kingpost
 
         spec = rep.spec
@@ -568,6 +568,11 @@ class ProcessEngine(Engine):
         ]
         if spec.dynamic_config_dir is not None:
             read_only.append(spec.dynamic_config_dir)
+        # Its own weight trees at their own paths too: the links `_link_app_weights` puts in
+        # its app directory (model_cache, external_data under /app/) lead there.
+        # A single file (external_data) comes with its manifest's tree, its directory.
+        read_only += [w.source_dir if w.source_dir.is_dir() else w.source_dir.parent
+                      for w in spec.weights]  # fmt: skip
         installs = {Path(sys.prefix), Path(sys.base_prefix), python.resolve().parent.parent}
         return plan_view(self.settings.home, rep.root, read_only, sorted(installs))
 
