@@ -106,7 +106,8 @@ class Platform:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for(self._healthy, 30, f"kingpost server to answer (log: {self.log})")
+        # Generous: a loaded machine (CI beside a docker build) can take long to start one.
+        wait_for(self._healthy, 60, f"kingpost server to answer (log: {self.log})")
         return self
 
     def _healthy(self) -> bool:
