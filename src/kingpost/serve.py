@@ -25,6 +25,7 @@ from typing import Any
 from kingpost.api import ControlPlane, create_app
 from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
+from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
@@ -144,6 +145,15 @@ def _pusher(settings: Settings, token: str) -> Callable[[RoutingTable], None]:
     return push
 
 
+def _stats_puller(settings: Settings) -> Callable[[], GatewayStats]:
+    from kingpost.gateway import fetch_stats, merge_snapshots
+
+    def pull() -> GatewayStats:
+        return merge_snapshots(fetch_stats(sock) for sock in gateway_sockets(settings))
+
+    return pull
+
+
 def _push_examples(settings: Settings, dirs: Sequence[Path]) -> None:
     from kingpost.client import KingpostClient
 
@@ -190,7 +200,9 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     token = secrets.token_urlsafe(32)  # only this process and the gateway hold it
     gateway = _start_gateway(settings, token)
     _wait_for_sockets(gateway_sockets(settings), gateway, settings.gateway_port)
-    controller = Controller(settings, store, push=_pusher(settings, token))
+    controller = Controller(
+        settings, store, push=_pusher(settings, token), pull_stats=_stats_puller(settings)
+    )
     plane = ControlPlane(settings, store, controller)
     config = uvicorn.Config(
         create_app(plane),

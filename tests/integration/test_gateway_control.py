@@ -184,3 +184,47 @@ def test_every_worker_gets_the_token(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(15)
+
+
+def _stats_table(up: Upstream) -> RoutingTable:
+    """One replica taking one request at a time, on a path that holds its answer."""
+    return RoutingTable(
+        version=1,
+        models={"m": ModelRoute("m", "w", {"production": (("d", 1.0),)})},
+        model_names={"w": "m"},
+        deployments={
+            "d": DeploymentRoute(
+                "d", "m", "/gated-stream", DeploymentState.SERVING,
+                (Up("r", "127.0.0.1", up.port),), concurrency=1,
+            )
+        },
+        api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
+    )  # fmt: skip
+
+
+def test_the_stats_channel_reports_in_flight_queued_and_answered(
+    gateway: tuple[Settings, Path],
+) -> None:
+    """`GET /stats` on the control socket: what the controller pulls for the autoscaler."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kingpost.gateway import fetch_stats
+    from kingpost.serve import _stats_puller
+
+    settings, sock = gateway
+    predict = f"{settings.gateway_url}/models/w/production/predict"
+    auth = {"Authorization": f"Api-Key {KEY}"}
+    with upstream() as up, ThreadPoolExecutor(3) as pool:
+        push_table(sock, _stats_table(up), token=TOKEN)
+        calls = [pool.submit(httpx.post, predict, headers=auth, timeout=30) for _ in range(3)]
+        held = wait_for(
+            lambda: (s := fetch_stats(sock).deployments.get("d")) and s.queued == 2 and s,
+            20, "one request in flight and two queued",
+        )  # fmt: skip
+        assert held and held.inflight == {"r": 1} and held.answered["2xx"] == 0
+        up.gate.set()
+        assert [c.result().status_code for c in calls] == [200, 200, 200]
+    merged = _stats_puller(settings)()  # as the controller pulls it: every worker, merged
+    done = merged.deployments["d"]
+    assert (merged.workers, done.queued, done.inflight_total) == (1, 0, 0)
+    assert done.answered["2xx"] == 3 and done.latency_sum_s > 0

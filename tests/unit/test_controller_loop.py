@@ -804,3 +804,34 @@ def test_the_loop_counts_its_passes_their_time_and_the_steps_that_raised(
     with pytest.raises(RuntimeError):
         rig.controller.reconcile_once()
     assert (stats.passes, stats.failed_passes, stats.last_step_errors) == (3, 1, 0)
+
+
+def test_the_gateways_stats_are_pulled_once_a_second_and_a_failure_is_skipped(
+    tmp_path: Path,
+) -> None:
+    from kingpost.gateway.stats import DeploymentStats, GatewayStats
+
+    now, pulls = [1000.0], []
+
+    def pull() -> GatewayStats:
+        pulls.append(now[0])
+        if len(pulls) == 2:
+            raise OSError("gateway restarting")
+        return GatewayStats({"d": DeploymentStats(queued=len(pulls))})
+
+    rig = Rig(tmp_path)
+    rig.controller = Controller(
+        rig.settings, rig.store, engines={"fake": rig.engine}, pull_stats=pull,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()  # within the second: no pull
+    assert pulls == [1000.0]
+    stats = rig.controller.gateway_stats
+    assert stats is not None and stats.deployments["d"].queued == 1
+    now[0] += 1.0
+    rig.controller.reconcile_once()  # fails: the last figures stay
+    assert rig.controller.gateway_stats is stats
+    now[0] += 1.0
+    rig.controller.reconcile_once()
+    assert rig.controller.gateway_stats.deployments["d"].queued == 3

@@ -45,6 +45,7 @@ from kingpost.engines import (
 )
 from kingpost.envs.gc import GcReport, VenvInfo, collect, list_environments
 from kingpost.errors import KingpostError
+from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
 from kingpost.housekeeping import DiskReport, collect_disk
 from kingpost.server.contract import ENVIRONMENT_ENV, ENVIRONMENT_KEY
@@ -65,6 +66,7 @@ __all__ = ["Controller", "LoopStats"]
 
 log = logging.getLogger(__name__)
 TABLE_REFRESH_S = 5.0
+STATS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,17 @@ class Controller:
         store: Store,
         *,
         push: Callable[[RoutingTable], None] | None = None,
+        pull_stats: Callable[[], GatewayStats] | None = None,
         engines: dict[str, Engine] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self._push = push
+        self._pull_stats = pull_stats
+        self.gateway_stats: GatewayStats | None = None
+        """The gateway's last figures (every worker's, merged), pulled once a second."""
+        self._stats_at = 0.0
         self._engines: dict[str, Engine] = dict(engines or {})
         self._engine_errors: dict[str, str] = {}
         self._clock = clock
@@ -276,7 +283,19 @@ class Controller:
                 private_paths=(str(self.settings.home),),
             )
             self._publish(table)
+        self._pull()
         return self._table
+
+    def _pull(self) -> None:
+        """The gateway's figures, at most once a second (one request per worker's socket)."""
+        now = self._clock()
+        if self._pull_stats is None or now - self._stats_at < STATS_INTERVAL_S:
+            return
+        self._stats_at = now
+        try:
+            self.gateway_stats = self._pull_stats()
+        except Exception as exc:  # a restarting gateway: the next pull catches up
+            log.debug("pulling the gateway's stats failed: %s", exc)
 
     def publish_keys(self) -> None:
         """Push the current API keys to the gateways now, not at the next pass: a revoked

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from kingpost.errors import KingpostError
+from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TOKEN_HEADER",
     "control_socket_paths",
+    "fetch_stats",
     "push_table",
     "read_token_fd",
     "serve_control",
@@ -92,6 +94,20 @@ def push_table(
         raise KingpostError(
             f"gateway refused the routing table: HTTP {r.status_code} {r.text[:200]}"
         )
+
+
+def fetch_stats(socket_path: Path, timeout: float = 2.0) -> GatewayStats:
+    """One gateway worker's figures (``GET /stats`` on its control socket)."""
+    try:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=timeout
+        ) as c:
+            r = c.get("http://gateway/stats")
+    except httpx.TransportError as exc:
+        raise KingpostError(f"gateway control socket {socket_path}: {exc}") from exc
+    if r.status_code != 200:
+        raise KingpostError(f"gateway stats: HTTP {r.status_code} {r.text[:200]}")
+    return GatewayStats.from_json(r.json())
 
 
 def _response(status: int, body: object) -> bytes:
@@ -164,6 +180,8 @@ async def _handle(
                     table.version,
                 )
             writer.write(_response(200 if accepted else 409, {"version": gateway.table.version}))
+        elif method == "GET" and path == "/stats":
+            writer.write(_response(200, gateway.stats().to_json()))
         elif method == "GET" and path == "/table/version":
             writer.write(_response(200, {"version": gateway.table.version}))
         elif method == "GET" and path == "/healthz":

@@ -14,6 +14,7 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
+from kingpost.gateway.stats import STATUS_CLASSES, DeploymentCounters, DeploymentStats
 from kingpost.gateway.table import DeploymentRoute, DeploymentState, Upstream
 
 __all__ = ["Dispatcher", "Rejected", "Slot"]
@@ -41,8 +42,19 @@ class Dispatcher:
     def __init__(self, route: DeploymentRoute) -> None:
         self.route = route
         self.inflight: dict[str, int] = {}
+        self.counters = DeploymentCounters()
+        """What this deployment answered (see :mod:`kingpost.gateway.stats`)."""
         self._waiters: deque[_Waiter] = deque()
         self._turn = 0
+
+    def snapshot(self) -> DeploymentStats:
+        """In flight and queued now, and what it answered: read, never counted per request."""
+        return DeploymentStats(
+            queued=sum(1 for w in self._waiters if not w.future.done()),
+            inflight={rid: n for rid, n in self.inflight.items() if n > 0},
+            answered=dict(zip(STATUS_CLASSES, self.counters.by_class, strict=True)),
+            latency_sum_s=self.counters.latency_sum_s,
+        )
 
     def update(self, route: DeploymentRoute) -> None:
         self.route = route

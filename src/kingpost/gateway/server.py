@@ -18,6 +18,7 @@ from kingpost.gateway.control import serve_control
 from kingpost.gateway.dispatch import Dispatcher
 from kingpost.gateway.proxy import ClientConn
 from kingpost.gateway.routing import Miss, Target, resolve
+from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import (
     ADMIN,
     DeploymentRoute,
@@ -115,6 +116,10 @@ class Gateway:
             forget_netns(path)
         return True
 
+    def stats(self) -> GatewayStats:
+        """This process's figures per deployment (the control socket's ``GET /stats``)."""
+        return GatewayStats({dep: d.snapshot() for dep, d in self._dispatchers.items()})
+
     def dispatcher(self, deployment_id: str) -> Dispatcher:
         d = self._dispatchers.get(deployment_id)
         if d is None:
@@ -172,7 +177,12 @@ class Gateway:
         self, rid: str, status: int, outcome: str, start: float, target: Target | None
     ) -> None:
         """One line per answer: ``status`` as the client got it (0: none, it left), and
-        ``outcome`` "ok", "close" (the connection ended with it) or the gateway's error code."""
+        ``outcome`` "ok", "close" (the connection ended with it) or the gateway's error code.
+        Counted for the stats channel too, per deployment."""
+        if target is not None:
+            dispatcher = self._dispatchers.get(target.deployment.deployment_id)
+            if dispatcher is not None:
+                dispatcher.counters.record(status, time.perf_counter() - start)
         if self._log and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 json.dumps(
