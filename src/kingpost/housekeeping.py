@@ -28,6 +28,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kingpost._disk import tree_size
+
 __all__ = [
     "KEEP_STOPPED",
     "REPLICA_GRACE_S",
@@ -121,19 +123,6 @@ def scan(projects_dir: Path, replicas_dir: Path) -> list[DiskEntry]:
     return out
 
 
-def _size(path: Path) -> int:
-    if not path.is_dir() or path.is_symlink():
-        with contextlib.suppress(OSError):
-            return path.lstat().st_size
-        return 0
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
 def collect_disk(
     projects_dir: Path,
     replicas_dir: Path,
@@ -157,7 +146,7 @@ def collect_disk(
     for entry in doomed:
         base = replicas_dir if entry.kind == "replica" else projects_dir
         path = base / entry.name
-        size = _size(path)
+        size = tree_size(path)
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kingpost._disk import tree_size
 from kingpost._filelock import locked
 from kingpost.envs.builder import READY_MARKER
 
@@ -60,15 +61,6 @@ def _environment_dirs(envs_dir: Path) -> Iterator[Path]:
                 yield Path(entry.path)
 
 
-def _size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
 def list_environments(envs_dir: Path) -> list[VenvInfo]:
     out = []
     for path in _environment_dirs(envs_dir):
@@ -86,7 +78,7 @@ def list_environments(envs_dir: Path) -> list[VenvInfo]:
                 packages=tuple(marker.get("packages", ())),
                 custom_server=bool(marker.get("custom_server", False)),
                 ready=used is not None,
-                size_bytes=_size(path),
+                size_bytes=tree_size(path),
                 last_used=used,
             )
         )
@@ -109,7 +101,7 @@ def collect(envs_dir: Path, keep: Collection[str], started: float) -> GcReport:
                     continue
             except FileNotFoundError:
                 pass  # a build that died: nothing can use it
-            size = _size(path)
+            size = tree_size(path)
             shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
         removed_bytes += size
