@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     weights_mirror_attempts: int = Field(default=3, ge=1)
     """Times a deployment's weights mirror is tried (5 s, then 20 s apart) before the
     deployment is FAILED with the source's error; re-activating it tries again."""
+    process_pids_limit: int = Field(default=4096, ge=0)
+    """Process engine, isolated replicas: the most processes and threads one deployment's
+    uid may run (``RLIMIT_NPROC``), so a fork loop cannot exhaust the host's PIDs; servers
+    such as vLLM start hundreds of threads, hence the headroom. 0: no limit."""
     disk_gc_interval: float = Field(default=3600.0, ge=0)
     """Seconds between automatic removals of uploaded projects and replica directories no
     deployment needs (``kingpost gc`` runs one at once); 0 turns the automatic ones off."""

@@ -125,12 +125,12 @@ def start(e: ProcessEngine, app: Path, dep: str, secret: str) -> Endpoint:
     return wait_for(ready, 30, f"{rid} ready")
 
 
-def get(endpoint: Endpoint) -> dict[str, object]:
+def get(endpoint: Endpoint, path: str = "/") -> dict[str, object]:
     sock = socket_in_netns(endpoint.netns) if endpoint.netns else socket.socket()
     with sock:
         sock.settimeout(10)
         sock.connect((endpoint.host, endpoint.port))
-        sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -227,3 +227,66 @@ def test_an_engine_that_cannot_isolate_says_so_loudly(
 def test_isolation_on_refuses_to_start_where_it_cannot_isolate(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="isolation=on, but replicas cannot be isolated"):
         ProcessEngine(Settings(home=tmp_path / "home", isolation="on"))
+
+
+FORKER = """
+import json, os, threading, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+def spawn(n):
+    threads = []
+    try:
+        for _ in range(n):
+            t = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+            t.start()
+            threads.append(t)
+        return {"started": len(threads), "error": None}
+    except RuntimeError as exc:  # "can't start new thread": the kernel said EAGAIN
+        return {"started": len(threads), "error": str(exc)}
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):  # the probes' "/" spawns nothing
+        body = json.dumps(spawn(2000) if self.path == "/fork" else {}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+HTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"""
+
+
+@needs_isolation
+def test_a_fork_loop_stops_at_the_deployments_process_limit(tmp_path: Path) -> None:
+    """2,000 threads asked for under a limit of 64: the kernel refuses past it, the replica
+    keeps serving, and the host (and the next deployment) are untouched."""
+    eng = ProcessEngine(Settings(home=tmp_path / "home", process_pids_limit=64))
+    try:
+        app = tmp_path / "forker"
+        app.mkdir()
+        (app / "server.py").write_text(FORKER)
+        (app / "config.yaml").write_text(
+            "docker_server:\n  start_command: python3 server.py\n  server_port: 8000\n"
+            "  predict_endpoint: /\n  readiness_endpoint: /\n  liveness_endpoint: /\n"
+        )
+        # A deployment id of its own: its uid's count must hold this replica's processes alone.
+        endpoint = start(eng, app, f"fork{os.getpid()}", "s")
+        seen = get(endpoint, "/fork")
+        assert seen["error"] is not None and 0 < int(str(seen["started"])) < 64, seen
+        assert get(endpoint) == {}  # still answering
+        assert threading_started_here(200)  # this process is not the replica's uid
+    finally:
+        eng.close()
+
+
+def threading_started_here(n: int) -> bool:
+    import threading
+    import time
+
+    threads = [threading.Thread(target=time.sleep, args=(0.5,)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return True

@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ class Isolation:
     before them would still reach the hidden tree through ``..``)."""
     uid: int | None = None
     """Run as this uid and gid, no supplementary groups, ``no_new_privs``."""
+    nproc: int | None = None
+    """With ``uid``: the most processes and threads that uid may have (``RLIMIT_NPROC``;
+    each deployment has a uid of its own, so its replicas share the bound)."""
 
 
 def _bind(source: str, target: str, read_only: bool) -> None:
@@ -113,6 +117,8 @@ def preexec(isolation: Isolation) -> Callable[[], None]:
         if isolation.cwd is not None:
             os.chdir(isolation.cwd)
         if isolation.uid is not None:
+            if isolation.nproc is not None:  # checked against the uid it is about to take
+                resource.setrlimit(resource.RLIMIT_NPROC, (isolation.nproc, isolation.nproc))
             os.setgroups([])
             os.setgid(isolation.uid)
             os.setuid(isolation.uid)

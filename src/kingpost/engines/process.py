@@ -470,6 +470,7 @@ class ProcessEngine(Engine):
                 private_tmp=str(rep.root / "tmp") if _tmp_is_free(view, binds) else None,
                 cwd=str(rep.app),
                 uid=uid,
+                nproc=self.settings.process_pids_limit or None,
             )
         with rep.log_path.open("ab") as out:
             out.write(f"--- kingpost: starting replica {spec.replica_id} ---\n".encode())
