@@ -24,7 +24,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from kingpost.engines.netns import socket_in_netns
+from kingpost.netns import socket_in_netns
 
 __all__ = ["Exchange", "StreamConn", "UpstreamConn", "UpstreamPool"]
 
