@@ -54,6 +54,8 @@ has no limit and keeps a header's value growing for as long as the client sends 
 
 
 class Request:
+    """One client request as parsed, and how far its body has come in and gone out."""
+
     __slots__ = (
         "auth",
         "body_bytes",
@@ -124,12 +126,6 @@ class Request:
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
 
 
 class ClientConn(StreamConn):
