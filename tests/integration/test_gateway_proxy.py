@@ -333,7 +333,7 @@ def test_a_client_that_leaves_frees_its_replica_slot(gw: Running, up: Upstream) 
 
 
 def _can_unshare() -> bool:
-    from kingpost.engines.netns import can_unshare_net
+    from kingpost.netns import can_unshare_net
 
     return sys.platform == "linux" and can_unshare_net()
 

@@ -15,9 +15,9 @@ from helpers.platform import EXAMPLES, wait_for
 from kingpost.config import load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import Endpoint, Prepared, ReplicaPhase, ReplicaStatus
-from kingpost.engines.netns import can_unshare_net, socket_in_netns
 from kingpost.engines.process import ProcessEngine
 from kingpost.errors import EngineError
+from kingpost.netns import can_unshare_net, socket_in_netns
 from kingpost.settings import Settings
 
 TOGGLE_SERVER = """

@@ -20,9 +20,9 @@ from kingpost.controller.specs import replica_spec
 from kingpost.engines._isolation import can_unshare_mounts
 from kingpost.engines._view import replica_uid
 from kingpost.engines.base import Endpoint, ReplicaPhase
-from kingpost.engines.netns import socket_in_netns
 from kingpost.engines.process import ProcessEngine
 from kingpost.errors import EngineError
+from kingpost.netns import socket_in_netns
 from kingpost.settings import Settings
 
 needs_isolation = pytest.mark.skipif(

@@ -19,8 +19,8 @@ from helpers.platform import wait_for
 from kingpost.config import load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import Endpoint, ReplicaPhase
-from kingpost.engines.netns import socket_in_netns
 from kingpost.engines.process import ProcessEngine
+from kingpost.netns import socket_in_netns
 from kingpost.settings import Settings
 
 SERVER = """

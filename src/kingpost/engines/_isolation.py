@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kingpost.engines.netns import enter_new_netns, succeeds_in_child
+from kingpost.netns import enter_new_netns, succeeds_in_child
 
 __all__ = ["Isolation", "can_unshare_mounts", "preexec"]
 

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from kingpost.engines.base import Endpoint, Probes, ReplicaPhase
-from kingpost.engines.netns import socket_in_netns
+from kingpost.netns import socket_in_netns
 
 __all__ = ["MAX_EXITS_BEFORE_READY", "PROBE_WORKERS", "ReplicaHealth", "http_probe"]
 

@@ -47,9 +47,9 @@ from kingpost.engines.base import (
     ServerKind,
     scope_of,
 )
-from kingpost.engines.netns import can_unshare_net, forget_netns
 from kingpost.engines.probes import PROBE_WORKERS, ReplicaHealth
 from kingpost.errors import EngineError
+from kingpost.netns import can_unshare_net, forget_netns
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, SERVER_ARGS
 from kingpost.settings import Settings
 

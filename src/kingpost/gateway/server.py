@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from kingpost.engines.netns import forget_netns
 from kingpost.gateway.control import serve_control
 from kingpost.gateway.dispatch import Dispatcher
 from kingpost.gateway.proxy import ClientConn
@@ -27,6 +26,7 @@ from kingpost.gateway.table import (
     RoutingTable,
 )
 from kingpost.gateway.upstream import UpstreamPool
+from kingpost.netns import forget_netns
 
 __all__ = ["Gateway"]
 

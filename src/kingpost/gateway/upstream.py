@@ -10,7 +10,7 @@ or half an answer on an idle connection. Such a connection is never used again: 
 that arrive while no request waits, or a response that begins after the one awaited
 ended in the same read, drop it; and a connection goes back to the pool only after the
 whole read that ended its answer was parsed, so no request is sent on it in between.
-What the proxy adds (closing after bodies a replica may not read) is in ``proxy.py``.
+What the proxy adds (closing after bodies a replica may not read) is in ``forward.py``.
 """
 
 from __future__ import annotations
@@ -24,25 +24,13 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from kingpost.engines.netns import socket_in_netns
+from kingpost.netns import socket_in_netns
 
 __all__ = ["Exchange", "StreamConn", "UpstreamConn", "UpstreamPool"]
 
 log = logging.getLogger("kingpost.gateway")
 
 Key = tuple[str, int, str | None]
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"x-baseten-request-id",
-    }
-)
 CONNECT_TIMEOUT_S = 5.0
 
 

@@ -2,7 +2,9 @@
 
 A socket stays in the namespace it was created in, so a thread can ``setns``
 into a replica's namespace, create a socket, ``setns`` back, and then connect it
-from anywhere (the gateway's event loop, a probe thread). Needs CAP_SYS_ADMIN.
+from anywhere (the gateway's event loop, a probe thread). Needs CAP_SYS_ADMIN. Shared by
+the process engine (it creates the namespaces and probes into them) and the gateway (it
+connects into them), so it belongs to neither.
 """
 
 from __future__ import annotations

@@ -1,0 +1,476 @@
+"""Forwarding one request to a replica: send it, relay the answer, retry, settle.
+
+Two paths, one behaviour (``docs/architecture.md``, the gateway). :func:`try_now` sends a
+complete request from the client's callbacks when nothing has to wait, and
+:func:`landed` settles it from the replica's; everything else goes through
+:func:`dispatch` in the connection's task: take a slot (queueing), :func:`forward` (a
+pooled or new connection, the body streamed by :func:`send_body`), and one retry on
+another replica if the first hung up before sending a byte. Both end in :func:`settle`,
+which decides the :class:`Outcome` from how the exchange ended (:class:`Ending`). A
+:class:`ClientExchange` re-frames one replica response for the client. The connection
+(parsing, pipelining, timeouts) is :class:`~kingpost.gateway.proxy.ClientConn`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kingpost.gateway.dispatch import Dispatcher, Rejected, Slot
+from kingpost.gateway.framing import (
+    BODY_UNEXPECTED,
+    HOP_BY_HOP,
+    NO_BODY_STATUS,
+    connection_tokens,
+    error_body,
+    interim_head,
+    request_head,
+    response_header_lines,
+)
+from kingpost.gateway.routing import Target
+from kingpost.gateway.tunnel import tunnel
+from kingpost.gateway.upstream import UpstreamConn
+
+if TYPE_CHECKING:
+    from kingpost.gateway.proxy import ClientConn, Request
+
+__all__ = [
+    "REPLAY_LIMIT",
+    "SENT",
+    "ClientExchange",
+    "Ending",
+    "Handoff",
+    "Outcome",
+    "Sent",
+    "dispatch",
+    "landed",
+    "try_now",
+]
+
+access_log = logging.getLogger("kingpost.gateway.access")
+REPLAY_LIMIT = 64 * 1024
+"""Body bytes kept to send again when a request is retried on another replica."""
+
+
+class Outcome(enum.StrEnum):
+    """What a forwarded request leaves its client connection to do (and, but for retry,
+    the ``outcome`` of its access-log line)."""
+
+    OK = "ok"  # answered; the connection may carry the next request
+    CLOSE = "close"  # the connection ends with this request (answered or not)
+    RETRY = "retry"  # the replica took nothing: send the request to another one
+
+
+class Ending(enum.StrEnum):
+    """How the replica's side of one exchange ended."""
+
+    ANSWERED = "answered"  # its whole answer was relayed
+    LOST = "lost"  # its connection went before the answer ended
+    TIMEOUT = "timeout"  # its answer did not begin within the response timeout
+
+
+# Members as module globals: the hot path compares against these, and a class attribute
+# lookup on an enum costs several times a global one.
+_OK, _CLOSE, _RETRY = Outcome.OK, Outcome.CLOSE, Outcome.RETRY
+_ANSWERED, _LOST, _TIMEOUT = Ending.ANSWERED, Ending.LOST, Ending.TIMEOUT
+
+
+class Sent:
+    """The request is with a replica; its answer is relayed from callbacks."""
+
+
+SENT = Sent()
+
+
+@dataclass(slots=True)
+class Handoff:
+    """A request the callbacks could not finish, and what the task needs to carry on."""
+
+    req: Request
+    target: Target
+    dispatcher: Dispatcher
+    """The deployment's dispatcher when the request was routed. A later table may have
+    dropped the deployment; the request still settles (or is refused) with this one."""
+    tried: frozenset[str] = frozenset()
+    attempts: int = 2
+    slot: Slot | None = None
+    """A replica slot already taken for it. Whoever holds the handoff owns the slot until
+    :func:`dispatch` takes it over; if the task is cancelled before it ever runs,
+    :meth:`ClientConn.connection_lost` gives it back."""
+
+
+def try_now(client: ClientConn, req: Request) -> bool | Handoff | Sent:
+    """Answer or send a complete request without waiting, if nothing has to wait."""
+    target = client.route(req)
+    if not isinstance(target, Target):
+        return target
+    assert req.rid is not None
+    gw = client.gw
+    dispatcher = gw.dispatcher(target.deployment.deployment_id)
+    try:
+        slot = dispatcher.try_acquire()
+    except Rejected as rej:
+        return client.reject(req, rej.status, rej.message, rej.code, req.rid, target)
+    if slot is None:
+        return Handoff(req, target, dispatcher)  # to wait in the deployment's queue
+    conn = gw.pool.take_idle(slot.key)
+    if conn is None:
+        return Handoff(req, target, dispatcher, slot=slot)  # to open a connection
+    exchange = ClientExchange(client, req, req.rid, target.deployment.response_timeout_s)
+    exchange.landing = (dispatcher, slot, conn, target)
+    client.busy = True
+    client.upstream = conn
+    conn.begin(exchange)
+    head = request_head(req, target.path, req.rid, client.peer_address())
+    conn.write(head + b"".join(req.chunks))
+    req.chunks.clear()
+    return SENT
+
+
+def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None:
+    """The end of a request :func:`try_now` sent: settle it and serve the next one."""
+    assert exchange.landing is not None
+    dispatcher, slot, conn, target = exchange.landing
+    req = exchange.req
+    client.upstream = None
+    dispatcher.release(slot)
+    if client.closed:  # the client left; nobody to answer or retry for
+        conn.close()
+        client.busy = False
+        assert req.rid is not None
+        client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target)
+        return
+    outcome = settle(client, req, conn, exchange, True, ending)
+    if outcome is _RETRY:
+        client.start_task(
+            Handoff(req, target, dispatcher, frozenset({slot.upstream.replica_id}), 1)
+        )
+        return
+    assert req.rid is not None
+    client.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target)
+    client.busy = False
+    if client.after(req, outcome is not _CLOSE):
+        client.serve_next()
+
+
+async def dispatch(client: ClientConn, h: Handoff) -> bool:
+    """Take a replica slot, forward, and retry once elsewhere if the replica hung up; False
+    when the client connection must close."""
+    gw, req, target, tried, dispatcher = client.gw, h.req, h.target, h.tried, h.dispatcher
+    slot, h.slot = h.slot, None  # from here the slot is released by the finally below
+    rid = req.rid
+    assert rid is not None
+    for _attempt in range(h.attempts):
+        try:
+            if slot is None:
+                try:
+                    slot = await dispatcher.acquire(tried)
+                except Rejected as rej:
+                    return client.reject(req, rej.status, rej.message, rej.code, rid, target)
+            try:
+                outcome, status = await forward(
+                    client, req, slot, target.path, rid, target.deployment.response_timeout_s
+                )
+            finally:
+                dispatcher.release(slot)
+        except asyncio.CancelledError:  # the client left, queued or mid-answer
+            gw.log_access(rid, 0, "client_left", req.start, target)
+            raise
+        if outcome is not _RETRY:
+            gw.log_access(rid, status, outcome, req.start, target)
+            if outcome is _OK and not req.complete:
+                # Answered before the body was all in, by a replica that then hung up: the
+                # rest is read and dropped, or it piles up until reading stops for good.
+                while await client.next_chunk(req) is not None:
+                    pass
+            return outcome is not _CLOSE
+        tried, slot = tried | {slot.upstream.replica_id}, None
+    return client.reject(
+        req,
+        502,
+        "the replica closed the connection before answering",
+        "bad_gateway",
+        rid,
+        target,
+    )
+
+
+async def forward(
+    client: ClientConn, req: Request, slot: Slot, path: str, rid: str, timeout_s: float
+) -> tuple[Outcome, int]:
+    """Proxy one request; returns what the client connection does next, and the status
+    the client got (0: none)."""
+    gw = client.gw
+    if client.closed:
+        return _CLOSE, 0  # the client left while the request waited: nobody to answer
+    try:
+        if req.upgrade:
+            conn, reused = await gw.pool.connect(slot.key), False
+        else:
+            conn, reused = await gw.pool.get(slot.key)
+    except (OSError, TimeoutError):
+        return _RETRY, 0
+    exchange = ClientExchange(client, req, rid, timeout_s)
+    exchange.done = done = asyncio.get_running_loop().create_future()
+    conn.begin(exchange)
+    client.upstream = conn
+    try:
+        head = request_head(req, path, rid, client.peer_address())
+        if req.complete and not req.chunked:
+            # The whole body is here already (the common small request): one write.
+            req.body_sent = req.body_sent or bool(req.chunks)
+            conn.write(head + b"".join(req.chunks))
+            req.chunks.clear()
+        else:
+            exchange.sending = True
+            conn.write(head)
+            await send_body(client, req, conn)
+            # Answered before it had the whole body: whether the replica read the rest as
+            # body or as another request, its connection cannot be trusted again.
+            exchange.early = exchange.finished
+            exchange.sending = False
+            exchange.sent_at = time.perf_counter()  # its answer is due from here
+        ending = await done
+        if conn.upgraded and exchange.status == 101:
+            await tunnel(client, req, conn)
+            return _CLOSE, 101
+    except asyncio.CancelledError:
+        conn.close()
+        raise
+    finally:
+        client.upstream = None
+    if req.upgrade:
+        if ending is _LOST and settle(client, req, conn, exchange, False, ending) is _RETRY:
+            return _RETRY, 0  # the replica took nothing: another may take the handshake
+        if ending is _TIMEOUT:
+            settle(client, req, conn, exchange, False, ending)
+        conn.close()
+        # Refused or lost: after an upgrade request the stream is raw.
+        return _CLOSE, exchange.status or 502
+    return settle(client, req, conn, exchange, reused, ending), exchange.status or 502
+
+
+def settle(
+    client: ClientConn,
+    req: Request,
+    conn: UpstreamConn,
+    exchange: ClientExchange,
+    reused: bool,
+    ending: Ending,
+) -> Outcome:
+    """After the replica's answer (or its loss): what the client connection does next."""
+    if ending is _TIMEOUT:
+        conn.close()
+        assert client.transport is not None
+        keep = req.complete and not req.upgrade
+        client.transport.write(
+            error_body(
+                504,
+                f"the replica did not begin its answer within {exchange.timeout_s:g}s "
+                "(the deployment's response timeout)",
+                "gateway_timeout",
+                exchange.rid.decode("latin-1"),
+                close=not keep,
+            )
+        )
+        return _OK if keep else _CLOSE
+    if ending is _LOST:
+        conn.close()
+        # Retried only if the replica sent nothing at all: even part of a response head
+        # means it took the request, and running it twice is not the gateway's call. Nor
+        # is a body the replay buffer no longer holds sent again with a part missing.
+        if not conn.got_bytes and (req.replay is not None or (not reused and not req.body_sent)):
+            if req.replay is not None:
+                req.chunks = deque(req.replay)
+                req.replay = list(req.replay)
+            return _RETRY
+        if not exchange.started:
+            assert client.transport is not None
+            client.transport.write(
+                error_body(
+                    502,
+                    "the replica closed the connection",
+                    "bad_gateway",
+                    exchange.rid.decode("latin-1"),
+                    close=True,  # this connection ends here
+                )
+            )
+        return _CLOSE
+    if (
+        exchange.upstream_keep_alive
+        and req.complete
+        and not exchange.early
+        and not (req.body_bytes and req.method in BODY_UNEXPECTED)
+    ):
+        client.gw.pool.put(conn)
+    else:
+        conn.close()
+    return _CLOSE if exchange.must_close else _OK
+
+
+async def send_body(client: ClientConn, req: Request, conn: UpstreamConn) -> None:
+    """Stream the rest of ``req``'s body to the replica as it arrives, with flow control."""
+    if not req.chunked and req.content_length in (None, b"0"):
+        return
+    while True:
+        chunk = await client.next_chunk(req)
+        if chunk is None:
+            break
+        req.body_sent = True  # taken from the queue: a retry can only replay it
+        if conn.closed:
+            return
+        conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if req.chunked else chunk)
+        await conn.drain()
+    if req.chunked and not conn.closed:
+        conn.write(b"0\r\n\r\n")
+
+
+class ClientExchange:
+    """Re-frames one upstream response for the client (the upstream's ``Exchange``)."""
+
+    def __init__(self, client: ClientConn, req: Request, rid: str, timeout_s: float) -> None:
+        self.client = client
+        self.req = req
+        self.rid = rid.encode("latin-1")
+        self.timeout_s = timeout_s
+        self.sent_at = time.perf_counter()
+        self.done: asyncio.Future[Ending] | None = None
+        """Set by a task that awaits the end; otherwise :attr:`landing` is used."""
+        self.landing: tuple[Dispatcher, Slot, UpstreamConn, Target] | None = None
+        """For a request sent from callbacks: what :func:`landed` settles."""
+        self.finished = False
+        self.buf = bytearray()
+        self.started = False
+        self.chunked = False
+        self.no_body = False
+        self.upstream_keep_alive = True
+        self.must_close = False
+        self.close_delimited = False
+        self.status = 0
+        self.early = False
+        """The answer ended before the request's body was all sent: the connection goes."""
+        self.sending = False
+        """The body is still being streamed to the replica: its answer is not due yet."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
+    ) -> None:
+        self.started = True
+        self.status = status
+        self.upstream_keep_alive = keep_alive
+        buf = self.buf
+        buf += b"HTTP/1.1 %d %s\r\n" % (status, reason or b"OK")
+        mark = len(buf)
+        length = None
+        upstream_chunked = False
+        hop: set[bytes] | None = None
+        for name, value in headers:
+            lname = name.lower()
+            if status == 101 and lname in (b"connection", b"upgrade"):
+                buf += name + b": " + value + b"\r\n"
+                continue
+            if lname in HOP_BY_HOP:
+                upstream_chunked = upstream_chunked or (
+                    lname == b"transfer-encoding" and b"chunked" in value.lower()
+                )
+                if lname == b"connection" and (tokens := connection_tokens(value)) is not None:
+                    hop = (hop or set()) | tokens
+                continue
+            if lname == b"content-length":
+                length = value
+            buf += name + b": " + value + b"\r\n"
+        if hop is not None:
+            # Headers the replica names in ``Connection`` were for its hop only (RFC 9110
+            # 7.6.1), wherever they came: written again without them (rare).
+            del buf[mark:]
+            buf += response_header_lines(headers, hop)
+        buf += b"x-baseten-request-id: " + self.rid + b"\r\n"
+        self.no_body = self.req.method == b"HEAD" or status in NO_BODY_STATUS or status < 200
+        self.close_delimited = not self.no_body and length is None and not upstream_chunked
+        if not self.no_body and length is None:
+            if self.req.http11:
+                self.chunked = True
+                buf += b"transfer-encoding: chunked\r\n"
+            else:
+                self.must_close = True
+        if not self.req.keep_alive:
+            self.must_close = True
+        if self.must_close and status != 101:
+            buf += b"connection: close\r\n"
+        buf += b"\r\n"
+        if self.req.method == b"HEAD":
+            self.upstream_keep_alive = False
+            self.on_response_end()
+
+    def check_timeout(self, now: float) -> None:
+        """Give up on a replica that has not begun its answer within ``timeout_s``: its
+        connection goes (a late answer must reach nobody) and the client gets a 504."""
+        if self.started or self.finished or self.sending:
+            return  # (a body still on its way: the end of its sending restarts the clock)
+        if now - self.sent_at < self.timeout_s:
+            return
+        conn = self.client.upstream
+        if conn is not None and conn.exchange is self:
+            conn.exchange = None
+            conn.close()
+        self.status = 504
+        self._finish(_TIMEOUT)
+
+    def on_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        # Passed on to HTTP/1.1 clients (RFC 9110 15.2), except 100 Continue: the gateway
+        # answers ``Expect`` itself and does not send it upstream. Once one is passed on,
+        # response bytes have reached the client and the request is no longer retried.
+        if status == 100 or not self.req.http11:
+            return
+        self.started = True
+        self.buf += interim_head(status, reason, headers)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.no_body:
+            return
+        if self.chunked:
+            self.buf += b"%x\r\n%s\r\n" % (len(data), data)
+        else:
+            self.buf += data
+
+    def on_response_end(self) -> None:
+        if self.chunked:
+            self.buf += b"0\r\n\r\n"
+        self.flush()
+        self._finish(_ANSWERED)
+
+    def on_upstream_lost(self, exc: BaseException | None) -> None:
+        if self.started and self.close_delimited and exc is None:
+            self.upstream_keep_alive = False
+            self.on_response_end()  # the body ended with the connection, as HTTP/1.0 allows
+            return
+        self.flush()
+        self._finish(_LOST)
+
+    def _finish(self, ending: Ending) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.done is not None:
+            if not self.done.done():
+                self.done.set_result(ending)
+            return
+        try:
+            landed(self.client, self, ending)
+        except Exception:  # a bug here must not strand the client: log it and hang up
+            access_log.exception("settling request %s failed", self.rid.decode("latin-1"))
+            self.client.busy = False
+            if self.client.transport is not None:
+                self.client.transport.close()
+
+    def flush(self) -> None:
+        if self.buf:
+            transport = self.client.transport
+            if transport is not None and not self.client.closed:
+                transport.write(bytes(self.buf))
+            self.buf.clear()
