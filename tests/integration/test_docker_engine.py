@@ -757,3 +757,32 @@ def test_a_container_of_an_older_kingpost_is_replaced_not_adopted(
         assert not docker_client.containers.list(all=True, filters={"name": "depold"})
     finally:
         engine.close()
+
+
+def test_gc_removes_the_image_of_a_deleted_deployment_and_keeps_a_live_ones(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
+) -> None:
+    """Images stayed after their deployments were deleted. `kingpost gc` removes the ones
+    this installation built that no deployment needs and no container uses."""
+    import uuid
+
+    tags = {}
+    for name in ("gc-kept", "gc-gone"):  # content of their own: images of their own
+        project = copy_project(tmp_path, name, f"model_name: {name}\n")
+        (project / "nonce.txt").write_text(uuid.uuid4().hex)
+        dep = push(dplatform, project)["deployment"]
+        dplatform.wait_status(dep["id"], "ACTIVE", timeout=300)
+        (image,) = {c.attrs["Config"]["Image"] for c in containers_of(docker_client, dep["id"])}
+        tags[name] = (dep["id"], image)
+    with dplatform.client() as c:
+        c.delete_model("gc-gone")
+    gone_dep, gone_image = tags["gc-gone"]
+    wait_for(lambda: not containers_of(docker_client, gone_dep), 60, "its container removed")
+    out = dplatform.cli("gc", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    images = json.loads(out.stdout)["images"]
+    assert gone_image in images["removed"] and images["removed_bytes"] > 0, images
+    present = {t for i in docker_client.images.list() for t in i.tags}
+    assert gone_image not in present and tags["gc-kept"][1] in present
+    again = json.loads(dplatform.cli("gc", "-o", "json").stdout)["images"]
+    assert again["removed"] == []

@@ -421,7 +421,9 @@ def _venv_routes(router: APIRouter, plane: ControlPlane) -> None:
         disk = plane.controller.gc_disk()
         venvs = plane.controller.gc_venvs()
         weights = plane.controller.weights_manager().gc(None)
+        images, image_bytes, skipped = plane.controller.gc_images()
         return {
+            "images": {"removed": images, "removed_bytes": image_bytes, "skipped": skipped},
             "projects_and_replicas": {
                 "removed": list(disk.removed),
                 "removed_bytes": disk.removed_bytes,

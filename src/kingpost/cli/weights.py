@@ -163,5 +163,13 @@ def gc(output: str) -> None:
         f"weights: removed {blobs['removed_blobs']} blobs ({blobs['removed_bytes']} bytes), "
         f"kept {blobs['kept_bytes']} bytes"
     )
+    images = report.get("images", {})
+    if images.get("skipped"):
+        print_warning(f"images not collected: {images['skipped']}")
+    else:
+        console.print(
+            f"docker images: removed {len(images.get('removed', []))} "
+            f"({images.get('removed_bytes', 0)} bytes)"
+        )
     for error in disk["errors"]:
         print_warning(f"not removed: {error}")

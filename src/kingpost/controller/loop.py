@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -78,6 +79,16 @@ class _Ready:
 
 
 _FAILURES = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
+_IMAGE_LINE = re.compile(r"^(?:built image (\S+)|image (\S+) is up to date)$")
+
+
+def _image_of(build_log: list[str]) -> str | None:
+    """The image tag a docker build last ended with, from its log lines."""
+    for line in reversed(build_log):
+        found = _IMAGE_LINE.match(line.strip())
+        if found:
+            return found.group(1) or found.group(2)
+    return None
 
 
 @dataclass
@@ -147,6 +158,7 @@ class Controller:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
+        self._images: set[str] | None = None
         self.stats = LoopStats()
         self._step_errors = 0
         self._told: dict[str, str] | None = None
@@ -407,6 +419,30 @@ class Controller:
             log.warning("disk gc: %s", error)
         return report
 
+    def gc_images(self) -> tuple[list[str], int, str]:
+        """Remove images the docker engine built that no deployment (deleted ones aside)
+        uses: (tags removed, bytes, why nothing was collected, or "")."""
+        engine = self._engines.get("docker")
+        if engine is None or not hasattr(engine, "collect_images"):
+            return [], 0, ""
+        keep: set[str] = set()
+        for dep in self.store.list_deployments():
+            if dep.engine != "docker":
+                continue
+            tag = _image_of(self._jobs.output(f"build:{dep.id}"))
+            if tag is None:  # its build log says nothing: which image it needs is unknown
+                return [], 0, f"deployment {dep.id}'s image is unknown (no build log)"
+            keep.add(tag)
+        candidates = self._built_images() - keep
+        removed, freed = engine.collect_images(candidates)
+        if removed:
+            left = self._built_images() - set(removed)
+            self._images = left
+            tmp = self._images_path().with_suffix(".tmp")
+            tmp.write_text("".join(f"{t}\n" for t in sorted(left)))
+            tmp.replace(self._images_path())
+        return removed, freed, ""
+
     def gc_venvs(self) -> GcReport:
         """Remove the environments no deployment uses (see :mod:`kingpost.envs.gc`)."""
         started = time.time()
@@ -483,7 +519,33 @@ class Controller:
         if job.state == JobState.FAILED:
             self._failed_builds.add(dep.id)
             return _Blocked(DeploymentStatus.BUILD_FAILED, job.error)
-        return job.result if isinstance(job.result, Prepared) else Prepared()
+        built = job.result if isinstance(job.result, Prepared) else Prepared()
+        if built.image is not None:
+            self._record_image(built.image)
+        return built
+
+    def _images_path(self) -> Path:
+        return self.settings.builds_dir / "docker-images"
+
+    def _built_images(self) -> set[str]:
+        """Every image tag this installation's builds ended with (a Docker Engine may
+        serve several installations: only these are ever collected)."""
+        if self._images is None:
+            try:
+                self._images = set(self._images_path().read_text().split())
+            except FileNotFoundError:
+                self._images = set()
+        return self._images
+
+    def _record_image(self, tag: str) -> None:
+        images = self._built_images()
+        if tag in images:
+            return
+        images.add(tag)
+        path = self._images_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(tag + "\n")
 
     def _weights_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[Any, ...] | _Blocked:
         entries = list(config.weights or [])

@@ -39,6 +39,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,6 +395,37 @@ class DockerEngine(Engine):
             target=self._monitor, name="kingpost-docker-engine", daemon=True
         )
         self._thread.start()
+
+    def collect_images(self, candidates: Collection[str]) -> tuple[list[str], int]:
+        """Remove the images tagged one of ``candidates`` (Kingpost-built, label
+        ``kingpost.image``) that no container, running or not, uses, unless another tag of
+        the same image is not a candidate: (tags removed, bytes freed)."""
+        from docker.errors import DockerException
+
+        from kingpost.images.build import IMAGE_LABEL
+
+        try:
+            used = {c.attrs.get("Image") for c in self.client.containers.list(all=True)}
+            images = self.client.images.list(filters={"label": f"{IMAGE_LABEL}=1"})
+        except DockerException as exc:
+            raise EngineError(f"docker engine: cannot list images: {exc}") from exc
+        removed: list[str] = []
+        freed = 0
+        for image in images:
+            tags, image_id = list(image.tags), str(image.id)
+            if image_id in used or not tags or any(t not in candidates for t in tags):
+                continue
+            gone = []
+            for name in tags:  # by tag: one id with two tags refuses removal by id
+                try:
+                    self.client.images.remove(name, force=False)
+                    gone.append(name)
+                except DockerException as exc:  # in use meanwhile, or a parent image
+                    log.info("docker engine: image %s not removed: %s", name, exc)
+            removed.extend(gone)
+            if len(gone) == len(tags):
+                freed += int(image.attrs.get("Size", 0))
+        return removed, freed
 
     # -- the Engine interface ------------------------------------------------------------
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
