@@ -5,10 +5,13 @@ config, environments, secrets. Everything here is soft state, rebuilt after a
 restart: parsed configs (cached by project hash), preparation jobs (idempotent),
 the replicas engines report through ``poll()``, and the last routing table.
 
-Each pass reads the store once, polls every engine once, computes a
-:class:`~kingpost.controller.plan.Plan` per deployment and applies it, then
-pushes the routing table to the gateways if it changed. A failure in one
-deployment's step is logged and never stops the loop.
+Each pass takes a snapshot of the store, polls every engine once, checks each
+deployment's prerequisites (a value: ready, or blocked with the status to record),
+computes a :class:`~kingpost.controller.plan.Plan` and applies it, recording one status
+per deployment; then it reads the deployments again (the pass may have changed their
+statuses) to build the routing table, pushes it to the gateways if it changed, and pulls
+the gateways' stats. A failure in one deployment's step is logged and never stops the
+loop.
 """
 
 from __future__ import annotations

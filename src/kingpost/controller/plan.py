@@ -1,4 +1,4 @@
-"""Pure reconcile decisions: ``plan(want, replicas, now) -> Plan``.
+"""Pure reconcile decisions: ``plan(want, replicas) -> Plan``.
 
 No I/O, no clock reads: the loop gathers state, calls :func:`plan`, and applies
 the returned actions. Tested table-driven in ``tests/unit/test_controller_plan.py``.

@@ -67,7 +67,7 @@ class DeploymentStatus(enum.StrEnum):
     DEPLOYING = "DEPLOYING"  # replicas started, none ready yet
     ACTIVE = "ACTIVE"  # at least one replica ready
     UNHEALTHY = "UNHEALTHY"  # was active, no replica ready now
-    SCALED_TO_ZERO = "SCALED_TO_ZERO"  # active with zero replicas, wakes on traffic
+    SCALED_TO_ZERO = "SCALED_TO_ZERO"  # active with zero replicas (no autoscaler wakes it yet)
     INACTIVE = "INACTIVE"  # deactivated by a user; no replicas
     FAILED = "FAILED"  # replicas crash or cannot start; message says why
     BUILD_FAILED = "BUILD_FAILED"  # the environment or image could not be built
