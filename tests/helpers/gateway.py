@@ -40,11 +40,12 @@ class RunningGateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.version = 0
 
-    def table(self, *deps: DeploymentRoute) -> None:
+    def table(self, *deps: DeploymentRoute, env: str = "d1") -> None:
+        """Model ``echo`` (id ``m1``) whose production environment is deployment ``env``."""
         self.version += 1
         table = RoutingTable(
             version=self.version,
-            models={"m1": ModelRoute("m1", "echo", {"production": (("d1", 1.0),)})},
+            models={"m1": ModelRoute("m1", "echo", {"production": ((env, 1.0),)})},
             model_names={"echo": "m1"},
             deployments={d.deployment_id: d for d in deps},
             api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),

@@ -24,6 +24,7 @@ import httpx
 import pytest
 import uvloop
 
+from helpers.gateway import AUTH, KEY, RunningGateway
 from helpers.platform import free_port, raw_exchange, wait_for
 from helpers.upstream import Upstream, upstream
 from helpers.wsraw import RawWebSocket, handshake
@@ -38,45 +39,9 @@ from kingpost.gateway.table import (
     Upstream as Up,
 )
 
-KEY = "kp_test_key"
-AUTH = {"Authorization": f"Api-Key {KEY}"}
 
-
-class Running:
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.loop = loop or asyncio.new_event_loop()
-        self.gateway = Gateway()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self.gateway.start("127.0.0.1", 0), self.loop)
-        self.port = fut.result(5)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.version = 0
-
-    def table(self, *deps: DeploymentRoute, env: str = "d1") -> None:
-        self.version += 1
-        table = RoutingTable(
-            version=self.version,
-            models={"m1": ModelRoute("m1", "echo", {"production": ((env, 1.0),)})},
-            model_names={"echo": "m1"},
-            deployments={d.deployment_id: d for d in deps},
-            api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
-        )
-        self.loop.call_soon_threadsafe(self.gateway.set_table, table)
-        wait_for(lambda: self.gateway.table.version == self.version, 5, "table applied")
-
-    def close(self) -> None:
-        async def shutdown() -> None:
-            await self.gateway.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+class Running(RunningGateway):
+    """The shared in-process gateway (``helpers.gateway``), as this file names it."""
 
 
 def route(*ups: Upstream | int, **kw: object) -> DeploymentRoute:
