@@ -119,6 +119,8 @@ def scan(projects_dir: Path, replicas_dir: Path) -> list[DiskEntry]:
                 except FileNotFoundError:
                     continue
                 hidden = entry.name.startswith(".") or ".tmp-" in entry.name
+                if hidden and kind == "replica":
+                    continue  # nothing Kingpost makes: not its to remove
                 out.append(DiskEntry("upload" if hidden else kind, entry.name, mtime))
     return out
 

@@ -778,6 +778,18 @@ def test_gc_removes_the_image_of_a_deleted_deployment_and_keeps_a_live_ones(
         c.delete_model("gc-gone")
     gone_dep, gone_image = tags["gc-gone"]
     wait_for(lambda: not containers_of(docker_client, gone_dep), 60, "its container removed")
+    # Another installation on this Docker Engine claims the same (content-addressed) image.
+    from kingpost.engines.docker import CLAIM_PREFIX, scope_of
+
+    repo, _, version = gone_image.rpartition(":")
+    mine = f"{CLAIM_PREFIX}{scope_of(dplatform.home)}/{repo.rpartition('/')[2]}:{version}"
+    assert mine in docker_client.images.get(gone_image).tags  # this installation's claim
+    other = f"kingpost-claim-elsewhere/{repo.rpartition('/')[2]}:{version}"
+    docker_client.images.get(gone_image).tag(other)
+    held = json.loads(dplatform.cli("gc", "-o", "json").stdout)["images"]
+    present = {t for i in docker_client.images.list() for t in i.tags}
+    assert gone_image in present and gone_image not in held["removed"], held
+    docker_client.images.remove(other)  # the other installation let it go
     out = dplatform.cli("gc", "-o", "json")
     assert out.returncode == 0, out.stderr
     images = json.loads(out.stdout)["images"]

@@ -78,7 +78,12 @@ def _custom(wheels: Path, requirement: str) -> TrussConfig:
 
 
 @pytest.mark.slow
-def test_a_rebuild_installs_what_the_first_build_resolved(tmp_path: Path) -> None:
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_a_rebuild_installs_what_the_first_build_resolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installer: str
+) -> None:
+    if installer == "pip":
+        monkeypatch.setattr("kingpost.envs.installer.find_uv", lambda: None)
     wheels, envs = tmp_path / "wheels", tmp_path / "envs"
     wheels.mkdir()
     _wheel(wheels, "1.0")
@@ -168,3 +173,25 @@ def test_the_pins_key_ignores_the_installer_and_follows_the_requirements(
         TrussConfig.model_validate({"requirements": ["six<2"]}), tmp_path, lambda _: None
     )
     assert other is not None and builder.pins_key(other) != key
+
+
+@pytest.mark.slow
+def test_a_pinned_rebuild_with_pip_and_no_requirements_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pip refuses a run of constraints alone: a model whose only input is its server's
+    requirements must rebuild with its pins all the same."""
+    from kingpost.envs import builder
+
+    monkeypatch.setattr("kingpost.envs.installer.find_uv", lambda: None)
+    envs = tmp_path / "envs"
+    inputs = builder._Inputs((), (), builder.current())  # a model with nothing of its own
+    first_log: list[str] = []
+    builder._build(inputs, builder.Installer(first_log.append), envs, envs / "a", lambda _: None)
+    assert (envs / PINS_DIR / f"{builder.pins_key(inputs)}.txt").is_file()
+    lines: list[str] = []
+    builder._build(inputs, builder.Installer(lines.append), envs, envs / "b", lines.append)
+    assert any("versions recorded" in line for line in lines)
+    marker = json.loads((envs / "b" / READY_MARKER).read_text())
+    first = json.loads((envs / "a" / READY_MARKER).read_text())
+    assert marker["packages"] == first["packages"]

@@ -441,3 +441,20 @@ def test_reactivating_after_a_failure_or_a_stop_is_a_new_activation(store: Store
     store.set_status(dep, DeploymentStatus.INACTIVE)
     store.set_desired(dep, DesiredState.ACTIVE)
     assert store.get_deployment(dep).activation == 3
+
+
+def test_a_status_decided_before_a_reactivation_is_not_written(store: Store) -> None:
+    """A pass decided FAILED from activation 2; the user re-activated meanwhile (3): the
+    pass's FAILED must not overwrite the DEPLOYING that re-activation set."""
+    dep = store.create_deployment(new()).id
+    store.set_status(dep, DeploymentStatus.FAILED, "boom")
+    store.set_desired(dep, DesiredState.ACTIVE)  # activation 2
+    seen = (2, DesiredState.ACTIVE)
+    store.set_status(dep, DeploymentStatus.FAILED, "weights gave up", seen=seen)
+    store.set_desired(dep, DesiredState.ACTIVE)  # the user again: activation 3, DEPLOYING
+    assert not store.set_status(dep, DeploymentStatus.FAILED, "weights gave up", seen=seen)
+    view = store.get_deployment(dep)
+    assert (view.status, view.activation) == (DeploymentStatus.DEPLOYING, 3)
+    store.set_desired(dep, DesiredState.INACTIVE)
+    assert not store.set_status(dep, DeploymentStatus.ACTIVE, seen=(3, DesiredState.ACTIVE))
+    assert store.set_status(dep, DeploymentStatus.INACTIVE, seen=(3, DesiredState.INACTIVE))

@@ -162,6 +162,7 @@ class Controller:
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
         self._images: set[str] | None = None
+        self._images_lock = threading.Lock()
         self.stats = LoopStats()
         self._step_errors = 0
         self._told: dict[str, str] | None = None
@@ -214,10 +215,10 @@ class Controller:
                 log.exception("reconcile pass failed")
             if self.settings.disk_gc_interval > 0 and time.monotonic() >= next_gc:
                 next_gc = time.monotonic() + self.settings.disk_gc_interval
-                try:
-                    self.gc_disk()
-                except Exception:
-                    log.exception("disk gc failed")
+                # On a thread of its own: sizing and removing big trees must not hold the
+                # passes (statuses, restarts, table pushes) up.
+                threading.Thread(target=self._gc_disk_logged, name="kingpost-disk-gc",
+                                 daemon=True).start()  # fmt: skip
             self._wake.wait(self.settings.reconcile_interval)
             self._wake.clear()
 
@@ -343,6 +344,7 @@ class Controller:
         """One deployment's step: check prerequisites, plan, record one status, act."""
         want_active = dep.desired_state == DesiredState.ACTIVE
         serving = bool(replicas)
+        seen = (dep.activation, dep.desired_state)  # what this pass decides from
         if not want_active:  # a build still running is stopped; re-activating starts anew
             self._jobs.cancel(f"build:{dep.id}", "the deployment was deactivated")
         self._notes.pop(dep.id, None)
@@ -350,7 +352,7 @@ class Controller:
         if isinstance(gate, _Blocked):
             if not serving:
                 if gate.status is not None:
-                    self.store.set_status(dep.id, gate.status, gate.message)
+                    self.store.set_status(dep.id, gate.status, gate.message, seen=seen)
                 return []  # still preparing, or failed to
             if gate.status in _FAILURES:  # replicas serve on; say what a new one would lack
                 self._notes[dep.id] = gate.message
@@ -373,7 +375,7 @@ class Controller:
             if refused is not None:  # the engine refused a start: that outcome stands
                 status, message = refused.status or DeploymentStatus.FAILED, refused.message
         if status is not None:  # one status per deployment per pass
-            self.store.set_status(dep.id, status, message)
+            self.store.set_status(dep.id, status, message, seen=seen)
         return list(decision.ready)
 
     # -- Python environments ------------------------------------------------------------
@@ -400,6 +402,12 @@ class Controller:
         """Every environment under ``{home}/envs`` with the deployments that use it."""
         used = self.venvs_in_use()
         return [(v, used.get(v.hash, [])) for v in list_environments(self.settings.envs_dir)]
+
+    def _gc_disk_logged(self) -> None:
+        try:
+            self.gc_disk()
+        except Exception:
+            log.exception("disk gc failed")
 
     def gc_disk(self) -> DiskReport:
         """Remove uploaded projects and replica directories nothing needs any more (see
@@ -433,17 +441,20 @@ class Controller:
             if dep.engine != "docker":
                 continue
             tag = _image_of(self._jobs.output(f"build:{dep.id}"))
+            if tag is None and dep.status == DeploymentStatus.BUILD_FAILED:
+                continue  # no image: re-activating it builds one
             if tag is None:  # its build log says nothing: which image it needs is unknown
-                return [], 0, f"deployment {dep.id}'s image is unknown (no build log)"
+                return [], 0, f"the image of deployment {dep.id} is unknown (no finished build)"
             keep.add(tag)
-        candidates = self._built_images() - keep
-        removed, freed = engine.collect_images(candidates)
-        if removed:
-            left = self._built_images() - set(removed)
-            self._images = left
-            tmp = self._images_path().with_suffix(".tmp")
-            tmp.write_text("".join(f"{t}\n" for t in sorted(left)))
-            tmp.replace(self._images_path())
+        with self._images_lock:
+            candidates = self._built_images() - keep
+            removed, freed = engine.collect_images(candidates)
+            if removed:
+                left = self._built_images() - set(removed)
+                self._images = left
+                tmp = self._images_path().with_suffix(".tmp")
+                tmp.write_text("".join(f"{t}\n" for t in sorted(left)))
+                tmp.replace(self._images_path())
         return removed, freed, ""
 
     def gc_venvs(self) -> GcReport:
@@ -541,14 +552,18 @@ class Controller:
         return self._images
 
     def _record_image(self, tag: str) -> None:
-        images = self._built_images()
-        if tag in images:
-            return
-        images.add(tag)
-        path = self._images_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(tag + "\n")
+        with self._images_lock:
+            images = self._built_images()
+            if tag in images:
+                return
+            images.add(tag)
+            path = self._images_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(tag + "\n")
+        engine = self._engines.get("docker")
+        if engine is not None and hasattr(engine, "claim_image"):
+            engine.claim_image(tag)
 
     def _weights_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[Any, ...] | _Blocked:
         entries = list(config.weights or [])

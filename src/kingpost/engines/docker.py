@@ -92,6 +92,8 @@ LABEL_SCOPE = "kingpost.scope"
 LABEL_REPLICA = "kingpost.replica"
 LABEL_DEPLOYMENT = "kingpost.deployment"
 LABEL_GENERATION = "kingpost.generation"
+CLAIM_PREFIX = "kingpost-claim-"
+"""Repository prefix of the tags by which installations claim the images they use."""
 LABEL_MODEL = "kingpost.model"
 LABEL_RUNTIME = "kingpost.runtime"
 """JSON of what the monitor needs to watch an adopted container: port and probes."""
@@ -396,10 +398,26 @@ class DockerEngine(Engine):
         )
         self._thread.start()
 
+    def claim_image(self, tag: str) -> None:
+        """Tag ``tag`` for this installation too (``kingpost-claim-{scope}/...``): image
+        tags are content hashes, so installations sharing a Docker Engine share images,
+        and :meth:`collect_images` removes one only when no other installation claims it."""
+        from docker.errors import DockerException
+
+        try:
+            self.client.images.get(tag).tag(self._claim(tag))
+        except DockerException as exc:
+            log.info("docker engine: cannot claim image %s: %s", tag, exc)
+
+    def _claim(self, tag: str) -> str:
+        repo, _, version = tag.rpartition(":")
+        return f"{CLAIM_PREFIX}{self.scope}/{repo.rpartition('/')[2]}:{version}"
+
     def collect_images(self, candidates: Collection[str]) -> tuple[list[str], int]:
         """Remove the images tagged one of ``candidates`` (Kingpost-built, label
-        ``kingpost.image``) that no container, running or not, uses, unless another tag of
-        the same image is not a candidate: (tags removed, bytes freed)."""
+        ``kingpost.image``) that no container, running or not, uses: this installation's
+        claim goes, and the image itself once no other installation claims it and it has
+        no other tag: (tags removed, bytes freed)."""
         from docker.errors import DockerException
 
         from kingpost.images.build import IMAGE_LABEL
@@ -411,9 +429,17 @@ class DockerEngine(Engine):
             raise EngineError(f"docker engine: cannot list images: {exc}") from exc
         removed: list[str] = []
         freed = 0
+        wanted = set(candidates)
         for image in images:
             tags, image_id = list(image.tags), str(image.id)
-            if image_id in used or not tags or any(t not in candidates for t in tags):
+            mine = {t for t in tags if t in wanted}
+            if image_id in used or not mine:
+                continue
+            mine |= {self._claim(t) for t in mine} & set(tags)
+            if any(t not in mine for t in tags):  # claimed by another installation too
+                for claim in sorted(mine - wanted):  # only this one's claim goes
+                    with contextlib.suppress(DockerException):
+                        self.client.images.remove(claim, force=False)
                 continue
             gone = []
             for name in tags:  # by tag: one id with two tags refuses removal by id

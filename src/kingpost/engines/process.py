@@ -565,6 +565,7 @@ class ProcessEngine(Engine):
             python.parent.parent,  # its environment (a venv: bin/python)
             Path(kingpost.__file__).resolve().parent.parent,  # the model server's package
             self.settings.envs_dir / "_kingpost",  # environments' links to that package
+            python.parent.parent.parent / "_kingpost",  # those of an env built elsewhere
             *(Path(d) for d in env.get("PATH", "").split(os.pathsep) if d),
         ]
         if spec.dynamic_config_dir is not None:

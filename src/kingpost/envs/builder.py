@@ -303,20 +303,19 @@ def _build(
             assert pins is not None
             count = sum(1 for line in pins.read_text().splitlines() if line.strip())
             log(f"installing the {count} versions recorded when this environment was first built")
-            user_args = ["-c", str(pins), *user_args]
+        recorded = ["-c", str(pins)] if pinned and pins is not None else []
         marker: dict[str, Any] = {
             "python": inputs.interpreter.version,
             "requirements": list(inputs.requirements),
         }
         try:
             if inputs.model_server:
-                _install_requirements(installer, python, target, user_args)
-                extra = ["-c", str(pins)] if pinned and pins is not None else []
+                _install_requirements(installer, python, target, user_args, recorded)
                 marker["conveniences"] = _install_conveniences(
-                    installer, python, target, log, extra
+                    installer, python, target, log, recorded
                 )
             elif user_args:  # a custom server's: its requirements alone, as Truss installs them
-                installer.install(python, user_args, "installing requirements")
+                installer.install(python, [*recorded, *user_args], "installing requirements")
         except BuildError as exc:
             if pinned and resolution_conflict(exc):
                 raise BuildError(
@@ -364,7 +363,11 @@ def _write_marker(env_dir: Path, marker: dict[str, Any]) -> None:
 
 
 def _install_requirements(
-    installer: Installer, python: Path, env_dir: Path, user_args: list[str]
+    installer: Installer,
+    python: Path,
+    env_dir: Path,
+    user_args: list[str],
+    recorded: Sequence[str] = (),
 ) -> None:
     """The user's requirements and the server's, so that a conflict fails the build.
 
@@ -372,17 +375,20 @@ def _install_requirements(
     --generate-hashes``) puts the whole run in require-hashes mode, which the server's
     unhashed requirements then fail. So pip installs the user's alone, as Truss does,
     then the server's pinned to what that installed: a conflict fails that second run
-    with pip's resolver naming both sides, and ``pip check`` runs after.
+    with pip's resolver naming both sides, and ``pip check`` runs after. ``recorded``:
+    constraints from the first build's resolution, for both runs (pip refuses a run of
+    constraints alone, so none is made without requirements).
     """
     if installer.uv:
-        installer.install(python, [*user_args, *SERVER_REQUIREMENTS], "installing requirements")
+        args = [*recorded, *user_args, *SERVER_REQUIREMENTS]
+        installer.install(python, args, "installing requirements")
         return
     if user_args:
-        installer.install(python, user_args, "installing requirements")
+        installer.install(python, [*recorded, *user_args], "installing requirements")
     pins = env_dir / "kingpost-server-constraints.txt"
     pins.write_text("\n".join(installer.freeze(python)) + "\n")
     what = "installing the model server's requirements"
-    installer.install(python, ["-c", str(pins), *SERVER_REQUIREMENTS], what)
+    installer.install(python, ["-c", str(pins), *recorded, *SERVER_REQUIREMENTS], what)
 
 
 def _install_args(inputs: _Inputs, env_dir: Path, installer: Installer) -> list[str]:

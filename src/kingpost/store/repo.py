@@ -461,11 +461,25 @@ class Store:
                 envs.setdefault(str(env.deployment_id), []).append(env.name)
             return [_deployment_view(d, envs.get(d.id, ())) for d in s.scalars(q)]
 
-    def set_status(self, deployment_id: str, status: DeploymentStatus, message: str = "") -> bool:
-        """Record what the controller observed; returns whether anything changed."""
+    def set_status(
+        self,
+        deployment_id: str,
+        status: DeploymentStatus,
+        message: str = "",
+        *,
+        seen: tuple[int, DesiredState] | None = None,
+    ) -> bool:
+        """Record what the controller observed; returns whether anything changed.
+
+        ``seen``: the (activation, desired state) the controller decided from. When the
+        user re-activated or deactivated the deployment since, that decision is stale and
+        nothing is written (the next pass decides again), so a re-activation made during
+        a pass is never overwritten by that pass's FAILED."""
         with self.db.session() as s:
-            d = s.get(Deployment, deployment_id)
+            d = s.get(Deployment, deployment_id, with_for_update=seen is not None)
             if d is None or (d.status == status and d.message == message):
+                return False
+            if seen is not None and ((d.activation or 1), d.desired_state) != seen:
                 return False
             d.status, d.message, d.updated_at = status, message, utcnow()
             return True
