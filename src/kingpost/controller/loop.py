@@ -440,12 +440,11 @@ class Controller:
         for dep in self.store.list_deployments():
             if dep.engine != "docker":
                 continue
+            if dep.status == DeploymentStatus.BUILDING:  # may be about to reuse a candidate
+                return [], 0, f"deployment {dep.id} is building; run it again afterwards"
             tag = _image_of(self._jobs.output(f"build:{dep.id}"))
-            if tag is None and dep.status == DeploymentStatus.BUILD_FAILED:
-                continue  # no image: re-activating it builds one
-            if tag is None:  # its build log says nothing: which image it needs is unknown
-                return [], 0, f"the image of deployment {dep.id} is unknown (no finished build)"
-            keep.add(tag)
+            if tag is not None:  # none: never built (failed, or still to come), so it holds
+                keep.add(tag)  # no image; a build of it later finds or makes its own
         with self._images_lock:
             candidates = self._built_images() - keep
             removed, freed = engine.collect_images(candidates)
