@@ -101,10 +101,21 @@ def test_crashing_server_is_failed_with_its_output(
     (project / "config.yaml").write_text(
         text.replace("model_name: echo-server", "model_name: broken")
     )
+    out = fresh_platform.cli("push", str(project), "--wait", "--timeout", "90")
+    # A failed push says why and where the log is, not how to call a model that is not there.
+    assert out.returncode == 1, out.stderr
+    assert "predict: curl" not in out.stdout, out.stdout
+    assert "kaboom-42" in out.stderr and "the whole log: kingpost logs -d " in out.stderr, out.stderr
     with fresh_platform.client() as c:
-        dep = c.push(project)["deployment"]
+        (dep,) = c.deployments("broken")
     failed = fresh_platform.wait_status(dep["id"], "FAILED", timeout=90)
     assert "kaboom-42" in failed["message"]
+    # The table shows the model's name and a one-line reason, the output's last line in it.
+    out = fresh_platform.cli("deployments", "list")
+    header, row = out.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "NAME", "MODEL", "STATUS"], header
+    assert row.split()[2:4] == ["broken", "FAILED"], row
+    assert "kaboom-42" in row, row
 
 
 def test_a_killed_control_plane_leaves_no_replica_process_behind(

@@ -185,6 +185,17 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     assert header.split()[4:8] == ["DESIRED", "STATE", "STATUS", "ENVIRONMENTS"], header
     assert row.split()[1] == "deployment-1" and row.split()[3] == "inactive", row
     platform.wait_status(first["deployment"]["id"], "INACTIVE")
+    # Deactivating what an environment serves asks first, naming the environment.
+    out = platform.cli("deployments", "deactivate", "promo", "canary-1", input="n\n")
+    assert out.returncode == 130, out.stderr  # aborted, as Ctrl-C
+    assert "serves environment(s) production, staging" in out.stderr, out.stderr
+    assert "production, staging will answer 404" in out.stderr, out.stderr
+    with platform.client() as c:
+        assert c.deployment(second["deployment"]["id"])["desired_state"] == "active"
+    # The table names the model, not its id.
+    out = platform.cli("deployments", "list", "--model", "promo")
+    header, *rows = out.stdout.splitlines()
+    assert header.split()[2] == "MODEL" and {r.split()[2] for r in rows} == {"promo"}, out.stdout
 
 
 def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -211,3 +212,44 @@ def test_init_takes_a_path_and_names_the_model_after_its_last_part(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     config = (tmp_path / "models" / "my-model" / "config.yaml").read_text()
     assert "model_name: my-model" in config
+
+
+def test_deployment_list_shows_a_one_line_reason_for_a_long_failure() -> None:
+    """A FAILED deployment's MESSAGE column held ~2 KB of raw JSON log lines: the table
+    shows the failure's first line and the last output line, and where to read the rest."""
+    from kingpost.cli.manage import _reason
+
+    records = [
+        json.dumps({"levelname": "INFO", "message": f"loading shard {i}", "pad": "x" * 80})
+        for i in range(20)
+    ]
+    records.append(json.dumps({"levelname": "ERROR", "message": "ValueError: no GPU"}))
+    message = "server exited with code 1 before becoming ready; last output:\n" + "\n".join(records)
+    assert len(message) > 2000
+    reason = _reason({"id": "dep-1", "message": message})
+    assert "\n" not in reason and len(reason) < 220, reason
+    assert reason.startswith("server exited with code 1 before becoming ready")
+    assert "ValueError: no GPU" in reason and reason.endswith("(more: kingpost logs -d dep-1)")
+    # Short messages stand as they are; two lines become one.
+    assert _reason({"id": "d", "message": "no replica is ready"}) == "no replica is ready"
+    two = _reason({"id": "d", "message": DEPLOYMENT["message"]})
+    assert two == (
+        "installing requirements failed: No matching distribution found for torch==9.9.9 "
+        "(from -r config_requirements.txt (line 1))"
+    )
+    assert _reason({"id": "d", "message": ""}) == ""
+
+
+def test_stdout_is_not_wrapped_when_piped(tmp_path: Path) -> None:
+    """`push` piped printed `deployment deployment-1 \\n(xxeavbw): DEPLOYING`: rich wrapped
+    stdout at 80 columns when it was not a terminal."""
+    code = (
+        "from kingpost.cli._common import console;"
+        "console.print('model [bold]a-rather-long-model-name[/] (mdl-0123456789abcdef), '"
+        "'deployment [bold]deployment-1[/] (dep-0123456789abcdef0123): DEPLOYING')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines() == [
+        "model a-rather-long-model-name (mdl-0123456789abcdef), "
+        "deployment deployment-1 (dep-0123456789abcdef0123): DEPLOYING"
+    ], out.stdout

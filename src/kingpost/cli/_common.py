@@ -36,10 +36,12 @@ __all__ = [
     "upload_progress",
 ]
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
-"""Errors and warnings are never wrapped by rich: piped into a log, a wrapped message had
-line breaks in the middle of a phrase or a path; a terminal wraps long lines itself."""
+"""Nothing is wrapped by rich, on stdout or stderr: piped into a log or a script, a
+wrapped line had breaks in the middle of a phrase, a name or a path (rich assumes 80
+columns when not on a terminal); a terminal wraps long lines itself. Tables are laid out
+by ``print_rows``, which knows the terminal's width."""
 
 output_option = click.option(
     "--output",

@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.cells import cell_len
 from rich.markup import escape
 from rich.progress import (
-    BarColumn,
     DownloadColumn,
     Progress,
     SpinnerColumn,
+    Task,
     TextColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from kingpost.cli._common import (
     client,
@@ -34,7 +36,9 @@ from kingpost.errors import KingpostError, ValidationError
 
 __all__ = ["deployments", "logs", "models", "predict", "push"]
 
-_DEPLOYMENT_COLUMNS = ["id", "name", "model_id", "status", "environments", "labels", "created_at"]
+_DEPLOYMENT_COLUMNS = ["id", "name", "model", "status", "environments", "labels", "created_at"]
+_REASON_CELLS = 160
+"""A table shows a one-line reason; the whole message is in JSON output and in `logs`."""
 _ACTION_COLUMNS = ["id", "name", "model_id", "desired_state", "status", "environments"]
 """After an action: what was asked next to where the deployment is now, since the
 controller acts on it after the command returns (right after `deactivate`, status is still
@@ -112,6 +116,7 @@ def push(
         _engine_warnings(project_dir, loaded.warnings, dep["engine"])
         if wait:
             dep = _wait(c, dep["id"], timeout)
+    failed = dep["status"] in ("FAILED", "BUILD_FAILED")
     if output == "json":
         click.echo(json.dumps({**result, "deployment": dep}, indent=2, default=str))
     else:
@@ -120,16 +125,19 @@ def push(
             f"model [bold]{model['name']}[/] ({model['id']}), deployment [bold]{dep['name']}[/] "
             f"({dep['id']}): {dep['status']}"
         )
-        # One line whatever the width: it is a command to copy, and a wrapped one breaks.
-        console.print(
-            f"predict: curl -X POST {result['predict_url']} "
-            "-H \"Authorization: Api-Key $KINGPOST_API_KEY\" -d '{...}'",
-            soft_wrap=True,
-            markup=False,
-            highlight=False,
+        if not failed:
+            # One line whatever the width: it is a command to copy, and a wrapped one breaks.
+            console.print(
+                f"predict: curl -X POST {result['predict_url']} "
+                "-H \"Authorization: Api-Key $KINGPOST_API_KEY\" -d '{...}'",
+                markup=False,
+                highlight=False,
+            )
+    if failed:
+        raise KingpostError(
+            f"deployment {dep['name']} {dep['status']}: {dep['message']}\n"
+            f"the whole log: kingpost logs -d {dep['id']}"
         )
-    if dep["status"] in ("FAILED", "BUILD_FAILED"):
-        raise KingpostError(f"deployment {dep['name']} {dep['status']}: {dep['message']}")
     if wait and dep["status"] not in _SETTLED:
         raise KingpostError(
             f"deployment {dep['name']} is not ACTIVE after {timeout:g}s (still {dep['status']}); "
@@ -147,16 +155,30 @@ def _engine_warnings(project_dir: Path, shown: tuple[str, ...], engine: str) -> 
             print_warning(warning)
 
 
+class _BytesColumn(DownloadColumn):
+    """Bytes done of bytes known, shown only while there are bytes to count (weights):
+    other phases showed a meaningless `0/? bytes`."""
+
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.total is not None else Text("")
+
+
+class _SpeedColumn(TransferSpeedColumn):
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.total is not None else Text("")
+
+
+_PHASES = {
+    "BUILDING": "building the environment",
+    "DEPLOYING": "starting replicas, waiting for the first to pass its readiness probe",
+    "UNHEALTHY": "no replica is ready; restarting",
+}
+
+
 def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:
-    """Poll until the deployment settles; a progress bar while weights are mirrored."""
+    """Poll until the deployment settles, showing its phase (bytes while weights mirror)."""
     deadline = time.monotonic() + timeout
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-    )
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), _BytesColumn(), _SpeedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task("deploying", total=None)
         while True:
@@ -170,7 +192,9 @@ def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:
                     completed=w["bytes_done"],
                 )
             else:
-                progress.update(task, description=escape(f"{dep['status']} {dep['message']}"[:80]))
+                phase = _PHASES.get(dep["status"], dep["status"])
+                detail = f": {_reason(dep)}" if dep["message"] else ""
+                progress.update(task, description=escape(f"{phase}{detail}"), total=None)
             if dep["status"] in _SETTLED or time.monotonic() > deadline:
                 return dep
             time.sleep(0.5)
@@ -220,8 +244,46 @@ def deployments_list(model: str | None, output: str) -> None:
     """List deployments."""
     with client() as c:
         rows = c.deployments(model)
+        if output == "json":  # what the API answers, whole, for scripts
+            print_rows(rows, [], output)
+            return
+        names = {m["id"]: m["name"] for m in c.models()}
+    shown = [
+        {**row, "model": names.get(row["model_id"], row["model_id"]), "message": _reason(row)}
+        for row in rows
+    ]
     # The message last: it can be long, and piped output keeps each row on one line.
-    print_rows(rows, [*_DEPLOYMENT_COLUMNS, "message"], output)
+    print_rows(shown, [*_DEPLOYMENT_COLUMNS, "message"], output)
+
+
+def _reason(row: dict[str, Any]) -> str:
+    """A deployment's message as one line for a table. A failure's message quotes the
+    build's or the replica's last output (kilobytes, often JSON log records): the table
+    shows its first line and the last line of that output (where the exception usually
+    is), and points at `kingpost logs` for the rest."""
+    lines = [line.strip() for line in str(row.get("message") or "").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    parts = [lines[0]] if len(lines) == 1 else [lines[0], _log_text(lines[-1])]
+    text = " ".join(" ".join(parts).split())
+    if len(lines) <= 2 and cell_len(text) <= _REASON_CELLS:
+        return text
+    if cell_len(text) > _REASON_CELLS:
+        text = text[: _REASON_CELLS - 1] + "…"
+    return f"{text} (more: kingpost logs -d {row['id']})"
+
+
+def _log_text(line: str) -> str:
+    """The message of a JSON log record (the model server's format), else the line."""
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(record, dict) and isinstance(record.get("message"), str):
+            return str(record["message"])
+    return line
 
 
 def _action(name: str, help_text: str) -> None:
@@ -236,8 +298,30 @@ def _action(name: str, help_text: str) -> None:
 
 
 _action("activate", "Activate a deactivated deployment.")
-_action("deactivate", "Stop a deployment's replicas; its endpoints answer 404.")
 _action("delete", "Delete a deployment (not one an environment points at).")
+
+
+@deployments.command("deactivate")
+@click.argument("model")
+@click.argument("deployment")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask, even if an environment uses it.")
+@output_option
+def deployments_deactivate(model: str, deployment: str, yes: bool, output: str) -> None:
+    """Stop a deployment's replicas; its endpoints answer 404."""
+    with client() as c:
+        dep = c.deployment(deployment, model)
+        serving = list(dep.get("environments") or ())
+        if serving and not yes:
+            envs = ", ".join(serving)
+            question = (
+                f"deployment {dep['name']} ({dep['id']}) serves environment(s) {envs}: "
+                f"deactivated, {envs} will answer 404 until another deployment is promoted. "
+                "Deactivate?"
+            )
+            if not click.confirm(question, default=False, err=True):
+                raise click.exceptions.Abort()
+        row = c.deployment_action(model, dep["id"], "deactivate")
+    print_rows([row], _ACTION_COLUMNS, output)
 
 
 @deployments.command("promote")
