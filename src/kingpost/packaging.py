@@ -31,7 +31,10 @@ __all__ = [
     "unpack_project",
 ]
 
-_ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".DS_Store", ".venv/", ".mypy_cache/"]
+_ALWAYS_IGNORED = [
+    ".git/", "__pycache__/", "*.pyc", ".DS_Store", ".venv/", ".mypy_cache/",
+    "/config.yaml.bak-*",  # `kingpost migrate`'s backups: the next push need not carry them
+]  # fmt: skip
 MAX_PROJECT_BYTES = 2 * 1024**3
 MAX_PROJECT_ENTRIES = 100_000
 """Most files and directories a project archive may hold: each is a member kept in memory

@@ -223,7 +223,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     try:
         server.run()
     finally:
-        controller.stop()
+        for line in controller.stop():
+            print(f"kingpost: {line}", flush=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gateway.pid, signal.SIGTERM)
         try:

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     """Client side: the key the CLI sends; else read from ``{home}/credentials``."""
     api_url: str | None = None
     """Client side: control plane URL; else ``http://{api_host}:{api_port}``."""
+    stop_replicas_on_exit: bool = False
+    """Stop every replica when the server stops, also those an engine could leave running
+    for the next server to adopt (docker containers); ``kingpost server
+    --stop-replicas-on-exit``."""
     stop_grace_period: float = Field(default=5.0, ge=0)
     """Process engine: seconds a stopping replica's process group has to drain after
     SIGTERM before the whole group is SIGKILLed."""

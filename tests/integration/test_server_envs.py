@@ -145,9 +145,14 @@ def test_a_uv_lock_without_uv_is_a_build_error_that_says_so(
 
 @pytest.mark.slow
 def test_requirements_file_is_installed(tmp_path: Path) -> None:
-    (tmp_path / "requirements.txt").write_text("six==1.16.0\n")
+    (tmp_path / "requirements.txt").write_text("# pinned\n--prefer-binary\nsix==1.16.0  # ok\n")
     config = _config(requirements_file="requirements.txt")
     result = ensure_environment(config, tmp_path, tmp_path / "envs", lambda _: None)
+    # `venvs list` counted 0 requirements for a requirements_file: it lists the file's.
+    from kingpost.envs.gc import list_environments
+
+    (info,) = [v for v in list_environments(tmp_path / "envs") if v.hash == result.env_hash]
+    assert info.requirements == ("six==1.16.0",)
     probe = [
         result.python_executable,
         "-c",

@@ -835,3 +835,35 @@ def test_the_gateways_stats_are_pulled_once_a_second_and_a_failure_is_skipped(
     now[0] += 1.0
     rig.controller.reconcile_once()
     assert rig.controller.gateway_stats.deployments["d"].queued == 3
+
+
+class KeepingEngine(FakeEngine):
+    """An engine whose replicas outlive the control plane, as docker's containers do."""
+
+    keeps_replicas = True
+
+    def kept_replicas_hint(self) -> str:
+        return "remove-them-by-hand"
+
+
+@pytest.mark.parametrize("stop_replicas", [False, True])
+def test_stopping_says_what_an_engine_leaves_running_or_stops_it(
+    tmp_path: Path, stop_replicas: bool
+) -> None:
+    """Ctrl-C of `kingpost server` printed nothing while docker replicas kept running."""
+    rig = Rig(tmp_path, engine=KeepingEngine())
+    if stop_replicas:
+        rig.controller.settings = rig.settings.model_copy(update={"stop_replicas_on_exit": True})
+    dep = rig.deploy(min_replicas=2)
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()
+    assert len(rig.engine.live(dep)) == 2
+    said = rig.controller.stop()
+    if stop_replicas:
+        assert said == [] and rig.engine.live(dep) == []
+    else:
+        (line,) = said
+        assert line.startswith("2 replica(s) of 1 deployment(s) left running on the fake engine")
+        assert "--stop-replicas-on-exit" in line and line.endswith("remove-them-by-hand")
+        assert len(rig.engine.live(dep)) == 2
+    assert rig.engine.closed

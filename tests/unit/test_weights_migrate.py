@@ -72,6 +72,28 @@ def test_cli_applies_with_a_backup_and_the_result_loads(tmp_path: Path) -> None:
     assert len(backups) == 1 and backups[0].read_text() == CONFIG
     loaded = load_config(root).config
     assert loaded.model_cache in (None, []) and loaded.weights and len(loaded.weights) == 2
+    # The backup stays beside config.yaml but is not uploaded by the next push.
+    from kingpost.packaging import project_files
+
+    assert Path("config.yaml") in project_files(root)
+    assert not [p for p in project_files(root) if p.name.startswith("config.yaml.bak-")]
+
+
+def test_code_hints_match_code_not_comments(tmp_path: Path) -> None:
+    """`kingpost init`'s template names lazy_data_resolver in a comment: migrate warned
+    about it in a project that never used the resolver."""
+    root = project(tmp_path)
+    (root / "model" / "model.py").write_text(
+        "class Model:\n"
+        "    # kwargs may hold config, data_dir, secrets, environment, lazy_data_resolver.\n"
+        "    def __init__(self, **kwargs):\n        pass\n"
+    )
+    assert not [w for w in plan_migration(root).warnings if "lazy_data_resolver" in w]
+    (root / "model" / "model.py").write_text(
+        "class Model:\n    def __init__(self, **kwargs):\n"
+        "        self._r = kwargs['lazy_data_resolver']  # needed\n"
+    )
+    assert [w for w in plan_migration(root).warnings if "lazy_data_resolver" in w]
 
 
 def test_nothing_to_migrate(tmp_path: Path) -> None:

@@ -38,7 +38,15 @@ def cli() -> None:
     help="Push these projects once the server is up (e.g. examples/echo-server).",
 )
 @click.option("--log-level", default="info", show_default=True)
-def server(engine: str | None, push_dirs: tuple[Path, ...], log_level: str) -> None:
+@click.option(
+    "--stop-replicas-on-exit",
+    is_flag=True,
+    help="Stop docker replicas too when the server stops (by default the next server adopts "
+    "them without a restart).",
+)
+def server(
+    engine: str | None, push_dirs: tuple[Path, ...], log_level: str, stop_replicas_on_exit: bool
+) -> None:
     """Run the API, the controller and the gateway (embedded SQLite under KINGPOST_HOME)."""
     from kingpost.serve import run_server
 
@@ -46,6 +54,8 @@ def server(engine: str | None, push_dirs: tuple[Path, ...], log_level: str) -> N
     s = settings()
     if engine is not None:
         s = s.model_copy(update={"engine": engine})
+    if stop_replicas_on_exit:
+        s = s.model_copy(update={"stop_replicas_on_exit": True})
     run_server(s, push_dirs)
 
 

@@ -43,6 +43,7 @@ from kingpost.engines import (
     Engine,
     LogLine,
     Prepared,
+    ReplicaPhase,
     ReplicaStatus,
     create_engine,
     engine_kind,
@@ -194,17 +195,42 @@ class Controller:
         """Reconcile now instead of at the next tick (after a user action)."""
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop the loop and close the engines. Returns, per engine that leaves replicas
+        running for the next control plane (docker), a sentence saying what it left and how
+        to stop it; with ``stop_replicas_on_exit`` those replicas are stopped too."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._jobs.close()
+        kept: list[str] = []
         for engine in self._engines.values():
             try:
+                if engine.keeps_replicas:
+                    kept.extend(self._leave_or_stop(engine))
                 engine.close()
             except Exception:
                 log.exception("closing engine %s failed", engine.name)
+        return kept
+
+    def _leave_or_stop(self, engine: Engine) -> list[str]:
+        live = [
+            r for r in engine.poll() if r.phase not in (ReplicaPhase.STOPPED, ReplicaPhase.FAILED)
+        ]
+        if not live:
+            return []
+        if self.settings.stop_replicas_on_exit:
+            for r in live:
+                engine.stop(r.replica_id)  # close() waits for replicas asked to stop
+            return []
+        deployments = len({r.deployment_id for r in live})
+        return [
+            f"{len(live)} replica(s) of {deployments} deployment(s) left running on the "
+            f"{engine.name} engine: the next `kingpost server` with home {self.settings.home} "
+            "adopts them as they are, without a restart. To stop them with the server, run "
+            f"it with --stop-replicas-on-exit; to remove them now: {engine.kept_replicas_hint()}"
+        ]
 
     def _run(self) -> None:
         next_gc = time.monotonic() + self.settings.disk_gc_interval

@@ -120,13 +120,13 @@ class ReplicaSpec:
     """The whole parsed config, for engines that build images from it."""
     model_name: str = ""
     dynamic_config_dir: Path | None = None
+    """The deployment's directory of values that change while it runs (its environment);
+    the engine shows it to the replica read-only (``kingpost.server.contract``)."""
     generation: int = 0
     """The deployment's activation this replica was started for: the controller replaces
     failed replicas of an older one (the user re-activated after a failure), and rollouts
     tell old replicas from new ones by it. Engines report it back in
     :attr:`ReplicaStatus.generation`."""
-    """The deployment's directory of values that change while it runs (its environment);
-    the engine shows it to the replica read-only (``kingpost.server.contract``)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,12 @@ class Engine(ABC):
     """Starts, watches and stops replicas. See the module docstring."""
 
     name: ClassVar[str]
+    keeps_replicas: ClassVar[bool] = False
+    """Whether :meth:`close` leaves replicas running for the next control plane to adopt."""
+
+    def kept_replicas_hint(self) -> str:
+        """For an engine that keeps replicas: how an operator removes them by hand."""
+        return ""
 
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
         """Build what every replica of a deployment needs (an environment, an image).

@@ -515,6 +515,11 @@ class DockerEngine(Engine):
             out.extend(LogLine(replica_id, line) for line in self._container_logs(cid, tail))
         return out[-tail:]
 
+    keeps_replicas = True
+
+    def kept_replicas_hint(self) -> str:
+        return f"docker rm -f $(docker ps -aq --filter label={LABEL_SCOPE}={self.scope})"
+
     def close(self) -> None:
         """Stop watching; containers keep running for the next control plane to adopt.
 

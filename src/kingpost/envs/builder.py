@@ -306,7 +306,7 @@ def _build(
         recorded = ["-c", str(pins)] if pinned and pins is not None else []
         marker: dict[str, Any] = {
             "python": inputs.interpreter.version,
-            "requirements": list(inputs.requirements),
+            "requirements": _listed_requirements(inputs),
         }
         try:
             if inputs.model_server:
@@ -346,6 +346,23 @@ def _build(
         shutil.rmtree(target, ignore_errors=True)
         raise
     log(f"environment {target.name} ready")
+
+
+def _listed_requirements(inputs: _Inputs) -> list[str]:
+    """What the user asked for, inline or in ``requirements_file`` (its requirement lines;
+    options, comments and blank lines left out), as ``venvs list`` counts them."""
+    listed = list(inputs.requirements)
+    for name, text in inputs.files:
+        if name == "pyproject.toml":
+            listed.extend(pyproject_dependencies(text, name))
+            continue
+        if name == "uv.lock":  # what it pins is the pyproject.toml's dependencies, listed
+            continue
+        for line in text.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith(("#", "-")):
+                listed.append(line)
+    return listed
 
 
 def _record_pins(path: Path, packages: list[str]) -> None:

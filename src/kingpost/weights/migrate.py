@@ -7,7 +7,9 @@ block is replaced by a ``weights`` block.
 from __future__ import annotations
 
 import difflib
+import io
 import re
+import tokenize
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,17 @@ class MigrationPlan:
                 "config.yaml (after)",
             )
         )
+
+
+def _without_comments(source: str) -> str:
+    """Python source with its comments dropped: a hint is for code that uses a name, not
+    for a comment that mentions it (``kingpost init``'s template names the resolver in one).
+    Source that does not tokenize is searched whole."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return source
+    return " ".join(t.string for t in tokens if t.type != tokenize.COMMENT)
 
 
 def _entry(item: dict[str, Any], i: int) -> dict[str, Any]:
@@ -196,7 +209,7 @@ def plan_migration(project_dir: Path) -> MigrationPlan:
             "before the server starts"
         )
     for py in sorted(project_dir.glob("model/**/*.py")):
-        source = py.read_text(errors="replace")
+        source = _without_comments(py.read_text(errors="replace"))
         for needle, hint in _CODE_HINTS.items():
             if needle in source:
                 plan.warnings.append(f"{py.relative_to(project_dir)} {hint}")
