@@ -105,7 +105,8 @@ def test_crashing_server_is_failed_with_its_output(
     # A failed push says why and where the log is, not how to call a model that is not there.
     assert out.returncode == 1, out.stderr
     assert "predict: curl" not in out.stdout, out.stdout
-    assert "kaboom-42" in out.stderr and "the whole log: kingpost logs -d " in out.stderr, out.stderr
+    assert "kaboom-42" in out.stderr, out.stderr
+    assert "the whole log: kingpost logs -d " in out.stderr, out.stderr
     with fresh_platform.client() as c:
         (dep,) = c.deployments("broken")
     failed = fresh_platform.wait_status(dep["id"], "FAILED", timeout=90)
