@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers.platform import EXAMPLES, wait_for
+from helpers.replica import replica_get
 from kingpost.config import load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import Endpoint, Prepared, ReplicaPhase, ReplicaStatus
 from kingpost.engines.process import ProcessEngine
 from kingpost.errors import EngineError
-from kingpost.netns import can_unshare_net, socket_in_netns
+from kingpost.netns import can_unshare_net
 from kingpost.settings import Settings
 
 TOGGLE_SERVER = """
@@ -96,16 +96,7 @@ def phase_is(e: ProcessEngine, rid: str, *phases: ReplicaPhase) -> ReplicaStatus
 
 
 def get(endpoint: Endpoint, path: str) -> tuple[int, bytes]:
-    sock = socket_in_netns(endpoint.netns) if endpoint.netns else socket.socket()
-    with sock:
-        sock.settimeout(5)
-        sock.connect((endpoint.host, endpoint.port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    return replica_get(endpoint, path, timeout=5)
 
 
 def toggle_project(tmp_path: Path) -> Path:

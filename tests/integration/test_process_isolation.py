@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers.platform import wait_for
+from helpers.replica import replica_get
 from kingpost.config import load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines._isolation import can_unshare_mounts
@@ -22,7 +23,6 @@ from kingpost.engines._view import replica_uid
 from kingpost.engines.base import Endpoint, ReplicaPhase
 from kingpost.engines.process import ProcessEngine
 from kingpost.errors import EngineError
-from kingpost.netns import socket_in_netns
 from kingpost.settings import Settings
 
 needs_isolation = pytest.mark.skipif(
@@ -126,15 +126,7 @@ def start(e: ProcessEngine, app: Path, dep: str, secret: str) -> Endpoint:
 
 
 def get(endpoint: Endpoint, path: str = "/") -> dict[str, object]:
-    sock = socket_in_netns(endpoint.netns) if endpoint.netns else socket.socket()
-    with sock:
-        sock.settimeout(10)
-        sock.connect((endpoint.host, endpoint.port))
-        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return dict(json.loads(data.partition(b"\r\n\r\n")[2]))
+    return dict(json.loads(replica_get(endpoint, path)[1]))
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from helpers.platform import wait_for
+from helpers.replica import replica_get
 from kingpost.config import load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import Endpoint, ReplicaPhase
 from kingpost.engines.process import ProcessEngine
-from kingpost.netns import socket_in_netns
 from kingpost.settings import Settings
 
 SERVER = """
@@ -104,18 +104,8 @@ def start(e: ProcessEngine, app: Path, rid: str) -> Endpoint:
 
 
 def get(endpoint: Endpoint, path: str) -> bytes:
-    import socket
-
-    sock = socket_in_netns(endpoint.netns) if endpoint.netns else socket.socket()
-    with sock:
-        sock.settimeout(10)
-        sock.connect((endpoint.host, endpoint.port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"200", data
+    status, body = replica_get(endpoint, path)
+    assert status == 200, (status, body)
     return body
 
 
