@@ -1,0 +1,288 @@
+"""What each engine does with every key of a Truss ``config.yaml``: one table.
+
+Accepting a config is a promise: a key a user sets is either *applied* by the engine,
+*warned* about when the config is loaded for that engine (the push goes on, with the
+reason said), or *refused* with an error naming the key, the rule and the value. Never
+ignored without a word. :data:`ROWS` says which, per key and per engine, with a line on
+what Kingpost does; ``tests/unit/test_config_support.py`` holds it to the loader's
+behaviour over real-world configs and fails when a field of :class:`TrussConfig` has no
+row. The README's "Truss config keys" section is :func:`markdown`'s output
+(``python -m kingpost.config.support --markdown``).
+
+A row's status is for the key set to a value that asks for something (not its default);
+where a value changes the answer (``runtime.transport.kind: grpc`` is refused, ``http``
+applied) the note says so. A row whose key is a section (``cache_internal``) covers
+every key below it that has no row of its own. Under ``docker_server.no_build: true``
+the keys of :data:`~kingpost.config.rules.NO_BUILD_IGNORED` are warned about on every
+engine (the image runs unmodified), whatever the row says.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+from kingpost.config.models import TrussConfig
+from kingpost.config.rules import NO_BUILD_IGNORED
+
+__all__ = [
+    "ENGINES",
+    "ROWS",
+    "Row",
+    "Status",
+    "Support",
+    "field_paths",
+    "markdown",
+    "row_for",
+    "support",
+]
+
+ENGINES = ("process", "docker")
+"""The user-facing engines of :mod:`kingpost.engines.registry`, in the table's order."""
+
+
+class Status(StrEnum):
+    APPLIED = "applied"  # the engine does what the key asks
+    WARNED = "warned"  # accepted; loading for the engine warns that it is not honoured
+    REFUSED = "refused"  # the config is refused with an error naming the key
+
+
+@dataclass(frozen=True)
+class Support:
+    status: Status
+    note: str
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    """A key path: ``runtime.transport.kind``; ``[]`` marks list items."""
+    process: Support
+    docker: Support
+
+    def on(self, engine: str) -> Support:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        support: Support = getattr(self, engine)
+        return support
+
+
+A, W, R = Status.APPLIED, Status.WARNED, Status.REFUSED
+
+
+def _row(key: str, process: tuple[Status, str], docker: tuple[Status, str] | None = None) -> Row:
+    """A row; ``docker`` left out means the same as ``process``."""
+    return Row(key, Support(*process), Support(*(docker or process)))
+
+
+_NO_IMAGE = "the process engine builds no image"
+_BASETEN = "Baseten's own infrastructure only"
+
+ROWS: tuple[Row, ...] = (
+    # -- identity and metadata
+    _row("model_name", (A, "names the model at push (else the project folder's name)")),
+    _row("model_metadata", (A, "passed to the model in its `config`, as Truss does")),
+    _row("description", (A, "kept in the stored config and the model's `config`; not shown")),
+    _row("examples_filename", (W, "Kingpost has no examples runner (Truss's CLI reads it)")),
+    _row("spec_version", (W, "not read: Kingpost follows spec 2.0 whatever is written")),
+    _row("input_type", (W, "legacy; not read (the model's predict signature decides)")),
+    _row("model_framework", (W, "legacy; only custom model classes are served")),
+    _row("model_type", (W, "legacy; not read")),
+    # -- the model class
+    _row("model_module_dir", (A, "where the model server imports the model class from")),
+    _row("model_class_filename", (A, "the model class's file")),
+    _row("model_class_name", (A, "the model class's name")),
+    _row("data_dir", (A, "the model's `data_dir`; copied to /app/data in an image")),
+    _row("bundled_packages_dir", (A, "put on the model's `sys.path` (and /packages in images)")),
+    _row(
+        "external_package_dirs",
+        (W, "on the model's `sys.path` if inside the project; outside it: not uploaded"),
+    ),
+    _row("apply_library_patches", (A, "Kingpost patches no library, so `false` holds anyway")),
+    _row("live_reload", (W, "Truss's development loop; push again instead")),
+    _row("use_local_src", (W, "Truss's development option; not read")),
+    # -- environment and image
+    _row(
+        "python_version",
+        (A, "a venv of that Python when installed here (else this one, warned at build)"),
+        (A, "3.11 on Kingpost's base image (another version warned at build)"),
+    ),
+    _row("requirements", (A, "installed into the model's venv"), (A, "pip-installed in the image")),
+    _row(
+        "requirements_file",
+        (A, "installed into the model's venv (uv.lock/pyproject too)"),
+        (A, "pip-installed in the image"),
+    ),
+    _row(
+        "system_packages",
+        (W, f"not installed: {_NO_IMAGE}"),
+        (A, "apt-get installed in the image"),
+    ),
+    _row("build_commands", (W, f"not run: {_NO_IMAGE}"), (A, "RUN in the image, in /app")),
+    _row("base_image.image", (W, f"not used: {_NO_IMAGE}"), (A, "the image's FROM")),
+    _row(
+        "base_image.python_executable_path",
+        (W, f"not used: {_NO_IMAGE}"),
+        (A, "the Python the image's server and installs run with"),
+    ),
+    _row(
+        "base_image.docker_auth",
+        (W, f"not used: {_NO_IMAGE}"),
+        (W, "not used: the Docker Engine pulls with its own login (`docker login`)"),
+    ),
+    _row("environment_variables", (A, "set in each replica (reserved names dropped, warned)")),
+    _row("secrets", (A, "files in /secrets from `kingpost secrets`; inline values warned")),
+    # -- build
+    _row("build.model_server", (R, f"TRT_LLM engine builds are {_BASETEN}")),
+    _row("build.arguments", (W, "not read: they configure Baseten's engine builders")),
+    _row("build.secret_to_path_mapping", (W, "no build-time secrets: nothing is mounted")),
+    _row("build.no_cache", (R, "refused in config.yaml, as Truss does")),
+    # -- custom servers
+    _row("docker_server.start_command", (A, "run as the replica's server")),
+    _row("docker_server.server_port", (A, "probed and proxied to")),
+    _row("docker_server.predict_endpoint", (A, "where predict requests go")),
+    _row("docker_server.readiness_endpoint", (A, "the readiness probe")),
+    _row("docker_server.liveness_endpoint", (A, "the liveness probe")),
+    _row("docker_server.run_as_user_id", (A, "the uid the server runs as")),
+    _row(
+        "docker_server.no_build",
+        (A, "no environment is built: start_command runs as is (none: refused)"),
+        (A, "`base_image.image` runs as is, its entrypoint unless start_command"),
+    ),
+    # -- compute
+    _row(
+        "resources.cpu",
+        (W, "not limited: the process engine sets no CPU quota"),
+        (A, "the container's CPU quota"),
+    ),
+    _row(
+        "resources.memory",
+        (W, "not limited: the process engine sets no memory limit"),
+        (A, "the container's memory limit (no swap)"),
+    ),
+    _row(
+        "resources.accelerator",
+        (W, "not reserved: replicas see every GPU of this machine"),
+        (A, "a GPU device request of that count"),
+    ),
+    _row("resources.use_gpu", (A, "derived from `accelerator`; a contradicting value warned")),
+    _row("resources.instance_type", (W, f"not read: instance types are {_BASETEN}")),
+    _row("resources.node_count", (W, "one node per replica: multi-node replicas not built")),
+    _row("resources.fabric", (W, f"not read: interconnects are {_BASETEN}")),
+    # -- runtime
+    _row("runtime.predict_concurrency", (A, "requests in flight per replica")),
+    _row("runtime.streaming_read_timeout", (A, "the model server's wait for a first chunk")),
+    _row("runtime.enable_tracing_data", (W, "no tracing of request data: not read")),
+    _row("runtime.enable_debug_logs", (W, "the model server's log level does not change")),
+    _row("runtime.transport.kind", (A, "http and websocket served; grpc refused")),
+    _row("runtime.transport.ping_interval_seconds", (A, "WebSocket pings (model server)")),
+    _row("runtime.transport.ping_timeout_seconds", (A, "WebSocket pings (model server)")),
+    _row("runtime.is_websocket_endpoint", (A, "legacy spelling of `transport.kind: websocket`")),
+    _row("runtime.health_checks", (A, "the probes' delay, thresholds and startup timeout")),
+    _row("runtime.oidc", (W, f"no OIDC identity tokens: {_BASETEN}")),
+    _row("runtime.remote_ssh", (W, "no SSH into replicas")),
+    _row("runtime.egress_restrictions", (W, "not enforced: replicas reach any address")),
+    _row("runtime.truss_server_version_override", (W, "Kingpost runs its own model server")),
+    _row("runtime.num_workers", (A, "1 worker, as Truss; any other value refused")),
+    # -- weights and data
+    _row("weights", (A, "mirrored once, mounted read-only at `mount_location`")),
+    _row(
+        "model_cache",
+        (W, "mirrored like `weights` at Truss's paths; deprecated, `kingpost migrate`"),
+    ),
+    _row("external_data", (A, "downloaded by the mirror to /app/data/<local_data_path>")),
+    _row("cache_internal", (W, "not mirrored: Baseten-internal; list them under `weights`")),
+    # -- Baseten-only sections
+    _row("trt_llm", (R, f"TensorRT-LLM builds are {_BASETEN}; use docker_server")),
+    _row("bis_llm", (R, f"the Baseten Inference Stack is {_BASETEN}")),
+    _row("training_checkpoints", (R, f"training checkpoints are {_BASETEN}")),
+    _row("bdn", (R, f"BDN volumes are {_BASETEN}; list sources under `weights`")),
+)
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _is_list(annotation: object) -> bool:
+    if typing.get_origin(annotation) is list:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_is_list(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def field_paths(model: type[BaseModel] = TrussConfig, prefix: str = "") -> Iterator[str]:
+    """Every key of ``model`` and the sections below it, leaves and sections alike."""
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        yield path
+        inner = f"{path}[]." if _is_list(field.annotation) else f"{path}."
+        for sub in _models_in(field.annotation):
+            yield from field_paths(sub, inner)
+
+
+_BY_KEY = {row.key: row for row in ROWS}
+
+
+def row_for(key: str) -> Row | None:
+    """The row of ``key`` (indices written ``[]``), or of the nearest section above it."""
+    path = key
+    while path:
+        if path in _BY_KEY:
+            return _BY_KEY[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[:cut] if cut > 0 else ""
+    return None
+
+
+def support(key: str, engine: str, *, no_build: bool = False) -> Support:
+    """What ``engine`` does with ``key``; ``no_build``: under ``docker_server.no_build``."""
+    top = key.split(".", 1)[0].split("[", 1)[0]
+    if no_build and top in NO_BUILD_IGNORED:
+        return Support(W, "ignored with `docker_server.no_build: true`: the image runs as is")
+    row = row_for(key)
+    if row is None:
+        raise KeyError(f"no row for config key `{key}` in kingpost.config.support.ROWS")
+    return row.on(engine)
+
+
+def markdown() -> str:
+    """The README's table of keys: one line per row, a column per engine."""
+    lines = [
+        "| key | process | docker |",
+        "| --- | --- | --- |",
+    ]
+    for row in ROWS:
+        cells = [f"**{s.status}**: {s.note}" for s in (row.process, row.docker)]
+        if row.process == row.docker:
+            cells[1] = "same"
+        lines.append(f"| `{row.key}` | {cells[0]} | {cells[1]} |")
+    ignored = ", ".join(f"`{k}`" for k in NO_BUILD_IGNORED)
+    lines += [
+        "",
+        f"With `docker_server.no_build: true` these are warned about on both engines (the "
+        f"image runs unmodified): {ignored}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["--markdown"]:
+        print("usage: python -m kingpost.config.support --markdown", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
