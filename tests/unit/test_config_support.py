@@ -23,12 +23,15 @@ from pydantic_core import PydanticUndefined
 from kingpost.config import TrussConfig, parse_config
 from kingpost.config.support import (
     ENGINES,
+    README_END,
+    README_START,
     ROWS,
     Status,
     field_paths,
     markdown,
     row_for,
     support,
+    with_table,
 )
 from kingpost.config.support import (
     _is_list as is_list,
@@ -43,8 +46,6 @@ from kingpost.weights import validate_weights
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "tests" / "fixtures" / "configs" / "sweep"
 SWEEP_FILES = sorted(SWEEP.glob("*.yaml"))
-README_START = "<!-- config-keys:start -->"
-README_END = "<!-- config-keys:end -->"
 
 
 # -- the table covers the schema ------------------------------------------------------------
@@ -95,8 +96,18 @@ def test_the_readme_section_is_the_tables_output() -> None:
     section = text.split(README_START, 1)[1].split(README_END, 1)[0]
     assert section.strip() == markdown().strip(), (
         "README.md's Truss config keys table is stale; regenerate it with "
-        "`python -m kingpost.config.support --markdown`"
+        "`python -m kingpost.config.support --readme README.md`"
     )
+
+
+def test_with_table_replaces_only_the_marked_section() -> None:
+    readme = f"# T\n\nintro\n{README_START}\nold table\n{README_END}\n\n## Next\n"
+    out = with_table(readme)
+    assert out.startswith("# T\n\nintro\n") and out.endswith(f"{README_END}\n\n## Next\n")
+    assert "old table" not in out and markdown() in out
+    assert with_table(out) == out
+    with pytest.raises(ValueError, match="markers"):
+        with_table("# no markers\n")
 
 
 # -- which keys a config sets ---------------------------------------------------------------

@@ -25,6 +25,7 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -33,14 +34,18 @@ from kingpost.config.rules import NO_BUILD_IGNORED
 
 __all__ = [
     "ENGINES",
+    "README_END",
+    "README_START",
     "ROWS",
     "Row",
     "Status",
     "Support",
     "field_paths",
+    "main",
     "markdown",
     "row_for",
     "support",
+    "with_table",
 ]
 
 ENGINES = ("process", "docker")
@@ -110,8 +115,8 @@ ROWS: tuple[Row, ...] = (
     # -- environment and image
     _row(
         "python_version",
-        (A, "a venv of that Python when installed here (else this one, warned at build)"),
-        (A, "3.11 on Kingpost's base image (another version warned at build)"),
+        (A, "a venv of that Python if installed here, else warned at build; <3.11 warned"),
+        (A, "3.11 on Kingpost's base (others warned at build), else the base_image's"),
     ),
     _row("requirements", (A, "installed into the model's venv"), (A, "pip-installed in the image")),
     _row(
@@ -145,11 +150,15 @@ ROWS: tuple[Row, ...] = (
     _row("build.no_cache", (R, "refused in config.yaml, as Truss does")),
     # -- custom servers
     _row("docker_server.start_command", (A, "run as the replica's server")),
-    _row("docker_server.server_port", (A, "probed and proxied to")),
+    _row("docker_server.server_port", (A, "probed and proxied to (8080 warned: Baseten's)")),
     _row("docker_server.predict_endpoint", (A, "where predict requests go")),
     _row("docker_server.readiness_endpoint", (A, "the readiness probe")),
     _row("docker_server.liveness_endpoint", (A, "the liveness probe")),
-    _row("docker_server.run_as_user_id", (A, "the uid the server runs as")),
+    _row(
+        "docker_server.run_as_user_id",
+        (A, "the uid the server runs as (with isolation, as root)"),
+        (A, "the uid the server runs as"),
+    ),
     _row(
         "docker_server.no_build",
         (A, "no environment is built: start_command runs as is (none: refused)"),
@@ -191,10 +200,13 @@ ROWS: tuple[Row, ...] = (
     _row("runtime.truss_server_version_override", (W, "Kingpost runs its own model server")),
     _row("runtime.num_workers", (A, "1 worker, as Truss; any other value refused")),
     # -- weights and data
-    _row("weights", (A, "mirrored once, mounted read-only at `mount_location`")),
+    _row(
+        "weights",
+        (A, "mirrored once, mounted read-only (bt://, azure://, cw://, OIDC auth refused)"),
+    ),
     _row(
         "model_cache",
-        (W, "mirrored like `weights` at Truss's paths; deprecated, `kingpost migrate`"),
+        (W, "mirrored like `weights` at Truss's paths (azure refused); deprecated"),
     ),
     _row("external_data", (A, "downloaded by the mirror to /app/data/<local_data_path>")),
     _row("cache_internal", (W, "not mirrored: Baseten-internal; list them under `weights`")),
@@ -276,12 +288,34 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START = "<!-- config-keys:start -->"
+README_END = "<!-- config-keys:end -->"
+"""The markers around the table in README.md."""
+
+
+def with_table(readme: str) -> str:
+    """``readme`` with the text between :data:`README_START` and :data:`README_END`
+    replaced by :func:`markdown`."""
+    if README_START not in readme or README_END not in readme:
+        raise ValueError(f"README has no {README_START} ... {README_END} markers")
+    head, rest = readme.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    return f"{head}{README_START}\n{markdown()}{README_END}{tail}"
+
+
 def main(argv: list[str]) -> int:
-    if argv != ["--markdown"]:
-        print("usage: python -m kingpost.config.support --markdown", file=sys.stderr)
-        return 2
-    sys.stdout.write(markdown())
-    return 0
+    """``--markdown``: print the table; ``--readme PATH``: rewrite it in that README."""
+    if argv == ["--markdown"]:
+        sys.stdout.write(markdown())
+        return 0
+    if len(argv) == 2 and argv[0] == "--readme":
+        path = Path(argv[1])
+        path.write_text(with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+        return 0
+    print(
+        "usage: python -m kingpost.config.support --markdown | --readme README.md", file=sys.stderr
+    )
+    return 2
 
 
 if __name__ == "__main__":
