@@ -12,6 +12,7 @@ external_data, ...).
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from kingpost.config import TrussConfig, parse_config
+from kingpost.config import TrussConfig, load_config
 from kingpost.config.support import (
     ENGINES,
     README_END,
@@ -120,9 +121,15 @@ def _default(model: type[BaseModel], name: str) -> Any:
 
 def set_keys(
     raw: dict[str, Any], model: type[BaseModel] = TrussConfig, prefix: str = ""
-) -> set[str]:
-    """Keys of the schema that ``raw`` sets to something other than their default."""
-    keys: set[str] = set()
+) -> dict[str, list[Any]]:
+    """Keys of the schema that ``raw`` sets to something other than their default, with
+    the values it gives them (one per list item)."""
+    keys: dict[str, list[Any]] = {}
+
+    def add(found: dict[str, list[Any]]) -> None:
+        for key, values in found.items():
+            keys.setdefault(key, []).extend(values)
+
     for name, value in raw.items():
         if name not in model.model_fields:
             continue  # unknown keys are warned about as such
@@ -132,11 +139,11 @@ def set_keys(
         if subs and is_list(annotation) and isinstance(value, list):
             for item in value:
                 if isinstance(item, dict):
-                    keys |= set_keys(item, subs[0], f"{path}[].")
+                    add(set_keys(item, subs[0], f"{path}[]."))
         elif subs and isinstance(value, dict):
-            keys |= set_keys(value, subs[0], f"{path}.")
+            add(set_keys(value, subs[0], f"{path}."))
         elif value != _default(model, name) or _default(model, name) is PydanticUndefined:
-            keys.add(path)
+            add({path: [value]})
     return keys
 
 
@@ -149,11 +156,11 @@ def test_set_keys_skips_defaults_and_walks_sections() -> None:
         "trt_llm": {"build": {}},
     }
     assert set_keys(raw) == {
-        "model_name",
-        "runtime.predict_concurrency",
-        "model_cache[].repo_id",
-        "model_cache[].use_volume",
-        "trt_llm",
+        "model_name": ["m"],
+        "runtime.predict_concurrency": [8],
+        "model_cache[].repo_id": ["a/b"],
+        "model_cache[].use_volume": [False],
+        "trt_llm": [{"build": {}}],
     }
 
 
@@ -166,11 +173,15 @@ def _norm(path: str) -> str:
 
 
 def outcome(text: str, engine: str) -> tuple[list[str], list[str]]:
-    """(paths warned about, paths refused) for ``text`` pushed to ``engine``."""
-    try:
-        loaded = parse_config(text, filename="config.yaml", engine=engine)
-    except ConfigError as exc:
-        return [], [_norm(e["path"]) for e in exc.details["errors"]]
+    """(paths warned about, paths refused) for a project with ``text`` as its config.yaml,
+    pushed to ``engine``: what ``load_config`` says, then the engine's and the weights'
+    checks that the API runs at push."""
+    with tempfile.TemporaryDirectory() as project:
+        (Path(project) / "config.yaml").write_text(text, encoding="utf-8")
+        try:
+            loaded = load_config(Path(project), engine=engine)
+        except ConfigError as exc:
+            return [], [_norm(e["path"]) for e in exc.details["errors"]]
     warned = []
     for warning in loaded.warnings:
         match = _WARNING.match(warning)
@@ -206,12 +217,16 @@ def _without(raw: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _mismatches(raw: dict[str, Any], text: str, engine: str) -> list[str]:
+    """Where the loader's answer for ``engine`` differs from the table, one line each."""
     no_build = bool((raw.get("docker_server") or {}).get("no_build"))
-    keys = sorted(set_keys(raw))
-    rows = {k: support(k, engine, no_build=no_build) for k in keys}
+    asked = [
+        (key, value, support(key, engine, value, no_build=no_build))
+        for key, values in sorted(set_keys(raw).items())
+        for value in values
+    ]
     problems: list[str] = []
     warned, refused = outcome(text, engine)
-    refused_keys = [k for k in keys if rows[k].status is Status.REFUSED]
+    refused_keys = sorted({k for k, _, s in asked if s.status is Status.REFUSED})
     for key in refused_keys:
         if not any(names(p, key) for p in refused):
             problems.append(f"{key}: refused in the table, but no error names it ({refused})")
@@ -219,16 +234,16 @@ def _mismatches(raw: dict[str, Any], text: str, engine: str) -> list[str]:
         for key in refused_keys:
             raw = _without(raw, key)
         warned, refused = outcome(yaml.safe_dump(raw, sort_keys=False), engine)
-    for key in keys:
-        status = rows[key].status
-        if status is Status.REFUSED:
+    for key, value, answer in asked:
+        if key in refused_keys:
             continue
+        what = f"{key} ({value!r}): {answer.status} in the table, but"
         if any(_below(p, key) for p in refused):
-            problems.append(f"{key}: {status} in the table, but an error names it")
-        if status is Status.APPLIED and any(_below(p, key) for p in warned):
-            problems.append(f"{key}: applied in the table, but a warning names it")
-        if status is Status.WARNED and not any(names(p, key) for p in warned):
-            problems.append(f"{key}: warned in the table, but no warning names it ({warned})")
+            problems.append(f"{what} an error names it ({refused})")
+        if answer.status is Status.APPLIED and any(_below(p, key) for p in warned):
+            problems.append(f"{what} a warning names it ({warned})")
+        if answer.status is Status.WARNED and not any(names(p, key) for p in warned):
+            problems.append(f"{what} no warning names it ({warned})")
     return problems
 
 

@@ -7,12 +7,13 @@ ignored without a word. :data:`ROWS` says which, per key and per engine, with a 
 what Kingpost does; ``tests/unit/test_config_support.py`` holds it to the loader's
 behaviour over real-world configs and fails when a field of :class:`TrussConfig` has no
 row. The README's "Truss config keys" section is :func:`markdown`'s output
-(``python -m kingpost.config.support --markdown``).
+(``python -m kingpost.config.support --readme README.md`` rewrites it there).
 
 A row's status is for the key set to a value that asks for something (not its default);
-where a value changes the answer (``runtime.transport.kind: grpc`` is refused, ``http``
-applied) the note says so. A row whose key is a section (``cache_internal``) covers
-every key below it that has no row of its own. Under ``docker_server.no_build: true``
+a value that changes the answer has a case of its own (``runtime.transport.kind: grpc``
+is refused, ``http`` applied); answers that hang on other keys are in the note. A row
+whose key is a section (``cache_internal``) covers every key below it that has no row of
+its own. Under ``docker_server.no_build: true``
 the keys of :data:`~kingpost.config.rules.NO_BUILD_IGNORED` are warned about on every
 engine (the image runs unmodified), whatever the row says.
 """
@@ -40,6 +41,7 @@ __all__ = [
     "Row",
     "Status",
     "Support",
+    "ValueCase",
     "field_paths",
     "main",
     "markdown",
@@ -65,29 +67,58 @@ class Support:
 
 
 @dataclass(frozen=True)
+class ValueCase:
+    """What the engines do when the key holds this one value (compared as text)."""
+
+    value: str
+    process: Support
+    docker: Support
+
+
+@dataclass(frozen=True)
 class Row:
     key: str
     """A key path: ``runtime.transport.kind``; ``[]`` marks list items."""
     process: Support
     docker: Support
+    cases: tuple[ValueCase, ...] = ()
 
-    def on(self, engine: str) -> Support:
+    def on(self, engine: str, value: object = None) -> Support:
+        """What ``engine`` does with the key (holding ``value``, when it is given)."""
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-        support: Support = getattr(self, engine)
+        holder: Row | ValueCase = self
+        for case in self.cases:
+            if value is not None and str(value) == case.value:
+                holder = case
+        support: Support = getattr(holder, engine)
         return support
 
 
 A, W, R = Status.APPLIED, Status.WARNED, Status.REFUSED
 
 
-def _row(key: str, process: tuple[Status, str], docker: tuple[Status, str] | None = None) -> Row:
-    """A row; ``docker`` left out means the same as ``process``."""
-    return Row(key, Support(*process), Support(*(docker or process)))
+_Answer = tuple[Status, str]
+
+
+def _row(
+    key: str,
+    process: _Answer,
+    docker: _Answer | None = None,
+    cases: tuple[tuple[str, _Answer, _Answer | None], ...] = (),
+) -> Row:
+    """A row; ``docker`` left out means the same as ``process`` (in ``cases`` too)."""
+    return Row(
+        key,
+        Support(*process),
+        Support(*(docker or process)),
+        tuple(ValueCase(v, Support(*p), Support(*(d or p))) for v, p, d in cases),
+    )
 
 
 _NO_IMAGE = "the process engine builds no image"
 _BASETEN = "Baseten's own infrastructure only"
+_OLD_PY = ("py38", "py39")
 
 ROWS: tuple[Row, ...] = (
     # -- identity and metadata
@@ -117,6 +148,7 @@ ROWS: tuple[Row, ...] = (
         "python_version",
         (A, "a venv of that Python if installed here, else warned at build; <3.11 warned"),
         (A, "3.11 on Kingpost's base (others warned at build), else the base_image's"),
+        cases=tuple((v, (W, "deprecated: Truss dropped it; use py311"), None) for v in _OLD_PY),
     ),
     _row("requirements", (A, "installed into the model's venv"), (A, "pip-installed in the image")),
     _row(
@@ -189,7 +221,11 @@ ROWS: tuple[Row, ...] = (
     _row("runtime.streaming_read_timeout", (A, "the model server's wait for a first chunk")),
     _row("runtime.enable_tracing_data", (W, "no tracing of request data: not read")),
     _row("runtime.enable_debug_logs", (W, "the model server's log level does not change")),
-    _row("runtime.transport.kind", (A, "http and websocket served; grpc refused")),
+    _row(
+        "runtime.transport.kind",
+        (A, "http and websocket served"),
+        cases=(("grpc", (R, "the gateway speaks HTTP/1.1, not HTTP/2, to replicas"), None),),
+    ),
     _row("runtime.transport.ping_interval_seconds", (A, "WebSocket pings (model server)")),
     _row("runtime.transport.ping_timeout_seconds", (A, "WebSocket pings (model server)")),
     _row("runtime.is_websocket_endpoint", (A, "legacy spelling of `transport.kind: websocket`")),
@@ -257,28 +293,32 @@ def row_for(key: str) -> Row | None:
     return None
 
 
-def support(key: str, engine: str, *, no_build: bool = False) -> Support:
-    """What ``engine`` does with ``key``; ``no_build``: under ``docker_server.no_build``."""
+def support(key: str, engine: str, value: object = None, *, no_build: bool = False) -> Support:
+    """What ``engine`` does with ``key`` (holding ``value``, when it is given);
+    ``no_build``: under ``docker_server.no_build``."""
     top = key.split(".", 1)[0].split("[", 1)[0]
     if no_build and top in NO_BUILD_IGNORED:
         return Support(W, "ignored with `docker_server.no_build: true`: the image runs as is")
     row = row_for(key)
     if row is None:
         raise KeyError(f"no row for config key `{key}` in kingpost.config.support.ROWS")
-    return row.on(engine)
+    return row.on(engine, value)
+
+
+def _cells(process: Support, docker: Support) -> str:
+    text = [f"**{s.status}**: {s.note}" for s in (process, docker)]
+    return f"{text[0]} | {'same' if process == docker else text[1]}"
 
 
 def markdown() -> str:
-    """The README's table of keys: one line per row, a column per engine."""
+    """The README's table of keys: a line per row and per value case, a column per engine."""
     lines = [
         "| key | process | docker |",
         "| --- | --- | --- |",
     ]
     for row in ROWS:
-        cells = [f"**{s.status}**: {s.note}" for s in (row.process, row.docker)]
-        if row.process == row.docker:
-            cells[1] = "same"
-        lines.append(f"| `{row.key}` | {cells[0]} | {cells[1]} |")
+        lines.append(f"| `{row.key}` | {_cells(row.process, row.docker)} |")
+        lines += [f"| `{row.key}: {c.value}` | {_cells(c.process, c.docker)} |" for c in row.cases]
     ignored = ", ".join(f"`{k}`" for k in NO_BUILD_IGNORED)
     lines += [
         "",
