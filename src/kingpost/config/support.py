@@ -323,7 +323,9 @@ def markdown() -> str:
     lines += [
         "",
         f"With `docker_server.no_build: true` these are warned about on both engines (the "
-        f"image runs unmodified): {ignored}.",
+        f"image runs unmodified): {ignored}. The legacy `hf_cache` is read as "
+        "`model_cache`, with a warning; a key Truss does not know is warned about by name "
+        "(with the known key it is closest to).",
     ]
     return "\n".join(lines) + "\n"
 
