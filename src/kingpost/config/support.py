@@ -244,7 +244,7 @@ ROWS: tuple[Row, ...] = (
         "model_cache",
         (W, "mirrored like `weights` at Truss's paths (azure refused); deprecated"),
     ),
-    _row("external_data", (A, "downloaded by the mirror to /app/data/<local_data_path>")),
+    _row("external_data", (A, "downloaded by the mirror to `/app/data/<local_data_path>`")),
     _row("cache_internal", (W, "not mirrored: Baseten-internal; list them under `weights`")),
     # -- Baseten-only sections
     _row("trt_llm", (R, f"TensorRT-LLM builds are {_BASETEN}; use docker_server")),
