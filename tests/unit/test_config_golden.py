@@ -72,9 +72,10 @@ def test_tei_no_build(tmp_path: Path) -> None:
     assert dropped == ["PORT"]
     assert env == {"MODEL_ID": "BAAI/bge-small-en-v1.5", "MAX_BATCH_TOKENS": "16384"}
     joined = "\n".join(loaded.warnings)
-    assert len(loaded.warnings) == 2, joined
+    assert len(loaded.warnings) == 3, joined
     assert "environment_variables.PORT" in joined and "dropped" in joined
     assert ":25: requirements:" in joined and "no_build" in joined
+    assert ":5: base_image.docker_auth: not used" in joined and "docker login" in joined
 
 
 def test_model_class_with_requirements(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from kingpost.config.environment import RESERVED_ENV_HINT, is_reserved_env
 from kingpost.config.models import TrussConfig
 from kingpost.config.resources import KNOWN_ACCELERATORS
 from kingpost.config.sources import normalize_mount
+from kingpost.config.unread import unread_key_warnings
 
 __all__ = [
     "NO_BUILD_IGNORED",
@@ -90,7 +91,23 @@ def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
     issues += _duplicate_values("external_data", "local_data_path", raw, "the same file")
     issues += _baseten_only(raw)
     issues += _transport_errors(raw)
+    issues += _model_server_errors(raw)
     return issues
+
+
+TRT_LLM_SERVER_REFUSED = (
+    "model_server TRT_LLM builds a TensorRT-LLM engine on Baseten's own inference stack, "
+    "which Kingpost does not have; serve the model with `docker_server` instead (e.g. vLLM "
+    "or SGLang) or remove `build.model_server` (TrussServer is the default)"
+)
+"""Why ``build.model_server: TRT_LLM`` is refused, and what to use instead."""
+
+
+def _model_server_errors(raw: dict[str, Any]) -> list[Issue]:
+    server = _mapping(raw.get("build")).get("model_server")
+    if isinstance(server, str) and server.strip().upper() == "TRT_LLM":
+        return [Issue(("build", "model_server"), TRT_LLM_SERVER_REFUSED, server)]
+    return []
 
 
 GRPC_REFUSED = (
@@ -295,6 +312,7 @@ def config_warnings(config: TrussConfig, raw: dict[str, Any]) -> list[Issue]:
             )
         )
     issues += _server_warnings(config, raw)
+    issues += unread_key_warnings(config)
     return issues
 
 
@@ -437,6 +455,43 @@ def process_engine_warnings(config: TrussConfig) -> list[Issue]:
                 f"not used: {no_image}, with its own Python and files; push with "
                 "--engine docker to run in this image",
                 config.base_image.image,
+            )
+        )
+    if config.base_image is not None and config.base_image.python_executable_path:
+        issues.append(
+            Issue(
+                ("base_image", "python_executable_path"),
+                f"not used: {no_image}; the project runs on a Python of this machine "
+                "(python_version picks which)",
+                config.base_image.python_executable_path,
+            )
+        )
+    return issues + _process_resource_warnings(config)
+
+
+def _process_resource_warnings(config: TrussConfig) -> list[Issue]:
+    """The process engine sets no CPU or memory limit and assigns no GPUs (README,
+    "Trust model"): a replica may use the whole machine."""
+    resources = config.resources
+    issues: list[Issue] = []
+    for key, value, default in (("cpu", resources.cpu, "1"),
+                                ("memory", resources.memory, "2Gi")):  # fmt: skip
+        if value != default:
+            issues.append(
+                Issue(
+                    ("resources", key),
+                    f"not limited: the process engine sets no {key} limit, so a replica "
+                    "may use the whole machine's; push with --engine docker to enforce it",
+                    value,
+                )
+            )
+    if resources.accelerator is not None:
+        issues.append(
+            Issue(
+                ("resources", "accelerator"),
+                "not reserved: the process engine assigns no GPUs, so replicas see every "
+                "GPU of this machine; push with --engine docker to get a device request",
+                str(resources.accelerator),
             )
         )
     return issues
