@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from kingpost.api.limits import BodyLimit
+from kingpost.api.rollouts import rollout_routes
 from kingpost.api.schemas import (
     KEY_TYPES,
     ApiKeyCreated,
@@ -132,6 +133,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _weights_routes(router, plane)
     _venv_routes(router, plane)
     _api_key_routes(router, plane)
+    rollout_routes(router, plane)
     app.include_router(router)
     return app
 

@@ -152,7 +152,8 @@ def control(s: Session, model_id: str, env_name: str, model_name: str, action: s
     r = latest(s, model_id, env_name)
     if r is None:
         raise NotFoundError(
-            f"environment {env_name!r} of model {model_name!r} has had no rolling promotion",
+            f"environment {env_name!r} of model {model_name!r} has had no promotion while "
+            "it served traffic",
             environment=env_name,
         )
     status = RolloutStatus(r.status)
