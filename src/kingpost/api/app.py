@@ -251,7 +251,9 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     )
     plane.controller.wake()
     model = plane.store.get_model(dep.model_id)
-    env = dep.environments[0] if dep.environments else None
+    # A promotion into an environment that serves now is a rollout: it moves there once
+    # ready, and the environment's URL is the one to call meanwhile too.
+    env = environment or (dep.environments[0] if dep.environments else None)
     path = f"environments/{env}/predict" if env else f"deployment/{dep.id}/predict"
     url = f"{plane.settings.gateway_url}/models/{model.id}/{path}"
     return PushOut(

@@ -128,12 +128,25 @@ def push(
             markup=False,
             highlight=False,
         )
+    _rollout_note(result["model"]["name"], dep, environment or ("production" if promote else None))
     if dep["status"] in ("FAILED", "BUILD_FAILED"):
         raise KingpostError(f"deployment {dep['name']} {dep['status']}: {dep['message']}")
     if wait and dep["status"] not in _SETTLED:
         raise KingpostError(
             f"deployment {dep['name']} is not ACTIVE after {timeout:g}s (still {dep['status']}); "
             f"follow it with `kingpost deployments list` or `kingpost logs -d {dep['id']}`"
+        )
+
+
+def _rollout_note(model: str, dep: dict[str, Any], environment: str | None) -> None:
+    """A promotion into an environment that serves is a rollout: say how to follow it."""
+    if environment is not None and environment not in dep.get("environments", ()):
+        err_console.print(
+            f"{environment} moves to {dep['name']} once it is ready; follow it with "
+            f"`kingpost rollouts status {model} --environment {environment}`",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -246,10 +259,13 @@ _action("delete", "Delete a deployment (not one an environment points at).")
 @click.option("--environment", default="production", show_default=True)
 @output_option
 def deployments_promote(model: str, deployment: str, environment: str, output: str) -> None:
-    """Point an environment at a deployment."""
+    """Point an environment at a deployment: at once when nothing serves there, else once
+    the deployment is ready (a rollout; rolling in steps if the environment's promotion
+    settings say so)."""
     with client() as c:
         row = c.promote(model, deployment, environment)
     print_rows([row], _ACTION_COLUMNS, output)
+    _rollout_note(model, row, environment)
 
 
 @click.command()
