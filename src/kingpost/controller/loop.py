@@ -1,17 +1,19 @@
 """The reconcile loop.
 
 Durable state lives in the store: deployments with their desired state and
-config, environments, secrets. Everything here is soft state, rebuilt after a
+config, environments, rollouts, secrets. Everything here is soft state, rebuilt after a
 restart: parsed configs (cached by project hash), preparation jobs (idempotent),
-the replicas engines report through ``poll()``, and the last routing table.
+the replicas engines report through ``poll()``, the replicas being drained, and the last
+routing table.
 
-Each pass takes a snapshot of the store, polls every engine once, checks each
-deployment's prerequisites (a value: ready, or blocked with the status to record),
-computes a :class:`~kingpost.controller.plan.Plan` and applies it, recording one status
-per deployment; then it reads the deployments again (the pass may have changed their
-statuses) to build the routing table, pushes it to the gateways if it changed, and pulls
-the gateways' stats. A failure in one deployment's step is logged and never stops the
-loop.
+Each pass polls every engine once, advances each running rollout (one
+:func:`~kingpost.controller.rollout.rollout_step`, recorded), takes a snapshot of the
+store, checks each deployment's prerequisites (a value: ready, or blocked with the status
+to record), computes a :class:`~kingpost.controller.plan.Plan` and applies it, recording
+one status per deployment (replicas the plan stops are drained first when ready); then it
+reads the deployments and environments again (the pass may have changed them) to build
+the routing table, pushes it to the gateways if it changed, and pulls the gateways'
+stats. A failure in one deployment's step is logged and never stops the loop.
 """
 
 from __future__ import annotations
