@@ -236,3 +236,29 @@ def test_a_killed_control_plane_resumes_the_rollout_at_its_step(tmp_path: Path) 
         assert r.json() == {"version": "v2"}
     finally:
         platform.stop()
+
+
+def test_a_canary_moves_traffic_in_stages_with_every_request_answered(
+    platform: Platform, tmp_path: Path
+) -> None:
+    serving_v1(platform, tmp_path, "canary", 1)
+    out = platform.cli(
+        "environments", "update", "canary", "production", "--canary",
+        "--ramp-up-duration-seconds", "3",
+    )  # fmt: skip
+    assert out.returncode == 0 and "canary over 3 s" in out.stdout, out.stdout + out.stderr
+    load = Load(platform, "canary")
+    shares: list[float] = []
+    with load.running():
+        push(platform, project(tmp_path, "v2"), 1, model_name="canary", environment="production")
+
+        def finished() -> bool | None:
+            r = rollout(platform, "canary")
+            if not shares or shares[-1] != r["candidate_traffic_percent"]:
+                shares.append(r["candidate_traffic_percent"])
+            return r["status"] == "SUCCEEDED" or None
+
+        wait_for(finished, 60, "the canary to finish")
+    assert load.failed() == []
+    assert shares == sorted(shares) and shares[-1] == 100.0
+    assert len([s for s in shares if 0 < s < 100]) >= 5, shares  # stages, not one jump

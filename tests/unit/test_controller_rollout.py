@@ -196,3 +196,45 @@ def test_settings_round_trip() -> None:
     )
     assert s == SURGE
     assert PromotionSettings.from_api(s.to_api()) == s
+
+
+CANARY = PromotionSettings(ramp_up_while_promoting=True, ramp_up_duration_seconds=100)
+
+
+def test_a_canary_moves_traffic_in_ten_even_stages_once_the_candidate_is_ready() -> None:
+    st = rollout_step(fresh(2, 2), Observed(0, 2, 2), CANARY, 0.0)
+    assert st.candidate_traffic_percent == 0.0  # not ready: no traffic, no clock yet
+    st = rollout_step(st, Observed(2, 2, 2), CANARY, 5.0)
+    assert (st.phase, st.step, st.steps, st.candidate_traffic_percent) == (Phase.RAMP, 1, 10, 10)
+    shares = [st.candidate_traffic_percent]
+    for now in range(6, 200):
+        st = rollout_step(st, Observed(2, 2, 2), CANARY, float(now))
+        if st.candidate_traffic_percent != shares[-1]:
+            shares.append(st.candidate_traffic_percent)
+            assert now == 5 + 10 * (len(shares) - 1)  # a stage every tenth of the window
+    assert shares == [10.0 * k for k in range(1, 11)]
+    # Not rolling: the previous deployment keeps its replicas.
+    assert (st.status, st.previous_replicas) == (SUCCEEDED, 2)
+
+
+def test_a_canary_pauses_at_its_stage_and_cancels_back_to_the_previous_deployment() -> None:
+    st = rollout_step(fresh(1, 1), Observed(1, 1, 1), CANARY, 0.0)
+    st = rollout_step(st, Observed(1, 1, 1), CANARY, 25.0)
+    assert st.candidate_traffic_percent == 20.0
+    st = rollout_step(replace(st, requested="pause"), Observed(1, 1, 1), CANARY, 26.0)
+    assert st.status == PAUSED
+    assert rollout_step(st, Observed(1, 1, 1), CANARY, 90.0) == st
+    st = rollout_step(replace(st, requested="cancel"), Observed(1, 1, 1), CANARY, 91.0)
+    assert (st.status, st.candidate_traffic_percent) == (CANCELED, 0.0)
+
+
+def test_canary_and_rolling_are_exclusive() -> None:
+    with pytest.raises(ValidationError) as caught:
+        PromotionSettings.from_api(
+            {
+                "rolling_deploy": True,
+                "rolling_deploy_config": {"max_surge_percent": 10},
+                "ramp_up_while_promoting": True,
+            }
+        )
+    assert caught.value.details["field"] == "promotion_settings.ramp_up_while_promoting"

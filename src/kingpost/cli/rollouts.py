@@ -37,6 +37,8 @@ def _env_row(env: dict[str, Any]) -> dict[str, Any]:
             else f"unavailable {config.get('max_unavailable_percent')}%"
         )
         rolling = f"{rule}, stabilize {config.get('stabilization_time_seconds', 0):g} s"
+    elif settings.get("ramp_up_while_promoting"):
+        rolling = f"canary over {settings.get('ramp_up_duration_seconds', 0):g} s"
     rollout = env.get("rollout")
     promotion = f"{rollout['status']} ({rollout['id']})" if rollout else ""
     return {**env, "rolling": rolling, "promotion": promotion}
@@ -93,6 +95,12 @@ def environments_describe(model: str, environment: str, output: str) -> None:
 @click.option("--stabilization-time-seconds", type=float, help="Wait after each step's replicas.")
 @click.option("--replica-overhead-percent", type=int)
 @click.option("--ready-timeout-seconds", type=float, help="Fail a step not ready by then.")
+@click.option(
+    "--canary/--no-canary",
+    default=None,
+    help="Move traffic in 10 stages (ramp_up_while_promoting).",
+)
+@click.option("--ramp-up-duration-seconds", type=float, help="The canary's whole window.")
 @output_option
 def environments_update(
     model: str,
@@ -103,6 +111,8 @@ def environments_update(
     stabilization_time_seconds: float | None,
     replica_overhead_percent: int | None,
     ready_timeout_seconds: float | None,
+    canary: bool | None,
+    ramp_up_duration_seconds: float | None,
     output: str,
 ) -> None:
     """Change an environment's promotion settings; options not given keep their value
@@ -126,6 +136,10 @@ def environments_update(
             settings["rolling_deploy"] = rolling
         if ready_timeout_seconds is not None:
             settings["ready_timeout_seconds"] = ready_timeout_seconds
+        if canary is not None:
+            settings["ramp_up_while_promoting"] = canary
+        if ramp_up_duration_seconds is not None:
+            settings["ramp_up_duration_seconds"] = ramp_up_duration_seconds
         env = c.update_environment(model, environment, settings)
     print_rows([_env_row(env)], _ENV_COLUMNS, output)
 

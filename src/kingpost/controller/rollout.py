@@ -14,7 +14,9 @@ each before stopping it). With ``max_unavailable_percent`` the previous deployme
 replicas go first. A promotion that does not roll is one step: all the candidate's
 replicas, then all traffic. Pause takes effect between steps; cancel brings the previous
 deployment back to its replicas, then all traffic to it (RESTORE); force-complete moves
-all traffic as soon as a candidate replica is ready (FORCE).
+all traffic as soon as a candidate replica is ready (FORCE). A canary
+(``ramp_up_while_promoting``, a promotion that does not roll) moves traffic in 10 even
+stages over ``ramp_up_duration_seconds`` once all its replicas are ready (RAMP).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
 
 TERMINAL = (RolloutStatus.SUCCEEDED, RolloutStatus.FAILED, RolloutStatus.CANCELED)
 DEFAULT_READY_TIMEOUT_S = 900
+CANARY_STAGES = 10
 
 
 class Phase(enum.StrEnum):
@@ -51,6 +54,7 @@ class Phase(enum.StrEnum):
     SCALE_DOWN = "SCALE_DOWN"  # waiting for the previous deployment's replicas to go
     RESTORE = "RESTORE"  # canceled: waiting for the previous deployment's replicas to be back
     FORCE = "FORCE"  # force-completed: waiting for one candidate replica to be ready
+    RAMP = "RAMP"  # canary: traffic moves a tenth per stage, on the clock
     DONE = "DONE"  # finished (SUCCEEDED, FAILED or CANCELED)
 
 
@@ -66,11 +70,21 @@ class PromotionSettings:
     replica_overhead_percent: int = 0
     ready_timeout_seconds: float = DEFAULT_READY_TIMEOUT_S
     """Kingpost's: how long a step may wait for candidate replicas before the rollout fails."""
+    ramp_up_while_promoting: bool = False
+    """Canary: once the candidate is ready, move traffic in 10 even stages."""
+    ramp_up_duration_seconds: float = 600.0
+    """The canary's whole window."""
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> PromotionSettings:
         """Validate the stored or requested shape; errors name the field, rule and value."""
-        known = {"rolling_deploy", "rolling_deploy_config", "ready_timeout_seconds"}
+        known = {
+            "rolling_deploy",
+            "rolling_deploy_config",
+            "ready_timeout_seconds",
+            "ramp_up_while_promoting",
+            "ramp_up_duration_seconds",
+        }
         for key in data:
             if key not in known:
                 _bad(f"promotion_settings.{key}", f"is not a field; use {sorted(known)}", key)
@@ -98,6 +112,17 @@ class PromotionSettings:
         overhead = _percent(config, "replica_overhead_percent", 0) or 0
         stabilize = _number(config, "stabilization_time_seconds", 0, 3600, 0.0)
         timeout = _number(data, "ready_timeout_seconds", 1, 86400, DEFAULT_READY_TIMEOUT_S)
+        canary = data.get("ramp_up_while_promoting", False)
+        if not isinstance(canary, bool):
+            _bad("promotion_settings.ramp_up_while_promoting", "must be true or false", canary)
+        window = _number(data, "ramp_up_duration_seconds", 1, 86400, 600.0)
+        if canary and rolling:
+            _bad(
+                "promotion_settings.ramp_up_while_promoting",
+                "cannot be true together with rolling_deploy (a canary moves traffic on the "
+                "clock, a rolling promotion with its replicas); turn one off",
+                canary,
+            )
         if rolling and (surge is None) == (unavailable is None):
             both = "both" if surge is not None else "neither"
             _bad(
@@ -106,7 +131,7 @@ class PromotionSettings:
                 f"rolling_deploy is true; got {both}",
                 {"max_surge_percent": surge, "max_unavailable_percent": unavailable},
             )
-        return cls(rolling, surge, unavailable, stabilize, overhead, timeout)
+        return cls(rolling, surge, unavailable, stabilize, overhead, timeout, canary, window)
 
     def to_api(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -121,6 +146,8 @@ class PromotionSettings:
             "rolling_deploy": self.rolling,
             "rolling_deploy_config": config,
             "ready_timeout_seconds": self.ready_timeout_seconds,
+            "ramp_up_while_promoting": self.ramp_up_while_promoting,
+            "ramp_up_duration_seconds": self.ramp_up_duration_seconds,
         }
 
 
@@ -248,6 +275,8 @@ def _transition(
         return st
     if ob.candidate_preparing and st.phase in (Phase.SCALE_UP, Phase.FORCE):
         return replace(st, phase_since=now)  # the deadline starts once it is built
+    if st.phase == Phase.RAMP:
+        return _ramp(st, settings, now)
     if st.phase == Phase.FORCE:
         if ob.candidate_ready >= 1:
             return _succeed(st, settings, now)
@@ -294,6 +323,10 @@ def _after_step(st: RolloutState, settings: PromotionSettings, now: float) -> Ro
 
 
 def _shift(st: RolloutState, settings: PromotionSettings, now: float) -> RolloutState:
+    if settings.ramp_up_while_promoting:
+        first = 100.0 / CANARY_STAGES
+        return replace(st, phase=Phase.RAMP, step=1, steps=CANARY_STAGES,
+                       candidate_traffic_percent=first, phase_since=now)  # fmt: skip
     if not settings.rolling:
         return _succeed(st, settings, now)
     goal_c, goal_p = _targets(st, settings, st.step)
@@ -303,6 +336,19 @@ def _shift(st: RolloutState, settings: PromotionSettings, now: float) -> Rollout
                            settings, now)  # fmt: skip
     return replace(st, phase=Phase.SCALE_DOWN, candidate_traffic_percent=share,
                    previous_replicas=goal_p, phase_since=now)  # fmt: skip
+
+
+def _ramp(st: RolloutState, settings: PromotionSettings, now: float) -> RolloutState:
+    """A canary stage ends after a tenth of the window; a pause holds it at its stage."""
+    if st.requested == "pause":
+        return replace(st, status=RolloutStatus.PAUSED, requested=None)
+    if now - st.phase_since < settings.ramp_up_duration_seconds / CANARY_STAGES:
+        return st
+    if st.step + 1 >= CANARY_STAGES:
+        return _succeed(st, settings, now)
+    stage = st.step + 1
+    return replace(st, step=stage, phase_since=now,
+                   candidate_traffic_percent=round(100.0 * stage / CANARY_STAGES, 2))  # fmt: skip
 
 
 def _deadline(

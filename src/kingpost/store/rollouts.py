@@ -162,7 +162,7 @@ def control(s: Session, model_id: str, env_name: str, model_name: str, action: s
         "resume": status == RolloutStatus.PAUSED
         or (status == RolloutStatus.IN_PROGRESS and r.requested == "pause"),
         "cancel": status in RUNNING and r.requested != "cancel",
-        "force_complete": status in RUNNING and r.requested is None,
+        "force_complete": status in RUNNING and r.requested in (None, "pause"),
     }[action]
     if not legal:
         pending = f" with {r.requested} requested" if r.requested else ""
