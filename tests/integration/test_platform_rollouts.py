@@ -158,7 +158,8 @@ def test_pause_resume_and_cancel_midway_return_everything_to_v1(
 ) -> None:
     serving_v1(platform, tmp_path, "steer", 4)
     with platform.client() as c:
-        settings(c, "steer", max_surge_percent=25, stabilization_time_seconds=FAST)
+        # Steps long enough for the CLI calls below to land mid-way.
+        settings(c, "steer", max_surge_percent=25, stabilization_time_seconds=1.5)
     load = Load(platform, "steer")
     with load.running():
         push(platform, project(tmp_path, "v2"), 4, model_name="steer", environment="production")

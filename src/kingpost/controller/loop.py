@@ -87,9 +87,11 @@ STATS_INTERVAL_S = 1.0
 DRAIN_GRACE_S = 30.0
 """Longest a replica left out of the table waits for its requests in flight before it is
 stopped (streams included); it is stopped sooner once the gateway has none on it."""
-DRAIN_SETTLE_S = 0.5
+DRAIN_SETTLE_S = 0.1
 """Gateway figures must be this much younger than the drain's start to count: the table
-without the replica has reached the gateway by then."""
+without the replica (pushed, and acknowledged, later in the pass that began the drain)
+has reached every gateway worker by then, and a request routed just before it is
+counted in flight."""
 _LIVE = (ReplicaPhase.STARTING, ReplicaPhase.READY, ReplicaPhase.NOT_READY, ReplicaPhase.RESTARTING)
 _PREPARING = (DeploymentStatus.BUILDING, DeploymentStatus.WAITING_FOR_WEIGHTS)
 
@@ -352,9 +354,11 @@ class Controller:
         return self._table
 
     def _pull(self) -> None:
-        """The gateway's figures, at most once a second (one request per worker's socket)."""
+        """The gateway's figures, at most once a second (one request per worker's socket),
+        or every pass while replicas drain: their stop waits for these figures."""
         now = self._clock()
-        if self._pull_stats is None or now - self._stats_at < STATS_INTERVAL_S:
+        due = now - self._stats_at >= STATS_INTERVAL_S or bool(self._draining)
+        if self._pull_stats is None or not due:
             return
         self._stats_at = now
         try:
@@ -512,7 +516,7 @@ class Controller:
         return Observed(
             candidate_ready=count(ro.candidate_deployment_id, (ReplicaPhase.READY,)),
             previous_ready=count(prev, (ReplicaPhase.READY,)),
-            previous_live=sum(1 for r in replicas.get(prev, ()) if r.phase in _LIVE),
+            previous_live=count(prev, _LIVE),
             candidate_preparing=candidate is not None and candidate.status in _PREPARING,
             candidate_failure=failure,
         )

@@ -206,7 +206,9 @@ class Observed:
     candidate_ready: int
     previous_ready: int
     previous_live: int
-    """The previous deployment's replicas still running (draining ones included)."""
+    """The previous deployment's replicas still running, draining ones left out: they get
+    no new request, and finish their drain while the next step starts (as Kubernetes does
+    not count terminating pods against max surge)."""
     candidate_preparing: bool = False
     """The candidate is still building or mirroring weights: its deadline has not begun."""
     candidate_failure: str | None = None
