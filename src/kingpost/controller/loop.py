@@ -70,6 +70,7 @@ from kingpost.store import (
     DeploymentView,
     DesiredState,
     EnvironmentView,
+    RolloutStatus,
     RolloutView,
     Store,
     new_id,
@@ -478,6 +479,17 @@ class Controller:
         )
         if after == before:
             return before
+        candidate = by_id.get(ro.candidate_deployment_id)
+        if (
+            after.status == RolloutStatus.FAILED
+            and candidate is not None
+            and "\n" not in after.message
+        ):
+            lines = [ln.text for ln in self.logs(candidate, tail=5)]
+            if lines:  # why it never got ready is in its output, as for a crash
+                after = replace(
+                    after, message=after.message + "; last log lines:\n" + "\n".join(lines)
+                )
         fields = {k: getattr(after, k) for k in before.__dataclass_fields__}
         fields["phase_since"] = datetime.fromtimestamp(after.phase_since, UTC)
         if not self.store.record_rollout(ro.id, fields, seen=(str(ro.status), ro.requested)):
