@@ -128,7 +128,6 @@ def push(
             markup=False,
             highlight=False,
         )
-    _rollout_note(result["model"]["name"], dep, environment or ("production" if promote else None))
     if dep["status"] in ("FAILED", "BUILD_FAILED"):
         raise KingpostError(f"deployment {dep['name']} {dep['status']}: {dep['message']}")
     if wait and dep["status"] not in _SETTLED:
@@ -136,6 +135,7 @@ def push(
             f"deployment {dep['name']} is not ACTIVE after {timeout:g}s (still {dep['status']}); "
             f"follow it with `kingpost deployments list` or `kingpost logs -d {dep['id']}`"
         )
+    _rollout_note(result["model"]["name"], dep, environment or ("production" if promote else None))
 
 
 def _rollout_note(model: str, dep: dict[str, Any], environment: str | None) -> None:
