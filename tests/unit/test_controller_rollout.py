@@ -238,3 +238,19 @@ def test_canary_and_rolling_are_exclusive() -> None:
             }
         )
     assert caught.value.details["field"] == "promotion_settings.ramp_up_while_promoting"
+
+
+def test_replica_overhead_grows_the_previous_deployment_before_the_first_step() -> None:
+    settings = replace(SURGE, replica_overhead_percent=25)
+    assert run(settings, fresh()) == [
+        (IN_PROGRESS, 0, 5, 0.0),  # a fifth previous replica first: autoscaling is frozen
+        (IN_PROGRESS, 1, 5, 0.0),
+        (IN_PROGRESS, 1, 3, 25.0),  # the steps count with 5 previous replicas
+        (IN_PROGRESS, 2, 3, 25.0),
+        (IN_PROGRESS, 2, 2, 50.0),
+        (IN_PROGRESS, 3, 2, 50.0),
+        (IN_PROGRESS, 3, 1, 75.0),
+        (IN_PROGRESS, 4, 1, 75.0),
+        (IN_PROGRESS, 4, 0, 100.0),
+        (SUCCEEDED, 4, 0, 100.0),
+    ]

@@ -12,9 +12,11 @@ step's candidate replicas (SCALE_UP), wait until they are ready, then
 then stop that share of the previous deployment's replicas (SCALE_DOWN; the loop drains
 each before stopping it). With ``max_unavailable_percent`` the previous deployment's
 replicas go first. A promotion that does not roll is one step: all the candidate's
-replicas, then all traffic. Pause takes effect between steps; cancel brings the previous
-deployment back to its replicas, then all traffic to it (RESTORE); force-complete moves
-all traffic as soon as a candidate replica is ready (FORCE). A canary
+replicas, then all traffic. ``replica_overhead_percent`` first grows the previous
+deployment by that share (OVERHEAD; autoscaling is frozen during the rollout), and the
+steps count with the grown number. Pause takes effect between steps; cancel brings the
+previous deployment back to its replicas, then all traffic to it (RESTORE);
+force-complete moves all traffic as soon as a candidate replica is ready (FORCE). A canary
 (``ramp_up_while_promoting``, a promotion that does not roll) moves traffic in 10 even
 stages over ``ramp_up_duration_seconds`` once all its replicas are ready (RAMP).
 """
@@ -55,6 +57,7 @@ class Phase(enum.StrEnum):
     RESTORE = "RESTORE"  # canceled: waiting for the previous deployment's replicas to be back
     FORCE = "FORCE"  # force-completed: waiting for one candidate replica to be ready
     RAMP = "RAMP"  # canary: traffic moves a tenth per stage, on the clock
+    OVERHEAD = "OVERHEAD"  # before step 1: the previous deployment's extra replicas start
     DONE = "DONE"  # finished (SUCCEEDED, FAILED or CANCELED)
 
 
@@ -283,6 +286,16 @@ def _transition(
         if ob.candidate_ready >= 1:
             return _succeed(st, settings, now)
         return _deadline(st, ob, settings, now, 1)
+    if st.phase == Phase.STEP_DONE and st.step == 0 and _overhead(st, settings) > 0:
+        extra = st.previous_initial_replicas + _overhead(st, settings)
+        return replace(st, phase=Phase.OVERHEAD, previous_replicas=extra, phase_since=now)
+    if st.phase == Phase.OVERHEAD:
+        # Extra capacity first, as autoscaling is frozen; then the steps count with it.
+        waited = now - st.phase_since
+        if ob.previous_ready < st.previous_replicas and waited <= settings.ready_timeout_seconds:
+            return st
+        grown = replace(st, previous_initial_replicas=st.previous_replicas)
+        return _after_step(replace(grown, phase=Phase.STEP_DONE), settings, now)
     if st.phase == Phase.STEP_DONE:
         return _after_step(st, settings, now)
     goal_c, goal_p = _targets(st, settings, st.step)
@@ -314,6 +327,13 @@ def _begin(st: RolloutState, settings: PromotionSettings, k: int, now: float) ->
     if settings.rolling and settings.max_unavailable_percent is not None:
         return replace(base, phase=Phase.SCALE_DOWN, previous_replicas=goal_p)
     return replace(base, phase=Phase.SCALE_UP, candidate_replicas=goal_c)
+
+
+def _overhead(st: RolloutState, settings: PromotionSettings) -> int:
+    """Replicas ``replica_overhead_percent`` adds to the previous deployment's."""
+    if not settings.rolling:
+        return 0
+    return math.ceil(st.previous_initial_replicas * settings.replica_overhead_percent / 100)
 
 
 def _after_step(st: RolloutState, settings: PromotionSettings, now: float) -> RolloutState:
