@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.platform import EXAMPLES, REPO, Platform, wait_answer
+from helpers.platform import EXAMPLES, REPO, Platform, wait_answer, wait_for
 from kingpost.errors import AuthError, ConfigError, SecretError
 
 ECHO = EXAMPLES / "echo-server"
@@ -164,8 +164,16 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
         )
     with platform.client() as c:
         c.promote(model_id, second["deployment"]["id"], "production")
-        prod = {e["name"]: e["deployment_id"] for e in c.environments(model_id)}
-    assert prod["production"] == second["deployment"]["id"]
+        # Production serves: it moves once canary-1 is ready (it is: at the next pass).
+        wait_for(
+            lambda: (
+                {e["name"]: e["deployment_id"] for e in c.environments(model_id)}["production"]
+                == second["deployment"]["id"]
+                or None
+            ),
+            10,
+            "production to move to canary-1",
+        )
     out = platform.cli("deployments", "list", "--model", model_id, "--output", "json")
     names = {d["name"]: d for d in json.loads(out.stdout)}
     assert set(names) == {"deployment-1", "canary-1"}

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from kingpost.api.limits import BodyLimit
+from kingpost.api.rollouts import rollout_routes
 from kingpost.api.schemas import (
     KEY_TYPES,
     ApiKeyCreated,
@@ -132,6 +133,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _weights_routes(router, plane)
     _venv_routes(router, plane)
     _api_key_routes(router, plane)
+    rollout_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -249,7 +251,9 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     )
     plane.controller.wake()
     model = plane.store.get_model(dep.model_id)
-    env = dep.environments[0] if dep.environments else None
+    # A promotion into an environment that serves now is a rollout: it moves there once
+    # ready, and the environment's URL is the one to call meanwhile too.
+    env = environment or (dep.environments[0] if dep.environments else None)
     path = f"environments/{env}/predict" if env else f"deployment/{dep.id}/predict"
     url = f"{plane.settings.gateway_url}/models/{model.id}/{path}"
     return PushOut(

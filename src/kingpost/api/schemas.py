@@ -7,12 +7,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from kingpost.controller.rollout import PromotionSettings
 from kingpost.store import (
     ApiKeyKind,
     ApiKeyView,
     DeploymentView,
     EnvironmentView,
     ModelView,
+    RolloutView,
     SecretView,
 )
 
@@ -25,10 +27,13 @@ __all__ = [
     "DeploymentOut",
     "EnvironmentIn",
     "EnvironmentOut",
+    "EnvironmentPatch",
+    "EnvironmentPromoteIn",
     "ModelOut",
     "PromoteIn",
     "PushIn",
     "PushOut",
+    "RolloutOut",
     "SecretIn",
     "SecretOut",
 ]
@@ -126,16 +131,88 @@ class PushOut(BaseModel):
     predict_url: str
 
 
+class EnvironmentPatch(_In):
+    """Baseten's PATCH of an environment: only ``promotion_settings`` for now (autoscaling
+    settings come with the autoscaler)."""
+
+    promotion_settings: dict[str, Any]
+
+
+class EnvironmentPromoteIn(_In):
+    """Baseten's promote-to-environment body."""
+
+    deployment_id: str
+
+
+class RolloutOut(BaseModel):
+    """A promotion into an environment that served traffic, and where it stands."""
+
+    id: str
+    model_id: str
+    environment: str
+    status: str
+    previous_deployment_id: str
+    candidate_deployment_id: str
+    rolling: bool
+    phase: str
+    step: int
+    steps: int
+    candidate_traffic_percent: float
+    previous_traffic_percent: float
+    candidate_replicas: int
+    previous_replicas: int
+    target_replicas: int
+    requested: str | None
+    message: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, v: RolloutView) -> RolloutOut:
+        return cls(
+            id=v.id,
+            model_id=v.model_id,
+            environment=v.environment,
+            status=v.status.value,
+            previous_deployment_id=v.previous_deployment_id,
+            candidate_deployment_id=v.candidate_deployment_id,
+            rolling=v.rolling,
+            phase=v.phase,
+            step=v.step,
+            steps=v.steps,
+            candidate_traffic_percent=v.candidate_traffic_percent,
+            previous_traffic_percent=round(100.0 - v.candidate_traffic_percent, 2),
+            candidate_replicas=v.candidate_replicas,
+            previous_replicas=v.previous_replicas,
+            target_replicas=v.target_replicas,
+            requested=v.requested,
+            message=v.message,
+            created_at=v.created_at,
+            updated_at=v.updated_at,
+            finished_at=v.finished_at,
+        )
+
+
 class EnvironmentOut(BaseModel):
     name: str
     model_id: str
     deployment_id: str | None
     updated_at: datetime
+    promotion_settings: dict[str, Any] = Field(default_factory=dict)
+    """Baseten's shape, defaults filled in."""
+    rollout: RolloutOut | None = None
+    """The last promotion that rolled into it (running or finished), when asked for."""
 
     @classmethod
-    def of(cls, v: EnvironmentView) -> EnvironmentOut:
+    def of(cls, v: EnvironmentView, rollout: RolloutView | None = None) -> EnvironmentOut:
         return cls(
-            name=v.name, model_id=v.model_id, deployment_id=v.deployment_id, updated_at=v.updated_at
+            name=v.name,
+            model_id=v.model_id,
+            deployment_id=v.deployment_id,
+            updated_at=v.updated_at,
+            promotion_settings=PromotionSettings.from_api(v.promotion_settings).to_api(),
+            rollout=RolloutOut.of(rollout) if rollout is not None else None,
         )
 
 

@@ -14,6 +14,7 @@ from kingpost.cli._common import err_console, settings
 from kingpost.cli.api_keys import api_keys
 from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
+from kingpost.cli.rollouts import environments, rollouts
 from kingpost.cli.secrets import secrets
 from kingpost.cli.weights import gc, migrate, venvs, weights
 from kingpost.engines.registry import engine_names
@@ -92,6 +93,8 @@ for command in (
     push,
     models,
     deployments,
+    environments,
+    rollouts,
     logs,
     predict,
     secrets,

@@ -143,6 +143,19 @@ def push(
             f"deployment {dep['name']} is not ACTIVE after {timeout:g}s (still {dep['status']}); "
             f"follow it with `kingpost deployments list` or `kingpost logs -d {dep['id']}`"
         )
+    _rollout_note(result["model"]["name"], dep, environment or ("production" if promote else None))
+
+
+def _rollout_note(model: str, dep: dict[str, Any], environment: str | None) -> None:
+    """A promotion into an environment that serves is a rollout: say how to follow it."""
+    if environment is not None and environment not in dep.get("environments", ()):
+        err_console.print(
+            f"{environment} moves to {dep['name']} once it is ready; follow it with "
+            f"`kingpost rollouts status {model} --environment {environment}`",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _engine_warnings(project_dir: Path, shown: tuple[str, ...], engine: str) -> None:
@@ -330,10 +343,13 @@ def deployments_deactivate(model: str, deployment: str, yes: bool, output: str) 
 @click.option("--environment", default="production", show_default=True)
 @output_option
 def deployments_promote(model: str, deployment: str, environment: str, output: str) -> None:
-    """Point an environment at a deployment."""
+    """Point an environment at a deployment: at once when nothing serves there, else once
+    the deployment is ready (a rollout; rolling in steps if the environment's promotion
+    settings say so)."""
     with client() as c:
         row = c.promote(model, deployment, environment)
     print_rows([row], _ACTION_COLUMNS, output)
+    _rollout_note(model, row, environment)
 
 
 @click.command()

@@ -193,6 +193,28 @@ class KingpostClient:
     def environments(self, model: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/v1/models/{_seg('model', model)}/environments"))
 
+    def _env_path(self, model: str, environment: str) -> str:
+        return f"/v1/models/{_seg('model', model)}/environments/{_seg('environment', environment)}"
+
+    def environment(self, model: str, environment: str) -> dict[str, Any]:
+        """One environment, its promotion settings and its last rollout."""
+        return dict(self._call("GET", self._env_path(model, environment)))
+
+    def update_environment(
+        self, model: str, environment: str, promotion_settings: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = {"promotion_settings": promotion_settings}
+        return dict(self._call("PATCH", self._env_path(model, environment), json=body))
+
+    def promotion(self, model: str, environment: str) -> dict[str, Any]:
+        """The environment's last rollout: status, step, traffic split, replicas."""
+        return dict(self._call("GET", f"{self._env_path(model, environment)}/promotion"))
+
+    def promotion_action(self, model: str, environment: str, action: str) -> dict[str, Any]:
+        """``pause``, ``resume``, ``cancel`` or ``force_complete`` the running rollout."""
+        path = f"{self._env_path(model, environment)}/{action}_promotion"
+        return dict(self._call("POST", path))
+
     def logs(self, dep: str, tail: int = 200) -> list[dict[str, str]]:
         return list(
             self._call(

@@ -1,17 +1,19 @@
 """The reconcile loop.
 
 Durable state lives in the store: deployments with their desired state and
-config, environments, secrets. Everything here is soft state, rebuilt after a
+config, environments, rollouts, secrets. Everything here is soft state, rebuilt after a
 restart: parsed configs (cached by project hash), preparation jobs (idempotent),
-the replicas engines report through ``poll()``, and the last routing table.
+the replicas engines report through ``poll()``, the replicas being drained, and the last
+routing table.
 
-Each pass takes a snapshot of the store, polls every engine once, checks each
-deployment's prerequisites (a value: ready, or blocked with the status to record),
-computes a :class:`~kingpost.controller.plan.Plan` and applies it, recording one status
-per deployment; then it reads the deployments again (the pass may have changed their
-statuses) to build the routing table, pushes it to the gateways if it changed, and pulls
-the gateways' stats. A failure in one deployment's step is logged and never stops the
-loop.
+Each pass polls every engine once, advances each running rollout (one
+:func:`~kingpost.controller.rollout.rollout_step`, recorded), takes a snapshot of the
+store, checks each deployment's prerequisites (a value: ready, or blocked with the status
+to record), computes a :class:`~kingpost.controller.plan.Plan` and applies it, recording
+one status per deployment (replicas the plan stops are drained first when ready); then it
+reads the deployments and environments again (the pass may have changed them) to build
+the routing table, pushes it to the gateways if it changed, and pulls the gateways'
+stats. A failure in one deployment's step is logged and never stops the loop.
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kingpost.controller.plan import Want, plan
 from kingpost.controller.prepare import Jobs, JobState
+from kingpost.controller.rollout import (
+    TERMINAL,
+    Observed,
+    Phase,
+    PromotionSettings,
+    RolloutState,
+    rollout_step,
+)
 from kingpost.controller.specs import (
     environment_names,
     missing_secrets,
@@ -59,6 +70,8 @@ from kingpost.store import (
     DeploymentView,
     DesiredState,
     EnvironmentView,
+    RolloutStatus,
+    RolloutView,
     Store,
     new_id,
 )
@@ -72,6 +85,16 @@ __all__ = ["Controller", "LoopStats"]
 log = logging.getLogger(__name__)
 TABLE_REFRESH_S = 5.0
 STATS_INTERVAL_S = 1.0
+DRAIN_GRACE_S = 30.0
+"""Longest a replica left out of the table waits for its requests in flight before it is
+stopped (streams included); it is stopped sooner once the gateway has none on it."""
+DRAIN_SETTLE_S = 0.1
+"""Gateway figures must be this much younger than the drain's start to count: the table
+without the replica (pushed, and acknowledged, later in the pass that began the drain)
+has reached every gateway worker by then, and a request routed just before it is
+counted in flight."""
+_LIVE = (ReplicaPhase.STARTING, ReplicaPhase.READY, ReplicaPhase.NOT_READY, ReplicaPhase.RESTARTING)
+_PREPARING = (DeploymentStatus.BUILDING, DeploymentStatus.WAITING_FOR_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,23 @@ class _Ready:
 
 _FAILURES = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
 _IMAGE_LINE = re.compile(r"^(?:built image (\S+)|image (\S+) is up to date)$")
+
+
+def _rollout_state(ro: RolloutView) -> RolloutState:
+    return RolloutState(
+        status=ro.status,
+        phase=Phase(ro.phase),
+        step=ro.step,
+        steps=ro.steps,
+        target_replicas=ro.target_replicas,
+        previous_initial_replicas=ro.previous_initial_replicas,
+        candidate_replicas=ro.candidate_replicas,
+        previous_replicas=ro.previous_replicas,
+        candidate_traffic_percent=ro.candidate_traffic_percent,
+        phase_since=ro.phase_since.timestamp(),
+        requested=ro.requested,
+        message=ro.message,
+    )
 
 
 def _image_of(build_log: list[str]) -> str | None:
@@ -168,6 +208,13 @@ class Controller:
         self._step_errors = 0
         self._told: dict[str, str] | None = None
         """What each deployment's environment file says (None until read from disk)."""
+        self._rollout_targets: dict[str, int] = {}
+        """Replicas a running rollout wants of each of its two deployments this pass."""
+        self._splits: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {}
+        """(model id, environment) -> weighted deployments, for environments rolling now."""
+        self._draining: dict[str, float] = {}
+        """Replicas out of the table, waiting for their requests in flight: since when."""
+        self._drain_seen: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -292,8 +339,10 @@ class Controller:
             stats.total_pass_s += took
 
     def _pass(self) -> RoutingTable:
-        models, deployments, environments = self.store.routing_snapshot()
         replicas = self._poll_all()
+        self._advance_rollouts(replicas)  # first: a finished one changes what this pass sees
+        models, deployments, environments = self.store.routing_snapshot()
+        self._drain_seen = set()
         self._tell_environments(deployments, environments)
         known = {d.id for d in deployments}
         ready: dict[str, list[ReplicaStatus]] = {}
@@ -309,7 +358,8 @@ class Controller:
                 for r in reps:
                     self._stop_replica(r)
         self._jobs.cancel_others({f"build:{d}" for d in known}, "the deployment was deleted")
-        _, deployments, _ = self.store.routing_snapshot()
+        self._draining = {r: t for r, t in self._draining.items() if r in self._drain_seen}
+        _, deployments, environments = self.store.routing_snapshot()
         shapes = {d.id: self._shape(d) for d in deployments}
         with self._publish_lock:  # the keys are read under it: see publish_keys
             table = build_table(
@@ -323,15 +373,18 @@ class Controller:
                 keys=self.store.api_key_scopes(),
                 response_timeout_s=self.settings.gateway_response_timeout,
                 private_paths=(str(self.settings.home),),
+                splits=self._splits,
             )
             self._publish(table)
         self._pull()
         return self._table
 
     def _pull(self) -> None:
-        """The gateway's figures, at most once a second (one request per worker's socket)."""
+        """The gateway's figures, at most once a second (one request per worker's socket),
+        or every pass while replicas drain: their stop waits for these figures."""
         now = self._clock()
-        if self._pull_stats is None or now - self._stats_at < STATS_INTERVAL_S:
+        due = now - self._stats_at >= STATS_INTERVAL_S or bool(self._draining)
+        if self._pull_stats is None or not due:
             return
         self._stats_at = now
         try:
@@ -384,13 +437,12 @@ class Controller:
                 self._notes[dep.id] = gate.message
         want = Want(
             active=want_active and (isinstance(gate, _Ready) or serving),
-            replicas=dep.min_replicas,
+            replicas=self._rollout_targets.get(dep.id, dep.min_replicas),
             generation=dep.activation,
             was_active=dep.status in (DeploymentStatus.ACTIVE, DeploymentStatus.UNHEALTHY),
         )
         decision = plan(want, replicas)
-        for replica_id in decision.stop:
-            self._stop_replica_id(dep.engine, replica_id)
+        self._stop_or_drain(dep, decision.stop, replicas)
         status, message = None, ""
         if not want_active:
             status = DeploymentStatus.INACTIVE
@@ -403,6 +455,135 @@ class Controller:
         if status is not None:  # one status per deployment per pass
             self.store.set_status(dep.id, status, message, seen=seen)
         return list(decision.ready)
+
+    # -- rollouts: controller/rollout.py decides, this applies and records ----------------
+    def rollout_active(self, deployment_id: str) -> bool:
+        """Whether a running rollout sets this deployment's replica count: autoscaling of
+        it stays frozen until the rollout ends (SUCCEEDED, FAILED or CANCELED)."""
+        return deployment_id in self._rollout_targets
+
+    def _advance_rollouts(self, replicas: dict[str, list[ReplicaStatus]]) -> None:
+        """One :func:`rollout_step` per running rollout, recorded; then the replica counts
+        and traffic splits this pass applies. A rollout whose step raises keeps what it
+        recorded last (logged; the next pass tries again)."""
+        targets: dict[str, int] = {}
+        splits: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {}
+        running = self.store.running_rollouts()
+        by_id = {d.id: d for d in self.store.routing_snapshot()[1]} if running else {}
+        for ro in running:
+            try:
+                st = self._advance_rollout(ro, by_id, replicas)
+            except Exception:
+                self._step_errors += 1
+                log.exception("advancing rollout %s failed", ro.id)
+                st = _rollout_state(ro)
+            if st.status in TERMINAL:
+                continue
+            targets[ro.candidate_deployment_id] = st.candidate_replicas
+            targets[ro.previous_deployment_id] = st.previous_replicas
+            share = st.candidate_traffic_percent / 100.0
+            pairs = (
+                (ro.previous_deployment_id, 1.0 - share),
+                (ro.candidate_deployment_id, share),
+            )
+            splits[(ro.model_id, ro.environment)] = tuple(p for p in pairs if p[1] > 0)
+        self._rollout_targets, self._splits = targets, splits
+
+    def _advance_rollout(
+        self,
+        ro: RolloutView,
+        by_id: dict[str, DeploymentView],
+        replicas: dict[str, list[ReplicaStatus]],
+    ) -> RolloutState:
+        before = _rollout_state(ro)
+        after = rollout_step(
+            before,
+            self._observe_rollout(ro, by_id, replicas),
+            PromotionSettings.from_api(ro.settings),
+            self._clock(),
+        )
+        if after == before:
+            return before
+        candidate = by_id.get(ro.candidate_deployment_id)
+        if (
+            after.status == RolloutStatus.FAILED
+            and candidate is not None
+            and "\n" not in after.message
+        ):
+            lines = [ln.text for ln in self.logs(candidate, tail=5)]
+            if lines:  # why it never got ready is in its output, as for a crash
+                after = replace(
+                    after, message=after.message + "; last log lines:\n" + "\n".join(lines)
+                )
+        fields = {k: getattr(after, k) for k in before.__dataclass_fields__}
+        fields["phase_since"] = datetime.fromtimestamp(after.phase_since, UTC)
+        if not self.store.record_rollout(ro.id, fields, seen=(str(ro.status), ro.requested)):
+            return before  # a user paused, resumed or canceled meanwhile: decide again
+        if after.status != before.status or after.step != before.step:
+            log.info(
+                "rollout %s into %s: %s step %d/%d, %.0f%% of traffic on the candidate %s",
+                ro.id, ro.environment, after.status, after.step, after.steps,
+                after.candidate_traffic_percent, after.message,
+            )  # fmt: skip
+        return after
+
+    def _observe_rollout(
+        self,
+        ro: RolloutView,
+        by_id: dict[str, DeploymentView],
+        replicas: dict[str, list[ReplicaStatus]],
+    ) -> Observed:
+        def count(dep_id: str, phases: tuple[ReplicaPhase, ...]) -> int:
+            return sum(
+                1
+                for r in replicas.get(dep_id, ())
+                if r.phase in phases and r.replica_id not in self._draining
+            )
+
+        prev = ro.previous_deployment_id
+        candidate = by_id.get(ro.candidate_deployment_id)
+        failure = None
+        if candidate is None or candidate.desired_state != DesiredState.ACTIVE:
+            failure = "the candidate deployment was deactivated or deleted"
+        elif candidate.status in _FAILURES:
+            lines = [ln.text for ln in self.logs(candidate, tail=5)]
+            failure = f"{candidate.status}: {candidate.message}"
+            if lines:
+                failure += "; last log lines:\n" + "\n".join(lines)
+        return Observed(
+            candidate_ready=count(ro.candidate_deployment_id, (ReplicaPhase.READY,)),
+            previous_ready=count(prev, (ReplicaPhase.READY,)),
+            previous_live=count(prev, _LIVE),
+            candidate_preparing=candidate is not None and candidate.status in _PREPARING,
+            candidate_failure=failure,
+        )
+
+    def _stop_or_drain(
+        self, dep: DeploymentView, stop: tuple[str, ...], replicas: list[ReplicaStatus]
+    ) -> None:
+        """Stop what the plan lets go; a ready replica is drained first: left out of the
+        table (the plan's ``ready`` lacks it) and stopped once the gateway has no request
+        in flight on it, or after :data:`DRAIN_GRACE_S`. Without gateway figures to
+        tell (no gateway attached), it is stopped at once."""
+        ready = {r.replica_id for r in replicas if r.phase == ReplicaPhase.READY}
+        drains = self._push is not None and self._pull_stats is not None
+        now = self._clock()
+        for replica_id in stop:
+            if drains and replica_id in ready:
+                since = self._draining.setdefault(replica_id, now)
+                self._drain_seen.add(replica_id)
+                if not self._drained(dep.id, replica_id, since, now):
+                    continue
+            self._stop_replica_id(dep.engine, replica_id)
+
+    def _drained(self, dep_id: str, replica_id: str, since: float, now: float) -> bool:
+        if now - since >= DRAIN_GRACE_S:
+            return True
+        stats = self.gateway_stats
+        if stats is None or stats.at < since + DRAIN_SETTLE_S:
+            return False
+        figures = stats.deployments.get(dep_id)
+        return figures is None or figures.inflight.get(replica_id, 0) == 0
 
     # -- Python environments ------------------------------------------------------------
     def venvs_in_use(self) -> dict[str, list[str]]:

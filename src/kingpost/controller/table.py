@@ -77,6 +77,14 @@ def _route(
     )
 
 
+def _weights(
+    pairs: Sequence[tuple[str, float]] | None, pointed: str, routes: Mapping[str, DeploymentRoute]
+) -> tuple[tuple[str, float], ...]:
+    known = tuple((d, w) for d, w in pairs or () if d in routes and w > 0)
+    serving = tuple((d, w) for d, w in known if routes[d].upstreams)
+    return serving or known or ((pointed, 1.0),)
+
+
 def build_table(
     *,
     version: int,
@@ -89,9 +97,14 @@ def build_table(
     keys: KeyScopes,
     response_timeout_s: float = 600.0,
     private_paths: Sequence[str] = (),
+    splits: Mapping[tuple[str, str], Sequence[tuple[str, float]]] | None = None,
 ) -> RoutingTable:
     """The table for the gateway. Deployment messages it shows callers lose server file
-    paths (see :func:`public_message`; ``private_paths``: the Kingpost home and the like)."""
+    paths (see :func:`public_message`; ``private_paths``: the Kingpost home and the like).
+
+    ``splits``: (model id, environment) -> weighted deployments, for an environment a
+    rollout is moving; an entry whose deployment has no ready replica is left out while
+    another has one, so a split never sends a request where nothing can answer it."""
     routes = {
         d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id), response_timeout_s, private_paths)
         for d in deployments
@@ -99,7 +112,7 @@ def build_table(
     model_routes: dict[str, ModelRoute] = {}
     for m in models:
         envs: dict[str, tuple[tuple[str, float], ...]] = {
-            e.name: ((e.deployment_id, 1.0),)
+            e.name: _weights((splits or {}).get((m.id, e.name)), e.deployment_id, routes)
             for e in environments
             if e.model_id == m.id and e.deployment_id is not None and e.deployment_id in routes
         }

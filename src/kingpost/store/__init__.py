@@ -1,7 +1,7 @@
 """Durable state: SQLAlchemy tables, Alembic migrations, the store."""
 
 from kingpost.store.db import Database
-from kingpost.store.models import ApiKeyKind, DeploymentStatus, DesiredState
+from kingpost.store.models import ApiKeyKind, DeploymentStatus, DesiredState, RolloutStatus
 from kingpost.store.repo import (
     PRODUCTION,
     KeyScopes,
@@ -15,6 +15,7 @@ from kingpost.store.views import (
     DeploymentView,
     EnvironmentView,
     ModelView,
+    RolloutView,
     SecretView,
 )
 
@@ -30,6 +31,8 @@ __all__ = [
     "KeyScopes",
     "ModelView",
     "NewDeployment",
+    "RolloutStatus",
+    "RolloutView",
     "SecretView",
     "Store",
     "hash_api_key",

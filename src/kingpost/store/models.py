@@ -14,6 +14,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -34,6 +35,8 @@ __all__ = [
     "DesiredState",
     "Environment",
     "Model",
+    "Rollout",
+    "RolloutStatus",
     "Secret",
     "utcnow",
 ]
@@ -72,6 +75,16 @@ class DeploymentStatus(enum.StrEnum):
     FAILED = "FAILED"  # replicas crash or cannot start; message says why
     BUILD_FAILED = "BUILD_FAILED"  # the environment or image could not be built
     DELETED = "DELETED"  # removed; kept for history
+
+
+class RolloutStatus(enum.StrEnum):
+    """Where a promotion into an environment that serves traffic stands (Baseten's names)."""
+
+    IN_PROGRESS = "IN_PROGRESS"  # moving replicas and traffic to the candidate step by step
+    PAUSED = "PAUSED"  # stopped between steps by a user; resume continues
+    SUCCEEDED = "SUCCEEDED"  # the candidate serves the environment alone
+    FAILED = "FAILED"  # the candidate never got ready or crashed; traffic is back on the previous
+    CANCELED = "CANCELED"  # a user canceled; traffic and replicas are back on the previous
 
 
 class DesiredState(enum.StrEnum):
@@ -148,6 +161,10 @@ class Environment(Base):
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
     name: Mapped[str] = mapped_column(String(100))
     deployment_id: Mapped[str | None] = mapped_column(ForeignKey("deployments.id"), nullable=True)
+    promotion_settings: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, server_default="{}"
+    )
+    """Baseten's ``promotion_settings`` as stored (validated by the API); ``{}``: defaults."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -159,3 +176,38 @@ class Secret(Base):
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Rollout(Base):
+    """A promotion into an environment that serves traffic: the durable state of its state
+    machine (``controller/rollout.py`` decides, the loop applies and records here)."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    environment: Mapped[str] = mapped_column(String(100))
+    previous_deployment_id: Mapped[str] = mapped_column(String(32))
+    candidate_deployment_id: Mapped[str] = mapped_column(String(32))
+    rolling: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[RolloutStatus] = mapped_column(String(16))
+    phase: Mapped[str] = mapped_column(String(16))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[int] = mapped_column(Integer, default=1)
+    target_replicas: Mapped[int] = mapped_column(Integer)
+    """The candidate's replicas at the end."""
+    previous_initial_replicas: Mapped[int] = mapped_column(Integer)
+    candidate_replicas: Mapped[int] = mapped_column(Integer, default=0)
+    """Replicas the candidate runs at this step."""
+    previous_replicas: Mapped[int] = mapped_column(Integer)
+    """Replicas the previous deployment runs at this step."""
+    candidate_traffic_percent: Mapped[float] = mapped_column(Float, default=0.0)
+    requested: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """A user's control waiting for the loop: pause, cancel or force_complete."""
+    message: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """The environment's promotion settings when the promotion began."""
+    phase_since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

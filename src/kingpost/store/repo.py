@@ -29,14 +29,17 @@ from kingpost.store.models import (
     DesiredState,
     Environment,
     Model,
+    Rollout,
     Secret,
     utcnow,
 )
+from kingpost.store.rollouts import RUNNING, control, latest, record, roll_or_point, rollout_view
 from kingpost.store.views import (
     ApiKeyView,
     DeploymentView,
     EnvironmentView,
     ModelView,
+    RolloutView,
     SecretView,
 )
 
@@ -127,7 +130,9 @@ def _key_view(k: ApiKey) -> ApiKeyView:
 
 
 def _env_view(e: Environment) -> EnvironmentView:
-    return EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
+    return EnvironmentView(
+        e.id, e.model_id, e.name, e.deployment_id, e.updated_at, dict(e.promotion_settings or {})
+    )
 
 
 def _deployment_view(d: Deployment, envs: Iterable[str] = ()) -> DeploymentView:
@@ -314,6 +319,7 @@ class Store:
         with self.db.session() as s:
             model = self._model(s, ref, lock=True)
             view = _model_view(s, model)
+            s.execute(delete(Rollout).where(Rollout.model_id == model.id))
             s.execute(delete(Environment).where(Environment.model_id == model.id))
             s.execute(delete(Deployment).where(Deployment.model_id == model.id))
             s.delete(model)
@@ -399,9 +405,10 @@ class Store:
             )
             s.add(dep)
             s.flush()
-            env_name = new.environment or (PRODUCTION if first else None)
-            if env_name is not None:
-                self._point(s, model.id, env_name, dep.id)
+            if first:
+                self._point(s, model.id, new.environment or PRODUCTION, dep.id)
+            elif new.environment is not None:
+                self._promote_into(s, model, new.environment, dep)
             return self._view(s, dep)
 
     def _point(self, s: Session, model_id: str, env_name: str, deployment_id: str) -> None:
@@ -415,6 +422,18 @@ class Store:
             s.add(env)
         env.deployment_id = deployment_id
         env.updated_at = utcnow()
+
+    def _promote_into(self, s: Session, model: Model, env_name: str, dep: Deployment) -> None:
+        """Point the environment at ``dep``, or begin a rollout when one serves there."""
+        env = s.scalar(
+            select(Environment).where(
+                Environment.model_id == model.id, Environment.name == env_name
+            )
+        )
+        if env is None:
+            self._point(s, model.id, env_name, dep.id)
+            return
+        roll_or_point(s, env, dep, model.name)
 
     def _view(self, s: Session, d: Deployment) -> DeploymentView:
         envs = s.scalars(select(Environment.name).where(Environment.deployment_id == d.id))
@@ -520,7 +539,15 @@ class Store:
                     f"deployment {d.name!r} is {d.desired_state}; activate it before promoting",
                     deployment=d.id,
                 )
-            self._point(s, model.id, env_name, d.id)
+            if d.status in (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED):
+                raise ConflictError(
+                    f"deployment {d.name!r} is {d.status}: it cannot serve; fix it and "
+                    f"re-activate it (`kingpost deployments activate {model.name} {d.name}`), "
+                    "then promote it",
+                    deployment=d.id,
+                    status=str(d.status),
+                )
+            self._promote_into(s, model, env_name, d)
             s.flush()
             return self._view(s, d)
 
@@ -551,6 +578,65 @@ class Store:
             s.add(e)
             s.flush()
             return _env_view(e)
+
+    def _environment(self, s: Session, model: Model, env_name: str) -> Environment:
+        env = s.scalar(
+            select(Environment).where(
+                Environment.model_id == model.id, Environment.name == env_name
+            )
+        )
+        if env is None:
+            raise NotFoundError(
+                f"environment {env_name!r} of model {model.name!r} not found; "
+                f"`kingpost environments list {model.name}` shows its environments",
+                environment=env_name,
+            )
+        return env
+
+    def get_environment(self, model_ref: str, env_name: str) -> EnvironmentView:
+        with self.db.session() as s:
+            return _env_view(self._environment(s, self._model(s, model_ref), env_name))
+
+    def set_promotion_settings(
+        self, model_ref: str, env_name: str, settings: Mapping[str, Any]
+    ) -> EnvironmentView:
+        """Store an environment's promotion settings (validated by the caller); the next
+        promotion into it uses them, one under way keeps those it began with."""
+        with self.db.session() as s:
+            env = self._environment(s, self._model(s, model_ref, lock=True), env_name)
+            env.promotion_settings, env.updated_at = dict(settings), utcnow()
+            s.flush()
+            return _env_view(env)
+
+    # -- rollouts ---------------------------------------------------------------
+    def running_rollouts(self) -> list[RolloutView]:
+        with self.db.session() as s:
+            rows = s.scalars(select(Rollout).where(Rollout.status.in_(RUNNING)))
+            return [rollout_view(r) for r in rows]
+
+    def latest_rollout(self, model_ref: str, env_name: str) -> RolloutView | None:
+        """The environment's last rollout (running or finished); 404 for an unknown
+        model or environment."""
+        with self.db.session() as s:
+            model = self._model(s, model_ref)
+            self._environment(s, model, env_name)
+            r = latest(s, model.id, env_name)
+            return rollout_view(r) if r is not None else None
+
+    def control_rollout(self, model_ref: str, env_name: str, action: str) -> RolloutView:
+        with self.db.session() as s:
+            model = self._model(s, model_ref, lock=True)
+            self._environment(s, model, env_name)
+            r = control(s, model.id, env_name, model.name, action)
+            s.flush()
+            return rollout_view(r)
+
+    def record_rollout(
+        self, rollout_id: str, fields: Mapping[str, Any], seen: tuple[str, str | None]
+    ) -> bool:
+        """The controller's next state of a rollout (see :func:`store.rollouts.record`)."""
+        with self.db.session() as s:
+            return record(s, rollout_id, fields, seen)
 
     def routing_snapshot(
         self,

@@ -6,9 +6,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kingpost.store.models import ApiKeyKind, DeploymentStatus, DesiredState
+from kingpost.store.models import ApiKeyKind, DeploymentStatus, DesiredState, RolloutStatus
 
-__all__ = ["ApiKeyView", "DeploymentView", "EnvironmentView", "ModelView", "SecretView"]
+__all__ = [
+    "ApiKeyView",
+    "DeploymentView",
+    "EnvironmentView",
+    "ModelView",
+    "RolloutView",
+    "SecretView",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,36 @@ class EnvironmentView:
     name: str
     deployment_id: str | None
     updated_at: datetime
+    promotion_settings: dict[str, Any] = field(default_factory=dict)
+    """As stored: ``{}`` means the defaults (promotions do not roll)."""
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A promotion into an environment that served traffic (see ``store.models.Rollout``)."""
+
+    id: str
+    model_id: str
+    environment: str
+    previous_deployment_id: str
+    candidate_deployment_id: str
+    rolling: bool
+    status: RolloutStatus
+    phase: str
+    step: int
+    steps: int
+    target_replicas: int
+    previous_initial_replicas: int
+    candidate_replicas: int
+    previous_replicas: int
+    candidate_traffic_percent: float
+    requested: str | None
+    message: str
+    settings: dict[str, Any]
+    phase_since: datetime
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,84 @@
+"""Environment routes: promotion settings, promotions and the rollouts they start.
+
+Baseten's paths where it has them (``PATCH /v1/models/{model}/environments/{env}``,
+``POST .../environments/{env}/promote``, ``POST .../environments/{env}/cancel_promotion``);
+Kingpost's in the same style for what it adds (``GET .../promotion``,
+``POST .../pause_promotion``, ``.../resume_promotion``, ``.../force_complete_promotion``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+
+from kingpost.api.schemas import (
+    DeploymentOut,
+    EnvironmentOut,
+    EnvironmentPatch,
+    EnvironmentPromoteIn,
+    RolloutOut,
+)
+from kingpost.controller.rollout import PromotionSettings
+from kingpost.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from kingpost.api.app import ControlPlane
+
+__all__ = ["rollout_routes"]
+
+_ENV = "/models/{model}/environments/{env}"
+
+
+def rollout_routes(router: APIRouter, plane: ControlPlane) -> None:
+    store = plane.store
+
+    def control(model: str, env: str, action: str) -> RolloutOut:
+        out = RolloutOut.of(store.control_rollout(model, env, action))
+        plane.controller.wake()
+        return out
+
+    @router.get(_ENV, response_model=EnvironmentOut)
+    def get_environment(model: str, env: str) -> EnvironmentOut:
+        return EnvironmentOut.of(
+            store.get_environment(model, env), store.latest_rollout(model, env)
+        )
+
+    @router.patch(_ENV, response_model=EnvironmentOut)
+    def update_environment(model: str, env: str, body: EnvironmentPatch) -> EnvironmentOut:
+        settings = PromotionSettings.from_api(body.promotion_settings)  # 400 naming the field
+        view = store.set_promotion_settings(model, env, settings.to_api())
+        return EnvironmentOut.of(view, store.latest_rollout(model, env))
+
+    @router.post(f"{_ENV}/promote", response_model=DeploymentOut)
+    def promote_to_environment(model: str, env: str, body: EnvironmentPromoteIn) -> DeploymentOut:
+        out = DeploymentOut.of(store.promote(model, body.deployment_id, env))
+        plane.controller.wake()
+        return out
+
+    @router.get(f"{_ENV}/promotion", response_model=RolloutOut)
+    def promotion_status(model: str, env: str) -> RolloutOut:
+        rollout = store.latest_rollout(model, env)
+        if rollout is None:
+            raise NotFoundError(
+                f"environment {env!r} of model {model!r} has had no promotion while it "
+                "served traffic",
+                environment=env,
+            )
+        return RolloutOut.of(rollout)
+
+    @router.post(f"{_ENV}/pause_promotion", response_model=RolloutOut)
+    def pause_promotion(model: str, env: str) -> RolloutOut:
+        return control(model, env, "pause")
+
+    @router.post(f"{_ENV}/resume_promotion", response_model=RolloutOut)
+    def resume_promotion(model: str, env: str) -> RolloutOut:
+        return control(model, env, "resume")
+
+    @router.post(f"{_ENV}/cancel_promotion", response_model=RolloutOut)
+    def cancel_promotion(model: str, env: str) -> RolloutOut:
+        return control(model, env, "cancel")
+
+    @router.post(f"{_ENV}/force_complete_promotion", response_model=RolloutOut)
+    def force_complete_promotion(model: str, env: str) -> RolloutOut:
+        return control(model, env, "force_complete")
