@@ -1,0 +1,226 @@
+"""End-to-end benchmark: client -> Kingpost's gateway -> Kingpost's model server, against
+the same model server called directly.
+
+The path users call (``/models/.../predict`` through ``kingpost server``) costs the gateway
+and the replica together; this measures what the gateway adds to a real model server, not
+to nginx (``bench/gateway.py`` does that). Both processes run pinned to one core (core 0
+by default), as a one-core box would run them; wrk runs on another. Every round runs
+direct and end to end back to back, so the machine's drift lands in both; the report
+gives each round's ratio, their median and spread, and each process's CPU time per
+request (``/proc/PID/schedstat``).
+
+The model is a trivial echo (``predict`` returns its input). It is served once per
+``predict_concurrency`` asked for (default 1 and 8), and the gateway's table gives the
+replica the same concurrency, as the controller does.
+
+    .venv/bin/python bench/e2e.py [--duration 4] [--rounds 5] [--concurrency 1 8]
+        [--connections 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from gateway import Procs, free_port, wait_port, wrk  # noqa: E402
+
+from kingpost.gateway.control import push_table  # noqa: E402
+from kingpost.gateway.table import (  # noqa: E402
+    DeploymentRoute,
+    DeploymentState,
+    ModelRoute,
+    RoutingTable,
+    Upstream,
+)
+
+KEY = "kp_bench_key"
+BODY = '{"prompt": "hello world", "max_tokens": 16, "temperature": 0.5}'
+DIRECT_PATH = "/v1/models/model:predict"
+GATEWAY_PATH = "/models/bench/environments/production/predict"
+ECHO_MODEL = """class Model:
+    def __init__(self, **kwargs):
+        pass
+
+    def load(self):
+        pass
+
+    def predict(self, model_input):
+        return model_input
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (the scheduler's own count, in ns)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def model_app(work: Path, concurrency: int) -> Path:
+    app = work / f"app-c{concurrency}"
+    (app / "model").mkdir(parents=True)
+    (app / "model" / "model.py").write_text(ECHO_MODEL)
+    (app / "config.yaml").write_text(
+        f"model_name: echo\nruntime:\n  predict_concurrency: {concurrency}\n"
+    )
+    return app
+
+
+def table(port: int, concurrency: int) -> RoutingTable:
+    """One model, its production environment on one deployment with one replica: what the
+    controller pushes for a deployment of this project (concurrency from its config)."""
+    return RoutingTable(
+        version=1,
+        models={"mb": ModelRoute("mb", "bench", {"production": (("db", 1.0),)})},
+        model_names={"bench": "mb"},
+        deployments={
+            "db": DeploymentRoute(
+                "db",
+                "mb",
+                DIRECT_PATH,
+                DeploymentState.SERVING,
+                (Upstream("r0", "127.0.0.1", port),),
+                concurrency=concurrency,
+            )
+        },
+        api_key_hashes=frozenset({hashlib.sha256(KEY.encode()).hexdigest()}),
+    )
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/v1/models/model", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} never became ready")
+
+
+def lua(work: Path, name: str, auth: bool) -> Path:
+    script = work / f"{name}.lua"
+    lines = ['wrk.method = "POST"', f"wrk.body = '{BODY}'"]
+    lines.append('wrk.headers["Content-Type"] = "application/json"')
+    if auth:
+        lines.append(f'wrk.headers["Authorization"] = "Api-Key {KEY}"')
+    script.write_text("\n".join(lines) + "\n")
+    return script
+
+
+def measure(
+    url: str, script: Path, args: argparse.Namespace, pids: dict[str, int]
+) -> dict[str, float]:
+    """One wrk run, with each named process's CPU time per answered request."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    r = wrk(url, args.duration, args.connections, script, core=args.client_core)
+    answered = max(1.0, r["rps"] * int(args.duration))
+    for name, pid in pids.items():
+        r[f"cpu_us_{name}"] = (cpu_seconds(pid) - before[name]) / answered * 1e6
+    return r
+
+
+def run_one(args: argparse.Namespace, work: Path, concurrency: int) -> dict[str, Any]:
+    procs = Procs()
+    core = str(args.server_core)
+    try:
+        app = model_app(work, concurrency)
+        mport, gport = free_port(), free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        server_cmd = [sys.executable, "-m", "kingpost.server", "--app-dir", str(app)]
+        server_cmd += ["--port", str(mport), "--host", "127.0.0.1"]
+        server = procs.start(["taskset", "-c", core, *server_cmd], env=env)
+        control = work / f"gw-c{concurrency}.sock"
+        gw_cmd = [sys.executable, "-m", "kingpost.gateway", "--port", str(gport)]
+        gw_cmd += ["--control-socket", str(control), "--workers", "1"]
+        gateway = procs.start(["taskset", "-c", core, *gw_cmd], env=env)
+        wait_port(mport)
+        wait_port(gport)
+        wait_ready(f"http://127.0.0.1:{mport}")
+        deadline = time.monotonic() + 10
+        while not control.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        push_table(control, table(mport, concurrency))
+        direct = f"http://127.0.0.1:{mport}{DIRECT_PATH}"
+        e2e = f"http://127.0.0.1:{gport}{GATEWAY_PATH}"
+        plain, authed = lua(work, "direct", False), lua(work, "e2e", True)
+        pids = {"server": server.pid, "gateway": gateway.pid}
+        for url, script in ((direct, plain), (e2e, authed)):  # warm up both paths
+            r = wrk(url, 1, args.connections, script, core=args.client_core)
+            if r["errors"]:
+                raise SystemExit(f"{url}: {r['errors']:.0f} non-2xx answers in the warm-up")
+        rounds: dict[str, list[dict[str, float]]] = {"direct": [], "e2e": []}
+        for _ in range(args.rounds):
+            rounds["direct"].append(measure(direct, plain, args, pids))
+            rounds["e2e"].append(measure(e2e, authed, args, pids))
+        return {"concurrency": concurrency, "rounds": rounds}
+    finally:
+        procs.stop()
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"\nEnd to end {time.strftime('%Y-%m-%d %H:%M')}: echo model, wrk -c{args.connections}, "
+        f"{args.duration:g}s x {args.rounds} rounds; gateway and model server on core "
+        f"{args.server_core}, wrk on core {args.client_core}"
+    )
+    for res in results:
+        d, e = res["rounds"]["direct"], res["rounds"]["e2e"]
+        ratios = [b["rps"] / a["rps"] for a, b in zip(d, e, strict=True)]
+        errors = sum(r["errors"] for r in d + e)
+
+        def med(runs: list[dict[str, float]], key: str) -> float:
+            return statistics.median(r[key] for r in runs)
+
+        print(f"\npredict_concurrency {res['concurrency']}:")
+        print(
+            "| path | req/s, median | per round | p50 ms | p99 ms | CPU us/req server | gateway |"
+        )
+        print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+        for name, runs in (("direct", d), ("end to end", e)):
+            each = ", ".join(f"{r['rps']:.0f}" for r in runs)
+            print(
+                f"| {name} | {med(runs, 'rps'):.0f} | {each} | {med(runs, 'p50'):.3f} | "
+                f"{med(runs, 'p99'):.3f} | {med(runs, 'cpu_us_server'):.1f} | "
+                f"{med(runs, 'cpu_us_gateway'):.1f} |"
+            )
+        print(
+            "end to end / direct per round: "
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + f"; median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max "
+            f"{max(ratios):.2f}; target >= 0.60)"
+            + (f"; {errors:.0f} non-2xx answers" if errors else "")
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--server-core", type=int, default=0)
+    ap.add_argument("--client-core", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kp-e2e-") as tmp:
+        results = [run_one(args, Path(tmp), c) for c in args.concurrency]
+    report(results, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
