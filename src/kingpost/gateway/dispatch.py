@@ -10,7 +10,6 @@ slot straight to the next waiter.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,6 +35,8 @@ class Slot:
 class _Waiter:
     future: asyncio.Future[Slot]
     exclude: frozenset[str] = field(default_factory=frozenset)
+    queued: bool = True
+    """Still in the deployment's queue (a waiter handed a slot or refused leaves it)."""
 
 
 class Dispatcher:
@@ -65,6 +66,7 @@ class Dispatcher:
         if route.state == DeploymentState.INACTIVE:
             while self._waiters:
                 w = self._waiters.popleft()
+                w.queued = False
                 if not w.future.done():
                     w.future.set_exception(
                         Rejected(404, route.message or "deployment is inactive", "not_found")
@@ -135,7 +137,10 @@ class Dispatcher:
             timer.cancel()
             if not future.done():
                 future.cancel()
-            with contextlib.suppress(ValueError):
+            if waiter.queued:
+                # Only a waiter that timed out or was cancelled is still queued: removing
+                # one that is not costs a ValueError whose message formats the waiter.
+                waiter.queued = False
                 self._waiters.remove(waiter)
 
     def _expire(self, future: asyncio.Future[Slot], hold_timeout_s: float) -> None:
@@ -158,9 +163,11 @@ class Dispatcher:
             waiter = self._waiters[0]
             if waiter.future.done():
                 self._waiters.popleft()
+                waiter.queued = False
                 continue
             u = self._free(waiter.exclude) or (self._free() if waiter.exclude else None)
             if u is None:
                 return
             self._waiters.popleft()
+            waiter.queued = False
             waiter.future.set_result(self._take(u))
