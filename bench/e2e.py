@@ -14,7 +14,11 @@ The model is a trivial echo (``predict`` returns its input). It is served once p
 replica the same concurrency, as the controller does.
 
     .venv/bin/python bench/e2e.py [--duration 4] [--rounds 5] [--concurrency 1 8]
-        [--connections 16] [--json out.json]
+        [--connections 16] [--baseline-src OTHER/src] [--json out.json]
+
+With ``--baseline-src`` a second gateway, run from another source tree (e.g. a
+``git worktree`` of the commit before a change), is measured in the same rounds, in front
+of the same model server: before and after a change in one run.
 """
 
 from __future__ import annotations
@@ -146,25 +150,40 @@ def run_one(args: argparse.Namespace, work: Path, concurrency: int) -> dict[str,
         gw_cmd = [sys.executable, "-m", "kingpost.gateway", "--port", str(gport)]
         gw_cmd += ["--control-socket", str(control), "--workers", "1"]
         gateway = procs.start(["taskset", "-c", core, *gw_cmd], env=env)
+        controls = [control]
+        base = None
+        if args.baseline_src is not None:
+            bport, bcontrol = free_port(), work / f"base-c{concurrency}.sock"
+            base_cmd = [sys.executable, "-m", "kingpost.gateway", "--port", str(bport)]
+            base_cmd += ["--control-socket", str(bcontrol), "--workers", "1"]
+            base_env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
+            base = procs.start(["taskset", "-c", core, *base_cmd], env=base_env)
+            controls.append(bcontrol)
+            wait_port(bport)
         wait_port(mport)
         wait_port(gport)
         wait_ready(f"http://127.0.0.1:{mport}")
-        deadline = time.monotonic() + 10
-        while not control.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        push_table(control, table(mport, concurrency))
-        direct = f"http://127.0.0.1:{mport}{DIRECT_PATH}"
-        e2e = f"http://127.0.0.1:{gport}{GATEWAY_PATH}"
+        for sock in controls:
+            deadline = time.monotonic() + 10
+            while not sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            push_table(sock, table(mport, concurrency))
         plain, authed = lua(work, "direct", False), lua(work, "e2e", True)
-        pids = {"server": server.pid, "gateway": gateway.pid}
-        for url, script in ((direct, plain), (e2e, authed)):  # warm up both paths
+        targets = {
+            "direct": (f"http://127.0.0.1:{mport}{DIRECT_PATH}", plain, gateway.pid),
+            "e2e": (f"http://127.0.0.1:{gport}{GATEWAY_PATH}", authed, gateway.pid),
+        }
+        if base is not None:
+            targets["base"] = (f"http://127.0.0.1:{bport}{GATEWAY_PATH}", authed, base.pid)
+        for url, script, _pid in targets.values():  # warm up every path
             r = wrk(url, 1, args.connections, script, core=args.client_core)
             if r["errors"]:
                 raise SystemExit(f"{url}: {r['errors']:.0f} non-2xx answers in the warm-up")
-        rounds: dict[str, list[dict[str, float]]] = {"direct": [], "e2e": []}
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for _ in range(args.rounds):
-            rounds["direct"].append(measure(direct, plain, args, pids))
-            rounds["e2e"].append(measure(e2e, authed, args, pids))
+            for name, (url, script, pid) in targets.items():
+                pids = {"server": server.pid, "gateway": pid}
+                rounds[name].append(measure(url, script, args, pids))
         return {"concurrency": concurrency, "rounds": rounds}
     finally:
         procs.stop()
@@ -178,8 +197,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     for res in results:
         d, e = res["rounds"]["direct"], res["rounds"]["e2e"]
-        ratios = [b["rps"] / a["rps"] for a, b in zip(d, e, strict=True)]
-        errors = sum(r["errors"] for r in d + e)
+        b = res["rounds"].get("base", [])
+        ratios = [y["rps"] / x["rps"] for x, y in zip(d, e, strict=True)]
+        errors = sum(r["errors"] for r in d + e + b)
 
         def med(runs: list[dict[str, float]], key: str) -> float:
             return statistics.median(r[key] for r in runs)
@@ -189,7 +209,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             "| path | req/s, median | per round | p50 ms | p99 ms | CPU us/req server | gateway |"
         )
         print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
-        for name, runs in (("direct", d), ("end to end", e)):
+        paths = [("direct", d), ("end to end", e)] + ([("baseline", b)] if b else [])
+        for name, runs in paths:
             each = ", ".join(f"{r['rps']:.0f}" for r in runs)
             print(
                 f"| {name} | {med(runs, 'rps'):.0f} | {each} | {med(runs, 'p50'):.3f} | "
@@ -203,6 +224,19 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{max(ratios):.2f}; target >= 0.60)"
             + (f"; {errors:.0f} non-2xx answers" if errors else "")
         )
+        if b:
+            before = [y["rps"] / x["rps"] for x, y in zip(d, b, strict=True)]
+            after = [y["rps"] / x["rps"] for x, y in zip(b, e, strict=True)]
+            print(
+                "baseline / direct per round: "
+                + ", ".join(f"{x:.2f}" for x in before)
+                + f"; median {statistics.median(before):.2f}"
+            )
+            print(
+                "end to end / baseline per round: "
+                + ", ".join(f"{x:.2f}" for x in after)
+                + f"; median {statistics.median(after):.2f}"
+            )
 
 
 def main() -> None:
@@ -213,6 +247,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--server-core", type=int, default=0)
     ap.add_argument("--client-core", type=int, default=1)
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="another tree's src/ to run a second gateway from, measured in the same rounds",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kp-e2e-") as tmp:
