@@ -271,13 +271,18 @@ def table_for(up_port: int, sse_port: int) -> RoutingTable:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (the scheduler's own count, in ns)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def start_gateway(
     procs: Procs, port: int, control: Path, cores: str, workers: int, src: Path = REPO / "src"
-) -> None:
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "kingpost.gateway", "--port", str(port)]
     cmd += ["--control-socket", str(control), "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
-    procs.start(["taskset", "-c", cores, *cmd], env=env)
+    return procs.start(["taskset", "-c", cores, *cmd], env=env)
 
 
 def open_loop(url: str, rate: float, seconds: float, connections: int) -> dict[str, float]:
@@ -337,6 +342,11 @@ def main() -> None:
         type=Path,
         help="another tree's src/ to run a second gateway from, as the target 'baseline'",
     )
+    ap.add_argument(
+        "--saturation-only",
+        action="store_true",
+        help="only the saturation rounds (with each gateway's CPU time per request)",
+    )
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -390,14 +400,16 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
         )
     )
     control = work / "gw.sock"
-    start_gateway(procs, kp_port, control, "0", workers=1, src=args.src)
+    gateways = {"kingpost": start_gateway(procs, kp_port, control, "0", workers=1, src=args.src)}
     control2 = work / "gw2.sock"
     start_gateway(procs, kp2_port, control2, "0,1", workers=2, src=args.src)
     sockets = [control, *control_socket_paths(control2, 2)]
     ports = [up_port, sse_port, ngx_port, kp_port, kp2_port]
     if args.baseline_src is not None:
         base_port, base_control = free_port(), work / "base.sock"
-        start_gateway(procs, base_port, base_control, "0", workers=1, src=args.baseline_src)
+        gateways["baseline"] = start_gateway(
+            procs, base_port, base_control, "0", workers=1, src=args.baseline_src
+        )
         sockets.append(base_control)
         ports.append(base_port)
     for port in ports:
@@ -431,7 +443,15 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     sat: dict[str, list[dict[str, float]]] = {k: [] for k in targets}
     for _ in range(args.rounds):
         for name, url in targets.items():
+            # A gateway's CPU time per request too: steadier than req/s on a busy machine.
+            pid = gateways[name].pid if name in gateways else 0
+            before = cpu_seconds(pid) if pid else 0.0
             sat[name].append(wrk(url, args.duration, args.connections, post))
+            if pid:
+                done = sat[name][-1]["rps"] * int(args.duration)
+                sat[name][-1]["cpu_us"] = (cpu_seconds(pid) - before) / max(1.0, done) * 1e6
+    if args.saturation_only:
+        return {"saturation": sat, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     peak = {k: max(r["rps"] for r in v) for k, v in sat.items()}
     p1 = {k: wrk(url, args.duration, 1, post) for k, url in targets.items()}
     p256 = {k: wrk(url, args.duration, 256, post) for k, url in targets.items()}
@@ -504,7 +524,32 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     }
 
 
+def report_saturation(r: dict[str, Any]) -> None:
+    sat = r["saturation"]
+    print(f"\nGateway saturation rounds {r['date']} (wrk -c64; SUT on core 0)")
+    for name, runs in sat.items():
+        cpu = [x["cpu_us"] for x in runs if "cpu_us" in x]
+        print(
+            f"{name}: req/s per round "
+            + ", ".join(f"{x['rps']:.0f}" for x in runs)
+            + (f"; CPU us/request {', '.join(f'{c:.1f}' for c in cpu)}" if cpu else "")
+            + (f", median {statistics.median(cpu):.1f}" if cpu else "")
+        )
+    pairs = [("kingpost", "nginx"), ("baseline", "nginx"), ("kingpost", "baseline")]
+    for a, b in pairs:
+        if a in sat and b in sat:
+            each = [x["rps"] / y["rps"] for x, y in zip(sat[a], sat[b], strict=True)]
+            print(
+                f"{a} / {b} per round: "
+                + ", ".join(f"{x:.2f}" for x in each)
+                + f"; median {statistics.median(each):.2f}"
+            )
+
+
 def report(r: dict[str, Any]) -> None:
+    if "peak_rps" not in r:
+        report_saturation(r)
+        return
     peak, half = r["peak_rps"], r["half_load"]
     print(
         f"\nGateway benchmark {r['date']}, {r['cpus']} cores (SUT on core 0; wrk/loadgen + upstream on core 1)"
