@@ -104,6 +104,9 @@ class Dispatcher:
             latency_sum_s=self.counters.latency_sum_s,
         )
 
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
+
     def update(self, route: DeploymentRoute) -> None:
         self.route = route
         live = {u.replica_id for u in route.upstreams}

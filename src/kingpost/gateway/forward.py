@@ -221,10 +221,10 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
         client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target)
         return
     outcome = settle(client, req, conn, exchange, True, ending)
-    if conn.returning is not None:
+    if conn.returning is not None and dispatcher.has_waiters():
         # The connection rejoins the pool once the read that ended its answer is parsed:
-        # the slot is freed then too, so that a request queued for it (a ParkedRequest) is
-        # sent at once on this connection instead of a Task opening another.
+        # the slot is freed then too, so that the request queued for it (a ParkedRequest)
+        # is sent at once on this connection instead of a Task opening another.
         conn.after_read = partial(dispatcher.release, slot)
     else:
         dispatcher.release(slot)
