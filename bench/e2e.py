@@ -7,7 +7,7 @@ to nginx (``bench/gateway.py`` does that). Both processes run pinned to one core
 by default), as a one-core box would run them; wrk runs on another. Every round runs
 direct and end to end back to back, so the machine's drift lands in both; the report
 gives each round's ratio, their median and spread, and each process's CPU time per
-request (``/proc/PID/schedstat``).
+request (``/proc/PID/task/*/schedstat``) and context switches per request.
 
 The model is a trivial echo (``predict`` returns its input). It is served once per
 ``predict_concurrency`` asked for (default 1 and 8), and the gateway's table gives the
@@ -65,9 +65,20 @@ ECHO_MODEL = """class Model:
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process has used so far (the scheduler's own count, in ns)."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+def cpu_and_switches(pid: int) -> tuple[float, int]:
+    """CPU seconds a process's threads have used so far (the scheduler's own count; the
+    model server runs predict on threads, which ``/proc/PID/schedstat`` alone leaves out),
+    and their context switches, voluntary or not."""
+    cpu, switches = 0.0, 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            cpu += int((task / "schedstat").read_text().split()[0]) / 1e9
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    switches += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+    return cpu, switches
 
 
 def model_app(work: Path, concurrency: int) -> Path:
@@ -127,12 +138,15 @@ def lua(work: Path, name: str, auth: bool) -> Path:
 def measure(
     url: str, script: Path, args: argparse.Namespace, pids: dict[str, int]
 ) -> dict[str, float]:
-    """One wrk run, with each named process's CPU time per answered request."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    """One wrk run, with each named process's CPU time and context switches per answered
+    request."""
+    before = {name: cpu_and_switches(pid) for name, pid in pids.items()}
     r = wrk(url, args.duration, args.connections, script, core=args.client_core)
     answered = max(1.0, r["rps"] * int(args.duration))
     for name, pid in pids.items():
-        r[f"cpu_us_{name}"] = (cpu_seconds(pid) - before[name]) / answered * 1e6
+        cpu, switches = cpu_and_switches(pid)
+        r[f"cpu_us_{name}"] = (cpu - before[name][0]) / answered * 1e6
+        r[f"switches_{name}"] = (switches - before[name][1]) / answered
     return r
 
 
@@ -206,16 +220,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
         print(f"\npredict_concurrency {res['concurrency']}:")
         print(
-            "| path | req/s, median | per round | p50 ms | p99 ms | CPU us/req server | gateway |"
+            "| path | req/s, median | per round | p50 ms | p99 ms | CPU us/req server | gateway "
+            "| switches/req server | gateway |"
         )
-        print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+        print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         paths = [("direct", d), ("end to end", e)] + ([("baseline", b)] if b else [])
         for name, runs in paths:
             each = ", ".join(f"{r['rps']:.0f}" for r in runs)
             print(
                 f"| {name} | {med(runs, 'rps'):.0f} | {each} | {med(runs, 'p50'):.3f} | "
                 f"{med(runs, 'p99'):.3f} | {med(runs, 'cpu_us_server'):.1f} | "
-                f"{med(runs, 'cpu_us_gateway'):.1f} |"
+                f"{med(runs, 'cpu_us_gateway'):.1f} | {med(runs, 'switches_server'):.2f} | "
+                f"{med(runs, 'switches_gateway'):.2f} |"
             )
         print(
             "end to end / direct per round: "
