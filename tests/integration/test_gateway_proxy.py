@@ -365,6 +365,38 @@ def test_a_queued_request_gets_404_when_its_deployment_is_deactivated(
         assert first.result().status_code == 200
 
 
+def test_a_queued_request_that_fails_to_send_closes_only_its_connection(
+    gw: Running, up: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A queued request is sent from inside another request's release: a bug there must end
+    # its own connection and give the slot on, not strand the request that freed it.
+    from kingpost.gateway import forward
+
+    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1))
+    with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection
+        assert c.get("/models/echo/production/sync/echo").status_code == 200
+    dispatcher = gw.gateway.dispatcher("d1")
+    url = f"{gw.url}/models/echo/production/predict"
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
+        wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the first request to be sent")
+
+        def broken(*args: object) -> object:
+            raise RuntimeError("a bug in sending")
+
+        monkeypatch.setattr(forward, "send_now", broken)
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(_req(b"queued"))
+            wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed, unanswered
+        assert first.result().status_code == 200
+    monkeypatch.undo()
+    wait_for(lambda: dispatcher.inflight == {"r0": 0}, 5, "the slot to be released")
+    r = httpx.post(url, headers=AUTH, timeout=5)
+    assert r.status_code == 200
+
+
 def test_a_client_that_leaves_frees_its_replica_slot(gw: Running, up: Upstream) -> None:
     gw.table(route(up, predict_path="/slow?s=3", concurrency=1))
     with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection

@@ -180,7 +180,11 @@ class ParkedRequest:
         except Exception:
             # Raised inside another request's release: end only this client's connection.
             access_log.exception("sending queued request %s failed", req.rid)
-            self.dispatcher.release(slot)
+            upstream = client.upstream
+            if upstream is not None and upstream.exchange is not None:
+                upstream.close()  # its loss lands the exchange, which releases the slot
+            else:
+                self.dispatcher.release(slot)
             client.busy = False
             if client.transport is not None:
                 client.transport.close()
