@@ -16,6 +16,12 @@ streaming case (SSE, 100 chunks), a 1 MB request body case, and the gateway with
 workers on both cores.
 
     python bench/gateway.py [--duration 5] [--rounds 2] [--no-ray] [--json out.json]
+        [--src TREE/src] [--baseline-src OTHER/src]
+
+``--baseline-src`` adds a second Kingpost gateway, run from another source tree (a ``git
+worktree`` of an older commit), as the target ``baseline`` in every phase: before and
+after a change measured in the same rounds. ``--src`` runs the gateway under test from
+another tree than this one.
 """
 
 from __future__ import annotations
@@ -265,11 +271,18 @@ def table_for(up_port: int, sse_port: int) -> RoutingTable:
     )
 
 
-def start_gateway(procs: Procs, port: int, control: Path, cores: str, workers: int) -> None:
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (the scheduler's own count, in ns)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def start_gateway(
+    procs: Procs, port: int, control: Path, cores: str, workers: int, src: Path = REPO / "src"
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "kingpost.gateway", "--port", str(port)]
     cmd += ["--control-socket", str(control), "--workers", str(workers)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    procs.start(["taskset", "-c", cores, *cmd], env=env)
+    env = {**os.environ, "PYTHONPATH": str(src.resolve())}
+    return procs.start(["taskset", "-c", cores, *cmd], env=env)
 
 
 def open_loop(url: str, rate: float, seconds: float, connections: int) -> dict[str, float]:
@@ -323,6 +336,17 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--src", type=Path, default=REPO / "src", help="the gateway under test's tree")
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="another tree's src/ to run a second gateway from, as the target 'baseline'",
+    )
+    ap.add_argument(
+        "--saturation-only",
+        action="store_true",
+        help="only the saturation rounds (with each gateway's CPU time per request)",
+    )
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
@@ -376,13 +400,22 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
         )
     )
     control = work / "gw.sock"
-    start_gateway(procs, kp_port, control, "0", workers=1)
+    gateways = {"kingpost": start_gateway(procs, kp_port, control, "0", workers=1, src=args.src)}
     control2 = work / "gw2.sock"
-    start_gateway(procs, kp2_port, control2, "0,1", workers=2)
-    for port in (up_port, sse_port, ngx_port, kp_port, kp2_port):
+    start_gateway(procs, kp2_port, control2, "0,1", workers=2, src=args.src)
+    sockets = [control, *control_socket_paths(control2, 2)]
+    ports = [up_port, sse_port, ngx_port, kp_port, kp2_port]
+    if args.baseline_src is not None:
+        base_port, base_control = free_port(), work / "base.sock"
+        gateways["baseline"] = start_gateway(
+            procs, base_port, base_control, "0", workers=1, src=args.baseline_src
+        )
+        sockets.append(base_control)
+        ports.append(base_port)
+    for port in ports:
         wait_port(port)
     table = table_for(up_port, sse_port)
-    for sock in [control, *control_socket_paths(control2, 2)]:
+    for sock in sockets:
         deadline = time.monotonic() + 10
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -392,6 +425,8 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
         "nginx": f"http://127.0.0.1:{ngx_port}{PATH}",
         "kingpost": f"http://127.0.0.1:{kp_port}{PATH}",
     }
+    if args.baseline_src is not None:
+        targets["baseline"] = f"http://127.0.0.1:{base_port}{PATH}"
     post = work / "post.lua"
     post.write_text(
         'wrk.method = "POST"\nwrk.body = ' + json.dumps(PAYLOAD) + "\n"
@@ -408,7 +443,15 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     sat: dict[str, list[dict[str, float]]] = {k: [] for k in targets}
     for _ in range(args.rounds):
         for name, url in targets.items():
+            # A gateway's CPU time per request too: steadier than req/s on a busy machine.
+            pid = gateways[name].pid if name in gateways else 0
+            before = cpu_seconds(pid) if pid else 0.0
             sat[name].append(wrk(url, args.duration, args.connections, post))
+            if pid:
+                done = sat[name][-1]["rps"] * int(args.duration)
+                sat[name][-1]["cpu_us"] = (cpu_seconds(pid) - before) / max(1.0, done) * 1e6
+    if args.saturation_only:
+        return {"saturation": sat, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     peak = {k: max(r["rps"] for r in v) for k, v in sat.items()}
     p1 = {k: wrk(url, args.duration, 1, post) for k, url in targets.items()}
     p256 = {k: wrk(url, args.duration, 256, post) for k, url in targets.items()}
@@ -439,6 +482,10 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
         "nginx": f"http://127.0.0.1:{ngx_port}/sse",
         "kingpost": f"http://127.0.0.1:{kp_port}/models/bench/environments/production/sync/sse",
     }
+    if args.baseline_src is not None:
+        sse_urls["baseline"] = (
+            f"http://127.0.0.1:{base_port}/models/bench/environments/production/sync/sse"
+        )
     streaming = {k: stream_times(u) for k, u in sse_urls.items()}
     # Ray Serve last and alone: its raylet, GCS and controller keep working on core 0 while
     # idle, which would add milliseconds to every other target's tail latency there.
@@ -477,7 +524,32 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     }
 
 
+def report_saturation(r: dict[str, Any]) -> None:
+    sat = r["saturation"]
+    print(f"\nGateway saturation rounds {r['date']} (wrk -c64; SUT on core 0)")
+    for name, runs in sat.items():
+        cpu = [x["cpu_us"] for x in runs if "cpu_us" in x]
+        print(
+            f"{name}: req/s per round "
+            + ", ".join(f"{x['rps']:.0f}" for x in runs)
+            + (f"; CPU us/request {', '.join(f'{c:.1f}' for c in cpu)}" if cpu else "")
+            + (f", median {statistics.median(cpu):.1f}" if cpu else "")
+        )
+    pairs = [("kingpost", "nginx"), ("baseline", "nginx"), ("kingpost", "baseline")]
+    for a, b in pairs:
+        if a in sat and b in sat:
+            each = [x["rps"] / y["rps"] for x, y in zip(sat[a], sat[b], strict=True)]
+            print(
+                f"{a} / {b} per round: "
+                + ", ".join(f"{x:.2f}" for x in each)
+                + f"; median {statistics.median(each):.2f}"
+            )
+
+
 def report(r: dict[str, Any]) -> None:
+    if "peak_rps" not in r:
+        report_saturation(r)
+        return
     peak, half = r["peak_rps"], r["half_load"]
     print(
         f"\nGateway benchmark {r['date']}, {r['cpus']} cores (SUT on core 0; wrk/loadgen + upstream on core 1)"
@@ -505,13 +577,21 @@ def report(r: dict[str, Any]) -> None:
         + ", ".join(f"{x:.2f}" for x in rounds)
         + f"; median {statistics.median(rounds):.2f}"
     )
+    if "baseline" in sat:
+        for name, other in (("baseline", "nginx"), ("kingpost", "baseline")):
+            each = [a["rps"] / b["rps"] for a, b in zip(sat[name], sat[other], strict=True)]
+            print(
+                f"{name} / {other} per round: "
+                + ", ".join(f"{x:.2f}" for x in each)
+                + f"; median {statistics.median(each):.2f}"
+            )
     if "ray" in peak:
         print(f"kingpost / ray throughput:   {kp / peak['ray']:.2f}  (target >= 5)")
     # Added latency per round (the target's run minus direct's run seconds before it), and
     # its median: the table above gives each target's median figures over the same rounds.
     per = r["half_load_rounds"]
     print(f"added latency at 50% of kingpost's peak ({r['half_rate']:.0f} req/s), per round:")
-    for name in ("kingpost", "nginx"):
+    for name in ("kingpost", "nginx", *(["baseline"] if "baseline" in per else [])):
         for q, target in (("p50", 0.3), ("p99", 1.0)):
             added = [t[q] - d[q] for t, d in zip(per[name], per["direct"], strict=True)]
             goal = f" (target <= {target})" if name == "kingpost" else ""

@@ -279,6 +279,124 @@ def test_requests_on_a_warm_connection_need_no_task(gw: Running, up: Upstream) -
     assert up.requests == 24
 
 
+def test_requests_queued_for_a_slot_need_no_task(gw: Running, up: Upstream) -> None:
+    """Under predict_concurrency 1, a request that finds the slot taken waits in the queue
+    without a Task, and the release that frees the slot sends it: a Task woken a loop turn
+    later left the replica idle in between, and cost the gateway more than its parsing."""
+    gw.table(route(up, concurrency=1))
+    created: list[str] = []
+
+    def count(loop: asyncio.AbstractEventLoop, coro: object, **kw: object) -> asyncio.Task[object]:
+        # The test's loop (asyncio's own) also runs a Task per accepted connection.
+        if getattr(coro, "__qualname__", "") != "BaseSelectorEventLoop._accept_connection2":
+            created.append(getattr(coro, "__qualname__", repr(coro)))
+        return asyncio.Task(coro, loop=loop, **kw)  # type: ignore[arg-type]
+
+    def client(n: int) -> list[str]:
+        with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:
+            return [
+                c.post("/models/echo/production/predict", content=f"{n}-{i}".encode()).text
+                for i in range(10)
+            ]
+
+    with ThreadPoolExecutor(4) as pool:  # warm: pools the replica connections a queue uses
+        list(pool.map(client, range(4)))
+    gw.loop.call_soon_threadsafe(gw.loop.set_task_factory, count)  # type: ignore[arg-type]
+    wait_for(lambda: gw.loop.get_task_factory() is not None, 5, "task factory set")
+    dispatcher = gw.gateway.dispatcher("d1")
+    queued = 0
+
+    def watch() -> None:
+        nonlocal queued
+        while not done.is_set():
+            queued = max(queued, dispatcher.snapshot().queued)
+            _time.sleep(0.0005)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(client, range(4)))
+    finally:
+        done.set()
+        watcher.join()
+    assert answers == [[f"{n}-{i}" for i in range(10)] for n in range(4)]
+    assert queued >= 1  # requests did wait for the one slot
+    assert created == []
+    assert dispatcher.inflight == {"r0": 0} and not dispatcher._waiters
+
+
+def test_a_queued_request_whose_client_leaves_takes_no_slot(gw: Running, up: Upstream) -> None:
+    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1))
+    with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection
+        assert c.get("/models/echo/production/sync/echo").status_code == 200
+    dispatcher = gw.gateway.dispatcher("d1")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{gw.url}/models/echo/production/predict", headers=AUTH)
+        wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the first request to be sent")
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(_req(b"leaving"))
+            wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_for(lambda: dispatcher.snapshot().queued == 0, 5, "the queue to be left")
+        assert first.result().status_code == 200
+    wait_for(lambda: dispatcher.inflight == {"r0": 0}, 5, "the slot to be released")
+    assert not dispatcher._waiters
+    assert up.requests == 2  # the request whose client left never reached the replica
+    r = httpx.post(f"{gw.url}/models/echo/production/predict", headers=AUTH, timeout=5)
+    assert r.status_code == 200
+
+
+def test_a_queued_request_gets_404_when_its_deployment_is_deactivated(
+    gw: Running, up: Upstream
+) -> None:
+    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1))
+    dispatcher = gw.gateway.dispatcher("d1")
+    url = f"{gw.url}/models/echo/production/predict"
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
+        wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the first request to be sent")
+        queued = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
+        wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
+        gw.table(route(up, state=DeploymentState.INACTIVE, message="deployment d1 is gone"))
+        r = queued.result()
+        assert r.status_code == 404 and "d1 is gone" in r.json()["error"]
+        assert first.result().status_code == 200
+
+
+def test_a_queued_request_that_fails_to_send_closes_only_its_connection(
+    gw: Running, up: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A queued request is sent from inside another request's release: a bug there must end
+    # its own connection and give the slot on, not strand the request that freed it.
+    from kingpost.gateway import forward
+
+    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1))
+    with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection
+        assert c.get("/models/echo/production/sync/echo").status_code == 200
+    dispatcher = gw.gateway.dispatcher("d1")
+    url = f"{gw.url}/models/echo/production/predict"
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
+        wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the first request to be sent")
+
+        def broken(*args: object) -> object:
+            raise RuntimeError("a bug in sending")
+
+        monkeypatch.setattr(forward, "send_now", broken)
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(_req(b"queued"))
+            wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed, unanswered
+        assert first.result().status_code == 200
+    monkeypatch.undo()
+    wait_for(lambda: dispatcher.inflight == {"r0": 0}, 5, "the slot to be released")
+    r = httpx.post(url, headers=AUTH, timeout=5)
+    assert r.status_code == 200
+
+
 def test_a_client_that_leaves_frees_its_replica_slot(gw: Running, up: Upstream) -> None:
     gw.table(route(up, predict_path="/slow?s=3", concurrency=1))
     with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection

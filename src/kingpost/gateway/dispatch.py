@@ -5,19 +5,24 @@ least-loaded ready replica with a free slot at once; otherwise it waits in the
 deployment's FIFO queue (429 when the queue is full), also while the deployment
 has no ready replica yet (503 after ``hold_timeout_s``). ``release`` hands the
 slot straight to the next waiter.
+
+A waiter is a Task awaiting :meth:`Dispatcher.acquire`, or a :class:`Parked` request
+(:meth:`Dispatcher.park`) that takes its slot in the very call that frees it: a request
+queued from the gateway's callbacks is then sent to the replica as soon as the answer
+before it ends, without waiting for a Task to be woken on a later loop turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kingpost.gateway.stats import STATUS_CLASSES, DeploymentCounters, DeploymentStats
 from kingpost.gateway.table import DeploymentRoute, DeploymentState, Upstream
 
-__all__ = ["Dispatcher", "Rejected", "Slot"]
+__all__ = ["Dispatcher", "Parked", "Rejected", "Slot", "Waiter"]
 
 
 class Rejected(Exception):
@@ -32,10 +37,53 @@ class Slot:
     key: tuple[str, int, str | None]
 
 
-@dataclass(eq=False)
-class _Waiter:
-    future: asyncio.Future[Slot]
+class Parked(Protocol):
+    """A queued request that is handed its slot, or refused, by a call (see :meth:`park`)."""
+
+    def give(self, slot: Slot) -> None:
+        """Take ``slot`` now (its owner from here on), inside the call that freed it."""
+
+    def refuse(self, rej: Rejected) -> None:
+        """The request waited too long, or its deployment went inactive."""
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """One request in a deployment's queue."""
+
+    future: asyncio.Future[Slot] | None
+    """What a Task awaits (:meth:`Dispatcher.acquire`); None for a parked request."""
     exclude: frozenset[str] = field(default_factory=frozenset)
+    queued: bool = True
+    """Still in the deployment's queue (a waiter handed a slot or refused leaves it)."""
+    parked: Parked | None = None
+    timer: asyncio.TimerHandle | None = None
+    """A parked request's hold timeout."""
+    ended: bool = False
+    """A parked request was handed a slot, refused, or left (:meth:`Dispatcher.unpark`)."""
+
+    def done(self) -> bool:
+        return self.ended if self.future is None else self.future.done()
+
+    def give(self, slot: Slot) -> None:
+        if self.future is not None:
+            self.future.set_result(slot)
+            return
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+        assert self.parked is not None
+        self.parked.give(slot)
+
+    def refuse(self, rej: Rejected) -> None:
+        if self.future is not None:
+            self.future.set_exception(rej)
+            return
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+        assert self.parked is not None
+        self.parked.refuse(rej)
 
 
 class Dispatcher:
@@ -44,17 +92,20 @@ class Dispatcher:
         self.inflight: dict[str, int] = {}
         self.counters = DeploymentCounters()
         """What this deployment answered (see :mod:`kingpost.gateway.stats`)."""
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[Waiter] = deque()
         self._turn = 0
 
     def snapshot(self) -> DeploymentStats:
         """In flight and queued now, and what it answered: read, never counted per request."""
         return DeploymentStats(
-            queued=sum(1 for w in self._waiters if not w.future.done()),
+            queued=sum(1 for w in self._waiters if not w.done()),
             inflight={rid: n for rid, n in self.inflight.items() if n > 0},
             answered=dict(zip(STATUS_CLASSES, self.counters.by_class, strict=True)),
             latency_sum_s=self.counters.latency_sum_s,
         )
+
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
 
     def update(self, route: DeploymentRoute) -> None:
         self.route = route
@@ -65,10 +116,9 @@ class Dispatcher:
         if route.state == DeploymentState.INACTIVE:
             while self._waiters:
                 w = self._waiters.popleft()
-                if not w.future.done():
-                    w.future.set_exception(
-                        Rejected(404, route.message or "deployment is inactive", "not_found")
-                    )
+                w.queued = False
+                if not w.done():
+                    w.refuse(Rejected(404, route.message or "deployment is inactive", "not_found"))
             return
         self._drain()
 
@@ -104,10 +154,7 @@ class Dispatcher:
                 return self._take(u)
         return None
 
-    async def acquire(self, exclude: frozenset[str] = frozenset()) -> Slot:
-        slot = self.try_acquire(exclude)
-        if slot is not None:
-            return slot
+    def _check_room(self) -> None:
         route = self.route
         if len(self._waiters) >= route.queue_limit:
             raise Rejected(
@@ -116,14 +163,44 @@ class Dispatcher:
                 "queued; retry later",
                 "overloaded",
             )
+
+    def park(self, parked: Parked) -> Waiter:
+        """Queue a request that :meth:`try_acquire` found no slot for: ``parked.give`` gets
+        a slot from the :meth:`release` (or table update) that frees one, ``parked.refuse``
+        the 503 after ``hold_timeout_s`` or the 404 of a deactivation. Raises the 429 of a
+        full queue. The caller keeps the waiter to :meth:`unpark` it if its client leaves."""
+        self._check_room()
+        waiter = Waiter(None, parked=parked)
+        self._waiters.append(waiter)
+        hold = self.route.hold_timeout_s
+        waiter.timer = asyncio.get_running_loop().call_later(hold, self._expire, waiter, hold)
+        return waiter
+
+    def unpark(self, waiter: Waiter) -> None:
+        """A parked request's client left: it leaves the queue, holding no slot."""
+        if waiter.ended:
+            return
+        waiter.ended = True
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        if waiter.queued:
+            waiter.queued = False
+            self._waiters.remove(waiter)
+
+    async def acquire(self, exclude: frozenset[str] = frozenset()) -> Slot:
+        slot = self.try_acquire(exclude)
+        if slot is not None:
+            return slot
+        self._check_room()
+        route = self.route
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Slot] = loop.create_future()
-        waiter = _Waiter(future, exclude)
+        waiter = Waiter(future, exclude)
         self._waiters.append(waiter)
         self._drain()  # a retry may fall back to the replica it excluded
         # The timeout ends the future itself (not the awaiting task, as ``wait_for`` would),
         # so a slot handed over in the same loop turn is never lost between the two.
-        timer = loop.call_later(route.hold_timeout_s, self._expire, future, route.hold_timeout_s)
+        timer = loop.call_later(route.hold_timeout_s, self._expire, waiter, route.hold_timeout_s)
         try:
             return await future
         except asyncio.CancelledError:
@@ -135,18 +212,24 @@ class Dispatcher:
             timer.cancel()
             if not future.done():
                 future.cancel()
-            with contextlib.suppress(ValueError):
+            if waiter.queued:
+                # Only a waiter that timed out or was cancelled is still queued: removing
+                # one that is not costs a ValueError whose message formats the waiter.
+                waiter.queued = False
                 self._waiters.remove(waiter)
 
-    def _expire(self, future: asyncio.Future[Slot], hold_timeout_s: float) -> None:
-        if future.done():
+    def _expire(self, waiter: Waiter, hold_timeout_s: float) -> None:
+        if waiter.done():
             return
         if self.route.upstreams:
             message = f"timed out after {hold_timeout_s:.0f}s in the queue"
         else:
             why = self.route.message or "no replica is ready"
             message = f"{why}; no replica became ready within {hold_timeout_s:.0f}s"
-        future.set_exception(Rejected(503, message, "unavailable"))
+        if waiter.future is None and waiter.queued:  # a parked request leaves the queue now
+            waiter.queued = False
+            self._waiters.remove(waiter)
+        waiter.refuse(Rejected(503, message, "unavailable"))
 
     def release(self, slot: Slot) -> None:
         rid = slot.upstream.replica_id
@@ -156,11 +239,15 @@ class Dispatcher:
     def _drain(self) -> None:
         while self._waiters:
             waiter = self._waiters[0]
-            if waiter.future.done():
+            if waiter.done():
                 self._waiters.popleft()
+                waiter.queued = False
                 continue
             u = self._free(waiter.exclude) or (self._free() if waiter.exclude else None)
             if u is None:
                 return
             self._waiters.popleft()
-            waiter.future.set_result(self._take(u))
+            waiter.queued = False
+            # A parked request sends right here, and may free a slot again (its client
+            # gone): that nested drain finds this waiter already off the queue.
+            waiter.give(self._take(u))

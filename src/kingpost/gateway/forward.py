@@ -19,9 +19,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
-from kingpost.gateway.dispatch import Dispatcher, Rejected, Slot
+from kingpost.gateway.dispatch import Dispatcher, Rejected, Slot, Waiter
 from kingpost.gateway.framing import (
     BODY_UNEXPECTED,
     HOP_BY_HOP,
@@ -46,6 +47,7 @@ __all__ = [
     "Ending",
     "Handoff",
     "Outcome",
+    "ParkedRequest",
     "Sent",
     "dispatch",
     "landed",
@@ -117,10 +119,27 @@ def try_now(client: ClientConn, req: Request) -> bool | Handoff | Sent:
     except Rejected as rej:
         return client.reject(req, rej.status, rej.message, rej.code, req.rid, target)
     if slot is None:
-        return Handoff(req, target, dispatcher)  # to wait in the deployment's queue
-    conn = gw.pool.take_idle(slot.key)
+        # Queued without a Task: the release that frees a slot sends it (ParkedRequest).
+        parked = ParkedRequest(client, req, target, dispatcher)
+        try:
+            parked.waiter = dispatcher.park(parked)
+        except Rejected as rej:
+            return client.reject(req, rej.status, rej.message, rej.code, req.rid, target)
+        client.busy = True
+        client.parked = parked
+        return SENT
+    return send_now(client, req, target, dispatcher, slot)
+
+
+def send_now(
+    client: ClientConn, req: Request, target: Target, dispatcher: Dispatcher, slot: Slot
+) -> Handoff | Sent:
+    """Write a complete request to the replica of ``slot`` (held by the caller until
+    handed on) over an idle pooled connection; without one, a Task opens one."""
+    conn = client.gw.pool.take_idle(slot.key)
     if conn is None:
         return Handoff(req, target, dispatcher, slot=slot)  # to open a connection
+    assert req.rid is not None
     exchange = ClientExchange(client, req, req.rid, target.deployment.response_timeout_s)
     exchange.landing = (dispatcher, slot, conn, target)
     client.busy = True
@@ -132,20 +151,87 @@ def try_now(client: ClientConn, req: Request) -> bool | Handoff | Sent:
     return SENT
 
 
+class ParkedRequest:
+    """A complete request from the callback path that found every slot taken: it waits
+    in the deployment's queue as a :class:`~kingpost.gateway.dispatch.Parked`, and the
+    :meth:`Dispatcher.release` that frees a slot (run when the answer before it ends) sends
+    it in the same call. The replica gets its next request without waiting for a Task to
+    be woken on a later loop turn, and the request costs no Task and no future."""
+
+    __slots__ = ("client", "dispatcher", "req", "target", "waiter")
+
+    def __init__(
+        self, client: ClientConn, req: Request, target: Target, dispatcher: Dispatcher
+    ) -> None:
+        self.client, self.req, self.target, self.dispatcher = client, req, target, dispatcher
+        self.waiter: Waiter | None = None
+
+    def give(self, slot: Slot) -> None:
+        client, req = self.client, self.req
+        client.parked = None
+        if client.closed:  # gone without connection_lost yet: the slot goes on at once
+            client.busy = False
+            assert req.rid is not None
+            client.gw.log_access(req.rid, 0, "client_left", req.start, self.target)
+            self.dispatcher.release(slot)
+            return
+        try:
+            sent = send_now(client, req, self.target, self.dispatcher, slot)
+        except Exception:
+            # Raised inside another request's release: end only this client's connection.
+            access_log.exception("sending queued request %s failed", req.rid)
+            upstream = client.upstream
+            if upstream is not None and upstream.exchange is not None:
+                upstream.close()  # its loss lands the exchange, which releases the slot
+            else:
+                self.dispatcher.release(slot)
+            client.busy = False
+            if client.transport is not None:
+                client.transport.close()
+            return
+        if isinstance(sent, Handoff):
+            client.start_task(sent)
+
+    def refuse(self, rej: Rejected) -> None:
+        client, req = self.client, self.req
+        client.parked = None
+        client.busy = False
+        if client.closed:
+            return
+        assert req.rid is not None
+        keep = client.reject(req, rej.status, rej.message, rej.code, req.rid, self.target)
+        if client.after(req, keep):
+            client.serve_next()
+
+    def leave(self) -> None:
+        """The client left while it waited: out of the queue, and its access line."""
+        if self.waiter is not None:
+            self.dispatcher.unpark(self.waiter)
+        assert self.req.rid is not None
+        self.client.gw.log_access(self.req.rid, 0, "client_left", self.req.start, self.target)
+
+
 def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None:
     """The end of a request :func:`try_now` sent: settle it and serve the next one."""
     assert exchange.landing is not None
     dispatcher, slot, conn, target = exchange.landing
     req = exchange.req
     client.upstream = None
-    dispatcher.release(slot)
     if client.closed:  # the client left; nobody to answer or retry for
+        dispatcher.release(slot)
         conn.close()
         client.busy = False
         assert req.rid is not None
         client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target)
         return
     outcome = settle(client, req, conn, exchange, True, ending)
+    if conn.returning is not None and dispatcher.has_waiters():
+        # The connection rejoins the pool once the read that ended its answer is parsed:
+        # the slot is freed then too, so that the request queued for it (a ParkedRequest)
+        # is sent at once on this connection instead of a Task opening another.
+        conn.after_read = partial(dispatcher.release, slot)
+    else:
+        dispatcher.release(slot)
     if outcome is _RETRY:
         client.start_task(
             Handoff(req, target, dispatcher, frozenset({slot.upstream.replica_id}), 1)

@@ -23,6 +23,7 @@ from kingpost.gateway.forward import (
     REPLAY_LIMIT,
     ClientExchange,
     Handoff,
+    ParkedRequest,
     Sent,
     dispatch,
     try_now,
@@ -142,6 +143,8 @@ class ClientConn(StreamConn):
         self.upstream: UpstreamConn | None = None
         self.handoff: Handoff | None = None
         """What the task was started with, so a slot it never took over can be released."""
+        self.parked: ParkedRequest | None = None
+        """A request waiting in its deployment's queue without a Task (see ``forward.py``)."""
         self.tunnel: Request | None = None
         """An upgrade request whose raw bytes are buffered until the replica answers."""
         self.paused_reading = False
@@ -263,6 +266,9 @@ class ClientConn(StreamConn):
         self.gw.clients.discard(self)
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        parked, self.parked = self.parked, None
+        if parked is not None:
+            parked.leave()  # out of the queue: a slot freed later goes to the next one
         handoff, self.handoff = self.handoff, None
         if handoff is not None and handoff.slot is not None:
             # The task was cancelled before it took the slot over: give it back here.

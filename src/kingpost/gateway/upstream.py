@@ -109,6 +109,9 @@ class UpstreamConn(StreamConn):
         """A read is being parsed: a connection put back now waits in :attr:`returning`."""
         self.returning: UpstreamPool | None = None
         """The pool to join once the read being parsed is done (see :meth:`UpstreamPool.put`)."""
+        self.after_read: Callable[[], None] | None = None
+        """Run once the read being parsed is done, after the connection is pooled: the
+        release of the replica slot its answer held (``forward.landed``)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -127,8 +130,7 @@ class UpstreamConn(StreamConn):
             # Raw from here on: until the tunnel takes over, later bytes join the leftover.
             self.raw_sink = self._keep
         except httptools.HttpParserError as exc:
-            self._lose(exc)
-            return
+            self._lose(exc)  # (and on: a slot freed in this read must still be released)
         finally:
             self.feeding = False
         if self.exchange is not None:
@@ -136,6 +138,9 @@ class UpstreamConn(StreamConn):
         if self.returning is not None:
             pool, self.returning = self.returning, None
             pool.put(self)
+        if self.after_read is not None:
+            then, self.after_read = self.after_read, None
+            then()
 
     def _unsolicited(self, what: str) -> None:
         """The replica sent bytes no request asked for: whatever comes next on this
