@@ -75,6 +75,13 @@ def _labels(value: str | None) -> dict[str, Any] | None:
     "--wait/--no-wait", default=False, help="Wait until the deployment is ACTIVE or fails."
 )
 @click.option("--timeout", type=float, default=600.0, show_default=True)
+@click.option(
+    "--watch",
+    "watch_dir",
+    is_flag=True,
+    help="Create (or replace) the model's development deployment, wait for it, then apply "
+    "each change of the folder to it (live reload).",
+)
 @output_option
 def push(
     project_dir: Path,
@@ -87,6 +94,7 @@ def push(
     replicas: int | None,
     wait: bool,
     timeout: float,
+    watch_dir: bool,
     output: str,
 ) -> None:
     """Validate, upload and deploy a Truss project."""
@@ -107,9 +115,11 @@ def push(
                 environment=environment,
                 engine=engine,
                 min_replicas=replicas,
+                development=watch_dir or None,
             )
         dep = result["deployment"]
         _engine_warnings(project_dir, loaded.warnings, dep["engine"])
+        wait = wait or watch_dir
         if wait:
             dep = _wait(c, dep["id"], timeout)
     if output == "json":
@@ -128,13 +138,24 @@ def push(
             markup=False,
             highlight=False,
         )
-    if dep["status"] in ("FAILED", "BUILD_FAILED"):
+    if dep["status"] in ("FAILED", "BUILD_FAILED") and watch_dir:
+        # Watching on: the next change (the fix) is applied with a new replica.
+        err_console.print(
+            f"[red]deployment {dep['name']} {dep['status']}:[/] {escape(dep['message'])}",
+            highlight=False,
+        )
+    elif dep["status"] in ("FAILED", "BUILD_FAILED"):
         raise KingpostError(f"deployment {dep['name']} {dep['status']}: {dep['message']}")
     if wait and dep["status"] not in _SETTLED:
         raise KingpostError(
             f"deployment {dep['name']} is not ACTIVE after {timeout:g}s (still {dep['status']}); "
             f"follow it with `kingpost deployments list` or `kingpost logs -d {dep['id']}`"
         )
+    if watch_dir:
+        from kingpost.cli.watch import follow
+
+        with client() as c:
+            follow(c, project_dir, result["model"]["name"])
 
 
 def _engine_warnings(project_dir: Path, shown: tuple[str, ...], engine: str) -> None:

@@ -1,0 +1,199 @@
+"""The development deployment through the whole platform: `push --watch`'s deployment,
+live reload in place (same process), failed reloads that leave the last good code serving,
+swaps for what a reload cannot take, an invalid config, and promotion to a new deployment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.platform import Platform, wait_for
+from kingpost.errors import ConfigError, ValidationError
+
+MODEL = """
+import os
+
+
+class Model:
+    def __init__(self, **kwargs):
+        self.loaded = None
+
+    def load(self):
+        self.loaded = VALUE
+
+    def predict(self, model_input):
+        return {"value": self.loaded, "pid": os.getpid(), "six": SIX}
+"""
+
+
+def write_model(project: Path, value: str, extra: str = "", six: str = "None") -> None:
+    code = MODEL.replace("VALUE", value).replace("SIX", six) + extra
+    (project / "model" / "model.py").write_text(code)
+
+
+def make_project(tmp_path: Path, name: str, config_extra: str = "") -> Path:
+    project = tmp_path / name
+    (project / "model").mkdir(parents=True)
+    (project / "config.yaml").write_text(f"model_name: {name}\n{config_extra}")
+    write_model(project, "1")
+    return project
+
+
+def predict(platform: Platform, model: str) -> dict[str, Any]:
+    with platform.gateway() as gw:
+        r = gw.post(f"/models/{model}/development/predict", json={})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def sync(platform: Platform, project: Path, model: str) -> dict[str, Any]:
+    with platform.client() as c:
+        return c.development_sync(model, c.upload(project))
+
+
+def push_development(platform: Platform, project: Path) -> dict[str, Any]:
+    with platform.client() as c:
+        result = c.push(project, development=True)
+    dep = result["deployment"]
+    assert dep["name"] == "development" and dep["is_development"]
+    assert dep["environments"] == []
+    platform.wait_status(dep["id"], "ACTIVE", timeout=180)
+    return result
+
+
+def test_live_reload_in_place_and_failed_reloads(platform: Platform, tmp_path: Path) -> None:
+    project = make_project(tmp_path, "dev-reload")
+    result = push_development(platform, project)
+    assert result["predict_url"].endswith("/development/predict")
+    first = predict(platform, "dev-reload")
+    assert first["value"] == 1
+
+    write_model(project, "2")
+    done = sync(platform, project, "dev-reload")
+    assert (done["kind"], done["ok"], done["changed"]) == ("reload", True, ["model/model.py"])
+    # The very next request sees the change, from the same process.
+    assert predict(platform, "dev-reload") == {**first, "value": 2}
+
+    write_model(project, "3", extra="\ndef broken(:\n")
+    done = sync(platform, project, "dev-reload")
+    assert (done["kind"], done["ok"]) == ("reload", False)
+    assert "SyntaxError" in done["error"] and "model.py" in done["traceback"]
+    assert predict(platform, "dev-reload") == {**first, "value": 2}
+
+    write_model(project, "1 / 0")
+    done = sync(platform, project, "dev-reload")
+    assert not done["ok"] and "ZeroDivisionError" in done["error"]
+    assert "self.loaded = 1 / 0" in done["traceback"]
+    assert predict(platform, "dev-reload") == {**first, "value": 2}
+
+    # Metadata is no reason for a new replica either.
+    (project / "config.yaml").write_text("model_name: dev-reload\nmodel_metadata: {a: 1}\n")
+    write_model(project, "4")
+    done = sync(platform, project, "dev-reload")
+    assert (done["kind"], done["ok"]) == ("reload", True)
+    assert predict(platform, "dev-reload") == {**first, "value": 4}
+
+    # An invalid config is refused with its file and line; the last good code serves on.
+    (project / "config.yaml").write_text("model_name: dev-reload\nresources:\n  cpu: lots\n")
+    with pytest.raises(ConfigError) as bad:
+        sync(platform, project, "dev-reload")
+    assert "config.yaml" in bad.value.message and "line 3" in bad.value.message
+    assert predict(platform, "dev-reload") == {**first, "value": 4}
+
+
+def test_reload_path_is_not_reachable_through_the_gateway(
+    platform: Platform, tmp_path: Path
+) -> None:
+    project = make_project(tmp_path, "dev-guard")
+    push_development(platform, project)
+    with platform.gateway() as gw:
+        for path in ("_kingpost/reload", "/_kingpost/reload", "%5Fkingpost/reload"):
+            r = gw.post(
+                f"/models/dev-guard/development/sync/{path}",
+                headers={"x-kingpost-reload-token": "guess"},
+            )
+            assert r.status_code == 404, (path, r.text)
+
+
+def test_watch_cli_reloads_on_edit_and_reports_an_invalid_config(
+    platform: Platform, tmp_path: Path
+) -> None:
+    project = make_project(tmp_path, "dev-watch")
+    push_development(platform, project)
+    pid = predict(platform, "dev-watch")["pid"]
+    out = tmp_path / "watch.out"
+    with out.open("w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kingpost.cli", "watch", str(project)],
+            env={**platform.env, "COLUMNS": "200"},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: "watching" in out.read_text() or None, 30, "the watch to start")
+        write_model(project, "7")
+        wait_for(lambda: predict(platform, "dev-watch")["value"] == 7 or None, 30, "reload")
+        assert predict(platform, "dev-watch")["pid"] == pid
+        wait_for(lambda: "reloaded in place" in out.read_text() or None, 10, "the report")
+        assert "model/model.py" in out.read_text()
+        (project / "config.yaml").write_text("model_name: dev-watch\nresources: [1\n")
+        wait_for(lambda: "invalid config" in out.read_text() or None, 30, "the config error")
+        assert "config.yaml" in out.read_text()
+        assert predict(platform, "dev-watch")["value"] == 7
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def test_requirements_change_swaps_and_promote_publishes(
+    platform: Platform, tmp_path: Path
+) -> None:
+    project = make_project(tmp_path, "dev-swap")
+    dev_id = push_development(platform, project)["deployment"]["id"]
+    before = predict(platform, "dev-swap")
+
+    (project / "config.yaml").write_text("model_name: dev-swap\nrequirements:\n  - six==1.16.0\n")
+    write_model(project, "5", six="__import__('six').__version__")
+    started = time.monotonic()
+    done = sync(platform, project, "dev-swap")
+    assert (done["kind"], done["ok"]) == ("swap", True), done
+    assert "requirements" in done["why"]
+    after = predict(platform, "dev-swap")
+    assert after["value"] == 5 and after["six"] == "1.16.0"
+    assert after["pid"] != before["pid"]
+    assert time.monotonic() - started < 300
+
+    # Never in an environment: promoting it publishes a new numbered deployment.
+    with platform.client() as c:
+        with pytest.raises(ValidationError):
+            c.push(project, deployment_name="development")
+        published = c.promote("dev-swap", "development", "production")
+        assert published["name"].startswith("deployment-")
+        assert published["id"] != dev_id and published["environments"] == ["production"]
+        assert not published["is_development"]
+    platform.wait_status(published["id"], "ACTIVE", timeout=120)
+    with platform.gateway() as gw:
+        r = gw.post("/models/dev-swap/production/predict", json={})
+    assert r.status_code == 200 and r.json()["value"] == 5
+    # The development deployment still answers, and is still in no environment.
+    assert predict(platform, "dev-swap")["value"] == 5
+    with platform.client() as c:
+        dev = c.deployment(dev_id)
+        assert dev["environments"] == [] and dev["name"] == "development"
+
+
+def test_watch_without_development_deployment_says_how(platform: Platform, tmp_path: Path) -> None:
+    project = make_project(tmp_path, "dev-none")
+    with platform.client() as c:
+        c.push(project)
+    r = platform.cli("watch", str(project))
+    assert r.returncode != 0
+    assert "no development deployment" in r.stderr and "push --watch" in r.stderr
