@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers.platform import Platform, wait_for
+from helpers.platform import Platform, free_port, wait_for
 from kingpost.errors import ConfigError, ValidationError
 
 MODEL = """
@@ -122,23 +122,23 @@ def test_reload_path_is_not_reachable_through_the_gateway(
             assert r.status_code == 404, (path, r.text)
 
 
-def test_watch_cli_reloads_on_edit_and_reports_an_invalid_config(
+def test_push_watch_cli_reloads_on_edit_and_reports_an_invalid_config(
     platform: Platform, tmp_path: Path
 ) -> None:
     project = make_project(tmp_path, "dev-watch")
-    push_development(platform, project)
-    pid = predict(platform, "dev-watch")["pid"]
     out = tmp_path / "watch.out"
     with out.open("w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kingpost.cli", "watch", str(project)],
+            [sys.executable, "-m", "kingpost.cli", "push", "--watch", str(project)],
             env={**platform.env, "COLUMNS": "200"},
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        wait_for(lambda: "watching" in out.read_text() or None, 30, "the watch to start")
+        wait_for(lambda: "watching" in out.read_text() or None, 120, "the watch to start")
+        assert "deployment development" in out.read_text()
+        pid = predict(platform, "dev-watch")["pid"]
         write_model(project, "7")
         wait_for(lambda: predict(platform, "dev-watch")["value"] == 7 or None, 30, "reload")
         assert predict(platform, "dev-watch")["pid"] == pid
@@ -197,3 +197,65 @@ def test_watch_without_development_deployment_says_how(platform: Platform, tmp_p
     r = platform.cli("watch", str(project))
     assert r.returncode != 0
     assert "no development deployment" in r.stderr and "push --watch" in r.stderr
+
+
+SERVER = """
+import json, os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+MESSAGE = open("message.txt").read().strip()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._answer()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer()
+
+    def _answer(self):
+        body = json.dumps({"message": MESSAGE, "pid": os.getpid()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+HTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+"""
+
+
+def test_custom_server_restarts_on_new_files(platform: Platform, tmp_path: Path) -> None:
+    port = free_port()
+    project = tmp_path / "dev-custom"
+    project.mkdir()
+    (project / "config.yaml").write_text(
+        "model_name: dev-custom\ndocker_server:\n  start_command: python3 server.py\n"
+        f"  server_port: {port}\n  predict_endpoint: /predict\n"
+        "  readiness_endpoint: /health\n  liveness_endpoint: /health\n"
+    )
+    (project / "server.py").write_text(SERVER.replace("PORT", str(port)))
+    (project / "message.txt").write_text("one\n")
+    push_development(platform, project)
+    first = predict(platform, "dev-custom")
+    assert first["message"] == "one"
+
+    (project / "message.txt").write_text("two\n")
+    done = sync(platform, project, "dev-custom")
+    assert (done["kind"], done["ok"], done["changed"]) == ("reload", True, ["message.txt"])
+    second = predict(platform, "dev-custom")
+    assert second["message"] == "two" and second["pid"] != first["pid"]
+
+    (project / "server.py").write_text("raise SystemExit('broken on purpose')\n")
+    done = sync(platform, project, "dev-custom")
+    assert (done["kind"], done["ok"]) == ("reload", False), done
+    assert "broken on purpose" in done["traceback"]
+    wait_for(
+        lambda: predict(platform, "dev-custom")["message"] == "two" or None,
+        30,
+        "the server to run on the last good files again",
+    )
