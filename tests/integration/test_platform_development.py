@@ -189,6 +189,13 @@ def test_requirements_change_swaps_and_promote_publishes(
         dev = c.deployment(dev_id)
         assert dev["environments"] == [] and dev["name"] == "development"
 
+    # Pushed with --watch again: the same deployment, a new replica on the new project.
+    write_model(project, "6", six="__import__('six').__version__")
+    again = push_development(platform, project)["deployment"]
+    assert again["id"] == dev_id
+    wait_for(lambda: predict(platform, "dev-swap")["value"] == 6 or None, 60, "the new replica")
+    assert predict(platform, "dev-swap")["pid"] != after["pid"]
+
 
 def test_watch_without_development_deployment_says_how(platform: Platform, tmp_path: Path) -> None:
     project = make_project(tmp_path, "dev-none")

@@ -494,3 +494,11 @@ def test_development_deployment_is_one_per_model_and_never_in_an_environment(
     assert (moved.project_hash, moved.config, moved.activation) == (
         "c" * 64, {"y": 2}, again.activation + 1,
     )  # fmt: skip
+
+
+def test_a_deleted_development_deployment_makes_way_for_a_new_one(store: Store) -> None:
+    dev = store.create_deployment(new(development=True))
+    store.set_desired(dev.id, DesiredState.DELETED, "m")
+    again = store.create_deployment(new(development=True))
+    assert again.id != dev.id and again.name == "development"
+    assert store.get_deployment("development", "m").id == again.id

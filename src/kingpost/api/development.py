@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 
 from kingpost.api.schemas import DeploymentOut, DevelopmentSyncIn, DevelopmentSyncOut
-from kingpost.errors import NotFoundError
-from kingpost.store import DeploymentView, NewDeployment
+from kingpost.errors import ConflictError, NotFoundError
+from kingpost.store import DeploymentView, DesiredState, NewDeployment
 
 if TYPE_CHECKING:
     from kingpost.api.app import ControlPlane
@@ -36,6 +36,13 @@ def development_routes(router: APIRouter, plane: ControlPlane) -> None:
         from kingpost.controller.devloop import apply_project
 
         dep = development_deployment(plane, model)
+        if dep.desired_state != DesiredState.ACTIVE:
+            raise ConflictError(
+                f"model {model!r}'s development deployment is {dep.desired_state}; activate "
+                f"it (`kingpost deployments activate {model} development`) or push --watch "
+                "again",
+                deployment=dep.id,
+            )
         config = _validated(plane, body.project_hash, dep.engine)
         done = apply_project(plane.controller, plane.store, dep, body.project_hash, config)
         plane.controller.wake()

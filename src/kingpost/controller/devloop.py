@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,7 +111,29 @@ def apply_project(
 ) -> Applied:
     """Apply an uploaded, validated project (``config``: its config.yaml document) to the
     development deployment ``dep``: reload in place, or swap (see the module docstring).
-    Blocks until the replicas serve the new project, or it failed."""
+    Blocks until the replicas serve the new project, or it failed; one application per
+    deployment at a time (two watchers of one model take turns)."""
+    with _lock_for(dep.id):
+        dep = store.get_deployment(dep.id)  # as the last application left it
+        return _apply(controller, store, dep, project_hash, config)
+
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(deployment_id: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(deployment_id, threading.Lock())
+
+
+def _apply(
+    controller: Controller,
+    store: Store,
+    dep: DeploymentView,
+    project_hash: str,
+    config: Mapping[str, Any],
+) -> Applied:
     started = time.perf_counter()
     projects = controller.settings.projects_dir
     old_dir, new_dir = projects / dep.project_hash, projects / project_hash

@@ -435,6 +435,14 @@ class Store:
             )
         )
         if dep is None:
+            # A deleted one keeps its row (names are never reused): it gives up the name.
+            for gone in s.scalars(
+                select(Deployment).where(
+                    Deployment.model_id == model.id, Deployment.name == DEVELOPMENT
+                )
+            ):
+                gone.name = f"{DEVELOPMENT}-deleted-{gone.id}"
+            s.flush()
             dep = Deployment(
                 id=new_id(7),
                 model_id=model.id,
