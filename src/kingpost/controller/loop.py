@@ -719,7 +719,7 @@ class Controller:
         self._failed_builds.discard(deployment_id)
         self._failed_weights.discard(deployment_id)
         if self._weights is not None:
-            self._weights.forget(deployment_id)
+            self._weights.restart(deployment_id)
         self.wake()
 
     def routed(self, deployment_id: str) -> frozenset[str]:
