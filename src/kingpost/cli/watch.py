@@ -128,8 +128,11 @@ def follow(c: KingpostClient, project_dir: Path, model: str) -> None:
     # What changed while nothing watched (between a push and now, or since the last
     # watch) is applied first; a change made meanwhile is seen after it.
     seen = snapshot(project_dir)
-    apply_once(c, project_dir, model)
-    watch_loop(project_dir, lambda: apply_once(c, project_dir, model), seen=seen)
+    try:
+        apply_once(c, project_dir, model)
+        watch_loop(project_dir, lambda: apply_once(c, project_dir, model), seen=seen)
+    except KeyboardInterrupt:
+        console.print("stopped watching; the development deployment keeps running")
 
 
 @click.command()

@@ -20,6 +20,7 @@ replica or of the control plane) starts the last good code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -63,7 +64,10 @@ class Applied:
     """The replicas that now serve the new files (reloaded, or the swap's new one)."""
 
 
+@functools.lru_cache(maxsize=32)
 def _digests(root: Path) -> dict[str, str]:
+    """Each file's sha256. Cached: an upload's directory is named by its content and never
+    changes (the one a deployment runs is hashed again at each change otherwise)."""
     out: dict[str, str] = {}
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
