@@ -87,11 +87,12 @@ def plan(want: Want, replicas: list[ReplicaStatus]) -> Plan:
         # Replaced: the new ones serve now. An older one still routed gets no more traffic
         # and is stopped once the table without it is out.
         stop.extend(r.replica_id for r in older if routed is None or r.replica_id not in routed)
-    elif older:  # they serve until then; the status says how the new ones are doing
+    elif older:  # they serve until then
         ready = (*ready, *(r for r in older if r.phase == ReplicaPhase.READY))
-        if status in (DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOYING):
-            status = DeploymentStatus.DEPLOYING
-            message = "replacing the running replica, which serves until the new one is ready"
+    if older and status not in (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED):
+        # ACTIVE once the older ones are gone: then only the new ones answer.
+        status = DeploymentStatus.DEPLOYING
+        message = "replacing the running replica, which serves until the new one is ready"
     return Plan(start=start, stop=tuple(stop), status=status, message=message, ready=ready)
 
 

@@ -413,10 +413,10 @@ class ProcessEngine(Engine):
         if rep.stopping:
             self._step_stopping(rep, now)
             return
+        if rep.relaunch:  # even a FAILED one: back on the files that served
+            self._relaunch(rep, now)
         if rep.phase == ReplicaPhase.FAILED:
             return
-        if rep.relaunch:
-            self._relaunch(rep, now)
         if rep.proc is None:
             if now >= rep.next_start:
                 self._launch(rep, now)

@@ -157,7 +157,8 @@ class ModelServer:
         self.reloader: Any = None
         """Set by the runner: reloads the model in place (blocking) and returns what to
         answer; see :meth:`_reload`."""
-        self._reload_token = os.environ.get(RELOAD_TOKEN_ENV, "")
+        # Taken out of the environment: the model's code and its subprocesses never see it.
+        self._reload_token = os.environ.pop(RELOAD_TOKEN_ENV, "")
         self.sessions: set[Session] = set()
         """Open WebSockets: closed with 1012 when the server stops, and waited for."""
         self.handling = 0
