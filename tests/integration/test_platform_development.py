@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from helpers.platform import Platform, free_port, wait_for
-from kingpost.errors import ConfigError, ValidationError
+from kingpost.errors import ConfigError, NotFoundError, ValidationError
 
 MODEL = """
 import os
@@ -203,6 +203,13 @@ def test_watch_without_development_deployment_says_how(platform: Platform, tmp_p
     project = make_project(tmp_path, "dev-none")
     with platform.client() as c:
         c.push(project)
+        sha = c.upload(project)
+        with pytest.raises(NotFoundError, match="'dev-none' has no development deployment"):
+            c.development_sync("dev-none", sha)
+        with pytest.raises(NotFoundError, match="no-such-model"):
+            c.development_sync("no-such-model", sha)
+        with pytest.raises(ValidationError, match="in no environment"):
+            c.push(project, development=True, environment="staging")
     r = platform.cli("watch", str(project))
     assert r.returncode != 0
     assert "no development deployment" in r.stderr and "push --watch" in r.stderr
