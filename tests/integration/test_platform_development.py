@@ -275,3 +275,19 @@ def test_custom_server_restarts_on_new_files(platform: Platform, tmp_path: Path)
         30,
         "the server to run on the last good files again",
     )
+
+
+def test_a_failed_first_push_recovers_with_the_fix(platform: Platform, tmp_path: Path) -> None:
+    project = make_project(
+        tmp_path, "dev-fix", "requirements:\n  - kingpost-no-such-package-zz==1.0\n"
+    )
+    with platform.client() as c:
+        dep = c.push(project, development=True)["deployment"]
+    platform.wait_status(dep["id"], "BUILD_FAILED", timeout=120)
+    (project / "config.yaml").write_text("model_name: dev-fix\n")
+    write_model(project, "8")
+    done = sync(platform, project, "dev-fix")
+    assert (done["kind"], done["ok"]) == ("swap", True), done
+    assert done["deployment"]["status"] in ("DEPLOYING", "ACTIVE")
+    assert predict(platform, "dev-fix")["value"] == 8
+    platform.wait_status(dep["id"], "ACTIVE", timeout=30)

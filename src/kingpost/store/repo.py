@@ -473,6 +473,8 @@ class Store:
                 raise ConflictError(
                     f"deployment {dep.name!r} is not a development deployment", deployment=dep.id
                 )
+            if activation != dep.activation:  # new replicas: whatever failed is past
+                dep.status, dep.message = DeploymentStatus.DEPLOYING, ""
             dep.project_hash, dep.config, dep.activation = project_hash, dict(config), activation
             dep.updated_at = utcnow()
             return self._view(s, dep)
