@@ -458,3 +458,47 @@ def test_a_status_decided_before_a_reactivation_is_not_written(store: Store) -> 
     store.set_desired(dep, DesiredState.INACTIVE)
     assert not store.set_status(dep, DeploymentStatus.ACTIVE, seen=(3, DesiredState.ACTIVE))
     assert store.set_status(dep, DeploymentStatus.INACTIVE, seen=(3, DesiredState.INACTIVE))
+
+
+def test_development_deployment_is_one_per_model_and_never_in_an_environment(
+    store: Store,
+) -> None:
+    dev = store.create_deployment(new(development=True))
+    assert (dev.name, dev.is_development, dev.environments) == ("development", True, ())
+    assert dev.number == 0
+    # Pushed again: the same deployment, with the new project and a new activation.
+    again = store.create_deployment(
+        NewDeployment(
+            model_name="m",
+            project_hash="b" * 64,
+            config={"x": 1},
+            engine="process",
+            development=True,
+        )
+    )
+    assert (again.id, again.project_hash, again.activation) == (
+        dev.id,
+        "b" * 64,
+        dev.activation + 1,
+    )
+    assert [d.id for d in store.list_deployments("m")] == [dev.id]
+    # Numbered deployments still start at 1, and none may take its name.
+    assert store.create_deployment(new()).name == "deployment-1"
+    with pytest.raises(ValidationError, match="reserved for the development deployment"):
+        store.create_deployment(new(name="development"))
+    with pytest.raises(ValidationError, match="in no environment"):
+        store.create_deployment(new(development=True, environment="production"))
+    with pytest.raises(ConflictError, match="cannot be in an environment"):
+        store.promote("m", "development", "production")
+    moved = store.set_development_project(dev.id, "c" * 64, {"y": 2}, again.activation + 1)
+    assert (moved.project_hash, moved.config, moved.activation) == (
+        "c" * 64, {"y": 2}, again.activation + 1,
+    )  # fmt: skip
+
+
+def test_a_deleted_development_deployment_makes_way_for_a_new_one(store: Store) -> None:
+    dev = store.create_deployment(new(development=True))
+    store.set_desired(dev.id, DesiredState.DELETED, "m")
+    again = store.create_deployment(new(development=True))
+    assert again.id != dev.id and again.name == "development"
+    assert store.get_deployment("development", "m").id == again.id

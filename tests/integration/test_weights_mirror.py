@@ -663,3 +663,19 @@ def test_a_local_source_inside_the_home_is_never_mirrored(tmp_path: Path) -> Non
     st = wait_for(lambda: (s := mgr.status("dep")).state in done and s, 30, "the mirror")
     assert st and st.state == MirrorState.FAILED, st
     assert "may not be inside Kingpost's home" in st.error and str(home) in st.error
+
+
+def test_restart_mirrors_the_new_entries_of_a_key(tmp_path: Path) -> None:
+    a, b = local_repo(tmp_path / "a"), tmp_path / "b"
+    b.mkdir()
+    (b / "other.bin").write_bytes(b"new weights")
+    mgr = WeightsManager(tmp_path / "store")
+    mirror(mgr, "dev", f"weights:\n  - source: file://{a}\n    mount_location: /models/a\n")
+    changed = f"weights:\n  - source: file://{b}\n    mount_location: /models/b\n"
+    mgr.start("dev", entries(changed), {})  # a finished mirror stays as it is ...
+    assert [m.mount_location for m in mgr.mounts("dev")] == ["/models/a"]
+    mgr.restart("dev")  # ... until it is restarted
+    mirror(mgr, "dev", changed)
+    (mount,) = mgr.mounts("dev")
+    assert mount.mount_location == "/models/b"
+    assert (mount.source_dir / "other.bin").read_bytes() == b"new weights"

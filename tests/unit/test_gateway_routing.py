@@ -206,6 +206,13 @@ ROUTES: list[tuple[str, str, str, Target | Miss]] = [
     ("", "/models/split/production/sync/a/b", "", _to("s2", "/a/b", weighted=True)),
     ("", "/models/m/development/predict", "", _to("dev", "/dev/predict")),
     ("", "/models/m/development/sync/v1/a/b", "", _to("dev", "/v1/a/b")),
+    # The control plane's reload path on a replica is never forwarded.
+    ("", "/models/m/development/sync/_kingpost/reload", "",
+     _miss(404, "no route sync/'_kingpost/reload': paths under /_kingpost/ are reserved",
+           model_id="m1")),
+    ("", "/models/m/deployment/d2/sync//%5Fkingpost/reload", "",
+     _miss(404, "no route sync/'/%5Fkingpost/reload': paths under /_kingpost/ are reserved",
+           model_id="m1")),
     ("", "/models/m/deployment/d2/predict", "q=1", _to("d2", "/d2/predict?q=1")),
     ("", "/models/m/deployment/d2/sync/v1/a/b", "", _to("d2", "/v1/a/b")),
     ("model-m1." + DOMAIN, "/environments/production/sync/v1/a/b", "", _to("d1", "/v1/a/b")),

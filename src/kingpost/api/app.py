@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from kingpost.api.development import development_routes
+from kingpost.api.development import promote as promote_deployment
 from kingpost.api.limits import BodyLimit
 from kingpost.api.rollouts import rollout_routes
 from kingpost.api.schemas import (
@@ -129,6 +131,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     router = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
     _project_routes(router, plane)
     _model_routes(router, plane)
+    development_routes(router, plane)
     _secret_routes(router, plane)
     _weights_routes(router, plane)
     _venv_routes(router, plane)
@@ -247,14 +250,19 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             environment=environment,
             min_replicas=body.min_replicas,
             max_replicas=body.max_replicas or max(1, body.min_replicas),
+            development=body.development,
         )
     )
+    if dep.is_development:  # a replaced one prepares its new project
+        plane.controller.prepare_again(dep.id)
     plane.controller.wake()
     model = plane.store.get_model(dep.model_id)
     # A promotion into an environment that serves now is a rollout: it moves there once
     # ready, and the environment's URL is the one to call meanwhile too.
     env = environment or (dep.environments[0] if dep.environments else None)
     path = f"environments/{env}/predict" if env else f"deployment/{dep.id}/predict"
+    if dep.is_development:
+        path = "development/predict"
     url = f"{plane.settings.gateway_url}/models/{model.id}/{path}"
     return PushOut(
         model=ModelOut.of(model),
@@ -343,7 +351,7 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
 
     @router.post("/models/{model}/deployments/{dep}/promote", response_model=DeploymentOut)
     def promote(model: str, dep: str, body: PromoteIn) -> DeploymentOut:
-        out = DeploymentOut.of(store.promote(model, dep, body.environment))
+        out = DeploymentOut.of(promote_deployment(plane, model, dep, body.environment))
         changed()
         return out
 

@@ -25,6 +25,8 @@ __all__ = [
     "ApiKeyTombstone",
     "ApiKeysOut",
     "DeploymentOut",
+    "DevelopmentSyncIn",
+    "DevelopmentSyncOut",
     "EnvironmentIn",
     "EnvironmentOut",
     "EnvironmentPatch",
@@ -53,6 +55,8 @@ class PushIn(_In):
     engine: str | None = None
     min_replicas: int = Field(default=1, ge=0, le=64)
     max_replicas: int | None = Field(default=None, ge=1, le=64)
+    development: bool = False
+    """Create (or replace) the model's development deployment, for live reload."""
 
     @field_validator("max_replicas")
     @classmethod
@@ -61,6 +65,10 @@ class PushIn(_In):
         if value is not None and low is not None and value < low:
             raise ValueError(f"must be at least min_replicas ({low}), got {value}")
         return value
+
+
+class DevelopmentSyncIn(_In):
+    project_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class PromoteIn(_In):
@@ -122,6 +130,20 @@ class DeploymentOut(BaseModel):
             created_at=v.created_at,
             updated_at=v.updated_at,
         )
+
+
+class DevelopmentSyncOut(BaseModel):
+    kind: str
+    """``unchanged``, ``reload`` (in place) or ``swap`` (a new replica)."""
+    ok: bool
+    changed: list[str]
+    removed: list[str]
+    why: str
+    took_s: float
+    error: str
+    traceback: str
+    replicas: list[str]
+    deployment: DeploymentOut
 
 
 class PushOut(BaseModel):

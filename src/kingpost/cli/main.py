@@ -16,6 +16,7 @@ from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.rollouts import environments, rollouts
 from kingpost.cli.secrets import secrets
+from kingpost.cli.watch import watch
 from kingpost.cli.weights import gc, migrate, venvs, weights
 from kingpost.engines.registry import engine_names
 from kingpost.errors import KingpostError
@@ -91,6 +92,7 @@ def init(name: str, target: Path | None) -> None:
 
 for command in (
     push,
+    watch,
     models,
     deployments,
     environments,

@@ -79,6 +79,13 @@ def _labels(value: str | None) -> dict[str, Any] | None:
     "--wait/--no-wait", default=False, help="Wait until the deployment is ACTIVE or fails."
 )
 @click.option("--timeout", type=float, default=600.0, show_default=True)
+@click.option(
+    "--watch",
+    "watch_dir",
+    is_flag=True,
+    help="Create (or replace) the model's development deployment, wait for it, then apply "
+    "each change of the folder to it (live reload).",
+)
 @output_option
 def push(
     project_dir: Path,
@@ -91,6 +98,7 @@ def push(
     replicas: int | None,
     wait: bool,
     timeout: float,
+    watch_dir: bool,
     output: str,
 ) -> None:
     """Validate, upload and deploy a Truss project."""
@@ -111,9 +119,11 @@ def push(
                 environment=environment,
                 engine=engine,
                 min_replicas=replicas,
+                development=watch_dir or None,
             )
         dep = result["deployment"]
         _engine_warnings(project_dir, loaded.warnings, dep["engine"])
+        wait = wait or watch_dir
         if wait:
             dep = _wait(c, dep["id"], timeout)
     failed = dep["status"] in ("FAILED", "BUILD_FAILED")
@@ -133,7 +143,14 @@ def push(
                 markup=False,
                 highlight=False,
             )
-    if failed:
+    if failed and watch_dir:
+        # Watching on: the next change (the fix) is applied with a new replica.
+        err_console.print(
+            f"[red]deployment {dep['name']} {dep['status']}:[/] {escape(dep['message'])}\n"
+            f"the whole log: kingpost logs -d {dep['id']}",
+            highlight=False,
+        )
+    elif failed:
         raise KingpostError(
             f"deployment {dep['name']} {dep['status']}: {dep['message']}\n"
             f"the whole log: kingpost logs -d {dep['id']}"
@@ -144,6 +161,11 @@ def push(
             f"follow it with `kingpost deployments list` or `kingpost logs -d {dep['id']}`"
         )
     _rollout_note(result["model"]["name"], dep, environment or ("production" if promote else None))
+    if watch_dir:
+        from kingpost.cli.watch import follow
+
+        with client() as c:
+            follow(c, project_dir, result["model"]["name"])
 
 
 def _rollout_note(model: str, dep: dict[str, Any], environment: str | None) -> None:

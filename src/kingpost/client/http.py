@@ -155,6 +155,18 @@ class KingpostClient:
         result: dict[str, Any] = self._call("POST", "/v1/push", json=body)
         return result
 
+    def development_sync(self, model: str, project_hash: str) -> dict[str, Any]:
+        """Apply an uploaded project to the model's development deployment (a reload in
+        place, or a swap that waits for a new replica: no time limit)."""
+        return dict(
+            self._call(
+                "POST",
+                f"/v1/models/{_seg('model', model)}/development/sync",
+                json={"project_hash": project_hash},
+                timeout=None,
+            )
+        )
+
     def models(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/models"))
 

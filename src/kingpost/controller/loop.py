@@ -188,6 +188,9 @@ class Controller:
         self._configs: dict[str, TrussConfig] = {}
         self._failed_builds: set[str] = set()
         """Deployments whose BUILD_FAILED is recorded: re-activating one builds it again."""
+        self._built_for: dict[str, str] = {}
+        """Per deployment: the project its build job prepares (a development deployment's
+        changes; a job for an older project is run again)."""
         self._failed_weights: set[str] = set()
         """Deployments whose weights mirror gave up: re-activating one mirrors afresh."""
         self._notes: dict[str, str] = {}
@@ -440,6 +443,8 @@ class Controller:
             replicas=self._rollout_targets.get(dep.id, dep.min_replicas),
             generation=dep.activation,
             was_active=dep.status in (DeploymentStatus.ACTIVE, DeploymentStatus.UNHEALTHY),
+            replace_older=dep.is_development,
+            routed=self.routed(dep.id) if dep.is_development else None,
         )
         decision = plan(want, replicas)
         self._stop_or_drain(dep, decision.stop, replicas)
@@ -732,6 +737,11 @@ class Controller:
             # BUILD_FAILED was recorded, and re-activating reset it since: build again.
             self._failed_builds.discard(dep.id)
             self._jobs.forget(key)
+        if self._built_for.setdefault(dep.id, dep.project_hash) != dep.project_hash:
+            # A development deployment's new project: prepare it, not the one before.
+            self._jobs.cancel(key, "the deployment's project changed")
+            self._jobs.forget(key)
+            self._built_for[dep.id] = dep.project_hash
         job = self._jobs.ensure(key, lambda out: engine.prepare(config, app_dir, out))
         if job.state == JobState.RUNNING:
             what = engine_kind(dep.engine).builds
@@ -847,6 +857,8 @@ class Controller:
                 dynamic_config_dir=self.settings.dynamic_dir / dep.id,
                 generation=dep.activation,
             )
+            if dep.is_development:
+                spec = replace(spec, reloadable=True)
             try:
                 engine.start(spec)
             except KingpostError as exc:
@@ -904,6 +916,28 @@ class Controller:
         engine = self._engines.get(engine_name)
         if engine is not None:
             engine.stop(replica_id)
+
+    # -- the development deployment --------------------------------------------------------
+    def prepare_again(self, deployment_id: str) -> None:
+        """Its next replica is prepared afresh (environment, image, weights): the development
+        deployment got a project that needs it (see :mod:`kingpost.controller.devloop`)."""
+        self._jobs.cancel(f"build:{deployment_id}", "the development deployment changed again")
+        self._jobs.forget(f"build:{deployment_id}")
+        self._failed_builds.discard(deployment_id)
+        self._failed_weights.discard(deployment_id)
+        if self._weights is not None:
+            self._weights.restart(deployment_id)
+        self.wake()
+
+    def routed(self, deployment_id: str) -> frozenset[str]:
+        """The deployment's replicas the last published table sends traffic to."""
+        route = self._table.deployments.get(deployment_id)
+        return frozenset(u.replica_id for u in route.upstreams) if route else frozenset()
+
+    def build_failure(self, deployment_id: str) -> str | None:
+        """The error of the deployment's last preparation, if it failed."""
+        state = self._jobs.state(f"build:{deployment_id}")
+        return state[1] if state is not None and state[0] == JobState.FAILED else None
 
     # -- gateway ----------------------------------------------------------------------
     def _publish(self, table: RoutingTable) -> None:

@@ -30,6 +30,12 @@ class Want:
     replaced, not reported (the user re-activated the deployment after a failure)."""
     was_active: bool = False
     """The deployment has served before (so a loss of ready replicas is UNHEALTHY)."""
+    replace_older: bool = False
+    """Live replicas of an older generation are replaced: new ones start, and the old ones
+    serve until as many new ones are ready (a development deployment's swap)."""
+    routed: frozenset[str] | None = None
+    """Replicas the published routing table sends traffic to (``None``: not known). With
+    it, an older replica leaves the table before it is stopped, once the new ones are in."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,12 @@ def plan(want: Want, replicas: list[ReplicaStatus]) -> Plan:
     live = [r for r in current if r.phase in _LIVE]
     ready = tuple(r for r in live if r.phase == ReplicaPhase.READY)
     stop = [r.replica_id for r in stale]
+    older: list[ReplicaStatus] = []
+    if want.replace_older:
+        older = [r for r in live if r.generation < want.generation]
+        live = [r for r in live if r not in older]
+        failed = [r for r in failed if r.generation >= want.generation]
+        ready = tuple(r for r in ready if r not in older)
     # Scale down: drop the least useful replicas first (not ready before ready).
     excess = len(live) - want.replicas
     if excess > 0:
@@ -66,6 +78,21 @@ def plan(want: Want, replicas: list[ReplicaStatus]) -> Plan:
     # A failed replica is not retried by itself: the engine already gave up on it.
     start = max(0, want.replicas - len(live) - len(failed))
     status, message = _observe(want, ready, live, failed)
+    routed = want.routed
+    if (
+        older
+        and len(ready) >= want.replicas
+        and (routed is None or all(r.replica_id in routed for r in ready))
+    ):
+        # Replaced: the new ones serve now. An older one still routed gets no more traffic
+        # and is stopped once the table without it is out.
+        stop.extend(r.replica_id for r in older if routed is None or r.replica_id not in routed)
+    elif older:  # they serve until then
+        ready = (*ready, *(r for r in older if r.phase == ReplicaPhase.READY))
+    if older and status not in (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED):
+        # ACTIVE once the older ones are gone: then only the new ones answer.
+        status = DeploymentStatus.DEPLOYING
+        message = "replacing the running replica, which serves until the new one is ready"
     return Plan(start=start, stop=tuple(stop), status=status, message=message, ready=ready)
 
 

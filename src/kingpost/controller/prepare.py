@@ -154,6 +154,12 @@ class Jobs:
                 self._stop(job, reason)
                 del self._jobs[key]
 
+    def state(self, key: str) -> tuple[JobState, str] | None:
+        """``key``'s job state and error, if there is one."""
+        with self._lock:
+            job = self._jobs.get(key)
+            return None if job is None else (job.state, job.error)
+
     def forget(self, key: str) -> None:
         """Drop a finished job so the next ``ensure`` runs it again (a retry)."""
         with self._lock:

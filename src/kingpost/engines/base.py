@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -38,6 +38,7 @@ __all__ = [
     "LogLine",
     "Prepared",
     "Probes",
+    "Reload",
     "ReplicaPhase",
     "ReplicaSpec",
     "ReplicaStatus",
@@ -122,6 +123,9 @@ class ReplicaSpec:
     dynamic_config_dir: Path | None = None
     """The deployment's directory of values that change while it runs (its environment);
     the engine shows it to the replica read-only (``kingpost.server.contract``)."""
+    reloadable: bool = False
+    """A development deployment's replica: the engine may patch its files and reload it in
+    place (:meth:`Engine.reload`)."""
     generation: int = 0
     """The deployment's activation this replica was started for: the controller replaces
     failed replicas of an older one (the user re-activated after a failure), and rollouts
@@ -173,6 +177,16 @@ class LogLine:
     text: str
 
 
+@dataclass(frozen=True)
+class Reload:
+    """How an in-place reload went."""
+
+    ok: bool
+    error: str = ""
+    traceback: str = ""
+    """The model's traceback, or the last lines of a custom server's output."""
+
+
 class Engine(ABC):
     """Starts, watches and stops replicas. See the module docstring."""
 
@@ -204,6 +218,17 @@ class Engine(ABC):
 
     @abstractmethod
     def stop(self, replica_id: str) -> None: ...
+
+    def reload(
+        self, replica_id: str, source: Path, changed: Sequence[str], removed: Sequence[str]
+    ) -> Reload | None:
+        """Patch a running, ready, ``reloadable`` replica's files from ``source`` (the new
+        project: ``changed`` files copied, ``removed`` ones deleted) and reload it in place:
+        a model class re-imports and ``load()``s, a custom server restarts on the new files.
+        A failed reload puts the old files back, and the replica serves the old code.
+        ``None``: this engine (or this replica's state) cannot, so the caller starts a new
+        replica instead. Blocks until the reload is done."""
+        return None
 
     @abstractmethod
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:

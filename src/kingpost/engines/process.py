@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import secrets
 import shutil
 import signal
 import socket
@@ -25,14 +26,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from kingpost._cancel import kill_orphans
 from kingpost._logtail import tail_lines
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
+from kingpost.engines._reload import Patch, ask_reload
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
 from kingpost.engines._view import View, plan_view, replica_uid
 from kingpost.engines.base import (
@@ -41,6 +44,7 @@ from kingpost.engines.base import (
     Engine,
     LogLine,
     Prepared,
+    Reload,
     ReplicaPhase,
     ReplicaSpec,
     ReplicaStatus,
@@ -50,7 +54,7 @@ from kingpost.engines.base import (
 from kingpost.engines.probes import PROBE_WORKERS, ReplicaHealth
 from kingpost.errors import EngineError
 from kingpost.netns import can_unshare_net, forget_netns
-from kingpost.server.contract import DYNAMIC_CONFIG_ENV, SERVER_ARGS
+from kingpost.server.contract import DYNAMIC_CONFIG_ENV, RELOAD_TOKEN_ENV, SERVER_ARGS
 from kingpost.settings import Settings
 
 if TYPE_CHECKING:
@@ -75,6 +79,10 @@ class _Replica(ReplicaHealth):
     kill_at: float = 0.0
     probing: bool = False
     """A probe round of it runs on the probe pool; the monitor leaves it alone meanwhile."""
+    reload_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    relaunch: bool = False
+    """Set by :meth:`ProcessEngine.reload`: the monitor kills the server and starts it
+    again on the (patched) files, without a backoff."""
 
     @property
     def app(self) -> Path:
@@ -329,6 +337,63 @@ class ProcessEngine(Engine):
         with contextlib.suppress(OSError):  # empty once every replica's files are gone
             self._secrets_root.rmdir()
 
+    def reload(
+        self, replica_id: str, source: Path, changed: Sequence[str], removed: Sequence[str]
+    ) -> Reload | None:
+        with self._lock:
+            rep = self._replicas.get(replica_id)
+        if (
+            rep is None
+            or rep.stopping
+            or rep.phase != ReplicaPhase.READY
+            or not rep.spec.reloadable
+        ):
+            return None
+        uid = replica_uid(rep.spec.deployment_id, rep.spec.run_as_user_id) if self.isolate else None
+        patch = Patch(rep.app, uid)
+        patch.apply(source, changed, removed)
+        if rep.spec.kind == ServerKind.MODEL_CLASS:
+            endpoint = rep.endpoint
+            if endpoint is None:
+                patch.undo()
+                return None
+            result = ask_reload(endpoint, rep.reload_token, self.settings.build_timeout)
+        else:
+            result = self._restart_on_new_files(rep)
+        if not result.ok:
+            patch.undo()
+            if rep.spec.kind != ServerKind.MODEL_CLASS:
+                self._restart_on_new_files(rep)  # back on the old files
+        return result
+
+    def _restart_on_new_files(self, rep: _Replica) -> Reload:
+        """A custom server: stopped and started again by the monitor, then waited for."""
+        mark = rep.log_path.stat().st_size if rep.log_path.exists() else 0
+        rep.relaunch = True
+        deadline = time.monotonic() + self.settings.build_timeout
+        while time.monotonic() < deadline:
+            time.sleep(TICK_S)
+            if rep.relaunch:
+                continue
+            if rep.phase == ReplicaPhase.READY:
+                return Reload(True)
+            if rep.phase == ReplicaPhase.FAILED or rep.stopping or rep.restarts > 0:
+                break
+        with rep.log_path.open("rb") as f:
+            f.seek(mark)
+            output = f.read()[-8192:].decode(errors="replace")
+        return Reload(False, "the server did not become ready on the new files", output)
+
+    def _relaunch(self, rep: _Replica, now: float) -> None:
+        if rep.proc is not None:
+            self._signal(rep.proc, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                rep.proc.wait(timeout=10)
+            self._forget(rep)
+        rep.proc, rep.endpoint, rep.relaunch = None, None, False
+        rep.restarts, rep.exits_before_ready, rep.live_fails = 0, 0, 0
+        rep.phase, rep.next_start = ReplicaPhase.STARTING, now
+
     # -- the monitor thread -------------------------------------------------------------------
     def _monitor(self) -> None:
         while not self._closing.is_set():
@@ -348,6 +413,8 @@ class ProcessEngine(Engine):
         if rep.stopping:
             self._step_stopping(rep, now)
             return
+        if rep.relaunch:  # even a FAILED one: back on the files that served
+            self._relaunch(rep, now)
         if rep.phase == ReplicaPhase.FAILED:
             return
         if rep.proc is None:
@@ -547,6 +614,7 @@ class ProcessEngine(Engine):
             "BT_MODEL_DEPLOYMENT_ID": spec.deployment_id,
             "KINGPOST_SECRETS_DIR": SECRETS_MOUNT if SECRETS_MOUNT in mounted else str(secrets_dir),
             "PYTHONUNBUFFERED": "1",
+            **({RELOAD_TOKEN_ENV: rep.reload_token} if spec.reloadable else {}),
             **(
                 {DYNAMIC_CONFIG_ENV: str(spec.dynamic_config_dir)}
                 if spec.dynamic_config_dir is not None

@@ -140,6 +140,10 @@ def _action(
     if action == "predict" and not rest:
         return Target(dep, dep.predict_path + suffix, model.model_id, weighted)
     if action == "sync":
+        if rest.lstrip("/").lower().startswith(("_kingpost/", "%5fkingpost/")):
+            # The control plane's own paths on a replica (its reload) are never forwarded.
+            return Miss(404, f"no route sync/{rest!r}: paths under /_kingpost/ are reserved",
+                        weighted=weighted)  # fmt: skip
         return Target(dep, "/" + rest + suffix, model.model_id, weighted)
     if action == "websocket" and not rest:
         return _websocket(dep, model, suffix, weighted)

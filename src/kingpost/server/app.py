@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hmac
 import inspect
+import json
 import logging
 import os
 import queue
@@ -25,6 +27,7 @@ from time import perf_counter
 from typing import Any
 
 from kingpost.server import codec, compat
+from kingpost.server.contract import RELOAD_PATH, RELOAD_TOKEN_ENV, RELOAD_TOKEN_HEADER
 from kingpost.server.eager import on_task
 from kingpost.server.http import Connection, HttpRequest
 from kingpost.server.logs import REQUEST_ID, log_event
@@ -151,6 +154,11 @@ class ModelServer:
         self._inline = inline_enabled()
         self._fast_s = fast_call_seconds()
         self._placements: dict[str, Placement] = {}
+        self.reloader: Any = None
+        """Set by the runner: reloads the model in place (blocking) and returns what to
+        answer; see :meth:`_reload`."""
+        # Taken out of the environment: the model's code and its subprocesses never see it.
+        self._reload_token = os.environ.pop(RELOAD_TOKEN_ENV, "")
         self.sessions: set[Session] = set()
         """Open WebSockets: closed with 1012 when the server stops, and waited for."""
         self.handling = 0
@@ -200,6 +208,9 @@ class ModelServer:
                 # is_healthy.
                 ask_model = path != "/ping" and not path.endswith("/loaded")
                 status = await self._ready(conn, headers, ask_model)
+            elif path == RELOAD_PATH and method == "POST":
+                route = "reload"
+                status = await self._reload(req, conn, headers)
             elif path == "/metrics" and method == "GET":
                 route, status = "metrics", 200
                 body = self.metrics.render().encode() + _user_metrics()
@@ -215,6 +226,22 @@ class ModelServer:
                 )  # fmt: skip
         finally:
             self.handling -= 1
+
+    async def _reload(
+        self, req: HttpRequest, conn: Connection, headers: list[tuple[bytes, bytes]]
+    ) -> int:
+        """Reload the model in place for the control plane. Only a replica started with a
+        reload token answers, and only to a request carrying it: anything else gets the 404
+        any unknown path gets, so a user request cannot reload a model."""
+        given = req.headers.get(RELOAD_TOKEN_HEADER, "")
+        token = self._reload_token
+        if not token or self.reloader is None or not hmac.compare_digest(given, token):
+            conn.respond(404, headers, codec.error_body(f"no route for POST {RELOAD_PATH}"))
+            return 404
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.aux_pool, self.reloader)
+        conn.respond(200, headers, json.dumps(result).encode(), JSON)
+        return 200
 
     # readiness
     async def _ready(

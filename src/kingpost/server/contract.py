@@ -8,6 +8,9 @@ __all__ = [
     "ENVIRONMENT_ENV",
     "ENVIRONMENT_KEY",
     "ENVIRONMENT_POLL_ENV",
+    "RELOAD_PATH",
+    "RELOAD_TOKEN_ENV",
+    "RELOAD_TOKEN_HEADER",
     "SERVER_ARGS",
 ]
 
@@ -32,3 +35,14 @@ SERVER_ARGS = ("-P", "-m", "kingpost.server")
 """The interpreter arguments that start the model server. ``-P``: the working directory
 (the project) is not put first on ``sys.path``, where a project file named ``yaml.py`` or
 ``secrets.py`` would replace what the server and the standard library import."""
+
+RELOAD_TOKEN_ENV = "KINGPOST_RELOAD_TOKEN"
+"""A secret the engine gives each model-class replica of a development deployment: only a
+request to :data:`RELOAD_PATH` carrying it in :data:`RELOAD_TOKEN_HEADER` reloads the model.
+Unset (every other replica): the path answers 404."""
+
+RELOAD_PATH = "/_kingpost/reload"
+"""``POST``: re-import the project's modules and ``load()`` a new instance in place. The
+gateway never forwards a path under ``/_kingpost/``."""
+
+RELOAD_TOKEN_HEADER = "x-kingpost-reload-token"

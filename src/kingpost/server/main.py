@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ class _Runner:
         self.host = host
         self.loop = loop
         self.server = ModelServer(host)
+        self.server.reloader = self.reload
+        self._reloading = threading.Lock()
         self.stop = asyncio.Event()
         self.stopped = threading.Event()
         """Set at shutdown, for the threads that outlive load()."""
@@ -99,6 +102,28 @@ class _Runner:
             return
         log_event(log, logging.INFO, "model loaded", model_file=str(self.host.config.model_file))
         self.host.watch_environment(self._run_coroutine, self.stopped)
+
+    def reload(self) -> dict[str, Any]:
+        """Reload the model in place (one reload at a time): ``ok``, the seconds it took,
+        and on failure the error and its traceback; the old model serves on then."""
+        started = time.perf_counter()
+        with self._reloading:
+            if self.host.status != Status.READY:
+                return {"ok": False, "error": "the model has not finished loading yet",
+                        "traceback": "", "took_s": 0.0}  # fmt: skip
+            try:
+                self.host.reload_blocking(self._run_coroutine)
+            except BaseException as exc:
+                log.error("reload failed; the previous model keeps serving", exc_info=exc)
+                return {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": format_user_exception(exc),
+                    "took_s": time.perf_counter() - started,
+                }
+        took = time.perf_counter() - started
+        log_event(log, logging.INFO, "model reloaded", took_s=round(took, 3))
+        return {"ok": True, "error": "", "traceback": "", "took_s": took}
 
     def _finish(self, code: int) -> None:
         self.exit_code = code

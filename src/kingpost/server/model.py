@@ -257,6 +257,18 @@ def _call_hook(run_coroutine: Callable[[Any], Any], hook: Callable[..., Any], *a
         hook(*args)
 
 
+def _drop_project_modules(roots: list[Path]) -> dict[str, types.ModuleType]:
+    """Remove from ``sys.modules`` every module loaded from under ``roots``, so the next
+    import reads the files again; returns what was removed."""
+    prefixes = tuple(str(Path(r).resolve()) + os.sep for r in roots)
+    dropped: dict[str, types.ModuleType] = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and os.path.abspath(file).startswith(prefixes):
+            dropped[name] = sys.modules.pop(name)
+    return dropped
+
+
 class ModelHost:
     """Owns the user's model instance and its described methods."""
 
@@ -411,6 +423,37 @@ class ModelHost:
         self.resolver.raise_if_not_collected()  # as Truss, after load() and its retries
         _import_numpy_if_installed()
         self.status = Status.READY
+
+    def reload_blocking(self, run_coroutine: Callable[[Any], Any]) -> None:
+        """Re-import the project's modules, construct and ``load()`` a new instance, then
+        serve it; run off the event loop (a development deployment's live reload).
+
+        Requests keep reaching the old instance until the new one has loaded. When
+        anything raises (a syntax error, ``load()``), the old instance, its modules and
+        the old config stay, and the exception propagates for the caller to report."""
+        from kingpost.server.config import load_server_config
+
+        roots = [self.config.app_dir, *self.config.package_paths()]
+        dropped = _drop_project_modules(roots)
+        importlib.invalidate_caches()
+        old_config, old_instance = self.config, self.instance
+        try:
+            self.config = load_server_config(self.config.app_dir)
+            instance = self.construct(self.import_class())
+            setup = getattr(instance, "setup_environment", None)
+            if callable(setup) and self.environment is not None:
+                _call_hook(run_coroutine, setup, self.environment)
+            load = getattr(instance, "load", None)
+            if load is not None:
+                _call_hook(run_coroutine, load)
+            self.bind(instance)
+        except BaseException:
+            _drop_project_modules(roots)
+            sys.modules.update(dropped)
+            self.config = old_config
+            if old_instance is not None:
+                self.bind(old_instance)
+            raise
 
     def watch_environment(self, run_coroutine: Callable[[Any], Any], stop: threading.Event) -> None:
         """Call ``setup_environment`` again whenever the deployment's environment changes

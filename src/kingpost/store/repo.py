@@ -46,6 +46,8 @@ from kingpost.store.views import (
 __all__ = ["KeyScopes", "NewDeployment", "Store", "hash_api_key", "new_id"]
 
 PRODUCTION = "production"
+DEVELOPMENT = "development"
+"""The name of a model's one development deployment, which no other may take."""
 _ALPHABET = string.ascii_lowercase + string.digits
 _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -173,6 +175,7 @@ class NewDeployment:
         environment: str | None = None,
         min_replicas: int = 1,
         max_replicas: int = 1,
+        development: bool = False,
     ) -> None:
         self.model_name = model_name
         self.project_hash = project_hash
@@ -183,6 +186,8 @@ class NewDeployment:
         self.environment = environment
         self.min_replicas = min_replicas
         self.max_replicas = max_replicas
+        self.development = development
+        """The model's one development deployment: created, or replaced when it exists."""
 
 
 class Store:
@@ -339,6 +344,19 @@ class Store:
         _check(_MODEL_NAME, "model", new.model_name, "letters, digits, space, '.', '_', '-'")
         if new.name is not None:
             _check(_DEPLOYMENT_NAME, "deployment", new.name, "letters, digits, '.', '_', '-'")
+            if new.name == DEVELOPMENT and not new.development:
+                raise ValidationError(
+                    f"deployment name {DEVELOPMENT!r} is reserved for the development "
+                    "deployment; push with --watch to create it, or choose another name",
+                    field="deployment_name",
+                    value=new.name,
+                )
+        if new.development and (new.name not in (None, DEVELOPMENT) or new.environment):
+            raise ValidationError(
+                "the development deployment is always named 'development' and is in no "
+                "environment; push it without a deployment name, --promote or --environment",
+                field="development",
+            )
         if new.environment is not None:
             check_environment_name(new.environment)
         check_labels(new.labels)
@@ -363,6 +381,8 @@ class Store:
                 s.add(model)
                 s.flush()
                 s.add(Environment(id=new_id(12), model_id=model.id, name=PRODUCTION))
+            if new.development:
+                return self._replace_development(s, model, new)
             number = model.next_number
 
             def taken(name: str) -> bool:
@@ -409,6 +429,61 @@ class Store:
                 self._point(s, model.id, new.environment or PRODUCTION, dep.id)
             elif new.environment is not None:
                 self._promote_into(s, model, new.environment, dep)
+            return self._view(s, dep)
+
+    def _replace_development(self, s: Session, model: Model, new: NewDeployment) -> DeploymentView:
+        """The model's development deployment, created, or given the new project (its
+        replicas are replaced: a new activation)."""
+        dep = s.scalar(
+            select(Deployment).where(
+                Deployment.model_id == model.id,
+                Deployment.is_development.is_(True),
+                Deployment.desired_state != DesiredState.DELETED,
+            )
+        )
+        if dep is None:
+            # A deleted one keeps its row (names are never reused): it gives up the name.
+            for gone in s.scalars(
+                select(Deployment).where(
+                    Deployment.model_id == model.id, Deployment.name == DEVELOPMENT
+                )
+            ):
+                gone.name = f"{DEVELOPMENT}-deleted-{gone.id}"
+            s.flush()
+            dep = Deployment(
+                id=new_id(7),
+                model_id=model.id,
+                name=DEVELOPMENT,
+                number=0,
+                is_development=True,
+                message="",
+                activation=1,
+            )
+            s.add(dep)
+        else:
+            dep.activation = (dep.activation or 1) + 1
+        dep.status, dep.desired_state = DeploymentStatus.DEPLOYING, DesiredState.ACTIVE
+        dep.labels, dep.project_hash, dep.config = new.labels, new.project_hash, new.config
+        dep.engine, dep.min_replicas, dep.max_replicas = new.engine, 1, 1
+        dep.updated_at = utcnow()
+        s.flush()
+        return self._view(s, dep)
+
+    def set_development_project(
+        self, deployment_id: str, project_hash: str, config: Mapping[str, Any], activation: int
+    ) -> DeploymentView:
+        """What the development deployment now runs (after a live reload, or a swap, which
+        gives it a new ``activation``)."""
+        with self.db.session() as s:
+            dep = self._deployment(s, deployment_id, lock=True)
+            if not dep.is_development:
+                raise ConflictError(
+                    f"deployment {dep.name!r} is not a development deployment", deployment=dep.id
+                )
+            if activation != dep.activation:  # new replicas: whatever failed is past
+                dep.status, dep.message = DeploymentStatus.DEPLOYING, ""
+            dep.project_hash, dep.config, dep.activation = project_hash, dict(config), activation
+            dep.updated_at = utcnow()
             return self._view(s, dep)
 
     def _point(self, s: Session, model_id: str, env_name: str, deployment_id: str) -> None:
@@ -546,6 +621,13 @@ class Store:
                     "then promote it",
                     deployment=d.id,
                     status=str(d.status),
+                )
+            if d.is_development:
+                raise ConflictError(
+                    "the development deployment cannot be in an environment; promoting it "
+                    "publishes a new deployment from its files "
+                    f"(`kingpost deployments promote {model.name} development`)",
+                    deployment=d.id,
                 )
             self._promote_into(s, model, env_name, d)
             s.flush()

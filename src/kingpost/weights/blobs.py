@@ -160,6 +160,10 @@ class BlobStore:
     def pin(self, key: str, manifest_ids: Iterable[str]) -> None:
         (self.root / "pins" / f"{key}.json").write_text(json.dumps(list(manifest_ids)))
 
+    def unpin(self, key: str) -> None:
+        """Forget what ``key`` was pinned to: its next mirror resolves its sources afresh."""
+        (self.root / "pins" / f"{key}.json").unlink(missing_ok=True)
+
     def pinned(self, key: str) -> list[str] | None:
         path = self.root / "pins" / f"{key}.json"
         return list(json.loads(path.read_text())) if path.exists() else None

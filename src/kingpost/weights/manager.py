@@ -262,6 +262,19 @@ class WeightsManager:
                 del self._jobs[key]
             self._failures.pop(key, None)
 
+    def restart(self, key: str) -> None:
+        """Drop ``key``'s finished mirror (done or failed) and its failures, so the next
+        :meth:`start` resolves and mirrors the entries it is given then (its pin goes too):
+        a development deployment whose weights changed. The mirrored files stay in the store
+        for what still uses them."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.state in (MirrorState.COMPLETE, MirrorState.FAILED):
+                del self._jobs[key]
+            if key not in self._jobs:
+                self.store.unpin(key)
+            self._failures.pop(key, None)
+
     def mounts(self, key: str) -> tuple[WeightMount, ...]:
         job = self._jobs.get(key)
         if job is None or job.state != MirrorState.COMPLETE:

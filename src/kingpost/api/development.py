@@ -1,0 +1,107 @@
+"""The development deployment's routes: apply a new upload of its project (live reload,
+see :mod:`kingpost.controller.devloop`), and promotion, which publishes a new deployment
+from its files."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+
+from kingpost.api.schemas import DeploymentOut, DevelopmentSyncIn, DevelopmentSyncOut
+from kingpost.errors import ConflictError, NotFoundError
+from kingpost.store import DeploymentView, DesiredState, NewDeployment
+
+if TYPE_CHECKING:
+    from kingpost.api.app import ControlPlane
+
+__all__ = ["development_deployment", "development_routes", "promote"]
+
+
+def development_deployment(plane: ControlPlane, model: str) -> DeploymentView:
+    """The model's development deployment; 404 naming how to create one."""
+    found = [d for d in plane.store.list_deployments(model) if d.is_development]
+    if not found:
+        raise NotFoundError(
+            f"model {model!r} has no development deployment; create it with "
+            "`kingpost push --watch DIR`",
+            model=model,
+        )
+    return found[0]
+
+
+def development_routes(router: APIRouter, plane: ControlPlane) -> None:
+    @router.post("/models/{model}/development/sync", response_model=DevelopmentSyncOut)
+    def sync(model: str, body: DevelopmentSyncIn) -> DevelopmentSyncOut:
+        from kingpost.controller.devloop import apply_project
+
+        dep = development_deployment(plane, model)
+        if dep.desired_state != DesiredState.ACTIVE:
+            raise ConflictError(
+                f"model {model!r}'s development deployment is {dep.desired_state}; activate "
+                f"it (`kingpost deployments activate {model} development`) or push --watch "
+                "again",
+                deployment=dep.id,
+            )
+        config = _validated(plane, body.project_hash, dep.engine)
+        done = apply_project(plane.controller, plane.store, dep, body.project_hash, config)
+        plane.controller.wake()
+        return DevelopmentSyncOut(
+            kind=done.kind,
+            ok=done.ok,
+            changed=list(done.changed),
+            removed=list(done.removed),
+            why=done.why,
+            took_s=done.took_s,
+            error=done.error,
+            traceback=done.traceback,
+            replicas=list(done.replicas),
+            deployment=DeploymentOut.of(done.deployment),
+        )
+
+
+def _validated(plane: ControlPlane, project_hash: str, engine: str) -> dict[str, object]:
+    """The uploaded project's config.yaml document, checked as a push checks it (a
+    ConfigError names the file and line)."""
+    from kingpost.api.app import _check_runnable, _check_weights
+    from kingpost.config import load_config
+    from kingpost.controller.specs import missing_secrets
+    from kingpost.engines.registry import engine_kind
+    from kingpost.errors import SecretError
+
+    app_dir = plane.settings.projects_dir / project_hash
+    if not app_dir.is_dir():
+        raise NotFoundError(
+            f"project {project_hash} was not uploaded; PUT /v1/projects/{{sha}} first",
+            project_hash=project_hash,
+        )
+    loaded = load_config(app_dir, engine=engine)
+    _check_weights(loaded.config, plane.settings.home)
+    missing = missing_secrets(loaded.config, plane.store.secret_names())
+    if missing:
+        raise SecretError(
+            f"config.yaml: secrets: {', '.join(missing)} not defined on this server; "
+            "set each with `kingpost secrets set NAME`",
+            secrets=missing,
+        )
+    _check_runnable(loaded.config, engine_kind(engine, all_kinds=False))
+    return dict(loaded.document())
+
+
+def promote(plane: ControlPlane, model: str, deployment: str, environment: str) -> DeploymentView:
+    """Point ``environment`` at a deployment; the development deployment is never pointed
+    at: a new, numbered deployment is published from its current files instead."""
+    dep = plane.store.get_deployment(deployment, model)
+    if not dep.is_development:
+        return plane.store.promote(model, deployment, environment)
+    name = plane.store.get_model(dep.model_id).name
+    return plane.store.create_deployment(
+        NewDeployment(
+            model_name=name,
+            project_hash=dep.project_hash,
+            config=dep.config,
+            engine=dep.engine,
+            labels=dep.labels,
+            environment=environment,
+        )
+    )
