@@ -98,6 +98,15 @@ class DeploymentOut(BaseModel):
     max_replicas: int
     created_at: datetime
     updated_at: datetime
+    autoscaling_settings: dict[str, int] = Field(default_factory=dict)
+    """The settings that govern the deployment (an environment's, or its own)."""
+    autoscaling_settings_from: str | None = None
+    """The environment they come from; None: the deployment's own."""
+    replicas_wanted: int | None = None
+    replicas_starting: int | None = None
+    replicas_ready: int | None = None
+    scaling_reason: str = ""
+    """Why the autoscaler last chose ``replicas_wanted``."""
 
     @classmethod
     def of(cls, v: DeploymentView) -> DeploymentOut:
@@ -131,11 +140,17 @@ class EnvironmentOut(BaseModel):
     model_id: str
     deployment_id: str | None
     updated_at: datetime
+    autoscaling_settings: dict[str, int] | None = None
+    """Settings for the deployment it points at; None: that deployment's own."""
 
     @classmethod
     def of(cls, v: EnvironmentView) -> EnvironmentOut:
         return cls(
-            name=v.name, model_id=v.model_id, deployment_id=v.deployment_id, updated_at=v.updated_at
+            name=v.name,
+            model_id=v.model_id,
+            deployment_id=v.deployment_id,
+            updated_at=v.updated_at,
+            autoscaling_settings=v.autoscaling_settings,
         )
 
 

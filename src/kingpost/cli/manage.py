@@ -34,7 +34,13 @@ from kingpost.errors import KingpostError, ValidationError
 
 __all__ = ["deployments", "logs", "models", "predict", "push"]
 
-_DEPLOYMENT_COLUMNS = ["id", "name", "model_id", "status", "environments", "labels", "created_at"]
+_DEPLOYMENT_COLUMNS = [
+    "id", "name", "model_id", "status", "replicas", "environments", "labels", "created_at",
+]  # fmt: skip
+_DESCRIBE_COLUMNS = [
+    "id", "name", "model_id", "status", "replicas", "scaling_reason", "environments",
+    "autoscaling_settings_from", "autoscaling_settings", "message",
+]  # fmt: skip
 _ACTION_COLUMNS = ["id", "name", "model_id", "desired_state", "status", "environments"]
 """After an action: what was asked next to where the deployment is now, since the
 controller acts on it after the command returns (right after `deactivate`, status is still
@@ -219,9 +225,28 @@ def deployments() -> None:
 def deployments_list(model: str | None, output: str) -> None:
     """List deployments."""
     with client() as c:
-        rows = c.deployments(model)
+        rows = [_with_replicas(r) for r in c.deployments(model)]
     # The message last: it can be long, and piped output keeps each row on one line.
     print_rows(rows, [*_DEPLOYMENT_COLUMNS, "message"], output)
+
+
+def _with_replicas(row: dict[str, Any]) -> dict[str, Any]:
+    """``replicas`` as wanted/starting/ready (blank before the autoscaler saw it)."""
+    if row.get("replicas_wanted") is None:
+        return {**row, "replicas": ""}
+    counts = (row["replicas_wanted"], row["replicas_starting"], row["replicas_ready"])
+    return {**row, "replicas": "/".join(str(n) for n in counts)}
+
+
+@deployments.command("describe")
+@click.argument("model")
+@click.argument("deployment")
+@output_option
+def deployments_describe(model: str, deployment: str, output: str) -> None:
+    """One deployment: status, replicas wanted/starting/ready and why, its settings."""
+    with client() as c:
+        row = _with_replicas(c.deployment(deployment, model))
+    print_rows([row], _DESCRIBE_COLUMNS, output)
 
 
 def _action(name: str, help_text: str) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from kingpost.controller.plan import Want, plan
 from kingpost.controller.prepare import Jobs, JobState
+from kingpost.controller.scaling import Scaler
 from kingpost.controller.specs import (
     environment_names,
     missing_secrets,
@@ -61,6 +62,7 @@ from kingpost.store import (
     Store,
     new_id,
 )
+from kingpost.store.autoscaling import effective_settings
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
@@ -167,6 +169,9 @@ class Controller:
         self._step_errors = 0
         self._told: dict[str, str] | None = None
         """What each deployment's environment file says (None until read from disk)."""
+        self.scaler = Scaler()
+        """The autoscaler's soft state; a rollout freezes a deployment through
+        ``scaler.frozen``."""
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -193,6 +198,12 @@ class Controller:
     def wake(self) -> None:
         """Reconcile now instead of at the next tick (after a user action)."""
         self._wake.set()
+
+    def wake_deployment(self, deployment_id: str, queued: int = 1) -> None:
+        """Requests wait for a deployment (the gateway says so, or ``wake`` was called): a
+        demand sample for the autoscaler, and a pass now, so one scaled to zero starts."""
+        self.scaler.demand(deployment_id, queued, self._clock())
+        self.wake()
 
     def stop(self) -> None:
         self._stop.set()
@@ -269,6 +280,7 @@ class Controller:
         models, deployments, environments = self.store.routing_snapshot()
         replicas = self._poll_all()
         self._tell_environments(deployments, environments)
+        self._autoscale(deployments, environments, replicas)
         known = {d.id for d in deployments}
         ready: dict[str, list[ReplicaStatus]] = {}
         for dep in deployments:
@@ -301,6 +313,25 @@ class Controller:
             self._publish(table)
         self._pull()
         return self._table
+
+    def _autoscale(
+        self,
+        deployments: list[DeploymentView],
+        environments: list[EnvironmentView],
+        replicas: dict[str, list[ReplicaStatus]],
+    ) -> None:
+        """Each active deployment's count, from the gateway's samples (see
+        :mod:`kingpost.controller.scaling`); a failure leaves the last count standing."""
+        now = self._clock()
+        active = [d for d in deployments if d.desired_state == DesiredState.ACTIVE]
+        self.scaler.observe(self.gateway_stats, [d.id for d in active], now)
+        self.scaler.forget(d.id for d in active)
+        for dep in active:
+            try:
+                settings, source = effective_settings(dep, environments)
+                self.scaler.step(dep, settings, replicas.get(dep.id, []), now, source)
+            except Exception:
+                log.exception("autoscaling deployment %s failed", dep.id)
 
     def _pull(self) -> None:
         """The gateway's figures, at most once a second (one request per worker's socket)."""
@@ -358,7 +389,7 @@ class Controller:
                 self._notes[dep.id] = gate.message
         want = Want(
             active=want_active and (isinstance(gate, _Ready) or serving),
-            replicas=dep.min_replicas,
+            replicas=self.scaler.wanted(dep.id, dep.min_replicas),
             generation=dep.activation,
             was_active=dep.status in (DeploymentStatus.ACTIVE, DeploymentStatus.UNHEALTHY),
         )

@@ -127,7 +127,8 @@ def _key_view(k: ApiKey) -> ApiKeyView:
 
 
 def _env_view(e: Environment) -> EnvironmentView:
-    return EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at)
+    settings = dict(e.autoscaling_settings) if e.autoscaling_settings is not None else None
+    return EnvironmentView(e.id, e.model_id, e.name, e.deployment_id, e.updated_at, settings)
 
 
 def _deployment_view(d: Deployment, envs: Iterable[str] = ()) -> DeploymentView:
@@ -150,6 +151,7 @@ def _deployment_view(d: Deployment, envs: Iterable[str] = ()) -> DeploymentView:
         updated_at=d.updated_at,
         environments=tuple(sorted(envs)),
         activation=d.activation or 1,
+        autoscaling_settings=dict(d.autoscaling_settings or {}),
     )
 
 

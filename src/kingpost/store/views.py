@@ -41,6 +41,8 @@ class DeploymentView:
     environments: tuple[str, ...] = field(default=())
     activation: int = 1
     """See ``Deployment.activation``."""
+    autoscaling_settings: dict[str, Any] = field(default_factory=dict)
+    """See ``Deployment.autoscaling_settings`` (the bounds are ``min/max_replicas``)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class EnvironmentView:
     name: str
     deployment_id: str | None
     updated_at: datetime
+    autoscaling_settings: dict[str, Any] | None = None
+    """Settings for the deployment it points at; None: that deployment's own."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""The autoscaler's soft state: a window of samples per deployment, the replicas wanted,
+and the last decision's reason. The decision itself is the pure
+:func:`~kingpost.controller.autoscale.decide`; this module only feeds and remembers it.
+
+Nothing here is durable. After a restart the count starts from the replicas the engines
+report (a deployment recorded SCALED_TO_ZERO with none stays at zero), and no replica is
+removed until a whole ``scale_down_delay`` of samples has been seen again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from kingpost.controller.autoscale import AutoscalingSettings, Decision, Sample, decide
+from kingpost.engines.base import ReplicaPhase, ReplicaStatus
+from kingpost.gateway.stats import GatewayStats
+from kingpost.store import DeploymentStatus, DeploymentView
+
+__all__ = ["ReplicaCounts", "Scaler"]
+
+_STARTING = (ReplicaPhase.STARTING, ReplicaPhase.RESTARTING, ReplicaPhase.NOT_READY)
+
+
+@dataclass(frozen=True)
+class ReplicaCounts:
+    """What ``deployments list/describe`` show of a deployment's scale."""
+
+    wanted: int
+    starting: int
+    ready: int
+    reason: str
+    source: str | None = None
+    """The environment whose settings govern, or None: the deployment's own."""
+
+
+class Scaler:
+    """Per deployment: samples (oldest first), the count wanted, the last reason.
+
+    ``frozen`` holds the ids of deployments whose count a rollout owns (the rollout sets
+    and clears it); their count stands while they are in it."""
+
+    def __init__(self) -> None:
+        self._samples: dict[str, deque[Sample]] = {}
+        self._wanted: dict[str, int] = {}
+        self._decisions: dict[str, Decision] = {}
+        self._counts: dict[str, ReplicaCounts] = {}
+        self._last_stats: GatewayStats | None = None
+        self._lock = threading.Lock()
+        self.frozen: set[str] = set()
+
+    def observe(self, stats: GatewayStats | None, deployments: Iterable[str], now: float) -> None:
+        """One sample per deployment from a newly pulled ``stats`` (none again for the same)."""
+        if stats is None or stats is self._last_stats:
+            return
+        self._last_stats = stats
+        with self._lock:
+            for dep_id in deployments:
+                held = stats.deployments.get(dep_id)
+                inflight = held.inflight_total if held is not None else 0
+                queued = held.queued if held is not None else 0
+                self._add(dep_id, Sample(now, inflight, queued, self._wanted.get(dep_id, 0)))
+
+    def demand(self, dep_id: str, queued: int, now: float) -> None:
+        """Requests wait for ``dep_id`` now (the gateway said so, or a wake was asked)."""
+        with self._lock:
+            self._add(dep_id, Sample(now, 0, max(1, queued), self._wanted.get(dep_id, 0)))
+
+    def _add(self, dep_id: str, sample: Sample) -> None:
+        self._samples.setdefault(dep_id, deque()).append(sample)
+
+    def step(
+        self,
+        dep: DeploymentView,
+        settings: AutoscalingSettings,
+        replicas: Sequence[ReplicaStatus],
+        now: float,
+        source: str | None = None,
+    ) -> int:
+        """Decide the deployment's count now; remembers it and why."""
+        live = [r for r in replicas if r.phase in (ReplicaPhase.READY, *_STARTING)]
+        ready = sum(1 for r in live if r.phase == ReplicaPhase.READY)
+        with self._lock:
+            current = self._wanted.get(dep.id)
+            if current is None:  # first sight (a push, or a restarted control plane)
+                zero = dep.status == DeploymentStatus.SCALED_TO_ZERO and not live
+                current = 0 if zero else max(len(live), settings.min_replica, 1)
+                current = min(current, settings.max_replica)
+            samples = self._samples.setdefault(dep.id, deque())
+            keep = now - settings.autoscaling_window - settings.scale_down_delay - 5
+            while samples and samples[0].at <= keep:
+                samples.popleft()
+            decision = decide(settings, samples, current, now, frozen=dep.id in self.frozen)
+            self._wanted[dep.id] = decision.replicas
+            self._decisions[dep.id] = decision
+            self._counts[dep.id] = ReplicaCounts(
+                decision.replicas, len(live) - ready, ready, decision.reason, source
+            )
+        return decision.replicas
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop the state of deployments not in ``keep`` (deactivated, deleted)."""
+        keep = set(keep)
+        with self._lock:
+            for table in (self._samples, self._wanted, self._decisions, self._counts):
+                for dep_id in [d for d in table if d not in keep]:
+                    del table[dep_id]
+
+    def counts(self, dep_id: str) -> ReplicaCounts | None:
+        with self._lock:
+            return self._counts.get(dep_id)
+
+    def wanted(self, dep_id: str, default: int) -> int:
+        with self._lock:
+            return self._wanted.get(dep_id, default)
