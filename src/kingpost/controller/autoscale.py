@@ -227,6 +227,8 @@ def decide(
         if current == 0:
             return Decision(up, f"waking from zero: {max(stable, burst):.2f} requests waiting")
         return Decision(up, f"scale up: {load}, target {settings.per_replica:.2f} per replica")
+    if want == current == 0:
+        return Decision(0, "at zero: no request waiting")
     if want == current or panic:
         return Decision(current, f"steady: {load} for {current} replica(s)", panic)
     return _scale_down(settings, samples, current, now, load)

@@ -144,6 +144,8 @@ class Controller:
         """The gateway's last figures (every worker's, merged), pulled once a second."""
         self._stats_at = 0.0
         self._engines: dict[str, Engine] = dict(engines or {})
+        for given in self._engines.values():
+            given.on_ready = self.wake
         self._engine_errors: dict[str, str] = {}
         self._clock = clock
         self._configs: dict[str, TrussConfig] = {}
@@ -255,6 +257,7 @@ class Controller:
             engine = self._engines.get(name)
             if engine is None:
                 engine = self._engines[name] = create_engine(name, self.settings)
+                engine.on_ready = self.wake  # a replica ready: route to it at once
             return engine
 
     # -- one pass -------------------------------------------------------------------
@@ -309,6 +312,8 @@ class Controller:
                 keys=self.store.api_key_scopes(),
                 response_timeout_s=self.settings.gateway_response_timeout,
                 private_paths=(str(self.settings.home),),
+                hold_timeout_s=self.settings.gateway_hold_timeout,
+                queue_limit=self.settings.gateway_queue_limit,
             )
             self._publish(table)
         self._pull()

@@ -49,6 +49,7 @@ def _route(
     shape: Any,
     response_timeout_s: float,
     private: Sequence[str],
+    hold: tuple[float, int] = (60.0, 1000),
 ) -> DeploymentRoute:
     upstreams = tuple(
         Upstream(r.replica_id, r.endpoint.host, r.endpoint.port, r.endpoint.netns)
@@ -74,6 +75,8 @@ def _route(
         websocket_path=shape.websocket_path if shape is not None else None,
         message=message[:500],
         response_timeout_s=response_timeout_s,
+        hold_timeout_s=hold[0],
+        queue_limit=hold[1],
     )
 
 
@@ -89,11 +92,20 @@ def build_table(
     keys: KeyScopes,
     response_timeout_s: float = 600.0,
     private_paths: Sequence[str] = (),
+    hold_timeout_s: float = 60.0,
+    queue_limit: int = 1000,
 ) -> RoutingTable:
     """The table for the gateway. Deployment messages it shows callers lose server file
     paths (see :func:`public_message`; ``private_paths``: the Kingpost home and the like)."""
     routes = {
-        d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id), response_timeout_s, private_paths)
+        d.id: _route(
+            d,
+            ready.get(d.id, ()),
+            shapes.get(d.id),
+            response_timeout_s,
+            private_paths,
+            (hold_timeout_s, queue_limit),
+        )
         for d in deployments
     }
     model_routes: dict[str, ModelRoute] = {}

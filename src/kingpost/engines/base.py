@@ -177,6 +177,9 @@ class Engine(ABC):
     """Starts, watches and stops replicas. See the module docstring."""
 
     name: ClassVar[str]
+    on_ready: Callable[[], None] | None = None
+    """Called (from an engine thread) when a replica becomes ready, so the controller
+    routes to it now rather than at its next tick; it must return at once."""
 
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
         """Build what every replica of a deployment needs (an environment, an image).

@@ -5,6 +5,11 @@ least-loaded ready replica with a free slot at once; otherwise it waits in the
 deployment's FIFO queue (429 when the queue is full), also while the deployment
 has no ready replica yet (503 after ``hold_timeout_s``). ``release`` hands the
 slot straight to the next waiter.
+
+A request that waits while the deployment has no ready replica (scaled to zero, or still
+starting) calls ``on_cold``, which the gateway passes on to the control plane at once
+(see ``Gateway.note_demand``): only that path pays for it, never a request a ready
+replica takes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kingpost.gateway.stats import STATUS_CLASSES, DeploymentCounters, DeploymentStats
@@ -46,6 +52,9 @@ class Dispatcher:
         """What this deployment answered (see :mod:`kingpost.gateway.stats`)."""
         self._waiters: deque[_Waiter] = deque()
         self._turn = 0
+        self.on_cold: Callable[[str, int], None] | None = None
+        """Called with (deployment id, requests waiting) when a request starts to wait
+        while no replica is ready."""
 
     def snapshot(self) -> DeploymentStats:
         """In flight and queued now, and what it answered: read, never counted per request."""
@@ -121,6 +130,8 @@ class Dispatcher:
         waiter = _Waiter(future, exclude)
         self._waiters.append(waiter)
         self._drain()  # a retry may fall back to the replica it excluded
+        if not route.upstreams and self.on_cold is not None:
+            self.on_cold(route.deployment_id, len(self._waiters))
         # The timeout ends the future itself (not the awaiting task, as ``wait_for`` would),
         # so a slot handed over in the same loop turn is never lost between the two.
         timer = loop.call_later(route.hold_timeout_s, self._expire, future, route.hold_timeout_s)

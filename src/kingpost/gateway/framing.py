@@ -179,8 +179,9 @@ def error_body(status: int, message: str, code: str, request_id: str, close: boo
     body = json.dumps({"error": message, "code": code}).encode()
     reason = _REASONS.get(status, "Error")
     connection = "connection: close\r\n" if close else ""
+    retry = "retry-after: 1\r\n" if status in (429, 503) else ""  # full queue, no replica
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nx-baseten-request-id: {request_id}\r\n"
-        f"{connection}\r\n"
+        f"{retry}{connection}\r\n"
     ).encode() + body
