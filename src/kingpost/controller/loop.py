@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from kingpost.controller.plan import Want, plan
 from kingpost.controller.prepare import Jobs, JobState
-from kingpost.controller.scaling import Scaler
+from kingpost.controller.scaling import Drains, Scaler
 from kingpost.controller.specs import (
     environment_names,
     missing_secrets,
@@ -171,6 +171,7 @@ class Controller:
         self._step_errors = 0
         self._told: dict[str, str] | None = None
         """What each deployment's environment file says (None until read from disk)."""
+        self._drains = Drains()
         self.scaler = Scaler()
         """The autoscaler's soft state; a rollout freezes a deployment through
         ``scaler.frozen``."""
@@ -283,6 +284,11 @@ class Controller:
         models, deployments, environments = self.store.routing_snapshot()
         replicas = self._poll_all()
         self._tell_environments(deployments, environments)
+        for engine_name, replica_id in self._drains.done(self.gateway_stats, self._clock()):
+            self._stop_replica_id(engine_name, replica_id)
+        replicas = {
+            d: [r for r in rs if r.replica_id not in self._drains] for d, rs in replicas.items()
+        }
         self._autoscale(deployments, environments, replicas)
         known = {d.id for d in deployments}
         ready: dict[str, list[ReplicaStatus]] = {}
@@ -400,7 +406,10 @@ class Controller:
         )
         decision = plan(want, replicas)
         for replica_id in decision.stop:
-            self._stop_replica_id(dep.engine, replica_id)
+            if want.active and self._pull_stats is not None:  # a scale-down: drain it first
+                self._drains.begin(replica_id, dep.engine, self._clock())
+            else:
+                self._stop_replica_id(dep.engine, replica_id)
         status, message = None, ""
         if not want_active:
             status = DeploymentStatus.INACTIVE

@@ -115,3 +115,36 @@ class Scaler:
     def wanted(self, dep_id: str, default: int) -> int:
         with self._lock:
             return self._wanted.get(dep_id, default)
+
+
+DRAIN_MAX_S = 300.0
+"""A replica draining longer than this (a stream that never ends) is stopped anyway."""
+
+
+class Drains:
+    """Replicas removed by a scale-down: out of the routing table first, stopped once the
+    gateway reports none of their requests in flight (in a snapshot taken after the table
+    that dropped them was pushed), or after :data:`DRAIN_MAX_S`."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, tuple[str, float]] = {}
+        """Replica id -> (engine name, when draining began)."""
+
+    def __contains__(self, replica_id: object) -> bool:
+        return replica_id in self._since
+
+    def begin(self, replica_id: str, engine: str, now: float) -> None:
+        self._since.setdefault(replica_id, (engine, now))
+
+    def done(self, stats: GatewayStats | None, now: float) -> list[tuple[str, str]]:
+        """(engine, replica id) of each replica drained now; forgets them."""
+        out = []
+        for rid, (engine, since) in list(self._since.items()):
+            fresh = stats is not None and stats.at > since
+            idle = fresh and not any(
+                d.inflight.get(rid, 0) for d in (stats.deployments.values() if stats else ())
+            )
+            if idle or now - since > DRAIN_MAX_S:
+                out.append((engine, rid))
+                del self._since[rid]
+        return out
