@@ -172,3 +172,16 @@ def test_queue_full_and_wait_expired_are_clean_json_with_retry_after(tmp_path: P
         assert "no replica became ready within 3s" in expired and "2 requests queued" in full
     finally:
         p.stop()
+
+
+def test_wake_prewarms_a_deployment_at_zero(fresh_platform: Platform, tmp_path: Path) -> None:
+    p = fresh_platform
+    model, dep = _push(p, tmp_path, "warm")
+    _set(p, "warm", "--min-replica", "0", *FAST)
+    p.wait_status(dep, "SCALED_TO_ZERO", timeout=40)
+    with p.gateway() as gw:
+        r = gw.post(f"/models/{model}/deployment/{dep}/wake")
+    assert (r.status_code, r.json()) == (202, {}), r.text
+    p.wait_status(dep, "ACTIVE", timeout=10)  # no request has been sent to it
+    with p.client() as c:  # the management API's wake, on one already awake: harmless
+        assert c.wake("warm", dep) == {}
