@@ -8,6 +8,7 @@ from pathlib import Path
 from tests.unit.test_controller_loop import Rig
 
 from kingpost.controller.loop import Controller
+from kingpost.engines.base import ReplicaPhase
 from kingpost.gateway.stats import DeploymentStats, GatewayStats
 from kingpost.store.autoscaling import update_deployment_settings
 
@@ -67,9 +68,11 @@ def test_load_adds_replicas_and_a_scale_down_drains_before_stopping(tmp_path: Pa
     assert draining, "a replica should have left the table"
     assert draining <= set(rig.engine.live(dep)), "stopped while a request was in flight"
     gw.inflight = {dep: {}}
-    _tick(rig, now)
-    _tick(rig, now)
+    _tick(rig, now)  # pulls the stats that show them idle
+    _tick(rig, now)  # stops them
     assert not draining & set(rig.engine.live(dep)), "drained replicas should be stopped"
+    # Not back in the table of the pass that stopped them (it polled before the stop).
+    assert not draining & {u.replica_id for u in rig.pushed[-1].deployments[dep].upstreams}
 
 
 def test_settings_changed_in_place_apply_without_a_restart(tmp_path: Path) -> None:
@@ -110,3 +113,27 @@ def test_a_wake_at_zero_starts_a_replica_at_the_next_pass(tmp_path: Path) -> Non
     rig.controller.wake_deployment(dep)
     rig.controller.reconcile_once()  # no time passes: the demand sample is enough
     assert len(rig.engine.live(dep)) == 1
+
+
+def test_a_wake_during_the_last_replicas_drain_never_routes_to_it(tmp_path: Path) -> None:
+    """At zero, the last replica drains; a request wakes the deployment meanwhile. The pass
+    that stops the drained replica polled it before the stop: it must not count as the
+    capacity the wake asked for (which stopped the new replica and routed to the old)."""
+    rig, _, now = _rig(tmp_path)
+    rig.engine.auto_ready = False
+    dep = rig.deploy(min_replicas=0)
+    settings = {"autoscaling_window": 10, "scale_down_delay": 0}
+    update_deployment_settings(rig.store, "loop", dep, settings)
+    rig.controller.reconcile_once()
+    (old,) = rig.engine.live(dep)
+    rig.engine.set_phase(old, ReplicaPhase.READY)
+    while rig.controller.scaler.wanted(dep, 1) != 0:
+        _tick(rig, now)
+    assert old in rig.engine.live(dep)  # draining
+    rig.controller.wake_deployment(dep)
+    _tick(rig, now)
+    (new,) = set(rig.engine.live(dep)) - {old}
+    for _ in range(3):
+        _tick(rig, now)
+        assert old not in {u.replica_id for u in rig.pushed[-1].deployments[dep].upstreams}
+    assert rig.engine.live(dep) == [new]

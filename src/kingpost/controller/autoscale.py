@@ -231,16 +231,21 @@ def decide(
         return Decision(0, "at zero: no request waiting")
     if want == current or panic:
         return Decision(current, f"steady: {load} for {current} replica(s)", panic)
-    return _scale_down(settings, samples, current, now, load)
+    return _scale_down(settings, samples, current, now, load, want)
 
 
 def _scale_down(
-    settings: AutoscalingSettings, samples: Sequence[Sample], current: int, now: float, load: str
+    settings: AutoscalingSettings,
+    samples: Sequence[Sample],
+    current: int,
+    now: float,
+    load: str,
+    want: int,
 ) -> Decision:
     delay = settings.scale_down_delay
     if not samples or samples[0].at > now - delay:
         return Decision(current, f"holding {current}: less than scale_down_delay {delay}s seen")
-    floor = max(settings.min_replica, _highest_over_delay(samples, settings, now))
+    floor = max(settings.min_replica, want, _highest_over_delay(samples, settings, now))
     if floor >= current:
         return Decision(current, f"holding {current}: demand was higher within {delay}s")
     window = settings.autoscaling_window

@@ -284,11 +284,7 @@ class Controller:
         models, deployments, environments = self.store.routing_snapshot()
         replicas = self._poll_all()
         self._tell_environments(deployments, environments)
-        for engine_name, replica_id in self._drains.done(self.gateway_stats, self._clock()):
-            self._stop_replica_id(engine_name, replica_id)
-        replicas = {
-            d: [r for r in rs if r.replica_id not in self._drains] for d, rs in replicas.items()
-        }
+        replicas = self._drained(replicas)
         self._autoscale(deployments, environments, replicas)
         known = {d.id for d in deployments}
         ready: dict[str, list[ReplicaStatus]] = {}
@@ -324,6 +320,18 @@ class Controller:
             self._publish(table)
         self._pull()
         return self._table
+
+    def _drained(self, replicas: dict[str, list[ReplicaStatus]]) -> dict[str, list[ReplicaStatus]]:
+        """Stops the replicas whose drain is over; ``replicas`` without those and those
+        still draining (neither may get traffic or count as capacity in this pass)."""
+        gone = set()
+        for engine_name, replica_id in self._drains.done(self.gateway_stats, self._clock()):
+            self._stop_replica_id(engine_name, replica_id)
+            gone.add(replica_id)
+        return {
+            dep: [r for r in reps if r.replica_id not in gone and r.replica_id not in self._drains]
+            for dep, reps in replicas.items()
+        }
 
     def _autoscale(
         self,
