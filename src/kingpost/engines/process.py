@@ -233,6 +233,8 @@ class ProcessEngine(Engine):
         self._past: dict[str, list[Path]] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._kick = threading.Event()
+        """Set by ``start``: the monitor's wait ends at once."""
         self._probes = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="kingpost-probe")
         self._thread = threading.Thread(
             target=self._monitor, name="kingpost-process-engine", daemon=True
@@ -273,6 +275,7 @@ class ProcessEngine(Engine):
             rep = _Replica(spec, root, port, self.netns, started_at=time.time())
             self._replicas[spec.replica_id] = rep
             self._past.setdefault(spec.deployment_id, []).append(root)
+        self._kick.set()  # launched by the monitor now, not at its next tick
 
     def _port_for(self, spec: ReplicaSpec) -> int:
         if self.netns:
@@ -357,7 +360,8 @@ class ProcessEngine(Engine):
                     log.exception("process engine: replica %s", rep.spec.replica_id)
             now = time.monotonic()
             soon = [starting_probe_period(r, now) for r in replicas if r.proc and not r.ever_ready]
-            time.sleep(min([TICK_S, *soon]))
+            self._kick.wait(min([TICK_S, *soon]))
+            self._kick.clear()
 
     def _step(self, rep: _Replica) -> None:
         if rep.probing:  # its probe round decides, then it is stepped again
