@@ -313,3 +313,10 @@ def test_settings_errors_name_field_rule_and_value(
 
 def test_settings_none_leaves_a_field_as_it_is() -> None:
     assert FLAT.merged({"max_replica": None, "min_replica": 0}).max_replica == 10
+
+
+def test_no_scale_down_before_a_whole_window_is_seen_even_without_a_delay() -> None:
+    cfg = settings(min_replica=0, scale_down_delay=0)
+    young = series(NOW - 5, NOW, 0, 1)
+    assert decide(cfg, young, 1, NOW).replicas == 1
+    assert decide(cfg, series(NOW - 61, NOW, 0, 1), 1, NOW).replicas == 0

@@ -106,7 +106,7 @@ def test_a_wake_at_zero_starts_a_replica_at_the_next_pass(tmp_path: Path) -> Non
     update_deployment_settings(
         rig.store, "loop", dep, {"autoscaling_window": 10, "scale_down_delay": 0}
     )
-    for _ in range(13):
+    for _ in range(16):
         _tick(rig, now)
     assert rig.engine.live(dep) == []
     assert rig.store.get_deployment(dep).status == "SCALED_TO_ZERO"

@@ -16,8 +16,8 @@ The rules, after Baseten's autoscaler (names are its settings) and Knative's pan
   scales up on that short window without waiting for the long one to catch up.
 - **Down** only to the highest recommendation seen over the last ``scale_down_delay``
   seconds (so a lull shorter than the delay changes nothing), and only after that much
-  history exists (a restarted control plane removes nothing until it has seen a whole
-  delay). One step removes at most ``max_scale_down_rate`` per cent of the replicas (at
+  history exists, and a whole window of it (a restarted control plane, or a new
+  deployment, removes nothing until it has seen both). One step removes at most ``max_scale_down_rate`` per cent of the replicas (at
   least one), and the next step waits one autoscaling window, so that window's average is
   measured on the smaller set.
 - **Bounds**: ``min_replica`` and ``max_replica`` clamp every answer, at once.
@@ -242,13 +242,13 @@ def _scale_down(
     load: str,
     want: int,
 ) -> Decision:
-    delay = settings.scale_down_delay
-    if not samples or samples[0].at > now - delay:
-        return Decision(current, f"holding {current}: less than scale_down_delay {delay}s seen")
+    delay, window = settings.scale_down_delay, settings.autoscaling_window
+    if not samples or samples[0].at > now - max(delay, window):
+        seen = f"less than scale_down_delay {delay}s and autoscaling_window {window}s seen"
+        return Decision(current, f"holding {current}: {seen}")
     floor = max(settings.min_replica, want, _highest_over_delay(samples, settings, now))
     if floor >= current:
         return Decision(current, f"holding {current}: demand was higher within {delay}s")
-    window = settings.autoscaling_window
     if any(s.replicas != current for s in samples if s.at > now - window):
         return Decision(current, f"holding {current}: changed within the last {window}s")
     step = max(1, current * settings.max_scale_down_rate // 100)
