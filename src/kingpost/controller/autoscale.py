@@ -17,9 +17,9 @@ The rules, after Baseten's autoscaler (names are its settings) and Knative's pan
 - **Down** only to the highest recommendation seen over the last ``scale_down_delay``
   seconds (so a lull shorter than the delay changes nothing), and only after that much
   history exists, and a whole window of it (a restarted control plane, or a new
-  deployment, removes nothing until it has seen both). One step removes at most ``max_scale_down_rate`` per cent of the replicas (at
-  least one), and the next step waits one autoscaling window, so that window's average is
-  measured on the smaller set.
+  deployment, removes nothing until it has seen both). One step removes at most
+  ``max_scale_down_rate`` per cent of the replicas (at least one), and the next step waits
+  one autoscaling window, so that window's average is measured on the smaller set.
 - **Bounds**: ``min_replica`` and ``max_replica`` clamp every answer, at once.
 - **Zero**: with ``min_replica`` 0 a deployment goes to zero only after a whole delay (and
   window) without a single request; any demand at zero wakes one replica (or more, as
