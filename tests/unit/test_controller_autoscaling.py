@@ -137,3 +137,24 @@ def test_a_wake_during_the_last_replicas_drain_never_routes_to_it(tmp_path: Path
         _tick(rig, now)
         assert old not in {u.replica_id for u in rig.pushed[-1].deployments[dep].upstreams}
     assert rig.engine.live(dep) == [new]
+
+
+def test_a_build_longer_than_the_delay_does_not_scale_to_zero(tmp_path: Path) -> None:
+    from kingpost.store import DeploymentStatus
+
+    rig, _, now = _rig(tmp_path)
+    dep = rig.deploy(min_replicas=0)
+    update_deployment_settings(
+        rig.store, "loop", dep, {"autoscaling_window": 10, "scale_down_delay": 0}
+    )
+    scaler = rig.controller.scaler
+    building = rig.store.get_deployment(dep)
+    object.__setattr__(building, "status", DeploymentStatus.BUILDING)
+    from kingpost.store.autoscaling import deployment_settings
+
+    for t in range(30):
+        scaler.observe(GatewayStats({}, at=now[0] + t), [dep], now[0] + t)  # idle
+        wanted = scaler.step(building, deployment_settings(building), [], now[0] + t)
+    assert wanted == 1
+    counts = scaler.counts(dep)
+    assert counts is not None and "building" in counts.reason

@@ -22,6 +22,7 @@ from kingpost.store import DeploymentStatus, DeploymentView
 __all__ = ["ReplicaCounts", "Scaler"]
 
 _STARTING = (ReplicaPhase.STARTING, ReplicaPhase.RESTARTING, ReplicaPhase.NOT_READY)
+_PREPARING = (DeploymentStatus.BUILDING, DeploymentStatus.WAITING_FOR_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,12 @@ class Scaler:
             keep = now - settings.autoscaling_window - settings.scale_down_delay - 5
             while samples and samples[0].at <= keep:
                 samples.popleft()
-            decision = decide(settings, samples, current, now, frozen=dep.id in self.frozen)
+            if not live and current > 0 and dep.status in _PREPARING:
+                # Building (or mirroring weights) may outlast the delay: a deployment is
+                # not scaled to zero before its first replica ever started.
+                decision = Decision(current, f"holding {current}: {dep.status.lower()}")
+            else:
+                decision = decide(settings, samples, current, now, frozen=dep.id in self.frozen)
             self._wanted[dep.id] = decision.replicas
             self._decisions[dep.id] = decision
             self._counts[dep.id] = ReplicaCounts(
