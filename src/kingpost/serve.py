@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kingpost.api import ControlPlane, create_app
+from kingpost.controller.demand import DemandWatcher
 from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
@@ -213,6 +214,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     )
     server = _api_server(config)
     controller.start()
+    demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
+    demand.start()
     print(
         f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
         f"home {settings.home}",
@@ -223,6 +226,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     try:
         server.run()
     finally:
+        demand.stop()
         for line in controller.stop():
             print(f"kingpost: {line}", flush=True)
         with contextlib.suppress(ProcessLookupError):

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     gateway_response_timeout: float = Field(default=600.0, gt=0)
     """Seconds a replica may take to begin its answer before the gateway answers 504 (set
     per deployment in the routing table; every deployment gets this one today)."""
+    gateway_hold_timeout: float = Field(default=60.0, gt=0)
+    """Seconds a request waits for a deployment with no ready replica (scaled to zero,
+    waking) before a 503 ``unavailable`` with ``Retry-After``."""
+    gateway_queue_limit: int = Field(default=1000, ge=1)
+    """Requests that may wait per deployment (for a slot, or for a replica to wake) before
+    a 429 ``overloaded`` with ``Retry-After``."""
     domain: str = "localhost"
     """Gateway host names are ``model-{id}.{domain}``."""
     engine: str = "process"

@@ -160,3 +160,27 @@ def test_a_parked_request_is_refused_after_the_hold_timeout_or_a_deactivation() 
         assert late.slots == [] and d.inflight == {"r0": 0}
 
     asyncio.run(run())
+
+
+def test_a_request_waiting_for_a_deployment_with_no_ready_replica_wakes_it() -> None:
+    """A complete request is parked (no Task) when no slot is free: for a deployment scaled
+    to zero that path too must tell the control plane at once, or the wake waits for the
+    next stats pull. A wait for a busy replica is not a wake."""
+
+    async def run() -> None:
+        cold: list[tuple[str, int]] = []
+        d = Dispatcher(_route(0))
+        d.on_cold = lambda dep, n: cold.append((dep, n))
+        d.park(_Parked())
+        assert cold == [("dep", 1)]
+        waiting = asyncio.ensure_future(d.acquire())
+        await asyncio.sleep(0)
+        assert cold == [("dep", 1), ("dep", 2)]
+        waiting.cancel()
+        busy = Dispatcher(_route(1, concurrency=1))
+        busy.on_cold = lambda dep, n: cold.append((dep, n))
+        assert busy.try_acquire() is not None
+        busy.park(_Parked())
+        assert len(cold) == 2
+
+    asyncio.run(run())

@@ -263,6 +263,7 @@ def test_error_body(status: int, reason: str, close: bool) -> None:
         "content-type: application/json",
         f"content-length: {len(body)}",
         "x-baseten-request-id: rid-1",
+        *(["retry-after: 1"] if status in (429, 503) else []),  # a full queue, no replica
         *(["connection: close"] if close else []),
     ]
     assert json.loads(body) == {"error": 'a "quoted" message', "code": "some_code"}

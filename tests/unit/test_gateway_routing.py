@@ -130,7 +130,7 @@ def test_key_scopes_follow_the_table_and_drop_with_it() -> None:
 # message and code of a miss, whether a weighted draw was made, and the model named.
 DOMAIN = "kp.example.com"
 NO_ROUTE = "no route for {!r}: use /models/{{model}}/... or host model-{{id}}." + DOMAIN
-BAD_ACTION = "no route {!r}: use predict, websocket or sync/{{path}}"
+BAD_ACTION = "no route {!r}: use predict, websocket, wake or sync/{{path}}"
 NOT_WEBSOCKET = (
     "deployment {!r} of model {!r} does not serve WebSockets: its config.yaml needs "
     "`runtime.transport.kind: websocket` (and a model class with `async def websocket`, or a "
@@ -306,3 +306,26 @@ def test_a_weighted_pick_takes_the_side_the_draw_falls_in(
     picked = {"d1": "a", "d2": "b", "dev": "c"}
     assert isinstance(found, Target) and found.weighted
     assert picked[found.deployment.deployment_id] == side
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/models/m/deployment/d1/wake",
+        "/models/m/production/wake",
+        "/models/m/environments/production/wake",
+        "/models/m/development/wake",
+    ],
+)
+def test_wake_routes_name_the_deployment_to_wake(path: str) -> None:
+    found = resolve(_routes(), "", path)
+    assert isinstance(found, Miss) and found.status == 202
+    assert found.wake == ("dev" if "development" in path else "d1")
+
+
+def test_wake_of_an_inactive_deployment_is_404() -> None:
+    table = _routes()
+    inactive = replace(table.deployments["d1"], state=DeploymentState.INACTIVE, message="gone")
+    table = replace(table, deployments={**table.deployments, "d1": inactive})
+    found = resolve(table, "", "/models/m/deployment/d1/wake")
+    assert isinstance(found, Miss) and (found.status, found.wake) == (404, None)

@@ -68,7 +68,7 @@ def test_websocket_routes_reach_the_deployments_websocket_path(
         ("/models/talk/deployment/plain/websocket", 404, "transport.kind: websocket"),
         ("/models/talk/environments/nope/websocket", 404, "environment 'nope'"),
         ("/models/talk/deployment/gone/websocket", 404, "deployment 'gone'"),
-        ("/models/talk/production/websocket/extra", 404, "use predict, websocket or sync"),
+        ("/models/talk/production/websocket/extra", 404, "use predict, websocket, wake or sync"),
         ("/models/nobody/production/websocket", 404, "model 'nobody' not found"),
     ],
 )

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all
 from kingpost.api.development import development_routes
 from kingpost.api.development import promote as promote_deployment
 from kingpost.api.limits import BodyLimit
@@ -137,6 +138,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _venv_routes(router, plane)
     _api_key_routes(router, plane)
     rollout_routes(router, plane)
+    autoscaling_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -318,19 +320,19 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
 
     @router.get("/models/{model}/deployments", response_model=list[DeploymentOut])
     def list_model_deployments(model: str) -> list[DeploymentOut]:
-        return [DeploymentOut.of(d) for d in store.list_deployments(model)]
+        return describe_all(plane, store.list_deployments(model))
 
     @router.get("/deployments", response_model=list[DeploymentOut])
     def list_deployments() -> list[DeploymentOut]:
-        return [DeploymentOut.of(d) for d in store.list_deployments()]
+        return describe_all(plane, store.list_deployments())
 
     @router.get("/models/{model}/deployments/{dep}", response_model=DeploymentOut)
     def get_deployment(model: str, dep: str) -> DeploymentOut:
-        return DeploymentOut.of(store.get_deployment(dep, model))
+        return describe(plane, store.get_deployment(dep, model))
 
     @router.get("/deployments/{dep}", response_model=DeploymentOut)
     def get_deployment_by_id(dep: str) -> DeploymentOut:
-        return DeploymentOut.of(store.get_deployment(dep))
+        return describe(plane, store.get_deployment(dep))
 
     def desire(model: str, dep: str, state: DesiredState) -> DeploymentOut:
         out = DeploymentOut.of(store.set_desired(dep, state, model))

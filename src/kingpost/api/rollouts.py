@@ -17,10 +17,12 @@ from kingpost.api.schemas import (
     EnvironmentOut,
     EnvironmentPatch,
     EnvironmentPromoteIn,
+    EnvironmentUpdateOut,
     RolloutOut,
 )
 from kingpost.controller.rollout import PromotionSettings
 from kingpost.errors import NotFoundError
+from kingpost.store.autoscaling import update_environment_settings
 
 if TYPE_CHECKING:
     from kingpost.api.app import ControlPlane
@@ -44,11 +46,27 @@ def rollout_routes(router: APIRouter, plane: ControlPlane) -> None:
             store.get_environment(model, env), store.latest_rollout(model, env)
         )
 
-    @router.patch(_ENV, response_model=EnvironmentOut)
-    def update_environment(model: str, env: str, body: EnvironmentPatch) -> EnvironmentOut:
-        settings = PromotionSettings.from_api(body.promotion_settings)  # 400 naming the field
-        view = store.set_promotion_settings(model, env, settings.to_api())
-        return EnvironmentOut.of(view, store.latest_rollout(model, env))
+    @router.patch(_ENV, response_model=EnvironmentUpdateOut)
+    def update_environment(model: str, env: str, body: EnvironmentPatch) -> EnvironmentUpdateOut:
+        """Baseten's one PATCH for an environment's promotion and autoscaling settings; its
+        ``status``/``message`` say whether the autoscaling settings changed."""
+        status, message = "UNCHANGED", "nothing to change"
+        promotion = None
+        if body.promotion_settings is not None:  # checked whole before anything is stored
+            promotion = PromotionSettings.from_api(body.promotion_settings)  # 400 naming it
+        if body.autoscaling_settings is not None:
+            changes = body.autoscaling_settings.model_dump(exclude_none=True)
+            status, message, _ = update_environment_settings(store, model, env, changes)
+            plane.controller.wake()
+        if promotion is not None:
+            store.set_promotion_settings(model, env, promotion.to_api())
+            status, message = (
+                "ACCEPTED",
+                message if status == "ACCEPTED" else "promotion settings stored",
+            )
+        view = store.get_environment(model, env)
+        out = EnvironmentOut.of(view, store.latest_rollout(model, env))
+        return EnvironmentUpdateOut(**out.model_dump(), status=status, message=message)
 
     @router.post(f"{_ENV}/promote", response_model=DeploymentOut)
     def promote_to_environment(model: str, env: str, body: EnvironmentPromoteIn) -> DeploymentOut:

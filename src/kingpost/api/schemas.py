@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from kingpost.controller.rollout import PromotionSettings
 from kingpost.store import (
@@ -111,6 +111,15 @@ class DeploymentOut(BaseModel):
     max_replicas: int
     created_at: datetime
     updated_at: datetime
+    autoscaling_settings: dict[str, int] = Field(default_factory=dict)
+    """The settings that govern the deployment (an environment's, or its own)."""
+    autoscaling_settings_from: str | None = None
+    """The environment they come from; None: the deployment's own."""
+    replicas_wanted: int | None = None
+    replicas_starting: int | None = None
+    replicas_ready: int | None = None
+    scaling_reason: str = ""
+    """Why the autoscaler last chose ``replicas_wanted``."""
 
     @classmethod
     def of(cls, v: DeploymentView) -> DeploymentOut:
@@ -153,11 +162,25 @@ class PushOut(BaseModel):
     predict_url: str
 
 
-class EnvironmentPatch(_In):
-    """Baseten's PATCH of an environment: only ``promotion_settings`` for now (autoscaling
-    settings come with the autoscaler)."""
+class AutoscalingIn(BaseModel):
+    """Fields left out (or null) stay as they are."""
 
-    promotion_settings: dict[str, Any]
+    model_config = ConfigDict(extra="forbid")
+    min_replica: StrictInt | None = None
+    max_replica: StrictInt | None = None
+    autoscaling_window: StrictInt | None = None
+    scale_down_delay: StrictInt | None = None
+    concurrency_target: StrictInt | None = None
+    target_utilization_percentage: StrictInt | None = None
+    max_scale_down_rate: StrictInt | None = None
+
+
+class EnvironmentPatch(_In):
+    """Baseten's PATCH of an environment: its promotion settings, its autoscaling settings,
+    or both; what is left out stays as it is."""
+
+    promotion_settings: dict[str, Any] | None = None
+    autoscaling_settings: AutoscalingIn | None = None
 
 
 class EnvironmentPromoteIn(_In):
@@ -225,6 +248,8 @@ class EnvironmentOut(BaseModel):
     """Baseten's shape, defaults filled in."""
     rollout: RolloutOut | None = None
     """The last promotion that rolled into it (running or finished), when asked for."""
+    autoscaling_settings: dict[str, int] | None = None
+    """Settings for the deployment it points at; None: that deployment's own."""
 
     @classmethod
     def of(cls, v: EnvironmentView, rollout: RolloutView | None = None) -> EnvironmentOut:
@@ -235,7 +260,16 @@ class EnvironmentOut(BaseModel):
             updated_at=v.updated_at,
             promotion_settings=PromotionSettings.from_api(v.promotion_settings).to_api(),
             rollout=RolloutOut.of(rollout) if rollout is not None else None,
+            autoscaling_settings=v.autoscaling_settings,
         )
+
+
+class EnvironmentUpdateOut(EnvironmentOut):
+    """The environment after a PATCH, with Baseten's ``status`` (ACCEPTED or UNCHANGED)
+    and ``message``."""
+
+    status: str
+    message: str
 
 
 class SecretOut(BaseModel):

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from kingpost.cli._common import err_console, settings
 from kingpost.cli.api_keys import api_keys
+from kingpost.cli.autoscaling import autoscaling
 from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.rollouts import environments, rollouts
@@ -106,6 +107,7 @@ for command in (
     gc,
     migrate,
     image,
+    autoscaling,
 ):
     cli.add_command(command)
 

@@ -36,9 +36,15 @@ from kingpost.errors import KingpostError, ValidationError
 
 __all__ = ["deployments", "logs", "models", "predict", "push"]
 
-_DEPLOYMENT_COLUMNS = ["id", "name", "model", "status", "environments", "labels", "created_at"]
+_DEPLOYMENT_COLUMNS = [
+    "id", "name", "model", "status", "replicas", "environments", "labels", "created_at",
+]  # fmt: skip
 _REASON_CELLS = 160
 """A table shows a one-line reason; the whole message is in JSON output and in `logs`."""
+_DESCRIBE_COLUMNS = [
+    "id", "name", "model_id", "status", "replicas", "scaling_reason", "environments",
+    "autoscaling_settings_from", "autoscaling_settings", "message",
+]  # fmt: skip
 _ACTION_COLUMNS = ["id", "name", "model_id", "desired_state", "status", "environments"]
 """After an action: what was asked next to where the deployment is now, since the
 controller acts on it after the command returns (right after `deactivate`, status is still
@@ -284,7 +290,11 @@ def deployments_list(model: str | None, output: str) -> None:
             return
         names = {m["id"]: m["name"] for m in c.models()}
     shown = [
-        {**row, "model": names.get(row["model_id"], row["model_id"]), "message": _reason(row)}
+        {
+            **_with_replicas(row),
+            "model": names.get(row["model_id"], row["model_id"]),
+            "message": _reason(row),
+        }
         for row in rows
     ]
     # The message last: it can be long, and piped output keeps each row on one line.
@@ -319,6 +329,25 @@ def _log_text(line: str) -> str:
         if isinstance(record, dict) and isinstance(record.get("message"), str):
             return str(record["message"])
     return line
+
+
+def _with_replicas(row: dict[str, Any]) -> dict[str, Any]:
+    """``replicas`` as wanted/starting/ready (blank before the autoscaler saw it)."""
+    if row.get("replicas_wanted") is None:
+        return {**row, "replicas": ""}
+    counts = (row["replicas_wanted"], row["replicas_starting"], row["replicas_ready"])
+    return {**row, "replicas": "/".join(str(n) for n in counts)}
+
+
+@deployments.command("describe")
+@click.argument("model")
+@click.argument("deployment")
+@output_option
+def deployments_describe(model: str, deployment: str, output: str) -> None:
+    """One deployment: status, replicas wanted/starting/ready and why, its settings."""
+    with client() as c:
+        row = _with_replicas(c.deployment(deployment, model))
+    print_rows([row], _DESCRIBE_COLUMNS, output)
 
 
 def _action(name: str, help_text: str) -> None:

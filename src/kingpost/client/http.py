@@ -202,6 +202,27 @@ class KingpostClient:
             )
         )
 
+    def update_autoscaling(
+        self,
+        model: str,
+        changes: dict[str, int],
+        *,
+        environment: str | None = None,
+        deployment: str | None = None,
+    ) -> dict[str, Any]:
+        """Change an environment's (or a deployment's) autoscaling settings in place."""
+        m = _seg("model", model)
+        if deployment is not None:
+            path = f"/v1/models/{m}/deployments/{_seg('deployment', deployment)}"
+            return dict(self._call("PATCH", f"{path}/autoscaling_settings", json=changes))
+        env = _seg("environment", environment or "production")
+        body = {"autoscaling_settings": changes}
+        return dict(self._call("PATCH", f"/v1/models/{m}/environments/{env}", json=body))
+
+    def wake(self, model: str, dep: str) -> dict[str, Any]:
+        path = f"/v1/models/{_seg('model', model)}/deployments/{_seg('deployment', dep)}/wake"
+        return dict(self._call("POST", path))
+
     def environments(self, model: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/v1/models/{_seg('model', model)}/environments"))
 

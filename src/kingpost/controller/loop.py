@@ -42,6 +42,7 @@ from kingpost.controller.rollout import (
     RolloutState,
     rollout_step,
 )
+from kingpost.controller.scaling import DRAIN_MAX_S, Drains, Scaler
 from kingpost.controller.specs import (
     environment_names,
     missing_secrets,
@@ -75,6 +76,7 @@ from kingpost.store import (
     Store,
     new_id,
 )
+from kingpost.store.autoscaling import effective_settings
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
@@ -85,14 +87,9 @@ __all__ = ["Controller", "LoopStats"]
 log = logging.getLogger(__name__)
 TABLE_REFRESH_S = 5.0
 STATS_INTERVAL_S = 1.0
-DRAIN_GRACE_S = 30.0
+DRAIN_GRACE_S = DRAIN_MAX_S
 """Longest a replica left out of the table waits for its requests in flight before it is
 stopped (streams included); it is stopped sooner once the gateway has none on it."""
-DRAIN_SETTLE_S = 0.1
-"""Gateway figures must be this much younger than the drain's start to count: the table
-without the replica (pushed, and acknowledged, later in the pass that began the drain)
-has reached every gateway worker by then, and a request routed just before it is
-counted in flight."""
 _LIVE = (ReplicaPhase.STARTING, ReplicaPhase.READY, ReplicaPhase.NOT_READY, ReplicaPhase.RESTARTING)
 _PREPARING = (DeploymentStatus.BUILDING, DeploymentStatus.WAITING_FOR_WEIGHTS)
 
@@ -183,6 +180,8 @@ class Controller:
         """The gateway's last figures (every worker's, merged), pulled once a second."""
         self._stats_at = 0.0
         self._engines: dict[str, Engine] = dict(engines or {})
+        for given in self._engines.values():
+            given.on_ready = self.wake
         self._engine_errors: dict[str, str] = {}
         self._clock = clock
         self._configs: dict[str, TrussConfig] = {}
@@ -215,9 +214,10 @@ class Controller:
         """Replicas a running rollout wants of each of its two deployments this pass."""
         self._splits: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {}
         """(model id, environment) -> weighted deployments, for environments rolling now."""
-        self._draining: dict[str, float] = {}
-        """Replicas out of the table, waiting for their requests in flight: since when."""
-        self._drain_seen: set[str] = set()
+        self._drains = Drains()
+        self.scaler = Scaler()
+        """The autoscaler's soft state; a rollout freezes a deployment through
+        ``scaler.frozen``."""
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -244,6 +244,12 @@ class Controller:
     def wake(self) -> None:
         """Reconcile now instead of at the next tick (after a user action)."""
         self._wake.set()
+
+    def wake_deployment(self, deployment_id: str, queued: int = 1) -> None:
+        """Requests wait for a deployment (the gateway says so, or ``wake`` was called): a
+        demand sample for the autoscaler, and a pass now, so one scaled to zero starts."""
+        self.scaler.demand(deployment_id, queued, self._clock())
+        self.wake()
 
     def stop(self) -> list[str]:
         """Stop the loop and close the engines. Returns, per engine that leaves replicas
@@ -320,6 +326,7 @@ class Controller:
             engine = self._engines.get(name)
             if engine is None:
                 engine = self._engines[name] = create_engine(name, self.settings)
+                engine.on_ready = self.wake  # a replica ready: route to it at once
             return engine
 
     # -- one pass -------------------------------------------------------------------
@@ -345,8 +352,9 @@ class Controller:
         replicas = self._poll_all()
         self._advance_rollouts(replicas)  # first: a finished one changes what this pass sees
         models, deployments, environments = self.store.routing_snapshot()
-        self._drain_seen = set()
         self._tell_environments(deployments, environments)
+        replicas = self._drained(replicas)
+        self._autoscale(deployments, environments, replicas)
         known = {d.id for d in deployments}
         ready: dict[str, list[ReplicaStatus]] = {}
         for dep in deployments:
@@ -361,7 +369,6 @@ class Controller:
                 for r in reps:
                     self._stop_replica(r)
         self._jobs.cancel_others({f"build:{d}" for d in known}, "the deployment was deleted")
-        self._draining = {r: t for r, t in self._draining.items() if r in self._drain_seen}
         _, deployments, environments = self.store.routing_snapshot()
         shapes = {d.id: self._shape(d) for d in deployments}
         with self._publish_lock:  # the keys are read under it: see publish_keys
@@ -377,16 +384,49 @@ class Controller:
                 response_timeout_s=self.settings.gateway_response_timeout,
                 private_paths=(str(self.settings.home),),
                 splits=self._splits,
+                hold_timeout_s=self.settings.gateway_hold_timeout,
+                queue_limit=self.settings.gateway_queue_limit,
             )
             self._publish(table)
         self._pull()
         return self._table
 
+    def _drained(self, replicas: dict[str, list[ReplicaStatus]]) -> dict[str, list[ReplicaStatus]]:
+        """Stops the replicas whose drain is over; ``replicas`` without those and those
+        still draining (neither may get traffic or count as capacity in this pass)."""
+        gone = set()
+        for engine_name, replica_id in self._drains.done(self.gateway_stats, self._clock()):
+            self._stop_replica_id(engine_name, replica_id)
+            gone.add(replica_id)
+        return {
+            dep: [r for r in reps if r.replica_id not in gone and r.replica_id not in self._drains]
+            for dep, reps in replicas.items()
+        }
+
+    def _autoscale(
+        self,
+        deployments: list[DeploymentView],
+        environments: list[EnvironmentView],
+        replicas: dict[str, list[ReplicaStatus]],
+    ) -> None:
+        """Each active deployment's count, from the gateway's samples (see
+        :mod:`kingpost.controller.scaling`); a failure leaves the last count standing."""
+        now = self._clock()
+        active = [d for d in deployments if d.desired_state == DesiredState.ACTIVE]
+        self.scaler.observe(self.gateway_stats, [d.id for d in active], now)
+        self.scaler.forget(d.id for d in active)
+        for dep in active:
+            try:
+                settings, source = effective_settings(dep, environments)
+                self.scaler.step(dep, settings, replicas.get(dep.id, []), now, source)
+            except Exception:
+                log.exception("autoscaling deployment %s failed", dep.id)
+
     def _pull(self) -> None:
         """The gateway's figures, at most once a second (one request per worker's socket),
         or every pass while replicas drain: their stop waits for these figures."""
         now = self._clock()
-        due = now - self._stats_at >= STATS_INTERVAL_S or bool(self._draining)
+        due = now - self._stats_at >= STATS_INTERVAL_S or len(self._drains) > 0
         if self._pull_stats is None or not due:
             return
         self._stats_at = now
@@ -440,7 +480,9 @@ class Controller:
                 self._notes[dep.id] = gate.message
         want = Want(
             active=want_active and (isinstance(gate, _Ready) or serving),
-            replicas=self._rollout_targets.get(dep.id, dep.min_replicas),
+            replicas=self._rollout_targets[dep.id]
+            if dep.id in self._rollout_targets
+            else self.scaler.wanted(dep.id, dep.min_replicas),
             generation=dep.activation,
             was_active=dep.status in (DeploymentStatus.ACTIVE, DeploymentStatus.UNHEALTHY),
             replace_older=dep.is_development,
@@ -493,6 +535,7 @@ class Controller:
             )
             splits[(ro.model_id, ro.environment)] = tuple(p for p in pairs if p[1] > 0)
         self._rollout_targets, self._splits = targets, splits
+        self.scaler.hold(targets)  # autoscaling stays frozen until the rollout ends
 
     def _advance_rollout(
         self,
@@ -542,7 +585,7 @@ class Controller:
             return sum(
                 1
                 for r in replicas.get(dep_id, ())
-                if r.phase in phases and r.replica_id not in self._draining
+                if r.phase in phases and r.replica_id not in self._drains
             )
 
         prev = ro.previous_deployment_id
@@ -566,29 +609,18 @@ class Controller:
     def _stop_or_drain(
         self, dep: DeploymentView, stop: tuple[str, ...], replicas: list[ReplicaStatus]
     ) -> None:
-        """Stop what the plan lets go; a ready replica is drained first: left out of the
-        table (the plan's ``ready`` lacks it) and stopped once the gateway has no request
-        in flight on it, or after :data:`DRAIN_GRACE_S`. Without gateway figures to
-        tell (no gateway attached), it is stopped at once."""
+        """Stop what the plan lets go; a ready replica is drained first (``Drains``): left
+        out of the table from this pass on, and stopped by a later pass once the gateway
+        has no request in flight on it, or after :data:`DRAIN_GRACE_S`. Without gateway
+        figures to tell (no gateway attached), it is stopped at once."""
         ready = {r.replica_id for r in replicas if r.phase == ReplicaPhase.READY}
         drains = self._push is not None and self._pull_stats is not None
         now = self._clock()
         for replica_id in stop:
             if drains and replica_id in ready:
-                since = self._draining.setdefault(replica_id, now)
-                self._drain_seen.add(replica_id)
-                if not self._drained(dep.id, replica_id, since, now):
-                    continue
-            self._stop_replica_id(dep.engine, replica_id)
-
-    def _drained(self, dep_id: str, replica_id: str, since: float, now: float) -> bool:
-        if now - since >= DRAIN_GRACE_S:
-            return True
-        stats = self.gateway_stats
-        if stats is None or stats.at < since + DRAIN_SETTLE_S:
-            return False
-        figures = stats.deployments.get(dep_id)
-        return figures is None or figures.inflight.get(replica_id, 0) == 0
+                self._drains.begin(replica_id, dep.engine, now)
+            else:
+                self._stop_replica_id(dep.engine, replica_id)
 
     # -- Python environments ------------------------------------------------------------
     def venvs_in_use(self) -> dict[str, list[str]]:

@@ -49,6 +49,7 @@ def _route(
     shape: Any,
     response_timeout_s: float,
     private: Sequence[str],
+    hold: tuple[float, int] = (60.0, 1000),
 ) -> DeploymentRoute:
     upstreams = tuple(
         Upstream(r.replica_id, r.endpoint.host, r.endpoint.port, r.endpoint.netns)
@@ -74,6 +75,8 @@ def _route(
         websocket_path=shape.websocket_path if shape is not None else None,
         message=message[:500],
         response_timeout_s=response_timeout_s,
+        hold_timeout_s=hold[0],
+        queue_limit=hold[1],
     )
 
 
@@ -98,6 +101,8 @@ def build_table(
     response_timeout_s: float = 600.0,
     private_paths: Sequence[str] = (),
     splits: Mapping[tuple[str, str], Sequence[tuple[str, float]]] | None = None,
+    hold_timeout_s: float = 60.0,
+    queue_limit: int = 1000,
 ) -> RoutingTable:
     """The table for the gateway. Deployment messages it shows callers lose server file
     paths (see :func:`public_message`; ``private_paths``: the Kingpost home and the like).
@@ -106,7 +111,14 @@ def build_table(
     rollout is moving; an entry whose deployment has no ready replica is left out while
     another has one, so a split never sends a request where nothing can answer it."""
     routes = {
-        d.id: _route(d, ready.get(d.id, ()), shapes.get(d.id), response_timeout_s, private_paths)
+        d.id: _route(
+            d,
+            ready.get(d.id, ()),
+            shapes.get(d.id),
+            response_timeout_s,
+            private_paths,
+            (hold_timeout_s, queue_limit),
+        )
         for d in deployments
     }
     model_routes: dict[str, ModelRoute] = {}

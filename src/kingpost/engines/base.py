@@ -198,6 +198,10 @@ class Engine(ABC):
         """For an engine that keeps replicas: how an operator removes them by hand."""
         return ""
 
+    on_ready: Callable[[], None] | None = None
+    """Called (from an engine thread) when a replica becomes ready, so the controller
+    routes to it now rather than at its next tick; it must return at once."""
+
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
         """Build what every replica of a deployment needs (an environment, an image).
 

@@ -762,9 +762,12 @@ class DockerEngine(Engine):
         rep.back_off(now, why)
 
     def _probe(self, rep: _Replica, now: float) -> None:
+        was = rep.phase
         why = rep.probe(rep.probes, now)
         if why is not None:
             self._kill_and_restart(rep, now, why)
+        elif rep.phase == ReplicaPhase.READY != was and self.on_ready is not None:
+            self.on_ready()  # the controller routes to it now
 
     def _kill_and_restart(self, rep: _Replica, now: float, why: str) -> None:
         from docker.errors import DockerException

@@ -65,6 +65,22 @@ __all__ = ["ProcessEngine"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+STARTING_PROBE_S = 0.01
+"""Probe period of a replica in its first two seconds, before it was ever ready."""
+
+
+def starting_probe_period(rep: _Replica, now: float) -> float:
+    """How soon to probe again: every 10 ms for a replica's first 2 s before it was ever
+    ready (a trivial server is up in tens of ms, and a refused connection is cheap), every
+    50 ms up to 10 s, then the configured period (a model loading for minutes is not
+    asked a hundred times a second)."""
+    period = rep.spec.probes.period_s
+    if rep.ever_ready:
+        return period
+    age = now - rep.launched
+    return min(period, STARTING_PROBE_S if age < 2 else 0.05 if age < 10 else period)
+
+
 SECRETS_MOUNT = "/secrets"
 
 
@@ -225,6 +241,8 @@ class ProcessEngine(Engine):
         self._past: dict[str, list[Path]] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._kick = threading.Event()
+        """Set by ``start``: the monitor's wait ends at once."""
         self._probes = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="kingpost-probe")
         self._thread = threading.Thread(
             target=self._monitor, name="kingpost-process-engine", daemon=True
@@ -265,6 +283,7 @@ class ProcessEngine(Engine):
             rep = _Replica(spec, root, port, self.netns, started_at=time.time())
             self._replicas[spec.replica_id] = rep
             self._past.setdefault(spec.deployment_id, []).append(root)
+        self._kick.set()  # launched by the monitor now, not at its next tick
 
     def _port_for(self, spec: ReplicaSpec) -> int:
         if self.netns:
@@ -404,7 +423,10 @@ class ProcessEngine(Engine):
                     self._step(rep)
                 except Exception:
                     log.exception("process engine: replica %s", rep.spec.replica_id)
-            time.sleep(TICK_S)
+            now = time.monotonic()
+            soon = [starting_probe_period(r, now) for r in replicas if r.proc and not r.ever_ready]
+            self._kick.wait(min([TICK_S, *soon]))
+            self._kick.clear()
 
     def _step(self, rep: _Replica) -> None:
         if rep.probing:  # its probe round decides, then it is stepped again
@@ -426,7 +448,8 @@ class ProcessEngine(Engine):
             self._exited(rep, code, now)
             return
         if now >= rep.next_probe:
-            rep.next_probe = now + rep.spec.probes.period_s
+            # Until first ready, probe often: a cold start is served the moment it can be.
+            rep.next_probe = now + starting_probe_period(rep, now)
             self._probe(rep, now)
 
     def _step_stopping(self, rep: _Replica, now: float) -> None:
@@ -476,9 +499,12 @@ class ProcessEngine(Engine):
 
         def run() -> None:
             try:
+                was = rep.phase
                 why = rep.probe(rep.spec.probes, time.monotonic())
                 if why is not None:
                     self._restart(rep, time.monotonic(), why)
+                elif rep.phase == ReplicaPhase.READY != was and self.on_ready is not None:
+                    self.on_ready()
             except Exception:
                 log.exception("process engine: probing replica %s", rep.spec.replica_id)
             finally:
@@ -558,7 +584,7 @@ class ProcessEngine(Engine):
                 return
         netns = f"/proc/{rep.proc.pid}/ns/net" if rep.netns else None
         rep.endpoint = Endpoint("127.0.0.1", rep.port, netns)
-        rep.launched, rep.next_probe = now, now + min(0.2, spec.probes.period_s)
+        rep.launched, rep.next_probe = now, now + min(STARTING_PROBE_S, spec.probes.period_s)
         rep.phase, rep.ready_fails = ReplicaPhase.STARTING, 0
 
     def _command(

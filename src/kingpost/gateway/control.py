@@ -1,7 +1,9 @@
 """The gateway's control channel: a tiny HTTP/1.1 server on a Unix socket.
 
 ``PUT /table`` replaces the routing table (JSON of ``RoutingTable.to_json()``),
-``GET /table/version`` and ``GET /healthz`` report.
+``GET /table/version`` and ``GET /healthz`` report, ``GET /stats`` gives the gateway's
+figures, and ``GET /demand?wait=S`` (a long poll) answers, as soon as there are any, the
+deployments that requests wait for with no ready replica.
 
 Only the control plane may push a table. Three locks, each enough against a replica
 that runs as another user, the last one also against one that runs as the same user:
@@ -24,6 +26,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TOKEN_HEADER",
     "control_socket_paths",
+    "fetch_demand",
     "fetch_stats",
     "push_table",
     "read_token_fd",
@@ -69,6 +73,22 @@ def control_socket_paths(base: Path, workers: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(workers)]
 
 
+_clients: dict[str, httpx.Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(socket_path: Path) -> httpx.Client:
+    """One client per control socket, kept: making an httpx client builds TLS contexts
+    (35-110 ms on a loaded machine), which a table push or a wake must not pay each time."""
+    key = str(socket_path)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            transport = httpx.HTTPTransport(uds=key, verify=False)  # a Unix socket: no TLS
+            client = _clients[key] = httpx.Client(transport=transport, verify=False)
+        return client
+
+
 def push_table(
     socket_path: Path, table: RoutingTable, timeout: float = 2.0, *, token: str | None = None
 ) -> None:
@@ -77,10 +97,9 @@ def push_table(
     if token is not None:
         headers[TOKEN_HEADER] = token
     try:
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=timeout
-        ) as c:
-            r = c.put("http://gateway/table", content=body, headers=headers)
+        r = _client(socket_path).put(
+            "http://gateway/table", content=body, headers=headers, timeout=timeout
+        )
     except httpx.TransportError as exc:
         raise KingpostError(f"gateway control socket {socket_path}: {exc}") from exc
     if r.status_code == 409:
@@ -99,15 +118,30 @@ def push_table(
 def fetch_stats(socket_path: Path, timeout: float = 2.0) -> GatewayStats:
     """One gateway worker's figures (``GET /stats`` on its control socket)."""
     try:
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=timeout
-        ) as c:
-            r = c.get("http://gateway/stats")
+        r = _client(socket_path).get("http://gateway/stats", timeout=timeout)
     except httpx.TransportError as exc:
         raise KingpostError(f"gateway control socket {socket_path}: {exc}") from exc
     if r.status_code != 200:
         raise KingpostError(f"gateway stats: HTTP {r.status_code} {r.text[:200]}")
     return GatewayStats.from_json(r.json())
+
+
+def fetch_demand(
+    socket_path: Path, wait_s: float = 20.0, *, token: str | None = None
+) -> dict[str, int]:
+    """Deployments that requests wait for with no ready replica, as one gateway worker
+    noted them: a long poll that answers at once when there are any, else after
+    ``wait_s`` with none."""
+    headers = {TOKEN_HEADER: token} if token is not None else {}
+    try:
+        r = _client(socket_path).get(
+            f"http://gateway/demand?wait={wait_s}", headers=headers, timeout=wait_s + 5
+        )
+    except httpx.TransportError as exc:
+        raise KingpostError(f"gateway control socket {socket_path}: {exc}") from exc
+    if r.status_code != 200:
+        raise KingpostError(f"gateway demand: HTTP {r.status_code} {r.text[:200]}")
+    return {str(k): int(v) for k, v in r.json()["deployments"].items()}
 
 
 def _response(status: int, body: object) -> bytes:
@@ -160,7 +194,10 @@ async def _handle(
             headers[name.strip().lower()] = value.strip()
         length = int(headers.get("content-length", "0"))
         who = f"pid {peer[0]} uid {peer[1]}" if peer is not None else "a peer of unknown pid"
-        refused = _refusal(peer, headers, token if method == "PUT" else None)
+        # A demand poll takes what it reads: only the control plane may, or a replica of
+        # the same user could swallow the wake-ups of a deployment at zero.
+        guarded = method == "PUT" or path.startswith("/demand")
+        refused = _refusal(peer, headers, token if guarded else None)
         if refused:
             log.warning("control socket: REFUSED %s %s from %s: %s", method, path, who, refused)
             writer.write(_response(403, {"error": f"control request refused: {refused}"}))
@@ -180,6 +217,14 @@ async def _handle(
                     table.version,
                 )
             writer.write(_response(200 if accepted else 409, {"version": gateway.table.version}))
+        elif method == "GET" and path.startswith("/demand"):
+            wait = float(path.partition("wait=")[2] or 0)
+            try:
+                demand = await gateway.take_demand(min(max(wait, 0.0), 60.0))
+            except asyncio.CancelledError:  # the gateway is closing: end the poll quietly
+                writer.close()
+                return
+            writer.write(_response(200, {"deployments": demand}))
         elif method == "GET" and path == "/stats":
             writer.write(_response(200, gateway.stats().to_json()))
         elif method == "GET" and path == "/table/version":

@@ -10,12 +10,18 @@ A waiter is a Task awaiting :meth:`Dispatcher.acquire`, or a :class:`Parked` req
 (:meth:`Dispatcher.park`) that takes its slot in the very call that frees it: a request
 queued from the gateway's callbacks is then sent to the replica as soon as the answer
 before it ends, without waiting for a Task to be woken on a later loop turn.
+
+A request that waits while the deployment has no ready replica (scaled to zero, or still
+starting) calls ``on_cold``, which the gateway passes on to the control plane at once
+(see ``Gateway.note_demand``): only that path pays for it, never a request a ready
+replica takes.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -94,6 +100,9 @@ class Dispatcher:
         """What this deployment answered (see :mod:`kingpost.gateway.stats`)."""
         self._waiters: deque[Waiter] = deque()
         self._turn = 0
+        self.on_cold: Callable[[str, int], None] | None = None
+        """Called with (deployment id, requests waiting) when a request starts to wait
+        while no replica is ready."""
 
     def snapshot(self) -> DeploymentStats:
         """In flight and queued now, and what it answered: read, never counted per request."""
@@ -172,6 +181,7 @@ class Dispatcher:
         self._check_room()
         waiter = Waiter(None, parked=parked)
         self._waiters.append(waiter)
+        self._note_cold()
         hold = self.route.hold_timeout_s
         waiter.timer = asyncio.get_running_loop().call_later(hold, self._expire, waiter, hold)
         return waiter
@@ -187,6 +197,12 @@ class Dispatcher:
             waiter.queued = False
             self._waiters.remove(waiter)
 
+    def _note_cold(self) -> None:
+        """A request waits while no replica is ready: tell the control plane (a parked
+        request and an awaited one alike; a wait for a busy replica is not news)."""
+        if not self.route.upstreams and self.on_cold is not None:
+            self.on_cold(self.route.deployment_id, len(self._waiters))
+
     async def acquire(self, exclude: frozenset[str] = frozenset()) -> Slot:
         slot = self.try_acquire(exclude)
         if slot is not None:
@@ -198,6 +214,7 @@ class Dispatcher:
         waiter = Waiter(future, exclude)
         self._waiters.append(waiter)
         self._drain()  # a retry may fall back to the replica it excluded
+        self._note_cold()
         # The timeout ends the future itself (not the awaiting task, as ``wait_for`` would),
         # so a slot handed over in the same loop turn is never lost between the two.
         timer = loop.call_later(route.hold_timeout_s, self._expire, waiter, route.hold_timeout_s)

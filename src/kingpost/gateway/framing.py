@@ -24,6 +24,7 @@ __all__ = [
     "connection_tokens",
     "error_body",
     "interim_head",
+    "json_answer",
     "named_by_connection",
     "request_head",
     "response_header_lines",
@@ -59,6 +60,7 @@ CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
 """``Connection`` tokens that name no header to drop (Host: the gateway must send one)."""
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
+    202: "Accepted",
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
@@ -176,11 +178,18 @@ def interim_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, byte
 def error_body(status: int, message: str, code: str, request_id: str, close: bool = False) -> bytes:
     """A whole answer from the gateway itself: JSON ``{"error", "code"}`` with the request
     id, and ``connection: close`` when the connection ends with it."""
-    body = json.dumps({"error": message, "code": code}).encode()
+    return json_answer(status, {"error": message, "code": code}, request_id, close)
+
+
+def json_answer(status: int, payload: object, request_id: str, close: bool = False) -> bytes:
+    """A whole JSON answer from the gateway itself (an error, or a wake's ``{}``); a full
+    queue (429) or no replica in time (503) says when to try again."""
+    body = json.dumps(payload).encode()
     reason = _REASONS.get(status, "Error")
     connection = "connection: close\r\n" if close else ""
+    retry = "retry-after: 1\r\n" if status in (429, 503) else ""
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nx-baseten-request-id: {request_id}\r\n"
-        f"{connection}\r\n"
+        f"{retry}{connection}\r\n"
     ).encode() + body

@@ -32,6 +32,7 @@ from kingpost.gateway.framing import (
     CONTINUE,
     connection_tokens,
     error_body,
+    json_answer,
     named_by_connection,
 )
 from kingpost.gateway.routing import Miss, Target
@@ -499,6 +500,9 @@ class ClientConn(StreamConn):
         if isinstance(target, Miss):
             if req.upgrade and target.upgrade is not None:
                 return target.upgrade  # a WebSocket route: only handshakes get through
+            if target.wake is not None:  # the control plane starts it (see note_demand)
+                gw.note_demand(target.wake, 1)
+                return self.reject(req, 202, "", "wake", rid, payload={})
             return self.reject(req, target.status, target.message, target.code, rid)
         return target
 
@@ -532,16 +536,19 @@ class ClientConn(StreamConn):
         code: str,
         rid: str,
         target: Target | None = None,
+        payload: object = None,
     ) -> bool:
-        """Answer ``req`` with the gateway's own error; whether the connection stays."""
+        """Answer ``req`` with the gateway's own error (or ``payload`` as JSON); whether the
+        connection stays."""
         assert self.transport is not None
         self.gw.log_access(rid, status, code, req.start, target)
+        body = {"error": message, "code": code} if payload is None else payload
         if req.upgrade:
             # After an upgrade request the client's stream is no longer HTTP (it may already
             # be sending frames): the refusal ends the connection.
-            self.transport.write(error_body(status, message, code, rid, close=True))
+            self.transport.write(json_answer(status, body, rid, close=True))
             return False
-        self.transport.write(error_body(status, message, code, rid))
+        self.transport.write(json_answer(status, body, rid))
         # The body, if any, was not read: the connection cannot be reused unless it's complete.
         return req.complete or (req.content_length in (None, b"0") and not req.chunked)
 

@@ -3,7 +3,8 @@
 Baseten's surface: a model is addressed by host ``model-{id}.{domain}`` or by the
 path prefix ``/models/{id_or_name}``; under it ``/environments/{env}/predict``,
 ``/environments/{env}/websocket``, ``/environments/{env}/sync/{path}``,
-``/production/...``, ``/deployment/{id}/...`` and ``/development/...``.
+``/production/...``, ``/deployment/{id}/...`` and ``/development/...``; ``.../wake``
+(Baseten's) wakes the deployment it names and is answered 202 ``{}`` by the gateway.
 
 A ``websocket`` route is only for WebSocket handshakes, which routing cannot see (the
 answer is kept per URL): it resolves to a :class:`Miss` for any other request that carries
@@ -16,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from kingpost.gateway.table import DeploymentRoute, ModelRoute, RoutingTable
+from kingpost.gateway.table import DeploymentRoute, DeploymentState, ModelRoute, RoutingTable
 
 __all__ = ["Miss", "Target", "resolve"]
 
@@ -43,6 +44,8 @@ class Miss:
     """For a ``websocket`` route: where a WebSocket handshake goes instead of this error."""
     model_id: str | None = None
     """The model the request was for, when the path named one that exists."""
+    wake: str | None = None
+    """For a ``wake`` route: the deployment to wake (answered 202 ``{}`` at once)."""
 
 
 def _model_from_host(table: RoutingTable, host: str) -> ModelRoute | None:
@@ -147,10 +150,16 @@ def _action(
         return Target(dep, "/" + rest + suffix, model.model_id, weighted)
     if action == "websocket" and not rest:
         return _websocket(dep, model, suffix, weighted)
+    if action == "wake" and not rest:  # Baseten's: start a deployment scaled to zero
+        if dep.state == DeploymentState.INACTIVE:
+            return Miss(404, dep.message or "deployment is inactive", weighted=weighted)
+        return Miss(202, "", "wake", weighted, wake=dep.deployment_id)
     if action == "async_predict":
         return Miss(501, "async_predict is not supported yet", "not_implemented", weighted)
     return Miss(
-        404, f"no route {action!r}: use predict, websocket or sync/{{path}}", weighted=weighted
+        404,
+        f"no route {action!r}: use predict, websocket, wake or sync/{{path}}",
+        weighted=weighted,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -79,6 +80,9 @@ class Gateway:
         # a UUID; no system call per request, unique across workers and restarts.
         self._id_prefix = os.urandom(8).hex()
         self._ids = itertools.count(1)
+        self._demand: dict[str, int] = {}
+        """Deployments with requests waiting and no ready replica, not yet told."""
+        self._demand_waiters: list[asyncio.Future[None]] = []
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):016x}"
@@ -124,7 +128,30 @@ class Gateway:
         d = self._dispatchers.get(deployment_id)
         if d is None:
             d = self._dispatchers[deployment_id] = Dispatcher(self.table.deployments[deployment_id])
+            d.on_cold = self.note_demand
         return d
+
+    # -- demand for deployments with no ready replica ------------------------------------
+    def note_demand(self, deployment_id: str, waiting: int) -> None:
+        """Requests wait for ``deployment_id`` and no replica is ready: tell the control
+        plane now (it long-polls ``GET /demand``), so a deployment at zero starts at once."""
+        self._demand[deployment_id] = max(waiting, self._demand.get(deployment_id, 0))
+        waiters, self._demand_waiters = self._demand_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    async def take_demand(self, wait_s: float) -> dict[str, int]:
+        """The deployments noted since the last call, waiting up to ``wait_s`` for one."""
+        if not self._demand and wait_s > 0:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._demand_waiters.append(future)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, wait_s)
+            with contextlib.suppress(ValueError):
+                self._demand_waiters.remove(future)
+        demand, self._demand = self._demand, {}
+        return demand
 
     def route(self, host: bytes, url: bytes) -> Target | Miss:
         """Where a request for ``url`` with Host ``host`` goes under the current table.

@@ -70,7 +70,7 @@ class DeploymentStatus(enum.StrEnum):
     DEPLOYING = "DEPLOYING"  # replicas started, none ready yet
     ACTIVE = "ACTIVE"  # at least one replica ready
     UNHEALTHY = "UNHEALTHY"  # was active, no replica ready now
-    SCALED_TO_ZERO = "SCALED_TO_ZERO"  # active with zero replicas (no autoscaler wakes it yet)
+    SCALED_TO_ZERO = "SCALED_TO_ZERO"  # active with zero replicas; a request wakes it
     INACTIVE = "INACTIVE"  # deactivated by a user; no replicas
     FAILED = "FAILED"  # replicas crash or cannot start; message says why
     BUILD_FAILED = "BUILD_FAILED"  # the environment or image could not be built
@@ -149,6 +149,10 @@ class Deployment(Base):
     activation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     """Counts re-activations after a failure or a deactivation; replicas carry the one
     they were started for (``ReplicaSpec.generation``)."""
+    autoscaling_settings: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, server_default="{}"
+    )
+    """Autoscaling settings but the replica bounds (columns above); missing: defaults."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -165,6 +169,8 @@ class Environment(Base):
         JSON, default=dict, server_default="{}"
     )
     """Baseten's ``promotion_settings`` as stored (validated by the API); ``{}``: defaults."""
+    autoscaling_settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """Settings for whichever deployment the environment points at (None: its own)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

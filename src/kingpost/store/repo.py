@@ -132,8 +132,15 @@ def _key_view(k: ApiKey) -> ApiKeyView:
 
 
 def _env_view(e: Environment) -> EnvironmentView:
+    autoscaling = dict(e.autoscaling_settings) if e.autoscaling_settings is not None else None
     return EnvironmentView(
-        e.id, e.model_id, e.name, e.deployment_id, e.updated_at, dict(e.promotion_settings or {})
+        e.id,
+        e.model_id,
+        e.name,
+        e.deployment_id,
+        e.updated_at,
+        dict(e.promotion_settings or {}),
+        autoscaling,
     )
 
 
@@ -157,6 +164,7 @@ def _deployment_view(d: Deployment, envs: Iterable[str] = ()) -> DeploymentView:
         updated_at=d.updated_at,
         environments=tuple(sorted(envs)),
         activation=d.activation or 1,
+        autoscaling_settings=dict(d.autoscaling_settings or {}),
     )
 
 

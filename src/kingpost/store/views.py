@@ -48,6 +48,8 @@ class DeploymentView:
     environments: tuple[str, ...] = field(default=())
     activation: int = 1
     """See ``Deployment.activation``."""
+    autoscaling_settings: dict[str, Any] = field(default_factory=dict)
+    """See ``Deployment.autoscaling_settings`` (the bounds are ``min/max_replicas``)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class EnvironmentView:
     updated_at: datetime
     promotion_settings: dict[str, Any] = field(default_factory=dict)
     """As stored: ``{}`` means the defaults (promotions do not roll)."""
+    autoscaling_settings: dict[str, Any] | None = None
+    """Settings for the deployment it points at; None: that deployment's own."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,225 @@
+"""Cold start from zero, end to end, beside the floor of starting the same server by hand.
+
+For a trivial custom server (examples/echo-server) and a trivial model class
+(examples/echo-model) on the process engine: push, set ``min_replica 0`` with the shortest
+window (10 s) and no delay, then repeat: wait until the deployment is SCALED_TO_ZERO with
+no replica left, send one predict through the gateway, and time it to its answer. The
+floor is the same server started by hand (same interpreter, same command) and timed from
+the start to its first answer, polling its readiness every 5 ms.
+
+    .venv/bin/python bench/cold_start.py --runs 8 [--json out.json]
+
+Reports p50/p95 of each, the platform's share (cold start minus the floor's p50), and the
+requests that failed (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+PYTHON = os.path.realpath(sys.executable)
+"""The custom server's interpreter, by its real path, for the replica and the floor alike."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One `kingpost server` with its own home and ports."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.api, self.gw = home, free_port(), free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")},
+            "KINGPOST_HOME": str(home),
+            "KINGPOST_API_PORT": str(self.api),
+            "KINGPOST_GATEWAY_PORT": str(self.gw),
+            "KINGPOST_ENGINE": "process",
+        }
+        log = (home / "server.log").open("ab") if home.mkdir(parents=True) is None else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kingpost.cli", "server"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.api}/v1/health", timeout=1).is_success:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.key = (home / "credentials").read_text().strip()
+        auth = {"Authorization": f"Api-Key {self.key}"}
+        self.api_client = httpx.Client(base_url=f"http://127.0.0.1:{self.api}", headers=auth)
+        self.gateway = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.gw}", headers=auth, timeout=120
+        )
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "kingpost.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"kingpost {' '.join(args)} failed:\n{out.stdout}{out.stderr}")
+        return out.stdout
+
+    def deployment(self, dep: str) -> dict[str, Any]:
+        return dict(self.api_client.get(f"/v1/deployments/{dep}").json())
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def wait(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def cold_starts(srv: Server, example: str, runs: int) -> tuple[list[float], int, str]:
+    project = srv.home.parent / example
+    shutil.copytree(EXAMPLES / example, project)
+    if example == "echo-server":  # no PATH lookup (a pyenv shim alone takes 200-400 ms)
+        config = (project / "config.yaml").read_text()
+        config = config.replace("python3 server.py", f"{PYTHON} server.py")
+        (project / "config.yaml").write_text(config)
+    pushed = json.loads(srv.cli("push", str(project), "--wait", "--output", "json"))
+    model, dep = pushed["model"]["id"], pushed["deployment"]["id"]
+    srv.cli(
+        "autoscaling", "set", example, "--deployment", dep, "--min-replica", "0",
+        "--autoscaling-window", "10", "--scale-down-delay", "0",
+    )  # fmt: skip
+    body = {"text": "hi"} if example == "echo-model" else {"n": 1}
+    times, failed = [], 0
+    for _ in range(runs):
+
+        def at_zero() -> bool:
+            d = srv.deployment(dep)
+            return d["status"] == "SCALED_TO_ZERO" and not d.get("replicas_starting")
+
+        wait(at_zero, 60, "scale to zero")
+        time.sleep(0.5)  # the replica's process group is gone, not only out of the table
+        started = time.perf_counter()
+        r = srv.gateway.post(f"/models/{model}/deployment/{dep}/predict", json=body)
+        took = time.perf_counter() - started
+        if r.status_code != 200:
+            failed += 1
+            print(f"  {example}: {r.status_code} {r.text[:200]}", file=sys.stderr)
+        times.append(took)
+        print(f"  {example}: cold start {took * 1000:.0f} ms", file=sys.stderr)
+    return times, failed, dep
+
+
+def floor(srv: Server, example: str, dep: str, runs: int) -> list[float]:
+    """The same server started by hand: its command, its interpreter, to its first answer."""
+    project = srv.home.parent / example
+    port = free_port()
+    if example == "echo-server":
+        # Its start_command as the engine runs it, through the shell.
+        src = (project / "server.py").read_text().replace("PORT = 8000", f"PORT = {port}")
+        (project / "server_floor.py").write_text(src)
+        cmd = ["/bin/sh", "-c", f"{PYTHON} server_floor.py"]
+        ready, predict, body = "/health", "/predict", {"n": 1}
+    else:
+        envs = sorted((srv.home / "envs").glob("*/bin/python"))
+        python = str(envs[0]) if envs else sys.executable
+        cmd = [python, "-P", "-m", "kingpost.server", "--app-dir", str(project)]
+        cmd += ["--port", str(port), "--host", "127.0.0.1"]
+        ready, predict, body = "/v1/models/model", "/v1/models/model:predict", {"text": "hi"}
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
+                while True:
+                    try:
+                        if c.get(ready).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.005)
+                r = c.post(predict, json=body)
+                assert r.status_code == 200, r.text
+            out.append(time.perf_counter() - started)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--only", choices=["echo-server", "echo-model"])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kp-cold-") as tmp:
+        srv = Server(Path(tmp) / "home")
+        try:
+            for example in [args.only] if args.only else ["echo-server", "echo-model"]:
+                cold, failed, dep = cold_starts(srv, example, args.runs)
+                bare = floor(srv, example, dep, args.runs)
+                report[example] = {
+                    "cold_p50_ms": pct(cold, 0.5) * 1000,
+                    "cold_p95_ms": pct(cold, 0.95) * 1000,
+                    "floor_p50_ms": pct(bare, 0.5) * 1000,
+                    "floor_p95_ms": pct(bare, 0.95) * 1000,
+                    "platform_share_p50_ms": (pct(cold, 0.5) - statistics.median(bare)) * 1000,
+                    "failed": failed,
+                    "runs": args.runs,
+                }
+        finally:
+            srv.stop()
+    print(f"{'project':<12} {'cold p50':>9} {'cold p95':>9} {'floor p50':>10} "
+          f"{'floor p95':>10} {'platform p50':>13} {'failed':>7}")  # fmt: skip
+    for name, r in report.items():
+        print(
+            f"{name:<12} {r['cold_p50_ms']:>7.0f}ms {r['cold_p95_ms']:>7.0f}ms "
+            f"{r['floor_p50_ms']:>8.0f}ms {r['floor_p95_ms']:>8.0f}ms "
+            f"{r['platform_share_p50_ms']:>11.0f}ms {r['failed']:>7}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
