@@ -93,7 +93,8 @@ def test_a_frozen_deployment_keeps_its_count(tmp_path: Path) -> None:
     update_deployment_settings(rig.store, "loop", dep, {"max_replica": 3})
     rig.controller.reconcile_once()
     (first,) = rig.engine.live(dep)
-    rig.controller.scaler.frozen.add(dep)
+    # What a running rollout does each pass: it holds the deployment at its count.
+    rig.controller._advance_rollouts = lambda _replicas: rig.controller.scaler.hold({dep: 1})  # type: ignore[method-assign]
     gw.inflight = {dep: {first: 10}}
     for _ in range(3):
         _tick(rig, now)
