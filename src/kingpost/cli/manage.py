@@ -234,6 +234,11 @@ def _wait(c: Any, dep_id: str, timeout: float) -> dict[str, Any]:
                 )
             else:
                 phase = _PHASES.get(dep["status"], dep["status"])
+                if dep["status"] == "DEPLOYING" and dep.get("replicas_wanted"):
+                    phase = (
+                        f"starting replicas ({dep.get('replicas_ready') or 0}/"
+                        f"{dep['replicas_wanted']} ready), waiting for readiness probes"
+                    )
                 detail = f": {_reason(dep)}" if dep["message"] else ""
                 progress.update(task, description=escape(f"{phase}{detail}"), total=None)
             if dep["status"] in _SETTLED or time.monotonic() > deadline:
