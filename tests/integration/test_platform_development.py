@@ -291,3 +291,24 @@ def test_a_failed_first_push_recovers_with_the_fix(platform: Platform, tmp_path:
     assert done["deployment"]["status"] in ("DEPLOYING", "ACTIVE")
     assert predict(platform, "dev-fix")["value"] == 8
     platform.wait_status(dep["id"], "ACTIVE", timeout=30)
+
+
+def test_an_idle_development_deployment_scales_to_zero_and_wakes_on_its_files(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Issues 25/26: the development deployment scales to zero when idle with the
+    autoscaler's mechanism; a change made meanwhile is recorded (nothing runs to reload),
+    and the next request wakes a replica on the new files."""
+    project = make_project(tmp_path, "dev-zero")
+    dep = push_development(platform, project)["deployment"]
+    assert dep["min_replicas"] == 0 and dep["max_replicas"] == 1
+    assert predict(platform, "dev-zero")["value"] == 1
+    with platform.client() as c:
+        c.update_autoscaling(
+            "dev-zero", {"autoscaling_window": 10, "scale_down_delay": 0}, deployment=dep["id"]
+        )
+    platform.wait_status(dep["id"], "SCALED_TO_ZERO", timeout=60)
+    write_model(project, "7")
+    done = sync(platform, project, "dev-zero")
+    assert (done["kind"], done["ok"], done["changed"]) == ("recorded", True, ["model/model.py"])
+    assert predict(platform, "dev-zero")["value"] == 7  # held while a replica wakes

@@ -79,7 +79,9 @@ def report(result: dict[str, Any]) -> None:
     if kind == "unchanged":
         return
     if result["ok"]:
-        how = "reloaded in place" if kind == "reload" else f"swapped ({result['why']})"
+        how = {"reload": "reloaded in place", "recorded": f"recorded ({result['why']})"}.get(
+            kind, f"swapped ({result['why']})"
+        )
         console.print(f"{how} in {took:.2f} s: {escape(what)}", highlight=False)
         return
     how = "reload" if kind == "reload" else f"swap ({result['why']})"

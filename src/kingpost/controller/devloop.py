@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kingpost.engines import ReplicaPhase
-from kingpost.store import DeploymentView, Store
+from kingpost.engines import Engine, ReplicaPhase
+from kingpost.store import DeploymentStatus, DeploymentView, Store
 
 if TYPE_CHECKING:
     from kingpost.controller.loop import Controller
@@ -49,7 +49,9 @@ build timeout, before the swap is given up."""
 class Applied:
     """What applying a new project to the development deployment did."""
 
-    kind: Literal["unchanged", "reload", "swap"]
+    kind: Literal["unchanged", "reload", "swap", "recorded"]
+    """``recorded``: the deployment is scaled to zero; the next request starts it on the
+    new files (nothing runs that could be reloaded or swapped)."""
     ok: bool
     deployment: DeploymentView
     changed: tuple[str, ...] = ()
@@ -149,6 +151,15 @@ def _apply(
         _environment(controller, dep, new_dir),
     )  # fmt: skip
     engine = controller.engine(dep.engine)
+    if _at_zero(controller, dep, engine):
+        # Idle development deployments scale to zero (min_replica 0): the files are its
+        # project now, and the wake that the next request causes starts a replica on them.
+        dep = store.set_development_project(dep.id, project_hash, config, dep.activation)
+        return Applied(
+            "recorded", True, dep, tuple(changed), tuple(removed),
+            "scaled to zero: the next request starts it on these files",
+            time.perf_counter() - started,
+        )  # fmt: skip
     if not why:
         ready = [
             r.replica_id
@@ -169,6 +180,19 @@ def _apply(
                            replicas=tuple(ready))  # fmt: skip
         why = "no replica could be reloaded in place (none ready, or the engine cannot)"
     return _swap(controller, store, dep, project_hash, config, (changed, removed), why, started)
+
+
+def _at_zero(controller: Controller, dep: DeploymentView, engine: Engine) -> bool:
+    """Scaled to zero: no replica of it runs but those draining (out of the table and
+    about to stop, so not worth a reload)."""
+    if dep.status != DeploymentStatus.SCALED_TO_ZERO:
+        return False
+    return not any(
+        r.deployment_id == dep.id
+        and r.phase != ReplicaPhase.STOPPED
+        and not controller.draining(r.replica_id)
+        for r in engine.poll()
+    )
 
 
 def _environment(controller: Controller, dep: DeploymentView, app_dir: Path) -> str | None:

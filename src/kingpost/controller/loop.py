@@ -503,6 +503,10 @@ class Controller:
             self.store.set_status(dep.id, status, message, seen=seen)
         return list(decision.ready)
 
+    def draining(self, replica_id: str) -> bool:
+        """Whether the replica is out of the table, waiting for its requests to finish."""
+        return replica_id in self._drains
+
     # -- rollouts: controller/rollout.py decides, this applies and records ----------------
     def rollout_active(self, deployment_id: str) -> bool:
         """Whether a running rollout sets this deployment's replica count: autoscaling of

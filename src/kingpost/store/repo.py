@@ -472,7 +472,9 @@ class Store:
             dep.activation = (dep.activation or 1) + 1
         dep.status, dep.desired_state = DeploymentStatus.DEPLOYING, DesiredState.ACTIVE
         dep.labels, dep.project_hash, dep.config = new.labels, new.project_hash, new.config
-        dep.engine, dep.min_replicas, dep.max_replicas = new.engine, 1, 1
+        # One replica, and none while idle: it scales to zero like any min_replica 0
+        # deployment (after the autoscaling window and scale_down_delay without a request).
+        dep.engine, dep.min_replicas, dep.max_replicas = new.engine, 0, 1
         dep.updated_at = utcnow()
         s.flush()
         return self._view(s, dep)
