@@ -159,3 +159,69 @@ def test_a_build_longer_than_the_delay_does_not_scale_to_zero(tmp_path: Path) ->
     assert wanted == 1
     counts = scaler.counts(dep)
     assert counts is not None and "building" in counts.reason
+
+
+def test_a_promotion_under_load_starts_from_the_replicas_serving_now(tmp_path: Path) -> None:
+    """A rollout took the previous deployment's ``min_replicas`` as its size: promoting
+    while the autoscaler ran 4 replicas cut the previous deployment to 1 at the first pass
+    (and the candidate would have ended with 1)."""
+    rig, gw, now = _rig(tmp_path)
+    first = rig.deploy(environment="production")
+    settings = {
+        "max_replica": 4, "autoscaling_window": 10, "scale_down_delay": 0,
+        "concurrency_target": 1, "target_utilization_percentage": 100,
+    }  # fmt: skip
+    update_deployment_settings(rig.store, "loop", first, settings)
+    rig.controller.reconcile_once()
+    (r0,) = rig.engine.live(first)
+    gw.inflight = {first: {r0: 8}}
+    for _ in range(8):
+        _tick(rig, now)
+    live = rig.engine.live(first)
+    assert len(live) == 4
+    gw.inflight = {first: dict.fromkeys(live, 2)}
+    rig.deploy(environment="production")
+    _tick(rig, now)
+    rollout = rig.store.latest_rollout("loop", "production")
+    assert rollout is not None
+    assert (rollout.previous_initial_replicas, rollout.target_replicas) == (4, 4)
+    routed = {u.replica_id for u in rig.pushed[-1].deployments[first].upstreams}
+    assert routed == set(live)
+
+
+def test_a_development_swap_wakes_a_deployment_at_zero(tmp_path: Path) -> None:
+    """A swap (new requirements, say) of an idle development deployment waited for a
+    replica the autoscaler never started, as wanted was 0: the swap is demand."""
+    import threading
+    import time
+
+    from kingpost.controller import devloop
+
+    rig, _, now = _rig(tmp_path)
+    dep_id = rig.deploy(development=True, min_replicas=0, max_replicas=1)
+    update_deployment_settings(
+        rig.store, "loop", dep_id, {"autoscaling_window": 10, "scale_down_delay": 0}
+    )
+    for _ in range(20):
+        _tick(rig, now)
+    dep = rig.store.get_deployment(dep_id)
+    assert dep.status == "SCALED_TO_ZERO" and not rig.engine.live(dep_id)
+    done: list[devloop.Applied] = []
+
+    def run() -> None:
+        diff: tuple[list[str], list[str]] = ([], [])
+        started = time.perf_counter()
+        done.append(
+            devloop._swap(rig.controller, rig.store, dep, dep.project_hash, dep.config, diff,
+                          "a test", started)
+        )  # fmt: skip
+
+    swap = threading.Thread(target=run, daemon=True)
+    swap.start()
+    for _ in range(100):
+        if done:
+            break
+        _tick(rig, now, 0.1)
+        time.sleep(0.05)
+    assert done and done[0].ok, done
+    assert len(rig.engine.live(dep_id)) == 1

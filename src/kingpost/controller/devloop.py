@@ -154,7 +154,9 @@ def _apply(
     if _at_zero(controller, dep, engine):
         # Idle development deployments scale to zero (min_replica 0): the files are its
         # project now, and the wake that the next request causes starts a replica on them.
-        dep = store.set_development_project(dep.id, project_hash, config, dep.activation)
+        # A new activation: a replica a concurrent wake started on the old files is
+        # replaced, so what is recorded stays what its replicas run.
+        dep = store.set_development_project(dep.id, project_hash, config, dep.activation + 1)
         return Applied(
             "recorded", True, dep, tuple(changed), tuple(removed),
             "scaled to zero: the next request starts it on these files",
@@ -205,6 +207,10 @@ def _environment(controller: Controller, dep: DeploymentView, app_dir: Path) -> 
         return None
 
 
+SWAP_WAKE_S = 2.0
+"""How often a swap in progress renews its demand on the autoscaler."""
+
+
 def _swap(
     controller: Controller,
     store: Store,
@@ -222,7 +228,13 @@ def _swap(
     engine = controller.engine(dep.engine)
     deadline = time.monotonic() + controller.settings.build_timeout + SWAP_GRACE_S
     error, output = "the new replica did not become ready in time", ""
+    woken = 0.0
     while time.monotonic() < deadline:
+        if time.monotonic() - woken >= SWAP_WAKE_S:
+            # A swap is demand: an idle development deployment (min_replica 0) must not
+            # be at, or go to, zero while its new replica is awaited.
+            controller.wake_deployment(dep.id)
+            woken = time.monotonic()
         failure = controller.build_failure(dep.id)
         if failure is not None:
             error = f"preparing the new project failed: {failure}"

@@ -549,7 +549,7 @@ class Controller:
     ) -> RolloutState:
         before = _rollout_state(ro)
         after = rollout_step(
-            before,
+            self._seed_rollout(ro, before),
             self._observe_rollout(ro, by_id, replicas),
             PromotionSettings.from_api(ro.settings),
             self._clock(),
@@ -578,6 +578,23 @@ class Controller:
                 after.candidate_traffic_percent, after.message,
             )  # fmt: skip
         return after
+
+    def _seed_rollout(self, ro: RolloutView, state: RolloutState) -> RolloutState:
+        """A rollout not begun yet starts from the replicas the previous deployment runs
+        now (the autoscaler's count, not its ``min_replicas``): the candidate is brought
+        to that capacity, and the previous one is not cut down to its minimum by the
+        first step."""
+        fresh = state.step == 0 and state.phase == Phase.STEP_DONE and not state.candidate_replicas
+        if not fresh or state.status != RolloutStatus.IN_PROGRESS:
+            return state
+        now = self.scaler.wanted(ro.previous_deployment_id, state.previous_replicas)
+        serving = max(state.previous_initial_replicas, now)
+        return replace(
+            state,
+            previous_initial_replicas=serving,
+            previous_replicas=serving,
+            target_replicas=max(state.target_replicas, serving),
+        )
 
     def _observe_rollout(
         self,
