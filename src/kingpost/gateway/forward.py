@@ -104,6 +104,9 @@ class Handoff:
     """A replica slot already taken for it. Whoever holds the handoff owns the slot until
     :func:`dispatch` takes it over; if the task is cancelled before it ever runs,
     :meth:`ClientConn.connection_lost` gives it back."""
+    started: bool = False
+    """:func:`dispatch` has run; before that, a client that leaves gets its access line
+    from :meth:`ClientConn.connection_lost` (the cancelled task never logs it)."""
 
 
 def try_now(client: ClientConn, req: Request) -> bool | Handoff | Sent:
@@ -249,6 +252,7 @@ async def dispatch(client: ClientConn, h: Handoff) -> bool:
     when the client connection must close."""
     gw, req, target, tried, dispatcher = client.gw, h.req, h.target, h.tried, h.dispatcher
     slot, h.slot = h.slot, None  # from here the slot is released by the finally below
+    h.started = True
     rid = req.rid
     assert rid is not None
     for _attempt in range(h.attempts):

@@ -271,10 +271,15 @@ class ClientConn(StreamConn):
         if parked is not None:
             parked.leave()  # out of the queue: a slot freed later goes to the next one
         handoff, self.handoff = self.handoff, None
-        if handoff is not None and handoff.slot is not None:
-            # The task was cancelled before it took the slot over: give it back here.
-            handoff.dispatcher.release(handoff.slot)
-            handoff.slot = None
+        if handoff is not None and not handoff.started:
+            # The task was cancelled before it ran: give its slot back, and write the
+            # access line that dispatch() would have written.
+            if handoff.slot is not None:
+                handoff.dispatcher.release(handoff.slot)
+                handoff.slot = None
+            req = handoff.req
+            assert req.rid is not None
+            self.gw.log_access(req.rid, 0, "client_left", req.start, handoff.target)
         if self.current is not None:
             self.current.wake()
         if self.upstream is not None:
