@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from gateway import Procs, free_port, wait_port, wrk  # noqa: E402
+from model_server import BODY, ECHO_MODEL  # noqa: E402
+from model_server import PATH as DIRECT_PATH  # noqa: E402
 
 from kingpost.gateway.control import push_table  # noqa: E402
 from kingpost.gateway.table import (  # noqa: E402
@@ -50,19 +52,7 @@ from kingpost.gateway.table import (  # noqa: E402
 )
 
 KEY = "kp_bench_key"
-BODY = '{"prompt": "hello world", "max_tokens": 16, "temperature": 0.5}'
-DIRECT_PATH = "/v1/models/model:predict"
 GATEWAY_PATH = "/models/bench/environments/production/predict"
-ECHO_MODEL = """class Model:
-    def __init__(self, **kwargs):
-        pass
-
-    def load(self):
-        pass
-
-    def predict(self, model_input):
-        return model_input
-"""
 
 
 def cpu_and_switches(pid: int) -> tuple[float, int]:
