@@ -13,7 +13,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -60,6 +60,10 @@ from kingpost.packaging import MAX_PROJECT_BYTES, no_space_for_projects, unpack_
 from kingpost.settings import Settings
 from kingpost.store import ApiKeyKind, DesiredState, NewDeployment, Store
 from kingpost.store.repo import check_labels
+
+if TYPE_CHECKING:
+    from kingpost.config import TrussConfig
+    from kingpost.weights import WeightsManager
 
 __all__ = ["ControlPlane", "create_app"]
 
@@ -274,7 +278,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     )
 
 
-def _check_runnable(config: Any, kind: EngineKind) -> None:
+def _check_runnable(config: TrussConfig, kind: EngineKind) -> None:
     """What the engine cannot run at all (the process engine runs no image, say)."""
     issues = kind.refusals(config)
     if not issues:
@@ -284,7 +288,7 @@ def _check_runnable(config: Any, kind: EngineKind) -> None:
     raise ConfigError(f"config.yaml: {what}", errors=errors)
 
 
-def _check_weights(config: Any, home: Path) -> None:
+def _check_weights(config: TrussConfig, home: Path) -> None:
     if not config.weights:
         return
     from kingpost.weights import validate_weights
@@ -376,7 +380,7 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
 
 
 def _weights_routes(router: APIRouter, plane: ControlPlane) -> None:
-    def manager() -> Any:
+    def manager() -> WeightsManager:
         return plane.controller.weights_manager()
 
     @router.get("/weights")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kingpost.controller.plan import Want, plan
 from kingpost.controller.prepare import Jobs, JobState
@@ -80,7 +80,10 @@ from kingpost.store.autoscaling import effective_settings
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
+    from kingpost.controller.specs import ServerShape
+    from kingpost.engines.base import WeightMount
     from kingpost.settings import Settings
+    from kingpost.weights import MirrorStatus, WeightsManager
 
 __all__ = ["Controller", "LoopStats"]
 
@@ -99,7 +102,7 @@ class _Ready:
     """Prerequisites met: what replica specs need beyond the config."""
 
     built: Prepared
-    weights: tuple[Any, ...]
+    weights: tuple[WeightMount, ...]
 
 
 _FAILURES = (DeploymentStatus.FAILED, DeploymentStatus.BUILD_FAILED)
@@ -195,7 +198,7 @@ class Controller:
         self._notes: dict[str, str] = {}
         """Per deployment: what a new replica would lack while the running ones serve."""
         self._jobs = Jobs(settings.build_timeout, log_dir=settings.builds_dir)
-        self._weights: Any = None
+        self._weights: WeightsManager | None = None
         self._table = RoutingTable()
         self._owners: dict[str, Engine] = {}
         self._pushed_at = 0.0
@@ -739,7 +742,7 @@ class Controller:
     def _app_dir(self, dep: DeploymentView) -> Path:
         return self.settings.projects_dir / dep.project_hash
 
-    def _shape(self, dep: DeploymentView) -> Any:
+    def _shape(self, dep: DeploymentView) -> ServerShape | None:
         try:
             return server_shape(self._config(dep))
         except KingpostError:
@@ -834,7 +837,9 @@ class Controller:
         if engine is not None and hasattr(engine, "claim_image"):
             engine.claim_image(tag)
 
-    def _weights_for(self, dep: DeploymentView, config: TrussConfig) -> tuple[Any, ...] | _Blocked:
+    def _weights_for(
+        self, dep: DeploymentView, config: TrussConfig
+    ) -> tuple[WeightMount, ...] | _Blocked:
         entries = list(config.weights or [])
         if not entries:
             return ()
@@ -865,7 +870,7 @@ class Controller:
         progress = f"{st.files_done}/{st.files_total} files, {st.bytes_done}/{st.bytes_total} bytes"
         return _Blocked(DeploymentStatus.WAITING_FOR_WEIGHTS, progress)
 
-    def weights_manager(self) -> Any:
+    def weights_manager(self) -> WeightsManager:
         if self._weights is None:
             from kingpost.weights import WeightsManager
 
@@ -876,7 +881,7 @@ class Controller:
             )
         return self._weights
 
-    def weights_status(self, deployment_id: str) -> Any:
+    def weights_status(self, deployment_id: str) -> MirrorStatus | None:
         return None if self._weights is None else self._weights.status(deployment_id)
 
     # -- replicas ---------------------------------------------------------------------

@@ -39,7 +39,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -719,7 +719,12 @@ class DockerEngine(Engine):
         else:
             self._probe(rep, now)
 
-    def _async(self, rep: _Replica, action: Any, pool: ThreadPoolExecutor | None = None) -> None:
+    def _async(
+        self,
+        rep: _Replica,
+        action: Callable[[_Replica], None],
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         rep.busy = True
 
         def run() -> None:

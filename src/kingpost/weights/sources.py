@@ -25,10 +25,19 @@ __all__ = ["RemoteFile", "Source", "WeightsEntry", "open_source", "range_header"
 
 
 class WeightsEntry(Protocol):
-    source: str
-    mount_location: str
-    allow_patterns: list[str] | None
-    ignore_patterns: list[str] | None
+    """What the mirror reads of one ``weights:`` entry (a frozen config model, read only)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def mount_location(self) -> str: ...
+
+    @property
+    def allow_patterns(self) -> list[str] | None: ...
+
+    @property
+    def ignore_patterns(self) -> list[str] | None: ...
 
     @property
     def scheme(self) -> str: ...
