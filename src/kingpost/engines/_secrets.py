@@ -7,11 +7,12 @@ import contextlib
 import os
 import shutil
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from kingpost.errors import EngineError
 
-__all__ = ["private_dir", "remove_secrets", "tmpfs"]
+__all__ = ["private_dir", "remove_secrets", "tmpfs", "write_secrets"]
 
 
 def tmpfs() -> Path:
@@ -45,3 +46,24 @@ def remove_secrets(path: Path) -> None:
     elif path.exists() or path.is_symlink():
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def write_secrets(path: Path, secrets: Mapping[str, str], uid: int | None) -> Path:
+    """One replica's secret files at ``path`` (under a :func:`private_dir`): directory
+    0500 and files 0400, owned by ``uid`` when the replica runs as its own user. Written
+    under a temporary name and renamed, so a replica never sees part of the set."""
+    private_dir(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    remove_secrets(tmp)
+    tmp.mkdir(mode=0o700)
+    for name, value in secrets.items():
+        fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+        if uid is not None:
+            os.chown(tmp / name, uid, uid, follow_symlinks=False)
+    if uid is not None:
+        os.chown(tmp, uid, uid, follow_symlinks=False)
+    tmp.chmod(0o500)
+    tmp.rename(path)
+    return path

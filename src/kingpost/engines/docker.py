@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -45,21 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
+from kingpost.engines._core import ReplicaEngine, Tracked
+from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs, write_secrets
 from kingpost.engines.base import (
     BuildLog,
     Endpoint,
-    Engine,
     LogLine,
     Prepared,
     Probes,
     ReplicaPhase,
     ReplicaSpec,
-    ReplicaStatus,
     ServerKind,
     scope_of,
 )
-from kingpost.engines.probes import PROBE_WORKERS, ReplicaHealth, http_probe
+from kingpost.engines.probes import http_probe
 from kingpost.errors import EngineError
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, DYNAMIC_CONFIG_MOUNT, SERVER_ARGS
 
@@ -350,14 +348,11 @@ def container_options(
 
 
 @dataclass
-class _Replica(ReplicaHealth):
-    replica_id: str
-    deployment_id: str
+class _Replica(Tracked):
     port: int
     probes: Probes
     spec: ReplicaSpec | None = None
     """None for a container adopted from an earlier control plane."""
-    generation: int = 0
     container_id: str | None = None
     next_check: float = 0.0
     busy: bool = False
@@ -369,8 +364,9 @@ def _int(text: str) -> int:
     return int(text) if text.isdigit() else 0
 
 
-class DockerEngine(Engine):
+class DockerEngine(ReplicaEngine[_Replica]):
     name: ClassVar[str] = "docker"
+    tick_s = TICK_S
 
     def __init__(self, settings: Settings, client: DockerClient | None = None) -> None:
         from kingpost.images.client import docker_client
@@ -381,11 +377,8 @@ class DockerEngine(Engine):
         self.network = settings.docker_network or network_name(self.scope)
         self._secrets_root = _secrets_root(self.scope)
         private_dir(self._secrets_root)
-        self._replicas: dict[str, _Replica] = {}
-        self._lock = threading.Lock()
+        self._track()
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="kingpost-docker")
-        self._probes = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="kingpost-probe")
-        self._closing = threading.Event()
         self._ensure_network()
         self.limits = ContainerLimits(
             pids=settings.docker_pids_limit,
@@ -393,10 +386,7 @@ class DockerEngine(Engine):
             volume_bytes=self._volume_quota(settings.docker_volume_size_mb * MIB),
         )
         self._adopt()
-        self._thread = threading.Thread(
-            target=self._monitor, name="kingpost-docker-engine", daemon=True
-        )
-        self._thread.start()
+        self._watch()
 
     def claim_image(self, tag: str) -> None:
         """Tag ``tag`` for this installation too (``kingpost-claim-{scope}/...``): image
@@ -464,37 +454,14 @@ class DockerEngine(Engine):
             if spec.replica_id in self._replicas:
                 return
             self._replicas[spec.replica_id] = _Replica(
-                spec.replica_id,
-                spec.deployment_id,
                 spec.server_port,
                 spec.probes,
+                replica_id=spec.replica_id,
+                deployment_id=spec.deployment_id,
+                generation=spec.generation,
                 spec=spec,
                 started_at=time.time(),
-                generation=spec.generation,
             )
-
-    def poll(self) -> list[ReplicaStatus]:
-        with self._lock:
-            return [
-                ReplicaStatus(
-                    r.replica_id,
-                    r.deployment_id,
-                    r.phase,
-                    r.endpoint,
-                    r.restarts,
-                    r.message,
-                    r.started_at,
-                    r.generation,
-                )
-                for r in self._replicas.values()
-                if not r.stopping
-            ]
-
-    def stop(self, replica_id: str) -> None:
-        with self._lock:
-            rep = self._replicas.get(replica_id)
-            if rep is not None:
-                rep.stopping = True
 
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
         out: list[LogLine] = []
@@ -645,10 +612,10 @@ class DockerEngine(Engine):
                 continue
             now = time.monotonic()
             rep = _Replica(
-                replica_id,
-                labels.get(LABEL_DEPLOYMENT, ""),
                 port,
                 probes,
+                replica_id=replica_id,
+                deployment_id=labels.get(LABEL_DEPLOYMENT, ""),
                 container_id=container.id,
                 launched=now,
                 ever_ready=True,
@@ -673,17 +640,8 @@ class DockerEngine(Engine):
                     remove_secrets(path)
 
     # -- the monitor thread -------------------------------------------------------------------
-    def _monitor(self) -> None:
-        while not self._closing.is_set():
-            with self._lock:
-                replicas = [r for r in self._replicas.values() if not r.busy]
-            now = time.monotonic()
-            for rep in replicas:
-                try:
-                    self._step(rep, now)
-                except Exception:
-                    log.exception("docker engine: replica %s", rep.replica_id)
-            time.sleep(TICK_S)
+    def _due(self, rep: _Replica) -> bool:
+        return not rep.busy
 
     def _step(self, rep: _Replica, now: float) -> None:
         if rep.stopping:
@@ -752,27 +710,16 @@ class DockerEngine(Engine):
         return state
 
     def _exited(self, rep: _Replica, now: float, why: str, gone: bool = False) -> None:
-        rep.endpoint = None
         if gone:
             rep.container_id = None
-        if rep.give_up():
-            tail = "\n".join(self._container_logs(rep.container_id, 20))
-            rep.phase = ReplicaPhase.FAILED
-            rep.message = f"server {why} before becoming ready; last output:\n{tail}"
-            return
-        self._schedule_restart(rep, now, f"{why}; restarting")
+        self._after_exit(rep, now, why, lambda: self._container_logs(rep.container_id, 20))
 
     def _schedule_restart(self, rep: _Replica, now: float, why: str) -> None:
         rep.endpoint, rep.live_fails, rep.ready_fails = None, 0, 0
         rep.back_off(now, why)
 
     def _probe(self, rep: _Replica, now: float) -> None:
-        was = rep.phase
-        why = rep.probe(rep.probes, now)
-        if why is not None:
-            self._kill_and_restart(rep, now, why)
-        elif rep.phase == ReplicaPhase.READY != was and self.on_ready is not None:
-            self.on_ready()  # the controller routes to it now
+        self._probe_round(rep, rep.probes, self._kill_and_restart)
 
     def _kill_and_restart(self, rep: _Replica, now: float, why: str) -> None:
         from docker.errors import DockerException
@@ -914,31 +861,16 @@ class DockerEngine(Engine):
 
     def _forget(self, rep: _Replica) -> None:
         remove_secrets(self._secrets_root / rep.replica_id)
-        with self._lock:
-            self._replicas.pop(rep.replica_id, None)
+        self._forget_replica(rep)
 
     # -- files ----------------------------------------------------------------------------------
     def _write_secrets(self, spec: ReplicaSpec) -> Path:
         """Secret files on tmpfs, readable only by the server's user, bound read-only.
 
         Directory 0500 and files 0400 owned by :func:`runtime_uid`."""
-        uid = runtime_uid(spec)
         path = self._secrets_root / spec.replica_id
-        tmp = path.with_name(path.name + ".tmp")
-        for old in (path, tmp):
-            remove_secrets(old)
-        private_dir(self._secrets_root)
-        tmp.mkdir(mode=0o700)
-        for name, value in spec.secrets.items():
-            fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(value)
-            os.chown(tmp / name, uid, uid)
-            (tmp / name).chmod(0o400)
-        os.chown(tmp, uid, uid)
-        tmp.chmod(0o500)
-        tmp.rename(path)
-        return path
+        remove_secrets(path)
+        return write_secrets(path, spec.secrets, runtime_uid(spec))
 
     def _container_logs(self, container_id: str | None, tail: int) -> list[str]:
         from docker.errors import DockerException

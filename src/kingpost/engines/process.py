@@ -27,31 +27,28 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from kingpost._cancel import kill_orphans
 from kingpost._logtail import tail_lines
+from kingpost.engines._core import ReplicaEngine, Tracked
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
 from kingpost.engines._reload import Patch, ask_reload
-from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs
+from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs, write_secrets
 from kingpost.engines._view import View, plan_view, replica_uid
 from kingpost.engines.base import (
     BuildLog,
     Endpoint,
-    Engine,
     LogLine,
     Prepared,
     Reload,
     ReplicaPhase,
     ReplicaSpec,
-    ReplicaStatus,
     ServerKind,
     scope_of,
 )
-from kingpost.engines.probes import PROBE_WORKERS, ReplicaHealth
 from kingpost.errors import EngineError
 from kingpost.netns import can_unshare_net, forget_netns
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, RELOAD_TOKEN_ENV, SERVER_ARGS
@@ -85,7 +82,7 @@ SECRETS_MOUNT = "/secrets"
 
 
 @dataclass
-class _Replica(ReplicaHealth):
+class _Replica(Tracked):
     spec: ReplicaSpec
     root: Path
     port: int
@@ -206,8 +203,9 @@ def _kill_leftovers(replicas_dir: Path) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-class ProcessEngine(Engine):
+class ProcessEngine(ReplicaEngine[_Replica]):
     name: ClassVar[str] = "process"
+    tick_s = TICK_S
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -237,17 +235,11 @@ class ProcessEngine(Engine):
         # Secret files an earlier run could not remove (it was killed): nothing runs yet.
         self._secrets_root = _secrets_root(scope_of(settings.home))
         remove_secrets(self._secrets_root)
-        self._replicas: dict[str, _Replica] = {}
+        self._track()
         self._past: dict[str, list[Path]] = {}
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
         self._kick = threading.Event()
         """Set by ``start``: the monitor's wait ends at once."""
-        self._probes = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="kingpost-probe")
-        self._thread = threading.Thread(
-            target=self._monitor, name="kingpost-process-engine", daemon=True
-        )
-        self._thread.start()
+        self._watch()
 
     # -- the Engine interface ------------------------------------------------------------
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
@@ -280,7 +272,16 @@ class ProcessEngine(Engine):
                 return
             port = self._port_for(spec)
             root = self.settings.replicas_dir / spec.replica_id
-            rep = _Replica(spec, root, port, self.netns, started_at=time.time())
+            rep = _Replica(
+                spec,
+                root,
+                port,
+                self.netns,
+                replica_id=spec.replica_id,
+                deployment_id=spec.deployment_id,
+                generation=spec.generation,
+                started_at=time.time(),
+            )
             self._replicas[spec.replica_id] = rep
             self._past.setdefault(spec.deployment_id, []).append(root)
         self._kick.set()  # launched by the monitor now, not at its next tick
@@ -302,29 +303,8 @@ class ProcessEngine(Engine):
                 )
         return spec.server_port
 
-    def poll(self) -> list[ReplicaStatus]:
-        with self._lock:
-            return [
-                ReplicaStatus(
-                    r.spec.replica_id,
-                    r.spec.deployment_id,
-                    r.phase,
-                    r.endpoint,
-                    r.restarts,
-                    r.message,
-                    r.started_at,
-                    r.spec.generation,
-                )
-                for r in self._replicas.values()
-                if not r.stopping
-            ]
-
-    def stop(self, replica_id: str) -> None:
-        with self._lock:
-            rep = self._replicas.get(replica_id)
-            if rep is not None and not rep.stopping:
-                rep.stopping = True
-                rep.kill_at = time.monotonic() + self.settings.stop_grace_period
+    def _stopping(self, rep: _Replica) -> None:
+        rep.kill_at = time.monotonic() + self.settings.stop_grace_period
 
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
         with self._lock:
@@ -414,24 +394,18 @@ class ProcessEngine(Engine):
         rep.phase, rep.next_start = ReplicaPhase.STARTING, now
 
     # -- the monitor thread -------------------------------------------------------------------
-    def _monitor(self) -> None:
-        while not self._closing.is_set():
-            with self._lock:
-                replicas = list(self._replicas.values())
-            for rep in replicas:
-                try:
-                    self._step(rep)
-                except Exception:
-                    log.exception("process engine: replica %s", rep.spec.replica_id)
-            now = time.monotonic()
-            soon = [starting_probe_period(r, now) for r in replicas if r.proc and not r.ever_ready]
-            self._kick.wait(min([TICK_S, *soon]))
-            self._kick.clear()
+    def _pause(self, replicas: Sequence[_Replica]) -> None:
+        """Until the next tick, sooner while a replica starts (see
+        :func:`starting_probe_period`) or when ``start`` kicks."""
+        now = time.monotonic()
+        soon = [starting_probe_period(r, now) for r in replicas if r.proc and not r.ever_ready]
+        self._kick.wait(min([TICK_S, *soon]))
+        self._kick.clear()
 
-    def _step(self, rep: _Replica) -> None:
+    def _step(self, rep: _Replica, now: float) -> None:
         if rep.probing:  # its probe round decides, then it is stepped again
             return
-        now = time.monotonic()
+        now = time.monotonic()  # a launch before it in this tick may have taken a while
         if rep.stopping:
             self._step_stopping(rep, now)
             return
@@ -467,8 +441,7 @@ class ProcessEngine(Engine):
                     self._signal(proc, signal.SIGKILL)
                 return
         self._cleanup(rep)
-        with self._lock:
-            self._replicas.pop(rep.spec.replica_id, None)
+        self._forget_replica(rep)
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -483,15 +456,7 @@ class ProcessEngine(Engine):
             self._signal(rep.proc, signal.SIGKILL)
         self._forget(rep)
         rep.proc = None
-        rep.endpoint = None
-        if rep.give_up():
-            tail = "\n".join(_tail(rep.log_path, 20))
-            rep.phase = ReplicaPhase.FAILED
-            rep.message = (
-                f"server exited with code {code} before becoming ready; last output:\n{tail}"
-            )
-            return
-        rep.back_off(now, f"exited with code {code}; restarting")
+        self._after_exit(rep, now, f"exited with code {code}", lambda: _tail(rep.log_path, 20))
 
     def _probe(self, rep: _Replica, now: float) -> None:
         """Start a probe round on the probe pool (see :data:`PROBE_WORKERS`)."""
@@ -499,12 +464,7 @@ class ProcessEngine(Engine):
 
         def run() -> None:
             try:
-                was = rep.phase
-                why = rep.probe(rep.spec.probes, time.monotonic())
-                if why is not None:
-                    self._restart(rep, time.monotonic(), why)
-                elif rep.phase == ReplicaPhase.READY != was and self.on_ready is not None:
-                    self.on_ready()
+                self._probe_round(rep, rep.spec.probes, self._restart)
             except Exception:
                 log.exception("process engine: probing replica %s", rep.spec.replica_id)
             finally:
@@ -678,18 +638,7 @@ class ProcessEngine(Engine):
         path = self._secrets_root / rep.spec.replica_id
         if path.exists():
             return path
-        private_dir(path.parent)
-        tmp = path.with_name(path.name + ".tmp")
-        remove_secrets(tmp)
-        tmp.mkdir(mode=0o700)
-        for name, value in rep.spec.secrets.items():
-            fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(value)
-        tmp.chmod(0o500)
-        _chown_tree(tmp, uid)
-        tmp.rename(path)
-        return path
+        return write_secrets(path, rep.spec.secrets, uid)
 
     def _binds(self, rep: _Replica, secrets_dir: Path) -> tuple[tuple[str, str], ...]:
         """Read-only bind mounts: secrets at /secrets, weights at their mount_location."""
