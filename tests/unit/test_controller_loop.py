@@ -629,7 +629,7 @@ def test_a_replica_that_fails_right_after_the_build_is_not_silently_replaced(
     rig.controller.reconcile_once()
     assert rig.store.get_deployment(dep).status == DeploymentStatus.BUILDING
     release.set()
-    job = rig.controller._jobs._jobs[f"build:{dep}"]
+    job = rig.controller.builds.jobs._jobs[f"build:{dep}"]
     for _ in range(100):
         if job.state != "running":
             break
@@ -765,13 +765,13 @@ def test_publish_keys_pushes_a_revocation_at_once_with_the_routes_kept(rig: Rig)
     rig.controller.reconcile_once()
     model_id = rig.store.get_deployment(dep).model_id
     view, key = rig.store.create_api_key("ci", ApiKeyKind.INVOKE, [model_id])
-    rig.controller.publish_keys()
+    rig.controller.routing.publish_keys()
     table = rig.pushed[-1]
     assert table.invoke_keys == {hash_api_key(key): frozenset({model_id})}
     assert table.deployments[dep].state == DeploymentState.SERVING  # routes unchanged
     rig.store.revoke_api_key(view.prefix)
     before = len(rig.pushed)
-    rig.controller.publish_keys()
+    rig.controller.routing.publish_keys()
     assert len(rig.pushed) == before + 1 and rig.pushed[-1].invoke_keys == {}
     assert rig.pushed[-1].version == table.version + 1
     rig.controller.reconcile_once()
@@ -779,7 +779,7 @@ def test_publish_keys_pushes_a_revocation_at_once_with_the_routes_kept(rig: Rig)
 
 
 def test_publish_keys_before_the_first_pass_pushes_nothing(rig: Rig) -> None:
-    rig.controller.publish_keys()
+    rig.controller.routing.publish_keys()
     assert rig.pushed == []
 
 

@@ -260,7 +260,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
         )
     )
     if dep.is_development:  # a replaced one prepares its new project
-        plane.controller.prepare_again(dep.id)
+        plane.controller.builds.prepare_again(dep.id)
     plane.controller.wake()
     model = plane.store.get_model(dep.model_id)
     # A promotion into an environment that serves now is a rollout: it moves there once
@@ -381,7 +381,7 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
 
 def _weights_routes(router: APIRouter, plane: ControlPlane) -> None:
     def manager() -> WeightsManager:
-        return plane.controller.weights_manager()
+        return plane.controller.builds.weights_manager()
 
     @router.get("/weights")
     def list_weights() -> list[dict[str, Any]]:
@@ -430,16 +430,16 @@ def _venv_routes(router: APIRouter, plane: ControlPlane) -> None:
                 "last_used": v.last_used.isoformat() if v.last_used else None,
                 "deployments": deployments,
             }
-            for v, deployments in plane.controller.venvs()
+            for v, deployments in plane.controller.builds.venvs()
         ]
 
     @router.post("/gc")
     def gc_everything() -> dict[str, Any]:
         """Projects, replica directories, environments and weights no deployment uses."""
-        disk = plane.controller.gc_disk()
-        venvs = plane.controller.gc_venvs()
-        weights = plane.controller.weights_manager().gc(None)
-        images, image_bytes, skipped = plane.controller.gc_images()
+        disk = plane.controller.builds.gc_disk()
+        venvs = plane.controller.builds.gc_venvs()
+        weights = plane.controller.builds.weights_manager().gc(None)
+        images, image_bytes, skipped = plane.controller.builds.gc_images()
         return {
             "images": {"removed": images, "removed_bytes": image_bytes, "skipped": skipped},
             "projects_and_replicas": {
@@ -462,7 +462,7 @@ def _venv_routes(router: APIRouter, plane: ControlPlane) -> None:
 
     @router.post("/venvs/gc")
     def gc_venvs() -> dict[str, Any]:
-        report = plane.controller.gc_venvs()
+        report = plane.controller.builds.gc_venvs()
         return {
             "removed": list(report.removed),
             "removed_bytes": report.removed_bytes,
@@ -500,11 +500,11 @@ def _api_key_routes(router: APIRouter, plane: ControlPlane) -> None:
     @router.post("/api_keys", response_model=ApiKeyCreated, status_code=201)
     def create_api_key(body: ApiKeyIn) -> ApiKeyCreated:
         view, key = store.create_api_key(body.name, KEY_TYPES[body.type], body.model_ids or ())
-        plane.controller.publish_keys()
+        plane.controller.routing.publish_keys()
         return ApiKeyCreated(**ApiKeyOut.of(view).model_dump(), api_key=key)
 
     @router.delete("/api_keys/{api_key_prefix}", response_model=ApiKeyTombstone)
     def revoke_api_key(api_key_prefix: str) -> ApiKeyTombstone:
         view = store.revoke_api_key(api_key_prefix)
-        plane.controller.publish_keys()  # the gateways refuse it before this answers
+        plane.controller.routing.publish_keys()  # the gateways refuse it before this answers
         return ApiKeyTombstone(prefix=view.prefix)

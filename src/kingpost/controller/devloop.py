@@ -224,7 +224,7 @@ def _swap(
     changed, removed = (tuple(d) for d in diff)
     generation = dep.activation + 1
     new = store.set_development_project(dep.id, project_hash, config, generation)
-    controller.prepare_again(dep.id)
+    controller.builds.prepare_again(dep.id)
     engine = controller.engine(dep.engine)
     deadline = time.monotonic() + controller.settings.build_timeout + SWAP_GRACE_S
     error, output = "the new replica did not become ready in time", ""
@@ -235,7 +235,7 @@ def _swap(
             # be at, or go to, zero while its new replica is awaited.
             controller.wake_deployment(dep.id)
             woken = time.monotonic()
-        failure = controller.build_failure(dep.id)
+        failure = controller.builds.build_failure(dep.id)
         if failure is not None:
             error = f"preparing the new project failed: {failure}"
             break
@@ -243,7 +243,7 @@ def _swap(
             r for r in engine.poll() if r.deployment_id == dep.id and r.generation >= generation
         ]
         ids = tuple(r.replica_id for r in mine if r.phase == ReplicaPhase.READY)
-        routed = controller.routed(dep.id)
+        routed = controller.routing.routed(dep.id)
         if ids and routed and routed <= set(ids):  # the table routes to the new ones alone
             took = time.perf_counter() - started
             return Applied("swap", True, new, changed, removed, why, took, replicas=ids)
@@ -257,6 +257,6 @@ def _swap(
         if r.deployment_id == dep.id and r.generation >= generation:
             engine.stop(r.replica_id)
     back = store.set_development_project(dep.id, dep.project_hash, dep.config, dep.activation)
-    controller.prepare_again(dep.id)
+    controller.builds.prepare_again(dep.id)
     took = time.perf_counter() - started
     return Applied("swap", False, back, changed, removed, why, took, error, output)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kingpost.engines.base import ReplicaStatus
 from kingpost.gateway.table import (
@@ -22,6 +22,9 @@ from kingpost.store import (
     KeyScopes,
     ModelView,
 )
+
+if TYPE_CHECKING:
+    from kingpost.controller.specs import ServerShape
 
 __all__ = ["build_table", "public_message"]
 
@@ -46,7 +49,7 @@ def public_message(message: str, private: Sequence[str] = ()) -> str:
 def _route(
     dep: DeploymentView,
     ready: Sequence[ReplicaStatus],
-    shape: Any,
+    shape: ServerShape | None,
     response_timeout_s: float,
     private: Sequence[str],
     hold: tuple[float, int] = (60.0, 1000),
@@ -96,7 +99,7 @@ def build_table(
     deployments: Sequence[DeploymentView],
     environments: Sequence[EnvironmentView],
     ready: Mapping[str, Sequence[ReplicaStatus]],
-    shapes: Mapping[str, Any],
+    shapes: Mapping[str, ServerShape | None],
     keys: KeyScopes,
     response_timeout_s: float = 600.0,
     private_paths: Sequence[str] = (),
