@@ -194,3 +194,42 @@ def test_a_candidate_not_ready_in_time_fails_with_its_last_log_lines(tmp_path: P
     assert "last log lines:\nfake output" in rollout.message
     assert controller.table.models[rollout.model_id].environments["production"] == ((first, 1.0),)
     assert rig.store.get_deployment(second).desired_state == DesiredState.INACTIVE
+
+
+def test_a_failed_rollout_gives_the_previous_deployment_back_all_its_replicas(
+    tmp_path: Path,
+) -> None:
+    """Once a rollout ended, autoscaling went on from the count of the step before the
+    last: a previous deployment at ``min_replica`` 0, cut to 1 of 2 by a step, stayed at
+    1 after the candidate failed (and at 0 it would have cold-started)."""
+    from kingpost.store.autoscaling import update_deployment_settings
+
+    rig = Rig(tmp_path, engine=FakeEngine(auto_ready=False))
+    first = rig.deploy(min_replicas=2, max_replicas=2)
+    for _ in range(2):
+        rig.controller.reconcile_once()
+        ready_all(rig)
+    update_deployment_settings(
+        rig.store, "loop", first,
+        {"min_replica": 0, "autoscaling_window": 10, "scale_down_delay": 600},
+    )  # fmt: skip
+    rig.controller.reconcile_once()
+    assert len(rig.engine.live(first)) == 2
+    rig.store.set_promotion_settings("loop", "production", ROLLING)
+    second = rig.deploy(min_replicas=2, max_replicas=2, environment="production")
+    for _ in range(6):  # one candidate ready, so one previous replica goes
+        rig.controller.reconcile_once()
+        ready_all(rig)
+        if len(rig.engine.live(first)) == 1:
+            break
+    assert len(rig.engine.live(first)) == 1
+    for rid in rig.engine.live(second):
+        rig.engine.set_phase(rid, ReplicaPhase.FAILED, "exited 1: boom")
+    for _ in range(4):
+        rig.controller.reconcile_once()
+        ready_all(rig)
+    rollout = rig.store.latest_rollout("loop", "production")
+    assert rollout is not None and rollout.status == RolloutStatus.FAILED
+    assert not rig.controller.rollout_active(first)
+    assert rig.controller.scaler.wanted(first, -1) == 2
+    assert len(rig.engine.live(first)) == 2 and serving(rig, first) == 2

@@ -450,6 +450,7 @@ class Controller:
         and traffic splits this pass applies. A rollout whose step raises keeps what it
         recorded last (logged; the next pass tries again)."""
         targets: dict[str, int] = {}
+        ended: dict[str, int] = {}
         splits: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {}
         running = self.store.running_rollouts()
         by_id = {d.id: d for d in self.store.routing_snapshot()[1]} if running else {}
@@ -460,7 +461,9 @@ class Controller:
                 self._step_errors += 1
                 log.exception("advancing rollout %s failed", ro.id)
                 st = _rollout_state(ro)
-            if st.status in TERMINAL:
+            if st.status in TERMINAL:  # ended in this pass: its final counts stand
+                ended[ro.candidate_deployment_id] = st.candidate_replicas
+                ended[ro.previous_deployment_id] = st.previous_replicas
                 continue
             targets[ro.candidate_deployment_id] = st.candidate_replicas
             targets[ro.previous_deployment_id] = st.previous_replicas
@@ -471,7 +474,10 @@ class Controller:
             )
             splits[(ro.model_id, ro.environment)] = tuple(p for p in pairs if p[1] > 0)
         self._rollout_targets, self._splits = targets, splits
-        self.scaler.hold(targets)  # autoscaling stays frozen until the rollout ends
+        # Autoscaling stays frozen until the rollout ends, then starts from the counts its
+        # last step set (a FAILED or CANCELED one gives the previous deployment back all
+        # its replicas), not from those of the step before.
+        self.scaler.hold(targets, ended)
 
     def _advance_rollout(
         self,

@@ -106,11 +106,13 @@ class Scaler:
             )
         return decision.replicas
 
-    def hold(self, counts: dict[str, int]) -> None:
-        """Deployments whose count a running rollout sets: frozen at that count, which
-        autoscaling starts from once the rollout ends (not from what it wanted before)."""
+    def hold(self, counts: dict[str, int], ended: dict[str, int] | None = None) -> None:
+        """Deployments whose count a running rollout sets: frozen at that count. ``ended``:
+        the final counts of rollouts that ended now, which autoscaling starts from (not
+        from what it wanted before, nor from the rollout's step before the last)."""
         with self._lock:
             self.frozen = set(counts)
+            self._wanted.update(ended or {})
             self._wanted.update(counts)
 
     def forget(self, keep: Iterable[str]) -> None:
