@@ -178,6 +178,25 @@ def test_model_class_project_runs_in_a_container(dplatform: Platform, tmp_path: 
         assert "hi" in r.text
 
 
+def test_a_development_deployment_swaps_to_a_new_image_on_each_change(
+    dplatform: Platform, tmp_path: Path
+) -> None:
+    """On docker the project is in the image, so a sync of changed model code builds the
+    next image and swaps replicas (no reload in place), and the new code answers."""
+    from test_platform_development import make_project, predict, sync, write_model
+
+    project = make_project(tmp_path, "dock-dev")
+    dep = push(dplatform, project, development=True)["deployment"]
+    dplatform.wait_status(dep["id"], "ACTIVE", timeout=600)  # builds an image first
+    first = predict(dplatform, "dock-dev")
+    assert first["value"] == 1
+    write_model(project, "2")
+    done = sync(dplatform, project, "dock-dev")
+    assert (done["kind"], done["ok"]) == ("swap", True), done
+    assert done["changed"] == ["model/model.py"]
+    assert predict(dplatform, "dock-dev")["value"] == 2
+
+
 def test_build_commands_can_patch_the_bundled_packages_at_slash_packages(
     dplatform: Platform, tmp_path: Path
 ) -> None:
