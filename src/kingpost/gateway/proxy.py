@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -42,9 +43,13 @@ from kingpost.gateway.upstream import StreamConn, UpstreamConn
 if TYPE_CHECKING:
     from kingpost.gateway.server import Gateway
 
-__all__ = ["BUFFER_LIMIT", "HEAD_LIMIT", "ClientConn", "Request"]
+__all__ = ["BUFFER_LIMIT", "HEAD_LIMIT", "REQUEST_ID_LIMIT", "ClientConn", "Request"]
 
 access_log = logging.getLogger("kingpost.gateway.access")
+REQUEST_ID_LIMIT = 128
+"""The longest ``X-Baseten-Request-Id`` a client may choose (one of letters, digits and
+``-_.:``); a longer or odd one is replaced by a new id, never trusted."""
+_RID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]*")
 BODY_HIGH_WATER = 1024 * 1024
 BUFFER_LIMIT = BODY_HIGH_WATER
 """A body up to this is read whole before its request takes a replica slot, and a larger
@@ -470,7 +475,11 @@ class ClientConn(StreamConn):
         """Where ``req`` goes; or the error is written and whether the connection stays."""
         gw = self.gw
         if req.rid is None:
-            req.rid = req.request_id.decode("latin-1") if req.request_id else gw.new_request_id()
+            given = req.request_id
+            # The client's id is kept only when it is a plain token (it reaches logs, the
+            # replica's head and the answer's); anything else gets a new one.
+            ok = given is not None and len(given) <= REQUEST_ID_LIMIT and _RID.fullmatch(given)
+            req.rid = given.decode("ascii") if ok and given else gw.new_request_id()
         rid = req.rid
         if req.refuse is not None:  # RFC 9112 3.2
             return self.reject(req, 400, req.refuse, "invalid_request", rid)
