@@ -28,6 +28,7 @@ from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
+from kingpost.logstore import Collector, LogSettings
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
 from kingpost.store import Database, Store
@@ -104,6 +105,10 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         str(settings.gateway_workers),
         "--control-token-fd",
         str(read),
+        "--log-dir",
+        str(settings.logs_dir),
+        "--log-segment-bytes",
+        str(log_settings(settings).segment_bytes),
     ]
     try:
         return subprocess.Popen(
@@ -111,6 +116,19 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         )
     finally:
         os.close(read)
+
+
+def log_settings(settings: Settings) -> LogSettings:
+    return LogSettings(settings.logs_dir, settings.log_max_bytes, settings.log_max_age)
+
+
+def _collector(settings: Settings, store: Store) -> Collector:
+    """Replica and build output into the log store (``logstore/collect.py``)."""
+
+    def model_of(deployment_id: str) -> str | None:
+        return store.get_deployment(deployment_id).model_id
+
+    return Collector(log_settings(settings), settings.replicas_dir, settings.builds_dir, model_of)
 
 
 def _die_with_parent() -> None:
@@ -213,6 +231,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         lifespan="off",
     )
     server = _api_server(config)
+    collector = _collector(settings, store)
+    collector.start()
     controller.start()
     demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
     demand.start()
@@ -229,6 +249,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         demand.stop()
         for line in controller.stop():
             print(f"kingpost: {line}", flush=True)
+        collector.stop()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gateway.pid, signal.SIGTERM)
         try:

@@ -143,6 +143,7 @@ def send_now(
     if conn is None:
         return Handoff(req, target, dispatcher, slot=slot)  # to open a connection
     assert req.rid is not None
+    req.replica = slot.upstream.replica_id
     exchange = ClientExchange(client, req, req.rid, target.deployment.response_timeout_s)
     exchange.landing = (dispatcher, slot, conn, target)
     client.busy = True
@@ -175,7 +176,7 @@ class ParkedRequest:
         if client.closed:  # gone without connection_lost yet: the slot goes on at once
             client.busy = False
             assert req.rid is not None
-            client.gw.log_access(req.rid, 0, "client_left", req.start, self.target)
+            client.gw.log_access(req.rid, 0, "client_left", req.start, self.target, req)
             self.dispatcher.release(slot)
             return
         try:
@@ -211,7 +212,9 @@ class ParkedRequest:
         if self.waiter is not None:
             self.dispatcher.unpark(self.waiter)
         assert self.req.rid is not None
-        self.client.gw.log_access(self.req.rid, 0, "client_left", self.req.start, self.target)
+        self.client.gw.log_access(
+            self.req.rid, 0, "client_left", self.req.start, self.target, self.req
+        )
 
 
 def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None:
@@ -225,7 +228,7 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
         conn.close()
         client.busy = False
         assert req.rid is not None
-        client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target)
+        client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target, req)
         return
     outcome = settle(client, req, conn, exchange, True, ending)
     if conn.returning is not None and dispatcher.has_waiters():
@@ -241,7 +244,7 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
         )
         return
     assert req.rid is not None
-    client.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target)
+    client.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target, req)
     client.busy = False
     if client.after(req, outcome is not _CLOSE):
         client.serve_next()
@@ -269,10 +272,10 @@ async def dispatch(client: ClientConn, h: Handoff) -> bool:
             finally:
                 dispatcher.release(slot)
         except asyncio.CancelledError:  # the client left, queued or mid-answer
-            gw.log_access(rid, 0, "client_left", req.start, target)
+            gw.log_access(rid, 0, "client_left", req.start, target, req)
             raise
         if outcome is not _RETRY:
-            gw.log_access(rid, status, outcome, req.start, target)
+            gw.log_access(rid, status, outcome, req.start, target, req)
             if outcome is _OK and not req.complete:
                 # Answered before the body was all in, by a replica that then hung up: the
                 # rest is read and dropped, or it piles up until reading stops for good.
@@ -296,6 +299,7 @@ async def forward(
     """Proxy one request; returns what the client connection does next, and the status
     the client got (0: none)."""
     gw = client.gw
+    req.replica = slot.upstream.replica_id
     if client.closed:
         return _CLOSE, 0  # the client left while the request waited: nobody to answer
     try:
@@ -563,4 +567,5 @@ class ClientExchange:
             transport = self.client.transport
             if transport is not None and not self.client.closed:
                 transport.write(bytes(self.buf))
+                self.req.bytes_out += len(self.buf)
             self.buf.clear()

@@ -67,6 +67,7 @@ class Request:
         "auth",
         "body_bytes",
         "body_sent",
+        "bytes_out",
         "chunked",
         "chunks",
         "complete",
@@ -82,6 +83,7 @@ class Request:
         "method",
         "refuse",
         "replay",
+        "replica",
         "request_id",
         "rid",
         "small",
@@ -106,6 +108,10 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.body_bytes = 0
+        self.bytes_out = 0
+        """Bytes of the replica's answer written to the client (for the access line)."""
+        self.replica: str | None = None
+        """The replica it was last sent to (for the access line)."""
         self.body_sent = False
         """Some of the body went to a replica: without the replay buffer, a retry lacks it."""
         self.replay: list[bytes] | None = []
@@ -213,7 +219,7 @@ class ClientConn(StreamConn):
         if self.body_wait is req:  # read before it takes a slot: nothing was sent for it
             rid = req.rid or gw.new_request_id()
             transport.write(error_body(408, message, "request_timeout", rid, close=True))
-            gw.log_access(rid, 408, "request_timeout", req.start, None)
+            gw.log_access(rid, 408, "request_timeout", req.start, None, req)
         transport.close()  # its head is with a replica, or answered: only closing ends it
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -284,7 +290,7 @@ class ClientConn(StreamConn):
                 handoff.slot = None
             req = handoff.req
             assert req.rid is not None
-            self.gw.log_access(req.rid, 0, "client_left", req.start, handoff.target)
+            self.gw.log_access(req.rid, 0, "client_left", req.start, handoff.target, req)
         if self.current is not None:
             self.current.wake()
         if self.upstream is not None:
@@ -555,7 +561,7 @@ class ClientConn(StreamConn):
         """Answer ``req`` with the gateway's own error (or ``payload`` as JSON); whether the
         connection stays."""
         assert self.transport is not None
-        self.gw.log_access(rid, status, code, req.start, target)
+        self.gw.log_access(rid, status, code, req.start, target, req)
         body = {"error": message, "code": code} if payload is None else payload
         if req.upgrade:
             # After an upgrade request the client's stream is no longer HTTP (it may already

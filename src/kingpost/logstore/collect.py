@@ -5,7 +5,9 @@ Engines keep writing what they always wrote (each replica's ``output.log`` under
 ``kingpost logs`` without filters still reads those). The collector, a thread of the
 control plane, reads what was added to them since its last look (twice a second) and
 appends one record per line to its own segments: the time (the model server's JSON time
-when the line has one, else when it was read), a level, the deployment, replica and model.
+when the line has one, else when the file was last written as it was read: at most half a
+second late, and the same for lines read together), a level, the deployment, replica and
+model.
 
 Where it got to in each file is saved beside the segments (``collector.offsets``) after
 the records are written, so a restarted control plane, a ``kill -9`` included, goes on from
@@ -134,6 +136,7 @@ class Collector:
                     place = _resume(f, self._offsets.get(key))
                     f.seek(place.offset)
                     data = f.read(_READ_LIMIT)
+                    written = os.fstat(f.fileno()).st_mtime
             except FileNotFoundError:
                 continue
             end = data.rfind(b"\n") + 1
@@ -144,7 +147,7 @@ class Collector:
                 model = self._model(dep)
                 for line in data[:end].decode("utf-8", errors="replace").splitlines():
                     if line.strip():
-                        rec = replica_record(line, source, now, replica, dep)
+                        rec = replica_record(line, source, min(now, written), replica, dep)
                         rec["model_id"] = model
                         records.append(rec)
         self._writer.write(records)
