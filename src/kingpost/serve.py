@@ -105,11 +105,10 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         str(settings.gateway_workers),
         "--control-token-fd",
         str(read),
-        "--log-dir",
-        str(settings.logs_dir),
-        "--log-segment-bytes",
-        str(log_settings(settings).segment_bytes),
     ]
+    if settings.log_access:
+        segment = log_settings(settings).segment_bytes
+        cmd += ["--log-dir", str(settings.logs_dir), "--log-segment-bytes", str(segment)]
     try:
         return subprocess.Popen(
             cmd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(read,)

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     segments go past it."""
     log_max_age: float = Field(default=7 * 86400.0, gt=0)
     """Seconds a log line is kept at most."""
+    log_access: bool = True
+    """The gateway keeps one access line per request in the log store (a few microseconds
+    of CPU per request); false: replica and build output only."""
 
     @cached_property
     def logs_dir(self) -> Path:

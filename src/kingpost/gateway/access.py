@@ -38,6 +38,8 @@ class AccessLines:
         self._lines: list[_Line] = []
         self._timer: asyncio.TimerHandle | None = None
         self.flush_s = flush_s
+        self._paths: dict[bytes, str] = {}
+        """Request targets and their paths as JSON strings (the same few, over and over)."""
 
     def add(
         self,
@@ -66,30 +68,51 @@ class AccessLines:
         wall, perf = time.time(), time.perf_counter()
         out: list[bytes] = []
         for rid, status, outcome, start, end, target, req in lines:
-            rec: dict[str, object] = {
-                "ts": round(wall - (perf - end), 6),
-                "level": _level(status),
-                "source": "gateway",
-                "request_id": rid,
-                "model_id": target.model_id if target is not None else None,
-                "deployment_id": target.deployment.deployment_id if target is not None else None,
-                "replica": req[4] if req is not None else None,
-                "status": status or None,
-                "outcome": outcome,
-                "duration_ms": round((end - start) * 1000, 3),
-            }
-            if req is not None:
-                # The path only: a query string may carry what its sender would not log.
-                path = req[1].partition(b"?")[0].decode("latin-1")
-                method = req[0].decode("latin-1") or "?"
-                rec["method"], rec["route"] = method, path
-                rec["bytes_in"], rec["bytes_out"] = req[2], req[3]
-                rec["message"] = f"{method} {path} {status or '-'} {outcome}"
-            else:
-                rec["message"] = f"{status or '-'} {outcome}"
-            out.append(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+            out.append(self._encode(rid, status, outcome, start, end, wall - perf, target, req))
         with contextlib.suppress(OSError):  # a full disk loses access lines, never requests
             self._writer.write_lines(out)
+
+    def _encode(
+        self,
+        rid: str,
+        status: int,
+        outcome: str,
+        start: float,
+        end: float,
+        offset: float,
+        target: Target | None,
+        req: _Req | None,
+    ) -> bytes:
+        """One access line as JSON, formatted by hand: the ids (request ids as the proxy
+        accepts them, model, deployment and replica ids, outcome codes) are the platform's
+        own tokens and need no escaping; the path, the client's, is escaped once per URL."""
+        if target is None:
+            where = '"model_id":null,"deployment_id":null'
+        else:
+            dep = target.deployment.deployment_id
+            where = f'"model_id":"{target.model_id}","deployment_id":"{dep}"'
+        shown = str(status) if status else "-"
+        if req is None:
+            tail = f'"replica":null,"message":"{shown} {outcome}"'
+        else:
+            method, url, bytes_in, bytes_out, replica = req
+            path = self._paths.get(url)
+            if path is None:
+                if len(self._paths) >= 1024:
+                    self._paths.clear()
+                # The path only: a query string may carry what its sender would not log.
+                path = self._paths[url] = json.dumps(url.partition(b"?")[0].decode("latin-1"))
+            m = method.decode("latin-1") or "?"
+            rep = f'"{replica}"' if replica is not None else "null"
+            tail = (
+                f'"replica":{rep},"method":"{m}","route":{path},"bytes_in":{bytes_in},'
+                f'"bytes_out":{bytes_out},"message":"{m} {path[1:-1]} {shown} {outcome}"'
+            )
+        return (
+            f'{{"ts":{offset + end:.6f},"level":"{_level(status)}","source":"gateway",'
+            f'"request_id":"{rid}",{where},"status":{status or "null"},'
+            f'"outcome":"{outcome}","duration_ms":{(end - start) * 1000:.3f},{tail}}}\n'
+        ).encode()
 
     def close(self) -> None:
         if self._timer is not None:
