@@ -28,6 +28,7 @@ from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
+from kingpost.gateway.tracing import require_sdk, traces_endpoint
 from kingpost.logstore import Collector, LogSettings
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
@@ -215,6 +216,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     import uvicorn
 
     store = bootstrap(settings)
+    if (endpoint := traces_endpoint(os.environ)) is not None:
+        require_sdk(endpoint)  # the gateway inherits the variable and traces
     token = secrets.token_urlsafe(32)  # only this process and the gateway hold it
     gateway = _start_gateway(settings, token)
     _wait_for_sockets(gateway_sockets(settings), gateway, settings.gateway_port)

@@ -14,6 +14,7 @@ from pathlib import Path
 from kingpost.gateway.access import AccessLines
 from kingpost.gateway.control import control_socket_paths, read_token_fd
 from kingpost.gateway.server import Gateway
+from kingpost.gateway.tracing import traces_endpoint
 
 
 def _install_uvloop() -> None:
@@ -38,7 +39,13 @@ async def _run(
         # One writer per worker, named after its control socket (stable across restarts).
         writer = control.name.replace(".", "_")
         store = AccessLines(log_store[0], writer, log_store[1])
-    gateway = Gateway(access_log_enabled=access_log, access_store=store)
+    tracer = None
+    endpoint = traces_endpoint(os.environ)
+    if endpoint is not None:  # OpenTelemetry is imported only then
+        from kingpost.gateway.tracing import GatewayTracer
+
+        tracer = GatewayTracer(endpoint)
+    gateway = Gateway(access_log_enabled=access_log, access_store=store, tracer=tracer)
     await gateway.start(
         host, port, reuse_port=reuse_port, control_socket=control, control_token=token
     )

@@ -150,6 +150,8 @@ def send_now(
     client.upstream = conn
     conn.begin(exchange)
     head = request_head(req, target.path, req.rid, client.peer_address())
+    if client.gw.tracer is not None:
+        head = client.gw.tracer.inject(req, head)
     conn.write(head + b"".join(req.chunks))
     req.chunks.clear()
     return SENT
@@ -315,6 +317,8 @@ async def forward(
     client.upstream = conn
     try:
         head = request_head(req, path, rid, client.peer_address())
+        if gw.tracer is not None:
+            head = gw.tracer.inject(req, head)
         if req.complete and not req.chunked:
             # The whole body is here already (the common small request): one write.
             req.body_sent = req.body_sent or bool(req.chunks)

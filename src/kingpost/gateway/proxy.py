@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -88,6 +88,7 @@ class Request:
         "rid",
         "small",
         "start",
+        "trace",
         "tunnel_buf",
         "upgrade",
         "url",
@@ -112,6 +113,8 @@ class Request:
         """Bytes of the replica's answer written to the client (for the access line)."""
         self.replica: str | None = None
         """The replica it was last sent to (for the access line)."""
+        self.trace: list[Any] | None = None
+        """With tracing on: trace id, parent, span ids and send time (``tracing.py``)."""
         self.body_sent = False
         """Some of the body went to a replica: without the replay buffer, a retry lacks it."""
         self.replay: list[bytes] | None = []

@@ -13,6 +13,7 @@ import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kingpost.gateway.access import AccessLines
 from kingpost.gateway.control import serve_control
@@ -29,6 +30,9 @@ from kingpost.gateway.table import (
 )
 from kingpost.gateway.upstream import UpstreamPool
 from kingpost.netns import forget_netns
+
+if TYPE_CHECKING:
+    from kingpost.gateway.tracing import GatewayTracer
 
 __all__ = ["Gateway"]
 
@@ -71,6 +75,7 @@ class Gateway:
         *,
         access_log_enabled: bool = False,
         access_store: AccessLines | None = None,
+        tracer: GatewayTracer | None = None,
     ) -> None:
         self.table = table or RoutingTable()
         self.pool = UpstreamPool()
@@ -83,6 +88,8 @@ class Gateway:
         self._log = access_log_enabled
         self.access_store = access_store
         """Where access lines are kept (``gateway/access.py``); None: not kept."""
+        self.tracer = tracer
+        """Spans of requests (``gateway/tracing.py``); None: tracing is off."""
         # Request ids: a random 64-bit prefix per process and a counter, 32 hex digits like
         # a UUID; no system call per request, unique across workers and restarts.
         self._id_prefix = os.urandom(8).hex()
@@ -225,6 +232,8 @@ class Gateway:
                 dispatcher.counters.record(status, time.perf_counter() - start)
         if self.access_store is not None:
             self.access_store.add(rid, status, outcome, start, target, req)
+        if self.tracer is not None:
+            self.tracer.end(rid, status, outcome, start, target, req)
         if self._log and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 json.dumps(
@@ -278,6 +287,8 @@ class Gateway:
     async def close(self) -> None:
         if self.access_store is not None:
             self.access_store.close()
+        if self.tracer is not None:
+            self.tracer.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
