@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,43 @@ def test_logs_by_request_id_filters_restarts_and_no_secret(tmp_path: Path) -> No
         with p.client() as c:
             seen.append(json.dumps(c.deployment(dep_id), default=str))
             seen.append(json.dumps(c.log_query(limit=10_000)))
+        # The deployment's route takes the store's filters too.
+        with p.client() as c:
+            body = c._call(
+                "GET", f"/v1/deployments/{dep_id}/logs", params={"level": "warning", "tail": 1}
+            )
+        assert [ln["message"] for ln in body["lines"]] == ["predict called with n=2"]
+
+        # --follow prints lines as they are stored.
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "kingpost.cli", "logs", "--request-id", "req-f", "-f",
+             "-o", "json"],
+            env=p.env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            with p.gateway() as gw:
+                r = gw.post(
+                    "/models/logs-secret/production/predict",
+                    json={"n": 3},
+                    headers={"X-Baseten-Request-Id": "req-f"},
+                )
+            assert r.status_code == 200
+            out = follow.stdout
+            assert out is not None
+            followed: list[dict[str, Any]] = []
+            reader = threading.Thread(
+                target=lambda: followed.extend(json.loads(out.readline()) for _ in range(3)),
+                daemon=True,
+            )
+            reader.start()  # the gateway's line and the replica's two
+            reader.join(30)
+            assert len(followed) == 3, followed
+            assert {f["request_id"] for f in followed if "request_id" in f} == {"req-f"}
+            assert {f["source"] for f in followed} == {"gateway", "replica"}
+        finally:
+            follow.terminate()
+            follow.wait(10)
+
         before = _request_lines(p, "req-a")
         assert before is not None
 
