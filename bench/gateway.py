@@ -277,10 +277,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_gateway(
-    procs: Procs, port: int, control: Path, cores: str, workers: int, src: Path = REPO / "src"
+    procs: Procs,
+    port: int,
+    control: Path,
+    cores: str,
+    workers: int,
+    src: Path = REPO / "src",
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "kingpost.gateway", "--port", str(port)]
-    cmd += ["--control-socket", str(control), "--workers", str(workers)]
+    cmd += ["--control-socket", str(control), "--workers", str(workers), *extra]
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
     return procs.start(["taskset", "-c", cores, *cmd], env=env)
 
@@ -343,6 +349,12 @@ def main() -> None:
         help="another tree's src/ to run a second gateway from, as the target 'baseline'",
     )
     ap.add_argument(
+        "--log-store",
+        action="store_true",
+        help="the gateway under test keeps access lines in a log store (`--log-dir`), as "
+        "`kingpost server` runs it; the baseline runs as it is",
+    )
+    ap.add_argument(
         "--saturation-only",
         action="store_true",
         help="only the saturation rounds (with each gateway's CPU time per request)",
@@ -400,9 +412,13 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
         )
     )
     control = work / "gw.sock"
-    gateways = {"kingpost": start_gateway(procs, kp_port, control, "0", workers=1, src=args.src)}
+    # As `kingpost server` runs it: access lines kept in a log store.
+    store = ("--log-dir", str(work / "logs")) if args.log_store else ()
+    gateways = {
+        "kingpost": start_gateway(procs, kp_port, control, "0", 1, src=args.src, extra=store)
+    }
     control2 = work / "gw2.sock"
-    start_gateway(procs, kp2_port, control2, "0,1", workers=2, src=args.src)
+    start_gateway(procs, kp2_port, control2, "0,1", workers=2, src=args.src, extra=store)
     sockets = [control, *control_socket_paths(control2, 2)]
     ports = [up_port, sse_port, ngx_port, kp_port, kp2_port]
     if args.baseline_src is not None:

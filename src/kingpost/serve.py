@@ -28,6 +28,8 @@ from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
+from kingpost.gateway.tracing import require_sdk, traces_endpoint
+from kingpost.logstore import Collector, LogSettings
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
 from kingpost.store import Database, Store
@@ -105,12 +107,28 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         "--control-token-fd",
         str(read),
     ]
+    if settings.log_access:
+        segment = log_settings(settings).segment_bytes
+        cmd += ["--log-dir", str(settings.logs_dir), "--log-segment-bytes", str(segment)]
     try:
         return subprocess.Popen(
             cmd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(read,)
         )
     finally:
         os.close(read)
+
+
+def log_settings(settings: Settings) -> LogSettings:
+    return LogSettings(settings.logs_dir, settings.log_max_bytes, settings.log_max_age)
+
+
+def _collector(settings: Settings, store: Store) -> Collector:
+    """Replica and build output into the log store (``logstore/collect.py``)."""
+
+    def model_of(deployment_id: str) -> str | None:
+        return store.get_deployment(deployment_id).model_id
+
+    return Collector(log_settings(settings), settings.replicas_dir, settings.builds_dir, model_of)
 
 
 def _die_with_parent() -> None:
@@ -198,6 +216,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     import uvicorn
 
     store = bootstrap(settings)
+    if (endpoint := traces_endpoint(os.environ)) is not None:
+        require_sdk(endpoint)  # the gateway inherits the variable and traces
     token = secrets.token_urlsafe(32)  # only this process and the gateway hold it
     gateway = _start_gateway(settings, token)
     _wait_for_sockets(gateway_sockets(settings), gateway, settings.gateway_port)
@@ -213,6 +233,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         lifespan="off",
     )
     server = _api_server(config)
+    collector = _collector(settings, store)
+    collector.start()
     controller.start()
     demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
     demand.start()
@@ -229,6 +251,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         demand.stop()
         for line in controller.stop():
             print(f"kingpost: {line}", flush=True)
+        collector.stop()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gateway.pid, signal.SIGTERM)
         try:

@@ -90,6 +90,20 @@ class Settings(BaseSettings):
     (``local`` volumes on XFS with ``pquota``); elsewhere they are unbounded, and the
     engine says so when it starts."""
 
+    log_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    """The log store's bound in bytes (replica and build output, access lines): the oldest
+    segments go past it."""
+    log_max_age: float = Field(default=7 * 86400.0, gt=0)
+    """Seconds a log line is kept at most."""
+    log_access: bool = True
+    """The gateway keeps one access line per request in the log store (a few microseconds
+    of CPU per request); false: replica and build output only."""
+
+    @cached_property
+    def logs_dir(self) -> Path:
+        """The log store's segments (``logstore/``)."""
+        return self.home / "logs"
+
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'kingpost.db'}"

@@ -24,6 +24,7 @@ from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all
 from kingpost.api.development import development_routes
 from kingpost.api.development import promote as promote_deployment
 from kingpost.api.limits import BodyLimit
+from kingpost.api.logs import log_routes
 from kingpost.api.rollouts import rollout_routes
 from kingpost.api.schemas import (
     KEY_TYPES,
@@ -143,6 +144,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _api_key_routes(router, plane)
     rollout_routes(router, plane)
     autoscaling_routes(router, plane)
+    log_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -368,15 +370,6 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     @router.post("/models/{model}/environments", response_model=EnvironmentOut, status_code=201)
     def create_environment(model: str, body: EnvironmentIn) -> EnvironmentOut:
         return EnvironmentOut.of(store.create_environment(model, body.name))
-
-    @router.get("/deployments/{dep}/logs")
-    def logs(dep: str, tail: int = 200) -> dict[str, Any]:
-        view = store.get_deployment(dep)
-        lines = plane.controller.logs(view, max(1, min(tail, 10_000)))
-        return {
-            "deployment_id": view.id,
-            "lines": [{"replica": ln.replica_id, "text": ln.text} for ln in lines],
-        }
 
 
 def _weights_routes(router: APIRouter, plane: ControlPlane) -> None:

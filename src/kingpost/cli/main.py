@@ -14,7 +14,8 @@ from kingpost.cli._common import err_console, settings
 from kingpost.cli.api_keys import api_keys
 from kingpost.cli.autoscaling import autoscaling
 from kingpost.cli.image import image
-from kingpost.cli.manage import deployments, logs, models, predict, push
+from kingpost.cli.logs import logs
+from kingpost.cli.manage import deployments, models, predict, push
 from kingpost.cli.rollouts import environments, rollouts
 from kingpost.cli.secrets import secrets
 from kingpost.cli.watch import watch

@@ -34,7 +34,7 @@ from kingpost.client import KingpostClient
 from kingpost.engines.registry import engine_names
 from kingpost.errors import KingpostError, ValidationError
 
-__all__ = ["deployments", "logs", "models", "predict", "push"]
+__all__ = ["deployments", "models", "predict", "push"]
 
 _DEPLOYMENT_COLUMNS = [
     "id", "name", "model", "status", "replicas", "environments", "labels", "created_at",
@@ -406,22 +406,6 @@ def deployments_promote(model: str, deployment: str, environment: str, output: s
         row = c.promote(model, deployment, environment)
     print_rows([row], _ACTION_COLUMNS, output)
     _rollout_note(model, row, environment)
-
-
-@click.command()
-@click.option(
-    "--deployment", "-d", "deployment", required=True,
-    help="Deployment id, or its name with --model.",
-)  # fmt: skip
-@click.option("--model", "-m", help="The model a deployment name belongs to.")
-@click.option("--tail", type=int, default=200, show_default=True)
-def logs(deployment: str, model: str | None, tail: int) -> None:
-    """Show a deployment's build and replica output."""
-    with client() as c:
-        if model is not None:
-            deployment = c.deployment(deployment, model)["id"]
-        for line in c.logs(deployment, tail):
-            click.echo(f"[{line['replica']}] {line['text']}")
 
 
 def _error_text(body: str) -> str:

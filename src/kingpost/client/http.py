@@ -248,6 +248,13 @@ class KingpostClient:
         path = f"{self._env_path(model, environment)}/{action}_promotion"
         return dict(self._call("POST", path))
 
+    def log_query(self, **filters: str | int | None) -> list[dict[str, Any]]:
+        """Lines of the log store (``GET /v1/logs``): filters by the route's names
+        (``model``, ``environment``, ``deployment``, ``replica``, ``since``, ``until``,
+        ``level``, ``search``, ``request_id``, ``source``, ``limit``); None: unset."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(self._call("GET", "/v1/logs", params=params)["lines"])
+
     def logs(self, dep: str, tail: int = 200) -> list[dict[str, str]]:
         return list(
             self._call(

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kingpost.gateway.access import AccessLines
 from kingpost.gateway.control import control_socket_paths, read_token_fd
 from kingpost.gateway.server import Gateway
+from kingpost.gateway.tracing import traces_endpoint
 
 
 def _install_uvloop() -> None:
@@ -24,9 +26,26 @@ def _install_uvloop() -> None:
 
 
 async def _run(
-    host: str, port: int, control: Path, token: str | None, reuse_port: bool, access_log: bool
+    host: str,
+    port: int,
+    control: Path,
+    token: str | None,
+    reuse_port: bool,
+    access_log: bool,
+    log_store: tuple[Path, int] | None = None,
 ) -> None:
-    gateway = Gateway(access_log_enabled=access_log)
+    store = None
+    if log_store is not None:
+        # One writer per worker, named after its control socket (stable across restarts).
+        writer = control.name.replace(".", "_")
+        store = AccessLines(log_store[0], writer, log_store[1])
+    tracer = None
+    endpoint = traces_endpoint(os.environ)
+    if endpoint is not None:  # OpenTelemetry is imported only then
+        from kingpost.gateway.tracing import GatewayTracer
+
+        tracer = GatewayTracer(endpoint)
+    gateway = Gateway(access_log_enabled=access_log, access_store=store, tracer=tracer)
     await gateway.start(
         host, port, reuse_port=reuse_port, control_socket=control, control_token=token
     )
@@ -46,9 +65,10 @@ def run_gateway(
     reuse_port: bool = False,
     access_log: bool = False,
     control_token: str | None = None,
+    log_store: tuple[Path, int] | None = None,
 ) -> None:
     _install_uvloop()
-    asyncio.run(_run(host, port, control_socket, control_token, reuse_port, access_log))
+    asyncio.run(_run(host, port, control_socket, control_token, reuse_port, access_log, log_store))
 
 
 def _token_pipe(token: str) -> int:
@@ -73,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         help="an inherited file descriptor to read the control token from (to its end); "
         "table pushes must then carry it",
     )
+    p.add_argument("--log-dir", type=Path, help="keep access lines in this log store")
+    p.add_argument("--log-segment-bytes", type=int, default=8 * 1024 * 1024)
     args = p.parse_args(argv)
+    store = None if args.log_dir is None else (args.log_dir, args.log_segment_bytes)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     token = read_token_fd(args.control_token_fd) if args.control_token_fd is not None else None
     if args.workers <= 1:
@@ -84,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             reuse_port=args.reuse_port,
             access_log=args.access_log,
             control_token=token,
+            log_store=store,
         )
         return
     children = []
@@ -101,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             str(sock),
             "--reuse-port",
         ] + (["--access-log"] if args.access_log else [])
+        if store is not None:
+            cmd += ["--log-dir", str(store[0]), "--log-segment-bytes", str(store[1])]
         cmd += [arg for fd in fds for arg in ("--control-token-fd", str(fd))]
         children.append(subprocess.Popen(cmd, pass_fds=fds))
         for fd in fds:

@@ -143,12 +143,15 @@ def send_now(
     if conn is None:
         return Handoff(req, target, dispatcher, slot=slot)  # to open a connection
     assert req.rid is not None
+    req.replica = slot.upstream.replica_id
     exchange = ClientExchange(client, req, req.rid, target.deployment.response_timeout_s)
     exchange.landing = (dispatcher, slot, conn, target)
     client.busy = True
     client.upstream = conn
     conn.begin(exchange)
     head = request_head(req, target.path, req.rid, client.peer_address())
+    if client.gw.tracer is not None:
+        head = client.gw.tracer.inject(req, head)
     conn.write(head + b"".join(req.chunks))
     req.chunks.clear()
     return SENT
@@ -175,7 +178,7 @@ class ParkedRequest:
         if client.closed:  # gone without connection_lost yet: the slot goes on at once
             client.busy = False
             assert req.rid is not None
-            client.gw.log_access(req.rid, 0, "client_left", req.start, self.target)
+            client.gw.log_access(req.rid, 0, "client_left", req.start, self.target, req)
             self.dispatcher.release(slot)
             return
         try:
@@ -211,7 +214,9 @@ class ParkedRequest:
         if self.waiter is not None:
             self.dispatcher.unpark(self.waiter)
         assert self.req.rid is not None
-        self.client.gw.log_access(self.req.rid, 0, "client_left", self.req.start, self.target)
+        self.client.gw.log_access(
+            self.req.rid, 0, "client_left", self.req.start, self.target, self.req
+        )
 
 
 def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None:
@@ -225,7 +230,7 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
         conn.close()
         client.busy = False
         assert req.rid is not None
-        client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target)
+        client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target, req)
         return
     outcome = settle(client, req, conn, exchange, True, ending)
     if conn.returning is not None and dispatcher.has_waiters():
@@ -241,7 +246,7 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
         )
         return
     assert req.rid is not None
-    client.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target)
+    client.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target, req)
     client.busy = False
     if client.after(req, outcome is not _CLOSE):
         client.serve_next()
@@ -269,10 +274,10 @@ async def dispatch(client: ClientConn, h: Handoff) -> bool:
             finally:
                 dispatcher.release(slot)
         except asyncio.CancelledError:  # the client left, queued or mid-answer
-            gw.log_access(rid, 0, "client_left", req.start, target)
+            gw.log_access(rid, 0, "client_left", req.start, target, req)
             raise
         if outcome is not _RETRY:
-            gw.log_access(rid, status, outcome, req.start, target)
+            gw.log_access(rid, status, outcome, req.start, target, req)
             if outcome is _OK and not req.complete:
                 # Answered before the body was all in, by a replica that then hung up: the
                 # rest is read and dropped, or it piles up until reading stops for good.
@@ -296,6 +301,7 @@ async def forward(
     """Proxy one request; returns what the client connection does next, and the status
     the client got (0: none)."""
     gw = client.gw
+    req.replica = slot.upstream.replica_id
     if client.closed:
         return _CLOSE, 0  # the client left while the request waited: nobody to answer
     try:
@@ -311,6 +317,8 @@ async def forward(
     client.upstream = conn
     try:
         head = request_head(req, path, rid, client.peer_address())
+        if gw.tracer is not None:
+            head = gw.tracer.inject(req, head)
         if req.complete and not req.chunked:
             # The whole body is here already (the common small request): one write.
             req.body_sent = req.body_sent or bool(req.chunks)
@@ -563,4 +571,5 @@ class ClientExchange:
             transport = self.client.transport
             if transport is not None and not self.client.closed:
                 transport.write(bytes(self.buf))
+                self.req.bytes_out += len(self.buf)
             self.buf.clear()

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -42,9 +43,13 @@ from kingpost.gateway.upstream import StreamConn, UpstreamConn
 if TYPE_CHECKING:
     from kingpost.gateway.server import Gateway
 
-__all__ = ["BUFFER_LIMIT", "HEAD_LIMIT", "ClientConn", "Request"]
+__all__ = ["BUFFER_LIMIT", "HEAD_LIMIT", "REQUEST_ID_LIMIT", "ClientConn", "Request"]
 
 access_log = logging.getLogger("kingpost.gateway.access")
+REQUEST_ID_LIMIT = 128
+"""The longest ``X-Baseten-Request-Id`` a client may choose (one of letters, digits and
+``-_.:``); a longer or odd one is replaced by a new id, never trusted."""
+_RID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]*")
 BODY_HIGH_WATER = 1024 * 1024
 BUFFER_LIMIT = BODY_HIGH_WATER
 """A body up to this is read whole before its request takes a replica slot, and a larger
@@ -62,6 +67,7 @@ class Request:
         "auth",
         "body_bytes",
         "body_sent",
+        "bytes_out",
         "chunked",
         "chunks",
         "complete",
@@ -77,10 +83,12 @@ class Request:
         "method",
         "refuse",
         "replay",
+        "replica",
         "request_id",
         "rid",
         "small",
         "start",
+        "trace",
         "tunnel_buf",
         "upgrade",
         "url",
@@ -101,6 +109,12 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.body_bytes = 0
+        self.bytes_out = 0
+        """Bytes of the replica's answer written to the client (for the access line)."""
+        self.replica: str | None = None
+        """The replica it was last sent to (for the access line)."""
+        self.trace: list[Any] | None = None
+        """With tracing on: trace id, parent, span ids and send time (``tracing.py``)."""
         self.body_sent = False
         """Some of the body went to a replica: without the replay buffer, a retry lacks it."""
         self.replay: list[bytes] | None = []
@@ -208,7 +222,7 @@ class ClientConn(StreamConn):
         if self.body_wait is req:  # read before it takes a slot: nothing was sent for it
             rid = req.rid or gw.new_request_id()
             transport.write(error_body(408, message, "request_timeout", rid, close=True))
-            gw.log_access(rid, 408, "request_timeout", req.start, None)
+            gw.log_access(rid, 408, "request_timeout", req.start, None, req)
         transport.close()  # its head is with a replica, or answered: only closing ends it
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -279,7 +293,7 @@ class ClientConn(StreamConn):
                 handoff.slot = None
             req = handoff.req
             assert req.rid is not None
-            self.gw.log_access(req.rid, 0, "client_left", req.start, handoff.target)
+            self.gw.log_access(req.rid, 0, "client_left", req.start, handoff.target, req)
         if self.current is not None:
             self.current.wake()
         if self.upstream is not None:
@@ -470,7 +484,11 @@ class ClientConn(StreamConn):
         """Where ``req`` goes; or the error is written and whether the connection stays."""
         gw = self.gw
         if req.rid is None:
-            req.rid = req.request_id.decode("latin-1") if req.request_id else gw.new_request_id()
+            given = req.request_id
+            # The client's id is kept only when it is a plain token (it reaches logs, the
+            # replica's head and the answer's); anything else gets a new one.
+            ok = given is not None and len(given) <= REQUEST_ID_LIMIT and _RID.fullmatch(given)
+            req.rid = given.decode("ascii") if ok and given else gw.new_request_id()
         rid = req.rid
         if req.refuse is not None:  # RFC 9112 3.2
             return self.reject(req, 400, req.refuse, "invalid_request", rid)
@@ -546,7 +564,7 @@ class ClientConn(StreamConn):
         """Answer ``req`` with the gateway's own error (or ``payload`` as JSON); whether the
         connection stays."""
         assert self.transport is not None
-        self.gw.log_access(rid, status, code, req.start, target)
+        self.gw.log_access(rid, status, code, req.start, target, req)
         body = {"error": message, "code": code} if payload is None else payload
         if req.upgrade:
             # After an upgrade request the client's stream is no longer HTTP (it may already

@@ -13,10 +13,12 @@ import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from kingpost.gateway.access import AccessLines
 from kingpost.gateway.control import serve_control
 from kingpost.gateway.dispatch import Dispatcher
-from kingpost.gateway.proxy import ClientConn
+from kingpost.gateway.proxy import ClientConn, Request
 from kingpost.gateway.routing import Miss, Target, resolve
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import (
@@ -28,6 +30,9 @@ from kingpost.gateway.table import (
 )
 from kingpost.gateway.upstream import UpstreamPool
 from kingpost.netns import forget_netns
+
+if TYPE_CHECKING:
+    from kingpost.gateway.tracing import GatewayTracer
 
 __all__ = ["Gateway"]
 
@@ -65,7 +70,12 @@ class Gateway:
     response timeouts (so each is enforced to within this)."""
 
     def __init__(
-        self, table: RoutingTable | None = None, *, access_log_enabled: bool = False
+        self,
+        table: RoutingTable | None = None,
+        *,
+        access_log_enabled: bool = False,
+        access_store: AccessLines | None = None,
+        tracer: GatewayTracer | None = None,
     ) -> None:
         self.table = table or RoutingTable()
         self.pool = UpstreamPool()
@@ -76,6 +86,10 @@ class Gateway:
         self.clients: set[ClientConn] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._log = access_log_enabled
+        self.access_store = access_store
+        """Where access lines are kept (``gateway/access.py``); None: not kept."""
+        self.tracer = tracer
+        """Spans of requests (``gateway/tracing.py``); None: tracing is off."""
         # Request ids: a random 64-bit prefix per process and a counter, 32 hex digits like
         # a UUID; no system call per request, unique across workers and restarts.
         self._id_prefix = os.urandom(8).hex()
@@ -201,15 +215,25 @@ class Gateway:
         return scope
 
     def log_access(
-        self, rid: str, status: int, outcome: str, start: float, target: Target | None
+        self,
+        rid: str,
+        status: int,
+        outcome: str,
+        start: float,
+        target: Target | None,
+        req: Request | None = None,
     ) -> None:
         """One line per answer: ``status`` as the client got it (0: none, it left), and
         ``outcome`` "ok", "close" (the connection ended with it) or the gateway's error code.
-        Counted for the stats channel too, per deployment."""
+        Counted for the stats channel too, per deployment, and kept in the log store."""
         if target is not None:
             dispatcher = self._dispatchers.get(target.deployment.deployment_id)
             if dispatcher is not None:
                 dispatcher.counters.record(status, time.perf_counter() - start)
+        if self.access_store is not None:
+            self.access_store.add(rid, status, outcome, start, target, req)
+        if self.tracer is not None:
+            self.tracer.end(rid, status, outcome, start, target, req)
         if self._log and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 json.dumps(
@@ -261,6 +285,10 @@ class Gateway:
         self._sweeper = asyncio.get_running_loop().call_later(self.sweep_s, self._sweep)
 
     async def close(self) -> None:
+        if self.access_store is not None:
+            self.access_store.close()
+        if self.tracer is not None:
+            self.tracer.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

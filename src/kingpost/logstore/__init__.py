@@ -1,0 +1,20 @@
+"""The log store: replica output, build output and the gateway's access lines, kept on
+disk across restarts, bounded by size and age, and queried by one :class:`LogQuery`."""
+
+from kingpost.logstore.collect import Collector, LogSettings
+from kingpost.logstore.records import LEVELS, LogQuery, parse_level, parse_time, replica_record
+from kingpost.logstore.segments import SegmentWriter, prune, query, store_bytes
+
+__all__ = [
+    "LEVELS",
+    "Collector",
+    "LogQuery",
+    "LogSettings",
+    "SegmentWriter",
+    "parse_level",
+    "parse_time",
+    "prune",
+    "query",
+    "replica_record",
+    "store_bytes",
+]

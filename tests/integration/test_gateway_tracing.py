@@ -1,0 +1,200 @@
+"""Gateway spans over OTLP/HTTP to a real receiver the test runs (the protobuf decoded with
+``opentelemetry.proto``): names, parent/child links, the request id, and ``traceparent``
+as the replica gets it; no OpenTelemetry import when tracing is off."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers.gateway import AUTH, RunningGateway
+from helpers.httpd import QuietHandler, serving
+from helpers.platform import wait_for
+from kingpost.gateway.table import DeploymentRoute, DeploymentState, Upstream
+from kingpost.gateway.tracing import (
+    GatewayTracer,
+    TracingUnavailable,
+    require_sdk,
+    traces_endpoint,
+)
+
+trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
+
+PREDICT = "/models/echo/production/predict"
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+@dataclass
+class Receiver:
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _decode(body: bytes) -> list[dict[str, Any]]:
+    req = trace_pb2.ExportTraceServiceRequest()
+    req.ParseFromString(body)
+    out = []
+    for rs in req.resource_spans:
+        service = {a.key: a.value.string_value for a in rs.resource.attributes}
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                attrs = {}
+                for a in s.attributes:
+                    v = a.value
+                    attrs[a.key] = v.int_value if v.HasField("int_value") else v.string_value
+                out.append(
+                    {
+                        "name": s.name,
+                        "trace": s.trace_id.hex(),
+                        "span": s.span_id.hex(),
+                        "parent": s.parent_span_id.hex(),
+                        "kind": s.kind,
+                        "attrs": attrs,
+                        "service": service.get("service.name"),
+                        "start": s.start_time_unix_nano,
+                        "end": s.end_time_unix_nano,
+                    }
+                )
+    return out
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Receiver, str]]:
+    got = Receiver()
+
+    class Handler(QuietHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            assert self.path == "/v1/traces"
+            assert self.headers["Content-Type"] == "application/x-protobuf"
+            with got.lock:
+                got.spans += _decode(body)
+            self._send(200, b"")
+
+    with serving(Handler) as server:
+        yield got, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def replica() -> Iterator[int]:
+    class Handler(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen = {"traceparent": self.headers.get_all("traceparent")}
+            self._send(200, json.dumps(seen).encode())
+
+    with serving(Handler) as server:
+        yield int(server.server_address[1])
+
+
+def _spans(rec: Receiver, rid: str, n: int) -> list[dict[str, Any]]:
+    def find() -> list[dict[str, Any]] | None:
+        with rec.lock:
+            mine = [s for s in rec.spans if s["attrs"].get("kingpost.request_id") == rid]
+        return mine if len(mine) >= n else None
+
+    return wait_for(find, 10, f"{n} spans of {rid}")
+
+
+def test_spans_link_client_gateway_and_replica(
+    receiver: tuple[Receiver, str], replica: int
+) -> None:
+    rec, url = receiver
+    gw = RunningGateway(tracer=GatewayTracer(url + "/v1/traces"))
+    try:
+        route = DeploymentRoute(
+            "d1", "m1", "/x", DeploymentState.SERVING, (Upstream("d1-r0", "127.0.0.1", replica),)
+        )
+        gw.table(route)
+        # A client that traces: its span is the parent, its trace goes on.
+        r = httpx.post(
+            f"{gw.url}{PREDICT}",
+            headers=AUTH
+            | {
+                "X-Baseten-Request-Id": "trace-1",
+                "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+            },
+            content=b"{}",
+        )
+        assert r.status_code == 200
+        sent = r.json()["traceparent"]
+        assert len(sent) == 1  # the client's was replaced, not passed on beside it
+        spans = {s["name"]: s for s in _spans(rec, "trace-1", 2)}
+        server, client = spans["gateway.request"], spans["gateway.upstream"]
+        assert server["trace"] == client["trace"] == CLIENT_TRACE
+        assert server["parent"] == CLIENT_SPAN
+        assert client["parent"] == server["span"]
+        assert sent[0] == f"00-{CLIENT_TRACE}-{client['span']}-01"
+        assert (server["kind"], client["kind"]) == (2, 3)  # SERVER, CLIENT
+        assert server["attrs"]["http.response.status_code"] == 200
+        assert server["attrs"]["kingpost.deployment_id"] == "d1"
+        assert server["attrs"]["kingpost.replica"] == "d1-r0"
+        assert server["service"] == "kingpost-gateway"
+        assert server["start"] <= client["start"] <= client["end"] <= server["end"]
+
+        # No traceparent from the client: a new trace, the gateway's span its root.
+        r = httpx.post(
+            f"{gw.url}{PREDICT}", headers=AUTH | {"X-Baseten-Request-Id": "trace-2"}, content=b"1"
+        )
+        spans = {s["name"]: s for s in _spans(rec, "trace-2", 2)}
+        assert spans["gateway.request"]["parent"] == ""
+        assert spans["gateway.request"]["trace"] not in ("", CLIENT_TRACE)
+        assert r.json()["traceparent"][0].split("-")[1] == spans["gateway.request"]["trace"]
+
+        # The gateway's own error: one span, its status, no upstream.
+        r = httpx.post(
+            f"{gw.url}/models/nope/production/predict",
+            headers=AUTH | {"X-Baseten-Request-Id": "trace-3"},
+        )
+        assert r.status_code == 404
+        (only,) = _spans(rec, "trace-3", 1)
+        assert only["name"] == "gateway.request"
+        assert only["attrs"]["http.response.status_code"] == 404
+    finally:
+        gw.close()
+
+
+def test_the_endpoint_comes_from_the_standard_variables() -> None:
+    assert traces_endpoint({}) is None
+    assert traces_endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == (
+        "http://c:4318/v1/traces"
+    )
+    assert traces_endpoint({"KINGPOST_TRACING_ENDPOINT": "http://k:4318"}) == (
+        "http://k:4318/v1/traces"
+    )
+    full = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:1/x", "KINGPOST_TRACING_ENDPOINT": "y"}
+    assert traces_endpoint(full) == "http://t:1/x"
+    off = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}
+    assert traces_endpoint(off) is None
+
+
+def test_off_imports_nothing_and_on_without_the_sdk_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gateway process imports none of it; the control plane (whose FastAPI imports the
+    # OpenTelemetry API when it is installed) none of the SDK or the exporter.
+    code = (
+        "import sys, kingpost.gateway.__main__\n"
+        "print([m for m in sys.modules if m.startswith('opentelemetry')])\n"
+        "import kingpost.serve\n"
+        "print([m for m in sys.modules if m.startswith(('opentelemetry.sdk', "
+        "'opentelemetry.exporter'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "[]"]
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    with pytest.raises(TracingUnavailable, match=r"kingpost\[tracing\]"):
+        GatewayTracer("http://127.0.0.1:9/v1/traces")
+    require_sdk("http://c:4318/v1/traces")  # installed here: no error
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http", None)
+    with pytest.raises(TracingUnavailable, match=r"spans go to http://c:4318/v1/traces"):
+        require_sdk("http://c:4318/v1/traces")
