@@ -49,6 +49,7 @@ from kingpost.engines.base import (
     ReplicaSpec,
     ReplicaStatus,
     ServerKind,
+    gpu_environment,
     scope_of,
 )
 from kingpost.engines.probes import PROBE_WORKERS, ReplicaHealth
@@ -641,6 +642,7 @@ class ProcessEngine(Engine):
             "KINGPOST_SECRETS_DIR": SECRETS_MOUNT if SECRETS_MOUNT in mounted else str(secrets_dir),
             "PYTHONUNBUFFERED": "1",
             **({RELOAD_TOKEN_ENV: rep.reload_token} if spec.reloadable else {}),
+            **gpu_environment(spec.gpus),
             **(
                 {DYNAMIC_CONFIG_ENV: str(spec.dynamic_config_dir)}
                 if spec.dynamic_config_dir is not None
