@@ -15,7 +15,14 @@ from kingpost.gpus import Gpu, Inventory
 from kingpost.packaging import pack_project, unpack_project
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
-from kingpost.store import Database, DeploymentStatus, DesiredState, NewDeployment, Store
+from kingpost.store import (
+    Database,
+    DeploymentStatus,
+    DesiredState,
+    NewDeployment,
+    RolloutStatus,
+    Store,
+)
 
 SERVER = """\
 model_name: gpu
@@ -48,7 +55,9 @@ class Rig:
         c.gpus.read()
         return c
 
-    def deploy(self, config: str = L4, min_replicas: int = 1) -> str:
+    def deploy(
+        self, config: str = L4, min_replicas: int = 1, environment: str | None = None
+    ) -> str:
         if config not in self.projects:
             project = self.tmp_path / f"project{len(self.projects)}"
             project.mkdir()
@@ -57,7 +66,7 @@ class Rig:
             unpack_project(packed.data, self.settings.projects_dir / packed.sha256)
             self.projects[config] = packed.sha256
         new = NewDeployment(model_name="gpu", project_hash=self.projects[config], config={},
-                            engine="fake", min_replicas=min_replicas,
+                            engine="fake", min_replicas=min_replicas, environment=environment,
                             max_replicas=max(1, min_replicas))  # fmt: skip
         return self.store.create_deployment(new).id
 
@@ -164,3 +173,26 @@ def test_sharing_lets_two_replicas_onto_one_device(tmp_path: Path) -> None:
     a, b = rig.deploy(), rig.deploy()
     rig.passes()
     assert rig.gpus_of(a) == rig.gpus_of(b) == [("GPU-l4",)]
+
+
+def test_a_rolling_promotion_on_a_full_machine_makes_room_and_says_so(tmp_path: Path) -> None:
+    two = (Gpu("0", "GPU-a", "NVIDIA L4", 0), Gpu("1", "GPU-b", "NVIDIA L4", 0))
+    rig = Rig(tmp_path, inventory=Inventory(two, source="test"))
+    first = rig.deploy(min_replicas=2)
+    rig.passes()
+    assert sorted(rig.gpus_of(first)) == [("GPU-a",), ("GPU-b",)]  # the machine is full
+    rolling = {"rolling_deploy": True, "rolling_deploy_config": {"max_surge_percent": 50}}
+    rig.store.set_promotion_settings("gpu", "production", rolling)
+    second = rig.deploy(min_replicas=2, environment="production")
+    messages = set()
+    for _ in range(12):
+        rig.controller.reconcile_once()
+        rollout = rig.store.latest_rollout("gpu", "production")
+        assert rollout is not None
+        messages.add(rollout.message)
+        held = [d for _, d in rig.controller.gpus.held().values()]
+        assert len(held) == len(set(held)) <= 2  # never a device twice
+    assert rollout.status == RolloutStatus.SUCCEEDED, rollout
+    assert sorted(rig.gpus_of(second)) == [("GPU-a",), ("GPU-b",)]
+    assert rig.engine.live(first) == []
+    assert any("a previous replica stops first" in m for m in messages), messages
