@@ -46,12 +46,13 @@ class Rig:
         self.store = Store(db, SecretBox(load_or_create_key(self.settings.home, None)))
         self.engine = FakeEngine()
         self.inventory = inventory
+        self.now = 1000.0
         self.controller = self.new_controller()
         self.projects: dict[str, str] = {}
 
     def new_controller(self) -> Controller:
         c = Controller(self.settings, self.store, engines={"fake": self.engine},
-                       gpus=lambda: self.inventory)  # fmt: skip
+                       gpus=lambda: self.inventory, clock=lambda: self.now)  # fmt: skip
         c.gpus.read()
         return c
 
@@ -74,8 +75,10 @@ class Rig:
         return [self.engine.specs[r].gpus for r in self.engine.live(dep)]
 
     def passes(self, n: int = 2) -> None:
+        """``n`` passes, a second apart."""
         for _ in range(n):
             self.controller.reconcile_once()
+            self.now += 1.0
 
 
 def test_the_second_one_gpu_deployment_waits_then_starts_when_the_first_goes(
@@ -94,8 +97,10 @@ def test_the_second_one_gpu_deployment_waits_then_starts_when_the_first_goes(
     assert rig.store.get_deployment(first).status == DeploymentStatus.ACTIVE
 
     rig.store.set_desired(first, DesiredState.INACTIVE)
-    rig.passes(3)  # stop the first; release its device; place the second
-    assert rig.engine.live(first) == []
+    rig.passes(3)  # the first is stopped; its process may hold the device a grace longer
+    assert rig.engine.live(first) == [] and rig.engine.live(second) == []
+    assert rig.settings.stop_grace_period == 5
+    rig.passes(5)  # past the grace: released, and the second placed and ready
     assert rig.gpus_of(second) == [("GPU-l4",)]
     assert rig.store.get_deployment(second).status == DeploymentStatus.ACTIVE
     held = rig.controller.gpus.held()
@@ -185,13 +190,14 @@ def test_a_rolling_promotion_on_a_full_machine_makes_room_and_says_so(tmp_path: 
     rig.store.set_promotion_settings("gpu", "production", rolling)
     second = rig.deploy(min_replicas=2, environment="production")
     messages = set()
-    for _ in range(12):
-        rig.controller.reconcile_once()
+    for _ in range(30):
+        rig.passes(1)
         rollout = rig.store.latest_rollout("gpu", "production")
         assert rollout is not None
         messages.add(rollout.message)
         held = [d for _, d in rig.controller.gpus.held().values()]
         assert len(held) == len(set(held)) <= 2  # never a device twice
+        assert len(rig.engine.live(first)) + len(rig.engine.live(second)) >= 1  # no outage
     assert rollout.status == RolloutStatus.SUCCEEDED, rollout
     assert sorted(rig.gpus_of(second)) == [("GPU-a",), ("GPU-b",)]
     assert rig.engine.live(first) == []

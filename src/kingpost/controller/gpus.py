@@ -49,6 +49,9 @@ class GpuPlacer:
         self._store = GpuAssignments(db)
         self._held: dict[str, tuple[str, tuple[str, ...]]] | None = None
         self._lock = threading.Lock()
+        self._missed: dict[str, float] = {}
+        """Replicas holding devices that no engine reported since (first missed at)."""
+        self._started = False
         self.inventory = Inventory()
 
     def read(self) -> Inventory:
@@ -68,18 +71,36 @@ class GpuPlacer:
                 self._held = self._store.load()
             return dict(self._held)
 
-    def release_gone(self, live: Iterable[str]) -> None:
-        """Free the devices of replicas no engine reports live any more."""
+    def release_gone(self, live: Iterable[str], now: float, grace: float) -> None:
+        """Free the devices of replicas no engine reports live any more, ``grace`` seconds
+        after they were first missed (an engine stops reporting a replica when asked to
+        stop it, and its process may hold the device until it has exited: the stop grace
+        period). At the first call (a control plane that starts) there is nothing to wait
+        for: whatever an earlier run left is gone or adopted by then."""
         alive = set(live)
         held = self.held()
-        gone = [r for r in held if r not in alive]
-        if not gone:
+        for r in [r for r in self._missed if r in alive or r not in held]:
+            del self._missed[r]
+        missing = [r for r in held if r not in alive]
+        for r in missing:
+            self._missed.setdefault(r, now)
+        if self._started:
+            missing = [r for r in missing if now - self._missed[r] >= grace]
+        self._started = True
+        if not missing:
             return
-        self._store.release(gone)
+        self._store.release(missing)
         with self._lock:
-            for r in gone:
+            for r in missing:
                 (self._held or {}).pop(r, None)
-        log.info("released the devices of gone replica(s) %s", ", ".join(sorted(gone)))
+                self._missed.pop(r, None)
+        log.info("released the devices of gone replica(s) %s", ", ".join(sorted(missing)))
+
+    def pending(self, deployment_id: str) -> int:
+        """The deployment's gone replicas whose devices are not released yet (their grace
+        runs): a rollout counts them as still draining."""
+        held = self.held()
+        return sum(1 for r in self._missed if r in held and held[r][0] == deployment_id)
 
     def release(self, replica_id: str) -> None:
         self._store.release([replica_id])

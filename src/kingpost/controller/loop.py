@@ -361,12 +361,13 @@ class Controller:
     def _pass(self) -> RoutingTable:
         replicas = self._poll_all()
         if self._polled_all:  # an engine that could not say: keep its replicas' devices
-            self.gpus.release_gone(
+            live = [
                 r.replica_id
                 for reps in replicas.values()
                 for r in reps
                 if r.phase not in (ReplicaPhase.STOPPED, ReplicaPhase.FAILED)
-            )
+            ]
+            self.gpus.release_gone(live, self._clock(), self.settings.stop_grace_period)
         self._advance_rollouts(replicas)  # first: a finished one changes what this pass sees
         models, deployments, environments = self.store.routing_snapshot()
         self._tell_environments(deployments, environments)
@@ -652,9 +653,8 @@ class Controller:
             candidate_preparing=candidate is not None and candidate.status in _PREPARING,
             candidate_failure=failure,
             candidate_waiting=waiting,
-            previous_draining=sum(
-                1 for r in replicas.get(prev, ()) if r.replica_id in self._drains
-            ),
+            previous_draining=self.gpus.pending(prev)
+            + sum(1 for r in replicas.get(prev, ()) if r.replica_id in self._drains),
         )
 
     def _stop_or_drain(

@@ -221,8 +221,8 @@ class Observed:
     a rolling promotion then stops a previous replica first, as ``max_unavailable_percent``
     would, instead of waiting for devices the previous replicas hold."""
     previous_draining: int = 0
-    """The previous deployment's replicas out of the table, not stopped yet (their devices
-    are not free yet)."""
+    """The previous deployment's replicas out of the table and not stopped yet, or stopped
+    with their devices not released yet: what they hold is not free yet."""
 
 
 def step_size(settings: PromotionSettings, target: int) -> int:
