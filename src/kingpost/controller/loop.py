@@ -159,7 +159,9 @@ class _Blocked:
     deployment's note)."""
 
     status: DeploymentStatus | None
-    """``None``: nothing to record (e.g. a recorded BUILD_FAILED that stands)."""
+    """``None``: nothing to record (e.g. a recorded BUILD_FAILED that stands); from
+    ``_start_replicas``, a replica waiting for devices: the status stays, the message says
+    why."""
     message: str = ""
 
 
@@ -179,8 +181,6 @@ class Controller:
         self.store = store
         self.gpus = GpuPlacer(settings, store.db, gpus)
         """The host's devices and who holds them (``gpus``: the inventory seam)."""
-        self._gpu_waits: dict[str, str] = {}
-        """Per deployment: why its next replica waits for devices (this pass)."""
         self._push = push
         self._pull_stats = pull_stats
         self.gateway_stats: GatewayStats | None = None
@@ -490,7 +490,6 @@ class Controller:
         if not want_active:  # a build still running is stopped; re-activating starts anew
             self._jobs.cancel(f"build:{dep.id}", "the deployment was deactivated")
         self._notes.pop(dep.id, None)
-        self._gpu_waits.pop(dep.id, None)
         gate = self._prepare(dep, serving) if want_active else None
         if isinstance(gate, _Blocked):
             if not serving:
@@ -928,7 +927,6 @@ class Controller:
             replica_id = f"{dep.id}-{new_id(5)}"
             gpus = self.gpus.devices_for(dep.id, replica_id, config.resources.accelerator)
             if isinstance(gpus, Wait):  # no replica starts on the wrong devices
-                self._gpu_waits[dep.id] = str(gpus)
                 return _Blocked(None, str(gpus))
             spec = replica_spec(
                 replica_id=replica_id,
