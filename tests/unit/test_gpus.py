@@ -292,3 +292,14 @@ def test_fake_inventory_file(tmp_path: Path) -> None:
     assert [(d.index, d.uuid, d.placeable) for d in inv.devices] == [
         ("0", "GPU-a", True), ("1", "GPU-m", False), ("1:0", "MIG-1", True)
     ]  # fmt: skip
+
+
+def test_the_environment_a_replica_gets_for_its_devices() -> None:
+    from kingpost.engines.base import gpu_environment
+
+    assert gpu_environment(None) == {}  # no GPU here, none asked for: left alone
+    assert gpu_environment(()) == {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "none"}
+    assert gpu_environment(("GPU-a", "MIG-b")) == {
+        "CUDA_VISIBLE_DEVICES": "GPU-a,MIG-b",
+        "NVIDIA_VISIBLE_DEVICES": "GPU-a,MIG-b",
+    }
