@@ -202,3 +202,13 @@ def test_a_rolling_promotion_on_a_full_machine_makes_room_and_says_so(tmp_path: 
     assert sorted(rig.gpus_of(second)) == [("GPU-a",), ("GPU-b",)]
     assert rig.engine.live(first) == []
     assert any("a previous replica stops first" in m for m in messages), messages
+
+
+def test_a_users_own_kind_names_devices_through_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KINGPOST_ACCELERATOR_NAMES", '{"MYCARD": "NVIDIA L4"}')
+    rig = Rig(tmp_path)
+    dep = rig.deploy(SERVER + "resources:\n  accelerator: MYCARD\n")
+    rig.passes()
+    assert rig.gpus_of(dep) == [("GPU-l4",)]
