@@ -57,7 +57,11 @@ class Rig:
         return c
 
     def deploy(
-        self, config: str = L4, min_replicas: int = 1, environment: str | None = None
+        self,
+        config: str = L4,
+        min_replicas: int = 1,
+        environment: str | None = None,
+        development: bool = False,
     ) -> str:
         if config not in self.projects:
             project = self.tmp_path / f"project{len(self.projects)}"
@@ -68,6 +72,7 @@ class Rig:
             self.projects[config] = packed.sha256
         new = NewDeployment(model_name="gpu", project_hash=self.projects[config], config={},
                             engine="fake", min_replicas=min_replicas, environment=environment,
+                            development=development,
                             max_replicas=max(1, min_replicas))  # fmt: skip
         return self.store.create_deployment(new).id
 
@@ -212,3 +217,23 @@ def test_a_users_own_kind_names_devices_through_the_setting(
     dep = rig.deploy(SERVER + "resources:\n  accelerator: MYCARD\n")
     rig.passes()
     assert rig.gpus_of(dep) == [("GPU-l4",)]
+
+
+def test_a_development_swap_on_a_full_machine_stops_the_old_replica_first(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    dep = rig.deploy(development=True)
+    rig.passes()
+    (old,) = rig.engine.live(dep)
+    view = rig.store.get_deployment(dep)
+    rig.store.set_development_project(dep, view.project_hash, {}, view.activation + 1)
+    rig.passes(1)
+    message = rig.store.get_deployment(dep).message
+    assert message.startswith("waiting for 1\u00d7L4: 0 free of 1"), message
+    assert "the running replica stops first" in message
+    assert rig.engine.live(dep) == []  # stopped, its device free after the grace
+    rig.passes(7)
+    (new,) = rig.engine.live(dep)
+    assert new != old and rig.gpus_of(dep) == [("GPU-l4",)]
+    assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE

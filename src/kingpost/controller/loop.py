@@ -519,11 +519,28 @@ class Controller:
             refused = self._start_replicas(dep, decision.start, gate)
             if refused is not None and refused.status is None:  # waits for devices
                 status, message = status or dep.status, refused.message
+                if dep.is_development:
+                    message += self._free_devices_for_swap(dep, replicas)
             elif refused is not None:  # the engine refused a start: that outcome stands
                 status, message = refused.status, refused.message
         if status is not None:  # one status per deployment per pass
             self.store.set_status(dep.id, status, message, seen=seen)
         return list(decision.ready)
+
+    def _free_devices_for_swap(self, dep: DeploymentView, replicas: list[ReplicaStatus]) -> str:
+        """A development swap whose new replica waits for devices: the older replicas,
+        which hold devices, stop first (a moment without a replica rather than a swap that
+        never happens); what the deployment's message adds."""
+        held = self.gpus.held()
+        older = tuple(
+            r.replica_id
+            for r in replicas
+            if r.generation < dep.activation and r.phase in _LIVE and r.replica_id in held
+        )
+        if not older:
+            return ""
+        self._stop_or_drain(dep, older, replicas)
+        return "; the running replica stops first to free its devices"
 
     def draining(self, replica_id: str) -> bool:
         """Whether the replica is out of the table, waiting for its requests to finish."""
