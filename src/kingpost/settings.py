@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,6 +90,19 @@ class Settings(BaseSettings):
     ``/packages`` of built images), where the Docker Engine supports volume quotas
     (``local`` volumes on XFS with ``pquota``); elsewhere they are unbounded, and the
     engine says so when it starts."""
+    accelerators: Literal["enforce", "ignore"] = "enforce"
+    """``enforce``: a config's ``resources.accelerator`` is placed on devices of that kind,
+    and a push asking for a kind (or count) this host lacks is refused. ``ignore`` (laptops):
+    such a config runs on CPU instead, with a warning on every push."""
+    accelerator_names: dict[str, str | list[str]] = Field(default_factory=dict)
+    """Your own accelerator kinds, as JSON: kind -> the NVML device name(s) it means, e.g.
+    ``{"MYCARD": "NVIDIA GeForce RTX 4090"}`` (``kingpost gpus`` shows the names)."""
+    gpu_sharing: bool = False
+    """Opt-in: let replicas share devices (placement picks the least-held ones); by
+    default no two live replicas get the same device."""
+    fake_gpus: Path | None = None
+    """FOR TESTS ONLY: a JSON file read as the host's GPU inventory instead of NVML
+    (``gpus/inventory.py``'s ``read_fake``), so tests can place replicas without a GPU."""
 
     log_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     """The log store's bound in bytes (replica and build output, access lines): the oldest

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -575,7 +576,9 @@ def test_a_container_that_cannot_start_is_not_left_behind(
 
     engine = DockerEngine(Settings(home=engine_home))
     try:
-        engine.start(_engine_spec(engine_home, "dep1-ggggg", "resources:\n  accelerator: T4\n"))
+        spec = _engine_spec(engine_home, "dep1-ggggg", "resources:\n  accelerator: T4\n")
+        # As placed on a GPU host: a device request for that device's id.
+        engine.start(replace(spec, gpus=("GPU-00000000-0000-0000-0000-000000000000",)))
         _wait_phases(engine, {"dep1-ggggg": "failed"})
         (status,) = engine.poll()
         assert "GPU" in status.message

@@ -325,7 +325,6 @@ def test_the_defaults_of_those_keys_earn_no_warning() -> None:
 PROCESS_ONLY = [
     ("resources: {cpu: '4'}", "resources.cpu"),
     ("resources: {memory: 16Gi}", "resources.memory"),
-    ("resources: {accelerator: A10G}", "resources.accelerator"),
     (
         "base_image: {python_executable_path: /usr/bin/python3}",
         "base_image.python_executable_path",

@@ -254,3 +254,40 @@ def test_replica_overhead_grows_the_previous_deployment_before_the_first_step() 
         (IN_PROGRESS, 4, 0, 100.0),
         (SUCCEEDED, 4, 0, 100.0),
     ]
+
+
+def test_a_rolling_promotion_on_a_full_machine_stops_a_previous_replica_first() -> None:
+    """4 GPUs, all held by the previous deployment's 4 replicas: a surge step's candidate
+    waits for a device, so a previous replica goes first (max_unavailable behaviour), and
+    the rollout says so instead of waiting out its deadline."""
+    gpus, st = 4, fresh()
+    seen: list[tuple] = []  # type: ignore[type-arg]
+    messages = set()
+    for now in range(80):
+        previous = st.previous_replicas  # the previous side follows at once
+        candidate = min(st.candidate_replicas, gpus - previous)
+        short = candidate < st.candidate_replicas
+        waiting = "waiting for 1\u00d7H100: 0 free of 4" if short else None
+        ob = Observed(candidate, previous, previous, candidate_waiting=waiting)
+        st = rollout_step(st, ob, SURGE, float(now))
+        messages.add(st.message)
+        row = (st.status, st.candidate_replicas, st.previous_replicas)
+        if not seen or seen[-1] != row:
+            seen.append(row)
+    assert st.status == SUCCEEDED, (st, seen)
+    assert all(c + p <= gpus + 1 for _, c, p in seen)  # never more than one over the machine
+    assert any("a previous replica stops first" in m and "0 free of 4" in m for m in messages)
+
+
+def test_no_previous_replica_goes_while_one_still_drains_or_without_a_wait() -> None:
+    st = replace(fresh(), phase=Phase.SCALE_UP, step=1, steps=4, candidate_replicas=1)
+    waiting = "waiting for 1\u00d7H100: 0 free of 4"
+    stepped = rollout_step(st, Observed(0, 4, 4, candidate_waiting=waiting), SURGE, 0.0)
+    assert stepped.previous_replicas == 3 and "max_unavailable_percent" in stepped.message
+    draining = Observed(0, 3, 3, candidate_waiting=waiting, previous_draining=1)
+    assert rollout_step(stepped, draining, SURGE, 1.0).previous_replicas == 3
+    assert rollout_step(st, Observed(0, 4, 4), SURGE, 0.0).previous_replicas == 4  # no wait
+    # A promotion that does not roll keeps its previous replicas; its deadline names the wait.
+    swap = replace(st, steps=1, candidate_replicas=4)
+    late = rollout_step(swap, Observed(0, 4, 4, candidate_waiting=waiting), SWAP, 10_000.0)
+    assert late.status == FAILED and waiting in late.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -265,12 +266,44 @@ def test_the_dynamic_config_directory_is_mounted_where_truss_reads_it() -> None:
     assert "KINGPOST_DYNAMIC_CONFIG_DIR" not in bare["environment"]
 
 
-def test_accelerators_become_gpu_device_requests() -> None:
-    spec = _spec(CUSTOM + "resources:\n  accelerator: H100:2\n", image="i")
+def test_placed_devices_become_a_device_request_for_those_ids() -> None:
+    h100 = _spec(CUSTOM + "resources:\n  accelerator: H100:2\n", image="i")
+    spec = replace(h100, gpus=("GPU-a", "GPU-b"))
     opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
-    assert opts["device_requests"] == [{"Driver": "", "Count": 2, "Capabilities": [["gpu"]]}]
-    assert opts["labels"]["kingpost.accelerator"] == "H100:2"
-    assert device_requests(cfg(CUSTOM)) == []
+    assert opts["device_requests"] == [
+        {"Driver": "nvidia", "DeviceIDs": ["GPU-a", "GPU-b"], "Capabilities": [["gpu"]]}
+    ]
+    assert opts["labels"]["kingpost.gpus"] == "GPU-a,GPU-b"
+    # No devices placed (none asked for, or KINGPOST_ACCELERATORS=ignore): no request at all,
+    # never the "all GPUs" one.
+    for gpus in (None, ()):
+        spec = replace(h100, gpus=gpus)
+        opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
+        assert "device_requests" not in opts and "kingpost.gpus" not in opts["labels"]
+    assert device_requests(None) == [] and device_requests(()) == []
+
+
+def test_the_engine_hands_docker_a_device_request_with_the_ids() -> None:
+    from docker.types import DeviceRequest
+
+    from kingpost.engines.docker import DockerEngine
+
+    created: list[dict[str, Any]] = []
+
+    class Containers:
+        def create(self, **kwargs: Any) -> str:
+            created.append(kwargs)
+            return "container"
+
+    engine = object.__new__(DockerEngine)  # only the seam to the Docker SDK is exercised
+    engine.client = SimpleNamespace(containers=Containers())  # type: ignore[assignment]
+    spec = replace(_spec(CUSTOM, image="i"), gpus=("GPU-a",))
+    opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
+    assert engine._create(opts) == "container"
+    (request,) = created[0]["device_requests"]
+    assert isinstance(request, DeviceRequest)
+    assert request["DeviceIDs"] == ["GPU-a"] and request["Driver"] == "nvidia"
+    assert request["Capabilities"] == [["gpu"]] and request["Count"] == 0
 
 
 def test_model_class_command_and_missing_image() -> None:

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all
 from kingpost.api.development import development_routes
 from kingpost.api.development import promote as promote_deployment
+from kingpost.api.gpus import check_accelerator, gpu_routes
 from kingpost.api.limits import BodyLimit
 from kingpost.api.logs import log_routes
 from kingpost.api.rollouts import rollout_routes
@@ -145,6 +146,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     rollout_routes(router, plane)
     autoscaling_routes(router, plane)
     log_routes(router, plane)
+    gpu_routes(router, plane)
     app.include_router(router)
     return app
 
@@ -237,6 +239,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
             secrets=missing,
         )
     _check_runnable(config, kind)
+    warnings += check_accelerator(plane, config)  # 422 for devices this host lacks
     if kind.check_at_push:
         plane.controller.engine(engine)  # EngineError now, if e.g. dockerd is unreachable
     model_name = body.model_name or config.model_name

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from kingpost.api.gpus import replica_devices
 from kingpost.api.schemas import AutoscalingIn, DeploymentOut
 from kingpost.store import DeploymentView, EnvironmentView
 from kingpost.store.autoscaling import (
@@ -45,6 +46,7 @@ def describe(
     if counts is not None:
         out.replicas_wanted, out.replicas_starting = counts.wanted, counts.starting
         out.replicas_ready, out.scaling_reason = counts.ready, counts.reason
+    out.gpus = replica_devices(plane, view.id)
     return out
 
 

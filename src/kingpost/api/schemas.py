@@ -120,6 +120,8 @@ class DeploymentOut(BaseModel):
     replicas_ready: int | None = None
     scaling_reason: str = ""
     """Why the autoscaler last chose ``replicas_wanted``."""
+    gpus: dict[str, list[str]] = Field(default_factory=dict)
+    """Replica id -> the devices it holds (``index:uuid``)."""
 
     @classmethod
     def of(cls, v: DeploymentView) -> DeploymentOut:

@@ -13,6 +13,7 @@ from rich.markup import escape
 from kingpost.cli._common import err_console, settings
 from kingpost.cli.api_keys import api_keys
 from kingpost.cli.autoscaling import autoscaling
+from kingpost.cli.gpus import gpus
 from kingpost.cli.image import image
 from kingpost.cli.logs import logs
 from kingpost.cli.manage import deployments, models, predict, push
@@ -109,6 +110,7 @@ for command in (
     migrate,
     image,
     autoscaling,
+    gpus,
 ):
     cli.add_command(command)
 

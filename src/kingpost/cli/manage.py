@@ -43,7 +43,7 @@ _REASON_CELLS = 160
 """A table shows a one-line reason; the whole message is in JSON output and in `logs`."""
 _DESCRIBE_COLUMNS = [
     "id", "name", "model_id", "status", "replicas", "scaling_reason", "environments",
-    "autoscaling_settings_from", "autoscaling_settings", "message",
+    "autoscaling_settings_from", "autoscaling_settings", "gpus", "message",
 ]  # fmt: skip
 _ACTION_COLUMNS = ["id", "name", "model_id", "desired_state", "status", "environments"]
 """After an action: what was asked next to where the deployment is now, since the

@@ -283,6 +283,10 @@ class KingpostClient:
     def gc(self) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/gc", timeout=600))
 
+    def gpus(self) -> dict[str, Any]:
+        """The server's GPU inventory (read again) with the replica holding each device."""
+        return dict(self._call("GET", "/v1/gpus"))
+
     # -- secrets --------------------------------------------------------------------------
     def set_secret(self, name: str, value: str) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/secrets", json={"name": name, "value": value}))

@@ -470,8 +470,8 @@ def process_engine_warnings(config: TrussConfig) -> list[Issue]:
 
 
 def _process_resource_warnings(config: TrussConfig) -> list[Issue]:
-    """The process engine sets no CPU or memory limit and assigns no GPUs (README,
-    "Trust model"): a replica may use the whole machine."""
+    """The process engine sets no CPU or memory limit (README, "Trust model"): a replica
+    may use the whole machine's. GPUs it does assign (``CUDA_VISIBLE_DEVICES``)."""
     resources = config.resources
     issues: list[Issue] = []
     for key, value, default in (("cpu", resources.cpu, "1"),
@@ -485,13 +485,4 @@ def _process_resource_warnings(config: TrussConfig) -> list[Issue]:
                     value,
                 )
             )
-    if resources.accelerator is not None:
-        issues.append(
-            Issue(
-                ("resources", "accelerator"),
-                "not reserved: the process engine assigns no GPUs, so replicas see every "
-                "GPU of this machine; push with --engine docker to get a device request",
-                str(resources.accelerator),
-            )
-        )
     return issues

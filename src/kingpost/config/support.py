@@ -209,8 +209,8 @@ ROWS: tuple[Row, ...] = (
     ),
     _row(
         "resources.accelerator",
-        (W, "not reserved: replicas see every GPU of this machine"),
-        (A, "a GPU device request of that count"),
+        (A, "whole devices of that kind and count, as `CUDA_VISIBLE_DEVICES`"),
+        (A, "a device request for those devices"),
     ),
     _row("resources.use_gpu", (A, "derived from `accelerator`; a contradicting value warned")),
     _row("resources.instance_type", (W, f"not read: instance types are {_BASETEN}")),

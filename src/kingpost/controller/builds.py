@@ -56,7 +56,9 @@ class Blocked:
     deployment's note)."""
 
     status: DeploymentStatus | None
-    """``None``: nothing to record (e.g. a recorded BUILD_FAILED that stands)."""
+    """``None``: nothing to record (e.g. a recorded BUILD_FAILED that stands); from
+    ``_start_replicas``, a replica waiting for devices: the status stays, the message says
+    why."""
     message: str = ""
 
 

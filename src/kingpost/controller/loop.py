@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from kingpost.controller.builds import Blocked as _Blocked
 from kingpost.controller.builds import Builds
 from kingpost.controller.builds import Ready as _Ready
+from kingpost.controller.gpus import GpuPlacer, Wait
 from kingpost.controller.plan import Want, plan
 from kingpost.controller.rollout import (
     TERMINAL,
@@ -49,6 +50,7 @@ from kingpost.engines import Engine, LogLine, ReplicaPhase, ReplicaStatus, creat
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
+from kingpost.gpus import InventorySource
 from kingpost.server.contract import ENVIRONMENT_ENV
 from kingpost.store import (
     DeploymentStatus,
@@ -124,9 +126,12 @@ class Controller:
         pull_stats: Callable[[], GatewayStats] | None = None,
         engines: dict[str, Engine] | None = None,
         clock: Callable[[], float] = time.time,
+        gpus: InventorySource | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.gpus = GpuPlacer(settings, store.db, gpus)
+        """The host's devices and who holds them (``gpus``: the inventory seam)."""
         self._pull_stats = pull_stats
         self.gateway_stats: GatewayStats | None = None
         """The gateway's last figures (every worker's, merged), pulled once a second."""
@@ -139,6 +144,7 @@ class Controller:
         self._notes: dict[str, str] = {}
         """Per deployment: what a new replica would lack while the running ones serve."""
         self._owners: dict[str, Engine] = {}
+        self._polled_all = True
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,6 +181,8 @@ class Controller:
         """
         # The default engine too, even with no deployment on it: starting an engine clears
         # what a killed run left (processes, secret files), deleted deployments' included.
+        inventory = self.gpus.read()
+        log.info("GPU inventory (%s): %s", inventory.source, inventory.describe())
         in_use = {d.engine for d in self.store.routing_snapshot()[1]}
         for name in sorted(in_use | {self.settings.engine}):
             try:
@@ -297,6 +305,14 @@ class Controller:
 
     def _pass(self) -> RoutingTable:
         replicas = self._poll_all()
+        if self._polled_all:  # an engine that could not say: keep its replicas' devices
+            live = [
+                r.replica_id
+                for reps in replicas.values()
+                for r in reps
+                if r.phase not in (ReplicaPhase.STOPPED, ReplicaPhase.FAILED)
+            ]
+            self.gpus.release_gone(live, self._clock(), self.settings.stop_grace_period)
         self._advance_rollouts(replicas)  # first: a finished one changes what this pass sees
         models, deployments, environments = self.store.routing_snapshot()
         self.routing.tell_environments(deployments, environments)
@@ -385,12 +401,14 @@ class Controller:
         """Replicas by deployment; remembers which engine reported each, for stopping."""
         out: dict[str, list[ReplicaStatus]] = {}
         self._owners = {}
+        self._polled_all = True
         for engine in list(self._engines.values()):
             try:
                 for status in engine.poll():
                     out.setdefault(status.deployment_id, []).append(status)
                     self._owners[status.replica_id] = engine
             except Exception:
+                self._polled_all = False
                 log.exception("polling engine %s failed", engine.name)
         return out
 
@@ -429,11 +447,30 @@ class Controller:
             status, message = decision.status, decision.message or self._notes.get(dep.id, "")
         if decision.start and isinstance(gate, _Ready):
             refused = self._start_replicas(dep, decision.start, gate)
-            if refused is not None:  # the engine refused a start: that outcome stands
-                status, message = refused.status or DeploymentStatus.FAILED, refused.message
+            if refused is not None and refused.status is None:  # waits for devices
+                status, message = status or dep.status, refused.message
+                if dep.is_development:
+                    message += self._free_devices_for_swap(dep, replicas)
+            elif refused is not None:  # the engine refused a start: that outcome stands
+                status, message = refused.status, refused.message
         if status is not None:  # one status per deployment per pass
             self.store.set_status(dep.id, status, message, seen=seen)
         return list(decision.ready)
+
+    def _free_devices_for_swap(self, dep: DeploymentView, replicas: list[ReplicaStatus]) -> str:
+        """A development swap whose new replica waits for devices: the older replicas,
+        which hold devices, stop first (a moment without a replica rather than a swap that
+        never happens); what the deployment's message adds."""
+        held = self.gpus.held()
+        older = tuple(
+            r.replica_id
+            for r in replicas
+            if r.generation < dep.activation and r.phase in _LIVE and r.replica_id in held
+        )
+        if not older:
+            return ""
+        self._stop_or_drain(dep, older, replicas)
+        return "; the running replica stops first to free its devices"
 
     def draining(self, replica_id: str) -> bool:
         """Whether the replica is out of the table, waiting for its requests to finish."""
@@ -557,12 +594,19 @@ class Controller:
             failure = f"{candidate.status}: {candidate.message}"
             if lines:
                 failure += "; last log lines:\n" + "\n".join(lines)
+        waiting = None
+        if candidate is not None and count(candidate.id, _LIVE) < ro.candidate_replicas:
+            with contextlib.suppress(KingpostError):  # a config that fails says so elsewhere
+                waiting = self.gpus.wait_reason(self.builds.config(candidate).resources.accelerator)
         return Observed(
             candidate_ready=count(ro.candidate_deployment_id, (ReplicaPhase.READY,)),
             previous_ready=count(prev, (ReplicaPhase.READY,)),
             previous_live=count(prev, _LIVE),
             candidate_preparing=candidate is not None and candidate.status in _PREPARING,
             candidate_failure=failure,
+            candidate_waiting=waiting,
+            previous_draining=self.gpus.pending(prev)
+            + sum(1 for r in replicas.get(prev, ()) if r.replica_id in self._drains),
         )
 
     def _stop_or_drain(
@@ -597,8 +641,12 @@ class Controller:
         engine = self.engine(dep.engine)
         model_name = next((m.name for m in self.store.list_models() if m.id == dep.model_id), "")
         for _ in range(count):
+            replica_id = f"{dep.id}-{new_id(5)}"
+            gpus = self.gpus.devices_for(dep.id, replica_id, config.resources.accelerator)
+            if isinstance(gpus, Wait):  # no replica starts on the wrong devices
+                return _Blocked(None, str(gpus))
             spec = replica_spec(
-                replica_id=f"{dep.id}-{new_id(5)}",
+                replica_id=replica_id,
                 deployment_id=dep.id,
                 model_id=dep.model_id,
                 model_name=model_name,
@@ -612,11 +660,13 @@ class Controller:
                 dynamic_config_dir=self.settings.dynamic_dir / dep.id,
                 generation=dep.activation,
             )
+            spec = replace(spec, gpus=gpus)
             if dep.is_development:
                 spec = replace(spec, reloadable=True)
             try:
                 engine.start(spec)
             except KingpostError as exc:
+                self.gpus.release(replica_id)
                 build = exc.code == "build_failed"
                 status = DeploymentStatus.BUILD_FAILED if build else DeploymentStatus.FAILED
                 return _Blocked(status, exc.message)

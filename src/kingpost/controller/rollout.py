@@ -216,6 +216,13 @@ class Observed:
     """The candidate is still building or mirroring weights: its deadline has not begun."""
     candidate_failure: str | None = None
     """Why the candidate cannot serve (FAILED, BUILD_FAILED), with its last log lines."""
+    candidate_waiting: str | None = None
+    """Why a candidate replica waits for devices (``waiting for 1`` TIMES ``H100: 0 free of 8``):
+    a rolling promotion then stops a previous replica first, as ``max_unavailable_percent``
+    would, instead of waiting for devices the previous replicas hold."""
+    previous_draining: int = 0
+    """The previous deployment's replicas out of the table and not stopped yet, or stopped
+    with their devices not released yet: what they hold is not free yet."""
 
 
 def step_size(settings: PromotionSettings, target: int) -> int:
@@ -308,6 +315,10 @@ def _transition(
         return replace(st, phase=Phase.SCALE_UP, candidate_replicas=goal_c, phase_since=now)
     if st.phase == Phase.SCALE_UP:
         if ob.candidate_ready < goal_c:
+            if _makes_room(st, ob, settings):
+                return replace(st, previous_replicas=st.previous_replicas - 1, message=(
+                    f"no free device for the candidate ({ob.candidate_waiting}): a previous "
+                    "replica stops first, as with max_unavailable_percent"))  # fmt: skip
             return _deadline(st, ob, settings, now, goal_c)
         if settings.rolling and settings.stabilization_time_seconds > 0:
             return replace(st, phase=Phase.STABILIZE, phase_since=now)
@@ -327,6 +338,17 @@ def _begin(st: RolloutState, settings: PromotionSettings, k: int, now: float) ->
     if settings.rolling and settings.max_unavailable_percent is not None:
         return replace(base, phase=Phase.SCALE_DOWN, previous_replicas=goal_p)
     return replace(base, phase=Phase.SCALE_UP, candidate_replicas=goal_c)
+
+
+def _makes_room(st: RolloutState, ob: Observed, settings: PromotionSettings) -> bool:
+    """A rolling step's candidate waits for devices: one previous replica may go first,
+    once the one before it is gone (``previous_live`` down to the count)."""
+    return (
+        ob.candidate_waiting is not None
+        and settings.rolling
+        and ob.previous_draining == 0
+        and 0 < ob.previous_live <= st.previous_replicas
+    )
 
 
 def _overhead(st: RolloutState, settings: PromotionSettings) -> int:
@@ -356,8 +378,10 @@ def _shift(st: RolloutState, settings: PromotionSettings, now: float) -> Rollout
     if settings.max_unavailable_percent is not None:  # previous replicas went first
         return _after_step(replace(st, phase=Phase.STEP_DONE, candidate_traffic_percent=share),
                            settings, now)  # fmt: skip
+    # min: previous replicas already stopped to make room for devices stay stopped
     return replace(st, phase=Phase.SCALE_DOWN, candidate_traffic_percent=share,
-                   previous_replicas=goal_p, phase_since=now)  # fmt: skip
+                   previous_replicas=min(goal_p, st.previous_replicas),
+                   phase_since=now)  # fmt: skip
 
 
 def _ramp(st: RolloutState, settings: PromotionSettings, now: float) -> RolloutState:
@@ -383,6 +407,8 @@ def _deadline(
         f"candidate not ready: {ob.candidate_ready} of {wanted} replica(s) ready after "
         f"{settings.ready_timeout_seconds:g} s (ready_timeout_seconds)"
     )
+    if ob.candidate_waiting:
+        why += f"; {ob.candidate_waiting}"
     return _finish(st, RolloutStatus.FAILED, now, why)
 
 

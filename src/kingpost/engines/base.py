@@ -44,6 +44,7 @@ __all__ = [
     "ReplicaStatus",
     "ServerKind",
     "WeightMount",
+    "gpu_environment",
     "scope_of",
 ]
 
@@ -51,6 +52,18 @@ __all__ = [
 def scope_of(home: Path) -> str:
     """A short stable id of one Kingpost installation (its home directory)."""
     return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+
+
+def gpu_environment(gpus: tuple[str, ...] | None) -> dict[str, str]:
+    """What tells CUDA (and NVIDIA's container tools) which devices a replica may use:
+    the UUIDs placement gave it, nothing at all (``()``: every GPU hidden), or, for
+    ``None``, no variable (a host without GPUs, a replica that asked for none)."""
+    if gpus is None:
+        return {}
+    return {
+        "CUDA_VISIBLE_DEVICES": ",".join(gpus),
+        "NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "none",
+    }
 
 
 class ServerKind(enum.StrEnum):
@@ -131,6 +144,10 @@ class ReplicaSpec:
     failed replicas of an older one (the user re-activated after a failure), and rollouts
     tell old replicas from new ones by it. Engines report it back in
     :attr:`ReplicaStatus.generation`."""
+    gpus: tuple[str, ...] | None = None
+    """The device UUIDs placement gave this replica (``gpus/placement.py``); ``()``: none,
+    so the engine hides every GPU from it; ``None``: the host has no GPU and none was
+    asked for, so the engine leaves the environment alone."""
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,8 @@ LABEL_MODEL = "kingpost.model"
 LABEL_RUNTIME = "kingpost.runtime"
 """JSON of what the monitor needs to watch an adopted container: port and probes."""
 LABEL_ISOLATION = "kingpost.isolation"
+LABEL_GPUS = "kingpost.gpus"
+"""The device UUIDs the container was given, for operators (`docker inspect`)."""
 ISOLATION = "1"
 """The isolation a container was created with (network, user, capabilities, limits); one
 from an older Kingpost, without it, is replaced rather than adopted."""
@@ -187,15 +189,12 @@ def writable_mounts(spec: ReplicaSpec, uid: int) -> tuple[list[str], dict[str, s
     return volumes, tmp
 
 
-def device_requests(config: TrussConfig | None) -> list[dict[str, Any]]:
-    """GPU requests for ``resources.accelerator`` (the NVIDIA runtime picks devices).
-
-    Docker cannot select a GPU model, so ``H100:2`` asks for any two GPUs; the kind
-    is recorded as a label for the operator."""
-    accelerator = config.resources.accelerator if config is not None else None
-    if accelerator is None:
+def device_requests(gpus: tuple[str, ...] | None) -> list[dict[str, Any]]:
+    """The NVIDIA runtime's request for the devices placement gave the replica (their
+    UUIDs, ``gpus/placement.py``); none when it was given none."""
+    if not gpus:
         return []
-    return [{"Driver": "", "Count": accelerator.count, "Capabilities": [["gpu"]]}]
+    return [{"Driver": "nvidia", "DeviceIDs": list(gpus), "Capabilities": [["gpu"]]}]
 
 
 def _command(spec: ReplicaSpec) -> list[str] | None:
@@ -340,10 +339,10 @@ def container_options(
         if memory:
             options["mem_limit"] = memory
             options["memswap_limit"] = memory  # Docker's default adds as much swap again
-        requests = device_requests(config)
-        if requests:
-            options["device_requests"] = requests
-            labels["kingpost.accelerator"] = str(config.resources.accelerator)
+    requests = device_requests(spec.gpus)
+    if requests:
+        options["device_requests"] = requests
+        labels[LABEL_GPUS] = ",".join(spec.gpus or ())
     return options
 
 
@@ -786,7 +785,9 @@ class DockerEngine(ReplicaEngine[_Replica]):
         kwargs["mounts"] = docker_mounts(options["mounts"])
         if "device_requests" in options:
             kwargs["device_requests"] = [
-                DeviceRequest(driver=d["Driver"], count=d["Count"], capabilities=d["Capabilities"])
+                DeviceRequest(
+                    driver=d["Driver"], device_ids=d["DeviceIDs"], capabilities=d["Capabilities"]
+                )
                 for d in options["device_requests"]
             ]
         try:

@@ -47,6 +47,7 @@ from kingpost.engines.base import (
     ReplicaPhase,
     ReplicaSpec,
     ServerKind,
+    gpu_environment,
     scope_of,
 )
 from kingpost.errors import EngineError
@@ -601,6 +602,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             "KINGPOST_SECRETS_DIR": SECRETS_MOUNT if SECRETS_MOUNT in mounted else str(secrets_dir),
             "PYTHONUNBUFFERED": "1",
             **({RELOAD_TOKEN_ENV: rep.reload_token} if spec.reloadable else {}),
+            **gpu_environment(spec.gpus),
             **(
                 {DYNAMIC_CONFIG_ENV: str(spec.dynamic_config_dir)}
                 if spec.dynamic_config_dir is not None

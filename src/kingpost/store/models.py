@@ -34,6 +34,7 @@ __all__ = [
     "DeploymentStatus",
     "DesiredState",
     "Environment",
+    "GpuAssignment",
     "Model",
     "Rollout",
     "RolloutStatus",
@@ -217,3 +218,14 @@ class Rollout(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class GpuAssignment(Base):
+    """The devices (UUIDs) a live replica holds; released when the replica is gone."""
+
+    __tablename__ = "gpu_assignments"
+
+    replica_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(String(32))
+    devices: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
