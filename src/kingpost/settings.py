@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; defaults to SQLite at ``{home}/kingpost.db``."""
     api_host: str = "127.0.0.1"
     api_port: int = 8090
+    metrics_listen: str | None = Field(default=None, pattern=r"^\[?[^\s\]]*\]?:\d{1,5}$")
+    """``HOST:PORT`` where ``kingpost server`` also serves ``/metrics`` with no API key (for
+    a Prometheus on a private network); ``/metrics`` on the API port always needs an admin
+    key."""
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     gateway_workers: int = 1

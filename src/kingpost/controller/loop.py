@@ -65,6 +65,7 @@ from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
 from kingpost.housekeeping import DiskReport, collect_disk
+from kingpost.metrics.events import ReplicaEvents
 from kingpost.server.contract import ENVIRONMENT_ENV, ENVIRONMENT_KEY
 from kingpost.store import (
     DeploymentStatus,
@@ -218,6 +219,8 @@ class Controller:
         self.scaler = Scaler()
         """The autoscaler's soft state; a rollout freezes a deployment through
         ``scaler.frozen``."""
+        self.replica_events = ReplicaEvents()
+        """Replica starts, restarts, failures and cold starts seen by the passes (metrics)."""
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -329,6 +332,28 @@ class Controller:
                 engine.on_ready = self.wake  # a replica ready: route to it at once
             return engine
 
+    # -- metrics (kingpost.metrics reads these at each scrape) ---------------------------
+    def fresh_gateway_stats(self) -> GatewayStats | None:
+        """Every gateway worker's figures, pulled now (the last pulled ones if that fails)."""
+        if self._pull_stats is not None:
+            try:
+                return self._pull_stats()
+            except Exception as exc:
+                log.debug("pulling the gateway's stats for a scrape failed: %s", exc)
+        return self.gateway_stats
+
+    def current_replicas(self) -> list[ReplicaStatus]:
+        """Every engine's replicas now (``poll()`` does not block)."""
+        out: list[ReplicaStatus] = []
+        for engine in list(self._engines.values()):
+            with contextlib.suppress(Exception):
+                out.extend(engine.poll())
+        return out
+
+    def build_durations(self) -> dict[str, tuple[JobState, float]]:
+        """Per deployment id: its last build's state and duration (so far, if running)."""
+        return self._jobs.durations("build:")
+
     # -- one pass -------------------------------------------------------------------
     def reconcile_once(self) -> RoutingTable:
         started = time.perf_counter()
@@ -350,6 +375,7 @@ class Controller:
 
     def _pass(self) -> RoutingTable:
         replicas = self._poll_all()
+        self.replica_events.observe(replicas, self._clock())
         self._advance_rollouts(replicas)  # first: a finished one changes what this pass sees
         models, deployments, environments = self.store.routing_snapshot()
         self._tell_environments(deployments, environments)

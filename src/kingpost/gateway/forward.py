@@ -175,7 +175,7 @@ class ParkedRequest:
         if client.closed:  # gone without connection_lost yet: the slot goes on at once
             client.busy = False
             assert req.rid is not None
-            client.gw.log_access(req.rid, 0, "client_left", req.start, self.target)
+            client.gw.log_access(req.rid, 0, "client_left", req.start, self.target, req)
             self.dispatcher.release(slot)
             return
         try:
@@ -211,7 +211,9 @@ class ParkedRequest:
         if self.waiter is not None:
             self.dispatcher.unpark(self.waiter)
         assert self.req.rid is not None
-        self.client.gw.log_access(self.req.rid, 0, "client_left", self.req.start, self.target)
+        self.client.gw.log_access(
+            self.req.rid, 0, "client_left", self.req.start, self.target, self.req
+        )
 
 
 def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None:
@@ -225,7 +227,7 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
         conn.close()
         client.busy = False
         assert req.rid is not None
-        client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target)
+        client.gw.log_access(req.rid, exchange.status, "client_left", req.start, target, req)
         return
     outcome = settle(client, req, conn, exchange, True, ending)
     if conn.returning is not None and dispatcher.has_waiters():
@@ -236,12 +238,13 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
     else:
         dispatcher.release(slot)
     if outcome is _RETRY:
+        dispatcher.counters.retries += 1
         client.start_task(
             Handoff(req, target, dispatcher, frozenset({slot.upstream.replica_id}), 1)
         )
         return
     assert req.rid is not None
-    client.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target)
+    client.gw.log_access(req.rid, exchange.status or 502, outcome, req.start, target, req)
     client.busy = False
     if client.after(req, outcome is not _CLOSE):
         client.serve_next()
@@ -255,7 +258,9 @@ async def dispatch(client: ClientConn, h: Handoff) -> bool:
     h.started = True
     rid = req.rid
     assert rid is not None
-    for _attempt in range(h.attempts):
+    for attempt in range(h.attempts):
+        if attempt:
+            dispatcher.counters.retries += 1
         try:
             if slot is None:
                 try:
@@ -269,10 +274,10 @@ async def dispatch(client: ClientConn, h: Handoff) -> bool:
             finally:
                 dispatcher.release(slot)
         except asyncio.CancelledError:  # the client left, queued or mid-answer
-            gw.log_access(rid, 0, "client_left", req.start, target)
+            gw.log_access(rid, 0, "client_left", req.start, target, req)
             raise
         if outcome is not _RETRY:
-            gw.log_access(rid, status, outcome, req.start, target)
+            gw.log_access(rid, status, outcome, req.start, target, req)
             if outcome is _OK and not req.complete:
                 # Answered before the body was all in, by a replica that then hung up: the
                 # rest is read and dropped, or it piles up until reading stops for good.
@@ -546,6 +551,7 @@ class ClientExchange:
         if self.finished:
             return
         self.finished = True
+        self.req.upstream_at = self.sent_at
         if self.done is not None:
             if not self.done.done():
                 self.done.set_result(ending)
@@ -563,4 +569,5 @@ class ClientExchange:
             transport = self.client.transport
             if transport is not None and not self.client.closed:
                 transport.write(bytes(self.buf))
+                self.req.out_bytes += len(self.buf)
             self.buf.clear()

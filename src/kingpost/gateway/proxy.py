@@ -75,6 +75,7 @@ class Request:
         "http11",
         "keep_alive",
         "method",
+        "out_bytes",
         "refuse",
         "replay",
         "request_id",
@@ -83,6 +84,7 @@ class Request:
         "start",
         "tunnel_buf",
         "upgrade",
+        "upstream_at",
         "url",
         "waiter",
     )
@@ -122,6 +124,10 @@ class Request:
         self.upgrade = False
         self.tunnel_buf = bytearray()
         self.head_bytes = -1
+        self.out_bytes = 0
+        """Bytes of replicas' answers written to the client (for the metrics)."""
+        self.upstream_at = -1.0
+        """When the answering replica got the request (``perf_counter``; -1: none did)."""
         """Bytes read for the head after the read it began in (-1 until that read ends)."""
 
     def wake(self) -> None:
@@ -279,7 +285,7 @@ class ClientConn(StreamConn):
                 handoff.slot = None
             req = handoff.req
             assert req.rid is not None
-            self.gw.log_access(req.rid, 0, "client_left", req.start, handoff.target)
+            self.gw.log_access(req.rid, 0, "client_left", req.start, handoff.target, req)
         if self.current is not None:
             self.current.wake()
         if self.upstream is not None:
@@ -546,7 +552,7 @@ class ClientConn(StreamConn):
         """Answer ``req`` with the gateway's own error (or ``payload`` as JSON); whether the
         connection stays."""
         assert self.transport is not None
-        self.gw.log_access(rid, status, code, req.start, target)
+        self.gw.log_access(rid, status, code, req.start, target, req)
         body = {"error": message, "code": code} if payload is None else payload
         if req.upgrade:
             # After an upgrade request the client's stream is no longer HTTP (it may already

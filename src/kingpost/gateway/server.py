@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kingpost.gateway.control import serve_control
 from kingpost.gateway.dispatch import Dispatcher
-from kingpost.gateway.proxy import ClientConn
+from kingpost.gateway.proxy import ClientConn, Request
 from kingpost.gateway.routing import Miss, Target, resolve
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import (
@@ -201,15 +201,34 @@ class Gateway:
         return scope
 
     def log_access(
-        self, rid: str, status: int, outcome: str, start: float, target: Target | None
+        self,
+        rid: str,
+        status: int,
+        outcome: str,
+        start: float,
+        target: Target | None,
+        req: Request | None = None,
     ) -> None:
         """One line per answer: ``status`` as the client got it (0: none, it left), and
         ``outcome`` "ok", "close" (the connection ended with it) or the gateway's error code.
-        Counted for the stats channel too, per deployment."""
+        Counted for the stats channel too, per deployment (with ``req``: its bytes and its
+        replica's time)."""
         if target is not None:
             dispatcher = self._dispatchers.get(target.deployment.deployment_id)
             if dispatcher is not None:
-                dispatcher.counters.record(status, time.perf_counter() - start)
+                now = time.perf_counter()
+                if req is None:
+                    dispatcher.counters.record(status, now - start, target.kind)
+                else:
+                    up = req.upstream_at
+                    dispatcher.counters.record(
+                        status,
+                        now - start,
+                        target.kind,
+                        now - up if up >= 0.0 else -1.0,
+                        req.body_bytes,
+                        req.out_bytes,
+                    )
         if self._log and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 json.dumps(

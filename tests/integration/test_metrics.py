@@ -1,0 +1,152 @@
+"""`/metrics` of a real `kingpost server`: after a scripted sequence of requests through the
+real gateway to a real replica, the scraped series equal what was sent, per label set."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers.platform import Platform, free_port, wait_for
+
+MODEL = """
+from prometheus_client import Counter
+
+CALLS = Counter("echo_calls", "Calls the model got.")
+
+
+class Model:
+    def __init__(self, **kwargs):
+        pass
+
+    def load(self):
+        pass
+
+    def predict(self, model_input):
+        CALLS.inc()
+        if model_input.get("fail"):
+            raise RuntimeError("asked to fail")
+        if model_input.get("stream"):
+            return (w + " " for w in str(model_input.get("text", "")).split())
+        return {"echo": model_input.get("text", "")}
+"""
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(scope="module")
+def metrics_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    home = tmp_path_factory.mktemp("kingpost-home")
+    listen = f"127.0.0.1:{free_port()}"
+    p = Platform(home, extra_env={"KINGPOST_METRICS_LISTEN": listen}).start()
+    p.metrics_listen = listen  # type: ignore[attr-defined]
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def _samples(text: str) -> Samples:
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _get(samples: Samples, name: str, **labels: str) -> float:
+    """The one sample of ``name`` whose labels include ``labels`` (0 if none)."""
+    want = set(labels.items())
+    found = [v for (n, lab), v in samples.items() if n == name and want <= lab]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else 0.0
+
+
+def _push(platform: Platform, tmp_path: Path) -> None:
+    project = tmp_path / "counted"
+    (project / "model").mkdir(parents=True)
+    (project / "config.yaml").write_text(
+        "model_name: counted\nrequirements:\n  - prometheus_client\n"
+        "runtime:\n  predict_concurrency: 4\n"
+    )
+    (project / "model" / "model.py").write_text(textwrap.dedent(MODEL))
+    out = platform.cli("push", str(project), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr + platform.output()
+
+
+def test_scraped_series_equal_the_requests_sent(metrics_platform: Platform, tmp_path: Path) -> None:
+    p = metrics_platform
+    _push(p, tmp_path)
+    base = "/models/counted/environments/production"
+    sent_in = 0
+    with p.gateway() as gw:
+        for i in range(3):
+            body = json.dumps({"text": f"hello {i}"}).encode()
+            sent_in += len(body)
+            assert gw.post(f"{base}/predict", content=body).status_code == 200
+        body = json.dumps({"text": "a b c", "stream": True}).encode()
+        sent_in += len(body)
+        with gw.stream("POST", f"{base}/predict", content=body) as resp:
+            assert resp.status_code == 200
+            assert b"".join(resp.iter_bytes()) == b"a b c "
+        for _ in range(2):
+            body = b'{"fail": true}'
+            sent_in += len(body)
+            assert gw.post(f"{base}/predict", content=body).status_code == 500
+        assert gw.get(f"{base}/sync/no/such/path").status_code == 404
+        assert gw.post("/models/nope/production/predict", json={}).status_code == 404
+
+    key = {"Authorization": f"Api-Key {p.api_key}"}
+    assert httpx.get(f"{p.api_url}/metrics").status_code == 401
+    lab = {"model": "counted", "deployment": "deployment-1", "environment": "production"}
+
+    seen: list[str] = []
+
+    def settled() -> Samples | None:
+        resp = httpx.get(f"{p.api_url}/metrics", headers=key, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+        s = _samples(resp.text)
+        total = _get(s, "kingpost_request_duration_seconds_count", **lab)
+        seen.append(resp.text)
+        return s if total == 7 else None
+
+    try:
+        s = wait_for(settled, 20, "7 answers in the scrape")
+    except AssertionError:
+        print(seen[-1] if seen else "")
+        raise
+    req = "kingpost_requests_total"
+    assert _get(s, req, **lab, route="predict", code_class="2xx") == 4
+    assert _get(s, req, **lab, route="predict", code_class="5xx") == 2
+    assert _get(s, req, **lab, route="sync", code_class="4xx") == 1
+    assert sum(v for (n, lab_), v in s.items() if n == req) == 7
+    assert _get(s, "kingpost_upstream_duration_seconds_count", **lab) == 7
+    assert _get(s, "kingpost_request_duration_seconds_bucket", **lab, le="+Inf") == 7
+    assert _get(s, "kingpost_request_bytes_total", **lab) == sent_in
+    assert _get(s, "kingpost_response_bytes_total", **lab) > 0
+    assert _get(s, "kingpost_retries_total", **lab) == 0
+    assert _get(s, "kingpost_requests_in_flight", **lab) == 0
+    assert _get(s, "kingpost_replicas", **lab, state="ready") == 1
+    assert _get(s, "kingpost_replica_starts_total", **lab) == 1
+    assert _get(s, "kingpost_cold_starts_total", **lab) == 1
+    assert _get(s, "kingpost_cold_start_duration_seconds_count", **lab) == 1
+    assert _get(s, "kingpost_deployment_status", **lab, status="ACTIVE") == 1
+    assert _get(s, "kingpost_reconcile_duration_seconds_count") > 0
+    # The replica's own: the model's registry and the model server's counts, relabelled.
+    assert _get(s, "kingpost_replica_scrape_ok", **lab) == 1
+    assert _get(s, "echo_calls_total", **lab) == 6
+    assert _get(s, "kingpost_model_requests_total", **lab, route="predict", status="200") == 4
+    assert all(dict(lab_).get("replica") for (n, lab_), _ in s.items() if n == "echo_calls_total")
+
+    # The same without a key on the address KINGPOST_METRICS_LISTEN names.
+    listen = p.metrics_listen  # type: ignore[attr-defined]
+    plain = httpx.get(f"http://{listen}/metrics", timeout=10)
+    assert plain.status_code == 200
+    assert _get(_samples(plain.text), req, **lab, route="sync", code_class="4xx") == 1
+    assert httpx.get(f"http://{listen}/other", timeout=10).status_code == 404
