@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +151,42 @@ def test_scraped_series_equal_the_requests_sent(metrics_platform: Platform, tmp_
     assert plain.status_code == 200
     assert _get(_samples(plain.text), req, **lab, route="sync", code_class="4xx") == 1
     assert httpx.get(f"http://{listen}/other", timeout=10).status_code == 404
+
+
+def test_the_cli_prints_one_json_snapshot(metrics_platform: Platform, tmp_path: Path) -> None:
+    """`kingpost metrics MODEL --environment ENV -o json`: the deployment's row, with the
+    rate of requests sent while it measured."""
+    p = metrics_platform
+    with p.client() as c:
+        if not any(m["name"] == "counted" for m in c.models()):
+            _push(p, tmp_path)
+    stop = threading.Event()
+
+    def load() -> None:
+        with p.gateway() as gw:
+            while not stop.is_set():
+                gw.post("/models/counted/environments/production/predict", json={"text": "x"})
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        out = p.cli(
+            "metrics", "counted", "--environment", "production", "-o", "json", "--interval", "1"
+        )
+    finally:
+        stop.set()
+        sender.join()
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads(out.stdout)
+    assert [(r["model"], r["deployment"], r["environment"]) for r in rows] == [
+        ("counted", "deployment-1", "production")
+    ]
+    row = rows[0]
+    assert row["requests_per_s"] > 0
+    assert row["p50_s"] is not None and row["p99_s"] >= row["p50_s"]
+    assert row["error_rate"] == 0
+    assert (row["replicas_ready"], row["replicas"], row["queued"]) == (1, 1, 0)
+    other = p.cli(
+        "metrics", "counted", "--environment", "staging", "-o", "json", "--interval", "0.1"
+    )
+    assert other.returncode == 0 and json.loads(other.stdout) == []

@@ -15,6 +15,7 @@ from kingpost.cli.api_keys import api_keys
 from kingpost.cli.autoscaling import autoscaling
 from kingpost.cli.image import image
 from kingpost.cli.manage import deployments, logs, models, predict, push
+from kingpost.cli.metrics import metrics
 from kingpost.cli.rollouts import environments, rollouts
 from kingpost.cli.secrets import secrets
 from kingpost.cli.watch import watch
@@ -108,6 +109,7 @@ for command in (
     migrate,
     image,
     autoscaling,
+    metrics,
 ):
     cli.add_command(command)
 

@@ -59,7 +59,8 @@ class Family:
         running = 0
         for bound, n in zip([*bounds, math.inf], buckets, strict=True):
             running += n
-            self.samples.append((f"{self.name}_bucket", {**labels, "le": _number(bound)}, running))
+            le = "+Inf" if math.isinf(bound) else repr(float(bound))  # as prometheus_client
+            self.samples.append((f"{self.name}_bucket", {**labels, "le": le}, running))
         self.samples.append((f"{self.name}_sum", dict(labels), total_s))
         self.samples.append((f"{self.name}_count", dict(labels), running))
 
