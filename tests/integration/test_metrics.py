@@ -4,6 +4,11 @@ real gateway to a real replica, the scraped series equal what was sent, per labe
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -190,3 +195,132 @@ def test_the_cli_prints_one_json_snapshot(metrics_platform: Platform, tmp_path: 
         "metrics", "counted", "--environment", "staging", "-o", "json", "--interval", "0.1"
     )
     assert other.returncode == 0 and json.loads(other.stdout) == []
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _tool(name: str) -> str:
+    """The path of Debian's ``prometheus`` package's ``name``; skipped without it, except
+    on CI, where the package is installed and a missing one is a failure."""
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, but {name} is not installed (apt-get install prometheus)")
+        pytest.skip(f"{name} is not installed here (apt-get install prometheus)")
+    return found
+
+
+def _ensure_model(p: Platform, tmp_path: Path) -> None:
+    with p.client() as c:
+        if not any(m["name"] == "counted" for m in c.models()):
+            _push(p, tmp_path)
+    with p.gateway() as gw:  # one answer, so every request series has a sample
+        assert gw.post("/models/counted/production/predict", json={}).status_code == 200
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dash["panels"] for t in panel["targets"]]
+    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    assert len(exprs) > 20
+    return exprs
+
+
+def test_the_dashboards_queries_name_series_of_a_real_scrape(
+    metrics_platform: Platform, tmp_path: Path
+) -> None:
+    p = metrics_platform
+    _ensure_model(p, tmp_path)
+    key = {"Authorization": f"Api-Key {p.api_key}"}
+    scraped = {n for n, _ in _samples(httpx.get(f"{p.api_url}/metrics", headers=key).text)}
+    named = {n for e in _dashboard_exprs() for n in re.findall(r"\bkingpost_[a-z0-9_]+", e)}
+    assert len(named) >= 15
+    assert named - scraped == set()
+
+
+def test_the_dashboards_queries_parse() -> None:
+    """Each query as a recording rule, which ``promtool check rules`` parses as PromQL
+    (Grafana's variables replaced by what they stand for)."""
+    promtool = _tool("promtool")
+    exprs = [
+        e.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$environment", ".*")
+        for e in _dashboard_exprs()
+        if not e.startswith("label_values(")  # Grafana's, not PromQL
+    ]
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"q{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rules.yml"
+        path.write_text(json.dumps(rules))  # JSON is YAML
+        out = subprocess.run(
+            [promtool, "check", "rules", str(path)], capture_output=True, text=True
+        )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in out.stdout + out.stderr
+
+
+def test_promtool_accepts_the_scrape_config(tmp_path: Path) -> None:
+    promtool = _tool("promtool")
+    shutil.copy(DOCS / "prometheus.yml", tmp_path / "prometheus.yml")
+    (tmp_path / "kingpost-api-key").write_text("kp_example\n")
+    out = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_real_prometheus_scrapes_kingpost_with_the_documented_config(
+    metrics_platform: Platform, tmp_path: Path
+) -> None:
+    """The scrape config from docs/ (its target and interval changed for the test) in a real
+    Prometheus: the target is up and a query gives the gateway's count."""
+    prometheus = _tool("prometheus")
+    p = metrics_platform
+    _ensure_model(p, tmp_path)
+    config = (DOCS / "prometheus.yml").read_text()
+    config = config.replace("127.0.0.1:8090", f"127.0.0.1:{p.api_port}")
+    config = config.replace("scrape_interval: 15s", "scrape_interval: 1s")
+    config = config.replace("scrape_timeout: 10s", "scrape_timeout: 1s")
+    (tmp_path / "prometheus.yml").write_text(config)
+    (tmp_path / "kingpost-api-key").write_text(p.api_key + "\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        key = {"Authorization": f"Api-Key {p.api_key}"}
+        want = sum(
+            v
+            for (n, lab), v in _samples(httpx.get(f"{p.api_url}/metrics", headers=key).text).items()
+            if n == "kingpost_requests_total" and dict(lab).get("model") == "counted"
+        )
+        query = 'sum(kingpost_requests_total{model="counted",environment="production"})'
+
+        def answered() -> float | None:
+            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query})
+            result = r.json()["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+
+        got = wait_for(answered, 30, "Prometheus to have scraped Kingpost")
+        assert got == want
+        up = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}).json()
+        assert [r["value"][1] for r in up["data"]["result"]] == ["1"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
