@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -63,7 +63,6 @@ class DeploymentCounters:
         "latency_sum_s",
         "retries",
         "upstream_buckets",
-        "upstream_count",
         "upstream_sum_s",
     )
 
@@ -75,7 +74,6 @@ class DeploymentCounters:
         """End to end (request parsed to answer settled), per bucket, not cumulative."""
         self.upstream_sum_s = 0.0
         self.upstream_buckets = _buckets()
-        self.upstream_count = 0
         """Answers that reached a replica: from the request's sending to its answer's end."""
         self.bytes_in = 0
         """Request body bytes received from clients."""
@@ -97,16 +95,19 @@ class DeploymentCounters:
         upstream_s: float = -1.0,
         bytes_in: int = 0,
         bytes_out: int = 0,
+        _find: Callable[[Sequence[float], float], int] = bisect_left,
+        _bounds: tuple[float, ...] = LATENCY_BUCKETS,
     ) -> None:
-        """One answer: ``upstream_s`` below 0 when no replica answered it."""
+        """One answer: ``upstream_s`` below 0 when no replica answered it. (``_find`` and
+        ``_bounds`` are bound once, as locals: this runs once per request.)"""
         self.by_kind[kind][status // 100 if 100 <= status < 600 else 0] += 1
         self.latency_sum_s += seconds
-        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_buckets[_find(_bounds, seconds)] += 1
         if upstream_s >= 0.0:
             self.upstream_sum_s += upstream_s
-            self.upstream_buckets[bisect_left(LATENCY_BUCKETS, upstream_s)] += 1
-            self.upstream_count += 1
-        self.bytes_in += bytes_in
+            self.upstream_buckets[_find(_bounds, upstream_s)] += 1
+        if bytes_in:
+            self.bytes_in += bytes_in
         self.bytes_out += bytes_out
 
 

@@ -19,7 +19,13 @@ from kingpost.gateway.stats import LATENCY_BUCKETS, GatewayStats
 from kingpost.metrics.events import COLD_START_BUCKETS
 from kingpost.metrics.replicas import Scrape, scrape_replicas
 from kingpost.metrics.text import Family, render
-from kingpost.store import DeploymentStatus, DesiredState
+from kingpost.store import (
+    DeploymentStatus,
+    DeploymentView,
+    DesiredState,
+    EnvironmentView,
+    ModelView,
+)
 
 if TYPE_CHECKING:
     from kingpost.controller.loop import Controller
@@ -38,8 +44,9 @@ class DeploymentLabels:
         return {"model": self.model, "deployment": self.deployment, "environment": self.environment}
 
 
-def deployment_labels(store: Store) -> dict[str, DeploymentLabels]:
-    models, deployments, environments = store.routing_snapshot()
+def deployment_labels(
+    models: list[ModelView], deployments: list[DeploymentView], environments: list[EnvironmentView]
+) -> dict[str, DeploymentLabels]:
     names = {m.id: m.name for m in models}
     envs: dict[str, list[str]] = {}
     for env in environments:
@@ -59,7 +66,8 @@ def exposition(controller: Controller, store: Store) -> str:
 
 
 def collect(controller: Controller, store: Store, *, replicas: bool = False) -> list[Family]:
-    labels = deployment_labels(store)
+    models, deployments, environments = store.routing_snapshot()
+    labels = deployment_labels(models, deployments, environments)
 
     def of(dep_id: str) -> dict[str, str]:
         found = labels.get(dep_id)
@@ -68,18 +76,17 @@ def collect(controller: Controller, store: Store, *, replicas: bool = False) -> 
     families: list[Family] = []
     families += _gateway(controller.fresh_gateway_stats(), of)
     families += _replicas(controller, of)
-    families += _deployments(controller, store, labels, of)
+    families += _deployments(controller, store, deployments, labels, of)
     families += _controller(controller)
     if replicas:
-        families += scrape_replicas(_scrape_targets(controller, store, of))
+        families += scrape_replicas(_scrape_targets(controller, deployments, of))
     return families
 
 
 def _scrape_targets(
-    controller: Controller, store: Store, of: Callable[[str], dict[str, str]]
+    controller: Controller, deployments: list[DeploymentView], of: Callable[[str], dict[str, str]]
 ) -> list[Scrape]:
     """Ready replicas of model classes (a custom server is not asked: see replicas.py)."""
-    _, deployments, _ = store.routing_snapshot()
     custom = {d.id for d in deployments if d.config.get("docker_server")}
     return [
         Scrape(r.replica_id, of(r.deployment_id), r.endpoint)
@@ -184,6 +191,7 @@ def _replicas(controller: Controller, of: Callable[[str], dict[str, str]]) -> li
 def _deployments(
     controller: Controller,
     store: Store,
+    deployments: list[DeploymentView],
     labels: dict[str, DeploymentLabels],
     of: Callable[[str], dict[str, str]],
 ) -> list[Family]:
@@ -192,7 +200,6 @@ def _deployments(
         "gauge",
         "1 for the status each deployment has (deleted deployments are left out).",
     )
-    _, deployments, _ = store.routing_snapshot()
     for dep in deployments:
         if dep.status != DeploymentStatus.DELETED and dep.desired_state != DesiredState.DELETED:
             status.add({**of(dep.id), "status": dep.status.value}, 1)
