@@ -124,11 +124,11 @@ class Request:
         self.upgrade = False
         self.tunnel_buf = bytearray()
         self.head_bytes = -1
+        """Bytes read for the head after the read it began in (-1 until that read ends)."""
         self.out_bytes = 0
         """Bytes of replicas' answers written to the client (for the metrics)."""
         self.upstream_at = -1.0
         """When the answering replica got the request (``perf_counter``; -1: none did)."""
-        """Bytes read for the head after the read it began in (-1 until that read ends)."""
 
     def wake(self) -> None:
         waiter, self.waiter = self.waiter, None
