@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; defaults to SQLite at ``{home}/kingpost.db``."""
     api_host: str = "127.0.0.1"
     api_port: int = 8090
-    metrics_listen: str | None = Field(default=None, pattern=r"^\[?[^\s\]]*\]?:\d{1,5}$")
+    metrics_listen: str | None = None
     """``HOST:PORT`` where ``kingpost server`` also serves ``/metrics`` with no API key (for
     a Prometheus on a private network); ``/metrics`` on the API port always needs an admin
     key."""
@@ -93,6 +93,15 @@ class Settings(BaseSettings):
     ``/packages`` of built images), where the Docker Engine supports volume quotas
     (``local`` volumes on XFS with ``pquota``); elsewhere they are unbounded, and the
     engine says so when it starts."""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            from kingpost.metrics.listen import parse_listen
+
+            parse_listen(value)  # its ValueError names the setting, the rule and the value
+        return value
 
     @cached_property
     def db_url(self) -> str:

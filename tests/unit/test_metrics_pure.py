@@ -136,3 +136,13 @@ def test_the_listen_address_parses(value: str, want: tuple[str, int]) -> None:
 def test_a_bad_listen_address_names_the_setting_and_the_value(value: str) -> None:
     with pytest.raises(ValueError, match=rf"KINGPOST_METRICS_LISTEN.*{value!r}"):
         parse_listen(value)
+
+
+def test_the_setting_refuses_a_bad_listen_address_with_its_name_and_value() -> None:
+    from pydantic import ValidationError
+
+    from kingpost.settings import Settings
+
+    with pytest.raises(ValidationError, match=r"KINGPOST_METRICS_LISTEN.*'localhost'"):
+        Settings(metrics_listen="localhost")
+    assert Settings(metrics_listen="127.0.0.1:9464").metrics_listen == "127.0.0.1:9464"
