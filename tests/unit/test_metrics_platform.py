@@ -50,6 +50,10 @@ def test_a_running_rollout_and_the_replicas_of_both_sides(tmp_path: Path) -> Non
                   status="IN_PROGRESS")  # fmt: skip
     assert info == 1
     assert _value(fams, "kingpost_rollout_candidate_traffic_ratio", **cand) == 0.0
+    # The dashboard's rollout panel names these (tests/integration/test_metrics.py).
+    dashboard = (Path(__file__).resolve().parents[2] / "docs/grafana-dashboard.json").read_text()
+    assert "kingpost_rollout_info" in dashboard
+    assert "kingpost_rollout_candidate_traffic_ratio" in dashboard
     assert _value(fams, "kingpost_reconcile_duration_seconds_count") == 3
     # deployment-2 is in no environment: its label is empty, not another's.
     assert _value(fams, "kingpost_deployment_status", deployment="deployment-2",
