@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers.platform import Platform, free_port, wait_for
+from helpers.platform import EXAMPLES, Platform, free_port, wait_for
 
 MODEL = """
 from prometheus_client import Counter
@@ -326,3 +326,26 @@ def test_a_real_prometheus_scrapes_kingpost_with_the_documented_config(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_gateway_workers_answers_are_in_one_scrape(tmp_path: Path) -> None:
+    """Two gateway workers (SO_REUSEPORT spreads connections over them): the control
+    plane's scrape merges both, so one target counts every answer."""
+    p = Platform(tmp_path / "home", extra_env={"KINGPOST_GATEWAY_WORKERS": "2"}).start()
+    try:
+        out = p.cli("push", str(EXAMPLES / "echo-model"), "--wait", "--output", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        for i in range(20):  # a new connection each: the kernel picks a worker for each
+            resp = httpx.post(
+                f"{p.gateway_url}/models/echo-model/production/predict",
+                json={"text": str(i)},
+                headers={"Authorization": f"Api-Key {p.api_key}"},
+            )
+            assert resp.status_code == 200
+        key = {"Authorization": f"Api-Key {p.api_key}"}
+        s = _samples(httpx.get(f"{p.api_url}/metrics", headers=key, timeout=10).text)
+        assert _get(s, "kingpost_gateway_workers") == 2
+        lab = {"model": "echo-model", "environment": "production"}
+        assert _get(s, "kingpost_requests_total", **lab, route="predict", code_class="2xx") == 20
+    finally:
+        p.stop()

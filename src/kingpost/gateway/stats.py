@@ -6,9 +6,9 @@ increments, additions and one ``bisect`` per latency on a per-deployment object 
 holds: no lock, no system call, no clock read of its own); in-flight and queued requests
 are not counted per request at all but read from the dispatcher when a snapshot is taken.
 Latencies go into fixed buckets (:data:`LATENCY_BUCKETS`), so workers' histograms add up.
-The controller pulls a snapshot from every worker's control socket
-(``GET /stats``) and merges them with :func:`merge_snapshots`: the autoscaler's and the
-metrics endpoint's input.
+The controller pulls a snapshot from every worker's control socket (``GET /stats``) and
+merges them with :func:`merge_snapshots`: the autoscaler's input, and (pulled again at each
+scrape) that of the control plane's ``/metrics``.
 """
 
 from __future__ import annotations
