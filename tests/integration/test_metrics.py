@@ -349,3 +349,16 @@ def test_every_gateway_workers_answers_are_in_one_scrape(tmp_path: Path) -> None
         assert _get(s, "kingpost_requests_total", **lab, route="predict", code_class="2xx") == 20
     finally:
         p.stop()
+
+
+def test_promtool_finds_nothing_to_lint_in_a_real_scrape(
+    metrics_platform: Platform, tmp_path: Path
+) -> None:
+    """Names, types, units and help lines as Prometheus's own linter wants them."""
+    promtool = _tool("promtool")
+    p = metrics_platform
+    _ensure_model(p, tmp_path)
+    key = {"Authorization": f"Api-Key {p.api_key}"}
+    text = httpx.get(f"{p.api_url}/metrics", headers=key, timeout=10).text
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
