@@ -238,6 +238,14 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     controller.start()
     demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
     demand.start()
+    metrics_server = None
+    if settings.metrics_listen:
+        from kingpost.metrics.listen import serve_metrics
+        from kingpost.metrics.platform import exposition
+
+        metrics_server = serve_metrics(
+            settings.metrics_listen, lambda: exposition(controller, store)
+        )
     print(
         f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
         f"home {settings.home}",
@@ -249,6 +257,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         server.run()
     finally:
         demand.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         for line in controller.stop():
             print(f"kingpost: {line}", flush=True)
         collector.stop()

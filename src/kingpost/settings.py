@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; defaults to SQLite at ``{home}/kingpost.db``."""
     api_host: str = "127.0.0.1"
     api_port: int = 8090
+    metrics_listen: str | None = None
+    """``HOST:PORT`` where ``kingpost server`` also serves ``/metrics`` with no API key (for
+    a Prometheus on a private network); ``/metrics`` on the API port always needs an admin
+    key."""
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     gateway_workers: int = 1
@@ -117,6 +121,15 @@ class Settings(BaseSettings):
     def logs_dir(self) -> Path:
         """The log store's segments (``logstore/``)."""
         return self.home / "logs"
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            from kingpost.metrics.listen import parse_listen
+
+            parse_listen(value)  # its ValueError names the setting, the rule and the value
+        return value
 
     @cached_property
     def db_url(self) -> str:

@@ -176,8 +176,11 @@ def _routes() -> RoutingTable:
 
 
 def _to(dep_id: str, path: str, weighted: bool = False) -> Target:
+    """The target, its route kind (for the metrics) told by its path in these tables."""
     dep = _routes().deployments[dep_id]
-    return Target(dep, path, dep.model_id, weighted)
+    bare = path.split("?", 1)[0]
+    kind = "websocket" if bare == "/ws" else "predict" if bare.endswith("/predict") else "sync"
+    return Target(dep, path, dep.model_id, weighted, kind)
 
 
 def _miss(

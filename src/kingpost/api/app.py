@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all
@@ -134,6 +134,15 @@ def create_app(plane: ControlPlane) -> FastAPI:
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "table_version": plane.controller.table.version}
+
+    @app.get("/metrics", dependencies=[Depends(auth)], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus text: the platform, the gateway (every worker) and the replicas."""
+        from kingpost.metrics.platform import exposition
+        from kingpost.metrics.text import CONTENT_TYPE
+
+        text = exposition(plane.controller, plane.store)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
     _project_routes(router, plane)

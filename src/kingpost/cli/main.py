@@ -17,6 +17,7 @@ from kingpost.cli.gpus import gpus
 from kingpost.cli.image import image
 from kingpost.cli.logs import logs
 from kingpost.cli.manage import deployments, models, predict, push
+from kingpost.cli.metrics import metrics
 from kingpost.cli.rollouts import environments, rollouts
 from kingpost.cli.secrets import secrets
 from kingpost.cli.watch import watch
@@ -111,6 +112,7 @@ for command in (
     image,
     autoscaling,
     gpus,
+    metrics,
 ):
     cli.add_command(command)
 

@@ -262,6 +262,19 @@ class KingpostClient:
             )["lines"]
         )
 
+    # -- metrics --------------------------------------------------------------------------
+    def metrics_text(self) -> str:
+        """The control plane's ``/metrics`` (Prometheus text)."""
+        try:
+            resp = self._http.get("/metrics")
+        except httpx.TransportError as exc:
+            raise KingpostError(
+                f"cannot reach the control plane at {self.api_url} ({exc}); "
+                "is `kingpost server` running?"
+            ) from exc
+        _raise_for(resp)
+        return resp.text
+
     # -- weights --------------------------------------------------------------------------
     def weights(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/weights"))

@@ -35,6 +35,7 @@ from kingpost.controller.builds import Builds
 from kingpost.controller.builds import Ready as _Ready
 from kingpost.controller.gpus import GpuPlacer, Wait
 from kingpost.controller.plan import Want, plan
+from kingpost.controller.prepare import JobState
 from kingpost.controller.rollout import (
     TERMINAL,
     Observed,
@@ -51,6 +52,7 @@ from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
 from kingpost.gpus import InventorySource
+from kingpost.metrics.events import ReplicaEvents
 from kingpost.server.contract import ENVIRONMENT_ENV
 from kingpost.store import (
     DeploymentStatus,
@@ -171,6 +173,8 @@ class Controller:
         self.scaler = Scaler()
         """The autoscaler's soft state; a rollout freezes a deployment through
         ``scaler.frozen``."""
+        self.replica_events = ReplicaEvents()
+        """Replica starts, restarts, failures and cold starts seen by the passes (metrics)."""
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -284,6 +288,28 @@ class Controller:
                 engine.on_ready = self.wake  # a replica ready: route to it at once
             return engine
 
+    # -- metrics (kingpost.metrics reads these at each scrape) ---------------------------
+    def fresh_gateway_stats(self) -> GatewayStats | None:
+        """Every gateway worker's figures, pulled now (the last pulled ones if that fails)."""
+        if self._pull_stats is not None:
+            try:
+                return self._pull_stats()
+            except Exception as exc:
+                log.debug("pulling the gateway's stats for a scrape failed: %s", exc)
+        return self.gateway_stats
+
+    def current_replicas(self) -> list[ReplicaStatus]:
+        """Every engine's replicas now (``poll()`` does not block)."""
+        out: list[ReplicaStatus] = []
+        for engine in list(self._engines.values()):
+            with contextlib.suppress(Exception):
+                out.extend(engine.poll())
+        return out
+
+    def build_durations(self) -> dict[str, tuple[JobState, float]]:
+        """Per deployment id: its last build's state and duration (so far, if running)."""
+        return self.builds.jobs.durations("build:")
+
     # -- one pass -------------------------------------------------------------------
     def reconcile_once(self) -> RoutingTable:
         started = time.perf_counter()
@@ -305,6 +331,7 @@ class Controller:
 
     def _pass(self) -> RoutingTable:
         replicas = self._poll_all()
+        self.replica_events.observe(replicas, self._clock())
         if self._polled_all:  # an engine that could not say: keep its replicas' devices
             live = [
                 r.replica_id
@@ -391,11 +418,7 @@ class Controller:
     def _running(self) -> set[str]:
         """The ids of the replicas every engine runs now (for the disk collector, on its
         own thread: it leaves the pass's record of owners alone)."""
-        out: set[str] = set()
-        for engine in list(self._engines.values()):
-            with contextlib.suppress(Exception):  # polled again by the next collection
-                out.update(s.replica_id for s in engine.poll())
-        return out
+        return {r.replica_id for r in self.current_replicas()}
 
     def _poll_all(self) -> dict[str, list[ReplicaStatus]]:
         """Replicas by deployment; remembers which engine reported each, for stopping."""

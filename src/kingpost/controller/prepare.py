@@ -61,6 +61,8 @@ class JobState(enum.StrEnum):
 class _Job:
     started: float
     state: JobState = JobState.RUNNING
+    ended: float | None = None
+    """When it finished (the jobs' clock), for the metrics' build durations."""
     result: object = None
     error: str = ""
     output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
@@ -134,6 +136,7 @@ class Jobs:
         with self._lock:
             if job.state != JobState.RUNNING:  # cancelled meanwhile: its error stands
                 return
+            job.ended = self._clock()
             if error:
                 job.error, job.state = error, JobState.FAILED
             else:
@@ -153,6 +156,17 @@ class Jobs:
             if job is not None and job.state == JobState.RUNNING:
                 self._stop(job, reason)
                 del self._jobs[key]
+
+    def durations(self, prefix: str) -> dict[str, tuple[JobState, float]]:
+        """Per job whose key starts with ``prefix`` (the rest of the key): its state and
+        how long it ran, or has run so far."""
+        now = self._clock()
+        with self._lock:
+            return {
+                key[len(prefix) :]: (job.state, (job.ended or now) - job.started)
+                for key, job in self._jobs.items()
+                if key.startswith(prefix)
+            }
 
     def state(self, key: str) -> tuple[JobState, str] | None:
         """``key``'s job state and error, if there is one."""

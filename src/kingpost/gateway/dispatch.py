@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kingpost.gateway.stats import STATUS_CLASSES, DeploymentCounters, DeploymentStats
+from kingpost.gateway.stats import DeploymentCounters, DeploymentStats
 from kingpost.gateway.table import DeploymentRoute, DeploymentState, Upstream
 
 __all__ = ["Dispatcher", "Parked", "Rejected", "Slot", "Waiter"]
@@ -106,11 +106,10 @@ class Dispatcher:
 
     def snapshot(self) -> DeploymentStats:
         """In flight and queued now, and what it answered: read, never counted per request."""
-        return DeploymentStats(
+        return DeploymentStats.of(
+            self.counters,
             queued=sum(1 for w in self._waiters if not w.done()),
             inflight={rid: n for rid, n in self.inflight.items() if n > 0},
-            answered=dict(zip(STATUS_CLASSES, self.counters.by_class, strict=True)),
-            latency_sum_s=self.counters.latency_sum_s,
         )
 
     def has_waiters(self) -> bool:

@@ -241,6 +241,7 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
     else:
         dispatcher.release(slot)
     if outcome is _RETRY:
+        dispatcher.counters.retries += 1
         client.start_task(
             Handoff(req, target, dispatcher, frozenset({slot.upstream.replica_id}), 1)
         )
@@ -260,7 +261,9 @@ async def dispatch(client: ClientConn, h: Handoff) -> bool:
     h.started = True
     rid = req.rid
     assert rid is not None
-    for _attempt in range(h.attempts):
+    for attempt in range(h.attempts):
+        if attempt:
+            dispatcher.counters.retries += 1
         try:
             if slot is None:
                 try:
@@ -554,6 +557,7 @@ class ClientExchange:
         if self.finished:
             return
         self.finished = True
+        self.req.upstream_at = self.sent_at
         if self.done is not None:
             if not self.done.done():
                 self.done.set_result(ending)

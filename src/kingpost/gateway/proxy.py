@@ -91,6 +91,7 @@ class Request:
         "trace",
         "tunnel_buf",
         "upgrade",
+        "upstream_at",
         "url",
         "waiter",
     )
@@ -110,7 +111,7 @@ class Request:
         self.expect_continue = False
         self.body_bytes = 0
         self.bytes_out = 0
-        """Bytes of the replica's answer written to the client (for the access line)."""
+        """Bytes of replicas' answers written to the client (access line and metrics)."""
         self.replica: str | None = None
         """The replica it was last sent to (for the access line)."""
         self.trace: list[Any] | None = None
@@ -137,6 +138,8 @@ class Request:
         self.tunnel_buf = bytearray()
         self.head_bytes = -1
         """Bytes read for the head after the read it began in (-1 until that read ends)."""
+        self.upstream_at = -1.0
+        """When the answering replica got the request (``perf_counter``; -1: none did)."""
 
     def wake(self) -> None:
         waiter, self.waiter = self.waiter, None

@@ -31,6 +31,8 @@ class Target:
     weighted: bool = False
     """The deployment was drawn from a weighted split (a canary): the next request to the
     same URL may go elsewhere, so this answer must not be reused."""
+    kind: str = "predict"
+    """The route kind the metrics count it under (``gateway.stats.ROUTE_KINDS``)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _action(
             # The control plane's own paths on a replica (its reload) are never forwarded.
             return Miss(404, f"no route sync/{rest!r}: paths under /_kingpost/ are reserved",
                         weighted=weighted)  # fmt: skip
-        return Target(dep, "/" + rest + suffix, model.model_id, weighted)
+        return Target(dep, "/" + rest + suffix, model.model_id, weighted, "sync")
     if action == "websocket" and not rest:
         return _websocket(dep, model, suffix, weighted)
     if action == "wake" and not rest:  # Baseten's: start a deployment scaled to zero
@@ -180,5 +182,5 @@ def _websocket(dep: DeploymentRoute, model: ModelRoute, suffix: str, weighted: b
         "`Upgrade: websocket`); connect with a WebSocket client, e.g. ws://…/websocket",
         "websocket_required",
         weighted,
-        upgrade=Target(dep, dep.websocket_path + suffix, model.model_id, weighted),
+        upgrade=Target(dep, dep.websocket_path + suffix, model.model_id, weighted, "websocket"),
     )

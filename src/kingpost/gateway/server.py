@@ -225,11 +225,24 @@ class Gateway:
     ) -> None:
         """One line per answer: ``status`` as the client got it (0: none, it left), and
         ``outcome`` "ok", "close" (the connection ended with it) or the gateway's error code.
-        Counted for the stats channel too, per deployment, and kept in the log store."""
+        Counted for the stats channel too, per deployment (with ``req``: its bytes and its
+        replica's time), and kept in the log store."""
         if target is not None:
             dispatcher = self._dispatchers.get(target.deployment.deployment_id)
             if dispatcher is not None:
-                dispatcher.counters.record(status, time.perf_counter() - start)
+                now = time.perf_counter()
+                if req is None:
+                    dispatcher.counters.record(status, now - start, target.kind)
+                else:
+                    up = req.upstream_at
+                    dispatcher.counters.record(
+                        status,
+                        now - start,
+                        target.kind,
+                        now - up if up >= 0.0 else -1.0,
+                        req.body_bytes,
+                        req.bytes_out,
+                    )
         if self.access_store is not None:
             self.access_store.add(rid, status, outcome, start, target, req)
         if self.tracer is not None:

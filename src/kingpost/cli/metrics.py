@@ -1,0 +1,77 @@
+"""``kingpost metrics [MODEL]``: a live view of traffic per deployment, refreshing like
+``top``, or one JSON snapshot (``-o json``) for scripts. Both read the control plane's
+``/metrics`` twice, ``--interval`` apart, and show what happened in between."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+from rich.live import Live
+from rich.table import Table
+
+from kingpost.cli._common import client, console, output_option
+from kingpost.metrics.summary import Row, parse, summarize
+
+__all__ = ["metrics"]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def _table(rows: list[Row], interval: float) -> Table:
+    table = Table(title=f"kingpost metrics (last {interval:g} s; Ctrl-C to stop)")
+    for header in (
+        "MODEL", "DEPLOYMENT", "ENVIRONMENT", "REQ/S", "P50 MS", "P99 MS", "ERRORS",
+        "REPLICAS", "IN FLIGHT", "QUEUED",
+    ):  # fmt: skip
+        table.add_column(header, no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r.model,
+            r.deployment,
+            r.environment or "-",
+            f"{r.requests_per_s:.1f}",
+            _ms(r.p50_s),
+            _ms(r.p99_s),
+            "-" if r.error_rate is None else f"{r.error_rate:.1%}",
+            f"{r.replicas_ready}/{r.replicas}",
+            str(r.in_flight),
+            str(r.queued),
+        )
+    return table
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--environment", help="Only deployments this environment points at.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between scrapes (the live view's refresh; the JSON snapshot's window).",
+)
+@output_option
+def metrics(model: str | None, environment: str | None, interval: float, output: str) -> None:
+    """Requests/s, p50/p99 latency, error rate, replicas and queue per deployment."""
+    with client() as c:
+        before, at = parse(c.metrics_text()), time.monotonic()
+        if output == "json":
+            time.sleep(interval)
+            after, now = parse(c.metrics_text()), time.monotonic()
+            rows = summarize(before, after, now - at, model, environment)
+            click.echo(json.dumps([r.to_json() for r in rows], indent=2))
+            return
+        try:
+            with Live(console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    after, now = parse(c.metrics_text()), time.monotonic()
+                    rows = summarize(before, after, now - at, model, environment)
+                    live.update(_table(rows, interval), refresh=True)
+                    before, at = after, now
+        except KeyboardInterrupt:
+            pass
