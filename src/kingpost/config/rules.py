@@ -260,11 +260,18 @@ def _model_cache_volumes(entries: list[Any]) -> list[Issue]:
     ]
 
 
+KINGPOST_KEYS = ("truss_version",)
+"""Top-level keys Truss's model does not name that Kingpost reads (``truss_version``: the
+Truss server packages a model class's environment gets, :mod:`kingpost.envs.baseset`)."""
+
+
 def unknown_key_warnings(model: BaseModel, path: tuple[PathPart, ...] = ()) -> list[Issue]:
     """Keys Truss does not know, at any depth of the typed sections."""
     issues: list[Issue] = []
     known = list(type(model).model_fields)
     for key in model.model_extra or {}:
+        if not path and key in KINGPOST_KEYS:
+            continue
         close = difflib.get_close_matches(str(key), known, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else "; it is ignored"
         issues.append(Issue((*path, key), f"unknown key `{key}`{hint}", has_value=False))
