@@ -97,3 +97,50 @@ def test_a_base_in_the_home_is_seen_by_an_isolated_replica(tmp_path: Path) -> No
         assert any((home / "envs" / "_base").glob("[0-9a-f]*/kingpost-base.json"))
     finally:
         platform.stop()
+
+
+TRACED = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+spans = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+tracer = provider.get_tracer("user-model")
+
+
+class Model:
+    @tracer.start_as_current_span("load_model")
+    def load(self):
+        pass
+
+    def predict(self, model_input):
+        if model_input.get("spans"):
+            return sorted(s.name for s in spans.get_finished_spans())
+
+        def chunks():
+            with tracer.start_as_current_span("predict") as span:
+                for i in range(5):
+                    span.add_event("yield")
+                    yield str(i)
+
+        return chunks()
+"""
+
+
+def test_a_streaming_model_traces_with_the_opentelemetry_sdk_unlisted(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """As Truss's ``test_streaming_truss_with_tracing`` project: ``requirements: []`` and
+    its own spans through the OpenTelemetry SDK, which Truss's server set provides."""
+    app = _project(tmp_path, "traced")
+    (app / "model" / "model.py").write_text(TRACED)
+    _push(platform, app)
+    with platform.gateway() as gw:
+        r = gw.post("/models/traced/production/predict", json={})
+        assert r.status_code == 200 and r.text == "01234", r.text
+        assert r.headers.get("transfer-encoding") == "chunked"
+        r = gw.post("/models/traced/production/predict", json={"spans": True})
+    assert r.json() == ["load_model", "predict"]
