@@ -138,3 +138,25 @@ def test_server_python_fails_naming_each_unsatisfied_requirement(tmp_path: Path)
     assert "httpx (<0.1): " in message and " is installed" in message
     assert "kingpost-no-such-package (==1.0): not installed" in message
     assert "PyYAML" not in message
+
+
+def _cli(*args: str, base_dir: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")}
+    env["KINGPOST_BASE_ENVS_DIR"] = base_dir
+    return subprocess.run(
+        [sys.executable, "-m", "kingpost.cli", "venvs", "base", *args],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+
+
+def test_venvs_base_builds_the_base_ahead_of_any_push(tmp_path: Path) -> None:
+    """What CI runs before the tests; a server later finds the same directory."""
+    out = _cli(base_dir=shared_base_envs_dir())
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip())
+    assert (path / "kingpost-base.json").is_file() and path.parent == Path(shared_base_envs_dir())
+    lines: list[str] = []
+    ensure_environment(_config(), tmp_path, tmp_path / "envs", lines.append, BASE)
+    assert f"base environment {path.name}: reused" in "\n".join(lines)
+    bad = _cli("--truss-version", "newest", base_dir=str(tmp_path / "unused"))
+    assert bad.returncode == 2 and "--truss-version: 'newest' is not a Truss version" in bad.stderr
