@@ -87,3 +87,10 @@ def test_the_offline_check_names_each_unsatisfied_rule(
 def test_the_offline_check_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ConfigError, match=r"'git\+https://x/y.git' is not a requirement"):
         unsatisfied(["git+https://x/y.git"], {}, ENV)
+
+
+def test_a_bad_truss_version_is_refused_when_the_config_is_read() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("truss_version: latest\n")
+    assert "truss_version" in str(caught.value) and "major.minor[.patch]" in str(caught.value)
+    assert '(found "latest")' in str(caught.value)

@@ -84,6 +84,8 @@ def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
                 f"{len(raw['model_cache'])} entries",
             )
         )
+    if raw.get("truss_version") is not None:
+        issues += _truss_version(raw["truss_version"])
     issues += _duplicate_mounts(_items(raw.get("weights")))
     issues += _docker_server_errors(raw)
     issues += _model_cache_volumes(_items(raw.get("model_cache")))
@@ -258,6 +260,18 @@ def _model_cache_volumes(entries: list[Any]) -> list[Issue]:
             flags[index],
         )
     ]
+
+
+def _truss_version(value: object) -> list[Issue]:
+    from kingpost.envs.baseset import parse_truss_version  # envs import config
+    from kingpost.errors import ConfigError
+
+    try:
+        parse_truss_version(str(value), "truss_version")
+    except ConfigError:
+        rule = "a Truss version, major.minor[.patch], e.g. `0.18.5`"
+        return [Issue(("truss_version",), f"must be {rule}", value)]
+    return []
 
 
 KINGPOST_KEYS = ("truss_version",)

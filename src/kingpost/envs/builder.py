@@ -1,5 +1,13 @@
 """Build or reuse a deployment's Python environment, keyed by a hash of its inputs.
 
+A model class's environment is made in one of three ways (:class:`ModelEnvMode`, the
+``KINGPOST_MODEL_ENV`` setting handed in as a :class:`ModelEnvPolicy`). ``truss-base``:
+a venv layered on a shared base environment of Truss's server packages
+(:mod:`kingpost.envs.base`; the layering is ``_install_layered``), holding the user's
+requirements only. ``server-python``: the server's interpreter as it is, its packages
+checked against the requirements (:mod:`kingpost.envs.offline`). ``minimal``, what the
+rest of this docstring describes, and what a custom server's environment follows:
+
 How the model server is isolated from user packages (the decision):
 
 - The server's hot path needs only ``httptools``, ``msgpack`` and ``PyYAML``
@@ -69,7 +77,12 @@ from kingpost._filelock import locked
 from kingpost.envs.base import BaseEnvironment, base_hash, ensure_base
 from kingpost.envs.baseset import base_set_for
 from kingpost.envs.installer import Installer, resolution_conflict, run_logged
-from kingpost.envs.interpreters import Interpreter, current, find_interpreter
+from kingpost.envs.interpreters import (
+    Interpreter,
+    current,
+    find_interpreter,
+    parse_python_version,
+)
 from kingpost.envs.pyproject import pyproject_dependencies
 from kingpost.errors import BuildError, ConfigError
 
@@ -255,6 +268,12 @@ def ensure_environment(
 
         requirements, files = _requirements_inputs(config, app_dir)
         python = current().executable
+        asked = parse_python_version(_explicit_python(config))
+        if asked is not None and not current().version.startswith(asked + "."):
+            log(
+                f"warning: python_version asks for Python {asked}; KINGPOST_MODEL_ENV="
+                f"server-python runs every model with this server's, {current().version}"
+            )
         check_interpreter(python, _listed_requirements(_Inputs(requirements, files, current())))
         log(f"KINGPOST_MODEL_ENV=server-python: using {python} and its packages as they are")
         return EnvironmentResult(python, "server-python", reused=True)
