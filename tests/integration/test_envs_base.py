@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def _config(**values: object) -> TrussConfig:
     return TrussConfig.model_validate(values)
 
 
-def _run(python: str, code: str) -> dict[str, object]:
+def _run(python: str, code: str) -> Any:
     """What ``code`` (which sets ``out``) found, run as the model server runs (``-P``)."""
     proc = subprocess.run(
         [python, "-P", "-c", f"import json\n{code}\nprint(json.dumps(out))"],
@@ -38,8 +39,7 @@ def _run(python: str, code: str) -> dict[str, object]:
         env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    result: dict[str, object] = json.loads(proc.stdout.splitlines()[-1])
-    return result
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 IMPORTS = """
@@ -76,7 +76,7 @@ def test_a_second_deployment_reuses_the_base_and_only_layers_its_requirements(
     assert not any(": building" in line for line in lines if line.startswith("base env"))
     found = _run(layered.python_executable, "import six, numpy\nout = [six.__file__, "
                  "numpy.__file__]")  # fmt: skip
-    six_file, numpy_file = (Path(str(p)) for p in found)  # type: ignore[union-attr]
+    six_file, numpy_file = (Path(str(p)) for p in found)
     assert six_file.is_relative_to(envs)  # its own layer
     assert numpy_file.is_relative_to(shared_base_envs_dir())  # the base's, not a copy
 
@@ -160,3 +160,25 @@ def test_venvs_base_builds_the_base_ahead_of_any_push(tmp_path: Path) -> None:
     assert f"base environment {path.name}: reused" in "\n".join(lines)
     bad = _cli("--truss-version", "newest", base_dir=str(tmp_path / "unused"))
     assert bad.returncode == 2 and "--truss-version: 'newest' is not a Truss version" in bad.stderr
+
+
+@pytest.mark.slow
+def test_without_uv_pip_layers_requirements_on_a_base_it_sees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pip runs inside the layered venv, so it sees the base's packages as installed and
+    adds only what is missing. A small base (the server's own four) keeps this quick."""
+    from kingpost.envs.builder import SERVER_REQUIREMENTS
+
+    monkeypatch.setattr("kingpost.envs.installer.find_uv", lambda: None)
+    small = BaseSet((0, 0), "test", SERVER_REQUIREMENTS)
+    monkeypatch.setattr("kingpost.envs.builder.base_set_for", lambda *_: small)
+    policy = ModelEnvPolicy(ModelEnvMode.TRUSS_BASE, tmp_path / "bases")
+    lines: list[str] = []
+    config = _config(requirements=["six==1.16.0", "PyYAML>=6.0"])
+    result = ensure_environment(config, tmp_path, tmp_path / "envs", lines.append, policy)
+    assert any("with pip" in line for line in lines), lines
+    found = _run(result.python_executable, "import six, yaml\nout = [six.__version__, "
+                 "yaml.__file__]")  # fmt: skip
+    assert found[0] == "1.16.0"
+    assert str(found[1]).startswith(str(tmp_path / "bases"))
