@@ -131,6 +131,21 @@ class Settings(BaseSettings):
             parse_listen(value)  # its ValueError names the setting, the rule and the value
         return value
 
+    model_env: Literal["truss-base", "server-python", "minimal"] = "truss-base"
+    """Process engine: what a model class runs in. ``truss-base``: a venv of its
+    requirements layered on a shared, pre-built environment of Truss's server packages
+    (``kingpost envs base`` builds it ahead). ``server-python``: this server's interpreter
+    and its packages, installing nothing (hosts without a package index; the build fails
+    naming each requirement it does not satisfy). ``minimal``: a venv of its requirements
+    and the model server's four packages, none at all without requirements (what Kingpost did
+    before the base environment)."""
+    base_envs_dir: Path | None = None
+    """Where base environments are built (content-addressed, safe to share between homes
+    and users of one machine); default ``{home}/envs/_base``, which `venvs gc` collects."""
+    truss_version: str | None = None
+    """The Truss version whose server packages a project without `truss_version` in its
+    config.yaml gets (``0.9`` ... ``0.18``); default: the newest Kingpost knows."""
+
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'kingpost.db'}"

@@ -67,6 +67,18 @@ def wait_answer(
     return wait_for(answer, timeout, f"{status} from {path}")
 
 
+def shared_base_envs_dir() -> str:
+    """Where every test's server builds base environments (Truss's server packages): one
+    machine-wide, content-addressed directory, so a test run builds each at most once
+    (`kingpost venvs base` with the same KINGPOST_BASE_ENVS_DIR builds it ahead, as CI
+    does). The caller's KINGPOST_BASE_ENVS_DIR wins."""
+    given = os.environ.get("KINGPOST_BASE_ENVS_DIR")
+    if given:
+        return given
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "kingpost-tests" / "base-envs")
+
+
 class Platform:
     """One `kingpost server` process with its own home and ports."""
 
@@ -83,6 +95,7 @@ class Platform:
             "KINGPOST_GATEWAY_PORT": str(self.gateway_port),
             "KINGPOST_ENGINE": engine,
             "KINGPOST_RECONCILE_INTERVAL": "0.2",
+            "KINGPOST_BASE_ENVS_DIR": shared_base_envs_dir(),
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -14,9 +14,11 @@ from rich.syntax import Syntax
 from kingpost.cli._common import (
     client,
     console,
+    err_console,
     output_option,
     print_rows,
     print_warning,
+    settings,
 )
 from kingpost.errors import NotFoundError
 from kingpost.weights.migrate import plan_migration
@@ -138,6 +140,40 @@ def venvs_gc() -> None:
         f"removed {len(report['removed'])} environments ({report['removed_bytes']} bytes); "
         f"kept {report['kept']}"
     )
+
+
+@venvs.command("base")
+@click.option(
+    "--truss-version",
+    default=None,
+    help="The Truss version whose server packages to build (default: KINGPOST_TRUSS_VERSION, "
+    "else the newest Kingpost knows).",
+)
+@click.option(
+    "--python",
+    "python_version",
+    default=None,
+    help="Build it for this Python (e.g. 3.12, found on this machine); default: Kingpost's.",
+)
+def venvs_base(truss_version: str | None, python_version: str | None) -> None:
+    """Build the shared base environment of Truss's server packages now (once per machine
+    and Python), so that the first model-class push does not wait for it; print its path.
+    Runs here, without a server; uses KINGPOST_BASE_ENVS_DIR (default {home}/envs/_base)."""
+    from kingpost.envs import ModelEnvPolicy
+    from kingpost.envs.base import ensure_base
+    from kingpost.envs.baseset import base_set_for
+    from kingpost.envs.interpreters import find_interpreter
+
+    current = settings()
+
+    def show(line: str) -> None:
+        err_console.print(line, markup=False, highlight=False)
+
+    base_set = base_set_for(truss_version, current.truss_version, show, "--truss-version")
+    interpreter = find_interpreter(python_version, show)
+    base_dir = ModelEnvPolicy(base_dir=current.base_envs_dir).base_dir_for(current.envs_dir)
+    built = ensure_base(base_set, interpreter, base_dir, show)
+    console.print(str(built.path), markup=False, highlight=False)
 
 
 @click.command()

@@ -84,6 +84,8 @@ def cross_key_errors(raw: dict[str, Any]) -> list[Issue]:
                 f"{len(raw['model_cache'])} entries",
             )
         )
+    if raw.get("truss_version") is not None:
+        issues += _truss_version(raw["truss_version"])
     issues += _duplicate_mounts(_items(raw.get("weights")))
     issues += _docker_server_errors(raw)
     issues += _model_cache_volumes(_items(raw.get("model_cache")))
@@ -260,11 +262,30 @@ def _model_cache_volumes(entries: list[Any]) -> list[Issue]:
     ]
 
 
+def _truss_version(value: object) -> list[Issue]:
+    from kingpost.envs.baseset import parse_truss_version  # envs import config
+    from kingpost.errors import ConfigError
+
+    try:
+        parse_truss_version(str(value), "truss_version")
+    except ConfigError:
+        rule = "a Truss version, major.minor[.patch], e.g. `0.18.5`"
+        return [Issue(("truss_version",), f"must be {rule}", value)]
+    return []
+
+
+KINGPOST_KEYS = ("truss_version",)
+"""Top-level keys Truss's model does not name that Kingpost reads (``truss_version``: the
+Truss server packages a model class's environment gets, :mod:`kingpost.envs.baseset`)."""
+
+
 def unknown_key_warnings(model: BaseModel, path: tuple[PathPart, ...] = ()) -> list[Issue]:
     """Keys Truss does not know, at any depth of the typed sections."""
     issues: list[Issue] = []
     known = list(type(model).model_fields)
     for key in model.model_extra or {}:
+        if not path and key in KINGPOST_KEYS:
+            continue
         close = difflib.get_close_matches(str(key), known, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else "; it is ignored"
         issues.append(Issue((*path, key), f"unknown key `{key}`{hint}", has_value=False))

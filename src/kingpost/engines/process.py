@@ -57,6 +57,7 @@ from kingpost.settings import Settings
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
+    from kingpost.envs import ModelEnvPolicy
 
 __all__ = ["ProcessEngine"]
 
@@ -252,7 +253,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         kind = _environment_kind(config)
         envs_dir = self.settings.envs_dir
         if kind == "model":
-            env = ensure_environment(config, app_dir, envs_dir, log)
+            env = ensure_environment(config, app_dir, envs_dir, log, self._model_env_policy())
             return Prepared(python_executable=env.python_executable)
         if kind is None:
             return Prepared()
@@ -265,7 +266,21 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         kind = _environment_kind(config)
         if kind is None:
             return None
-        return environment_hash(config, app_dir, custom_server=kind == "custom_server")
+        return environment_hash(
+            config,
+            app_dir,
+            custom_server=kind == "custom_server",
+            policy=self._model_env_policy(),
+        )
+
+    def _model_env_policy(self) -> ModelEnvPolicy:
+        from kingpost.envs import ModelEnvMode, ModelEnvPolicy
+
+        return ModelEnvPolicy(
+            ModelEnvMode(self.settings.model_env),
+            self.settings.base_envs_dir,
+            self.settings.truss_version,
+        )
 
     def start(self, spec: ReplicaSpec) -> None:
         with self._lock:
@@ -621,6 +636,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             python.parent.parent,  # its environment (a venv: bin/python)
             Path(kingpost.__file__).resolve().parent.parent,  # the model server's package
             self.settings.envs_dir / "_kingpost",  # environments' links to that package
+            self._model_env_policy().base_dir_for(self.settings.envs_dir),  # layered envs' base
             python.parent.parent.parent / "_kingpost",  # those of an env built elsewhere
             *(Path(d) for d in env.get("PATH", "").split(os.pathsep) if d),
         ]

@@ -11,6 +11,8 @@ server is isolated from user packages.
 from kingpost.envs.builder import (
     SERVER_REQUIREMENTS,
     EnvironmentResult,
+    ModelEnvMode,
+    ModelEnvPolicy,
     ensure_custom_server_environment,
     ensure_environment,
     environment_hash,
@@ -19,6 +21,8 @@ from kingpost.envs.builder import (
 __all__ = [
     "SERVER_REQUIREMENTS",
     "EnvironmentResult",
+    "ModelEnvMode",
+    "ModelEnvPolicy",
     "ensure_custom_server_environment",
     "ensure_environment",
     "environment_hash",

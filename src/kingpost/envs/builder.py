@@ -1,5 +1,13 @@
 """Build or reuse a deployment's Python environment, keyed by a hash of its inputs.
 
+A model class's environment is made in one of three ways (:class:`ModelEnvMode`, the
+``KINGPOST_MODEL_ENV`` setting handed in as a :class:`ModelEnvPolicy`). ``truss-base``:
+a venv layered on a shared base environment of Truss's server packages
+(:mod:`kingpost.envs.base`; the layering is ``_install_layered``), holding the user's
+requirements only. ``server-python``: the server's interpreter as it is, its packages
+checked against the requirements (:mod:`kingpost.envs.offline`). ``minimal``, what the
+rest of this docstring describes, and what a custom server's environment follows:
+
 How the model server is isolated from user packages (the decision):
 
 - The server's hot path needs only ``httptools``, ``msgpack`` and ``PyYAML``
@@ -66,8 +74,15 @@ from typing import TYPE_CHECKING, Any
 import kingpost
 from kingpost._cancel import current as current_cancel
 from kingpost._filelock import locked
+from kingpost.envs.base import BaseEnvironment, base_hash, ensure_base
+from kingpost.envs.baseset import base_set_for
 from kingpost.envs.installer import Installer, resolution_conflict, run_logged
-from kingpost.envs.interpreters import Interpreter, current, find_interpreter
+from kingpost.envs.interpreters import (
+    Interpreter,
+    current,
+    find_interpreter,
+    parse_python_version,
+)
 from kingpost.envs.pyproject import pyproject_dependencies
 from kingpost.errors import BuildError, ConfigError
 
@@ -78,6 +93,8 @@ __all__ = [
     "CONVENIENCE_REQUIREMENTS",
     "SERVER_REQUIREMENTS",
     "EnvironmentResult",
+    "ModelEnvMode",
+    "ModelEnvPolicy",
     "ensure_custom_server_environment",
     "ensure_environment",
     "environment_hash",
@@ -93,6 +110,7 @@ SERVER_REQUIREMENTS: tuple[str, ...] = (
 CONVENIENCE_REQUIREMENTS: tuple[str, ...] = ("fastapi>=0.111", "pydantic>=2.7")
 READY_MARKER = "kingpost-env.json"
 PINS_DIR = "_pins"
+BASE_DIR = "_base"
 
 
 class Conveniences(enum.StrEnum):
@@ -101,6 +119,28 @@ class Conveniences(enum.StrEnum):
     ADDED = "added"  # installed, or already there in compatible versions
     CONFLICT = "conflict"  # impossible without changing a user's version: never retried
     FAILED = "failed"  # failed otherwise (network, index): retried when the env is reused
+
+
+class ModelEnvMode(enum.StrEnum):
+    """What a model class runs in (``KINGPOST_MODEL_ENV``)."""
+
+    TRUSS_BASE = "truss-base"  # a venv of its requirements layered on Truss's server set
+    SERVER_PYTHON = "server-python"  # the server's interpreter as it is; installs nothing
+    MINIMAL = "minimal"  # its requirements and the server's four packages; none: ours
+
+
+@dataclass(frozen=True)
+class ModelEnvPolicy:
+    """How :func:`ensure_environment` makes a model class's environment (from settings)."""
+
+    mode: ModelEnvMode = ModelEnvMode.MINIMAL
+    base_dir: Path | None = None
+    """Where base environments live; ``None``: ``{envs_dir}/_base``."""
+    truss_version: str | None = None
+    """The Truss version whose server set a project without ``truss_version`` gets."""
+
+    def base_dir_for(self, envs_dir: Path) -> Path:
+        return self.base_dir if self.base_dir is not None else envs_dir / BASE_DIR
 
 
 @dataclass(frozen=True)
@@ -118,6 +158,10 @@ class _Inputs:
     interpreter: Interpreter
     model_server: bool = True
     """Whether Kingpost's model server runs in it; False for a custom server's command."""
+    base_hash: str | None = None
+    """The base environment it is layered on (:mod:`kingpost.envs.base`), if any."""
+    base_requirements: tuple[str, ...] = ()
+    """That base's set, which a recorded resolution depends on."""
 
     @property
     def empty(self) -> bool:
@@ -159,7 +203,10 @@ def _hash(inputs: _Inputs, installer: Installer) -> str:
         "files": [[n, hashlib.sha256(t.encode()).hexdigest()] for n, t in inputs.files],
         "installer": installer.version(),
     }
-    if inputs.model_server:
+    if inputs.base_hash is not None:
+        doc["base"] = inputs.base_hash
+        doc["kingpost"] = str(Path(kingpost.__file__).resolve().parent)
+    elif inputs.model_server:
         doc["server"] = list(SERVER_REQUIREMENTS)
         doc["convenience"] = list(CONVENIENCE_REQUIREMENTS)
         doc["kingpost"] = str(Path(kingpost.__file__).resolve().parent)
@@ -177,6 +224,9 @@ def pins_key(inputs: _Inputs) -> str:
         "files": [[n, hashlib.sha256(t.encode()).hexdigest()] for n, t in inputs.files],
         "server": list(SERVER_REQUIREMENTS) if inputs.model_server else None,
     }
+    if inputs.base_hash is not None:
+        doc["server"] = None
+        doc["base"] = list(inputs.base_requirements)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -197,13 +247,43 @@ def _explicit_python(config: Any) -> str | None:
 
 
 def ensure_environment(
-    config: TrussConfig, app_dir: Path, envs_dir: Path, log: Callable[[str], None]
+    config: TrussConfig,
+    app_dir: Path,
+    envs_dir: Path,
+    log: Callable[[str], None],
+    policy: ModelEnvPolicy | None = None,
 ) -> EnvironmentResult:
     """The interpreter to run ``app_dir``'s model with; builds its venv when needed.
+
+    ``policy`` (by default :attr:`ModelEnvMode.MINIMAL`) says how: layered on the shared
+    base environment of Truss's server packages, the server's own interpreter checked
+    against the requirements (nothing installed), or a venv of the requirements alone.
 
     Blocking; raises :class:`~kingpost.errors.BuildError` with the installer's
     last lines when an install fails.
     """
+    policy = policy or ModelEnvPolicy()
+    if policy.mode == ModelEnvMode.SERVER_PYTHON:
+        from kingpost.envs.offline import check_interpreter
+
+        requirements, files = _requirements_inputs(config, app_dir)
+        python = current().executable
+        asked = parse_python_version(_explicit_python(config))
+        if asked is not None and not current().version.startswith(asked + "."):
+            log(
+                f"warning: python_version asks for Python {asked}; KINGPOST_MODEL_ENV="
+                f"server-python runs every model with this server's, {current().version}"
+            )
+        check_interpreter(python, _listed_requirements(_Inputs(requirements, files, current())))
+        log(f"KINGPOST_MODEL_ENV=server-python: using {python} and its packages as they are")
+        return EnvironmentResult(python, "server-python", reused=True)
+    if policy.mode == ModelEnvMode.TRUSS_BASE:
+        requirements, files = _requirements_inputs(config, app_dir)
+        interpreter = find_interpreter(_explicit_python(config), log)
+        base_set = base_set_for(_truss_version(config), policy.truss_version, log)
+        base = ensure_base(base_set, interpreter, policy.base_dir_for(envs_dir), log)
+        layered = _Inputs(requirements, files, interpreter, True, base.hash, base_set.requirements)
+        return _ensure(layered, envs_dir, log, base)
     inputs = _model_inputs(config, app_dir, log)
     if inputs is None:
         log("no requirements: using the platform's interpreter")
@@ -231,17 +311,39 @@ def ensure_custom_server_environment(
 
 
 def environment_hash(
-    config: TrussConfig, app_dir: Path, *, custom_server: bool = False
+    config: TrussConfig,
+    app_dir: Path,
+    *,
+    custom_server: bool = False,
+    policy: ModelEnvPolicy | None = None,
 ) -> str | None:
     """The hash (directory name under the envs dir) of the environment that
     :func:`ensure_environment` (or, with ``custom_server``,
     :func:`ensure_custom_server_environment`) would use for this project; ``None`` when
     it would use none. Builds nothing."""
+    policy = policy or ModelEnvPolicy()
     if custom_server:
         inputs = _custom_server_inputs(config, app_dir, _quiet)
+    elif policy.mode == ModelEnvMode.SERVER_PYTHON:
+        return None
+    elif policy.mode == ModelEnvMode.TRUSS_BASE:
+        requirements, files = _requirements_inputs(config, app_dir)
+        interpreter = find_interpreter(_explicit_python(config), _quiet)
+        base_set = base_set_for(_truss_version(config), policy.truss_version, _quiet)
+        installer = Installer(_quiet)
+        on = base_hash(base_set, interpreter, installer)
+        layered = _Inputs(requirements, files, interpreter, True, on, base_set.requirements)
+        return _hash(layered, installer)
     else:
         inputs = _model_inputs(config, app_dir, _quiet)
     return None if inputs is None else _hash(inputs, Installer(_quiet))
+
+
+def _truss_version(config: Any) -> object:
+    """config.yaml's ``truss_version`` (kept among the keys Kingpost's model does not
+    name), or ``None``."""
+    extra = getattr(config, "model_extra", None) or {}
+    return extra.get("truss_version")
 
 
 def _quiet(line: str) -> None:
@@ -267,7 +369,12 @@ def _custom_server_inputs(
     return _Inputs(requirements, files, interpreter, model_server=False)
 
 
-def _ensure(inputs: _Inputs, envs_dir: Path, log: Callable[[str], None]) -> EnvironmentResult:
+def _ensure(
+    inputs: _Inputs,
+    envs_dir: Path,
+    log: Callable[[str], None],
+    base: BaseEnvironment | None = None,
+) -> EnvironmentResult:
     installer = Installer(log)
     if not installer.uv and any(name == "uv.lock" for name, _ in inputs.files):
         raise BuildError(
@@ -281,15 +388,20 @@ def _ensure(inputs: _Inputs, envs_dir: Path, log: Callable[[str], None]) -> Envi
         if (target / READY_MARKER).is_file() and python.exists():
             log(f"reusing environment {env_hash}")
             (target / READY_MARKER).touch()  # its last use, which `kingpost venvs gc` reads
-            if inputs.model_server:
+            if inputs.model_server and base is None:
                 _retry_conveniences(installer, python, target, log)
             return EnvironmentResult(str(python), env_hash, reused=True)
-        _build(inputs, installer, envs_dir, target, log)
+        _build(inputs, installer, envs_dir, target, log, base)
     return EnvironmentResult(str(python), env_hash, reused=False)
 
 
 def _build(
-    inputs: _Inputs, installer: Installer, envs_dir: Path, target: Path, log: Callable[[str], None]
+    inputs: _Inputs,
+    installer: Installer,
+    envs_dir: Path,
+    target: Path,
+    log: Callable[[str], None],
+    base: BaseEnvironment | None = None,
 ) -> None:
     shutil.rmtree(target, ignore_errors=True)  # a build that died left it without a marker
     version = inputs.interpreter.version
@@ -309,7 +421,10 @@ def _build(
             "requirements": _listed_requirements(inputs),
         }
         try:
-            if inputs.model_server:
+            if base is not None:
+                marker["base"] = base.hash
+                _install_layered(installer, python, base, user_args, recorded, log)
+            elif inputs.model_server:
                 _install_requirements(installer, python, target, user_args, recorded)
                 marker["conveniences"] = _install_conveniences(
                     installer, python, target, log, recorded
@@ -406,6 +521,58 @@ def _install_requirements(
     pins.write_text("\n".join(installer.freeze(python)) + "\n")
     what = "installing the model server's requirements"
     installer.install(python, ["-c", str(pins), *recorded, *SERVER_REQUIREMENTS], what)
+
+
+def _install_layered(
+    installer: Installer,
+    python: Path,
+    base: BaseEnvironment,
+    user_args: list[str],
+    recorded: Sequence[str],
+    log: Callable[[str], None],
+) -> None:
+    """Layers the venv on ``base`` and installs the user's requirements on top.
+
+    They are installed with the base's versions as constraints first, so a requirement
+    the base satisfies takes the base's version (uv links it from its cache; pip sees
+    the base and installs nothing). When that is impossible (the project needs numpy 2,
+    the base has 1.26) they are installed without, and the venv's versions shadow the
+    base's, as Truss's image installs a model's requirements over its server's: logged
+    as a warning naming the rule, for a base package that needs the shadowed version
+    may then break if the model imports it.
+    """
+    _layer_on(python, base)
+    if not user_args:
+        log(f"no requirements: layered on base environment {base.hash}, nothing to install")
+        return
+    try:
+        installer.install(
+            python, ["-c", str(base.freeze), *recorded, *user_args], "installing requirements"
+        )
+    except BuildError as exc:
+        if not resolution_conflict(exc):
+            raise
+        log(
+            "warning: your requirements need versions other than the base environment's "
+            f"(Truss's server packages, {base.freeze}); installing them over it, where "
+            "they take precedence"
+        )
+        installer.install(python, [*recorded, *user_args], "installing requirements")
+
+
+BASE_PTH = "zy_kingpost_base.pth"
+"""Sorts after a venv's own ``.pth`` files and before ``zz_kingpost.pth``."""
+
+
+def _layer_on(python: Path, base: BaseEnvironment) -> None:
+    """A ``.pth`` line that adds the base's site-packages as a site directory (its own
+    ``.pth`` files run too), after the venv's own."""
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    line = f"import site; site.addsitedir({base.purelib!r})\n"
+    (Path(purelib) / BASE_PTH).write_text(line)
 
 
 def _install_args(inputs: _Inputs, env_dir: Path, installer: Installer) -> list[str]:

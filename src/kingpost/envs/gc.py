@@ -8,6 +8,13 @@ as ``keep``. Everything else goes, each under the lock its builds take, so a
 build in progress is never removed under it; and an environment whose ready
 marker was written or touched (a reuse) after the collection began is kept, for
 a deployment pushed meanwhile may just have built or picked it.
+
+Base environments (:mod:`kingpost.envs.base`) in the default place, ``{envs}/_base``,
+are collected after: one goes when no environment left refers to it (their ready
+markers name their base), it was not used since the collection began, and no
+environment is being built (a build in progress has no marker yet to name its base).
+Base environments elsewhere (``KINGPOST_BASE_ENVS_DIR``, which other homes may share)
+are never removed by a collection; delete them by hand.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from pathlib import Path
 
 from kingpost._disk import tree_size
 from kingpost._filelock import locked
-from kingpost.envs.builder import READY_MARKER
+from kingpost.envs.base import BASE_MARKER
+from kingpost.envs.builder import BASE_DIR, READY_MARKER
 
 __all__ = ["GcReport", "VenvInfo", "collect", "list_environments"]
 
@@ -105,4 +113,48 @@ def collect(envs_dir: Path, keep: Collection[str], started: float) -> GcReport:
             shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
         removed_bytes += size
-    return GcReport(tuple(removed), removed_bytes, kept)
+    bases_removed, bases_bytes, bases_kept = _collect_bases(envs_dir, started)
+    return GcReport(tuple(removed) + bases_removed, removed_bytes + bases_bytes, kept + bases_kept)
+
+
+def _bases_in_use(envs_dir: Path) -> set[str] | None:
+    """The base hashes the environments left name; ``None`` while one is being built."""
+    used: set[str] = set()
+    for path in _environment_dirs(envs_dir):
+        try:
+            marker = json.loads((path / READY_MARKER).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            continue
+        if isinstance(marker.get("base"), str):
+            used.add(marker["base"])
+    return used
+
+
+def _collect_bases(envs_dir: Path, started: float) -> tuple[tuple[str, ...], int, int]:
+    base_dir = envs_dir / BASE_DIR
+    bases = list(_environment_dirs(base_dir))
+    if not bases:
+        return (), 0, 0
+    used = _bases_in_use(envs_dir)
+    if used is None:
+        return (), 0, len(bases)
+    removed: list[str] = []
+    removed_bytes = kept = 0
+    for path in bases:
+        if path.name in used:
+            kept += 1
+            continue
+        with locked(base_dir / f".{path.name}.lock"):  # waits for a build of it to end
+            try:
+                if (path / BASE_MARKER).stat().st_mtime >= started:
+                    kept += 1
+                    continue
+            except FileNotFoundError:
+                pass  # a build that died
+            size = tree_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(f"{BASE_DIR}/{path.name}")
+        removed_bytes += size
+    return tuple(removed), removed_bytes, kept
