@@ -4,17 +4,19 @@ The main process runs the control-plane API (uvicorn) and the controller
 thread; the gateway runs as its own process(es), started here, fed with the
 routing table over Unix control sockets. Stopping the server (SIGINT/SIGTERM)
 stops the gateway and, with the process engine, every replica; the store keeps
-every deployment, so the next start brings them back.
+every deployment, so the next start brings them back. A control plane that dies
+instead (SIGKILL, a crash) leaves the gateway serving its last table, and the next
+start adopts it (``gateway_process.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +30,7 @@ from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
+from kingpost.gateway_process import ensure_gateway, record_path
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
 from kingpost.store import Database, Store
@@ -83,63 +86,17 @@ def gateway_sockets(settings: Settings) -> list[Path]:
     return control_socket_paths(settings.run_dir / "gateway.sock", settings.gateway_workers)
 
 
-def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
-    """Start the gateway, handing it the control token through an inherited pipe: not an
-    environment variable, argument or file, which a replica of the same uid could read."""
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    read, write = os.pipe()
-    os.write(write, token.encode())
-    os.close(write)
-    cmd = [
-        sys.executable,
-        "-m",
-        "kingpost.gateway",
-        "--host",
-        settings.gateway_host,
-        "--port",
-        str(settings.gateway_port),
-        "--control-socket",
-        str(settings.run_dir / "gateway.sock"),
-        "--workers",
-        str(settings.gateway_workers),
-        "--control-token-fd",
-        str(read),
-    ]
-    try:
-        return subprocess.Popen(
-            cmd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(read,)
-        )
-    finally:
-        os.close(read)
-
-
-def _die_with_parent() -> None:
-    """The gateway dies with the control plane, even when that is SIGKILLed."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _wait_for_sockets(paths: Sequence[Path], gateway: subprocess.Popen[bytes], port: int) -> None:
-    """Wait until every gateway worker listens on its control socket (or exited)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and gateway.poll() is None:
-        if all(p.exists() for p in paths):
-            return
-        time.sleep(0.05)
-    if gateway.poll() is not None:
-        raise KingpostError(
-            f"the gateway exited with code {gateway.returncode}; is port {port} free? "
-            "set KINGPOST_GATEWAY_PORT to another port"
-        )
-
-
-def _pusher(settings: Settings, token: str) -> Callable[[RoutingTable], None]:
+def _pusher(settings: Settings, token: str, base: int = 0) -> Callable[[RoutingTable], None]:
+    """Push each table to every gateway worker. ``base``: the table version an adopted
+    gateway holds, which this control plane's versions (counted from 1) are pushed above;
+    a gateway keeps a table newer than the one pushed."""
     from kingpost.gateway import push_table
 
     sockets = gateway_sockets(settings)
 
     def push(table: RoutingTable) -> None:
+        if base:
+            table = dataclasses.replace(table, version=table.version + base)
         for sock in sockets:
             push_table(sock, table, token=token)
 
@@ -198,11 +155,14 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     import uvicorn
 
     store = bootstrap(settings)
-    token = secrets.token_urlsafe(32)  # only this process and the gateway hold it
-    gateway = _start_gateway(settings, token)
-    _wait_for_sockets(gateway_sockets(settings), gateway, settings.gateway_port)
+    # Only this process, the gateway and its 0600 record in the home hold the token.
+    gateway = ensure_gateway(settings, secrets.token_urlsafe(32))
+    token = gateway.token
     controller = Controller(
-        settings, store, push=_pusher(settings, token), pull_stats=_stats_puller(settings)
+        settings,
+        store,
+        push=_pusher(settings, token, gateway.table_version),
+        pull_stats=_stats_puller(settings),
     )
     plane = ControlPlane(settings, store, controller)
     config = uvicorn.Config(
@@ -229,10 +189,5 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         demand.stop()
         for line in controller.stop():
             print(f"kingpost: {line}", flush=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(gateway.pid, signal.SIGTERM)
-        try:
-            gateway.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(gateway.pid, signal.SIGKILL)
+        gateway.stop(record_path(settings))  # a clean stop stops the gateway too
         store.db.close()

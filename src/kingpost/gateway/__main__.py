@@ -9,10 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kingpost.gateway.control import control_socket_paths, read_token_fd
 from kingpost.gateway.server import Gateway
+
+log = logging.getLogger("kingpost.gateway")
 
 
 def _install_uvloop() -> None:
@@ -24,7 +27,13 @@ def _install_uvloop() -> None:
 
 
 async def _run(
-    host: str, port: int, control: Path, token: str | None, reuse_port: bool, access_log: bool
+    host: str,
+    port: int,
+    control: Path,
+    token: str | None,
+    reuse_port: bool,
+    access_log: bool,
+    orphan_timeout: float = 0.0,
 ) -> None:
     gateway = Gateway(access_log_enabled=access_log)
     await gateway.start(
@@ -34,8 +43,28 @@ async def _run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = None
+    if orphan_timeout > 0:
+        watchdog = asyncio.ensure_future(_orphan_watch(gateway, orphan_timeout, stop))
     await stop.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     await gateway.close()
+
+
+async def _orphan_watch(gateway: Gateway, limit_s: float, stop: asyncio.Event) -> None:
+    """Set ``stop`` once no control plane has pushed a table for ``limit_s`` seconds: a
+    gateway whose control plane died and never came back does not serve forever."""
+    while True:
+        idle = time.monotonic() - gateway.control_seen
+        if idle >= limit_s:
+            log.warning(
+                "gateway: no control plane pushed a table for %.0f s (--orphan-timeout): exiting",
+                idle,
+            )
+            stop.set()
+            return
+        await asyncio.sleep(min(limit_s - idle, 5.0) + 0.01)
 
 
 def run_gateway(
@@ -46,9 +75,12 @@ def run_gateway(
     reuse_port: bool = False,
     access_log: bool = False,
     control_token: str | None = None,
+    orphan_timeout: float = 0.0,
 ) -> None:
     _install_uvloop()
-    asyncio.run(_run(host, port, control_socket, control_token, reuse_port, access_log))
+    asyncio.run(
+        _run(host, port, control_socket, control_token, reuse_port, access_log, orphan_timeout)
+    )
 
 
 def _token_pipe(token: str) -> int:
@@ -73,6 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         help="an inherited file descriptor to read the control token from (to its end); "
         "table pushes must then carry it",
     )
+    p.add_argument(
+        "--orphan-timeout",
+        type=float,
+        default=0.0,
+        help="exit once no table was pushed for this many seconds (0: never); "
+        "`kingpost server` passes KINGPOST_GATEWAY_ORPHAN_TIMEOUT",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     token = read_token_fd(args.control_token_fd) if args.control_token_fd is not None else None
@@ -84,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             reuse_port=args.reuse_port,
             access_log=args.access_log,
             control_token=token,
+            orphan_timeout=args.orphan_timeout,
         )
         return
     children = []
@@ -100,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             "--control-socket",
             str(sock),
             "--reuse-port",
+            "--orphan-timeout",
+            str(args.orphan_timeout),
         ] + (["--access-log"] if args.access_log else [])
         cmd += [arg for fd in fds for arg in ("--control-token-fd", str(fd))]
         children.append(subprocess.Popen(cmd, pass_fds=fds))

@@ -68,6 +68,8 @@ class Gateway:
         self, table: RoutingTable | None = None, *, access_log_enabled: bool = False
     ) -> None:
         self.table = table or RoutingTable()
+        self.control_seen = time.monotonic()
+        """When a control plane last pushed a table (monotonic): see ``--orphan-timeout``."""
         self.pool = UpstreamPool()
         self._dispatchers: dict[str, Dispatcher] = {}
         self._auth: OrderedDict[bytes, KeyScope | None] = OrderedDict()

@@ -1,0 +1,172 @@
+"""The gateway outlives a killed control plane and the next one adopts it (real
+`kingpost server` processes, a real gateway, process-engine replicas)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from test_platform_rollouts import Load, serving_v1
+
+from helpers.platform import Platform, wait_answer, wait_for
+from kingpost.gateway_process import (
+    GatewayRecord,
+    boot_id,
+    observe,
+    process_alive,
+    start_ticks,
+)
+
+PREDICT = "/models/{}/environments/production/predict"
+
+
+def record(platform: Platform) -> dict[str, object]:
+    return dict(json.loads((platform.home / "run" / "gateway.json").read_text()))
+
+
+def gateway_pid(platform: Platform) -> int:
+    return int(str(record(platform)["pid"]))
+
+
+def gone(pid: int, timeout: float = 20) -> None:
+    wait_for(lambda: not process_alive(pid), timeout, f"gateway pid {pid} to exit")
+
+
+def test_a_killed_control_plane_leaves_the_gateway_serving_and_the_next_one_adopts_it(
+    tmp_path: Path,
+) -> None:
+    platform = Platform(tmp_path / "home").start()
+    pid = gateway_pid(platform)
+    try:
+        assert oct((platform.home / "run" / "gateway.json").stat().st_mode & 0o777) == "0o600"
+        serving_v1(platform, tmp_path, "adopt", 1)
+        with platform.gateway() as gw:
+            wait_answer(gw, PREDICT.format("adopt"), 200)
+        platform.stop(signal.SIGKILL)
+
+        # No control plane: the gateway still answers from its last table (keys, routes).
+        assert process_alive(pid)
+        with platform.gateway() as gw:
+            unknown = gw.post(PREDICT.format("nobody"), json={})
+            assert unknown.status_code == 404, unknown.text
+            refused = gw.post(
+                PREDICT.format("adopt"), json={}, headers={"Authorization": "Api-Key kp_no"}
+            )
+            assert refused.status_code == 401, refused.text
+
+        platform.start()
+        assert gateway_pid(platform) == pid and process_alive(pid)
+        assert f"adopted the running gateway (pid {pid})" in platform.output()
+        # The new control plane's tables (versions counted from 1) are taken over the
+        # adopted gateway's newer one: the replica it restarted answers.
+        with platform.gateway() as gw:
+            wait_answer(gw, PREDICT.format("adopt"), 200, timeout=30)
+        load = Load(platform, "adopt")
+        with load.running():
+            time.sleep(2)
+        assert load.answers and load.failed() == []
+    finally:
+        platform.stop()
+    # A clean stop stops the adopted gateway too, and forgets it.
+    gone(pid)
+    assert not (platform.home / "run" / "gateway.json").exists()
+
+
+def test_a_gateway_started_with_other_settings_is_replaced(tmp_path: Path) -> None:
+    platform = Platform(tmp_path / "home").start()
+    old = gateway_pid(platform)
+    try:
+        platform.stop(signal.SIGKILL)
+        assert process_alive(old)
+        platform.env["KINGPOST_GATEWAY_WORKERS"] = "2"
+        platform.start()
+        new = gateway_pid(platform)
+        assert new != old and not process_alive(old)
+        assert (
+            f"replacing the running gateway (pid {old}): its settings changed: workers 1 -> 2"
+            in platform.output()
+        )
+        assert record(platform)["workers"] == 2
+    finally:
+        platform.stop()
+    gone(new)
+
+
+def test_an_orphaned_gateway_exits_after_the_orphan_timeout(tmp_path: Path) -> None:
+    platform = Platform(
+        tmp_path / "home", extra_env={"KINGPOST_GATEWAY_ORPHAN_TIMEOUT": "10"}
+    ).start()
+    pid = gateway_pid(platform)
+    try:
+        time.sleep(12)  # pushes every 5 s keep a gateway with a live control plane
+        assert process_alive(pid)
+        platform.stop(signal.SIGKILL)
+        began = time.monotonic()
+        gone(pid, timeout=30)
+        assert time.monotonic() - began >= 4  # it served on a while, then left
+        platform.start()  # the record names a process that is gone: a new one starts
+        assert gateway_pid(platform) != pid
+    finally:
+        platform.stop()
+
+
+def _record(pid: int, ticks: int, sock: str, boot: str | None = None) -> GatewayRecord:
+    return GatewayRecord(
+        pid=pid,
+        start_ticks=ticks,
+        boot_id=boot_id() if boot is None else boot,
+        version="0",
+        host="127.0.0.1",
+        port=1,
+        workers=1,
+        orphan_timeout=0.0,
+        control_socket=sock,
+        token="t",
+    )
+
+
+def test_a_recycled_pid_or_another_program_is_not_taken_for_the_gateway(
+    tmp_path: Path,
+) -> None:
+    sock = str(tmp_path / "gateway.sock")
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    lookalike = subprocess.Popen([*sleep, "kingpost.gateway", sock])
+    other = subprocess.Popen([*sleep, sock])  # names the socket, but is no gateway
+    try:
+        for p in (lookalike, other):
+            wait_for(lambda p=p: start_ticks(p.pid), 5, "the process's start time")
+        ticks = start_ticks(lookalike.pid)
+        assert ticks is not None
+        seen = observe(_record(lookalike.pid, ticks, sock))
+        assert seen.ours and seen.versions == (None,)  # its socket does not answer
+        assert not observe(_record(lookalike.pid, ticks + 1, sock)).ours  # a recycled pid
+        assert not observe(_record(lookalike.pid, ticks, sock, boot="another-boot")).ours
+        assert not observe(_record(lookalike.pid, ticks, sock + ".other")).ours
+        other_ticks = start_ticks(other.pid)
+        assert other_ticks is not None
+        assert not observe(_record(other.pid, other_ticks, sock)).ours
+    finally:
+        for p in (lookalike, other):
+            p.kill()
+            p.wait()
+    assert not observe(_record(lookalike.pid, ticks, sock)).ours  # gone
+
+
+def test_the_gateway_process_answers_its_version_on_the_control_socket(
+    tmp_path: Path,
+) -> None:
+    platform = Platform(tmp_path / "home").start()
+    try:
+        sock = platform.home / "run" / "gateway.sock"
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
+            body = c.get("http://gateway/healthz").json()
+        from kingpost import __version__
+
+        assert body == {"status": "ok", "version": __version__}
+    finally:
+        platform.stop()
