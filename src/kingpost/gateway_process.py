@@ -25,6 +25,7 @@ A gateway whose control plane never comes back does not serve forever: with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -33,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +42,8 @@ import httpx
 
 from kingpost import __version__
 from kingpost.errors import KingpostError
-from kingpost.gateway.control import control_socket_paths
+from kingpost.gateway.control import TOKEN_HEADER, control_socket_paths, fetch_stats, push_table
+from kingpost.gateway.table import RoutingTable
 from kingpost.settings import Settings
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "Observed",
     "decide",
     "ensure_gateway",
+    "hold_restarting",
     "process_alive",
     "start_gateway",
 ]
@@ -360,3 +364,53 @@ def ensure_gateway(settings: Settings, token: str) -> GatewayProcess:
         _stop_group(child.pid, child)
         raise
     return GatewayProcess(record, adopted=False, child=child)
+
+
+def hold_restarting(gateway: GatewayProcess, restarting: Collection[str], drain_s: float) -> None:
+    """Hand an adopted gateway over before this control plane starts its engines: the
+    deployments in ``restarting`` (on engines that do not keep replicas, whose leftovers
+    the engine kills as it starts) lose their upstreams in its table, so their requests
+    wait for the replicas started anew (up to the hold timeout) instead of failing on a
+    killed one; requests already on those replicas get up to ``drain_s`` to finish."""
+    if not restarting:
+        return
+    for sock in gateway.record.sockets():
+        table = _fetch_table(sock, gateway.token)
+        if table is None or table.version == 0:
+            continue
+        held = {
+            d: dataclasses.replace(route, upstreams=()) if d in restarting else route
+            for d, route in table.deployments.items()
+        }
+        version = table.version + 1
+        push_table(
+            sock,
+            dataclasses.replace(table, version=version, deployments=held),
+            token=gateway.token,
+        )
+        gateway.table_version = max(gateway.table_version, version)
+    deadline = time.monotonic() + drain_s
+    while time.monotonic() < deadline:
+        try:
+            busy = sum(
+                stats.deployments[d].inflight_total
+                for stats in (fetch_stats(sock) for sock in gateway.record.sockets())
+                for d in restarting
+                if d in stats.deployments
+            )
+        except KingpostError:
+            return
+        if busy == 0:
+            return
+        time.sleep(0.05)
+    log.warning("requests still on replicas of the last run after %.0f s: cut off", drain_s)
+
+
+def _fetch_table(sock: Path, token: str) -> RoutingTable | None:
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
+            r = c.get("http://gateway/table", headers={TOKEN_HEADER: token}, timeout=5.0)
+        return RoutingTable.from_json(r.json()) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        log.warning("reading the adopted gateway's table from %s failed: %s", sock, exc)
+        return None

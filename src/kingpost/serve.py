@@ -30,7 +30,7 @@ from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
-from kingpost.gateway_process import ensure_gateway, record_path
+from kingpost.gateway_process import ensure_gateway, hold_restarting, record_path
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
 from kingpost.store import Database, Store
@@ -84,6 +84,20 @@ def gateway_sockets(settings: Settings) -> list[Path]:
     from kingpost.gateway import control_socket_paths
 
     return control_socket_paths(settings.run_dir / "gateway.sock", settings.gateway_workers)
+
+
+def _restarting(store: Store) -> set[str]:
+    """Deployments whose engine does not keep replicas across a control plane's death:
+    the replicas an adopted gateway routes to for them are about to be killed."""
+    from kingpost.engines.registry import engine_kind
+
+    def kept(engine: str) -> bool:
+        try:
+            return engine_kind(engine).keeps_replicas
+        except KingpostError:
+            return False
+
+    return {d.id for d in store.list_deployments() if not kept(d.engine)}
 
 
 def _pusher(settings: Settings, token: str, base: int = 0) -> Callable[[RoutingTable], None]:
@@ -158,6 +172,8 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     # Only this process, the gateway and its 0600 record in the home hold the token.
     gateway = ensure_gateway(settings, secrets.token_urlsafe(32))
     token = gateway.token
+    if gateway.adopted:
+        hold_restarting(gateway, _restarting(store), drain_s=10.0)
     controller = Controller(
         settings,
         store,

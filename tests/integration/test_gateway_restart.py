@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,14 +14,19 @@ from pathlib import Path
 import httpx
 from test_platform_rollouts import Load, serving_v1
 
-from helpers.platform import Platform, wait_answer, wait_for
+from helpers.platform import Platform, free_port, wait_answer, wait_for
+from kingpost.gateway import RoutingTable, push_table
+from kingpost.gateway.control import TOKEN_HEADER
 from kingpost.gateway_process import (
     GatewayRecord,
     boot_id,
     observe,
     process_alive,
+    start_gateway,
     start_ticks,
 )
+from kingpost.serve import gateway_sockets
+from kingpost.settings import Settings
 
 PREDICT = "/models/{}/environments/production/predict"
 
@@ -44,32 +50,34 @@ def test_a_killed_control_plane_leaves_the_gateway_serving_and_the_next_one_adop
     pid = gateway_pid(platform)
     try:
         assert oct((platform.home / "run" / "gateway.json").stat().st_mode & 0o777) == "0o600"
-        serving_v1(platform, tmp_path, "adopt", 1)
+        serving_v1(platform, tmp_path, "adopt", 2)
         with platform.gateway() as gw:
             wait_answer(gw, PREDICT.format("adopt"), 200)
-        platform.stop(signal.SIGKILL)
-
-        # No control plane: the gateway still answers from its last table (keys, routes).
-        assert process_alive(pid)
-        with platform.gateway() as gw:
-            unknown = gw.post(PREDICT.format("nobody"), json={})
-            assert unknown.status_code == 404, unknown.text
-            refused = gw.post(
-                PREDICT.format("adopt"), json={}, headers={"Authorization": "Api-Key kp_no"}
-            )
-            assert refused.status_code == 401, refused.text
-
-        platform.start()
-        assert gateway_pid(platform) == pid and process_alive(pid)
-        assert f"adopted the running gateway (pid {pid})" in platform.output()
-        # The new control plane's tables (versions counted from 1) are taken over the
-        # adopted gateway's newer one: the replica it restarted answers.
-        with platform.gateway() as gw:
-            wait_answer(gw, PREDICT.format("adopt"), 200, timeout=30)
         load = Load(platform, "adopt")
         with load.running():
+            time.sleep(0.5)
+            platform.stop(signal.SIGKILL)
+            answered = len(load.answers)
+            # No control plane: the gateway answers from its last table (keys, routes),
+            # and the replicas' servers (a start_command shell's children) live on.
+            with platform.gateway() as gw:
+                unknown = gw.post(PREDICT.format("nobody"), json={})
+                assert unknown.status_code == 404, unknown.text
+                refused = gw.post(
+                    PREDICT.format("adopt"), json={}, headers={"Authorization": "Api-Key kp_no"}
+                )
+                assert refused.status_code == 401, refused.text
+            time.sleep(1.5)
+            assert process_alive(pid) and len(load.answers) > answered + 10
+            platform.start()
+            # The next control plane holds the routes to the replicas it is about to
+            # restart, then pushes tables above the adopted gateway's version.
+            restarted = len(load.answers)
             time.sleep(2)
-        assert load.answers and load.failed() == []
+            assert len(load.answers) > restarted + 10
+        assert load.failed() == []
+        assert gateway_pid(platform) == pid and process_alive(pid)
+        assert f"adopted the running gateway (pid {pid})" in platform.output()
     finally:
         platform.stop()
     # A clean stop stops the adopted gateway too, and forgets it.
@@ -170,3 +178,23 @@ def test_the_gateway_process_answers_its_version_on_the_control_socket(
         assert body == {"status": "ok", "version": __version__}
     finally:
         platform.stop()
+
+
+def test_only_the_control_plane_may_read_the_gateways_table(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", gateway_port=free_port())
+    proc = start_gateway(settings, "the-token")
+    try:
+        [sock] = gateway_sockets(settings)
+        wait_for(sock.exists, 20, "the control socket")
+        table = RoutingTable(version=7, api_key_hashes=frozenset({"h"}))
+        push_table(sock, table, token="the-token")
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
+            assert c.get("http://gateway/table").status_code == 403
+            wrong = c.get("http://gateway/table", headers={TOKEN_HEADER: "guess"})
+            assert wrong.status_code == 403
+            mine = c.get("http://gateway/table", headers={TOKEN_HEADER: "the-token"})
+        assert mine.status_code == 200
+        assert RoutingTable.from_json(mine.json()).version == 7
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)

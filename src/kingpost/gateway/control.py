@@ -1,6 +1,7 @@
 """The gateway's control channel: a tiny HTTP/1.1 server on a Unix socket.
 
-``PUT /table`` replaces the routing table (JSON of ``RoutingTable.to_json()``),
+``PUT /table`` replaces the routing table (JSON of ``RoutingTable.to_json()``), ``GET
+/table`` (token-guarded) gives it back to a control plane that adopts the gateway,
 ``GET /table/version`` and ``GET /healthz`` report (the latter with the gateway's
 Kingpost version, which a restarted control plane checks before adopting it), ``GET
 /stats`` gives the gateway's figures, and ``GET /demand?wait=S`` (a long poll) answers,
@@ -201,7 +202,7 @@ async def _handle(
         who = f"pid {peer[0]} uid {peer[1]}" if peer is not None else "a peer of unknown pid"
         # A demand poll takes what it reads: only the control plane may, or a replica of
         # the same user could swallow the wake-ups of a deployment at zero.
-        guarded = method == "PUT" or path.startswith("/demand")
+        guarded = method == "PUT" or path.startswith("/demand") or path == "/table"
         refused = _refusal(peer, headers, token if guarded else None)
         if refused:
             log.warning("control socket: REFUSED %s %s from %s: %s", method, path, who, refused)
@@ -233,6 +234,8 @@ async def _handle(
             writer.write(_response(200, {"deployments": demand}))
         elif method == "GET" and path == "/stats":
             writer.write(_response(200, gateway.stats().to_json()))
+        elif method == "GET" and path == "/table":  # for a control plane adopting it
+            writer.write(_response(200, gateway.table.to_json()))
         elif method == "GET" and path == "/table/version":
             writer.write(_response(200, {"version": gateway.table.version}))
         elif method == "GET" and path == "/healthz":
