@@ -171,39 +171,44 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     store = bootstrap(settings)
     # Only this process, the gateway and its 0600 record in the home hold the token.
     gateway = ensure_gateway(settings, secrets.token_urlsafe(32))
-    token = gateway.token
-    if gateway.adopted:
-        hold_restarting(gateway, _restarting(store), drain_s=10.0)
-    controller = Controller(
-        settings,
-        store,
-        push=_pusher(settings, token, gateway.table_version),
-        pull_stats=_stats_puller(settings),
-    )
-    plane = ControlPlane(settings, store, controller)
-    config = uvicorn.Config(
-        create_app(plane),
-        host=settings.api_host,
-        port=settings.api_port,
-        log_level="warning",
-        lifespan="off",
-    )
-    server = _api_server(config)
-    controller.start()
-    demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
-    demand.start()
-    print(
-        f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
-        f"home {settings.home}",
-        flush=True,
-    )
-    if push_dirs:
-        threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
-    try:
+    started: list[Controller] = []
+    demand: DemandWatcher | None = None
+    try:  # from here on, whatever ends this server (a failed start too) stops the gateway
+        token = gateway.token
+        if gateway.adopted:
+            hold_restarting(gateway, _restarting(store), drain_s=10.0)
+        controller = Controller(
+            settings,
+            store,
+            push=_pusher(settings, token, gateway.table_version),
+            pull_stats=_stats_puller(settings),
+        )
+        plane = ControlPlane(settings, store, controller)
+        config = uvicorn.Config(
+            create_app(plane),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+            lifespan="off",
+        )
+        server = _api_server(config)
+        controller.start()
+        started.append(controller)
+        demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
+        demand.start()
+        print(
+            f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
+            f"home {settings.home}",
+            flush=True,
+        )
+        if push_dirs:
+            threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
         server.run()
     finally:
-        demand.stop()
-        for line in controller.stop():
-            print(f"kingpost: {line}", flush=True)
+        if demand is not None:
+            demand.stop()
+        for running in started:
+            for line in running.stop():
+                print(f"kingpost: {line}", flush=True)
         gateway.stop(record_path(settings))  # a clean stop stops the gateway too
         store.db.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -198,3 +199,35 @@ def test_only_the_control_plane_may_read_the_gateways_table(tmp_path: Path) -> N
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(15)
+
+
+def _gateways_of(home: Path) -> list[int]:
+    """Gateway processes that serve ``home``'s control socket."""
+    sock = str(home / "run" / "gateway.sock").encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kingpost.gateway" in argv and sock in argv and process_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_server_that_fails_to_start_leaves_no_gateway(tmp_path: Path) -> None:
+    platform = Platform(tmp_path / "home")
+    platform.home.mkdir(parents=True)
+    with socket.socket() as taken:  # the API's port is someone else's
+        taken.bind(("127.0.0.1", platform.api_port))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "kingpost.cli", "server"],
+            env=platform.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode != 0 and "address already in use" in done.stderr, done.stderr
+    assert _gateways_of(platform.home) == []
+    assert not (platform.home / "run" / "gateway.json").exists()
