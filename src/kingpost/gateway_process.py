@@ -80,6 +80,10 @@ class GatewayRecord:
     orphan_timeout: float
     control_socket: str
     token: str
+    plane_pid: int = 0
+    """The control plane that runs it now, and that process's start time: a second
+    ``kingpost server`` on the same home must not take the gateway from a live one."""
+    plane_start_ticks: int = 0
 
     def sockets(self) -> list[Path]:
         return control_socket_paths(Path(self.control_socket), self.workers)
@@ -312,6 +316,16 @@ def _wait_for_sockets(paths: list[Path], gateway: subprocess.Popen[bytes], port:
         )
 
 
+def _plane_alive(record: GatewayRecord) -> bool:
+    """Whether the control plane that recorded the gateway still runs (not this one)."""
+    return (
+        record.plane_pid not in (0, os.getpid())
+        and record.boot_id == boot_id()
+        and process_alive(record.plane_pid)
+        and start_ticks(record.plane_pid) == record.plane_start_ticks
+    )
+
+
 def _table_version(sock: Path) -> int:
     try:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
@@ -325,6 +339,13 @@ def ensure_gateway(settings: Settings, token: str) -> GatewayProcess:
     one that does not fit); record it. ``token`` is used for a new one only."""
     path = record_path(settings)
     old = read_record(path)
+    if old is not None and _plane_alive(old):
+        raise KingpostError(
+            f"another kingpost server (pid {old.plane_pid}) runs with home {settings.home} "
+            f"and its gateway (pid {old.pid}); stop it first, or set KINGPOST_HOME to "
+            "another directory"
+        )
+    me, my_ticks = os.getpid(), start_ticks(os.getpid()) or 0
     action, why = decide(old, observe(old) if old is not None else Observed(False), settings)
     if old is not None and action == Action.ADOPT:
         version = max((_table_version(s) for s in old.sockets()), default=0)
@@ -334,7 +355,9 @@ def ensure_gateway(settings: Settings, token: str) -> GatewayProcess:
             why,
             version,
         )
-        return GatewayProcess(old, adopted=True, table_version=version)
+        adopted = dataclasses.replace(old, plane_pid=me, plane_start_ticks=my_ticks)
+        write_record(path, adopted)
+        return GatewayProcess(adopted, adopted=True, table_version=version)
     if old is not None and action == Action.REPLACE:
         log.warning("replacing the running gateway (pid %d): %s", old.pid, why)
         _stop_group(old.pid, None)
@@ -358,6 +381,8 @@ def ensure_gateway(settings: Settings, token: str) -> GatewayProcess:
             orphan_timeout=settings.gateway_orphan_timeout,
             control_socket=str(_base_socket(settings)),
             token=token,
+            plane_pid=me,
+            plane_start_ticks=my_ticks,
         )
         write_record(path, record)
     except BaseException:

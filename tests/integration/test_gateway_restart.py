@@ -231,3 +231,22 @@ def test_a_server_that_fails_to_start_leaves_no_gateway(tmp_path: Path) -> None:
     assert done.returncode != 0 and "address already in use" in done.stderr, done.stderr
     assert _gateways_of(platform.home) == []
     assert not (platform.home / "run" / "gateway.json").exists()
+
+
+def test_a_second_server_on_the_same_home_leaves_the_running_ones_gateway_alone(
+    tmp_path: Path,
+) -> None:
+    platform = Platform(tmp_path / "home").start()
+    pid = gateway_pid(platform)
+    try:
+        second = platform.cli("server")
+        assert second.returncode != 0
+        assert f"another kingpost server (pid {platform.proc.pid if platform.proc else 0})" in (
+            second.stderr
+        ), second.stderr
+        assert gateway_pid(platform) == pid and process_alive(pid)
+        with platform.gateway() as gw:
+            assert gw.post(PREDICT.format("nobody"), json={}).status_code == 404
+    finally:
+        platform.stop()
+    gone(pid)
