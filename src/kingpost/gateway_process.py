@@ -408,11 +408,15 @@ def hold_restarting(gateway: GatewayProcess, restarting: Collection[str], drain_
             for d, route in table.deployments.items()
         }
         version = table.version + 1
-        push_table(
-            sock,
-            dataclasses.replace(table, version=version, deployments=held),
-            token=gateway.token,
-        )
+        try:
+            push_table(
+                sock,
+                dataclasses.replace(table, version=version, deployments=held),
+                token=gateway.token,
+            )
+        except KingpostError as exc:  # the first pass pushes a whole table anyway
+            log.warning("holding the restarting deployments' requests failed: %s", exc)
+            continue
         gateway.table_version = max(gateway.table_version, version)
     deadline = time.monotonic() + drain_s
     while time.monotonic() < deadline:
