@@ -250,3 +250,30 @@ def test_a_second_server_on_the_same_home_leaves_the_running_ones_gateway_alone(
     finally:
         platform.stop()
     gone(pid)
+
+
+def _table_version(sock: Path) -> int:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
+        return int(c.get("http://gateway/table/version").json()["version"])
+
+
+def test_a_gateway_of_several_workers_is_adopted_whole(tmp_path: Path) -> None:
+    platform = Platform(tmp_path / "home", extra_env={"KINGPOST_GATEWAY_WORKERS": "2"}).start()
+    pid = gateway_pid(platform)
+    try:
+        serving_v1(platform, tmp_path, "workers", 1)
+        sockets = [platform.home / "run" / f"gateway-{i}.sock" for i in (0, 1)]
+        before = max(_table_version(s) for s in sockets)
+        platform.stop(signal.SIGKILL)
+        platform.start()
+        assert gateway_pid(platform) == pid
+        assert f"adopted the running gateway (pid {pid})" in platform.output()
+        # Each worker takes the new control plane's tables (pushed above its version).
+        wait_for(lambda: all(_table_version(s) > before + 1 for s in sockets), 20, "newer tables")
+        load = Load(platform, "workers")
+        with load.running():
+            wait_for(lambda: len(load.answers) > 20, 30, "answers")
+        assert load.failed() == []
+    finally:
+        platform.stop()
+    gone(pid)
