@@ -32,9 +32,8 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,7 +54,6 @@ __all__ = [
     "ensure_gateway",
     "hold_restarting",
     "process_alive",
-    "start_gateway",
 ]
 
 log = logging.getLogger("kingpost.server")
@@ -271,37 +269,6 @@ def _wait_gone(pid: int, child: subprocess.Popen[bytes] | None, timeout: float) 
     return True
 
 
-def start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
-    """Start the gateway in a session of its own, handing it the control token through an
-    inherited pipe. It is not bound to this process's life: it outlives a killed control
-    plane (see the module docstring)."""
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    read, write = os.pipe()
-    os.write(write, token.encode())
-    os.close(write)
-    cmd = [
-        sys.executable,
-        "-m",
-        "kingpost.gateway",
-        "--host",
-        settings.gateway_host,
-        "--port",
-        str(settings.gateway_port),
-        "--control-socket",
-        str(_base_socket(settings)),
-        "--workers",
-        str(settings.gateway_workers),
-        "--control-token-fd",
-        str(read),
-        "--orphan-timeout",
-        str(settings.gateway_orphan_timeout),
-    ]
-    try:
-        return subprocess.Popen(cmd, start_new_session=True, pass_fds=(read,))
-    finally:
-        os.close(read)
-
-
 def _wait_for_sockets(paths: list[Path], gateway: subprocess.Popen[bytes], port: int) -> None:
     """Wait until every gateway worker listens on its control socket (or exited)."""
     deadline = time.monotonic() + 15
@@ -334,9 +301,12 @@ def _table_version(sock: Path) -> int:
         return 0
 
 
-def ensure_gateway(settings: Settings, token: str) -> GatewayProcess:
-    """Adopt the gateway a previous control plane left running, or start one (replacing
-    one that does not fit); record it. ``token`` is used for a new one only."""
+def ensure_gateway(
+    settings: Settings, token: str, start: Callable[[Settings, str], subprocess.Popen[bytes]]
+) -> GatewayProcess:
+    """Adopt the gateway a previous control plane left running, or start one with
+    ``start(settings, token)`` (replacing one that does not fit); record it. ``token`` is
+    used for a new one only."""
     path = record_path(settings)
     old = read_record(path)
     if old is not None and _plane_alive(old):
@@ -367,7 +337,7 @@ def ensure_gateway(settings: Settings, token: str) -> GatewayProcess:
     for stale in sockets:  # left by a gateway that is gone: not a sign the new one listens
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
-    child = start_gateway(settings, token)
+    child = start(settings, token)
     try:
         _wait_for_sockets(sockets, child, settings.gateway_port)
         record = GatewayRecord(

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
-from kingpost.gateway_process import ensure_gateway, hold_restarting, record_path
+from kingpost.gateway_process import GatewayProcess, ensure_gateway, hold_restarting, record_path
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
 from kingpost.store import Database, Store
@@ -84,6 +85,38 @@ def gateway_sockets(settings: Settings) -> list[Path]:
     from kingpost.gateway import control_socket_paths
 
     return control_socket_paths(settings.run_dir / "gateway.sock", settings.gateway_workers)
+
+
+def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
+    """Start the gateway, handing it the control token through an inherited pipe: not an
+    environment variable or argument, which a replica of the same uid could read. It is
+    not bound to this process's life: it outlives a killed control plane, for the next
+    one to adopt (``gateway_process.py``)."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    read, write = os.pipe()
+    os.write(write, token.encode())
+    os.close(write)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kingpost.gateway",
+        "--host",
+        settings.gateway_host,
+        "--port",
+        str(settings.gateway_port),
+        "--control-socket",
+        str(settings.run_dir / "gateway.sock"),
+        "--workers",
+        str(settings.gateway_workers),
+        "--control-token-fd",
+        str(read),
+        "--orphan-timeout",
+        str(settings.gateway_orphan_timeout),
+    ]
+    try:
+        return subprocess.Popen(cmd, start_new_session=True, pass_fds=(read,))
+    finally:
+        os.close(read)
 
 
 def _restarting(store: Store) -> set[str]:
@@ -166,49 +199,52 @@ def _api_server(config: Any) -> Any:
 
 
 def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
-    import uvicorn
-
     store = bootstrap(settings)
     # Only this process, the gateway and its 0600 record in the home hold the token.
-    gateway = ensure_gateway(settings, secrets.token_urlsafe(32))
-    started: list[Controller] = []
-    demand: DemandWatcher | None = None
-    try:  # from here on, whatever ends this server (a failed start too) stops the gateway
-        token = gateway.token
+    gateway = ensure_gateway(settings, secrets.token_urlsafe(32), _start_gateway)
+    try:  # whatever ends this server (a failed start too) stops the gateway
         if gateway.adopted:
             hold_restarting(gateway, _restarting(store), drain_s=10.0)
-        controller = Controller(
-            settings,
-            store,
-            push=_pusher(settings, token, gateway.table_version),
-            pull_stats=_stats_puller(settings),
-        )
-        plane = ControlPlane(settings, store, controller)
-        config = uvicorn.Config(
-            create_app(plane),
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level="warning",
-            lifespan="off",
-        )
-        server = _api_server(config)
-        controller.start()
-        started.append(controller)
-        demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
-        demand.start()
-        print(
-            f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
-            f"home {settings.home}",
-            flush=True,
-        )
-        if push_dirs:
-            threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
-        server.run()
+        _serve(settings, store, gateway, push_dirs)
     finally:
-        if demand is not None:
-            demand.stop()
-        for running in started:
-            for line in running.stop():
-                print(f"kingpost: {line}", flush=True)
         gateway.stop(record_path(settings))  # a clean stop stops the gateway too
         store.db.close()
+
+
+def _serve(
+    settings: Settings, store: Store, gateway: GatewayProcess, push_dirs: Sequence[Path]
+) -> None:
+    import uvicorn
+
+    token = gateway.token
+    controller = Controller(
+        settings,
+        store,
+        push=_pusher(settings, token, gateway.table_version),
+        pull_stats=_stats_puller(settings),
+    )
+    plane = ControlPlane(settings, store, controller)
+    config = uvicorn.Config(
+        create_app(plane),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = _api_server(config)
+    controller.start()
+    demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
+    demand.start()
+    print(
+        f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
+        f"home {settings.home}",
+        flush=True,
+    )
+    if push_dirs:
+        threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
+    try:
+        server.run()
+    finally:
+        demand.stop()
+        for line in controller.stop():
+            print(f"kingpost: {line}", flush=True)

@@ -32,8 +32,7 @@ from kingpost.gateway.table import (
     RoutingTable,
 )
 from kingpost.gateway.table import Upstream as Up
-from kingpost.gateway_process import start_gateway
-from kingpost.serve import gateway_sockets
+from kingpost.serve import _start_gateway, gateway_sockets
 from kingpost.settings import Settings
 
 KEY = "kp_control_test"
@@ -80,7 +79,7 @@ def version(sock_path: Path) -> int:
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[Settings, Path]]:
     settings = Settings(home=tmp_path / "home", gateway_port=free_port())
-    proc = start_gateway(settings, TOKEN)
+    proc = _start_gateway(settings, TOKEN)
     try:
         [sock] = gateway_sockets(settings)
         wait_for(sock.exists, 20, "the control socket")
@@ -172,7 +171,7 @@ def test_a_refused_push_is_logged_as_a_warning(
 
 def test_every_worker_gets_the_token(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path / "home", gateway_port=free_port(), gateway_workers=2)
-    proc = start_gateway(settings, TOKEN)
+    proc = _start_gateway(settings, TOKEN)
     try:
         sockets = gateway_sockets(settings)
         wait_for(lambda: all(s.exists() for s in sockets), 20, "both control sockets")

@@ -23,10 +23,9 @@ from kingpost.gateway_process import (
     boot_id,
     observe,
     process_alive,
-    start_gateway,
     start_ticks,
 )
-from kingpost.serve import gateway_sockets
+from kingpost.serve import _start_gateway, gateway_sockets
 from kingpost.settings import Settings
 
 PREDICT = "/models/{}/environments/production/predict"
@@ -183,7 +182,7 @@ def test_the_gateway_process_answers_its_version_on_the_control_socket(
 
 def test_only_the_control_plane_may_read_the_gateways_table(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path / "home", gateway_port=free_port())
-    proc = start_gateway(settings, "the-token")
+    proc = _start_gateway(settings, "the-token")
     try:
         [sock] = gateway_sockets(settings)
         wait_for(sock.exists, 20, "the control socket")
