@@ -5,13 +5,16 @@ a session of its own with no parent-death signal, so it keeps serving the last r
 table it was pushed. ``{home}/run/gateway.json`` (0600, in the 0700 home that isolated
 replicas do not see) names it: pid, the process's start time and the machine's boot id
 (so a recycled pid is never taken for it), the Kingpost version and the settings it was
-started with, its control sockets and its control token. The next ``kingpost server``
-reads it and decides (:func:`decide`, a pure function of what it found):
+started with, its control sockets and its control token, and the control plane that runs
+it. The next ``kingpost server`` refuses to start while that control plane still runs;
+otherwise it reads the record and decides (:func:`decide`, a pure function of what it
+found):
 
 - ADOPT: the process is still ours (same boot, same start time, a gateway command line
   naming our control socket), every worker answers on its control socket with this
   Kingpost's version, and it listens where the settings say: the new control plane keeps
-  its token and pushes it a newer table.
+  its token, holds the requests for replicas its engines are about to restart
+  (:func:`hold_restarting`) and pushes it newer tables.
 - REPLACE: it is ours but runs another Kingpost version or other settings (address,
   workers, orphan timeout), or its control sockets do not answer: it is stopped (SIGTERM
   to its process group, SIGKILL after a grace), then a new one starts.
