@@ -4,12 +4,15 @@ The main process runs the control-plane API (uvicorn) and the controller
 thread; the gateway runs as its own process(es), started here, fed with the
 routing table over Unix control sockets. Stopping the server (SIGINT/SIGTERM)
 stops the gateway and, with the process engine, every replica; the store keeps
-every deployment, so the next start brings them back.
+every deployment, so the next start brings them back. A control plane that dies
+instead (SIGKILL, a crash) leaves the gateway serving its last table, and the next
+start adopts it (``gateway_process.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -29,6 +32,7 @@ from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
 from kingpost.gateway.tracing import require_sdk, traces_endpoint
+from kingpost.gateway_process import GatewayProcess, ensure_gateway, hold_restarting, record_path
 from kingpost.logstore import Collector, LogSettings
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
@@ -87,7 +91,9 @@ def gateway_sockets(settings: Settings) -> list[Path]:
 
 def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
     """Start the gateway, handing it the control token through an inherited pipe: not an
-    environment variable, argument or file, which a replica of the same uid could read."""
+    environment variable or argument, which a replica of the same uid could read. It is
+    not bound to this process's life: it outlives a killed control plane, for the next
+    one to adopt (``gateway_process.py``)."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     read, write = os.pipe()
     os.write(write, token.encode())
@@ -106,14 +112,14 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         str(settings.gateway_workers),
         "--control-token-fd",
         str(read),
+        "--orphan-timeout",
+        str(settings.gateway_orphan_timeout),
     ]
     if settings.log_access:
         segment = log_settings(settings).segment_bytes
         cmd += ["--log-dir", str(settings.logs_dir), "--log-segment-bytes", str(segment)]
     try:
-        return subprocess.Popen(
-            cmd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(read,)
-        )
+        return subprocess.Popen(cmd, start_new_session=True, pass_fds=(read,))
     finally:
         os.close(read)
 
@@ -131,33 +137,31 @@ def _collector(settings: Settings, store: Store) -> Collector:
     return Collector(log_settings(settings), settings.replicas_dir, settings.builds_dir, model_of)
 
 
-def _die_with_parent() -> None:
-    """The gateway dies with the control plane, even when that is SIGKILLed."""
-    import ctypes
+def _restarting(store: Store) -> set[str]:
+    """Deployments whose engine does not keep replicas across a control plane's death:
+    the replicas an adopted gateway routes to for them are about to be killed."""
+    from kingpost.engines.registry import engine_kind
 
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    def kept(engine: str) -> bool:
+        try:
+            return engine_kind(engine).keeps_replicas
+        except KingpostError:
+            return False
 
-
-def _wait_for_sockets(paths: Sequence[Path], gateway: subprocess.Popen[bytes], port: int) -> None:
-    """Wait until every gateway worker listens on its control socket (or exited)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and gateway.poll() is None:
-        if all(p.exists() for p in paths):
-            return
-        time.sleep(0.05)
-    if gateway.poll() is not None:
-        raise KingpostError(
-            f"the gateway exited with code {gateway.returncode}; is port {port} free? "
-            "set KINGPOST_GATEWAY_PORT to another port"
-        )
+    return {d.id for d in store.list_deployments() if not kept(d.engine)}
 
 
-def _pusher(settings: Settings, token: str) -> Callable[[RoutingTable], None]:
+def _pusher(settings: Settings, token: str, base: int = 0) -> Callable[[RoutingTable], None]:
+    """Push each table to every gateway worker. ``base``: the table version an adopted
+    gateway holds, which this control plane's versions (counted from 1) are pushed above;
+    a gateway keeps a table newer than the one pushed."""
     from kingpost.gateway import push_table
 
     sockets = gateway_sockets(settings)
 
     def push(table: RoutingTable) -> None:
+        if base:
+            table = dataclasses.replace(table, version=table.version + base)
         for sock in sockets:
             push_table(sock, table, token=token)
 
@@ -213,16 +217,31 @@ def _api_server(config: Any) -> Any:
 
 
 def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
-    import uvicorn
-
     store = bootstrap(settings)
     if (endpoint := traces_endpoint(os.environ)) is not None:
         require_sdk(endpoint)  # the gateway inherits the variable and traces
-    token = secrets.token_urlsafe(32)  # only this process and the gateway hold it
-    gateway = _start_gateway(settings, token)
-    _wait_for_sockets(gateway_sockets(settings), gateway, settings.gateway_port)
+    # Only this process, the gateway and its 0600 record in the home hold the token.
+    gateway = ensure_gateway(settings, secrets.token_urlsafe(32), _start_gateway)
+    try:  # whatever ends this server (a failed start too) stops the gateway
+        if gateway.adopted:
+            hold_restarting(gateway, _restarting(store), drain_s=10.0)
+        _serve(settings, store, gateway, push_dirs)
+    finally:
+        gateway.stop(record_path(settings))  # a clean stop stops the gateway too
+        store.db.close()
+
+
+def _serve(
+    settings: Settings, store: Store, gateway: GatewayProcess, push_dirs: Sequence[Path]
+) -> None:
+    import uvicorn
+
+    token = gateway.token
     controller = Controller(
-        settings, store, push=_pusher(settings, token), pull_stats=_stats_puller(settings)
+        settings,
+        store,
+        push=_pusher(settings, token, gateway.table_version),
+        pull_stats=_stats_puller(settings),
     )
     plane = ControlPlane(settings, store, controller)
     config = uvicorn.Config(
@@ -262,10 +281,3 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         for line in controller.stop():
             print(f"kingpost: {line}", flush=True)
         collector.stop()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(gateway.pid, signal.SIGTERM)
-        try:
-            gateway.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(gateway.pid, signal.SIGKILL)
-        store.db.close()

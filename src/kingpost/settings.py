@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     gateway_hold_timeout: float = Field(default=60.0, gt=0)
     """Seconds a request waits for a deployment with no ready replica (scaled to zero,
     waking) before a 503 ``unavailable`` with ``Retry-After``."""
+    gateway_orphan_timeout: float = Field(default=3600.0, ge=0)
+    """Seconds the gateway keeps serving its last routing table after its control plane
+    died (no table pushed for that long) before it exits; 0: until stopped, else at least
+    10 (a live control plane pushes every 5 s). The next ``kingpost server`` adopts a
+    gateway still running (``gateway_process.py``)."""
+
+    @field_validator("gateway_orphan_timeout")
+    @classmethod
+    def _orphan_timeout_above_pushes(cls, value: float) -> float:
+        if 0 < value < 10:
+            raise ValueError(
+                f"KINGPOST_GATEWAY_ORPHAN_TIMEOUT must be 0 (never) or at least 10 seconds, "
+                f"since the control plane pushes the gateway a table every 5 s; got {value}"
+            )
+        return value
+
     gateway_queue_limit: int = Field(default=1000, ge=1)
     """Requests that may wait per deployment (for a slot, or for a replica to wake) before
     a 429 ``overloaded`` with ``Retry-After``."""

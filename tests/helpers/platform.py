@@ -96,6 +96,9 @@ class Platform:
             "KINGPOST_ENGINE": engine,
             "KINGPOST_RECONCILE_INTERVAL": "0.2",
             "KINGPOST_BASE_ENVS_DIR": shared_base_envs_dir(),
+            # A test that SIGKILLs the server leaves its gateway for the next start to
+            # adopt; one that never restarts it must not leave it running for an hour.
+            "KINGPOST_GATEWAY_ORPHAN_TIMEOUT": "60",
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 from test_platform_models import FIXTURES
 from test_platform_push import copy_project
+from test_platform_rollouts import Load
 from websockets.sync.client import connect
 
 from helpers.platform import EXAMPLES, Platform, wait_for
@@ -362,11 +364,20 @@ def test_control_plane_restart_adopts_running_containers(
             60,
             "two containers",
         )
-        platform.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
-        assert sorted(c.id for c in containers_of(docker_client, dep_id)) == before
-        platform = Platform(home, engine="docker")
-        platform.start()
-        platform.wait_status(dep_id, "ACTIVE", timeout=120)
+        gateway = json.loads((home / "run" / "gateway.json").read_text())["pid"]
+        load = Load(platform, "dock-adopt")
+        with load.running():  # through the crash: the gateway and the containers serve on
+            time.sleep(0.5)
+            platform.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
+            answered = len(load.answers)
+            time.sleep(2)
+            assert len(load.answers) > answered + 10, load.failed()[-3:]
+            assert sorted(c.id for c in containers_of(docker_client, dep_id)) == before
+            platform.start()
+            platform.wait_status(dep_id, "ACTIVE", timeout=120)
+            time.sleep(1)
+        assert load.failed() == []
+        assert json.loads((home / "run" / "gateway.json").read_text())["pid"] == gateway
         with platform.gateway() as gw:
             r = gw.post("/models/dock-adopt/environments/production/predict", json={"x": 2})
             assert r.status_code == 200 and r.json()["echo"] == {"x": 2}

@@ -3,6 +3,7 @@ load loop through the gateway: no request fails while traffic moves, in any outc
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import threading
@@ -220,18 +221,29 @@ def test_force_complete_and_a_candidate_never_ready(platform: Platform, tmp_path
 
 def test_a_killed_control_plane_resumes_the_rollout_at_its_step(tmp_path: Path) -> None:
     platform = Platform(tmp_path / "home").start()
+    gateway = json.loads((platform.home / "run" / "gateway.json").read_text())["pid"]
     try:
         serving_v1(platform, tmp_path, "restart", 4)
         with platform.client() as c:
             settings(c, "restart", max_surge_percent=25, stabilization_time_seconds=1.5)
-        push(platform, project(tmp_path, "v2"), 4, model_name="restart", environment="production")
-        wait_for(lambda: rollout(platform, "restart")["step"] >= 2 or None, 60, "step 2")
-        platform.stop(signal.SIGKILL)
-        platform.start()
-        resumed = rollout(platform, "restart")
-        assert resumed["status"] == "IN_PROGRESS" and resumed["step"] >= 2, resumed
-        done = until(platform, "restart", "SUCCEEDED", "FAILED", timeout=90)
+        load = Load(platform, "restart")
+        with load.running():
+            push(
+                platform, project(tmp_path, "v2"), 4, model_name="restart", environment="production"
+            )
+            wait_for(lambda: rollout(platform, "restart")["step"] >= 2 or None, 60, "step 2")
+            platform.stop(signal.SIGKILL)
+            answered = len(load.answers)
+            time.sleep(1.5)  # no control plane: the gateway serves on with the last table
+            assert len(load.answers) > answered, load.failed()[-3:]
+            platform.start()
+            resumed = rollout(platform, "restart")
+            assert resumed["status"] == "IN_PROGRESS" and resumed["step"] >= 2, resumed
+            done = until(platform, "restart", "SUCCEEDED", "FAILED", timeout=90)
+            time.sleep(0.5)
         assert done["status"] == "SUCCEEDED", done
+        assert load.failed() == []
+        assert json.loads((platform.home / "run" / "gateway.json").read_text())["pid"] == gateway
         with platform.gateway() as gw:
             r = gw.post("/models/restart/environments/production/predict", json={})
         assert r.json() == {"version": "v2"}

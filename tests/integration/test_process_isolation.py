@@ -73,6 +73,7 @@ class H(BaseHTTPRequestHandler):
             "credentials": attempt(lambda: read(os.path.join(home, "credentials"))),
             "database": attempt(lambda: read(os.path.join(home, "kingpost.db"))),
             "control_socket": attempt(lambda: connect(os.path.join(home, "run", "gateway.sock"))),
+            "gateway_record": attempt(lambda: read(os.path.join(home, "run", "gateway.json"))),
             "etc": attempt(lambda: write("/etc/kingpost-probe")),
             "shm": attempt(lambda: sorted(os.listdir("/dev/shm"))),
             "tmp": attempt(lambda: sorted(os.listdir("/tmp"))),
@@ -154,6 +155,8 @@ def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
     control.bind(str(home / "run" / "gateway.sock"))
     control.listen()
     os.chmod(home / "run" / "gateway.sock", 0o666)
+    (home / "run" / "gateway.json").write_text('{"token": "the control token"}')
+    (home / "run" / "gateway.json").chmod(0o644)  # the control token: never readable there
     try:
         nothing = {"VICTIM_HOME": str(home), "OTHER_SECRET": "/", "OTHER_APP": "/"}
         start(eng, project(tmp_path, "victim", nothing), "d2", "theirs")
@@ -177,6 +180,7 @@ def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
         "credentials",
         "database",
         "control_socket",
+        "gateway_record",
         "etc",
     ):
         assert str(seen[attack]).startswith("refused:"), (attack, seen[attack])

@@ -77,3 +77,12 @@ def test_a_registered_engine_is_offered_and_built_with_nothing_else_changed(
     assert [i.message for i in registry.engine_kind("extra").refusals(config)] == [
         "no accelerators here"
     ]
+
+
+def test_whether_replicas_outlive_the_control_plane_is_the_engines_own_word() -> None:
+    from kingpost.engines.docker import DockerEngine
+    from kingpost.engines.process import ProcessEngine
+
+    for name, engine in (("process", ProcessEngine), ("docker", DockerEngine)):
+        assert registry.engine_kind(name).keeps_replicas is engine.keeps_replicas, name
+    assert registry.engine_kind("fake").keeps_replicas is FakeEngine.keeps_replicas

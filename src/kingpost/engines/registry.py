@@ -48,6 +48,10 @@ class EngineKind:
     check_at_push: bool = False
     """Created when a deployment is pushed to it, so an unreachable engine (dockerd down)
     refuses the push instead of failing the deployment later."""
+    keeps_replicas: bool = False
+    """Its replicas outlive a control plane (its engine's ``keeps_replicas``): a restarted
+    control plane hands an adopted gateway's routes to them over as they are, while it
+    holds requests for the others until their replicas are started anew."""
     refusals: Callable[[TrussConfig], list[Issue]] = _no_issues
     """Config problems that stop a push to this engine (errors, with key paths)."""
     warnings: Callable[[TrussConfig], list[Issue]] = _no_issues
@@ -146,6 +150,7 @@ register(
         _docker,
         builds="the image",
         check_at_push=True,
+        keeps_replicas=True,
     )
 )
 register(EngineKind("fake", "in-memory replicas for tests", _fake, "nothing", user_facing=False))

@@ -9,12 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kingpost.gateway.access import AccessLines
 from kingpost.gateway.control import control_socket_paths, read_token_fd
 from kingpost.gateway.server import Gateway
 from kingpost.gateway.tracing import traces_endpoint
+
+log = logging.getLogger("kingpost.gateway")
 
 
 def _install_uvloop() -> None:
@@ -33,6 +36,7 @@ async def _run(
     reuse_port: bool,
     access_log: bool,
     log_store: tuple[Path, int] | None = None,
+    orphan_timeout: float = 0.0,
 ) -> None:
     store = None
     if log_store is not None:
@@ -53,8 +57,28 @@ async def _run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = None
+    if orphan_timeout > 0:
+        watchdog = asyncio.ensure_future(_orphan_watch(gateway, orphan_timeout, stop))
     await stop.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     await gateway.close()
+
+
+async def _orphan_watch(gateway: Gateway, limit_s: float, stop: asyncio.Event) -> None:
+    """Set ``stop`` once no control plane has pushed a table for ``limit_s`` seconds: a
+    gateway whose control plane died and never came back does not serve forever."""
+    while True:
+        idle = time.monotonic() - gateway.control_seen
+        if idle >= limit_s:
+            log.warning(
+                "gateway: no control plane pushed a table for %.0f s (--orphan-timeout): exiting",
+                idle,
+            )
+            stop.set()
+            return
+        await asyncio.sleep(min(limit_s - idle, 5.0) + 0.01)
 
 
 def run_gateway(
@@ -66,9 +90,21 @@ def run_gateway(
     access_log: bool = False,
     control_token: str | None = None,
     log_store: tuple[Path, int] | None = None,
+    orphan_timeout: float = 0.0,
 ) -> None:
     _install_uvloop()
-    asyncio.run(_run(host, port, control_socket, control_token, reuse_port, access_log, log_store))
+    asyncio.run(
+        _run(
+            host,
+            port,
+            control_socket,
+            control_token,
+            reuse_port,
+            access_log,
+            log_store,
+            orphan_timeout,
+        )
+    )
 
 
 def _token_pipe(token: str) -> int:
@@ -95,6 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--log-dir", type=Path, help="keep access lines in this log store")
     p.add_argument("--log-segment-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument(
+        "--orphan-timeout",
+        type=float,
+        default=0.0,
+        help="exit once no table was pushed for this many seconds (0: never); "
+        "`kingpost server` passes KINGPOST_GATEWAY_ORPHAN_TIMEOUT",
+    )
     args = p.parse_args(argv)
     store = None if args.log_dir is None else (args.log_dir, args.log_segment_bytes)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -108,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             access_log=args.access_log,
             control_token=token,
             log_store=store,
+            orphan_timeout=args.orphan_timeout,
         )
         return
     children = []
@@ -124,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             "--control-socket",
             str(sock),
             "--reuse-port",
+            "--orphan-timeout",
+            str(args.orphan_timeout),
         ] + (["--access-log"] if args.access_log else [])
         if store is not None:
             cmd += ["--log-dir", str(store[0]), "--log-segment-bytes", str(store[1])]

@@ -1,9 +1,11 @@
 """The gateway's control channel: a tiny HTTP/1.1 server on a Unix socket.
 
-``PUT /table`` replaces the routing table (JSON of ``RoutingTable.to_json()``),
-``GET /table/version`` and ``GET /healthz`` report, ``GET /stats`` gives the gateway's
-figures, and ``GET /demand?wait=S`` (a long poll) answers, as soon as there are any, the
-deployments that requests wait for with no ready replica.
+``PUT /table`` replaces the routing table (JSON of ``RoutingTable.to_json()``), ``GET
+/table`` (token-guarded) gives it back to a control plane that adopts the gateway,
+``GET /table/version`` and ``GET /healthz`` report (the latter with the gateway's
+Kingpost version, which a restarted control plane checks before adopting it), ``GET
+/stats`` gives the gateway's figures, and ``GET /demand?wait=S`` (a long poll) answers,
+as soon as there are any, the deployments that requests wait for with no ready replica.
 
 Only the control plane may push a table. Three locks, each enough against a replica
 that runs as another user, the last one also against one that runs as the same user:
@@ -11,7 +13,9 @@ the socket file is 0600; the peer's credentials (``SO_PEERCRED``) must carry the
 gateway's own uid; and, when the gateway was given a control token, ``PUT /table``
 must present it in :data:`TOKEN_HEADER`. ``kingpost server`` always gives one: a
 random token it hands the gateway through an inherited pipe (never an environment
-variable, a command line or a file, which a replica of the same user could read).
+variable or a command line, which a replica of the same user could read). To adopt the
+gateway after a crash, the control plane also keeps it in its 0600 gateway record under
+the home (``gateway_process.py``), which isolated replicas do not see, as ``secret.key``.
 A refused request is answered 403 with a JSON error and logged as a warning.
 """
 
@@ -27,12 +31,14 @@ import socket
 import struct
 import sys
 import threading
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 
+from kingpost import __version__
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
@@ -196,7 +202,7 @@ async def _handle(
         who = f"pid {peer[0]} uid {peer[1]}" if peer is not None else "a peer of unknown pid"
         # A demand poll takes what it reads: only the control plane may, or a replica of
         # the same user could swallow the wake-ups of a deployment at zero.
-        guarded = method == "PUT" or path.startswith("/demand")
+        guarded = method == "PUT" or path.startswith("/demand") or path == "/table"
         refused = _refusal(peer, headers, token if guarded else None)
         if refused:
             log.warning("control socket: REFUSED %s %s from %s: %s", method, path, who, refused)
@@ -209,6 +215,7 @@ async def _handle(
         if method == "PUT" and path == "/table":
             table = RoutingTable.from_json(json.loads(body))
             accepted = gateway.set_table(table)
+            gateway.control_seen = time.monotonic()  # a control plane is there
             if not accepted:
                 log.warning(
                     "control socket: kept table version %d; %s pushed older version %d",
@@ -227,10 +234,12 @@ async def _handle(
             writer.write(_response(200, {"deployments": demand}))
         elif method == "GET" and path == "/stats":
             writer.write(_response(200, gateway.stats().to_json()))
+        elif method == "GET" and path == "/table":  # for a control plane adopting it
+            writer.write(_response(200, gateway.table.to_json()))
         elif method == "GET" and path == "/table/version":
             writer.write(_response(200, {"version": gateway.table.version}))
         elif method == "GET" and path == "/healthz":
-            writer.write(_response(200, {"status": "ok"}))
+            writer.write(_response(200, {"status": "ok", "version": __version__}))
         else:
             writer.write(_response(404, {"error": f"no control route {method} {path}"}))
     except (ValueError, KeyError, TypeError) as exc:

@@ -78,6 +78,8 @@ class Gateway:
         tracer: GatewayTracer | None = None,
     ) -> None:
         self.table = table or RoutingTable()
+        self.control_seen = time.monotonic()
+        """When a control plane last pushed a table (monotonic): see ``--orphan-timeout``."""
         self.pool = UpstreamPool()
         self._dispatchers: dict[str, Dispatcher] = {}
         self._auth: OrderedDict[bytes, KeyScope | None] = OrderedDict()

@@ -1,0 +1,103 @@
+"""What a starting control plane does with the gateway the last one left: a table of
+cases for the pure ``decide``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kingpost import __version__
+from kingpost.gateway_process import (
+    Action,
+    GatewayRecord,
+    Observed,
+    decide,
+    read_record,
+    write_record,
+)
+from kingpost.settings import Settings
+
+HOME = Path("/srv/kp")
+SETTINGS = Settings(home=HOME, gateway_port=8080)
+RECORD = GatewayRecord(
+    pid=4242,
+    start_ticks=77,
+    boot_id="b",
+    version=__version__,
+    host="127.0.0.1",
+    port=8080,
+    workers=1,
+    orphan_timeout=3600.0,
+    control_socket=str(HOME / "run" / "gateway.sock"),
+    token="t",
+)
+FITS = Observed(ours=True, versions=(__version__,))
+
+
+@pytest.mark.parametrize(
+    ("record", "seen", "settings", "action", "why"),
+    [
+        (None, Observed(False), SETTINGS, Action.START, "no gateway was recorded"),
+        (RECORD, Observed(False), SETTINGS, Action.START, "pid 4242) is gone"),
+        (RECORD, FITS, SETTINGS, Action.ADOPT, f"Kingpost {__version__} on 127.0.0.1:8080"),
+        (
+            RECORD,
+            Observed(True, ("0.0.1",)),
+            SETTINGS,
+            Action.REPLACE,
+            f"it runs Kingpost 0.0.1, not {__version__}",
+        ),
+        (RECORD, Observed(True, (None,)), SETTINGS, Action.REPLACE, "do not all answer"),
+        (
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"gateway_port": 9090}),
+            Action.REPLACE,
+            "its settings changed: port 8080 -> 9090",
+        ),
+        (
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"gateway_host": "0.0.0.0", "gateway_workers": 2}),
+            Action.REPLACE,
+            "host '127.0.0.1' -> '0.0.0.0', workers 1 -> 2",
+        ),
+        (
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"gateway_orphan_timeout": 0.0}),
+            Action.REPLACE,
+            "orphan_timeout 3600.0 -> 0.0",
+        ),
+        (
+            replace(RECORD, workers=2),
+            Observed(True, (__version__, "0.0.1")),
+            SETTINGS.model_copy(update={"gateway_workers": 2}),
+            Action.REPLACE,
+            "it runs Kingpost 0.0.1",
+        ),
+    ],
+)
+def test_decide(
+    record: GatewayRecord | None, seen: Observed, settings: Settings, action: Action, why: str
+) -> None:
+    got, reason = decide(record, seen, settings)
+    assert got == action
+    assert why in reason
+
+
+def test_the_record_is_private_and_a_damaged_one_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "gateway.json"
+    write_record(path, RECORD)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_record(path) == RECORD
+    path.write_text('{"pid": 1}')
+    assert read_record(path) is None
+    assert read_record(tmp_path / "none.json") is None
+
+
+def test_an_orphan_timeout_under_the_push_period_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"ORPHAN_TIMEOUT must be 0 .* got 3\.0"):
+        Settings(gateway_orphan_timeout=3)
