@@ -185,15 +185,19 @@ def test_a_development_deployment_swaps_to_a_new_image_on_each_change(
     dplatform: Platform, tmp_path: Path
 ) -> None:
     """On docker the project is in the image, so a sync of changed model code builds the
-    next image and swaps replicas (no reload in place), and the new code answers."""
+    next image and swaps replicas (no reload in place), and the new code answers. The
+    model imports Truss's server packages (numpy below 2) without listing them."""
     from test_platform_development import make_project, predict, sync, write_model
 
+    numpy = "__import__('numpy').__version__ + ' ' + __import__('requests').__name__"
     project = make_project(tmp_path, "dock-dev")
+    write_model(project, "1", six=numpy)
     dep = push(dplatform, project, development=True)["deployment"]
     dplatform.wait_status(dep["id"], "ACTIVE", timeout=600)  # builds an image first
     first = predict(dplatform, "dock-dev")
     assert first["value"] == 1
-    write_model(project, "2")
+    assert first["six"].startswith("1.") and first["six"].endswith(" requests"), first
+    write_model(project, "2", six=numpy)
     done = sync(dplatform, project, "dock-dev")
     assert (done["kind"], done["ok"]) == ("swap", True), done
     assert done["changed"] == ["model/model.py"]

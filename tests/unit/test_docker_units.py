@@ -119,12 +119,26 @@ def test_run_as_user_id_owns_the_writable_paths(tmp_path: Path) -> None:
 
 
 def test_model_class_gets_the_server_without_the_control_plane(tmp_path: Path) -> None:
-    config = cfg("model_name: m\nrequirements: [numpy]\n")
-    plan = plan_build(
-        config, files(tmp_path, **{"model__model.py": "class Model: ..."}), "b", HOST, tmp_path
-    )
-    assert b"httptools" in plan.files["kingpost-build/server-requirements.txt"]
-    assert "-r /tmp/kingpost-build/server-requirements.txt" in plan.dockerfile
+    from kingpost.envs.baseset import base_set_for
+
+    config = cfg("model_name: m\nsystem_packages: [curl]\nrequirements: [numpy==2.0.0]\n")
+    app = files(tmp_path, **{"model__model.py": "class Model: ..."})
+    with pytest.raises(ValueError, match="Truss server packages"):
+        plan_build(config, app, "b", HOST, tmp_path)
+    base_set = base_set_for("0.9.1", None, print)
+    plan = plan_build(config, app, "b", HOST, tmp_path, base_set)
+    # Truss's server packages of that version, and the model server's own, in one layer
+    # before anything of the project (so every model image of the set shares it), then
+    # the project's requirements over them.
+    wanted = plan.files["kingpost-build/base-requirements.txt"]
+    assert isinstance(wanted, bytes)
+    assert b"fastapi==0.114.1" in wanted and b"httptools" in wanted and b"requests" in wanted
+    lines = plan.dockerfile.splitlines()
+    base = next(i for i, ln in enumerate(lines) if "-r /tmp/kingpost-base/requirements.txt" in ln)
+    apt = next(i for i, ln in enumerate(lines) if "apt-get" in ln)
+    user = next(i for i, ln in enumerate(lines) if "-r /tmp/kingpost-build/requirements.txt" in ln)
+    assert base < apt < user
+    assert plan.files["kingpost-build/requirements.txt"] == b"numpy==2.0.0\n"
     assert "COPY kingpost-build/kingpost/ /opt/kingpost/lib/kingpost/" in plan.dockerfile
     assert '"kingpost.server"' in plan.dockerfile.splitlines()[-1]
     assert plan.package_dir == tmp_path

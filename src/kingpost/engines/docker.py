@@ -446,7 +446,10 @@ class DockerEngine(ReplicaEngine[_Replica]):
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
         from kingpost.images import build_image
 
-        return Prepared(image=build_image(config, app_dir, log, self.client))
+        image = build_image(
+            config, app_dir, log, self.client, truss_version=self.settings.truss_version
+        )
+        return Prepared(image=image)
 
     def start(self, spec: ReplicaSpec) -> None:
         with self._lock:

@@ -280,7 +280,7 @@ def ensure_environment(
     if policy.mode == ModelEnvMode.TRUSS_BASE:
         requirements, files = _requirements_inputs(config, app_dir)
         interpreter = find_interpreter(_explicit_python(config), log)
-        base_set = base_set_for(_truss_version(config), policy.truss_version, log)
+        base_set = base_set_for(truss_version_of(config), policy.truss_version, log)
         base = ensure_base(base_set, interpreter, policy.base_dir_for(envs_dir), log)
         layered = _Inputs(requirements, files, interpreter, True, base.hash, base_set.requirements)
         return _ensure(layered, envs_dir, log, base)
@@ -329,7 +329,7 @@ def environment_hash(
     elif policy.mode == ModelEnvMode.TRUSS_BASE:
         requirements, files = _requirements_inputs(config, app_dir)
         interpreter = find_interpreter(_explicit_python(config), _quiet)
-        base_set = base_set_for(_truss_version(config), policy.truss_version, _quiet)
+        base_set = base_set_for(truss_version_of(config), policy.truss_version, _quiet)
         installer = Installer(_quiet)
         on = base_hash(base_set, interpreter, installer)
         layered = _Inputs(requirements, files, interpreter, True, on, base_set.requirements)
@@ -339,7 +339,7 @@ def environment_hash(
     return None if inputs is None else _hash(inputs, Installer(_quiet))
 
 
-def _truss_version(config: Any) -> object:
+def truss_version_of(config: Any) -> object:
     """config.yaml's ``truss_version`` (kept among the keys Kingpost's model does not
     name), or ``None``."""
     extra = getattr(config, "model_extra", None) or {}

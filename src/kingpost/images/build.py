@@ -53,10 +53,13 @@ def build_image(
     log: Log,
     client: DockerClient | None = None,
     host: HostBuildEnv | None = None,
+    truss_version: str | None = None,
 ) -> str:
-    """Build (or find) the image of the project at ``app_dir``; return its tag."""
+    """Build (or find) the image of the project at ``app_dir``; return its tag.
+    ``truss_version``: whose server packages a model class without its own
+    ``truss_version`` gets (``KINGPOST_TRUSS_VERSION``; None: the newest set)."""
     client = client or docker_client()
-    plan = plan_for(config, app_dir, client, log, host)
+    plan = plan_for(config, app_dir, client, log, host, truss_version)
     for warning in plan.warnings:
         log(f"warning: {warning}")
     tag = image_tag(config, plan, _base_id(client, plan.base_image))
@@ -84,18 +87,26 @@ def plan_for(
     client: DockerClient,
     log: Log,
     host: HostBuildEnv | None = None,
+    truss_version: str | None = None,
 ) -> BuildPlan:
     """The build plan of a project, with the base image made available first."""
     base = config.base_image.image if config.base_image and config.base_image.image else None
     if base is None:
         base = ensure_base_image(client, log)
     files = {rel.as_posix(): app_dir / rel for rel in project_files(app_dir)}
+    base_set = None
+    if not config.is_custom_server:
+        from kingpost.envs.baseset import base_set_for
+        from kingpost.envs.builder import truss_version_of
+
+        base_set = base_set_for(truss_version_of(config), truss_version, log)
     return plan_build(
         config,
         files,
         base,
         host or HostBuildEnv.from_host(),
         package_dir=Path(kingpost.__file__).parent,
+        base_set=base_set,
     )
 
 

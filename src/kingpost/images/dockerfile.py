@@ -8,8 +8,11 @@ Engine. The layer order follows Truss's image builder, cheapest-to-change last:
 2. ``system_packages`` through apt;
 3. the user ``app`` (UID 60000, or ``docker_server.run_as_user_id``) and its
    writable directories ``/app``, ``/workspace``, ``/packages`` and ``$HOME``;
-4. ``requirements`` / ``requirements_file`` (plus, for model classes, the model
-   server's few dependencies, in the same resolver run so conflicts fail here);
+4. for model classes, Truss's server packages (the base set of the project's Truss
+   version, :mod:`kingpost.envs.baseset`, with the model server's own few), then
+   ``requirements`` / ``requirements_file`` over them, so a user pin wins as on Truss;
+   the base layer comes first and is the same for every model of a Truss version and
+   Python, so images share it;
 5. for model classes, the ``kingpost`` package itself (see below);
 6. the project at ``/app``, its data directory at ``/app/data``, and ``/packages``
    pointing at its bundled packages directory (where Truss puts them);
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kingpost.envs.baseset import BaseSet
 from kingpost.errors import ConfigError
 from kingpost.server.contract import SERVER_ARGS
 
@@ -72,9 +76,6 @@ CA_PATH = "/usr/local/share/kingpost/host-ca.crt"
 CTX = "kingpost-build"
 SERVER_REQUIREMENTS = ("httptools>=0.6", "msgpack>=1.0", "PyYAML>=6.0", "uvloop>=0.19")
 """What ``python -m kingpost.server`` imports beyond the standard library."""
-CONVENIENCE_REQUIREMENTS = ("fastapi>=0.111", "pydantic>=2.7")
-"""What Truss's server image provides and model code imports undeclared; installed
-best-effort, constrained to the versions already there, so a user pin always wins."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,10 @@ def plan_build(
     base_image: str,
     host: HostBuildEnv,
     package_dir: Path | None = None,
+    base_set: BaseSet | None = None,
 ) -> BuildPlan:
-    """The plan for ``config``; ``app_files`` maps project-relative paths to files."""
+    """The plan for ``config``; ``app_files`` maps project-relative paths to files.
+    ``base_set``: the Truss server packages a model class gets (needed for one)."""
     if not base_image or any(ch.isspace() or not ch.isprintable() for ch in base_image):
         # It is pasted into the FROM line: a newline would add Dockerfile instructions.
         raise ConfigError(
@@ -149,6 +152,10 @@ def plan_build(
     if host.ca_bundle:
         files[f"{CTX}/host-ca.crt"] = host.ca_bundle
         lines.append(f"COPY {CTX}/host-ca.crt {CA_PATH}")
+    if not config.is_custom_server:
+        if base_set is None:
+            raise ValueError("a model-class image needs the Truss server packages' set")
+        lines += _base_steps(config, base_set, files)
     if config.system_packages:
         lines.append(_apt_step(config.system_packages))
     uid = image_user_id(config)
@@ -277,26 +284,27 @@ def _requirements_steps(
     elif config.requirements:
         files[f"{CTX}/requirements.txt"] = ("\n".join(config.requirements) + "\n").encode()
         sources.append("requirements.txt")
-    if not config.is_custom_server:
-        files[f"{CTX}/server-requirements.txt"] = ("\n".join(SERVER_REQUIREMENTS) + "\n").encode()
-        sources.append("server-requirements.txt")
     if not sources:
         return []
     copies = [f"COPY {CTX}/{name} /tmp/kingpost-build/{name}" for name in sources]
     install = " ".join(f"-r /tmp/kingpost-build/{name}" for name in sources)
     python = shlex.quote(image_python(config))
-    steps = [*copies, _run(f"{python} -m pip install --no-cache-dir {install}")]
-    if not config.is_custom_server:
-        extras = " ".join(shlex.quote(r) for r in CONVENIENCE_REQUIREMENTS)
-        steps.append(
-            _run(
-                f"{python} -m pip freeze > /tmp/kingpost-build/constraints.txt && "
-                f"{{ {python} -m pip install --no-cache-dir -c /tmp/kingpost-build/constraints.txt "
-                f"{extras} || echo 'warning: fastapi/pydantic not added: they conflict with "
-                "the requirements'; }"
-            )
-        )
-    return steps
+    return [*copies, _run(f"{python} -m pip install --no-cache-dir {install}")]
+
+
+def _base_steps(
+    config: TrussConfig, base_set: BaseSet, files: dict[str, bytes | Path]
+) -> list[str]:
+    """Truss's server packages for a model class, in a layer of their own before anything
+    of the project's: the same layer (so one cached copy) for every model-class image of
+    that set and Python. The project's requirements install over it afterwards."""
+    wanted = [*base_set.requirements, *SERVER_REQUIREMENTS]
+    files[f"{CTX}/base-requirements.txt"] = ("\n".join(wanted) + "\n").encode()
+    python = shlex.quote(image_python(config))
+    return [
+        f"COPY {CTX}/base-requirements.txt /tmp/kingpost-base/requirements.txt",
+        _run(f"{python} -m pip install --no-cache-dir -r /tmp/kingpost-base/requirements.txt"),
+    ]
 
 
 def _server_steps(python: str) -> list[str]:
