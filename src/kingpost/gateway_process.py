@@ -16,8 +16,9 @@ found):
   its token, holds the requests for replicas its engines are about to restart
   (:func:`hold_restarting`) and pushes it newer tables.
 - REPLACE: it is ours but runs another Kingpost version or other settings (address,
-  workers, orphan timeout), or its control sockets do not answer: it is stopped (SIGTERM
-  to its process group, SIGKILL after a grace), then a new one starts.
+  workers, orphan timeout, the log store of its access lines), or its control sockets do
+  not answer: it is stopped (SIGTERM to its process group, SIGKILL after a grace), then a
+  new one starts.
 - START: there is no record, or the recorded process is gone or is not ours.
 
 A gateway whose control plane never comes back does not serve forever: with
@@ -46,6 +47,7 @@ from kingpost import __version__
 from kingpost.errors import KingpostError
 from kingpost.gateway.control import TOKEN_HEADER, control_socket_paths, fetch_stats, push_table
 from kingpost.gateway.table import RoutingTable
+from kingpost.logstore.collect import LogSettings
 from kingpost.settings import Settings
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "GatewayProcess",
     "GatewayRecord",
     "Observed",
+    "access_log_store",
     "decide",
     "ensure_gateway",
     "hold_restarting",
@@ -85,6 +88,11 @@ class GatewayRecord:
     """The control plane that runs it now, and that process's start time: a second
     ``kingpost server`` on the same home must not take the gateway from a live one."""
     plane_start_ticks: int = 0
+    log_dir: str = ""
+    """The log store its access lines go to (``--log-dir``); empty: it keeps none
+    (``KINGPOST_LOG_ACCESS=false``)."""
+    log_segment_bytes: int = 0
+    """Its segments' size (``--log-segment-bytes``, from ``KINGPOST_LOG_MAX_BYTES``)."""
 
     def sockets(self) -> list[Path]:
         return control_socket_paths(Path(self.control_socket), self.workers)
@@ -124,6 +132,7 @@ def decide(record: GatewayRecord | None, seen: Observed, settings: Settings) -> 
         "orphan_timeout": settings.gateway_orphan_timeout,
         "control_socket": str(_base_socket(settings)),
     }
+    wanted["log_dir"], wanted["log_segment_bytes"] = access_log_store(settings)
     changed = [
         f"{k} {getattr(record, k)!r} -> {v!r}" for k, v in wanted.items() if getattr(record, k) != v
     ]
@@ -133,6 +142,16 @@ def decide(record: GatewayRecord | None, seen: Observed, settings: Settings) -> 
 
 
 # -- the record ---------------------------------------------------------------------------
+def access_log_store(settings: Settings) -> tuple[str, int]:
+    """Where the gateway keeps its access lines and its segments' size: ``("", 0)`` with
+    ``KINGPOST_LOG_ACCESS=false``. The gateway's ``--log-dir`` and ``--log-segment-bytes``,
+    and what adoption compares."""
+    if not settings.log_access:
+        return "", 0
+    store = LogSettings(settings.logs_dir, settings.log_max_bytes, settings.log_max_age)
+    return str(store.root), store.segment_bytes
+
+
 def _base_socket(settings: Settings) -> Path:
     return settings.run_dir / "gateway.sock"
 
@@ -340,6 +359,7 @@ def ensure_gateway(
     for stale in sockets:  # left by a gateway that is gone: not a sign the new one listens
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+    log_dir, segment_bytes = access_log_store(settings)
     child = start(settings, token)
     try:
         _wait_for_sockets(sockets, child, settings.gateway_port)
@@ -356,6 +376,8 @@ def ensure_gateway(
             token=token,
             plane_pid=me,
             plane_start_ticks=my_ticks,
+            log_dir=log_dir,
+            log_segment_bytes=segment_bytes,
         )
         write_record(path, record)
     except BaseException:

@@ -32,7 +32,13 @@ from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
 from kingpost.gateway.tracing import require_sdk, traces_endpoint
-from kingpost.gateway_process import GatewayProcess, ensure_gateway, hold_restarting, record_path
+from kingpost.gateway_process import (
+    GatewayProcess,
+    access_log_store,
+    ensure_gateway,
+    hold_restarting,
+    record_path,
+)
 from kingpost.logstore import Collector, LogSettings
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.settings import Settings
@@ -115,9 +121,9 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         "--orphan-timeout",
         str(settings.gateway_orphan_timeout),
     ]
-    if settings.log_access:
-        segment = log_settings(settings).segment_bytes
-        cmd += ["--log-dir", str(settings.logs_dir), "--log-segment-bytes", str(segment)]
+    log_dir, segment_bytes = access_log_store(settings)  # what the record says, too
+    if log_dir:
+        cmd += ["--log-dir", log_dir, "--log-segment-bytes", str(segment_bytes)]
     try:
         return subprocess.Popen(cmd, start_new_session=True, pass_fds=(read,))
     finally:

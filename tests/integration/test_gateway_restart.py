@@ -105,6 +105,25 @@ def test_a_gateway_started_with_other_settings_is_replaced(tmp_path: Path) -> No
     gone(new)
 
 
+def test_a_gateway_keeping_no_access_lines_is_replaced_when_they_are_turned_on(
+    tmp_path: Path,
+) -> None:
+    platform = Platform(tmp_path / "home", extra_env={"KINGPOST_LOG_ACCESS": "false"}).start()
+    old = gateway_pid(platform)
+    try:
+        platform.stop(signal.SIGKILL)
+        assert process_alive(old)
+        del platform.env["KINGPOST_LOG_ACCESS"]  # on by default
+        platform.start()
+        new = gateway_pid(platform)
+        assert new != old and not process_alive(old)
+        assert "its settings changed: log_dir '' ->" in platform.output()
+        assert record(platform)["log_dir"] == str(platform.home / "logs")
+    finally:
+        platform.stop()
+    gone(new)
+
+
 def test_an_orphaned_gateway_exits_after_the_orphan_timeout(tmp_path: Path) -> None:
     platform = Platform(
         tmp_path / "home", extra_env={"KINGPOST_GATEWAY_ORPHAN_TIMEOUT": "10"}

@@ -32,6 +32,8 @@ RECORD = GatewayRecord(
     orphan_timeout=3600.0,
     control_socket=str(HOME / "run" / "gateway.sock"),
     token="t",
+    log_dir=str(HOME / "logs"),
+    log_segment_bytes=8 * 1024 * 1024,
 )
 FITS = Observed(ours=True, versions=(__version__,))
 
@@ -70,6 +72,29 @@ FITS = Observed(ours=True, versions=(__version__,))
             SETTINGS.model_copy(update={"gateway_orphan_timeout": 0.0}),
             Action.REPLACE,
             "orphan_timeout 3600.0 -> 0.0",
+        ),
+        # Access lines go to the log store as the gateway was started: another setting
+        # must replace it, or an adopted gateway keeps (or keeps not) writing them.
+        (
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"log_access": False}),
+            Action.REPLACE,
+            "log_dir '/srv/kp/logs' -> '', log_segment_bytes 8388608 -> 0",
+        ),
+        (
+            replace(RECORD, log_dir="", log_segment_bytes=0),
+            FITS,
+            SETTINGS,
+            Action.REPLACE,
+            "log_dir '' -> '/srv/kp/logs'",
+        ),
+        (
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"log_max_bytes": 16 * 1024 * 1024}),
+            Action.REPLACE,
+            "log_segment_bytes 8388608 -> 1048576",
         ),
         (
             replace(RECORD, workers=2),
