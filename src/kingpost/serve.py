@@ -258,32 +258,35 @@ def _serve(
         lifespan="off",
     )
     server = _api_server(config)
-    collector = _collector(settings, store)
-    collector.start()
-    controller.start()
-    demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
-    demand.start()
-    metrics_server = None
-    if settings.metrics_listen:
-        from kingpost.metrics.listen import serve_metrics
-        from kingpost.metrics.platform import exposition
+    # Whatever ends the server (a failed start too) stops what was started, in reverse.
+    with contextlib.ExitStack() as started:
+        if settings.metrics_listen:  # first: an address in use costs nothing started
+            from kingpost.metrics.listen import serve_metrics
+            from kingpost.metrics.platform import exposition
 
-        metrics_server = serve_metrics(
-            settings.metrics_listen, lambda: exposition(controller, store)
+            metrics_server = serve_metrics(
+                settings.metrics_listen, lambda: exposition(controller, store)
+            )
+            started.callback(metrics_server.server_close)
+            started.callback(metrics_server.shutdown)
+        collector = _collector(settings, store)
+        collector.start()
+        started.callback(collector.stop)
+        started.callback(_stop_controller, controller)  # also what a failed start began
+        controller.start()
+        demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
+        demand.start()
+        started.callback(demand.stop)
+        print(
+            f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
+            f"home {settings.home}",
+            flush=True,
         )
-    print(
-        f"Kingpost API on {settings.client_url}, gateway on {settings.gateway_url}, "
-        f"home {settings.home}",
-        flush=True,
-    )
-    if push_dirs:
-        threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
-    try:
+        if push_dirs:
+            threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
         server.run()
-    finally:
-        demand.stop()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        for line in controller.stop():
-            print(f"kingpost: {line}", flush=True)
-        collector.stop()
+
+
+def _stop_controller(controller: Controller) -> None:
+    for line in controller.stop():
+        print(f"kingpost: {line}", flush=True)

@@ -9,10 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from test_platform_rollouts import Load, serving_v1
 
 from helpers.platform import Platform, free_port, wait_answer, wait_for
@@ -249,6 +251,53 @@ def test_a_server_that_fails_to_start_leaves_no_gateway(tmp_path: Path) -> None:
     assert done.returncode != 0 and "address already in use" in done.stderr, done.stderr
     assert _gateways_of(platform.home) == []
     assert not (platform.home / "run" / "gateway.json").exists()
+
+
+def test_a_metrics_address_in_use_fails_the_start_cleanly(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # the metrics listener's port is someone else's
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        platform = Platform(
+            tmp_path / "home", extra_env={"KINGPOST_METRICS_LISTEN": f"127.0.0.1:{port}"}
+        )
+        platform.home.mkdir(parents=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "kingpost.cli", "server"],
+            env=platform.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode != 0, done.stderr
+    assert f"KINGPOST_METRICS_LISTEN 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert _gateways_of(platform.home) == []
+    assert not (platform.home / "run" / "gateway.json").exists()
+
+
+def test_a_failed_start_leaves_no_thread_of_the_server_running(tmp_path: Path) -> None:
+    """In-process: the controller and the log collector started before the metrics
+    listener failed would run on against a closed store."""
+    from kingpost.errors import KingpostError
+    from kingpost.serve import run_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(
+            home=tmp_path / "home",
+            api_port=free_port(),
+            gateway_port=free_port(),
+            gateway_orphan_timeout=60,
+            metrics_listen=f"127.0.0.1:{taken.getsockname()[1]}",
+        )
+        with pytest.raises(KingpostError, match="KINGPOST_METRICS_LISTEN"):
+            run_server(settings)
+    ours = ("kingpost-controller", "kingpost-logs", "kingpost-demand", "kingpost-metrics")
+    left = [t.name for t in threading.enumerate() if t.name.startswith(ours)]
+    assert left == []
+    assert _gateways_of(settings.home) == []
 
 
 def test_a_second_server_on_the_same_home_leaves_the_running_ones_gateway_alone(

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from kingpost.errors import KingpostError
 from kingpost.metrics.text import CONTENT_TYPE
 
 __all__ = ["parse_listen", "serve_metrics"]
@@ -33,7 +34,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def serve_metrics(listen: str, render: Callable[[], str]) -> ThreadingHTTPServer:
     """Serve ``render()`` at ``GET /metrics`` on ``listen`` from a daemon thread; the
-    caller ``shutdown()``s it."""
+    caller ``shutdown()``s and ``server_close()``s it. An address it cannot bind raises
+    :class:`KingpostError` naming the setting."""
     host, port = parse_listen(listen)
 
     class _Handler(BaseHTTPRequestHandler):
@@ -60,6 +62,12 @@ def serve_metrics(listen: str, render: Callable[[], str]) -> ThreadingHTTPServer
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         daemon_threads = True
 
-    server = _Server((host, port), _Handler)
+    try:
+        server = _Server((host, port), _Handler)
+    except OSError as exc:
+        raise KingpostError(
+            f"KINGPOST_METRICS_LISTEN {listen}: cannot listen there ({exc.strerror}); "
+            "set it to a free address, or unset it to serve /metrics on the API only"
+        ) from exc
     threading.Thread(target=server.serve_forever, name="kingpost-metrics", daemon=True).start()
     return server
