@@ -237,3 +237,33 @@ def test_a_development_swap_on_a_full_machine_stops_the_old_replica_first(
     (new,) = rig.engine.live(dep)
     assert new != old and rig.gpus_of(dep) == [("GPU-l4",)]
     assert rig.store.get_deployment(dep).status == DeploymentStatus.ACTIVE
+
+
+def test_devices_stay_held_while_the_engine_that_runs_them_cannot_be_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted control plane whose engine (docker, which keeps its containers) cannot
+    be created at first must not free that engine's replicas' devices: they still run, and
+    the engine adopts them once it comes back."""
+    import kingpost.controller.loop as loop
+
+    rig = Rig(tmp_path, inventory=Inventory((Gpu("0", "GPU-a", "NVIDIA L4", 0),), source="t"))
+    kept = rig.deploy()
+    rig.passes()
+    assert rig.gpus_of(kept) == [("GPU-a",)]
+
+    def unavailable(name: str, settings: Settings) -> FakeEngine:
+        raise EngineError(f"engine {name} is unavailable now")
+
+    monkeypatch.setattr(loop, "create_engine", unavailable)
+    rig.controller = Controller(rig.settings, rig.store, gpus=lambda: rig.inventory,
+                                clock=lambda: rig.now)  # fmt: skip
+    rig.controller.start()  # logs the engine as unavailable, runs the first pass
+    rig.controller.stop()
+    rig.passes(8)  # well past the stop grace period
+    assert [d for d, _ in rig.controller.gpus.held().values()] == [kept]
+    # The engine comes back with the replica it kept: the device is still its own.
+    monkeypatch.setattr(loop, "create_engine", lambda name, settings: rig.engine)
+    rig.passes(8)
+    assert rig.gpus_of(kept) == [("GPU-a",)]
+    assert [d for d, _ in rig.controller.gpus.held().values()] == [kept]

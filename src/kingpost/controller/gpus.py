@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from kingpost.config import Accelerator
 from kingpost.gpus import (
@@ -71,14 +71,17 @@ class GpuPlacer:
                 self._held = self._store.load()
             return dict(self._held)
 
-    def release_gone(self, live: Iterable[str], now: float, grace: float) -> None:
+    def release_gone(
+        self, live: Iterable[str], now: float, grace: float, keep: Collection[str] = ()
+    ) -> None:
         """Free the devices of replicas no engine reports live any more, ``grace`` seconds
         after they were first missed (an engine stops reporting a replica when asked to
         stop it, and its process may hold the device until it has exited: the stop grace
         period). At the first call (a control plane that starts) there is nothing to wait
-        for: whatever an earlier run left is gone or adopted by then."""
-        alive = set(live)
+        for: whatever an earlier run left is gone or adopted by then. Replicas of the
+        deployments in ``keep`` (whose engine could not be asked) count as live."""
         held = self.held()
+        alive = set(live) | {r for r, (dep, _) in held.items() if dep in keep}
         for r in [r for r in self._missed if r in alive or r not in held]:
             del self._missed[r]
         missing = [r for r in held if r not in alive]

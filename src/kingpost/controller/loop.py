@@ -147,6 +147,8 @@ class Controller:
         """Per deployment: what a new replica would lack while the running ones serve."""
         self._owners: dict[str, Engine] = {}
         self._polled_all = True
+        self._engine_of: dict[str, str] | None = None
+        """Deployment id -> its engine's name, from the last pass's snapshot."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -332,16 +334,10 @@ class Controller:
     def _pass(self) -> RoutingTable:
         replicas = self._poll_all()
         self.replica_events.observe(replicas, self._clock())
-        if self._polled_all:  # an engine that could not say: keep its replicas' devices
-            live = [
-                r.replica_id
-                for reps in replicas.values()
-                for r in reps
-                if r.phase not in (ReplicaPhase.STOPPED, ReplicaPhase.FAILED)
-            ]
-            self.gpus.release_gone(live, self._clock(), self.settings.stop_grace_period)
+        self._release_devices(replicas)
         self._advance_rollouts(replicas)  # first: a finished one changes what this pass sees
         models, deployments, environments = self.store.routing_snapshot()
+        self._engine_of = {d.id: d.engine for d in deployments}
         self.routing.tell_environments(deployments, environments)
         replicas = self._drained(replicas)
         self._autoscale(deployments, environments, replicas)
@@ -434,6 +430,24 @@ class Controller:
                 self._polled_all = False
                 log.exception("polling engine %s failed", engine.name)
         return out
+
+    def _release_devices(self, replicas: dict[str, list[ReplicaStatus]]) -> None:
+        """Free the devices of replicas that are gone. Not while an engine's poll raised,
+        and never those of deployments whose engine does not run yet (it could not be
+        created, e.g. the Docker Engine is unreachable as the control plane starts): their
+        replicas may still run and hold them, and that engine adopts them when it comes."""
+        if not self._polled_all:
+            return
+        live = [
+            r.replica_id
+            for reps in replicas.values()
+            for r in reps
+            if r.phase not in (ReplicaPhase.STOPPED, ReplicaPhase.FAILED)
+        ]
+        if self._engine_of is None:  # the first pass: before any snapshot
+            self._engine_of = {d.id: d.engine for d in self.store.routing_snapshot()[1]}
+        unasked = {d for d, engine in self._engine_of.items() if engine not in self._engines}
+        self.gpus.release_gone(live, self._clock(), self.settings.stop_grace_period, keep=unasked)
 
     def _reconcile(self, dep: DeploymentView, replicas: list[ReplicaStatus]) -> list[ReplicaStatus]:
         """One deployment's step: check prerequisites, plan, record one status, act."""
