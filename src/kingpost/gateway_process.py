@@ -12,13 +12,13 @@ found):
 
 - ADOPT: the process is still ours (same boot, same start time, a gateway command line
   naming our control socket), every worker answers on its control socket with this
-  Kingpost's version, and it listens where the settings say: the new control plane keeps
-  its token, holds the requests for replicas its engines are about to restart
+  Kingpost's version, and it runs as the settings say (address, workers, orphan timeout,
+  the log store of its access lines, the OTLP endpoint it sends spans to): the new control
+  plane keeps its token, holds the requests for replicas its engines are about to restart
   (:func:`hold_restarting`) and pushes it newer tables.
-- REPLACE: it is ours but runs another Kingpost version or other settings (address,
-  workers, orphan timeout, the log store of its access lines), or its control sockets do
-  not answer: it is stopped (SIGTERM to its process group, SIGKILL after a grace), then a
-  new one starts.
+- REPLACE: it is ours but runs another Kingpost version or other settings, or its control
+  sockets do not answer: it is stopped (SIGTERM to its process group, SIGKILL after a
+  grace), then a new one starts.
 - START: there is no record, or the recorded process is gone or is not ours.
 
 A gateway whose control plane never comes back does not serve forever: with
@@ -47,6 +47,7 @@ from kingpost import __version__
 from kingpost.errors import KingpostError
 from kingpost.gateway.control import TOKEN_HEADER, control_socket_paths, fetch_stats, push_table
 from kingpost.gateway.table import RoutingTable
+from kingpost.gateway.tracing import traces_endpoint
 from kingpost.logstore.collect import LogSettings
 from kingpost.settings import Settings
 
@@ -93,6 +94,9 @@ class GatewayRecord:
     (``KINGPOST_LOG_ACCESS=false``)."""
     log_segment_bytes: int = 0
     """Its segments' size (``--log-segment-bytes``, from ``KINGPOST_LOG_MAX_BYTES``)."""
+    traces_endpoint: str = ""
+    """Where it sends spans (``gateway/tracing.py``'s ``traces_endpoint`` of the environment
+    it inherited); empty: tracing off."""
 
     def sockets(self) -> list[Path]:
         return control_socket_paths(Path(self.control_socket), self.workers)
@@ -114,8 +118,11 @@ class Observed:
     """Each worker's Kingpost version from its control socket (None: no answer)."""
 
 
-def decide(record: GatewayRecord | None, seen: Observed, settings: Settings) -> tuple[Action, str]:
-    """What to do with the gateway a previous control plane left, and why."""
+def decide(
+    record: GatewayRecord | None, seen: Observed, settings: Settings, traces: str | None = None
+) -> tuple[Action, str]:
+    """What to do with the gateway a previous control plane left, and why. ``traces``:
+    the OTLP endpoint a gateway started now would send spans to (None: tracing off)."""
     if record is None:
         return Action.START, "no gateway was recorded"
     if not seen.ours:
@@ -133,6 +140,7 @@ def decide(record: GatewayRecord | None, seen: Observed, settings: Settings) -> 
         "control_socket": str(_base_socket(settings)),
     }
     wanted["log_dir"], wanted["log_segment_bytes"] = access_log_store(settings)
+    wanted["traces_endpoint"] = traces or ""
     changed = [
         f"{k} {getattr(record, k)!r} -> {v!r}" for k, v in wanted.items() if getattr(record, k) != v
     ]
@@ -338,7 +346,9 @@ def ensure_gateway(
             "another directory"
         )
     me, my_ticks = os.getpid(), start_ticks(os.getpid()) or 0
-    action, why = decide(old, observe(old) if old is not None else Observed(False), settings)
+    traces = traces_endpoint(os.environ) or ""  # what a gateway started now inherits
+    seen = observe(old) if old is not None else Observed(False)
+    action, why = decide(old, seen, settings, traces)
     if old is not None and action == Action.ADOPT:
         version = max((_table_version(s) for s in old.sockets()), default=0)
         log.warning(
@@ -378,6 +388,7 @@ def ensure_gateway(
             plane_start_ticks=my_ticks,
             log_dir=log_dir,
             log_segment_bytes=segment_bytes,
+            traces_endpoint=traces,
         )
         write_record(path, record)
     except BaseException:

@@ -126,6 +126,25 @@ def test_a_gateway_keeping_no_access_lines_is_replaced_when_they_are_turned_on(
     gone(new)
 
 
+def test_a_gateway_not_tracing_is_replaced_when_tracing_is_turned_on(tmp_path: Path) -> None:
+    platform = Platform(tmp_path / "home").start()
+    old = gateway_pid(platform)
+    try:
+        platform.stop(signal.SIGKILL)
+        assert process_alive(old)
+        # Nothing listens there: the spans are dropped, requests are not affected.
+        platform.env["KINGPOST_TRACING_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+        platform.start()
+        new = gateway_pid(platform)
+        assert new != old and not process_alive(old)
+        assert "its settings changed: traces_endpoint '' -> 'http://127.0.0.1:" in (
+            platform.output()
+        )
+    finally:
+        platform.stop()
+    gone(new)
+
+
 def test_an_orphaned_gateway_exits_after_the_orphan_timeout(tmp_path: Path) -> None:
     platform = Platform(
         tmp_path / "home", extra_env={"KINGPOST_GATEWAY_ORPHAN_TIMEOUT": "10"}

@@ -126,3 +126,22 @@ def test_the_record_is_private_and_a_damaged_one_is_ignored(tmp_path: Path) -> N
 def test_an_orphan_timeout_under_the_push_period_is_refused() -> None:
     with pytest.raises(ValueError, match=r"ORPHAN_TIMEOUT must be 0 .* got 3\.0"):
         Settings(gateway_orphan_timeout=3)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "traces", "action", "why"),
+    [
+        ("", None, Action.ADOPT, "on 127.0.0.1:8080"),
+        ("http://otel:4318/v1/traces", "http://otel:4318/v1/traces", Action.ADOPT, "8080"),
+        ("", "http://otel:4318/v1/traces", Action.REPLACE, "traces_endpoint '' -> 'http://"),
+        ("http://otel:4318/v1/traces", None, Action.REPLACE, "traces_endpoint 'http://otel"),
+    ],
+)
+def test_a_gateway_tracing_elsewhere_is_replaced(
+    recorded: str, traces: str | None, action: Action, why: str
+) -> None:
+    """The gateway reads its OTLP endpoint from the environment it was started with: an
+    adopted one would go on tracing (or not) as the last server said."""
+    got, reason = decide(replace(RECORD, traces_endpoint=recorded), FITS, SETTINGS, traces)
+    assert got == action
+    assert why in reason
