@@ -219,3 +219,20 @@ def test_a_client_half_close_reaches_the_replica(gw: Running) -> None:
     with ws(gw, path, timeout=5) as after:
         after.send("d")
         assert after.recv(timeout=10) == "echo: d"
+
+
+def test_a_websocket_sessions_bytes_from_the_replica_are_counted(gw: Running) -> None:
+    """The access line and the metrics' byte counts are the session's frames both ways, not
+    only the handshake's (a 101 head out, no body in)."""
+    word = "x" * 100_000
+    with ws(gw, "/models/talk/production/websocket") as client:
+        client.send(word)
+        assert client.recv(timeout=10) == f"echo: {word}"
+
+    def counted() -> tuple[int, int]:
+        figures = gw.gateway.stats().deployments.get("ws")
+        return (figures.bytes_in, figures.bytes_out) if figures is not None else (0, 0)
+
+    wait_for(lambda: counted()[1] > 0, 10, "the session's access line")
+    bytes_in, bytes_out = counted()
+    assert bytes_in >= len(word) and bytes_out >= len(word)

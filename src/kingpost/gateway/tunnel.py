@@ -4,8 +4,9 @@ While a handshake waits for its replica (a queue, a new connection), the bytes t
 sends after it are held here (:func:`hold_for_tunnel`), reading paused past
 :data:`HELD_LIMIT`. After the 101, :func:`tunnel` pipes bytes both ways unparsed until
 either side closes; each direction's full write buffer pauses reading on the other side,
-and a client's half-close is passed on (:func:`pass_half_close`). The handshake itself is
-forwarded like any request (``forward.py``).
+and a client's half-close is passed on (:func:`pass_half_close`); the bytes piped count as
+the request's (``Request.body_bytes`` in, ``Request.bytes_out`` out: its access line and the
+metrics). The handshake itself is forwarded like any request (``forward.py``).
 """
 
 from __future__ import annotations
@@ -66,15 +67,24 @@ async def tunnel(client: ClientConn, req: Request, conn: UpstreamConn) -> None:
         if not done.done():
             done.set_result(None)
 
+    # The session's bytes count as the request's, both ways (its access line, the metrics).
+    def to_client(data: bytes) -> None:
+        transport.write(data)
+        req.bytes_out += len(data)
+
+    def to_replica(data: bytes) -> None:
+        conn.write(data)
+        req.body_bytes += len(data)
+
     conn.on_close = client.on_close = finish
-    conn.raw_sink = transport.write
+    conn.raw_sink = to_client
     conn.feeder = transport  # the replica's full buffer pauses reading from the client
     if conn.leftover:
-        transport.write(conn.leftover)
-    client.raw_sink = conn.write
+        to_client(conn.leftover)
+    client.raw_sink = to_replica
     client.tunnel = None
     if req.tunnel_buf:
-        conn.write(bytes(req.tunnel_buf))
+        to_replica(bytes(req.tunnel_buf))
     if client.paused_reading:
         client.paused_reading = False
         transport.resume_reading()
