@@ -311,10 +311,11 @@ def test_a_failed_start_leaves_no_thread_of_the_server_running(tmp_path: Path) -
             gateway_orphan_timeout=60,
             metrics_listen=f"127.0.0.1:{taken.getsockname()[1]}",
         )
+        before = set(threading.enumerate())  # other tests' threads are not this one's
         with pytest.raises(KingpostError, match="KINGPOST_METRICS_LISTEN"):
             run_server(settings)
     ours = ("kingpost-controller", "kingpost-logs", "kingpost-demand", "kingpost-metrics")
-    left = [t.name for t in threading.enumerate() if t.name.startswith(ours)]
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith(ours)]
     assert left == []
     assert _gateways_of(settings.home) == []
 
