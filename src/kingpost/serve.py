@@ -104,13 +104,25 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         str(settings.gateway_workers),
         "--control-token-fd",
         str(read),
+        "--async-store",  # async routes write to the store (gateway/asyncroutes.py)
     ]
+    env = {**os.environ, **_async_env(settings)}
     try:
         return subprocess.Popen(
-            cmd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(read,)
+            cmd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(read,), env=env
         )
     finally:
         os.close(read)
+
+
+def _async_env(settings: Settings) -> dict[str, str]:
+    """The settings the gateway's async routes read, as this process holds them."""
+    return {
+        "KINGPOST_HOME": str(settings.home),
+        "KINGPOST_DATABASE_URL": settings.db_url,
+        "KINGPOST_ASYNC_PAYLOAD_LIMIT": str(settings.async_payload_limit),
+        "KINGPOST_ASYNC_WEBHOOK_ALLOW_HTTP": str(settings.async_webhook_allow_http).lower(),
+    }
 
 
 def _die_with_parent() -> None:

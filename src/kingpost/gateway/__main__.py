@@ -10,9 +10,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kingpost.gateway.control import control_socket_paths, read_token_fd
 from kingpost.gateway.server import Gateway
+
+if TYPE_CHECKING:
+    from kingpost.gateway.asyncroutes import AsyncFront
 
 
 def _install_uvloop() -> None:
@@ -23,10 +27,32 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _async_front() -> AsyncFront:
+    """Async inference routes read and write the store named by the settings (the
+    environment ``kingpost server`` hands its gateway)."""
+    from kingpost.gateway.asyncroutes import AsyncFront
+    from kingpost.settings import Settings
+
+    settings = Settings()
+    return AsyncFront(
+        settings.db_url,
+        payload_limit=settings.async_payload_limit,
+        allow_http=settings.async_webhook_allow_http,
+    )
+
+
 async def _run(
-    host: str, port: int, control: Path, token: str | None, reuse_port: bool, access_log: bool
+    host: str,
+    port: int,
+    control: Path,
+    token: str | None,
+    reuse_port: bool,
+    access_log: bool,
+    async_store: bool = False,
 ) -> None:
     gateway = Gateway(access_log_enabled=access_log)
+    if async_store:
+        gateway.async_front = _async_front()
     await gateway.start(
         host, port, reuse_port=reuse_port, control_socket=control, control_token=token
     )
@@ -46,9 +72,12 @@ def run_gateway(
     reuse_port: bool = False,
     access_log: bool = False,
     control_token: str | None = None,
+    async_store: bool = False,
 ) -> None:
     _install_uvloop()
-    asyncio.run(_run(host, port, control_socket, control_token, reuse_port, access_log))
+    asyncio.run(
+        _run(host, port, control_socket, control_token, reuse_port, access_log, async_store)
+    )
 
 
 def _token_pipe(token: str) -> int:
@@ -68,6 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reuse-port", action="store_true")
     p.add_argument("--access-log", action="store_true")
     p.add_argument(
+        "--async-store",
+        action="store_true",
+        help="answer async inference routes from the store the KINGPOST_ settings name",
+    )
+    p.add_argument(
         "--control-token-fd",
         type=int,
         help="an inherited file descriptor to read the control token from (to its end); "
@@ -84,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             reuse_port=args.reuse_port,
             access_log=args.access_log,
             control_token=token,
+            async_store=args.async_store,
         )
         return
     children = []
@@ -101,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             str(sock),
             "--reuse-port",
         ] + (["--access-log"] if args.access_log else [])
+        cmd += ["--async-store"] if args.async_store else []
         cmd += [arg for fd in fds for arg in ("--control-token-fd", str(fd))]
         children.append(subprocess.Popen(cmd, pass_fds=fds))
         for fd in fds:
