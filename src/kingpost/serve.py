@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kingpost.api import ControlPlane, create_app
+from kingpost.asyncq.plane import prepare_async_workers
 from kingpost.controller.demand import DemandWatcher
 from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
@@ -216,6 +217,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     controller = Controller(
         settings, store, push=_pusher(settings, token), pull_stats=_stats_puller(settings)
     )
+    workers = prepare_async_workers(settings, store, controller)
     plane = ControlPlane(settings, store, controller)
     config = uvicorn.Config(
         create_app(plane),
@@ -226,6 +228,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
     )
     server = _api_server(config)
     controller.start()
+    workers.start()
     demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
     demand.start()
     print(
@@ -239,6 +242,7 @@ def run_server(settings: Settings, push_dirs: Sequence[Path] = ()) -> None:
         server.run()
     finally:
         demand.stop()
+        workers.stop()
         for line in controller.stop():
             print(f"kingpost: {line}", flush=True)
         with contextlib.suppress(ProcessLookupError):

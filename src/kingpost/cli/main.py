@@ -18,6 +18,7 @@ from kingpost.cli.manage import deployments, logs, models, predict, push
 from kingpost.cli.rollouts import environments, rollouts
 from kingpost.cli.secrets import secrets
 from kingpost.cli.watch import watch
+from kingpost.cli.webhooks import webhooks
 from kingpost.cli.weights import gc, migrate, venvs, weights
 from kingpost.engines.registry import engine_names
 from kingpost.errors import KingpostError
@@ -108,6 +109,7 @@ for command in (
     migrate,
     image,
     autoscaling,
+    webhooks,
 ):
     cli.add_command(command)
 

@@ -71,6 +71,7 @@ from kingpost.store import (
     DeploymentView,
     DesiredState,
     EnvironmentView,
+    KeyScopes,
     RolloutStatus,
     RolloutView,
     Store,
@@ -197,6 +198,9 @@ class Controller:
         self._jobs = Jobs(settings.build_timeout, log_dir=settings.builds_dir)
         self._weights: Any = None
         self._table = RoutingTable()
+        self.internal_key_hashes: frozenset[str] = frozenset()
+        """Admin keys that live only in this process (the async workers'), published
+        with the stored ones."""
         self._owners: dict[str, Engine] = {}
         self._pushed_at = 0.0
         self._wake = threading.Event()
@@ -380,7 +384,7 @@ class Controller:
                 environments=environments,
                 ready=ready,
                 shapes=shapes,
-                keys=self.store.api_key_scopes(),
+                keys=self._key_scopes(),
                 response_timeout_s=self.settings.gateway_response_timeout,
                 private_paths=(str(self.settings.home),),
                 splits=self._splits,
@@ -444,10 +448,16 @@ class Controller:
         with self._publish_lock:
             if self._table.version == 0:
                 return  # no table yet: the first pass publishes the keys with it
-            keys = self.store.api_key_scopes()
+            keys = self._key_scopes()
             self._publish(
                 replace(self._table, api_key_hashes=keys.admin, invoke_keys=dict(keys.invoke))
             )
+
+    def _key_scopes(self) -> KeyScopes:
+        keys = self.store.api_key_scopes()
+        if not self.internal_key_hashes:
+            return keys
+        return replace(keys, admin=keys.admin | self.internal_key_hashes)
 
     def _poll_all(self) -> dict[str, list[ReplicaStatus]]:
         """Replicas by deployment; remembers which engine reported each, for stopping."""

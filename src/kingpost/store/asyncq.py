@@ -368,6 +368,20 @@ class AsyncQueue:
             },
         )
 
+    def release(self, rid: str, not_before: datetime, now: datetime | None = None) -> bool:
+        """Back to the queue without counting the attempt: the gateway could not run it
+        now (no replica in time, a full queue), which says nothing of the model."""
+        now = now or utcnow()
+        return self._finish(
+            rid,
+            {
+                "status": AsyncStatus.QUEUED,
+                "status_at": now,
+                "not_before": not_before,
+                "attempts": AsyncRequest.attempts - 1,
+            },
+        )
+
     def requeue_in_progress(self, now: datetime | None = None) -> int:
         """After a control-plane restart: every run with no recorded outcome runs again."""
         now = now or utcnow()
