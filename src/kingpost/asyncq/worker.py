@@ -46,6 +46,7 @@ __all__ = ["AsyncWorkers", "Capacity", "WorkerSettings"]
 log = logging.getLogger(__name__)
 NOT_RUN_DELAY = timedelta(seconds=1)
 SWEEP_EVERY_S = 3600.0
+TICK_MIN_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class AsyncWorkers:
         self._kick: asyncio.Event | None = None
         self._stop = threading.Event()
         self._swept_at = 0.0
+        self._hooked_at = 0.0
+        self._outcomes: list[tuple[str, dict[str, object]]] = []
+        """Runs ended since the last tick, recorded together (one transaction)."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,12 +138,15 @@ class AsyncWorkers:
                     await self._tick()
                 except Exception:
                     log.exception("async: a worker tick failed")
+                await asyncio.sleep(TICK_MIN_S)  # runs that end together share one tick
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self.settings.poll_s)
                 self._kick.clear()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._outcomes:  # ended runs are recorded; cut ones run again next start
+                await asyncio.to_thread(self.queue.finish_many, self._outcomes)
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -149,6 +156,9 @@ class AsyncWorkers:
     # -- one tick -------------------------------------------------------------------------
     async def _tick(self) -> None:
         q = self.queue
+        if self._outcomes:
+            done, self._outcomes = self._outcomes, []
+            await asyncio.to_thread(q.finish_many, done)
         depths = await asyncio.to_thread(q.depths)
         self._backlog({dep: queued for dep, (queued, _) in depths.items()})
         caps = self._capacity()
@@ -156,8 +166,10 @@ class AsyncWorkers:
             cap = caps.get(dep)
             if queued and cap is not None:
                 await self._take(dep, cap)
-        await self._webhooks()
         now = time.monotonic()
+        if now - self._hooked_at >= self.settings.poll_s:  # not every tick under load
+            self._hooked_at = now
+            await self._webhooks()
         if now - self._swept_at >= SWEEP_EVERY_S:
             self._swept_at = now
             gone = await asyncio.to_thread(q.sweep, self.settings.retention, self._clock())
@@ -184,7 +196,7 @@ class AsyncWorkers:
     async def _run(self, view: AsyncRequestView, model_id: str) -> None:
         try:
             status, headers, body, error = await self._call(view, model_id)
-            await asyncio.to_thread(self._record, view, classify(status, headers, body, error))
+            self._outcomes.append(self._record(view, classify(status, headers, body, error)))
         except Exception:
             log.exception("async: request %s: recording its run failed", view.id)
         finally:
@@ -215,17 +227,17 @@ class AsyncWorkers:
         except httpx.HTTPError as exc:
             return None, {}, b"", f"{type(exc).__name__}: {exc}"
 
-    def _record(self, view: AsyncRequestView, outcome: Outcome) -> None:
+    def _record(self, view: AsyncRequestView, outcome: Outcome) -> tuple[str, dict[str, object]]:
+        """What to record of a run (the next tick writes it)."""
         q, now = self.queue, self._clock()
         if outcome.verdict == Verdict.SUCCEEDED:
-            q.succeed(view.id, outcome.result or "null", now)
-        elif outcome.verdict == Verdict.NOT_RUN:
-            q.release(view.id, now + NOT_RUN_DELAY, now)
-        elif outcome.verdict == Verdict.MODEL_ERROR and view.attempts < view.retry.max_attempts:
+            return view.id, q.succeeded_values(outcome.result or "null", now)
+        if outcome.verdict == Verdict.NOT_RUN:
+            return view.id, q.release_values(now + NOT_RUN_DELAY, now)
+        if outcome.verdict == Verdict.MODEL_ERROR and view.attempts < view.retry.max_attempts:
             delay = retry_delay_ms(view.retry, view.attempts)
-            q.retry_later(view.id, outcome.errors, now + timedelta(milliseconds=delay), now)
-        else:
-            q.fail(view.id, outcome.errors, now)
+            return view.id, q.retry_values(outcome.errors, now + timedelta(milliseconds=delay), now)
+        return view.id, q.failed_values(outcome.errors, now)
 
     # -- webhooks -------------------------------------------------------------------------
     async def _webhooks(self) -> None:

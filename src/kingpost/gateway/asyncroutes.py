@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kingpost.asyncq.body import DEFAULT_PAYLOAD_LIMIT, parse_async_body
+from kingpost.asyncq.body import DEFAULT_PAYLOAD_LIMIT, AsyncInput, parse_async_body
 from kingpost.errors import KingpostError
 from kingpost.gateway.framing import CONTINUE
 from kingpost.gateway.routing import AsyncOp, Miss
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncFront"]
 
 _T = TypeVar("_T")
+_Item = tuple[AsyncInput, str, str, str | None]
 _METHODS = {"predict": b"POST", "queue_status": b"GET", "result": b"GET"}
 
 
@@ -52,12 +53,47 @@ class AsyncFront:
         self.payload_limit = payload_limit
         self.allow_http = allow_http
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kingpost-async")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kingpost-async-commit")
+        self._pending: list[tuple[_Item, asyncio.Future[str]]] = []
+        self._committing = False
+        self._committer: asyncio.Task[None] | None = None
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
+    async def _enqueue(self, item: _Item) -> str:
+        """Group commit: accepts that arrive while a commit runs wait for the next one,
+        which writes them all in one transaction (one write lock, one WAL append)."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._committing:
+            self._committing = True
+            self._committer = asyncio.ensure_future(self._commit_all())
+        return await future
+
+    async def _commit_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                items = [item for item, _ in batch]
+                try:
+                    ids = await loop.run_in_executor(self._writer, self.queue.enqueue_many, items)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), rid in zip(batch, ids, strict=True):
+                    if not future.done():
+                        future.set_result(rid)
+        finally:
+            self._committing = False
+
     def close(self) -> None:
+        self._writer.shutdown(wait=False)
         self._pool.shutdown(wait=False)
+        self.queue.close()
         self.db.close()
 
     async def answer(self, client: ClientConn, req: Request, miss: Miss) -> bool:
@@ -92,9 +128,7 @@ class AsyncFront:
             raw = await _read_body(client, req, self.payload_limit)
             parsed = parse_async_body(raw, allow_http=self.allow_http)
             dep, env = op.deployment_id or "", op.environment
-            rid = await self._run(
-                lambda: q.enqueue(parsed, model_id=model_id, deployment_id=dep, environment=env)
-            )
+            rid = await self._enqueue((parsed, model_id, dep, env))
             return 201, {"request_id": rid}
         if op.kind == "queue_status":
             dep = op.deployment_id or ""

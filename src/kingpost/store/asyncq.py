@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from kingpost.asyncq.body import AsyncInput
 from kingpost.asyncq.policy import Candidate, RetryConfig
 from kingpost.errors import ConflictError, NotFoundError
 from kingpost.secrets_box import SecretBox
-from kingpost.store.db import Database
+from kingpost.store.db import Database, _sqlite_pragmas
 from kingpost.store.models import (
     AsyncRequest,
     AsyncStatus,
@@ -133,6 +134,20 @@ def _view(r: AsyncRequest) -> AsyncRequestView:
 class AsyncQueue:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._reader: Engine = db.engine
+        if db.url.startswith("sqlite"):
+            # Reads need no write lock: on SQLite every transaction of ``db`` takes one
+            # (BEGIN IMMEDIATE), and the workers' polls would queue the gateway's accepts
+            # behind them. In WAL mode a plain read sees the last commit.
+            self._reader = create_engine(db.url, connect_args={"check_same_thread": False})
+            event.listen(self._reader, "connect", _sqlite_pragmas)
+
+    def _read(self) -> Session:
+        return Session(self._reader, expire_on_commit=False)
+
+    def close(self) -> None:
+        if self._reader is not self.db.engine:
+            self._reader.dispose()
 
     # -- the gateway's side ---------------------------------------------------------------
     def enqueue(
@@ -144,40 +159,25 @@ class AsyncQueue:
         environment: str | None = None,
         now: datetime | None = None,
     ) -> str:
+        return self.enqueue_many([(req, model_id, deployment_id, environment)], now)[0]
+
+    def enqueue_many(
+        self,
+        items: Sequence[tuple[AsyncInput, str, str, str | None]],
+        now: datetime | None = None,
+    ) -> list[str]:
+        """Queue requests ``(input, model_id, deployment_id, environment)`` in one
+        transaction (the gateway commits the accepts that arrive together as a group);
+        their ids, in order."""
         now = now or utcnow()
-        rid = secrets.token_hex(16)
+        rows = [_new_row(req, model, dep, env, now) for req, model, dep, env in items]
         with self.db.session() as s:
-            s.execute(
-                insert(AsyncRequest).values(
-                    id=rid,
-                    model_id=model_id,
-                    deployment_id=deployment_id,
-                    environment=environment,
-                    priority=req.priority,
-                    model_input=req.model_input,
-                    webhook_endpoint=req.webhook_endpoint,
-                    max_attempts=req.retry.max_attempts,
-                    initial_delay_ms=req.retry.initial_delay_ms,
-                    max_delay_ms=req.retry.max_delay_ms,
-                    max_time_in_queue_seconds=req.max_time_in_queue_seconds,
-                    status=AsyncStatus.QUEUED,
-                    webhook_status=WebhookStatus.PENDING
-                    if req.webhook_endpoint
-                    else WebhookStatus.NO_WEBHOOK_PROVIDED,
-                    attempts=0,
-                    not_before=now,
-                    errors=[],
-                    webhook_attempts=0,
-                    webhook_error="",
-                    created_at=now,
-                    status_at=now,
-                )
-            )
-        return rid
+            s.execute(insert(AsyncRequest), rows)
+        return [str(r["id"]) for r in rows]
 
     def get(self, request_id: str, model_id: str | None = None) -> AsyncRequestView:
         """The request, if it belongs to ``model_id`` (when given); else 404."""
-        with self.db.session() as s:
+        with self._read() as s:
             row = s.get(AsyncRequest, request_id)
             if row is None or (model_id is not None and row.model_id != model_id):
                 raise NotFoundError(
@@ -217,7 +217,7 @@ class AsyncQueue:
             return _view(row)
 
     def counts(self, deployment_id: str) -> dict[AsyncStatus, int]:
-        with self.db.session() as s:
+        with self._read() as s:
             rows = s.execute(
                 select(AsyncRequest.status, func.count())
                 .where(AsyncRequest.deployment_id == deployment_id)
@@ -231,7 +231,7 @@ class AsyncQueue:
     def depths(self) -> dict[str, tuple[int, int]]:
         """Per deployment with async work: (queued, in progress)."""
         live = (AsyncStatus.QUEUED, AsyncStatus.IN_PROGRESS)
-        with self.db.session() as s:
+        with self._read() as s:
             rows = s.execute(
                 select(AsyncRequest.deployment_id, AsyncRequest.status, func.count())
                 .where(AsyncRequest.status.in_(live))
@@ -258,7 +258,7 @@ class AsyncQueue:
             AsyncRequest.deployment_id == deployment_id,
             AsyncRequest.status == AsyncStatus.QUEUED,
         )
-        with self.db.session() as s:
+        with self._read() as s:
             rows = s.execute(
                 select(*cols)
                 .where(*where)
@@ -268,28 +268,31 @@ class AsyncQueue:
         return [Candidate(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def claim(self, ids: Sequence[str], now: datetime | None = None) -> list[AsyncRequestView]:
-        """Take queued requests to run (QUEUED -> IN_PROGRESS, one more attempt); those a
-        cancel took first are left out."""
+        """Take queued requests to run (QUEUED -> IN_PROGRESS, one more attempt), in one
+        statement; those a cancel took first are left out."""
+        if not ids:
+            return []
         now = now or utcnow()
-        taken: list[AsyncRequestView] = []
         with self.db.session() as s:
-            for rid in ids:
-                done = s.execute(
-                    update(AsyncRequest)
-                    .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.QUEUED)
-                    .values(
-                        status=AsyncStatus.IN_PROGRESS,
-                        attempts=AsyncRequest.attempts + 1,
-                        status_at=now,
-                        started_at=now,
-                    )
+            s.execute(
+                update(AsyncRequest)
+                .where(AsyncRequest.id.in_(ids), AsyncRequest.status == AsyncStatus.QUEUED)
+                .values(
+                    status=AsyncStatus.IN_PROGRESS,
+                    attempts=AsyncRequest.attempts + 1,
+                    status_at=now,
+                    started_at=now,
                 )
-                if done.rowcount == 1:  # type: ignore[attr-defined]
-                    row = s.get(AsyncRequest, rid)
-                    assert row is not None
-                    s.refresh(row)
-                    taken.append(_view(row))
-        return taken
+            )
+            rows = s.scalars(
+                select(AsyncRequest).where(
+                    AsyncRequest.id.in_(ids),
+                    AsyncRequest.status == AsyncStatus.IN_PROGRESS,
+                    AsyncRequest.started_at == now,
+                )
+            ).all()
+            order = {rid: i for i, rid in enumerate(ids)}
+            return sorted((_view(r) for r in rows), key=lambda v: order[v.id])
 
     def expire(self, ids: Iterable[str], now: datetime | None = None) -> int:
         now = now or utcnow()
@@ -312,42 +315,70 @@ class AsyncQueue:
         return n
 
     def _finish(self, rid: str, values: dict[str, Any]) -> bool:
+        return self.finish_many([(rid, values)]) == 1
+
+    def finish_many(self, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> int:
+        """Record several runs' outcomes in one transaction (the workers batch them);
+        each only while its request is still IN_PROGRESS. Returns how many were."""
+        n = 0
         with self.db.session() as s:
-            done = s.execute(
-                update(AsyncRequest)
-                .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.IN_PROGRESS)
-                .values(**values)
-            )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]
+            for rid, values in outcomes:
+                done = s.execute(
+                    update(AsyncRequest)
+                    .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.IN_PROGRESS)
+                    .values(**values)
+                )
+                n += done.rowcount  # type: ignore[attr-defined]
+        return n
+
+    @staticmethod
+    def succeeded_values(result: str, now: datetime) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.SUCCEEDED,
+            "result": result,
+            "errors": [],
+            "status_at": now,
+            "finished_at": now,
+            "webhook_not_before": now,
+        }
+
+    @staticmethod
+    def failed_values(errors: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.FAILED,
+            "errors": errors,
+            "status_at": now,
+            "finished_at": now,
+            "webhook_not_before": now,
+        }
+
+    @staticmethod
+    def retry_values(
+        errors: list[dict[str, Any]], not_before: datetime, now: datetime
+    ) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.QUEUED,
+            "errors": errors,
+            "status_at": now,
+            "not_before": not_before,
+        }
+
+    @staticmethod
+    def release_values(not_before: datetime, now: datetime) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.QUEUED,
+            "status_at": now,
+            "not_before": not_before,
+            "attempts": AsyncRequest.attempts - 1,
+        }
 
     def succeed(self, rid: str, result: str, now: datetime | None = None) -> bool:
         """Record the model's answer (JSON text); False when the request is no longer
         IN_PROGRESS (nothing is recorded twice)."""
-        now = now or utcnow()
-        return self._finish(
-            rid,
-            {
-                "status": AsyncStatus.SUCCEEDED,
-                "result": result,
-                "errors": [],
-                "status_at": now,
-                "finished_at": now,
-                "webhook_not_before": now,
-            },
-        )
+        return self._finish(rid, self.succeeded_values(result, now or utcnow()))
 
     def fail(self, rid: str, errors: list[dict[str, Any]], now: datetime | None = None) -> bool:
-        now = now or utcnow()
-        return self._finish(
-            rid,
-            {
-                "status": AsyncStatus.FAILED,
-                "errors": errors,
-                "status_at": now,
-                "finished_at": now,
-                "webhook_not_before": now,
-            },
-        )
+        return self._finish(rid, self.failed_values(errors, now or utcnow()))
 
     def retry_later(
         self,
@@ -357,30 +388,12 @@ class AsyncQueue:
         now: datetime | None = None,
     ) -> bool:
         """Back to the queue after a failed attempt, not before ``not_before``."""
-        now = now or utcnow()
-        return self._finish(
-            rid,
-            {
-                "status": AsyncStatus.QUEUED,
-                "errors": errors,
-                "status_at": now,
-                "not_before": not_before,
-            },
-        )
+        return self._finish(rid, self.retry_values(errors, not_before, now or utcnow()))
 
     def release(self, rid: str, not_before: datetime, now: datetime | None = None) -> bool:
         """Back to the queue without counting the attempt: the gateway could not run it
         now (no replica in time, a full queue), which says nothing of the model."""
-        now = now or utcnow()
-        return self._finish(
-            rid,
-            {
-                "status": AsyncStatus.QUEUED,
-                "status_at": now,
-                "not_before": not_before,
-                "attempts": AsyncRequest.attempts - 1,
-            },
-        )
+        return self._finish(rid, self.release_values(not_before, now or utcnow()))
 
     def requeue_in_progress(self, now: datetime | None = None) -> int:
         """After a control-plane restart: every run with no recorded outcome runs again."""
@@ -395,7 +408,7 @@ class AsyncQueue:
 
     # -- webhooks and retention -----------------------------------------------------------
     def due_webhooks(self, now: datetime, limit: int = 32) -> list[AsyncRequestView]:
-        with self.db.session() as s:
+        with self._read() as s:
             rows = s.scalars(
                 select(AsyncRequest)
                 .where(
@@ -486,6 +499,39 @@ class AsyncQueue:
         with self.db.session() as s:
             rows = s.scalars(select(WebhookSecret).order_by(WebhookSecret.created_at.desc())).all()
             return [box.open(f"webhook secret {r.id}", r.ciphertext) for r in rows]
+
+
+def _new_row(
+    req: AsyncInput, model_id: str, deployment_id: str, environment: str | None, now: datetime
+) -> dict[str, Any]:
+    return {
+        "id": secrets.token_hex(16),
+        "model_id": model_id,
+        "deployment_id": deployment_id,
+        "environment": environment,
+        "priority": req.priority,
+        "model_input": req.model_input,
+        "webhook_endpoint": req.webhook_endpoint,
+        "max_attempts": req.retry.max_attempts,
+        "initial_delay_ms": req.retry.initial_delay_ms,
+        "max_delay_ms": req.retry.max_delay_ms,
+        "max_time_in_queue_seconds": req.max_time_in_queue_seconds,
+        "status": AsyncStatus.QUEUED,
+        "webhook_status": WebhookStatus.PENDING
+        if req.webhook_endpoint
+        else WebhookStatus.NO_WEBHOOK_PROVIDED,
+        "attempts": 0,
+        "not_before": now,
+        "result": None,
+        "errors": [],
+        "webhook_attempts": 0,
+        "webhook_error": "",
+        "webhook_not_before": None,
+        "created_at": now,
+        "status_at": now,
+        "started_at": None,
+        "finished_at": None,
+    }
 
 
 def _no_delivery(row: AsyncRequest) -> WebhookStatus:
