@@ -147,3 +147,14 @@ def test_without_a_store_async_routes_say_so() -> None:
         assert r.status_code == 503 and "--async-store" in r.json()["error"]
     finally:
         running.close()
+
+
+def test_a_failing_store_is_a_503_not_a_hang(gw: RunningGateway, db_url: str) -> None:
+    db = Database(db_url)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE async_requests")
+    db.close()
+    r = post(gw, "/models/echo/production/async_predict", {"model_input": 1}, timeout=10)
+    assert r.status_code == 503 and r.json()["code"] == "async_store_unavailable"
+    r = httpx.get(f"{gw.url}/models/echo/async_request/x", headers=AUTH, timeout=10)
+    assert r.status_code == 503

@@ -15,12 +15,13 @@ Routes (Baseten's, under a model, with the same keys as predict):
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kingpost.asyncq.body import DEFAULT_PAYLOAD_LIMIT, AsyncInput, parse_async_body
-from kingpost.errors import KingpostError
+from kingpost.errors import InsufficientStorageError, KingpostError
 from kingpost.gateway.framing import CONTINUE
 from kingpost.gateway.routing import AsyncOp, Miss
 from kingpost.store.asyncq import AsyncQueue
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from kingpost.gateway.proxy import ClientConn, Request
 
 __all__ = ["AsyncFront"]
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _Item = tuple[AsyncInput, str, str, str | None]
@@ -109,6 +112,8 @@ class AsyncFront:
         try:
             status, payload = await self._answer(client, req, op, miss.model_id or "")
         except KingpostError as exc:
+            if isinstance(exc, InsufficientStorageError) or exc.http_status >= 500:
+                log.warning("async %s: %s", op.kind, exc.message)
             return client.reject(req, exc.http_status, exc.message, exc.code, req.rid,
                                  payload=exc.to_dict())  # fmt: skip
         except _TooLarge:
@@ -118,6 +123,10 @@ class AsyncFront:
             return client.reject(req, 413, message, "payload_too_large", req.rid,
                                  payload={"error": message, "code": "payload_too_large",
                                           "limit_bytes": limit})  # fmt: skip
+        except Exception:  # the store failed: the client gets an answer, not a hang
+            log.exception("async %s: the store failed", op.kind)
+            message = "the async request store failed; retry shortly"
+            return client.reject(req, 503, message, "async_store_unavailable", req.rid)
         return client.reject(req, status, "", "ok", req.rid, payload=payload)
 
     async def _answer(
