@@ -292,3 +292,41 @@ def test_validation_errors_through_the_real_gateway(
         assert r.status_code == 413 and r.json()["limit_bytes"] == 256 * 1024
     r = httpx.post(platform.gateway_url + path, json={"model_input": 1})
     assert r.status_code == 401
+
+
+def test_async_work_wakes_a_deployment_scaled_to_zero(
+    fresh_platform: Platform, tmp_path: Path
+) -> None:
+    """On a server of its own, with the default isolation: without it, a replica started
+    by the wake finds the host port still bound (the process engine's check; seen here
+    while writing this test, not in scope of async inference)."""
+    platform = fresh_platform
+    project = tmp_path / "async-zero"
+    shutil.copytree(MODEL, project)
+    config = project / "config.yaml"
+    config.write_text(
+        config.read_text().replace("model_name: async-worker", "model_name: async-zero")
+    )
+    out = platform.cli("push", str(project), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    pushed = json.loads(out.stdout)
+    zero = {"id": pushed["model"]["id"], "dep": pushed["deployment"]["id"]}
+    out = platform.cli(
+        "autoscaling",
+        "set",
+        "async-zero",
+        "--environment",
+        "production",
+        "--min-replica",
+        "0",
+        "--autoscaling-window",
+        "10",
+        "--scale-down-delay",
+        "0",
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    platform.wait_status(zero["dep"], "SCALED_TO_ZERO", timeout=60)
+    rid = enqueue(platform, zero, {"model_input": {"key": "z"}})
+    got = wait_done(platform, zero, rid, timeout=90)
+    assert got["status"] == "SUCCEEDED" and got["attempts"] == 1, got["errors"]
+    assert status(platform, zero, rid, "/result")["data"] == {"echo": {"key": "z"}}
