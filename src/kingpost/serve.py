@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kingpost.api import ControlPlane, create_app
+from kingpost.asyncq.plane import prepare_async_workers
 from kingpost.controller.demand import DemandWatcher
 from kingpost.controller.loop import Controller
 from kingpost.errors import KingpostError
@@ -120,18 +121,30 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         str(read),
         "--orphan-timeout",
         str(settings.gateway_orphan_timeout),
+        "--async-store",  # async routes write to the store (gateway/asyncroutes.py)
     ]
     log_dir, segment_bytes = access_log_store(settings)  # what the record says, too
     if log_dir:
         cmd += ["--log-dir", log_dir, "--log-segment-bytes", str(segment_bytes)]
+    env = {**os.environ, **_async_env(settings)}
     try:
-        return subprocess.Popen(cmd, start_new_session=True, pass_fds=(read,))
+        return subprocess.Popen(cmd, start_new_session=True, pass_fds=(read,), env=env)
     finally:
         os.close(read)
 
 
 def log_settings(settings: Settings) -> LogSettings:
     return LogSettings(settings.logs_dir, settings.log_max_bytes, settings.log_max_age)
+
+
+def _async_env(settings: Settings) -> dict[str, str]:
+    """The settings the gateway's async routes read, as this process holds them."""
+    return {
+        "KINGPOST_HOME": str(settings.home),
+        "KINGPOST_DATABASE_URL": settings.db_url,
+        "KINGPOST_ASYNC_PAYLOAD_LIMIT": str(settings.async_payload_limit),
+        "KINGPOST_ASYNC_WEBHOOK_ALLOW_HTTP": str(settings.async_webhook_allow_http).lower(),
+    }
 
 
 def _collector(settings: Settings, store: Store) -> Collector:
@@ -249,6 +262,7 @@ def _serve(
         push=_pusher(settings, token, gateway.table_version),
         pull_stats=_stats_puller(settings),
     )
+    workers = prepare_async_workers(settings, store, controller)
     plane = ControlPlane(settings, store, controller)
     config = uvicorn.Config(
         create_app(plane),
@@ -274,6 +288,8 @@ def _serve(
         started.callback(collector.stop)
         started.callback(_stop_controller, controller)  # also what a failed start began
         controller.start()
+        workers.start()
+        started.callback(workers.stop)
         demand = DemandWatcher(gateway_sockets(settings), controller.wake_deployment, token=token)
         demand.start()
         started.callback(demand.stop)

@@ -162,6 +162,21 @@ class Settings(BaseSettings):
     """The Truss version whose server packages a project without `truss_version` in its
     config.yaml gets (``0.9`` ... ``0.18``); default: the newest Kingpost knows."""
 
+    async_payload_limit: int = Field(default=256 * 1024, ge=1024)
+    """Largest ``/async_predict`` body in bytes (Baseten's 256 KiB); past it: 413."""
+    async_webhook_allow_http: bool = False
+    """Allow ``http://`` webhook endpoints (loopback receivers, private networks); by
+    default only ``https://``."""
+    async_share: float = Field(default=0.5, gt=0, le=1)
+    """Share of a deployment's predict slots (replicas x ``predict_concurrency``) async
+    work may take at once, at least one; the rest stays free for sync predicts."""
+    async_result_retention: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """Seconds a finished async request (its result or error) stays readable."""
+    async_webhook_attempts: int = Field(default=5, ge=1)
+    """Delivery attempts per webhook before the request is WEBHOOK_FAILED."""
+    async_webhook_initial_delay: float = Field(default=1.0, ge=0)
+    """Seconds before the second delivery attempt, doubled per attempt (at most 60)."""
+
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'kingpost.db'}"

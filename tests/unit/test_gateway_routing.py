@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from kingpost.gateway.routing import Miss, Target, resolve
+from kingpost.gateway.routing import AsyncOp, Miss, Target, resolve
 from kingpost.gateway.server import Gateway
 from kingpost.gateway.table import DeploymentRoute, DeploymentState, ModelRoute, RoutingTable
 
@@ -191,8 +191,13 @@ def _miss(
     *,
     upgrade: Target | None = None,
     model_id: str | None = None,
+    async_op: AsyncOp | None = None,
 ) -> Miss:
-    return Miss(status, message, code, weighted, upgrade, model_id)
+    return Miss(status, message, code, weighted, upgrade, model_id, async_op=async_op)
+
+
+def _async(kind: str, model_id: str = "m1", weighted: bool = False, **op: str | None) -> Miss:
+    return _miss(200, "", "async", weighted, model_id=model_id, async_op=AsyncOp(kind, **op))
 
 
 ROUTES: list[tuple[str, str, str, Target | Miss]] = [
@@ -253,9 +258,20 @@ ROUTES: list[tuple[str, str, str, Target | Miss]] = [
     ("", "/models/m/deployment/other/predict", "",
      _miss(404, "deployment 'other' of model 'm' not found", model_id="m1")),
     ("", "/models/m/production/async_predict", "",
-     _miss(501, "async_predict is not supported yet", "not_implemented", model_id="m1")),
+     _async("predict", deployment_id="d1", environment="production")),
     ("", "/models/m/environments/canary/async_predict", "",
-     _miss(501, "async_predict is not supported yet", "not_implemented", True, model_id="m1")),
+     _async("predict", weighted=True, deployment_id="d2", environment="canary")),
+    ("", "/models/m/deployment/d1/async_predict", "", _async("predict", deployment_id="d1")),
+    ("", "/models/m/deployment/d1/async_queue_status", "",
+     _async("queue_status", deployment_id="d1")),
+    ("", "/models/m/production/async_queue_status", "",
+     _async("queue_status", deployment_id="d1")),
+    ("", "/models/m/async_request/abc", "", _async("request", request_id="abc")),
+    ("", "/models/m/async_request/abc/result", "", _async("result", request_id="abc")),
+    ("", "/models/m/async_request/abc/other", "",
+     _miss(404, "no route 'async_request/abc/other' under model 'm'", model_id="m1")),
+    ("", "/models/m/production/async_predict/x", "",
+     _miss(404, BAD_ACTION.format("async_predict"), model_id="m1")),
     ("", "/models/m/environments/canary/predict/extra", "",
      _miss(404, BAD_ACTION.format("predict"), weighted=True, model_id="m1")),
     ("", "/models/m/production/stream", "", _miss(404, BAD_ACTION.format("stream"),

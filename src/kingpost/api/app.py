@@ -44,6 +44,7 @@ from kingpost.api.schemas import (
     SecretIn,
     SecretOut,
 )
+from kingpost.api.webhooks import webhook_routes
 from kingpost.config._yaml import format_path
 from kingpost.controller.loop import Controller
 from kingpost.controller.specs import missing_secrets
@@ -149,6 +150,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     _model_routes(router, plane)
     development_routes(router, plane)
     _secret_routes(router, plane)
+    webhook_routes(router, plane)
     _weights_routes(router, plane)
     _venv_routes(router, plane)
     _api_key_routes(router, plane)

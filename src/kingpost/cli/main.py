@@ -21,6 +21,7 @@ from kingpost.cli.metrics import metrics
 from kingpost.cli.rollouts import environments, rollouts
 from kingpost.cli.secrets import secrets
 from kingpost.cli.watch import watch
+from kingpost.cli.webhooks import webhooks
 from kingpost.cli.weights import gc, migrate, venvs, weights
 from kingpost.engines.registry import engine_names
 from kingpost.errors import KingpostError
@@ -113,6 +114,7 @@ for command in (
     autoscaling,
     gpus,
     metrics,
+    webhooks,
 ):
     cli.add_command(command)
 

@@ -300,6 +300,16 @@ class KingpostClient:
         """The server's GPU inventory (read again) with the replica holding each device."""
         return dict(self._call("GET", "/v1/gpus"))
 
+    # -- webhook secrets (async inference) --------------------------------------------------
+    def create_webhook_secret(self) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/webhook_secrets"))
+
+    def webhook_secrets(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/webhook_secrets"))
+
+    def delete_webhook_secret(self, secret_id: str) -> None:
+        self._call("DELETE", f"/v1/webhook_secrets/{_seg('webhook secret', secret_id)}")
+
     # -- secrets --------------------------------------------------------------------------
     def set_secret(self, name: str, value: str) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/secrets", json={"name": name, "value": value}))

@@ -25,7 +25,14 @@ from kingpost.controller.table import build_table
 from kingpost.engines import ReplicaStatus
 from kingpost.gateway.table import RoutingTable
 from kingpost.server.contract import ENVIRONMENT_KEY
-from kingpost.store import DeploymentView, DesiredState, EnvironmentView, ModelView, Store
+from kingpost.store import (
+    DeploymentView,
+    DesiredState,
+    EnvironmentView,
+    KeyScopes,
+    ModelView,
+    Store,
+)
 
 if TYPE_CHECKING:
     from kingpost.settings import Settings
@@ -59,6 +66,9 @@ class Routing:
         self._lock = threading.Lock()
         self._told: dict[str, str] | None = None
         """What each deployment's environment file says (None until read from disk)."""
+        self.internal_key_hashes: frozenset[str] = frozenset()
+        """Admin keys that live only in this process (the async workers'), published
+        with the stored ones."""
 
     @property
     def table(self) -> RoutingTable:
@@ -141,7 +151,7 @@ class Routing:
                 environments=environments,
                 ready=ready,
                 shapes=shapes,
-                keys=self.store.api_key_scopes(),
+                keys=self._key_scopes(),
                 response_timeout_s=settings.gateway_response_timeout,
                 private_paths=(str(settings.home),),
                 splits=splits,
@@ -160,10 +170,16 @@ class Routing:
         with self._lock:
             if self._table.version == 0:
                 return  # no table yet: the first pass publishes the keys with it
-            keys = self.store.api_key_scopes()
+            keys = self._key_scopes()
             self._publish(
                 replace(self._table, api_key_hashes=keys.admin, invoke_keys=dict(keys.invoke))
             )
+
+    def _key_scopes(self) -> KeyScopes:
+        keys = self.store.api_key_scopes()
+        if not self.internal_key_hashes:
+            return keys
+        return replace(keys, admin=keys.admin | self.internal_key_hashes)
 
     def _publish(self, table: RoutingTable) -> None:
         changed = self._table.version == 0 or (

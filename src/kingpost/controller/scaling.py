@@ -51,6 +51,9 @@ class Scaler:
         self._last_stats: GatewayStats | None = None
         self._lock = threading.Lock()
         self.frozen: set[str] = set()
+        self.backlog: dict[str, int] = {}
+        """Async requests queued in the store per deployment (``asyncq/worker.py``
+        replaces it each tick): demand like requests the gateway holds."""
 
     def observe(self, stats: GatewayStats | None, deployments: Iterable[str], now: float) -> None:
         """One sample per deployment from a newly pulled ``stats`` (none again for the same)."""
@@ -61,7 +64,7 @@ class Scaler:
             for dep_id in deployments:
                 held = stats.deployments.get(dep_id)
                 inflight = held.inflight_total if held is not None else 0
-                queued = held.queued if held is not None else 0
+                queued = (held.queued if held is not None else 0) + self.backlog.get(dep_id, 0)
                 self._add(dep_id, Sample(now, inflight, queued, self._wanted.get(dep_id, 0)))
 
     def demand(self, dep_id: str, queued: int, now: float) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kingpost.gateway.access import AccessLines
 from kingpost.gateway.control import control_socket_paths, read_token_fd
@@ -19,6 +20,9 @@ from kingpost.gateway.tracing import traces_endpoint
 
 log = logging.getLogger("kingpost.gateway")
 
+if TYPE_CHECKING:
+    from kingpost.gateway.asyncroutes import AsyncFront
+
 
 def _install_uvloop() -> None:
     try:
@@ -26,6 +30,20 @@ def _install_uvloop() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _async_front() -> AsyncFront:
+    """Async inference routes read and write the store named by the settings (the
+    environment ``kingpost server`` hands its gateway)."""
+    from kingpost.gateway.asyncroutes import AsyncFront
+    from kingpost.settings import Settings
+
+    settings = Settings()
+    return AsyncFront(
+        settings.db_url,
+        payload_limit=settings.async_payload_limit,
+        allow_http=settings.async_webhook_allow_http,
+    )
 
 
 async def _run(
@@ -37,6 +55,7 @@ async def _run(
     access_log: bool,
     log_store: tuple[Path, int] | None = None,
     orphan_timeout: float = 0.0,
+    async_store: bool = False,
 ) -> None:
     store = None
     if log_store is not None:
@@ -50,6 +69,8 @@ async def _run(
 
         tracer = GatewayTracer(endpoint)
     gateway = Gateway(access_log_enabled=access_log, access_store=store, tracer=tracer)
+    if async_store:
+        gateway.async_front = _async_front()
     await gateway.start(
         host, port, reuse_port=reuse_port, control_socket=control, control_token=token
     )
@@ -91,6 +112,7 @@ def run_gateway(
     control_token: str | None = None,
     log_store: tuple[Path, int] | None = None,
     orphan_timeout: float = 0.0,
+    async_store: bool = False,
 ) -> None:
     _install_uvloop()
     asyncio.run(
@@ -103,6 +125,7 @@ def run_gateway(
             access_log,
             log_store,
             orphan_timeout,
+            async_store,
         )
     )
 
@@ -123,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--reuse-port", action="store_true")
     p.add_argument("--access-log", action="store_true")
+    p.add_argument(
+        "--async-store",
+        action="store_true",
+        help="answer async inference routes from the store the KINGPOST_ settings name",
+    )
     p.add_argument(
         "--control-token-fd",
         type=int,
@@ -152,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             control_token=token,
             log_store=store,
             orphan_timeout=args.orphan_timeout,
+            async_store=args.async_store,
         )
         return
     children = []
@@ -173,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         ] + (["--access-log"] if args.access_log else [])
         if store is not None:
             cmd += ["--log-dir", str(store[0]), "--log-segment-bytes", str(store[1])]
+        cmd += ["--async-store"] if args.async_store else []
         cmd += [arg for fd in fds for arg in ("--control-token-fd", str(fd))]
         children.append(subprocess.Popen(cmd, pass_fds=fds))
         for fd in fds:

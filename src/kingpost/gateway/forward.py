@@ -33,7 +33,7 @@ from kingpost.gateway.framing import (
     request_head,
     response_header_lines,
 )
-from kingpost.gateway.routing import Target
+from kingpost.gateway.routing import Miss, Target
 from kingpost.gateway.tunnel import tunnel
 from kingpost.gateway.upstream import UpstreamConn
 
@@ -112,6 +112,10 @@ class Handoff:
 def try_now(client: ClientConn, req: Request) -> bool | Handoff | Sent:
     """Answer or send a complete request without waiting, if nothing has to wait."""
     target = client.route(req)
+    if isinstance(target, Miss):  # an async route the URL check missed: a Task answers it
+        client.pending.appendleft(req)
+        client.start_task()
+        return SENT
     if not isinstance(target, Target):
         return target
     assert req.rid is not None

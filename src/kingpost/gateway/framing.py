@@ -60,11 +60,16 @@ CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
 """``Connection`` tokens that name no header to drop (Host: the gateway must send one)."""
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
+    200: "OK",
+    201: "Created",
     202: "Accepted",
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
+    405: "Method Not Allowed",
     408: "Request Timeout",
+    409: "Conflict",
+    413: "Content Too Large",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",

@@ -423,7 +423,13 @@ class ClientConn(StreamConn):
         """
         while not self.busy and self.pending and not self.closed:
             req = self.pending[0]
-            if req.chunked or req.upgrade or req.expect_continue or not (req.complete or req.small):
+            if (
+                req.chunked
+                or req.upgrade
+                or req.expect_continue
+                or not (req.complete or req.small)
+                or b"/async_" in req.url  # answered from the store, on a thread (asyncroutes)
+            ):
                 self.start_task()
                 return
             if not req.complete:
@@ -483,8 +489,9 @@ class ClientConn(StreamConn):
             await req.waiter
         return req.chunks.popleft()
 
-    def route(self, req: Request) -> Target | bool:
-        """Where ``req`` goes; or the error is written and whether the connection stays."""
+    def route(self, req: Request) -> Target | Miss | bool:
+        """Where ``req`` goes; or the error is written and whether the connection stays; or,
+        for an async inference route, its :class:`Miss` (answered by :meth:`_handle`)."""
         gw = self.gw
         if req.rid is None:
             given = req.request_id
@@ -526,6 +533,8 @@ class ClientConn(StreamConn):
         if isinstance(target, Miss):
             if req.upgrade and target.upgrade is not None:
                 return target.upgrade  # a WebSocket route: only handshakes get through
+            if target.async_op is not None:
+                return target
             if target.wake is not None:  # the control plane starts it (see note_demand)
                 gw.note_demand(target.wake, 1)
                 return self.reject(req, 202, "", "wake", rid, payload={})
@@ -535,6 +544,8 @@ class ClientConn(StreamConn):
     async def _handle(self, req: Request) -> bool:
         """Answer one request; False when the connection must close."""
         target = self.route(req)
+        if isinstance(target, Miss):  # an async route: answered from the store
+            return await self.gw.answer_async(self, req, target)
         if not isinstance(target, Target):
             return target
         if req.expect_continue:

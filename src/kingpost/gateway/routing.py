@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from kingpost.gateway.table import DeploymentRoute, DeploymentState, ModelRoute, RoutingTable
 
-__all__ = ["Miss", "Target", "resolve"]
+__all__ = ["AsyncOp", "Miss", "Target", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,19 @@ class Target:
 
 
 @dataclass(frozen=True)
+class AsyncOp:
+    """An async inference route, answered by the gateway from the store
+    (``gateway/asyncroutes.py``), never by a replica."""
+
+    kind: str
+    """``predict`` (enqueue), ``queue_status``, ``request`` (status or cancel), ``result``."""
+    deployment_id: str | None = None
+    environment: str | None = None
+    """The environment ``predict`` named (``production`` for ``/production/...``)."""
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Miss:
     status: int
     message: str
@@ -48,6 +61,8 @@ class Miss:
     """The model the request was for, when the path named one that exists."""
     wake: str | None = None
     """For a ``wake`` route: the deployment to wake (answered 202 ``{}`` at once)."""
+    async_op: AsyncOp | None = None
+    """For an async inference route: what to do (see :class:`AsyncOp`)."""
 
 
 def _model_from_host(table: RoutingTable, host: str) -> ModelRoute | None:
@@ -107,7 +122,8 @@ def _under_model(
         pairs = model.environments.get(env)
         if not pairs:
             return Miss(404, f"environment {env!r} of model {model.name!r} has no deployment")
-        return _action(table, model, _pick(pairs), action, rest, query, len(pairs) > 1)
+        found = _action(table, model, _pick(pairs), action, rest, query, len(pairs) > 1)
+        return _with_environment(found, env)
     if kind in ("production", "development") and len(parts) >= 2:
         action, rest = parts[1], "/".join(parts[2:])
         if kind == "production":
@@ -120,10 +136,16 @@ def _under_model(
             if model.development is None:
                 return Miss(404, f"model {model.name!r} has no development deployment")
             dep_id, weighted = model.development, False
-        return _action(table, model, dep_id, action, rest, query, weighted)
+        found = _action(table, model, dep_id, action, rest, query, weighted)
+        return _with_environment(found, "production") if kind == "production" else found
     if kind == "deployment" and len(parts) >= 3:
         dep_id, action, rest = parts[1], parts[2], parts[3] if len(parts) > 3 else ""
         return _action(table, model, dep_id, action, rest, query)
+    if kind == "async_request" and len(parts) >= 2 and parts[1]:
+        tail = "/".join(parts[2:])
+        if tail in ("", "result"):  # Baseten's status (and cancel); Kingpost's result
+            op = AsyncOp("result" if tail else "request", request_id=parts[1])
+            return Miss(200, "", "async", async_op=op)
     return Miss(404, f"no route {'/'.join(parts)!r} under model {model.name!r}")
 
 
@@ -156,13 +178,23 @@ def _action(
         if dep.state == DeploymentState.INACTIVE:
             return Miss(404, dep.message or "deployment is inactive", weighted=weighted)
         return Miss(202, "", "wake", weighted, wake=dep.deployment_id)
-    if action == "async_predict":
-        return Miss(501, "async_predict is not supported yet", "not_implemented", weighted)
+    if action in ("async_predict", "async_queue_status") and not rest:
+        if action == "async_predict" and dep.state == DeploymentState.INACTIVE:
+            return Miss(404, dep.message or "deployment is inactive", weighted=weighted)
+        kind = "predict" if action == "async_predict" else "queue_status"
+        op = AsyncOp(kind, deployment_id=dep.deployment_id)
+        return Miss(200, "", "async", weighted, async_op=op)
     return Miss(
         404,
         f"no route {action!r}: use predict, websocket, wake or sync/{{path}}",
         weighted=weighted,
     )
+
+
+def _with_environment(found: Target | Miss, env: str) -> Target | Miss:
+    if not isinstance(found, Miss) or found.async_op is None or found.async_op.kind != "predict":
+        return found
+    return replace(found, async_op=replace(found.async_op, environment=env))
 
 
 def _websocket(dep: DeploymentRoute, model: ModelRoute, suffix: str, weighted: bool) -> Miss:

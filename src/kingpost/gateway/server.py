@@ -32,6 +32,8 @@ from kingpost.gateway.upstream import UpstreamPool
 from kingpost.netns import forget_netns
 
 if TYPE_CHECKING:
+    from kingpost.gateway.asyncroutes import AsyncFront
+    from kingpost.gateway.proxy import Request
     from kingpost.gateway.tracing import GatewayTracer
 
 __all__ = ["Gateway"]
@@ -99,6 +101,8 @@ class Gateway:
         self._demand: dict[str, int] = {}
         """Deployments with requests waiting and no ready replica, not yet told."""
         self._demand_waiters: list[asyncio.Future[None]] = []
+        self.async_front: AsyncFront | None = None
+        """Answers async inference routes from the store; None: they answer 503."""
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):016x}"
@@ -193,6 +197,20 @@ class Gateway:
                 self._routes.clear()  # many distinct URLs (query strings): start over
             self._routes[key] = found
         return found
+
+    async def answer_async(self, client: ClientConn, req: Request, miss: Miss) -> bool:
+        """An async inference route (``gateway/asyncroutes.py``)."""
+        if self.async_front is None:
+            assert req.rid is not None
+            return client.reject(
+                req,
+                503,
+                "async inference is not enabled on this gateway: it needs the store "
+                "(`kingpost server` starts it with --async-store)",
+                "async_unavailable",
+                req.rid,
+            )
+        return await self.async_front.answer(client, req, miss)
 
     # -- auth ------------------------------------------------------------------------------
     def authorized(self, header: bytes | None) -> KeyScope | None:
@@ -312,3 +330,5 @@ class Gateway:
         for server in self._servers:
             await server.wait_closed()
         self.pool.close()
+        if self.async_front is not None:
+            self.async_front.close()

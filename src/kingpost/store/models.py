@@ -29,6 +29,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "ApiKey",
     "ApiKeyKind",
+    "AsyncRequest",
+    "AsyncStatus",
     "Base",
     "Deployment",
     "DeploymentStatus",
@@ -39,6 +41,8 @@ __all__ = [
     "Rollout",
     "RolloutStatus",
     "Secret",
+    "WebhookSecret",
+    "WebhookStatus",
     "utcnow",
 ]
 
@@ -228,4 +232,73 @@ class GpuAssignment(Base):
     replica_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     deployment_id: Mapped[str] = mapped_column(String(32))
     devices: Mapped[list[str]] = mapped_column(JSON)
+
+
+class AsyncStatus(enum.StrEnum):
+    """Where an async request stands (Baseten's names)."""
+
+    QUEUED = "QUEUED"  # accepted, waiting for a worker (or for its retry's backoff)
+    IN_PROGRESS = "IN_PROGRESS"  # a worker sent it to a replica; no outcome recorded yet
+    SUCCEEDED = "SUCCEEDED"  # the model answered; the result is stored
+    FAILED = "FAILED"  # the model failed on every attempt; the last error is stored
+    EXPIRED = "EXPIRED"  # waited longer than its max_time_in_queue_seconds
+    CANCELED = "CANCELED"  # canceled by a user while queued
+    WEBHOOK_FAILED = "WEBHOOK_FAILED"  # ran, but its webhook failed every delivery attempt
+
+
+class WebhookStatus(enum.StrEnum):
+    """Where the delivery of an async request's outcome to its webhook stands (Baseten's)."""
+
+    PENDING = "PENDING"  # not delivered yet (the request runs, or a delivery is due)
+    SUCCEEDED = "SUCCEEDED"  # the receiver answered 2xx
+    FAILED = "FAILED"  # every delivery attempt failed; the result stays readable
+    CANCELED = "CANCELED"  # the request was canceled or expired before it ran
+    NO_WEBHOOK_PROVIDED = "NO_WEBHOOK_PROVIDED"  # the request named no webhook
+
+
+class AsyncRequest(Base):
+    """One async inference request: its input, how to run it, and its outcome. The queue
+    the gateway writes to and the control plane's workers take from (``store/asyncq.py``)."""
+
+    __tablename__ = "async_requests"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(32), index=True)
+    deployment_id: Mapped[str] = mapped_column(String(32))
+    environment: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    """The environment the request named (None: a deployment or development route)."""
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    model_input: Mapped[str] = mapped_column(Text)
+    """The ``model_input`` as JSON text, sent to the replica as the predict body."""
+    webhook_endpoint: Mapped[str | None] = mapped_column(Text, nullable=True)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    initial_delay_ms: Mapped[int] = mapped_column(Integer, default=1000)
+    max_delay_ms: Mapped[int] = mapped_column(Integer, default=5000)
+    max_time_in_queue_seconds: Mapped[int] = mapped_column(Integer, default=600)
+    status: Mapped[AsyncStatus] = mapped_column(String(16))
+    webhook_status: Mapped[WebhookStatus] = mapped_column(String(24))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Runs begun (a run cut short by a control-plane crash counts too)."""
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime)
+    """A queued request is not taken before this (its retry's backoff)."""
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The model's answer as JSON text."""
+    errors: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    """Baseten's ``errors``: ``[{"code": ..., "message": ...}]``."""
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_error: Mapped[str] = mapped_column(Text, default="")
+    webhook_not_before: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class WebhookSecret(Base):
+    """A webhook signing secret (Fernet-sealed, as secrets are); every one active signs."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

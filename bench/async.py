@@ -1,0 +1,179 @@
+"""Async inference: how fast the gateway accepts, and async end to end vs sync.
+
+Starts a real ``kingpost server`` (process engine, SQLite) in a temporary home, pushes
+``examples/echo-server`` (one replica, ``predict_concurrency: 8``) and measures:
+
+1. **accept**: ``POST .../async_predict`` on a fixed schedule (open loop,
+   ``bench/loadgen.c``) at ``--rate`` req/s for ``--seconds``: accepted req/s and the
+   accept latency (p50/p99 counted from when each request was due). The workers run the
+   accepted requests meanwhile, as they would.
+2. **throughput**: the same replica called synchronously (wrk, closed loop, 8 connections:
+   its predict slots) for ``--seconds``, then as many async requests enqueued at once and
+   the time until the last one SUCCEEDED: completed req/s of each and their ratio. With
+   ``KINGPOST_ASYNC_SHARE=1`` here, so async may use every slot sync used (the default,
+   0.5, keeps half of them for sync predicts).
+
+    .venv/bin/python bench/async.py [--rate 1000] [--seconds 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from openloop import http_request  # noqa: E402
+from openloop import run as openloop  # noqa: E402
+
+from helpers.platform import Platform  # noqa: E402
+
+SLOTS = 8
+INPUT: dict[str, Any] = {"n": 1}
+
+
+def push(platform: Platform, work: Path, model_ms: float) -> tuple[str, str]:
+    project = work / "echo-bench"
+    if model_ms:  # a model that works: the test model sleeping model_ms per predict
+        shutil.copytree(REPO / "tests" / "fixtures" / "models" / "async_worker", project)
+        config = project / "config.yaml"
+        text = config.read_text().replace("predict_concurrency: 1", f"predict_concurrency: {SLOTS}")
+        config.write_text(text)  # its call log stays in the replica's own directory
+    else:
+        shutil.copytree(REPO / "examples" / "echo-server", project)
+    out = platform.cli("push", str(project), "--wait", "--output", "json")
+    if out.returncode != 0:
+        raise SystemExit(out.stdout + out.stderr)
+    pushed = json.loads(out.stdout)
+    return pushed["model"]["id"], pushed["deployment"]["id"]
+
+
+def accept(platform: Platform, model: str, rate: float, seconds: float) -> dict[str, Any]:
+    body = json.dumps({"model_input": INPUT}).encode()
+    req = http_request(
+        f"/models/{model}/production/async_predict",
+        body,
+        {"Authorization": f"Api-Key {platform.api_key}", "Content-Type": "application/json"},
+    )
+    got = openloop(platform.gateway_port, req, rate=rate, connections=16, seconds=seconds)
+    return {k: got.get(k) for k in ("completed", "rate", "p50", "p90", "p99", "max", "errors")}
+
+
+def sync_rps(platform: Platform, model: str, seconds: float) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(
+            f"wrk.method = \"POST\"\nwrk.body = '{json.dumps(INPUT)}'\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Api-Key {platform.api_key}"\n'
+        )
+    url = f"{platform.gateway_url}/models/{model}/production/predict"
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{SLOTS}", f"-d{max(int(seconds), 1)}s", "-s", lua.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("Requests/sec"))
+    return float(line.split()[1])
+
+
+def succeeded(gw: httpx.Client, model: str, dep: str) -> int:
+    counts = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()["counts"]
+    return int(counts["SUCCEEDED"])
+
+
+async def enqueue(platform: Platform, model: str, n: int) -> None:
+    headers = {"Authorization": f"Api-Key {platform.api_key}"}
+    path = f"/models/{model}/production/async_predict"
+    async with httpx.AsyncClient(base_url=platform.gateway_url, headers=headers) as c:
+        left = iter(range(n))
+
+        async def one_connection() -> None:
+            for _ in left:
+                r = await c.post(path, json={"model_input": INPUT})
+                r.raise_for_status()
+
+        await asyncio.gather(*(one_connection() for _ in range(16)))
+
+
+def async_rps(platform: Platform, model: str, dep: str, n: int) -> tuple[float, float]:
+    with platform.gateway() as gw:
+        before = succeeded(gw, model, dep)
+        start = time.monotonic()
+        asyncio.run(enqueue(platform, model, n))
+        enqueued = time.monotonic() - start
+        deadline = start + 120
+        while succeeded(gw, model, dep) < before + n:
+            if time.monotonic() > deadline:
+                counts = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()
+                raise SystemExit(f"async requests did not all succeed in 120 s: {counts}")
+            time.sleep(0.02)
+        return n / (time.monotonic() - start), enqueued
+
+
+def main() -> None:
+    # A SIGTERM (timeout(1)) ends the run through its finally: the server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    p = argparse.ArgumentParser()
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--model-ms",
+        type=float,
+        default=0.0,
+        help="a model that takes this long per predict (tests/fixtures/models/async_worker) "
+        "instead of the echo server, so the replica, not the platform, bounds throughput",
+    )
+    p.add_argument("--skip-accept", action="store_true")
+    args = p.parse_args()
+    if args.model_ms:
+        INPUT.update(sleep=args.model_ms / 1000)
+    with tempfile.TemporaryDirectory(prefix="kp-bench-async-") as tmp:
+        work = Path(tmp)
+        platform = Platform(work / "home", extra_env={"KINGPOST_ASYNC_SHARE": "1"}).start()
+        try:
+            model, dep = push(platform, work, args.model_ms)
+            acc = {} if args.skip_accept else accept(platform, model, args.rate, args.seconds)
+            with platform.gateway() as gw:  # let the accepted backlog drain first
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    qs = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()
+                    if qs["num_queued_requests"] + qs["num_in_progress_requests"] == 0:
+                        break
+                    time.sleep(0.2)
+            sync = sync_rps(platform, model, args.seconds)
+            n = max(int(sync * args.seconds), 100)
+            asyn, enqueue_s = async_rps(platform, model, dep, n)
+        finally:
+            platform.stop()
+    report = {
+        "model_ms": args.model_ms,
+        "accept": acc,
+        "sync_rps": round(sync, 1),
+        "async_rps": round(asyn, 1),
+        "async_requests": n,
+        "async_enqueue_s": round(enqueue_s, 2),
+        "async_over_sync": round(asyn / sync, 3),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

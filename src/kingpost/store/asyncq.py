@@ -1,0 +1,540 @@
+"""The async request queue: every read and write of ``async_requests`` and
+``webhook_secrets``.
+
+Written by the gateway (accept, cancel, status reads; its own small engine, see
+``gateway/asyncroutes.py``) and by the control plane's workers (claim, outcome, webhook
+deliveries, sweep). Each transition is one conditional ``UPDATE`` guarded by the status it
+leaves, so a cancel racing a claim, or a restarted control plane, never applies twice: an
+outcome is recorded only for a request still IN_PROGRESS, and a request whose outcome is
+recorded is never run again.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from kingpost.asyncq.body import AsyncInput
+from kingpost.asyncq.policy import Candidate, RetryConfig
+from kingpost.errors import ConflictError, NotFoundError
+from kingpost.secrets_box import SecretBox
+from kingpost.store.db import Database, _sqlite_pragmas
+from kingpost.store.models import (
+    AsyncRequest,
+    AsyncStatus,
+    WebhookSecret,
+    WebhookStatus,
+    utcnow,
+)
+
+__all__ = ["DONE", "AsyncQueue", "AsyncRequestView", "WebhookSecretView"]
+
+DONE = (
+    AsyncStatus.SUCCEEDED,
+    AsyncStatus.FAILED,
+    AsyncStatus.EXPIRED,
+    AsyncStatus.CANCELED,
+    AsyncStatus.WEBHOOK_FAILED,
+)
+"""Statuses after which nothing runs again."""
+_DELIVERABLE = (AsyncStatus.SUCCEEDED, AsyncStatus.FAILED, AsyncStatus.EXPIRED)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+@dataclass(frozen=True)
+class AsyncRequestView:
+    id: str
+    model_id: str
+    deployment_id: str
+    environment: str | None
+    priority: int
+    model_input: str
+    webhook_endpoint: str | None
+    retry: RetryConfig
+    max_time_in_queue_seconds: int
+    status: AsyncStatus
+    webhook_status: WebhookStatus
+    attempts: int
+    result: str | None
+    errors: tuple[dict[str, Any], ...]
+    webhook_attempts: int
+    webhook_error: str
+    created_at: datetime
+    status_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def status_dict(self) -> dict[str, Any]:
+        """Baseten's ``GET /async_request/{id}`` answer, plus Kingpost's attempt counts."""
+        return {
+            "request_id": self.id,
+            "model_id": self.model_id,
+            "deployment_id": self.deployment_id,
+            "status": self.status.value,
+            "webhook_status": self.webhook_status.value,
+            "created_at": _iso(self.created_at),
+            "status_at": _iso(self.status_at),
+            "errors": list(self.errors),
+            "attempts": self.attempts,
+            "webhook_attempts": self.webhook_attempts,
+            "webhook_error": self.webhook_error or None,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+        }
+
+    def result_dict(self) -> dict[str, Any]:
+        """``GET /async_request/{id}/result`` (Kingpost's): the outcome as stored."""
+        out: dict[str, Any] = {"request_id": self.id, "status": self.status.value}
+        out["data"] = json.loads(self.result) if self.result is not None else None
+        out["errors"] = list(self.errors)
+        return out
+
+
+@dataclass(frozen=True)
+class WebhookSecretView:
+    id: str
+    created_at: datetime
+
+
+def _view(r: AsyncRequest) -> AsyncRequestView:
+    return AsyncRequestView(
+        id=r.id,
+        model_id=r.model_id,
+        deployment_id=r.deployment_id,
+        environment=r.environment,
+        priority=r.priority,
+        model_input=r.model_input,
+        webhook_endpoint=r.webhook_endpoint,
+        retry=RetryConfig(r.max_attempts, r.initial_delay_ms, r.max_delay_ms),
+        max_time_in_queue_seconds=r.max_time_in_queue_seconds,
+        status=AsyncStatus(r.status),
+        webhook_status=WebhookStatus(r.webhook_status),
+        attempts=r.attempts,
+        result=r.result,
+        errors=tuple(r.errors or ()),
+        webhook_attempts=r.webhook_attempts,
+        webhook_error=r.webhook_error,
+        created_at=r.created_at,
+        status_at=r.status_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+    )
+
+
+class AsyncQueue:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._reader: Engine = db.engine
+        if db.url.startswith("sqlite"):
+            # Reads need no write lock: on SQLite every transaction of ``db`` takes one
+            # (BEGIN IMMEDIATE), and the workers' polls would queue the gateway's accepts
+            # behind them. In WAL mode a plain read sees the last commit.
+            self._reader = create_engine(db.url, connect_args={"check_same_thread": False})
+            event.listen(self._reader, "connect", _sqlite_pragmas)
+
+    def _read(self) -> Session:
+        return Session(self._reader, expire_on_commit=False)
+
+    def close(self) -> None:
+        if self._reader is not self.db.engine:
+            self._reader.dispose()
+
+    # -- the gateway's side ---------------------------------------------------------------
+    def enqueue(
+        self,
+        req: AsyncInput,
+        *,
+        model_id: str,
+        deployment_id: str,
+        environment: str | None = None,
+        now: datetime | None = None,
+    ) -> str:
+        return self.enqueue_many([(req, model_id, deployment_id, environment)], now)[0]
+
+    def enqueue_many(
+        self,
+        items: Sequence[tuple[AsyncInput, str, str, str | None]],
+        now: datetime | None = None,
+    ) -> list[str]:
+        """Queue requests ``(input, model_id, deployment_id, environment)`` in one
+        transaction (the gateway commits the accepts that arrive together as a group);
+        their ids, in order."""
+        now = now or utcnow()
+        rows = [_new_row(req, model, dep, env, now) for req, model, dep, env in items]
+        with self.db.session() as s:
+            s.execute(insert(AsyncRequest), rows)
+        return [str(r["id"]) for r in rows]
+
+    def get(self, request_id: str, model_id: str | None = None) -> AsyncRequestView:
+        """The request, if it belongs to ``model_id`` (when given); else 404."""
+        with self._read() as s:
+            row = s.get(AsyncRequest, request_id)
+            if row is None or (model_id is not None and row.model_id != model_id):
+                raise NotFoundError(
+                    f"async request {request_id!r} not found", request_id=request_id
+                )
+            return _view(row)
+
+    def cancel(
+        self, request_id: str, model_id: str | None = None, now: datetime | None = None
+    ) -> AsyncRequestView:
+        """Cancel a QUEUED request; 409 naming its status otherwise."""
+        now = now or utcnow()
+        with self.db.session() as s:
+            row = s.get(AsyncRequest, request_id)
+            if row is None or (model_id is not None and row.model_id != model_id):
+                raise NotFoundError(
+                    f"async request {request_id!r} not found", request_id=request_id
+                )
+            done = s.execute(
+                update(AsyncRequest)
+                .where(AsyncRequest.id == request_id, AsyncRequest.status == AsyncStatus.QUEUED)
+                .values(
+                    status=AsyncStatus.CANCELED,
+                    status_at=now,
+                    finished_at=now,
+                    webhook_status=_no_delivery(row),
+                )
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise ConflictError(
+                    f"async request {request_id!r} is {row.status}: only a QUEUED request "
+                    "can be canceled",
+                    request_id=request_id,
+                    status=str(row.status),
+                )
+            s.refresh(row)
+            return _view(row)
+
+    def counts(self, deployment_id: str) -> dict[AsyncStatus, int]:
+        with self._read() as s:
+            rows = s.execute(
+                select(AsyncRequest.status, func.count())
+                .where(AsyncRequest.deployment_id == deployment_id)
+                .group_by(AsyncRequest.status)
+            ).all()
+        out = dict.fromkeys(AsyncStatus, 0)
+        out.update({AsyncStatus(k): int(v) for k, v in rows})
+        return out
+
+    # -- the workers' side ----------------------------------------------------------------
+    def depths(self) -> dict[str, tuple[int, int]]:
+        """Per deployment with async work: (queued, in progress)."""
+        live = (AsyncStatus.QUEUED, AsyncStatus.IN_PROGRESS)
+        with self._read() as s:
+            rows = s.execute(
+                select(AsyncRequest.deployment_id, AsyncRequest.status, func.count())
+                .where(AsyncRequest.status.in_(live))
+                .group_by(AsyncRequest.deployment_id, AsyncRequest.status)
+            ).all()
+        out: dict[str, tuple[int, int]] = {}
+        for dep, status, n in rows:
+            q, p = out.get(dep, (0, 0))
+            out[dep] = (q + int(n), p) if status == AsyncStatus.QUEUED else (q, p + int(n))
+        return out
+
+    def candidates(self, deployment_id: str, limit: int) -> list[Candidate]:
+        """A deployment's queued requests in scheduling order (the first ``limit``), and
+        every one that may have expired."""
+        cols = (
+            AsyncRequest.id,
+            AsyncRequest.priority,
+            AsyncRequest.created_at,
+            AsyncRequest.not_before,
+            AsyncRequest.max_time_in_queue_seconds,
+            AsyncRequest.attempts,
+        )
+        where = (
+            AsyncRequest.deployment_id == deployment_id,
+            AsyncRequest.status == AsyncStatus.QUEUED,
+        )
+        with self._read() as s:
+            rows = s.execute(
+                select(*cols)
+                .where(*where)
+                .order_by(AsyncRequest.priority, AsyncRequest.created_at, AsyncRequest.id)
+                .limit(limit)
+            ).all()
+        return [Candidate(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def claim(self, ids: Sequence[str], now: datetime | None = None) -> list[AsyncRequestView]:
+        """Take queued requests to run (QUEUED -> IN_PROGRESS, one more attempt), in one
+        statement; those a cancel took first are left out."""
+        if not ids:
+            return []
+        now = now or utcnow()
+        with self.db.session() as s:
+            s.execute(
+                update(AsyncRequest)
+                .where(AsyncRequest.id.in_(ids), AsyncRequest.status == AsyncStatus.QUEUED)
+                .values(
+                    status=AsyncStatus.IN_PROGRESS,
+                    attempts=AsyncRequest.attempts + 1,
+                    status_at=now,
+                    started_at=now,
+                )
+            )
+            rows = s.scalars(
+                select(AsyncRequest).where(
+                    AsyncRequest.id.in_(ids),
+                    AsyncRequest.status == AsyncStatus.IN_PROGRESS,
+                    AsyncRequest.started_at == now,
+                )
+            ).all()
+            order = {rid: i for i, rid in enumerate(ids)}
+            return sorted((_view(r) for r in rows), key=lambda v: order[v.id])
+
+    def expire(self, ids: Iterable[str], now: datetime | None = None) -> int:
+        now = now or utcnow()
+        n = 0
+        err = [
+            {
+                "code": "EXPIRED",
+                "message": "the request waited longer than its "
+                "max_time_in_queue_seconds before a replica took it",
+            }
+        ]
+        with self.db.session() as s:
+            for rid in ids:
+                done = s.execute(
+                    update(AsyncRequest)
+                    .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.QUEUED)
+                    .values(status=AsyncStatus.EXPIRED, status_at=now, finished_at=now, errors=err)
+                )
+                n += done.rowcount  # type: ignore[attr-defined]
+        return n
+
+    def _finish(self, rid: str, values: dict[str, Any]) -> bool:
+        return self.finish_many([(rid, values)]) == 1
+
+    def finish_many(self, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> int:
+        """Record several runs' outcomes in one transaction (the workers batch them);
+        each only while its request is still IN_PROGRESS. Returns how many were."""
+        n = 0
+        with self.db.session() as s:
+            for rid, values in outcomes:
+                done = s.execute(
+                    update(AsyncRequest)
+                    .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.IN_PROGRESS)
+                    .values(**values)
+                )
+                n += done.rowcount  # type: ignore[attr-defined]
+        return n
+
+    @staticmethod
+    def succeeded_values(result: str, now: datetime) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.SUCCEEDED,
+            "result": result,
+            "errors": [],
+            "status_at": now,
+            "finished_at": now,
+            "webhook_not_before": now,
+        }
+
+    @staticmethod
+    def failed_values(errors: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.FAILED,
+            "errors": errors,
+            "status_at": now,
+            "finished_at": now,
+            "webhook_not_before": now,
+        }
+
+    @staticmethod
+    def retry_values(
+        errors: list[dict[str, Any]], not_before: datetime, now: datetime
+    ) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.QUEUED,
+            "errors": errors,
+            "status_at": now,
+            "not_before": not_before,
+        }
+
+    @staticmethod
+    def release_values(not_before: datetime, now: datetime) -> dict[str, Any]:
+        return {
+            "status": AsyncStatus.QUEUED,
+            "status_at": now,
+            "not_before": not_before,
+            "attempts": AsyncRequest.attempts - 1,
+        }
+
+    def succeed(self, rid: str, result: str, now: datetime | None = None) -> bool:
+        """Record the model's answer (JSON text); False when the request is no longer
+        IN_PROGRESS (nothing is recorded twice)."""
+        return self._finish(rid, self.succeeded_values(result, now or utcnow()))
+
+    def fail(self, rid: str, errors: list[dict[str, Any]], now: datetime | None = None) -> bool:
+        return self._finish(rid, self.failed_values(errors, now or utcnow()))
+
+    def retry_later(
+        self,
+        rid: str,
+        errors: list[dict[str, Any]],
+        not_before: datetime,
+        now: datetime | None = None,
+    ) -> bool:
+        """Back to the queue after a failed attempt, not before ``not_before``."""
+        return self._finish(rid, self.retry_values(errors, not_before, now or utcnow()))
+
+    def release(self, rid: str, not_before: datetime, now: datetime | None = None) -> bool:
+        """Back to the queue without counting the attempt: the gateway could not run it
+        now (no replica in time, a full queue), which says nothing of the model."""
+        return self._finish(rid, self.release_values(not_before, now or utcnow()))
+
+    def requeue_in_progress(self, now: datetime | None = None) -> int:
+        """After a control-plane restart: every run with no recorded outcome runs again."""
+        now = now or utcnow()
+        with self.db.session() as s:
+            done = s.execute(
+                update(AsyncRequest)
+                .where(AsyncRequest.status == AsyncStatus.IN_PROGRESS)
+                .values(status=AsyncStatus.QUEUED, status_at=now, not_before=now)
+            )
+            return int(done.rowcount)  # type: ignore[attr-defined]
+
+    # -- webhooks and retention -----------------------------------------------------------
+    def due_webhooks(self, now: datetime, limit: int = 32) -> list[AsyncRequestView]:
+        with self._read() as s:
+            rows = s.scalars(
+                select(AsyncRequest)
+                .where(
+                    AsyncRequest.status.in_(_DELIVERABLE),
+                    AsyncRequest.webhook_status == WebhookStatus.PENDING,
+                    AsyncRequest.webhook_not_before <= now,
+                )
+                .order_by(AsyncRequest.webhook_not_before)
+                .limit(limit)
+            ).all()
+            return [_view(r) for r in rows]
+
+    def record_webhook(
+        self,
+        rid: str,
+        *,
+        delivered: bool,
+        error: str = "",
+        retry_at: datetime | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """One delivery's outcome: delivered, to be retried at ``retry_at``, or failed for
+        good (the request becomes WEBHOOK_FAILED; its result stays readable)."""
+        now = now or utcnow()
+        values: dict[str, Any] = {
+            "webhook_attempts": AsyncRequest.webhook_attempts + 1,
+            "webhook_error": error,
+        }
+        if delivered:
+            values["webhook_status"] = WebhookStatus.SUCCEEDED
+        elif retry_at is not None:
+            values["webhook_not_before"] = retry_at
+        else:
+            values.update(
+                webhook_status=WebhookStatus.FAILED,
+                status=AsyncStatus.WEBHOOK_FAILED,
+                status_at=now,
+            )
+        with self.db.session() as s:
+            s.execute(
+                update(AsyncRequest)
+                .where(AsyncRequest.id == rid, AsyncRequest.webhook_status == WebhookStatus.PENDING)
+                .values(**values)
+            )
+
+    def sweep(self, retention: timedelta, now: datetime | None = None) -> int:
+        """Delete finished requests (and their results) older than ``retention``; one
+        whose webhook is still due is kept."""
+        cutoff = (now or utcnow()) - retention
+        with self.db.session() as s:
+            done = s.execute(
+                delete(AsyncRequest).where(
+                    AsyncRequest.status.in_(DONE),
+                    AsyncRequest.finished_at < cutoff,
+                    AsyncRequest.webhook_status != WebhookStatus.PENDING,
+                )
+            )
+            return int(done.rowcount)  # type: ignore[attr-defined]
+
+    # -- webhook secrets ------------------------------------------------------------------
+    def create_webhook_secret(self, box: SecretBox) -> tuple[WebhookSecretView, str]:
+        """A new signing secret (``whsec_`` and 32 random characters), shown once here."""
+        value = "whsec_" + secrets.token_urlsafe(24)
+        row = WebhookSecret(
+            id=secrets.token_hex(4), ciphertext=box.seal(value), created_at=utcnow()
+        )
+        with self.db.session() as s:
+            s.add(row)
+        return WebhookSecretView(row.id, row.created_at), value
+
+    def list_webhook_secrets(self) -> list[WebhookSecretView]:
+        with self.db.session() as s:
+            rows = s.scalars(select(WebhookSecret).order_by(WebhookSecret.created_at)).all()
+            return [WebhookSecretView(r.id, r.created_at) for r in rows]
+
+    def delete_webhook_secret(self, secret_id: str) -> None:
+        with self.db.session() as s:
+            done = s.execute(delete(WebhookSecret).where(WebhookSecret.id == secret_id))
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFoundError(
+                    f"webhook secret {secret_id!r} not found; "
+                    "`kingpost webhooks secret list` shows them",
+                    secret_id=secret_id,
+                )
+
+    def webhook_secrets(self, box: SecretBox) -> list[str]:
+        """Every active secret's value, newest first (each signs every delivery)."""
+        with self.db.session() as s:
+            rows = s.scalars(select(WebhookSecret).order_by(WebhookSecret.created_at.desc())).all()
+            return [box.open(f"webhook secret {r.id}", r.ciphertext) for r in rows]
+
+
+def _new_row(
+    req: AsyncInput, model_id: str, deployment_id: str, environment: str | None, now: datetime
+) -> dict[str, Any]:
+    return {
+        "id": secrets.token_hex(16),
+        "model_id": model_id,
+        "deployment_id": deployment_id,
+        "environment": environment,
+        "priority": req.priority,
+        "model_input": req.model_input,
+        "webhook_endpoint": req.webhook_endpoint,
+        "max_attempts": req.retry.max_attempts,
+        "initial_delay_ms": req.retry.initial_delay_ms,
+        "max_delay_ms": req.retry.max_delay_ms,
+        "max_time_in_queue_seconds": req.max_time_in_queue_seconds,
+        "status": AsyncStatus.QUEUED,
+        "webhook_status": WebhookStatus.PENDING
+        if req.webhook_endpoint
+        else WebhookStatus.NO_WEBHOOK_PROVIDED,
+        "attempts": 0,
+        "not_before": now,
+        "result": None,
+        "errors": [],
+        "webhook_attempts": 0,
+        "webhook_error": "",
+        "webhook_not_before": None,
+        "created_at": now,
+        "status_at": now,
+        "started_at": None,
+        "finished_at": None,
+    }
+
+
+def _no_delivery(row: AsyncRequest) -> WebhookStatus:
+    if row.webhook_status == WebhookStatus.NO_WEBHOOK_PROVIDED:
+        return WebhookStatus.NO_WEBHOOK_PROVIDED
+    return WebhookStatus.CANCELED

@@ -1,0 +1,151 @@
+"""The async queue against real databases (SQLite always; PostgreSQL when
+KINGPOST_TEST_POSTGRES_URL names one), migrated by Alembic."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from kingpost.asyncq.body import AsyncInput
+from kingpost.asyncq.policy import RetryConfig, choose
+from kingpost.errors import ConflictError, NotFoundError
+from kingpost.secrets_box import SecretBox, load_or_create_key
+from kingpost.store import Database
+from kingpost.store.asyncq import AsyncQueue
+from kingpost.store.models import AsyncStatus, Base, WebhookStatus
+
+POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
+T0 = datetime(2026, 12, 5, 1, tzinfo=UTC)
+
+
+def _reset(db: Database) -> None:
+    with db.engine.begin() as conn:
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AsyncQueue]:
+    if request.param == "sqlite":
+        db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    else:
+        if not POSTGRES_URL:
+            if os.environ.get("CI") == "true":
+                pytest.fail("CI=true but KINGPOST_TEST_POSTGRES_URL is not set")
+            pytest.skip("set KINGPOST_TEST_POSTGRES_URL to test against PostgreSQL")
+        db = Database(POSTGRES_URL)
+        _reset(db)
+    db.migrate()
+    try:
+        yield AsyncQueue(db)
+    finally:
+        if request.param == "postgresql":
+            _reset(db)
+        db.close()
+
+
+def put(q: AsyncQueue, prio: int = 0, at: float = 0, dep: str = "d1", **kw: object) -> str:
+    inp = AsyncInput(model_input='{"x":1}', priority=prio, **kw)  # type: ignore[arg-type]
+    return q.enqueue(inp, model_id="m1", deployment_id=dep, now=T0 + timedelta(seconds=at))
+
+
+def test_priority_then_age_and_claim(queue: AsyncQueue) -> None:
+    low = put(queue, 2, 0)
+    old = put(queue, 0, 1)
+    new = put(queue, 0, 2)
+    mid = put(queue, 1, 0)
+    put(queue, 0, 0, dep="other")
+    cands = queue.candidates("d1", 10)
+    assert [c.id for c in cands] == [old, new, mid, low]
+    pick = choose(cands, T0 + timedelta(seconds=5), 2)
+    taken = queue.claim(pick.run, now=T0 + timedelta(seconds=5))
+    assert [t.id for t in taken] == [old, new]
+    assert all(t.status == AsyncStatus.IN_PROGRESS and t.attempts == 1 for t in taken)
+    assert queue.claim([old]) == []  # already taken: nothing runs twice
+    assert queue.depths() == {"d1": (2, 2), "other": (1, 0)}
+    counts = queue.counts("d1")
+    assert (counts[AsyncStatus.QUEUED], counts[AsyncStatus.IN_PROGRESS]) == (2, 2)
+
+
+def test_outcomes_are_recorded_once(queue: AsyncQueue) -> None:
+    rid = put(queue, webhook_endpoint="https://h.example/x")
+    queue.claim([rid])
+    assert queue.succeed(rid, '{"y":2}')
+    assert not queue.succeed(rid, '{"y":3}')  # a second outcome is not recorded
+    assert not queue.fail(rid, [{"code": "X", "message": "m"}])
+    got = queue.get(rid)
+    assert got.status == AsyncStatus.SUCCEEDED and got.result_dict()["data"] == {"y": 2}
+    assert got.webhook_status == WebhookStatus.PENDING
+    assert queue.requeue_in_progress() == 0  # a recorded completion never runs again
+
+
+def test_restart_requeues_unrecorded_runs(queue: AsyncQueue) -> None:
+    a, b = put(queue), put(queue, at=1)
+    queue.claim([a, b])
+    queue.succeed(a, "1")
+    assert queue.requeue_in_progress() == 1
+    assert queue.get(b).status == AsyncStatus.QUEUED and queue.get(b).attempts == 1
+    assert queue.get(a).status == AsyncStatus.SUCCEEDED
+
+
+def test_retry_backs_off_then_fails(queue: AsyncQueue) -> None:
+    rid = put(queue, retry=RetryConfig(2, 100, 100))
+    queue.claim([rid], now=T0)
+    err = [{"code": "MODEL_PREDICT_ERROR", "message": "boom"}]
+    assert queue.retry_later(rid, err, T0 + timedelta(seconds=1), now=T0)
+    assert choose(queue.candidates("d1", 5), T0, 5).run == ()
+    assert choose(queue.candidates("d1", 5), T0 + timedelta(seconds=1), 5).run == (rid,)
+    queue.claim([rid])
+    assert queue.fail(rid, err)
+    got = queue.get(rid)
+    assert (got.status, got.attempts, got.errors[0]["message"]) == (AsyncStatus.FAILED, 2, "boom")
+
+
+def test_cancel_and_expire(queue: AsyncQueue) -> None:
+    a, b, c = put(queue, webhook_endpoint="https://h.example/"), put(queue), put(queue)
+    assert queue.cancel(a, "m1").status == AsyncStatus.CANCELED
+    assert queue.get(a).webhook_status == WebhookStatus.CANCELED
+    with pytest.raises(ConflictError, match="only a QUEUED request"):
+        queue.cancel(a, "m1")
+    with pytest.raises(NotFoundError):
+        queue.cancel(b, "another-model")
+    queue.claim([b])
+    with pytest.raises(ConflictError, match="IN_PROGRESS"):
+        queue.cancel(b)
+    assert queue.expire([b, c]) == 1  # b runs: only a queued one expires
+    assert queue.get(c).status == AsyncStatus.EXPIRED
+
+
+def test_webhook_delivery_records_and_sweep(queue: AsyncQueue, tmp_path: Path) -> None:
+    rid = put(queue, webhook_endpoint="https://h.example/")
+    queue.claim([rid], now=T0)
+    queue.succeed(rid, '"ok"', now=T0)
+    assert [v.id for v in queue.due_webhooks(T0)] == [rid]
+    queue.record_webhook(rid, delivered=False, error="503", retry_at=T0 + timedelta(seconds=2))
+    assert queue.due_webhooks(T0 + timedelta(seconds=1)) == []
+    queue.record_webhook(rid, delivered=False, error="connection refused", now=T0)
+    got = queue.get(rid)
+    assert (got.status, got.webhook_status) == (AsyncStatus.WEBHOOK_FAILED, WebhookStatus.FAILED)
+    assert (got.webhook_attempts, got.webhook_error) == (2, "connection refused")
+    assert got.result_dict()["data"] == "ok"  # readable after the webhook failed
+    assert queue.sweep(timedelta(days=7), now=T0 + timedelta(days=6)) == 0
+    assert queue.sweep(timedelta(days=7), now=T0 + timedelta(days=8)) == 1
+    with pytest.raises(NotFoundError):
+        queue.get(rid)
+
+
+def test_webhook_secrets_are_sealed(queue: AsyncQueue, tmp_path: Path) -> None:
+    box = SecretBox(load_or_create_key(tmp_path, None))
+    first, value = queue.create_webhook_secret(box)
+    assert value.startswith("whsec_")
+    _, newer = queue.create_webhook_secret(box)
+    assert set(queue.webhook_secrets(box)) == {value, newer}
+    queue.delete_webhook_secret(first.id)
+    assert queue.webhook_secrets(box) == [newer]
+    with pytest.raises(NotFoundError, match="webhook secret"):
+        queue.delete_webhook_secret(first.id)

@@ -1,0 +1,160 @@
+"""Async inference routes on a real gateway, answered from a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers.gateway import AUTH, RunningGateway, route
+from kingpost.gateway.asyncroutes import AsyncFront
+from kingpost.gateway.table import DeploymentState
+from kingpost.store import Database
+from kingpost.store.asyncq import AsyncQueue
+from kingpost.store.models import AsyncStatus
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    db = Database(url)
+    db.migrate()
+    db.close()
+    return url
+
+
+@pytest.fixture
+def gw(db_url: str) -> Iterator[RunningGateway]:
+    running = RunningGateway()
+    running.gateway.async_front = AsyncFront(db_url, payload_limit=4096)
+    running.table(route(1))  # a replica that never answers: nothing here calls it
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def post(gw: RunningGateway, path: str, body: object, **kw: object) -> httpx.Response:
+    return httpx.post(gw.url + path, json=body, headers=AUTH, **kw)  # type: ignore[arg-type]
+
+
+def test_accept_then_status_result_cancel_and_queue_status(gw: RunningGateway, db_url: str) -> None:
+    r = post(gw, "/models/echo/production/async_predict", {"model_input": {"x": 1}, "priority": 1})
+    assert r.status_code == 201, r.text
+    rid = r.json()["request_id"]
+    q = AsyncQueue(Database(db_url))
+    got = q.get(rid)  # committed before the answer
+    assert (got.deployment_id, got.environment, got.priority) == ("d1", "production", 1)
+    assert json.loads(got.model_input) == {"x": 1}
+
+    s = httpx.get(f"{gw.url}/models/echo/async_request/{rid}", headers=AUTH).json()
+    assert s["status"] == "QUEUED" and s["webhook_status"] == "NO_WEBHOOK_PROVIDED"
+    assert s["model_id"] == "m1" and s["deployment_id"] == "d1" and s["errors"] == []
+    qs = httpx.get(f"{gw.url}/models/echo/deployment/d1/async_queue_status", headers=AUTH)
+    assert qs.json()["num_queued_requests"] == 1 and qs.json()["num_in_progress_requests"] == 0
+
+    c = httpx.delete(f"{gw.url}/models/echo/async_request/{rid}", headers=AUTH)
+    assert c.status_code == 200 and c.json()["status"] == "CANCELED"
+    again = httpx.delete(f"{gw.url}/models/echo/async_request/{rid}", headers=AUTH)
+    assert again.status_code == 409 and "only a QUEUED request" in again.json()["error"]
+    res = httpx.get(f"{gw.url}/models/echo/async_request/{rid}/result", headers=AUTH).json()
+    assert res == {"request_id": rid, "status": "CANCELED", "data": None, "errors": []}
+    assert q.get(rid).status == AsyncStatus.CANCELED
+
+
+def test_every_route_shape_and_the_model_scope(gw: RunningGateway) -> None:
+    for path in (
+        "/models/echo/deployment/d1/async_predict",
+        "/models/m1/environments/production/async_predict",
+    ):
+        assert post(gw, path, {"model_input": 1}).status_code == 201
+    r = httpx.get(f"{gw.url}/models/echo/async_request/nope", headers=AUTH)
+    assert r.status_code == 404 and "not found" in r.json()["error"]
+    assert post(gw, "/models/echo/async_request/x", {}).status_code == 405
+    assert (
+        httpx.get(f"{gw.url}/models/echo/production/async_predict", headers=AUTH).status_code == 405
+    )
+    assert (
+        httpx.post(
+            gw.url + "/models/echo/production/async_predict", json={"model_input": 1}
+        ).status_code
+        == 401
+    )
+
+
+def test_validation_errors_name_field_rule_and_value(gw: RunningGateway) -> None:
+    path = "/models/echo/production/async_predict"
+    r = post(gw, path, {"model_input": 1, "priority": 7})
+    assert r.status_code == 400
+    body = r.json()
+    assert body["field"] == "priority" and body["value"] == 7 and "from 0 to 2" in body["error"]
+    r = post(gw, path, {"model_input": 1, "webhook_endpoint": "http://example.com/hook"})
+    assert r.status_code == 400 and "https://" in r.json()["error"]
+    r = post(gw, path, {"priority": 1})
+    assert r.status_code == 400 and r.json()["field"] == "model_input"
+    r = httpx.post(gw.url + path, content=b"{", headers=AUTH)
+    assert r.status_code == 400 and r.json()["field"] == "body"
+
+
+def test_payload_limit_is_413_naming_it(gw: RunningGateway) -> None:
+    big = {"model_input": "x" * 5000}
+    r = post(gw, "/models/echo/production/async_predict", big)
+    assert r.status_code == 413
+    assert r.json()["limit_bytes"] == 4096 and "4096 bytes" in r.json()["error"]
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model_input": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(gw.url + "/models/echo/production/async_predict", content=chunks(), headers=AUTH)
+    assert r.status_code == 413
+
+
+def test_an_inactive_deployment_refuses_async_work(gw: RunningGateway) -> None:
+    gw.table(route(1, state=DeploymentState.INACTIVE, message="deployment is deactivated"))
+    r = post(gw, "/models/echo/production/async_predict", {"model_input": 1})
+    assert r.status_code == 404 and "deactivated" in r.json()["error"]
+
+
+def test_pipelined_async_and_keepalive(gw: RunningGateway) -> None:
+    body = json.dumps({"model_input": 1}).encode()
+    head = (
+        f"POST /models/echo/production/async_predict HTTP/1.1\r\nhost: x\r\n"
+        f"authorization: {AUTH['Authorization']}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall((head + body) * 3)
+        data = b""
+        while data.count(b"request_id") < 3:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.count(b"HTTP/1.1 201 Created") == 3
+
+
+def test_without_a_store_async_routes_say_so() -> None:
+    running = RunningGateway()
+    try:
+        running.table(route(1))
+        r = post(running, "/models/echo/production/async_predict", {"model_input": 1})
+        assert r.status_code == 503 and "--async-store" in r.json()["error"]
+    finally:
+        running.close()
+
+
+def test_a_failing_store_is_a_503_not_a_hang(gw: RunningGateway, db_url: str) -> None:
+    db = Database(db_url)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE async_requests")
+    db.close()
+    r = post(gw, "/models/echo/production/async_predict", {"model_input": 1}, timeout=10)
+    assert r.status_code == 503 and r.json()["code"] == "async_store_unavailable"
+    r = httpx.get(f"{gw.url}/models/echo/async_request/x", headers=AUTH, timeout=10)
+    assert r.status_code == 503
