@@ -232,6 +232,7 @@ class GpuAssignment(Base):
     replica_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     deployment_id: Mapped[str] = mapped_column(String(32))
     devices: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class AsyncStatus(enum.StrEnum):
