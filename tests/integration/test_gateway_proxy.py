@@ -1300,3 +1300,29 @@ def test_an_invoke_only_key_reaches_its_models_only(gw: Running, up: Upstream) -
         gw.table(d1)  # a table without the invoke key: revoked
         r = c.post("/models/echo/production/predict", content=b"a", headers=invoke)
         assert r.status_code == 401
+
+
+def test_a_sender_that_retries_itself_is_not_retried_by_the_gateway(
+    gw: Running, up: Upstream
+) -> None:
+    """The async workers retry per inference_retry_config: a replica that took their request
+    and hung up must not have the gateway run it again on another one (after a control
+    plane's crash the gateway re-ran a worker's request that nobody waited for any more,
+    and the model ran it twice more, not once)."""
+    dropping = _Dropping(keep=0)
+    try:
+        gw.table(route(up, dropping.port, predict_path="/inspect"))
+        head = (
+            b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            b"Api-Key " + KEY.encode() + b"\r\nContent-Length: 3\r\nConnection: close\r\n"
+        )
+        statuses = set()
+        for _ in range(4):  # replicas are taken in turn: some land on the dropping one
+            answer = raw_exchange(gw.port, head + b"X-Kingpost-No-Retry: 1\r\n\r\nabc")
+            statuses.add(_answers(answer)[0][0])
+        assert dropping.drops >= 1
+        assert statuses == {b"HTTP/1.1 200 OK", b"HTTP/1.1 502 Bad Gateway"}
+        for _ in range(4):  # without the header, the one that hung up is retried elsewhere
+            assert _answers(raw_exchange(gw.port, head + b"\r\nabc"))[0][0] == b"HTTP/1.1 200 OK"
+    finally:
+        dropping.sock.close()

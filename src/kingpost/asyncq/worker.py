@@ -214,6 +214,10 @@ class AsyncWorkers:
             "authorization": f"Api-Key {self.settings.key}",
             "content-type": "application/json",
             "x-baseten-request-id": view.id,
+            # Retried here per inference_retry_config; a replica that took it and died
+            # must not have the gateway run it again behind this worker's back (or, after
+            # a control-plane crash, for a worker that is gone).
+            "x-kingpost-no-retry": "1",
         }
         try:
             async with self._runs.stream(

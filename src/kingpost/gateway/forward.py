@@ -257,6 +257,16 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
         client.serve_next()
 
 
+NO_RETRY = b"x-kingpost-no-retry"
+"""A request header: the sender retries on its own terms (the async workers, per
+``inference_retry_config``), so the gateway does not send it to another replica when the
+first took it and hung up. Asked only when a retry is due."""
+
+
+def retries_itself(req: Request) -> bool:
+    return any(name.lower() == NO_RETRY for name, _ in req.headers)
+
+
 async def dispatch(client: ClientConn, h: Handoff) -> bool:
     """Take a replica slot, forward, and retry once elsewhere if the replica hung up; False
     when the client connection must close."""
@@ -266,6 +276,8 @@ async def dispatch(client: ClientConn, h: Handoff) -> bool:
     rid = req.rid
     assert rid is not None
     for attempt in range(h.attempts):
+        if tried and slot is None and retries_itself(req):
+            break  # answered 502 below: the sender decides whether to run it again
         if attempt:
             dispatcher.counters.retries += 1
         try:
