@@ -10,9 +10,10 @@ that deployment.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from kingpost.errors import ValidationError
 from kingpost.logstore import LogQuery, parse_level, parse_time, query
@@ -23,19 +24,29 @@ if TYPE_CHECKING:
 __all__ = ["log_routes"]
 
 
+@dataclass
+class Filters:
+    """The store's filters both routes take as query parameters (``Depends()``)."""
+
+    replica: str | None = None
+    since: str | None = None
+    until: str | None = None
+    level: str | None = None
+    search: str | None = None
+    request_id: str | None = None
+    source: str | None = None
+
+    def given(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+
 def _query(
     plane: ControlPlane,
+    f: Filters,
     *,
     model: str | None,
     environment: str | None,
     deployment: str | None,
-    replica: str | None,
-    since: str | None,
-    until: str | None,
-    level: str | None,
-    search: str | None,
-    request_id: str | None,
-    source: str | None,
     limit: int,
 ) -> LogQuery:
     store = plane.store
@@ -56,24 +67,24 @@ def _query(
         deployment_ids = (
             frozenset({dep_id}) if deployment_ids is None else deployment_ids & {dep_id}
         )
-    if source is not None and source not in ("gateway", "replica", "build"):
+    if f.source is not None and f.source not in ("gateway", "replica", "build"):
         raise ValidationError(
-            f"source: must be one of gateway, replica, build; got {source!r}",
+            f"source: must be one of gateway, replica, build; got {f.source!r}",
             field="source",
-            value=source,
+            value=f.source,
         )
-    if search is not None and not search:
-        raise ValidationError("search: must not be empty", field="search", value=search)
+    if f.search is not None and not f.search:
+        raise ValidationError("search: must not be empty", field="search", value=f.search)
     return LogQuery(
         model_id=model_id,
         deployment_ids=deployment_ids,
-        replica=replica or None,
-        since=parse_time(since, "since") if since is not None else None,
-        until=parse_time(until, "until") if until is not None else None,
-        level=parse_level(level) if level is not None else None,
-        search=search,
-        request_id=request_id or None,
-        source=source,
+        replica=f.replica or None,
+        since=parse_time(f.since, "since") if f.since is not None else None,
+        until=parse_time(f.until, "until") if f.until is not None else None,
+        level=parse_level(f.level) if f.level is not None else None,
+        search=f.search,
+        request_id=f.request_id or None,
+        source=f.source,
         limit=limit,
     )
 
@@ -84,63 +95,23 @@ def log_routes(router: APIRouter, plane: ControlPlane) -> None:
 
     @router.get("/logs")
     def logs_query(
+        f: Annotated[Filters, Depends()],
         model: str | None = None,
         environment: str | None = None,
         deployment: str | None = None,
-        replica: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
-        level: str | None = None,
-        search: str | None = None,
-        request_id: str | None = None,
-        source: str | None = None,
         limit: int = 1000,
     ) -> dict[str, Any]:
         q = _query(
-            plane,
-            model=model,
-            environment=environment,
-            deployment=deployment,
-            replica=replica,
-            since=since,
-            until=until,
-            level=level,
-            search=search,
-            request_id=request_id,
-            source=source,
-            limit=limit,
+            plane, f, model=model, environment=environment, deployment=deployment, limit=limit
         )
         return {"lines": query(root, q)}
 
     @router.get("/deployments/{dep}/logs")
-    def logs(
-        dep: str,
-        tail: int = 200,
-        replica: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
-        level: str | None = None,
-        search: str | None = None,
-        request_id: str | None = None,
-        source: str | None = None,
-    ) -> dict[str, Any]:
+    def logs(dep: str, f: Annotated[Filters, Depends()], tail: int = 200) -> dict[str, Any]:
         view = store.get_deployment(dep)
-        filters = (replica, since, until, level, search, request_id, source)
-        if any(f is not None for f in filters):
-            q = _query(
-                plane,
-                model=None,
-                environment=None,
-                deployment=view.id,
-                replica=replica,
-                since=since,
-                until=until,
-                level=level,
-                search=search,
-                request_id=request_id,
-                source=source,
-                limit=max(1, min(tail, 10_000)),
-            )
+        if f.given():
+            limit = max(1, min(tail, 10_000))
+            q = _query(plane, f, model=None, environment=None, deployment=view.id, limit=limit)
             return {"deployment_id": view.id, "lines": query(root, q)}
         lines = plane.controller.logs(view, max(1, min(tail, 10_000)))
         return {
