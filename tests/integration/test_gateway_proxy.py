@@ -1322,7 +1322,10 @@ def test_a_sender_that_retries_itself_is_not_retried_by_the_gateway(
             statuses.add(_answers(answer)[0][0])
         assert dropping.drops >= 1
         assert statuses == {b"HTTP/1.1 200 OK", b"HTTP/1.1 502 Bad Gateway"}
+        counters = gw.gateway._dispatchers["d1"].counters
+        assert counters.retries == 0  # none was retried, so none is counted as one
         for _ in range(4):  # without the header, the one that hung up is retried elsewhere
             assert _answers(raw_exchange(gw.port, head + b"\r\nabc"))[0][0] == b"HTTP/1.1 200 OK"
+        assert counters.retries >= 1
     finally:
         dropping.sock.close()

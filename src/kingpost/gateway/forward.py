@@ -245,7 +245,8 @@ def landed(client: ClientConn, exchange: ClientExchange, ending: Ending) -> None
     else:
         dispatcher.release(slot)
     if outcome is _RETRY:
-        dispatcher.counters.retries += 1
+        if not retries_itself(req):  # else dispatch answers the 502 without retrying
+            dispatcher.counters.retries += 1
         client.start_task(
             Handoff(req, target, dispatcher, frozenset({slot.upstream.replica_id}), 1)
         )
