@@ -26,7 +26,7 @@ import uvloop
 
 from helpers.gateway import AUTH, KEY, RunningGateway
 from helpers.platform import free_port, raw_exchange, wait_for
-from helpers.upstream import Upstream, upstream
+from helpers.upstream import Upstream
 from helpers.wsraw import RawWebSocket, handshake
 from kingpost.gateway.server import Gateway
 from kingpost.gateway.table import (
@@ -39,9 +39,8 @@ from kingpost.gateway.table import (
     Upstream as Up,
 )
 
-
-class Running(RunningGateway):
-    """The shared in-process gateway (``helpers.gateway``), as this file names it."""
+# The shared in-process gateway (``helpers.gateway``), as this file and its neighbours name it.
+Running = RunningGateway
 
 
 def route(*ups: Upstream | int, **kw: object) -> DeploymentRoute:
@@ -51,21 +50,6 @@ def route(*ups: Upstream | int, **kw: object) -> DeploymentRoute:
     state = DeploymentState.SERVING if upstreams else DeploymentState.WAKING
     base = DeploymentRoute("d1", "m1", "/echo", state, upstreams, concurrency=64)
     return replace(base, **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def gw() -> Iterator[Running]:
-    running = Running()
-    try:
-        yield running
-    finally:
-        running.close()
-
-
-@pytest.fixture
-def up() -> Iterator[Upstream]:
-    with upstream() as u:
-        yield u
 
 
 def test_predict_sync_request_id_and_auth_stripped(gw: Running, up: Upstream) -> None:

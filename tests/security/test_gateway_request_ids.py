@@ -4,7 +4,6 @@ errors included."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -13,7 +12,7 @@ import pytest
 
 from helpers.gateway import AUTH, RunningGateway
 from helpers.platform import raw_exchange, wait_for
-from helpers.upstream import Upstream, upstream
+from helpers.upstream import Upstream
 from kingpost.gateway.proxy import REQUEST_ID_LIMIT
 from kingpost.gateway.table import DeploymentRoute, DeploymentState
 from kingpost.gateway.table import Upstream as Up
@@ -26,21 +25,6 @@ def _route(up: Upstream | None, **kw: object) -> DeploymentRoute:
     state = DeploymentState.SERVING if ups else DeploymentState.WAKING
     base = DeploymentRoute("d1", "m1", "/inspect", state, ups, concurrency=64)
     return replace(base, **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def gw() -> Iterator[RunningGateway]:
-    running = RunningGateway()
-    try:
-        yield running
-    finally:
-        running.close()
-
-
-@pytest.fixture
-def up() -> Iterator[Upstream]:
-    with upstream() as u:
-        yield u
 
 
 def _generated(rid: str) -> bool:
