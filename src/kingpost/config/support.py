@@ -326,6 +326,12 @@ def markdown() -> str:
         f"image runs unmodified): {ignored}. The legacy `hf_cache` is read as "
         "`model_cache`, with a warning; a key Truss does not know is warned about by name "
         "(with the known key it is closest to).",
+        "",
+        "One key is Kingpost's own: `truss_version` (major.minor[.patch]) picks the set of "
+        "Truss server packages a model class runs on: the newest set Kingpost has at or "
+        "below that version (older than the oldest: the oldest, warned). Without it, "
+        "`KINGPOST_TRUSS_VERSION`, else the newest set. A value that is not a version is "
+        "refused at push.",
     ]
     return "\n".join(lines) + "\n"
 
