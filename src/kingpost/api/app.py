@@ -1,6 +1,6 @@
 """The control-plane HTTP API (FastAPI; OpenAPI at ``/docs``).
 
-Every route but ``/v1/health`` needs ``Authorization: Api-Key <key>``. Errors are
+Every ``/v1`` route but ``/v1/health`` needs ``Authorization: Api-Key <key>``. Errors are
 JSON ``{"error": ..., "code": ...}`` with the status of the KingpostError raised.
 """
 
@@ -46,6 +46,7 @@ from kingpost.api.schemas import (
 )
 from kingpost.api.webhooks import webhook_routes
 from kingpost.config._yaml import format_path
+from kingpost.console import console_routes
 from kingpost.controller.loop import Controller
 from kingpost.controller.specs import missing_secrets
 from kingpost.engines.registry import EngineKind, engine_kind
@@ -159,6 +160,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     log_routes(router, plane)
     gpu_routes(router, plane)
     app.include_router(router)
+    console_routes(app, plane)  # the web console at /console: pages over this same API
     return app
 
 

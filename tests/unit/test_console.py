@@ -1,0 +1,226 @@
+"""The web console in-process (FastAPI TestClient over the real API app and SQLite):
+sessions, CSRF, sign-in and sign-out, and that actions go through the API's own rules."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from kingpost.api import ControlPlane, create_app
+from kingpost.console.sessions import ConsoleSessions, csrf_matches
+from kingpost.console.web import _safe_next
+from kingpost.controller.loop import Controller
+from kingpost.serve import bootstrap
+from kingpost.settings import Settings
+from kingpost.store import NewDeployment, Store
+from kingpost.store.models import ConsoleSession
+
+
+@dataclass
+class Console:
+    client: TestClient
+    key: str
+    store: Store
+    settings: Settings
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Console]:
+    settings = Settings(home=tmp_path / "home")
+    store = bootstrap(settings, lambda _: None, show_key=False)
+    key = (settings.home / "credentials").read_text().strip()
+    plane = ControlPlane(settings, store, Controller(settings, store))
+    with TestClient(create_app(plane)) as client:
+        yield Console(client, key, store, settings)
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html
+    return found.group(1)
+
+
+def sign_in(c: Console, key: str | None = None) -> str:
+    """Sign in through the form; the page's CSRF token."""
+    page = c.client.get("/console/sign-in")
+    r = c.client.post(
+        "/console/sign-in",
+        data={"csrf": _csrf(page.text), "api_key": key or c.key, "next": "/console/"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    return _csrf(c.client.get("/console/secrets").text)
+
+
+def test_root_and_pages_lead_to_sign_in_without_a_session(console: Console) -> None:
+    r = console.client.get("/", follow_redirects=True)
+    assert r.url.path == "/console/sign-in"
+    r = console.client.get("/console/secrets", follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/sign-in?next=/console/secrets"
+    # A page's script polling with no session learns where to sign in, as JSON.
+    r = console.client.get("/console/data/models", headers={"X-Requested-With": "fetch"})
+    assert r.status_code == 401 and r.json()["sign_in"].startswith("/console/sign-in")
+
+
+def test_sign_in_gives_an_http_only_strict_cookie_and_never_the_key(console: Console) -> None:
+    page = console.client.get("/console/sign-in")
+    r = console.client.post(
+        "/console/sign-in",
+        data={"csrf": _csrf(page.text), "api_key": console.key, "next": "/console/secrets"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/console/secrets"
+    cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("kingpost_console="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
+    assert "Secure" not in cookie  # plain http here; over TLS it is set
+    assert console.key not in cookie and console.key not in r.text
+    session_id = cookie.split(";")[0].split("=", 1)[1]
+    html = console.client.get("/console/").text
+    assert console.key not in html and "Sign out" in html
+    with console.store.db.session() as s:  # the database holds a hash, and the key sealed
+        row = s.scalars(select(ConsoleSession)).one()
+        assert row.id_hash != session_id and session_id not in row.id_hash
+        assert console.key.encode() not in row.key_ciphertext
+
+
+def test_a_wrong_key_and_an_invoke_key_are_refused_with_the_apis_message(
+    console: Console,
+) -> None:
+    page = console.client.get("/console/sign-in")
+    r = console.client.post(
+        "/console/sign-in", data={"csrf": _csrf(page.text), "api_key": "kp_wrong"}
+    )
+    assert r.status_code == 401 and "Sign-in refused: unknown API key" in r.text
+    console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    )
+    _, invoke = console.store.create_api_key("caller", "invoke", ["m"])  # type: ignore[arg-type]
+    r = console.client.post("/console/sign-in", data={"csrf": _csrf(r.text), "api_key": invoke})
+    assert r.status_code == 403 and "is invoke-only" in r.text
+    assert console.client.get("/console/", follow_redirects=False).status_code == 303
+
+
+def test_sign_in_without_its_csrf_token_is_refused(console: Console) -> None:
+    console.client.get("/console/sign-in")
+    r = console.client.post("/console/sign-in", data={"csrf": "forged", "api_key": console.key})
+    assert r.status_code == 403 and "CSRF" in r.text
+    assert console.client.get("/console/", follow_redirects=False).status_code == 303
+
+
+def test_state_changes_need_the_sessions_csrf_token(console: Console) -> None:
+    token = sign_in(console)
+    for data in ({"name": "tok", "value": "v"}, {"name": "tok", "value": "v", "csrf": "x"}):
+        r = console.client.post("/console/secrets", data=data)
+        assert r.status_code == 403 and "CSRF" in r.text
+    assert console.store.list_secrets() == []
+    r = console.client.post(
+        "/console/secrets", data={"name": "tok", "value": "v-9931", "csrf": token}
+    )
+    assert r.status_code == 200 and "secret tok set" in r.text and "v-9931" not in r.text
+    assert [s.name for s in console.store.list_secrets()] == ["tok"]
+    # The playground's fetch carries the token in a header; without it nothing is sent.
+    r = console.client.post("/console/models/m/deployments/d/predict", json={})
+    assert r.status_code == 403
+
+
+def test_a_bad_secret_name_shows_the_apis_message_beside_the_field(console: Console) -> None:
+    token = sign_in(console)
+    r = console.client.post(
+        "/console/secrets", data={"name": "bad name!", "value": "hidden-77", "csrf": token}
+    )
+    assert r.status_code == 400
+    error = re.search(r'id="secret-name-error">([^<]+)<', r.text)
+    assert error and "bad name!" in error.group(1)
+    assert 'value="bad name!"' in r.text and "hidden-77" not in r.text
+
+
+def test_autoscaling_form_shows_the_apis_validation_beside_the_field(console: Console) -> None:
+    console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    )
+    token = sign_in(console)
+    url = "/console/models/m/environments/production/autoscaling"
+    r = console.client.post(url, data={"csrf": token, "min_replica": "two", "max_replica": "3"})
+    assert r.status_code == 400
+    assert re.search(r'id="as-min_replica-error">[^<]*valid integer[^<]*two', r.text), r.text
+    assert 'value="two"' in r.text and 'value="3"' in r.text  # nothing typed is lost
+    r = console.client.post(url, data={"csrf": token, "min_replica": "0", "max_replica": "3"})
+    assert r.status_code == 200, r.text
+    env = console.store.get_environment("m", "production")
+    assert env.autoscaling_settings and env.autoscaling_settings["max_replica"] == 3
+
+
+def test_an_action_the_api_refuses_shows_its_message(console: Console) -> None:
+    dep = console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    )
+    token = sign_in(console)
+    r = console.client.post(f"/console/models/m/deployments/{dep.id}/delete", data={"csrf": token})
+    assert r.status_code == 409 and "production" in r.text  # the API's own refusal
+    assert console.store.get_deployment(dep.id).desired_state == "active"
+    r = console.client.post(
+        f"/console/models/m/deployments/{dep.id}/promote",
+        data={"csrf": token, "environment": "Bad Env"},
+    )
+    assert r.status_code == 400 and "Bad Env" in r.text
+
+
+def test_sign_out_ends_the_session_at_once_and_a_restart_keeps_it(
+    console: Console, tmp_path: Path
+) -> None:
+    token = sign_in(console)
+    cookie = console.client.cookies.get("kingpost_console")
+    # Another app over the same database (a restarted control plane) knows the session.
+    settings, store = console.settings, console.store
+    plane = ControlPlane(settings, store, Controller(settings, store))
+    with TestClient(create_app(plane)) as other:
+        other.cookies.set("kingpost_console", cookie or "", path="/console")
+        assert other.get("/console/secrets", follow_redirects=False).status_code == 200
+    r = console.client.post("/console/sign-out", data={"csrf": token}, follow_redirects=False)
+    assert r.status_code == 303
+    console.client.cookies.set("kingpost_console", cookie or "", path="/console")
+    assert console.client.get("/console/", follow_redirects=False).status_code == 303
+
+
+def test_a_revoked_key_ends_its_sessions(console: Console) -> None:
+    _, second = console.store.create_api_key("second")
+    sign_in(console, second)
+    assert console.client.get("/console/", follow_redirects=False).status_code == 200
+    console.store.revoke_api_key(second[:12])
+    r = console.client.get("/console/", follow_redirects=False)
+    assert r.status_code == 303 and "/console/sign-in" in r.headers["location"]
+    with console.store.db.session() as s:
+        assert s.scalars(select(ConsoleSession)).all() == []
+
+
+def test_sessions_expire_and_end(console: Console) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    sessions = ConsoleSessions(console.store.db, console.store.box, 60, now=lambda: now[0])
+    sid, info = sessions.create("kp_thekey", "kp_thekey")
+    got = sessions.get(sid)
+    assert got is not None and got.api_key == "kp_thekey" and got.csrf_token == info.csrf_token
+    assert sessions.get(sid + "x") is None and sessions.get(None) is None
+    now[0] += timedelta(seconds=59)
+    assert sessions.get(sid) is not None
+    now[0] += timedelta(seconds=1)
+    assert sessions.get(sid) is None  # expired at its ttl, and its row removed
+    sid2, _ = sessions.create("kp_other", "kp_other")
+    sessions.end(sid2)
+    assert sessions.get(sid2) is None
+
+
+def test_csrf_and_next_checks() -> None:
+    assert csrf_matches("abc", "abc")
+    assert not csrf_matches("abc", "abd") and not csrf_matches("abc", None)
+    assert not csrf_matches("", "")
+    assert _safe_next("/console/models/m") == "/console/models/m"
+    for bad in ("https://evil.example/", "//evil.example/console/", "/console//x", "/v1/x", None):
+        assert _safe_next(bad) == "/console/"
