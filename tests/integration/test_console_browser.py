@@ -173,6 +173,12 @@ def test_promote_and_watch_the_environment_change(
         timeout=60_000,
     )
     check_page(page, shots, "model")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing runs off
+    try:
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+        check_page(page, shots, "model-phone")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 860})
 
 
 def test_deactivate_and_its_route_answers_404(
@@ -211,6 +217,10 @@ def test_playground_and_following_logs(
         f" return t && t.split('\\n').every(l => l.includes('{rid}')); }}"
     )
     assert SECRET not in page.content()
+    # The charts' source: the platform's counters for this deployment, by name.
+    figures = page.request.get("/console/figures?model=logs-secret&deployment=blue").json()
+    assert figures["requests"] >= 1 and figures["ready"] == 1
+    page.wait_for_function("() => document.getElementById('chart-ready-now').textContent === '1'")
     check_page(page, shots, "deployment")
 
 

@@ -224,3 +224,33 @@ def test_csrf_and_next_checks() -> None:
     assert _safe_next("/console/models/m") == "/console/models/m"
     for bad in ("https://evil.example/", "//evil.example/console/", "/console//x", "/v1/x", None):
         assert _safe_next(bad) == "/console/"
+
+
+def test_figures_sum_a_models_and_a_deployments_counters() -> None:
+    from kingpost.console.figures import totals, totals_by_model
+    from kingpost.metrics.summary import parse
+
+    text = "\n".join(
+        [
+            "# TYPE kingpost_requests_total counter",
+            'kingpost_requests_total{model="m",deployment="a",environment="",code_class="2xx"} 5',
+            'kingpost_requests_total{model="m",deployment="a",environment="",code_class="5xx"} 2',
+            'kingpost_requests_total{model="m",deployment="b",environment="",code_class="2xx"} 3',
+            'kingpost_requests_total{model="n",deployment="a",environment="",code_class="2xx"} 9',
+            "# TYPE kingpost_replicas gauge",
+            'kingpost_replicas{model="m",deployment="a",environment="",state="ready"} 2',
+            'kingpost_replicas{model="m",deployment="a",environment="",state="starting"} 1',
+            "# TYPE kingpost_request_duration_seconds histogram",
+            'kingpost_request_duration_seconds_bucket{model="m",deployment="a",le="0.1"} 4',
+            'kingpost_request_duration_seconds_bucket{model="m",deployment="a",le="+Inf"} 7',
+            'kingpost_request_duration_seconds_count{model="m",deployment="a"} 7',
+            'kingpost_request_duration_seconds_sum{model="m",deployment="a"} 1.0',
+            "",
+        ]
+    )
+    samples = parse(text)
+    a = totals(samples, "m", "a").to_json()
+    assert (a["requests"], a["errors"], a["ready"]) == (7, 2, 2)
+    assert a["buckets"] == [[0.1, 4], [None, 7]]  # +Inf as null: JSON has no infinity
+    assert totals(samples, "m").requests == 10
+    assert {k: v.requests for k, v in totals_by_model(samples).items()} == {"m": 10, "n": 9}

@@ -63,9 +63,9 @@ class ApiCaller:
         self._app = app
         self._key = api_key
 
-    async def call(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
-    ) -> ApiResult:
+    async def _send(
+        self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None
+    ) -> httpx.Response:
         transport = httpx.ASGITransport(app=self._app)
         async with httpx.AsyncClient(
             transport=transport,
@@ -74,8 +74,17 @@ class ApiCaller:
             timeout=60,
         ) as client:
             clean = {k: v for k, v in (params or {}).items() if v not in (None, "")}
-            resp = await client.request(method, path, json=json, params=clean)
-        return _result(resp)
+            return await client.request(method, path, json=json, params=clean)
+
+    async def call(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+    ) -> ApiResult:
+        return _result(await self._send(method, path, json, params))
+
+    async def text(self, path: str) -> tuple[int, str]:
+        """A GET of a route that answers text (``/metrics``): its status and body."""
+        resp = await self._send("GET", path)
+        return resp.status_code, resp.text
 
     async def get(self, path: str, **params: Any) -> ApiResult:
         return await self.call("GET", path, params=params)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from kingpost.console.apicall import ApiResult
+from kingpost.console.figures import totals_by_model
 from kingpost.console.web import ROOT, Console, Ctx
 
 __all__ = ["page_routes"]
@@ -88,11 +89,21 @@ def _model_pages(router: APIRouter, console: Console) -> None:
         except _ApiFailed as exc:
             return _failed(console, ctx, exc)
         by_id = {d["id"]: d for d in deployments}
+        samples = await console.samples(ctx)
+        figures = totals_by_model(samples) if samples is not None else {}
         rows = []
         for m in listed:
             envs = await _need(console, ctx, f"/v1/models/{_q(m['id'])}/environments")
             mine = [d for d in deployments if d["model_id"] == m["id"]]
-            rows.append({"model": m, "environments": envs, "deployments": mine, "by_id": by_id})
+            rows.append(
+                {
+                    "model": m,
+                    "environments": envs,
+                    "deployments": mine,
+                    "by_id": by_id,
+                    "figures": figures.get(m["name"]),
+                }
+            )
         return console.page(ctx, "models.html", rows=rows, title="Models")
 
     async def model_page(

@@ -26,6 +26,7 @@ from kingpost.console.sessions import ConsoleSessions, SessionInfo, csrf_matches
 
 if TYPE_CHECKING:
     from kingpost.api.app import ControlPlane
+    from kingpost.metrics.summary import Samples
 
 __all__ = ["COOKIE", "Console", "Ctx", "console_routes"]
 
@@ -104,6 +105,15 @@ class Console:
         if not csrf_matches(ctx.session.csrf_token, fields.pop("csrf", None)):
             raise CsrfRefused
         return ctx, fields
+
+    async def samples(self, ctx: Ctx) -> Samples | None:
+        """One scrape of the API's ``/metrics``, parsed; None when it failed."""
+        from kingpost.metrics.summary import parse
+
+        status, text = await ctx.api.text("/metrics")
+        if status == 401:
+            self.check_api(ctx, ApiResult(status, None))
+        return parse(text) if status == 200 else None
 
     def check_api(self, ctx: Ctx, result: ApiResult) -> ApiResult:
         """An API answer of 401 means the key is gone (revoked): the session ends too."""
@@ -249,6 +259,18 @@ def _data_routes(router: APIRouter, console: Console) -> None:
             ctx, await ctx.api.get(f"/v1/{path}", **dict(request.query_params))
         )
         return JSONResponse(result.data, status_code=result.status)
+
+    @router.get("/figures")
+    async def figures(request: Request, model: str, deployment: str | None = None) -> Response:
+        """Running request totals of a model (or one deployment; both by name) from the
+        platform's ``/metrics``; the page's script charts the change between polls."""
+        from kingpost.console.figures import totals
+
+        ctx = console.ctx(request)
+        samples = await console.samples(ctx)
+        if samples is None:
+            return JSONResponse({"error": "the platform's metrics are unavailable"}, 503)
+        return JSONResponse({"t": time.time(), **totals(samples, model, deployment).to_json()})
 
     @router.post("/models/{model}/deployments/{dep}/predict")
     async def playground(model: str, dep: str, request: Request) -> Response:

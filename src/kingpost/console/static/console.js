@@ -91,7 +91,7 @@
     const dep = logs.dataset.deployment;
     const load = async () => {
       const params = new URLSearchParams({ deployment: dep, limit: "300" });
-      for (const name of ["level", "search", "request_id"]) {
+      for (const name of ["level", "source", "search", "request_id"]) {
         const v = logs.elements[name].value.trim();
         if (v) { params.set(name, v); }
       }
@@ -113,6 +113,75 @@
     logs.addEventListener("submit", (ev) => { ev.preventDefault(); load(); });
     load();
     every(1500, async () => { if (logs.elements.follow.checked) { await load(); } });
+  }
+
+  // Charts: two polls of the running totals make one point (a rate, a share, p50/p99).
+  function quantile(q, buckets) {  // buckets: [[le or null for +Inf, cumulative count]]
+    if (!buckets.length) { return null; }
+    const total = buckets[buckets.length - 1][1];
+    if (total <= 0) { return null; }
+    const rank = q * total;
+    let lower = 0, below = 0;
+    for (const [le, count] of buckets) {
+      if (count >= rank) {
+        if (le === null) { return lower; }
+        if (count === below) { return le; }
+        return lower + (le - lower) * (rank - below) / (count - below);
+      }
+      lower = le; below = count;
+    }
+    return null;
+  }
+
+  function draw(id, series, unit) {
+    const svg = document.getElementById("chart-" + id);
+    const all = series.flat().filter((v) => v !== null);
+    const top = Math.max(1e-9, ...all) * 1.1;
+    svg.replaceChildren();
+    series.forEach((points, i) => {
+      const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+      line.setAttribute("class", "s" + i);
+      const step = 300 / 59;
+      const offset = 60 - points.length;
+      line.setAttribute("points", points.map((v, n) =>
+        ((offset + n) * step).toFixed(1) + "," + (80 - ((v || 0) / top) * 76).toFixed(1)).join(" "));
+      svg.appendChild(line);
+    });
+    const now = series.map((s) => s.length ? s[s.length - 1] : null)
+      .map((v) => (v === null ? "–" : (Math.round(v * 100) / 100) + unit)).join(" / ");
+    document.getElementById("chart-" + id + "-now").textContent = now;
+    svg.setAttribute("aria-label", svg.getAttribute("aria-label").split(":")[0] + ": now " + now);
+  }
+
+  const charts = document.getElementById("charts");
+  if (charts) {
+    const params = new URLSearchParams({ model: charts.dataset.model, deployment: charts.dataset.deployment });
+    const data = { rps: [], p50: [], p99: [], errors: [], ready: [] };
+    let last = null;
+    const push = (name, v) => { data[name].push(v); if (data[name].length > 60) { data[name].shift(); } };
+    const poll = async () => {
+      const resp = await fetch(root + "/figures?" + params, { headers: { "X-Requested-With": "fetch" } });
+      if (!resp.ok) { return; }
+      const cur = await resp.json();
+      if (last) {
+        const dt = Math.max(0.001, cur.t - last.t);
+        const prev = new Map(last.buckets.map(([le, n]) => [le, n]));
+        const delta = cur.buckets.map(([le, n]) => [le, n - (prev.get(le) || 0)]);
+        const ms = (v) => (v === null ? null : v * 1000);
+        push("rps", Math.max(0, cur.requests - last.requests) / dt);
+        push("errors", Math.max(0, cur.errors - last.errors) / dt);
+        push("p50", ms(quantile(0.5, delta)));
+        push("p99", ms(quantile(0.99, delta)));
+        push("ready", cur.ready);
+        draw("rps", [data.rps], "");
+        draw("latency", [data.p50, data.p99], " ms");
+        draw("errors", [data.errors], "");
+        draw("ready", [data.ready], "");
+      }
+      last = cur;
+    };
+    poll();
+    every(2000, poll);
   }
 
   const play = document.getElementById("playground");
