@@ -26,6 +26,7 @@ from helpers.platform import REPO, Platform, wait_answer
 
 CHROMIUM = Path("/usr/bin/chromium")
 FIXTURE = REPO / "tests" / "fixtures" / "models" / "logs_secret"
+STREAM = REPO / "tests" / "fixtures" / "models" / "console_stream"
 AXE = REPO / "tests" / "vendor" / "axe-core" / "axe.min.js"
 SECRET = "console-PLANTED-secret-4412"
 if not CHROMIUM.exists():
@@ -113,7 +114,9 @@ def test_a_wrong_key_is_refused_then_the_right_one_signs_in(
     alert = page.get_by_role("alert")
     assert "unknown API key" in alert.inner_text()
     assert page.get_by_label("API key").input_value() == ""  # the key is not sent back
-    sign_in(page, platform.api_key)
+    # By keyboard: the key field has the focus again, Enter submits.
+    page.keyboard.type(platform.api_key)
+    page.keyboard.press("Enter")
     page.get_by_role("heading", name="Models").wait_for()
     assert platform.api_key not in page.content()
     assert page.evaluate("() => document.cookie") == ""  # HttpOnly: no script sees it
@@ -148,9 +151,15 @@ def test_a_pushed_model_shows_with_its_environment(
     with platform.client() as c:
         first = c.push(FIXTURE)
         second = c.push(FIXTURE, deployment_name="blue", labels={"team": "ml"})
-    state.update(model=first["model"]["id"], first=first["deployment"], second=second["deployment"])
-    platform.wait_status(first["deployment"]["id"], "ACTIVE", timeout=120)
-    platform.wait_status(second["deployment"]["id"], "ACTIVE", timeout=120)
+        stream = c.push(STREAM)
+    state.update(
+        model=first["model"]["id"],
+        first=first["deployment"],
+        second=second["deployment"],
+        stream=stream,
+    )
+    for pushed in (first, second, stream):
+        platform.wait_status(pushed["deployment"]["id"], "ACTIVE", timeout=120)
     page.get_by_role("link", name="Models").click()
     row = page.get_by_role("row", name=re.compile("logs-secret"))
     assert "production" in row.inner_text() and "deployment-1" in row.inner_text()
@@ -222,6 +231,26 @@ def test_playground_and_following_logs(
     assert figures["requests"] >= 1 and figures["ready"] == 1
     page.wait_for_function("() => document.getElementById('chart-ready-now').textContent === '1'")
     check_page(page, shots, "deployment")
+
+
+def test_a_streamed_answer_shows_as_it_arrives(page: Any, state: dict[str, Any]) -> None:
+    stream = state["stream"]
+    page.goto(f"/console/models/{stream['model']['id']}/deployments/{stream['deployment']['id']}")
+    page.get_by_label("Request body (JSON)").fill('{"n": 3, "gap_s": 0.6}')
+    page.get_by_role("button", name="Send").click()
+    # The first chunk is on the page while the answer is still coming (no time yet).
+    page.wait_for_function("() => document.getElementById('play-out').textContent === 'chunk-0;'")
+    assert page.locator("#play-time").inner_text() == "\N{EN DASH}"
+    page.wait_for_function("() => document.getElementById('play-time').textContent.endsWith('ms')")
+    assert page.locator("#play-out").inner_text() == "chunk-0;chunk-1;chunk-2;"
+    assert page.locator("#play-status").inner_text().startswith("200")
+
+
+def test_the_accessibility_check_finds_what_it_should(page: Any, shots: list[Path]) -> None:
+    """The checker itself: a page with an unlabelled field fails it."""
+    page.set_content('<main><input id="x"></main>')
+    with pytest.raises(AssertionError, match="label"):
+        check_page(page, shots, "not-a-page")
 
 
 def test_environment_page_shows_the_apis_validation_beside_the_field(
