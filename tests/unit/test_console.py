@@ -254,3 +254,38 @@ def test_figures_sum_a_models_and_a_deployments_counters() -> None:
     assert a["buckets"] == [[0.1, 4], [None, 7]]  # +Inf as null: JSON has no infinity
     assert totals(samples, "m").requests == 10
     assert {k: v.requests for k, v in totals_by_model(samples).items()} == {"m": 10, "n": 9}
+
+
+def test_a_deployment_page_shows_its_config_from_the_api_escaped(console: Console) -> None:
+    config = {"model_name": "m", "model_metadata": {"note": "<script>alert(1)</script>"}}
+    dep = console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config=config, engine="process")
+    )
+    r = console.client.get(
+        f"/v1/models/m/deployments/{dep.id}/config",
+        headers={"Authorization": f"Api-Key {console.key}"},
+    )
+    assert r.status_code == 200 and r.json() == config
+    sign_in(console)
+    html = console.client.get(f"/console/models/m/deployments/{dep.id}").text
+    assert '<span class="k">model_metadata</span>:' in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html
+
+
+def test_api_keys_are_shown_once_and_the_last_admin_key_is_kept(console: Console) -> None:
+    token = sign_in(console)
+    r = console.client.post(
+        "/console/api-keys", data={"csrf": token, "name": "ci", "type": "WORKSPACE_MANAGE_ALL"}
+    )
+    assert r.status_code == 201
+    created = re.search(r"(kp_[A-Za-z0-9_-]{20,})", r.text)
+    assert created and console.store.find_api_key(created.group(1)) is not None
+    assert created.group(1) not in console.client.get("/console/api-keys").text
+    r = console.client.post(
+        "/console/api-keys", data={"csrf": token, "name": "x", "type": "WORKSPACE_INVOKE"}
+    )
+    assert r.status_code == 400 and 'id="key-models-error"' in r.text  # the API's rule
+    own = console.key[:12]
+    console.store.revoke_api_key(created.group(1)[:12])
+    r = console.client.post(f"/console/api-keys/{own}/revoke", data={"csrf": token})
+    assert r.status_code == 409 and "last admin key" in r.text

@@ -356,6 +356,11 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     def get_deployment_by_id(dep: str) -> DeploymentOut:
         return describe(plane, store.get_deployment(dep))
 
+    @router.get("/models/{model}/deployments/{dep}/config")
+    def get_deployment_config(model: str, dep: str) -> dict[str, Any]:
+        """The deployment's config.yaml as parsed at its push (what the web console shows)."""
+        return store.get_deployment(dep, model).config
+
     def desire(model: str, dep: str, state: DesiredState) -> DeploymentOut:
         out = DeploymentOut.of(store.set_desired(dep, state, model))
         changed()

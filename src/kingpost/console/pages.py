@@ -237,10 +237,18 @@ def _deployment_pages(router: APIRouter, console: Console) -> None:
         try:
             m = await _need(console, ctx, f"/v1/models/{_q(model)}")
             d = await _need(console, ctx, f"/v1/models/{_q(model)}/deployments/{_q(dep)}")
+            config = await _need(
+                console, ctx, f"/v1/models/{_q(model)}/deployments/{_q(dep)}/config"
+            )
         except _ApiFailed as exc:
             return _failed(console, ctx, exc)
         return console.page(
-            ctx, "deployment.html", model=m, dep=d, title=f"{m['name']} / {d['name']}"
+            ctx,
+            "deployment.html",
+            model=m,
+            dep=d,
+            config=config,
+            title=f"{m['name']} / {d['name']}",
         )
 
 

@@ -7,6 +7,7 @@ through :class:`~kingpost.console.apicall.ApiCaller` (the API itself) and the ga
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import httpx
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
@@ -75,6 +77,7 @@ class Console:
             autoescape=select_autoescape(default=True),
         )
         self.env.globals["root"] = ROOT
+        self.env.filters["yaml"] = yaml_html
 
     def render(self, template: str, status: int = 200, **context: Any) -> Response:
         html = self.env.get_template(template).render(**context)
@@ -121,6 +124,31 @@ class Console:
             self.sessions.end(ctx.request.cookies.get(COOKIE))
             raise NeedSignIn(ctx.request.url.path)
         return result
+
+
+_YAML_KEY = re.compile(r"^(\s*(?:- )?)([^\s:#'\"][^:#]*?)(:)(\s|$)")
+
+
+def yaml_html(document: Any) -> Markup:
+    """``document`` as YAML, escaped, its keys in ``<span class="k">`` for the eye."""
+    import yaml
+
+    text = yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=100)
+    lines = []
+    for line in text.splitlines():
+        m = _YAML_KEY.match(line)
+        if m:
+            rest = line[m.end(3) :]
+            lines.append(
+                escape(m.group(1))
+                + Markup('<span class="k">')
+                + escape(m.group(2))
+                + Markup("</span>:")
+                + escape(rest)
+            )
+        else:
+            lines.append(escape(line))
+    return Markup("\n").join(lines)
 
 
 def _safe_next(value: str | None) -> str:
