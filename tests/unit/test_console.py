@@ -83,8 +83,10 @@ def test_sign_in_gives_an_http_only_strict_cookie_and_never_the_key(console: Con
     assert "Secure" not in cookie  # plain http here; over TLS it is set
     assert console.key not in cookie and console.key not in r.text
     session_id = cookie.split(";")[0].split("=", 1)[1]
-    html = console.client.get("/console/").text
-    assert console.key not in html and "Sign out" in html
+    page = console.client.get("/console/")
+    assert console.key not in page.text and "Sign out" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
     with console.store.db.session() as s:  # the database holds a hash, and the key sealed
         row = s.scalars(select(ConsoleSession)).one()
         assert row.id_hash != session_id and session_id not in row.id_hash

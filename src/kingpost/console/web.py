@@ -43,6 +43,14 @@ _CSP = (
 )
 
 
+_PAGE_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
 class NeedSignIn(Exception):
     """No live session: the browser goes to sign-in, and back to ``next_path`` after."""
 
@@ -81,7 +89,7 @@ class Console:
 
     def render(self, template: str, status: int = 200, **context: Any) -> Response:
         html = self.env.get_template(template).render(**context)
-        return Response(html, status_code=status, media_type="text/html")
+        return Response(html, status_code=status, media_type="text/html", headers=_PAGE_HEADERS)
 
     def page(self, ctx: Ctx, template: str, status: int = 200, **context: Any) -> Response:
         return self.render(
@@ -178,17 +186,6 @@ def console_routes(app: FastAPI, plane: ControlPlane) -> Console:
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse(ROOT + "/", status_code=307)
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Any) -> Response:
-        resp: Response = await call_next(request)
-        if request.url.path.startswith(ROOT):
-            resp.headers.setdefault("Content-Security-Policy", _CSP)
-            resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-            resp.headers.setdefault("Referrer-Policy", "same-origin")
-            if not request.url.path.startswith(f"{ROOT}/static"):
-                resp.headers.setdefault("Cache-Control", "no-store")
-        return resp
 
     return console
 
