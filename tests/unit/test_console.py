@@ -291,3 +291,27 @@ def test_api_keys_are_shown_once_and_the_last_admin_key_is_kept(console: Console
     console.store.revoke_api_key(created.group(1)[:12])
     r = console.client.post(f"/console/api-keys/{own}/revoke", data={"csrf": token})
     assert r.status_code == 409 and "last admin key" in r.text
+
+
+def test_promotion_settings_form_keeps_what_was_typed_and_names_the_rule(
+    console: Console,
+) -> None:
+    console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    )
+    token = sign_in(console)
+    url = "/console/models/m/environments/production/promotion"
+    r = console.client.post(url, data={"csrf": token, "rolling_deploy": "on"})
+    assert r.status_code == 400
+    assert re.search(r'id="pr-max_surge_percent-error">[^<]*exactly one', r.text), r.text
+    assert re.search(r'id="pr-rolling_deploy" name="rolling_deploy" checked', r.text)
+    r = console.client.post(url, data={"csrf": token, "ready_timeout_seconds": "soon"})
+    assert r.status_code == 400 and 'value="soon"' in r.text
+    assert re.search(r'id="pr-ready_timeout_seconds-error">[^<]*soon', r.text), r.text
+    r = console.client.post(
+        url, data={"csrf": token, "rolling_deploy": "on", "max_surge_percent": "50"}
+    )
+    assert r.status_code == 200, r.text
+    stored = console.store.get_environment("m", "production").promotion_settings
+    assert stored["rolling_deploy"] is True
+    assert stored["rolling_deploy_config"]["max_surge_percent"] == 50

@@ -37,6 +37,50 @@ AUTOSCALING_FIELDS = (
     ("max_scale_down_rate", "Max scale-down rate"),
 )
 
+PROMOTION_NUMBERS = (
+    ("ready_timeout_seconds", "Ready timeout (s)", False),
+    ("ramp_up_duration_seconds", "Canary ramp-up duration (s)", False),
+    ("max_surge_percent", "Max surge (%)", True),
+    ("max_unavailable_percent", "Max unavailable (%)", True),
+    ("stabilization_time_seconds", "Stabilization time (s)", True),
+    ("replica_overhead_percent", "Replica overhead (%)", True),
+)
+"""Form field, label, and whether it sits in ``rolling_deploy_config``."""
+PROMOTION_FLAGS = (
+    ("rolling_deploy", "Rolling promotion (in steps)"),
+    ("ramp_up_while_promoting", "Canary (move traffic over the ramp-up duration)"),
+)
+
+
+def _number(raw: str) -> Any:
+    """A number as one; anything else as typed, for the API to name in its message."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _promotion_body(fields: dict[str, str]) -> dict[str, Any]:
+    body: dict[str, Any] = {name: name in fields for name, _ in PROMOTION_FLAGS}
+    config: dict[str, Any] = {}
+    for name, _, nested in PROMOTION_NUMBERS:
+        raw = fields.get(name, "").strip()
+        if raw:
+            (config if nested else body)[name] = _number(raw)
+    body["rolling_deploy_config"] = config
+    return body
+
+
+def _promotion_values(settings: dict[str, Any]) -> dict[str, str]:
+    config = settings.get("rolling_deploy_config") or {}
+    values = {name: "on" if settings.get(name) else "" for name, _ in PROMOTION_FLAGS}
+    for name, _, nested in PROMOTION_NUMBERS:
+        value = (config if nested else settings).get(name)
+        values[name] = "" if value is None else str(value)
+    return values
+
 
 def _q(part: str) -> str:
     return quote(part, safe="")
@@ -179,6 +223,7 @@ def _environment_pages(router: APIRouter, console: Console) -> None:
             return _failed(console, ctx, exc)
         current = (e.get("autoscaling_settings") or (dep or {}).get("autoscaling_settings")) or {}
         values = {k: str(current.get(k, "")) for k, _ in AUTOSCALING_FIELDS}
+        values.update(_promotion_values(e.get("promotion_settings") or {}))
         values.update(typed or {})
         return console.page(
             ctx,
@@ -188,6 +233,8 @@ def _environment_pages(router: APIRouter, console: Console) -> None:
             env=e,
             dep=dep,
             fields=AUTOSCALING_FIELDS,
+            promotion_numbers=PROMOTION_NUMBERS,
+            promotion_flags=PROMOTION_FLAGS,
             values=values,
             errors=errors or {},
             error=error,
@@ -216,6 +263,19 @@ def _environment_pages(router: APIRouter, console: Console) -> None:
             return await env_page(
                 ctx, model, env, result.status, result.fields, typed, result.error
             )
+        return _back(f"{ROOT}/models/{_q(model)}/environments/{_q(env)}", result.data["message"])
+
+    @router.post("/models/{model}/environments/{env}/promotion")
+    async def env_promotion(model: str, env: str, request: Request) -> Response:
+        ctx, fields = await console.form(request)
+        path = f"/v1/models/{_q(model)}/environments/{_q(env)}"
+        body = {"promotion_settings": _promotion_body(fields)}
+        result = console.check_api(ctx, await ctx.api.call("PATCH", path, json=body))
+        if not result.ok:
+            typed = {name: fields.get(name, "") for name, _, _ in PROMOTION_NUMBERS}
+            typed.update({name: fields.get(name, "") for name, _ in PROMOTION_FLAGS})
+            errors = _errors(result, "rolling_deploy", rolling_deploy_config="max_surge_percent")
+            return await env_page(ctx, model, env, result.status, errors, typed, result.error)
         return _back(f"{ROOT}/models/{_q(model)}/environments/{_q(env)}", result.data["message"])
 
     @router.post("/models/{model}/environments/{env}/rollout/{action}")
