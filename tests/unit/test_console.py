@@ -3,6 +3,7 @@ sessions, CSRF, sign-in and sign-out, and that actions go through the API's own 
 
 from __future__ import annotations
 
+import html as html_text
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -315,3 +316,30 @@ def test_promotion_settings_form_keeps_what_was_typed_and_names_the_rule(
     stored = console.store.get_environment("m", "production").promotion_settings
     assert stored["rolling_deploy"] is True
     assert stored["rolling_deploy_config"]["max_surge_percent"] == 50
+
+
+def test_rename_and_labels_go_through_the_api_and_keep_what_was_typed(console: Console) -> None:
+    dep = console.store.create_deployment(
+        NewDeployment(
+            model_name="m", project_hash="a" * 64, config={}, engine="process", name="old"
+        )
+    )
+    other = console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    )
+    token = sign_in(console)
+    html = console.client.get("/console/models/m").text
+    assert f'id="labels-{dep.id}" name="labels" value="{{}}"' in html
+    url = f"/console/models/m/deployments/{dep.id}/edit"
+    r = console.client.post(url, data={"csrf": token, "name": other.name, "labels": "{}"})
+    assert r.status_code == 409
+    assert f"deployment name {other.name!r} is taken" in html_text.unescape(r.text)
+    r = console.client.post(url, data={"csrf": token, "name": "new", "labels": "team=ml"})
+    assert r.status_code == 400 and "valid dictionary" in r.text
+    assert 'value="team=ml"' in r.text  # what was typed stays in the form
+    r = console.client.post(url, data={"csrf": token, "name": "new", "labels": '{"t": "a\\"b"}'})
+    assert r.status_code == 200, r.text
+    view = console.store.get_deployment(dep.id)
+    assert (view.name, view.labels) == ("new", {"t": 'a"b'})
+    assert view.updated_at == dep.updated_at  # nothing that runs changed
+    assert 'value="{&#34;t&#34;: &#34;a\\&#34;b&#34;}"' in r.text  # quotes escaped

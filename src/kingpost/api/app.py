@@ -35,6 +35,7 @@ from kingpost.api.schemas import (
     ApiKeysOut,
     ApiKeyTombstone,
     DeploymentOut,
+    DeploymentPatch,
     EnvironmentIn,
     EnvironmentOut,
     ModelOut,
@@ -355,6 +356,12 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     @router.get("/deployments/{dep}", response_model=DeploymentOut)
     def get_deployment_by_id(dep: str) -> DeploymentOut:
         return describe(plane, store.get_deployment(dep))
+
+    @router.patch("/models/{model}/deployments/{dep}", response_model=DeploymentOut)
+    def update_deployment(model: str, dep: str, body: DeploymentPatch) -> DeploymentOut:
+        """Rename and/or relabel; what runs is untouched."""
+        view = store.update_deployment(dep, model, name=body.name, labels=body.labels)
+        return describe(plane, view)
 
     @router.get("/models/{model}/deployments/{dep}/config")
     def get_deployment_config(model: str, dep: str) -> dict[str, Any]:

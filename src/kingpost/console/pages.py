@@ -8,6 +8,7 @@ was typed kept.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import quote
 
@@ -82,6 +83,18 @@ def _promotion_values(settings: dict[str, Any]) -> dict[str, str]:
     return values
 
 
+def _edit_body(fields: dict[str, str]) -> dict[str, Any]:
+    """A rename and the labels as JSON; text that is not JSON goes as typed, for the API's
+    message to name."""
+    body: dict[str, Any] = {"name": fields.get("name", "").strip()}
+    raw = fields.get("labels", "").strip() or "{}"
+    try:
+        body["labels"] = json.loads(raw)
+    except ValueError:
+        body["labels"] = raw
+    return body
+
+
 def _q(part: str) -> str:
     return quote(part, safe="")
 
@@ -151,7 +164,11 @@ def _model_pages(router: APIRouter, console: Console) -> None:
         return console.page(ctx, "models.html", rows=rows, title="Models")
 
     async def model_page(
-        ctx: Ctx, model: str, status: int = 200, errors: dict[str, str] | None = None
+        ctx: Ctx,
+        model: str,
+        status: int = 200,
+        errors: dict[str, str] | None = None,
+        typed: dict[str, dict[str, str]] | None = None,
     ) -> Response:
         try:
             m = await _need(console, ctx, f"/v1/models/{_q(model)}")
@@ -168,6 +185,7 @@ def _model_pages(router: APIRouter, console: Console) -> None:
             environments=envs,
             by_id={d["id"]: d for d in deps},
             errors=errors or {},
+            typed=typed or {},
             notice=ctx.request.query_params.get("notice", ""),
             title=m["name"],
         )
@@ -182,6 +200,8 @@ def _model_pages(router: APIRouter, console: Console) -> None:
         base = f"/v1/models/{_q(model)}/deployments/{_q(dep)}"
         if action == "delete":
             result = await ctx.api.call("DELETE", base)
+        elif action == "edit":
+            result = await ctx.api.call("PATCH", base, json=_edit_body(fields))
         elif action in _ACTIONS:
             body = {"environment": fields.get("environment", "")} if action == "promote" else None
             result = await ctx.api.call("POST", f"{base}/{_ACTIONS[action]}", json=body)
@@ -189,7 +209,8 @@ def _model_pages(router: APIRouter, console: Console) -> None:
             return console.page(ctx, "error.html", 404, title="Not found", message=action)
         console.check_api(ctx, result)
         if not result.ok:
-            return await model_page(ctx, model, result.status, {dep: result.error})
+            typed = {dep: fields} if action == "edit" else None
+            return await model_page(ctx, model, result.status, {dep: result.error}, typed)
         return _back(f"{ROOT}/models/{_q(model)}", f"{action}: {result.data['name']} done")
 
     @router.get("/models/{model}/deployments/{dep}/delete")
