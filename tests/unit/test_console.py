@@ -343,3 +343,13 @@ def test_rename_and_labels_go_through_the_api_and_keep_what_was_typed(console: C
     assert (view.name, view.labels) == ("new", {"t": 'a"b'})
     assert view.updated_at == dep.updated_at  # nothing that runs changed
     assert 'value="{&#34;t&#34;: &#34;a\\&#34;b&#34;}"' in r.text  # quotes escaped
+
+
+def test_the_read_through_answers_only_api_gets(console: Console) -> None:
+    sign_in(console)
+    assert console.client.get("/console/data/models").json() == []
+    r = console.client.get("/console/data/models/%2E%2E/%2E%2E/metrics")
+    assert r.status_code == 400 and "'..'" in r.json()["error"]
+    assert console.client.get("/console/data/nothing-here").status_code == 404
+    r = console.client.post("/console/data/secrets", json={"name": "x", "value": "y"})
+    assert r.status_code == 405 and console.store.list_secrets() == []

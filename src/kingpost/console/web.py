@@ -280,6 +280,8 @@ def _data_routes(router: APIRouter, console: Console) -> None:
     async def read_through(path: str, request: Request) -> Response:
         """What the pages poll: a GET of the API's ``/v1/{path}`` with the session's key."""
         ctx = console.ctx(request)
+        if any(part in (".", "..") for part in path.split("/")):
+            return JSONResponse({"error": f"path {path!r}: no '.' or '..' parts"}, 400)
         result = console.check_api(
             ctx, await ctx.api.get(f"/v1/{path}", **dict(request.query_params))
         )

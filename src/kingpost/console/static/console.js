@@ -141,7 +141,7 @@
     series.forEach((points, i) => {
       const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
       line.setAttribute("class", "s" + i);
-      const step = 300 / 59;
+      const step = 300 / 59;  // 60 points: 5 minutes at one per 5 s
       const offset = 60 - points.length;
       line.setAttribute("points", points.map((v, n) =>
         ((offset + n) * step).toFixed(1) + "," + (80 - ((v || 0) / top) * 76).toFixed(1)).join(" "));
@@ -181,7 +181,7 @@
       last = cur;
     };
     poll();
-    every(2000, poll);
+    every(5000, poll);  // each poll is a whole /metrics scrape: not more often than this
   }
 
   const play = document.getElementById("playground");
