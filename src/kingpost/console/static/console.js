@@ -138,14 +138,22 @@
     const all = series.flat().filter((v) => v !== null);
     const top = Math.max(1e-9, ...all) * 1.1;
     svg.replaceChildren();
+    // Bars, one slot per poll (newest at the right); a second series sits beside the first.
+    const slot = 300 / 60;
+    const width = (slot * 0.8) / series.length;
     series.forEach((points, i) => {
-      const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-      line.setAttribute("class", "s" + i);
-      const step = 300 / 59;  // 60 points: 5 minutes at one per 5 s
       const offset = 60 - points.length;
-      line.setAttribute("points", points.map((v, n) =>
-        ((offset + n) * step).toFixed(1) + "," + (80 - ((v || 0) / top) * 76).toFixed(1)).join(" "));
-      svg.appendChild(line);
+      points.forEach((v, n) => {
+        if (v === null || v === undefined) { return; }
+        const h = Math.max(1, (v / top) * 76);
+        const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+        bar.setAttribute("class", "s" + i);
+        bar.setAttribute("x", ((offset + n) * slot + slot * 0.1 + i * width).toFixed(2));
+        bar.setAttribute("y", (80 - h).toFixed(2));
+        bar.setAttribute("width", width.toFixed(2));
+        bar.setAttribute("height", h.toFixed(2));
+        svg.appendChild(bar);
+      });
     });
     const now = series.map((s) => s.length ? s[s.length - 1] : null)
       .map((v) => (v === null ? "–" : (Math.round(v * 100) / 100) + unit)).join(" / ");
