@@ -353,3 +353,26 @@ def test_the_read_through_answers_only_api_gets(console: Console) -> None:
     assert console.client.get("/console/data/nothing-here").status_code == 404
     r = console.client.post("/console/data/secrets", json={"name": "x", "value": "y"})
     assert r.status_code == 405 and console.store.list_secrets() == []
+
+
+def test_a_rollout_in_progress_shows_with_its_controls(console: Console) -> None:
+    from kingpost.store import DeploymentStatus
+
+    new = NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    first = console.store.create_deployment(new)
+    console.store.set_status(first.id, DeploymentStatus.ACTIVE)
+    second = console.store.create_deployment(new)
+    console.store.promote("m", second.id, "production")  # production serves: a rollout
+    token = sign_in(console)
+    page = console.client.get("/console/models/m/environments/production").text
+    assert "Promotion in_progress" in page or "Promotion pending" in page, page
+    for label in ("Pause", "Resume", "Cancel", "Force complete"):
+        assert f">{label}</button>" in page
+    base = "/console/models/m/environments/production/rollout"
+    r = console.client.post(f"{base}/resume", data={"csrf": token})
+    assert r.status_code == 409  # the API's refusal: nothing paused to resume
+    r = console.client.post(f"{base}/cancel", data={"csrf": token})
+    assert r.status_code == 200 and "cancel: requested" in r.text
+    rollout = console.store.latest_rollout("m", "production")
+    assert rollout is not None and rollout.requested == "cancel"
+    assert console.client.post(f"{base}/explode", data={"csrf": token}).status_code == 404
