@@ -376,3 +376,15 @@ def test_a_rollout_in_progress_shows_with_its_controls(console: Console) -> None
     rollout = console.store.latest_rollout("m", "production")
     assert rollout is not None and rollout.requested == "cancel"
     assert console.client.post(f"{base}/explode", data={"csrf": token}).status_code == 404
+
+
+def test_deleting_a_model_names_what_goes_first(console: Console) -> None:
+    new = NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    console.store.create_deployment(new)
+    token = sign_in(console)
+    page = console.client.get("/console/models/m/delete").text
+    assert "Delete model m?" in page and "1 deployment(s) (deployment-1)" in page
+    assert console.client.post("/console/models/m/delete", data={}).status_code == 403
+    r = console.client.post("/console/models/m/delete", data={"csrf": token})
+    assert r.status_code == 200 and "model m deleted" in r.text
+    assert console.store.list_models() == []

@@ -161,7 +161,8 @@ def _model_pages(router: APIRouter, console: Console) -> None:
                     "figures": figures.get(m["name"]),
                 }
             )
-        return console.page(ctx, "models.html", rows=rows, title="Models")
+        notice = ctx.request.query_params.get("notice", "")
+        return console.page(ctx, "models.html", rows=rows, notice=notice, title="Models")
 
     async def model_page(
         ctx: Ctx,
@@ -212,6 +213,26 @@ def _model_pages(router: APIRouter, console: Console) -> None:
             typed = {dep: fields} if action == "edit" else None
             return await model_page(ctx, model, result.status, {dep: result.error}, typed)
         return _back(f"{ROOT}/models/{_q(model)}", f"{action}: {result.data['name']} done")
+
+    @router.get("/models/{model}/delete")
+    async def confirm_model_delete(model: str, request: Request) -> Response:
+        ctx = console.ctx(request)
+        try:
+            m = await _need(console, ctx, f"/v1/models/{_q(model)}")
+            deps = await _need(console, ctx, f"/v1/models/{_q(model)}/deployments")
+        except _ApiFailed as exc:
+            return _failed(console, ctx, exc)
+        return console.page(ctx, "confirm_model_delete.html", model=m, deps=deps, title="Delete?")
+
+    @router.post("/models/{model}/delete")
+    async def model_delete(model: str, request: Request) -> Response:
+        ctx, _ = await console.form(request)
+        result = console.check_api(ctx, await ctx.api.call("DELETE", f"/v1/models/{_q(model)}"))
+        if not result.ok:
+            return console.page(
+                ctx, "error.html", result.status, title="Not deleted", message=result.error
+            )
+        return _back(f"{ROOT}/", f"model {result.data['name']} deleted")
 
     @router.get("/models/{model}/deployments/{dep}/delete")
     async def confirm_delete(model: str, dep: str, request: Request) -> Response:
