@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; defaults to SQLite at ``{home}/kingpost.db``."""
     api_host: str = "127.0.0.1"
     api_port: int = 8090
+    console_session_ttl: float = Field(default=43200.0, gt=0)
+    """Seconds a web console sign-in lasts (default 12 hours); then the console asks for
+    the API key again. Signing out ends it at once."""
     metrics_listen: str | None = None
     """``HOST:PORT`` where ``kingpost server`` also serves ``/metrics`` with no API key (for
     a Prometheus on a private network); ``/metrics`` on the API port always needs an admin

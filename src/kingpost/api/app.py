@@ -1,6 +1,6 @@
 """The control-plane HTTP API (FastAPI; OpenAPI at ``/docs``).
 
-Every route but ``/v1/health`` needs ``Authorization: Api-Key <key>``. Errors are
+Every ``/v1`` route but ``/v1/health`` needs ``Authorization: Api-Key <key>``. Errors are
 JSON ``{"error": ..., "code": ...}`` with the status of the KingpostError raised.
 """
 
@@ -35,6 +35,7 @@ from kingpost.api.schemas import (
     ApiKeysOut,
     ApiKeyTombstone,
     DeploymentOut,
+    DeploymentPatch,
     EnvironmentIn,
     EnvironmentOut,
     ModelOut,
@@ -46,6 +47,7 @@ from kingpost.api.schemas import (
 )
 from kingpost.api.webhooks import webhook_routes
 from kingpost.config._yaml import format_path
+from kingpost.console import console_routes
 from kingpost.controller.loop import Controller
 from kingpost.controller.specs import missing_secrets
 from kingpost.engines.registry import EngineKind, engine_kind
@@ -159,6 +161,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     log_routes(router, plane)
     gpu_routes(router, plane)
     app.include_router(router)
+    console_routes(app, plane)  # the web console at /console: pages over this same API
     return app
 
 
@@ -353,6 +356,17 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     @router.get("/deployments/{dep}", response_model=DeploymentOut)
     def get_deployment_by_id(dep: str) -> DeploymentOut:
         return describe(plane, store.get_deployment(dep))
+
+    @router.patch("/models/{model}/deployments/{dep}", response_model=DeploymentOut)
+    def update_deployment(model: str, dep: str, body: DeploymentPatch) -> DeploymentOut:
+        """Rename and/or relabel; what runs is untouched."""
+        view = store.update_deployment(dep, model, name=body.name, labels=body.labels)
+        return describe(plane, view)
+
+    @router.get("/models/{model}/deployments/{dep}/config")
+    def get_deployment_config(model: str, dep: str) -> dict[str, Any]:
+        """The deployment's config.yaml as parsed at its push (what the web console shows)."""
+        return store.get_deployment(dep, model).config
 
     def desire(model: str, dep: str, state: DesiredState) -> DeploymentOut:
         out = DeploymentOut.of(store.set_desired(dep, state, model))

@@ -75,6 +75,13 @@ class PromoteIn(_In):
     environment: str = "production"
 
 
+class DeploymentPatch(_In):
+    """A deployment's new name and/or labels; what is left out stays as it is."""
+
+    name: str | None = None
+    labels: dict[str, Any] | None = None
+
+
 class EnvironmentIn(_In):
     name: str
 

@@ -32,6 +32,7 @@ __all__ = [
     "AsyncRequest",
     "AsyncStatus",
     "Base",
+    "ConsoleSession",
     "Deployment",
     "DeploymentStatus",
     "DesiredState",
@@ -303,3 +304,19 @@ class WebhookSecret(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ConsoleSession(Base):
+    """A web console sign-in (``console/sessions.py``): the browser holds the session id,
+    this row only its SHA-256 and the API key it was made from, sealed like secrets."""
+
+    __tablename__ = "console_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    """The API key the user signed in with (Fernet-sealed): the console calls the API and
+    the gateway with it, so the API decides what the session may do."""
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

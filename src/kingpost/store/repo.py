@@ -614,6 +614,49 @@ class Store:
                 d.activation = (d.activation or 1) + 1  # its failed replicas are replaced
             return self._view(s, d)
 
+    def update_deployment(
+        self,
+        deployment_ref: str,
+        model_ref: str,
+        *,
+        name: str | None = None,
+        labels: Mapping[str, Any] | None = None,
+    ) -> DeploymentView:
+        """Rename a deployment and/or replace its labels; ``None`` leaves one as it is.
+        Neither changes what runs (``updated_at`` stays: replicas are not restarted)."""
+        if name is not None:
+            _check(_DEPLOYMENT_NAME, "deployment", name, "letters, digits, '.', '_', '-'")
+        if labels is not None:
+            check_labels(labels)
+        with self.db.session() as s:
+            model = self._model(s, model_ref, lock=True)  # first, as a push takes it
+            d = self._deployment(s, deployment_ref, model.id, lock=True)
+            if name is not None and name != d.name:
+                if DEVELOPMENT in (name, d.name):
+                    raise ValidationError(
+                        f"deployment name: the name {DEVELOPMENT!r} belongs to the model's "
+                        f"development deployment alone; it cannot be renamed to or from it "
+                        f"(got {d.name!r} -> {name!r})",
+                        field="deployment_name",
+                        value=name,
+                    )
+                taken = s.scalar(
+                    select(Deployment.id).where(
+                        Deployment.model_id == model.id, Deployment.name == name
+                    )
+                )
+                if taken is not None:
+                    raise ConflictError(
+                        f"deployment name {name!r} is taken in model {model.name!r} (by "
+                        f"deployment {taken}, deleted ones included); choose another",
+                        field="deployment_name",
+                        value=name,
+                    )
+                d.name = name
+            if labels is not None:
+                d.labels = dict(labels)
+            return self._view(s, d)
+
     def promote(self, model_ref: str, deployment_ref: str, env_name: str) -> DeploymentView:
         check_environment_name(env_name)
         with self.db.session() as s:
