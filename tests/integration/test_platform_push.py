@@ -204,6 +204,28 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     out = platform.cli("deployments", "list", "--model", "promo")
     header, *rows = out.stdout.splitlines()
     assert header.split()[2] == "MODEL" and {r.split()[2] for r in rows} == {"promo"}, out.stdout
+    # Rename and relabel: the new name answers, the old one is gone, nothing restarted.
+    out = platform.cli(
+        "deployments",
+        "update",
+        "promo",
+        "canary-1",
+        "--name",
+        "blue",
+        "--labels",
+        '{"t": "a"}',
+        "--output",
+        "json",
+    )
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)[0]
+    assert (row["name"], row["labels"]) == ("blue", {"t": "a"}), row
+    out = platform.cli("predict", "--model", "promo", "--deployment", "blue", "-d", "{}")
+    assert out.returncode == 0, out.stderr
+    out = platform.cli("deployments", "update", "promo", "blue", "--name", "development")
+    assert out.returncode != 0 and "development" in out.stderr, out.stderr
+    out = platform.cli("deployments", "update", "promo", "blue")
+    assert out.returncode != 0 and "--name, --labels" in out.stderr, out.stderr
 
 
 def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_path: Path) -> None:

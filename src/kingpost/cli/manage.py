@@ -280,7 +280,7 @@ def models_delete(model: str, yes: bool) -> None:
 
 @click.group()
 def deployments() -> None:
-    """Deployments: list, activate, deactivate, delete, promote."""
+    """Deployments: list, describe, update, activate, deactivate, delete, promote."""
 
 
 @deployments.command("list")
@@ -368,6 +368,23 @@ def _action(name: str, help_text: str) -> None:
 
 _action("activate", "Activate a deactivated deployment.")
 _action("delete", "Delete a deployment (not one an environment points at).")
+
+
+@deployments.command("update")
+@click.argument("model")
+@click.argument("deployment")
+@click.option("--name", help="A new name (unique in the model; not `development`).")
+@click.option("--labels", help='JSON labels that replace the old ones, e.g. \'{"team": "ml"}\'.')
+@output_option
+def deployments_update(
+    model: str, deployment: str, name: str | None, labels: str | None, output: str
+) -> None:
+    """Rename a deployment or replace its labels; what runs is not restarted."""
+    if name is None and labels is None:
+        raise ValidationError("deployments update: give --name, --labels or both")
+    with client() as c:
+        row = c.update_deployment(model, deployment, name, _labels(labels))
+    print_rows([row], _ACTION_COLUMNS, output)
 
 
 @deployments.command("deactivate")

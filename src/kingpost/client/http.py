@@ -193,6 +193,18 @@ class KingpostClient:
             return dict(self._call("DELETE", path))
         return dict(self._call("POST", f"{path}/{action}"))
 
+    def update_deployment(
+        self, model: str, dep: str, name: str | None, labels: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Rename and/or relabel a deployment (``None`` leaves that part as it is)."""
+        body: dict[str, Any] = {}
+        if name is not None:
+            body["name"] = name
+        if labels is not None:
+            body["labels"] = labels
+        path = f"/v1/models/{_seg('model', model)}/deployments/{_seg('deployment', dep)}"
+        return dict(self._call("PATCH", path, json=body))
+
     def promote(self, model: str, dep: str, environment: str = "production") -> dict[str, Any]:
         return dict(
             self._call(
