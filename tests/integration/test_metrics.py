@@ -280,6 +280,22 @@ def test_promtool_accepts_the_scrape_config(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_promtool_accepts_the_gateways_own_job_uncommented(tmp_path: Path) -> None:
+    promtool = _tool("promtool")
+    text = (DOCS / "prometheus.yml").read_text()
+    job = text[text.index("#  - job_name: kingpost-gateway") :]
+    text = text.replace(job, "\n".join(line[1:] for line in job.splitlines()) + "\n")
+    (tmp_path / "prometheus.yml").write_text(text)
+    (tmp_path / "kingpost-api-key").write_text("kp_example\n")
+    out = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "kingpost-gateway" in text
+
+
 def test_a_real_prometheus_scrapes_kingpost_with_the_documented_config(
     metrics_platform: Platform, tmp_path: Path
 ) -> None:
