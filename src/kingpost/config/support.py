@@ -196,6 +196,10 @@ ROWS: tuple[Row, ...] = (
         (A, "no environment is built: start_command runs as is (none: refused)"),
         (A, "`base_image.image` runs as is, its entrypoint unless start_command"),
     ),
+    _row(
+        "docker_server.kingpost_metrics_endpoint",
+        (A, "Kingpost extension: the server's Prometheus path, scraped into /metrics"),
+    ),
     # -- compute
     _row(
         "resources.cpu",

@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from kingpost.controller.loop import Controller
     from kingpost.store import Store
 
-__all__ = ["DeploymentLabels", "collect", "deployment_labels", "exposition"]
+__all__ = ["METRICS_KEY", "DeploymentLabels", "collect", "deployment_labels", "exposition"]
+
+METRICS_KEY = "kingpost_metrics_endpoint"
+"""``docker_server``'s key (a Kingpost extension) naming a custom server's metrics path."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,23 @@ def collect(controller: Controller, store: Store, *, replicas: bool = False) -> 
 def _scrape_targets(
     controller: Controller, deployments: list[DeploymentView], of: Callable[[str], dict[str, str]]
 ) -> list[Scrape]:
-    """Ready replicas of model classes (a custom server is not asked: see replicas.py)."""
-    custom = {d.id for d in deployments if d.config.get("docker_server")}
+    """Ready replicas of model classes (``/metrics``) and of custom servers whose config
+    names ``docker_server.kingpost_metrics_endpoint`` (that path; other custom servers are
+    not asked: see replicas.py)."""
+    paths: dict[str, str | None] = {}
+    for d in deployments:
+        server = d.config.get("docker_server")
+        if not server:
+            paths[d.id] = "/metrics"
+        else:  # a custom server: only where its config names a path
+            path = server.get(METRICS_KEY) if isinstance(server, dict) else None
+            paths[d.id] = path if isinstance(path, str) else None
     return [
-        Scrape(r.replica_id, of(r.deployment_id), r.endpoint)
+        Scrape(r.replica_id, of(r.deployment_id), r.endpoint, path)
         for r in controller.current_replicas()
         if r.phase == ReplicaPhase.READY
         and r.endpoint is not None
-        and r.deployment_id not in custom
+        and (path := paths.get(r.deployment_id, "/metrics")) is not None
     ]
 
 
