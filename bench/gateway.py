@@ -355,6 +355,12 @@ def main() -> None:
         "`kingpost server` runs it; the baseline runs as it is",
     )
     ap.add_argument(
+        "--baseline-log-store",
+        action="store_true",
+        help="the baseline keeps access lines in a log store of its own too (to compare two "
+        "trees' access lines: both with `--log-store`)",
+    )
+    ap.add_argument(
         "--saturation-only",
         action="store_true",
         help="only the saturation rounds (with each gateway's CPU time per request)",
@@ -423,8 +429,9 @@ def run(args: argparse.Namespace, procs: Procs, work: Path) -> dict[str, Any]:
     ports = [up_port, sse_port, ngx_port, kp_port, kp2_port]
     if args.baseline_src is not None:
         base_port, base_control = free_port(), work / "base.sock"
+        base_store = ("--log-dir", str(work / "base-logs")) if args.baseline_log_store else ()
         gateways["baseline"] = start_gateway(
-            procs, base_port, base_control, "0", workers=1, src=args.baseline_src
+            procs, base_port, base_control, "0", workers=1, src=args.baseline_src, extra=base_store
         )
         sockets.append(base_control)
         ports.append(base_port)

@@ -94,6 +94,9 @@ class GatewayRecord:
     (``KINGPOST_LOG_ACCESS=false``)."""
     log_segment_bytes: int = 0
     """Its segments' size (``--log-segment-bytes``, from ``KINGPOST_LOG_MAX_BYTES``)."""
+    metrics_listen: str = ""
+    """Where it serves its own ``/metrics`` (``--metrics-listen``, from
+    ``KINGPOST_GATEWAY_METRICS_LISTEN``); empty: nowhere."""
     traces_endpoint: str = ""
     """Where it sends spans (``gateway/tracing.py``'s ``traces_endpoint`` of the environment
     it inherited); empty: tracing off."""
@@ -141,6 +144,7 @@ def decide(
     }
     wanted["log_dir"], wanted["log_segment_bytes"] = access_log_store(settings)
     wanted["traces_endpoint"] = traces or ""
+    wanted["metrics_listen"] = settings.gateway_metrics_listen or ""
     changed = [
         f"{k} {getattr(record, k)!r} -> {v!r}" for k, v in wanted.items() if getattr(record, k) != v
     ]
@@ -309,7 +313,8 @@ def _wait_for_sockets(paths: list[Path], gateway: subprocess.Popen[bytes], port:
     if gateway.poll() is not None:
         raise KingpostError(
             f"the gateway exited with code {gateway.returncode}; is port {port} free? "
-            "set KINGPOST_GATEWAY_PORT to another port"
+            "set KINGPOST_GATEWAY_PORT to another port (its own error, e.g. about "
+            "KINGPOST_GATEWAY_METRICS_LISTEN, is in the server's output above)"
         )
 
 
@@ -389,6 +394,7 @@ def ensure_gateway(
             log_dir=log_dir,
             log_segment_bytes=segment_bytes,
             traces_endpoint=traces,
+            metrics_listen=settings.gateway_metrics_listen or "",
         )
         write_record(path, record)
     except BaseException:

@@ -123,6 +123,8 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         str(settings.gateway_orphan_timeout),
         "--async-store",  # async routes write to the store (gateway/asyncroutes.py)
     ]
+    if settings.gateway_metrics_listen:
+        cmd += ["--metrics-listen", settings.gateway_metrics_listen]
     log_dir, segment_bytes = access_log_store(settings)  # what the record says, too
     if log_dir:
         cmd += ["--log-dir", log_dir, "--log-segment-bytes", str(segment_bytes)]

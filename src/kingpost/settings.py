@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     """``HOST:PORT`` where ``kingpost server`` also serves ``/metrics`` with no API key (for
     a Prometheus on a private network); ``/metrics`` on the API port always needs an admin
     key."""
+    gateway_metrics_listen: str | None = None
+    """``HOST:PORT`` where the gateway serves its own ``/metrics`` (every worker's figures
+    merged), with no API key; it keeps answering while no control plane runs."""
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     gateway_workers: int = 1
@@ -141,13 +144,14 @@ class Settings(BaseSettings):
         """The log store's segments (``logstore/``)."""
         return self.home / "logs"
 
-    @field_validator("metrics_listen")
+    @field_validator("metrics_listen", "gateway_metrics_listen")
     @classmethod
-    def _check_metrics_listen(cls, value: str | None) -> str | None:
+    def _check_metrics_listen(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
             from kingpost.metrics.listen import parse_listen
 
-            parse_listen(value)  # its ValueError names the setting, the rule and the value
+            # its ValueError names the setting, the rule and the value
+            parse_listen(value, f"KINGPOST_{str(info.field_name).upper()}")
         return value
 
     model_env: Literal["truss-base", "server-python", "minimal"] = "truss-base"

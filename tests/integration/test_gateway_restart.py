@@ -27,6 +27,7 @@ from kingpost.gateway_process import (
     process_alive,
     start_ticks,
 )
+from kingpost.metrics.summary import parse
 from kingpost.serve import _start_gateway, gateway_sockets
 from kingpost.settings import Settings
 
@@ -45,10 +46,25 @@ def gone(pid: int, timeout: float = 20) -> None:
     wait_for(lambda: not process_alive(pid), timeout, f"gateway pid {pid} to exit")
 
 
+def _served(scrape_url: str) -> float:
+    """The gateway's own /metrics: 2xx answers for the model ``adopt``."""
+    samples = parse(httpx.get(scrape_url, timeout=10).text)
+    return sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "kingpost_requests_total"
+        and {("model", "adopt"), ("environment", "production"), ("code_class", "2xx")} <= labels
+    )
+
+
 def test_a_killed_control_plane_leaves_the_gateway_serving_and_the_next_one_adopts_it(
     tmp_path: Path,
 ) -> None:
-    platform = Platform(tmp_path / "home").start()
+    mport = free_port()  # the gateway's own /metrics, which needs no control plane
+    scrape = f"http://127.0.0.1:{mport}/metrics"
+    platform = Platform(
+        tmp_path / "home", extra_env={"KINGPOST_GATEWAY_METRICS_LISTEN": f"127.0.0.1:{mport}"}
+    ).start()
     pid = gateway_pid(platform)
     try:
         assert oct((platform.home / "run" / "gateway.json").stat().st_mode & 0o777) == "0o600"
@@ -69,8 +85,10 @@ def test_a_killed_control_plane_leaves_the_gateway_serving_and_the_next_one_adop
                     PREDICT.format("adopt"), json={}, headers={"Authorization": "Api-Key kp_no"}
                 )
                 assert refused.status_code == 401, refused.text
+            before = _served(scrape)
             time.sleep(1.5)
             assert process_alive(pid) and len(load.answers) > answered + 10
+            assert _served(scrape) > before + 10  # scraped with no control plane
             platform.start()
             # The next control plane holds the routes to the replicas it is about to
             # restart, then pushes tables above the adopted gateway's version.

@@ -10,10 +10,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from test_server_harness import ready_server
 
 from helpers.gateway import AUTH, RunningGateway
 from helpers.httpd import QuietHandler, serving
@@ -62,6 +64,7 @@ def _decode(body: bytes) -> list[dict[str, Any]]:
                         "service": service.get("service.name"),
                         "start": s.start_time_unix_nano,
                         "end": s.end_time_unix_nano,
+                        "status": s.status.code,
                     }
                 )
     return out
@@ -159,6 +162,52 @@ def test_spans_link_client_gateway_and_replica(
         (only,) = _spans(rec, "trace-3", 1)
         assert only["name"] == "gateway.request"
         assert only["attrs"]["http.response.status_code"] == 404
+    finally:
+        gw.close()
+
+
+def test_a_traced_model_servers_steps_join_the_gateways_trace(
+    receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    """A real model server (``runtime.enable_tracing_data: true``) behind a real gateway:
+    its preprocess, predict and postprocess come back as spans in the request's trace,
+    children of the gateway's upstream span, and the header that carried them is not
+    passed on to the client."""
+    rec, url = receiver
+    gw = RunningGateway(tracer=GatewayTracer(url + "/v1/traces"))
+    try:
+        with ready_server("traced", tmp_path) as (server, _):
+            route = DeploymentRoute(
+                "d1",
+                "m1",
+                "/v1/models/model:predict",
+                DeploymentState.SERVING,
+                (Upstream("d1-r0", "127.0.0.1", server.port),),
+            )
+            gw.table(route)
+            with httpx.Client(base_url=gw.url, headers=AUTH, timeout=30) as c:
+                ok = c.post(PREDICT, json={"value": 1}, headers={"X-Baseten-Request-Id": "m-1"})
+                failed = c.post(
+                    PREDICT, json={"value": -5}, headers={"X-Baseten-Request-Id": "m-2"}
+                )
+            assert ok.json() == {"value": 20}
+            assert "x-kingpost-spans" not in ok.headers
+            assert failed.status_code == 500 and "x-kingpost-spans" not in failed.headers
+        spans = {s["name"]: s for s in _spans(rec, "m-1", 5)}
+        upstream = spans["gateway.upstream"]
+        steps = [spans[f"model.{n}"] for n in ("preprocess", "predict", "postprocess")]
+        assert {s["trace"] for s in (spans["gateway.request"], upstream, *steps)} == {
+            upstream["trace"]
+        }
+        assert all(s["parent"] == upstream["span"] for s in steps)
+        assert all(s["service"] == "kingpost-model-server" for s in steps)
+        assert all(s["attrs"]["kingpost.request_id"] == "m-1" for s in steps)
+        assert upstream["start"] <= steps[0]["start"] <= steps[0]["end"] <= steps[1]["start"]
+        assert steps[1]["end"] <= steps[2]["start"] <= steps[2]["end"] <= upstream["end"]
+        # The step that raised ends the model's spans, with an error status.
+        bad = {s["name"]: s for s in _spans(rec, "m-2", 4)}
+        assert "model.postprocess" not in bad
+        assert (bad["model.preprocess"]["status"], bad["model.predict"]["status"]) == (0, 2)
     finally:
         gw.close()
 

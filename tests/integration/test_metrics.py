@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers.platform import EXAMPLES, Platform, free_port, wait_for
+from helpers.platform import EXAMPLES, REPO, Platform, free_port, wait_for
 
 MODEL = """
 from prometheus_client import Counter
@@ -43,6 +43,7 @@ class Model:
 """
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+FIXTURES = REPO / "tests" / "fixtures" / "models"
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,30 @@ def test_scraped_series_equal_the_requests_sent(metrics_platform: Platform, tmp_
     assert plain.status_code == 200
     assert _get(_samples(plain.text), req, **lab, route="sync", code_class="4xx") == 1
     assert httpx.get(f"http://{listen}/other", timeout=10).status_code == 404
+
+
+def test_a_custom_servers_metrics_path_is_scraped_with_its_labels(
+    metrics_platform: Platform, tmp_path: Path
+) -> None:
+    """``docker_server.kingpost_metrics_endpoint`` (Kingpost's extension): the custom server's
+    own figures, from that path, in the control plane's scrape with the replica's labels."""
+    p = metrics_platform
+    project = tmp_path / "metrics_custom_server"
+    shutil.copytree(FIXTURES / "metrics_custom_server", project)
+    out = p.cli("push", str(project), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr + p.output()
+    assert "kingpost_metrics_endpoint" not in out.stderr  # a known key: no warning
+    with p.gateway() as gw:
+        for _ in range(3):
+            r = gw.post("/models/metrics-server/production/predict", json={})
+            assert r.status_code == 200, r.text
+    key = {"Authorization": f"Api-Key {p.api_key}"}
+    s = _samples(httpx.get(f"{p.api_url}/metrics", headers=key, timeout=10).text)
+    lab = {"model": "metrics-server", "deployment": "deployment-1", "environment": "production"}
+    assert _get(s, "kingpost_replica_scrape_ok", **lab) == 1
+    # Its own `model` label is kept as `exported_model`, beside the platform's.
+    assert _get(s, "custom_predicts_total", **lab, exported_model="inner") == 3
+    assert all(dict(l_).get("replica") for (n, l_), _ in s.items() if n == "custom_predicts_total")
 
 
 def test_the_cli_prints_one_json_snapshot(metrics_platform: Platform, tmp_path: Path) -> None:
@@ -278,6 +303,22 @@ def test_promtool_accepts_the_scrape_config(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_accepts_the_gateways_own_job_uncommented(tmp_path: Path) -> None:
+    promtool = _tool("promtool")
+    text = (DOCS / "prometheus.yml").read_text()
+    job = text[text.index("#  - job_name: kingpost-gateway") :]
+    text = text.replace(job, "\n".join(line[1:] for line in job.splitlines()) + "\n")
+    (tmp_path / "prometheus.yml").write_text(text)
+    (tmp_path / "kingpost-api-key").write_text("kp_example\n")
+    out = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "kingpost-gateway" in text
 
 
 def test_a_real_prometheus_scrapes_kingpost_with_the_documented_config(

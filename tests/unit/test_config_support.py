@@ -293,7 +293,11 @@ UNREAD = [
     ("resources: {instance_type: H100:8x80}", "resources.instance_type"),
     ("resources: {node_count: 2}", "resources.node_count"),
     ("resources: {fabric: {kind: infiniband}}", "resources.fabric"),
-    ("runtime: {enable_tracing_data: true}", "runtime.enable_tracing_data"),
+    (
+        "docker_server: {start_command: serve, server_port: 8000, predict_endpoint: /p, "
+        "readiness_endpoint: /r, liveness_endpoint: /l}\nruntime: {enable_tracing_data: true}",
+        "runtime.enable_tracing_data",
+    ),
     ("runtime: {enable_debug_logs: true}", "runtime.enable_debug_logs"),
     ("runtime: {oidc: {enabled: true}}", "runtime.oidc"),
     ("runtime: {remote_ssh: {enabled: true}}", "runtime.remote_ssh"),
@@ -316,7 +320,8 @@ def test_the_defaults_of_those_keys_earn_no_warning() -> None:
     text = (
         "examples_filename: examples.yaml\nspec_version: '2.0'\ninput_type: Any\n"
         "live_reload: false\nexternal_package_dirs: [shared]\n"
-        "resources: {node_count: 1}\nruntime: {enable_debug_logs: false, oidc: {enabled: false}}\n"
+        "resources: {node_count: 1}\nruntime: {enable_debug_logs: false, oidc: {enabled: false},"
+        " enable_tracing_data: true}\n"  # a model class's tracing: applied
     )
     for engine in ENGINES:
         assert outcome(text, engine) == ([], [])

@@ -103,6 +103,20 @@ FITS = Observed(ours=True, versions=(__version__,))
             Action.REPLACE,
             "it runs Kingpost 0.0.1",
         ),
+        (  # its own /metrics moves (or is turned on): a gateway listening there is needed
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"gateway_metrics_listen": "127.0.0.1:9465"}),
+            Action.REPLACE,
+            "metrics_listen '' -> '127.0.0.1:9465'",
+        ),
+        (
+            replace(RECORD, metrics_listen="127.0.0.1:9465"),
+            FITS,
+            SETTINGS.model_copy(update={"gateway_metrics_listen": "127.0.0.1:9465"}),
+            Action.ADOPT,
+            "8080",
+        ),
     ],
 )
 def test_decide(

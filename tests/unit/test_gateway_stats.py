@@ -49,3 +49,25 @@ def test_the_json_form_round_trips_and_fills_missing_classes() -> None:
     d1 = again.deployments["d1"]
     assert (d1.queued, d1.inflight, d1.latency_sum_s, again.at) == (1, {"r": 2}, 0.75, 101.0)
     assert d1.answered == {"none": 0, "1xx": 0, "2xx": 4, "3xx": 0, "4xx": 0, "5xx": 0}
+
+
+def test_labels_and_the_control_age_travel_and_merge() -> None:
+    """The gateway's own /metrics labels deployments from what its workers' tables say,
+    and shows the oldest table push over workers (a dead control plane)."""
+    a = GatewayStats(
+        {}, labels={"d1": {"model": "m", "deployment": "v1", "environment": "production"}}
+    )
+    a.control_age_s = 2.5
+    b = GatewayStats({}, labels={"d2": {"model": "m", "deployment": "v2", "environment": ""}})
+    b.control_age_s = 40.0
+    merged = merge_snapshots(
+        [GatewayStats.from_json(a.to_json()), GatewayStats.from_json(b.to_json())]
+    )
+    assert merged.labels == {
+        "d1": {"model": "m", "deployment": "v1", "environment": "production"},
+        "d2": {"model": "m", "deployment": "v2", "environment": ""},
+    }
+    assert merged.control_age_s == 40.0
+    assert merge_snapshots([]).control_age_s == -1.0
+    # A snapshot from a gateway of the version before: no labels, age unknown.
+    assert GatewayStats.from_json({"deployments": {}}).control_age_s == -1.0

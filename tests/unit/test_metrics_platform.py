@@ -65,3 +65,8 @@ def test_a_running_rollout_and_the_replicas_of_both_sides(tmp_path: Path) -> Non
     fams = collect(rig.controller, rig.store)
     assert _value(fams, "kingpost_replica_failures_total", deployment="deployment-3") == 1
     assert _value(fams, "kingpost_replica_failures_total", **prod) == 0
+    # The routing table carries the same labels, for the gateway's own /metrics (the
+    # rollout's candidate: none, as in kingpost_replicas above, until production is its).
+    table = rig.controller.reconcile_once()
+    named = {(r.name, r.environment) for r in table.deployments.values()}
+    assert named == {("deployment-1", "production"), ("deployment-2", ""), ("deployment-3", "")}

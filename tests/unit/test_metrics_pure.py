@@ -146,3 +146,7 @@ def test_the_setting_refuses_a_bad_listen_address_with_its_name_and_value() -> N
     with pytest.raises(ValidationError, match=r"KINGPOST_METRICS_LISTEN.*'localhost'"):
         Settings(metrics_listen="localhost")
     assert Settings(metrics_listen="127.0.0.1:9464").metrics_listen == "127.0.0.1:9464"
+    # The gateway's own listener: the same rule, its own setting named.
+    with pytest.raises(ValidationError, match=r"KINGPOST_GATEWAY_METRICS_LISTEN.*'gw'"):
+        Settings(gateway_metrics_listen="gw")
+    assert Settings(gateway_metrics_listen="[::1]:9465").gateway_metrics_listen == "[::1]:9465"

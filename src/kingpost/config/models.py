@@ -128,10 +128,27 @@ class DockerServer(ConfigModel):
     liveness_endpoint: str
     run_as_user_id: int | None = None
     no_build: bool | None = None
+    kingpost_metrics_endpoint: str | None = None
+    """A Kingpost extension (Truss has no such key, and only warns about it): the path on
+    ``server_port`` where the server serves Prometheus text, scraped with every scrape of
+    the control plane's ``/metrics`` and re-exposed with the replica's labels, as a model
+    class's ``/metrics`` is. Unset: the server is never asked."""
 
     @field_validator("predict_endpoint", "readiness_endpoint", "liveness_endpoint")
     @classmethod
     def _check_endpoint(cls, value: str) -> str:
+        return _endpoint(value)
+
+    @field_validator("kingpost_metrics_endpoint")
+    @classmethod
+    def _check_metrics_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError(
+                f"kingpost_metrics_endpoint must be a URL path without spaces or control "
+                f"characters, e.g. `/metrics`; found {value!r}"
+            )
         return _endpoint(value)
 
     @field_validator("server_port", mode="before")

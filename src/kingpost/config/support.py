@@ -196,6 +196,10 @@ ROWS: tuple[Row, ...] = (
         (A, "no environment is built: start_command runs as is (none: refused)"),
         (A, "`base_image.image` runs as is, its entrypoint unless start_command"),
     ),
+    _row(
+        "docker_server.kingpost_metrics_endpoint",
+        (A, "Kingpost extension: the server's Prometheus path, scraped into /metrics"),
+    ),
     # -- compute
     _row(
         "resources.cpu",
@@ -219,7 +223,10 @@ ROWS: tuple[Row, ...] = (
     # -- runtime
     _row("runtime.predict_concurrency", (A, "requests in flight per replica")),
     _row("runtime.streaming_read_timeout", (A, "the model server's wait for a first chunk")),
-    _row("runtime.enable_tracing_data", (W, "no tracing of request data: not read")),
+    _row(
+        "runtime.enable_tracing_data",
+        (A, "a model class's pre/predict/postprocess as spans (tracing on); custom: warned"),
+    ),
     _row("runtime.enable_debug_logs", (W, "the model server's log level does not change")),
     _row(
         "runtime.transport.kind",

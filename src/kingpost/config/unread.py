@@ -162,8 +162,10 @@ def _runtime(config: TrussConfig) -> list[Issue]:
     runtime = config.runtime
     issues: list[Issue] = []
     flags = (
-        ("enable_tracing_data", runtime.enable_tracing_data,
-         "not done: Kingpost's model server traces no request data"),
+        ("enable_tracing_data", runtime.enable_tracing_data and config.docker_server is not None,
+         "not done for a custom server: only Kingpost's model server (a model class) times "
+         "preprocess, predict and postprocess as spans; a custom server traces itself "
+         "(it gets the gateway's `traceparent`)"),
         ("enable_debug_logs", runtime.enable_debug_logs,
          "not done: the model server's log level does not change; log at the level you "
          "need from the model itself"),

@@ -14,6 +14,7 @@ from kingpost.gateway.table import (
     RoutingTable,
     Upstream,
 )
+from kingpost.metrics.platform import deployment_labels
 from kingpost.store import (
     DeploymentStatus,
     DeploymentView,
@@ -53,6 +54,7 @@ def _route(
     response_timeout_s: float,
     private: Sequence[str],
     hold: tuple[float, int] = (60.0, 1000),
+    environment: str = "",
 ) -> DeploymentRoute:
     upstreams = tuple(
         Upstream(r.replica_id, r.endpoint.host, r.endpoint.port, r.endpoint.netns)
@@ -80,6 +82,8 @@ def _route(
         response_timeout_s=response_timeout_s,
         hold_timeout_s=hold[0],
         queue_limit=hold[1],
+        name=dep.name,
+        environment=environment,
     )
 
 
@@ -113,6 +117,7 @@ def build_table(
     ``splits``: (model id, environment) -> weighted deployments, for an environment a
     rollout is moving; an entry whose deployment has no ready replica is left out while
     another has one, so a split never sends a request where nothing can answer it."""
+    labels = deployment_labels(list(models), list(deployments), list(environments))
     routes = {
         d.id: _route(
             d,
@@ -121,6 +126,7 @@ def build_table(
             response_timeout_s,
             private_paths,
             (hold_timeout_s, queue_limit),
+            labels[d.id].environment,
         )
         for d in deployments
     }

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kingpost.errors import KingpostError
 from kingpost.gateway.access import AccessLines
 from kingpost.gateway.control import control_socket_paths, read_token_fd
 from kingpost.gateway.server import Gateway
@@ -138,6 +139,23 @@ def _token_pipe(token: str) -> int:
     return read
 
 
+def _serve_metrics(listen: str, sockets: list[Path]) -> None:
+    """``GET /metrics`` on ``listen`` (no API key: the address is the protection), from a
+    thread of the gateway's first process: every worker's figures, read from their control
+    sockets and merged at each scrape, so it needs no control plane. An address it cannot
+    bind ends the gateway with an error naming the setting."""
+    from kingpost.metrics.gateway import gateway_exposition
+    from kingpost.metrics.listen import serve_metrics
+
+    try:
+        serve_metrics(
+            listen, lambda: gateway_exposition(sockets), "KINGPOST_GATEWAY_METRICS_LISTEN"
+        )
+    except KingpostError as exc:
+        log.error("gateway: %s", exc)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kingpost.gateway")
     p.add_argument("--host", default="127.0.0.1")
@@ -157,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         help="an inherited file descriptor to read the control token from (to its end); "
         "table pushes must then carry it",
     )
+    p.add_argument(
+        "--metrics-listen",
+        help="HOST:PORT to serve the gateway's Prometheus /metrics on, with no API key "
+        "(`kingpost server` passes KINGPOST_GATEWAY_METRICS_LISTEN)",
+    )
     p.add_argument("--log-dir", type=Path, help="keep access lines in this log store")
     p.add_argument("--log-segment-bytes", type=int, default=8 * 1024 * 1024)
     p.add_argument(
@@ -170,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     store = None if args.log_dir is None else (args.log_dir, args.log_segment_bytes)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     token = read_token_fd(args.control_token_fd) if args.control_token_fd is not None else None
+    if args.metrics_listen:  # before the workers: an address in use starts nothing
+        _serve_metrics(args.metrics_listen, control_socket_paths(args.control_socket, args.workers))
     if args.workers <= 1:
         run_gateway(
             args.host,

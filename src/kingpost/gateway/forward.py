@@ -498,6 +498,8 @@ class ClientExchange:
                 )
                 if lname == b"connection" and (tokens := connection_tokens(value)) is not None:
                     hop = (hop or set()) | tokens
+                elif lname == b"x-kingpost-spans" and self.req.trace is not None:
+                    self.req.trace[5] = value  # the model server's spans (tracing.py)
                 continue
             if lname == b"content-length":
                 length = value

@@ -40,9 +40,11 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"upgrade",
         b"x-baseten-request-id",
+        b"x-kingpost-spans",
     }
 )
-"""Headers for one hop (RFC 9110 7.6.1), and the request id the gateway sets itself."""
+"""Headers for one hop (RFC 9110 7.6.1), the request id the gateway sets itself, and the
+model server's spans, which are for the gateway alone (``gateway/tracing.py``)."""
 NOT_FORWARDED = HOP_BY_HOP | {
     b"authorization",
     b"proxy-authorization",

@@ -142,7 +142,22 @@ class Gateway:
 
     def stats(self) -> GatewayStats:
         """This process's figures per deployment (the control socket's ``GET /stats``)."""
-        return GatewayStats({dep: d.snapshot() for dep, d in self._dispatchers.items()})
+        table = self.table
+        labels = {}
+        for dep_id in self._dispatchers:
+            route = table.deployments.get(dep_id)
+            if route is not None:
+                model = table.models.get(route.model_id)
+                labels[dep_id] = {
+                    "model": model.name if model is not None else route.model_id,
+                    "deployment": route.name or dep_id,
+                    "environment": route.environment,
+                }
+        return GatewayStats(
+            {dep: d.snapshot() for dep, d in self._dispatchers.items()},
+            labels=labels,
+            control_age_s=time.monotonic() - self.control_seen,
+        )
 
     def dispatcher(self, deployment_id: str) -> Dispatcher:
         d = self._dispatchers.get(deployment_id)

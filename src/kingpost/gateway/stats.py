@@ -226,6 +226,12 @@ class GatewayStats:
     workers: int = 1
     """Gateway processes the figures come from."""
     at: float = field(default_factory=time.time)
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per deployment id: its metrics labels (model, deployment, environment) as the
+    routing table names them, for the gateway's own ``/metrics``."""
+    control_age_s: float = -1.0
+    """Seconds since a control plane last pushed a table (the most over workers; below 0:
+    not known)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -233,6 +239,8 @@ class GatewayStats:
             "at": self.at,
             "workers": self.workers,
             "deployments": {d: s.to_json() for d, s in self.deployments.items()},
+            "labels": {d: dict(v) for d, v in self.labels.items()},
+            "control_age_s": self.control_age_s,
         }
 
     @classmethod
@@ -241,15 +249,22 @@ class GatewayStats:
             {str(d): DeploymentStats.from_json(s) for d, s in data["deployments"].items()},
             workers=int(data.get("workers", 1)),
             at=float(data.get("at", 0.0)),
+            labels={
+                str(d): {str(k): str(v) for k, v in dict(lab).items()}
+                for d, lab in dict(data.get("labels", {})).items()
+            },
+            control_age_s=float(data.get("control_age_s", -1.0)),
         )
 
 
 def merge_snapshots(snapshots: Iterable[GatewayStats]) -> GatewayStats:
     """The whole gateway's figures from each worker's: sums, per deployment and replica."""
-    merged = GatewayStats(workers=0, at=0.0)
+    merged = GatewayStats(workers=0, at=0.0, control_age_s=-1.0)
     for snap in snapshots:
         merged.workers += snap.workers
         merged.at = max(merged.at, snap.at)
+        merged.labels.update(snap.labels)
+        merged.control_age_s = max(merged.control_age_s, snap.control_age_s)
         for dep, stats in snap.deployments.items():
             merged.deployments.setdefault(dep, DeploymentStats()).add(stats)
     return merged

@@ -74,6 +74,11 @@ class DeploymentRoute:
     response_timeout_s: float = 600.0
     """How long a replica may take to begin its answer (its head) before the client gets
     a 504 and the replica's connection is dropped; streamed answers may then take longer."""
+    name: str = ""
+    """The deployment's name (the ``deployment`` label of the gateway's own metrics)."""
+    environment: str = ""
+    """The environment its metrics are labelled with (``production`` when that one points
+    at it, else the first by name; empty for none), as the control plane labels them."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,8 @@ class RoutingTable:
                     "message": d.message,
                     "websocket_path": d.websocket_path,
                     "response_timeout_s": d.response_timeout_s,
+                    "name": d.name,
+                    "environment": d.environment,
                 }
                 for did, d in self.deployments.items()
             },
@@ -167,6 +174,8 @@ class RoutingTable:
                     message=str(d.get("message", "")),
                     websocket_path=d.get("websocket_path"),
                     response_timeout_s=float(d.get("response_timeout_s", 600.0)),
+                    name=str(d.get("name", "")),
+                    environment=str(d.get("environment", "")),
                 )
                 for did, d in data.get("deployments", {}).items()
             },

@@ -8,7 +8,16 @@ On, each answered request is two spans:
   client's ``traceparent`` when it sent one (W3C trace context), else it starts a trace;
 - ``gateway.upstream`` (CLIENT), its child: from the head's write to the replica to the
   answer. The replica gets ``traceparent: 00-{trace}-{upstream span}-01`` in place of the
-  client's, so whatever traces on the replica continues the same trace.
+  client's, so whatever traces on the replica continues the same trace;
+- ``model.preprocess``, ``model.predict``, ``model.postprocess`` (INTERNAL, service
+  ``kingpost-model-server``), children of ``gateway.upstream``: a model-class replica whose
+  config sets ``runtime.enable_tracing_data`` times the steps of a request that came with a
+  ``traceparent`` and names them in its answer's ``x-kingpost-spans`` header
+  (``name=start_ns-end_ns`` joined by ``;``, a ``!`` after a step that raised), which the
+  gateway takes off the answer (never passed on) and exports with its own. The relay is
+  the answer itself: an isolated replica has no route to a collector, and the gateway,
+  which already holds the exporter and the trace's ids, reads every answer anyway. Only
+  the step names and times come from the replica; the ids are the gateway's.
 
 Both carry ``kingpost.request_id`` (the ``X-Baseten-Request-Id``), the model, deployment
 and replica, the method, path and status. The ids are drawn when the request is sent
@@ -32,10 +41,37 @@ if TYPE_CHECKING:
     from kingpost.gateway.proxy import Request
     from kingpost.gateway.routing import Target
 
-__all__ = ["GatewayTracer", "TracingUnavailable", "require_sdk", "traces_endpoint"]
+__all__ = [
+    "MODEL_STEPS",
+    "GatewayTracer",
+    "TracingUnavailable",
+    "parse_model_spans",
+    "require_sdk",
+    "traces_endpoint",
+]
+
+MODEL_STEPS = frozenset({"preprocess", "predict", "postprocess"})
+"""The model server's steps the gateway makes spans of (``x-kingpost-spans``)."""
+_MODEL_SPAN = re.compile(r"([a-z]+)=([0-9]{1,20})-([0-9]{1,20})(!?)")
 
 _TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _HEADER_LINE = re.compile(rb"(?im)^traceparent:[^\r\n]*\r\n")
+
+
+def parse_model_spans(header: bytes) -> list[tuple[str, int, int, bool]]:
+    """``x-kingpost-spans`` as (step, start ns, end ns, raised): known steps only, each
+    at most once, with an end not before its start; anything else is left out."""
+    out: list[tuple[str, int, int, bool]] = []
+    seen: set[str] = set()
+    for part in header.decode("latin-1").split(";")[: len(MODEL_STEPS)]:
+        m = _MODEL_SPAN.fullmatch(part.strip())
+        if m is None or m[1] not in MODEL_STEPS or m[1] in seen:
+            continue
+        start, end = int(m[2]), int(m[3])
+        if end >= start:
+            seen.add(m[1])
+            out.append((m[1], start, end, bool(m[4])))
+    return out
 
 
 class TracingUnavailable(KingpostError):
@@ -95,10 +131,11 @@ class GatewayTracer:
             raise TracingUnavailable(_missing(endpoint, "OpenTelemetry")) from exc
         self._span_cls = ReadableSpan
         self._ctx = SpanContext
-        self._kinds = (SpanKind.SERVER, SpanKind.CLIENT)
+        self._kinds = (SpanKind.SERVER, SpanKind.CLIENT, SpanKind.INTERNAL)
         self._status = (Status(StatusCode.UNSET), Status(StatusCode.ERROR))
         self._sampled = TraceFlags(TraceFlags.SAMPLED)
         self._resource = Resource.create({"service.name": service_name})
+        self._model_resource = Resource.create({"service.name": "kingpost-model-server"})
         self._scope = InstrumentationScope("kingpost.gateway")
         self.endpoint = endpoint
         self._processor = BatchSpanProcessor(
@@ -127,6 +164,7 @@ class GatewayTracer:
                 rand.getrandbits(64) or 1,
                 rand.getrandbits(64) or 1,
                 0.0,
+                None,
             ]
         trace = req.trace
         trace[4] = time.perf_counter()
@@ -148,14 +186,14 @@ class GatewayTracer:
         trace = req.trace if req is not None else None
         rand = self._rand
         if trace is None:  # answered by the gateway itself: no upstream span
-            trace = [rand.getrandbits(128) or 1, 0, rand.getrandbits(64) or 1, 0, 0.0]
+            trace = [rand.getrandbits(128) or 1, 0, rand.getrandbits(64) or 1, 0, 0.0, None]
             for name, value in req.headers if req is not None else ():
                 if name.lower() == b"traceparent":
                     m = _TRACEPARENT.fullmatch(value.strip())
                     if m and int(m[1], 16) and int(m[2], 16):
                         trace[0], trace[1] = int(m[1], 16), int(m[2], 16)
                     break
-        trace_id, parent, server_id, client_id, sent = trace
+        trace_id, parent, server_id, client_id, sent, model = trace
         attrs: dict[str, Any] = {"kingpost.request_id": rid, "kingpost.outcome": outcome}
         if status:
             attrs["http.response.status_code"] = status
@@ -203,8 +241,37 @@ class GatewayTracer:
                     instrumentation_scope=self._scope,
                 )
             )
+        if model is not None and client_id and sent:
+            upstream = ctx(trace_id, client_id, is_remote=False, trace_flags=self._sampled)
+            spans += self._model_spans(model, trace_id, upstream, attrs)
         for span in spans:
             self._processor.on_end(span)
+
+    def _model_spans(
+        self, header: bytes, trace_id: int, parent: Any, attrs: dict[str, Any]
+    ) -> list[Any]:
+        """The spans a model server named in ``x-kingpost-spans``; what does not parse is
+        left out (a replica's header is not trusted beyond its own steps' times)."""
+        out = []
+        for step, start, end, failed in parse_model_spans(header):
+            span_id = self._rand.getrandbits(64) or 1
+            out.append(
+                self._span_cls(
+                    f"model.{step}",
+                    context=self._ctx(
+                        trace_id, span_id, is_remote=False, trace_flags=self._sampled
+                    ),
+                    parent=parent,
+                    resource=self._model_resource,
+                    attributes=attrs,
+                    kind=self._kinds[2],
+                    status=self._status[1 if failed else 0],
+                    start_time=start,
+                    end_time=end,
+                    instrumentation_scope=self._scope,
+                )
+            )
+        return out
 
     def close(self) -> None:
         self._processor.shutdown()  # type: ignore[no-untyped-call]

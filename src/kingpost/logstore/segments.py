@@ -64,6 +64,14 @@ class SegmentWriter:
             return
         if self._fd is not None and self._path is not None and not self._path.exists():
             self.close()  # pruned for its age while idle: start anew
+        data = b"".join(lines)
+        if self._size + len(data) <= self.segment_bytes:  # the usual batch: one write, no walk
+            fd = self._fd if self._fd is not None else self._open()
+            os.write(fd, data)
+            self._size += len(data)
+            if self._size >= self.segment_bytes:
+                self.close()
+            return
         start = 0
         while start < len(lines):
             fd = self._fd if self._fd is not None else self._open()

@@ -21,22 +21,24 @@ __all__ = ["parse_listen", "serve_metrics"]
 log = logging.getLogger(__name__)
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) as a bind address."""
+def parse_listen(value: str, setting: str = "KINGPOST_METRICS_LISTEN") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as a bind address; errors name ``setting``."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(
-            f"KINGPOST_METRICS_LISTEN: expected HOST:PORT with a port 1-65535, e.g. "
-            f"127.0.0.1:9464, got {value!r}"
+            f"{setting}: expected HOST:PORT with a port 1-65535, e.g. 127.0.0.1:9464, got {value!r}"
         )
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve_metrics(listen: str, render: Callable[[], str]) -> ThreadingHTTPServer:
+def serve_metrics(
+    listen: str, render: Callable[[], str], setting: str = "KINGPOST_METRICS_LISTEN"
+) -> ThreadingHTTPServer:
     """Serve ``render()`` at ``GET /metrics`` on ``listen`` from a daemon thread; the
     caller ``shutdown()``s and ``server_close()``s it. An address it cannot bind raises
-    :class:`KingpostError` naming the setting."""
-    host, port = parse_listen(listen)
+    :class:`KingpostError` naming ``setting``. (The control plane's listener, and the
+    gateway's own with ``KINGPOST_GATEWAY_METRICS_LISTEN``.)"""
+    host, port = parse_listen(listen, setting)
 
     class _Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -66,8 +68,8 @@ def serve_metrics(listen: str, render: Callable[[], str]) -> ThreadingHTTPServer
         server = _Server((host, port), _Handler)
     except OSError as exc:
         raise KingpostError(
-            f"KINGPOST_METRICS_LISTEN {listen}: cannot listen there ({exc.strerror}); "
-            "set it to a free address, or unset it to serve /metrics on the API only"
+            f"{setting} {listen}: cannot listen there ({exc.strerror}); "
+            "set it to a free address, or unset it"
         ) from exc
     threading.Thread(target=server.serve_forever, name="kingpost-metrics", daemon=True).start()
     return server

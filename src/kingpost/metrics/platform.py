@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kingpost.engines import ReplicaPhase
-from kingpost.gateway.stats import LATENCY_BUCKETS, GatewayStats
 from kingpost.metrics.events import COLD_START_BUCKETS
+from kingpost.metrics.gateway import gateway_families
 from kingpost.metrics.replicas import Scrape, scrape_replicas
 from kingpost.metrics.text import Family, render
 from kingpost.store import (
@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from kingpost.controller.loop import Controller
     from kingpost.store import Store
 
-__all__ = ["DeploymentLabels", "collect", "deployment_labels", "exposition"]
+__all__ = ["METRICS_KEY", "DeploymentLabels", "collect", "deployment_labels", "exposition"]
+
+METRICS_KEY = "kingpost_metrics_endpoint"
+"""``docker_server``'s key (a Kingpost extension) naming a custom server's metrics path."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def collect(controller: Controller, store: Store, *, replicas: bool = False) -> 
         return found.as_dict() if found else {"model": "", "deployment": dep_id, "environment": ""}
 
     families: list[Family] = []
-    families += _gateway(controller.fresh_gateway_stats(), of)
+    families += gateway_families(controller.fresh_gateway_stats(), of)
     families += _replicas(controller, of)
     families += _deployments(controller, store, deployments, labels, of)
     families += _controller(controller)
@@ -86,69 +89,24 @@ def collect(controller: Controller, store: Store, *, replicas: bool = False) -> 
 def _scrape_targets(
     controller: Controller, deployments: list[DeploymentView], of: Callable[[str], dict[str, str]]
 ) -> list[Scrape]:
-    """Ready replicas of model classes (a custom server is not asked: see replicas.py)."""
-    custom = {d.id for d in deployments if d.config.get("docker_server")}
+    """Ready replicas of model classes (``/metrics``) and of custom servers whose config
+    names ``docker_server.kingpost_metrics_endpoint`` (that path; other custom servers are
+    not asked: see replicas.py)."""
+    paths: dict[str, str | None] = {}
+    for d in deployments:
+        server = d.config.get("docker_server")
+        if not server:
+            paths[d.id] = "/metrics"
+        else:  # a custom server: only where its config names a path
+            path = server.get(METRICS_KEY) if isinstance(server, dict) else None
+            paths[d.id] = path if isinstance(path, str) else None
     return [
-        Scrape(r.replica_id, of(r.deployment_id), r.endpoint)
+        Scrape(r.replica_id, of(r.deployment_id), r.endpoint, path)
         for r in controller.current_replicas()
         if r.phase == ReplicaPhase.READY
         and r.endpoint is not None
-        and r.deployment_id not in custom
+        and (path := paths.get(r.deployment_id, "/metrics")) is not None
     ]
-
-
-def _gateway(stats: GatewayStats | None, of: Callable[[str], dict[str, str]]) -> list[Family]:
-    requests = Family(
-        "kingpost_requests_total",
-        "counter",
-        "Answers the gateway gave, by route kind and status class (none: the client left "
-        "before an answer).",
-    )
-    duration = Family(
-        "kingpost_request_duration_seconds",
-        "histogram",
-        "End-to-end time at the gateway, from the request parsed to its answer's end.",
-    )
-    upstream = Family(
-        "kingpost_upstream_duration_seconds",
-        "histogram",
-        "Time a replica took, from the request sent to it to its answer's end.",
-    )
-    inflight = Family("kingpost_requests_in_flight", "gauge", "Requests with a replica now.")
-    queued = Family("kingpost_requests_queued", "gauge", "Requests waiting for a replica slot now.")
-    bytes_in = Family(
-        "kingpost_request_bytes_total", "counter", "Request body bytes received from clients."
-    )
-    bytes_out = Family(
-        "kingpost_response_bytes_total",
-        "counter",
-        "Bytes of replicas' answers written to clients.",
-    )
-    retries = Family(
-        "kingpost_retries_total",
-        "counter",
-        "Requests sent again to another replica after the first hung up without answering.",
-    )
-    workers = Family(
-        "kingpost_gateway_workers", "gauge", "Gateway processes whose figures are merged here."
-    )
-    if stats is None:
-        return [workers]
-    workers.add({}, stats.workers)
-    for dep_id, s in sorted(stats.deployments.items()):
-        lab = of(dep_id)
-        for kind, classes in sorted(s.requests.items()):
-            for cls_, n in classes.items():
-                if n:
-                    requests.add({**lab, "route": kind, "code_class": cls_}, n)
-        duration.histogram(lab, LATENCY_BUCKETS, s.latency_buckets, s.latency_sum_s)
-        upstream.histogram(lab, LATENCY_BUCKETS, s.upstream_buckets, s.upstream_sum_s)
-        inflight.add(lab, s.inflight_total)
-        queued.add(lab, s.queued)
-        bytes_in.add(lab, s.bytes_in)
-        bytes_out.add(lab, s.bytes_out)
-        retries.add(lab, s.retries)
-    return [requests, duration, upstream, inflight, queued, bytes_in, bytes_out, retries, workers]
 
 
 def _replicas(controller: Controller, of: Callable[[str], dict[str, str]]) -> list[Family]:

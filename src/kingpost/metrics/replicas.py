@@ -5,8 +5,9 @@ A model-class replica's ``/metrics`` holds the model server's figures and the mo
 ``prometheus_client`` registry. Every ready replica is asked at once, each on a thread,
 under one deadline (:data:`SCRAPE_TIMEOUT_S`): a slow or hung replica costs the scrape at
 most that, and its figures are left out (``kingpost_replica_scrape_ok`` says which).
-Custom servers are asked only when their config names a metrics path (not yet possible:
-``docker_server`` has no such key), so nothing is sent to a server that does not expect it.
+Custom servers are asked only when their config names a metrics path
+(``docker_server.kingpost_metrics_endpoint``, a Kingpost extension), so nothing is sent to
+a server that does not expect it.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import Any
 
 from kingpost.server import codec, compat
@@ -67,13 +67,22 @@ OPENAI_ROUTES = {
 class _Call:
     """Per-request state shared by the pipeline steps; builds the starlette Request lazily."""
 
-    __slots__ = ("_request", "conn", "headers", "req")
+    __slots__ = ("_request", "conn", "headers", "req", "spans")
 
     def __init__(self, req: HttpRequest, conn: Connection, headers: list[tuple[bytes, bytes]]):
         self.req = req
         self.conn = conn
         self.headers = headers
         self._request: Any = None
+        self.spans: list[bytes] | None = None
+        """With ``runtime.enable_tracing_data`` and a ``traceparent``: each step's times."""
+
+    def send_spans(self) -> None:
+        """Name the steps' times in the answer (``x-kingpost-spans``, for the gateway, which
+        takes the header off and exports them as spans: ``gateway/tracing.py``)."""
+        if self.spans:
+            self.headers.append((b"x-kingpost-spans", b";".join(self.spans)))
+            self.spans = None
 
     def request(self) -> Any:
         if self._request is None:
@@ -152,6 +161,7 @@ class ModelServer:
         self._ids = count(1)
         self._id_prefix = _random.token_hex(4) + "-"
         self._inline = inline_enabled()
+        self._tracing = host.config.enable_tracing_data
         self._fast_s = fast_call_seconds()
         self._placements: dict[str, Placement] = {}
         self.reloader: Any = None
@@ -333,14 +343,18 @@ class ModelServer:
         except codec.InputError as exc:
             call.conn.respond(400, call.headers + CLIENT_ERROR, codec.error_body(str(exc)))
             return 400
+        if self._tracing and "traceparent" in call.req.headers:
+            call.spans = []
         try:
             if host.preprocess is not None:
-                inputs = await self._invoke(host.preprocess, inputs, call, self.aux_pool)
+                inputs = await self._step(
+                    "preprocess", host.preprocess, inputs, call, self.aux_pool
+                )
             await self.semaphore.acquire()
             self.metrics.in_flight += 1
             handed_over = False
             try:
-                result = await self._invoke(host.predict, inputs, call, self.predict_pool)
+                result = await self._step("predict", host.predict, inputs, call, self.predict_pool)
                 if _is_stream(result) or compat.is_response(result):
                     if host.postprocess is not None:
                         raise ModelDefinitionError(
@@ -348,17 +362,35 @@ class ModelServer:
                             "response object, you cannot use postprocessing."
                         )
                     handed_over = True
+                    call.send_spans()  # a stream's predict span ends with its generator's return
                     return await self._send_special(result, call, self._release)
             finally:
                 if not handed_over:
                     self._release()
             if host.postprocess is not None:
-                result = await self._invoke(host.postprocess, result, call, self.aux_pool)
+                result = await self._step(
+                    "postprocess", host.postprocess, result, call, self.aux_pool
+                )
                 if _is_stream(result) or compat.is_response(result):
+                    call.send_spans()
                     return await self._send_special(result, call, None)  # as Truss serves it
         except MODEL_FAILURES as exc:
+            call.send_spans()
             return self._user_error(exc, call)
+        call.send_spans()
         return self._send(result, binary, call)
+
+    async def _step(self, name: str, m: Method, inputs: Any, call: _Call, pool: Any) -> Any:
+        """:meth:`_invoke`, timed into ``call.spans`` when the request is traced."""
+        if call.spans is None:
+            return await self._invoke(m, inputs, call, pool)
+        start, failed = time_ns(), b"!"
+        try:
+            result = await self._invoke(m, inputs, call, pool)
+            failed = b""
+            return result
+        finally:
+            call.spans.append(b"%s=%d-%d%s" % (name.encode(), start, time_ns(), failed))
 
     @staticmethod
     def _not_predict(call: _Call) -> int:

@@ -44,6 +44,9 @@ class ServerConfig:
     """``runtime.transport.ping_interval_seconds``: a WebSocket is pinged this often."""
     ws_ping_timeout: float = 20.0
     """``runtime.transport.ping_timeout_seconds``: a ping unanswered this long fails it."""
+    enable_tracing_data: bool = False
+    """``runtime.enable_tracing_data``: a traced request's preprocess, predict and
+    postprocess times go back to the gateway as spans (``gateway/tracing.py``)."""
 
     @property
     def model_file(self) -> Path:
@@ -148,6 +151,7 @@ def load_server_config(app_dir: Path, *, validate: bool = True) -> ServerConfig:
         # As Truss: unset (or 0) keeps uvicorn's defaults of 20 s.
         ws_ping_interval=_seconds(transport, "ping_interval_seconds", app_dir),
         ws_ping_timeout=_seconds(transport, "ping_timeout_seconds", app_dir),
+        enable_tracing_data=runtime.get("enable_tracing_data") is True,
     )
 
 
