@@ -208,6 +208,9 @@ def test_playground_and_following_logs(
 ) -> None:
     page.get_by_role("link", name="blue").click()
     page.get_by_role("heading", name="Playground").wait_for()
+    # Its one replica, as the API's replicas route lists it.
+    replicas = page.locator("section[aria-labelledby='replicas-h'] tbody tr")
+    assert replicas.count() == 1 and "READY" in replicas.first.inner_text()
     page.get_by_label("Request body (JSON)").fill('{"n": 7}')
     page.get_by_role("button", name="Send").click()
     page.wait_for_function("() => document.getElementById('play-time').textContent.endsWith('ms')")

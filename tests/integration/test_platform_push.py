@@ -222,6 +222,14 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     assert (row["name"], row["labels"]) == ("blue", {"t": "a"}), row
     out = platform.cli("predict", "--model", "promo", "--deployment", "blue", "-d", "{}")
     assert out.returncode == 0, out.stderr
+    # Its replica, as the engine runs it: ready, never restarted, reachable.
+    out = platform.cli("deployments", "replicas", "promo", "blue", "--output", "json")
+    assert out.returncode == 0, out.stderr
+    [replica] = json.loads(out.stdout)
+    assert replica["status"] == "READY" and replica["restarts"] == 0, replica
+    assert replica["deployment_id"] == second["deployment"]["id"] and replica["address"], replica
+    out = platform.cli("deployments", "replicas", "promo", "nope")
+    assert out.returncode != 0 and "nope" in out.stderr, out.stderr
     out = platform.cli("deployments", "update", "promo", "blue", "--name", "development")
     assert out.returncode != 0 and "development" in out.stderr, out.stderr
     out = platform.cli("deployments", "update", "promo", "blue")

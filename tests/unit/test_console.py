@@ -273,6 +273,7 @@ def test_a_deployment_page_shows_its_config_from_the_api_escaped(console: Consol
     html = console.client.get(f"/console/models/m/deployments/{dep.id}").text
     assert '<span class="k">model_metadata</span>:' in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html
+    assert "No replica runs now." in html  # nothing runs it: the replicas route is empty
 
 
 def test_api_keys_are_shown_once_and_the_last_admin_key_is_kept(console: Console) -> None:

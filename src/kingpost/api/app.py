@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all
 from kingpost.api.development import development_routes
 from kingpost.api.development import promote as promote_deployment
-from kingpost.api.gpus import check_accelerator, gpu_routes
+from kingpost.api.gpus import check_accelerator, gpu_routes, replica_devices
 from kingpost.api.limits import BodyLimit
 from kingpost.api.logs import log_routes
 from kingpost.api.rollouts import rollout_routes
@@ -42,6 +43,8 @@ from kingpost.api.schemas import (
     PromoteIn,
     PushIn,
     PushOut,
+    ReplicaOut,
+    ReplicasOut,
     SecretIn,
     SecretOut,
 )
@@ -362,6 +365,35 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
         """Rename and/or relabel; what runs is untouched."""
         view = store.update_deployment(dep, model, name=body.name, labels=body.labels)
         return describe(plane, view)
+
+    @router.get("/models/{model}/deployments/{dep}/replicas", response_model=ReplicasOut)
+    def list_replicas(model: str, dep: str) -> ReplicasOut:
+        """The deployment's replicas now, oldest first (as Baseten's route orders them).
+        Kingpost keeps no history of stopped ones: what the engines run is what is listed."""
+        view = store.get_deployment(dep, model)
+        devices = replica_devices(plane, view.id)
+        rows = sorted(
+            (r for r in plane.controller.current_replicas() if r.deployment_id == view.id),
+            key=lambda r: (r.started_at, r.replica_id),
+        )
+        return ReplicasOut(
+            replicas=[
+                ReplicaOut(
+                    id=r.replica_id,
+                    deployment_id=r.deployment_id,
+                    status=r.phase.value.upper(),
+                    restarts=r.restarts,
+                    message=r.message,
+                    started_at=(
+                        datetime.fromtimestamp(r.started_at, UTC) if r.started_at else None
+                    ),
+                    generation=r.generation,
+                    address=f"{r.endpoint.host}:{r.endpoint.port}" if r.endpoint else None,
+                    gpus=devices.get(r.replica_id, []),
+                )
+                for r in rows
+            ]
+        )
 
     @router.get("/models/{model}/deployments/{dep}/config")
     def get_deployment_config(model: str, dep: str) -> dict[str, Any]:

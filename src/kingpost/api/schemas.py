@@ -103,6 +103,26 @@ class ModelOut(BaseModel):
         return cls(**v.__dict__)
 
 
+class ReplicaOut(BaseModel):
+    """One running replica of a deployment, as its engine reports it now."""
+
+    id: str
+    deployment_id: str
+    status: str
+    """``STARTING``, ``READY``, ``NOT_READY``, ``RESTARTING``, ``FAILED`` or ``STOPPED``."""
+    restarts: int
+    message: str
+    started_at: datetime | None
+    generation: int
+    address: str | None
+    """``host:port`` the gateway reaches it on (inside its network namespace, if any)."""
+    gpus: list[str] = Field(default_factory=list)
+
+
+class ReplicasOut(BaseModel):
+    replicas: list[ReplicaOut]
+
+
 class DeploymentOut(BaseModel):
     id: str
     model_id: str

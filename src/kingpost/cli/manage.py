@@ -280,7 +280,7 @@ def models_delete(model: str, yes: bool) -> None:
 
 @click.group()
 def deployments() -> None:
-    """Deployments: list, describe, update, activate, deactivate, delete, promote."""
+    """Deployments: list, describe, replicas, update, activate, deactivate, delete, promote."""
 
 
 @deployments.command("list")
@@ -368,6 +368,17 @@ def _action(name: str, help_text: str) -> None:
 
 _action("activate", "Activate a deactivated deployment.")
 _action("delete", "Delete a deployment (not one an environment points at).")
+
+
+@deployments.command("replicas")
+@click.argument("model")
+@click.argument("deployment")
+@output_option
+def deployments_replicas(model: str, deployment: str, output: str) -> None:
+    """A deployment's replicas now: status, restarts, address, since when, and why."""
+    with client() as c:
+        rows = c.replicas(model, deployment)
+    print_rows(rows, ["id", "status", "restarts", "address", "started_at", "message"], output)
 
 
 @deployments.command("update")

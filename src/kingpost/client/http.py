@@ -193,6 +193,10 @@ class KingpostClient:
             return dict(self._call("DELETE", path))
         return dict(self._call("POST", f"{path}/{action}"))
 
+    def replicas(self, model: str, dep: str) -> list[dict[str, Any]]:
+        path = f"/v1/models/{_seg('model', model)}/deployments/{_seg('deployment', dep)}"
+        return list(self._call("GET", f"{path}/replicas")["replicas"])
+
     def update_deployment(
         self, model: str, dep: str, name: str | None, labels: dict[str, Any] | None
     ) -> dict[str, Any]:

@@ -342,6 +342,9 @@ def _deployment_pages(router: APIRouter, console: Console) -> None:
             config = await _need(
                 console, ctx, f"/v1/models/{_q(model)}/deployments/{_q(dep)}/config"
             )
+            replicas = await _need(
+                console, ctx, f"/v1/models/{_q(model)}/deployments/{_q(dep)}/replicas"
+            )
         except _ApiFailed as exc:
             return _failed(console, ctx, exc)
         return console.page(
@@ -350,6 +353,7 @@ def _deployment_pages(router: APIRouter, console: Console) -> None:
             model=m,
             dep=d,
             config=config,
+            replicas=replicas["replicas"],
             title=f"{m['name']} / {d['name']}",
         )
 
