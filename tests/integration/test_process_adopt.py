@@ -203,3 +203,43 @@ def test_an_adopted_replica_that_exits_is_dropped_for_the_controller_to_replace(
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_an_orphaned_gateway_stops_the_recorded_replicas_as_it_exits(tmp_path: Path) -> None:
+    """No control plane came back: the gateway exits on its orphan timeout, and the
+    replicas it routed to leave with it (their whole process groups)."""
+    run_dir = tmp_path / "run"
+    records = records_dir(run_dir)
+    port = free_port()
+    server = http_server(tmp_path, port)
+    try:
+        ticks = wait_for(lambda: start_ticks(server.pid), 5, "the server's start time")
+        write_record(records, _record("dep-orphan", server.pid, ticks, port))
+        gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kingpost.gateway",
+                "--port",
+                str(free_port()),
+                "--control-socket",
+                str(run_dir / "gateway.sock"),
+                "--orphan-timeout",
+                "1",
+                "--orphan-replicas",
+                str(records),
+            ],
+            start_new_session=True,
+        )
+        try:
+            assert gateway.wait(timeout=30) == 0
+        finally:
+            if gateway.poll() is None:
+                gateway.kill()
+                gateway.wait()
+        assert server.wait(timeout=10) != 0  # stopped by a signal, not exited by itself
+        assert read_records(records) == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
