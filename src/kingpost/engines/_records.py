@@ -10,6 +10,10 @@ again (deployment, generation, probes, its reload token). The record is written 
 process runs and removed when the engine forgets the replica, so a clean stop leaves
 none; a crash leaves them for :meth:`ProcessEngine.__init__` to adopt.
 
+A replica adopted is no child of the new control plane: :class:`RecordedProcess` watches
+it through ``/proc``. Processes of this home no record names are killed
+(:func:`kill_leftovers`).
+
 An orphaned replica does not serve forever: the gateway, which outlives its control
 plane the same way, stops the recorded replicas as it exits on its orphan timeout
 (:func:`stop_recorded`).
@@ -23,14 +27,22 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kingpost.engines.base import Probes, ServerKind
+from kingpost.engines.base import Probes, ReplicaSpec, ServerKind
 from kingpost.gateway_process import boot_id, process_alive, start_ticks
 
-__all__ = ["ReplicaRecord", "alive", "read_records", "records_dir", "stop_recorded"]
+__all__ = [
+    "RecordedProcess",
+    "ReplicaRecord",
+    "alive",
+    "read_records",
+    "records_dir",
+    "stop_recorded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +74,55 @@ class ReplicaRecord:
     reloadable: bool = False
     run_as_user_id: int | None = None
 
-    @property
-    def server_kind(self) -> ServerKind:
-        return ServerKind(self.kind)
+    @classmethod
+    def of(
+        cls,
+        spec: ReplicaSpec,
+        pid: int,
+        port: int,
+        netns: bool,
+        started_at: float,
+        reload_token: str,
+    ) -> ReplicaRecord:
+        """The record of ``spec``'s replica, whose first process ``pid`` runs now."""
+        return cls(
+            replica_id=spec.replica_id,
+            deployment_id=spec.deployment_id,
+            model_id=spec.model_id,
+            generation=spec.generation,
+            kind=str(spec.kind),
+            pid=pid,
+            start_ticks=start_ticks(pid) or 0,
+            boot_id=boot_id(),
+            port=port,
+            netns=netns,
+            predict_path=spec.predict_path,
+            probes=dict(asdict(spec.probes)),
+            started_at=started_at,
+            reload_token=reload_token if spec.reloadable else "",
+            reloadable=spec.reloadable,
+            run_as_user_id=spec.run_as_user_id,
+        )
 
     def probe_settings(self) -> Probes:
         return Probes(**self.probes)  # type: ignore[arg-type]
 
-
-def probes_dict(probes: Probes) -> dict[str, float | int | str]:
-    return dict(asdict(probes))
+    def spec(self, app_dir: Path) -> ReplicaSpec:
+        """What the engine knows of an adopted replica: enough to watch, stop and reload
+        it, not to start it again (no environment, secrets or interpreter)."""
+        return ReplicaSpec(
+            replica_id=self.replica_id,
+            deployment_id=self.deployment_id,
+            model_id=self.model_id,
+            kind=ServerKind(self.kind),
+            app_dir=app_dir,
+            server_port=self.port,
+            predict_path=self.predict_path,
+            probes=self.probe_settings(),
+            reloadable=self.reloadable,
+            run_as_user_id=self.run_as_user_id,
+            generation=self.generation,
+        )
 
 
 def write_record(directory: Path, record: ReplicaRecord) -> None:
@@ -134,3 +185,61 @@ def stop_recorded(directory: Path, grace_s: float = 5.0) -> list[str]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record.pid, signal.SIGKILL)
     return [r.replica_id for r in live]
+
+
+class RecordedProcess:
+    """The first process of a replica an earlier control plane started: not a child of
+    this one, so it is watched through ``/proc`` (its start time guards against a pid
+    that was recycled). The part of ``Popen``'s interface the engine uses."""
+
+    def __init__(self, pid: int, ticks: int) -> None:
+        self.pid, self._ticks = pid, ticks
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not (
+            start_ticks(self.pid) == self._ticks and process_alive(self.pid)
+        ):
+            self.returncode = -1  # its exit status went to whoever reaped it
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            time.sleep(0.05)
+        return code
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[2]) if len(fields) > 2 else None
+
+
+def kill_leftovers(replicas_dir: Path, adopted: set[int]) -> None:
+    """Kill the replica processes an earlier run of this home left running that no
+    record names (a crash between a launch and its record, a record lost): every
+    process whose ``APP_HOME`` lies under this home's replicas and which is not in the
+    process group of a replica the engine adopted (``adopted``: their leaders' pids)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    prefix = b"APP_HOME=" + bytes(replicas_dir) + b"/"
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        if _process_group(int(entry.name)) in adopted:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(var.startswith(prefix) for var in environ.split(b"\0")):
+            log.warning("process engine: killing pid %s left by an earlier run", entry.name)
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)

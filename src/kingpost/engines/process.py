@@ -44,9 +44,10 @@ from kingpost._logtail import tail_lines
 from kingpost.engines._core import ReplicaEngine, Tracked
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
 from kingpost.engines._records import (
+    RecordedProcess,
     ReplicaRecord,
     alive,
-    probes_dict,
+    kill_leftovers,
     read_records,
     records_dir,
     remove_record,
@@ -69,7 +70,6 @@ from kingpost.engines.base import (
 )
 from kingpost.engines.probes import http_probe
 from kingpost.errors import EngineError
-from kingpost.gateway_process import boot_id, process_alive, start_ticks
 from kingpost.netns import can_unshare_net, forget_netns
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, RELOAD_TOKEN_ENV, SERVER_ARGS
 from kingpost.settings import Settings
@@ -102,38 +102,13 @@ def starting_probe_period(rep: _Replica, now: float) -> float:
 SECRETS_MOUNT = "/secrets"
 
 
-class _Foreign:
-    """The first process of a replica an earlier control plane started: not a child of
-    this one, so it is watched through ``/proc`` (its start time guards against a pid
-    that was recycled). The part of ``Popen``'s interface the engine uses."""
-
-    def __init__(self, pid: int, ticks: int) -> None:
-        self.pid, self._ticks = pid, ticks
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None and not (
-            start_ticks(self.pid) == self._ticks and process_alive(self.pid)
-        ):
-            self.returncode = -1  # its exit status went to whoever reaped it
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
-            time.sleep(0.05)
-        return code
-
-
 @dataclass
 class _Replica(Tracked):
     spec: ReplicaSpec
     root: Path
     port: int
     netns: bool
-    proc: subprocess.Popen[bytes] | _Foreign | None = None
+    proc: subprocess.Popen[bytes] | RecordedProcess | None = None
     next_probe: float = 0.0
     kill_at: float = 0.0
     probing: bool = False
@@ -228,39 +203,6 @@ def _secrets_root(scope: str) -> Path:
     return user / scope
 
 
-def _process_group(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[2]) if len(fields) > 2 else None
-
-
-def _kill_leftovers(replicas_dir: Path, adopted: set[int]) -> None:
-    """Kill the replica processes an earlier run of this home left running that no
-    record names (a crash between a launch and its record, a record lost): every
-    process whose ``APP_HOME`` lies under this home's replicas and which is not in the
-    process group of a replica the engine adopted (``adopted``: their leaders' pids)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return
-    prefix = b"APP_HOME=" + bytes(replicas_dir) + b"/"
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        if _process_group(int(entry.name)) in adopted:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if any(var.startswith(prefix) for var in environ.split(b"\0")):
-            log.warning("process engine: killing pid %s left by an earlier run", entry.name)
-            with contextlib.suppress(OSError):
-                os.kill(int(entry.name), signal.SIGKILL)
-
-
 class ProcessEngine(ReplicaEngine[_Replica]):
     name: ClassVar[str] = "process"
     tick_s = TICK_S
@@ -292,7 +234,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         self._track()
         self._past: dict[str, list[Path]] = {}
         self._adopt()
-        _kill_leftovers(
+        kill_leftovers(
             settings.replicas_dir,
             {r.proc.pid for r in self._replicas.values() if r.proc is not None},
         )
@@ -329,26 +271,13 @@ class ProcessEngine(ReplicaEngine[_Replica]):
     def _adopted_replica(self, record: ReplicaRecord) -> _Replica:
         root = self.settings.replicas_dir / record.replica_id
         probes = record.probe_settings()
-        spec = ReplicaSpec(
-            replica_id=record.replica_id,
-            deployment_id=record.deployment_id,
-            model_id=record.model_id,
-            kind=record.server_kind,
-            app_dir=root / "app",
-            server_port=record.port,
-            predict_path=record.predict_path,
-            probes=probes,
-            reloadable=record.reloadable,
-            run_as_user_id=record.run_as_user_id,
-            generation=record.generation,
-        )
         now = time.monotonic()
         rep = _Replica(
-            spec,
+            record.spec(root / "app"),
             root,
             record.port,
             record.netns,
-            proc=_Foreign(record.pid, record.start_ticks),
+            proc=RecordedProcess(record.pid, record.start_ticks),
             reload_token=record.reload_token,
             adopted=True,
             replica_id=record.replica_id,
@@ -585,7 +514,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         self._forget_replica(rep)
 
     @staticmethod
-    def _signal(proc: subprocess.Popen[bytes] | _Foreign, sig: int) -> None:
+    def _signal(proc: subprocess.Popen[bytes] | RecordedProcess, sig: int) -> None:
         """Signal the replica's process group (its first process leads a session)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
@@ -646,29 +575,13 @@ class ProcessEngine(ReplicaEngine[_Replica]):
 
     def _record(self, rep: _Replica, proc: subprocess.Popen[bytes]) -> None:
         """Write down what the next control plane needs to adopt ``rep`` after a crash."""
-        spec = rep.spec
-        record = ReplicaRecord(
-            replica_id=spec.replica_id,
-            deployment_id=spec.deployment_id,
-            model_id=spec.model_id,
-            generation=spec.generation,
-            kind=str(spec.kind),
-            pid=proc.pid,
-            start_ticks=start_ticks(proc.pid) or 0,
-            boot_id=boot_id(),
-            port=rep.port,
-            netns=rep.netns,
-            predict_path=spec.predict_path,
-            probes=probes_dict(spec.probes),
-            started_at=rep.started_at,
-            reload_token=rep.reload_token if spec.reloadable else "",
-            reloadable=spec.reloadable,
-            run_as_user_id=spec.run_as_user_id,
+        record = ReplicaRecord.of(
+            rep.spec, proc.pid, rep.port, rep.netns, rep.started_at, rep.reload_token
         )
         try:
             write_record(self._records, record)
         except OSError as exc:  # it serves; a crash would only not leave it adopted
-            log.warning("process engine: cannot record replica %s: %s", spec.replica_id, exc)
+            log.warning("process engine: cannot record replica %s: %s", rep.replica_id, exc)
 
     # -- launching -----------------------------------------------------------------------------
     def _launch(self, rep: _Replica, now: float) -> None:
