@@ -233,23 +233,3 @@ def test_a_failed_rollout_gives_the_previous_deployment_back_all_its_replicas(
     assert not rig.controller.rollout_active(first)
     assert rig.controller.scaler.wanted(first, -1) == 2
     assert len(rig.engine.live(first)) == 2 and serving(rig, first) == 2
-
-
-def test_a_pass_that_moves_a_rollout_asks_for_the_next_pass_at_once(tmp_path: Path) -> None:
-    """A step's next phase is often due at once (a step done starts the next one's
-    replicas; a drained step is done): the loop does not wait out its interval for it."""
-    rig = Rig(tmp_path, engine=FakeEngine(auto_ready=False))
-    first = rig.deploy(min_replicas=2, max_replicas=2)
-    rig.controller.reconcile_once()
-    ready_all(rig)
-    rig.controller.reconcile_once()
-    rig.store.set_promotion_settings("loop", "production", ROLLING)
-    rig.deploy(min_replicas=2, max_replicas=2, environment="production")
-    wake = rig.controller._wake
-    wake.clear()
-    rig.controller.reconcile_once()  # the rollout begins: its first candidate starts
-    assert wake.is_set()
-    wake.clear()
-    rig.controller.reconcile_once()  # the candidate is not ready: nothing moved
-    assert not wake.is_set()
-    assert production(rig) == ((first, 1.0),)

@@ -583,8 +583,6 @@ class Controller:
         fields["phase_since"] = datetime.fromtimestamp(after.phase_since, UTC)
         if not self.store.record_rollout(ro.id, fields, seen=(str(ro.status), ro.requested)):
             return before  # a user paused, resumed or canceled meanwhile: decide again
-        if (after.status, after.step, after.phase) != (before.status, before.step, before.phase):
-            self._wake.set()  # the next pass now: what the new phase waits for may be done
         if after.status != before.status or after.step != before.step:
             log.info(
                 "rollout %s into %s: %s step %d/%d, %.0f%% of traffic on the candidate %s",
