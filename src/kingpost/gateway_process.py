@@ -66,6 +66,7 @@ __all__ = [
     "ensure_gateway",
     "hold_restarting",
     "process_alive",
+    "recorded_plane_alive",
 ]
 
 log = logging.getLogger("kingpost.server")
@@ -355,6 +356,13 @@ def _plane_alive(record: GatewayRecord) -> bool:
         and process_alive(record.plane_pid)
         and start_ticks(record.plane_pid) == record.plane_start_ticks
     )
+
+
+def recorded_plane_alive(path: Path) -> bool:
+    """Whether the control plane the gateway record at ``path`` names runs (a gateway about
+    to leave as an orphan asks: one that started meanwhile keeps its replicas)."""
+    record = read_record(path)
+    return record is not None and _plane_alive(record)
 
 
 def _table_version(sock: Path) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from helpers.platform import Platform, free_port, wait_answer, wait_for
 from kingpost.engines._records import ReplicaRecord, read_records, records_dir, write_record
 from kingpost.engines.process import ProcessEngine
-from kingpost.gateway_process import boot_id, process_alive, start_ticks
+from kingpost.gateway_process import GatewayRecord, boot_id, process_alive, start_ticks
+from kingpost.gateway_process import write_record as gateway_record
 from kingpost.settings import Settings
 
 PREDICT = "/models/pid/environments/production/predict"
@@ -205,9 +208,13 @@ def test_an_adopted_replica_that_exits_is_dropped_for_the_controller_to_replace(
             server.wait()
 
 
-def test_an_orphaned_gateway_stops_the_recorded_replicas_as_it_exits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plane_back", [False, True])
+def test_an_orphaned_gateway_stops_the_recorded_replicas_as_it_exits(
+    tmp_path: Path, plane_back: bool
+) -> None:
     """No control plane came back: the gateway exits on its orphan timeout, and the
-    replicas it routed to leave with it (their whole process groups)."""
+    replicas it routed to leave with it (their whole process groups). A control plane
+    that started meanwhile (the record names it, and it runs) keeps them."""
     run_dir = tmp_path / "run"
     records = records_dir(run_dir)
     port = free_port()
@@ -215,6 +222,8 @@ def test_an_orphaned_gateway_stops_the_recorded_replicas_as_it_exits(tmp_path: P
     try:
         ticks = wait_for(lambda: start_ticks(server.pid), 5, "the server's start time")
         write_record(records, _record("dep-orphan", server.pid, ticks, port))
+        if plane_back:  # this test's process plays the control plane
+            gateway_record(run_dir / "gateway.json", _plane(os.getpid()))
         gateway = subprocess.Popen(
             [
                 sys.executable,
@@ -237,9 +246,30 @@ def test_an_orphaned_gateway_stops_the_recorded_replicas_as_it_exits(tmp_path: P
             if gateway.poll() is None:
                 gateway.kill()
                 gateway.wait()
+        if plane_back:
+            assert server.poll() is None
+            assert [r.replica_id for r in read_records(records)] == ["dep-orphan"]
+            return
         assert server.wait(timeout=10) != 0  # stopped by a signal, not exited by itself
         assert read_records(records) == []
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def _plane(pid: int) -> GatewayRecord:
+    return GatewayRecord(
+        pid=1,
+        start_ticks=0,
+        boot_id=boot_id(),
+        version="0",
+        host="127.0.0.1",
+        port=1,
+        workers=1,
+        orphan_timeout=0.0,
+        control_socket="",
+        token="t",
+        plane_pid=pid,
+        plane_start_ticks=start_ticks(pid) or 0,
+    )

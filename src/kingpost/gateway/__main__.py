@@ -95,7 +95,11 @@ def _stop_orphaned_replicas(records: Path) -> None:
     """No control plane came back to adopt the process engine's replicas either: they
     leave with the gateway (``engines/_records.py``)."""
     from kingpost.engines._records import stop_recorded
+    from kingpost.gateway_process import recorded_plane_alive
 
+    if recorded_plane_alive(records.parent / "gateway.json"):  # one started meanwhile
+        log.warning("gateway: a control plane runs again: its replicas are left to it")
+        return
     for replica_id in stop_recorded(records):
         log.warning("gateway: stopped orphaned replica %s", replica_id)
 
