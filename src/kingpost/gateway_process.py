@@ -13,7 +13,8 @@ found):
 - ADOPT: the process is still ours (same boot, same start time, a gateway command line
   naming our control socket), every worker answers on its control socket with this
   Kingpost's version, and it runs as the settings say (address, workers, orphan timeout,
-  the log store of its access lines, the OTLP endpoint it sends spans to): the new control
+  the log store of its access lines, the OTLP endpoint it sends spans to, the database and
+  limits its async routes use): the new control
   plane keeps its token, holds the requests for replicas its engines are about to restart
   (:func:`hold_restarting`) and pushes it newer tables.
 - REPLACE: it is ours but runs another Kingpost version or other settings, or its control
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import httpx
 
@@ -53,14 +56,17 @@ from kingpost.settings import Settings
 
 __all__ = [
     "Action",
+    "AsyncStore",
     "GatewayProcess",
     "GatewayRecord",
     "Observed",
     "access_log_store",
+    "async_store",
     "decide",
     "ensure_gateway",
     "hold_restarting",
     "process_alive",
+    "recorded_plane_alive",
 ]
 
 log = logging.getLogger("kingpost.server")
@@ -100,6 +106,11 @@ class GatewayRecord:
     traces_endpoint: str = ""
     """Where it sends spans (``gateway/tracing.py``'s ``traces_endpoint`` of the environment
     it inherited); empty: tracing off."""
+    database: str = ""
+    """A fingerprint of the database URL its async routes write to (``_async_env`` in
+    ``serve.py``), not the URL, which may hold a password; empty in older records."""
+    async_payload_limit: int = 0
+    async_webhook_allow_http: bool = False
 
     def sockets(self) -> list[Path]:
         return control_socket_paths(Path(self.control_socket), self.workers)
@@ -145,15 +156,39 @@ def decide(
     wanted["log_dir"], wanted["log_segment_bytes"] = access_log_store(settings)
     wanted["traces_endpoint"] = traces or ""
     wanted["metrics_listen"] = settings.gateway_metrics_listen or ""
+    wanted.update(async_store(settings))
     changed = [
-        f"{k} {getattr(record, k)!r} -> {v!r}" for k, v in wanted.items() if getattr(record, k) != v
+        _change(k, getattr(record, k), v) for k, v in wanted.items() if getattr(record, k) != v
     ]
     if changed:
         return Action.REPLACE, "its settings changed: " + ", ".join(changed)
     return Action.ADOPT, f"it runs Kingpost {__version__} on {record.host}:{record.port}"
 
 
+def _change(key: str, old: object, new: object) -> str:
+    if key == "database":  # fingerprints tell the user nothing
+        return "the database URL (KINGPOST_DATABASE_URL)"
+    return f"{key} {old!r} -> {new!r}"
+
+
 # -- the record ---------------------------------------------------------------------------
+class AsyncStore(TypedDict):
+    database: str
+    async_payload_limit: int
+    async_webhook_allow_http: bool
+
+
+def async_store(settings: Settings) -> AsyncStore:
+    """What the gateway's async routes run with (the environment ``serve.py`` hands it),
+    as the record keeps it: another database would have an adopted gateway queue requests
+    in a store no worker of this control plane reads."""
+    return AsyncStore(
+        database=hashlib.sha256(settings.db_url.encode()).hexdigest()[:16],
+        async_payload_limit=settings.async_payload_limit,
+        async_webhook_allow_http=settings.async_webhook_allow_http,
+    )
+
+
 def access_log_store(settings: Settings) -> tuple[str, int]:
     """Where the gateway keeps its access lines and its segments' size: ``("", 0)`` with
     ``KINGPOST_LOG_ACCESS=false``. The gateway's ``--log-dir`` and ``--log-segment-bytes``,
@@ -328,6 +363,13 @@ def _plane_alive(record: GatewayRecord) -> bool:
     )
 
 
+def recorded_plane_alive(path: Path) -> bool:
+    """Whether the control plane the gateway record at ``path`` names runs (a gateway about
+    to leave as an orphan asks: one that started meanwhile keeps its replicas)."""
+    record = read_record(path)
+    return record is not None and _plane_alive(record)
+
+
 def _table_version(sock: Path) -> int:
     try:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
@@ -395,6 +437,7 @@ def ensure_gateway(
             log_segment_bytes=segment_bytes,
             traces_endpoint=traces,
             metrics_listen=settings.gateway_metrics_listen or "",
+            **async_store(settings),
         )
         write_record(path, record)
     except BaseException:

@@ -29,6 +29,7 @@ from kingpost.api import ControlPlane, create_app
 from kingpost.asyncq.plane import prepare_async_workers
 from kingpost.controller.demand import DemandWatcher
 from kingpost.controller.loop import Controller
+from kingpost.engines._records import records_dir
 from kingpost.errors import KingpostError
 from kingpost.gateway.stats import GatewayStats
 from kingpost.gateway.table import RoutingTable
@@ -122,6 +123,8 @@ def _start_gateway(settings: Settings, token: str) -> subprocess.Popen[bytes]:
         "--orphan-timeout",
         str(settings.gateway_orphan_timeout),
         "--async-store",  # async routes write to the store (gateway/asyncroutes.py)
+        "--orphan-replicas",  # orphaned process replicas leave with it (engines/_records.py)
+        str(records_dir(settings.run_dir)),
     ]
     if settings.gateway_metrics_listen:
         cmd += ["--metrics-listen", settings.gateway_metrics_listen]
@@ -159,13 +162,13 @@ def _collector(settings: Settings, store: Store) -> Collector:
 
 
 def _restarting(store: Store) -> set[str]:
-    """Deployments whose engine does not keep replicas across a control plane's death:
+    """Deployments whose engine does not adopt replicas across a control plane's death:
     the replicas an adopted gateway routes to for them are about to be killed."""
     from kingpost.engines.registry import engine_kind
 
     def kept(engine: str) -> bool:
         try:
-            return engine_kind(engine).keeps_replicas
+            return engine_kind(engine).adopts_replicas
         except KingpostError:
             return False
 

@@ -125,6 +125,30 @@ def test_a_gateway_started_with_other_settings_is_replaced(tmp_path: Path) -> No
     gone(new)
 
 
+def test_a_gateway_on_another_database_is_replaced(tmp_path: Path) -> None:
+    """Its async routes write to the database it was started with: adopted, it would queue
+    requests where the new control plane's workers never look."""
+    platform = Platform(tmp_path / "home").start()
+    old = gateway_pid(platform)
+    try:
+        platform.stop(signal.SIGKILL)
+        assert process_alive(old)
+        other = f"sqlite:///{platform.home / 'other.db'}"
+        platform.env["KINGPOST_DATABASE_URL"] = other
+        platform.start()
+        new = gateway_pid(platform)
+        assert new != old and not process_alive(old)
+        assert (
+            f"replacing the running gateway (pid {old}): its settings changed: "
+            "the database URL (KINGPOST_DATABASE_URL)" in platform.output()
+        )
+        environ = Path(f"/proc/{new}/environ").read_bytes().split(b"\0")
+        assert f"KINGPOST_DATABASE_URL={other}".encode() in environ
+    finally:
+        platform.stop()
+    gone(new)
+
+
 def test_a_gateway_keeping_no_access_lines_is_replaced_when_they_are_turned_on(
     tmp_path: Path,
 ) -> None:

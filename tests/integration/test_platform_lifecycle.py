@@ -119,12 +119,13 @@ def test_crashing_server_is_failed_with_its_output(
     assert "kaboom-42" in row, row
 
 
-def test_a_killed_control_plane_leaves_no_replica_process_behind(
+def test_a_killed_control_plane_leaves_no_unrecorded_replica_process_behind(
     fresh_platform: Platform, tmp_path: Path
 ) -> None:
-    """PR_SET_PDEATHSIG reaches only the shell that runs start_command; a server the shell
-    did not exec into (``cd … && python3 server.py``) outlived a SIGKILLed control plane.
-    The restarted platform must not leave it running forever."""
+    """Replicas outlive a SIGKILLed control plane, for the next one to adopt by their
+    records (``test_process_adopt.py``). One that no record names (its record lost, or
+    the plane died between launch and record), here a server the start_command shell did
+    not exec into (``cd … && python3 server.py``), must not be left running forever."""
     project = tmp_path / "shelled"
     shutil.copytree(EXAMPLES / "echo-server", project)
     text = (project / "config.yaml").read_text()
@@ -140,6 +141,8 @@ def test_a_killed_control_plane_leaves_no_replica_process_behind(
     model_id, dep_id = result["model"]["id"], result["deployment"]["id"]
     old_pid = _pid(fresh_platform, model_id)
     fresh_platform.stop(signal.SIGKILL)
+    for record in (fresh_platform.home / "run" / "replicas").glob("*.json"):
+        record.unlink()
     fresh_platform.start()
     fresh_platform.wait_status(dep_id, "ACTIVE")
     try:

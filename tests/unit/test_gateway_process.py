@@ -13,6 +13,7 @@ from kingpost.gateway_process import (
     Action,
     GatewayRecord,
     Observed,
+    async_store,
     decide,
     read_record,
     write_record,
@@ -34,6 +35,7 @@ RECORD = GatewayRecord(
     token="t",
     log_dir=str(HOME / "logs"),
     log_segment_bytes=8 * 1024 * 1024,
+    **async_store(SETTINGS),
 )
 FITS = Observed(ours=True, versions=(__version__,))
 
@@ -96,6 +98,36 @@ FITS = Observed(ours=True, versions=(__version__,))
             Action.REPLACE,
             "log_segment_bytes 8388608 -> 1048576",
         ),
+        # The async routes write to the database the gateway was started with: another
+        # one must replace it, or requests queue where no worker of this plane reads.
+        (
+            RECORD,
+            FITS,
+            Settings(home=HOME, gateway_port=8080, database_url="postgresql://kp:pw@db/kp"),
+            Action.REPLACE,
+            "its settings changed: the database URL (KINGPOST_DATABASE_URL)",
+        ),
+        (
+            replace(RECORD, database=""),  # recorded by a Kingpost that did not compare it
+            FITS,
+            SETTINGS,
+            Action.REPLACE,
+            "the database URL",
+        ),
+        (
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"async_payload_limit": 1024}),
+            Action.REPLACE,
+            "async_payload_limit 262144 -> 1024",
+        ),
+        (
+            RECORD,
+            FITS,
+            SETTINGS.model_copy(update={"async_webhook_allow_http": True}),
+            Action.REPLACE,
+            "async_webhook_allow_http False -> True",
+        ),
         (
             replace(RECORD, workers=2),
             Observed(True, (__version__, "0.0.1")),
@@ -125,6 +157,7 @@ def test_decide(
     got, reason = decide(record, seen, settings)
     assert got == action
     assert why in reason
+    assert "pw@" not in reason  # a password in the URL is never logged
 
 
 def test_the_record_is_private_and_a_damaged_one_is_ignored(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import ctypes.util
 import functools
 import os
 import resource
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +17,6 @@ from kingpost.netns import enter_new_netns, succeeds_in_child
 
 __all__ = ["Isolation", "can_unshare_mounts", "preexec"]
 
-_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY = 1
@@ -123,8 +121,8 @@ def preexec(isolation: Isolation) -> Callable[[], None]:
             os.setgid(isolation.uid)
             os.setuid(isolation.uid)
             _ok(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        # Last: a change of credentials clears it.
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        # No parent-death signal: a replica outlives a control plane that is killed, for
+        # the next one to adopt (``engines/_records.py``).
 
     return run
 

@@ -257,5 +257,6 @@ class Engine(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Release the engine; engines whose replicas die with the control plane
-        (process) stop them, engines that can re-adopt (docker) leave them."""
+        """Release the engine (a clean stop of the control plane): engines that do not
+        keep replicas (process) stop them, those that do (docker) leave them running for
+        the next control plane to adopt. Either may adopt after a crash."""

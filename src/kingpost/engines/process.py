@@ -7,9 +7,17 @@ namespace, so any number of replicas can bind the same fixed ``server_port``;
 the gateway and the probes connect from inside that namespace. Without
 namespaces a second live replica on the same fixed port is refused.
 
-All process work (spawn, probe, restart, kill) happens on one monitor thread,
-which is also the parent that ``PR_SET_PDEATHSIG`` watches: replicas die with
-the control plane even when it is killed with SIGKILL.
+All process work (spawn, probe, restart, kill) happens on one monitor thread.
+
+Restart semantics: a clean stop (:meth:`ProcessEngine.close`) stops every replica. A
+crash does not: each replica leads a session of its own with no parent-death signal and
+writes its output to a file, so it outlives a control plane killed with SIGKILL, and
+``{home}/run/replicas/{id}.json`` records it (``engines/_records.py``). The next engine
+adopts every recorded replica still running (same pid, start time and boot) and watches
+it again; the controller then stops those it no longer wants. An adopted replica that
+exits or fails its liveness probe is dropped (the controller starts a fresh one in its
+place): the engine no longer holds the secrets and environment to start it again.
+Processes of this home that no record names are killed as the engine starts.
 """
 
 from __future__ import annotations
@@ -35,6 +43,16 @@ from kingpost._cancel import kill_orphans
 from kingpost._logtail import tail_lines
 from kingpost.engines._core import ReplicaEngine, Tracked
 from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
+from kingpost.engines._records import (
+    RecordedProcess,
+    ReplicaRecord,
+    alive,
+    kill_leftovers,
+    read_records,
+    records_dir,
+    remove_record,
+    write_record,
+)
 from kingpost.engines._reload import Patch, ask_reload
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs, write_secrets
 from kingpost.engines._view import View, plan_view, replica_uid
@@ -50,6 +68,7 @@ from kingpost.engines.base import (
     gpu_environment,
     scope_of,
 )
+from kingpost.engines.probes import http_probe
 from kingpost.errors import EngineError
 from kingpost.netns import can_unshare_net, forget_netns
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, RELOAD_TOKEN_ENV, SERVER_ARGS
@@ -89,7 +108,7 @@ class _Replica(Tracked):
     root: Path
     port: int
     netns: bool
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | RecordedProcess | None = None
     next_probe: float = 0.0
     kill_at: float = 0.0
     probing: bool = False
@@ -98,6 +117,9 @@ class _Replica(Tracked):
     relaunch: bool = False
     """Set by :meth:`ProcessEngine.reload`: the monitor kills the server and starts it
     again on the (patched) files, without a backoff."""
+    adopted: bool = False
+    """Started by an earlier control plane: its ``spec`` holds only what its record
+    says, so it is dropped, not started again, once its server is gone."""
 
     @property
     def app(self) -> Path:
@@ -181,30 +203,6 @@ def _secrets_root(scope: str) -> Path:
     return user / scope
 
 
-def _kill_leftovers(replicas_dir: Path) -> None:
-    """Kill the replica processes an earlier run of this home left running.
-
-    ``PR_SET_PDEATHSIG`` reaches only a replica's first process: when the control plane
-    is SIGKILLed, whatever that process started (a server the ``start_command`` shell
-    did not exec into) lives on, orphaned. A new engine runs nothing yet, so every
-    process whose ``APP_HOME`` lies under this home's replicas is such a leftover."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return
-    prefix = b"APP_HOME=" + bytes(replicas_dir) + b"/"
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if any(var.startswith(prefix) for var in environ.split(b"\0")):
-            log.warning("process engine: killing pid %s left by an earlier run", entry.name)
-            with contextlib.suppress(OSError):
-                os.kill(int(entry.name), signal.SIGKILL)
-
-
 class ProcessEngine(ReplicaEngine[_Replica]):
     name: ClassVar[str] = "process"
     tick_s = TICK_S
@@ -231,17 +229,72 @@ class ProcessEngine(ReplicaEngine[_Replica]):
                 settings.home,
                 " (KINGPOST_ISOLATION=off)" if settings.isolation == "off" else "",
             )
-        _kill_leftovers(settings.replicas_dir)
-        for pid in kill_orphans():  # builds' processes a killed control plane left
-            log.warning("process engine: killed pid %s left by an earlier build", pid)
-        # Secret files an earlier run could not remove (it was killed): nothing runs yet.
+        self._records = records_dir(settings.run_dir)
         self._secrets_root = _secrets_root(scope_of(settings.home))
-        remove_secrets(self._secrets_root)
         self._track()
         self._past: dict[str, list[Path]] = {}
+        self._adopt()
+        kill_leftovers(
+            settings.replicas_dir,
+            {r.proc.pid for r in self._replicas.values() if r.proc is not None},
+        )
+        for pid in kill_orphans():  # builds' processes a killed control plane left
+            log.warning("process engine: killed pid %s left by an earlier build", pid)
+        # Secret files an earlier run could not remove (it was killed), but those of the
+        # replicas adopted: nothing else runs yet.
+        if self._secrets_root.is_dir():
+            for path in self._secrets_root.iterdir():
+                if path.name not in self._replicas:
+                    remove_secrets(path)
         self._kick = threading.Event()
         """Set by ``start``: the monitor's wait ends at once."""
         self._watch()
+
+    def _adopt(self) -> None:
+        """Watch again the replicas an earlier control plane left running (their records
+        name a live process); forget the records of those that are gone."""
+        for record in read_records(self._records):
+            if not alive(record):
+                log.info("process engine: replica %s is gone: forgotten", record.replica_id)
+                remove_record(self._records, record.replica_id)
+                continue
+            rep = self._adopted_replica(record)
+            self._replicas[rep.replica_id] = rep
+            self._past.setdefault(rep.deployment_id, []).append(rep.root)
+            log.info(
+                "process engine: adopted replica %s (pid %d, %s)",
+                rep.replica_id,
+                record.pid,
+                rep.phase,
+            )
+
+    def _adopted_replica(self, record: ReplicaRecord) -> _Replica:
+        root = self.settings.replicas_dir / record.replica_id
+        probes = record.probe_settings()
+        now = time.monotonic()
+        rep = _Replica(
+            record.spec(root / "app"),
+            root,
+            record.port,
+            record.netns,
+            proc=RecordedProcess(record.pid, record.start_ticks),
+            reload_token=record.reload_token,
+            adopted=True,
+            replica_id=record.replica_id,
+            deployment_id=record.deployment_id,
+            generation=record.generation,
+            started_at=record.started_at,
+            launched=now,
+            next_probe=now + probes.period_s,
+        )
+        netns = f"/proc/{record.pid}/ns/net" if record.netns else None
+        rep.endpoint = Endpoint("127.0.0.1", record.port, netns)
+        # Ready now, so the controller's first pass (which publishes the routing table
+        # after a restart) routes to it; one still loading goes on starting.
+        if http_probe(rep.endpoint, probes.readiness_path, min(probes.timeout_s, 1.0)):
+            rep.phase, rep.ever_ready = ReplicaPhase.READY, True
+        rep.message = "adopted from an earlier control plane"
+        return rep
 
     # -- the Engine interface ------------------------------------------------------------
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
@@ -362,6 +415,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             or rep.stopping
             or rep.phase != ReplicaPhase.READY
             or not rep.spec.reloadable
+            or (rep.adopted and rep.spec.kind != ServerKind.MODEL_CLASS)  # cannot relaunch
         ):
             return None
         uid = replica_uid(rep.spec.deployment_id, rep.spec.run_as_user_id) if self.isolate else None
@@ -460,7 +514,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         self._forget_replica(rep)
 
     @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    def _signal(proc: subprocess.Popen[bytes] | RecordedProcess, sig: int) -> None:
         """Signal the replica's process group (its first process leads a session)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
@@ -472,6 +526,9 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             self._signal(rep.proc, signal.SIGKILL)
         self._forget(rep)
         rep.proc = None
+        if rep.adopted:
+            self._drop(rep, f"its server exited (code {code})")
+            return
         self._after_exit(rep, now, f"exited with code {code}", lambda: _tail(rep.log_path, 20))
 
     def _probe(self, rep: _Replica, now: float) -> None:
@@ -497,14 +554,40 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             rep.proc.wait(timeout=10)
             self._forget(rep)
         rep.proc, rep.endpoint, rep.live_fails = None, None, 0
+        if rep.adopted:
+            self._drop(rep, why)
+            return
         rep.back_off(now, why)
 
+    def _drop(self, rep: _Replica, why: str) -> None:
+        """Forget an adopted replica whose server is gone: the controller starts a fresh
+        one in its place (this engine lacks its secrets and environment to)."""
+        log.warning("process engine: adopted replica %s dropped: %s", rep.replica_id, why)
+        rep.phase, rep.message = ReplicaPhase.STOPPED, why
+        self._cleanup(rep)
+        self._forget_replica(rep)
+
     def _forget(self, rep: _Replica) -> None:
+        """Its server is gone (or going): no record, no namespace handle."""
+        remove_record(self._records, rep.replica_id)
         if rep.endpoint is not None and rep.endpoint.netns:
             forget_netns(rep.endpoint.netns)
 
+    def _record(self, rep: _Replica, proc: subprocess.Popen[bytes]) -> None:
+        """Write down what the next control plane needs to adopt ``rep`` after a crash."""
+        record = ReplicaRecord.of(
+            rep.spec, proc.pid, rep.port, rep.netns, rep.started_at, rep.reload_token
+        )
+        try:
+            write_record(self._records, record)
+        except OSError as exc:  # it serves; a crash would only not leave it adopted
+            log.warning("process engine: cannot record replica %s: %s", rep.replica_id, exc)
+
     # -- launching -----------------------------------------------------------------------------
     def _launch(self, rep: _Replica, now: float) -> None:
+        if rep.adopted:  # nothing to start it again from
+            self._drop(rep, "its server is gone")
+            return
         spec = rep.spec
         try:
             uid = replica_uid(spec.deployment_id, spec.run_as_user_id) if self.isolate else None
@@ -558,6 +641,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             except (OSError, subprocess.SubprocessError) as exc:
                 rep.phase, rep.message = ReplicaPhase.FAILED, f"cannot start the server: {exc}"
                 return
+        self._record(rep, rep.proc)
         netns = f"/proc/{rep.proc.pid}/ns/net" if rep.netns else None
         rep.endpoint = Endpoint("127.0.0.1", rep.port, netns)
         rep.launched, rep.next_probe = now, now + min(STARTING_PROBE_S, spec.probes.period_s)

@@ -49,9 +49,12 @@ class EngineKind:
     """Created when a deployment is pushed to it, so an unreachable engine (dockerd down)
     refuses the push instead of failing the deployment later."""
     keeps_replicas: bool = False
-    """Its replicas outlive a control plane (its engine's ``keeps_replicas``): a restarted
-    control plane hands an adopted gateway's routes to them over as they are, while it
-    holds requests for the others until their replicas are started anew."""
+    """Its replicas outlive a clean stop of the control plane too (its engine's
+    ``keeps_replicas``), unless ``--stop-replicas-on-exit``."""
+    adopts_replicas: bool = False
+    """Its replicas outlive a control plane that crashes, and the next one adopts them: it
+    hands an adopted gateway's routes to them over as they are, while it holds requests
+    for the others until their replicas are started anew."""
     refusals: Callable[[TrussConfig], list[Issue]] = _no_issues
     """Config problems that stop a push to this engine (errors, with key paths)."""
     warnings: Callable[[TrussConfig], list[Issue]] = _no_issues
@@ -139,6 +142,7 @@ register(
         "local subprocesses, each in its own namespaces when run as root (the default)",
         _process,
         builds="the Python environment",
+        adopts_replicas=True,
         refusals=_process_refusals,
         warnings=_process_warnings,
     )
@@ -151,6 +155,7 @@ register(
         builds="the image",
         check_at_push=True,
         keeps_replicas=True,
+        adopts_replicas=True,
     )
 )
 register(EngineKind("fake", "in-memory replicas for tests", _fake, "nothing", user_facing=False))

@@ -57,6 +57,7 @@ async def _run(
     log_store: tuple[Path, int] | None = None,
     orphan_timeout: float = 0.0,
     async_store: bool = False,
+    orphan_replicas: Path | None = None,
 ) -> None:
     store = None
     if log_store is not None:
@@ -83,9 +84,25 @@ async def _run(
     if orphan_timeout > 0:
         watchdog = asyncio.ensure_future(_orphan_watch(gateway, orphan_timeout, stop))
     await stop.wait()
+    orphaned = watchdog is not None and watchdog.done() and not watchdog.cancelled()
     if watchdog is not None:
         watchdog.cancel()
     await gateway.close()
+    if orphaned and orphan_replicas is not None:
+        await asyncio.to_thread(_stop_orphaned_replicas, orphan_replicas)
+
+
+def _stop_orphaned_replicas(records: Path) -> None:
+    """No control plane came back to adopt the process engine's replicas either: they
+    leave with the gateway (``engines/_records.py``)."""
+    from kingpost.engines._records import stop_recorded
+    from kingpost.gateway_process import recorded_plane_alive
+
+    if recorded_plane_alive(records.parent / "gateway.json"):  # one started meanwhile
+        log.warning("gateway: a control plane runs again: its replicas are left to it")
+        return
+    for replica_id in stop_recorded(records):
+        log.warning("gateway: stopped orphaned replica %s", replica_id)
 
 
 async def _orphan_watch(gateway: Gateway, limit_s: float, stop: asyncio.Event) -> None:
@@ -114,6 +131,7 @@ def run_gateway(
     log_store: tuple[Path, int] | None = None,
     orphan_timeout: float = 0.0,
     async_store: bool = False,
+    orphan_replicas: Path | None = None,
 ) -> None:
     _install_uvloop()
     asyncio.run(
@@ -127,6 +145,7 @@ def run_gateway(
             log_store,
             orphan_timeout,
             async_store,
+            orphan_replicas,
         )
     )
 
@@ -189,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
         help="exit once no table was pushed for this many seconds (0: never); "
         "`kingpost server` passes KINGPOST_GATEWAY_ORPHAN_TIMEOUT",
     )
+    p.add_argument(
+        "--orphan-replicas",
+        type=Path,
+        help="on exiting for --orphan-timeout, stop the process engine's replicas recorded "
+        "in this directory (`kingpost server` passes {home}/run/replicas)",
+    )
     args = p.parse_args(argv)
     store = None if args.log_dir is None else (args.log_dir, args.log_segment_bytes)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -206,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             log_store=store,
             orphan_timeout=args.orphan_timeout,
             async_store=args.async_store,
+            orphan_replicas=args.orphan_replicas,
         )
         return
     children = []
@@ -228,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         if store is not None:
             cmd += ["--log-dir", str(store[0]), "--log-segment-bytes", str(store[1])]
         cmd += ["--async-store"] if args.async_store else []
+        if args.orphan_replicas is not None:
+            cmd += ["--orphan-replicas", str(args.orphan_replicas)]
         cmd += [arg for fd in fds for arg in ("--control-token-fd", str(fd))]
         children.append(subprocess.Popen(cmd, pass_fds=fds))
         for fd in fds:
