@@ -128,9 +128,16 @@ class AsyncWorkers:
         self._kick = asyncio.Event()
         timeout = httpx.Timeout(self.settings.run_timeout_s, connect=5.0)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # Webhooks go to a checked address (webhooks.deliver): a connection kept for one
+        # address must not carry a delivery for another name.
+        one_shot = httpx.AsyncClient(
+            timeout=httpx.Timeout(30.0),
+            follow_redirects=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
         async with (
             httpx.AsyncClient(timeout=timeout, limits=limits) as runs,
-            httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=False) as hooks,
+            one_shot as hooks,
         ):
             self._runs, self._hooks = runs, hooks
             while not self._stop.is_set():
