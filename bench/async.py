@@ -14,6 +14,12 @@ Starts a real ``kingpost server`` (process engine, SQLite) in a temporary home, 
    0.5, keeps half of them for sync predicts).
 
     .venv/bin/python bench/async.py [--rate 1000] [--seconds 5] [--json out.json]
+        [--rounds 3] [--baseline-src OTHER/src]
+
+``--baseline-src`` starts a second server from another source tree (``git archive REV
+src | tar -x -C DIR``) beside this one; both are pushed, then each round measures both
+(the order alternating per round), and the report gives per variant the median of the
+rounds and their spread (min-max), and the ratios new/baseline of the medians.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +56,7 @@ INPUT: dict[str, Any] = {"n": 1}
 
 def push(platform: Platform, work: Path, model_ms: float) -> tuple[str, str]:
     project = work / "echo-bench"
+    work.mkdir(parents=True, exist_ok=True)
     if model_ms:  # a model that works: the test model sleeping model_ms per predict
         shutil.copytree(REPO / "tests" / "fixtures" / "models" / "async_worker", project)
         config = project / "config.yaml"
@@ -125,12 +134,57 @@ def async_rps(platform: Platform, model: str, dep: str, n: int) -> tuple[float, 
         return n / (time.monotonic() - start), enqueued
 
 
+def drain(platform: Platform, model: str, dep: str) -> None:
+    """Wait until the accepted backlog has run."""
+    with platform.gateway() as gw:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            qs = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()
+            if qs["num_queued_requests"] + qs["num_in_progress_requests"] == 0:
+                return
+            time.sleep(0.2)
+
+
+def one_round(platform: Platform, model: str, dep: str, args: argparse.Namespace) -> dict[str, Any]:
+    acc = {} if args.skip_accept else accept(platform, model, args.rate, args.seconds)
+    drain(platform, model, dep)
+    sync = sync_rps(platform, model, args.seconds)
+    n = max(int(sync * args.seconds), 100)
+    asyn, enqueue_s = async_rps(platform, model, dep, n)
+    return {
+        "accept": acc,
+        "sync_rps": round(sync, 1),
+        "async_rps": round(asyn, 1),
+        "async_requests": n,
+        "async_enqueue_s": round(enqueue_s, 2),
+        "async_over_sync": round(asyn / sync, 3),
+    }
+
+
+def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure: the median of the rounds and their spread (min, max)."""
+    figures: dict[str, list[float]] = {}
+    for r in rounds:
+        for key in ("p50", "p99", "rate"):
+            value = r["accept"].get(key)
+            if value is not None:
+                figures.setdefault(f"accept_{key}", []).append(float(value))
+        for key in ("sync_rps", "async_rps", "async_over_sync"):
+            figures.setdefault(key, []).append(float(r[key]))
+    return {
+        k: {"median": round(statistics.median(v), 4), "min": min(v), "max": max(v)}
+        for k, v in figures.items()
+    }
+
+
 def main() -> None:
     # A SIGTERM (timeout(1)) ends the run through its finally: the server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser()
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--baseline-src", type=Path, help="another tree's src/ to run beside")
     p.add_argument("--json", type=Path)
     p.add_argument(
         "--model-ms",
@@ -143,33 +197,48 @@ def main() -> None:
     args = p.parse_args()
     if args.model_ms:
         INPUT.update(sleep=args.model_ms / 1000)
+    variants: dict[str, dict[str, str]] = {"new": {}}
+    if args.baseline_src is not None:
+        src = str(args.baseline_src.resolve())
+        variants = {"baseline": {"PYTHONPATH": src}, "new": {}}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="kp-bench-async-") as tmp:
         work = Path(tmp)
-        platform = Platform(work / "home", extra_env={"KINGPOST_ASYNC_SHARE": "1"}).start()
+        platforms: dict[str, tuple[Platform, str, str]] = {}
         try:
-            model, dep = push(platform, work, args.model_ms)
-            acc = {} if args.skip_accept else accept(platform, model, args.rate, args.seconds)
-            with platform.gateway() as gw:  # let the accepted backlog drain first
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    qs = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()
-                    if qs["num_queued_requests"] + qs["num_in_progress_requests"] == 0:
-                        break
-                    time.sleep(0.2)
-            sync = sync_rps(platform, model, args.seconds)
-            n = max(int(sync * args.seconds), 100)
-            asyn, enqueue_s = async_rps(platform, model, dep, n)
+            for name, env in variants.items():
+                extra = {"KINGPOST_ASYNC_SHARE": "1", **env}
+                platform = Platform(work / name, extra_env=extra)
+                if "PYTHONPATH" not in env:
+                    platform.env.pop("PYTHONPATH", None)
+                platforms[name] = (
+                    platform.start(),
+                    *push(platform, work / f"{name}-project", args.model_ms),
+                )
+            for i in range(args.rounds):
+                order = list(platforms) if i % 2 == 0 else list(reversed(platforms))
+                for name in order:
+                    platform, model, dep = platforms[name]
+                    results[name].append(one_round(platform, model, dep, args))
+                    print(name, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
         finally:
-            platform.stop()
-    report = {
+            for platform, _, _ in platforms.values():
+                platform.stop()
+    report: dict[str, Any] = {
         "model_ms": args.model_ms,
-        "accept": acc,
-        "sync_rps": round(sync, 1),
-        "async_rps": round(asyn, 1),
-        "async_requests": n,
-        "async_enqueue_s": round(enqueue_s, 2),
-        "async_over_sync": round(asyn / sync, 3),
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "load_average": os.getloadavg(),
+        "variants": {name: {"summary": summary(r), "rounds": r} for name, r in results.items()},
     }
+    if "baseline" in results:
+        base, new = report["variants"]["baseline"]["summary"], report["variants"]["new"]["summary"]
+        report["new_over_baseline"] = {
+            k: round(new[k]["median"] / base[k]["median"], 3)
+            for k in new
+            if k in base and base[k]["median"]
+        }
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
