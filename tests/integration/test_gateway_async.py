@@ -34,11 +34,14 @@ def db_url(tmp_path: Path) -> str:
 @pytest.fixture
 def gw(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RunningGateway]:
     """A gateway whose accepts go through a journal (as `kingpost server` runs it), or
-    with ``indirect`` param "direct" straight into the store."""
+    with ``indirect`` param "journal-sync" fdatasync'd in groups, or "direct" straight
+    into the store."""
     mode = getattr(request, "param", "journal")
-    journal = tmp_path / "async" / "accepts-w.journal" if mode == "journal" else None
+    journal = tmp_path / "async" / "accepts-w.journal" if mode != "direct" else None
     running = RunningGateway()
-    running.gateway.async_front = AsyncFront(db_url, payload_limit=4096, journal=journal)
+    running.gateway.async_front = AsyncFront(
+        db_url, payload_limit=4096, journal=journal, journal_sync=mode == "journal-sync"
+    )
     running.table(route(1))  # a replica that never answers: nothing here calls it
     try:
         yield running
@@ -58,7 +61,7 @@ def in_store(q: AsyncQueue, rid: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("gw", ["journal", "direct"], indirect=True)
+@pytest.mark.parametrize("gw", ["journal", "journal-sync", "direct"], indirect=True)
 def test_accept_then_status_result_cancel_and_queue_status(
     gw: RunningGateway, db_url: str, tmp_path: Path
 ) -> None:

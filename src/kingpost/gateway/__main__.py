@@ -46,6 +46,7 @@ def _async_front(control: Path) -> AsyncFront:
         payload_limit=settings.async_payload_limit,
         allow_http=settings.async_webhook_allow_http,
         journal=settings.home / "async" / f"accepts-{name}.journal",
+        journal_sync=settings.async_journal_sync,
     )
 
 
