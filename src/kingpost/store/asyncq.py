@@ -116,7 +116,8 @@ class WebhookSecretView:
     created_at: datetime
 
 
-def _view(r: AsyncRequest) -> AsyncRequestView:
+def _view(r: Any) -> AsyncRequestView:
+    """From an ``AsyncRequest`` or a plain row of its table (same attribute names)."""
     return AsyncRequestView(
         id=r.id,
         model_id=r.model_id,
@@ -308,8 +309,8 @@ class AsyncQueue:
                     started_at=now,
                 )
             )
-            rows = s.scalars(
-                select(AsyncRequest).where(
+            rows = s.execute(  # plain rows, no ORM objects: this runs per claim
+                select(AsyncRequest.__table__).where(
                     AsyncRequest.id.in_(ids),
                     AsyncRequest.status == AsyncStatus.IN_PROGRESS,
                     AsyncRequest.started_at == now,
