@@ -8,21 +8,29 @@ Starts a real ``kingpost server`` (process engine, SQLite) in a temporary home, 
    accept latency (p50/p99 counted from when each request was due). The workers run the
    accepted requests meanwhile, as they would.
 2. **throughput**: the same replica called synchronously (wrk, closed loop, 8 connections:
-   its predict slots) for ``--seconds``, then as many async requests enqueued at once and
-   the time until the last one SUCCEEDED: completed req/s of each and their ratio. With
+   its predict slots) for ``--seconds``, then as many async requests enqueued at once
+   (open loop at 2,000/s) and the time until the last one SUCCEEDED: completed req/s of
+   each (async: the drain rate after the enqueue) and their ratio. With
    ``KINGPOST_ASYNC_SHARE=1`` here, so async may use every slot sync used (the default,
    0.5, keeps half of them for sync predicts).
 
     .venv/bin/python bench/async.py [--rate 1000] [--seconds 5] [--json out.json]
+        [--rounds 3] [--baseline-src OTHER/src]
+
+``--baseline-src`` starts a second server from another source tree (``git archive REV
+src | tar -x -C DIR``) beside this one; both are pushed, then each round measures both
+(the order alternating per round), and the report gives per variant the median of the
+rounds and their spread (min-max), and the ratios new/baseline of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +56,7 @@ INPUT: dict[str, Any] = {"n": 1}
 
 def push(platform: Platform, work: Path, model_ms: float) -> tuple[str, str]:
     project = work / "echo-bench"
+    work.mkdir(parents=True, exist_ok=True)
     if model_ms:  # a model that works: the test model sleeping model_ms per predict
         shutil.copytree(REPO / "tests" / "fixtures" / "models" / "async_worker", project)
         config = project / "config.yaml"
@@ -62,15 +71,20 @@ def push(platform: Platform, work: Path, model_ms: float) -> tuple[str, str]:
     return pushed["model"]["id"], pushed["deployment"]["id"]
 
 
-def accept(platform: Platform, model: str, rate: float, seconds: float) -> dict[str, Any]:
+def accept_request(platform: Platform, model: str) -> bytes:
     body = json.dumps({"model_input": INPUT}).encode()
-    req = http_request(
+    return http_request(
         f"/models/{model}/production/async_predict",
         body,
         {"Authorization": f"Api-Key {platform.api_key}", "Content-Type": "application/json"},
     )
+
+
+def accept(platform: Platform, model: str, rate: float, seconds: float) -> dict[str, Any]:
+    req = accept_request(platform, model)
     got = openloop(platform.gateway_port, req, rate=rate, connections=16, seconds=seconds)
-    return {k: got.get(k) for k in ("completed", "rate", "p50", "p90", "p99", "max", "errors")}
+    keys = ("completed", "rate", "p50", "p90", "p99", "max", "non2xx", "errors")
+    return {k: got.get(k) for k in keys}
 
 
 def sync_rps(platform: Platform, model: str, seconds: float) -> float:
@@ -91,38 +105,92 @@ def sync_rps(platform: Platform, model: str, seconds: float) -> float:
     return float(line.split()[1])
 
 
+def total(gw: httpx.Client, model: str, dep: str) -> int:
+    counts = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()["counts"]
+    return sum(int(v) for v in counts.values())
+
+
 def succeeded(gw: httpx.Client, model: str, dep: str) -> int:
     counts = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()["counts"]
     return int(counts["SUCCEEDED"])
 
 
-async def enqueue(platform: Platform, model: str, n: int) -> None:
-    headers = {"Authorization": f"Api-Key {platform.api_key}"}
-    path = f"/models/{model}/production/async_predict"
-    async with httpx.AsyncClient(base_url=platform.gateway_url, headers=headers) as c:
-        left = iter(range(n))
-
-        async def one_connection() -> None:
-            for _ in left:
-                r = await c.post(path, json={"model_input": INPUT})
-                r.raise_for_status()
-
-        await asyncio.gather(*(one_connection() for _ in range(16)))
-
-
-def async_rps(platform: Platform, model: str, dep: str, n: int) -> tuple[float, float]:
+def async_rps(platform: Platform, model: str, dep: str, n: int) -> dict[str, float]:
+    """``n`` async requests enqueued at once (open loop at 2,000/s, so the enqueue is
+    short), then the time until the last SUCCEEDED. ``async_rps``: the queue's drain rate
+    after the enqueue ended (what the workers and replicas sustain; what ran during the
+    enqueue is left out of both count and time); ``async_rps_with_enqueue``: all of them
+    over the whole time."""
+    req = accept_request(platform, model)
     with platform.gateway() as gw:
-        before = succeeded(gw, model, dep)
+        before, before_all = succeeded(gw, model, dep), total(gw, model, dep)
         start = time.monotonic()
-        asyncio.run(enqueue(platform, model, n))
-        enqueued = time.monotonic() - start
+        openloop(platform.gateway_port, req, rate=2000, connections=16, seconds=n / 2000, warmup=0)
+        enqueued = time.monotonic()
+        done_then = succeeded(gw, model, dep) - before
+        # Requests still unanswered when the generator stopped are accepted all the same:
+        # count what the queue holds once it settles, not what the generator saw answered.
+        sent, settle = -1, time.monotonic() + 10
+        while time.monotonic() < settle:
+            time.sleep(0.3)
+            now_total = total(gw, model, dep) - before_all
+            if now_total == sent:
+                break
+            sent = now_total
         deadline = start + 120
-        while succeeded(gw, model, dep) < before + n:
+        while succeeded(gw, model, dep) < before + sent:
             if time.monotonic() > deadline:
                 counts = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()
                 raise SystemExit(f"async requests did not all succeed in 120 s: {counts}")
-            time.sleep(0.02)
-        return n / (time.monotonic() - start), enqueued
+            time.sleep(0.05)
+        end = time.monotonic()
+    return {
+        "async_rps": (sent - done_then) / (end - enqueued),
+        "async_rps_with_enqueue": sent / (end - start),
+        "async_requests": sent,
+        "async_enqueue_s": enqueued - start,
+    }
+
+
+def drain(platform: Platform, model: str, dep: str) -> None:
+    """Wait until the accepted backlog has run."""
+    with platform.gateway() as gw:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            qs = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()
+            if qs["num_queued_requests"] + qs["num_in_progress_requests"] == 0:
+                return
+            time.sleep(0.2)
+
+
+def one_round(platform: Platform, model: str, dep: str, args: argparse.Namespace) -> dict[str, Any]:
+    acc = {} if args.skip_accept else accept(platform, model, args.rate, args.seconds)
+    drain(platform, model, dep)
+    sync = sync_rps(platform, model, args.seconds)
+    n = max(int(sync * args.seconds), 100)
+    got = async_rps(platform, model, dep, n)
+    return {
+        "accept": acc,
+        "sync_rps": round(sync, 1),
+        **{k: round(v, 2) for k, v in got.items()},
+        "async_over_sync": round(got["async_rps"] / sync, 3),
+    }
+
+
+def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure: the median of the rounds and their spread (min, max)."""
+    figures: dict[str, list[float]] = {}
+    for r in rounds:
+        for key in ("p50", "p99", "rate"):
+            value = r["accept"].get(key)
+            if value is not None:
+                figures.setdefault(f"accept_{key}", []).append(float(value))
+        for key in ("sync_rps", "async_rps", "async_rps_with_enqueue", "async_over_sync"):
+            figures.setdefault(key, []).append(float(r[key]))
+    return {
+        k: {"median": round(statistics.median(v), 4), "min": min(v), "max": max(v)}
+        for k, v in figures.items()
+    }
 
 
 def main() -> None:
@@ -131,6 +199,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--baseline-src", type=Path, help="another tree's src/ to run beside")
     p.add_argument("--json", type=Path)
     p.add_argument(
         "--model-ms",
@@ -143,33 +213,48 @@ def main() -> None:
     args = p.parse_args()
     if args.model_ms:
         INPUT.update(sleep=args.model_ms / 1000)
+    variants: dict[str, dict[str, str]] = {"new": {}}
+    if args.baseline_src is not None:
+        src = str(args.baseline_src.resolve())
+        variants = {"baseline": {"PYTHONPATH": src}, "new": {}}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="kp-bench-async-") as tmp:
         work = Path(tmp)
-        platform = Platform(work / "home", extra_env={"KINGPOST_ASYNC_SHARE": "1"}).start()
+        platforms: dict[str, tuple[Platform, str, str]] = {}
         try:
-            model, dep = push(platform, work, args.model_ms)
-            acc = {} if args.skip_accept else accept(platform, model, args.rate, args.seconds)
-            with platform.gateway() as gw:  # let the accepted backlog drain first
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    qs = gw.get(f"/models/{model}/deployment/{dep}/async_queue_status").json()
-                    if qs["num_queued_requests"] + qs["num_in_progress_requests"] == 0:
-                        break
-                    time.sleep(0.2)
-            sync = sync_rps(platform, model, args.seconds)
-            n = max(int(sync * args.seconds), 100)
-            asyn, enqueue_s = async_rps(platform, model, dep, n)
+            for name, env in variants.items():
+                extra = {"KINGPOST_ASYNC_SHARE": "1", **env}
+                platform = Platform(work / name, extra_env=extra)
+                if "PYTHONPATH" not in env:
+                    platform.env.pop("PYTHONPATH", None)
+                platforms[name] = (
+                    platform.start(),
+                    *push(platform, work / f"{name}-project", args.model_ms),
+                )
+            for i in range(args.rounds):
+                order = list(platforms) if i % 2 == 0 else list(reversed(platforms))
+                for name in order:
+                    platform, model, dep = platforms[name]
+                    results[name].append(one_round(platform, model, dep, args))
+                    print(name, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
         finally:
-            platform.stop()
-    report = {
+            for platform, _, _ in platforms.values():
+                platform.stop()
+    report: dict[str, Any] = {
         "model_ms": args.model_ms,
-        "accept": acc,
-        "sync_rps": round(sync, 1),
-        "async_rps": round(asyn, 1),
-        "async_requests": n,
-        "async_enqueue_s": round(enqueue_s, 2),
-        "async_over_sync": round(asyn / sync, 3),
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "load_average": os.getloadavg(),
+        "variants": {name: {"summary": summary(r), "rounds": r} for name, r in results.items()},
     }
+    if "baseline" in results:
+        base, new = report["variants"]["baseline"]["summary"], report["variants"]["new"]["summary"]
+        report["new_over_baseline"] = {
+            k: round(new[k]["median"] / base[k]["median"], 3)
+            for k in new
+            if k in base and base[k]["median"]
+        }
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

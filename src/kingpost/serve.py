@@ -149,6 +149,7 @@ def _async_env(settings: Settings) -> dict[str, str]:
         "KINGPOST_DATABASE_URL": settings.db_url,
         "KINGPOST_ASYNC_PAYLOAD_LIMIT": str(settings.async_payload_limit),
         "KINGPOST_ASYNC_WEBHOOK_ALLOW_HTTP": str(settings.async_webhook_allow_http).lower(),
+        "KINGPOST_ASYNC_JOURNAL_SYNC": str(settings.async_journal_sync).lower(),
     }
 
 

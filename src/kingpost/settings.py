@@ -183,6 +183,11 @@ class Settings(BaseSettings):
     """Delivery attempts per webhook before the request is WEBHOOK_FAILED."""
     async_webhook_initial_delay: float = Field(default=1.0, ge=0)
     """Seconds before the second delivery attempt, doubled per attempt (at most 60)."""
+    async_journal_sync: bool = False
+    """``fdatasync`` the gateway's accept journal once per group of accepts, so an
+    accepted request outlives a power cut while it waits there (worth it with PostgreSQL,
+    whose commits are synced; SQLite runs ``synchronous=NORMAL``). Off: an accept outlives
+    a kill -9 of any Kingpost process (the kernel holds the write), not a power cut."""
 
     @cached_property
     def db_url(self) -> str:

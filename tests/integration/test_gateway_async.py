@@ -11,11 +11,15 @@ import httpx
 import pytest
 
 from helpers.gateway import AUTH, RunningGateway, route
+from helpers.platform import wait_for
+from kingpost.asyncq.body import parse_async_body
+from kingpost.asyncq.journal import AcceptJournal, read_records
+from kingpost.errors import NotFoundError
 from kingpost.gateway.asyncroutes import AsyncFront
 from kingpost.gateway.table import DeploymentState
 from kingpost.store import Database
-from kingpost.store.asyncq import AsyncQueue
-from kingpost.store.models import AsyncStatus
+from kingpost.store.asyncq import AsyncQueue, accepted_record
+from kingpost.store.models import AsyncStatus, utcnow
 
 
 @pytest.fixture
@@ -28,9 +32,16 @@ def db_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def gw(db_url: str) -> Iterator[RunningGateway]:
+def gw(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RunningGateway]:
+    """A gateway whose accepts go through a journal (as `kingpost server` runs it), or
+    with ``indirect`` param "journal-sync" fdatasync'd in groups, or "direct" straight
+    into the store."""
+    mode = getattr(request, "param", "journal")
+    journal = tmp_path / "async" / "accepts-w.journal" if mode != "direct" else None
     running = RunningGateway()
-    running.gateway.async_front = AsyncFront(db_url, payload_limit=4096)
+    running.gateway.async_front = AsyncFront(
+        db_url, payload_limit=4096, journal=journal, journal_sync=mode == "journal-sync"
+    )
     running.table(route(1))  # a replica that never answers: nothing here calls it
     try:
         yield running
@@ -42,12 +53,26 @@ def post(gw: RunningGateway, path: str, body: object, **kw: object) -> httpx.Res
     return httpx.post(gw.url + path, json=body, headers=AUTH, **kw)  # type: ignore[arg-type]
 
 
-def test_accept_then_status_result_cancel_and_queue_status(gw: RunningGateway, db_url: str) -> None:
+def in_store(q: AsyncQueue, rid: str) -> bool:
+    try:
+        q.get(rid)
+    except NotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("gw", ["journal", "journal-sync", "direct"], indirect=True)
+def test_accept_then_status_result_cancel_and_queue_status(
+    gw: RunningGateway, db_url: str, tmp_path: Path
+) -> None:
     r = post(gw, "/models/echo/production/async_predict", {"model_input": {"x": 1}, "priority": 1})
     assert r.status_code == 201, r.text
     rid = r.json()["request_id"]
     q = AsyncQueue(Database(db_url))
-    got = q.get(rid)  # committed before the answer
+    journaled = read_records(tmp_path / "async" / "accepts-w.journal")
+    assert rid in {x["id"] for x in journaled} or in_store(q, rid)  # durable before the answer
+    wait_for(lambda: in_store(q, rid), 10, "the accept in the store")
+    got = q.get(rid)
     assert (got.deployment_id, got.environment, got.priority) == ("d1", "production", 1)
     assert json.loads(got.model_input) == {"x": 1}
 
@@ -149,12 +174,60 @@ def test_without_a_store_async_routes_say_so() -> None:
         running.close()
 
 
-def test_a_failing_store_is_a_503_not_a_hang(gw: RunningGateway, db_url: str) -> None:
+def test_a_failing_store_is_a_503_not_a_hang_and_the_journal_waits(
+    gw: RunningGateway, db_url: str
+) -> None:
     db = Database(db_url)
     with db.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE async_requests")
-    db.close()
-    r = post(gw, "/models/echo/production/async_predict", {"model_input": 1}, timeout=10)
-    assert r.status_code == 503 and r.json()["code"] == "async_store_unavailable"
+        conn.exec_driver_sql("ALTER TABLE async_requests RENAME TO async_requests_away")
+    path = "/models/echo/production/async_predict"
+    first = post(gw, path, {"model_input": 1}, timeout=10)
+    assert first.status_code == 201  # durable in the journal; the store's insert waits
+    rid = first.json()["request_id"]
+    status = httpx.get(f"{gw.url}/models/echo/async_request/{rid}", headers=AUTH, timeout=10)
+    assert status.json()["status"] == "QUEUED"  # answered from what waits
+    r = wait_answer_status(gw, path, 503)  # once the insert failed: no more accepts
+    assert r.json()["code"] == "async_store_unavailable"
     r = httpx.get(f"{gw.url}/models/echo/async_request/x", headers=AUTH, timeout=10)
     assert r.status_code == 503
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE async_requests_away RENAME TO async_requests")
+    q = AsyncQueue(db)
+    wait_for(lambda: in_store(q, rid), 10, "the journaled accept in the store")
+    assert post(gw, path, {"model_input": 2}).status_code == 201
+    db.close()
+
+
+def wait_answer_status(gw: RunningGateway, path: str, status: int) -> httpx.Response:
+    def answer() -> httpx.Response | None:
+        r = post(gw, path, {"model_input": 1}, timeout=10)
+        return r if r.status_code == status else None
+
+    return wait_for(answer, 10, f"{status} from {path}")
+
+
+def test_journaled_accepts_of_a_killed_worker_reach_the_store(db_url: str, tmp_path: Path) -> None:
+    """A worker killed after answering and before inserting: its next start (its own
+    journal) or any worker's start (a journal no live worker holds) inserts them, once;
+    a torn last line (never answered) is skipped."""
+    body = parse_async_body(b'{"model_input": {"n": 1}}')
+    now = utcnow()
+    own, gone = tmp_path / "j" / "accepts-a.journal", tmp_path / "j" / "accepts-b.journal"
+    records = []
+    for path in (own, gone):
+        journal = AcceptJournal(path)
+        record = accepted_record(body, "m1", "d1", "production", now)
+        journal.append([record])
+        journal.close()
+        records.append(record)
+    with gone.open("ab") as f:
+        f.write(b'{"id": "torn')
+    q = AsyncQueue(Database(db_url))
+    q.insert_accepted([records[0]])  # inserted before the kill, not yet truncated
+    front = AsyncFront(db_url, journal=own)
+    try:
+        assert [q.get(r["id"]).status for r in records] == [AsyncStatus.QUEUED] * 2
+        assert own.stat().st_size == 0 and gone.stat().st_size == 0
+        assert sum(q.counts("d1").values()) == 2
+    finally:
+        front.close()

@@ -5,6 +5,12 @@ The payload is Baseten's async predict result: ``request_id``, ``model_id``,
 ``deployment_id``, ``type``, ``time``, ``data`` and ``errors``. The signature is
 ``v1=<hex HMAC-SHA256 of the body>`` per active webhook secret, comma-separated, newest
 first, so a receiver verifies with whichever secret it holds (rotation).
+
+A delivery resolves the host once, checks every address it got, and connects to the
+first of exactly those (the URL's host replaced by the address; ``Host`` and TLS SNI, and
+so certificate verification, keep the name): a name that resolves to a public address for
+the check and to a forbidden one for the connection (DNS rebinding) never reaches the
+forbidden one.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import hmac
 import ipaddress
 import json
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,12 +37,18 @@ __all__ = [
     "check_destination",
     "deliver",
     "payload",
+    "pinned",
+    "resolve",
     "signature",
     "verify",
 ]
 
 SIGNATURE_HEADER = "X-BASETEN-SIGNATURE"
 RESULT_TYPE = "async_request_completed"
+"""Baseten's ``type`` of an async predict result (docs.baseten.co, "Async inference")."""
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""A host and port to the addresses they resolve to."""
 
 
 def payload(view: AsyncRequestView, now: datetime) -> bytes:
@@ -98,12 +110,31 @@ def _is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return False
 
 
-async def _resolve(url: str) -> list[str]:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (sorted, deduplicated)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
+
+
+def pinned(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """``url`` sent to ``address``: the URL with the address as its host, the ``Host``
+    header of the name, and the request extension that keeps the name for TLS (SNI and
+    the certificate check)."""
+    target = httpx.URL(url)
+    name = target.host
+    headers = {"host": target.netloc.decode("ascii")}
+    extensions: dict[str, Any] = {}
+    if not _is_ip(name):
+        extensions["sni_hostname"] = name
+    return target.copy_with(host=address.split("%", 1)[0]), headers, extensions
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def deliver(
@@ -113,21 +144,29 @@ async def deliver(
     secrets: Sequence[str],
     own_ports: Collection[int],
     request_id: str,
+    resolver: Resolver = resolve,
 ) -> tuple[int | None, str]:
-    """POST ``body`` once. Returns the receiver's status (None: no answer, or refused
-    before sending) and an error to record ("" on a 2xx)."""
+    """POST ``body`` once, to an address checked here (the module's docstring). Returns
+    the receiver's status (None: no answer, or refused before sending) and an error to
+    record ("" on a 2xx). ``client`` must not keep connections alive: one kept for an
+    address would carry the next delivery to another name on it."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        addresses = await _resolve(url)
+        addresses = await resolver(parts.hostname or "", port)
     except OSError as exc:
-        return None, f"cannot resolve {urlsplit(url).hostname}: {exc}"
+        return None, f"cannot resolve {parts.hostname}: {exc}"
+    if not addresses:
+        return None, f"cannot resolve {parts.hostname}: no address"
     why = check_destination(url, own_ports, addresses)
     if why is not None:
         return 400, f"refused: {why}"  # final: never retried
-    headers = {"content-type": "application/json", "x-baseten-request-id": request_id}
+    target, headers, extensions = pinned(url, addresses[0])
+    headers |= {"content-type": "application/json", "x-baseten-request-id": request_id}
     if secrets:
         headers[SIGNATURE_HEADER] = signature(body, secrets)
     try:
-        resp = await client.post(url, content=body, headers=headers)
+        resp = await client.post(target, content=body, headers=headers, extensions=extensions)
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {exc}"[:500]
     if 200 <= resp.status_code < 300:

@@ -33,17 +33,21 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _async_front() -> AsyncFront:
+def _async_front(control: Path) -> AsyncFront:
     """Async inference routes read and write the store named by the settings (the
-    environment ``kingpost server`` hands its gateway)."""
+    environment ``kingpost server`` hands its gateway); accepts go through this worker's
+    journal (named after its control socket, stable across restarts)."""
     from kingpost.gateway.asyncroutes import AsyncFront
     from kingpost.settings import Settings
 
     settings = Settings()
+    name = control.name.replace(".", "_")
     return AsyncFront(
         settings.db_url,
         payload_limit=settings.async_payload_limit,
         allow_http=settings.async_webhook_allow_http,
+        journal=settings.home / "async" / f"accepts-{name}.journal",
+        journal_sync=settings.async_journal_sync,
     )
 
 
@@ -72,7 +76,7 @@ async def _run(
         tracer = GatewayTracer(endpoint)
     gateway = Gateway(access_log_enabled=access_log, access_store=store, tracer=tracer)
     if async_store:
-        gateway.async_front = _async_front()
+        gateway.async_front = _async_front(control)
     await gateway.start(
         host, port, reuse_port=reuse_port, control_socket=control, control_token=token
     )

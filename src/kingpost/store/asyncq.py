@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
 from kingpost.asyncq.body import AsyncInput
 from kingpost.asyncq.policy import Candidate, RetryConfig
@@ -34,7 +37,14 @@ from kingpost.store.models import (
     utcnow,
 )
 
-__all__ = ["DONE", "AsyncQueue", "AsyncRequestView", "WebhookSecretView"]
+__all__ = [
+    "DONE",
+    "AsyncQueue",
+    "AsyncRequestView",
+    "WebhookSecretView",
+    "accepted_record",
+    "accepted_view",
+]
 
 DONE = (
     AsyncStatus.SUCCEEDED,
@@ -106,7 +116,8 @@ class WebhookSecretView:
     created_at: datetime
 
 
-def _view(r: AsyncRequest) -> AsyncRequestView:
+def _view(r: Any) -> AsyncRequestView:
+    """From an ``AsyncRequest`` or a plain row of its table (same attribute names)."""
     return AsyncRequestView(
         id=r.id,
         model_id=r.model_id,
@@ -170,10 +181,24 @@ class AsyncQueue:
         transaction (the gateway commits the accepts that arrive together as a group);
         their ids, in order."""
         now = now or utcnow()
-        rows = [_new_row(req, model, dep, env, now) for req, model, dep, env in items]
+        records = [accepted_record(req, model, dep, env, now) for req, model, dep, env in items]
+        self.insert_accepted(records)
+        return [str(r["id"]) for r in records]
+
+    def insert_accepted(self, records: Sequence[dict[str, Any]]) -> None:
+        """Insert accepted requests (:func:`accepted_record`) in one transaction; an id
+        already in the store is left as it is (the gateway's journal may replay a record
+        it inserted before a crash)."""
+        if not records:
+            return
+        rows = [_row(r) for r in records]
+        stmt: Executable
+        if self.db.engine.dialect.name == "postgresql":
+            stmt = pg_insert(AsyncRequest).on_conflict_do_nothing(index_elements=["id"])
+        else:
+            stmt = sqlite_insert(AsyncRequest).on_conflict_do_nothing(index_elements=["id"])
         with self.db.session() as s:
-            s.execute(insert(AsyncRequest), rows)
-        return [str(r["id"]) for r in rows]
+            s.execute(stmt, rows)
 
     def get(self, request_id: str, model_id: str | None = None) -> AsyncRequestView:
         """The request, if it belongs to ``model_id`` (when given); else 404."""
@@ -284,8 +309,8 @@ class AsyncQueue:
                     started_at=now,
                 )
             )
-            rows = s.scalars(
-                select(AsyncRequest).where(
+            rows = s.execute(  # plain rows, no ORM objects: this runs per claim
+                select(AsyncRequest.__table__).where(
                     AsyncRequest.id.in_(ids),
                     AsyncRequest.status == AsyncStatus.IN_PROGRESS,
                     AsyncRequest.started_at == now,
@@ -501,9 +526,10 @@ class AsyncQueue:
             return [box.open(f"webhook secret {r.id}", r.ciphertext) for r in rows]
 
 
-def _new_row(
+def accepted_record(
     req: AsyncInput, model_id: str, deployment_id: str, environment: str | None, now: datetime
 ) -> dict[str, Any]:
+    """What is kept of an accepted request (plain JSON: the gateway journals it)."""
     return {
         "id": secrets.token_hex(16),
         "model_id": model_id,
@@ -516,22 +542,58 @@ def _new_row(
         "initial_delay_ms": req.retry.initial_delay_ms,
         "max_delay_ms": req.retry.max_delay_ms,
         "max_time_in_queue_seconds": req.max_time_in_queue_seconds,
+        "created_at": now.isoformat(),
+    }
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    """An accepted record as a new ``async_requests`` row (QUEUED)."""
+    created = datetime.fromisoformat(record["created_at"])
+    return {
+        **record,
         "status": AsyncStatus.QUEUED,
         "webhook_status": WebhookStatus.PENDING
-        if req.webhook_endpoint
+        if record["webhook_endpoint"]
         else WebhookStatus.NO_WEBHOOK_PROVIDED,
         "attempts": 0,
-        "not_before": now,
+        "not_before": created,
         "result": None,
         "errors": [],
         "webhook_attempts": 0,
         "webhook_error": "",
         "webhook_not_before": None,
-        "created_at": now,
-        "status_at": now,
+        "created_at": created,
+        "status_at": created,
         "started_at": None,
         "finished_at": None,
     }
+
+
+def accepted_view(record: dict[str, Any]) -> AsyncRequestView:
+    """An accepted request not yet in the store, as the store would show it (QUEUED)."""
+    row = _row(record)
+    return AsyncRequestView(
+        id=row["id"],
+        model_id=row["model_id"],
+        deployment_id=row["deployment_id"],
+        environment=row["environment"],
+        priority=row["priority"],
+        model_input=row["model_input"],
+        webhook_endpoint=row["webhook_endpoint"],
+        retry=RetryConfig(row["max_attempts"], row["initial_delay_ms"], row["max_delay_ms"]),
+        max_time_in_queue_seconds=row["max_time_in_queue_seconds"],
+        status=AsyncStatus.QUEUED,
+        webhook_status=row["webhook_status"],
+        attempts=0,
+        result=None,
+        errors=(),
+        webhook_attempts=0,
+        webhook_error="",
+        created_at=row["created_at"],
+        status_at=row["status_at"],
+        started_at=None,
+        finished_at=None,
+    )
 
 
 def _no_delivery(row: AsyncRequest) -> WebhookStatus:

@@ -1,0 +1,108 @@
+"""Async inference end to end on PostgreSQL: a real `kingpost server` whose store is a
+fresh database on the server KINGPOST_TEST_POSTGRES_URL names (skipped when unset; under
+CI=true it is required). Accepts go through the gateway's journal into PostgreSQL, the
+workers claim and record there, and a kill -9 of the control plane with a run in flight
+loses nothing and reruns nothing recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from helpers.platform import REPO, Platform, wait_for
+
+POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
+MODEL = REPO / "tests" / "fixtures" / "models" / "async_worker"
+DONE = {"SUCCEEDED", "FAILED", "EXPIRED", "CANCELED", "WEBHOOK_FAILED"}
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    """A database of its own (other test files reset the shared one), dropped after."""
+    if not POSTGRES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but KINGPOST_TEST_POSTGRES_URL is not set")
+        pytest.skip("set KINGPOST_TEST_POSTGRES_URL to test against PostgreSQL")
+    name = "kp_async_" + secrets.token_hex(4)
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def platform(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    env = {
+        "KINGPOST_DATABASE_URL": database,
+        "KINGPOST_ASYNC_SHARE": "1",
+        "KINGPOST_ISOLATION": "off",  # the model appends to a log file the test reads
+        "KINGPOST_NETNS": "off",
+    }
+    p = Platform(tmp_path_factory.mktemp("async-pg") / "home", extra_env=env).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_async_end_to_end_on_postgresql(
+    platform: Platform, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    project = tmp_path_factory.mktemp("proj") / "async-worker"
+    shutil.copytree(MODEL, project)
+    log = project.parent / "calls.log"
+    log.touch()
+    with (project / "config.yaml").open("a") as fh:
+        fh.write(f"environment_variables:\n  CALL_LOG: {log}\n")
+    out = platform.cli("push", str(project), "--wait", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    model = json.loads(out.stdout)["model"]["id"]
+
+    def enqueue(body: dict[str, Any]) -> str:
+        with platform.gateway() as gw:
+            r = gw.post(f"/models/{model}/production/async_predict", json=body)
+        assert r.status_code == 201, r.text
+        return str(r.json()["request_id"])
+
+    def status(rid: str, what: str = "") -> Any:
+        with platform.gateway() as gw:
+            r = gw.get(f"/models/{model}/async_request/{rid}{what}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def done(rid: str, timeout: float = 60) -> Any:
+        return wait_for(lambda: (s := status(rid))["status"] in DONE and s, timeout, rid)
+
+    def keys() -> list[str]:
+        return [line.split(" ", 1)[0] for line in Path(log).read_text().splitlines()]
+
+    first = enqueue({"model_input": {"key": "pg-first"}})
+    assert done(first)["status"] == "SUCCEEDED"
+    assert status(first, "/result")["data"] == {"echo": {"key": "pg-first"}}
+
+    inflight = enqueue({"model_input": {"key": "pg-inflight", "sleep": 3}})
+    queued = [enqueue({"model_input": {"key": f"pg-q{i}"}, "priority": 2}) for i in range(2)]
+    wait_for(lambda: "pg-inflight" in keys(), 30, "the long run to begin")
+    platform.stop(signal.SIGKILL)
+    platform.start()
+    for rid in [inflight, *queued]:
+        assert done(rid, timeout=90)["status"] == "SUCCEEDED"
+    got = keys()
+    assert got.count("pg-first") == 1  # recorded before the kill: never run again
+    assert got.count("pg-q0") == 1 and got.count("pg-q1") == 1
+    assert got.count("pg-inflight") == 2  # begun, never recorded: run again
+    assert status(inflight)["attempts"] == 2
