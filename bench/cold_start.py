@@ -9,8 +9,11 @@ the start to its first answer, polling its readiness every 5 ms.
 
     .venv/bin/python bench/cold_start.py --runs 8 [--json out.json]
 
-Reports p50/p95 of each, the platform's share (cold start minus the floor's p50), and the
-requests that failed (must be 0).
+Each round times one cold start and then one start of the floor (while the deployment idles
+towards zero again), so the machine's drift lands in both. Reports p50/p95 of each, the
+platform's share (cold start p50 minus the floor's p50), the paired share (each round's cold
+start minus that round's floor: their median, and every round), and the requests that
+failed (must be 0).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ def wait(pred: Any, timeout: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def cold_starts(srv: Server, example: str, runs: int) -> tuple[list[float], int, str]:
+def cold_starts(srv: Server, example: str, runs: int) -> tuple[list[float], list[float], int]:
+    """Cold starts, each followed by one start of the floor in the same round (while the
+    deployment idles towards zero again), so the machine's drift lands in both."""
     project = srv.home.parent / example
     shutil.copytree(EXAMPLES / example, project)
     if example == "echo-server":  # no PATH lookup (a pyenv shim alone takes 200-400 ms)
@@ -120,7 +125,8 @@ def cold_starts(srv: Server, example: str, runs: int) -> tuple[list[float], int,
         "--autoscaling-window", "10", "--scale-down-delay", "0",
     )  # fmt: skip
     body = {"text": "hi"} if example == "echo-model" else {"n": 1}
-    times, failed = [], 0
+    bare = Floor(srv, example)
+    times, floors, failed = [], [], 0
     for _ in range(runs):
 
         def at_zero() -> bool:
@@ -136,48 +142,54 @@ def cold_starts(srv: Server, example: str, runs: int) -> tuple[list[float], int,
             failed += 1
             print(f"  {example}: {r.status_code} {r.text[:200]}", file=sys.stderr)
         times.append(took)
-        print(f"  {example}: cold start {took * 1000:.0f} ms", file=sys.stderr)
-    return times, failed, dep
+        floors.append(bare.once())
+        print(
+            f"  {example}: cold start {took * 1000:.0f} ms, floor {floors[-1] * 1000:.0f} ms",
+            file=sys.stderr,
+        )
+    return times, floors, failed
 
 
-def floor(srv: Server, example: str, dep: str, runs: int) -> list[float]:
+class Floor:
     """The same server started by hand: its command, its interpreter, to its first answer."""
-    project = srv.home.parent / example
-    port = free_port()
-    if example == "echo-server":
-        # Its start_command as the engine runs it, through the shell.
-        src = (project / "server.py").read_text().replace("PORT = 8000", f"PORT = {port}")
-        (project / "server_floor.py").write_text(src)
-        cmd = ["/bin/sh", "-c", f"{PYTHON} server_floor.py"]
-        ready, predict, body = "/health", "/predict", {"n": 1}
-    else:
-        envs = sorted((srv.home / "envs").glob("*/bin/python"))
-        python = str(envs[0]) if envs else sys.executable
-        cmd = [python, "-P", "-m", "kingpost.server", "--app-dir", str(project)]
-        cmd += ["--port", str(port), "--host", "127.0.0.1"]
-        ready, predict, body = "/v1/models/model", "/v1/models/model:predict", {"text": "hi"}
-    out = []
-    for _ in range(runs):
+
+    def __init__(self, srv: Server, example: str) -> None:
+        self.project = project = srv.home.parent / example
+        self.port = port = free_port()
+        if example == "echo-server":
+            # Its start_command as the engine runs it, through the shell.
+            src = (project / "server.py").read_text().replace("PORT = 8000", f"PORT = {port}")
+            (project / "server_floor.py").write_text(src)
+            self.cmd = ["/bin/sh", "-c", f"{PYTHON} server_floor.py"]
+            self.ready, self.predict, self.body = "/health", "/predict", {"n": 1}
+        else:
+            envs = sorted((srv.home / "envs").glob("*/bin/python"))
+            python = str(envs[0]) if envs else sys.executable
+            self.cmd = [python, "-P", "-m", "kingpost.server", "--app-dir", str(project)]
+            self.cmd += ["--port", str(port), "--host", "127.0.0.1"]
+            self.ready, self.predict = "/v1/models/model", "/v1/models/model:predict"
+            self.body = {"text": "hi"}
+
+    def once(self) -> float:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            cmd, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.cmd, cwd=self.project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
+            with httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=5) as c:
                 while True:
                     try:
-                        if c.get(ready).status_code == 200:
+                        if c.get(self.ready).status_code == 200:
                             break
                     except httpx.TransportError:
                         pass
                     time.sleep(0.005)
-                r = c.post(predict, json=body)
+                r = c.post(self.predict, json=self.body)
                 assert r.status_code == 200, r.text
-            out.append(time.perf_counter() - started)
+            return time.perf_counter() - started
         finally:
             proc.terminate()
             proc.wait(timeout=10)
-    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -196,27 +208,32 @@ def main() -> None:
         srv = Server(Path(tmp) / "home")
         try:
             for example in [args.only] if args.only else ["echo-server", "echo-model"]:
-                cold, failed, dep = cold_starts(srv, example, args.runs)
-                bare = floor(srv, example, dep, args.runs)
+                cold, bare, failed = cold_starts(srv, example, args.runs)
+                paired = [(c - b) * 1000 for c, b in zip(cold, bare, strict=True)]
                 report[example] = {
                     "cold_p50_ms": pct(cold, 0.5) * 1000,
                     "cold_p95_ms": pct(cold, 0.95) * 1000,
                     "floor_p50_ms": pct(bare, 0.5) * 1000,
                     "floor_p95_ms": pct(bare, 0.95) * 1000,
                     "platform_share_p50_ms": (pct(cold, 0.5) - statistics.median(bare)) * 1000,
+                    "paired_share_ms": paired,
+                    "paired_share_median_ms": statistics.median(paired),
                     "failed": failed,
                     "runs": args.runs,
                 }
         finally:
             srv.stop()
     print(f"{'project':<12} {'cold p50':>9} {'cold p95':>9} {'floor p50':>10} "
-          f"{'floor p95':>10} {'platform p50':>13} {'failed':>7}")  # fmt: skip
+          f"{'floor p95':>10} {'platform p50':>13} {'paired':>7} {'failed':>7}")  # fmt: skip
     for name, r in report.items():
         print(
             f"{name:<12} {r['cold_p50_ms']:>7.0f}ms {r['cold_p95_ms']:>7.0f}ms "
             f"{r['floor_p50_ms']:>8.0f}ms {r['floor_p95_ms']:>8.0f}ms "
-            f"{r['platform_share_p50_ms']:>11.0f}ms {r['failed']:>7}"
+            f"{r['platform_share_p50_ms']:>11.0f}ms {r['paired_share_median_ms']:>5.0f}ms "
+            f"{r['failed']:>7}"
         )
+        shares = ", ".join(f"{x:.0f}" for x in r["paired_share_ms"])
+        print(f"  {name}: cold minus floor per round (ms): {shares}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

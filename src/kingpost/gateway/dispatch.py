@@ -63,8 +63,10 @@ class Waiter:
     queued: bool = True
     """Still in the deployment's queue (a waiter handed a slot or refused leaves it)."""
     parked: Parked | None = None
-    timer: asyncio.TimerHandle | None = None
-    """A parked request's hold timeout."""
+    deadline: float = 0.0
+    """When a parked request's hold timeout ends (the loop's clock; see :meth:`park`)."""
+    hold: float = 0.0
+    """The hold timeout it was parked with, for the 503's message."""
     ended: bool = False
     """A parked request was handed a slot, refused, or left (:meth:`Dispatcher.unpark`)."""
 
@@ -76,8 +78,6 @@ class Waiter:
             self.future.set_result(slot)
             return
         self.ended = True
-        if self.timer is not None:
-            self.timer.cancel()
         assert self.parked is not None
         self.parked.give(slot)
 
@@ -86,8 +86,6 @@ class Waiter:
             self.future.set_exception(rej)
             return
         self.ended = True
-        if self.timer is not None:
-            self.timer.cancel()
         assert self.parked is not None
         self.parked.refuse(rej)
 
@@ -100,6 +98,10 @@ class Dispatcher:
         """What this deployment answered (see :mod:`kingpost.gateway.stats`)."""
         self._waiters: deque[Waiter] = deque()
         self._turn = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        """One timer for the parked requests' hold timeouts, due at the earliest of them."""
+        self._timer_at = 0.0
         self.on_cold: Callable[[str, int], None] | None = None
         """Called with (deployment id, requests waiting) when a request starts to wait
         while no replica is ready."""
@@ -178,20 +180,51 @@ class Dispatcher:
         the 503 after ``hold_timeout_s`` or the 404 of a deactivation. Raises the 429 of a
         full queue. The caller keeps the waiter to :meth:`unpark` it if its client leaves."""
         self._check_room()
-        waiter = Waiter(None, parked=parked)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        hold = self.route.hold_timeout_s
+        deadline = loop.time() + hold
+        waiter = Waiter(None, parked=parked, deadline=deadline, hold=hold)
         self._waiters.append(waiter)
         self._note_cold()
-        hold = self.route.hold_timeout_s
-        waiter.timer = asyncio.get_running_loop().call_later(hold, self._expire, waiter, hold)
+        # No timer per request (under predict_concurrency 1 nearly every request parks, and
+        # a timer's start and cancel cost more than the rest of the queueing): one timer,
+        # due at the earliest deadline, expires what is due and is armed again.
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(loop, deadline)
         return waiter
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(at, self._expire_due), at
+
+    def _expire_due(self) -> None:
+        """Refuse the parked requests whose hold timeout has passed; arm for the next."""
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time() + 0.001  # (a loop may run a timer up to its clock's resolution early)
+        due: list[Waiter] = []
+        next_at: float | None = None
+        for w in self._waiters:
+            if w.future is not None or w.ended:
+                continue
+            if w.deadline <= now:
+                due.append(w)
+            elif next_at is None or w.deadline < next_at:
+                next_at = w.deadline
+        for w in due:
+            self._expire(w, w.hold)  # (a refusal may park this client's next request)
+        if next_at is not None and (self._timer is None or next_at < self._timer_at):
+            self._arm(loop, next_at)
 
     def unpark(self, waiter: Waiter) -> None:
         """A parked request's client left: it leaves the queue, holding no slot."""
         if waiter.ended:
             return
         waiter.ended = True
-        if waiter.timer is not None:
-            waiter.timer.cancel()
         if waiter.queued:
             waiter.queued = False
             self._waiters.remove(waiter)
