@@ -6,13 +6,13 @@ scanned every row, finished ones included (kept 7 days), on every worker tick: c
 plane CPU per async request that grew with the history.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 """
 
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
