@@ -48,9 +48,9 @@ def _describe(platform: Platform, dep_id: str) -> dict[str, Any]:
 
 
 def test_scale_to_zero_then_a_burst_wakes_it_and_every_request_is_answered(
-    fresh_platform: Platform, tmp_path: Path
+    platform: Platform, tmp_path: Path
 ) -> None:
-    p = fresh_platform
+    p = platform  # the module's: each test has its own model
     model, dep = _push(p, tmp_path, "sleepy")
     _set(p, "sleepy", "--min-replica", "0", "--max-replica", "2", *FAST)
     p.wait_status(dep, "SCALED_TO_ZERO", timeout=40)
@@ -88,9 +88,9 @@ def test_a_restarted_control_plane_at_zero_wakes_on_the_next_request(
 
 
 def test_scales_up_under_sustained_concurrency_and_down_after_the_delay(
-    fresh_platform: Platform, tmp_path: Path
+    platform: Platform, tmp_path: Path
 ) -> None:
-    p = fresh_platform
+    p = platform  # the module's: each test has its own model
     model, dep = _push(p, tmp_path, "busy")
     _set(p, "busy", "--max-replica", "3", "--concurrency-target", "1", *FAST)
     stop = time.monotonic() + 60
@@ -174,8 +174,8 @@ def test_queue_full_and_wait_expired_are_clean_json_with_retry_after(tmp_path: P
         p.stop()
 
 
-def test_wake_prewarms_a_deployment_at_zero(fresh_platform: Platform, tmp_path: Path) -> None:
-    p = fresh_platform
+def test_wake_prewarms_a_deployment_at_zero(platform: Platform, tmp_path: Path) -> None:
+    p = platform  # the module's: each test has its own model
     model, dep = _push(p, tmp_path, "warm")
     _set(p, "warm", "--min-replica", "0", *FAST)
     p.wait_status(dep, "SCALED_TO_ZERO", timeout=40)
