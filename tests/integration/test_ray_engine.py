@@ -8,6 +8,7 @@ The cluster and the control plane start once for the module; the tests run in or
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -134,6 +135,16 @@ def _server_replicas(p: Platform, model_id: str, calls: int = 30) -> dict[str, d
     return seen
 
 
+def _cluster(p: Platform) -> list[dict[str, Any]]:
+    """The Ray engine's nodes as `kingpost engines` shows them."""
+    out = p.cli("engines", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (ray,) = [e for e in json.loads(out.stdout)["engines"] if e["name"] == "ray"]
+    assert ray["running"] and ray["default"], ray
+    nodes: list[dict[str, Any]] = ray["nodes"]
+    return nodes
+
+
 def _node_of(app_home: str, home: Path) -> str:
     """The node directory a replica runs under: ``{node_dir}/{scope}/{node}/...``."""
     return Path(app_home).relative_to(home / "nodes").parts[1]
@@ -156,6 +167,9 @@ def test_replicas_spread_over_the_nodes_and_serve_through_the_gateway(
     with p.gateway() as gw:
         r = wait_answer(gw, f"/models/{model_id}/production/predict", 200, {"text": "hi"}, 30)
         assert r.json()["echo"] == {"text": "hi"}, r.text
+    nodes_seen = _cluster(p)
+    assert len(nodes_seen) == 3 and all(n["alive"] for n in nodes_seen), nodes_seen
+    assert sorted(len(n["replicas"]) for n in nodes_seen) == [2, 2, 2], nodes_seen
     # Each node prepared the model's project once, under its hash.
     projects = list((home / "nodes").glob("*/*/projects/*"))
     assert len(projects) == 6, projects  # 2 deployments x 3 nodes
@@ -231,6 +245,8 @@ def test_a_worker_node_dies_under_load_and_its_replicas_start_elsewhere(
     with p.gateway() as gw:
         r = gw.post(f"/models/{model_id}/production/predict", json={"text": "again"})
         assert r.status_code == 200, r.text
+    alive = [n for n in _cluster(p) if n["alive"]]
+    assert len(alive) == 2 and sum(len(n["replicas"]) for n in alive) == 6, alive
 
 
 def test_a_restarted_control_plane_adopts_the_running_actors(

@@ -44,7 +44,7 @@ from kingpost.engines.base import (
 from kingpost.errors import EngineError
 from kingpost.settings import Settings
 
-__all__ = ["NAMESPACE", "RayEngine", "actor_name", "cluster_view", "replica_resources"]
+__all__ = ["NAMESPACE", "RayEngine", "actor_name", "replica_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -110,23 +110,9 @@ def _amount(kind: str, value: float) -> str:
     return f"{value / 2**30:.2f}Gi" if kind == "memory" else f"{value:g}"
 
 
-def cluster_view() -> list[dict[str, Any]]:
-    """The cluster's live nodes, their resources and the Kingpost replicas on each (for
-    ``kingpost engines``); needs a connected Ray."""
-    import ray
-
-    nodes = [
-        {"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
-         "resources": n.get("Resources", {}), "replicas": []}
-        for n in ray.nodes()  # type: ignore[no-untyped-call]
-    ]  # fmt: skip
-    by_id = {n["node_id"]: n for n in nodes}
-    for name in _named_actors(None):
-        with contextlib.suppress(Exception):
-            st = _get(ray.get_actor(name, namespace=NAMESPACE).status.remote(), 2)
-            if st["node_id"] in by_id:
-                by_id[st["node_id"]]["replicas"].append(st["replica_id"])
-    return nodes
+def _kinds(resources: dict[str, float]) -> dict[str, float]:
+    """The resources replicas ask for, of all a node reports."""
+    return {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
 
 
 def _named_actors(scope: str | None) -> list[str]:
@@ -248,6 +234,30 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         self._closing.set()
         self._thread.join(timeout=5)
         self._probes.shutdown(wait=False, cancel_futures=True)
+
+    def cluster(self) -> list[dict[str, Any]]:
+        import ray
+
+        with self._lock:
+            placed = [(r.node_id, r.replica_id, r.deployment_id, r.phase.value)
+                      for r in self._replicas.values() if not r.stopping]  # fmt: skip
+        nodes = []
+        for n in ray.nodes():  # type: ignore[no-untyped-call]
+            here = [
+                {"replica_id": rid, "deployment_id": dep, "phase": phase}
+                for node_id, rid, dep, phase in placed
+                if node_id == n["NodeID"]
+            ]
+            nodes.append(
+                {
+                    "node_id": n["NodeID"],
+                    "address": n["NodeManagerAddress"],
+                    "alive": bool(n["Alive"]),
+                    "resources": _kinds(n.get("Resources", {})),
+                    "replicas": here,
+                }
+            )
+        return nodes
 
     # -- the monitor thread ---------------------------------------------------------------
     def _step(self, rep: _RayReplica, now: float) -> None:
