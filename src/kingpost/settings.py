@@ -68,7 +68,14 @@ class Settings(BaseSettings):
     domain: str = "localhost"
     """Gateway host names are ``model-{id}.{domain}``."""
     engine: str = "process"
-    """Default engine for new deployments: ``process`` or ``docker``."""
+    """Default engine for new deployments: ``process``, ``docker`` or ``ray``."""
+    ray_address: str = "auto"
+    """Ray engine: the cluster to join: ``auto`` (a Ray node on this machine), the head's
+    ``host:port`` (with a Ray node on this machine for the driver), or ``ray://host:port``
+    (Ray Client, which needs ``ray[client]``)."""
+    ray_node_dir: Path = Path("/var/tmp/kingpost-ray")
+    """Ray engine: where each node keeps its cached projects, environments and replicas
+    (``{ray_node_dir}/{scope}/{node}/``), on the node's own disk."""
     secret_key: str | None = None
     """Fernet key for secrets at rest; else read from ``{home}/secret.key`` (0600)."""
     reconcile_interval: float = 0.5

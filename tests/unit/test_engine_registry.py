@@ -42,11 +42,11 @@ def extra_engine() -> Iterator[registry.EngineKind]:
 
 
 def test_users_choose_among_the_user_facing_engines() -> None:
-    assert registry.engine_names() == ("process", "docker")
+    assert registry.engine_names() == ("process", "docker", "ray")
     assert "fake" in registry.engine_names(all_kinds=True)
     with pytest.raises(ValidationError) as info:
         registry.engine_kind("fake", all_kinds=False)
-    assert "choose one of process, docker" in info.value.message
+    assert "choose one of process, docker, ray" in info.value.message
     with pytest.raises(ValidationError, match=r"unknown engine 'nope'"):
         registry.create_engine("nope", Settings())
 

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all
 from kingpost.api.development import development_routes
 from kingpost.api.development import promote as promote_deployment
+from kingpost.api.engines import engine_routes
 from kingpost.api.gpus import check_accelerator, gpu_routes, replica_devices
 from kingpost.api.limits import BodyLimit
 from kingpost.api.logs import log_routes
@@ -163,6 +164,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     autoscaling_routes(router, plane)
     log_routes(router, plane)
     gpu_routes(router, plane)
+    engine_routes(router, plane)
     app.include_router(router)
     console_routes(app, plane)  # the web console at /console: pages over this same API
     return app

@@ -13,6 +13,7 @@ from rich.markup import escape
 from kingpost.cli._common import err_console, settings
 from kingpost.cli.api_keys import api_keys
 from kingpost.cli.autoscaling import autoscaling
+from kingpost.cli.engines import engines
 from kingpost.cli.gpus import gpus
 from kingpost.cli.image import image
 from kingpost.cli.logs import logs
@@ -113,6 +114,7 @@ for command in (
     image,
     autoscaling,
     gpus,
+    engines,
     metrics,
     webhooks,
 ):

@@ -312,6 +312,10 @@ class KingpostClient:
     def gc(self) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/gc", timeout=600))
 
+    def engines(self) -> dict[str, Any]:
+        """The server's engines; for one spread over machines (ray), its nodes and replicas."""
+        return dict(self._call("GET", "/v1/engines"))
+
     def gpus(self) -> dict[str, Any]:
         """The server's GPU inventory (read again) with the replica holding each device."""
         return dict(self._call("GET", "/v1/gpus"))

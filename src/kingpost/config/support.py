@@ -53,6 +53,10 @@ __all__ = [
 ENGINES = ("process", "docker")
 """The user-facing engines of :mod:`kingpost.engines.registry`, in the table's order."""
 
+SAME_AS = {"ray": "process"}
+"""Engines whose column is another's: the ray engine runs each replica with the process
+engine's code on a node (``resources`` also place it there: Ray's CPU, memory, GPUs)."""
+
 
 class Status(StrEnum):
     APPLIED = "applied"  # the engine does what the key asks
@@ -85,6 +89,7 @@ class Row:
 
     def on(self, engine: str, value: object = None) -> Support:
         """What ``engine`` does with the key (holding ``value``, when it is given)."""
+        engine = SAME_AS.get(engine, engine)
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         holder: Row | ValueCase = self
@@ -332,11 +337,13 @@ def markdown() -> str:
         f"With `docker_server.no_build: true` these are warned about on both engines (the "
         f"image runs unmodified): {ignored}. The legacy `hf_cache` is read as "
         "`model_cache`, with a warning; a key Truss does not know is warned about by name "
-        "(with the known key it is closest to).",
+        "(with the known key it is closest to). The ray engine runs each replica with the "
+        "process engine's code on a node of the cluster: its column is the process engine's, "
+        "and `resources` also place the replica there (Ray's CPU, memory and GPUs).",
         "",
-        "One key is Kingpost's own: `truss_version` (major.minor[.patch]) picks the set of "
-        "Truss server packages a model class runs on: the newest set Kingpost has at or "
-        "below that version (older than the oldest: the oldest, warned). Without it, "
+        "`truss_version` is a top-level key of Kingpost's own (major.minor[.patch]): it picks "
+        "the set of Truss server packages a model class runs on, the newest set Kingpost has "
+        "at or below that version (older than the oldest: the oldest, warned). Without it, "
         "`KINGPOST_TRUSS_VERSION`, else the newest set. A value that is not a version is "
         "refused at push.",
     ]

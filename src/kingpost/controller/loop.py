@@ -282,6 +282,10 @@ class Controller:
             lines.extend(engine.logs(deployment.id, tail))
         return lines[-tail:]
 
+    def created_engines(self) -> dict[str, Engine]:
+        """The engines created so far, by name (``kingpost engines``)."""
+        return dict(self._engines)
+
     def engine(self, name: str) -> Engine:
         with self._lock:
             engine = self._engines.get(name)

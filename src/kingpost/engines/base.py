@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
@@ -249,6 +249,11 @@ class Engine(ABC):
         A failed reload puts the old files back, and the replica serves the old code.
         ``None``: this engine (or this replica's state) cannot, so the caller starts a new
         replica instead. Blocks until the reload is done."""
+        return None
+
+    def cluster(self) -> list[dict[str, Any]] | None:
+        """For an engine that runs replicas on many machines: its nodes (``address``,
+        ``alive``, ``resources``, the ``replicas`` on each); ``None`` for one machine."""
         return None
 
     @abstractmethod

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from kingpost.config import TrussConfig
     from kingpost.envs import ModelEnvPolicy
 
-__all__ = ["ProcessEngine"]
+__all__ = ["ProcessEngine", "model_env_policy", "prepare_python"]
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,35 @@ def _secrets_root(scope: str) -> Path:
     return user / scope
 
 
+def model_env_policy(settings: Settings) -> ModelEnvPolicy:
+    """How model classes get their environments under ``settings`` (``KINGPOST_MODEL_ENV``)."""
+    from kingpost.envs import ModelEnvMode, ModelEnvPolicy
+
+    return ModelEnvPolicy(
+        ModelEnvMode(settings.model_env), settings.base_envs_dir, settings.truss_version
+    )
+
+
+def prepare_python(
+    settings: Settings, config: TrussConfig, app_dir: Path, log: BuildLog
+) -> Prepared:
+    """What a replica of this project runs in, under ``settings.envs_dir``: a model class
+    gets its Python environment (cached by input hash); a custom server one for its
+    requirements alone, when it lists any (with ``no_build``, which ignores them, it runs
+    as it is). The process engine's ``prepare``, and the Ray engine's on each node."""
+    from kingpost.envs import ensure_custom_server_environment, ensure_environment
+
+    kind = _environment_kind(config)
+    envs_dir = settings.envs_dir
+    if kind == "model":
+        env = ensure_environment(config, app_dir, envs_dir, log, model_env_policy(settings))
+        return Prepared(python_executable=env.python_executable)
+    if kind is None:
+        return Prepared()
+    custom = ensure_custom_server_environment(config, app_dir, envs_dir, log)
+    return Prepared(python_executable=custom.python_executable if custom else None)
+
+
 class ProcessEngine(ReplicaEngine[_Replica]):
     name: ClassVar[str] = "process"
     tick_s = TICK_S
@@ -298,20 +327,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
 
     # -- the Engine interface ------------------------------------------------------------
     def prepare(self, config: TrussConfig, app_dir: Path, log: BuildLog) -> Prepared:
-        """A model class gets its Python environment (cached by input hash); a custom
-        server gets one for its requirements alone, when it lists any (with ``no_build``,
-        which ignores them, it runs as it is)."""
-        from kingpost.envs import ensure_custom_server_environment, ensure_environment
-
-        kind = _environment_kind(config)
-        envs_dir = self.settings.envs_dir
-        if kind == "model":
-            env = ensure_environment(config, app_dir, envs_dir, log, self._model_env_policy())
-            return Prepared(python_executable=env.python_executable)
-        if kind is None:
-            return Prepared()
-        custom = ensure_custom_server_environment(config, app_dir, envs_dir, log)
-        return Prepared(python_executable=custom.python_executable if custom else None)
+        return prepare_python(self.settings, config, app_dir, log)
 
     def environment_hash(self, config: TrussConfig, app_dir: Path) -> str | None:
         from kingpost.envs import environment_hash
@@ -323,17 +339,11 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             config,
             app_dir,
             custom_server=kind == "custom_server",
-            policy=self._model_env_policy(),
+            policy=model_env_policy(self.settings),
         )
 
     def _model_env_policy(self) -> ModelEnvPolicy:
-        from kingpost.envs import ModelEnvMode, ModelEnvPolicy
-
-        return ModelEnvPolicy(
-            ModelEnvMode(self.settings.model_env),
-            self.settings.base_envs_dir,
-            self.settings.truss_version,
-        )
+        return model_env_policy(self.settings)
 
     def start(self, spec: ReplicaSpec) -> None:
         with self._lock:

@@ -118,6 +118,12 @@ def _docker(settings: Settings) -> Engine:
     return engine
 
 
+def _ray(settings: Settings) -> Engine:
+    from kingpost.engines.ray_engine import RayEngine
+
+    return RayEngine(settings)
+
+
 def _fake(_: Settings) -> Engine:
     from kingpost.engines.fake import FakeEngine
 
@@ -156,6 +162,18 @@ register(
         check_at_push=True,
         keeps_replicas=True,
         adopts_replicas=True,
+    )
+)
+register(
+    EngineKind(
+        "ray",
+        "actors on the nodes of a Ray cluster (KINGPOST_RAY_ADDRESS), one per replica",
+        _ray,
+        builds="the Python environment, on each node",
+        check_at_push=True,
+        keeps_replicas=True,
+        refusals=_process_refusals,
+        warnings=_process_warnings,
     )
 )
 register(EngineKind("fake", "in-memory replicas for tests", _fake, "nothing", user_facing=False))

@@ -1,0 +1,307 @@
+"""What the Ray engine runs on each node of the cluster: one actor per replica.
+
+:class:`ReplicaHost` is placed by Ray's scheduler. On the node it lands on it prepares
+its replica: the project archive is unpacked and the Python environment built under the
+node's cache (``{node_dir}/{scope}/{node}/``), both keyed by content hash, so a node's
+second replica of a deployment prepares nothing. It then runs the replica with the
+process engine's own code (a one-replica :class:`~kingpost.engines.process.ProcessEngine`:
+the same environment variables, ``/secrets`` files, read-only weights, probes, restarts
+after exits), and a TCP forwarder on the node's address hands the gateway's connections
+to it (the replica listens on loopback, in its own network namespace when permitted).
+
+Secrets: the actor is created with them sealed (Fernet) under a key of its replica's own;
+the key reaches it only in a later method call (:meth:`ReplicaHost.unlock`), never in
+the creation arguments Ray keeps (in its GCS, to restart the actor) nor in the object
+store. An actor restarted by Ray (its node died) waits for the key again, which the
+control plane sends when it sees the actor ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import tarfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaSpec
+
+__all__ = ["HostPlan", "ReplicaHost", "pack_project"]
+
+log = logging.getLogger(__name__)
+
+STOP_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Everything a :class:`ReplicaHost` is created with (kept by Ray to restart it)."""
+
+    spec: ReplicaSpec
+    """With no secrets, no ``app_dir`` of meaning here, no interpreter: the node makes those."""
+    archive: bytes
+    archive_hash: str
+    sealed_secrets: bytes
+    """The secrets as JSON, sealed with the key :meth:`ReplicaHost.unlock` brings."""
+    node_dir: str
+    scope: str
+    settings: dict[str, Any]
+    """The control plane's settings the node's process engine runs under (model_env, …)."""
+
+
+def pack_project(app_dir: Path) -> tuple[bytes, str]:
+    """The project as a tar archive and the sha256 of its bytes (files in sorted order,
+    owner and times cleared, so the same files give the same hash)."""
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        return info
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted(app_dir.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(app_dir)), recursive=False, filter=clean)
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _unpack(archive: bytes, digest: str, apps_dir: Path) -> Path:
+    """The project unpacked once per node under its hash (renamed into place, so two
+    replicas preparing at once never see half a tree)."""
+    target = apps_dir / digest
+    if target.is_dir():
+        return target
+    if hashlib.sha256(archive).hexdigest() != digest:
+        raise ValueError(f"project archive: sha256 is not {digest}; the upload was damaged")
+    apps_dir.mkdir(parents=True, exist_ok=True)
+    work = apps_dir / f".{digest}.{os.getpid()}.{threading.get_ident()}"
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
+        tar.extractall(work, filter="data")
+    try:
+        work.rename(target)
+    except OSError:  # another replica's unpack won
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+class _Forwarder:
+    """Accepts TCP connections on the node's address and pipes each to the replica."""
+
+    def __init__(self, host: str, upstream: Any) -> None:
+        self._upstream = upstream
+        self._loop = asyncio.new_event_loop()
+        self._sock = socket.create_server((host, 0), backlog=512)
+        self.port: int = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._run, name="kingpost-forward", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._handle, sock=self._sock)
+        async with server:
+            await server.serve_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        endpoint: Endpoint | None = self._upstream()
+        try:
+            if endpoint is None:
+                raise ConnectionRefusedError("the replica is not running")
+            up_reader, up_writer = await self._connect(endpoint)
+        except OSError:
+            writer.close()  # before the first byte: the gateway retries elsewhere
+            return
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            for w in (up_writer, writer):
+                with contextlib.suppress(OSError, RuntimeError):
+                    w.close()
+
+    async def _connect(
+        self, endpoint: Endpoint
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if endpoint.netns is None:
+            return await asyncio.open_connection(endpoint.host, endpoint.port)
+        from kingpost.netns import socket_in_netns
+
+        sock = socket_in_netns(endpoint.netns)
+        sock.setblocking(False)
+        try:
+            await self._loop.sock_connect(sock, (endpoint.host, endpoint.port))
+        except OSError:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
+    def close(self) -> None:
+        def stop() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(stop)
+        self._thread.join(timeout=5)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction until its end, then half-close the other side (the caller
+    closes both once both directions are done)."""
+    with contextlib.suppress(OSError, RuntimeError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
+class ReplicaHost:
+    """One replica on a Ray node (the actor's class; see the module docstring)."""
+
+    def __init__(self, plan: HostPlan) -> None:
+        import ray
+
+        self._plan = plan
+        self._key = threading.Event()
+        self._secrets: dict[str, str] = {}
+        self._engine: Any = None
+        self._forwarder: _Forwarder | None = None
+        self._failed = ""
+        self._phase_note = "preparing the replica on its node"
+        self._build: deque[str] = deque(maxlen=200)
+        ctx = ray.get_runtime_context()
+        self._node_id: str = ctx.get_node_id()
+        self._node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        gpu_ids = ray.get_gpu_ids()
+        self._gpus = tuple(str(g) for g in gpu_ids) if gpu_ids else None
+        self._started = time.time()
+        self._node_home = Path(plan.node_dir) / plan.scope / self._node_id[:16]
+        threading.Thread(target=self._run, name="kingpost-replica-host", daemon=True).start()
+
+    # -- what the control plane calls -----------------------------------------------------
+    def unlock(self, key: bytes) -> bool:
+        """Bring the key the secrets were sealed with; the replica starts once prepared."""
+        if self._key.is_set():
+            return True
+        from cryptography.fernet import Fernet, InvalidToken
+
+        try:
+            plain = Fernet(key).decrypt(self._plan.sealed_secrets)
+        except (InvalidToken, ValueError):
+            self._failed = "the secrets' key does not open them; restart the control plane"
+            return False
+        self._secrets = dict(json.loads(plain))
+        self._key.set()
+        return True
+
+    def status(self) -> dict[str, Any]:
+        spec = self._plan.spec
+        out: dict[str, Any] = {
+            "replica_id": spec.replica_id,
+            "deployment_id": spec.deployment_id,
+            "generation": spec.generation,
+            "node_id": self._node_id,
+            "node_ip": self._node_ip,
+            "needs_key": not self._key.is_set(),
+            "phase": ReplicaPhase.STARTING.value,
+            "host": None,
+            "port": None,
+            "restarts": 0,
+            "message": self._phase_note,
+            "started_at": self._started,
+        }
+        if self._failed:
+            out.update(phase=ReplicaPhase.FAILED.value, message=self._failed)
+            return out
+        engine = self._engine
+        if engine is None:
+            return out
+        statuses = engine.poll()
+        if not statuses:
+            out.update(phase=ReplicaPhase.STOPPED.value, message="stopped")
+            return out
+        st = statuses[0]
+        out.update(phase=st.phase.value, restarts=st.restarts, message=st.message)
+        if st.endpoint is not None and self._forwarder is not None:
+            out.update(host=self._node_ip, port=self._forwarder.port)
+        return out
+
+    def stop(self, grace_s: float) -> bool:
+        """Stop the replica (SIGTERM, grace, SIGKILL, as the process engine does)."""
+        engine = self._engine
+        if engine is not None:
+            engine.stop(self._plan.spec.replica_id)
+            deadline = time.monotonic() + grace_s + 5
+            while engine.poll() or self._still_tracked(engine):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(STOP_POLL_S)
+            engine.close()
+        if self._forwarder is not None:
+            self._forwarder.close()
+        return True
+
+    @staticmethod
+    def _still_tracked(engine: Any) -> bool:
+        with engine._lock:
+            return bool(engine._replicas)
+
+    def logs(self, tail: int) -> list[str]:
+        lines = list(self._build)
+        engine = self._engine
+        if engine is not None:
+            lines += [line.text for line in engine.logs(self._plan.spec.deployment_id, tail)]
+        return lines[-tail:]
+
+    # -- preparing and starting on this node --------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._start()
+        except Exception as exc:
+            log.exception("ray engine: preparing replica %s", self._plan.spec.replica_id)
+            self._failed = f"preparing the replica on node {self._node_ip} failed: {exc}"
+
+    def _start(self) -> None:
+        from kingpost.engines.process import ProcessEngine, prepare_python
+        from kingpost.settings import Settings
+
+        plan, spec = self._plan, self._plan.spec
+        node_settings = Settings(home=self._node_home, **plan.settings)
+        app_dir = _unpack(plan.archive, plan.archive_hash, self._node_home / "projects")
+        assert spec.config is not None
+        prepared = prepare_python(node_settings, spec.config, app_dir, self._build.append)
+        self._phase_note = "waiting for the control plane to send the secrets' key"
+        self._key.wait()
+        home = self._node_home / "replicas" / spec.replica_id
+        engine = ProcessEngine(Settings(home=home, **plan.settings))
+        engine.start(
+            replace(
+                spec,
+                app_dir=app_dir,
+                python_executable=prepared.python_executable,
+                secrets=self._secrets,
+                gpus=self._gpus,
+            )
+        )
+        self._forwarder = _Forwarder(self._node_ip, lambda: _endpoint(engine))
+        self._engine = engine
+
+
+def _endpoint(engine: Any) -> Endpoint | None:
+    statuses = engine.poll()
+    return statuses[0].endpoint if statuses else None

@@ -1,0 +1,264 @@
+"""The Ray engine on a real three-node Ray cluster (``helpers/raycluster.py``): replicas
+spread over the nodes, served through the gateway, a worker node killed under load, a
+control plane restarted and its actors adopted.
+
+The cluster and the control plane start once for the module; the tests run in order
+(each builds on what the one before left: the node killed, then the restart).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers.platform import EXAMPLES, Platform, wait_answer, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+WORKERS = ["kpt-ray-n3", "kpt-ray-n4"]
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+LEAN = "resources:\n  cpu: 500m\n  memory: 128Mi\n"
+
+
+def _skip_reason() -> str | None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "the `ray` package is not installed (dev extra)"
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and iproute2 to create the nodes' network namespaces"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from helpers import raycluster
+
+    root = Path(f"/tmp/kpt-ray-{os.getpid()}")  # short: Ray's unix socket paths
+    raycluster.network_down(WORKERS)  # what a killed earlier run left
+    try:
+        raycluster.network_up(WORKERS)
+    except Exception as exc:
+        raycluster.network_down(WORKERS)
+        pytest.skip(f"cannot create the test network (bridge, namespaces): {exc}")
+    try:
+        c = raycluster.start_cluster(root, WORKERS)
+    except RuntimeError as exc:
+        raycluster.network_down(WORKERS)
+        pytest.skip(f"the Ray test cluster did not start: {exc}")
+    try:
+        yield c
+    finally:
+        c.stop()
+        raycluster.network_down(WORKERS)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray-home")
+
+
+def _platform(cluster: Any, home: Path) -> Platform:
+    from helpers.raycluster import ray_env
+
+    env = {
+        **ray_env(),
+        "KINGPOST_RAY_ADDRESS": cluster.address,
+        "KINGPOST_RAY_NODE_DIR": str(home / "nodes"),
+    }
+    return Platform(home / "kp", engine="ray", extra_env=env)
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: Any, home: Path) -> Iterator[dict[str, Any]]:
+    """The control plane, and two deployments of 3 replicas each: a custom server (with a
+    secret) and a model class."""
+    p = _platform(cluster, home).start()
+    state: dict[str, Any] = {"platform": p}
+    try:
+        server = home / "echo-server"
+        shutil.copytree(EXAMPLES / "echo-server", server)
+        cfg = server / "config.yaml"
+        cfg.write_text(cfg.read_text() + LEAN + "secrets:\n  ray_token: null\n")
+        model = home / "basic"
+        shutil.copytree(FIXTURES / "basic", model)
+        cfg = model / "config.yaml"
+        cfg.write_text(cfg.read_text().split("resources:")[0] + LEAN)
+        with p.client() as c:
+            c.set_secret("ray_token", "s3cret-over-ray")
+            for name, project in (("server", server), ("model", model)):
+                r = c.push(project, min_replicas=3)
+                state[name] = (r["model"]["id"], r["deployment"]["id"])
+        for name in ("server", "model"):
+            _wait_ready(p, state[name][1], 3, timeout=150)
+        yield state
+    finally:
+        state["platform"].stop()
+        from helpers.raycluster import kill_replicas
+
+        kill_replicas(home / "nodes")
+
+
+def _wait_ready(p: Platform, dep: str, n: int, timeout: float) -> None:
+    with p.client() as c:
+        wait_for(
+            lambda: c.deployment(dep)["replicas_ready"] == n,
+            timeout,
+            f"{n} ready replicas of {dep} (server log: {p.log})",
+        )
+
+
+def _server_replicas(p: Platform, model_id: str, calls: int = 30) -> dict[str, dict[str, Any]]:
+    """Replica id -> what its server says of itself, from ``calls`` requests."""
+    seen: dict[str, dict[str, Any]] = {}
+    with p.gateway() as gw:
+        for _ in range(calls):
+            r = gw.get(f"/models/{model_id}/environments/production/sync/env")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            rid = Path(body["env"]["APP_HOME"]).parent.name
+            seen[rid] = body
+    return seen
+
+
+def _cluster(p: Platform) -> list[dict[str, Any]]:
+    """The Ray engine's nodes as `kingpost engines` shows them."""
+    out = p.cli("engines", "--output", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (ray,) = [e for e in json.loads(out.stdout)["engines"] if e["name"] == "ray"]
+    assert ray["running"] and ray["default"], ray
+    nodes: list[dict[str, Any]] = ray["nodes"]
+    return nodes
+
+
+def _node_of(app_home: str, home: Path) -> str:
+    """The node directory a replica runs under: ``{node_dir}/{scope}/{node}/...``."""
+    return Path(app_home).relative_to(home / "nodes").parts[1]
+
+
+def test_replicas_spread_over_the_nodes_and_serve_through_the_gateway(
+    deployed: dict[str, Any], home: Path
+) -> None:
+    p: Platform = deployed["platform"]
+    server_id, _ = deployed["server"]
+    model_id, _ = deployed["model"]
+    seen = _server_replicas(p, server_id)
+    assert len(seen) == 3, seen.keys()
+    nodes = {_node_of(s["env"]["APP_HOME"], home) for s in seen.values()}
+    assert len(nodes) == 3, nodes  # one per node (SPREAD)
+    some = next(iter(seen.values()))
+    assert some["secrets"] == {"ray_token": "s3cret-over-ray"}, some["secrets"]
+    assert some["secrets_writable"] is False
+    assert some["env"]["BT_MODEL_ID"] == server_id
+    with p.gateway() as gw:
+        r = wait_answer(gw, f"/models/{model_id}/production/predict", 200, {"text": "hi"}, 30)
+        assert r.json()["echo"] == {"text": "hi"}, r.text
+    nodes_seen = _cluster(p)
+    assert len(nodes_seen) == 3 and all(n["alive"] for n in nodes_seen), nodes_seen
+    assert sorted(len(n["replicas"]) for n in nodes_seen) == [2, 2, 2], nodes_seen
+    # Each node prepared the model's project once, under its hash.
+    projects = list((home / "nodes").glob("*/*/projects/*"))
+    assert len(projects) == 6, projects  # 2 deployments x 3 nodes
+
+
+def test_a_config_the_cluster_cannot_hold_is_reported_not_left_pending(
+    deployed: dict[str, Any], home: Path
+) -> None:
+    p: Platform = deployed["platform"]
+    project = home / "huge"
+    shutil.copytree(EXAMPLES / "echo-server", project)
+    cfg = project / "config.yaml"
+    cfg.write_text(
+        cfg.read_text().replace("model_name: echo-server", "model_name: huge")
+        + "resources:\n  cpu: '64'\n  memory: 128Mi\n"
+    )
+    with p.client() as c:
+        dep = c.push(project)["deployment"]["id"]
+        d = p.wait_status(dep, "FAILED", "UNHEALTHY", timeout=60)
+        assert "resources.cpu asks 64, the largest node has 2" in d["message"], d
+        c.delete_model("huge")
+
+
+def test_a_worker_node_dies_under_load_and_its_replicas_start_elsewhere(
+    deployed: dict[str, Any], cluster: Any, home: Path
+) -> None:
+    p: Platform = deployed["platform"]
+    server_id, server_dep = deployed["server"]
+    model_id, model_dep = deployed["model"]
+    victim = cluster.nodes[-1]
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    errors: list[str] = []
+
+    def load() -> None:
+        with p.gateway() as gw:
+            while not stop.is_set():
+                try:
+                    r = gw.post(f"/models/{server_id}/production/predict", json={"n": 1})
+                    ok = r.status_code == 200
+                    if not ok:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    ok = False
+                    errors.append(repr(exc))
+                counts["ok" if ok else "failed"] += 1
+                time.sleep(0.02)
+
+    clients = [threading.Thread(target=load) for _ in range(3)]
+    for t in clients:
+        t.start()
+    try:
+        wait_for(lambda: counts["ok"] > 20, 30, "load to flow")
+        cluster.kill(victim)
+        for dep in (server_dep, model_dep):
+            with p.client() as c:
+                wait_for(
+                    lambda d=dep: c.deployment(d)["replicas_ready"] < 3, 60, "the loss noticed"
+                )
+        _wait_ready(p, server_dep, 3, timeout=120)
+        _wait_ready(p, model_dep, 3, timeout=120)
+        before = counts["ok"]
+        wait_for(lambda: counts["ok"] > before + 20, 30, "load to flow after")
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=30)
+    # Only requests in flight on the dead node may fail: one per client at most.
+    assert counts["failed"] <= len(clients), (counts, errors[:5])
+    seen = _server_replicas(p, server_id)
+    nodes = {_node_of(s["env"]["APP_HOME"], home) for s in seen.values()}
+    assert len(seen) == 3 and len(nodes) == 2, (seen.keys(), nodes)
+    with p.gateway() as gw:
+        r = gw.post(f"/models/{model_id}/production/predict", json={"text": "again"})
+        assert r.status_code == 200, r.text
+    alive = [n for n in _cluster(p) if n["alive"]]
+    assert len(alive) == 2 and sum(len(n["replicas"]) for n in alive) == 6, alive
+
+
+def test_a_restarted_control_plane_adopts_the_running_actors(
+    deployed: dict[str, Any], cluster: Any, home: Path
+) -> None:
+    p: Platform = deployed["platform"]
+    server_id, server_dep = deployed["server"]
+    before = {rid: s["pid"] for rid, s in _server_replicas(p, server_id).items()}
+    p.stop(signal.SIGTERM)
+    assert "left running on the ray engine" in p.output(), p.output()
+    again = _platform(cluster, home).start()
+    deployed["platform"] = again
+    _wait_ready(again, server_dep, 3, timeout=60)
+    after = {rid: s["pid"] for rid, s in _server_replicas(again, server_id).items()}
+    assert after == before  # the same replicas, the same processes: adopted, not started
