@@ -8,12 +8,6 @@ import pytest
 from helpers.platform import Platform
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "ray: starts a Ray cluster in network namespaces (root, iproute2, ray)"
-    )
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     p = Platform(tmp_path_factory.mktemp("kingpost-home")).start()
