@@ -27,6 +27,7 @@ from typing import Any
 
 from kingpost.api import ControlPlane, create_app
 from kingpost.asyncq.plane import prepare_async_workers
+from kingpost.console.history import History
 from kingpost.controller.demand import DemandWatcher
 from kingpost.controller.loop import Controller
 from kingpost.engines._records import records_dir
@@ -269,7 +270,8 @@ def _serve(
         pull_stats=_stats_puller(settings),
     )
     workers = prepare_async_workers(settings, store, controller)
-    plane = ControlPlane(settings, store, controller)
+    history = _console_history(controller, store)
+    plane = ControlPlane(settings, store, controller, history)
     config = uvicorn.Config(
         create_app(plane),
         host=settings.api_host,
@@ -289,6 +291,7 @@ def _serve(
             )
             started.callback(metrics_server.server_close)
             started.callback(metrics_server.shutdown)
+        started.enter_context(history.running())
         collector = _collector(settings, store)
         collector.start()
         started.callback(collector.stop)
@@ -307,6 +310,16 @@ def _serve(
         if push_dirs:
             threading.Thread(target=_push_examples, args=(settings, push_dirs), daemon=True).start()
         server.run()
+
+
+def _console_history(controller: Controller, store: Store) -> History:
+    """The console's last hour of request figures, sampled from the platform's own
+    figures (what ``/metrics`` shows, without the replicas' scrape)."""
+    from kingpost.metrics.platform import collect
+    from kingpost.metrics.summary import parse
+    from kingpost.metrics.text import render
+
+    return History(lambda: parse(render(collect(controller, store))))
 
 
 def _stop_controller(controller: Controller) -> None:

@@ -163,6 +163,8 @@ def test_a_pushed_model_shows_with_its_environment(
     page.get_by_role("link", name="Models").click()
     row = page.get_by_role("row", name=re.compile("logs-secret"))
     assert "production" in row.inner_text() and "deployment-1" in row.inner_text()
+    # The server sampled its figures when it started: counts run from that sample.
+    assert re.search(r"since \d\d:\d\d UTC", page.locator("#figures-since").inner_text())
     check_page(page, shots, "models")
 
 
@@ -231,7 +233,11 @@ def test_playground_and_following_logs(
     assert SECRET not in page.content()
     # The charts' source: the platform's counters for this deployment, by name.
     figures = page.request.get("/console/figures?model=logs-secret&deployment=blue").json()
-    assert figures["requests"] >= 1 and figures["ready"] == 1
+    assert figures["requests"] >= 1 and figures["ready"] == 1 and "history" not in figures
+    # The last hour the control plane kept: its samples so far, oldest first.
+    url = "/console/figures?model=logs-secret&deployment=blue&history=1"
+    kept = page.request.get(url).json()["history"]
+    assert kept and [p["t"] for p in kept] == sorted(p["t"] for p in kept), kept
     page.wait_for_function("() => document.getElementById('chart-ready-now').textContent === '1'")
     check_page(page, shots, "deployment")
 

@@ -72,6 +72,7 @@ from kingpost.store.repo import check_labels
 
 if TYPE_CHECKING:
     from kingpost.config import TrussConfig
+    from kingpost.console.history import History
     from kingpost.weights import WeightsManager
 
 __all__ = ["ControlPlane", "create_app"]
@@ -82,6 +83,8 @@ class ControlPlane:
     settings: Settings
     store: Store
     controller: Controller
+    history: History | None = None
+    """The console's last hour of request figures (``kingpost server`` samples it)."""
 
 
 def _api_key(authorization: str | None) -> str:

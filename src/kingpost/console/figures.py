@@ -12,7 +12,7 @@ from typing import Any
 
 from kingpost.metrics.summary import Samples
 
-__all__ = ["Totals", "totals", "totals_by_model"]
+__all__ = ["Totals", "totals", "totals_by_deployment", "totals_by_model"]
 
 
 @dataclass
@@ -23,6 +23,13 @@ class Totals:
     ready: float = 0.0
     buckets: dict[float, float] = field(default_factory=dict)
     """Latency histogram: upper bound (s) -> cumulative count."""
+
+    def merge(self, other: Totals) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.ready += other.ready
+        for le, n in other.buckets.items():
+            self.buckets[le] = self.buckets.get(le, 0.0) + n
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,4 +74,15 @@ def totals_by_model(samples: Samples) -> dict[str, Totals]:
         labels = dict(frozen)
         if "model" in labels:
             _add(out.setdefault(labels["model"], Totals()), name, labels, value)
+    return out
+
+
+def totals_by_deployment(samples: Samples) -> dict[tuple[str, str], Totals]:
+    """Every deployment's totals, by (model name, deployment name)."""
+    out: dict[tuple[str, str], Totals] = {}
+    for (name, frozen), value in samples.items():
+        labels = dict(frozen)
+        if "model" in labels and "deployment" in labels:
+            key = (labels["model"], labels["deployment"])
+            _add(out.setdefault(key, Totals()), name, labels, value)
     return out

@@ -17,6 +17,7 @@ from fastapi.responses import RedirectResponse
 
 from kingpost.console.apicall import ApiResult
 from kingpost.console.figures import totals_by_model
+from kingpost.console.history import last_hour
 from kingpost.console.web import ROOT, Console, Ctx
 
 __all__ = ["page_routes"]
@@ -148,6 +149,7 @@ def _model_pages(router: APIRouter, console: Console) -> None:
         by_id = {d["id"]: d for d in deployments}
         samples = await console.samples(ctx)
         figures = totals_by_model(samples) if samples is not None else {}
+        since = last_hour(console.plane.history, figures)
         rows = []
         for m in listed:
             envs = await _need(console, ctx, f"/v1/models/{_q(m['id'])}/environments")
@@ -162,7 +164,9 @@ def _model_pages(router: APIRouter, console: Console) -> None:
                 }
             )
         notice = ctx.request.query_params.get("notice", "")
-        return console.page(ctx, "models.html", rows=rows, notice=notice, title="Models")
+        return console.page(
+            ctx, "models.html", rows=rows, notice=notice, since=since, title="Models"
+        )
 
     async def model_page(
         ctx: Ctx,

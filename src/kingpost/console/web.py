@@ -86,6 +86,7 @@ class Console:
         )
         self.env.globals["root"] = ROOT
         self.env.filters["yaml"] = yaml_html
+        self.env.filters["clock"] = lambda t: time.strftime("%H:%M UTC", time.gmtime(t))
 
     def render(self, template: str, status: int = 200, **context: Any) -> Response:
         html = self.env.get_template(template).render(**context)
@@ -288,16 +289,25 @@ def _data_routes(router: APIRouter, console: Console) -> None:
         return JSONResponse(result.data, status_code=result.status)
 
     @router.get("/figures")
-    async def figures(request: Request, model: str, deployment: str | None = None) -> Response:
+    async def figures(
+        request: Request, model: str, deployment: str | None = None, history: bool = False
+    ) -> Response:
         """Running request totals of a model (or one deployment; both by name) from the
-        platform's ``/metrics``; the page's script charts the change between polls."""
+        platform's ``/metrics``; the page's script charts the change between polls. With
+        ``history``, also the totals the control plane sampled over the last hour."""
         from kingpost.console.figures import totals
 
         ctx = console.ctx(request)
         samples = await console.samples(ctx)
         if samples is None:
             return JSONResponse({"error": "the platform's metrics are unavailable"}, 503)
-        return JSONResponse({"t": time.time(), **totals(samples, model, deployment).to_json()})
+        out = {"t": time.time(), **totals(samples, model, deployment).to_json()}
+        kept = console.plane.history
+        if history and kept is not None:
+            out["history"] = [
+                {"t": t, **figures.to_json()} for t, figures in kept.series(model, deployment)
+            ]
+        return JSONResponse(out)
 
     @router.post("/models/{model}/deployments/{dep}/predict")
     async def playground(model: str, dep: str, request: Request) -> Response:

@@ -167,25 +167,34 @@
     const data = { rps: [], p50: [], p99: [], errors: [], ready: [] };
     let last = null;
     const push = (name, v) => { data[name].push(v); if (data[name].length > 60) { data[name].shift(); } };
+    // One bar from two samples of the running totals: the rate, errors and latency between.
+    const step = (before, cur) => {
+      const dt = Math.max(0.001, cur.t - before.t);
+      const prev = new Map(before.buckets.map(([le, n]) => [le, n]));
+      const delta = cur.buckets.map(([le, n]) => [le, n - (prev.get(le) || 0)]);
+      const ms = (v) => (v === null ? null : v * 1000);
+      push("rps", Math.max(0, cur.requests - before.requests) / dt);
+      push("errors", Math.max(0, cur.errors - before.errors) / dt);
+      push("p50", ms(quantile(0.5, delta)));
+      push("p99", ms(quantile(0.99, delta)));
+      push("ready", cur.ready);
+    };
+    const redraw = () => {
+      draw("rps", [data.rps], "");
+      draw("latency", [data.p50, data.p99], " ms");
+      draw("errors", [data.errors], "");
+      draw("ready", [data.ready], "");
+    };
     const poll = async () => {
-      const resp = await fetch(root + "/figures?" + params, { headers: { "X-Requested-With": "fetch" } });
+      // The first poll also takes the last hour the control plane kept (a bar a minute).
+      const query = last ? params : new URLSearchParams([...params, ["history", "1"]]);
+      const resp = await fetch(root + "/figures?" + query, { headers: { "X-Requested-With": "fetch" } });
       if (!resp.ok) { return; }
       const cur = await resp.json();
-      if (last) {
-        const dt = Math.max(0.001, cur.t - last.t);
-        const prev = new Map(last.buckets.map(([le, n]) => [le, n]));
-        const delta = cur.buckets.map(([le, n]) => [le, n - (prev.get(le) || 0)]);
-        const ms = (v) => (v === null ? null : v * 1000);
-        push("rps", Math.max(0, cur.requests - last.requests) / dt);
-        push("errors", Math.max(0, cur.errors - last.errors) / dt);
-        push("p50", ms(quantile(0.5, delta)));
-        push("p99", ms(quantile(0.99, delta)));
-        push("ready", cur.ready);
-        draw("rps", [data.rps], "");
-        draw("latency", [data.p50, data.p99], " ms");
-        draw("errors", [data.errors], "");
-        draw("ready", [data.ready], "");
-      }
+      const kept = cur.history || [];
+      for (let i = 1; i < kept.length; i++) { step(kept[i - 1], kept[i]); }
+      if (last) { step(last, cur); }
+      if (last || kept.length > 1) { redraw(); }
       last = cur;
     };
     poll();
