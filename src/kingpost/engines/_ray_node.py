@@ -33,6 +33,7 @@ import tarfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -146,19 +147,22 @@ class WeightsSource:
 
 
 def fetch_weights(
-    weights: tuple[NodeWeights, ...], source: Any, cache: Path, note: Any
+    weights: tuple[NodeWeights, ...],
+    read: Callable[[str, int, int], bytes],
+    cache: Path,
+    note: Callable[[str], object],
+    chunk: int = WEIGHTS_CHUNK,
 ) -> tuple[WeightMount, ...]:
     """Each entry's files in the node's own content-addressed cache (``cache``, a
     :class:`BlobStore`: blobs by sha256, read-only hard-link trees per manifest), fetched
-    from ``source`` (a :class:`WeightsSource` handle) only when missing; the mounts the
-    replica gets, at the same ``mount_location`` the process engine uses.
+    with ``read(sha256, offset, length)`` (a :class:`WeightsSource` call) ``chunk`` bytes
+    at a time, only when missing; the mounts the replica gets, at the same
+    ``mount_location`` the process engine uses.
 
     Replicas preparing on one node at once take a lock per blob (``flock``), so a blob is
     fetched once; the blob is verified (size, sha256) and renamed into place, the tree
     built aside and renamed, so a reader never sees half of either."""
     import fcntl
-
-    import ray
 
     store = BlobStore(cache)
     locks = cache / "locks"
@@ -176,7 +180,7 @@ def fetch_weights(
                 with store.writer() as (fh, tmp):
                     offset = 0
                     while offset < size:
-                        data = ray.get(source.read.remote(digest, offset, WEIGHTS_CHUNK))
+                        data = read(digest, offset, chunk)
                         if not data:
                             break
                         fh.write(data)
@@ -386,8 +390,15 @@ class ReplicaHost:
             import ray
 
             source = ray.get_actor(plan.weights_source, namespace="kingpost")
+
+            def read(digest: str, offset: int, length: int) -> bytes:
+                return bytes(ray.get(source.read.remote(digest, offset, length)))
+
             weights = fetch_weights(
-                plan.weights, source, self._node_home / "weights", self._build.append
+                plan.weights,
+                read,
+                self._node_home / "weights",
+                self._build.append,
             )
         prepared = prepare_python(node_settings, spec.config, app_dir, self._build.append)
         self._phase_note = "waiting for the control plane to send the secrets' key"
