@@ -130,20 +130,13 @@ class WeightsSource:
 
     def __init__(self, store_root: str) -> None:
         self._store = BlobStore(Path(store_root))
-        self.served = 0
-        """Chunks served since this actor started (what the tests count)."""
 
     def read(self, digest: str, offset: int, length: int) -> bytes:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"weights blob: {digest!r} is not a sha256 in hex")
         with self._store.blob_path(digest).open("rb") as fh:
             fh.seek(offset)
-            data = fh.read(min(length, WEIGHTS_CHUNK))
-        self.served += 1
-        return data
-
-    def count(self) -> int:
-        return self.served
+            return fh.read(min(length, WEIGHTS_CHUNK))
 
 
 def fetch_weights(
