@@ -201,6 +201,70 @@ def test_a_config_the_cluster_cannot_hold_is_reported_not_left_pending(
         c.delete_model("huge")
 
 
+def _placed(engines: dict[str, Any]) -> int:
+    """How many replicas the Ray engine has on its nodes (``GET /v1/engines``)."""
+    (ray,) = [e for e in engines["engines"] if e["name"] == "ray"]
+    return sum(len(n["replicas"]) for n in ray["nodes"])
+
+
+def _node_blobs(home: Path) -> dict[str, dict[str, int]]:
+    """Node -> the weights blobs in its cache (name -> inode: a blob fetched again is a new
+    file renamed into place, so its inode changes)."""
+    out: dict[str, dict[str, int]] = {}
+    for node in (home / "nodes").glob("*/*"):
+        blobs = (node / "weights" / "blobs").glob("*/*")
+        out[node.name] = {b.name: b.stat().st_ino for b in blobs}
+    return out
+
+
+def test_weights_reach_each_node_once_and_are_mounted_read_only(
+    deployed: dict[str, Any], home: Path
+) -> None:
+    """The mirror's files are shipped to each node's own cache (by content hash), once per
+    node, and mounted read-only; a second deployment of the same weights fetches nothing."""
+    p: Platform = deployed["platform"]
+    repo = home / "ray-weights"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "model.safetensors").write_bytes(b"w" * 4096)
+    (repo / "sub" / "config.json").write_text("{}")
+    weights = f"weights:\n  - source: file://{repo}\n    mount_location: /models/ray-w\n"
+    deps: dict[str, tuple[str, str]] = {}
+    first: dict[str, dict[str, int]] = {}
+    try:
+        with p.client() as c:
+            for name, n in (("ray-weighted", 3), ("ray-weighted-2", 1)):
+                project = home / name
+                shutil.copytree(EXAMPLES / "echo-server", project)
+                cfg = project / "config.yaml"
+                text = cfg.read_text().replace("model_name: echo-server", f"model_name: {name}")
+                cfg.write_text(text + LEAN + weights)
+                r = c.push(project, min_replicas=n)
+                deps[name] = (r["model"]["id"], r["deployment"]["id"])
+                _wait_ready(p, deps[name][1], n, timeout=120)
+                if name == "ray-weighted":
+                    first = _node_blobs(home)
+        model_id, _ = deps["ray-weighted"]
+        seen = _server_replicas(p, model_id, calls=20)
+        nodes = {_node_of(s["env"]["APP_HOME"], home) for s in seen.values()}
+        assert len(nodes) == 3, nodes  # the two workers among them (SPREAD)
+        for node in nodes:  # the two files' contents, once each
+            assert len(first[node]) == 2, first
+        files = f"/models/{model_id}/environments/production/sync/files?dir=/models/ray-w"
+        with p.gateway() as gw:
+            for _ in range(6):  # each replica, most likely
+                body = gw.get(files).json()
+                assert body == {"files": ["model.safetensors", "sub/config.json"],
+                                "writable": False}, body  # fmt: skip
+        trees = list((home / "nodes").glob("*/*/weights/trees/*"))
+        assert len(trees) == 3, trees  # one per node, shared by both deployments
+        assert _node_blobs(home) == first  # the second deployment fetched nothing
+    finally:
+        with p.client() as c:
+            for name in deps:
+                c.delete_model(name)
+            wait_for(lambda: _placed(c.engines()) == 6, 60, "their replicas gone")
+
+
 def test_a_worker_node_dies_under_load_and_its_replicas_start_elsewhere(
     deployed: dict[str, Any], cluster: Any, home: Path
 ) -> None:

@@ -2,8 +2,10 @@
 
 :class:`ReplicaHost` is placed by Ray's scheduler. On the node it lands on it prepares
 its replica: the project archive is unpacked and the Python environment built under the
-node's cache (``{node_dir}/{scope}/{node}/``), both keyed by content hash, so a node's
-second replica of a deployment prepares nothing. It then runs the replica with the
+node's cache (``{node_dir}/{scope}/{node}/``), and its weights fetched in chunks from the
+control plane's :class:`WeightsSource` into the node's own blob store (``weights/``), all
+keyed by content hash, so a node's second replica of a deployment prepares nothing and a
+second deployment with the same weights fetches none. It then runs the replica with the
 process engine's own code (a one-replica :class:`~kingpost.engines.process.ProcessEngine`:
 the same environment variables, ``/secrets`` files, read-only weights, probes, restarts
 after exits), and a TCP forwarder on the node's address hands the gateway's connections
@@ -31,17 +33,39 @@ import tarfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaSpec
+from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaSpec, WeightMount
+from kingpost.weights.blobs import BlobStore, Manifest
 
-__all__ = ["HostPlan", "ReplicaHost", "pack_project"]
+__all__ = [
+    "HostPlan",
+    "NodeWeights",
+    "ReplicaHost",
+    "WeightsSource",
+    "fetch_weights",
+    "pack_project",
+]
 
 log = logging.getLogger(__name__)
 
 STOP_POLL_S = 0.05
+WEIGHTS_CHUNK = 64 * 1024 * 1024
+"""Bytes of one weights file a node asks the control plane's :class:`WeightsSource` for at
+once: no object in Ray's store is larger, however large the file."""
+
+
+@dataclass(frozen=True)
+class NodeWeights:
+    """One weights entry as a node fetches it: its mirror manifest (path -> sha256, size)
+    and, for a single-file entry (``external_data``), that file's path in the tree."""
+
+    mount_location: str
+    manifest: Manifest
+    single_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,9 @@ class HostPlan:
     scope: str
     settings: dict[str, Any]
     """The control plane's settings the node's process engine runs under (model_env, …)."""
+    weights: tuple[NodeWeights, ...] = ()
+    weights_source: str = ""
+    """The name of the control plane's :class:`WeightsSource` actor (namespace kingpost)."""
 
 
 def pack_project(app_dir: Path) -> tuple[bytes, str]:
@@ -95,6 +122,72 @@ def _unpack(archive: bytes, digest: str, apps_dir: Path) -> Path:
     except OSError:  # another replica's unpack won
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+class WeightsSource:
+    """Serves the control plane's mirrored weights blobs to the nodes, a chunk per call
+    (an actor pinned to the control plane's node, reading its blob store)."""
+
+    def __init__(self, store_root: str) -> None:
+        self._store = BlobStore(Path(store_root))
+
+    def read(self, digest: str, offset: int, length: int) -> bytes:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"weights blob: {digest!r} is not a sha256 in hex")
+        with self._store.blob_path(digest).open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(min(length, WEIGHTS_CHUNK))
+
+
+def fetch_weights(
+    weights: tuple[NodeWeights, ...],
+    read: Callable[[str, int, int], bytes],
+    cache: Path,
+    note: Callable[[str], object],
+    chunk: int = WEIGHTS_CHUNK,
+) -> tuple[WeightMount, ...]:
+    """Each entry's files in the node's own content-addressed cache (``cache``, a
+    :class:`BlobStore`: blobs by sha256, read-only hard-link trees per manifest), fetched
+    with ``read(sha256, offset, length)`` (a :class:`WeightsSource` call) ``chunk`` bytes
+    at a time, only when missing; the mounts the replica gets, at the same
+    ``mount_location`` the process engine uses.
+
+    Replicas preparing on one node at once take a lock per blob (``flock``), so a blob is
+    fetched once; the blob is verified (size, sha256) and renamed into place, the tree
+    built aside and renamed, so a reader never sees half of either."""
+    import fcntl
+
+    store = BlobStore(cache)
+    locks = cache / "locks"
+    locks.mkdir(exist_ok=True)
+    fetched = fetched_bytes = 0
+    mounts = []
+    for w in weights:
+        for digest, size in sorted(set(w.manifest.files.values())):
+            if store.has(digest):
+                continue
+            with (locks / digest).open("w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if store.has(digest):
+                    continue
+                with store.writer() as (fh, tmp):
+                    offset = 0
+                    while offset < size:
+                        data = read(digest, offset, chunk)
+                        if not data:
+                            break
+                        fh.write(data)
+                        offset += len(data)
+                    fh.close()
+                    store.commit(tmp, size, digest)
+                fetched, fetched_bytes = fetched + 1, fetched_bytes + size
+        tree = store.tree(w.manifest)
+        path = tree / w.single_file if w.single_file else tree
+        mounts.append(WeightMount(w.mount_location, path))
+    if weights:
+        note(f"weights: fetched {fetched} files ({fetched_bytes} bytes) onto this node; "
+             "the rest were in its cache")  # fmt: skip
+    return tuple(mounts)
 
 
 class _Forwarder:
@@ -284,6 +377,22 @@ class ReplicaHost:
         node_settings = Settings(home=self._node_home, **plan.settings)
         app_dir = _unpack(plan.archive, plan.archive_hash, self._node_home / "projects")
         assert spec.config is not None
+        weights: tuple[WeightMount, ...] = ()
+        if plan.weights:
+            self._phase_note = "fetching the weights onto its node"
+            import ray
+
+            source = ray.get_actor(plan.weights_source, namespace="kingpost")
+
+            def read(digest: str, offset: int, length: int) -> bytes:
+                return bytes(ray.get(source.read.remote(digest, offset, length)))
+
+            weights = fetch_weights(
+                plan.weights,
+                read,
+                self._node_home / "weights",
+                self._build.append,
+            )
         prepared = prepare_python(node_settings, spec.config, app_dir, self._build.append)
         self._phase_note = "waiting for the control plane to send the secrets' key"
         self._key.wait()
@@ -296,6 +405,7 @@ class ReplicaHost:
                 python_executable=prepared.python_executable,
                 secrets=self._secrets,
                 gpus=self._gpus,
+                weights=weights,
             )
         )
         self._forwarder = _Forwarder(self._node_ip, lambda: _endpoint(engine))

@@ -164,6 +164,7 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         self._secret_key = _installation_key(settings)
         self._archives: dict[Path, tuple[bytes, str]] = {}
         self._archive_lock = threading.Lock()
+        self._source: Any = None
         if not ray.is_initialized():
             try:
                 ray.init(
@@ -285,6 +286,11 @@ class RayEngine(ReplicaEngine[_RayReplica]):
             return
         from kingpost.engines._ray_node import HostPlan, ReplicaHost
 
+        try:
+            weights = self._node_weights(rep.spec)
+        except EngineError as exc:
+            rep.phase, rep.message = ReplicaPhase.FAILED, str(exc)
+            return
         archive, digest = self._archive(rep.spec.app_dir)
         sealed = _seal(self._replica_key(rep.replica_id), dict(rep.spec.secrets))
         spec = replace(rep.spec, secrets={}, python_executable=None, dynamic_config_dir=None)
@@ -296,6 +302,8 @@ class RayEngine(ReplicaEngine[_RayReplica]):
             str(self.settings.ray_node_dir),
             self.scope,
             {k: getattr(self.settings, k) for k in _NODE_SETTINGS},
+            weights,
+            self._weights_source() if weights else "",
         )
         actor = ray.remote(ReplicaHost).options(
             name=rep.name,
@@ -416,6 +424,59 @@ class RayEngine(ReplicaEngine[_RayReplica]):
             if packed is None:
                 packed = self._archives[app_dir] = pack_project(app_dir)
             return packed
+
+    def _node_weights(self, spec: ReplicaSpec) -> tuple[Any, ...]:
+        """The spec's weights as nodes fetch them: each mount's mirror manifest, found from
+        its tree (``{weights_dir}/trees/{manifest id}``, or a file in one)."""
+        from kingpost.engines._ray_node import NodeWeights
+        from kingpost.weights.blobs import BlobStore
+
+        out = []
+        trees = self.settings.weights_dir / "trees"
+        for w in spec.weights:
+            rel = w.source_dir.relative_to(trees) if w.source_dir.is_relative_to(trees) else None
+            manifest = None
+            if rel is not None and rel.parts:
+                manifest = BlobStore(self.settings.weights_dir).manifest(rel.parts[0])
+            if manifest is None or rel is None:
+                raise EngineError(
+                    f"weights: {w.mount_location}: {w.source_dir} is not a tree of the weights "
+                    f"mirror ({trees}/{{manifest}}), which the ray engine ships to the nodes",
+                    field="weights",
+                    value=str(w.source_dir),
+                )
+            single = str(Path(*rel.parts[1:])) if len(rel.parts) > 1 else None
+            out.append(NodeWeights(w.mount_location, manifest, single))
+        return tuple(out)
+
+    def _weights_source(self) -> str:
+        """The name of this installation's :class:`WeightsSource` actor, created once on
+        the control plane's node (it reads the mirror there); detached, so a restarted
+        control plane finds it again."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from kingpost.engines._ray_node import WeightsSource
+
+        name = f"kp-weights:{self.scope}"
+        with self._archive_lock:
+            if self._source is None:
+                here = ray.get_runtime_context().get_node_id()
+                self._source = (
+                    ray.remote(WeightsSource)
+                    .options(
+                        name=name,
+                        namespace=NAMESPACE,
+                        lifetime="detached",
+                        get_if_exists=True,
+                        max_restarts=-1,
+                        max_concurrency=8,
+                        num_cpus=0,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+                    )
+                    .remote(str(self.settings.weights_dir))
+                )
+        return name
 
     def _replica_key(self, replica_id: str) -> bytes:
         """A Fernet key of this replica's own, derived from the installation's secret key
