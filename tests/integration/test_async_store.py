@@ -106,6 +106,29 @@ def test_retry_backs_off_then_fails(queue: AsyncQueue) -> None:
     assert (got.status, got.attempts, got.errors[0]["message"]) == (AsyncStatus.FAILED, 2, "boom")
 
 
+def test_settle_records_then_claims_and_expires_in_one_transaction(queue: AsyncQueue) -> None:
+    ran = put(queue, 0, 0)
+    queue.claim([ran], now=T0)
+    stale = put(queue, 2, 0, max_time_in_queue_seconds=10)
+    low, high = put(queue, 1, 1), put(queue, 0, 2)
+    canceled = put(queue, 0, 0.5)
+    queue.cancel(canceled)
+    other = put(queue, 0, 0, dep="d2")
+    now = T0 + timedelta(seconds=20)
+    done = [(ran, AsyncQueue.succeeded_values('"ok"', now)), ("gone", {"status": "FAILED"})]
+    got = queue.settle(done, {"d1": (1, 10), "d2": (0, 10)}, now)
+    # The run's outcome is recorded; its freed slot goes to the highest priority (not the
+    # canceled one, nor the older low-priority one); the one past its wait expires.
+    assert got.recorded == 1 and got.expired == 1
+    assert {d: [v.id for v in vs] for d, vs in got.claimed.items()} == {"d1": [high]}
+    assert got.claimed["d1"][0].status == AsyncStatus.IN_PROGRESS
+    assert queue.get(ran).status == AsyncStatus.SUCCEEDED
+    assert queue.get(stale).status == AsyncStatus.EXPIRED
+    assert queue.get(low).status == AsyncStatus.QUEUED
+    assert queue.get(other).status == AsyncStatus.QUEUED  # no free slot there
+    assert queue.settle(done, {}, now).recorded == 0  # nothing is recorded twice
+
+
 def test_cancel_and_expire(queue: AsyncQueue) -> None:
     a, b, c = put(queue, webhook_endpoint="https://h.example/"), put(queue), put(queue)
     assert queue.cancel(a, "m1").status == AsyncStatus.CANCELED

@@ -2,9 +2,11 @@
 replicas through the gateway, record each outcome, deliver webhooks, sweep old results.
 
 One thread with its own event loop (``AsyncWorkers.start``). Each tick (every
-``poll_s``, and at once when a run ends) it records the runs that ended, and per
-deployment with queued work takes as many
-requests as :func:`~kingpost.asyncq.policy.async_slots` allows: a share
+``poll_s``, and at once when a run ends) it records the runs that ended and, per
+deployment with queued work, takes as many requests as
+:func:`~kingpost.asyncq.policy.async_slots` allows, all in one store transaction
+(``AsyncQueue.settle``: one thread hop and one commit, so a slot freed by a run that
+ended is taken again with the same commit that records it): a share
 (``KINGPOST_ASYNC_SHARE``) of the ready replicas' predict slots, so sync predicts keep the
 rest. Once per ``poll_s`` (not on every tick) it reads the queue depth per deployment,
 hands the backlog to the autoscaler as demand (``backlog``) and expires what waited too
@@ -34,7 +36,6 @@ import httpx
 from kingpost.asyncq.outcome import Outcome, Verdict, classify
 from kingpost.asyncq.policy import (
     async_slots,
-    choose,
     retry_delay_ms,
     webhook_delay_s,
     webhook_retryable,
@@ -110,6 +111,8 @@ class AsyncWorkers:
         """Queue depth per deployment, read once per ``poll_s``."""
         self._outcomes: list[tuple[str, dict[str, object]]] = []
         """Runs ended since the last tick, recorded together (one transaction)."""
+        self._models: dict[str, str] = {}
+        """Per deployment the tick claims for, its model (the run's route)."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,20 +173,13 @@ class AsyncWorkers:
     # -- one tick -------------------------------------------------------------------------
     async def _tick(self) -> None:
         q = self.queue
-        if self._outcomes:
-            done, self._outcomes = self._outcomes, []
-            await asyncio.to_thread(q.finish_many, done)
         now = time.monotonic()
         polled = now - self._polled_at >= self.settings.poll_s
         if polled:  # not on every tick under load: a run's end needs no new depth
             self._polled_at = now
             self._depths = await asyncio.to_thread(q.depths)
             self._backlog({dep: queued for dep, (queued, _) in self._depths.items()})
-        caps = self._capacity()
-        for dep, (queued, _) in self._depths.items():
-            cap = caps.get(dep)
-            if queued and cap is not None:
-                await self._take(dep, cap, expire=polled)
+        await self._settle(expire=polled)
         if now - self._hooked_at >= self.settings.poll_s:  # not every tick under load
             self._hooked_at = now
             await self._webhooks()
@@ -193,28 +189,45 @@ class AsyncWorkers:
             if gone:
                 log.info("async: swept %d finished request(s) past their retention", gone)
 
-    async def _take(self, dep: str, cap: Capacity, *, expire: bool = True) -> None:
-        """Claim what ``dep``'s free slots allow; with none free, only look for expired
-        requests (``expire``: once per poll, not on every tick)."""
-        busy = self._running.get(dep, 0)
-        free = async_slots(cap.ready, cap.concurrency, self.settings.share, busy)
-        if not cap.runnable:
-            free = 0
-        if free == 0 and not expire:
+    async def _settle(self, *, expire: bool) -> None:
+        """Record the runs that ended and claim what each deployment's free slots allow,
+        in one store transaction (``AsyncQueue.settle``); with no slot free, only look
+        for expired requests (``expire``: once per poll, not on every tick)."""
+        wants = self._wants(expire=expire)
+        done, self._outcomes = self._outcomes, []
+        if not done and not wants:
             return
-        now = self._clock()
-        # Expiry looks past the ones that run; between polls a few more than the free
-        # slots, in case the first are backing off (not_before)
-        limit = free + 64 if expire else free + 8
-        cands = await asyncio.to_thread(self.queue.candidates, dep, limit)
-        choice = choose(cands, now, free)
-        if choice.expire:
-            await asyncio.to_thread(self.queue.expire, choice.expire, now)
-        if not choice.run:
-            return
-        for view in await asyncio.to_thread(self.queue.claim, choice.run, now):
-            self._running[dep] = self._running.get(dep, 0) + 1
-            self._spawn(self._run(view, cap.model_id))
+        try:
+            settled = await asyncio.to_thread(self.queue.settle, done, wants, self._clock())
+        except BaseException:
+            self._outcomes[:0] = done  # recorded by the next tick, not lost
+            raise
+        models = self._models
+        for dep, views in settled.claimed.items():
+            for view in views:
+                self._running[dep] = self._running.get(dep, 0) + 1
+                self._spawn(self._run(view, models[dep]))
+
+    def _wants(self, *, expire: bool) -> dict[str, tuple[int, int]]:
+        """Per deployment with queued work: (free slots, candidates to read). Expiry looks
+        past the ones that run; between polls a few more than the free slots, in case the
+        first are backing off (``not_before``)."""
+        caps = self._capacity()
+        wants: dict[str, tuple[int, int]] = {}
+        self._models = {}
+        for dep, (queued, _) in self._depths.items():
+            cap = caps.get(dep)
+            if not queued or cap is None:
+                continue
+            busy = self._running.get(dep, 0)
+            free = async_slots(cap.ready, cap.concurrency, self.settings.share, busy)
+            if not cap.runnable:
+                free = 0
+            if free == 0 and not expire:
+                continue
+            wants[dep] = (free, free + 64 if expire else free + 8)
+            self._models[dep] = cap.model_id
+        return wants
 
     # -- one run --------------------------------------------------------------------------
     async def _run(self, view: AsyncRequestView, model_id: str) -> None:

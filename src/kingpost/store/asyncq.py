@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Executable
 
 from kingpost.asyncq.body import AsyncInput
-from kingpost.asyncq.policy import Candidate, RetryConfig
+from kingpost.asyncq.policy import Candidate, RetryConfig, choose
 from kingpost.errors import ConflictError, NotFoundError
 from kingpost.secrets_box import SecretBox
 from kingpost.store.db import Database, _sqlite_pragmas
@@ -41,6 +41,7 @@ __all__ = [
     "DONE",
     "AsyncQueue",
     "AsyncRequestView",
+    "Settled",
     "WebhookSecretView",
     "accepted_record",
     "accepted_view",
@@ -271,73 +272,45 @@ class AsyncQueue:
     def candidates(self, deployment_id: str, limit: int) -> list[Candidate]:
         """A deployment's queued requests in scheduling order (the first ``limit``), and
         every one that may have expired."""
-        cols = (
-            AsyncRequest.id,
-            AsyncRequest.priority,
-            AsyncRequest.created_at,
-            AsyncRequest.not_before,
-            AsyncRequest.max_time_in_queue_seconds,
-            AsyncRequest.attempts,
-        )
-        where = (
-            AsyncRequest.deployment_id == deployment_id,
-            AsyncRequest.status == AsyncStatus.QUEUED,
-        )
         with self._read() as s:
-            rows = s.execute(
-                select(*cols)
-                .where(*where)
-                .order_by(AsyncRequest.priority, AsyncRequest.created_at, AsyncRequest.id)
-                .limit(limit)
-            ).all()
-        return [Candidate(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+            return _candidates(s, deployment_id, limit)
+
+    def settle(
+        self,
+        outcomes: Sequence[tuple[str, dict[str, Any]]],
+        wants: Mapping[str, tuple[int, int]],
+        now: datetime,
+    ) -> Settled:
+        """The workers' whole turn in one write transaction (one thread hop, one commit):
+        record ``outcomes`` as :meth:`finish_many` does, then per deployment in ``wants``
+        (``dep -> (free slots, candidates to read)``) read its queue in scheduling order,
+        expire what waited too long and claim what :func:`~kingpost.asyncq.policy.choose`
+        picks for the free slots, as :meth:`candidates`, :meth:`expire` and :meth:`claim`
+        do one by one. A run that ends frees its slot and the next request starts with
+        the same commit."""
+        claimed: dict[str, list[AsyncRequestView]] = {}
+        expired = 0
+        with self.db.session() as s:
+            recorded = _finish_in(s, outcomes)
+            for dep, (free, limit) in wants.items():
+                choice = choose(_candidates(s, dep, limit), now, free)
+                if choice.expire:
+                    expired += _expire_in(s, choice.expire, now)
+                if choice.run:
+                    claimed[dep] = _claim_in(s, choice.run, now)
+        return Settled(recorded, claimed, expired)
 
     def claim(self, ids: Sequence[str], now: datetime | None = None) -> list[AsyncRequestView]:
         """Take queued requests to run (QUEUED -> IN_PROGRESS, one more attempt), in one
         statement; those a cancel took first are left out."""
         if not ids:
             return []
-        now = now or utcnow()
         with self.db.session() as s:
-            s.execute(
-                update(AsyncRequest)
-                .where(AsyncRequest.id.in_(ids), AsyncRequest.status == AsyncStatus.QUEUED)
-                .values(
-                    status=AsyncStatus.IN_PROGRESS,
-                    attempts=AsyncRequest.attempts + 1,
-                    status_at=now,
-                    started_at=now,
-                )
-            )
-            rows = s.execute(  # plain rows, no ORM objects: this runs per claim
-                select(AsyncRequest.__table__).where(
-                    AsyncRequest.id.in_(ids),
-                    AsyncRequest.status == AsyncStatus.IN_PROGRESS,
-                    AsyncRequest.started_at == now,
-                )
-            ).all()
-            order = {rid: i for i, rid in enumerate(ids)}
-            return sorted((_view(r) for r in rows), key=lambda v: order[v.id])
+            return _claim_in(s, ids, now or utcnow())
 
     def expire(self, ids: Iterable[str], now: datetime | None = None) -> int:
-        now = now or utcnow()
-        n = 0
-        err = [
-            {
-                "code": "EXPIRED",
-                "message": "the request waited longer than its "
-                "max_time_in_queue_seconds before a replica took it",
-            }
-        ]
         with self.db.session() as s:
-            for rid in ids:
-                done = s.execute(
-                    update(AsyncRequest)
-                    .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.QUEUED)
-                    .values(status=AsyncStatus.EXPIRED, status_at=now, finished_at=now, errors=err)
-                )
-                n += done.rowcount  # type: ignore[attr-defined]
-        return n
+            return _expire_in(s, ids, now or utcnow())
 
     def _finish(self, rid: str, values: dict[str, Any]) -> bool:
         return self.finish_many([(rid, values)]) == 1
@@ -345,16 +318,8 @@ class AsyncQueue:
     def finish_many(self, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> int:
         """Record several runs' outcomes in one transaction (the workers batch them);
         each only while its request is still IN_PROGRESS. Returns how many were."""
-        n = 0
         with self.db.session() as s:
-            for rid, values in outcomes:
-                done = s.execute(
-                    update(AsyncRequest)
-                    .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.IN_PROGRESS)
-                    .values(**values)
-                )
-                n += done.rowcount  # type: ignore[attr-defined]
-        return n
+            return _finish_in(s, outcomes)
 
     @staticmethod
     def succeeded_values(result: str, now: datetime) -> dict[str, Any]:
@@ -600,3 +565,90 @@ def _no_delivery(row: AsyncRequest) -> WebhookStatus:
     if row.webhook_status == WebhookStatus.NO_WEBHOOK_PROVIDED:
         return WebhookStatus.NO_WEBHOOK_PROVIDED
     return WebhookStatus.CANCELED
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What :meth:`AsyncQueue.settle` did."""
+
+    recorded: int
+    """Outcomes recorded (those whose request was still IN_PROGRESS)."""
+    claimed: dict[str, list[AsyncRequestView]]
+    """Per deployment, the requests claimed to run now, in scheduling order."""
+    expired: int
+
+
+_EXPIRED = [
+    {
+        "code": "EXPIRED",
+        "message": "the request waited longer than its "
+        "max_time_in_queue_seconds before a replica took it",
+    }
+]
+
+
+def _candidates(s: Session, deployment_id: str, limit: int) -> list[Candidate]:
+    cols = (
+        AsyncRequest.id,
+        AsyncRequest.priority,
+        AsyncRequest.created_at,
+        AsyncRequest.not_before,
+        AsyncRequest.max_time_in_queue_seconds,
+        AsyncRequest.attempts,
+    )
+    rows = s.execute(
+        select(*cols)
+        .where(
+            AsyncRequest.deployment_id == deployment_id,
+            AsyncRequest.status == AsyncStatus.QUEUED,
+        )
+        .order_by(AsyncRequest.priority, AsyncRequest.created_at, AsyncRequest.id)
+        .limit(limit)
+    ).all()
+    return [Candidate(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+def _claim_in(s: Session, ids: Sequence[str], now: datetime) -> list[AsyncRequestView]:
+    s.execute(
+        update(AsyncRequest)
+        .where(AsyncRequest.id.in_(ids), AsyncRequest.status == AsyncStatus.QUEUED)
+        .values(
+            status=AsyncStatus.IN_PROGRESS,
+            attempts=AsyncRequest.attempts + 1,
+            status_at=now,
+            started_at=now,
+        )
+    )
+    rows = s.execute(  # plain rows, no ORM objects: this runs per claim
+        select(AsyncRequest.__table__).where(
+            AsyncRequest.id.in_(ids),
+            AsyncRequest.status == AsyncStatus.IN_PROGRESS,
+            AsyncRequest.started_at == now,
+        )
+    ).all()
+    order = {rid: i for i, rid in enumerate(ids)}
+    return sorted((_view(r) for r in rows), key=lambda v: order[v.id])
+
+
+def _expire_in(s: Session, ids: Iterable[str], now: datetime) -> int:
+    n = 0
+    for rid in ids:
+        done = s.execute(
+            update(AsyncRequest)
+            .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.QUEUED)
+            .values(status=AsyncStatus.EXPIRED, status_at=now, finished_at=now, errors=_EXPIRED)
+        )
+        n += done.rowcount  # type: ignore[attr-defined]
+    return n
+
+
+def _finish_in(s: Session, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> int:
+    n = 0
+    for rid, values in outcomes:
+        done = s.execute(
+            update(AsyncRequest)
+            .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.IN_PROGRESS)
+            .values(**values)
+        )
+        n += done.rowcount  # type: ignore[attr-defined]
+    return n
