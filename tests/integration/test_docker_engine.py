@@ -181,12 +181,14 @@ def test_model_class_project_runs_in_a_container(dplatform: Platform, tmp_path: 
         assert "hi" in r.text
 
 
-def test_a_development_deployment_swaps_to_a_new_image_on_each_change(
-    dplatform: Platform, tmp_path: Path
+def test_a_development_deployment_reloads_code_in_place_and_swaps_for_requirements(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
 ) -> None:
-    """On docker the project is in the image, so a sync of changed model code builds the
-    next image and swaps replicas (no reload in place), and the new code answers. The
-    model imports Truss's server packages (numpy below 2) without listing them."""
+    """On docker a sync of changed model code is patched into the running container's
+    ``/app`` volume and the model reloaded in place: the same container on the same image.
+    A reload that fails serves on the old code. A requirements change builds the next
+    image and swaps. The model imports Truss's server packages (numpy below 2) without
+    listing them."""
     from test_platform_development import make_project, predict, sync, write_model
 
     numpy = "__import__('numpy').__version__ + ' ' + __import__('requests').__name__"
@@ -197,11 +199,36 @@ def test_a_development_deployment_swaps_to_a_new_image_on_each_change(
     first = predict(dplatform, "dock-dev")
     assert first["value"] == 1
     assert first["six"].startswith("1.") and first["six"].endswith(" requests"), first
+
+    def live() -> list[Any]:
+        return [c for c in containers_of(docker_client, dep["id"]) if c.status == "running"]
+
+    def running() -> tuple[str, str]:
+        wait_for(lambda: len(live()) == 1, 60, "one running container")
+        (container,) = live()
+        return str(container.id), str(container.attrs["Image"])
+
+    before = running()
     write_model(project, "2", six=numpy)
     done = sync(dplatform, project, "dock-dev")
+    assert (done["kind"], done["ok"], done["changed"]) == ("reload", True, ["model/model.py"])
+    assert predict(dplatform, "dock-dev") == {**first, "value": 2}
+
+    write_model(project, "3", six=numpy, extra="\ndef broken(:\n")
+    done = sync(dplatform, project, "dock-dev")
+    assert (done["kind"], done["ok"]) == ("reload", False), done
+    assert "SyntaxError" in done["error"] and "model.py" in done["traceback"]
+    assert predict(dplatform, "dock-dev") == {**first, "value": 2}
+    assert running() == before  # patched and reloaded, never replaced
+
+    # Requirements are in the image: a new one is built, and the replica swapped.
+    (project / "config.yaml").write_text("model_name: dock-dev\nrequirements:\n  - requests\n")
+    write_model(project, "4", six=numpy)
+    done = sync(dplatform, project, "dock-dev")
     assert (done["kind"], done["ok"]) == ("swap", True), done
-    assert done["changed"] == ["model/model.py"]
-    assert predict(dplatform, "dock-dev")["value"] == 2
+    assert predict(dplatform, "dock-dev")["value"] == 4
+    after = running()
+    assert after[0] != before[0] and after[1] != before[1]
 
 
 def test_build_commands_can_patch_the_bundled_packages_at_slash_packages(
