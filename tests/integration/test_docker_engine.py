@@ -200,13 +200,17 @@ def test_a_development_deployment_reloads_code_in_place_and_swaps_for_requiremen
     assert first["value"] == 1
     assert first["six"].startswith("1.") and first["six"].endswith(" requests"), first
 
-    def live() -> list[Any]:
-        return [c for c in containers_of(docker_client, dep["id"]) if c.status == "running"]
+    def live() -> list[tuple[str, str]]:
+        # The list call alone: the SDK's inspect of each races a container being removed
+        found = docker_client.api.containers(
+            filters={"label": f"kingpost.deployment={dep['id']}", "status": "running"}
+        )
+        return [(str(c["Id"]), str(c["ImageID"])) for c in found]
 
     def running() -> tuple[str, str]:
         wait_for(lambda: len(live()) == 1, 60, "one running container")
         (container,) = live()
-        return str(container.id), str(container.attrs["Image"])
+        return container
 
     before = running()
     write_model(project, "2", six=numpy)
@@ -220,6 +224,17 @@ def test_a_development_deployment_reloads_code_in_place_and_swaps_for_requiremen
     assert "SyntaxError" in done["error"] and "model.py" in done["traceback"]
     assert predict(dplatform, "dock-dev") == {**first, "value": 2}
     assert running() == before  # patched and reloaded, never replaced
+
+    # A new container of it (here: its container removed) runs the current files, from
+    # the image the controller rebuilt after the reload, not the first image's.
+    docker_client.containers.get(before[0]).remove(force=True)
+    wait_for(lambda: live() and live()[0][0] != before[0], 300, "a fresh container")
+    with dplatform.gateway() as gw:
+        wait_for(lambda: gw.post("/models/dock-dev/development/predict", json={}).status_code
+                 == 200, 120, "the fresh replica to answer")  # fmt: skip
+    assert predict(dplatform, "dock-dev")["value"] == 2
+    assert running()[1] != before[1]
+    before = running()
 
     # Requirements are in the image: a new one is built, and the replica swapped.
     (project / "config.yaml").write_text("model_name: dock-dev\nrequirements:\n  - requests\n")
