@@ -246,6 +246,41 @@ def test_a_development_deployment_reloads_code_in_place_and_swaps_for_requiremen
     assert after[0] != before[0] and after[1] != before[1]
 
 
+def test_a_development_custom_server_restarts_in_its_container_on_new_files(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
+) -> None:
+    """The container restarts on the patched /app (same container, same image); a server
+    that does not come up on the new files gets the old ones back and runs again."""
+    from test_platform_development import SERVER, predict, sync
+
+    project = tmp_path / "dock-dev-custom"
+    project.mkdir()
+    (project / "config.yaml").write_text(
+        "model_name: dock-dev-custom\ndocker_server:\n  start_command: python3 server.py\n"
+        "  server_port: 8000\n  predict_endpoint: /predict\n"
+        "  readiness_endpoint: /health\n  liveness_endpoint: /health\n"
+    )
+    server = SERVER.replace('"127.0.0.1", PORT', '"0.0.0.0", 8000')
+    (project / "server.py").write_text(server)
+    (project / "message.txt").write_text("one\n")
+    dep = push(dplatform, project, development=True)["deployment"]
+    dplatform.wait_status(dep["id"], "ACTIVE", timeout=600)
+    assert predict(dplatform, "dock-dev-custom")["message"] == "one"
+    (before,) = [c.id for c in containers_of(docker_client, dep["id"])]
+
+    (project / "message.txt").write_text("two\n")
+    done = sync(dplatform, project, "dock-dev-custom")
+    assert (done["kind"], done["ok"], done["changed"]) == ("reload", True, ["message.txt"])
+    assert predict(dplatform, "dock-dev-custom")["message"] == "two"
+
+    (project / "server.py").write_text("raise SystemExit('broken on purpose')\n")
+    done = sync(dplatform, project, "dock-dev-custom")
+    assert (done["kind"], done["ok"]) == ("reload", False), done
+    assert "broken on purpose" in done["traceback"]
+    assert predict(dplatform, "dock-dev-custom")["message"] == "two"
+    assert [c.id for c in containers_of(docker_client, dep["id"])] == [before]
+
+
 def test_build_commands_can_patch_the_bundled_packages_at_slash_packages(
     dplatform: Platform, tmp_path: Path
 ) -> None:
