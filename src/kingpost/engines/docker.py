@@ -511,9 +511,9 @@ class DockerEngine(ReplicaEngine[_Replica]):
             rep = self._replicas.get(replica_id)
             if rep is None or not self._reloadable(rep, [*changed, *removed]):
                 return None
-            rep.reloading = True  # the monitor starts no new round of it
+            rep.reloading = True  # the monitor starts no new action of it (``_async``)
         try:
-            while rep.busy:  # a round already in flight ends first
+            while rep.busy:  # one already in flight ends first
                 time.sleep(0.02)
             if rep.phase != ReplicaPhase.READY or rep.stopping or rep.container_id is None:
                 return None
@@ -826,7 +826,10 @@ class DockerEngine(ReplicaEngine[_Replica]):
         action: Callable[[_Replica], None],
         pool: ThreadPoolExecutor | None = None,
     ) -> None:
-        rep.busy = True
+        with self._lock:  # atomic with reload()'s claim: one of them has the replica
+            if rep.reloading:
+                return
+            rep.busy = True
 
         def run() -> None:
             try:
