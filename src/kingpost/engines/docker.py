@@ -522,7 +522,11 @@ class DockerEngine(ReplicaEngine[_Replica]):
                 return None
             assert rep.spec is not None
             patch = Patch(app, runtime_uid(rep.spec))
-            patch.apply(source, changed, removed)
+            try:
+                patch.apply(source, changed, removed)
+            except OSError as exc:  # e.g. a link the server planted where a file goes
+                patch.undo()
+                return Reload(False, f"cannot patch the replica's files: {exc}")
             model_class = rep.spec.kind == ServerKind.MODEL_CLASS
             if model_class and rep.endpoint is not None:
                 result = ask_reload(rep.endpoint, rep.reload_token, self.settings.build_timeout)
