@@ -181,12 +181,14 @@ def test_model_class_project_runs_in_a_container(dplatform: Platform, tmp_path: 
         assert "hi" in r.text
 
 
-def test_a_development_deployment_swaps_to_a_new_image_on_each_change(
-    dplatform: Platform, tmp_path: Path
+def test_a_development_deployment_reloads_code_in_place_and_swaps_for_requirements(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
 ) -> None:
-    """On docker the project is in the image, so a sync of changed model code builds the
-    next image and swaps replicas (no reload in place), and the new code answers. The
-    model imports Truss's server packages (numpy below 2) without listing them."""
+    """On docker a sync of changed model code is patched into the running container's
+    ``/app`` volume and the model reloaded in place: the same container on the same image.
+    A reload that fails serves on the old code. A requirements change builds the next
+    image and swaps. The model imports Truss's server packages (numpy below 2) without
+    listing them."""
     from test_platform_development import make_project, predict, sync, write_model
 
     numpy = "__import__('numpy').__version__ + ' ' + __import__('requests').__name__"
@@ -197,11 +199,86 @@ def test_a_development_deployment_swaps_to_a_new_image_on_each_change(
     first = predict(dplatform, "dock-dev")
     assert first["value"] == 1
     assert first["six"].startswith("1.") and first["six"].endswith(" requests"), first
+
+    def live() -> list[tuple[str, str]]:
+        # The list call alone: the SDK's inspect of each races a container being removed
+        found = docker_client.api.containers(
+            filters={"label": f"kingpost.deployment={dep['id']}", "status": "running"}
+        )
+        return [(str(c["Id"]), str(c["ImageID"])) for c in found]
+
+    def running() -> tuple[str, str]:
+        wait_for(lambda: len(live()) == 1, 60, "one running container")
+        (container,) = live()
+        return container
+
+    before = running()
     write_model(project, "2", six=numpy)
     done = sync(dplatform, project, "dock-dev")
-    assert (done["kind"], done["ok"]) == ("swap", True), done
-    assert done["changed"] == ["model/model.py"]
+    assert (done["kind"], done["ok"], done["changed"]) == ("reload", True, ["model/model.py"])
+    assert predict(dplatform, "dock-dev") == {**first, "value": 2}
+
+    write_model(project, "3", six=numpy, extra="\ndef broken(:\n")
+    done = sync(dplatform, project, "dock-dev")
+    assert (done["kind"], done["ok"]) == ("reload", False), done
+    assert "SyntaxError" in done["error"] and "model.py" in done["traceback"]
+    assert predict(dplatform, "dock-dev") == {**first, "value": 2}
+    assert running() == before  # patched and reloaded, never replaced
+
+    # A new container of it (here: its container removed) runs the current files, from
+    # the image the controller rebuilt after the reload, not the first image's.
+    docker_client.containers.get(before[0]).remove(force=True)
+    wait_for(lambda: live() and live()[0][0] != before[0], 300, "a fresh container")
+    with dplatform.gateway() as gw:
+        wait_for(lambda: gw.post("/models/dock-dev/development/predict", json={}).status_code
+                 == 200, 120, "the fresh replica to answer")  # fmt: skip
     assert predict(dplatform, "dock-dev")["value"] == 2
+    assert running()[1] != before[1]
+    before = running()
+
+    # Requirements are in the image: a new one is built, and the replica swapped.
+    (project / "config.yaml").write_text("model_name: dock-dev\nrequirements:\n  - requests\n")
+    write_model(project, "4", six=numpy)
+    done = sync(dplatform, project, "dock-dev")
+    assert (done["kind"], done["ok"]) == ("swap", True), done
+    assert predict(dplatform, "dock-dev")["value"] == 4
+    after = running()
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_a_development_custom_server_restarts_in_its_container_on_new_files(
+    dplatform: Platform, docker_client: Any, tmp_path: Path
+) -> None:
+    """The container restarts on the patched /app (same container, same image); a server
+    that does not come up on the new files gets the old ones back and runs again."""
+    from test_platform_development import SERVER, predict, sync
+
+    project = tmp_path / "dock-dev-custom"
+    project.mkdir()
+    (project / "config.yaml").write_text(
+        "model_name: dock-dev-custom\ndocker_server:\n  start_command: python3 server.py\n"
+        "  server_port: 8000\n  predict_endpoint: /predict\n"
+        "  readiness_endpoint: /health\n  liveness_endpoint: /health\n"
+    )
+    server = SERVER.replace('"127.0.0.1", PORT', '"0.0.0.0", 8000')
+    (project / "server.py").write_text(server)
+    (project / "message.txt").write_text("one\n")
+    dep = push(dplatform, project, development=True)["deployment"]
+    dplatform.wait_status(dep["id"], "ACTIVE", timeout=600)
+    assert predict(dplatform, "dock-dev-custom")["message"] == "one"
+    (before,) = [c.id for c in containers_of(docker_client, dep["id"])]
+
+    (project / "message.txt").write_text("two\n")
+    done = sync(dplatform, project, "dock-dev-custom")
+    assert (done["kind"], done["ok"], done["changed"]) == ("reload", True, ["message.txt"])
+    assert predict(dplatform, "dock-dev-custom")["message"] == "two"
+
+    (project / "server.py").write_text("raise SystemExit('broken on purpose')\n")
+    done = sync(dplatform, project, "dock-dev-custom")
+    assert (done["kind"], done["ok"]) == ("reload", False), done
+    assert "broken on purpose" in done["traceback"]
+    assert predict(dplatform, "dock-dev-custom")["message"] == "two"
+    assert [c.id for c in containers_of(docker_client, dep["id"])] == [before]
 
 
 def test_build_commands_can_patch_the_bundled_packages_at_slash_packages(

@@ -20,6 +20,7 @@ from kingpost.engines.docker import (
     device_requests,
     docker_mounts,
     network_name,
+    requirements_fingerprint,
     scope_of,
 )
 from kingpost.errors import BuildError, ConfigError, EngineError
@@ -278,6 +279,28 @@ def test_the_dynamic_config_directory_is_mounted_where_truss_reads_it() -> None:
     bare = container_options(_spec(CUSTOM, image="i"), name="n", network="k", scope="s",
                              secrets_dir=Path("/x"))  # fmt: skip
     assert "KINGPOST_DYNAMIC_CONFIG_DIR" not in bare["environment"]
+
+
+def test_only_a_development_replica_gets_a_reload_token() -> None:
+    spec = _spec("model_name: demo\n", image="i")
+    opts = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"),
+                             reload_token="t0ken")  # fmt: skip
+    assert opts["environment"]["KINGPOST_RELOAD_TOKEN"] == "t0ken"
+    bare = container_options(spec, name="n", network="k", scope="s", secrets_dir=Path("/x"))
+    assert "KINGPOST_RELOAD_TOKEN" not in bare["environment"]
+
+
+def test_a_requirements_file_change_is_a_swap_and_model_code_is_not(tmp_path: Path) -> None:
+    """The docker engine reloads what only sits in /app; the requirements file is
+    installed into the image, so its change must swap."""
+    (tmp_path / "requirements.txt").write_text("six\n")
+    config = cfg("model_name: m\nrequirements_file: ./requirements.txt\n")
+    before = requirements_fingerprint(config, tmp_path)
+    (tmp_path / "model.py").write_text("x = 1\n")
+    assert requirements_fingerprint(config, tmp_path) == before
+    (tmp_path / "requirements.txt").write_text("six==1.16.0\n")
+    assert requirements_fingerprint(config, tmp_path) != before
+    assert requirements_fingerprint(cfg("model_name: m\n"), tmp_path) is None
 
 
 def test_placed_devices_become_a_device_request_for_those_ids() -> None:

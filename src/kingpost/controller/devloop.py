@@ -202,7 +202,7 @@ def _environment(controller: Controller, dep: DeploymentView, app_dir: Path) -> 
 
     try:
         config = load_config(app_dir, engine=dep.engine).config
-        return controller.engine(dep.engine).environment_hash(config, app_dir)
+        return controller.engine(dep.engine).swap_inputs(config, app_dir)
     except Exception:  # the old project of a deployment whose config no longer loads
         return None
 

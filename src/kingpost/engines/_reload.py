@@ -7,11 +7,13 @@ reloads a model."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import stat
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kingpost.engines.base import Endpoint, Reload
@@ -59,9 +61,19 @@ def ask_reload(endpoint: Endpoint, token: str, timeout: float) -> Reload:
                   str(result.get("traceback", "")))  # fmt: skip
 
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
 class Patch:
     """Files of a replica's project replaced from a new project, with what they were, so
-    that :meth:`undo` puts the old ones back."""
+    that :meth:`undo` puts the old ones back.
+
+    The control plane (root) writes into a directory the replica's own user can change
+    (its copy of the project, a container's ``/app`` volume): a link the server planted
+    there must not send a read or a write outside it. So every path is walked one name at
+    a time from the held directory, never following a link (``O_NOFOLLOW``, ``dir_fd``);
+    a link, or anything but a regular file where a file is patched, fails the patch with
+    an :class:`OSError` naming it."""
 
     def __init__(self, app: Path, uid: int | None) -> None:
         self.app = app
@@ -70,37 +82,113 @@ class Patch:
 
     def apply(self, source: Path, changed: Sequence[str], removed: Sequence[str]) -> None:
         for rel in [*changed, *removed]:
-            target = self.app / rel
-            self._before[rel] = target.read_bytes() if target.is_file() else None
+            self._before[rel] = self._read(rel)
         for rel in changed:
             self._write(rel, (source / rel).read_bytes())
         for rel in removed:
-            (self.app / rel).unlink(missing_ok=True)
+            self._unlink(rel)
 
     def undo(self) -> None:
         for rel, content in self._before.items():
             if content is None:
-                (self.app / rel).unlink(missing_ok=True)
+                self._unlink(rel)
             else:
                 self._write(rel, content)
 
+    def _parent(self, rel: str, create: bool) -> tuple[int, str] | None:
+        """An open descriptor of ``rel``'s directory and its last name (``None``: a
+        directory on the way is missing and ``create`` is false)."""
+        parts = PurePosixPath(rel).parts
+        if not parts or PurePosixPath(rel).is_absolute() or any(p in (".", "..") for p in parts):
+            raise OSError(f"{rel!r} is not a path inside the project")
+        fd = os.open(self.app, _DIR)
+        try:
+            for part in parts[:-1]:
+                try:
+                    step = os.open(part, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        os.close(fd)
+                        return None
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    step = os.open(part, _DIR, dir_fd=fd)
+                    if self.uid is not None:
+                        os.fchown(step, self.uid, self.uid)
+                except OSError as exc:
+                    raise OSError(f"{rel}: {part!r} is not a directory (a link?): {exc}") from exc
+                os.close(fd)
+                fd = step
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, parts[-1]
+
+    def _read(self, rel: str) -> bytes | None:
+        found = self._parent(rel, create=False)
+        if found is None:
+            return None
+        fd, name = found
+        try:
+            try:
+                file = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise OSError(f"{rel} cannot be patched (a link?): {exc}") from exc
+            with os.fdopen(file, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise OSError(f"{rel} is not a regular file; it cannot be patched")
+                return f.read()
+        finally:
+            os.close(fd)
+
     def _write(self, rel: str, content: bytes) -> None:
-        target = self.app / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.kingpost-tmp")
-        tmp.write_bytes(content)
-        if self.uid is not None:
-            os.chown(tmp, self.uid, self.uid)
-        os.replace(tmp, target)  # a reader sees the old file or the new one, whole
-        _drop_bytecode(target)
+        found = self._parent(rel, create=True)
+        assert found is not None
+        fd, name = found
+        tmp = f".{name}.kingpost-tmp"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
+            file = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                           dir_fd=fd)  # fmt: skip
+            with os.fdopen(file, "wb") as f:
+                f.write(content)
+                if self.uid is not None:
+                    os.fchown(f.fileno(), self.uid, self.uid)
+            # a reader sees the old file or the new one, whole; a link there is replaced
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            _drop_bytecode(fd, name)
+        finally:
+            os.close(fd)
+
+    def _unlink(self, rel: str) -> None:
+        found = self._parent(rel, create=False)
+        if found is None:
+            return
+        fd, name = found
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
 
-def _drop_bytecode(path: Path) -> None:
+def _drop_bytecode(fd: int, name: str) -> None:
     """A module rewritten within the same second and size could look current to a cached
-    ``.pyc``: remove it so the next import compiles the source."""
-    if path.suffix != ".py":
+    ``.pyc``: remove it (in ``__pycache__`` beside it) so the next import compiles the
+    source."""
+    if not name.endswith(".py"):
         return
-    cache = path.parent / "__pycache__"
-    if cache.is_dir():
-        for pyc in cache.glob(f"{path.stem}.*.pyc"):
-            pyc.unlink(missing_ok=True)
+    try:
+        cache = os.open("__pycache__", _DIR, dir_fd=fd)
+    except OSError:
+        return
+    try:
+        stem = name[: -len(".py")]
+        for entry in os.listdir(cache):
+            if entry.startswith(f"{stem}.") and entry.endswith(".pyc"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry, dir_fd=cache)
+    finally:
+        os.close(cache)

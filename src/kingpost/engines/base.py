@@ -231,6 +231,13 @@ class Engine(ABC):
         project (its hash), if any, without building it; what `kingpost venvs gc` keeps."""
         return None
 
+    def swap_inputs(self, config: TrussConfig, app_dir: Path) -> str | None:
+        """A fingerprint of what a replica is prepared from besides config.yaml's keys: a
+        development deployment whose new project changes it gets a new replica (a swap),
+        not a reload in place. The Python environment's hash unless the engine says more
+        precisely (the docker engine: its requirements file)."""
+        return self.environment_hash(config, app_dir)
+
     @abstractmethod
     def start(self, spec: ReplicaSpec) -> None: ...
 

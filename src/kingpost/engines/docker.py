@@ -37,14 +37,16 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kingpost.engines._core import ReplicaEngine, Tracked
+from kingpost.engines._reload import Patch, ask_reload
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs, write_secrets
 from kingpost.engines.base import (
     BuildLog,
@@ -52,6 +54,7 @@ from kingpost.engines.base import (
     LogLine,
     Prepared,
     Probes,
+    Reload,
     ReplicaPhase,
     ReplicaSpec,
     ServerKind,
@@ -59,7 +62,12 @@ from kingpost.engines.base import (
 )
 from kingpost.engines.probes import http_probe
 from kingpost.errors import EngineError
-from kingpost.server.contract import DYNAMIC_CONFIG_ENV, DYNAMIC_CONFIG_MOUNT, SERVER_ARGS
+from kingpost.server.contract import (
+    DYNAMIC_CONFIG_ENV,
+    DYNAMIC_CONFIG_MOUNT,
+    RELOAD_TOKEN_ENV,
+    SERVER_ARGS,
+)
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -75,6 +83,7 @@ __all__ = [
     "device_requests",
     "docker_mounts",
     "network_name",
+    "requirements_fingerprint",
     "scope_of",
     "writable_mounts",
 ]
@@ -189,6 +198,17 @@ def writable_mounts(spec: ReplicaSpec, uid: int) -> tuple[list[str], dict[str, s
     return volumes, tmp
 
 
+def requirements_fingerprint(config: TrussConfig, app_dir: Path) -> str | None:
+    """What of a project, besides config.yaml's keys, its image is built from: the
+    requirements file (hashed), which the image installs in a layer of its own. The rest
+    of the project only sits in ``/app``, which :meth:`DockerEngine.reload` patches."""
+    name = (config.requirements_file or "").strip().removeprefix("./")
+    path = app_dir / name
+    if not name or not path.is_file():
+        return name or None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def device_requests(gpus: tuple[str, ...] | None) -> list[dict[str, Any]]:
     """The NVIDIA runtime's request for the devices placement gave the replica (their
     UUIDs, ``gpus/placement.py``); none when it was given none."""
@@ -257,9 +277,11 @@ def container_options(
     scope: str,
     secrets_dir: Path,
     limits: ContainerLimits | None = None,
+    reload_token: str = "",
 ) -> dict[str, Any]:
     """Keyword arguments of ``containers.create`` for one replica (pure but for a look at
-    the project's bundled packages directory; unit-tested).
+    the project's bundled packages directory; unit-tested). ``reload_token``: a development
+    replica's secret for :meth:`DockerEngine.reload` (a model class's server reads it).
 
     Mounts and device requests are plain dicts in the Engine API's shape."""
     from kingpost.images.dockerfile import HOME_DIR
@@ -279,6 +301,7 @@ def container_options(
         "BT_MODEL_DEPLOYMENT_ID": spec.deployment_id,
         "KINGPOST_SECRETS_DIR": SECRETS_MOUNT,
         "PYTHONUNBUFFERED": "1",
+        **({RELOAD_TOKEN_ENV: reload_token} if reload_token else {}),
     }
     mounts = [
         {"Type": "bind", "Source": str(secrets_dir), "Target": SECRETS_MOUNT, "ReadOnly": True}
@@ -356,6 +379,12 @@ class _Replica(Tracked):
     next_check: float = 0.0
     busy: bool = False
     """A blocking Docker call for this replica is in flight on the pool."""
+    reload_token: str = ""
+    reloading: bool = False
+    """:meth:`DockerEngine.reload` patches and reloads it: the monitor leaves it alone."""
+    reloaded: bool = False
+    """Its ``/app`` volume holds files newer than its image's: a new container of it
+    would run the image's old files, so the controller starts a fresh replica instead."""
 
 
 def _int(text: str) -> int:
@@ -463,7 +492,123 @@ class DockerEngine(ReplicaEngine[_Replica]):
                 generation=spec.generation,
                 spec=spec,
                 started_at=time.time(),
+                reload_token=secrets.token_urlsafe(24) if spec.reloadable else "",
             )
+
+    def swap_inputs(self, config: TrussConfig, app_dir: Path) -> str | None:
+        return requirements_fingerprint(config, app_dir)
+
+    def reload(
+        self, replica_id: str, source: Path, changed: Sequence[str], removed: Sequence[str]
+    ) -> Reload | None:
+        """Patch the files into the container's ``/app`` volume (as root, through its
+        directory on this machine, like :meth:`_hand_over_volumes`) and reload: a model
+        class over its reload path, a custom server by restarting the container (the
+        volume keeps the files). ``None`` (a swap) where the image did more with the
+        project than copy it to ``/app``: build commands, ``no_build``, a ``data_dir``
+        copied elsewhere, or bundled packages the image does not link."""
+        with self._lock:
+            rep = self._replicas.get(replica_id)
+            if rep is None or not self._reloadable(rep, [*changed, *removed]):
+                return None
+            rep.reloading = True  # the monitor starts no new action of it (``_async``)
+        try:
+            while rep.busy:  # one already in flight ends first
+                time.sleep(0.02)
+            if rep.phase != ReplicaPhase.READY or rep.stopping or rep.container_id is None:
+                return None
+            app = self._app_volume(rep.container_id)
+            if app is None:
+                return None
+            assert rep.spec is not None
+            patch = Patch(app, runtime_uid(rep.spec))
+            try:
+                patch.apply(source, changed, removed)
+            except OSError as exc:  # e.g. a link the server planted where a file goes
+                patch.undo()
+                return Reload(False, f"cannot patch the replica's files: {exc}")
+            model_class = rep.spec.kind == ServerKind.MODEL_CLASS
+            if model_class and rep.endpoint is not None:
+                result = ask_reload(rep.endpoint, rep.reload_token, self.settings.build_timeout)
+            elif model_class:
+                result = Reload(False, "the replica has no address to reload it at")
+            else:
+                result = self._restart_container(rep)
+            if result.ok:
+                rep.reloaded = True
+                return result
+            patch.undo()
+            if not model_class and not self._restart_container(rep).ok:
+                log.warning("docker engine: replica %s is not ready on its old files either",
+                            replica_id)  # fmt: skip
+            return result
+        finally:
+            rep.next_check = time.monotonic()
+            rep.reloading = False
+
+    @staticmethod
+    def _reloadable(rep: _Replica, paths: Sequence[str]) -> bool:
+        spec = rep.spec
+        if (
+            spec is None  # adopted: no token nor spec kept
+            or not spec.reloadable
+            or rep.stopping
+            or rep.phase != ReplicaPhase.READY
+            or spec.config is None
+            or spec.config.no_build
+            or spec.config.build_commands
+            or (spec.config.data_dir.strip("/") or "data") != "data"
+        ):
+            return False
+        packages = spec.config.bundled_packages_dir.strip("/") or "packages"
+        return _packages_linked(spec) or not any(p.startswith(f"{packages}/") for p in paths)
+
+    def _app_volume(self, container_id: str) -> Path | None:
+        """The directory on this machine of the container's ``/app`` volume."""
+        from docker.errors import DockerException
+
+        try:
+            attrs = self.client.api.inspect_container(container_id)
+        except DockerException:
+            return None
+        for mount in attrs.get("Mounts") or []:
+            if mount.get("Type") == "volume" and mount.get("Destination") == APP_DIR:
+                root = Path(mount.get("Source") or "")
+                return root if mount.get("Source") and root.is_dir() else None
+        return None
+
+    def _restart_container(self, rep: _Replica) -> Reload:
+        """A custom server on its patched files: the container restarted (out of the
+        routing table meanwhile) and waited for until ready."""
+        from docker.errors import DockerException
+
+        assert rep.container_id is not None
+        since = int(time.time())
+        rep.phase, rep.ready_fails, rep.live_fails = ReplicaPhase.STARTING, 0, 0
+        try:
+            self.client.api.restart(rep.container_id, timeout=STOP_GRACE_S)
+            self._started(rep)
+        except DockerException as exc:
+            return Reload(False, f"cannot restart the container: {exc}")
+        deadline = time.monotonic() + self.settings.build_timeout
+        while time.monotonic() < deadline:
+            state = self._state(rep.container_id)
+            if not state or not state.get("Running"):
+                break
+            if rep.endpoint is not None and http_probe(
+                rep.endpoint, rep.probes.readiness_path, rep.probes.timeout_s
+            ):
+                rep.phase, rep.ever_ready = ReplicaPhase.READY, True
+                if self.on_ready is not None:
+                    self.on_ready()
+                return Reload(True)
+            time.sleep(TICK_S)
+        try:
+            data = self.client.api.logs(rep.container_id, since=since, tail=50)
+            output = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        except DockerException:
+            output = ""
+        return Reload(False, "the server did not become ready on the new files", output)
 
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
         out: list[LogLine] = []
@@ -643,7 +788,7 @@ class DockerEngine(ReplicaEngine[_Replica]):
 
     # -- the monitor thread -------------------------------------------------------------------
     def _due(self, rep: _Replica) -> bool:
-        return not rep.busy
+        return not rep.busy and not rep.reloading
 
     def _step(self, rep: _Replica, now: float) -> None:
         if rep.stopping:
@@ -685,7 +830,10 @@ class DockerEngine(ReplicaEngine[_Replica]):
         action: Callable[[_Replica], None],
         pool: ThreadPoolExecutor | None = None,
     ) -> None:
-        rep.busy = True
+        with self._lock:  # atomic with reload()'s claim: one of them has the replica
+            if rep.reloading:
+                return
+            rep.busy = True
 
         def run() -> None:
             try:
@@ -754,6 +902,9 @@ class DockerEngine(ReplicaEngine[_Replica]):
         if rep.spec is None:
             self._drop(rep, "the adopted container is gone")
             return
+        if rep.reloaded:
+            self._drop(rep, "its container is gone, and its image predates its reloaded files")
+            return
         spec = rep.spec
         secrets_dir = self._write_secrets(spec)
         options = container_options(
@@ -763,6 +914,7 @@ class DockerEngine(ReplicaEngine[_Replica]):
             scope=self.scope,
             secrets_dir=secrets_dir,
             limits=self.limits,
+            reload_token=rep.reload_token,
         )
         container = None
         try:

@@ -430,7 +430,11 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             return None
         uid = replica_uid(rep.spec.deployment_id, rep.spec.run_as_user_id) if self.isolate else None
         patch = Patch(rep.app, uid)
-        patch.apply(source, changed, removed)
+        try:
+            patch.apply(source, changed, removed)
+        except OSError as exc:  # e.g. a link the server planted where a file goes
+            patch.undo()
+            return Reload(False, f"cannot patch the replica's files: {exc}")
         if rep.spec.kind == ServerKind.MODEL_CLASS:
             endpoint = rep.endpoint
             if endpoint is None:
