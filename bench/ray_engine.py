@@ -98,6 +98,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser()
     p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--nodes", type=int, default=3, choices=(1, 2, 3), help="head plus workers")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
@@ -105,11 +106,12 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces for the Ray nodes)")
     root = Path(f"/tmp/kpb-ray-{os.getpid()}")
+    workers = WORKERS[: args.nodes - 1]
     raycluster.network_down(WORKERS)
-    raycluster.network_up(WORKERS)
+    raycluster.network_up(workers)
     cluster = None
     try:
-        cluster = raycluster.start_cluster(root, WORKERS)
+        cluster = raycluster.start_cluster(root, workers)
         with tempfile.TemporaryDirectory(prefix="kp-bench-ray-") as tmp:
             work = Path(tmp)
             env = {
@@ -126,7 +128,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     report = {
         "replicas": args.replicas,
-        "nodes": 3,
+        "nodes": args.nodes,
         "connections": CONNECTIONS,
         "process": process,
         "ray": ray,
