@@ -83,6 +83,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 
 @pytest.fixture(scope="module")
 def model(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return push_async_worker(platform, tmp_path_factory)
+
+
+def push_async_worker(
+    platform: Platform, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The async_worker model pushed and ready: its model and deployment ids, and the file
+    it appends each call to (``CALL_LOG``)."""
     project = tmp_path_factory.mktemp("proj") / "async-worker"
     shutil.copytree(MODEL, project)
     log = project.parent / "calls.log"

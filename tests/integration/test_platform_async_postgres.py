@@ -6,10 +6,8 @@ loses nothing and reruns nothing recorded."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +15,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
+from test_platform_async import push_async_worker
 
-from helpers.platform import REPO, Platform, wait_for
+from helpers.platform import Platform, wait_for
 
 POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
-MODEL = REPO / "tests" / "fixtures" / "models" / "async_worker"
 DONE = {"SUCCEEDED", "FAILED", "EXPIRED", "CANCELED", "WEBHOOK_FAILED"}
 
 
@@ -62,15 +60,8 @@ def platform(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def test_async_end_to_end_on_postgresql(
     platform: Platform, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    project = tmp_path_factory.mktemp("proj") / "async-worker"
-    shutil.copytree(MODEL, project)
-    log = project.parent / "calls.log"
-    log.touch()
-    with (project / "config.yaml").open("a") as fh:
-        fh.write(f"environment_variables:\n  CALL_LOG: {log}\n")
-    out = platform.cli("push", str(project), "--wait", "--output", "json")
-    assert out.returncode == 0, out.stdout + out.stderr
-    model = json.loads(out.stdout)["model"]["id"]
+    pushed = push_async_worker(platform, tmp_path_factory)
+    model, log = pushed["id"], pushed["log"]
 
     def enqueue(body: dict[str, Any]) -> str:
         with platform.gateway() as gw:
