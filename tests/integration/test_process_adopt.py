@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from test_platform_rollouts import Load
 
 from helpers.platform import Platform, free_port, wait_answer, wait_for
 from kingpost.engines._records import ReplicaRecord, read_records, records_dir, write_record
@@ -46,20 +44,20 @@ def pid_model(tmp_path: Path) -> Path:
     return out
 
 
-class PidLoad:
-    """Two threads posting as fast as the gateway answers; what answered, by pid."""
+class PidLoad(Load):
+    """The rollout tests' load (two threads posting as fast as the gateway answers),
+    keeping which process answered each request."""
 
     def __init__(self, platform: Platform) -> None:
-        self.platform = platform
+        super().__init__(platform, "pid")
         self.pids: list[int] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
 
     def _run(self) -> None:
         with self.platform.gateway() as gw:
             while not self._stop.is_set():
                 try:
-                    r = gw.post(PREDICT, json={})
+                    r = gw.post(self.path, json={})
                 except httpx.HTTPError as exc:
                     self.failures.append(repr(exc))
                     continue
@@ -67,18 +65,6 @@ class PidLoad:
                     self.pids.append(int(r.json()["pid"]))
                 else:
                     self.failures.append(f"{r.status_code} {r.text}")
-
-    @contextmanager
-    def running(self) -> Iterator[PidLoad]:
-        threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
-        for t in threads:
-            t.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            for t in threads:
-                t.join(timeout=30)
 
     def more(self, count: int, what: str) -> None:
         seen = len(self.pids)
