@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
+# The suite runs in this many pytest processes (pytest-xdist), one test file per process at a
+# time: most of a test's time is spent waiting on servers it started, so two share 2 cores.
+PYTEST_WORKERS ?= 2
 # The uv that installs from (and writes) uv.lock; bump it with the lock, not apart.
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
@@ -38,7 +41,7 @@ demo: install
 	$(VENV)/bin/kingpost server --push examples/echo-server
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 check: install
 	$(VENV)/bin/ruff check src tests bench

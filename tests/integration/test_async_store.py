@@ -3,49 +3,36 @@ KINGPOST_TEST_POSTGRES_URL names one), migrated by Alembic."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
+from helpers.postgres import worker_database
 from kingpost.asyncq.body import AsyncInput
 from kingpost.asyncq.policy import RetryConfig, choose
 from kingpost.errors import ConflictError, NotFoundError
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.store import Database
 from kingpost.store.asyncq import AsyncQueue
-from kingpost.store.models import AsyncStatus, Base, WebhookStatus
+from kingpost.store.models import AsyncStatus, WebhookStatus
 
-POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
 T0 = datetime(2026, 12, 5, 1, tzinfo=UTC)
-
-
-def _reset(db: Database) -> None:
-    with db.engine.begin() as conn:
-        Base.metadata.drop_all(conn)
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AsyncQueue]:
-    if request.param == "sqlite":
-        db = Database(f"sqlite:///{tmp_path / 'k.db'}")
-    else:
-        if not POSTGRES_URL:
-            if os.environ.get("CI") == "true":
-                pytest.fail("CI=true but KINGPOST_TEST_POSTGRES_URL is not set")
-            pytest.skip("set KINGPOST_TEST_POSTGRES_URL to test against PostgreSQL")
-        db = Database(POSTGRES_URL)
-        _reset(db)
+    if request.param == "postgresql":
+        with worker_database() as db:
+            db.migrate()
+            yield AsyncQueue(db)
+        return
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
     db.migrate()
     try:
         yield AsyncQueue(db)
     finally:
-        if request.param == "postgresql":
-            _reset(db)
         db.close()
 
 

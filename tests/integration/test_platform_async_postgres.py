@@ -6,40 +6,25 @@ loses nothing and reruns nothing recorded."""
 
 from __future__ import annotations
 
-import os
-import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
 from test_platform_async import push_async_worker
 
 from helpers.platform import Platform, wait_for
+from helpers.postgres import fresh_database
 
-POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
 DONE = {"SUCCEEDED", "FAILED", "EXPIRED", "CANCELED", "WEBHOOK_FAILED"}
 
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
-    """A database of its own (other test files reset the shared one), dropped after."""
-    if not POSTGRES_URL:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but KINGPOST_TEST_POSTGRES_URL is not set")
-        pytest.skip("set KINGPOST_TEST_POSTGRES_URL to test against PostgreSQL")
-    name = "kp_async_" + secrets.token_hex(4)
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    """A database of its own, dropped after."""
+    with fresh_database("kp_async") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ KINGPOST_TEST_POSTGRES_URL names one (CI starts one; under CI=true it is require
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect, select, text
 
+from helpers.postgres import worker_database
 from kingpost.errors import ConflictError, NotFoundError, SecretError, ValidationError
 from kingpost.secrets_box import SecretBox, load_or_create_key
 from kingpost.store import (
@@ -24,31 +24,17 @@ from kingpost.store import (
 )
 from kingpost.store.models import Base, Secret
 
-POSTGRES_URL = os.environ.get("KINGPOST_TEST_POSTGRES_URL")
-
-
-def _reset(db: Database) -> None:
-    with db.engine.begin() as conn:
-        Base.metadata.drop_all(conn)
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'k.db'}")
-    else:
-        if not POSTGRES_URL:
-            if os.environ.get("CI") == "true":
-                pytest.fail("CI=true but KINGPOST_TEST_POSTGRES_URL is not set")
-            pytest.skip("set KINGPOST_TEST_POSTGRES_URL to test against PostgreSQL")
-        database = Database(POSTGRES_URL)
-        _reset(database)
+    if request.param == "postgresql":
+        with worker_database() as database:
+            yield database
+        return
+    database = Database(f"sqlite:///{tmp_path / 'k.db'}")
     try:
         yield database
     finally:
-        if request.param == "postgresql":
-            _reset(database)
         database.close()
 
 

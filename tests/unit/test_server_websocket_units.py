@@ -63,6 +63,21 @@ def test_messages_arrive_whole_however_the_bytes_are_cut() -> None:
         (frame(0x8, close_payload(1005)), 1002),  # a code that must never be sent
         (frame(0x8, close_payload(1000) + b"\xff"), 1007),
     ],
+    # Named, not shown: frames carry random mask keys, and every pytest process (xdist)
+    # must collect the same ids.
+    ids=[
+        "unmasked",
+        "rsv1",
+        "reserved-opcode",
+        "fragmented-control",
+        "long-control",
+        "stray-continuation",
+        "new-message-mid-message",
+        "not-utf8",
+        "one-byte-close",
+        "close-1005",
+        "close-reason-not-utf8",
+    ],
 )
 def test_protocol_errors_name_their_close_code(wire: bytes, code: int) -> None:
     with pytest.raises(ProtocolError) as info:
