@@ -7,7 +7,11 @@ no replica left, send one predict through the gateway, and time it to its answer
 floor is the same server started by hand (same interpreter, same command) and timed from
 the start to its first answer, polling its readiness every 5 ms.
 
-    .venv/bin/python bench/cold_start.py --runs 8 [--json out.json]
+    .venv/bin/python bench/cold_start.py --runs 8 [--baseline-src OTHER/src] [--json out.json]
+
+``--baseline-src`` runs a second server from another source tree (``git archive REV src |
+tar -x -C DIR``) beside this tree's, and each round times a cold start on each (the order
+alternating), then the floor: the two platform shares come from the same moments.
 
 Each round times one cold start and then one start of the floor (while the deployment idles
 towards zero again), so the machine's drift lands in both. Reports p50/p95 of each, the
@@ -49,10 +53,11 @@ def free_port() -> int:
 class Server:
     """One `kingpost server` with its own home and ports."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, src: Path | None = None) -> None:
         self.home, self.api, self.gw = home, free_port(), free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")},
+            **({"PYTHONPATH": str(src.resolve())} if src is not None else {}),
             "KINGPOST_HOME": str(home),
             "KINGPOST_API_PORT": str(self.api),
             "KINGPOST_GATEWAY_PORT": str(self.gw),
@@ -109,9 +114,8 @@ def wait(pred: Any, timeout: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def cold_starts(srv: Server, example: str, runs: int) -> tuple[list[float], list[float], int]:
-    """Cold starts, each followed by one start of the floor in the same round (while the
-    deployment idles towards zero again), so the machine's drift lands in both."""
+def pushed_at_zero(srv: Server, example: str) -> tuple[str, str, dict[str, Any]]:
+    """Push ``example`` to ``srv`` and let it scale to zero after a 10 s window."""
     project = srv.home.parent / example
     shutil.copytree(EXAMPLES / example, project)
     if example == "echo-server":  # no PATH lookup (a pyenv shim alone takes 200-400 ms)
@@ -125,28 +129,48 @@ def cold_starts(srv: Server, example: str, runs: int) -> tuple[list[float], list
         "--autoscaling-window", "10", "--scale-down-delay", "0",
     )  # fmt: skip
     body = {"text": "hi"} if example == "echo-model" else {"n": 1}
-    bare = Floor(srv, example)
-    times, floors, failed = [], [], 0
-    for _ in range(runs):
+    return model, dep, body
 
-        def at_zero() -> bool:
-            d = srv.deployment(dep)
-            return d["status"] == "SCALED_TO_ZERO" and not d.get("replicas_starting")
 
-        wait(at_zero, 60, "scale to zero")
-        time.sleep(0.5)  # the replica's process group is gone, not only out of the table
-        started = time.perf_counter()
-        r = srv.gateway.post(f"/models/{model}/deployment/{dep}/predict", json=body)
-        took = time.perf_counter() - started
-        if r.status_code != 200:
-            failed += 1
-            print(f"  {example}: {r.status_code} {r.text[:200]}", file=sys.stderr)
-        times.append(took)
+def cold_start(srv: Server, model: str, dep: str, body: dict[str, Any], label: str) -> float:
+    """Wait for zero, then time one predict through the gateway (raises if it fails)."""
+
+    def at_zero() -> bool:
+        d = srv.deployment(dep)
+        return d["status"] == "SCALED_TO_ZERO" and not d.get("replicas_starting")
+
+    wait(at_zero, 60, "scale to zero")
+    time.sleep(0.5)  # the replica's process group is gone, not only out of the table
+    started = time.perf_counter()
+    r = srv.gateway.post(f"/models/{model}/deployment/{dep}/predict", json=body)
+    took = time.perf_counter() - started
+    if r.status_code != 200:
+        raise RuntimeError(f"{label}: {r.status_code} {r.text[:200]}")
+    return took
+
+
+def cold_starts(
+    servers: dict[str, Server], example: str, runs: int
+) -> tuple[dict[str, list[float]], list[float], int]:
+    """Per round, a cold start on each server (the order alternating), then one start of
+    the floor (while the deployments idle towards zero again), so the machine's drift lands
+    in all of them."""
+    pushed = {name: pushed_at_zero(srv, example) for name, srv in servers.items()}
+    bare = Floor(next(iter(servers.values())), example)
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    floors, failed = [], 0
+    for i in range(runs):
+        order = list(servers) if i % 2 == 0 else list(reversed(servers))
+        for name in order:
+            try:
+                times[name].append(cold_start(servers[name], *pushed[name], f"{example} {name}"))
+            except RuntimeError as exc:
+                failed += 1
+                times[name].append(float("nan"))
+                print(f"  {exc}", file=sys.stderr)
         floors.append(bare.once())
-        print(
-            f"  {example}: cold start {took * 1000:.0f} ms, floor {floors[-1] * 1000:.0f} ms",
-            file=sys.stderr,
-        )
+        took = ", ".join(f"{n} {times[n][-1] * 1000:.0f} ms" for n in servers)
+        print(f"  {example}: cold start {took}, floor {floors[-1] * 1000:.0f} ms", file=sys.stderr)
     return times, floors, failed
 
 
@@ -197,37 +221,48 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def summary(cold: list[float], bare: list[float], failed: int, runs: int) -> dict[str, Any]:
+    paired = [(c - b) * 1000 for c, b in zip(cold, bare, strict=True)]
+    return {
+        "cold_p50_ms": pct(cold, 0.5) * 1000,
+        "cold_p95_ms": pct(cold, 0.95) * 1000,
+        "floor_p50_ms": pct(bare, 0.5) * 1000,
+        "floor_p95_ms": pct(bare, 0.95) * 1000,
+        "platform_share_p50_ms": (pct(cold, 0.5) - statistics.median(bare)) * 1000,
+        "paired_share_ms": paired,
+        "paired_share_median_ms": statistics.median(paired),
+        "failed": failed,
+        "runs": runs,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--only", choices=["echo-server", "echo-model"])
+    ap.add_argument("--baseline-src", type=Path, help="another tree's src/ to run beside")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kp-cold-") as tmp:
-        srv = Server(Path(tmp) / "home")
+        servers: dict[str, Server] = {}
         try:
+            if args.baseline_src is not None:
+                servers["baseline"] = Server(Path(tmp) / "baseline" / "home", args.baseline_src)
+            servers["new"] = Server(Path(tmp) / "new" / "home", REPO / "src")
             for example in [args.only] if args.only else ["echo-server", "echo-model"]:
-                cold, bare, failed = cold_starts(srv, example, args.runs)
-                paired = [(c - b) * 1000 for c, b in zip(cold, bare, strict=True)]
-                report[example] = {
-                    "cold_p50_ms": pct(cold, 0.5) * 1000,
-                    "cold_p95_ms": pct(cold, 0.95) * 1000,
-                    "floor_p50_ms": pct(bare, 0.5) * 1000,
-                    "floor_p95_ms": pct(bare, 0.95) * 1000,
-                    "platform_share_p50_ms": (pct(cold, 0.5) - statistics.median(bare)) * 1000,
-                    "paired_share_ms": paired,
-                    "paired_share_median_ms": statistics.median(paired),
-                    "failed": failed,
-                    "runs": args.runs,
-                }
+                cold, bare, failed = cold_starts(servers, example, args.runs)
+                for name in servers:
+                    key = example if len(servers) == 1 else f"{example} ({name})"
+                    report[key] = summary(cold[name], bare, failed, args.runs)
         finally:
-            srv.stop()
-    print(f"{'project':<12} {'cold p50':>9} {'cold p95':>9} {'floor p50':>10} "
+            for srv in servers.values():
+                srv.stop()
+    print(f"{'project':<24} {'cold p50':>9} {'cold p95':>9} {'floor p50':>10} "
           f"{'floor p95':>10} {'platform p50':>13} {'paired':>7} {'failed':>7}")  # fmt: skip
     for name, r in report.items():
         print(
-            f"{name:<12} {r['cold_p50_ms']:>7.0f}ms {r['cold_p95_ms']:>7.0f}ms "
+            f"{name:<24} {r['cold_p50_ms']:>7.0f}ms {r['cold_p95_ms']:>7.0f}ms "
             f"{r['floor_p50_ms']:>8.0f}ms {r['floor_p95_ms']:>8.0f}ms "
             f"{r['platform_share_p50_ms']:>11.0f}ms {r['paired_share_median_ms']:>5.0f}ms "
             f"{r['failed']:>7}"

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from kingpost._cancel import kill_orphans
 from kingpost._logtail import tail_lines
 from kingpost.engines._core import ReplicaEngine, Tracked
-from kingpost.engines._isolation import Isolation, can_unshare_mounts, preexec
+from kingpost.engines._isolation import Isolation, can_unshare_mounts
+from kingpost.engines._launcher import LaunchedProcess, Launcher
 from kingpost.engines._records import (
     RecordedProcess,
     ReplicaRecord,
@@ -108,7 +109,7 @@ class _Replica(Tracked):
     root: Path
     port: int
     netns: bool
-    proc: subprocess.Popen[bytes] | RecordedProcess | None = None
+    proc: subprocess.Popen[bytes] | LaunchedProcess | RecordedProcess | None = None
     next_probe: float = 0.0
     kill_at: float = 0.0
     probing: bool = False
@@ -277,6 +278,13 @@ class ProcessEngine(ReplicaEngine[_Replica]):
                     remove_secrets(path)
         self._kick = threading.Event()
         """Set by ``start``: the monitor's wait ends at once."""
+        self._launcher: Launcher | None = None
+        """Forks replicas that need setting up between fork and exec (namespaces, mounts, a
+        uid) from a small process of its own: ``Popen`` with a ``preexec_fn`` would fork
+        this whole process for each (``engines/_launcher.py``)."""
+        if self.netns or self.isolate:
+            self._launcher = Launcher()
+            self._launcher.start()
         self._watch()
 
     def _adopt(self) -> None:
@@ -412,6 +420,8 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         self._closing.set()
         self._thread.join(timeout=5)
         self._probes.shutdown(wait=False, cancel_futures=True)
+        if self._launcher is not None:
+            self._launcher.close()
         with contextlib.suppress(OSError):  # empty once every replica's files are gone
             self._secrets_root.rmdir()
 
@@ -528,7 +538,9 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         self._forget_replica(rep)
 
     @staticmethod
-    def _signal(proc: subprocess.Popen[bytes] | RecordedProcess, sig: int) -> None:
+    def _signal(
+        proc: subprocess.Popen[bytes] | LaunchedProcess | RecordedProcess, sig: int
+    ) -> None:
         """Signal the replica's process group (its first process leads a session)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
@@ -587,7 +599,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         if rep.endpoint is not None and rep.endpoint.netns:
             forget_netns(rep.endpoint.netns)
 
-    def _record(self, rep: _Replica, proc: subprocess.Popen[bytes]) -> None:
+    def _record(self, rep: _Replica, proc: subprocess.Popen[bytes] | LaunchedProcess) -> None:
         """Write down what the next control plane needs to adopt ``rep`` after a crash."""
         record = ReplicaRecord.of(
             rep.spec, proc.pid, rep.port, rep.netns, rep.started_at, rep.reload_token
@@ -642,16 +654,22 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             out.write(f"--- kingpost: starting replica {spec.replica_id} ---\n".encode())
             out.flush()
             try:
-                rep.proc = subprocess.Popen(
-                    command,
-                    shell=isinstance(command, str),
-                    cwd=rep.app,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=preexec(isolation),
-                )
+                if self._launcher is not None and (rep.netns or binds or uid is not None):
+                    argv = ["/bin/sh", "-c", command] if isinstance(command, str) else command
+                    rep.proc = self._launcher.spawn(
+                        argv, cwd=str(rep.app), env=env, output=out.fileno(), isolation=isolation
+                    )
+                else:  # nothing between fork and exec but a session: Popen can vfork
+                    rep.proc = subprocess.Popen(
+                        command,
+                        shell=isinstance(command, str),
+                        cwd=rep.app,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
             except (OSError, subprocess.SubprocessError) as exc:
                 rep.phase, rep.message = ReplicaPhase.FAILED, f"cannot start the server: {exc}"
                 return
