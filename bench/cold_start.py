@@ -53,7 +53,7 @@ def free_port() -> int:
 class Server:
     """One `kingpost server` with its own home and ports."""
 
-    def __init__(self, home: Path, src: Path | None = None) -> None:
+    def __init__(self, home: Path, src: Path | None = None, engine: str = "process") -> None:
         self.home, self.api, self.gw = home, free_port(), free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")},
@@ -61,7 +61,7 @@ class Server:
             "KINGPOST_HOME": str(home),
             "KINGPOST_API_PORT": str(self.api),
             "KINGPOST_GATEWAY_PORT": str(self.gw),
-            "KINGPOST_ENGINE": "process",
+            "KINGPOST_ENGINE": engine,
         }
         log = (home / "server.log").open("ab") if home.mkdir(parents=True) is None else None
         self.proc = subprocess.Popen(
@@ -78,6 +78,7 @@ class Server:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
+        self.container: ContainerFloor | None = None
         self.key = (home / "credentials").read_text().strip()
         auth = {"Authorization": f"Api-Key {self.key}"}
         self.api_client = httpx.Client(base_url=f"http://127.0.0.1:{self.api}", headers=auth)
@@ -118,12 +119,15 @@ def pushed_at_zero(srv: Server, example: str) -> tuple[str, str, dict[str, Any]]
     """Push ``example`` to ``srv`` and let it scale to zero after a 10 s window."""
     project = srv.home.parent / example
     shutil.copytree(EXAMPLES / example, project)
-    if example == "echo-server":  # no PATH lookup (a pyenv shim alone takes 200-400 ms)
+    if example == "echo-server" and srv.env["KINGPOST_ENGINE"] == "process":
+        # No PATH lookup (a pyenv shim alone takes 200-400 ms); in an image, python3 is real.
         config = (project / "config.yaml").read_text()
         config = config.replace("python3 server.py", f"{PYTHON} server.py")
         (project / "config.yaml").write_text(config)
     pushed = json.loads(srv.cli("push", str(project), "--wait", "--output", "json"))
     model, dep = pushed["model"]["id"], pushed["deployment"]["id"]
+    if srv.env["KINGPOST_ENGINE"] == "docker":  # the container to copy for the floor
+        srv.container = ContainerFloor.copy_of(dep, example)
     srv.cli(
         "autoscaling", "set", example, "--deployment", dep, "--min-replica", "0",
         "--autoscaling-window", "10", "--scale-down-delay", "0",
@@ -156,7 +160,8 @@ def cold_starts(
     the floor (while the deployments idle towards zero again), so the machine's drift lands
     in all of them."""
     pushed = {name: pushed_at_zero(srv, example) for name, srv in servers.items()}
-    bare = Floor(list(servers.values())[-1], example)  # this tree's server, in its environment
+    ours = list(servers.values())[-1]  # this tree's server, in its environment or image
+    bare: Floor | ContainerFloor = ours.container or Floor(ours, example)
     times: dict[str, list[float]] = {name: [] for name in servers}
     floors, failed = [], 0
     for i in range(runs):
@@ -216,6 +221,60 @@ class Floor:
             proc.wait(timeout=10)
 
 
+class ContainerFloor:
+    """On the docker engine: the replica's container started by hand with ``docker run``
+    (same image, command, environment, user and network; no mounts but an empty tmpfs at
+    /secrets), timed to its first answer, readiness polled every 5 ms."""
+
+    def __init__(self, attrs: dict[str, Any], port: int, example: str) -> None:
+        config = attrs["Config"]
+        self.image, self.cmd, self.user = config["Image"], config["Cmd"], config["User"]
+        self.env = config["Env"]
+        self.network = next(iter(attrs["NetworkSettings"]["Networks"]))
+        self.port = port
+        if example == "echo-server":
+            self.ready, self.predict, self.body = "/health", "/predict", {"n": 1}
+        else:
+            self.ready, self.predict = "/v1/models/model", "/v1/models/model:predict"
+            self.body = {"text": "hi"}
+
+    @classmethod
+    def copy_of(cls, dep: str, example: str) -> ContainerFloor:
+        import docker
+
+        client = docker.from_env()
+        (container,) = client.containers.list(filters={"label": f"kingpost.deployment={dep}"})
+        attrs = container.attrs
+        port = json.loads(attrs["Config"]["Labels"]["kingpost.runtime"])["port"]
+        return cls(attrs, int(port), example)
+
+    def once(self) -> float:
+        import docker
+
+        client = docker.from_env()
+        started = time.perf_counter()
+        c = client.containers.run(
+            self.image, self.cmd, environment=self.env, user=self.user, network=self.network,
+            init=True, detach=True, tmpfs={"/secrets": ""},
+        )  # fmt: skip
+        try:
+            c.reload()
+            ip = c.attrs["NetworkSettings"]["Networks"][self.network]["IPAddress"]
+            with httpx.Client(base_url=f"http://{ip}:{self.port}", timeout=5) as h:
+                while True:
+                    try:
+                        if h.get(self.ready).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.005)
+                r = h.post(self.predict, json=self.body)
+                assert r.status_code == 200, r.text
+            return time.perf_counter() - started
+        finally:
+            c.remove(force=True)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -241,6 +300,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--only", choices=["echo-server", "echo-model"])
     ap.add_argument("--baseline-src", type=Path, help="another tree's src/ to run beside")
+    ap.add_argument("--engine", choices=["process", "docker"], default="process")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict[str, Any] = {}
@@ -248,8 +308,10 @@ def main() -> None:
         servers: dict[str, Server] = {}
         try:
             if args.baseline_src is not None:
-                servers["baseline"] = Server(Path(tmp) / "baseline" / "home", args.baseline_src)
-            servers["new"] = Server(Path(tmp) / "new" / "home", REPO / "src")
+                servers["baseline"] = Server(
+                    Path(tmp) / "baseline" / "home", args.baseline_src, args.engine
+                )
+            servers["new"] = Server(Path(tmp) / "new" / "home", REPO / "src", args.engine)
             for example in [args.only] if args.only else ["echo-server", "echo-model"]:
                 cold, bare, failed = cold_starts(servers, example, args.runs)
                 for name in servers:

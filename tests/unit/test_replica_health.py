@@ -79,3 +79,22 @@ def test_backoff_doubles_and_is_capped() -> None:
         "exited 1",
         8,
     )
+
+
+@pytest.mark.parametrize(
+    ("age", "ever_ready", "period", "expected"),
+    [
+        (0.0, False, 10.0, 0.01),  # just launched: every 10 ms
+        (1.9, False, 10.0, 0.01),
+        (2.0, False, 10.0, 0.05),  # then every 50 ms
+        (9.9, False, 10.0, 0.05),
+        (10.0, False, 10.0, 10.0),  # a slow load: the configured period
+        (0.5, False, 0.005, 0.005),  # never slower than the configured period
+        (0.5, True, 10.0, 10.0),  # once ready, the configured period
+    ],
+)
+def test_probe_period_is_fast_while_a_replica_first_starts(
+    age: float, ever_ready: bool, period: float, expected: float
+) -> None:
+    health = ReplicaHealth(launched=100.0, ever_ready=ever_ready)
+    assert health.probe_period(period, 100.0 + age) == expected

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,7 @@ from kingpost.engines.base import (
     ServerKind,
     scope_of,
 )
-from kingpost.engines.probes import http_probe
+from kingpost.engines.probes import STARTING_PROBE_S, http_probe
 from kingpost.errors import EngineError
 from kingpost.server.contract import (
     DYNAMIC_CONFIG_ENV,
@@ -414,6 +415,8 @@ class DockerEngine(ReplicaEngine[_Replica]):
             volume_bytes=self._volume_quota(settings.docker_volume_size_mb * MIB),
         )
         self._adopt()
+        self._kick = threading.Event()
+        """Set by ``start``: the monitor's wait ends at once."""
         self._watch()
 
     def claim_image(self, tag: str) -> None:
@@ -494,6 +497,19 @@ class DockerEngine(ReplicaEngine[_Replica]):
                 started_at=time.time(),
                 reload_token=secrets.token_urlsafe(24) if spec.reloadable else "",
             )
+        self._kick.set()  # created by the monitor now, not at its next tick
+
+    def _pause(self, replicas: Sequence[_Replica]) -> None:
+        """Until the next tick, sooner while a container starts (probed as often as the
+        process engine probes a starting process) or when ``start`` kicks."""
+        now = time.monotonic()
+        soon = [
+            max(0.0, r.next_check - now)
+            for r in replicas
+            if r.container_id is not None and not r.ever_ready and not r.busy
+        ]
+        self._kick.wait(min([TICK_S, *soon]))
+        self._kick.clear()
 
     def swap_inputs(self, config: TrussConfig, app_dir: Path) -> str | None:
         return requirements_fingerprint(config, app_dir)
@@ -802,7 +818,7 @@ class DockerEngine(ReplicaEngine[_Replica]):
             return
         if now < rep.next_check:
             return
-        rep.next_check = now + rep.probes.period_s
+        rep.next_check = now + rep.probe_period(rep.probes.period_s, now)
         self._async(rep, self._check, self._probes)
 
     def _check(self, rep: _Replica) -> None:
@@ -843,6 +859,8 @@ class DockerEngine(ReplicaEngine[_Replica]):
                 rep.phase, rep.message = ReplicaPhase.FAILED, f"docker engine: {exc}"
             finally:
                 rep.busy = False
+                if not rep.ever_ready:  # a starting container's next round is due soon
+                    self._kick.set()
 
         try:
             (pool or self._pool).submit(run)
@@ -984,7 +1002,7 @@ class DockerEngine(ReplicaEngine[_Replica]):
         attrs = self.client.api.inspect_container(rep.container_id)
         now = time.monotonic()
         rep.endpoint = self._endpoint(attrs, rep.port)
-        rep.launched, rep.next_check = now, now + min(0.2, rep.probes.period_s)
+        rep.launched, rep.next_check = now, now + min(STARTING_PROBE_S, rep.probes.period_s)
         rep.phase, rep.ready_fails = ReplicaPhase.STARTING, 0
 
     def _endpoint(self, attrs: dict[str, Any], port: int) -> Endpoint | None:

@@ -46,6 +46,10 @@ def http_probe(endpoint: Endpoint, path: str, timeout: float = 2.0) -> bool:
     return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1][:1] == b"2"
 
 
+STARTING_PROBE_S = 0.01
+"""Probe period of a replica in its first two seconds, before it was ever ready."""
+
+
 @dataclass(kw_only=True)
 class ReplicaHealth:
     """What an engine tracks of one replica's health, whatever runs it."""
@@ -62,6 +66,16 @@ class ReplicaHealth:
     started_at: float = 0.0
     message: str = ""
     stopping: bool = False
+
+    def probe_period(self, period_s: float, now: float) -> float:
+        """How soon to probe again: every 10 ms for a replica's first 2 s before it was ever
+        ready (a trivial server is up in tens of ms, and a refused connection is cheap),
+        every 50 ms up to 10 s, then the configured period (a model loading for minutes is
+        not asked a hundred times a second)."""
+        if self.ever_ready:
+            return period_s
+        age = now - self.launched
+        return min(period_s, STARTING_PROBE_S if age < 2 else 0.05 if age < 10 else period_s)
 
     def probe(self, probes: Probes, now: float) -> str | None:
         """One probe round against :attr:`endpoint` (the I/O), judged by :meth:`judge`;

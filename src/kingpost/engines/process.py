@@ -69,7 +69,7 @@ from kingpost.engines.base import (
     gpu_environment,
     scope_of,
 )
-from kingpost.engines.probes import http_probe
+from kingpost.engines.probes import STARTING_PROBE_S, http_probe
 from kingpost.errors import EngineError
 from kingpost.netns import can_unshare_net, forget_netns
 from kingpost.server.contract import DYNAMIC_CONFIG_ENV, RELOAD_TOKEN_ENV, SERVER_ARGS
@@ -84,20 +84,11 @@ __all__ = ["ProcessEngine", "model_env_policy", "prepare_python"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-STARTING_PROBE_S = 0.01
-"""Probe period of a replica in its first two seconds, before it was ever ready."""
 
 
 def starting_probe_period(rep: _Replica, now: float) -> float:
-    """How soon to probe again: every 10 ms for a replica's first 2 s before it was ever
-    ready (a trivial server is up in tens of ms, and a refused connection is cheap), every
-    50 ms up to 10 s, then the configured period (a model loading for minutes is not
-    asked a hundred times a second)."""
-    period = rep.spec.probes.period_s
-    if rep.ever_ready:
-        return period
-    age = now - rep.launched
-    return min(period, STARTING_PROBE_S if age < 2 else 0.05 if age < 10 else period)
+    """How soon to probe ``rep`` again (:meth:`ReplicaHealth.probe_period`)."""
+    return rep.probe_period(rep.spec.probes.period_s, now)
 
 
 SECRETS_MOUNT = "/secrets"
