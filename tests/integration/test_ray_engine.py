@@ -201,6 +201,37 @@ def test_a_config_the_cluster_cannot_hold_is_reported_not_left_pending(
         c.delete_model("huge")
 
 
+def test_a_replica_that_finds_no_room_says_so_while_it_waits(
+    deployed: dict[str, Any], home: Path
+) -> None:
+    """2 CPUs fit a node of the cluster (2 each), but the two deployments' six replicas
+    (0.5 each) left no node 2 free: Ray queues the actor, and the replica says why."""
+    p: Platform = deployed["platform"]
+    project = home / "roomless"
+    shutil.copytree(EXAMPLES / "echo-server", project)
+    cfg = project / "config.yaml"
+    cfg.write_text(
+        cfg.read_text().replace("model_name: echo-server", "model_name: roomless")
+        + "resources:\n  cpu: '2'\n  memory: 128Mi\n"
+    )
+    with p.client() as c:
+        pushed = c.push(project)
+        model, dep = pushed["model"]["id"], pushed["deployment"]["id"]
+        (replica,) = wait_for(
+            lambda: [
+                r
+                for r in c.replicas(model, dep)
+                if r["message"].startswith("waiting for room on the Ray cluster")
+            ],
+            30,
+            "the waiting replica's message",
+        )
+        assert replica["status"] == "STARTING", replica
+        assert "it asks cpu 2, memory 0.12Gi on one node, and no node has" in replica["message"]
+        assert c.deployment(dep)["status"] not in ("ACTIVE", "FAILED"), c.deployment(dep)
+        c.delete_model("roomless")
+
+
 def _placed(engines: dict[str, Any]) -> int:
     """How many replicas the Ray engine has on its nodes (``GET /v1/engines``)."""
     (ray,) = [e for e in engines["engines"] if e["name"] == "ray"]

@@ -10,7 +10,12 @@ import pytest
 from kingpost.config import TrussConfig
 from kingpost.engines._ray_node import pack_project
 from kingpost.engines.base import Probes, ReplicaSpec, ServerKind
-from kingpost.engines.ray_engine import actor_name, replica_resources, unplaceable
+from kingpost.engines.ray_engine import (
+    actor_name,
+    replica_resources,
+    unplaceable,
+    waiting_for_room,
+)
 
 GI = 2**30
 
@@ -82,3 +87,18 @@ def test_the_project_archive_hash_depends_on_contents_only(tmp_path: Path) -> No
 
 def test_actor_names_carry_scope_deployment_and_replica() -> None:
     assert actor_name("abc", "d1", "d1-r1").split(":", 3) == ["kp", "abc", "d1", "d1-r1"]
+
+
+def test_a_replica_waiting_for_room_says_what_it_asks_and_what_is_free() -> None:
+    asks = {"CPU": 2.0, "memory": 128 * 2**20}
+    nodes = [{"CPU": 1.0, "memory": 3 * 2**30, "GPU": 1.0}, {"CPU": 1.5, "memory": 2**30}]
+    why = waiting_for_room(asks, nodes)
+    assert why is not None and why.startswith("waiting for room on the Ray cluster"), why
+    assert "it asks cpu 2, memory 0.12Gi on one node" in why, why
+    assert "(the most free on any node: cpu 1.5, memory 3.00Gi)" in why, why
+    assert "GPU" not in why  # only what it asks for
+    # 2.5 CPUs free in all, but not on one node: still waiting
+    assert waiting_for_room(asks, nodes) is not None
+    # a node with room: Ray is placing it
+    assert waiting_for_room(asks, [*nodes, {"CPU": 2.0, "memory": 2**30}]) is None
+    assert "cpu 0" in (waiting_for_room({"CPU": 1.0}, []) or "")  # no node at all

@@ -53,6 +53,9 @@ POLL_S = 0.25
 """How often each replica's actor is asked for its status."""
 UNREACHABLE_S = 3.0
 """An actor that has not answered a status call for this long is out of traffic."""
+ROOM_CHECK_S = 2.0
+"""How long a new actor may wait for a node before its replica says why it waits (and how
+often that is checked again)."""
 
 _NODE_SETTINGS = (
     "model_env",
@@ -106,6 +109,38 @@ def unplaceable(asks: dict[str, float], nodes: list[dict[str, Any]]) -> str | No
     )
 
 
+def waiting_for_room(asks: dict[str, float], free: list[dict[str, float]]) -> str | None:
+    """The message of a replica some node could hold but none has room for now, from what
+    it asks and what each live node has free; None when a node has room (Ray is placing
+    it: starting its worker process takes a moment)."""
+    if any(all(node.get(k, 0.0) >= v for k, v in asks.items()) for node in free):
+        return None
+    words = {"CPU": "cpu", "memory": "memory", "GPU": "GPUs"}
+    asked = ", ".join(f"{words[k]} {_amount(k, v)}" for k, v in asks.items())
+    most = ", ".join(
+        f"{words[k]} {_amount(k, max((n.get(k, 0.0) for n in free), default=0.0))}" for k in asks
+    )
+    return (
+        f"waiting for room on the Ray cluster: it asks {asked} on one node, and no node has "
+        f"that free now (the most free on any node: {most}); it is placed when replicas "
+        "elsewhere stop or a node joins"
+    )
+
+
+def _free_per_node() -> list[dict[str, float]]:
+    """What each live node has free now. Ray has no public call for it (``ray.
+    available_resources()`` sums the cluster, which hides that no one node has room); its
+    GCS state does, and if that moves away, the sum stands in for one node."""
+    import ray
+
+    try:
+        from ray._private.state import state
+
+        return list(state.available_resources_per_node().values())  # type: ignore[no-untyped-call]
+    except Exception:  # a Ray without it
+        return [ray.available_resources()]  # type: ignore[no-untyped-call]
+
+
 def _amount(kind: str, value: float) -> str:
     return f"{value / 2**30:.2f}Gi" if kind == "memory" else f"{value:g}"
 
@@ -136,6 +171,9 @@ class _RayReplica(Tracked):
     """The status call in flight."""
     asked_at: float = 0.0
     answered_at: float = 0.0
+    placed: bool = False
+    """Its actor answered once (Ray found it a node)."""
+    room_checked_at: float = 0.0
     next_ask: float = 0.0
     unlocking: Any = None
     stop_call: Any = None
@@ -319,8 +357,8 @@ class RayEngine(ReplicaEngine[_RayReplica]):
             scheduling_strategy="SPREAD",
         )
         rep.handle = actor.remote(plan)
-        rep.answered_at = now
-        rep.phase, rep.message = ReplicaPhase.STARTING, "placed; preparing on its node"
+        rep.answered_at, rep.room_checked_at = now, now
+        rep.phase, rep.message = ReplicaPhase.STARTING, "asked Ray to place it on a node"
 
     def _collect(self, rep: _RayReplica, now: float) -> None:
         """Take the answer of the status call in flight, if there is one yet."""
@@ -329,6 +367,13 @@ class RayEngine(ReplicaEngine[_RayReplica]):
 
         done, _ = ray.wait([rep.pending], timeout=0)
         if not done:
+            waiting = not rep.placed and now - rep.room_checked_at >= ROOM_CHECK_S
+            if waiting and rep.spec is not None:  # (an adopted actor was placed before)
+                # No node took it yet: say so, with what it asks and what is free, rather
+                # than leave it STARTING in silence (Ray queues it until room appears).
+                rep.room_checked_at = now
+                why = waiting_for_room(replica_resources(rep.spec), _free_per_node())
+                rep.message = why or "asked Ray to place it on a node; its worker is starting"
             if now - rep.answered_at > UNREACHABLE_S and rep.endpoint is not None:
                 rep.endpoint = None  # out of traffic until it answers again
                 rep.phase = ReplicaPhase.RESTARTING
@@ -350,7 +395,7 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         self._apply(rep, st, now)
 
     def _apply(self, rep: _RayReplica, st: dict[str, Any], now: float) -> None:
-        rep.answered_at = now
+        rep.answered_at, rep.placed = now, True
         if st["node_id"] != rep.node_id and rep.node_id:
             rep.history.append(f"--- kingpost: moved from node {rep.node_ip} to {st['node_ip']}")
             rep.restarts += 1
