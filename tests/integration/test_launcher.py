@@ -140,3 +140,29 @@ def test_closing_the_launcher_leaves_its_children_running(tmp_path: Path) -> Non
     finally:
         os.kill(child.pid, signal.SIGKILL)
     wait_for(lambda: child.poll() is not None, timeout=10)
+
+
+def test_a_listening_socket_becomes_the_childs_descriptor_3(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as listen:
+        listen.bind(("127.0.0.1", 0))
+        listen.listen(1)
+        port = listen.getsockname()[1]
+        with (tmp_path / "out.log").open("ab") as out:
+            child = launcher.spawn(
+                [
+                    sys.executable,
+                    "-c",
+                    "import socket; s = socket.socket(fileno=3); print(s.getsockname()[1])",
+                ],
+                cwd=str(tmp_path),
+                env={"PATH": os.defpath},
+                output=out.fileno(),
+                isolation=PLAIN,
+                listen=listen.fileno(),
+            )
+    assert child.wait(timeout=10) == 0
+    assert (tmp_path / "out.log").read_text().strip() == str(port)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -338,3 +340,42 @@ def test_close_leaves_no_process(tmp_path: Path) -> None:
     assert (
         not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
     )
+
+
+class _Impostor(BaseHTTPRequestHandler):
+    """Another process's server on a loopback port: 200 to everything."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "8")
+        self.end_headers()
+        self.wfile.write(b"impostor")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("isolation", ["off", "auto"])  # Popen, and the launcher as root
+def test_a_model_server_without_a_namespace_serves_on_the_socket_the_engine_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
+) -> None:
+    """The race it closes, made certain: the port picked for the replica is taken by
+    another process before the server starts. Picking a port and leaving the server to
+    bind it, the server failed to bind and the probes reached the other process, which
+    answered them: the replica was READY with another server's answers."""
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), _Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    taken = impostor.server_address[1]
+    monkeypatch.setattr("kingpost.engines.process._free_port", lambda: taken)
+    e = ProcessEngine(Settings(home=tmp_path / "home", netns="off", isolation=isolation))
+    try:
+        start(e, EXAMPLES / "echo-model", "d1-a")
+        st = wait_for(lambda: phase_is(e, "d1-a", ReplicaPhase.READY), 60, "ready")
+        assert st.endpoint is not None and st.endpoint.port != taken
+        code, body = get(st.endpoint, "/v1/models/model")
+        assert code == 200 and body != b"impostor", body
+        pid = json.loads(Path(e._records / "d1-a.json").read_text())["pid"]
+        assert "--listen-fd" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    finally:
+        e.close()
+        impostor.shutdown()

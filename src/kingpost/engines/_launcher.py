@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
+import fcntl
 import logging
 import os
 import pickle
@@ -119,17 +120,20 @@ class Launcher:
         env: Mapping[str, str],
         output: int,
         isolation: Isolation,
+        listen: int | None = None,
     ) -> LaunchedProcess:
-        """Start ``argv`` with stdin from /dev/null and stdout and stderr to ``output``.
-        Raises ``OSError`` (the command cannot be run, or the isolation failed, with the
-        child's own error) or ``subprocess.SubprocessError`` (no launcher)."""
+        """Start ``argv`` with stdin from /dev/null, stdout and stderr to ``output`` and,
+        with ``listen``, that socket as its file descriptor 3. Raises ``OSError`` (the
+        command cannot be run, or the isolation failed, with the child's own error) or
+        ``subprocess.SubprocessError`` (no launcher)."""
         request = pickle.dumps(("spawn", list(argv), cwd, dict(env), isolation))
+        fds = [output] if listen is None else [output, listen]
         with self._lock:
             sock = self._ensure()
             with self._state:
                 self._answer = None
             try:
-                socket.send_fds(sock, [request], [output])
+                socket.send_fds(sock, [request], fds)
             except OSError as exc:
                 self._lost()
                 raise subprocess.SubprocessError(f"the replica launcher is gone: {exc}") from exc
@@ -241,17 +245,28 @@ class Launcher:
 
 
 def _child(
-    argv: list[str], cwd: str, env: dict[str, str], isolation: Isolation, output: int, report: int
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str],
+    isolation: Isolation,
+    fds: list[int],
+    report: int,
 ) -> None:
-    """In the forked child: set up, exec; on failure write the error to ``report``."""
+    """In the forked child: set up, exec; on failure write the error to ``report``.
+    ``fds``: the output, then the listening socket (if any), which becomes descriptor 3."""
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        report = fcntl.fcntl(report, fcntl.F_DUPFD_CLOEXEC, 10)  # clear of 0-3
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(output, 1)
-        os.dup2(output, 2)
-        os.closerange(3, report)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[0], 2)
+        first = 3
+        if len(fds) > 1:
+            os.dup2(fcntl.fcntl(fds[1], fcntl.F_DUPFD, 10), 3)
+            first = 4
+        os.closerange(first, report)
         os.closerange(report + 1, os.sysconf("SC_OPEN_MAX"))
         os.chdir(cwd)
         preexec(isolation)()
@@ -267,7 +282,7 @@ def _child(
         os._exit(127)
 
 
-def _spawn(request: tuple[object, ...], output: int) -> tuple[object, ...]:
+def _spawn(request: tuple[object, ...], fds: list[int]) -> tuple[object, ...]:
     _, argv, cwd, env, isolation = request
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -278,7 +293,7 @@ def _spawn(request: tuple[object, ...], output: int) -> tuple[object, ...]:
         return ("failed", exc.errno, f"fork: {exc.strerror}")
     if pid == 0:
         os.close(report_r)
-        _child(argv, cwd, env, isolation, output, report_w)  # type: ignore[arg-type]
+        _child(argv, cwd, env, isolation, fds, report_w)  # type: ignore[arg-type]
     os.close(report_w)
     chunks = []
     while chunk := os.read(report_r, 65536):  # EOF: the exec closed it (CLOEXEC)
@@ -302,7 +317,7 @@ def _serve(sock: socket.socket) -> None:
         for key, _ in selector.select():
             if key.fileobj is sock:
                 try:
-                    data, fds, _, _ = socket.recv_fds(sock, _PACKET, 1)
+                    data, fds, _, _ = socket.recv_fds(sock, _PACKET, 2)
                 except OSError:
                     return
                 if not data:
@@ -310,7 +325,7 @@ def _serve(sock: socket.socket) -> None:
                 if not fds:
                     continue
                 try:
-                    answer = _spawn(pickle.loads(data), fds[0])
+                    answer = _spawn(pickle.loads(data), fds)
                 finally:
                     for fd in fds:
                         os.close(fd)

@@ -122,6 +122,18 @@ class _Replica(Tracked):
         return self.root / "output.log"
 
 
+def _listening_socket() -> socket.socket:
+    """A socket listening on a free loopback port, for a model server to inherit."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -623,6 +635,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         secrets_dir = self._write_secrets(rep, uid)
         binds = self._binds(rep, secrets_dir)
         env = self._environment(rep, secrets_dir, binds)
+        launcher = self._launcher if (rep.netns or binds or uid is not None) else None
         try:
             command = self._command(rep, secrets_dir, binds)
         except EngineError as exc:  # never launchable: FAILED, not retried every tick
@@ -641,14 +654,29 @@ class ProcessEngine(ReplicaEngine[_Replica]):
                 uid=uid,
                 nproc=self.settings.process_pids_limit or None,
             )
+        # A model server outside a namespace of its own serves on a socket bound here, so
+        # no other process (another home's replica, anything) can take its port between
+        # the choice and the bind: its probes would then reach that process instead.
+        listen = None
+        if spec.kind == ServerKind.MODEL_CLASS and not rep.netns:
+            listen = _listening_socket()
+            rep.port = int(listen.getsockname()[1])
+            # In the child it is descriptor 3 (launcher) or keeps its number (Popen).
+            fd = 3 if launcher is not None else listen.fileno()
+            command = self._command(rep, secrets_dir, binds, fd)
         with rep.log_path.open("ab") as out:
             out.write(f"--- kingpost: starting replica {spec.replica_id} ---\n".encode())
             out.flush()
             try:
-                if self._launcher is not None and (rep.netns or binds or uid is not None):
+                if launcher is not None:
                     argv = ["/bin/sh", "-c", command] if isinstance(command, str) else command
-                    rep.proc = self._launcher.spawn(
-                        argv, cwd=str(rep.app), env=env, output=out.fileno(), isolation=isolation
+                    rep.proc = launcher.spawn(
+                        argv,
+                        cwd=str(rep.app),
+                        env=env,
+                        output=out.fileno(),
+                        isolation=isolation,
+                        listen=None if listen is None else listen.fileno(),
                     )
                 else:  # nothing between fork and exec but a session: Popen can vfork
                     rep.proc = subprocess.Popen(
@@ -660,10 +688,14 @@ class ProcessEngine(ReplicaEngine[_Replica]):
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        pass_fds=() if listen is None else (listen.fileno(),),
                     )
             except (OSError, subprocess.SubprocessError) as exc:
                 rep.phase, rep.message = ReplicaPhase.FAILED, f"cannot start the server: {exc}"
                 return
+            finally:
+                if listen is not None:
+                    listen.close()  # the server holds its own copy now
         self._record(rep, rep.proc)
         netns = f"/proc/{rep.proc.pid}/ns/net" if rep.netns else None
         rep.endpoint = Endpoint("127.0.0.1", rep.port, netns)
@@ -671,7 +703,11 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         rep.phase, rep.ready_fails = ReplicaPhase.STARTING, 0
 
     def _command(
-        self, rep: _Replica, secrets_dir: Path, binds: tuple[tuple[str, str], ...]
+        self,
+        rep: _Replica,
+        secrets_dir: Path,
+        binds: tuple[tuple[str, str], ...],
+        listen_fd: int | None = None,
     ) -> str | list[str]:
         spec = rep.spec
         if spec.kind == ServerKind.MODEL_CLASS:
@@ -689,6 +725,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
                 str(rep.port),
                 "--secrets-dir",
                 secrets_path,
+                *(["--listen-fd", str(listen_fd)] if listen_fd is not None else []),
             ]
         if not spec.command:
             raise EngineError("the process engine needs docker_server.start_command")

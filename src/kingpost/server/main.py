@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -43,6 +44,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--app-dir", type=Path, required=True, help="the Truss project")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument(
+        "--listen-fd",
+        type=int,
+        help="serve on this inherited socket, already bound (to --host and --port) and "
+        "listening: the process engine binds it, so no other process can take the port "
+        "between its choice and this server's start",
+    )
     parser.add_argument(
         "--secrets-dir",
         type=Path,
@@ -129,11 +137,17 @@ class _Runner:
         self.exit_code = code
         self.stop.set()
 
-    async def run(self, host: str, port: int) -> int:
+    async def run(self, host: str, port: int, listen_fd: int | None = None) -> int:
         def factory() -> Connection:
             return Connection(self.server.handle, self.loop)
 
-        srv = await self.loop.create_server(factory, host, port, backlog=2048, reuse_address=True)
+        if listen_fd is not None:
+            sock = socket.socket(fileno=listen_fd)
+            srv = await self.loop.create_server(factory, sock=sock, backlog=2048)
+        else:
+            srv = await self.loop.create_server(
+                factory, host, port, backlog=2048, reuse_address=True
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._finish, 0)
         bound = srv.sockets[0].getsockname()[1] if srv.sockets else port
@@ -156,7 +170,9 @@ class _Runner:
             await asyncio.sleep(0.05)
 
 
-def serve(app_dir: Path, host: str, port: int, secrets_dir: Path) -> int:
+def serve(
+    app_dir: Path, host: str, port: int, secrets_dir: Path, listen_fd: int | None = None
+) -> int:
     """Run the server until stopped; returns the process exit code."""
     config = load_server_config(app_dir)
     model = ModelHost(config, Secrets(config.secrets, secrets_dir))
@@ -164,7 +180,7 @@ def serve(app_dir: Path, host: str, port: int, secrets_dir: Path) -> int:
     # asyncio.get_event_loop() gets a loop of its own, on a worker thread or inline alike.
     loop = _new_loop()
     try:
-        return loop.run_until_complete(_Runner(model, loop).run(host, port))
+        return loop.run_until_complete(_Runner(model, loop).run(host, port, listen_fd))
     finally:
         loop.close()
 
@@ -173,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = parse_args(argv)
     try:
-        return serve(args.app_dir, args.host, args.port, args.secrets_dir)
+        return serve(args.app_dir, args.host, args.port, args.secrets_dir, args.listen_fd)
     except KingpostError as exc:
         log.error(exc.message)
         print(f"error: {exc.message}", file=sys.stderr)
