@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers.platform import REPO, Platform, wait_for
+from helpers.platform import REPO, Platform, free_port, wait_for
 from kingpost.asyncq.webhooks import SIGNATURE_HEADER, verify
 
 MODEL = REPO / "tests" / "fixtures" / "models" / "async_worker"
@@ -95,8 +95,13 @@ def push_async_worker(
     shutil.copytree(MODEL, project)
     log = project.parent / "calls.log"
     log.touch()
-    with (project / "config.yaml").open("a") as fh:
-        fh.write(f"environment_variables:\n  CALL_LOG: {log}\n")
+    # No network namespace here (the model writes a file the test reads): another home's
+    # replica of it may be running beside this one (xdist), so a port of its own.
+    port = free_port()
+    config = project / "config.yaml"
+    config.write_text(config.read_text().replace("server_port: 8000", f"server_port: {port}"))
+    with config.open("a") as fh:
+        fh.write(f"environment_variables:\n  CALL_LOG: {log}\n  ASYNC_WORKER_PORT: '{port}'\n")
     out = platform.cli("push", str(project), "--wait", "--output", "json")
     assert out.returncode == 0, out.stdout + out.stderr
     pushed = json.loads(out.stdout)

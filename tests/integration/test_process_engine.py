@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.platform import EXAMPLES, wait_for
+from helpers.platform import EXAMPLES, free_port, wait_for
 from helpers.replica import replica_get
 from kingpost.config import load_config, runtime_environment
 from kingpost.controller.specs import replica_spec
@@ -195,12 +196,21 @@ def test_same_fixed_port_twice_with_namespaces(eng: ProcessEngine) -> None:
 
 
 def test_same_fixed_port_refused_without_namespaces(tmp_path: Path) -> None:
+    # A port of its own: without namespaces, this machine's port 8000 may be another
+    # test's (xdist runs two files at once).
+    port = free_port()
+    app = tmp_path / "echo-server"
+    shutil.copytree(EXAMPLES / "echo-server", app)
+    for name, old in (("config.yaml", "server_port: 8000"), ("server.py", "PORT = 8000")):
+        text = (app / name).read_text()
+        assert old in text, name
+        (app / name).write_text(text.replace(old, old.replace("8000", str(port))))
     e = engine(tmp_path, "off")
     try:
-        start(e, EXAMPLES / "echo-server", "d1-a", "d1")
+        start(e, app, "d1-a", "d1")
         with pytest.raises(EngineError) as info:
-            start(e, EXAMPLES / "echo-server", "d2-a", "d2")
-        assert "8000" in info.value.message and "d1" in info.value.message
+            start(e, app, "d2-a", "d2")
+        assert str(port) in info.value.message and "d1" in info.value.message
         assert "server_port" in info.value.message
     finally:
         e.close()
