@@ -30,9 +30,11 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 import httpx
 
+from kingpost.asyncq.hop import GatewayHop, HopError
 from kingpost.asyncq.outcome import Outcome, Verdict, classify
 from kingpost.asyncq.policy import (
     async_slots,
@@ -136,8 +138,12 @@ class AsyncWorkers:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._kick = asyncio.Event()
-        timeout = httpx.Timeout(self.settings.run_timeout_s, connect=5.0)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        gateway = urlsplit(self.settings.gateway_url)
+        self._hop = GatewayHop(
+            gateway.hostname or "127.0.0.1",
+            gateway.port or 80,
+            timeout=self.settings.run_timeout_s,
+        )
         # Webhooks go to a checked address (webhooks.deliver): a connection kept for one
         # address must not carry a delivery for another name.
         one_shot = httpx.AsyncClient(
@@ -145,11 +151,8 @@ class AsyncWorkers:
             follow_redirects=False,
             limits=httpx.Limits(max_keepalive_connections=0),
         )
-        async with (
-            httpx.AsyncClient(timeout=timeout, limits=limits) as runs,
-            one_shot as hooks,
-        ):
-            self._runs, self._hooks = runs, hooks
+        async with one_shot as hooks:
+            self._hooks = hooks
             while not self._stop.is_set():
                 try:
                     await self._tick()
@@ -164,6 +167,7 @@ class AsyncWorkers:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._outcomes:  # ended runs are recorded; cut ones run again next start
                 await asyncio.to_thread(self.queue.finish_many, self._outcomes)
+            await self._hop.aclose()
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -244,29 +248,21 @@ class AsyncWorkers:
     async def _call(
         self, view: AsyncRequestView, model_id: str
     ) -> tuple[int | None, dict[str, str], bytes, str]:
-        url = (
-            f"{self.settings.gateway_url}/models/{model_id}/deployment/{view.deployment_id}/predict"
-        )
-        headers = {
-            "authorization": f"Api-Key {self.settings.key}",
-            "content-type": "application/json",
-            "x-baseten-request-id": view.id,
+        path = f"/models/{model_id}/deployment/{view.deployment_id}/predict"
+        headers = [
+            ("authorization", f"Api-Key {self.settings.key}"),
+            ("content-type", "application/json"),
+            ("x-baseten-request-id", view.id),
             # Retried here per inference_retry_config; a replica that took it and died
             # must not have the gateway run it again behind this worker's back (or, after
             # a control-plane crash, for a worker that is gone).
-            "x-kingpost-no-retry": "1",
-        }
+            ("x-kingpost-no-retry", "1"),
+        ]
         try:
-            async with self._runs.stream(
-                "POST", url, content=view.model_input, headers=headers
-            ) as resp:
-                got = {k.lower(): v for k, v in resp.headers.items()}
-                ctype = got.get("content-type", "")
-                if ctype.startswith("text/event-stream"):
-                    return resp.status_code, got, b"", ""  # refused unread
-                return resp.status_code, got, await resp.aread(), ""
-        except httpx.HTTPError as exc:
-            return None, {}, b"", f"{type(exc).__name__}: {exc}"
+            status, got, body = await self._hop.post(path, view.model_input.encode(), headers)
+        except HopError as exc:
+            return None, {}, b"", str(exc)
+        return status, got, body, ""  # an event stream comes back unread
 
     def _record(self, view: AsyncRequestView, outcome: Outcome) -> tuple[str, dict[str, object]]:
         """What to record of a run (the next tick writes it)."""
