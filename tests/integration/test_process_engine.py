@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -389,3 +390,37 @@ def test_a_model_server_without_a_namespace_serves_on_the_socket_the_engine_boun
     finally:
         e.close()
         impostor.shutdown()
+
+
+def test_a_custom_server_waits_while_another_process_holds_its_port(tmp_path: Path) -> None:
+    """Without namespaces: launched, it could not bind, and its probes would take the
+    other process's answers for its own. It waits, says why, and starts once the port is
+    free."""
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), _Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    port = impostor.server_address[1]
+    app = tmp_path / "echo-server"
+    shutil.copytree(EXAMPLES / "echo-server", app)
+    for name, old in (("config.yaml", "server_port: 8000"), ("server.py", "PORT = 8000")):
+        text = (app / name).read_text()
+        (app / name).write_text(text.replace(old, old.replace("8000", str(port))))
+    e = engine(tmp_path, "off")
+    try:
+        start(e, app, "d1-a")
+        st = wait_for(
+            lambda: (s := status(e, "d1-a")).message.startswith(f"waiting for port {port}") and s,
+            20,
+            "the waiting message",
+        )
+        assert st.phase == ReplicaPhase.STARTING and st.endpoint is None, st
+        time.sleep(1.5)  # it looked again, and still waits
+        assert status(e, "d1-a").phase == ReplicaPhase.STARTING
+        impostor.shutdown()
+        impostor.server_close()
+        ready = wait_for(lambda: phase_is(e, "d1-a", ReplicaPhase.READY), 30, "ready")
+        assert ready.endpoint is not None and ready.endpoint.port == port
+        code, body = get(ready.endpoint, "/health")
+        assert code == 200 and body != b"impostor", body
+    finally:
+        e.close()
+        impostor.server_close()

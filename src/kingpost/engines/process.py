@@ -23,6 +23,7 @@ Processes of this home that no record names are killed as the engine starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import posixpath
@@ -120,6 +121,22 @@ class _Replica(Tracked):
     @property
     def log_path(self) -> Path:
         return self.root / "output.log"
+
+
+PORT_RETRY_S = 1.0
+"""How often a custom server whose fixed port another process holds looks again."""
+
+
+def _port_taken(port: int) -> bool:
+    """Whether a process listens on ``port`` on any local address (a bind to the wildcard
+    address fails then; one merely in TIME_WAIT does not, with SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _listening_socket() -> socket.socket:
@@ -622,6 +639,17 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             uid = replica_uid(spec.deployment_id, spec.run_as_user_id) if self.isolate else None
         except EngineError as exc:
             rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
+            return
+        if spec.kind != ServerKind.MODEL_CLASS and not rep.netns and _port_taken(rep.port):
+            # Another process listens there: launched, the server could not bind, and the
+            # probes would take that process's answers for its own (and route to it).
+            rep.message = (
+                f"waiting for port {rep.port} (docker_server.server_port): another process "
+                "on this machine listens on it. Stop that process, or give this server "
+                "another port; with network namespaces (root, KINGPOST_NETNS) each replica "
+                "has its own"
+            )
+            rep.next_start = now + PORT_RETRY_S
             return
         if not rep.app.exists():
             rep.root.mkdir(parents=True, exist_ok=True)
