@@ -179,6 +179,20 @@ def cold_starts(
     return times, floors, failed
 
 
+def first_answer(base_url: str, ready: str, predict: str, body: dict[str, Any]) -> None:
+    """Poll ``ready`` every 5 ms until it answers 200, then one predict (must be 200)."""
+    with httpx.Client(base_url=base_url, timeout=5) as c:
+        while True:
+            try:
+                if c.get(ready).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.005)
+        r = c.post(predict, json=body)
+        assert r.status_code == 200, r.text
+
+
 class Floor:
     """The same server started by hand: its command, its interpreter, to its first answer."""
 
@@ -205,16 +219,7 @@ class Floor:
             self.cmd, cwd=self.project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=5) as c:
-                while True:
-                    try:
-                        if c.get(self.ready).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    time.sleep(0.005)
-                r = c.post(self.predict, json=self.body)
-                assert r.status_code == 200, r.text
+            first_answer(f"http://127.0.0.1:{self.port}", self.ready, self.predict, self.body)
             return time.perf_counter() - started
         finally:
             proc.terminate()
@@ -260,16 +265,7 @@ class ContainerFloor:
         try:
             c.reload()
             ip = c.attrs["NetworkSettings"]["Networks"][self.network]["IPAddress"]
-            with httpx.Client(base_url=f"http://{ip}:{self.port}", timeout=5) as h:
-                while True:
-                    try:
-                        if h.get(self.ready).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    time.sleep(0.005)
-                r = h.post(self.predict, json=self.body)
-                assert r.status_code == 200, r.text
+            first_answer(f"http://{ip}:{self.port}", self.ready, self.predict, self.body)
             return time.perf_counter() - started
         finally:
             c.remove(force=True)

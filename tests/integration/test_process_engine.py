@@ -103,6 +103,18 @@ def get(endpoint: Endpoint, path: str) -> tuple[int, bytes]:
     return replica_get(endpoint, path, timeout=5)
 
 
+def echo_server_on(tmp_path: Path, port: int) -> Path:
+    """examples/echo-server serving on ``port`` (without namespaces, this machine's 8000
+    may be another test's: xdist runs two files at once)."""
+    app = tmp_path / "echo-server"
+    shutil.copytree(EXAMPLES / "echo-server", app)
+    for name, old in (("config.yaml", "server_port: 8000"), ("server.py", "PORT = 8000")):
+        text = (app / name).read_text()
+        assert old in text, name
+        (app / name).write_text(text.replace(old, old.replace("8000", str(port))))
+    return app
+
+
 def toggle_project(tmp_path: Path) -> Path:
     app = tmp_path / "toggle"
     app.mkdir()
@@ -197,15 +209,8 @@ def test_same_fixed_port_twice_with_namespaces(eng: ProcessEngine) -> None:
 
 
 def test_same_fixed_port_refused_without_namespaces(tmp_path: Path) -> None:
-    # A port of its own: without namespaces, this machine's port 8000 may be another
-    # test's (xdist runs two files at once).
     port = free_port()
-    app = tmp_path / "echo-server"
-    shutil.copytree(EXAMPLES / "echo-server", app)
-    for name, old in (("config.yaml", "server_port: 8000"), ("server.py", "PORT = 8000")):
-        text = (app / name).read_text()
-        assert old in text, name
-        (app / name).write_text(text.replace(old, old.replace("8000", str(port))))
+    app = echo_server_on(tmp_path, port)
     e = engine(tmp_path, "off")
     try:
         start(e, app, "d1-a", "d1")
@@ -399,11 +404,7 @@ def test_a_custom_server_waits_while_another_process_holds_its_port(tmp_path: Pa
     impostor = ThreadingHTTPServer(("127.0.0.1", 0), _Impostor)
     threading.Thread(target=impostor.serve_forever, daemon=True).start()
     port = impostor.server_address[1]
-    app = tmp_path / "echo-server"
-    shutil.copytree(EXAMPLES / "echo-server", app)
-    for name, old in (("config.yaml", "server_port: 8000"), ("server.py", "PORT = 8000")):
-        text = (app / name).read_text()
-        (app / name).write_text(text.replace(old, old.replace("8000", str(port))))
+    app = echo_server_on(tmp_path, port)
     e = engine(tmp_path, "off")
     try:
         start(e, app, "d1-a")

@@ -183,17 +183,23 @@ def test_replicas_spread_over_the_nodes_and_serve_through_the_gateway(
     assert len(projects) == 6, projects  # 2 deployments x 3 nodes
 
 
+def _echo_server_asking(home: Path, name: str, cpu: str) -> Path:
+    """examples/echo-server as model ``name``, asking ``cpu`` CPUs and 128Mi."""
+    project = home / name
+    shutil.copytree(EXAMPLES / "echo-server", project)
+    cfg = project / "config.yaml"
+    cfg.write_text(
+        cfg.read_text().replace("model_name: echo-server", f"model_name: {name}")
+        + f"resources:\n  cpu: '{cpu}'\n  memory: 128Mi\n"
+    )
+    return project
+
+
 def test_a_config_the_cluster_cannot_hold_is_reported_not_left_pending(
     deployed: dict[str, Any], home: Path
 ) -> None:
     p: Platform = deployed["platform"]
-    project = home / "huge"
-    shutil.copytree(EXAMPLES / "echo-server", project)
-    cfg = project / "config.yaml"
-    cfg.write_text(
-        cfg.read_text().replace("model_name: echo-server", "model_name: huge")
-        + "resources:\n  cpu: '64'\n  memory: 128Mi\n"
-    )
+    project = _echo_server_asking(home, "huge", "64")
     with p.client() as c:
         dep = c.push(project)["deployment"]["id"]
         d = p.wait_status(dep, "FAILED", "UNHEALTHY", timeout=60)
@@ -207,13 +213,7 @@ def test_a_replica_that_finds_no_room_says_so_while_it_waits(
     """2 CPUs fit a node of the cluster (2 each), but the two deployments' six replicas
     (0.5 each) left no node 2 free: Ray queues the actor, and the replica says why."""
     p: Platform = deployed["platform"]
-    project = home / "roomless"
-    shutil.copytree(EXAMPLES / "echo-server", project)
-    cfg = project / "config.yaml"
-    cfg.write_text(
-        cfg.read_text().replace("model_name: echo-server", "model_name: roomless")
-        + "resources:\n  cpu: '2'\n  memory: 128Mi\n"
-    )
+    project = _echo_server_asking(home, "roomless", "2")
     with p.client() as c:
         pushed = c.push(project)
         model, dep = pushed["model"]["id"], pushed["deployment"]["id"]

@@ -418,6 +418,13 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         if rep.handle is None:
             self._forget_replica(rep)
             return
+        if not rep.placed and rep.spec is not None:
+            # Still in Ray's queue: nothing runs to drain, and a stop call would wait for a
+            # node as long as it does. Out of the queue now, so it takes no room later.
+            with contextlib.suppress(Exception):
+                ray.kill(rep.handle, no_restart=True)
+            self._forget_replica(rep)
+            return
         if rep.stop_call is None:
             rep.stop_call = rep.handle.stop.remote(self.settings.stop_grace_period)
             rep.stop_by = now + self.settings.stop_grace_period + 10
