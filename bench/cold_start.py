@@ -7,7 +7,12 @@ no replica left, send one predict through the gateway, and time it to its answer
 floor is the same server started by hand (same interpreter, same command) and timed from
 the start to its first answer, polling its readiness every 5 ms.
 
-    .venv/bin/python bench/cold_start.py --runs 8 [--baseline-src OTHER/src] [--json out.json]
+    .venv/bin/python bench/cold_start.py --runs 8 [--engine process|docker]
+        [--baseline-src OTHER/src] [--json out.json]
+
+``--engine docker`` runs the replicas as containers; the floor is then the replica's own
+container started by hand (``docker run`` of the same image, command, environment, user and
+network, an empty tmpfs at /secrets), timed the same way.
 
 ``--baseline-src`` runs a second server from another source tree (``git archive REV src |
 tar -x -C DIR``) beside this tree's, and each round times a cold start on each (the order
