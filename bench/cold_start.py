@@ -67,6 +67,8 @@ class Server:
             "KINGPOST_API_PORT": str(self.api),
             "KINGPOST_GATEWAY_PORT": str(self.gw),
             "KINGPOST_ENGINE": engine,
+            # The docker engine leaves containers running for the next server by default.
+            "KINGPOST_STOP_REPLICAS_ON_EXIT": "true",
         }
         log = (home / "server.log").open("ab") if home.mkdir(parents=True) is None else None
         self.proc = subprocess.Popen(
