@@ -293,31 +293,27 @@ def test_the_dashboards_queries_parse() -> None:
     assert f"SUCCESS: {len(exprs)} rules found" in out.stdout + out.stderr
 
 
-def test_promtool_accepts_the_scrape_config(tmp_path: Path) -> None:
-    promtool = _tool("promtool")
-    shutil.copy(DOCS / "prometheus.yml", tmp_path / "prometheus.yml")
+def _promtool_check(tmp_path: Path, config: str) -> None:
+    """``promtool check config`` on ``config``, with the key file it names beside it."""
+    (tmp_path / "prometheus.yml").write_text(config)
     (tmp_path / "kingpost-api-key").write_text("kp_example\n")
     out = subprocess.run(
-        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        [_tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml")],
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_accepts_the_scrape_config(tmp_path: Path) -> None:
+    _promtool_check(tmp_path, (DOCS / "prometheus.yml").read_text())
 
 
 def test_promtool_accepts_the_gateways_own_job_uncommented(tmp_path: Path) -> None:
-    promtool = _tool("promtool")
     text = (DOCS / "prometheus.yml").read_text()
     job = text[text.index("#  - job_name: kingpost-gateway") :]
     text = text.replace(job, "\n".join(line[1:] for line in job.splitlines()) + "\n")
-    (tmp_path / "prometheus.yml").write_text(text)
-    (tmp_path / "kingpost-api-key").write_text("kp_example\n")
-    out = subprocess.run(
-        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    _promtool_check(tmp_path, text)
     assert "kingpost-gateway" in text
 
 

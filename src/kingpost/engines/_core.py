@@ -112,6 +112,18 @@ class ReplicaEngine(Engine, Generic[R]):
                     log.exception("%s engine: replica %s", self.name, rep.replica_id)
             self._pause(replicas)
 
+    def _finish_stops(self, grace_s: float) -> None:
+        """Wait, up to ``grace_s`` and ten seconds more, until no replica asked to stop is
+        still stopping; then end the monitor thread (for ``close``)."""
+        deadline = time.monotonic() + grace_s + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(r.stopping for r in self._replicas.values()):
+                    break
+            time.sleep(0.05)
+        self._closing.set()
+        self._thread.join(timeout=5)
+
     def _forget_replica(self, rep: R) -> None:
         with self._lock:
             self._replicas.pop(rep.replica_id, None)

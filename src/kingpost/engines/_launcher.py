@@ -47,7 +47,7 @@ __all__ = ["LaunchedProcess", "Launcher"]
 log = logging.getLogger("kingpost.engines")
 
 _PACKET = 1 << 20
-_START_TIMEOUT_S = 30.0
+_ANSWER_TIMEOUT_S = 30.0
 
 
 class LaunchedProcess:
@@ -138,7 +138,7 @@ class Launcher:
                 self._lost()
                 raise subprocess.SubprocessError(f"the replica launcher is gone: {exc}") from exc
             with self._state:
-                if not self._answered.wait_for(lambda: self._answer is not None, _START_TIMEOUT_S):
+                if not self._answered.wait_for(lambda: self._answer is not None, _ANSWER_TIMEOUT_S):
                     raise subprocess.SubprocessError("the replica launcher did not answer")
                 answer = self._answer
                 assert answer is not None

@@ -654,14 +654,7 @@ class DockerEngine(ReplicaEngine[_Replica]):
         """Stop watching; containers keep running for the next control plane to adopt.
 
         Replicas already asked to stop are stopped first."""
-        deadline = time.monotonic() + STOP_GRACE_S + 10
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not any(r.stopping for r in self._replicas.values()):
-                    break
-            time.sleep(0.05)
-        self._closing.set()
-        self._thread.join(timeout=5)
+        self._finish_stops(STOP_GRACE_S)
         self._pool.shutdown(wait=True)
         self._probes.shutdown(wait=True)
 

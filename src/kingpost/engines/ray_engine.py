@@ -264,14 +264,7 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         return out[-tail:]
 
     def close(self) -> None:
-        deadline = time.monotonic() + self.settings.stop_grace_period + 10
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not any(r.stopping for r in self._replicas.values()):
-                    break
-            time.sleep(0.05)
-        self._closing.set()
-        self._thread.join(timeout=5)
+        self._finish_stops(self.settings.stop_grace_period)
         self._probes.shutdown(wait=False, cancel_futures=True)
 
     def cluster(self) -> list[dict[str, Any]]:
