@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     ray_node_dir: Path = Path("/var/tmp/kingpost-ray")
     """Ray engine: where each node keeps its cached projects, environments and replicas
     (``{ray_node_dir}/{scope}/{node}/``), on the node's own disk."""
+    ray_node_cache_keep: float = Field(default=3600.0, ge=0)
+    """Ray engine: seconds a node keeps a project, Python environment or weights that no
+    replica on it uses any more (a deployment woken from zero meanwhile prepares nothing);
+    collected when a replica on the node starts or stops."""
     secret_key: str | None = None
     """Fernet key for secrets at rest; else read from ``{home}/secret.key`` (0600)."""
     reconcile_interval: float = 0.5

@@ -1,6 +1,6 @@
 """The Ray engine on a real three-node Ray cluster (``helpers/raycluster.py``): replicas
-spread over the nodes, served through the gateway, a worker node killed under load, a
-control plane restarted and its actors adopted.
+spread over the nodes, served through the gateway, node caches collected, a worker node
+killed under load, a control plane restarted and its actors adopted.
 
 The cluster and the control plane start once for the module; the tests run in order
 (each builds on what the one before left: the node killed, then the restart).
@@ -8,6 +8,7 @@ The cluster and the control plane start once for the module; the tests run in or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -87,6 +88,7 @@ def _platform(cluster: Any, home: Path) -> Platform:
         **ray_env(),
         "KINGPOST_RAY_ADDRESS": cluster.address,
         "KINGPOST_RAY_NODE_DIR": str(home / "nodes"),
+        "KINGPOST_RAY_NODE_CACHE_KEEP": "0",  # what no replica uses goes at once
     }
     return Platform(home / "kp", engine="ray", extra_env=env)
 
@@ -294,6 +296,38 @@ def test_weights_reach_each_node_once_and_are_mounted_read_only(
             for name in deps:
                 c.delete_model(name)
             wait_for(lambda: _placed(c.engines()) == 6, 60, "their replicas gone")
+
+
+def test_a_node_keeps_only_what_its_replicas_use(deployed: dict[str, Any], home: Path) -> None:
+    """After the weighted deployments above are deleted, their projects, weights trees and
+    blobs and their replicas' homes are gone from every node (the keep period is 0 here);
+    what the replicas still running claim is all that is left."""
+    from kingpost.engines._node_cache import NodeCache
+
+    nodes = sorted((home / "nodes").glob("*/*"))
+    assert len(nodes) == 3, nodes
+
+    def leftovers() -> list[str]:
+        """What a node keeps beyond its live claims (their stops collect as they end)."""
+        out = []
+        for node in nodes:
+            cache = NodeCache(node)
+            claims = cache.live_claims()
+            projects = {p.name for p in cache.projects.iterdir()}
+            trees = list((cache.weights / "trees").iterdir())
+            blobs = list((cache.weights / "blobs").glob("*/*"))
+            homes = {r.name for r in cache.replicas.iterdir()}
+            if projects != {c.project for c in claims.values()} or trees or blobs:
+                out.append(f"{node.name}: projects {projects}, trees {trees}, blobs {blobs}")
+            if homes != set(claims):
+                out.append(f"{node.name}: replica homes {homes}, claims {set(claims)}")
+        return out
+
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not leftovers(), 30, "the nodes' caches collected")
+    assert leftovers() == []
+    claimed = sum(len(NodeCache(node).live_claims()) for node in nodes)
+    assert claimed == 6  # the two deployments' replicas, three each
 
 
 def test_a_worker_node_dies_under_load_and_its_replicas_start_elsewhere(

@@ -5,11 +5,13 @@ its replica: the project archive is unpacked and the Python environment built un
 node's cache (``{node_dir}/{scope}/{node}/``), and its weights fetched in chunks from the
 control plane's :class:`WeightsSource` into the node's own blob store (``weights/``), all
 keyed by content hash, so a node's second replica of a deployment prepares nothing and a
-second deployment with the same weights fetches none. It then runs the replica with the
-process engine's own code (a one-replica :class:`~kingpost.engines.process.ProcessEngine`:
-the same environment variables, ``/secrets`` files, read-only weights, probes, restarts
-after exits), and a TCP forwarder on the node's address hands the gateway's connections
-to it (the replica listens on loopback, in its own network namespace when permitted).
+second deployment with the same weights fetches none. Each replica claims what it uses
+there; what no replica claims goes after a while (:mod:`._node_cache`). It then runs the
+replica with the process engine's own code (a one-replica
+:class:`~kingpost.engines.process.ProcessEngine`: the same environment variables,
+``/secrets`` files, read-only weights, probes, restarts after exits), and a TCP forwarder
+on the node's address hands the gateway's connections to it (the replica listens on
+loopback, in its own network namespace when permitted).
 
 Secrets: the actor is created with them sealed (Fernet) under a key of its replica's own;
 the key reaches it only in a later method call (:meth:`ReplicaHost.unlock`), never in
@@ -38,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kingpost.engines._node_cache import Claim, NodeCache
 from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaSpec, WeightMount
 from kingpost.weights.blobs import BlobStore, Manifest
 
@@ -85,6 +88,8 @@ class HostPlan:
     weights: tuple[NodeWeights, ...] = ()
     weights_source: str = ""
     """The name of the control plane's :class:`WeightsSource` actor (namespace kingpost)."""
+    cache_keep_s: float = 3600.0
+    """How long the node keeps what no replica on it uses (:mod:`._node_cache`)."""
 
 
 def pack_project(app_dir: Path) -> tuple[bytes, str]:
@@ -284,6 +289,7 @@ class ReplicaHost:
         self._gpus = tuple(str(g) for g in gpu_ids) if gpu_ids else None
         self._started = time.time()
         self._node_home = Path(plan.node_dir) / plan.scope / self._node_id[:16]
+        self._cache = NodeCache(self._node_home)
         threading.Thread(target=self._run, name="kingpost-replica-host", daemon=True).start()
 
     # -- what the control plane calls -----------------------------------------------------
@@ -347,6 +353,8 @@ class ReplicaHost:
             engine.close()
         if self._forwarder is not None:
             self._forwarder.close()
+        self._cache.release(self._plan.spec.replica_id)
+        self._collect()
         return True
 
     @staticmethod
@@ -370,13 +378,26 @@ class ReplicaHost:
             self._failed = f"preparing the replica on node {self._node_ip} failed: {exc}"
 
     def _start(self) -> None:
-        from kingpost.engines.process import ProcessEngine, prepare_python
+        from kingpost.engines.process import (
+            ProcessEngine,
+            prepare_python,
+            python_environment_hash,
+        )
         from kingpost.settings import Settings
 
         plan, spec = self._plan, self._plan.spec
         node_settings = Settings(home=self._node_home, **plan.settings)
+        # Claimed before used, so no collection on this node removes it meanwhile.
+        claim = Claim(
+            plan.archive_hash,
+            manifests=tuple(w.manifest.id for w in plan.weights),
+            blobs=tuple(sorted({d for w in plan.weights for d, _ in w.manifest.files.values()})),
+        )
+        self._cache.claim(spec.replica_id, claim)
         app_dir = _unpack(plan.archive, plan.archive_hash, self._node_home / "projects")
         assert spec.config is not None
+        environment = python_environment_hash(node_settings, spec.config, app_dir)
+        self._cache.claim(spec.replica_id, replace(claim, environment=environment))
         weights: tuple[WeightMount, ...] = ()
         if plan.weights:
             self._phase_note = "fetching the weights onto its node"
@@ -410,6 +431,18 @@ class ReplicaHost:
         )
         self._forwarder = _Forwarder(self._node_ip, lambda: _endpoint(engine))
         self._engine = engine
+        self._collect()
+
+    def _collect(self) -> None:
+        """Collect the node's cache (what this node's replicas no longer use)."""
+        try:
+            report = self._cache.collect(self._plan.cache_keep_s)
+        except OSError as exc:
+            log.warning("ray engine: collecting the node cache %s: %s", self._node_home, exc)
+            return
+        if report.removed:
+            self._build.append(report.summary())
+            log.info("ray engine: %s on node %s", report.summary(), self._node_ip)
 
 
 def _endpoint(engine: Any) -> Endpoint | None:

@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from kingpost.config import TrussConfig
     from kingpost.envs import ModelEnvPolicy
 
-__all__ = ["ProcessEngine", "model_env_policy", "prepare_python"]
+__all__ = ["ProcessEngine", "model_env_policy", "prepare_python", "python_environment_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,19 @@ def prepare_python(
     return Prepared(python_executable=custom.python_executable if custom else None)
 
 
+def python_environment_hash(settings: Settings, config: TrussConfig, app_dir: Path) -> str | None:
+    """The hash of the environment :func:`prepare_python` makes for this project under
+    ``settings.envs_dir`` (``None``: it runs without one), without building it."""
+    from kingpost.envs import environment_hash
+
+    kind = _environment_kind(config)
+    if kind is None:
+        return None
+    return environment_hash(
+        config, app_dir, custom_server=kind == "custom_server", policy=model_env_policy(settings)
+    )
+
+
 class ProcessEngine(ReplicaEngine[_Replica]):
     name: ClassVar[str] = "process"
     tick_s = TICK_S
@@ -358,17 +371,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
         return prepare_python(self.settings, config, app_dir, log)
 
     def environment_hash(self, config: TrussConfig, app_dir: Path) -> str | None:
-        from kingpost.envs import environment_hash
-
-        kind = _environment_kind(config)
-        if kind is None:
-            return None
-        return environment_hash(
-            config,
-            app_dir,
-            custom_server=kind == "custom_server",
-            policy=model_env_policy(self.settings),
-        )
+        return python_environment_hash(self.settings, config, app_dir)
 
     def _model_env_policy(self) -> ModelEnvPolicy:
         return model_env_policy(self.settings)

@@ -335,6 +335,7 @@ class RayEngine(ReplicaEngine[_RayReplica]):
             {k: getattr(self.settings, k) for k in _NODE_SETTINGS},
             weights,
             self._weights_source() if weights else "",
+            self.settings.ray_node_cache_keep,
         )
         actor = ray.remote(ReplicaHost).options(
             name=rep.name,

@@ -25,7 +25,7 @@ from typing import IO
 
 from kingpost.errors import WeightsError
 
-__all__ = ["BlobStore", "GcReport", "Manifest", "Partial", "RangeWriter"]
+__all__ = ["BlobStore", "GcReport", "Manifest", "Partial", "RangeWriter", "remove_tree"]
 
 CHUNK = 4 * 1024 * 1024
 STALE_PARTIAL_S = 24 * 3600
@@ -145,12 +145,12 @@ class BlobStore:
             for dirpath, _, _ in os.walk(tmp, topdown=False):
                 os.chmod(dirpath, 0o555)
         except OSError:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
         try:
             os.rename(tmp, final)
         except OSError:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             if not final.is_dir():
                 raise
             # built by a concurrent caller: Linux says ENOTEMPTY (not EEXIST) for a directory
@@ -197,7 +197,7 @@ class BlobStore:
             if st.st_mtime < stale:
                 removed_bytes += st.st_size if leftover.is_file() else 0
                 if leftover.is_dir():
-                    _remove_tree(leftover)
+                    remove_tree(leftover)
                 else:
                     leftover.unlink(missing_ok=True)
         return GcReport(removed, removed_bytes, kept)
@@ -270,7 +270,8 @@ class RangeWriter:
         return len(data)
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
+    """Remove a tree, read-only directories (a mount tree's) included."""
     if not path.exists():
         return
     for dirpath, _, _ in os.walk(path):

@@ -1,0 +1,214 @@
+"""What a Ray node keeps for the replicas it runs, and when it lets go of it.
+
+A node's directory (``{ray_node_dir}/{scope}/{node}/``) caches, by content hash, what its
+replicas were prepared from: unpacked projects (``projects/``), Python environments
+(``envs/``), weights (``weights/``: blobs, and a read-only hard-link tree per manifest),
+and each replica's own home (``replicas/{replica_id}``). Without collection they would
+grow with every deployment the node ever ran.
+
+Each replica claims what it uses before it uses it: a file ``uses/{replica_id}.json``
+naming its project, environment, weights trees and blobs, and the process that holds
+the claim (pid and start time, so a pid the kernel reused later is not mistaken for
+it). A claim is released when the replica stops; one whose process is gone (its Ray
+worker was killed, its node restarted) is stale and dropped. :meth:`NodeCache.collect`
+removes what no live claim names and nobody used for ``keep_s`` seconds, so a
+deployment scaled to zero and woken within that time finds its node ready; a weights
+blob goes once no tree links to it (its link count is 1).
+
+Claims and collections take one lock per node directory; environments are removed
+under the lock their builds take (:func:`kingpost.envs.gc.collect`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kingpost._disk import tree_size
+from kingpost._filelock import locked
+
+__all__ = ["CacheReport", "Claim", "NodeCache", "process_start"]
+
+STALE_WORK_S = 3600.0
+"""A half-made project (``projects/.{hash}.…``) this old was left by a process that died."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one replica on the node uses."""
+
+    project: str = ""
+    environment: str | None = None
+    manifests: tuple[str, ...] = ()
+    blobs: tuple[str, ...] = ()
+
+
+@dataclass
+class CacheReport:
+    removed: list[str] = field(default_factory=list)
+    """``project/{hash}``, ``environment/{hash}``, ``weights/{manifest}``,
+    ``blob/{sha256}``, ``replica/{id}``, ``claim/{id}`` (a stale one)."""
+    removed_bytes: int = 0
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for item in self.removed:
+            kind = item.split("/", 1)[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        return f"node cache: removed {parts or 'nothing'} ({self.removed_bytes} bytes)"
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, ``/proc/{pid}/stat`` field 22), or
+    ``None`` when no such process lives."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+class NodeCache:
+    """One node directory's claims and collection (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uses = root / "uses"
+        self.projects = root / "projects"
+        self.envs = root / "envs"
+        self.weights = root / "weights"
+        self.replicas = root / "replicas"
+        self._lock = root / ".cache.lock"
+
+    def claim(self, replica_id: str, claim: Claim) -> None:
+        """Record (or widen) what ``replica_id``, run by this process, uses; what it names
+        is marked used now, so a collection that keeps recent things keeps it too."""
+        with locked(self._lock):
+            self.uses.mkdir(parents=True, exist_ok=True)
+            record = {
+                "pid": os.getpid(),
+                "started": process_start(os.getpid()),
+                "project": claim.project,
+                "environment": claim.environment,
+                "manifests": list(claim.manifests),
+                "blobs": list(claim.blobs),
+            }
+            tmp = self.uses / f".{replica_id}.tmp"
+            tmp.write_text(json.dumps(record))
+            tmp.rename(self.uses / f"{replica_id}.json")
+            for path in self._paths_of(claim):
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+
+    def release(self, replica_id: str) -> None:
+        with locked(self._lock):
+            (self.uses / f"{replica_id}.json").unlink(missing_ok=True)
+
+    def live_claims(self) -> dict[str, Claim]:
+        """Replica id -> its claim, for claims whose process still runs (the caller holds
+        the lock, or accepts a moment's staleness)."""
+        out: dict[str, Claim] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.uses.glob("*.json"):
+                try:
+                    record = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if process_start(int(record["pid"])) != record.get("started"):
+                    continue
+                out[path.stem] = Claim(
+                    str(record.get("project", "")),
+                    record.get("environment"),
+                    tuple(record.get("manifests", ())),
+                    tuple(record.get("blobs", ())),
+                )
+        return out
+
+    def collect(self, keep_s: float, now: float | None = None) -> CacheReport:
+        """Remove what no live claim names and was not used in the last ``keep_s``
+        seconds; stale claims and the homes of replicas no longer claimed go at once."""
+        from kingpost.envs.gc import collect as collect_envs
+        from kingpost.weights.blobs import remove_tree
+
+        now = time.time() if now is None else now
+        cutoff = now - keep_s
+        report = CacheReport()
+        with locked(self._lock):
+            live = self.live_claims()
+            for path in list(self.uses.glob("*.json")) if self.uses.is_dir() else []:
+                if path.stem not in live:
+                    path.unlink(missing_ok=True)
+                    report.removed.append(f"claim/{path.stem}")
+            projects = {c.project for c in live.values()}
+            environments = {c.environment for c in live.values() if c.environment}
+            manifests = {m for c in live.values() for m in c.manifests}
+            blobs = {b for c in live.values() for b in c.blobs}
+            for entry in _entries(self.projects):
+                if entry.name.startswith("."):
+                    if _mtime(entry) < now - STALE_WORK_S:
+                        self._remove(entry, f"project/{entry.name}", report)
+                elif entry.name not in projects and _mtime(entry) < cutoff:
+                    self._remove(entry, f"project/{entry.name}", report)
+            if self.envs.is_dir():
+                envs = collect_envs(self.envs, environments, cutoff)
+                report.removed += [f"environment/{h}" for h in envs.removed]
+                report.removed_bytes += envs.removed_bytes
+            for tree in _entries(self.weights / "trees"):
+                if tree.name not in manifests and _mtime(tree) < cutoff:
+                    remove_tree(tree)  # its bytes are the blobs', counted as they go
+                    report.removed.append(f"weights/{tree.name}")
+            for blob in _entries(self.weights / "blobs", depth=2):
+                try:
+                    st = blob.stat()
+                except FileNotFoundError:
+                    continue
+                if st.st_nlink == 1 and blob.name not in blobs and st.st_mtime < cutoff:
+                    blob.unlink(missing_ok=True)
+                    report.removed.append(f"blob/{blob.name}")
+                    report.removed_bytes += st.st_size
+            for home in _entries(self.replicas):
+                if home.name not in live:
+                    self._remove(home, f"replica/{home.name}", report)
+        return report
+
+    def _paths_of(self, claim: Claim) -> Iterable[Path]:
+        if claim.project:
+            yield self.projects / claim.project
+        for manifest in claim.manifests:
+            yield self.weights / "trees" / manifest
+
+    @staticmethod
+    def _remove(path: Path, name: str, report: CacheReport) -> None:
+        size = tree_size(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        report.removed.append(name)
+        report.removed_bytes += size
+
+
+def _entries(directory: Path, depth: int = 1) -> list[Path]:
+    try:
+        found = [directory / name for name in os.listdir(directory)]
+    except FileNotFoundError:
+        return []
+    if depth == 1:
+        return found
+    return [p for sub in found if sub.is_dir() for p in _entries(sub, depth - 1)]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone meanwhile: nothing to remove

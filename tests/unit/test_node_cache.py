@@ -1,0 +1,168 @@
+"""A Ray node's cache: claims by live processes keep what they name; what nobody claims
+goes once unused for the keep period (``engines/_node_cache.py``), on real files and
+real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kingpost.engines._node_cache import Claim, NodeCache, process_start
+from kingpost.envs.builder import READY_MARKER
+from kingpost.weights.blobs import BlobStore, Manifest
+
+OLD = time.time() - 7200
+
+
+def _age(path: Path, when: float = OLD) -> Path:
+    os.utime(path, (when, when))
+    return path
+
+
+def _project(cache: NodeCache, name: str) -> Path:
+    path = cache.projects / name
+    (path / "model").mkdir(parents=True)
+    (path / "model" / "model.py").write_text("class Model: ...\n")
+    return _age(path)
+
+
+def _environment(cache: NodeCache, name: str) -> Path:
+    path = cache.envs / name
+    path.mkdir(parents=True)
+    (path / READY_MARKER).write_text("{}")
+    _age(path / READY_MARKER)
+    return path
+
+
+def _weights(cache: NodeCache, name: str, content: bytes) -> tuple[Manifest, str]:
+    store = BlobStore(cache.weights)
+    digest = hashlib.sha256(content).hexdigest()
+    with store.writer() as (fh, tmp):
+        fh.write(content)
+        fh.close()
+        store.commit(tmp, len(content), digest)
+    _age(store.blob_path(digest))
+    manifest = Manifest(name, "file:///w", "", {"w.bin": (digest, len(content))})
+    _age(store.tree(manifest))
+    return manifest, digest
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _claim_as(
+    cache: NodeCache, replica_id: str, pid: int, started: int | None, **what: object
+) -> None:
+    cache.uses.mkdir(parents=True, exist_ok=True)
+    record = {"pid": pid, "started": started, "project": "", "environment": None,
+              "manifests": [], "blobs": [], **what}  # fmt: skip
+    (cache.uses / f"{replica_id}.json").write_text(json.dumps(record))
+
+
+def test_what_a_live_replica_claims_stays_and_the_rest_goes(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    _project(cache, "p-used")
+    _project(cache, "p-old")
+    _environment(cache, "a" * 24)
+    _environment(cache, "b" * 24)
+    used, used_blob = _weights(cache, "m-used", b"used weights")
+    _, old_blob = _weights(cache, "m-old", b"old weights")
+    for rid in ("r-live", "r-gone"):
+        (cache.replicas / rid).mkdir(parents=True)
+    cache.claim("r-live", Claim("p-used", "a" * 24, (used.id,), (used_blob,)))
+
+    report = cache.collect(keep_s=60)
+
+    assert sorted(report.removed) == sorted([
+        "project/p-old", f"environment/{'b' * 24}", "weights/m-old", f"blob/{old_blob}",
+        "replica/r-gone",
+    ])  # fmt: skip
+    assert (cache.projects / "p-used").is_dir()
+    assert (cache.envs / ("a" * 24)).is_dir()
+    assert (cache.weights / "trees" / "m-used" / "w.bin").read_bytes() == b"used weights"
+    assert (cache.replicas / "r-live").is_dir()
+    assert report.removed_bytes >= len(b"old weights")
+    assert "1 project" in report.summary() and "1 blob" in report.summary()
+
+
+def test_a_claim_marks_its_things_used_and_recent_things_are_kept(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    _project(cache, "p")
+    _weights(cache, "m", b"w")
+    cache.claim("r", Claim("p", None, ("m",)))
+    cache.release("r")  # no live claim now, but used just now
+
+    assert cache.collect(keep_s=60).removed == []
+    assert (cache.projects / "p").is_dir() and (cache.weights / "trees" / "m").is_dir()
+    # Once the keep period is over they go, the blob with its last tree.
+    later = cache.collect(keep_s=60, now=time.time() + 120)
+    assert sorted(r.split("/")[0] for r in later.removed) == ["blob", "project", "weights"]
+
+
+def test_claims_of_dead_processes_are_stale_and_do_not_keep_anything(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    _project(cache, "p-dead")
+    _project(cache, "p-reused")
+    _claim_as(cache, "r-dead", _dead_pid(), 1, project="p-dead")
+    # A live pid whose start time is not the claimer's: the pid was reused.
+    me = os.getpid()
+    _claim_as(cache, "r-reused", me, (process_start(me) or 0) + 1, project="p-reused")
+
+    assert cache.live_claims() == {}
+    report = cache.collect(keep_s=60)
+
+    assert sorted(report.removed) == ["claim/r-dead", "claim/r-reused", "project/p-dead",
+                                      "project/p-reused"]  # fmt: skip
+    assert list(cache.uses.iterdir()) == []
+
+
+def test_a_claim_by_another_live_process_keeps_its_things(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    _project(cache, "p")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _claim_as(cache, "r", proc.pid, process_start(proc.pid), project="p")
+        assert set(cache.live_claims()) == {"r"}
+        assert cache.collect(keep_s=0).removed == []
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cache.collect(keep_s=0).removed == ["claim/r", "project/p"]
+
+
+def test_a_blob_another_tree_links_stays_when_one_tree_goes(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    _, digest = _weights(cache, "m-a", b"shared")
+    b = Manifest("m-b", "file:///w", "", {"other.bin": (digest, len(b"shared"))})
+    _age(BlobStore(cache.weights).tree(b))
+    cache.claim("r", Claim(manifests=("m-b",)))
+
+    report = cache.collect(keep_s=0)
+
+    assert report.removed == ["weights/m-a"]
+    assert (cache.weights / "trees" / "m-b" / "other.bin").read_bytes() == b"shared"
+
+
+def test_a_half_made_project_goes_only_when_old(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    fresh = cache.projects / ".p.123.456"
+    stale = cache.projects / ".q.789.1"
+    fresh.mkdir(parents=True)
+    stale.mkdir()
+    _age(stale, time.time() - 2 * 3600)
+
+    assert cache.collect(keep_s=0).removed == ["project/.q.789.1"]
+    assert fresh.is_dir()
+
+
+def test_an_empty_node_directory_collects_nothing(tmp_path: Path) -> None:
+    report = NodeCache(tmp_path / "never-used").collect(keep_s=0)
+    assert report.removed == [] and report.summary() == "node cache: removed nothing (0 bytes)"
