@@ -330,6 +330,104 @@ def test_a_node_keeps_only_what_its_replicas_use(deployed: dict[str, Any], home:
     assert claimed == 6  # the two deployments' replicas, three each
 
 
+DEV_MODEL = """
+import os
+
+
+class Model:
+    def load(self):
+        self.value = VALUE
+
+    def predict(self, model_input):
+        return {"value": self.value, "pid": os.getpid()}
+"""
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        out.append(pid)
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [child for child, parent in parents.items() if parent in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def test_a_development_replica_reloads_in_place_and_after_ray_restarts_it(
+    deployed: dict[str, Any], home: Path
+) -> None:
+    """A development deployment on Ray takes a code change in place (the same process),
+    and a failed one leaves the last good code serving; when Ray restarts the replica's
+    actor (its worker killed with the replica), it comes back on the reloaded files, not
+    on those it was created with."""
+    from kingpost.engines._node_cache import NodeCache
+
+    p: Platform = deployed["platform"]
+    project = home / "ray-dev"
+    (project / "model").mkdir(parents=True)
+    (project / "config.yaml").write_text("model_name: ray-dev\n" + LEAN)
+    model = project / "model" / "model.py"
+    model.write_text(DEV_MODEL.replace("VALUE", "1"))
+
+    def predict() -> dict[str, Any]:
+        with p.gateway() as gw:
+            r = gw.post("/models/ray-dev/development/predict", json={})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    try:
+        with p.client() as c:
+            dep = c.push(project, development=True)["deployment"]
+            p.wait_status(dep["id"], "ACTIVE", timeout=150)
+            first = predict()
+            assert first["value"] == 1
+            model.write_text(DEV_MODEL.replace("VALUE", "2"))
+            done = c.development_sync("ray-dev", c.upload(project))
+            assert (done["kind"], done["ok"]) == ("reload", True), done
+            assert done["changed"] == ["model/model.py"], done
+            assert predict() == {"value": 2, "pid": first["pid"]}
+            model.write_text(DEV_MODEL.replace("VALUE", "1 / 0"))
+            done = c.development_sync("ray-dev", c.upload(project))
+            assert (done["kind"], done["ok"]) == ("reload", False), done
+            assert "ZeroDivisionError" in done["error"], done
+            assert predict() == {"value": 2, "pid": first["pid"]}
+
+        claims = {
+            int(json.loads(path.read_text())["pid"])
+            for node in (home / "nodes").glob("*/*")
+            for path in NodeCache(node).uses.glob("*.json")
+        }
+        (worker,) = [pid for pid in _ancestors(first["pid"]) if pid in claims]
+        for pid in [worker, *_descendants(worker)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+        def restarted() -> dict[str, Any] | None:
+            answer = predict()
+            return answer if answer["pid"] != first["pid"] else None
+
+        again = wait_for(restarted, 120, f"the replica back after its actor's restart ({p.log})")
+        assert again["value"] == 2  # the reloaded files, not those it was created with
+    finally:
+        with p.client() as c:
+            c.delete_model("ray-dev")
+            wait_for(lambda: _placed(c.engines()) == 6, 60, "its replica gone")
+
+
 def test_a_worker_node_dies_under_load_and_its_replicas_start_elsewhere(
     deployed: dict[str, Any], cluster: Any, home: Path
 ) -> None:

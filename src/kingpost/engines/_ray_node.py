@@ -32,11 +32,12 @@ import os
 import shutil
 import socket
 import tarfile
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,7 @@ class ReplicaHost:
 
         self._plan = plan
         self._key = threading.Event()
+        self._project: tuple[bytes, str] | None = None
         self._secrets: dict[str, str] = {}
         self._engine: Any = None
         self._forwarder: _Forwarder | None = None
@@ -293,10 +295,13 @@ class ReplicaHost:
         threading.Thread(target=self._run, name="kingpost-replica-host", daemon=True).start()
 
     # -- what the control plane calls -----------------------------------------------------
-    def unlock(self, key: bytes) -> bool:
-        """Bring the key the secrets were sealed with; the replica starts once prepared."""
+    def unlock(self, key: bytes, project: tuple[bytes, str] | None = None) -> bool:
+        """Bring the key the secrets were sealed with; the replica starts once prepared.
+        ``project``: the archive and hash of the project it was reloaded onto since it was
+        created (:meth:`reload`), which a restarted actor runs instead of its plan's."""
         if self._key.is_set():
             return True
+        self._project = project
         from cryptography.fernet import Fernet, InvalidToken
 
         try:
@@ -307,6 +312,25 @@ class ReplicaHost:
         self._secrets = dict(json.loads(plain))
         self._key.set()
         return True
+
+    def reload(self, files: dict[str, bytes], removed: list[str]) -> dict[str, Any] | None:
+        """Patch the replica's own copy of its project with ``files`` (relative path ->
+        content) and ``removed``, and reload it in place (the process engine's
+        :meth:`~kingpost.engines.process.ProcessEngine.reload`); ``None`` if it cannot."""
+        engine = self._engine
+        if engine is None:
+            return None
+        for rel in [*files, *removed]:
+            parts = Path(rel).parts
+            if Path(rel).is_absolute() or ".." in parts or not parts:
+                raise ValueError(f"reload: {rel!r} is not a path inside the project")
+        with tempfile.TemporaryDirectory(dir=self._node_home, prefix=".reload-") as tmp:
+            for rel, data in files.items():
+                path = Path(tmp) / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            result = engine.reload(self._plan.spec.replica_id, Path(tmp), list(files), removed)
+        return None if result is None else asdict(result)
 
     def status(self) -> dict[str, Any]:
         spec = self._plan.spec
@@ -417,6 +441,12 @@ class ReplicaHost:
         prepared = prepare_python(node_settings, spec.config, app_dir, self._build.append)
         self._phase_note = "waiting for the control plane to send the secrets' key"
         self._key.wait()
+        if self._project is not None and self._project[1] != plan.archive_hash:
+            archive, digest = self._project  # reloaded since created: its files, not the plan's
+            self._cache.claim(
+                spec.replica_id, replace(claim, project=digest, environment=environment)
+            )
+            app_dir = _unpack(archive, digest, self._node_home / "projects")
         home = self._node_home / "replicas" / spec.replica_id
         engine = ProcessEngine(Settings(home=home, **plan.settings))
         engine.start(

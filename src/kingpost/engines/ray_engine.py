@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ from kingpost.engines.base import (
     Endpoint,
     LogLine,
     Prepared,
+    Reload,
     ReplicaPhase,
     ReplicaSpec,
     scope_of,
@@ -56,6 +58,8 @@ UNREACHABLE_S = 3.0
 ROOM_CHECK_S = 2.0
 """How long a new actor may wait for a node before its replica says why it waits (and how
 often that is checked again)."""
+RELOAD_SLACK_S = 30.0
+"""A reload's answer may take this long beyond the build timeout (the actor's own wait)."""
 
 _NODE_SETTINGS = (
     "model_env",
@@ -181,6 +185,9 @@ class _RayReplica(Tracked):
     node_ip: str = ""
     node_id: str = ""
     history: list[str] = field(default_factory=list)
+    project: Path | None = None
+    """The project it was last reloaded onto (:meth:`RayEngine.reload`): its actor,
+    restarted by Ray from what it was created with, gets it with its key."""
 
 
 class RayEngine(ReplicaEngine[_RayReplica]):
@@ -249,6 +256,28 @@ class RayEngine(ReplicaEngine[_RayReplica]):
                 started_at=time.time(),
                 message="waiting for Ray to place the replica",
             )
+
+    def reload(
+        self, replica_id: str, source: Path, changed: Sequence[str], removed: Sequence[str]
+    ) -> Reload | None:
+        """The changed files travel to the replica's actor, which patches and reloads its
+        replica as the process engine does (:meth:`ReplicaHost.reload`)."""
+        with self._lock:
+            rep = self._replicas.get(replica_id)
+        if rep is None or rep.stopping or rep.handle is None or rep.phase != ReplicaPhase.READY:
+            return None
+        files = {rel: (source / rel).read_bytes() for rel in changed}
+        try:
+            call = rep.handle.reload.remote(files, list(removed))
+            answer = _get(call, self.settings.build_timeout + RELOAD_SLACK_S)
+        except Exception as exc:
+            return Reload(False, f"the replica's actor did not answer the reload: {exc}")
+        if answer is None:
+            return None
+        result = Reload(**answer)
+        if result.ok:
+            rep.project = source
+        return result
 
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
 
@@ -395,7 +424,10 @@ class RayEngine(ReplicaEngine[_RayReplica]):
             rep.restarts += 1
         rep.node_id, rep.node_ip = st["node_id"], st["node_ip"]
         if st["needs_key"] and rep.unlocking is None:
-            rep.unlocking = rep.handle.unlock.remote(self._replica_key(rep.replica_id))
+            # An actor Ray restarted after a reload starts on the reloaded project.
+            project = self._archive(rep.project) if rep.project is not None else None
+            key = self._replica_key(rep.replica_id)
+            rep.unlocking = rep.handle.unlock.remote(key, project)
         elif not st["needs_key"]:
             rep.unlocking = None
         was = rep.phase
