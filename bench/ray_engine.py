@@ -1,9 +1,10 @@
 """The Ray engine against the process engine: gateway throughput and replica start time.
 
-Starts the Ray engine's test cluster (``tests/helpers/raycluster.py``: a head on a bridge
-address, two workers in network namespaces; needs root and iproute2), then, for each
-engine in turn, a `kingpost server` on it with the same examples/echo-server deployment of
-``--replicas`` replicas (the Ray engine spreads them over the nodes). Per engine:
+Starts the Ray engine's test cluster (``tests/helpers/raycluster.py``: each node in a
+network namespace of its own, joined by a bridge; needs root and iproute2), then, for each
+engine in turn, a `kingpost server` in the head's namespace with the same
+examples/echo-server deployment of ``--replicas`` replicas (the Ray engine spreads them
+over the nodes; the process engine runs them beside the server). Per engine:
 
 - start time: push to all replicas ready (the Ray engine's includes placing the actors,
   unpacking the project on each node and the forwarder's hop being set up);
@@ -38,7 +39,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from helpers import raycluster  # noqa: E402
 from helpers.platform import EXAMPLES, Platform, wait_for  # noqa: E402
 
-WORKERS = ["kpb-ray-n3", "kpb-ray-n4"]
+NODES = ["kpb-ray-n2", "kpb-ray-n3", "kpb-ray-n4"]
+"""The nodes' network namespaces, the head's first (both servers run there)."""
 LEAN = "resources:\n  cpu: 500m\n  memory: 128Mi\n"
 CONNECTIONS = 8
 
@@ -64,13 +66,13 @@ def wrk_rps(platform: Platform, model: str, seconds: float, work: Path) -> float
 
 
 def run_engine(
-    engine: str, work: Path, env: dict[str, str], args: argparse.Namespace
+    engine: str, work: Path, env: dict[str, str], head: tuple[str, str], args: argparse.Namespace
 ) -> dict[str, Any]:
     project = work / f"echo-{engine}"
     shutil.copytree(EXAMPLES / "echo-server", project)
     cfg = project / "config.yaml"
     cfg.write_text(cfg.read_text() + LEAN)
-    platform = Platform(work / f"home-{engine}", engine=engine, extra_env=env).start()
+    platform = Platform(work / f"home-{engine}", engine=engine, extra_env=env, netns=head).start()
     try:
         with platform.client() as c:
             start = time.monotonic()
@@ -106,12 +108,13 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces for the Ray nodes)")
     root = Path(f"/tmp/kpb-ray-{os.getpid()}")
-    workers = WORKERS[: args.nodes - 1]
-    raycluster.network_down(WORKERS)
-    raycluster.network_up(workers)
+    names = NODES[: args.nodes]
+    raycluster.network_down(NODES)
+    raycluster.network_up(names)
     cluster = None
     try:
-        cluster = raycluster.start_cluster(root, workers)
+        cluster = raycluster.start_cluster(root, names)
+        head = (cluster.nodes[0].netns, cluster.nodes[0].ip)
         with tempfile.TemporaryDirectory(prefix="kp-bench-ray-") as tmp:
             work = Path(tmp)
             env = {
@@ -119,12 +122,12 @@ def main() -> None:
                 "KINGPOST_RAY_ADDRESS": cluster.address,
                 "KINGPOST_RAY_NODE_DIR": str(work / "nodes"),
             }
-            process = run_engine("process", work, env, args)
-            ray = run_engine("ray", work, env, args)
+            process = run_engine("process", work, env, head, args)
+            ray = run_engine("ray", work, env, head, args)
     finally:
         if cluster is not None:
             cluster.stop()
-        raycluster.network_down(WORKERS)
+        raycluster.network_down(NODES)
         shutil.rmtree(root, ignore_errors=True)
     report = {
         "replicas": args.replicas,

@@ -83,11 +83,19 @@ class Platform:
     """One `kingpost server` process with its own home and ports."""
 
     def __init__(
-        self, home: Path, engine: str = "process", extra_env: dict[str, str] | None = None
+        self,
+        home: Path,
+        engine: str = "process",
+        extra_env: dict[str, str] | None = None,
+        netns: tuple[str, str] | None = None,
     ) -> None:
+        """``netns``: (name, address) of a network namespace the test made, to run the
+        server in, listening on that address (which this namespace reaches)."""
         self.home = home
         self.api_port = free_port()
         self.gateway_port = free_port()
+        self.netns = netns
+        self.host = netns[1] if netns else "127.0.0.1"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")},
             "KINGPOST_HOME": str(home),
@@ -99,6 +107,8 @@ class Platform:
             # A test that SIGKILLs the server leaves its gateway for the next start to
             # adopt; one that never restarts it must not leave it running for an hour.
             "KINGPOST_GATEWAY_ORPHAN_TIMEOUT": "60",
+            "KINGPOST_API_HOST": self.host,
+            "KINGPOST_GATEWAY_HOST": self.host,
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -106,17 +116,20 @@ class Platform:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     @property
     def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}"
+        return f"http://{self.host}:{self.gateway_port}"
 
     def start(self) -> Platform:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
+            command = [sys.executable, "-m", "kingpost.cli", "server"]
+            if self.netns is not None:
+                command = ["ip", "netns", "exec", self.netns[0], *command]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kingpost.cli", "server"],
+                command,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -1,13 +1,15 @@
-"""A real three-node Ray cluster for the Ray engine's tests, its workers in network
-namespaces of their own.
+"""A real three-node Ray cluster for the Ray engine's tests, each node in a network
+namespace of its own.
 
-The head runs in this namespace on a bridge address (10.77.0.1), so the control plane's
-driver attaches to it there; each worker runs in a namespace the tests create, joined to
-the bridge by a veth pair (10.77.0.3, 10.77.0.4), with its own ``/etc/hosts`` and an
-unreachable resolver (``/etc/netns/NS``), so nothing of Ray's reaches beyond loopback and
-the bridge. Nodes start one at a time: Ray's raylet gives its dashboard agent a fixed 15 s
-to come up, which a loaded two-core machine can miss when several start together (a node
-that misses it is started again, up to three times).
+The namespaces are joined by veth pairs to a bridge in this namespace (10.77.0.1, which
+only routes): the head at 10.77.0.2, the workers at 10.77.0.3 and up. Each has its own
+``/etc/hosts`` (the host name resolves to the node's address, which is how Ray finds it
+there) and an unreachable resolver (``/etc/netns/NS``), so nothing of Ray's reaches beyond
+loopback and the bridge. The control plane runs in the head's namespace, as it would on the
+head machine (a Ray driver needs a node on its own machine), and the tests reach its API
+and gateway over the bridge. Nodes start one at a time: Ray's raylet gives its dashboard
+agent a fixed 15 s to come up, which a loaded two-core machine can miss when several start
+together (a node that misses it is started again, up to three times).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 BRIDGE = "kpt-ray-br"
 SUBNET = "10.77.0"
-HEAD_IP = f"{SUBNET}.1"
+BRIDGE_IP = f"{SUBNET}.1"
+HEAD_IP = f"{SUBNET}.2"
 TOKEN = "kingpost-ray-tests-0123456789abcdef"
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -46,7 +49,7 @@ def ray_env() -> dict[str, str]:
 class Node:
     name: str
     ip: str
-    netns: str | None
+    netns: str
     proc: subprocess.Popen[bytes] | None = None
 
 
@@ -118,15 +121,21 @@ def _namespace(name: str, ip: str) -> None:
     (etc / "hosts").write_text(f"127.0.0.1 localhost\n{ip} {socket.gethostname()}\n")
 
 
+def node_ip(index: int) -> str:
+    """The address of the ``index``-th node (0: the head)."""
+    return f"{SUBNET}.{index + 2}"
+
+
 def network_up(names: list[str]) -> None:
+    """The bridge, and a namespace per node (``names[0]`` the head's)."""
     _run("ip", "link", "add", BRIDGE, "type", "bridge")
-    _run("ip", "addr", "add", f"{HEAD_IP}/24", "dev", BRIDGE)
+    _run("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", BRIDGE)
     _run("ip", "link", "set", BRIDGE, "up")
     # Docker's FORWARD policy drops bridged traffic when br_netfilter is loaded.
     with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
         _run("iptables", "-I", "FORWARD", "1", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
     for i, name in enumerate(names):
-        _namespace(name, f"{SUBNET}.{i + 3}")
+        _namespace(name, node_ip(i))
 
 
 def network_down(names: list[str]) -> None:
@@ -149,8 +158,7 @@ def _start_node(cluster: RayCluster, node: Node, head: bool) -> None:
         args += ["--head", f"--port={cluster.gcs_port}", "--include-dashboard=false"]
     else:
         args += [f"--address={cluster.address}"]
-    if node.netns:
-        args = ["ip", "netns", "exec", node.netns, *args]
+    args = ["ip", "netns", "exec", node.netns, *args]
     for _attempt in range(3):
         shutil.rmtree(temp, ignore_errors=True)
         with log.open("wb") as out:
@@ -173,20 +181,18 @@ def _start_node(cluster: RayCluster, node: Node, head: bool) -> None:
     raise RuntimeError(f"ray node {node.name} did not start:\n{log.read_text()[-2000:]}")
 
 
-def start_cluster(root: Path, workers: list[str]) -> RayCluster:
+def start_cluster(root: Path, names: list[str]) -> RayCluster:
+    """Ray on each namespace of ``names`` (made by :func:`network_up`): the first the head."""
     with socket.socket() as s:
-        s.bind((HEAD_IP, 0))
+        s.bind(("127.0.0.1", 0))  # a port number free here is all but surely free there
         port = int(s.getsockname()[1])
     root.mkdir(parents=True, exist_ok=True)
     cluster = RayCluster(root, port)
-    head = Node("head", HEAD_IP, None)
-    cluster.nodes.append(head)
     try:
-        _start_node(cluster, head, head=True)
-        for i, name in enumerate(workers):
-            node = Node(name, f"{SUBNET}.{i + 3}", name)
+        for i, name in enumerate(names):
+            node = Node(name, node_ip(i), name)
             cluster.nodes.append(node)
-            _start_node(cluster, node, head=False)
+            _start_node(cluster, node, head=i == 0)
     except Exception:
         cluster.stop()
         raise

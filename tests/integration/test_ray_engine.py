@@ -26,7 +26,8 @@ from helpers.platform import EXAMPLES, Platform, wait_answer, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-WORKERS = ["kpt-ray-n3", "kpt-ray-n4"]
+NODES = ["kpt-ray-n2", "kpt-ray-n3", "kpt-ray-n4"]
+"""The nodes' network namespaces, the head's first (the control plane runs there too)."""
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 LEAN = "resources:\n  cpu: 500m\n  memory: 128Mi\n"
 
@@ -57,22 +58,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from helpers import raycluster
 
     root = Path(f"/tmp/kpt-ray-{os.getpid()}")  # short: Ray's unix socket paths
-    raycluster.network_down(WORKERS)  # what a killed earlier run left
+    raycluster.network_down(NODES)  # what a killed earlier run left
     try:
-        raycluster.network_up(WORKERS)
+        raycluster.network_up(NODES)
     except Exception as exc:
-        raycluster.network_down(WORKERS)
+        raycluster.network_down(NODES)
         _unavailable(f"cannot create the test network (bridge, namespaces): {exc}")
     try:
-        c = raycluster.start_cluster(root, WORKERS)
+        c = raycluster.start_cluster(root, NODES)
     except RuntimeError as exc:
-        raycluster.network_down(WORKERS)
+        raycluster.network_down(NODES)
         _unavailable(f"the Ray test cluster did not start: {exc}")
     try:
         yield c
     finally:
         c.stop()
-        raycluster.network_down(WORKERS)
+        raycluster.network_down(NODES)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -90,7 +91,8 @@ def _platform(cluster: Any, home: Path) -> Platform:
         "KINGPOST_RAY_NODE_DIR": str(home / "nodes"),
         "KINGPOST_RAY_NODE_CACHE_KEEP": "0",  # what no replica uses goes at once
     }
-    return Platform(home / "kp", engine="ray", extra_env=env)
+    head = cluster.nodes[0]
+    return Platform(home / "kp", engine="ray", extra_env=env, netns=(head.netns, head.ip))
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +185,37 @@ def test_replicas_spread_over_the_nodes_and_serve_through_the_gateway(
     # Each node prepared the model's project once, under its hash.
     projects = list((home / "nodes").glob("*/*/projects/*"))
     assert len(projects) == 6, projects  # 2 deployments x 3 nodes
+
+
+def _net_namespace(pid: int | str) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def test_nothing_of_the_cluster_runs_in_the_tests_namespace(
+    deployed: dict[str, Any], cluster: Any
+) -> None:
+    """Every Ray process of the cluster (raylets, GCS, workers, the replicas' actors), the
+    control plane and its gateway run in the nodes' namespaces; none in this one, so no
+    traffic of Ray's can leave the bridge."""
+    p: Platform = deployed["platform"]
+    ours = _net_namespace("self")
+    spaces = {n.name: os.stat(f"/run/netns/{n.netns}").st_ino for n in cluster.nodes}
+    assert p.proc is not None and _net_namespace(p.proc.pid) == spaces["kpt-ray-n2"]
+    needle = str(cluster.root).encode()
+    home = f"KINGPOST_HOME={p.home}".encode()  # the server and its gateway
+    seen: dict[int, int] = {}
+    planes = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            plane = home in (entry / "environ").read_bytes().split(b"\0")
+            if plane or needle in (entry / "cmdline").read_bytes():
+                seen[int(entry.name)] = _net_namespace(entry.name)
+                planes += plane
+    assert planes >= 2 and len(seen) > 10, seen  # the plane, and three nodes' Ray processes
+    assert ours not in seen.values(), [pid for pid, ns in seen.items() if ns == ours]
+    assert set(seen.values()) <= set(spaces.values()), seen
 
 
 def _echo_server_asking(home: Path, name: str, cpu: str) -> Path:
