@@ -385,28 +385,13 @@ def _ancestors(pid: int) -> list[int]:
     return out
 
 
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    out, frontier = [], [pid]
-    while frontier:
-        kids = [child for child, parent in parents.items() if parent in frontier]
-        out += kids
-        frontier = kids
-    return out
-
-
 def test_a_development_replica_reloads_in_place_and_after_ray_restarts_it(
     deployed: dict[str, Any], home: Path
 ) -> None:
     """A development deployment on Ray takes a code change in place (the same process),
-    and a failed one leaves the last good code serving; when Ray restarts the replica's
-    actor (its worker killed with the replica), it comes back on the reloaded files, not
-    on those it was created with."""
+    and a failed one leaves the last good code serving. When the actor's process is
+    killed, its replica is stopped with it (not left running), and the actor Ray restarts
+    comes back on the reloaded files, not on those it was created with."""
     from kingpost.engines._node_cache import NodeCache
 
     p: Platform = deployed["platform"]
@@ -445,9 +430,8 @@ def test_a_development_replica_reloads_in_place_and_after_ray_restarts_it(
             for path in NodeCache(node).uses.glob("*.json")
         }
         (worker,) = [pid for pid in _ancestors(first["pid"]) if pid in claims]
-        for pid in [worker, *_descendants(worker)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)  # the actor's process alone: its replica goes with it
+        wait_for(lambda: not Path(f"/proc/{first['pid']}").exists(), 30, "the replica stopped")
 
         def restarted() -> dict[str, Any] | None:
             answer = predict()

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from kingpost.engines._node_cache import Claim, NodeCache, process_start
+from kingpost.engines._node_cache import Claim, NodeCache
+from kingpost.engines._records import ReplicaRecord, records_dir, write_record
 from kingpost.envs.builder import READY_MARKER
+from kingpost.gateway_process import boot_id, start_ticks
 from kingpost.weights.blobs import BlobStore, Manifest
 
 OLD = time.time() - 7200
@@ -114,7 +116,7 @@ def test_claims_of_dead_processes_are_stale_and_do_not_keep_anything(tmp_path: P
     _claim_as(cache, "r-dead", _dead_pid(), 1, project="p-dead")
     # A live pid whose start time is not the claimer's: the pid was reused.
     me = os.getpid()
-    _claim_as(cache, "r-reused", me, (process_start(me) or 0) + 1, project="p-reused")
+    _claim_as(cache, "r-reused", me, (start_ticks(me) or 0) + 1, project="p-reused")
 
     assert cache.live_claims() == {}
     report = cache.collect(keep_s=60)
@@ -129,7 +131,7 @@ def test_a_claim_by_another_live_process_keeps_its_things(tmp_path: Path) -> Non
     _project(cache, "p")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _claim_as(cache, "r", proc.pid, process_start(proc.pid), project="p")
+        _claim_as(cache, "r", proc.pid, start_ticks(proc.pid), project="p")
         assert set(cache.live_claims()) == {"r"}
         assert cache.collect(keep_s=0).removed == []
     finally:
@@ -166,3 +168,34 @@ def test_a_half_made_project_goes_only_when_old(tmp_path: Path) -> None:
 def test_an_empty_node_directory_collects_nothing(tmp_path: Path) -> None:
     report = NodeCache(tmp_path / "never-used").collect(keep_s=0)
     assert report.removed == [] and report.summary() == "node cache: removed nothing (0 bytes)"
+
+
+def test_a_replica_left_running_by_a_dead_actor_is_stopped_with_its_home(
+    tmp_path: Path,
+) -> None:
+    """A Ray worker killed leaves the replica it ran (its own session): the node stops it,
+    from the process engine's record in the replica's home, and removes the home."""
+    cache = NodeCache(tmp_path)
+    home = cache.replicas / "r-orphan"
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        ticks = start_ticks(orphan.pid)
+        assert ticks is not None
+        record = ReplicaRecord(
+            "r-orphan", "d", "m", 1, "custom_server", orphan.pid, ticks, boot_id(), 8000,
+            False, "/predict", {}, time.time(),
+        )  # fmt: skip
+        write_record(records_dir(home / "run"), record)
+        _claim_as(cache, "r-orphan", _dead_pid(), 1)
+
+        report = cache.collect(keep_s=3600)
+
+        assert sorted(report.removed) == ["claim/r-orphan", "process/r-orphan",
+                                          "replica/r-orphan"]  # fmt: skip
+        assert orphan.wait(timeout=10) == -15  # SIGTERM, within the grace
+        assert not home.exists()
+    finally:
+        orphan.kill()
+        orphan.wait()

@@ -13,7 +13,10 @@ it). A claim is released when the replica stops; one whose process is gone (its 
 worker was killed, its node restarted) is stale and dropped. :meth:`NodeCache.collect`
 removes what no live claim names and nobody used for ``keep_s`` seconds, so a
 deployment scaled to zero and woken within that time finds its node ready; a weights
-blob goes once no tree links to it (its link count is 1).
+blob goes once no tree links to it (its link count is 1). The home of a replica no live
+claim names goes at once, and first any replica process the process engine recorded there
+that still runs is stopped: a Ray worker that is killed leaves its children running, and
+Ray may restart its actor on another node.
 
 Claims and collections take one lock per node directory; environments are removed
 under the lock their builds take (:func:`kingpost.envs.gc.collect`).
@@ -32,8 +35,10 @@ from pathlib import Path
 
 from kingpost._disk import tree_size
 from kingpost._filelock import locked
+from kingpost.engines._records import records_dir, stop_recorded
+from kingpost.gateway_process import process_alive, start_ticks
 
-__all__ = ["CacheReport", "Claim", "NodeCache", "process_start"]
+__all__ = ["CacheReport", "Claim", "NodeCache"]
 
 STALE_WORK_S = 3600.0
 """A half-made project (``projects/.{hash}.…``) this old was left by a process that died."""
@@ -53,7 +58,8 @@ class Claim:
 class CacheReport:
     removed: list[str] = field(default_factory=list)
     """``project/{hash}``, ``environment/{hash}``, ``weights/{manifest}``,
-    ``blob/{sha256}``, ``replica/{id}``, ``claim/{id}`` (a stale one)."""
+    ``blob/{sha256}``, ``replica/{id}`` (its home), ``process/{id}`` (a replica still
+    running when its actor was gone, stopped), ``claim/{id}`` (a stale one)."""
     removed_bytes: int = 0
 
     def summary(self) -> str:
@@ -63,18 +69,6 @@ class CacheReport:
             kinds[kind] = kinds.get(kind, 0) + 1
         parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
         return f"node cache: removed {parts or 'nothing'} ({self.removed_bytes} bytes)"
-
-
-def process_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot, ``/proc/{pid}/stat`` field 22), or
-    ``None`` when no such process lives."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces: count after it.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
 
 
 class NodeCache:
@@ -96,7 +90,7 @@ class NodeCache:
             self.uses.mkdir(parents=True, exist_ok=True)
             record = {
                 "pid": os.getpid(),
-                "started": process_start(os.getpid()),
+                "started": start_ticks(os.getpid()),
                 "project": claim.project,
                 "environment": claim.environment,
                 "manifests": list(claim.manifests),
@@ -123,7 +117,8 @@ class NodeCache:
                     record = json.loads(path.read_text())
                 except (OSError, ValueError):
                     continue
-                if process_start(int(record["pid"])) != record.get("started"):
+                pid = int(record["pid"])
+                if start_ticks(pid) != record.get("started") or not process_alive(pid):
                     continue
                 out[path.stem] = Claim(
                     str(record.get("project", "")),
@@ -177,6 +172,10 @@ class NodeCache:
                     report.removed_bytes += st.st_size
             for home in _entries(self.replicas):
                 if home.name not in live:
+                    # Its actor is gone; a replica it ran may not be (a Ray worker killed
+                    # leaves its children running): stopped, as the process engine records.
+                    for rid in stop_recorded(records_dir(home / "run")):
+                        report.removed.append(f"process/{rid}")
                     self._remove(home, f"replica/{home.name}", report)
         return report
 

@@ -31,6 +31,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kingpost.engines._node_cache import Claim, NodeCache
+from kingpost.engines._records import records_dir
 from kingpost.engines.base import Endpoint, ReplicaPhase, ReplicaSpec, WeightMount
 from kingpost.weights.blobs import BlobStore, Manifest
 
@@ -278,6 +281,7 @@ class ReplicaHost:
         self._plan = plan
         self._key = threading.Event()
         self._project: tuple[bytes, str] | None = None
+        self._watch_end = -1  # the write end of the pipe the watcher waits on (_watch)
         self._secrets: dict[str, str] = {}
         self._engine: Any = None
         self._forwarder: _Forwarder | None = None
@@ -448,7 +452,9 @@ class ReplicaHost:
             )
             app_dir = _unpack(archive, digest, self._node_home / "projects")
         home = self._node_home / "replicas" / spec.replica_id
-        engine = ProcessEngine(Settings(home=home, **plan.settings))
+        replica_settings = Settings(home=home, **plan.settings)
+        self._watch(records_dir(replica_settings.run_dir), replica_settings.stop_grace_period)
+        engine = ProcessEngine(replica_settings)
         engine.start(
             replace(
                 spec,
@@ -462,6 +468,23 @@ class ReplicaHost:
         self._forwarder = _Forwarder(self._node_ip, lambda: _endpoint(engine))
         self._engine = engine
         self._collect()
+
+    def _watch(self, records: Path, grace_s: float) -> None:
+        """Start the watcher that stops this actor's replica once the actor's process
+        ends, however it ends (:mod:`._ray_watch`); the pipe's write end stays here."""
+        read_end, self._watch_end = os.pipe()
+        try:
+            subprocess.Popen(
+                [sys.executable, "-m", "kingpost.engines._ray_watch", str(read_end),
+                 str(records), str(grace_s)],
+                pass_fds=(read_end,),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            os.close(read_end)
 
     def _collect(self) -> None:
         """Collect the node's cache (what this node's replicas no longer use)."""
