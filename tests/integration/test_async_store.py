@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,3 +160,40 @@ def test_webhook_secrets_are_sealed(queue: AsyncQueue, tmp_path: Path) -> None:
     assert queue.webhook_secrets(box) == [newer]
     with pytest.raises(NotFoundError, match="webhook secret"):
         queue.delete_webhook_secret(first.id)
+
+
+def test_the_workers_reads_use_their_indexes_on_sqlite(tmp_path: Path) -> None:
+    """With no statistics (SQLite is never ANALYZEd here), a claim by ``id IN (...) AND
+    status = ?`` was planned on the status index: a scan of every queued request per
+    claim. The statements a queue read and a claim run must each go by an index that
+    finds just their rows (a performance guard: their plans, not a timing)."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    db.migrate()
+    q = AsyncQueue(db)
+    ids = [put(q) for _ in range(10)]
+    ran: list[tuple[str, Any]] = []
+
+    def grab(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+        ran.append((sql, params[0] if many else params))
+
+    for engine in {db.engine, q._reader}:  # the writer, and the reads' own engine
+        event.listen(engine, "before_cursor_execute", grab)
+    assert len(q.candidates("d1", 8)) == 8
+    assert len(q.claim(ids[:8], now=T0)) == 8  # a worker's claim: up to its free slots
+    q.close()
+    db.close()
+    conn = sqlite3.connect(tmp_path / "k.db")
+    plans = [
+        [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        for sql, params in ran
+        if "async_requests" in sql
+    ]
+    assert len(plans) >= 3, [sql for sql, _ in ran]  # the read, the claim, the read-back
+    for steps in plans:
+        assert len(steps) == 1, steps  # one search, no sort
+        assert steps[0].startswith("SEARCH async_requests USING INDEX"), steps
+        assert "ix_async_requests_status" not in steps[0], steps

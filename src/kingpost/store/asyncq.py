@@ -618,9 +618,12 @@ _CANDIDATES = (
     .order_by(_T.c.priority, _T.c.created_at, _T.c.id)
     .limit(bindparam("limit", type_=Integer))
 )
+# One request per statement (executemany), and the rows read back by id alone: with
+# ``id IN (...) AND status = ?`` SQLite's planner (no statistics) picked the status index
+# and scanned every queued request, 5-7 ms a claim with 20,000 queued against 0.02.
 _CLAIM = (
     update(_T)
-    .where(_T.c.id.in_(bindparam("ids", expanding=True)), _T.c.status == AsyncStatus.QUEUED)
+    .where(_T.c.id == bindparam("rid"), _T.c.status == AsyncStatus.QUEUED)
     .values(
         status=AsyncStatus.IN_PROGRESS,
         attempts=_T.c.attempts + 1,
@@ -630,7 +633,6 @@ _CLAIM = (
 )
 _CLAIMED = select(_T).where(
     _T.c.id.in_(bindparam("ids", expanding=True)),
-    _T.c.status == AsyncStatus.IN_PROGRESS,
     _T.c.started_at == bindparam("now", type_=UTCDateTime),
 )
 
@@ -653,10 +655,11 @@ def _candidates(s: Session, deployment_id: str, limit: int) -> list[Candidate]:
 
 def _claim_in(s: Session, ids: Sequence[str], now: datetime) -> list[AsyncRequestView]:
     conn = s.connection()
-    conn.execute(_CLAIM, {"ids": list(ids), "now": now})
+    conn.execute(_CLAIM, [{"rid": rid, "now": now} for rid in ids])
     rows = conn.execute(_CLAIMED, {"ids": list(ids), "now": now}).all()  # plain rows
     order = {rid: i for i, rid in enumerate(ids)}
-    return sorted((_view(r) for r in rows), key=lambda v: order[v.id])
+    taken = (_view(r) for r in rows if r.status == AsyncStatus.IN_PROGRESS)  # by this claim
+    return sorted(taken, key=lambda v: order[v.id])
 
 
 def _expire_in(s: Session, ids: Iterable[str], now: datetime) -> int:
