@@ -386,12 +386,13 @@ def _ancestors(pid: int) -> list[int]:
 
 
 def test_a_development_replica_reloads_in_place_and_after_ray_restarts_it(
-    deployed: dict[str, Any], home: Path
+    deployed: dict[str, Any], cluster: Any, home: Path
 ) -> None:
     """A development deployment on Ray takes a code change in place (the same process),
     and a failed one leaves the last good code serving. When the actor's process is
     killed, its replica is stopped with it (not left running), and the actor Ray restarts
-    comes back on the reloaded files, not on those it was created with."""
+    comes back on the reloaded files, not on those it was created with, also when a
+    control plane restarted in between adopted it."""
     from kingpost.engines._node_cache import NodeCache
 
     p: Platform = deployed["platform"]
@@ -424,21 +425,31 @@ def test_a_development_replica_reloads_in_place_and_after_ray_restarts_it(
             assert "ZeroDivisionError" in done["error"], done
             assert predict() == {"value": 2, "pid": first["pid"]}
 
-        claims = {
-            int(json.loads(path.read_text())["pid"])
-            for node in (home / "nodes").glob("*/*")
-            for path in NodeCache(node).uses.glob("*.json")
-        }
-        (worker,) = [pid for pid in _ancestors(first["pid"]) if pid in claims]
-        os.kill(worker, signal.SIGKILL)  # the actor's process alone: its replica goes with it
-        wait_for(lambda: not Path(f"/proc/{first['pid']}").exists(), 30, "the replica stopped")
+        def kill_its_actor(server_pid: int) -> dict[str, Any]:
+            """Kill the actor's process alone (its replica goes with it); the answer of
+            the replica Ray's restart of the actor brings back."""
+            claims = {
+                int(json.loads(path.read_text())["pid"])
+                for node in (home / "nodes").glob("*/*")
+                for path in NodeCache(node).uses.glob("*.json")
+            }
+            (worker,) = [pid for pid in _ancestors(server_pid) if pid in claims]
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: not Path(f"/proc/{server_pid}").exists(), 30, "replica stopped")
 
-        def restarted() -> dict[str, Any] | None:
-            answer = predict()
-            return answer if answer["pid"] != first["pid"] else None
+            def restarted() -> dict[str, Any] | None:
+                answer = predict()
+                return answer if answer["pid"] != server_pid else None
 
-        again = wait_for(restarted, 120, f"the replica back after its actor's restart ({p.log})")
+            return wait_for(restarted, 120, f"the replica back after its actor's restart ({p.log})")
+
+        again = kill_its_actor(first["pid"])
         assert again["value"] == 2  # the reloaded files, not those it was created with
+        # A control plane restarted meanwhile adopts the actor and still knows its files.
+        p.stop(signal.SIGTERM)
+        p = deployed["platform"] = _platform(cluster, home).start()
+        assert wait_for(predict, 60, "the adopted replica answering")["pid"] == again["pid"]
+        assert kill_its_actor(again["pid"])["value"] == 2
     finally:
         with p.client() as c:
             c.delete_model("ray-dev")

@@ -208,6 +208,8 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         self.scope = scope_of(settings.home)
         self._secret_key = _installation_key(settings)
         self._archives: dict[Path, tuple[bytes, str]] = {}
+        self._reloads = settings.run_dir / "ray-reloads"
+        """Per replica reloaded in place, the project it runs now (:meth:`reload`)."""
         self._archive_lock = threading.Lock()
         self._source: Any = None
         if not ray.is_initialized():
@@ -277,7 +279,17 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         result = Reload(**answer)
         if result.ok:
             rep.project = source
+            # Kept on disk too: a restarted control plane that adopts the actor still
+            # knows what a restart of it must run.
+            self._reloads.mkdir(parents=True, exist_ok=True)
+            tmp = self._reloads / f".{replica_id}.tmp"
+            tmp.write_text(str(source))
+            tmp.replace(self._reloads / replica_id)
         return result
+
+    def _forget_replica(self, rep: _RayReplica) -> None:
+        super()._forget_replica(rep)
+        (self._reloads / rep.replica_id).unlink(missing_ok=True)
 
     def logs(self, deployment_id: str, tail: int = 200) -> list[LogLine]:
 
@@ -483,6 +495,9 @@ class RayEngine(ReplicaEngine[_RayReplica]):
                 ever_ready=True,
                 message="adopted from an earlier control plane",
             )
+            with contextlib.suppress(OSError):
+                reloaded = Path((self._reloads / replica_id).read_text())
+                rep.project = reloaded if reloaded.is_dir() else None
             try:
                 st = _get(handle.status.remote(), 10)
             except Exception:
