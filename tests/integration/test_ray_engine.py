@@ -334,7 +334,8 @@ def test_weights_reach_each_node_once_and_are_mounted_read_only(
 def test_a_node_keeps_only_what_its_replicas_use(deployed: dict[str, Any], home: Path) -> None:
     """After the weighted deployments above are deleted, their projects, weights trees and
     blobs and their replicas' homes are gone from every node (the keep period is 0 here);
-    what the replicas still running claim is all that is left."""
+    what the replicas still running claim is all that is left, and the environment a
+    replica claims is the one it runs in (the model's, once per node)."""
     from kingpost.engines._node_cache import NodeCache
 
     nodes = sorted((home / "nodes").glob("*/*"))
@@ -350,6 +351,9 @@ def test_a_node_keeps_only_what_its_replicas_use(deployed: dict[str, Any], home:
             trees = list((cache.weights / "trees").iterdir())
             blobs = list((cache.weights / "blobs").glob("*/*"))
             homes = {r.name for r in cache.replicas.iterdir()}
+            envs = {e.name for e in cache.envs.iterdir() if not e.name.startswith((".", "_"))}
+            if envs != {c.environment for c in claims.values() if c.environment}:
+                out.append(f"{node.name}: environments {envs}, claims {claims}")
             if projects != {c.project for c in claims.values()} or trees or blobs:
                 out.append(f"{node.name}: projects {projects}, trees {trees}, blobs {blobs}")
             if homes != set(claims):
