@@ -514,6 +514,8 @@ def test_a_worker_node_dies_under_load_and_its_replicas_start_elsewhere(
         assert r.status_code == 200, r.text
     alive = [n for n in _cluster(p) if n["alive"]]
     assert len(alive) == 2 and sum(len(n["replicas"]) for n in alive) == 6, alive
+    # The dead node's directory (Ray never gives its id again) is swept by the others.
+    wait_for(lambda: len(list((home / "nodes").glob("*/*"))) == 2, 30, "its directory gone")
 
 
 def test_a_restarted_control_plane_adopts_the_running_actors(

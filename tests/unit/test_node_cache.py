@@ -109,7 +109,9 @@ def test_a_claim_marks_its_things_used_and_recent_things_are_kept(tmp_path: Path
     assert sorted(r.split("/")[0] for r in later.removed) == ["blob", "project", "weights"]
 
 
-def test_claims_of_dead_processes_are_stale_and_do_not_keep_anything(tmp_path: Path) -> None:
+def test_claims_of_dead_processes_are_stale_and_keep_things_only_for_the_keep_period(
+    tmp_path: Path,
+) -> None:
     cache = NodeCache(tmp_path)
     _project(cache, "p-dead")
     _project(cache, "p-reused")
@@ -117,13 +119,29 @@ def test_claims_of_dead_processes_are_stale_and_do_not_keep_anything(tmp_path: P
     # A live pid whose start time is not the claimer's: the pid was reused.
     me = os.getpid()
     _claim_as(cache, "r-reused", me, (start_ticks(me) or 0) + 1, project="p-reused")
+    (cache.uses / "r-garbled.json").write_text('{"pid": "x"}')
 
     assert cache.live_claims() == {}
     report = cache.collect(keep_s=60)
 
-    assert sorted(report.removed) == ["claim/r-dead", "claim/r-reused", "project/p-dead",
-                                      "project/p-reused"]  # fmt: skip
+    # Their replicas ended, as far as the node knows, now: the keep period starts.
+    assert sorted(report.removed) == ["claim/r-dead", "claim/r-garbled", "claim/r-reused"]
     assert list(cache.uses.iterdir()) == []
+    later = cache.collect(keep_s=60, now=time.time() + 120)
+    assert sorted(later.removed) == ["project/p-dead", "project/p-reused"]
+
+
+def test_the_keep_period_counts_from_the_release(tmp_path: Path) -> None:
+    """A replica that ran longer than the keep period: what it used is kept for the keep
+    period after it stops, not removed at once."""
+    cache = NodeCache(tmp_path)
+    _project(cache, "p")
+    cache.claim("r", Claim("p"))
+    _age(cache.projects / "p")  # claimed two hours ago, say
+    cache.release("r")
+
+    assert cache.collect(keep_s=60).removed == []
+    assert cache.collect(keep_s=60, now=time.time() + 120).removed == ["project/p"]
 
 
 def test_a_claim_by_another_live_process_keeps_its_things(tmp_path: Path) -> None:
@@ -133,11 +151,12 @@ def test_a_claim_by_another_live_process_keeps_its_things(tmp_path: Path) -> Non
     try:
         _claim_as(cache, "r", proc.pid, start_ticks(proc.pid), project="p")
         assert set(cache.live_claims()) == {"r"}
-        assert cache.collect(keep_s=0).removed == []
+        assert cache.collect(keep_s=0).removed == []  # claimed: kept however old
     finally:
         proc.kill()
         proc.wait()
-    assert cache.collect(keep_s=0).removed == ["claim/r", "project/p"]
+    assert cache.collect(keep_s=60).removed == ["claim/r"]  # its end, marked now
+    assert cache.collect(keep_s=60, now=time.time() + 120).removed == ["project/p"]
 
 
 def test_a_blob_another_tree_links_stays_when_one_tree_goes(tmp_path: Path) -> None:
@@ -196,6 +215,34 @@ def test_a_replica_left_running_by_a_dead_actor_is_stopped_with_its_home(
                                           "replica/r-orphan"]  # fmt: skip
         assert orphan.wait(timeout=10) == -15  # SIGTERM, within the grace
         assert not home.exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_directories_of_nodes_gone_from_the_cluster_are_swept(tmp_path: Path) -> None:
+    """Ray gives a restarted node a new id: its earlier directory is removed (a replica
+    still recorded there stopped first); live nodes' directories stay."""
+    here, live, gone = (NodeCache(tmp_path / name) for name in ("n-here", "n-live", "n-gone"))
+    for cache in (here, live, gone):
+        _project(cache, "p")
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        ticks = start_ticks(orphan.pid)
+        assert ticks is not None
+        record = ReplicaRecord(
+            "r-old", "d", "m", 1, "custom_server", orphan.pid, ticks, boot_id(), 8000,
+            False, "/predict", {}, time.time(),
+        )  # fmt: skip
+        write_record(records_dir(gone.replicas / "r-old" / "run"), record)
+
+        report = here.sweep_dead(alive={"n-here", "n-live"})
+
+        assert sorted(report.removed) == ["node/n-gone", "process/r-old"]
+        assert orphan.wait(timeout=10) == -15
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["n-here", "n-live"]
     finally:
         orphan.kill()
         orphan.wait()

@@ -10,16 +10,25 @@ Each replica claims what it uses before it uses it: a file ``uses/{replica_id}.j
 naming its project, environment, weights trees and blobs, and the process that holds
 the claim (pid and start time, so a pid the kernel reused later is not mistaken for
 it). A claim is released when the replica stops; one whose process is gone (its Ray
-worker was killed, its node restarted) is stale and dropped. :meth:`NodeCache.collect`
-removes what no live claim names and nobody used for ``keep_s`` seconds, so a
-deployment scaled to zero and woken within that time finds its node ready; a weights
-blob goes once no tree links to it (its link count is 1). The home of a replica no live
-claim names goes at once, and first any replica process the process engine recorded there
-that still runs is stopped: a Ray worker that is killed leaves its children running, and
-Ray may restart its actor on another node.
+worker was killed) is stale and dropped. Both mark what the claim named as used at that
+moment, so :meth:`NodeCache.collect`, which removes what no live claim names and nobody
+used for ``keep_s`` seconds, counts the keep period from the replica's end: a deployment
+scaled to zero and woken within it finds its node ready. A weights blob goes once no tree
+links to it (its link count is 1). Whatever goes is first renamed out of the way
+(``.trash-…``), so a removal cut short never leaves half an entry that looks whole.
+
+Ray gives a node a new id each time its raylet starts, so a machine's earlier node
+directories are never used again: :meth:`NodeCache.sweep_dead` removes the directories
+of nodes the cluster no longer lists (after stopping any replica recorded there).
+
+The home of a replica no live claim names goes at once, and first any replica process the
+process engine recorded there that still runs is stopped: a Ray worker that is killed
+leaves its children running, and Ray may restart its actor on another node.
 
 Claims and collections take one lock per node directory; environments are removed
-under the lock their builds take (:func:`kingpost.envs.gc.collect`).
+under the lock their builds take (:func:`kingpost.envs.gc.collect`, which unlinks an
+environment's ready marker before the rest, so a removal cut short leaves one that is
+built again, not one that looks ready).
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +94,8 @@ class NodeCache:
         self._lock = root / ".cache.lock"
 
     def claim(self, replica_id: str, claim: Claim) -> None:
-        """Record (or widen) what ``replica_id``, run by this process, uses; what it names
-        is marked used now, so a collection that keeps recent things keeps it too."""
+        """Record what ``replica_id``, run by this process, uses (replacing its earlier
+        claim); what it names is marked used now."""
         with locked(self._lock):
             self.uses.mkdir(parents=True, exist_ok=True)
             record = {
@@ -99,33 +109,34 @@ class NodeCache:
             tmp = self.uses / f".{replica_id}.tmp"
             tmp.write_text(json.dumps(record))
             tmp.rename(self.uses / f"{replica_id}.json")
-            for path in self._paths_of(claim):
-                with contextlib.suppress(OSError):
-                    os.utime(path)
+            self._touch(claim)
 
     def release(self, replica_id: str) -> None:
+        """The replica stopped: what it claimed is marked used now (its keep period starts
+        here, not at its start) and its claim goes."""
+        path = self.uses / f"{replica_id}.json"
         with locked(self._lock):
-            (self.uses / f"{replica_id}.json").unlink(missing_ok=True)
+            claim = _read_claim(path)
+            if claim is not None:
+                self._touch(claim[1])
+            path.unlink(missing_ok=True)
+
+    def _touch(self, claim: Claim) -> None:
+        for path in self._paths_of(claim):
+            with contextlib.suppress(OSError):
+                os.utime(path)
 
     def live_claims(self) -> dict[str, Claim]:
         """Replica id -> its claim, for claims whose process still runs (the caller holds
         the lock, or accepts a moment's staleness)."""
         out: dict[str, Claim] = {}
-        with contextlib.suppress(FileNotFoundError):
-            for path in self.uses.glob("*.json"):
-                try:
-                    record = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                pid = int(record["pid"])
-                if start_ticks(pid) != record.get("started") or not process_alive(pid):
-                    continue
-                out[path.stem] = Claim(
-                    str(record.get("project", "")),
-                    record.get("environment"),
-                    tuple(record.get("manifests", ())),
-                    tuple(record.get("blobs", ())),
-                )
+        for path in _entries(self.uses):
+            read = _read_claim(path) if path.suffix == ".json" else None
+            if read is None:
+                continue
+            (pid, started), claim = read
+            if start_ticks(pid) == started and process_alive(pid):
+                out[path.stem] = claim
         return out
 
     def collect(self, keep_s: float, now: float | None = None) -> CacheReport:
@@ -139,8 +150,11 @@ class NodeCache:
         report = CacheReport()
         with locked(self._lock):
             live = self.live_claims()
-            for path in list(self.uses.glob("*.json")) if self.uses.is_dir() else []:
-                if path.stem not in live:
+            for path in _entries(self.uses):
+                if path.suffix == ".json" and path.stem not in live:
+                    stale = _read_claim(path)
+                    if stale is not None:  # its replica's end: now, as far as we know
+                        self._touch(stale[1])
                     path.unlink(missing_ok=True)
                     report.removed.append(f"claim/{path.stem}")
             projects = {c.project for c in live.values()}
@@ -148,7 +162,7 @@ class NodeCache:
             manifests = {m for c in live.values() for m in c.manifests}
             blobs = {b for c in live.values() for b in c.blobs}
             for entry in _entries(self.projects):
-                if entry.name.startswith("."):
+                if entry.name.startswith("."):  # half made or half removed, long ago
                     if _mtime(entry) < now - STALE_WORK_S:
                         self._remove(entry, f"project/{entry.name}", report)
                 elif entry.name not in projects and _mtime(entry) < cutoff:
@@ -159,7 +173,8 @@ class NodeCache:
                 report.removed_bytes += envs.removed_bytes
             for tree in _entries(self.weights / "trees"):
                 if tree.name not in manifests and _mtime(tree) < cutoff:
-                    remove_tree(tree)  # its bytes are the blobs', counted as they go
+                    trash = _set_aside(tree, self.weights / "tmp")
+                    remove_tree(trash)  # its bytes are the blobs', counted as they go
                     report.removed.append(f"weights/{tree.name}")
             for blob in _entries(self.weights / "blobs", depth=2):
                 try:
@@ -179,21 +194,71 @@ class NodeCache:
                     self._remove(home, f"replica/{home.name}", report)
         return report
 
+    def sweep_dead(self, alive: Collection[str]) -> CacheReport:
+        """Remove the directories of this scope's earlier nodes (siblings of this one)
+        whose ids ``alive`` (the node directory names of the nodes the cluster lists now)
+        lacks: Ray never gives a node's id again, so nothing will use them. A replica
+        still recorded as running there is stopped first."""
+        report = CacheReport()
+        for node in _entries(self.root.parent):
+            if node == self.root or node.name in alive or node.name.startswith("."):
+                continue
+            for home in _entries(node / "replicas"):
+                for rid in stop_recorded(records_dir(home / "run")):
+                    report.removed.append(f"process/{rid}")
+            self._remove(node, f"node/{node.name}", report)
+        return report
+
     def _paths_of(self, claim: Claim) -> Iterable[Path]:
         if claim.project:
             yield self.projects / claim.project
         for manifest in claim.manifests:
             yield self.weights / "trees" / manifest
+        if claim.environment:
+            from kingpost.envs.builder import READY_MARKER
+
+            yield self.envs / claim.environment / READY_MARKER
 
     @staticmethod
     def _remove(path: Path, name: str, report: CacheReport) -> None:
         size = tree_size(path)
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(_set_aside(path, path.parent), ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         report.removed.append(name)
         report.removed_bytes += size
+
+
+def _set_aside(path: Path, where: Path) -> Path:
+    """``path`` renamed into ``where`` under a hidden name, so that no reader takes what
+    is left of it for a whole entry if its removal is cut short (a hidden project goes
+    after :data:`STALE_WORK_S`; ``weights/tmp`` is swept by the blob store's gc)."""
+    if path.name.startswith("."):
+        return path
+    where.mkdir(parents=True, exist_ok=True)
+    trash = where / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.rename(trash)
+    except OSError:
+        return path
+    return trash
+
+
+def _read_claim(path: Path) -> tuple[tuple[int, int | None], Claim] | None:
+    """A claim file's holder (pid, start ticks) and claim; ``None`` if unreadable."""
+    try:
+        record = json.loads(path.read_text())
+        holder = (int(record["pid"]), record.get("started"))
+        claim = Claim(
+            str(record.get("project", "")),
+            record.get("environment"),
+            tuple(str(m) for m in record.get("manifests", ())),
+            tuple(str(b) for b in record.get("blobs", ())),
+        )
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return holder, claim
 
 
 def _entries(directory: Path, depth: int = 1) -> list[Path]:

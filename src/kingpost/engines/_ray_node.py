@@ -487,11 +487,18 @@ class ReplicaHost:
             os.close(read_end)
 
     def _collect(self) -> None:
-        """Collect the node's cache (what this node's replicas no longer use)."""
+        """Collect the node's cache (what this node's replicas no longer use) and the
+        directories of nodes gone from the cluster; a failure is logged, never the
+        replica's."""
+        import ray
+
         try:
             report = self._cache.collect(self._plan.cache_keep_s)
-        except OSError as exc:
-            log.warning("ray engine: collecting the node cache %s: %s", self._node_home, exc)
+            nodes = ray.nodes()  # type: ignore[no-untyped-call]
+            alive = {str(n["NodeID"])[:16] for n in nodes if n.get("Alive")}
+            report.removed += self._cache.sweep_dead(alive).removed
+        except Exception:
+            log.exception("ray engine: collecting the node cache %s", self._node_home)
             return
         if report.removed:
             self._build.append(report.summary())

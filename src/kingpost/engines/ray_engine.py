@@ -58,6 +58,9 @@ UNREACHABLE_S = 3.0
 ROOM_CHECK_S = 2.0
 """How long a new actor may wait for a node before its replica says why it waits (and how
 often that is checked again)."""
+ARCHIVES_KEPT = 16
+"""Project archives kept in memory, the most recently used (each project is packed once
+while it is among them)."""
 RELOAD_SLACK_S = 30.0
 """A reload's answer may take this long beyond the build timeout (the actor's own wait)."""
 
@@ -437,7 +440,12 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         rep.node_id, rep.node_ip = st["node_id"], st["node_ip"]
         if st["needs_key"] and rep.unlocking is None:
             # An actor Ray restarted after a reload starts on the reloaded project.
-            project = self._archive(rep.project) if rep.project is not None else None
+            project = None
+            if rep.project is not None and rep.project.is_dir():
+                project = self._archive(rep.project)
+            elif rep.project is not None:
+                log.warning("ray engine: %s was reloaded onto %s, which is gone; its actor "
+                            "starts on its first project", rep.replica_id, rep.project)  # fmt: skip
             key = self._replica_key(rep.replica_id)
             rep.unlocking = rep.handle.unlock.remote(key, project)
         elif not st["needs_key"]:
@@ -479,7 +487,13 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         """Take over this installation's actors an earlier control plane left running."""
         import ray
 
-        for name in _named_actors(self.scope):
+        names = _named_actors(self.scope)
+        kept = {name.split(":", 3)[3] for name in names}
+        with contextlib.suppress(OSError):
+            for path in self._reloads.iterdir():  # of replicas gone meanwhile
+                if path.name not in kept:
+                    path.unlink(missing_ok=True)
+        for name in names:
             try:
                 handle = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:  # gone meanwhile
@@ -513,9 +527,12 @@ class RayEngine(ReplicaEngine[_RayReplica]):
         from kingpost.engines._ray_node import pack_project
 
         with self._archive_lock:
-            packed = self._archives.get(app_dir)
+            packed = self._archives.pop(app_dir, None)
             if packed is None:
-                packed = self._archives[app_dir] = pack_project(app_dir)
+                packed = pack_project(app_dir)
+            self._archives[app_dir] = packed  # the most recent last
+            while len(self._archives) > ARCHIVES_KEPT:  # a development loop packs many
+                del self._archives[next(iter(self._archives))]
             return packed
 
     def _node_weights(self, spec: ReplicaSpec) -> tuple[Any, ...]:

@@ -110,6 +110,9 @@ def collect(envs_dir: Path, keep: Collection[str], started: float) -> GcReport:
             except FileNotFoundError:
                 pass  # a build that died: nothing can use it
             size = tree_size(path)
+            # Not ready first: a removal cut short leaves an environment that is built
+            # again, not one that looks ready with half its files.
+            (path / READY_MARKER).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
         removed_bytes += size

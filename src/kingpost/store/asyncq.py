@@ -316,7 +316,7 @@ class AsyncQueue:
 
     def claim(self, ids: Sequence[str], now: datetime | None = None) -> list[AsyncRequestView]:
         """Take queued requests to run (QUEUED -> IN_PROGRESS, one more attempt), in one
-        statement; those a cancel took first are left out."""
+        transaction; those a cancel took first are left out."""
         if not ids:
             return []
         with self.db.session() as s:
