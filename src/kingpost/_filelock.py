@@ -14,7 +14,7 @@ from kingpost.errors import BuildError
 if TYPE_CHECKING:
     from kingpost._cancel import Cancel
 
-__all__ = ["locked"]
+__all__ = ["locked", "try_locked"]
 
 
 @contextmanager
@@ -31,6 +31,23 @@ def locked(path: Path, cancel: Cancel | None = None) -> Iterator[None]:
             raise BuildError(f"stopped while waiting for {path.name}: {cancel.reason}")
         try:
             yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def try_locked(path: Path) -> Iterator[bool]:
+    """Hold ``flock(LOCK_EX)`` on ``path`` if nobody does (yields True), else yield False
+    at once, holding nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

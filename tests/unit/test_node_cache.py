@@ -246,3 +246,15 @@ def test_directories_of_nodes_gone_from_the_cluster_are_swept(tmp_path: Path) ->
     finally:
         orphan.kill()
         orphan.wait()
+
+
+def test_an_environment_being_built_is_left_for_later_not_waited_for(tmp_path: Path) -> None:
+    """The node's claims wait on the collection's lock: the collection must not wait for
+    an environment's build (whose lock another holder has) under it."""
+    from kingpost._filelock import locked
+
+    cache = NodeCache(tmp_path)
+    env = _environment(cache, "c" * 24)
+    with locked(cache.envs / f".{env.name}.lock"):  # a build of it in progress
+        assert cache.collect(keep_s=60).removed == []
+    assert cache.collect(keep_s=60).removed == [f"environment/{env.name}"]

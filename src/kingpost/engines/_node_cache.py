@@ -28,7 +28,8 @@ leaves its children running, and Ray may restart its actor on another node.
 Claims and collections take one lock per node directory; environments are removed
 under the lock their builds take (:func:`kingpost.envs.gc.collect`, which unlinks an
 environment's ready marker before the rest, so a removal cut short leaves one that is
-built again, not one that looks ready).
+built again, not one that looks ready); one being built is left for a later collection
+rather than waited for under the node's lock.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ class NodeCache:
                 elif entry.name not in projects and _mtime(entry) < cutoff:
                     self._remove(entry, f"project/{entry.name}", report)
             if self.envs.is_dir():
-                envs = collect_envs(self.envs, environments, cutoff)
+                # Not waiting for a build of one (the node's claims wait on this lock).
+                envs = collect_envs(self.envs, environments, cutoff, wait=False)
                 report.removed += [f"environment/{h}" for h in envs.removed]
                 report.removed_bytes += envs.removed_bytes
             for tree in _entries(self.weights / "trees"):

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kingpost._disk import tree_size
-from kingpost._filelock import locked
+from kingpost._filelock import locked, try_locked
 from kingpost.envs.base import BASE_MARKER
 from kingpost.envs.builder import BASE_DIR, READY_MARKER
 
@@ -93,16 +93,22 @@ def list_environments(envs_dir: Path) -> list[VenvInfo]:
     return out
 
 
-def collect(envs_dir: Path, keep: Collection[str], started: float) -> GcReport:
+def collect(
+    envs_dir: Path, keep: Collection[str], started: float, *, wait: bool = True
+) -> GcReport:
     """Remove every environment not in ``keep`` and not used since ``started`` (a
-    ``time.time()`` taken before ``keep`` was computed)."""
+    ``time.time()`` taken before ``keep`` was computed). ``wait``: for a build of one in
+    progress to end (else it is kept, and looked at by the next collection)."""
     removed: list[str] = []
     removed_bytes = kept = 0
     for path in _environment_dirs(envs_dir):
         if path.name in keep:
             kept += 1
             continue
-        with locked(envs_dir / f".{path.name}.lock"):  # waits for a build of it to end
+        with _lock(envs_dir / f".{path.name}.lock", wait) as held:  # a build of it holds it
+            if not held:
+                kept += 1
+                continue
             try:
                 if (path / READY_MARKER).stat().st_mtime >= started:
                     kept += 1
@@ -116,7 +122,7 @@ def collect(envs_dir: Path, keep: Collection[str], started: float) -> GcReport:
             shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
         removed_bytes += size
-    bases_removed, bases_bytes, bases_kept = _collect_bases(envs_dir, started)
+    bases_removed, bases_bytes, bases_kept = _collect_bases(envs_dir, started, wait)
     return GcReport(tuple(removed) + bases_removed, removed_bytes + bases_bytes, kept + bases_kept)
 
 
@@ -135,7 +141,17 @@ def _bases_in_use(envs_dir: Path) -> set[str] | None:
     return used
 
 
-def _collect_bases(envs_dir: Path, started: float) -> tuple[tuple[str, ...], int, int]:
+@contextlib.contextmanager
+def _lock(path: Path, wait: bool) -> Iterator[bool]:
+    if wait:
+        with locked(path):
+            yield True
+    else:
+        with try_locked(path) as held:
+            yield held
+
+
+def _collect_bases(envs_dir: Path, started: float, wait: bool) -> tuple[tuple[str, ...], int, int]:
     base_dir = envs_dir / BASE_DIR
     bases = list(_environment_dirs(base_dir))
     if not bases:
@@ -149,7 +165,10 @@ def _collect_bases(envs_dir: Path, started: float) -> tuple[tuple[str, ...], int
         if path.name in used:
             kept += 1
             continue
-        with locked(base_dir / f".{path.name}.lock"):  # waits for a build of it to end
+        with _lock(base_dir / f".{path.name}.lock", wait) as held:  # a build holds it
+            if not held:
+                kept += 1
+                continue
             try:
                 if (path / BASE_MARKER).stat().st_mtime >= started:
                     kept += 1
