@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kingpost.engines._node_cache import Claim, NodeCache
 from kingpost.engines._records import records_dir
@@ -200,7 +200,12 @@ def fetch_weights(
 
 
 class _Forwarder:
-    """Accepts TCP connections on the node's address and pipes each to the replica."""
+    """Accepts TCP connections on the node's address and pipes each to the replica.
+
+    Protocols, not streams: the bytes of one side are written to the other as they
+    arrive (no task, read call or drain per chunk), and a side whose peer's buffer fills
+    stops reading until it drains. With streams the hop cost a quarter of a fast
+    replica's throughput through the gateway (``bench/ray_engine.py``)."""
 
     def __init__(self, host: str, upstream: Any) -> None:
         self._upstream = upstream
@@ -212,44 +217,39 @@ class _Forwarder:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
+        with contextlib.suppress(asyncio.CancelledError):  # close()
+            self._loop.run_until_complete(self._serve())
 
     async def _serve(self) -> None:
-        server = await asyncio.start_server(self._handle, sock=self._sock)
+        server = await self._loop.create_server(lambda: _Client(self), sock=self._sock)
         async with server:
             await server.serve_forever()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def connect(self, client: _Client) -> None:
+        """Connect ``client`` to the replica; if that fails, close it before its first
+        byte is answered (the gateway retries elsewhere)."""
         endpoint: Endpoint | None = self._upstream()
+        up = _Half()
         try:
             if endpoint is None:
                 raise ConnectionRefusedError("the replica is not running")
-            up_reader, up_writer = await self._connect(endpoint)
+            if endpoint.netns is None:
+                await self._loop.create_connection(lambda: up, endpoint.host, endpoint.port)
+            else:
+                from kingpost.netns import socket_in_netns
+
+                sock = socket_in_netns(endpoint.netns)
+                sock.setblocking(False)
+                try:
+                    await self._loop.sock_connect(sock, (endpoint.host, endpoint.port))
+                    await self._loop.create_connection(lambda: up, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         except OSError:
-            writer.close()  # before the first byte: the gateway retries elsewhere
+            client.close()
             return
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            for w in (up_writer, writer):
-                with contextlib.suppress(OSError, RuntimeError):
-                    w.close()
-
-    async def _connect(
-        self, endpoint: Endpoint
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if endpoint.netns is None:
-            return await asyncio.open_connection(endpoint.host, endpoint.port)
-        from kingpost.netns import socket_in_netns
-
-        sock = socket_in_netns(endpoint.netns)
-        sock.setblocking(False)
-        try:
-            await self._loop.sock_connect(sock, (endpoint.host, endpoint.port))
-        except OSError:
-            sock.close()
-            raise
-        return await asyncio.open_connection(sock=sock)
+        client.join(up)
 
     def close(self) -> None:
         def stop() -> None:
@@ -261,15 +261,84 @@ class _Forwarder:
         self._thread.join(timeout=5)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction until its end, then half-close the other side (the caller
-    closes both once both directions are done)."""
-    with contextlib.suppress(OSError, RuntimeError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+class _Half(asyncio.Protocol):
+    """One side of a forwarded connection: what it receives goes to its peer as it comes;
+    its end of input half-closes the peer, and both close once both ends came."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+        self.ended = False
+        self._held: list[bytes] = []  # received before the peer was connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not an isinstance check: uvloop's transports (Ray's workers run uvloop) are not
+        # asyncio.Transport subclasses, though they have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+        else:
+            self._held.append(data)
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._pass_end()
+        return True  # the other direction may still be carrying an answer
+
+    def _pass_end(self) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            return
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        if peer.ended:  # both directions done
+            self.close()
+            peer.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.peer is not None:
+            self.peer.close()
+
+    def pause_writing(self) -> None:  # our buffer is full: the peer stops reading
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def join(self, peer: _Half) -> None:
+        """Pair with ``peer`` (now connected) and send it what came meanwhile."""
+        self.peer, peer.peer = peer, self
+        if self.transport is None:  # gone while the peer connected
+            peer.close()
+            return
+        held, self._held = self._held, []
+        for data in held:
+            assert peer.transport is not None
+            peer.transport.write(data)
+        if self.ended:
+            self._pass_end()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Client(_Half):
+    """The gateway's side: connects to the replica when it is accepted."""
+
+    def __init__(self, forwarder: _Forwarder) -> None:
+        super().__init__()
+        self._forwarder = forwarder
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._connecting = asyncio.ensure_future(self._forwarder.connect(self))
 
 
 class ReplicaHost:
