@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from helpers.records import recorded_sleeper
 from kingpost.engines._node_cache import Claim, NodeCache
-from kingpost.engines._records import ReplicaRecord, records_dir, write_record
+from kingpost.engines._records import records_dir
 from kingpost.envs.builder import READY_MARKER
-from kingpost.gateway_process import boot_id, start_ticks
+from kingpost.gateway_process import start_ticks
 from kingpost.weights.blobs import BlobStore, Manifest
 
 OLD = time.time() - 7200
@@ -196,17 +197,8 @@ def test_a_replica_left_running_by_a_dead_actor_is_stopped_with_its_home(
     from the process engine's record in the replica's home, and removes the home."""
     cache = NodeCache(tmp_path)
     home = cache.replicas / "r-orphan"
-    orphan = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
-    )
+    orphan = recorded_sleeper(records_dir(home / "run"), "r-orphan")
     try:
-        ticks = start_ticks(orphan.pid)
-        assert ticks is not None
-        record = ReplicaRecord(
-            "r-orphan", "d", "m", 1, "custom_server", orphan.pid, ticks, boot_id(), 8000,
-            False, "/predict", {}, time.time(),
-        )  # fmt: skip
-        write_record(records_dir(home / "run"), record)
         _claim_as(cache, "r-orphan", _dead_pid(), 1)
 
         report = cache.collect(keep_s=3600)
@@ -226,18 +218,8 @@ def test_directories_of_nodes_gone_from_the_cluster_are_swept(tmp_path: Path) ->
     here, live, gone = (NodeCache(tmp_path / name) for name in ("n-here", "n-live", "n-gone"))
     for cache in (here, live, gone):
         _project(cache, "p")
-    orphan = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
-    )
+    orphan = recorded_sleeper(records_dir(gone.replicas / "r-old" / "run"), "r-old")
     try:
-        ticks = start_ticks(orphan.pid)
-        assert ticks is not None
-        record = ReplicaRecord(
-            "r-old", "d", "m", 1, "custom_server", orphan.pid, ticks, boot_id(), 8000,
-            False, "/predict", {}, time.time(),
-        )  # fmt: skip
-        write_record(records_dir(gone.replicas / "r-old" / "run"), record)
-
         report = here.sweep_dead(alive={"n-here", "n-live"})
 
         assert sorted(report.removed) == ["node/n-gone", "process/r-old"]

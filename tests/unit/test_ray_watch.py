@@ -9,22 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from kingpost.engines._records import ReplicaRecord, records_dir, write_record
-from kingpost.gateway_process import boot_id, start_ticks
-
-
-def _recorded_sleeper(records: Path, replica_id: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
-    )
-    ticks = start_ticks(proc.pid)
-    assert ticks is not None
-    record = ReplicaRecord(
-        replica_id, "d", "m", 1, "custom_server", proc.pid, ticks, boot_id(), 8000, False,
-        "/predict", {}, time.time(),
-    )  # fmt: skip
-    write_record(records, record)
-    return proc
+from helpers.records import recorded_sleeper
+from kingpost.engines._records import records_dir
 
 
 def _watcher(records: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -39,7 +25,7 @@ def _watcher(records: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 def test_the_replica_is_stopped_when_the_pipe_ends_and_not_before(tmp_path: Path) -> None:
     records = records_dir(tmp_path / "run")
-    replica = _recorded_sleeper(records, "r1")
+    replica = recorded_sleeper(records, "r1")
     watcher, write_end = _watcher(records)
     try:
         time.sleep(0.5)
