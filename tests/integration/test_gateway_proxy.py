@@ -312,7 +312,9 @@ def test_requests_queued_for_a_slot_need_no_task(gw: Running, up: Upstream) -> N
 
 
 def test_a_queued_request_whose_client_leaves_takes_no_slot(gw: Running, up: Upstream) -> None:
-    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1))
+    # The first request holds the one slot for 2 s: under a loaded CI the gateway once saw
+    # the client's reset only after a 0.5 s request had ended and the queued one was sent.
+    gw.table(route(up, predict_path="/slow?s=2", concurrency=1))
     with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection
         assert c.get("/models/echo/production/sync/echo").status_code == 200
     dispatcher = gw.gateway.dispatcher("d1")
