@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kingpost._disk import tree_size
-from kingpost._filelock import locked, try_locked
+from kingpost._filelock import locked
 from kingpost.envs.base import BASE_MARKER
 from kingpost.envs.builder import BASE_DIR, READY_MARKER
 
@@ -105,7 +105,7 @@ def collect(
         if path.name in keep:
             kept += 1
             continue
-        with _lock(envs_dir / f".{path.name}.lock", wait) as held:  # a build of it holds it
+        with locked(envs_dir / f".{path.name}.lock", wait=wait) as held:  # a build of it holds it
             if not held:
                 kept += 1
                 continue
@@ -141,16 +141,6 @@ def _bases_in_use(envs_dir: Path) -> set[str] | None:
     return used
 
 
-@contextlib.contextmanager
-def _lock(path: Path, wait: bool) -> Iterator[bool]:
-    if wait:
-        with locked(path):
-            yield True
-    else:
-        with try_locked(path) as held:
-            yield held
-
-
 def _collect_bases(envs_dir: Path, started: float, wait: bool) -> tuple[tuple[str, ...], int, int]:
     base_dir = envs_dir / BASE_DIR
     bases = list(_environment_dirs(base_dir))
@@ -165,7 +155,7 @@ def _collect_bases(envs_dir: Path, started: float, wait: bool) -> tuple[tuple[st
         if path.name in used:
             kept += 1
             continue
-        with _lock(base_dir / f".{path.name}.lock", wait) as held:  # a build holds it
+        with locked(base_dir / f".{path.name}.lock", wait=wait) as held:  # a build holds it
             if not held:
                 kept += 1
                 continue
