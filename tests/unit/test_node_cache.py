@@ -218,13 +218,16 @@ def test_directories_of_nodes_gone_from_the_cluster_are_swept(tmp_path: Path) ->
     here, live, gone = (NodeCache(tmp_path / name) for name in ("n-here", "n-live", "n-gone"))
     for cache in (here, live, gone):
         _project(cache, "p")
+    (tmp_path / ".trash-n-older-1a2b3c4d" / "projects").mkdir(parents=True)  # cut short
+    (tmp_path / ".not-a-node").mkdir()
     orphan = recorded_sleeper(records_dir(gone.replicas / "r-old" / "run"), "r-old")
     try:
         report = here.sweep_dead(alive={"n-here", "n-live"})
 
-        assert sorted(report.removed) == ["node/n-gone", "process/r-old"]
+        assert sorted(report.removed) == ["node/.trash-n-older-1a2b3c4d", "node/n-gone",
+                                          "process/r-old"]  # fmt: skip
         assert orphan.wait(timeout=10) == -15
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["n-here", "n-live"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".not-a-node", "n-here", "n-live"]
     finally:
         orphan.kill()
         orphan.wait()
@@ -240,3 +243,23 @@ def test_an_environment_being_built_is_left_for_later_not_waited_for(tmp_path: P
     with locked(cache.envs / f".{env.name}.lock"):  # a build of it in progress
         assert cache.collect(keep_s=60).removed == []
     assert cache.collect(keep_s=60).removed == [f"environment/{env.name}"]
+
+
+def test_what_a_dead_actor_left_in_the_weights_tmp_goes_when_old(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    _weights(cache, "m", b"w")
+    tmp = cache.weights / "tmp"
+    old_fetch, fresh_fetch = tmp / "blob-abandoned", tmp / "blob-in-progress"
+    old_fetch.write_bytes(b"x" * 10)
+    fresh_fetch.write_bytes(b"y")
+    old_trash = tmp / ".trash-m2-1a2b3c4d"
+    (old_trash / "sub").mkdir(parents=True)
+    os.chmod(old_trash / "sub", 0o555)  # as a mount tree's directories are
+    _age(old_fetch, time.time() - 2 * 3600)
+    _age(old_trash, time.time() - 2 * 3600)
+    cache.claim("r", Claim(manifests=("m",)))
+
+    report = cache.collect(keep_s=60)
+
+    assert report.removed == [] and report.removed_bytes == 10
+    assert sorted(p.name for p in tmp.iterdir()) == ["blob-in-progress"]

@@ -52,7 +52,8 @@ from kingpost.gateway_process import process_alive, start_ticks
 __all__ = ["CacheReport", "Claim", "NodeCache"]
 
 STALE_WORK_S = 3600.0
-"""A half-made project (``projects/.{hash}.…``) this old was left by a process that died."""
+"""A half-made project (``projects/.{hash}.…``) or a file in ``weights/tmp`` this old was
+left by a process that died."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class NodeCache:
         """Remove what no live claim names and was not used in the last ``keep_s``
         seconds; stale claims and the homes of replicas no longer claimed go at once."""
         from kingpost.envs.gc import collect as collect_envs
-        from kingpost.weights.blobs import remove_tree
+        from kingpost.weights.blobs import BlobStore, remove_tree
 
         now = time.time() if now is None else now
         cutoff = now - keep_s
@@ -178,6 +179,8 @@ class NodeCache:
                     trash = _set_aside(tree, self.weights / "tmp")
                     remove_tree(trash)  # its bytes are the blobs', counted as they go
                     report.removed.append(f"weights/{tree.name}")
+            if self.weights.is_dir():  # fetches and removals a dead actor left half done
+                report.removed_bytes += BlobStore(self.weights).sweep_tmp(now - STALE_WORK_S)
             for blob in _entries(self.weights / "blobs", depth=2):
                 try:
                     st = blob.stat()
@@ -203,8 +206,10 @@ class NodeCache:
         still recorded as running there is stopped first."""
         report = CacheReport()
         for node in _entries(self.root.parent):
-            if node == self.root or node.name in alive or node.name.startswith("."):
+            if node == self.root or node.name in alive:
                 continue
+            if node.name.startswith(".") and not node.name.startswith(".trash-"):
+                continue  # not a node directory (a removal cut short is one)
             for home in _entries(node / "replicas"):
                 for rid in stop_recorded(records_dir(home / "run")):
                     report.removed.append(f"process/{rid}")
@@ -234,8 +239,9 @@ class NodeCache:
 
 def _set_aside(path: Path, where: Path) -> Path:
     """``path`` renamed into ``where`` under a hidden name, so that no reader takes what
-    is left of it for a whole entry if its removal is cut short (a hidden project goes
-    after :data:`STALE_WORK_S`; ``weights/tmp`` is swept by the blob store's gc)."""
+    is left of it for a whole entry if its removal is cut short (what is left goes with
+    the next collections: a hidden project, or what ``weights/tmp`` holds, after
+    :data:`STALE_WORK_S`; a replica home or a node directory at once)."""
     if path.name.startswith("."):
         return path
     where.mkdir(parents=True, exist_ok=True)

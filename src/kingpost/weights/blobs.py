@@ -191,16 +191,22 @@ class BlobStore:
                 continue
             blob.unlink()
             removed, removed_bytes = removed + 1, removed_bytes + st.st_size
-        stale = time.time() - STALE_PARTIAL_S
-        for leftover in (self.root / "tmp").iterdir():  # downloads abandoned long ago
+        removed_bytes += self.sweep_tmp(time.time() - STALE_PARTIAL_S)
+        return GcReport(removed, removed_bytes, kept)
+
+    def sweep_tmp(self, before: float) -> int:
+        """Remove what ``tmp/`` holds from before ``before`` (epoch seconds): downloads and
+        trees abandoned by a process that died. Returns the bytes of the files removed."""
+        removed_bytes = 0
+        for leftover in (self.root / "tmp").iterdir():
             st = leftover.lstat()
-            if st.st_mtime < stale:
+            if st.st_mtime < before:
                 removed_bytes += st.st_size if leftover.is_file() else 0
                 if leftover.is_dir():
                     remove_tree(leftover)
                 else:
                     leftover.unlink(missing_ok=True)
-        return GcReport(removed, removed_bytes, kept)
+        return removed_bytes
 
 
 class Partial:
