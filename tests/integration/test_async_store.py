@@ -117,6 +117,41 @@ def test_settle_records_then_claims_and_expires_in_one_transaction(queue: AsyncQ
     assert queue.settle(done, {}, now).recorded == 0  # nothing is recorded twice
 
 
+def test_settle_writes_each_outcome_as_the_single_calls_do(queue: AsyncQueue) -> None:
+    # Each kind of outcome a settle records leaves the row its single call does (the
+    # release failed on both databases once). On SQLite settle runs its own SQL on the
+    # driver's cursor, on PostgreSQL the Core statements the single calls run.
+    err = [{"code": "MODEL_PREDICT_ERROR", "message": "boom"}]
+    later = T0 + timedelta(seconds=30)
+    kinds = {
+        "succeeded": (AsyncQueue.succeeded_values('{"y": 2}', T0), queue.succeed, ('{"y": 2}', T0)),
+        "failed": (AsyncQueue.failed_values(err, T0), queue.fail, (err, T0)),
+        "retry": (AsyncQueue.retry_values(err, later, T0), queue.retry_later, (err, later, T0)),
+        "release": (AsyncQueue.release_values(later, T0, 0), queue.release, (later, 0, T0)),
+    }
+    for name, (values, single, args) in kinds.items():
+        a, b = put(queue, dep=f"a-{name}"), put(queue, dep=f"b-{name}")
+        queue.claim([b], now=T0)
+        got = queue.settle([], {f"a-{name}": (1, 5)}, T0)
+        (claimed,) = got.claimed[f"a-{name}"]
+        assert claimed == queue.get(a)  # the view read back is the stored row
+        assert (claimed.status, claimed.attempts, claimed.started_at) == (
+            AsyncStatus.IN_PROGRESS,
+            1,
+            T0,
+        )
+        assert queue.settle([(a, values)], {}, T0).recorded == 1
+        assert single(b, *args)
+        one, other = queue.get(a), queue.get(b)
+        same = ("status", "attempts", "result", "errors", "webhook_status", "finished_at")
+        assert {k: getattr(one, k) for k in same} == {k: getattr(other, k) for k in same}, name
+        assert [c.not_before for c in queue.candidates(f"a-{name}", 5)] == [
+            c.not_before for c in queue.candidates(f"b-{name}", 5)
+        ], name
+    assert queue.get(put(queue, dep="a-release")).attempts == 0
+    assert queue.depths()["a-release"] == (2, 0)  # released: queued again, attempt undone
+
+
 def test_cancel_and_expire(queue: AsyncQueue) -> None:
     a, b, c = put(queue, webhook_endpoint="https://h.example/"), put(queue), put(queue)
     assert queue.cancel(a, "m1").status == AsyncStatus.CANCELED

@@ -343,3 +343,53 @@ def test_async_work_wakes_a_deployment_scaled_to_zero(
     got = wait_done(platform, zero, rid, timeout=90)
     assert got["status"] == "SUCCEEDED" and got["attempts"] == 1, got["errors"]
     assert status(platform, zero, rid, "/result")["data"] == {"echo": {"key": "z"}}
+
+
+def test_a_run_the_gateway_turns_away_goes_back_to_the_queue(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A run the gateway refuses for now (here its 429: the deployment's one slot is taken
+    and its queue, one long, is full) is not an attempt: the request goes back to the
+    queue and runs once the slot frees. Recording that release once failed on every
+    tick, so the request stayed IN_PROGRESS and no other async request was taken again."""
+    home = tmp_path_factory.mktemp("async-release")
+    env = {
+        "KINGPOST_ASYNC_SHARE": "1",
+        "KINGPOST_GATEWAY_QUEUE_LIMIT": "1",
+        "KINGPOST_ISOLATION": "off",
+        "KINGPOST_NETNS": "off",
+    }
+    platform = Platform(home / "home", extra_env=env).start()
+    try:
+        model = push_async_worker(platform, tmp_path_factory)
+        url = f"{platform.gateway_url}/models/{model['id']}/production/predict"
+        auth = {"Authorization": f"Api-Key {platform.api_key}"}
+        answers: list[int] = []
+
+        def sync(body: dict[str, Any]) -> None:
+            answers.append(httpx.post(url, json=body, headers=auth, timeout=60).status_code)
+
+        def queued() -> float:
+            text = httpx.get(f"{platform.api_url}/metrics", headers=auth).text
+            lines = [x for x in text.splitlines() if x.startswith("kingpost_requests_queued{")]
+            return sum(float(x.rsplit(" ", 1)[1]) for x in lines)  # its one deployment
+
+        holder = threading.Thread(target=sync, args=({"key": "hold", "sleep": 8},))
+        holder.start()
+        wait_for(lambda: any(k == "hold" for k, _ in calls(model)), 30, "the slot to be held")
+        waiter = threading.Thread(target=sync, args=({"key": "wait"},))
+        waiter.start()
+        wait_for(lambda: queued() == 1, 6, "a sync request to wait in the gateway's queue")
+        rid = enqueue(platform, model, {"model_input": {"key": "turned-away"}})
+        got = wait_done(platform, model, rid, timeout=60)
+        holder.join(30)
+        waiter.join(30)
+        assert answers == [200, 200]
+        assert got["status"] == "SUCCEEDED" and got["attempts"] == 1, got
+        assert [k for k, _ in calls(model)].count("turned-away") == 1
+        log = platform.log.read_text()
+        assert "a worker tick failed" not in log, log[-3000:]
+        after = enqueue(platform, model, {"model_input": {"key": "after"}})
+        assert wait_done(platform, model, after)["status"] == "SUCCEEDED"
+    finally:
+        platform.stop()

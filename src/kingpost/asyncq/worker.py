@@ -272,7 +272,7 @@ class AsyncWorkers:
         if outcome.verdict == Verdict.SUCCEEDED:
             return view.id, q.succeeded_values(outcome.result or "null", now)
         if outcome.verdict == Verdict.NOT_RUN:
-            return view.id, q.release_values(now + NOT_RUN_DELAY, now)
+            return view.id, q.release_values(now + NOT_RUN_DELAY, now, view.attempts - 1)
         if outcome.verdict == Verdict.MODEL_ERROR and view.attempts < view.retry.max_attempts:
             delay = retry_delay_ms(view.retry, view.attempts)
             return view.id, q.retry_values(outcome.errors, now + timedelta(milliseconds=delay), now)

@@ -368,12 +368,16 @@ class AsyncQueue:
         }
 
     @staticmethod
-    def release_values(not_before: datetime, now: datetime) -> dict[str, Any]:
+    def release_values(not_before: datetime, now: datetime, attempts: int) -> dict[str, Any]:
+        """Back to the queue with ``attempts`` (those before the claim that is undone: the
+        row's count cannot change while it is IN_PROGRESS). A plain value: the outcome
+        statements bind every value (an ``attempts - 1`` expression here once failed
+        every tick that tried to record it)."""
         return {
             "status": AsyncStatus.QUEUED,
             "status_at": now,
             "not_before": not_before,
-            "attempts": AsyncRequest.attempts - 1,
+            "attempts": attempts,
         }
 
     def succeed(self, rid: str, result: str, now: datetime | None = None) -> bool:
@@ -394,10 +398,13 @@ class AsyncQueue:
         """Back to the queue after a failed attempt, not before ``not_before``."""
         return self._finish(rid, self.retry_values(errors, not_before, now or utcnow()))
 
-    def release(self, rid: str, not_before: datetime, now: datetime | None = None) -> bool:
-        """Back to the queue without counting the attempt: the gateway could not run it
-        now (no replica in time, a full queue), which says nothing of the model."""
-        return self._finish(rid, self.release_values(not_before, now or utcnow()))
+    def release(
+        self, rid: str, not_before: datetime, attempts: int, now: datetime | None = None
+    ) -> bool:
+        """Back to the queue without counting the attempt (``attempts``: the count before
+        its claim): the gateway could not run it now (no replica in time, a full queue),
+        which says nothing of the model."""
+        return self._finish(rid, self.release_values(not_before, now or utcnow(), attempts))
 
     def requeue_in_progress(self, now: datetime | None = None) -> int:
         """After a control-plane restart: every run with no recorded outcome runs again."""
