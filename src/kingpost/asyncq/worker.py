@@ -5,14 +5,17 @@ One thread with its own event loop (``AsyncWorkers.start``). Each tick (every
 ``poll_s``, and at once when a run ends) it records the runs that ended and, per
 deployment with queued work, takes as many requests as
 :func:`~kingpost.asyncq.policy.async_slots` allows, all in one store transaction
-(``AsyncQueue.settle``: one thread hop and one commit, so a slot freed by a run that
-ended is taken again with the same commit that records it): a share
-(``KINGPOST_ASYNC_SHARE``) of the ready replicas' predict slots, so sync predicts keep the
-rest. Once per ``poll_s`` (not on every tick) it reads the queue depth per deployment,
-hands the backlog to the autoscaler as demand (``backlog``) and expires what waited too
-long. Runs go through the gateway's normal routing (``/models/{m}/deployment/{d}/predict``,
-with a key that lives only in this process's memory and the routing table), so they queue
-fairly with sync requests, wake a deployment at zero, and reach isolated replicas.
+(``AsyncQueue.settle``: one commit, so a slot freed by a run that ended is taken again with
+the same commit that records it): a share (``KINGPOST_ASYNC_SHARE``) of the ready
+replicas' predict slots, so sync predicts keep the rest. On SQLite the settle runs on the
+workers' loop itself: it waits on no network, and a hop to a thread and back, with the
+control plane's other threads holding the GIL, doubled how long a freed slot stayed idle
+(bench/README.md, "Async"). Beside the ticks, once per ``poll_s``, a poll reads the queue
+depth per deployment, hands the backlog to the autoscaler as demand (``backlog``), has the
+next tick expire what waited too long and starts due webhooks. Runs go through the
+gateway's normal routing (``/models/{m}/deployment/{d}/predict``, with a key that lives
+only in this process's memory and the routing table), so they queue fairly with sync
+requests, wake a deployment at zero, and reach isolated replicas.
 
 Durable: the queue. Soft: which runs are in flight here. On start every IN_PROGRESS row
 (a run the last control plane began and never recorded) goes back to the queue; a run's
@@ -109,8 +112,10 @@ class AsyncWorkers:
         self._kick: asyncio.Event | None = None
         self._stop = threading.Event()
         self._swept_at = 0.0
-        self._hooked_at = 0.0
         self._polled_at = -1e9
+        self._poll: asyncio.Future[None] | None = None
+        """The poll in flight (``_poll_once``), if any."""
+        self._expire_due = False
         self._depths: dict[str, tuple[int, int]] = {}
         """Queue depth per deployment, read once per ``poll_s``."""
         self._outcomes: list[tuple[str, dict[str, object]]] = []
@@ -164,9 +169,10 @@ class AsyncWorkers:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self.settings.poll_s)
                 self._kick.clear()
-            for task in list(self._tasks):
+            pending = [*self._tasks, *([self._poll] if self._poll is not None else [])]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
             if self._outcomes:  # ended runs are recorded; cut ones run again next start
                 await asyncio.to_thread(self.queue.finish_many, self._outcomes)
             await self._hop.aclose()
@@ -178,22 +184,34 @@ class AsyncWorkers:
 
     # -- one tick -------------------------------------------------------------------------
     async def _tick(self) -> None:
-        q = self.queue
         now = time.monotonic()
-        polled = now - self._polled_at >= self.settings.poll_s
-        if polled:  # not on every tick under load: a run's end needs no new depth
+        if self._poll is None and now - self._polled_at >= self.settings.poll_s:
             self._polled_at = now
+            self._poll = asyncio.ensure_future(self._poll_once(now))
+        expire, self._expire_due = self._expire_due, False
+        await self._settle(expire=expire)
+
+    async def _poll_once(self, now: float) -> None:
+        """Once per ``poll_s``, beside the ticks (a settle never waits for these reads):
+        the queue depths (the autoscaler's backlog, and which deployments a tick claims
+        for), then an expiry check on the next tick, due webhooks and, hourly, the sweep."""
+        q = self.queue
+        try:
             self._depths = await asyncio.to_thread(q.depths)
             self._backlog({dep: queued for dep, (queued, _) in self._depths.items()})
-        await self._settle(expire=polled)
-        if now - self._hooked_at >= self.settings.poll_s:  # not every tick under load
-            self._hooked_at = now
+            self._expire_due = True
+            if self._kick is not None:
+                self._kick.set()
             await self._webhooks()
-        if now - self._swept_at >= SWEEP_EVERY_S:
-            self._swept_at = now
-            gone = await asyncio.to_thread(q.sweep, self.settings.retention, self._clock())
-            if gone:
-                log.info("async: swept %d finished request(s) past their retention", gone)
+            if now - self._swept_at >= SWEEP_EVERY_S:
+                self._swept_at = now
+                gone = await asyncio.to_thread(q.sweep, self.settings.retention, self._clock())
+                if gone:
+                    log.info("async: swept %d finished request(s) past their retention", gone)
+        except Exception:
+            log.exception("async: a worker poll failed")
+        finally:
+            self._poll = None
 
     async def _settle(self, *, expire: bool) -> None:
         """Record the runs that ended and claim what each deployment's free slots allow,
@@ -204,7 +222,10 @@ class AsyncWorkers:
         if not done and not wants:
             return
         try:
-            settled = await asyncio.to_thread(self.queue.settle, done, wants, self._clock())
+            if self.queue.local:  # a local file: on this loop, no thread hop (see above)
+                settled = self.queue.settle(done, wants, self._clock())
+            else:
+                settled = await asyncio.to_thread(self.queue.settle, done, wants, self._clock())
         except BaseException:
             self._outcomes[:0] = done  # recorded by the next tick, not lost
             raise

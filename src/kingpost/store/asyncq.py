@@ -11,15 +11,18 @@ recorded is never run again.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     Integer,
     Table,
@@ -161,7 +164,10 @@ class AsyncQueue:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._reader: Engine = db.engine
-        if db.url.startswith("sqlite"):
+        self.local = db.url.startswith("sqlite")
+        """A local file: a call waits on no network (the workers settle on their loop)."""
+        self._local = _SqliteHotPath(db.engine) if self.local else None
+        if self.local:
             # Reads need no write lock: on SQLite every transaction of ``db`` takes one
             # (BEGIN IMMEDIATE), and the workers' polls would queue the gateway's accepts
             # behind them. In WAL mode a plain read sees the last commit.
@@ -207,6 +213,10 @@ class AsyncQueue:
         if not records:
             return
         rows = [_row(r) for r in records]
+        if self._local is not None:
+            with self.db.engine.begin() as conn:
+                self._local.insert(conn, rows)
+            return
         stmt: Executable
         if self.db.engine.dialect.name == "postgresql":
             stmt = pg_insert(AsyncRequest).on_conflict_do_nothing(index_elements=["id"])
@@ -302,6 +312,9 @@ class AsyncQueue:
         picks for the free slots, as :meth:`candidates`, :meth:`expire` and :meth:`claim`
         do one by one. A run that ends frees its slot and the next request starts with
         the same commit."""
+        if self._local is not None:
+            with self.db.engine.begin() as conn:
+                return self._local.settle(conn, outcomes, wants, now)
         claimed: dict[str, list[AsyncRequestView]] = {}
         expired = 0
         with self.db.session() as s:
@@ -669,13 +682,17 @@ def _claim_in(s: Session, ids: Sequence[str], now: datetime) -> list[AsyncReques
     return sorted(taken, key=lambda v: order[v.id])
 
 
+def _expired_values(now: datetime) -> dict[str, Any]:
+    return {"status": AsyncStatus.EXPIRED, "status_at": now, "finished_at": now, "errors": _EXPIRED}
+
+
 def _expire_in(s: Session, ids: Iterable[str], now: datetime) -> int:
     n = 0
     for rid in ids:
         done = s.execute(
             update(AsyncRequest)
             .where(AsyncRequest.id == rid, AsyncRequest.status == AsyncStatus.QUEUED)
-            .values(status=AsyncStatus.EXPIRED, status_at=now, finished_at=now, errors=_EXPIRED)
+            .values(_expired_values(now))
         )
         n += done.rowcount  # type: ignore[attr-defined]
     return n
@@ -689,3 +706,118 @@ def _finish_in(s: Session, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> in
         params = {"rid": rid, **{f"v_{c}": v for c, v in values.items()}}
         n += conn.execute(stmt, params).rowcount
     return n
+
+
+class _SqliteHotPath:
+    """On SQLite, what runs per request: the workers' settle (:meth:`AsyncQueue.settle`)
+    and the gateway's insert of accepted requests, the same statements run on the driver's
+    cursor inside the caller's transaction. SQLAlchemy's execution of a cached Core
+    statement cost about 100 µs of Python, three quarters of a settle (1.0 ms against
+    0.35 ms for the same SQL, 2 outcomes and 2 claims) and most of an insert (1.5 ms for
+    20 rows against 0.3 ms), time the workers' loop or the gateway's GIL waits for. Values
+    go through the columns' own bind and result processors for the dialect, so rows read
+    and written here are the ones the Core statements read and write."""
+
+    def __init__(self, engine: Engine) -> None:
+        d = engine.dialect
+        self._names = tuple(c.name for c in _T.columns)
+        self._bind = {c.name: c.type.dialect_impl(d).bind_processor(d) for c in _T.columns}
+        self._result = tuple(c.type.dialect_impl(d).result_processor(d, None) for c in _T.columns)
+        when = self._result[self._names.index("created_at")]
+        assert when is not None  # SQLite keeps timestamps as text
+        self._when: Callable[[Any], Any] = when
+        cols = ", ".join(self._names)
+        self._candidates = (
+            "SELECT id, priority, created_at, not_before, max_time_in_queue_seconds, attempts "
+            "FROM async_requests WHERE deployment_id = ? AND status = ? "
+            "ORDER BY priority, created_at, id LIMIT ?"
+        )
+        self._claim = (
+            "UPDATE async_requests SET status = ?, attempts = attempts + 1, status_at = ?, "
+            "started_at = ? WHERE id = ? AND status = ?"
+        )
+        self._claimed = f"SELECT {cols} FROM async_requests WHERE started_at = ? AND id IN "
+
+    def insert(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """New rows (:func:`_row`, every one with the same columns); an id already there is
+        left as it is."""
+        names = tuple(rows[0])
+        for name in names:
+            if name not in self._bind:
+                raise KeyError(f"async_requests has no column {name!r}")
+        marks = ", ".join("?" * len(names))
+        sql = (
+            f"INSERT INTO async_requests ({', '.join(names)}) VALUES ({marks}) "
+            "ON CONFLICT (id) DO NOTHING"
+        )
+        cur = conn.connection.cursor()
+        try:
+            cur.executemany(sql, [tuple(self._value(n, r[n]) for n in names) for r in rows])
+        finally:
+            cur.close()
+
+    def settle(
+        self,
+        conn: Connection,
+        outcomes: Sequence[tuple[str, dict[str, Any]]],
+        wants: Mapping[str, tuple[int, int]],
+        now: datetime,
+    ) -> Settled:
+        cur = conn.connection.cursor()
+        try:
+            recorded = sum(
+                self._set(cur, rid, values, AsyncStatus.IN_PROGRESS) for rid, values in outcomes
+            )
+            claimed: dict[str, list[AsyncRequestView]] = {}
+            expired = 0
+            for dep, (free, limit) in wants.items():
+                choice = choose(self._read_candidates(cur, dep, limit), now, free)
+                for rid in choice.expire:
+                    expired += self._set(cur, rid, _expired_values(now), AsyncStatus.QUEUED)
+                if choice.run:
+                    claimed[dep] = self._take(cur, choice.run, now)
+            return Settled(recorded, claimed, expired)
+        finally:
+            cur.close()
+
+    def _value(self, column: str, value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            value = value.value
+        process = self._bind[column]
+        return value if process is None or value is None else process(value)
+
+    def _set(self, cur: Any, rid: str, values: Mapping[str, Any], guard: AsyncStatus) -> int:
+        """One guarded transition: ``values`` on ``rid`` while its status is ``guard``."""
+        sets, params = [], []
+        for column, value in values.items():
+            if column not in self._bind:
+                raise KeyError(f"async_requests has no column {column!r}")
+            sets.append(f"{column} = ?")
+            params.append(self._value(column, value))
+        sql = f"UPDATE async_requests SET {', '.join(sets)} WHERE id = ? AND status = ?"
+        cur.execute(sql, (*params, rid, guard.value))
+        return int(cur.rowcount)
+
+    def _read_candidates(self, cur: Any, dep: str, limit: int) -> list[Candidate]:
+        when = self._when
+        rows = cur.execute(self._candidates, (dep, AsyncStatus.QUEUED.value, limit)).fetchall()
+        return [Candidate(r[0], r[1], when(r[2]), when(r[3]), r[4], r[5]) for r in rows]
+
+    def _take(self, cur: Any, ids: Sequence[str], now: datetime) -> list[AsyncRequestView]:
+        at = self._value("started_at", now)
+        running, queued = AsyncStatus.IN_PROGRESS.value, AsyncStatus.QUEUED.value
+        cur.executemany(self._claim, [(running, at, at, rid, queued) for rid in ids])
+        marks = ", ".join("?" * len(ids))
+        rows = cur.execute(f"{self._claimed}({marks})", (at, *ids)).fetchall()
+        order = {rid: i for i, rid in enumerate(ids)}
+        taken = []
+        for row in rows:
+            r = SimpleNamespace(
+                **{
+                    name: (v if p is None or v is None else p(v))
+                    for name, p, v in zip(self._names, self._result, row, strict=True)
+                }
+            )
+            if r.status == running:  # taken by this claim, not by a cancel first
+                taken.append(_view(r))
+        return sorted(taken, key=lambda v: order[v.id])
