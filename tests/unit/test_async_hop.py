@@ -93,6 +93,48 @@ def test_a_chunked_answer_is_read_to_its_end() -> None:
     asyncio.run(main())
 
 
+def test_an_answer_in_pieces_is_put_together_and_a_cut_one_is_an_error() -> None:
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\nx-a: b\r\n\r\nhello world"
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: list[bytes]) -> None:
+        seen.append(await read_request(r))
+        for i in range(len(answer)):  # a byte at a time, each its own segment
+            w.write(answer[i : i + 1])
+            await w.drain()
+            await asyncio.sleep(0.001)
+        seen.append(await read_request(r))
+        w.write(answer[:-3])  # then the connection closes, 3 bytes short
+        await w.drain()
+
+    async def main() -> None:
+        server, port, _, conns = await serve(handler)
+        hop = GatewayHop("127.0.0.1", port)
+        assert await hop.post("/p", b"{}", HEADERS) == (
+            200,
+            {"content-length": "11", "x-a": "b"},
+            b"hello world",
+        )
+        with pytest.raises(
+            HopError, match="EOFError: the gateway closed the connection mid-answer"
+        ):
+            await hop.post("/p", b"{}", HEADERS)
+        assert len(conns) == 1 and hop._idle == []
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
+    async def main() -> None:
+        hop = GatewayHop("127.0.0.1", 9)  # nothing is sent: no connection is made
+        for value in ("r1\r\nx-evil: 1", "r1\rx-evil: 1", "r1\nx-evil: 1"):
+            with pytest.raises(ValueError, match="line break"):
+                await hop.post("/p", b"{}", [("x-baseten-request-id", value)])
+        assert hop._idle == []
+
+    asyncio.run(main())
+
+
 def test_an_event_stream_is_left_unread_and_its_connection_closed() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: list[bytes]) -> None:
         seen.append(await read_request(r))

@@ -2,12 +2,15 @@
 loopback.
 
 httpx's client cost 1.4 ms of CPU per request here (its request and response models,
-httpcore's pool, anyio), against 0.2 ms for the same exchange framed by h11 (httpx's own
-parser) over asyncio streams; with a trivial model the control plane's CPU is what async
-throughput waits for (bench/README.md, "Async"). This client does only what the hop needs:
-plain HTTP to one address, keep-alive connections reused one request at a time, a connect
-timeout and a timeout over the whole exchange, and an answer of ``text/event-stream`` left
-unread (its connection closed).
+httpcore's pool, anyio), and h11 over asyncio streams 0.2 ms; this one, an asyncio
+protocol that writes the request as one buffer and parses the answer with httptools (the
+gateway's own parser), less again. With a trivial model the control plane's CPU is what
+async throughput waits for, and the hop's answers are read on the same loop as the
+workers' settles (bench/README.md, "Async"). It does only what the hop needs: plain
+HTTP to one address, keep-alive connections reused one request at a time, a connect
+timeout and a timeout over the whole exchange, and an answer of ``text/event-stream``
+left unread (its connection closed). The gateway frames every answer (a length, or
+chunks), so an answer that ends with its connection is an error here.
 """
 
 from __future__ import annotations
@@ -15,31 +18,110 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-import h11
+import httptools
 
-__all__ = ["GatewayHop", "HopError"]
-
-_READ = 65536
+__all__ = ["GatewayHop", "HopError", "RemoteProtocolError"]
 
 
 class HopError(Exception):
     """The exchange failed before a whole answer came back (the message says how)."""
 
 
-@dataclass
-class _Conn:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    http: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+class RemoteProtocolError(Exception):
+    """The gateway's answer was not HTTP/1.1 this client can read."""
 
+
+class _Conn(asyncio.Protocol):
+    """One kept-alive connection to the gateway, one exchange at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._answer: asyncio.Future[None] | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.chunks: list[bytes] = []
+        self.streamed = False
+        self.complete = False
+        self.lost = False
+        self._begun = False
+        """Some of this exchange's answer has come."""
+        self._keep_alive = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._answer is None or self._answer.done():
+            if not self.streamed:  # nothing asked: not a connection to reuse
+                self.close()
+            return
+        self._begun = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(RemoteProtocolError(str(exc) or type(exc).__name__))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is not None:
+            self._fail(exc)
+        elif self._begun:
+            self._fail(EOFError("the gateway closed the connection mid-answer"))
+        else:
+            self._fail(EOFError("the gateway closed the connection before answering"))
+
+    # -- httptools callbacks --------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        ctype = self.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "text/event-stream":
+            self.streamed = True  # refused unread: never reused
+            self._resolve()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.streamed:
+            self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._keep_alive = self._parser.should_keep_alive()  # only true until it returns
+        self._resolve()
+
+    # -- the exchange ---------------------------------------------------------------------
     def usable(self) -> bool:
         """Idle and still open (the gateway closes idle connections after a while)."""
-        return not self.reader.at_eof() and not self.writer.is_closing()
+        t = self.transport
+        return not self.lost and t is not None and not t.is_closing()
+
+    def reusable(self) -> bool:
+        return self.complete and not self.streamed and self._keep_alive
+
+    async def exchange(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.status, self.headers, self.chunks = 0, {}, []
+        self.complete = self._begun = self._keep_alive = False
+        self._answer = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        await self._answer
 
     def close(self) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _resolve(self) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(exc)
 
 
 class GatewayHop:
@@ -49,18 +131,20 @@ class GatewayHop:
         self.host, self.port = host, port
         self.connect_timeout, self.timeout = connect_timeout, timeout
         self._idle: list[_Conn] = []
+        self._host_line = f"host: {host}:{port}\r\n".encode("latin-1")
 
     async def post(
         self, path: str, body: bytes, headers: Sequence[tuple[str, str]]
     ) -> tuple[int, dict[str, str], bytes]:
         """POST ``body`` to ``path``: the answer's status, headers (names in lower case) and
         body (empty, unread, for ``text/event-stream``). Raises :class:`HopError`."""
+        request = self._request(path, body, headers)
         conn = None
         try:
             async with asyncio.timeout(self.timeout):
                 conn = await self._take()
-                status, got, data, reusable = await self._exchange(conn, path, body, headers)
-        except (OSError, EOFError, h11.ProtocolError, TimeoutError) as exc:
+                await conn.exchange(request)
+        except (OSError, EOFError, RemoteProtocolError, TimeoutError) as exc:
             if conn is not None:
                 conn.close()
             kind = "ReadTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -69,20 +153,29 @@ class GatewayHop:
             if conn is not None:
                 conn.close()
             raise
-        if reusable:
-            conn.http.start_next_cycle()
+        answer = b"" if conn.streamed else b"".join(conn.chunks)
+        if conn.reusable():
             self._idle.append(conn)
         else:
             conn.close()
-        return status, got, data
+        return conn.status, conn.headers, answer
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-        for conn in idle:
-            with contextlib.suppress(Exception):
-                await conn.writer.wait_closed()
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)  # let the transports finish closing
+
+    def _request(self, path: str, body: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
+        for text in (path, *(x for pair in headers for x in pair)):
+            if "\r" in text or "\n" in text:
+                raise ValueError(f"a line break in the hop's path or a header: {text!r}")
+        lines = [f"POST {path} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
+        lines.append(b"content-length: %d\r\n" % len(body))
+        for name, value in headers:
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        return b"".join(lines) + b"\r\n" + body
 
     async def _take(self) -> _Conn:
         while self._idle:
@@ -90,46 +183,8 @@ class GatewayHop:
             if conn.usable():
                 return conn
             conn.close()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.connect_timeout
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(_Conn, self.host, self.port), self.connect_timeout
         )
-        return _Conn(reader, writer)
-
-    async def _exchange(
-        self, conn: _Conn, path: str, body: bytes, headers: Sequence[tuple[str, str]]
-    ) -> tuple[int, dict[str, str], bytes, bool]:
-        http = conn.http
-        request = h11.Request(
-            method="POST",
-            target=path,
-            headers=[
-                ("host", f"{self.host}:{self.port}"),
-                ("content-length", str(len(body))),
-                *headers,
-            ],
-        )
-        conn.writer.write(
-            http.send(request) + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage())
-        )
-        await conn.writer.drain()
-        status, got, chunks = 0, {}, []
-        while True:
-            event = http.next_event()
-            if event is h11.NEED_DATA:
-                data = await conn.reader.read(_READ)
-                if not data and http.their_state is h11.SEND_RESPONSE:
-                    raise EOFError("the gateway closed the connection before answering")
-                http.receive_data(data)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                got = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
-                ctype = got.get("content-type", "").split(";")[0].strip().lower()
-                if ctype == "text/event-stream":
-                    return status, got, b"", False  # refused unread: never reused
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                reusable = http.our_state is h11.DONE and http.their_state is h11.DONE
-                return status, got, b"".join(chunks), reusable
-            elif isinstance(event, h11.ConnectionClosed):
-                raise EOFError("the gateway closed the connection mid-answer")
+        return conn
