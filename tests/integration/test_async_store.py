@@ -232,3 +232,33 @@ def test_the_workers_reads_use_their_indexes_on_sqlite(tmp_path: Path) -> None:
         assert len(steps) == 1, steps  # one search, no sort
         assert steps[0].startswith("SEARCH async_requests USING INDEX"), steps
         assert "ix_async_requests_status" not in steps[0], steps
+
+
+def test_sqlite_cursor_writes_on_a_full_disk_are_507_and_leave_nothing(tmp_path: Path) -> None:
+    """The SQLite hot path (accepts inserted, settles) writes through the driver's cursor;
+    SQLITE_FULL there is the same 507 as through SQLAlchemy, and rolls back whole."""
+    from sqlalchemy import event, text
+
+    from kingpost.errors import InsufficientStorageError
+    from kingpost.store.asyncq import accepted_record
+
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    db.migrate()
+    queue = AsyncQueue(db)
+    kept = put(queue)
+    with db.engine.connect() as conn:
+        pages = int(conn.execute(text("PRAGMA page_count")).scalar_one())
+
+    def cap(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    event.listen(db.engine, "connect", cap)
+    db.engine.dispose()
+    big = AsyncInput(model_input='"' + "x" * 100_000 + '"')
+    records = [accepted_record(big, "m1", "d1", None, T0) for _ in range(20)]
+    with pytest.raises(InsufficientStorageError, match="its disk is full"):
+        queue.insert_accepted(records)
+    assert queue.depths() == {"d1": (1, 0)}  # none of the 20: the transaction rolled back
+    got = queue.settle([], {"d1": (1, 5)}, T0)  # the pool's connection is clean again
+    assert [v.id for v in got.claimed["d1"]] == [kept]
+    db.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,24 @@ from kingpost.errors import InsufficientStorageError, is_disk_full
 __all__ = ["Database"]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@contextmanager
+def full_disk_is_507() -> Iterator[None]:
+    """A database write that fails for want of disk space raises an
+    :class:`InsufficientStorageError` (507), not a bare database error (a plain-text 500):
+    SQLAlchemy's, or the SQLite driver's own where a caller uses its cursor."""
+    try:
+        yield
+    except (OperationalError, sqlite3.OperationalError) as exc:
+        if is_disk_full(exc):
+            raise InsufficientStorageError(
+                "the database could not write: its disk is full; free space on the disk "
+                "of KINGPOST_HOME (or the database server's), e.g. with `kingpost "
+                "weights gc` and `kingpost venvs gc`, then retry",
+                cause="database disk full",
+            ) from exc
+        raise
 
 
 def _alembic_config(url: str) -> Config:
@@ -85,18 +104,8 @@ class Database:
         """A transaction: committed on success, rolled back on error. A write that fails
         for want of disk space is an :class:`InsufficientStorageError` (507), not a bare
         database error (a plain-text 500)."""
-        try:
-            with self._sessions() as session, session.begin():
-                yield session
-        except OperationalError as exc:
-            if is_disk_full(exc):
-                raise InsufficientStorageError(
-                    "the database could not write: its disk is full; free space on the disk "
-                    "of KINGPOST_HOME (or the database server's), e.g. with `kingpost "
-                    "weights gc` and `kingpost venvs gc`, then retry",
-                    cause="database disk full",
-                ) from exc
-            raise
+        with full_disk_is_507(), self._sessions() as session, session.begin():
+            yield session
 
     def close(self) -> None:
         self.engine.dispose()
