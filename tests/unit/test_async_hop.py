@@ -127,10 +127,49 @@ def test_an_answer_in_pieces_is_put_together_and_a_cut_one_is_an_error() -> None
 def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
     async def main() -> None:
         hop = GatewayHop("127.0.0.1", 9)  # nothing is sent: no connection is made
-        for value in ("r1\r\nx-evil: 1", "r1\rx-evil: 1", "r1\nx-evil: 1"):
-            with pytest.raises(ValueError, match="line break"):
+        for value in ("r1\r\nx-evil: 1", "r1\rx-evil: 1", "r1\nx-evil: 1", "r\u20ac"):
+            with pytest.raises(HopError, match=r"ValueError: a line break|UnicodeEncodeError"):
                 await hop.post("/p", b"{}", [("x-baseten-request-id", value)])
         assert hop._idle == []
+
+    asyncio.run(main())
+
+
+def test_an_interim_answer_is_skipped_and_a_stray_one_not_kept() -> None:
+    """The gateway passes on 1xx answers (103 Early Hints): the run's answer is the one
+    after. An answer with more after it (a second message) is not in step: not reused,
+    so the next run cannot read this one's leftovers."""
+    final = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nx-a: final\r\n\r\nresult-A"
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: list[bytes]) -> None:
+        seen.append(await read_request(r))
+        w.write(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(final)
+        await w.drain()
+        seen.append(await read_request(r))
+        w.write(final.replace(b"result-A", b"result-B") + final)  # one answer too many
+        await w.drain()
+        await asyncio.sleep(0.2)
+
+    async def main() -> None:
+        server, port, _, conns = await serve(handler)
+        hop = GatewayHop("127.0.0.1", port)
+        status, headers, body = await hop.post("/p", b"{}", HEADERS)
+        assert (status, body, headers.get("x-a"), "link" in headers) == (
+            200,
+            b"result-A",
+            "final",
+            False,
+        )
+        assert await hop.post("/p", b"{}", HEADERS) == (
+            200,
+            {"content-length": "8", "x-a": "final"},
+            b"result-B",
+        )
+        assert hop._idle == [] and len(conns) == 1  # the second was not kept
+        server.close()
 
     asyncio.run(main())
 

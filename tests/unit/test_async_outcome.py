@@ -78,6 +78,23 @@ def test_classify(
     assert (got.errors[0]["code"] if got.errors else None) == code
 
 
+@pytest.mark.parametrize(
+    ("error", "verdict", "code"),
+    [
+        # no gateway, or it went away: not the model's doing; run again, no attempt counted
+        ("ConnectionRefusedError: [Errno 111]", Verdict.NOT_RUN, "MODEL_UNAVAILABLE"),
+        ("ConnectTimeout", Verdict.NOT_RUN, "MODEL_UNAVAILABLE"),
+        ("EOFError: the gateway closed the connection", Verdict.NOT_RUN, "MODEL_UNAVAILABLE"),
+        # sent, and no answer within the hop's timeout: the model may have run it
+        ("ReadTimeout", Verdict.MODEL_ERROR, "MODEL_PREDICT_TIMEOUT"),
+    ],
+)
+def test_no_answer(error: str, verdict: Verdict, code: str) -> None:
+    got = classify(None, {}, b"", error)
+    assert got.verdict == verdict
+    assert (got.errors[0]["code"] if got.errors else None) == code
+
+
 def test_a_plain_text_answer_is_kept_as_a_json_string() -> None:
     got = classify(200, {"content-type": "text/plain", "content-length": "2"}, b"hi")
     assert got.result is not None and json.loads(got.result) == "hi"

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import httptools
 
+from kingpost.asyncq.outcome import READ_TIMEOUT
+
 __all__ = ["GatewayHop", "HopError", "RemoteProtocolError"]
 
 
@@ -48,6 +50,8 @@ class _Conn(asyncio.Protocol):
         self._begun = False
         """Some of this exchange's answer has come."""
         self._keep_alive = False
+        self._stray = False
+        """A message came after the answer: never reused."""
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,24 +79,40 @@ class _Conn(asyncio.Protocol):
             self._fail(EOFError("the gateway closed the connection before answering"))
 
     # -- httptools callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._answer is None or self._answer.done():
+            self._stray = True  # a message after the answer: the connection is not in step
+        if not self._stray:  # the answer (after any 1xx), its headers and body alone
+            self.headers, self.chunks = {}, []
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if not self._stray:
+            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self._stray:
+            return
         self.status = self._parser.get_status_code()
         ctype = self.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "text/event-stream":
+        if ctype == "text/event-stream" and not self._interim():
             self.streamed = True  # refused unread: never reused
             self._resolve()
 
     def on_body(self, body: bytes) -> None:
-        if not self.streamed:
+        if not self.streamed and not self._stray:
             self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self._stray or self._interim():  # a 103 Early Hints: the answer is still to come
+            return
         self.complete = True
         self._keep_alive = self._parser.should_keep_alive()  # only true until it returns
         self._resolve()
+
+    def _interim(self) -> bool:
+        """The message is an informational (1xx) one, which the gateway passes on; 101 is
+        never asked for here."""
+        return 100 <= self.status < 200
 
     # -- the exchange ---------------------------------------------------------------------
     def usable(self) -> bool:
@@ -101,7 +121,7 @@ class _Conn(asyncio.Protocol):
         return not self.lost and t is not None and not t.is_closing()
 
     def reusable(self) -> bool:
-        return self.complete and not self.streamed and self._keep_alive
+        return self.complete and not self.streamed and self._keep_alive and not self._stray
 
     async def exchange(self, request: bytes) -> None:
         assert self.transport is not None
@@ -138,16 +158,18 @@ class GatewayHop:
     ) -> tuple[int, dict[str, str], bytes]:
         """POST ``body`` to ``path``: the answer's status, headers (names in lower case) and
         body (empty, unread, for ``text/event-stream``). Raises :class:`HopError`."""
-        request = self._request(path, body, headers)
         conn = None
         try:
+            request = self._request(path, body, headers)
             async with asyncio.timeout(self.timeout):
                 conn = await self._take()
                 await conn.exchange(request)
-        except (OSError, EOFError, RemoteProtocolError, TimeoutError) as exc:
+        except (OSError, EOFError, RemoteProtocolError, TimeoutError, ValueError) as exc:
             if conn is not None:
                 conn.close()
-            kind = "ReadTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            kind = type(exc).__name__
+            if isinstance(exc, TimeoutError):  # sent, or still connecting
+                kind = READ_TIMEOUT if conn is not None else "ConnectTimeout"
             raise HopError(f"{kind}: {exc}" if str(exc) else kind) from exc
         except BaseException:  # cancelled: the connection is mid-exchange
             if conn is not None:
@@ -169,7 +191,7 @@ class GatewayHop:
 
     def _request(self, path: str, body: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
         for text in (path, *(x for pair in headers for x in pair)):
-            if "\r" in text or "\n" in text:
+            if "\r" in text or "\n" in text:  # UnicodeEncodeError below is one too
                 raise ValueError(f"a line break in the hop's path or a header: {text!r}")
         lines = [f"POST {path} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
         lines.append(b"content-length: %d\r\n" % len(body))

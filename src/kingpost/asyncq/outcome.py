@@ -10,6 +10,8 @@ from typing import Any
 
 __all__ = ["Outcome", "Verdict", "classify", "streaming"]
 
+READ_TIMEOUT = "ReadTimeout"
+"""How a hop error begins when the run was sent and no answer came in time."""
 _GATEWAY_WAIT_CODES = frozenset({"unavailable", "overloaded", "starting"})
 """The gateway's own refusals that say "not now", not "the model failed"."""
 STREAMING_MESSAGE = (
@@ -59,8 +61,12 @@ def _gateway_code(body: bytes) -> str | None:
 
 
 def classify(status: int | None, headers: dict[str, str], body: bytes, error: str = "") -> Outcome:
-    """``status`` None: the gateway could not be reached (``error`` says why)."""
+    """``status`` None: no answer came (``error``, the hop's, says why). Not run, unless
+    the run was sent and went past the hop's own timeout: the model may have run it, so it
+    counts as an attempt (else a model that outlasts the timeout would run forever)."""
     if status is None:
+        if error.startswith(READ_TIMEOUT):
+            return Outcome(Verdict.MODEL_ERROR, errors=_err("MODEL_PREDICT_TIMEOUT", error))
         return Outcome(Verdict.NOT_RUN, errors=_err("MODEL_UNAVAILABLE", error))
     text = body.decode("utf-8", "replace")
     if 200 <= status < 300:
