@@ -185,6 +185,28 @@ def test_webhook_delivery_records_and_sweep(queue: AsyncQueue, tmp_path: Path) -
         queue.get(rid)
 
 
+def test_the_sweep_goes_in_batches_and_keeps_what_is_young_or_due(
+    queue: AsyncQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kingpost.store.asyncq as store_asyncq
+
+    monkeypatch.setattr(store_asyncq, "SWEEP_BATCH", 2)
+    old = [put(queue) for _ in range(5)]
+    due = put(queue, webhook_endpoint="https://h.example/")
+    young = put(queue)
+    queue.claim([*old, due], now=T0)
+    for rid in [*old, due]:
+        assert queue.succeed(rid, '"ok"', now=T0)
+    queue.claim([young], now=T0 + timedelta(days=5))
+    assert queue.succeed(young, '"ok"', now=T0 + timedelta(days=5))
+    assert queue.sweep(timedelta(days=7), now=T0 + timedelta(days=8)) == 5  # three batches
+    assert queue.get(due).webhook_status == WebhookStatus.PENDING  # its webhook is still due
+    assert queue.get(young).status == AsyncStatus.SUCCEEDED
+    for rid in old:
+        with pytest.raises(NotFoundError):
+            queue.get(rid)
+
+
 def test_webhook_secrets_are_sealed(queue: AsyncQueue, tmp_path: Path) -> None:
     box = SecretBox(load_or_create_key(tmp_path, None))
     first, value = queue.create_webhook_secret(box)

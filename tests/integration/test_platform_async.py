@@ -369,10 +369,14 @@ def test_a_run_the_gateway_turns_away_goes_back_to_the_queue(
         def sync(body: dict[str, Any]) -> None:
             answers.append(httpx.post(url, json=body, headers=auth, timeout=60).status_code)
 
-        def queued() -> float:
+        def metric(name: str, *labels: str) -> float:
             text = httpx.get(f"{platform.api_url}/metrics", headers=auth).text
-            lines = [x for x in text.splitlines() if x.startswith("kingpost_requests_queued{")]
+            lines = [x for x in text.splitlines() if x.startswith(name + "{")]
+            lines = [x for x in lines if all(label in x for label in labels)]
             return sum(float(x.rsplit(" ", 1)[1]) for x in lines)  # its one deployment
+
+        def queued() -> float:
+            return metric("kingpost_requests_queued")
 
         holder = threading.Thread(target=sync, args=({"key": "hold", "sleep": 8},))
         holder.start()
@@ -381,6 +385,14 @@ def test_a_run_the_gateway_turns_away_goes_back_to_the_queue(
         waiter.start()
         wait_for(lambda: queued() == 1, 6, "a sync request to wait in the gateway's queue")
         rid = enqueue(platform, model, {"model_input": {"key": "turned-away"}})
+        wait_for(  # the run was turned away (429): back in the queue, its attempt undone
+            lambda: (
+                metric("kingpost_requests_total", 'code_class="4xx"') >= 1
+                and status(platform, model, rid)["status"] == "QUEUED"
+            ),
+            6,
+            "the run to be turned away and released",
+        )
         got = wait_done(platform, model, rid, timeout=60)
         holder.join(30)
         waiter.join(30)
