@@ -20,6 +20,11 @@ from kingpost.asyncq.webhooks import SIGNATURE_HEADER, verify
 
 MODEL = REPO / "tests" / "fixtures" / "models" / "async_worker"
 DONE = {"SUCCEEDED", "FAILED", "EXPIRED", "CANCELED", "WEBHOOK_FAILED"}
+ASYNC_WORKER_ENV = {
+    "KINGPOST_ASYNC_SHARE": "1",
+    "KINGPOST_ISOLATION": "off",  # the model appends to a log file the test reads
+    "KINGPOST_NETNS": "off",
+}
 
 
 class Receiver:
@@ -70,9 +75,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         "KINGPOST_ASYNC_WEBHOOK_ALLOW_HTTP": "true",
         "KINGPOST_ASYNC_WEBHOOK_INITIAL_DELAY": "0.2",
         "KINGPOST_ASYNC_WEBHOOK_ATTEMPTS": "3",
-        "KINGPOST_ASYNC_SHARE": "1",
-        "KINGPOST_ISOLATION": "off",  # the model appends to a log file the test reads
-        "KINGPOST_NETNS": "off",
+        **ASYNC_WORKER_ENV,
     }
     p = Platform(home / "home", extra_env=env).start()
     try:
@@ -353,12 +356,7 @@ def test_a_run_the_gateway_turns_away_goes_back_to_the_queue(
     queue and runs once the slot frees. Recording that release once failed on every
     tick, so the request stayed IN_PROGRESS and no other async request was taken again."""
     home = tmp_path_factory.mktemp("async-release")
-    env = {
-        "KINGPOST_ASYNC_SHARE": "1",
-        "KINGPOST_GATEWAY_QUEUE_LIMIT": "1",
-        "KINGPOST_ISOLATION": "off",
-        "KINGPOST_NETNS": "off",
-    }
+    env = {**ASYNC_WORKER_ENV, "KINGPOST_GATEWAY_QUEUE_LIMIT": "1"}
     platform = Platform(home / "home", extra_env=env).start()
     try:
         model = push_async_worker(platform, tmp_path_factory)
