@@ -16,7 +16,6 @@ chunks), so an answer that ends with its connection is an error here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 
 import httptools
@@ -186,8 +185,7 @@ class GatewayHop:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)  # let the transports finish closing
+        await asyncio.sleep(0)  # let the transports finish closing
 
     def _request(self, path: str, body: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
         for text in (path, *(x for pair in headers for x in pair)):

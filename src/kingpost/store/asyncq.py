@@ -168,15 +168,19 @@ class AsyncQueue:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._reader: Engine = db.engine
-        self.local = db.url.startswith("sqlite")
-        """A local file: a call waits on no network (the workers settle on their loop)."""
-        self._local = _SqliteHotPath(db.engine) if self.local else None
+        self._local = _SqliteHotPath(db.engine) if db.url.startswith("sqlite") else None
         if self.local:
             # Reads need no write lock: on SQLite every transaction of ``db`` takes one
             # (BEGIN IMMEDIATE), and the workers' polls would queue the gateway's accepts
             # behind them. In WAL mode a plain read sees the last commit.
             self._reader = create_engine(db.url, connect_args={"check_same_thread": False})
             event.listen(self._reader, "connect", _sqlite_pragmas)
+
+    @property
+    def local(self) -> bool:
+        """A local file (SQLite): a call waits on no network (the workers settle on their
+        loop)."""
+        return self._local is not None
 
     def _read(self) -> Session:
         return Session(self._reader, expire_on_commit=False)
@@ -777,9 +781,6 @@ class _SqliteHotPath:
         """New rows (:func:`_row`, every one with the same columns); an id already there is
         left as it is."""
         names = tuple(rows[0])
-        for name in names:
-            if name not in self._bind:
-                raise KeyError(f"async_requests has no column {name!r}")
         marks = ", ".join("?" * len(names))
         sql = (
             f"INSERT INTO async_requests ({', '.join(names)}) VALUES ({marks}) "
@@ -807,9 +808,14 @@ class _SqliteHotPath:
         return Settled(recorded, claimed, expired)
 
     def _value(self, column: str, value: Any) -> Any:
+        """``value`` as the driver takes it for ``column``: its bind processor's output. A
+        name that is not a column is refused here, before any SQL names it."""
         if isinstance(value, enum.Enum):
             value = value.value
-        process = self._bind[column]
+        try:
+            process = self._bind[column]
+        except KeyError:
+            raise KeyError(f"async_requests has no column {column!r}") from None
         return value if process is None or value is None else process(value)
 
     def _set(
@@ -821,10 +827,6 @@ class _SqliteHotPath:
         groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
         for rid, values in changes:
             columns = tuple(values)
-            if columns not in groups:
-                for column in columns:
-                    if column not in self._bind:
-                        raise KeyError(f"async_requests has no column {column!r}")
             params = [self._value(c, values[c]) for c in columns]
             groups.setdefault(columns, []).append((*params, rid, guard.value))
         n = 0
