@@ -94,27 +94,39 @@ def test_retry_backs_off_then_fails(queue: AsyncQueue) -> None:
     assert (got.status, got.attempts, got.errors[0]["message"]) == (AsyncStatus.FAILED, 2, "boom")
 
 
-def test_settle_records_then_claims_and_expires_in_one_transaction(queue: AsyncQueue) -> None:
+def test_settle_claims_records_then_picks_and_expires_in_one_transaction(
+    queue: AsyncQueue,
+) -> None:
     ran = put(queue, 0, 0)
     queue.claim([ran], now=T0)
+    started = put(queue, 0, 0.1)  # started by the workers since their last settle
     stale = put(queue, 2, 0, max_time_in_queue_seconds=10)
     low, high = put(queue, 1, 1), put(queue, 0, 2)
     canceled = put(queue, 0, 0.5)
-    queue.cancel(canceled)
+    queue.cancel(canceled)  # after the workers picked it, before their claim
     other = put(queue, 0, 0, dep="d2")
     now = T0 + timedelta(seconds=20)
     done = [(ran, AsyncQueue.succeeded_values('"ok"', now)), ("gone", {"status": "FAILED"})]
-    got = queue.settle(done, {"d1": (1, 10), "d2": (0, 10)}, now)
-    # The run's outcome is recorded; its freed slot goes to the highest priority (not the
-    # canceled one, nor the older low-priority one); the one past its wait expires.
-    assert got.recorded == 1 and got.expired == 1
-    assert {d: [v.id for v in vs] for d, vs in got.claimed.items()} == {"d1": [high]}
-    assert got.claimed["d1"][0].status == AsyncStatus.IN_PROGRESS
+    claims = [(started, now), (canceled, now)]
+    got = queue.settle(done, claims, {"d1": (1, 10), "d2": (0, 10)}, now)
+    # What started is claimed, the canceled one named lost; the run's outcome is recorded;
+    # the next pick is the highest priority (not the canceled one, nor the older
+    # low-priority one); the one past its wait expires.
+    assert got.recorded == 1 and got.expired == 1 and got.lost == (canceled,)
+    assert got.ready == {"d1": (high,), "d2": ()}
+    assert got.rows == {high: queue.get(high)}  # whole, as stored, still queued
+    assert got.rows[high].status == AsyncStatus.QUEUED
+    taken = queue.get(started)
+    assert (taken.status, taken.attempts, taken.started_at) == (AsyncStatus.IN_PROGRESS, 1, now)
+    assert queue.get(canceled).status == AsyncStatus.CANCELED
     assert queue.get(ran).status == AsyncStatus.SUCCEEDED
     assert queue.get(stale).status == AsyncStatus.EXPIRED
     assert queue.get(low).status == AsyncStatus.QUEUED
-    assert queue.get(other).status == AsyncStatus.QUEUED  # no free slot there
-    assert queue.settle(done, {}, now).recorded == 0  # nothing is recorded twice
+    assert queue.get(other).status == AsyncStatus.QUEUED  # picked nothing there
+    # The rows the workers hold already are not read again.
+    again = queue.settle([], [], {"d1": (2, 10)}, now, have={high})
+    assert again.ready == {"d1": (high, low)} and list(again.rows) == [low]
+    assert queue.settle(done, [], {}, now).recorded == 0  # nothing is recorded twice
 
 
 def test_settle_writes_each_outcome_as_the_single_calls_do(queue: AsyncQueue) -> None:
@@ -132,15 +144,19 @@ def test_settle_writes_each_outcome_as_the_single_calls_do(queue: AsyncQueue) ->
     for name, (values, single, args) in kinds.items():
         a, b = put(queue, dep=f"a-{name}"), put(queue, dep=f"b-{name}")
         queue.claim([b], now=T0)
-        got = queue.settle([], {f"a-{name}": (1, 5)}, T0)
-        (claimed,) = got.claimed[f"a-{name}"]
-        assert claimed == queue.get(a)  # the view read back is the stored row
+        assert queue.settle([], [(a, T0)], {}, T0).lost == ()
+        claimed = queue.get(a)
         assert (claimed.status, claimed.attempts, claimed.started_at) == (
             AsyncStatus.IN_PROGRESS,
             1,
             T0,
         )
-        assert queue.settle([(a, values)], {}, T0).recorded == 1
+        same = ("status", "attempts", "started_at", "status_at")
+        single_claim = queue.get(b)  # a settle's claim is the single call's
+        assert {k: getattr(claimed, k) for k in same} == {
+            k: getattr(single_claim, k) for k in same
+        }, name
+        assert queue.settle([(a, values)], [], {}, T0).recorded == 1
         assert single(b, *args)
         one, other = queue.get(a), queue.get(b)
         same = ("status", "attempts", "result", "errors", "webhook_status", "finished_at")
@@ -241,6 +257,13 @@ def test_the_workers_reads_use_their_indexes_on_sqlite(tmp_path: Path) -> None:
         event.listen(engine, "before_cursor_execute", grab)
     assert len(q.candidates("d1", 8)) == 8
     assert len(q.claim(ids[:8], now=T0)) == 8  # a worker's claim: up to its free slots
+    hot = q._local  # the settle's own SQL on the driver's cursor
+    assert hot is not None
+    ran += [
+        (hot._candidates, ("d1", "QUEUED", 8)),
+        (hot._claim, ("IN_PROGRESS", "t", "t", ids[8], "QUEUED")),
+        (f"{hot._rows_by_id}(?, ?)", (ids[8], ids[9])),
+    ]
     q.close()
     db.close()
     conn = sqlite3.connect(tmp_path / "k.db")
@@ -249,7 +272,7 @@ def test_the_workers_reads_use_their_indexes_on_sqlite(tmp_path: Path) -> None:
         for sql, params in ran
         if "async_requests" in sql
     ]
-    assert len(plans) >= 3, [sql for sql, _ in ran]  # the read, the claim, the read-back
+    assert len(plans) >= 6, [sql for sql, _ in ran]  # the read, the claim, the read-back
     for steps in plans:
         assert len(steps) == 1, steps  # one search, no sort
         assert steps[0].startswith("SEARCH async_requests USING INDEX"), steps
@@ -281,6 +304,6 @@ def test_sqlite_cursor_writes_on_a_full_disk_are_507_and_leave_nothing(tmp_path:
     with pytest.raises(InsufficientStorageError, match="its disk is full"):
         queue.insert_accepted(records)
     assert queue.depths() == {"d1": (1, 0)}  # none of the 20: the transaction rolled back
-    got = queue.settle([], {"d1": (1, 5)}, T0)  # the pool's connection is clean again
-    assert [v.id for v in got.claimed["d1"]] == [kept]
+    got = queue.settle([], [], {"d1": (1, 5)}, T0)  # the pool's connection is clean again
+    assert got.ready == {"d1": (kept,)} and list(got.rows) == [kept]
     db.close()

@@ -286,6 +286,8 @@ def test_kill_9_loses_nothing_and_reruns_nothing_recorded(
     inflight = enqueue(platform, model, {"model_input": {"key": "k-inflight", "sleep": 30}})
     queued = [enqueue(platform, model, {"model_input": {"key": f"k-q{i}"}}) for i in range(3)]
     wait_for(lambda: ("k-inflight", inflight) in calls(model), 30, "the long run to begin")
+    # Begun and claimed (a run starts before the workers' next settle records its claim).
+    wait_for(lambda: status(platform, model, inflight)["status"] == "IN_PROGRESS", 30, "claim")
     platform.stop(signal.SIGKILL)
     platform.start()
     for rid in [inflight, *queued]:

@@ -73,6 +73,8 @@ def test_async_end_to_end_on_postgresql(
     inflight = enqueue({"model_input": {"key": "pg-inflight", "sleep": 3}})
     queued = [enqueue({"model_input": {"key": f"pg-q{i}"}, "priority": 2}) for i in range(2)]
     wait_for(lambda: "pg-inflight" in keys(), 30, "the long run to begin")
+    # Begun and claimed (a run starts before the workers' next settle records its claim).
+    wait_for(lambda: status(inflight)["status"] == "IN_PROGRESS", 30, "its claim")
     platform.stop(signal.SIGKILL)
     platform.start()
     for rid in [inflight, *queued]:

@@ -19,6 +19,7 @@ __all__ = [
     "async_slots",
     "choose",
     "model_error_retryable",
+    "past_wait",
     "retry_delay_ms",
     "webhook_delay_s",
     "webhook_retryable",
@@ -62,7 +63,12 @@ class Choice:
 def expired(c: Candidate, now: datetime) -> bool:
     """A request that never ran expires once it waited its ``max_time_in_queue_seconds``.
     A retry does not: ``max_attempts`` bounds it, and its error must be recorded."""
-    return c.attempts == 0 and now - c.created_at >= timedelta(seconds=c.max_time_in_queue_s)
+    return past_wait(c.attempts, c.created_at, c.max_time_in_queue_s, now)
+
+
+def past_wait(attempts: int, created_at: datetime, max_time_s: int, now: datetime) -> bool:
+    """:func:`expired`, of a request's fields."""
+    return attempts == 0 and now - created_at >= timedelta(seconds=max_time_s)
 
 
 def choose(candidates: Iterable[Candidate], now: datetime, free: int) -> Choice:

@@ -1,26 +1,38 @@
 """The control plane's async workers: take queued requests per deployment, run them on
 replicas through the gateway, record each outcome, deliver webhooks, sweep old results.
 
-One thread with its own event loop (``AsyncWorkers.start``). Each tick (every
-``poll_s``, and at once when a run ends) it records the runs that ended and, per
-deployment with queued work, takes as many requests as
-:func:`~kingpost.asyncq.policy.async_slots` allows, all in one store transaction
-(``AsyncQueue.settle``: one commit, so a slot freed by a run that ended is taken again with
-the same commit that records it): a share (``KINGPOST_ASYNC_SHARE``) of the ready
-replicas' predict slots, so sync predicts keep the rest. On SQLite the settle runs on the
-workers' loop itself: it waits on no network, and a hop to a thread and back, with the
-control plane's other threads holding the GIL, doubled how long a freed slot stayed idle
-(bench/README.md, "Async"). Beside the ticks, once per ``poll_s``, a poll reads the queue
-depth per deployment, hands the backlog to the autoscaler as demand (``backlog``), has the
-next tick expire what waited too long and starts due webhooks. Runs go through the
-gateway's normal routing (``/models/{m}/deployment/{d}/predict``, with a key that lives
-only in this process's memory and the routing table), so they queue fairly with sync
-requests, wake a deployment at zero, and reach isolated replicas.
+One thread with its own event loop (``AsyncWorkers.start``). A run that ends starts the
+next request its deployment's pick names (``_ready``) at once, before any store write:
+the slot is taken again within the loop's turn. The store learns of it at the next
+tick (ticks come ``TICK_MIN_S`` apart or more, and ``poll_s`` apart at most), which in one
+transaction (``AsyncQueue.settle``) claims what started since the last one
+(QUEUED -> IN_PROGRESS, one more attempt), records the runs that ended and, per
+deployment with queued work, reads its queue in scheduling order to pick the next
+requests for all its slots (:func:`~kingpost.asyncq.policy.async_slots`: a share,
+``KINGPOST_ASYNC_SHARE``, of the ready replicas' predict slots, so sync predicts keep the
+rest), expiring what waited too long; then it starts what free slots allow. Claiming at
+the start, in the store, kept each freed slot idle for a tick and its transaction
+(bench/README.md, "Async"). On SQLite the settle runs on the workers' loop itself: it
+waits on no network, and a hop to a thread and back, with the control plane's other
+threads holding the GIL, cost more than the settle. Beside the ticks, once per
+``poll_s``, a poll reads the queue depth per deployment, hands the backlog to the
+autoscaler as demand (``backlog``), has the next tick look further for expired requests
+and starts due webhooks. Runs go through the gateway's normal routing
+(``/models/{m}/deployment/{d}/predict``, with a key that lives only in this process's
+memory and the routing table), so they queue fairly with sync requests, wake a
+deployment at zero, and reach isolated replicas.
+
+What starts between a pick and its claim: a request a cancel reached first (the claim
+finds it CANCELED; its run is cut off, its answer dropped), one that waited past its
+``max_time_in_queue_seconds`` since the pick (not started; the expiry records it), and a
+request of higher priority accepted after the pick (it waits for the next one, at most a
+tick).
 
 Durable: the queue. Soft: which runs are in flight here. On start every IN_PROGRESS row
-(a run the last control plane began and never recorded) goes back to the queue; a run's
-outcome is recorded only while its row is still IN_PROGRESS, so nothing recorded runs
-again and nothing is recorded twice.
+(a run the last control plane began and never recorded) goes back to the queue, as does
+a run started and not yet claimed (its row is still QUEUED); a run's outcome is recorded
+only while its row is still IN_PROGRESS, so nothing recorded runs again and nothing is
+recorded twice.
 """
 
 from __future__ import annotations
@@ -30,8 +42,9 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -41,24 +54,26 @@ from kingpost.asyncq.hop import GatewayHop, HopError
 from kingpost.asyncq.outcome import Outcome, Verdict, classify
 from kingpost.asyncq.policy import (
     async_slots,
+    past_wait,
     retry_delay_ms,
     webhook_delay_s,
     webhook_retryable,
 )
 from kingpost.asyncq.webhooks import deliver, payload
 from kingpost.store.asyncq import AsyncQueue, AsyncRequestView
-from kingpost.store.models import utcnow
+from kingpost.store.models import AsyncStatus, utcnow
 
 __all__ = ["AsyncWorkers", "Capacity", "WorkerSettings"]
 
 log = logging.getLogger(__name__)
 NOT_RUN_DELAY = timedelta(seconds=1)
 SWEEP_EVERY_S = 3600.0
-TICK_MIN_S = 0.0
-"""A pause between ticks. None: a run that ends starts a tick at once, and runs that end
-while a tick's transaction is in flight share the next one (a tick awaits its own), so
-they batch without a wait. 10 ms left a replica's slot idle 10 ms of every 60 with a
-50 ms model; 2 ms still cost the echo server 6% of its async throughput."""
+TICK_MIN_S = 0.003
+"""A pause between ticks, so runs that end close together share one settle. Runs start
+from the pick without a tick; the pick covers ``PICK_PER_SLOT`` runs per slot, more than
+end in a pause. None: a settle per run that ended, each holding the loop (a 10 ms
+model's answers waited behind them); 6 ms ran an echo server's pick dry between ticks."""
+PICK_PER_SLOT = 2
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,15 @@ class AsyncWorkers:
         self._secrets = webhook_secrets
         self._clock = clock
         self._running: dict[str, int] = {}
+        """Per deployment, runs started and not ended."""
+        self._runs: dict[str, asyncio.Task[None]] = {}
+        """Per request started and not ended, its run."""
+        self._ready: dict[str, deque[AsyncRequestView]] = {}
+        """Per deployment, the queued requests to start next (the last settle's pick)."""
+        self._claims: list[tuple[str, datetime]] = []
+        """Requests started since the last settle: (id, when), claimed by the next one."""
+        self._caps: dict[str, Capacity] = {}
+        """The routing table's word on each deployment, as of the last tick."""
         self._delivering: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._thread: threading.Thread | None = None
@@ -120,8 +144,6 @@ class AsyncWorkers:
         """Queue depth per deployment, read once per ``poll_s``."""
         self._outcomes: list[tuple[str, dict[str, object]]] = []
         """Runs ended since the last tick, recorded together (one transaction)."""
-        self._models: dict[str, str] = {}
-        """Per deployment the tick claims for, its model (the run's route)."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,12 +191,19 @@ class AsyncWorkers:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self.settings.poll_s)
                 self._kick.clear()
-            pending = [*self._tasks, *([self._poll] if self._poll is not None else [])]
+            pending = [
+                *self._tasks,
+                *self._runs.values(),
+                *([self._poll] if self._poll is not None else []),
+            ]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             if self._outcomes:  # ended runs are recorded; cut ones run again next start
-                await asyncio.to_thread(self.queue.finish_many, self._outcomes)
+                done = self._outcomes
+                ended = {rid for rid, _ in done}  # a cut run unclaimed stays QUEUED, uncounted
+                claims = [(rid, at) for rid, at in self._claims if rid in ended]
+                await asyncio.to_thread(self.queue.settle, done, claims, {}, self._clock())
             await self._hop.aclose()
 
     def _spawn(self, coro: object) -> None:
@@ -214,47 +243,91 @@ class AsyncWorkers:
             self._poll = None
 
     async def _settle(self, *, expire: bool) -> None:
-        """Record the runs that ended and claim what each deployment's free slots allow,
-        in one store transaction (``AsyncQueue.settle``); with no slot free, only look
-        for expired requests (``expire``: once per poll, not on every tick)."""
+        """One store transaction (``AsyncQueue.settle``): claim the runs started since the
+        last one, record the runs that ended and, per deployment with queued work, pick
+        the next requests to start (``_ready``); then start what the free slots allow."""
         wants = self._wants(expire=expire)
         done, self._outcomes = self._outcomes, []
-        if not done and not wants:
+        claims, self._claims = self._claims, []
+        if not done and not wants and not claims:
             return
+        held = {v.id: v for views in self._ready.values() for v in views}
         try:
             if self.queue.local:  # a local file: on this loop, no thread hop (see above)
-                settled = self.queue.settle(done, wants, self._clock())
+                settled = self.queue.settle(done, claims, wants, self._clock(), held)
             else:
-                settled = await asyncio.to_thread(self.queue.settle, done, wants, self._clock())
+                settled = await asyncio.to_thread(
+                    self.queue.settle, done, claims, wants, self._clock(), held
+                )
         except BaseException:
             self._outcomes[:0] = done  # recorded by the next tick, not lost
+            self._claims[:0] = claims
             raise
-        models = self._models
-        for dep, views in settled.claimed.items():
-            for view in views:
-                self._running[dep] = self._running.get(dep, 0) + 1
-                self._spawn(self._run(view, models[dep]))
+        for rid in settled.lost:  # a cancel took it between the pick and the start
+            run = self._runs.get(rid)
+            if run is not None:
+                log.info("async: request %s was canceled as it started: its run is cut", rid)
+                run.cancel()
+        # Started since the pick was read (a settle in a thread): not started twice.
+        started = {rid for rid, _ in self._claims}
+        rows = {**held, **settled.rows}
+        self._ready = {
+            dep: deque(
+                rows[rid]
+                for rid in run
+                if rid in rows and rid not in self._runs and rid not in started
+            )
+            for dep, run in settled.ready.items()
+        }
+        for dep in self._ready:
+            self._fill(dep)
 
     def _wants(self, *, expire: bool) -> dict[str, tuple[int, int]]:
-        """Per deployment with queued work: (free slots, candidates to read). Expiry looks
-        past the ones that run; between polls a few more than the free slots, in case the
-        first are backing off (``not_before``)."""
-        caps = self._capacity()
+        """Per deployment with queued work: (requests to pick, candidates to read). The
+        pick covers every slot, busy ones too, ``PICK_PER_SLOT`` runs each: a run that
+        ends starts the next at once, before any settle. Expiry looks past the picked
+        ones; between polls a few more, in case the first are backing off
+        (``not_before``)."""
+        self._caps = caps = self._capacity()
         wants: dict[str, tuple[int, int]] = {}
-        self._models = {}
         for dep, (queued, _) in self._depths.items():
             cap = caps.get(dep)
             if not queued or cap is None:
                 continue
-            busy = self._running.get(dep, 0)
-            free = async_slots(cap.ready, cap.concurrency, self.settings.share, busy)
+            slots = PICK_PER_SLOT * async_slots(cap.ready, cap.concurrency, self.settings.share, 0)
             if not cap.runnable:
-                free = 0
-            if free == 0 and not expire:
-                continue
-            wants[dep] = (free, free + 64 if expire else free + 8)
-            self._models[dep] = cap.model_id
+                slots = 0
+            wants[dep] = (slots, slots + 64 if expire else slots + 8)
         return wants
+
+    def _fill(self, dep: str) -> None:
+        """Start the deployment's next picked requests while it has free slots; the next
+        settle claims them (``_claims``). One that waited too long since the pick is left
+        for the expiry."""
+        ready, cap = self._ready.get(dep), self._caps.get(dep)
+        if not ready or cap is None or not cap.runnable or self._stop.is_set():
+            return
+        busy = self._running.get(dep, 0)
+        free = async_slots(cap.ready, cap.concurrency, self.settings.share, busy)
+        now, started = self._clock(), False
+        while free > 0 and ready:
+            view = ready.popleft()
+            if past_wait(view.attempts, view.created_at, view.max_time_in_queue_seconds, now):
+                continue
+            self._claims.append((view.id, now))
+            run = replace(
+                view,
+                status=AsyncStatus.IN_PROGRESS,
+                attempts=view.attempts + 1,
+                status_at=now,
+                started_at=now,
+            )  # the row as the claim leaves it
+            self._running[dep] = self._running.get(dep, 0) + 1
+            task = asyncio.ensure_future(self._run(run, cap.model_id))
+            self._runs[view.id] = task
+            free, started = free - 1, True
+        if started and self._kick is not None:
+            self._kick.set()  # the claims go in soon
 
     # -- one run --------------------------------------------------------------------------
     async def _run(self, view: AsyncRequestView, model_id: str) -> None:
@@ -264,7 +337,9 @@ class AsyncWorkers:
         except Exception:
             log.exception("async: request %s: recording its run failed", view.id)
         finally:
+            self._runs.pop(view.id, None)
             self._running[view.deployment_id] -= 1
+            self._fill(view.deployment_id)  # the slot's next, before any settle
             if self._kick is not None:
                 self._kick.set()
 

@@ -16,7 +16,7 @@ import enum
 import functools
 import json
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
@@ -310,30 +310,41 @@ class AsyncQueue:
     def settle(
         self,
         outcomes: Sequence[tuple[str, dict[str, Any]]],
+        claims: Sequence[tuple[str, datetime]],
         wants: Mapping[str, tuple[int, int]],
         now: datetime,
+        have: Collection[str] = (),
     ) -> Settled:
-        """The workers' whole turn in one write transaction (one thread hop, one commit):
-        record ``outcomes`` as :meth:`finish_many` does, then per deployment in ``wants``
-        (``dep -> (free slots, candidates to read)``) read its queue in scheduling order,
-        expire what waited too long and claim what :func:`~kingpost.asyncq.policy.choose`
-        picks for the free slots, as :meth:`candidates`, :meth:`expire` and :meth:`claim`
-        do one by one. A run that ends frees its slot and the next request starts with
-        the same commit."""
+        """The workers' whole turn in one write transaction (one commit): claim the
+        requests the workers started since the last turn (``claims``: ``(id, started
+        at)``; those a cancel took first are ``lost``), record ``outcomes`` as
+        :meth:`finish_many` does, then per deployment in ``wants`` (``dep -> (slots,
+        candidates to read)``) read its queue in scheduling order, expire what waited too
+        long and name what :func:`~kingpost.asyncq.policy.choose` picks for ``slots`` as
+        the next to start (``ready``), with the rows of those not in ``have`` (the ones
+        the workers hold already)."""
         if self._local is not None:
             with self._local.transaction() as cur:
-                return self._local.settle(cur, outcomes, wants, now)
-        claimed: dict[str, list[AsyncRequestView]] = {}
+                return self._local.settle(cur, outcomes, claims, wants, now, have)
+        ready: dict[str, tuple[str, ...]] = {}
         expired = 0
         with self.db.session() as s:
+            conn = s.connection()
+            lost = tuple(
+                rid
+                for rid, at in claims
+                if conn.execute(_CLAIM, {"rid": rid, "now": at}).rowcount != 1
+            )
             recorded = _finish_in(s, outcomes)
-            for dep, (free, limit) in wants.items():
-                choice = choose(_candidates(s, dep, limit), now, free)
+            for dep, (slots, limit) in wants.items():
+                choice = choose(_candidates(s, dep, limit), now, slots)
                 if choice.expire:
                     expired += _expire_in(s, choice.expire, now)
-                if choice.run:
-                    claimed[dep] = _claim_in(s, choice.run, now)
-        return Settled(recorded, claimed, expired)
+                ready[dep] = choice.run
+            new = [rid for run in ready.values() for rid in run if rid not in have]
+            rows = conn.execute(_ROWS, {"ids": new}).all() if new else []
+        queued = {r.id: _view(r) for r in rows if r.status == AsyncStatus.QUEUED}
+        return Settled(recorded, lost, expired, ready, queued)
 
     def claim(self, ids: Sequence[str], now: datetime | None = None) -> list[AsyncRequestView]:
         """Take queued requests to run (QUEUED -> IN_PROGRESS, one more attempt), in one
@@ -620,9 +631,13 @@ class Settled:
 
     recorded: int
     """Outcomes recorded (those whose request was still IN_PROGRESS)."""
-    claimed: dict[str, list[AsyncRequestView]]
-    """Per deployment, the requests claimed to run now, in scheduling order."""
+    lost: tuple[str, ...]
+    """Claims a cancel (or an expiry) took first: their runs are cut off."""
     expired: int
+    ready: dict[str, tuple[str, ...]]
+    """Per deployment, the queued requests to start next, in scheduling order."""
+    rows: dict[str, AsyncRequestView]
+    """The rows of those in ``ready`` the workers did not hold."""
 
 
 _EXPIRED = [
@@ -664,6 +679,7 @@ _CLAIM = (
         started_at=bindparam("now", type_=UTCDateTime),
     )
 )
+_ROWS = select(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
 _CLAIMED = select(_T).where(
     _T.c.id.in_(bindparam("ids", expanding=True)),
     _T.c.started_at == bindparam("now", type_=UTCDateTime),
@@ -751,7 +767,7 @@ class _SqliteHotPath:
             "UPDATE async_requests SET status = ?, attempts = attempts + 1, status_at = ?, "
             "started_at = ? WHERE id = ? AND status = ?"
         )
-        self._claimed = f"SELECT {cols} FROM async_requests WHERE started_at = ? AND id IN "
+        self._rows_by_id = f"SELECT {cols} FROM async_requests WHERE id IN "
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -792,20 +808,28 @@ class _SqliteHotPath:
         self,
         cur: Any,
         outcomes: Sequence[tuple[str, dict[str, Any]]],
+        claims: Sequence[tuple[str, datetime]],
         wants: Mapping[str, tuple[int, int]],
         now: datetime,
+        have: Collection[str],
     ) -> Settled:
+        running, queued = AsyncStatus.IN_PROGRESS.value, AsyncStatus.QUEUED.value
+        lost = []
+        for rid, at in claims:  # one by one: a claim a cancel took first is named
+            t = self._value("started_at", at)
+            if cur.execute(self._claim, (running, t, t, rid, queued)).rowcount != 1:
+                lost.append(rid)
         recorded = self._set(cur, outcomes, AsyncStatus.IN_PROGRESS)
-        claimed: dict[str, list[AsyncRequestView]] = {}
+        ready: dict[str, tuple[str, ...]] = {}
         expired = 0
-        for dep, (free, limit) in wants.items():
-            choice = choose(self._read_candidates(cur, dep, limit), now, free)
+        for dep, (slots, limit) in wants.items():
+            choice = choose(self._read_candidates(cur, dep, limit), now, slots)
             if choice.expire:
                 gone = [(rid, _expired_values(now)) for rid in choice.expire]
                 expired += self._set(cur, gone, AsyncStatus.QUEUED)
-            if choice.run:
-                claimed[dep] = self._take(cur, choice.run, now)
-        return Settled(recorded, claimed, expired)
+            ready[dep] = choice.run
+        new = [rid for run in ready.values() for rid in run if rid not in have]
+        return Settled(recorded, tuple(lost), expired, ready, self._rows(cur, new))
 
     def _value(self, column: str, value: Any) -> Any:
         """``value`` as the driver takes it for ``column``: its bind processor's output. A
@@ -841,14 +865,13 @@ class _SqliteHotPath:
         rows = cur.execute(self._candidates, (dep, AsyncStatus.QUEUED.value, limit)).fetchall()
         return [Candidate(r[0], r[1], when(r[2]), when(r[3]), r[4], r[5]) for r in rows]
 
-    def _take(self, cur: Any, ids: Sequence[str], now: datetime) -> list[AsyncRequestView]:
-        at = self._value("started_at", now)
-        running, queued = AsyncStatus.IN_PROGRESS.value, AsyncStatus.QUEUED.value
-        cur.executemany(self._claim, [(running, at, at, rid, queued) for rid in ids])
+    def _rows(self, cur: Any, ids: Sequence[str]) -> dict[str, AsyncRequestView]:
+        """The queued requests among ``ids``, whole (read by id alone: see ``_CLAIM``)."""
+        if not ids:
+            return {}
         marks = ", ".join("?" * len(ids))
-        rows = cur.execute(f"{self._claimed}({marks})", (at, *ids)).fetchall()
-        order = {rid: i for i, rid in enumerate(ids)}
-        taken = []
+        rows = cur.execute(f"{self._rows_by_id}({marks})", ids).fetchall()
+        out = {}
         for row in rows:
             r = SimpleNamespace(
                 **{
@@ -856,6 +879,6 @@ class _SqliteHotPath:
                     for name, p, v in zip(self._names, self._result, row, strict=True)
                 }
             )
-            if r.status == running:  # taken by this claim, not by a cancel first
-                taken.append(_view(r))
-        return sorted(taken, key=lambda v: order[v.id])
+            if r.status == AsyncStatus.QUEUED.value:
+                out[r.id] = _view(r)
+        return out

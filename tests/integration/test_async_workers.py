@@ -1,0 +1,153 @@
+"""The control plane's async workers (asyncq/worker.py) on a real SQLite store, running
+their requests on a real HTTP server that stands in for the gateway and holds each run
+as the case needs: what happens to a request picked to start next when, before it
+starts, a cancel reaches it or its wait runs out."""
+
+from __future__ import annotations
+
+import json
+import select
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from helpers.platform import wait_for
+from kingpost.asyncq.body import AsyncInput
+from kingpost.asyncq.worker import AsyncWorkers, Capacity, WorkerSettings
+from kingpost.store import Database
+from kingpost.store.asyncq import AsyncQueue
+from kingpost.store.models import AsyncStatus, utcnow
+
+
+@dataclass
+class Gate:
+    """What reached the stand-in gateway, and the switch that lets a held run answer."""
+
+    seen: list[str] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    cut: list[str] = field(default_factory=list)
+    """Runs whose connection closed before their answer."""
+
+
+def handler_for(gate: Gate) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            rid = self.headers["x-baseten-request-id"]
+            key = json.loads(self.rfile.read(int(self.headers["content-length"])))["key"]
+            gate.seen.append(rid)
+            if key == "hold":  # answers when the test says so
+                gate.release.wait(30)
+            elif key == "watch":  # answers only if its client stays 5 s
+                ready, _, _ = select.select([self.connection], [], [], 5)
+                if ready and self.connection.recv(1) == b"":
+                    gate.cut.append(rid)
+                    self.close_connection = True
+                    return
+            body = json.dumps({"echo": key}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def gate() -> Iterator[tuple[Gate, int]]:
+    g = Gate()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(g))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield g, server.server_address[1]
+    finally:
+        g.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[AsyncQueue]:
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    db.migrate()
+    try:
+        yield AsyncQueue(db)
+    finally:
+        db.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def workers_for(queue: AsyncQueue, port: int, clock: Clock) -> AsyncWorkers:
+    # One slot; a poll every 30 s, so between the first picks and the end of the held run
+    # no tick comes but those the runs themselves ask for.
+    settings = WorkerSettings(gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0)
+    settings = WorkerSettings(**{**settings.__dict__, "poll_s": 30.0})
+    return AsyncWorkers(queue, settings, capacity=lambda: {"d1": Capacity("m1", 1, 1)}, clock=clock)
+
+
+def put(queue: AsyncQueue, key: str, clock: Clock, ago: float, **kw: object) -> str:
+    inp = AsyncInput(model_input=json.dumps({"key": key}), **kw)  # type: ignore[arg-type]
+    at = clock.now - timedelta(seconds=ago)  # the older runs first
+    return queue.enqueue(inp, model_id="m1", deployment_id="d1", now=at)
+
+
+def test_a_request_canceled_after_its_pick_is_cut_off_when_it_starts(
+    queue: AsyncQueue, gate: tuple[Gate, int]
+) -> None:
+    g, port = gate
+    clock = Clock()
+    held, picked = put(queue, "hold", clock, 2), put(queue, "watch", clock, 1)
+    workers = workers_for(queue, port, clock)
+    workers.start()
+    try:
+        wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
+        wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
+        # The workers picked the next request already; a cancel reaches it first.
+        assert queue.cancel(picked).status == AsyncStatus.CANCELED
+        g.release.set()  # the held run ends; its slot starts the pick before any settle
+        wait_for(lambda: g.cut == [picked], 10, "the canceled run to be cut off")
+        wait_for(lambda: queue.get(held).status == AsyncStatus.SUCCEEDED, 10, "the held run")
+    finally:
+        workers.stop()
+    got = queue.get(picked)
+    assert (got.status, got.result, got.attempts) == (AsyncStatus.CANCELED, None, 0)
+    assert g.seen == [held, picked]
+
+
+def test_a_request_past_its_wait_since_its_pick_does_not_start(
+    queue: AsyncQueue, gate: tuple[Gate, int]
+) -> None:
+    g, port = gate
+    clock = Clock()
+    held = put(queue, "hold", clock, 2)
+    late = put(queue, "plain", clock, 1, max_time_in_queue_seconds=10)
+    workers = workers_for(queue, port, clock)
+    workers.start()
+    try:
+        wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
+        wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
+        clock.now += timedelta(seconds=10)  # the pick's next request waited too long
+        g.release.set()
+        wait_for(lambda: queue.get(late).status == AsyncStatus.EXPIRED, 10, "the expiry")
+        assert queue.get(held).status == AsyncStatus.SUCCEEDED
+    finally:
+        workers.stop()
+    assert g.seen == [held]  # never started
