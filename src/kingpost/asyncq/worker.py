@@ -12,9 +12,9 @@ requests for all its slots (:func:`~kingpost.asyncq.policy.async_slots`: a share
 ``KINGPOST_ASYNC_SHARE``, of the ready replicas' predict slots, so sync predicts keep the
 rest), expiring what waited too long; then it starts what free slots allow. Claiming at
 the start, in the store, kept each freed slot idle for a tick and its transaction
-(bench/README.md, "Async"). On SQLite the settle runs on the workers' loop itself: it
-waits on no network, and a hop to a thread and back, with the control plane's other
-threads holding the GIL, cost more than the settle. Beside the ticks, once per
+(bench/README.md, "Async"). The settle runs in a thread, so the runs' answers are read
+on the loop meanwhile (on the loop, SQLite's settle held them up; it ran there while a
+freed slot waited for it). Beside the ticks, once per
 ``poll_s``, a poll reads the queue depth per deployment, hands the backlog to the
 autoscaler as demand (``backlog``), has the next tick look further for expired requests
 and starts due webhooks. Runs go through the gateway's normal routing
@@ -252,13 +252,10 @@ class AsyncWorkers:
         if not done and not wants and not claims:
             return
         held = {v.id: v for views in self._ready.values() for v in views}
-        try:
-            if self.queue.local:  # a local file: on this loop, no thread hop (see above)
-                settled = self.queue.settle(done, claims, wants, self._clock(), held)
-            else:
-                settled = await asyncio.to_thread(
-                    self.queue.settle, done, claims, wants, self._clock(), held
-                )
+        try:  # in a thread: the loop reads answers meanwhile (SQLite's work drops the GIL)
+            settled = await asyncio.to_thread(
+                self.queue.settle, done, claims, wants, self._clock(), held
+            )
         except BaseException:
             self._outcomes[:0] = done  # recorded by the next tick, not lost
             self._claims[:0] = claims
@@ -268,7 +265,7 @@ class AsyncWorkers:
             if run is not None:
                 log.info("async: request %s was canceled as it started: its run is cut", rid)
                 run.cancel()
-        # Started since the pick was read (a settle in a thread): not started twice.
+        # Started from the last pick while this one was read: not started twice.
         started = {rid for rid, _ in self._claims}
         rows = {**held, **settled.rows}
         self._ready = {

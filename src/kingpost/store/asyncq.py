@@ -74,8 +74,8 @@ DONE = (
 """Statuses after which nothing runs again."""
 SWEEP_BATCH = 500
 """Requests one transaction of the sweep deletes. An hour of a busy queue is millions of
-rows: deleted at once they held SQLite's write lock for seconds, and the workers settle on
-their loop (asyncq/worker.py), so the loop would wait that long."""
+rows: deleted at once they held SQLite's write lock for seconds, and the workers' settles
+and the gateway's accepts would wait that long."""
 _DELIVERABLE = (AsyncStatus.SUCCEEDED, AsyncStatus.FAILED, AsyncStatus.EXPIRED)
 
 
@@ -169,18 +169,12 @@ class AsyncQueue:
         self.db = db
         self._reader: Engine = db.engine
         self._local = _SqliteHotPath(db.engine) if db.url.startswith("sqlite") else None
-        if self.local:
+        if self._local is not None:
             # Reads need no write lock: on SQLite every transaction of ``db`` takes one
             # (BEGIN IMMEDIATE), and the workers' polls would queue the gateway's accepts
             # behind them. In WAL mode a plain read sees the last commit.
             self._reader = create_engine(db.url, connect_args={"check_same_thread": False})
             event.listen(self._reader, "connect", _sqlite_pragmas)
-
-    @property
-    def local(self) -> bool:
-        """A local file (SQLite): a call waits on no network (the workers settle on their
-        loop)."""
-        return self._local is not None
 
     def _read(self) -> Session:
         return Session(self._reader, expire_on_commit=False)
@@ -744,8 +738,8 @@ class _SqliteHotPath:
     ``BEGIN IMMEDIATE`` as every transaction on the store). SQLAlchemy's execution of a
     cached Core statement cost about 100 µs of Python, three quarters of a settle (1.0 ms
     against 0.35 ms for the same SQL, 2 outcomes and 2 claims) and a third of an insert
-    (1.5 ms for 20 rows against 0.9 ms), time the workers' loop or the gateway's GIL waits
-    for. Values go through the columns' own bind and result processors for the dialect,
+    (1.5 ms for 20 rows against 0.9 ms), time the control plane's or the gateway's GIL
+    waits for. Values go through the columns' own bind and result processors for the dialect,
     so rows read and written here are the ones the Core statements read and write."""
 
     def __init__(self, engine: Engine) -> None:
