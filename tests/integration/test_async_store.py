@@ -3,6 +3,7 @@ KINGPOST_TEST_POSTGRES_URL names one), migrated by Alembic."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +30,14 @@ def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AsyncQueue
             db.migrate()
             yield AsyncQueue(db)
         return
-    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    with sqlite_queue(tmp_path) as q:
+        yield q
+
+
+@contextlib.contextmanager
+def sqlite_queue(directory: Path) -> Iterator[AsyncQueue]:
+    """A queue on a migrated SQLite file in ``directory``."""
+    db = Database(f"sqlite:///{directory / 'k.db'}")
     db.migrate()
     try:
         yield AsyncQueue(db)

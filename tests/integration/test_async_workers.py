@@ -15,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_async_store import sqlite_queue
 
 from helpers.platform import wait_for
 from kingpost.asyncq.body import AsyncInput
 from kingpost.asyncq.worker import AsyncWorkers, Capacity, WorkerSettings
-from kingpost.store import Database
 from kingpost.store.asyncq import AsyncQueue
 from kingpost.store.models import AsyncStatus, utcnow
 
@@ -79,12 +79,8 @@ def gate() -> Iterator[tuple[Gate, int]]:
 
 @pytest.fixture
 def queue(tmp_path: Path) -> Iterator[AsyncQueue]:
-    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
-    db.migrate()
-    try:
-        yield AsyncQueue(db)
-    finally:
-        db.close()
+    with sqlite_queue(tmp_path) as q:
+        yield q
 
 
 class Clock:
