@@ -137,6 +137,24 @@ def test_settle_claims_records_then_picks_and_expires_in_one_transaction(
     assert queue.settle(done, [], {}, now).recorded == 0  # nothing is recorded twice
 
 
+def test_a_run_that_ended_before_its_claim_and_a_claim_sent_again(queue: AsyncQueue) -> None:
+    fast, slow = put(queue, at=1), put(queue, at=2)
+    now = T0 + timedelta(seconds=5)
+    # A run can end before the settle that claims it: the claim goes first, then its
+    # outcome is recorded (the other order would leave it IN_PROGRESS for good).
+    done = [(fast, AsyncQueue.succeeded_values('"ok"', now))]
+    got = queue.settle(done, [(fast, now), (slow, now)], {}, now)
+    assert (got.recorded, got.lost) == (1, ())
+    assert queue.get(fast).status == AsyncStatus.SUCCEEDED
+    # A claim whose commit went through and then raised is sent again: the row is the
+    # workers' own claim (IN_PROGRESS since that start), not a cancel's, and not counted
+    # twice; a different start is someone else's.
+    assert queue.settle([], [(slow, now)], {}, now).lost == ()
+    taken = queue.get(slow)
+    assert (taken.status, taken.attempts) == (AsyncStatus.IN_PROGRESS, 1)
+    assert queue.settle([], [(slow, now + timedelta(seconds=1))], {}, now).lost == (slow,)
+
+
 def test_settle_writes_each_outcome_as_the_single_calls_do(queue: AsyncQueue) -> None:
     # Each kind of outcome a settle records leaves the row its single call does (the
     # release failed on both databases once). On SQLite settle runs its own SQL on the

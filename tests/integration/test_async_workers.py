@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import select
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_async_store import sqlite_queue
@@ -91,11 +93,11 @@ class Clock:
         return self.now
 
 
-def workers_for(queue: AsyncQueue, port: int, clock: Clock) -> AsyncWorkers:
+def workers_for(queue: AsyncQueue, port: int, clock: Clock, poll_s: float = 30.0) -> AsyncWorkers:
     # One slot; a poll every 30 s, so between the first picks and the end of the held run
     # no tick comes but those the runs themselves ask for.
-    settings = WorkerSettings(gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0)
-    settings = WorkerSettings(**{**settings.__dict__, "poll_s": 30.0})
+    url = f"http://127.0.0.1:{port}"
+    settings = WorkerSettings(gateway_url=url, key="k", share=1.0, poll_s=poll_s)
     return AsyncWorkers(queue, settings, capacity=lambda: {"d1": Capacity("m1", 1, 1)}, clock=clock)
 
 
@@ -147,3 +149,48 @@ def test_a_request_past_its_wait_since_its_pick_does_not_start(
     finally:
         workers.stop()
     assert g.seen == [held]  # never started
+
+
+class HeldSettle(AsyncQueue):
+    """A queue whose next settle, once armed, returns only when the test lets it: the
+    loop goes on meanwhile, as it does while a settle waits on the database."""
+
+    def __init__(self, queue: AsyncQueue) -> None:
+        super().__init__(queue.db)
+        self.armed = False
+        self.inside = threading.Event()
+        self.let_go = threading.Event()
+
+    def settle(self, *args: Any, **kw: Any) -> Any:
+        got = super().settle(*args, **kw)
+        if self.armed:
+            self.armed = False
+            self.inside.set()
+            self.let_go.wait(10)
+        return got
+
+
+def test_a_request_started_while_a_settle_read_it_as_queued_runs_once(
+    queue: AsyncQueue, gate: tuple[Gate, int]
+) -> None:
+    g, port = gate
+    clock = Clock()
+    held, picked = put(queue, "hold", clock, 2), put(queue, "plain", clock, 1)
+    q = HeldSettle(queue)
+    workers = workers_for(q, port, clock, poll_s=0.1)
+    workers.start()
+    try:
+        wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
+        wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
+        q.armed = True
+        assert q.inside.wait(10)  # a settle read the pick, `picked` still QUEUED in it
+        g.release.set()  # the held run ends: its slot starts `picked` from the last pick
+        wait_for(lambda: g.seen == [held, picked], 10, "the picked run")
+        q.let_go.set()  # the settle's pick names `picked` again: not started twice
+        wait_for(lambda: queue.get(picked).status == AsyncStatus.SUCCEEDED, 10, "its record")
+        time.sleep(0.3)  # a second start would have reached the gateway by now
+    finally:
+        q.let_go.set()
+        workers.stop()
+    assert g.seen == [held, picked]
+    assert queue.get(picked).attempts == 1

@@ -328,6 +328,7 @@ class AsyncQueue:
                 rid
                 for rid, at in claims
                 if conn.execute(_CLAIM, {"rid": rid, "now": at}).rowcount != 1
+                and tuple(conn.execute(_CLAIM_OF, {"rid": rid}).first() or ()) != (_RUNNING, at)
             )
             recorded = _finish_in(s, outcomes)
             for dep, (slots, limit) in wants.items():
@@ -337,7 +338,7 @@ class AsyncQueue:
                 ready[dep] = choice.run
             new = [rid for run in ready.values() for rid in run if rid not in have]
             rows = conn.execute(_ROWS, {"ids": new}).all() if new else []
-        queued = {r.id: _view(r) for r in rows if r.status == AsyncStatus.QUEUED}
+            queued = {r.id: _view(r) for r in rows if r.status == AsyncStatus.QUEUED}
         return Settled(recorded, lost, expired, ready, queued)
 
     def claim(self, ids: Sequence[str], now: datetime | None = None) -> list[AsyncRequestView]:
@@ -674,6 +675,10 @@ _CLAIM = (
     )
 )
 _ROWS = select(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
+_CLAIM_OF = select(_T.c.status, _T.c.started_at).where(_T.c.id == bindparam("rid"))
+"""A claim that took no row: the workers' own, if its first commit went through and
+then raised (the claim is sent again), else a cancel's or an expiry's."""
+_RUNNING = AsyncStatus.IN_PROGRESS
 _CLAIMED = select(_T).where(
     _T.c.id.in_(bindparam("ids", expanding=True)),
     _T.c.started_at == bindparam("now", type_=UTCDateTime),
@@ -762,6 +767,7 @@ class _SqliteHotPath:
             "started_at = ? WHERE id = ? AND status = ?"
         )
         self._rows_by_id = f"SELECT {cols} FROM async_requests WHERE id IN "
+        self._claim_of = "SELECT status, started_at FROM async_requests WHERE id = ?"
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -812,7 +818,9 @@ class _SqliteHotPath:
         for rid, at in claims:  # one by one: a claim a cancel took first is named
             t = self._value("started_at", at)
             if cur.execute(self._claim, (running, t, t, rid, queued)).rowcount != 1:
-                lost.append(rid)
+                mine = cur.execute(self._claim_of, (rid,)).fetchone()  # see _CLAIM_OF
+                if tuple(mine or ()) != (running, t):
+                    lost.append(rid)
         recorded = self._set(cur, outcomes, AsyncStatus.IN_PROGRESS)
         ready: dict[str, tuple[str, ...]] = {}
         expired = 0
