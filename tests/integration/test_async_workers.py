@@ -5,6 +5,7 @@ starts, a cancel reaches it or its wait runs out."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import threading
@@ -93,12 +94,30 @@ class Clock:
         return self.now
 
 
-def workers_for(queue: AsyncQueue, port: int, clock: Clock, poll_s: float = 30.0) -> AsyncWorkers:
-    # One slot; a poll every 30 s, so between the first picks and the end of the held run
-    # no tick comes but those the runs themselves ask for.
+@contextlib.contextmanager
+def past_the_held_run(
+    queue: AsyncQueue,
+    gate: tuple[Gate, int],
+    clock: Clock,
+    held: str,
+    run_on: AsyncQueue | None = None,
+    poll_s: float = 30.0,
+) -> Iterator[AsyncWorkers]:
+    """The workers on ``run_on`` (else ``queue``), once the held run reached the gateway
+    and was claimed; stopped after. One slot, and by default a poll every 30 s: no tick
+    comes but those the runs ask for."""
+    g, port = gate
     url = f"http://127.0.0.1:{port}"
     settings = WorkerSettings(gateway_url=url, key="k", share=1.0, poll_s=poll_s)
-    return AsyncWorkers(queue, settings, capacity=lambda: {"d1": Capacity("m1", 1, 1)}, clock=clock)
+    capacity = {"d1": Capacity("m1", 1, 1)}
+    workers = AsyncWorkers(run_on or queue, settings, capacity=lambda: capacity, clock=clock)
+    workers.start()
+    try:
+        wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
+        wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
+        yield workers
+    finally:
+        workers.stop()
 
 
 def put(queue: AsyncQueue, key: str, clock: Clock, ago: float, **kw: object) -> str:
@@ -110,21 +129,15 @@ def put(queue: AsyncQueue, key: str, clock: Clock, ago: float, **kw: object) -> 
 def test_a_request_canceled_after_its_pick_is_cut_off_when_it_starts(
     queue: AsyncQueue, gate: tuple[Gate, int]
 ) -> None:
-    g, port = gate
+    g, _ = gate
     clock = Clock()
     held, picked = put(queue, "hold", clock, 2), put(queue, "watch", clock, 1)
-    workers = workers_for(queue, port, clock)
-    workers.start()
-    try:
-        wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
-        wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
+    with past_the_held_run(queue, gate, clock, held):
         # The workers picked the next request already; a cancel reaches it first.
         assert queue.cancel(picked).status == AsyncStatus.CANCELED
         g.release.set()  # the held run ends; its slot starts the pick before any settle
         wait_for(lambda: g.cut == [picked], 10, "the canceled run to be cut off")
         wait_for(lambda: queue.get(held).status == AsyncStatus.SUCCEEDED, 10, "the held run")
-    finally:
-        workers.stop()
     got = queue.get(picked)
     assert (got.status, got.result, got.attempts) == (AsyncStatus.CANCELED, None, 0)
     assert g.seen == [held, picked]
@@ -133,21 +146,15 @@ def test_a_request_canceled_after_its_pick_is_cut_off_when_it_starts(
 def test_a_request_past_its_wait_since_its_pick_does_not_start(
     queue: AsyncQueue, gate: tuple[Gate, int]
 ) -> None:
-    g, port = gate
+    g, _ = gate
     clock = Clock()
     held = put(queue, "hold", clock, 2)
     late = put(queue, "plain", clock, 1, max_time_in_queue_seconds=10)
-    workers = workers_for(queue, port, clock)
-    workers.start()
-    try:
-        wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
-        wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
+    with past_the_held_run(queue, gate, clock, held):
         clock.now += timedelta(seconds=10)  # the pick's next request waited too long
         g.release.set()
         wait_for(lambda: queue.get(late).status == AsyncStatus.EXPIRED, 10, "the expiry")
         assert queue.get(held).status == AsyncStatus.SUCCEEDED
-    finally:
-        workers.stop()
     assert g.seen == [held]  # never started
 
 
@@ -169,19 +176,27 @@ class HeldSettle(AsyncQueue):
             self.let_go.wait(10)
         return got
 
+    @contextlib.contextmanager
+    def let_go_at_the_end(self) -> Iterator[None]:
+        """Inside the workers' block: a settle held would keep them from stopping."""
+        try:
+            yield
+        finally:
+            self.let_go.set()
+            self.close()
+
 
 def test_a_request_started_while_a_settle_read_it_as_queued_runs_once(
     queue: AsyncQueue, gate: tuple[Gate, int]
 ) -> None:
-    g, port = gate
+    g, _ = gate
     clock = Clock()
     held, picked = put(queue, "hold", clock, 2), put(queue, "plain", clock, 1)
     q = HeldSettle(queue)
-    workers = workers_for(q, port, clock, poll_s=0.1)
-    workers.start()
-    try:
-        wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
-        wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
+    with (
+        past_the_held_run(queue, gate, clock, held, run_on=q, poll_s=0.1),
+        q.let_go_at_the_end(),
+    ):
         q.armed = True
         assert q.inside.wait(10)  # a settle read the pick, `picked` still QUEUED in it
         g.release.set()  # the held run ends: its slot starts `picked` from the last pick
@@ -189,8 +204,5 @@ def test_a_request_started_while_a_settle_read_it_as_queued_runs_once(
         q.let_go.set()  # the settle's pick names `picked` again: not started twice
         wait_for(lambda: queue.get(picked).status == AsyncStatus.SUCCEEDED, 10, "its record")
         time.sleep(0.3)  # a second start would have reached the gateway by now
-    finally:
-        q.let_go.set()
-        workers.stop()
     assert g.seen == [held, picked]
     assert queue.get(picked).attempts == 1
