@@ -265,15 +265,12 @@ class AsyncWorkers:
             if run is not None:
                 log.info("async: request %s was canceled as it started: its run is cut", rid)
                 run.cancel()
-        # Started from the last pick while this one was read: not started twice.
+        # Started from the last pick while this one was read (still QUEUED in it, its
+        # claim in the next settle): not started twice. Any other run's row is claimed.
         started = {rid for rid, _ in self._claims}
         rows = {**held, **settled.rows}
         self._ready = {
-            dep: deque(
-                rows[rid]
-                for rid in run
-                if rid in rows and rid not in self._runs and rid not in started
-            )
+            dep: deque(rows[rid] for rid in run if rid in rows and rid not in started)
             for dep, run in settled.ready.items()
         }
         for dep in self._ready:

@@ -324,12 +324,12 @@ class AsyncQueue:
         expired = 0
         with self.db.session() as s:
             conn = s.connection()
-            lost = tuple(
-                rid
-                for rid, at in claims
-                if conn.execute(_CLAIM, {"rid": rid, "now": at}).rowcount != 1
-                and tuple(conn.execute(_CLAIM_OF, {"rid": rid}).first() or ()) != (_RUNNING, at)
-            )
+            lost = []
+            for rid, at in claims:  # one by one: a claim a cancel took first is named
+                if conn.execute(_CLAIM, {"rid": rid, "now": at}).rowcount != 1:
+                    mine = conn.execute(_CLAIM_OF, {"rid": rid}).first()
+                    if tuple(mine or ()) != (AsyncStatus.IN_PROGRESS, at):
+                        lost.append(rid)
             recorded = _finish_in(s, outcomes)
             for dep, (slots, limit) in wants.items():
                 choice = choose(_candidates(s, dep, limit), now, slots)
@@ -339,7 +339,7 @@ class AsyncQueue:
             new = [rid for run in ready.values() for rid in run if rid not in have]
             rows = conn.execute(_ROWS, {"ids": new}).all() if new else []
             queued = {r.id: _view(r) for r in rows if r.status == AsyncStatus.QUEUED}
-        return Settled(recorded, lost, expired, ready, queued)
+        return Settled(recorded, tuple(lost), expired, ready, queued)
 
     def claim(self, ids: Sequence[str], now: datetime | None = None) -> list[AsyncRequestView]:
         """Take queued requests to run (QUEUED -> IN_PROGRESS, one more attempt), in one
@@ -678,7 +678,6 @@ _ROWS = select(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
 _CLAIM_OF = select(_T.c.status, _T.c.started_at).where(_T.c.id == bindparam("rid"))
 """A claim that took no row: the workers' own, if its first commit went through and
 then raised (the claim is sent again), else a cancel's or an expiry's."""
-_RUNNING = AsyncStatus.IN_PROGRESS
 _CLAIMED = select(_T).where(
     _T.c.id.in_(bindparam("ids", expanding=True)),
     _T.c.started_at == bindparam("now", type_=UTCDateTime),
