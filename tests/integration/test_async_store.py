@@ -64,6 +64,9 @@ def test_priority_then_age_and_claim(queue: AsyncQueue) -> None:
     assert all(t.status == AsyncStatus.IN_PROGRESS and t.attempts == 1 for t in taken)
     assert queue.claim([old]) == []  # already taken: nothing runs twice
     assert queue.depths() == {"d1": (2, 2), "other": (1, 0)}
+    # Which have queued work: "d1" and "other"; "none" never had any.
+    assert queue.queued_in(["d1", "none", "other"]) == {"d1", "other"}
+    assert queue.queued_in([]) == set()
     counts = queue.counts("d1")
     assert (counts[AsyncStatus.QUEUED], counts[AsyncStatus.IN_PROGRESS]) == (2, 2)
 
@@ -282,6 +285,7 @@ def test_the_workers_reads_use_their_indexes_on_sqlite(tmp_path: Path) -> None:
     for engine in {db.engine, q._reader}:  # the writer, and the reads' own engine
         event.listen(engine, "before_cursor_execute", grab)
     assert len(q.candidates("d1", 8)) == 8
+    assert q.queued_in(["d1", "d2"]) == {"d1"}  # one probe per deployment
     assert len(q.claim(ids[:8], now=T0)) == 8  # a worker's claim: up to its free slots
     hot = q._local  # the settle's own SQL on the driver's cursor
     assert hot is not None
@@ -298,6 +302,12 @@ def test_the_workers_reads_use_their_indexes_on_sqlite(tmp_path: Path) -> None:
         for sql, params in ran
         if "async_requests" in sql
     ]
+    probes = [p for p in plans if p[0] == "SCAN CONSTANT ROW"]  # a subquery per deployment
+    assert len(probes) == 1 and len(probes[0]) == 5, probes
+    for step in probes[0][1:]:
+        assert step.startswith(("SCALAR SUBQUERY", "SEARCH async_requests USING INDEX")), step
+        assert "ix_async_requests_status" not in step, step
+    plans = [p for p in plans if p not in probes]
     assert len(plans) >= 6, [sql for sql, _ in ran]  # the read, the claim, the read-back
     for steps in plans:
         assert len(steps) == 1, steps  # one search, no sort

@@ -206,3 +206,39 @@ def test_a_request_started_while_a_settle_read_it_as_queued_runs_once(
         time.sleep(0.3)  # a second start would have reached the gateway by now
     assert g.seen == [held, picked]
     assert queue.get(picked).attempts == 1
+
+
+def test_work_accepted_between_counts_is_found_by_the_next_poll(
+    queue: AsyncQueue, gate: tuple[Gate, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue is counted (the autoscaler's backlog) once per ``DEPTH_EVERY_S``; the
+    polls between ask which deployments have work, and a request accepted then runs."""
+    import kingpost.asyncq.worker as worker
+
+    monkeypatch.setattr(worker, "DEPTH_EVERY_S", 3600.0)  # the count at start, then none
+    g, port = gate
+    clock = Clock()
+    first = put(queue, "plain", clock, 1)
+    counts: list[dict[str, int]] = []
+    settings = WorkerSettings(
+        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=0.05
+    )
+    capacity = {"d1": Capacity("m1", 1, 1), "d2": Capacity("m2", 1, 1)}
+    workers = AsyncWorkers(
+        queue, settings, capacity=lambda: capacity, backlog=counts.append, clock=clock
+    )
+    workers.start()
+    try:
+        wait_for(lambda: queue.get(first).status == AsyncStatus.SUCCEEDED, 10, "the first run")
+        time.sleep(0.2)  # polls, none of them counting
+        later = queue.enqueue(
+            AsyncInput(model_input=json.dumps({"key": "plain"})),
+            model_id="m2",
+            deployment_id="d2",
+            now=clock.now,
+        )
+        wait_for(lambda: queue.get(later).status == AsyncStatus.SUCCEEDED, 10, "the later run")
+    finally:
+        workers.stop()
+    assert counts == [{"d1": 1}]
+    assert g.seen == [first, later]

@@ -31,6 +31,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     select,
     update,
@@ -293,6 +294,18 @@ class AsyncQueue:
         for dep, status, n in rows:
             q, p = out.get(dep, (0, 0))
             out[dep] = (q + int(n), p) if status == AsyncStatus.QUEUED else (q, p + int(n))
+        return out
+
+    def queued_in(self, deployment_ids: Collection[str]) -> set[str]:
+        """Which of these deployments have a request queued: one index seek each (the
+        queue index), where :meth:`depths` counts every queued request."""
+        deps, out = list(deployment_ids), set[str]()
+        with self._reader.connect() as conn:
+            for i in range(0, len(deps), _PROBES_PER_STATEMENT):
+                chunk = deps[i : i + _PROBES_PER_STATEMENT]
+                params = {f"d{j}": dep for j, dep in enumerate(chunk)}
+                row = conn.execute(_queued_probe(len(chunk)), params).one()
+                out.update(dep for dep, hit in zip(chunk, row, strict=True) if hit)
         return out
 
     def candidates(self, deployment_id: str, limit: int) -> list[Candidate]:
@@ -682,6 +695,22 @@ _CLAIMED = select(_T).where(
     _T.c.id.in_(bindparam("ids", expanding=True)),
     _T.c.started_at == bindparam("now", type_=UTCDateTime),
 )
+
+
+_PROBES_PER_STATEMENT = 100
+
+
+@functools.cache
+def _queued_probe(n: int) -> Executable:
+    """Whether each of ``n`` deployments (parameters ``d0`` …) has a request queued."""
+    return select(
+        *(
+            exists()
+            .where(_T.c.deployment_id == bindparam(f"d{i}"), _T.c.status == AsyncStatus.QUEUED)
+            .label(f"q{i}")
+            for i in range(n)
+        )
+    )
 
 
 @functools.cache
