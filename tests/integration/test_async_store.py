@@ -119,7 +119,9 @@ def test_settle_claims_records_then_picks_and_expires_in_one_transaction(
     now = T0 + timedelta(seconds=20)
     done = [(ran, AsyncQueue.succeeded_values('"ok"', now)), ("gone", {"status": "FAILED"})]
     claims = [(started, now), (canceled, now)]
+    picked = queue.get(started)
     got = queue.settle(done, claims, {"d1": (1, 10), "d2": (0, 10)}, now)
+    assert queue.get(started) == picked.claimed(now)  # the workers' copy is the row
     # What started is claimed, the canceled one named lost; the run's outcome is recorded;
     # the next pick is the highest priority (not the canceled one, nor the older
     # low-priority one); the one past its wait expires.

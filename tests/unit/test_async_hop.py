@@ -58,7 +58,7 @@ HEADERS = [("authorization", "Api-Key k"), ("x-baseten-request-id", "r1")]
 def test_answers_come_back_whole_on_one_kept_connection() -> None:
     async def main() -> None:
         server, port, seen, conns = await serve(json_answers(2))
-        hop = GatewayHop("127.0.0.1", port)
+        hop = GatewayHop("127.0.0.1", port, headers=[("x-every", "one")])
         for _ in range(2):
             status, headers, body = await hop.post("/models/m/deployment/d/predict", b"{}", HEADERS)
             assert (status, body) == (200, b'{"ok": true}')
@@ -66,6 +66,7 @@ def test_answers_come_back_whole_on_one_kept_connection() -> None:
         assert len(conns) == 1  # kept alive and reused
         assert seen[0].startswith(b"POST /models/m/deployment/d/predict HTTP/1.1\r\n")
         assert b"authorization: Api-Key k\r\n" in seen[0] and seen[0].endswith(b"\r\n\r\n{}")
+        assert all(b"\r\nx-every: one\r\n" in request for request in seen)  # on each
         await hop.aclose()
         server.close()
 
@@ -130,6 +131,10 @@ def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
         for value in ("r1\r\nx-evil: 1", "r1\rx-evil: 1", "r1\nx-evil: 1", "r\u20ac"):
             with pytest.raises(HopError, match=r"ValueError: a line break|UnicodeEncodeError"):
                 await hop.post("/p", b"{}", [("x-baseten-request-id", value)])
+            with pytest.raises(HopError, match=r"ValueError: a line break|UnicodeEncodeError"):
+                await hop.post(f"/p/{value}", b"{}", [])  # in the path
+            with pytest.raises((ValueError, UnicodeEncodeError)):  # the ones sent every time
+                GatewayHop("127.0.0.1", 9, headers=[("authorization", value)])
         assert hop._idle == []
 
     asyncio.run(main())

@@ -145,12 +145,19 @@ class _Conn(asyncio.Protocol):
 
 class GatewayHop:
     def __init__(
-        self, host: str, port: int, *, connect_timeout: float = 5.0, timeout: float = 3600.0
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float = 5.0,
+        timeout: float = 3600.0,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """``headers``: sent with every request (checked and encoded here, once)."""
         self.host, self.port = host, port
         self.connect_timeout, self.timeout = connect_timeout, timeout
         self._idle: list[_Conn] = []
-        self._host_line = f"host: {host}:{port}\r\n".encode("latin-1")
+        self._fixed = f"host: {host}:{port}\r\n".encode("latin-1") + self._lines(headers)
 
     async def post(
         self, path: str, body: bytes, headers: Sequence[tuple[str, str]]
@@ -188,14 +195,27 @@ class GatewayHop:
         await asyncio.sleep(0)  # let the transports finish closing
 
     def _request(self, path: str, body: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
-        for text in (path, *(x for pair in headers for x in pair)):
-            if "\r" in text or "\n" in text:  # UnicodeEncodeError below is one too
-                raise ValueError(f"a line break in the hop's path or a header: {text!r}")
-        lines = [f"POST {path} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
-        lines.append(b"content-length: %d\r\n" % len(body))
-        for name, value in headers:
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-        return b"".join(lines) + b"\r\n" + body
+        if "\r" in path or "\n" in path:  # UnicodeEncodeError below is one too
+            raise ValueError(f"a line break in the hop's path or a header: {path!r}")
+        return b"".join(
+            (
+                f"POST {path} HTTP/1.1\r\n".encode("latin-1"),
+                self._fixed,
+                b"content-length: %d\r\n" % len(body),
+                self._lines(headers),
+                b"\r\n",
+                body,
+            )
+        )
+
+    @staticmethod
+    def _lines(headers: Sequence[tuple[str, str]]) -> bytes:
+        """``name: value`` lines; a line break in either is refused (ValueError: a
+        character outside latin-1 is one too)."""
+        text = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        if text.count("\r") != len(headers) or text.count("\n") != len(headers):
+            raise ValueError(f"a line break in the hop's path or a header: {headers!r}")
+        return text.encode("latin-1")
 
     async def _take(self) -> _Conn:
         while self._idle:

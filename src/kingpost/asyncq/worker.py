@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -61,7 +61,7 @@ from kingpost.asyncq.policy import (
 )
 from kingpost.asyncq.webhooks import deliver, payload
 from kingpost.store.asyncq import AsyncQueue, AsyncRequestView
-from kingpost.store.models import AsyncStatus, utcnow
+from kingpost.store.models import utcnow
 
 __all__ = ["AsyncWorkers", "Capacity", "WorkerSettings"]
 
@@ -189,6 +189,14 @@ class AsyncWorkers:
             gateway.hostname or "127.0.0.1",
             gateway.port or 80,
             timeout=self.settings.run_timeout_s,
+            headers=[
+                ("authorization", f"Api-Key {self.settings.key}"),
+                ("content-type", "application/json"),
+                # Retried here per inference_retry_config; a replica that took it and died
+                # must not have the gateway run it again behind this worker's back (or,
+                # after a control-plane crash, for a worker that is gone).
+                ("x-kingpost-no-retry", "1"),
+            ],
         )
         # Webhooks go to a checked address (webhooks.deliver): a connection kept for one
         # address must not carry a delivery for another name.
@@ -332,13 +340,7 @@ class AsyncWorkers:
             if past_wait(view.attempts, view.created_at, view.max_time_in_queue_seconds, now):
                 continue
             self._claims.append((view.id, now))
-            run = replace(
-                view,
-                status=AsyncStatus.IN_PROGRESS,
-                attempts=view.attempts + 1,
-                status_at=now,
-                started_at=now,
-            )  # the row as the claim leaves it
+            run = view.claimed(now)  # the row as the claim leaves it
             self._running[dep] = self._running.get(dep, 0) + 1
             task = asyncio.ensure_future(self._run(run, cap.model_id))
             self._runs[view.id] = task
@@ -364,15 +366,7 @@ class AsyncWorkers:
         self, view: AsyncRequestView, model_id: str
     ) -> tuple[int | None, dict[str, str], bytes, str]:
         path = f"/models/{model_id}/deployment/{view.deployment_id}/predict"
-        headers = [
-            ("authorization", f"Api-Key {self.settings.key}"),
-            ("content-type", "application/json"),
-            ("x-baseten-request-id", view.id),
-            # Retried here per inference_retry_config; a replica that took it and died
-            # must not have the gateway run it again behind this worker's back (or, after
-            # a control-plane crash, for a worker that is gone).
-            ("x-kingpost-no-retry", "1"),
-        ]
+        headers = [("x-baseten-request-id", view.id)]  # the rest go with every run (_serve)
         try:
             status, got, body = await self._hop.post(path, view.model_input.encode(), headers)
         except HopError as exc:

@@ -107,6 +107,20 @@ class AsyncRequestView:
     started_at: datetime | None
     finished_at: datetime | None
 
+    def claimed(self, at: datetime) -> AsyncRequestView:
+        """The row as a claim at ``at`` leaves it (IN_PROGRESS, one more attempt). Copied
+        by its ``__dict__``: ``dataclasses.replace`` took 10 µs for these 20 fields, on
+        every run the workers start."""
+        view = object.__new__(AsyncRequestView)
+        view.__dict__.update(
+            self.__dict__,
+            status=AsyncStatus.IN_PROGRESS,
+            attempts=self.attempts + 1,
+            status_at=at,
+            started_at=at,
+        )
+        return view
+
     def status_dict(self) -> dict[str, Any]:
         """Baseten's ``GET /async_request/{id}`` answer, plus Kingpost's attempt counts."""
         return {
@@ -459,18 +473,11 @@ class AsyncQueue:
 
     # -- webhooks and retention -----------------------------------------------------------
     def due_webhooks(self, now: datetime, limit: int = 32) -> list[AsyncRequestView]:
-        with self._read() as s:
-            rows = s.scalars(
-                select(AsyncRequest)
-                .where(
-                    AsyncRequest.status.in_(_DELIVERABLE),
-                    AsyncRequest.webhook_status == WebhookStatus.PENDING,
-                    AsyncRequest.webhook_not_before <= now,
-                )
-                .order_by(AsyncRequest.webhook_not_before)
-                .limit(limit)
-            ).all()
-            return [_view(r) for r in rows]
+        """Finished requests whose webhook is due, the longest due first (every poll asks:
+        plain rows of a statement built once, a third of the ORM's cost)."""
+        with self._reader.connect() as conn:
+            rows = conn.execute(_DUE_WEBHOOKS, {"now": now, "limit": limit}).all()
+        return [_view(r) for r in rows]
 
     def record_webhook(
         self,
@@ -688,6 +695,16 @@ _CLAIM = (
     )
 )
 _ROWS = select(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
+_DUE_WEBHOOKS = (
+    select(_T)
+    .where(
+        _T.c.status.in_(_DELIVERABLE),
+        _T.c.webhook_status == WebhookStatus.PENDING,
+        _T.c.webhook_not_before <= bindparam("now", type_=UTCDateTime),
+    )
+    .order_by(_T.c.webhook_not_before)
+    .limit(bindparam("limit", type_=Integer))
+)
 _CLAIM_OF = select(_T.c.status, _T.c.started_at).where(_T.c.id == bindparam("rid"))
 """A claim that took no row: the workers' own, if its first commit went through and
 then raised (the claim is sent again), else a cancel's or an expiry's."""
