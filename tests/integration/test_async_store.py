@@ -214,6 +214,20 @@ def test_cancel_and_expire(queue: AsyncQueue) -> None:
     assert queue.get(c).status == AsyncStatus.EXPIRED
 
 
+def test_an_expired_requests_webhook_is_due(queue: AsyncQueue) -> None:
+    """An expiry finishes a request as a run does: its webhook is due at once (it was
+    never due once, and the request was never swept either), by either path."""
+    hook = {"webhook_endpoint": "https://h.example/", "max_time_in_queue_seconds": 10}
+    by_call, by_settle = put(queue, **hook), put(queue, dep="d2", **hook)
+    later = T0 + timedelta(seconds=30)
+    assert queue.expire([by_call], now=later) == 1
+    assert queue.settle([], [], {"d2": (1, 10)}, later).expired == 1
+    assert {v.id for v in queue.due_webhooks(later)} == {by_call, by_settle}
+    for rid in (by_call, by_settle):
+        queue.record_webhook(rid, delivered=True, now=later)
+    assert queue.sweep(timedelta(days=7), now=later + timedelta(days=8)) == 2
+
+
 def test_webhook_delivery_records_and_sweep(queue: AsyncQueue, tmp_path: Path) -> None:
     rid = put(queue, webhook_endpoint="https://h.example/")
     queue.claim([rid], now=T0)

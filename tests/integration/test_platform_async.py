@@ -199,11 +199,17 @@ def test_streaming_output_is_refused(platform: Platform, model: dict[str, Any]) 
     assert "does not support streaming" in got["errors"][0]["message"]
 
 
-def test_cancel_and_expiry(platform: Platform, model: dict[str, Any]) -> None:
+def test_cancel_and_expiry(platform: Platform, model: dict[str, Any], receiver: Receiver) -> None:
     blocker = enqueue(platform, model, {"model_input": {"key": "long", "sleep": 11}})
     wait_for(lambda: status(platform, model, blocker)["status"] == "IN_PROGRESS", 30, "long")
     doomed = enqueue(
-        platform, model, {"model_input": {"key": "doomed"}, "max_time_in_queue_seconds": 10}
+        platform,
+        model,
+        {
+            "model_input": {"key": "doomed"},
+            "max_time_in_queue_seconds": 10,
+            "webhook_endpoint": receiver.url + "/expired",
+        },
     )
     gone = enqueue(platform, model, {"model_input": {"key": "gone"}})
     with platform.gateway() as gw:
@@ -213,6 +219,12 @@ def test_cancel_and_expiry(platform: Platform, model: dict[str, Any]) -> None:
         assert r.status_code == 409 and "IN_PROGRESS" in r.json()["error"]
     got = wait_done(platform, model, doomed, timeout=40)
     assert got["status"] == "EXPIRED" and got["errors"][0]["code"] == "EXPIRED"
+    # An expiry is a finish like any other: its webhook goes out (it never did once).
+    wait_for(lambda: status(platform, model, doomed)["webhook_status"] == "SUCCEEDED", 30, "hook")
+    ((_, body),) = receiver.deliveries("/expired")
+    sent = json.loads(body)
+    assert (sent["request_id"], sent["data"]) == (doomed, None)
+    assert sent["errors"][0]["code"] == "EXPIRED"
     wait_done(platform, model, blocker, timeout=40)
     keys = [k for k, _ in calls(model)]
     assert "doomed" not in keys and "gone" not in keys

@@ -756,7 +756,14 @@ def _claim_in(s: Session, ids: Sequence[str], now: datetime) -> list[AsyncReques
 
 
 def _expired_values(now: datetime) -> dict[str, Any]:
-    return {"status": AsyncStatus.EXPIRED, "status_at": now, "finished_at": now, "errors": _EXPIRED}
+    """An expiry, as every finish: its webhook (if any) is due at once."""
+    return {
+        "status": AsyncStatus.EXPIRED,
+        "status_at": now,
+        "finished_at": now,
+        "errors": _EXPIRED,
+        "webhook_not_before": now,
+    }
 
 
 def _expire_in(s: Session, ids: Iterable[str], now: datetime) -> int:
