@@ -18,7 +18,7 @@ import json
 import secrets
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -111,7 +111,7 @@ class AsyncRequestView:
         """The row as a claim at ``at`` leaves it (IN_PROGRESS, one more attempt). Copied
         by its ``__dict__``: ``dataclasses.replace`` took 10 µs for these 20 fields, on
         every run the workers start."""
-        view = object.__new__(AsyncRequestView)
+        view = object.__new__(type(self))
         view.__dict__.update(
             self.__dict__,
             status=AsyncStatus.IN_PROGRESS,
@@ -788,22 +788,6 @@ def _finish_in(s: Session, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> in
     return n
 
 
-def sqlite_when_in(value: datetime) -> str:
-    """A timestamp as SQLite keeps it: the text SQLAlchemy's ``UTCDateTime`` binds (UTC,
-    no offset, always six digits of microseconds), from C's ``isoformat`` rather than
-    its Python formatting (tests compare the two)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(" ", "microseconds")
-
-
-def sqlite_when_out(text: str) -> datetime:
-    """The timestamp SQLAlchemy's ``UTCDateTime`` reads from that text, aware in UTC;
-    ``fromisoformat`` (C) instead of its regular expression (4 µs a value)."""
-    value = datetime.fromisoformat(text)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
 class _SqliteHotPath:
     """On SQLite, what runs per request: the workers' settle (:meth:`AsyncQueue.settle`)
     and the gateway's insert of accepted requests, the same statements run on the driver's
@@ -813,29 +797,21 @@ class _SqliteHotPath:
     against 0.35 ms for the same SQL, 2 outcomes and 2 claims) and a third of an insert
     (1.5 ms for 20 rows against 0.9 ms), time the control plane's or the gateway's GIL
     waits for. Values go through the columns' own bind and result processors for the dialect,
-    so rows read and written here are the ones the Core statements read and write; the
-    timestamps through :func:`sqlite_when_in` and :func:`sqlite_when_out`, the same text
-    from C's ``isoformat`` and ``fromisoformat`` (a test compares them with SQLAlchemy's).
-    The settle's claims go in one ``executemany``; only when some took no row is each
-    looked at (``_CLAIM_OF``)."""
+    so rows read and written here are the ones the Core statements read and write. The
+    settle's claims go in one ``executemany``; only when some took no row is each looked
+    at (``_CLAIM_OF``)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         d = engine.dialect
         self._names = tuple(c.name for c in _T.columns)
-        # Timestamps through this module's codec (the same text, C's formatting and parsing).
-        when = {c.name for c in _T.columns if isinstance(c.type, UTCDateTime)}
-        self._bind: dict[str, Callable[[Any], Any] | None] = {
-            c.name: sqlite_when_in if c.name in when else c.type.dialect_impl(d).bind_processor(d)
-            for c in _T.columns
-        }
-        self._result: tuple[Callable[[Any], Any] | None, ...] = tuple(
-            sqlite_when_out if c.name in when else c.type.dialect_impl(d).result_processor(d, None)
-            for c in _T.columns
-        )
-        self._when: Callable[[Any], Any] = sqlite_when_out
+        self._bind = {c.name: c.type.dialect_impl(d).bind_processor(d) for c in _T.columns}
+        self._result = tuple(c.type.dialect_impl(d).result_processor(d, None) for c in _T.columns)
+        when = self._result[self._names.index("created_at")]
+        assert when is not None  # SQLite keeps timestamps as text
+        self._when: Callable[[Any], Any] = when
         self._processed = tuple((i, p) for i, p in enumerate(self._result) if p is not None)
-        self._status_at = self._names.index("status")
+        self._status_i = self._names.index("status")
         cols = ", ".join(self._names)
         self._candidates = (
             "SELECT id, priority, created_at, not_before, max_time_in_queue_seconds, attempts "
@@ -895,7 +871,7 @@ class _SqliteHotPath:
     ) -> Settled:
         running, queued = AsyncStatus.IN_PROGRESS.value, AsyncStatus.QUEUED.value
         lost = []
-        started = [(rid, sqlite_when_in(at)) for rid, at in claims]
+        started = [(rid, self._value("started_at", at)) for rid, at in claims]
         cur.executemany(self._claim, [(running, t, t, rid, queued) for rid, t in started])
         if cur.rowcount != len(started):  # some took no row: which, and whose (_CLAIM_OF)
             for rid, t in started:
@@ -956,7 +932,7 @@ class _SqliteHotPath:
         rows = cur.execute(f"{self._rows_by_id}({marks})", ids).fetchall()
         out, queued, names = {}, AsyncStatus.QUEUED.value, self._names
         for row in rows:
-            if row[self._status_at] != queued:
+            if row[self._status_i] != queued:
                 continue
             values = list(row)
             for i, process in self._processed:
