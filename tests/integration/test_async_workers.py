@@ -242,3 +242,30 @@ def test_work_accepted_between_counts_is_found_by_the_next_poll(
         workers.stop()
     assert counts == [{"d1": 1}]
     assert g.seen == [first, later]
+
+
+def test_the_backlog_is_counted_again_as_the_queue_drains(
+    queue: AsyncQueue, gate: tuple[Gate, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The autoscaler's backlog follows the queue: counted again every DEPTH_EVERY_S, it
+    is empty once the work ran (a backlog left standing would hold replicas up)."""
+    import kingpost.asyncq.worker as worker
+
+    monkeypatch.setattr(worker, "DEPTH_EVERY_S", 0.1)
+    _, port = gate
+    clock = Clock()
+    rid = put(queue, "plain", clock, 1)
+    counts: list[dict[str, int]] = []
+    settings = WorkerSettings(
+        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=0.05
+    )
+    workers = AsyncWorkers(
+        queue, settings, capacity=lambda: {"d1": Capacity("m1", 1, 1)}, backlog=counts.append
+    )
+    workers.start()
+    try:
+        wait_for(lambda: queue.get(rid).status == AsyncStatus.SUCCEEDED, 10, "the run")
+        wait_for(lambda: counts and counts[-1] == {}, 5, "an empty backlog")
+    finally:
+        workers.stop()
+    assert counts[0] == {"d1": 1}
