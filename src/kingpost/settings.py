@@ -194,6 +194,11 @@ class Settings(BaseSettings):
     """Delivery attempts per webhook before the request is WEBHOOK_FAILED."""
     async_webhook_initial_delay: float = Field(default=1.0, ge=0)
     """Seconds before the second delivery attempt, doubled per attempt (at most 60)."""
+    async_counts_refresh: float = Field(default=1.0, ge=0)
+    """Seconds a queue status may show old counts of *finished* requests once the
+    deployment keeps 10,000 or more (counting them reads every one: 15 ms at 100,000);
+    each gateway process counts them again after that. 0: counted on every read. Queued
+    and in-progress counts are always read."""
     async_journal_sync: bool = False
     """``fdatasync`` the gateway's accept journal once per group of accepts, so an
     accepted request outlives a power cut while it waits there (worth it with PostgreSQL,

@@ -4,6 +4,7 @@ KINGPOST_TEST_POSTGRES_URL names one), migrated by Alembic."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -212,6 +213,41 @@ def test_cancel_and_expire(queue: AsyncQueue) -> None:
         queue.cancel(b)
     assert queue.expire([b, c]) == 1  # b runs: only a queued one expires
     assert queue.get(c).status == AsyncStatus.EXPIRED
+
+
+def test_many_finished_requests_are_counted_at_most_once_a_second(
+    queue: AsyncQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting the finished requests reads every one the deployment keeps; from
+    FINISHED_COUNTS_KEPT_FROM (1 here) the count stands for ``counts_refresh`` seconds
+    (KINGPOST_ASYNC_COUNTS_REFRESH), and the live counts are read every time."""
+    import kingpost.store.asyncq as asyncq
+
+    monkeypatch.setattr(asyncq, "FINISHED_COUNTS_KEPT_FROM", 1)
+    queue.counts_refresh = 0.3
+    done, running = put(queue), put(queue)
+    queue.claim([done, running], now=T0)
+    queue.succeed(done, '"ok"', now=T0)
+    first = queue.counts("d1")
+    assert (first[AsyncStatus.SUCCEEDED], first[AsyncStatus.IN_PROGRESS]) == (1, 1)
+    queue.succeed(running, '"ok"', now=T0)
+    put(queue)
+    kept = queue.counts("d1")  # the finished count stands; the live ones are read
+    assert (kept[AsyncStatus.SUCCEEDED], kept[AsyncStatus.IN_PROGRESS]) == (1, 0)
+    assert kept[AsyncStatus.QUEUED] == 1
+    time.sleep(0.35)
+    assert queue.counts("d1")[AsyncStatus.SUCCEEDED] == 2
+    monkeypatch.setattr(asyncq, "FINISHED_COUNTS_KEPT_FROM", 3)  # fewer: read every time
+    time.sleep(0.35)
+    queue.counts("d1")  # two finished: not kept
+    queue.fail(queue.claim([put(queue)], now=T0)[0].id, [], now=T0)
+    assert queue.counts("d1")[AsyncStatus.FAILED] == 1
+    monkeypatch.setattr(asyncq, "FINISHED_COUNTS_KEPT_FROM", 1)
+    queue.counts_refresh = 0  # KINGPOST_ASYNC_COUNTS_REFRESH=0: counted on every read
+    time.sleep(0.35)  # the count kept above (three finished) lapses
+    queue.counts("d1")
+    queue.fail(queue.claim([put(queue)], now=T0)[0].id, [], now=T0)
+    assert queue.counts("d1")[AsyncStatus.FAILED] == 2
 
 
 def test_an_expired_requests_webhook_is_due(queue: AsyncQueue) -> None:

@@ -48,6 +48,7 @@ def _async_front(control: Path) -> AsyncFront:
         allow_http=settings.async_webhook_allow_http,
         journal=settings.home / "async" / f"accepts-{name}.journal",
         journal_sync=settings.async_journal_sync,
+        counts_refresh=settings.async_counts_refresh,
     )
 
 

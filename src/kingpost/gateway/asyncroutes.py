@@ -29,7 +29,12 @@ from kingpost.asyncq.journal import AcceptJournal, orphans, read_records
 from kingpost.errors import InsufficientStorageError, KingpostError
 from kingpost.gateway.framing import CONTINUE
 from kingpost.gateway.routing import AsyncOp, Miss
-from kingpost.store.asyncq import AsyncQueue, accepted_record, accepted_view
+from kingpost.store.asyncq import (
+    FINISHED_COUNTS_KEPT_S,
+    AsyncQueue,
+    accepted_record,
+    accepted_view,
+)
 from kingpost.store.db import Database
 from kingpost.store.models import AsyncStatus, utcnow
 
@@ -67,9 +72,10 @@ class AsyncFront:
         threads: int = 4,
         journal: Path | None = None,
         journal_sync: bool = False,
+        counts_refresh: float = FINISHED_COUNTS_KEPT_S,
     ) -> None:
         self.db = Database(db_url)
-        self.queue = AsyncQueue(self.db)
+        self.queue = AsyncQueue(self.db, counts_refresh=counts_refresh)
         self.payload_limit = payload_limit
         self.allow_http = allow_http
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kingpost-async")
