@@ -208,6 +208,27 @@ def test_a_request_started_while_a_settle_read_it_as_queued_runs_once(
     assert queue.get(picked).attempts == 1
 
 
+@contextlib.contextmanager
+def counting_workers(
+    queue: AsyncQueue, port: int, deployments: list[str], clock: Clock
+) -> Iterator[list[dict[str, int]]]:
+    """The workers polling every 50 ms, one slot per deployment; yields the backlogs they
+    hand the autoscaler, in order."""
+    counts: list[dict[str, int]] = []
+    settings = WorkerSettings(
+        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=0.05
+    )
+    capacity = {dep: Capacity(f"m-{dep}", 1, 1) for dep in deployments}
+    workers = AsyncWorkers(
+        queue, settings, capacity=lambda: capacity, backlog=counts.append, clock=clock
+    )
+    workers.start()
+    try:
+        yield counts
+    finally:
+        workers.stop()
+
+
 def test_work_accepted_between_counts_is_found_by_the_next_poll(
     queue: AsyncQueue, gate: tuple[Gate, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,27 +240,16 @@ def test_work_accepted_between_counts_is_found_by_the_next_poll(
     g, port = gate
     clock = Clock()
     first = put(queue, "plain", clock, 1)
-    counts: list[dict[str, int]] = []
-    settings = WorkerSettings(
-        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=0.05
-    )
-    capacity = {"d1": Capacity("m1", 1, 1), "d2": Capacity("m2", 1, 1)}
-    workers = AsyncWorkers(
-        queue, settings, capacity=lambda: capacity, backlog=counts.append, clock=clock
-    )
-    workers.start()
-    try:
+    with counting_workers(queue, port, ["d1", "d2"], clock) as counts:
         wait_for(lambda: queue.get(first).status == AsyncStatus.SUCCEEDED, 10, "the first run")
         time.sleep(0.2)  # polls, none of them counting
         later = queue.enqueue(
             AsyncInput(model_input=json.dumps({"key": "plain"})),
-            model_id="m2",
+            model_id="m-d2",
             deployment_id="d2",
             now=clock.now,
         )
         wait_for(lambda: queue.get(later).status == AsyncStatus.SUCCEEDED, 10, "the later run")
-    finally:
-        workers.stop()
     assert counts == [{"d1": 1}]
     assert g.seen == [first, later]
 
@@ -255,17 +265,7 @@ def test_the_backlog_is_counted_again_as_the_queue_drains(
     _, port = gate
     clock = Clock()
     rid = put(queue, "plain", clock, 1)
-    counts: list[dict[str, int]] = []
-    settings = WorkerSettings(
-        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=0.05
-    )
-    workers = AsyncWorkers(
-        queue, settings, capacity=lambda: {"d1": Capacity("m1", 1, 1)}, backlog=counts.append
-    )
-    workers.start()
-    try:
+    with counting_workers(queue, port, ["d1"], clock) as counts:
         wait_for(lambda: queue.get(rid).status == AsyncStatus.SUCCEEDED, 10, "the run")
         wait_for(lambda: counts and counts[-1] == {}, 5, "an empty backlog")
-    finally:
-        workers.stop()
     assert counts[0] == {"d1": 1}
