@@ -300,28 +300,29 @@ class AsyncQueue:
             return _view(row)
 
     def counts(self, deployment_id: str) -> dict[AsyncStatus, int]:
-        """Requests per status. QUEUED and IN_PROGRESS are read each time; the finished
-        ones (kept for the retention, 7 days) are counted again at most once per
-        ``counts_refresh`` seconds here once there are ``FINISHED_COUNTS_KEPT_FROM``."""
+        """Requests per status, all read by one statement (one snapshot); but once there
+        are ``FINISHED_COUNTS_KEPT_FROM`` finished ones (kept for the retention, 7 days),
+        those are counted again at most once per ``counts_refresh`` seconds here, and
+        the reads between count QUEUED and IN_PROGRESS alone."""
         out = dict.fromkeys(AsyncStatus, 0)
+        now = time.monotonic()
+        with self._finished_lock:
+            kept = self._finished.get(deployment_id)
+        fresh = kept is None or kept[0] <= now
         with self._reader.connect() as conn:
-            for status, n in conn.execute(_LIVE_COUNTS, {"dep": deployment_id}):
+            statement = _ALL_COUNTS if fresh else _LIVE_COUNTS
+            for status, n in conn.execute(statement, {"dep": deployment_id}):
                 out[AsyncStatus(status)] = int(n)
-            now = time.monotonic()
-            with self._finished_lock:
-                kept = self._finished.get(deployment_id)
-            if kept is None or kept[0] <= now:
-                rows = conn.execute(_FINISHED_COUNTS, {"dep": deployment_id}).all()
-                finished = {AsyncStatus(status): int(n) for status, n in rows}
-                with self._finished_lock:
-                    many = sum(finished.values()) >= FINISHED_COUNTS_KEPT_FROM
-                    if many and self.counts_refresh > 0:
-                        self._finished[deployment_id] = (now + self.counts_refresh, finished)
-                    else:
-                        self._finished.pop(deployment_id, None)
+        if not fresh:
+            assert kept is not None
+            out.update(kept[1])
+            return out
+        finished = {status: out[status] for status in DONE}
+        with self._finished_lock:
+            if sum(finished.values()) >= FINISHED_COUNTS_KEPT_FROM and self.counts_refresh > 0:
+                self._finished[deployment_id] = (now + self.counts_refresh, finished)
             else:
-                finished = kept[1]
-        out.update(finished)
+                self._finished.pop(deployment_id, None)
         return out
 
     # -- the workers' side ----------------------------------------------------------------
@@ -767,9 +768,9 @@ _LIVE_COUNTS = (
     )
     .group_by(_T.c.status)
 )
-_FINISHED_COUNTS = (
+_ALL_COUNTS = (
     select(_T.c.status, func.count())
-    .where(_T.c.deployment_id == bindparam("dep"), _T.c.status.in_(DONE))
+    .where(_T.c.deployment_id == bindparam("dep"))
     .group_by(_T.c.status)
 )
 
