@@ -14,10 +14,10 @@ rest), expiring what waited too long; then it starts what free slots allow. Clai
 the start, in the store, kept each freed slot idle for a tick and its transaction
 (bench/README.md, "Async"). The settle runs in a thread, so the runs' answers are read
 on the loop meanwhile (on the loop, SQLite's settle held them up; it ran there while a
-freed slot waited for it). Beside the ticks, once per
-``poll_s``, a poll reads the queue depth per deployment, hands the backlog to the
-autoscaler as demand (``backlog``), has the next tick look further for expired requests
-and starts due webhooks. Runs go through the gateway's normal routing
+freed slot waited for it). Beside the ticks, once per ``poll_s``, a poll asks which
+deployments have queued work (every ``DEPTH_EVERY_S`` it counts it instead and hands the
+backlog to the autoscaler as demand, ``backlog``), has the next tick look further for
+expired requests and starts due webhooks. Runs go through the gateway's normal routing
 (``/models/{m}/deployment/{d}/predict``, with a key that lives only in this process's
 memory and the routing table), so they queue fairly with sync requests, wake a
 deployment at zero, and reach isolated replicas.
@@ -78,7 +78,8 @@ DEPTH_EVERY_S = 0.5
 """How often a poll counts the queued requests per deployment: the autoscaler's backlog,
 which it samples once per reconcile pass (0.5 s by default). A count reads every queued
 request's index entry (2-3 ms at 12,000 queued) and ran on every poll, 20 a second; the
-other polls ask only which deployments have any, an index seek each (0.1-0.2 ms)."""
+other polls ask only which deployments have any, an index seek each (34 µs for five
+on SQLite)."""
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -258,7 +259,7 @@ class AsyncWorkers:
                 self._backlog({dep: queued for dep, (queued, _) in depths.items()})
                 self._queued = {dep for dep, (queued, _) in depths.items() if queued}
             else:
-                self._queued = await asyncio.to_thread(q.queued_in, list(self._capacity()))
+                self._queued = await asyncio.to_thread(q.queued_in, list(self._caps))
             self._expire_due = True
             if self._kick is not None:
                 self._kick.set()

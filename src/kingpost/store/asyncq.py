@@ -308,15 +308,15 @@ class AsyncQueue:
         now = time.monotonic()
         with self._finished_lock:
             kept = self._finished.get(deployment_id)
-        fresh = kept is None or kept[0] <= now
-        with self._reader.connect() as conn:
-            statement = _ALL_COUNTS if fresh else _LIVE_COUNTS
-            for status, n in conn.execute(statement, {"dep": deployment_id}):
-                out[AsyncStatus(status)] = int(n)
-        if not fresh:
-            assert kept is not None
+        if kept is not None and now < kept[0]:  # the finished counts stand: the live ones
+            with self._reader.connect() as conn:
+                for status, n in conn.execute(_LIVE_COUNTS, {"dep": deployment_id}):
+                    out[AsyncStatus(status)] = int(n)
             out.update(kept[1])
             return out
+        with self._reader.connect() as conn:
+            for status, n in conn.execute(_ALL_COUNTS, {"dep": deployment_id}):
+                out[AsyncStatus(status)] = int(n)
         finished = {status: out[status] for status in DONE}
         with self._finished_lock:
             if sum(finished.values()) >= FINISHED_COUNTS_KEPT_FROM and self.counts_refresh > 0:
