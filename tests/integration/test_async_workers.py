@@ -10,7 +10,7 @@ import json
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,6 +95,29 @@ class Clock:
 
 
 @contextlib.contextmanager
+def running_workers(
+    queue: AsyncQueue,
+    port: int,
+    clock: Clock,
+    deployments: tuple[str, ...] = ("d1",),
+    poll_s: float = 0.05,
+    backlog: Callable[[dict[str, int]], None] = lambda _: None,
+) -> Iterator[AsyncWorkers]:
+    """The workers on ``queue`` against the stand-in gateway, one slot per deployment;
+    stopped after."""
+    settings = WorkerSettings(
+        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=poll_s
+    )
+    capacity = {dep: Capacity(f"m-{dep}", 1, 1) for dep in deployments}
+    workers = AsyncWorkers(queue, settings, capacity=lambda: capacity, backlog=backlog, clock=clock)
+    workers.start()
+    try:
+        yield workers
+    finally:
+        workers.stop()
+
+
+@contextlib.contextmanager
 def past_the_held_run(
     queue: AsyncQueue,
     gate: tuple[Gate, int],
@@ -107,17 +130,10 @@ def past_the_held_run(
     and was claimed; stopped after. One slot, and by default a poll every 30 s: no tick
     comes but those the runs ask for."""
     g, port = gate
-    url = f"http://127.0.0.1:{port}"
-    settings = WorkerSettings(gateway_url=url, key="k", share=1.0, poll_s=poll_s)
-    capacity = {"d1": Capacity("m1", 1, 1)}
-    workers = AsyncWorkers(run_on or queue, settings, capacity=lambda: capacity, clock=clock)
-    workers.start()
-    try:
+    with running_workers(run_on or queue, port, clock, poll_s=poll_s) as workers:
         wait_for(lambda: g.seen == [held], 10, "the held run to reach the gateway")
         wait_for(lambda: queue.get(held).status == AsyncStatus.IN_PROGRESS, 10, "its claim")
         yield workers
-    finally:
-        workers.stop()
 
 
 def put(queue: AsyncQueue, key: str, clock: Clock, ago: float, **kw: object) -> str:
@@ -208,27 +224,6 @@ def test_a_request_started_while_a_settle_read_it_as_queued_runs_once(
     assert queue.get(picked).attempts == 1
 
 
-@contextlib.contextmanager
-def counting_workers(
-    queue: AsyncQueue, port: int, deployments: list[str], clock: Clock
-) -> Iterator[list[dict[str, int]]]:
-    """The workers polling every 50 ms, one slot per deployment; yields the backlogs they
-    hand the autoscaler, in order."""
-    counts: list[dict[str, int]] = []
-    settings = WorkerSettings(
-        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=0.05
-    )
-    capacity = {dep: Capacity(f"m-{dep}", 1, 1) for dep in deployments}
-    workers = AsyncWorkers(
-        queue, settings, capacity=lambda: capacity, backlog=counts.append, clock=clock
-    )
-    workers.start()
-    try:
-        yield counts
-    finally:
-        workers.stop()
-
-
 def test_work_accepted_between_counts_is_found_by_the_next_poll(
     queue: AsyncQueue, gate: tuple[Gate, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,7 +235,8 @@ def test_work_accepted_between_counts_is_found_by_the_next_poll(
     g, port = gate
     clock = Clock()
     first = put(queue, "plain", clock, 1)
-    with counting_workers(queue, port, ["d1", "d2"], clock) as counts:
+    counts: list[dict[str, int]] = []
+    with running_workers(queue, port, clock, ("d1", "d2"), backlog=counts.append):
         wait_for(lambda: queue.get(first).status == AsyncStatus.SUCCEEDED, 10, "the first run")
         time.sleep(0.2)  # polls, none of them counting
         later = queue.enqueue(
@@ -265,7 +261,8 @@ def test_the_backlog_is_counted_again_as_the_queue_drains(
     _, port = gate
     clock = Clock()
     rid = put(queue, "plain", clock, 1)
-    with counting_workers(queue, port, ["d1"], clock) as counts:
+    counts: list[dict[str, int]] = []
+    with running_workers(queue, port, clock, backlog=counts.append):
         wait_for(lambda: queue.get(rid).status == AsyncStatus.SUCCEEDED, 10, "the run")
         wait_for(lambda: counts and counts[-1] == {}, 5, "an empty backlog")
     assert counts[0] == {"d1": 1}
