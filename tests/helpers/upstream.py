@@ -17,6 +17,8 @@ from helpers.httpd import QuietHandler, serving
 class Upstream:
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.release = threading.Event()
+        """Lets ``/held`` requests answer: a slot held for as long as a test needs."""
         self.requests = 0
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
@@ -64,6 +66,9 @@ def _handler(up: Upstream) -> type[BaseHTTPRequestHandler]:
             elif url.path == "/slow":
                 time.sleep(float(q.get("s", ["0.3"])[0]))
                 self._send(200, b'{"slow": true}')
+            elif url.path == "/held":
+                up.release.wait(30)
+                self._send(200, b'{"held": true}')
             elif url.path == "/gated-stream":
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -105,3 +110,4 @@ def upstream() -> Iterator[Upstream]:
             yield up
         finally:
             up.gate.set()
+            up.release.set()

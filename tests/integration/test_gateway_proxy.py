@@ -28,6 +28,7 @@ from helpers.gateway import AUTH, KEY, RunningGateway
 from helpers.platform import free_port, raw_exchange, wait_for
 from helpers.upstream import Upstream
 from helpers.wsraw import RawWebSocket, handshake
+from kingpost.gateway.dispatch import Dispatcher
 from kingpost.gateway.server import Gateway
 from kingpost.gateway.table import (
     DeploymentRoute,
@@ -311,24 +312,37 @@ def test_requests_queued_for_a_slot_need_no_task(gw: Running, up: Upstream) -> N
     assert dispatcher.inflight == {"r0": 0} and not dispatcher._waiters
 
 
+def _wait_until_held(up: Upstream, requests: int, dispatcher: Dispatcher) -> None:
+    """Until the replica has seen ``requests`` requests, the last held (``/held``) in the
+    one slot."""
+    wait_for(lambda: up.requests == requests, 5, "the first request to reach the replica")
+    wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the slot to be the first's alone")
+
+
 def test_a_queued_request_whose_client_leaves_takes_no_slot(gw: Running, up: Upstream) -> None:
-    # The first request holds the one slot for 2 s: under a loaded CI the gateway once saw
-    # the client's reset only after a 0.5 s request had ended and the queued one was sent.
-    gw.table(route(up, predict_path="/slow?s=2", concurrency=1))
+    # The first request holds the one slot until the test lets it go, and the leaving one is
+    # sent only once the first is at the replica: the pooling request's slot is released just
+    # after its client has its answer, so a check of the slots alone could still see that
+    # one, and send the leaving request to the replica straight away.
+    gw.table(route(up, predict_path="/held", concurrency=1))
     with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection
         assert c.get("/models/echo/production/sync/echo").status_code == 200
     dispatcher = gw.gateway.dispatcher("d1")
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(httpx.post, f"{gw.url}/models/echo/production/predict", headers=AUTH)
-        wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the first request to be sent")
+        first = pool.submit(
+            httpx.post, f"{gw.url}/models/echo/production/predict", headers=AUTH, timeout=30
+        )
+        _wait_until_held(up, 2, dispatcher)
         with socket.create_connection(("127.0.0.1", gw.port)) as s:
             s.sendall(_req(b"leaving"))
             wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        wait_for(lambda: dispatcher.snapshot().queued == 0, 5, "the queue to be left")
+        wait_for(lambda: dispatcher.snapshot().queued == 0, 10, "the queue to be left")
+        assert not dispatcher._waiters
+        assert dispatcher.inflight == {"r0": 1}  # still the first request's
+        up.release.set()
         assert first.result().status_code == 200
     wait_for(lambda: dispatcher.inflight == {"r0": 0}, 5, "the slot to be released")
-    assert not dispatcher._waiters
     assert up.requests == 2  # the request whose client left never reached the replica
     r = httpx.post(f"{gw.url}/models/echo/production/predict", headers=AUTH, timeout=5)
     assert r.status_code == 200
@@ -337,17 +351,18 @@ def test_a_queued_request_whose_client_leaves_takes_no_slot(gw: Running, up: Ups
 def test_a_queued_request_gets_404_when_its_deployment_is_deactivated(
     gw: Running, up: Upstream
 ) -> None:
-    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1))
+    gw.table(route(up, predict_path="/held", concurrency=1))
     dispatcher = gw.gateway.dispatcher("d1")
     url = f"{gw.url}/models/echo/production/predict"
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
-        wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the first request to be sent")
+        _wait_until_held(up, 1, dispatcher)
         queued = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
         wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
         gw.table(route(up, state=DeploymentState.INACTIVE, message="deployment d1 is gone"))
         r = queued.result()
         assert r.status_code == 404 and "d1 is gone" in r.json()["error"]
+        up.release.set()
         assert first.result().status_code == 200
 
 
@@ -358,14 +373,14 @@ def test_a_queued_request_that_fails_to_send_closes_only_its_connection(
     # its own connection and give the slot on, not strand the request that freed it.
     from kingpost.gateway import forward
 
-    gw.table(route(up, predict_path="/slow?s=0.5", concurrency=1))
+    gw.table(route(up, predict_path="/held", concurrency=1))
     with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:  # pool a connection
         assert c.get("/models/echo/production/sync/echo").status_code == 200
     dispatcher = gw.gateway.dispatcher("d1")
     url = f"{gw.url}/models/echo/production/predict"
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
-        wait_for(lambda: dispatcher.inflight == {"r0": 1}, 5, "the first request to be sent")
+        _wait_until_held(up, 2, dispatcher)
 
         def broken(*args: object) -> object:
             raise RuntimeError("a bug in sending")
@@ -374,6 +389,7 @@ def test_a_queued_request_that_fails_to_send_closes_only_its_connection(
         with socket.create_connection(("127.0.0.1", gw.port)) as s:
             s.sendall(_req(b"queued"))
             wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
+            up.release.set()
             s.settimeout(5)
             assert s.recv(100) == b""  # closed, unanswered
         assert first.result().status_code == 200
