@@ -14,6 +14,7 @@ from kingpost.asyncq.policy import (
     async_slots,
     choose,
     model_error_retryable,
+    pick_size,
     retry_delay_ms,
     webhook_delay_s,
     webhook_retryable,
@@ -110,6 +111,24 @@ def test_webhook_backoff_doubles_and_caps() -> None:
 )
 def test_async_slots(replicas: int, conc: int, share: float, busy: int, slots: int) -> None:
     assert async_slots(replicas, conc, share, busy) == slots
+
+
+@pytest.mark.parametrize(
+    ("slots", "ended", "pick"),
+    [
+        (8, 0, 16),  # idle or slow: two per slot
+        (8, 3, 16),  # 2 * 3 + 8 = 14, under the least
+        (8, 5, 18),  # between: what ended twice, and a run per slot
+        (8, 28, 64),  # 64 exactly: the most
+        (8, 29, 64),  # past it: eight per slot
+        (8, 1000, 64),
+        (1, 0, 2),
+        (1, 2, 5),
+        (0, 10, 0),  # no slot (inactive): nothing picked
+    ],
+)
+def test_pick_size(slots: int, ended: int, pick: int) -> None:
+    assert pick_size(slots, ended) == pick
 
 
 def body(**kw: object) -> bytes:

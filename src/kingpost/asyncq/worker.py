@@ -8,11 +8,12 @@ tick (ticks come ``TICK_MIN_S`` apart or more, and ``poll_s`` apart at most), wh
 transaction (``AsyncQueue.settle``) claims what started since the last one
 (QUEUED -> IN_PROGRESS, one more attempt), records the runs that ended and, per
 deployment with queued work, reads its queue in scheduling order to pick the next
-requests for all its slots (:func:`~kingpost.asyncq.policy.async_slots`: a share,
-``KINGPOST_ASYNC_SHARE``, of the ready replicas' predict slots, so sync predicts keep the
-rest), expiring what waited too long; then it starts what free slots allow. Claiming at
-the start, in the store, kept each freed slot idle for a tick and its transaction
-(bench/README.md, "Async"). The settle runs in a thread, so the runs' answers are read
+requests for all its slots and for what ends before the next pick (``pick_size``; the
+slots: ``async_slots``, a share, ``KINGPOST_ASYNC_SHARE``, of the ready replicas'
+predict slots, so sync predicts keep the rest; both in ``asyncq/policy.py``), expiring
+what waited too long; then it starts what free slots allow. Claiming at the start, in
+the store, kept each freed slot idle for a tick and its transaction (bench/README.md,
+"Async"). The settle runs in a thread, so the runs' answers are read
 on the loop meanwhile (on the loop, SQLite's settle held them up; it ran there while a
 freed slot waited for it). Beside the ticks, once per ``poll_s``, a poll asks which
 deployments have queued work (every ``DEPTH_EVERY_S`` it counts it instead and hands the
@@ -55,6 +56,7 @@ from kingpost.asyncq.outcome import Outcome, Verdict, classify
 from kingpost.asyncq.policy import (
     async_slots,
     past_wait,
+    pick_size,
     retry_delay_ms,
     webhook_delay_s,
     webhook_retryable,
@@ -68,12 +70,13 @@ __all__ = ["AsyncWorkers", "Capacity", "WorkerSettings"]
 log = logging.getLogger(__name__)
 NOT_RUN_DELAY = timedelta(seconds=1)
 SWEEP_EVERY_S = 3600.0
-TICK_MIN_S = 0.003
+TICK_MIN_S = 0.006
 """A pause between ticks, so runs that end close together share one settle. Runs start
-from the pick without a tick; the pick covers ``PICK_PER_SLOT`` runs per slot, more than
-end in a pause. None: a settle per run that ended, each holding the loop (a 10 ms
-model's answers waited behind them); 6 ms ran an echo server's pick dry between ticks."""
-PICK_PER_SLOT = 2
+from the pick without a tick (:func:`~kingpost.asyncq.policy.pick_size`). None: a settle
+per run that ended, each holding the loop (a 10 ms model's answers waited behind them).
+With an echo server, a settle every 6 ms drained 3,600-3,800 requests/s where one every
+3 ms drained 3,200: each settle's Python holds the GIL that the runs' answers wait for
+(bench/README.md, "Async")."""
 DEPTH_EVERY_S = 0.5
 """How often a poll counts the queued requests per deployment: the autoscaler's backlog,
 which it samples once per reconcile pass (0.5 s by default). A count reads every queued
@@ -161,6 +164,8 @@ class AsyncWorkers:
         self._counted_at = -1e9
         self._outcomes: list[tuple[str, dict[str, object]]] = []
         """Runs ended since the last tick, recorded together (one transaction)."""
+        self._ended: dict[str, int] = {}
+        """Per deployment, runs ended since the last pick (how far the next one looks)."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -310,20 +315,19 @@ class AsyncWorkers:
 
     def _wants(self, *, expire: bool) -> dict[str, tuple[int, int]]:
         """Per deployment with queued work: (requests to pick, candidates to read). The
-        pick covers every slot, busy ones too, ``PICK_PER_SLOT`` runs each: a run that
-        ends starts the next at once, before any settle. Expiry looks past the picked
-        ones; between polls a few more, in case the first are backing off
-        (``not_before``)."""
+        pick covers every slot, busy ones too, and what ends before the next pick lands
+        (:func:`pick_size`). Expiry looks past the picked ones; between polls a few more,
+        in case the first are backing off (``not_before``)."""
         self._caps = caps = self._capacity()
+        ended, self._ended = self._ended, {}
         wants: dict[str, tuple[int, int]] = {}
         for dep in self._queued:
             cap = caps.get(dep)
             if cap is None:
                 continue
-            slots = PICK_PER_SLOT * async_slots(cap.ready, cap.concurrency, self.settings.share, 0)
-            if not cap.runnable:
-                slots = 0
-            wants[dep] = (slots, slots + 64 if expire else slots + 8)
+            slots = async_slots(cap.ready, cap.concurrency, self.settings.share, 0)
+            pick = pick_size(slots, ended.get(dep, 0)) if cap.runnable else 0
+            wants[dep] = (pick, pick + 64 if expire else pick + 8)
         return wants
 
     def _fill(self, dep: str) -> None:
@@ -359,6 +363,7 @@ class AsyncWorkers:
         finally:
             self._runs.pop(view.id, None)
             self._running[view.deployment_id] -= 1
+            self._ended[view.deployment_id] = self._ended.get(view.deployment_id, 0) + 1
             self._fill(view.deployment_id)  # the slot's next, before any settle
             if self._kick is not None:
                 self._kick.set()
