@@ -100,6 +100,11 @@ def test_retry_backs_off_then_fails(queue: AsyncQueue) -> None:
     assert queue.retry_later(rid, err, T0 + timedelta(seconds=1), now=T0)
     assert choose(queue.candidates("d1", 5), T0, 5).run == ()
     assert choose(queue.candidates("d1", 5), T0 + timedelta(seconds=1), 5).run == (rid,)
+    # The workers' settle reads the same (on SQLite with timestamps it parsed before).
+    for _ in range(2):
+        assert queue.settle([], [], {"d1": (5, 10)}, T0).ready == {"d1": ()}
+        later = queue.settle([], [], {"d1": (5, 10)}, T0 + timedelta(seconds=1))
+        assert later.ready == {"d1": (rid,)}
     queue.claim([rid])
     assert queue.fail(rid, err)
     got = queue.get(rid)
