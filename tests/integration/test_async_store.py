@@ -201,8 +201,42 @@ def test_settle_writes_each_outcome_as_the_single_calls_do(queue: AsyncQueue) ->
         assert [c.not_before for c in queue.candidates(f"a-{name}", 5)] == [
             c.not_before for c in queue.candidates(f"b-{name}", 5)
         ], name
+        # Started and ended between two settles: claimed and recorded by one of them.
+        c = put(queue, dep=f"c-{name}")
+        got = queue.settle([(c, values)], [(c, T0)], {}, T0)
+        assert (got.recorded, got.lost) == (1, ()), name
+        both = queue.get(c)
+        same = (*same, "started_at", "status_at")
+        assert {k: getattr(both, k) for k in same} == {k: getattr(other, k) for k in same}, name
+        assert [x.not_before for x in queue.candidates(f"c-{name}", 5)] == [
+            x.not_before for x in queue.candidates(f"b-{name}", 5)
+        ], name
     assert queue.get(put(queue, dep="a-release")).attempts == 0
     assert queue.depths()["a-release"] == (2, 0)  # released: queued again, attempt undone
+    assert queue.depths()["c-release"] == (1, 0)
+
+
+def test_runs_claimed_and_ended_in_one_settle_with_a_cancel_among_them(
+    queue: AsyncQueue,
+) -> None:
+    done_fast, canceled, claimed_before = put(queue), put(queue, at=1), put(queue, at=2)
+    now = T0 + timedelta(seconds=5)
+    queue.cancel(canceled)  # after the pick, before the settle that claims its run
+    queue.settle([], [(claimed_before, now)], {}, now)  # a claim whose commit then raised
+    ok = AsyncQueue.succeeded_values('"ok"', now)
+    outcomes = [(rid, ok) for rid in (done_fast, canceled, claimed_before)]
+    claims = [(rid, now) for rid in (done_fast, canceled, claimed_before)]
+    got = queue.settle(outcomes, claims, {}, now)
+    # The canceled run is named lost and nothing of it recorded; the two others are
+    # recorded once each, the claim sent again counted as the workers' own.
+    assert (got.recorded, got.lost) == (2, (canceled,))
+    assert queue.get(canceled).status == AsyncStatus.CANCELED
+    for rid in (done_fast, claimed_before):
+        row = queue.get(rid)
+        assert (row.status, row.attempts, row.started_at) == (AsyncStatus.SUCCEEDED, 1, now)
+    again = queue.settle(outcomes, claims, {}, now)  # all sent again: nothing changes
+    assert again.recorded == 0 and set(again.lost) == {done_fast, canceled, claimed_before}
+    assert queue.get(done_fast).attempts == 1
 
 
 def test_cancel_and_expire(queue: AsyncQueue) -> None:
