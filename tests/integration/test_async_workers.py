@@ -102,11 +102,16 @@ def running_workers(
     deployments: tuple[str, ...] = ("d1",),
     poll_s: float = 0.05,
     backlog: Callable[[dict[str, int]], None] = lambda _: None,
+    count_every_s: float = 0.5,
 ) -> Iterator[AsyncWorkers]:
     """The workers on ``queue`` against the stand-in gateway, one slot per deployment;
     stopped after."""
     settings = WorkerSettings(
-        gateway_url=f"http://127.0.0.1:{port}", key="k", share=1.0, poll_s=poll_s
+        gateway_url=f"http://127.0.0.1:{port}",
+        key="k",
+        share=1.0,
+        poll_s=poll_s,
+        count_every_s=count_every_s,
     )
     capacity = {dep: Capacity(f"m-{dep}", 1, 1) for dep in deployments}
     workers = AsyncWorkers(queue, settings, capacity=lambda: capacity, backlog=backlog, clock=clock)
@@ -225,18 +230,16 @@ def test_a_request_started_while_a_settle_read_it_as_queued_runs_once(
 
 
 def test_work_accepted_between_counts_is_found_by_the_next_poll(
-    queue: AsyncQueue, gate: tuple[Gate, int], monkeypatch: pytest.MonkeyPatch
+    queue: AsyncQueue, gate: tuple[Gate, int]
 ) -> None:
-    """The queue is counted (the autoscaler's backlog) once per ``DEPTH_EVERY_S``; the
+    """The queue is counted (the autoscaler's backlog) once per ``count_every_s``; the
     polls between ask which deployments have work, and a request accepted then runs."""
-    import kingpost.asyncq.worker as worker
-
-    monkeypatch.setattr(worker, "DEPTH_EVERY_S", 3600.0)  # the count at start, then none
     g, port = gate
     clock = Clock()
     first = put(queue, "plain", clock, 1)
     counts: list[dict[str, int]] = []
-    with running_workers(queue, port, clock, ("d1", "d2"), backlog=counts.append):
+    once = {"count_every_s": 3600.0}  # the count at start, then none
+    with running_workers(queue, port, clock, ("d1", "d2"), backlog=counts.append, **once):
         wait_for(lambda: queue.get(first).status == AsyncStatus.SUCCEEDED, 10, "the first run")
         time.sleep(0.2)  # polls, none of them counting
         later = queue.enqueue(
@@ -251,18 +254,40 @@ def test_work_accepted_between_counts_is_found_by_the_next_poll(
 
 
 def test_the_backlog_is_counted_again_as_the_queue_drains(
-    queue: AsyncQueue, gate: tuple[Gate, int], monkeypatch: pytest.MonkeyPatch
+    queue: AsyncQueue, gate: tuple[Gate, int]
 ) -> None:
-    """The autoscaler's backlog follows the queue: counted again every DEPTH_EVERY_S, it
-    is empty once the work ran (a backlog left standing would hold replicas up)."""
-    import kingpost.asyncq.worker as worker
-
-    monkeypatch.setattr(worker, "DEPTH_EVERY_S", 0.1)
+    """The autoscaler's backlog follows the queue: counted again every ``count_every_s``,
+    it is empty once the work ran (a backlog left standing would hold replicas up)."""
     _, port = gate
     clock = Clock()
     rid = put(queue, "plain", clock, 1)
     counts: list[dict[str, int]] = []
-    with running_workers(queue, port, clock, backlog=counts.append):
+    with running_workers(queue, port, clock, backlog=counts.append, count_every_s=0.1):
         wait_for(lambda: queue.get(rid).status == AsyncStatus.SUCCEEDED, 10, "the run")
         wait_for(lambda: counts and counts[-1] == {}, 5, "an empty backlog")
     assert counts[0] == {"d1": 1}
+
+
+def test_the_control_planes_workers_count_once_per_reconcile_pass(tmp_path: Path) -> None:
+    """``kingpost server``'s workers count the backlog as often as the autoscaler samples
+    it, and the routing table learns the hash of their in-memory key."""
+    from types import SimpleNamespace
+
+    from kingpost.asyncq.plane import prepare_async_workers
+    from kingpost.settings import Settings
+    from kingpost.store.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    db.migrate()
+    controller = SimpleNamespace(routing=SimpleNamespace(internal_key_hashes=frozenset()))
+    try:
+        settings = Settings(home=tmp_path / "home", reconcile_interval=0.25)
+        workers = prepare_async_workers(
+            settings,
+            SimpleNamespace(db=db, box=None),  # type: ignore[arg-type]
+            controller,  # type: ignore[arg-type]
+        )
+        assert workers.settings.count_every_s == 0.25
+        assert len(controller.routing.internal_key_hashes) == 1
+    finally:
+        db.close()

@@ -51,6 +51,7 @@ def prepare_async_workers(settings: Settings, store: Store, controller: Controll
         webhook_attempts=settings.async_webhook_attempts,
         webhook_initial_delay_s=settings.async_webhook_initial_delay,
         own_ports=(settings.api_port, settings.gateway_port),
+        count_every_s=settings.reconcile_interval,
     )
     return AsyncWorkers(
         queue,

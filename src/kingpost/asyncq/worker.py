@@ -16,7 +16,7 @@ the store, kept each freed slot idle for a tick and its transaction (bench/READM
 "Async"). The settle runs in a thread, so the runs' answers are read
 on the loop meanwhile (on the loop, SQLite's settle held them up; it ran there while a
 freed slot waited for it). Beside the ticks, once per ``poll_s``, a poll asks which
-deployments have queued work (every ``DEPTH_EVERY_S`` it counts it instead and hands the
+deployments have queued work (every ``count_every_s`` it counts it instead and hands the
 backlog to the autoscaler as demand, ``backlog``), has the next tick look further for
 expired requests and starts due webhooks. Runs go through the gateway's normal routing
 (``/models/{m}/deployment/{d}/predict``, with a key that lives only in this process's
@@ -77,12 +77,6 @@ per run that ended, each holding the loop (a 10 ms model's answers waited behind
 With an echo server, a settle every 6 ms drained 3,600-3,800 requests/s where one every
 3 ms drained 3,200: each settle's Python holds the GIL that the runs' answers wait for
 (bench/README.md, "Async")."""
-DEPTH_EVERY_S = 0.5
-"""How often a poll counts the queued requests per deployment: the autoscaler's backlog,
-which it samples once per reconcile pass (0.5 s by default). A count reads every queued
-request's index entry (2-3 ms at 12,000 queued) and ran on every poll, 20 a second; the
-other polls ask only which deployments have any, an index seek each (34 µs for five
-on SQLite)."""
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -119,6 +113,12 @@ class WorkerSettings:
     own_ports: Collection[int] = ()
     run_timeout_s: float = 3600.0
     """Baseten runs an async request for up to an hour."""
+    count_every_s: float = 0.5
+    """How often a poll counts the queued requests per deployment: the autoscaler's
+    backlog, which it samples once per reconcile pass (``kingpost server`` passes its
+    reconcile interval). A count reads every queued request's index entry (2-3 ms at
+    12,000 queued) and ran on every poll, 20 a second; the other polls ask only which
+    deployments have any, an index seek each (34 µs for five on SQLite)."""
 
 
 class AsyncWorkers:
@@ -254,11 +254,11 @@ class AsyncWorkers:
     async def _poll_once(self, now: float) -> None:
         """Once per ``poll_s``, beside the ticks (a settle never waits for these reads):
         which deployments have queued work (those a tick picks for) and, once per
-        ``DEPTH_EVERY_S``, how much (the autoscaler's backlog); then an expiry check on
+        ``count_every_s``, how much (the autoscaler's backlog); then an expiry check on
         the next tick, due webhooks and, hourly, the sweep."""
         q = self.queue
         try:
-            if now - self._counted_at >= DEPTH_EVERY_S:
+            if now - self._counted_at >= self.settings.count_every_s:
                 self._counted_at = now
                 depths = await asyncio.to_thread(q.depths)
                 self._backlog({dep: queued for dep, (queued, _) in depths.items()})

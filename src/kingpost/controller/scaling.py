@@ -53,7 +53,7 @@ class Scaler:
         self.frozen: set[str] = set()
         self.backlog: dict[str, int] = {}
         """Async requests queued in the store per deployment (``asyncq/worker.py``
-        replaces it every ``DEPTH_EVERY_S``): demand like requests the gateway holds."""
+        replaces it once per reconcile interval): demand like requests the gateway holds."""
 
     def observe(self, stats: GatewayStats | None, deployments: Iterable[str], now: float) -> None:
         """One sample per deployment from a newly pulled ``stats`` (none again for the same)."""
