@@ -853,8 +853,10 @@ def _finish_in(s: Session, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> in
     return n
 
 
-PARSED_KEPT = 65536
-"""Timestamps the SQLite settle keeps parsed (``_SqliteHotPath._parsed``), at most."""
+PARSED_KEPT = 16384
+"""Timestamps the SQLite settle keeps parsed (``_SqliteHotPath._parsed``), at most (about
+3 MB). What it reads again is the front of each deployment's queue, a pick's worth: up
+to 136 rows for 8 slots, two timestamps each (often the same text)."""
 
 
 class _SqliteHotPath:
