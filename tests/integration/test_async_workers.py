@@ -5,11 +5,13 @@ starts, a cancel reaches it or its wait runs out."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -266,6 +268,69 @@ def test_the_backlog_is_counted_again_as_the_queue_drains(
         wait_for(lambda: queue.get(rid).status == AsyncStatus.SUCCEEDED, 10, "the run")
         wait_for(lambda: counts and counts[-1] == {}, 5, "an empty backlog")
     assert counts[0] == {"d1": 1}
+
+
+def idle_workers(queue: AsyncQueue, caps: dict[str, Capacity]) -> AsyncWorkers:
+    """Workers never started: their steps are called one at a time."""
+    settings = WorkerSettings(gateway_url="http://127.0.0.1:9", key="k", share=1.0)
+    return AsyncWorkers(queue, settings, capacity=lambda: caps)
+
+
+def test_the_pick_grows_with_the_runs_that_ended_and_shrinks_again(queue: AsyncQueue) -> None:
+    """A tick picks two per slot, more after many runs ended since the last (what ends
+    before the next pick lands), and two again once that count is used; an inactive
+    deployment gets no pick, only its expiry read."""
+    w = idle_workers(queue, {"d1": Capacity("m1", 1, 8), "d2": Capacity("m2", 1, 8, False)})
+    w._queued = {"d1", "d2"}
+    assert w._wants(expire=False) == {"d1": (16, 24), "d2": (0, 8)}
+    w._ended = {"d1": 20, "d2": 5}
+    assert w._wants(expire=True) == {"d1": (48, 112), "d2": (0, 64)}
+    assert w._wants(expire=False)["d1"] == (16, 24)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "counted"),
+    [
+        (200, b'{"echo": 1}', 1),
+        (500, b"boom", 1),  # a model error ran: it counts
+        (429, b'{"code": "overloaded"}', 0),  # the gateway turned it away: nothing ran
+        (503, b'{"code": "unavailable"}', 0),
+    ],
+)
+def test_a_run_counts_toward_the_next_pick_only_when_it_ran(
+    queue: AsyncQueue, status: int, body: bytes, counted: int
+) -> None:
+    w = idle_workers(queue, {})
+    view = queue.get(put(queue, "plain", Clock(), 1)).claimed(utcnow())
+
+    async def call(*_: object) -> tuple[int, dict[str, str], bytes, str]:
+        return status, {"content-type": "application/json"}, body, ""
+
+    w._call = call  # type: ignore[method-assign]
+    w._running["d1"] = 1
+    asyncio.run(w._run(view, "m1"))
+    assert len(w._outcomes) == 1
+    assert w._ended == ({"d1": 1} if counted else {})
+
+
+def test_a_settle_that_fails_starts_nothing_from_its_last_pick(queue: AsyncQueue) -> None:
+    """Runs started from a pick no settle follows would go unclaimed: the pick is dropped,
+    the outcomes and claims wait for the next settle."""
+    w = idle_workers(queue, {"d1": Capacity("m1", 1, 8)})
+    picked = queue.get(put(queue, "plain", Clock(), 1))
+    w._ready = {"d1": deque([picked])}
+    w._outcomes = [("r-done", {"status": "SUCCEEDED"})]
+    w._claims = [("r-claimed", utcnow())]
+
+    def broken(*_: object) -> object:
+        raise OSError("the store is gone")
+
+    w.queue.settle = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="the store is gone"):
+        asyncio.run(w._settle(expire=False))
+    assert w._ready == {}
+    assert [rid for rid, _ in w._outcomes] == ["r-done"]
+    assert [rid for rid, _ in w._claims] == ["r-claimed"]
 
 
 def test_the_control_planes_workers_count_once_per_reconcile_pass(tmp_path: Path) -> None:

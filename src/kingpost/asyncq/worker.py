@@ -165,7 +165,8 @@ class AsyncWorkers:
         self._outcomes: list[tuple[str, dict[str, object]]] = []
         """Runs ended since the last tick, recorded together (one transaction)."""
         self._ended: dict[str, int] = {}
-        """Per deployment, runs ended since the last pick (how far the next one looks)."""
+        """Per deployment, runs that ran and ended since the last pick (how far the next
+        one looks); a run the gateway turned away (not run) does not count."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -296,6 +297,9 @@ class AsyncWorkers:
         except BaseException:
             self._outcomes[:0] = done  # recorded by the next tick, not lost
             self._claims[:0] = claims
+            # No run starts from a pick that no settle follows: each would run unclaimed
+            # (a cancel would miss it, and a crash run it again) until the store answers.
+            self._ready = {}
             raise
         for rid in settled.lost:  # a cancel took it between the pick and the start
             run = self._runs.get(rid)
@@ -357,13 +361,16 @@ class AsyncWorkers:
     async def _run(self, view: AsyncRequestView, model_id: str) -> None:
         try:
             status, headers, body, error = await self._call(view, model_id)
-            self._outcomes.append(self._record(view, classify(status, headers, body, error)))
+            outcome = classify(status, headers, body, error)
+            self._outcomes.append(self._record(view, outcome))
+            if outcome.verdict != Verdict.NOT_RUN:  # a gateway's "not now" ran nothing
+                dep = view.deployment_id
+                self._ended[dep] = self._ended.get(dep, 0) + 1
         except Exception:
             log.exception("async: request %s: recording its run failed", view.id)
         finally:
             self._runs.pop(view.id, None)
             self._running[view.deployment_id] -= 1
-            self._ended[view.deployment_id] = self._ended.get(view.deployment_id, 0) + 1
             self._fill(view.deployment_id)  # the slot's next, before any settle
             if self._kick is not None:
                 self._kick.set()
