@@ -95,13 +95,15 @@ def test_restart_requeues_unrecorded_runs(queue: AsyncQueue) -> None:
 
 def test_retry_backs_off_then_fails(queue: AsyncQueue) -> None:
     rid = put(queue, retry=RetryConfig(2, 100, 100))
+    # Picked by a settle before its first run: on SQLite the settle keeps the timestamps
+    # it parsed, and the backoff below must still be read as the row's new not_before.
+    assert queue.settle([], [], {"d1": (5, 10)}, T0).ready == {"d1": (rid,)}
     queue.claim([rid], now=T0)
     err = [{"code": "MODEL_PREDICT_ERROR", "message": "boom"}]
     assert queue.retry_later(rid, err, T0 + timedelta(seconds=1), now=T0)
     assert choose(queue.candidates("d1", 5), T0, 5).run == ()
     assert choose(queue.candidates("d1", 5), T0 + timedelta(seconds=1), 5).run == (rid,)
-    # The workers' settle reads the same (on SQLite with timestamps it parsed before).
-    for _ in range(2):
+    for _ in range(2):  # the workers' settle reads the same, the second time from parsed
         assert queue.settle([], [], {"d1": (5, 10)}, T0).ready == {"d1": ()}
         later = queue.settle([], [], {"d1": (5, 10)}, T0 + timedelta(seconds=1))
         assert later.ready == {"d1": (rid,)}

@@ -335,7 +335,8 @@ def test_a_settle_that_fails_starts_nothing_from_its_last_pick(queue: AsyncQueue
 
 def test_the_control_planes_workers_count_once_per_reconcile_pass(tmp_path: Path) -> None:
     """``kingpost server``'s workers count the backlog as often as the autoscaler samples
-    it, and the routing table learns the hash of their in-memory key."""
+    it (twice a second at least), and the routing table learns the hash of their
+    in-memory key."""
     from types import SimpleNamespace
 
     from kingpost.asyncq.plane import prepare_async_workers
@@ -354,5 +355,8 @@ def test_the_control_planes_workers_count_once_per_reconcile_pass(tmp_path: Path
         )
         assert workers.settings.count_every_s == 0.25
         assert len(controller.routing.internal_key_hashes) == 1
+        slow = Settings(home=tmp_path / "home", reconcile_interval=5.0)
+        again = prepare_async_workers(slow, SimpleNamespace(db=db, box=None), controller)  # type: ignore[arg-type]
+        assert again.settings.count_every_s == 0.5  # a backlog never older than that
     finally:
         db.close()

@@ -51,7 +51,8 @@ def prepare_async_workers(settings: Settings, store: Store, controller: Controll
         webhook_attempts=settings.async_webhook_attempts,
         webhook_initial_delay_s=settings.async_webhook_initial_delay,
         own_ports=(settings.api_port, settings.gateway_port),
-        count_every_s=settings.reconcile_interval,
+        # As often as the autoscaler samples it, and at least twice a second.
+        count_every_s=min(settings.reconcile_interval, 0.5),
     )
     return AsyncWorkers(
         queue,

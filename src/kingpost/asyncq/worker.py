@@ -116,7 +116,7 @@ class WorkerSettings:
     count_every_s: float = 0.5
     """How often a poll counts the queued requests per deployment: the autoscaler's
     backlog, which it samples once per reconcile pass (``kingpost server`` passes its
-    reconcile interval). A count reads every queued request's index entry (2-3 ms at
+    reconcile interval, 0.5 s at most). A count reads every queued request's index entry (2-3 ms at
     12,000 queued) and ran on every poll, 20 a second; the other polls ask only which
     deployments have any, an index seek each (34 µs for five on SQLite)."""
 
