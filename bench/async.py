@@ -8,10 +8,11 @@ Starts a real ``kingpost server`` (process engine, SQLite) in a temporary home, 
    accept latency (p50/p99 counted from when each request was due). The workers run the
    accepted requests meanwhile, as they would.
 2. **throughput**: the same replica called synchronously (wrk, closed loop, 8 connections:
-   its predict slots) for ``--seconds``, then as many async requests enqueued at once
-   (open loop at three times the sync rate, 2,000/s at least) and the time until the last one SUCCEEDED (a marker queued
-   after them, polled by id, then the counts once): completed req/s of each (async: the
-   drain rate after the enqueue) and their ratio. With
+   its predict slots) for ``--seconds``, then async requests enqueued at once (open loop
+   at three times the sync rate, 2,000/s at least, until ``--seconds`` of the sync rate's
+   requests are due: what the gateway accepted by then is the backlog) and the time
+   until the last one SUCCEEDED (a marker queued after them, polled by id, then the counts once): completed
+   req/s of each (async: the drain rate after the enqueue) and their ratio. With
    ``KINGPOST_ASYNC_SHARE=1`` here, so async may use every slot sync used (the default,
    0.5, keeps half of them for sync predicts).
 
@@ -119,11 +120,12 @@ def succeeded(gw: httpx.Client, model: str, dep: str) -> int:
 
 
 def async_rps(platform: Platform, model: str, dep: str, n: int, rate: float) -> dict[str, float]:
-    """``n`` async requests enqueued at once (open loop at ``rate``, well above what the
-    workers drain, so a backlog builds), then the time until the last SUCCEEDED. ``async_rps``: the queue's drain rate
-    after the enqueue ended (what the workers and replicas sustain; what ran during the
-    enqueue is left out of both count and time); ``async_rps_with_enqueue``: all of them
-    over the whole time."""
+    """``n`` async requests due at once (open loop at ``rate``, well above what the
+    workers drain, so a backlog builds; those the gateway had not taken by the last one's
+    due time are not sent), then the time until the last SUCCEEDED. ``async_rps``: the
+    queue's drain rate after the enqueue ended (what the workers and replicas sustain;
+    what ran during the enqueue is left out of both count and time);
+    ``async_rps_with_enqueue``: all of them over the whole time."""
     req = accept_request(platform, model)
     with platform.gateway() as gw:
         before, before_all = succeeded(gw, model, dep), total(gw, model, dep)

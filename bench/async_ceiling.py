@@ -7,7 +7,9 @@ server``'s gateway and one replica of ``examples/echo-server`` (8 slots), with a
 in-memory queue (:class:`MemoryQueue`) whose settle only hands out the next ids. What it
 drains is the ceiling of runs that go through an HTTP hop to the gateway, whatever the
 store does; against the sync rate of the same replica (wrk, 8 connections), it says how
-far a faster store alone could take async toward sync.
+far a faster store alone could take async toward sync. A little more than that: the
+workers here share their GIL with nothing else, where in ``kingpost server`` they share
+it with the control plane's other threads.
 
     .venv/bin/python bench/async_ceiling.py [--rounds 3] [--seconds 4] [--json out.json]
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -49,21 +52,28 @@ SLOTS = 8
 
 
 class MemoryQueue:
-    """What the workers ask of :class:`AsyncQueue`, in memory: ``n`` requests, every one
-    a copy of ``template``; a settle counts the outcomes and names the next ones."""
+    """What the workers ask of :class:`AsyncQueue`, in memory: an endless queue of copies
+    of ``template``; a settle counts the outcomes and names the next ones."""
 
     succeeded_values = staticmethod(AsyncQueue.succeeded_values)
     failed_values = staticmethod(AsyncQueue.failed_values)
     retry_values = staticmethod(AsyncQueue.retry_values)
     release_values = staticmethod(AsyncQueue.release_values)
 
-    def __init__(self, template: AsyncRequestView, n: int) -> None:
+    def __init__(self, template: AsyncRequestView) -> None:
         self._template = template
-        self._queue = deque(f"mem-{i}" for i in range(n))
+        self._ids = itertools.count()
+        self._queue: deque[str] = deque()
+        """The front of an endless queue, refilled as it is claimed."""
         self._claimed: set[str] = set()
+        self._refill()
         self._lock = threading.Lock()
         self.recorded = 0
         self.failed = 0
+
+    def _refill(self) -> None:
+        while len(self._queue) < 4096:
+            self._queue.append(f"mem-{next(self._ids)}")
 
     def requeue_in_progress(self, now: datetime) -> int:
         return 0
@@ -72,7 +82,7 @@ class MemoryQueue:
         return {self._template.deployment_id: (len(self._queue), 0)}
 
     def queued_in(self, deployment_ids: Collection[str]) -> set[str]:
-        return {self._template.deployment_id} if self._queue else set()
+        return {self._template.deployment_id}  # never empty
 
     def due_webhooks(self, now: datetime, limit: int = 32) -> list[AsyncRequestView]:
         return []
@@ -94,6 +104,7 @@ class MemoryQueue:
             self._claimed.update(rid for rid, _ in claims)
             while self._queue and self._queue[0] in self._claimed:
                 self._claimed.discard(self._queue.popleft())
+            self._refill()
             ready: dict[str, tuple[str, ...]] = {}
             rows: dict[str, AsyncRequestView] = {}
             for dep, (pick, _) in wants.items():
@@ -105,8 +116,8 @@ class MemoryQueue:
                         run.append(rid)
                 ready[dep] = tuple(run)
                 for rid in run:
-                    if rid not in have:
-                        rows[rid] = dataclasses.replace(self._template, id=rid)
+                    if rid not in have:  # accepted now: never past its wait
+                        rows[rid] = dataclasses.replace(self._template, id=rid, created_at=now)
         return Settled(len(outcomes), (), 0, ready, rows)
 
 
@@ -124,7 +135,7 @@ def template(work: Path, model: str, dep: str) -> AsyncRequestView:
 
 
 def drain(platform: Platform, view: AsyncRequestView, seconds: float) -> float:
-    queue = MemoryQueue(view, 10_000_000)
+    queue = MemoryQueue(view)
     settings = WorkerSettings(gateway_url=platform.gateway_url, key=platform.api_key, share=1.0)
     capacity = {view.deployment_id: Capacity(view.model_id, 1, SLOTS)}
     workers = AsyncWorkers(queue, settings, capacity=lambda: capacity)  # type: ignore[arg-type]

@@ -355,7 +355,7 @@ def test_a_queued_request_gets_404_when_its_deployment_is_deactivated(
     dispatcher = gw.gateway.dispatcher("d1")
     url = f"{gw.url}/models/echo/production/predict"
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
+        first = pool.submit(httpx.post, url, headers=AUTH, timeout=30)
         _wait_until_held(up, 1, dispatcher)
         queued = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
         wait_for(lambda: dispatcher.snapshot().queued == 1, 5, "the request to queue")
@@ -379,7 +379,7 @@ def test_a_queued_request_that_fails_to_send_closes_only_its_connection(
     dispatcher = gw.gateway.dispatcher("d1")
     url = f"{gw.url}/models/echo/production/predict"
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(httpx.post, url, headers=AUTH, timeout=10)
+        first = pool.submit(httpx.post, url, headers=AUTH, timeout=30)
         _wait_until_held(up, 2, dispatcher)
 
         def broken(*args: object) -> object:

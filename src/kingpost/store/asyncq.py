@@ -854,9 +854,10 @@ def _finish_in(s: Session, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> in
 
 
 PARSED_KEPT = 16384
-"""Timestamps the SQLite settle keeps parsed (``_SqliteHotPath._parsed``), at most (about
-3 MB). What it reads again is the front of each deployment's queue, a pick's worth: up
-to 136 rows for 8 slots, two timestamps each (often the same text)."""
+"""Timestamps the SQLite settle keeps parsed (``_SqliteHotPath._parsed``) before it starts
+over (about 3 MB; one settle's reads past it). What it reads again is the front of each
+deployment's queue: for 8 slots up to 72 rows, 128 on the ticks that look for expired
+requests, two timestamps each (often the same text)."""
 
 
 class _SqliteHotPath:
@@ -993,8 +994,9 @@ class _SqliteHotPath:
         return n
 
     def _read_candidates(self, cur: Any, dep: str, limit: int) -> list[Candidate]:
-        """Each settle reads a pick's worth again (64 for 8 slots at full speed), and
-        parsing their two timestamps was a fifth of its Python: each text is parsed once."""
+        """Each settle reads the front of the queue again (72 rows for 8 slots at full
+        speed, 128 when it looks for expired ones), and parsing their two timestamps was
+        a fifth of its Python: each text is parsed once."""
         rows = cur.execute(self._candidates, (dep, AsyncStatus.QUEUED.value, limit)).fetchall()
         parsed, when = self._parsed, self._when
         if len(parsed) > PARSED_KEPT:
