@@ -11,10 +11,10 @@ Starts a real ``kingpost server`` (process engine, SQLite) in a temporary home, 
    its predict slots) for ``--seconds``, then async requests enqueued at once (open loop
    at three times the sync rate, 2,000/s at least, until ``--seconds`` of the sync rate's
    requests are due: what the gateway accepted by then is the backlog) and the time
-   until the last one SUCCEEDED (a marker queued after them, polled by id, then the counts once): completed
-   req/s of each (async: the drain rate after the enqueue) and their ratio. With
-   ``KINGPOST_ASYNC_SHARE=1`` here, so async may use every slot sync used (the default,
-   0.5, keeps half of them for sync predicts).
+   until the last one SUCCEEDED (a marker queued after them, polled by id, then the
+   counts once): completed req/s of each (async: the drain rate after the enqueue) and
+   their ratio. With ``KINGPOST_ASYNC_SHARE=1`` here, so async may use every slot sync
+   used (the default, 0.5, keeps half of them for sync predicts).
 
     .venv/bin/python bench/async.py [--rate 1000] [--seconds 5] [--json out.json]
         [--rounds 3] [--baseline-src OTHER/src]

@@ -13,9 +13,9 @@ slots: ``async_slots``, a share, ``KINGPOST_ASYNC_SHARE``, of the ready replicas
 predict slots, so sync predicts keep the rest; both in ``asyncq/policy.py``), expiring
 what waited too long; then it starts what free slots allow. Claiming at the start, in
 the store, kept each freed slot idle for a tick and its transaction (bench/README.md,
-"Async"). The settle runs in a thread, so the runs' answers are read
-on the loop meanwhile (on the loop, SQLite's settle held them up; it ran there while a
-freed slot waited for it). Beside the ticks, once per ``poll_s``, a poll asks which
+"Async"). The settle runs in a thread, so the runs' answers are read on the loop
+meanwhile (on the loop, SQLite's settle held them up; it ran there while a freed slot
+waited for it). Beside the ticks, once per ``poll_s``, a poll asks which
 deployments have queued work (every ``count_every_s`` it counts it instead and hands the
 backlog to the autoscaler as demand, ``backlog``), has the next tick look further for
 expired requests and starts due webhooks. Runs go through the gateway's normal routing
@@ -116,9 +116,9 @@ class WorkerSettings:
     count_every_s: float = 0.5
     """How often a poll counts the queued requests per deployment: the autoscaler's
     backlog, which it samples once per reconcile pass (``kingpost server`` passes its
-    reconcile interval, 0.5 s at most). A count reads every queued request's index entry (2-3 ms at
-    12,000 queued) and ran on every poll, 20 a second; the other polls ask only which
-    deployments have any, an index seek each (34 µs for five on SQLite)."""
+    reconcile interval, 0.5 s at most). A count reads every queued request's index entry
+    (2-3 ms at 12,000 queued) and ran on every poll, 20 a second; the other polls ask only
+    which deployments have any, an index seek each (34 µs for five on SQLite)."""
 
 
 class AsyncWorkers:
