@@ -422,6 +422,21 @@ def test_labels_past_their_limit_are_refused_naming_field_limit_and_size(
     assert r.status_code == 200, r.text
 
 
+def test_a_bad_body_names_its_field_once_even_when_the_body_is_missing(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    r = client.post("/v1/secrets")  # no body at all: the field is the body
+    assert r.status_code == 400, r.text
+    assert (r.json()["field"], r.json()["errors"][0]["field"]) == ("body", "body")
+    assert "body: Field required" in r.json()["error"]
+    sha = upload(client, tmp_path)
+    r = client.post("/v1/push", json={"project_hash": sha, "min_replicas": 3, "max_replicas": 2})
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == "max_replicas"
+    assert r.json()["error"].count("got 2") == 1, r.text  # the value named once
+
+
 def test_a_body_declared_past_the_limit_gets_413_json_without_being_read(
     api: tuple[TestClient, str],
 ) -> None:

@@ -19,6 +19,12 @@ from kingpost.store import DeploymentStatus, Store
 ENV = "/v1/models/api-test/environments/production"
 
 
+def upload_and_push(client: TestClient, tmp_path: Path) -> str:
+    r = client.post("/v1/push", json={"project_hash": upload(client, tmp_path)})
+    assert r.status_code == 200, r.text
+    return str(r.json()["deployment"]["id"])
+
+
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
     settings = Settings(home=tmp_path / "home")
@@ -50,7 +56,8 @@ def test_promotion_settings_take_baseten_shape_and_name_bad_fields(
         == (r.json()["promotion_settings"])
     )
     both = {"max_surge_percent": 25, "max_unavailable_percent": 25}
-    for config, why in (({}, "got neither"), (both, "got both")):
+    neither = {"max_surge_percent": 0, "max_unavailable_percent": 0}  # 0: not this mode
+    for config, why in ((neither, "got neither"), (both, "got both")):
         bad = {"rolling_deploy": True, "rolling_deploy_config": config}
         r = client.patch(ENV, json={"promotion_settings": bad})
         assert r.status_code == 400, r.text
@@ -64,6 +71,53 @@ def test_promotion_settings_take_baseten_shape_and_name_bad_fields(
     assert r.status_code == 404 and "'nope'" in r.json()["error"]
     r = client.get("/v1/models/ghost/environments/production")
     assert r.status_code == 404 and "'ghost'" in r.json()["error"]
+
+
+def test_a_patch_keeps_the_promotion_settings_it_leaves_out_and_takes_basetens_body(
+    api: tuple[TestClient, Store], tmp_path: Path
+) -> None:
+    client, _ = api
+    upload_and_push(client, tmp_path)
+    rolling = {
+        "rolling_deploy": True,
+        "rolling_deploy_config": {"max_surge_percent": 25, "stabilization_time_seconds": 30},
+    }
+    assert client.patch(ENV, json={"promotion_settings": rolling}).status_code == 200
+    r = client.patch(ENV, json={"promotion_settings": {"ready_timeout_seconds": 120}})
+    assert r.status_code == 200, r.text
+    settings = client.get(ENV).json()["promotion_settings"]
+    assert settings["rolling_deploy"] is True  # not reset by a PATCH that left it out
+    assert settings["ready_timeout_seconds"] == 120
+    assert settings["rolling_deploy_config"]["max_surge_percent"] == 25
+    assert settings["rolling_deploy_config"]["stabilization_time_seconds"] == 30
+    # Baseten's documented body: nulls keep what is stored, 0 picks the other mode.
+    body = {
+        "autoscaling_settings": {
+            "min_replica": 1,
+            "max_replica": 2,
+            "target_in_flight_tokens": None,
+            "target_utilization_percentage": None,
+            "max_scale_down_rate": None,
+        },
+        "promotion_settings": {
+            "promotion_cleanup_strategy": None,
+            "redeploy_on_promotion": None,
+            "rolling_deploy": None,
+            "rolling_deploy_config": {"max_surge_percent": 0, "max_unavailable_percent": 10},
+        },
+    }
+    r = client.patch(ENV, json=body)
+    assert r.status_code == 200, r.text
+    config = r.json()["promotion_settings"]["rolling_deploy_config"]
+    assert (config["max_surge_percent"], config["max_unavailable_percent"]) == (0, 10)
+    assert r.json()["promotion_settings"]["rolling_deploy"] is True
+    # What Kingpost does not do is refused by name, and nothing is stored.
+    r = client.patch(ENV, json={"promotion_settings": {"redeploy_on_promotion": True}})
+    assert r.status_code == 400 and r.json()["field"] == "promotion_settings.redeploy_on_promotion"
+    assert client.get(ENV).json()["promotion_settings"]["rolling_deploy_config"] == config
+    r = client.patch(ENV, json={"autoscaling_settings": {"target_in_flight_tokens": 100}})
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == "autoscaling_settings.target_in_flight_tokens", r.text
 
 
 def test_rollout_controls_answer_409_with_the_current_state(

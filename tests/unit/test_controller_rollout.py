@@ -11,6 +11,7 @@ from kingpost.controller.rollout import (
     Phase,
     PromotionSettings,
     RolloutState,
+    merge_promotion_settings,
     rollout_step,
 )
 from kingpost.errors import ValidationError
@@ -172,8 +173,24 @@ def test_a_finished_rollout_never_changes() -> None:
             "promotion_settings.rolling_deploy_config",
         ),
         (
-            {"rolling_deploy_config": {"max_surge_percent": 0}},
+            {"rolling_deploy_config": {"max_surge_percent": -1}},
             "promotion_settings.rolling_deploy_config.max_surge_percent",
+        ),
+        (
+            {"rolling_deploy_config": {"replica_overhead_percent": 501}},
+            "promotion_settings.rolling_deploy_config.replica_overhead_percent",
+        ),
+        (
+            {
+                "rolling_deploy": True,
+                "rolling_deploy_config": {"max_surge_percent": 0, "max_unavailable_percent": 0},
+            },
+            "promotion_settings.rolling_deploy_config",
+        ),
+        ({"redeploy_on_promotion": True}, "promotion_settings.redeploy_on_promotion"),
+        (
+            {"promotion_cleanup_strategy": "SCALE_TO_ZERO"},
+            "promotion_settings.promotion_cleanup_strategy",
         ),
         (
             {"rolling_deploy_config": {"stabilization_time_seconds": -1}},
@@ -196,6 +213,53 @@ def test_settings_round_trip() -> None:
     )
     assert s == SURGE
     assert PromotionSettings.from_api(s.to_api()) == s
+    # Baseten's shape: 0 is "not this mode", both keys always there.
+    assert s.to_api()["rolling_deploy_config"]["max_unavailable_percent"] == 0
+    unavailable = {"max_surge_percent": 0, "max_unavailable_percent": 20}
+    s = PromotionSettings.from_api({"rolling_deploy": True, "rolling_deploy_config": unavailable})
+    assert (s.max_surge_percent, s.max_unavailable_percent) == (None, 20)
+    assert PromotionSettings.from_api(s.to_api()) == s
+    big = {"max_surge_percent": 10, "replica_overhead_percent": 500}  # Baseten's top
+    assert (
+        PromotionSettings.from_api({"rolling_deploy_config": big}).replica_overhead_percent == 500
+    )
+    # Baseten's fields for what Kingpost does not do, given as what it does.
+    fixed = {"redeploy_on_promotion": False, "promotion_cleanup_strategy": None}
+    assert PromotionSettings.from_api(fixed) == PromotionSettings()
+
+
+STORED = {
+    "rolling_deploy": True,
+    "rolling_deploy_config": {"max_surge_percent": 25, "stabilization_time_seconds": 30},
+    "ready_timeout_seconds": 60,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "merged"),
+    [
+        ({}, STORED),
+        ({"ready_timeout_seconds": 120}, {**STORED, "ready_timeout_seconds": 120}),
+        # null is "keep", at the top and one level down
+        ({"rolling_deploy": None, "rolling_deploy_config": None}, STORED),
+        (
+            {"rolling_deploy_config": {"stabilization_time_seconds": 5, "max_surge_percent": None}},
+            {
+                **STORED,
+                "rolling_deploy_config": {"max_surge_percent": 25, "stabilization_time_seconds": 5},
+            },
+        ),
+        ({"rolling_deploy": False}, {**STORED, "rolling_deploy": False}),
+        # not a field: kept, so that from_api refuses it by name
+        ({"surge": 1}, {**STORED, "surge": 1}),
+    ],
+)
+def test_a_change_keeps_what_it_leaves_out_or_nulls(change: dict, merged: dict) -> None:  # type: ignore[type-arg]
+    assert merge_promotion_settings(STORED, change) == merged
+    assert STORED["rolling_deploy_config"] == {  # the stored mapping is not touched
+        "max_surge_percent": 25,
+        "stabilization_time_seconds": 30,
+    }
 
 
 CANARY = PromotionSettings(ramp_up_while_promoting=True, ramp_up_duration_seconds=100)

@@ -115,7 +115,10 @@ def create_app(plane: ControlPlane) -> FastAPI:
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors: list[dict[str, Any]] = []
         for e in exc.errors():
-            error = {"field": ".".join(str(p) for p in e["loc"][1:]), "message": e["msg"]}
+            # loc starts with where the value came from ("body", "query"); a missing body
+            # has nothing after it.
+            field = ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0])
+            error = {"field": field, "message": e["msg"]}
             if e["type"] == "json_invalid":  # loc is ("body", character position)
                 error = {"field": "body", "message": f"{e['msg']} at character {e['loc'][-1]}"}
             elif e["type"] != "missing" and "input" in e:
@@ -125,10 +128,10 @@ def create_app(plane: ControlPlane) -> FastAPI:
             f"{e['field']}: {e['message']}" + (f", got {e['value']!r}" if "value" in e else "")
             for e in errors
         )
-        return JSONResponse(
-            {"error": f"invalid request: {text}", "code": "invalid_request", "errors": errors},
-            status_code=400,
-        )
+        body: dict[str, Any] = {"error": f"invalid request: {text}", "code": "invalid_request"}
+        if len(errors) == 1:  # as a KingpostError names its one field
+            body["field"] = errors[0]["field"]
+        return JSONResponse({**body, "errors": errors}, status_code=400)
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
         found = plane.store.find_api_key(_api_key(authorization))

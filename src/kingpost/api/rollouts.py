@@ -8,7 +8,8 @@ Kingpost's in the same style for what it adds (``GET .../promotion``,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 
@@ -20,7 +21,7 @@ from kingpost.api.schemas import (
     EnvironmentUpdateOut,
     RolloutOut,
 )
-from kingpost.controller.rollout import PromotionSettings
+from kingpost.controller.rollout import PromotionSettings, merge_promotion_settings
 from kingpost.errors import NotFoundError
 from kingpost.store.autoscaling import update_environment_settings
 
@@ -51,15 +52,22 @@ def rollout_routes(router: APIRouter, plane: ControlPlane) -> None:
         """Baseten's one PATCH for an environment's promotion and autoscaling settings; its
         ``status``/``message`` say whether the autoscaling settings changed."""
         status, message = "UNCHANGED", "nothing to change"
-        promotion = None
-        if body.promotion_settings is not None:  # checked whole before anything is stored
-            promotion = PromotionSettings.from_api(body.promotion_settings)  # 400 naming it
+        change = body.promotion_settings
+
+        def merged(stored: Mapping[str, Any]) -> dict[str, Any]:
+            # What is left out or null keeps its value, as in Baseten's update.
+            return PromotionSettings.from_api(
+                merge_promotion_settings(stored, change or {})
+            ).to_api()
+
+        if change is not None:  # checked whole before anything is stored: 400 naming it
+            merged(store.get_environment(model, env).promotion_settings)
         if body.autoscaling_settings is not None:
             changes = body.autoscaling_settings.model_dump(exclude_none=True)
             status, message, _ = update_environment_settings(store, model, env, changes)
             plane.controller.wake()
-        if promotion is not None:
-            store.set_promotion_settings(model, env, promotion.to_api())
+        if change is not None:
+            store.set_promotion_settings(model, env, merged)
             status, message = (
                 "ACCEPTED",
                 message if status == "ACCEPTED" else "promotion settings stored",

@@ -63,7 +63,7 @@ class PushIn(_In):
     def _not_below_min(cls, value: int | None, info: ValidationInfo) -> int | None:
         low = info.data.get("min_replicas")
         if value is not None and low is not None and value < low:
-            raise ValueError(f"must be at least min_replicas ({low}), got {value}")
+            raise ValueError(f"must be at least min_replicas ({low})")  # the value: added
         return value
 
 
@@ -202,6 +202,20 @@ class AutoscalingIn(BaseModel):
     concurrency_target: StrictInt | None = None
     target_utilization_percentage: StrictInt | None = None
     max_scale_down_rate: StrictInt | None = None
+    target_in_flight_tokens: None = Field(
+        default=None,
+        description="Baseten's token-based target; Kingpost's autoscaler counts requests, "
+        "so only null (unchanged) is accepted",
+    )
+
+    @field_validator("target_in_flight_tokens", mode="before")
+    @classmethod
+    def _no_token_target(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(
+                "must be null: Kingpost's autoscaler counts requests in flight, not tokens; "
+                "use concurrency_target"
+            )
 
 
 class EnvironmentPatch(_In):

@@ -121,9 +121,9 @@ def environments_update(
         settings = dict(c.environment(model, environment)["promotion_settings"])
         config = dict(settings.get("rolling_deploy_config") or {})
         if max_surge_percent is not None:
-            config.pop("max_unavailable_percent", None)
+            config["max_unavailable_percent"] = 0  # Baseten's "not this mode"
         if max_unavailable_percent is not None:
-            config.pop("max_surge_percent", None)
+            config["max_surge_percent"] = 0
         given = {
             "max_surge_percent": max_surge_percent,
             "max_unavailable_percent": max_unavailable_percent,

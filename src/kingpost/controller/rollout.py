@@ -38,6 +38,7 @@ __all__ = [
     "Phase",
     "PromotionSettings",
     "RolloutState",
+    "merge_promotion_settings",
     "rollout_step",
     "step_size",
 ]
@@ -80,17 +81,39 @@ class PromotionSettings:
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> PromotionSettings:
-        """Validate the stored or requested shape; errors name the field, rule and value."""
+        """Validate the stored or requested shape; errors name the field, rule and value.
+
+        Baseten's fields that name behaviour Kingpost does not have are accepted only with
+        the value that describes what Kingpost does (``redeploy_on_promotion`` false,
+        ``promotion_cleanup_strategy`` null), so a body that asks for more is refused
+        rather than stored and ignored. A surge or unavailable percent of 0 is Baseten's
+        way to say "not this mode"."""
         known = {
             "rolling_deploy",
             "rolling_deploy_config",
             "ready_timeout_seconds",
             "ramp_up_while_promoting",
             "ramp_up_duration_seconds",
+            "redeploy_on_promotion",
+            "promotion_cleanup_strategy",
         }
         for key in data:
             if key not in known:
                 _bad(f"promotion_settings.{key}", f"is not a field; use {sorted(known)}", key)
+        if data.get("redeploy_on_promotion") not in (None, False):
+            _bad(
+                "promotion_settings.redeploy_on_promotion",
+                "must be false or null: Kingpost promotes the deployment as it was built "
+                "and does not rebuild it on promotion",
+                data["redeploy_on_promotion"],
+            )
+        if data.get("promotion_cleanup_strategy") is not None:
+            _bad(
+                "promotion_settings.promotion_cleanup_strategy",
+                "must be null: Kingpost's cleanup is fixed (a rolling promotion deactivates "
+                "the previous deployment, one all at once leaves it running)",
+                data["promotion_cleanup_strategy"],
+            )
         rolling = data.get("rolling_deploy", False)
         if not isinstance(rolling, bool):
             _bad("promotion_settings.rolling_deploy", "must be true or false", rolling)
@@ -110,9 +133,9 @@ class PromotionSettings:
                     f"is not a field; use {sorted(fields)}",
                     key,
                 )
-        surge = _percent(config, "max_surge_percent", 1)
-        unavailable = _percent(config, "max_unavailable_percent", 1)
-        overhead = _percent(config, "replica_overhead_percent", 0) or 0
+        surge = _percent(config, "max_surge_percent", 100) or None  # 0: the other mode
+        unavailable = _percent(config, "max_unavailable_percent", 100) or None
+        overhead = _percent(config, "replica_overhead_percent", 500) or 0
         stabilize = _number(config, "stabilization_time_seconds", 0, 3600, 0.0)
         timeout = _number(data, "ready_timeout_seconds", 1, 86400, DEFAULT_READY_TIMEOUT_S)
         canary = data.get("ramp_up_while_promoting", False)
@@ -130,41 +153,61 @@ class PromotionSettings:
             both = "both" if surge is not None else "neither"
             _bad(
                 "promotion_settings.rolling_deploy_config",
-                "needs exactly one of max_surge_percent or max_unavailable_percent when "
-                f"rolling_deploy is true; got {both}",
+                "needs exactly one of max_surge_percent or max_unavailable_percent above 0 "
+                f"when rolling_deploy is true; got {both}",
                 {"max_surge_percent": surge, "max_unavailable_percent": unavailable},
             )
         return cls(rolling, surge, unavailable, stabilize, overhead, timeout, canary, window)
 
     def to_api(self) -> dict[str, Any]:
         config: dict[str, Any] = {
+            "max_surge_percent": self.max_surge_percent or 0,
+            "max_unavailable_percent": self.max_unavailable_percent or 0,
             "stabilization_time_seconds": self.stabilization_time_seconds,
             "replica_overhead_percent": self.replica_overhead_percent,
         }
-        if self.max_surge_percent is not None:
-            config["max_surge_percent"] = self.max_surge_percent
-        if self.max_unavailable_percent is not None:
-            config["max_unavailable_percent"] = self.max_unavailable_percent
         return {
             "rolling_deploy": self.rolling,
             "rolling_deploy_config": config,
             "ready_timeout_seconds": self.ready_timeout_seconds,
             "ramp_up_while_promoting": self.ramp_up_while_promoting,
             "ramp_up_duration_seconds": self.ramp_up_duration_seconds,
+            "redeploy_on_promotion": False,
         }
+
+
+def merge_promotion_settings(
+    stored: Mapping[str, Any], change: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A PATCH's ``promotion_settings`` laid over the stored ones, as Baseten's update does:
+    a field left out or null keeps its value, ``rolling_deploy_config`` one level down
+    too. The result is checked by :meth:`PromotionSettings.from_api`; what is not a field
+    is kept so that it is refused by name there."""
+    merged = dict(stored)
+    for key, value in change.items():
+        if value is None:
+            continue
+        if key == "rolling_deploy_config" and isinstance(value, Mapping):
+            config = merged.get(key)
+            config = dict(config) if isinstance(config, Mapping) else {}
+            config.update((k, v) for k, v in value.items() if v is not None)
+            merged[key] = config
+        else:
+            merged[key] = value
+    return merged
 
 
 def _bad(field: str, rule: str, value: Any) -> None:
     raise ValidationError(f"{field} {rule} (got {value!r})", field=field, value=value)
 
 
-def _percent(data: Mapping[str, Any], key: str, low: int) -> int | None:
+def _percent(data: Mapping[str, Any], key: str, high: int) -> int | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 100:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
         _bad(f"promotion_settings.rolling_deploy_config.{key}", f"must be a whole number "
-             f"from {low} to 100", value)  # fmt: skip
+             f"from 0 to {high}", value)  # fmt: skip
     return int(value)
 
 

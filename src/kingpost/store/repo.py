@@ -10,7 +10,7 @@ import json
 import re
 import secrets as _secrets
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -733,13 +733,19 @@ class Store:
             return _env_view(self._environment(s, self._model(s, model_ref), env_name))
 
     def set_promotion_settings(
-        self, model_ref: str, env_name: str, settings: Mapping[str, Any]
+        self,
+        model_ref: str,
+        env_name: str,
+        settings: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]],
     ) -> EnvironmentView:
-        """Store an environment's promotion settings (validated by the caller); the next
-        promotion into it uses them, one under way keeps those it began with."""
+        """Store an environment's promotion settings (validated by the caller), or what a
+        function makes of the stored ones, under the model's lock so that two changes
+        made at once both count; the next promotion into it uses them, one under way
+        keeps those it began with."""
         with self.db.session() as s:
             env = self._environment(s, self._model(s, model_ref, lock=True), env_name)
-            env.promotion_settings, env.updated_at = dict(settings), utcnow()
+            new = settings(dict(env.promotion_settings or {})) if callable(settings) else settings
+            env.promotion_settings, env.updated_at = dict(new), utcnow()
             s.flush()
             return _env_view(env)
 
