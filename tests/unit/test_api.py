@@ -83,8 +83,53 @@ def test_push_creates_model_deployment_and_production(
     second = client.post("/v1/push", json={"project_hash": sha, "deployment_name": "blue"}).json()
     assert second["deployment"]["name"] == "blue" and second["deployment"]["environments"] == []
     assert second["predict_url"].endswith(f"/deployment/{second['deployment']['id']}/predict")
-    deps = client.get("/v1/models/api-test/deployments").json()
+    deps = client.get("/v1/models/api-test/deployments").json()["deployments"]
     assert [d["name"] for d in deps] == ["deployment-1", "blue"]
+
+
+def test_reads_have_basetens_shapes_and_fields(api: tuple[TestClient, str], tmp_path: Path) -> None:
+    """A script written against Baseten's management API reads the same keys here."""
+    client, _ = api
+    sha = upload(client, tmp_path)
+    first = client.post("/v1/push", json={"project_hash": sha}).json()["deployment"]
+    blue = client.post("/v1/push", json={"project_hash": sha, "deployment_name": "blue"})
+    model = client.get("/v1/models").json()["models"][0]
+    assert (model["deployments_count"], model["deployment_count"]) == (2, 2)
+    assert model["production_deployment_id"] == first["id"]
+    assert model["development_deployment_id"] is None
+    deps = {
+        d["name"]: d for d in client.get("/v1/models/api-test/deployments").json()["deployments"]
+    }
+    assert (deps["deployment-1"]["is_production"], deps["deployment-1"]["environment"]) == (
+        True,
+        "production",
+    )
+    assert (deps["blue"]["is_production"], deps["blue"]["environment"]) == (False, None)
+    assert deps["blue"]["active_replica_count"] == 0  # no controller pass counted one
+    assert (
+        client.get("/v1/deployments").json()["deployments"][1]["id"]
+        == blue.json()["deployment"]["id"]
+    )
+    envs = client.get("/v1/models/api-test/environments").json()["environments"]
+    assert [e["name"] for e in envs] == ["production"]
+    assert envs[0]["current_deployment"]["id"] == first["id"]
+    assert envs[0]["current_deployment"]["is_production"] is True
+    assert envs[0]["created_at"] is not None
+    r = client.post("/v1/models/api-test/environments", json={"name": "staging"})
+    assert r.status_code == 200, r.text  # Baseten's create answers 200
+    assert (r.json()["name"], r.json()["current_deployment"]) == ("staging", None)
+    # Baseten's promote-to-production: no body needed.
+    r = client.post(f"/v1/models/api-test/deployments/{blue.json()['deployment']['id']}/promote")
+    assert r.status_code == 200, r.text
+    # Promoting into an environment that does not exist is a 404, not a new environment.
+    r = client.post(
+        "/v1/models/api-test/environments/prodution/promote", json={"deployment_id": first["id"]}
+    )
+    assert r.status_code == 404 and "'prodution'" in r.json()["error"], r.text
+    names = [
+        e["name"] for e in client.get("/v1/models/api-test/environments").json()["environments"]
+    ]
+    assert names == ["production", "staging"]
 
 
 def test_bad_config_is_refused_with_path_rule_value_and_nothing_created(
@@ -99,7 +144,7 @@ def test_bad_config_is_refused_with_path_rule_value_and_nothing_created(
     paths = {e["path"] for e in err["errors"]}
     assert {"docker_server.server_port", "docker_server.predict_endpoint"} <= paths
     assert "70000" in err["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
 
 
 def test_yaml_dates_and_binary_in_a_valid_config_are_stored_as_json(
@@ -121,14 +166,15 @@ def test_missing_secret_is_named_and_nothing_created(
     sha = upload(client, tmp_path, CONFIG + "secrets:\n  hf_token: null\n")
     r = client.post("/v1/push", json={"project_hash": sha})
     assert r.status_code == 422 and "hf_token" in r.json()["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
     assert (
         client.post("/v1/secrets", json={"name": "hf_token", "value": "v-123"}).status_code == 200
     )
     r = client.post("/v1/push", json={"project_hash": sha})
     assert r.status_code == 200
     listed = client.get("/v1/secrets")
-    assert [s["name"] for s in listed.json()] == ["hf_token"] and "v-123" not in listed.text
+    assert [s["name"] for s in listed.json()["secrets"]] == ["hf_token"]
+    assert "v-123" not in listed.text
 
 
 def test_upload_hash_must_match(api: tuple[TestClient, str]) -> None:
@@ -172,7 +218,7 @@ def test_weights_this_build_cannot_mirror_are_refused_before_anything_is_created
     r = client.post("/v1/push", json={"project_hash": sha})
     assert r.status_code == 422, r.text
     assert r.json()["errors"][0]["path"] == path and message in r.json()["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
 
 
 @pytest.mark.parametrize("where", ["{home}", "{home}/projects", "/", "file://{home}/weights"])
@@ -188,7 +234,7 @@ def test_a_local_weights_source_in_or_around_the_home_is_refused(
     error = r.json()["errors"][0]
     assert error["path"] == "weights[0].source"
     assert "may not be inside Kingpost's home" in error["message"] and source in error["message"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
 
 
 def test_unknown_or_unreachable_engines_are_named(
@@ -209,7 +255,7 @@ def test_push_names_a_bad_engine(api: tuple[TestClient, str], tmp_path: Path) ->
     sha = upload(client, tmp_path)
     r = client.post("/v1/push", json={"project_hash": sha, "engine": "k8s"})
     assert r.status_code == 400 and "k8s" in r.json()["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
 
 
 def test_a_custom_server_without_start_command_is_refused_on_the_process_engine(
@@ -226,7 +272,7 @@ def test_a_custom_server_without_start_command_is_refused_on_the_process_engine(
     assert err["code"] == "invalid_config"
     assert [e["path"] for e in err["errors"]] == ["docker_server.start_command"]
     assert "--engine docker" in err["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
 
 
 def test_push_warns_of_what_the_process_engine_ignores(
@@ -249,7 +295,7 @@ def test_max_replicas_below_min_replicas_is_refused(
     assert r.status_code == 400, r.text
     (err,) = r.json()["errors"]
     assert err["field"] == "max_replicas" and "min_replicas (5)" in err["message"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
 
 
 def test_home_is_private_to_the_server_user(tmp_path: Path) -> None:
@@ -417,7 +463,7 @@ def test_labels_past_their_limit_are_refused_naming_field_limit_and_size(
     )
     assert body["value"] == 20_011
     assert "labels: 20011 bytes as JSON, more than the limit of 16384 bytes" in body["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
     r = client.post("/v1/push", json={"project_hash": sha, "labels": {"team": "ml" * 4000}})
     assert r.status_code == 200, r.text
 
@@ -465,7 +511,7 @@ def test_a_chunked_body_past_the_limit_gets_413(api: tuple[TestClient, str]) -> 
     r = client.post("/v1/secrets", content=chunks())
     assert r.status_code == 413, r.text
     assert "sent a body of more than 1048576 bytes" in r.json()["error"]
-    assert client.get("/v1/secrets").json() == []
+    assert client.get("/v1/secrets").json() == {"secrets": []}
 
 
 def test_api_keys_are_created_shown_once_listed_by_prefix_and_revoked(
@@ -477,7 +523,7 @@ def test_api_keys_are_created_shown_once_listed_by_prefix_and_revoked(
     r = client.post(
         "/v1/api_keys", json={"name": "ci", "type": "WORKSPACE_INVOKE", "model_ids": ["api-test"]}
     )
-    assert r.status_code == 201, r.text
+    assert r.status_code == 200, r.text  # as Baseten's
     created = r.json()
     key = created["api_key"]
     assert key.startswith(created["prefix"]) and created["model_ids"] == [model_id]
@@ -510,11 +556,17 @@ def test_api_key_requests_name_what_is_wrong(api: tuple[TestClient, str]) -> Non
         "/v1/api_keys", json={"name": "x", "type": "WORKSPACE_INVOKE", "model_ids": ["nope"]}
     )
     assert r.status_code == 404 and "model 'nope' not found" in r.json()["error"]
-    r = client.post("/v1/api_keys", json={"name": "x", "type": "PERSONAL"})
+    r = client.post("/v1/api_keys", json={"name": "x", "type": "WORKSPACE_EXPORT_METRICS"})
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "type"
     r = client.post("/v1/api_keys", json={"name": "x", "model_ids": ["a"]})
     assert r.status_code == 400 and "takes none" in r.json()["error"]
     assert len(client.get("/v1/api_keys").json()["keys"]) == 1
+    # Baseten's documented example: a PERSONAL key, its name left out: a full-access key.
+    r = client.post("/v1/api_keys", json={"type": "PERSONAL"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["type"], r.json()["name"]) == ("WORKSPACE_MANAGE_ALL", "unnamed")
+    r = client.get("/v1/models", headers={"Authorization": f"Api-Key {r.json()['api_key']}"})
+    assert r.status_code == 200, r.text
 
 
 def _fill_the_database_disk(store: Any) -> None:
@@ -544,7 +596,7 @@ def test_a_database_write_on_a_full_disk_is_507_json_naming_the_cause(tmp_path: 
         body = r.json()
         assert (body["code"], body["cause"]) == ("insufficient_storage", "database disk full")
         assert "its disk is full" in body["error"] and str(settings.home) not in body["error"]
-        assert client.get("/v1/secrets").json() == []  # reads still work
+        assert client.get("/v1/secrets").json() == {"secrets": []}  # reads still work
 
 
 def test_an_upload_on_a_full_disk_is_507_not_a_bad_archive(

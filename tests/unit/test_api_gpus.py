@@ -74,7 +74,7 @@ def test_a_kind_the_host_lacks_is_refused_at_push_with_the_inventory(
         assert why in body["error"] and "0: NVIDIA L4 (22 GiB)" in body["error"]
         assert "KINGPOST_ACCELERATORS=ignore" in body["error"]
         assert body["errors"][0]["path"] == "resources.accelerator"
-    assert client.get("/v1/deployments").json() == []  # nothing was deployed
+    assert client.get("/v1/deployments").json() == {"deployments": []}  # nothing was deployed
     status, body = push(client, tmp_path, "L4")
     assert status == 200, body
     assert not any("accelerator" in w for w in body["warnings"])

@@ -52,7 +52,9 @@ def test_promotion_settings_take_baseten_shape_and_name_bad_fields(
     config = r.json()["promotion_settings"]["rolling_deploy_config"]
     assert (config["max_surge_percent"], config["stabilization_time_seconds"]) == (25, 2)
     assert (
-        client.get("/v1/models/api-test/environments").json()[0]["promotion_settings"]
+        client.get("/v1/models/api-test/environments").json()["environments"][0][
+            "promotion_settings"
+        ]
         == (r.json()["promotion_settings"])
     )
     both = {"max_surge_percent": 25, "max_unavailable_percent": 25}

@@ -348,7 +348,7 @@ def test_rename_and_labels_go_through_the_api_and_keep_what_was_typed(console: C
 
 def test_the_read_through_answers_only_api_gets(console: Console) -> None:
     sign_in(console)
-    assert console.client.get("/console/data/models").json() == []
+    assert console.client.get("/console/data/models").json() == {"models": []}
     r = console.client.get("/console/data/models/%2E%2E/%2E%2E/metrics")
     assert r.status_code == 400 and "'..'" in r.json()["error"]
     assert console.client.get("/console/data/nothing-here").status_code == 404

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all
+from kingpost.api.autoscaling import autoscaling_routes, describe, describe_all, environment_out
 from kingpost.api.development import development_routes
 from kingpost.api.development import promote as promote_deployment
 from kingpost.api.engines import engine_routes
@@ -38,9 +38,12 @@ from kingpost.api.schemas import (
     ApiKeyTombstone,
     DeploymentOut,
     DeploymentPatch,
+    DeploymentsOut,
     EnvironmentIn,
     EnvironmentOut,
+    EnvironmentsOut,
     ModelOut,
+    ModelsOut,
     PromoteIn,
     PushIn,
     PushOut,
@@ -48,6 +51,7 @@ from kingpost.api.schemas import (
     ReplicasOut,
     SecretIn,
     SecretOut,
+    SecretsOut,
 )
 from kingpost.api.webhooks import webhook_routes
 from kingpost.config._yaml import format_path
@@ -338,9 +342,9 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     def changed() -> None:
         plane.controller.wake()
 
-    @router.get("/models", response_model=list[ModelOut])
-    def list_models() -> list[ModelOut]:
-        return [ModelOut.of(m) for m in store.list_models()]
+    @router.get("/models", response_model=ModelsOut)
+    def list_models() -> ModelsOut:
+        return ModelsOut(models=[ModelOut.of(m) for m in store.list_models()])
 
     @router.get("/models/{model}", response_model=ModelOut)
     def get_model(model: str) -> ModelOut:
@@ -352,13 +356,13 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
         changed()
         return out
 
-    @router.get("/models/{model}/deployments", response_model=list[DeploymentOut])
-    def list_model_deployments(model: str) -> list[DeploymentOut]:
-        return describe_all(plane, store.list_deployments(model))
+    @router.get("/models/{model}/deployments", response_model=DeploymentsOut)
+    def list_model_deployments(model: str) -> DeploymentsOut:
+        return DeploymentsOut(deployments=describe_all(plane, store.list_deployments(model)))
 
-    @router.get("/deployments", response_model=list[DeploymentOut])
-    def list_deployments() -> list[DeploymentOut]:
-        return describe_all(plane, store.list_deployments())
+    @router.get("/deployments", response_model=DeploymentsOut)
+    def list_deployments() -> DeploymentsOut:
+        return DeploymentsOut(deployments=describe_all(plane, store.list_deployments()))
 
     @router.get("/models/{model}/deployments/{dep}", response_model=DeploymentOut)
     def get_deployment(model: str, dep: str) -> DeploymentOut:
@@ -409,7 +413,7 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
         return store.get_deployment(dep, model).config
 
     def desire(model: str, dep: str, state: DesiredState) -> DeploymentOut:
-        out = DeploymentOut.of(store.set_desired(dep, state, model))
+        out = describe(plane, store.set_desired(dep, state, model))
         changed()
         return out
 
@@ -426,18 +430,22 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
         return desire(model, dep, DesiredState.DELETED)
 
     @router.post("/models/{model}/deployments/{dep}/promote", response_model=DeploymentOut)
-    def promote(model: str, dep: str, body: PromoteIn) -> DeploymentOut:
-        out = DeploymentOut.of(promote_deployment(plane, model, dep, body.environment))
+    def promote(model: str, dep: str, body: PromoteIn | None = None) -> DeploymentOut:
+        """Baseten's promote-to-production; Kingpost's body may name another environment."""
+        environment = body.environment if body is not None else "production"
+        out = describe(plane, promote_deployment(plane, model, dep, environment))
         changed()
         return out
 
-    @router.get("/models/{model}/environments", response_model=list[EnvironmentOut])
-    def list_environments(model: str) -> list[EnvironmentOut]:
-        return [EnvironmentOut.of(e) for e in store.list_environments(model)]
+    @router.get("/models/{model}/environments", response_model=EnvironmentsOut)
+    def list_environments(model: str) -> EnvironmentsOut:
+        envs = store.list_environments(model)
+        return EnvironmentsOut(environments=[environment_out(plane, e, envs) for e in envs])
 
-    @router.post("/models/{model}/environments", response_model=EnvironmentOut, status_code=201)
+    @router.post("/models/{model}/environments", response_model=EnvironmentOut)
     def create_environment(model: str, body: EnvironmentIn) -> EnvironmentOut:
-        return EnvironmentOut.of(store.create_environment(model, body.name))
+        """200, as Baseten's create answers."""
+        return environment_out(plane, store.create_environment(model, body.name))
 
 
 def _weights_routes(router: APIRouter, plane: ControlPlane) -> None:
@@ -534,9 +542,9 @@ def _venv_routes(router: APIRouter, plane: ControlPlane) -> None:
 def _secret_routes(router: APIRouter, plane: ControlPlane) -> None:
     store = plane.store
 
-    @router.get("/secrets", response_model=list[SecretOut])
-    def list_secrets() -> list[SecretOut]:
-        return [SecretOut.of(s) for s in store.list_secrets()]
+    @router.get("/secrets", response_model=SecretsOut)
+    def list_secrets() -> SecretsOut:
+        return SecretsOut(secrets=[SecretOut.of(s) for s in store.list_secrets()])
 
     @router.post("/secrets", response_model=SecretOut)
     def set_secret(body: SecretIn) -> SecretOut:
@@ -558,9 +566,10 @@ def _api_key_routes(router: APIRouter, plane: ControlPlane) -> None:
     def list_api_keys() -> ApiKeysOut:
         return ApiKeysOut(keys=[ApiKeyOut.of(k) for k in store.list_api_keys()])
 
-    @router.post("/api_keys", response_model=ApiKeyCreated, status_code=201)
+    @router.post("/api_keys", response_model=ApiKeyCreated)  # 200, as Baseten's
     def create_api_key(body: ApiKeyIn) -> ApiKeyCreated:
-        view, key = store.create_api_key(body.name, KEY_TYPES[body.type], body.model_ids or ())
+        name = body.name or "unnamed"  # optional on Baseten; the store keeps a name
+        view, key = store.create_api_key(name, KEY_TYPES[body.type], body.model_ids or ())
         plane.controller.routing.publish_keys()
         return ApiKeyCreated(**ApiKeyOut.of(view).model_dump(), api_key=key)
 

@@ -15,8 +15,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from kingpost.api.gpus import replica_devices
-from kingpost.api.schemas import AutoscalingIn, DeploymentOut
-from kingpost.store import DeploymentView, EnvironmentView
+from kingpost.api.schemas import AutoscalingIn, DeploymentOut, EnvironmentOut
+from kingpost.store import DeploymentView, EnvironmentView, RolloutView
 from kingpost.store.autoscaling import (
     effective_settings,
     update_deployment_settings,
@@ -25,7 +25,7 @@ from kingpost.store.autoscaling import (
 if TYPE_CHECKING:
     from kingpost.api.app import ControlPlane
 
-__all__ = ["UpdateOut", "autoscaling_routes", "describe"]
+__all__ = ["UpdateOut", "autoscaling_routes", "describe", "describe_all", "environment_out"]
 
 
 class UpdateOut(BaseModel):
@@ -47,7 +47,21 @@ def describe(
         out.replicas_wanted, out.replicas_starting = counts.wanted, counts.starting
         out.replicas_ready, out.scaling_reason = counts.ready, counts.reason
     out.gpus = replica_devices(plane, view.id)
+    out.active_replica_count = out.replicas_ready or 0
     return out
+
+
+def environment_out(
+    plane: ControlPlane,
+    env: EnvironmentView,
+    envs: list[EnvironmentView] | None = None,
+    rollout: RolloutView | None = None,
+) -> EnvironmentOut:
+    """An environment as the API shows it: Baseten's ``current_deployment`` whole."""
+    current = None
+    if env.deployment_id is not None:
+        current = describe(plane, plane.store.get_deployment(env.deployment_id), envs)
+    return EnvironmentOut.of(env, rollout, current)
 
 
 def describe_all(plane: ControlPlane, views: list[DeploymentView]) -> list[DeploymentOut]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 
+from kingpost.api.autoscaling import describe, environment_out
 from kingpost.api.schemas import (
     DeploymentOut,
     EnvironmentOut,
@@ -43,9 +44,8 @@ def rollout_routes(router: APIRouter, plane: ControlPlane) -> None:
 
     @router.get(_ENV, response_model=EnvironmentOut)
     def get_environment(model: str, env: str) -> EnvironmentOut:
-        return EnvironmentOut.of(
-            store.get_environment(model, env), store.latest_rollout(model, env)
-        )
+        view = store.get_environment(model, env)
+        return environment_out(plane, view, rollout=store.latest_rollout(model, env))
 
     @router.patch(_ENV, response_model=EnvironmentUpdateOut)
     def update_environment(model: str, env: str, body: EnvironmentPatch) -> EnvironmentUpdateOut:
@@ -73,12 +73,16 @@ def rollout_routes(router: APIRouter, plane: ControlPlane) -> None:
                 message if status == "ACCEPTED" else "promotion settings stored",
             )
         view = store.get_environment(model, env)
-        out = EnvironmentOut.of(view, store.latest_rollout(model, env))
+        out = environment_out(plane, view, rollout=store.latest_rollout(model, env))
         return EnvironmentUpdateOut(**out.model_dump(), status=status, message=message)
 
     @router.post(f"{_ENV}/promote", response_model=DeploymentOut)
     def promote_to_environment(model: str, env: str, body: EnvironmentPromoteIn) -> DeploymentOut:
-        out = DeploymentOut.of(store.promote(model, body.deployment_id, env))
+        """Baseten's route promotes into an environment that exists (production always
+        does there): a misspelt name is a 404, not a new environment nobody calls."""
+        if env != "production":
+            store.get_environment(model, env)  # 404 naming it and how to list them
+        out = describe(plane, store.promote(model, body.deployment_id, env))
         plane.controller.wake()
         return out
 

@@ -25,19 +25,23 @@ __all__ = [
     "ApiKeyTombstone",
     "ApiKeysOut",
     "DeploymentOut",
+    "DeploymentsOut",
     "DevelopmentSyncIn",
     "DevelopmentSyncOut",
     "EnvironmentIn",
     "EnvironmentOut",
     "EnvironmentPatch",
     "EnvironmentPromoteIn",
+    "EnvironmentsOut",
     "ModelOut",
+    "ModelsOut",
     "PromoteIn",
     "PushIn",
     "PushOut",
     "RolloutOut",
     "SecretIn",
     "SecretOut",
+    "SecretsOut",
 ]
 
 
@@ -95,12 +99,21 @@ class ModelOut(BaseModel):
     id: str
     name: str
     created_at: datetime
+    deployments_count: int
+    """Baseten's name; ``deployment_count`` is the same number, kept for older scripts."""
     deployment_count: int
     production_deployment_id: str | None
+    development_deployment_id: str | None
 
     @classmethod
     def of(cls, v: ModelView) -> ModelOut:
-        return cls(**v.__dict__)
+        return cls(**v.__dict__, deployments_count=v.deployment_count)
+
+
+class ModelsOut(BaseModel):
+    """Baseten's list shape: the items under a key, so that fields can be added beside."""
+
+    models: list[ModelOut]
 
 
 class ReplicaOut(BaseModel):
@@ -127,6 +140,12 @@ class DeploymentOut(BaseModel):
     id: str
     model_id: str
     name: str
+    is_production: bool
+    """Baseten's: whether the production environment points at it."""
+    environment: str | None
+    """Baseten's: the environment it serves (production first), None when in none."""
+    active_replica_count: int = 0
+    """Baseten's: replicas ready now (the autoscaler's last count)."""
     status: str
     desired_state: str
     message: str
@@ -152,10 +171,13 @@ class DeploymentOut(BaseModel):
 
     @classmethod
     def of(cls, v: DeploymentView) -> DeploymentOut:
+        envs = sorted(v.environments, key=lambda e: (e != "production", e))
         return cls(
             id=v.id,
             model_id=v.model_id,
             name=v.name,
+            is_production="production" in envs,
+            environment=envs[0] if envs else None,
             status=v.status.value,
             desired_state=v.desired_state.value,
             message=v.message,
@@ -168,6 +190,10 @@ class DeploymentOut(BaseModel):
             created_at=v.created_at,
             updated_at=v.updated_at,
         )
+
+
+class DeploymentsOut(BaseModel):
+    deployments: list[DeploymentOut]
 
 
 class DevelopmentSyncOut(BaseModel):
@@ -286,6 +312,9 @@ class EnvironmentOut(BaseModel):
     name: str
     model_id: str
     deployment_id: str | None
+    current_deployment: DeploymentOut | None = None
+    """Baseten's: the deployment it points at, whole."""
+    created_at: datetime | None = None
     updated_at: datetime
     promotion_settings: dict[str, Any] = Field(default_factory=dict)
     """Baseten's shape, defaults filled in."""
@@ -295,16 +324,27 @@ class EnvironmentOut(BaseModel):
     """Settings for the deployment it points at; None: that deployment's own."""
 
     @classmethod
-    def of(cls, v: EnvironmentView, rollout: RolloutView | None = None) -> EnvironmentOut:
+    def of(
+        cls,
+        v: EnvironmentView,
+        rollout: RolloutView | None = None,
+        current: DeploymentOut | None = None,
+    ) -> EnvironmentOut:
         return cls(
             name=v.name,
             model_id=v.model_id,
             deployment_id=v.deployment_id,
+            current_deployment=current,
+            created_at=v.created_at,
             updated_at=v.updated_at,
             promotion_settings=PromotionSettings.from_api(v.promotion_settings).to_api(),
             rollout=RolloutOut.of(rollout) if rollout is not None else None,
             autoscaling_settings=v.autoscaling_settings,
         )
+
+
+class EnvironmentsOut(BaseModel):
+    environments: list[EnvironmentOut]
 
 
 class EnvironmentUpdateOut(EnvironmentOut):
@@ -325,18 +365,25 @@ class SecretOut(BaseModel):
         return cls(name=v.name, created_at=v.created_at, updated_at=v.updated_at)
 
 
+class SecretsOut(BaseModel):
+    secrets: list[SecretOut]
+
+
 # Baseten's management API names: `WORKSPACE_MANAGE_ALL` and `WORKSPACE_INVOKE` keys.
+# Baseten's PERSONAL key (tied to a user) is a full-access key here: Kingpost has no users.
 KEY_TYPES: dict[str, ApiKeyKind] = {
     "WORKSPACE_MANAGE_ALL": ApiKeyKind.ADMIN,
     "WORKSPACE_INVOKE": ApiKeyKind.INVOKE,
+    "PERSONAL": ApiKeyKind.ADMIN,
 }
-_TYPE_OF = {kind: name for name, kind in KEY_TYPES.items()}
+_TYPE_OF = {ApiKeyKind.ADMIN: "WORKSPACE_MANAGE_ALL", ApiKeyKind.INVOKE: "WORKSPACE_INVOKE"}
 KeyType = Literal["WORKSPACE_MANAGE_ALL", "WORKSPACE_INVOKE"]
 
 
 class ApiKeyIn(_In):
-    name: str = Field(max_length=100)
-    type: KeyType = "WORKSPACE_MANAGE_ALL"
+    name: str | None = Field(default=None, max_length=100)
+    """Optional, as on Baseten; a key without one is listed by its prefix alone."""
+    type: Literal["WORKSPACE_MANAGE_ALL", "WORKSPACE_INVOKE", "PERSONAL"] = "WORKSPACE_MANAGE_ALL"
     model_ids: list[str] | None = Field(default=None, max_length=1000)
     """For ``WORKSPACE_INVOKE``: the models (ids or names) the key may call."""
 

@@ -168,7 +168,7 @@ class KingpostClient:
         )
 
     def models(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/v1/models"))
+        return list(self._call("GET", "/v1/models")["models"])
 
     def model(self, ref: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/v1/models/{_seg('model', ref)}"))
@@ -178,7 +178,7 @@ class KingpostClient:
 
     def deployments(self, model: str | None = None) -> list[dict[str, Any]]:
         path = f"/v1/models/{_seg('model', model)}/deployments" if model else "/v1/deployments"
-        return list(self._call("GET", path))
+        return list(self._call("GET", path)["deployments"])
 
     def deployment(self, dep: str, model: str | None = None) -> dict[str, Any]:
         """A deployment by id, or by id or name within ``model``."""
@@ -240,7 +240,8 @@ class KingpostClient:
         return dict(self._call("POST", path))
 
     def environments(self, model: str) -> list[dict[str, Any]]:
-        return list(self._call("GET", f"/v1/models/{_seg('model', model)}/environments"))
+        path = f"/v1/models/{_seg('model', model)}/environments"
+        return list(self._call("GET", path)["environments"])
 
     def _env_path(self, model: str, environment: str) -> str:
         return f"/v1/models/{_seg('model', model)}/environments/{_seg('environment', environment)}"
@@ -335,7 +336,7 @@ class KingpostClient:
         return dict(self._call("POST", "/v1/secrets", json={"name": name, "value": value}))
 
     def secrets(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/v1/secrets"))
+        return list(self._call("GET", "/v1/secrets")["secrets"])
 
     def delete_secret(self, name: str) -> None:
         self._call("DELETE", f"/v1/secrets/{_seg('secret', name)}")

@@ -142,8 +142,8 @@ def _model_pages(router: APIRouter, console: Console) -> None:
     async def models(request: Request) -> Response:
         ctx = console.ctx(request)
         try:
-            listed = await _need(console, ctx, "/v1/models")
-            deployments = await _need(console, ctx, "/v1/deployments")
+            listed = (await _need(console, ctx, "/v1/models"))["models"]
+            deployments = (await _need(console, ctx, "/v1/deployments"))["deployments"]
         except _ApiFailed as exc:
             return _failed(console, ctx, exc)
         by_id = {d["id"]: d for d in deployments}
@@ -152,7 +152,9 @@ def _model_pages(router: APIRouter, console: Console) -> None:
         since = last_hour(console.plane.history, figures)
         rows = []
         for m in listed:
-            envs = await _need(console, ctx, f"/v1/models/{_q(m['id'])}/environments")
+            envs = (await _need(console, ctx, f"/v1/models/{_q(m['id'])}/environments"))[
+                "environments"
+            ]
             mine = [d for d in deployments if d["model_id"] == m["id"]]
             rows.append(
                 {
@@ -177,8 +179,10 @@ def _model_pages(router: APIRouter, console: Console) -> None:
     ) -> Response:
         try:
             m = await _need(console, ctx, f"/v1/models/{_q(model)}")
-            deps = await _need(console, ctx, f"/v1/models/{_q(model)}/deployments")
-            envs = await _need(console, ctx, f"/v1/models/{_q(model)}/environments")
+            deps = (await _need(console, ctx, f"/v1/models/{_q(model)}/deployments"))["deployments"]
+            envs = (await _need(console, ctx, f"/v1/models/{_q(model)}/environments"))[
+                "environments"
+            ]
         except _ApiFailed as exc:
             return _failed(console, ctx, exc)
         return console.page(
@@ -223,7 +227,7 @@ def _model_pages(router: APIRouter, console: Console) -> None:
         ctx = console.ctx(request)
         try:
             m = await _need(console, ctx, f"/v1/models/{_q(model)}")
-            deps = await _need(console, ctx, f"/v1/models/{_q(model)}/deployments")
+            deps = (await _need(console, ctx, f"/v1/models/{_q(model)}/deployments"))["deployments"]
         except _ApiFailed as exc:
             return _failed(console, ctx, exc)
         return console.page(ctx, "confirm_model_delete.html", model=m, deps=deps, title="Delete?")
@@ -367,7 +371,7 @@ def _admin_pages(router: APIRouter, console: Console) -> None:
         ctx: Ctx, status: int = 200, errors: dict[str, str] | None = None, name: str = ""
     ) -> Response:
         try:
-            listed = await _need(console, ctx, "/v1/secrets")
+            listed = (await _need(console, ctx, "/v1/secrets"))["secrets"]
         except _ApiFailed as exc:
             return _failed(console, ctx, exc)
         return console.page(

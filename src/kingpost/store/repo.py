@@ -122,7 +122,14 @@ def _model_view(s: Session, m: Model) -> ModelView:
             Environment.model_id == m.id, Environment.name == PRODUCTION
         )
     )
-    return ModelView(m.id, m.name, m.created_at, int(count or 0), prod)
+    development = s.scalar(
+        select(Deployment.id).where(
+            Deployment.model_id == m.id,
+            Deployment.is_development.is_(True),
+            Deployment.desired_state != DesiredState.DELETED,
+        )
+    )
+    return ModelView(m.id, m.name, m.created_at, int(count or 0), prod, development)
 
 
 def _key_view(k: ApiKey) -> ApiKeyView:
@@ -141,6 +148,7 @@ def _env_view(e: Environment) -> EnvironmentView:
         e.updated_at,
         dict(e.promotion_settings or {}),
         autoscaling,
+        e.created_at,
     )
 
 

@@ -25,6 +25,7 @@ class ModelView:
     created_at: datetime
     deployment_count: int = 0
     production_deployment_id: str | None = None
+    development_deployment_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class EnvironmentView:
     """As stored: ``{}`` means the defaults (promotions do not roll)."""
     autoscaling_settings: dict[str, Any] | None = None
     """Settings for the deployment it points at; None: that deployment's own."""
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
