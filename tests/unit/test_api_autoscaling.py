@@ -74,6 +74,23 @@ def test_environment_settings_govern_the_deployment_it_points_at(
     assert "production" in r.json()["message"]
 
 
+def test_an_environments_min_replica_above_the_deployments_own_max_applies(
+    api: tuple[TestClient, str, str],
+) -> None:
+    """The PATCH answered ACCEPTED and the environment showed min 2, but the deployment
+    (its own max 1) was governed by min 1: the environment's min was dropped."""
+    client, model, dep = api
+    r = client.patch(
+        f"/v1/models/{model}/environments/production",
+        json={"autoscaling_settings": {"min_replica": 2, "max_replica": 3}},
+    )
+    assert r.status_code == 200 and r.json()["status"] == "ACCEPTED", r.text
+    d = client.get(f"/v1/models/{model}/deployments/{dep}").json()
+    assert d["autoscaling_settings_from"] == "production"
+    assert d["autoscaling_settings"]["min_replica"] == 2
+    assert d["autoscaling_settings"]["max_replica"] == 3
+
+
 @pytest.mark.parametrize(
     ("body", "field", "rule"),
     [

@@ -3,14 +3,21 @@ clock: samples from the gateway's stats become replicas; a scale-down drains fir
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from tests.unit.test_controller_loop import Rig
 
 from kingpost.controller.loop import Controller
 from kingpost.engines.base import ReplicaPhase
 from kingpost.gateway.stats import DeploymentStats, GatewayStats
-from kingpost.store.autoscaling import update_deployment_settings
+from kingpost.store.autoscaling import (
+    effective_settings,
+    update_deployment_settings,
+    update_environment_settings,
+)
 
 
 class Gateway:
@@ -85,6 +92,46 @@ def test_settings_changed_in_place_apply_without_a_restart(tmp_path: Path) -> No
     live = rig.engine.live(dep)
     assert len(live) == 2 and first in live  # the serving replica was not replaced
     assert rig.store.get_deployment(dep).id == dep
+
+
+def test_an_environments_min_replica_governs_the_deployment_it_points_at(
+    tmp_path: Path,
+) -> None:
+    """The environment's set was merged onto the deployment's own one field at a time, and
+    a field that failed was dropped: ``min_replica`` 2 came first, failed against the
+    deployment's own ``max_replica`` 1 (every push's default), and the deployment ran 1."""
+    rig, _, now = _rig(tmp_path)
+    dep = rig.deploy()  # its own settings: min 1, max 1
+    status, _, env = update_environment_settings(
+        rig.store, "loop", "production", {"min_replica": 2, "max_replica": 3}
+    )
+    assert status == "ACCEPTED" and env.autoscaling_settings is not None
+    settings, source = effective_settings(
+        rig.store.get_deployment(dep), rig.store.list_environments("loop")
+    )
+    assert (settings.min_replica, settings.max_replica, source) == (2, 3, "production")
+    for _ in range(3):
+        _tick(rig, now)
+    assert len(rig.engine.live(dep)) == 2
+
+
+def test_an_environment_set_that_no_longer_validates_applies_field_by_field_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored set is validated whole when written; one that fails later (a rule changed)
+    still applies what it can, and says what it left out, once."""
+    rig, _, _ = _rig(tmp_path)
+    dep = rig.store.get_deployment(rig.deploy())
+    (env,) = rig.store.list_environments("loop")
+    stored = {"min_replica": 2, "max_replica": 3, "autoscaling_window": 5}
+    env = replace(env, autoscaling_settings=stored)
+    with caplog.at_level(logging.WARNING, logger="kingpost.store.autoscaling"):
+        settings, source = effective_settings(dep, [env])
+        effective_settings(dep, [env])
+    assert (settings.max_replica, settings.autoscaling_window, source) == (3, 60, "production")
+    (warning,) = caplog.records
+    assert "autoscaling_window=5" in warning.getMessage()
+    assert "production" in warning.getMessage() and dep.id in warning.getMessage()
 
 
 def test_a_frozen_deployment_keeps_its_count(tmp_path: Path) -> None:

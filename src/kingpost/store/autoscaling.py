@@ -9,13 +9,14 @@ reads them at its next pass; nothing is redeployed or restarted.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
 
 from kingpost.controller.autoscale import AutoscalingSettings
-from kingpost.errors import NotFoundError
+from kingpost.errors import NotFoundError, ValidationError
 from kingpost.store.models import Environment, utcnow
 from kingpost.store.repo import PRODUCTION, Store, _env_view, check_environment_name
 from kingpost.store.views import DeploymentView, EnvironmentView
@@ -26,6 +27,12 @@ __all__ = [
     "update_deployment_settings",
     "update_environment_settings",
 ]
+
+log = logging.getLogger(__name__)
+
+_warned: set[tuple[str, str, str]] = set()
+"""(deployment, environment, stored settings) already warned about: the controller asks
+for the settings at every pass, and one warning per stored set is enough."""
 
 
 def deployment_settings(dep: DeploymentView) -> AutoscalingSettings:
@@ -55,13 +62,35 @@ def effective_settings(
     if not pointing:
         return own, None
     env = pointing[0]
-    settings = own
-    for name, value in (env.autoscaling_settings or {}).items():
-        try:
-            settings = settings.merged({name: value})
-        except Exception:
-            continue
-    return settings, env.name
+    return _over(own, dict(env.autoscaling_settings or {}), dep.id, env.name), env.name
+
+
+def _over(
+    own: AutoscalingSettings, stored: dict[str, Any], dep_id: str, env_name: str
+) -> AutoscalingSettings:
+    """An environment's stored set over a deployment's own settings, as a whole: it was
+    validated whole when stored, and its fields only make sense together (merged one at a
+    time, its ``min_replica`` 2 failed against the deployment's own ``max_replica`` 1 and
+    was dropped). A set that no longer validates (an older release's rules) is merged
+    field by field, each field that fails left out, with a warning saying which."""
+    try:
+        return own.merged(stored)
+    except ValidationError as whole:
+        settings, skipped = own, []
+        for name, value in stored.items():
+            try:
+                settings = settings.merged({name: value})
+            except ValidationError as exc:
+                skipped.append(f"{name}={value!r} ({exc})")
+        key = (dep_id, env_name, repr(sorted(stored.items())))
+        if key not in _warned:
+            _warned.add(key)
+            log.warning(
+                "environment %r's autoscaling settings do not apply as a whole to deployment "
+                "%s (%s); applied field by field, leaving out: %s",
+                env_name, dep_id, whole, "; ".join(skipped) or "nothing",
+            )  # fmt: skip
+        return settings
 
 
 def _split(settings: AutoscalingSettings) -> tuple[int, int, dict[str, int]]:
