@@ -19,10 +19,11 @@ from kingpost.store import (
     DeploymentStatus,
     DesiredState,
     NewDeployment,
+    RolloutStatus,
     Store,
     hash_api_key,
 )
-from kingpost.store.models import Base, Secret
+from kingpost.store.models import Base, Deployment, Secret
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -488,3 +489,61 @@ def test_a_deleted_development_deployment_makes_way_for_a_new_one(store: Store) 
     again = store.create_deployment(new(development=True))
     assert again.id != dev.id and again.name == "development"
     assert store.get_deployment("development", "m").id == again.id
+
+
+def _rolling_out(store: Store) -> tuple[str, str]:
+    """A running rollout into production: (previous, candidate)."""
+    first = store.create_deployment(new())
+    store.set_status(first.id, DeploymentStatus.ACTIVE)
+    second = store.create_deployment(new())
+    store.promote("m", second.id, "production")
+    rollout = store.latest_rollout("m", "production")
+    assert rollout is not None and rollout.status == RolloutStatus.IN_PROGRESS
+    return first.id, second.id
+
+
+def test_the_candidate_of_a_running_rollout_cannot_be_deleted(store: Store) -> None:
+    """The delete went through, and the rollout's SUCCEEDED (decided from a snapshot
+    taken before it) then pointed production at a deleted deployment."""
+    first, second = _rolling_out(store)
+    with pytest.raises(ConflictError) as refused:
+        store.set_desired(second, DesiredState.DELETED, "m")
+    assert "candidate of the promotion into 'production'" in str(refused.value)
+    assert "kingpost rollouts cancel m --environment production" in str(refused.value)
+    assert "cancel_promotion" in str(refused.value)
+    assert store.get_deployment(second).desired_state == DesiredState.ACTIVE
+    # Once the promotion is canceled and has ended, the candidate can go.
+    store.control_rollout("m", "production", "cancel")
+    with pytest.raises(ConflictError, match="once the rollout has ended"):
+        store.set_desired(second, DesiredState.DELETED, "m")
+    (rollout,) = store.running_rollouts()
+    ended = {"status": RolloutStatus.CANCELED, "phase": "DONE"}
+    assert store.record_rollout(rollout.id, ended, seen=("IN_PROGRESS", "cancel"))
+    store.set_desired(second, DesiredState.DELETED, "m")
+    assert [e.deployment_id for e in store.list_environments("m")] == [first]
+
+
+@pytest.mark.parametrize("how", ["deactivated", "deleted"])
+def test_a_rollout_whose_candidate_went_since_the_snapshot_fails_instead_of_succeeding(
+    store: Store, db: Database, how: str
+) -> None:
+    """The terminal write moved the environment to the candidate without looking at it: a
+    candidate deactivated (or deleted) after the controller's snapshot became what the
+    environment served. ``deleted``: a row as a delete that committed before the guard
+    against it leaves it (the guard itself refuses it while the rollout runs)."""
+    first, second = _rolling_out(store)
+    if how == "deactivated":  # allowed while the rollout runs: it fails the rollout
+        store.set_desired(second, DesiredState.INACTIVE, "m")
+    else:
+        with db.session() as s:
+            row = s.get(Deployment, second)
+            assert row is not None
+            row.desired_state = DesiredState.DELETED
+    (rollout,) = store.running_rollouts()
+    done = {"status": RolloutStatus.SUCCEEDED, "phase": "DONE", "candidate_traffic_percent": 100.0}
+    written = store.record_rollout(rollout.id, done, seen=("IN_PROGRESS", None))
+    assert written is not None and written.status == RolloutStatus.FAILED
+    assert "deactivated or deleted" in written.message
+    assert (written.candidate_traffic_percent, written.candidate_replicas) == (0.0, 0)
+    assert [e.deployment_id for e in store.list_environments("m")] == [first]
+    assert store.latest_rollout("m", "production") == written

@@ -233,3 +233,45 @@ def test_a_failed_rollout_gives_the_previous_deployment_back_all_its_replicas(
     assert not rig.controller.rollout_active(first)
     assert rig.controller.scaler.wanted(first, -1) == 2
     assert len(rig.engine.live(first)) == 2 and serving(rig, first) == 2
+
+
+def test_a_candidate_deactivated_as_the_rollout_succeeds_leaves_production_where_it_was(
+    tmp_path: Path,
+) -> None:
+    """The pass decided SUCCEEDED from its snapshot; a user's deactivation (or delete)
+    of the candidate committed before the pass recorded it, and production then pointed
+    at a deployment that no longer ran. A delete is refused while the rollout runs; a
+    deactivation is not, and the terminal write sees it."""
+    from kingpost.errors import ConflictError
+
+    rig = Rig(tmp_path, engine=FakeEngine(auto_ready=False))
+    first = rig.deploy()
+    rig.controller.reconcile_once()
+    ready_all(rig)
+    rig.controller.reconcile_once()
+    second = rig.deploy()
+    rig.store.promote("loop", second, "production")
+    rig.controller.reconcile_once()
+    record = rig.store.record_rollout
+    refused: list[ConflictError] = []
+
+    def racing(rollout_id: str, fields: dict[str, object], seen: tuple[str, str | None]):  # type: ignore[no-untyped-def]
+        if fields.get("status") == RolloutStatus.SUCCEEDED:  # the user's calls land here
+            try:
+                rig.store.set_desired(second, DesiredState.DELETED, "loop")
+            except ConflictError as exc:
+                refused.append(exc)
+            rig.store.set_desired(second, DesiredState.INACTIVE, "loop")
+        return record(rollout_id, fields, seen)
+
+    rig.store.record_rollout = racing  # type: ignore[method-assign]
+    ready_all(rig)
+    rig.controller.reconcile_once()
+    rig.controller.reconcile_once()
+    assert refused and "cancel the promotion first" in str(refused[0])
+    rollout = rig.store.latest_rollout("loop", "production")
+    assert rollout is not None and rollout.status == RolloutStatus.FAILED
+    assert "deactivated or deleted" in rollout.message
+    assert rig.store.get_environment("loop", "production").deployment_id == first
+    assert production(rig) == ((first, 1.0),)
+    assert rig.engine.live(first) and not rig.engine.live(second)

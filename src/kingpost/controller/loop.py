@@ -585,8 +585,11 @@ class Controller:
                 )
         fields = {k: getattr(after, k) for k in before.__dataclass_fields__}
         fields["phase_since"] = datetime.fromtimestamp(after.phase_since, UTC)
-        if not self.store.record_rollout(ro.id, fields, seen=(str(ro.status), ro.requested)):
+        written = self.store.record_rollout(ro.id, fields, seen=(str(ro.status), ro.requested))
+        if written is None:
             return before  # a user paused, resumed or canceled meanwhile: decide again
+        if written.status != after.status:  # the candidate went since the snapshot: FAILED
+            after = _rollout_state(written)
         if after.status != before.status or after.step != before.step:
             log.info(
                 "rollout %s into %s: %s step %d/%d, %.0f%% of traffic on the candidate %s",

@@ -33,7 +33,15 @@ from kingpost.store.models import (
     Secret,
     utcnow,
 )
-from kingpost.store.rollouts import RUNNING, control, latest, record, roll_or_point, rollout_view
+from kingpost.store.rollouts import (
+    RUNNING,
+    check_not_rolling,
+    control,
+    latest,
+    record,
+    roll_or_point,
+    rollout_view,
+)
 from kingpost.store.views import (
     ApiKeyView,
     DeploymentView,
@@ -612,6 +620,7 @@ class Store:
                         deployment=d.id,
                         environments=envs,
                     )
+                check_not_rolling(s, d, self._model(s, d.model_id).name)
             d.desired_state, d.updated_at = desired, utcnow()
             if desired == DesiredState.ACTIVE and d.status in (
                 DeploymentStatus.INACTIVE,
@@ -782,10 +791,12 @@ class Store:
 
     def record_rollout(
         self, rollout_id: str, fields: Mapping[str, Any], seen: tuple[str, str | None]
-    ) -> bool:
-        """The controller's next state of a rollout (see :func:`store.rollouts.record`)."""
+    ) -> RolloutView | None:
+        """The controller's next state of a rollout, as written (None: a user changed it
+        since; see :func:`store.rollouts.record`)."""
         with self.db.session() as s:
-            return record(s, rollout_id, fields, seen)
+            r = record(s, rollout_id, fields, seen)
+            return rollout_view(r) if r is not None else None
 
     def routing_snapshot(
         self,

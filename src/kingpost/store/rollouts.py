@@ -28,7 +28,15 @@ from kingpost.store.models import (
 )
 from kingpost.store.views import RolloutView
 
-__all__ = ["RUNNING", "control", "latest", "record", "roll_or_point", "rollout_view"]
+__all__ = [
+    "RUNNING",
+    "check_not_rolling",
+    "control",
+    "latest",
+    "record",
+    "roll_or_point",
+    "rollout_view",
+]
 
 RUNNING = (RolloutStatus.IN_PROGRESS, RolloutStatus.PAUSED)
 _SERVING = (DeploymentStatus.ACTIVE, DeploymentStatus.UNHEALTHY)
@@ -144,6 +152,33 @@ def roll_or_point(s: Session, env: Environment, dep: Deployment, model_name: str
     )
 
 
+def check_not_rolling(s: Session, dep: Deployment, model_name: str) -> None:
+    """409 when ``dep`` is a side of a running rollout: deleting it then would leave the
+    rollout's terminal write to point the environment at a deleted deployment (the
+    candidate), or fail back to one (the previous). The caller holds ``dep``'s row, which
+    :func:`record` takes before it moves an environment, so the two never interleave."""
+    r = s.scalar(
+        select(Rollout).where(
+            Rollout.status.in_(RUNNING),
+            (Rollout.candidate_deployment_id == dep.id)
+            | (Rollout.previous_deployment_id == dep.id),
+        )
+    )
+    if r is None:
+        return
+    side = "candidate" if r.candidate_deployment_id == dep.id else "previous deployment"
+    raise ConflictError(
+        f"deployment {dep.name!r} is the {side} of the promotion into {r.environment!r} "
+        f"(rollout {r.id}, {r.status}); cancel the promotion first (`kingpost rollouts cancel "
+        f"{model_name} --environment {r.environment}`, or POST /v1/models/{{model}}/"
+        f"environments/{r.environment}/cancel_promotion) and delete it once the rollout has "
+        "ended",
+        deployment=dep.id,
+        environment=r.environment,
+        **_state(r),
+    )
+
+
 def control(s: Session, model_id: str, env_name: str, model_name: str, action: str) -> Rollout:
     """A user's pause, resume, cancel or force_complete; 409 with the current state when
     the rollout is not in a state that allows it."""
@@ -183,27 +218,33 @@ def control(s: Session, model_id: str, env_name: str, model_name: str, action: s
 
 def record(
     s: Session, rollout_id: str, fields: Mapping[str, Any], seen: tuple[str, str | None]
-) -> bool:
+) -> Rollout | None:
     """Write the controller's next state unless a user changed the rollout since it read
-    it (``seen``: the status and request it decided from); a finished rollout moves the
-    environment (SUCCEEDED) and deactivates the side that lost, unless another environment
-    points at it."""
+    it (``seen``: the status and request it decided from); the row as written, or None.
+    A finished rollout moves the environment (SUCCEEDED) and deactivates the side that
+    lost, unless another environment points at it. A SUCCEEDED whose candidate is no
+    longer desired ACTIVE (changed after the controller's snapshot) is written FAILED
+    instead, the environment left where it is."""
     r = s.get(Rollout, rollout_id, with_for_update=True)
     if r is None or (str(r.status), r.requested) != seen:
-        return False
+        return None
     for key, value in fields.items():
         setattr(r, key, value)
     now = utcnow()
     r.updated_at = now
     status = RolloutStatus(r.status)
     if status in RUNNING:
-        return True
+        return r
     r.finished_at = now
     env = s.scalar(
         select(Environment).where(
             Environment.model_id == r.model_id, Environment.name == r.environment
         )
     )
+    if status == RolloutStatus.SUCCEEDED and not _still_wanted(s, r.candidate_deployment_id):
+        _fail(r, "the candidate deployment was deactivated or deleted as the promotion "
+              "completed; the environment stays on the previous deployment")  # fmt: skip
+        status = RolloutStatus.FAILED
     if status == RolloutStatus.SUCCEEDED:
         if env is not None:
             env.deployment_id, env.updated_at = r.candidate_deployment_id, now
@@ -212,7 +253,24 @@ def record(
         loser = r.candidate_deployment_id
     if loser is not None:
         _deactivate_unless_pointed_at(s, loser, now)
-    return True
+    return r
+
+
+def _still_wanted(s: Session, dep_id: str) -> bool:
+    """Whether the candidate is still desired ACTIVE, read under its row's lock: the
+    controller decided from a snapshot, and a deactivation (or a delete, which
+    :func:`check_not_rolling` refuses while the rollout runs, but which may have committed
+    just before it started) since would have the environment point at what does not run."""
+    d = s.get(Deployment, dep_id, with_for_update=True, populate_existing=True)
+    return d is not None and d.desired_state == DesiredState.ACTIVE
+
+
+def _fail(r: Rollout, message: str) -> None:
+    """A terminal FAILED as ``controller/rollout.py``'s ``_finish`` writes it: all traffic
+    and the replicas back on the previous deployment."""
+    r.status, r.message = RolloutStatus.FAILED, message
+    r.candidate_traffic_percent, r.candidate_replicas = 0.0, 0
+    r.previous_replicas = r.previous_initial_replicas
 
 
 def _deactivate_unless_pointed_at(s: Session, dep_id: str, now: datetime) -> None:
