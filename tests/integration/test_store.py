@@ -89,6 +89,23 @@ def test_named_deployment_with_labels_and_custom_environment(store: Store) -> No
         store.create_deployment(new(name="blue"))
 
 
+def test_a_name_that_is_another_ones_id_is_refused(store: Store) -> None:
+    """References go by id first: a model named like another's id took over that id, so
+    deleting it or scoping a key to it by name reached the other model."""
+    first = store.create_deployment(new())
+    model_id = store.get_model("m").id
+    with pytest.raises(ConflictError, match="is the id of another model") as caught:
+        store.create_deployment(new(model=model_id))
+    assert caught.value.details["field"] == "model_name"
+    assert [m.name for m in store.list_models()] == ["m"]
+    with pytest.raises(ConflictError, match="is the id of another deployment"):
+        store.create_deployment(new(name=first.id))
+    second = store.create_deployment(new())
+    with pytest.raises(ConflictError, match="is the id of another deployment"):
+        store.update_deployment(second.id, "m", name=first.id)
+    assert store.get_deployment(second.id).name == "deployment-2"
+
+
 @pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 80, "a/b"])
 def test_bad_deployment_names_are_refused(store: Store, name: str) -> None:
     with pytest.raises(ValidationError, match="deployment name"):

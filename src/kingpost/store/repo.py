@@ -82,6 +82,30 @@ def new_id(length: int = 8) -> str:
     return "".join(_secrets.choice(_ALPHABET) for _ in range(length))
 
 
+def _free_id(s: Session, table: type[Model] | type[Deployment], length: int) -> str:
+    """A new id that is no row's name: a reference is looked up by id first, so a name
+    equal to an id would be shadowed by it."""
+    while True:
+        candidate = new_id(length)
+        if s.scalar(select(table.id).where(table.name == candidate)) is None:
+            return candidate
+
+
+def _refuse_an_ids_name(
+    s: Session, table: type[Model] | type[Deployment], name: str, field: str
+) -> None:
+    """A name equal to another row's id would be found as that row (ids win), so that
+    deleting or scoping a key "by name" would reach the other one."""
+    if s.get(table, name) is not None:
+        kind = "model" if table is Model else "deployment"
+        raise ConflictError(
+            f"{field}: {name!r} is the id of another {kind}, and references by id come "
+            "first; choose another name",
+            field=field,
+            value=name,
+        )
+
+
 def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -401,7 +425,8 @@ class Store:
             model = s.scalar(select(Model).where(Model.name == new.model_name).with_for_update())
             first = model is None
             if model is None:
-                model = Model(id=new_id(8), name=new.model_name, next_number=1)
+                _refuse_an_ids_name(s, Model, new.model_name, "model_name")
+                model = Model(id=_free_id(s, Model, 8), name=new.model_name, next_number=1)
                 s.add(model)
                 s.flush()
                 s.add(Environment(id=new_id(12), model_id=model.id, name=PRODUCTION))
@@ -431,9 +456,11 @@ class Store:
                     "choose another with --deployment-name",
                     deployment_name=name,
                 )
+            if new.name is not None:
+                _refuse_an_ids_name(s, Deployment, name, "deployment_name")
             model.next_number = number + 1
             dep = Deployment(
-                id=new_id(7),
+                id=_free_id(s, Deployment, 7),
                 model_id=model.id,
                 name=name,
                 number=number,
@@ -669,6 +696,8 @@ class Store:
                         field="deployment_name",
                         value=name,
                     )
+                if name != d.id:  # its own id names it either way
+                    _refuse_an_ids_name(s, Deployment, name, "deployment_name")
                 d.name = name
             if labels is not None:
                 d.labels = dict(labels)
