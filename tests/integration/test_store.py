@@ -564,3 +564,53 @@ def test_a_rollout_whose_candidate_went_since_the_snapshot_fails_instead_of_succ
     assert (written.candidate_traffic_percent, written.candidate_replicas) == (0.0, 0)
     assert [e.deployment_id for e in store.list_environments("m")] == [first]
     assert store.latest_rollout("m", "production") == written
+
+
+@pytest.mark.parametrize(
+    ("rolling", "scale_down", "previous_after"),
+    [
+        (False, None, DesiredState.ACTIVE),  # Kingpost's default: all at once keeps it
+        (True, None, DesiredState.INACTIVE),  # and a rolling promotion scales it down
+        (False, True, DesiredState.INACTIVE),  # Baseten's scale_down_previous_*
+        (True, False, DesiredState.ACTIVE),
+    ],
+)
+def test_a_promotion_scales_the_previous_deployment_down_when_asked(
+    store: Store, rolling: bool, scale_down: bool | None, previous_after: DesiredState
+) -> None:
+    first = store.create_deployment(new())
+    store.set_status(first.id, DeploymentStatus.ACTIVE)
+    if rolling:
+        settings = {"rolling_deploy": True, "rolling_deploy_config": {"max_surge_percent": 50}}
+        store.set_promotion_settings("m", "production", settings)
+    second = store.create_deployment(new())
+    store.promote("m", second.id, "production", scale_down)
+    (rollout,) = store.running_rollouts()
+    done = {"status": RolloutStatus.SUCCEEDED, "phase": "DONE", "candidate_traffic_percent": 100.0}
+    written = store.record_rollout(rollout.id, done, seen=("IN_PROGRESS", None))
+    assert written is not None and written.status == RolloutStatus.SUCCEEDED
+    assert store.get_model("m").production_deployment_id == second.id
+    assert store.get_deployment(first.id).desired_state == previous_after
+
+
+def test_a_promotion_that_points_at_once_scales_the_previous_one_down_when_asked(
+    store: Store,
+) -> None:
+    """Nothing served (the previous deployment still starting): no rollout, the
+    environment moves at once, and the one it left goes with it when asked."""
+    first = store.create_deployment(new())
+    second = store.create_deployment(new())
+    store.promote("m", second.id, "production")
+    assert store.get_deployment(first.id).desired_state == DesiredState.ACTIVE
+    third = store.create_deployment(new())
+    store.promote("m", third.id, "production", scale_down_previous=True)
+    assert store.running_rollouts() == []
+    assert store.get_deployment(second.id).desired_state == DesiredState.INACTIVE
+    store.create_deployment(new(name="blue", environment="staging"))
+    store.promote("m", "blue", "production", scale_down_previous=True)  # blue stays in staging
+    assert store.get_deployment(third.id).desired_state == DesiredState.INACTIVE
+    blue = store.get_deployment("blue", "m")
+    assert blue.desired_state == DesiredState.ACTIVE and blue.environments == (
+        "production",
+        "staging",
+    )

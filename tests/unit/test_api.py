@@ -121,6 +121,26 @@ def test_reads_have_basetens_shapes_and_fields(api: tuple[TestClient, str], tmp_
     # Baseten's promote-to-production: no body needed.
     r = client.post(f"/v1/models/api-test/deployments/{blue.json()['deployment']['id']}/promote")
     assert r.status_code == 200, r.text
+    # Baseten's promote bodies (what the fields do: tests/integration/test_store.py).
+    r = client.post(
+        "/v1/models/api-test/environments/staging/promote",
+        json={"deployment_id": first["id"], "preserve_env_instance_type": False},
+    )
+    assert r.status_code == 400 and r.json()["field"] == "preserve_env_instance_type", r.text
+    r = client.post(
+        "/v1/models/api-test/environments/staging/promote",
+        json={
+            "deployment_id": first["id"],
+            "scale_down_previous_deployment": True,
+            "preserve_env_instance_type": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    r = client.post(
+        f"/v1/models/api-test/deployments/{first['id']}/promote",
+        json={"scale_down_previous_production": False},
+    )
+    assert r.status_code == 200, r.text
     # Promoting into an environment that does not exist is a 404, not a new environment.
     r = client.post(
         "/v1/models/api-test/environments/prodution/promote", json={"deployment_id": first["id"]}

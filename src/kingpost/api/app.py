@@ -432,8 +432,9 @@ def _model_routes(router: APIRouter, plane: ControlPlane) -> None:
     @router.post("/models/{model}/deployments/{dep}/promote", response_model=DeploymentOut)
     def promote(model: str, dep: str, body: PromoteIn | None = None) -> DeploymentOut:
         """Baseten's promote-to-production; Kingpost's body may name another environment."""
-        environment = body.environment if body is not None else "production"
-        out = describe(plane, promote_deployment(plane, model, dep, environment))
+        body = body or PromoteIn()
+        down = body.scale_down_previous_production
+        out = describe(plane, promote_deployment(plane, model, dep, body.environment, down))
         changed()
         return out
 

@@ -88,12 +88,18 @@ def _validated(plane: ControlPlane, project_hash: str, engine: str) -> dict[str,
     return dict(loaded.document())
 
 
-def promote(plane: ControlPlane, model: str, deployment: str, environment: str) -> DeploymentView:
+def promote(
+    plane: ControlPlane,
+    model: str,
+    deployment: str,
+    environment: str,
+    scale_down_previous: bool | None = None,
+) -> DeploymentView:
     """Point ``environment`` at a deployment; the development deployment is never pointed
     at: a new, numbered deployment is published from its current files instead."""
     dep = plane.store.get_deployment(deployment, model)
     if not dep.is_development:
-        return plane.store.promote(model, deployment, environment)
+        return plane.store.promote(model, deployment, environment, scale_down_previous)
     name = plane.store.get_model(dep.model_id).name
     return plane.store.create_deployment(
         NewDeployment(
@@ -103,5 +109,6 @@ def promote(plane: ControlPlane, model: str, deployment: str, environment: str) 
             engine=dep.engine,
             labels=dep.labels,
             environment=environment,
+            scale_down_previous=scale_down_previous,
         )
     )

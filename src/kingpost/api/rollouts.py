@@ -82,7 +82,8 @@ def rollout_routes(router: APIRouter, plane: ControlPlane) -> None:
         does there): a misspelt name is a 404, not a new environment nobody calls."""
         if env != "production":
             store.get_environment(model, env)  # 404 naming it and how to list them
-        out = describe(plane, store.promote(model, body.deployment_id, env))
+        down = body.scale_down_previous_deployment
+        out = describe(plane, store.promote(model, body.deployment_id, env, down))
         plane.controller.wake()
         return out
 

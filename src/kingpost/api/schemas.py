@@ -76,7 +76,13 @@ class DevelopmentSyncIn(_In):
 
 
 class PromoteIn(_In):
+    """Baseten's promote-to-production body, and Kingpost's ``environment``."""
+
     environment: str = "production"
+    scale_down_previous_production: bool | None = None
+    """Deactivate the deployment this one replaces once it is out of the environment
+    (unless another points at it); false keeps it running; left out: after a rolling
+    promotion only, as Kingpost did before (Baseten's default is true)."""
 
 
 class DeploymentPatch(_In):
@@ -256,6 +262,12 @@ class EnvironmentPromoteIn(_In):
     """Baseten's promote-to-environment body."""
 
     deployment_id: str
+    scale_down_previous_deployment: bool | None = None
+    """As ``PromoteIn.scale_down_previous_production``."""
+    preserve_env_instance_type: Literal[True] | None = None
+    """Baseten's choice between the environment's instance type and the deployment's.
+    Kingpost has no instance types apart from the config: a replica runs on the resources
+    its deployment's config names, so only true (or null) is accepted."""
 
 
 class RolloutOut(BaseModel):

@@ -219,6 +219,9 @@ class Rollout(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """The environment's promotion settings when the promotion began."""
+    scale_down_previous: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """Deactivate the previous deployment once this succeeds (Baseten's promote field);
+    None: as the promotion settings go (after a rolling promotion only)."""
     phase_since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -224,7 +224,10 @@ class NewDeployment:
         min_replicas: int = 1,
         max_replicas: int = 1,
         development: bool = False,
+        scale_down_previous: bool | None = None,
     ) -> None:
+        self.scale_down_previous = scale_down_previous
+        """For ``environment``: see :func:`store.rollouts.roll_or_point`."""
         self.model_name = model_name
         self.project_hash = project_hash
         self.config = dict(config)
@@ -479,7 +482,7 @@ class Store:
             if first:
                 self._point(s, model.id, new.environment or PRODUCTION, dep.id)
             elif new.environment is not None:
-                self._promote_into(s, model, new.environment, dep)
+                self._promote_into(s, model, new.environment, dep, new.scale_down_previous)
             return self._view(s, dep)
 
     def _replace_development(self, s: Session, model: Model, new: NewDeployment) -> DeploymentView:
@@ -551,7 +554,14 @@ class Store:
         env.deployment_id = deployment_id
         env.updated_at = utcnow()
 
-    def _promote_into(self, s: Session, model: Model, env_name: str, dep: Deployment) -> None:
+    def _promote_into(
+        self,
+        s: Session,
+        model: Model,
+        env_name: str,
+        dep: Deployment,
+        scale_down_previous: bool | None = None,
+    ) -> None:
         """Point the environment at ``dep``, or begin a rollout when one serves there."""
         env = s.scalar(
             select(Environment).where(
@@ -561,7 +571,7 @@ class Store:
         if env is None:
             self._point(s, model.id, env_name, dep.id)
             return
-        roll_or_point(s, env, dep, model.name)
+        roll_or_point(s, env, dep, model.name, scale_down_previous)
 
     def _view(self, s: Session, d: Deployment) -> DeploymentView:
         envs = s.scalars(select(Environment.name).where(Environment.deployment_id == d.id))
@@ -703,7 +713,15 @@ class Store:
                 d.labels = dict(labels)
             return self._view(s, d)
 
-    def promote(self, model_ref: str, deployment_ref: str, env_name: str) -> DeploymentView:
+    def promote(
+        self,
+        model_ref: str,
+        deployment_ref: str,
+        env_name: str,
+        scale_down_previous: bool | None = None,
+    ) -> DeploymentView:
+        """Point ``env_name`` at the deployment, or begin the rollout that will; see
+        :func:`store.rollouts.roll_or_point` for ``scale_down_previous``."""
         check_environment_name(env_name)
         with self.db.session() as s:
             model = self._model(s, model_ref, lock=True)  # first, as a push takes it
@@ -728,7 +746,7 @@ class Store:
                     f"(`kingpost deployments promote {model.name} development`)",
                     deployment=d.id,
                 )
-            self._promote_into(s, model, env_name, d)
+            self._promote_into(s, model, env_name, d, scale_down_previous)
             s.flush()
             return self._view(s, d)
 

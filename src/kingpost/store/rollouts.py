@@ -105,9 +105,17 @@ def latest(s: Session, model_id: str, env_name: str) -> Rollout | None:
     )
 
 
-def roll_or_point(s: Session, env: Environment, dep: Deployment, model_name: str) -> None:
+def roll_or_point(
+    s: Session,
+    env: Environment,
+    dep: Deployment,
+    model_name: str,
+    scale_down_previous: bool | None = None,
+) -> None:
     """Promote ``dep`` into ``env``: at once when nothing serves there, else as a rollout
-    that keeps traffic on the serving deployment until ``dep`` is ready."""
+    that keeps traffic on the serving deployment until ``dep`` is ready. With
+    ``scale_down_previous`` the deployment it replaces is deactivated once it is out of
+    the environment (true) or left running (false); None: after a rolling promotion only."""
     running = _running(s, env.model_id, env.name)
     if running is not None:
         raise ConflictError(
@@ -127,6 +135,9 @@ def roll_or_point(s: Session, env: Environment, dep: Deployment, model_name: str
     if not serving or previous is None:
         if env.deployment_id != dep.id:
             env.deployment_id, env.updated_at = dep.id, utcnow()
+            if previous is not None and previous.id != dep.id and scale_down_previous:
+                s.flush()  # the environment no longer points at it
+                _deactivate_unless_pointed_at(s, previous.id, utcnow())
         return
     settings = dict(env.promotion_settings or {})
     s.add(
@@ -148,6 +159,7 @@ def roll_or_point(s: Session, env: Environment, dep: Deployment, model_name: str
             candidate_traffic_percent=0.0,
             message="",
             settings=settings,
+            scale_down_previous=scale_down_previous,
         )
     )
 
@@ -248,7 +260,8 @@ def record(
     if status == RolloutStatus.SUCCEEDED:
         if env is not None:
             env.deployment_id, env.updated_at = r.candidate_deployment_id, now
-        loser = r.previous_deployment_id if r.rolling else None
+        down = r.rolling if r.scale_down_previous is None else r.scale_down_previous
+        loser = r.previous_deployment_id if down else None
     else:
         loser = r.candidate_deployment_id
     if loser is not None:
