@@ -151,6 +151,15 @@ CASES: list[tuple[str, str, str, int, str, object]] = [
      "    volume_folder: ab\n", "model_cache[0]", 2, "pinned `revision`", None),
     ("cache-use-volume", "model_cache:\n  - repo_id: a/b\n", "model_cache[0].use_volume", 2,
      "required key `use_volume`", None),
+    ("cache-folder-dotdot", "model_cache:\n  - repo_id: a/b\n    revision: main\n"
+     "    use_volume: true\n    volume_folder: ../../../etc/kp\n",
+     "model_cache[0].volume_folder", 5, "inside /app/model_cache", "../../../etc/kp"),
+    ("cache-folder-absolute", "model_cache:\n  - repo_id: a/b\n    revision: main\n"
+     "    use_volume: true\n    volume_folder: /etc\n",
+     "model_cache[0].volume_folder", 5, "no leading `/`", "/etc"),
+    ("cache-bucket-dotdot", "model_cache:\n  - repo_id: gs://bucket/../../../../usr\n"
+     "    kind: gcs\n    use_volume: false\n", "model_cache[0].repo_id", 2,
+     "may not contain `..`", "gs://bucket/../../../../usr"),
     ("external-abs", "external_data:\n  - url: https://x/y\n    local_data_path: /etc/x\n",
      "external_data[0].local_data_path", 3, "relative to the data directory", "/etc/x"),
     ("build-no-cache", "build:\n  no_cache: true\n", "build.no_cache", 2,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kingpost.config import parse_config
+from kingpost.config import mirrored, parse_config
 from kingpost.config.mirrored import DerivedWeights
 from kingpost.errors import ConfigError
 from kingpost.weights import validate_weights
@@ -119,3 +119,17 @@ def test_items_that_cannot_be_mirrored_are_refused(text: str, path: str, rule: s
     errors = info.value.details["errors"]
     matching = [e for e in errors if e["path"] == path]
     assert matching and rule in matching[0]["message"], errors
+
+
+def test_a_derived_mount_outside_the_weights_roots_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Derived entries skip WeightsSource's validation; the mount-root rule still holds,
+    whatever the translation to Truss's paths produces."""
+    monkeypatch.setattr(mirrored, "MODEL_CACHE_ROOT", "/srv/model_cache")
+    with pytest.raises(ConfigError) as info:
+        parse_config(V2)
+    (error,) = info.value.details["errors"]
+    assert error["path"] == "model_cache[0]"
+    assert "must lie below one of /models" in error["message"]
+    assert error["value"] == "/srv/model_cache/julien_c_esper"

@@ -21,9 +21,10 @@ from kingpost.config._yaml import (
     format_path,
     load_yaml,
 )
-from kingpost.config.mirrored import derived_weights
+from kingpost.config.mirrored import DerivedWeights, derived_weights
 from kingpost.config.models import TrussConfig
 from kingpost.config.rules import config_warnings, cross_key_errors
+from kingpost.config.sources import mount_root_problem
 from kingpost.errors import ConfigError
 
 __all__ = ["CONFIG_FILENAME", "LoadedConfig", "load_config", "parse_config"]
@@ -128,10 +129,15 @@ def parse_config(
         issues += [_from_pydantic(err, prepared) for err in exc.errors()]
     if issues or config is None:
         _raise(filename, source_map, issues)
+    derived = _derived(config)
+    issues = _derived_mount_issues(derived)
+    if issues:
+        _raise(filename, source_map, issues)
     from kingpost.engines.registry import engine_config_warnings  # engines import config
 
     warnings = legacy + config_warnings(config, prepared) + engine_config_warnings(config, engine)
-    config = _with_derived_weights(config)
+    if derived:
+        config = config.model_copy(update={"weights": [*config.weights, *derived]})
     return LoadedConfig(
         config=config,
         warnings=tuple(_format_warning(filename, source_map, w) for w in warnings),
@@ -140,15 +146,26 @@ def parse_config(
     )
 
 
-def _with_derived_weights(config: TrussConfig) -> TrussConfig:
-    """Append the ``weights`` entries that ``model_cache`` and ``external_data`` stand for
-    (see :mod:`kingpost.config.mirrored`), so they are mirrored and mounted as weights."""
+def _derived(config: TrussConfig) -> list[DerivedWeights]:
+    """The ``weights`` entries that ``model_cache`` and ``external_data`` stand for (see
+    :mod:`kingpost.config.mirrored`), appended to ``weights`` so they are mirrored and
+    mounted as weights."""
     if config.no_build:  # the image runs unmodified: Truss fetches neither
-        return config
-    derived = derived_weights(config.model_cache, config.external_data)
-    if not derived:
-        return config
-    return config.model_copy(update={"weights": [*config.weights, *derived]})
+        return []
+    return derived_weights(config.model_cache, config.external_data)
+
+
+def _derived_mount_issues(derived: list[DerivedWeights]) -> list[Issue]:
+    """Derived entries skip ``WeightsSource``'s validation, so the rule on where weights may
+    be mounted is applied here too: a second line behind the items' own rules (no `..`, no
+    absolute ``volume_folder``), since the engines create and bind whatever gets through."""
+    issues = []
+    for entry in derived:
+        problem = mount_root_problem(entry.mount_location)
+        if problem is not None:
+            key, index = entry.origin.rstrip("]").split("[")  # e.g. "model_cache[0]"
+            issues.append(Issue((key, int(index)), problem, entry.mount_location))
+    return issues
 
 
 def _prepare(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Issue]]:

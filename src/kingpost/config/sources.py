@@ -19,6 +19,7 @@ __all__ = [
     "WeightsAuth",
     "WeightsAuthMethod",
     "WeightsSource",
+    "mount_root_problem",
     "normalize_mount",
     "source_scheme",
 ]
@@ -44,6 +45,26 @@ def source_scheme(source: str) -> str:
 def normalize_mount(path: str) -> str:
     """Collapse ``//``, ``/./`` and a trailing slash, so duplicates compare equal."""
     return posixpath.normpath(path) if path.startswith("/") else path
+
+
+def mount_root_problem(path: str) -> str | None:
+    """Why ``path`` may not be a weights mount (it lies outside :data:`MOUNT_ROOTS`), or None.
+
+    One rule for written ``weights`` and for the entries ``model_cache`` and
+    ``external_data`` stand for: the engines create and bind whatever this lets through.
+    """
+    path = normalize_mount(path)
+    if any(path.startswith(root + "/") for root in MOUNT_ROOTS):
+        return None
+    return (
+        f"mount_location must lie below one of {', '.join(MOUNT_ROOTS)} (the "
+        f"replica's own tree), not `{path}`; use e.g. `/models/NAME` or "
+        "`/app/model_cache/NAME`"
+    )
+
+
+def _has_dotdot(path: str) -> bool:
+    return ".." in path.split("/")
 
 
 class WeightsAuthMethod(StrEnum):
@@ -157,15 +178,11 @@ class WeightsSource(ConfigModel):
             raise ValueError(
                 "mount_location must be an absolute path (start with `/`), e.g. `/models/llama`"
             )
-        if ".." in value.split("/"):
+        if _has_dotdot(value):
             raise ValueError("mount_location may not contain `..`; give the full absolute path")
-        path = normalize_mount(value)
-        if not any(path.startswith(root + "/") for root in MOUNT_ROOTS):
-            raise ValueError(
-                f"mount_location must lie below one of {', '.join(MOUNT_ROOTS)} (the "
-                f"replica's own tree), not `{path}`; use e.g. `/models/NAME` or "
-                "`/app/model_cache/NAME`"
-            )
+        problem = mount_root_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("auth_secret_name")
@@ -208,6 +225,29 @@ class ModelCacheEntry(ConfigModel):
     def _check_revision(cls, value: str) -> str:
         if len(value) == 1:
             raise ValueError("revision must be empty or at least 2 characters, e.g. `main`")
+        return value
+
+    @field_validator("repo_id")
+    @classmethod
+    def _check_repo_id(cls, value: str) -> str:
+        # A bucket's path becomes the mount below /app/model_cache (kingpost.config.mirrored);
+        # `..` would climb out of it. Hub repository ids never contain `..` either.
+        if _has_dotdot(value.split("://", 1)[-1]):
+            raise ValueError(
+                "repo_id may not contain `..` path segments (a bucket's path is mounted below "
+                "/app/model_cache and must stay there), e.g. `gs://bucket/llama/v1`"
+            )
+        return value
+
+    @field_validator("volume_folder")
+    @classmethod
+    def _check_volume_folder(cls, value: str | None) -> str | None:
+        # Mounted at /app/model_cache/{volume_folder}: it must name a folder inside that.
+        if value is not None and (value.startswith("/") or _has_dotdot(value)):
+            raise ValueError(
+                "volume_folder must be a folder inside /app/model_cache (no leading `/`, "
+                "no `..`), e.g. `llama`"
+            )
         return value
 
     @model_validator(mode="after")
@@ -253,7 +293,7 @@ class ExternalDataItem(ConfigModel):
     @field_validator("local_data_path")
     @classmethod
     def _check_local(cls, value: str) -> str:
-        if value.startswith("/") or ".." in value.split("/"):
+        if value.startswith("/") or _has_dotdot(value):
             raise ValueError(
                 "local_data_path must be relative to the data directory and stay inside it "
                 "(no leading `/`, no `..`), e.g. `weights/model.bin`"
