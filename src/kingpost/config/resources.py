@@ -109,19 +109,48 @@ class Accelerator:
         return cls(kind, int(text))
 
 
+MAX_CPU_CORES = 1024
+"""The most ``resources.cpu`` may ask for: beyond any one machine, and far from the
+integer limits of CPU quotas (an unbounded value overflows where it becomes one)."""
+MAX_MEMORY_BYTES = 1024**5
+"""The most ``resources.memory`` may ask for (1 PiB), for the same reasons."""
+
+
 def _number(text: str) -> float | None:
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         return None
+    return number if math.isfinite(number) else None  # `inf`, `nan`, `1e999`
 
 
 def _plain_bytes(text: str) -> int | None:
     """A memory size written as a bare number Python reads (``1e9``): bytes, rounded up."""
     number = _number(text)
-    if number is None or not math.isfinite(number) or number < 0:
+    if number is None or number < 0:
         return None
     return math.ceil(number)
+
+
+def _cpu_cores(text: str) -> float | None:
+    """``"500m"`` -> 0.5, ``"2"`` -> 2.0; None for what is not a finite number."""
+    match = _MILLI_CPU.match(text)
+    if match is None:
+        return _number(text)
+    number = _number(match.group(1))
+    return None if number is None else number / 1000
+
+
+def _memory_bytes(text: str) -> int | None:
+    """``"2Gi"`` -> 2147483648, ``"1e9"`` -> 1000000000; None for what is not a finite size."""
+    match = _MEMORY.match(text)
+    if match is None:
+        return _plain_bytes(text)
+    if match.group(2) is not None and match.group(2) not in _MEMORY_UNITS:
+        return None
+    number = _number(match.group(1))
+    factor = _MEMORY_UNITS[match.group(2)] if match.group(2) else 1
+    return None if number is None else math.ceil(number * factor)
 
 
 class Resources(ConfigModel):
@@ -138,24 +167,23 @@ class Resources(ConfigModel):
     @field_validator("cpu")
     @classmethod
     def _check_cpu(cls, value: str) -> str:
-        number = _number(value)
-        if (number is not None and number > 0) or _MILLI_CPU.match(value):
+        cores = _cpu_cores(value)
+        if cores is not None and 0 < cores <= MAX_CPU_CORES:
             return value
         raise ValueError(
-            "cpu must be a positive number of cores or millicores, e.g. `1`, `0.5` or `500m`"
+            "cpu must be a positive, finite number of cores or millicores, at most "
+            f"{MAX_CPU_CORES} cores, e.g. `1`, `0.5` or `500m`"
         )
 
     @field_validator("memory")
     @classmethod
     def _check_memory(cls, value: str) -> str:
-        match = _MEMORY.match(value)
-        if match and (match.group(2) is None or match.group(2) in _MEMORY_UNITS):
-            return value
-        if _plain_bytes(value) is not None:  # `1e9`, as Truss reads it: a number of bytes
+        size = _memory_bytes(value)  # `1e9` too, as Truss reads it: a number of bytes
+        if size is not None and size <= MAX_MEMORY_BYTES:
             return value
         raise ValueError(
-            "memory must be a number with an optional unit (Ki, Mi, Gi, Ti, k, M, G, T), "
-            "e.g. `2Gi` or `512Mi`"
+            "memory must be a finite number with an optional unit (Ki, Mi, Gi, Ti, k, M, G, "
+            "T), at most 1Pi, e.g. `2Gi` or `512Mi`"
         )
 
     @field_validator("accelerator", mode="before")
@@ -176,18 +204,13 @@ class Resources(ConfigModel):
     @property
     def cpu_millicores(self) -> int | None:
         """``"500m"`` -> 500, ``"2"`` -> 2000."""
-        match = _MILLI_CPU.match(self.cpu)
-        number = float(match.group(1)) / 1000 if match else _number(self.cpu)
-        return None if number is None else math.ceil(number * 1000)
+        cores = _cpu_cores(self.cpu)
+        return None if cores is None else math.ceil(cores * 1000)
 
     @property
     def memory_bytes(self) -> int | None:
         """``"2Gi"`` -> 2147483648, ``"512M"`` -> 512000000."""
-        match = _MEMORY.match(self.memory)
-        if match is None:
-            return _plain_bytes(self.memory)
-        factor = _MEMORY_UNITS[match.group(2)] if match.group(2) else 1
-        return math.ceil(float(match.group(1)) * factor)
+        return _memory_bytes(self.memory)
 
 
 class HealthChecks(ConfigModel):
