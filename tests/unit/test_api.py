@@ -241,6 +241,135 @@ def test_weights_this_build_cannot_mirror_are_refused_before_anything_is_created
     assert client.get("/v1/models").json() == {"models": []}
 
 
+S3_AUTH = "    auth: {auth_method: CUSTOM_SECRET, auth_secret_name: s3_creds}\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "path"),
+    [
+        ("weights:\n  - source: s3://bucket/llama\n    mount_location: /models/m\n" + S3_AUTH,
+         "weights[0].auth.auth_secret_name"),
+        ("weights:\n  - source: hf://org/private@main\n    mount_location: /models/m\n"
+         "    auth_secret_name: s3_creds\n", "weights[0].auth_secret_name"),
+        ("model_cache:\n  - repo_id: bucket/llama\n    kind: s3\n    use_volume: false\n"
+         "    runtime_secret_name: s3_creds\n", "model_cache[0].runtime_secret_name"),
+        # An inline default under `secrets:` never reaches the mirror: only stored ones do.
+        ("secrets:\n  s3_creds: inline\nweights:\n  - source: s3://bucket/llama\n"
+         "    mount_location: /models/m\n" + S3_AUTH, "weights[0].auth.auth_secret_name"),
+    ],
+    ids=["auth", "top-level", "model-cache-bucket", "inline-default"],
+)  # fmt: skip
+def test_a_weights_secret_not_stored_is_refused_before_anything_is_created(
+    api: tuple[TestClient, str], tmp_path: Path, extra: str, path: str
+) -> None:
+    """The mirror starts once the deployment exists and read the secret only then: a name
+    that is not stored failed the deployment after push had accepted it."""
+    client, _ = api
+    sha = upload(client, tmp_path, CONFIG + extra)
+    r = client.post("/v1/push", json={"project_hash": sha})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == "secret_error" and body["secrets"] == ["s3_creds"]
+    assert body["errors"] == [
+        {"path": path, "message": "secret `s3_creds` is not defined on this server",
+         "value": "s3_creds"}
+    ]  # fmt: skip
+    assert f"{path}: secret `s3_creds`" in body["error"]
+    assert "kingpost secrets set NAME" in body["error"]
+    assert client.get("/v1/models").json() == []
+    assert client.post("/v1/secrets", json={"name": "s3_creds", "value": "{}"}).status_code == 200
+    assert client.post("/v1/push", json={"project_hash": sha}).status_code == 200
+
+
+def test_a_model_cache_hub_token_stays_optional(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    """runtime_secret_name defaults to hf_access_token whether or not the repository is
+    private; without it a public repository is fetched without a token, as on Truss."""
+    client, _ = api
+    extra = "model_cache:\n  - repo_id: org/public\n    use_volume: false\n"
+    r = client.post("/v1/push", json={"project_hash": upload(client, tmp_path, CONFIG + extra)})
+    assert r.status_code == 200, r.text
+
+
+MODEL_CLASS = "model_name: api-model\n"
+
+
+def upload_files(client: TestClient, tmp_path: Path, files: dict[str, str]) -> str:
+    project = tmp_path / "model-project"
+    for name, text in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    packed = pack_project(project)
+    assert client.put(f"/v1/projects/{packed.sha256}", content=packed.data).status_code == 201
+    return packed.sha256
+
+
+MODEL_PY = "class Model:\n    def predict(self, x):\n        return x\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "path", "value"),
+    [
+        ({"config.yaml": MODEL_CLASS + "requirements_file: requirements.txt\n",
+          "model/model.py": MODEL_PY}, "requirements_file", "requirements.txt"),
+        ({"config.yaml": MODEL_CLASS + "requirements_file: reqs\n",  # a folder, not a file
+          "reqs/a.txt": "x\n", "model/model.py": MODEL_PY}, "requirements_file", "reqs"),
+        ({"config.yaml": CONFIG + "requirements_file: requirements.txt\n"},
+         "requirements_file", "requirements.txt"),
+        ({"config.yaml": MODEL_CLASS + "model_class_filename: nothere.py\n",
+          "model/model.py": MODEL_PY}, "model_class_filename", "model/nothere.py"),
+        ({"config.yaml": MODEL_CLASS + "model_module_dir: src\n",
+          "model/model.py": MODEL_PY}, "model_module_dir", "src/model.py"),
+        ({"config.yaml": MODEL_CLASS}, "model_class_filename", "model/model.py"),
+        ({"config.yaml": MODEL_CLASS + "model_module_dir: ../../..\n"
+          "model_class_filename: etc/passwd\n", "model/model.py": MODEL_PY},
+         "model_class_filename", "../../../etc/passwd"),
+    ],
+    ids=["requirements-missing", "requirements-folder", "requirements-custom-server",
+         "model-file", "model-dir", "default-model-file", "model-file-outside"],
+)  # fmt: skip
+def test_files_the_config_names_must_be_in_the_project(
+    api: tuple[TestClient, str], tmp_path: Path, files: dict[str, str], path: str, value: str
+) -> None:
+    """Only the build or the model server found these missing: after the deployment existed."""
+    client, _ = api
+    r = client.post("/v1/push", json={"project_hash": upload_files(client, tmp_path, files)})
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["errors"]
+    assert (error["path"], error["value"]) == (path, value)
+    assert (
+        "not a file in the project" in error["message"]
+        or "not in the project" in (error["message"])
+    )
+    assert f"{path}: " in r.json()["error"]
+    assert client.get("/v1/models").json() == []
+
+
+def test_a_project_with_the_files_it_names_is_accepted(
+    api: tuple[TestClient, str], tmp_path: Path
+) -> None:
+    client, _ = api
+    files = {
+        "config.yaml": MODEL_CLASS + "requirements_file: ./deps/requirements.txt\n"
+        "model_module_dir: src/\nmodel_class_filename: serve.py\n",
+        "deps/requirements.txt": "\n",
+        "src/serve.py": MODEL_PY,
+    }
+    r = client.post("/v1/push", json={"project_hash": upload_files(client, tmp_path, files)})
+    assert r.status_code == 200, r.text
+    # A custom server has no model file (CONFIG pushes without one, above), and no_build
+    # ignores requirements_file, as Truss does.
+    from kingpost.api.app import _project_file_problems
+
+    no_build = (
+        "base_image:\n  image: vllm/vllm-openai:latest\nrequirements_file: requirements.txt\n"
+        "docker_server:\n  no_build: true\n  server_port: 8000\n  predict_endpoint: /p\n"
+        "  readiness_endpoint: /h\n  liveness_endpoint: /h\n"
+    )
+    assert _project_file_problems(parse_config(no_build).config, tmp_path) == []
+
+
 @pytest.mark.parametrize("where", ["{home}", "{home}/projects", "/", "file://{home}/weights"])
 def test_a_local_weights_source_in_or_around_the_home_is_refused(
     api: tuple[TestClient, str], tmp_path: Path, where: str

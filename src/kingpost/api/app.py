@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
 import tempfile
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from kingpost.api.webhooks import webhook_routes
 from kingpost.config._yaml import format_path
 from kingpost.console import console_routes
 from kingpost.controller.loop import Controller
-from kingpost.controller.specs import missing_secrets
+from kingpost.controller.specs import missing_secrets, missing_weights_secrets
 from kingpost.engines.registry import EngineKind, engine_kind
 from kingpost.errors import (
     AuthError,
@@ -260,13 +261,16 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     config = loaded.config
     warnings = list(loaded.warnings)
     _check_weights(config, plane.settings.home)
-    missing = missing_secrets(config, plane.store.secret_names())
+    _check_project_files(config, app_dir)
+    stored = plane.store.secret_names()
+    missing = missing_secrets(config, stored)
     if missing:
         raise SecretError(
             f"config.yaml: secrets: {', '.join(missing)} not defined on this server; "
             f"set each with `kingpost secrets set NAME` and push again",
             secrets=missing,
         )
+    _check_weights_secrets(config, stored)
     _check_runnable(config, kind)
     warnings += check_accelerator(plane, config)  # 422 for devices this host lacks
     if kind.check_at_push:
@@ -320,6 +324,68 @@ def _check_runnable(config: TrussConfig, kind: EngineKind) -> None:
     errors = [{"path": format_path(i.path), "message": i.message} for i in issues]
     what = "; ".join(f"{e['path']}: {e['message']}" for e in errors)
     raise ConfigError(f"config.yaml: {what}", errors=errors)
+
+
+def _check_weights_secrets(config: TrussConfig, stored: set[str]) -> None:
+    """The secrets weights are mirrored with: the mirror starts only once the deployment
+    exists, and would fail there on a name that is not stored."""
+    missing = missing_weights_secrets(config, stored)
+    if not missing:
+        return
+    what = "; ".join(
+        f"{path}: secret `{name}` is not defined on this server" for path, name in missing
+    )
+    raise SecretError(
+        f"config.yaml: {what}; set each with `kingpost secrets set NAME` and push again",
+        secrets=sorted({name for _, name in missing}),
+        errors=[
+            {"path": path, "message": f"secret `{name}` is not defined on this server",
+             "value": name}
+            for path, name in missing
+        ],
+    )  # fmt: skip
+
+
+def _project_file_problems(config: TrussConfig, app_dir: Path) -> list[tuple[str, str, str]]:
+    """(key path, value, message) for each file the config names that the project lacks:
+    the build or the model server would fail on it only after the deployment exists."""
+    root = app_dir.resolve()
+
+    def inside(rel: str) -> bool:
+        path = (root / rel).resolve()
+        return path.is_relative_to(root) and path.is_file()
+
+    problems = []
+    name = (config.requirements_file or "").strip()
+    if name and not config.no_build and not inside(name):
+        problems.append(
+            ("requirements_file", config.requirements_file or name,
+             f"requirements_file `{name}` is not a file in the project; add the file or "
+             "fix the path")
+        )  # fmt: skip
+    if config.docker_server is None:  # a model class: the server imports this file
+        rel = posixpath.join(config.model_module_dir.strip("/"), config.model_class_filename)
+        if not inside(rel):
+            field = (
+                "model_module_dir"
+                if "model_module_dir" in config.model_fields_set
+                and "model_class_filename" not in config.model_fields_set
+                else "model_class_filename"
+            )
+            problems.append(
+                (field, rel, f"the model file `{rel}` is not in the project; add it, or set "
+                 "`model_module_dir` and `model_class_filename` to where the model class is")
+            )  # fmt: skip
+    return problems
+
+
+def _check_project_files(config: TrussConfig, app_dir: Path) -> None:
+    problems = _project_file_problems(config, app_dir)
+    if problems:
+        raise ConfigError(
+            "config.yaml: " + "; ".join(f"{path}: {msg}" for path, _, msg in problems),
+            errors=[{"path": p, "message": m, "value": v} for p, v, m in problems],
+        )
 
 
 def _check_weights(config: TrussConfig, home: Path) -> None:

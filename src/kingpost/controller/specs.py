@@ -22,6 +22,7 @@ __all__ = [
     "ServerShape",
     "environment_names",
     "missing_secrets",
+    "missing_weights_secrets",
     "replica_secrets",
     "replica_spec",
     "server_shape",
@@ -71,6 +72,34 @@ def missing_secrets(config: TrussConfig, stored: set[str]) -> list[str]:
     winning; config loading warns to move such values into the secret store.
     """
     return sorted(n for n, v in (config.secrets or {}).items() if v is None and n not in stored)
+
+
+_SECRET_SCHEMES = frozenset({"hf", "s3", "r2", "gs"})
+"""Weights schemes whose mirror reads the entry's secret (``weights/sources.py``)."""
+
+
+def missing_weights_secrets(config: TrussConfig, stored: set[str]) -> list[tuple[str, str]]:
+    """(key path, name) of each weights secret the mirror would read and cannot find.
+
+    The mirror reads only the secret store (an inline ``secrets:`` default never reaches
+    it), so unlike :func:`missing_secrets` a value in config.yaml does not count. A
+    model_cache Hub entry's ``runtime_secret_name`` is optional by design: without it the
+    repository is fetched without a token, as on Truss.
+    """
+    missing = []
+    for i, entry in enumerate(config.weights):
+        name = entry.secret_name
+        if not name or name in stored or entry.scheme not in _SECRET_SCHEMES:
+            continue
+        origin = getattr(entry, "origin", None)  # a model_cache item (DerivedWeights)
+        if origin is not None:
+            if not getattr(entry, "secret_optional", False):
+                missing.append((f"{origin}.runtime_secret_name", name))
+        elif entry.auth is not None and entry.auth.auth_secret_name:
+            missing.append((f"weights[{i}].auth.auth_secret_name", name))
+        else:
+            missing.append((f"weights[{i}].auth_secret_name", name))
+    return missing
 
 
 def replica_secrets(config: TrussConfig, stored: dict[str, str]) -> dict[str, str]:
