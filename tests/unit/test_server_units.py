@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +18,7 @@ import kingpost.server
 from kingpost.envs.interpreters import parse_python_version
 from kingpost.errors import ConflictError, SecretError, ValidationError
 from kingpost.server.codec import InputError, encode_json, encode_msgpack, parse_inputs
-from kingpost.server.config import load_server_config
+from kingpost.server.config import ServerConfig, load_server_config
 from kingpost.server.logs import format_user_exception
 from kingpost.server.metrics import Metrics
 from kingpost.server.model import ArgMode, ModelDefinitionError, ModelHost, describe
@@ -219,6 +220,81 @@ def test_an_endpoint_named_helper_that_cannot_be_an_endpoint_stays_a_helper(
         host.bind(BadEndpoint())
 
 
+class _PreprocessThenRequestOnly:
+    def preprocess(self, x: Any) -> Any:
+        return {"pre": x}
+
+    def predict(self, request: Request) -> Any:
+        return "never sees what preprocess made"
+
+
+class _PostprocessRequestOnly:
+    def predict(self, x: Any) -> Any:
+        return x
+
+    def postprocess(self, request: Request) -> Any:
+        return "predict's output is gone"
+
+
+class _HealthyWithAnArgument:
+    def predict(self, x: Any) -> Any:
+        return x
+
+    def is_healthy(self, probe: Any) -> bool:
+        return probe is not None
+
+
+class _HealthyWithAnOptionalArgument(_HealthyWithAnArgument):
+    def is_healthy(self, probe: Any = None, *rest: Any) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("klass", "words"),
+    [
+        (_PreprocessThenRequestOnly, "result of `preprocess` would be discarded"),
+        (_PostprocessRequestOnly, "result of `predict` would be discarded"),
+        (_HealthyWithAnArgument, "`is_healthy` must take no argument but `self`"),
+        (_HealthyWithAnOptionalArgument, "`is_healthy` must take no argument but `self`"),
+    ],
+)
+def test_method_shapes_truss_refuses_at_load_are_refused(
+    tmp_path: Path, klass: type, words: str
+) -> None:
+    """Truss's ModelDescriptor refuses these at load; they were served here with
+    preprocess's or predict's result dropped, or is_healthy called without its argument."""
+    host = ModelHost(ServerConfig(app_dir=tmp_path, raw={}), Secrets({}, tmp_path))
+    with pytest.raises(ModelDefinitionError, match=re.escape(words)) as info:
+        host.bind(klass())
+    assert str(info.value).startswith(f"{tmp_path / 'model' / 'model.py'}: ")
+
+
+def test_request_taking_shapes_truss_allows_still_bind(tmp_path: Path) -> None:
+    class Allowed:
+        def preprocess(self, request: Request) -> Any:  # its result goes to predict
+            return request
+
+        def predict(self, x: Any, request: Request) -> Any:
+            return x
+
+        def postprocess(self, x: Any, request: Request) -> Any:
+            return x
+
+        def is_healthy(self) -> bool:
+            return True
+
+    class RequestOnly:
+        def predict(self, request: Request) -> Any:
+            return request
+
+    host = ModelHost(ServerConfig(app_dir=tmp_path, raw={}), Secrets({}, tmp_path))
+    host.bind(Allowed())
+    assert host.is_healthy is not None and host.is_healthy.args is ArgMode.NONE
+    assert not host.skip_input_parsing
+    host.bind(RequestOnly())
+    assert host.skip_input_parsing
+
+
 def _server_catches(body: str) -> Any:
     """``call(fn)``, compiled as if in the server's package: it runs ``body`` and returns
     the exception raised, caught in the server's frame as the server catches a model's."""
@@ -299,4 +375,28 @@ def test_an_error_the_server_finds_in_the_model_is_logged_as_its_message(
     assert format_user_exception(exc) == (
         f"ModelDefinitionError: {tmp_path / 'model' / 'model.py'}: no class 'Modell'; "
         "define it or set `model_class_name` in config.yaml\n"
+    )
+
+
+def test_a_refused_method_shape_fails_the_load_as_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As every ModelDefinitionError the server finds: the load fails, logged as the
+    message alone, not under the server's frames."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.py").write_text(
+        "class Model:\n    def predict(self, x):\n        return x\n"
+        "    def is_healthy(self, probe):\n        return True\n"
+    )
+    (tmp_path / "config.yaml").write_text("model_name: health\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    monkeypatch.delitem(sys.modules, "model.model", raising=False)
+    host = ModelHost(load_server_config(tmp_path, validate=False), Secrets({}, tmp_path))
+    exc = _server_catches("fn(None)")(host.load_blocking)
+    assert isinstance(exc, ModelDefinitionError)
+    assert format_user_exception(exc) == (
+        f"ModelDefinitionError: {tmp_path / 'model' / 'model.py'}: `is_healthy` must take no "
+        "argument but `self` (it is called with none); write `def is_healthy(self) -> bool`. "
+        "Got: (probe)\n"
     )

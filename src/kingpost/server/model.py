@@ -5,7 +5,9 @@ arguments it accepts; each user method takes no argument, the inputs, the
 request, or the inputs then the request (annotated as a starlette ``Request``);
 a predict whose first parameter is a pydantic model gets validated inputs. A model may
 instead define ``async def websocket(self, websocket)`` and nothing of predict,
-preprocess or postprocess (Truss's ``ModelDescriptor.from_model`` rules).
+preprocess or postprocess; and, as there, a predict that takes only the request may not
+follow a preprocess, nor a postprocess take only the request, nor ``is_healthy`` take an
+argument (Truss's ``ModelDescriptor.from_model`` rules).
 """
 
 from __future__ import annotations
@@ -225,6 +227,39 @@ def _websocket_method(instance: Any, host: ModelHost) -> Method | None:
     return method
 
 
+def _health_method(instance: Any, where: Path) -> Method | None:
+    """The model's ``is_healthy``: called with no argument, so it must take none but
+    ``self`` (Truss refuses any other at load)."""
+    fn = getattr(instance, "is_healthy", None)
+    if fn is not None and callable(fn) and _signature(fn).parameters:
+        raise ModelDefinitionError(
+            f"{where}: `is_healthy` must take no argument but `self` (it is called with "
+            f"none); write `def is_healthy(self) -> bool`. Got: {inspect.signature(fn)}"
+        )
+    return describe(instance, "is_healthy")
+
+
+def _check_data_flow(host: ModelHost) -> None:
+    """Truss refuses at load (``ModelDescriptor.from_model``) the combinations in which a
+    method's result would be dropped: served anyway, each request would lose it silently."""
+    where = host.config.model_file
+    predict, preprocess, postprocess = host.predict, host.preprocess, host.postprocess
+    if predict is not None and preprocess is not None and predict.args is ArgMode.REQUEST:
+        raise ModelDefinitionError(
+            f"{where}: `predict` takes only the request, so the result of `preprocess` would "
+            f"be discarded; let `predict` take it first: `def predict(self, model_input)` "
+            f"or `def predict(self, model_input, request: Request)`. "
+            f"Got: {inspect.signature(predict.fn)}"
+        )
+    if postprocess is not None and postprocess.args is ArgMode.REQUEST:
+        raise ModelDefinitionError(
+            f"{where}: `postprocess` takes only the request, so the result of `predict` would "
+            f"be discarded; let `postprocess` take it first: `def postprocess(self, "
+            f"model_output)` or `def postprocess(self, model_output, request: Request)`. "
+            f"Got: {inspect.signature(postprocess.fn)}"
+        )
+
+
 LOAD_RETRY_GAP_S = 1.0
 
 
@@ -347,8 +382,9 @@ class ModelHost:
         self.predict = describe(instance, "predict")
         self.preprocess = describe(instance, "preprocess")
         self.postprocess = describe(instance, "postprocess")
-        self.is_healthy = describe(instance, "is_healthy")
+        self.is_healthy = _health_method(instance, self.config.model_file)
         self.websocket = _websocket_method(instance, self)
+        _check_data_flow(self)
         self.openai = {}
         for name in OPENAI_METHODS:
             try:
@@ -369,10 +405,11 @@ class ModelHost:
                 f"`predict` or `websocket` method; add `def predict(self, model_input): ...`"
             )
         self.input_type = _pydantic_input_type(self.preprocess or self.predict)
+        # (A predict of the request alone with a preprocess is refused above.)
         self.skip_input_parsing = bool(
             self.predict is not None
             and self.predict.args is ArgMode.REQUEST
-            and (self.preprocess is None or self.preprocess.args is ArgMode.REQUEST)
+            and self.preprocess is None
         )
 
     def schema(self) -> dict[str, Any] | None:
