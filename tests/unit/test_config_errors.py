@@ -243,6 +243,35 @@ def test_missing_key_names_the_misspelt_sibling() -> None:
     assert "did you mean `predict_endpoint`" in error["message"]
 
 
+@pytest.mark.parametrize("missing", ["liveness_endpoint", "readiness_endpoint"])
+def test_a_correctly_named_sibling_is_not_offered_for_a_missing_key(missing: str) -> None:
+    """`liveness_endpoint` is close to `readiness_endpoint`: one missing was offered the
+    other, a field of the same section that is spelt right, and its line."""
+    text = server().replace(f"  {missing}: /health\n", "")
+    (error,) = errors_of(text)
+    assert error["path"] == f"docker_server.{missing}"
+    assert error["line"] == 3  # the docker_server line, not the sibling's
+    assert error["message"] == f"required key `{missing}` is missing; add `{missing}:` here"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "typo", "line"),
+    [
+        ("model_cache:\n  - repo_id: a/b\n    use_volum: true\n", "model_cache[0].use_volume",
+         "use_volum", 3),
+        ("weights:\n  - source: s3://a/b\n    mount_location: /models/x\n    auth:\n"
+         "      auth_secret_name: x\n      auth_methd: CUSTOM_SECRET\n",
+         "weights[0].auth.auth_method", "auth_methd", 6),
+    ],
+)  # fmt: skip
+def test_misspelt_keys_in_nested_sections_are_still_offered(
+    text: str, path: str, typo: str, line: int
+) -> None:
+    (error,) = errors_of(text)
+    assert (error["path"], error["line"]) == (path, line)
+    assert f"found `{typo}`, did you mean" in error["message"]
+
+
 def test_all_errors_of_a_file_come_together_in_line_order() -> None:
     text = server(port=0, uid=0) + "requirements: [a]\nrequirements_file: r.txt\n"
     text += "runtime:\n  predict_concurrency: -1\n"

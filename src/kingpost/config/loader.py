@@ -6,6 +6,8 @@ import base64
 import datetime
 import difflib
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -191,7 +193,10 @@ def _from_pydantic(err: ErrorDetails, raw: dict[str, Any]) -> Issue:
     if err["type"] == "missing":
         name = str(path[-1]) if path else "?"
         message = f"required key `{name}` is missing"
-        close = difflib.get_close_matches(name, [str(k) for k in parent], n=1, cutoff=0.75)
+        # A key that is itself a field of the model is spelt right: never a candidate.
+        fields = _fields_at(err["loc"])
+        unknown = [str(k) for k in parent if str(k) not in fields]
+        close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.75)
         if close and close[0] != name:
             message += f"; found `{close[0]}`, did you mean `{name}`?"
             return Issue(path, message, has_value=False, at=(*path[:-1], close[0]))
@@ -202,6 +207,48 @@ def _from_pydantic(err: ErrorDetails, raw: dict[str, Any]) -> Issue:
             return Issue(path, message, has_value=False)
         message += f", not a {'mapping' if isinstance(value, dict) else 'list'}"
     return Issue(path, message, value, has_value=found)
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> frozenset[str]:
+    """The field names of the config model that ``loc``'s last part belongs to, found by
+    walking the models' annotations; empty where the walk loses its way."""
+    annotation: Any = TrussConfig
+    for part in loc[:-1]:
+        model = _model_in(annotation)
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            annotation = model.model_fields[part].annotation
+        elif model is None and (isinstance(part, int) or _origin_in(annotation) is dict):
+            annotation = _item_type(annotation)
+        # else a part pydantic adds on its own (a union tag, a validator's name): skip it
+    model = _model_in(annotation)
+    return frozenset(model.model_fields) if model is not None else frozenset()
+
+
+def _arms(annotation: Any) -> tuple[Any, ...]:
+    """``X | None`` -> ``(X,)``; anything else -> itself alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(annotation) if a is not type(None))
+    return (annotation,)
+
+
+def _model_in(annotation: Any) -> type[pydantic.BaseModel] | None:
+    for arm in _arms(annotation):
+        if isinstance(arm, type) and issubclass(arm, pydantic.BaseModel):
+            return arm
+    return None
+
+
+def _origin_in(annotation: Any) -> Any:
+    return next((o for a in _arms(annotation) if (o := typing.get_origin(a))), None)
+
+
+def _item_type(annotation: Any) -> Any:
+    """The items' type of a ``list[X]`` (X) or ``dict[K, V]`` (V), optional or not."""
+    for arm in _arms(annotation):
+        args = typing.get_args(arm)
+        if typing.get_origin(arm) in (list, dict) and args:
+            return args[-1]
+    return None
 
 
 def _raw_path(
