@@ -114,6 +114,8 @@ CASES: list[tuple[str, str, str, int, str, object]] = [
     ("secret-name", 'secrets:\n  "hf token": null\n', "secrets.hf token", 2,
      "letters, digits", "hf token"),
     ("secret-dot", 'secrets:\n  "..": null\n', "secrets...", 2, "not `.` or `..`", ".."),
+    ("secret-bool", "secrets:\n  tok: true\n", "secrets.tok", 2, "not a boolean", True),
+    ("secret-bool-false", "secrets:\n  tok: false\n", "secrets.tok", 2, "quote it", False),
     ("python-dotted", 'python_version: "3.11"\n', "python_version", 1, "write it like `py311`",
      "3.11"),
     ("python-old", "python_version: py37\n", "python_version", 1, "one of py38", "py37"),

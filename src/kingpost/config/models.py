@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
     SerializerFunctionWrapHandler,
     field_serializer,
@@ -53,8 +54,19 @@ def _check_env_name(name: str) -> str:
     return name
 
 
+def _check_secret_value(value: object) -> object:
+    # YAML reads `true` as a boolean; Truss refuses it here rather than guess a spelling.
+    if isinstance(value, bool):
+        raise ValueError(
+            "a secret's value must be a string, or null for one stored with `kingpost "
+            'secrets set NAME`, not a boolean; quote it (e.g. `"true"`) or set it to null'
+        )
+    return value
+
+
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
 SecretName = Annotated[str, AfterValidator(check_secret_name)]
+SecretValue = Annotated[str | None, BeforeValidator(_check_secret_value)]
 
 PYTHON_VERSIONS = ("py38", "py39", "py310", "py311", "py312", "py313", "py314")
 RESERVED_UIDS = (0, 60000)
@@ -230,7 +242,7 @@ class TrussConfig(ConfigModel):
     requirements: list[str] = Field(default_factory=list)
     system_packages: list[str] = Field(default_factory=list)
     environment_variables: dict[EnvName, str] = Field(default_factory=dict)
-    secrets: dict[SecretName, str | None] = Field(default_factory=dict)
+    secrets: dict[SecretName, SecretValue] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     runtime: Runtime = Field(default_factory=Runtime)
     build: Build = Field(default_factory=Build)
@@ -314,8 +326,9 @@ class TrussConfig(ConfigModel):
     def _secrets_to_str(cls, value: object) -> object:
         if not isinstance(value, Mapping):
             return value
+        # Numbers become strings as Truss's do; a boolean (an int too) is left to be refused.
         return {
-            str(k): (v if v is None or not isinstance(v, int | float) else str(v))
+            str(k): (str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
             for k, v in value.items()
         }
 
