@@ -281,6 +281,27 @@ def test_a_weights_secret_not_stored_is_refused_before_anything_is_created(
     assert client.post("/v1/push", json={"project_hash": sha}).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("extra", "path", "value"),
+    [
+        ("resources:\n  cpu: .inf\n", "resources.cpu", "inf"),
+        ("resources:\n  cpu: .nan\n", "resources.cpu", "nan"),
+        ("resources:\n  memory: -.inf\n", "resources.memory", "-inf"),
+    ],
+)  # fmt: skip
+def test_a_non_finite_value_is_a_clear_422(
+    api: tuple[TestClient, str], tmp_path: Path, extra: str, path: str, value: str
+) -> None:
+    """push accepted cpu: .inf, which overflowed when the replica started; refused, its
+    error then could not be answered (strict JSON has no Infinity)."""
+    client, _ = api
+    r = client.post("/v1/push", json={"project_hash": upload(client, tmp_path, CONFIG + extra)})
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["errors"]
+    assert (error["path"], error["value"]) == (path, value)
+    assert "finite" in error["message"]
+
+
 def test_a_model_cache_hub_token_stays_optional(
     api: tuple[TestClient, str], tmp_path: Path
 ) -> None:

@@ -128,7 +128,7 @@ CASES: list[tuple[str, str, str, int, str, object]] = [
     ("memory-unit", "resources:\n  memory: 2GB\n", "resources.memory", 2, "Gi", "2GB"),
     ("memory-inf", "resources:\n  memory: inf\n", "resources.memory", 2, "Gi", "inf"),
     ("memory-negative", "resources:\n  memory: '-1e9'\n", "resources.memory", 2, "Gi", "-1e9"),
-    ("cpu-inf", "resources:\n  cpu: .inf\n", "resources.cpu", 2, "finite", float("inf")),
+    ("cpu-inf", "resources:\n  cpu: .inf\n", "resources.cpu", 2, "finite", "inf"),
     ("cpu-infinity", "resources:\n  cpu: Infinity\n", "resources.cpu", 2, "finite", "Infinity"),
     ("cpu-milli-inf", "resources:\n  cpu: 1e999m\n", "resources.cpu", 2, "finite", "1e999m"),
     ("cpu-too-many", "resources:\n  cpu: 1e12\n", "resources.cpu", 2, "at most 1024 cores",

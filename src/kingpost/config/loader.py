@@ -291,8 +291,10 @@ def _value_text(value: Any, limit: int = 80) -> str:
 
 
 def _jsonable(value: Any) -> Any:
+    """``value`` as the API can answer it: strict JSON, where ``.inf`` and ``.nan`` (which
+    YAML reads as floats) are no numbers, so those become text like anything else."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         return str(value)
     return value
