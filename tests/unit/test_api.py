@@ -276,7 +276,7 @@ def test_a_weights_secret_not_stored_is_refused_before_anything_is_created(
     ]  # fmt: skip
     assert f"{path}: secret `s3_creds`" in body["error"]
     assert "kingpost secrets set NAME" in body["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
     assert client.post("/v1/secrets", json={"name": "s3_creds", "value": "{}"}).status_code == 200
     assert client.post("/v1/push", json={"project_hash": sha}).status_code == 200
 
@@ -364,7 +364,7 @@ def test_files_the_config_names_must_be_in_the_project(
         or "not in the project" in (error["message"])
     )
     assert f"{path}: " in r.json()["error"]
-    assert client.get("/v1/models").json() == []
+    assert client.get("/v1/models").json() == {"models": []}
 
 
 def test_a_project_with_the_files_it_names_is_accepted(
