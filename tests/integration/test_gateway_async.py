@@ -123,6 +123,13 @@ def test_validation_errors_name_field_rule_and_value(gw: RunningGateway) -> None
     assert r.status_code == 400 and r.json()["field"] == "model_input"
     r = httpx.post(gw.url + path, content=b"{", headers=AUTH)
     assert r.status_code == 400 and r.json()["field"] == "body"
+    # A URL urlsplit cannot read was a 503 "the store failed"; one the store cannot keep
+    # (a lone surrogate, sent as JSON's escape) was a 201 that then blocked the journal.
+    for hook in ("https://[::1", "https://h.example:99999/", "https://h.example/\ud800"):
+        raw = json.dumps({"model_input": 1, "webhook_endpoint": hook})  # "\\ud800": ASCII
+        r = httpx.post(gw.url + path, content=raw.encode(), headers=AUTH)
+        assert r.status_code == 400, (hook, r.text)
+        assert r.json()["field"] == "webhook_endpoint", r.text
 
 
 def test_payload_limit_is_413_naming_it(gw: RunningGateway) -> None:

@@ -203,6 +203,52 @@ def test_body_refusals_name_field_rule_and_value(raw: bytes, field: str, words: 
     assert str(info.value).startswith(field + ":")
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        # What the store cannot keep (SQLite: a lone surrogate; PostgreSQL: NUL), accepted
+        # before and then blocking every insert after it.
+        ("https://h.example/\ud800", "UTF-8"),
+        ("https://h.example/\u0000", "control characters"),
+        ("https://h.example/a\tb", "whitespace"),
+        ("https://h.exa mple/", "whitespace"),
+        ("https://h.example/\u0085", "whitespace"),
+        ("https://h.example/\u009b", "control characters"),
+        # What no delivery can parse or resolve, kept and retried at every poll before.
+        ("https://h.example:99999/h", "port from 1 to 65535"),
+        ("https://h.example:abc/h", "could not be cast"),
+        ("https://h.example:0/h", "port 0"),
+        ("https://[::1", "Invalid IPv6"),
+        ("https://[::1]x/", "after the IPv6"),
+        ("https://[h.example]/", "IPv4 or IPv6"),
+        ("https://" + "a" * 64 + ".example/", "IDNA"),
+        ("https://a..example/", "IDNA"),
+    ],
+)
+def test_webhook_urls_no_store_or_delivery_could_use_are_refused(url: str, words: str) -> None:
+    raw = json.dumps({"model_input": 1, "webhook_endpoint": url}).encode()  # as JSON escapes
+    with pytest.raises(ValidationError, match=words) as info:
+        parse_async_body(raw)
+    assert info.value.details["field"] == "webhook_endpoint"
+    assert info.value.details["value"].encode("utf-8")  # the error itself can be answered
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://[2001:db8::1]:8443/h", "https://h.example:443/h?a=%20", "https://bücher.example/"],
+)
+def test_webhook_urls_that_are_kept(url: str) -> None:
+    assert parse_async_body(body(webhook_endpoint=url)).webhook_endpoint == url
+
+
+def test_model_input_with_a_lone_surrogate_is_kept_escaped() -> None:
+    """JSON text may hold ``\\ud800``; ``model_input`` is kept as ASCII JSON, so the
+    store takes it and the model gets the same escape the caller sent."""
+    got = parse_async_body(b'{"model_input": {"t": "\\ud800\\u0000"}}')
+    assert got.model_input == '{"t":"\\ud800\\u0000"}'
+    got.model_input.encode("ascii")
+
+
 def test_plain_http_webhook_when_allowed() -> None:
     got = parse_async_body(body(webhook_endpoint="http://127.0.0.1:9/x"), allow_http=True)
     assert got.webhook_endpoint == "http://127.0.0.1:9/x"

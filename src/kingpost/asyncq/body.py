@@ -107,14 +107,57 @@ def forbidden_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> st
     return None
 
 
+def _unsendable(url: str) -> str | None:
+    """Why ``url`` cannot be stored or sent as it is, whatever it names: text that does
+    not encode as UTF-8 (a lone surrogate: SQLite refuses it) or holds a control
+    character (PostgreSQL refuses NUL; an HTTP client, any) or whitespace. None when
+    it can."""
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be UTF-8 text (it holds a lone surrogate)"
+    for ch in url:
+        if ch.isspace():
+            return "must not contain whitespace (percent-encode it: %20)"
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+            return f"must not contain control characters (U+{ord(ch):04X})"
+    return None
+
+
+def _host_and_port(url: str) -> tuple[str, int | None]:
+    """The host and port of ``url`` as a delivery reads them (``urlsplit``), or a
+    :class:`ValueError` saying what is wrong: an unclosed or misplaced ``[``, a port that
+    is not a number from 1 to 65535, text after an IPv6 address's ``]`` that is not a
+    port."""
+    parts = urlsplit(url)  # ValueError: "Invalid IPv6 URL", a bracketed name
+    hostport = parts.netloc.rpartition("@")[2]
+    if hostport.startswith("[") and hostport.partition("]")[2][:1] not in ("", ":"):
+        raise ValueError(f"{hostport!r} has text after the IPv6 address's ]")
+    port = parts.port  # ValueError: not a number, or past 65535
+    if port == 0:
+        raise ValueError("port 0 is not a port one can connect to")
+    return (parts.hostname or "").lower(), port
+
+
 def check_webhook_url(url: Any, *, allow_http: bool) -> str:
     """A webhook URL as a request may name it. The host is resolved and checked again at
-    each delivery (``asyncq/webhooks.py``): a name may point anywhere later."""
+    each delivery (``asyncq/webhooks.py``): a name may point anywhere later. What is
+    checked here is what no later moment could fix: a URL the store cannot keep, or
+    that no delivery could parse, resolve or connect to, is refused now rather than
+    kept and retried."""
     name = "webhook_endpoint"
     if not isinstance(url, str) or not url:
         raise _bad(name, "must be a URL string", url)
     if len(url) > 2048:
-        raise _bad(name, "must be at most 2048 characters", f"{url[:60]}…")
+        raise _bad(name, "must be at most 2048 characters", f"{_shown(url[:60])}…")
+    why = _unsendable(url)
+    if why is not None:
+        raise _bad(name, why, _shown(url))
+    try:
+        host, _ = _host_and_port(url)
+    except ValueError as exc:
+        rule = f"must be a valid URL: a host, and a port from 1 to 65535 if any ({exc})"
+        raise _bad(name, rule, url) from None
     parts = urlsplit(url)
     schemes = ("https", "http") if allow_http else ("https",)
     if parts.scheme not in schemes:
@@ -125,7 +168,6 @@ def check_webhook_url(url: Any, *, allow_http: bool) -> str:
             "plain http on loopback or private networks)"
         )
         raise _bad(name, rule, url)
-    host = (parts.hostname or "").lower()
     if not host:
         raise _bad(name, "must name a host", url)
     if parts.username or parts.password:
@@ -135,11 +177,22 @@ def check_webhook_url(url: Any, *, allow_http: bool) -> str:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
+        try:
+            host.encode("idna")  # what the resolver does with it at each delivery
+        except UnicodeError as exc:
+            rule = f"must name a valid host (IDNA: labels of 1 to 63 characters; {exc})"
+            raise _bad(name, rule, url) from None
         return url
     why = forbidden_address(addr)
     if why is not None:
         raise _bad(name, f"must not point at {why}", url)
     return url
+
+
+def _shown(text: str) -> str:
+    """``text`` as an error may quote it: what is not UTF-8 (a lone surrogate) escaped,
+    so the error itself can be encoded and answered."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def parse_async_body(raw: bytes, *, allow_http: bool = False) -> AsyncInput:
