@@ -440,3 +440,58 @@ def test_sqlite_cursor_writes_on_a_full_disk_are_507_and_leave_nothing(tmp_path:
     got = queue.settle([], [], {"d1": (1, 5)}, T0)  # the pool's connection is clean again
     assert got.ready == {"d1": (kept,)} and list(got.rows) == [kept]
     db.close()
+
+
+@pytest.mark.parametrize("bad", ["https://h.example/\ud800", "https://h.example/\x00"])
+def test_a_record_the_store_refuses_is_set_aside_and_the_rest_inserted(
+    queue: AsyncQueue, bad: str
+) -> None:
+    """A record the store cannot take (SQLite: a lone surrogate; PostgreSQL: either) used
+    to fail the whole batch, taken for the store being down, forever: now the rest go in
+    and it is recorded FAILED, its webhook dropped."""
+    from kingpost.store.asyncq import NOT_STORED, accepted_record, store_unavailable
+
+    def record(hook: str | None = None) -> dict[str, Any]:
+        inp = AsyncInput(model_input='{"x":1}', webhook_endpoint=hook)
+        return accepted_record(inp, "m1", "d1", "production", T0)
+
+    poisoned = not (queue.db.url.startswith("sqlite") and "\x00" in bad)  # SQLite keeps NUL
+    if poisoned:
+        with pytest.raises(Exception) as info:  # whatever the driver raises
+            queue.insert_accepted([record(), record(bad)])
+        assert not store_unavailable(info.value), info.value  # the record's fault
+    fresh = [record(), record(bad), record("https://h.example/ok")]
+    apart = queue.insert_accepted_apart(fresh)
+    assert apart == ([fresh[1]["id"]] if poisoned else [])
+    assert queue.get(fresh[0]["id"]).status == AsyncStatus.QUEUED
+    assert queue.get(fresh[2]["id"]).webhook_status == WebhookStatus.PENDING
+    got = queue.get(fresh[1]["id"])
+    if poisoned:
+        assert got.status == AsyncStatus.FAILED
+        assert got.webhook_status == WebhookStatus.NO_WEBHOOK_PROVIDED
+        assert got.errors[0]["code"] == NOT_STORED and "not run" in got.errors[0]["message"]
+        assert queue.insert_accepted_apart(fresh) == [fresh[1]["id"]]  # a replay: the same
+    assert queue.depths()["d1"][0] >= 2
+
+
+def test_a_store_that_refuses_everything_is_never_taken_for_bad_records(
+    queue: AsyncQueue,
+) -> None:
+    from sqlalchemy import text
+
+    from kingpost.store.asyncq import accepted_record, store_unavailable
+
+    rec = accepted_record(AsyncInput(model_input="1"), "m1", "d1", None, T0)
+    with queue.db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE async_requests RENAME TO async_requests_away"))
+    try:
+        with pytest.raises(Exception) as info:  # whatever the driver raises: it waits
+            queue.insert_accepted_apart([rec])
+        assert store_unavailable(info.value), info.value
+    finally:
+        with queue.db.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE async_requests_away RENAME TO async_requests"))
+    with pytest.raises(NotFoundError):
+        queue.get(rec["id"])
+    assert queue.insert_accepted_apart([rec]) == []
+    assert queue.get(rec["id"]).status == AsyncStatus.QUEUED

@@ -238,3 +238,45 @@ def test_journaled_accepts_of_a_killed_worker_reach_the_store(db_url: str, tmp_p
         assert sum(q.counts("d1").values()) == 2
     finally:
         front.close()
+
+
+def poisoned_record() -> dict[str, object]:
+    """An accept the store cannot insert (validation refuses such a URL now; a journal
+    written before that may still hold one)."""
+    record = accepted_record(parse_async_body(b'{"model_input": 1}'), "m1", "d1", None, utcnow())
+    return {**record, "webhook_endpoint": "https://h.example/\ud800"}
+
+
+def test_a_record_the_store_refuses_blocks_no_other_accept(gw: RunningGateway, db_url: str) -> None:
+    """It was taken for the store being down: it and every accept with it stayed out of
+    the store, and every later accept was 503, forever."""
+    front = gw.gateway.async_front
+    assert front is not None
+    path = "/models/echo/production/async_predict"
+    bad = poisoned_record()
+    gw.loop.call_soon_threadsafe(front._journaled, [bad])  # as an accept journals it
+    ids = [post(gw, path, {"model_input": n}).json()["request_id"] for n in range(3)]
+    q = AsyncQueue(Database(db_url))
+    wait_for(lambda: all(in_store(q, rid) for rid in [*ids, bad["id"]]), 10, "all in the store")
+    assert q.get(str(bad["id"])).status == AsyncStatus.FAILED
+    assert q.get(str(bad["id"])).errors[0]["code"] == "ASYNC_REQUEST_NOT_STORED"
+    assert [post(gw, path, {"model_input": 4}).status_code for _ in range(3)] == [201] * 3
+
+
+def test_a_journal_with_a_record_the_store_refuses_is_inserted_at_start(
+    db_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "async" / "accepts-w.journal"
+    good = accepted_record(parse_async_body(b'{"model_input": 1}'), "m1", "d1", None, utcnow())
+    bad = poisoned_record()
+    journal = AcceptJournal(path)
+    journal.append([good, bad])
+    journal.close()
+    front = AsyncFront(db_url, journal=path)
+    try:
+        q = AsyncQueue(Database(db_url))
+        assert q.get(good["id"]).status == AsyncStatus.QUEUED
+        assert q.get(str(bad["id"])).status == AsyncStatus.FAILED
+        assert not front._unflushed and path.stat().st_size == 0
+    finally:
+        front.close()

@@ -102,7 +102,7 @@ class AsyncFront:
         assert self._journal is not None
         left = self._journal.leftovers()
         try:
-            self.queue.insert_accepted(left)
+            self.queue.insert_accepted_apart(left)
             self._journal.truncate()
         except Exception:
             log.exception("async: %d journaled accept(s) wait for the store", len(left))
@@ -112,7 +112,7 @@ class AsyncFront:
         with orphans(own.parent, own) as held:
             for path, fd in held:
                 try:
-                    self.queue.insert_accepted(read_records(path))
+                    self.queue.insert_accepted_apart(read_records(path))
                     os.ftruncate(fd, 0)
                 except Exception:
                     log.exception("async: the journal %s waits for the store", path)
@@ -180,7 +180,10 @@ class AsyncFront:
 
     async def _flush(self) -> None:
         """Insert journaled accepts into the store (all there are, one transaction), then
-        truncate the journal once nothing accepted is missing from the store."""
+        truncate the journal once nothing accepted is missing from the store. Only a
+        failure of the store itself makes the batch wait (and later accepts 503); a
+        record the store refuses is recorded FAILED apart from the rest
+        (``AsyncQueue.insert_accepted_apart``), so it never holds up another."""
         loop = asyncio.get_running_loop()
         delay = 0.05
         try:
@@ -190,10 +193,10 @@ class AsyncFront:
                 await asyncio.sleep(FLUSH_GATHER_S)
                 batch = list(self._unflushed)
                 async with self._flushed:  # a queue status read sees before or after
-                    try:
-                        insert = self.queue.insert_accepted
+                    try:  # a record the store refuses is set aside, not retried
+                        insert = self.queue.insert_accepted_apart
                         await loop.run_in_executor(self._inserter, insert, batch)
-                    except Exception as exc:
+                    except Exception as exc:  # the store's own failure: all wait
                         failed: Exception | None = exc
                         if not self._store_down:
                             log.warning("async: %d accept(s) wait in the journal for the "
@@ -236,7 +239,7 @@ class AsyncFront:
     def close(self) -> None:
         if self._unflushed and self._journal is not None:
             try:  # else the next start inserts them from the journal
-                self.queue.insert_accepted(self._unflushed)
+                self.queue.insert_accepted_apart(self._unflushed)
                 self._journal.truncate()
             except Exception:
                 log.exception("async: journaled accepts are left for the next start")

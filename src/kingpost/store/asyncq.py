@@ -15,7 +15,9 @@ import contextlib
 import enum
 import functools
 import json
+import logging
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -38,6 +40,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -45,7 +48,7 @@ from sqlalchemy.sql.expression import Executable
 
 from kingpost.asyncq.body import AsyncInput
 from kingpost.asyncq.policy import Candidate, RetryConfig, choose
-from kingpost.errors import ConflictError, NotFoundError
+from kingpost.errors import ConflictError, InsufficientStorageError, NotFoundError
 from kingpost.secrets_box import SecretBox
 from kingpost.store.db import Database, _sqlite_pragmas, full_disk_is_507
 from kingpost.store.models import (
@@ -65,7 +68,10 @@ __all__ = [
     "WebhookSecretView",
     "accepted_record",
     "accepted_view",
+    "store_unavailable",
 ]
+
+log = logging.getLogger(__name__)
 
 DONE = (
     AsyncStatus.SUCCEEDED,
@@ -243,9 +249,53 @@ class AsyncQueue:
         """Insert accepted requests (:func:`accepted_record`) in one transaction; an id
         already in the store is left as it is (the gateway's journal may replay a record
         it inserted before a crash)."""
-        if not records:
-            return
-        rows = [_row(r) for r in records]
+        if records:
+            self._insert_rows([_row(r) for r in records])
+
+    def insert_accepted_apart(self, records: Sequence[dict[str, Any]]) -> list[str]:
+        """:meth:`insert_accepted`, where one record the store cannot take keeps none of
+        the others out: when the batch fails for a reason that is not the store's own
+        (:func:`store_unavailable`: those raise, and the batch waits whole), each record
+        is inserted alone, and one that still fails is set aside: recorded FAILED
+        ``ASYNC_REQUEST_NOT_STORED`` as far as it can be written (its webhook dropped,
+        its text escaped), logged. The ids set aside. Raises when nothing could be
+        written at all: an error no record caused (a store refusing everything) is
+        never taken for a bad record."""
+        try:
+            self.insert_accepted(records)
+            return []
+        except Exception as exc:
+            if store_unavailable(exc):
+                raise
+            log.warning("async: a batch of %d accept(s) failed to insert (%s: %s); "
+                        "inserting them one by one", len(records), type(exc).__name__,
+                        _storable(str(exc)))  # fmt: skip
+        apart: list[str] = []
+        wrote = False
+        for record in records:
+            try:
+                self.insert_accepted([record])
+                wrote = True
+                continue
+            except Exception as exc:
+                if store_unavailable(exc):
+                    raise
+                why = exc
+            log.error("async: accepted request %s cannot be stored (%s: %s); it is "
+                      "recorded FAILED and will not run", record["id"], type(why).__name__,
+                      _storable(str(why)))  # fmt: skip
+            try:
+                self._insert_rows([_not_stored_row(record, why, utcnow())])
+                wrote = True
+            except Exception:
+                if not wrote:
+                    raise
+                log.exception("async: accepted request %s could not even be recorded "
+                              "FAILED: it is dropped", record["id"])  # fmt: skip
+            apart.append(str(record["id"]))
+        return apart
+
+    def _insert_rows(self, rows: Sequence[dict[str, Any]]) -> None:
         if self._local is not None:
             with self._local.transaction() as cur:
                 self._local.insert(cur, rows)
@@ -650,6 +700,59 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "started_at": None,
         "finished_at": None,
     }
+
+
+NOT_STORED = "ASYNC_REQUEST_NOT_STORED"
+"""The error code of an accepted request the store could not keep as it was."""
+
+
+def _storable(text: str) -> str:
+    """``text`` as any store keeps it: a lone surrogate escaped (SQLite cannot encode it)
+    and NUL too (PostgreSQL refuses it)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _not_stored_row(record: dict[str, Any], why: BaseException, now: datetime) -> dict[str, Any]:
+    """An accepted request the store refused as it was, as a FAILED row that names why:
+    its text escaped, its webhook dropped (a URL the store refused is no URL to call)."""
+    safe = {k: _storable(v) if isinstance(v, str) else v for k, v in record.items()}
+    safe["webhook_endpoint"] = None
+    message = (
+        f"the request was accepted, but the store could not keep it as it was "
+        f"({type(why).__name__}: {why}); it was not run"
+    )
+    return _row(safe) | {
+        "status": AsyncStatus.FAILED,
+        "status_at": now,
+        "finished_at": now,
+        "errors": [{"code": NOT_STORED, "message": _storable(message)[:2000]}],
+    }
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether a write failed for a reason of the store's, which every record would meet
+    alike (no connection, a lock, a missing table, a full disk, no pooled connection in
+    time), rather than of the data written (a value the driver or the database refuses:
+    a lone surrogate on SQLite, NUL on PostgreSQL, a constraint)."""
+    if isinstance(exc, (sa_exc.DataError, sa_exc.IntegrityError)):
+        return False
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        (
+            InsufficientStorageError,
+            OSError,
+            sqlite3.OperationalError,
+            sqlite3.InterfaceError,
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sa_exc.ProgrammingError,
+            sa_exc.InternalError,
+            sa_exc.DisconnectionError,
+            sa_exc.TimeoutError,
+        ),
+    )
 
 
 def accepted_view(record: dict[str, Any]) -> AsyncRequestView:
