@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Iterator
@@ -280,3 +281,34 @@ def test_a_journal_with_a_record_the_store_refuses_is_inserted_at_start(
         assert not front._unflushed and path.stat().st_size == 0
     finally:
         front.close()
+
+
+def test_accepts_recovered_while_the_store_is_down_go_in_without_a_new_accept(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A worker that starts while the store is unavailable keeps its journal's accepts
+    waiting; they went in only when some new accept arrived at that worker."""
+    path = tmp_path / "async" / "accepts-w.journal"
+    record = accepted_record(parse_async_body(b'{"model_input": 1}'), "m1", "d1", None, utcnow())
+    journal = AcceptJournal(path)
+    journal.append([record])
+    journal.close()
+    db = Database(db_url)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE async_requests RENAME TO async_requests_away")
+    running = RunningGateway()
+
+    async def build() -> AsyncFront:  # as `kingpost server` does: on its loop
+        return AsyncFront(db_url, journal=path)
+
+    front = asyncio.run_coroutine_threadsafe(build(), running.loop).result(10)
+    running.gateway.async_front = front
+    try:
+        assert front._unflushed  # waiting
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE async_requests_away RENAME TO async_requests")
+        q = AsyncQueue(db)
+        wait_for(lambda: in_store(q, record["id"]), 10, "the recovered accept in the store")
+    finally:
+        running.close()
+        db.close()

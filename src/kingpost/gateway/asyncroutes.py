@@ -109,6 +109,7 @@ class AsyncFront:
             for record in left:
                 self._pending[record["id"]] = record
             self._unflushed.extend(left)
+            self._start_flusher()
         with orphans(own.parent, own) as held:
             for path, fd in held:
                 try:
@@ -116,6 +117,16 @@ class AsyncFront:
                     os.ftruncate(fd, 0)
                 except Exception:
                     log.exception("async: the journal %s waits for the store", path)
+
+    def _start_flusher(self) -> None:
+        """Insert what waits without waiting for the next accept, where a loop runs
+        (``kingpost server`` builds this on its loop); else the next accept starts it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
