@@ -360,3 +360,59 @@ def test_the_control_planes_workers_count_once_per_reconcile_pass(tmp_path: Path
         assert again.settings.count_every_s == 0.5  # a backlog never older than that
     finally:
         db.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://h.example:99999/h",  # ValueError from the port
+        "https://h.example:abc/h",
+        "https://" + "a" * 64 + ".example/h",  # UnicodeError from the resolver (IDNA)
+        "https://[::1]x/h",  # a URL httpx refuses
+    ],
+)
+def test_a_webhook_no_delivery_can_use_is_refused_for_good(queue: AsyncQueue, url: str) -> None:
+    """Kept before accepts checked port and host, such a URL raised in every delivery
+    before anything was recorded: PENDING, no attempt counted, due at every poll
+    forever (and 64 of them held up every other webhook)."""
+    rid = queue.enqueue(AsyncInput("{}", webhook_endpoint=url), model_id="m1", deployment_id="d1")
+    queue.claim([rid])
+    assert queue.succeed(rid, '{"ok":1}')
+    w = idle_workers(queue, {})
+    asyncio.run(deliver_due(w))
+    got = queue.get(rid)
+    assert (got.status, got.webhook_attempts) == (AsyncStatus.WEBHOOK_FAILED, 1)
+    assert got.webhook_error.startswith("refused:"), got.webhook_error
+    assert queue.due_webhooks(utcnow() + timedelta(days=1)) == []
+
+
+def test_a_delivery_that_raises_still_counts_its_attempt(queue: AsyncQueue) -> None:
+    """Whatever raises in a delivery (here the payload: a result that is not JSON), the
+    attempt is recorded and retried with backoff, then failed for good."""
+    rid = queue.enqueue(
+        AsyncInput("{}", webhook_endpoint="https://h.example/h"), model_id="m1", deployment_id="d1"
+    )
+    queue.claim([rid])
+    assert queue.succeed(rid, "not json")
+    w = idle_workers(queue, {})
+    w.settings = WorkerSettings(gateway_url="http://127.0.0.1:9", key="k", webhook_attempts=2)
+    asyncio.run(deliver_due(w))
+    got = queue.get(rid)
+    assert (got.webhook_status.value, got.webhook_attempts) == ("PENDING", 1)
+    assert "the delivery failed" in got.webhook_error
+    assert queue.due_webhooks(utcnow()) == []  # backing off, not due at every poll
+    asyncio.run(deliver_due(w, utcnow() + timedelta(minutes=5)))
+    got = queue.get(rid)
+    assert (got.status, got.webhook_attempts) == (AsyncStatus.WEBHOOK_FAILED, 2)
+
+
+async def deliver_due(w: AsyncWorkers, now: datetime | None = None) -> None:
+    """One poll's webhooks, waited for."""
+    import httpx
+
+    if now is not None:
+        w._clock = lambda: now
+    async with httpx.AsyncClient() as client:
+        w._hooks = client
+        await w._webhooks()
+        await asyncio.gather(*w._tasks)

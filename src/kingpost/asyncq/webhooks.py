@@ -148,20 +148,29 @@ async def deliver(
 ) -> tuple[int | None, str]:
     """POST ``body`` once, to an address checked here (the module's docstring). Returns
     the receiver's status (None: no answer, or refused before sending) and an error to
-    record ("" on a 2xx). ``client`` must not keep connections alive: one kept for an
-    address would carry the next delivery to another name on it."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    record ("" on a 2xx); a URL that cannot be parsed, resolved as a name or sent is a
+    final refusal (400), recorded as the others. ``client`` must not keep connections
+    alive: one kept for an address would carry the next delivery to another name on it."""
+    try:  # a URL kept before accepts checked port and host: no later attempt could do better
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        return 400, f"refused: the URL cannot be read ({exc})"  # final, as every refusal
     try:
         addresses = await resolver(parts.hostname or "", port)
     except OSError as exc:
         return None, f"cannot resolve {parts.hostname}: {exc}"
+    except ValueError as exc:  # UnicodeError included: a host name IDNA refuses
+        return 400, f"refused: {parts.hostname} is not a host name one can resolve ({exc})"
     if not addresses:
         return None, f"cannot resolve {parts.hostname}: no address"
     why = check_destination(url, own_ports, addresses)
     if why is not None:
         return 400, f"refused: {why}"  # final: never retried
-    target, headers, extensions = pinned(url, addresses[0])
+    try:
+        target, headers, extensions = pinned(url, addresses[0])
+    except (httpx.InvalidURL, ValueError) as exc:
+        return 400, f"refused: the URL cannot be sent ({exc})"
     headers |= {"content-type": "application/json", "x-baseten-request-id": request_id}
     if secrets:
         headers[SIGNATURE_HEADER] = signature(body, secrets)

@@ -417,21 +417,35 @@ class AsyncWorkers:
             status, error = await deliver(
                 self._hooks, view.webhook_endpoint, body, secrets, self.settings.own_ports, view.id
             )
-            attempt = view.webhook_attempts + 1
-            retry_at = None
-            if error and webhook_retryable(status) and attempt < self.settings.webhook_attempts:
-                delay = webhook_delay_s(self.settings.webhook_initial_delay_s, attempt)
-                retry_at = self._clock() + timedelta(seconds=delay)
-            await asyncio.to_thread(
-                self.queue.record_webhook,
-                view.id,
-                delivered=not error,
-                error=error,
-                retry_at=retry_at,
-            )
-            if error:
-                log.warning("async: webhook of %s, attempt %d: %s", view.id, attempt, error)
-        except Exception:
+            await self._record_delivery(view, status, error)
+        except Exception as exc:
             log.exception("async: delivering the webhook of %s failed", view.id)
+            # Recorded as an attempt all the same (retried, then failed for good): left
+            # PENDING with no attempt counted, the row was due at every poll, forever.
+            error = f"the delivery failed: {type(exc).__name__}: {exc}"[:500]
+            try:
+                await self._record_delivery(view, None, error)
+            except Exception:
+                log.exception("async: recording the webhook attempt of %s failed", view.id)
         finally:
             self._delivering.discard(view.id)
+
+    async def _record_delivery(
+        self, view: AsyncRequestView, status: int | None, error: str
+    ) -> None:
+        """One delivery's outcome: delivered, retried after a backoff while attempts
+        remain (network errors, 5xx, 429), or failed for good."""
+        attempt = view.webhook_attempts + 1
+        retry_at = None
+        if error and webhook_retryable(status) and attempt < self.settings.webhook_attempts:
+            delay = webhook_delay_s(self.settings.webhook_initial_delay_s, attempt)
+            retry_at = self._clock() + timedelta(seconds=delay)
+        await asyncio.to_thread(
+            self.queue.record_webhook,
+            view.id,
+            delivered=not error,
+            error=error,
+            retry_at=retry_at,
+        )
+        if error:
+            log.warning("async: webhook of %s, attempt %d: %s", view.id, attempt, error)
