@@ -385,7 +385,7 @@ def test_the_workers_reads_use_their_indexes_on_sqlite(tmp_path: Path) -> None:
     hot = q._local  # the settle's own SQL on the driver's cursor
     assert hot is not None
     ran += [
-        (hot._candidates, ("d1", "QUEUED", 8)),
+        (hot._candidates, ("d1", "QUEUED", "2026-12-05 01:00:00.000000", 8)),
         (hot._claim, ("IN_PROGRESS", "t", "t", ids[8], "QUEUED")),
         (f"{hot._rows_by_id}(?, ?)", (ids[8], ids[9])),
         (_queued_probe_sql(2), ("d1", "QUEUED", "d2", "QUEUED")),
@@ -495,3 +495,29 @@ def test_a_store_that_refuses_everything_is_never_taken_for_bad_records(
         queue.get(rec["id"])
     assert queue.insert_accepted_apart([rec]) == []
     assert queue.get(rec["id"]).status == AsyncStatus.QUEUED
+
+
+def test_retries_backing_off_do_not_hide_the_requests_behind_them(queue: AsyncQueue) -> None:
+    """The queue's read took the first pick+8 queued rows, backing off or not, and left
+    the choice to ``choose``: ten retries waiting out their backoff (older, so first)
+    hid a newer request from an idle slot until it expired unrun. Both the settle's
+    paths (SQLite's cursor, PostgreSQL's Core statement) read only what is due."""
+    retry = RetryConfig(max_attempts=3, initial_delay_ms=10_000, max_delay_ms=60_000)
+    err = [{"code": "MODEL_PREDICT_ERROR", "message": "500"}]
+    backing_off = []
+    for i in range(10):
+        rid = put(queue, at=i / 1000, retry=retry)
+        queue.claim([rid], T0 + timedelta(seconds=1))
+        assert queue.retry_later(rid, err, T0 + timedelta(seconds=31), T0 + timedelta(seconds=1))
+        backing_off.append(rid)
+    fresh = put(queue, at=2, max_time_in_queue_seconds=10)
+    at = T0 + timedelta(seconds=3)
+    got = queue.settle([], [], {"d1": (1, 9)}, at)
+    assert got.ready == {"d1": (fresh,)} and list(got.rows) == [fresh]
+    assert [c.id for c in queue.candidates("d1", 20, at)] == [fresh]
+    # One that waited too long is still found and expired; the retries never expire.
+    late = put(queue, at=3, max_time_in_queue_seconds=10)
+    got = queue.settle([], [], {"d1": (0, 8)}, T0 + timedelta(seconds=14))
+    assert got.expired == 2 and queue.get(late).status == AsyncStatus.EXPIRED
+    due = queue.settle([], [], {"d1": (20, 28)}, T0 + timedelta(seconds=31))
+    assert due.ready == {"d1": tuple(backing_off)}

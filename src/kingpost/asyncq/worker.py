@@ -320,8 +320,9 @@ class AsyncWorkers:
     def _wants(self, *, expire: bool) -> dict[str, tuple[int, int]]:
         """Per deployment with queued work: (requests to pick, candidates to read). The
         pick covers every slot, busy ones too, and what ends before the next pick lands
-        (:func:`pick_size`). Expiry looks past the picked ones; between polls a few more,
-        in case the first are backing off (``not_before``)."""
+        (:func:`pick_size`). Expiry looks past the picked ones; between polls a few more.
+        The read takes only requests due now (``not_before``), so retries backing off
+        hide none behind them."""
         self._caps = caps = self._capacity()
         ended, self._ended = self._ended, {}
         wants: dict[str, tuple[int, int]] = {}

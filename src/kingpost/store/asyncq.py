@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -417,11 +417,13 @@ class AsyncQueue:
                 out.update(dep for dep, hit in zip(chunk, row, strict=True) if hit)
         return out
 
-    def candidates(self, deployment_id: str, limit: int) -> list[Candidate]:
-        """A deployment's queued requests in scheduling order (the first ``limit``), and
-        every one that may have expired."""
+    def candidates(
+        self, deployment_id: str, limit: int, now: datetime | None = None
+    ) -> list[Candidate]:
+        """A deployment's queued requests due at ``now`` in scheduling order (the first
+        ``limit``); without ``now``, every queued one, backing off or not."""
         with self._read() as s:
-            return _candidates(s, deployment_id, limit)
+            return _candidates(s, deployment_id, limit, now or _ANY_TIME)
 
     def settle(
         self,
@@ -454,7 +456,7 @@ class AsyncQueue:
                         lost.append(rid)
             recorded = _finish_in(s, outcomes)
             for dep, (slots, limit) in wants.items():
-                choice = choose(_candidates(s, dep, limit), now, slots)
+                choice = choose(_candidates(s, dep, limit, now), now, slots)
                 if choice.expire:
                     expired += _expire_in(s, choice.expire, now)
                 ready[dep] = choice.run
@@ -812,6 +814,13 @@ _EXPIRED = [
 ]
 
 
+_ANY_TIME = datetime(9999, 1, 1, tzinfo=UTC)
+"""A ``now`` past every ``not_before``: the whole queue, backing off or not."""
+# The queue's read leaves out what is not due yet (a retry backing off): read and dropped
+# by ``choose``, those filled the read's first rows, and with more of them than the read
+# takes (a retry keeps its age) every newer request behind them waited, and expired. A
+# request that never ran is due from its acceptance (or a second after the gateway turned
+# it away), so its expiry is seen at most that second late.
 # The workers' statements, built once on the table (Core, not the ORM): each tick runs them,
 # and building an ORM statement and its bulk-update plan anew cost more than the SQL
 # (3.9 ms of a 2-outcome, 2-claim settle on SQLite; see bench/README.md, "Async").
@@ -825,7 +834,11 @@ _CANDIDATES = (
         _T.c.max_time_in_queue_seconds,
         _T.c.attempts,
     )
-    .where(_T.c.deployment_id == bindparam("dep"), _T.c.status == AsyncStatus.QUEUED)
+    .where(
+        _T.c.deployment_id == bindparam("dep"),
+        _T.c.status == AsyncStatus.QUEUED,
+        _T.c.not_before <= bindparam("now", type_=UTCDateTime),
+    )
     .order_by(_T.c.priority, _T.c.created_at, _T.c.id)
     .limit(bindparam("limit", type_=Integer))
 )
@@ -909,8 +922,9 @@ def _finish_statement(columns: tuple[str, ...]) -> Update:
     )
 
 
-def _candidates(s: Session, deployment_id: str, limit: int) -> list[Candidate]:
-    rows = s.connection().execute(_CANDIDATES, {"dep": deployment_id, "limit": limit}).all()
+def _candidates(s: Session, deployment_id: str, limit: int, now: datetime) -> list[Candidate]:
+    params = {"dep": deployment_id, "limit": limit, "now": now}
+    rows = s.connection().execute(_CANDIDATES, params).all()
     return [Candidate(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
 
@@ -992,7 +1006,7 @@ class _SqliteHotPath:
         cols = ", ".join(self._names)
         self._candidates = (
             "SELECT id, priority, created_at, not_before, max_time_in_queue_seconds, attempts "
-            "FROM async_requests WHERE deployment_id = ? AND status = ? "
+            "FROM async_requests WHERE deployment_id = ? AND status = ? AND not_before <= ? "
             "ORDER BY priority, created_at, id LIMIT ?"
         )
         self._claim = (
@@ -1059,7 +1073,7 @@ class _SqliteHotPath:
         ready: dict[str, tuple[str, ...]] = {}
         expired = 0
         for dep, (slots, limit) in wants.items():
-            choice = choose(self._read_candidates(cur, dep, limit), now, slots)
+            choice = choose(self._read_candidates(cur, dep, limit, now), now, slots)
             if choice.expire:
                 gone = [(rid, _expired_values(now)) for rid in choice.expire]
                 expired += self._set(cur, gone, AsyncStatus.QUEUED)
@@ -1096,11 +1110,12 @@ class _SqliteHotPath:
             n += cur.rowcount
         return n
 
-    def _read_candidates(self, cur: Any, dep: str, limit: int) -> list[Candidate]:
+    def _read_candidates(self, cur: Any, dep: str, limit: int, now: datetime) -> list[Candidate]:
         """Each settle reads the front of the queue again (72 rows for 8 slots at full
         speed, 128 when it looks for expired ones), and parsing their two timestamps was
         a fifth of its Python: each text is parsed once."""
-        rows = cur.execute(self._candidates, (dep, AsyncStatus.QUEUED.value, limit)).fetchall()
+        due = self._value("not_before", now)
+        rows = cur.execute(self._candidates, (dep, AsyncStatus.QUEUED.value, due, limit)).fetchall()
         parsed, when = self._parsed, self._when
         if len(parsed) > PARSED_KEPT:
             parsed.clear()
