@@ -521,3 +521,18 @@ def test_retries_backing_off_do_not_hide_the_requests_behind_them(queue: AsyncQu
     assert got.expired == 2 and queue.get(late).status == AsyncStatus.EXPIRED
     due = queue.settle([], [], {"d1": (20, 28)}, T0 + timedelta(seconds=31))
     assert due.ready == {"d1": tuple(backing_off)}
+
+
+def test_failing_a_gone_deployments_queue_makes_its_webhooks_due(queue: AsyncQueue) -> None:
+    from kingpost.asyncq.outcome import deployment_gone
+
+    ids = [put(queue, dep="gone", webhook_endpoint="https://h.example/x") for _ in range(3)]
+    other = put(queue, dep="d1")
+    queue.claim([ids[0]], T0)  # running: its run's outcome is recorded, not this
+    assert queue.fail_queued("gone", deployment_gone("gone"), T0 + timedelta(seconds=1)) == 2
+    assert [queue.get(r).status for r in ids] == [AsyncStatus.IN_PROGRESS] + [
+        AsyncStatus.FAILED
+    ] * 2
+    assert queue.get(ids[1]).errors[0]["code"] == "MODEL_DOES_NOT_EXIST"
+    due = {v.id for v in queue.due_webhooks(T0 + timedelta(seconds=1))}
+    assert due == set(ids[1:]) and queue.get(other).status == AsyncStatus.QUEUED

@@ -416,3 +416,30 @@ async def deliver_due(w: AsyncWorkers, now: datetime | None = None) -> None:
         w._hooks = client
         await w._webhooks()
         await asyncio.gather(*w._tasks)
+
+
+def test_requests_of_a_deleted_deployment_are_failed_not_left_queued(queue: AsyncQueue) -> None:
+    """No tick picks for a deployment missing from the routing table (deleted): its
+    queued requests stayed QUEUED forever, never expired, their webhooks never sent.
+    After ``GONE_AFTER`` missing they are recorded FAILED; a deployment in the table,
+    even an inactive one, keeps its queue."""
+    clock = Clock()
+    inp = AsyncInput(model_input="{}")
+    gone = queue.enqueue(inp, model_id="m1", deployment_id="deleted", now=clock.now)
+    kept = queue.enqueue(inp, model_id="m1", deployment_id="inactive", now=clock.now)
+    caps = {"inactive": Capacity("m1", 0, 1, runnable=False)}
+    settings = WorkerSettings(
+        gateway_url="http://127.0.0.1:9", key="k", poll_s=0.02, count_every_s=0.02
+    )
+    w = AsyncWorkers(queue, settings, capacity=lambda: caps, clock=clock)
+    w.start()
+    try:
+        time.sleep(0.3)  # counted: the deployment is seen missing
+        assert queue.get(gone).status == AsyncStatus.QUEUED  # missing a moment: kept
+        clock.now += timedelta(seconds=31)
+        wait_for(lambda: queue.get(gone).status == AsyncStatus.FAILED, 10, "FAILED")
+    finally:
+        w.stop()
+    errors = queue.get(gone).errors
+    assert errors[0]["code"] == "MODEL_DOES_NOT_EXIST" and "deleted" in errors[0]["message"]
+    assert queue.get(kept).status == AsyncStatus.QUEUED

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Outcome", "Verdict", "classify", "streaming"]
+__all__ = ["Outcome", "Verdict", "classify", "deployment_gone", "streaming"]
 
 READ_TIMEOUT = "ReadTimeout"
 """How a hop error begins when the run was sent and no answer came in time."""
@@ -58,6 +58,16 @@ def _gateway_code(body: bytes) -> str | None:
         return None
     code = parsed.get("code") if isinstance(parsed, dict) else None
     return code if isinstance(code, str) else None
+
+
+def deployment_gone(deployment_id: str) -> list[dict[str, Any]]:
+    """The errors of a request whose deployment was deleted before it ran: Baseten's
+    ``MODEL_DOES_NOT_EXIST``, as for a run the gateway answered 404."""
+    return _err(
+        "MODEL_DOES_NOT_EXIST",
+        f"deployment {deployment_id} was deleted before this request ran; "
+        "send it again to a deployment that exists",
+    )
 
 
 def classify(status: int | None, headers: dict[str, str], body: bytes, error: str = "") -> Outcome:

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from kingpost.asyncq.hop import GatewayHop, HopError
-from kingpost.asyncq.outcome import Outcome, Verdict, classify
+from kingpost.asyncq.outcome import Outcome, Verdict, classify, deployment_gone
 from kingpost.asyncq.policy import (
     async_slots,
     past_wait,
@@ -70,6 +70,10 @@ __all__ = ["AsyncWorkers", "Capacity", "WorkerSettings"]
 log = logging.getLogger(__name__)
 NOT_RUN_DELAY = timedelta(seconds=1)
 SWEEP_EVERY_S = 3600.0
+GONE_AFTER = timedelta(seconds=30)
+"""How long a deployment with queued requests must be missing from the routing table
+(which lists every deployment not deleted) before they are recorded FAILED: a table
+being rebuilt, or not yet pushed, is not a deletion."""
 TICK_MIN_S = 0.006
 """A pause between ticks, so runs that end close together share one settle. Runs start
 from the pick without a tick (:func:`~kingpost.asyncq.policy.pick_size`). None: a settle
@@ -161,6 +165,8 @@ class AsyncWorkers:
         self._expire_due = False
         self._queued: set[str] = set()
         """The deployments with queued work, as of the last poll."""
+        self._missing: dict[str, datetime] = {}
+        """Deployments with queued work missing from the routing table, since when."""
         self._counted_at = -1e9
         self._outcomes: list[tuple[str, dict[str, object]]] = []
         """Runs ended since the last tick, recorded together (one transaction)."""
@@ -264,6 +270,7 @@ class AsyncWorkers:
                 depths = await asyncio.to_thread(q.depths)
                 self._backlog({dep: queued for dep, (queued, _) in depths.items()})
                 self._queued = {dep for dep, (queued, _) in depths.items() if queued}
+                await self._end_gone(self._queued)
             else:
                 self._queued = await asyncio.to_thread(q.queued_in, list(self._caps))
             self._expire_due = True
@@ -279,6 +286,21 @@ class AsyncWorkers:
             log.exception("async: a worker poll failed")
         finally:
             self._poll = None
+
+    async def _end_gone(self, queued: set[str]) -> None:
+        """Record FAILED the queued requests of deployments missing from the routing table
+        for ``GONE_AFTER`` (deleted): no tick picks them (``_wants`` skips what has no
+        capacity), so they stayed QUEUED forever, their webhooks never sent."""
+        now, caps = self._clock(), self._capacity()
+        self._missing = {d: t for d, t in self._missing.items() if d in queued and d not in caps}
+        for dep in queued - caps.keys():
+            since = self._missing.setdefault(dep, now)
+            if now - since < GONE_AFTER:
+                continue
+            n = await asyncio.to_thread(self.queue.fail_queued, dep, deployment_gone(dep), now)
+            if n:
+                log.warning("async: %d queued request(s) of deployment %s, which is gone, "
+                            "recorded FAILED", n, dep)  # fmt: skip
 
     async def _settle(self, *, expire: bool) -> None:
         """One store transaction (``AsyncQueue.settle``): claim the runs started since the

@@ -507,6 +507,23 @@ class AsyncQueue:
             "webhook_not_before": now,
         }
 
+    def fail_queued(self, deployment_id: str, errors: list[dict[str, Any]], now: datetime) -> int:
+        """Record up to ``SWEEP_BATCH`` of a deployment's queued requests FAILED with
+        ``errors`` (its webhooks then due, as every finish's), in one short transaction;
+        how many. For a deployment that is gone: nothing else would ever end them."""
+        some = (
+            select(_T.c.id)
+            .where(_T.c.deployment_id == deployment_id, _T.c.status == AsyncStatus.QUEUED)
+            .limit(SWEEP_BATCH)
+        )
+        with self.db.session() as s:
+            done = s.execute(
+                update(_T)
+                .where(_T.c.id.in_(some.scalar_subquery()), _T.c.status == AsyncStatus.QUEUED)
+                .values(self.failed_values(errors, now))
+            )
+            return int(done.rowcount)  # type: ignore[attr-defined]
+
     @staticmethod
     def retry_values(
         errors: list[dict[str, Any]], not_before: datetime, now: datetime
