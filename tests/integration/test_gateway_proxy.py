@@ -107,6 +107,33 @@ def test_errors_are_json_with_request_ids(gw: Running, up: Upstream) -> None:
     assert r.status_code == 404 and r.json()["error"] == "deployment d1 is deactivated"
 
 
+def test_the_gateways_own_answers_to_head_have_no_body(gw: Running, up: Upstream) -> None:
+    """Its JSON body after a HEAD answer's head (RFC 9110 9.3.2: there is none) was read by
+    a kept-alive client as the start of its next answer."""
+    gw.table(route(up))
+    with httpx.Client(base_url=gw.url) as c:
+        for path, headers, status in [
+            ("/models/echo/production/predict", {}, 401),
+            ("/models/other/production/predict", AUTH, 404),
+        ]:
+            r = c.head(path, headers=headers)
+            assert r.status_code == status and r.content == b""
+            assert int(r.headers["content-length"]) > 0  # what a GET would get
+            r = c.post("/models/echo/production/predict", content=b"next", headers=AUTH)
+            assert r.status_code == 200 and r.text == "next"  # on the same connection
+
+
+def test_a_refusal_that_leaves_the_body_unread_says_the_connection_ends(gw: Running) -> None:
+    gw.table(route(free_port()))
+    head = (
+        b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 2000000\r\n\r\n"  # past the buffer: refused before it is read
+    )
+    answer = raw_exchange(gw.port, head + b"x" * 1000)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b"\r\nconnection: close\r\n" in answer.split(b"\r\n\r\n")[0] + b"\r\n"
+
+
 def test_streaming_is_not_buffered(gw: Running, up: Upstream) -> None:
     gw.table(route(up, predict_path="/gated-stream"))
     with (

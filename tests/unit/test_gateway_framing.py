@@ -13,6 +13,7 @@ from kingpost.gateway.framing import (
     connection_tokens,
     error_body,
     interim_head,
+    json_answer,
     named_by_connection,
     request_head,
     response_header_lines,
@@ -250,7 +251,12 @@ def test_response_header_lines(
         (502, "Bad Gateway"),
         (503, "Service Unavailable"),
         (504, "Gateway Timeout"),
-        (403, "Error"),  # no reason of its own: the status code is what clients read
+        # The async store's errors (errors.py) and the invoke-only key's refusal.
+        (403, "Forbidden"),
+        (422, "Unprocessable Content"),
+        (500, "Internal Server Error"),
+        (507, "Insufficient Storage"),
+        (599, "Error"),  # no reason of its own: the status code is what clients read
     ],
 )
 @pytest.mark.parametrize("close", [False, True])
@@ -267,6 +273,17 @@ def test_error_body(status: int, reason: str, close: bool) -> None:
         *(["connection: close"] if close else []),
     ]
     assert json.loads(body) == {"error": 'a "quoted" message', "code": "some_code"}
+
+
+@pytest.mark.parametrize("status", [202, 401, 404, 429, 502, 504])
+def test_the_answer_to_head_has_the_headers_and_no_body(status: int) -> None:
+    """A body after a HEAD answer's head is read by a kept-alive client as the start of
+    the next answer (RFC 9110 9.3.2: a HEAD answer has none)."""
+    whole = error_body(status, "why", "some_code", "rid-1")
+    answer = error_body(status, "why", "some_code", "rid-1", head=True)
+    assert answer == whole[: whole.index(b"\r\n\r\n") + 4]  # content-length included
+    wake = json_answer(status, {}, "rid-1", head=True)  # a wake's {} on HEAD
+    assert b"\r\ncontent-length: 2\r\n" in wake and wake.index(b"\r\n\r\n") == len(wake) - 4
 
 
 def test_hop_by_hop_headers_are_never_forwarded() -> None:

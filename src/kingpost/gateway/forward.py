@@ -393,7 +393,8 @@ def settle(
                 "(the deployment's response timeout)",
                 "gateway_timeout",
                 exchange.rid.decode("latin-1"),
-                close=not keep,
+                close=not (keep and req.keep_alive),
+                head=req.method == b"HEAD",
             )
         )
         return _OK if keep else _CLOSE
@@ -416,6 +417,7 @@ def settle(
                     "bad_gateway",
                     exchange.rid.decode("latin-1"),
                     close=True,  # this connection ends here
+                    head=req.method == b"HEAD",
                 )
             )
         return _CLOSE

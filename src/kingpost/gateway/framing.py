@@ -67,17 +67,21 @@ _REASONS = {
     202: "Accepted",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     429: "Too Many Requests",
+    422: "Unprocessable Content",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    507: "Insufficient Storage",
 }
 
 
@@ -182,15 +186,27 @@ def interim_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, byte
     return bytes(out)
 
 
-def error_body(status: int, message: str, code: str, request_id: str, close: bool = False) -> bytes:
+def error_body(
+    status: int,
+    message: str,
+    code: str,
+    request_id: str,
+    close: bool = False,
+    head: bool = False,
+) -> bytes:
     """A whole answer from the gateway itself: JSON ``{"error", "code"}`` with the request
-    id, and ``connection: close`` when the connection ends with it."""
-    return json_answer(status, {"error": message, "code": code}, request_id, close)
+    id, and ``connection: close`` when the connection ends with it (``head``: see
+    :func:`json_answer`)."""
+    return json_answer(status, {"error": message, "code": code}, request_id, close, head)
 
 
-def json_answer(status: int, payload: object, request_id: str, close: bool = False) -> bytes:
+def json_answer(
+    status: int, payload: object, request_id: str, close: bool = False, head: bool = False
+) -> bytes:
     """A whole JSON answer from the gateway itself (an error, or a wake's ``{}``); a full
-    queue (429) or no replica in time (503) says when to try again."""
+    queue (429) or no replica in time (503) says when to try again. The answer to a HEAD
+    request (``head``) has the headers a GET would get, content-length included, and no
+    body (RFC 9110 9.3.2): a client reads the next answer right after the head."""
     body = json.dumps(payload).encode()
     reason = _REASONS.get(status, "Error")
     connection = "connection: close\r\n" if close else ""
@@ -199,4 +215,4 @@ def json_answer(status: int, payload: object, request_id: str, close: bool = Fal
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nx-baseten-request-id: {request_id}\r\n"
         f"{retry}{connection}\r\n"
-    ).encode() + body
+    ).encode() + (b"" if head else body)

@@ -224,7 +224,8 @@ class ClientConn(StreamConn):
             return
         if self.body_wait is req:  # read before it takes a slot: nothing was sent for it
             rid = req.rid or gw.new_request_id()
-            transport.write(error_body(408, message, "request_timeout", rid, close=True))
+            head = req.method == b"HEAD"
+            transport.write(error_body(408, message, "request_timeout", rid, True, head))
             gw.log_access(rid, 408, "request_timeout", req.start, None, req)
         transport.close()  # its head is with a replica, or answered: only closing ends it
 
@@ -580,14 +581,18 @@ class ClientConn(StreamConn):
         assert self.transport is not None
         self.gw.log_access(rid, status, code, req.start, target, req)
         body = {"error": message, "code": code} if payload is None else payload
+        head = req.method == b"HEAD"  # headers only (RFC 9110 9.3.2)
         if req.upgrade:
             # After an upgrade request the client's stream is no longer HTTP (it may already
             # be sending frames): the refusal ends the connection.
-            self.transport.write(json_answer(status, body, rid, close=True))
+            self.transport.write(json_answer(status, body, rid, close=True, head=head))
             return False
-        self.transport.write(json_answer(status, body, rid))
-        # The body, if any, was not read: the connection cannot be reused unless it's complete.
-        return req.complete or (req.content_length in (None, b"0") and not req.chunked)
+        # The body, if any, was not read: the connection cannot be reused unless it's
+        # complete, and the answer says it ends (as it does when the client asked).
+        keep = req.complete or (req.content_length in (None, b"0") and not req.chunked)
+        close = not (keep and req.keep_alive)
+        self.transport.write(json_answer(status, body, rid, close=close, head=head))
+        return keep
 
     def peer_address(self) -> bytes:
         """The client's address as ``X-Forwarded-For`` gives it (b"" when unknown)."""
