@@ -210,10 +210,11 @@ def test_no_mixups_under_concurrent_keepalive_load(gw: Running, up: Upstream) ->
     assert up.requests == 16 * 40  # nothing dropped or duplicated
 
 
-def _req(body: bytes, close: bool = False) -> bytes:
+def _req(body: bytes, close: bool = False, method: bytes = b"POST") -> bytes:
     extra = b"Connection: close\r\n" if close else b""
     return (
-        b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Api-Key "
+        method
+        + b" /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Api-Key "
         + KEY.encode()
         + b"\r\nContent-Length: %d\r\n" % len(body)
         + extra
@@ -639,6 +640,42 @@ def test_a_partial_response_head_is_not_retried(
     assert len(first.bodies) + len(second.bodies) == 6  # and nothing was sent twice
 
 
+@pytest.mark.parametrize("reused", [False, True], ids=["new-connection", "pooled"])
+def test_a_post_a_replica_may_have_run_is_not_run_again(
+    gw: Running, scripted: Callable[..., _Scripted], reused: bool
+) -> None:
+    """A replica that read a POST whole, worked on it, and died without a byte of answer
+    may have run it (a charge, a job): the gateway sent it to another replica, which ran
+    it again. Now the client gets a 502 saying why; an idempotent PUT is still retried."""
+    answered: list[bytes] = []
+
+    def crashes(n: int, body: bytes) -> bytes | None:
+        if reused and n == 0:
+            answered.append(body)  # the connection goes back to the pool, and is taken again
+            return _ok(body)
+        threading.Event().wait(0.3)  # running the model, then the process dies
+        return None
+
+    dying, good = scripted(crashes), scripted(lambda n, body: _ok(body))
+    gw.table(route(dying.port, good.port))
+    failed = []
+    with httpx.Client(base_url=gw.url, headers=AUTH) as c:
+        for i in range(8):
+            r = c.post("/models/echo/production/predict", content=b"post-%d" % i)
+            if r.status_code == 502:
+                assert "may have run" in r.json()["error"] and "POST" in r.json()["error"]
+                failed.append(b"post-%d" % i)
+            else:
+                assert r.status_code == 200 and r.content == b"post-%d" % i
+    assert failed and sorted(failed) == sorted(set(dying.bodies) - set(answered))
+    assert sorted(dying.bodies + good.bodies) == sorted(b"post-%d" % i for i in range(8))
+    with httpx.Client(base_url=gw.url, headers=AUTH) as c:
+        for i in range(4):
+            r = c.put("/models/echo/production/predict", content=b"put-%d" % i)
+            assert r.status_code == 200 and r.content == b"put-%d" % i  # retried elsewhere
+    assert any(b.startswith(b"put-") for b in dying.bodies)
+
+
 def test_a_retry_after_the_deployment_left_the_table_is_refused_not_stranded(
     gw: Running, scripted: Callable[..., _Scripted]
 ) -> None:
@@ -654,7 +691,8 @@ def test_a_retry_after_the_deployment_left_the_table_is_refused_not_stranded(
     gw.table(route(up.port))
     assert raw_exchange(gw.port, _req(b"warm", close=True)).endswith(b"warm")
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_req(b"in-flight", close=True))
+        # A PUT: a POST the replica held this long is not retried at all (it may have run).
+        s.sendall(_req(b"in-flight", close=True, method=b"PUT"))
         wait_for(lambda: b"in-flight" in up.bodies, 5, "the request to reach the replica")
         gw.table(route(up.port, deployment_id="d2"), env="d2")  # d1 is gone
         pushed.set()
@@ -1077,8 +1115,8 @@ def test_trailer_fields_are_not_kept_as_headers(gw: Running, up: Upstream) -> No
     dropping = _Dropping(keep=0)
     try:
         gw.table(route(up, dropping.port, predict_path="/inspect"))
-        request = (
-            b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        request = (  # a PUT, which is retried once the replica read it (a POST is not)
+            b"PUT /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: "
             b"Api-Key " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
         )
@@ -1337,12 +1375,13 @@ def test_a_sender_that_retries_itself_is_not_retried_by_the_gateway(
     """The async workers retry per inference_retry_config: a replica that took their request
     and hung up must not have the gateway run it again on another one (after a control
     plane's crash the gateway re-ran a worker's request that nobody waited for any more,
-    and the model ran it twice more, not once)."""
+    and the model ran it twice more, not once). Shown with a PUT: a POST the replica read
+    whole is not retried with or without the header (it may have run)."""
     dropping = _Dropping(keep=0)
     try:
         gw.table(route(up, dropping.port, predict_path="/inspect"))
         head = (
-            b"POST /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            b"PUT /models/echo/production/predict HTTP/1.1\r\nHost: x\r\nAuthorization: "
             b"Api-Key " + KEY.encode() + b"\r\nContent-Length: 3\r\nConnection: close\r\n"
         )
         statuses = set()

@@ -5,7 +5,8 @@ complete request from the client's callbacks when nothing has to wait, and
 :func:`landed` settles it from the replica's; everything else goes through
 :func:`dispatch` in the connection's task: take a slot (queueing), :func:`forward` (a
 pooled or new connection, the body streamed by :func:`send_body`), and one retry on
-another replica if the first hung up before sending a byte. Both end in :func:`settle`,
+another replica if the first hung up before sending a byte and running the request there
+can do no harm (:func:`may_resend`). Both end in :func:`settle`,
 which decides the :class:`Outcome` from how the exchange ended (:class:`Ending`). A
 :class:`ClientExchange` re-frames one replica response for the client. The connection
 (parsing, pipelining, timeouts) is :class:`~kingpost.gateway.proxy.ClientConn`.
@@ -26,6 +27,7 @@ from kingpost.gateway.dispatch import Dispatcher, Rejected, Slot, Waiter
 from kingpost.gateway.framing import (
     BODY_UNEXPECTED,
     HOP_BY_HOP,
+    IDEMPOTENT,
     NO_BODY_STATUS,
     connection_tokens,
     error_body,
@@ -51,12 +53,18 @@ __all__ = [
     "Sent",
     "dispatch",
     "landed",
+    "may_resend",
     "try_now",
 ]
 
 access_log = logging.getLogger("kingpost.gateway.access")
 REPLAY_LIMIT = 64 * 1024
 """Body bytes kept to send again when a request is retried on another replica."""
+KEEPALIVE_RACE_S = 0.05
+"""A pooled connection lost without a byte of answer this soon after the request was
+written to it was most likely closed by the replica while idle, as the request crossed
+its FIN (the keep-alive race): the replica never read the request. Later, it may be
+running it."""
 
 
 class Outcome(enum.StrEnum):
@@ -403,17 +411,26 @@ def settle(
         # Retried only if the replica sent nothing at all: even part of a response head
         # means it took the request, and running it twice is not the gateway's call. Nor
         # is a body the replay buffer no longer holds sent again with a part missing.
+        message = "the replica closed the connection"
         if not conn.got_bytes and (req.replay is not None or (not reused and not req.body_sent)):
-            if req.replay is not None:
-                req.chunks = deque(req.replay)
-                req.replay = list(req.replay)
-            return _RETRY
+            lost_after_s = time.perf_counter() - exchange.sent_at
+            if may_resend(req.method, not exchange.early, reused, lost_after_s):
+                if req.replay is not None:
+                    req.chunks = deque(req.replay)
+                    req.replay = list(req.replay)
+                return _RETRY
+            message = (
+                "the replica closed the connection while running the request "
+                f"({lost_after_s:.3g}s after it was sent), before any answer; not retried "
+                f"on another replica because it may have run ({req.method.decode('latin-1')} "
+                "is not idempotent)"
+            )
         if not exchange.started:
             assert client.transport is not None
             client.transport.write(
                 error_body(
                     502,
-                    "the replica closed the connection",
+                    message,
                     "bad_gateway",
                     exchange.rid.decode("latin-1"),
                     close=True,  # this connection ends here
@@ -431,6 +448,20 @@ def settle(
     else:
         conn.close()
     return _CLOSE if exchange.must_close else _OK
+
+
+def may_resend(method: bytes, written: bool, reused: bool, lost_after_s: float) -> bool:
+    """Whether a request whose replica hung up without a byte of answer may go to another
+    replica (nginx's rule for non-idempotent methods). An idempotent one may
+    (:data:`IDEMPOTENT`); any other only when it cannot have run: not all ``written``
+    (a replica runs no request it has not read whole), or sent on a ``reused`` pooled
+    connection lost within :data:`KEEPALIVE_RACE_S` (the replica closed it while idle).
+    Otherwise the replica may have run it, and running a POST twice (a charge, a job) is
+    not the gateway's call: the client gets a 502. A connection that could not be opened
+    is retried before this is asked (``forward``)."""
+    if method in IDEMPOTENT or not written:
+        return True
+    return reused and lost_after_s < KEEPALIVE_RACE_S
 
 
 async def send_body(client: ClientConn, req: Request, conn: UpstreamConn) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "CONNECTION_KEPT",
     "CONTINUE",
     "HOP_BY_HOP",
+    "IDEMPOTENT",
     "NOT_FORWARDED",
     "NO_BODY_STATUS",
     "RequestHead",
@@ -56,6 +57,9 @@ NOT_FORWARDED = HOP_BY_HOP | {
 BODY_UNEXPECTED = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 """Methods whose bodies have no defined meaning (RFC 9110 9.3): many servers never read
 one, and parse it as the next request. Forwarded, but the connection is not reused."""
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+"""Methods whose requests may run twice with the effect of once (RFC 9110 9.2.2): a
+replica that hung up on one without a byte of answer may have it sent to another."""
 NO_BODY_STATUS = frozenset({204, 304})
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 CONNECTION_KEPT = _CONNECTION_OPTIONS | {b"host", b""}
