@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -29,6 +30,7 @@ from helpers.platform import free_port, raw_exchange, wait_for
 from helpers.upstream import Upstream
 from helpers.wsraw import RawWebSocket, handshake
 from kingpost.gateway.dispatch import Dispatcher
+from kingpost.gateway.proxy import PIPELINE_LIMIT
 from kingpost.gateway.server import Gateway
 from kingpost.gateway.table import (
     DeploymentRoute,
@@ -1397,3 +1399,62 @@ def test_a_sender_that_retries_itself_is_not_retried_by_the_gateway(
         assert counters.retries >= 1
     finally:
         dropping.sock.close()
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def either_gw(request: pytest.FixtureRequest) -> Iterator[Running]:
+    """The gateway on asyncio's loop and on uvloop: their reads and write buffers differ."""
+    running = Running(uvloop.new_event_loop() if request.param == "uvloop" else None)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["answers-unread", "behind-a-held-one"])
+def test_a_client_that_pipelines_without_reading_is_read_no_further(
+    either_gw: Running, up: Upstream, held: bool
+) -> None:
+    """A client that pipelined requests and read no answer had the gateway parse and queue
+    all it sent (435,000 requests behind a held one: 782 MB) or write all their answers
+    into its buffer (401s: 160 MB). Reading stops at PIPELINE_LIMIT queued requests or a
+    full write buffer; once the client reads, every request is answered, in order."""
+    gw = either_gw
+    gw.table(route(up, predict_path="/held"))
+    key = b"Authorization: Api-Key " + KEY.encode() + b"\r\n" if held else b""
+    n = 40_000  # requests the gateway answers itself: 404 with the key, else 401
+
+    def one(i: int, path: bytes = b"/models/other/production/predict") -> bytes:
+        close = b"Connection: close\r\n" if i == n else b""
+        rid = b"X-Baseten-Request-Id: p%06d\r\n" % i
+        return b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + key + rid + close + b"\r\n"
+
+    first = one(0, b"/models/echo/production/predict")  # held by the replica, or a 401
+    payload = b"".join(one(i) for i in range(1, n + 1))
+    with socket.socket() as s:
+        # Small kernel buffers, so that what piles up is the gateway's to hold.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", gw.port))
+        s.sendall(first)
+        if held:
+            wait_for(lambda: up.requests == 1, 5, "the first request to reach the replica")
+        sender = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
+        sender.start()
+        sender.join(2)
+        assert sender.is_alive(), "the gateway read all the client sent"
+        (conn,) = gw.gateway.clients
+        # One read's worth past the limit at most: a read is parsed whole.
+        assert len(conn.pending) <= PIPELINE_LIMIT + 256 * 1024 // len(one(1))
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() <= 2 * 64 * 1024  # the high-water mark
+        up.release.set()
+        data = b""
+        while chunk := s.recv(1 << 20):
+            data += chunk
+        sender.join(10)
+    rids = re.findall(rb"\r\nx-baseten-request-id: (p\d+)\r\n", data)
+    assert rids == [b"p%06d" % i for i in range(n + 1)]  # all answered, in order
+    statuses = Counter(re.findall(rb"HTTP/1\.1 (\d+) ", data))
+    assert statuses == ({b"200": 1, b"404": n} if held else {b"401": n + 1})

@@ -43,7 +43,14 @@ from kingpost.gateway.upstream import StreamConn, UpstreamConn
 if TYPE_CHECKING:
     from kingpost.gateway.server import Gateway
 
-__all__ = ["BUFFER_LIMIT", "HEAD_LIMIT", "REQUEST_ID_LIMIT", "ClientConn", "Request"]
+__all__ = [
+    "BUFFER_LIMIT",
+    "HEAD_LIMIT",
+    "PIPELINE_LIMIT",
+    "REQUEST_ID_LIMIT",
+    "ClientConn",
+    "Request",
+]
 
 access_log = logging.getLogger("kingpost.gateway.access")
 REQUEST_ID_LIMIT = 128
@@ -58,6 +65,12 @@ its own connection, until the body timeout ends it, not a slot others wait for."
 HEAD_LIMIT = 64 * 1024
 """Bytes a request head may take beyond the read it starts in (431 past it): httptools
 has no limit and keeps a header's value growing for as long as the client sends it."""
+PIPELINE_LIMIT = 16
+"""Requests a connection may have parsed and waiting for their turn (pipelining): past it,
+or while the client does not read its answers (the transport's write buffer past its
+high-water mark), the gateway reads no more from it until the queue is down to half and
+the answers drain. A client that pipelines without reading holds a bounded queue, not as
+many requests, or answers, as it sends."""
 
 
 class Request:
@@ -166,6 +179,11 @@ class ClientConn(StreamConn):
         self.tunnel: Request | None = None
         """An upgrade request whose raw bytes are buffered until the replica answers."""
         self.paused_reading = False
+        self.holding = False
+        """Reading paused because answers are owed (see :data:`PIPELINE_LIMIT`); apart from
+        :attr:`paused_reading` (a body) so that neither's end resumes the other's pause."""
+        self.writing_paused = False
+        """The client's write buffer is past its high-water mark: no next answer is begun."""
         self.refusal: tuple[bytes, str, int, str, float] | None = None
         """An error answer owed after the answers before it: its bytes, and its request id,
         status, code and when it was decided, for its access line."""
@@ -190,7 +208,7 @@ class ClientConn(StreamConn):
         req, gw = self.current, self.gw
         # A body on its way, unless the gateway paused reading it (for the replica's sake).
         reading = req is not None and req.method and not req.complete
-        if reading and not (self.paused_reading or self.closed):
+        if reading and not (self.paused_reading or self.holding or self.closed):
             assert req is not None
             if now - req.start > gw.body_timeout_s + req.body_bytes / gw.body_min_rate:
                 self._body_too_slow(req)
@@ -260,8 +278,18 @@ class ClientConn(StreamConn):
         except httptools.HttpParserError as exc:
             # Requests parsed before the bad bytes are still answered, then this error.
             self._fail_and_close(400, f"malformed HTTP request: {exc}")
-        if self.pending and not self.busy:
-            self.serve_next()
+        pending = self.pending
+        if pending:
+            if not self.busy:
+                self.serve_next()
+            # Requests still queued: read no more while too many are, or while the client
+            # does not read the answers (see PIPELINE_LIMIT).
+            if (
+                pending
+                and not self.holding
+                and (len(pending) >= PIPELINE_LIMIT or self.writing_paused)
+            ):
+                self._hold()
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
@@ -318,13 +346,38 @@ class ClientConn(StreamConn):
 
     def pause_writing(self) -> None:
         super().pause_writing()
+        self.writing_paused = True
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self.writing_paused = False
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
+        if self.closed:
+            return
+        if self.pending and not self.busy:
+            self.serve_next()  # the answers it held back while the client did not read
+        if self.holding:
+            self._release()
+
+    def _hold(self) -> None:
+        """Read no more requests: enough are queued, or the client reads no answers (only
+        with a request queued, so a body the answer in progress waits for still comes)."""
+        if self.transport is not None and not self.closed:
+            self.holding = True
+            self.transport.pause_reading()
+
+    def _release(self) -> None:
+        """Read again once the queue is down to half and the client takes its answers (or
+        nothing is queued for them to hold back); not past a pause of another reason."""
+        pending = self.pending
+        if len(pending) > PIPELINE_LIMIT // 2 or (self.writing_paused and pending):
+            return
+        self.holding = False
+        if not (self.paused_reading or self.eof or self.closed) and self.transport is not None:
+            self.transport.resume_reading()
 
     def _fail_and_close(self, status: int, message: str, code: str = "invalid_request") -> None:
         rid = self.gw.new_request_id()
@@ -422,7 +475,7 @@ class ClientConn(StreamConn):
         that must wait (a body still arriving, a queue, a new connection, a retry) goes to
         :meth:`_serve`, which handles it and every request behind it.
         """
-        while not self.busy and self.pending and not self.closed:
+        while not self.busy and self.pending and not (self.closed or self.writing_paused):
             req = self.pending[0]
             if (
                 req.chunked
@@ -464,7 +517,10 @@ class ClientConn(StreamConn):
         if self.paused_reading and self.transport is not None:
             # Reading stopped for a large body that has now gone upstream in full.
             self.paused_reading = False
-            self.transport.resume_reading()
+            if not self.holding:
+                self.transport.resume_reading()
+        if self.holding:
+            self._release()
         return True
 
     async def _serve(self, handoff: Handoff | None = None) -> None:
@@ -473,6 +529,9 @@ class ClientConn(StreamConn):
             if handoff is not None and not self.after(handoff.req, await dispatch(self, handoff)):
                 return
             while self.pending and not self.closed:
+                if self.writing_paused:
+                    await self.drain()  # the client reads the answers before it gets more
+                    continue
                 req = self.pending.popleft()
                 if not self.after(req, await self._handle(req)):
                     return
@@ -485,7 +544,8 @@ class ClientConn(StreamConn):
                 return None
             if self.paused_reading and self.transport is not None:
                 self.paused_reading = False
-                self.transport.resume_reading()
+                if not self.holding:
+                    self.transport.resume_reading()
             req.waiter = asyncio.get_running_loop().create_future()
             await req.waiter
         return req.chunks.popleft()
