@@ -205,6 +205,23 @@ def test_deactivate_and_its_route_answers_404(
     page.locator(f'[data-dep-status="{first["id"]}"]').get_by_text("INACTIVE").wait_for()
 
 
+def test_the_model_page_follows_a_change_made_elsewhere(
+    page: Any, platform: Platform, state: dict[str, Any]
+) -> None:
+    """The page's polls, not a reload, show it: the post/redirect/get of the tests above
+    draws the new state anyway, so a poll that failed on every tick went unseen."""
+    first = state["first"]
+    url = page.url
+    with platform.client() as c:
+        c.deployment_action(state["model"], first["id"], "activate")
+    cell = f'[data-dep-status="{first["id"]}"]'
+    page.wait_for_function(
+        f"() => document.querySelector('{cell}').textContent.trim() !== 'INACTIVE'",
+        timeout=30_000,
+    )
+    assert page.url == url  # the same page, updated in place
+
+
 def test_playground_and_following_logs(
     page: Any, platform: Platform, shots: list[Path], state: dict[str, Any]
 ) -> None:

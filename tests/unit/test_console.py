@@ -389,3 +389,58 @@ def test_deleting_a_model_names_what_goes_first(console: Console) -> None:
     r = console.client.post("/console/models/m/delete", data={"csrf": token})
     assert r.status_code == 200 and "model m deleted" in r.text
     assert console.store.list_models() == []
+
+
+def test_a_form_posted_after_the_session_ended_signs_in_back_to_its_page(
+    console: Console,
+) -> None:
+    """`next` was the form's action, a POST route: after sign-in the browser GOT it, 405."""
+    console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    )
+    page = "/console/models/m"
+    r = console.client.post(
+        "/console/models/m/deployments/deployment-1/activate",
+        data={"csrf": "x"},
+        headers={"Referer": f"http://testserver{page}"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == f"/console/sign-in?next={page}"
+    # From another site, or without a Referer: the console's start page.
+    for referer in ({"Referer": "http://elsewhere.example/console/models/m"}, {}):
+        r = console.client.post(
+            "/console/sign-out", data={}, headers=referer, follow_redirects=False
+        )
+        assert r.headers["location"] == "/console/sign-in?next=/console/"
+
+
+def test_odd_input_gets_a_message_not_a_500(console: Console) -> None:
+    page = console.client.get("/console/sign-in")
+    r = console.client.post(
+        "/console/sign-in", data={"csrf": _csrf(page.text), "api_key": "kp_\u00e9t\u00e9"}
+    )
+    assert r.status_code == 400 and "ASCII" in r.text
+    console.store.create_deployment(
+        NewDeployment(model_name="m", project_hash="a" * 64, config={}, engine="process")
+    )
+    token = sign_in(console)
+    url = "/console/models/m/environments/production/autoscaling"
+    r = console.client.post(url, data={"csrf": token, "min_replica": "\u00b2"})
+    assert r.status_code == 400 and "min_replica" in r.text, r.text
+    # A query parameter named like the reader's own argument is passed on, not a crash.
+    r = console.client.get("/console/data/models", params={"path": "x"})
+    assert r.status_code == 200 and r.json() == {"models": [{**r.json()["models"][0]}]}
+
+
+def test_the_playground_answers_502_when_the_gateway_cannot_be_reached(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", gateway_port=1)  # nothing listens there
+    store = bootstrap(settings, lambda _: None, show_key=False)
+    key = (settings.home / "credentials").read_text().strip()
+    plane = ControlPlane(settings, store, Controller(settings, store))
+    with TestClient(create_app(plane)) as client:
+        console = Console(client, key, store, settings)
+        token = sign_in(console)
+        r = console.client.post(
+            "/console/models/m/deployments/d/predict", json={}, headers={"X-CSRF-Token": token}
+        )
+    assert r.status_code == 502 and "cannot reach the gateway" in r.json()["error"], r.text

@@ -64,6 +64,14 @@ def _number(raw: str) -> Any:
     return raw
 
 
+def _whole(raw: str) -> Any:
+    """A whole number as one; anything else (``1.5``, ``²``) as typed, for the API to name."""
+    try:
+        return int(raw)
+    except ValueError:
+        return raw
+
+
 def _promotion_body(fields: dict[str, str]) -> dict[str, Any]:
     body: dict[str, Any] = {name: name in fields for name, _ in PROMOTION_FLAGS}
     config: dict[str, Any] = {}
@@ -303,7 +311,7 @@ def _environment_pages(router: APIRouter, console: Console) -> None:
         for name, _ in AUTOSCALING_FIELDS:
             raw = fields.get(name, "").strip()
             if raw:  # a number goes as one; anything else goes as typed, for the API to name
-                changes[name] = int(raw) if raw.lstrip("-").isdigit() else raw
+                changes[name] = _whole(raw)
         path = f"/v1/models/{_q(model)}/environments/{_q(env)}"
         result = console.check_api(
             ctx, await ctx.api.call("PATCH", path, json={"autoscaling_settings": changes})

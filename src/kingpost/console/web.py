@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -56,6 +56,15 @@ class NeedSignIn(Exception):
 
     def __init__(self, next_path: str) -> None:
         self.next_path = next_path
+
+
+def _page_of(request: Request) -> str:
+    """The console page a form was posted from, by its Referer (same origin only)."""
+    referer = urlsplit(request.headers.get("referer", ""))
+    same = referer.netloc in ("", request.url.netloc)
+    if same and referer.path.startswith(f"{ROOT}/") and "/sign-in" not in referer.path:
+        return referer.path
+    return f"{ROOT}/"
 
 
 class CsrfRefused(Exception):
@@ -106,7 +115,9 @@ class Console:
         """The request's session, or :class:`NeedSignIn`."""
         info = self.sessions.get(request.cookies.get(COOKIE))
         if info is None:
-            raise NeedSignIn(request.url.path)
+            # Back to the page after: a form's action (a POST route) is not one, the page
+            # the form was on is (its Referer, when it is the console's), else the start.
+            raise NeedSignIn(request.url.path if request.method == "GET" else _page_of(request))
         return Ctx(request, info, ApiCaller(self.app, info.api_key))
 
     async def form(self, request: Request) -> tuple[Ctx, dict[str, str]]:
@@ -248,6 +259,9 @@ def _sign_in_routes(router: APIRouter, console: Console) -> None:
         key = fields.get("api_key", "").strip()
         if not key:
             return form(request, "Enter an API key.", 400)
+        if not key.isascii() or not key.isprintable():
+            # A header cannot carry it; keys are ASCII (a paste brought something else).
+            return form(request, "API key: ASCII letters, digits and symbols only.", 400)
         # The API decides: an unknown key is 401, an invoke-only key 403, with its message.
         result = await ApiCaller(console.app, key).get("/v1/api_keys")
         if not result.ok:
@@ -283,9 +297,8 @@ def _data_routes(router: APIRouter, console: Console) -> None:
         ctx = console.ctx(request)
         if any(part in (".", "..") for part in path.split("/")):
             return JSONResponse({"error": f"path {path!r}: no '.' or '..' parts"}, 400)
-        result = console.check_api(
-            ctx, await ctx.api.get(f"/v1/{path}", **dict(request.query_params))
-        )
+        params = dict(request.query_params)  # one dict: a parameter may be named `path`
+        result = console.check_api(ctx, await ctx.api.call("GET", f"/v1/{path}", params=params))
         return JSONResponse(result.data, status_code=result.status)
 
     @router.get("/figures")
@@ -317,22 +330,36 @@ def _data_routes(router: APIRouter, console: Console) -> None:
         if not csrf_matches(ctx.session.csrf_token, request.headers.get("x-csrf-token")):
             raise CsrfRefused
         body = await request.body()
-        gateway = console.plane.settings.gateway_url
+        settings = console.plane.settings
+        host = settings.gateway_host
+        # A wildcard listen address is not a place to connect to: this machine's loopback.
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        host = f"[{host}]" if ":" in host else host
+        gateway = f"http://{host}:{settings.gateway_port}"
         client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10))
         url = f"{gateway}/models/{quote(model, safe='')}/deployment/{quote(dep, safe='')}/predict"
         started = time.monotonic()
-        upstream = await client.send(
-            client.build_request(
-                "POST",
-                url,
-                content=body,
-                headers={
-                    "Authorization": f"Api-Key {ctx.session.api_key}",
-                    "Content-Type": "application/json",
-                },
-            ),
-            stream=True,
-        )
+        try:
+            upstream = await client.send(
+                client.build_request(
+                    "POST",
+                    url,
+                    content=body,
+                    headers={
+                        "Authorization": f"Api-Key {ctx.session.api_key}",
+                        "Content-Type": "application/json",
+                        # The bytes are relayed as they come, and shown: not compressed.
+                        "Accept-Encoding": "identity",
+                    },
+                ),
+                stream=True,
+            )
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            return JSONResponse(
+                {"error": f"cannot reach the gateway at {gateway}: {exc}", "code": "bad_gateway"},
+                status_code=502,
+            )
 
         async def relay() -> AsyncIterator[bytes]:
             try:

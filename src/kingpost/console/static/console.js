@@ -53,10 +53,11 @@
   if (depsBox) {
     const model = depsBox.dataset.pollDeployments;
     every(2000, async () => {
-      const deps = await getJSON("models/" + encodeURIComponent(model) + "/deployments");
+      // Lists come under a key, as Baseten's management API gives them.
+      const deps = (await getJSON("models/" + encodeURIComponent(model) + "/deployments")).deployments;
       const names = {};
       deps.forEach((d) => { names[d.id] = d.name; showDeployment(d, false); });
-      const envs = await getJSON("models/" + encodeURIComponent(model) + "/environments");
+      const envs = (await getJSON("models/" + encodeURIComponent(model) + "/environments")).environments;
       envs.forEach((e) => {
         const cell = document.querySelector('[data-env-deployment="' + CSS.escape(e.name) + '"]');
         if (cell) { cell.textContent = e.deployment_id ? (names[e.deployment_id] || e.deployment_id) : "none"; }
