@@ -150,6 +150,11 @@ def test_reads_have_basetens_shapes_and_fields(api: tuple[TestClient, str], tmp_
         e["name"] for e in client.get("/v1/models/api-test/environments").json()["environments"]
     ]
     assert names == ["production", "staging"]
+    # Baseten's production-deployment routes: `production` names what production serves.
+    r = client.get("/v1/models/api-test/deployments/production")
+    assert r.status_code == 200 and r.json()["id"] == first["id"], r.text
+    assert r.json()["is_production"] is True
+    assert client.get("/v1/deployments/production").status_code == 404  # only under a model
 
 
 def test_bad_config_is_refused_with_path_rule_value_and_nothing_created(

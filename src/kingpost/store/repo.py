@@ -592,6 +592,16 @@ class Store:
                 Deployment.model_id == model.id, Deployment.name == ref
             )
             d = s.scalar(query.with_for_update() if lock else query)
+            if d is None and ref == PRODUCTION:
+                # Baseten's `.../deployments/production/...` routes: the deployment the
+                # production environment points at (a deployment named so comes first).
+                current = s.scalar(
+                    select(Environment.deployment_id).where(
+                        Environment.model_id == model.id, Environment.name == PRODUCTION
+                    )
+                )
+                if current is not None:
+                    d = s.get(Deployment, current, with_for_update=lock)
         if d is None or d.desired_state == DesiredState.DELETED:
             raise NotFoundError(f"deployment {ref!r} not found", deployment=ref)
         if model_ref is not None and d.model_id != self._model(s, model_ref).id:
