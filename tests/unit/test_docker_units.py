@@ -15,6 +15,7 @@ from kingpost.controller.specs import replica_spec
 from kingpost.engines.base import WeightMount
 from kingpost.engines.docker import (
     ContainerLimits,
+    _packages_linked,
     container_options,
     deployment_uid,
     device_requests,
@@ -92,6 +93,27 @@ def test_bundled_packages_are_also_at_slash_packages_as_in_truss(
     assert link < next(i for i, ln in enumerate(lines) if "sed -i" in ln)
     without = plan_build(cfg(CUSTOM), files(tmp_path, **{"server.py": "x"}), "b:1", HOST)
     assert "ln -s" not in without.dockerfile  # /packages stays an empty writable directory
+
+
+def test_bundled_packages_out_of_the_project_are_never_looked_at_on_the_host(
+    tmp_path: Path,
+) -> None:
+    """The check runs as root on this machine: a `bundled_packages_dir` out of the project
+    must not read a host folder (the image copies only the project)."""
+    host = tmp_path / "host"
+    (host / "secret").mkdir(parents=True)
+    app = tmp_path / "replicas" / "r1" / "app"
+    app.mkdir(parents=True)
+    for name, linked in (("../../../host", False), ("../app/../../../host", False)):
+        config = cfg(CUSTOM + f"bundled_packages_dir: {name}\n")
+        spec = replica_spec(replica_id="r1", deployment_id="d1", model_id="m1", model_name="m",
+                            app_dir=app, config=config, env={}, secrets={})  # fmt: skip
+        assert _packages_linked(spec) is linked
+    (app / "vendor" / "c").mkdir(parents=True)
+    spec = replica_spec(replica_id="r1", deployment_id="d1", model_id="m1", model_name="m",
+                        app_dir=app, config=cfg(CUSTOM + "bundled_packages_dir: vendor\n"),
+                        env={}, secrets={})  # fmt: skip
+    assert _packages_linked(spec)
 
 
 def test_a_failed_steps_output_loses_colour_codes_and_builder_chatter() -> None:

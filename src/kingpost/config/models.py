@@ -305,6 +305,18 @@ class TrussConfig(ConfigModel):
             )
         return value
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_inside(cls, value: str) -> str:
+        # The process engine links `/app/data` weights into `{replica app}/{data_dir}` as
+        # root on the host: a path out of the project would place (or replace) host files.
+        if not value.strip() or value.startswith("/") or ".." in value.split("/"):
+            raise ValueError(
+                "data_dir must be a relative folder inside the project (not empty, no "
+                "leading `/`, no `..`), e.g. `data`"
+            )
+        return value
+
     @field_validator("environment_variables", mode="before")
     @classmethod
     def _env_to_str(cls, value: object) -> object:

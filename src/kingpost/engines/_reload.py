@@ -20,7 +20,7 @@ from kingpost.engines.base import Endpoint, Reload
 from kingpost.netns import socket_in_netns
 from kingpost.server.contract import RELOAD_PATH, RELOAD_TOKEN_HEADER
 
-__all__ = ["Patch", "ask_reload"]
+__all__ = ["Patch", "ask_reload", "open_parent"]
 
 
 class _Connection(http.client.HTTPConnection):
@@ -64,6 +64,41 @@ def ask_reload(endpoint: Endpoint, token: str, timeout: float) -> Reload:
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
+def open_parent(root: Path, rel: str, create: bool, uid: int | None) -> tuple[int, str] | None:
+    """An open descriptor of ``rel``'s directory under ``root`` and its last name
+    (``None``: a directory on the way is missing and ``create`` is false).
+
+    ``rel`` is walked one name at a time from ``root``, never following a link
+    (``O_NOFOLLOW``, ``dir_fd``): ``root`` is a directory a replica's own user can change,
+    and a link planted on the way must not lead a root write out of it. Directories
+    created on the way are given to ``uid`` when there is one. An absolute ``rel``, a
+    ``.`` or ``..`` in it, or a link on the way is an :class:`OSError` naming it."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or any(p in (".", "..") for p in parts):
+        raise OSError(f"{rel!r} is not a path inside the project")
+    fd = os.open(root, _DIR)
+    try:
+        for part in parts[:-1]:
+            try:
+                step = os.open(part, _DIR, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    os.close(fd)
+                    return None
+                os.mkdir(part, 0o755, dir_fd=fd)
+                step = os.open(part, _DIR, dir_fd=fd)
+                if uid is not None:
+                    os.fchown(step, uid, uid)
+            except OSError as exc:
+                raise OSError(f"{rel}: {part!r} is not a directory (a link?): {exc}") from exc
+            os.close(fd)
+            fd = step
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
 class Patch:
     """Files of a replica's project replaced from a new project, with what they were, so
     that :meth:`undo` puts the old ones back.
@@ -96,32 +131,7 @@ class Patch:
                 self._write(rel, content)
 
     def _parent(self, rel: str, create: bool) -> tuple[int, str] | None:
-        """An open descriptor of ``rel``'s directory and its last name (``None``: a
-        directory on the way is missing and ``create`` is false)."""
-        parts = PurePosixPath(rel).parts
-        if not parts or PurePosixPath(rel).is_absolute() or any(p in (".", "..") for p in parts):
-            raise OSError(f"{rel!r} is not a path inside the project")
-        fd = os.open(self.app, _DIR)
-        try:
-            for part in parts[:-1]:
-                try:
-                    step = os.open(part, _DIR, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        os.close(fd)
-                        return None
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    step = os.open(part, _DIR, dir_fd=fd)
-                    if self.uid is not None:
-                        os.fchown(step, self.uid, self.uid)
-                except OSError as exc:
-                    raise OSError(f"{rel}: {part!r} is not a directory (a link?): {exc}") from exc
-                os.close(fd)
-                fd = step
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, parts[-1]
+        return open_parent(self.app, rel, create, self.uid)
 
     def _read(self, rel: str) -> bytes | None:
         found = self._parent(rel, create=False)

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import secrets
 import threading
 import time
@@ -168,6 +169,9 @@ def _packages_linked(spec: ReplicaSpec) -> bool:
     """Whether the built image made ``/packages`` a link into ``/app`` (bundled packages)."""
     config = spec.config
     name = (config.bundled_packages_dir.strip("/") if config is not None else "") or "packages"
+    name = posixpath.normpath(name)
+    if name == ".." or name.startswith("../"):  # the image copies only the project
+        return False
     folder = spec.app_dir / name
     return folder.is_dir() and any(folder.iterdir())
 

@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from kingpost._cancel import kill_orphans
@@ -55,7 +56,7 @@ from kingpost.engines._records import (
     remove_record,
     write_record,
 )
-from kingpost.engines._reload import Patch, ask_reload
+from kingpost.engines._reload import Patch, ask_reload, open_parent
 from kingpost.engines._secrets import private_dir, remove_secrets, tmpfs, write_secrets
 from kingpost.engines._view import View, plan_view, replica_uid
 from kingpost.engines.base import (
@@ -658,7 +659,11 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             rep.root.mkdir(parents=True, exist_ok=True)
             shutil.copytree(spec.app_dir, rep.app, symlinks=True)
             _chown_tree(rep.app, uid)
-            _link_app_weights(rep.app, spec)  # after the chown, which must not reach them
+            try:
+                _link_app_weights(rep.app, spec)  # after the chown, which must not reach them
+            except EngineError as exc:
+                rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
+                return
         for own in ("home", "tmp") if uid is not None else ("home",):
             if not (rep.root / own).exists():
                 (rep.root / own).mkdir()
@@ -866,18 +871,56 @@ def _link_app_weights(app: Path, spec: ReplicaSpec) -> None:
     ``model_cache/NAME``) lead to the mirrored, read-only files. A file the project has
     at such a path is replaced in this copy, as Truss's download and the docker engine's
     mount replace it; a directory is kept.
+
+    This runs as root on the host, over a tree the project's files (links included)
+    made: a path that leaves ``app`` (a ``data_dir`` of ``..``, from a config stored
+    before the rule) or a link on the way to it is refused with an :class:`EngineError`
+    naming it, never followed.
     """
     data_dir = (spec.config.data_dir if spec.config is not None else "data").strip("/")
     for w in spec.weights:
-        location = posixpath.normpath(w.mount_location)
-        if not location.startswith("/app/"):
+        rel = app_link_path(w.mount_location, data_dir)
+        if rel is None:
             continue
-        rel = location.removeprefix("/app/")
-        if rel == "data" or rel.startswith("data/"):
-            rel = posixpath.join(data_dir or "data", rel.removeprefix("data").lstrip("/"))
-        link = app / rel
-        if not link.is_relative_to(app) or link.is_dir():
-            continue
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        link.symlink_to(w.source_dir)
+        if rel == "" or rel == ".." or rel.startswith("../"):
+            raise EngineError(
+                f"weights mounted at {w.mount_location} would be linked at {rel or '.'} "
+                f"(data_dir {data_dir!r}), outside the replica's copy of the project; "
+                "set data_dir to a folder inside the project"
+            )
+        try:
+            found = open_parent(app, rel, create=True, uid=None)
+            assert found is not None  # created where missing
+            fd, name = found
+            try:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and S_ISDIR(st.st_mode):
+                    continue
+                if st is not None:
+                    os.unlink(name, dir_fd=fd)  # the link itself, never what it names
+                os.symlink(w.source_dir, name, dir_fd=fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise EngineError(
+                f"cannot link the weights mounted at {w.mount_location} into the replica's "
+                f"project at {rel}: {exc}; a link in the project on the way is not followed"
+            ) from exc
+
+
+def app_link_path(mount_location: str, data_dir: str) -> str | None:
+    """Where, relative to a replica's app directory, the process engine links weights
+    mounted at ``mount_location`` (``None``: not under ``/app/``): ``/app/data/...``
+    lands in the config's ``data_dir``, as a container's data directory is ``/app/data``.
+    Normalised, so a path that leaves the app directory starts with ``..``."""
+    location = posixpath.normpath(mount_location)
+    if not location.startswith("/app/"):
+        return None
+    rel = location.removeprefix("/app/")
+    if rel == "data" or rel.startswith("data/"):
+        rel = posixpath.join(data_dir or "data", rel.removeprefix("data").lstrip("/"))
+    rel = posixpath.normpath(rel)
+    return "" if rel == "." else rel
