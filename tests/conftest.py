@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +28,16 @@ def up() -> Iterator[Upstream]:
     """A real upstream HTTP server (``helpers.upstream``)."""
     with upstream() as u:
         yield u
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A directory any user of the machine may read (0755, in ``/tmp``), for local weights
+    sources: the mirror copies only what any user may read, and pytest's ``tmp_path`` lies
+    under a 0700 directory."""
+    path = Path(tempfile.mkdtemp(prefix="kp-public-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

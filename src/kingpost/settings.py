@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     weights_mirror_attempts: int = Field(default=3, ge=1)
     """Times a deployment's weights mirror is tried (5 s, then 20 s apart) before the
     deployment is FAILED with the source's error; re-activating it tries again."""
+    weights_allow_private_urls: bool = False
+    """Let the weights mirror fetch URLs a config or secret names (``https://`` weights,
+    ``external_data``, a service-account key's ``token_uri``) from loopback, link-local,
+    private and reserved addresses. Off: the control plane, on the host network, would
+    fetch for a replica what the replica itself cannot reach (a metadata service, this
+    machine's own ports). Endpoints set in the control plane's environment (``HF_ENDPOINT``,
+    ``KINGPOST_S3_ENDPOINT_URL``, ``STORAGE_EMULATOR_HOST``) are trusted either way."""
     process_pids_limit: int = Field(default=4096, ge=0)
     """Process engine, isolated replicas: the most processes and threads one deployment's
     uid may run (``RLIMIT_NPROC``), so a fork loop cannot exhaust the host's PIDs; servers

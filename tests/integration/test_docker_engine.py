@@ -94,9 +94,9 @@ def push(platform: Platform, project: Path, **options: Any) -> dict[str, Any]:
 
 
 def test_custom_server_replicas_share_a_fixed_port_with_uid_secrets_limits_and_weights(
-    dplatform: Platform, docker_client: Any, tmp_path: Path
+    dplatform: Platform, docker_client: Any, tmp_path: Path, public_tmp: Path
 ) -> None:
-    weights_src = tmp_path / "weights-src"
+    weights_src = public_tmp / "weights-src"  # any user may read it: the mirror copies only that
     (weights_src / "sub").mkdir(parents=True)
     (weights_src / "model.bin").write_bytes(b"w" * 1000)
     (weights_src / "sub" / "tok.json").write_text("{}")

@@ -236,8 +236,10 @@ def test_promotion_and_named_deployments(platform: Platform, tmp_path: Path) -> 
     assert out.returncode != 0 and "--name, --labels" in out.stderr, out.stderr
 
 
-def test_weights_are_mirrored_then_mounted_read_only(platform: Platform, tmp_path: Path) -> None:
-    repo = tmp_path / "weights-repo"
+def test_weights_are_mirrored_then_mounted_read_only(
+    platform: Platform, tmp_path: Path, public_tmp: Path
+) -> None:
+    repo = public_tmp / "weights-repo"  # any user may read it: the mirror copies only that
     (repo / "sub").mkdir(parents=True)
     (repo / "model.safetensors").write_bytes(b"w" * 4096)
     (repo / "sub" / "config.json").write_text("{}")

@@ -284,12 +284,12 @@ def _node_blobs(home: Path) -> dict[str, dict[str, int]]:
 
 
 def test_weights_reach_each_node_once_and_are_mounted_read_only(
-    deployed: dict[str, Any], home: Path
+    deployed: dict[str, Any], home: Path, public_tmp: Path
 ) -> None:
     """The mirror's files are shipped to each node's own cache (by content hash), once per
     node, and mounted read-only; a second deployment of the same weights fetches nothing."""
     p: Platform = deployed["platform"]
-    repo = home / "ray-weights"
+    repo = public_tmp / "ray-weights"  # any user may read it: the mirror copies only that
     (repo / "sub").mkdir(parents=True)
     (repo / "model.safetensors").write_bytes(b"w" * 4096)
     (repo / "sub" / "config.json").write_text("{}")

@@ -19,6 +19,7 @@ from helpers.hubserver import Hub, Repo, hub_server
 from helpers.platform import wait_for
 from kingpost.config import parse_config
 from kingpost.config.sources import WeightsSource
+from kingpost.errors import WeightsError
 from kingpost.weights import MirrorState, MirrorStatus, WeightsManager, validate_weights
 from kingpost.weights import manager as manager_module
 from kingpost.weights.blobs import BlobStore, Manifest
@@ -44,8 +45,8 @@ def mirror(mgr: WeightsManager, key: str, text: str, secrets: dict[str, str] | N
     assert st and st.state == MirrorState.COMPLETE, st
 
 
-def test_local_mirror_is_a_read_only_hard_link_tree(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path / "repo")
+def test_local_mirror_is_a_read_only_hard_link_tree(tmp_path: Path, public_tmp: Path) -> None:
+    repo = local_repo(public_tmp / "repo")
     mgr = WeightsManager(tmp_path / "store")
     cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/a\n"
     mirror(mgr, "dep1", cfg)
@@ -64,8 +65,8 @@ def test_local_mirror_is_a_read_only_hard_link_tree(tmp_path: Path) -> None:
     assert status.bytes_total == 500_005
 
 
-def test_patterns_and_dedup_across_models(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path / "repo")
+def test_patterns_and_dedup_across_models(tmp_path: Path, public_tmp: Path) -> None:
+    repo = local_repo(public_tmp / "repo")
     mgr = WeightsManager(tmp_path / "store")
     base = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     top = base + "    allow_patterns: ['*.safetensors']\n"
@@ -85,8 +86,10 @@ def test_patterns_and_dedup_across_models(tmp_path: Path) -> None:
     assert mgr.status("b").bytes_done == 500_000
 
 
-def test_pins_survive_a_restart_and_new_files_are_not_seen(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path / "repo")
+def test_pins_survive_a_restart_and_new_files_are_not_seen(
+    tmp_path: Path, public_tmp: Path
+) -> None:
+    repo = local_repo(public_tmp / "repo")
     cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     mirror(WeightsManager(tmp_path / "store"), "dep", cfg)
     (repo / "late.bin").write_bytes(b"new")
@@ -99,9 +102,11 @@ def test_pins_survive_a_restart_and_new_files_are_not_seen(tmp_path: Path) -> No
     assert (fresh.source_dir / "late.bin").read_bytes() == b"new"
 
 
-def test_a_pinned_file_the_source_no_longer_has_fails_the_mirror(tmp_path: Path) -> None:
+def test_a_pinned_file_the_source_no_longer_has_fails_the_mirror(
+    tmp_path: Path, public_tmp: Path
+) -> None:
     """The store lost a blob and the source lost the file: nothing can be mounted."""
-    repo = local_repo(tmp_path / "repo")
+    repo = local_repo(public_tmp / "repo")
     cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     first = WeightsManager(tmp_path / "store")
     mirror(first, "dep", cfg)
@@ -116,8 +121,8 @@ def test_a_pinned_file_the_source_no_longer_has_fails_the_mirror(tmp_path: Path)
     assert "README.md" in st.error and "no longer lists it" in st.error
 
 
-def test_gc_keeps_referenced_blobs(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path / "repo")
+def test_gc_keeps_referenced_blobs(tmp_path: Path, public_tmp: Path) -> None:
+    repo = local_repo(public_tmp / "repo")
     mgr = WeightsManager(tmp_path / "store")
     mirror(mgr, "dep", f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n")
     stray = mgr.store.blob_path("f" * 64)
@@ -166,7 +171,9 @@ def test_concurrent_callers_share_one_tree(tmp_path: Path) -> None:
     assert not list((tmp_path / "store" / "tmp").iterdir())
 
 
-def test_a_file_named_like_a_directory_of_another_fails_the_mirror(tmp_path: Path) -> None:
+def test_a_file_named_like_a_directory_of_another_fails_the_mirror(
+    tmp_path: Path, public_tmp: Path
+) -> None:
     class Clashing(LocalSource):
         def files(self) -> list[RemoteFile]:
             return [RemoteFile("a", 1, "e1"), RemoteFile("a/b", 1, "e2")]
@@ -175,8 +182,8 @@ def test_a_file_named_like_a_directory_of_another_fails_the_mirror(tmp_path: Pat
             out.write(b"x")
 
     mgr = WeightsManager(tmp_path / "store")
-    cfg = f"weights:\n  - source: file://{tmp_path}\n    mount_location: /models/m\n"
-    with mock.patch.object(manager_module, "open_source", lambda *a: Clashing(tmp_path)):
+    cfg = f"weights:\n  - source: file://{public_tmp}\n    mount_location: /models/m\n"
+    with mock.patch.object(manager_module, "open_source", lambda *a: Clashing(public_tmp)):
         mgr.start("dep", entries(cfg), {})
         done = (MirrorState.COMPLETE, MirrorState.FAILED)
         st = wait_for(lambda: (s := mgr.status("dep")).state in done and s, 30, "the mirror")
@@ -450,9 +457,13 @@ def test_a_corrupt_download_is_refused_by_its_hash(hub: Hub, tmp_path: Path) -> 
     assert not list((tmp_path / "store" / "blobs").glob("*/*"))
 
 
-def test_single_file_over_http_resumes(hub: Hub, tmp_path: Path) -> None:
+def test_single_file_over_http_resumes(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kingpost.weights.blobs import BlobStore
     from kingpost.weights.sources import HttpFileSource
+
+    monkeypatch.setenv("KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS", "1")  # the server is local
 
     data = os.urandom(2_500_000)
     hub.repos["org/file"] = repo = Repo()
@@ -490,6 +501,8 @@ def test_the_local_hub_speaks_the_api_huggingface_hub_uses(hub: Hub, tmp_path: P
 def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gcs]:
     with gcs_server() as g:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", g.url)
+        # The test keys' token_uri is this local server: a URL the secret names.
+        monkeypatch.setenv("KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS", "1")
         yield g
 
 
@@ -561,7 +574,10 @@ def test_gcs_weights_through_the_platform(gcs: Gcs, tmp_path: Path, where: str) 
         {"enc/model.safetensors": os.urandom(70_000), "enc/sub/config.json": b"{}"},
         readers={"plat@p.iam"},
     )
-    platform = Platform(tmp_path / "home", extra_env={"STORAGE_EMULATOR_HOST": gcs.url}).start()
+    platform = Platform(
+        tmp_path / "home",
+        extra_env={"STORAGE_EMULATOR_HOST": gcs.url, "KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS": "1"},
+    ).start()
     try:
         key = json.dumps(gcs.service_account("plat@p.iam"))
         assert platform.cli("secrets", "set", "gcp_service_account", input=key).returncode == 0
@@ -588,12 +604,12 @@ def test_gcs_weights_through_the_platform(gcs: Gcs, tmp_path: Path, where: str) 
 
 
 def test_a_failing_mirror_is_retried_with_backoff_then_given_up_until_forgotten(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, public_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The controller calls start() on every pass: a failed mirror used to start again each
     time, so its deployment showed a fresh "0/0 files" forever. Now each failure counts,
     start() waits out the backoff, and after the last attempt the failure stands."""
-    repo = tmp_path / "repo"  # missing until the end
+    repo = public_tmp / "repo"  # missing until the end
     cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
     mgr = WeightsManager(tmp_path / "store", attempts=3)
 
@@ -622,7 +638,9 @@ def test_a_failing_mirror_is_retried_with_backoff_then_given_up_until_forgotten(
     assert mgr.status("dep").attempts == 0
 
 
-def test_a_weights_source_that_fails_fails_the_deployment_and_push_wait(tmp_path: Path) -> None:
+def test_a_weights_source_that_fails_fails_the_deployment_and_push_wait(
+    tmp_path: Path, public_tmp: Path
+) -> None:
     """It used to sit in WAITING_FOR_WEIGHTS "0/0 files" while `push --wait` waited out its
     timeout. The deployment ends FAILED with the source's error, which `kingpost logs`
     shows too; re-activating it after the source is fixed mirrors afresh."""
@@ -630,7 +648,7 @@ def test_a_weights_source_that_fails_fails_the_deployment_and_push_wait(tmp_path
 
     from helpers.platform import Platform
 
-    repo = tmp_path / "repo"  # missing
+    repo = public_tmp / "repo"  # missing
     platform = Platform(
         tmp_path / "home", extra_env={"KINGPOST_WEIGHTS_MIRROR_ATTEMPTS": "1"}
     ).start()
@@ -665,8 +683,8 @@ def test_a_local_source_inside_the_home_is_never_mirrored(tmp_path: Path) -> Non
     assert "may not be inside Kingpost's home" in st.error and str(home) in st.error
 
 
-def test_restart_mirrors_the_new_entries_of_a_key(tmp_path: Path) -> None:
-    a, b = local_repo(tmp_path / "a"), tmp_path / "b"
+def test_restart_mirrors_the_new_entries_of_a_key(tmp_path: Path, public_tmp: Path) -> None:
+    a, b = local_repo(public_tmp / "a"), public_tmp / "b"
     b.mkdir()
     (b / "other.bin").write_bytes(b"new weights")
     mgr = WeightsManager(tmp_path / "store")
@@ -679,3 +697,172 @@ def test_restart_mirrors_the_new_entries_of_a_key(tmp_path: Path) -> None:
     (mount,) = mgr.mounts("dev")
     assert mount.mount_location == "/models/b"
     assert (mount.source_dir / "other.bin").read_bytes() == b"new weights"
+
+
+# -- what the root control plane may fetch for a replica ----------------------------------------
+def failed_mirror(mgr: WeightsManager, key: str, text: str) -> MirrorStatus:
+    mgr.start(key, entries(text), {})
+    done = (MirrorState.COMPLETE, MirrorState.FAILED)
+    st = wait_for(lambda: (s := mgr.status(key)).state in done and s, 30, f"mirror {key}")
+    assert st and st.state == MirrorState.FAILED, st
+    return st
+
+
+def test_a_local_source_only_root_may_read_is_refused_at_push_and_by_the_mirror(
+    tmp_path: Path, public_tmp: Path
+) -> None:
+    """The control plane mirrors as root into a tree every replica may read: a 0700
+    directory (/root/.ssh, another model's secrets under /dev/shm) must not be copied."""
+    private = local_repo(public_tmp / "private")
+    private.chmod(0o700)
+    below = local_repo(tmp_path / "below-0700")  # pytest's base directory is 0700
+    cfg = (
+        f"weights:\n  - source: file://{private}\n    mount_location: /models/a\n"
+        f"  - source: {below}\n    mount_location: /models/b\n"
+    )
+    errors = dict(validate_weights(entries(cfg), tmp_path / "home"))
+    assert f"{private} is not listable by others (o+rx) (mode 0700)" in errors["weights[0].source"]
+    assert "searchable by others (o+x)" in errors["weights[1].source"]
+    mgr = WeightsManager(tmp_path / "store", home=tmp_path / "home")
+    st = failed_mirror(mgr, "dep", cfg)  # a deployment pushed before the rule
+    assert st.error.startswith(f"weights[0].source: {private} is not listable"), st.error
+
+
+def test_a_private_file_or_a_link_to_one_in_a_public_source_fails_the_mirror(
+    tmp_path: Path, public_tmp: Path
+) -> None:
+    secret = public_tmp / "vault"
+    secret.mkdir(mode=0o700)
+    (secret / "id_ed25519").write_text("PRIVATE KEY")
+    for name, make in (
+        ("file", lambda repo: (repo / "key.bin").chmod(0o600)),
+        ("link", lambda repo: (repo / "key.bin").symlink_to(secret / "id_ed25519")),
+        ("link-to-dir", lambda repo: (repo / "sub" / "k").symlink_to(secret / "id_ed25519")),
+    ):
+        repo = local_repo(public_tmp / name)
+        if name == "file":
+            (repo / "key.bin").write_text("PRIVATE")
+        make(repo)
+        mgr = WeightsManager(tmp_path / f"store-{name}")
+        cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
+        assert validate_weights(entries(cfg), tmp_path / "home") == []  # the directory is fine
+        st = failed_mirror(mgr, "dep", cfg)
+        assert st.error.startswith("weights[0].source: "), st.error
+        assert "readable by others (o+r)" in st.error or "searchable by others" in st.error
+        assert not any(
+            b"PRIVATE" in p.read_bytes() for p in (tmp_path / f"store-{name}").rglob("*")
+            if p.is_file()
+        )  # fmt: skip
+
+
+def test_a_link_swapped_in_after_the_listing_is_not_followed(
+    tmp_path: Path, public_tmp: Path
+) -> None:
+    repo = local_repo(public_tmp / "repo")
+    secret = public_tmp / "vault"
+    secret.mkdir(mode=0o700)
+    (secret / "shard.safetensors").write_text("PRIVATE")
+    source = LocalSource(repo, "weights[0].source")
+    listed = {f.path: f for f in source.files()}
+    # Between the listing and the read, the directory becomes a link to the secret one.
+    (repo / "sub").rename(public_tmp / "old-sub")
+    (repo / "sub").symlink_to(secret)
+    out = tmp_path / "out"
+    with out.open("wb") as fh, pytest.raises(WeightsError, match=r"searchable by others|o\+r"):
+        source.fetch(listed["sub/shard.safetensors"], fh)
+    assert b"PRIVATE" not in out.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "169.254.169.254", "10.1.2.3", "[::1]", "[::ffff:127.0.0.1]",
+             "[::ffff:169.254.169.254]", "0.0.0.0", "localhost"],
+)  # fmt: skip
+def test_a_url_on_a_private_address_is_refused_unless_the_operator_allows_it(
+    tmp_path: Path, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane, on the host network, must not fetch for a replica what the
+    replica (in its own namespace) cannot reach: a metadata service, this machine."""
+    monkeypatch.delenv("KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS", raising=False)
+    cfg = f"external_data:\n  - url: http://{host}:9/creds\n    local_data_path: c.txt\n"
+    st = failed_mirror(WeightsManager(tmp_path / "store"), "dep", cfg)
+    assert "refused:" in st.error and "KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS" in st.error, st.error
+
+
+def test_a_local_url_is_fetched_when_the_operator_allows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helpers.httpd import QuietHandler, serving
+
+    class Files(QuietHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+    with serving(Files) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/f.txt"
+        cfg = f"external_data:\n  - url: {url}\n    local_data_path: f.txt\n"
+        st = failed_mirror(WeightsManager(tmp_path / "refused"), "dep", cfg)
+        assert "127.0.0.1 is loopback" in st.error, st.error
+        monkeypatch.setenv("KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS", "1")
+        mgr = WeightsManager(tmp_path / "store")
+        mirror(mgr, "dep", cfg)
+        (mount,) = mgr.mounts("dep")
+        assert mount.source_dir.read_bytes() == b"hello"
+
+
+def test_a_public_name_is_connected_to_at_the_address_that_was_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name resolved twice (check, then connect) could answer a public address first and
+    a private one next: the connection goes to the address that was checked."""
+    import socket
+
+    import httpx
+
+    from kingpost.weights import access
+
+    monkeypatch.delenv("KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS", raising=False)
+    answers = iter(["93.184.215.14", "127.0.0.1"])
+    monkeypatch.setattr(
+        socket, "getaddrinfo",
+        lambda host, port, **kw: [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                                   (next(answers), port))],
+    )  # fmt: skip
+    sent: list[httpx.Request] = []
+    monkeypatch.setattr(
+        httpx.HTTPTransport, "handle_request",
+        lambda self, request: sent.append(request) or httpx.Response(200, content=b"x"),
+    )  # fmt: skip
+    with access.guarded_client() as client:
+        assert client.get("https://weights.example/model.bin").status_code == 200
+    (request,) = sent
+    assert request.url.host == "93.184.215.14"
+    assert request.headers["host"] == "weights.example"
+    assert request.extensions["sni_hostname"] == "weights.example"
+
+
+def test_a_service_account_token_uri_on_a_private_address_is_refused(
+    gcs: Gcs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key's token_uri is the user's: the JWT is not posted to this machine."""
+    monkeypatch.delenv("KINGPOST_WEIGHTS_ALLOW_PRIVATE_URLS")
+    gcs.buckets["models"] = Bucket({"llama/a.bin": b"a"}, readers={"sa@p.iam"})
+    mgr = WeightsManager(tmp_path / "store")
+    mgr.start("dep", entries(gs_cfg()), {"gsa": json.dumps(gcs.service_account("sa@p.iam"))})
+    done = (MirrorState.COMPLETE, MirrorState.FAILED)
+    st = wait_for(lambda: (s := mgr.status("dep")).state in done and s, 30, "the mirror")
+    assert st and st.state == MirrorState.FAILED, st
+    assert "/token: refused:" in st.error and "loopback" in st.error, st.error
+
+
+def test_an_r2_account_id_cannot_name_another_host(tmp_path: Path) -> None:
+    cfg = s3_cfg("r2://localhost#.weights/llama", "r2")
+    mgr = WeightsManager(tmp_path / "store")
+    secret = json.dumps({"aws_access_key_id": "AK", "aws_secret_access_key": "SK"})
+    mgr.start("dep", entries(cfg), {"r2": secret})
+    done = (MirrorState.COMPLETE, MirrorState.FAILED)
+    st = wait_for(lambda: (s := mgr.status("dep")).state in done and s, 30, "the mirror")
+    assert st and st.state == MirrorState.FAILED, st
+    assert "R2 account id 'localhost#'" in st.error, st.error

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 from kingpost.errors import WeightsError
+from kingpost.weights.access import guarded_client
 from kingpost.weights.sources import (
     RemoteFile,
     Source,
@@ -214,5 +215,8 @@ def gcs_source(entry: WeightsEntry, secrets: Mapping[str, str]) -> Source:
         )
     label = f"{entry.source} (secret {name!r})"
     http = httpx.Client(timeout=60, follow_redirects=True)
+    # The key's `token_uri` is the user's (the API endpoint is the operator's): public
+    # addresses only, or the control plane would POST to what a replica cannot reach.
+    token_http = guarded_client(timeout=60, follow_redirects=True)
     bucket, _, prefix = entry.source.split("://", 1)[1].partition("/")
-    return GcsSource(bucket, prefix, ServiceAccount(info, http, label), http, label)
+    return GcsSource(bucket, prefix, ServiceAccount(info, token_http, label), http, label)

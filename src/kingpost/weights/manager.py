@@ -22,6 +22,7 @@ from pathlib import Path
 from kingpost.config.sources import source_scheme
 from kingpost.engines.base import WeightMount
 from kingpost.errors import KingpostError, WeightsError
+from kingpost.weights.access import public_dir_problem
 from kingpost.weights.blobs import BlobStore, GcReport, Manifest, Partial
 from kingpost.weights.patterns import selected
 from kingpost.weights.sources import RemoteFile, Source, WeightsEntry, open_source
@@ -79,21 +80,31 @@ class _Job:
             )  # fmt: skip
 
 
-def local_source_problem(source: str, home: Path) -> str | None:
+def local_source_problem(source: str, home: Path | None) -> str | None:
     """Why a local-path weights source may not be mirrored (None: it may): it lies
     inside Kingpost's home (the database, keys, every model's files and secrets'
-    mirrors) or holds it, and a replica would get a read-only copy of them."""
+    mirrors) or holds it, and a replica would get a read-only copy of them; or it is not
+    open to every user of the machine (``weights/access.py``): the control plane reads
+    it as root, a replica could not. Files inside are checked as they are mirrored."""
     if source_scheme(source) != "file":
         return None
-    path = Path(source.split("://", 1)[1] if "://" in source else source).resolve()
-    home = home.resolve()
-    if path == home or home in path.parents or path in home.parents:
-        return (
-            f"a local path may not be inside Kingpost's home {home} or contain it "
-            f"(found `{source}`); copy the weights to a directory of their own and point "
-            "`source` there"
-        )
-    return None
+    raw = source.split("://", 1)[1] if "://" in source else source
+    path = Path(raw).resolve()
+    if home is not None:
+        home = home.resolve()
+        if path == home or home in path.parents or path in home.parents:
+            return (
+                f"a local path may not be inside Kingpost's home {home} or contain it "
+                f"(found `{source}`); copy the weights to a directory of their own and point "
+                "`source` there"
+            )
+    return public_dir_problem(raw)
+
+
+def _field(entry: WeightsEntry, index: int) -> str:
+    """The config key of ``entry``'s source, as push errors name it (``weights[0].source``,
+    ``model_cache[1].source`` for a derived entry)."""
+    return f"{getattr(entry, 'origin', f'weights[{index}]')}.source"
 
 
 def validate_weights(
@@ -103,7 +114,7 @@ def validate_weights(
     errors = []
     for i, e in enumerate(entries):
         where = getattr(e, "origin", f"weights[{i}]")  # model_cache / external_data items
-        problem = local_source_problem(e.source, home) if home is not None else None
+        problem = local_source_problem(e.source, home)
         if problem is not None:
             errors.append((f"{where}.source", problem))
         auth = getattr(e, "auth", None)
@@ -319,7 +330,7 @@ class WeightsManager:
             pinned = self.store.pinned(key)
             manifests = [self.store.manifest(i) for i in pinned] if pinned else []
             if not pinned or any(m is None for m in manifests):
-                manifests = [self._resolve(e, secrets) for e in entries]
+                manifests = [self._resolve(e, secrets, _field(e, i)) for i, e in enumerate(entries)]
                 self.store.pin(key, [m.id for m in manifests if m is not None])
             job.manifests = [m for m in manifests if m is not None]
             self._download(job, entries, secrets)
@@ -338,11 +349,11 @@ class WeightsManager:
             self._failures[key] = (failed, time.monotonic() + delay)
         job.error, job.state = error, MirrorState.FAILED
 
-    def _resolve(self, entry: WeightsEntry, secrets: Mapping[str, str]) -> Manifest:
-        problem = local_source_problem(entry.source, self.home) if self.home else None
+    def _resolve(self, entry: WeightsEntry, secrets: Mapping[str, str], where: str) -> Manifest:
+        problem = local_source_problem(entry.source, self.home)
         if problem is not None:  # a deployment pushed before the rule: refused here too
-            raise WeightsError(f"weights source: {problem}")
-        source = open_source(entry, secrets)
+            raise WeightsError(f"{where}: {problem}")
+        source = open_source(entry, secrets, None, where)
         files = [
             f for f in source.files()
             if selected(f.path, entry.allow_patterns, entry.ignore_patterns)
@@ -383,7 +394,8 @@ class WeightsManager:
                 job.files_done += len(m.files) - len(missing)
                 job.bytes_done += m.total_bytes - sum(f.size for f in missing)
             if missing:
-                source = open_source(entry, secrets, m.revision if entry.scheme == "hf" else None)
+                revision = m.revision if entry.scheme == "hf" else None
+                source = open_source(entry, secrets, revision, _field(entry, idx))
                 listed = {f.path: f for f in source.files()}
                 gone = [f.path for f in missing if f.path not in listed]
                 if gone:

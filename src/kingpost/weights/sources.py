@@ -87,23 +87,41 @@ def range_header(f: RemoteFile, start: int, end: int | None) -> dict[str, str]:
 
 
 class LocalSource(Source):
-    def __init__(self, root: Path) -> None:
+    """A directory on this machine. The control plane reads it as root for a replica, so
+    only what any user of the machine may read is copied (:mod:`kingpost.weights.access`);
+    anything else fails the mirror with ``label`` (the entry's source field), the path
+    and the rule."""
+
+    def __init__(self, root: Path, label: str = "") -> None:
+        self.label = label or f"weights source {root}"
         if not root.is_dir():
-            raise WeightsError(f"weights source {root}: not a directory on this machine")
+            raise WeightsError(f"{self.label}: {root}: not a directory on this machine")
         self.root = root
 
     def files(self) -> list[RemoteFile]:
+        from kingpost.weights.access import dir_problem, open_public_file, public_dir_problem
+
+        problem = public_dir_problem(str(self.root))
+        if problem is not None:
+            raise WeightsError(f"{self.label}: {problem}")
         out = []
         for dirpath, _, names in os.walk(self.root):
+            problem = dir_problem(dirpath)
+            if problem is not None:
+                raise WeightsError(f"{self.label}: {problem}")
             for name in names:
                 path = Path(dirpath) / name
-                st = path.stat()
+                fd, st = open_public_file(str(path), self.label)
+                os.close(fd)
                 rel = path.relative_to(self.root).as_posix()
                 out.append(RemoteFile(rel, st.st_size, f"{st.st_mtime_ns}-{st.st_size}"))
         return sorted(out, key=lambda f: f.path)
 
     def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
-        with (self.root / f.path).open("rb") as fh:
+        from kingpost.weights.access import open_public_file
+
+        fd, _ = open_public_file(str(self.root / f.path), self.label)
+        with os.fdopen(fd, "rb") as fh:
             fh.seek(start)
             left = (f.size if end is None else end) - start
             while left > 0 and (chunk := fh.read(min(left, 1024 * 1024))):
@@ -221,11 +239,12 @@ class HttpFileSource(Source):
     """One file at an ``https://`` (or, for local servers, ``http://``) URL."""
 
     def __init__(self, url: str) -> None:
-        import httpx
+        from kingpost.weights.access import guarded_client
 
         self.url = url
         self.name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "file"
-        self._http = httpx.Client(timeout=60, follow_redirects=True)
+        # A URL the user's config names: public addresses only (weights/access.py).
+        self._http = guarded_client(timeout=60, follow_redirects=True)
 
     def files(self) -> list[RemoteFile]:
         with self._http.stream("GET", self.url) as r:  # headers only; the body is not read
@@ -286,6 +305,7 @@ def _hub_source(entry: WeightsEntry, secrets: Mapping[str, str], revision: str |
 
 
 _S3_KEYS = ("aws_access_key_id", "aws_secret_access_key")
+_R2_ACCOUNT = re.compile(r"[A-Za-z0-9-]+")
 
 
 def _s3_credentials(entry: WeightsEntry, secrets: Mapping[str, str]) -> dict[str, str]:
@@ -321,6 +341,13 @@ def _s3_source(entry: WeightsEntry, secrets: Mapping[str, str]) -> Source:
     endpoint = os.environ.get("KINGPOST_S3_ENDPOINT_URL")
     if entry.scheme == "r2":
         account, _, bucket = bucket.partition(".")
+        if not _R2_ACCOUNT.fullmatch(account):
+            # It becomes the endpoint's host name: `localhost#` would send the request
+            # (and the credentials) to this machine.
+            raise WeightsError(
+                f"{entry.source}: the R2 account id {account!r} must be letters, digits "
+                "and `-` (r2://ACCOUNT_ID.BUCKET/path)"
+            )
         template = os.environ.get(
             "KINGPOST_R2_ENDPOINT_TEMPLATE", "https://{account}.r2.cloudflarestorage.com"
         )
@@ -337,9 +364,10 @@ def _s3_source(entry: WeightsEntry, secrets: Mapping[str, str]) -> Source:
 
 
 def open_source(
-    entry: WeightsEntry, secrets: Mapping[str, str], revision: str | None = None
+    entry: WeightsEntry, secrets: Mapping[str, str], revision: str | None = None, label: str = ""
 ) -> Source:
-    """The source of ``entry``; ``revision`` pins a revisioned source to a known commit."""
+    """The source of ``entry``; ``revision`` pins a revisioned source to a known commit;
+    ``label`` names the entry's source field in a local source's refusals."""
     scheme = entry.scheme
     if scheme == "hf":
         return _hub_source(entry, secrets, revision)
@@ -347,7 +375,7 @@ def open_source(
         return HttpFileSource(entry.source)
     if scheme == "file":
         path = entry.source.split("://", 1)[1] if "://" in entry.source else entry.source
-        return LocalSource(Path(path))
+        return LocalSource(Path(path), label)
     if scheme in ("s3", "r2"):
         return _s3_source(entry, secrets)
     if scheme == "gs":
