@@ -88,7 +88,7 @@ ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
 """
 
 
-def project(tmp_path: Path, name: str, env: dict[str, str]) -> Path:
+def project(tmp_path: Path, name: str, env: dict[str, str], server: str = "") -> Path:
     app = tmp_path / name
     app.mkdir()
     (app / "server.py").write_text(ATTACKER)
@@ -96,6 +96,7 @@ def project(tmp_path: Path, name: str, env: dict[str, str]) -> Path:
     (app / "config.yaml").write_text(
         "docker_server:\n  start_command: python3 server.py\n  server_port: 8000\n"
         "  predict_endpoint: /\n  readiness_endpoint: /\n  liveness_endpoint: /\n"
+        + server
         + (f"environment_variables:\n{variables}" if variables else "")
     )
     return app
@@ -170,7 +171,7 @@ def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
         control.close()
         for dep in ("d1", "d2"):  # its home is under /tmp: the host's /tmp was theirs
             Path(f"/tmp/{dep}-was-here").unlink(missing_ok=True)
-    assert seen["uid"] == replica_uid("d1", None) != replica_uid("d2", None)
+    assert seen["uid"] == replica_uid("d1") != replica_uid("d2")
     assert seen["own_secret"] == "ok: mine"
     assert seen["own_app"] == seen["own_home"] == "ok: written"
     for attack in (
@@ -189,6 +190,34 @@ def test_a_replica_reaches_neither_the_control_plane_nor_another_model(
     assert seen["shm"] == "ok: []"
     # Files it wrote are its own (and its deployment's), not root's.
     assert (eng.settings.replicas_dir / "d1-a" / "app" / "scratch").stat().st_uid == seen["uid"]
+
+
+@needs_isolation
+def test_deployments_that_set_one_run_as_user_id_still_get_uids_of_their_own(
+    eng: ProcessEngine, tmp_path: Path
+) -> None:
+    """`run_as_user_id: 1000` (what the docs advise for NVIDIA images) on two deployments
+    made them one host uid, perhaps a login user's: each read the other's secrets through
+    /proc/PID/root and its environment through /proc/PID/environ."""
+    same = "  run_as_user_id: 1000\n"
+    nothing = {"VICTIM_HOME": "/", "OTHER_SECRET": "/", "OTHER_APP": "/"}
+    try:
+        start(eng, project(tmp_path, "victim", nothing, same), "d4", "theirs")
+        victim = eng._replicas["d4-a"].proc
+        assert victim is not None
+        env = {
+            "VICTIM_HOME": "/",
+            "OTHER_SECRET": f"/proc/{victim.pid}/root/secrets/token",
+            "OTHER_APP": f"/proc/{victim.pid}/environ",
+        }
+        seen = get(start(eng, project(tmp_path, "attacker", env, same), "d3", "mine"))
+    finally:
+        for dep in ("d3", "d4"):  # its home is under /tmp: the host's /tmp was theirs
+            Path(f"/tmp/{dep}-was-here").unlink(missing_ok=True)
+    assert seen["uid"] == replica_uid("d3") != 1000
+    assert seen["own_secret"] == "ok: mine"
+    assert str(seen["other_secret"]).startswith("refused:"), seen["other_secret"]
+    assert str(seen["other_app"]).startswith("refused:"), seen["other_app"]
 
 
 @needs_isolation

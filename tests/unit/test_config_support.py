@@ -335,6 +335,11 @@ PROCESS_ONLY = [
         "base_image: {python_executable_path: /usr/bin/python3}",
         "base_image.python_executable_path",
     ),
+    (  # a user of an image: on this machine it would be a host uid shared across deployments
+        "docker_server: {start_command: python3 s.py, server_port: 8000, predict_endpoint: /p,"
+        " readiness_endpoint: /h, liveness_endpoint: /h, run_as_user_id: 1000}",
+        "docker_server.run_as_user_id",
+    ),
 ]
 
 

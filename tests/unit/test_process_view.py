@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from kingpost.engines._view import UID_BASE, UID_SPAN, plan_view, replica_uid
-from kingpost.errors import EngineError
 
 
 def tree(root: Path, *dirs: str) -> None:
@@ -59,21 +56,8 @@ def test_an_install_that_holds_the_home_is_kept_exactly(tmp_path: Path) -> None:
     assert (str(top / "x/python"), False) in view.keep
 
 
-@pytest.mark.parametrize(
-    ("deployment", "run_as", "expected"),
-    [("d1", 1000, 1000), ("d1", 60000, 60000)],
-)
-def test_run_as_user_id_is_used_as_given(deployment: str, run_as: int, expected: int) -> None:
-    assert replica_uid(deployment, run_as) == expected
-
-
 def test_a_derived_uid_is_stable_per_deployment_and_in_range() -> None:
-    uids = {replica_uid(f"dep{i}", None) for i in range(200)}
+    uids = {replica_uid(f"dep{i}") for i in range(200)}
     assert len(uids) == 200
     assert all(UID_BASE <= u < UID_BASE + UID_SPAN for u in uids)
-    assert replica_uid("dep1", None) == replica_uid("dep1", None)
-
-
-def test_root_is_refused_with_the_field_and_the_way_out() -> None:
-    with pytest.raises(EngineError, match=r"run_as_user_id may not be 0 .*e\.g\. 1000"):
-        replica_uid("d1", 0)
+    assert replica_uid("dep1") == replica_uid("dep1")

@@ -487,6 +487,18 @@ def process_engine_warnings(config: TrussConfig) -> list[Issue]:
                 config.base_image.python_executable_path,
             )
         )
+    if config.docker_server is not None and config.docker_server.run_as_user_id is not None:
+        issues.append(
+            Issue(
+                ("docker_server", "run_as_user_id"),
+                "not applied: it names a user inside an image, and the process engine runs "
+                "replicas on this machine, where that uid would be a real user's and shared "
+                "with every deployment that sets it (each could read the others' secrets); "
+                "replicas run as a uid of their deployment's own instead. Push with "
+                "--engine docker to run as it",
+                config.docker_server.run_as_user_id,
+            )
+        )
     return issues + _process_resource_warnings(config)
 
 

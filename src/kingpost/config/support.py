@@ -193,7 +193,7 @@ ROWS: tuple[Row, ...] = (
     _row("docker_server.liveness_endpoint", (A, "the liveness probe")),
     _row(
         "docker_server.run_as_user_id",
-        (A, "the uid the server runs as (with isolation, as root)"),
+        (W, "not applied: replicas run as their deployment's own uid, never a host user"),
         (A, "the uid the server runs as"),
     ),
     _row(

@@ -25,27 +25,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kingpost.errors import EngineError
-
 __all__ = ["UID_BASE", "UID_SPAN", "View", "others_may_enter", "plan_view", "replica_uid"]
 
 UID_BASE = 200_000_000
-"""Replicas without ``run_as_user_id`` run as ``UID_BASE + h % UID_SPAN``, ``h`` the first
-8 bytes of the SHA-256 of their deployment id: uids 200000000 to 216777215, far above
-the users and the subordinate-id ranges distributions hand out."""
+"""Replicas run as ``UID_BASE + h % UID_SPAN``, ``h`` the first 8 bytes of the SHA-256 of
+their deployment id: uids 200000000 to 216777215, far above the users and the
+subordinate-id ranges distributions hand out."""
 UID_SPAN = 1 << 24
 
 
-def replica_uid(deployment_id: str, run_as_user_id: int | None) -> int:
-    """The uid (and gid) a deployment's replicas run as: the config's
-    ``run_as_user_id``, else one derived from the deployment id; never 0."""
-    if run_as_user_id is not None:
-        if run_as_user_id == 0:
-            raise EngineError(
-                "docker_server.run_as_user_id may not be 0 (root) on the process engine; "
-                "set `run_as_user_id` to another UID, e.g. 1000, or leave it out"
-            )
-        return run_as_user_id
+def replica_uid(deployment_id: str) -> int:
+    """The uid (and gid) a deployment's replicas run as, derived from the deployment id.
+
+    Never the config's ``docker_server.run_as_user_id``: that names a user inside an
+    image, which only the docker engine has. On this machine it would be a real uid,
+    perhaps a login user's, and shared by every deployment that names it (1000, as the
+    docs advise for NVIDIA images), each then reading the others' ``/proc/PID/root``
+    (their secrets) and environment. ``config/rules.py`` warns that it is not applied."""
     digest = hashlib.sha256(deployment_id.encode()).digest()
     return UID_BASE + int.from_bytes(digest[:8], "big") % UID_SPAN
 

@@ -462,7 +462,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             or (rep.adopted and rep.spec.kind != ServerKind.MODEL_CLASS)  # cannot relaunch
         ):
             return None
-        uid = replica_uid(rep.spec.deployment_id, rep.spec.run_as_user_id) if self.isolate else None
+        uid = replica_uid(rep.spec.deployment_id) if self.isolate else None
         patch = Patch(rep.app, uid)
         try:
             patch.apply(source, changed, removed)
@@ -639,11 +639,7 @@ class ProcessEngine(ReplicaEngine[_Replica]):
             self._drop(rep, "its server is gone")
             return
         spec = rep.spec
-        try:
-            uid = replica_uid(spec.deployment_id, spec.run_as_user_id) if self.isolate else None
-        except EngineError as exc:
-            rep.phase, rep.message = ReplicaPhase.FAILED, exc.message
-            return
+        uid = replica_uid(spec.deployment_id) if self.isolate else None
         if spec.kind != ServerKind.MODEL_CLASS and not rep.netns and _port_taken(rep.port):
             # Another process listens there: launched, the server could not bind, and the
             # probes would take that process's answers for its own (and route to it).
