@@ -163,7 +163,9 @@ class ModelServer:
         self._inline = inline_enabled()
         self._tracing = host.config.enable_tracing_data
         self._fast_s = fast_call_seconds()
-        self._placements: dict[str, Placement] = {}
+        self._placements: dict[str, tuple[Method, Placement]] = {}
+        """Each sync method's placement, with the :class:`Method` it was learnt from: a
+        live reload binds new Methods, whose code has proven nothing yet."""
         self.reloader: Any = None
         """Set by the runner: reloads the model in place (blocking) and returns what to
         answer; see :meth:`_reload`."""
@@ -302,9 +304,12 @@ class ModelServer:
         if m.is_async:
             await on_task()
             return await m.fn(*args)
-        place = self._placements.get(m.name)
-        if place is None:
-            place = self._placements[m.name] = Placement(m.name, self._inline, self._fast_s)
+        known = self._placements.get(m.name)
+        if known is not None and known[0] is m:
+            place = known[1]
+        else:  # the first call, or the first since a reload bound new code
+            place = Placement(m.name, self._inline, self._fast_s)
+            self._placements[m.name] = (m, place)
         if place.inline:
             # As in a worker thread, no loop is running for the call (a model that drives
             # its own loop with ``run_until_complete`` works the same on both), and the

@@ -16,6 +16,8 @@ to the loop an ``async def load`` ran on) would wait forever for a loop it block
 is never promoted; if it first does so after promotion, that call fails with a clear
 error instead of hanging, and the method is back on threads. ``is_healthy`` always stays
 on threads: it is called seldom and often touches locks or subprocesses.
+A live reload binds new code, which starts over on threads with a placement of its own:
+what the old method proved says nothing about the new one.
 
 ``KINGPOST_SERVER_INLINE=0`` keeps every sync method in threads;
 ``KINGPOST_SERVER_INLINE_FAST_US`` sets the bar for a fast call in microseconds.
