@@ -152,10 +152,16 @@ def _write_archive(root: Path, out: BinaryIO) -> None:
             path = root / rel
             if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
                 continue  # links out of the project are not part of it
-            info = tarfile.TarInfo(rel.as_posix())
-            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
-            info.mtime = 0
-            with path.open("rb") as f:
+            try:
+                f = path.open("rb")
+            except FileNotFoundError:
+                # A dangling link (emacs's ``.#model.py`` lock) or a file removed since it
+                # was listed: not part of the project as it is now.
+                continue
+            with f:
+                info = tarfile.TarInfo(rel.as_posix())
+                info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+                info.mtime = 0
                 info.size = os.fstat(f.fileno()).st_size
                 tar.addfile(info, f)
 

@@ -6,7 +6,9 @@ import threading
 import time
 from pathlib import Path
 
-from kingpost.cli.watch import snapshot, watch_loop
+import pytest
+
+from kingpost.cli.watch import apply_once, snapshot, watch_loop
 
 
 def project(tmp_path: Path) -> Path:
@@ -49,3 +51,19 @@ def test_watch_loop_calls_back_for_project_files_only(tmp_path: Path) -> None:
     )
     # One call, for the project file: the ignored ones before it changed nothing.
     assert len(calls) == 1 and calls[0] >= edited[0]
+
+
+class _UnreadableProject:
+    """A client whose upload meets a project file it cannot read."""
+
+    def upload(self, project_dir: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(project_dir / "model" / "model.py"))
+
+
+def test_a_change_that_cannot_be_read_is_not_applied_and_watching_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = project(tmp_path)
+    assert apply_once(_UnreadableProject(), root, "m") is None  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "not applied" in err and "Permission denied" in err and "model.py" in err

@@ -197,3 +197,29 @@ def test_pack_refuses_a_project_with_more_entries_than_the_limit(
         (tmp_path / f"f{i}.txt").write_text("x")
     with pytest.raises(ValidationError, match=r"more than 5 files and directories \(6 so far\)"):
         pack_project(tmp_path)
+
+
+def test_pack_skips_a_dangling_link_and_a_file_gone_since_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an editor leaves while it works (emacs's ``.#model.py`` lock is a link to
+    nowhere) and a file removed between listing and reading are not part of the project;
+    `kingpost watch` and `push` must not fail on them."""
+    import os
+
+    root = tmp_path / "p"
+    make_project(root)
+    os.symlink("alice@laptop.4242:1733400000", root / ".#server.py")
+    (root / "gone.py").write_text("x = 1\n")
+    listed = packaging.project_files
+
+    def list_then_remove(where: Path) -> list[Path]:
+        files = listed(where)
+        (where / "gone.py").unlink()
+        return files
+
+    monkeypatch.setattr(packaging, "project_files", list_then_remove)
+    packed = pack_project(root)
+    with tarfile.open(fileobj=io.BytesIO(packed.data)) as tar:
+        names = tar.getnames()
+    assert names == [".gitignore", ".truss_ignore", "config.yaml", "data/a.bin", "server.py"]

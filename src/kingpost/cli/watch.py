@@ -68,6 +68,11 @@ def apply_once(c: KingpostClient, project_dir: Path, model: str) -> dict[str, An
     except KingpostError as exc:
         err_console.print(f"[red]not applied:[/] {escape(exc.message)}", highlight=False)
         return None
+    except OSError as exc:
+        # A file the editor is still juggling (unreadable, replaced while read): the next
+        # change is tried again, so watching goes on.
+        err_console.print(f"[red]not applied:[/] {escape(str(exc))}", highlight=False)
+        return None
     report(result)
     return result
 
