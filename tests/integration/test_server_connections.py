@@ -475,3 +475,46 @@ def test_streams_cut_after_their_head_are_counted_by_why(tmp_path: Path) -> None
 
         wait_for(lambda: "client_left" in cut(), 10, "the reader's leaving to be counted")
         assert cut() == {"model_error": "1", "timeout": "1", "client_left": "1"}
+
+
+BACKGROUND_MODEL = """
+import threading
+from starlette.background import BackgroundTask
+from starlette.responses import JSONResponse
+
+started, gate, ended = threading.Event(), threading.Event(), threading.Event()
+
+
+def cleanup():
+    started.set()
+    gate.wait(3)
+    ended.set()
+
+
+class Model:
+    def predict(self, x):
+        if x == "with cleanup":
+            return JSONResponse({"done": True}, background=BackgroundTask(cleanup))
+        # The slot is free while the cleanup runs: this predict meets it still waiting.
+        meets_it = started.wait(10) and not ended.is_set()
+        gate.set()
+        return {"met the cleanup": meets_it}
+"""
+
+
+def test_a_response_gives_its_predict_slot_back_before_its_background_task(
+    tmp_path: Path,
+) -> None:
+    # As Truss: predict is done once it returned a response that does not stream; the
+    # response's background task runs outside predict_concurrency (1 here).
+    with (
+        _server(tmp_path, BACKGROUND_MODEL) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as first,
+    ):
+        first.sendall(_post(b'"with cleanup"'))
+        answer = b""
+        while not answer.endswith(b'{"done":true}'):  # the body is out before the cleanup
+            answer += first.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        second = raw_exchange(server.port, _post(b'"next"', close=True))
+        assert second.endswith(b'{"met the cleanup": true}'), second

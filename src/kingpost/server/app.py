@@ -440,9 +440,14 @@ class ModelServer:
         A stream that holds a predict slot (``release``) steps its sync generator in the
         predict pool, which has a thread per slot; any other stream (an OpenAI endpoint's,
         postprocess's) is outside the limit and steps in the other pool, so that it neither
-        waits for the slot holders' threads nor makes them wait."""
+        waits for the slot holders' threads nor makes them wait. A response that does not
+        stream gives the slot back before it is sent, as in Truss: its body is made, and
+        its background task (run after the body is out) is not predict's work."""
         await on_task()
         if compat.is_response(result):
+            if release is not None and not compat.is_streaming_response(result):
+                release()
+                release = None
             try:
                 return await compat.send_response(result, call.req, call.conn, call.headers)
             finally:

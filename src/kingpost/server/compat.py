@@ -13,7 +13,14 @@ from typing import Any
 from kingpost.server.http import Connection, HttpRequest, status_line
 from kingpost.server.model import LOOP_STOPPERS
 
-__all__ = ["connection_scope", "http_exception", "is_response", "make_request", "send_response"]
+__all__ = [
+    "connection_scope",
+    "http_exception",
+    "is_response",
+    "is_streaming_response",
+    "make_request",
+    "send_response",
+]
 
 
 def connection_scope(
@@ -71,6 +78,11 @@ def _receiver(req: HttpRequest, conn: Connection) -> Any:
 def is_response(obj: Any) -> bool:
     module = sys.modules.get("starlette.responses")
     return module is not None and isinstance(obj, module.Response)
+
+
+def is_streaming_response(obj: Any) -> bool:
+    module = sys.modules.get("starlette.responses")
+    return module is not None and isinstance(obj, module.StreamingResponse)
 
 
 def http_exception(exc: BaseException) -> tuple[int, Any] | None:
