@@ -203,6 +203,34 @@ def test_endpoint_streams_step_side_by_side_whatever_predict_concurrency(
         assert answers == [(200, b"data: met\n\n")] * 2, server.output()
 
 
+CHAT_ONLY = """
+class Model:
+    def chat_completions(self, model_input):
+        return {"choices": []}
+"""
+
+
+def test_predict_on_a_model_with_only_openai_methods_is_a_404_once_ready(
+    tmp_path: Path,
+) -> None:
+    # The model is ready: a 503 "not ready" would send a client (or the gateway) waiting
+    # for something that never comes.
+    app = tmp_path / "app"
+    (app / "model").mkdir(parents=True)
+    (app / "config.yaml").write_text("model_name: chat\n")
+    (app / "model" / "model.py").write_text(CHAT_ONLY)
+    with (
+        run_server(app, tmp_path) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        server.wait_ready(client)
+        assert client.post("/v1/chat/completions", json={}).json() == {"choices": []}
+        r = client.post(PREDICT, json={})
+        assert r.status_code == 404, r.text
+        assert r.json() == {"error": "`predict` is not implemented by this model."}
+        assert r.headers["x-baseten-error-source"] == "04"
+
+
 GENEROUS = {"KINGPOST_SERVER_INLINE_FAST_US": "50000"}
 """Promotion must not hang on the timing of a busy test machine (the rule is unit-tested)."""
 

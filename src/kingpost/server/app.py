@@ -339,10 +339,7 @@ class ModelServer:
     async def _predict(self, call: _Call) -> int:
         host = self.host
         if host.status is not Status.READY or host.predict is None:
-            if host.websocket is not None:
-                return self._not_predict(call)
-            call.conn.respond(503, call.headers + DOWNSTREAM_ERROR, NOT_READY)
-            return 503
+            return self._no_predict(call)
         try:
             inputs, binary = self._inputs(call, host.skip_input_parsing, host.input_type)
         except codec.InputError as exc:
@@ -397,15 +394,21 @@ class ModelServer:
         finally:
             call.spans.append(b"%s=%d-%d%s" % (name.encode(), start, time_ns(), failed))
 
-    @staticmethod
-    def _not_predict(call: _Call) -> int:
-        """Predict on a WebSocket model: a 404 that says where to go (Truss fails an
-        assertion and answers 500)."""
-        body = codec.error_body(
-            "`predict` is not implemented by this model: it serves a WebSocket at "
-            f"{WEBSOCKET_PATH} (through the gateway: .../websocket instead of .../predict)"
-        )
-        call.conn.respond(404, call.headers + CLIENT_ERROR, body)
+    def _no_predict(self, call: _Call) -> int:
+        """No predict to call: 503 while the model loads; once it is ready, a 404 saying
+        that this model has none (one with only OpenAI methods, or a WebSocket model, told
+        where to go instead: Truss fails an assertion there and answers 500)."""
+        host = self.host
+        if host.status is not Status.READY:
+            call.conn.respond(503, call.headers + DOWNSTREAM_ERROR, NOT_READY)
+            return 503
+        message = "`predict` is not implemented by this model."
+        if host.websocket is not None:
+            message = (
+                "`predict` is not implemented by this model: it serves a WebSocket at "
+                f"{WEBSOCKET_PATH} (through the gateway: .../websocket instead of .../predict)"
+            )
+        call.conn.respond(404, call.headers + CLIENT_ERROR, codec.error_body(message))
         return 404
 
     def _release(self) -> None:
