@@ -97,6 +97,11 @@ class Model:
                 yield "a"
                 raise SystemExit(3)
             return exits()
+        if x == "response stream":
+            async def parts():
+                yield "hello "
+                yield "world"
+            return StreamingResponse(parts())
         if x == "breaks":
             async def body():
                 yield "hello "
@@ -270,6 +275,17 @@ def test_http10_clients_get_a_stream_without_chunks(sync_server: ServerProcess) 
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head
     assert b"connection: close" in head
     assert body == b"chunk0 chunk1 chunk2 chunk3 chunk4 "  # raw bytes, ended by the close
+
+
+def test_http10_clients_get_a_streaming_response_without_chunks(
+    async_server: ServerProcess,
+) -> None:
+    data = raw_exchange(async_server.port, _post(b'"response stream"', b"1.0"))
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head
+    assert body == b"hello world"  # the first part too: raw bytes, ended by the close
+    data = raw_exchange(async_server.port, _post(b'"response stream"', close=True))
+    assert data.endswith(b"\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n")
 
 
 def test_a_client_that_expects_100_continue_is_invited(sync_server: ServerProcess) -> None:

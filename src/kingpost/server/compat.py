@@ -114,7 +114,8 @@ async def send_response(
         if not state["started"]:
             state["started"] = True
             _start(state, conn, extra_headers, body, more)
-            return
+            if not state["chunked"]:
+                return
         if state["chunked"]:
             await conn.stream_write(body)
             if not more:
@@ -154,10 +155,10 @@ def _start(
         headers += [(b"x-baseten-error-source", b"04"), (b"x-baseten-error-code", b"700")]
     has_length = any(k == b"content-length" for k, _ in headers)
     if more and not has_length:
+        # A stream: its first part is written by the caller, as every later one, by
+        # ``stream_write`` (no chunk framing for an HTTP/1.0 client, no body for HEAD).
         state["chunked"] = True
         conn.stream_start(state["status"], headers)
-        if body and conn.transport is not None:
-            conn.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
         return
     if not has_length:
         headers.append((b"content-length", str(len(body)).encode()))
