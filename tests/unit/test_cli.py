@@ -6,15 +6,20 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from test_api import CONFIG  # a valid custom-server config
 
 
-def kingpost(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def kingpost(tmp_path: Path, *args: str, api_port: int = 9) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")}
-    env.update(KINGPOST_HOME=str(tmp_path / "home"), KINGPOST_API_KEY="kp_x", KINGPOST_API_PORT="9")
+    env.update(KINGPOST_HOME=str(tmp_path / "home"), KINGPOST_API_KEY="kp_x")
+    env.update(KINGPOST_API_PORT=str(api_port))
     return subprocess.run(
         [sys.executable, "-m", "kingpost.cli", *args],
         env=env, capture_output=True, text=True, timeout=60,
@@ -253,3 +258,41 @@ def test_stdout_is_not_wrapped_when_piped(tmp_path: Path) -> None:
         "model a-rather-long-model-name (mdl-0123456789abcdef), "
         "deployment deployment-1 (dep-0123456789abcdef0123): DEPLOYING"
     ], out.stdout
+
+
+@contextmanager
+def _serving(body: bytes) -> Iterator[int]:
+    """A stand-in control plane on a free loopback port answering every GET with ``body``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/plain; version=0.0.4")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_metrics_text_that_does_not_parse_is_one_line_of_error(tmp_path: Path) -> None:
+    """A raw line break in a HELP line (a control plane from before it was escaped) made
+    `kingpost metrics` die with prometheus_client's ValueError traceback."""
+    text = b"# HELP tokens_total Tokens.\nCounts prompt tokens.\n# TYPE tokens_total counter\n"
+    with _serving(text) as port:
+        out = kingpost(tmp_path, "metrics", "-o", "json", "--interval", "0.1", api_port=port)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: cannot parse the control plane's /metrics text at http://")
+    assert "'prompt'" in line and out.stdout == ""

@@ -4,6 +4,8 @@ summary (quantiles from bucket deltas), relabelling a replica's text."""
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -118,6 +120,31 @@ def test_a_replicas_text_gets_its_labels_and_keeps_its_own_under_exported() -> N
     assert fam.samples == [
         ("calls_total", {"model": "m", "replica": "r1", "exported_model": "inner"}, 4.0)
     ]
+
+
+def test_a_replicas_multi_line_help_is_escaped_and_the_scrape_parses() -> None:
+    """``prometheus_client`` unescapes ``\\n`` in a help line when it parses a replica's
+    text; rendered raw, the next line was read as a sample and the whole scrape failed
+    (promtool, Prometheus and ``kingpost metrics`` alike)."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    reg = CollectorRegistry()
+    help_text = "Tokens generated.\nCounts prompt and completion\\ tokens."
+    Counter("tokens", help_text, registry=reg).inc(5)
+    into: dict[str, Family] = {}
+    _relabel(generate_latest(reg).decode(), {"model": "m", "replica": "r1"}, into)
+    assert into["tokens_total"].help == help_text
+    text = render(into.values())
+    escaped = "Tokens generated.\\nCounts prompt and completion\\\\ tokens."
+    assert f"# HELP tokens_total {escaped}\n" in text
+    (fam,) = text_string_to_metric_families(text)
+    assert fam.documentation == help_text
+    assert parse(text)[("tokens_total", frozenset({("model", "m"), ("replica", "r1")}))] == 5
+    promtool = shutil.which("promtool")  # Debian's prometheus package (integration tests need it)
+    if promtool is not None:
+        check = [promtool, "check", "metrics"]
+        out = subprocess.run(check, input=text, capture_output=True, text=True)
+        assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,29 @@ from rich.live import Live
 from rich.table import Table
 
 from kingpost.cli._common import client, console, output_option
-from kingpost.metrics.summary import Row, parse, summarize
+from kingpost.client.http import KingpostClient
+from kingpost.errors import KingpostError
+from kingpost.metrics.summary import Row, Samples, parse, summarize
 
 __all__ = ["metrics"]
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def _scrape(c: KingpostClient) -> Samples:
+    """The control plane's ``/metrics``, parsed. Text the parser refuses (a replica's
+    series re-exposed by a control plane that did not escape them) is one line of error,
+    naming where it came from, not a traceback."""
+    text = c.metrics_text()
+    try:
+        return parse(text)
+    except ValueError as exc:
+        detail = str(exc) or "a malformed line"
+        raise KingpostError(
+            f"cannot parse the control plane's /metrics text at {c.api_url}: {detail}"
+        ) from exc
 
 
 def _table(rows: list[Row], interval: float) -> Table:
@@ -58,10 +74,10 @@ def _table(rows: list[Row], interval: float) -> Table:
 def metrics(model: str | None, environment: str | None, interval: float, output: str) -> None:
     """Requests/s, p50/p99 latency, error rate, replicas and queue per deployment."""
     with client() as c:
-        before, at = parse(c.metrics_text()), time.monotonic()
+        before, at = _scrape(c), time.monotonic()
         if output == "json":
             time.sleep(interval)
-            after, now = parse(c.metrics_text()), time.monotonic()
+            after, now = _scrape(c), time.monotonic()
             rows = summarize(before, after, now - at, model, environment)
             click.echo(json.dumps([r.to_json() for r in rows], indent=2))
             return
@@ -69,7 +85,7 @@ def metrics(model: str | None, environment: str | None, interval: float, output:
             with Live(console=console, auto_refresh=False) as live:
                 while True:
                     time.sleep(interval)
-                    after, now = parse(c.metrics_text()), time.monotonic()
+                    after, now = _scrape(c), time.monotonic()
                     rows = summarize(before, after, now - at, model, environment)
                     live.update(_table(rows, interval), refresh=True)
                     before, at = after, now

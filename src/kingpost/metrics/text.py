@@ -21,6 +21,14 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _help(text: str) -> str:
+    """A HELP line's text as format 0.0.4 wants it: backslashes and line breaks escaped,
+    quotes not. A replica's help may hold a line break (``prometheus_client`` unescapes
+    ``\\n`` when it parses one), and a raw one would end the line there and break the whole
+    scrape for every reader."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
 def _number(value: float) -> str:
     if math.isnan(value):
         return "NaN"
@@ -71,7 +79,7 @@ def render(families: Iterable[Family]) -> str:
     for fam in families:
         if not fam.samples:
             continue
-        out.append(f"# HELP {fam.name} {fam.help.replace(chr(92), chr(92) * 2)}")
+        out.append(f"# HELP {fam.name} {_help(fam.help)}")
         out.append(f"# TYPE {fam.name} {fam.type}")
         out.extend(f"{name}{_labels(labels)} {_number(v)}" for name, labels, v in fam.samples)
     return "\n".join(out) + "\n" if out else ""
