@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,47 @@ def test_a_traced_model_servers_steps_join_the_gateways_trace(
         bad = {s["name"]: s for s in _spans(rec, "m-2", 4)}
         assert "model.postprocess" not in bad
         assert (bad["model.preprocess"]["status"], bad["model.predict"]["status"]) == (0, 2)
+    finally:
+        gw.close()
+
+
+def test_a_replicas_steps_out_of_range_are_dropped_not_the_batch(
+    receiver: tuple[Receiver, str],
+) -> None:
+    """A replica's ``x-kingpost-spans`` time past 2**64 - 1 failed OTLP's encoding of the
+    whole export batch, so every model's spans in it were lost; a time outside the
+    request's window is as wrong. Both steps are left out, and the rest goes."""
+
+    class Replica(QuietHandler):
+        def do_POST(self) -> None:
+            kind = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            t0 = time.time_ns()
+            steps = {
+                b"good": f"predict={t0}-{time.time_ns()}",
+                b"huge": "predict=1-99999999999999999999",
+                b"old": f"predict={t0 - 3600 * 10**9}-{t0 - 3599 * 10**9}",
+            }[kind]
+            self.send_response(200)
+            self.send_header("x-kingpost-spans", steps)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    rec, url = receiver
+    gw = RunningGateway(tracer=GatewayTracer(url + "/v1/traces"))
+    try:
+        with serving(Replica) as server:
+            up = Upstream("d1-r0", "127.0.0.1", server.server_address[1])
+            gw.table(DeploymentRoute("d1", "m1", "/x", DeploymentState.SERVING, (up,)))
+            with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as c:
+                for rid, kind in (("s-1", b"good"), ("s-2", b"huge"), ("s-3", b"old")):
+                    r = c.post(PREDICT, content=kind, headers={"X-Baseten-Request-Id": rid})
+                    assert r.status_code == 200
+        good = {s["name"]: s for s in _spans(rec, "s-1", 3)}
+        assert good["model.predict"]["parent"] == good["gateway.upstream"]["span"]
+        for rid in ("s-2", "s-3"):
+            names = sorted(s["name"] for s in _spans(rec, rid, 2))
+            assert names == ["gateway.request", "gateway.upstream"], (rid, names)
     finally:
         gw.close()
 

@@ -22,6 +22,10 @@ from kingpost.gateway.tracing import parse_model_spans
         (b"predict=-1-2;predict=x-y;=1-2;predict", []),
         (b"predict=1-2;" * 1000, [("predict", 1, 2, False)]),  # only the first few parts read
         (b"", []),
+        # OTLP's times are fixed64: past it, the whole export batch failed to encode.
+        (b"predict=1-18446744073709551615", [("predict", 1, 2**64 - 1, False)]),
+        (b"preprocess=1-2;predict=1-99999999999999999999", [("preprocess", 1, 2, False)]),
+        (b"predict=18446744073709551616-18446744073709551616", []),
     ],
 )  # fmt: skip
 def test_the_header_parses_into_known_steps(
@@ -32,3 +36,20 @@ def test_the_header_parses_into_known_steps(
 
 def test_the_header_never_reaches_a_client_or_a_replica() -> None:
     assert b"x-kingpost-spans" in HOP_BY_HOP
+
+
+@pytest.mark.parametrize(
+    ("header", "steps"),
+    [
+        (b"preprocess=100-150;predict=150-200!", [
+            ("preprocess", 100, 150, False), ("predict", 150, 200, True),
+        ]),
+        (b"preprocess=99-150;predict=150-200", [("predict", 150, 200, False)]),  # starts before
+        (b"predict=150-201;postprocess=201-201", []),  # ends after
+        (b"predict=1-99999999999999999999", []),
+    ],
+)  # fmt: skip
+def test_steps_outside_the_window_are_left_out(
+    header: bytes, steps: list[tuple[str, int, int, bool]]
+) -> None:
+    assert parse_model_spans(header, within=(100, 200)) == steps

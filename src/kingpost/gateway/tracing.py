@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODEL_STEPS",
+    "SKEW_NS",
     "GatewayTracer",
     "TracingUnavailable",
     "parse_model_spans",
@@ -53,14 +54,25 @@ __all__ = [
 MODEL_STEPS = frozenset({"preprocess", "predict", "postprocess"})
 """The model server's steps the gateway makes spans of (``x-kingpost-spans``)."""
 _MODEL_SPAN = re.compile(r"([a-z]+)=([0-9]{1,20})-([0-9]{1,20})(!?)")
+_MAX_NS = 2**64 - 1
+"""OTLP's times are fixed64: one past this fails the encoding of the whole batch."""
+SKEW_NS = 60 * 10**9
+"""How far a model step may lie outside the gateway's own send-to-answer window: a replica
+on another host (a Ray node) reads its own clock."""
 
 _TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _HEADER_LINE = re.compile(rb"(?im)^traceparent:[^\r\n]*\r\n")
 
 
-def parse_model_spans(header: bytes) -> list[tuple[str, int, int, bool]]:
+def parse_model_spans(
+    header: bytes, within: tuple[int, int] = (0, _MAX_NS)
+) -> list[tuple[str, int, int, bool]]:
     """``x-kingpost-spans`` as (step, start ns, end ns, raised): known steps only, each
-    at most once, with an end not before its start; anything else is left out."""
+    at most once, with an end not before its start, both inside ``within`` (epoch ns,
+    inclusive; never past what OTLP can encode); anything else is left out. A step out of
+    range is dropped rather than clamped: the replica's clock or header is wrong, and one
+    time OTLP cannot encode would lose the whole export batch, other models' spans too."""
+    lo, hi = max(within[0], 0), min(within[1], _MAX_NS)
     out: list[tuple[str, int, int, bool]] = []
     seen: set[str] = set()
     for part in header.decode("latin-1").split(";")[: len(MODEL_STEPS)]:
@@ -68,7 +80,7 @@ def parse_model_spans(header: bytes) -> list[tuple[str, int, int, bool]]:
         if m is None or m[1] not in MODEL_STEPS or m[1] in seen:
             continue
         start, end = int(m[2]), int(m[3])
-        if end >= start:
+        if lo <= start <= end <= hi:
             seen.add(m[1])
             out.append((m[1], start, end, bool(m[4])))
     return out
@@ -243,17 +255,27 @@ class GatewayTracer:
             )
         if model is not None and client_id and sent:
             upstream = ctx(trace_id, client_id, is_remote=False, trace_flags=self._sampled)
-            spans += self._model_spans(model, trace_id, upstream, attrs)
+            # The window in the replica's terms (wall clock), read now rather than through
+            # the offset taken at start, which drifts from the wall clock as NTP slews it.
+            answered = time.time_ns()
+            window = (answered - int((now - sent) * 1e9) - SKEW_NS, answered + SKEW_NS)
+            spans += self._model_spans(model, trace_id, upstream, attrs, window)
         for span in spans:
             self._processor.on_end(span)
 
     def _model_spans(
-        self, header: bytes, trace_id: int, parent: Any, attrs: dict[str, Any]
+        self,
+        header: bytes,
+        trace_id: int,
+        parent: Any,
+        attrs: dict[str, Any],
+        window: tuple[int, int],
     ) -> list[Any]:
-        """The spans a model server named in ``x-kingpost-spans``; what does not parse is
-        left out (a replica's header is not trusted beyond its own steps' times)."""
+        """The spans a model server named in ``x-kingpost-spans``; what does not parse, or
+        lies outside ``window`` (the request's, give or take ``SKEW_NS``), is left out (a
+        replica's header is not trusted beyond its own steps' times)."""
         out = []
-        for step, start, end, failed in parse_model_spans(header):
+        for step, start, end, failed in parse_model_spans(header, window):
             span_id = self._rand.getrandbits(64) or 1
             out.append(
                 self._span_cls(
