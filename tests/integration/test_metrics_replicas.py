@@ -73,3 +73,18 @@ def test_a_hung_replica_costs_the_deadline_and_the_others_are_kept(
     assert ("up_total", "r-slow") not in samples
     assert samples[("kingpost_replica_scrape_ok", "r-fast")] == 1
     assert samples[("kingpost_replica_scrape_ok", "r-slow")] == 0
+
+
+def test_scrapes_still_queued_at_the_deadline_count_as_failed(servers: tuple[int, int]) -> None:
+    """More hung replicas than scraping threads: the scrapes still queued at the deadline
+    are cancelled, and reading a cancelled one's exception raised CancelledError, which
+    made the control plane's whole /metrics a 500. (Each scrape started after the deadline
+    still waits its 10 ms floor, so 500 of them on 16 threads outlast the wait.)"""
+    _, slow = servers
+    labels = {"model": "m", "deployment": "d", "environment": "production"}
+    targets = [Scrape(f"r-{i}", labels, Endpoint("127.0.0.1", slow)) for i in range(500)]
+    started = time.monotonic()
+    families = scrape_replicas(targets, timeout_s=0.3)
+    assert time.monotonic() - started < 1.5
+    ok = {lab["replica"]: v for f in families for n, lab, v in f.samples if n.endswith("_ok")}
+    assert ok == {t.replica_id: 0 for t in targets}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from kingpost.engines import Endpoint
@@ -106,11 +106,21 @@ def scrape_replicas(targets: Sequence[Scrape], timeout_s: float = SCRAPE_TIMEOUT
     families: dict[str, Family] = {}
     for future, t in futures.items():
         extra = {**t.labels, "replica": t.replica_id}
-        good = future.done() and future.exception() is None
-        if good:
+        text = _answer(future)
+        good = text is not None
+        if text is not None:
             try:
-                _relabel(future.result(), extra, families)
+                _relabel(text, extra, families)
             except Exception:  # not Prometheus text: left out
                 good = False
         ok.add(extra, 1 if good else 0)
     return [*families.values(), ok]
+
+
+def _answer(future: Future[str]) -> str | None:
+    """The text a scrape got in time, or None: still running, failed, or cancelled (queued
+    behind slow replicas when the deadline came; ``exception()`` on a cancelled future
+    raises, which failed the whole ``/metrics`` answer)."""
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()
