@@ -17,6 +17,7 @@ from kingpost.logstore import (
     SegmentWriter,
     parse_level,
     parse_time,
+    position,
     prune,
     query,
     replica_record,
@@ -101,6 +102,34 @@ def test_filters_combine_and_a_request_id_finds_its_lines(tmp_path: Path) -> Non
     assert ts(limit=2) == [6, 7]  # the newest, oldest first
     cursors = [r["cursor"] for r in query(tmp_path, LogQuery())]
     assert len(set(cursors)) == 7
+
+
+def test_pages_oldest_first_after_a_cursor_cover_every_line_once(tmp_path: Path) -> None:
+    """``kingpost logs --follow`` pages through lines this way: ties in time (a batch of
+    replica output read at once shares one) are ordered by segment and line, so a page
+    ends exactly where the next begins, across writers."""
+    a, b = SegmentWriter(tmp_path, "a", 1 << 20), SegmentWriter(tmp_path, "b", 1 << 20)
+    a.write([_rec(1, message=f"a{i}") for i in range(5)] + [_rec(3, message="a5")])
+    b.write([_rec(1, message=f"b{i}") for i in range(3)] + [_rec(2, message="b3")])
+    a.close()
+    b.close()
+    everything = [r["message"] for r in query(tmp_path, LogQuery())]
+    assert len(everything) == 10 and everything[-2:] == ["b3", "a5"]
+    assert [r["message"] for r in query(tmp_path, LogQuery(limit=3))] == ["b2", "b3", "a5"]
+    pages, after = [], None
+    while True:
+        page = query(tmp_path, LogQuery(limit=3, oldest_first=True, after=after))
+        pages.append([r["message"] for r in page])
+        if len(page) < 3:
+            break
+        after = position(tmp_path, page[-1]["cursor"])
+    assert [m for p in pages for m in p] == everything and len(pages) == 4
+    # With since: from there on, the oldest first.
+    page = query(tmp_path, LogQuery(since=2, limit=1, oldest_first=True))
+    assert [r["message"] for r in page] == ["b3"]
+    for bad in ("nope.1.jsonl:0", "../x:1", page[0]["cursor"].replace(":", ":9")):
+        with pytest.raises(ValidationError, match=r"after: must be the cursor of a line"):
+            position(tmp_path, bad)
 
 
 def test_the_bound_by_size_and_age_is_enforced(tmp_path: Path) -> None:

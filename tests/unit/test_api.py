@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -807,3 +808,58 @@ def test_an_upload_on_a_full_disk_is_507_not_a_bad_archive(
     r = client.put(f"/v1/projects/{hashlib.sha256(data).hexdigest()}", content=data)
     assert r.status_code == 507, r.text
     assert r.json()["cause"] == "projects disk full"
+
+
+def test_logs_follow_prints_every_line_once_however_many_arrive(
+    api: tuple[TestClient, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kingpost logs --follow` asked each second for the newest --tail (200) lines since
+    just before the newest it had printed: with 300 lines a second, a third of them were
+    never printed. It now pages through every line, oldest first, with ``order=oldest``
+    and ``after`` (the real route and store here)."""
+    import click
+
+    import kingpost.cli.logs as cli_logs
+    from kingpost.client import KingpostClient
+    from kingpost.logstore import SegmentWriter
+
+    client, key = api
+    writer = SegmentWriter(tmp_path / "home" / "logs", "gw", 1 << 16)  # several segments
+    written: list[str] = []
+    clock = [time.time() - 100]
+
+    def add(n: int) -> None:
+        recs = []
+        for _ in range(n):
+            clock[0] += 1.0 / n
+            written.append(f"line {len(written)}")
+            recs.append({"ts": clock[0], "level": "INFO", "source": "gateway",
+                         "message": written[-1]})  # fmt: skip
+        writer.write(recs)
+
+    class Polls(KingpostClient):
+        calls = 0
+
+        def log_query(self, **filters: str | int | None) -> list[dict[str, Any]]:
+            Polls.calls += 1
+            if Polls.calls > 1 and filters.get("after") is None:  # a new poll
+                if Polls.calls > 8:
+                    raise KeyboardInterrupt
+                add(1500)  # more than a page (1000) arrived since the last poll
+            return super().log_query(**filters)
+
+    kp = Polls("http://testserver", key, "http://gateway")
+    kp._http = client
+    printed: list[str] = []
+    monkeypatch.setattr(click, "echo", printed.append)
+    monkeypatch.setattr(cli_logs, "_FOLLOW_S", 0)
+    add(50)
+    with pytest.raises(KeyboardInterrupt):
+        cli_logs._follow(kp, {"since": None, "limit": 200}, "table")
+    assert [p.split("] ", 1)[1] for p in printed] == written
+    assert len(written) > 3000
+    bad = client.get("/v1/logs", params={"order": "newest-first"})
+    assert bad.status_code == 400 and bad.json()["field"] == "order", bad.text
+    bad = client.get("/v1/logs", params={"after": "gw.1.jsonl:0"})
+    assert bad.status_code == 400 and bad.json()["field"] == "after", bad.text
+    assert "'gw.1.jsonl:0'" in bad.json()["error"]

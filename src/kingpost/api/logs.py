@@ -2,7 +2,8 @@
 
 ``GET /v1/logs`` answers :class:`~kingpost.logstore.LogQuery` over the store (replica and
 build output, the gateway's access lines): by model, environment, deployment, replica,
-time range, least level, text, request id and source. ``GET
+time range, least level, text, request id and source; ``order=oldest`` and ``after`` (a
+line's cursor) page through every line in order, as ``kingpost logs --follow`` does. ``GET
 /v1/deployments/{dep}/logs`` with ``tail`` alone answers as it always did (the engine's
 files, the build's output); given any of the store's filters it queries the store for
 that deployment.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends
 
 from kingpost.errors import ValidationError
-from kingpost.logstore import LogQuery, parse_level, parse_time, query
+from kingpost.logstore import LogQuery, parse_level, parse_time, position, query
 
 if TYPE_CHECKING:
     from kingpost.api.app import ControlPlane
@@ -48,6 +49,8 @@ def _query(
     environment: str | None,
     deployment: str | None,
     limit: int,
+    order: str = "newest",
+    after: str | None = None,
 ) -> LogQuery:
     store = plane.store
     model_id = store.get_model(model).id if model is not None else None
@@ -75,6 +78,10 @@ def _query(
         )
     if f.search is not None and not f.search:
         raise ValidationError("search: must not be empty", field="search", value=f.search)
+    if order not in ("newest", "oldest"):
+        raise ValidationError(
+            f"order: must be newest or oldest; got {order!r}", field="order", value=order
+        )
     return LogQuery(
         model_id=model_id,
         deployment_ids=deployment_ids,
@@ -86,6 +93,8 @@ def _query(
         request_id=f.request_id or None,
         source=f.source,
         limit=limit,
+        oldest_first=order == "oldest",
+        after=position(plane.settings.logs_dir, after) if after is not None else None,
     )
 
 
@@ -100,9 +109,18 @@ def log_routes(router: APIRouter, plane: ControlPlane) -> None:
         environment: str | None = None,
         deployment: str | None = None,
         limit: int = 1000,
+        order: str = "newest",
+        after: str | None = None,
     ) -> dict[str, Any]:
         q = _query(
-            plane, f, model=model, environment=environment, deployment=deployment, limit=limit
+            plane,
+            f,
+            model=model,
+            environment=environment,
+            deployment=deployment,
+            limit=limit,
+            order=order,
+            after=after,
         )
         return {"lines": query(root, q)}
 

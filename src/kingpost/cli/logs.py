@@ -14,6 +14,8 @@ from kingpost.client import KingpostClient
 __all__ = ["logs"]
 
 _FOLLOW_S = 1.0
+_PAGE = 1000
+"""Lines per request while following."""
 _LEVEL_CHOICE = click.Choice(
     ["debug", "info", "warning", "error", "critical"], case_sensitive=False
 )
@@ -44,22 +46,47 @@ def _emit(records: list[dict[str, Any]], output: str, follow: bool) -> None:
 
 
 def _follow(c: KingpostClient, filters: dict[str, Any], output: str) -> None:
-    """Print new lines as they are stored, until interrupted."""
+    """Print the newest lines, then every line as it is stored, until interrupted.
+
+    Each poll reads every line since a few seconds before the newest seen (lines land a
+    little out of order: a replica's line is read a moment after it is written), oldest
+    first, a page at a time, each page after the last line of the one before; a line
+    already printed is not printed again. Asking for only the newest N of them, as
+    before, lost the rest whenever more than N arrived in a second."""
     seen: dict[str, float] = {}
     since = filters.pop("since", None)
+    records = c.log_query(**filters, since=since)
     while True:
-        records = c.log_query(**filters, since=since)
         fresh = [r for r in records if r.get("cursor") not in seen]
         _emit(fresh, output, True)
         for r in fresh:
             seen[str(r.get("cursor"))] = float(r.get("ts", 0))
         if seen:
-            # Lines may land a little out of order (a replica's line is read a moment after
-            # it is written): look back a few seconds, and drop what is older than that.
             newest = max(seen.values())
             since = str(newest - 5)
             seen = {k: v for k, v in seen.items() if v >= newest - 10}
         time.sleep(_FOLLOW_S)
+        records = _since(c, filters, since)
+
+
+def _since(c: KingpostClient, filters: dict[str, Any], since: str | None) -> list[dict[str, Any]]:
+    """Every line from ``since`` on, oldest first, in pages of :data:`_PAGE`."""
+    page_filters = {**filters, "limit": _PAGE, "order": "oldest"}
+    out: list[dict[str, Any]] = []
+    got: set[str] = set()
+    after = None
+    while True:
+        page = c.log_query(**page_filters, since=since, after=after)
+        cursors = {str(r.get("cursor")) for r in page}
+        # A full page has more behind it, unless it brought nothing new: a server that
+        # does not page (it ignores ``after``) answers the same lines again.
+        if cursors <= got:
+            return out
+        out += page
+        got |= cursors
+        if len(page) < _PAGE:
+            return out
+        after = page[-1]["cursor"]
 
 
 @click.command()

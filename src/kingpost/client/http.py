@@ -268,7 +268,8 @@ class KingpostClient:
     def log_query(self, **filters: str | int | None) -> list[dict[str, Any]]:
         """Lines of the log store (``GET /v1/logs``): filters by the route's names
         (``model``, ``environment``, ``deployment``, ``replica``, ``since``, ``until``,
-        ``level``, ``search``, ``request_id``, ``source``, ``limit``); None: unset."""
+        ``level``, ``search``, ``request_id``, ``source``, ``limit``, ``order``, ``after``);
+        None: unset."""
         params = {k: v for k, v in filters.items() if v is not None}
         return list(self._call("GET", "/v1/logs", params=params)["lines"])
 

@@ -28,6 +28,7 @@ from kingpost.errors import ValidationError
 __all__ = [
     "LEVELS",
     "LogQuery",
+    "Position",
     "level_number",
     "parse_level",
     "parse_time",
@@ -41,6 +42,11 @@ _LEVEL_WORD = re.compile(r"\b(DEBUG|INFO|WARN(?:ING)?|ERROR|CRITICAL|FATAL)\b")
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_LIMIT = 10_000
+
+Position = tuple[float, int, str, int]
+"""Where a line stands in the order queries return lines: its time, then its segment's
+start and writer, then its line number there. Stable while the line is kept (a segment's
+name holds its start and writer), so a cursor's position pages on across prunes."""
 
 
 def level_number(level: str) -> int:
@@ -102,6 +108,12 @@ class LogQuery:
     """Lines of this request: those that carry its id, and replica lines naming it."""
     source: str | None = None
     limit: int = 1000
+    oldest_first: bool = False
+    """Take the oldest ``limit`` lines rather than the newest (either way returned oldest
+    first): with ``after``, the next page of lines in order."""
+    after: Position | None = None
+    """Only lines past this one in the order lines are returned (``segments.position``
+    reads it from a cursor)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.limit <= MAX_LIMIT:

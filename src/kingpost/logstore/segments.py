@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kingpost.logstore.records import LogQuery
+from kingpost.errors import ValidationError
+from kingpost.logstore.records import LogQuery, Position
 
-__all__ = ["SegmentWriter", "prune", "query", "store_bytes"]
+__all__ = ["SegmentWriter", "position", "prune", "query", "store_bytes"]
 
 _SUFFIX = ".jsonl"
 
@@ -157,10 +158,10 @@ def prune(root: Path, max_bytes: int, max_age_s: float, now: float | None = None
     return removed
 
 
-_Found = tuple[float, int, int, dict[str, Any]]
+_Found = tuple[Position, dict[str, Any]]
 
 
-def _read(seg: _Segment, q: LogQuery, order: int) -> Iterator[_Found]:
+def _read(seg: _Segment, q: LogQuery) -> Iterator[_Found]:
     try:
         f = seg.path.open("rb")
     except FileNotFoundError:
@@ -174,19 +175,48 @@ def _read(seg: _Segment, q: LogQuery, order: int) -> Iterator[_Found]:
             except ValueError:
                 continue
             if isinstance(rec, dict) and q.matches(rec):
-                rec["cursor"] = f"{seg.path.name}:{n}"
-                yield (float(rec.get("ts", 0.0)), order, n, rec)
+                at = (float(rec.get("ts", 0.0)), seg.started_ns, seg.writer, n)
+                if q.after is None or at > q.after:
+                    rec["cursor"] = f"{seg.path.name}:{n}"
+                    yield at, rec
+
+
+def _at(found: _Found) -> Position:
+    return found[0]
 
 
 def query(root: Path, q: LogQuery) -> list[dict[str, Any]]:
-    """The matching records, oldest first: the newest ``q.limit`` of them. Each gets a
-    ``cursor`` (segment and line) that names it for as long as it is kept."""
-    segments = [s for s in _segments(root) if q.since is None or s.mtime >= q.since - 1]
-    found: list[_Found] = []
-    for order, seg in enumerate(segments):
-        for item in _read(seg, q, order):
-            if len(found) < q.limit:
-                heapq.heappush(found, item)
-            else:
-                heapq.heappushpop(found, item)
-    return [rec for *_, rec in sorted(found, key=lambda t: t[:3])]
+    """The matching records, oldest first: the newest ``q.limit`` of them (the oldest with
+    ``q.oldest_first``). Each gets a ``cursor`` (segment and line) that names it for as
+    long as it is kept."""
+    since = q.since
+    if q.after is not None:
+        since = q.after[0] if since is None else max(since, q.after[0])
+    segments = [s for s in _segments(root) if since is None or s.mtime >= since - 1]
+    items = (found for seg in segments for found in _read(seg, q))
+    pick = heapq.nsmallest if q.oldest_first else heapq.nlargest
+    return [rec for _, rec in sorted(pick(q.limit, items, key=_at), key=_at)]
+
+
+def position(root: Path, cursor: str, field: str = "after") -> Position:
+    """Where the line a ``cursor`` names stands (read from its segment, which must still be
+    kept: only names the store lists are opened)."""
+    name, _, line = cursor.rpartition(":")
+    seg = next((s for s in _segments(root) if s.path.name == name), None)
+    if seg is not None and line.isdigit():
+        with contextlib.suppress(FileNotFoundError), seg.path.open("rb") as f:
+            for n, raw in enumerate(f):
+                if n == int(line):
+                    try:
+                        rec = json.loads(raw)
+                    except ValueError:
+                        break
+                    if isinstance(rec, dict):
+                        return (float(rec.get("ts", 0.0)), seg.started_ns, seg.writer, n)
+                    break
+    raise ValidationError(
+        f"{field}: must be the cursor of a line still in the store (as a query returned "
+        f"it: segment:line); got {cursor!r}",
+        field=field,
+        value=cursor,
+    )
