@@ -16,10 +16,10 @@ import pytest
 from test_api import CONFIG  # a valid custom-server config
 
 
-def kingpost(tmp_path: Path, *args: str, api_port: int = 9) -> subprocess.CompletedProcess[str]:
+def kingpost(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KINGPOST_")}
-    env.update(KINGPOST_HOME=str(tmp_path / "home"), KINGPOST_API_KEY="kp_x")
-    env.update(KINGPOST_API_PORT=str(api_port))
+    env.update(KINGPOST_HOME=str(tmp_path / "home"), KINGPOST_API_KEY="kp_x", KINGPOST_API_PORT="9")
+    env.update(settings)
     return subprocess.run(
         [sys.executable, "-m", "kingpost.cli", *args],
         env=env, capture_output=True, text=True, timeout=60,
@@ -261,21 +261,9 @@ def test_stdout_is_not_wrapped_when_piped(tmp_path: Path) -> None:
 
 
 @contextmanager
-def _serving(body: bytes) -> Iterator[int]:
-    """A stand-in control plane on a free loopback port answering every GET with ``body``."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "text/plain; version=0.0.4")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+def _serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """``handler`` on a free loopback port, in a thread: a stand-in control plane."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -286,13 +274,63 @@ def _serving(body: bytes) -> Iterator[int]:
         thread.join()
 
 
+class _Quiet(BaseHTTPRequestHandler):
+    def _send(self, body: bytes, *headers: tuple[str, str]) -> None:
+        self.send_response(200)
+        for name, value in (("content-length", str(len(body))), *headers):
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def test_metrics_text_that_does_not_parse_is_one_line_of_error(tmp_path: Path) -> None:
     """A raw line break in a HELP line (a control plane from before it was escaped) made
     `kingpost metrics` die with prometheus_client's ValueError traceback."""
-    text = b"# HELP tokens_total Tokens.\nCounts prompt tokens.\n# TYPE tokens_total counter\n"
-    with _serving(text) as port:
-        out = kingpost(tmp_path, "metrics", "-o", "json", "--interval", "0.1", api_port=port)
+
+    class Metrics(_Quiet):
+        def do_GET(self) -> None:
+            text = b"# HELP tokens_total Tokens.\nCounts prompt.\n# TYPE tokens_total counter\n"
+            self._send(text, ("content-type", "text/plain; version=0.0.4"))
+
+    with _serving(Metrics) as port:
+        out = kingpost(
+            tmp_path, "metrics", "-o", "json", "--interval", "0.1", KINGPOST_API_PORT=str(port)
+        )
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("error: cannot parse the control plane's /metrics text at http://")
-    assert "'prompt'" in line and out.stdout == ""
+    assert "'prompt.'" in line and out.stdout == ""
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_predict_prints_a_compressing_servers_answer_as_text(tmp_path: Path, always: bool) -> None:
+    """httpx offers gzip by default and `kingpost predict` wrote the raw bytes, so a custom
+    server that compresses when offered (GZipMiddleware, nginx) was printed as gzip. The
+    client asks for the body uncompressed now, and decodes one compressed regardless."""
+    import gzip
+
+    asked: list[str | None] = []
+    answer = json.dumps({"text": "hello " * 100}).encode()
+
+    class Server(_Quiet):
+        def do_GET(self) -> None:  # the model, looked up by name
+            self._send(b'{"id": "m", "name": "m"}', ("content-type", "application/json"))
+
+        def do_POST(self) -> None:  # the gateway's predict route
+            self.rfile.read(int(self.headers["content-length"]))
+            asked.append(self.headers.get("accept-encoding"))
+            if always or "gzip" in (self.headers.get("accept-encoding") or ""):
+                self._send(gzip.compress(answer), ("content-encoding", "gzip"))
+            else:
+                self._send(answer)
+
+    with _serving(Server) as port:
+        out = kingpost(
+            tmp_path, "predict", "-m", "m", "-d", "{}",
+            KINGPOST_API_PORT=str(port), KINGPOST_GATEWAY_PORT=str(port),
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert asked == ["identity"] and out.stdout.strip() == answer.decode()

@@ -491,7 +491,8 @@ def predict(model: str | None, data: str, environment: str | None, deployment: s
                     resp.read()
                     raise KingpostError(f"HTTP {resp.status_code}: {_error_text(resp.text)}")
                 streaming = True
-                for chunk in resp.iter_raw():
+                # Decoded: a server that compresses although asked not to is still text.
+                for chunk in resp.iter_bytes():
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
         except KingpostError as exc:

@@ -373,13 +373,16 @@ class KingpostClient:
     def predict_stream(
         self, path: str, payload: Any, timeout: float = 300.0
     ) -> Iterator[httpx.Response]:
+        """The model's answer, its body not yet read. It asks for the body uncompressed
+        (httpx offers gzip by default, which a custom server may take up), since callers
+        relay the bytes as they come."""
         resp: httpx.Response | None = None
         try:
             with self._gw.stream(
                 "POST",
                 path,
                 content=json.dumps(payload).encode(),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", "Accept-Encoding": "identity"},
                 timeout=timeout,
             ) as resp:
                 yield resp
