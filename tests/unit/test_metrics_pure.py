@@ -83,6 +83,44 @@ def test_replica_events_count_starts_restarts_failures_and_one_cold_start() -> N
     assert d.cold_start_sum_s == 4.0 and sum(d.cold_start_buckets) == 1
 
 
+R, S, F = ReplicaPhase.READY, ReplicaPhase.STARTING, ReplicaPhase.FAILED
+
+
+@pytest.mark.parametrize(
+    ("passes", "cold_starts", "sum_s"),
+    [
+        # From zero to three: the first ready is the cold start; the others become ready
+        # while it serves (each of the three was counted, 10 + 20 + 30 s).
+        ([(1, [("a", S), ("b", S), ("c", S)]), (10, [("a", R), ("b", S), ("c", S)]),
+          (20, [("a", R), ("b", R), ("c", S)]), (30, [("a", R), ("b", R), ("c", R)])], 1, 10),
+        # Two ready in the same pass: one cold start, from the earliest launch.
+        ([(1, [("a", S), ("b", S)]), (10, [("a", R), ("b", R)])], 1, 10),
+        # To zero and back: two.
+        ([(5, [("a", R)]), (6, []), (7, [("b", S)]), (9, [("b", R)])], 2, 5 + 9),
+        # The only replica restarts (liveness): its launch is long past, nothing to time.
+        ([(5, [("a", R)]), (50, [("a", S, 1)]), (60, [("a", R, 1)])], 1, 5),
+        # Started beside a ready one, which then fails: it was never cold.
+        ([(5, [("a", R)]), (6, [("a", R), ("b", S)]), (7, [("a", F), ("b", S)]),
+          (8, [("a", F), ("b", R)])], 1, 5),
+    ],
+)  # fmt: skip
+def test_a_cold_start_is_a_deployment_going_from_no_ready_replica_to_one(
+    passes: list[tuple[float, list[tuple[str, ReplicaPhase] | tuple[str, ReplicaPhase, int]]]],
+    cold_starts: int,
+    sum_s: float,
+) -> None:
+    """Every replica of a scale-up from zero was counted as a cold start, though all but
+    the first became ready while another served."""
+    ev = ReplicaEvents()
+    for now, reps in passes:
+        ev.observe(
+            {"d": [_rep(rid, phase, *rest, at=0.0 + 1e-9) for rid, phase, *rest in reps]}, now
+        )
+    d = ev.snapshot()["d"]
+    assert (d.cold_starts, sum(d.cold_start_buckets)) == (cold_starts, cold_starts)
+    assert d.cold_start_sum_s == pytest.approx(sum_s)
+
+
 def test_summary_rates_quantiles_and_filters() -> None:
     def scrape(n2xx: int, n5xx: int, buckets: tuple[int, int, int]) -> str:
         lab = 'model="m",deployment="d1",environment="production"'

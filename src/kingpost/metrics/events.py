@@ -29,7 +29,8 @@ class DeploymentEvents:
     failures: int = 0
     """Replicas that reached FAILED (the engine gave up on them)."""
     cold_starts: int = 0
-    """Replicas that became ready while their deployment had no other ready replica."""
+    """Times the deployment went from no ready replica to one (a replica launched while it
+    had none became ready)."""
     cold_start_sum_s: float = 0.0
     cold_start_buckets: list[int] = field(
         default_factory=lambda: [0] * (len(COLD_START_BUCKETS) + 1)
@@ -41,26 +42,33 @@ class _Seen:
     phase: ReplicaPhase
     restarts: int
     cold: bool
-    """No replica of its deployment was ready when it was first seen."""
+    """No replica of its deployment was ready when it was first seen, and it has not been
+    ready since."""
 
 
 class ReplicaEvents:
     def __init__(self) -> None:
         self._seen: dict[str, _Seen] = {}
+        self._ready: set[str] = set()
+        """Deployments with a ready replica at the last pass."""
         self._lock = threading.Lock()
         self.deployments: dict[str, DeploymentEvents] = {}
 
     def observe(self, replicas: Mapping[str, Sequence[ReplicaStatus]], now: float) -> None:
-        """One pass's replicas by deployment; ``now`` on the clock of ``started_at``."""
+        """One pass's replicas by deployment; ``now`` on the clock of ``started_at``.
+
+        A cold start is counted once per deployment going from no ready replica to one,
+        however many replicas of the scale-up follow it (they become ready while the first
+        serves), timed from the earliest launch among those that got there first. Only
+        replicas launched while the deployment had none ready count: a restarted replica's
+        ``started_at`` is its first launch, so its recovery would time nothing real."""
         with self._lock:
             seen: dict[str, _Seen] = {}
+            ready: set[str] = set()
             for dep_id, reps in replicas.items():
-                ready_before = any(
-                    (s := self._seen.get(r.replica_id)) is not None
-                    and s.phase == ReplicaPhase.READY
-                    for r in reps
-                )
+                ready_before = dep_id in self._ready
                 ev = self.deployments.setdefault(dep_id, DeploymentEvents())
+                woke: list[float] = []  # launches of cold replicas ready in this pass
                 for r in reps:
                     before = self._seen.get(r.replica_id)
                     if before is None:
@@ -70,16 +78,21 @@ class ReplicaEvents:
                     if r.phase == ReplicaPhase.FAILED and before.phase != ReplicaPhase.FAILED:
                         ev.failures += 1
                     cold = before.cold
-                    if r.phase == ReplicaPhase.READY and before.phase != ReplicaPhase.READY:
-                        if cold and r.started_at > 0:
-                            took = max(0.0, now - r.started_at)
-                            ev.cold_starts += 1
-                            ev.cold_start_sum_s += took
-                            i = sum(1 for b in COLD_START_BUCKETS if b < took)
-                            ev.cold_start_buckets[i] += 1
-                        cold = False  # one cold start per replica
+                    if r.phase == ReplicaPhase.READY:
+                        ready.add(dep_id)
+                        if before.phase != ReplicaPhase.READY:
+                            if cold and r.started_at > 0:
+                                woke.append(r.started_at)
+                            cold = False  # at most once per replica
                     seen[r.replica_id] = _Seen(r.phase, max(r.restarts, before.restarts), cold)
+                if woke and not ready_before:
+                    took = max(0.0, now - min(woke))
+                    ev.cold_starts += 1
+                    ev.cold_start_sum_s += took
+                    i = sum(1 for b in COLD_START_BUCKETS if b < took)
+                    ev.cold_start_buckets[i] += 1
             self._seen = seen
+            self._ready = ready
 
     def snapshot(self) -> dict[str, DeploymentEvents]:
         with self._lock:

@@ -129,12 +129,12 @@ def _replicas(controller: Controller, of: Callable[[str], dict[str, str]]) -> li
     cold = Family(
         "kingpost_cold_starts_total",
         "counter",
-        "Replicas that became ready while their deployment had no ready replica.",
+        "Times a deployment went from no ready replica to one (launched while it had none).",
     )
     cold_s = Family(
         "kingpost_cold_start_duration_seconds",
         "histogram",
-        "From a cold-starting replica's launch to its readiness.",
+        "From the launch of the replica that ended a cold start to its readiness.",
     )
     for dep_id, ev in sorted(controller.replica_events.snapshot().items()):
         lab = of(dep_id)
