@@ -334,3 +334,43 @@ def test_predict_prints_a_compressing_servers_answer_as_text(tmp_path: Path, alw
         )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert asked == ["identity"] and out.stdout.strip() == answer.decode()
+
+
+def test_metrics_environment_shows_a_deployment_two_environments_point_at(
+    tmp_path: Path,
+) -> None:
+    """Staging promoted to production: both point at deployment-1, whose series carry
+    environment="production"; `kingpost metrics --environment staging` showed nothing."""
+    lab = 'model="m",deployment="deployment-1",environment="production"'
+    scrapes = iter([10, 30])
+    dep = {"id": "dep-1", "name": "deployment-1"}
+    envs = [
+        {"name": name, "deployment_id": "dep-1", "current_deployment": dep}
+        for name in ("production", "staging")
+    ] + [{"name": "dev", "deployment_id": None, "current_deployment": None}]
+    answers = {
+        "/v1/models": {"models": [{"id": "mdl-1", "name": "m"}]},
+        "/v1/models/mdl-1/environments": {"environments": envs},
+    }
+
+    class Plane(_Quiet):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                n = next(scrapes)
+                text = f'kingpost_requests_total{{{lab},route="predict",code_class="2xx"}} {n}\n'
+                self._send(text.encode(), ("content-type", "text/plain; version=0.0.4"))
+            else:
+                self._send(json.dumps(answers[self.path]).encode())
+
+    for env, want in (("staging", ["staging"]), ("dev", [])):
+        scrapes = iter([10, 30])
+        with _serving(Plane) as port:
+            out = kingpost(
+                tmp_path, "metrics", "--environment", env, "-o", "json", "--interval", "0.1",
+                KINGPOST_API_PORT=str(port),
+            )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)
+        assert [(r["deployment"], r["environment"]) for r in rows] == [
+            ("deployment-1", e) for e in want
+        ]

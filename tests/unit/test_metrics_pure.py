@@ -146,6 +146,20 @@ def test_summary_rates_quantiles_and_filters() -> None:
     assert quantile(0.5, {0.1: 0.0, math.inf: 0.0}) is None
 
 
+def test_an_environment_finds_the_deployments_it_points_at_whatever_their_label() -> None:
+    """The ``environment`` label holds one environment (production first), so a deployment
+    both production and staging point at was missing from ``--environment staging``."""
+    lab = 'model="m",deployment="deployment-1",environment="production"'
+    text = f'kingpost_requests_total{{{lab},route="predict",code_class="2xx"}} %d\n'
+    before, after = parse(text % 10), parse(text % 30)
+    (row,) = summarize(before, after, 2.0, None, "staging", {("m", "deployment-1")})
+    assert (row.deployment, row.environment, row.requests_per_s) == ("deployment-1", "staging", 10)
+    (row,) = summarize(before, after, 2.0, "m", "production", {("m", "deployment-1")})
+    assert row.environment == "production"
+    assert summarize(before, after, 2.0, None, "staging", set()) == []
+    assert summarize(before, after, 2.0, "other", "staging", {("m", "deployment-1")}) == []
+
+
 def test_a_replicas_text_gets_its_labels_and_keeps_its_own_under_exported() -> None:
     text = (
         "# HELP calls_total Calls.\n# TYPE calls_total counter\n"

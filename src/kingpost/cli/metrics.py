@@ -37,6 +37,33 @@ def _scrape(c: KingpostClient) -> Samples:
         ) from exc
 
 
+def _pointed_at(c: KingpostClient, model: str | None, environment: str) -> set[tuple[str, str]]:
+    """(model, deployment) names of what ``environment`` points at now, of ``model`` or of
+    every model: from the API, since a series' ``environment`` label names only one of the
+    environments that point at its deployment."""
+    out: set[tuple[str, str]] = set()
+    for m in c.models():
+        if model is not None and m["name"] != model:
+            continue
+        for env in c.environments(m["id"]):
+            current = env.get("current_deployment")
+            if env["name"] == environment and current is not None:
+                out.add((m["name"], current["name"]))
+    return out
+
+
+def _rows(
+    c: KingpostClient,
+    before: Samples,
+    after: Samples,
+    seconds: float,
+    model: str | None,
+    environment: str | None,
+) -> list[Row]:
+    pointed = _pointed_at(c, model, environment) if environment is not None else None
+    return summarize(before, after, seconds, model, environment, pointed)
+
+
 def _table(rows: list[Row], interval: float) -> Table:
     table = Table(title=f"kingpost metrics (last {interval:g} s; Ctrl-C to stop)")
     for header in (
@@ -78,7 +105,7 @@ def metrics(model: str | None, environment: str | None, interval: float, output:
         if output == "json":
             time.sleep(interval)
             after, now = _scrape(c), time.monotonic()
-            rows = summarize(before, after, now - at, model, environment)
+            rows = _rows(c, before, after, now - at, model, environment)
             click.echo(json.dumps([r.to_json() for r in rows], indent=2))
             return
         try:
@@ -86,7 +113,7 @@ def metrics(model: str | None, environment: str | None, interval: float, output:
                 while True:
                     time.sleep(interval)
                     after, now = _scrape(c), time.monotonic()
-                    rows = summarize(before, after, now - at, model, environment)
+                    rows = _rows(c, before, after, now - at, model, environment)
                     live.update(_table(rows, interval), refresh=True)
                     before, at = after, now
         except KeyboardInterrupt:

@@ -8,7 +8,7 @@ Pure: parsed samples in, rows out (quantiles interpolated within buckets, as Pro
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -98,8 +98,14 @@ def summarize(
     seconds: float,
     model: str | None = None,
     environment: str | None = None,
+    pointed_at: Collection[tuple[str, str]] | None = None,
 ) -> list[Row]:
-    """Rows for the deployments in ``after`` (of ``model``/``environment`` when given)."""
+    """Rows for the deployments in ``after`` (of ``model``/``environment`` when given).
+
+    ``pointed_at``: the (model, deployment) names ``environment`` points at, as the API
+    lists them; the series' ``environment`` label holds only one environment per
+    deployment (``production`` first), so a deployment two environments point at is found
+    for the other only this way. Its rows show ``environment``."""
     req_a = _by_key(after, "kingpost_requests_total")
     req_b = _by_key(before, "kingpost_requests_total")
     err_a = _by_key(after, "kingpost_requests_total", code_class="5xx")
@@ -113,7 +119,13 @@ def summarize(
     rows = []
     for key in sorted(keys):
         m, d, e = key
-        if (model is not None and m != model) or (environment is not None and e != environment):
+        if model is not None and m != model:
+            continue
+        if pointed_at is not None:
+            if (m, d) not in pointed_at:
+                continue
+            e = environment or e
+        elif environment is not None and e != environment:
             continue
         n = max(0.0, req_a.get(key, 0.0) - req_b.get(key, 0.0))
         errors = max(0.0, err_a.get(key, 0.0) - err_b.get(key, 0.0))
