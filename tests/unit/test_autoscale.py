@@ -320,3 +320,19 @@ def test_no_scale_down_before_a_whole_window_is_seen_even_without_a_delay() -> N
     young = series(NOW - 5, NOW, 0, 1)
     assert decide(cfg, young, 1, NOW).replicas == 1
     assert decide(cfg, series(NOW - 61, NOW, 0, 1), 1, NOW).replicas == 0
+
+
+def test_a_gap_in_the_figures_removes_nothing_and_wakes_nobody() -> None:
+    """A gateway restarting left no samples: the window's average fell to 0 with nothing
+    seen, and the cooldown ("changed within the window") looked at no sample, so every pass
+    removed replicas down to zero; then the last, old sample's waiting request woke one."""
+    cfg = settings(min_replica=0, scale_down_delay=0, max_replica=8)
+    loaded = series(NOW - 200, NOW - 60, 8, 8)  # the last figures: 8 in flight, a minute ago
+    decision = decide(cfg, loaded, 8, NOW)
+    assert decision.replicas == 8 and "no demand figures" in decision.reason
+    waiting = [*series(NOW - 200, NOW - 60, 0, 0), Sample(NOW - 60, 3, 3, 0)]
+    assert decide(cfg, waiting, 0, NOW).replicas == 0  # an old wait is no request now
+    # Fresh figures: the same lull scales down, and a request waiting now wakes one.
+    assert decide(cfg, series(NOW - 200, NOW, 0, 8), 8, NOW).replicas < 8
+    now_waiting = [*series(NOW - 200, NOW - 1, 0, 0), Sample(NOW, 3, 3, 0)]
+    assert decide(cfg, now_waiting, 0, NOW).replicas == 1

@@ -272,3 +272,26 @@ def test_a_development_swap_wakes_a_deployment_at_zero(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert done and done[0].ok, done
     assert len(rig.engine.live(dep_id)) == 1
+
+
+def test_the_development_deployment_keeps_one_replica_and_its_scale_to_zero(
+    tmp_path: Path,
+) -> None:
+    """A PATCH gave it max_replica 4 and the autoscaler ran 4 under load: it runs one
+    replica and goes to zero when idle, as on Baseten; its other settings may change."""
+    from kingpost.errors import ValidationError
+
+    rig, _, _ = _rig(tmp_path)
+    dep = rig.deploy(development=True, min_replicas=0, max_replicas=1)
+    for changes, field in (
+        ({"max_replica": 4}, "max_replica"),
+        ({"min_replica": 1}, "min_replica"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            update_deployment_settings(rig.store, "loop", dep, changes)
+        assert refused.value.details["field"] == field
+        assert "development deployment runs one replica" in refused.value.message
+    view = rig.store.get_deployment(dep)
+    assert (view.min_replicas, view.max_replicas) == (0, 1)
+    status, _, view = update_deployment_settings(rig.store, "loop", dep, {"scale_down_delay": 60})
+    assert status == "ACCEPTED" and view.autoscaling_settings["scale_down_delay"] == 60

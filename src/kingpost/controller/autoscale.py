@@ -38,6 +38,7 @@ from kingpost.errors import ValidationError
 
 __all__ = [
     "AUTOSCALING_FIELDS",
+    "FRESH_S",
     "PANIC_THRESHOLD",
     "AutoscalingSettings",
     "Decision",
@@ -48,6 +49,11 @@ __all__ = [
 
 PANIC_THRESHOLD = 2.0
 """A burst: the panic window's demand at least this many times what the replicas carry."""
+FRESH_S = 5.0
+"""Seconds within which the newest sample must fall for demand to count as known: the
+gateway's figures come every second, and a gap (a gateway restarting, a pull failing)
+is not a lull. Without fresh figures nothing is removed, and an old sample's waiting
+request wakes nobody."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,8 @@ def decide(
     panic = burst > stable and burst >= PANIC_THRESHOLD * settings.per_replica * max(current, 1)
     if panic:
         want = max(want, _recommend(burst, settings))
-    if current == 0 and want == 0 and samples and samples[-1].demand > 0:
+    fresh = bool(samples) and samples[-1].at > now - FRESH_S
+    if current == 0 and want == 0 and fresh and samples[-1].demand > 0:
         want = 1  # a request waits at zero: wake now, whatever the window says
     load = f"{stable:.2f} in flight over {window}s"
     if want > current and current == hi:
@@ -231,6 +238,8 @@ def decide(
         return Decision(0, "at zero: no request waiting")
     if want == current or panic:
         return Decision(current, f"steady: {load} for {current} replica(s)", panic)
+    if not fresh:
+        return Decision(current, f"holding {current}: no demand figures for {FRESH_S:g}s")
     return _scale_down(settings, samples, current, now, load, want)
 
 

@@ -107,6 +107,19 @@ def update_deployment_settings(
         d = store._deployment(s, dep_ref, model_ref, lock=True)
         before = deployment_settings(store._view(s, d))
         after = before.merged(dict(changes))
+        if d.is_development and (after.min_replica, after.max_replica) != (0, 1):
+            field, value = (
+                ("max_replica", after.max_replica)
+                if after.max_replica != 1
+                else ("min_replica", after.min_replica)
+            )
+            raise ValidationError(
+                f"{field}: the development deployment runs one replica and scales to zero "
+                f"when idle (min_replica 0, max_replica 1), as on Baseten; got {value}. "
+                "Publish it (`kingpost deployments promote MODEL development`) to scale it",
+                field=field,
+                value=value,
+            )
         lo, hi, rest = _split(after)
         d.min_replicas, d.max_replicas, d.autoscaling_settings = lo, hi, rest
         if after != before:
