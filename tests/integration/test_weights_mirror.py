@@ -102,6 +102,29 @@ def test_pins_survive_a_restart_and_new_files_are_not_seen(
     assert (fresh.source_dir / "late.bin").read_bytes() == b"new"
 
 
+def test_a_pin_or_manifest_torn_by_a_crash_is_resolved_again(
+    tmp_path: Path, public_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash mid-write used to leave a pin that failed every later attempt with a bare
+    JSONDecodeError; an unreadable pin or manifest now counts as absent, named in a warning."""
+    repo = local_repo(public_tmp / "repo")
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
+    store = tmp_path / "store"
+    (store / "pins").mkdir(parents=True)
+    (store / "pins" / "dep.json").write_text('["ab12')  # torn mid-write
+    mirror(WeightsManager(store), "dep", cfg)
+    assert "pins/dep.json" in caplog.text
+    pinned = BlobStore(store).pinned("dep")
+    assert pinned and len(pinned) == 1
+    (store / "manifests" / f"{pinned[0]}.json").write_text('{"source": ')  # torn too
+    again = WeightsManager(store)  # a restarted control plane
+    mirror(again, "dep", cfg)
+    (mount,) = again.mounts("dep")
+    assert (mount.source_dir / "README.md").read_text() == "hello"
+    assert f"manifests/{pinned[0]}.json" in caplog.text
+    assert not list((store / "tmp").iterdir())  # no temp file left behind
+
+
 def test_a_pinned_file_the_source_no_longer_has_fails_the_mirror(
     tmp_path: Path, public_tmp: Path
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -26,6 +27,8 @@ from typing import IO
 from kingpost.errors import WeightsError
 
 __all__ = ["BlobStore", "GcReport", "Manifest", "Partial", "RangeWriter", "remove_tree"]
+
+log = logging.getLogger("kingpost.weights")
 
 CHUNK = 4 * 1024 * 1024
 STALE_PARTIAL_S = 24 * 3600
@@ -113,18 +116,22 @@ class BlobStore:
 
     # -- manifests and trees ------------------------------------------------------------
     def save_manifest(self, m: Manifest) -> None:
-        path = self.root / "manifests" / f"{m.id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"source": m.source, "revision": m.revision, "files": m.files}))
-        os.replace(tmp, path)
+        data = {"source": m.source, "revision": m.revision, "files": m.files}
+        self._write_atomic(self.root / "manifests" / f"{m.id}.json", json.dumps(data))
 
     def manifest(self, manifest_id: str) -> Manifest | None:
+        """The saved manifest, or None when there is none or it cannot be read (a crash
+        tore it before writes were atomic): its mirror then resolves the source again."""
         path = self.root / "manifests" / f"{manifest_id}.json"
         if not path.exists():
             return None
-        data = json.loads(path.read_text())
-        files = {k: (v[0], int(v[1])) for k, v in data["files"].items()}
-        return Manifest(manifest_id, data["source"], data["revision"], files)
+        try:
+            data = json.loads(path.read_text())
+            files = {str(k): (str(v[0]), int(v[1])) for k, v in data["files"].items()}
+            return Manifest(manifest_id, str(data["source"]), str(data["revision"]), files)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            log.warning("ignoring unreadable weights manifest %s (resolving again): %s", path, exc)
+            return None
 
     def manifests(self) -> list[Manifest]:
         out = [self.manifest(p.stem) for p in sorted((self.root / "manifests").glob("*.json"))]
@@ -158,15 +165,47 @@ class BlobStore:
 
     # -- pins --------------------------------------------------------------------------
     def pin(self, key: str, manifest_ids: Iterable[str]) -> None:
-        (self.root / "pins" / f"{key}.json").write_text(json.dumps(list(manifest_ids)))
+        self._write_atomic(self.root / "pins" / f"{key}.json", json.dumps(list(manifest_ids)))
 
     def unpin(self, key: str) -> None:
         """Forget what ``key`` was pinned to: its next mirror resolves its sources afresh."""
         (self.root / "pins" / f"{key}.json").unlink(missing_ok=True)
 
     def pinned(self, key: str) -> list[str] | None:
+        """The manifest ids ``key`` is pinned to; None when unpinned or the pin cannot be
+        read (torn by a crash): the mirror resolves again rather than fail for good."""
         path = self.root / "pins" / f"{key}.json"
-        return list(json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            ids = json.loads(path.read_text())
+        except ValueError as exc:
+            log.warning("ignoring unreadable weights pin %s (resolving again): %s", path, exc)
+            return None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            log.warning("ignoring weights pin %s: not a list of manifest ids", path)
+            return None
+        return ids
+
+    def _write_atomic(self, path: Path, text: str) -> None:
+        """Write ``path`` whole or not at all, durably: a unique temp file in ``tmp/`` (two
+        writers never share one; a crash leaves it to :meth:`sweep_tmp`), fsynced, renamed
+        over ``path``, and the directory fsynced so the rename survives a power loss."""
+        tmp = self.root / "tmp" / f"{path.parent.name}-{uuid.uuid4().hex}.json"
+        try:
+            with tmp.open("w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- garbage collection ------------------------------------------------------------
     def gc(self, budget_bytes: int | None = None, keep_since: float | None = None) -> GcReport:
