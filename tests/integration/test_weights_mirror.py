@@ -469,6 +469,58 @@ def test_gc_during_a_mirror_keeps_the_files_it_already_stored(hub: Hub, tmp_path
     assert mgr.gc().removed_blobs == 0  # referenced now
 
 
+def test_gc_keeps_an_older_blob_a_retried_mirror_reuses(
+    tmp_path: Path, public_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt stores a.bin and fails on b.bin, saving no manifest; the retry
+    reuses a.bin's blob, older than the retry. A gc during the retry used to delete it,
+    and the retry then completed with a manifest naming a blob gone for good."""
+    repo = public_tmp / "repo"
+    repo.mkdir()
+    (repo / "a.bin").write_bytes(b"A" * 1000)
+    (repo / "b.bin").write_bytes(b"B" * 1000)
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
+    fetch = LocalSource.fetch
+    b_down, b_reached, b_gate = True, threading.Event(), threading.Event()
+
+    def flaky(self: LocalSource, f: RemoteFile, out: Any, start: int = 0, end: Any = None) -> None:
+        if f.path == "b.bin":
+            if b_down:
+                raise OSError("source down")
+            b_reached.set()
+            b_gate.wait(20)
+        fetch(self, f, out, start, end)
+
+    monkeypatch.setattr(LocalSource, "fetch", flaky)
+    monkeypatch.setattr(manager_module, "FETCH_ATTEMPTS", 1)
+    monkeypatch.setattr(manager_module, "RETRY_DELAYS_S", (0.0, 0.0))
+    mgr = WeightsManager(tmp_path / "store")
+    mgr.start("dep", entries(cfg), {})
+    wait_for(lambda: mgr.status("dep").state == MirrorState.FAILED or None, 20, "attempt 1")
+    (blob,) = (tmp_path / "store" / "blobs").glob("*/*")  # a.bin's
+    old = blob.stat().st_mtime - 3600
+    os.utime(blob, (old, old))  # stored well before the retry started
+    b_down = False
+    try:
+        mgr.start("dep", entries(cfg), {})
+        assert b_reached.wait(20), "attempt 2 never fetched b.bin"
+        assert mgr.gc().removed_blobs == 0
+    finally:
+        b_gate.set()
+    wait_for(lambda: mgr.status("dep").state == MirrorState.COMPLETE or None, 20, "attempt 2")
+    (mount,) = mgr.mounts("dep")
+    assert (mount.source_dir / "a.bin").read_bytes() == b"A" * 1000
+
+
+def test_a_tree_whose_blob_is_gone_names_the_source_and_path(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    gone = Manifest("gone", "s3://b/p", "r", {"sub/w.bin": ("ab" * 32, 1)})
+    with pytest.raises(WeightsError, match=r"s3://b/p: sub/w.bin: .*abab.* is missing"):
+        store.tree(gone)
+    assert not (tmp_path / "store" / "trees" / "gone").exists()
+    assert not list((tmp_path / "store" / "tmp").iterdir())
+
+
 def test_a_corrupt_download_is_refused_by_its_hash(hub: Hub, tmp_path: Path) -> None:
     hub.repos["org/bad"] = repo = Repo()
     repo.commit("main", {"w.bin": b"good" * 1000})

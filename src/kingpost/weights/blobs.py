@@ -147,11 +147,17 @@ class BlobStore:
             for rel, (digest, _) in m.files.items():
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(self.blob_path(digest), target)
+                try:
+                    os.link(self.blob_path(digest), target)
+                except FileNotFoundError:
+                    raise WeightsError(
+                        f"{m.source}: {rel}: its mirrored content (sha256 {digest}) is "
+                        f"missing from the weights store {self.root}"
+                    ) from None
             tmp.mkdir(exist_ok=True)
             for dirpath, _, _ in os.walk(tmp, topdown=False):
                 os.chmod(dirpath, 0o555)
-        except OSError:
+        except (OSError, WeightsError):
             remove_tree(tmp)
             raise
         try:
@@ -208,12 +214,18 @@ class BlobStore:
             os.close(fd)
 
     # -- garbage collection ------------------------------------------------------------
-    def gc(self, budget_bytes: int | None = None, keep_since: float | None = None) -> GcReport:
+    def gc(
+        self,
+        budget_bytes: int | None = None,
+        keep_since: float | None = None,
+        keep: Iterable[str] = (),
+    ) -> GcReport:
         """Remove blobs no manifest references; with ``budget_bytes``, keep the newest
         unreferenced ones while everything fits in it. Referenced blobs always stay, and
-        so do blobs stored at or after ``keep_since`` (epoch seconds): a mirror still
-        running references them once it saves its manifest."""
+        so do the blobs in ``keep`` and those stored at or after ``keep_since`` (epoch
+        seconds): a mirror still running references them once it saves its manifest."""
         referenced = {d for m in self.manifests() for d, _ in m.files.values()}
+        referenced |= set(keep)
         blobs = [(p, p.stat()) for p in (self.root / "blobs").glob("*/*")]
         if keep_since is not None:
             referenced |= {p.name for p, st in blobs if st.st_mtime >= keep_since}

@@ -69,6 +69,10 @@ class _Job:
         """Wall-clock start: blobs this mirror stores are written after it."""
         self.error = ""
         self.manifests: list[Manifest] = []
+        self.digests: set[str] = set()
+        """Blobs this mirror decided to use before its manifests are saved (ones the store
+        already held, ones it committed): :meth:`WeightsManager.gc` keeps them. Changed
+        only under the manager's lock."""
         self.lock = threading.Lock()
 
     def status(self) -> MirrorStatus:
@@ -307,16 +311,20 @@ class WeightsManager:
         return tree / next(iter(m.files))
 
     def gc(self, budget_bytes: int | None = None) -> GcReport:
-        """Remove blobs no manifest references, except what running mirrors stored: their
-        manifests are saved when their last file is in. Holds the lock that starting a
-        mirror takes, so none starts unseen meanwhile."""
+        """Remove blobs no manifest references, except what running mirrors use: their
+        manifests are saved when their last file is in. A running mirror's blobs are the
+        ones stored since it started and the older ones it decided to reuse (``digests``).
+        Holds the lock that starting a mirror and recording its digests take, so none is
+        missed meanwhile."""
         with self._lock:
             running = [
-                j.since for j in self._jobs.values()
+                j for j in self._jobs.values()
                 if j.state not in (MirrorState.COMPLETE, MirrorState.FAILED)
             ]  # fmt: skip
+            keep = {d for j in running for d in j.digests}
             # A second of slack: some filesystems keep whole-second modification times.
-            return self.store.gc(budget_bytes, keep_since=min(running) - 1 if running else None)
+            since = min(j.since for j in running) - 1 if running else None
+            return self.store.gc(budget_bytes, keep_since=since, keep=keep)
 
     def list_manifests(self) -> list[Manifest]:
         return self.store.manifests()
@@ -383,6 +391,8 @@ class WeightsManager:
 
     def _download(self, job: _Job, entries: list[WeightsEntry], secrets: Mapping[str, str]) -> None:
         work: list[tuple[int, Source, RemoteFile]] = []
+        with self._lock:  # before has() below: a gc either ran already or keeps them
+            job.digests.update(d for m in job.manifests for d, _ in m.files.values() if d)
         for idx, (entry, m) in enumerate(zip(entries, job.manifests, strict=True)):
             missing = [
                 RemoteFile(p, size, "") for p, (d, size) in m.files.items()
@@ -454,6 +464,8 @@ class WeightsManager:
                 raise WeightsError(
                     f"{file.source_url}: {file.remote.path}: {file.error or 'download failed'}"
                 )
+            with self._lock:
+                job.digests.add(file.digest)
             if file not in mine:
                 with job.lock:
                     job.files_done += 1
