@@ -23,7 +23,7 @@ from kingpost.errors import WeightsError
 from kingpost.weights import MirrorState, MirrorStatus, WeightsManager, validate_weights
 from kingpost.weights import manager as manager_module
 from kingpost.weights.blobs import BlobStore, Manifest
-from kingpost.weights.sources import LocalSource, RemoteFile
+from kingpost.weights.sources import LocalSource, RemoteFile, S3Source
 
 
 def entries(text: str) -> list[WeightsSource]:
@@ -276,6 +276,64 @@ def test_s3_mirror_and_r2_through_the_same_api(s3: object, tmp_path: Path) -> No
     r2 = {"r2": json.dumps({"r2_credentials": json.loads(CREDS["creds"])})}
     mirror(mgr, "dep-r2", s3_cfg("r2://acct.weights/llama", "r2"), r2)
     assert len(list((tmp_path / "store" / "blobs").glob("*/*"))) == 2  # same content, stored once
+
+
+def test_an_s3_object_replaced_mid_download_is_not_mixed(
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranges are asked for with If-Match on the listed ETag: a new version uploaded
+    between two ranges answers 412, the partial file is dropped, and the next attempt
+    lists the new version. (A multipart object has no MD5 that would catch the mix.)"""
+    s3.put_object(Bucket="weights", Key="changing/w.bin", Body=b"O" * 4096)
+    fetch, calls = S3Source.fetch, []
+
+    def replaced(self: S3Source, f: RemoteFile, out: Any, start: int = 0, end: Any = None) -> None:
+        fetch(self, f, out, start, end)
+        calls.append(start)
+        if len(calls) == 2:  # a new version is uploaded mid-mirror
+            s3.put_object(Bucket="weights", Key="changing/w.bin", Body=b"N" * 4096)
+
+    monkeypatch.setattr(S3Source, "fetch", replaced)
+    monkeypatch.setattr(manager_module, "RETRY_DELAYS_S", (0.0, 0.0))
+    mgr = WeightsManager(tmp_path / "store", chunk_bytes=1024, max_workers=1)
+    mgr.start("dep", entries(s3_cfg("s3://weights/changing")), CREDS)
+    st = wait_for(lambda: failed(mgr, "dep"), 20, "the first attempt")
+    assert st and "changing/w.bin: changed at the source" in st.error, st
+    assert not list((tmp_path / "store" / "tmp").iterdir())  # the mixed partial is gone
+    mirror(mgr, "dep", s3_cfg("s3://weights/changing"), CREDS)
+    (mount,) = mgr.mounts("dep")
+    assert (mount.source_dir / "w.bin").read_bytes() == b"N" * 4096
+
+
+def test_a_local_file_rewritten_mid_download_is_not_mixed(
+    tmp_path: Path, public_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local file has no hash: each range checks that the file is still the listed
+    version (mtime and size), so old and new bytes are never stored as one file."""
+    repo = public_tmp / "repo"
+    repo.mkdir()
+    (repo / "w.bin").write_bytes(b"O" * 4096)
+    cfg = f"weights:\n  - source: file://{repo}\n    mount_location: /models/m\n"
+    fetch, calls = LocalSource.fetch, []
+
+    def rewritten(
+        src: LocalSource, f: RemoteFile, out: Any, start: int = 0, end: Any = None
+    ) -> None:
+        fetch(src, f, out, start, end)
+        calls.append(start)
+        if len(calls) == 2:  # rewritten in place mid-mirror
+            (repo / "w.bin").write_bytes(b"N" * 4096)
+            os.utime(repo / "w.bin", (1_000_000, 1_000_000))
+
+    monkeypatch.setattr(LocalSource, "fetch", rewritten)
+    monkeypatch.setattr(manager_module, "RETRY_DELAYS_S", (0.0, 0.0))
+    mgr = WeightsManager(tmp_path / "store", chunk_bytes=1024, max_workers=1)
+    mgr.start("dep", entries(cfg), {})
+    st = wait_for(lambda: failed(mgr, "dep"), 20, "the first attempt")
+    assert st and "w.bin: changed at the source" in st.error, st
+    mirror(mgr, "dep", cfg)
+    (mount,) = mgr.mounts("dep")
+    assert (mount.source_dir / "w.bin").read_bytes() == b"N" * 4096
 
 
 def test_s3_bad_credentials_name_the_secret_not_its_value(s3: object, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from kingpost.errors import KingpostError, WeightsError
 from kingpost.weights.access import public_dir_problem
 from kingpost.weights.blobs import BlobStore, GcReport, Manifest, Partial
 from kingpost.weights.patterns import selected
-from kingpost.weights.sources import RemoteFile, Source, WeightsEntry, open_source
+from kingpost.weights.sources import RemoteFile, Source, SourceChanged, WeightsEntry, open_source
 
 __all__ = [
     "MIRROR_ATTEMPTS",
@@ -497,6 +497,9 @@ class WeightsManager:
                 try:
                     file.source.fetch(file.remote, w, w.offset, end)  # type: ignore[arg-type]
                     break
+                except SourceChanged:
+                    file.partial.discard()  # old ranges must not meet the new version's
+                    raise
                 except (OSError, WeightsError, _transport_errors()) as exc:
                     # An interrupted range resumes from the bytes already written.
                     if attempt == FETCH_ATTEMPTS - 1:

@@ -21,7 +21,19 @@ from kingpost.errors import WeightsError
 
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
-__all__ = ["RemoteFile", "Source", "WeightsEntry", "open_source", "range_header"]
+__all__ = ["RemoteFile", "Source", "SourceChanged", "WeightsEntry", "open_source", "range_header"]
+
+
+class SourceChanged(WeightsError):
+    """A file is no longer the version its listing named: its ranges fetched so far must
+    not be mixed with the new content, and fetching it again with the same listing is
+    pointless. The mirror drops them and fails the attempt; the next one lists again."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what}: changed at the source while it was being mirrored; "
+            "the next attempt lists the source again"
+        )
 
 
 class WeightsEntry(Protocol):
@@ -120,13 +132,22 @@ class LocalSource(Source):
     def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
         from kingpost.weights.access import open_public_file
 
-        fd, _ = open_public_file(str(self.root / f.path), self.label)
+        fd, st = open_public_file(str(self.root / f.path), self.label)
         with os.fdopen(fd, "rb") as fh:
+            _same_version(f, st, self.label)
             fh.seek(start)
             left = (f.size if end is None else end) - start
             while left > 0 and (chunk := fh.read(min(left, 1024 * 1024))):
                 out.write(chunk)
                 left -= len(chunk)
+            _same_version(f, os.fstat(fh.fileno()), self.label)  # not rewritten meanwhile
+
+
+def _same_version(f: RemoteFile, st: os.stat_result, label: str) -> None:
+    """Raise :class:`SourceChanged` unless ``st`` is still the file the listing saw (a
+    local file has no hash to verify it by; its listing's etag is mtime and size)."""
+    if f.etag and f"{st.st_mtime_ns}-{st.st_size}" != f.etag:
+        raise SourceChanged(f"{label}: {f.path}")
 
 
 class S3Source(Source):
@@ -157,6 +178,8 @@ class S3Source(Source):
     def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
         key = f"{self.prefix}/{f.path}" if self.prefix else f.path
         extra = range_header(f, start, end)
+        if f.etag:  # a multipart object has no MD5 to verify: refuse a newer version instead
+            extra["IfMatch"] = f'"{f.etag}"'
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=key, **extra)
             # S3 documents the ETag of an object encrypted with a KMS or customer key as
@@ -169,6 +192,9 @@ class S3Source(Source):
             for chunk in body.iter_chunks(1024 * 1024):
                 out.write(chunk)
         except Exception as exc:
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412:
+                raise SourceChanged(f"s3://{self.bucket}/{key}") from exc
             raise WeightsError(f"s3://{self.bucket}/{key}: download failed: {exc}") from exc
 
     def md5(self, f: RemoteFile) -> str | None:
@@ -245,6 +271,9 @@ class HttpFileSource(Source):
         self.name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "file"
         # A URL the user's config names: public addresses only (weights/access.py).
         self._http = guarded_client(timeout=60, follow_redirects=True)
+        self._condition: dict[str, str] = {}
+        """The precondition that the listed version is still the one served (If-Match on
+        a strong ETag, else If-Unmodified-Since), sent with every download."""
 
     def files(self) -> list[RemoteFile]:
         with self._http.stream("GET", self.url) as r:  # headers only; the body is not read
@@ -255,11 +284,18 @@ class HttpFileSource(Source):
                 raise WeightsError(f"{self.url}: the server gives no Content-Length")
             etag = r.headers.get("etag") or r.headers.get("last-modified") or length
             self.ranges = r.headers.get("accept-ranges", "").lower() == "bytes"
+            strong = r.headers.get("etag", "")
+            if strong and not strong.startswith("W/"):  # If-Match compares strongly
+                self._condition = {"If-Match": strong}
+            elif r.headers.get("last-modified"):
+                self._condition = {"If-Unmodified-Since": r.headers["last-modified"]}
         return [RemoteFile(self.name, int(length), etag.strip('"'))]
 
     def fetch(self, f: RemoteFile, out: IO[bytes], start: int = 0, end: int | None = None) -> None:
         headers = range_header(f, start, end)
-        with self._http.stream("GET", self.url, headers=headers) as r:
+        with self._http.stream("GET", self.url, headers=headers | self._condition) as r:
+            if r.status_code == 412:
+                raise SourceChanged(self.url)
             if r.status_code >= 400 or (headers and r.status_code != 206):
                 raise WeightsError(f"{self.url}: download failed: HTTP {r.status_code}")
             for chunk in r.iter_bytes(1024 * 1024):
