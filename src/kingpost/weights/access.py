@@ -92,6 +92,18 @@ def _walk_to(real: str) -> tuple[int, str]:
     return fd, parts[-1]
 
 
+def _open_last(real: str, flags: int) -> int:
+    """``real`` opened with ``flags`` from the directory :func:`_walk_to` reached, without
+    following a link in its last name either."""
+    fd, name = _walk_to(real)
+    try:
+        return os.open(name, flags, dir_fd=fd)
+    except OSError as exc:
+        raise _Refused(f"cannot open {real}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
 def open_public_file(path: str, what: str) -> tuple[int, os.stat_result]:
     """``path`` opened for reading, with its status, if any user of the machine may read
     it (module docstring); else a :class:`~kingpost.errors.WeightsError` starting with
@@ -99,15 +111,7 @@ def open_public_file(path: str, what: str) -> tuple[int, os.stat_result]:
     real = os.path.realpath(path)
     file = -1
     try:
-        fd, name = _walk_to(real)
-        try:
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            try:
-                file = os.open(name, flags, dir_fd=fd)
-            except OSError as exc:
-                raise _Refused(f"cannot open {real}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
+        file = _open_last(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         st = os.fstat(file)
         if not stat.S_ISREG(st.st_mode):
             raise _Refused(f"{real} is not a regular file")
@@ -127,16 +131,7 @@ def public_dir_problem(path: str) -> str | None:
     if not os.path.isdir(real):
         return None
     try:
-        if real == "/":
-            own = os.open("/", _DIR)
-        else:
-            fd, name = _walk_to(real)
-            try:
-                own = os.open(name, _DIR, dir_fd=fd)
-            except OSError as exc:
-                raise _Refused(f"cannot open {real}: {exc.strerror}") from exc
-            finally:
-                os.close(fd)
+        own = os.open("/", _DIR) if real == "/" else _open_last(real, _DIR)
         try:
             _need(own, stat.S_IROTH | stat.S_IXOTH, real, "listable by others (o+rx)")
         finally:
@@ -209,10 +204,13 @@ class _GuardedTransport(httpx.HTTPTransport):
                 )
         if not addresses:
             raise httpx.ConnectError(f"cannot resolve {host}: no address", request=request)
-        name = host
-        request.url = request.url.copy_with(host=addresses[0].split("%", 1)[0])
-        if name != request.url.host:
-            request.extensions = {**request.extensions, "sni_hostname": name}
+        # As the webhooks' delivery does: to the checked address, the name kept for TLS.
+        # (Imported here: the webhooks module brings the store, which a mirror on a node
+        # does not need.)
+        from kingpost.asyncq.webhooks import pinned
+
+        request.url, _, extensions = pinned(str(request.url), addresses[0])
+        request.extensions = {**request.extensions, **extensions}
         return super().handle_request(request)
 
 
