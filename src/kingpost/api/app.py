@@ -260,18 +260,7 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
     loaded = load_config(app_dir, engine=engine)
     config = loaded.config
     warnings = list(loaded.warnings)
-    _check_weights(config, plane.settings.home)
-    _check_project_files(config, app_dir)
-    stored = plane.store.secret_names()
-    missing = missing_secrets(config, stored)
-    if missing:
-        raise SecretError(
-            f"config.yaml: secrets: {', '.join(missing)} not defined on this server; "
-            f"set each with `kingpost secrets set NAME` and push again",
-            secrets=missing,
-        )
-    _check_weights_secrets(config, stored)
-    _check_runnable(config, kind)
+    check_pushable(plane, config, app_dir, kind, " and push again")
     warnings += check_accelerator(plane, config)  # 422 for devices this host lacks
     if kind.check_at_push:
         plane.controller.engine(engine)  # EngineError now, if e.g. dockerd is unreachable
@@ -314,6 +303,26 @@ def _push(plane: ControlPlane, body: PushIn) -> PushOut:
         warnings=warnings,
         predict_url=url,
     )
+
+
+def check_pushable(
+    plane: ControlPlane, config: TrussConfig, app_dir: Path, kind: EngineKind, then: str = ""
+) -> None:
+    """What a push (and the development deployment's sync) refuses before anything is
+    created: weights sources, files the config names, secrets not stored, a server the
+    engine cannot run. ``then`` ends the missing-secrets message."""
+    _check_weights(config, plane.settings.home)
+    _check_project_files(config, app_dir)
+    stored = plane.store.secret_names()
+    missing = missing_secrets(config, stored)
+    if missing:
+        raise SecretError(
+            f"config.yaml: secrets: {', '.join(missing)} not defined on this server; "
+            f"set each with `kingpost secrets set NAME`{then}",
+            secrets=missing,
+        )
+    _check_weights_secrets(config, stored)
+    _check_runnable(config, kind)
 
 
 def _check_runnable(config: TrussConfig, kind: EngineKind) -> None:

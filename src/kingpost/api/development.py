@@ -63,16 +63,9 @@ def development_routes(router: APIRouter, plane: ControlPlane) -> None:
 def _validated(plane: ControlPlane, project_hash: str, engine: str) -> dict[str, object]:
     """The uploaded project's config.yaml document, checked as a push checks it (a
     ConfigError names the file and line)."""
-    from kingpost.api.app import (
-        _check_project_files,
-        _check_runnable,
-        _check_weights,
-        _check_weights_secrets,
-    )
+    from kingpost.api.app import check_pushable
     from kingpost.config import load_config
-    from kingpost.controller.specs import missing_secrets
     from kingpost.engines.registry import engine_kind
-    from kingpost.errors import SecretError
 
     app_dir = plane.settings.projects_dir / project_hash
     if not app_dir.is_dir():
@@ -81,18 +74,7 @@ def _validated(plane: ControlPlane, project_hash: str, engine: str) -> dict[str,
             project_hash=project_hash,
         )
     loaded = load_config(app_dir, engine=engine)
-    _check_weights(loaded.config, plane.settings.home)
-    _check_project_files(loaded.config, app_dir)
-    stored = plane.store.secret_names()
-    missing = missing_secrets(loaded.config, stored)
-    if missing:
-        raise SecretError(
-            f"config.yaml: secrets: {', '.join(missing)} not defined on this server; "
-            "set each with `kingpost secrets set NAME`",
-            secrets=missing,
-        )
-    _check_weights_secrets(loaded.config, stored)
-    _check_runnable(loaded.config, engine_kind(engine, all_kinds=False))
+    check_pushable(plane, loaded.config, app_dir, engine_kind(engine, all_kinds=False))
     return dict(loaded.document())
 
 
