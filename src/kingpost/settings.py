@@ -225,6 +225,16 @@ class Settings(BaseSettings):
         return f"http://{self.gateway_host}:{self.gateway_port}"
 
     @cached_property
+    def gateway_local_url(self) -> str:
+        """The gateway as this machine reaches it: a wildcard listen address is not one to
+        connect to, so its loopback (``::1`` for ``::``, which a socket bound there takes
+        whether or not it also takes IPv4)."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(
+            self.gateway_host, self.gateway_host
+        )
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.gateway_port}"
+
+    @cached_property
     def run_dir(self) -> Path:
         """Sockets and pid files."""
         return self.home / "run"

@@ -444,3 +444,21 @@ def test_the_playground_answers_502_when_the_gateway_cannot_be_reached(tmp_path:
             "/console/models/m/deployments/d/predict", json={}, headers={"X-CSRF-Token": token}
         )
     assert r.status_code == 502 and "cannot reach the gateway" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8080"),
+        ("", "http://127.0.0.1:8080"),
+        ("::", "http://[::1]:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("10.0.0.5", "http://10.0.0.5:8080"),
+    ],
+)
+def test_the_gateway_is_reached_on_a_connectable_address(
+    tmp_path: Path, host: str, url: str
+) -> None:
+    """The console's playground and the async workers connect where the gateway listens:
+    a wildcard is not an address to connect to (`http://:::8080` was not even a URL)."""
+    assert Settings(home=tmp_path, gateway_host=host, gateway_port=8080).gateway_local_url == url

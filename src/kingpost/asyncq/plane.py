@@ -44,7 +44,7 @@ def prepare_async_workers(settings: Settings, store: Store, controller: Controll
         controller.scaler.backlog = depths
 
     worker_settings = WorkerSettings(
-        gateway_url=f"http://{_loopback(settings.gateway_host)}:{settings.gateway_port}",
+        gateway_url=settings.gateway_local_url,
         key=key,
         share=settings.async_share,
         retention=timedelta(seconds=settings.async_result_retention),
@@ -61,7 +61,3 @@ def prepare_async_workers(settings: Settings, store: Store, controller: Controll
         backlog=backlog,
         webhook_secrets=lambda: queue.webhook_secrets(store.box),
     )
-
-
-def _loopback(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

@@ -330,12 +330,7 @@ def _data_routes(router: APIRouter, console: Console) -> None:
         if not csrf_matches(ctx.session.csrf_token, request.headers.get("x-csrf-token")):
             raise CsrfRefused
         body = await request.body()
-        settings = console.plane.settings
-        host = settings.gateway_host
-        # A wildcard listen address is not a place to connect to: this machine's loopback.
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-        host = f"[{host}]" if ":" in host else host
-        gateway = f"http://{host}:{settings.gateway_port}"
+        gateway = console.plane.settings.gateway_local_url
         client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10))
         url = f"{gateway}/models/{quote(model, safe='')}/deployment/{quote(dep, safe='')}/predict"
         started = time.monotonic()
