@@ -343,14 +343,15 @@ def test_metrics_environment_shows_a_deployment_two_environments_point_at(
     environment="production"; `kingpost metrics --environment staging` showed nothing."""
     lab = 'model="m",deployment="deployment-1",environment="production"'
     scrapes = iter([10, 30])
-    dep = {"id": "dep-1", "name": "deployment-1"}
-    envs = [
-        {"name": name, "deployment_id": "dep-1", "current_deployment": dep}
-        for name in ("production", "staging")
-    ] + [{"name": "dev", "deployment_id": None, "current_deployment": None}]
+    dep = {
+        "id": "dep-1",
+        "name": "deployment-1",
+        "model_id": "mdl-1",
+        "environments": ["production", "staging"],  # and "dev" points at nothing
+    }
     answers = {
         "/v1/models": {"models": [{"id": "mdl-1", "name": "m"}]},
-        "/v1/models/mdl-1/environments": {"environments": envs},
+        "/v1/deployments": {"deployments": [dep]},
     }
 
     class Plane(_Quiet):

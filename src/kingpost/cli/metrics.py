@@ -41,15 +41,14 @@ def _pointed_at(c: KingpostClient, model: str | None, environment: str) -> set[t
     """(model, deployment) names of what ``environment`` points at now, of ``model`` or of
     every model: from the API, since a series' ``environment`` label names only one of the
     environments that point at its deployment."""
-    out: set[tuple[str, str]] = set()
-    for m in c.models():
-        if model is not None and m["name"] != model:
-            continue
-        for env in c.environments(m["id"]):
-            current = env.get("current_deployment")
-            if env["name"] == environment and current is not None:
-                out.add((m["name"], current["name"]))
-    return out
+    names = {m["id"]: m["name"] for m in c.models()}
+    return {
+        (names[d["model_id"]], d["name"])
+        for d in c.deployments()  # one call: each lists the environments pointing at it
+        if environment in d["environments"]
+        and d["model_id"] in names
+        and (model is None or names[d["model_id"]] == model)
+    }
 
 
 def _rows(
