@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_api import CONFIG  # a valid custom-server config
@@ -375,3 +376,38 @@ def test_metrics_environment_shows_a_deployment_two_environments_point_at(
         assert [(r["deployment"], r["environment"]) for r in rows] == [
             ("deployment-1", e) for e in want
         ]
+
+
+def test_environments_update_sends_only_what_was_given(tmp_path: Path) -> None:
+    """The server keeps what a PATCH leaves out (null), so the CLI reads nothing first (a
+    read, then a write of the whole, could undo a change made in between); choosing one
+    rolling mode sends the other as 0, Baseten's "not this mode"."""
+    sent: list[tuple[str, dict[str, object]]] = []
+    env = {"name": "production", "deployment_id": None, "promotion_settings": {}}
+
+    class Plane(_Quiet):
+        def do_GET(self) -> None:
+            sent.append(("GET", {}))
+            self._send(json.dumps(env).encode())
+
+        def do_PATCH(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            sent.append((f"PATCH {self.path}", body))
+            self._send(json.dumps(env).encode())
+
+    with _serving(Plane) as port:
+        out = kingpost(
+            tmp_path, "environments", "update", "m", "production", "--max-surge-percent", "25",
+            KINGPOST_API_PORT=str(port),
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    ((what, body),) = sent
+    assert what == "PATCH /v1/models/m/environments/production"
+    settings: Any = body["promotion_settings"]
+    assert settings["rolling_deploy_config"] == {
+        "max_surge_percent": 25,
+        "max_unavailable_percent": 0,
+        "stabilization_time_seconds": None,
+        "replica_overhead_percent": None,
+    }
+    assert settings["rolling_deploy"] is None and settings["ready_timeout_seconds"] is None

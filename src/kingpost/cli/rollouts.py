@@ -117,29 +117,26 @@ def environments_update(
 ) -> None:
     """Change an environment's promotion settings; options not given keep their value
     (giving one of --max-surge-percent and --max-unavailable-percent drops the other)."""
+    # The server lays the change over what is stored (null: keep), so only what was given
+    # is sent; 0 is Baseten's "not this mode" for the rolling mode not chosen.
+    config: dict[str, Any] = {
+        "max_surge_percent": max_surge_percent,
+        "max_unavailable_percent": max_unavailable_percent,
+        "stabilization_time_seconds": stabilization_time_seconds,
+        "replica_overhead_percent": replica_overhead_percent,
+    }
+    if max_surge_percent is not None and max_unavailable_percent is None:
+        config["max_unavailable_percent"] = 0
+    if max_unavailable_percent is not None and max_surge_percent is None:
+        config["max_surge_percent"] = 0
+    settings = {
+        "rolling_deploy": rolling,
+        "rolling_deploy_config": config,
+        "ready_timeout_seconds": ready_timeout_seconds,
+        "ramp_up_while_promoting": canary,
+        "ramp_up_duration_seconds": ramp_up_duration_seconds,
+    }
     with client() as c:
-        settings = dict(c.environment(model, environment)["promotion_settings"])
-        config = dict(settings.get("rolling_deploy_config") or {})
-        if max_surge_percent is not None:
-            config["max_unavailable_percent"] = 0  # Baseten's "not this mode"
-        if max_unavailable_percent is not None:
-            config["max_surge_percent"] = 0
-        given = {
-            "max_surge_percent": max_surge_percent,
-            "max_unavailable_percent": max_unavailable_percent,
-            "stabilization_time_seconds": stabilization_time_seconds,
-            "replica_overhead_percent": replica_overhead_percent,
-        }
-        config.update({k: v for k, v in given.items() if v is not None})
-        settings["rolling_deploy_config"] = config
-        if rolling is not None:
-            settings["rolling_deploy"] = rolling
-        if ready_timeout_seconds is not None:
-            settings["ready_timeout_seconds"] = ready_timeout_seconds
-        if canary is not None:
-            settings["ramp_up_while_promoting"] = canary
-        if ramp_up_duration_seconds is not None:
-            settings["ramp_up_duration_seconds"] = ramp_up_duration_seconds
         env = c.update_environment(model, environment, settings)
     print_rows([_env_row(env)], _ENV_COLUMNS, output)
 
